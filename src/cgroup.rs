@@ -1,0 +1,320 @@
+//! The cgroup v2 tree the agent manages.
+//!
+//! Layout (DESIGN.md): `<base>/sites/<site>/gen-<N>/w-<K>/`, one leaf per worker slot.
+//! The base is the delegated cgroup the agent runs in (under systemd `Delegate=yes`), or
+//! `<cgroup2 mount>/hatchery` when run by hand as root, or a path from the config.
+//! When the base is the agent's own cgroup, the agent first moves itself into
+//! `<base>/agent/`: a cgroup with processes cannot enable controllers for its children
+//! (the no-internal-process rule).
+//!
+//! Kernel requirements: cgroup v2 (4.5); `CLONE_INTO_CGROUP` (5.7) uses the leaf's
+//! directory fd; `cgroup.kill` (5.14) kills a whole tree, with a freeze-and-kill fallback
+//! (`cgroup.freeze`, 5.2) on older kernels. Controllers (`memory`, `pids`, `cpu`) are
+//! enabled where the parent offers them; on a host whose cgroup v2 has none (hybrid
+//! hierarchies), workers are still placed and killed by cgroup, without accounting.
+//!
+//! It does not: set limits or read accounting (that arrives with the memory budget work).
+
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
+
+use crate::config::CgroupBase;
+
+const CGROUP_PROCS: &str = "cgroup.procs";
+const CGROUP_KILL: &str = "cgroup.kill";
+const CGROUP_FREEZE: &str = "cgroup.freeze";
+const CGROUP_EVENTS: &str = "cgroup.events";
+const CGROUP_CONTROLLERS: &str = "cgroup.controllers";
+const CGROUP_SUBTREE_CONTROL: &str = "cgroup.subtree_control";
+const WANTED_CONTROLLERS: &[&str] = &["cpu", "memory", "pids"];
+
+/// Errors managing cgroups.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No cgroup2 mount was found.
+    #[error("no cgroup2 file system is mounted")]
+    NoCgroup2,
+    /// Creating a directory failed.
+    #[error("failed to create cgroup {}", .path.display())]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a control file failed.
+    #[error("failed to write {value:?} to {}", .path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What was written.
+        value: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening a cgroup directory failed.
+    #[error("failed to open cgroup {}", .path.display())]
+    Open {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The managed tree.
+#[derive(Debug)]
+pub struct CgroupTree {
+    base: PathBuf,
+    /// Controllers enabled for the sites (may be empty).
+    pub controllers: Vec<String>,
+    /// Whether `cgroup.kill` exists (5.14).
+    pub has_kill: bool,
+    /// Where the agent was before it moved itself into `<base>/agent`, to move back on exit.
+    moved_from: Option<PathBuf>,
+}
+
+/// The cgroup2 mount point, from `/proc/self/mountinfo`.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// This process's cgroup v2 directory.
+pub fn own_cgroup(mount: &Path) -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(mount.join(rel.trim_start_matches('/')))
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_path_buf(),
+        value: value.to_string(),
+        source,
+    })
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Create { path: path.to_path_buf(), source }),
+    }
+}
+
+impl CgroupTree {
+    /// Resolves the configured base. `Ok(None)` with a reason when cgroups are off or
+    /// unusable here (the agent then runs without them and says so).
+    pub fn setup(base: &CgroupBase) -> Result<Result<CgroupTree, String>, CgroupError> {
+        let mount = match cgroup2_mount() {
+            Some(m) => m,
+            None if *base == CgroupBase::Off => return Ok(Err("cgroup_base = \"off\"".into())),
+            None => return Ok(Err("no cgroup2 file system is mounted".into())),
+        };
+        let own = own_cgroup(&mount);
+        let root = rustix::process::geteuid().is_root();
+        let base_path = match base {
+            CgroupBase::Off => return Ok(Err("cgroup_base = \"off\"".into())),
+            CgroupBase::Path(p) => p.clone(),
+            CgroupBase::Auto => {
+                // Delegated by systemd: our own cgroup is writable by us and we are a unit.
+                let delegated = std::env::var_os("INVOCATION_ID").is_some()
+                    && own.as_ref().is_some_and(|o| writable(&o.join(CGROUP_SUBTREE_CONTROL)));
+                match (&own, delegated, root) {
+                    (Some(o), true, _) => o.clone(),
+                    (_, false, true) => mount.join("hatchery"),
+                    _ => {
+                        return Ok(Err(
+                            "not root and not in a delegated cgroup (run under systemd with Delegate=yes)".into(),
+                        ));
+                    }
+                }
+            }
+        };
+        if !base_path.starts_with(&mount) {
+            return Ok(Err(format!("{} is not inside the cgroup2 mount {}", base_path.display(), mount.display())));
+        }
+        mkdir(&base_path)?;
+        let mut moved_from = None;
+        if own.as_deref() == Some(base_path.as_path()) {
+            let agent = base_path.join("agent");
+            mkdir(&agent)?;
+            write_file(&agent.join(CGROUP_PROCS), "0")?;
+            moved_from = own.clone();
+        }
+        let controllers = enable_controllers(&base_path)?;
+        let sites = base_path.join("sites");
+        mkdir(&sites)?;
+        enable_controllers(&sites)?;
+        Ok(Ok(CgroupTree {
+            has_kill: sites.join(CGROUP_KILL).exists(),
+            base: base_path,
+            controllers,
+            moved_from,
+        }))
+    }
+
+    /// The base directory.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// The directory of a site.
+    pub fn site_dir(&self, site: &str) -> PathBuf {
+        self.base.join("sites").join(site)
+    }
+
+    /// Creates (if needed) the leaf of worker `id` of generation `gen` of `site`, enabling
+    /// controllers on the way, and opens it for `CLONE_INTO_CGROUP`.
+    pub fn worker_leaf(&self, site: &str, generation: u32, id: u32) -> Result<(PathBuf, OwnedFd), CgroupError> {
+        let site_dir = self.site_dir(site);
+        let gen_dir = site_dir.join(format!("gen-{generation}"));
+        let leaf = gen_dir.join(format!("w-{id}"));
+        if !leaf.exists() {
+            for dir in [&site_dir, &gen_dir] {
+                if !dir.exists() {
+                    mkdir(dir)?;
+                    enable_controllers(dir)?;
+                }
+            }
+            mkdir(&leaf)?;
+        }
+        let fd = rustix::fs::open(&leaf, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| CgroupError::Open { path: leaf.clone(), source: e.into() })?;
+        Ok((leaf, fd))
+    }
+
+    /// Kills every process in `dir` and below: `cgroup.kill`, or freeze, SIGKILL each
+    /// pid, thaw.
+    pub fn kill(&self, dir: &Path) -> Result<(), CgroupError> {
+        if self.has_kill {
+            return write_file(&dir.join(CGROUP_KILL), "1");
+        }
+        // Before 5.14: frozen tasks cannot fork, so the pid list cannot grow while we
+        // walk it; SIGKILL is delivered even to frozen tasks.
+        let freeze = dir.join(CGROUP_FREEZE);
+        let can_freeze = freeze.exists();
+        if can_freeze {
+            write_file(&freeze, "1")?;
+        }
+        kill_procs_below(dir);
+        if can_freeze {
+            write_file(&freeze, "0")?;
+        }
+        Ok(())
+    }
+
+    /// Whether any process is in `dir` or below (`cgroup.events` `populated`).
+    pub fn is_populated(dir: &Path) -> bool {
+        fs::read_to_string(dir.join(CGROUP_EVENTS))
+            .map(|t| t.lines().any(|l| l == "populated 1"))
+            .unwrap_or(false)
+    }
+
+    /// Removes `dir` and its empty descendants, deepest first. Populated cgroups stay.
+    pub fn remove(dir: &Path) {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    CgroupTree::remove(&e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(dir);
+    }
+
+    /// On agent exit: move back where we came from and remove the now empty tree parts
+    /// we created (sites and, if we moved, `agent/`).
+    pub fn teardown(&self) {
+        CgroupTree::remove(&self.base.join("sites"));
+        if let Some(from) = &self.moved_from {
+            let _ = fs::write(from.join(CGROUP_PROCS), "0");
+            let _ = fs::remove_dir(self.base.join("agent"));
+        } else {
+            let _ = fs::remove_dir(&self.base);
+        }
+    }
+}
+
+fn writable(path: &Path) -> bool {
+    rustix::fs::access(path, rustix::fs::Access::WRITE_OK).is_ok()
+}
+
+fn kill_procs_below(dir: &Path) {
+    if let Ok(text) = fs::read_to_string(dir.join(CGROUP_PROCS)) {
+        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                kill_procs_below(&e.path());
+            }
+        }
+    }
+}
+
+/// Enables the wanted controllers that `dir` offers for its children; returns them.
+pub fn enable_controllers(dir: &Path) -> Result<Vec<String>, CgroupError> {
+    let offered = fs::read_to_string(dir.join(CGROUP_CONTROLLERS)).unwrap_or_default();
+    let enable: Vec<String> = offered
+        .split_whitespace()
+        .filter(|c| WANTED_CONTROLLERS.contains(c))
+        .map(str::to_string)
+        .collect();
+    if !enable.is_empty() {
+        let value = enable.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
+        write_file(&dir.join(CGROUP_SUBTREE_CONTROL), &value)?;
+    }
+    Ok(enable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controllers_are_enabled_from_what_the_parent_offers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(CGROUP_CONTROLLERS), "cpuset cpu io memory hugetlb pids rdma\n").expect("write");
+        fs::write(dir.path().join(CGROUP_SUBTREE_CONTROL), "").expect("write");
+        let enabled = enable_controllers(dir.path()).expect("enable");
+        assert_eq!(enabled, vec!["cpu", "memory", "pids"]);
+        assert_eq!(fs::read_to_string(dir.path().join(CGROUP_SUBTREE_CONTROL)).expect("read"), "+cpu +memory +pids");
+    }
+
+    #[test]
+    fn no_controllers_offered_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(CGROUP_CONTROLLERS), "\n").expect("write");
+        assert!(enable_controllers(dir.path()).expect("enable").is_empty());
+        assert!(!dir.path().join(CGROUP_SUBTREE_CONTROL).exists());
+    }
+
+    #[test]
+    fn populated_is_read_from_cgroup_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(CGROUP_EVENTS), "populated 1\nfrozen 0\n").expect("write");
+        assert!(CgroupTree::is_populated(dir.path()));
+        fs::write(dir.path().join(CGROUP_EVENTS), "populated 0\nfrozen 0\n").expect("write");
+        assert!(!CgroupTree::is_populated(dir.path()));
+    }
+}

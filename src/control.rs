@@ -1,0 +1,240 @@
+//! The control protocol: one JSON request per connection, answered by zero or more
+//! progress lines and one final line, over a unix stream socket.
+//!
+//! Wire format (newline-delimited JSON, each line at most [`MAX_REQUEST`] bytes on the
+//! way in):
+//!
+//! ```text
+//! → {"cmd":"restart","site":"blog"}
+//! ← {"event":"w-0 stopping"}
+//! ← {"event":"w-0 ready (pid 4242)"}
+//! ← {"ok":{...}}                      or   {"error":{"kind":"refused","message":"..."}}
+//! ```
+//!
+//! `logs` with `follow` streams `{"line":"..."}` until the client hangs up. The agent
+//! identifies the peer with `SO_PEERCRED`: root (and the agent's own user) may do
+//! everything, a site's user only what concerns that site, anyone else nothing.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest request accepted, in bytes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Most concurrent control connections.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Everything, or one site.
+    Status {
+        /// The site, or all.
+        #[serde(default)]
+        site: Option<String>,
+    },
+    /// Start a site (clears `failed`).
+    Start {
+        /// The site.
+        site: String,
+    },
+    /// Stop every worker of a site.
+    Stop {
+        /// The site.
+        site: String,
+    },
+    /// Restart a site's workers one at a time.
+    Restart {
+        /// The site.
+        site: String,
+    },
+    /// Run `workers` workers.
+    Scale {
+        /// The site.
+        site: String,
+        /// How many.
+        workers: u32,
+    },
+    /// Send a signal to every worker of a site.
+    Signal {
+        /// The site.
+        site: String,
+        /// `SIGHUP`, `HUP` or a number.
+        signal: String,
+    },
+    /// The site's log: the last `lines`, then new ones if `follow`.
+    Logs {
+        /// The site.
+        site: String,
+        /// How many past lines.
+        #[serde(default = "default_lines")]
+        lines: usize,
+        /// Keep streaming.
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Re-read the configuration.
+    Reload,
+}
+
+fn default_lines() -> usize {
+    20
+}
+
+impl Request {
+    /// The site a request concerns, if one.
+    pub fn site(&self) -> Option<&str> {
+        match self {
+            Request::Status { site } => site.as_deref(),
+            Request::Start { site }
+            | Request::Stop { site }
+            | Request::Restart { site }
+            | Request::Scale { site, .. }
+            | Request::Signal { site, .. }
+            | Request::Logs { site, .. } => Some(site),
+            Request::Reload => None,
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Not allowed for this peer.
+    Refused,
+    /// No such site.
+    NotFound,
+    /// Malformed or invalid request.
+    BadRequest,
+    /// The configuration is invalid.
+    Config,
+    /// The operation was attempted and failed.
+    Failed,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// The kind.
+    pub kind: ErrorKind,
+    /// A message for people.
+    pub message: String,
+}
+
+/// One line from the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// Progress.
+    Event(String),
+    /// A log line.
+    Line(String),
+    /// Success, with data.
+    Ok(serde_json::Value),
+    /// Failure.
+    Error(ErrorReply),
+}
+
+impl Reply {
+    /// The reply as one wire line.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).expect("replies always serialize");
+        v.push(b'\n');
+        v
+    }
+
+    /// An error reply.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {
+        Reply::Error(ErrorReply { kind, message: message.into() })
+    }
+}
+
+/// A client connection.
+#[derive(Debug)]
+pub struct Client {
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connects to the agent's socket.
+    pub fn connect(path: &Path) -> io::Result<Client> {
+        let stream = UnixStream::connect(path)?;
+        Ok(Client { reader: BufReader::new(stream) })
+    }
+
+    /// Sends the request.
+    pub fn send(&mut self, req: &Request) -> io::Result<()> {
+        let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
+        line.push(b'\n');
+        self.reader.get_mut().write_all(&line)
+    }
+
+    /// Reads the next reply; `None` when the agent closed the connection.
+    pub fn next(&mut self) -> io::Result<Option<Reply>> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Sends `req` and collects replies until the final one, calling `progress` for
+    /// events and log lines.
+    pub fn call(&mut self, req: &Request, mut progress: impl FnMut(&Reply)) -> io::Result<Reply> {
+        self.send(req)?;
+        loop {
+            match self.next()? {
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the agent closed the connection without an answer",
+                    ));
+                }
+                Some(r @ (Reply::Ok(_) | Reply::Error(_))) => return Ok(r),
+                Some(r) => progress(&r),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_with_defaults() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"logs","site":"blog"}"#).expect("parse");
+        assert_eq!(r, Request::Logs { site: "blog".into(), lines: 20, follow: false });
+        let r: Request = serde_json::from_str(r#"{"cmd":"scale","site":"a","workers":3}"#).expect("parse");
+        assert_eq!(r.site(), Some("a"));
+        let text = serde_json::to_string(&Request::Reload).expect("ser");
+        assert_eq!(text, r#"{"cmd":"reload"}"#);
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_by_the_parser() {
+        for bad in [
+            r#"{"cmd":"explode"}"#,
+            r#"{"cmd":"scale","site":"a"}"#,
+            r#"{"cmd":"scale","site":"a","workers":-1}"#,
+            r#"{"cmd":"stop","site":"a","extra":1}"#,
+            "not json",
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replies_are_single_lines() {
+        let line = Reply::Line("a\nb".into()).to_line();
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        let back: Reply = serde_json::from_slice(&line).expect("parse");
+        assert_eq!(back, Reply::Line("a\nb".into()));
+    }
+}

@@ -1,0 +1,1456 @@
+//! The agent's event loop: one thread, one reactor, only events.
+//!
+//! Sources, each a one-shot readiness registration identified by a never-reused token:
+//! the signalfd (`SIGTERM`, `SIGINT`, `SIGHUP`, `SIGCHLD`), every worker's pidfd (exit),
+//! every worker's output pipe, the notify socket (`READY=1`), the control socket and its
+//! connections. Deadlines (backoff, stop and ready timeouts, TCP ready probes) come from
+//! the supervisor's state and set the reactor's wait timeout; when nothing is due the
+//! loop sleeps without a timeout, so an idle agent uses no CPU.
+//!
+//! Inputs go to [`SiteCore`](crate::supervisor::site::SiteCore) machines; their actions
+//! (spawn, signal, kill, notes) are carried out here, and the resulting inputs fed back
+//! until nothing is left. Errors of single operations are logged once, here, with the
+//! site, worker and pid; the loop itself only stops on a failure of the reactor.
+
+pub mod reactor;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use rustix::net::{SocketFlags, sockopt};
+use serde_json::json;
+use tracing::{debug, error, info, warn};
+
+use self::reactor::{Interest, Reactor};
+use crate::cgroup::CgroupTree;
+use crate::config::{self, AgentConfig, ListenAddr, ReadyCheck, SiteConfig, SiteName};
+use crate::control::{ErrorKind, MAX_CONNECTIONS, MAX_REQUEST, Reply, Request};
+use crate::features::{self, Feature};
+use crate::logs::{self, LineSplitter, SiteLog};
+use crate::net::{Listener, NotifySocket};
+use crate::process::PidRef;
+use crate::supervisor::site::{Action, ExitReason, Input, Note, Phase, Policies, RunState, SiteCore, WorkerId};
+use crate::sys::signals::{self, SigSet};
+use crate::sys::spawn::{ChildStep, SpawnError};
+
+/// Errors that stop the agent from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A setup step failed.
+    #[error("failed to {what}")]
+    Setup {
+        /// What was attempted.
+        what: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The reactor failed.
+    #[error("the event loop failed")]
+    Reactor(#[source] io::Error),
+}
+
+fn setup_err(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> AgentError {
+    AgentError::Setup {
+        what: what.into(),
+        source: Box::new(source),
+    }
+}
+
+/// Interval of TCP readiness probes while a worker of a `tcp`-checked site is starting.
+const TCP_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// Most bytes buffered for a slow control client before it is dropped.
+const MAX_CONN_BUFFER: usize = 4 << 20;
+
+#[derive(Debug, Clone)]
+enum Source {
+    Signals,
+    Control,
+    Notify,
+    Pidfd(SiteName, WorkerId),
+    Pipe,
+    ConnRead(u64),
+    ConnWrite(u64),
+}
+
+#[derive(Debug)]
+struct Worker {
+    pidref: PidRef,
+    token: u64,
+    cgroup: Option<PathBuf>,
+    started_wall: SystemTime,
+}
+
+#[derive(Debug)]
+struct Pipe {
+    site: SiteName,
+    id: WorkerId,
+    pid: i32,
+    fd: OwnedFd,
+    splitter: LineSplitter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WaitFor {
+    Stopped,
+    Settled,
+    RestartDone,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    conn: u64,
+    until: WaitFor,
+}
+
+#[derive(Debug)]
+struct Site {
+    config: SiteConfig,
+    core: SiteCore,
+    generation: u32,
+    listeners: Vec<Listener>,
+    workers: HashMap<WorkerId, Worker>,
+    log: SiteLog,
+    followers: Vec<u64>,
+    waiters: Vec<Waiter>,
+    removing: bool,
+    tcp_probe: Option<(TcpStream, Instant)>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    fd: OwnedFd,
+    uid: u32,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    read_token: Option<u64>,
+    write_token: Option<u64>,
+    /// No further request is read; close once `outbuf` is flushed.
+    done: bool,
+    /// Streaming (logs -f) or waiting for an operation.
+    held: bool,
+}
+
+/// The running agent.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    reg: Registry,
+    reactor_note: Option<String>,
+    signalfd: OwnedFd,
+    control: OwnedFd,
+    notify: NotifySocket,
+    devnull: File,
+    cgroups: Option<CgroupTree>,
+    cgroup_note: Option<String>,
+    sites: BTreeMap<SiteName, Site>,
+    pipes: HashMap<u64, Pipe>,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+    pids: HashMap<i32, (SiteName, WorkerId)>,
+    shutting_down: bool,
+    kernel: Vec<Feature>,
+    started: SystemTime,
+}
+
+impl Agent {
+    /// Sets everything up from the configuration file at `path`: signals, reactor,
+    /// cgroups, the notify and control sockets, and every site's listeners. Nothing is
+    /// started yet.
+    pub fn new(path: &std::path::Path) -> Result<Agent, AgentError> {
+        let config = config::load(path)?;
+        let set = SigSet::of(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD]);
+        signals::block(&set).map_err(|e| setup_err("block signals", e))?;
+        let signalfd = signals::signalfd(&set).map_err(|e| setup_err("create the signalfd", e))?;
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+            .map_err(|e| setup_err("become child subreaper", io::Error::from(e)))?;
+        raise_nofile_limit();
+        let (reactor, reactor_note) = Reactor::from_env().map_err(|e| setup_err("create the event loop", e))?;
+
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|e| setup_err(format!("create {}", config.state_dir.display()), e))?;
+        let (cgroups, cgroup_note) = match CgroupTree::setup(&config.cgroup_base) {
+            Ok(Ok(tree)) => (Some(tree), None),
+            Ok(Err(reason)) => (None, Some(reason)),
+            Err(e) => (None, Some(format!("{e}: {}", error_chain(&e)))),
+        };
+        let notify = NotifySocket::bind(&config.state_dir.join("notify.sock"))
+            .map_err(|e| setup_err("bind the notify socket", e))?;
+        let control = bind_control(&config.control_socket)?;
+        let devnull = OpenOptions::new()
+            .read(true)
+            .open("/dev/null")
+            .map_err(|e| setup_err("open /dev/null", e))?;
+
+        let mut agent = Agent {
+            config: config.clone(),
+            reg: Registry { reactor, tokens: HashMap::new(), next_token: 1 },
+            reactor_note,
+            signalfd,
+            control,
+            notify,
+            devnull,
+            cgroups,
+            cgroup_note,
+            sites: BTreeMap::new(),
+            pipes: HashMap::new(),
+            conns: HashMap::new(),
+            next_conn: 1,
+            pids: HashMap::new(),
+            shutting_down: false,
+            kernel: features::probe_kernel(),
+            started: SystemTime::now(),
+        };
+        for site in &config.sites {
+            let s = agent.make_site(site.clone())?;
+            agent.sites.insert(site.name.clone(), s);
+        }
+        Ok(agent)
+    }
+
+    /// The feature report of this agent.
+    pub fn features(&self) -> Vec<Feature> {
+        let mut out = self.kernel.clone();
+        out.push(Feature::on(
+            "event loop",
+            match &self.reactor_note {
+                None => self.reg.reactor.backend().name().to_string(),
+                Some(why) => format!("{} ({why})", self.reg.reactor.backend().name()),
+            },
+        ));
+        match (&self.cgroups, &self.cgroup_note) {
+            (Some(t), _) => {
+                out.push(Feature::on(
+                    "cgroup v2",
+                    format!("workers born in {}/sites/<site>/gen-<N>/w-<K> (clone3 CLONE_INTO_CGROUP)", t.base().display()),
+                ));
+                out.push(if t.has_kill {
+                    Feature::on("tree kill", "cgroup.kill")
+                } else {
+                    Feature::on("tree kill", "cgroup.freeze + SIGKILL each process (no cgroup.kill before 5.14)")
+                });
+                out.push(if t.controllers.is_empty() {
+                    Feature::off("accounting", "no cgroup v2 controllers available: memory, pids and cpu are not accounted or limited")
+                } else {
+                    Feature::on("accounting", format!("controllers: {}", t.controllers.join(" ")))
+                });
+            }
+            (None, note) => {
+                let why = note.clone().unwrap_or_default();
+                out.push(Feature::off("cgroup v2", format!("not used ({why}): no accounting, limits or cgroup placement")));
+                out.push(Feature::off("tree kill", "process group SIGKILL instead of cgroup.kill (a worker that leaves its process group escapes)"));
+            }
+        }
+        out.push(Feature::on("subreaper", "orphaned worker descendants are reaped by the agent"));
+        out
+    }
+
+    fn make_site(&mut self, config: SiteConfig) -> Result<Site, AgentError> {
+        let mut listeners = Vec::new();
+        for spec in &config.listen {
+            let l = Listener::bind(spec, config.uid, config.gid)
+                .map_err(|e| setup_err(format!("set up the listeners of site {}", config.name), e))?;
+            listeners.push(l);
+        }
+        let log = SiteLog::open(&self.config.state_dir.join("logs"), config.name.as_str(), config.logs)
+            .map_err(|e| setup_err(format!("open the log of site {}", config.name), e))?;
+        let core = SiteCore::new(config.workers, policies(&config));
+        Ok(Site {
+            config,
+            core,
+            generation: 1,
+            listeners,
+            workers: HashMap::new(),
+            log,
+            followers: Vec::new(),
+            waiters: Vec::new(),
+            removing: false,
+            tcp_probe: None,
+        })
+    }
+
+    /// Starts every site and runs until `SIGTERM`/`SIGINT` has stopped them all.
+    pub fn run(mut self) -> Result<(), AgentError> {
+        self.reg.arm(self.signalfd.as_fd(), Interest::Readable, Source::Signals).map_err(AgentError::Reactor)?;
+        self.reg.arm(self.control.as_fd(), Interest::Readable, Source::Control).map_err(AgentError::Reactor)?;
+        self.reg.arm(self.notify.as_fd(), Interest::Readable, Source::Notify).map_err(AgentError::Reactor)?;
+
+        info!(
+            sites = self.sites.len(),
+            reactor = self.reg.reactor.backend().name(),
+            socket = %self.config.control_socket.display(),
+            "agent started"
+        );
+        for f in self.features().iter().filter(|f| !f.in_use) {
+            warn!(feature = f.name, "not enforced: {}", f.detail);
+        }
+        let names: Vec<SiteName> = self.sites.keys().cloned().collect();
+        for name in names {
+            self.feed(&name, Input::StartRequested);
+        }
+        notify_systemd("READY=1");
+
+        let mut ready = Vec::new();
+        loop {
+            if self.shutting_down && self.sites.values().all(|s| s.core.run == RunState::Stopped) {
+                break;
+            }
+            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
+            ready.clear();
+            self.reg.reactor.wait(timeout, &mut ready).map_err(AgentError::Reactor)?;
+            for &token in &ready {
+                if let Some(source) = self.reg.tokens.remove(&token) {
+                    self.dispatch(token, source);
+                }
+            }
+            self.fire_deadlines();
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.sites
+            .values()
+            .filter_map(|s| {
+                let probe = (s.config.ready.check == ReadyCheck::Tcp
+                    && s.core.slots.values().any(|x| matches!(x.phase, Phase::Starting { .. })))
+                .then(|| Instant::now() + TCP_PROBE_INTERVAL);
+                [s.core.next_deadline(), probe].into_iter().flatten().min()
+            })
+            .min()
+    }
+
+    fn fire_deadlines(&mut self) {
+        let now = Instant::now();
+        let due: Vec<SiteName> = self
+            .sites
+            .iter()
+            .filter(|(_, s)| s.core.next_deadline().is_some_and(|d| d <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.feed(&name, Input::DeadlineReached);
+        }
+        let probing: Vec<SiteName> = self
+            .sites
+            .iter()
+            .filter(|(_, s)| {
+                s.config.ready.check == ReadyCheck::Tcp
+                    && s.core.slots.values().any(|x| matches!(x.phase, Phase::Starting { .. }))
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in probing {
+            self.tcp_probe(&name);
+        }
+    }
+
+    /// The `tcp` ready check: a probe connection to the site's first TCP listener is
+    /// made; once the listener's accept queue no longer holds it (a worker accepted it),
+    /// every starting worker counts as ready.
+    fn tcp_probe(&mut self, name: &SiteName) {
+        let Some(site) = self.sites.get_mut(name) else { return };
+        let Some(listener) = site.listeners.iter().find(|l| matches!(l.spec.addr, ListenAddr::Tcp(_))) else {
+            return;
+        };
+        let accepted = match &site.tcp_probe {
+            None => {
+                let ListenAddr::Tcp(addr) = listener.spec.addr else { return };
+                let target = loopback_for(addr);
+                match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+                    Ok(s) => site.tcp_probe = Some((s, Instant::now())),
+                    Err(e) => debug!(site = %name, "tcp ready probe: {e}"),
+                }
+                false
+            }
+            Some(_) => listener.queued() == Some(0),
+        };
+        if accepted {
+            site.tcp_probe = None;
+            let starting: Vec<WorkerId> = site
+                .core
+                .slots
+                .values()
+                .filter(|x| matches!(x.phase, Phase::Starting { .. }) && x.pid.is_some())
+                .map(|x| x.id)
+                .collect();
+            for id in starting {
+                self.feed(name, Input::ReadyNotified { id });
+            }
+        }
+    }
+
+    fn dispatch(&mut self, token: u64, source: Source) {
+        match source {
+            Source::Signals => self.on_signals(),
+            Source::Control => self.on_accept(),
+            Source::Notify => self.on_notify(),
+            Source::Pidfd(site, id) => self.on_pidfd(&site, id, token),
+            Source::Pipe => self.on_pipe(token),
+            Source::ConnRead(c) => self.on_conn_read(c),
+            Source::ConnWrite(c) => {
+                if let Some(conn) = self.conns.get_mut(&c) {
+                    conn.write_token = None;
+                }
+                self.flush(c);
+            }
+        }
+    }
+
+    fn rearm(&mut self, source: Source) {
+        let fd = match &source {
+            Source::Signals => self.signalfd.as_fd(),
+            Source::Control => self.control.as_fd(),
+            Source::Notify => self.notify.as_fd(),
+            _ => return,
+        };
+        let result = self.reg.arm(fd, Interest::Readable, source.clone());
+        if let Err(e) = result {
+            error!("failed to re-arm {source:?}: {e}");
+        }
+    }
+
+    // ------------------------------------------------------------ signals and exits
+
+    fn on_signals(&mut self) {
+        loop {
+            match signals::read_signal(self.signalfd.as_fd()) {
+                Ok(Some(libc::SIGCHLD)) => self.reap(),
+                Ok(Some(libc::SIGHUP)) => {
+                    info!("SIGHUP: reloading the configuration");
+                    if let Err(e) = self.reload() {
+                        error!("reload refused, nothing changed: {e}");
+                    }
+                }
+                Ok(Some(sig @ (libc::SIGTERM | libc::SIGINT))) => {
+                    if self.shutting_down {
+                        warn!("second {}: killing every worker now", config::Signal(sig).name());
+                        self.kill_everything();
+                    } else {
+                        info!("{}: stopping every site", config::Signal(sig).name());
+                        self.begin_shutdown();
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    error!("failed to read the signalfd: {e}");
+                    break;
+                }
+            }
+        }
+        self.rearm(Source::Signals);
+    }
+
+    /// Reaps zombies: tracked workers through their pidfd, orphans by pid.
+    fn reap(&mut self) {
+        for _ in 0..100_000 {
+            let pid = match crate::sys::wait::peek_zombie() {
+                Ok(Some(pid)) => pid,
+                Ok(None) => return,
+                Err(e) => {
+                    error!("waitid failed: {e}");
+                    return;
+                }
+            };
+            if let Some((site, id)) = self.pids.get(&pid).cloned() {
+                self.worker_exited(&site, id);
+            } else if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
+                    Ok(_) => debug!(pid, "reaped an orphaned descendant"),
+                    Err(e) => {
+                        error!(pid, "failed to reap: {e}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_pidfd(&mut self, site: &SiteName, id: WorkerId, token: u64) {
+        let current = self
+            .sites
+            .get(site)
+            .and_then(|s| s.workers.get(&id))
+            .is_some_and(|w| w.token == token);
+        if current {
+            self.worker_exited(site, id);
+        }
+    }
+
+    fn worker_exited(&mut self, name: &SiteName, id: WorkerId) {
+        let tree = self.cgroups.as_ref();
+        let Some(site) = self.sites.get_mut(name) else { return };
+        let Some(worker) = site.workers.get(&id) else { return };
+        if tree.is_none() {
+            // The exited leader still holds its pid as process group id until reaped:
+            // take its group with it.
+            let _ = worker.pidref.signal_group(libc::SIGKILL);
+        }
+        let reason = match worker.pidref.try_wait() {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                // Not exited after all (spurious wake-up): watch again.
+                match self.reg.arm(worker.pidref.as_fd(), Interest::Readable, Source::Pidfd(name.clone(), id)) {
+                    Ok(t) => {
+                        if let Some(w) = site.workers.get_mut(&id) {
+                            w.token = t;
+                        }
+                    }
+                    Err(e) => error!(site = %name, worker = id, "failed to watch the pidfd: {e}"),
+                }
+                return;
+            }
+            Err(e) => {
+                error!(site = %name, worker = id, "waitid failed: {e}");
+                ExitReason::Exited { code: -1 }
+            }
+        };
+        let worker = site.workers.remove(&id).expect("checked above");
+        self.reg.tokens.remove(&worker.token);
+        self.pids.remove(&worker.pidref.pid());
+        if let (Some(tree), Some(dir)) = (tree, &worker.cgroup) {
+            if CgroupTree::is_populated(dir) {
+                if let Err(e) = tree.kill(dir) {
+                    warn!(site = %name, worker = id, "failed to kill what the worker left behind: {e}");
+                }
+            }
+        }
+        let level_crash = !matches!(
+            site.core.slots.get(&id).map(|s| s.phase),
+            Some(Phase::Stopping { .. })
+        );
+        if level_crash && !self.shutting_down {
+            warn!(site = %name, worker = id, pid = worker.pidref.pid(), "worker {reason}");
+        } else {
+            debug!(site = %name, worker = id, pid = worker.pidref.pid(), "worker {reason}");
+        }
+        self.feed(name, Input::Exited { id, reason });
+    }
+
+    // ------------------------------------------------------------ the supervisor
+
+    fn feed(&mut self, name: &SiteName, input: Input) {
+        let mut queue = vec![input];
+        while let Some(input) = queue.pop() {
+            let Some(site) = self.sites.get_mut(name) else { return };
+            let actions = site.core.handle(input, Instant::now());
+            for action in actions {
+                if let Some(next) = self.act(name, action) {
+                    queue.push(next);
+                }
+            }
+        }
+        self.after_feed(name);
+    }
+
+    fn after_feed(&mut self, name: &SiteName) {
+        let Some(site) = self.sites.get(name) else { return };
+        if site.removing && site.core.run == RunState::Stopped {
+            self.drop_site(name);
+        }
+    }
+
+    fn act(&mut self, name: &SiteName, action: Action) -> Option<Input> {
+        match action {
+            Action::Spawn(id) => Some(self.spawn(name, id)),
+            Action::Signal(id, sig) => {
+                let site = self.sites.get(name)?;
+                let w = site.workers.get(&id)?;
+                if let Err(e) = w.pidref.signal(sig.0) {
+                    error!(site = %name, worker = id, pid = w.pidref.pid(), "failed to send {}: {e}", sig.name());
+                }
+                None
+            }
+            Action::Kill(id) => {
+                let site = self.sites.get(name)?;
+                let w = site.workers.get(&id)?;
+                warn!(site = %name, worker = id, pid = w.pidref.pid(), "stop timeout: killing the worker's process tree");
+                let result = match (&self.cgroups, &w.cgroup) {
+                    (Some(tree), Some(dir)) => tree.kill(dir).map_err(|e| e.to_string()),
+                    _ => w.pidref.signal_group(libc::SIGKILL).map_err(|e| e.to_string()),
+                };
+                if let Err(e) = result {
+                    error!(site = %name, worker = id, "failed to kill: {e}; sending SIGKILL to the worker itself");
+                    let _ = w.pidref.signal(libc::SIGKILL);
+                }
+                None
+            }
+            Action::Note(note) => {
+                self.on_note(name, note);
+                None
+            }
+        }
+    }
+
+    fn spawn(&mut self, name: &SiteName, id: WorkerId) -> Input {
+        match self.try_spawn(name, id) {
+            Ok(pid) => Input::Spawned { id, pid },
+            Err((error, permanent)) => {
+                error!(site = %name, worker = id, "failed to spawn: {error}");
+                Input::SpawnFailed { id, error, permanent }
+            }
+        }
+    }
+
+    fn try_spawn(&mut self, name: &SiteName, id: WorkerId) -> Result<i32, (String, bool)> {
+        let notify_path = self.notify.path.clone();
+        let site = self.sites.get(name).ok_or_else(|| ("no such site".to_string(), true))?;
+        let mut image = crate::spawn::worker_image(&site.config, &site.listeners, &notify_path, id, site.generation)
+            .map_err(|e| (e, true))?;
+        let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| (format!("failed to create the output pipe: {e}"), false))?;
+        rustix::io::ioctl_fionbio(&pipe_r, true).map_err(|e| (format!("failed to set up the output pipe: {e}"), false))?;
+        let leaf = match &self.cgroups {
+            Some(tree) => {
+                let (dir, fd) = tree
+                    .worker_leaf(name.as_str(), site.generation, id)
+                    .map_err(|e| (format!("{e}: {}", error_chain(&e)), false))?;
+                if CgroupTree::is_populated(&dir) {
+                    // Leftovers of this slot's previous process.
+                    let _ = tree.kill(&dir);
+                }
+                Some((dir, fd))
+            }
+            None => None,
+        };
+        let mut fds: Vec<BorrowedFd<'_>> = vec![self.devnull.as_fd(), pipe_w.as_fd(), pipe_w.as_fd()];
+        fds.extend(site.listeners.iter().map(|l| l.fd.as_fd()));
+        let spawned = crate::sys::spawn::spawn(&mut image, &fds, leaf.as_ref().map(|(_, fd)| fd.as_fd()));
+        drop(fds);
+        drop(pipe_w);
+        let spawned = spawned.map_err(|e| {
+            let permanent = matches!(
+                &e,
+                SpawnError::Child { step: ChildStep::Exec | ChildStep::Chdir, source }
+                    if matches!(source.raw_os_error(), Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR))
+            );
+            (format!("{e}: {}", error_chain(&e)), permanent)
+        })?;
+        let pid = spawned.pid;
+        let pidref = PidRef::new(pid, spawned.pidfd);
+        let token = self
+            .reg
+            .arm(pidref.as_fd(), Interest::Readable, Source::Pidfd(name.clone(), id))
+            .map_err(|e| {
+                let _ = pidref.signal(libc::SIGKILL);
+                (format!("failed to watch the pidfd: {e}"), false)
+            })?;
+        match self.reg.arm(pipe_r.as_fd(), Interest::Readable, Source::Pipe) {
+            Ok(t) => {
+                self.pipes.insert(
+                    t,
+                    Pipe {
+                        site: name.clone(),
+                        id,
+                        pid,
+                        fd: pipe_r,
+                        splitter: LineSplitter::default(),
+                    },
+                );
+            }
+            Err(e) => warn!(site = %name, worker = id, "worker output is not captured: {e}"),
+        }
+        self.pids.insert(pid, (name.clone(), id));
+        let site = self.sites.get_mut(name).expect("looked up above");
+        site.workers.insert(
+            id,
+            Worker {
+                pidref,
+                token,
+                cgroup: leaf.map(|(d, _)| d),
+                started_wall: SystemTime::now(),
+            },
+        );
+        debug!(site = %name, worker = id, pid, "spawned");
+        Ok(pid)
+    }
+
+    fn on_note(&mut self, name: &SiteName, note: Note) {
+        let text = match &note {
+            Note::Started(id, pid) => format!("w-{id} started (pid {pid})"),
+            Note::Ready(id) => format!("w-{id} ready"),
+            Note::Exited(id, reason) => format!("w-{id} {reason}"),
+            Note::BackingOff(id, ms) => format!("w-{id} restarting in {ms} ms"),
+            Note::Killed(id) => format!("w-{id} did not stop in time: killed"),
+            Note::Failed(id) => format!("w-{id} failed: not restarted until `hatchery start {name}`"),
+            Note::AllStopped => "all workers stopped".to_string(),
+            Note::RestartDone => "restart done".to_string(),
+            Note::Settled => "all workers ready".to_string(),
+        };
+        if let Note::Failed(id) = note {
+            error!(site = %name, worker = id, "site failed: worker flapping or unstartable");
+        }
+        let Some(site) = self.sites.get_mut(name) else { return };
+        let finished: Vec<(u64, Reply)> = {
+            let mut done = Vec::new();
+            let mut keep = Vec::new();
+            for w in site.waiters.drain(..) {
+                let reply = match (w.until, &note) {
+                    (WaitFor::Stopped, Note::AllStopped)
+                    | (WaitFor::Settled, Note::Settled)
+                    | (WaitFor::RestartDone, Note::RestartDone) => Some(Reply::Ok(json!({ "site": name, "message": text }))),
+                    (WaitFor::Settled | WaitFor::RestartDone, Note::Failed(_)) => {
+                        Some(Reply::error(ErrorKind::Failed, format!("site {name} failed: {text}")))
+                    }
+                    _ => None,
+                };
+                match reply {
+                    Some(r) => done.push((w.conn, r)),
+                    None => keep.push(w),
+                }
+            }
+            site.waiters = keep;
+            done
+        };
+        let watching: Vec<u64> = site.waiters.iter().map(|w| w.conn).collect();
+        for conn in watching {
+            self.send(conn, &Reply::Event(text.clone()));
+        }
+        for (conn, reply) in finished {
+            self.finish(conn, &reply);
+        }
+    }
+
+    // ------------------------------------------------------------ worker output
+
+    fn on_pipe(&mut self, token: u64) {
+        let Some(mut pipe) = self.pipes.remove(&token) else { return };
+        let mut buf = [0u8; 65536];
+        let mut eof = false;
+        let mut records = Vec::new();
+        let now = SystemTime::now();
+        for _ in 0..16 {
+            match rustix::io::read(&pipe.fd, &mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => pipe
+                    .splitter
+                    .feed(&buf[..n], |line| records.push(logs::record(pipe.id, pipe.pid, line, now))),
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    warn!(site = %pipe.site, worker = pipe.id, "failed to read worker output: {e}");
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        if eof {
+            pipe.splitter
+                .feed(b"", |_| {});
+            pipe.splitter
+                .finish(|line| records.push(logs::record(pipe.id, pipe.pid, line, now)));
+        }
+        self.write_records(&pipe.site, &records);
+        if !eof {
+            match self.reg.arm(pipe.fd.as_fd(), Interest::Readable, Source::Pipe) {
+                Ok(t) => {
+                    self.pipes.insert(t, pipe);
+                }
+                Err(e) => warn!(site = %pipe.site, worker = pipe.id, "stopped capturing worker output: {e}"),
+            }
+        }
+    }
+
+    fn write_records(&mut self, name: &SiteName, records: &[Vec<u8>]) {
+        if records.is_empty() {
+            return;
+        }
+        let Some(site) = self.sites.get_mut(name) else { return };
+        for r in records {
+            if let Err(e) = site.log.append(r) {
+                warn!(site = %name, "failed to write {}: {e}", site.log.path().display());
+                break;
+            }
+        }
+        let followers = site.followers.clone();
+        for conn in followers {
+            for r in records {
+                let line = String::from_utf8_lossy(r.strip_suffix(b"\n").unwrap_or(r)).into_owned();
+                self.send(conn, &Reply::Line(line));
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ notify socket
+
+    fn on_notify(&mut self) {
+        loop {
+            match self.notify.recv() {
+                Ok(Some(n)) => {
+                    let Some((site, id)) = self.pids.get(&n.pid).cloned() else {
+                        debug!(pid = n.pid, "notification from an unknown pid, ignored");
+                        continue;
+                    };
+                    if n.ready {
+                        self.feed(&site, Input::ReadyNotified { id });
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("failed to read the notify socket: {e}");
+                    break;
+                }
+            }
+        }
+        self.rearm(Source::Notify);
+    }
+
+    // ------------------------------------------------------------ control socket
+
+    fn on_accept(&mut self) {
+        loop {
+            let fd = match rustix::net::accept_with(&self.control, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK) {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
+                Err(e) => {
+                    error!("failed to accept a control connection: {e}");
+                    break;
+                }
+            };
+            let uid = match sockopt::socket_peercred(&fd) {
+                Ok(cred) => cred.uid.as_raw(),
+                Err(e) => {
+                    warn!("no peer credentials on a control connection, closing it: {e}");
+                    continue;
+                }
+            };
+            let id = self.next_conn;
+            self.next_conn += 1;
+            let conn = Conn {
+                fd,
+                uid,
+                inbuf: Vec::new(),
+                outbuf: Vec::new(),
+                read_token: None,
+                write_token: None,
+                done: false,
+                held: false,
+            };
+            self.conns.insert(id, conn);
+            if self.conns.len() > MAX_CONNECTIONS {
+                warn!(uid, "too many control connections, refusing one");
+                self.finish(id, &Reply::error(ErrorKind::Refused, format!("too many connections (limit {MAX_CONNECTIONS})")));
+                continue;
+            }
+            self.arm_conn_read(id);
+        }
+        self.rearm(Source::Control);
+    }
+
+    fn arm_conn_read(&mut self, id: u64) {
+        let Some(conn) = self.conns.get(&id) else { return };
+        match self.reg.arm(conn.fd.as_fd(), Interest::Readable, Source::ConnRead(id)) {
+            Ok(t) => {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.read_token = Some(t);
+                }
+            }
+            Err(e) => {
+                warn!("failed to watch a control connection: {e}");
+                self.close_conn(id);
+            }
+        }
+    }
+
+    fn on_conn_read(&mut self, id: u64) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        conn.read_token = None;
+        let mut buf = [0u8; 8192];
+        let mut closed = false;
+        loop {
+            match rustix::io::read(&conn.fd, &mut buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    conn.inbuf.extend_from_slice(&buf[..n]);
+                    if conn.inbuf.len() > MAX_REQUEST {
+                        break;
+                    }
+                }
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if conn.held || conn.done {
+            // A streaming or waiting client only ever hangs up.
+            if closed {
+                self.close_conn(id);
+            } else {
+                conn.inbuf.clear();
+                self.arm_conn_read(id);
+            }
+            return;
+        }
+        let uid = conn.uid;
+        if let Some(pos) = conn.inbuf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = conn.inbuf.drain(..=pos).collect();
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => self.handle_request(id, uid, req),
+                Err(e) => self.finish(id, &Reply::error(ErrorKind::BadRequest, format!("invalid request: {e}"))),
+            }
+        } else if conn.inbuf.len() > MAX_REQUEST {
+            self.finish(id, &Reply::error(ErrorKind::BadRequest, format!("request larger than {MAX_REQUEST} bytes")));
+        } else if closed {
+            self.close_conn(id);
+        } else {
+            self.arm_conn_read(id);
+        }
+    }
+
+    fn send(&mut self, id: u64, reply: &Reply) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        if conn.outbuf.len() > MAX_CONN_BUFFER {
+            warn!("a control client is not reading: dropping it");
+            self.close_conn(id);
+            return;
+        }
+        conn.outbuf.extend_from_slice(&reply.to_line());
+        self.flush(id);
+    }
+
+    /// Sends the final reply and closes the connection once it is flushed.
+    fn finish(&mut self, id: u64, reply: &Reply) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.done = true;
+            conn.held = false;
+        }
+        for site in self.sites.values_mut() {
+            site.followers.retain(|c| *c != id);
+            site.waiters.retain(|w| w.conn != id);
+        }
+        self.send(id, reply);
+    }
+
+    fn flush(&mut self, id: u64) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        while !conn.outbuf.is_empty() {
+            match rustix::io::write(&conn.fd, &conn.outbuf) {
+                Ok(n) => {
+                    conn.outbuf.drain(..n);
+                }
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => {
+                    self.close_conn(id);
+                    return;
+                }
+            }
+        }
+        if conn.outbuf.is_empty() {
+            if conn.done {
+                self.close_conn(id);
+            }
+        } else if conn.write_token.is_none() {
+            match self.reg.arm(conn.fd.as_fd(), Interest::Writable, Source::ConnWrite(id)) {
+                Ok(t) => conn.write_token = Some(t),
+                Err(_) => self.close_conn(id),
+            }
+        }
+    }
+
+    fn close_conn(&mut self, id: u64) {
+        let Some(conn) = self.conns.remove(&id) else { return };
+        for t in [conn.read_token, conn.write_token].into_iter().flatten() {
+            self.reg.tokens.remove(&t);
+            let _ = self.reg.reactor.disarm(conn.fd.as_fd(), t);
+        }
+        for site in self.sites.values_mut() {
+            site.followers.retain(|c| *c != id);
+            site.waiters.retain(|w| w.conn != id);
+        }
+    }
+
+    fn is_admin(&self, uid: u32) -> bool {
+        uid == 0 || uid == rustix::process::geteuid().as_raw()
+    }
+
+    fn handle_request(&mut self, conn: u64, uid: u32, req: Request) {
+        let admin = self.is_admin(uid);
+        // Authorization first: a site request needs root, the agent's user, or the
+        // site's own user; the answer for someone else's site does not reveal whether
+        // it exists.
+        if let Some(site) = req.site() {
+            let owner = self.sites.iter().find(|(n, _)| n.as_str() == site).map(|(_, s)| s.config.uid);
+            if !admin && owner != Some(uid) {
+                warn!(uid, site, "refused a control request");
+                return self.finish(conn, &Reply::error(ErrorKind::Refused, format!("uid {uid} may not control site {site}")));
+            }
+            if owner.is_none() {
+                return self.finish(conn, &Reply::error(ErrorKind::NotFound, format!("no such site: {site}")));
+            }
+        } else if !admin {
+            let owns_any = self.sites.values().any(|s| s.config.uid == uid);
+            let allowed = matches!(req, Request::Status { .. }) && owns_any;
+            if !allowed {
+                warn!(uid, "refused a control request");
+                return self.finish(conn, &Reply::error(ErrorKind::Refused, format!("uid {uid} may not do this")));
+            }
+        }
+        let name = req.site().map(|s| SiteName::new(s).expect("an existing site's name is valid"));
+        match req {
+            Request::Status { .. } => {
+                let status = self.status(name.as_ref(), uid, admin);
+                self.finish(conn, &Reply::Ok(status));
+            }
+            Request::Start { .. } => {
+                let name = name.expect("site request");
+                self.hold(&name, conn, WaitFor::Settled);
+                self.feed(&name, Input::StartRequested);
+                self.reply_if_settled(&name, conn);
+            }
+            Request::Stop { .. } => {
+                let name = name.expect("site request");
+                if self.sites[&name].core.run == RunState::Stopped {
+                    return self.finish(conn, &Reply::Ok(json!({ "site": name, "message": "already stopped" })));
+                }
+                self.hold(&name, conn, WaitFor::Stopped);
+                self.feed(&name, Input::StopRequested);
+            }
+            Request::Restart { .. } => {
+                let name = name.expect("site request");
+                if self.sites[&name].core.run == RunState::Stopped {
+                    self.hold(&name, conn, WaitFor::Settled);
+                    self.feed(&name, Input::StartRequested);
+                    self.reply_if_settled(&name, conn);
+                } else {
+                    self.hold(&name, conn, WaitFor::RestartDone);
+                    self.feed(&name, Input::RestartRequested);
+                }
+            }
+            Request::Scale { workers, .. } => {
+                let name = name.expect("site request");
+                if workers > config::MAX_WORKERS {
+                    return self.finish(
+                        conn,
+                        &Reply::error(ErrorKind::BadRequest, format!("{workers} workers is too many: use 0 to {}", config::MAX_WORKERS)),
+                    );
+                }
+                if self.sites[&name].core.run == RunState::Stopped {
+                    self.feed(&name, Input::ScaleRequested(workers));
+                    return self.finish(conn, &Reply::Ok(json!({ "site": name, "message": format!("{workers} workers when started") })));
+                }
+                self.hold(&name, conn, WaitFor::Settled);
+                self.feed(&name, Input::ScaleRequested(workers));
+                self.reply_if_settled(&name, conn);
+            }
+            Request::Signal { signal, .. } => {
+                let name = name.expect("site request");
+                let sig = match config::Signal::parse(&signal) {
+                    Ok(s) => s,
+                    Err(m) => return self.finish(conn, &Reply::error(ErrorKind::BadRequest, m)),
+                };
+                let site = &self.sites[&name];
+                let mut sent = 0;
+                for (id, w) in &site.workers {
+                    match w.pidref.signal(sig.0) {
+                        Ok(()) => sent += 1,
+                        Err(e) => warn!(site = %name, worker = id, "failed to send {}: {e}", sig.name()),
+                    }
+                }
+                self.finish(conn, &Reply::Ok(json!({ "site": name, "signal": sig.name(), "workers": sent })));
+            }
+            Request::Logs { lines, follow, .. } => {
+                let name = name.expect("site request");
+                let path = self.sites[&name].log.path().to_path_buf();
+                match logs::tail(&path, lines.min(100_000)) {
+                    Ok(past) => {
+                        for l in past {
+                            self.send(conn, &Reply::Line(l));
+                        }
+                    }
+                    Err(e) => return self.finish(conn, &Reply::error(ErrorKind::Failed, format!("failed to read {}: {e}", path.display()))),
+                }
+                if follow {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.held = true;
+                    }
+                    if let Some(s) = self.sites.get_mut(&name) {
+                        s.followers.push(conn);
+                    }
+                    self.arm_conn_read(conn);
+                } else {
+                    self.finish(conn, &Reply::Ok(json!({ "site": name, "log": path })));
+                }
+            }
+            Request::Reload => match self.reload() {
+                Ok(summary) => self.finish(conn, &Reply::Ok(summary)),
+                Err(e) => {
+                    error!("reload refused, nothing changed: {e}");
+                    self.finish(conn, &Reply::error(ErrorKind::Config, e.to_string()));
+                }
+            },
+        }
+    }
+
+    fn hold(&mut self, name: &SiteName, conn: u64, until: WaitFor) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.held = true;
+        }
+        if let Some(site) = self.sites.get_mut(name) {
+            site.waiters.push(Waiter { conn, until });
+        }
+        self.arm_conn_read(conn);
+    }
+
+    /// `Settled` is only noted on a change; answer a waiter whose wish already holds.
+    fn reply_if_settled(&mut self, name: &SiteName, conn: u64) {
+        let Some(site) = self.sites.get(name) else { return };
+        let waiting = site.waiters.iter().any(|w| w.conn == conn);
+        let settled = site.core.run == RunState::Running
+            && site.core.slots.len() == site.core.desired as usize
+            && site.core.ready() == site.core.desired as usize;
+        if waiting && settled {
+            self.finish(conn, &Reply::Ok(json!({ "site": name, "message": "all workers ready" })));
+        }
+    }
+
+    fn status(&self, only: Option<&SiteName>, uid: u32, admin: bool) -> serde_json::Value {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let sites: Vec<serde_json::Value> = self
+            .sites
+            .iter()
+            .filter(|(n, s)| only.is_none_or(|o| o == *n) && (admin || s.config.uid == uid))
+            .map(|(name, s)| {
+                let workers: Vec<serde_json::Value> = s
+                    .core
+                    .slots
+                    .values()
+                    .map(|slot| {
+                        let started_at = s
+                            .workers
+                            .get(&slot.id)
+                            .map(|w| w.started_wall)
+                            .or_else(|| slot.started.map(|t| wall - now.saturating_duration_since(t)));
+                        json!({
+                            "id": slot.id,
+                            "pid": slot.pid,
+                            "state": slot.phase.name(),
+                            "restarts": slot.restarts,
+                            "started_at": started_at.map(logs::utc_timestamp),
+                            "uptime_ms": slot.pid.and(slot.started).map(|t| now.saturating_duration_since(t).as_millis()),
+                            "last_exit": slot.last_exit.as_ref().map(|r| r.to_string()),
+                            "cgroup": s.workers.get(&slot.id).and_then(|w| w.cgroup.clone()),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": name,
+                    "state": s.core.run.name(),
+                    "generation": s.generation,
+                    "desired": s.core.desired,
+                    "ready": s.core.ready(),
+                    "restarting": s.core.is_restarting(),
+                    "listen": s.listeners.iter().map(|l| l.spec.addr.to_string()).collect::<Vec<_>>(),
+                    "log": s.log.path(),
+                    "workers": workers,
+                })
+            })
+            .collect();
+        json!({
+            "agent": {
+                "pid": std::process::id(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "started_at": logs::utc_timestamp(self.started),
+                "config": self.config.file,
+                "features": self.features(),
+            },
+            "sites": sites,
+        })
+    }
+
+    // ------------------------------------------------------------ reload
+
+    /// Re-reads the configuration. On any error nothing changes. Added sites start,
+    /// removed sites stop, changed sites restart their workers one at a time (or only
+    /// scale, if only `workers` changed).
+    fn reload(&mut self) -> Result<serde_json::Value, AgentError> {
+        let new = config::load(&self.config.file)?;
+        if new.control_socket != self.config.control_socket
+            || new.state_dir != self.config.state_dir
+            || new.cgroup_base != self.config.cgroup_base
+        {
+            warn!("control_socket, state_dir and cgroup_base changes take effect when the agent restarts");
+        }
+        // Bind what is new first: if anything fails, drop it all and change nothing.
+        let mut prepared: Vec<(SiteConfig, Option<Vec<Listener>>, Option<Site>)> = Vec::new();
+        for sc in &new.sites {
+            match self.sites.get(&sc.name) {
+                None => prepared.push((sc.clone(), None, Some(self.make_site(sc.clone())?))),
+                Some(old) if old.config.listen != sc.listen => {
+                    let mut ls = Vec::new();
+                    for spec in &sc.listen {
+                        match old.listeners.iter().position(|l| l.spec == *spec) {
+                            Some(_) => ls.push(None),
+                            None => ls.push(Some(
+                                Listener::bind(spec, sc.uid, sc.gid)
+                                    .map_err(|e| setup_err(format!("set up the listeners of site {}", sc.name), e))?,
+                            )),
+                        }
+                    }
+                    // Reuse unchanged listeners by duplicating their fds.
+                    let mut full = Vec::new();
+                    for (spec, l) in sc.listen.iter().zip(ls) {
+                        match l {
+                            Some(l) => full.push(l),
+                            None => {
+                                let old_l = old.listeners.iter().find(|l| l.spec == *spec).expect("found above");
+                                let fd = old_l.fd.try_clone().map_err(|e| setup_err("duplicate a listener", e))?;
+                                full.push(Listener { spec: spec.clone(), fd });
+                            }
+                        }
+                    }
+                    prepared.push((sc.clone(), Some(full), None));
+                }
+                Some(_) => prepared.push((sc.clone(), None, None)),
+            }
+        }
+        let mut added = Vec::new();
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
+        let new_names: Vec<SiteName> = new.sites.iter().map(|s| s.name.clone()).collect();
+        for name in self.sites.keys().cloned().collect::<Vec<_>>() {
+            if !new_names.contains(&name) {
+                removed.push(name.to_string());
+                if let Some(s) = self.sites.get_mut(&name) {
+                    s.removing = true;
+                }
+                self.feed(&name, Input::StopRequested);
+            }
+        }
+        for (sc, listeners, fresh) in prepared {
+            let name = sc.name.clone();
+            if let Some(site) = fresh {
+                added.push(name.to_string());
+                self.sites.insert(name.clone(), site);
+                self.feed(&name, Input::StartRequested);
+                continue;
+            }
+            let Some(site) = self.sites.get_mut(&name) else { continue };
+            if site.config == sc {
+                continue;
+            }
+            changed.push(name.to_string());
+            let only_count = SiteConfig { workers: site.config.workers, ..sc.clone() } == site.config;
+            let workers = sc.workers;
+            if let Some(ls) = listeners {
+                for old in &site.listeners {
+                    if !ls.iter().any(|l| l.spec.addr == old.spec.addr) {
+                        old.unlink();
+                    }
+                }
+                site.listeners = ls;
+            }
+            site.core.policies = policies(&sc);
+            site.log.set_policy(sc.logs);
+            site.config = sc;
+            self.feed(&name, Input::ScaleRequested(workers));
+            if !only_count {
+                self.feed(&name, Input::RestartRequested);
+            }
+        }
+        self.config = AgentConfig { sites: Vec::new(), ..new };
+        info!(?added, ?changed, ?removed, "configuration reloaded");
+        Ok(json!({ "added": added, "changed": changed, "removed": removed }))
+    }
+
+    fn drop_site(&mut self, name: &SiteName) {
+        let Some(site) = self.sites.remove(name) else { return };
+        for l in &site.listeners {
+            l.unlink();
+        }
+        if self.cgroups.is_some() {
+            if let Some(tree) = &self.cgroups {
+                CgroupTree::remove(&tree.site_dir(name.as_str()));
+            }
+        }
+        let conns: Vec<u64> = site.followers.iter().copied().chain(site.waiters.iter().map(|w| w.conn)).collect();
+        for c in conns {
+            self.finish(c, &Reply::Ok(json!({ "site": name, "message": "site removed" })));
+        }
+        info!(site = %name, "site removed");
+    }
+
+    // ------------------------------------------------------------ shutdown
+
+    fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        notify_systemd("STOPPING=1");
+        let names: Vec<SiteName> = self.sites.keys().cloned().collect();
+        for name in names {
+            self.feed(&name, Input::StopRequested);
+        }
+    }
+
+    fn kill_everything(&mut self) {
+        for site in self.sites.values() {
+            for w in site.workers.values() {
+                let _ = match (&self.cgroups, &w.cgroup) {
+                    (Some(tree), Some(dir)) => tree.kill(dir).map_err(|e| io::Error::other(e.to_string())),
+                    _ => w.pidref.signal_group(libc::SIGKILL),
+                };
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        for c in conns {
+            self.finish(c, &Reply::error(ErrorKind::Failed, "the agent is shutting down"));
+        }
+        // Orphans of workers that escaped nothing: their cgroups are killed, and any
+        // zombie left is reaped before we go.
+        if let Some(tree) = &self.cgroups {
+            for name in self.sites.keys() {
+                let dir = tree.site_dir(name.as_str());
+                if CgroupTree::is_populated(&dir) {
+                    let _ = tree.kill(&dir);
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
+                Ok(Some(_)) => continue,
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => break,
+            }
+        }
+        for site in self.sites.values() {
+            for l in &site.listeners {
+                l.unlink();
+            }
+        }
+        if let Some(tree) = &self.cgroups {
+            tree.teardown();
+        }
+        let _ = std::fs::remove_file(&self.config.control_socket);
+        let _ = std::fs::remove_file(&self.notify.path);
+        info!("agent stopped");
+    }
+}
+
+fn policies(c: &SiteConfig) -> Policies {
+    Policies {
+        restart: c.restart,
+        stop: c.stop,
+        ready: c.ready,
+    }
+}
+
+fn loopback_for(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(if a.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    a
+}
+
+fn bind_control(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| setup_err(format!("create {}", dir.display()), e))?;
+    }
+    // A live agent answers on the socket: refuse to steal it.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(setup_err(
+            format!("bind {}", path.display()),
+            io::Error::new(io::ErrorKind::AddrInUse, "another agent is running on this control socket"),
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    let fd = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| setup_err("create the control socket", io::Error::from(e)))?;
+    let addr = rustix::net::SocketAddrUnix::new(path).map_err(|e| setup_err("name the control socket", io::Error::from(e)))?;
+    rustix::net::bind(&fd, &addr).map_err(|e| setup_err(format!("bind {}", path.display()), io::Error::from(e)))?;
+    // Everyone may connect; SO_PEERCRED decides what each peer may do.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| setup_err(format!("chmod {}", path.display()), e))?;
+    rustix::net::listen(&fd, 128).map_err(|e| setup_err("listen on the control socket", io::Error::from(e)))?;
+    Ok(fd)
+}
+
+fn raise_nofile_limit() {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if let Some(max) = lim.maximum {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit { current: Some(max), maximum: Some(max) },
+        );
+    }
+}
+
+/// Sends `state` to systemd's `NOTIFY_SOCKET`, if the agent runs under it.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), PathBuf::from(path))
+    };
+    if let Err(e) = result {
+        warn!("failed to notify systemd: {e}");
+    }
+}
+
+/// The causes of an error, joined (for errors turned into strings).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        parts.push(c.to_string());
+        cur = c.source();
+    }
+    parts.join(": ")
+}
+
+/// The reactor and the owners of its tokens.
+#[derive(Debug)]
+struct Registry {
+    reactor: Reactor,
+    tokens: HashMap<u64, Source>,
+    next_token: u64,
+}
+
+impl Registry {
+    /// Arms a one-shot notification for `fd`, under a fresh token owned by `source`.
+    fn arm(&mut self, fd: BorrowedFd<'_>, interest: Interest, source: Source) -> io::Result<u64> {
+        let t = self.next_token;
+        self.next_token += 1;
+        self.reactor.arm(fd, interest, t)?;
+        self.tokens.insert(t, source);
+        Ok(t)
+    }
+}

@@ -1,0 +1,61 @@
+//! What this kernel and this agent provide, and what is not enforced: the report shown
+//! by `hatchery check` and in `hatchery status`.
+//!
+//! Every feature is probed (never inferred from `uname`).
+
+use serde::Serialize;
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Feature {
+    /// What it is.
+    pub name: &'static str,
+    /// Whether it is in use.
+    pub in_use: bool,
+    /// How, or what happens without it.
+    pub detail: String,
+}
+
+impl Feature {
+    /// A feature in use.
+    pub fn on(name: &'static str, detail: impl Into<String>) -> Feature {
+        Feature { name, in_use: true, detail: detail.into() }
+    }
+
+    /// A feature not in use, and what that means.
+    pub fn off(name: &'static str, detail: impl Into<String>) -> Feature {
+        Feature { name, in_use: false, detail: detail.into() }
+    }
+}
+
+/// Renders the report for people.
+pub fn render(features: &[Feature]) -> String {
+    let mut out = String::new();
+    for f in features {
+        let mark = if f.in_use { "yes" } else { "NO " };
+        out.push_str(&format!("  [{mark}] {:<22} {}\n", f.name, f.detail));
+    }
+    out
+}
+
+/// Probes that do not need a running agent.
+pub fn probe_kernel() -> Vec<Feature> {
+    let mut out = Vec::new();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    out.push(Feature::on("kernel", release.trim().to_string()));
+    match rustix::process::pidfd_open(rustix::process::getpid(), rustix::process::PidfdFlags::NONBLOCK) {
+        Ok(_) => out.push(Feature::on("pidfd", "workers are tracked by pidfd (pidfd_open, waitid P_PIDFD)")),
+        Err(e) => out.push(Feature::off("pidfd", format!("unavailable ({e}): Linux 5.10 or later is required"))),
+    }
+    match crate::sys::uring::Uring::new(512) {
+        Ok(_) => out.push(Feature::on("io_uring", "event loop on io_uring (HATCHERY_REACTOR=epoll to use epoll)")),
+        Err(e) => out.push(Feature::off("io_uring", format!("unavailable ({e}): the event loop uses epoll"))),
+    }
+    let root = rustix::process::geteuid().is_root();
+    out.push(if root {
+        Feature::on("root", "running as root")
+    } else {
+        Feature::off("root", "not root: workers run as the agent's user; cgroups need delegation")
+    });
+    out
+}

@@ -1,0 +1,33 @@
+//! Hatchery: a kernel-assisted process supervisor for hosting many web sites on one host.
+//!
+//! The module tree follows the layers of DESIGN.md, each using only those beneath it:
+//!
+//! - [`sys`] is the only place with `unsafe`: `clone3` and the post-clone child path,
+//!   `signalfd`, `waitid(P_ALL, WNOWAIT)` and the io_uring submission side.
+//! - Kernel-facing mechanism: [`process`] (a pid always with its pidfd), [`cgroup`] (the
+//!   cgroup v2 tree as directory fds), [`net`] (listeners bound by the agent, the notify
+//!   socket), [`spawn`] (turning a site's configuration into a ready-to-clone image).
+//! - Policy without I/O: [`supervisor`] (per-site worker slot state machine, restart
+//!   backoff and flapping control).
+//! - [`event`]: the single-threaded loop (io_uring or epoll readiness) that feeds kernel
+//!   events to the supervisor and carries out its actions, plus the control server.
+//! - Used anywhere: [`config`] (parsing and validation), [`logs`] (per-site worker log
+//!   files with rotation), [`control`] (the JSON protocol and its client), [`features`]
+//!   (what this kernel provides and what is enforced).
+//!
+//! The `hatchery` binary (`src/main.rs`) is the CLI and `hatchery agent`; [`demo`] holds
+//! the built-in demo site and its tiny HTTP worker.
+
+pub mod cgroup;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod event;
+pub mod features;
+pub mod logs;
+pub mod net;
+pub mod process;
+pub mod spawn;
+pub mod supervisor;
+#[allow(unsafe_code)]
+pub mod sys;

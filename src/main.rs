@@ -1,0 +1,364 @@
+//! `hatchery`: the agent (`hatchery agent`) and the CLI that controls it.
+//!
+//! Exit codes: 0 ok; 1 refused or failed (not allowed, no such site, the operation
+//! failed); 2 usage or configuration error; 3 agent unreachable.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hatchery::control::{Client, ErrorKind, Reply, Request};
+use hatchery::event::Agent;
+use hatchery::{config, demo, features};
+
+const EXIT_REFUSED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_UNREACHABLE: u8 = 3;
+const DEFAULT_SOCKET: &str = "/run/hatchery/control.sock";
+
+#[derive(Parser, Debug)]
+#[command(name = "hatchery", version, about = "A kernel-assisted process supervisor for hosting many web sites on one Linux host")]
+struct Cli {
+    /// Control socket of the agent (default: $HATCHERY_SOCKET, else /run/hatchery/control.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent in the foreground.
+    Agent {
+        /// The agent configuration file.
+        #[arg(long, default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate the configuration, print it with every default, and report kernel features.
+    Check {
+        /// The agent configuration file.
+        #[arg(long, default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Run an agent with a built-in demo site (4 workers on 127.0.0.1:8080).
+    Demo {
+        /// Address the demo site listens on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Number of workers.
+        #[arg(long, default_value_t = 4)]
+        workers: u32,
+    },
+    /// Show sites and workers.
+    Status {
+        /// Only this site (with its workers).
+        site: Option<String>,
+    },
+    /// Start a site (also clears `failed`); waits until its workers are ready.
+    Start {
+        /// The site.
+        site: String,
+    },
+    /// Stop every worker of a site; waits until they have exited.
+    Stop {
+        /// The site.
+        site: String,
+    },
+    /// Restart a site's workers one at a time; waits until done.
+    Restart {
+        /// The site.
+        site: String,
+    },
+    /// Change the number of workers; waits until they are running and ready.
+    Scale {
+        /// The site.
+        site: String,
+        /// The new number of workers.
+        workers: u32,
+    },
+    /// Send a signal to every worker of a site.
+    Signal {
+        /// The site.
+        site: String,
+        /// The signal: HUP, SIGUSR1, 10, ...
+        signal: String,
+    },
+    /// Show a site's worker output.
+    Logs {
+        /// The site.
+        site: String,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many past lines.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
+    /// Re-read the configuration (like SIGHUP); a bad file changes nothing.
+    Reload,
+    /// The demo site's worker (used by `hatchery demo`).
+    #[command(name = "__demo-worker", hide = true)]
+    DemoWorker,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    match cli.command {
+        Command::Agent { config } => run_agent(&config),
+        Command::Check { config } => check(&config, cli.json),
+        Command::Demo { listen, workers } => run_demo(listen, workers),
+        Command::DemoWorker => match demo::worker_main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("demo worker: {e}");
+                ExitCode::from(1)
+            }
+        },
+        command => {
+            let socket = cli
+                .socket
+                .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+            client(&socket, command, cli.json)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HATCHERY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn print_error(e: &anyhow::Error) {
+    eprintln!("hatchery: {e:#}");
+}
+
+fn run_agent(path: &std::path::Path) -> ExitCode {
+    init_tracing();
+    let agent = match Agent::new(path) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if matches!(e, hatchery::event::AgentError::Config(_)) { EXIT_USAGE } else { EXIT_REFUSED };
+            print_error(&anyhow::Error::new(e));
+            return ExitCode::from(code);
+        }
+    };
+    match agent.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            print_error(&anyhow::Error::new(e));
+            ExitCode::from(EXIT_REFUSED)
+        }
+    }
+}
+
+fn check(path: &std::path::Path, json: bool) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hatchery: invalid configuration: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let mut report = features::probe_kernel();
+    let cgroup = match hatchery::cgroup::cgroup2_mount() {
+        Some(m) => {
+            let offered = std::fs::read_to_string(m.join("cgroup.controllers")).unwrap_or_default();
+            if offered.trim().is_empty() {
+                features::Feature::off(
+                    "cgroup v2",
+                    format!("mounted at {} without controllers: no memory, pids or cpu accounting", m.display()),
+                )
+            } else {
+                features::Feature::on("cgroup v2", format!("{} offers: {}", m.display(), offered.trim()))
+            }
+        }
+        None => features::Feature::off("cgroup v2", "not mounted: no accounting, limits or cgroup placement"),
+    };
+    report.push(cgroup);
+    if json {
+        let sites: Vec<_> = config.sites.iter().map(|s| s.to_raw()).collect();
+        let out = serde_json::json!({ "valid": true, "sites": sites, "features": report });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        println!("configuration is valid: {} site(s)\n", config.sites.len());
+        print!("{}", config.effective_toml());
+        println!("\nkernel features:");
+        print!("{}", features::render(&report));
+    }
+    ExitCode::SUCCESS
+}
+
+fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {
+    init_tracing();
+    let dir = std::env::temp_dir().join(format!("hatchery-demo-{}", std::process::id()));
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("hatchery: cannot find my own executable: {e}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    if let Err(e) = std::net::TcpListener::bind(listen) {
+        eprintln!("hatchery: {listen} is not available ({e}); pick another with --listen 127.0.0.1:PORT");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let path = match demo::write_config(&dir, &exe, listen, workers) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("hatchery: cannot write the demo configuration in {}: {e}", dir.display());
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    let socket = dir.join("control.sock");
+    let me = exe.display();
+    println!(
+        "Hatchery demo: {workers} workers serving http://{listen}/ (state in {dir})\n\
+         Try, in another terminal:\n\
+         \x20 curl http://{listen}/\n\
+         \x20 export HATCHERY_SOCKET={socket}\n\
+         \x20 {me} status demo\n\
+         \x20 {me} restart demo\n\
+         \x20 {me} logs demo -f\n\
+         Press Ctrl-C to stop.\n",
+        dir = dir.display(),
+        socket = socket.display(),
+    );
+    let code = run_agent(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    code
+}
+
+fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
+    let request = match command {
+        Command::Status { site } => Request::Status { site },
+        Command::Start { site } => Request::Start { site },
+        Command::Stop { site } => Request::Stop { site },
+        Command::Restart { site } => Request::Restart { site },
+        Command::Scale { site, workers } => Request::Scale { site, workers },
+        Command::Signal { site, signal } => Request::Signal { site, signal },
+        Command::Logs { site, follow, lines } => Request::Logs { site, lines, follow },
+        Command::Reload => Request::Reload,
+        Command::Agent { .. } | Command::Check { .. } | Command::Demo { .. } | Command::DemoWorker => {
+            unreachable!("handled in main")
+        }
+    };
+    let mut conn = match Client::connect(socket) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hatchery: cannot reach the agent at {}: {e}", socket.display());
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    };
+    let is_status = matches!(request, Request::Status { .. });
+    let result = conn.call(&request, |r| match r {
+        Reply::Line(l) => println!("{l}"),
+        Reply::Event(e) if !json => eprintln!("  {e}"),
+        Reply::Event(e) => println!("{}", serde_json::json!({ "event": e })),
+        _ => {}
+    });
+    match result {
+        Ok(Reply::Ok(value)) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+            } else if is_status {
+                print!("{}", render_status(&value));
+            } else if let Some(msg) = value.get("message").and_then(|m| m.as_str()) {
+                println!("{}: {msg}", value.get("site").and_then(|s| s.as_str()).unwrap_or(""));
+            } else if value.get("log").is_none() {
+                println!("{value}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Reply::Error(err)) => {
+            if json {
+                println!("{}", serde_json::json!({ "error": err }));
+            }
+            eprintln!("hatchery: {}", err.message);
+            ExitCode::from(match err.kind {
+                ErrorKind::BadRequest | ErrorKind::Config => EXIT_USAGE,
+                _ => EXIT_REFUSED,
+            })
+        }
+        Ok(_) => ExitCode::from(EXIT_REFUSED),
+        Err(e) => {
+            eprintln!("hatchery: lost the connection to the agent: {e}");
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+    }
+}
+
+fn fmt_uptime(ms: u64) -> String {
+    let d = Duration::from_millis(ms);
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{}.{}s", s, d.subsec_millis() / 100),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn render_status(v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let empty = Vec::new();
+    let sites = v["sites"].as_array().unwrap_or(&empty);
+    let single = sites.len() == 1;
+    let _ = writeln!(out, "{:<20} {:<9} {:>7}  {:<4} LISTEN", "SITE", "STATE", "READY", "GEN");
+    for s in sites {
+        let listen: Vec<&str> = s["listen"].as_array().unwrap_or(&empty).iter().filter_map(|x| x.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "{:<20} {:<9} {:>7}  {:<4} {}",
+            s["name"].as_str().unwrap_or(""),
+            s["state"].as_str().unwrap_or(""),
+            format!("{}/{}", s["ready"], s["desired"]),
+            s["generation"].to_string(),
+            listen.join(", ")
+        );
+    }
+    if single {
+        let s = &sites[0];
+        let _ = writeln!(out, "\n{:<7} {:>8} {:<9} {:>8} {:>8}  LAST EXIT", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME");
+        for w in s["workers"].as_array().unwrap_or(&empty) {
+            let _ = writeln!(
+                out,
+                "{:<7} {:>8} {:<9} {:>8} {:>8}  {}",
+                format!("w-{}", w["id"]),
+                w["pid"].as_i64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                w["state"].as_str().unwrap_or(""),
+                w["restarts"].to_string(),
+                w["uptime_ms"].as_u64().map(fmt_uptime).unwrap_or_else(|| "-".into()),
+                w["last_exit"].as_str().unwrap_or("-"),
+            );
+        }
+        let _ = writeln!(out, "\nlog: {}", s["log"].as_str().unwrap_or(""));
+    }
+    let off: Vec<String> = v["agent"]["features"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter(|f| f["in_use"] == false)
+        .map(|f| format!("  {}: {}", f["name"].as_str().unwrap_or(""), f["detail"].as_str().unwrap_or("")))
+        .collect();
+    if !off.is_empty() {
+        let _ = writeln!(out, "\nnot enforced on this host:\n{}", off.join("\n"));
+    }
+    out
+}

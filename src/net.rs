@@ -1,0 +1,250 @@
+//! Sockets the agent owns: site listeners and the notify socket.
+//!
+//! Listeners are bound by the agent, never by workers, and passed to every worker with
+//! the systemd socket-activation protocol (`LISTEN_FDS`, `LISTEN_FDNAMES`,
+//! `LISTEN_PID`), so any server that supports socket activation works unchanged. They are
+//! created blocking (the flag is shared with the workers through the open file
+//! description, and servers expect what systemd gives them), close-on-exec in the agent,
+//! with `SO_REUSEADDR` and `SO_REUSEPORT` (for generations to bind beside each other).
+//!
+//! The notify socket is one unix datagram socket per agent (`NOTIFY_SOCKET`) with
+//! `SO_PASSCRED`, so every message carries the sender's pid as checked by the kernel.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketAddrUnix, SocketFlags,
+    SocketType, sockopt,
+};
+
+use crate::config::{ListenAddr, ListenSpec};
+
+/// Errors binding sockets.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Creating, configuring, binding or listening failed.
+    #[error("failed to bind {addr}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Something else exists at a unix socket's path.
+    #[error("refusing to replace {}: it exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+}
+
+/// A bound, listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    /// Its configuration.
+    pub spec: ListenSpec,
+    /// The socket.
+    pub fd: OwnedFd,
+}
+
+impl Listener {
+    /// Binds and listens on `spec`'s address; a unix socket is made owned by `uid:gid`.
+    pub fn bind(spec: &ListenSpec, uid: u32, gid: u32) -> Result<Listener, NetError> {
+        let bind_err = |source: io::Error| NetError::Bind {
+            addr: spec.addr.to_string(),
+            source,
+        };
+        let fd = match &spec.addr {
+            ListenAddr::Tcp(addr) => {
+                let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+                let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+                    .map_err(|e| bind_err(e.into()))?;
+                sockopt::set_socket_reuseaddr(&fd, true).map_err(|e| bind_err(e.into()))?;
+                sockopt::set_socket_reuseport(&fd, true).map_err(|e| bind_err(e.into()))?;
+                rustix::net::bind(&fd, addr).map_err(|e| bind_err(e.into()))?;
+                fd
+            }
+            ListenAddr::Unix(path) => {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if !meta.file_type().is_socket() {
+                        return Err(NetError::NotASocket(path.clone()));
+                    }
+                    std::fs::remove_file(path).map_err(bind_err)?;
+                }
+                let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+                    .map_err(|e| bind_err(e.into()))?;
+                let addr = SocketAddrUnix::new(path).map_err(|e| bind_err(e.into()))?;
+                rustix::net::bind(&fd, &addr).map_err(|e| bind_err(e.into()))?;
+                if rustix::process::geteuid().is_root() {
+                    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(bind_err)?;
+                }
+                fd
+            }
+        };
+        let backlog = i32::try_from(spec.backlog).unwrap_or(i32::MAX);
+        rustix::net::listen(&fd, backlog).map_err(|e| bind_err(e.into()))?;
+        Ok(Listener { spec: spec.clone(), fd })
+    }
+
+    /// The accept-queue length (TCP only; `None` for unix sockets).
+    pub fn queued(&self) -> Option<u32> {
+        match self.spec.addr {
+            ListenAddr::Tcp(_) => crate::sys::tcp::accept_queue_len(self.fd.as_fd()).ok(),
+            ListenAddr::Unix(_) => None,
+        }
+    }
+
+    /// Removes a unix listener's socket file (after the socket is closed for good).
+    pub fn unlink(&self) {
+        if let ListenAddr::Unix(path) = &self.spec.addr {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The agent's `NOTIFY_SOCKET`.
+#[derive(Debug)]
+pub struct NotifySocket {
+    /// Its path.
+    pub path: PathBuf,
+    fd: OwnedFd,
+}
+
+/// One message received on the notify socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// The sender's pid, as the kernel vouches for it.
+    pub pid: i32,
+    /// `READY=1` was in the message.
+    pub ready: bool,
+    /// `STATUS=...`, if any.
+    pub status: Option<String>,
+}
+
+impl NotifySocket {
+    /// Binds a datagram socket at `path` (replacing a stale socket) with `SO_PASSCRED`.
+    pub fn bind(path: &Path) -> Result<NotifySocket, NetError> {
+        let bind_err = |source: io::Error| NetError::Bind {
+            addr: format!("unix {}", path.display()),
+            source,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(NetError::NotASocket(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+        .map_err(|e| bind_err(e.into()))?;
+        let addr = SocketAddrUnix::new(path).map_err(|e| bind_err(e.into()))?;
+        rustix::net::bind(&fd, &addr).map_err(|e| bind_err(e.into()))?;
+        sockopt::set_socket_passcred(&fd, true).map_err(|e| bind_err(e.into()))?;
+        // Workers may run as other users: anyone may send; the kernel-checked pid decides
+        // which worker a message is from.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_err)?;
+        Ok(NotifySocket { path: path.to_path_buf(), fd })
+    }
+
+    /// Receives one pending message; `None` when drained.
+    pub fn recv(&self) -> io::Result<Option<Notification>> {
+        let mut buf = [0u8; 4096];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1), ScmRights(4))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let msg = match rustix::net::recvmsg(&self.fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+            Ok(m) => m,
+            Err(rustix::io::Errno::AGAIN) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut pid = 0;
+        for cmsg in control.drain() {
+            match cmsg {
+                RecvAncillaryMessage::ScmCredentials(cred) => pid = cred.pid.as_raw_nonzero().get(),
+                // Fds sent to us (FDSTORE) are not supported; dropping closes them.
+                RecvAncillaryMessage::ScmRights(fds) => drop(fds.collect::<Vec<_>>()),
+                _ => {}
+            }
+        }
+        let text = String::from_utf8_lossy(&buf[..msg.bytes.min(buf.len())]);
+        Ok(Some(parse_notification(pid, &text)))
+    }
+}
+
+impl AsFd for NotifySocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Parses an `sd_notify` message (newline-separated `KEY=VALUE` pairs).
+pub fn parse_notification(pid: i32, text: &str) -> Notification {
+    let mut n = Notification { pid, ready: false, status: None };
+    for line in text.lines() {
+        if line == "READY=1" {
+            n.ready = true;
+        } else if let Some(s) = line.strip_prefix("STATUS=") {
+            n.status = Some(s.chars().take(200).collect());
+        }
+    }
+    n
+}
+
+/// Environment variables of the socket-activation protocol for these listeners
+/// (`LISTEN_PID` is filled in by the child itself).
+pub fn activation_env(listeners: &[Listener]) -> Vec<String> {
+    if listeners.is_empty() {
+        return Vec::new();
+    }
+    let names: Vec<&str> = listeners.iter().map(|l| l.spec.name.as_str()).collect();
+    vec![
+        format!("LISTEN_FDS={}", listeners.len()),
+        format!("LISTEN_FDNAMES={}", names.join(":")),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_are_parsed() {
+        let n = parse_notification(7, "STATUS=warming up\nREADY=1\n");
+        assert_eq!(n, Notification { pid: 7, ready: true, status: Some("warming up".into()) });
+        assert!(!parse_notification(7, "READY=0").ready);
+    }
+
+    #[test]
+    fn tcp_listener_reports_its_queue() {
+        let spec = ListenSpec {
+            name: "http".into(),
+            addr: ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr")),
+            backlog: 16,
+        };
+        let l = Listener::bind(&spec, 0, 0).expect("bind");
+        assert_eq!(l.queued(), Some(0));
+        let local = rustix::net::getsockname(&l.fd).expect("name");
+        let addr = std::net::SocketAddr::try_from(local).expect("inet");
+        let _c = std::net::TcpStream::connect(addr).expect("connect");
+        assert_eq!(l.queued(), Some(1), "one connection waits in the accept queue");
+    }
+
+    #[test]
+    fn notify_socket_receives_ready_with_the_sender_pid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify.sock");
+        let sock = NotifySocket::bind(&path).expect("bind");
+        let tx = std::os::unix::net::UnixDatagram::unbound().expect("socket");
+        tx.send_to(b"READY=1", &path).expect("send");
+        let n = sock.recv().expect("recv").expect("a message");
+        assert!(n.ready);
+        assert_eq!(n.pid, i32::try_from(std::process::id()).expect("pid"));
+        assert_eq!(sock.recv().expect("recv"), None);
+    }
+}

@@ -1,0 +1,87 @@
+//! From a site's configuration to an [`ExecImage`] ready for `clone3`.
+//!
+//! Built in the parent, before the clone: the resolved executable path, argv, and the
+//! worker's environment, which is exactly the site's `env`, a default `PATH` if the site
+//! sets none, and the protocol variables: `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`
+//! (socket activation, when the site has listeners), `NOTIFY_SOCKET`, and
+//! `HATCHERY_SITE`, `HATCHERY_WORKER_ID`, `HATCHERY_GENERATION`. Nothing of the agent's
+//! own environment leaks into workers.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::SiteConfig;
+use crate::net::{self, Listener};
+use crate::sys::spawn::ExecImage;
+
+/// `PATH` for workers whose site does not set one.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Finds `program` the way `execvp` would, in `path_var`. Names with a `/` are used as
+/// they are.
+pub fn resolve_program(program: &str, path_var: &str, workdir: Option<&Path>) -> Option<PathBuf> {
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return Some(match (p.is_relative(), workdir) {
+            (true, Some(w)) => w.join(p),
+            _ => p,
+        });
+    }
+    path_var.split(':').filter(|d| !d.is_empty()).find_map(|dir| {
+        let candidate = Path::new(dir).join(program);
+        let meta = std::fs::metadata(&candidate).ok()?;
+        (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
+    })
+}
+
+/// The environment of worker `id` of generation `generation`.
+pub fn worker_env(site: &SiteConfig, listeners: &[Listener], notify: &Path, id: u32, generation: u32) -> Vec<String> {
+    let mut env: Vec<String> = site.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !site.env.contains_key("PATH") {
+        env.push(format!("PATH={DEFAULT_PATH}"));
+    }
+    env.extend(net::activation_env(listeners));
+    env.push(format!("NOTIFY_SOCKET={}", notify.display()));
+    env.push(format!("HATCHERY_SITE={}", site.name));
+    env.push(format!("HATCHERY_WORKER_ID={id}"));
+    env.push(format!("HATCHERY_GENERATION={generation}"));
+    env
+}
+
+/// Builds the image for worker `id`. Fails with a message when the program cannot be
+/// found or a string holds a NUL byte.
+pub fn worker_image(
+    site: &SiteConfig,
+    listeners: &[Listener],
+    notify: &Path,
+    id: u32,
+    generation: u32,
+) -> Result<ExecImage, String> {
+    let path_var = site.env.get("PATH").map(String::as_str).unwrap_or(DEFAULT_PATH);
+    let program = &site.command[0];
+    let exe = resolve_program(program, path_var, site.workdir.as_deref())
+        .ok_or_else(|| format!("{program} not found in PATH ({path_var})"))?;
+    let env = worker_env(site, listeners, notify, id, generation);
+    ExecImage::new(
+        &exe.to_string_lossy(),
+        &site.command,
+        &env,
+        site.workdir.as_deref().and_then(Path::to_str),
+        !listeners.is_empty(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_found_like_execvp() {
+        let sh = resolve_program("sh", "/nonexistent:/bin:/usr/bin", None).expect("sh exists");
+        assert!(sh.ends_with("sh"));
+        assert_eq!(resolve_program("no-such-program-x", "/bin", None), None);
+        assert_eq!(resolve_program("/x/y", "", None), Some(PathBuf::from("/x/y")));
+        assert_eq!(resolve_program("./run", "", Some(Path::new("/srv"))), Some(PathBuf::from("/srv/./run")));
+    }
+}

@@ -1,0 +1,10 @@
+//! The supervisor core: pure state machines, no I/O.
+//!
+//! [`site::SiteCore`] holds one site's worker slots and decides, for each input (a worker
+//! spawned, became ready, exited; a deadline passed; an operator asked to start, stop,
+//! scale or restart), the new state and a list of [`site::Action`]s for the event loop to
+//! carry out. Time is an input, so every policy here is tested with plain `cargo test`,
+//! including a randomized simulation against the invariants of DESIGN.md.
+
+pub mod policy;
+pub mod site;

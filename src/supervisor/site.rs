@@ -1,0 +1,923 @@
+//! One site's worker slots as an explicit state machine.
+//!
+//! A *slot* is a numbered place for one worker (`w-<id>`); its process comes and goes.
+//! Slot phases:
+//!
+//! | phase      | process | leaves on                                               |
+//! |------------|---------|---------------------------------------------------------|
+//! | `Starting` | yes     | ready (→ `Ready`), exit (crash), ready deadline (stop)   |
+//! | `Ready`    | yes     | exit (crash), stop request (→ `Stopping`)               |
+//! | `Stopping` | yes     | exit (→ what was asked), stop deadline (→ SIGKILL)       |
+//! | `Backoff`  | no      | deadline (→ spawn)                                      |
+//! | `Failed`   | no      | site start                                              |
+//! | `Stopped`  | no      | site start                                              |
+//!
+//! Invariants (checked by the simulation test below):
+//! - a slot never has two processes: `Spawn` is only issued for a slot without one;
+//! - slots that are not being removed never outnumber the desired count;
+//! - two starts of one slot are at least `backoff_initial` apart unless an operator
+//!   asked for the restart;
+//! - a stopped site has no process left, and a stop always ends (SIGKILL at the deadline).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::policy::{AfterCrash, CrashHistory};
+use crate::config::{ReadyCheck, ReadyPolicy, RestartPolicy, Signal, StopPolicy};
+
+/// A worker slot number, shown as `w-<id>`.
+pub type WorkerId = u32;
+
+/// Why a worker's process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ExitReason {
+    /// Exited with this code.
+    Exited {
+        /// The exit code.
+        code: i32,
+    },
+    /// Killed by this signal.
+    Signaled {
+        /// The signal number.
+        signal: i32,
+    },
+    /// Could not be started.
+    SpawnFailed {
+        /// Why.
+        error: String,
+    },
+    /// Did not become ready in time and was stopped.
+    ReadyTimeout,
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Exited { code } => write!(f, "exited with code {code}"),
+            ExitReason::Signaled { signal } => write!(f, "killed by {}", Signal(*signal).name()),
+            ExitReason::SpawnFailed { error } => write!(f, "failed to start: {error}"),
+            ExitReason::ReadyTimeout => f.write_str("not ready before ready.timeout"),
+        }
+    }
+}
+
+/// What happens once a stopping worker has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterStop {
+    /// The slot goes away (scaled down).
+    Remove,
+    /// Start it again at once (operator restart).
+    Respawn,
+    /// Stay stopped (site stop).
+    Rest,
+    /// Count it as a crash (it failed its readiness deadline).
+    Crash,
+}
+
+/// A slot's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Running, not yet ready; the deadline is `ready.timeout` when a check is used.
+    Starting {
+        /// When it must be ready by.
+        deadline: Option<Instant>,
+    },
+    /// Running and ready.
+    Ready,
+    /// Asked to stop.
+    Stopping {
+        /// When SIGKILL follows (None once sent).
+        deadline: Option<Instant>,
+        /// What to do after the exit.
+        then: AfterStop,
+    },
+    /// Waiting to be restarted.
+    Backoff {
+        /// When.
+        until: Instant,
+    },
+    /// Flapping or unstartable; left down until the site is started again.
+    Failed,
+    /// Not running, by request.
+    Stopped,
+}
+
+impl Phase {
+    /// Whether a process exists in this phase.
+    pub fn has_process(self) -> bool {
+        matches!(self, Phase::Starting { .. } | Phase::Ready | Phase::Stopping { .. })
+    }
+
+    /// The name shown in `status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting { .. } => "starting",
+            Phase::Ready => "ready",
+            Phase::Stopping { .. } => "stopping",
+            Phase::Backoff { .. } => "backoff",
+            Phase::Failed => "failed",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// One worker slot.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// Its number.
+    pub id: WorkerId,
+    /// Its phase.
+    pub phase: Phase,
+    /// The pid of its current process, once spawned.
+    pub pid: Option<i32>,
+    /// When its current (or last) process was started.
+    pub started: Option<Instant>,
+    /// How many times it was restarted after a crash.
+    pub restarts: u32,
+    /// Why its last process ended.
+    pub last_exit: Option<ExitReason>,
+    /// Its crash history.
+    pub history: CrashHistory,
+}
+
+impl Slot {
+    fn new(id: WorkerId) -> Slot {
+        Slot {
+            id,
+            phase: Phase::Stopped,
+            pid: None,
+            started: None,
+            restarts: 0,
+            last_exit: None,
+            history: CrashHistory::default(),
+        }
+    }
+}
+
+/// The site's overall state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Workers are kept running.
+    Running,
+    /// A slot flapped or could not start; healthy workers keep running.
+    Failed,
+    /// Stopping all workers.
+    Stopping,
+    /// No workers, by request.
+    Stopped,
+}
+
+impl RunState {
+    /// The name shown in `status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Failed => "failed",
+            RunState::Stopping => "stopping",
+            RunState::Stopped => "stopped",
+        }
+    }
+}
+
+/// An input to the site machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The slot's process was created.
+    Spawned {
+        /// Slot.
+        id: WorkerId,
+        /// Its pid.
+        pid: i32,
+    },
+    /// The slot's process could not be created; `permanent` when retrying cannot help.
+    SpawnFailed {
+        /// Slot.
+        id: WorkerId,
+        /// Why.
+        error: String,
+        /// Whether retrying is pointless (e.g. the command does not exist).
+        permanent: bool,
+    },
+    /// The slot's process ended.
+    Exited {
+        /// Slot.
+        id: WorkerId,
+        /// How.
+        reason: ExitReason,
+    },
+    /// The slot's process reported readiness.
+    ReadyNotified {
+        /// Slot.
+        id: WorkerId,
+    },
+    /// Time passed; deadlines at or before `now` fire.
+    DeadlineReached,
+    /// Operator: run the site (clears `failed`).
+    StartRequested,
+    /// Operator: stop every worker.
+    StopRequested,
+    /// Operator: run this many workers.
+    ScaleRequested(u32),
+    /// Operator: restart every worker, one at a time.
+    RestartRequested,
+}
+
+/// Something for the event loop to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Create the slot's process, then report `Spawned` or `SpawnFailed`.
+    Spawn(WorkerId),
+    /// Send this signal to the slot's process.
+    Signal(WorkerId, Signal),
+    /// Kill the slot's whole process tree.
+    Kill(WorkerId),
+    /// Something worth telling the operator (logs, waiting clients).
+    Note(Note),
+}
+
+/// Events for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    /// A slot's process started.
+    Started(WorkerId, i32),
+    /// A slot became ready.
+    Ready(WorkerId),
+    /// A slot's process ended.
+    Exited(WorkerId, ExitReason),
+    /// A slot will be restarted after a delay (ms).
+    BackingOff(WorkerId, u128),
+    /// A slot was escalated to SIGKILL.
+    Killed(WorkerId),
+    /// A slot flapped or could not start, and the site is marked failed.
+    Failed(WorkerId),
+    /// Every worker has stopped.
+    AllStopped,
+    /// A rolling restart finished.
+    RestartDone,
+    /// The desired count is running and ready.
+    Settled,
+}
+
+/// The policies the machine applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Policies {
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// Stop policy.
+    pub stop: StopPolicy,
+    /// Readiness policy.
+    pub ready: ReadyPolicy,
+}
+
+/// One site's workers.
+#[derive(Debug, Clone)]
+pub struct SiteCore {
+    /// How many workers are wanted.
+    pub desired: u32,
+    /// Overall state.
+    pub run: RunState,
+    /// Slots by id.
+    pub slots: BTreeMap<WorkerId, Slot>,
+    /// Policies.
+    pub policies: Policies,
+    /// Slots still to restart in a rolling restart, and the one in progress.
+    rolling: Option<(Vec<WorkerId>, Option<WorkerId>)>,
+    settled: bool,
+}
+
+impl SiteCore {
+    /// A stopped site that wants `desired` workers.
+    pub fn new(desired: u32, policies: Policies) -> SiteCore {
+        SiteCore {
+            desired,
+            run: RunState::Stopped,
+            slots: BTreeMap::new(),
+            policies,
+            rolling: None,
+            settled: false,
+        }
+    }
+
+    /// Whether a rolling restart is under way.
+    pub fn is_restarting(&self) -> bool {
+        self.rolling.is_some()
+    }
+
+    /// The earliest deadline of any slot.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.slots
+            .values()
+            .filter_map(|s| match s.phase {
+                Phase::Starting { deadline } => deadline,
+                Phase::Stopping { deadline, .. } => deadline,
+                Phase::Backoff { until } => Some(until),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Processes in any phase.
+    pub fn live(&self) -> usize {
+        self.slots.values().filter(|s| s.phase.has_process()).count()
+    }
+
+    /// Ready workers.
+    pub fn ready(&self) -> usize {
+        self.slots.values().filter(|s| s.phase == Phase::Ready).count()
+    }
+
+    fn spawn(&mut self, id: WorkerId, now: Instant, out: &mut Vec<Action>) {
+        let deadline = match self.policies.ready.check {
+            ReadyCheck::None => None,
+            _ => Some(now + self.policies.ready.timeout),
+        };
+        if let Some(slot) = self.slots.get_mut(&id) {
+            debug_assert!(!slot.phase.has_process(), "slot {id} already has a process");
+            slot.phase = Phase::Starting { deadline };
+            slot.pid = None;
+            slot.started = Some(now);
+            out.push(Action::Spawn(id));
+        }
+    }
+
+    fn stop_slot(&mut self, id: WorkerId, then: AfterStop, now: Instant, out: &mut Vec<Action>) {
+        let stop = self.policies.stop;
+        let Some(slot) = self.slots.get_mut(&id) else { return };
+        match slot.phase {
+            Phase::Starting { .. } | Phase::Ready => {
+                slot.phase = Phase::Stopping {
+                    deadline: Some(now + stop.timeout),
+                    then,
+                };
+                out.push(Action::Signal(id, stop.signal));
+            }
+            Phase::Stopping { deadline, then: old } => {
+                // Removal wins over anything else; otherwise keep the first request.
+                let then = if then == AfterStop::Remove || old == AfterStop::Remove {
+                    AfterStop::Remove
+                } else if then == AfterStop::Rest {
+                    AfterStop::Rest
+                } else {
+                    old
+                };
+                slot.phase = Phase::Stopping { deadline, then };
+            }
+            Phase::Backoff { .. } | Phase::Failed | Phase::Stopped => match then {
+                AfterStop::Remove => {
+                    self.slots.remove(&id);
+                }
+                AfterStop::Respawn => {
+                    if self.run != RunState::Stopping && self.run != RunState::Stopped {
+                        self.spawn(id, now, out);
+                    }
+                }
+                AfterStop::Rest | AfterStop::Crash => slot.phase = Phase::Stopped,
+            },
+        }
+    }
+
+    fn fill_slots(&mut self, now: Instant, out: &mut Vec<Action>) {
+        // Keep (desired) slots that are not being removed; new ids take the lowest free
+        // numbers so `w-0 .. w-(n-1)` stay stable across scaling.
+        let keeping = self
+            .slots
+            .values()
+            .filter(|s| !matches!(s.phase, Phase::Stopping { then: AfterStop::Remove, .. }))
+            .count();
+        let mut missing = (self.desired as usize).saturating_sub(keeping);
+        let mut id = 0;
+        while missing > 0 {
+            if !self.slots.contains_key(&id) {
+                self.slots.insert(id, Slot::new(id));
+                self.spawn(id, now, out);
+                missing -= 1;
+            }
+            id += 1;
+        }
+        // Restart slots that are merely stopped (site started again).
+        let stopped: Vec<WorkerId> = self
+            .slots
+            .values()
+            .filter(|s| s.phase == Phase::Stopped)
+            .map(|s| s.id)
+            .collect();
+        for id in stopped {
+            self.spawn(id, now, out);
+        }
+    }
+
+    fn trim_slots(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let keeping: Vec<WorkerId> = self
+            .slots
+            .values()
+            .filter(|s| !matches!(s.phase, Phase::Stopping { then: AfterStop::Remove, .. }))
+            .map(|s| s.id)
+            .collect();
+        let excess = keeping.len().saturating_sub(self.desired as usize);
+        // Remove the highest ids, preferring slots without a process.
+        let mut victims: Vec<WorkerId> = keeping.clone();
+        victims.sort_by_key(|id| {
+            let has = self.slots.get(id).is_some_and(|s| s.phase.has_process());
+            (has, std::cmp::Reverse(*id))
+        });
+        for id in victims.into_iter().take(excess) {
+            self.stop_slot(id, AfterStop::Remove, now, out);
+            if let Some((queue, current)) = &mut self.rolling {
+                queue.retain(|q| *q != id);
+                if *current == Some(id) {
+                    *current = None;
+                }
+            }
+        }
+    }
+
+    /// Feeds one input at time `now`; returns what to do.
+    pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::StartRequested => {
+                self.run = RunState::Running;
+                for slot in self.slots.values_mut() {
+                    slot.history.reset();
+                    if slot.phase == Phase::Failed || matches!(slot.phase, Phase::Backoff { .. }) {
+                        slot.phase = Phase::Stopped;
+                    }
+                }
+                self.settled = false;
+                self.trim_slots(now, &mut out);
+                self.fill_slots(now, &mut out);
+            }
+            Input::StopRequested => {
+                self.run = RunState::Stopping;
+                self.rolling = None;
+                let ids: Vec<WorkerId> = self.slots.keys().copied().collect();
+                for id in ids {
+                    self.stop_slot(id, AfterStop::Rest, now, &mut out);
+                }
+            }
+            Input::ScaleRequested(n) => {
+                self.desired = n;
+                self.settled = false;
+                if matches!(self.run, RunState::Running | RunState::Failed) {
+                    self.trim_slots(now, &mut out);
+                    self.fill_slots(now, &mut out);
+                }
+            }
+            Input::RestartRequested => {
+                if matches!(self.run, RunState::Stopped | RunState::Stopping) {
+                    return self.handle(Input::StartRequested, now);
+                }
+                let queue: Vec<WorkerId> = self.slots.keys().rev().copied().collect();
+                self.rolling = Some((queue, None));
+            }
+            Input::Spawned { id, pid } => {
+                let ready_now = self.policies.ready.check == ReadyCheck::None;
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    slot.pid = Some(pid);
+                    out.push(Action::Note(Note::Started(id, pid)));
+                    if ready_now && matches!(slot.phase, Phase::Starting { .. }) {
+                        slot.phase = Phase::Ready;
+                        out.push(Action::Note(Note::Ready(id)));
+                    }
+                }
+            }
+            Input::ReadyNotified { id } => {
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    if matches!(slot.phase, Phase::Starting { .. }) {
+                        slot.phase = Phase::Ready;
+                        out.push(Action::Note(Note::Ready(id)));
+                    }
+                }
+            }
+            Input::SpawnFailed { id, error, permanent } => {
+                let reason = ExitReason::SpawnFailed { error };
+                if permanent {
+                    if let Some(slot) = self.slots.get_mut(&id) {
+                        slot.phase = Phase::Failed;
+                        slot.pid = None;
+                        slot.last_exit = Some(reason.clone());
+                        out.push(Action::Note(Note::Exited(id, reason)));
+                        out.push(Action::Note(Note::Failed(id)));
+                        self.run = RunState::Failed;
+                    }
+                } else {
+                    self.crashed(id, reason, now, &mut out);
+                }
+            }
+            Input::Exited { id, reason } => {
+                let Some(slot) = self.slots.get_mut(&id) else { return out };
+                if !slot.phase.has_process() {
+                    return out;
+                }
+                slot.pid = None;
+                slot.last_exit = Some(reason.clone());
+                match slot.phase {
+                    Phase::Stopping { then, .. } => {
+                        out.push(Action::Note(Note::Exited(id, reason.clone())));
+                        match then {
+                            AfterStop::Remove => {
+                                self.slots.remove(&id);
+                            }
+                            AfterStop::Rest => slot.phase = Phase::Stopped,
+                            AfterStop::Respawn => {
+                                slot.phase = Phase::Stopped;
+                                if matches!(self.run, RunState::Running | RunState::Failed) {
+                                    self.spawn(id, now, &mut out);
+                                }
+                            }
+                            AfterStop::Crash => {
+                                slot.phase = Phase::Stopped;
+                                self.crashed(id, ExitReason::ReadyTimeout, now, &mut out);
+                            }
+                        }
+                    }
+                    _ => self.crashed(id, reason, now, &mut out),
+                }
+            }
+            Input::DeadlineReached => {
+                let ids: Vec<WorkerId> = self.slots.keys().copied().collect();
+                for id in ids {
+                    let Some(slot) = self.slots.get_mut(&id) else { continue };
+                    match slot.phase {
+                        Phase::Backoff { until } if until <= now => {
+                            slot.phase = Phase::Stopped;
+                            if matches!(self.run, RunState::Running | RunState::Failed) {
+                                slot.restarts += 1;
+                                self.spawn(id, now, &mut out);
+                            }
+                        }
+                        Phase::Starting { deadline: Some(d) } if d <= now => {
+                            self.stop_slot(id, AfterStop::Crash, now, &mut out);
+                        }
+                        Phase::Stopping { deadline: Some(d), then } if d <= now => {
+                            slot.phase = Phase::Stopping { deadline: None, then };
+                            out.push(Action::Kill(id));
+                            out.push(Action::Note(Note::Killed(id)));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.advance_rolling(now, &mut out);
+        self.check_stopped(&mut out);
+        self.check_settled(&mut out);
+        out
+    }
+
+    fn crashed(&mut self, id: WorkerId, reason: ExitReason, now: Instant, out: &mut Vec<Action>) {
+        let policy = self.policies.restart;
+        let keep_running = matches!(self.run, RunState::Running | RunState::Failed);
+        let Some(slot) = self.slots.get_mut(&id) else { return };
+        slot.pid = None;
+        slot.last_exit = Some(reason.clone());
+        out.push(Action::Note(Note::Exited(id, reason)));
+        if !keep_running {
+            slot.phase = Phase::Stopped;
+            return;
+        }
+        self.settled = false;
+        let started = slot.started.unwrap_or(now);
+        match slot.history.record(&policy, started, now) {
+            AfterCrash::Flapping => {
+                slot.phase = Phase::Failed;
+                self.run = RunState::Failed;
+                out.push(Action::Note(Note::Failed(id)));
+            }
+            AfterCrash::RestartAt(at) if at <= now => {
+                slot.phase = Phase::Stopped;
+                slot.restarts += 1;
+                self.spawn(id, now, out);
+            }
+            AfterCrash::RestartAt(at) => {
+                slot.phase = Phase::Backoff { until: at };
+                out.push(Action::Note(Note::BackingOff(id, (at - now).as_millis())));
+            }
+        }
+    }
+
+    fn advance_rolling(&mut self, now: Instant, out: &mut Vec<Action>) {
+        loop {
+            let Some((queue, current)) = &mut self.rolling else { return };
+            if let Some(cur) = *current {
+                match self.slots.get(&cur).map(|s| s.phase) {
+                    // Still on its way down or up: wait.
+                    Some(Phase::Stopping { .. } | Phase::Starting { .. }) => return,
+                    // Ready again, or gone, failed, backing off: move on.
+                    _ => *current = None,
+                }
+            }
+            let Some(next) = queue.pop() else {
+                self.rolling = None;
+                out.push(Action::Note(Note::RestartDone));
+                return;
+            };
+            *current = Some(next);
+            self.stop_slot(next, AfterStop::Respawn, now, out);
+        }
+    }
+
+    fn check_stopped(&mut self, out: &mut Vec<Action>) {
+        if self.run == RunState::Stopping && self.live() == 0 {
+            self.run = RunState::Stopped;
+            out.push(Action::Note(Note::AllStopped));
+        }
+    }
+
+    fn check_settled(&mut self, out: &mut Vec<Action>) {
+        let settled = matches!(self.run, RunState::Running)
+            && self.slots.len() == self.desired as usize
+            && self.ready() == self.desired as usize;
+        if settled && !self.settled {
+            out.push(Action::Note(Note::Settled));
+        }
+        self.settled = settled;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn policies(check: ReadyCheck) -> Policies {
+        Policies {
+            restart: RestartPolicy {
+                backoff_initial: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(5),
+                healthy_after: Duration::from_secs(2),
+                flapping_exits: 5,
+                flapping_within: Duration::from_secs(10),
+            },
+            stop: StopPolicy {
+                signal: Signal(libc::SIGTERM),
+                timeout: Duration::from_secs(3),
+            },
+            ready: ReadyPolicy {
+                check,
+                timeout: Duration::from_secs(4),
+            },
+        }
+    }
+
+    fn spawns(actions: &[Action]) -> Vec<WorkerId> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Spawn(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn start_spawns_the_desired_count() {
+        let t = Instant::now();
+        let mut s = SiteCore::new(3, policies(ReadyCheck::None));
+        let a = s.handle(Input::StartRequested, t);
+        assert_eq!(spawns(&a), vec![0, 1, 2]);
+        for id in 0..3 {
+            s.handle(Input::Spawned { id, pid: 100 + id as i32 }, t);
+        }
+        assert_eq!(s.ready(), 3);
+    }
+
+    #[test]
+    fn a_crash_restarts_and_a_crash_loop_ends_in_failed() {
+        let t0 = Instant::now();
+        let mut s = SiteCore::new(1, policies(ReadyCheck::None));
+        s.handle(Input::StartRequested, t0);
+        s.handle(Input::Spawned { id: 0, pid: 1 }, t0);
+        let mut t = t0 + Duration::from_secs(3);
+        // A worker that ran longer than healthy_after restarts at once.
+        let a = s.handle(Input::Exited { id: 0, reason: ExitReason::Exited { code: 1 } }, t);
+        assert_eq!(spawns(&a), vec![0]);
+        // Then it crashes instantly, again and again: backoff, then failed.
+        let mut failed = false;
+        for _ in 0..10 {
+            s.handle(Input::Spawned { id: 0, pid: 2 }, t);
+            t += Duration::from_millis(1);
+            let a = s.handle(Input::Exited { id: 0, reason: ExitReason::Signaled { signal: 11 } }, t);
+            if a.contains(&Action::Note(Note::Failed(0))) {
+                failed = true;
+                break;
+            }
+            let until = match s.slots[&0].phase {
+                Phase::Backoff { until } => until,
+                Phase::Starting { .. } => t,
+                p => panic!("unexpected phase {p:?}"),
+            };
+            t = until;
+            let a = s.handle(Input::DeadlineReached, t);
+            assert!(spawns(&a).len() <= 1);
+        }
+        assert!(failed, "a crash loop must end in failed");
+        assert_eq!(s.run, RunState::Failed);
+        assert_eq!(s.slots[&0].phase, Phase::Failed);
+        // Starting the site again clears it.
+        let a = s.handle(Input::StartRequested, t);
+        assert_eq!(spawns(&a), vec![0]);
+        assert_eq!(s.run, RunState::Running);
+    }
+
+    #[test]
+    fn stop_escalates_to_kill_at_the_deadline() {
+        let t0 = Instant::now();
+        let mut s = SiteCore::new(2, policies(ReadyCheck::None));
+        s.handle(Input::StartRequested, t0);
+        s.handle(Input::Spawned { id: 0, pid: 1 }, t0);
+        s.handle(Input::Spawned { id: 1, pid: 2 }, t0);
+        let a = s.handle(Input::StopRequested, t0);
+        assert!(a.contains(&Action::Signal(0, Signal(libc::SIGTERM))));
+        s.handle(Input::Exited { id: 1, reason: ExitReason::Exited { code: 0 } }, t0);
+        let a = s.handle(Input::DeadlineReached, t0 + Duration::from_secs(3));
+        assert_eq!(a.first(), Some(&Action::Kill(0)));
+        assert_eq!(s.next_deadline(), None, "after SIGKILL nothing more is scheduled");
+        let a = s.handle(Input::Exited { id: 0, reason: ExitReason::Signaled { signal: 9 } }, t0);
+        assert!(a.contains(&Action::Note(Note::AllStopped)));
+        assert_eq!(s.run, RunState::Stopped);
+    }
+
+    #[test]
+    fn rolling_restart_keeps_all_but_one_ready() {
+        let t = Instant::now();
+        let mut s = SiteCore::new(3, policies(ReadyCheck::Notify));
+        s.handle(Input::StartRequested, t);
+        for id in 0..3 {
+            s.handle(Input::Spawned { id, pid: id as i32 + 10 }, t);
+            s.handle(Input::ReadyNotified { id }, t);
+        }
+        let a = s.handle(Input::RestartRequested, t);
+        assert_eq!(a, vec![Action::Signal(0, Signal(libc::SIGTERM))]);
+        let mut pid = 100;
+        for id in 0..3 {
+            assert!(s.ready() >= 2);
+            let a = s.handle(Input::Exited { id, reason: ExitReason::Exited { code: 0 } }, t);
+            assert_eq!(spawns(&a), vec![id], "the stopped slot is respawned");
+            s.handle(Input::Spawned { id, pid }, t);
+            pid += 1;
+            let a = s.handle(Input::ReadyNotified { id }, t);
+            if id < 2 {
+                assert_eq!(a.last(), Some(&Action::Signal(id + 1, Signal(libc::SIGTERM))));
+            } else {
+                assert!(a.contains(&Action::Note(Note::RestartDone)));
+            }
+        }
+        assert_eq!(s.slots[&0].restarts, 0, "operator restarts are not crash restarts");
+    }
+
+    #[test]
+    fn ready_timeout_stops_and_counts_as_a_crash() {
+        let t = Instant::now();
+        let mut s = SiteCore::new(1, policies(ReadyCheck::Notify));
+        s.handle(Input::StartRequested, t);
+        s.handle(Input::Spawned { id: 0, pid: 5 }, t);
+        let a = s.handle(Input::DeadlineReached, t + Duration::from_secs(4));
+        assert_eq!(a, vec![Action::Signal(0, Signal(libc::SIGTERM))]);
+        let a = s.handle(Input::Exited { id: 0, reason: ExitReason::Signaled { signal: 15 } }, t + Duration::from_secs(4));
+        assert!(a.contains(&Action::Note(Note::Exited(0, ExitReason::ReadyTimeout))));
+        assert_eq!(s.slots[&0].last_exit, Some(ExitReason::ReadyTimeout));
+    }
+
+    #[test]
+    fn scale_down_removes_the_highest_slots_and_scale_up_reuses_ids() {
+        let t = Instant::now();
+        let mut s = SiteCore::new(4, policies(ReadyCheck::None));
+        s.handle(Input::StartRequested, t);
+        for id in 0..4 {
+            s.handle(Input::Spawned { id, pid: id as i32 }, t);
+        }
+        let a = s.handle(Input::ScaleRequested(2), t);
+        assert!(a.contains(&Action::Signal(3, Signal(libc::SIGTERM))));
+        assert!(a.contains(&Action::Signal(2, Signal(libc::SIGTERM))));
+        s.handle(Input::Exited { id: 3, reason: ExitReason::Signaled { signal: 15 } }, t);
+        assert!(!s.slots.contains_key(&3));
+        let a = s.handle(Input::ScaleRequested(4), t);
+        assert_eq!(spawns(&a), vec![3], "slot 2 is still stopping; 3 is free");
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Exit(u8),
+        Ready(u8),
+        Advance(u16),
+        Scale(u8),
+        Start,
+        Stop,
+        Restart,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => any::<u8>().prop_map(Step::Exit),
+            3 => any::<u8>().prop_map(Step::Ready),
+            4 => (0u16..5000).prop_map(Step::Advance),
+            1 => (0u8..12).prop_map(Step::Scale),
+            1 => Just(Step::Start),
+            1 => Just(Step::Stop),
+            1 => Just(Step::Restart),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        /// Random crashes, readiness, clock jumps and operator requests never break the
+        /// invariants in the module doc.
+        #[test]
+        fn invariants_hold_under_random_events(
+            check in prop_oneof![Just(ReadyCheck::None), Just(ReadyCheck::Notify)],
+            steps in proptest::collection::vec(step(), 1..300),
+        ) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut s = SiteCore::new(3, policies(check));
+            let mut live: BTreeSet<WorkerId> = BTreeSet::new();
+            let mut last_start: HashMap<WorkerId, (Instant, u32)> = HashMap::new();
+            let mut next_pid = 1;
+            let mut pending = s.handle(Input::StartRequested, now);
+            for st in steps {
+                // Carry out actions like the event loop would.
+                while !pending.is_empty() {
+                    let mut more = Vec::new();
+                    for a in pending.drain(..) {
+                        match a {
+                            Action::Spawn(id) => {
+                                prop_assert!(!live.contains(&id), "two processes in slot {}", id);
+                                let restarts = s.slots[&id].restarts;
+                                if let Some((prev, prev_restarts)) = last_start.get(&id) {
+                                    // Crash restarts (not operator ones) respect the floor.
+                                    if restarts > *prev_restarts {
+                                        prop_assert!(now.duration_since(*prev) >= Duration::from_millis(100),
+                                            "slot {} restarted within the floor", id);
+                                    }
+                                }
+                                last_start.insert(id, (now, restarts));
+                                live.insert(id);
+                                next_pid += 1;
+                                more.extend(s.handle(Input::Spawned { id, pid: next_pid }, now));
+                            }
+                            Action::Kill(id) => {
+                                prop_assert!(live.remove(&id));
+                                more.extend(s.handle(Input::Exited { id, reason: ExitReason::Signaled { signal: 9 } }, now));
+                            }
+                            Action::Signal(..) | Action::Note(_) => {}
+                        }
+                    }
+                    pending = more;
+                }
+                let keeping = s.slots.values().filter(|x| !matches!(x.phase, Phase::Stopping { then: AfterStop::Remove, .. })).count();
+                prop_assert!(keeping <= s.desired as usize, "{} slots kept for {} desired", keeping, s.desired);
+                prop_assert_eq!(live.len(), s.live());
+                if s.run == RunState::Stopped {
+                    prop_assert!(live.is_empty());
+                }
+                if let Some(d) = s.next_deadline() {
+                    prop_assert!(d >= t0);
+                }
+                // Next input.
+                let ids: Vec<WorkerId> = live.iter().copied().collect();
+                pending = match st {
+                    Step::Exit(k) if !ids.is_empty() => {
+                        let id = ids[k as usize % ids.len()];
+                        live.remove(&id);
+                        s.handle(Input::Exited { id, reason: ExitReason::Exited { code: 1 } }, now)
+                    }
+                    Step::Ready(k) if !ids.is_empty() => {
+                        s.handle(Input::ReadyNotified { id: ids[k as usize % ids.len()] }, now)
+                    }
+                    Step::Advance(ms) => {
+                        now += Duration::from_millis(u64::from(ms));
+                        s.handle(Input::DeadlineReached, now)
+                    }
+                    Step::Scale(n) => s.handle(Input::ScaleRequested(u32::from(n)), now),
+                    Step::Start => s.handle(Input::StartRequested, now),
+                    Step::Stop => s.handle(Input::StopRequested, now),
+                    Step::Restart => s.handle(Input::RestartRequested, now),
+                    _ => Vec::new(),
+                };
+            }
+            // A stop always ends: stop, then let every deadline pass.
+            let mut pending = s.handle(Input::StopRequested, now);
+            for _ in 0..5 {
+                for a in std::mem::take(&mut pending) {
+                    if let Action::Kill(id) = a {
+                        live.remove(&id);
+                        pending.extend(s.handle(Input::Exited { id, reason: ExitReason::Signaled { signal: 9 } }, now));
+                    }
+                }
+                now += Duration::from_secs(10);
+                pending.extend(s.handle(Input::DeadlineReached, now));
+            }
+            prop_assert!(live.is_empty());
+            prop_assert_eq!(s.run, RunState::Stopped);
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! The only module allowed to use `unsafe`: one kernel facility per file, no policy.
+//!
+//! Everything here is a thin, documented wrapper over a syscall that `rustix` does not
+//! cover (or cannot cover safely for our use):
+//!
+//! - [`spawn`]: `clone3(CLONE_PIDFD | CLONE_INTO_CGROUP)` and the post-clone child path,
+//!   which runs only raw, allocation-free syscalls before `execve` (Linux 5.3; the cgroup
+//!   flag needs 5.7 and is optional).
+//! - [`activation`]: adopting fds passed with `LISTEN_FDS` (the worker side).
+//! - [`signals`]: `sigprocmask` + `signalfd`, so the event loop receives signals as fd
+//!   readiness (Linux 2.6.27).
+//! - [`wait`]: `waitid(P_ALL, WNOWAIT)` to find which child became a zombie, for reaping
+//!   orphans re-parented to us as child subreaper.
+//! - [`tcp`]: `TCP_INFO` on a listener, to read its accept-queue length.
+//! - [`uring`]: the io_uring submission side (pushing entries is unsafe because the
+//!   kernel may read memory the entry points to until the operation completes).
+//!
+//! Each function returns `io::Result`, takes `BorrowedFd`/`AsFd` and returns `OwnedFd`.
+//! Nothing here logs or reads configuration.
+
+pub mod activation;
+pub mod signals;
+pub mod spawn;
+pub mod tcp;
+pub mod uring;
+pub mod wait;
+
+use std::io;
+
+/// Turns a libc-style `-1` return into the thread's `errno`.
+fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}

@@ -1,0 +1,437 @@
+//! `clone3(CLONE_PIDFD | CLONE_INTO_CGROUP)` and the post-clone child path.
+//!
+//! Kernel requirements: `clone3` with `CLONE_PIDFD` (Linux 5.3), `CLONE_INTO_CGROUP`
+//! (5.7, only when a cgroup is given), `close_range` (5.9; `CLOSE_RANGE_CLOEXEC` 5.11,
+//! with a two-range fallback below it).
+//!
+//! Everything the child needs is built in the parent first ([`ExecImage`]): the path,
+//! the `argv`/`envp` pointer arrays, the fd map and an empty signal mask. The child then
+//! runs only raw, async-signal-safe syscalls and never allocates, locks or unwinds,
+//! because after a raw `clone3` glibc's per-thread bookkeeping still describes the
+//! parent (the agent is single-threaded, so no lock can be held by a vanished thread).
+//!
+//! The child, in order:
+//! 1. unblock every signal (the agent blocks the ones it reads from its signalfd, and the
+//!    mask survives `execve`) and set `SIGPIPE` back to `SIG_DFL` (Rust ignores it, and
+//!    `SIG_IGN` survives `execve` too);
+//! 2. `setsid()`: the worker leads its own session and process group, so the agent can
+//!    signal its whole tree by group when no cgroup is available;
+//! 3. move the fd map into place: every source is first duplicated above the highest
+//!    target (so a source sitting on another target's number is never clobbered), then
+//!    `dup2`ed onto its target, which also clears `FD_CLOEXEC`;
+//! 4. close every other fd (`close_range`), keeping only the close-on-exec report pipe;
+//! 5. fill in `LISTEN_PID=` with its own pid (only known now), `chdir` to the working
+//!    directory;
+//! 6. `execve`. Any failure writes `(step, errno)` to the report pipe and `_exit(127)`s;
+//!    the parent reads EOF when `execve` succeeded (the pipe is close-on-exec).
+//!
+//! Sandbox steps (chroot, credentials, capabilities, Landlock) are not applied here.
+
+use std::ffi::{CStr, CString, c_char};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use super::cvt;
+
+/// Most fds a child can be given (stdio plus listeners); bounds the child's stack array.
+pub const MAX_CHILD_FDS: usize = 64;
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+const PID_DIGITS: usize = 10;
+
+/// A step of the child path, reported with its errno when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ChildStep {
+    /// `sigprocmask` or resetting `SIGPIPE`.
+    ResetSignals = 1,
+    /// `setsid`.
+    Setsid = 2,
+    /// Duplicating the fd map into place.
+    MoveFds = 3,
+    /// `close_range` of the fds the worker must not inherit.
+    CloseFds = 4,
+    /// `chdir` to the working directory.
+    Chdir = 5,
+    /// `execve` of the worker.
+    Exec = 6,
+}
+
+impl ChildStep {
+    fn from_u32(v: u32) -> Option<ChildStep> {
+        Some(match v {
+            1 => ChildStep::ResetSignals,
+            2 => ChildStep::Setsid,
+            3 => ChildStep::MoveFds,
+            4 => ChildStep::CloseFds,
+            5 => ChildStep::Chdir,
+            6 => ChildStep::Exec,
+            _ => return None,
+        })
+    }
+
+    /// What the step does, for error messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ChildStep::ResetSignals => "reset the signal mask",
+            ChildStep::Setsid => "start a new session",
+            ChildStep::MoveFds => "move file descriptors into place",
+            ChildStep::CloseFds => "close inherited file descriptors",
+            ChildStep::Chdir => "change to the working directory",
+            ChildStep::Exec => "execute the command",
+        }
+    }
+}
+
+/// Why [`spawn`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// `clone3` itself failed (no child exists).
+    #[error("clone3 failed")]
+    Clone(#[source] io::Error),
+    /// The report pipe could not be created or read.
+    #[error("failed to set up the child's report pipe")]
+    Pipe(#[source] io::Error),
+    /// The child reached `step` and failed with `errno`; it has been reaped.
+    #[error("the child failed to {}", .step.describe())]
+    Child {
+        /// The failing step.
+        step: ChildStep,
+        /// The error the kernel returned.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Everything `execve` needs, built in the parent before `clone3`.
+#[derive(Debug)]
+pub struct ExecImage {
+    path: CString,
+    workdir: Option<CString>,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const c_char>,
+    env: Vec<Box<[u8]>>,
+    env_ptrs: Vec<*const c_char>,
+    listen_pid: Option<usize>,
+}
+
+impl ExecImage {
+    /// Builds the image. `env` entries are `KEY=VALUE`; with `with_listen_pid`, a
+    /// `LISTEN_PID=` entry is added that the child fills with its own pid.
+    ///
+    /// Fails with `InvalidInput` if any string contains a NUL byte or `argv` is empty.
+    pub fn new(
+        path: &str,
+        argv: &[String],
+        env: &[String],
+        workdir: Option<&str>,
+        with_listen_pid: bool,
+    ) -> io::Result<ExecImage> {
+        let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "string contains a NUL byte");
+        if argv.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty argv"));
+        }
+        let path = CString::new(path).map_err(nul)?;
+        let workdir = workdir.map(CString::new).transpose().map_err(nul)?;
+        let argv: Vec<CString> = argv
+            .iter()
+            .map(|a| CString::new(a.as_str()))
+            .collect::<Result<_, _>>()
+            .map_err(nul)?;
+        let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut env: Vec<Box<[u8]>> = env
+            .iter()
+            .map(|e| CString::new(e.as_str()).map(|c| c.into_bytes_with_nul().into()))
+            .collect::<Result<_, _>>()
+            .map_err(nul)?;
+        let mut listen_pid = None;
+        if with_listen_pid {
+            let mut slot = LISTEN_PID_PREFIX.to_vec();
+            slot.extend_from_slice(&[b'0'; PID_DIGITS]);
+            slot.push(0);
+            listen_pid = Some(env.len());
+            env.push(slot.into());
+        }
+        let mut env_ptrs: Vec<*const c_char> = env.iter().map(|e| e.as_ptr().cast()).collect();
+        env_ptrs.push(std::ptr::null());
+        Ok(ExecImage {
+            path,
+            workdir,
+            _argv: argv,
+            argv_ptrs,
+            env,
+            env_ptrs,
+            listen_pid,
+        })
+    }
+}
+
+/// A child that has successfully `execve`d.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its pid (for display and for matching `SCM_CREDENTIALS`; always used with `pidfd`).
+    pub pid: i32,
+    /// Its pidfd, the only handle the agent uses to signal and reap it.
+    pub pidfd: OwnedFd,
+}
+
+// Linux uapi values; libc has no `clone_args` for glibc targets.
+const CLONE_PIDFD: u64 = 0x1000;
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
+/// `struct clone_args` as of Linux 5.7 (`CLONE_ARGS_SIZE_VER2`, 88 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Creates a child that runs `image` with `fds[i]` as its fd `i`, born in `cgroup` when
+/// given. Returns once the child has `execve`d (or failed to).
+///
+/// The caller must be single-threaded (the agent is; see the module doc).
+pub fn spawn(
+    image: &mut ExecImage,
+    fds: &[BorrowedFd<'_>],
+    cgroup: Option<BorrowedFd<'_>>,
+) -> Result<Spawned, SpawnError> {
+    if fds.len() > MAX_CHILD_FDS {
+        return Err(SpawnError::Clone(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many fds for the child",
+        )));
+    }
+    let mut raw_fds = [-1 as RawFd; MAX_CHILD_FDS];
+    for (slot, fd) in raw_fds.iter_mut().zip(fds) {
+        *slot = fd.as_raw_fd();
+    }
+    let (report_r, report_w) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| SpawnError::Pipe(e.into()))?;
+    let listen_pid: *mut u8 = match image.listen_pid {
+        Some(i) => image.env[i]
+            .as_mut_ptr()
+            .wrapping_add(LISTEN_PID_PREFIX.len()),
+        None => std::ptr::null_mut(),
+    };
+    let plan = ChildPlan {
+        path: image.path.as_c_str(),
+        argv: image.argv_ptrs.as_ptr(),
+        envp: image.env_ptrs.as_ptr(),
+        workdir: image.workdir.as_deref(),
+        fds: raw_fds,
+        nfds: fds.len(),
+        report: report_w.as_raw_fd(),
+        listen_pid,
+    };
+
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: CLONE_PIDFD,
+        pidfd: std::ptr::addr_of_mut!(pidfd) as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    if let Some(cg) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = u64::try_from(cg.as_raw_fd()).expect("fds are non-negative");
+    }
+    // SAFETY: `args` is a fully initialised `clone_args` living on this stack frame until
+    // the call returns, and we pass its exact size. CLONE_VM is not set, so the child runs
+    // on a private copy of this address space and `stack` (0) means "the current stack".
+    // The kernel writes the pidfd into `pidfd`, a local i32, in the parent only.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: we are the freshly cloned child of a single-threaded parent; `plan`'s
+        // pointers all point into the parent's memory, which this child has a private
+        // copy of, unchanged since `plan` was built. `child_main` never returns.
+        unsafe { child_main(&plan) }
+    }
+    let ret = cvt(ret).map_err(SpawnError::Clone)?;
+    drop(report_w);
+    let pid = i32::try_from(ret).expect("pids fit in an i32");
+    // SAFETY: with CLONE_PIDFD and a successful clone3 the kernel stored a new pidfd in
+    // `pidfd`; nobody else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+
+    let mut report = [0u8; 8];
+    let mut got = 0;
+    while got < report.len() {
+        match rustix::io::read(&report_r, &mut report[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(SpawnError::Pipe(e.into())),
+        }
+    }
+    if got == 0 {
+        return Ok(Spawned { pid, pidfd });
+    }
+    // The child failed before or at execve and is exiting with 127: reap it now so no
+    // zombie is left behind.
+    let _ = rustix::process::waitid(
+        rustix::process::WaitId::PidFd(std::os::fd::AsFd::as_fd(&pidfd)),
+        rustix::process::WaitIdOptions::EXITED,
+    );
+    let step_raw = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
+    let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+    Err(SpawnError::Child {
+        step: ChildStep::from_u32(step_raw).unwrap_or(ChildStep::Exec),
+        source: io::Error::from_raw_os_error(errno),
+    })
+}
+
+/// Raw pointers and numbers the child reads; built in the parent.
+struct ChildPlan<'a> {
+    path: &'a CStr,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    workdir: Option<&'a CStr>,
+    fds: [RawFd; MAX_CHILD_FDS],
+    nfds: usize,
+    report: RawFd,
+    listen_pid: *mut u8,
+}
+
+/// The child side: only raw syscalls, no allocation, no panics. Never returns.
+///
+/// # Safety
+///
+/// Must be called only in the child of `clone3` without `CLONE_VM`, with a `plan` whose
+/// pointers are valid in the child's copy of the parent's memory.
+unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
+    // Step 1: signals.
+    let empty = super::signals::SigSet::of(&[]);
+    // SAFETY: `empty.0` is an initialised empty set on this stack; no old mask returned.
+    if unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty.0, std::ptr::null_mut()) } != 0 {
+        fail(plan.report, ChildStep::ResetSignals);
+    }
+    // SAFETY: SIG_DFL installs no handler; `signal` is a single rt_sigaction syscall.
+    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) } == libc::SIG_ERR {
+        fail(plan.report, ChildStep::ResetSignals);
+    }
+
+    // Step 2: our own session and process group.
+    // SAFETY: plain syscall without pointers.
+    if unsafe { libc::setsid() } < 0 {
+        fail(plan.report, ChildStep::Setsid);
+    }
+
+    // Step 3: fd map. Duplicate every source above the highest target first.
+    let n = plan.nfds.min(MAX_CHILD_FDS);
+    let base = libc::c_int::try_from(n).unwrap_or(MAX_CHILD_FDS as libc::c_int);
+    let mut high = [-1 as RawFd; MAX_CHILD_FDS];
+    let mut i = 0;
+    while i < n {
+        // SAFETY: F_DUPFD_CLOEXEC on an fd we inherited; the kernel picks the lowest
+        // free number >= base, so no open fd is replaced.
+        let fd = unsafe { libc::fcntl(plan.fds[i], libc::F_DUPFD_CLOEXEC, base) };
+        if fd < 0 {
+            fail(plan.report, ChildStep::MoveFds);
+        }
+        high[i] = fd;
+        i += 1;
+    }
+    // SAFETY: as above, for the report pipe, so it survives the dup2 targets and the
+    // close below; it is close-on-exec.
+    let report = unsafe { libc::fcntl(plan.report, libc::F_DUPFD_CLOEXEC, base) };
+    if report < 0 {
+        fail(plan.report, ChildStep::MoveFds);
+    }
+    let mut target = 0;
+    while target < n {
+        let t = libc::c_int::try_from(target).unwrap_or(0);
+        // SAFETY: dup2 between two fds of this process; the new fd has FD_CLOEXEC clear.
+        if unsafe { libc::dup2(high[target], t) } < 0 {
+            fail(report, ChildStep::MoveFds);
+        }
+        target += 1;
+    }
+
+    // Step 4: close everything else except the report pipe (closed by execve itself).
+    let first = libc::c_uint::try_from(n).unwrap_or(0);
+    // SAFETY: close_range takes plain integers; marking fds close-on-exec (5.11) keeps the
+    // report pipe usable until execve.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC)
+    };
+    if ret != 0 {
+        // Before 5.11: close the ranges around the report pipe outright.
+        let rep = libc::c_uint::try_from(report).unwrap_or(0);
+        // SAFETY: plain integers; `report` (>= base >= first) is excluded from both ranges.
+        let a = unsafe { libc::syscall(libc::SYS_close_range, first, rep.saturating_sub(1), 0) };
+        // SAFETY: as above.
+        let b = unsafe { libc::syscall(libc::SYS_close_range, rep + 1, libc::c_uint::MAX, 0) };
+        if (rep > first && a != 0) || b != 0 {
+            fail(report, ChildStep::CloseFds);
+        }
+    }
+
+    // Step 5: LISTEN_PID and the working directory.
+    if !plan.listen_pid.is_null() {
+        // SAFETY: raw getpid syscall: glibc's cached tid may describe the parent.
+        let mut pid = unsafe { libc::syscall(libc::SYS_getpid) };
+        let mut digits = [b'0'; PID_DIGITS];
+        let mut k = PID_DIGITS;
+        while pid > 0 && k > 0 {
+            k -= 1;
+            digits[k] = b'0' + (pid % 10) as u8;
+            pid /= 10;
+        }
+        let len = PID_DIGITS - k;
+        let mut j = 0;
+        while j < PID_DIGITS {
+            let byte = if j < len { digits[k + j] } else { 0 };
+            // SAFETY: `listen_pid` points at the PID_DIGITS-byte digit area of a
+            // PID_DIGITS+1-byte slot (ending in NUL) inside this child's private copy of
+            // the env buffer; j < PID_DIGITS keeps the write inside it. Writing 0 after
+            // the digits terminates the string early.
+            unsafe { plan.listen_pid.add(j).write(byte) };
+            j += 1;
+        }
+    }
+    if let Some(dir) = plan.workdir {
+        // SAFETY: `dir` is a NUL-terminated string in the child's copy of the parent heap.
+        if unsafe { libc::chdir(dir.as_ptr()) } != 0 {
+            fail(report, ChildStep::Chdir);
+        }
+    }
+
+    // Step 6: execve.
+    // SAFETY: path, argv and envp are NUL-terminated strings and null-terminated pointer
+    // arrays built by `ExecImage::new`, valid in this child's copy of the parent memory.
+    unsafe { libc::execve(plan.path.as_ptr(), plan.argv, plan.envp) };
+    fail(report, ChildStep::Exec)
+}
+
+/// Reports `(step, errno)` on the report pipe and exits the child with 127.
+fn fail(report: RawFd, step: ChildStep) -> ! {
+    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    let mut msg = [0u8; 8];
+    let (a, b) = msg.split_at_mut(4);
+    a.copy_from_slice(&(step as u32).to_ne_bytes());
+    b.copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: `msg` is an 8-byte stack buffer; a short or failed write only loses the
+    // diagnosis (the parent then sees EOF and the worker's exit status 127).
+    unsafe { libc::write(report, msg.as_ptr().cast(), msg.len()) };
+    // SAFETY: `_exit` ends the child immediately, without running the parent's atexit
+    // handlers or destructors on this copied stack.
+    unsafe { libc::_exit(127) }
+}
