@@ -389,6 +389,16 @@ impl SiteCore {
             .filter(|s| !matches!(s.phase, Phase::Stopping { then: AfterStop::Remove, .. }))
             .count();
         let mut missing = (self.desired as usize).saturating_sub(keeping);
+        // A slot on its way out is cheaper to keep than a new one: restart it instead.
+        for slot in self.slots.values_mut() {
+            if missing == 0 {
+                break;
+            }
+            if let Phase::Stopping { deadline, then: AfterStop::Remove } = slot.phase {
+                slot.phase = Phase::Stopping { deadline, then: AfterStop::Respawn };
+                missing -= 1;
+            }
+        }
         let mut id = 0;
         while missing > 0 {
             if !self.slots.contains_key(&id) {
@@ -462,8 +472,8 @@ impl SiteCore {
             Input::ScaleRequested(n) => {
                 self.desired = n;
                 self.settled = false;
+                self.trim_slots(now, &mut out);
                 if matches!(self.run, RunState::Running | RunState::Failed) {
-                    self.trim_slots(now, &mut out);
                     self.fill_slots(now, &mut out);
                 }
             }
@@ -801,7 +811,9 @@ mod tests {
         s.handle(Input::Exited { id: 3, reason: ExitReason::Signaled { signal: 15 } }, t);
         assert!(!s.slots.contains_key(&3));
         let a = s.handle(Input::ScaleRequested(4), t);
-        assert_eq!(spawns(&a), vec![3], "slot 2 is still stopping; 3 is free");
+        assert_eq!(spawns(&a), vec![3], "slot 2, still stopping, is kept and respawned; 3 is new");
+        let a = s.handle(Input::Exited { id: 2, reason: ExitReason::Signaled { signal: 15 } }, t);
+        assert_eq!(spawns(&a), vec![2]);
     }
 
     #[derive(Debug, Clone)]
@@ -905,12 +917,20 @@ mod tests {
                 };
             }
             // A stop always ends: stop, then let every deadline pass.
-            let mut pending = s.handle(Input::StopRequested, now);
+            pending.extend(s.handle(Input::StopRequested, now));
             for _ in 0..5 {
                 for a in std::mem::take(&mut pending) {
-                    if let Action::Kill(id) = a {
-                        live.remove(&id);
-                        pending.extend(s.handle(Input::Exited { id, reason: ExitReason::Signaled { signal: 9 } }, now));
+                    match a {
+                        Action::Spawn(id) => {
+                            live.insert(id);
+                            next_pid += 1;
+                            pending.extend(s.handle(Input::Spawned { id, pid: next_pid }, now));
+                        }
+                        Action::Kill(id) => {
+                            live.remove(&id);
+                            pending.extend(s.handle(Input::Exited { id, reason: ExitReason::Signaled { signal: 9 } }, now));
+                        }
+                        Action::Signal(..) | Action::Note(_) => {}
                     }
                 }
                 now += Duration::from_secs(10);
