@@ -1,0 +1,214 @@
+//! Test support: start the real agent with a temporary config, drive it with the CLI.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hatchery");
+
+/// Both event loop backends: every agent test runs on each.
+pub const REACTORS: &[&str] = &["io_uring", "epoll"];
+
+/// Whether privileged tests must run (`HATCHERY_TEST_REQUIRE=all`): a skip is a failure.
+pub fn require_all() -> bool {
+    std::env::var("HATCHERY_TEST_REQUIRE").is_ok_and(|v| v == "all")
+}
+
+/// Skips (returns true) with a reason, or fails when skips are not allowed.
+pub fn skip(reason: &str) -> bool {
+    assert!(!require_all(), "HATCHERY_TEST_REQUIRE=all but: {reason}");
+    eprintln!("skipped: {reason}");
+    true
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next().map(|u| u == "0"))
+        .unwrap_or(false)
+}
+
+pub struct TestAgent {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+    pub reactor: String,
+}
+
+pub struct Options {
+    pub reactor: &'static str,
+    /// `off`, or `auto-test` for a unique cgroup under the cgroup2 mount when root.
+    pub cgroups: bool,
+}
+
+/// A unique cgroup base for this agent, when root with cgroup2 available.
+fn cgroup_base(dir: &Path) -> String {
+    if !is_root() {
+        return "off".into();
+    }
+    match hatchery::cgroup::cgroup2_mount() {
+        Some(m) => {
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("x").replace('.', "");
+            m.join(format!("hatchery-test-{name}")).display().to_string()
+        }
+        None => "off".into(),
+    }
+}
+
+impl TestAgent {
+    pub fn start(sites: &[(&str, &str)], opts: Options) -> TestAgent {
+        let dir = tempfile::Builder::new().prefix("hatchery-t").tempdir().expect("tempdir");
+        let sites_dir = dir.path().join("sites.d");
+        std::fs::create_dir_all(&sites_dir).expect("mkdir");
+        for (name, text) in sites {
+            std::fs::write(sites_dir.join(format!("{name}.toml")), text).expect("write site");
+        }
+        let socket = dir.path().join("control.sock");
+        let cg = if opts.cgroups { cgroup_base(dir.path()) } else { "off".into() };
+        let agent = format!(
+            "control_socket = \"{}\"\nstate_dir = \"{}\"\nsites_dir = \"{}\"\ncgroup_base = \"{cg}\"\n",
+            socket.display(),
+            dir.path().join("state").display(),
+            sites_dir.display()
+        );
+        std::fs::write(dir.path().join("hatchery.toml"), agent).expect("write agent");
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
+        let child = Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(dir.path().join("hatchery.toml"))
+            .env("HATCHERY_REACTOR", opts.reactor)
+            .env("HATCHERY_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        let mut a = TestAgent { dir, child: Some(child), socket, reactor: opts.reactor.into() };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::os::unix::net::UnixStream::connect(&a.socket).is_err() {
+            if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("agent exited with {status}: {}", a.agent_log());
+            }
+            assert!(Instant::now() < deadline, "agent did not come up: {}", a.agent_log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        a
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn site_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join("sites.d").join(format!("{name}.toml"))
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run cli")
+    }
+
+    pub fn status(&self, site: &str) -> serde_json::Value {
+        let out = self.cli(&["status", site, "--json"]);
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["sites"][0].clone()
+    }
+
+    pub fn pids(&self, site: &str) -> Vec<i64> {
+        let s = self.status(site);
+        s["workers"].as_array().expect("workers").iter().filter_map(|w| w["pid"].as_i64()).collect()
+    }
+
+    /// Waits until `cond` holds on the site's status, or panics with the last status.
+    pub fn wait_for(&self, site: &str, what: &str, timeout: Duration, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status(site);
+            if cond(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "[{}] timed out waiting for {what}: {s:#}\n{}", self.reactor, self.agent_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, and wait for the agent to exit; returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agent did not stop after SIGTERM: {}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// Whether a process is alive (and not a zombie).
+pub fn alive(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let after = s.rsplit_once(')').map(|(_, r)| r.trim_start()).unwrap_or("");
+            !after.starts_with('Z') && !after.starts_with('X')
+        }
+        Err(_) => false,
+    }
+}
+
+/// (pid, ppid, state) of every process.
+pub fn processes() -> Vec<(i64, i64, char, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i64>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let mut f = rest.split_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        out.push((pid, ppid, state, cmdline));
+    }
+    out
+}
+
+/// Processes whose command line contains `marker`.
+pub fn with_marker(marker: &str) -> Vec<i64> {
+    processes().into_iter().filter(|p| p.3.contains(marker) && p.2 != 'Z').map(|p| p.0).collect()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
