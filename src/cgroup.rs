@@ -113,7 +113,10 @@ fn mkdir(path: &Path) -> Result<(), CgroupError> {
     match fs::create_dir(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(source) => Err(CgroupError::Create { path: path.to_path_buf(), source }),
+        Err(source) => Err(CgroupError::Create {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -134,7 +137,9 @@ impl CgroupTree {
             CgroupBase::Auto => {
                 // Delegated by systemd: our own cgroup is writable by us and we are a unit.
                 let delegated = std::env::var_os("INVOCATION_ID").is_some()
-                    && own.as_ref().is_some_and(|o| writable(&o.join(CGROUP_SUBTREE_CONTROL)));
+                    && own
+                        .as_ref()
+                        .is_some_and(|o| writable(&o.join(CGROUP_SUBTREE_CONTROL)));
                 match (&own, delegated, root) {
                     (Some(o), true, _) => o.clone(),
                     (_, false, true) => mount.join("hatchery"),
@@ -147,7 +152,11 @@ impl CgroupTree {
             }
         };
         if !base_path.starts_with(&mount) {
-            return Ok(Err(format!("{} is not inside the cgroup2 mount {}", base_path.display(), mount.display())));
+            return Ok(Err(format!(
+                "{} is not inside the cgroup2 mount {}",
+                base_path.display(),
+                mount.display()
+            )));
         }
         mkdir(&base_path)?;
         let mut moved_from = None;
@@ -181,7 +190,12 @@ impl CgroupTree {
 
     /// Creates (if needed) the leaf of worker `id` of generation `gen` of `site`, enabling
     /// controllers on the way, and opens it for `CLONE_INTO_CGROUP`.
-    pub fn worker_leaf(&self, site: &str, generation: u32, id: u32) -> Result<(PathBuf, OwnedFd), CgroupError> {
+    pub fn worker_leaf(
+        &self,
+        site: &str,
+        generation: u32,
+        id: u32,
+    ) -> Result<(PathBuf, OwnedFd), CgroupError> {
         let site_dir = self.site_dir(site);
         let gen_dir = site_dir.join(format!("gen-{generation}"));
         let leaf = gen_dir.join(format!("w-{id}"));
@@ -194,8 +208,15 @@ impl CgroupTree {
             }
             mkdir(&leaf)?;
         }
-        let fd = rustix::fs::open(&leaf, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| CgroupError::Open { path: leaf.clone(), source: e.into() })?;
+        let fd = rustix::fs::open(
+            &leaf,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| CgroupError::Open {
+            path: leaf.clone(),
+            source: e.into(),
+        })?;
         Ok((leaf, fd))
     }
 
@@ -281,7 +302,11 @@ pub fn enable_controllers(dir: &Path) -> Result<Vec<String>, CgroupError> {
         .map(str::to_string)
         .collect();
     if !enable.is_empty() {
-        let value = enable.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
+        let value = enable
+            .iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         write_file(&dir.join(CGROUP_SUBTREE_CONTROL), &value)?;
     }
     Ok(enable)
@@ -294,11 +319,18 @@ mod tests {
     #[test]
     fn controllers_are_enabled_from_what_the_parent_offers() {
         let dir = tempfile::tempdir().expect("tempdir");
-        fs::write(dir.path().join(CGROUP_CONTROLLERS), "cpuset cpu io memory hugetlb pids rdma\n").expect("write");
+        fs::write(
+            dir.path().join(CGROUP_CONTROLLERS),
+            "cpuset cpu io memory hugetlb pids rdma\n",
+        )
+        .expect("write");
         fs::write(dir.path().join(CGROUP_SUBTREE_CONTROL), "").expect("write");
         let enabled = enable_controllers(dir.path()).expect("enable");
         assert_eq!(enabled, vec!["cpu", "memory", "pids"]);
-        assert_eq!(fs::read_to_string(dir.path().join(CGROUP_SUBTREE_CONTROL)).expect("read"), "+cpu +memory +pids");
+        assert_eq!(
+            fs::read_to_string(dir.path().join(CGROUP_SUBTREE_CONTROL)).expect("read"),
+            "+cpu +memory +pids"
+        );
     }
 
     #[test]

@@ -171,7 +171,8 @@ pub struct SiteName(String);
 impl SiteName {
     /// Validates `name`.
     pub fn new(name: &str) -> Result<SiteName, String> {
-        let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
+        let ok_char =
+            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
         let first_ok = name
             .chars()
             .next()
@@ -348,7 +349,11 @@ impl Signal {
             Ok(n) if (1..=64).contains(&n) => Ok(Signal(n)),
             _ => Err(format!(
                 "unknown signal {s:?}: use a name ({}) with or without SIG, or a number from 1 to 64",
-                SIGNALS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                SIGNALS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         }
     }
@@ -415,7 +420,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     let value: f64 = num.parse().unwrap_or(f64::NAN);
     let secs = value * scale;
-    if !secs.is_finite() || secs < 0.0 || secs > 86_400.0 * 365.0 {
+    if !(0.0..=86_400.0 * 365.0).contains(&secs) {
         return Err(format!(
             "invalid duration {s:?}: use a number and a unit (ms, s, m, h), e.g. \"250ms\" or \"30s\""
         ));
@@ -555,7 +560,9 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
     let control_socket = rel(raw
         .control_socket
         .unwrap_or_else(|| PathBuf::from("/run/hatchery/control.sock")));
-    let state_dir = rel(raw.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/hatchery")));
+    let state_dir = rel(raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/hatchery")));
     let sites_dir = rel(raw
         .sites_dir
         .unwrap_or_else(|| PathBuf::from("/etc/hatchery/sites.d")));
@@ -652,28 +659,47 @@ fn validate_logs(
     Ok(LogPolicy { max_size, keep })
 }
 
-fn duration_key(file: &Path, key: &str, v: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration_key(
+    file: &Path,
+    key: &str,
+    v: Option<&String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match v {
         Some(s) => parse_duration(s).map_err(|m| err(file, key, m)),
         None => Ok(default),
     }
 }
 
-const RESERVED_ENV: &[&str] = &["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"];
+const RESERVED_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+];
 
 /// Validates one site file's contents.
-pub fn validate_site(file: &Path, raw: &RawSite, default_logs: LogPolicy) -> Result<SiteConfig, ConfigError> {
-    let name_str = raw
-        .name
-        .as_deref()
-        .ok_or_else(|| err(file, "name", "missing: every site file needs name = \"...\""))?;
+pub fn validate_site(
+    file: &Path,
+    raw: &RawSite,
+    default_logs: LogPolicy,
+) -> Result<SiteConfig, ConfigError> {
+    let name_str = raw.name.as_deref().ok_or_else(|| {
+        err(
+            file,
+            "name",
+            "missing: every site file needs name = \"...\"",
+        )
+    })?;
     let name = SiteName::new(name_str).map_err(|m| err(file, "name", m))?;
     if let Some(stem) = file.file_stem().and_then(|s| s.to_str()) {
         if stem != name.as_str() {
             return Err(err(
                 file,
                 "name",
-                format!("the site is named {name:?} but its file is {stem}.toml: name the file {name}.toml"),
+                format!(
+                    "the site is named {name:?} but its file is {stem}.toml: name the file {name}.toml"
+                ),
             ));
         }
     }
@@ -690,7 +716,11 @@ pub fn validate_site(file: &Path, raw: &RawSite, default_logs: LogPolicy) -> Res
     }
     let workers = raw.workers.unwrap_or(1);
     if workers > MAX_WORKERS {
-        return Err(err(file, "workers", format!("{workers} is too many: use 0 to {MAX_WORKERS}")));
+        return Err(err(
+            file,
+            "workers",
+            format!("{workers} is too many: use 0 to {MAX_WORKERS}"),
+        ));
     }
 
     // Users: default to the agent's own identity.
@@ -706,13 +736,18 @@ pub fn validate_site(file: &Path, raw: &RawSite, default_logs: LogPolicy) -> Res
         ),
     };
     let gid = match &raw.group {
-        Some(g) => lookup_group(g).ok_or_else(|| err(file, "group", format!("no such group {g:?} in /etc/group")))?,
+        Some(g) => lookup_group(g)
+            .ok_or_else(|| err(file, "group", format!("no such group {g:?} in /etc/group")))?,
         None => user_gid,
     };
 
     for (k, v) in &raw.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(err(file, &format!("env.{k}"), "names must be non-empty without '=' or NUL, values without NUL"));
+            return Err(err(
+                file,
+                &format!("env.{k}"),
+                "names must be non-empty without '=' or NUL, values without NUL",
+            ));
         }
         if RESERVED_ENV.contains(&k.as_str()) || k.starts_with("HATCHERY_") {
             return Err(err(
@@ -724,7 +759,11 @@ pub fn validate_site(file: &Path, raw: &RawSite, default_logs: LogPolicy) -> Res
     }
 
     if raw.listen.len() > MAX_LISTENERS {
-        return Err(err(file, "listen", format!("at most {MAX_LISTENERS} listeners")));
+        return Err(err(
+            file,
+            "listen",
+            format!("at most {MAX_LISTENERS} listeners"),
+        ));
     }
     let mut listen = Vec::new();
     for (i, l) in raw.listen.iter().enumerate() {
@@ -740,8 +779,15 @@ pub fn validate_site(file: &Path, raw: &RawSite, default_logs: LogPolicy) -> Res
             }
         };
         let lname = l.name.clone().unwrap_or_else(|| format!("listen{i}"));
-        if lname.is_empty() || lname.len() > 255 || !lname.chars().all(|c| c.is_ascii_graphic() && c != ':') {
-            return Err(err(file, &format!("{key}.name"), "use 1 to 255 printable characters without ':'"));
+        if lname.is_empty()
+            || lname.len() > 255
+            || !lname.chars().all(|c| c.is_ascii_graphic() && c != ':')
+        {
+            return Err(err(
+                file,
+                &format!("{key}.name"),
+                "use 1 to 255 printable characters without ':'",
+            ));
         }
         listen.push(ListenSpec {
             name: lname,
@@ -756,20 +802,49 @@ pub fn validate_site(file: &Path, raw: &RawSite, default_logs: LogPolicy) -> Res
             Some(s) => Signal::parse(s).map_err(|m| err(file, "stop.signal", m))?,
             None => Signal(libc::SIGTERM),
         },
-        timeout: duration_key(file, "stop.timeout", stop_raw.timeout.as_ref(), Duration::from_secs(30))?,
+        timeout: duration_key(
+            file,
+            "stop.timeout",
+            stop_raw.timeout.as_ref(),
+            Duration::from_secs(30),
+        )?,
     };
 
     let r = raw.restart.clone().unwrap_or_default();
     let fl = r.flapping.clone().unwrap_or_default();
     let restart = RestartPolicy {
-        backoff_initial: duration_key(file, "restart.backoff_initial", r.backoff_initial.as_ref(), Duration::from_millis(100))?,
-        backoff_max: duration_key(file, "restart.backoff_max", r.backoff_max.as_ref(), Duration::from_secs(30))?,
-        healthy_after: duration_key(file, "restart.healthy_after", r.healthy_after.as_ref(), Duration::from_secs(60))?,
+        backoff_initial: duration_key(
+            file,
+            "restart.backoff_initial",
+            r.backoff_initial.as_ref(),
+            Duration::from_millis(100),
+        )?,
+        backoff_max: duration_key(
+            file,
+            "restart.backoff_max",
+            r.backoff_max.as_ref(),
+            Duration::from_secs(30),
+        )?,
+        healthy_after: duration_key(
+            file,
+            "restart.healthy_after",
+            r.healthy_after.as_ref(),
+            Duration::from_secs(60),
+        )?,
         flapping_exits: fl.exits.unwrap_or(5),
-        flapping_within: duration_key(file, "restart.flapping.within", fl.within.as_ref(), Duration::from_secs(10))?,
+        flapping_within: duration_key(
+            file,
+            "restart.flapping.within",
+            fl.within.as_ref(),
+            Duration::from_secs(10),
+        )?,
     };
     if restart.backoff_max < restart.backoff_initial {
-        return Err(err(file, "restart.backoff_max", "must not be less than restart.backoff_initial"));
+        return Err(err(
+            file,
+            "restart.backoff_max",
+            "must not be less than restart.backoff_initial",
+        ));
     }
     if restart.flapping_exits == 0 {
         return Err(err(file, "restart.flapping.exits", "must be at least 1"));
@@ -781,15 +856,28 @@ pub fn validate_site(file: &Path, raw: &RawSite, default_logs: LogPolicy) -> Res
         Some("notify") => ReadyCheck::Notify,
         Some("tcp") => ReadyCheck::Tcp,
         Some(other) => {
-            return Err(err(file, "ready.check", format!("unknown check {other:?}: use \"notify\", \"tcp\" or \"none\"")));
+            return Err(err(
+                file,
+                "ready.check",
+                format!("unknown check {other:?}: use \"notify\", \"tcp\" or \"none\""),
+            ));
         }
     };
     if check == ReadyCheck::Tcp && !listen.iter().any(|l| matches!(l.addr, ListenAddr::Tcp(_))) {
-        return Err(err(file, "ready.check", "\"tcp\" needs at least one [[listen]] with tcp = \"host:port\""));
+        return Err(err(
+            file,
+            "ready.check",
+            "\"tcp\" needs at least one [[listen]] with tcp = \"host:port\"",
+        ));
     }
     let ready = ReadyPolicy {
         check,
-        timeout: duration_key(file, "ready.timeout", rd.timeout.as_ref(), Duration::from_secs(30))?,
+        timeout: duration_key(
+            file,
+            "ready.timeout",
+            rd.timeout.as_ref(),
+            Duration::from_secs(30),
+        )?,
     };
     let logs = validate_logs(file, "logs", raw.logs.as_ref(), default_logs)?;
     if let Some(w) = &raw.workdir {
@@ -919,7 +1007,11 @@ mod tests {
         for bad in ["", "10", "s", "-1s", "10 parsecs", "1e9h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }
-        for d in [Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(7200)] {
+        for d in [
+            Duration::from_millis(250),
+            Duration::from_secs(30),
+            Duration::from_secs(7200),
+        ] {
             assert_eq!(parse_duration(&format_duration(d)), Ok(d));
         }
     }
@@ -970,25 +1062,38 @@ timeout = "30s"
         )
         .expect("valid");
         assert_eq!(s.workers, 4);
-        assert_eq!(s.listen[0].addr, ListenAddr::Tcp("127.0.0.1:8000".parse().expect("addr")));
+        assert_eq!(
+            s.listen[0].addr,
+            ListenAddr::Tcp("127.0.0.1:8000".parse().expect("addr"))
+        );
         assert_eq!(s.restart.flapping_exits, 5);
         assert_eq!(s.ready.check, ReadyCheck::Notify);
     }
 
     #[test]
     fn errors_name_the_file_the_key_and_what_is_accepted() {
-        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\nworkers = \"four\"\n").unwrap_err();
-        assert!(e.to_string().starts_with("/etc/hatchery/sites.d/blog.toml: "), "{e}");
+        let e =
+            site("name = \"blog\"\ncommand = [\"/bin/true\"]\nworkers = \"four\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/etc/hatchery/sites.d/blog.toml: "),
+            "{e}"
+        );
         assert!(e.to_string().contains("line 3"), "{e}");
 
         let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\nwrokers = 2\n").unwrap_err();
-        assert!(e.to_string().contains("wrokers"), "unknown keys are named: {e}");
+        assert!(
+            e.to_string().contains("wrokers"),
+            "unknown keys are named: {e}"
+        );
 
-        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[stop]\ntimeout = \"soon\"\n").unwrap_err();
+        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[stop]\ntimeout = \"soon\"\n")
+            .unwrap_err();
         assert_eq!(e.key, "stop.timeout");
         assert!(e.message.contains("ms, s, m, h"), "{e}");
 
-        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[ready]\ncheck = \"http\"\n").unwrap_err();
+        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[ready]\ncheck = \"http\"\n")
+            .unwrap_err();
         assert_eq!(e.key, "ready.check");
         assert!(e.message.contains("\"notify\", \"tcp\" or \"none\""));
 
@@ -999,13 +1104,16 @@ timeout = "30s"
         let e = site("name = \"blog\"\ncommand = []\n").unwrap_err();
         assert_eq!(e.key, "command");
 
-        let e = site("name = \"blog\"\ncommand = [\"x\"]\n[[listen]]\ntcp = \"localhost\"\n").unwrap_err();
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\n[[listen]]\ntcp = \"localhost\"\n")
+            .unwrap_err();
         assert_eq!(e.key, "listen[0].tcp");
 
-        let e = site("name = \"blog\"\ncommand = [\"x\"]\n[env]\nLISTEN_FDS = \"3\"\n").unwrap_err();
+        let e =
+            site("name = \"blog\"\ncommand = [\"x\"]\n[env]\nLISTEN_FDS = \"3\"\n").unwrap_err();
         assert_eq!(e.key, "env.LISTEN_FDS");
 
-        let e = site("name = \"blog\"\ncommand = [\"x\"]\nuser = \"no-such-user-hopefully\"\n").unwrap_err();
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nuser = \"no-such-user-hopefully\"\n")
+            .unwrap_err();
         assert_eq!(e.key, "user");
 
         let e = site("name = \"blog\"\ncommand = [\"x\"]\n[ready]\ncheck = \"tcp\"\n").unwrap_err();
@@ -1019,7 +1127,14 @@ timeout = "30s"
         let again = site(&text).expect("the effective config parses");
         // The effective file names the resolved uid and gid where the original said nothing.
         assert_eq!(again.user.as_deref(), Some(s.uid.to_string().as_str()));
-        assert_eq!(SiteConfig { user: None, group: None, ..again }, s);
+        assert_eq!(
+            SiteConfig {
+                user: None,
+                group: None,
+                ..again
+            },
+            s
+        );
     }
 
     #[test]

@@ -149,7 +149,10 @@ impl Reply {
 
     /// An error reply.
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {
-        Reply::Error(ErrorReply { kind, message: message.into() })
+        Reply::Error(ErrorReply {
+            kind,
+            message: message.into(),
+        })
     }
 }
 
@@ -163,7 +166,9 @@ impl Client {
     /// Connects to the agent's socket.
     pub fn connect(path: &Path) -> io::Result<Client> {
         let stream = UnixStream::connect(path)?;
-        Ok(Client { reader: BufReader::new(stream) })
+        Ok(Client {
+            reader: BufReader::new(stream),
+        })
     }
 
     /// Sends the request.
@@ -174,7 +179,7 @@ impl Client {
     }
 
     /// Reads the next reply; `None` when the agent closed the connection.
-    pub fn next(&mut self) -> io::Result<Option<Reply>> {
+    pub fn next_reply(&mut self) -> io::Result<Option<Reply>> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             return Ok(None);
@@ -189,7 +194,7 @@ impl Client {
     pub fn call(&mut self, req: &Request, mut progress: impl FnMut(&Reply)) -> io::Result<Reply> {
         self.send(req)?;
         loop {
-            match self.next()? {
+            match self.next_reply()? {
                 None => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -210,8 +215,16 @@ mod tests {
     #[test]
     fn requests_round_trip_with_defaults() {
         let r: Request = serde_json::from_str(r#"{"cmd":"logs","site":"blog"}"#).expect("parse");
-        assert_eq!(r, Request::Logs { site: "blog".into(), lines: 20, follow: false });
-        let r: Request = serde_json::from_str(r#"{"cmd":"scale","site":"a","workers":3}"#).expect("parse");
+        assert_eq!(
+            r,
+            Request::Logs {
+                site: "blog".into(),
+                lines: 20,
+                follow: false
+            }
+        );
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"scale","site":"a","workers":3}"#).expect("parse");
         assert_eq!(r.site(), Some("a"));
         let text = serde_json::to_string(&Request::Reload).expect("ser");
         assert_eq!(text, r#"{"cmd":"reload"}"#);

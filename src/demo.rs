@@ -39,10 +39,18 @@ timeout = "10s"
 "#;
 
 /// Writes the demo configuration into `dir`; returns the agent file's path.
-pub fn write_config(dir: &Path, exe: &Path, listen: SocketAddr, workers: u32) -> io::Result<PathBuf> {
+pub fn write_config(
+    dir: &Path,
+    exe: &Path,
+    listen: SocketAddr,
+    workers: u32,
+) -> io::Result<PathBuf> {
     std::fs::create_dir_all(dir.join("sites.d"))?;
     let agent = dir.join("hatchery.toml");
-    std::fs::write(&agent, DEMO_AGENT.replace("{dir}", &dir.display().to_string()))?;
+    std::fs::write(
+        &agent,
+        DEMO_AGENT.replace("{dir}", &dir.display().to_string()),
+    )?;
     let site = DEMO_SITE
         .replace("{exe}", &exe.display().to_string())
         .replace("{listen}", &listen.to_string())
@@ -56,10 +64,9 @@ pub fn worker_main() -> io::Result<()> {
     let id = std::env::var("HATCHERY_WORKER_ID").unwrap_or_else(|_| "?".into());
     let generation = std::env::var("HATCHERY_GENERATION").unwrap_or_else(|_| "?".into());
     let fds = crate::sys::activation::listen_fds()?;
-    let (_, fd) = fds
-        .into_iter()
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no listener passed in LISTEN_FDS"))?;
+    let (_, fd) = fds.into_iter().next().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "no listener passed in LISTEN_FDS")
+    })?;
     let listener = TcpListener::from(fd);
     if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
         let sock = std::os::unix::net::UnixDatagram::unbound()?;

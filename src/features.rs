@@ -19,12 +19,20 @@ pub struct Feature {
 impl Feature {
     /// A feature in use.
     pub fn on(name: &'static str, detail: impl Into<String>) -> Feature {
-        Feature { name, in_use: true, detail: detail.into() }
+        Feature {
+            name,
+            in_use: true,
+            detail: detail.into(),
+        }
     }
 
     /// A feature not in use, and what that means.
     pub fn off(name: &'static str, detail: impl Into<String>) -> Feature {
-        Feature { name, in_use: false, detail: detail.into() }
+        Feature {
+            name,
+            in_use: false,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -43,19 +51,37 @@ pub fn probe_kernel() -> Vec<Feature> {
     let mut out = Vec::new();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     out.push(Feature::on("kernel", release.trim().to_string()));
-    match rustix::process::pidfd_open(rustix::process::getpid(), rustix::process::PidfdFlags::NONBLOCK) {
-        Ok(_) => out.push(Feature::on("pidfd", "workers are tracked by pidfd (pidfd_open, waitid P_PIDFD)")),
-        Err(e) => out.push(Feature::off("pidfd", format!("unavailable ({e}): Linux 5.10 or later is required"))),
+    match rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::NONBLOCK,
+    ) {
+        Ok(_) => out.push(Feature::on(
+            "pidfd",
+            "workers are tracked by pidfd (pidfd_open, waitid P_PIDFD)",
+        )),
+        Err(e) => out.push(Feature::off(
+            "pidfd",
+            format!("unavailable ({e}): Linux 5.10 or later is required"),
+        )),
     }
     match crate::sys::uring::Uring::new(512) {
-        Ok(_) => out.push(Feature::on("io_uring", "event loop on io_uring (HATCHERY_REACTOR=epoll to use epoll)")),
-        Err(e) => out.push(Feature::off("io_uring", format!("unavailable ({e}): the event loop uses epoll"))),
+        Ok(_) => out.push(Feature::on(
+            "io_uring",
+            "event loop on io_uring (HATCHERY_REACTOR=epoll to use epoll)",
+        )),
+        Err(e) => out.push(Feature::off(
+            "io_uring",
+            format!("unavailable ({e}): the event loop uses epoll"),
+        )),
     }
     let root = rustix::process::geteuid().is_root();
     out.push(if root {
         Feature::on("root", "running as root")
     } else {
-        Feature::off("root", "not root: workers run as the agent's user; cgroups need delegation")
+        Feature::off(
+            "root",
+            "not root: workers run as the agent's user; cgroups need delegation",
+        )
     });
     out
 }

@@ -33,7 +33,12 @@ impl SiteLog {
         let path = dir.join(format!("{site}.log"));
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let size = file.metadata()?.len();
-        Ok(SiteLog { path, file, size, policy })
+        Ok(SiteLog {
+            path,
+            file,
+            size,
+            policy,
+        })
     }
 
     /// The file's path.
@@ -67,7 +72,10 @@ impl SiteLog {
             }
             fs::rename(&self.path, name(1))?;
         }
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         self.size = 0;
         Ok(())
     }
@@ -134,7 +142,9 @@ pub fn tail(path: &Path, n: usize) -> io::Result<Vec<String>> {
         let from = len.saturating_sub(chunk).max(start);
         file.seek(SeekFrom::Start(from))?;
         let mut buf = Vec::new();
-        Read::by_ref(&mut file).take(len - from).read_to_end(&mut buf)?;
+        Read::by_ref(&mut file)
+            .take(len - from)
+            .read_to_end(&mut buf)?;
         let text = String::from_utf8_lossy(&buf);
         let mut lines: Vec<&str> = text.lines().collect();
         // The first line may be cut in the middle unless we read from the start.
@@ -196,7 +206,9 @@ mod tests {
         let mut got: Vec<String> = Vec::new();
         s.feed(b"hel", |l| got.push(String::from_utf8_lossy(l).into()));
         s.feed(b"lo\nwor", |l| got.push(String::from_utf8_lossy(l).into()));
-        s.feed(b"ld\n\nend", |l| got.push(String::from_utf8_lossy(l).into()));
+        s.feed(b"ld\n\nend", |l| {
+            got.push(String::from_utf8_lossy(l).into())
+        });
         s.finish(|l| got.push(String::from_utf8_lossy(l).into()));
         assert_eq!(got, vec!["hello", "world", "", "end"]);
         let mut long = Vec::new();
@@ -207,7 +219,10 @@ mod tests {
     #[test]
     fn rotation_keeps_the_configured_number_of_files() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let policy = LogPolicy { max_size: 4096, keep: 2 };
+        let policy = LogPolicy {
+            max_size: 4096,
+            keep: 2,
+        };
         let mut log = SiteLog::open(dir.path(), "blog", policy).expect("open");
         let line = vec![b'a'; 1023];
         for i in 0..20u8 {
@@ -231,8 +246,15 @@ mod tests {
         let path = dir.path().join("x.log");
         let text: String = (0..100_000).map(|i| format!("line {i}\n")).collect();
         fs::write(&path, text).expect("write");
-        assert_eq!(tail(&path, 2).expect("tail"), vec!["line 99998", "line 99999"]);
+        assert_eq!(
+            tail(&path, 2).expect("tail"),
+            vec!["line 99998", "line 99999"]
+        );
         assert_eq!(tail(&path, 20_000).expect("tail").len(), 20_000);
-        assert!(tail(&dir.path().join("missing"), 5).expect("tail").is_empty());
+        assert!(
+            tail(&dir.path().join("missing"), 5)
+                .expect("tail")
+                .is_empty()
+        );
     }
 }

@@ -18,7 +18,11 @@ const EXIT_UNREACHABLE: u8 = 3;
 const DEFAULT_SOCKET: &str = "/run/hatchery/control.sock";
 
 #[derive(Parser, Debug)]
-#[command(name = "hatchery", version, about = "A kernel-assisted process supervisor for hosting many web sites on one Linux host")]
+#[command(
+    name = "hatchery",
+    version,
+    about = "A kernel-assisted process supervisor for hosting many web sites on one Linux host"
+)]
 struct Cli {
     /// Control socket of the agent (default: $HATCHERY_SOCKET, else /run/hatchery/control.sock).
     #[arg(long, global = true, value_name = "PATH")]
@@ -153,7 +157,11 @@ fn run_agent(path: &std::path::Path) -> ExitCode {
     let agent = match Agent::new(path) {
         Ok(a) => a,
         Err(e) => {
-            let code = if matches!(e, hatchery::event::AgentError::Config(_)) { EXIT_USAGE } else { EXIT_REFUSED };
+            let code = if matches!(e, hatchery::event::AgentError::Config(_)) {
+                EXIT_USAGE
+            } else {
+                EXIT_REFUSED
+            };
             print_error(&anyhow::Error::new(e));
             return ExitCode::from(code);
         }
@@ -182,13 +190,22 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
             if offered.trim().is_empty() {
                 features::Feature::off(
                     "cgroup v2",
-                    format!("mounted at {} without controllers: no memory, pids or cpu accounting", m.display()),
+                    format!(
+                        "mounted at {} without controllers: no memory, pids or cpu accounting",
+                        m.display()
+                    ),
                 )
             } else {
-                features::Feature::on("cgroup v2", format!("{} offers: {}", m.display(), offered.trim()))
+                features::Feature::on(
+                    "cgroup v2",
+                    format!("{} offers: {}", m.display(), offered.trim()),
+                )
             }
         }
-        None => features::Feature::off("cgroup v2", "not mounted: no accounting, limits or cgroup placement"),
+        None => features::Feature::off(
+            "cgroup v2",
+            "not mounted: no accounting, limits or cgroup placement",
+        ),
     };
     report.push(cgroup);
     if json {
@@ -215,13 +232,18 @@ fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {
         }
     };
     if let Err(e) = std::net::TcpListener::bind(listen) {
-        eprintln!("hatchery: {listen} is not available ({e}); pick another with --listen 127.0.0.1:PORT");
+        eprintln!(
+            "hatchery: {listen} is not available ({e}); pick another with --listen 127.0.0.1:PORT"
+        );
         return ExitCode::from(EXIT_USAGE);
     }
     let path = match demo::write_config(&dir, &exe, listen, workers) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("hatchery: cannot write the demo configuration in {}: {e}", dir.display());
+            eprintln!(
+                "hatchery: cannot write the demo configuration in {}: {e}",
+                dir.display()
+            );
             return ExitCode::from(EXIT_REFUSED);
         }
     };
@@ -252,16 +274,30 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         Command::Restart { site } => Request::Restart { site },
         Command::Scale { site, workers } => Request::Scale { site, workers },
         Command::Signal { site, signal } => Request::Signal { site, signal },
-        Command::Logs { site, follow, lines } => Request::Logs { site, lines, follow },
+        Command::Logs {
+            site,
+            follow,
+            lines,
+        } => Request::Logs {
+            site,
+            lines,
+            follow,
+        },
         Command::Reload => Request::Reload,
-        Command::Agent { .. } | Command::Check { .. } | Command::Demo { .. } | Command::DemoWorker => {
+        Command::Agent { .. }
+        | Command::Check { .. }
+        | Command::Demo { .. }
+        | Command::DemoWorker => {
             unreachable!("handled in main")
         }
     };
     let mut conn = match Client::connect(socket) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("hatchery: cannot reach the agent at {}: {e}", socket.display());
+            eprintln!(
+                "hatchery: cannot reach the agent at {}: {e}",
+                socket.display()
+            );
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
@@ -275,11 +311,17 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
     match result {
         Ok(Reply::Ok(value)) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                );
             } else if is_status {
                 print!("{}", render_status(&value));
             } else if let Some(msg) = value.get("message").and_then(|m| m.as_str()) {
-                println!("{}: {msg}", value.get("site").and_then(|s| s.as_str()).unwrap_or(""));
+                println!(
+                    "{}: {msg}",
+                    value.get("site").and_then(|s| s.as_str()).unwrap_or("")
+                );
             } else if value.get("log").is_none() {
                 println!("{value}");
             }
@@ -320,9 +362,18 @@ fn render_status(v: &serde_json::Value) -> String {
     let empty = Vec::new();
     let sites = v["sites"].as_array().unwrap_or(&empty);
     let single = sites.len() == 1;
-    let _ = writeln!(out, "{:<20} {:<9} {:>7}  {:<4} LISTEN", "SITE", "STATE", "READY", "GEN");
+    let _ = writeln!(
+        out,
+        "{:<20} {:<9} {:>7}  {:<4} LISTEN",
+        "SITE", "STATE", "READY", "GEN"
+    );
     for s in sites {
-        let listen: Vec<&str> = s["listen"].as_array().unwrap_or(&empty).iter().filter_map(|x| x.as_str()).collect();
+        let listen: Vec<&str> = s["listen"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .filter_map(|x| x.as_str())
+            .collect();
         let _ = writeln!(
             out,
             "{:<20} {:<9} {:>7}  {:<4} {}",
@@ -335,16 +386,26 @@ fn render_status(v: &serde_json::Value) -> String {
     }
     if single {
         let s = &sites[0];
-        let _ = writeln!(out, "\n{:<7} {:>8} {:<9} {:>8} {:>8}  LAST EXIT", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME");
+        let _ = writeln!(
+            out,
+            "\n{:<7} {:>8} {:<9} {:>8} {:>8}  LAST EXIT",
+            "WORKER", "PID", "STATE", "RESTARTS", "UPTIME"
+        );
         for w in s["workers"].as_array().unwrap_or(&empty) {
             let _ = writeln!(
                 out,
                 "{:<7} {:>8} {:<9} {:>8} {:>8}  {}",
                 format!("w-{}", w["id"]),
-                w["pid"].as_i64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                w["pid"]
+                    .as_i64()
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 w["state"].as_str().unwrap_or(""),
                 w["restarts"].to_string(),
-                w["uptime_ms"].as_u64().map(fmt_uptime).unwrap_or_else(|| "-".into()),
+                w["uptime_ms"]
+                    .as_u64()
+                    .map(fmt_uptime)
+                    .unwrap_or_else(|| "-".into()),
                 w["last_exit"].as_str().unwrap_or("-"),
             );
         }
@@ -355,7 +416,13 @@ fn render_status(v: &serde_json::Value) -> String {
         .unwrap_or(&empty)
         .iter()
         .filter(|f| f["in_use"] == false)
-        .map(|f| format!("  {}: {}", f["name"].as_str().unwrap_or(""), f["detail"].as_str().unwrap_or("")))
+        .map(|f| {
+            format!(
+                "  {}: {}",
+                f["name"].as_str().unwrap_or(""),
+                f["detail"].as_str().unwrap_or("")
+            )
+        })
         .collect();
     if !off.is_empty() {
         let _ = writeln!(out, "\nnot enforced on this host:\n{}", off.join("\n"));

@@ -17,8 +17,8 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketAddrUnix, SocketFlags,
-    SocketType, sockopt,
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketAddrUnix,
+    SocketFlags, SocketType, sockopt,
 };
 
 use crate::config::{ListenAddr, ListenSpec};
@@ -58,9 +58,18 @@ impl Listener {
         };
         let fd = match &spec.addr {
             ListenAddr::Tcp(addr) => {
-                let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
-                let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)
-                    .map_err(|e| bind_err(e.into()))?;
+                let family = if addr.is_ipv4() {
+                    AddressFamily::INET
+                } else {
+                    AddressFamily::INET6
+                };
+                let fd = rustix::net::socket_with(
+                    family,
+                    SocketType::STREAM,
+                    SocketFlags::CLOEXEC,
+                    None,
+                )
+                .map_err(|e| bind_err(e.into()))?;
                 sockopt::set_socket_reuseaddr(&fd, true).map_err(|e| bind_err(e.into()))?;
                 sockopt::set_socket_reuseport(&fd, true).map_err(|e| bind_err(e.into()))?;
                 rustix::net::bind(&fd, addr).map_err(|e| bind_err(e.into()))?;
@@ -73,8 +82,13 @@ impl Listener {
                     }
                     std::fs::remove_file(path).map_err(bind_err)?;
                 }
-                let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
-                    .map_err(|e| bind_err(e.into()))?;
+                let fd = rustix::net::socket_with(
+                    AddressFamily::UNIX,
+                    SocketType::STREAM,
+                    SocketFlags::CLOEXEC,
+                    None,
+                )
+                .map_err(|e| bind_err(e.into()))?;
                 let addr = SocketAddrUnix::new(path).map_err(|e| bind_err(e.into()))?;
                 rustix::net::bind(&fd, &addr).map_err(|e| bind_err(e.into()))?;
                 if rustix::process::geteuid().is_root() {
@@ -85,7 +99,10 @@ impl Listener {
         };
         let backlog = i32::try_from(spec.backlog).unwrap_or(i32::MAX);
         rustix::net::listen(&fd, backlog).map_err(|e| bind_err(e.into()))?;
-        Ok(Listener { spec: spec.clone(), fd })
+        Ok(Listener {
+            spec: spec.clone(),
+            fd,
+        })
     }
 
     /// The accept-queue length (TCP only; `None` for unix sockets).
@@ -149,20 +166,25 @@ impl NotifySocket {
         // Workers may run as other users: anyone may send; the kernel-checked pid decides
         // which worker a message is from.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_err)?;
-        Ok(NotifySocket { path: path.to_path_buf(), fd })
+        Ok(NotifySocket {
+            path: path.to_path_buf(),
+            fd,
+        })
     }
 
     /// Receives one pending message; `None` when drained.
     pub fn recv(&self) -> io::Result<Option<Notification>> {
         let mut buf = [0u8; 4096];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1), ScmRights(4))];
+        let mut space =
+            [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1), ScmRights(4))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let mut iov = [io::IoSliceMut::new(&mut buf)];
-        let msg = match rustix::net::recvmsg(&self.fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
-            Ok(m) => m,
-            Err(rustix::io::Errno::AGAIN) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
+        let msg =
+            match rustix::net::recvmsg(&self.fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+                Ok(m) => m,
+                Err(rustix::io::Errno::AGAIN) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
         let mut pid = 0;
         for cmsg in control.drain() {
             match cmsg {
@@ -185,7 +207,11 @@ impl AsFd for NotifySocket {
 
 /// Parses an `sd_notify` message (newline-separated `KEY=VALUE` pairs).
 pub fn parse_notification(pid: i32, text: &str) -> Notification {
-    let mut n = Notification { pid, ready: false, status: None };
+    let mut n = Notification {
+        pid,
+        ready: false,
+        status: None,
+    };
     for line in text.lines() {
         if line == "READY=1" {
             n.ready = true;
@@ -216,7 +242,14 @@ mod tests {
     #[test]
     fn notifications_are_parsed() {
         let n = parse_notification(7, "STATUS=warming up\nREADY=1\n");
-        assert_eq!(n, Notification { pid: 7, ready: true, status: Some("warming up".into()) });
+        assert_eq!(
+            n,
+            Notification {
+                pid: 7,
+                ready: true,
+                status: Some("warming up".into())
+            }
+        );
         assert!(!parse_notification(7, "READY=0").ready);
     }
 
@@ -232,7 +265,11 @@ mod tests {
         let local = rustix::net::getsockname(&l.fd).expect("name");
         let addr = std::net::SocketAddr::try_from(local).expect("inet");
         let _c = std::net::TcpStream::connect(addr).expect("connect");
-        assert_eq!(l.queued(), Some(1), "one connection waits in the accept queue");
+        assert_eq!(
+            l.queued(),
+            Some(1),
+            "one connection waits in the accept queue"
+        );
     }
 
     #[test]

@@ -45,7 +45,8 @@ impl PidRef {
     pub fn signal_group(&self, signal: i32) -> io::Result<()> {
         let sig = RSignal::from_named_raw(signal)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let pid = Pid::from_raw(self.pid).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+        let pid =
+            Pid::from_raw(self.pid).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
         match rustix::process::kill_process_group(pid, sig) {
             Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
             Err(e) => Err(e.into()),
@@ -67,7 +68,8 @@ impl PidRef {
                     return Some(ExitReason::Exited { code });
                 }
             }
-            st.terminating_signal().map(|signal| ExitReason::Signaled { signal })
+            st.terminating_signal()
+                .map(|signal| ExitReason::Signaled { signal })
         }))
     }
 }

@@ -27,15 +27,24 @@ pub fn resolve_program(program: &str, path_var: &str, workdir: Option<&Path>) ->
             _ => p,
         });
     }
-    path_var.split(':').filter(|d| !d.is_empty()).find_map(|dir| {
-        let candidate = Path::new(dir).join(program);
-        let meta = std::fs::metadata(&candidate).ok()?;
-        (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
-    })
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .find_map(|dir| {
+            let candidate = Path::new(dir).join(program);
+            let meta = std::fs::metadata(&candidate).ok()?;
+            (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
+        })
 }
 
 /// The environment of worker `id` of generation `generation`.
-pub fn worker_env(site: &SiteConfig, listeners: &[Listener], notify: &Path, id: u32, generation: u32) -> Vec<String> {
+pub fn worker_env(
+    site: &SiteConfig,
+    listeners: &[Listener],
+    notify: &Path,
+    id: u32,
+    generation: u32,
+) -> Vec<String> {
     let mut env: Vec<String> = site.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     if !site.env.contains_key("PATH") {
         env.push(format!("PATH={DEFAULT_PATH}"));
@@ -57,7 +66,11 @@ pub fn worker_image(
     id: u32,
     generation: u32,
 ) -> Result<ExecImage, String> {
-    let path_var = site.env.get("PATH").map(String::as_str).unwrap_or(DEFAULT_PATH);
+    let path_var = site
+        .env
+        .get("PATH")
+        .map(String::as_str)
+        .unwrap_or(DEFAULT_PATH);
     let program = &site.command[0];
     let exe = resolve_program(program, path_var, site.workdir.as_deref())
         .ok_or_else(|| format!("{program} not found in PATH ({path_var})"))?;
@@ -81,7 +94,13 @@ mod tests {
         let sh = resolve_program("sh", "/nonexistent:/bin:/usr/bin", None).expect("sh exists");
         assert!(sh.ends_with("sh"));
         assert_eq!(resolve_program("no-such-program-x", "/bin", None), None);
-        assert_eq!(resolve_program("/x/y", "", None), Some(PathBuf::from("/x/y")));
-        assert_eq!(resolve_program("./run", "", Some(Path::new("/srv"))), Some(PathBuf::from("/srv/./run")));
+        assert_eq!(
+            resolve_program("/x/y", "", None),
+            Some(PathBuf::from("/x/y"))
+        );
+        assert_eq!(
+            resolve_program("./run", "", Some(Path::new("/srv"))),
+            Some(PathBuf::from("/srv/./run"))
+        );
     }
 }

@@ -26,8 +26,16 @@ fn each_reactor(mut body: impl FnMut(&'static str)) {
 fn workers_start_are_children_of_the_agent_and_listed_in_status() {
     each_reactor(|reactor| {
         let site = sleeper("web", 3, "");
-        let agent = TestAgent::start(&[("web", &site)], Options { reactor, cgroups: true });
-        let s = agent.wait_for("web", "3 ready workers", Duration::from_secs(10), |s| s["ready"] == 3);
+        let agent = TestAgent::start(
+            &[("web", &site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
+        let s = agent.wait_for("web", "3 ready workers", Duration::from_secs(10), |s| {
+            s["ready"] == 3
+        });
         assert_eq!(s["state"], "running");
         let workers = s["workers"].as_array().expect("workers");
         assert_eq!(workers.len(), 3);
@@ -35,7 +43,11 @@ fn workers_start_are_children_of_the_agent_and_listed_in_status() {
             let pid = w["pid"].as_i64().expect("pid");
             assert!(alive(pid));
             let ppid = processes().into_iter().find(|p| p.0 == pid).map(|p| p.1);
-            assert_eq!(ppid, Some(i64::from(agent.pid())), "workers are the agent's children");
+            assert_eq!(
+                ppid,
+                Some(i64::from(agent.pid())),
+                "workers are the agent's children"
+            );
             assert_eq!(w["restarts"], 0);
             assert!(w["started_at"].as_str().is_some_and(|t| t.ends_with('Z')));
             assert_eq!(w["state"], "ready");
@@ -45,7 +57,8 @@ fn workers_start_are_children_of_the_agent_and_listed_in_status() {
         assert!(out.status.success());
         assert!(stdout(&out).contains("w-2"), "{}", stdout(&out));
         // The event loop in use is the one asked for.
-        let all: serde_json::Value = serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).expect("json");
+        let all: serde_json::Value =
+            serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).expect("json");
         let features = all["agent"]["features"].to_string();
         assert!(features.contains(reactor), "{features}");
     });
@@ -55,17 +68,33 @@ fn workers_start_are_children_of_the_agent_and_listed_in_status() {
 fn a_killed_worker_is_replaced_and_counted() {
     each_reactor(|reactor| {
         let site = sleeper("web", 2, "");
-        let agent = TestAgent::start(&[("web", &site)], Options { reactor, cgroups: true });
-        agent.wait_for("web", "2 ready", Duration::from_secs(10), |s| s["ready"] == 2);
+        let agent = TestAgent::start(
+            &[("web", &site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
+        agent.wait_for("web", "2 ready", Duration::from_secs(10), |s| {
+            s["ready"] == 2
+        });
         let before = agent.pids("web");
         let victim = before[0];
-        Command::new("kill").arg("-KILL").arg(victim.to_string()).status().expect("kill");
+        Command::new("kill")
+            .arg("-KILL")
+            .arg(victim.to_string())
+            .status()
+            .expect("kill");
         let s = agent.wait_for("web", "a replacement", Duration::from_secs(5), |s| {
             s["workers"][0]["pid"].as_i64().is_some_and(|p| p != victim) && s["ready"] == 2
         });
         assert_eq!(s["workers"][0]["restarts"], 1);
         assert_eq!(s["workers"][0]["last_exit"], "killed by SIGKILL");
-        assert_eq!(s["workers"][1]["pid"].as_i64(), Some(before[1]), "the sibling is untouched");
+        assert_eq!(
+            s["workers"][1]["pid"].as_i64(),
+            Some(before[1]),
+            "the sibling is untouched"
+        );
         assert_eq!(s["workers"][1]["restarts"], 0);
     });
 }
@@ -75,11 +104,23 @@ fn a_crash_loop_backs_off_then_marks_the_site_failed_until_started() {
     each_reactor(|reactor| {
         let site = "name = \"bad\"\ncommand = [\"/bin/sh\", \"-c\", \"echo crashing; exit 3\"]\nworkers = 1\n\
                     [restart]\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\nflapping = { exits = 4, within = \"30s\" }\n";
-        let agent = TestAgent::start(&[("bad", site)], Options { reactor, cgroups: true });
+        let agent = TestAgent::start(
+            &[("bad", site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
         let t0 = Instant::now();
-        let s = agent.wait_for("bad", "failed", Duration::from_secs(10), |s| s["state"] == "failed");
+        let s = agent.wait_for("bad", "failed", Duration::from_secs(10), |s| {
+            s["state"] == "failed"
+        });
         // 4 exits: starts at 0, then >= 100 ms floor, 100 ms, 200 ms backoff: >= 400 ms.
-        assert!(t0.elapsed() >= Duration::from_millis(400), "backoff was applied: {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(400),
+            "backoff was applied: {:?}",
+            t0.elapsed()
+        );
         let w = &s["workers"][0];
         assert_eq!(w["state"], "failed");
         assert_eq!(w["restarts"], 3);
@@ -109,20 +150,39 @@ fn stop_escalates_to_sigkill_of_the_whole_tree() {
             "name = \"stubborn\"\ncommand = [\"/bin/sh\", \"-c\", \"trap '' TERM; sleep 1000 & sleep 1000 & wait; # {marker}\"]\nworkers = 2\n\
              [stop]\ntimeout = \"700ms\"\n"
         );
-        let agent = TestAgent::start(&[("stubborn", &site)], Options { reactor, cgroups: true });
-        agent.wait_for("stubborn", "2 ready", Duration::from_secs(10), |s| s["ready"] == 2);
+        let agent = TestAgent::start(
+            &[("stubborn", &site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
+        agent.wait_for("stubborn", "2 ready", Duration::from_secs(10), |s| {
+            s["ready"] == 2
+        });
         // Children of the workers exist too (sleep inherits the marker? no: find by tree).
         std::thread::sleep(Duration::from_millis(200));
         let pids = agent.pids("stubborn");
-        let tree: Vec<i64> = processes().into_iter().filter(|p| pids.contains(&p.1)).map(|p| p.0).collect();
+        let tree: Vec<i64> = processes()
+            .into_iter()
+            .filter(|p| pids.contains(&p.1))
+            .map(|p| p.0)
+            .collect();
         assert!(tree.len() >= 4, "each worker has its two sleeps: {tree:?}");
         let t0 = Instant::now();
         let out = agent.cli(&["stop", "stubborn"]);
         let took = t0.elapsed();
         assert!(out.status.success(), "{}", stderr(&out));
-        assert!(took >= Duration::from_millis(650), "waited for the stop timeout: {took:?}");
+        assert!(
+            took >= Duration::from_millis(650),
+            "waited for the stop timeout: {took:?}"
+        );
         assert!(took < Duration::from_secs(5), "{took:?}");
-        assert!(stderr(&out).contains("killed"), "progress says it was killed: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("killed"),
+            "progress says it was killed: {}",
+            stderr(&out)
+        );
         std::thread::sleep(Duration::from_millis(100));
         for p in pids.iter().chain(&tree) {
             assert!(!alive(*p), "process {p} survived the stop");
@@ -135,15 +195,26 @@ fn stop_escalates_to_sigkill_of_the_whole_tree() {
 fn orphans_of_a_double_forking_worker_are_reaped() {
     each_reactor(|reactor| {
         let site = "name = \"forky\"\ncommand = [\"/bin/sh\", \"-c\", \"(sleep 0.3 &); (sleep 0.3 &); exec sleep 1000\"]\nworkers = 2\n";
-        let agent = TestAgent::start(&[("forky", site)], Options { reactor, cgroups: true });
-        agent.wait_for("forky", "2 ready", Duration::from_secs(10), |s| s["ready"] == 2);
+        let agent = TestAgent::start(
+            &[("forky", site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
+        agent.wait_for("forky", "2 ready", Duration::from_secs(10), |s| {
+            s["ready"] == 2
+        });
         let me = i64::from(agent.pid());
         // The orphaned sleeps were re-parented to the agent (subreaper)...
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut saw_orphans = false;
         while Instant::now() < deadline {
             let workers = agent.pids("forky");
-            let orphans = processes().into_iter().filter(|p| p.1 == me && !workers.contains(&p.0)).count();
+            let orphans = processes()
+                .into_iter()
+                .filter(|p| p.1 == me && !workers.contains(&p.0))
+                .count();
             saw_orphans |= orphans > 0;
             if saw_orphans && orphans == 0 {
                 break;
@@ -152,9 +223,16 @@ fn orphans_of_a_double_forking_worker_are_reaped() {
         }
         assert!(saw_orphans, "orphans were adopted by the agent");
         // ...and reaped when they exited: no zombie child of the agent remains.
-        let zombies: Vec<_> = processes().into_iter().filter(|p| p.1 == me && p.2 == 'Z').collect();
+        let zombies: Vec<_> = processes()
+            .into_iter()
+            .filter(|p| p.1 == me && p.2 == 'Z')
+            .collect();
         assert!(zombies.is_empty(), "zombies left: {zombies:?}");
-        assert_eq!(agent.status("forky")["ready"], 2, "the workers themselves are fine");
+        assert_eq!(
+            agent.status("forky")["ready"],
+            2,
+            "the workers themselves are fine"
+        );
     });
 }
 
@@ -162,8 +240,16 @@ fn orphans_of_a_double_forking_worker_are_reaped() {
 fn sigterm_stops_everything_and_leaves_no_process() {
     each_reactor(|reactor| {
         let site = sleeper("web", 3, "");
-        let mut agent = TestAgent::start(&[("web", &site)], Options { reactor, cgroups: true });
-        agent.wait_for("web", "3 ready", Duration::from_secs(10), |s| s["ready"] == 3);
+        let mut agent = TestAgent::start(
+            &[("web", &site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
+        agent.wait_for("web", "3 ready", Duration::from_secs(10), |s| {
+            s["ready"] == 3
+        });
         let pids = agent.pids("web");
         assert_eq!(agent.stop(), Some(0));
         for p in pids {
@@ -180,8 +266,16 @@ fn sigterm_stops_everything_and_leaves_no_process() {
 fn scale_and_rolling_restart() {
     each_reactor(|reactor| {
         let site = sleeper("web", 2, "");
-        let agent = TestAgent::start(&[("web", &site)], Options { reactor, cgroups: true });
-        agent.wait_for("web", "2 ready", Duration::from_secs(10), |s| s["ready"] == 2);
+        let agent = TestAgent::start(
+            &[("web", &site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
+        agent.wait_for("web", "2 ready", Duration::from_secs(10), |s| {
+            s["ready"] == 2
+        });
         let out = agent.cli(&["scale", "web", "4"]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(agent.status("web")["ready"], 4);
@@ -203,7 +297,10 @@ fn scale_and_rolling_restart() {
         let events = stderr(&out);
         let first_ready = events.find("w-0 ready").expect("w-0 ready");
         let second_stop = events.find("w-1 killed").expect("w-1 stopped");
-        assert!(first_ready < second_stop, "rolling, one at a time: {events}");
+        assert!(
+            first_ready < second_stop,
+            "rolling, one at a time: {events}"
+        );
     });
 }
 
@@ -211,8 +308,16 @@ fn scale_and_rolling_restart() {
 fn signal_reaches_every_worker_and_logs_capture_output() {
     each_reactor(|reactor| {
         let site = "name = \"sig\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-usr1 $HATCHERY_WORKER_ID' USR1; echo hello $HATCHERY_WORKER_ID; while :; do sleep 0.05; done\"]\nworkers = 2\n";
-        let agent = TestAgent::start(&[("sig", site)], Options { reactor, cgroups: true });
-        agent.wait_for("sig", "2 ready", Duration::from_secs(10), |s| s["ready"] == 2);
+        let agent = TestAgent::start(
+            &[("sig", site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
+        agent.wait_for("sig", "2 ready", Duration::from_secs(10), |s| {
+            s["ready"] == 2
+        });
         // Follow the log while the signal is sent.
         let mut follow = Command::new(BIN)
             .arg("--socket")
@@ -241,9 +346,16 @@ fn signal_reaches_every_worker_and_logs_capture_output() {
         assert_eq!(got.len(), 2, "both workers trapped USR1: {got:?}");
         let out = agent.cli(&["logs", "sig", "-n", "50"]);
         let text = stdout(&out);
-        assert!(text.contains("hello 0") && text.contains("hello 1"), "{text}");
+        assert!(
+            text.contains("hello 0") && text.contains("hello 1"),
+            "{text}"
+        );
         let out = agent.cli(&["signal", "sig", "SIGNOPE"]);
-        assert_eq!(out.status.code(), Some(2), "unknown signals are usage errors");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "unknown signals are usage errors"
+        );
     });
 }
 
@@ -251,8 +363,16 @@ fn signal_reaches_every_worker_and_logs_capture_output() {
 fn bad_requests_are_refused_and_nothing_is_disturbed() {
     each_reactor(|reactor| {
         let site = sleeper("web", 1, "");
-        let agent = TestAgent::start(&[("web", &site)], Options { reactor, cgroups: false });
-        agent.wait_for("web", "1 ready", Duration::from_secs(10), |s| s["ready"] == 1);
+        let agent = TestAgent::start(
+            &[("web", &site)],
+            Options {
+                reactor,
+                cgroups: false,
+            },
+        );
+        agent.wait_for("web", "1 ready", Duration::from_secs(10), |s| {
+            s["ready"] == 1
+        });
         let pids = agent.pids("web");
         let ask = |payload: &[u8]| -> serde_json::Value {
             let mut s = UnixStream::connect(&agent.socket).expect("connect");
@@ -262,14 +382,28 @@ fn bad_requests_are_refused_and_nothing_is_disturbed() {
             serde_json::from_str(&line).expect("a JSON reply")
         };
         assert_eq!(ask(b"not json\n")["error"]["kind"], "bad_request");
-        assert_eq!(ask(b"{\"cmd\":\"explode\"}\n")["error"]["kind"], "bad_request");
-        assert_eq!(ask(b"{\"cmd\":\"stop\",\"site\":\"nope\"}\n")["error"]["kind"], "not_found");
+        assert_eq!(
+            ask(b"{\"cmd\":\"explode\"}\n")["error"]["kind"],
+            "bad_request"
+        );
+        assert_eq!(
+            ask(b"{\"cmd\":\"stop\",\"site\":\"nope\"}\n")["error"]["kind"],
+            "not_found"
+        );
         let huge = vec![b'x'; 200 * 1024];
         assert_eq!(ask(&huge)["error"]["kind"], "bad_request");
         let out = agent.cli(&["restart", "nope"]);
         assert_eq!(out.status.code(), Some(1));
-        assert!(stderr(&out).contains("no such site: nope"), "{}", stderr(&out));
-        assert_eq!(agent.pids("web"), pids, "the running worker was not disturbed");
+        assert!(
+            stderr(&out).contains("no such site: nope"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(
+            agent.pids("web"),
+            pids,
+            "the running worker was not disturbed"
+        );
     });
 }
 
@@ -280,31 +414,75 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
     std::fs::create_dir_all(&sites).expect("mkdir");
     std::fs::write(
         dir.path().join("hatchery.toml"),
-        format!("state_dir = \"{}\"\nsites_dir = \"{}\"\n", dir.path().display(), sites.display()),
+        format!(
+            "state_dir = \"{}\"\nsites_dir = \"{}\"\n",
+            dir.path().display(),
+            sites.display()
+        ),
     )
     .expect("write");
-    std::fs::write(sites.join("blog.toml"), "name = \"blog\"\ncommand = [\"/bin/true\"]\n[stop]\ntimeout = \"soon\"\n").expect("write");
-    let out = Command::new(BIN).args(["check", "--config"]).arg(dir.path().join("hatchery.toml")).output().expect("check");
+    std::fs::write(
+        sites.join("blog.toml"),
+        "name = \"blog\"\ncommand = [\"/bin/true\"]\n[stop]\ntimeout = \"soon\"\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(dir.path().join("hatchery.toml"))
+        .output()
+        .expect("check");
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
-    assert!(err.contains("blog.toml: stop.timeout:") && err.contains("ms, s, m, h"), "{err}");
-    let out = Command::new(BIN).args(["agent", "--config"]).arg(dir.path().join("hatchery.toml")).output().expect("agent");
+    assert!(
+        err.contains("blog.toml: stop.timeout:") && err.contains("ms, s, m, h"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args(["agent", "--config"])
+        .arg(dir.path().join("hatchery.toml"))
+        .output()
+        .expect("agent");
     assert_eq!(out.status.code(), Some(2), "the agent refuses to start");
 
     // A valid file checks fine and prints the effective configuration and features.
-    std::fs::write(sites.join("blog.toml"), "name = \"blog\"\ncommand = [\"/bin/true\"]\n").expect("write");
-    let out = Command::new(BIN).args(["check", "--config"]).arg(dir.path().join("hatchery.toml")).output().expect("check");
+    std::fs::write(
+        sites.join("blog.toml"),
+        "name = \"blog\"\ncommand = [\"/bin/true\"]\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(dir.path().join("hatchery.toml"))
+        .output()
+        .expect("check");
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.contains("backoff_initial = \"100ms\"") && text.contains("kernel features") && text.contains("pidfd"), "{text}");
+    assert!(
+        text.contains("backoff_initial = \"100ms\"")
+            && text.contains("kernel features")
+            && text.contains("pidfd"),
+        "{text}"
+    );
 
     // On reload, a bad file changes nothing that runs.
     each_reactor(|reactor| {
         let site = sleeper("web", 2, "");
-        let agent = TestAgent::start(&[("web", &site)], Options { reactor, cgroups: false });
-        agent.wait_for("web", "2 ready", Duration::from_secs(10), |s| s["ready"] == 2);
+        let agent = TestAgent::start(
+            &[("web", &site)],
+            Options {
+                reactor,
+                cgroups: false,
+            },
+        );
+        agent.wait_for("web", "2 ready", Duration::from_secs(10), |s| {
+            s["ready"] == 2
+        });
         let pids = agent.pids("web");
-        std::fs::write(agent.site_file("web"), "name = \"web\"\ncommand = [\"/bin/sleep\"]\nworkers = \"many\"\n").expect("write");
+        std::fs::write(
+            agent.site_file("web"),
+            "name = \"web\"\ncommand = [\"/bin/sleep\"]\nworkers = \"many\"\n",
+        )
+        .expect("write");
         let out = agent.cli(&["reload"]);
         assert_eq!(out.status.code(), Some(2));
         assert!(stderr(&out).contains("web.toml"), "{}", stderr(&out));
@@ -316,14 +494,24 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
 #[test]
 fn reload_adds_removes_and_changes_sites() {
     each_reactor(|reactor| {
-        let agent = TestAgent::start(&[("a", &sleeper("a", 1, "")), ("b", &sleeper("b", 1, ""))], Options { reactor, cgroups: true });
+        let agent = TestAgent::start(
+            &[("a", &sleeper("a", 1, "")), ("b", &sleeper("b", 1, ""))],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
         agent.wait_for("a", "a ready", Duration::from_secs(10), |s| s["ready"] == 1);
         agent.wait_for("b", "b ready", Duration::from_secs(10), |s| s["ready"] == 1);
         let b_pids = agent.pids("b");
         let a_pid = agent.pids("a")[0];
         std::fs::remove_file(agent.site_file("b")).expect("rm");
         std::fs::write(agent.site_file("c"), sleeper("c", 2, "")).expect("write");
-        std::fs::write(agent.site_file("a"), sleeper("a", 1, "[env]\nNEW = \"1\"\n")).expect("write");
+        std::fs::write(
+            agent.site_file("a"),
+            sleeper("a", 1, "[env]\nNEW = \"1\"\n"),
+        )
+        .expect("write");
         let out = agent.cli(&["reload"]);
         assert!(out.status.success(), "{}", stderr(&out));
         agent.wait_for("c", "c ready", Duration::from_secs(10), |s| s["ready"] == 2);
@@ -332,18 +520,30 @@ fn reload_adds_removes_and_changes_sites() {
         });
         let new_pid = a["workers"][0]["pid"].as_i64().expect("pid");
         let environ = std::fs::read(format!("/proc/{new_pid}/environ")).unwrap_or_default();
-        assert!(String::from_utf8_lossy(&environ).contains("NEW=1"), "the new env is in effect");
+        assert!(
+            String::from_utf8_lossy(&environ).contains("NEW=1"),
+            "the new env is in effect"
+        );
         let deadline = Instant::now() + Duration::from_secs(5);
         while b_pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(b_pids.iter().all(|p| !alive(*p)), "removed site's workers stopped");
+        assert!(
+            b_pids.iter().all(|p| !alive(*p)),
+            "removed site's workers stopped"
+        );
         let out = agent.cli(&["status", "b"]);
         assert_eq!(out.status.code(), Some(1), "b is gone");
         // SIGHUP does the same as `reload`.
         std::fs::write(agent.site_file("c"), sleeper("c", 3, "")).expect("write");
-        Command::new("kill").arg("-HUP").arg(agent.pid().to_string()).status().expect("kill");
-        agent.wait_for("c", "c scaled by SIGHUP", Duration::from_secs(10), |s| s["ready"] == 3);
+        Command::new("kill")
+            .arg("-HUP")
+            .arg(agent.pid().to_string())
+            .status()
+            .expect("kill");
+        agent.wait_for("c", "c scaled by SIGHUP", Duration::from_secs(10), |s| {
+            s["ready"] == 3
+        });
     });
 }
 
@@ -357,8 +557,16 @@ fn listeners_are_passed_with_socket_activation_and_notify_readiness() {
         let site = format!(
             "name = \"demo\"\ncommand = [\"{BIN}\", \"__demo-worker\"]\nworkers = 2\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n[ready]\ncheck = \"notify\"\ntimeout = \"10s\"\n"
         );
-        let agent = TestAgent::start(&[("demo", &site)], Options { reactor, cgroups: true });
-        agent.wait_for("demo", "ready by READY=1", Duration::from_secs(10), |s| s["ready"] == 2);
+        let agent = TestAgent::start(
+            &[("demo", &site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
+        agent.wait_for("demo", "ready by READY=1", Duration::from_secs(10), |s| {
+            s["ready"] == 2
+        });
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..40 {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -366,16 +574,33 @@ fn listeners_are_passed_with_socket_activation_and_notify_readiness() {
             let mut body = String::new();
             std::io::Read::read_to_string(&mut s, &mut body).expect("read");
             let line = body.lines().last().unwrap_or("").to_string();
-            assert!(line.starts_with("hello from worker ") && line.ends_with(", generation 1"), "{body}");
+            assert!(
+                line.starts_with("hello from worker ") && line.ends_with(", generation 1"),
+                "{body}"
+            );
             seen.insert(line);
         }
         assert!(!seen.is_empty());
         let pid = agent.pids("demo")[0];
-        let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).expect("environ")).into_owned();
+        let environ = String::from_utf8_lossy(
+            &std::fs::read(format!("/proc/{pid}/environ")).expect("environ"),
+        )
+        .into_owned();
         let vars: Vec<&str> = environ.split('\0').filter(|v| !v.is_empty()).collect();
-        assert!(vars.contains(&"LISTEN_FDS=1") && vars.contains(&"LISTEN_FDNAMES=http"), "{vars:?}");
-        assert!(vars.contains(&format!("LISTEN_PID={pid}").as_str()), "{vars:?}");
-        assert!(!vars.iter().any(|v| v.starts_with("HATCHERY_LOG=") || v.starts_with("HATCHERY_REACTOR=")), "the agent's environment does not leak: {vars:?}");
+        assert!(
+            vars.contains(&"LISTEN_FDS=1") && vars.contains(&"LISTEN_FDNAMES=http"),
+            "{vars:?}"
+        );
+        assert!(
+            vars.contains(&format!("LISTEN_PID={pid}").as_str()),
+            "{vars:?}"
+        );
+        assert!(
+            !vars
+                .iter()
+                .any(|v| v.starts_with("HATCHERY_LOG=") || v.starts_with("HATCHERY_REACTOR=")),
+            "the agent's environment does not leak: {vars:?}"
+        );
     });
 }
 
@@ -388,11 +613,28 @@ fn tcp_readiness_waits_for_a_worker_to_accept() {
     let site = format!(
         "name = \"demo\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 0.6; exec {BIN} __demo-worker\"]\nworkers = 1\n[[listen]]\ntcp = \"127.0.0.1:{port}\"\n[ready]\ncheck = \"tcp\"\n"
     );
-    let agent = TestAgent::start(&[("demo", &site)], Options { reactor: "io_uring", cgroups: false });
+    let agent = TestAgent::start(
+        &[("demo", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+    );
     let t0 = Instant::now();
-    agent.wait_for("demo", "starting", Duration::from_secs(5), |s| s["workers"][0]["state"] == "starting");
-    agent.wait_for("demo", "ready once accepting", Duration::from_secs(10), |s| s["ready"] == 1);
-    assert!(t0.elapsed() >= Duration::from_millis(500), "not ready before the worker accepts: {:?}", t0.elapsed());
+    agent.wait_for("demo", "starting", Duration::from_secs(5), |s| {
+        s["workers"][0]["state"] == "starting"
+    });
+    agent.wait_for(
+        "demo",
+        "ready once accepting",
+        Duration::from_secs(10),
+        |s| s["ready"] == 1,
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "not ready before the worker accepts: {:?}",
+        t0.elapsed()
+    );
 }
 
 #[test]
@@ -403,26 +645,62 @@ fn another_uid_is_refused_and_a_site_owner_sees_only_its_site() {
     each_reactor(|reactor| {
         let mine = sleeper("mine", 1, "user = \"nobody\"\n");
         let theirs = sleeper("theirs", 1, "");
-        let agent = TestAgent::start(&[("mine", &mine), ("theirs", &theirs)], Options { reactor, cgroups: false });
-        agent.wait_for("theirs", "ready", Duration::from_secs(10), |s| s["ready"] == 1);
+        let agent = TestAgent::start(
+            &[("mine", &mine), ("theirs", &theirs)],
+            Options {
+                reactor,
+                cgroups: false,
+            },
+        );
+        agent.wait_for("theirs", "ready", Duration::from_secs(10), |s| {
+            s["ready"] == 1
+        });
         // The test directory must be reachable by nobody to connect to the socket.
-        std::fs::set_permissions(agent.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(
+            agent.dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
         let as_nobody = |args: &[&str]| {
             use std::os::unix::process::CommandExt;
-            Command::new(BIN).uid(65534).gid(65534).arg("--socket").arg(&agent.socket).args(args).output().expect("cli")
+            Command::new(BIN)
+                .uid(65534)
+                .gid(65534)
+                .arg("--socket")
+                .arg(&agent.socket)
+                .args(args)
+                .output()
+                .expect("cli")
         };
         let out = as_nobody(&["stop", "theirs"]);
         assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-        assert!(stderr(&out).contains("may not control site theirs"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("may not control site theirs"),
+            "{}",
+            stderr(&out)
+        );
         let out = as_nobody(&["reload"]);
         assert_eq!(out.status.code(), Some(1));
         let out = as_nobody(&["status", "--json"]);
         assert!(out.status.success(), "{}", stderr(&out));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        let names: Vec<&str> = v["sites"].as_array().expect("sites").iter().filter_map(|s| s["name"].as_str()).collect();
+        let names: Vec<&str> = v["sites"]
+            .as_array()
+            .expect("sites")
+            .iter()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
         assert_eq!(names, vec!["mine"], "only its own site is visible");
         let out = as_nobody(&["restart", "mine"]);
-        assert!(out.status.success(), "its own site may be controlled: {}", stderr(&out));
-        assert_eq!(agent.status("theirs")["state"], "running", "nothing was disturbed");
+        assert!(
+            out.status.success(),
+            "its own site may be controlled: {}",
+            stderr(&out)
+        );
+        assert_eq!(
+            agent.status("theirs")["state"],
+            "running",
+            "nothing was disturbed"
+        );
     });
 }

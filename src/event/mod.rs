@@ -35,7 +35,9 @@ use crate::features::{self, Feature};
 use crate::logs::{self, LineSplitter, SiteLog};
 use crate::net::{Listener, NotifySocket};
 use crate::process::PidRef;
-use crate::supervisor::site::{Action, ExitReason, Input, Note, Phase, Policies, RunState, SiteCore, WorkerId};
+use crate::supervisor::site::{
+    Action, ExitReason, Input, Note, Phase, Policies, RunState, SiteCore, WorkerId,
+};
 use crate::sys::signals::{self, SigSet};
 use crate::sys::spawn::{ChildStep, SpawnError};
 
@@ -59,7 +61,10 @@ pub enum AgentError {
     Reactor(#[source] io::Error),
 }
 
-fn setup_err(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> AgentError {
+fn setup_err(
+    what: impl Into<String>,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> AgentError {
     AgentError::Setup {
         what: what.into(),
         source: Box::new(source),
@@ -174,7 +179,8 @@ impl Agent {
         rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
             .map_err(|e| setup_err("become child subreaper", io::Error::from(e)))?;
         raise_nofile_limit();
-        let (reactor, reactor_note) = Reactor::from_env().map_err(|e| setup_err("create the event loop", e))?;
+        let (reactor, reactor_note) =
+            Reactor::from_env().map_err(|e| setup_err("create the event loop", e))?;
 
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| setup_err(format!("create {}", config.state_dir.display()), e))?;
@@ -193,7 +199,11 @@ impl Agent {
 
         let mut agent = Agent {
             config: config.clone(),
-            reg: Registry { reactor, tokens: HashMap::new(), next_token: 1 },
+            reg: Registry {
+                reactor,
+                tokens: HashMap::new(),
+                next_token: 1,
+            },
             reactor_note,
             signalfd,
             control,
@@ -231,12 +241,18 @@ impl Agent {
             (Some(t), _) => {
                 out.push(Feature::on(
                     "cgroup v2",
-                    format!("workers born in {}/sites/<site>/gen-<N>/w-<K> (clone3 CLONE_INTO_CGROUP)", t.base().display()),
+                    format!(
+                        "workers born in {}/sites/<site>/gen-<N>/w-<K> (clone3 CLONE_INTO_CGROUP)",
+                        t.base().display()
+                    ),
                 ));
                 out.push(if t.has_kill {
                     Feature::on("tree kill", "cgroup.kill")
                 } else {
-                    Feature::on("tree kill", "cgroup.freeze + SIGKILL each process (no cgroup.kill before 5.14)")
+                    Feature::on(
+                        "tree kill",
+                        "cgroup.freeze + SIGKILL each process (no cgroup.kill before 5.14)",
+                    )
                 });
                 out.push(if t.controllers.is_empty() {
                     Feature::off("accounting", "no cgroup v2 controllers available: memory, pids and cpu are not accounted or limited")
@@ -246,23 +262,34 @@ impl Agent {
             }
             (None, note) => {
                 let why = note.clone().unwrap_or_default();
-                out.push(Feature::off("cgroup v2", format!("not used ({why}): no accounting, limits or cgroup placement")));
+                out.push(Feature::off(
+                    "cgroup v2",
+                    format!("not used ({why}): no accounting, limits or cgroup placement"),
+                ));
                 out.push(Feature::off("tree kill", "process group SIGKILL instead of cgroup.kill (a worker that leaves its process group escapes)"));
             }
         }
-        out.push(Feature::on("subreaper", "orphaned worker descendants are reaped by the agent"));
+        out.push(Feature::on(
+            "subreaper",
+            "orphaned worker descendants are reaped by the agent",
+        ));
         out
     }
 
     fn make_site(&mut self, config: SiteConfig) -> Result<Site, AgentError> {
         let mut listeners = Vec::new();
         for spec in &config.listen {
-            let l = Listener::bind(spec, config.uid, config.gid)
-                .map_err(|e| setup_err(format!("set up the listeners of site {}", config.name), e))?;
+            let l = Listener::bind(spec, config.uid, config.gid).map_err(|e| {
+                setup_err(format!("set up the listeners of site {}", config.name), e)
+            })?;
             listeners.push(l);
         }
-        let log = SiteLog::open(&self.config.state_dir.join("logs"), config.name.as_str(), config.logs)
-            .map_err(|e| setup_err(format!("open the log of site {}", config.name), e))?;
+        let log = SiteLog::open(
+            &self.config.state_dir.join("logs"),
+            config.name.as_str(),
+            config.logs,
+        )
+        .map_err(|e| setup_err(format!("open the log of site {}", config.name), e))?;
         let core = SiteCore::new(config.workers, policies(&config));
         Ok(Site {
             config,
@@ -280,9 +307,15 @@ impl Agent {
 
     /// Starts every site and runs until `SIGTERM`/`SIGINT` has stopped them all.
     pub fn run(mut self) -> Result<(), AgentError> {
-        self.reg.arm(self.signalfd.as_fd(), Interest::Readable, Source::Signals).map_err(AgentError::Reactor)?;
-        self.reg.arm(self.control.as_fd(), Interest::Readable, Source::Control).map_err(AgentError::Reactor)?;
-        self.reg.arm(self.notify.as_fd(), Interest::Readable, Source::Notify).map_err(AgentError::Reactor)?;
+        self.reg
+            .arm(self.signalfd.as_fd(), Interest::Readable, Source::Signals)
+            .map_err(AgentError::Reactor)?;
+        self.reg
+            .arm(self.control.as_fd(), Interest::Readable, Source::Control)
+            .map_err(AgentError::Reactor)?;
+        self.reg
+            .arm(self.notify.as_fd(), Interest::Readable, Source::Notify)
+            .map_err(AgentError::Reactor)?;
 
         info!(
             sites = self.sites.len(),
@@ -304,9 +337,14 @@ impl Agent {
             if self.shutting_down && self.sites.values().all(|s| s.core.run == RunState::Stopped) {
                 break;
             }
-            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
+            let timeout = self
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()));
             ready.clear();
-            self.reg.reactor.wait(timeout, &mut ready).map_err(AgentError::Reactor)?;
+            self.reg
+                .reactor
+                .wait(timeout, &mut ready)
+                .map_err(AgentError::Reactor)?;
             for &token in &ready {
                 if let Some(source) = self.reg.tokens.remove(&token) {
                     self.dispatch(token, source);
@@ -323,7 +361,10 @@ impl Agent {
             .values()
             .filter_map(|s| {
                 let probe = (s.config.ready.check == ReadyCheck::Tcp
-                    && s.core.slots.values().any(|x| matches!(x.phase, Phase::Starting { .. })))
+                    && s.core
+                        .slots
+                        .values()
+                        .any(|x| matches!(x.phase, Phase::Starting { .. })))
                 .then(|| Instant::now() + TCP_PROBE_INTERVAL);
                 [s.core.next_deadline(), probe].into_iter().flatten().min()
             })
@@ -346,7 +387,10 @@ impl Agent {
             .iter()
             .filter(|(_, s)| {
                 s.config.ready.check == ReadyCheck::Tcp
-                    && s.core.slots.values().any(|x| matches!(x.phase, Phase::Starting { .. }))
+                    && s.core
+                        .slots
+                        .values()
+                        .any(|x| matches!(x.phase, Phase::Starting { .. }))
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -359,13 +403,21 @@ impl Agent {
     /// made; once the listener's accept queue no longer holds it (a worker accepted it),
     /// every starting worker counts as ready.
     fn tcp_probe(&mut self, name: &SiteName) {
-        let Some(site) = self.sites.get_mut(name) else { return };
-        let Some(listener) = site.listeners.iter().find(|l| matches!(l.spec.addr, ListenAddr::Tcp(_))) else {
+        let Some(site) = self.sites.get_mut(name) else {
+            return;
+        };
+        let Some(listener) = site
+            .listeners
+            .iter()
+            .find(|l| matches!(l.spec.addr, ListenAddr::Tcp(_)))
+        else {
             return;
         };
         let accepted = match &site.tcp_probe {
             None => {
-                let ListenAddr::Tcp(addr) = listener.spec.addr else { return };
+                let ListenAddr::Tcp(addr) = listener.spec.addr else {
+                    return;
+                };
                 let target = loopback_for(addr);
                 match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
                     Ok(s) => site.tcp_probe = Some((s, Instant::now())),
@@ -434,7 +486,10 @@ impl Agent {
                 }
                 Ok(Some(sig @ (libc::SIGTERM | libc::SIGINT))) => {
                     if self.shutting_down {
-                        warn!("second {}: killing every worker now", config::Signal(sig).name());
+                        warn!(
+                            "second {}: killing every worker now",
+                            config::Signal(sig).name()
+                        );
                         self.kill_everything();
                     } else {
                         info!("{}: stopping every site", config::Signal(sig).name());
@@ -490,8 +545,12 @@ impl Agent {
 
     fn worker_exited(&mut self, name: &SiteName, id: WorkerId) {
         let tree = self.cgroups.as_ref();
-        let Some(site) = self.sites.get_mut(name) else { return };
-        let Some(worker) = site.workers.get(&id) else { return };
+        let Some(site) = self.sites.get_mut(name) else {
+            return;
+        };
+        let Some(worker) = site.workers.get(&id) else {
+            return;
+        };
         if tree.is_none() {
             // The exited leader still holds its pid as process group id until reaped:
             // take its group with it.
@@ -501,7 +560,11 @@ impl Agent {
             Ok(Some(r)) => r,
             Ok(None) => {
                 // Not exited after all (spurious wake-up): watch again.
-                match self.reg.arm(worker.pidref.as_fd(), Interest::Readable, Source::Pidfd(name.clone(), id)) {
+                match self.reg.arm(
+                    worker.pidref.as_fd(),
+                    Interest::Readable,
+                    Source::Pidfd(name.clone(), id),
+                ) {
                     Ok(t) => {
                         if let Some(w) = site.workers.get_mut(&id) {
                             w.token = t;
@@ -543,7 +606,9 @@ impl Agent {
     fn feed(&mut self, name: &SiteName, input: Input) {
         let mut queue = vec![input];
         while let Some(input) = queue.pop() {
-            let Some(site) = self.sites.get_mut(name) else { return };
+            let Some(site) = self.sites.get_mut(name) else {
+                return;
+            };
             let actions = site.core.handle(input, Instant::now());
             for action in actions {
                 if let Some(next) = self.act(name, action) {
@@ -555,7 +620,9 @@ impl Agent {
     }
 
     fn after_feed(&mut self, name: &SiteName) {
-        let Some(site) = self.sites.get(name) else { return };
+        let Some(site) = self.sites.get(name) else {
+            return;
+        };
         if site.removing && site.core.run == RunState::Stopped {
             self.drop_site(name);
         }
@@ -578,7 +645,10 @@ impl Agent {
                 warn!(site = %name, worker = id, pid = w.pidref.pid(), "stop timeout: killing the worker's process tree");
                 let result = match (&self.cgroups, &w.cgroup) {
                     (Some(tree), Some(dir)) => tree.kill(dir).map_err(|e| e.to_string()),
-                    _ => w.pidref.signal_group(libc::SIGKILL).map_err(|e| e.to_string()),
+                    _ => w
+                        .pidref
+                        .signal_group(libc::SIGKILL)
+                        .map_err(|e| e.to_string()),
                 };
                 if let Err(e) = result {
                     error!(site = %name, worker = id, "failed to kill: {e}; sending SIGKILL to the worker itself");
@@ -598,19 +668,33 @@ impl Agent {
             Ok(pid) => Input::Spawned { id, pid },
             Err((error, permanent)) => {
                 error!(site = %name, worker = id, "failed to spawn: {error}");
-                Input::SpawnFailed { id, error, permanent }
+                Input::SpawnFailed {
+                    id,
+                    error,
+                    permanent,
+                }
             }
         }
     }
 
     fn try_spawn(&mut self, name: &SiteName, id: WorkerId) -> Result<i32, (String, bool)> {
         let notify_path = self.notify.path.clone();
-        let site = self.sites.get(name).ok_or_else(|| ("no such site".to_string(), true))?;
-        let mut image = crate::spawn::worker_image(&site.config, &site.listeners, &notify_path, id, site.generation)
-            .map_err(|e| (e, true))?;
+        let site = self
+            .sites
+            .get(name)
+            .ok_or_else(|| ("no such site".to_string(), true))?;
+        let mut image = crate::spawn::worker_image(
+            &site.config,
+            &site.listeners,
+            &notify_path,
+            id,
+            site.generation,
+        )
+        .map_err(|e| (e, true))?;
         let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| (format!("failed to create the output pipe: {e}"), false))?;
-        rustix::io::ioctl_fionbio(&pipe_r, true).map_err(|e| (format!("failed to set up the output pipe: {e}"), false))?;
+        rustix::io::ioctl_fionbio(&pipe_r, true)
+            .map_err(|e| (format!("failed to set up the output pipe: {e}"), false))?;
         let leaf = match &self.cgroups {
             Some(tree) => {
                 let (dir, fd) = tree
@@ -624,9 +708,11 @@ impl Agent {
             }
             None => None,
         };
-        let mut fds: Vec<BorrowedFd<'_>> = vec![self.devnull.as_fd(), pipe_w.as_fd(), pipe_w.as_fd()];
+        let mut fds: Vec<BorrowedFd<'_>> =
+            vec![self.devnull.as_fd(), pipe_w.as_fd(), pipe_w.as_fd()];
         fds.extend(site.listeners.iter().map(|l| l.fd.as_fd()));
-        let spawned = crate::sys::spawn::spawn(&mut image, &fds, leaf.as_ref().map(|(_, fd)| fd.as_fd()));
+        let spawned =
+            crate::sys::spawn::spawn(&mut image, &fds, leaf.as_ref().map(|(_, fd)| fd.as_fd()));
         drop(fds);
         drop(pipe_w);
         let spawned = spawned.map_err(|e| {
@@ -641,12 +727,19 @@ impl Agent {
         let pidref = PidRef::new(pid, spawned.pidfd);
         let token = self
             .reg
-            .arm(pidref.as_fd(), Interest::Readable, Source::Pidfd(name.clone(), id))
+            .arm(
+                pidref.as_fd(),
+                Interest::Readable,
+                Source::Pidfd(name.clone(), id),
+            )
             .map_err(|e| {
                 let _ = pidref.signal(libc::SIGKILL);
                 (format!("failed to watch the pidfd: {e}"), false)
             })?;
-        match self.reg.arm(pipe_r.as_fd(), Interest::Readable, Source::Pipe) {
+        match self
+            .reg
+            .arm(pipe_r.as_fd(), Interest::Readable, Source::Pipe)
+        {
             Ok(t) => {
                 self.pipes.insert(
                     t,
@@ -683,7 +776,9 @@ impl Agent {
             Note::Exited(id, reason) => format!("w-{id} {reason}"),
             Note::BackingOff(id, ms) => format!("w-{id} restarting in {ms} ms"),
             Note::Killed(id) => format!("w-{id} did not stop in time: killed"),
-            Note::Failed(id) => format!("w-{id} failed: not restarted until `hatchery start {name}`"),
+            Note::Failed(id) => {
+                format!("w-{id} failed: not restarted until `hatchery start {name}`")
+            }
             Note::AllStopped => "all workers stopped".to_string(),
             Note::RestartDone => "restart done".to_string(),
             Note::Settled => "all workers ready".to_string(),
@@ -691,7 +786,9 @@ impl Agent {
         if let Note::Failed(id) = note {
             error!(site = %name, worker = id, "site failed: worker flapping or unstartable");
         }
-        let Some(site) = self.sites.get_mut(name) else { return };
+        let Some(site) = self.sites.get_mut(name) else {
+            return;
+        };
         let finished: Vec<(u64, Reply)> = {
             let mut done = Vec::new();
             let mut keep = Vec::new();
@@ -699,10 +796,12 @@ impl Agent {
                 let reply = match (w.until, &note) {
                     (WaitFor::Stopped, Note::AllStopped)
                     | (WaitFor::Settled, Note::Settled)
-                    | (WaitFor::RestartDone, Note::RestartDone) => Some(Reply::Ok(json!({ "site": name, "message": text }))),
-                    (WaitFor::Settled | WaitFor::RestartDone, Note::Failed(_)) => {
-                        Some(Reply::error(ErrorKind::Failed, format!("site {name} failed: {text}")))
+                    | (WaitFor::RestartDone, Note::RestartDone) => {
+                        Some(Reply::Ok(json!({ "site": name, "message": text })))
                     }
+                    (WaitFor::Settled | WaitFor::RestartDone, Note::Failed(_)) => Some(
+                        Reply::error(ErrorKind::Failed, format!("site {name} failed: {text}")),
+                    ),
                     _ => None,
                 };
                 match reply {
@@ -725,7 +824,9 @@ impl Agent {
     // ------------------------------------------------------------ worker output
 
     fn on_pipe(&mut self, token: u64) {
-        let Some(mut pipe) = self.pipes.remove(&token) else { return };
+        let Some(mut pipe) = self.pipes.remove(&token) else {
+            return;
+        };
         let mut buf = [0u8; 65536];
         let mut eof = false;
         let mut records = Vec::new();
@@ -736,9 +837,9 @@ impl Agent {
                     eof = true;
                     break;
                 }
-                Ok(n) => pipe
-                    .splitter
-                    .feed(&buf[..n], |line| records.push(logs::record(pipe.id, pipe.pid, line, now))),
+                Ok(n) => pipe.splitter.feed(&buf[..n], |line| {
+                    records.push(logs::record(pipe.id, pipe.pid, line, now))
+                }),
                 Err(rustix::io::Errno::AGAIN) => break,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
@@ -749,18 +850,22 @@ impl Agent {
             }
         }
         if eof {
-            pipe.splitter
-                .feed(b"", |_| {});
+            pipe.splitter.feed(b"", |_| {});
             pipe.splitter
                 .finish(|line| records.push(logs::record(pipe.id, pipe.pid, line, now)));
         }
         self.write_records(&pipe.site, &records);
         if !eof {
-            match self.reg.arm(pipe.fd.as_fd(), Interest::Readable, Source::Pipe) {
+            match self
+                .reg
+                .arm(pipe.fd.as_fd(), Interest::Readable, Source::Pipe)
+            {
                 Ok(t) => {
                     self.pipes.insert(t, pipe);
                 }
-                Err(e) => warn!(site = %pipe.site, worker = pipe.id, "stopped capturing worker output: {e}"),
+                Err(e) => {
+                    warn!(site = %pipe.site, worker = pipe.id, "stopped capturing worker output: {e}")
+                }
             }
         }
     }
@@ -769,7 +874,9 @@ impl Agent {
         if records.is_empty() {
             return;
         }
-        let Some(site) = self.sites.get_mut(name) else { return };
+        let Some(site) = self.sites.get_mut(name) else {
+            return;
+        };
         for r in records {
             if let Err(e) = site.log.append(r) {
                 warn!(site = %name, "failed to write {}: {e}", site.log.path().display());
@@ -813,7 +920,10 @@ impl Agent {
 
     fn on_accept(&mut self) {
         loop {
-            let fd = match rustix::net::accept_with(&self.control, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK) {
+            let fd = match rustix::net::accept_with(
+                &self.control,
+                SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            ) {
                 Ok(fd) => fd,
                 Err(rustix::io::Errno::AGAIN) => break,
                 Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
@@ -844,7 +954,13 @@ impl Agent {
             self.conns.insert(id, conn);
             if self.conns.len() > MAX_CONNECTIONS {
                 warn!(uid, "too many control connections, refusing one");
-                self.finish(id, &Reply::error(ErrorKind::Refused, format!("too many connections (limit {MAX_CONNECTIONS})")));
+                self.finish(
+                    id,
+                    &Reply::error(
+                        ErrorKind::Refused,
+                        format!("too many connections (limit {MAX_CONNECTIONS})"),
+                    ),
+                );
                 continue;
             }
             self.arm_conn_read(id);
@@ -853,8 +969,13 @@ impl Agent {
     }
 
     fn arm_conn_read(&mut self, id: u64) {
-        let Some(conn) = self.conns.get(&id) else { return };
-        match self.reg.arm(conn.fd.as_fd(), Interest::Readable, Source::ConnRead(id)) {
+        let Some(conn) = self.conns.get(&id) else {
+            return;
+        };
+        match self
+            .reg
+            .arm(conn.fd.as_fd(), Interest::Readable, Source::ConnRead(id))
+        {
             Ok(t) => {
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.read_token = Some(t);
@@ -868,7 +989,9 @@ impl Agent {
     }
 
     fn on_conn_read(&mut self, id: u64) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         conn.read_token = None;
         let mut buf = [0u8; 8192];
         let mut closed = false;
@@ -907,10 +1030,19 @@ impl Agent {
             let line: Vec<u8> = conn.inbuf.drain(..=pos).collect();
             match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => self.handle_request(id, uid, req),
-                Err(e) => self.finish(id, &Reply::error(ErrorKind::BadRequest, format!("invalid request: {e}"))),
+                Err(e) => self.finish(
+                    id,
+                    &Reply::error(ErrorKind::BadRequest, format!("invalid request: {e}")),
+                ),
             }
         } else if conn.inbuf.len() > MAX_REQUEST {
-            self.finish(id, &Reply::error(ErrorKind::BadRequest, format!("request larger than {MAX_REQUEST} bytes")));
+            self.finish(
+                id,
+                &Reply::error(
+                    ErrorKind::BadRequest,
+                    format!("request larger than {MAX_REQUEST} bytes"),
+                ),
+            );
         } else if closed {
             self.close_conn(id);
         } else {
@@ -919,7 +1051,9 @@ impl Agent {
     }
 
     fn send(&mut self, id: u64, reply: &Reply) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         if conn.outbuf.len() > MAX_CONN_BUFFER {
             warn!("a control client is not reading: dropping it");
             self.close_conn(id);
@@ -943,7 +1077,9 @@ impl Agent {
     }
 
     fn flush(&mut self, id: u64) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         while !conn.outbuf.is_empty() {
             match rustix::io::write(&conn.fd, &conn.outbuf) {
                 Ok(n) => {
@@ -962,7 +1098,10 @@ impl Agent {
                 self.close_conn(id);
             }
         } else if conn.write_token.is_none() {
-            match self.reg.arm(conn.fd.as_fd(), Interest::Writable, Source::ConnWrite(id)) {
+            match self
+                .reg
+                .arm(conn.fd.as_fd(), Interest::Writable, Source::ConnWrite(id))
+            {
                 Ok(t) => conn.write_token = Some(t),
                 Err(_) => self.close_conn(id),
             }
@@ -970,7 +1109,9 @@ impl Agent {
     }
 
     fn close_conn(&mut self, id: u64) {
-        let Some(conn) = self.conns.remove(&id) else { return };
+        let Some(conn) = self.conns.remove(&id) else {
+            return;
+        };
         for t in [conn.read_token, conn.write_token].into_iter().flatten() {
             self.reg.tokens.remove(&t);
             let _ = self.reg.reactor.disarm(conn.fd.as_fd(), t);
@@ -991,23 +1132,41 @@ impl Agent {
         // site's own user; the answer for someone else's site does not reveal whether
         // it exists.
         if let Some(site) = req.site() {
-            let owner = self.sites.iter().find(|(n, _)| n.as_str() == site).map(|(_, s)| s.config.uid);
+            let owner = self
+                .sites
+                .iter()
+                .find(|(n, _)| n.as_str() == site)
+                .map(|(_, s)| s.config.uid);
             if !admin && owner != Some(uid) {
                 warn!(uid, site, "refused a control request");
-                return self.finish(conn, &Reply::error(ErrorKind::Refused, format!("uid {uid} may not control site {site}")));
+                return self.finish(
+                    conn,
+                    &Reply::error(
+                        ErrorKind::Refused,
+                        format!("uid {uid} may not control site {site}"),
+                    ),
+                );
             }
             if owner.is_none() {
-                return self.finish(conn, &Reply::error(ErrorKind::NotFound, format!("no such site: {site}")));
+                return self.finish(
+                    conn,
+                    &Reply::error(ErrorKind::NotFound, format!("no such site: {site}")),
+                );
             }
         } else if !admin {
             let owns_any = self.sites.values().any(|s| s.config.uid == uid);
             let allowed = matches!(req, Request::Status { .. }) && owns_any;
             if !allowed {
                 warn!(uid, "refused a control request");
-                return self.finish(conn, &Reply::error(ErrorKind::Refused, format!("uid {uid} may not do this")));
+                return self.finish(
+                    conn,
+                    &Reply::error(ErrorKind::Refused, format!("uid {uid} may not do this")),
+                );
             }
         }
-        let name = req.site().map(|s| SiteName::new(s).expect("an existing site's name is valid"));
+        let name = req
+            .site()
+            .map(|s| SiteName::new(s).expect("an existing site's name is valid"));
         match req {
             Request::Status { .. } => {
                 let status = self.status(name.as_ref(), uid, admin);
@@ -1022,7 +1181,10 @@ impl Agent {
             Request::Stop { .. } => {
                 let name = name.expect("site request");
                 if self.sites[&name].core.run == RunState::Stopped {
-                    return self.finish(conn, &Reply::Ok(json!({ "site": name, "message": "already stopped" })));
+                    return self.finish(
+                        conn,
+                        &Reply::Ok(json!({ "site": name, "message": "already stopped" })),
+                    );
                 }
                 self.hold(&name, conn, WaitFor::Stopped);
                 self.feed(&name, Input::StopRequested);
@@ -1043,7 +1205,13 @@ impl Agent {
                 if workers > config::MAX_WORKERS {
                     return self.finish(
                         conn,
-                        &Reply::error(ErrorKind::BadRequest, format!("{workers} workers is too many: use 0 to {}", config::MAX_WORKERS)),
+                        &Reply::error(
+                            ErrorKind::BadRequest,
+                            format!(
+                                "{workers} workers is too many: use 0 to {}",
+                                config::MAX_WORKERS
+                            ),
+                        ),
                     );
                 }
                 if self.sites[&name].core.run == RunState::Stopped {
@@ -1065,10 +1233,15 @@ impl Agent {
                 for (id, w) in &site.workers {
                     match w.pidref.signal(sig.0) {
                         Ok(()) => sent += 1,
-                        Err(e) => warn!(site = %name, worker = id, "failed to send {}: {e}", sig.name()),
+                        Err(e) => {
+                            warn!(site = %name, worker = id, "failed to send {}: {e}", sig.name())
+                        }
                     }
                 }
-                self.finish(conn, &Reply::Ok(json!({ "site": name, "signal": sig.name(), "workers": sent })));
+                self.finish(
+                    conn,
+                    &Reply::Ok(json!({ "site": name, "signal": sig.name(), "workers": sent })),
+                );
             }
             Request::Logs { lines, follow, .. } => {
                 let name = name.expect("site request");
@@ -1079,7 +1252,15 @@ impl Agent {
                             self.send(conn, &Reply::Line(l));
                         }
                     }
-                    Err(e) => return self.finish(conn, &Reply::error(ErrorKind::Failed, format!("failed to read {}: {e}", path.display()))),
+                    Err(e) => {
+                        return self.finish(
+                            conn,
+                            &Reply::error(
+                                ErrorKind::Failed,
+                                format!("failed to read {}: {e}", path.display()),
+                            ),
+                        );
+                    }
                 }
                 if follow {
                     if let Some(c) = self.conns.get_mut(&conn) {
@@ -1115,13 +1296,18 @@ impl Agent {
 
     /// `Settled` is only noted on a change; answer a waiter whose wish already holds.
     fn reply_if_settled(&mut self, name: &SiteName, conn: u64) {
-        let Some(site) = self.sites.get(name) else { return };
+        let Some(site) = self.sites.get(name) else {
+            return;
+        };
         let waiting = site.waiters.iter().any(|w| w.conn == conn);
         let settled = site.core.run == RunState::Running
             && site.core.slots.len() == site.core.desired as usize
             && site.core.ready() == site.core.desired as usize;
         if waiting && settled {
-            self.finish(conn, &Reply::Ok(json!({ "site": name, "message": "all workers ready" })));
+            self.finish(
+                conn,
+                &Reply::Ok(json!({ "site": name, "message": "all workers ready" })),
+            );
         }
     }
 
@@ -1191,7 +1377,9 @@ impl Agent {
             || new.state_dir != self.config.state_dir
             || new.cgroup_base != self.config.cgroup_base
         {
-            warn!("control_socket, state_dir and cgroup_base changes take effect when the agent restarts");
+            warn!(
+                "control_socket, state_dir and cgroup_base changes take effect when the agent restarts"
+            );
         }
         // Bind what is new first: if anything fails, drop it all and change nothing.
         let mut prepared: Vec<(SiteConfig, Option<Vec<Listener>>, Option<Site>)> = Vec::new();
@@ -1203,10 +1391,14 @@ impl Agent {
                     for spec in &sc.listen {
                         match old.listeners.iter().position(|l| l.spec == *spec) {
                             Some(_) => ls.push(None),
-                            None => ls.push(Some(
-                                Listener::bind(spec, sc.uid, sc.gid)
-                                    .map_err(|e| setup_err(format!("set up the listeners of site {}", sc.name), e))?,
-                            )),
+                            None => ls.push(Some(Listener::bind(spec, sc.uid, sc.gid).map_err(
+                                |e| {
+                                    setup_err(
+                                        format!("set up the listeners of site {}", sc.name),
+                                        e,
+                                    )
+                                },
+                            )?)),
                         }
                     }
                     // Reuse unchanged listeners by duplicating their fds.
@@ -1215,9 +1407,19 @@ impl Agent {
                         match l {
                             Some(l) => full.push(l),
                             None => {
-                                let old_l = old.listeners.iter().find(|l| l.spec == *spec).expect("found above");
-                                let fd = old_l.fd.try_clone().map_err(|e| setup_err("duplicate a listener", e))?;
-                                full.push(Listener { spec: spec.clone(), fd });
+                                let old_l = old
+                                    .listeners
+                                    .iter()
+                                    .find(|l| l.spec == *spec)
+                                    .expect("found above");
+                                let fd = old_l
+                                    .fd
+                                    .try_clone()
+                                    .map_err(|e| setup_err("duplicate a listener", e))?;
+                                full.push(Listener {
+                                    spec: spec.clone(),
+                                    fd,
+                                });
                             }
                         }
                     }
@@ -1247,12 +1449,17 @@ impl Agent {
                 self.feed(&name, Input::StartRequested);
                 continue;
             }
-            let Some(site) = self.sites.get_mut(&name) else { continue };
+            let Some(site) = self.sites.get_mut(&name) else {
+                continue;
+            };
             if site.config == sc {
                 continue;
             }
             changed.push(name.to_string());
-            let only_count = SiteConfig { workers: site.config.workers, ..sc.clone() } == site.config;
+            let only_count = SiteConfig {
+                workers: site.config.workers,
+                ..sc.clone()
+            } == site.config;
             let workers = sc.workers;
             if let Some(ls) = listeners {
                 for old in &site.listeners {
@@ -1270,13 +1477,18 @@ impl Agent {
                 self.feed(&name, Input::RestartRequested);
             }
         }
-        self.config = AgentConfig { sites: Vec::new(), ..new };
+        self.config = AgentConfig {
+            sites: Vec::new(),
+            ..new
+        };
         info!(?added, ?changed, ?removed, "configuration reloaded");
         Ok(json!({ "added": added, "changed": changed, "removed": removed }))
     }
 
     fn drop_site(&mut self, name: &SiteName) {
-        let Some(site) = self.sites.remove(name) else { return };
+        let Some(site) = self.sites.remove(name) else {
+            return;
+        };
         for l in &site.listeners {
             l.unlink();
         }
@@ -1285,9 +1497,17 @@ impl Agent {
                 CgroupTree::remove(&tree.site_dir(name.as_str()));
             }
         }
-        let conns: Vec<u64> = site.followers.iter().copied().chain(site.waiters.iter().map(|w| w.conn)).collect();
+        let conns: Vec<u64> = site
+            .followers
+            .iter()
+            .copied()
+            .chain(site.waiters.iter().map(|w| w.conn))
+            .collect();
         for c in conns {
-            self.finish(c, &Reply::Ok(json!({ "site": name, "message": "site removed" })));
+            self.finish(
+                c,
+                &Reply::Ok(json!({ "site": name, "message": "site removed" })),
+            );
         }
         info!(site = %name, "site removed");
     }
@@ -1307,7 +1527,9 @@ impl Agent {
         for site in self.sites.values() {
             for w in site.workers.values() {
                 let _ = match (&self.cgroups, &w.cgroup) {
-                    (Some(tree), Some(dir)) => tree.kill(dir).map_err(|e| io::Error::other(e.to_string())),
+                    (Some(tree), Some(dir)) => {
+                        tree.kill(dir).map_err(|e| io::Error::other(e.to_string()))
+                    }
                     _ => w.pidref.signal_group(libc::SIGKILL),
                 };
             }
@@ -1317,7 +1539,10 @@ impl Agent {
     fn shutdown(&mut self) {
         let conns: Vec<u64> = self.conns.keys().copied().collect();
         for c in conns {
-            self.finish(c, &Reply::error(ErrorKind::Failed, "the agent is shutting down"));
+            self.finish(
+                c,
+                &Reply::error(ErrorKind::Failed, "the agent is shutting down"),
+            );
         }
         // Orphans of workers that escaped nothing: their cgroups are killed, and any
         // zombie left is reaped before we go.
@@ -1373,13 +1598,17 @@ fn loopback_for(addr: SocketAddr) -> SocketAddr {
 
 fn bind_control(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| setup_err(format!("create {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| setup_err(format!("create {}", dir.display()), e))?;
     }
     // A live agent answers on the socket: refuse to steal it.
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(setup_err(
             format!("bind {}", path.display()),
-            io::Error::new(io::ErrorKind::AddrInUse, "another agent is running on this control socket"),
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another agent is running on this control socket",
+            ),
         ));
     }
     let _ = std::fs::remove_file(path);
@@ -1390,12 +1619,15 @@ fn bind_control(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
         None,
     )
     .map_err(|e| setup_err("create the control socket", io::Error::from(e)))?;
-    let addr = rustix::net::SocketAddrUnix::new(path).map_err(|e| setup_err("name the control socket", io::Error::from(e)))?;
-    rustix::net::bind(&fd, &addr).map_err(|e| setup_err(format!("bind {}", path.display()), io::Error::from(e)))?;
+    let addr = rustix::net::SocketAddrUnix::new(path)
+        .map_err(|e| setup_err("name the control socket", io::Error::from(e)))?;
+    rustix::net::bind(&fd, &addr)
+        .map_err(|e| setup_err(format!("bind {}", path.display()), io::Error::from(e)))?;
     // Everyone may connect; SO_PEERCRED decides what each peer may do.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .map_err(|e| setup_err(format!("chmod {}", path.display()), e))?;
-    rustix::net::listen(&fd, 128).map_err(|e| setup_err("listen on the control socket", io::Error::from(e)))?;
+    rustix::net::listen(&fd, 128)
+        .map_err(|e| setup_err("listen on the control socket", io::Error::from(e)))?;
     Ok(fd)
 }
 
@@ -1404,19 +1636,27 @@ fn raise_nofile_limit() {
     if let Some(max) = lim.maximum {
         let _ = rustix::process::setrlimit(
             rustix::process::Resource::Nofile,
-            rustix::process::Rlimit { current: Some(max), maximum: Some(max) },
+            rustix::process::Rlimit {
+                current: Some(max),
+                maximum: Some(max),
+            },
         );
     }
 }
 
 /// Sends `state` to systemd's `NOTIFY_SOCKET`, if the agent runs under it.
 fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
     let bytes = path.as_encoded_bytes();
     let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
     } else {
         sock.send_to(state.as_bytes(), PathBuf::from(path))
     };

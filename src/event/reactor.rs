@@ -52,7 +52,7 @@ impl Backend {
 #[derive(Debug)]
 pub enum Reactor {
     /// The io_uring backend.
-    Uring(Uring),
+    Uring(Box<Uring>),
     /// The epoll backend.
     Epoll(EpollReactor),
 }
@@ -70,7 +70,7 @@ impl Reactor {
             ));
         }
         match Uring::new(16384) {
-            Ok(u) => Ok((Reactor::Uring(u), None)),
+            Ok(u) => Ok((Reactor::Uring(Box::new(u)), None)),
             Err(e) => Ok((
                 Reactor::Epoll(EpollReactor::new()?),
                 Some(format!("io_uring unavailable: {e}")),
@@ -126,7 +126,9 @@ pub struct EpollReactor {
 
 impl std::fmt::Debug for EpollReactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EpollReactor").field("registered", &self.registered.len()).finish()
+        f.debug_struct("EpollReactor")
+            .field("registered", &self.registered.len())
+            .finish()
     }
 }
 

@@ -106,7 +106,10 @@ mod tests {
     fn a_long_running_worker_restarts_at_once() {
         let p = policy();
         let t0 = Instant::now();
-        let mut h = CrashHistory { streak: 7, ..Default::default() };
+        let mut h = CrashHistory {
+            streak: 7,
+            ..Default::default()
+        };
         let now = t0 + Duration::from_secs(61);
         assert_eq!(h.record(&p, t0, now), AfterCrash::RestartAt(now));
         assert_eq!(h.streak, 1);
@@ -119,10 +122,16 @@ mod tests {
         let mut h = CrashHistory::default();
         // Dies 1 ms after start: streak 0 gives no delay, but the floor holds it back.
         let now = t0 + Duration::from_millis(1);
-        assert_eq!(h.record(&p, t0, now), AfterCrash::RestartAt(t0 + Duration::from_millis(100)));
+        assert_eq!(
+            h.record(&p, t0, now),
+            AfterCrash::RestartAt(t0 + Duration::from_millis(100))
+        );
         let t1 = t0 + Duration::from_millis(100);
         let now = t1 + Duration::from_millis(1);
-        assert_eq!(h.record(&p, t1, now), AfterCrash::RestartAt(now + Duration::from_millis(100)));
+        assert_eq!(
+            h.record(&p, t1, now),
+            AfterCrash::RestartAt(now + Duration::from_millis(100))
+        );
     }
 
     #[test]
@@ -132,7 +141,10 @@ mod tests {
         let mut h = CrashHistory::default();
         for i in 0..4u32 {
             let now = t0 + Duration::from_secs(u64::from(i) * 3);
-            assert!(matches!(h.record(&p, now, now), AfterCrash::RestartAt(_)), "exit {i}");
+            assert!(
+                matches!(h.record(&p, now, now), AfterCrash::RestartAt(_)),
+                "exit {i}"
+            );
         }
         // The fifth exit comes 12 s after the first: the first left the 10 s window.
         let now = t0 + Duration::from_secs(12);

@@ -108,7 +108,10 @@ pub enum Phase {
 impl Phase {
     /// Whether a process exists in this phase.
     pub fn has_process(self) -> bool {
-        matches!(self, Phase::Starting { .. } | Phase::Ready | Phase::Stopping { .. })
+        matches!(
+            self,
+            Phase::Starting { .. } | Phase::Ready | Phase::Stopping { .. }
+        )
     }
 
     /// The name shown in `status`.
@@ -322,12 +325,18 @@ impl SiteCore {
 
     /// Processes in any phase.
     pub fn live(&self) -> usize {
-        self.slots.values().filter(|s| s.phase.has_process()).count()
+        self.slots
+            .values()
+            .filter(|s| s.phase.has_process())
+            .count()
     }
 
     /// Ready workers.
     pub fn ready(&self) -> usize {
-        self.slots.values().filter(|s| s.phase == Phase::Ready).count()
+        self.slots
+            .values()
+            .filter(|s| s.phase == Phase::Ready)
+            .count()
     }
 
     fn spawn(&mut self, id: WorkerId, now: Instant, out: &mut Vec<Action>) {
@@ -346,7 +355,9 @@ impl SiteCore {
 
     fn stop_slot(&mut self, id: WorkerId, then: AfterStop, now: Instant, out: &mut Vec<Action>) {
         let stop = self.policies.stop;
-        let Some(slot) = self.slots.get_mut(&id) else { return };
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
         match slot.phase {
             Phase::Starting { .. } | Phase::Ready => {
                 slot.phase = Phase::Stopping {
@@ -355,7 +366,10 @@ impl SiteCore {
                 };
                 out.push(Action::Signal(id, stop.signal));
             }
-            Phase::Stopping { deadline, then: old } => {
+            Phase::Stopping {
+                deadline,
+                then: old,
+            } => {
                 // Removal wins over anything else; otherwise keep the first request.
                 let then = if then == AfterStop::Remove || old == AfterStop::Remove {
                     AfterStop::Remove
@@ -386,7 +400,15 @@ impl SiteCore {
         let keeping = self
             .slots
             .values()
-            .filter(|s| !matches!(s.phase, Phase::Stopping { then: AfterStop::Remove, .. }))
+            .filter(|s| {
+                !matches!(
+                    s.phase,
+                    Phase::Stopping {
+                        then: AfterStop::Remove,
+                        ..
+                    }
+                )
+            })
             .count();
         let mut missing = (self.desired as usize).saturating_sub(keeping);
         // A slot on its way out is cheaper to keep than a new one: restart it instead.
@@ -394,15 +416,22 @@ impl SiteCore {
             if missing == 0 {
                 break;
             }
-            if let Phase::Stopping { deadline, then: AfterStop::Remove } = slot.phase {
-                slot.phase = Phase::Stopping { deadline, then: AfterStop::Respawn };
+            if let Phase::Stopping {
+                deadline,
+                then: AfterStop::Remove,
+            } = slot.phase
+            {
+                slot.phase = Phase::Stopping {
+                    deadline,
+                    then: AfterStop::Respawn,
+                };
                 missing -= 1;
             }
         }
         let mut id = 0;
         while missing > 0 {
-            if !self.slots.contains_key(&id) {
-                self.slots.insert(id, Slot::new(id));
+            if let std::collections::btree_map::Entry::Vacant(e) = self.slots.entry(id) {
+                e.insert(Slot::new(id));
                 self.spawn(id, now, out);
                 missing -= 1;
             }
@@ -424,7 +453,15 @@ impl SiteCore {
         let keeping: Vec<WorkerId> = self
             .slots
             .values()
-            .filter(|s| !matches!(s.phase, Phase::Stopping { then: AfterStop::Remove, .. }))
+            .filter(|s| {
+                !matches!(
+                    s.phase,
+                    Phase::Stopping {
+                        then: AfterStop::Remove,
+                        ..
+                    }
+                )
+            })
             .map(|s| s.id)
             .collect();
         let excess = keeping.len().saturating_sub(self.desired as usize);
@@ -503,7 +540,11 @@ impl SiteCore {
                     }
                 }
             }
-            Input::SpawnFailed { id, error, permanent } => {
+            Input::SpawnFailed {
+                id,
+                error,
+                permanent,
+            } => {
                 let reason = ExitReason::SpawnFailed { error };
                 if permanent {
                     if let Some(slot) = self.slots.get_mut(&id) {
@@ -519,7 +560,9 @@ impl SiteCore {
                 }
             }
             Input::Exited { id, reason } => {
-                let Some(slot) = self.slots.get_mut(&id) else { return out };
+                let Some(slot) = self.slots.get_mut(&id) else {
+                    return out;
+                };
                 if !slot.phase.has_process() {
                     return out;
                 }
@@ -551,7 +594,9 @@ impl SiteCore {
             Input::DeadlineReached => {
                 let ids: Vec<WorkerId> = self.slots.keys().copied().collect();
                 for id in ids {
-                    let Some(slot) = self.slots.get_mut(&id) else { continue };
+                    let Some(slot) = self.slots.get_mut(&id) else {
+                        continue;
+                    };
                     match slot.phase {
                         Phase::Backoff { until } if until <= now => {
                             slot.phase = Phase::Stopped;
@@ -563,8 +608,14 @@ impl SiteCore {
                         Phase::Starting { deadline: Some(d) } if d <= now => {
                             self.stop_slot(id, AfterStop::Crash, now, &mut out);
                         }
-                        Phase::Stopping { deadline: Some(d), then } if d <= now => {
-                            slot.phase = Phase::Stopping { deadline: None, then };
+                        Phase::Stopping {
+                            deadline: Some(d),
+                            then,
+                        } if d <= now => {
+                            slot.phase = Phase::Stopping {
+                                deadline: None,
+                                then,
+                            };
                             out.push(Action::Kill(id));
                             out.push(Action::Note(Note::Killed(id)));
                         }
@@ -582,7 +633,9 @@ impl SiteCore {
     fn crashed(&mut self, id: WorkerId, reason: ExitReason, now: Instant, out: &mut Vec<Action>) {
         let policy = self.policies.restart;
         let keep_running = matches!(self.run, RunState::Running | RunState::Failed);
-        let Some(slot) = self.slots.get_mut(&id) else { return };
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
         slot.pid = None;
         slot.last_exit = Some(reason.clone());
         out.push(Action::Note(Note::Exited(id, reason)));
@@ -612,7 +665,9 @@ impl SiteCore {
 
     fn advance_rolling(&mut self, now: Instant, out: &mut Vec<Action>) {
         loop {
-            let Some((queue, current)) = &mut self.rolling else { return };
+            let Some((queue, current)) = &mut self.rolling else {
+                return;
+            };
             if let Some(cur) = *current {
                 match self.slots.get(&cur).map(|s| s.phase) {
                     // Still on its way down or up: wait.
@@ -695,7 +750,13 @@ mod tests {
         let a = s.handle(Input::StartRequested, t);
         assert_eq!(spawns(&a), vec![0, 1, 2]);
         for id in 0..3 {
-            s.handle(Input::Spawned { id, pid: 100 + id as i32 }, t);
+            s.handle(
+                Input::Spawned {
+                    id,
+                    pid: 100 + id as i32,
+                },
+                t,
+            );
         }
         assert_eq!(s.ready(), 3);
     }
@@ -708,14 +769,26 @@ mod tests {
         s.handle(Input::Spawned { id: 0, pid: 1 }, t0);
         let mut t = t0 + Duration::from_secs(3);
         // A worker that ran longer than healthy_after restarts at once.
-        let a = s.handle(Input::Exited { id: 0, reason: ExitReason::Exited { code: 1 } }, t);
+        let a = s.handle(
+            Input::Exited {
+                id: 0,
+                reason: ExitReason::Exited { code: 1 },
+            },
+            t,
+        );
         assert_eq!(spawns(&a), vec![0]);
         // Then it crashes instantly, again and again: backoff, then failed.
         let mut failed = false;
         for _ in 0..10 {
             s.handle(Input::Spawned { id: 0, pid: 2 }, t);
             t += Duration::from_millis(1);
-            let a = s.handle(Input::Exited { id: 0, reason: ExitReason::Signaled { signal: 11 } }, t);
+            let a = s.handle(
+                Input::Exited {
+                    id: 0,
+                    reason: ExitReason::Signaled { signal: 11 },
+                },
+                t,
+            );
             if a.contains(&Action::Note(Note::Failed(0))) {
                 failed = true;
                 break;
@@ -747,11 +820,27 @@ mod tests {
         s.handle(Input::Spawned { id: 1, pid: 2 }, t0);
         let a = s.handle(Input::StopRequested, t0);
         assert!(a.contains(&Action::Signal(0, Signal(libc::SIGTERM))));
-        s.handle(Input::Exited { id: 1, reason: ExitReason::Exited { code: 0 } }, t0);
+        s.handle(
+            Input::Exited {
+                id: 1,
+                reason: ExitReason::Exited { code: 0 },
+            },
+            t0,
+        );
         let a = s.handle(Input::DeadlineReached, t0 + Duration::from_secs(3));
         assert_eq!(a.first(), Some(&Action::Kill(0)));
-        assert_eq!(s.next_deadline(), None, "after SIGKILL nothing more is scheduled");
-        let a = s.handle(Input::Exited { id: 0, reason: ExitReason::Signaled { signal: 9 } }, t0);
+        assert_eq!(
+            s.next_deadline(),
+            None,
+            "after SIGKILL nothing more is scheduled"
+        );
+        let a = s.handle(
+            Input::Exited {
+                id: 0,
+                reason: ExitReason::Signaled { signal: 9 },
+            },
+            t0,
+        );
         assert!(a.contains(&Action::Note(Note::AllStopped)));
         assert_eq!(s.run, RunState::Stopped);
     }
@@ -762,7 +851,13 @@ mod tests {
         let mut s = SiteCore::new(3, policies(ReadyCheck::Notify));
         s.handle(Input::StartRequested, t);
         for id in 0..3 {
-            s.handle(Input::Spawned { id, pid: id as i32 + 10 }, t);
+            s.handle(
+                Input::Spawned {
+                    id,
+                    pid: id as i32 + 10,
+                },
+                t,
+            );
             s.handle(Input::ReadyNotified { id }, t);
         }
         let a = s.handle(Input::RestartRequested, t);
@@ -770,18 +865,30 @@ mod tests {
         let mut pid = 100;
         for id in 0..3 {
             assert!(s.ready() >= 2);
-            let a = s.handle(Input::Exited { id, reason: ExitReason::Exited { code: 0 } }, t);
+            let a = s.handle(
+                Input::Exited {
+                    id,
+                    reason: ExitReason::Exited { code: 0 },
+                },
+                t,
+            );
             assert_eq!(spawns(&a), vec![id], "the stopped slot is respawned");
             s.handle(Input::Spawned { id, pid }, t);
             pid += 1;
             let a = s.handle(Input::ReadyNotified { id }, t);
             if id < 2 {
-                assert_eq!(a.last(), Some(&Action::Signal(id + 1, Signal(libc::SIGTERM))));
+                assert_eq!(
+                    a.last(),
+                    Some(&Action::Signal(id + 1, Signal(libc::SIGTERM)))
+                );
             } else {
                 assert!(a.contains(&Action::Note(Note::RestartDone)));
             }
         }
-        assert_eq!(s.slots[&0].restarts, 0, "operator restarts are not crash restarts");
+        assert_eq!(
+            s.slots[&0].restarts, 0,
+            "operator restarts are not crash restarts"
+        );
     }
 
     #[test]
@@ -792,7 +899,13 @@ mod tests {
         s.handle(Input::Spawned { id: 0, pid: 5 }, t);
         let a = s.handle(Input::DeadlineReached, t + Duration::from_secs(4));
         assert_eq!(a, vec![Action::Signal(0, Signal(libc::SIGTERM))]);
-        let a = s.handle(Input::Exited { id: 0, reason: ExitReason::Signaled { signal: 15 } }, t + Duration::from_secs(4));
+        let a = s.handle(
+            Input::Exited {
+                id: 0,
+                reason: ExitReason::Signaled { signal: 15 },
+            },
+            t + Duration::from_secs(4),
+        );
         assert!(a.contains(&Action::Note(Note::Exited(0, ExitReason::ReadyTimeout))));
         assert_eq!(s.slots[&0].last_exit, Some(ExitReason::ReadyTimeout));
     }
@@ -808,11 +921,27 @@ mod tests {
         let a = s.handle(Input::ScaleRequested(2), t);
         assert!(a.contains(&Action::Signal(3, Signal(libc::SIGTERM))));
         assert!(a.contains(&Action::Signal(2, Signal(libc::SIGTERM))));
-        s.handle(Input::Exited { id: 3, reason: ExitReason::Signaled { signal: 15 } }, t);
+        s.handle(
+            Input::Exited {
+                id: 3,
+                reason: ExitReason::Signaled { signal: 15 },
+            },
+            t,
+        );
         assert!(!s.slots.contains_key(&3));
         let a = s.handle(Input::ScaleRequested(4), t);
-        assert_eq!(spawns(&a), vec![3], "slot 2, still stopping, is kept and respawned; 3 is new");
-        let a = s.handle(Input::Exited { id: 2, reason: ExitReason::Signaled { signal: 15 } }, t);
+        assert_eq!(
+            spawns(&a),
+            vec![3],
+            "slot 2, still stopping, is kept and respawned; 3 is new"
+        );
+        let a = s.handle(
+            Input::Exited {
+                id: 2,
+                reason: ExitReason::Signaled { signal: 15 },
+            },
+            t,
+        );
         assert_eq!(spawns(&a), vec![2]);
     }
 

@@ -19,7 +19,10 @@ pub fn listen_fds() -> io::Result<Vec<(String, OwnedFd)>> {
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
         .is_some_and(|p| p == std::process::id());
-    let count: i32 = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     if !for_us || count <= 0 || TAKEN.swap(true, Ordering::SeqCst) {
         return Ok(Vec::new());
     }
@@ -40,7 +43,10 @@ pub fn listen_fds() -> io::Result<Vec<(String, OwnedFd)>> {
         // this process when LISTEN_PID names it; `TAKEN` guarantees each is adopted once,
         // and the fd is open (checked above).
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let name = names.get(usize::try_from(i).unwrap_or(0)).cloned().unwrap_or_default();
+        let name = names
+            .get(usize::try_from(i).unwrap_or(0))
+            .cloned()
+            .unwrap_or_default();
         out.push((name, fd));
     }
     Ok(out)

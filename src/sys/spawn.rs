@@ -217,8 +217,8 @@ pub fn spawn(
     for (slot, fd) in raw_fds.iter_mut().zip(fds) {
         *slot = fd.as_raw_fd();
     }
-    let (report_r, report_w) =
-        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| SpawnError::Pipe(e.into()))?;
+    let (report_r, report_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| SpawnError::Pipe(e.into()))?;
     let listen_pid: *mut u8 = match image.listen_pid {
         Some(i) => image.env[i]
             .as_mut_ptr()
@@ -336,7 +336,7 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
 
     // Step 3: fd map. Duplicate every source above the highest target first.
     let n = plan.nfds.min(MAX_CHILD_FDS);
-    let base = libc::c_int::try_from(n).unwrap_or(MAX_CHILD_FDS as libc::c_int);
+    let base = libc::c_int::try_from(n).unwrap_or(0);
     let mut high = [-1 as RawFd; MAX_CHILD_FDS];
     let mut i = 0;
     while i < n {
@@ -370,7 +370,12 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     // SAFETY: close_range takes plain integers; marking fds close-on-exec (5.11) keeps the
     // report pipe usable until execve.
     let ret = unsafe {
-        libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC)
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
     };
     if ret != 0 {
         // Before 5.11: close the ranges around the report pipe outright.
@@ -392,7 +397,7 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         let mut k = PID_DIGITS;
         while pid > 0 && k > 0 {
             k -= 1;
-            digits[k] = b'0' + (pid % 10) as u8;
+            digits[k] = b'0' + u8::try_from(pid % 10).unwrap_or(0);
             pid /= 10;
         }
         let len = PID_DIGITS - k;

@@ -85,7 +85,9 @@ impl Uring {
 
     /// Cancels the poll armed with `token`, if it is still pending.
     pub fn cancel(&mut self, token: u64) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(token).build().user_data(CANCEL_TAG);
+        let entry = opcode::AsyncCancel::new(token)
+            .build()
+            .user_data(CANCEL_TAG);
         self.push(&entry)
     }
 
@@ -100,7 +102,9 @@ impl Uring {
             self.timeout_pending = false;
         }
         if let Some(t) = timeout {
-            *self.timespec = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
+            *self.timespec = types::Timespec::new()
+                .sec(t.as_secs())
+                .nsec(t.subsec_nanos());
             let entry = opcode::Timeout::new(&*self.timespec)
                 .build()
                 .user_data(TIMEOUT_TAG);

@@ -52,8 +52,14 @@ fn cgroup_base(dir: &Path) -> String {
     }
     match hatchery::cgroup::cgroup2_mount() {
         Some(m) => {
-            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("x").replace('.', "");
-            m.join(format!("hatchery-test-{name}")).display().to_string()
+            let name = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("x")
+                .replace('.', "");
+            m.join(format!("hatchery-test-{name}"))
+                .display()
+                .to_string()
         }
         None => "off".into(),
     }
@@ -61,14 +67,21 @@ fn cgroup_base(dir: &Path) -> String {
 
 impl TestAgent {
     pub fn start(sites: &[(&str, &str)], opts: Options) -> TestAgent {
-        let dir = tempfile::Builder::new().prefix("hatchery-t").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("hatchery-t")
+            .tempdir()
+            .expect("tempdir");
         let sites_dir = dir.path().join("sites.d");
         std::fs::create_dir_all(&sites_dir).expect("mkdir");
         for (name, text) in sites {
             std::fs::write(sites_dir.join(format!("{name}.toml")), text).expect("write site");
         }
         let socket = dir.path().join("control.sock");
-        let cg = if opts.cgroups { cgroup_base(dir.path()) } else { "off".into() };
+        let cg = if opts.cgroups {
+            cgroup_base(dir.path())
+        } else {
+            "off".into()
+        };
         let agent = format!(
             "control_socket = \"{}\"\nstate_dir = \"{}\"\nsites_dir = \"{}\"\ncgroup_base = \"{cg}\"\n",
             socket.display(),
@@ -87,20 +100,32 @@ impl TestAgent {
             .stderr(log)
             .spawn()
             .expect("spawn agent");
-        let mut a = TestAgent { dir, child: Some(child), socket, reactor: opts.reactor.into() };
+        let mut a = TestAgent {
+            dir,
+            child: Some(child),
+            socket,
+            reactor: opts.reactor.into(),
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::os::unix::net::UnixStream::connect(&a.socket).is_err() {
             if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("agent exited with {status}: {}", a.agent_log());
             }
-            assert!(Instant::now() < deadline, "agent did not come up: {}", a.agent_log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not come up: {}",
+                a.agent_log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         a
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+        self.child
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .unwrap_or(0)
     }
 
     pub fn agent_log(&self) -> String {
@@ -122,25 +147,45 @@ impl TestAgent {
 
     pub fn status(&self, site: &str) -> serde_json::Value {
         let out = self.cli(&["status", site, "--json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         v["sites"][0].clone()
     }
 
     pub fn pids(&self, site: &str) -> Vec<i64> {
         let s = self.status(site);
-        s["workers"].as_array().expect("workers").iter().filter_map(|w| w["pid"].as_i64()).collect()
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter_map(|w| w["pid"].as_i64())
+            .collect()
     }
 
     /// Waits until `cond` holds on the site's status, or panics with the last status.
-    pub fn wait_for(&self, site: &str, what: &str, timeout: Duration, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_for(
+        &self,
+        site: &str,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
             let s = self.status(site);
             if cond(&s) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "[{}] timed out waiting for {what}: {s:#}\n{}", self.reactor, self.agent_log());
+            assert!(
+                Instant::now() < deadline,
+                "[{}] timed out waiting for {what}: {s:#}\n{}",
+                self.reactor,
+                self.agent_log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -148,7 +193,10 @@ impl TestAgent {
     /// SIGTERM, and wait for the agent to exit; returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(st) = child.try_wait().expect("wait") {
@@ -176,7 +224,10 @@ impl Drop for TestAgent {
 pub fn alive(pid: i64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
-            let after = s.rsplit_once(')').map(|(_, r)| r.trim_start()).unwrap_or("");
+            let after = s
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start())
+                .unwrap_or("");
             !after.starts_with('Z') && !after.starts_with('X')
         }
         Err(_) => false,
@@ -187,9 +238,15 @@ pub fn alive(pid: i64) -> bool {
 pub fn processes() -> Vec<(i64, i64, char, String)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").expect("proc").flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i64>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
         let mut f = rest.split_whitespace();
         let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
         let ppid = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -202,7 +259,11 @@ pub fn processes() -> Vec<(i64, i64, char, String)> {
 
 /// Processes whose command line contains `marker`.
 pub fn with_marker(marker: &str) -> Vec<i64> {
-    processes().into_iter().filter(|p| p.3.contains(marker) && p.2 != 'Z').map(|p| p.0).collect()
+    processes()
+        .into_iter()
+        .filter(|p| p.3.contains(marker) && p.2 != 'Z')
+        .map(|p| p.0)
+        .collect()
 }
 
 pub fn stdout(o: &Output) -> String {
