@@ -753,7 +753,7 @@ mod tests {
             s.handle(
                 Input::Spawned {
                     id,
-                    pid: 100 + id as i32,
+                    pid: 100 + i32::try_from(id).unwrap(),
                 },
                 t,
             );
@@ -854,7 +854,7 @@ mod tests {
             s.handle(
                 Input::Spawned {
                     id,
-                    pid: id as i32 + 10,
+                    pid: i32::try_from(id).unwrap() + 10,
                 },
                 t,
             );
@@ -862,8 +862,7 @@ mod tests {
         }
         let a = s.handle(Input::RestartRequested, t);
         assert_eq!(a, vec![Action::Signal(0, Signal(libc::SIGTERM))]);
-        let mut pid = 100;
-        for id in 0..3 {
+        for (id, pid) in (0..3).zip(100..) {
             assert!(s.ready() >= 2);
             let a = s.handle(
                 Input::Exited {
@@ -874,7 +873,6 @@ mod tests {
             );
             assert_eq!(spawns(&a), vec![id], "the stopped slot is respawned");
             s.handle(Input::Spawned { id, pid }, t);
-            pid += 1;
             let a = s.handle(Input::ReadyNotified { id }, t);
             if id < 2 {
                 assert_eq!(
@@ -916,7 +914,13 @@ mod tests {
         let mut s = SiteCore::new(4, policies(ReadyCheck::None));
         s.handle(Input::StartRequested, t);
         for id in 0..4 {
-            s.handle(Input::Spawned { id, pid: id as i32 }, t);
+            s.handle(
+                Input::Spawned {
+                    id,
+                    pid: i32::try_from(id).unwrap(),
+                },
+                t,
+            );
         }
         let a = s.handle(Input::ScaleRequested(2), t);
         assert!(a.contains(&Action::Signal(3, Signal(libc::SIGTERM))));
