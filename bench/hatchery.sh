@@ -1,0 +1,20 @@
+#!/bin/bash
+# Adapter "hatchery" for ../shared/bench/bench.py (see its docstring for the contract):
+# one site with N workers running CMD, the agent in the foreground.
+# Uses the release binary ($HATCHERY_BIN, default target/release/hatchery next to this file).
+set -eu
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${HATCHERY_BIN:-$HERE/target/release/hatchery}
+act=$1; shift
+case $act in
+  version)  echo "hatchery $("$BIN" --version | cut -d' ' -f2) ($(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || echo unknown)), reactor ${HATCHERY_REACTOR:-io_uring}" ;;
+  settings) echo "defaults: first crash restart immediate, backoff_initial 100ms floor between starts of one slot, backoff doubling to 30s, flapping 5 exits/10s; ready.check none; stop = hatchery stop SITE (SIGTERM, 30s timeout, waits for exit); cgroup_base auto (root: one leaf per worker)" ;;
+  config)   d=$1; n=$2; shift 2
+            mkdir -p "$d/sites.d"
+            printf 'control_socket = "%s/control.sock"\nstate_dir = "%s/state"\nsites_dir = "%s/sites.d"\n' "$d" "$d" "$d" > "$d/hatchery.toml"
+            args=$(printf '"%s", ' "$@"); args=${args%, }
+            printf 'name = "bench"\ncommand = [%s]\nworkers = %s\n' "$args" "$n" > "$d/sites.d/bench.toml" ;;
+  start)    exec "$BIN" agent --config "$1/hatchery.toml" 2>"$1/agent.log" ;;
+  stop)     exec "$BIN" --socket "$1/control.sock" stop bench >/dev/null 2>&1 ;;
+  teardown) kill -TERM "$PB_START_PID" 2>/dev/null || true ;;
+esac

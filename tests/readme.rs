@@ -1,0 +1,64 @@
+//! The configuration examples in README.md are valid, exactly as printed.
+
+use std::path::Path;
+
+fn toml_blocks(readme: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in readme.lines() {
+        match (&mut cur, line.trim_start()) {
+            (None, "```toml") => cur = Some(String::new()),
+            (Some(_), "```") => out.extend(cur.take()),
+            (Some(b), l) => {
+                b.push_str(l);
+                b.push('\n');
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn readme_config_examples_are_valid() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let blocks = toml_blocks(&readme);
+    let agent = blocks
+        .iter()
+        .find(|b| b.starts_with("# hatchery.toml"))
+        .expect("an agent example");
+    let site = blocks
+        .iter()
+        .find(|b| b.starts_with("# sites.d/blog.toml"))
+        .expect("a site example");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sites = dir.path().join("sites.d");
+    std::fs::create_dir_all(&sites).expect("mkdir");
+    std::fs::write(sites.join("blog.toml"), site).expect("write");
+    // The example's paths are real system paths; point sites_dir at our copy.
+    let agent_text: String = agent
+        .lines()
+        .map(|l| {
+            if l.starts_with("sites_dir") {
+                format!("sites_dir = \"{}\"", sites.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let agent_path = dir.path().join("hatchery.toml");
+    std::fs::write(&agent_path, agent_text).expect("write");
+    let config = hatchery::config::load(&agent_path).expect("the README examples are valid");
+    assert_eq!(config.sites.len(), 1);
+    let blog = &config.sites[0];
+    assert_eq!(blog.workers, 4);
+    assert_eq!(blog.ready.check, hatchery::config::ReadyCheck::Notify);
+    assert_eq!(blog.restart.flapping_exits, 5);
+    assert_eq!(
+        config.control_socket,
+        Path::new("/run/hatchery/control.sock")
+    );
+}
