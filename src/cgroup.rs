@@ -13,7 +13,10 @@
 //! enabled where the parent offers them; on a host whose cgroup v2 has none (hybrid
 //! hierarchies), workers are still placed and killed by cgroup, without accounting.
 //!
-//! It does not: set limits or read accounting (that arrives with the memory budget work).
+//! Limits (site: `memory.max`, `pids.max`, `cpu.weight`; worker: `memory.max`,
+//! `memory.high`, `memory.oom.group`) are written only where the controller is enabled;
+//! [`CgroupTree::apply_site_limits`] returns what could not be enforced. Accounting is read
+//! on demand ([`read_usage`]): nothing here polls.
 
 use std::fs;
 use std::io;
@@ -22,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
 
-use crate::config::CgroupBase;
+use crate::config::{CgroupBase, Limits};
 
 const CGROUP_PROCS: &str = "cgroup.procs";
 const CGROUP_KILL: &str = "cgroup.kill";
@@ -31,6 +34,69 @@ const CGROUP_EVENTS: &str = "cgroup.events";
 const CGROUP_CONTROLLERS: &str = "cgroup.controllers";
 const CGROUP_SUBTREE_CONTROL: &str = "cgroup.subtree_control";
 const WANTED_CONTROLLERS: &[&str] = &["cpu", "memory", "pids"];
+const MEMORY_MAX: &str = "memory.max";
+const MEMORY_HIGH: &str = "memory.high";
+const MEMORY_CURRENT: &str = "memory.current";
+const MEMORY_PEAK: &str = "memory.peak";
+const MEMORY_EVENTS: &str = "memory.events";
+const MEMORY_OOM_GROUP: &str = "memory.oom.group";
+const PIDS_MAX: &str = "pids.max";
+const PIDS_CURRENT: &str = "pids.current";
+const CPU_WEIGHT: &str = "cpu.weight";
+const CPU_STAT: &str = "cpu.stat";
+
+/// Accounting of one cgroup; `None` where the kernel or controller does not provide it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// `memory.current`, bytes.
+    pub memory_current: Option<u64>,
+    /// `memory.peak` (5.19+), bytes.
+    pub memory_peak: Option<u64>,
+    /// `memory.max` (`None` when unlimited or absent).
+    pub memory_max: Option<u64>,
+    /// `oom_kill` of `memory.events`.
+    pub oom_kills: Option<u64>,
+    /// `pids.current`.
+    pub pids: Option<u64>,
+    /// `usage_usec` of `cpu.stat`.
+    pub cpu_usec: Option<u64>,
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The value of `key` in a flat-keyed file (`memory.events`, `cpu.stat`).
+pub fn keyed_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// Reads the accounting files of `dir` (missing files give `None`).
+pub fn read_usage(dir: &Path) -> Usage {
+    let events = fs::read_to_string(dir.join(MEMORY_EVENTS)).ok();
+    let cpu = fs::read_to_string(dir.join(CPU_STAT)).ok();
+    Usage {
+        memory_current: read_u64(&dir.join(MEMORY_CURRENT)),
+        memory_peak: read_u64(&dir.join(MEMORY_PEAK)),
+        memory_max: read_u64(&dir.join(MEMORY_MAX)),
+        oom_kills: events.as_deref().and_then(|t| keyed_value(t, "oom_kill")),
+        pids: read_u64(&dir.join(PIDS_CURRENT)),
+        cpu_usec: cpu.as_deref().and_then(|t| keyed_value(t, "usage_usec")),
+    }
+}
+
+/// Writes `value` to `dir/file` if the file exists; returns whether it did.
+fn write_if_present(dir: &Path, file: &str, value: &str) -> Result<bool, CgroupError> {
+    let path = dir.join(file);
+    if !path.exists() {
+        return Ok(false);
+    }
+    write_file(&path, value)?;
+    Ok(true)
+}
 
 /// Errors managing cgroups.
 #[derive(Debug, thiserror::Error)]
@@ -170,8 +236,10 @@ impl CgroupTree {
         let sites = base_path.join("sites");
         mkdir(&sites)?;
         enable_controllers(&sites)?;
+        // HATCHERY_TREE_KILL=freeze forces the pre-5.14 path (to test it on newer kernels).
+        let forced_freeze = std::env::var("HATCHERY_TREE_KILL").is_ok_and(|v| v == "freeze");
         Ok(Ok(CgroupTree {
-            has_kill: sites.join(CGROUP_KILL).exists(),
+            has_kill: sites.join(CGROUP_KILL).exists() && !forced_freeze,
             base: base_path,
             controllers,
             moved_from,
@@ -186,6 +254,54 @@ impl CgroupTree {
     /// The directory of a site.
     pub fn site_dir(&self, site: &str) -> PathBuf {
         self.base.join("sites").join(site)
+    }
+
+    /// Creates the site's cgroup (if needed) and writes its limits. Returns the names of
+    /// the limits that could not be enforced (their controller is not available).
+    pub fn apply_site_limits(
+        &self,
+        site: &str,
+        limits: &Limits,
+    ) -> Result<Vec<&'static str>, CgroupError> {
+        let dir = self.site_dir(site);
+        if !dir.exists() {
+            mkdir(&dir)?;
+            enable_controllers(&dir)?;
+        }
+        let mut missing = Vec::new();
+        let max = |v: Option<u64>| v.map_or_else(|| "max".to_string(), |n| n.to_string());
+        if !write_if_present(&dir, MEMORY_MAX, &max(limits.memory))? && limits.memory.is_some() {
+            missing.push("memory");
+        }
+        let pids = limits
+            .pids_max
+            .map_or_else(|| "max".to_string(), |n| n.to_string());
+        if !write_if_present(&dir, PIDS_MAX, &pids)? && limits.pids_max.is_some() {
+            missing.push("pids_max");
+        }
+        let weight = limits.cpu_weight.unwrap_or(100).to_string();
+        if !write_if_present(&dir, CPU_WEIGHT, &weight)? && limits.cpu_weight.is_some() {
+            missing.push("cpu_weight");
+        }
+        if !self.controllers.iter().any(|c| c == "memory") {
+            if limits.worker_memory_max.is_some() {
+                missing.push("memory_max");
+            }
+            if limits.worker_memory_high.is_some() {
+                missing.push("memory_high");
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Writes a worker leaf's limits: `memory.max`, `memory.high`, and `memory.oom.group`
+    /// (an OOM kill takes the worker's whole tree, not a random child).
+    pub fn apply_worker_limits(leaf: &Path, limits: &Limits) -> Result<(), CgroupError> {
+        let max = |v: Option<u64>| v.map_or_else(|| "max".to_string(), |n| n.to_string());
+        write_if_present(leaf, MEMORY_MAX, &max(limits.worker_memory_max))?;
+        write_if_present(leaf, MEMORY_HIGH, &max(limits.worker_memory_high))?;
+        write_if_present(leaf, MEMORY_OOM_GROUP, "1")?;
+        Ok(())
     }
 
     /// Creates (if needed) the leaf of worker `id` of generation `gen` of `site`, enabling
@@ -339,6 +455,60 @@ mod tests {
         fs::write(dir.path().join(CGROUP_CONTROLLERS), "\n").expect("write");
         assert!(enable_controllers(dir.path()).expect("enable").is_empty());
         assert!(!dir.path().join(CGROUP_SUBTREE_CONTROL).exists());
+    }
+
+    #[test]
+    fn usage_is_read_from_the_accounting_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(MEMORY_CURRENT), "1048576\n").expect("write");
+        fs::write(dir.path().join(MEMORY_MAX), "max\n").expect("write");
+        fs::write(
+            dir.path().join(MEMORY_EVENTS),
+            "low 0\nhigh 3\nmax 7\noom 1\noom_kill 1\noom_group_kill 0\n",
+        )
+        .expect("write");
+        fs::write(
+            dir.path().join(CPU_STAT),
+            "usage_usec 12345\nuser_usec 10000\nsystem_usec 2345\n",
+        )
+        .expect("write");
+        fs::write(dir.path().join(PIDS_CURRENT), "3\n").expect("write");
+        let u = read_usage(dir.path());
+        assert_eq!(u.memory_current, Some(1 << 20));
+        assert_eq!(u.memory_max, None, "max means unlimited");
+        assert_eq!(u.memory_peak, None, "no memory.peak before 5.19");
+        assert_eq!(u.oom_kills, Some(1));
+        assert_eq!(u.cpu_usec, Some(12345));
+        assert_eq!(u.pids, Some(3));
+    }
+
+    #[test]
+    fn worker_limits_are_written_where_the_files_exist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in [MEMORY_MAX, MEMORY_HIGH, MEMORY_OOM_GROUP] {
+            fs::write(dir.path().join(f), "").expect("write");
+        }
+        let limits = Limits {
+            worker_memory_max: Some(128 << 20),
+            ..Limits::default()
+        };
+        CgroupTree::apply_worker_limits(dir.path(), &limits).expect("apply");
+        assert_eq!(
+            fs::read_to_string(dir.path().join(MEMORY_MAX)).expect("read"),
+            "134217728"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join(MEMORY_HIGH)).expect("read"),
+            "max"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join(MEMORY_OOM_GROUP)).expect("read"),
+            "1"
+        );
+        // Without the memory controller the files are absent: nothing is written, no error.
+        let bare = tempfile::tempdir().expect("tempdir");
+        CgroupTree::apply_worker_limits(bare.path(), &limits).expect("apply");
+        assert!(!bare.path().join(MEMORY_MAX).exists());
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct RawAgent {
     pub cgroup_base: Option<String>,
     /// Default log rotation for every site.
     pub logs: Option<RawLogs>,
+    /// Memory kept for the host and the agent: site budgets must leave this much free.
+    pub memory_reserve: Option<String>,
 }
 
 /// A site file, as written.
@@ -92,6 +94,16 @@ pub struct RawSite {
     pub ready: Option<RawReady>,
     /// Log rotation for this site.
     pub logs: Option<RawLogs>,
+    /// The site's memory budget (`memory.max` of its cgroup).
+    pub memory: Option<String>,
+    /// Most processes the site may have (`pids.max`).
+    pub pids_max: Option<u32>,
+    /// CPU weight of the site against others (`cpu.weight`, 1 to 10000).
+    pub cpu_weight: Option<u32>,
+    /// Hard memory limit of each worker (`memory.max` of its leaf).
+    pub memory_max: Option<String>,
+    /// Memory level above which each worker is throttled and reclaimed (`memory.high`).
+    pub memory_high: Option<String>,
 }
 
 /// `[[listen]]`.
@@ -222,6 +234,8 @@ pub struct AgentConfig {
     pub sites_dir: PathBuf,
     /// Where cgroups live.
     pub cgroup_base: CgroupBase,
+    /// Memory the site budgets must leave to the host.
+    pub memory_reserve: u64,
     /// The sites, sorted by name.
     pub sites: Vec<SiteConfig>,
 }
@@ -400,6 +414,24 @@ pub struct SiteConfig {
     pub ready: ReadyPolicy,
     /// Log rotation.
     pub logs: LogPolicy,
+    /// cgroup limits.
+    pub limits: Limits,
+}
+
+/// cgroup v2 limits of a site and of each of its workers (enforced where the controllers
+/// are available; `check` and `status` say when they are not).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Site budget in bytes (`memory.max` of `sites/<site>`).
+    pub memory: Option<u64>,
+    /// `pids.max` of the site.
+    pub pids_max: Option<u32>,
+    /// `cpu.weight` of the site.
+    pub cpu_weight: Option<u32>,
+    /// `memory.max` of each worker leaf.
+    pub worker_memory_max: Option<u64>,
+    /// `memory.high` of each worker leaf.
+    pub worker_memory_high: Option<u64>,
 }
 
 // ---------------------------------------------------------------- parsing helpers
@@ -579,6 +611,10 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         }
     };
     let default_logs = validate_logs(path, "logs", raw.logs.as_ref(), LogPolicy::default())?;
+    let memory_reserve = match &raw.memory_reserve {
+        Some(s) => parse_size(s).map_err(|m| err(path, "memory_reserve", m))?,
+        None => DEFAULT_MEMORY_RESERVE,
+    };
 
     let mut sites = Vec::new();
     let entries = std::fs::read_dir(&sites_dir).map_err(|e| {
@@ -598,14 +634,65 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         sites.push(validate_site(&file, &raw_site, default_logs)?);
     }
     check_conflicts(&sites)?;
+    if let Some(total) = host_memory() {
+        check_budgets(
+            path,
+            &sites,
+            memory_reserve,
+            total,
+            "the host's memory (MemTotal)",
+        )?;
+    }
     Ok(AgentConfig {
         file: path.to_path_buf(),
         control_socket,
         state_dir,
         sites_dir,
         cgroup_base,
+        memory_reserve,
         sites,
     })
+}
+
+/// Memory reserved for the host when the agent file says nothing.
+pub const DEFAULT_MEMORY_RESERVE: u64 = 256 << 20;
+
+/// `MemTotal` from `/proc/meminfo`, in bytes.
+pub fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Refuses site budgets that, with the reserve, do not fit in `limit` bytes.
+pub fn check_budgets(
+    file: &Path,
+    sites: &[SiteConfig],
+    reserve: u64,
+    limit: u64,
+    what: &str,
+) -> Result<(), ConfigError> {
+    let budgets: u64 = sites.iter().filter_map(|s| s.limits.memory).sum();
+    if budgets.saturating_add(reserve) > limit {
+        return Err(err(
+            file,
+            "memory_reserve",
+            format!(
+                "site budgets ({}) plus memory_reserve ({}) exceed {what} ({}): lower the sites' memory or the reserve",
+                format_size(budgets),
+                format_size(reserve),
+                format_size(limit)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_conflicts(sites: &[SiteConfig]) -> Result<(), ConfigError> {
@@ -880,6 +967,7 @@ pub fn validate_site(
         )?,
     };
     let logs = validate_logs(file, "logs", raw.logs.as_ref(), default_logs)?;
+    let limits = validate_limits(file, raw)?;
     if let Some(w) = &raw.workdir {
         if !w.is_absolute() {
             return Err(err(file, "workdir", "must be an absolute path"));
@@ -902,7 +990,60 @@ pub fn validate_site(
         restart,
         ready,
         logs,
+        limits,
     })
+}
+
+fn validate_limits(file: &Path, raw: &RawSite) -> Result<Limits, ConfigError> {
+    let size = |key: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(s) => {
+                let n = parse_size(s).map_err(|m| err(file, key, m))?;
+                if n < (4 << 20) {
+                    return Err(err(file, key, "must be at least 4M"));
+                }
+                Ok(Some(n))
+            }
+        }
+    };
+    let limits = Limits {
+        memory: size("memory", &raw.memory)?,
+        pids_max: raw.pids_max,
+        cpu_weight: raw.cpu_weight,
+        worker_memory_max: size("memory_max", &raw.memory_max)?,
+        worker_memory_high: size("memory_high", &raw.memory_high)?,
+    };
+    if limits.pids_max == Some(0) {
+        return Err(err(file, "pids_max", "must be at least 1"));
+    }
+    if let Some(w) = limits.cpu_weight {
+        if !(1..=10_000).contains(&w) {
+            return Err(err(
+                file,
+                "cpu_weight",
+                format!("{w} is out of range: use 1 to 10000"),
+            ));
+        }
+    }
+    if let (Some(high), Some(max)) = (limits.worker_memory_high, limits.worker_memory_max) {
+        if high > max {
+            return Err(err(file, "memory_high", "must not exceed memory_max"));
+        }
+    }
+    if let (Some(w), Some(site)) = (
+        limits.worker_memory_max.or(limits.worker_memory_high),
+        limits.memory,
+    ) {
+        if w > site {
+            return Err(err(
+                file,
+                "memory_max",
+                "a worker's limit must not exceed the site's memory budget",
+            ));
+        }
+    }
+    Ok(limits)
 }
 
 impl SiteConfig {
@@ -960,6 +1101,11 @@ impl SiteConfig {
                 max_size: Some(format_size(self.logs.max_size)),
                 keep: Some(self.logs.keep),
             }),
+            memory: self.limits.memory.map(format_size),
+            pids_max: self.limits.pids_max,
+            cpu_weight: self.limits.cpu_weight,
+            memory_max: self.limits.worker_memory_max.map(format_size),
+            memory_high: self.limits.worker_memory_high.map(format_size),
         }
     }
 }
@@ -977,6 +1123,7 @@ impl AgentConfig {
                 CgroupBase::Path(p) => p.display().to_string(),
             }),
             logs: None,
+            memory_reserve: Some(format_size(self.memory_reserve)),
         };
         let mut out = format!("# {}\n", self.file.display());
         out.push_str(&toml::to_string(&agent).unwrap_or_default());
@@ -1134,6 +1281,39 @@ timeout = "30s"
                 ..again
             },
             s
+        );
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        let s = site("name = \"blog\"\ncommand = [\"x\"]\nmemory = \"512M\"\npids_max = 64\ncpu_weight = 200\nmemory_max = \"128M\"\nmemory_high = \"100M\"\n").expect("valid");
+        assert_eq!(s.limits.memory, Some(512 << 20));
+        assert_eq!(s.limits.worker_memory_high, Some(100 << 20));
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\ncpu_weight = 0\n").unwrap_err();
+        assert_eq!(e.key, "cpu_weight");
+        let e = site(
+            "name = \"blog\"\ncommand = [\"x\"]\nmemory_max = \"64M\"\nmemory_high = \"100M\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "memory_high");
+        let e =
+            site("name = \"blog\"\ncommand = [\"x\"]\nmemory = \"64M\"\nmemory_max = \"100M\"\n")
+                .unwrap_err();
+        assert_eq!(e.key, "memory_max");
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nmemory = \"1K\"\n").unwrap_err();
+        assert!(e.message.contains("4M"), "{e}");
+    }
+
+    #[test]
+    fn budgets_must_fit_beside_the_reserve() {
+        let a = site("name = \"blog\"\ncommand = [\"x\"]\nmemory = \"1G\"\n").expect("valid");
+        let f = Path::new("/etc/hatchery/hatchery.toml");
+        assert!(check_budgets(f, std::slice::from_ref(&a), 256 << 20, 2 << 30, "x").is_ok());
+        let e = check_budgets(f, &[a.clone(), a], 256 << 20, 2 << 30, "the host").unwrap_err();
+        assert_eq!(e.key, "memory_reserve");
+        assert!(
+            e.message.contains("2G") && e.message.contains("256M"),
+            "{e}"
         );
     }
 

@@ -16,7 +16,8 @@
 //!   (what this kernel provides and what is enforced).
 //!
 //! The `hatchery` binary (`src/main.rs`) is the CLI and `hatchery agent`; [`demo`] holds
-//! the built-in demo site and its tiny HTTP worker.
+//! the built-in demo site and its tiny HTTP worker; [`probe`] is a small worker that
+//! reports what it sees of itself, for tests and diagnostics.
 
 pub mod cgroup;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod event;
 pub mod features;
 pub mod logs;
 pub mod net;
+pub mod probe;
 pub mod process;
 pub mod spawn;
 pub mod supervisor;

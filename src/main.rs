@@ -107,6 +107,13 @@ enum Command {
     /// The demo site's worker (used by `hatchery demo`).
     #[command(name = "__demo-worker", hide = true)]
     DemoWorker,
+    /// A probe worker for tests and diagnostics: info | alloc SIZE | spawn-forever | sleep.
+    #[command(name = "__probe", hide = true)]
+    Probe {
+        /// The mode and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -128,6 +135,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Probe { args } => ExitCode::from(hatchery::probe::main(&args)),
         command => {
             let socket = cli
                 .socket
@@ -287,7 +295,8 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         Command::Agent { .. }
         | Command::Check { .. }
         | Command::Demo { .. }
-        | Command::DemoWorker => {
+        | Command::DemoWorker
+        | Command::Probe { .. } => {
             unreachable!("handled in main")
         }
     };

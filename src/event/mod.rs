@@ -93,6 +93,8 @@ struct Worker {
     token: u64,
     cgroup: Option<PathBuf>,
     started_wall: SystemTime,
+    /// The leaf's `oom_kill` count when this process started (leaves are reused).
+    oom_base: u64,
 }
 
 #[derive(Debug)]
@@ -129,6 +131,8 @@ struct Site {
     waiters: Vec<Waiter>,
     removing: bool,
     tcp_probe: Option<(TcpStream, Instant)>,
+    /// Configured limits this host cannot enforce.
+    not_enforced: Vec<&'static str>,
 }
 
 #[derive(Debug)]
@@ -189,6 +193,19 @@ impl Agent {
             Ok(Err(reason)) => (None, Some(reason)),
             Err(e) => (None, Some(format!("{e}: {}", error_chain(&e)))),
         };
+        // Delegated with a memory limit (systemd MemoryMax=): budgets must fit in it too.
+        if let Some(limit) = cgroups
+            .as_ref()
+            .and_then(|t| crate::cgroup::read_usage(t.base()).memory_max)
+        {
+            config::check_budgets(
+                &config.file,
+                &config.sites,
+                config.memory_reserve,
+                limit,
+                "the agent's own memory.max",
+            )?;
+        }
         let notify = NotifySocket::bind(&config.state_dir.join("notify.sock"))
             .map_err(|e| setup_err("bind the notify socket", e))?;
         let control = bind_control(&config.control_socket)?;
@@ -290,6 +307,7 @@ impl Agent {
             config.logs,
         )
         .map_err(|e| setup_err(format!("open the log of site {}", config.name), e))?;
+        let not_enforced = self.apply_site_limits(&config);
         let core = SiteCore::new(config.workers, policies(&config));
         Ok(Site {
             config,
@@ -302,7 +320,37 @@ impl Agent {
             waiters: Vec::new(),
             removing: false,
             tcp_probe: None,
+            not_enforced,
         })
+    }
+
+    /// Writes the site's cgroup limits; returns (and logs) those not enforced here.
+    fn apply_site_limits(&self, config: &SiteConfig) -> Vec<&'static str> {
+        let l = &config.limits;
+        let wanted: Vec<&'static str> = [
+            (l.memory.is_some(), "memory"),
+            (l.pids_max.is_some(), "pids_max"),
+            (l.cpu_weight.is_some(), "cpu_weight"),
+            (l.worker_memory_max.is_some(), "memory_max"),
+            (l.worker_memory_high.is_some(), "memory_high"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        let missing = match &self.cgroups {
+            Some(tree) => match tree.apply_site_limits(config.name.as_str(), l) {
+                Ok(m) => m,
+                Err(e) => {
+                    error!(site = %config.name, "failed to apply cgroup limits: {e}: {}", error_chain(&e));
+                    wanted
+                }
+            },
+            None => wanted,
+        };
+        if !missing.is_empty() {
+            warn!(site = %config.name, "limits not enforced on this host (no cgroup controller): {}", missing.join(", "));
+        }
+        missing
     }
 
     /// Starts every site and runs until `SIGTERM`/`SIGINT` has stopped them all.
@@ -582,6 +630,21 @@ impl Agent {
         let worker = site.workers.remove(&id).expect("checked above");
         self.reg.tokens.remove(&worker.token);
         self.pids.remove(&worker.pidref.pid());
+        // An OOM kill shows as SIGKILL; the leaf's memory.events tells them apart.
+        let reason = match (&reason, worker.cgroup.as_deref()) {
+            (
+                ExitReason::Signaled {
+                    signal: libc::SIGKILL,
+                },
+                Some(dir),
+            ) if crate::cgroup::read_usage(dir)
+                .oom_kills
+                .is_some_and(|n| n > worker.oom_base) =>
+            {
+                ExitReason::OomKilled
+            }
+            _ => reason,
+        };
         if let (Some(tree), Some(dir)) = (tree, &worker.cgroup) {
             if CgroupTree::is_populated(dir) {
                 if let Err(e) = tree.kill(dir) {
@@ -704,6 +767,8 @@ impl Agent {
                     // Leftovers of this slot's previous process.
                     let _ = tree.kill(&dir);
                 }
+                CgroupTree::apply_worker_limits(&dir, &site.config.limits)
+                    .map_err(|e| (format!("{e}: {}", error_chain(&e)), false))?;
                 Some((dir, fd))
             }
             None => None,
@@ -756,13 +821,19 @@ impl Agent {
         }
         self.pids.insert(pid, (name.clone(), id));
         let site = self.sites.get_mut(name).expect("looked up above");
+        let cgroup = leaf.map(|(d, _)| d);
+        let oom_base = cgroup
+            .as_deref()
+            .and_then(|d| crate::cgroup::read_usage(d).oom_kills)
+            .unwrap_or(0);
         site.workers.insert(
             id,
             Worker {
                 pidref,
                 token,
-                cgroup: leaf.map(|(d, _)| d),
+                cgroup,
                 started_wall: SystemTime::now(),
+                oom_base,
             },
         );
         debug!(site = %name, worker = id, pid, "spawned");
@@ -1338,6 +1409,7 @@ impl Agent {
                             "uptime_ms": slot.pid.and(slot.started).map(|t| now.saturating_duration_since(t).as_millis()),
                             "last_exit": slot.last_exit.as_ref().map(|r| r.to_string()),
                             "cgroup": s.workers.get(&slot.id).and_then(|w| w.cgroup.clone()),
+                            "usage": s.workers.get(&slot.id).and_then(|w| w.cgroup.as_deref()).map(crate::cgroup::read_usage),
                         })
                     })
                     .collect();
@@ -1350,6 +1422,15 @@ impl Agent {
                     "restarting": s.core.is_restarting(),
                     "listen": s.listeners.iter().map(|l| l.spec.addr.to_string()).collect::<Vec<_>>(),
                     "log": s.log.path(),
+                    "limits": {
+                        "memory": s.config.limits.memory,
+                        "pids_max": s.config.limits.pids_max,
+                        "cpu_weight": s.config.limits.cpu_weight,
+                        "memory_max": s.config.limits.worker_memory_max,
+                        "memory_high": s.config.limits.worker_memory_high,
+                        "not_enforced": s.not_enforced,
+                    },
+                    "usage": self.cgroups.as_ref().map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str()))),
                     "workers": workers,
                 })
             })
@@ -1471,7 +1552,23 @@ impl Agent {
             }
             site.core.policies = policies(&sc);
             site.log.set_policy(sc.logs);
+            let limits_changed = site.config.limits != sc.limits;
             site.config = sc;
+            if limits_changed {
+                let cfg = site.config.clone();
+                let missing = self.apply_site_limits(&cfg);
+                let Some(site) = self.sites.get_mut(&name) else {
+                    continue;
+                };
+                site.not_enforced = missing;
+                for w in site.workers.values() {
+                    if let Some(dir) = &w.cgroup {
+                        if let Err(e) = CgroupTree::apply_worker_limits(dir, &cfg.limits) {
+                            warn!(site = %name, "failed to update worker limits: {e}");
+                        }
+                    }
+                }
+            }
             self.feed(&name, Input::ScaleRequested(workers));
             if !only_count {
                 self.feed(&name, Input::RestartRequested);

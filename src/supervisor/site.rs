@@ -51,6 +51,8 @@ pub enum ExitReason {
     },
     /// Did not become ready in time and was stopped.
     ReadyTimeout,
+    /// Killed by the kernel's OOM killer (its cgroup's `memory.events` counted it).
+    OomKilled,
 }
 
 impl std::fmt::Display for ExitReason {
@@ -60,6 +62,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Signaled { signal } => write!(f, "killed by {}", Signal(*signal).name()),
             ExitReason::SpawnFailed { error } => write!(f, "failed to start: {error}"),
             ExitReason::ReadyTimeout => f.write_str("not ready before ready.timeout"),
+            ExitReason::OomKilled => f.write_str("oom-killed"),
         }
     }
 }

@@ -67,6 +67,14 @@ fn cgroup_base(dir: &Path) -> String {
 
 impl TestAgent {
     pub fn start(sites: &[(&str, &str)], opts: Options) -> TestAgent {
+        TestAgent::start_with_env(sites, opts, &[])
+    }
+
+    pub fn start_with_env(
+        sites: &[(&str, &str)],
+        opts: Options,
+        env: &[(&str, &str)],
+    ) -> TestAgent {
         let dir = tempfile::Builder::new()
             .prefix("hatchery-t")
             .tempdir()
@@ -95,6 +103,7 @@ impl TestAgent {
             .arg(dir.path().join("hatchery.toml"))
             .env("HATCHERY_REACTOR", opts.reactor)
             .env("HATCHERY_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)

@@ -1,0 +1,263 @@
+//! cgroup v2 limits and accounting against the real kernel: these need root and the
+//! memory and pids controllers (they run in vm-tests; on a host without them they skip,
+//! and fail when HATCHERY_TEST_REQUIRE=all).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Root with the memory and pids controllers available under the cgroup2 mount.
+fn cgroup_controllers() -> bool {
+    if !is_root() {
+        return !skip("needs root");
+    }
+    let Some(mount) = hatchery::cgroup::cgroup2_mount() else {
+        return !skip("no cgroup2 mount");
+    };
+    let offered = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
+    if !(offered.contains("memory") && offered.contains("pids")) {
+        return !skip(&format!(
+            "no memory and pids controllers in {} (offered: {offered:?})",
+            mount.display()
+        ));
+    }
+    true
+}
+
+fn probe_site(name: &str, workers: u32, script: &str, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\nworkers = {workers}\n{extra}"
+    )
+}
+
+#[test]
+fn a_worker_past_its_memory_max_is_oom_killed_reported_and_restarted_alone() {
+    if !cgroup_controllers() {
+        return;
+    }
+    let hog = probe_site(
+        "hog",
+        2,
+        &format!(
+            "if [ $HATCHERY_WORKER_ID = 0 ]; then exec {BIN} __probe alloc 200M; else exec {BIN} __probe sleep; fi"
+        ),
+        "memory_max = \"48M\"\n[restart]\nbackoff_initial = \"200ms\"\nflapping = { exits = 100, within = \"10s\" }\n",
+    );
+    let calm = probe_site(
+        "calm",
+        1,
+        &format!("exec {BIN} __probe alloc 8M"),
+        "memory = \"128M\"\n",
+    );
+    let agent = TestAgent::start(
+        &[("hog", &hog), ("calm", &calm)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+    );
+    let calm_pid = agent.wait_for("calm", "calm ready", Duration::from_secs(20), |s| {
+        s["ready"] == 1
+    })["workers"][0]["pid"]
+        .clone();
+    let first = agent.wait_for("hog", "w-1 up", Duration::from_secs(20), |s| {
+        s["workers"][1]["pid"].is_i64()
+    });
+    let sibling = first["workers"][1]["pid"].clone();
+    let s = agent.wait_for("hog", "an OOM kill of w-0", Duration::from_secs(30), |s| {
+        s["workers"][0]["last_exit"] == "oom-killed"
+            && s["workers"][0]["restarts"].as_u64() >= Some(1)
+    });
+    assert_eq!(s["workers"][1]["pid"], sibling, "the sibling is untouched");
+    assert_eq!(s["workers"][1]["restarts"], 0);
+    assert_eq!(
+        agent.status("calm")["workers"][0]["pid"],
+        calm_pid,
+        "the other site is untouched"
+    );
+    let log = agent.agent_log();
+    assert!(
+        log.contains("oom-killed"),
+        "the agent log says oom-killed: {log}"
+    );
+}
+
+#[test]
+fn a_fork_bomb_stops_at_pids_max_while_another_site_serves() {
+    if !cgroup_controllers() {
+        return;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let bomb = probe_site(
+        "bomb",
+        1,
+        &format!("exec {BIN} __probe spawn-forever"),
+        "pids_max = 16\n[stop]\ntimeout = \"1s\"\n",
+    );
+    let web = format!(
+        "name = \"web\"\ncommand = [\"{BIN}\", \"__demo-worker\"]\nworkers = 2\n[[listen]]\ntcp = \"127.0.0.1:{port}\"\n[ready]\ncheck = \"notify\"\n"
+    );
+    let agent = TestAgent::start(
+        &[("bomb", &bomb), ("web", &web)],
+        Options {
+            reactor: "epoll",
+            cgroups: true,
+        },
+    );
+    agent.wait_for("web", "web ready", Duration::from_secs(20), |s| {
+        s["ready"] == 2
+    });
+    let s = agent.wait_for(
+        "bomb",
+        "the bomb at its limit",
+        Duration::from_secs(20),
+        |s| s["usage"]["pids"].as_u64() >= Some(14),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let s2 = agent.status("bomb");
+    assert!(
+        s2["usage"]["pids"].as_u64() <= Some(16),
+        "pids.max holds: {s2:#}"
+    );
+    assert_eq!(s["limits"]["pids_max"], 16);
+    for _ in 0..20 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        std::io::Write::write_all(&mut c, b"GET / HTTP/1.0\r\n\r\n").expect("write");
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut c, &mut body).expect("read");
+        assert!(body.contains("hello from worker"), "{body}");
+    }
+    let t0 = Instant::now();
+    let out = agent.cli(&["stop", "bomb"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let s = agent.status("bomb");
+    assert_eq!(s["usage"]["pids"], 0, "the whole bomb is gone: {s:#}");
+}
+
+#[test]
+fn usage_and_limits_show_in_status() {
+    if !cgroup_controllers() {
+        return;
+    }
+    let site = probe_site(
+        "acct",
+        2,
+        &format!("exec {BIN} __probe alloc 24M"),
+        "memory = \"256M\"\nmemory_max = \"64M\"\nmemory_high = \"60M\"\ncpu_weight = 50\n",
+    );
+    let agent = TestAgent::start(
+        &[("acct", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+    );
+    let s = agent.wait_for("acct", "memory charged", Duration::from_secs(20), |s| {
+        s["workers"].as_array().is_some_and(|w| {
+            w.len() == 2
+                && w.iter()
+                    .all(|w| w["usage"]["memory_current"].as_u64() >= Some(24 << 20))
+        })
+    });
+    assert_eq!(s["usage"]["memory_max"], 256u64 << 20);
+    assert!(
+        s["usage"]["memory_current"].as_u64() >= Some(48 << 20),
+        "{s:#}"
+    );
+    assert_eq!(s["workers"][0]["usage"]["memory_max"], 64u64 << 20);
+    assert!(
+        s["limits"]["not_enforced"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "{s:#}"
+    );
+    let leaf = s["workers"][0]["cgroup"].as_str().expect("cgroup");
+    assert!(leaf.ends_with("/sites/acct/gen-1/w-0"), "{leaf}");
+    assert_eq!(
+        std::fs::read_to_string(format!("{leaf}/memory.high"))
+            .expect("read")
+            .trim(),
+        (60u64 << 20).to_string()
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("{leaf}/memory.oom.group"))
+            .expect("read")
+            .trim(),
+        "1"
+    );
+}
+
+#[test]
+fn both_tree_kill_paths_leave_no_process() {
+    if !cgroup_controllers() {
+        return;
+    }
+    for mode in ["kill", "freeze"] {
+        let site = probe_site(
+            "tree",
+            2,
+            &format!("trap '' TERM; {BIN} __probe sleep & {BIN} __probe sleep & wait"),
+            "[stop]\ntimeout = \"500ms\"\n",
+        );
+        let agent = TestAgent::start_with_env(
+            &[("tree", &site)],
+            Options {
+                reactor: "io_uring",
+                cgroups: true,
+            },
+            &[("HATCHERY_TREE_KILL", mode)],
+        );
+        let s = agent.wait_for("tree", "all up", Duration::from_secs(20), |s| {
+            s["ready"] == 2 && s["usage"]["pids"].as_u64() >= Some(6)
+        });
+        let features = serde_json::to_string(
+            &serde_json::from_slice::<serde_json::Value>(&agent.cli(&["status", "--json"]).stdout)
+                .expect("json")["agent"]["features"],
+        )
+        .expect("ser");
+        let expect = if mode == "kill" {
+            "cgroup.kill"
+        } else {
+            "cgroup.freeze"
+        };
+        assert!(features.contains(expect), "[{mode}] {features}");
+        let out = agent.cli(&["stop", "tree"]);
+        assert!(out.status.success(), "[{mode}] {}", stderr(&out));
+        let after = agent.status("tree");
+        assert_eq!(
+            after["usage"]["pids"], 0,
+            "[{mode}] nothing left: {after:#} (was {s:#})"
+        );
+    }
+}
+
+#[test]
+fn budgets_beyond_the_host_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sites = dir.path().join("sites.d");
+    std::fs::create_dir_all(&sites).expect("mkdir");
+    std::fs::write(dir.path().join("hatchery.toml"), format!("state_dir = \"{0}/state\"\nsites_dir = \"{0}/sites.d\"\ncontrol_socket = \"{0}/c.sock\"\n", dir.path().display())).expect("write");
+    std::fs::write(
+        sites.join("huge.toml"),
+        "name = \"huge\"\ncommand = [\"/bin/true\"]\nmemory = \"100000G\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["agent", "--config"])
+        .arg(dir.path().join("hatchery.toml"))
+        .output()
+        .expect("agent");
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("memory_reserve") && err.contains("exceed the host's memory"),
+        "{err}"
+    );
+    assert!(!dir.path().join("c.sock").exists(), "nothing was started");
+}
