@@ -74,6 +74,11 @@ pub fn keyed_value(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// The `oom_kill` count of `dir`'s `memory.events` (one read, for the exit path).
+pub fn oom_kills(dir: &Path) -> Option<u64> {
+    keyed_value(&fs::read_to_string(dir.join(MEMORY_EVENTS)).ok()?, "oom_kill")
+}
+
 /// Reads the accounting files of `dir` (missing files give `None`).
 pub fn read_usage(dir: &Path) -> Usage {
     let events = fs::read_to_string(dir.join(MEMORY_EVENTS)).ok();
@@ -305,17 +310,19 @@ impl CgroupTree {
     }
 
     /// Creates (if needed) the leaf of worker `id` of generation `gen` of `site`, enabling
-    /// controllers on the way, and opens it for `CLONE_INTO_CGROUP`.
+    /// controllers on the way, and opens it for `CLONE_INTO_CGROUP`. The flag says whether
+    /// the leaf is new (leaves are reused by a slot's successive processes).
     pub fn worker_leaf(
         &self,
         site: &str,
         generation: u32,
         id: u32,
-    ) -> Result<(PathBuf, OwnedFd), CgroupError> {
+    ) -> Result<(PathBuf, OwnedFd, bool), CgroupError> {
         let site_dir = self.site_dir(site);
         let gen_dir = site_dir.join(format!("gen-{generation}"));
         let leaf = gen_dir.join(format!("w-{id}"));
-        if !leaf.exists() {
+        let created = !leaf.exists();
+        if created {
             for dir in [&site_dir, &gen_dir] {
                 if !dir.exists() {
                     mkdir(dir)?;
@@ -333,7 +340,7 @@ impl CgroupTree {
             path: leaf.clone(),
             source: e.into(),
         })?;
-        Ok((leaf, fd))
+        Ok((leaf, fd, created))
     }
 
     /// Kills every process in `dir` and below: `cgroup.kill`, or freeze, SIGKILL each

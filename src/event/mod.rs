@@ -760,15 +760,16 @@ impl Agent {
             .map_err(|e| (format!("failed to set up the output pipe: {e}"), false))?;
         let leaf = match &self.cgroups {
             Some(tree) => {
-                let (dir, fd) = tree
+                let (dir, fd, created) = tree
                     .worker_leaf(name.as_str(), site.generation, id)
                     .map_err(|e| (format!("{e}: {}", error_chain(&e)), false))?;
-                if CgroupTree::is_populated(&dir) {
+                if created {
+                    CgroupTree::apply_worker_limits(&dir, &site.config.limits)
+                        .map_err(|e| (format!("{e}: {}", error_chain(&e)), false))?;
+                } else if CgroupTree::is_populated(&dir) {
                     // Leftovers of this slot's previous process.
                     let _ = tree.kill(&dir);
                 }
-                CgroupTree::apply_worker_limits(&dir, &site.config.limits)
-                    .map_err(|e| (format!("{e}: {}", error_chain(&e)), false))?;
                 Some((dir, fd))
             }
             None => None,
