@@ -76,7 +76,10 @@ pub fn keyed_value(text: &str, key: &str) -> Option<u64> {
 
 /// The `oom_kill` count of `dir`'s `memory.events` (one read, for the exit path).
 pub fn oom_kills(dir: &Path) -> Option<u64> {
-    keyed_value(&fs::read_to_string(dir.join(MEMORY_EVENTS)).ok()?, "oom_kill")
+    keyed_value(
+        &fs::read_to_string(dir.join(MEMORY_EVENTS)).ok()?,
+        "oom_kill",
+    )
 }
 
 /// Reads the accounting files of `dir` (missing files give `None`).

@@ -72,8 +72,14 @@ pub struct RawSite {
     pub name: Option<String>,
     /// The worker's argv.
     pub command: Option<Vec<String>>,
-    /// How many workers.
-    pub workers: Option<u32>,
+    /// How many workers: a number, or `"auto"` (as many as the memory budget holds).
+    pub workers: Option<RawWorkers>,
+    /// With `workers = "auto"`: the fewest workers.
+    pub workers_min: Option<u32>,
+    /// With `workers = "auto"`: the most workers.
+    pub workers_max: Option<u32>,
+    /// Expected memory of one worker, until workers have been measured.
+    pub worker_memory: Option<String>,
     /// The user the workers run as.
     pub user: Option<String>,
     /// The group the workers run as.
@@ -104,6 +110,16 @@ pub struct RawSite {
     pub memory_max: Option<String>,
     /// Memory level above which each worker is throttled and reclaimed (`memory.high`).
     pub memory_high: Option<String>,
+}
+
+/// `workers`: a count or `"auto"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawWorkers {
+    /// A fixed count.
+    Count(u32),
+    /// `"auto"`.
+    Auto(String),
 }
 
 /// `[[listen]]`.
@@ -390,8 +406,10 @@ pub struct SiteConfig {
     pub file: PathBuf,
     /// The worker argv.
     pub command: Vec<String>,
-    /// The configured worker count.
+    /// The configured worker count (for `"auto"`: `workers_max`).
     pub workers: u32,
+    /// `workers = "auto"`: sized by the memory budget.
+    pub auto: Option<AutoWorkers>,
     /// The user name (as written; `None` means the agent's own user).
     pub user: Option<String>,
     /// The group name (as written).
@@ -418,6 +436,15 @@ pub struct SiteConfig {
     pub limits: Limits,
 }
 
+/// `workers = "auto"`: as many workers as the budget holds, between `min` and `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoWorkers {
+    /// The fewest.
+    pub min: u32,
+    /// The most.
+    pub max: u32,
+}
+
 /// cgroup v2 limits of a site and of each of its workers (enforced where the controllers
 /// are available; `check` and `status` say when they are not).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -432,6 +459,18 @@ pub struct Limits {
     pub worker_memory_max: Option<u64>,
     /// `memory.high` of each worker leaf.
     pub worker_memory_high: Option<u64>,
+    /// Expected memory of one worker (`worker_memory`), before measurements.
+    pub worker_memory: Option<u64>,
+}
+
+impl Limits {
+    /// The per-worker memory to assume before any worker has been measured: the
+    /// configured estimate, else the per-worker hard limit, else `memory.high`.
+    pub fn worker_estimate(&self) -> Option<u64> {
+        self.worker_memory
+            .or(self.worker_memory_max)
+            .or(self.worker_memory_high)
+    }
 }
 
 // ---------------------------------------------------------------- parsing helpers
@@ -801,7 +840,36 @@ pub fn validate_site(
     if command.iter().any(|a| a.contains('\0')) {
         return Err(err(file, "command", "arguments must not contain NUL bytes"));
     }
-    let workers = raw.workers.unwrap_or(1);
+    let (workers, auto) = match &raw.workers {
+        None => (1, None),
+        Some(RawWorkers::Count(n)) => (*n, None),
+        Some(RawWorkers::Auto(a)) if a == "auto" => {
+            let min = raw.workers_min.unwrap_or(1);
+            let max = raw.workers_max.unwrap_or(64);
+            if min > max || max == 0 || max > MAX_WORKERS {
+                return Err(err(
+                    file,
+                    "workers_max",
+                    format!("use 1 to {MAX_WORKERS}, at least workers_min ({min})"),
+                ));
+            }
+            (max, Some(AutoWorkers { min, max }))
+        }
+        Some(RawWorkers::Auto(other)) => {
+            return Err(err(
+                file,
+                "workers",
+                format!("invalid value {other:?}: use a number or \"auto\""),
+            ));
+        }
+    };
+    if auto.is_none() && (raw.workers_min.is_some() || raw.workers_max.is_some()) {
+        return Err(err(
+            file,
+            "workers_min",
+            "workers_min and workers_max need workers = \"auto\"",
+        ));
+    }
     if workers > MAX_WORKERS {
         return Err(err(
             file,
@@ -968,6 +1036,13 @@ pub fn validate_site(
     };
     let logs = validate_logs(file, "logs", raw.logs.as_ref(), default_logs)?;
     let limits = validate_limits(file, raw)?;
+    if auto.is_some() && (limits.memory.is_none() || limits.worker_estimate().is_none()) {
+        return Err(err(
+            file,
+            "workers",
+            "\"auto\" needs a memory budget (memory = ...) and a per-worker figure (worker_memory or memory_max)",
+        ));
+    }
     if let Some(w) = &raw.workdir {
         if !w.is_absolute() {
             return Err(err(file, "workdir", "must be an absolute path"));
@@ -979,6 +1054,7 @@ pub fn validate_site(
         file: file.to_path_buf(),
         command,
         workers,
+        auto,
         user: raw.user.clone(),
         group: raw.group.clone(),
         uid,
@@ -1013,6 +1089,7 @@ fn validate_limits(file: &Path, raw: &RawSite) -> Result<Limits, ConfigError> {
         cpu_weight: raw.cpu_weight,
         worker_memory_max: size("memory_max", &raw.memory_max)?,
         worker_memory_high: size("memory_high", &raw.memory_high)?,
+        worker_memory: size("worker_memory", &raw.worker_memory)?,
     };
     if limits.pids_max == Some(0) {
         return Err(err(file, "pids_max", "must be at least 1"));
@@ -1052,7 +1129,13 @@ impl SiteConfig {
         RawSite {
             name: Some(self.name.to_string()),
             command: Some(self.command.clone()),
-            workers: Some(self.workers),
+            workers: Some(match self.auto {
+                Some(_) => RawWorkers::Auto("auto".into()),
+                None => RawWorkers::Count(self.workers),
+            }),
+            workers_min: self.auto.map(|a| a.min),
+            workers_max: self.auto.map(|a| a.max),
+            worker_memory: self.limits.worker_memory.map(format_size),
             user: self.user.clone().or_else(|| Some(self.uid.to_string())),
             group: self.group.clone().or_else(|| Some(self.gid.to_string())),
             workdir: self.workdir.clone(),
@@ -1226,7 +1309,12 @@ timeout = "30s"
                 .starts_with("/etc/hatchery/sites.d/blog.toml: "),
             "{e}"
         );
-        assert!(e.to_string().contains("line 3"), "{e}");
+        assert!(e.message.contains("a number or \"auto\""), "{e}");
+
+        let e =
+            site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[stop]\ntimeout = 30\n").unwrap_err();
+        assert!(e.to_string().contains("line 4"), "{e}");
+        assert!(e.to_string().contains("string"), "{e}");
 
         let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\nwrokers = 2\n").unwrap_err();
         assert!(
@@ -1302,6 +1390,22 @@ timeout = "30s"
         assert_eq!(e.key, "memory_max");
         let e = site("name = \"blog\"\ncommand = [\"x\"]\nmemory = \"1K\"\n").unwrap_err();
         assert!(e.message.contains("4M"), "{e}");
+    }
+
+    #[test]
+    fn auto_workers_need_a_budget_and_a_per_worker_figure() {
+        let s = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = \"auto\"\nworkers_max = 10\nmemory = \"512M\"\nworker_memory = \"100M\"\n").expect("valid");
+        assert_eq!(s.auto, Some(AutoWorkers { min: 1, max: 10 }));
+        assert_eq!(s.limits.worker_estimate(), Some(100 << 20));
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = \"auto\"\n").unwrap_err();
+        assert!(e.message.contains("memory budget"), "{e}");
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = \"many\"\n").unwrap_err();
+        assert_eq!(e.key, "workers");
+        let e =
+            site("name = \"blog\"\ncommand = [\"x\"]\nworkers = 3\nworkers_max = 4\n").unwrap_err();
+        assert_eq!(e.key, "workers_min");
+        let text = toml::to_string(&s.to_raw()).expect("ser");
+        assert!(text.contains("workers = \"auto\""), "{text}");
     }
 
     #[test]

@@ -261,3 +261,104 @@ fn budgets_beyond_the_host_are_refused() {
     );
     assert!(!dir.path().join("c.sock").exists(), "nothing was started");
 }
+
+#[test]
+fn auto_workers_settle_at_what_the_budget_holds_and_scale_is_capped() {
+    if !cgroup_controllers() {
+        return;
+    }
+    // Each worker touches ~100 MiB; the estimate (64M) is too low on purpose: measurement
+    // must correct it before the 512 MiB budget is at risk.
+    let site = probe_site(
+        "auto",
+        0,
+        &format!("exec {BIN} __probe alloc 100M"),
+        "memory = \"512M\"\nworker_memory = \"64M\"\nworkers_max = 10\n",
+    )
+    .replace("workers = 0", "workers = \"auto\"");
+    let agent = TestAgent::start(
+        &[("auto", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+    );
+    let s = agent.wait_for("auto", "4 workers", Duration::from_secs(90), |s| {
+        s["desired"] == 4 && s["ready"] == 4
+    });
+    assert_eq!(s["capacity"]["basis"], "measured", "{s:#}");
+    assert_eq!(s["capacity"]["workers"], 4, "{s:#}");
+    // Asking for more is capped, and the site's OOM killer never fires.
+    let out = agent.cli(&["scale", "auto", "10"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("capped at 4 workers"),
+        "{}",
+        stderr(&out)
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    let s = agent.status("auto");
+    assert_eq!(s["desired"], 4, "{s:#}");
+    assert_eq!(s["workers"].as_array().map(Vec::len), Some(4));
+    let site_dir = std::path::Path::new(s["workers"][0]["cgroup"].as_str().expect("leaf"))
+        .ancestors()
+        .nth(2)
+        .expect("site dir")
+        .to_path_buf();
+    let events = std::fs::read_to_string(site_dir.join("memory.events")).expect("memory.events");
+    assert!(
+        events.lines().any(|l| l == "oom_kill 0"),
+        "no OOM kill in the site: {events}"
+    );
+    for w in s["workers"].as_array().expect("workers") {
+        assert_eq!(w["restarts"], 0, "no worker died: {s:#}");
+    }
+}
+
+#[test]
+fn a_fixed_count_is_capped_by_the_budget_even_without_controllers() {
+    // Uses only the configured figures, so it runs on any host.
+    let site = probe_site(
+        "capped",
+        8,
+        "exec sleep 1000",
+        "memory = \"512M\"\nmemory_max = \"128M\"\n",
+    );
+    let agent = TestAgent::start(
+        &[("capped", &site)],
+        Options {
+            reactor: "epoll",
+            cgroups: false,
+        },
+    );
+    let s = agent.wait_for("capped", "4 ready", Duration::from_secs(10), |s| {
+        s["ready"] == 4
+    });
+    assert_eq!(s["requested"], 8);
+    assert_eq!(s["desired"], 4);
+    assert_eq!(s["capacity"]["basis"], "estimate");
+    assert!(
+        s["capacity"]["derivation"]
+            .as_str()
+            .is_some_and(|d| d.contains("512M budget / 128M per worker")),
+        "{s:#}"
+    );
+    let out = agent.cli(&["scale", "capped", "6"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("capped at 4 workers"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        agent.status("capped")["workers"].as_array().map(Vec::len),
+        Some(4)
+    );
+    let out = agent.cli(&["scale", "capped", "2"]);
+    assert!(out.status.success());
+    assert_eq!(
+        agent.status("capped")["workers"].as_array().map(Vec::len),
+        Some(2),
+        "scaling down is not capped"
+    );
+}

@@ -35,6 +35,7 @@ use crate::features::{self, Feature};
 use crate::logs::{self, LineSplitter, SiteLog};
 use crate::net::{Listener, NotifySocket};
 use crate::process::PidRef;
+use crate::supervisor::capacity::{self, Capacity};
 use crate::supervisor::site::{
     Action, ExitReason, Input, Note, Phase, Policies, RunState, SiteCore, WorkerId,
 };
@@ -133,6 +134,12 @@ struct Site {
     tcp_probe: Option<(TcpStream, Instant)>,
     /// Configured limits this host cannot enforce.
     not_enforced: Vec<&'static str>,
+    /// Workers asked for (configuration or `scale`); the cap may hold the site below it.
+    requested: u32,
+    /// The memory cap, for sites with a budget and a per-worker figure.
+    capacity: Option<Capacity>,
+    /// When to re-measure and re-derive the cap (sites with a budget only).
+    next_capacity_check: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -308,7 +315,25 @@ impl Agent {
         )
         .map_err(|e| setup_err(format!("open the log of site {}", config.name), e))?;
         let not_enforced = self.apply_site_limits(&config);
-        let core = SiteCore::new(config.workers, policies(&config));
+        let requested = config.workers;
+        let cap = config.limits.memory.and_then(|budget| {
+            capacity::capacity(budget, config.limits.worker_estimate(), None, requested)
+        });
+        let initial = match (config.auto, cap) {
+            (Some(a), Some(c)) => a.min.min(c.workers),
+            (None, Some(c)) => requested.min(c.workers),
+            (_, None) => requested,
+        };
+        if initial < requested && config.auto.is_none() {
+            if let Some(c) = &cap {
+                warn!(site = %config.name, "{requested} workers do not fit the memory budget: capped at {}", c.describe());
+            }
+        }
+        let next_capacity_check = config
+            .limits
+            .memory
+            .map(|_| Instant::now() + capacity::SETTLE);
+        let core = SiteCore::new(initial, policies(&config));
         Ok(Site {
             config,
             core,
@@ -321,7 +346,70 @@ impl Agent {
             removing: false,
             tcp_probe: None,
             not_enforced,
+            requested,
+            capacity: cap,
+            next_capacity_check,
         })
+    }
+
+    /// Re-derives a budgeted site's cap from its workers' measured memory and moves the
+    /// desired count toward it (automatic sites grow one worker per check).
+    fn refresh_capacity(&mut self, name: &SiteName) {
+        let now = Instant::now();
+        let Some(site) = self.sites.get_mut(name) else {
+            return;
+        };
+        let Some(budget) = site.config.limits.memory else {
+            return;
+        };
+        let measured = site
+            .workers
+            .values()
+            .filter(|w| w.started_wall.elapsed().unwrap_or_default() >= capacity::SETTLE)
+            .filter_map(|w| w.cgroup.as_deref())
+            .filter_map(|d| {
+                let u = crate::cgroup::read_usage(d);
+                u.memory_peak.or(u.memory_current)
+            })
+            .max();
+        let cap = capacity::capacity(
+            budget,
+            site.config.limits.worker_estimate(),
+            measured,
+            site.requested,
+        );
+        site.capacity = cap;
+        let desired = site.core.desired;
+        let newest_settled = site
+            .workers
+            .values()
+            .all(|w| w.started_wall.elapsed().unwrap_or_default() >= capacity::SETTLE);
+        let settled = newest_settled
+            && site.core.slots.len() == desired as usize
+            && site.core.ready() == desired as usize
+            && site.core.run == RunState::Running;
+        let target = match (site.config.auto, cap) {
+            (Some(a), Some(c)) => {
+                capacity::auto_step(desired, c.workers.min(site.requested), a.min, settled)
+            }
+            (None, Some(c)) => Some(site.requested.min(c.workers)).filter(|t| *t != desired),
+            (_, None) => None,
+        };
+        let growing = site.config.auto.is_some()
+            && cap.is_some_and(|c| desired < c.workers.min(site.requested));
+        site.next_capacity_check = Some(
+            now + if growing {
+                capacity::SETTLE
+            } else {
+                capacity::SETTLE * 5
+            },
+        );
+        if let Some(t) = target {
+            if let Some(c) = &cap {
+                info!(site = %name, "workers {desired} -> {t} ({})", c.describe());
+            }
+            self.feed(name, Input::ScaleRequested(t));
+        }
     }
 
     /// Writes the site's cgroup limits; returns (and logs) those not enforced here.
@@ -414,7 +502,10 @@ impl Agent {
                         .values()
                         .any(|x| matches!(x.phase, Phase::Starting { .. })))
                 .then(|| Instant::now() + TCP_PROBE_INTERVAL);
-                [s.core.next_deadline(), probe].into_iter().flatten().min()
+                [s.core.next_deadline(), probe, s.next_capacity_check]
+                    .into_iter()
+                    .flatten()
+                    .min()
             })
             .min()
     }
@@ -444,6 +535,15 @@ impl Agent {
             .collect();
         for name in probing {
             self.tcp_probe(&name);
+        }
+        let measuring: Vec<SiteName> = self
+            .sites
+            .iter()
+            .filter(|(_, s)| s.next_capacity_check.is_some_and(|d| d <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in measuring {
+            self.refresh_capacity(&name);
         }
     }
 
@@ -1286,6 +1386,22 @@ impl Agent {
                         ),
                     );
                 }
+                let site = self.sites.get_mut(&name).expect("checked above");
+                site.requested = workers;
+                let cap = site.capacity.filter(|c| c.workers < workers);
+                let target = match (site.config.auto, cap) {
+                    (_, Some(c)) => c.workers.min(workers),
+                    // Automatic sites grow toward the request one worker at a time.
+                    (Some(a), None) => site.core.desired.max(a.min).min(workers),
+                    (None, None) => workers,
+                };
+                if let Some(c) = cap {
+                    self.send(
+                        conn,
+                        &Reply::Event(format!("capped at {} workers: {}", c.workers, c.describe())),
+                    );
+                }
+                let workers = target;
                 if self.sites[&name].core.run == RunState::Stopped {
                     self.feed(&name, Input::ScaleRequested(workers));
                     return self.finish(conn, &Reply::Ok(json!({ "site": name, "message": format!("{workers} workers when started") })));
@@ -1419,6 +1535,15 @@ impl Agent {
                     "state": s.core.run.name(),
                     "generation": s.generation,
                     "desired": s.core.desired,
+                    "requested": s.requested,
+                    "auto": s.config.auto.map(|a| json!({ "min": a.min, "max": a.max })),
+                    "capacity": s.capacity.map(|c| json!({
+                        "workers": c.workers,
+                        "per_worker": c.per_worker,
+                        "basis": c.basis,
+                        "budget": c.budget,
+                        "derivation": c.describe(),
+                    })),
                     "ready": s.core.ready(),
                     "restarting": s.core.is_restarting(),
                     "listen": s.listeners.iter().map(|l| l.spec.addr.to_string()).collect::<Vec<_>>(),
@@ -1555,6 +1680,10 @@ impl Agent {
             site.log.set_policy(sc.logs);
             let limits_changed = site.config.limits != sc.limits;
             site.config = sc;
+            site.requested = workers;
+            if site.config.limits.memory.is_some() && site.next_capacity_check.is_none() {
+                site.next_capacity_check = Some(Instant::now());
+            }
             if limits_changed {
                 let cfg = site.config.clone();
                 let missing = self.apply_site_limits(&cfg);
@@ -1570,7 +1699,16 @@ impl Agent {
                     }
                 }
             }
-            self.feed(&name, Input::ScaleRequested(workers));
+            let has_budget = self
+                .sites
+                .get(&name)
+                .is_some_and(|s| s.config.limits.memory.is_some());
+            if has_budget {
+                // The cap decides how many of the requested workers run.
+                self.refresh_capacity(&name);
+            } else {
+                self.feed(&name, Input::ScaleRequested(workers));
+            }
             if !only_count {
                 self.feed(&name, Input::RestartRequested);
             }

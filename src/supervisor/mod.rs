@@ -6,5 +6,6 @@
 //! carry out. Time is an input, so every policy here is tested with plain `cargo test`,
 //! including a randomized simulation against the invariants of DESIGN.md.
 
+pub mod capacity;
 pub mod policy;
 pub mod site;
