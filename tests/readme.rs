@@ -32,11 +32,16 @@ fn readme_config_examples_are_valid() {
         .iter()
         .find(|b| b.starts_with("# sites.d/blog.toml"))
         .expect("a site example");
+    let shop = blocks
+        .iter()
+        .find(|b| b.starts_with("# sites.d/shop.toml"))
+        .expect("a limits example");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let sites = dir.path().join("sites.d");
     std::fs::create_dir_all(&sites).expect("mkdir");
     std::fs::write(sites.join("blog.toml"), site).expect("write");
+    std::fs::write(sites.join("shop.toml"), shop).expect("write");
     // The example's paths are real system paths; point sites_dir at our copy.
     let agent_text: String = agent
         .lines()
@@ -52,8 +57,15 @@ fn readme_config_examples_are_valid() {
     let agent_path = dir.path().join("hatchery.toml");
     std::fs::write(&agent_path, agent_text).expect("write");
     let config = hatchery::config::load(&agent_path).expect("the README examples are valid");
-    assert_eq!(config.sites.len(), 1);
+    assert_eq!(config.sites.len(), 2);
     let blog = &config.sites[0];
+    let shop = &config.sites[1];
+    assert_eq!(
+        shop.auto,
+        Some(hatchery::config::AutoWorkers { min: 1, max: 16 })
+    );
+    assert_eq!(shop.limits.memory, Some(512 << 20));
+    assert_eq!(shop.limits.pids_max, Some(256));
     assert_eq!(blog.workers, 4);
     assert_eq!(blog.ready.check, hatchery::config::ReadyCheck::Notify);
     assert_eq!(blog.restart.flapping_exits, 5);
