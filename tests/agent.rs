@@ -68,16 +68,15 @@ fn workers_start_are_children_of_the_agent_and_listed_in_status() {
 fn a_killed_worker_is_replaced_and_counted() {
     each_reactor(|reactor| {
         let site = sleeper("web", 2, "");
-        let agent = TestAgent::start(
+        let agent = TestAgent::start_ready(
             &[("web", &site)],
             Options {
                 reactor,
                 cgroups: true,
             },
+            "web",
+            2,
         );
-        agent.wait_for("web", "2 ready", Duration::from_secs(10), |s| {
-            s["ready"] == 2
-        });
         let before = agent.pids("web");
         let victim = before[0];
         Command::new("kill")
@@ -150,16 +149,15 @@ fn stop_escalates_to_sigkill_of_the_whole_tree() {
             "name = \"stubborn\"\ncommand = [\"/bin/sh\", \"-c\", \"trap '' TERM; sleep 1000 & sleep 1000 & wait; # {marker}\"]\nworkers = 2\n\
              [stop]\ntimeout = \"700ms\"\n"
         );
-        let agent = TestAgent::start(
+        let agent = TestAgent::start_ready(
             &[("stubborn", &site)],
             Options {
                 reactor,
                 cgroups: true,
             },
+            "stubborn",
+            2,
         );
-        agent.wait_for("stubborn", "2 ready", Duration::from_secs(10), |s| {
-            s["ready"] == 2
-        });
         // Children of the workers exist too (sleep inherits the marker? no: find by tree).
         std::thread::sleep(Duration::from_millis(200));
         let pids = agent.pids("stubborn");
@@ -195,16 +193,15 @@ fn stop_escalates_to_sigkill_of_the_whole_tree() {
 fn orphans_of_a_double_forking_worker_are_reaped() {
     each_reactor(|reactor| {
         let site = "name = \"forky\"\ncommand = [\"/bin/sh\", \"-c\", \"(sleep 0.3 &); (sleep 0.3 &); exec sleep 1000\"]\nworkers = 2\n";
-        let agent = TestAgent::start(
+        let agent = TestAgent::start_ready(
             &[("forky", site)],
             Options {
                 reactor,
                 cgroups: true,
             },
+            "forky",
+            2,
         );
-        agent.wait_for("forky", "2 ready", Duration::from_secs(10), |s| {
-            s["ready"] == 2
-        });
         let me = i64::from(agent.pid());
         // The orphaned sleeps were re-parented to the agent (subreaper)...
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -240,16 +237,15 @@ fn orphans_of_a_double_forking_worker_are_reaped() {
 fn sigterm_stops_everything_and_leaves_no_process() {
     each_reactor(|reactor| {
         let site = sleeper("web", 3, "");
-        let mut agent = TestAgent::start(
+        let mut agent = TestAgent::start_ready(
             &[("web", &site)],
             Options {
                 reactor,
                 cgroups: true,
             },
+            "web",
+            3,
         );
-        agent.wait_for("web", "3 ready", Duration::from_secs(10), |s| {
-            s["ready"] == 3
-        });
         let pids = agent.pids("web");
         assert_eq!(agent.stop(), Some(0));
         for p in pids {
@@ -266,16 +262,15 @@ fn sigterm_stops_everything_and_leaves_no_process() {
 fn scale_and_rolling_restart() {
     each_reactor(|reactor| {
         let site = sleeper("web", 2, "");
-        let agent = TestAgent::start(
+        let agent = TestAgent::start_ready(
             &[("web", &site)],
             Options {
                 reactor,
                 cgroups: true,
             },
+            "web",
+            2,
         );
-        agent.wait_for("web", "2 ready", Duration::from_secs(10), |s| {
-            s["ready"] == 2
-        });
         let out = agent.cli(&["scale", "web", "4"]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(agent.status("web")["ready"], 4);
@@ -308,16 +303,15 @@ fn scale_and_rolling_restart() {
 fn signal_reaches_every_worker_and_logs_capture_output() {
     each_reactor(|reactor| {
         let site = "name = \"sig\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-usr1 $HATCHERY_WORKER_ID' USR1; echo hello $HATCHERY_WORKER_ID; while :; do sleep 0.05; done\"]\nworkers = 2\n";
-        let agent = TestAgent::start(
+        let agent = TestAgent::start_ready(
             &[("sig", site)],
             Options {
                 reactor,
                 cgroups: true,
             },
+            "sig",
+            2,
         );
-        agent.wait_for("sig", "2 ready", Duration::from_secs(10), |s| {
-            s["ready"] == 2
-        });
         // Follow the log while the signal is sent.
         let mut follow = Command::new(BIN)
             .arg("--socket")
@@ -363,16 +357,15 @@ fn signal_reaches_every_worker_and_logs_capture_output() {
 fn bad_requests_are_refused_and_nothing_is_disturbed() {
     each_reactor(|reactor| {
         let site = sleeper("web", 1, "");
-        let agent = TestAgent::start(
+        let agent = TestAgent::start_ready(
             &[("web", &site)],
             Options {
                 reactor,
                 cgroups: false,
             },
+            "web",
+            1,
         );
-        agent.wait_for("web", "1 ready", Duration::from_secs(10), |s| {
-            s["ready"] == 1
-        });
         let pids = agent.pids("web");
         let ask = |payload: &[u8]| -> serde_json::Value {
             let mut s = UnixStream::connect(&agent.socket).expect("connect");
@@ -467,16 +460,15 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
     // On reload, a bad file changes nothing that runs.
     each_reactor(|reactor| {
         let site = sleeper("web", 2, "");
-        let agent = TestAgent::start(
+        let agent = TestAgent::start_ready(
             &[("web", &site)],
             Options {
                 reactor,
                 cgroups: false,
             },
+            "web",
+            2,
         );
-        agent.wait_for("web", "2 ready", Duration::from_secs(10), |s| {
-            s["ready"] == 2
-        });
         let pids = agent.pids("web");
         std::fs::write(
             agent.site_file("web"),
@@ -494,14 +486,15 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
 #[test]
 fn reload_adds_removes_and_changes_sites() {
     each_reactor(|reactor| {
-        let agent = TestAgent::start(
+        let agent = TestAgent::start_ready(
             &[("a", &sleeper("a", 1, "")), ("b", &sleeper("b", 1, ""))],
             Options {
                 reactor,
                 cgroups: true,
             },
+            "a",
+            1,
         );
-        agent.wait_for("a", "a ready", Duration::from_secs(10), |s| s["ready"] == 1);
         agent.wait_for("b", "b ready", Duration::from_secs(10), |s| s["ready"] == 1);
         let b_pids = agent.pids("b");
         let a_pid = agent.pids("a")[0];
@@ -557,16 +550,15 @@ fn listeners_are_passed_with_socket_activation_and_notify_readiness() {
         let site = format!(
             "name = \"demo\"\ncommand = [\"{BIN}\", \"__demo-worker\"]\nworkers = 2\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n[ready]\ncheck = \"notify\"\ntimeout = \"10s\"\n"
         );
-        let agent = TestAgent::start(
+        let agent = TestAgent::start_ready(
             &[("demo", &site)],
             Options {
                 reactor,
                 cgroups: true,
             },
+            "demo",
+            2,
         );
-        agent.wait_for("demo", "ready by READY=1", Duration::from_secs(10), |s| {
-            s["ready"] == 2
-        });
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..40 {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -645,16 +637,15 @@ fn another_uid_is_refused_and_a_site_owner_sees_only_its_site() {
     each_reactor(|reactor| {
         let mine = sleeper("mine", 1, "user = \"nobody\"\n");
         let theirs = sleeper("theirs", 1, "");
-        let agent = TestAgent::start(
+        let agent = TestAgent::start_ready(
             &[("mine", &mine), ("theirs", &theirs)],
             Options {
                 reactor,
                 cgroups: false,
             },
+            "theirs",
+            1,
         );
-        agent.wait_for("theirs", "ready", Duration::from_secs(10), |s| {
-            s["ready"] == 1
-        });
         // The test directory must be reachable by nobody to connect to the socket.
         std::fs::set_permissions(
             agent.dir.path(),

@@ -130,6 +130,18 @@ impl TestAgent {
         a
     }
 
+    /// Starts the agent and waits until `site` has `ready` ready workers.
+    pub fn start_ready(sites: &[(&str, &str)], opts: Options, site: &str, ready: u64) -> TestAgent {
+        let agent = TestAgent::start(sites, opts);
+        agent.wait_for(
+            site,
+            &format!("{ready} ready workers"),
+            Duration::from_secs(20),
+            |s| s["ready"] == ready,
+        );
+        agent
+    }
+
     pub fn pid(&self) -> i32 {
         self.child
             .as_ref()
