@@ -192,7 +192,7 @@ fn stop_escalates_to_sigkill_of_the_whole_tree() {
 #[test]
 fn orphans_of_a_double_forking_worker_are_reaped() {
     each_reactor(|reactor| {
-        let site = "name = \"forky\"\ncommand = [\"/bin/sh\", \"-c\", \"(sleep 0.3 &); (sleep 0.3 &); exec sleep 1000\"]\nworkers = 2\n";
+        let site = "name = \"forky\"\ncommand = [\"/bin/sh\", \"-c\", \"(sleep 2 &); (sleep 2 &); exec sleep 1000\"]\nworkers = 2\n";
         let agent = TestAgent::start_ready(
             &[("forky", site)],
             Options {
@@ -204,7 +204,7 @@ fn orphans_of_a_double_forking_worker_are_reaped() {
         );
         let me = i64::from(agent.pid());
         // The orphaned sleeps were re-parented to the agent (subreaper)...
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(20);
         let mut saw_orphans = false;
         while Instant::now() < deadline {
             let workers = agent.pids("forky");
