@@ -103,6 +103,8 @@ fn a_crash_loop_backs_off_then_marks_the_site_failed_until_started() {
     each_reactor(|reactor| {
         let site = "name = \"bad\"\ncommand = [\"/bin/sh\", \"-c\", \"echo crashing; exit 3\"]\nworkers = 1\n\
                     [restart]\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\nflapping = { exits = 4, within = \"30s\" }\n";
+        // Taken before the agent starts, so the first start is after it.
+        let t0 = Instant::now();
         let agent = TestAgent::start(
             &[("bad", site)],
             Options {
@@ -110,7 +112,6 @@ fn a_crash_loop_backs_off_then_marks_the_site_failed_until_started() {
                 cgroups: true,
             },
         );
-        let t0 = Instant::now();
         let s = agent.wait_for("bad", "failed", Duration::from_secs(10), |s| {
             s["state"] == "failed"
         });
