@@ -390,6 +390,11 @@ impl CgroupTree {
     pub fn teardown(&self) {
         CgroupTree::remove(&self.base.join("sites"));
         if let Some(from) = &self.moved_from {
+            // The base may hold processes again only without controllers for children.
+            let off: Vec<String> = self.controllers.iter().map(|c| format!("-{c}")).collect();
+            if !off.is_empty() {
+                let _ = fs::write(from.join(CGROUP_SUBTREE_CONTROL), off.join(" "));
+            }
             let _ = fs::write(from.join(CGROUP_PROCS), "0");
             let _ = fs::remove_dir(self.base.join("agent"));
         } else {

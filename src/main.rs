@@ -365,6 +365,15 @@ fn fmt_uptime(ms: u64) -> String {
     }
 }
 
+fn fmt_bytes(b: u64) -> String {
+    match b {
+        0..1024 => format!("{b}B"),
+        1024..1_048_576 => format!("{:.1}K", b as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1}M", b as f64 / 1_048_576.0),
+        _ => format!("{:.2}G", b as f64 / 1_073_741_824.0),
+    }
+}
+
 fn render_status(v: &serde_json::Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -397,13 +406,15 @@ fn render_status(v: &serde_json::Value) -> String {
         let s = &sites[0];
         let _ = writeln!(
             out,
-            "\n{:<7} {:>8} {:<9} {:>8} {:>8}  LAST EXIT",
-            "WORKER", "PID", "STATE", "RESTARTS", "UPTIME"
+            "\n{:<7} {:>8} {:<9} {:>8} {:>8} {:>9} {:>9} {:>5}  LAST EXIT",
+            "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "MEM", "PEAK", "PIDS"
         );
+        let bytes = |v: &serde_json::Value| v.as_u64().map(fmt_bytes).unwrap_or_else(|| "-".into());
         for w in s["workers"].as_array().unwrap_or(&empty) {
+            let u = &w["usage"];
             let _ = writeln!(
                 out,
-                "{:<7} {:>8} {:<9} {:>8} {:>8}  {}",
+                "{:<7} {:>8} {:<9} {:>8} {:>8} {:>9} {:>9} {:>5}  {}",
                 format!("w-{}", w["id"]),
                 w["pid"]
                     .as_i64()
@@ -415,10 +426,45 @@ fn render_status(v: &serde_json::Value) -> String {
                     .as_u64()
                     .map(fmt_uptime)
                     .unwrap_or_else(|| "-".into()),
+                bytes(&u["memory_current"]),
+                bytes(&u["memory_peak"]),
+                u["pids"]
+                    .as_u64()
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 w["last_exit"].as_str().unwrap_or("-"),
             );
         }
-        let _ = writeln!(out, "\nlog: {}", s["log"].as_str().unwrap_or(""));
+        let su = &s["usage"];
+        if su.is_object() {
+            let _ = writeln!(
+                out,
+                "\nsite: memory {} of {}, {} processes, cpu {:.1} s",
+                bytes(&su["memory_current"]),
+                su["memory_max"]
+                    .as_u64()
+                    .map(fmt_bytes)
+                    .unwrap_or_else(|| "no budget".into()),
+                su["pids"]
+                    .as_u64()
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                su["cpu_usec"].as_u64().unwrap_or(0) as f64 / 1e6,
+            );
+        }
+        if let Some(d) = s["capacity"]["derivation"].as_str() {
+            let _ = writeln!(out, "cap: {d} (requested {})", s["requested"]);
+        }
+        let off: Vec<&str> = s["limits"]["not_enforced"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .filter_map(|x| x.as_str())
+            .collect();
+        if !off.is_empty() {
+            let _ = writeln!(out, "limits not enforced here: {}", off.join(", "));
+        }
+        let _ = writeln!(out, "log: {}", s["log"].as_str().unwrap_or(""));
     }
     let off: Vec<String> = v["agent"]["features"]
         .as_array()

@@ -696,3 +696,75 @@ fn another_uid_is_refused_and_a_site_owner_sees_only_its_site() {
         );
     });
 }
+
+#[test]
+fn workers_get_only_their_fds_and_declared_environment() {
+    each_reactor(|reactor| {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let site = format!(
+            "name = \"probe\"\ncommand = [\"{BIN}\", \"__probe\", \"info\"]\nworkers = 2\n[env]\nGREETING = \"hi\"\n[[listen]]\nname = \"web\"\ntcp = \"127.0.0.1:{port}\"\n"
+        );
+        let agent = TestAgent::start_with_env(
+            &[("probe", &site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+            &[("SECRET_OF_THE_AGENT", "x")],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let infos: Vec<serde_json::Value> = loop {
+            let out = agent.cli(&["logs", "probe", "-n", "10"]);
+            let found: Vec<serde_json::Value> = stdout(&out)
+                .lines()
+                .filter_map(|l| {
+                    l.split_once("] ")
+                        .and_then(|(_, json)| serde_json::from_str(json).ok())
+                })
+                .collect();
+            if found.len() >= 2 {
+                break found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no probe output: {}",
+                stdout(&out)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for info in infos {
+            let fds: Vec<i64> = info["fds"]
+                .as_array()
+                .expect("fds")
+                .iter()
+                .filter(|f| !f["target"].as_str().unwrap_or("").starts_with("/proc/"))
+                .filter_map(|f| f["fd"].as_i64())
+                .collect();
+            assert_eq!(
+                fds,
+                vec![0, 1, 2, 3],
+                "stdio and the one listener, nothing of the agent: {info:#}"
+            );
+            let env: Vec<&String> = info["env"].as_object().expect("env").keys().collect();
+            let expected = [
+                "GREETING",
+                "HATCHERY_GENERATION",
+                "HATCHERY_SITE",
+                "HATCHERY_WORKER_ID",
+                "LISTEN_FDNAMES",
+                "LISTEN_FDS",
+                "LISTEN_PID",
+                "NOTIFY_SOCKET",
+                "PATH",
+            ];
+            assert_eq!(
+                env, expected,
+                "exactly the declared and protocol variables: {info:#}"
+            );
+            assert_eq!(info["env"]["LISTEN_PID"], info["pid"].to_string());
+        }
+    });
+}

@@ -362,3 +362,123 @@ fn a_fixed_count_is_capped_by_the_budget_even_without_controllers() {
         "scaling down is not capped"
     );
 }
+
+#[test]
+fn a_delegated_agent_manages_its_own_subtree_and_respects_its_memory_max() {
+    if !cgroup_controllers() {
+        return;
+    }
+    // What systemd's Delegate=yes gives a unit: a cgroup of its own, below the root, that
+    // it may write to, with INVOCATION_ID set. The agent must move itself into agent/
+    // (the no-internal-process rule) and put the sites beside it.
+    let mount = hatchery::cgroup::cgroup2_mount().expect("mount");
+    let unit = mount.join(format!("svc-{}.service", std::process::id()));
+    std::fs::create_dir_all(&unit).expect("mkdir unit cgroup");
+    std::fs::write(unit.join("memory.max"), (1u64 << 30).to_string()).expect("memory.max");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sites = dir.path().join("sites.d");
+    std::fs::create_dir_all(&sites).expect("mkdir");
+    let socket = dir.path().join("c.sock");
+    std::fs::write(
+        dir.path().join("hatchery.toml"),
+        format!("control_socket = \"{}\"\nstate_dir = \"{}/state\"\nsites_dir = \"{}\"\ncgroup_base = \"auto\"\nmemory_reserve = \"64M\"\n", socket.display(), dir.path().display(), sites.display()),
+    )
+    .expect("write");
+    let run_in_unit = |extra_site: &str| {
+        std::fs::write(sites.join("web.toml"), format!("name = \"web\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\nworkers = 2\n{extra_site}")).expect("write");
+        std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec {BIN} agent --config {}/hatchery.toml",
+                unit.display(),
+                dir.path().display()
+            ))
+            .env("INVOCATION_ID", "0123456789abcdef")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    // A budget larger than the unit's memory.max (1 GiB) is refused.
+    let out = run_in_unit("memory = \"2G\"\n")
+        .wait_with_output()
+        .expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the agent's own memory.max"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut child = run_in_unit("memory = \"256M\"\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the delegated agent did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = || -> serde_json::Value {
+        let out = std::process::Command::new(BIN)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["status", "web", "--json"])
+            .output()
+            .expect("cli");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["sites"][0].clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status()["ready"] != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "workers did not start: {:#}",
+            status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let agent_cgroup =
+        std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).expect("cgroup");
+    assert!(
+        agent_cgroup.trim_end().ends_with(&format!(
+            "{}/agent",
+            unit.file_name().and_then(|n| n.to_str()).expect("name")
+        )),
+        "the agent moved into agent/: {agent_cgroup}"
+    );
+    let leaf = status()["workers"][0]["cgroup"]
+        .as_str()
+        .expect("leaf")
+        .to_string();
+    assert!(
+        leaf.starts_with(&unit.join("sites/web/gen-1/w-").display().to_string()),
+        "{leaf}"
+    );
+    let controllers = std::fs::read_to_string(unit.join("cgroup.subtree_control")).expect("read");
+    assert!(
+        controllers.contains("memory") && controllers.contains("pids"),
+        "{controllers}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(unit.join("sites/web/memory.max"))
+            .expect("read")
+            .trim(),
+        (256u64 << 20).to_string()
+    );
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let code = child.wait().expect("wait").code();
+    assert_eq!(code, Some(0));
+    // It moved back out and removed what it created; the unit cgroup is empty again.
+    assert!(
+        !unit.join("sites").exists() && !unit.join("agent").exists(),
+        "cleaned up"
+    );
+    let _ = std::fs::remove_dir(&unit);
+}

@@ -166,6 +166,7 @@ pub struct Agent {
     control: OwnedFd,
     notify: NotifySocket,
     devnull: File,
+    fd_block: crate::sys::spawn::FdBlock,
     cgroups: Option<CgroupTree>,
     cgroup_note: Option<String>,
     sites: BTreeMap<SiteName, Site>,
@@ -220,6 +221,12 @@ impl Agent {
             .read(true)
             .open("/dev/null")
             .map_err(|e| setup_err("open /dev/null", e))?;
+        let filler = devnull
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| setup_err("dup /dev/null", e))?;
+        let fd_block = crate::sys::spawn::FdBlock::reserve(filler)
+            .map_err(|e| setup_err("reserve file descriptors for spawning", e))?;
 
         let mut agent = Agent {
             config: config.clone(),
@@ -233,6 +240,7 @@ impl Agent {
             control,
             notify,
             devnull,
+            fd_block,
             cgroups,
             cgroup_note,
             sites: BTreeMap::new(),
@@ -481,6 +489,13 @@ impl Agent {
                 .reactor
                 .wait(timeout, &mut ready)
                 .map_err(AgentError::Reactor)?;
+            // Exits first: a crashed worker's replacement should not wait behind output
+            // and control traffic that arrived in the same batch.
+            ready.sort_by_key(|t| match self.reg.tokens.get(t) {
+                Some(Source::Pidfd(..)) => 0,
+                Some(Source::Signals) => 1,
+                _ => 2,
+            });
             for &token in &ready {
                 if let Some(source) = self.reg.tokens.remove(&token) {
                     self.dispatch(token, source);
@@ -737,10 +752,7 @@ impl Agent {
                     signal: libc::SIGKILL,
                 },
                 Some(dir),
-            ) if crate::cgroup::read_usage(dir)
-                .oom_kills
-                .is_some_and(|n| n > worker.oom_base) =>
-            {
+            ) if crate::cgroup::oom_kills(dir).is_some_and(|n| n > worker.oom_base) => {
                 ExitReason::OomKilled
             }
             _ => reason,
@@ -877,8 +889,12 @@ impl Agent {
         let mut fds: Vec<BorrowedFd<'_>> =
             vec![self.devnull.as_fd(), pipe_w.as_fd(), pipe_w.as_fd()];
         fds.extend(site.listeners.iter().map(|l| l.fd.as_fd()));
-        let spawned =
-            crate::sys::spawn::spawn(&mut image, &fds, leaf.as_ref().map(|(_, fd)| fd.as_fd()));
+        let spawned = crate::sys::spawn::spawn(
+            &mut image,
+            &fds,
+            leaf.as_ref().map(|(_, fd)| fd.as_fd()),
+            &mut self.fd_block,
+        );
         drop(fds);
         drop(pipe_w);
         let spawned = spawned.map_err(|e| {
@@ -925,7 +941,7 @@ impl Agent {
         let cgroup = leaf.map(|(d, _)| d);
         let oom_base = cgroup
             .as_deref()
-            .and_then(|d| crate::cgroup::read_usage(d).oom_kills)
+            .and_then(crate::cgroup::oom_kills)
             .unwrap_or(0);
         site.workers.insert(
             id,

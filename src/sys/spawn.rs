@@ -10,7 +10,17 @@
 //! because after a raw `clone3` glibc's per-thread bookkeeping still describes the
 //! parent (the agent is single-threaded, so no lock can be held by a vanished thread).
 //!
+//! The child shares the parent's fd table (`CLONE_FILES`) instead of receiving a copy:
+//! an agent supervising N workers holds 2N fds (pidfds, output pipes), and copying that
+//! table into every child, then closing it again at `execve`, made spawning O(N). The
+//! parent first places the child's fds in a small reserved block of fd numbers
+//! ([`FdBlock`]); the child's first fd operation is `close_range(block end, ~0,
+//! CLOSE_RANGE_UNSHARE)` (5.9), which gives it a private table holding only the fds below
+//! the block's end. Until then it touches no fd, so the shared table is never changed, and
+//! `CLONE_VFORK` keeps the parent from changing it either until the child has exec'd.
+//!
 //! The child, in order:
+//! 0. unshare the fd table, keeping only the fds below the block's end;
 //! 1. unblock every signal (the agent blocks the ones it reads from its signalfd, and the
 //!    mask survives `execve`) and set `SIGPIPE` back to `SIG_DFL` (Rust ignores it, and
 //!    `SIG_IGN` survives `execve` too);
@@ -35,7 +45,7 @@
 
 use std::ffi::{CStr, CString, c_char};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use super::cvt;
 
@@ -185,7 +195,80 @@ pub struct Spawned {
 // Linux uapi values; libc has no `clone_args` for glibc targets.
 const CLONE_PIDFD: u64 = 0x1000;
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+const CLONE_FILES: u64 = 0x400;
+#[cfg(target_arch = "x86_64")]
+const CLONE_VM: u64 = 0x100;
+/// The child's stack: its path uses well under 4 KiB.
+const CHILD_STACK_BYTES: usize = 64 * 1024;
+const CLONE_VFORK: u64 = 0x4000;
+const CLOSE_RANGE_UNSHARE: libc::c_uint = 1 << 1;
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
+/// A block of consecutive fd numbers reserved for passing fds to children: slot `i`
+/// holds the child's future fd `i` during a spawn, the last slot the report pipe. Between
+/// spawns every slot holds a close-on-exec duplicate of `/dev/null`.
+#[derive(Debug)]
+pub struct FdBlock {
+    slots: Vec<OwnedFd>,
+    filler: OwnedFd,
+    /// The stack the child runs on (x86-64, where it shares our memory: `CLONE_VM`).
+    stack: Box<[u128]>,
+    /// Slots holding something other than the filler.
+    dirty: Vec<usize>,
+}
+
+impl FdBlock {
+    /// Reserves `MAX_CHILD_FDS + 1` consecutive fd numbers above every fd open now.
+    pub fn reserve(filler: OwnedFd) -> io::Result<FdBlock> {
+        let len = MAX_CHILD_FDS + 1;
+        let mut base = rustix::io::fcntl_dupfd_cloexec(&filler, 0)?.as_raw_fd() + 1;
+        'search: loop {
+            let mut slots = Vec::with_capacity(len);
+            for i in 0..len {
+                let want = base + RawFd::try_from(i).expect("small");
+                let fd = rustix::io::fcntl_dupfd_cloexec(&filler, want)?;
+                if fd.as_raw_fd() != want {
+                    // Something sits at `want`: start again above it.
+                    base = fd.as_raw_fd() + 1;
+                    continue 'search;
+                }
+                slots.push(fd);
+            }
+            return Ok(FdBlock {
+                slots,
+                filler,
+                stack: vec![0u128; CHILD_STACK_BYTES / 16].into_boxed_slice(),
+                dirty: Vec::with_capacity(len),
+            });
+        }
+    }
+
+    fn base(&self) -> RawFd {
+        self.slots[0].as_raw_fd()
+    }
+
+    fn end(&self) -> RawFd {
+        self.base() + RawFd::try_from(self.slots.len()).expect("small")
+    }
+
+    /// Puts `fd` into slot `i` (close-on-exec: the child's dup2 clears that).
+    fn place(&mut self, i: usize, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.dirty.push(i);
+        rustix::io::dup3(fd, &mut self.slots[i], rustix::io::DupFlags::CLOEXEC)
+            .map_err(io::Error::from)
+    }
+
+    /// Refills every slot with `/dev/null`, dropping the references a spawn placed there.
+    fn clear(&mut self) {
+        for i in self.dirty.drain(..) {
+            let _ = rustix::io::dup3(
+                &self.filler,
+                &mut self.slots[i],
+                rustix::io::DupFlags::CLOEXEC,
+            );
+        }
+    }
+}
 
 /// `struct clone_args` as of Linux 5.7 (`CLONE_ARGS_SIZE_VER2`, 88 bytes).
 #[repr(C)]
@@ -212,6 +295,18 @@ pub fn spawn(
     image: &mut ExecImage,
     fds: &[BorrowedFd<'_>],
     cgroup: Option<BorrowedFd<'_>>,
+    block: &mut FdBlock,
+) -> Result<Spawned, SpawnError> {
+    let result = spawn_with_block(image, fds, cgroup, block);
+    block.clear();
+    result
+}
+
+fn spawn_with_block(
+    image: &mut ExecImage,
+    fds: &[BorrowedFd<'_>],
+    cgroup: Option<BorrowedFd<'_>>,
+    block: &mut FdBlock,
 ) -> Result<Spawned, SpawnError> {
     if fds.len() > MAX_CHILD_FDS {
         return Err(SpawnError::Clone(io::Error::new(
@@ -219,12 +314,18 @@ pub fn spawn(
             "too many fds for the child",
         )));
     }
-    let mut raw_fds = [-1 as RawFd; MAX_CHILD_FDS];
-    for (slot, fd) in raw_fds.iter_mut().zip(fds) {
-        *slot = fd.as_raw_fd();
-    }
     let (report_r, report_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| SpawnError::Pipe(e.into()))?;
+    let mut raw_fds = [-1 as RawFd; MAX_CHILD_FDS];
+    for (i, fd) in fds.iter().enumerate() {
+        block.place(i, *fd).map_err(SpawnError::Pipe)?;
+        raw_fds[i] = block.base() + RawFd::try_from(i).expect("small");
+    }
+    let report_slot = block.slots.len() - 1;
+    block
+        .place(report_slot, report_w.as_fd())
+        .map_err(SpawnError::Pipe)?;
+    drop(report_w);
     let listen_pid: *mut u8 = match image.listen_pid {
         Some(i) => image.env[i]
             .as_mut_ptr()
@@ -238,13 +339,16 @@ pub fn spawn(
         workdir: image.workdir.as_deref(),
         fds: raw_fds,
         nfds: fds.len(),
-        report: report_w.as_raw_fd(),
+        report: block.base() + RawFd::try_from(report_slot).expect("small"),
+        unshare_from: libc::c_uint::try_from(block.end()).expect("fds are non-negative"),
         listen_pid,
     };
 
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
-        flags: CLONE_PIDFD,
+        // CLONE_VFORK suspends us until the child has exec'd or exited, so it has
+        // unshared the fd table before we touch the block again.
+        flags: CLONE_PIDFD | CLONE_FILES | CLONE_VFORK,
         pidfd: std::ptr::addr_of_mut!(pidfd) as u64,
         exit_signal: libc::SIGCHLD as u64,
         ..CloneArgs::default()
@@ -253,25 +357,11 @@ pub fn spawn(
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = u64::try_from(cg.as_raw_fd()).expect("fds are non-negative");
     }
-    // SAFETY: `args` is a fully initialised `clone_args` living on this stack frame until
-    // the call returns, and we pass its exact size. CLONE_VM is not set, so the child runs
-    // on a private copy of this address space and `stack` (0) means "the current stack".
-    // The kernel writes the pidfd into `pidfd`, a local i32, in the parent only.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if ret == 0 {
-        // SAFETY: we are the freshly cloned child of a single-threaded parent; `plan`'s
-        // pointers all point into the parent's memory, which this child has a private
-        // copy of, unchanged since `plan` was built. `child_main` never returns.
-        unsafe { child_main(&plan) }
-    }
+    let ret = clone_child(&mut args, &plan, &mut block.stack);
     let ret = cvt(ret).map_err(SpawnError::Clone)?;
-    drop(report_w);
+    // The child has exec'd or exited (CLONE_VFORK): drop our references to its fds, the
+    // report pipe's write end among them, so the read below sees EOF on success.
+    block.clear();
     let pid = i32::try_from(ret).expect("pids fit in an i32");
     // SAFETY: with CLONE_PIDFD and a successful clone3 the kernel stored a new pidfd in
     // `pidfd`; nobody else owns it.
@@ -293,7 +383,7 @@ pub fn spawn(
     // The child failed before or at execve and is exiting with 127: reap it now so no
     // zombie is left behind.
     let _ = rustix::process::waitid(
-        rustix::process::WaitId::PidFd(std::os::fd::AsFd::as_fd(&pidfd)),
+        rustix::process::WaitId::PidFd(pidfd.as_fd()),
         rustix::process::WaitIdOptions::EXITED,
     );
     let step_raw = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
@@ -302,6 +392,82 @@ pub fn spawn(
         step: ChildStep::from_u32(step_raw).unwrap_or(ChildStep::Exec),
         source: io::Error::from_raw_os_error(errno),
     })
+}
+
+/// `clone3` and the start of the child, x86-64: the child shares our memory (`CLONE_VM`,
+/// like `posix_spawn`'s vfork), which spares copying the page tables and the
+/// copy-on-write faults that follow, and runs on `stack`.
+#[cfg(target_arch = "x86_64")]
+fn clone_child(args: &mut CloneArgs, plan: &ChildPlan<'_>, stack: &mut [u128]) -> libc::c_long {
+    args.flags |= CLONE_VM;
+    args.stack = stack.as_mut_ptr() as u64;
+    args.stack_size = u64::try_from(std::mem::size_of_val(stack)).expect("small");
+    let ret: libc::c_long;
+    // SAFETY: `args` is a fully initialised `clone_args` that outlives the call, passed
+    // with its exact size. With CLONE_VM | CLONE_VFORK the kernel suspends this thread
+    // until the child has exec'd or exited, so the child is the only one running on this
+    // memory meanwhile; it starts on `stack` (16-byte aligned, `size_of_val` bytes, owned
+    // by the caller's `FdBlock` for the whole call), with rsp = stack + size, which is
+    // 16-byte aligned before the `call`, as the ABI wants. It never returns into this
+    // frame: `child_entry` is `-> !` and the `ud2` after it is unreachable. In the parent
+    // the syscall clobbers only rax, rcx and r11; r12 and r13 are read, not written.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") args as *mut CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") plan as *const ChildPlan<'_>,
+            in("r13") child_entry as extern "C" fn(*const ChildPlan<'_>) -> !,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    if ret < 0 {
+        // Raw syscall: the error is the negated errno, not -1 with errno set.
+        let errno = i32::try_from(-ret).unwrap_or(libc::EINVAL);
+        // SAFETY: `__errno_location` returns this thread's errno slot.
+        unsafe { *libc::__errno_location() = errno };
+        return -1;
+    }
+    ret
+}
+
+/// Elsewhere: the child gets a copy of our memory and starts on a copy of this stack.
+#[cfg(not(target_arch = "x86_64"))]
+fn clone_child(args: &mut CloneArgs, plan: &ChildPlan<'_>, _stack: &mut [u128]) -> libc::c_long {
+    // SAFETY: `args` is a fully initialised `clone_args` living until the call returns,
+    // passed with its exact size. Without CLONE_VM the child runs on a private copy of
+    // this address space and `stack` (0) means "the current stack"; CLONE_VFORK keeps us
+    // suspended until it has exec'd or exited.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: we are the freshly cloned child; `plan` points into our private copy
+        // of the parent's memory, unchanged since it was built. It never returns.
+        unsafe { child_main(plan) }
+    }
+    ret
+}
+
+/// The child's first Rust frame, on its own stack (x86-64 `CLONE_VM` path).
+#[cfg(target_arch = "x86_64")]
+extern "C" fn child_entry(plan: *const ChildPlan<'_>) -> ! {
+    // SAFETY: `plan` is the pointer the parent passed in r12; the parent is suspended
+    // (CLONE_VFORK) and keeps `plan` alive until we exec or exit.
+    unsafe { child_main(&*plan) }
 }
 
 /// Raw pointers and numbers the child reads; built in the parent.
@@ -313,6 +479,7 @@ struct ChildPlan<'a> {
     fds: [RawFd; MAX_CHILD_FDS],
     nfds: usize,
     report: RawFd,
+    unshare_from: libc::c_uint,
     listen_pid: *mut u8,
 }
 
@@ -323,6 +490,24 @@ struct ChildPlan<'a> {
 /// Must be called only in the child of `clone3` without `CLONE_VM`, with a `plan` whose
 /// pointers are valid in the child's copy of the parent's memory.
 unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
+    // Step 0: a private fd table with only the fds below the block's end. Nothing before
+    // this line may touch an fd: the table is still the parent's.
+    // SAFETY: close_range takes plain integers; with CLOSE_RANGE_UNSHARE the kernel first
+    // gives this task its own copy of the table (only fds below `unshare_from`), so the
+    // parent's table is not changed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            plan.unshare_from,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_UNSHARE,
+        )
+    };
+    if ret != 0 {
+        // The report pipe is in the shared table: writing to it changes no table.
+        fail(plan.report, ChildStep::CloseFds);
+    }
+
     // Step 1: signals.
     let empty = super::signals::SigSet::of(&[]);
     // SAFETY: `empty.0` is an initialised empty set on this stack; no old mask returned.
