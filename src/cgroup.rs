@@ -386,7 +386,7 @@ impl CgroupTree {
     }
 
     /// On agent exit: move back where we came from and remove the now empty tree parts
-    /// we created (sites and, if we moved, `agent/`).
+    /// we created (sites and, if we moved, `agent/`). Idempotent; also run on drop.
     pub fn teardown(&self) {
         CgroupTree::remove(&self.base.join("sites"));
         if let Some(from) = &self.moved_from {
@@ -400,6 +400,14 @@ impl CgroupTree {
         } else {
             let _ = fs::remove_dir(&self.base);
         }
+    }
+}
+
+/// Whatever ends the agent (a clean stop, or a setup step failing after the tree was made),
+/// it leaves its cgroup as it found it, as far as empty cgroups allow.
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        self.teardown();
     }
 }
 

@@ -283,11 +283,13 @@ fn auto_workers_settle_at_what_the_budget_holds_and_scale_is_capped() {
             cgroups: true,
         },
     );
-    let s = agent.wait_for("auto", "4 workers", Duration::from_secs(90), |s| {
-        s["desired"] == 4 && s["ready"] == 4
-    });
+    let s = agent.wait_for(
+        "auto",
+        "4 workers, capped at 4",
+        Duration::from_secs(120),
+        |s| s["desired"] == 4 && s["ready"] == 4 && s["capacity"]["workers"] == 4,
+    );
     assert_eq!(s["capacity"]["basis"], "measured", "{s:#}");
-    assert_eq!(s["capacity"]["workers"], 4, "{s:#}");
     // Asking for more is capped, and the site's OOM killer never fires.
     let out = agent.cli(&["scale", "auto", "10"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -374,7 +376,7 @@ fn a_delegated_agent_manages_its_own_subtree_and_respects_its_memory_max() {
     let mount = hatchery::cgroup::cgroup2_mount().expect("mount");
     let unit = mount.join(format!("svc-{}.service", std::process::id()));
     std::fs::create_dir_all(&unit).expect("mkdir unit cgroup");
-    std::fs::write(unit.join("memory.max"), (1u64 << 30).to_string()).expect("memory.max");
+    std::fs::write(unit.join("memory.max"), (512u64 << 20).to_string()).expect("memory.max");
     let dir = tempfile::tempdir().expect("tempdir");
     let sites = dir.path().join("sites.d");
     std::fs::create_dir_all(&sites).expect("mkdir");
@@ -398,8 +400,8 @@ fn a_delegated_agent_manages_its_own_subtree_and_respects_its_memory_max() {
             .spawn()
             .expect("spawn")
     };
-    // A budget larger than the unit's memory.max (1 GiB) is refused.
-    let out = run_in_unit("memory = \"2G\"\n")
+    // A budget that fits the host but not the unit's memory.max (512 MiB) is refused.
+    let out = run_in_unit("memory = \"600M\"\n")
         .wait_with_output()
         .expect("wait");
     assert_eq!(

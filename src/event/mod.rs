@@ -140,6 +140,8 @@ struct Site {
     capacity: Option<Capacity>,
     /// When to re-measure and re-derive the cap (sites with a budget only).
     next_capacity_check: Option<Instant>,
+    /// The measured peak at the previous check: growth waits until it holds still.
+    last_peak: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -357,6 +359,7 @@ impl Agent {
             requested,
             capacity: cap,
             next_capacity_check,
+            last_peak: None,
         })
     }
 
@@ -392,7 +395,15 @@ impl Agent {
             .workers
             .values()
             .all(|w| w.started_wall.elapsed().unwrap_or_default() >= capacity::SETTLE);
+        // Memory still growing (a worker still warming up) would under-estimate the
+        // per-worker figure: only grow once the peak held within 5% since the last check.
+        let stable = match (measured, site.last_peak) {
+            (Some(now_peak), Some(before)) => now_peak <= before.saturating_add(before / 20),
+            _ => false,
+        };
+        site.last_peak = measured;
         let settled = newest_settled
+            && stable
             && site.core.slots.len() == desired as usize
             && site.core.ready() == desired as usize
             && site.core.run == RunState::Running;
