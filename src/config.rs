@@ -86,6 +86,9 @@ pub struct RawSite {
     pub group: Option<String>,
     /// The working directory of the workers.
     pub workdir: Option<PathBuf>,
+    /// The release symlink: each generation runs its target, `{release}` in `command`,
+    /// `workdir` and `env`.
+    pub release: Option<PathBuf>,
     /// Extra environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -98,6 +101,8 @@ pub struct RawSite {
     pub restart: Option<RawRestart>,
     /// How readiness is decided.
     pub ready: Option<RawReady>,
+    /// How deploys go.
+    pub deploy: Option<RawDeploy>,
     /// Log rotation for this site.
     pub logs: Option<RawLogs>,
     /// The site's memory budget (`memory.max` of its cgroup).
@@ -178,6 +183,14 @@ pub struct RawReady {
     pub check: Option<String>,
     /// How long a worker may take to become ready.
     pub timeout: Option<String>,
+}
+
+/// `[deploy]`.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeploy {
+    /// How long a new generation's workers must stay up, all ready, before the flip.
+    pub probation: Option<String>,
 }
 
 /// `[logs]`.
@@ -330,6 +343,16 @@ pub struct ReadyPolicy {
     pub timeout: Duration,
 }
 
+/// Deploy policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeployPolicy {
+    /// How long every worker of a new generation must stay up and ready before the flip.
+    pub probation: Duration,
+}
+
+/// The text in `command`, `workdir` and `env` replaced by a generation's release.
+pub const RELEASE_PLACEHOLDER: &str = "{release}";
+
 /// Log rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogPolicy {
@@ -420,6 +443,8 @@ pub struct SiteConfig {
     pub gid: u32,
     /// The working directory.
     pub workdir: Option<PathBuf>,
+    /// The release symlink (each generation runs its resolved target).
+    pub release: Option<PathBuf>,
     /// Extra environment.
     pub env: BTreeMap<String, String>,
     /// Listeners.
@@ -430,6 +455,8 @@ pub struct SiteConfig {
     pub restart: RestartPolicy,
     /// Readiness policy.
     pub ready: ReadyPolicy,
+    /// Deploy policy.
+    pub deploy: DeployPolicy,
     /// Log rotation.
     pub logs: LogPolicy,
     /// cgroup limits.
@@ -1044,10 +1071,23 @@ pub fn validate_site(
         ));
     }
     if let Some(w) = &raw.workdir {
-        if !w.is_absolute() {
-            return Err(err(file, "workdir", "must be an absolute path"));
+        if !w.is_absolute() && !w.starts_with(RELEASE_PLACEHOLDER) {
+            return Err(err(
+                file,
+                "workdir",
+                "must be an absolute path (or start with {release})",
+            ));
         }
     }
+    let deploy = DeployPolicy {
+        probation: duration_key(
+            file,
+            "deploy.probation",
+            raw.deploy.as_ref().and_then(|d| d.probation.as_ref()),
+            Duration::from_secs(1),
+        )?,
+    };
+    let release = validate_release(file, raw, check)?;
 
     Ok(SiteConfig {
         name,
@@ -1060,14 +1100,73 @@ pub fn validate_site(
         uid,
         gid,
         workdir: raw.workdir.clone(),
+        release,
         env: raw.env.clone(),
         listen,
         stop,
         restart,
         ready,
+        deploy,
         logs,
         limits,
     })
+}
+
+/// `release`: an absolute symlink path resolving to a directory; `{release}` anywhere
+/// needs it; readiness must tell generations apart.
+fn validate_release(
+    file: &Path,
+    raw: &RawSite,
+    check: ReadyCheck,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let uses = raw
+        .command
+        .iter()
+        .flatten()
+        .chain(raw.env.values())
+        .any(|a| a.contains(RELEASE_PLACEHOLDER))
+        || raw
+            .workdir
+            .as_ref()
+            .is_some_and(|w| w.to_string_lossy().contains(RELEASE_PLACEHOLDER));
+    let Some(release) = &raw.release else {
+        if uses {
+            return Err(err(
+                file,
+                "release",
+                "{release} is used in command, workdir or env: set release = \"/path/to/current\" (a symlink to the release directory)",
+            ));
+        }
+        return Ok(None);
+    };
+    if !release.is_absolute() {
+        return Err(err(file, "release", "must be an absolute path"));
+    }
+    if let Err(e) = resolve_release(release) {
+        return Err(err(file, "release", e));
+    }
+    if check == ReadyCheck::Tcp {
+        return Err(err(
+            file,
+            "ready.check",
+            "\"tcp\" cannot tell a new generation from the serving one behind the same address: a site with release needs \"notify\" (or \"none\")",
+        ));
+    }
+    Ok(Some(release.clone()))
+}
+
+/// The directory a release symlink points to now, fully resolved.
+pub fn resolve_release(link: &Path) -> Result<PathBuf, String> {
+    let target = std::fs::canonicalize(link)
+        .map_err(|e| format!("{} does not resolve: {e}", link.display()))?;
+    if !target.is_dir() {
+        return Err(format!(
+            "{} resolves to {}, which is not a directory",
+            link.display(),
+            target.display()
+        ));
+    }
+    Ok(target)
 }
 
 fn validate_limits(file: &Path, raw: &RawSite) -> Result<Limits, ConfigError> {
@@ -1124,6 +1223,22 @@ fn validate_limits(file: &Path, raw: &RawSite) -> Result<Limits, ConfigError> {
 }
 
 impl SiteConfig {
+    /// This site as run from `release` (a resolved release directory): `{release}` in
+    /// `command`, `workdir` and `env` replaced by it.
+    pub fn for_release(&self, release: &Path) -> SiteConfig {
+        let r = release.to_string_lossy();
+        let fill = |s: &str| s.replace(RELEASE_PLACEHOLDER, &r);
+        SiteConfig {
+            command: self.command.iter().map(|a| fill(a)).collect(),
+            workdir: self
+                .workdir
+                .as_ref()
+                .map(|w| PathBuf::from(fill(&w.to_string_lossy()))),
+            env: self.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect(),
+            ..self.clone()
+        }
+    }
+
     /// The effective configuration, every default filled in, in the file format.
     pub fn to_raw(&self) -> RawSite {
         RawSite {
@@ -1139,6 +1254,7 @@ impl SiteConfig {
             user: self.user.clone().or_else(|| Some(self.uid.to_string())),
             group: self.group.clone().or_else(|| Some(self.gid.to_string())),
             workdir: self.workdir.clone(),
+            release: self.release.clone(),
             env: self.env.clone(),
             listen: self
                 .listen
@@ -1179,6 +1295,9 @@ impl SiteConfig {
                     .into(),
                 ),
                 timeout: Some(format_duration(self.ready.timeout)),
+            }),
+            deploy: Some(RawDeploy {
+                probation: Some(format_duration(self.deploy.probation)),
             }),
             logs: Some(RawLogs {
                 max_size: Some(format_size(self.logs.max_size)),

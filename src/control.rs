@@ -78,6 +78,20 @@ pub enum Request {
     },
     /// Re-read the configuration.
     Reload,
+    /// Start a new generation from the release symlink's target (or `release`), flip to
+    /// it once ready, drain the old one.
+    Deploy {
+        /// The site.
+        site: String,
+        /// A release directory to deploy instead of the symlink's target.
+        #[serde(default)]
+        release: Option<String>,
+    },
+    /// Roll back the deploy under way, or deploy the previous release.
+    Rollback {
+        /// The site.
+        site: String,
+    },
 }
 
 fn default_lines() -> usize {
@@ -94,7 +108,9 @@ impl Request {
             | Request::Restart { site }
             | Request::Scale { site, .. }
             | Request::Signal { site, .. }
-            | Request::Logs { site, .. } => Some(site),
+            | Request::Logs { site, .. }
+            | Request::Deploy { site, .. }
+            | Request::Rollback { site } => Some(site),
             Request::Reload => None,
         }
     }
@@ -114,6 +130,8 @@ pub enum ErrorKind {
     Config,
     /// The operation was attempted and failed.
     Failed,
+    /// A deploy failed and was rolled back; the previous generation serves.
+    RolledBack,
 }
 
 /// An error answer.

@@ -59,43 +59,170 @@ pub fn write_config(
     Ok(agent)
 }
 
-/// The demo worker: serve the inherited listener, one connection at a time.
-pub fn worker_main() -> io::Result<()> {
+/// How a demo worker behaves (hidden options, for deploy tests and benchmarks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerOptions {
+    /// Time each request takes.
+    pub delay: Duration,
+    /// A directory whose `behaviour` file (if present) says how this release misbehaves:
+    /// `exit` (exits at start), `never-ready` (serves but never reports ready),
+    /// `crash-after-ready` (reports ready, then exits 300 ms later).
+    pub behaviour_from: Option<PathBuf>,
+}
+
+impl WorkerOptions {
+    /// Parses `--delay-ms N` and `--behaviour-from DIR`.
+    pub fn parse(args: &[String]) -> Result<WorkerOptions, String> {
+        let mut o = WorkerOptions {
+            delay: Duration::ZERO,
+            behaviour_from: None,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--delay-ms" => {
+                    let v = it.next().ok_or("--delay-ms needs a value")?;
+                    let ms: u64 = v.parse().map_err(|_| format!("bad --delay-ms {v:?}"))?;
+                    o.delay = Duration::from_millis(ms);
+                }
+                "--behaviour-from" => {
+                    let v = it.next().ok_or("--behaviour-from needs a directory")?;
+                    o.behaviour_from = Some(PathBuf::from(v));
+                }
+                other => return Err(format!("unknown option {other:?}")),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// The demo worker: serves the inherited listener, a thread per connection, and on
+/// `SIGTERM`/`SIGINT` stops accepting, finishes the requests it has, and exits 0.
+pub fn worker_main(args: &[String]) -> io::Result<()> {
+    let opts =
+        WorkerOptions::parse(args).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let id = std::env::var("HATCHERY_WORKER_ID").unwrap_or_else(|_| "?".into());
     let generation = std::env::var("HATCHERY_GENERATION").unwrap_or_else(|_| "?".into());
+    let behaviour = opts
+        .behaviour_from
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(d.join("behaviour")).ok())
+        .map(|b| b.trim().to_string())
+        .unwrap_or_default();
+    if behaviour == "exit" {
+        return Err(io::Error::other(
+            "this release exits at start (behaviour = exit)",
+        ));
+    }
+    let release = opts
+        .behaviour_from
+        .as_ref()
+        .and_then(|d| d.file_name())
+        .map(|n| format!(", release {}", n.to_string_lossy()))
+        .unwrap_or_default();
     let fds = crate::sys::activation::listen_fds()?;
     let (_, fd) = fds.into_iter().next().ok_or_else(|| {
         io::Error::new(io::ErrorKind::NotFound, "no listener passed in LISTEN_FDS")
     })?;
     let listener = TcpListener::from(fd);
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        let sock = std::os::unix::net::UnixDatagram::unbound()?;
-        sock.send_to(b"READY=1", PathBuf::from(path))?;
+    // Several processes (and generations) may accept from this socket: never block in
+    // accept after another one took the connection.
+    listener.set_nonblocking(true)?;
+    let stop = crate::sys::signals::SigSet::of(&[libc::SIGTERM, libc::SIGINT]);
+    crate::sys::signals::block(&stop)?;
+    let sigfd = crate::sys::signals::signalfd(&stop)?;
+    if behaviour != "never-ready" {
+        if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+            let sock = std::os::unix::net::UnixDatagram::unbound()?;
+            sock.send_to(b"READY=1", PathBuf::from(path))?;
+        }
     }
+    let crash_at = (behaviour == "crash-after-ready")
+        .then(|| std::time::Instant::now() + Duration::from_millis(300));
     println!("demo worker {id} of generation {generation} serving");
-    let body = format!("hello from worker {id}, generation {generation}\n");
+    let body = format!("hello from worker {id}, generation {generation}{release}\n");
+    let mut handlers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     loop {
-        let (mut stream, _) = match listener.accept() {
-            Ok(s) => s,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        if crash_at.is_some_and(|t| std::time::Instant::now() >= t) {
+            return Err(io::Error::other(
+                "this release crashes after becoming ready",
+            ));
+        }
+        let mut fds = [
+            rustix::event::PollFd::new(&listener, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(&sigfd, rustix::event::PollFlags::IN),
+        ];
+        let timeout = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if !fds[1].revents().is_empty() {
+            println!("demo worker {id} of generation {generation}: stopping");
+            break;
+        }
+        handlers.retain(|h| !h.is_finished());
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
             Err(e) => return Err(e),
         };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut req = Vec::new();
-        let mut buf = [0u8; 2048];
-        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => req.extend_from_slice(&buf[..n]),
+        let body = body.clone();
+        let delay = opts.delay;
+        handlers.push(std::thread::spawn(move || serve(stream, &body, delay)));
+    }
+    for h in handlers {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// Answers every request on one connection (HTTP/1.1 keep-alive unless the client
+/// says `connection: close`).
+fn serve(mut stream: std::net::TcpStream, body: &str, delay: Duration) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 2048];
+    loop {
+        let end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break Some(p + 4);
             }
-        }
-        if req.is_empty() {
-            continue;
+            if buf.len() > 16 * 1024 {
+                break None;
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let Some(end) = end else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        buf.drain(..end);
+        let close = head.contains("connection: close") || head.starts_with("get / http/1.0");
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
         }
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
         );
-        let _ = stream.write_all(response.as_bytes());
+        if stream.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
     }
 }

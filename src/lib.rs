@@ -30,6 +30,7 @@ pub mod net;
 pub mod probe;
 pub mod process;
 pub mod spawn;
+pub mod steering;
 pub mod supervisor;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -1,7 +1,7 @@
 //! `hatchery`: the agent (`hatchery agent`) and the CLI that controls it.
 //!
 //! Exit codes: 0 ok; 1 refused or failed (not allowed, no such site, the operation
-//! failed); 2 usage or configuration error; 3 agent unreachable.
+//! failed); 2 usage or configuration error; 3 agent unreachable; 4 deploy rolled back.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +15,7 @@ use hatchery::{config, demo, features};
 const EXIT_REFUSED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 3;
+const EXIT_ROLLED_BACK: u8 = 4;
 const DEFAULT_SOCKET: &str = "/run/hatchery/control.sock";
 
 #[derive(Parser, Debug)]
@@ -104,9 +105,27 @@ enum Command {
     },
     /// Re-read the configuration (like SIGHUP); a bad file changes nothing.
     Reload,
+    /// Deploy a new generation from the release symlink's target; waits until the old
+    /// generation has retired (exit 4 if the new one was rolled back).
+    Deploy {
+        /// The site.
+        site: String,
+        /// Deploy this release directory instead of the symlink's target.
+        #[arg(long, value_name = "DIR")]
+        release: Option<PathBuf>,
+    },
+    /// Roll back the deploy under way, or deploy the previous release.
+    Rollback {
+        /// The site.
+        site: String,
+    },
     /// The demo site's worker (used by `hatchery demo`).
     #[command(name = "__demo-worker", hide = true)]
-    DemoWorker,
+    DemoWorker {
+        /// Options: --delay-ms N, --behaviour-from DIR.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// A probe worker for tests and diagnostics: info | alloc SIZE | spawn-forever | sleep.
     #[command(name = "__probe", hide = true)]
     Probe {
@@ -128,7 +147,7 @@ fn main() -> ExitCode {
         Command::Agent { config } => run_agent(&config),
         Command::Check { config } => check(&config, cli.json),
         Command::Demo { listen, workers } => run_demo(listen, workers),
-        Command::DemoWorker => match demo::worker_main() {
+        Command::DemoWorker { args } => match demo::worker_main(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("demo worker: {e}");
@@ -292,10 +311,15 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             follow,
         },
         Command::Reload => Request::Reload,
+        Command::Deploy { site, release } => Request::Deploy {
+            site,
+            release: release.map(|r| r.display().to_string()),
+        },
+        Command::Rollback { site } => Request::Rollback { site },
         Command::Agent { .. }
         | Command::Check { .. }
         | Command::Demo { .. }
-        | Command::DemoWorker
+        | Command::DemoWorker { .. }
         | Command::Probe { .. } => {
             unreachable!("handled in main")
         }
@@ -343,6 +367,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             eprintln!("hatchery: {}", err.message);
             ExitCode::from(match err.kind {
                 ErrorKind::BadRequest | ErrorKind::Config => EXIT_USAGE,
+                ErrorKind::RolledBack => EXIT_ROLLED_BACK,
                 _ => EXIT_REFUSED,
             })
         }
@@ -410,12 +435,17 @@ fn render_status(v: &serde_json::Value) -> String {
             "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "MEM", "PEAK", "PIDS"
         );
         let bytes = |v: &serde_json::Value| v.as_u64().map(fmt_bytes).unwrap_or_else(|| "-".into());
+        let several = s["generations"].as_array().is_some_and(|g| g.len() > 1);
         for w in s["workers"].as_array().unwrap_or(&empty) {
             let u = &w["usage"];
             let _ = writeln!(
                 out,
                 "{:<7} {:>8} {:<9} {:>8} {:>8} {:>9} {:>9} {:>5}  {}",
-                format!("w-{}", w["id"]),
+                if several {
+                    format!("g{}/w-{}", w["generation"], w["id"])
+                } else {
+                    format!("w-{}", w["id"])
+                },
                 w["pid"]
                     .as_i64()
                     .map(|p| p.to_string())
@@ -450,6 +480,37 @@ fn render_status(v: &serde_json::Value) -> String {
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "-".into()),
                 su["cpu_usec"].as_u64().unwrap_or(0) as f64 / 1e6,
+            );
+        }
+        if let Some(r) = s["release"].as_str() {
+            let _ = writeln!(out, "release: {r} (gen-{})", s["generation"]);
+        }
+        for g in s["generations"].as_array().unwrap_or(&empty) {
+            if g["id"] != s["generation"] {
+                let _ = writeln!(
+                    out,
+                    "gen-{}: {}, {}/{} ready{}",
+                    g["id"],
+                    g["state"].as_str().unwrap_or(""),
+                    g["ready"],
+                    g["desired"],
+                    g["release"]
+                        .as_str()
+                        .map(|r| format!(", {r}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        if let Some(d) = s["last_deploy"].as_object() {
+            let _ = writeln!(
+                out,
+                "last deploy: gen-{} {}{}",
+                d.get("to").map(|t| t.to_string()).unwrap_or_default(),
+                d.get("result").and_then(|r| r.as_str()).unwrap_or(""),
+                d.get("reason")
+                    .and_then(|r| r.as_str())
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
             );
         }
         if let Some(d) = s["capacity"]["derivation"].as_str() {

@@ -12,6 +12,7 @@
 //! until nothing is left. Errors of single operations are logged once, here, with the
 //! site, worker and pid; the loop itself only stops on a failure of the reactor.
 
+mod deploy;
 pub mod reactor;
 
 use std::collections::{BTreeMap, HashMap};
@@ -82,7 +83,7 @@ enum Source {
     Signals,
     Control,
     Notify,
-    Pidfd(SiteName, WorkerId),
+    Pidfd(SiteName, GenId, WorkerId),
     Pipe,
     ConnRead(u64),
     ConnWrite(u64),
@@ -120,18 +121,49 @@ struct Waiter {
     until: WaitFor,
 }
 
+/// A generation number, shown as `gen-<N>`.
+pub type GenId = u32;
+
+/// One generation of a site: what it runs, its listeners and its workers.
+#[derive(Debug)]
+struct Gen {
+    id: GenId,
+    /// The resolved release directory (sites with `release`).
+    release: Option<PathBuf>,
+    /// The site's configuration as this generation runs it (`{release}` filled in).
+    config: SiteConfig,
+    core: SiteCore,
+    /// The agent's copies of the listeners passed to this generation's workers.
+    listeners: Vec<Listener>,
+    workers: HashMap<WorkerId, Worker>,
+    tcp_probe: Option<(TcpStream, Instant)>,
+    /// Worker exits and failed spawns it was not asked for.
+    crashes: u32,
+    /// Being rolled back or retired: removed once its last worker is gone.
+    leaving: bool,
+}
+
 #[derive(Debug)]
 struct Site {
     config: SiteConfig,
-    core: SiteCore,
-    generation: u32,
-    listeners: Vec<Listener>,
-    workers: HashMap<WorkerId, Worker>,
+    /// Every live generation; `serving` is the one that takes new connections.
+    gens: BTreeMap<GenId, Gen>,
+    serving: GenId,
+    /// The highest generation number used so far (numbers are never reused).
+    last_gen: GenId,
+    /// The deploy under way, and those waiting for it.
+    deploy: Option<deploy::Deploy>,
+    queued_deploys: std::collections::VecDeque<deploy::Queued>,
+    /// What the last deploy did, for `status`.
+    last_deploy: Option<serde_json::Value>,
+    /// The release the serving generation replaced (for `rollback`).
+    previous_release: Option<PathBuf>,
+    /// Per listener (by index): the eBPF program steering its reuseport group, if any.
+    steering: Vec<Option<crate::steering::Steering>>,
     log: SiteLog,
     followers: Vec<u64>,
     waiters: Vec<Waiter>,
     removing: bool,
-    tcp_probe: Option<(TcpStream, Instant)>,
     /// Configured limits this host cannot enforce.
     not_enforced: Vec<&'static str>,
     /// Workers asked for (configuration or `scale`); the cap may hold the site below it.
@@ -158,6 +190,26 @@ struct Conn {
     held: bool,
 }
 
+impl Site {
+    /// The serving generation.
+    fn cur(&self) -> &Gen {
+        self.gens
+            .get(&self.serving)
+            .expect("the serving generation exists while the site does")
+    }
+
+    fn cur_mut(&mut self) -> &mut Gen {
+        self.gens
+            .get_mut(&self.serving)
+            .expect("the serving generation exists while the site does")
+    }
+
+    /// Whether no generation has a process or anything left to do.
+    fn all_stopped(&self) -> bool {
+        self.gens.values().all(|g| g.core.run == RunState::Stopped)
+    }
+}
+
 /// The running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -175,9 +227,11 @@ pub struct Agent {
     pipes: HashMap<u64, Pipe>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
-    pids: HashMap<i32, (SiteName, WorkerId)>,
+    pids: HashMap<i32, (SiteName, GenId, WorkerId)>,
     shutting_down: bool,
     kernel: Vec<Feature>,
+    /// Whether eBPF connection steering can be used here.
+    steering_support: crate::steering::SteeringSupport,
     started: SystemTime,
 }
 
@@ -252,6 +306,7 @@ impl Agent {
             pids: HashMap::new(),
             shutting_down: false,
             kernel: features::probe_kernel(),
+            steering_support: crate::steering::probe(),
             started: SystemTime::now(),
         };
         for site in &config.sites {
@@ -344,17 +399,47 @@ impl Agent {
             .memory
             .map(|_| Instant::now() + capacity::SETTLE);
         let core = SiteCore::new(initial, policies(&config));
-        Ok(Site {
-            config,
+        let (release, gen_config) = match &config.release {
+            Some(link) => {
+                let target = config::resolve_release(link).map_err(|e| {
+                    setup_err(
+                        format!("resolve the release of site {}", config.name),
+                        io::Error::new(io::ErrorKind::NotFound, e),
+                    )
+                })?;
+                let c = config.for_release(&target);
+                (Some(target), c)
+            }
+            None => (None, config.clone()),
+        };
+        let first = Gen {
+            id: 1,
+            release,
+            config: gen_config,
             core,
-            generation: 1,
             listeners,
             workers: HashMap::new(),
+            tcp_probe: None,
+            crashes: 0,
+            leaving: false,
+        };
+        let previous_release = deploy::read_previous_release(&self.config.state_dir, &config.name);
+        let steering =
+            deploy::attach_steering(&self.steering_support, &config.name, &first.listeners);
+        Ok(Site {
+            config,
+            gens: BTreeMap::from([(1, first)]),
+            serving: 1,
+            last_gen: 1,
+            deploy: None,
+            queued_deploys: std::collections::VecDeque::new(),
+            last_deploy: None,
+            previous_release,
+            steering,
             log,
             followers: Vec::new(),
             waiters: Vec::new(),
             removing: false,
-            tcp_probe: None,
             not_enforced,
             requested,
             capacity: cap,
@@ -373,7 +458,13 @@ impl Agent {
         let Some(budget) = site.config.limits.memory else {
             return;
         };
+        if site.deploy.is_some() {
+            // The deploy plan moves workers between generations; measure afterwards.
+            site.next_capacity_check = Some(now + capacity::SETTLE);
+            return;
+        }
         let measured = site
+            .cur()
             .workers
             .values()
             .filter(|w| w.started_wall.elapsed().unwrap_or_default() >= capacity::SETTLE)
@@ -390,8 +481,9 @@ impl Agent {
             site.requested,
         );
         site.capacity = cap;
-        let desired = site.core.desired;
+        let desired = site.cur().core.desired;
         let newest_settled = site
+            .cur()
             .workers
             .values()
             .all(|w| w.started_wall.elapsed().unwrap_or_default() >= capacity::SETTLE);
@@ -402,11 +494,12 @@ impl Agent {
             _ => false,
         };
         site.last_peak = measured;
+        let core = &site.cur().core;
         let settled = newest_settled
             && stable
-            && site.core.slots.len() == desired as usize
-            && site.core.ready() == desired as usize
-            && site.core.run == RunState::Running;
+            && core.slots.len() == desired as usize
+            && core.ready() == desired as usize
+            && core.run == RunState::Running;
         let target = match (site.config.auto, cap) {
             (Some(a), Some(c)) => {
                 capacity::auto_step(desired, c.workers.min(site.requested), a.min, settled)
@@ -427,7 +520,8 @@ impl Agent {
             if let Some(c) = &cap {
                 info!(site = %name, "workers {desired} -> {t} ({})", c.describe());
             }
-            self.feed(name, Input::ScaleRequested(t));
+            let serving = site.serving;
+            self.feed(name, serving, Input::ScaleRequested(t));
         }
     }
 
@@ -483,13 +577,13 @@ impl Agent {
         }
         let names: Vec<SiteName> = self.sites.keys().cloned().collect();
         for name in names {
-            self.feed(&name, Input::StartRequested);
+            self.feed(&name, 1, Input::StartRequested);
         }
         notify_systemd("READY=1");
 
         let mut ready = Vec::new();
         loop {
-            if self.shutting_down && self.sites.values().all(|s| s.core.run == RunState::Stopped) {
+            if self.shutting_down && self.sites.values().all(Site::all_stopped) {
                 break;
             }
             let timeout = self
@@ -523,12 +617,14 @@ impl Agent {
             .values()
             .filter_map(|s| {
                 let probe = (s.config.ready.check == ReadyCheck::Tcp
-                    && s.core
+                    && s.cur()
+                        .core
                         .slots
                         .values()
                         .any(|x| matches!(x.phase, Phase::Starting { .. })))
                 .then(|| Instant::now() + TCP_PROBE_INTERVAL);
-                [s.core.next_deadline(), probe, s.next_capacity_check]
+                let gens = s.gens.values().filter_map(|g| g.core.next_deadline()).min();
+                [gens, probe, s.next_capacity_check, self.deploy_deadline(s)]
                     .into_iter()
                     .flatten()
                     .min()
@@ -538,21 +634,35 @@ impl Agent {
 
     fn fire_deadlines(&mut self) {
         let now = Instant::now();
-        let due: Vec<SiteName> = self
+        let due: Vec<(SiteName, GenId)> = self
             .sites
             .iter()
-            .filter(|(_, s)| s.core.next_deadline().is_some_and(|d| d <= now))
+            .flat_map(|(n, s)| {
+                s.gens
+                    .values()
+                    .filter(|g| g.core.next_deadline().is_some_and(|d| d <= now))
+                    .map(|g| (n.clone(), g.id))
+            })
+            .collect();
+        for (name, g) in due {
+            self.feed(&name, g, Input::DeadlineReached);
+        }
+        let deploying: Vec<SiteName> = self
+            .sites
+            .iter()
+            .filter(|(_, s)| s.deploy.is_some())
             .map(|(n, _)| n.clone())
             .collect();
-        for name in due {
-            self.feed(&name, Input::DeadlineReached);
+        for name in deploying {
+            self.advance_deploy(&name);
         }
         let probing: Vec<SiteName> = self
             .sites
             .iter()
             .filter(|(_, s)| {
                 s.config.ready.check == ReadyCheck::Tcp
-                    && s.core
+                    && s.cur()
+                        .core
                         .slots
                         .values()
                         .any(|x| matches!(x.phase, Phase::Starting { .. }))
@@ -580,6 +690,8 @@ impl Agent {
         let Some(site) = self.sites.get_mut(name) else {
             return;
         };
+        let serving = site.serving;
+        let site = site.cur_mut();
         let Some(listener) = site
             .listeners
             .iter()
@@ -611,7 +723,7 @@ impl Agent {
                 .map(|x| x.id)
                 .collect();
             for id in starting {
-                self.feed(name, Input::ReadyNotified { id });
+                self.feed(name, serving, Input::ReadyNotified { id });
             }
         }
     }
@@ -621,7 +733,7 @@ impl Agent {
             Source::Signals => self.on_signals(),
             Source::Control => self.on_accept(),
             Source::Notify => self.on_notify(),
-            Source::Pidfd(site, id) => self.on_pidfd(&site, id, token),
+            Source::Pidfd(site, g, id) => self.on_pidfd(&site, g, id, token),
             Source::Pipe => self.on_pipe(token),
             Source::ConnRead(c) => self.on_conn_read(c),
             Source::ConnWrite(c) => {
@@ -692,8 +804,8 @@ impl Agent {
                     return;
                 }
             };
-            if let Some((site, id)) = self.pids.get(&pid).cloned() {
-                self.worker_exited(&site, id);
+            if let Some((site, g, id)) = self.pids.get(&pid).cloned() {
+                self.worker_exited(&site, g, id);
             } else if let Some(p) = rustix::process::Pid::from_raw(pid) {
                 match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
                     Ok(_) => debug!(pid, "reaped an orphaned descendant"),
@@ -706,20 +818,21 @@ impl Agent {
         }
     }
 
-    fn on_pidfd(&mut self, site: &SiteName, id: WorkerId, token: u64) {
+    fn on_pidfd(&mut self, site: &SiteName, g: GenId, id: WorkerId, token: u64) {
         let current = self
             .sites
             .get(site)
-            .and_then(|s| s.workers.get(&id))
+            .and_then(|s| s.gens.get(&g))
+            .and_then(|x| x.workers.get(&id))
             .is_some_and(|w| w.token == token);
         if current {
-            self.worker_exited(site, id);
+            self.worker_exited(site, g, id);
         }
     }
 
-    fn worker_exited(&mut self, name: &SiteName, id: WorkerId) {
+    fn worker_exited(&mut self, name: &SiteName, g: GenId, id: WorkerId) {
         let tree = self.cgroups.as_ref();
-        let Some(site) = self.sites.get_mut(name) else {
+        let Some(site) = self.sites.get_mut(name).and_then(|s| s.gens.get_mut(&g)) else {
             return;
         };
         let Some(worker) = site.workers.get(&id) else {
@@ -737,7 +850,7 @@ impl Agent {
                 match self.reg.arm(
                     worker.pidref.as_fd(),
                     Interest::Readable,
-                    Source::Pidfd(name.clone(), id),
+                    Source::Pidfd(name.clone(), g, id),
                 ) {
                     Ok(t) => {
                         if let Some(w) = site.workers.get_mut(&id) {
@@ -779,46 +892,64 @@ impl Agent {
             site.core.slots.get(&id).map(|s| s.phase),
             Some(Phase::Stopping { .. })
         );
-        if level_crash && !self.shutting_down {
-            warn!(site = %name, worker = id, pid = worker.pidref.pid(), "worker {reason}");
-        } else {
-            debug!(site = %name, worker = id, pid = worker.pidref.pid(), "worker {reason}");
+        if level_crash {
+            site.crashes += 1;
         }
-        self.feed(name, Input::Exited { id, reason });
+        if level_crash && !self.shutting_down {
+            warn!(site = %name, gen = g, worker = id, pid = worker.pidref.pid(), "worker {reason}");
+        } else {
+            debug!(site = %name, gen = g, worker = id, pid = worker.pidref.pid(), "worker {reason}");
+        }
+        self.feed(name, g, Input::Exited { id, reason });
     }
 
     // ------------------------------------------------------------ the supervisor
 
-    fn feed(&mut self, name: &SiteName, input: Input) {
+    /// Feeds `input` to generation `g` of site `name`, carries out the actions, feeds
+    /// back what they produce, then lets the deploy plan and removals follow.
+    fn feed(&mut self, name: &SiteName, g: GenId, input: Input) {
         let mut queue = vec![input];
         while let Some(input) = queue.pop() {
-            let Some(site) = self.sites.get_mut(name) else {
+            let Some(gn) = self.sites.get_mut(name).and_then(|s| s.gens.get_mut(&g)) else {
                 return;
             };
-            let actions = site.core.handle(input, Instant::now());
+            let actions = gn.core.handle(input, Instant::now());
             for action in actions {
-                if let Some(next) = self.act(name, action) {
+                if let Some(next) = self.act(name, g, action) {
                     queue.push(next);
                 }
             }
         }
-        self.after_feed(name);
+        self.after_feed(name, g);
     }
 
-    fn after_feed(&mut self, name: &SiteName) {
+    fn after_feed(&mut self, name: &SiteName, g: GenId) {
         let Some(site) = self.sites.get(name) else {
             return;
         };
-        if site.removing && site.core.run == RunState::Stopped {
+        let gone = site
+            .gens
+            .get(&g)
+            .is_some_and(|x| x.leaving && x.core.run == RunState::Stopped);
+        if gone {
+            self.remove_generation(name, g);
+        }
+        if self.sites.get(name).is_some_and(|s| s.deploy.is_some()) {
+            self.advance_deploy(name);
+        }
+        let Some(site) = self.sites.get(name) else {
+            return;
+        };
+        if site.removing && site.all_stopped() {
             self.drop_site(name);
         }
     }
 
-    fn act(&mut self, name: &SiteName, action: Action) -> Option<Input> {
+    fn act(&mut self, name: &SiteName, g: GenId, action: Action) -> Option<Input> {
         match action {
-            Action::Spawn(id) => Some(self.spawn(name, id)),
+            Action::Spawn(id) => Some(self.spawn(name, g, id)),
             Action::Signal(id, sig) => {
-                let site = self.sites.get(name)?;
+                let site = self.sites.get(name)?.gens.get(&g)?;
                 let w = site.workers.get(&id)?;
                 if let Err(e) = w.pidref.signal(sig.0) {
                     error!(site = %name, worker = id, pid = w.pidref.pid(), "failed to send {}: {e}", sig.name());
@@ -826,7 +957,7 @@ impl Agent {
                 None
             }
             Action::Kill(id) => {
-                let site = self.sites.get(name)?;
+                let site = self.sites.get(name)?.gens.get(&g)?;
                 let w = site.workers.get(&id)?;
                 warn!(site = %name, worker = id, pid = w.pidref.pid(), "stop timeout: killing the worker's process tree");
                 let result = match (&self.cgroups, &w.cgroup) {
@@ -843,17 +974,20 @@ impl Agent {
                 None
             }
             Action::Note(note) => {
-                self.on_note(name, note);
+                self.on_note(name, g, note);
                 None
             }
         }
     }
 
-    fn spawn(&mut self, name: &SiteName, id: WorkerId) -> Input {
-        match self.try_spawn(name, id) {
+    fn spawn(&mut self, name: &SiteName, g: GenId, id: WorkerId) -> Input {
+        match self.try_spawn(name, g, id) {
             Ok(pid) => Input::Spawned { id, pid },
             Err((error, permanent)) => {
-                error!(site = %name, worker = id, "failed to spawn: {error}");
+                error!(site = %name, gen = g, worker = id, "failed to spawn: {error}");
+                if let Some(gn) = self.sites.get_mut(name).and_then(|s| s.gens.get_mut(&g)) {
+                    gn.crashes += 1;
+                }
                 Input::SpawnFailed {
                     id,
                     error,
@@ -863,20 +997,21 @@ impl Agent {
         }
     }
 
-    fn try_spawn(&mut self, name: &SiteName, id: WorkerId) -> Result<i32, (String, bool)> {
+    fn try_spawn(
+        &mut self,
+        name: &SiteName,
+        g: GenId,
+        id: WorkerId,
+    ) -> Result<i32, (String, bool)> {
         let notify_path = self.notify.path.clone();
         let site = self
             .sites
             .get(name)
+            .and_then(|s| s.gens.get(&g))
             .ok_or_else(|| ("no such site".to_string(), true))?;
-        let mut image = crate::spawn::worker_image(
-            &site.config,
-            &site.listeners,
-            &notify_path,
-            id,
-            site.generation,
-        )
-        .map_err(|e| (e, true))?;
+        let mut image =
+            crate::spawn::worker_image(&site.config, &site.listeners, &notify_path, id, g)
+                .map_err(|e| (e, true))?;
         let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| (format!("failed to create the output pipe: {e}"), false))?;
         rustix::io::ioctl_fionbio(&pipe_r, true)
@@ -884,7 +1019,7 @@ impl Agent {
         let leaf = match &self.cgroups {
             Some(tree) => {
                 let (dir, fd, created) = tree
-                    .worker_leaf(name.as_str(), site.generation, id)
+                    .worker_leaf(name.as_str(), g, id)
                     .map_err(|e| (format!("{e}: {}", error_chain(&e)), false))?;
                 if created {
                     CgroupTree::apply_worker_limits(&dir, &site.config.limits)
@@ -923,7 +1058,7 @@ impl Agent {
             .arm(
                 pidref.as_fd(),
                 Interest::Readable,
-                Source::Pidfd(name.clone(), id),
+                Source::Pidfd(name.clone(), g, id),
             )
             .map_err(|e| {
                 let _ = pidref.signal(libc::SIGKILL);
@@ -947,8 +1082,12 @@ impl Agent {
             }
             Err(e) => warn!(site = %name, worker = id, "worker output is not captured: {e}"),
         }
-        self.pids.insert(pid, (name.clone(), id));
-        let site = self.sites.get_mut(name).expect("looked up above");
+        self.pids.insert(pid, (name.clone(), g, id));
+        let site = self
+            .sites
+            .get_mut(name)
+            .and_then(|s| s.gens.get_mut(&g))
+            .expect("looked up above");
         let cgroup = leaf.map(|(d, _)| d);
         let oom_base = cgroup
             .as_deref()
@@ -964,11 +1103,11 @@ impl Agent {
                 oom_base,
             },
         );
-        debug!(site = %name, worker = id, pid, "spawned");
+        debug!(site = %name, gen = g, worker = id, pid, "spawned");
         Ok(pid)
     }
 
-    fn on_note(&mut self, name: &SiteName, note: Note) {
+    fn on_note(&mut self, name: &SiteName, g: GenId, note: Note) {
         let text = match &note {
             Note::Started(id, pid) => format!("w-{id} started (pid {pid})"),
             Note::Ready(id) => format!("w-{id} ready"),
@@ -982,12 +1121,24 @@ impl Agent {
             Note::RestartDone => "restart done".to_string(),
             Note::Settled => "all workers ready".to_string(),
         };
-        if let Note::Failed(id) = note {
-            error!(site = %name, worker = id, "site failed: worker flapping or unstartable");
-        }
         let Some(site) = self.sites.get_mut(name) else {
             return;
         };
+        if g != site.serving {
+            // A generation being deployed, rolled back or drained: its notes are deploy
+            // progress, not the site's state.
+            if matches!(note, Note::Settled | Note::RestartDone) {
+                return;
+            }
+            let conns: Vec<u64> = site.deploy.iter().flat_map(|d| d.conns.clone()).collect();
+            for conn in conns {
+                self.send(conn, &Reply::Event(format!("gen-{g}: {text}")));
+            }
+            return;
+        }
+        if let Note::Failed(id) = note {
+            error!(site = %name, worker = id, "site failed: worker flapping or unstartable");
+        }
         let finished: Vec<(u64, Reply)> = {
             let mut done = Vec::new();
             let mut keep = Vec::new();
@@ -1097,12 +1248,12 @@ impl Agent {
         loop {
             match self.notify.recv() {
                 Ok(Some(n)) => {
-                    let Some((site, id)) = self.pids.get(&n.pid).cloned() else {
+                    let Some((site, g, id)) = self.pids.get(&n.pid).cloned() else {
                         debug!(pid = n.pid, "notification from an unknown pid, ignored");
                         continue;
                     };
                     if n.ready {
-                        self.feed(&site, Input::ReadyNotified { id });
+                        self.feed(&site, g, Input::ReadyNotified { id });
                     }
                 }
                 Ok(None) => break,
@@ -1373,34 +1524,54 @@ impl Agent {
             }
             Request::Start { .. } => {
                 let name = name.expect("site request");
+                let serving = self.sites[&name].serving;
                 self.hold(&name, conn, WaitFor::Settled);
-                self.feed(&name, Input::StartRequested);
+                self.feed(&name, serving, Input::StartRequested);
                 self.reply_if_settled(&name, conn);
             }
             Request::Stop { .. } => {
                 let name = name.expect("site request");
-                if self.sites[&name].core.run == RunState::Stopped {
+                if self.sites[&name].all_stopped() {
                     return self.finish(
                         conn,
                         &Reply::Ok(json!({ "site": name, "message": "already stopped" })),
                     );
                 }
+                self.cancel_deploys(&name, "the site was stopped");
                 self.hold(&name, conn, WaitFor::Stopped);
-                self.feed(&name, Input::StopRequested);
+                let gens: Vec<GenId> = self.sites[&name].gens.keys().copied().collect();
+                for g in gens {
+                    self.feed(&name, g, Input::StopRequested);
+                }
             }
             Request::Restart { .. } => {
                 let name = name.expect("site request");
-                if self.sites[&name].core.run == RunState::Stopped {
+                if let Some(busy) = self.deploy_busy(&name) {
+                    return self.finish(conn, &busy);
+                }
+                let serving = self.sites[&name].serving;
+                if self.sites[&name].cur().core.run == RunState::Stopped {
                     self.hold(&name, conn, WaitFor::Settled);
-                    self.feed(&name, Input::StartRequested);
+                    self.feed(&name, serving, Input::StartRequested);
                     self.reply_if_settled(&name, conn);
                 } else {
                     self.hold(&name, conn, WaitFor::RestartDone);
-                    self.feed(&name, Input::RestartRequested);
+                    self.feed(&name, serving, Input::RestartRequested);
                 }
+            }
+            Request::Deploy { release, .. } => {
+                let name = name.expect("site request");
+                self.request_deploy(conn, &name, release.map(PathBuf::from), false);
+            }
+            Request::Rollback { .. } => {
+                let name = name.expect("site request");
+                self.request_rollback(conn, &name);
             }
             Request::Scale { workers, .. } => {
                 let name = name.expect("site request");
+                if let Some(busy) = self.deploy_busy(&name) {
+                    return self.finish(conn, &busy);
+                }
                 if workers > config::MAX_WORKERS {
                     return self.finish(
                         conn,
@@ -1419,7 +1590,7 @@ impl Agent {
                 let target = match (site.config.auto, cap) {
                     (_, Some(c)) => c.workers.min(workers),
                     // Automatic sites grow toward the request one worker at a time.
-                    (Some(a), None) => site.core.desired.max(a.min).min(workers),
+                    (Some(a), None) => site.cur().core.desired.max(a.min).min(workers),
                     (None, None) => workers,
                 };
                 if let Some(c) = cap {
@@ -1429,12 +1600,13 @@ impl Agent {
                     );
                 }
                 let workers = target;
-                if self.sites[&name].core.run == RunState::Stopped {
-                    self.feed(&name, Input::ScaleRequested(workers));
+                let serving = self.sites[&name].serving;
+                if self.sites[&name].cur().core.run == RunState::Stopped {
+                    self.feed(&name, serving, Input::ScaleRequested(workers));
                     return self.finish(conn, &Reply::Ok(json!({ "site": name, "message": format!("{workers} workers when started") })));
                 }
                 self.hold(&name, conn, WaitFor::Settled);
-                self.feed(&name, Input::ScaleRequested(workers));
+                self.feed(&name, serving, Input::ScaleRequested(workers));
                 self.reply_if_settled(&name, conn);
             }
             Request::Signal { signal, .. } => {
@@ -1445,11 +1617,13 @@ impl Agent {
                 };
                 let site = &self.sites[&name];
                 let mut sent = 0;
-                for (id, w) in &site.workers {
-                    match w.pidref.signal(sig.0) {
-                        Ok(()) => sent += 1,
-                        Err(e) => {
-                            warn!(site = %name, worker = id, "failed to send {}: {e}", sig.name())
+                for gn in site.gens.values() {
+                    for (id, w) in &gn.workers {
+                        match w.pidref.signal(sig.0) {
+                            Ok(()) => sent += 1,
+                            Err(e) => {
+                                warn!(site = %name, gen = gn.id, worker = id, "failed to send {}: {e}", sig.name())
+                            }
                         }
                     }
                 }
@@ -1515,9 +1689,10 @@ impl Agent {
             return;
         };
         let waiting = site.waiters.iter().any(|w| w.conn == conn);
-        let settled = site.core.run == RunState::Running
-            && site.core.slots.len() == site.core.desired as usize
-            && site.core.ready() == site.core.desired as usize;
+        let core = &site.cur().core;
+        let settled = core.run == RunState::Running
+            && core.slots.len() == core.desired as usize
+            && core.ready() == core.desired as usize;
         if waiting && settled {
             self.finish(
                 conn,
@@ -1535,33 +1710,49 @@ impl Agent {
             .filter(|(n, s)| only.is_none_or(|o| o == *n) && (admin || s.config.uid == uid))
             .map(|(name, s)| {
                 let workers: Vec<serde_json::Value> = s
-                    .core
-                    .slots
+                    .gens
                     .values()
-                    .map(|slot| {
-                        let started_at = s
+                    .flat_map(|g| g.core.slots.values().map(move |slot| (g, slot)))
+                    .map(|(g, slot)| {
+                        let started_at = g
                             .workers
                             .get(&slot.id)
                             .map(|w| w.started_wall)
                             .or_else(|| slot.started.map(|t| wall - now.saturating_duration_since(t)));
                         json!({
                             "id": slot.id,
+                            "generation": g.id,
                             "pid": slot.pid,
                             "state": slot.phase.name(),
                             "restarts": slot.restarts,
                             "started_at": started_at.map(logs::utc_timestamp),
                             "uptime_ms": slot.pid.and(slot.started).map(|t| now.saturating_duration_since(t).as_millis()),
                             "last_exit": slot.last_exit.as_ref().map(|r| r.to_string()),
-                            "cgroup": s.workers.get(&slot.id).and_then(|w| w.cgroup.clone()),
-                            "usage": s.workers.get(&slot.id).and_then(|w| w.cgroup.as_deref()).map(crate::cgroup::read_usage),
+                            "cgroup": g.workers.get(&slot.id).and_then(|w| w.cgroup.clone()),
+                            "usage": g.workers.get(&slot.id).and_then(|w| w.cgroup.as_deref()).map(crate::cgroup::read_usage),
                         })
                     })
                     .collect();
+                let cur = s.cur();
                 json!({
                     "name": name,
-                    "state": s.core.run.name(),
-                    "generation": s.generation,
-                    "desired": s.core.desired,
+                    "state": cur.core.run.name(),
+                    "generation": s.serving,
+                    "release": cur.release,
+                    "previous_release": s.previous_release,
+                    "generations": s.gens.values().map(|g| json!({
+                        "id": g.id,
+                        "state": self.generation_state(s, g),
+                        "release": g.release,
+                        "desired": g.core.desired,
+                        "ready": g.core.ready(),
+                        "live": g.core.live(),
+                    })).collect::<Vec<_>>(),
+                    "deploy": s.deploy.as_ref().map(|d| d.describe()),
+                    "queued_deploys": s.queued_deploys.len(),
+                    "last_deploy": s.last_deploy,
+                    "steering": self.steering_mode(s),
+                    "desired": cur.core.desired,
                     "requested": s.requested,
                     "auto": s.config.auto.map(|a| json!({ "min": a.min, "max": a.max })),
                     "capacity": s.capacity.map(|c| json!({
@@ -1571,9 +1762,9 @@ impl Agent {
                         "budget": c.budget,
                         "derivation": c.describe(),
                     })),
-                    "ready": s.core.ready(),
-                    "restarting": s.core.is_restarting(),
-                    "listen": s.listeners.iter().map(|l| l.spec.addr.to_string()).collect::<Vec<_>>(),
+                    "ready": cur.core.ready(),
+                    "restarting": cur.core.is_restarting(),
+                    "listen": cur.listeners.iter().map(|l| l.spec.addr.to_string()).collect::<Vec<_>>(),
                     "log": s.log.path(),
                     "limits": {
                         "memory": s.config.limits.memory,
@@ -1615,6 +1806,16 @@ impl Agent {
                 "control_socket, state_dir and cgroup_base changes take effect when the agent restarts"
             );
         }
+        for sc in &new.sites {
+            if let Some(site) = self.sites.get(&sc.name) {
+                if site.config != *sc && (site.deploy.is_some() || site.gens.len() > 1) {
+                    return Err(setup_err(
+                        format!("reload site {}", sc.name),
+                        io::Error::other("a deploy is under way: reload once it is done"),
+                    ));
+                }
+            }
+        }
         // Bind what is new first: if anything fails, drop it all and change nothing.
         let mut prepared: Vec<(SiteConfig, Option<Vec<Listener>>, Option<Site>)> = Vec::new();
         for sc in &new.sites {
@@ -1623,7 +1824,7 @@ impl Agent {
                 Some(old) if old.config.listen != sc.listen => {
                     let mut ls = Vec::new();
                     for spec in &sc.listen {
-                        match old.listeners.iter().position(|l| l.spec == *spec) {
+                        match old.cur().listeners.iter().position(|l| l.spec == *spec) {
                             Some(_) => ls.push(None),
                             None => ls.push(Some(Listener::bind(spec, sc.uid, sc.gid).map_err(
                                 |e| {
@@ -1642,6 +1843,7 @@ impl Agent {
                             Some(l) => full.push(l),
                             None => {
                                 let old_l = old
+                                    .cur()
                                     .listeners
                                     .iter()
                                     .find(|l| l.spec == *spec)
@@ -1672,7 +1874,11 @@ impl Agent {
                 if let Some(s) = self.sites.get_mut(&name) {
                     s.removing = true;
                 }
-                self.feed(&name, Input::StopRequested);
+                self.cancel_deploys(&name, "the site was removed from the configuration");
+                let gens: Vec<GenId> = self.sites[&name].gens.keys().copied().collect();
+                for g in gens {
+                    self.feed(&name, g, Input::StopRequested);
+                }
             }
         }
         for (sc, listeners, fresh) in prepared {
@@ -1680,7 +1886,7 @@ impl Agent {
             if let Some(site) = fresh {
                 added.push(name.to_string());
                 self.sites.insert(name.clone(), site);
-                self.feed(&name, Input::StartRequested);
+                self.feed(&name, 1, Input::StartRequested);
                 continue;
             }
             let Some(site) = self.sites.get_mut(&name) else {
@@ -1696,14 +1902,20 @@ impl Agent {
             } == site.config;
             let workers = sc.workers;
             if let Some(ls) = listeners {
-                for old in &site.listeners {
+                for old in &site.cur().listeners {
                     if !ls.iter().any(|l| l.spec.addr == old.spec.addr) {
                         old.unlink();
                     }
                 }
-                site.listeners = ls;
+                site.steering = deploy::attach_steering(&self.steering_support, &name, &ls);
+                site.cur_mut().listeners = ls;
             }
-            site.core.policies = policies(&sc);
+            let cur = site.cur_mut();
+            cur.core.policies = policies(&sc);
+            cur.config = match &cur.release {
+                Some(r) => sc.for_release(r),
+                None => sc.clone(),
+            };
             site.log.set_policy(sc.logs);
             let limits_changed = site.config.limits != sc.limits;
             site.config = sc;
@@ -1718,7 +1930,7 @@ impl Agent {
                     continue;
                 };
                 site.not_enforced = missing;
-                for w in site.workers.values() {
+                for w in site.gens.values().flat_map(|g| g.workers.values()) {
                     if let Some(dir) = &w.cgroup {
                         if let Err(e) = CgroupTree::apply_worker_limits(dir, &cfg.limits) {
                             warn!(site = %name, "failed to update worker limits: {e}");
@@ -1730,14 +1942,15 @@ impl Agent {
                 .sites
                 .get(&name)
                 .is_some_and(|s| s.config.limits.memory.is_some());
+            let serving = self.sites[&name].serving;
             if has_budget {
                 // The cap decides how many of the requested workers run.
                 self.refresh_capacity(&name);
             } else {
-                self.feed(&name, Input::ScaleRequested(workers));
+                self.feed(&name, serving, Input::ScaleRequested(workers));
             }
             if !only_count {
-                self.feed(&name, Input::RestartRequested);
+                self.feed(&name, serving, Input::RestartRequested);
             }
         }
         self.config = AgentConfig {
@@ -1752,7 +1965,7 @@ impl Agent {
         let Some(site) = self.sites.remove(name) else {
             return;
         };
-        for l in &site.listeners {
+        for l in site.gens.values().flat_map(|g| &g.listeners) {
             l.unlink();
         }
         if self.cgroups.is_some() {
@@ -1782,13 +1995,17 @@ impl Agent {
         notify_systemd("STOPPING=1");
         let names: Vec<SiteName> = self.sites.keys().cloned().collect();
         for name in names {
-            self.feed(&name, Input::StopRequested);
+            self.cancel_deploys(&name, "the agent is shutting down");
+            let gens: Vec<GenId> = self.sites[&name].gens.keys().copied().collect();
+            for g in gens {
+                self.feed(&name, g, Input::StopRequested);
+            }
         }
     }
 
     fn kill_everything(&mut self) {
         for site in self.sites.values() {
-            for w in site.workers.values() {
+            for w in site.gens.values().flat_map(|g| g.workers.values()) {
                 let _ = match (&self.cgroups, &w.cgroup) {
                     (Some(tree), Some(dir)) => {
                         tree.kill(dir).map_err(|e| io::Error::other(e.to_string()))
@@ -1825,10 +2042,13 @@ impl Agent {
                 Err(_) => break,
             }
         }
-        for site in self.sites.values() {
-            for l in &site.listeners {
-                l.unlink();
-            }
+        for l in self
+            .sites
+            .values()
+            .flat_map(|s| s.gens.values())
+            .flat_map(|g| &g.listeners)
+        {
+            l.unlink();
         }
         if let Some(tree) = &self.cgroups {
             tree.teardown();

@@ -7,5 +7,6 @@
 //! including a randomized simulation against the invariants of DESIGN.md.
 
 pub mod capacity;
+pub mod deploy;
 pub mod policy;
 pub mod site;

@@ -1,0 +1,566 @@
+//! Deploys by generations against the real agent, with a real load client on loopback:
+//! zero failed requests through back-to-back deploys and through broken releases.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn in_vm() -> bool {
+    std::env::var_os("HATCHERY_IN_VM").is_some()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A release directory `name` under `root`, misbehaving as `behaviour` says.
+fn release(root: &Path, name: &str, behaviour: Option<&str>) -> PathBuf {
+    let dir = root.join("releases").join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir release");
+    if let Some(b) = behaviour {
+        std::fs::write(dir.join("behaviour"), b).expect("write behaviour");
+    }
+    dir
+}
+
+/// Points the `current` symlink at `target`, atomically (as a deploy tool would).
+fn point(link: &Path, target: &Path) {
+    let tmp = link.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).expect("symlink");
+    std::fs::rename(&tmp, link).expect("rename symlink");
+}
+
+fn site(link: &Path, port: u16, extra: &str) -> String {
+    let timeout = if in_vm() { "20s" } else { "4s" };
+    format!(
+        r#"name = "web"
+command = ["{BIN}", "__demo-worker", "--delay-ms", "50", "--behaviour-from", "{{release}}"]
+workers = 4
+release = "{}"
+{extra}
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:{port}"
+[ready]
+check = "notify"
+timeout = "{timeout}"
+[stop]
+timeout = "10s"
+[deploy]
+probation = "600ms"
+"#,
+        link.display()
+    )
+}
+
+/// One request of the load client.
+#[derive(Debug)]
+struct Sample {
+    start: Instant,
+    connected: Option<Instant>,
+    /// The generation that answered, or what went wrong.
+    outcome: Result<u32, String>,
+}
+
+fn one_request(addr: SocketAddr) -> Sample {
+    let start = Instant::now();
+    let fail = |connected, e: String| Sample {
+        start,
+        connected,
+        outcome: Err(e),
+    };
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) => return fail(None, format!("connect: {e}")),
+    };
+    let connected = Some(Instant::now());
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    if let Err(e) = s.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n") {
+        return fail(connected, format!("write: {e}"));
+    }
+    let mut body = String::new();
+    if let Err(e) = s.read_to_string(&mut body) {
+        return fail(connected, format!("read: {e}"));
+    }
+    if !body.starts_with("HTTP/1.1 200") {
+        return fail(connected, format!("bad response: {body:?}"));
+    }
+    let generation = body
+        .split("generation ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|g| g.trim().parse().ok());
+    match generation {
+        Some(g) => Sample {
+            start,
+            connected,
+            outcome: Ok(g),
+        },
+        None => fail(connected, format!("no generation in {body:?}")),
+    }
+}
+
+/// `conns` clients, each making one request per fresh connection until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Vec<Sample>>>,
+}
+
+impl Load {
+    fn start(port: u16, conns: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let threads = (0..conns)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    // Bounded: at most 10 minutes' worth even if never stopped.
+                    let until = Instant::now() + Duration::from_secs(600);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                        out.push(one_request(addr));
+                    }
+                    out
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    fn finish(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("load thread"))
+            .collect()
+    }
+}
+
+/// What a `hatchery deploy` printed and when.
+struct DeployRun {
+    code: Option<i32>,
+    lines: Vec<(Instant, String)>,
+}
+
+impl DeployRun {
+    fn text(&self) -> String {
+        self.lines
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// When the client heard that generation `g` serves.
+    fn flip(&self, g: u32) -> Option<Instant> {
+        let needle = format!("gen-{g} serves");
+        self.lines
+            .iter()
+            .find(|(_, l)| l.contains(&needle))
+            .map(|(t, _)| *t)
+    }
+
+    /// Pids the deploy reported starting.
+    fn started_pids(&self) -> Vec<i64> {
+        self.lines
+            .iter()
+            .filter_map(|(_, l)| l.split("(pid ").nth(1))
+            .filter_map(|r| r.trim_end_matches(')').parse().ok())
+            .collect()
+    }
+}
+
+fn deploy(agent: &TestAgent, args: &[&str]) -> DeployRun {
+    let mut child = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .arg("deploy")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run deploy");
+    let err = child.stderr.take().expect("stderr");
+    let mut lines = Vec::new();
+    for line in BufReader::new(err).lines() {
+        let line = line.expect("read deploy output");
+        lines.push((Instant::now(), line));
+    }
+    let mut out = String::new();
+    let _ = child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out);
+    let code = child.wait().expect("wait deploy").code();
+    lines.push((Instant::now(), out));
+    DeployRun { code, lines }
+}
+
+fn serving(agent: &TestAgent) -> (u64, Vec<i64>) {
+    let s = agent.status("web");
+    let g = s["generation"].as_u64().expect("generation");
+    let pids = s["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter(|w| w["generation"] == g)
+        .filter_map(|w| w["pid"].as_i64())
+        .collect();
+    (g, pids)
+}
+
+fn gen_dirs(agent: &TestAgent) -> Option<Vec<String>> {
+    let s = agent.status("web");
+    let leaf = s["workers"][0]["cgroup"].as_str()?;
+    let site_dir = Path::new(leaf).parent()?.parent()?;
+    let mut names: Vec<String> = std::fs::read_dir(site_dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    names.sort();
+    Some(names)
+}
+
+#[test]
+fn deploys_under_load_fail_no_request_and_broken_releases_roll_back() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    point(&link, &release(root.path(), "r1", None));
+    let port = free_port();
+    let text = site(&link, port, "");
+    let agent = TestAgent::start_ready(
+        &[("web", &text)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+        "web",
+        4,
+    );
+    let steering = agent.status("web")["steering"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let (deploys, conns) = if in_vm() { (5, 4) } else { (20, 16) };
+
+    let load = Load::start(port, conns);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut flips: Vec<(u32, Instant)> = Vec::new();
+    for i in 2..=deploys + 1 {
+        point(&link, &release(root.path(), &format!("r{i}"), None));
+        let (before, old_pids) = serving(&agent);
+        let run = deploy(&agent, &["web"]);
+        assert_eq!(run.code, Some(0), "deploy {i} failed:\n{}", run.text());
+        let (now, _) = serving(&agent);
+        assert_eq!(
+            now,
+            before + 1,
+            "deploy {i} did not move on:\n{}",
+            run.text()
+        );
+        let g = u32::try_from(now).expect("small");
+        flips.push((g, run.flip(g).expect("the deploy reported its flip")));
+        for pid in old_pids {
+            assert!(!alive(pid), "gen-{before} worker {pid} outlived deploy {i}");
+        }
+        let s = agent.status("web");
+        assert_eq!(
+            s["generations"].as_array().map(Vec::len),
+            Some(1),
+            "old generation left after deploy {i}: {s:#}"
+        );
+        if let Some(dirs) = gen_dirs(&agent) {
+            assert_eq!(dirs, vec![format!("gen-{now}")], "cgroups after deploy {i}");
+        }
+        assert!(
+            s["release"]
+                .as_str()
+                .is_some_and(|r| r.ends_with(&format!("r{i}"))),
+            "{s:#}"
+        );
+    }
+
+    // Broken releases: each is rolled back and the serving generation never notices.
+    let broken_from = Instant::now();
+    for behaviour in ["exit", "never-ready", "crash-after-ready"] {
+        point(&link, &release(root.path(), behaviour, Some(behaviour)));
+        let (before, pids) = serving(&agent);
+        let run = deploy(&agent, &["web"]);
+        assert_eq!(
+            run.code,
+            Some(4),
+            "a release that does {behaviour} was not rolled back:\n{}",
+            run.text()
+        );
+        assert!(run.text().contains("rolled back"), "{}", run.text());
+        let (after, pids_after) = serving(&agent);
+        assert_eq!(after, before, "{behaviour}: the serving generation changed");
+        assert_eq!(
+            pids_after, pids,
+            "{behaviour}: serving workers were disturbed"
+        );
+        let started = run.started_pids();
+        assert!(!started.is_empty(), "{}", run.text());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while started.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for p in started {
+            assert!(
+                !alive(p),
+                "{behaviour}: rolled-back worker {p} is still running"
+            );
+        }
+        let s = agent.status("web");
+        assert_eq!(s["last_deploy"]["result"], "rolled_back", "{s:#}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = load.finish();
+
+    // Without eBPF steering the generations share one listener, so a broken release
+    // takes (and may fail) connections before it is rolled back: only the good deploys
+    // can promise zero failures there.
+    let strict = steering == "ebpf";
+    let failures: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.outcome.is_err() && (strict || s.start < broken_from))
+        .collect();
+    let total = samples.len();
+    assert!(
+        total >= 100,
+        "only {total} requests were made: the load did not run"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed, e.g. {:?}",
+        failures.len(),
+        failures.iter().take(5).collect::<Vec<_>>()
+    );
+    eprintln!("{total} requests, 0 failed, steering: {steering}");
+    if steering == "ebpf" {
+        // Every response came from a generation that was serving when the connection
+        // was made: after its flip (the client hears of a flip a little after it
+        // happens) and before the next one.
+        let slack = Duration::from_millis(50);
+        for s in &samples {
+            let g = *s.outcome.as_ref().expect("no failures");
+            let connected = s.connected.expect("connected");
+            if let Some((_, t)) = flips.iter().find(|(x, _)| *x == g) {
+                assert!(
+                    connected + slack >= *t,
+                    "gen-{g} answered a connection made {:?} before its flip",
+                    t.saturating_duration_since(connected)
+                );
+            }
+            if let Some((_, t)) = flips.iter().find(|(x, _)| *x == g + 1) {
+                assert!(
+                    s.start <= *t,
+                    "gen-{g} answered a connection started {:?} after gen-{} took over",
+                    s.start.saturating_duration_since(*t),
+                    g + 1
+                );
+            }
+        }
+    } else {
+        assert!(
+            !require_all(),
+            "eBPF steering must be available as root: {steering}"
+        );
+        eprintln!("note: without eBPF steering generations share one listener");
+    }
+}
+
+#[test]
+fn a_budget_that_cannot_hold_two_generations_moves_slots_one_at_a_time() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    point(&link, &release(root.path(), "r1", None));
+    let port = free_port();
+    // 400M / 100M per worker: room for 4 workers in all, and the site runs 4.
+    let text = site(&link, port, "memory = \"400M\"\nworker_memory = \"100M\"");
+    let agent = TestAgent::start_ready(
+        &[("web", &text)],
+        Options {
+            reactor: "epoll",
+            cgroups: false,
+        },
+        "web",
+        4,
+    );
+    point(&link, &release(root.path(), "r2", None));
+    let watching = Arc::new(AtomicBool::new(true));
+    let most = {
+        let watching = watching.clone();
+        let socket = agent.socket.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while watching.load(Ordering::Relaxed) {
+                let out = Command::new(BIN)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .args(["status", "web", "--json"])
+                    .output()
+                    .expect("status");
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                let live = v["sites"][0]["workers"]
+                    .as_array()
+                    .map(|w| w.iter().filter(|x| x["pid"].is_i64()).count())
+                    .unwrap_or(0);
+                most = most.max(live);
+            }
+            most
+        })
+    };
+    let run = deploy(&agent, &["web"]);
+    watching.store(false, Ordering::Relaxed);
+    let most = most.join().expect("watcher");
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    assert!(
+        run.text().contains("gen-1: down to 3 workers"),
+        "no slot was moved:\n{}",
+        run.text()
+    );
+    assert!(most <= 4, "{most} workers ran at once with room for 4");
+    let s = agent.wait_for(
+        "web",
+        "4 ready workers of gen-2",
+        Duration::from_secs(20),
+        |s| s["generation"] == 2 && s["ready"] == 4,
+    );
+    assert_eq!(s["generations"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn deploys_queue_rollback_returns_to_the_previous_release_and_bad_requests_are_refused() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    let r1 = release(root.path(), "r1", None);
+    point(&link, &r1);
+    let port = free_port();
+    let text = site(&link, port, "");
+    let agent = TestAgent::start_ready(
+        &[("web", &text)],
+        Options {
+            reactor: "epoll",
+            cgroups: false,
+        },
+        "web",
+        4,
+    );
+    point(&link, &release(root.path(), "r2", None));
+    // Two deploys at once: the second waits for the first, then deploys again.
+    let first = std::thread::spawn({
+        let socket = agent.socket.clone();
+        move || {
+            Command::new(BIN)
+                .arg("--socket")
+                .arg(&socket)
+                .args(["deploy", "web"])
+                .output()
+                .expect("deploy")
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let second = agent.cli(&["deploy", "web"]);
+    let first = first.join().expect("first deploy");
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("waiting for the deploy of gen-2"),
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(agent.status("web")["generation"], 3);
+
+    // Rollback: back to the release gen-3 replaced (gen-2's, r2), then to r1? No: the
+    // previous release is always the one the serving generation replaced.
+    let out = agent.cli(&["rollback", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = agent.status("web");
+    assert_eq!(s["generation"], 4);
+    assert!(
+        s["release"].as_str().is_some_and(|r| r.ends_with("r2")),
+        "{s:#}"
+    );
+
+    // An explicit release directory.
+    let out = agent.cli(&["deploy", "web", "--release", &r1.display().to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = agent.status("web");
+    assert!(
+        s["release"].as_str().is_some_and(|r| r.ends_with("r1")),
+        "{s:#}"
+    );
+
+    // Refusals change nothing.
+    let pids = agent.pids("web");
+    let out = agent.cli(&["deploy", "web", "--release", "/nonexistent/release"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not resolve"),
+        "{}",
+        stderr(&out)
+    );
+    let out = agent.cli(&["deploy", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        agent.pids("web"),
+        pids,
+        "a refused deploy disturbed the site"
+    );
+    let out = agent.cli(&["stop", "web"]);
+    assert!(out.status.success());
+    let out = agent.cli(&["deploy", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is stopped"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_site_without_release_deploys_its_command_again() {
+    let port = free_port();
+    let text = format!(
+        r#"name = "web"
+command = ["{BIN}", "__demo-worker"]
+workers = 2
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:{port}"
+[ready]
+check = "notify"
+[deploy]
+probation = "100ms"
+"#
+    );
+    let agent = TestAgent::start_ready(
+        &[("web", &text)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "web",
+        2,
+    );
+    let old = agent.pids("web");
+    let run = deploy(&agent, &["web"]);
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    let s = agent.status("web");
+    assert_eq!(s["generation"], 2);
+    for p in old {
+        assert!(!alive(p));
+    }
+}
