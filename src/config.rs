@@ -1348,6 +1348,44 @@ mod tests {
     }
 
     #[test]
+    fn release_fills_command_workdir_and_env_and_is_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r1 = dir.path().join("r1");
+        std::fs::create_dir(&r1).expect("mkdir");
+        let link = dir.path().join("current");
+        std::os::unix::fs::symlink(&r1, &link).expect("symlink");
+        let text = format!(
+            "name = \"blog\"\ncommand = [\"{{release}}/bin/server\", \"--root\", \"{{release}}\"]\nworkdir = \"{{release}}\"\nrelease = \"{}\"\n[env]\nAPP = \"{{release}}/app.ini\"\n[ready]\ncheck = \"notify\"\n[deploy]\nprobation = \"2s\"\n",
+            link.display()
+        );
+        let s = site(&text).expect("valid");
+        assert_eq!(s.deploy.probation, Duration::from_secs(2));
+        let target = resolve_release(&link).expect("resolves");
+        assert_eq!(target, std::fs::canonicalize(&r1).expect("canonical"));
+        let g = s.for_release(&target);
+        let t = target.display().to_string();
+        assert_eq!(
+            g.command,
+            vec![format!("{t}/bin/server"), "--root".into(), t.clone()]
+        );
+        assert_eq!(g.workdir, Some(target.clone()));
+        assert_eq!(g.env["APP"], format!("{t}/app.ini"));
+
+        let e = site("name = \"blog\"\ncommand = [\"{release}/x\"]\n").unwrap_err();
+        assert_eq!(e.key, "release");
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nrelease = \"/nonexistent/current\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "release");
+        assert!(e.message.contains("does not resolve"), "{e}");
+        let tcp = text.replace("check = \"notify\"", "check = \"tcp\"")
+            + "[[listen]]\ntcp = \"127.0.0.1:1\"\n";
+        let e = site(&tcp).unwrap_err();
+        assert_eq!(e.key, "ready.check");
+        let e = site(&text.replace("\"2s\"", "\"soon\"")).unwrap_err();
+        assert_eq!(e.key, "deploy.probation");
+    }
+
+    #[test]
     fn durations_parse_and_format_round_trip() {
         assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));

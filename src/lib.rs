@@ -6,11 +6,13 @@
 //!   `signalfd`, `waitid(P_ALL, WNOWAIT)` and the io_uring submission side.
 //! - Kernel-facing mechanism: [`process`] (a pid always with its pidfd), [`cgroup`] (the
 //!   cgroup v2 tree as directory fds), [`net`] (listeners bound by the agent, the notify
-//!   socket), [`spawn`] (turning a site's configuration into a ready-to-clone image).
-//! - Policy without I/O: [`supervisor`] (per-site worker slot state machine, restart
-//!   backoff and flapping control).
+//!   socket), [`spawn`] (turning a site's configuration into a ready-to-clone image),
+//!   [`steering`] (the eBPF program that sends new connections to the serving generation).
+//! - Policy without I/O: [`supervisor`] (per-generation worker slot state machine, restart
+//!   backoff and flapping control, the memory cap, the deploy plan).
 //! - [`event`]: the single-threaded loop (io_uring or epoll readiness) that feeds kernel
-//!   events to the supervisor and carries out its actions, plus the control server.
+//!   events to the supervisor and carries out its actions, plus the control server and
+//!   deploys by generations.
 //! - Used anywhere: [`config`] (parsing and validation), [`logs`] (per-site worker log
 //!   files with rotation), [`control`] (the JSON protocol and its client), [`features`]
 //!   (what this kernel provides and what is enforced).

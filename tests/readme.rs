@@ -58,6 +58,39 @@ fn readme_config_examples_are_valid() {
     std::fs::write(&agent_path, agent_text).expect("write");
     let config = hatchery::config::load(&agent_path).expect("the README examples are valid");
     assert_eq!(config.sites.len(), 2);
+
+    // The deploy example, with its release symlink pointing at a real directory here.
+    let app = blocks
+        .iter()
+        .find(|b| b.starts_with("# sites.d/app.toml"))
+        .expect("a deploy example");
+    let release = dir.path().join("releases/42");
+    std::fs::create_dir_all(&release).expect("mkdir");
+    let link = dir.path().join("current");
+    std::os::unix::fs::symlink(&release, &link).expect("symlink");
+    let app_text: String = app
+        .lines()
+        .map(|l| {
+            if l.starts_with("release") {
+                format!("release = \"{}\"", link.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(sites.join("app.toml"), app_text).expect("write");
+    let config = hatchery::config::load(&agent_path).expect("the deploy example is valid");
+    let app = &config.sites[0];
+    assert_eq!(app.name.as_str(), "app");
+    assert_eq!(app.deploy.probation, std::time::Duration::from_secs(2));
+    let target = std::fs::canonicalize(&release).expect("canonical");
+    let run = app.for_release(&target);
+    assert_eq!(run.command[2], target.display().to_string());
+    assert_eq!(run.workdir.as_deref(), Some(target.as_path()));
+    std::fs::remove_file(sites.join("app.toml")).expect("rm");
+    let config = hatchery::config::load(&agent_path).expect("valid");
+    assert_eq!(config.sites.len(), 2);
     let blog = &config.sites[0];
     let shop = &config.sites[1];
     assert_eq!(
