@@ -62,6 +62,14 @@ pub struct Usage {
     pub cpu_usec: Option<u64>,
 }
 
+impl Usage {
+    /// The figure the memory cap measures: `memory.peak`, or `memory.current` on kernels
+    /// before 5.19 (which lack `memory.peak`; remove once 5.19 is the floor).
+    pub fn peak_or_current(&self) -> Option<u64> {
+        self.memory_peak.or(self.memory_current)
+    }
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -500,6 +508,9 @@ mod tests {
         assert_eq!(u.memory_current, Some(1 << 20));
         assert_eq!(u.memory_max, None, "max means unlimited");
         assert_eq!(u.memory_peak, None, "no memory.peak before 5.19");
+        assert_eq!(u.peak_or_current(), Some(1 << 20), "the cap measures memory.current");
+        fs::write(dir.path().join(MEMORY_PEAK), "2097152\n").expect("write");
+        assert_eq!(read_usage(dir.path()).peak_or_current(), Some(2 << 20));
         assert_eq!(u.oom_kills, Some(1));
         assert_eq!(u.cpu_usec, Some(12345));
         assert_eq!(u.pids, Some(3));
