@@ -90,6 +90,12 @@ pub fn oom_kills(dir: &Path) -> Option<u64> {
     )
 }
 
+/// What the memory cap measures for `dir`, reading only that: `memory.peak`, or
+/// `memory.current` before 5.19 (see [`Usage::peak_or_current`]).
+pub fn measured_memory(dir: &Path) -> Option<u64> {
+    read_u64(&dir.join(MEMORY_PEAK)).or_else(|| read_u64(&dir.join(MEMORY_CURRENT)))
+}
+
 /// Reads the accounting files of `dir` (missing files give `None`).
 pub fn read_usage(dir: &Path) -> Usage {
     let events = fs::read_to_string(dir.join(MEMORY_EVENTS)).ok();
@@ -508,9 +514,15 @@ mod tests {
         assert_eq!(u.memory_current, Some(1 << 20));
         assert_eq!(u.memory_max, None, "max means unlimited");
         assert_eq!(u.memory_peak, None, "no memory.peak before 5.19");
-        assert_eq!(u.peak_or_current(), Some(1 << 20), "the cap measures memory.current");
+        assert_eq!(
+            u.peak_or_current(),
+            Some(1 << 20),
+            "the cap measures memory.current"
+        );
+        assert_eq!(measured_memory(dir.path()), Some(1 << 20));
         fs::write(dir.path().join(MEMORY_PEAK), "2097152\n").expect("write");
         assert_eq!(read_usage(dir.path()).peak_or_current(), Some(2 << 20));
+        assert_eq!(measured_memory(dir.path()), Some(2 << 20));
         assert_eq!(u.oom_kills, Some(1));
         assert_eq!(u.cpu_usec, Some(12345));
         assert_eq!(u.pids, Some(3));

@@ -564,3 +564,122 @@ probation = "100ms"
         assert!(!alive(p));
     }
 }
+
+/// An unmodified gunicorn as the worker: it takes its socket from `LISTEN_FDS`, reports
+/// `READY=1` on `NOTIFY_SOCKET`, and stops gracefully on `SIGTERM`, so deploys under load
+/// fail no request with no Hatchery-specific code in the app.
+#[test]
+fn gunicorn_is_deployed_unchanged_without_a_failed_request() {
+    let Some(pythonpath) = std::env::var_os("HATCHERY_TEST_PYTHONPATH") else {
+        // Only `run-tests` installs gunicorn (beside the build); vm-tests have no Python.
+        eprintln!("skipped: HATCHERY_TEST_PYTHONPATH does not name a gunicorn install");
+        return;
+    };
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .map(PathBuf::from)
+        .chain(
+            std::env::var_os("PATH")
+                .into_iter()
+                .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .map(|d| d.join("python3")),
+        )
+        .find(|p| {
+            Command::new(p)
+                .args(["-c", "import gunicorn"])
+                .env("PYTHONPATH", &pythonpath)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("a python3 that imports gunicorn from HATCHERY_TEST_PYTHONPATH");
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    let app = |name: &str| {
+        let dir = release(root.path(), name, None);
+        std::fs::write(
+            dir.join("app.py"),
+            format!(
+                "import os, time\n\ndef app(environ, start_response):\n    time.sleep(0.02)\n    body = b'generation ' + os.environ.get('HATCHERY_GENERATION', '?').encode() + b', release {name}\\n'\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    return [body]\n"
+            ),
+        )
+        .expect("write app");
+        dir
+    };
+    point(&link, &app("g1"));
+    let port = free_port();
+    let text = format!(
+        r#"name = "web"
+command = ["{}", "-m", "gunicorn", "--chdir", "{{release}}", "-w", "2", "--graceful-timeout", "10", "app:app"]
+workers = 1
+release = "{}"
+[env]
+PYTHONPATH = "{}"
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:{port}"
+[ready]
+check = "notify"
+timeout = "30s"
+[stop]
+timeout = "15s"
+[deploy]
+probation = "1s"
+"#,
+        python.display(),
+        link.display(),
+        Path::new(&pythonpath).display()
+    );
+    let agent = TestAgent::start_ready(
+        &[("web", &text)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "web",
+        1,
+    );
+    let load = Load::start(port, 4);
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 2..=4 {
+        point(&link, &app(&format!("g{i}")));
+        let run = deploy(&agent, &["web"]);
+        assert_eq!(
+            run.code,
+            Some(0),
+            "deploy {i}:\n{}\n{}",
+            run.text(),
+            agent_log_tail(&agent)
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = load.finish();
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.outcome.is_err()).collect();
+    assert!(samples.len() > 20, "only {} requests", samples.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failed.len(),
+        samples.len(),
+        failed.iter().take(3).collect::<Vec<_>>()
+    );
+    let last = samples
+        .last()
+        .and_then(|s| s.outcome.as_ref().ok().copied());
+    assert_eq!(
+        last,
+        Some(4),
+        "the last answer came from the last generation"
+    );
+}
+
+fn agent_log_tail(agent: &TestAgent) -> String {
+    let log = agent.agent_log();
+    log.lines()
+        .rev()
+        .take(30)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
+}

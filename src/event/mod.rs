@@ -469,7 +469,7 @@ impl Agent {
             .values()
             .filter(|w| w.started_wall.elapsed().unwrap_or_default() >= capacity::SETTLE)
             .filter_map(|w| w.cgroup.as_deref())
-            .filter_map(|d| crate::cgroup::read_usage(d).peak_or_current())
+            .filter_map(crate::cgroup::measured_memory)
             .max();
         let cap = capacity::capacity(
             budget,
