@@ -85,3 +85,24 @@ pub fn probe_kernel() -> Vec<Feature> {
     });
     out
 }
+
+/// How connections reach the serving generation on this host.
+pub fn steering(support: &crate::steering::SteeringSupport) -> Feature {
+    use crate::steering::SteeringSupport;
+    match support {
+        SteeringSupport::Migrate => Feature::on(
+            "connection steering",
+            "eBPF sk_reuseport program per listener: new connections go to the serving generation; queued ones migrate off a closing listener (SELECT_OR_MIGRATE)",
+        ),
+        SteeringSupport::Select => Feature::on(
+            "connection steering",
+            "eBPF sk_reuseport program per listener: new connections go to the serving generation; old listeners drain before their workers stop (no SELECT_OR_MIGRATE before 5.14)",
+        ),
+        SteeringSupport::Unavailable(why) => Feature::off(
+            "connection steering",
+            format!(
+                "generations share one listener per address ({why}): a new generation takes connections before it is ready, and a broken release may fail some before it is rolled back"
+            ),
+        ),
+    }
+}

@@ -235,6 +235,7 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
         ),
     };
     report.push(cgroup);
+    report.push(features::steering(&hatchery::steering::probe()));
     if json {
         let sites: Vec<_> = config.sites.iter().map(|s| s.to_raw()).collect();
         let out = serde_json::json!({ "valid": true, "sites": sites, "features": report });

@@ -358,6 +358,7 @@ impl Agent {
                 out.push(Feature::off("tree kill", "process group SIGKILL instead of cgroup.kill (a worker that leaves its process group escapes)"));
             }
         }
+        out.push(features::steering(&self.steering_support));
         out.push(Feature::on(
             "subreaper",
             "orphaned worker descendants are reaped by the agent",
