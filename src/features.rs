@@ -83,5 +83,17 @@ pub fn probe_kernel() -> Vec<Feature> {
             "not root: workers run as the agent's user; cgroups need delegation",
         )
     });
+    out.push(match crate::steering::probe() {
+        crate::steering::SteeringSupport::Migrate => {
+            Feature::on("connection steering", "eBPF select-or-migrate")
+        }
+        crate::steering::SteeringSupport::Select => Feature::on(
+            "connection steering",
+            "eBPF select (no migration: old generations drain before closing)",
+        ),
+        crate::steering::SteeringSupport::Unavailable(why) => {
+            Feature::off("connection steering", format!("unavailable ({why})"))
+        }
+    });
     out
 }

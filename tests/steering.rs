@@ -80,7 +80,7 @@ fn connect(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
 }
 
 #[test]
-fn new_connections_go_to_the_steered_listener() {
+fn steering_new_connections_go_to_the_steered_listener() {
     if !available() {
         return;
     }
@@ -108,7 +108,7 @@ fn new_connections_go_to_the_steered_listener() {
 }
 
 #[test]
-fn queued_connections_of_a_closed_listener_migrate() {
+fn steering_queued_connections_of_a_closed_listener_migrate() {
     if !available() {
         return;
     }
@@ -119,7 +119,7 @@ fn queued_connections_of_a_closed_listener_migrate() {
         return;
     }
     steering.steer_to(a.as_fd()).expect("steer to A");
-    let queued = 8;
+    let queued: usize = 8; // also the accept-queue length waited for below
     let mut clients = connect(addr, queued);
     let start = Instant::now();
     while hatchery::sys::tcp::accept_queue_len(a.as_fd()).expect("TCP_INFO") < 8 {
@@ -155,7 +155,7 @@ fn queued_connections_of_a_closed_listener_migrate() {
 }
 
 #[test]
-fn attach_needs_a_reuseport_socket() {
+fn steering_attach_needs_a_reuseport_socket() {
     let l = bound("127.0.0.1:0".parse().expect("addr"), false);
     listen(&l, 16).expect("listen");
     let err = Steering::attach(l.as_fd()).expect_err("no SO_REUSEPORT");
@@ -164,7 +164,7 @@ fn attach_needs_a_reuseport_socket() {
 }
 
 #[test]
-fn a_bound_but_not_listening_socket_is_refused_by_the_sockarray() {
+fn steering_sockarray_refuses_a_bound_but_not_listening_socket() {
     if !available() {
         return;
     }
