@@ -65,6 +65,9 @@ pub enum SteeringError {
     /// The socket's options could not be read.
     #[error("failed to read SO_REUSEPORT of the socket")]
     Inspect(#[source] io::Error),
+    /// The listener could not be identified (`fstat`).
+    #[error("failed to fstat the listener to steer to")]
+    Identify(#[source] io::Error),
     /// `SO_ATTACH_REUSEPORT_EBPF` failed.
     #[error("failed to attach the steering program to the reuseport group")]
     Attach(#[source] io::Error),
@@ -139,7 +142,7 @@ impl Steering {
     /// From now on every new connection of the group goes to `listener` (a listening
     /// member of the group): insert it in the sockarray, then flip the cfg index.
     pub fn steer_to(&mut self, listener: BorrowedFd<'_>) -> Result<(), SteeringError> {
-        let id = identity(listener).map_err(|source| SteeringError::Insert { slot: 0, source })?;
+        let id = identity(listener).map_err(SteeringError::Identify)?;
         // Already in a slot (a socket can be in one sockarray slot only): just select it.
         let found = (0..SLOTS).find(|&s| self.occupant[s as usize] == Some(id));
         let slot = match found {

@@ -180,3 +180,21 @@ fn steering_sockarray_refuses_a_bound_but_not_listening_socket() {
     let _c = connect(a.local_addr().expect("addr"), 3);
     assert_eq!(accept_n(&a, 3).len(), 3);
 }
+
+#[test]
+fn steering_a_rejected_program_carries_the_verifier_log() {
+    if !available() {
+        return;
+    }
+    // r0 = 1 without an exit: the verifier refuses to fall off the end.
+    let insns = [[0xb7, 0, 0, 0, 1, 0, 0, 0]];
+    let err = hatchery::sys::bpf::prog_load_sk_reuseport(
+        &insns,
+        c"GPL",
+        hatchery::sys::bpf::BPF_SK_REUSEPORT_SELECT,
+    )
+    .expect_err("no exit instruction");
+    assert!(!err.log.is_empty(), "{err}");
+    assert!(err.to_string().contains("verifier log"), "{err}");
+    eprintln!("{err}");
+}
