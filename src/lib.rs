@@ -3,11 +3,12 @@
 //! The module tree follows the layers of DESIGN.md, each using only those beneath it:
 //!
 //! - [`sys`] is the only place with `unsafe`: `clone3` and the post-clone child path,
-//!   `signalfd`, `waitid(P_ALL, WNOWAIT)` and the io_uring submission side.
+//!   `signalfd`, `waitid(P_ALL, WNOWAIT)`, the io_uring submission side and `bpf(2)`.
 //! - Kernel-facing mechanism: [`process`] (a pid always with its pidfd), [`cgroup`] (the
 //!   cgroup v2 tree as directory fds), [`net`] (listeners bound by the agent, the notify
 //!   socket), [`spawn`] (turning a site's configuration into a ready-to-clone image),
-//!   [`steering`] (the eBPF program that sends new connections to the serving generation).
+//!   [`steering`] (the eBPF program that sends a reuseport group's new connections to the
+//!   serving generation's listener).
 //! - Policy without I/O: [`supervisor`] (per-generation worker slot state machine, restart
 //!   backoff and flapping control, the memory cap, the deploy plan).
 //! - [`event`]: the single-threaded loop (io_uring or epoll readiness) that feeds kernel

@@ -1,44 +1,374 @@
-//! Connection steering between generations (placeholder until the eBPF program lands:
-//! every site uses the shared-listener fallback).
+//! Connection steering across generations of one reuseport group: an eBPF
+//! `SK_REUSEPORT` program that sends every new connection to the newest generation's
+//! listener, so the old generation can drain and close without losing connections.
+//!
+//! Kernel requirements (probed by [`probe`], never inferred from the release):
+//! `SK_REUSEPORT` programs and `REUSEPORT_SOCKARRAY` maps (Linux 4.19),
+//! `SELECT_OR_MIGRATE` (5.14) for queued connections of a closing listener to migrate too;
+//! CAP_BPF and CAP_NET_ADMIN (or root).
+//!
+//! One [`Steering`] per reuseport group (per bound address). It owns two maps and the
+//! program (see `bpf/README.md` for the instruction listing):
+//!
+//! - `cfg`: ARRAY `u32 → u32`, one entry: 0 means "kernel default selection", `k + 1`
+//!   means "select slot `k` of `socks`";
+//! - `socks`: REUSEPORT_SOCKARRAY `u32 → u64` with two slots, used alternately.
+//!
+//! [`Steering::steer_to`] performs, in order:
+//!
+//! 1. insert the new listener into the slot not currently selected (the selected slot,
+//!    and so the serving listener, is untouched until step 2);
+//! 2. set `cfg[0]` to that slot: every later SYN, and with `SELECT_OR_MIGRATE` every
+//!    request migrating off a closing listener, selects the new listener.
+//!
+//! A closed socket leaves the sockarray by itself; a lookup of an empty slot fails and
+//! the program returns `SK_PASS`, so the kernel's own hash selection applies (nothing is
+//! dropped). What this module does not do: detach the program, pin maps, or steer by
+//! weight.
 
-use std::os::fd::BorrowedFd;
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crate::sys::bpf;
 
 /// What this kernel/privilege allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SteeringSupport {
-    /// `SELECT_OR_MIGRATE`.
+    /// `SELECT_OR_MIGRATE` loads: new and migrating connections are steered (5.14).
     Migrate,
-    /// `SELECT` only.
+    /// Only `SELECT`: new connections are steered; a closing listener's queue is reset
+    /// unless drained first (4.19 to 5.13).
     Select,
-    /// None, and why.
+    /// No steering, and why.
     Unavailable(String),
 }
 
-/// Probes the kernel.
-pub fn probe() -> SteeringSupport {
-    SteeringSupport::Unavailable("the eBPF steering program is not built in yet".into())
+/// Errors of loading, attaching and updating the steering program.
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringError {
+    /// A map could not be created.
+    #[error("failed to create the steering map {map}")]
+    CreateMap {
+        /// Which map.
+        map: &'static str,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The program did not load.
+    #[error("failed to load the steering program")]
+    Load(#[source] bpf::ProgLoadError),
+    /// The socket is not in a reuseport group.
+    #[error("failed to attach the steering program: the socket does not have SO_REUSEPORT set")]
+    NotReuseport,
+    /// The socket's options could not be read.
+    #[error("failed to read SO_REUSEPORT of the socket")]
+    Inspect(#[source] io::Error),
+    /// The listener could not be identified (`fstat`).
+    #[error("failed to fstat the listener to steer to")]
+    Identify(#[source] io::Error),
+    /// `SO_ATTACH_REUSEPORT_EBPF` failed.
+    #[error("failed to attach the steering program to the reuseport group")]
+    Attach(#[source] io::Error),
+    /// The listener could not be put in the sockarray (it must be a listening member of
+    /// the group).
+    #[error(
+        "failed to insert the listener in steering slot {slot} (it must be a listening SO_REUSEPORT socket of the group)"
+    )]
+    Insert {
+        /// Which slot.
+        slot: u32,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The selected slot could not be switched.
+    #[error("failed to switch steering to slot {slot}")]
+    Flip {
+        /// Which slot.
+        slot: u32,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// Errors of steering.
-#[derive(Debug, thiserror::Error)]
-#[error("eBPF steering is unavailable")]
-pub struct SteeringError;
+/// Slots in the sockarray: the serving listener and the next one.
+const SLOTS: u32 = 2;
+/// Helper ids (`enum bpf_func_id`).
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+const BPF_FUNC_SK_SELECT_REUSEPORT: i32 = 82;
+/// `SK_PASS`.
+const SK_PASS: i32 = 1;
+/// The program's license (the helpers used are not GPL-only, but this is simplest).
+const LICENSE: &CStr = c"GPL";
 
-/// One reuseport group's program and maps.
+/// A loaded steering program attached to one reuseport group.
 #[derive(Debug)]
-pub struct Steering(());
+pub struct Steering {
+    cfg: OwnedFd,
+    socks: OwnedFd,
+    _prog: OwnedFd,
+    migrate: bool,
+    /// The slot `cfg` selects, if any.
+    active: Option<u32>,
+    /// The identity (device, inode) of the socket last inserted in each slot.
+    occupant: [Option<(u64, u64)>; SLOTS as usize],
+}
 
 impl Steering {
-    /// Attaches to the group of `member`.
-    pub fn attach(_member: BorrowedFd<'_>) -> Result<Steering, SteeringError> {
-        Err(SteeringError)
+    /// Loads the program and maps for one reuseport group and attaches it through
+    /// `member`, any bound SO_REUSEPORT socket of the group.
+    pub fn attach(member: BorrowedFd<'_>) -> Result<Steering, SteeringError> {
+        let reuseport = rustix::net::sockopt::socket_reuseport(member)
+            .map_err(|e| SteeringError::Inspect(e.into()))?;
+        if !reuseport {
+            return Err(SteeringError::NotReuseport);
+        }
+        let (cfg, socks) = create_maps()?;
+        let (prog, migrate) = load(cfg.as_fd(), socks.as_fd())?;
+        bpf::attach_reuseport_prog(member, prog.as_fd()).map_err(SteeringError::Attach)?;
+        Ok(Steering {
+            cfg,
+            socks,
+            _prog: prog,
+            migrate,
+            active: None,
+            occupant: [None; SLOTS as usize],
+        })
     }
-    /// Steers new connections to `listener`.
-    pub fn steer_to(&mut self, _listener: BorrowedFd<'_>) -> Result<(), SteeringError> {
-        Err(SteeringError)
+
+    /// From now on every new connection of the group goes to `listener` (a listening
+    /// member of the group): insert it in the sockarray, then flip the cfg index.
+    pub fn steer_to(&mut self, listener: BorrowedFd<'_>) -> Result<(), SteeringError> {
+        let id = identity(listener).map_err(SteeringError::Identify)?;
+        // Already in a slot (a socket can be in one sockarray slot only): just select it.
+        let found = (0..SLOTS).find(|&s| self.occupant[s as usize] == Some(id));
+        let slot = match found {
+            Some(slot) => slot,
+            None => {
+                let slot = match self.active {
+                    Some(a) => (a + 1) % SLOTS,
+                    None => 0,
+                };
+                bpf::sockarray_insert(self.socks.as_fd(), slot, listener)
+                    .map_err(|source| SteeringError::Insert { slot, source })?;
+                self.occupant[slot as usize] = Some(id);
+                slot
+            }
+        };
+        bpf::array_set_u32(self.cfg.as_fd(), 0, slot + 1)
+            .map_err(|source| SteeringError::Flip { slot, source })?;
+        self.active = Some(slot);
+        Ok(())
     }
-    /// Whether queued connections migrate.
+
+    /// Whether queued connections of a closing listener migrate (SELECT_OR_MIGRATE loaded).
     pub fn migrates(&self) -> bool {
-        false
+        self.migrate
+    }
+}
+
+/// What this kernel/privilege allows: creates the maps and loads the program, then
+/// drops them. Cheap (two maps, one 21-slot program) and uncached.
+pub fn probe() -> SteeringSupport {
+    let (cfg, socks) = match create_maps() {
+        Ok(m) => m,
+        Err(e) => return SteeringSupport::Unavailable(chain(&e)),
+    };
+    match load(cfg.as_fd(), socks.as_fd()) {
+        Ok((_, true)) => SteeringSupport::Migrate,
+        Ok((_, false)) => SteeringSupport::Select,
+        Err(e) => SteeringSupport::Unavailable(chain(&e)),
+    }
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+fn create_maps() -> Result<(OwnedFd, OwnedFd), SteeringError> {
+    let cfg = bpf::map_create(bpf::BPF_MAP_TYPE_ARRAY, 4, 4, 1)
+        .map_err(|source| SteeringError::CreateMap { map: "cfg", source })?;
+    let socks =
+        bpf::map_create(bpf::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, SLOTS).map_err(|source| {
+            SteeringError::CreateMap {
+                map: "socks",
+                source,
+            }
+        })?;
+    Ok((cfg, socks))
+}
+
+/// Loads with SELECT_OR_MIGRATE, or SELECT where the kernel rejects it with EINVAL.
+fn load(cfg: BorrowedFd<'_>, socks: BorrowedFd<'_>) -> Result<(OwnedFd, bool), SteeringError> {
+    let insns = program(map_fd(cfg), map_fd(socks));
+    match bpf::prog_load_sk_reuseport(&insns, LICENSE, bpf::BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) {
+        Ok(fd) => Ok((fd, true)),
+        // remove once 5.14 is the floor
+        Err(e) if e.source.raw_os_error() == Some(libc::EINVAL) => {
+            bpf::prog_load_sk_reuseport(&insns, LICENSE, bpf::BPF_SK_REUSEPORT_SELECT)
+                .map(|fd| (fd, false))
+                .map_err(SteeringError::Load)
+        }
+        Err(e) => Err(SteeringError::Load(e)),
+    }
+}
+
+fn map_fd(fd: BorrowedFd<'_>) -> i32 {
+    use std::os::fd::AsRawFd;
+    fd.as_raw_fd()
+}
+
+// Instruction encoding (`struct bpf_insn`: code, dst:4 | src:4 << 4, off: i16, imm: i32,
+// little-endian on the supported targets).
+const BPF_LD: u8 = 0x00;
+const BPF_LDX: u8 = 0x01;
+const BPF_ST: u8 = 0x02;
+const BPF_STX: u8 = 0x03;
+const BPF_ALU: u8 = 0x04;
+const BPF_JMP: u8 = 0x05;
+const BPF_ALU64: u8 = 0x07;
+const BPF_W: u8 = 0x00;
+const BPF_DW: u8 = 0x18;
+const BPF_IMM: u8 = 0x00;
+const BPF_MEM: u8 = 0x60;
+const BPF_K: u8 = 0x00;
+const BPF_X: u8 = 0x08;
+const BPF_ADD: u8 = 0x00;
+const BPF_MOV: u8 = 0xb0;
+const BPF_JEQ: u8 = 0x10;
+const BPF_CALL: u8 = 0x80;
+const BPF_EXIT: u8 = 0x90;
+const BPF_PSEUDO_MAP_FD: u8 = 1;
+
+const R0: u8 = 0;
+const R1: u8 = 1;
+const R2: u8 = 2;
+const R3: u8 = 3;
+const R4: u8 = 4;
+const R6: u8 = 6;
+const R10: u8 = 10;
+
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+    let o = off.to_le_bytes();
+    let i = imm.to_le_bytes();
+    [code, (src << 4) | dst, o[0], o[1], i[0], i[1], i[2], i[3]]
+}
+
+/// The steering program with the two map fds (see `bpf/README.md`, `bpf/steer.c`).
+pub(crate) fn program(cfg: i32, socks: i32) -> Vec<[u8; 8]> {
+    let mut p = Vec::with_capacity(21);
+    let mov64_reg = |dst, src| insn(BPF_ALU64 | BPF_MOV | BPF_X, dst, src, 0, 0);
+    let add64_imm = |dst, imm| insn(BPF_ALU64 | BPF_ADD | BPF_K, dst, 0, 0, imm);
+    let ld_map = |dst, fd| {
+        [
+            insn(BPF_LD | BPF_DW | BPF_IMM, dst, BPF_PSEUDO_MAP_FD, 0, fd),
+            insn(0, 0, 0, 0, 0),
+        ]
+    };
+    p.push(mov64_reg(R6, R1)); // 0: r6 = ctx
+    p.push(insn(BPF_ST | BPF_MEM | BPF_W, R10, 0, -4, 0)); // 1: *(u32 *)(r10 - 4) = 0
+    p.push(mov64_reg(R2, R10)); // 2: r2 = r10
+    p.push(add64_imm(R2, -4)); // 3: r2 = &key
+    p.extend(ld_map(R1, cfg)); // 4-5: r1 = &cfg
+    p.push(insn(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM)); // 6
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R0, 0, 11, 0)); // 7: if !r0 goto 19
+    p.push(insn(BPF_LDX | BPF_MEM | BPF_W, R1, R0, 0, 0)); // 8: r1 = cfg[0]
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R1, 0, 9, 0)); // 9: if r1 == 0 goto 19
+    p.push(insn(BPF_ALU | BPF_ADD | BPF_K, R1, 0, 0, -1)); // 10: w1 -= 1 (the slot)
+    p.push(insn(BPF_STX | BPF_MEM | BPF_W, R10, R1, -8, 0)); // 11: *(u32 *)(r10 - 8) = w1
+    p.push(mov64_reg(R1, R6)); // 12: r1 = ctx
+    p.extend(ld_map(R2, socks)); // 13-14: r2 = &socks
+    p.push(mov64_reg(R3, R10)); // 15: r3 = r10
+    p.push(add64_imm(R3, -8)); // 16: r3 = &slot
+    p.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R4, 0, 0, 0)); // 17: r4 = 0 (flags)
+    p.push(insn(
+        BPF_JMP | BPF_CALL,
+        0,
+        0,
+        0,
+        BPF_FUNC_SK_SELECT_REUSEPORT,
+    )); // 18
+    p.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, SK_PASS)); // 19: r0 = SK_PASS
+    p.push(insn(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)); // 20: exit
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Renders the program as `bpf/steer.golden` spells it: one instruction per line as
+    /// 16 hex digits, with the map fd immediates written `{cfg}` / `{socks}`.
+    fn render(cfg_fd: i32, socks_fd: i32) -> Vec<String> {
+        program(cfg_fd, socks_fd)
+            .iter()
+            .map(|i| {
+                let hex: String = i.iter().map(|b| format!("{b:02x}")).collect();
+                let imm = i32::from_le_bytes([i[4], i[5], i[6], i[7]]);
+                if i[0] == (BPF_LD | BPF_DW | BPF_IMM) && imm == cfg_fd {
+                    format!("{}{{cfg}}", &hex[..8])
+                } else if i[0] == (BPF_LD | BPF_DW | BPF_IMM) && imm == socks_fd {
+                    format!("{}{{socks}}", &hex[..8])
+                } else {
+                    hex
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn encoder_matches_the_golden_file() {
+        let golden = include_str!("../bpf/steer.golden");
+        let want: Vec<&str> = golden
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .collect();
+        let got = render(0x1111_1111, 0x2222_2222);
+        assert_eq!(
+            got, want,
+            "regenerate with: cargo test --lib print_golden -- --ignored --nocapture"
+        );
+    }
+
+    /// Prints the golden file from the encoder (review the diff before committing it).
+    #[test]
+    #[ignore = "prints bpf/steer.golden for regeneration"]
+    fn print_golden() {
+        for line in render(0x1111_1111, 0x2222_2222) {
+            println!("{line}");
+        }
+    }
+
+    #[test]
+    fn jumps_land_on_the_sk_pass_exit() {
+        let p = program(3, 4);
+        for (at, i) in p.iter().enumerate() {
+            if i[0] == (BPF_JMP | BPF_JEQ | BPF_K) {
+                let off = i16::from_le_bytes([i[2], i[3]]);
+                let target = at + 1 + usize::try_from(off).expect("forward jump");
+                assert_eq!(
+                    p[target],
+                    insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, SK_PASS)
+                );
+            }
+        }
+        assert_eq!(p.len(), 21);
     }
 }

@@ -6,6 +6,8 @@
 //! - [`spawn`]: `clone3(CLONE_PIDFD | CLONE_INTO_CGROUP)` and the post-clone child path,
 //!   which runs only raw, allocation-free syscalls before `execve` (Linux 5.3; the cgroup
 //!   flag needs 5.7 and is optional).
+//! - [`bpf`]: `bpf(2)` map create/update and `SK_REUSEPORT` program load, and
+//!   `SO_ATTACH_REUSEPORT_EBPF` (Linux 4.19; select-or-migrate 5.14).
 //! - [`activation`]: adopting fds passed with `LISTEN_FDS` (the worker side).
 //! - [`signals`]: `sigprocmask` + `signalfd`, so the event loop receives signals as fd
 //!   readiness (Linux 2.6.27).
@@ -19,6 +21,7 @@
 //! Nothing here logs or reads configuration.
 
 pub mod activation;
+pub mod bpf;
 pub mod signals;
 pub mod spawn;
 pub mod tcp;
