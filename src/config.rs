@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod sandbox;
+
 /// The agent file read when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/hatchery/hatchery.toml";
 /// Most workers one site may ask for.
@@ -110,6 +112,8 @@ pub struct RawSite {
     pub memory_max: Option<String>,
     /// Memory level above which each worker is throttled and reclaimed (`memory.high`).
     pub memory_high: Option<String>,
+    /// The sandbox (`[sandbox]`).
+    pub sandbox: Option<sandbox::RawSandbox>,
 }
 
 /// `workers`: a count or `"auto"`.
@@ -434,6 +438,8 @@ pub struct SiteConfig {
     pub logs: LogPolicy,
     /// cgroup limits.
     pub limits: Limits,
+    /// The sandbox.
+    pub sandbox: sandbox::SandboxConfig,
 }
 
 /// `workers = "auto"`: as many workers as the budget holds, between `min` and `max`.
@@ -1049,6 +1055,8 @@ pub fn validate_site(
         }
     }
 
+    let sandbox = sandbox::validate(file, raw.sandbox.as_ref(), raw.user.as_deref())?;
+
     Ok(SiteConfig {
         name,
         file: file.to_path_buf(),
@@ -1067,6 +1075,7 @@ pub fn validate_site(
         ready,
         logs,
         limits,
+        sandbox,
     })
 }
 
@@ -1189,6 +1198,7 @@ impl SiteConfig {
             cpu_weight: self.limits.cpu_weight,
             memory_max: self.limits.worker_memory_max.map(format_size),
             memory_high: self.limits.worker_memory_high.map(format_size),
+            sandbox: Some(self.sandbox.to_raw()),
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod logs;
 pub mod net;
 pub mod probe;
 pub mod process;
+pub mod sandbox;
 pub mod spawn;
 pub mod supervisor;
 #[allow(unsafe_code)]

@@ -12,6 +12,7 @@
 //! until nothing is left. Errors of single operations are logged once, here, with the
 //! site, worker and pid; the loop itself only stops on a failure of the reactor.
 
+mod exec;
 pub mod reactor;
 
 use std::collections::{BTreeMap, HashMap};
@@ -142,6 +143,8 @@ struct Site {
     next_capacity_check: Option<Instant>,
     /// The measured peak at the previous check: growth waits until it holds still.
     last_peak: Option<u64>,
+    /// The sandbox, prepared at the first spawn (see `exec.rs`).
+    sandbox: Option<crate::sandbox::Prepared>,
 }
 
 #[derive(Debug)]
@@ -360,6 +363,7 @@ impl Agent {
             capacity: cap,
             next_capacity_check,
             last_peak: None,
+            sandbox: None,
         })
     }
 
@@ -877,6 +881,12 @@ impl Agent {
             site.generation,
         )
         .map_err(|e| (e, true))?;
+        let plan = self.site_sandbox(name).map_err(|e| (e, true))?;
+        image.set_sandbox(plan);
+        let site = self
+            .sites
+            .get(name)
+            .ok_or_else(|| ("no such site".to_string(), true))?;
         let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| (format!("failed to create the output pipe: {e}"), false))?;
         rustix::io::ioctl_fionbio(&pipe_r, true)
@@ -1584,6 +1594,7 @@ impl Agent {
                         "not_enforced": s.not_enforced,
                     },
                     "usage": self.cgroups.as_ref().map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str()))),
+                    "sandbox": s.sandbox.as_ref().map(exec::sandbox_status),
                     "workers": workers,
                 })
             })

@@ -1,0 +1,371 @@
+//! The sandbox of a site's workers, prepared in the agent before `clone3`.
+//!
+//! This module checks the site's root, opens the Landlock paths and builds the ruleset,
+//! and turns the configuration into a [`SandboxPlan`] of plain numbers, C strings and
+//! one fd. The child path of `sys::spawn` then applies it with raw syscalls between
+//! `clone3` and `execve`, in this order (each step's why is next to its syscall there):
+//!
+//! 0.-4. fd table unshared, signals reset, `setsid`, fds moved into place, the rest
+//!    closed (see `sys::spawn`);
+//! 5. `TIOCSCTTY` (only for `hatchery exec` on a PTY);
+//! 6. rlimits: before dropping privileges, since raising a hard limit needs
+//!    `CAP_SYS_RESOURCE`;
+//! 7. private `/tmp` (`unshare(CLONE_NEWNS)`, `/` made private, tmpfs on `<root>/tmp`):
+//!    needs `CAP_SYS_ADMIN`, and must come before Landlock, which forbids mounting;
+//! 8. `chroot(root)` and `chdir("/")`: needs `CAP_SYS_CHROOT`; the `chdir` leaves no
+//!    working directory outside the new root;
+//! 9. drop the bounding set except the allow-list: needs `CAP_SETPCAP`, gone after 11;
+//! 10. `setgroups`, `setresgid`: need `CAP_SETGID`, gone after 11;
+//! 11. `PR_SET_KEEPCAPS` (only with an allow-list), `setresuid`: the last identity change;
+//! 12. `capset` (effective = permitted = inheritable = allow-list) and the ambient set:
+//!     after 11, which cleared the effective set, so the allowed ones survive `execve`;
+//! 13. `PR_SET_NO_NEW_PRIVS`: always; before 14, since Landlock requires it;
+//! 14. `landlock_restrict_self`: last, so nothing the child still does is refused;
+//! 15. `chdir(workdir)` as the site's user (so a workdir it may not enter fails), then
+//! 16. `execve`.
+//!
+//! Identity and capability steps (9 to 12) run only when the agent is root; an
+//! unprivileged agent cannot change them and its workers run as itself.
+//!
+//! Kernel requirements: everything but Landlock exists on every supported kernel (5.10).
+//! Landlock filesystem rules need ABI 1 (5.13), TCP bind/connect rules ABI 4 (6.7); each
+//! is `required`, `best-effort` or `off` (see `config::sandbox`). What is enforced is
+//! reported by [`Prepared::report`].
+//!
+//! What it does not do: namespaces other than the mount namespace of a private `/tmp`,
+//! seccomp, and bind mounts into the root (the root is prepared by the operator).
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::SiteConfig;
+use crate::config::sandbox::Mode;
+use crate::sys::landlock;
+use crate::sys::spawn::SandboxPlan;
+
+/// Most entries looked at when searching a root for setuid files.
+const MAX_ROOT_ENTRIES: usize = 200_000;
+
+/// A site's sandbox, ready for every spawn.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The plan the child applies.
+    pub plan: Arc<SandboxPlan>,
+    /// What is enforced and what is not, one line each.
+    pub report: Vec<(bool, String)>,
+}
+
+impl Prepared {
+    /// The lines of the report that say what is not enforced.
+    pub fn not_enforced(&self) -> Vec<String> {
+        self.report
+            .iter()
+            .filter(|(on, _)| !on)
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+}
+
+/// The message of a refused `required` feature; documented in the README.
+pub fn required_message(feature: &str, needs: &str, abi: u32) -> String {
+    format!(
+        "sandbox: {feature} is required but this kernel does not provide it ({needs}; this kernel has Landlock ABI {abi})"
+    )
+}
+
+/// Prepares the sandbox of `site`. `privileged`: the agent is root and may change
+/// identities, capabilities and roots.
+pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> {
+    let sb = &site.sandbox;
+    let mut plan = SandboxPlan::default();
+    let mut report = Vec::new();
+    for (name, resource, value) in &sb.rlimits {
+        plan.rlimits.push((*resource, *value));
+        report.push((true, format!("rlimit {name} = {value}")));
+    }
+    if let Some(root) = &sb.root {
+        check_root(root, site.uid, site.gid, &sb.groups, sb.strict)?;
+        plan.root = Some(cstring(root)?);
+        report.push((true, format!("chroot {}", root.display())));
+    }
+    if sb.private_tmp {
+        let tmp = host_path(sb.root.as_deref(), Path::new("/tmp"));
+        if !tmp.is_dir() {
+            return Err(format!(
+                "sandbox.private_tmp: {} is not a directory",
+                tmp.display()
+            ));
+        }
+        plan.private_tmp = Some(cstring(&tmp)?);
+        report.push((true, "private /tmp".into()));
+    }
+    if privileged {
+        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .unwrap_or(40);
+        let mut keep = 0u64;
+        for &c in &sb.capabilities {
+            keep |= 1 << c;
+        }
+        plan.drop_bounding = (0..=last).filter(|c| keep & (1u64 << c) == 0).collect();
+        plan.keep_caps = keep;
+        plan.identity = Some((site.uid, site.gid, sb.groups.clone()));
+        report.push((
+            true,
+            format!(
+                "uid {} gid {} groups {:?}, capabilities {}",
+                site.uid,
+                site.gid,
+                sb.groups,
+                if sb.capabilities.is_empty() {
+                    "none".to_string()
+                } else {
+                    site.sandbox
+                        .to_raw()
+                        .capabilities
+                        .unwrap_or_default()
+                        .join(" ")
+                }
+            ),
+        ));
+    } else {
+        report.push((
+            false,
+            "identity and capabilities: the agent is not root, workers run as the agent's user"
+                .into(),
+        ));
+    }
+    report.push((true, "no_new_privs".into()));
+
+    let abi = landlock::abi_version();
+    let fs_on = match (sb.landlock_fs, abi) {
+        (Mode::Off, _) => {
+            report.push((false, "Landlock filesystem rules: off".into()));
+            false
+        }
+        (Mode::Required, 0) => {
+            return Err(required_message(
+                "Landlock (filesystem)",
+                "Landlock ABI 1, Linux 5.13",
+                abi,
+            ));
+        }
+        (Mode::BestEffort, 0) => {
+            report.push((
+                false,
+                "Landlock filesystem rules: not available on this kernel (needs 5.13)".into(),
+            ));
+            false
+        }
+        _ => true,
+    };
+    let net_on = match (sb.landlock_net, abi) {
+        (Mode::Off, _) => {
+            report.push((false, "Landlock network rules: off".into()));
+            false
+        }
+        (Mode::Required, a) if a < 4 => {
+            return Err(required_message(
+                "Landlock network (TCP bind/connect rules)",
+                "Landlock ABI 4, Linux 6.7",
+                abi,
+            ));
+        }
+        (Mode::BestEffort, a) if a < 4 => {
+            report.push((
+                false,
+                format!(
+                    "Landlock network rules: not available (Landlock ABI {abi}, needs 4, Linux 6.7): binds and connects are not restricted"
+                ),
+            ));
+            false
+        }
+        _ => true,
+    };
+    if fs_on || net_on {
+        let fs = if fs_on {
+            landlock::fs_rights_for_abi(abi)
+        } else {
+            0
+        };
+        let net = if net_on {
+            landlock::net::BIND_TCP | landlock::net::CONNECT_TCP
+        } else {
+            0
+        };
+        let ruleset = landlock::create_ruleset(fs, net)
+            .map_err(|e| format!("failed to create the Landlock ruleset: {e}"))?;
+        if fs_on {
+            use landlock::fs as f;
+            let read = f::READ_FILE | f::READ_DIR;
+            let write = fs & !(f::EXECUTE | f::MAKE_CHAR | f::MAKE_BLOCK) & !read;
+            let lists: [(&[PathBuf], u64); 3] = [
+                (&sb.read_only, read),
+                (&sb.read_write, read | write),
+                (&sb.execute, read | f::EXECUTE),
+            ];
+            for (paths, access) in lists {
+                for p in paths {
+                    add_path(&ruleset, &host_path(sb.root.as_deref(), p), access & fs)?;
+                }
+            }
+            report.push((
+                true,
+                format!(
+                    "Landlock ABI {abi} filesystem rules: read {:?}, write {:?}, execute {:?}",
+                    sb.read_only, sb.read_write, sb.execute
+                ),
+            ));
+        }
+        if net_on {
+            let mut binds: Vec<u16> = site
+                .listen
+                .iter()
+                .filter_map(|l| match &l.addr {
+                    crate::config::ListenAddr::Tcp(a) => Some(a.port()),
+                    crate::config::ListenAddr::Unix(_) => None,
+                })
+                .collect();
+            binds.sort_unstable();
+            binds.dedup();
+            for port in &binds {
+                landlock::add_port_rule(ruleset.as_fd(), *port, landlock::net::BIND_TCP)
+                    .map_err(|e| format!("failed to add a Landlock rule for port {port}: {e}"))?;
+            }
+            for port in &sb.connect {
+                landlock::add_port_rule(ruleset.as_fd(), *port, landlock::net::CONNECT_TCP)
+                    .map_err(|e| format!("failed to add a Landlock rule for port {port}: {e}"))?;
+            }
+            report.push((
+                true,
+                format!(
+                    "Landlock network rules: bind {binds:?}, connect {:?}",
+                    sb.connect
+                ),
+            ));
+        }
+        plan.landlock = Some(ruleset);
+    }
+    Ok(Prepared {
+        plan: Arc::new(plan),
+        report,
+    })
+}
+
+fn cstring(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", p.display()))
+}
+
+/// Where `p` (a path inside the site's root) is on the host.
+pub fn host_path(root: Option<&Path>, p: &Path) -> PathBuf {
+    match root {
+        Some(r) => r.join(p.strip_prefix("/").unwrap_or(p)),
+        None => p.to_path_buf(),
+    }
+}
+
+fn add_path(ruleset: &OwnedFd, path: &Path, access: u64) -> Result<(), String> {
+    let fd = rustix::fs::open(
+        path,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    );
+    let fd = match fd {
+        Ok(fd) => fd,
+        // A listed path that does not exist grants nothing: skip it.
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => {
+            return Err(format!(
+                "failed to open {} for a Landlock rule: {e}",
+                path.display()
+            ));
+        }
+    };
+    let is_dir = std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
+    let access = if is_dir {
+        access
+    } else {
+        access & landlock::fs::FILE_RIGHTS
+    };
+    landlock::add_path_rule(ruleset.as_fd(), fd.as_fd(), access)
+        .map_err(|e| format!("failed to add a Landlock rule for {}: {e}", path.display()))
+}
+
+/// Refuses a root the site's user could change or escape through: a symlinked component,
+/// a top owned by or writable to the user, or (when `strict`) a setuid/setgid file.
+pub fn check_root(
+    root: &Path,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    strict: bool,
+) -> Result<(), String> {
+    let mut cur = PathBuf::from("/");
+    for c in root.components().skip(1) {
+        cur.push(c);
+        let m = std::fs::symlink_metadata(&cur)
+            .map_err(|e| format!("sandbox.root: cannot inspect {}: {e}", cur.display()))?;
+        if m.file_type().is_symlink() {
+            return Err(format!(
+                "sandbox.root: {} is a symlink: give the real path",
+                cur.display()
+            ));
+        }
+    }
+    let top = std::fs::metadata(root)
+        .map_err(|e| format!("sandbox.root: cannot inspect {}: {e}", root.display()))?;
+    let m = &top;
+    if !m.is_dir() {
+        return Err(format!(
+            "sandbox.root: {} is not a directory",
+            root.display()
+        ));
+    }
+    if uid != 0 && m.uid() == uid {
+        return Err(format!(
+            "sandbox.root: {} is owned by the site's user (uid {uid}): make it owned by root",
+            root.display()
+        ));
+    }
+    let group_writable = m.mode() & 0o020 != 0 && (m.gid() == gid || groups.contains(&m.gid()));
+    if m.mode() & 0o002 != 0 || (uid != 0 && group_writable) {
+        return Err(format!(
+            "sandbox.root: {} is writable by the site's user: remove group/other write permission",
+            root.display()
+        ));
+    }
+    if strict {
+        let mut seen = 0;
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                seen += 1;
+                if seen > MAX_ROOT_ENTRIES {
+                    return Err(format!(
+                        "sandbox.root: more than {MAX_ROOT_ENTRIES} entries under {}: too many to check for setuid files (set strict = false)",
+                        root.display()
+                    ));
+                }
+                let Ok(m) = e.metadata() else { continue };
+                if m.is_dir() && m.dev() == top.dev() {
+                    stack.push(e.path());
+                } else if m.is_file() && m.mode() & 0o6000 != 0 {
+                    return Err(format!(
+                        "sandbox.root: {} is setuid or setgid (strict = true refuses it)",
+                        e.path().display()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}

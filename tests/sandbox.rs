@@ -1,0 +1,455 @@
+//! The sandbox against the real kernel, as root: the probe worker's view of itself
+//! matches the configuration, and every attempt a hostile worker makes fails without
+//! disturbing the agent or other sites. Runs in vm-tests on Linux 6.1 (Landlock ABI 2:
+//! no network rules) and 6.12 (ABI 6); needs root and the users `www-data` and `backup`.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const USER_A: &str = "www-data";
+const USER_B: &str = "backup";
+
+fn privileged() -> bool {
+    if !is_root() {
+        return !skip("needs root");
+    }
+    for u in [USER_A, USER_B] {
+        if hatchery::config::lookup_user(u).is_none() {
+            return !skip(&format!("needs the user {u} in /etc/passwd"));
+        }
+    }
+    true
+}
+
+fn uid_of(user: &str) -> u32 {
+    hatchery::config::lookup_user(user).expect("user").uid
+}
+
+fn landlock_abi() -> u32 {
+    hatchery::sys::landlock::abi_version()
+}
+
+/// A site root holding the hatchery binary and its libraries, with `/proc` mounted so the
+/// worker could try `/proc/1/root`; unmounted on drop.
+struct Root {
+    path: PathBuf,
+}
+
+impl Root {
+    fn new(base: &Path, name: &str) -> Root {
+        let path = base.join(name);
+        std::fs::create_dir_all(&path).expect("mkdir root");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        copy_with_libs(Path::new(BIN), &path, Path::new("/hatchery"));
+        for d in ["proc", "tmp", "etc", "data"] {
+            std::fs::create_dir_all(path.join(d)).expect("mkdir");
+        }
+        std::fs::set_permissions(path.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod tmp");
+        std::fs::write(path.join("etc/motd"), "inside\n").expect("motd");
+        let st = Command::new("mount")
+            .args(["-t", "proc", "proc"])
+            .arg(path.join("proc"))
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount proc");
+        Root { path }
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.path.join("proc"))
+            .status();
+    }
+}
+
+fn copy_with_libs(exe: &Path, root: &Path, as_path: &Path) {
+    let dest = root.join(as_path.strip_prefix("/").expect("absolute"));
+    std::fs::copy(exe, &dest).expect("copy binary");
+    // What ldd does, without ldd (not in the VM): the dynamic loader lists the libraries.
+    let out = Command::new(exe)
+        .env("LD_TRACE_LOADED_OBJECTS", "1")
+        .output()
+        .expect("list libraries");
+    for lib in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let d = root.join(&lib[1..]);
+        if !d.exists() {
+            std::fs::create_dir_all(d.parent().expect("parent")).expect("mkdir lib");
+            std::fs::copy(lib, &d).expect("copy lib");
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The site's log lines (worker output), from the CLI.
+fn log_lines(agent: &TestAgent, site: &str) -> Vec<String> {
+    let out = agent.cli(&["logs", site, "-n", "500"]);
+    stdout(&out).lines().map(str::to_string).collect()
+}
+
+/// Waits for a worker output line containing `marker`; returns every line so far.
+fn wait_log(agent: &TestAgent, site: &str, marker: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = log_lines(agent, site);
+        if lines.iter().any(|l| l.contains(marker)) {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {marker:?} in the log of {site}: {lines:#?}\nstatus: {:#}\n{}",
+            agent.status(site),
+            agent.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The JSON object printed on a log line.
+fn json_of(line: &str) -> serde_json::Value {
+    let start = line.find('{').expect("json on the line");
+    serde_json::from_str(&line[start..]).expect("json")
+}
+
+fn opts() -> Options {
+    Options {
+        reactor: "io_uring",
+        cgroups: true,
+    }
+}
+
+#[test]
+fn the_probe_sees_exactly_its_configuration() {
+    if !privileged() {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    let root = Root::new(base.path(), "root-a");
+    let port = free_port();
+    let site = format!(
+        r#"name = "a"
+command = ["/hatchery", "__probe", "info"]
+user = "{USER_A}"
+workdir = "/data"
+[env]
+GREETING = "hi"
+[[listen]]
+name = "web"
+tcp = "127.0.0.1:{port}"
+[sandbox]
+root = "{}"
+groups = ["proxy"]
+capabilities = ["CAP_NET_BIND_SERVICE"]
+[sandbox.rlimits]
+nofile = 64
+core = 0
+"#,
+        root.path.display()
+    );
+    let agent = TestAgent::start(&[("a", &site)], opts());
+    let lines = wait_log(&agent, "a", "\"uid\"");
+    let info = json_of(lines.iter().find(|l| l.contains("\"uid\"")).expect("info"));
+    let uid = uid_of(USER_A);
+    let gid = hatchery::config::lookup_user(USER_A).expect("user").gid;
+    let proxy = hatchery::config::lookup_group("proxy").expect("group proxy");
+    assert_eq!(
+        info["uid"],
+        format!("{uid}\t{uid}\t{uid}\t{uid}"),
+        "{info:#}"
+    );
+    assert_eq!(info["gid"], format!("{gid}\t{gid}\t{gid}\t{gid}"));
+    let groups: Vec<u32> = info["groups"]
+        .as_str()
+        .expect("groups")
+        .split_whitespace()
+        .filter_map(|g| g.parse().ok())
+        .collect();
+    assert!(groups.contains(&proxy), "{groups:?}");
+    assert_eq!(info["no_new_privs"], "1");
+    // CAP_NET_BIND_SERVICE is bit 10: kept in every set, nothing else anywhere.
+    for set in ["cap_eff", "cap_prm", "cap_inh", "cap_bnd", "cap_amb"] {
+        assert_eq!(info[set], "0000000000000400", "{set}: {info:#}");
+    }
+    assert_eq!(info["cwd"], "/data");
+    let listing: Vec<&str> = info["root"]
+        .as_array()
+        .expect("root")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    for want in ["hatchery", "proc", "tmp", "etc", "data"] {
+        assert!(listing.contains(&want), "{listing:?}");
+    }
+    assert!(
+        !listing.contains(&"root-a"),
+        "the root is the site's: {listing:?}"
+    );
+    assert_eq!(info["rlimits"]["nofile"], "64");
+    assert_eq!(info["rlimits"]["core"], "0");
+    // Environment: the declared variables and the protocol ones, nothing of the agent's.
+    let env = info["env"].as_object().expect("env");
+    let mut keys: Vec<&str> = env.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        vec![
+            "GREETING",
+            "HATCHERY_GENERATION",
+            "HATCHERY_SITE",
+            "HATCHERY_WORKER_ID",
+            "LISTEN_FDNAMES",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "NOTIFY_SOCKET",
+            "PATH"
+        ]
+    );
+    assert_eq!(env["GREETING"], "hi");
+    // fds: stdio, the listener, and the directory the probe itself opened to list them.
+    let fds: Vec<i64> = info["fds"]
+        .as_array()
+        .expect("fds")
+        .iter()
+        .filter_map(|f| f["fd"].as_i64())
+        .collect();
+    assert_eq!(&fds[..4], &[0, 1, 2, 3], "{info:#}");
+    assert!(fds.len() <= 5, "only the expected fds: {info:#}");
+    assert!(
+        info["cgroup"].as_str().unwrap_or("").contains("/sites/a/"),
+        "{info:#}"
+    );
+    let status = agent.status("a");
+    let enforced = status["sandbox"]["enforced"].to_string();
+    assert!(enforced.contains("chroot"), "{status:#}");
+    if landlock_abi() < 4 {
+        assert!(
+            status["sandbox"]["not_enforced"]
+                .to_string()
+                .contains("Landlock network rules: not available"),
+            "{status:#}"
+        );
+    }
+}
+
+#[test]
+fn hostile_workers_fail_and_disturb_nothing() {
+    if !privileged() {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let root_a = Root::new(base.path(), "root-a");
+    let root_b = Root::new(base.path(), "root-b");
+    // A secret of site b, in its root, readable only by its user.
+    let secret = root_b.path.join("data/secret");
+    std::fs::write(&secret, "b's secret\n").expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let uid_b = uid_of(USER_B);
+    rustix::fs::chown(
+        &secret,
+        Some(rustix::fs::Uid::from_raw(uid_b)),
+        Some(rustix::fs::Gid::from_raw(uid_b)),
+    )
+    .expect("chown");
+    // A file only the host sees, and a setuid-root copy of the probe inside a's root.
+    let outside = base.path().join("outside-marker");
+    std::fs::write(&outside, "host\n").expect("marker");
+    // /data is writable for everyone: only Landlock (read_write = ["/tmp"]) stops a write.
+    std::fs::set_permissions(
+        root_a.path.join("data"),
+        std::fs::Permissions::from_mode(0o1777),
+    )
+    .expect("chmod data");
+    let suid = root_a.path.join("suid-hatchery");
+    std::fs::copy(BIN, &suid).expect("copy");
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).expect("setuid");
+    // A TCP server the workers may connect to, and one they may not.
+    let allowed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let forbidden = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let allowed_port = allowed.local_addr().expect("addr").port();
+    let forbidden_port = forbidden.local_addr().expect("addr").port();
+
+    let port_b = free_port();
+    let victim = format!(
+        r#"name = "b"
+command = ["/hatchery", "__probe", "sleep"]
+user = "{USER_B}"
+[[listen]]
+tcp = "127.0.0.1:{port_b}"
+[sandbox]
+root = "{}"
+"#,
+        root_b.path.display()
+    );
+    let mut agent = TestAgent::start_ready(&[("b", &victim)], opts(), "b", 1);
+    let victim_pid = agent.pids("b")[0];
+    let agent_pid = agent.pid();
+
+    let port_a = free_port();
+    let attacks = [
+        format!("read:{}", secret.display()),
+        format!("escape:{}", secret.display()),
+        format!("escape:{}", outside.display()),
+        "escape:/etc/shadow".into(),
+        "write:/etc/motd".into(),
+        "write:/data/planted".into(),
+        format!("signal:{victim_pid}"),
+        format!("signal:{agent_pid}"),
+        format!("ptrace:{victim_pid}"),
+        format!("ptrace:{agent_pid}"),
+        format!("environ:{agent_pid}"),
+        format!("environ:{victim_pid}"),
+        "exec:/suid-hatchery".into(),
+        "nofile:1000".into(),
+        "nproc:200".into(),
+        format!("bind:{}", free_port()),
+        format!("connect:{forbidden_port}"),
+    ];
+    let command: Vec<String> = ["/hatchery", "__probe", "attacks"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(attacks.iter().cloned())
+        .chain([format!("connect:{allowed_port}")])
+        .collect();
+    let attacker = format!(
+        r#"name = "a"
+command = {}
+user = "{USER_A}"
+[[listen]]
+tcp = "127.0.0.1:{port_a}"
+[sandbox]
+root = "{}"
+strict = false
+[sandbox.rlimits]
+nofile = 64
+nproc = 20
+[sandbox.landlock]
+read_write = ["/tmp"]
+connect = [{allowed_port}]
+"#,
+        serde_json::to_string(&command).expect("json"),
+        root_a.path.display()
+    );
+    std::fs::write(agent.site_file("a"), attacker).expect("write site");
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "reload: {}", stderr(&out));
+    let lines = wait_log(&agent, "a", "attacks done");
+    let results: Vec<serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.contains("\"attack\""))
+        .map(|l| json_of(l))
+        .collect();
+    let net = landlock_abi() >= 4;
+    for r in &results {
+        let attack = r["attack"].as_str().expect("attack");
+        let expect_blocked =
+            if attack.starts_with("connect:") && attack.ends_with(&allowed_port.to_string()) {
+                false
+            } else if attack.starts_with("bind:") || attack.starts_with("connect:") {
+                net
+            } else {
+                true
+            };
+        assert_eq!(
+            r["blocked"].as_bool(),
+            Some(expect_blocked),
+            "attack {attack}: {r}\nall: {results:#?}"
+        );
+    }
+    assert_eq!(results.len(), attacks.len() + 1, "{lines:#?}");
+    let exec = results
+        .iter()
+        .find(|r| r["attack"] == "exec:/suid-hatchery")
+        .expect("exec attack");
+    let uid_a = uid_of(USER_A);
+    assert!(
+        exec["detail"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("ids: {uid_a} {uid_a}")),
+        "the setuid binary ran and gained nothing: {exec}"
+    );
+    // Nothing was disturbed: the victim runs with the same pid, nothing was planted,
+    // the agent answers.
+    assert_eq!(agent.pids("b"), vec![victim_pid]);
+    assert!(alive(victim_pid));
+    assert!(!root_a.path.join("data/planted").exists());
+    assert_eq!(
+        std::fs::read_to_string(root_a.path.join("etc/motd")).expect("motd"),
+        "inside\n"
+    );
+    assert_eq!(agent.status("b")["state"], "running");
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[test]
+fn unsafe_roots_and_missing_required_features_refuse_the_site() {
+    if !privileged() {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    let strict = Root::new(base.path(), "strict");
+    let suid = strict.path.join("suid");
+    std::fs::copy(BIN, &suid).expect("copy");
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).expect("setuid");
+    let owned = Root::new(base.path(), "owned");
+    let uid = uid_of(USER_A);
+    rustix::fs::chown(&owned.path, Some(rustix::fs::Uid::from_raw(uid)), None).expect("chown");
+    let site = |name: &str, extra: &str| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"/hatchery\", \"__probe\", \"sleep\"]\nuser = \"{USER_A}\"\n[sandbox]\n{extra}"
+        )
+    };
+    let s_strict = site("strict", &format!("root = \"{}\"\n", strict.path.display()));
+    let s_owned = site("owned", &format!("root = \"{}\"\n", owned.path.display()));
+    let net = Root::new(base.path(), "net");
+    let s_net = site(
+        "net",
+        &format!(
+            "root = \"{}\"\n[sandbox.landlock]\nnetwork = \"required\"\n",
+            net.path.display()
+        ),
+    );
+    let agent = TestAgent::start(
+        &[("strict", &s_strict), ("owned", &s_owned), ("net", &s_net)],
+        opts(),
+    );
+    let failed = |name: &str, what: &str| {
+        let s = agent.wait_for(name, "failed", Duration::from_secs(20), |s| {
+            s["state"] == "failed"
+        });
+        let why = s["workers"][0]["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(why.contains(what), "{name}: {s:#}");
+    };
+    failed("strict", "is setuid or setgid (strict = true refuses it)");
+    failed("owned", "is owned by the site's user");
+    if landlock_abi() < 4 {
+        failed(
+            "net",
+            "sandbox: Landlock network (TCP bind/connect rules) is required but this kernel does not provide it (Landlock ABI 4, Linux 6.7;",
+        );
+    } else {
+        agent.wait_for("net", "running", Duration::from_secs(20), |s| {
+            s["workers"][0]["pid"].is_number()
+        });
+    }
+}
