@@ -135,7 +135,7 @@ fn opts() -> Options {
 }
 
 #[test]
-fn the_probe_sees_exactly_its_configuration() {
+fn sandbox_probe_sees_exactly_its_configuration() {
     if !privileged() {
         return;
     }
@@ -248,7 +248,7 @@ core = 0
 }
 
 #[test]
-fn hostile_workers_fail_and_disturb_nothing() {
+fn sandbox_hostile_workers_fail_and_disturb_nothing() {
     if !privileged() {
         return;
     }
@@ -399,7 +399,7 @@ connect = [{allowed_port}]
 }
 
 #[test]
-fn unsafe_roots_and_missing_required_features_refuse_the_site() {
+fn sandbox_refuses_unsafe_roots_and_missing_required_features() {
     if !privileged() {
         return;
     }
