@@ -34,3 +34,4 @@ pub mod spawn;
 pub mod supervisor;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod terminal;

@@ -104,6 +104,16 @@ enum Command {
     },
     /// Re-read the configuration (like SIGHUP); a bad file changes nothing.
     Reload,
+    /// Run a command in a site's sandbox (its user, root, Landlock, cgroup and limits),
+    /// on a new terminal when stdin is one; without CMD, the site user's shell. Exits with
+    /// the command's status (128 + N when killed by signal N).
+    Exec {
+        /// The site.
+        site: String,
+        /// The command and its arguments (after `--` if they start with `-`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// The demo site's worker (used by `hatchery demo`).
     #[command(name = "__demo-worker", hide = true)]
     DemoWorker,
@@ -136,6 +146,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Probe { args } => ExitCode::from(hatchery::probe::main(&args)),
+        Command::Exec { site, command } => {
+            let socket = cli
+                .socket
+                .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+            exec(&socket, &site, command)
+        }
         command => {
             let socket = cli
                 .socket
@@ -296,6 +313,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         | Command::Check { .. }
         | Command::Demo { .. }
         | Command::DemoWorker
+        | Command::Exec { .. }
         | Command::Probe { .. } => {
             unreachable!("handled in main")
         }
@@ -350,6 +368,31 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         Err(e) => {
             eprintln!("hatchery: lost the connection to the agent: {e}");
             ExitCode::from(EXIT_UNREACHABLE)
+        }
+    }
+}
+
+/// `hatchery exec`: the command's exit code, or ours (1 refused, 2 bad request, 3
+/// unreachable).
+fn exec(socket: &std::path::Path, site: &str, command: Vec<String>) -> ExitCode {
+    use hatchery::terminal::{self, ExecError};
+    let req = terminal::request(site, command);
+    match terminal::run(socket, &req) {
+        Ok(code) => ExitCode::from(code),
+        Err(ExecError::Unreachable { path, source }) => {
+            eprintln!("hatchery: cannot reach the agent at {path}: {source}");
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+        Err(ExecError::Refused { kind, message }) => {
+            eprintln!("hatchery: {message}");
+            ExitCode::from(match kind {
+                ErrorKind::BadRequest | ErrorKind::Config => EXIT_USAGE,
+                _ => EXIT_REFUSED,
+            })
+        }
+        Err(ExecError::Io(e)) => {
+            eprintln!("hatchery: exec failed: {e}");
+            ExitCode::from(EXIT_REFUSED)
         }
     }
 }

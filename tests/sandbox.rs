@@ -453,3 +453,186 @@ fn sandbox_refuses_unsafe_roots_and_missing_required_features() {
         });
     }
 }
+
+/// Busybox inside `root` as `/bin/busybox`, with the applets the exec tests use.
+fn add_busybox(root: &Path) -> bool {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        return !skip("needs /bin/busybox (static) for a shell inside the root");
+    }
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir bin");
+    std::fs::copy(busybox, root.join("bin/busybox")).expect("copy busybox");
+    for applet in ["sh", "id", "pwd", "ls", "cat", "echo", "stty", "sleep"] {
+        std::fs::hard_link(root.join("bin/busybox"), root.join("bin").join(applet))
+            .expect("link applet");
+    }
+    true
+}
+
+fn exec_site(root: &Root) -> String {
+    format!(
+        r#"name = "a"
+command = ["/hatchery", "__probe", "sleep"]
+user = "{USER_A}"
+workdir = "/data"
+[env]
+GREETING = "hi"
+[sandbox]
+root = "{}"
+"#,
+        root.path.display()
+    )
+}
+
+#[test]
+fn sandbox_exec_without_a_terminal_uses_pipes_and_returns_the_status() {
+    if !privileged() {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    let root = Root::new(base.path(), "root-a");
+    if !add_busybox(&root.path) {
+        return;
+    }
+    let agent = TestAgent::start_ready(&[("a", &exec_site(&root))], opts(), "a", 1);
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["exec", "a", "--", "/bin/sh", "-c"])
+        .arg("id -u; pwd; echo $GREETING; read line; echo got $line; echo oops >&2; exit 7")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(b"hello\n")?;
+            c.wait_with_output()
+        })
+        .expect("exec");
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("{}\n/data\nhi\ngot hello\n", uid_of(USER_A))
+    );
+    assert_eq!(stderr(&out), "oops\n");
+    // The agent and the site are undisturbed, and the exec's cgroup leaf is gone.
+    assert_eq!(agent.status("a")["ready"], 1);
+}
+
+#[test]
+fn sandbox_exec_runs_a_shell_on_a_terminal_and_refuses_another_uid() {
+    if !privileged() {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let root = Root::new(base.path(), "root-a");
+    if !add_busybox(&root.path) {
+        return;
+    }
+    let agent = TestAgent::start_ready(&[("a", &exec_site(&root))], opts(), "a", 1);
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+
+    // Another uid (not root, not the site's user) is refused.
+    {
+        use std::os::unix::process::CommandExt;
+        let uid_b = uid_of(USER_B);
+        let out = Command::new(BIN)
+            .uid(uid_b)
+            .gid(uid_b)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .args(["exec", "a", "--", "/bin/id"])
+            .output()
+            .expect("exec as another uid");
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("may not control site a"),
+            "{}",
+            stderr(&out)
+        );
+    }
+
+    // A terminal of our own: the CLI gets its slave side as stdin/stdout/stderr.
+    use rustix::pty::OpenptFlags;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .expect("openpt");
+    rustix::pty::grantpt(&master).expect("grantpt");
+    rustix::pty::unlockpt(&master).expect("unlockpt");
+    let name = rustix::pty::ptsname(&master, Vec::new()).expect("ptsname");
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open slave");
+    let size = |rows, cols| rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(&master, size(30, 90)).expect("winsize");
+    let mut cli = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["exec", "a"])
+        .env("TERM", "dumb")
+        .stdin(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(std::process::Stdio::from(slave))
+        .spawn()
+        .expect("spawn cli");
+    rustix::io::ioctl_fionbio(&master, true).expect("nonblocking");
+    let mut seen = String::new();
+    let read_until = |want: &str, seen: &mut String| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !seen.contains(want) {
+            assert!(
+                Instant::now() < deadline,
+                "no {want:?} on the terminal; saw {seen:?}\n{}",
+                agent.agent_log()
+            );
+            let mut buf = [0u8; 4096];
+            match rustix::io::read(&master, &mut buf) {
+                Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
+    let type_line = |line: &str| {
+        rustix::io::write(&master, line.as_bytes()).expect("type");
+    };
+    // The shell's prompt first: typing earlier would race the CLI's switch to raw mode.
+    read_until("/data $ ", &mut seen);
+    type_line("echo uid=$(id -u) cwd=$(pwd) size=$(stty size) tty=$([ -t 0 ] && echo yes)\n");
+    let uid = uid_of(USER_A);
+    read_until(
+        &format!("uid={uid} cwd=/data size=30 90 tty=yes"),
+        &mut seen,
+    );
+    // Resizing: the new size reaches the command's terminal on SIGWINCH.
+    rustix::termios::tcsetwinsize(&master, size(40, 100)).expect("winsize");
+    let _ = Command::new("kill")
+        .args(["-WINCH", &cli.id().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(300));
+    type_line("echo size=$(stty size) root=$(ls /hatchery)\n");
+    read_until("size=40 100 root=/hatchery", &mut seen);
+    type_line("exit 3\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = cli.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "exec did not end: {seen:?}");
+        let mut buf = [0u8; 4096];
+        let _ = rustix::io::read(&master, &mut buf);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(3), "{seen:?}");
+    assert_eq!(agent.status("a")["ready"], 1, "the site is undisturbed");
+}

@@ -87,6 +87,8 @@ enum Source {
     Pipe,
     ConnRead(u64),
     ConnWrite(u64),
+    /// The pidfd of a `hatchery exec` command.
+    Exec(i32),
 }
 
 #[derive(Debug)]
@@ -182,6 +184,9 @@ pub struct Agent {
     shutting_down: bool,
     kernel: Vec<Feature>,
     started: SystemTime,
+    /// Running `hatchery exec` commands, by pid (see `exec.rs`).
+    execs: HashMap<i32, exec::ExecSession>,
+    next_exec: u32,
 }
 
 impl Agent {
@@ -256,6 +261,8 @@ impl Agent {
             shutting_down: false,
             kernel: features::probe_kernel(),
             started: SystemTime::now(),
+            execs: HashMap::new(),
+            next_exec: 0,
         };
         for site in &config.sites {
             let s = agent.make_site(site.clone())?;
@@ -628,6 +635,7 @@ impl Agent {
             Source::Pidfd(site, id) => self.on_pidfd(&site, id, token),
             Source::Pipe => self.on_pipe(token),
             Source::ConnRead(c) => self.on_conn_read(c),
+            Source::Exec(pid) => self.exec_exited(pid),
             Source::ConnWrite(c) => {
                 if let Some(conn) = self.conns.get_mut(&c) {
                     conn.write_token = None;
@@ -698,6 +706,8 @@ impl Agent {
             };
             if let Some((site, id)) = self.pids.get(&pid).cloned() {
                 self.worker_exited(&site, id);
+            } else if self.execs.contains_key(&pid) {
+                self.exec_exited(pid);
             } else if let Some(p) = rustix::process::Pid::from_raw(pid) {
                 match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
                     Ok(_) => debug!(pid, "reaped an orphaned descendant"),
@@ -1498,6 +1508,24 @@ impl Agent {
                 } else {
                     self.finish(conn, &Reply::Ok(json!({ "site": name, "log": path })));
                 }
+            }
+            Request::Exec {
+                command,
+                tty,
+                rows,
+                cols,
+                term,
+                ..
+            } => {
+                let name = name.expect("site request");
+                let params = exec::ExecParams {
+                    command,
+                    tty,
+                    rows,
+                    cols,
+                    term,
+                };
+                self.start_exec(conn, &name, params);
             }
             Request::Reload => match self.reload() {
                 Ok(summary) => self.finish(conn, &Reply::Ok(summary)),
