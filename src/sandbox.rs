@@ -36,7 +36,6 @@
 //! seccomp, and bind mounts into the root (the root is prepared by the operator).
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -198,8 +197,11 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
         } else {
             0
         };
-        let ruleset = landlock::create_ruleset(fs, net)
-            .map_err(|e| format!("failed to create the Landlock ruleset: {e}"))?;
+        let mut ll = landlock::LandlockPlan {
+            fs,
+            net,
+            ..landlock::LandlockPlan::default()
+        };
         if fs_on {
             use landlock::fs as f;
             let read = f::READ_FILE | f::READ_DIR;
@@ -211,7 +213,8 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
             ];
             for (paths, access) in lists {
                 for p in paths {
-                    add_path(&ruleset, &host_path(sb.root.as_deref(), p), access & fs)?;
+                    // Opened by the child after chroot: the path as the worker sees it.
+                    ll.paths.push((cstring(p)?, access & fs));
                 }
             }
             report.push((
@@ -233,14 +236,10 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
                 .collect();
             binds.sort_unstable();
             binds.dedup();
-            for port in &binds {
-                landlock::add_port_rule(ruleset.as_fd(), *port, landlock::net::BIND_TCP)
-                    .map_err(|e| format!("failed to add a Landlock rule for port {port}: {e}"))?;
-            }
-            for port in &sb.connect {
-                landlock::add_port_rule(ruleset.as_fd(), *port, landlock::net::CONNECT_TCP)
-                    .map_err(|e| format!("failed to add a Landlock rule for port {port}: {e}"))?;
-            }
+            ll.ports
+                .extend(binds.iter().map(|p| (*p, landlock::net::BIND_TCP)));
+            ll.ports
+                .extend(sb.connect.iter().map(|p| (*p, landlock::net::CONNECT_TCP)));
             report.push((
                 true,
                 format!(
@@ -249,7 +248,7 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
                 ),
             ));
         }
-        plan.landlock = Some(ruleset);
+        plan.landlock = Some(ll);
     }
     Ok(Prepared {
         plan: Arc::new(plan),
@@ -268,33 +267,6 @@ pub fn host_path(root: Option<&Path>, p: &Path) -> PathBuf {
         Some(r) => r.join(p.strip_prefix("/").unwrap_or(p)),
         None => p.to_path_buf(),
     }
-}
-
-fn add_path(ruleset: &OwnedFd, path: &Path, access: u64) -> Result<(), String> {
-    let fd = rustix::fs::open(
-        path,
-        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    );
-    let fd = match fd {
-        Ok(fd) => fd,
-        // A listed path that does not exist grants nothing: skip it.
-        Err(rustix::io::Errno::NOENT) => return Ok(()),
-        Err(e) => {
-            return Err(format!(
-                "failed to open {} for a Landlock rule: {e}",
-                path.display()
-            ));
-        }
-    };
-    let is_dir = std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
-    let access = if is_dir {
-        access
-    } else {
-        access & landlock::fs::FILE_RIGHTS
-    };
-    landlock::add_path_rule(ruleset.as_fd(), fd.as_fd(), access)
-        .map_err(|e| format!("failed to add a Landlock rule for {}: {e}", path.display()))
 }
 
 /// Refuses a root the site's user could change or escape through: a symlinked component,

@@ -479,6 +479,7 @@ workdir = "/data"
 GREETING = "hi"
 [sandbox]
 root = "{}"
+private_tmp = true
 "#,
         root.path.display()
     )
@@ -499,7 +500,7 @@ fn sandbox_exec_without_a_terminal_uses_pipes_and_returns_the_status() {
         .arg("--socket")
         .arg(&agent.socket)
         .args(["exec", "a", "--", "/bin/sh", "-c"])
-        .arg("id -u; pwd; echo $GREETING; read line; echo got $line; echo oops >&2; exit 7")
+        .arg("id -u; pwd; echo $GREETING; read line; echo got $line; echo oops >&2; echo t > /tmp/mine && cat /tmp/mine; exit 7")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -513,7 +514,11 @@ fn sandbox_exec_without_a_terminal_uses_pipes_and_returns_the_status() {
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
-        format!("{}\n/data\nhi\ngot hello\n", uid_of(USER_A))
+        format!("{}\n/data\nhi\ngot hello\nt\n", uid_of(USER_A))
+    );
+    assert!(
+        !root.path.join("tmp/mine").exists(),
+        "/tmp was private to the command"
     );
     assert_eq!(stderr(&out), "oops\n");
     // The agent and the site are undisturbed, and the exec's cgroup leaf is gone.

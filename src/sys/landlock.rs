@@ -1,15 +1,17 @@
-//! Landlock: building a ruleset in the parent (`landlock_create_ruleset`,
-//! `landlock_add_rule`) and querying the kernel's ABI version. The child applies the
-//! ruleset with `landlock_restrict_self` in [`super::spawn`].
+//! Landlock: querying the kernel's ABI version, and building and enforcing a ruleset in
+//! the child ([`LandlockPlan`], prepared in the parent).
+//!
+//! The ruleset is built in the child, after its private `/tmp` is mounted and after
+//! `chroot`: Landlock rules are tied to inodes, and a rule on the `/tmp` directory the
+//! agent sees would not cover the tmpfs mounted over it (Landlock skips covered mount
+//! points when it walks up a path). Building it costs one `open(O_PATH)` and one
+//! `landlock_add_rule` per path, all allocation-free.
 //!
 //! Kernel requirements: Landlock ABI 1 (Linux 5.13) for filesystem rules, ABI 2 (5.19)
 //! for `REFER`, ABI 3 (6.2) for `TRUNCATE`, ABI 4 (6.7) for TCP bind/connect rules.
 //! Probed with `LANDLOCK_CREATE_RULESET_VERSION`; 0 means Landlock is unavailable
 //! (not built, or not in the `lsm=` list). Debian's 6.1 reports 2, 6.12 reports 6.
 //! See `Documentation/userspace-api/landlock.rst`.
-
-use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `LANDLOCK_ACCESS_FS_*` (uapi/linux/landlock.h).
 pub mod fs {
@@ -71,8 +73,108 @@ const LANDLOCK_RULE_NET_PORT: libc::c_int = 2;
 // Syscall numbers are the same on every architecture (the unified table, 5.13).
 const SYS_LANDLOCK_CREATE_RULESET: libc::c_long = 444;
 const SYS_LANDLOCK_ADD_RULE: libc::c_long = 445;
-/// `landlock_restrict_self`, used by the child path.
-pub(super) const SYS_LANDLOCK_RESTRICT_SELF: libc::c_long = 446;
+const SYS_LANDLOCK_RESTRICT_SELF: libc::c_long = 446;
+
+/// A ruleset to build and enforce in the child.
+#[derive(Debug, Default)]
+pub struct LandlockPlan {
+    /// Handled filesystem rights (0: no filesystem rules).
+    pub fs: u64,
+    /// Handled network rights (0: no network rules; ABI 4+).
+    pub net: u64,
+    /// `(path as the worker sees it, rights)`; a path that does not exist is skipped.
+    pub paths: Vec<(std::ffi::CString, u64)>,
+    /// `(TCP port, rights)`.
+    pub ports: Vec<(u16, u64)>,
+}
+
+/// In the child: builds the ruleset of `plan` and enforces it on this task. On failure
+/// `errno` holds the cause.
+///
+/// # Safety
+///
+/// Only raw syscalls: callable in the `clone3` child, with `plan` valid in its view of
+/// the parent's memory. `no_new_privs` must be set (or the task hold `CAP_SYS_ADMIN`).
+pub(super) unsafe fn child_enforce(plan: &LandlockPlan) -> Result<(), ()> {
+    let attr = RulesetAttr {
+        handled_access_fs: plan.fs,
+        handled_access_net: plan.net,
+    };
+    let size = if plan.net == 0 {
+        std::mem::size_of::<u64>()
+    } else {
+        std::mem::size_of::<RulesetAttr>()
+    };
+    // SAFETY: `attr` is on this stack for the call; `size` is at most its size.
+    let ruleset = unsafe { libc::syscall(SYS_LANDLOCK_CREATE_RULESET, &attr, size, 0u32) };
+    if ruleset < 0 {
+        return Err(());
+    }
+    let ruleset = libc::c_int::try_from(ruleset).unwrap_or(-1);
+    for (path, access) in &plan.paths {
+        // SAFETY: `path` is a NUL-terminated string in the parent's plan; O_PATH opens
+        // without reading. The fd is closed below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+        if fd < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+                continue;
+            }
+            return Err(());
+        }
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `st` is a writable stat buffer on this stack; `fd` is ours.
+        let is_dir = unsafe { libc::fstat(fd, st.as_mut_ptr()) } == 0
+            // SAFETY: fstat succeeded, so it filled `st`.
+            && unsafe { st.assume_init_ref() }.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let rule = PathBeneathAttr {
+            allowed_access: if is_dir {
+                *access
+            } else {
+                *access & fs::FILE_RIGHTS
+            },
+            parent_fd: fd,
+        };
+        // SAFETY: `rule` is on this stack for the call; both fds are ours.
+        let ret = unsafe {
+            libc::syscall(
+                SYS_LANDLOCK_ADD_RULE,
+                ruleset,
+                LANDLOCK_RULE_PATH_BENEATH,
+                std::ptr::addr_of!(rule),
+                0u32,
+            )
+        };
+        // SAFETY: closing the fd opened above, used by nothing else.
+        unsafe { libc::close(fd) };
+        if ret != 0 {
+            return Err(());
+        }
+    }
+    for &(port, access) in &plan.ports {
+        let rule = NetPortAttr {
+            allowed_access: access,
+            port: u64::from(port),
+        };
+        // SAFETY: `rule` is on this stack for the call; the ruleset fd is ours.
+        let ret = unsafe {
+            libc::syscall(
+                SYS_LANDLOCK_ADD_RULE,
+                ruleset,
+                LANDLOCK_RULE_NET_PORT,
+                &rule,
+                0u32,
+            )
+        };
+        if ret != 0 {
+            return Err(());
+        }
+    }
+    // SAFETY: plain integer arguments; the ruleset fd is ours.
+    let ret = unsafe { libc::syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0u32) };
+    // SAFETY: the ruleset fd is ours and no longer needed (the domain holds the rules).
+    unsafe { libc::close(ruleset) };
+    if ret != 0 { Err(()) } else { Ok(()) }
+}
 
 #[repr(C)]
 struct RulesetAttr {
@@ -105,69 +207,4 @@ pub fn abi_version() -> u32 {
         )
     };
     u32::try_from(ret).unwrap_or(0)
-}
-
-/// Creates a ruleset handling `fs` rights (and `net` rights, ABI 4+; pass 0 below it).
-pub fn create_ruleset(fs: u64, net: u64) -> io::Result<OwnedFd> {
-    let attr = RulesetAttr {
-        handled_access_fs: fs,
-        handled_access_net: net,
-    };
-    // Below ABI 4 the kernel's struct has only the first field: pass only that.
-    let size = if net == 0 {
-        std::mem::size_of::<u64>()
-    } else {
-        std::mem::size_of::<RulesetAttr>()
-    };
-    // SAFETY: `attr` lives on this stack for the whole call and `size` is at most its
-    // size; the kernel copies it and returns a new fd that nobody else owns.
-    let ret = unsafe { libc::syscall(SYS_LANDLOCK_CREATE_RULESET, &attr, size, 0u32) };
-    let fd = super::cvt(ret)?;
-    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: a successful landlock_create_ruleset returns a new fd owned by us alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Allows `access` beneath the file or directory `parent` (opened with `O_PATH`).
-pub fn add_path_rule(
-    ruleset: BorrowedFd<'_>,
-    parent: BorrowedFd<'_>,
-    access: u64,
-) -> io::Result<()> {
-    let attr = PathBeneathAttr {
-        allowed_access: access,
-        parent_fd: parent.as_raw_fd(),
-    };
-    // SAFETY: `attr` is a packed landlock_path_beneath_attr on this stack, alive for the
-    // call; both fds are borrowed, so they stay open until it returns.
-    let ret = unsafe {
-        libc::syscall(
-            SYS_LANDLOCK_ADD_RULE,
-            ruleset.as_raw_fd(),
-            LANDLOCK_RULE_PATH_BENEATH,
-            std::ptr::addr_of!(attr),
-            0u32,
-        )
-    };
-    super::cvt(ret).map(|_| ())
-}
-
-/// Allows `access` (bind/connect) on TCP `port` (ABI 4+).
-pub fn add_port_rule(ruleset: BorrowedFd<'_>, port: u16, access: u64) -> io::Result<()> {
-    let attr = NetPortAttr {
-        allowed_access: access,
-        port: u64::from(port),
-    };
-    // SAFETY: `attr` is a landlock_net_port_attr on this stack, alive for the call; the
-    // ruleset fd is borrowed.
-    let ret = unsafe {
-        libc::syscall(
-            SYS_LANDLOCK_ADD_RULE,
-            ruleset.as_raw_fd(),
-            LANDLOCK_RULE_NET_PORT,
-            &attr,
-            0u32,
-        )
-    };
-    super::cvt(ret).map(|_| ())
 }

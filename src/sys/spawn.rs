@@ -1,8 +1,7 @@
 //! `clone3(CLONE_PIDFD | CLONE_INTO_CGROUP)` and the post-clone child path.
 //!
 //! Kernel requirements: `clone3` with `CLONE_PIDFD` (Linux 5.3), `CLONE_INTO_CGROUP`
-//! (5.7, only when a cgroup is given), `close_range` (5.9; `CLOSE_RANGE_CLOEXEC` 5.11,
-//! with a two-range fallback below it).
+//! (5.7, only when a cgroup is given), `close_range` (5.9).
 //!
 //! Everything the child needs is built in the parent first ([`ExecImage`]): the path,
 //! the `argv`/`envp` pointer arrays, the fd map and an empty signal mask. The child then
@@ -29,7 +28,8 @@
 //! 3. move the fd map into place: every source is first duplicated above the highest
 //!    target (so a source sitting on another target's number is never clobbered), then
 //!    `dup2`ed onto its target, which also clears `FD_CLOEXEC`;
-//! 4. close every other fd (`close_range`), keeping only the close-on-exec report pipe;
+//! 4. close every other fd (`close_range`, two ranges around the close-on-exec report
+//!    pipe);
 //! 5. `TIOCSCTTY` on fd 0, for `hatchery exec` on a PTY (after `setsid`: only a session
 //!    leader without a controlling terminal may acquire one);
 //! 6. to 14. the sandbox, when the image has a [`SandboxPlan`] (`apply_sandbox`; the list
@@ -46,8 +46,8 @@
 //! static worker, which would put cold start and restart far past twice the fork+exec
 //! limit. DESIGN.md allows running the steps directly in the child from a plan built in
 //! the parent; that is what this module does, sandbox steps included: everything they
-//! need (ids, capability masks, rlimits, the root as a C string, the Landlock ruleset fd,
-//! placed in the fd block) is built in the parent, the child only makes syscalls.
+//! need (ids, capability masks, rlimits, the root and the Landlock paths as C strings) is
+//! built in the parent, the child only makes syscalls.
 
 use std::ffi::{CStr, CString, c_char};
 use std::io;
@@ -182,8 +182,8 @@ pub struct SandboxPlan {
     /// With an identity: the capabilities kept (permitted, effective, inheritable and
     /// ambient), as a 64-bit mask.
     pub keep_caps: u64,
-    /// The Landlock ruleset to enforce.
-    pub landlock: Option<OwnedFd>,
+    /// The Landlock ruleset to build and enforce.
+    pub landlock: Option<super::landlock::LandlockPlan>,
 }
 
 /// Everything `execve` needs, built in the parent before `clone3`.
@@ -283,7 +283,6 @@ const CLONE_VM: u64 = 0x100;
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 const CLONE_VFORK: u64 = 0x4000;
 const CLOSE_RANGE_UNSHARE: libc::c_uint = 1 << 1;
-const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
 /// A block of consecutive fd numbers reserved for passing fds to children: slot `i`
 /// holds the child's future fd `i` during a spawn, the last slot the report pipe. Between
@@ -299,10 +298,9 @@ pub struct FdBlock {
 }
 
 impl FdBlock {
-    /// Reserves `MAX_CHILD_FDS + 2` consecutive fd numbers above every fd open now (the
-    /// child's fds, the Landlock ruleset, the report pipe).
+    /// Reserves `MAX_CHILD_FDS + 1` consecutive fd numbers above every fd open now.
     pub fn reserve(filler: OwnedFd) -> io::Result<FdBlock> {
-        let len = MAX_CHILD_FDS + 2;
+        let len = MAX_CHILD_FDS + 1;
         let mut base = rustix::io::fcntl_dupfd_cloexec(&filler, 0)?.as_raw_fd() + 1;
         'search: loop {
             let mut slots = Vec::with_capacity(len);
@@ -408,15 +406,7 @@ fn spawn_with_block(
         .place(report_slot, report_w.as_fd())
         .map_err(SpawnError::Pipe)?;
     drop(report_w);
-    let ruleset_slot = block.slots.len() - 2;
     let sandbox = image.sandbox.clone();
-    let mut ruleset = -1;
-    if let Some(fd) = sandbox.as_ref().and_then(|s| s.landlock.as_ref()) {
-        block
-            .place(ruleset_slot, fd.as_fd())
-            .map_err(SpawnError::Pipe)?;
-        ruleset = block.base() + RawFd::try_from(ruleset_slot).expect("small");
-    }
     let listen_pid: *mut u8 = match image.listen_pid {
         Some(i) => image.env[i]
             .as_mut_ptr()
@@ -434,7 +424,6 @@ fn spawn_with_block(
         unshare_from: libc::c_uint::try_from(block.end()).expect("fds are non-negative"),
         listen_pid,
         sandbox: sandbox.as_deref(),
-        ruleset,
         controlling_tty: image.controlling_tty,
     };
 
@@ -576,8 +565,6 @@ struct ChildPlan<'a> {
     unshare_from: libc::c_uint,
     listen_pid: *mut u8,
     sandbox: Option<&'a SandboxPlan>,
-    /// The Landlock ruleset's fd in the block, or -1.
-    ruleset: RawFd,
     controlling_tty: bool,
 }
 
@@ -644,14 +631,6 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     if report < 0 {
         fail(plan.report, ChildStep::MoveFds);
     }
-    let mut ruleset = -1;
-    if plan.ruleset >= 0 {
-        // SAFETY: as above, for the Landlock ruleset, which must outlive the dup2s.
-        ruleset = unsafe { libc::fcntl(plan.ruleset, libc::F_DUPFD_CLOEXEC, base) };
-        if ruleset < 0 {
-            fail(report, ChildStep::MoveFds);
-        }
-    }
     let mut target = 0;
     while target < n {
         let t = libc::c_int::try_from(target).unwrap_or(0);
@@ -662,28 +641,17 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         target += 1;
     }
 
-    // Step 4: close everything else except the report pipe (closed by execve itself).
+    // Step 4: close everything else except the report pipe (closed by execve itself),
+    // outright rather than marking it close-on-exec: the sandbox steps open fds of their
+    // own (Landlock rules) after a RLIMIT_NOFILE that the agent's fd numbers may exceed.
     let first = libc::c_uint::try_from(n).unwrap_or(0);
-    // SAFETY: close_range takes plain integers; marking fds close-on-exec (5.11) keeps the
-    // report pipe usable until execve.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first,
-            libc::c_uint::MAX,
-            CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if ret != 0 {
-        // Before 5.11: close the ranges around the report pipe outright.
-        let rep = libc::c_uint::try_from(report).unwrap_or(0);
-        // SAFETY: plain integers; `report` (>= base >= first) is excluded from both ranges.
-        let a = unsafe { libc::syscall(libc::SYS_close_range, first, rep.saturating_sub(1), 0) };
-        // SAFETY: as above.
-        let b = unsafe { libc::syscall(libc::SYS_close_range, rep + 1, libc::c_uint::MAX, 0) };
-        if (rep > first && a != 0) || b != 0 {
-            fail(report, ChildStep::CloseFds);
-        }
+    let rep = libc::c_uint::try_from(report).unwrap_or(0);
+    // SAFETY: plain integers; `report` (>= base >= first) is excluded from both ranges.
+    let a = unsafe { libc::syscall(libc::SYS_close_range, first, rep.saturating_sub(1), 0) };
+    // SAFETY: as above.
+    let b = unsafe { libc::syscall(libc::SYS_close_range, rep + 1, libc::c_uint::MAX, 0) };
+    if (rep > first && a != 0) || b != 0 {
+        fail(report, ChildStep::CloseFds);
     }
 
     // Step 5: the controlling terminal (`hatchery exec` on a PTY): after setsid, since
@@ -696,7 +664,7 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     }
     if let Some(sb) = plan.sandbox {
         // SAFETY: `sb` is the parent's plan, alive until we exec (see child_main).
-        unsafe { apply_sandbox(sb, ruleset, report) };
+        unsafe { apply_sandbox(sb, report) };
     }
 
     // Step 15: LISTEN_PID and the working directory.
@@ -741,9 +709,8 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
 ///
 /// # Safety
 ///
-/// Must be called only in the child, with `sb` valid in its view of the parent's memory
-/// and `ruleset` either -1 or the child's own copy of the Landlock ruleset fd.
-unsafe fn apply_sandbox(sb: &SandboxPlan, ruleset: RawFd, report: RawFd) {
+/// Must be called only in the child, with `sb` valid in its view of the parent's memory.
+unsafe fn apply_sandbox(sb: &SandboxPlan, report: RawFd) {
     // Step 6: rlimits, while we still have CAP_SYS_RESOURCE (raising a hard limit needs it).
     for &(resource, value) in &sb.rlimits {
         let lim = libc::rlimit {
@@ -902,11 +869,11 @@ unsafe fn apply_sandbox(sb: &SandboxPlan, ruleset: RawFd, report: RawFd) {
         fail(report, ChildStep::NoNewPrivs);
     }
     // Step 14: Landlock, last: nothing the child still does (chdir, execve of an allowed
-    // path) is refused by it, and the mount of step 7 would be.
-    if ruleset >= 0 {
-        // SAFETY: `ruleset` is our copy of the ruleset fd; flags 0.
-        if unsafe { libc::syscall(super::landlock::SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0u32) } != 0
-        {
+    // path) is refused by it, and the mount of step 7 would be. Built here, after the
+    // private /tmp exists and inside the root, so its rules name the worker's inodes.
+    if let Some(ll) = &sb.landlock {
+        // SAFETY: `ll` is the parent's plan, valid until we exec; no_new_privs is set.
+        if unsafe { super::landlock::child_enforce(ll) }.is_err() {
             fail(report, ChildStep::Landlock);
         }
     }
