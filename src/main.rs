@@ -233,17 +233,53 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
         ),
     };
     report.push(cgroup);
+    let sandboxes = sandbox_reports(&config);
     if json {
         let sites: Vec<_> = config.sites.iter().map(|s| s.to_raw()).collect();
-        let out = serde_json::json!({ "valid": true, "sites": sites, "features": report });
+        let out = serde_json::json!({
+            "valid": true,
+            "sites": sites,
+            "features": report,
+            "sandbox": sandboxes,
+        });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
         println!("configuration is valid: {} site(s)\n", config.sites.len());
         print!("{}", config.effective_toml());
         println!("\nkernel features:");
         print!("{}", features::render(&report));
+        println!("\nsandbox:");
+        for (site, v) in sandboxes.as_object().into_iter().flatten() {
+            if let Some(why) = v["refused"].as_str() {
+                println!("  {site}: REFUSED: {why}");
+                continue;
+            }
+            for line in v["enforced"].as_array().into_iter().flatten() {
+                println!("  {site}: [yes] {}", line.as_str().unwrap_or(""));
+            }
+            for line in v["not_enforced"].as_array().into_iter().flatten() {
+                println!("  {site}: [NO ] {}", line.as_str().unwrap_or(""));
+            }
+        }
     }
     ExitCode::SUCCESS
+}
+
+/// What each site's sandbox enforces on this host, or why it would be refused.
+fn sandbox_reports(config: &config::AgentConfig) -> serde_json::Value {
+    let root = rustix::process::geteuid().is_root();
+    let mut out = serde_json::Map::new();
+    for site in &config.sites {
+        let v = match hatchery::sandbox::prepare(site, root) {
+            Ok(p) => serde_json::json!({
+                "enforced": p.report.iter().filter(|(on, _)| *on).map(|(_, s)| s).collect::<Vec<_>>(),
+                "not_enforced": p.not_enforced(),
+            }),
+            Err(why) => serde_json::json!({ "refused": why }),
+        };
+        out.insert(site.name.to_string(), v);
+    }
+    serde_json::Value::Object(out)
 }
 
 fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {
@@ -506,6 +542,15 @@ fn render_status(v: &serde_json::Value) -> String {
             .collect();
         if !off.is_empty() {
             let _ = writeln!(out, "limits not enforced here: {}", off.join(", "));
+        }
+        let sandbox_off: Vec<&str> = s["sandbox"]["not_enforced"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .filter_map(|x| x.as_str())
+            .collect();
+        if !sandbox_off.is_empty() {
+            let _ = writeln!(out, "sandbox not enforced here: {}", sandbox_off.join("; "));
         }
         let _ = writeln!(out, "log: {}", s["log"].as_str().unwrap_or(""));
     }

@@ -341,3 +341,49 @@ pub fn check_root(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn roots_the_user_could_change_or_escape_through_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+        chmod(&root, 0o755);
+        // uid/gid that own nothing here.
+        let (uid, gid) = (4_000_000, 4_000_000);
+        check_root(&root, uid, gid, &[], true).expect("a clean root is accepted");
+
+        chmod(&root, 0o777);
+        let e = check_root(&root, uid, gid, &[], true).expect_err("world-writable");
+        assert!(e.contains("is writable by the site's user"), "{e}");
+        chmod(&root, 0o755);
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&root, &link).expect("symlink");
+        let e = check_root(&link, uid, gid, &[], true).expect_err("symlink");
+        assert!(e.contains("is a symlink"), "{e}");
+
+        let suid = root.join("bin/su");
+        std::fs::write(&suid, b"x").expect("write");
+        chmod(&suid, 0o4755);
+        let e = check_root(&root, uid, gid, &[], true).expect_err("setuid file");
+        assert!(e.contains("bin/su is setuid or setgid"), "{e}");
+        check_root(&root, uid, gid, &[], false).expect("not strict: accepted");
+    }
+
+    #[test]
+    fn paths_inside_the_root_map_to_the_host() {
+        let r = Some(Path::new("/srv/r"));
+        assert_eq!(host_path(r, Path::new("/tmp")), Path::new("/srv/r/tmp"));
+        assert_eq!(host_path(r, Path::new("/")), Path::new("/srv/r/"));
+        assert_eq!(host_path(None, Path::new("/tmp")), Path::new("/tmp"));
+    }
+}

@@ -440,6 +440,17 @@ fn sandbox_refuses_unsafe_roots_and_missing_required_features() {
             .to_string();
         assert!(why.contains(what), "{name}: {s:#}");
     };
+    // `check` says the same without starting anything.
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(agent.dir.path().join("hatchery.toml"))
+        .output()
+        .expect("check");
+    assert!(
+        stdout(&out).contains("strict: REFUSED: sandbox.root:"),
+        "{}",
+        stdout(&out)
+    );
     failed("strict", "is setuid or setgid (strict = true refuses it)");
     failed("owned", "is owned by the site's user");
     if landlock_abi() < 4 {
