@@ -1056,6 +1056,13 @@ pub fn validate_site(
     }
 
     let sandbox = sandbox::validate(file, raw.sandbox.as_ref(), raw.user.as_deref())?;
+    if sandbox.root.is_some() && ready.check == ReadyCheck::Notify {
+        return Err(err(
+            file,
+            "ready.check",
+            "\"notify\" cannot reach the agent's notify socket from inside sandbox.root: use \"tcp\" or \"none\"",
+        ));
+    }
 
     Ok(SiteConfig {
         name,

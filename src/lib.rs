@@ -6,7 +6,9 @@
 //!   `signalfd`, `waitid(P_ALL, WNOWAIT)` and the io_uring submission side.
 //! - Kernel-facing mechanism: [`process`] (a pid always with its pidfd), [`cgroup`] (the
 //!   cgroup v2 tree as directory fds), [`net`] (listeners bound by the agent, the notify
-//!   socket), [`spawn`] (turning a site's configuration into a ready-to-clone image).
+//!   socket), [`spawn`] (turning a site's configuration into a ready-to-clone image),
+//!   [`sandbox`] (checking a site's root and preparing the plan of sandbox steps the
+//!   child applies before `execve`).
 //! - Policy without I/O: [`supervisor`] (per-site worker slot state machine, restart
 //!   backoff and flapping control).
 //! - [`event`]: the single-threaded loop (io_uring or epoll readiness) that feeds kernel
@@ -17,7 +19,8 @@
 //!
 //! The `hatchery` binary (`src/main.rs`) is the CLI and `hatchery agent`; [`demo`] holds
 //! the built-in demo site and its tiny HTTP worker; [`probe`] is a small worker that
-//! reports what it sees of itself, for tests and diagnostics.
+//! reports what it sees of itself (and tries what a hostile worker would), for tests and
+//! diagnostics; [`terminal`] is the client side of `hatchery exec`.
 
 pub mod cgroup;
 pub mod config;

@@ -401,6 +401,16 @@ mod tests {
     }
 
     #[test]
+    fn notify_readiness_cannot_cross_a_root() {
+        let file = Path::new("/s/blog.toml");
+        let text = "name = \"blog\"\ncommand = [\"/x\"]\n[ready]\ncheck = \"notify\"\n[sandbox]\nroot = \"/srv/r\"\n";
+        let raw: super::super::RawSite = super::super::parse_toml(file, text).expect("toml");
+        let e = super::super::validate_site(file, &raw, super::super::LogPolicy::default())
+            .expect_err("notify inside a root");
+        assert_eq!(e.key, "ready.check");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = parse("capabilities = [\"CAP_FLY\"]").expect_err("unknown cap");
         assert_eq!(e.key, "sandbox.capabilities");
