@@ -297,6 +297,7 @@ fn rlimits() -> serde_json::Value {
         ("nproc", "Max processes"),
         ("core", "Max core file size"),
         ("as", "Max address space"),
+        ("memlock", "Max locked memory"),
     ] {
         if let Some(line) = text.lines().find(|l| l.starts_with(label)) {
             let soft = line[label.len()..].split_whitespace().next().unwrap_or("");

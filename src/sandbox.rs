@@ -24,6 +24,13 @@
 //! 15. `chdir(workdir)` as the site's user (so a workdir it may not enter fails), then
 //! 16. `execve`.
 //!
+//! Each ordering is held by a test in `tests/sandbox.rs` that fails when it is swapped:
+//! the probe's `memlock` above the default hard limit (6 after 11: EPERM), its `chroot`,
+//! groups and capability sets (8, 9, 10 after 11: EPERM; 12 before 11: empty effective
+//! set), Landlock for a non-root user (14 before 13: EPERM), and `exec`'s write to its
+//! private `/tmp` (7 after 14: the mount is refused; rules built before 7: the tmpfs is
+//! not covered and the write fails).
+//!
 //! Identity and capability steps (9 to 12) run only when the agent is root; an
 //! unprivileged agent cannot change them and its workers run as itself.
 //!

@@ -92,6 +92,26 @@ fn copy_with_libs(exe: &Path, root: &Path, as_path: &Path) {
     }
 }
 
+/// Whether this process holds capability `cap` in its effective set.
+fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << cap) != 0)
+}
+
+/// This process's hard limit on the line `label` of /proc/self/limits.
+fn hard_limit(label: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(label))
+        .and_then(|l| l[label.len()..].split_whitespace().nth(1)?.parse().ok())
+        .expect("a numeric hard limit")
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
@@ -142,6 +162,13 @@ fn sandbox_probe_sees_exactly_its_configuration() {
     let base = tempfile::tempdir().expect("tempdir");
     let root = Root::new(base.path(), "root-a");
     let port = free_port();
+    // Above the default hard limit where we hold CAP_SYS_RESOURCE (a VM): only possible
+    // because rlimits are set before the uid changes. Without it, the current hard limit.
+    let memlock: u64 = if has_capability(24) {
+        1 << 30
+    } else {
+        hard_limit("Max locked memory")
+    };
     let site = format!(
         r#"name = "a"
 command = ["/hatchery", "__probe", "info"]
@@ -159,6 +186,7 @@ capabilities = ["CAP_NET_BIND_SERVICE"]
 [sandbox.rlimits]
 nofile = 64
 core = 0
+memlock = {memlock}
 "#,
         root.path.display()
     );
@@ -202,6 +230,7 @@ core = 0
     );
     assert_eq!(info["rlimits"]["nofile"], "64");
     assert_eq!(info["rlimits"]["core"], "0");
+    assert_eq!(info["rlimits"]["memlock"], memlock.to_string());
     // Environment: the declared variables and the protocol ones, nothing of the agent's.
     let env = info["env"].as_object().expect("env");
     let mut keys: Vec<&str> = env.keys().map(String::as_str).collect();
@@ -532,7 +561,21 @@ fn sandbox_exec_without_a_terminal_uses_pipes_and_returns_the_status() {
         "/tmp was private to the command"
     );
     assert_eq!(stderr(&out), "oops\n");
-    // The agent and the site are undisturbed, and the exec's cgroup leaf is gone.
+    // A signal to `hatchery exec` reaches the command: 128 + SIGTERM.
+    let cli = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["exec", "a", "--", "/bin/sleep", "30"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("exec sleep");
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &cli.id().to_string()])
+        .status();
+    let out = cli.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(128 + 15));
+    // The agent and the site are undisturbed.
     assert_eq!(agent.status("a")["ready"], 1);
 }
 
