@@ -575,6 +575,26 @@ fn sandbox_exec_without_a_terminal_uses_pipes_and_returns_the_status() {
         .status();
     let out = cli.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(128 + 15));
+    // A client that goes away hangs its command up.
+    let mut cli = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["exec", "a", "--", "/bin/sleep", "31"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("exec sleep");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while with_marker("/bin/sleep 31").is_empty() {
+        assert!(Instant::now() < deadline, "the command did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cli.kill().expect("kill the client");
+    let _ = cli.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !with_marker("/bin/sleep 31").is_empty() {
+        assert!(Instant::now() < deadline, "the command outlived its client");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // The agent and the site are undisturbed.
     assert_eq!(agent.status("a")["ready"], 1);
 }

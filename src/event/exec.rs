@@ -284,6 +284,20 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Sends `SIGHUP` to the `exec` commands of connection `conn` (its client is gone, as
+    /// a terminal hangup would), or to all of them (`None`: the agent is stopping).
+    pub(super) fn hang_up_execs(&mut self, conn: Option<u64>) {
+        for (pid, s) in &self.execs {
+            if conn.is_none_or(|c| c == s.conn) {
+                if let Err(e) = s.pidref.signal(libc::SIGHUP) {
+                    debug!(pid, "failed to hang up an exec command: {e}");
+                }
+            }
+        }
+    }
+}
+
 /// A new pseudo-terminal: (master, slave), the slave owned by the site's user (as login
 /// does) and sized like the caller's terminal.
 fn open_pty(uid: u32, gid: u32, rows: u16, cols: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {

@@ -1339,6 +1339,7 @@ impl Agent {
             site.followers.retain(|c| *c != id);
             site.waiters.retain(|w| w.conn != id);
         }
+        self.hang_up_execs(Some(id));
     }
 
     fn is_admin(&self, uid: u32) -> bool {
@@ -1819,6 +1820,7 @@ impl Agent {
     fn begin_shutdown(&mut self) {
         self.shutting_down = true;
         notify_systemd("STOPPING=1");
+        self.hang_up_execs(None);
         let names: Vec<SiteName> = self.sites.keys().cloned().collect();
         for name in names {
             self.feed(&name, Input::StopRequested);
