@@ -116,9 +116,9 @@ pub fn run(socket: &Path, req: &Request) -> Result<u8, ExecError> {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected answer").into());
         }
     };
-    // The command is our child's child's... no: the agent's child, running as the site's
-    // user; root or that user may signal it. Open its pidfd now, while it cannot have
-    // been reaped (the agent reaps it only after telling us it exited).
+    // The command is the agent's child, running as the site's user: root or that user
+    // may signal it. Open its pidfd now, while it cannot have been reaped (the agent
+    // reaps it only after telling us it exited).
     let pidfd = rustix::process::Pid::from_raw(pid)
         .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     let expected = if tty { 1 } else { 2 };

@@ -376,6 +376,29 @@ connect = [{allowed_port}]
         root_a.path.display()
     );
     std::fs::write(agent.site_file("a"), attacker).expect("write site");
+    // A second attacker without a root: only its user and Landlock hold it (/tmp is
+    // writable for everyone, but not in its read_write list).
+    let planted = format!("/tmp/hatchery-planted-{}", std::process::id());
+    let unrooted_attacks = [
+        "read:/etc/shadow".to_string(),
+        format!("read:{}", secret.display()),
+        format!("write:{planted}"),
+        format!("signal:{victim_pid}"),
+        format!("ptrace:{agent_pid}"),
+        format!("environ:{agent_pid}"),
+    ];
+    let unrooted = format!(
+        "name = \"c\"\ncommand = {}\nuser = \"{USER_A}\"\n[sandbox.landlock]\nread_write = []\n",
+        serde_json::to_string(
+            &[BIN, "__probe", "attacks"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(unrooted_attacks.iter().cloned())
+                .collect::<Vec<_>>()
+        )
+        .expect("json")
+    );
+    std::fs::write(agent.site_file("c"), unrooted).expect("write site");
     let out = agent.cli(&["reload"]);
     assert!(out.status.success(), "reload: {}", stderr(&out));
     let lines = wait_log(&agent, "a", "attacks done");
@@ -402,6 +425,17 @@ connect = [{allowed_port}]
         );
     }
     assert_eq!(results.len(), attacks.len() + 1, "{lines:#?}");
+    let lines_c = wait_log(&agent, "c", "attacks done");
+    let results_c: Vec<serde_json::Value> = lines_c
+        .iter()
+        .filter(|l| l.contains("\"attack\""))
+        .map(|l| json_of(l))
+        .collect();
+    assert_eq!(results_c.len(), unrooted_attacks.len(), "{lines_c:#?}");
+    for r in &results_c {
+        assert_eq!(r["blocked"], true, "unrooted: {r}\nall: {results_c:#?}");
+    }
+    assert!(!Path::new(&planted).exists());
     let exec = results
         .iter()
         .find(|r| r["attack"] == "exec:/suid-hatchery")

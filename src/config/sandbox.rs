@@ -230,7 +230,11 @@ pub fn validate(
             ));
         }
     }
-    let mut groups = user.map(user_groups).unwrap_or_default();
+    // By the name in /etc/passwd (the site may give its user as a number).
+    let mut groups = user
+        .and_then(super::lookup_user)
+        .map(|u| user_groups(&u.name))
+        .unwrap_or_default();
     let group_names = raw.groups.clone().unwrap_or_default();
     for g in &group_names {
         let gid = super::lookup_group(g).ok_or_else(|| {
