@@ -93,6 +93,11 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
         plan.rlimits.push((*resource, *value));
         report.push((true, format!("rlimit {name} = {value}")));
     }
+    if !privileged && (sb.root.is_some() || sb.private_tmp) {
+        return Err(
+            "sandbox.root and sandbox.private_tmp need the agent to run as root".to_string(),
+        );
+    }
     if let Some(root) = &sb.root {
         check_root(root, site.uid, site.gid, &sb.groups, sb.strict)?;
         plan.root = Some(cstring(root)?);
@@ -384,6 +389,28 @@ mod tests {
         let e = check_root(&root, uid, gid, &[], true).expect_err("setuid file");
         assert!(e.contains("bin/su is setuid or setgid"), "{e}");
         check_root(&root, uid, gid, &[], false).expect("not strict: accepted");
+    }
+
+    fn site(text: &str) -> SiteConfig {
+        let file = Path::new("/etc/hatchery/sites.d/blog.toml");
+        let raw: crate::config::RawSite = toml::from_str(text).expect("toml");
+        crate::config::validate_site(file, &raw, crate::config::LogPolicy::default())
+            .expect("valid site")
+    }
+
+    #[test]
+    fn an_unprivileged_agent_refuses_a_root_and_reports_what_it_cannot_do() {
+        let s = site("name = \"blog\"\ncommand = [\"/x\"]\n[sandbox]\nroot = \"/srv\"\n");
+        let e = prepare(&s, false).expect_err("a root needs root");
+        assert!(e.contains("need the agent to run as root"), "{e}");
+        let s = site(
+            "name = \"blog\"\ncommand = [\"/x\"]\n[sandbox.landlock]\nfilesystem = \"off\"\nnetwork = \"off\"\n",
+        );
+        let p = prepare(&s, false).expect("prepared");
+        assert!(p.plan.identity.is_none() && p.plan.landlock.is_none());
+        let off = p.not_enforced().join("\n");
+        assert!(off.contains("identity and capabilities"), "{off}");
+        assert!(off.contains("Landlock filesystem rules: off"), "{off}");
     }
 
     #[test]
