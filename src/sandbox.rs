@@ -198,7 +198,30 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
         }
         _ => true,
     };
-    if fs_on || net_on {
+    let scope_on = match (sb.landlock_scope, abi) {
+        (Mode::Off, _) => {
+            report.push((false, "Landlock scopes: off".into()));
+            false
+        }
+        (Mode::Required, a) if a < 6 => {
+            return Err(required_message(
+                "Landlock scopes (signals, abstract unix sockets)",
+                "Landlock ABI 6, Linux 6.12",
+                abi,
+            ));
+        }
+        (Mode::BestEffort, a) if a < 6 => {
+            report.push((
+                false,
+                format!(
+                    "Landlock scopes: not available (Landlock ABI {abi}, needs 6, Linux 6.12): workers of sites sharing a user may signal each other"
+                ),
+            ));
+            false
+        }
+        _ => true,
+    };
+    if fs_on || net_on || scope_on {
         let fs = if fs_on {
             landlock::fs_rights_for_abi(abi)
         } else {
@@ -209,11 +232,23 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
         } else {
             0
         };
+        let scoped = if scope_on {
+            landlock::scope::SIGNAL | landlock::scope::ABSTRACT_UNIX_SOCKET
+        } else {
+            0
+        };
         let mut ll = landlock::LandlockPlan {
             fs,
             net,
+            scoped,
             ..landlock::LandlockPlan::default()
         };
+        if scope_on {
+            report.push((
+                true,
+                "Landlock scopes: no signals or abstract unix socket connections out of the worker's domain".into(),
+            ));
+        }
         if fs_on {
             use landlock::fs as f;
             let read = f::READ_FILE | f::READ_DIR;
@@ -404,7 +439,7 @@ mod tests {
         let e = prepare(&s, false).expect_err("a root needs root");
         assert!(e.contains("need the agent to run as root"), "{e}");
         let s = site(
-            "name = \"blog\"\ncommand = [\"/x\"]\n[sandbox.landlock]\nfilesystem = \"off\"\nnetwork = \"off\"\n",
+            "name = \"blog\"\ncommand = [\"/x\"]\n[sandbox.landlock]\nfilesystem = \"off\"\nnetwork = \"off\"\nscope = \"off\"\n",
         );
         let p = prepare(&s, false).expect("prepared");
         assert!(p.plan.identity.is_none() && p.plan.landlock.is_none());

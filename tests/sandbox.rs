@@ -399,6 +399,11 @@ connect = [{allowed_port}]
         .expect("json")
     );
     std::fs::write(agent.site_file("c"), unrooted).expect("write site");
+    // A site sharing the victim's user: only a Landlock scope (ABI 6) stops its signals.
+    let same_user = format!(
+        "name = \"d\"\ncommand = [\"{BIN}\", \"__probe\", \"attacks\", \"signal:{victim_pid}\"]\nuser = \"{USER_B}\"\n"
+    );
+    std::fs::write(agent.site_file("d"), same_user).expect("write site");
     let out = agent.cli(&["reload"]);
     assert!(out.status.success(), "reload: {}", stderr(&out));
     let lines = wait_log(&agent, "a", "attacks done");
@@ -436,6 +441,18 @@ connect = [{allowed_port}]
         assert_eq!(r["blocked"], true, "unrooted: {r}\nall: {results_c:#?}");
     }
     assert!(!Path::new(&planted).exists());
+    let lines_d = wait_log(&agent, "d", "attacks done");
+    let signal = json_of(
+        lines_d
+            .iter()
+            .find(|l| l.contains("\"attack\""))
+            .expect("signal attack"),
+    );
+    assert_eq!(
+        signal["blocked"],
+        landlock_abi() >= 6,
+        "same-user signal: {signal}"
+    );
     let exec = results
         .iter()
         .find(|r| r["attack"] == "exec:/suid-hatchery")

@@ -53,6 +53,9 @@ pub struct RawLandlock {
     pub filesystem: Option<String>,
     /// `required`, `best-effort` (default) or `off`: TCP bind/connect rules (ABI 4).
     pub network: Option<String>,
+    /// `required`, `best-effort` (default) or `off`: no signals or abstract unix socket
+    /// connections out of the worker's Landlock domain (ABI 6).
+    pub scope: Option<String>,
     /// Readable paths (default: `/`, the whole root).
     pub read_only: Option<Vec<PathBuf>>,
     /// Readable and writable paths (default: `/tmp` and `/dev/null`).
@@ -119,6 +122,8 @@ pub struct SandboxConfig {
     pub landlock_fs: Mode,
     /// Landlock network rules.
     pub landlock_net: Mode,
+    /// Landlock scopes (signals, abstract unix sockets).
+    pub landlock_scope: Mode,
     /// Read-only paths (inside the root).
     pub read_only: Vec<PathBuf>,
     /// Read-write paths (inside the root).
@@ -307,6 +312,7 @@ pub fn validate(
             ll.filesystem.as_deref(),
         )?,
         landlock_net: Mode::parse(file, "sandbox.landlock.network", ll.network.as_deref())?,
+        landlock_scope: Mode::parse(file, "sandbox.landlock.scope", ll.scope.as_deref())?,
         read_only: absolute_list(
             file,
             "sandbox.landlock.read_only",
@@ -366,6 +372,7 @@ impl SandboxConfig {
             landlock: Some(RawLandlock {
                 filesystem: Some(self.landlock_fs.name().into()),
                 network: Some(self.landlock_net.name().into()),
+                scope: Some(self.landlock_scope.name().into()),
                 read_only: Some(self.read_only.clone()),
                 read_write: Some(self.read_write.clone()),
                 execute: Some(self.execute.clone()),

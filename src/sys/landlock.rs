@@ -8,7 +8,8 @@
 //! `landlock_add_rule` per path, all allocation-free.
 //!
 //! Kernel requirements: Landlock ABI 1 (Linux 5.13) for filesystem rules, ABI 2 (5.19)
-//! for `REFER`, ABI 3 (6.2) for `TRUNCATE`, ABI 4 (6.7) for TCP bind/connect rules.
+//! for `REFER`, ABI 3 (6.2) for `TRUNCATE`, ABI 4 (6.7) for TCP bind/connect rules, ABI 6
+//! (6.12) for scopes (signals and abstract unix sockets).
 //! Probed with `LANDLOCK_CREATE_RULESET_VERSION`; 0 means Landlock is unavailable
 //! (not built, or not in the `lsm=` list). Debian's 6.1 reports 2, 6.12 reports 6.
 //! See `Documentation/userspace-api/landlock.rst`.
@@ -57,6 +58,14 @@ pub mod net {
     pub const CONNECT_TCP: u64 = 1 << 1;
 }
 
+/// `LANDLOCK_SCOPE_*` (ABI 6).
+pub mod scope {
+    /// Connecting to an abstract unix socket created outside the domain.
+    pub const ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
+    /// Sending a signal to a process outside the domain.
+    pub const SIGNAL: u64 = 1 << 1;
+}
+
 /// The filesystem rights a kernel with Landlock ABI `abi` knows.
 pub fn fs_rights_for_abi(abi: u32) -> u64 {
     match abi {
@@ -82,6 +91,8 @@ pub struct LandlockPlan {
     pub fs: u64,
     /// Handled network rights (0: no network rules; ABI 4+).
     pub net: u64,
+    /// Scopes (`scope::*`, ABI 6+): what may not reach outside the domain.
+    pub scoped: u64,
     /// `(path as the worker sees it, rights)`; a path that does not exist is skipped.
     pub paths: Vec<(std::ffi::CString, u64)>,
     /// `(TCP port, rights)`.
@@ -99,11 +110,15 @@ pub(super) unsafe fn child_enforce(plan: &LandlockPlan) -> Result<(), ()> {
     let attr = RulesetAttr {
         handled_access_fs: plan.fs,
         handled_access_net: plan.net,
+        scoped: plan.scoped,
     };
-    let size = if plan.net == 0 {
-        std::mem::size_of::<u64>()
-    } else {
+    // An older kernel's struct is shorter: pass only the fields in use.
+    let size = if plan.scoped != 0 {
         std::mem::size_of::<RulesetAttr>()
+    } else if plan.net != 0 {
+        2 * std::mem::size_of::<u64>()
+    } else {
+        std::mem::size_of::<u64>()
     };
     // SAFETY: `attr` is on this stack for the call; `size` is at most its size.
     let ruleset = unsafe { libc::syscall(SYS_LANDLOCK_CREATE_RULESET, &attr, size, 0u32) };
@@ -180,6 +195,7 @@ pub(super) unsafe fn child_enforce(plan: &LandlockPlan) -> Result<(), ()> {
 struct RulesetAttr {
     handled_access_fs: u64,
     handled_access_net: u64,
+    scoped: u64,
 }
 
 #[repr(C, packed)]
