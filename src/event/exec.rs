@@ -183,7 +183,7 @@ impl Agent {
                     .worker_leaf(
                         name.as_str(),
                         site.generation,
-                        EXEC_LEAF_BASE + self.next_exec,
+                        EXEC_LEAF_BASE + self.next_exec % EXEC_LEAF_BASE,
                     )
                     .map_err(|e| format!("{e}: {}", super::error_chain(&e)))?;
                 Some((dir, fd))
