@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod sandbox;
+
 /// The agent file read when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/hatchery/hatchery.toml";
 /// Most workers one site may ask for.
@@ -115,6 +117,8 @@ pub struct RawSite {
     pub memory_max: Option<String>,
     /// Memory level above which each worker is throttled and reclaimed (`memory.high`).
     pub memory_high: Option<String>,
+    /// The sandbox (`[sandbox]`).
+    pub sandbox: Option<sandbox::RawSandbox>,
 }
 
 /// `workers`: a count or `"auto"`.
@@ -461,6 +465,8 @@ pub struct SiteConfig {
     pub logs: LogPolicy,
     /// cgroup limits.
     pub limits: Limits,
+    /// The sandbox.
+    pub sandbox: sandbox::SandboxConfig,
 }
 
 /// `workers = "auto"`: as many workers as the budget holds, between `min` and `max`.
@@ -1089,6 +1095,15 @@ pub fn validate_site(
     };
     let release = validate_release(file, raw, check)?;
 
+    let sandbox = sandbox::validate(file, raw.sandbox.as_ref(), raw.user.as_deref())?;
+    if sandbox.root.is_some() && ready.check == ReadyCheck::Notify {
+        return Err(err(
+            file,
+            "ready.check",
+            "\"notify\" cannot reach the agent's notify socket from inside sandbox.root: use \"tcp\" or \"none\"",
+        ));
+    }
+
     Ok(SiteConfig {
         name,
         file: file.to_path_buf(),
@@ -1109,6 +1124,7 @@ pub fn validate_site(
         deploy,
         logs,
         limits,
+        sandbox,
     })
 }
 
@@ -1308,6 +1324,7 @@ impl SiteConfig {
             cpu_weight: self.limits.cpu_weight,
             memory_max: self.limits.worker_memory_max.map(format_size),
             memory_high: self.limits.worker_memory_high.map(format_size),
+            sandbox: Some(self.sandbox.to_raw()),
         }
     }
 }

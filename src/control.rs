@@ -92,6 +92,28 @@ pub enum Request {
         /// The site.
         site: String,
     },
+    /// Run a command in the site's sandbox (`hatchery exec`); the agent answers with the
+    /// event `started pid N` carrying the command's terminal master (or its stdin/stdout
+    /// socket and stderr pipe) as `SCM_RIGHTS`, then `{"ok":{"exit_code":N}}`.
+    Exec {
+        /// The site.
+        site: String,
+        /// The argv; empty for the site user's shell.
+        #[serde(default)]
+        command: Vec<String>,
+        /// On a new pseudo-terminal (else a socket and a pipe).
+        #[serde(default)]
+        tty: bool,
+        /// Terminal rows.
+        #[serde(default)]
+        rows: u16,
+        /// Terminal columns.
+        #[serde(default)]
+        cols: u16,
+        /// `TERM` for the command.
+        #[serde(default)]
+        term: Option<String>,
+    },
 }
 
 fn default_lines() -> usize {
@@ -110,7 +132,8 @@ impl Request {
             | Request::Signal { site, .. }
             | Request::Logs { site, .. }
             | Request::Deploy { site, .. }
-            | Request::Rollback { site } => Some(site),
+            | Request::Rollback { site }
+            | Request::Exec { site, .. } => Some(site),
             Request::Reload => None,
         }
     }

@@ -83,6 +83,21 @@ pub fn probe_kernel() -> Vec<Feature> {
             "not root: workers run as the agent's user; cgroups need delegation",
         )
     });
+    let abi = crate::sys::landlock::abi_version();
+    out.push(match abi {
+        0 => Feature::off(
+            "landlock",
+            "unavailable (needs 5.13 and landlock in lsm=): sandbox.landlock rules are not enforced",
+        ),
+        1..=3 => Feature::on(
+            "landlock",
+            format!("ABI {abi}: filesystem rules; no TCP bind/connect rules (ABI 4, Linux 6.7)"),
+        ),
+        _ => Feature::on(
+            "landlock",
+            format!("ABI {abi}: filesystem and TCP bind/connect rules"),
+        ),
+    });
     out
 }
 

@@ -8,7 +8,8 @@
 //!   cgroup v2 tree as directory fds), [`net`] (listeners bound by the agent, the notify
 //!   socket), [`spawn`] (turning a site's configuration into a ready-to-clone image),
 //!   [`steering`] (the eBPF program that sends a reuseport group's new connections to the
-//!   serving generation's listener).
+//!   serving generation's listener), [`sandbox`] (checking a site's root and preparing
+//!   the plan of sandbox steps the child applies before `execve`).
 //! - Policy without I/O: [`supervisor`] (per-generation worker slot state machine, restart
 //!   backoff and flapping control, the memory cap, the deploy plan).
 //! - [`event`]: the single-threaded loop (io_uring or epoll readiness) that feeds kernel
@@ -20,7 +21,8 @@
 //!
 //! The `hatchery` binary (`src/main.rs`) is the CLI and `hatchery agent`; [`demo`] holds
 //! the built-in demo site and its tiny HTTP worker; [`probe`] is a small worker that
-//! reports what it sees of itself, for tests and diagnostics.
+//! reports what it sees of itself (and tries what a hostile worker would), for tests and
+//! diagnostics; [`terminal`] is the client side of `hatchery exec`.
 
 pub mod cgroup;
 pub mod config;
@@ -32,8 +34,10 @@ pub mod logs;
 pub mod net;
 pub mod probe;
 pub mod process;
+pub mod sandbox;
 pub mod spawn;
 pub mod steering;
 pub mod supervisor;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod terminal;

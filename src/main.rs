@@ -119,6 +119,16 @@ enum Command {
         /// The site.
         site: String,
     },
+    /// Run a command in a site's sandbox (its user, root, Landlock, cgroup and limits),
+    /// on a new terminal when stdin is one; without CMD, the site user's shell. Exits with
+    /// the command's status (128 + N when killed by signal N).
+    Exec {
+        /// The site.
+        site: String,
+        /// The command and its arguments (after `--` if they start with `-`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// The demo site's worker (used by `hatchery demo`).
     #[command(name = "__demo-worker", hide = true)]
     DemoWorker {
@@ -155,6 +165,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Probe { args } => ExitCode::from(hatchery::probe::main(&args)),
+        Command::Exec { site, command } => {
+            let socket = cli
+                .socket
+                .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+            exec(&socket, &site, command)
+        }
         command => {
             let socket = cli
                 .socket
@@ -236,17 +253,53 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
     };
     report.push(cgroup);
     report.push(features::steering(&hatchery::steering::probe()));
+    let sandboxes = sandbox_reports(&config);
     if json {
         let sites: Vec<_> = config.sites.iter().map(|s| s.to_raw()).collect();
-        let out = serde_json::json!({ "valid": true, "sites": sites, "features": report });
+        let out = serde_json::json!({
+            "valid": true,
+            "sites": sites,
+            "features": report,
+            "sandbox": sandboxes,
+        });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
         println!("configuration is valid: {} site(s)\n", config.sites.len());
         print!("{}", config.effective_toml());
         println!("\nkernel features:");
         print!("{}", features::render(&report));
+        println!("\nsandbox:");
+        for (site, v) in sandboxes.as_object().into_iter().flatten() {
+            if let Some(why) = v["refused"].as_str() {
+                println!("  {site}: REFUSED: {why}");
+                continue;
+            }
+            for line in v["enforced"].as_array().into_iter().flatten() {
+                println!("  {site}: [yes] {}", line.as_str().unwrap_or(""));
+            }
+            for line in v["not_enforced"].as_array().into_iter().flatten() {
+                println!("  {site}: [NO ] {}", line.as_str().unwrap_or(""));
+            }
+        }
     }
     ExitCode::SUCCESS
+}
+
+/// What each site's sandbox enforces on this host, or why it would be refused.
+fn sandbox_reports(config: &config::AgentConfig) -> serde_json::Value {
+    let root = rustix::process::geteuid().is_root();
+    let mut out = serde_json::Map::new();
+    for site in &config.sites {
+        let v = match hatchery::sandbox::prepare(site, root) {
+            Ok(p) => serde_json::json!({
+                "enforced": p.report.iter().filter(|(on, _)| *on).map(|(_, s)| s).collect::<Vec<_>>(),
+                "not_enforced": p.not_enforced(),
+            }),
+            Err(why) => serde_json::json!({ "refused": why }),
+        };
+        out.insert(site.name.to_string(), v);
+    }
+    serde_json::Value::Object(out)
 }
 
 fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {
@@ -321,6 +374,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         | Command::Check { .. }
         | Command::Demo { .. }
         | Command::DemoWorker { .. }
+        | Command::Exec { .. }
         | Command::Probe { .. } => {
             unreachable!("handled in main")
         }
@@ -376,6 +430,31 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         Err(e) => {
             eprintln!("hatchery: lost the connection to the agent: {e}");
             ExitCode::from(EXIT_UNREACHABLE)
+        }
+    }
+}
+
+/// `hatchery exec`: the command's exit code, or ours (1 refused, 2 bad request, 3
+/// unreachable).
+fn exec(socket: &std::path::Path, site: &str, command: Vec<String>) -> ExitCode {
+    use hatchery::terminal::{self, ExecError};
+    let req = terminal::request(site, command);
+    match terminal::run(socket, &req) {
+        Ok(code) => ExitCode::from(code),
+        Err(ExecError::Unreachable { path, source }) => {
+            eprintln!("hatchery: cannot reach the agent at {path}: {source}");
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+        Err(ExecError::Refused { kind, message }) => {
+            eprintln!("hatchery: {message}");
+            ExitCode::from(match kind {
+                ErrorKind::BadRequest | ErrorKind::Config => EXIT_USAGE,
+                _ => EXIT_REFUSED,
+            })
+        }
+        Err(ExecError::Io(e)) => {
+            eprintln!("hatchery: exec failed: {e}");
+            ExitCode::from(EXIT_REFUSED)
         }
     }
 }
@@ -525,6 +604,15 @@ fn render_status(v: &serde_json::Value) -> String {
             .collect();
         if !off.is_empty() {
             let _ = writeln!(out, "limits not enforced here: {}", off.join(", "));
+        }
+        let sandbox_off: Vec<&str> = s["sandbox"]["not_enforced"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .filter_map(|x| x.as_str())
+            .collect();
+        if !sandbox_off.is_empty() {
+            let _ = writeln!(out, "sandbox not enforced here: {}", sandbox_off.join("; "));
         }
         let _ = writeln!(out, "log: {}", s["log"].as_str().unwrap_or(""));
     }

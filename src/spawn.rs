@@ -27,12 +27,19 @@ pub fn resolve_program(program: &str, path_var: &str, workdir: Option<&Path>) ->
             _ => p,
         });
     }
+    resolve_program_in(program, path_var, None)
+}
+
+/// As [`resolve_program`] for a name without `/`, searching `PATH` inside `root` (the
+/// site's chroot); returns the path as the worker sees it.
+pub fn resolve_program_in(program: &str, path_var: &str, root: Option<&Path>) -> Option<PathBuf> {
     path_var
         .split(':')
         .filter(|d| !d.is_empty())
         .find_map(|dir| {
             let candidate = Path::new(dir).join(program);
-            let meta = std::fs::metadata(&candidate).ok()?;
+            let host = crate::sandbox::host_path(root, &candidate);
+            let meta = std::fs::metadata(&host).ok()?;
             (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
         })
 }
@@ -72,8 +79,12 @@ pub fn worker_image(
         .map(String::as_str)
         .unwrap_or(DEFAULT_PATH);
     let program = &site.command[0];
-    let exe = resolve_program(program, path_var, site.workdir.as_deref())
-        .ok_or_else(|| format!("{program} not found in PATH ({path_var})"))?;
+    let root = site.sandbox.root.as_deref();
+    let exe = match root {
+        Some(_) if !program.contains('/') => resolve_program_in(program, path_var, root),
+        _ => resolve_program(program, path_var, site.workdir.as_deref()),
+    }
+    .ok_or_else(|| format!("{program} not found in PATH ({path_var})"))?;
     let env = worker_env(site, listeners, notify, id, generation);
     ExecImage::new(
         &exe.to_string_lossy(),

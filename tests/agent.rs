@@ -321,24 +321,37 @@ fn signal_reaches_every_worker_and_logs_capture_output() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("logs -f");
-        std::thread::sleep(Duration::from_millis(200));
-        let out = agent.cli(&["signal", "sig", "USR1"]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        let mut reader = BufReader::new(follow.stdout.take().expect("stdout"));
-        let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while got.len() < 2 && Instant::now() < deadline {
-            let mut line = String::new();
-            if reader.read_line(&mut line).expect("read") == 0 {
-                break;
+        // Lines arrive on a channel, so a missed line cannot block the test; the signal
+        // is sent again until both workers' lines are seen, since `logs -f` may attach
+        // only after the first one was handled (a slow VM).
+        let reader = BufReader::new(follow.stdout.take().expect("stdout"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
-            if line.contains("got-usr1") {
-                got.push(line);
+        });
+        let mut got: Vec<String> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let seen =
+            |got: &[String], id: &str| got.iter().any(|l| l.ends_with(&format!("got-usr1 {id}")));
+        while !(seen(&got, "0") && seen(&got, "1")) && Instant::now() < deadline {
+            let out = agent.cli(&["signal", "sig", "USR1"]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+                if line.contains("got-usr1") {
+                    got.push(line);
+                }
             }
         }
         let _ = follow.kill();
         let _ = follow.wait();
-        assert_eq!(got.len(), 2, "both workers trapped USR1: {got:?}");
+        assert!(
+            seen(&got, "0") && seen(&got, "1"),
+            "both workers trapped USR1: {got:?}"
+        );
         let out = agent.cli(&["logs", "sig", "-n", "50"]);
         let text = stdout(&out);
         assert!(

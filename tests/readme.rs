@@ -37,11 +37,17 @@ fn readme_config_examples_are_valid() {
         .find(|b| b.starts_with("# sites.d/shop.toml"))
         .expect("a limits example");
 
+    let wiki = blocks
+        .iter()
+        .find(|b| b.starts_with("# sites.d/wiki.toml"))
+        .expect("a sandbox example");
+
     let dir = tempfile::tempdir().expect("tempdir");
     let sites = dir.path().join("sites.d");
     std::fs::create_dir_all(&sites).expect("mkdir");
     std::fs::write(sites.join("blog.toml"), site).expect("write");
     std::fs::write(sites.join("shop.toml"), shop).expect("write");
+    std::fs::write(sites.join("wiki.toml"), wiki).expect("write");
     // The example's paths are real system paths; point sites_dir at our copy.
     let agent_text: String = agent
         .lines()
@@ -57,7 +63,7 @@ fn readme_config_examples_are_valid() {
     let agent_path = dir.path().join("hatchery.toml");
     std::fs::write(&agent_path, agent_text).expect("write");
     let config = hatchery::config::load(&agent_path).expect("the README examples are valid");
-    assert_eq!(config.sites.len(), 2);
+    assert_eq!(config.sites.len(), 3);
 
     // The deploy example, with its release symlink pointing at a real directory here.
     let app = blocks
@@ -90,9 +96,27 @@ fn readme_config_examples_are_valid() {
     assert_eq!(run.workdir.as_deref(), Some(target.as_path()));
     std::fs::remove_file(sites.join("app.toml")).expect("rm");
     let config = hatchery::config::load(&agent_path).expect("valid");
-    assert_eq!(config.sites.len(), 2);
+    assert_eq!(config.sites.len(), 3);
     let blog = &config.sites[0];
     let shop = &config.sites[1];
+    let wiki = &config.sites[2];
+    assert_eq!(
+        wiki.sandbox.root.as_deref(),
+        Some(Path::new("/srv/wiki/root"))
+    );
+    assert_eq!(wiki.sandbox.capabilities, vec![10]);
+    assert_eq!(wiki.sandbox.connect, vec![5432]);
+    assert_eq!(
+        wiki.sandbox.landlock_fs,
+        hatchery::config::sandbox::Mode::Required
+    );
+    assert!(wiki.sandbox.private_tmp);
+    assert!(
+        wiki.sandbox
+            .rlimits
+            .iter()
+            .any(|(n, _, v)| n == "as" && *v == 2 << 30)
+    );
     assert_eq!(
         shop.auto,
         Some(hatchery::config::AutoWorkers { min: 1, max: 16 })

@@ -13,6 +13,7 @@
 //! site, worker and pid; the loop itself only stops on a failure of the reactor.
 
 mod deploy;
+mod exec;
 pub mod reactor;
 
 use std::collections::{BTreeMap, HashMap};
@@ -87,6 +88,8 @@ enum Source {
     Pipe,
     ConnRead(u64),
     ConnWrite(u64),
+    /// The pidfd of a `hatchery exec` command.
+    Exec(i32),
 }
 
 #[derive(Debug)]
@@ -174,6 +177,8 @@ struct Site {
     next_capacity_check: Option<Instant>,
     /// The measured peak at the previous check: growth waits until it holds still.
     last_peak: Option<u64>,
+    /// The sandbox, prepared at the first spawn (see `exec.rs`).
+    sandbox: Option<crate::sandbox::Prepared>,
 }
 
 #[derive(Debug)]
@@ -233,6 +238,9 @@ pub struct Agent {
     /// Whether eBPF connection steering can be used here.
     steering_support: crate::steering::SteeringSupport,
     started: SystemTime,
+    /// Running `hatchery exec` commands, by pid (see `exec.rs`).
+    execs: HashMap<i32, exec::ExecSession>,
+    next_exec: u32,
 }
 
 impl Agent {
@@ -308,6 +316,8 @@ impl Agent {
             kernel: features::probe_kernel(),
             steering_support: crate::steering::probe(),
             started: SystemTime::now(),
+            execs: HashMap::new(),
+            next_exec: 0,
         };
         for site in &config.sites {
             let s = agent.make_site(site.clone())?;
@@ -446,6 +456,7 @@ impl Agent {
             capacity: cap,
             next_capacity_check,
             last_peak: None,
+            sandbox: None,
         })
     }
 
@@ -734,6 +745,7 @@ impl Agent {
             Source::Pidfd(site, g, id) => self.on_pidfd(&site, g, id, token),
             Source::Pipe => self.on_pipe(token),
             Source::ConnRead(c) => self.on_conn_read(c),
+            Source::Exec(pid) => self.exec_exited(pid),
             Source::ConnWrite(c) => {
                 if let Some(conn) = self.conns.get_mut(&c) {
                     conn.write_token = None;
@@ -804,6 +816,8 @@ impl Agent {
             };
             if let Some((site, g, id)) = self.pids.get(&pid).cloned() {
                 self.worker_exited(&site, g, id);
+            } else if self.execs.contains_key(&pid) {
+                self.exec_exited(pid);
             } else if let Some(p) = rustix::process::Pid::from_raw(pid) {
                 match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
                     Ok(_) => debug!(pid, "reaped an orphaned descendant"),
@@ -1002,6 +1016,7 @@ impl Agent {
         id: WorkerId,
     ) -> Result<i32, (String, bool)> {
         let notify_path = self.notify.path.clone();
+        let plan = self.site_sandbox(name).map_err(|e| (e, true))?;
         let site = self
             .sites
             .get(name)
@@ -1010,6 +1025,7 @@ impl Agent {
         let mut image =
             crate::spawn::worker_image(&site.config, &site.listeners, &notify_path, id, g)
                 .map_err(|e| (e, true))?;
+        image.set_sandbox(plan);
         let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| (format!("failed to create the output pipe: {e}"), false))?;
         rustix::io::ioctl_fionbio(&pipe_r, true)
@@ -1468,6 +1484,7 @@ impl Agent {
             site.followers.retain(|c| *c != id);
             site.waiters.retain(|w| w.conn != id);
         }
+        self.hang_up_execs(Some(id));
     }
 
     fn is_admin(&self, uid: u32) -> bool {
@@ -1661,6 +1678,24 @@ impl Agent {
                     self.finish(conn, &Reply::Ok(json!({ "site": name, "log": path })));
                 }
             }
+            Request::Exec {
+                command,
+                tty,
+                rows,
+                cols,
+                term,
+                ..
+            } => {
+                let name = name.expect("site request");
+                let params = exec::ExecParams {
+                    command,
+                    tty,
+                    rows,
+                    cols,
+                    term,
+                };
+                self.start_exec(conn, &name, params);
+            }
             Request::Reload => match self.reload() {
                 Ok(summary) => self.finish(conn, &Reply::Ok(summary)),
                 Err(e) => {
@@ -1773,6 +1808,7 @@ impl Agent {
                         "not_enforced": s.not_enforced,
                     },
                     "usage": self.cgroups.as_ref().map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str()))),
+                    "sandbox": s.sandbox.as_ref().map(exec::sandbox_status),
                     "workers": workers,
                 })
             })
@@ -1915,6 +1951,8 @@ impl Agent {
                 None => sc.clone(),
             };
             site.log.set_policy(sc.logs);
+            // Prepared again, from the new configuration, at the next spawn.
+            site.sandbox = None;
             let limits_changed = site.config.limits != sc.limits;
             site.config = sc;
             site.requested = workers;
@@ -1991,6 +2029,7 @@ impl Agent {
     fn begin_shutdown(&mut self) {
         self.shutting_down = true;
         notify_systemd("STOPPING=1");
+        self.hang_up_execs(None);
         let names: Vec<SiteName> = self.sites.keys().cloned().collect();
         for name in names {
             self.cancel_deploys(&name, "the agent is shutting down");

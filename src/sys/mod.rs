@@ -13,6 +13,9 @@
 //!   readiness (Linux 2.6.27).
 //! - [`wait`]: `waitid(P_ALL, WNOWAIT)` to find which child became a zombie, for reaping
 //!   orphans re-parented to us as child subreaper.
+//! - [`landlock`]: building a Landlock ruleset in the parent and probing the ABI version
+//!   (the child enforces it in [`spawn`]).
+//! - [`ptrace`]: `PTRACE_ATTACH`, for the probe worker's attacks only.
 //! - [`tcp`]: `TCP_INFO` on a listener, to read its accept-queue length.
 //! - [`uring`]: the io_uring submission side (pushing entries is unsafe because the
 //!   kernel may read memory the entry points to until the operation completes).
@@ -22,6 +25,8 @@
 
 pub mod activation;
 pub mod bpf;
+pub mod landlock;
+pub mod ptrace;
 pub mod signals;
 pub mod spawn;
 pub mod tcp;

@@ -1,8 +1,7 @@
 //! `clone3(CLONE_PIDFD | CLONE_INTO_CGROUP)` and the post-clone child path.
 //!
 //! Kernel requirements: `clone3` with `CLONE_PIDFD` (Linux 5.3), `CLONE_INTO_CGROUP`
-//! (5.7, only when a cgroup is given), `close_range` (5.9; `CLOSE_RANGE_CLOEXEC` 5.11,
-//! with a two-range fallback below it).
+//! (5.7, only when a cgroup is given), `close_range` (5.9).
 //!
 //! Everything the child needs is built in the parent first ([`ExecImage`]): the path,
 //! the `argv`/`envp` pointer arrays, the fd map and an empty signal mask. The child then
@@ -29,19 +28,26 @@
 //! 3. move the fd map into place: every source is first duplicated above the highest
 //!    target (so a source sitting on another target's number is never clobbered), then
 //!    `dup2`ed onto its target, which also clears `FD_CLOEXEC`;
-//! 4. close every other fd (`close_range`), keeping only the close-on-exec report pipe;
-//! 5. fill in `LISTEN_PID=` with its own pid (only known now), `chdir` to the working
-//!    directory;
-//! 6. `execve`. Any failure writes `(step, errno)` to the report pipe and `_exit(127)`s;
-//!    the parent reads EOF when `execve` succeeded (the pipe is close-on-exec).
+//! 4. close every other fd (`close_range`, two ranges around the close-on-exec report
+//!    pipe);
+//! 5. `TIOCSCTTY` on fd 0, for `hatchery exec` on a PTY (after `setsid`: only a session
+//!    leader without a controlling terminal may acquire one);
+//! 6. to 14. the sandbox, when the image has a [`SandboxPlan`] (`apply_sandbox`; the list
+//!    with each ordering reason is in `crate::sandbox`): rlimits, private `/tmp`, `chroot`,
+//!    bounding set, groups and gid, uid, capability sets, `no_new_privs`, Landlock;
+//! 15. fill in `LISTEN_PID=` with its own pid (only known now), `chdir` to the working
+//!     directory (inside the root, as the site's user);
+//! 16. `execve`. Any failure writes `(step, errno)` to the report pipe and `_exit(127)`s;
+//!     the parent reads EOF when `execve` succeeded (the pipe is close-on-exec).
 //!
 //! Why not the exec-helper of DESIGN.md (the child `execveat`s the agent binary, which
 //! then applies the steps in a fresh image): the second exec of a ~20 MB dynamically linked
 //! Rust binary measured 1.6 ms per spawn here against 0.3 ms for the whole spawn of a
 //! static worker, which would put cold start and restart far past twice the fork+exec
 //! limit. DESIGN.md allows running the steps directly in the child from a plan built in
-//! the parent; that is what this module does. Sandbox steps (chroot, credentials,
-//! capabilities, Landlock) are not applied here yet.
+//! the parent; that is what this module does, sandbox steps included: everything they
+//! need (ids, capability masks, rlimits, the root and the Landlock paths as C strings) is
+//! built in the parent, the child only makes syscalls.
 
 use std::ffi::{CStr, CString, c_char};
 use std::io;
@@ -71,6 +77,26 @@ pub enum ChildStep {
     Chdir = 5,
     /// `execve` of the worker.
     Exec = 6,
+    /// `setrlimit` of a configured limit.
+    Rlimits = 7,
+    /// A private `/tmp`: a new mount namespace and a tmpfs.
+    PrivateTmp = 8,
+    /// `chroot` into the site's root.
+    Chroot = 9,
+    /// Dropping capabilities from the bounding set.
+    DropBounding = 10,
+    /// `setgroups` and `setresgid`.
+    SetGroups = 11,
+    /// `setresuid`.
+    SetUid = 12,
+    /// `capset` and the ambient set.
+    Capabilities = 13,
+    /// `PR_SET_NO_NEW_PRIVS`.
+    NoNewPrivs = 14,
+    /// `landlock_restrict_self`.
+    Landlock = 15,
+    /// `TIOCSCTTY` on the terminal given as stdin.
+    ControllingTty = 16,
 }
 
 impl ChildStep {
@@ -82,6 +108,16 @@ impl ChildStep {
             4 => ChildStep::CloseFds,
             5 => ChildStep::Chdir,
             6 => ChildStep::Exec,
+            7 => ChildStep::Rlimits,
+            8 => ChildStep::PrivateTmp,
+            9 => ChildStep::Chroot,
+            10 => ChildStep::DropBounding,
+            11 => ChildStep::SetGroups,
+            12 => ChildStep::SetUid,
+            13 => ChildStep::Capabilities,
+            14 => ChildStep::NoNewPrivs,
+            15 => ChildStep::Landlock,
+            16 => ChildStep::ControllingTty,
             _ => return None,
         })
     }
@@ -95,6 +131,16 @@ impl ChildStep {
             ChildStep::CloseFds => "close inherited file descriptors",
             ChildStep::Chdir => "change to the working directory",
             ChildStep::Exec => "execute the command",
+            ChildStep::Rlimits => "set resource limits",
+            ChildStep::PrivateTmp => "mount a private /tmp",
+            ChildStep::Chroot => "change root to the site's root",
+            ChildStep::DropBounding => "drop capabilities from the bounding set",
+            ChildStep::SetGroups => "set the group and supplementary groups",
+            ChildStep::SetUid => "set the user",
+            ChildStep::Capabilities => "set the capability sets",
+            ChildStep::NoNewPrivs => "set no_new_privs",
+            ChildStep::Landlock => "enforce the Landlock ruleset",
+            ChildStep::ControllingTty => "acquire the controlling terminal",
         }
     }
 }
@@ -119,6 +165,27 @@ pub enum SpawnError {
     },
 }
 
+/// The sandbox steps of one site, built in the parent (by `crate::sandbox`) and read by
+/// the child; shared by every spawn of the site.
+#[derive(Debug, Default)]
+pub struct SandboxPlan {
+    /// `(RLIMIT_*, value)`: soft and hard limit both set to `value`.
+    pub rlimits: Vec<(libc::c_int, u64)>,
+    /// The host path of `<root>/tmp`, to mount a private tmpfs on.
+    pub private_tmp: Option<CString>,
+    /// The directory to `chroot` into.
+    pub root: Option<CString>,
+    /// Capabilities to drop from the bounding set (every one not allowed).
+    pub drop_bounding: Vec<libc::c_int>,
+    /// `(uid, gid, supplementary groups)` to switch to; `None` keeps the agent's.
+    pub identity: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    /// With an identity: the capabilities kept (permitted, effective, inheritable and
+    /// ambient), as a 64-bit mask.
+    pub keep_caps: u64,
+    /// The Landlock ruleset to build and enforce.
+    pub landlock: Option<super::landlock::LandlockPlan>,
+}
+
 /// Everything `execve` needs, built in the parent before `clone3`.
 #[derive(Debug)]
 pub struct ExecImage {
@@ -129,6 +196,8 @@ pub struct ExecImage {
     env: Vec<Box<[u8]>>,
     env_ptrs: Vec<*const c_char>,
     listen_pid: Option<usize>,
+    sandbox: Option<std::sync::Arc<SandboxPlan>>,
+    controlling_tty: bool,
 }
 
 impl ExecImage {
@@ -179,7 +248,19 @@ impl ExecImage {
             env,
             env_ptrs,
             listen_pid,
+            sandbox: None,
+            controlling_tty: false,
         })
+    }
+
+    /// Applies `plan` in the child before `execve`.
+    pub fn set_sandbox(&mut self, plan: std::sync::Arc<SandboxPlan>) {
+        self.sandbox = Some(plan);
+    }
+
+    /// Makes fd 0 (a terminal) the child's controlling terminal.
+    pub fn set_controlling_tty(&mut self) {
+        self.controlling_tty = true;
     }
 }
 
@@ -202,7 +283,6 @@ const CLONE_VM: u64 = 0x100;
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 const CLONE_VFORK: u64 = 0x4000;
 const CLOSE_RANGE_UNSHARE: libc::c_uint = 1 << 1;
-const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
 /// A block of consecutive fd numbers reserved for passing fds to children: slot `i`
 /// holds the child's future fd `i` during a spawn, the last slot the report pipe. Between
@@ -326,6 +406,7 @@ fn spawn_with_block(
         .place(report_slot, report_w.as_fd())
         .map_err(SpawnError::Pipe)?;
     drop(report_w);
+    let sandbox = image.sandbox.clone();
     let listen_pid: *mut u8 = match image.listen_pid {
         Some(i) => image.env[i]
             .as_mut_ptr()
@@ -342,6 +423,8 @@ fn spawn_with_block(
         report: block.base() + RawFd::try_from(report_slot).expect("small"),
         unshare_from: libc::c_uint::try_from(block.end()).expect("fds are non-negative"),
         listen_pid,
+        sandbox: sandbox.as_deref(),
+        controlling_tty: image.controlling_tty,
     };
 
     let mut pidfd: RawFd = -1;
@@ -481,6 +564,8 @@ struct ChildPlan<'a> {
     report: RawFd,
     unshare_from: libc::c_uint,
     listen_pid: *mut u8,
+    sandbox: Option<&'a SandboxPlan>,
+    controlling_tty: bool,
 }
 
 /// The child side: only raw syscalls, no allocation, no panics. Never returns.
@@ -556,31 +641,33 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         target += 1;
     }
 
-    // Step 4: close everything else except the report pipe (closed by execve itself).
+    // Step 4: close everything else except the report pipe (closed by execve itself),
+    // outright rather than marking it close-on-exec: the sandbox steps open fds of their
+    // own (Landlock rules) after a RLIMIT_NOFILE that the agent's fd numbers may exceed.
     let first = libc::c_uint::try_from(n).unwrap_or(0);
-    // SAFETY: close_range takes plain integers; marking fds close-on-exec (5.11) keeps the
-    // report pipe usable until execve.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first,
-            libc::c_uint::MAX,
-            CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if ret != 0 {
-        // Before 5.11: close the ranges around the report pipe outright.
-        let rep = libc::c_uint::try_from(report).unwrap_or(0);
-        // SAFETY: plain integers; `report` (>= base >= first) is excluded from both ranges.
-        let a = unsafe { libc::syscall(libc::SYS_close_range, first, rep.saturating_sub(1), 0) };
-        // SAFETY: as above.
-        let b = unsafe { libc::syscall(libc::SYS_close_range, rep + 1, libc::c_uint::MAX, 0) };
-        if (rep > first && a != 0) || b != 0 {
-            fail(report, ChildStep::CloseFds);
-        }
+    let rep = libc::c_uint::try_from(report).unwrap_or(0);
+    // SAFETY: plain integers; `report` (>= base >= first) is excluded from both ranges.
+    let a = unsafe { libc::syscall(libc::SYS_close_range, first, rep.saturating_sub(1), 0) };
+    // SAFETY: as above.
+    let b = unsafe { libc::syscall(libc::SYS_close_range, rep + 1, libc::c_uint::MAX, 0) };
+    if (rep > first && a != 0) || b != 0 {
+        fail(report, ChildStep::CloseFds);
     }
 
-    // Step 5: LISTEN_PID and the working directory.
+    // Step 5: the controlling terminal (`hatchery exec` on a PTY): after setsid, since
+    // only a session leader without one may acquire it, and after fd 0 is in place.
+    if plan.controlling_tty {
+        // SAFETY: TIOCSCTTY takes an int argument (0: do not steal), no pointer.
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+            fail(report, ChildStep::ControllingTty);
+        }
+    }
+    if let Some(sb) = plan.sandbox {
+        // SAFETY: `sb` is the parent's plan, alive until we exec (see child_main).
+        unsafe { apply_sandbox(sb, report) };
+    }
+
+    // Step 15: LISTEN_PID and the working directory.
     if !plan.listen_pid.is_null() {
         // SAFETY: raw getpid syscall: glibc's cached tid may describe the parent.
         let mut pid = unsafe { libc::syscall(libc::SYS_getpid) };
@@ -610,11 +697,201 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         }
     }
 
-    // Step 6: execve.
+    // Step 16: execve.
     // SAFETY: path, argv and envp are NUL-terminated strings and null-terminated pointer
     // arrays built by `ExecImage::new`, valid in this child's copy of the parent memory.
     unsafe { libc::execve(plan.path.as_ptr(), plan.argv, plan.envp) };
     fail(report, ChildStep::Exec)
+}
+
+/// Steps 6 to 14 of the module doc: the sandbox. Only raw syscalls; every failure ends
+/// the child through [`fail`].
+///
+/// # Safety
+///
+/// Must be called only in the child, with `sb` valid in its view of the parent's memory.
+unsafe fn apply_sandbox(sb: &SandboxPlan, report: RawFd) {
+    // Step 6: rlimits, while we still have CAP_SYS_RESOURCE (raising a hard limit needs it).
+    for &(resource, value) in &sb.rlimits {
+        let lim = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: `lim` is on this stack; the resource is one of RLIMIT_* (from config).
+        if unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                resource,
+                &lim,
+                std::ptr::null_mut::<libc::rlimit>(),
+            )
+        } != 0
+        {
+            fail(report, ChildStep::Rlimits);
+        }
+    }
+    // Step 7: a private /tmp: our own mount namespace (CAP_SYS_ADMIN, so before dropping
+    // privileges; before Landlock, which forbids mounting), made private so the tmpfs does
+    // not propagate back to the host, then a tmpfs on <root>/tmp.
+    if let Some(tmp) = &sb.private_tmp {
+        // SAFETY: plain flag argument.
+        if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+            fail(report, ChildStep::PrivateTmp);
+        }
+        // SAFETY: NUL-terminated static strings; no data argument.
+        if unsafe {
+            libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            fail(report, ChildStep::PrivateTmp);
+        }
+        // SAFETY: `tmp` is a NUL-terminated path in the parent's plan; the options string
+        // is static.
+        if unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                tmp.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                c"mode=1777,size=64m".as_ptr().cast(),
+            )
+        } != 0
+        {
+            fail(report, ChildStep::PrivateTmp);
+        }
+    }
+    // Step 8: chroot (CAP_SYS_CHROOT, so before dropping privileges), then chdir("/") so
+    // the working directory is not left outside the new root (the classic `..` escape).
+    if let Some(root) = &sb.root {
+        // SAFETY: NUL-terminated path in the parent's plan.
+        if unsafe { libc::chroot(root.as_ptr()) } != 0 {
+            fail(report, ChildStep::Chroot);
+        }
+        // SAFETY: static NUL-terminated path.
+        if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
+            fail(report, ChildStep::Chroot);
+        }
+    }
+    if let Some((uid, gid, groups)) = &sb.identity {
+        // Step 9: the bounding set, while we have CAP_SETPCAP (gone after setresuid to a
+        // non-root user); a root worker would regain every capability left in it at exec.
+        for &cap in &sb.drop_bounding {
+            // SAFETY: plain integer arguments.
+            if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+                fail(report, ChildStep::DropBounding);
+            }
+        }
+        // Step 10: groups, then gid: both need CAP_SETGID, gone after setresuid.
+        // SAFETY: `groups` is a live slice in the parent's plan; the length matches it.
+        if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+            fail(report, ChildStep::SetGroups);
+        }
+        // SAFETY: plain integer arguments. Raw syscalls: glibc's setxid broadcast to
+        // other threads does not apply to this single task.
+        if unsafe { libc::syscall(libc::SYS_setresgid, *gid, *gid, *gid) } != 0 {
+            fail(report, ChildStep::SetGroups);
+        }
+        // Step 11: the uid, last of the identity. KEEPCAPS keeps the permitted set across
+        // it when some capabilities are allowed (step 12 then trims it).
+        if sb.keep_caps != 0 {
+            // SAFETY: plain integer arguments.
+            if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
+                fail(report, ChildStep::SetUid);
+            }
+        }
+        // SAFETY: plain integer arguments.
+        if unsafe { libc::syscall(libc::SYS_setresuid, *uid, *uid, *uid) } != 0 {
+            fail(report, ChildStep::SetUid);
+        }
+        // Step 12: effective, permitted and inheritable = the allow-list; then ambient, so
+        // the allowed capabilities survive execve for a non-root user. After setresuid,
+        // which cleared the effective set.
+        let header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let lo = u32::try_from(sb.keep_caps & 0xffff_ffff).unwrap_or(0);
+        let hi = u32::try_from(sb.keep_caps >> 32).unwrap_or(0);
+        let data = [
+            CapData {
+                effective: lo,
+                permitted: lo,
+                inheritable: lo,
+            },
+            CapData {
+                effective: hi,
+                permitted: hi,
+                inheritable: hi,
+            },
+        ];
+        // SAFETY: header and data live on this stack; version 3 takes two CapData.
+        if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+            fail(report, ChildStep::Capabilities);
+        }
+        // SAFETY: plain integer arguments.
+        if unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+        } != 0
+        {
+            fail(report, ChildStep::Capabilities);
+        }
+        let mut cap = 0;
+        while cap < 64 {
+            if sb.keep_caps & (1u64 << cap) != 0 {
+                // SAFETY: plain integer arguments.
+                if unsafe {
+                    libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+                } != 0
+                {
+                    fail(report, ChildStep::Capabilities);
+                }
+            }
+            cap += 1;
+        }
+    }
+    // Step 13: no_new_privs, always: setuid files and file capabilities grant nothing at
+    // execve. Before Landlock, which requires it of a task without CAP_SYS_ADMIN.
+    // SAFETY: plain integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        fail(report, ChildStep::NoNewPrivs);
+    }
+    // Step 14: Landlock, last: nothing the child still does (chdir, execve of an allowed
+    // path) is refused by it, and the mount of step 7 would be. Built here, after the
+    // private /tmp exists and inside the root, so its rules name the worker's inodes.
+    if let Some(ll) = &sb.landlock {
+        // SAFETY: `ll` is the parent's plan, valid until we exec; no_new_privs is set.
+        if unsafe { super::landlock::child_enforce(ll) }.is_err() {
+            fail(report, ChildStep::Landlock);
+        }
+    }
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
 }
 
 /// Reports `(step, errno)` on the report pipe and exits the child with 127.

@@ -1,0 +1,458 @@
+//! The sandbox of a site's workers, prepared in the agent before `clone3`.
+//!
+//! This module checks the site's root, opens the Landlock paths and builds the ruleset,
+//! and turns the configuration into a [`SandboxPlan`] of plain numbers, C strings and
+//! one fd. The child path of `sys::spawn` then applies it with raw syscalls between
+//! `clone3` and `execve`, in this order (each step's why is next to its syscall there):
+//!
+//! 0.-4. fd table unshared, signals reset, `setsid`, fds moved into place, the rest
+//!    closed (see `sys::spawn`);
+//! 5. `TIOCSCTTY` (only for `hatchery exec` on a PTY);
+//! 6. rlimits: before dropping privileges, since raising a hard limit needs
+//!    `CAP_SYS_RESOURCE`;
+//! 7. private `/tmp` (`unshare(CLONE_NEWNS)`, `/` made private, tmpfs on `<root>/tmp`):
+//!    needs `CAP_SYS_ADMIN`, and must come before Landlock, which forbids mounting;
+//! 8. `chroot(root)` and `chdir("/")`: needs `CAP_SYS_CHROOT`; the `chdir` leaves no
+//!    working directory outside the new root;
+//! 9. drop the bounding set except the allow-list: needs `CAP_SETPCAP`, gone after 11;
+//! 10. `setgroups`, `setresgid`: need `CAP_SETGID`, gone after 11;
+//! 11. `PR_SET_KEEPCAPS` (only with an allow-list), `setresuid`: the last identity change;
+//! 12. `capset` (effective = permitted = inheritable = allow-list) and the ambient set:
+//!     after 11, which cleared the effective set, so the allowed ones survive `execve`;
+//! 13. `PR_SET_NO_NEW_PRIVS`: always; before 14, since Landlock requires it;
+//! 14. `landlock_restrict_self`: last, so nothing the child still does is refused;
+//! 15. `chdir(workdir)` as the site's user (so a workdir it may not enter fails), then
+//! 16. `execve`.
+//!
+//! Each ordering is held by a test in `tests/sandbox.rs` that fails when it is swapped:
+//! the probe's `memlock` above the default hard limit (6 after 11: EPERM), its `chroot`,
+//! groups and capability sets (8, 9, 10 after 11: EPERM; 12 before 11: empty effective
+//! set), Landlock for a non-root user (14 before 13: EPERM), and `exec`'s write to its
+//! private `/tmp` (7 after 14: the mount is refused; rules built before 7: the tmpfs is
+//! not covered and the write fails).
+//!
+//! Identity and capability steps (9 to 12) run only when the agent is root; an
+//! unprivileged agent cannot change them and its workers run as itself.
+//!
+//! Kernel requirements: everything but Landlock exists on every supported kernel (5.10).
+//! Landlock filesystem rules need ABI 1 (5.13), TCP bind/connect rules ABI 4 (6.7); each
+//! is `required`, `best-effort` or `off` (see `config::sandbox`). What is enforced is
+//! reported by [`Prepared::report`].
+//!
+//! What it does not do: namespaces other than the mount namespace of a private `/tmp`,
+//! seccomp, and bind mounts into the root (the root is prepared by the operator).
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::SiteConfig;
+use crate::config::sandbox::Mode;
+use crate::sys::landlock;
+use crate::sys::spawn::SandboxPlan;
+
+/// Most entries looked at when searching a root for setuid files.
+const MAX_ROOT_ENTRIES: usize = 200_000;
+
+/// A site's sandbox, ready for every spawn.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The plan the child applies.
+    pub plan: Arc<SandboxPlan>,
+    /// What is enforced and what is not, one line each.
+    pub report: Vec<(bool, String)>,
+}
+
+impl Prepared {
+    /// The lines of the report that say what is not enforced.
+    pub fn not_enforced(&self) -> Vec<String> {
+        self.report
+            .iter()
+            .filter(|(on, _)| !on)
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+}
+
+/// The message of a refused `required` feature; documented in the README.
+pub fn required_message(feature: &str, needs: &str, abi: u32) -> String {
+    format!(
+        "sandbox: {feature} is required but this kernel does not provide it ({needs}; this kernel has Landlock ABI {abi})"
+    )
+}
+
+/// Prepares the sandbox of `site`. `privileged`: the agent is root and may change
+/// identities, capabilities and roots.
+pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> {
+    let sb = &site.sandbox;
+    let mut plan = SandboxPlan::default();
+    let mut report = Vec::new();
+    for (name, resource, value) in &sb.rlimits {
+        plan.rlimits.push((*resource, *value));
+        report.push((true, format!("rlimit {name} = {value}")));
+    }
+    if !privileged && (sb.root.is_some() || sb.private_tmp) {
+        return Err(
+            "sandbox.root and sandbox.private_tmp need the agent to run as root".to_string(),
+        );
+    }
+    if let Some(root) = &sb.root {
+        check_root(root, site.uid, site.gid, &sb.groups, sb.strict)?;
+        plan.root = Some(cstring(root)?);
+        report.push((true, format!("chroot {}", root.display())));
+    }
+    if sb.private_tmp {
+        let tmp = host_path(sb.root.as_deref(), Path::new("/tmp"));
+        if !tmp.is_dir() {
+            return Err(format!(
+                "sandbox.private_tmp: {} is not a directory",
+                tmp.display()
+            ));
+        }
+        plan.private_tmp = Some(cstring(&tmp)?);
+        report.push((true, "private /tmp".into()));
+    }
+    if privileged {
+        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .unwrap_or(40);
+        let mut keep = 0u64;
+        for &c in &sb.capabilities {
+            keep |= 1 << c;
+        }
+        plan.drop_bounding = (0..=last).filter(|c| keep & (1u64 << c) == 0).collect();
+        plan.keep_caps = keep;
+        plan.identity = Some((site.uid, site.gid, sb.groups.clone()));
+        report.push((
+            true,
+            format!(
+                "uid {} gid {} groups {:?}, capabilities {}",
+                site.uid,
+                site.gid,
+                sb.groups,
+                if sb.capabilities.is_empty() {
+                    "none".to_string()
+                } else {
+                    site.sandbox
+                        .to_raw()
+                        .capabilities
+                        .unwrap_or_default()
+                        .join(" ")
+                }
+            ),
+        ));
+    } else {
+        report.push((
+            false,
+            "identity and capabilities: the agent is not root, workers run as the agent's user"
+                .into(),
+        ));
+    }
+    report.push((true, "no_new_privs".into()));
+
+    let abi = landlock::abi_version();
+    let fs_on = match (sb.landlock_fs, abi) {
+        (Mode::Off, _) => {
+            report.push((false, "Landlock filesystem rules: off".into()));
+            false
+        }
+        (Mode::Required, 0) => {
+            return Err(required_message(
+                "Landlock (filesystem)",
+                "Landlock ABI 1, Linux 5.13",
+                abi,
+            ));
+        }
+        (Mode::BestEffort, 0) => {
+            report.push((
+                false,
+                "Landlock filesystem rules: not available on this kernel (needs 5.13)".into(),
+            ));
+            false
+        }
+        _ => true,
+    };
+    let net_on = match (sb.landlock_net, abi) {
+        (Mode::Off, _) => {
+            report.push((false, "Landlock network rules: off".into()));
+            false
+        }
+        (Mode::Required, a) if a < 4 => {
+            return Err(required_message(
+                "Landlock network (TCP bind/connect rules)",
+                "Landlock ABI 4, Linux 6.7",
+                abi,
+            ));
+        }
+        (Mode::BestEffort, a) if a < 4 => {
+            report.push((
+                false,
+                format!(
+                    "Landlock network rules: not available (Landlock ABI {abi}, needs 4, Linux 6.7): binds and connects are not restricted"
+                ),
+            ));
+            false
+        }
+        _ => true,
+    };
+    let scope_on = match (sb.landlock_scope, abi) {
+        (Mode::Off, _) => {
+            report.push((false, "Landlock scopes: off".into()));
+            false
+        }
+        (Mode::Required, a) if a < 6 => {
+            return Err(required_message(
+                "Landlock scopes (signals, abstract unix sockets)",
+                "Landlock ABI 6, Linux 6.12",
+                abi,
+            ));
+        }
+        (Mode::BestEffort, a) if a < 6 => {
+            report.push((
+                false,
+                format!(
+                    "Landlock scopes: not available (Landlock ABI {abi}, needs 6, Linux 6.12): workers of sites sharing a user may signal each other"
+                ),
+            ));
+            false
+        }
+        _ => true,
+    };
+    if fs_on || net_on || scope_on {
+        let fs = if fs_on {
+            landlock::fs_rights_for_abi(abi)
+        } else {
+            0
+        };
+        let net = if net_on {
+            landlock::net::BIND_TCP | landlock::net::CONNECT_TCP
+        } else {
+            0
+        };
+        let scoped = if scope_on {
+            landlock::scope::SIGNAL | landlock::scope::ABSTRACT_UNIX_SOCKET
+        } else {
+            0
+        };
+        let mut ll = landlock::LandlockPlan {
+            fs,
+            net,
+            scoped,
+            ..landlock::LandlockPlan::default()
+        };
+        if scope_on {
+            report.push((
+                true,
+                "Landlock scopes: no signals or abstract unix socket connections out of the worker's domain".into(),
+            ));
+        }
+        if fs_on {
+            use landlock::fs as f;
+            let read = f::READ_FILE | f::READ_DIR;
+            let write = fs & !(f::EXECUTE | f::MAKE_CHAR | f::MAKE_BLOCK) & !read;
+            let lists: [(&[PathBuf], u64); 3] = [
+                (&sb.read_only, read),
+                (&sb.read_write, read | write),
+                (&sb.execute, read | f::EXECUTE),
+            ];
+            for (paths, access) in lists {
+                for p in paths {
+                    // Opened by the child after chroot: the path as the worker sees it.
+                    ll.paths.push((cstring(p)?, access & fs));
+                }
+            }
+            report.push((
+                true,
+                format!(
+                    "Landlock ABI {abi} filesystem rules: read {:?}, write {:?}, execute {:?}",
+                    sb.read_only, sb.read_write, sb.execute
+                ),
+            ));
+        }
+        if net_on {
+            let mut binds: Vec<u16> = site
+                .listen
+                .iter()
+                .filter_map(|l| match &l.addr {
+                    crate::config::ListenAddr::Tcp(a) => Some(a.port()),
+                    crate::config::ListenAddr::Unix(_) => None,
+                })
+                .collect();
+            binds.sort_unstable();
+            binds.dedup();
+            ll.ports
+                .extend(binds.iter().map(|p| (*p, landlock::net::BIND_TCP)));
+            ll.ports
+                .extend(sb.connect.iter().map(|p| (*p, landlock::net::CONNECT_TCP)));
+            report.push((
+                true,
+                format!(
+                    "Landlock network rules: bind {binds:?}, connect {:?}",
+                    sb.connect
+                ),
+            ));
+        }
+        plan.landlock = Some(ll);
+    }
+    Ok(Prepared {
+        plan: Arc::new(plan),
+        report,
+    })
+}
+
+fn cstring(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", p.display()))
+}
+
+/// Where `p` (a path inside the site's root) is on the host.
+pub fn host_path(root: Option<&Path>, p: &Path) -> PathBuf {
+    match root {
+        Some(r) => r.join(p.strip_prefix("/").unwrap_or(p)),
+        None => p.to_path_buf(),
+    }
+}
+
+/// Refuses a root the site's user could change or escape through: a symlinked component,
+/// a top owned by or writable to the user, or (when `strict`) a setuid/setgid file.
+pub fn check_root(
+    root: &Path,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    strict: bool,
+) -> Result<(), String> {
+    let mut cur = PathBuf::from("/");
+    for c in root.components().skip(1) {
+        cur.push(c);
+        let m = std::fs::symlink_metadata(&cur)
+            .map_err(|e| format!("sandbox.root: cannot inspect {}: {e}", cur.display()))?;
+        if m.file_type().is_symlink() {
+            return Err(format!(
+                "sandbox.root: {} is a symlink: give the real path",
+                cur.display()
+            ));
+        }
+    }
+    let top = std::fs::metadata(root)
+        .map_err(|e| format!("sandbox.root: cannot inspect {}: {e}", root.display()))?;
+    let m = &top;
+    if !m.is_dir() {
+        return Err(format!(
+            "sandbox.root: {} is not a directory",
+            root.display()
+        ));
+    }
+    if uid != 0 && m.uid() == uid {
+        return Err(format!(
+            "sandbox.root: {} is owned by the site's user (uid {uid}): make it owned by root",
+            root.display()
+        ));
+    }
+    let group_writable = m.mode() & 0o020 != 0 && (m.gid() == gid || groups.contains(&m.gid()));
+    if m.mode() & 0o002 != 0 || (uid != 0 && group_writable) {
+        return Err(format!(
+            "sandbox.root: {} is writable by the site's user: remove group/other write permission",
+            root.display()
+        ));
+    }
+    if strict {
+        let mut seen = 0;
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                seen += 1;
+                if seen > MAX_ROOT_ENTRIES {
+                    return Err(format!(
+                        "sandbox.root: more than {MAX_ROOT_ENTRIES} entries under {}: too many to check for setuid files (set strict = false)",
+                        root.display()
+                    ));
+                }
+                let Ok(m) = e.metadata() else { continue };
+                if m.is_dir() && m.dev() == top.dev() {
+                    stack.push(e.path());
+                } else if m.is_file() && m.mode() & 0o6000 != 0 {
+                    return Err(format!(
+                        "sandbox.root: {} is setuid or setgid (strict = true refuses it)",
+                        e.path().display()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn roots_the_user_could_change_or_escape_through_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+        chmod(&root, 0o755);
+        // uid/gid that own nothing here.
+        let (uid, gid) = (4_000_000, 4_000_000);
+        check_root(&root, uid, gid, &[], true).expect("a clean root is accepted");
+
+        chmod(&root, 0o777);
+        let e = check_root(&root, uid, gid, &[], true).expect_err("world-writable");
+        assert!(e.contains("is writable by the site's user"), "{e}");
+        chmod(&root, 0o755);
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&root, &link).expect("symlink");
+        let e = check_root(&link, uid, gid, &[], true).expect_err("symlink");
+        assert!(e.contains("is a symlink"), "{e}");
+
+        let suid = root.join("bin/su");
+        std::fs::write(&suid, b"x").expect("write");
+        chmod(&suid, 0o4755);
+        let e = check_root(&root, uid, gid, &[], true).expect_err("setuid file");
+        assert!(e.contains("bin/su is setuid or setgid"), "{e}");
+        check_root(&root, uid, gid, &[], false).expect("not strict: accepted");
+    }
+
+    fn site(text: &str) -> SiteConfig {
+        let file = Path::new("/etc/hatchery/sites.d/blog.toml");
+        let raw: crate::config::RawSite = toml::from_str(text).expect("toml");
+        crate::config::validate_site(file, &raw, crate::config::LogPolicy::default())
+            .expect("valid site")
+    }
+
+    #[test]
+    fn an_unprivileged_agent_refuses_a_root_and_reports_what_it_cannot_do() {
+        let s = site("name = \"blog\"\ncommand = [\"/x\"]\n[sandbox]\nroot = \"/srv\"\n");
+        let e = prepare(&s, false).expect_err("a root needs root");
+        assert!(e.contains("need the agent to run as root"), "{e}");
+        let s = site(
+            "name = \"blog\"\ncommand = [\"/x\"]\n[sandbox.landlock]\nfilesystem = \"off\"\nnetwork = \"off\"\nscope = \"off\"\n",
+        );
+        let p = prepare(&s, false).expect("prepared");
+        assert!(p.plan.identity.is_none() && p.plan.landlock.is_none());
+        let off = p.not_enforced().join("\n");
+        assert!(off.contains("identity and capabilities"), "{off}");
+        assert!(off.contains("Landlock filesystem rules: off"), "{off}");
+    }
+
+    #[test]
+    fn paths_inside_the_root_map_to_the_host() {
+        let r = Some(Path::new("/srv/r"));
+        assert_eq!(host_path(r, Path::new("/tmp")), Path::new("/srv/r/tmp"));
+        assert_eq!(host_path(r, Path::new("/")), Path::new("/srv/r/"));
+        assert_eq!(host_path(None, Path::new("/tmp")), Path::new("/tmp"));
+    }
+}

@@ -1,0 +1,768 @@
+//! The sandbox against the real kernel, as root: the probe worker's view of itself
+//! matches the configuration, and every attempt a hostile worker makes fails without
+//! disturbing the agent or other sites. Runs in vm-tests on Linux 6.1 (Landlock ABI 2:
+//! no network rules) and 6.12 (ABI 6); needs root and the users `www-data` and `backup`.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const USER_A: &str = "www-data";
+const USER_B: &str = "backup";
+
+fn privileged() -> bool {
+    if !is_root() {
+        return !skip("needs root");
+    }
+    for u in [USER_A, USER_B] {
+        if hatchery::config::lookup_user(u).is_none() {
+            return !skip(&format!("needs the user {u} in /etc/passwd"));
+        }
+    }
+    true
+}
+
+fn uid_of(user: &str) -> u32 {
+    hatchery::config::lookup_user(user).expect("user").uid
+}
+
+fn landlock_abi() -> u32 {
+    hatchery::sys::landlock::abi_version()
+}
+
+/// A site root holding the hatchery binary and its libraries, with `/proc` mounted so the
+/// worker could try `/proc/1/root`; unmounted on drop.
+struct Root {
+    path: PathBuf,
+}
+
+impl Root {
+    fn new(base: &Path, name: &str) -> Root {
+        let path = base.join(name);
+        std::fs::create_dir_all(&path).expect("mkdir root");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        copy_with_libs(Path::new(BIN), &path, Path::new("/hatchery"));
+        for d in ["proc", "tmp", "etc", "data"] {
+            std::fs::create_dir_all(path.join(d)).expect("mkdir");
+        }
+        std::fs::set_permissions(path.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod tmp");
+        std::fs::write(path.join("etc/motd"), "inside\n").expect("motd");
+        let st = Command::new("mount")
+            .args(["-t", "proc", "proc"])
+            .arg(path.join("proc"))
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount proc");
+        Root { path }
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.path.join("proc"))
+            .status();
+    }
+}
+
+fn copy_with_libs(exe: &Path, root: &Path, as_path: &Path) {
+    let dest = root.join(as_path.strip_prefix("/").expect("absolute"));
+    std::fs::copy(exe, &dest).expect("copy binary");
+    // What ldd does, without ldd (not in the VM): the dynamic loader lists the libraries.
+    let out = Command::new(exe)
+        .env("LD_TRACE_LOADED_OBJECTS", "1")
+        .output()
+        .expect("list libraries");
+    for lib in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let d = root.join(&lib[1..]);
+        if !d.exists() {
+            std::fs::create_dir_all(d.parent().expect("parent")).expect("mkdir lib");
+            std::fs::copy(lib, &d).expect("copy lib");
+        }
+    }
+}
+
+/// Whether this process holds capability `cap` in its effective set.
+fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << cap) != 0)
+}
+
+/// This process's hard limit on the line `label` of /proc/self/limits.
+fn hard_limit(label: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(label))
+        .and_then(|l| l[label.len()..].split_whitespace().nth(1)?.parse().ok())
+        .expect("a numeric hard limit")
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The site's log lines (worker output), from the CLI.
+fn log_lines(agent: &TestAgent, site: &str) -> Vec<String> {
+    let out = agent.cli(&["logs", site, "-n", "500"]);
+    stdout(&out).lines().map(str::to_string).collect()
+}
+
+/// Waits for a worker output line containing `marker`; returns every line so far.
+fn wait_log(agent: &TestAgent, site: &str, marker: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = log_lines(agent, site);
+        if lines.iter().any(|l| l.contains(marker)) {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {marker:?} in the log of {site}: {lines:#?}\nstatus: {:#}\n{}",
+            agent.status(site),
+            agent.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The JSON object printed on a log line.
+fn json_of(line: &str) -> serde_json::Value {
+    let start = line.find('{').expect("json on the line");
+    serde_json::from_str(&line[start..]).expect("json")
+}
+
+fn opts() -> Options {
+    Options {
+        reactor: "io_uring",
+        cgroups: true,
+    }
+}
+
+#[test]
+fn sandbox_probe_sees_exactly_its_configuration() {
+    if !privileged() {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    let root = Root::new(base.path(), "root-a");
+    let port = free_port();
+    // Above the default hard limit where we hold CAP_SYS_RESOURCE (a VM): only possible
+    // because rlimits are set before the uid changes. Without it, the current hard limit.
+    let memlock: u64 = if has_capability(24) {
+        1 << 30
+    } else {
+        hard_limit("Max locked memory")
+    };
+    let site = format!(
+        r#"name = "a"
+command = ["/hatchery", "__probe", "info"]
+user = "{USER_A}"
+workdir = "/data"
+[env]
+GREETING = "hi"
+[[listen]]
+name = "web"
+tcp = "127.0.0.1:{port}"
+[sandbox]
+root = "{}"
+groups = ["proxy"]
+capabilities = ["CAP_NET_BIND_SERVICE"]
+[sandbox.rlimits]
+nofile = 64
+core = 0
+memlock = {memlock}
+"#,
+        root.path.display()
+    );
+    let agent = TestAgent::start(&[("a", &site)], opts());
+    let lines = wait_log(&agent, "a", "\"uid\"");
+    let info = json_of(lines.iter().find(|l| l.contains("\"uid\"")).expect("info"));
+    let uid = uid_of(USER_A);
+    let gid = hatchery::config::lookup_user(USER_A).expect("user").gid;
+    let proxy = hatchery::config::lookup_group("proxy").expect("group proxy");
+    assert_eq!(
+        info["uid"],
+        format!("{uid}\t{uid}\t{uid}\t{uid}"),
+        "{info:#}"
+    );
+    assert_eq!(info["gid"], format!("{gid}\t{gid}\t{gid}\t{gid}"));
+    let groups: Vec<u32> = info["groups"]
+        .as_str()
+        .expect("groups")
+        .split_whitespace()
+        .filter_map(|g| g.parse().ok())
+        .collect();
+    assert!(groups.contains(&proxy), "{groups:?}");
+    assert_eq!(info["no_new_privs"], "1");
+    // CAP_NET_BIND_SERVICE is bit 10: kept in every set, nothing else anywhere.
+    for set in ["cap_eff", "cap_prm", "cap_inh", "cap_bnd", "cap_amb"] {
+        assert_eq!(info[set], "0000000000000400", "{set}: {info:#}");
+    }
+    assert_eq!(info["cwd"], "/data");
+    let listing: Vec<&str> = info["root"]
+        .as_array()
+        .expect("root")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    for want in ["hatchery", "proc", "tmp", "etc", "data"] {
+        assert!(listing.contains(&want), "{listing:?}");
+    }
+    assert!(
+        !listing.contains(&"root-a"),
+        "the root is the site's: {listing:?}"
+    );
+    assert_eq!(info["rlimits"]["nofile"], "64");
+    assert_eq!(info["rlimits"]["core"], "0");
+    assert_eq!(info["rlimits"]["memlock"], memlock.to_string());
+    // Environment: the declared variables and the protocol ones, nothing of the agent's.
+    let env = info["env"].as_object().expect("env");
+    let mut keys: Vec<&str> = env.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        vec![
+            "GREETING",
+            "HATCHERY_GENERATION",
+            "HATCHERY_SITE",
+            "HATCHERY_WORKER_ID",
+            "LISTEN_FDNAMES",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "NOTIFY_SOCKET",
+            "PATH"
+        ]
+    );
+    assert_eq!(env["GREETING"], "hi");
+    // fds: stdio, the listener, and the directory the probe itself opened to list them.
+    let fds: Vec<i64> = info["fds"]
+        .as_array()
+        .expect("fds")
+        .iter()
+        .filter_map(|f| f["fd"].as_i64())
+        .collect();
+    assert_eq!(&fds[..4], &[0, 1, 2, 3], "{info:#}");
+    assert!(fds.len() <= 5, "only the expected fds: {info:#}");
+    assert!(
+        info["cgroup"].as_str().unwrap_or("").contains("/sites/a/"),
+        "{info:#}"
+    );
+    let status = agent.status("a");
+    let enforced = status["sandbox"]["enforced"].to_string();
+    assert!(enforced.contains("chroot"), "{status:#}");
+    if landlock_abi() < 4 {
+        assert!(
+            status["sandbox"]["not_enforced"]
+                .to_string()
+                .contains("Landlock network rules: not available"),
+            "{status:#}"
+        );
+    }
+}
+
+#[test]
+fn sandbox_hostile_workers_fail_and_disturb_nothing() {
+    if !privileged() {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let root_a = Root::new(base.path(), "root-a");
+    let root_b = Root::new(base.path(), "root-b");
+    // A secret of site b, in its root, readable only by its user.
+    let secret = root_b.path.join("data/secret");
+    std::fs::write(&secret, "b's secret\n").expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let uid_b = uid_of(USER_B);
+    rustix::fs::chown(
+        &secret,
+        Some(rustix::fs::Uid::from_raw(uid_b)),
+        Some(rustix::fs::Gid::from_raw(uid_b)),
+    )
+    .expect("chown");
+    // A file only the host sees, and a setuid-root copy of the probe inside a's root.
+    let outside = base.path().join("outside-marker");
+    std::fs::write(&outside, "host\n").expect("marker");
+    // /data is writable for everyone: only Landlock (read_write = ["/tmp"]) stops a write.
+    std::fs::set_permissions(
+        root_a.path.join("data"),
+        std::fs::Permissions::from_mode(0o1777),
+    )
+    .expect("chmod data");
+    let suid = root_a.path.join("suid-hatchery");
+    std::fs::copy(BIN, &suid).expect("copy");
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).expect("setuid");
+    // A TCP server the workers may connect to, and one they may not.
+    let allowed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let forbidden = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let allowed_port = allowed.local_addr().expect("addr").port();
+    let forbidden_port = forbidden.local_addr().expect("addr").port();
+
+    let port_b = free_port();
+    let victim = format!(
+        r#"name = "b"
+command = ["/hatchery", "__probe", "sleep"]
+user = "{USER_B}"
+[[listen]]
+tcp = "127.0.0.1:{port_b}"
+[sandbox]
+root = "{}"
+"#,
+        root_b.path.display()
+    );
+    let mut agent = TestAgent::start_ready(&[("b", &victim)], opts(), "b", 1);
+    let victim_pid = agent.pids("b")[0];
+    let agent_pid = agent.pid();
+
+    let port_a = free_port();
+    let attacks = [
+        format!("read:{}", secret.display()),
+        format!("escape:{}", secret.display()),
+        format!("escape:{}", outside.display()),
+        "escape:/etc/shadow".into(),
+        "write:/etc/motd".into(),
+        "write:/data/planted".into(),
+        format!("signal:{victim_pid}"),
+        format!("signal:{agent_pid}"),
+        format!("ptrace:{victim_pid}"),
+        format!("ptrace:{agent_pid}"),
+        format!("environ:{agent_pid}"),
+        format!("environ:{victim_pid}"),
+        "exec:/suid-hatchery".into(),
+        "nofile:1000".into(),
+        "nproc:200".into(),
+        format!("bind:{}", free_port()),
+        format!("connect:{forbidden_port}"),
+    ];
+    let command: Vec<String> = ["/hatchery", "__probe", "attacks"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(attacks.iter().cloned())
+        .chain([format!("connect:{allowed_port}")])
+        .collect();
+    let attacker = format!(
+        r#"name = "a"
+command = {}
+user = "{USER_A}"
+[[listen]]
+tcp = "127.0.0.1:{port_a}"
+[sandbox]
+root = "{}"
+strict = false
+[sandbox.rlimits]
+nofile = 64
+nproc = 20
+[sandbox.landlock]
+read_write = ["/tmp"]
+connect = [{allowed_port}]
+"#,
+        serde_json::to_string(&command).expect("json"),
+        root_a.path.display()
+    );
+    std::fs::write(agent.site_file("a"), attacker).expect("write site");
+    // A second attacker without a root: only its user and Landlock hold it (/tmp is
+    // writable for everyone, but not in its read_write list).
+    let planted = format!("/tmp/hatchery-planted-{}", std::process::id());
+    let unrooted_attacks = [
+        "read:/etc/shadow".to_string(),
+        format!("read:{}", secret.display()),
+        format!("write:{planted}"),
+        format!("signal:{victim_pid}"),
+        format!("ptrace:{agent_pid}"),
+        format!("environ:{agent_pid}"),
+    ];
+    let unrooted = format!(
+        "name = \"c\"\ncommand = {}\nuser = \"{USER_A}\"\n[sandbox.landlock]\nread_write = []\n",
+        serde_json::to_string(
+            &[BIN, "__probe", "attacks"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(unrooted_attacks.iter().cloned())
+                .collect::<Vec<_>>()
+        )
+        .expect("json")
+    );
+    std::fs::write(agent.site_file("c"), unrooted).expect("write site");
+    // A site sharing the victim's user: only a Landlock scope (ABI 6) stops its signals.
+    let same_user = format!(
+        "name = \"d\"\ncommand = [\"{BIN}\", \"__probe\", \"attacks\", \"signal:{victim_pid}\"]\nuser = \"{USER_B}\"\n"
+    );
+    std::fs::write(agent.site_file("d"), same_user).expect("write site");
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "reload: {}", stderr(&out));
+    let lines = wait_log(&agent, "a", "attacks done");
+    let results: Vec<serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.contains("\"attack\""))
+        .map(|l| json_of(l))
+        .collect();
+    let net = landlock_abi() >= 4;
+    for r in &results {
+        let attack = r["attack"].as_str().expect("attack");
+        let expect_blocked =
+            if attack.starts_with("connect:") && attack.ends_with(&allowed_port.to_string()) {
+                false
+            } else if attack.starts_with("bind:") || attack.starts_with("connect:") {
+                net
+            } else {
+                true
+            };
+        assert_eq!(
+            r["blocked"].as_bool(),
+            Some(expect_blocked),
+            "attack {attack}: {r}\nall: {results:#?}"
+        );
+    }
+    assert_eq!(results.len(), attacks.len() + 1, "{lines:#?}");
+    let lines_c = wait_log(&agent, "c", "attacks done");
+    let results_c: Vec<serde_json::Value> = lines_c
+        .iter()
+        .filter(|l| l.contains("\"attack\""))
+        .map(|l| json_of(l))
+        .collect();
+    assert_eq!(results_c.len(), unrooted_attacks.len(), "{lines_c:#?}");
+    for r in &results_c {
+        assert_eq!(r["blocked"], true, "unrooted: {r}\nall: {results_c:#?}");
+    }
+    assert!(!Path::new(&planted).exists());
+    let lines_d = wait_log(&agent, "d", "attacks done");
+    let signal = json_of(
+        lines_d
+            .iter()
+            .find(|l| l.contains("\"attack\""))
+            .expect("signal attack"),
+    );
+    assert_eq!(
+        signal["blocked"],
+        landlock_abi() >= 6,
+        "same-user signal: {signal}"
+    );
+    let exec = results
+        .iter()
+        .find(|r| r["attack"] == "exec:/suid-hatchery")
+        .expect("exec attack");
+    let uid_a = uid_of(USER_A);
+    assert!(
+        exec["detail"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("ids: {uid_a} {uid_a}")),
+        "the setuid binary ran and gained nothing: {exec}"
+    );
+    // Nothing was disturbed: the victim runs with the same pid, nothing was planted,
+    // the agent answers.
+    assert_eq!(agent.pids("b"), vec![victim_pid]);
+    assert!(alive(victim_pid));
+    assert!(!root_a.path.join("data/planted").exists());
+    assert_eq!(
+        std::fs::read_to_string(root_a.path.join("etc/motd")).expect("motd"),
+        "inside\n"
+    );
+    assert_eq!(agent.status("b")["state"], "running");
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[test]
+fn sandbox_refuses_unsafe_roots_and_missing_required_features() {
+    if !privileged() {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    let strict = Root::new(base.path(), "strict");
+    let suid = strict.path.join("suid");
+    std::fs::copy(BIN, &suid).expect("copy");
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).expect("setuid");
+    let owned = Root::new(base.path(), "owned");
+    let uid = uid_of(USER_A);
+    rustix::fs::chown(&owned.path, Some(rustix::fs::Uid::from_raw(uid)), None).expect("chown");
+    let site = |name: &str, extra: &str| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"/hatchery\", \"__probe\", \"sleep\"]\nuser = \"{USER_A}\"\n[sandbox]\n{extra}"
+        )
+    };
+    let s_strict = site("strict", &format!("root = \"{}\"\n", strict.path.display()));
+    let s_owned = site("owned", &format!("root = \"{}\"\n", owned.path.display()));
+    let net = Root::new(base.path(), "net");
+    let s_net = site(
+        "net",
+        &format!(
+            "root = \"{}\"\n[sandbox.landlock]\nnetwork = \"required\"\n",
+            net.path.display()
+        ),
+    );
+    let agent = TestAgent::start(
+        &[("strict", &s_strict), ("owned", &s_owned), ("net", &s_net)],
+        opts(),
+    );
+    let failed = |name: &str, what: &str| {
+        let s = agent.wait_for(name, "failed", Duration::from_secs(20), |s| {
+            s["state"] == "failed"
+        });
+        let why = s["workers"][0]["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(why.contains(what), "{name}: {s:#}");
+    };
+    // `check` says the same without starting anything.
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(agent.dir.path().join("hatchery.toml"))
+        .output()
+        .expect("check");
+    assert!(
+        stdout(&out).contains("strict: REFUSED: sandbox.root:"),
+        "{}",
+        stdout(&out)
+    );
+    failed("strict", "is setuid or setgid (strict = true refuses it)");
+    failed("owned", "is owned by the site's user");
+    if landlock_abi() < 4 {
+        failed(
+            "net",
+            "sandbox: Landlock network (TCP bind/connect rules) is required but this kernel does not provide it (Landlock ABI 4, Linux 6.7;",
+        );
+    } else {
+        agent.wait_for("net", "running", Duration::from_secs(20), |s| {
+            s["workers"][0]["pid"].is_number()
+        });
+    }
+}
+
+/// Busybox inside `root` as `/bin/busybox`, with the applets the exec tests use.
+fn add_busybox(root: &Path) -> bool {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        return !skip("needs /bin/busybox (static) for a shell inside the root");
+    }
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir bin");
+    std::fs::copy(busybox, root.join("bin/busybox")).expect("copy busybox");
+    for applet in ["sh", "id", "pwd", "ls", "cat", "echo", "stty", "sleep"] {
+        std::fs::hard_link(root.join("bin/busybox"), root.join("bin").join(applet))
+            .expect("link applet");
+    }
+    true
+}
+
+fn exec_site(root: &Root) -> String {
+    format!(
+        r#"name = "a"
+command = ["/hatchery", "__probe", "sleep"]
+user = "{USER_A}"
+workdir = "/data"
+[env]
+GREETING = "hi"
+[sandbox]
+root = "{}"
+private_tmp = true
+"#,
+        root.path.display()
+    )
+}
+
+#[test]
+fn sandbox_exec_without_a_terminal_uses_pipes_and_returns_the_status() {
+    if !privileged() {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    let root = Root::new(base.path(), "root-a");
+    if !add_busybox(&root.path) {
+        return;
+    }
+    let agent = TestAgent::start_ready(&[("a", &exec_site(&root))], opts(), "a", 1);
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["exec", "a", "--", "/bin/sh", "-c"])
+        .arg("id -u; pwd; echo $GREETING; read line; echo got $line; echo oops >&2; echo t > /tmp/mine && cat /tmp/mine; exit 7")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(b"hello\n")?;
+            c.wait_with_output()
+        })
+        .expect("exec");
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("{}\n/data\nhi\ngot hello\nt\n", uid_of(USER_A))
+    );
+    assert!(
+        !root.path.join("tmp/mine").exists(),
+        "/tmp was private to the command"
+    );
+    assert_eq!(stderr(&out), "oops\n");
+    // A signal to `hatchery exec` reaches the command: 128 + SIGTERM.
+    let cli = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["exec", "a", "--", "/bin/sleep", "30"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("exec sleep");
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &cli.id().to_string()])
+        .status();
+    let out = cli.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(128 + 15));
+    // A client that goes away hangs its command up.
+    let mut cli = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["exec", "a", "--", "/bin/sleep", "31"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("exec sleep");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while with_marker("/bin/sleep 31").is_empty() {
+        assert!(Instant::now() < deadline, "the command did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cli.kill().expect("kill the client");
+    let _ = cli.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !with_marker("/bin/sleep 31").is_empty() {
+        assert!(Instant::now() < deadline, "the command outlived its client");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The agent and the site are undisturbed.
+    assert_eq!(agent.status("a")["ready"], 1);
+}
+
+#[test]
+fn sandbox_exec_runs_a_shell_on_a_terminal_and_refuses_another_uid() {
+    if !privileged() {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let root = Root::new(base.path(), "root-a");
+    if !add_busybox(&root.path) {
+        return;
+    }
+    let agent = TestAgent::start_ready(&[("a", &exec_site(&root))], opts(), "a", 1);
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+
+    // Another uid (not root, not the site's user) is refused.
+    {
+        use std::os::unix::process::CommandExt;
+        let uid_b = uid_of(USER_B);
+        let out = Command::new(BIN)
+            .uid(uid_b)
+            .gid(uid_b)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .args(["exec", "a", "--", "/bin/id"])
+            .output()
+            .expect("exec as another uid");
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("may not control site a"),
+            "{}",
+            stderr(&out)
+        );
+    }
+
+    // A terminal of our own: the CLI gets its slave side as stdin/stdout/stderr.
+    use rustix::pty::OpenptFlags;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .expect("openpt");
+    rustix::pty::grantpt(&master).expect("grantpt");
+    rustix::pty::unlockpt(&master).expect("unlockpt");
+    let name = rustix::pty::ptsname(&master, Vec::new()).expect("ptsname");
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open slave");
+    let size = |rows, cols| rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(&master, size(30, 90)).expect("winsize");
+    let mut cli = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["exec", "a"])
+        .env("TERM", "dumb")
+        .stdin(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(std::process::Stdio::from(slave))
+        .spawn()
+        .expect("spawn cli");
+    rustix::io::ioctl_fionbio(&master, true).expect("nonblocking");
+    let mut seen = String::new();
+    let read_until = |want: &str, seen: &mut String| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !seen.contains(want) {
+            assert!(
+                Instant::now() < deadline,
+                "no {want:?} on the terminal; saw {seen:?}\n{}",
+                agent.agent_log()
+            );
+            let mut buf = [0u8; 4096];
+            match rustix::io::read(&master, &mut buf) {
+                Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
+    let type_line = |line: &str| {
+        rustix::io::write(&master, line.as_bytes()).expect("type");
+    };
+    // The shell's prompt first: typing earlier would race the CLI's switch to raw mode.
+    read_until("/data $ ", &mut seen);
+    type_line("echo uid=$(id -u) cwd=$(pwd) size=$(stty size) tty=$([ -t 0 ] && echo yes)\n");
+    let uid = uid_of(USER_A);
+    read_until(
+        &format!("uid={uid} cwd=/data size=30 90 tty=yes"),
+        &mut seen,
+    );
+    // Resizing: the new size reaches the command's terminal on SIGWINCH.
+    rustix::termios::tcsetwinsize(&master, size(40, 100)).expect("winsize");
+    let _ = Command::new("kill")
+        .args(["-WINCH", &cli.id().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(300));
+    type_line("echo size=$(stty size) root=$(ls /hatchery)\n");
+    read_until("size=40 100 root=/hatchery", &mut seen);
+    type_line("exit 3\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = cli.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "exec did not end: {seen:?}");
+        let mut buf = [0u8; 4096];
+        let _ = rustix::io::read(&master, &mut buf);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(3), "{seen:?}");
+    assert_eq!(agent.status("a")["ready"], 1, "the site is undisturbed");
+}
