@@ -365,7 +365,7 @@ CLASSES = {"gunicorn": Gunicorn, "pm2": Pm2, "hatchery-gunicorn": HatcheryGunico
 
 def bench_reloads(sysname, args, root):
     base = tempfile.mkdtemp(prefix=sysname + ".", dir=root)
-    env = dict(os.environ, APP_STARTUP_DELAY="0")
+    env = dict(os.environ, APP_STARTUP_DELAY=str(args.startup_delay))
     s = CLASSES[sysname](base, free_port(), env, args)
     out = []
     try:
@@ -396,7 +396,7 @@ def bench_reloads(sysname, args, root):
         t1 = time.monotonic()
         load.stop()
         out.append(summarize(sysname, "reloads", load.samples, load.t0, t1, {
-            "reloads": len(codes), "reload_failed": sum(1 for c in codes if c != 0),
+            "reloads": len(codes), "startup_delay_s": args.startup_delay, "reload_failed": sum(1 for c in codes if c != 0),
             "reload_cmd_median_s": round(statistics.median(took), 2)}))
         return out
     finally:
@@ -490,6 +490,8 @@ def main():
     ap.add_argument("--reloads", type=int, default=20)
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--deploy-reps", type=int, default=3)
+    ap.add_argument("--startup-delay", type=float, default=0.0,
+                    help="the app's start-up time (s) in the steady/reload scenarios (default 0)")
     ap.add_argument("--only", default=",".join(SYSTEMS))
     ap.add_argument("--skip-duration", action="store_true")
     ap.add_argument("--hatchery", default=os.path.join(REPO, "target/release/hatchery"))
