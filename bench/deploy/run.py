@@ -414,6 +414,7 @@ def bench_deploy_duration(sysname, args, root):
         s.start()
         for _ in range(args.deploy_reps):
             old = s.worker_pids()
+            old += [c for p in old for c in children(p)]  # e.g. a gunicorn master's workers
             new_rel = "r%d" % (s.rel.n + 1)
             seen = {}
             stop_probe = threading.Event()
