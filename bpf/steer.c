@@ -8,10 +8,12 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-/* cfg[0] == 0: let the kernel pick by hash; cfg[0] == k + 1: select socks[k]. */
+/* cfg[0] == 0: let the kernel pick by hash; cfg[0] == k + 1: select socks[k].
+ * cfg[1] == 0: no probe; else (port << 16) | (k + 1): a connection whose TCP source port
+ * is `port` (its two header bytes read as a native u16) selects socks[k] instead. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
 } cfg SEC(".maps");
@@ -30,11 +32,29 @@ struct {
 SEC("sk_reuseport/migrate")
 int steer(struct sk_reuseport_md *ctx)
 {
-	__u32 key = 0;
-	__u32 *active = bpf_map_lookup_elem(&cfg, &key);
+	__u8 *data = ctx->data;
+	__u8 *data_end = ctx->data_end;
+	__u32 key, *entry, slot1 = 0;
 
-	if (active && *active) {
-		__u32 slot = *active - 1;
+	/* The agent's probe of a generation that is not serving yet. A migrating request
+	 * without a packet (data == data_end) skips this. */
+	if (data + 2 <= data_end) {
+		__u16 sport = *(__u16 *)data; /* the TCP header starts at data */
+
+		key = 1;
+		entry = bpf_map_lookup_elem(&cfg, &key);
+		if (entry && *entry && (*entry >> 16) == sport)
+			slot1 = *entry & 0xffff;
+	}
+	if (!slot1) {
+		key = 0;
+		entry = bpf_map_lookup_elem(&cfg, &key);
+		if (!entry)
+			return SK_PASS;
+		slot1 = *entry;
+	}
+	if (slot1) {
+		__u32 slot = slot1 - 1;
 		/* An empty slot (its socket closed) fails the select: the kernel falls back
 		 * to its own hash selection, so nothing is dropped. */
 		bpf_sk_select_reuseport(ctx, &socks, &slot, 0);

@@ -1093,7 +1093,7 @@ pub fn validate_site(
             Duration::from_secs(1),
         )?,
     };
-    let release = validate_release(file, raw, check)?;
+    let release = validate_release(file, raw)?;
 
     let sandbox = sandbox::validate(file, raw.sandbox.as_ref(), raw.user.as_deref())?;
     if sandbox.root.is_some() && ready.check == ReadyCheck::Notify {
@@ -1129,12 +1129,8 @@ pub fn validate_site(
 }
 
 /// `release`: an absolute symlink path resolving to a directory; `{release}` anywhere
-/// needs it; readiness must tell generations apart.
-fn validate_release(
-    file: &Path,
-    raw: &RawSite,
-    check: ReadyCheck,
-) -> Result<Option<PathBuf>, ConfigError> {
+/// needs it.
+fn validate_release(file: &Path, raw: &RawSite) -> Result<Option<PathBuf>, ConfigError> {
     let uses = raw
         .command
         .iter()
@@ -1160,13 +1156,6 @@ fn validate_release(
     }
     if let Err(e) = resolve_release(release) {
         return Err(err(file, "release", e));
-    }
-    if check == ReadyCheck::Tcp {
-        return Err(err(
-            file,
-            "ready.check",
-            "\"tcp\" cannot tell a new generation from the serving one behind the same address: a site with release needs \"notify\" (or \"none\")",
-        ));
     }
     Ok(Some(release.clone()))
 }
@@ -1396,8 +1385,10 @@ mod tests {
         assert!(e.message.contains("does not resolve"), "{e}");
         let tcp = text.replace("check = \"notify\"", "check = \"tcp\"")
             + "[[listen]]\ntcp = \"127.0.0.1:1\"\n";
-        let e = site(&tcp).unwrap_err();
-        assert_eq!(e.key, "ready.check");
+        // Accepted: with eBPF steering the agent probes a new generation alone (and
+        // refuses the deploy without it).
+        let s = site(&tcp).expect("tcp readiness with a release");
+        assert_eq!(s.ready.check, ReadyCheck::Tcp);
         let e = site(&text.replace("\"2s\"", "\"soon\"")).unwrap_err();
         assert_eq!(e.key, "deploy.probation");
     }

@@ -66,7 +66,9 @@ pub struct WorkerOptions {
     pub delay: Duration,
     /// A directory whose `behaviour` file (if present) says how this release misbehaves:
     /// `exit` (exits at start), `never-ready` (serves but never reports ready),
-    /// `crash-after-ready` (reports ready, then exits 300 ms later).
+    /// `crash-after-ready` (reports ready, then exits 300 ms later), `slow-start` (waits
+    /// 1.5 s before it reports ready and accepts), `never-accepts` (neither reports ready
+    /// nor accepts, until stopped).
     pub behaviour_from: Option<PathBuf>,
 }
 
@@ -131,6 +133,29 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
     let stop = crate::sys::signals::SigSet::of(&[libc::SIGTERM, libc::SIGINT]);
     crate::sys::signals::block(&stop)?;
     let sigfd = crate::sys::signals::signalfd(&stop)?;
+    let wait_for_stop = |limit: Option<Duration>| -> io::Result<bool> {
+        let mut fds = [rustix::event::PollFd::new(
+            &sigfd,
+            rustix::event::PollFlags::IN,
+        )];
+        let timeout = limit
+            .map(|d| rustix::event::Timespec::try_from(d).map_err(io::Error::other))
+            .transpose()?;
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(n) => Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    };
+    match behaviour.as_str() {
+        "slow-start" if wait_for_stop(Some(Duration::from_millis(1500)))? => return Ok(()),
+        "never-accepts" => {
+            println!("demo worker {id} of generation {generation}: never accepting");
+            while !wait_for_stop(None)? {}
+            return Ok(());
+        }
+        _ => {}
+    }
     if behaviour != "never-ready" {
         if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
             let sock = std::os::unix::net::UnixDatagram::unbound()?;

@@ -10,8 +10,11 @@
 //! One [`Steering`] per reuseport group (per bound address). It owns two maps and the
 //! program (see `bpf/README.md` for the instruction listing):
 //!
-//! - `cfg`: ARRAY `u32 → u32`, one entry: 0 means "kernel default selection", `k + 1`
-//!   means "select slot `k` of `socks`";
+//! - `cfg`: ARRAY `u32 → u32`, two entries. `cfg[0]`: 0 means "kernel default
+//!   selection", `k + 1` means "select slot `k` of `socks`". `cfg[1]`, the probe: 0, or a
+//!   TCP source port and a slot (`port << 16 | k + 1`): a connection from that port
+//!   selects slot `k` whatever `cfg[0]` says, so the agent can check that a generation
+//!   that is not serving yet accepts connections ([`Steering::probe_from`]);
 //! - `socks`: REUSEPORT_SOCKARRAY `u32 → u64` with two slots, used alternately.
 //!
 //! [`Steering::steer_to`] performs, in order:
@@ -23,7 +26,10 @@
 //!
 //! A closed socket leaves the sockarray by itself; a lookup of an empty slot fails and
 //! the program returns `SK_PASS`, so the kernel's own hash selection applies (nothing is
-//! dropped). What this module does not do: detach the program, pin maps, or steer by
+//! dropped). A connection whose source port matches the probe only by chance (another
+//! host's client using the same port while a probe runs, a fraction of a second per
+//! deploy) reaches the probed generation, which is up and accepting by then.
+//! What this module does not do: detach the program, pin maps, or steer by
 //! weight.
 
 use std::ffi::CStr;
@@ -83,6 +89,15 @@ pub enum SteeringError {
         #[source]
         source: io::Error,
     },
+    /// The probe entry could not be set or cleared.
+    #[error("failed to set the steering probe (slot {slot})")]
+    Probe {
+        /// Which slot (2 when clearing).
+        slot: u32,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
     /// The selected slot could not be switched.
     #[error("failed to switch steering to slot {slot}")]
     Flip {
@@ -96,6 +111,14 @@ pub enum SteeringError {
 
 /// Slots in the sockarray: the serving listener and the next one.
 const SLOTS: u32 = 2;
+/// Entries of `cfg`: the serving slot, the probe.
+const CFG_ENTRIES: u32 = 2;
+/// `cfg[0]`: 0, or the serving slot + 1.
+const CFG_SERVING: u32 = 0;
+/// `cfg[1]`: 0, or the probe port (as the program reads it) << 16 | its slot + 1.
+const CFG_PROBE: u32 = 1;
+/// Instruction slots of [`program`].
+const PROGRAM_LEN: usize = 41;
 /// Helper ids (`enum bpf_func_id`).
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_SK_SELECT_REUSEPORT: i32 = 82;
@@ -142,26 +165,46 @@ impl Steering {
     /// From now on every new connection of the group goes to `listener` (a listening
     /// member of the group): insert it in the sockarray, then flip the cfg index.
     pub fn steer_to(&mut self, listener: BorrowedFd<'_>) -> Result<(), SteeringError> {
-        let id = identity(listener).map_err(SteeringError::Identify)?;
-        // Already in a slot (a socket can be in one sockarray slot only): just select it.
-        let found = (0..SLOTS).find(|&s| self.occupant[s as usize] == Some(id));
-        let slot = match found {
-            Some(slot) => slot,
-            None => {
-                let slot = match self.active {
-                    Some(a) => (a + 1) % SLOTS,
-                    None => 0,
-                };
-                bpf::sockarray_insert(self.socks.as_fd(), slot, listener)
-                    .map_err(|source| SteeringError::Insert { slot, source })?;
-                self.occupant[slot as usize] = Some(id);
-                slot
-            }
-        };
-        bpf::array_set_u32(self.cfg.as_fd(), 0, slot + 1)
+        let slot = self.stage(listener)?;
+        bpf::array_set_u32(self.cfg.as_fd(), CFG_SERVING, slot + 1)
             .map_err(|source| SteeringError::Flip { slot, source })?;
         self.active = Some(slot);
         Ok(())
+    }
+
+    /// Connections from local TCP port `port` (the agent's probe socket, bound before it
+    /// connects) go to `listener`, which need not be serving; every other connection
+    /// is steered as before. Replaces any earlier probe.
+    pub fn probe_from(&mut self, port: u16, listener: BorrowedFd<'_>) -> Result<(), SteeringError> {
+        let slot = self.stage(listener)?;
+        bpf::array_set_u32(self.cfg.as_fd(), CFG_PROBE, probe_entry(port, slot))
+            .map_err(|source| SteeringError::Probe { slot, source })
+    }
+
+    /// Ends the probe: connections from its port are steered like every other.
+    pub fn clear_probe(&mut self) -> Result<(), SteeringError> {
+        bpf::array_set_u32(self.cfg.as_fd(), CFG_PROBE, 0).map_err(|source| SteeringError::Probe {
+            slot: SLOTS,
+            source,
+        })
+    }
+
+    /// Puts `listener` in a slot without selecting it: the slot it already sits in, else
+    /// the one not serving (the serving slot is never overwritten while selected).
+    fn stage(&mut self, listener: BorrowedFd<'_>) -> Result<u32, SteeringError> {
+        let id = identity(listener).map_err(SteeringError::Identify)?;
+        // A socket can be in one sockarray slot only.
+        if let Some(slot) = (0..SLOTS).find(|&s| self.occupant[s as usize] == Some(id)) {
+            return Ok(slot);
+        }
+        let slot = match self.active {
+            Some(a) => (a + 1) % SLOTS,
+            None => 0,
+        };
+        bpf::sockarray_insert(self.socks.as_fd(), slot, listener)
+            .map_err(|source| SteeringError::Insert { slot, source })?;
+        self.occupant[slot as usize] = Some(id);
+        Ok(slot)
     }
 
     /// Whether queued connections of a closing listener migrate (SELECT_OR_MIGRATE loaded).
@@ -201,8 +244,15 @@ fn identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// `cfg[1]` for a probe from `port` to `slot`: the program loads the TCP source port's
+/// two bytes (network order) as a native u16, so the port is stored the same way.
+fn probe_entry(port: u16, slot: u32) -> u32 {
+    let as_loaded = u16::from_ne_bytes(port.to_be_bytes());
+    (u32::from(as_loaded) << 16) | (slot + 1)
+}
+
 fn create_maps() -> Result<(OwnedFd, OwnedFd), SteeringError> {
-    let cfg = bpf::map_create(bpf::BPF_MAP_TYPE_ARRAY, 4, 4, 1)
+    let cfg = bpf::map_create(bpf::BPF_MAP_TYPE_ARRAY, 4, 4, CFG_ENTRIES)
         .map_err(|source| SteeringError::CreateMap { map: "cfg", source })?;
     let socks =
         bpf::map_create(bpf::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, SLOTS).map_err(|source| {
@@ -244,14 +294,20 @@ const BPF_ALU: u8 = 0x04;
 const BPF_JMP: u8 = 0x05;
 const BPF_ALU64: u8 = 0x07;
 const BPF_W: u8 = 0x00;
+const BPF_H: u8 = 0x08;
 const BPF_DW: u8 = 0x18;
 const BPF_IMM: u8 = 0x00;
 const BPF_MEM: u8 = 0x60;
 const BPF_K: u8 = 0x00;
 const BPF_X: u8 = 0x08;
 const BPF_ADD: u8 = 0x00;
+const BPF_RSH: u8 = 0x70;
+const BPF_AND: u8 = 0x50;
 const BPF_MOV: u8 = 0xb0;
+const BPF_JA: u8 = 0x00;
 const BPF_JEQ: u8 = 0x10;
+const BPF_JGT: u8 = 0x20;
+const BPF_JNE: u8 = 0x50;
 const BPF_CALL: u8 = 0x80;
 const BPF_EXIT: u8 = 0x90;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
@@ -262,6 +318,7 @@ const R2: u8 = 2;
 const R3: u8 = 3;
 const R4: u8 = 4;
 const R6: u8 = 6;
+const R7: u8 = 7;
 const R10: u8 = 10;
 
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
@@ -272,7 +329,7 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
 
 /// The steering program with the two map fds (see `bpf/README.md`, `bpf/steer.c`).
 pub(crate) fn program(cfg: i32, socks: i32) -> Vec<[u8; 8]> {
-    let mut p = Vec::with_capacity(21);
+    let mut p = Vec::with_capacity(PROGRAM_LEN);
     let mov64_reg = |dst, src| insn(BPF_ALU64 | BPF_MOV | BPF_X, dst, src, 0, 0);
     let add64_imm = |dst, imm| insn(BPF_ALU64 | BPF_ADD | BPF_K, dst, 0, 0, imm);
     let ld_map = |dst, fd| {
@@ -281,31 +338,52 @@ pub(crate) fn program(cfg: i32, socks: i32) -> Vec<[u8; 8]> {
             insn(0, 0, 0, 0, 0),
         ]
     };
+    // r0 = cfg[key] or NULL (clobbers r1-r5).
+    let lookup_cfg = |p: &mut Vec<[u8; 8]>, key| {
+        p.push(insn(BPF_ST | BPF_MEM | BPF_W, R10, 0, -4, key)); // *(u32 *)(r10 - 4) = key
+        p.push(mov64_reg(R2, R10));
+        p.push(add64_imm(R2, -4)); // r2 = &key
+        p.extend(ld_map(R1, cfg)); // r1 = &cfg (two slots)
+        p.push(insn(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM));
+    };
     p.push(mov64_reg(R6, R1)); // 0: r6 = ctx
-    p.push(insn(BPF_ST | BPF_MEM | BPF_W, R10, 0, -4, 0)); // 1: *(u32 *)(r10 - 4) = 0
-    p.push(mov64_reg(R2, R10)); // 2: r2 = r10
-    p.push(add64_imm(R2, -4)); // 3: r2 = &key
-    p.extend(ld_map(R1, cfg)); // 4-5: r1 = &cfg
-    p.push(insn(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM)); // 6
-    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R0, 0, 11, 0)); // 7: if !r0 goto 19
-    p.push(insn(BPF_LDX | BPF_MEM | BPF_W, R1, R0, 0, 0)); // 8: r1 = cfg[0]
-    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R1, 0, 9, 0)); // 9: if r1 == 0 goto 19
-    p.push(insn(BPF_ALU | BPF_ADD | BPF_K, R1, 0, 0, -1)); // 10: w1 -= 1 (the slot)
-    p.push(insn(BPF_STX | BPF_MEM | BPF_W, R10, R1, -8, 0)); // 11: *(u32 *)(r10 - 8) = w1
-    p.push(mov64_reg(R1, R6)); // 12: r1 = ctx
-    p.extend(ld_map(R2, socks)); // 13-14: r2 = &socks
-    p.push(mov64_reg(R3, R10)); // 15: r3 = r10
-    p.push(add64_imm(R3, -8)); // 16: r3 = &slot
-    p.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R4, 0, 0, 0)); // 17: r4 = 0 (flags)
+    // The probe: a connection from the agent's probe port goes to the probe's slot.
+    p.push(insn(BPF_LDX | BPF_MEM | BPF_DW, R2, R6, 0, 0)); // 1: r2 = ctx->data
+    p.push(insn(BPF_LDX | BPF_MEM | BPF_DW, R3, R6, 8, 0)); // 2: r3 = ctx->data_end
+    p.push(mov64_reg(R4, R2)); // 3: r4 = r2
+    p.push(add64_imm(R4, 2)); // 4: r4 += 2
+    p.push(insn(BPF_JMP | BPF_JGT | BPF_X, R4, R3, 15, 0)); // 5: if r4 > r3 goto 21
+    p.push(insn(BPF_LDX | BPF_MEM | BPF_H, R7, R2, 0, 0)); // 6: r7 = TCP source port
+    lookup_cfg(&mut p, 1); // 7-12: r0 = &cfg[1]
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R0, 0, 7, 0)); // 13: if !r0 goto 21
+    p.push(insn(BPF_LDX | BPF_MEM | BPF_W, R1, R0, 0, 0)); // 14: r1 = cfg[1]
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R1, 0, 5, 0)); // 15: if r1 == 0 goto 21
+    p.push(mov64_reg(R2, R1)); // 16: r2 = r1
+    p.push(insn(BPF_ALU64 | BPF_RSH | BPF_K, R2, 0, 0, 16)); // 17: r2 >>= 16 (the port)
+    p.push(insn(BPF_JMP | BPF_JNE | BPF_X, R2, R7, 2, 0)); // 18: if r2 != r7 goto 21
+    p.push(insn(BPF_ALU64 | BPF_AND | BPF_K, R1, 0, 0, 0xffff)); // 19: r1 &= 0xffff
+    p.push(insn(BPF_JMP | BPF_JA, 0, 0, 8, 0)); // 20: goto 29 (r1 holds the slot + 1)
+    // Everything else goes to the serving slot.
+    lookup_cfg(&mut p, 0); // 21-26: r0 = &cfg[0]
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R0, 0, 11, 0)); // 27: if !r0 goto 39
+    p.push(insn(BPF_LDX | BPF_MEM | BPF_W, R1, R0, 0, 0)); // 28: r1 = cfg[0]
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R1, 0, 9, 0)); // 29: if r1 == 0 goto 39
+    p.push(insn(BPF_ALU | BPF_ADD | BPF_K, R1, 0, 0, -1)); // 30: w1 -= 1 (the slot)
+    p.push(insn(BPF_STX | BPF_MEM | BPF_W, R10, R1, -8, 0)); // 31: *(u32 *)(r10 - 8) = w1
+    p.push(mov64_reg(R1, R6)); // 32: r1 = ctx
+    p.extend(ld_map(R2, socks)); // 33-34: r2 = &socks
+    p.push(mov64_reg(R3, R10)); // 35: r3 = r10
+    p.push(add64_imm(R3, -8)); // 36: r3 = &slot
+    p.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R4, 0, 0, 0)); // 37: r4 = 0 (flags)
     p.push(insn(
         BPF_JMP | BPF_CALL,
         0,
         0,
         0,
         BPF_FUNC_SK_SELECT_REUSEPORT,
-    )); // 18
-    p.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, SK_PASS)); // 19: r0 = SK_PASS
-    p.push(insn(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)); // 20: exit
+    )); // 38
+    p.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, SK_PASS)); // 39: r0 = SK_PASS
+    p.push(insn(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)); // 40: exit
     p
 }
 
@@ -356,19 +434,37 @@ mod tests {
         }
     }
 
+    /// Every jump lands where the listing says: the probe's misses on the default path
+    /// (21, `key = 0`), the probe's hit on the select (29, with the probe's slot + 1 in
+    /// r1), the default's misses on `SK_PASS` (39).
     #[test]
-    fn jumps_land_on_the_sk_pass_exit() {
+    fn jumps_land_on_their_labels() {
         let p = program(3, 4);
+        assert_eq!(p.len(), PROGRAM_LEN);
+        let mut jumps = Vec::new();
         for (at, i) in p.iter().enumerate() {
-            if i[0] == (BPF_JMP | BPF_JEQ | BPF_K) {
+            let class = i[0] & 0x07;
+            let op = i[0] & 0xf0;
+            if class == BPF_JMP && op != BPF_CALL && op != BPF_EXIT {
                 let off = i16::from_le_bytes([i[2], i[3]]);
                 let target = at + 1 + usize::try_from(off).expect("forward jump");
-                assert_eq!(
-                    p[target],
-                    insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, SK_PASS)
-                );
+                jumps.push((at, target));
             }
         }
-        assert_eq!(p.len(), 21);
+        assert_eq!(
+            jumps,
+            vec![
+                (5, 21),
+                (13, 21),
+                (15, 21),
+                (18, 21),
+                (20, 29),
+                (27, 39),
+                (29, 39)
+            ]
+        );
+        assert_eq!(p[21], insn(BPF_ST | BPF_MEM | BPF_W, R10, 0, -4, 0));
+        assert_eq!(p[29], insn(BPF_JMP | BPF_JEQ | BPF_K, R1, 0, 9, 0));
+        assert_eq!(p[39], insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, SK_PASS));
     }
 }

@@ -154,6 +154,55 @@ fn steering_queued_connections_of_a_closed_listener_migrate() {
     }
 }
 
+/// A client socket on 127.0.0.1 bound to a port of its own (before it connects), and
+/// that port.
+fn client_from_own_port() -> (OwnedFd, u16) {
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
+    bind(&fd, &"127.0.0.1:0".parse::<SocketAddr>().expect("addr")).expect("bind");
+    let local = rustix::net::getsockname(&fd).expect("getsockname");
+    let port = SocketAddr::try_from(local).expect("an IP address").port();
+    (fd, port)
+}
+
+#[test]
+fn steering_a_probe_port_reaches_a_listener_that_is_not_serving() {
+    if !available() {
+        return;
+    }
+    let (a, b, addr) = pair();
+    let mut steering = Steering::attach(a.as_fd()).expect("attach");
+    steering.steer_to(a.as_fd()).expect("steer to A");
+
+    // A probe from port P goes to B, which is not serving; everything else stays on A.
+    let (probe, port) = client_from_own_port();
+    steering.probe_from(port, b.as_fd()).expect("probe B");
+    rustix::net::connect(&probe, &addr).expect("probe connect");
+    let others = connect(addr, CONNECTIONS);
+    assert_eq!(accept_n(&b, 1).len(), 1, "the probe reached B");
+    assert_eq!(
+        accept_n(&a, CONNECTIONS).len(),
+        CONNECTIONS,
+        "the rest on A"
+    );
+    assert_eq!(accept_queued(&b), 0, "nothing else on B");
+    drop((probe, others));
+
+    // Once cleared, a connection from a probe port is steered like any other.
+    let (late, port) = client_from_own_port();
+    steering.probe_from(port, b.as_fd()).expect("probe B");
+    steering.clear_probe().expect("clear");
+    rustix::net::connect(&late, &addr).expect("connect");
+    assert_eq!(accept_n(&a, 1).len(), 1, "a cleared probe's port goes to A");
+    assert_eq!(accept_queued(&b), 0, "none on B");
+
+    // The flip to the probed listener reuses its slot.
+    steering.steer_to(b.as_fd()).expect("steer to B");
+    let clients = connect(addr, 5);
+    assert_eq!(accept_n(&b, 5).len(), 5, "all on B after the flip");
+    assert_eq!(accept_queued(&a), 0, "none on A after the flip");
+    drop(clients);
+}
+
 #[test]
 fn steering_attach_needs_a_reuseport_socket() {
     let l = bound("127.0.0.1:0".parse().expect("addr"), false);

@@ -169,13 +169,17 @@ impl Agent {
         let Some(site) = self.sites.get(name) else {
             return;
         };
-        if site.config.ready.check == ReadyCheck::Tcp {
+        if site.config.ready.check == ReadyCheck::Tcp && !probe_steered(site) {
             return self.finish(
                 conn,
                 &Reply::error(
                     ErrorKind::BadRequest,
                     format!(
-                        "site {name} uses ready.check = \"tcp\", which cannot tell a new generation from the serving one: deploys need \"notify\" (or \"none\")"
+                        "site {name} uses ready.check = \"tcp\", which needs eBPF connection steering on its first TCP listener to probe a new generation alone ({}); use \"notify\" or \"none\"",
+                        match &self.steering_support {
+                            SteeringSupport::Unavailable(why) => format!("unavailable: {why}"),
+                            _ => "it could not be attached to that listener, see the agent's log".into(),
+                        }
                     ),
                 ),
             );
@@ -656,6 +660,9 @@ impl Agent {
         // requests they accepted.
         if let Some(g) = site.gens.get_mut(&d.to) {
             g.leaving = true;
+            if g.tcp_probe.take().is_some() {
+                clear_probes(site);
+            }
         }
         site.last_deploy = Some(json!({
             "result": "rolled_back",
@@ -804,6 +811,25 @@ pub(super) fn attach_steering(
             }
         })
         .collect()
+}
+
+/// Whether the site's first TCP listener is steered, so that a `tcp` ready check can
+/// reach a new generation alone.
+fn probe_steered(site: &Site) -> bool {
+    site.cur()
+        .listeners
+        .iter()
+        .position(|l| matches!(l.spec.addr, ListenAddr::Tcp(_)))
+        .is_some_and(|i| site.steering.get(i).is_some_and(Option::is_some))
+}
+
+/// Ends any steering probe of the site (its generation is going).
+fn clear_probes(site: &mut Site) {
+    for st in site.steering.iter_mut().flatten() {
+        if let Err(e) = st.clear_probe() {
+            warn!(site = %site.config.name, "failed to clear the steering probe: {e}");
+        }
+    }
 }
 
 /// Whether two listeners are one socket (shared between generations).

@@ -665,21 +665,25 @@ impl Agent {
         for name in deploying {
             self.advance_deploy(&name);
         }
-        let probing: Vec<SiteName> = self
+        let probing: Vec<(SiteName, GenId)> = self
             .sites
             .iter()
-            .filter(|(_, s)| {
-                s.config.ready.check == ReadyCheck::Tcp
-                    && s.cur()
-                        .core
-                        .slots
-                        .values()
-                        .any(|x| matches!(x.phase, Phase::Starting { .. }))
+            .filter(|(_, s)| s.config.ready.check == ReadyCheck::Tcp)
+            .flat_map(|(n, s)| {
+                s.gens
+                    .values()
+                    .filter(|g| {
+                        !g.leaving
+                            && g.core
+                                .slots
+                                .values()
+                                .any(|x| matches!(x.phase, Phase::Starting { .. }))
+                    })
+                    .map(move |g| (n.clone(), g.id))
             })
-            .map(|(n, _)| n.clone())
             .collect();
-        for name in probing {
-            self.tcp_probe(&name);
+        for (name, g) in probing {
+            self.tcp_probe(&name, g);
         }
         let measuring: Vec<SiteName> = self
             .sites
@@ -692,39 +696,76 @@ impl Agent {
         }
     }
 
-    /// The `tcp` ready check: a probe connection to the site's first TCP listener is
-    /// made; once the listener's accept queue no longer holds it (a worker accepted it),
-    /// every starting worker counts as ready.
-    fn tcp_probe(&mut self, name: &SiteName) {
+    /// The `tcp` ready check of generation `g`: a probe connection to its first TCP
+    /// listener is made; once that listener's accept queue no longer holds it (a worker
+    /// accepted it), every starting worker of `g` counts as ready. A generation that is
+    /// not serving yet is reached through the steering program's probe entry, from the
+    /// port the probe socket was bound to; nothing else reaches it before the flip.
+    fn tcp_probe(&mut self, name: &SiteName, g: GenId) {
         let Some(site) = self.sites.get_mut(name) else {
             return;
         };
         let serving = site.serving;
-        let site = site.cur_mut();
-        let Some(listener) = site
-            .listeners
-            .iter()
-            .find(|l| matches!(l.spec.addr, ListenAddr::Tcp(_)))
-        else {
+        let Some((index, addr)) = site.gens.get(&g).and_then(|gen_| {
+            gen_.listeners
+                .iter()
+                .enumerate()
+                .find_map(|(i, l)| match l.spec.addr {
+                    ListenAddr::Tcp(a) => Some((i, a)),
+                    ListenAddr::Unix(_) => None,
+                })
+        }) else {
             return;
         };
-        let accepted = match &site.tcp_probe {
+        let Some(gen_) = site.gens.get_mut(&g) else {
+            return;
+        };
+        let accepted = match &gen_.tcp_probe {
             None => {
-                let ListenAddr::Tcp(addr) = listener.spec.addr else {
-                    return;
+                let steering = if g == serving {
+                    None
+                } else {
+                    match site.steering.get_mut(index).and_then(Option::as_mut) {
+                        Some(st) => Some(st),
+                        None => {
+                            // Refused when the deploy is asked for; nothing to probe here.
+                            debug!(site = %name, gen = g, "tcp ready probe: no steering");
+                            return;
+                        }
+                    }
                 };
-                let target = loopback_for(addr);
-                match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
-                    Ok(s) => site.tcp_probe = Some((s, Instant::now())),
-                    Err(e) => debug!(site = %name, "tcp ready probe: {e}"),
+                match start_tcp_probe(
+                    loopback_for(addr),
+                    steering,
+                    gen_.listeners[index].fd.as_fd(),
+                ) {
+                    Ok(sock) => gen_.tcp_probe = Some((sock, Instant::now())),
+                    Err(e) => debug!(site = %name, gen = g, "tcp ready probe: {e}"),
                 }
                 false
             }
-            Some(_) => listener.queued() == Some(0),
+            Some((sock, _)) => {
+                if rustix::net::getpeername(sock).is_err() {
+                    // Not connected yet, or refused: look again (or start over) next tick.
+                    if sock.take_error().ok().flatten().is_some() {
+                        gen_.tcp_probe = None;
+                    }
+                    false
+                } else {
+                    gen_.listeners[index].queued() == Some(0)
+                }
+            }
         };
         if accepted {
-            site.tcp_probe = None;
-            let starting: Vec<WorkerId> = site
+            gen_.tcp_probe = None;
+            if g != serving {
+                if let Some(st) = site.steering.get_mut(index).and_then(Option::as_mut) {
+                    if let Err(e) = st.clear_probe() {
+                        warn!(site = %name, gen = g, "failed to clear the steering probe: {e}");
+                    }
+                }
+            }
+            let starting: Vec<WorkerId> = gen_
                 .core
                 .slots
                 .values()
@@ -732,7 +773,7 @@ impl Agent {
                 .map(|x| x.id)
                 .collect();
             for id in starting {
-                self.feed(name, serving, Input::ReadyNotified { id });
+                self.feed(name, g, Input::ReadyNotified { id });
             }
         }
     }
@@ -2101,6 +2142,48 @@ fn policies(c: &SiteConfig) -> Policies {
         restart: c.restart,
         stop: c.stop,
         ready: c.ready,
+    }
+}
+
+/// Connects a non-blocking probe socket to `target`; with `steering`, its connection goes
+/// to `listener` (a generation that is not serving yet) through the probe entry.
+fn start_tcp_probe(
+    target: SocketAddr,
+    steering: Option<&mut crate::steering::Steering>,
+    listener: BorrowedFd<'_>,
+) -> Result<TcpStream, String> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let (family, any): (AddressFamily, SocketAddr) = if target.is_ipv4() {
+        (
+            AddressFamily::INET,
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        )
+    } else {
+        (
+            AddressFamily::INET6,
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        )
+    };
+    let sock = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    if let Some(st) = steering {
+        // The port is chosen at bind, so the probe entry can name it before the SYN.
+        rustix::net::bind(&sock, &any).map_err(|e| format!("bind: {e}"))?;
+        let local = rustix::net::getsockname(&sock).map_err(|e| format!("getsockname: {e}"))?;
+        let port = SocketAddr::try_from(local)
+            .map_err(|e| format!("getsockname: {e}"))?
+            .port();
+        st.probe_from(port, listener)
+            .map_err(|e| format!("{e}: {}", error_chain(&e)))?;
+    }
+    match rustix::net::connect(&sock, &target) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => Ok(TcpStream::from(sock)),
+        Err(e) => Err(format!("connect to {target}: {e}")),
     }
 }
 
