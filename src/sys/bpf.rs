@@ -179,6 +179,9 @@ pub fn array_set_u32(map: BorrowedFd<'_>, key: u32, value: u32) -> io::Result<()
     map_update(map, key, &buf)
 }
 
+/// How many times a load interrupted with `EAGAIN` is tried.
+const LOAD_ATTEMPTS: u32 = 5;
+
 /// Loads a `BPF_PROG_TYPE_SK_REUSEPORT` program of raw `bpf_insn`s (8 bytes each, as
 /// encoded by `steering`) with `expected_attach_type`, capturing the verifier log on
 /// failure.
@@ -211,6 +214,20 @@ pub fn prog_load_sk_reuseport(
         // SAFETY: `insns` (insn_cnt * 8 bytes), `license` (NUL-terminated) and `log`
         // (log_size bytes, written by the kernel) are borrows that outlive the call.
         unsafe { bpf_fd(BPF_PROG_LOAD, &mut attr) }
+    };
+    // The verifier gives up with EAGAIN when the loading thread has a signal or task work
+    // pending (`signal_pending()`: an io_uring completion queued to this thread counts):
+    // returning to user space runs the work, so a new attempt goes through (as libbpf does).
+    let load = |log_level: u32, log: &mut [u8]| {
+        let mut attempt = 1;
+        loop {
+            match load(log_level, log) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     };
     // First without a log (cheap); on failure load again with the log to say why.
     match load(0, &mut log) {
