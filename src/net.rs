@@ -138,6 +138,9 @@ pub struct Notification {
     pub ready: bool,
     /// `STATUS=...`, if any.
     pub status: Option<String>,
+    /// `BUSY=1` (handling requests) or `BUSY=0` (idle), if either: a Hatchery extension
+    /// that lets the agent stop idle workers first when it must stop some.
+    pub busy: Option<bool>,
 }
 
 impl NotifySocket {
@@ -211,10 +214,15 @@ pub fn parse_notification(pid: i32, text: &str) -> Notification {
         pid,
         ready: false,
         status: None,
+        busy: None,
     };
     for line in text.lines() {
         if line == "READY=1" {
             n.ready = true;
+        } else if line == "BUSY=1" {
+            n.busy = Some(true);
+        } else if line == "BUSY=0" {
+            n.busy = Some(false);
         } else if let Some(s) = line.strip_prefix("STATUS=") {
             n.status = Some(s.chars().take(200).collect());
         }
@@ -247,10 +255,14 @@ mod tests {
             Notification {
                 pid: 7,
                 ready: true,
-                status: Some("warming up".into())
+                status: Some("warming up".into()),
+                busy: None,
             }
         );
         assert!(!parse_notification(7, "READY=0").ready);
+        assert_eq!(parse_notification(7, "BUSY=1").busy, Some(true));
+        assert_eq!(parse_notification(7, "READY=1\nBUSY=0").busy, Some(false));
+        assert_eq!(parse_notification(7, "BUSY=yes").busy, None);
     }
 
     #[test]

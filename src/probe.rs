@@ -9,6 +9,8 @@
 //! - `spawn-forever`: starts sleeping copies of itself as fast as it can, counting
 //!   successes and failures (a fork bomb that a `pids.max` must stop).
 //! - `sleep`: sleeps forever.
+//! - `busy-if ID`: reports `READY=1` and `BUSY=1` (worker ID) or `BUSY=0` (any other) on
+//!   `NOTIFY_SOCKET`, then sleeps.
 //! - `ids`: prints `uid euid gid egid` and exits (run setuid to show it gains nothing).
 //! - `attacks SPEC...`: what a hostile worker would try, one JSON line per attempt
 //!   (`{"attack":..., "blocked":bool, "detail":...}`), then `attacks done`, then sleeps.
@@ -68,6 +70,23 @@ pub fn main(args: &[String]) -> u8 {
             }
         }
         Some("sleep") => sleep_forever(),
+        Some("busy-if") => {
+            // READY=1, then BUSY=1 in the worker whose id is the argument, BUSY=0 elsewhere.
+            let me = std::env::var("HATCHERY_WORKER_ID").unwrap_or_default();
+            let busy = args.get(1).is_some_and(|id| *id == me);
+            let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+                eprintln!("busy-if: no NOTIFY_SOCKET");
+                return 2;
+            };
+            let msg = format!("READY=1\nBUSY={}", u8::from(busy));
+            let sent = std::os::unix::net::UnixDatagram::unbound()
+                .and_then(|sock| sock.send_to(msg.as_bytes(), std::path::PathBuf::from(path)));
+            if let Err(e) = sent {
+                eprintln!("busy-if: {e}");
+                return 1;
+            }
+            sleep_forever()
+        }
         Some("ids") => {
             let ids = (
                 rustix::process::getuid().as_raw(),

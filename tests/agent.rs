@@ -301,6 +301,47 @@ fn scale_and_rolling_restart() {
 }
 
 #[test]
+fn scale_down_stops_idle_workers_before_busy_ones() {
+    // Worker 3 reports BUSY=1, the others BUSY=0: scaling to 2 stops 2 and 1, not 3.
+    let site = format!(
+        "name = \"busy\"\ncommand = [\"{BIN}\", \"__probe\", \"busy-if\", \"3\"]\nworkers = 4\n[ready]\ncheck = \"notify\"\n"
+    );
+    let agent = TestAgent::start_ready(
+        &[("busy", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "busy",
+        4,
+    );
+    let busy = |s: &serde_json::Value| -> Vec<(u64, bool)> {
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| (w["id"].as_u64().expect("id"), w["busy"] == true))
+            .collect()
+    };
+    // READY=1 and BUSY= arrive in one datagram: once all are ready, all have reported.
+    assert_eq!(
+        busy(&agent.status("busy")),
+        vec![(0, false), (1, false), (2, false), (3, true)]
+    );
+    let out = agent.cli(&["scale", "busy", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ids: Vec<u64> = busy(&agent.status("busy"))
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec![0, 3],
+        "the idle workers went first, the busy one stayed"
+    );
+}
+
+#[test]
 fn signal_reaches_every_worker_and_logs_capture_output() {
     each_reactor(|reactor| {
         let site = "name = \"sig\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-usr1 $HATCHERY_WORKER_ID' USR1; echo hello $HATCHERY_WORKER_ID; while :; do sleep 0.05; done\"]\nworkers = 2\n";

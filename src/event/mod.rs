@@ -1310,6 +1310,9 @@ impl Agent {
                     if n.ready {
                         self.feed(&site, g, Input::ReadyNotified { id });
                     }
+                    if let Some(busy) = n.busy {
+                        self.feed(&site, g, Input::BusyReported { id, busy });
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -1798,6 +1801,7 @@ impl Agent {
                             "generation": g.id,
                             "pid": slot.pid,
                             "state": slot.phase.name(),
+                            "busy": slot.busy,
                             "restarts": slot.restarts,
                             "started_at": started_at.map(logs::utc_timestamp),
                             "uptime_ms": slot.pid.and(slot.started).map(|t| now.saturating_duration_since(t).as_millis()),

@@ -147,6 +147,8 @@ pub struct Slot {
     pub last_exit: Option<ExitReason>,
     /// Its crash history.
     pub history: CrashHistory,
+    /// Its process said it is handling requests (`BUSY=1`, until `BUSY=0`).
+    pub busy: bool,
 }
 
 impl Slot {
@@ -159,6 +161,7 @@ impl Slot {
             restarts: 0,
             last_exit: None,
             history: CrashHistory::default(),
+            busy: false,
         }
     }
 }
@@ -219,6 +222,13 @@ pub enum Input {
     ReadyNotified {
         /// Slot.
         id: WorkerId,
+    },
+    /// The slot's process reported that it is busy (`BUSY=1`) or idle (`BUSY=0`).
+    BusyReported {
+        /// Slot.
+        id: WorkerId,
+        /// Busy or idle.
+        busy: bool,
     },
     /// Time passed; deadlines at or before `now` fire.
     DeadlineReached,
@@ -468,11 +478,14 @@ impl SiteCore {
             .map(|s| s.id)
             .collect();
         let excess = keeping.len().saturating_sub(self.desired as usize);
-        // Remove the highest ids, preferring slots without a process.
+        // Remove slots without a process first, then idle ones (by their `BUSY=`
+        // reports; a worker that never reports counts as idle), highest ids first.
         let mut victims: Vec<WorkerId> = keeping.clone();
         victims.sort_by_key(|id| {
-            let has = self.slots.get(id).is_some_and(|s| s.phase.has_process());
-            (has, std::cmp::Reverse(*id))
+            let slot = self.slots.get(id);
+            let has = slot.is_some_and(|s| s.phase.has_process());
+            let busy = slot.is_some_and(|s| s.busy);
+            (has, busy, std::cmp::Reverse(*id))
         });
         for id in victims.into_iter().take(excess) {
             self.stop_slot(id, AfterStop::Remove, now, out);
@@ -528,11 +541,17 @@ impl SiteCore {
                 let ready_now = self.policies.ready.check == ReadyCheck::None;
                 if let Some(slot) = self.slots.get_mut(&id) {
                     slot.pid = Some(pid);
+                    slot.busy = false;
                     out.push(Action::Note(Note::Started(id, pid)));
                     if ready_now && matches!(slot.phase, Phase::Starting { .. }) {
                         slot.phase = Phase::Ready;
                         out.push(Action::Note(Note::Ready(id)));
                     }
+                }
+            }
+            Input::BusyReported { id, busy } => {
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    slot.busy = busy && slot.phase.has_process();
                 }
             }
             Input::ReadyNotified { id } => {
@@ -570,6 +589,7 @@ impl SiteCore {
                     return out;
                 }
                 slot.pid = None;
+                slot.busy = false;
                 slot.last_exit = Some(reason.clone());
                 match slot.phase {
                     Phase::Stopping { then, .. } => {
@@ -952,10 +972,52 @@ mod tests {
         assert_eq!(spawns(&a), vec![2]);
     }
 
+    #[test]
+    fn scale_down_stops_idle_workers_before_busy_ones() {
+        let t = Instant::now();
+        let mut s = SiteCore::new(4, policies(ReadyCheck::None));
+        s.handle(Input::StartRequested, t);
+        for id in 0..4 {
+            s.handle(
+                Input::Spawned {
+                    id,
+                    pid: i32::try_from(id).unwrap() + 100,
+                },
+                t,
+            );
+        }
+        s.handle(Input::BusyReported { id: 3, busy: true }, t);
+        s.handle(Input::BusyReported { id: 1, busy: true }, t);
+        s.handle(Input::BusyReported { id: 1, busy: false }, t);
+        let a = s.handle(Input::ScaleRequested(2), t);
+        let stopped: Vec<WorkerId> = a
+            .iter()
+            .filter_map(|x| match x {
+                Action::Signal(id, _) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            stopped,
+            vec![2, 1],
+            "idle first, highest first; busy 3 stays"
+        );
+        // A new process of a slot starts idle.
+        s.handle(
+            Input::Exited {
+                id: 3,
+                reason: ExitReason::Exited { code: 1 },
+            },
+            t,
+        );
+        assert!(!s.slots[&3].busy);
+    }
+
     #[derive(Debug, Clone)]
     enum Step {
         Exit(u8),
         Ready(u8),
+        Busy(u8, bool),
         Advance(u16),
         Scale(u8),
         Start,
@@ -967,6 +1029,7 @@ mod tests {
         prop_oneof![
             4 => any::<u8>().prop_map(Step::Exit),
             3 => any::<u8>().prop_map(Step::Ready),
+            2 => (any::<u8>(), any::<bool>()).prop_map(|(k, b)| Step::Busy(k, b)),
             4 => (0u16..5000).prop_map(Step::Advance),
             1 => (0u8..12).prop_map(Step::Scale),
             1 => Just(Step::Start),
@@ -1040,6 +1103,9 @@ mod tests {
                     }
                     Step::Ready(k) if !ids.is_empty() => {
                         s.handle(Input::ReadyNotified { id: ids[k as usize % ids.len()] }, now)
+                    }
+                    Step::Busy(k, busy) if !ids.is_empty() => {
+                        s.handle(Input::BusyReported { id: ids[k as usize % ids.len()], busy }, now)
                     }
                     Step::Advance(ms) => {
                         now += Duration::from_millis(u64::from(ms));
