@@ -64,11 +64,12 @@ pub fn write_config(
 pub struct WorkerOptions {
     /// Time each request takes.
     pub delay: Duration,
-    /// A directory whose `behaviour` file (if present) says how this release misbehaves:
+    /// A directory whose `behaviour` file (if present) says how this release misbehaves,
+    /// in space-separated words:
     /// `exit` (exits at start), `never-ready` (serves but never reports ready),
     /// `crash-after-ready` (reports ready, then exits 300 ms later), `slow-start` (waits
     /// 1.5 s before it reports ready and accepts), `never-accepts` (neither reports ready
-    /// nor accepts, until stopped).
+    /// nor accepts, until stopped), `quiet` (prints nothing when it starts serving).
     pub behaviour_from: Option<PathBuf>,
 }
 
@@ -111,7 +112,9 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         .and_then(|d| std::fs::read_to_string(d.join("behaviour")).ok())
         .map(|b| b.trim().to_string())
         .unwrap_or_default();
-    if behaviour == "exit" {
+    // Space-separated words, e.g. "slow-start never-ready".
+    let does = |word: &str| behaviour.split_whitespace().any(|w| w == word);
+    if does("exit") {
         return Err(io::Error::other(
             "this release exits at start (behaviour = exit)",
         ));
@@ -147,24 +150,25 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
             Err(e) => Err(e.into()),
         }
     };
-    match behaviour.as_str() {
-        "slow-start" if wait_for_stop(Some(Duration::from_millis(1500)))? => return Ok(()),
-        "never-accepts" => {
-            println!("demo worker {id} of generation {generation}: never accepting");
-            while !wait_for_stop(None)? {}
-            return Ok(());
-        }
-        _ => {}
+    if does("never-accepts") {
+        println!("demo worker {id} of generation {generation}: never accepting");
+        while !wait_for_stop(None)? {}
+        return Ok(());
     }
-    if behaviour != "never-ready" {
+    if does("slow-start") && wait_for_stop(Some(Duration::from_millis(1500)))? {
+        return Ok(());
+    }
+    if !does("never-ready") {
         if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
             let sock = std::os::unix::net::UnixDatagram::unbound()?;
             sock.send_to(b"READY=1", PathBuf::from(path))?;
         }
     }
-    let crash_at = (behaviour == "crash-after-ready")
+    let crash_at = does("crash-after-ready")
         .then(|| std::time::Instant::now() + Duration::from_millis(300));
-    println!("demo worker {id} of generation {generation} serving");
+    if !does("quiet") {
+        println!("demo worker {id} of generation {generation} serving");
+    }
     let body = format!("hello from worker {id}, generation {generation}{release}\n");
     let mut handlers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     loop {

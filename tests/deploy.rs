@@ -444,18 +444,28 @@ fn tcp_readiness_probes_the_new_generation_alone() {
     let load = Load::start(port, if in_vm() { 2 } else { 8 });
     std::thread::sleep(Duration::from_millis(300));
     // Workers that accept only after 1.5 s: the flip waits for them, though gen-1
-    // accepts at once on the same address.
-    point(&link, &release(root.path(), "slow", Some("slow-start")));
+    // accepts at once on the same address. None of these releases sends READY=1 or
+    // prints when it starts serving (either would wake the agent): the probe alone must
+    // notice, like with a silent server.
+    point(&link, &release(root.path(), "slow", Some("slow-start never-ready quiet")));
     let asked = Instant::now();
     let run = deploy(&agent, &["web"]);
     assert_eq!(run.code, Some(0), "{}", run.text());
     let flip = run.flip(2).expect("the deploy reported its flip");
+    let took = flip.duration_since(asked);
     assert!(
-        flip.duration_since(asked) >= Duration::from_millis(1500),
-        "gen-2 was flipped to {:?} after the deploy began, before its workers accepted:\n{}",
-        flip.duration_since(asked),
+        took >= Duration::from_millis(1500),
+        "gen-2 was flipped to {took:?} after the deploy began, before its workers accepted:\n{}",
         run.text()
     );
+    // And promptly once they do: 1.5 s, the 600 ms probation, the probe's 50 ms ticks.
+    let bound = Duration::from_millis(if in_vm() { 6000 } else { 3000 });
+    assert!(
+        took <= bound,
+        "gen-2 was flipped only {took:?} after the deploy began (at most {bound:?}):\n{}",
+        run.text()
+    );
+    eprintln!("slow-start release flipped after {took:?}");
     // Workers that never accept: the probe is never accepted, the deploy rolls back.
     point(&link, &release(root.path(), "deaf", Some("never-accepts")));
     let (_, pids) = serving(&agent);
@@ -466,7 +476,7 @@ fn tcp_readiness_probes_the_new_generation_alone() {
     assert_eq!(g, 2);
     assert_eq!(pids_after, pids, "the serving workers were disturbed");
     // And a good release after that still deploys (the probe entry was cleared).
-    point(&link, &release(root.path(), "r4", None));
+    point(&link, &release(root.path(), "r4", Some("never-ready quiet")));
     let run = deploy(&agent, &["web"]);
     assert_eq!(run.code, Some(0), "{}", run.text());
     let flip4 = run.flip(4).expect("flip to gen-4");

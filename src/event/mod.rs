@@ -626,11 +626,13 @@ impl Agent {
             .values()
             .filter_map(|s| {
                 let probe = (s.config.ready.check == ReadyCheck::Tcp
-                    && s.cur()
-                        .core
-                        .slots
-                        .values()
-                        .any(|x| matches!(x.phase, Phase::Starting { .. })))
+                    && s.gens.values().any(|g| {
+                        !g.leaving
+                            && g.core
+                                .slots
+                                .values()
+                                .any(|x| matches!(x.phase, Phase::Starting { .. }))
+                    }))
                 .then(|| Instant::now() + TCP_PROBE_INTERVAL);
                 let gens = s.gens.values().filter_map(|g| g.core.next_deadline()).min();
                 [gens, probe, s.next_capacity_check, self.deploy_deadline(s)]
