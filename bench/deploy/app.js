@@ -4,13 +4,12 @@
 // APP_HANDLER_DELAY (seconds, default 0.05): the handler's delay.
 // Listening: the socket-activation protocol when LISTEN_FDS is set for this pid (fd 3),
 // else PORT on HOST (pm2 cluster mode shares that through its master).
-// Readiness: process.send('ready') when under a parent with IPC (pm2), and READY=1 on
-// NOTIFY_SOCKET (sd_notify) by running systemd-notify, which sends it for its parent pid.
+// Readiness: process.send('ready') when under a parent with IPC (pm2); under Hatchery the site
+// uses ready.check = "tcp" (ready once a worker accepts the agent's probe connection).
 'use strict';
 const http = require('http');
 const fs = require('fs');
 const path = require('path');
-const { execFile } = require('child_process');
 
 const here = path.dirname(fs.realpathSync(__filename));
 let release;
@@ -29,11 +28,6 @@ const server = http.createServer((req, res) => {
 
 function ready() {
   if (process.send) process.send('ready');
-  if (process.env.NOTIFY_SOCKET) {
-    execFile('systemd-notify', ['--ready'], { timeout: 5000 }, (err) => {
-      if (err) console.error(`systemd-notify failed: ${err.message}`);
-    });
-  }
 }
 
 function listen() {

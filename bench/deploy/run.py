@@ -296,7 +296,7 @@ class Hatchery(System):
                 'workdir = "{release}"',
                 "[env]"] + ['%s = "%s"' % kv for kv in sorted(appenv.items())] + [
                 "[[listen]]", 'name = "http"', 'tcp = "127.0.0.1:%d"' % self.port,
-                "[ready]", 'check = "notify"', 'timeout = "30s"',
+                "[ready]", 'check = "%s"' % self.ready_check, 'timeout = "30s"',
                 "[stop]", 'signal = "SIGTERM"', 'timeout = "10s"']
         with open(os.path.join(d, "sites.d", "bench.toml"), "w") as f:
             f.write("\n".join(site) + "\n")
@@ -336,6 +336,7 @@ class Hatchery(System):
 
 class HatcheryGunicorn(Hatchery):
     name = "hatchery-gunicorn"
+    ready_check = "notify"
 
     def site_command(self):
         # One unchanged gunicorn master with 4 sync workers per generation. --preload makes the
@@ -350,6 +351,9 @@ class HatcheryGunicorn(Hatchery):
 
 class HatcheryNode(Hatchery):
     name = "hatchery-node"
+    # Node has no unix datagram sockets without an addon: readiness is the agent's TCP probe,
+    # which reaches the new generation's listener alone (eBPF steering's probe entry).
+    ready_check = "tcp"
 
     def site_command(self):
         return [self.args.node, "{release}/app.js"], 4

@@ -12,5 +12,4 @@ if [ ! -x "$VENV/bin/gunicorn" ]; then
 fi
 [ -x "$REPO/target/release/hatchery" ] || (cd "$REPO" && timeout 1200 cargo build --release)
 command -v pm2 >/dev/null || { echo "pm2 not found (npm install -g pm2)" >&2; exit 2; }
-command -v systemd-notify >/dev/null || echo "systemd-notify not found: hatchery-node cannot report READY=1" >&2
 exec timeout --kill-after=30 1800 python3 "$HERE/run.py" --gunicorn "$VENV/bin/gunicorn" "$@"
