@@ -164,8 +164,8 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
             sock.send_to(b"READY=1", PathBuf::from(path))?;
         }
     }
-    let crash_at = does("crash-after-ready")
-        .then(|| std::time::Instant::now() + Duration::from_millis(300));
+    let crash_at =
+        does("crash-after-ready").then(|| std::time::Instant::now() + Duration::from_millis(300));
     if !does("quiet") {
         println!("demo worker {id} of generation {generation} serving");
     }

@@ -236,6 +236,25 @@ fn gen_dirs(agent: &TestAgent) -> Option<Vec<String>> {
     Some(names)
 }
 
+/// The agent with site `web` of `workers` ready workers, and how it steers connections
+/// (`ebpf` or `shared listener`).
+fn start_web(text: &str, workers: u64) -> (TestAgent, String) {
+    let agent = TestAgent::start_ready(
+        &[("web", text)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+        "web",
+        workers,
+    );
+    let steering = agent.status("web")["steering"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    (agent, steering)
+}
+
 #[test]
 fn deploys_under_load_fail_no_request_and_broken_releases_roll_back() {
     let root = tempfile::tempdir().expect("tempdir");
@@ -243,19 +262,7 @@ fn deploys_under_load_fail_no_request_and_broken_releases_roll_back() {
     point(&link, &release(root.path(), "r1", None));
     let port = free_port();
     let text = site(&link, port, "");
-    let agent = TestAgent::start_ready(
-        &[("web", &text)],
-        Options {
-            reactor: "io_uring",
-            cgroups: true,
-        },
-        "web",
-        4,
-    );
-    let steering = agent.status("web")["steering"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let (agent, steering) = start_web(&text, 4);
     let (deploys, conns) = if in_vm() { (5, 4) } else { (20, 16) };
 
     let load = Load::start(port, conns);
@@ -408,19 +415,7 @@ fn tcp_readiness_probes_the_new_generation_alone() {
             "timeout = \"4s\"\n",
             &format!("timeout = \"{ready_timeout}\"\n"),
         );
-    let agent = TestAgent::start_ready(
-        &[("web", &text)],
-        Options {
-            reactor: "io_uring",
-            cgroups: true,
-        },
-        "web",
-        2,
-    );
-    let steering = agent.status("web")["steering"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let (agent, steering) = start_web(&text, 2);
     if steering != "ebpf" {
         // The probe could not tell the generations apart: the deploy is refused, and
         // nothing changes.
@@ -447,7 +442,10 @@ fn tcp_readiness_probes_the_new_generation_alone() {
     // accepts at once on the same address. None of these releases sends READY=1 or
     // prints when it starts serving (either would wake the agent): the probe alone must
     // notice, like with a silent server.
-    point(&link, &release(root.path(), "slow", Some("slow-start never-ready quiet")));
+    point(
+        &link,
+        &release(root.path(), "slow", Some("slow-start never-ready quiet")),
+    );
     let asked = Instant::now();
     let run = deploy(&agent, &["web"]);
     assert_eq!(run.code, Some(0), "{}", run.text());
@@ -476,7 +474,10 @@ fn tcp_readiness_probes_the_new_generation_alone() {
     assert_eq!(g, 2);
     assert_eq!(pids_after, pids, "the serving workers were disturbed");
     // And a good release after that still deploys (the probe entry was cleared).
-    point(&link, &release(root.path(), "r4", Some("never-ready quiet")));
+    point(
+        &link,
+        &release(root.path(), "r4", Some("never-ready quiet")),
+    );
     let run = deploy(&agent, &["web"]);
     assert_eq!(run.code, Some(0), "{}", run.text());
     let flip4 = run.flip(4).expect("flip to gen-4");

@@ -766,6 +766,18 @@ mod tests {
             .collect()
     }
 
+    /// A started site of `n` workers whose processes all exist (pids 100 + id), and are
+    /// ready when `check` says they are ready at once.
+    fn running(n: u32, check: ReadyCheck, t: Instant) -> SiteCore {
+        let mut s = SiteCore::new(n, policies(check));
+        s.handle(Input::StartRequested, t);
+        for id in 0..n {
+            let pid = 100 + i32::try_from(id).unwrap();
+            s.handle(Input::Spawned { id, pid }, t);
+        }
+        s
+    }
+
     #[test]
     fn start_spawns_the_desired_count() {
         let t = Instant::now();
@@ -871,21 +883,13 @@ mod tests {
     #[test]
     fn rolling_restart_keeps_all_but_one_ready() {
         let t = Instant::now();
-        let mut s = SiteCore::new(3, policies(ReadyCheck::Notify));
-        s.handle(Input::StartRequested, t);
+        let mut s = running(3, ReadyCheck::Notify, t);
         for id in 0..3 {
-            s.handle(
-                Input::Spawned {
-                    id,
-                    pid: i32::try_from(id).unwrap() + 10,
-                },
-                t,
-            );
             s.handle(Input::ReadyNotified { id }, t);
         }
         let a = s.handle(Input::RestartRequested, t);
         assert_eq!(a, vec![Action::Signal(0, Signal(libc::SIGTERM))]);
-        for (id, pid) in (0..3).zip(100..) {
+        for (id, pid) in (0..3).zip(200..) {
             assert!(s.ready() >= 2);
             let a = s.handle(
                 Input::Exited {
@@ -934,17 +938,7 @@ mod tests {
     #[test]
     fn scale_down_removes_the_highest_slots_and_scale_up_reuses_ids() {
         let t = Instant::now();
-        let mut s = SiteCore::new(4, policies(ReadyCheck::None));
-        s.handle(Input::StartRequested, t);
-        for id in 0..4 {
-            s.handle(
-                Input::Spawned {
-                    id,
-                    pid: i32::try_from(id).unwrap(),
-                },
-                t,
-            );
-        }
+        let mut s = running(4, ReadyCheck::None, t);
         let a = s.handle(Input::ScaleRequested(2), t);
         assert!(a.contains(&Action::Signal(3, Signal(libc::SIGTERM))));
         assert!(a.contains(&Action::Signal(2, Signal(libc::SIGTERM))));
@@ -975,17 +969,7 @@ mod tests {
     #[test]
     fn scale_down_stops_idle_workers_before_busy_ones() {
         let t = Instant::now();
-        let mut s = SiteCore::new(4, policies(ReadyCheck::None));
-        s.handle(Input::StartRequested, t);
-        for id in 0..4 {
-            s.handle(
-                Input::Spawned {
-                    id,
-                    pid: i32::try_from(id).unwrap() + 100,
-                },
-                t,
-            );
-        }
+        let mut s = running(4, ReadyCheck::None, t);
         s.handle(Input::BusyReported { id: 3, busy: true }, t);
         s.handle(Input::BusyReported { id: 1, busy: true }, t);
         s.handle(Input::BusyReported { id: 1, busy: false }, t);
