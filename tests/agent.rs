@@ -342,6 +342,33 @@ fn scale_down_stops_idle_workers_before_busy_ones() {
 }
 
 #[test]
+fn ready_from_a_workers_child_is_ignored_and_said_in_the_log() {
+    // The worker is a shell; its child (still running) sends READY=1 for itself.
+    let site = format!(
+        "name = \"kid\"\ncommand = [\"/bin/sh\", \"-c\", \"{BIN} __probe busy-if none & exec sleep 600\"]\nworkers = 1\n[ready]\ncheck = \"notify\"\ntimeout = \"60s\"\n"
+    );
+    let agent = TestAgent::start(
+        &[("kid", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+    );
+    let start = Instant::now();
+    let mut log = String::new();
+    while start.elapsed() < Duration::from_secs(20) && !log.contains("ignored") {
+        std::thread::sleep(Duration::from_millis(100));
+        log = stdout(&agent.cli(&["logs", "kid", "-n", "20"]));
+    }
+    assert!(
+        log.contains("READY=1 from pid") && log.contains("a child of gen-1 w-0"),
+        "{log}"
+    );
+    let s = agent.status("kid");
+    assert_eq!(s["workers"][0]["state"], "starting", "{s:#}");
+}
+
+#[test]
 fn signal_reaches_every_worker_and_logs_capture_output() {
     each_reactor(|reactor| {
         let site = "name = \"sig\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-usr1 $HATCHERY_WORKER_ID' USR1; echo hello $HATCHERY_WORKER_ID; while :; do sleep 0.05; done\"]\nworkers = 2\n";

@@ -1306,7 +1306,7 @@ impl Agent {
             match self.notify.recv() {
                 Ok(Some(n)) => {
                     let Some((site, g, id)) = self.pids.get(&n.pid).cloned() else {
-                        debug!(pid = n.pid, "notification from an unknown pid, ignored");
+                        self.foreign_notification(&n);
                         continue;
                     };
                     if n.ready {
@@ -1324,6 +1324,34 @@ impl Agent {
             }
         }
         self.rearm(Source::Notify);
+    }
+
+    /// A notification from a pid that is not a worker. `READY=1` from a worker's child
+    /// (e.g. `systemd-notify --ready`, which can speak for its parent only with
+    /// CAP_SYS_ADMIN, dropped by the sandbox) is said in the agent's and the site's log,
+    /// since that worker would otherwise wait for readiness in silence.
+    fn foreign_notification(&mut self, n: &crate::net::Notification) {
+        let parent = n
+            .ready
+            .then(|| parent_pid(n.pid))
+            .flatten()
+            .and_then(|ppid| self.pids.get(&ppid).cloned());
+        let Some((site, g, id)) = parent else {
+            debug!(pid = n.pid, "notification from an unknown pid, ignored");
+            return;
+        };
+        let msg = format!(
+            "READY=1 from pid {} (a child of gen-{g} w-{id}) ignored: only the worker itself may report; a helper such as systemd-notify speaks for its parent only with CAP_SYS_ADMIN (use ready.check = \"tcp\", or send READY=1 from the worker)",
+            n.pid
+        );
+        warn!(site = %site, "{msg}");
+        if let Some(s) = self.sites.get_mut(&site) {
+            let record = format!(
+                "{} hatchery: {msg}\n",
+                logs::utc_timestamp(SystemTime::now())
+            );
+            let _ = s.log.append(record.as_bytes());
+        }
     }
 
     // ------------------------------------------------------------ control socket
@@ -2191,6 +2219,14 @@ fn start_tcp_probe(
         Ok(()) | Err(rustix::io::Errno::INPROGRESS) => Ok(TcpStream::from(sock)),
         Err(e) => Err(format!("connect to {target}: {e}")),
     }
+}
+
+/// The parent of `pid` from `/proc/<pid>/stat`, if it is still there.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses (which may hold spaces): state, then ppid.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn loopback_for(addr: SocketAddr) -> SocketAddr {
