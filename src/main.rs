@@ -337,6 +337,7 @@ fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {
          \x20 export HATCHERY_SOCKET={socket}\n\
          \x20 {me} status demo\n\
          \x20 {me} restart demo\n\
+         \x20 {me} deploy demo     (a new generation beside the old, then the flip)\n\
          \x20 {me} logs demo -f\n\
          Press Ctrl-C to stop.\n",
         dir = dir.display(),
