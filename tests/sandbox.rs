@@ -274,6 +274,25 @@ memlock = {memlock}
             "{status:#}"
         );
     }
+
+    // A reload that changes the sandbox restarts the worker with the new plan.
+    let text = std::fs::read_to_string(agent.site_file("a")).expect("site file");
+    std::fs::write(
+        agent.site_file("a"),
+        text.replace("nofile = 64", "nofile = 48"),
+    )
+    .expect("rewrite the site");
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = wait_log(&agent, "a", "\"nofile\":\"48\"");
+    let info = json_of(
+        lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("\"uid\""))
+            .expect("info"),
+    );
+    assert_eq!(info["rlimits"]["nofile"], "48", "{info:#}");
 }
 
 #[test]
