@@ -245,15 +245,17 @@ fn flip_notice_slack() -> Duration {
     Duration::from_millis(if in_vm() { 300 } else { 50 })
 }
 
-/// The agent with site `web` of `workers` ready workers, and how it steers connections
-/// (`ebpf` or `shared listener`).
-fn start_web(text: &str, workers: u64) -> (TestAgent, String) {
+/// The agent (on `reactor`, with or without cgroups) with site `web` of `workers` ready
+/// workers, and how it steers connections (`ebpf` or `shared listener`).
+fn start_web(
+    text: &str,
+    workers: u64,
+    reactor: &'static str,
+    cgroups: bool,
+) -> (TestAgent, String) {
     let agent = TestAgent::start_ready(
         &[("web", text)],
-        Options {
-            reactor: "io_uring",
-            cgroups: true,
-        },
+        Options { reactor, cgroups },
         "web",
         workers,
     );
@@ -271,7 +273,7 @@ fn deploys_under_load_fail_no_request_and_broken_releases_roll_back() {
     point(&link, &release(root.path(), "r1", None));
     let port = free_port();
     let text = site(&link, port, "");
-    let (agent, steering) = start_web(&text, 4);
+    let (agent, steering) = start_web(&text, 4, "io_uring", true);
     let (deploys, conns) = if in_vm() { (5, 4) } else { (20, 16) };
 
     let load = Load::start(port, conns);
@@ -424,7 +426,7 @@ fn tcp_readiness_probes_the_new_generation_alone() {
             "timeout = \"4s\"\n",
             &format!("timeout = \"{ready_timeout}\"\n"),
         );
-    let (agent, steering) = start_web(&text, 2);
+    let (agent, steering) = start_web(&text, 2, "io_uring", true);
     if steering != "ebpf" {
         // The probe could not tell the generations apart: the deploy is refused, and
         // nothing changes.
@@ -527,15 +529,7 @@ fn a_budget_that_cannot_hold_two_generations_moves_slots_one_at_a_time() {
     let port = free_port();
     // 400M / 100M per worker: room for 4 workers in all, and the site runs 4.
     let text = site(&link, port, "memory = \"400M\"\nworker_memory = \"100M\"");
-    let agent = TestAgent::start_ready(
-        &[("web", &text)],
-        Options {
-            reactor: "epoll",
-            cgroups: false,
-        },
-        "web",
-        4,
-    );
+    let (agent, _) = start_web(&text, 4, "epoll", false);
     point(&link, &release(root.path(), "r2", None));
     let watching = Arc::new(AtomicBool::new(true));
     let most = {
@@ -587,15 +581,7 @@ fn deploys_queue_rollback_returns_to_the_previous_release_and_bad_requests_are_r
     point(&link, &r1);
     let port = free_port();
     let text = site(&link, port, "");
-    let agent = TestAgent::start_ready(
-        &[("web", &text)],
-        Options {
-            reactor: "epoll",
-            cgroups: false,
-        },
-        "web",
-        4,
-    );
+    let (agent, _) = start_web(&text, 4, "epoll", false);
     point(&link, &release(root.path(), "r2", None));
     // Two deploys at once: the second waits for the first, then deploys again.
     let first = std::thread::spawn({
@@ -680,15 +666,7 @@ check = "notify"
 probation = "100ms"
 "#
     );
-    let agent = TestAgent::start_ready(
-        &[("web", &text)],
-        Options {
-            reactor: "io_uring",
-            cgroups: false,
-        },
-        "web",
-        2,
-    );
+    let (agent, _) = start_web(&text, 2, "io_uring", false);
     let old = agent.pids("web");
     let run = deploy(&agent, &["web"]);
     assert_eq!(run.code, Some(0), "{}", run.text());
@@ -763,15 +741,7 @@ probation = "1s"
         link.display(),
         Path::new(&pythonpath).display()
     );
-    let agent = TestAgent::start_ready(
-        &[("web", &text)],
-        Options {
-            reactor: "io_uring",
-            cgroups: false,
-        },
-        "web",
-        1,
-    );
+    let (agent, _) = start_web(&text, 1, "io_uring", false);
     let load = Load::start(port, 4);
     std::thread::sleep(Duration::from_millis(500));
     for i in 2..=4 {
