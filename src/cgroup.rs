@@ -1,6 +1,8 @@
 //! The cgroup v2 tree the agent manages.
 //!
-//! Layout (DESIGN.md): `<base>/sites/<site>/gen-<N>/w-<K>/`, one leaf per worker slot.
+//! Layout (DESIGN.md): `<base>/sites/<site>/gen-<N>/w-<K>/`, a fresh leaf for each worker
+//! process ([`CgroupTree::new_leaf`]), removed when it exits ([`CgroupTree::retire`]), or by
+//! the [`Graveyard`] once what the worker left behind has died.
 //! The base is the delegated cgroup the agent runs in (under systemd `Delegate=yes`), or
 //! `<cgroup2 mount>/hatchery` when run by hand as root, or a path from the config.
 //! When the base is the agent's own cgroup, the agent first moves itself into
@@ -326,28 +328,49 @@ impl CgroupTree {
         Ok(())
     }
 
-    /// Creates (if needed) the leaf of worker `id` of generation `gen` of `site`, enabling
-    /// controllers on the way, and opens it for `CLONE_INTO_CGROUP`. The flag says whether
-    /// the leaf is new (leaves are reused by a slot's successive processes).
-    pub fn worker_leaf(
+    /// Creates a fresh leaf named `name` (`w-<K>` for a worker slot, `exec-<N>` for an
+    /// `exec` command) in generation `generation` of `site`, creating the site and
+    /// generation cgroups on the way, and opens it for `CLONE_INTO_CGROUP`.
+    ///
+    /// A leaf is never reused: on recent kernels (seen on 6.18, not on 6.1 or 6.12) a
+    /// cgroup that has received `cgroup.kill` SIGKILLs every process later cloned into it,
+    /// while a new cgroup, even one created under a killed parent, does not. A stale leaf
+    /// of that name (left by an earlier agent, or still emptying after its worker's tree
+    /// was killed) is removed if it is empty; otherwise the new leaf gets the first free
+    /// name `<name>.<n>`.
+    pub fn new_leaf(
         &self,
         site: &str,
         generation: u32,
-        id: u32,
-    ) -> Result<(PathBuf, OwnedFd, bool), CgroupError> {
+        name: &str,
+    ) -> Result<(PathBuf, OwnedFd), CgroupError> {
         let site_dir = self.site_dir(site);
         let gen_dir = site_dir.join(format!("gen-{generation}"));
-        let leaf = gen_dir.join(format!("w-{id}"));
-        let created = !leaf.exists();
-        if created {
-            for dir in [&site_dir, &gen_dir] {
-                if !dir.exists() {
-                    mkdir(dir)?;
-                    enable_controllers(dir)?;
-                }
+        for dir in [&site_dir, &gen_dir] {
+            if !dir.exists() {
+                mkdir(dir)?;
+                enable_controllers(dir)?;
             }
-            mkdir(&leaf)?;
         }
+        let mut n = 0u32;
+        let leaf = loop {
+            let leaf = if n == 0 {
+                gen_dir.join(name)
+            } else {
+                gen_dir.join(format!("{name}.{n}"))
+            };
+            match fs::create_dir(&leaf) {
+                Ok(()) => break leaf,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    // Stale and empty: remove it and take its name afresh.
+                    if fs::remove_dir(&leaf).is_ok() {
+                        continue;
+                    }
+                    n += 1;
+                }
+                Err(source) => return Err(CgroupError::Create { path: leaf, source }),
+            }
+        };
         let fd = rustix::fs::open(
             &leaf,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -356,8 +379,59 @@ impl CgroupTree {
         .map_err(|e| CgroupError::Open {
             path: leaf.clone(),
             source: e.into(),
-        })?;
-        Ok((leaf, fd, created))
+        });
+        match fd {
+            Ok(fd) => Ok((leaf, fd)),
+            Err(e) => {
+                let _ = fs::remove_dir(&leaf);
+                Err(e)
+            }
+        }
+    }
+
+    /// Retires the leaf of a process that has exited (and been reaped): removed at once
+    /// when nothing is left in it; otherwise what its process left behind is killed and
+    /// the leaf goes to `graveyard`, which removes it once it is empty. It is never used
+    /// again either way.
+    pub fn retire(&self, leaf: &Path, graveyard: &mut Graveyard) -> Result<(), CgroupError> {
+        match fs::remove_dir(leaf) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => {}
+        }
+        let killed = self.kill(leaf);
+        graveyard.bury(leaf.to_path_buf());
+        killed
+    }
+
+    /// After an agent that did not clean up (killed, crashed): kills whatever still runs
+    /// in the site cgroups and hands every leaf and generation cgroup to `graveyard`, so
+    /// no new process is ever cloned into a cgroup that may have been killed. Site
+    /// cgroups of sites not in `keep` go too; those in `keep` stay, with their limits.
+    pub fn sweep_stale(&self, keep: &[&str], graveyard: &mut Graveyard) {
+        let sites = self.base.join("sites");
+        let Ok(entries) = fs::read_dir(&sites) else {
+            return;
+        };
+        for site in entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        {
+            let dir = site.path();
+            if CgroupTree::is_populated(&dir) {
+                let _ = self.kill(&dir);
+            }
+            for g in subdirs(&dir) {
+                for leaf in subdirs(&g) {
+                    graveyard.bury(leaf);
+                }
+                graveyard.bury(g);
+            }
+            let name = site.file_name();
+            if !keep.iter().any(|k| name == std::ffi::OsStr::new(k)) {
+                graveyard.bury(dir);
+            }
+        }
     }
 
     /// Kills every process in `dir` and below: `cgroup.kill`, or freeze, SIGKILL each
@@ -422,6 +496,101 @@ impl CgroupTree {
 impl Drop for CgroupTree {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Cgroups to remove once they are empty: leaves whose worker left processes behind
+/// (killed, not yet gone), generations and sites that are done.
+///
+/// `rmdir` of a cgroup fails while a process is in it or below. Each buried cgroup's
+/// `cgroup.events` is watched with inotify (its `populated` line changes when its
+/// subtree empties, which the kernel reports as a file modification), so removal is
+/// retried when something changed, not by polling. Only the buried directories
+/// themselves are removed, deepest first: a live cgroup below a buried one (a
+/// generation that got a new worker) keeps its parent.
+#[derive(Debug)]
+pub struct Graveyard {
+    inotify: OwnedFd,
+    dirs: Vec<PathBuf>,
+}
+
+impl Graveyard {
+    /// A graveyard with its (non-blocking) inotify fd.
+    pub fn new() -> io::Result<Graveyard> {
+        let inotify = rustix::fs::inotify::init(
+            rustix::fs::inotify::CreateFlags::CLOEXEC | rustix::fs::inotify::CreateFlags::NONBLOCK,
+        )?;
+        Ok(Graveyard {
+            inotify,
+            dirs: Vec::new(),
+        })
+    }
+
+    /// The fd to watch for readability: something buried may be empty now.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.inotify.as_fd()
+    }
+
+    /// Removes `dir` now if it is empty, else keeps it until it is.
+    pub fn bury(&mut self, dir: PathBuf) {
+        if try_remove(&dir) {
+            return;
+        }
+        // A watch that cannot be added (the inotify limit) only delays the removal to
+        // the next sweep.
+        let _ = rustix::fs::inotify::add_watch(
+            &self.inotify,
+            dir.join(CGROUP_EVENTS),
+            rustix::fs::inotify::WatchFlags::MODIFY,
+        );
+        if !self.dirs.contains(&dir) {
+            self.dirs.push(dir);
+        }
+    }
+
+    /// Drains the inotify fd and removes every buried cgroup that is empty now.
+    pub fn sweep(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = rustix::io::read(&self.inotify, &mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+        // Deepest first, so a generation goes in the same sweep as its last leaf.
+        self.dirs
+            .sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        self.dirs.retain(|d| !try_remove(d));
+    }
+
+    /// Whether nothing is left to remove.
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+
+    /// What is left to remove.
+    pub fn remaining(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+}
+
+/// Removes an empty cgroup; true when it is gone.
+fn try_remove(dir: &Path) -> bool {
+    match fs::remove_dir(dir) {
+        Ok(()) => true,
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
     }
 }
 

@@ -383,15 +383,34 @@ const SIGNALS: &[(&str, i32)] = &[
     ("HUP", libc::SIGHUP),
     ("INT", libc::SIGINT),
     ("QUIT", libc::SIGQUIT),
+    ("ILL", libc::SIGILL),
+    ("TRAP", libc::SIGTRAP),
+    ("ABRT", libc::SIGABRT),
+    ("BUS", libc::SIGBUS),
+    ("FPE", libc::SIGFPE),
     ("KILL", libc::SIGKILL),
     ("USR1", libc::SIGUSR1),
+    ("SEGV", libc::SIGSEGV),
     ("USR2", libc::SIGUSR2),
+    ("PIPE", libc::SIGPIPE),
     ("ALRM", libc::SIGALRM),
     ("TERM", libc::SIGTERM),
+    ("STKFLT", libc::SIGSTKFLT),
+    ("CHLD", libc::SIGCHLD),
     ("CONT", libc::SIGCONT),
     ("STOP", libc::SIGSTOP),
     ("TSTP", libc::SIGTSTP),
+    ("TTIN", libc::SIGTTIN),
+    ("TTOU", libc::SIGTTOU),
+    ("URG", libc::SIGURG),
+    ("XCPU", libc::SIGXCPU),
+    ("XFSZ", libc::SIGXFSZ),
+    ("VTALRM", libc::SIGVTALRM),
+    ("PROF", libc::SIGPROF),
     ("WINCH", libc::SIGWINCH),
+    ("IO", libc::SIGIO),
+    ("PWR", libc::SIGPWR),
+    ("SYS", libc::SIGSYS),
 ];
 
 impl Signal {
@@ -415,10 +434,13 @@ impl Signal {
         }
     }
 
-    /// `SIGTERM`, or the number for signals without a name here.
+    /// `SIGTERM`, `SIGRTMIN+2`, or the number for signals without a name.
     pub fn name(self) -> String {
         match SIGNALS.iter().find(|(_, n)| *n == self.0) {
             Some((name, _)) => format!("SIG{name}"),
+            None if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&self.0) => {
+                format!("SIGRTMIN+{}", self.0 - libc::SIGRTMIN())
+            }
             None => self.0.to_string(),
         }
     }

@@ -64,6 +64,15 @@ pub fn worker_env(
     env
 }
 
+/// The working directory of the site's processes: `workdir`, else `/` (inside the root,
+/// as systemd does), never the agent's own.
+pub fn workdir(site: &SiteConfig) -> &str {
+    site.workdir
+        .as_deref()
+        .and_then(Path::to_str)
+        .unwrap_or("/")
+}
+
 /// Builds the image for worker `id`. Fails with a message when the program cannot be
 /// found or a string holds a NUL byte.
 pub fn worker_image(
@@ -82,7 +91,7 @@ pub fn worker_image(
     let root = site.sandbox.root.as_deref();
     let exe = match root {
         Some(_) if !program.contains('/') => resolve_program_in(program, path_var, root),
-        _ => resolve_program(program, path_var, site.workdir.as_deref()),
+        _ => resolve_program(program, path_var, Some(Path::new(workdir(site)))),
     }
     .ok_or_else(|| format!("{program} not found in PATH ({path_var})"))?;
     let env = worker_env(site, listeners, notify, id, generation);
@@ -90,7 +99,7 @@ pub fn worker_image(
         &exe.to_string_lossy(),
         &site.command,
         &env,
-        site.workdir.as_deref().and_then(Path::to_str),
+        Some(workdir(site)),
         !listeners.is_empty(),
     )
     .map_err(|e| e.to_string())

@@ -229,10 +229,22 @@ fn both_tree_kill_paths_leave_no_process() {
         assert!(features.contains(expect), "[{mode}] {features}");
         let out = agent.cli(&["stop", "tree"]);
         assert!(out.status.success(), "[{mode}] {}", stderr(&out));
-        let after = agent.status("tree");
-        assert_eq!(
-            after["usage"]["pids"], 0,
-            "[{mode}] nothing left: {after:#} (was {s:#})"
+        // The workers have exited; what they left is killed with their leaves and
+        // leaves the site's cgroup as it dies.
+        agent.wait_for(
+            "tree",
+            &format!("[{mode}] nothing left (was {s:#})"),
+            Duration::from_secs(10),
+            |after| after["usage"]["pids"] == 0,
+        );
+        // The killed trees' slots start again, each in a new leaf.
+        let out = agent.cli(&["start", "tree"]);
+        assert!(out.status.success(), "[{mode}] start: {}", stderr(&out));
+        agent.wait_for(
+            "tree",
+            &format!("[{mode}] all up again"),
+            Duration::from_secs(20),
+            |s| s["ready"] == 2 && s["usage"]["pids"].as_u64() >= Some(6),
         );
     }
 }

@@ -25,7 +25,6 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use super::{Agent, Gen, GenId, Site, error_chain, policies};
-use crate::cgroup::CgroupTree;
 use crate::config::{self, ListenAddr, ReadyCheck, SiteName};
 use crate::control::{ErrorKind, Reply};
 use crate::logs;
@@ -775,8 +774,8 @@ impl Agent {
         for w in gen_.workers.values() {
             self.reg.tokens.remove(&w.token);
         }
-        if let Some(tree) = &self.cgroups {
-            CgroupTree::remove(&tree.site_dir(name.as_str()).join(format!("gen-{g}")));
+        if let (Some(tree), Some(graveyard)) = (&self.cgroups, &mut self.graveyard) {
+            graveyard.bury(tree.site_dir(name.as_str()).join(format!("gen-{g}")));
         }
         info!(site = %name, gen = g, "gen-{g} retired");
         self.deploy_event(name, format!("gen-{g} retired"));

@@ -11,7 +11,6 @@ use tracing::{debug, warn};
 
 use super::reactor::Interest;
 use super::{Agent, Source};
-use crate::cgroup::CgroupTree;
 use crate::config::SiteName;
 use crate::control::{ErrorKind, Reply};
 use crate::process::PidRef;
@@ -72,9 +71,6 @@ pub(super) struct ExecParams {
     pub cols: u16,
     pub term: Option<String>,
 }
-
-/// cgroup leaves of exec commands are `w-<EXEC_LEAF_BASE + n>`, beside the workers'.
-const EXEC_LEAF_BASE: u32 = 1 << 30;
 
 impl Agent {
     /// Starts `params.command` in the sandbox of `name` for control connection `conn`.
@@ -145,7 +141,7 @@ impl Agent {
             &exe.to_string_lossy(),
             &argv,
             &env,
-            config.workdir.as_deref().and_then(Path::to_str),
+            Some(crate::spawn::workdir(config)),
             false,
         )
         .map_err(|e| format!("invalid command: {e}"))?;
@@ -179,16 +175,14 @@ impl Agent {
         };
         self.next_exec = self.next_exec.wrapping_add(1);
         let leaf = match &self.cgroups {
-            Some(tree) => {
-                let (dir, fd, _) = tree
-                    .worker_leaf(
-                        name.as_str(),
-                        site.serving,
-                        EXEC_LEAF_BASE + self.next_exec % EXEC_LEAF_BASE,
-                    )
-                    .map_err(|e| format!("{e}: {}", super::error_chain(&e)))?;
-                Some((dir, fd))
-            }
+            Some(tree) => Some(
+                tree.new_leaf(
+                    name.as_str(),
+                    site.serving,
+                    &format!("exec-{}", self.next_exec),
+                )
+                .map_err(|e| format!("{e}: {}", super::error_chain(&e)))?,
+            ),
             None => None,
         };
         let spawned = crate::sys::spawn::spawn(
@@ -202,8 +196,10 @@ impl Agent {
         let spawned = match spawned {
             Ok(s) => s,
             Err(e) => {
-                if let Some((dir, _)) = &leaf {
-                    CgroupTree::remove(dir);
+                if let (Some((dir, _)), Some(tree), Some(graveyard)) =
+                    (&leaf, &self.cgroups, &mut self.graveyard)
+                {
+                    let _ = tree.retire(dir, graveyard);
                 }
                 return Err(format!("{e}: {}", super::error_chain(&e)));
             }
@@ -271,11 +267,10 @@ impl Agent {
                 .unwrap_or(1),
             _ => 1,
         };
-        if let (Some(dir), Some(tree)) = (&session.cgroup, &self.cgroups) {
-            if CgroupTree::is_populated(dir) {
-                let _ = tree.kill(dir);
-            }
-            CgroupTree::remove(dir);
+        if let (Some(dir), Some(tree), Some(graveyard)) =
+            (&session.cgroup, &self.cgroups, &mut self.graveyard)
+        {
+            let _ = tree.retire(dir, graveyard);
         }
         debug!(pid, code, "exec exited");
         self.finish(

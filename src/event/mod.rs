@@ -30,7 +30,7 @@ use serde_json::json;
 use tracing::{debug, error, info, warn};
 
 use self::reactor::{Interest, Reactor};
-use crate::cgroup::CgroupTree;
+use crate::cgroup::{CgroupTree, Graveyard};
 use crate::config::{self, AgentConfig, ListenAddr, ReadyCheck, SiteConfig, SiteName};
 use crate::control::{ErrorKind, MAX_CONNECTIONS, MAX_REQUEST, Reply, Request};
 use crate::features::{self, Feature};
@@ -76,6 +76,8 @@ fn setup_err(
 
 /// Interval of TCP readiness probes while a worker of a `tcp`-checked site is starting.
 const TCP_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// How long shutdown waits for killed processes to leave their cgroups.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Most bytes buffered for a slow control client before it is dropped.
 const MAX_CONN_BUFFER: usize = 4 << 20;
 
@@ -90,16 +92,17 @@ enum Source {
     ConnWrite(u64),
     /// The pidfd of a `hatchery exec` command.
     Exec(i32),
+    /// The graveyard's inotify fd: a cgroup waiting for removal may be empty now.
+    Graveyard,
 }
 
 #[derive(Debug)]
 struct Worker {
     pidref: PidRef,
     token: u64,
+    /// Its own cgroup leaf, fresh for this process.
     cgroup: Option<PathBuf>,
     started_wall: SystemTime,
-    /// The leaf's `oom_kill` count when this process started (leaves are reused).
-    oom_base: u64,
 }
 
 #[derive(Debug)]
@@ -223,11 +226,17 @@ pub struct Agent {
     reactor_note: Option<String>,
     signalfd: OwnedFd,
     control: OwnedFd,
+    /// Held while the agent runs: see `lock_control`.
+    _lock: OwnedFd,
     notify: NotifySocket,
     devnull: File,
     fd_block: crate::sys::spawn::FdBlock,
     cgroups: Option<CgroupTree>,
     cgroup_note: Option<String>,
+    /// Cgroups to remove once empty (with cgroups only).
+    graveyard: Option<Graveyard>,
+    /// When shutdown stops waiting for killed processes to leave their cgroups.
+    shutdown_deadline: Option<Instant>,
     sites: BTreeMap<SiteName, Site>,
     pipes: HashMap<u64, Pipe>,
     conns: HashMap<u64, Conn>,
@@ -249,8 +258,17 @@ impl Agent {
     /// started yet.
     pub fn new(path: &std::path::Path) -> Result<Agent, AgentError> {
         let config = config::load(path)?;
-        let set = SigSet::of(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD]);
+        let lock = lock_control(&config.control_socket)?;
+        let read = agent_signals();
+        let set = SigSet::of(&read);
         signals::block(&set).map_err(|e| setup_err("block signals", e))?;
+        // Blocked now: set back to the default what whoever started us may have ignored
+        // (an ignored signal that is not blocked is discarded; SIGCHLD ignored would
+        // even stop zombies from being kept for us to reap).
+        for &sig in &read {
+            signals::set_default(sig)
+                .map_err(|e| setup_err(format!("reset the disposition of signal {sig}"), e))?;
+        }
         let signalfd = signals::signalfd(&set).map_err(|e| setup_err("create the signalfd", e))?;
         rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
             .map_err(|e| setup_err("become child subreaper", io::Error::from(e)))?;
@@ -278,6 +296,21 @@ impl Agent {
                 "the agent's own memory.max",
             )?;
         }
+        let graveyard = match &cgroups {
+            Some(tree) => {
+                let mut g = Graveyard::new().map_err(|e| setup_err("create an inotify fd", e))?;
+                let names: Vec<&str> = config.sites.iter().map(|s| s.name.as_str()).collect();
+                tree.sweep_stale(&names, &mut g);
+                if !g.is_empty() {
+                    warn!(
+                        "killed what an earlier agent left in its cgroups; {} cgroups are removed once empty",
+                        g.remaining().len()
+                    );
+                }
+                Some(g)
+            }
+            None => None,
+        };
         let notify = NotifySocket::bind(&config.state_dir.join("notify.sock"))
             .map_err(|e| setup_err("bind the notify socket", e))?;
         let control = bind_control(&config.control_socket)?;
@@ -302,11 +335,14 @@ impl Agent {
             reactor_note,
             signalfd,
             control,
+            _lock: lock,
             notify,
             devnull,
             fd_block,
             cgroups,
             cgroup_note,
+            graveyard,
+            shutdown_deadline: None,
             sites: BTreeMap::new(),
             pipes: HashMap::new(),
             conns: HashMap::new(),
@@ -574,6 +610,11 @@ impl Agent {
         self.reg
             .arm(self.notify.as_fd(), Interest::Readable, Source::Notify)
             .map_err(AgentError::Reactor)?;
+        if let Some(g) = &self.graveyard {
+            self.reg
+                .arm(g.fd(), Interest::Readable, Source::Graveyard)
+                .map_err(AgentError::Reactor)?;
+        }
 
         info!(
             sites = self.sites.len(),
@@ -593,7 +634,15 @@ impl Agent {
         let mut ready = Vec::new();
         loop {
             if self.shutting_down && self.sites.values().all(Site::all_stopped) {
-                break;
+                // Then wait (a bounded time) for what the workers left behind to leave
+                // their cgroups, so the tree can be removed.
+                let deadline = *self
+                    .shutdown_deadline
+                    .get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
+                let empty = self.graveyard.as_ref().is_none_or(Graveyard::is_empty);
+                if empty || Instant::now() >= deadline {
+                    break;
+                }
             }
             let timeout = self
                 .next_deadline()
@@ -640,6 +689,7 @@ impl Agent {
                     .flatten()
                     .min()
             })
+            .chain(self.shutdown_deadline)
             .min()
     }
 
@@ -789,6 +839,12 @@ impl Agent {
             Source::Pipe => self.on_pipe(token),
             Source::ConnRead(c) => self.on_conn_read(c),
             Source::Exec(pid) => self.exec_exited(pid),
+            Source::Graveyard => {
+                if let Some(g) = &mut self.graveyard {
+                    g.sweep();
+                }
+                self.rearm(Source::Graveyard);
+            }
             Source::ConnWrite(c) => {
                 if let Some(conn) = self.conns.get_mut(&c) {
                     conn.write_token = None;
@@ -803,6 +859,10 @@ impl Agent {
             Source::Signals => self.signalfd.as_fd(),
             Source::Control => self.control.as_fd(),
             Source::Notify => self.notify.as_fd(),
+            Source::Graveyard => match &self.graveyard {
+                Some(g) => g.fd(),
+                None => return,
+            },
             _ => return,
         };
         let result = self.reg.arm(fd, Interest::Readable, source.clone());
@@ -815,15 +875,16 @@ impl Agent {
 
     fn on_signals(&mut self) {
         loop {
-            match signals::read_signal(self.signalfd.as_fd()) {
-                Ok(Some(libc::SIGCHLD)) => self.reap(),
-                Ok(Some(libc::SIGHUP)) => {
+            match signals::read_signal_info(self.signalfd.as_fd()).map(|r| r.map(|r| (r.signal, r)))
+            {
+                Ok(Some((libc::SIGCHLD, _))) => self.reap(),
+                Ok(Some((libc::SIGHUP, _))) => {
                     info!("SIGHUP: reloading the configuration");
                     if let Err(e) = self.reload() {
                         error!("reload refused, nothing changed: {e}");
                     }
                 }
-                Ok(Some(sig @ (libc::SIGTERM | libc::SIGINT))) => {
+                Ok(Some((sig @ (libc::SIGTERM | libc::SIGINT), _))) => {
                     if self.shutting_down {
                         warn!(
                             "second {}: killing every worker now",
@@ -835,7 +896,12 @@ impl Agent {
                         self.begin_shutdown();
                     }
                 }
-                Ok(Some(_)) => {}
+                Ok(Some((sig, from))) => warn!(
+                    sender_pid = from.pid,
+                    sender_uid = from.uid,
+                    "{} ignored: the agent stops on SIGTERM and SIGINT and reloads on SIGHUP",
+                    config::Signal(sig).name()
+                ),
                 Ok(None) => break,
                 Err(e) => {
                     error!("failed to read the signalfd: {e}");
@@ -848,6 +914,15 @@ impl Agent {
 
     /// Reaps zombies: tracked workers through their pidfd, orphans by pid.
     fn reap(&mut self) {
+        self.reap_zombies();
+        // An orphan that was killed with its worker's leaf may have been the last
+        // process in it.
+        if let Some(g) = &mut self.graveyard {
+            g.sweep();
+        }
+    }
+
+    fn reap_zombies(&mut self) {
         for _ in 0..100_000 {
             let pid = match crate::sys::wait::peek_zombie() {
                 Ok(Some(pid)) => pid,
@@ -887,6 +962,7 @@ impl Agent {
 
     fn worker_exited(&mut self, name: &SiteName, g: GenId, id: WorkerId) {
         let tree = self.cgroups.as_ref();
+        let graveyard = &mut self.graveyard;
         let Some(site) = self.sites.get_mut(name).and_then(|s| s.gens.get_mut(&g)) else {
             return;
         };
@@ -924,23 +1000,20 @@ impl Agent {
         let worker = site.workers.remove(&id).expect("checked above");
         self.reg.tokens.remove(&worker.token);
         self.pids.remove(&worker.pidref.pid());
-        // An OOM kill shows as SIGKILL; the leaf's memory.events tells them apart.
+        // An OOM kill shows as SIGKILL; the leaf's memory.events tells them apart (the
+        // leaf is this process's own, so any count is its).
         let reason = match (&reason, worker.cgroup.as_deref()) {
             (
                 ExitReason::Signaled {
                     signal: libc::SIGKILL,
                 },
                 Some(dir),
-            ) if crate::cgroup::oom_kills(dir).is_some_and(|n| n > worker.oom_base) => {
-                ExitReason::OomKilled
-            }
+            ) if crate::cgroup::oom_kills(dir).is_some_and(|n| n > 0) => ExitReason::OomKilled,
             _ => reason,
         };
-        if let (Some(tree), Some(dir)) = (tree, &worker.cgroup) {
-            if CgroupTree::is_populated(dir) {
-                if let Err(e) = tree.kill(dir) {
-                    warn!(site = %name, worker = id, "failed to kill what the worker left behind: {e}");
-                }
+        if let (Some(tree), Some(dir), Some(graveyard)) = (tree, &worker.cgroup, graveyard) {
+            if let Err(e) = tree.retire(dir, graveyard) {
+                warn!(site = %name, worker = id, "failed to kill what the worker left behind: {e}");
             }
         }
         let level_crash = !matches!(
@@ -1075,15 +1148,12 @@ impl Agent {
             .map_err(|e| (format!("failed to set up the output pipe: {e}"), false))?;
         let leaf = match &self.cgroups {
             Some(tree) => {
-                let (dir, fd, created) = tree
-                    .worker_leaf(name.as_str(), g, id)
+                let (dir, fd) = tree
+                    .new_leaf(name.as_str(), g, &format!("w-{id}"))
                     .map_err(|e| (format!("{e}: {}", error_chain(&e)), false))?;
-                if created {
-                    CgroupTree::apply_worker_limits(&dir, &site.config.limits)
-                        .map_err(|e| (format!("{e}: {}", error_chain(&e)), false))?;
-                } else if CgroupTree::is_populated(&dir) {
-                    // Leftovers of this slot's previous process.
-                    let _ = tree.kill(&dir);
+                if let Err(e) = CgroupTree::apply_worker_limits(&dir, &site.config.limits) {
+                    let _ = std::fs::remove_dir(&dir);
+                    return Err((format!("{e}: {}", error_chain(&e)), false));
                 }
                 Some((dir, fd))
             }
@@ -1100,6 +1170,14 @@ impl Agent {
         );
         drop(fds);
         drop(pipe_w);
+        if spawned.is_err() {
+            // The child (reaped by `spawn`) was the only process ever in the leaf.
+            if let (Some(tree), Some((dir, _)), Some(graveyard)) =
+                (&self.cgroups, &leaf, &mut self.graveyard)
+            {
+                let _ = tree.retire(dir, graveyard);
+            }
+        }
         let spawned = spawned.map_err(|e| {
             let permanent = matches!(
                 &e,
@@ -1145,19 +1223,13 @@ impl Agent {
             .get_mut(name)
             .and_then(|s| s.gens.get_mut(&g))
             .expect("looked up above");
-        let cgroup = leaf.map(|(d, _)| d);
-        let oom_base = cgroup
-            .as_deref()
-            .and_then(crate::cgroup::oom_kills)
-            .unwrap_or(0);
         site.workers.insert(
             id,
             Worker {
                 pidref,
                 token,
-                cgroup,
+                cgroup: leaf.map(|(d, _)| d),
                 started_wall: SystemTime::now(),
-                oom_base,
             },
         );
         debug!(site = %name, gen = g, worker = id, pid, "spawned");
@@ -2079,10 +2151,12 @@ impl Agent {
         for l in site.gens.values().flat_map(|g| &g.listeners) {
             l.unlink();
         }
-        if self.cgroups.is_some() {
-            if let Some(tree) = &self.cgroups {
-                CgroupTree::remove(&tree.site_dir(name.as_str()));
+        if let (Some(tree), Some(graveyard)) = (&self.cgroups, &mut self.graveyard) {
+            let dir = tree.site_dir(name.as_str());
+            for g in site.gens.keys() {
+                graveyard.bury(dir.join(format!("gen-{g}")));
             }
+            graveyard.bury(dir);
         }
         let conns: Vec<u64> = site
             .followers
@@ -2136,22 +2210,16 @@ impl Agent {
                 &Reply::error(ErrorKind::Failed, "the agent is shutting down"),
             );
         }
-        // Orphans of workers that escaped nothing: their cgroups are killed, and any
-        // zombie left is reaped before we go.
-        if let Some(tree) = &self.cgroups {
-            for name in self.sites.keys() {
-                let dir = tree.site_dir(name.as_str());
-                if CgroupTree::is_populated(&dir) {
-                    let _ = tree.kill(&dir);
-                }
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
-                Ok(Some(_)) => continue,
-                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                Err(_) => break,
+        // What the workers left behind was killed with their leaves and reaped in the
+        // loop; anything still in the tree now did not die within SHUTDOWN_GRACE.
+        self.reap_zombies();
+        if let Some(g) = &self.graveyard {
+            if !g.is_empty() {
+                warn!(
+                    "processes killed at shutdown are still in {} cgroups (uninterruptible?): {:?}",
+                    g.remaining().len(),
+                    g.remaining()
+                );
             }
         }
         for l in self
@@ -2177,6 +2245,44 @@ fn policies(c: &SiteConfig) -> Policies {
         stop: c.stop,
         ready: c.ready,
     }
+}
+
+/// Every signal the agent reads from its signalfd: those it acts on (`SIGTERM`, `SIGINT`,
+/// `SIGHUP`, `SIGCHLD`), and every other one whose default action would end it, which it
+/// only logs. A stray `kill -USR1` must not take every site's supervisor down. Faults the
+/// kernel raises itself (a real `SIGSEGV`, `SIGBUS`, `SIGFPE`, `SIGILL`, `SIGSYS`, `SIGTRAP`)
+/// still end the agent: the kernel delivers them even when blocked, with the default
+/// action; `abort()` unblocks `SIGABRT` before raising it. Blocked here, a signal sent with
+/// `kill` is the same event every time (logged), never swallowed once and fatal the next.
+/// `SIGPIPE` stays ignored (writes report `EPIPE`); stop signals (`SIGTSTP`, `SIGTTIN`,
+/// `SIGTTOU`) keep their default.
+fn agent_signals() -> Vec<i32> {
+    let mut out = vec![
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGCHLD,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGALRM,
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        libc::SIGIO,
+        libc::SIGPWR,
+        libc::SIGSTKFLT,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
+        libc::SIGTRAP,
+        libc::SIGSYS,
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGFPE,
+        libc::SIGILL,
+        libc::SIGABRT,
+    ];
+    out.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());
+    out
 }
 
 /// Connects a non-blocking probe socket to `target`; with `steering`, its connection goes
@@ -2246,16 +2352,10 @@ fn bind_control(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| setup_err(format!("create {}", dir.display()), e))?;
     }
-    // A live agent answers on the socket: refuse to steal it.
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(setup_err(
-            format!("bind {}", path.display()),
-            io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another agent is running on this control socket",
-            ),
-        ));
-    }
+    // No agent runs on this socket (`lock_control` says so): whatever is at the path is
+    // stale. A connect could still succeed: io_uring tears a killed agent's ring down
+    // asynchronously, and the ring's poll on the old listening socket keeps it alive
+    // (and accepting into its backlog) for a while after the agent died.
     let _ = std::fs::remove_file(path);
     let fd = rustix::net::socket_with(
         rustix::net::AddressFamily::UNIX,
@@ -2274,6 +2374,42 @@ fn bind_control(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
     rustix::net::listen(&fd, 128)
         .map_err(|e| setup_err("listen on the control socket", io::Error::from(e)))?;
     Ok(fd)
+}
+
+/// Takes the lock `<control socket>.lock` for the agent's lifetime (an `flock`, released
+/// by the kernel when the agent exits, however it exits), before anything else is touched:
+/// a second agent on the same socket would otherwise sweep the first one's cgroups.
+fn lock_control(socket: &std::path::Path) -> Result<OwnedFd, AgentError> {
+    let mut name = socket.as_os_str().to_os_string();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| setup_err(format!("create {}", dir.display()), e))?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| setup_err(format!("open {}", path.display()), e))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(OwnedFd::from(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(setup_err(
+            format!("lock {}", path.display()),
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another agent is running on the control socket {}",
+                    socket.display()
+                ),
+            ),
+        )),
+        Err(e) => Err(setup_err(
+            format!("lock {}", path.display()),
+            io::Error::from(e),
+        )),
+    }
 }
 
 fn raise_nofile_limit() {

@@ -3,8 +3,8 @@
 //!
 //! The event loop polls the signalfd and reads it inline (never with an io_uring read:
 //! signalfd has a history of hangs there, see liburing#5 and #180). The mask is inherited
-//! across `clone3`, so the spawn child unblocks everything before `execve`
-//! ([`super::spawn`]).
+//! across `clone3`, so the spawn child sets back every disposition that is not the default
+//! and unblocks everything before `execve` ([`super::spawn`]).
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -44,8 +44,11 @@ pub fn block(set: &SigSet) -> io::Result<()> {
 
 /// Sets `signal`'s disposition back to the default.
 ///
-/// Used for `SIGPIPE`, which Rust's runtime ignores and which would otherwise stay
-/// ignored in every child (`SIG_IGN` survives `execve`).
+/// The agent does this, while they are blocked, for every signal it reads from its
+/// signalfd: a signal ignored by whoever started it (`nohup` ignores `SIGHUP`, a shell's
+/// `&` ignores `SIGINT` and `SIGQUIT`) would otherwise be discarded whenever it is not
+/// blocked. The CLI does it for `SIGPIPE` (Rust's runtime ignores it), so a closed stdout
+/// ends it quietly, as it ends any Unix tool.
 pub fn set_default(signal: i32) -> io::Result<()> {
     // SAFETY: `SIG_DFL` is a valid disposition for every catchable signal; no handler
     // function pointer is installed, so nothing can run asynchronously in this process.
@@ -67,8 +70,101 @@ pub fn signalfd(set: &SigSet) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The kernel's `struct sigaction` (x86-64 and the generic layout: handler, flags,
+/// restorer, a 64-bit mask), for raw `rt_sigaction`: glibc's wrapper refuses the two
+/// signals it reserves for its threads (32 and 33), which glibc's own `posix_spawn` leaves
+/// ignored in the processes it starts.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// The highest signal number (`_NSIG - 1`).
+const MAX_SIGNAL: i32 = 64;
+
+/// Signals whose disposition is not `SIG_DFL` in this process (ignored, or with a
+/// handler), glibc's reserved ones included. A child must set them back before it
+/// unblocks signals: `SIG_IGN` survives `execve`, and a child that shares our memory
+/// (`CLONE_VM`) must never run one of our handlers.
+pub fn non_default() -> Vec<i32> {
+    let mut out = Vec::new();
+    for sig in 1..=MAX_SIGNAL {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        let mut old = KernelSigaction {
+            handler: 0,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        // SAFETY: a null new action only reads the current one into `old`, a local of
+        // the kernel's layout that outlives the call; the mask size is the kernel's (8).
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                std::ptr::null::<KernelSigaction>(),
+                &mut old as *mut KernelSigaction,
+                8usize,
+            )
+        };
+        if ret == 0 && old.handler != libc::SIG_DFL {
+            out.push(sig);
+        }
+    }
+    out
+}
+
+/// Sets `sig` back to `SIG_DFL` with a raw `rt_sigaction` (async-signal-safe, and for
+/// glibc's reserved signals too); for the spawn child. Returns the syscall's result.
+///
+/// # Safety
+///
+/// Only for a task that may change its own dispositions: the spawn child, which has its
+/// own handler table (no `CLONE_SIGHAND`).
+pub(super) unsafe fn raw_set_default(sig: libc::c_int) -> libc::c_long {
+    let act = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: `act` lives on this stack for the call; no old action is read back; the
+    // mask size is the kernel's (8).
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            &act as *const KernelSigaction,
+            std::ptr::null_mut::<KernelSigaction>(),
+            8usize,
+        )
+    }
+}
+
+/// A signal read from a signalfd, and who sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The signal number.
+    pub signal: i32,
+    /// The sender's pid (0 when the kernel sent it).
+    pub pid: u32,
+    /// The sender's real uid.
+    pub uid: u32,
+}
+
 /// Reads one pending signal number from a non-blocking signalfd; `None` when drained.
 pub fn read_signal(fd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
+    Ok(read_signal_info(fd)?.map(|r| r.signal))
+}
+
+/// As [`read_signal`], with the sender.
+pub fn read_signal_info(fd: BorrowedFd<'_>) -> io::Result<Option<Received>> {
     let mut info = MaybeUninit::<libc::signalfd_siginfo>::uninit();
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
     // SAFETY: `info` is a local buffer of exactly `size` bytes, writable for the call;
@@ -86,5 +182,9 @@ pub fn read_signal(fd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
     }
     // SAFETY: the kernel wrote a whole `signalfd_siginfo` (n == size, checked above).
     let info = unsafe { info.assume_init() };
-    Ok(i32::try_from(info.ssi_signo).ok())
+    Ok(i32::try_from(info.ssi_signo).ok().map(|signal| Received {
+        signal,
+        pid: info.ssi_pid,
+        uid: info.ssi_uid,
+    }))
 }

@@ -20,9 +20,12 @@
 //!
 //! The child, in order:
 //! 0. unshare the fd table, keeping only the fds below the block's end;
-//! 1. unblock every signal (the agent blocks the ones it reads from its signalfd, and the
-//!    mask survives `execve`) and set `SIGPIPE` back to `SIG_DFL` (Rust ignores it, and
-//!    `SIG_IGN` survives `execve` too);
+//! 1. set every signal whose disposition in the agent is not the default back to
+//!    `SIG_DFL` (`SIG_IGN` survives `execve`: Rust ignores `SIGPIPE`, and whoever started
+//!    the agent may have ignored others, as `nohup` and a shell's `&` do; and a child that
+//!    shares our memory must never run one of our handlers), then unblock every signal
+//!    (the agent blocks the ones it reads from its signalfd, and the mask survives
+//!    `execve`); in that order, so no signal is delivered to a disposition of ours;
 //! 2. `setsid()`: the worker leads its own session and process group, so the agent can
 //!    signal its whole tree by group when no cgroup is available;
 //! 3. move the fd map into place: every source is first duplicated above the highest
@@ -57,6 +60,8 @@ use super::cvt;
 
 /// Most fds a child can be given (stdio plus listeners); bounds the child's stack array.
 pub const MAX_CHILD_FDS: usize = 64;
+/// Most signals a child sets back to `SIG_DFL` (every signal number fits).
+const MAX_SIGNALS: usize = 65;
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 const PID_DIGITS: usize = 10;
@@ -65,7 +70,7 @@ const PID_DIGITS: usize = 10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum ChildStep {
-    /// `sigprocmask` or resetting `SIGPIPE`.
+    /// Resetting signal dispositions, or `sigprocmask`.
     ResetSignals = 1,
     /// `setsid`.
     Setsid = 2,
@@ -295,6 +300,10 @@ pub struct FdBlock {
     stack: Box<[u128]>,
     /// Slots holding something other than the filler.
     dirty: Vec<usize>,
+    /// Signals whose disposition is not the default in this process, read when the
+    /// block is reserved (the agent sets its dispositions up before).
+    reset_signals: [libc::c_int; MAX_SIGNALS],
+    n_reset: usize,
 }
 
 impl FdBlock {
@@ -314,11 +323,17 @@ impl FdBlock {
                 }
                 slots.push(fd);
             }
+            let mut reset_signals = [0; MAX_SIGNALS];
+            let non_default = super::signals::non_default();
+            let n_reset = non_default.len().min(MAX_SIGNALS);
+            reset_signals[..n_reset].copy_from_slice(&non_default[..n_reset]);
             return Ok(FdBlock {
                 slots,
                 filler,
                 stack: vec![0u128; CHILD_STACK_BYTES / 16].into_boxed_slice(),
                 dirty: Vec::with_capacity(len),
+                reset_signals,
+                n_reset,
             });
         }
     }
@@ -425,6 +440,8 @@ fn spawn_with_block(
         listen_pid,
         sandbox: sandbox.as_deref(),
         controlling_tty: image.controlling_tty,
+        reset_signals: block.reset_signals,
+        n_reset: block.n_reset,
     };
 
     let mut pidfd: RawFd = -1;
@@ -566,6 +583,8 @@ struct ChildPlan<'a> {
     listen_pid: *mut u8,
     sandbox: Option<&'a SandboxPlan>,
     controlling_tty: bool,
+    reset_signals: [libc::c_int; MAX_SIGNALS],
+    n_reset: usize,
 }
 
 /// The child side: only raw syscalls, no allocation, no panics. Never returns.
@@ -593,14 +612,21 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         fail(plan.report, ChildStep::CloseFds);
     }
 
-    // Step 1: signals.
+    // Step 1: signals. Dispositions first, while the agent's mask still blocks what it
+    // reads; without CLONE_SIGHAND this child has its own copy of the handler table, so
+    // the agent's stays as it is.
+    let mut k = 0;
+    while k < plan.n_reset.min(MAX_SIGNALS) {
+        // SAFETY: we are the child, with a handler table of our own (no CLONE_SIGHAND);
+        // SIG_DFL installs no handler.
+        if unsafe { super::signals::raw_set_default(plan.reset_signals[k]) } != 0 {
+            fail(plan.report, ChildStep::ResetSignals);
+        }
+        k += 1;
+    }
     let empty = super::signals::SigSet::of(&[]);
     // SAFETY: `empty.0` is an initialised empty set on this stack; no old mask returned.
     if unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty.0, std::ptr::null_mut()) } != 0 {
-        fail(plan.report, ChildStep::ResetSignals);
-    }
-    // SAFETY: SIG_DFL installs no handler; `signal` is a single rt_sigaction syscall.
-    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) } == libc::SIG_ERR {
         fail(plan.report, ChildStep::ResetSignals);
     }
 

@@ -37,6 +37,12 @@ pub struct TestAgent {
     pub child: Option<Child>,
     pub socket: PathBuf,
     pub reactor: String,
+    /// The agent's cgroup base, when it uses cgroups.
+    pub cgroup_base: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    /// Signals ignored (`SIG_IGN`) by whoever starts the agent, as `nohup` or a shell's
+    /// `&` would leave them.
+    ignored: Vec<&'static str>,
 }
 
 pub struct Options {
@@ -97,37 +103,107 @@ impl TestAgent {
             sites_dir.display()
         );
         std::fs::write(dir.path().join("hatchery.toml"), agent).expect("write agent");
-        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
-        let child = Command::new(BIN)
+        let mut a = TestAgent {
+            dir,
+            child: None,
+            socket,
+            reactor: opts.reactor.into(),
+            cgroup_base: (cg != "off").then(|| PathBuf::from(&cg)),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ignored: Vec::new(),
+        };
+        a.launch();
+        a
+    }
+
+    /// As [`TestAgent::start`], with `signals` (names without SIG) ignored by the shell
+    /// that starts the agent, and the agent's working directory in its temporary dir.
+    pub fn start_ignoring(
+        sites: &[(&str, &str)],
+        opts: Options,
+        signals: &[&'static str],
+    ) -> TestAgent {
+        let mut a = TestAgent::start(sites, opts);
+        a.stop();
+        a.ignored = signals.to_vec();
+        a.launch();
+        a
+    }
+
+    /// Starts the agent process on this agent's configuration and waits for its socket.
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .expect("log");
+        let mut cmd = if self.ignored.is_empty() {
+            Command::new(BIN)
+        } else {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c")
+                .arg(format!(
+                    "trap '' {}; exec \"$0\" \"$@\"",
+                    self.ignored.join(" ")
+                ))
+                .arg(BIN)
+                .current_dir(self.dir.path());
+            c
+        };
+        let child = cmd
             .args(["agent", "--config"])
-            .arg(dir.path().join("hatchery.toml"))
-            .env("HATCHERY_REACTOR", opts.reactor)
+            .arg(self.dir.path().join("hatchery.toml"))
+            .env("HATCHERY_REACTOR", &self.reactor)
             .env("HATCHERY_LOG", "debug")
-            .envs(env.iter().copied())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)
             .spawn()
             .expect("spawn agent");
-        let mut a = TestAgent {
-            dir,
-            child: Some(child),
-            socket,
-            reactor: opts.reactor.into(),
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
-        while std::os::unix::net::UnixStream::connect(&a.socket).is_err() {
-            if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("agent exited with {status}: {}", a.agent_log());
+        // A full answer, not just a connect: the socket of a killed io_uring agent may
+        // still take connections for a moment (its ring is torn down asynchronously).
+        let answers = |socket: &Path| {
+            hatchery::control::Client::connect(socket)
+                .and_then(|mut c| {
+                    c.call(&hatchery::control::Request::Status { site: None }, |_| {})
+                })
+                .is_ok_and(|r| matches!(r, hatchery::control::Reply::Ok(_)))
+        };
+        while !answers(&self.socket) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("agent exited with {status}: {}", self.agent_log());
             }
             assert!(
                 Instant::now() < deadline,
                 "agent did not come up: {}",
-                a.agent_log()
+                self.agent_log()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        a
+    }
+
+    /// SIGKILLs the agent (as a crash would) and waits for it to be gone; its workers
+    /// are left running.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("the agent runs");
+        child.kill().expect("kill -9 the agent");
+        child.wait().expect("wait for the agent");
+    }
+
+    /// Starts a new agent on the same configuration, state and cgroups (after `crash`).
+    pub fn relaunch(&mut self) {
+        assert!(self.child.is_none(), "the agent still runs");
+        self.launch();
     }
 
     /// Starts the agent and waits until `site` has `ready` ready workers.
@@ -170,8 +246,9 @@ impl TestAgent {
         let out = self.cli(&["status", site, "--json"]);
         assert!(
             out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "status failed: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.agent_log()
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         v["sites"][0].clone()
@@ -239,6 +316,32 @@ impl Drop for TestAgent {
             self.stop();
         }
     }
+}
+
+/// Polls `cond` every 10 ms until it holds, or panics after `timeout` saying `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The children of `pid` (direct, not zombies).
+pub fn children(pid: i64) -> Vec<i64> {
+    processes()
+        .into_iter()
+        .filter(|p| p.1 == pid && p.2 != 'Z')
+        .map(|p| p.0)
+        .collect()
+}
+
+/// The cgroup v2 path of `pid` (relative to the mount), from /proc.
+pub fn cgroup_of(pid: i64) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
 }
 
 /// Whether a process is alive (and not a zombie).
