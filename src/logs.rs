@@ -1,4 +1,5 @@
-//! Worker output: one log file per site, size-based rotation, tailing.
+//! Worker output: one log file per site, size-based rotation, tailing; and the writer of
+//! the agent's own log ([`AgentStderr`]), which never blocks the loop and never fails.
 //!
 //! Each worker's stdout and stderr go to one pipe the agent reads; complete lines are
 //! written as `<UTC time> w-<id>[<pid>] <line>` to `<state_dir>/logs/<site>.log`. When a
@@ -13,6 +14,54 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::LogPolicy;
+
+/// Bytes of the agent's own log that could not be written (its stderr closed, full, or
+/// failing); shown in `status`.
+pub static AGENT_LOG_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The agent's own log output, on stderr (fd 2), for `tracing`.
+///
+/// Logging must never take the agent down or stall it: a write that fails (the reader
+/// went away: `EPIPE`) or would block (a pipe or socket nobody drains) is dropped and
+/// counted in [`AGENT_LOG_DROPPED`], and reported to the caller as written, so the
+/// logging library has no error to report (it would report it on the same stderr, with
+/// a panic if that fails too). Writes use `RWF_NOWAIT` (pipes, sockets, most files);
+/// where the file does not support it (a terminal), a plain write.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AgentStderr;
+
+impl Write for AgentStderr {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let fd = rustix::stdio::stderr();
+        let slice = [io::IoSlice::new(buf)];
+        // Offset -1: at the current position, as write(2) would.
+        let written =
+            match rustix::io::pwritev2(fd, &slice, u64::MAX, rustix::io::ReadWriteFlags::NOWAIT) {
+                Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
+                    rustix::io::write(fd, buf)
+                }
+                other => other,
+            };
+        let done = written.unwrap_or(0);
+        let lost = buf.len().saturating_sub(done);
+        if lost > 0 {
+            AGENT_LOG_DROPPED.fetch_add(lost as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for AgentStderr {
+    type Writer = AgentStderr;
+
+    fn make_writer(&'a self) -> AgentStderr {
+        AgentStderr
+    }
+}
 
 /// Longest line kept whole; longer ones are split.
 pub const MAX_LINE: usize = 16 * 1024;

@@ -155,7 +155,10 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Agent { config } => run_agent(&config),
-        Command::Check { config } => check(&config, cli.json),
+        Command::Check { config } => {
+            quiet_on_closed_stdout();
+            check(&config, cli.json)
+        }
         Command::Demo { listen, workers } => run_demo(listen, workers),
         Command::DemoWorker { args } => match demo::worker_main(&args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -173,6 +176,7 @@ fn main() -> ExitCode {
             exec(&socket, &site, command)
         }
         command => {
+            quiet_on_closed_stdout();
             let socket = cli
                 .socket
                 .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
@@ -187,13 +191,54 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(hatchery::logs::AgentStderr)
+        .log_internal_errors(false)
         .with_target(false)
         .try_init();
 }
 
 fn print_error(e: &anyhow::Error) {
-    eprintln!("hatchery: {e:#}");
+    say_err(&format!("hatchery: {e:#}"));
+}
+
+/// Writes a line to stderr; a stderr that cannot be written is not worth a panic.
+fn say_err(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{}", printable(line));
+}
+
+/// Writes to stdout; a closed stdout ends the CLI (see `quiet_on_closed_stdout`).
+fn say(text: &str) {
+    use std::io::Write as _;
+    let _ = write!(std::io::stdout(), "{text}");
+}
+
+/// Text for a terminal: control characters other than newline and tab (escape sequences a
+/// worker wrote, a release path with a bell in it) are shown escaped (`\x1b`), never sent
+/// to the operator's terminal as they are.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() && u32::from(c) < 0x100 => {
+                out.push_str(&format!("\\x{:02x}", u32::from(c)));
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The CLI's output goes to pipes (`| head`): like any Unix tool, it ends quietly (killed
+/// by `SIGPIPE`) when the reader is gone, instead of failing a write (Rust's runtime
+/// ignores `SIGPIPE`, and `println!` panics on the error).
+fn quiet_on_closed_stdout() {
+    let _ = hatchery::sys::signals::set_default(libc::SIGPIPE);
 }
 
 fn run_agent(path: &std::path::Path) -> ExitCode {
@@ -330,7 +375,7 @@ fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {
     };
     let socket = dir.join("control.sock");
     let me = exe.display();
-    println!(
+    say(&format!(
         "Hatchery demo: {workers} workers serving http://{listen}/ (state in {dir})\n\
          Try, in another terminal:\n\
          \x20 curl http://{listen}/\n\
@@ -339,10 +384,10 @@ fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {
          \x20 {me} restart demo\n\
          \x20 {me} deploy demo     (a new generation beside the old, then the flip)\n\
          \x20 {me} logs demo -f\n\
-         Press Ctrl-C to stop.\n",
+         Press Ctrl-C to stop.\n\n",
         dir = dir.display(),
         socket = socket.display(),
-    );
+    ));
     let code = run_agent(&path);
     let _ = std::fs::remove_dir_all(&dir);
     code
@@ -392,8 +437,8 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
     };
     let is_status = matches!(request, Request::Status { .. });
     let result = conn.call(&request, |r| match r {
-        Reply::Line(l) => println!("{l}"),
-        Reply::Event(e) if !json => eprintln!("  {e}"),
+        Reply::Line(l) => println!("{}", printable(l)),
+        Reply::Event(e) if !json => say_err(&format!("  {e}")),
         Reply::Event(e) => println!("{}", serde_json::json!({ "event": e })),
         _ => {}
     });
@@ -405,12 +450,10 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
                     serde_json::to_string_pretty(&value).unwrap_or_default()
                 );
             } else if is_status {
-                print!("{}", render_status(&value));
+                print!("{}", printable(&render_status(&value)));
             } else if let Some(msg) = value.get("message").and_then(|m| m.as_str()) {
-                println!(
-                    "{}: {msg}",
-                    value.get("site").and_then(|s| s.as_str()).unwrap_or("")
-                );
+                let site = value.get("site").and_then(|s| s.as_str()).unwrap_or("");
+                println!("{}", printable(&format!("{site}: {msg}")));
             } else if value.get("log").is_none() {
                 println!("{value}");
             }
@@ -420,7 +463,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             if json {
                 println!("{}", serde_json::json!({ "error": err }));
             }
-            eprintln!("hatchery: {}", err.message);
+            say_err(&format!("hatchery: {}", err.message));
             ExitCode::from(match err.kind {
                 ErrorKind::BadRequest | ErrorKind::Config => EXIT_USAGE,
                 ErrorKind::RolledBack => EXIT_ROLLED_BACK,

@@ -1965,6 +1965,7 @@ impl Agent {
                 "pid": std::process::id(),
                 "version": env!("CARGO_PKG_VERSION"),
                 "started_at": logs::utc_timestamp(self.started),
+                "log_bytes_dropped": logs::AGENT_LOG_DROPPED.load(std::sync::atomic::Ordering::Relaxed),
                 "config": self.config.file,
                 "features": self.features(),
             },

@@ -43,6 +43,8 @@ pub struct TestAgent {
     /// Signals ignored (`SIG_IGN`) by whoever starts the agent, as `nohup` or a shell's
     /// `&` would leave them.
     ignored: Vec<&'static str>,
+    /// Where the next launch sends the agent's stdout and stderr instead of `agent.log`.
+    output: Option<std::os::fd::OwnedFd>,
 }
 
 pub struct Options {
@@ -114,7 +116,22 @@ impl TestAgent {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             ignored: Vec::new(),
+            output: None,
         };
+        a.launch();
+        a
+    }
+
+    /// As [`TestAgent::start`], with the agent's stdout and stderr on `output` (the
+    /// agent log stays empty).
+    pub fn start_with_output(
+        sites: &[(&str, &str)],
+        opts: Options,
+        output: std::os::fd::OwnedFd,
+    ) -> TestAgent {
+        let mut a = TestAgent::start(sites, opts);
+        a.stop();
+        a.output = Some(output);
         a.launch();
         a
     }
@@ -135,11 +152,14 @@ impl TestAgent {
 
     /// Starts the agent process on this agent's configuration and waits for its socket.
     fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("agent.log"))
-            .expect("log");
+        let log: std::fs::File = match self.output.take() {
+            Some(fd) => fd.into(),
+            None => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("agent.log"))
+                .expect("log"),
+        };
         let mut cmd = if self.ignored.is_empty() {
             Command::new(BIN)
         } else {

@@ -1,0 +1,190 @@
+//! What neither a closed pipe, a hostile local user nor an unlucky signal may do: take a
+//! site or the agent down (issue: trust). Host integration tests; those that need root
+//! run in vm-tests too.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn status_json(agent: &TestAgent) -> serde_json::Value {
+    let out = agent.cli(&["status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// The agent's stderr reader goes away, or stops reading: log writes are dropped and
+/// counted, the agent goes on (it used to abort: the logging library reported the failed
+/// write on the same broken stderr, with a panic).
+#[test]
+fn the_agent_outlives_its_log_reader() {
+    for reactor in REACTORS {
+        // A crash loop writes a WARN line at every exit.
+        let site = "name = \"loud\"\ncommand = [\"/bin/sh\", \"-c\", \"exit 3\"]\nworkers = 2\n\
+                    [restart]\nbackoff_initial = \"10ms\"\nbackoff_max = \"20ms\"\nflapping = { exits = 1000000, within = \"1s\" }\n";
+        // Closed: the reader is gone before the agent writes its first line.
+        let (r, w) = rustix::pipe::pipe().expect("pipe");
+        drop(r);
+        let agent = TestAgent::start_with_output(
+            &[("loud", site)],
+            Options {
+                reactor,
+                cgroups: false,
+            },
+            w,
+        );
+        wait_until("log bytes dropped", Duration::from_secs(20), || {
+            status_json(&agent)["agent"]["log_bytes_dropped"].as_u64() > Some(1000)
+        });
+        assert_eq!(agent.status("loud")["state"], "running");
+        drop(agent);
+
+        // Full: a reader that never reads, on the smallest pipe the kernel gives.
+        let (r, w) = rustix::pipe::pipe().expect("pipe");
+        rustix::pipe::fcntl_setpipe_size(&w, 4096).expect("F_SETPIPE_SZ");
+        let agent = TestAgent::start_with_output(
+            &[("loud", site)],
+            Options {
+                reactor,
+                cgroups: false,
+            },
+            w,
+        );
+        wait_until(
+            "log bytes dropped on a full pipe",
+            Duration::from_secs(20),
+            || status_json(&agent)["agent"]["log_bytes_dropped"].as_u64() > Some(1000),
+        );
+        // Still answering at once: no write blocks the loop.
+        let t1 = Instant::now();
+        assert_eq!(agent.status("loud")["state"], "running");
+        assert!(
+            t1.elapsed() < Duration::from_secs(5),
+            "status took {:?}",
+            t1.elapsed()
+        );
+        drop(r);
+    }
+}
+
+/// `hatchery demo` started with its output into a pipe whose reader is gone still runs
+/// and serves (its banner used to panic it).
+#[test]
+fn the_demo_outlives_a_closed_stdout() {
+    let port = free_port();
+    let (r, w) = rustix::pipe::pipe().expect("pipe");
+    drop(r);
+    let w2 = w.try_clone().expect("dup");
+    let mut demo = Command::new(BIN)
+        .args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            "1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::from(w))
+        .stderr(std::fs::File::from(w2))
+        .spawn()
+        .expect("demo");
+    let served = (|| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(st) = demo.try_wait().expect("wait") {
+                return Err(format!("the demo exited: {st}"));
+            }
+            if let Ok(body) = http_get(port, "/") {
+                return Ok(body);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err("the demo never served".into())
+    })();
+    let _ = Command::new("kill")
+        .args(["-INT", &demo.id().to_string()])
+        .status();
+    let st = demo.wait().expect("wait");
+    let body = served.expect("served");
+    assert!(body.contains("hello from worker 0"), "{body}");
+    assert_eq!(st.code(), Some(0), "a clean stop: {st}");
+}
+
+/// A closed stdout ends the CLI quietly (SIGPIPE, as `head` expects), never with a
+/// panic; worker output shown by `logs` has its control characters escaped.
+#[test]
+fn the_cli_is_a_good_pipe_citizen() {
+    let site = "name = \"chatty\"\ncommand = [\"/bin/sh\", \"-c\", \"i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done; printf 'red \\\\033[31mRED\\\\033]0;title\\\\007 bell\\\\n'; exec sleep 1000\"]\nworkers = 1\n";
+    let agent = TestAgent::start_ready(
+        &[("chatty", site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "chatty",
+        1,
+    );
+    wait_until(
+        "the worker's output in the log",
+        Duration::from_secs(20),
+        || stdout(&agent.cli(&["logs", "chatty", "-n", "3"])).contains("bell"),
+    );
+    // `hatchery logs chatty -n 2000 | head -1`
+    let mut cli = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["logs", "chatty", "-n", "2000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("logs");
+    let mut out = BufReader::new(cli.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("a line");
+    drop(out);
+    let mut err = String::new();
+    cli.stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    let st = cli.wait().expect("wait");
+    assert!(
+        st.success() || st.signal() == Some(libc_sigpipe()),
+        "quiet end on a closed stdout, not {st}: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // Escapes, not raw control characters.
+    let text = stdout(&agent.cli(&["logs", "chatty", "-n", "1"]));
+    assert!(
+        text.contains("red \\x1b[31mRED\\x1b]0;title\\x07 bell"),
+        "{text:?}"
+    );
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text:?}"
+    );
+}
+
+fn libc_sigpipe() -> i32 {
+    13
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
