@@ -73,7 +73,17 @@ pub struct SiteLog {
     file: File,
     size: u64,
     policy: LogPolicy,
+    /// How many times the file was rotated (a [`Backlog`] reading the old file moves on).
+    rotations: u64,
+    /// Complete lines in the current file.
+    lines: u64,
+    /// `marks[i]`: where line `i * MARK_EVERY` of the current file starts, so the last N
+    /// lines are found without reading the file backwards.
+    marks: Vec<u64>,
 }
+
+/// Lines between two entries of a log's line index.
+const MARK_EVERY: u64 = 256;
 
 impl SiteLog {
     /// Opens (appending) `<dir>/<site>.log`.
@@ -82,12 +92,27 @@ impl SiteLog {
         let path = dir.join(format!("{site}.log"));
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let size = file.metadata()?.len();
-        Ok(SiteLog {
+        let mut log = SiteLog {
             path,
             file,
-            size,
+            size: 0,
             policy,
-        })
+            rotations: 0,
+            lines: 0,
+            marks: vec![0],
+        };
+        // Index what an earlier agent wrote.
+        let mut old = File::open(&log.path)?;
+        let mut buf = vec![0u8; BACKLOG_CHUNK];
+        while log.size < size {
+            let n = old.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            log.index(&buf[..n]);
+        }
+        log.size = size;
+        Ok(log)
     }
 
     /// The file's path.
@@ -106,8 +131,19 @@ impl SiteLog {
             self.rotate()?;
         }
         self.file.write_all(record)?;
-        self.size += record.len() as u64;
+        self.index(record);
         Ok(())
+    }
+
+    /// Counts the lines of `bytes`, just written at the end of the file.
+    fn index(&mut self, bytes: &[u8]) {
+        for at in memchr::memchr_iter(b'\n', bytes) {
+            self.lines += 1;
+            if self.lines % MARK_EVERY == 0 {
+                self.marks.push(self.size + at as u64 + 1);
+            }
+        }
+        self.size += bytes.len() as u64;
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -126,8 +162,115 @@ impl SiteLog {
             .append(true)
             .open(&self.path)?;
         self.size = 0;
+        self.rotations += 1;
+        self.lines = 0;
+        self.marks = vec![0];
         Ok(())
     }
+}
+
+/// The part of a site's log a `logs` client still has to receive: read from the file a
+/// chunk at a time, as the client's connection drains, so a client that asks for many
+/// lines and reads slowly (or never) costs the agent one chunk, not the whole tail.
+/// Reading goes on until the end of the file as it grows, and onto the new file when the
+/// log was rotated meanwhile; then the client is caught up (and, with `-f`, follows).
+#[derive(Debug)]
+pub struct Backlog {
+    file: File,
+    pos: u64,
+    rotations: u64,
+    /// Where to stop (the end of the file when it was asked for), unless following.
+    until: Option<u64>,
+}
+
+/// Most bytes a [`Backlog`] reads at once.
+pub const BACKLOG_CHUNK: usize = 64 * 1024;
+
+impl Backlog {
+    /// Starts at the beginning of the last `lines` lines of `log`: from the nearest
+    /// entry of the log's line index, at most `MARK_EVERY` lines are skipped by reading.
+    /// Without `follow`, it ends where the file ends now (the last `lines` lines, as
+    /// `tail` shows them); with it, it goes on until caught up.
+    pub fn start(log: &SiteLog, lines: usize, follow: bool) -> io::Result<Backlog> {
+        let mut file = File::open(&log.path)?;
+        let first = log.lines.saturating_sub(lines as u64);
+        let mark = usize::try_from(first / MARK_EVERY).unwrap_or(usize::MAX);
+        let mut pos = log.marks.get(mark).copied().unwrap_or(0);
+        let mut skip = first % MARK_EVERY;
+        let mut buf = vec![0u8; BACKLOG_CHUNK];
+        while skip > 0 {
+            file.seek(SeekFrom::Start(pos))?;
+            let n = read_full(&mut file, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let mut consumed = n;
+            for at in memchr::memchr_iter(b'\n', &buf[..n]) {
+                skip -= 1;
+                if skip == 0 {
+                    consumed = at + 1;
+                    break;
+                }
+            }
+            pos += consumed as u64;
+        }
+        Ok(Backlog {
+            file,
+            pos,
+            rotations: log.rotations,
+            until: (!follow).then_some(log.size),
+        })
+    }
+
+    /// The next complete lines (at most about [`BACKLOG_CHUNK`] bytes), without their
+    /// newlines; `None` once caught up with `log`.
+    pub fn next_lines(&mut self, log: &SiteLog) -> io::Result<Option<Vec<String>>> {
+        loop {
+            let want = match self.until {
+                Some(end) if self.pos >= end => return Ok(None),
+                Some(end) => {
+                    usize::try_from(end - self.pos).map_or(BACKLOG_CHUNK, |n| n.min(BACKLOG_CHUNK))
+                }
+                None => BACKLOG_CHUNK,
+            };
+            let mut buf = vec![0u8; want];
+            self.file.seek(SeekFrom::Start(self.pos))?;
+            let n = read_full(&mut self.file, &mut buf)?;
+            buf.truncate(n);
+            // Complete lines only; a line longer than the chunk (not written by us:
+            // records are at most MAX_LINE plus a prefix) is cut at the chunk's end.
+            let upto = match memchr::memrchr(b'\n', &buf) {
+                Some(i) => i + 1,
+                None if n == BACKLOG_CHUNK => n,
+                None => 0,
+            };
+            if upto > 0 {
+                self.pos += upto as u64;
+                let text = String::from_utf8_lossy(&buf[..upto]);
+                return Ok(Some(text.lines().map(str::to_string).collect()));
+            }
+            if self.rotations == log.rotations || self.until.is_some() {
+                return Ok(None);
+            }
+            // Rotated while we read: what was written since is in the new file.
+            self.file = File::open(&log.path)?;
+            self.pos = 0;
+            self.rotations = log.rotations;
+        }
+    }
+}
+
+fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 /// Formats one log record.
@@ -173,39 +316,6 @@ impl LineSplitter {
             emit(&self.partial);
             self.partial.clear();
         }
-    }
-}
-
-/// The last `n` lines of `path` (reading at most the last 8 MiB).
-pub fn tail(path: &Path, n: usize) -> io::Result<Vec<String>> {
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let len = file.metadata()?.len();
-    let window = len.min(8 << 20);
-    let mut start = len - window;
-    let mut chunk = 64 * 1024u64;
-    loop {
-        let from = len.saturating_sub(chunk).max(start);
-        file.seek(SeekFrom::Start(from))?;
-        let mut buf = Vec::new();
-        Read::by_ref(&mut file)
-            .take(len - from)
-            .read_to_end(&mut buf)?;
-        let text = String::from_utf8_lossy(&buf);
-        let mut lines: Vec<&str> = text.lines().collect();
-        // The first line may be cut in the middle unless we read from the start.
-        if from > 0 && !lines.is_empty() {
-            lines.remove(0);
-        }
-        if lines.len() >= n || from == start {
-            let skip = lines.len().saturating_sub(n);
-            return Ok(lines[skip..].iter().map(|s| s.to_string()).collect());
-        }
-        chunk *= 4;
-        start = start.min(from);
     }
 }
 
@@ -285,25 +395,77 @@ mod tests {
         assert_eq!(size("blog.log.1"), Some(4096));
         assert_eq!(size("blog.log.2"), Some(4096));
         assert_eq!(size("blog.log.3"), None, "keep = 2");
-        let last = tail(&dir.path().join("blog.log"), 1).expect("tail");
+        let last = backlog(&log, 1);
         assert!(last[0].starts_with('9'), "the newest line is last");
     }
 
+    /// Everything a backlog of `n` lines yields, chunk by chunk.
+    fn backlog(log: &SiteLog, n: usize) -> Vec<String> {
+        let mut b = Backlog::start(log, n, false).expect("start");
+        let mut out = Vec::new();
+        while let Some(lines) = b.next_lines(log).expect("read") {
+            out.extend(lines);
+        }
+        out
+    }
+
     #[test]
-    fn tail_returns_the_last_lines() {
+    fn a_backlog_streams_the_last_lines_in_chunks() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("x.log");
+        let policy = LogPolicy {
+            max_size: 1 << 30,
+            keep: 1,
+        };
+        let mut log = SiteLog::open(dir.path(), "x", policy).expect("open");
         let text: String = (0..100_000).map(|i| format!("line {i}\n")).collect();
-        fs::write(&path, text).expect("write");
+        log.append(text.as_bytes()).expect("append");
+        assert_eq!(backlog(&log, 2), vec!["line 99998", "line 99999"]);
+        let many = backlog(&log, 20_000);
+        assert_eq!(many.len(), 20_000);
+        assert_eq!(many[0], "line 80000");
+        assert_eq!(backlog(&log, 200_000).len(), 100_000, "all there is");
+        // An agent that opens the file again indexes what is there.
+        let again = SiteLog::open(dir.path(), "x", policy).expect("reopen");
+        assert_eq!(backlog(&again, 20_000)[0], "line 80000");
+        assert_eq!(backlog(&again, 1), vec!["line 99999"]);
+        assert!(backlog(&log, 0).is_empty());
+        // Without a final newline the last line is still a line, once complete.
+        log.append(b"partial").expect("append");
         assert_eq!(
-            tail(&path, 2).expect("tail"),
-            vec!["line 99998", "line 99999"]
+            backlog(&log, 1),
+            vec!["line 99999"],
+            "an unfinished line waits"
         );
-        assert_eq!(tail(&path, 20_000).expect("tail").len(), 20_000);
-        assert!(
-            tail(&dir.path().join("missing"), 5)
-                .expect("tail")
-                .is_empty()
-        );
+        log.append(b" done\n").expect("append");
+        assert_eq!(backlog(&log, 1), vec!["partial done"]);
+        let empty = SiteLog::open(dir.path(), "empty", policy).expect("open");
+        assert!(backlog(&empty, 5).is_empty());
+    }
+
+    #[test]
+    fn a_backlog_follows_the_log_across_a_rotation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy = LogPolicy {
+            max_size: 4096,
+            keep: 2,
+        };
+        let mut log = SiteLog::open(dir.path(), "r", policy).expect("open");
+        for i in 0..10 {
+            log.append(format!("old {i}\n").as_bytes()).expect("append");
+        }
+        let mut b = Backlog::start(&log, 3, true).expect("start");
+        // Rotated (and written on) before the client read anything.
+        let big = vec![b'x'; 4000];
+        let mut line = big.clone();
+        line.push(b'\n');
+        log.append(&line).expect("append");
+        log.append(b"new 1\n").expect("append");
+        let mut got = Vec::new();
+        while let Some(lines) = b.next_lines(&log).expect("read") {
+            got.extend(lines);
+        }
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!(&got[..3], &["old 7", "old 8", "old 9"]);
+        assert_eq!(got[4], "new 1");
     }
 }

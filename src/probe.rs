@@ -19,6 +19,10 @@
 //!   `bind:PORT`, `connect:PORT`, `exec:PATH` (run `PATH __probe ids`: blocked when the
 //!   effective uid did not change), `nofile:N` and `nproc:N` (blocked when fewer than N
 //!   fds or processes could be had).
+//! - `hold-connections SOCKET N`: what a hostile local user does to a control socket:
+//!   opens N connections, sends half a request on each, prints `{"connected":N}`, then
+//!   reads each until the agent closes it and prints `{"replies":[...]}` (the last line
+//!   the agent sent on each) and exits.
 
 use std::io::Write;
 use std::time::Duration;
@@ -97,6 +101,14 @@ pub fn main(args: &[String]) -> u8 {
             println!("{} {} {} {}", ids.0, ids.1, ids.2, ids.3);
             0
         }
+        Some("hold-connections") => {
+            let (Some(socket), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok()))
+            else {
+                eprintln!("usage: __probe hold-connections SOCKET N");
+                return 2;
+            };
+            hold_connections(std::path::Path::new(socket), n)
+        }
         Some("attacks") => {
             for spec in &args[1..] {
                 let (blocked, detail) = attack(spec);
@@ -117,6 +129,41 @@ pub fn main(args: &[String]) -> u8 {
             2
         }
     }
+}
+
+fn hold_connections(socket: &std::path::Path, n: usize) -> u8 {
+    use std::io::BufRead;
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(mut c) => {
+                let _ = c.write_all(br#"{"cmd":"sta"#);
+                conns.push(c);
+            }
+            Err(e) => eprintln!("connect: {e}"),
+        }
+    }
+    println!("{}", serde_json::json!({ "connected": conns.len() }));
+    let _ = std::io::stdout().flush();
+    let replies: Vec<String> = conns
+        .into_iter()
+        .map(|c| {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+            let mut last = String::new();
+            for line in std::io::BufReader::new(c).lines() {
+                match line {
+                    Ok(l) => last = l,
+                    Err(e) => {
+                        last = format!("read: {e}");
+                        break;
+                    }
+                }
+            }
+            last
+        })
+        .collect();
+    println!("{}", serde_json::json!({ "replies": replies }));
+    0
 }
 
 /// One attempt; `(blocked, what happened)`.

@@ -188,3 +188,185 @@ fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     s.read_to_string(&mut body)?;
     Ok(body)
 }
+
+/// Lets `nobody` reach the agent's socket (the test directory is private by default).
+fn open_to_others(agent: &TestAgent) {
+    std::fs::set_permissions(
+        agent.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+}
+
+/// A local user opens every connection it can and sends half a request on each: root's
+/// `status`, `stop` and `reload` still work at once, the user gets at most its share,
+/// and the half-open connections are closed after the request timeout.
+#[test]
+fn a_hostile_local_user_cannot_lock_root_out_of_the_control_socket() {
+    if !is_root() && skip("needs root to connect as another uid") {
+        return;
+    }
+    for reactor in REACTORS {
+        let site =
+            "name = \"web\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\nworkers = 1\n";
+        let agent = TestAgent::start_ready(
+            &[("web", site)],
+            Options {
+                reactor,
+                cgroups: false,
+            },
+            "web",
+            1,
+        );
+        open_to_others(&agent);
+        let socket = agent.socket.display().to_string();
+        let mut hog = {
+            use std::os::unix::process::CommandExt;
+            Command::new(BIN)
+                .uid(65534)
+                .gid(65534)
+                .args(["__probe", "hold-connections", &socket, "100"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("probe")
+        };
+        let mut lines = BufReader::new(hog.stdout.take().expect("stdout")).lines();
+        let connected = lines.next().expect("a line").expect("read");
+        assert!(connected.contains("\"connected\""), "{connected}");
+        // Root is served at once while they are held.
+        let t0 = Instant::now();
+        assert_eq!(agent.status("web")["state"], "running");
+        let out = agent.cli(&["reload"]);
+        assert!(out.status.success(), "reload: {}", stderr(&out));
+        let out = agent.cli(&["stop", "web"]);
+        assert!(out.status.success(), "stop: {}", stderr(&out));
+        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+        // Every held connection was refused or timed out, none kept.
+        let replies: serde_json::Value =
+            serde_json::from_str(&lines.next().expect("a line").expect("read")).expect("json");
+        let replies: Vec<&str> = replies["replies"]
+            .as_array()
+            .expect("replies")
+            .iter()
+            .filter_map(|r| r.as_str())
+            .collect();
+        let timed_out = replies
+            .iter()
+            .filter(|r| r.contains("no complete request within"))
+            .count();
+        let refused = replies
+            .iter()
+            .filter(|r| r.contains("too many connections from uid 65534"))
+            .count();
+        assert_eq!(timed_out, 8, "a uid's share: {replies:?}");
+        assert_eq!(timed_out + refused, replies.len(), "{replies:?}");
+        assert!(hog.wait().expect("wait").success());
+    }
+}
+
+/// `logs -n 100000 -f` clients that never read cost the agent a bounded buffer each; a
+/// client that reads gets every line, in order; a follower that falls too far behind is
+/// dropped with a notice.
+#[test]
+fn slow_log_readers_cannot_balloon_the_agent() {
+    // 100 000 lines of ~90 bytes, then a 4 KiB line every 10 ms.
+    let site = r#"name = "chatty"
+command = ["/bin/sh", "-c", '''
+awk 'BEGIN { for (i = 0; i < 100000; i++) printf "line %d xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n", i }'
+big=$(awk 'BEGIN { for (i = 0; i < 512; i++) printf "ticking " }')
+while :; do echo "$big"; sleep 0.01; done
+''']
+workers = 1
+[logs]
+max_size = "1G"
+"#;
+    let agent = TestAgent::start_ready(
+        &[("chatty", site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "chatty",
+        1,
+    );
+    wait_until("the backlog in the log", Duration::from_secs(60), || {
+        stdout(&agent.cli(&["logs", "chatty", "-n", "1"])).contains("ticking")
+    });
+    let rss = || {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    };
+    let before = rss();
+    // 30 clients ask for everything and follow, and never read.
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        let mut c = std::os::unix::net::UnixStream::connect(&agent.socket).expect("connect");
+        use std::io::Write;
+        c.write_all(b"{\"cmd\":\"logs\",\"site\":\"chatty\",\"lines\":100000,\"follow\":true}\n")
+            .expect("request");
+        idle.push(c);
+    }
+    // The agent stays responsive while they sit there.
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(agent.status("chatty")["state"], "running");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "status took {:?}",
+            t.elapsed()
+        );
+    }
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 24 << 20,
+        "30 idle log clients grew the agent by {} MiB",
+        grown >> 20
+    );
+    // They stay connected, each paused in its backlog (the file is its buffer). A client
+    // that follows from the end and stops reading falls behind the live lines and is
+    // dropped, with a notice at the end of what it was sent.
+    drop(idle);
+    let mut follower = std::os::unix::net::UnixStream::connect(&agent.socket).expect("connect");
+    {
+        use std::io::Write;
+        follower
+            .write_all(b"{\"cmd\":\"logs\",\"site\":\"chatty\",\"lines\":0,\"follow\":true}\n")
+            .expect("request");
+    }
+    let log = std::fs::read_to_string(agent.dir.path().join("agent.log")).unwrap_or_default();
+    let dropped = |log: &str| log.contains("a logs -f client fell behind");
+    wait_until(
+        "the silent follower to be dropped",
+        Duration::from_secs(60),
+        || dropped(&agent.agent_log()),
+    );
+    assert!(!dropped(&log));
+    follower
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let last = BufReader::new(follower)
+        .lines()
+        .map(|l| l.expect("read"))
+        .last()
+        .expect("lines");
+    assert!(last.contains("logs -f dropped"), "{last}");
+    // A client that reads gets the last 100 000 lines, complete and in order.
+    let out = agent.cli(&["logs", "chatty", "-n", "100000"]);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 100_000);
+    let mut last_tick = 0;
+    for (i, l) in lines.iter().enumerate() {
+        assert!(l.contains(" w-0["), "line {i}: {l}");
+        if l.contains("ticking") {
+            last_tick = i;
+        }
+    }
+    assert_eq!(last_tick, lines.len() - 1, "the newest line is last");
+}

@@ -80,6 +80,15 @@ const TCP_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Most bytes buffered for a slow control client before it is dropped.
 const MAX_CONN_BUFFER: usize = 4 << 20;
+/// Most bytes buffered for a `logs -f` client: one that falls this far behind the log is
+/// dropped with a notice (the lines are in the file).
+const MAX_FOLLOW_BUFFER: usize = 256 << 10;
+/// How long a client has to send its request after connecting.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections one uid other than root and the agent's may hold at once.
+const MAX_CONNECTIONS_PER_UID: usize = 8;
+/// Connections only root and the agent's user may use.
+const RESERVED_FOR_ADMIN: usize = 16;
 
 #[derive(Debug, Clone)]
 enum Source {
@@ -196,6 +205,18 @@ struct Conn {
     done: bool,
     /// Streaming (logs -f) or waiting for an operation.
     held: bool,
+    /// When the connection is closed unless its request has arrived.
+    deadline: Option<Instant>,
+    /// The rest of a `logs` client's backlog, sent as its buffer drains.
+    backlog: Option<LogStream>,
+}
+
+/// A `logs` request being answered from the site's file.
+#[derive(Debug)]
+struct LogStream {
+    site: SiteName,
+    backlog: logs::Backlog,
+    follow: bool,
 }
 
 impl Site {
@@ -690,11 +711,13 @@ impl Agent {
                     .min()
             })
             .chain(self.shutdown_deadline)
+            .chain(self.conns.values().filter_map(|c| c.deadline))
             .min()
     }
 
     fn fire_deadlines(&mut self) {
         let now = Instant::now();
+        self.expire_connections(now);
         let due: Vec<(SiteName, GenId)> = self
             .sites
             .iter()
@@ -1364,10 +1387,33 @@ impl Agent {
         }
         let followers = site.followers.clone();
         for conn in followers {
+            let behind = self
+                .conns
+                .get(&conn)
+                .is_some_and(|c| c.outbuf.len() > MAX_FOLLOW_BUFFER);
+            if behind {
+                let path = site_log_path(&self.sites, name);
+                warn!(site = %name, "a logs -f client fell behind: dropped");
+                self.finish(
+                    conn,
+                    &Reply::error(
+                        ErrorKind::Failed,
+                        format!(
+                            "logs -f dropped: more than {} KiB behind the log; the lines are in {path}",
+                            MAX_FOLLOW_BUFFER >> 10
+                        ),
+                    ),
+                );
+                continue;
+            }
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
             for r in records {
                 let line = String::from_utf8_lossy(r.strip_suffix(b"\n").unwrap_or(r)).into_owned();
-                self.send(conn, &Reply::Line(line));
+                c.outbuf.extend_from_slice(&Reply::Line(line).to_line());
             }
+            self.flush(conn);
         }
     }
 
@@ -1449,6 +1495,7 @@ impl Agent {
                     continue;
                 }
             };
+            let refusal = self.connection_refusal(uid);
             let id = self.next_conn;
             self.next_conn += 1;
             let conn = Conn {
@@ -1460,22 +1507,73 @@ impl Agent {
                 write_token: None,
                 done: false,
                 held: false,
+                deadline: Some(Instant::now() + REQUEST_TIMEOUT),
+                backlog: None,
             };
             self.conns.insert(id, conn);
-            if self.conns.len() > MAX_CONNECTIONS {
-                warn!(uid, "too many control connections, refusing one");
-                self.finish(
-                    id,
-                    &Reply::error(
-                        ErrorKind::Refused,
-                        format!("too many connections (limit {MAX_CONNECTIONS})"),
-                    ),
-                );
+            if let Some(why) = refusal {
+                warn!(uid, "refused a control connection: {why}");
+                self.finish(id, &Reply::error(ErrorKind::Refused, why));
                 continue;
             }
             self.arm_conn_read(id);
         }
         self.rearm(Source::Control);
+    }
+
+    /// Why a new connection from `uid` is refused, if it is: the total limit, or, for
+    /// anyone but root and the agent's user, a share of it (`MAX_CONNECTIONS_PER_UID`
+    /// each, and never the last `RESERVED_FOR_ADMIN`), so that no burst of local clients
+    /// can keep root from `status`, `stop` or `reload`.
+    fn connection_refusal(&self, uid: u32) -> Option<String> {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            return Some(format!("too many connections (limit {MAX_CONNECTIONS})"));
+        }
+        if self.is_admin(uid) {
+            return None;
+        }
+        let others = self
+            .conns
+            .values()
+            .filter(|c| !self.is_admin(c.uid))
+            .count();
+        if others >= MAX_CONNECTIONS - RESERVED_FOR_ADMIN {
+            return Some(format!(
+                "too many connections from users other than root (limit {})",
+                MAX_CONNECTIONS - RESERVED_FOR_ADMIN
+            ));
+        }
+        let mine = self.conns.values().filter(|c| c.uid == uid).count();
+        if mine >= MAX_CONNECTIONS_PER_UID {
+            return Some(format!(
+                "too many connections from uid {uid} (limit {MAX_CONNECTIONS_PER_UID})"
+            ));
+        }
+        None
+    }
+
+    /// Closes connections that did not send their request in time.
+    fn expire_connections(&mut self, now: Instant) {
+        let late: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            let uid = self.conns.get(&id).map(|c| c.uid);
+            debug!(?uid, "a control connection sent no request in time: closed");
+            self.finish(
+                id,
+                &Reply::error(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "no complete request within {}",
+                        config::format_duration(REQUEST_TIMEOUT)
+                    ),
+                ),
+            );
+        }
     }
 
     fn arm_conn_read(&mut self, id: u64) {
@@ -1512,6 +1610,10 @@ impl Agent {
                     break;
                 }
                 Ok(n) => {
+                    if conn.held || conn.done {
+                        // A streaming or waiting client only ever hangs up.
+                        continue;
+                    }
                     conn.inbuf.extend_from_slice(&buf[..n]);
                     if conn.inbuf.len() > MAX_REQUEST {
                         break;
@@ -1526,11 +1628,9 @@ impl Agent {
             }
         }
         if conn.held || conn.done {
-            // A streaming or waiting client only ever hangs up.
             if closed {
                 self.close_conn(id);
             } else {
-                conn.inbuf.clear();
                 self.arm_conn_read(id);
             }
             return;
@@ -1538,6 +1638,8 @@ impl Agent {
         let uid = conn.uid;
         if let Some(pos) = conn.inbuf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = conn.inbuf.drain(..=pos).collect();
+            conn.inbuf = Vec::new();
+            conn.deadline = None;
             match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => self.handle_request(id, uid, req),
                 Err(e) => self.finish(
@@ -1578,6 +1680,8 @@ impl Agent {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.done = true;
             conn.held = false;
+            conn.deadline = None;
+            conn.backlog = None;
         }
         for site in self.sites.values_mut() {
             site.followers.retain(|c| *c != id);
@@ -1586,34 +1690,89 @@ impl Agent {
         self.send(id, reply);
     }
 
+    /// Writes what the connection has buffered; a `logs` client whose buffer ran low gets
+    /// its next chunk of backlog, until the socket is full or the backlog is done.
     fn flush(&mut self, id: u64) {
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return;
-        };
-        while !conn.outbuf.is_empty() {
-            match rustix::io::write(&conn.fd, &conn.outbuf) {
-                Ok(n) => {
-                    conn.outbuf.drain(..n);
+        loop {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                return;
+            };
+            while !conn.outbuf.is_empty() {
+                match rustix::io::write(&conn.fd, &conn.outbuf) {
+                    Ok(n) => {
+                        conn.outbuf.drain(..n);
+                    }
+                    Err(rustix::io::Errno::AGAIN) => break,
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(_) => {
+                        self.close_conn(id);
+                        return;
+                    }
                 }
-                Err(rustix::io::Errno::AGAIN) => break,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => {
+            }
+            if conn.outbuf.is_empty() && conn.backlog.is_some() {
+                if self.pump_backlog(id) {
+                    continue;
+                }
+                return;
+            }
+            if conn.outbuf.is_empty() {
+                if conn.done {
                     self.close_conn(id);
-                    return;
+                }
+            } else if conn.write_token.is_none() {
+                match self
+                    .reg
+                    .arm(conn.fd.as_fd(), Interest::Writable, Source::ConnWrite(id))
+                {
+                    Ok(t) => conn.write_token = Some(t),
+                    Err(_) => self.close_conn(id),
                 }
             }
+            return;
         }
-        if conn.outbuf.is_empty() {
-            if conn.done {
-                self.close_conn(id);
+    }
+
+    /// Moves the next chunk of a `logs` client's backlog into its buffer. Once the
+    /// backlog is done the client follows the log (`-f`) or gets its final answer. Returns
+    /// whether anything was buffered.
+    fn pump_backlog(&mut self, id: u64) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        let Some(stream) = conn.backlog.as_mut() else {
+            return false;
+        };
+        let Some(site) = self.sites.get_mut(&stream.site) else {
+            conn.backlog = None;
+            return false;
+        };
+        match stream.backlog.next_lines(&site.log) {
+            Ok(Some(lines)) => {
+                for l in lines {
+                    conn.outbuf.extend_from_slice(&Reply::Line(l).to_line());
+                }
+                true
             }
-        } else if conn.write_token.is_none() {
-            match self
-                .reg
-                .arm(conn.fd.as_fd(), Interest::Writable, Source::ConnWrite(id))
-            {
-                Ok(t) => conn.write_token = Some(t),
-                Err(_) => self.close_conn(id),
+            Ok(None) => {
+                let stream = conn.backlog.take().expect("checked above");
+                if stream.follow {
+                    site.followers.push(id);
+                    false
+                } else {
+                    let path = site.log.path().to_path_buf();
+                    let name = stream.site;
+                    self.finish(id, &Reply::Ok(json!({ "site": name, "log": path })));
+                    true
+                }
+            }
+            Err(e) => {
+                let path = site.log.path().display().to_string();
+                self.finish(
+                    id,
+                    &Reply::error(ErrorKind::Failed, format!("failed to read {path}: {e}")),
+                );
+                true
             }
         }
     }
@@ -1625,6 +1784,14 @@ impl Agent {
         for t in [conn.read_token, conn.write_token].into_iter().flatten() {
             self.reg.tokens.remove(&t);
             let _ = self.reg.reactor.disarm(conn.fd.as_fd(), t);
+        }
+        // A unix socket closed with unread data resets the peer's reads, and the client
+        // would lose the answer already sent (a refusal, a timeout): drain first.
+        let mut scratch = [0u8; 4096];
+        for _ in 0..16 {
+            if !matches!(rustix::io::read(&conn.fd, &mut scratch), Ok(n) if n > 0) {
+                break;
+            }
         }
         for site in self.sites.values_mut() {
             site.followers.retain(|c| *c != id);
@@ -1795,33 +1962,28 @@ impl Agent {
             }
             Request::Logs { lines, follow, .. } => {
                 let name = name.expect("site request");
-                let path = self.sites[&name].log.path().to_path_buf();
-                match logs::tail(&path, lines.min(100_000)) {
-                    Ok(past) => {
-                        for l in past {
-                            self.send(conn, &Reply::Line(l));
+                let log = &self.sites[&name].log;
+                match logs::Backlog::start(log, lines.min(MAX_LOG_LINES), follow) {
+                    Ok(backlog) => {
+                        if let Some(c) = self.conns.get_mut(&conn) {
+                            c.held = true;
+                            c.backlog = Some(LogStream {
+                                site: name,
+                                backlog,
+                                follow,
+                            });
                         }
+                        // Reads now only notice a hang-up.
+                        self.arm_conn_read(conn);
+                        self.flush(conn);
                     }
                     Err(e) => {
-                        return self.finish(
+                        let path = log.path().display().to_string();
+                        self.finish(
                             conn,
-                            &Reply::error(
-                                ErrorKind::Failed,
-                                format!("failed to read {}: {e}", path.display()),
-                            ),
+                            &Reply::error(ErrorKind::Failed, format!("failed to read {path}: {e}")),
                         );
                     }
-                }
-                if follow {
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        c.held = true;
-                    }
-                    if let Some(s) = self.sites.get_mut(&name) {
-                        s.followers.push(conn);
-                    }
-                    self.arm_conn_read(conn);
-                } else {
-                    self.finish(conn, &Reply::Ok(json!({ "site": name, "log": path })));
                 }
             }
             Request::Exec {
@@ -2239,6 +2401,16 @@ impl Agent {
         info!("agent stopped");
     }
 }
+
+fn site_log_path(sites: &BTreeMap<SiteName, Site>, name: &SiteName) -> String {
+    sites
+        .get(name)
+        .map(|s| s.log.path().display().to_string())
+        .unwrap_or_default()
+}
+
+/// Most past lines one `logs` request may ask for.
+const MAX_LOG_LINES: usize = 100_000;
 
 fn policies(c: &SiteConfig) -> Policies {
     Policies {
