@@ -56,6 +56,16 @@ pub(super) struct Deploy {
     pub rollback: bool,
     /// Set while the plan is being carried out (feeding inputs re-enters it).
     busy: bool,
+    /// `CLOCK_MONOTONIC` (ns) just before and just after the steering was flipped: a
+    /// connection the kernel placed before the first went to the old generation, one
+    /// placed after the second to the new one (for tests and tracing).
+    flip_window: Option<(u64, u64)>,
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the clock Rust's `Instant` reads on Linux).
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
 }
 
 impl Deploy {
@@ -407,6 +417,7 @@ impl Agent {
             conns: vec![conn],
             rollback,
             busy: false,
+            flip_window: None,
         });
         let capped = cap
             .map(|c| format!(", at most {c} workers in all"))
@@ -600,7 +611,12 @@ impl Agent {
             until: Instant::now() + site.config.stop.timeout,
             stopping: false,
         };
+        let before = monotonic_ns();
         let steered = steer(site, to);
+        let window = (before, monotonic_ns());
+        if let Some(d) = site.deploy.as_mut() {
+            d.flip_window = Some(window);
+        }
         site.serving = to;
         if let Some(prev) = site.gens.get(&from).and_then(|g| g.release.clone()) {
             site.previous_release = Some(prev.clone());
@@ -622,7 +638,9 @@ impl Agent {
         let Some(d) = site.deploy.take() else {
             return;
         };
+        let before = monotonic_ns();
         steer(site, d.from);
+        let window = [before, monotonic_ns()];
         site.serving = d.from;
         if let Some(g) = site.gens.get_mut(&d.to) {
             g.leaving = true;
@@ -635,6 +653,7 @@ impl Agent {
             "release": d.release,
             "reason": msg,
             "finished_at": logs::utc_timestamp(SystemTime::now()),
+            "flip_monotonic_ns": window,
         }));
         warn!(site = %name, gen = d.to, "{msg}");
         for c in d.conns {
@@ -698,6 +717,7 @@ impl Agent {
             "release": d.release,
             "duration_ms": took.as_millis(),
             "finished_at": logs::utc_timestamp(SystemTime::now()),
+            "flip_monotonic_ns": d.flip_window.map(|(a, b)| [a, b]),
         }));
         let short = site
             .gens
