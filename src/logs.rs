@@ -10,6 +10,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -75,6 +76,8 @@ pub struct SiteLog {
     policy: LogPolicy,
     /// How many times the file was rotated (a [`Backlog`] reading the old file moves on).
     rotations: u64,
+    /// The group that may read the files (the site's), when the agent may set it.
+    group: Option<u32>,
     /// Complete lines in the current file.
     lines: u64,
     /// `marks[i]`: where line `i * MARK_EVERY` of the current file starts, so the last N
@@ -85,12 +88,44 @@ pub struct SiteLog {
 /// Lines between two entries of a log's line index.
 const MARK_EVERY: u64 = 256;
 
+/// A site's log files: written by the agent (root), read by the site's group.
+const LOG_MODE: u32 = 0o640;
+/// Rotated files looked at when fixing permissions, beyond the configured `keep`.
+const MAX_KEEP_FIXED: u32 = 10;
+
+/// Gives `file` the log mode and, when the agent may, the site's group.
+fn protect(file: &File, group: Option<u32>) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    file.set_permissions(fs::Permissions::from_mode(LOG_MODE))?;
+    if let Some(gid) = group {
+        match rustix::fs::fchown(file.as_fd(), None, Some(rustix::fs::Gid::from_raw(gid))) {
+            // An agent that is not root may not give its files away: they stay its own,
+            // which is the only user its sites run as then.
+            Ok(()) | Err(rustix::io::Errno::PERM) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 impl SiteLog {
-    /// Opens (appending) `<dir>/<site>.log`.
-    pub fn open(dir: &Path, site: &str, policy: LogPolicy) -> io::Result<SiteLog> {
+    /// Opens (appending) `<dir>/<site>.log`, readable by root and `group` only (the site's
+    /// group; `None` leaves the group as it is), its rotated files too. `dir` is made
+    /// traversable but not listable by others (0711).
+    pub fn open(
+        dir: &Path,
+        site: &str,
+        policy: LogPolicy,
+        group: Option<u32>,
+    ) -> io::Result<SiteLog> {
         fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o711))?;
         let path = dir.join(format!("{site}.log"));
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(LOG_MODE)
+            .open(&path)?;
         let size = file.metadata()?.len();
         let mut log = SiteLog {
             path,
@@ -98,9 +133,11 @@ impl SiteLog {
             size: 0,
             policy,
             rotations: 0,
+            group,
             lines: 0,
             marks: vec![0],
         };
+        log.protect_all()?;
         // Index what an earlier agent wrote.
         let mut old = File::open(&log.path)?;
         let mut buf = vec![0u8; BACKLOG_CHUNK];
@@ -120,9 +157,26 @@ impl SiteLog {
         &self.path
     }
 
-    /// Changes the rotation policy (on reload).
-    pub fn set_policy(&mut self, policy: LogPolicy) {
+    /// Changes the rotation policy and the group that may read the files (on reload).
+    pub fn set_policy(&mut self, policy: LogPolicy, group: Option<u32>) -> io::Result<()> {
         self.policy = policy;
+        if group != self.group {
+            self.group = group;
+            self.protect_all()?;
+        }
+        Ok(())
+    }
+
+    /// Sets the mode and group of the file and its rotated ones (files an older agent
+    /// created world-readable are fixed too).
+    fn protect_all(&self) -> io::Result<()> {
+        protect(&self.file, self.group)?;
+        for i in 1..=self.policy.keep.max(MAX_KEEP_FIXED) {
+            if let Ok(f) = File::open(format!("{}.{i}", self.path.display())) {
+                protect(&f, self.group)?;
+            }
+        }
+        Ok(())
     }
 
     /// Appends one formatted record, rotating first if it would not fit.
@@ -160,7 +214,9 @@ impl SiteLog {
         self.file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(LOG_MODE)
             .open(&self.path)?;
+        protect(&self.file, self.group)?;
         self.size = 0;
         self.rotations += 1;
         self.lines = 0;
@@ -382,7 +438,7 @@ mod tests {
             max_size: 4096,
             keep: 2,
         };
-        let mut log = SiteLog::open(dir.path(), "blog", policy).expect("open");
+        let mut log = SiteLog::open(dir.path(), "blog", policy, None).expect("open");
         let line = vec![b'a'; 1023];
         for i in 0..20u8 {
             let mut l = line.clone();
@@ -416,7 +472,7 @@ mod tests {
             max_size: 1 << 30,
             keep: 1,
         };
-        let mut log = SiteLog::open(dir.path(), "x", policy).expect("open");
+        let mut log = SiteLog::open(dir.path(), "x", policy, None).expect("open");
         let text: String = (0..100_000).map(|i| format!("line {i}\n")).collect();
         log.append(text.as_bytes()).expect("append");
         assert_eq!(backlog(&log, 2), vec!["line 99998", "line 99999"]);
@@ -425,7 +481,7 @@ mod tests {
         assert_eq!(many[0], "line 80000");
         assert_eq!(backlog(&log, 200_000).len(), 100_000, "all there is");
         // An agent that opens the file again indexes what is there.
-        let again = SiteLog::open(dir.path(), "x", policy).expect("reopen");
+        let again = SiteLog::open(dir.path(), "x", policy, None).expect("reopen");
         assert_eq!(backlog(&again, 20_000)[0], "line 80000");
         assert_eq!(backlog(&again, 1), vec!["line 99999"]);
         assert!(backlog(&log, 0).is_empty());
@@ -438,7 +494,7 @@ mod tests {
         );
         log.append(b" done\n").expect("append");
         assert_eq!(backlog(&log, 1), vec!["partial done"]);
-        let empty = SiteLog::open(dir.path(), "empty", policy).expect("open");
+        let empty = SiteLog::open(dir.path(), "empty", policy, None).expect("open");
         assert!(backlog(&empty, 5).is_empty());
     }
 
@@ -449,7 +505,7 @@ mod tests {
             max_size: 4096,
             keep: 2,
         };
-        let mut log = SiteLog::open(dir.path(), "r", policy).expect("open");
+        let mut log = SiteLog::open(dir.path(), "r", policy, None).expect("open");
         for i in 0..10 {
             log.append(format!("old {i}\n").as_bytes()).expect("append");
         }

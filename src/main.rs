@@ -413,7 +413,10 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         Command::Reload => Request::Reload,
         Command::Deploy { site, release } => Request::Deploy {
             site,
-            release: release.map(|r| r.display().to_string()),
+            // The agent's working directory is not the caller's.
+            release: release
+                .map(|r| std::path::absolute(&r).unwrap_or(r))
+                .map(|r| r.display().to_string()),
         },
         Command::Rollback { site } => Request::Rollback { site },
         Command::Agent { .. }

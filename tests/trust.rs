@@ -370,3 +370,152 @@ max_size = "1G"
     }
     assert_eq!(last_tick, lines.len() - 1, "the newest line is last");
 }
+
+/// Runs the CLI as `nobody` (uid and gid 65534) in `dir`.
+fn as_nobody(agent: &TestAgent, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(BIN)
+        .uid(65534)
+        .gid(65534)
+        .current_dir(dir)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(args)
+        .output()
+        .expect("cli")
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .expect("chmod");
+}
+
+/// A site's owner may scale within its configuration and deploy releases it can reach
+/// beside its release symlink; nothing beyond, and a refusal tells nothing about paths it
+/// may not see. Its log is readable by it and root, not by other users.
+#[test]
+fn a_site_owner_stays_within_its_site() {
+    if !is_root() && skip("needs root to act as another uid") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    chmod(tmp.path(), 0o755);
+    let srv = tmp.path().join("srv/mine");
+    for r in ["r1", "r2"] {
+        std::fs::create_dir_all(srv.join("releases").join(r)).expect("mkdir");
+    }
+    std::os::unix::fs::symlink("releases/r1", srv.join("current")).expect("symlink");
+    let secret = tmp.path().join("secret");
+    std::fs::create_dir_all(secret.join("inner")).expect("mkdir");
+    chmod(&secret, 0o700);
+    let elsewhere = tmp.path().join("elsewhere/r9");
+    std::fs::create_dir_all(&elsewhere).expect("mkdir");
+    let mine = format!(
+        "name = \"mine\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\nworkers = 2\nuser = \"nobody\"\nrelease = \"{}\"\n",
+        srv.join("current").display()
+    );
+    let theirs = "name = \"theirs\"\ncommand = [\"/bin/sh\", \"-c\", \"echo secret-of-theirs; exec sleep 1000\"]\nworkers = 1\n";
+    let agent = TestAgent::start_ready(
+        &[("mine", &mine), ("theirs", theirs)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "mine",
+        2,
+    );
+    open_to_others(&agent);
+    chmod(&agent.dir.path().join("state"), 0o755);
+
+    // Scale: up to the configured count, not beyond; root may.
+    let out = as_nobody(&agent, tmp.path(), &["scale", "mine", "3"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("may scale site mine to at most 2"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(agent.status("mine")["desired"], 2, "nothing changed");
+    let out = as_nobody(&agent, tmp.path(), &["scale", "mine", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = agent.cli(&["scale", "mine", "3"]);
+    assert!(out.status.success(), "root may: {}", stderr(&out));
+
+    // Deploy --release: only a directory beside the symlink that nobody can reach.
+    let refusal = |out: &std::process::Output, path: &std::path::Path| {
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+        let want = format!(
+            "release {}: not a directory inside {} that uid 65534 can reach",
+            path.display(),
+            srv.display()
+        );
+        assert!(
+            stderr(out).contains(&want),
+            "{}\nwanted: {want}",
+            stderr(out)
+        );
+    };
+    for path in [
+        secret.join("inner"),
+        secret.join("no-such-dir"),
+        elsewhere.clone(),
+        srv.join("releases/none"),
+    ] {
+        let out = as_nobody(
+            &agent,
+            tmp.path(),
+            &["deploy", "mine", "--release", &path.display().to_string()],
+        );
+        refusal(&out, &path);
+    }
+    assert_eq!(
+        agent.status("mine")["generation"],
+        1,
+        "nothing was deployed"
+    );
+    // A relative path is the caller's, not the agent's.
+    let out = as_nobody(
+        &agent,
+        &srv,
+        &["deploy", "mine", "--release", "releases/r2"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = agent.status("mine");
+    assert_eq!(s["generation"], 2);
+    assert_eq!(
+        s["release"].as_str(),
+        Some(srv.join("releases/r2").to_str().expect("utf-8")),
+        "{s:#}"
+    );
+
+    // Logs: 0640, the site's group; the directory cannot be listed by others.
+    use std::os::unix::fs::MetadataExt;
+    let logs = agent.dir.path().join("state/logs");
+    let m = std::fs::metadata(logs.join("mine.log")).expect("mine.log");
+    assert_eq!(m.mode() & 0o777, 0o640);
+    assert_eq!(m.gid(), 65534);
+    let m = std::fs::metadata(logs.join("theirs.log")).expect("theirs.log");
+    assert_eq!(m.mode() & 0o777, 0o640);
+    assert_eq!(m.gid(), 0);
+    assert_eq!(
+        std::fs::metadata(&logs).expect("logs").mode() & 0o777,
+        0o711
+    );
+    let read = |file: &str| {
+        use std::os::unix::process::CommandExt;
+        Command::new("cat")
+            .uid(65534)
+            .gid(65534)
+            .arg(logs.join(file))
+            .output()
+            .expect("cat")
+    };
+    assert!(read("mine.log").status.success(), "its own log");
+    let out = read("theirs.log");
+    assert!(
+        !out.status.success(),
+        "another site's log: {}",
+        stdout(&out)
+    );
+    assert!(!stdout(&out).contains("secret-of-theirs"));
+}

@@ -92,6 +92,45 @@ pub(super) struct Queued {
     rollback: bool,
 }
 
+/// The release directory `dir` a site's owner asked to deploy, resolved with the
+/// permissions of the site's user (never the agent's) and required to be inside the
+/// directory that holds the site's `release` symlink. Every refusal reads the same, so the
+/// answer tells nothing about paths the user may not see.
+pub(super) fn release_for_owner(site: &config::SiteConfig, dir: &Path) -> Result<PathBuf, String> {
+    let Some(parent) = site.release.as_deref().and_then(Path::parent) else {
+        return Err(format!(
+            "site {} has no release symlink: only root may deploy a directory of its choice",
+            site.name
+        ));
+    };
+    let refused = || {
+        format!(
+            "release {}: not a directory inside {} that uid {} can reach",
+            dir.display(),
+            parent.display(),
+            site.uid
+        )
+    };
+    let allowed = std::fs::canonicalize(parent).map_err(|_| refused())?;
+    let resolved = {
+        let _as_user = crate::sys::creds::become_fs(site.uid, site.gid, &site.sandbox.groups)
+            .map_err(|e| format!("failed to take the identity of uid {}: {e}", site.uid))?;
+        std::fs::canonicalize(dir).and_then(|r| {
+            std::fs::metadata(&r).and_then(|m| {
+                if m.is_dir() {
+                    Ok(r)
+                } else {
+                    Err(std::io::ErrorKind::NotADirectory.into())
+                }
+            })
+        })
+    };
+    match resolved {
+        Ok(r) if r.starts_with(&allowed) && r != allowed => Ok(r),
+        _ => Err(refused()),
+    }
+}
+
 /// Where the previous release of `site` is recorded.
 fn previous_release_file(state_dir: &Path, site: &SiteName) -> PathBuf {
     state_dir.join("releases").join(site.as_str())

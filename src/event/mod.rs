@@ -445,6 +445,7 @@ impl Agent {
             &self.config.state_dir.join("logs"),
             config.name.as_str(),
             config.logs,
+            Some(config.gid),
         )
         .map_err(|e| setup_err(format!("open the log of site {}", config.name), e))?;
         let not_enforced = self.apply_site_limits(&config);
@@ -1889,7 +1890,19 @@ impl Agent {
             }
             Request::Deploy { release, .. } => {
                 let name = name.expect("site request");
-                self.request_deploy(conn, &name, release.map(PathBuf::from), false);
+                let release = match release.map(PathBuf::from) {
+                    Some(dir) if !admin => {
+                        match deploy::release_for_owner(&self.sites[&name].config, &dir) {
+                            Ok(r) => Some(r),
+                            Err(why) => {
+                                warn!(uid, site = %name, "refused a deploy: {why}");
+                                return self.finish(conn, &Reply::error(ErrorKind::Refused, why));
+                            }
+                        }
+                    }
+                    other => other,
+                };
+                self.request_deploy(conn, &name, release, false);
             }
             Request::Rollback { .. } => {
                 let name = name.expect("site request");
@@ -1908,6 +1921,24 @@ impl Agent {
                             format!(
                                 "{workers} workers is too many: use 0 to {}",
                                 config::MAX_WORKERS
+                            ),
+                        ),
+                    );
+                }
+                let site = self.sites.get_mut(&name).expect("checked above");
+                // A site's owner may scale up to what its configuration allows; more is
+                // root's decision (and the memory cap bounds everyone).
+                let allowed = site.config.auto.map_or(site.config.workers, |a| a.max);
+                let auto = site.config.auto.is_some();
+                if !admin && workers > allowed {
+                    warn!(uid, site = %name, workers, "refused a scale beyond the configuration");
+                    return self.finish(
+                        conn,
+                        &Reply::error(
+                            ErrorKind::Refused,
+                            format!(
+                                "uid {uid} may scale site {name} to at most {allowed} workers (its {}); more needs root",
+                                if auto { "workers_max" } else { "configured workers" }
                             ),
                         ),
                     );
@@ -2260,7 +2291,9 @@ impl Agent {
                 Some(r) => sc.for_release(r),
                 None => sc.clone(),
             };
-            site.log.set_policy(sc.logs);
+            if let Err(e) = site.log.set_policy(sc.logs, Some(sc.gid)) {
+                warn!(site = %name, "failed to set the permissions of {}: {e}", site.log.path().display());
+            }
             // Prepared again, from the new configuration, at the next spawn.
             site.sandbox = None;
             let limits_changed = site.config.limits != sc.limits;

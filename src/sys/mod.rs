@@ -9,6 +9,8 @@
 //! - [`bpf`]: `bpf(2)` map create/update and `SK_REUSEPORT` program load, and
 //!   `SO_ATTACH_REUSEPORT_EBPF` (Linux 4.19; select-or-migrate 5.14).
 //! - [`activation`]: adopting fds passed with `LISTEN_FDS` (the worker side).
+//! - [`creds`]: `setfsuid`/`setfsgid`/`setgroups` for a moment, to resolve a path with a
+//!   site user's permissions.
 //! - [`signals`]: `sigprocmask` + `signalfd`, so the event loop receives signals as fd
 //!   readiness (Linux 2.6.27).
 //! - [`wait`]: `waitid(P_ALL, WNOWAIT)` to find which child became a zombie, for reaping
@@ -25,6 +27,7 @@
 
 pub mod activation;
 pub mod bpf;
+pub mod creds;
 pub mod landlock;
 pub mod ptrace;
 pub mod signals;
