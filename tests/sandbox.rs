@@ -74,6 +74,7 @@ impl Drop for Root {
 
 fn copy_with_libs(exe: &Path, root: &Path, as_path: &Path) {
     let dest = root.join(as_path.strip_prefix("/").expect("absolute"));
+    std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
     std::fs::copy(exe, &dest).expect("copy binary");
     // What ldd does, without ldd (not in the VM): the dynamic loader lists the libraries.
     let out = Command::new(exe)
@@ -159,7 +160,7 @@ fn sandbox_probe_sees_exactly_its_configuration() {
     if !privileged() {
         return;
     }
-    let base = tempfile::tempdir().expect("tempdir");
+    let base = root_owned_tempdir();
     let root = Root::new(base.path(), "root-a");
     let port = free_port();
     // Above the default hard limit where we hold CAP_SYS_RESOURCE (a VM): only possible
@@ -300,7 +301,7 @@ fn sandbox_hostile_workers_fail_and_disturb_nothing() {
     if !privileged() {
         return;
     }
-    let base = tempfile::tempdir().expect("tempdir");
+    let base = root_owned_tempdir();
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let root_a = Root::new(base.path(), "root-a");
     let root_b = Root::new(base.path(), "root-b");
@@ -502,7 +503,7 @@ fn sandbox_refuses_unsafe_roots_and_missing_required_features() {
     if !privileged() {
         return;
     }
-    let base = tempfile::tempdir().expect("tempdir");
+    let base = root_owned_tempdir();
     let strict = Root::new(base.path(), "strict");
     let suid = strict.path.join("suid");
     std::fs::copy(BIN, &suid).expect("copy");
@@ -551,7 +552,10 @@ fn sandbox_refuses_unsafe_roots_and_missing_required_features() {
         stdout(&out)
     );
     failed("strict", "is setuid or setgid (strict = true refuses it)");
-    failed("owned", "is owned by the site's user");
+    failed(
+        "owned",
+        &format!("is owned by uid {uid}: every directory from / to the root must be owned by root"),
+    );
     if landlock_abi() < 4 {
         failed(
             "net",
@@ -600,7 +604,7 @@ fn sandbox_exec_without_a_terminal_uses_pipes_and_returns_the_status() {
     if !privileged() {
         return;
     }
-    let base = tempfile::tempdir().expect("tempdir");
+    let base = root_owned_tempdir();
     let root = Root::new(base.path(), "root-a");
     if !add_busybox(&root.path) {
         return;
@@ -674,7 +678,7 @@ fn sandbox_exec_runs_a_shell_on_a_terminal_and_refuses_another_uid() {
     if !privileged() {
         return;
     }
-    let base = tempfile::tempdir().expect("tempdir");
+    let base = root_owned_tempdir();
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let root = Root::new(base.path(), "root-a");
     if !add_busybox(&root.path) {
@@ -784,4 +788,85 @@ fn sandbox_exec_runs_a_shell_on_a_terminal_and_refuses_another_uid() {
     };
     assert_eq!(status.code(), Some(3), "{seen:?}");
     assert_eq!(agent.status("a")["ready"], 1, "the site is undisturbed");
+}
+
+/// A root holding only the hatchery binary, at the path it has on the host, and its
+/// libraries (no `/proc` mounted, so nothing outside it is touched when a test swaps it
+/// for a symlink). The same command then runs inside the root and outside it.
+fn plain_root(path: &Path) {
+    std::fs::create_dir_all(path).expect("mkdir root");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    copy_with_libs(Path::new(BIN), path, Path::new(BIN));
+}
+
+/// A site user who owns a directory on the way to its root could rename the root and put
+/// a symlink to `/` in its place: the next worker would run with the host's `/` as its
+/// root. Such a root is refused from the start, and such a change after the site started
+/// is caught at the next spawn (chroot follows the path again every time).
+#[test]
+fn a_root_the_site_user_could_swap_is_never_entered() {
+    if !privileged() {
+        return;
+    }
+    let base = root_owned_tempdir();
+    let jail = base.path().join("jail");
+    let root = jail.join("root");
+    plain_root(&root);
+    std::fs::set_permissions(&jail, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let site = format!(
+        "name = \"jailed\"\ncommand = [\"{BIN}\", \"__probe\", \"sleep\"]\nuser = \"{USER_A}\"\n\
+         [restart]\nbackoff_initial = \"50ms\"\n[sandbox]\nroot = \"{}\"\n",
+        root.display()
+    );
+    let agent = TestAgent::start_ready(&[("jailed", &site)], opts(), "jailed", 1);
+    let pid = agent.pids("jailed")[0];
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).expect("root of the worker"),
+        root,
+        "the worker runs in its root"
+    );
+    // The operator hands jail/ to the site's user, who swaps the root for `/`.
+    let uid = uid_of(USER_A);
+    rustix::fs::chown(&jail, Some(rustix::fs::Uid::from_raw(uid)), None).expect("chown");
+    let kept = jail.join("kept");
+    std::fs::rename(&root, &kept).expect("rename");
+    std::os::unix::fs::symlink("/", &root).expect("symlink");
+    let out = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(out.success());
+    let s = agent.wait_for("jailed", "the slot refused", Duration::from_secs(20), |s| {
+        s["state"] == "failed" || s["workers"][0]["pid"].as_i64().is_some_and(|p| p != pid)
+    });
+    let escaped = s["workers"][0]["pid"]
+        .as_i64()
+        .and_then(|p| std::fs::read_link(format!("/proc/{p}/root")).ok());
+    // Put things back before any assertion can fail.
+    std::fs::remove_file(&root).expect("remove symlink");
+    std::fs::rename(&kept, &root).expect("rename back");
+    assert_eq!(
+        escaped, None,
+        "a worker ran with the host's / as its root: {s:#}"
+    );
+    assert_eq!(s["state"], "failed", "{s:#}");
+    let why = s["workers"][0]["last_exit"].as_str().unwrap_or("");
+    assert!(
+        why.contains(&format!("{} is owned by uid {uid}", jail.display())),
+        "{s:#}"
+    );
+    // And `check` refuses such a root before anything starts.
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(agent.dir.path().join("hatchery.toml"))
+        .output()
+        .expect("check");
+    assert!(
+        stdout(&out).contains(&format!(
+            "jailed: REFUSED: sandbox.root: {} is owned by uid {uid}",
+            jail.display()
+        )),
+        "{}",
+        stdout(&out)
+    );
 }

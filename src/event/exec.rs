@@ -101,6 +101,9 @@ impl Agent {
         let site = self.sites.get(name).ok_or("no such site")?;
         // The serving generation's configuration: its release fills `{release}`.
         let config = &site.cur().config;
+        if let Some(root) = &config.sandbox.root {
+            crate::sandbox::check_root_path(root)?;
+        }
         let mut argv = params.command;
         if argv.is_empty() {
             // The site user's login shell, if it exists inside the root; else /bin/sh.

@@ -1162,6 +1162,11 @@ impl Agent {
             .get(name)
             .and_then(|s| s.gens.get(&g))
             .ok_or_else(|| ("no such site".to_string(), true))?;
+        if let Some(root) = &site.config.sandbox.root {
+            // `chroot` follows the path again at every spawn: whoever could change a
+            // directory on the way since it was prepared could now point it elsewhere.
+            crate::sandbox::check_root_path(root).map_err(|e| (e, true))?;
+        }
         let mut image =
             crate::spawn::worker_image(&site.config, &site.listeners, &notify_path, id, g)
                 .map_err(|e| (e, true))?;

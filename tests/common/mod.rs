@@ -338,6 +338,18 @@ impl Drop for TestAgent {
     }
 }
 
+/// A temporary directory whose every ancestor is root's and writable by root alone, as a
+/// site's `sandbox.root` requires (a directory under `/tmp`, mode 1777, is refused).
+pub fn root_owned_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let base = Path::new("/var/lib/hatchery-tests");
+    std::fs::create_dir_all(base).expect("mkdir /var/lib/hatchery-tests");
+    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = tempfile::tempdir_in(base).expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
 /// Polls `cond` every 10 ms until it holds, or panics after `timeout` saying `what`.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
