@@ -575,6 +575,29 @@ impl Graveyard {
         self.dirs.retain(|d| !try_remove(d));
     }
 
+    /// Waits (blocking, at most `timeout`) until everything buried is gone; for an agent
+    /// that starts where another died, before it binds what the dead one's workers may
+    /// still hold. Returns whether it all went.
+    pub fn wait_empty(&mut self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            self.sweep();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if self.dirs.is_empty() || left.is_zero() {
+                return self.dirs.is_empty();
+            }
+            let mut fds = [rustix::event::PollFd::new(
+                &self.inotify,
+                rustix::event::PollFlags::IN,
+            )];
+            let ts = rustix::time::Timespec::try_from(left).unwrap_or(rustix::time::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            });
+            let _ = rustix::event::poll(&mut fds, Some(&ts));
+        }
+    }
+
     /// Whether nothing is left to remove.
     pub fn is_empty(&self) -> bool {
         self.dirs.is_empty()

@@ -678,8 +678,47 @@ pub fn lookup_group(name: &str) -> Option<u32> {
 
 // ---------------------------------------------------------------- validation
 
-/// Reads and validates the agent file at `path` and every `*.toml` in its sites dir.
+/// A site file that could not be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenSite {
+    /// The site's name: its file's name without `.toml`.
+    pub name: String,
+    /// Why (the file, key and message).
+    pub error: ConfigError,
+}
+
+/// Reads and validates the agent file at `path` and every `*.toml` in its sites dir; any
+/// error is an error (reload and `check` change nothing on a bad file).
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+    load_keeping(path, &|_| false)
+}
+
+/// As [`load`] for a running agent: sites for which `holds` is true (running, with the
+/// same listeners) keep their addresses, and a conflict is blamed on the other site.
+pub fn load_keeping(
+    path: &Path,
+    holds: &dyn Fn(&SiteConfig) -> bool,
+) -> Result<AgentConfig, ConfigError> {
+    let (config, broken) = load_each_keeping(path, holds)?;
+    match broken.into_iter().next() {
+        Some(b) => Err(b.error),
+        None => Ok(config),
+    }
+}
+
+/// As [`load`], but a bad site file only puts that site aside: the configuration holds
+/// every valid site, and the others come back with their errors (the agent starts the
+/// valid ones and shows the others as failed). Errors of the agent file itself are still
+/// errors. Where two sites want one address, or budgets overflow, the later file (in name
+/// order) is the one put aside.
+pub fn load_each(path: &Path) -> Result<(AgentConfig, Vec<BrokenSite>), ConfigError> {
+    load_each_keeping(path, &|_| false)
+}
+
+fn load_each_keeping(
+    path: &Path,
+    holds: &dyn Fn(&SiteConfig) -> bool,
+) -> Result<(AgentConfig, Vec<BrokenSite>), ConfigError> {
     let raw: RawAgent = read_toml(path)?;
     let base = path.parent().unwrap_or(Path::new("/"));
     let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
@@ -711,6 +750,7 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
     };
 
     let mut sites = Vec::new();
+    let mut broken = Vec::new();
     let entries = std::fs::read_dir(&sites_dir).map_err(|e| {
         err(
             path,
@@ -724,20 +764,49 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         .collect();
     files.sort();
     for file in files {
-        let raw_site: RawSite = read_toml(&file)?;
-        sites.push(validate_site(&file, &raw_site, default_logs)?);
+        let name = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match read_toml::<RawSite>(&file).and_then(|raw| validate_site(&file, &raw, default_logs)) {
+            Ok(site) => sites.push(site),
+            Err(error) => broken.push(BrokenSite { name, error }),
+        }
     }
-    check_conflicts(&sites)?;
-    if let Some(total) = host_memory() {
-        check_budgets(
-            path,
-            &sites,
-            memory_reserve,
-            total,
-            "the host's memory (MemTotal)",
-        )?;
+    // Those that hold their addresses first (stable: then in file order).
+    sites.sort_by_key(|s| !holds(s));
+    let mut kept: Vec<SiteConfig> = Vec::new();
+    for site in sites {
+        if let Err(error) = check_conflicts(&kept, &site) {
+            broken.push(BrokenSite {
+                name: site.name.to_string(),
+                error,
+            });
+            continue;
+        }
+        let mut with = kept.clone();
+        with.push(site.clone());
+        if let Some(total) = host_memory() {
+            if let Err(e) = check_budgets(
+                path,
+                &with,
+                memory_reserve,
+                total,
+                "the host's memory (MemTotal)",
+            ) {
+                broken.push(BrokenSite {
+                    name: site.name.to_string(),
+                    error: err(&site.file, "memory", e.message),
+                });
+                continue;
+            }
+        }
+        kept.push(site);
     }
-    Ok(AgentConfig {
+    broken.sort_by(|a, b| a.error.file.cmp(&b.error.file));
+    kept.sort_by(|a, b| a.file.cmp(&b.file));
+    let sites = kept;
+    let config = AgentConfig {
         file: path.to_path_buf(),
         control_socket,
         state_dir,
@@ -745,7 +814,8 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         cgroup_base,
         memory_reserve,
         sites,
-    })
+    };
+    Ok((config, broken))
 }
 
 /// Memory reserved for the host when the agent file says nothing.
@@ -789,22 +859,43 @@ pub fn check_budgets(
     Ok(())
 }
 
-fn check_conflicts(sites: &[SiteConfig]) -> Result<(), ConfigError> {
-    let mut seen: BTreeMap<&ListenAddr, &SiteConfig> = BTreeMap::new();
-    for site in sites {
-        for l in &site.listen {
-            if let Some(other) = seen.insert(&l.addr, site) {
-                if other.name != site.name {
-                    return Err(err(
-                        &site.file,
-                        "listen",
-                        format!("{} is already used by site {}", l.addr, other.name),
-                    ));
-                }
+/// Refuses `site` when one of its addresses overlaps one of `others` (same port, and the
+/// same address or a wildcard on either side; the same unix path): the blame goes to
+/// `site`, the one that came later.
+fn check_conflicts(others: &[SiteConfig], site: &SiteConfig) -> Result<(), ConfigError> {
+    for l in &site.listen {
+        for other in others.iter().filter(|o| o.name != site.name) {
+            if let Some(o) = other.listen.iter().find(|o| o.addr.overlaps(&l.addr)) {
+                return Err(err(
+                    &site.file,
+                    "listen",
+                    format!(
+                        "{} overlaps {} of site {} ({})",
+                        l.addr,
+                        o.addr,
+                        other.name,
+                        other.file.display()
+                    ),
+                ));
             }
         }
     }
     Ok(())
+}
+
+impl ListenAddr {
+    /// Whether binding both would collide: one unix path, or one TCP port with the same
+    /// address or a wildcard (`0.0.0.0`, `[::]`) on either side.
+    pub fn overlaps(&self, other: &ListenAddr) -> bool {
+        match (self, other) {
+            (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a == b,
+            (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => {
+                a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            }
+            _ => false,
+        }
+    }
 }
 
 impl PartialOrd for ListenAddr {

@@ -265,13 +265,43 @@ fn run_agent(path: &std::path::Path) -> ExitCode {
 }
 
 fn check(path: &std::path::Path, json: bool) -> ExitCode {
-    let config = match config::load(path) {
+    let (config, broken) = match config::load_each(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("hatchery: invalid configuration: {e}");
+            say_err(&format!("hatchery: invalid configuration: {e}"));
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Every problem at once: invalid files, then what this host would refuse.
+    let mut invalid: Vec<(String, String)> = broken
+        .iter()
+        .map(|b| (b.name.clone(), b.error.to_string()))
+        .collect();
+    let agent = hatchery::event::running_agent(&config.control_socket);
+    let mut refused: Vec<(String, String)> = Vec::new();
+    for site in &config.sites {
+        let site_now = match &site.release {
+            Some(link) => match config::resolve_release(link) {
+                Ok(r) => site.for_release(&r),
+                Err(e) => {
+                    refused.push((site.name.to_string(), format!("release: {e}")));
+                    continue;
+                }
+            },
+            None => site.clone(),
+        };
+        if let Err(e) = hatchery::spawn::check_command(&site_now) {
+            invalid.push((
+                site.name.to_string(),
+                format!("{}: command: {e}", site.file.display()),
+            ));
+        }
+        for l in &site.listen {
+            if let Some(why) = address_taken(&l.addr, agent) {
+                refused.push((site.name.to_string(), format!("listen: {why}")));
+            }
+        }
+    }
     let mut report = features::probe_kernel();
     let cgroup = match hatchery::cgroup::cgroup2_mount() {
         Some(m) => {
@@ -299,17 +329,39 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
     report.push(cgroup);
     report.push(features::steering(&hatchery::steering::probe()));
     let sandboxes = sandbox_reports(&config);
+    for (site, v) in sandboxes.as_object().into_iter().flatten() {
+        if let Some(why) = v["refused"].as_str() {
+            refused.push((site.clone(), why.to_string()));
+        }
+    }
+    let problems: Vec<serde_json::Value> = invalid
+        .iter()
+        .map(|(s, m)| serde_json::json!({ "site": s, "kind": "invalid", "message": m }))
+        .chain(
+            refused
+                .iter()
+                .map(|(s, m)| serde_json::json!({ "site": s, "kind": "refused", "message": m })),
+        )
+        .collect();
     if json {
         let sites: Vec<_> = config.sites.iter().map(|s| s.to_raw()).collect();
         let out = serde_json::json!({
-            "valid": true,
+            "valid": invalid.is_empty(),
+            "problems": problems,
             "sites": sites,
             "features": report,
             "sandbox": sandboxes,
         });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
-        println!("configuration is valid: {} site(s)\n", config.sites.len());
+        if invalid.is_empty() {
+            println!("configuration is valid: {} site(s)\n", config.sites.len());
+        } else {
+            println!(
+                "configuration is NOT valid: {} problem(s) in the site files, see the end\n",
+                invalid.len()
+            );
+        }
         print!("{}", config.effective_toml());
         println!("\nkernel features:");
         print!("{}", features::render(&report));
@@ -326,8 +378,61 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
                 println!("  {site}: [NO ] {}", line.as_str().unwrap_or(""));
             }
         }
+        if !problems.is_empty() {
+            println!("\nproblems:");
+            for (site, m) in invalid.iter().chain(&refused) {
+                println!("  {site}: {}", printable(m));
+            }
+        }
     }
-    ExitCode::SUCCESS
+    for (site, m) in invalid.iter().chain(&refused) {
+        say_err(&format!("hatchery: {site}: {m}"));
+    }
+    if !invalid.is_empty() {
+        ExitCode::from(EXIT_USAGE)
+    } else if !refused.is_empty() {
+        ExitCode::from(EXIT_REFUSED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Why `addr` cannot be bound by a site now, if it cannot: another process listens on it
+/// (the running agent, `agent`, and its workers do not count).
+fn address_taken(addr: &config::ListenAddr, agent: Option<u32>) -> Option<String> {
+    match addr {
+        config::ListenAddr::Tcp(a) => {
+            let holders = hatchery::net::tcp_holder_pids(*a);
+            let ours =
+                |pid: &u32| agent.is_some_and(|ag| *pid == ag || parent_of(*pid) == Some(ag));
+            if holders.is_empty() || holders.iter().any(ours) {
+                return None;
+            }
+            Some(format!(
+                "{a}: address in use by {}",
+                hatchery::net::describe_pid(holders[0])
+            ))
+        }
+        config::ListenAddr::Unix(path) => {
+            let accepting = std::os::unix::net::UnixStream::connect(path).is_ok();
+            (accepting && agent.is_none()).then(|| {
+                format!(
+                    "{}: a unix socket another process accepts on",
+                    path.display()
+                )
+            })
+        }
+    }
+}
+
+/// The parent of `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// What each site's sandbox enforces on this host, or why it would be refused.
@@ -553,6 +658,9 @@ fn render_status(v: &serde_json::Value) -> String {
             s["generation"].to_string(),
             listen.join(", ")
         );
+        if let Some(e) = s["error"].as_str() {
+            let _ = writeln!(out, "  {e}");
+        }
     }
     if single {
         let s = &sites[0];

@@ -38,6 +38,14 @@ pub enum NetError {
     /// Something else exists at a unix socket's path.
     #[error("refusing to replace {}: it exists and is not a socket", .0.display())]
     NotASocket(PathBuf),
+    /// Another process listens there already.
+    #[error("{addr}: address in use by {by}")]
+    InUse {
+        /// The address.
+        addr: String,
+        /// Who holds it, as far as can be told (`pid 4242 (nginx)`).
+        by: String,
+    },
 }
 
 /// A bound, listening socket.
@@ -51,10 +59,54 @@ pub struct Listener {
 
 impl Listener {
     /// Binds and listens on `spec`'s address; a unix socket is made owned by `uid:gid`.
+    ///
+    /// A site's first listener on an address must not share it with anyone: with
+    /// `SO_REUSEPORT`, a bind beside another process of the same user that also set it
+    /// succeeds, and the two would split the connections. So an address on which another
+    /// process listens (the kernel's socket tables, overlapping wildcards included) or a
+    /// unix path someone still accepts on is refused, naming the holder when it can be
+    /// found. [`Listener::bind_beside`] is for a new generation joining the agent's own
+    /// group.
     pub fn bind(spec: &ListenSpec, uid: u32, gid: u32) -> Result<Listener, NetError> {
-        let bind_err = |source: io::Error| NetError::Bind {
-            addr: spec.addr.to_string(),
-            source,
+        match &spec.addr {
+            ListenAddr::Tcp(addr) => {
+                if let Some(by) = tcp_holder(*addr) {
+                    return Err(NetError::InUse {
+                        addr: spec.addr.to_string(),
+                        by,
+                    });
+                }
+            }
+            ListenAddr::Unix(path) => {
+                let socket =
+                    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+                if socket && std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(NetError::InUse {
+                        addr: spec.addr.to_string(),
+                        by: "another process (it accepts connections)".into(),
+                    });
+                }
+            }
+        }
+        Listener::bind_beside(spec, uid, gid)
+    }
+
+    /// Binds and listens on `spec`'s address beside the agent's own socket of the same
+    /// address (`SO_REUSEPORT`: a new generation's listener in the same group).
+    pub fn bind_beside(spec: &ListenSpec, uid: u32, gid: u32) -> Result<Listener, NetError> {
+        let bind_err = |source: io::Error| match source.raw_os_error() {
+            Some(libc::EADDRINUSE) => NetError::InUse {
+                addr: spec.addr.to_string(),
+                by: match &spec.addr {
+                    ListenAddr::Tcp(a) => tcp_holder(*a),
+                    ListenAddr::Unix(_) => None,
+                }
+                .unwrap_or_else(|| "another process".into()),
+            },
+            _ => NetError::Bind {
+                addr: spec.addr.to_string(),
+                source,
+            },
         };
         let fd = match &spec.addr {
             ListenAddr::Tcp(addr) => {
@@ -119,6 +171,108 @@ impl Listener {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Who else listens on `addr` (or an address overlapping it), if anyone: read from
+/// `/proc/net/tcp` and `/proc/net/tcp6` (sockets in `LISTEN`), the owner found by its
+/// socket inode among the fds in `/proc/*/fd`. The agent's own sockets do not count.
+pub fn tcp_holder(addr: std::net::SocketAddr) -> Option<String> {
+    let inodes = tcp_listeners(addr);
+    let inode = *inodes.first()?;
+    Some(
+        holders_of_socket(inode)
+            .first()
+            .map_or_else(|| "another process".into(), |pid| describe_pid(*pid)),
+    )
+}
+
+/// The processes (other than this one) holding a socket that listens on `addr` or an
+/// address overlapping it.
+pub fn tcp_holder_pids(addr: std::net::SocketAddr) -> Vec<u32> {
+    tcp_listeners(addr)
+        .into_iter()
+        .flat_map(holders_of_socket)
+        .collect()
+}
+
+/// `pid N (comm)`.
+pub fn describe_pid(pid: u32) -> String {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    format!("pid {pid} ({})", comm.trim())
+}
+
+/// Inodes of listening TCP sockets on `addr` (or overlapping it), not this process's.
+fn tcp_listeners(addr: std::net::SocketAddr) -> Vec<u64> {
+    let ours = socket_inodes_of("self");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(parse_listener)
+                .collect::<Vec<_>>()
+        })
+        .filter(|(a, _)| ListenAddr::Tcp(*a).overlaps(&ListenAddr::Tcp(addr)))
+        .map(|(_, inode)| inode)
+        .filter(|i| !ours.contains(i))
+        .collect()
+}
+
+/// A `LISTEN` line of `/proc/net/tcp{,6}`: its local address and socket inode.
+fn parse_listener(line: &str) -> Option<(std::net::SocketAddr, u64)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.get(3) != Some(&"0A") {
+        return None;
+    }
+    let (ip, port) = f.get(1)?.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let inode = f.get(9)?.parse().ok()?;
+    // The address is the in-kernel bytes, printed as 32-bit words in host order.
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip: std::net::IpAddr = match bytes.len() {
+        4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?).into(),
+        16 => {
+            let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?);
+            v6.to_ipv4_mapped().map_or(v6.into(), Into::into)
+        }
+        _ => return None,
+    };
+    Some(((ip, port).into(), inode))
+}
+
+/// The socket inodes among the fds of process `pid` (`self` for the agent).
+fn socket_inodes_of(pid: &str) -> Vec<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    l.to_str()?
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The processes holding socket `inode`.
+fn holders_of_socket(inode: u64) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| socket_inodes_of(&pid.to_string()).contains(&inode))
+        .collect()
 }
 
 /// The agent's `NOTIFY_SOCKET`.

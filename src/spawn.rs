@@ -73,6 +73,35 @@ pub fn workdir(site: &SiteConfig) -> &str {
         .unwrap_or("/")
 }
 
+/// The executable of the site's `command` (looked up in its `PATH` when it is a bare
+/// name), as the worker will see it (inside its root).
+pub fn resolve_command(site: &SiteConfig) -> Result<PathBuf, String> {
+    let path_var = site
+        .env
+        .get("PATH")
+        .map(String::as_str)
+        .unwrap_or(DEFAULT_PATH);
+    let program = &site.command[0];
+    let root = site.sandbox.root.as_deref();
+    match root {
+        Some(_) if !program.contains('/') => resolve_program_in(program, path_var, root),
+        _ => resolve_program(program, path_var, Some(Path::new(workdir(site)))),
+    }
+    .ok_or_else(|| format!("{program} not found in PATH ({path_var})"))
+}
+
+/// Whether the site's command exists and is executable (for `check`; a spawn finds out
+/// by itself).
+pub fn check_command(site: &SiteConfig) -> Result<PathBuf, String> {
+    let exe = resolve_command(site)?;
+    let host = crate::sandbox::host_path(site.sandbox.root.as_deref(), &exe);
+    match std::fs::metadata(&host) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(exe),
+        Ok(_) => Err(format!("{} is not an executable file", host.display())),
+        Err(e) => Err(format!("{}: {e}", host.display())),
+    }
+}
+
 /// Builds the image for worker `id`. Fails with a message when the program cannot be
 /// found or a string holds a NUL byte.
 pub fn worker_image(
@@ -82,18 +111,7 @@ pub fn worker_image(
     id: u32,
     generation: u32,
 ) -> Result<ExecImage, String> {
-    let path_var = site
-        .env
-        .get("PATH")
-        .map(String::as_str)
-        .unwrap_or(DEFAULT_PATH);
-    let program = &site.command[0];
-    let root = site.sandbox.root.as_deref();
-    let exe = match root {
-        Some(_) if !program.contains('/') => resolve_program_in(program, path_var, root),
-        _ => resolve_program(program, path_var, Some(Path::new(workdir(site)))),
-    }
-    .ok_or_else(|| format!("{program} not found in PATH ({path_var})"))?;
+    let exe = resolve_command(site)?;
     let env = worker_env(site, listeners, notify, id, generation);
     ExecImage::new(
         &exe.to_string_lossy(),

@@ -251,27 +251,40 @@ fn both_tree_kill_paths_leave_no_process() {
 
 #[test]
 fn budgets_beyond_the_host_are_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sites = dir.path().join("sites.d");
-    std::fs::create_dir_all(&sites).expect("mkdir");
-    std::fs::write(dir.path().join("hatchery.toml"), format!("state_dir = \"{0}/state\"\nsites_dir = \"{0}/sites.d\"\ncontrol_socket = \"{0}/c.sock\"\n", dir.path().display())).expect("write");
-    std::fs::write(
-        sites.join("huge.toml"),
-        "name = \"huge\"\ncommand = [\"/bin/true\"]\nmemory = \"100000G\"\n",
-    )
-    .expect("write");
+    // `check` refuses the file; the agent starts without that site and says why.
+    let huge = "name = \"huge\"\ncommand = [\"/bin/true\"]\nmemory = \"100000G\"\n";
+    let small = "name = \"small\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\nmemory = \"64M\"\n";
+    let agent = TestAgent::start_ready(
+        &[("huge", huge), ("small", small)],
+        Options {
+            reactor: "epoll",
+            cgroups: false,
+        },
+        "small",
+        1,
+    );
     let out = std::process::Command::new(BIN)
-        .args(["agent", "--config"])
-        .arg(dir.path().join("hatchery.toml"))
+        .args(["check", "--config"])
+        .arg(agent.dir.path().join("hatchery.toml"))
         .output()
-        .expect("agent");
+        .expect("check");
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(
-        err.contains("memory_reserve") && err.contains("exceed the host's memory"),
+        err.contains("huge.toml: memory:")
+            && err.contains("memory_reserve")
+            && err.contains("exceed the host's memory"),
         "{err}"
     );
-    assert!(!dir.path().join("c.sock").exists(), "nothing was started");
+    let s = agent.status("huge");
+    assert_eq!(s["state"], "failed");
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("exceed the host's memory")),
+        "{s:#}"
+    );
+    assert_eq!(agent.status("small")["state"], "running");
 }
 
 #[test]

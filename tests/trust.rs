@@ -519,3 +519,130 @@ fn a_site_owner_stays_within_its_site() {
     );
     assert!(!stdout(&out).contains("secret-of-theirs"));
 }
+
+/// One bad site file, or a port another process holds, keeps only that site from
+/// starting: the others run, the bad ones show as failed with the reason, `start` tries a
+/// site again once the host allows it, and `check` reports every problem at once.
+#[test]
+fn a_bad_site_keeps_only_itself_from_starting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let free = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let good =
+        "name = \"good\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\nworkers = 1\n";
+    let typo = "name = \"typo\"\ncommand = [\"/bin/true\"]\nwrokers = 2\n";
+    let busy = format!(
+        "name = \"busy\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\nworkers = 1\n[[listen]]\ntcp = \"127.0.0.1:{port}\"\n"
+    );
+    let agent = TestAgent::start_ready(
+        &[("good", good), ("typo", typo), ("busy", &busy)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "good",
+        1,
+    );
+    let typo_s = agent.status("typo");
+    assert_eq!(typo_s["state"], "failed");
+    assert!(
+        typo_s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("typo.toml") && e.contains("wrokers")),
+        "{typo_s:#}"
+    );
+    let busy_s = agent.status("busy");
+    assert_eq!(busy_s["state"], "failed");
+    let me = std::process::id();
+    let want = format!("127.0.0.1:{port}: address in use by pid {me}");
+    assert!(
+        busy_s["error"].as_str().is_some_and(|e| e.contains(&want)),
+        "{busy_s:#}\nwanted: {want}"
+    );
+    assert!(agent.agent_log().contains(&want), "said in the agent's log");
+    let table = stdout(&agent.cli(&["status"]));
+    assert!(table.contains("typo") && table.contains(&want), "{table}");
+    // Other requests for them say why; `start` tries again once the port is free.
+    let out = agent.cli(&["restart", "busy"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(&want), "{}", stderr(&out));
+    let out = agent.cli(&["start", "busy"]);
+    assert_eq!(out.status.code(), Some(1), "still taken");
+    drop(taken);
+    let out = agent.cli(&["start", "busy"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(agent.status("busy")["ready"], 1);
+    let out = agent.cli(&["start", "typo"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    // `check` reports every problem at once: the typo, a command that does not exist, a
+    // port held by another process (the running agent's own do not count).
+    std::fs::write(
+        agent.site_file("ghost"),
+        "name = \"ghost\"\ncommand = [\"/no/such/server\"]\n",
+    )
+    .expect("write");
+    let holder = std::net::TcpListener::bind(("127.0.0.1", free)).expect("bind");
+    std::fs::write(
+        agent.site_file("late"),
+        format!(
+            "name = \"late\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\n[[listen]]\ntcp = \"127.0.0.1:{free}\"\n"
+        ),
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(agent.dir.path().join("hatchery.toml"))
+        .output()
+        .expect("check");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("typo: ") && err.contains("wrokers"), "{err}");
+    assert!(
+        err.contains("ghost: ") && err.contains("/no/such/server"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "late: listen: 127.0.0.1:{free}: address in use by pid {me}"
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("busy:"),
+        "the agent's own port is not a problem: {err}"
+    );
+    drop(holder);
+
+    // A reload that brings a duplicate address blames the file that brought it.
+    std::fs::remove_file(agent.site_file("ghost")).expect("rm");
+    std::fs::remove_file(agent.site_file("late")).expect("rm");
+    std::fs::write(agent.site_file("typo"), good.replace("good", "typo")).expect("write");
+    std::fs::write(
+        agent.site_file("aaa"),
+        format!(
+            "name = \"aaa\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\n[[listen]]\ntcp = \"0.0.0.0:{port}\"\n"
+        ),
+    )
+    .expect("write");
+    let out = agent.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("aaa.toml: listen:")
+            && stderr(&out).contains(&format!("overlaps tcp 127.0.0.1:{port} of site busy")),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_file(agent.site_file("aaa")).expect("rm");
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    agent.wait_for(
+        "typo",
+        "typo fixed and started",
+        Duration::from_secs(20),
+        |s| s["ready"] == 1,
+    );
+}

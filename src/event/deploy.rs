@@ -335,7 +335,7 @@ impl Agent {
             let steered = matches!(l.spec.addr, ListenAddr::Tcp(_))
                 && site.steering.get(i).is_some_and(Option::is_some);
             let fresh = if steered {
-                Listener::bind(&l.spec, site.config.uid, site.config.gid)
+                Listener::bind_beside(&l.spec, site.config.uid, site.config.gid)
                     .map_err(|e| format!("{e}: {}", error_chain(&e)))?
             } else {
                 Listener {

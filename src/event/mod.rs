@@ -76,6 +76,8 @@ fn setup_err(
 
 /// Interval of TCP readiness probes while a worker of a `tcp`-checked site is starting.
 const TCP_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// How long a starting agent waits for what an earlier one left to die.
+const STALE_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for killed processes to leave their cgroups.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Most bytes buffered for a slow control client before it is dropped.
@@ -239,6 +241,18 @@ impl Site {
     }
 }
 
+/// A site that could not be started.
+#[derive(Debug)]
+struct Broken {
+    /// Its file.
+    file: PathBuf,
+    /// Why, for `status` and the log.
+    reason: String,
+    /// Its configuration, when the file was valid (the failure was the host's: a port
+    /// taken, a release that does not resolve): `start` tries again with it.
+    config: Option<SiteConfig>,
+}
+
 /// The running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -259,6 +273,9 @@ pub struct Agent {
     /// When shutdown stops waiting for killed processes to leave their cgroups.
     shutdown_deadline: Option<Instant>,
     sites: BTreeMap<SiteName, Site>,
+    /// Sites that could not be started (a bad file, a port taken), by name: shown as
+    /// failed; `start` tries again, a reload replaces them.
+    broken: BTreeMap<String, Broken>,
     pipes: HashMap<u64, Pipe>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
@@ -278,7 +295,8 @@ impl Agent {
     /// cgroups, the notify and control sockets, and every site's listeners. Nothing is
     /// started yet.
     pub fn new(path: &std::path::Path) -> Result<Agent, AgentError> {
-        let config = config::load(path)?;
+        // A bad site file only keeps that site from starting (shown as failed).
+        let (config, broken_files) = config::load_each(path)?;
         let lock = lock_control(&config.control_socket)?;
         let read = agent_signals();
         let set = SigSet::of(&read);
@@ -323,9 +341,16 @@ impl Agent {
                 let names: Vec<&str> = config.sites.iter().map(|s| s.name.as_str()).collect();
                 tree.sweep_stale(&names, &mut g);
                 if !g.is_empty() {
+                    // What an earlier agent's workers hold (their listeners) must be
+                    // closed before the sites bind again.
+                    let gone = g.wait_empty(STALE_GRACE);
                     warn!(
-                        "killed what an earlier agent left in its cgroups; {} cgroups are removed once empty",
-                        g.remaining().len()
+                        "killed what an earlier agent left in its cgroups{}",
+                        if gone {
+                            String::new()
+                        } else {
+                            format!("; {} cgroups are still emptying", g.remaining().len())
+                        }
                     );
                 }
                 Some(g)
@@ -365,6 +390,7 @@ impl Agent {
             graveyard,
             shutdown_deadline: None,
             sites: BTreeMap::new(),
+            broken: BTreeMap::new(),
             pipes: HashMap::new(),
             conns: HashMap::new(),
             next_conn: 1,
@@ -376,9 +402,35 @@ impl Agent {
             execs: HashMap::new(),
             next_exec: 0,
         };
+        for b in broken_files {
+            error!(site = b.name, "not started: {}", b.error);
+            agent.broken.insert(
+                b.name,
+                Broken {
+                    file: b.error.file.clone(),
+                    reason: b.error.to_string(),
+                    config: None,
+                },
+            );
+        }
         for site in &config.sites {
-            let s = agent.make_site(site.clone())?;
-            agent.sites.insert(site.name.clone(), s);
+            match agent.make_site(site.clone()) {
+                Ok(s) => {
+                    agent.sites.insert(site.name.clone(), s);
+                }
+                Err(e) => {
+                    let reason = format!("{e}: {}", error_chain(&e));
+                    error!(site = %site.name, "not started: {reason}");
+                    agent.broken.insert(
+                        site.name.to_string(),
+                        Broken {
+                            file: site.file.clone(),
+                            reason,
+                            config: Some(site.clone()),
+                        },
+                    );
+                }
+            }
         }
         Ok(agent)
     }
@@ -1820,7 +1872,13 @@ impl Agent {
                 .sites
                 .iter()
                 .find(|(n, _)| n.as_str() == site)
-                .map(|(_, s)| s.config.uid);
+                .map(|(_, s)| s.config.uid)
+                .or_else(|| {
+                    // A broken site: its owner if its file said, else root's alone.
+                    self.broken
+                        .get(site)
+                        .map(|b| b.config.as_ref().map_or(0, |c| c.uid))
+                });
             if !admin && owner != Some(uid) {
                 warn!(uid, site, "refused a control request");
                 return self.finish(
@@ -1847,6 +1905,10 @@ impl Agent {
                     &Reply::error(ErrorKind::Refused, format!("uid {uid} may not do this")),
                 );
             }
+        }
+        if let Some(site) = req.site().filter(|s| self.broken.contains_key(*s)) {
+            let site = site.to_string();
+            return self.broken_site_request(conn, uid, admin, &site, req);
         }
         let name = req
             .site()
@@ -2050,6 +2112,72 @@ impl Agent {
         }
     }
 
+    /// A request for a site that could not be started: `status` shows why, `start` tries
+    /// again (when the file was valid), anything else is refused with the reason.
+    fn broken_site_request(&mut self, conn: u64, uid: u32, admin: bool, site: &str, req: Request) {
+        match req {
+            Request::Status { .. } => {
+                let name = SiteName::new(site).ok();
+                let status = self.status(name.as_ref(), uid, admin);
+                self.finish(conn, &Reply::Ok(status));
+            }
+            Request::Start { .. } => {
+                let Some(config) = self.broken.get(site).and_then(|b| b.config.clone()) else {
+                    let reason = self
+                        .broken
+                        .get(site)
+                        .map(|b| b.reason.clone())
+                        .unwrap_or_default();
+                    return self.finish(
+                        conn,
+                        &Reply::error(
+                            ErrorKind::Config,
+                            format!("site {site} is not valid: {reason}; fix its file and reload"),
+                        ),
+                    );
+                };
+                let name = config.name.clone();
+                match self.make_site(config) {
+                    Ok(s) => {
+                        info!(site = %name, "started after an earlier failure");
+                        self.broken.remove(site);
+                        self.sites.insert(name.clone(), s);
+                        self.hold(&name, conn, WaitFor::Settled);
+                        self.feed(&name, 1, Input::StartRequested);
+                        self.reply_if_settled(&name, conn);
+                    }
+                    Err(e) => {
+                        let reason = format!("{e}: {}", error_chain(&e));
+                        if let Some(b) = self.broken.get_mut(site) {
+                            b.reason = reason.clone();
+                        }
+                        self.finish(
+                            conn,
+                            &Reply::error(
+                                ErrorKind::Failed,
+                                format!("site {site} could not be started: {reason}"),
+                            ),
+                        );
+                    }
+                }
+            }
+            _ => {
+                let reason = self
+                    .broken
+                    .get(site)
+                    .map(|b| b.reason.clone())
+                    .unwrap_or_default();
+                self.finish(
+                    conn,
+                    &Reply::error(
+                        ErrorKind::Failed,
+                        format!("site {site} is not running: it could not be started: {reason}"),
+                    ),
+                );
+            }
+        }
+    }
+
     fn hold(&mut self, name: &SiteName, conn: u64, until: WaitFor) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.held = true;
@@ -2158,6 +2286,24 @@ impl Agent {
                 })
             })
             .collect();
+        let mut sites = sites;
+        for (name, b) in &self.broken {
+            let visible = admin || b.config.as_ref().is_some_and(|c| c.uid == uid);
+            if !visible || only.is_some_and(|o| o.as_str() != name) {
+                continue;
+            }
+            sites.push(json!({
+                "name": name,
+                "state": "failed",
+                "error": b.reason,
+                "file": b.file,
+                "generation": null,
+                "desired": b.config.as_ref().map_or(0, |c| c.workers),
+                "ready": 0,
+                "listen": b.config.iter().flat_map(|c| c.listen.iter().map(|l| l.addr.to_string())).collect::<Vec<_>>(),
+                "workers": [],
+            }));
+        }
         json!({
             "agent": {
                 "pid": std::process::id(),
@@ -2177,7 +2323,14 @@ impl Agent {
     /// removed sites stop, changed sites restart their workers one at a time (or only
     /// scale, if only `workers` changed).
     fn reload(&mut self) -> Result<serde_json::Value, AgentError> {
-        let new = config::load(&self.config.file)?;
+        // Sites that run with the same listeners keep their addresses: a conflict is the
+        // other file's fault.
+        let holds = |sc: &SiteConfig| {
+            self.sites
+                .get(&sc.name)
+                .is_some_and(|s| s.config.listen == sc.listen)
+        };
+        let new = config::load_keeping(&self.config.file, &holds)?;
         if new.control_socket != self.config.control_socket
             || new.state_dir != self.config.state_dir
             || new.cgroup_base != self.config.cgroup_base
@@ -2341,6 +2494,8 @@ impl Agent {
             sites: Vec::new(),
             ..new
         };
+        // Every site is valid and started now.
+        self.broken.clear();
         info!(?added, ?changed, ?removed, "configuration reloaded");
         Ok(json!({ "added": added, "changed": changed, "removed": removed }))
     }
@@ -2587,6 +2742,20 @@ fn bind_control(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
     Ok(fd)
 }
 
+/// The pid of the agent running on `socket`, if one holds its lock.
+pub fn running_agent(socket: &std::path::Path) -> Option<u32> {
+    let mut name = socket.as_os_str().to_os_string();
+    name.push(".lock");
+    let mut file = File::open(PathBuf::from(name)).ok()?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok() {
+        // Nobody holds it: no agent.
+        return None;
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).ok()?;
+    text.trim().parse().ok()
+}
+
 /// Takes the lock `<control socket>.lock` for the agent's lifetime (an `flock`, released
 /// by the kernel when the agent exits, however it exits), before anything else is touched:
 /// a second agent on the same socket would otherwise sweep the first one's cgroups.
@@ -2605,7 +2774,14 @@ fn lock_control(socket: &std::path::Path) -> Result<OwnedFd, AgentError> {
         .open(&path)
         .map_err(|e| setup_err(format!("open {}", path.display()), e))?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(OwnedFd::from(file)),
+        Ok(()) => {
+            // The pid, for `check` to tell the running agent's listeners from strangers.
+            use std::io::Write as _;
+            let mut f = file;
+            let _ = f.set_len(0);
+            let _ = writeln!(f, "{}", std::process::id());
+            Ok(OwnedFd::from(f))
+        }
         Err(rustix::io::Errno::WOULDBLOCK) => Err(setup_err(
             format!("lock {}", path.display()),
             io::Error::new(
