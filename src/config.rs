@@ -187,6 +187,9 @@ pub struct RawReady {
     pub check: Option<String>,
     /// How long a worker may take to become ready.
     pub timeout: Option<String>,
+    /// How long a worker must stay up once ready before `start`, `scale` and `restart`
+    /// call it a success.
+    pub settle: Option<String>,
 }
 
 /// `[deploy]`.
@@ -345,6 +348,9 @@ pub struct ReadyPolicy {
     pub check: ReadyCheck,
     /// How long a worker may take.
     pub timeout: Duration,
+    /// How long a ready worker must stay up before it counts as settled: a worker that
+    /// exits within it fails the operation that started it.
+    pub settle: Duration,
 }
 
 /// Deploy policy.
@@ -1179,6 +1185,12 @@ pub fn validate_site(
             rd.timeout.as_ref(),
             Duration::from_secs(30),
         )?,
+        settle: duration_key(
+            file,
+            "ready.settle",
+            rd.settle.as_ref(),
+            Duration::from_secs(1),
+        )?,
     };
     let logs = validate_logs(file, "logs", raw.logs.as_ref(), default_logs)?;
     let limits = validate_limits(file, raw)?;
@@ -1413,6 +1425,7 @@ impl SiteConfig {
                     .into(),
                 ),
                 timeout: Some(format_duration(self.ready.timeout)),
+                settle: Some(format_duration(self.ready.settle)),
             }),
             deploy: Some(RawDeploy {
                 probation: Some(format_duration(self.deploy.probation)),

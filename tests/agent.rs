@@ -128,11 +128,17 @@ fn a_crash_loop_backs_off_then_marks_the_site_failed_until_started() {
         // Failed stays failed: nothing is restarted behind the operator's back.
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(agent.status("bad")["workers"][0]["restarts"], 3);
-        // `start` clears it: the worker runs again (ready at once, as check = "none"),
-        // and the crash loop ends in failed again.
+        // `start` clears it: the worker runs again, and the crash loop ends in failed
+        // again. `start` says so: a worker that dies right after it started (within
+        // `ready.settle`) is not a successful start.
         let out = agent.cli(&["start", "bad"]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
         assert!(stderr(&out).contains("w-0 started"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("w-0 exited with code 3"),
+            "{}",
+            stderr(&out)
+        );
         agent.wait_for("bad", "failed again", Duration::from_secs(10), |s| {
             s["state"] == "failed" && s["workers"][0]["restarts"].as_u64() > Some(3)
         });

@@ -646,3 +646,186 @@ fn a_bad_site_keeps_only_itself_from_starting() {
         |s| s["ready"] == 1,
     );
 }
+
+/// `start`, `scale` and `restart` wait until their workers have stayed up for
+/// `ready.settle`; one that dies right after it started is a failure, said as such, and
+/// a restart stops at it so the workers not yet restarted keep serving.
+#[test]
+fn operations_do_not_report_success_for_workers_that_die_right_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad");
+    // w-1 dies 0.2 s after it starts; so does every worker once `bad` exists.
+    let site = format!(
+        "name = \"flaky\"\ncommand = [\"/bin/sh\", \"-c\", \"if [ -e {bad} ] || [ $HATCHERY_WORKER_ID = 1 ]; then sleep 0.2; exit 3; fi; exec sleep 1000\"]\nworkers = 1\n\
+         [ready]\nsettle = \"2s\"\n[restart]\nbackoff_initial = \"5s\"\n",
+        bad = bad.display()
+    );
+    let agent = TestAgent::start_ready(
+        &[("flaky", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "flaky",
+        1,
+    );
+    let out = agent.cli(&["scale", "flaky", "2"]);
+    assert_eq!(out.status.code(), Some(1), "scale: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("w-1 exited with code 3")
+            && stderr(&out).contains("after it started"),
+        "{}",
+        stderr(&out)
+    );
+    let out = agent.cli(&["scale", "flaky", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A new release that dies right after it starts: the restart stops at the first
+    // worker, the others keep their processes.
+    let out = agent.cli(&["scale", "flaky", "3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "w-1 still dies: {}",
+        stderr(&out)
+    );
+    let site3 = site
+        .replace("|| [ $HATCHERY_WORKER_ID = 1 ]", "")
+        .replace("workers = 1", "workers = 3");
+    std::fs::write(agent.site_file("flaky"), &site3).expect("write");
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = agent.wait_for(
+        "flaky",
+        "3 ready after the reload",
+        Duration::from_secs(30),
+        |s| s["ready"] == 3 && s["restarting"] == false,
+    );
+    let before: Vec<i64> = s["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["pid"].as_i64())
+        .collect();
+    std::fs::write(&bad, "").expect("touch");
+    let t0 = Instant::now();
+    let out = agent.cli(&["restart", "flaky"]);
+    assert_eq!(out.status.code(), Some(1), "restart: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("w-0 exited with code 3"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let s = agent.status("flaky");
+    let after: Vec<i64> = s["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["pid"].as_i64())
+        .collect();
+    assert_eq!(s["restarting"], false, "{s:#}");
+    assert!(
+        before[1..].iter().all(|p| after.contains(p)),
+        "w-1 and w-2 were not restarted: {before:?} -> {after:?}"
+    );
+
+    // `start` of a site whose workers die right after they start fails too.
+    let out = agent.cli(&["stop", "flaky"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = agent.cli(&["start", "flaky"]);
+    assert_eq!(out.status.code(), Some(1), "start: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("exited with code 3"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A deploy whose new workers die after the flip, once the old generation was told to
+/// stop, is not reported as a success.
+#[test]
+fn a_deploy_whose_workers_die_after_the_flip_is_not_a_success() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let link = root.join("current");
+    let (die, let_go) = (root.join("die"), root.join("let-old-go"));
+    for (name, script) in [
+        (
+            "r1",
+            format!(
+                "trap 'while [ ! -e {0} ]; do sleep 0.05; done; exit 0' TERM\nwhile :; do sleep 0.05; done\n",
+                let_go.display()
+            ),
+        ),
+        (
+            "r2",
+            format!(
+                "while [ ! -e {0} ]; do sleep 0.05; done\nexit 3\n",
+                die.display()
+            ),
+        ),
+    ] {
+        let rel = root.join("releases").join(name);
+        std::fs::create_dir_all(&rel).expect("mkdir");
+        std::fs::write(rel.join("run"), script).expect("write");
+    }
+    std::os::unix::fs::symlink(root.join("releases/r1"), &link).expect("symlink");
+    let site = format!(
+        "name = \"web\"\ncommand = [\"/bin/sh\", \"{{release}}/run\"]\nworkers = 1\nrelease = \"{}\"\n\
+         [stop]\ntimeout = \"60s\"\n[deploy]\nprobation = \"300ms\"\n[restart]\nbackoff_initial = \"5s\"\n",
+        link.display()
+    );
+    let agent = TestAgent::start_ready(
+        &[("web", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "web",
+        1,
+    );
+    std::fs::remove_file(&link).expect("rm");
+    std::os::unix::fs::symlink(root.join("releases/r2"), &link).expect("symlink");
+    let mut deploy = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["deploy", "web"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("deploy");
+    let mut progress = BufReader::new(deploy.stderr.take().expect("stderr")).lines();
+    let mut seen = Vec::new();
+    for line in progress.by_ref() {
+        let line = line.expect("read");
+        seen.push(line.clone());
+        if line.contains("gen-1: queue drained, stopping its workers") {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains("gen-2 serves")), "{seen:?}");
+    // gen-1 is stopping (slowly); now gen-2's worker dies.
+    std::fs::write(&die, "").expect("touch");
+    agent.wait_for("web", "the crash seen", Duration::from_secs(20), |s| {
+        s["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|w| w["generation"] == 2 && w["last_exit"] == "exited with code 3")
+    });
+    std::fs::write(&let_go, "").expect("touch");
+    let rest: Vec<String> = progress.map(|l| l.expect("read")).collect();
+    let st = deploy.wait().expect("wait");
+    assert_eq!(st.code(), Some(1), "{seen:?} {rest:?}");
+    let all = rest.join("\n");
+    assert!(
+        all.contains(
+            "a new worker died after the old generation was stopped: w-0 exited with code 3"
+        ),
+        "{all}"
+    );
+    assert_eq!(
+        agent.status("web")["last_deploy"]["result"],
+        "done_with_crashes"
+    );
+}

@@ -294,7 +294,7 @@ impl Agent {
                 from,
                 to,
             )) => {
-                self.steer_back(name);
+                self.steer_back(name, "rolled back on request");
                 self.finish(
                     conn,
                     &Reply::Ok(json!({
@@ -602,6 +602,11 @@ impl Agent {
                     self.roll_back(name, reason);
                     return;
                 }
+                Step::SteerBack(why) => {
+                    let reason = self.failure_text(name, to, why);
+                    self.steer_back(name, &reason);
+                    return;
+                }
             }
         }
         if let Some(d) = self.sites.get_mut(name).and_then(|s| s.deploy.as_mut()) {
@@ -623,8 +628,12 @@ impl Agent {
                     .slots
                     .values()
                     .find_map(|s| s.last_exit.as_ref().map(|r| format!("w-{} {r}", s.id)));
+                let when = match site.deploy.as_ref().map(|d| d.stage) {
+                    Some(Stage::Draining { .. }) => "after",
+                    _ => "before",
+                };
                 format!(
-                    "a worker of gen-{to} exited before the flip: {}",
+                    "a worker of gen-{to} exited {when} the flip: {}",
                     exit.unwrap_or_else(|| "it could not be started".into())
                 )
             }
@@ -669,8 +678,10 @@ impl Agent {
         );
     }
 
-    /// `rollback` while the old generation drains: it serves again, the new one stops.
-    fn steer_back(&mut self, name: &SiteName) {
+    /// Back to the old generation while it drains (on `rollback`, or because a new
+    /// worker died after the flip): it serves again, with the workers it had, and the new
+    /// one stops.
+    fn steer_back(&mut self, name: &SiteName, why: &str) {
         let Some(site) = self.sites.get_mut(name) else {
             return;
         };
@@ -684,7 +695,8 @@ impl Agent {
         if let Some(g) = site.gens.get_mut(&d.to) {
             g.leaving = true;
         }
-        let msg = format!("rolled back on request: gen-{} serves again", d.from);
+        let msg = format!("{why}; gen-{} serves again", d.from);
+        let old_desired = site.gens.get(&d.from).map(|g| g.core.desired);
         site.last_deploy = Some(json!({
             "result": "rolled_back",
             "from": d.from,
@@ -699,6 +711,9 @@ impl Agent {
             self.finish(c, &Reply::error(ErrorKind::RolledBack, msg.clone()));
         }
         self.feed(name, d.to, Input::StopRequested);
+        if old_desired.is_some_and(|n| n < d.target) {
+            self.feed(name, d.from, Input::ScaleRequested(d.target));
+        }
         self.next_queued(name);
     }
 
@@ -749,8 +764,17 @@ impl Agent {
             return;
         };
         let took = d.started.elapsed();
+        // A new worker that died once the old generation was told to stop cannot be rolled
+        // back from: the deploy is over, but not a success.
+        let crashed = site.gens.get(&d.to).filter(|g| g.crashes > 0).map(|g| {
+            g.core
+                .slots
+                .values()
+                .find_map(|s| s.last_exit.as_ref().map(|r| format!("w-{} {r}", s.id)))
+                .unwrap_or_else(|| "a worker could not be started".into())
+        });
         site.last_deploy = Some(json!({
-            "result": "done",
+            "result": if crashed.is_some() { "done_with_crashes" } else { "done" },
             "from": d.from,
             "to": d.to,
             "release": d.release,
@@ -763,14 +787,23 @@ impl Agent {
             .get(&d.to)
             .is_some_and(|g| g.core.desired < d.target);
         info!(site = %name, gen = d.to, "deploy done in {} ms", took.as_millis());
-        let reply = Reply::Ok(json!({
+        let reply = match &crashed {
+            Some(exit) => Reply::error(
+                ErrorKind::Failed,
+                format!(
+                    "gen-{} serves and gen-{} is retired, but a new worker died after the old generation was stopped: {exit} (see `hatchery logs {name}`)",
+                    d.to, d.from
+                ),
+            ),
+            None => Reply::Ok(json!({
             "site": name,
             "generation": d.to,
             "release": d.release,
             "retired": d.from,
             "duration_ms": took.as_millis(),
             "message": format!("gen-{} serves; gen-{} retired", d.to, d.from),
-        }));
+            })),
+        };
         for c in d.conns {
             self.finish(c, &reply);
         }

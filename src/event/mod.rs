@@ -1322,6 +1322,13 @@ impl Agent {
             Note::Started(id, pid) => format!("w-{id} started (pid {pid})"),
             Note::Ready(id) => format!("w-{id} ready"),
             Note::Exited(id, reason) => format!("w-{id} {reason}"),
+            Note::Crashed(id, reason, ran) => format!(
+                "w-{id} {reason}, {} after it started",
+                config::format_duration(*ran)
+            ),
+            Note::RestartFailed(id) => format!(
+                "restart stopped at w-{id}: its new process did not stay up; the workers not yet restarted keep running"
+            ),
             Note::BackingOff(id, ms) => format!("w-{id} restarting in {ms} ms"),
             Note::Killed(id) => format!("w-{id} did not stop in time: killed"),
             Note::Failed(id) => {
@@ -1362,6 +1369,13 @@ impl Agent {
                     (WaitFor::Settled | WaitFor::RestartDone, Note::Failed(_)) => Some(
                         Reply::error(ErrorKind::Failed, format!("site {name} failed: {text}")),
                     ),
+                    // A worker that dies right after it started (or became ready) is not
+                    // a success, whatever the count looked like a moment before.
+                    (WaitFor::Settled | WaitFor::RestartDone, Note::Crashed(..))
+                    | (WaitFor::RestartDone, Note::RestartFailed(_)) => Some(Reply::error(
+                        ErrorKind::Failed,
+                        format!("site {name}: {text} (see `hatchery logs {name}`)"),
+                    )),
                     _ => None,
                 };
                 match reply {
@@ -2194,11 +2208,7 @@ impl Agent {
             return;
         };
         let waiting = site.waiters.iter().any(|w| w.conn == conn);
-        let core = &site.cur().core;
-        let settled = core.run == RunState::Running
-            && core.slots.len() == core.desired as usize
-            && core.ready() == core.desired as usize;
-        if waiting && settled {
+        if waiting && site.cur().core.is_settled() {
             self.finish(
                 conn,
                 &Reply::Ok(json!({ "site": name, "message": "all workers ready" })),

@@ -12,7 +12,8 @@
 //! 3. The flip: new connections go to N+1 only (eBPF steering, or one shared listener).
 //! 4. `Draining`: N keeps accepting until its listeners' accept queues are empty (or the
 //!    stop timeout passes), then gets its stop signal; when its last worker is gone, N
-//!    is retired and the deploy is done.
+//!    is retired and the deploy is done. A worker of N+1 that dies before N was told to
+//!    stop steers new connections back to N, which still runs, and N+1 is stopped.
 //!
 //! Invariants (checked by the simulation below): the workers of both generations never
 //! exceed the cap; N keeps at least one worker until the flip; nothing is flipped to a
@@ -115,6 +116,9 @@ pub enum Step {
     Done,
     /// Kill the new generation; the old one keeps serving.
     RollBack(Failure),
+    /// After the flip, before the old generation was told to stop: a new worker died.
+    /// Steer back to the old generation (it still runs, and serves again) and stop the new.
+    SteerBack(Failure),
 }
 
 /// The next step of a deploy.
@@ -161,7 +165,9 @@ pub fn decide(v: &View) -> Step {
         }
         Stage::Draining { until, stopping } => {
             if !stopping {
-                if v.old_queues_empty || v.now >= until {
+                if v.new.crashes > 0 {
+                    Step::SteerBack(Failure::Crashed)
+                } else if v.old_queues_empty || v.now >= until {
                     Step::StopOld
                 } else {
                     Step::Wait
@@ -297,6 +303,34 @@ mod tests {
         assert_eq!(decide(&v), Step::ScaleOld(3));
     }
 
+    #[test]
+    fn a_crash_after_the_flip_steers_back_until_the_old_generation_stops() {
+        let t0 = Instant::now();
+        let mut v = view(t0);
+        v.stage = Stage::Draining {
+            until: t0 + Duration::from_secs(5),
+            stopping: false,
+        };
+        v.new = GenView {
+            desired: 2,
+            slots: 2,
+            ready: 1,
+            live: 2,
+            crashes: 1,
+        };
+        assert_eq!(decide(&v), Step::SteerBack(Failure::Crashed));
+        v.stage = Stage::Draining {
+            until: t0,
+            stopping: true,
+        };
+        v.old.live = 1;
+        assert_eq!(
+            decide(&v),
+            Step::Wait,
+            "too late: the old generation is stopping"
+        );
+    }
+
     /// A toy world: scaling takes effect at once, new workers become ready one step
     /// later, removed old workers exit one step later.
     #[derive(Debug)]
@@ -307,7 +341,8 @@ mod tests {
     }
 
     fn op() -> impl Strategy<Value = u8> {
-        0u8..4
+        // 0..=3 move time and workers; 4 (one in ten) kills a new worker.
+        prop_oneof![9 => 0u8..4, 1 => Just(4u8)]
     }
 
     proptest! {
@@ -347,6 +382,7 @@ mod tests {
                         w.v.old.live -= 1;
                     }
                     3 => w.v.now += Duration::from_millis(300),
+                    4 if w.v.new.live > 0 => w.v.new.crashes += 1,
                     _ => {
                         if w.v.new.ready < w.v.new.live { w.v.new.ready += 1; }
                         if w.old_leaving > 0 {
@@ -390,6 +426,17 @@ mod tests {
                     Step::Done => { done = true; break; }
                     Step::RollBack(f) => {
                         prop_assert!(!w.flipped, "{f:?} after the flip");
+                        done = true;
+                        break;
+                    }
+                    Step::SteerBack(f) => {
+                        // Only to an old generation that still runs and was not stopped.
+                        prop_assert!(w.flipped, "{f:?} before the flip");
+                        prop_assert!(
+                            matches!(w.v.stage, Stage::Draining { stopping: false, .. }),
+                            "steered back to a stopping generation"
+                        );
+                        prop_assert!(w.v.old.desired >= 1 && w.v.old.live >= 1);
                         done = true;
                         break;
                     }

@@ -149,6 +149,9 @@ pub struct Slot {
     pub history: CrashHistory,
     /// Its process said it is handling requests (`BUSY=1`, until `BUSY=0`).
     pub busy: bool,
+    /// When its process, ready, will have stayed up for `ready.settle`; `None` once it has
+    /// (or while it is not ready).
+    pub settles_at: Option<Instant>,
 }
 
 impl Slot {
@@ -162,6 +165,7 @@ impl Slot {
             last_exit: None,
             history: CrashHistory::default(),
             busy: false,
+            settles_at: None,
         }
     }
 }
@@ -262,8 +266,14 @@ pub enum Note {
     Started(WorkerId, i32),
     /// A slot became ready.
     Ready(WorkerId),
-    /// A slot's process ended.
+    /// A slot's process ended when asked to (stop, restart, scale down).
     Exited(WorkerId, ExitReason),
+    /// A slot's process ended on its own (or could not start), this long after it
+    /// started.
+    Crashed(WorkerId, ExitReason, std::time::Duration),
+    /// A rolling restart stopped at this slot: its new process did not stay up (the
+    /// slots not yet restarted keep their processes).
+    RestartFailed(WorkerId),
     /// A slot will be restarted after a delay (ms).
     BackingOff(WorkerId, u128),
     /// A slot was escalated to SIGKILL.
@@ -300,9 +310,22 @@ pub struct SiteCore {
     pub slots: BTreeMap<WorkerId, Slot>,
     /// Policies.
     pub policies: Policies,
-    /// Slots still to restart in a rolling restart, and the one in progress.
-    rolling: Option<(Vec<WorkerId>, Option<WorkerId>)>,
+    /// The rolling restart under way.
+    rolling: Option<Rolling>,
     settled: bool,
+}
+
+/// A rolling restart: one slot at a time; the first restarted slot must settle before
+/// the next one is stopped (a release that dies right after it is ready takes one worker,
+/// not the site), and the restart is done once every restarted slot has settled.
+#[derive(Debug, Clone)]
+struct Rolling {
+    /// Slots still to restart (the next is last).
+    queue: Vec<WorkerId>,
+    /// The slot being restarted.
+    current: Option<WorkerId>,
+    /// Slots restarted so far.
+    done: Vec<WorkerId>,
 }
 
 impl SiteCore {
@@ -323,7 +346,7 @@ impl SiteCore {
         self.rolling.is_some()
     }
 
-    /// The earliest deadline of any slot.
+    /// The earliest deadline of any slot (settling ones included).
     pub fn next_deadline(&self) -> Option<Instant> {
         self.slots
             .values()
@@ -331,9 +354,29 @@ impl SiteCore {
                 Phase::Starting { deadline } => deadline,
                 Phase::Stopping { deadline, .. } => deadline,
                 Phase::Backoff { until } => Some(until),
+                Phase::Ready => s.settles_at,
                 _ => None,
             })
             .min()
+    }
+
+    /// Whether the desired count runs, ready, each for at least `ready.settle`.
+    pub fn is_settled(&self) -> bool {
+        self.run == RunState::Running
+            && self.slots.len() == self.desired as usize
+            && self
+                .slots
+                .values()
+                .all(|s| s.phase == Phase::Ready && s.settles_at.is_none())
+    }
+
+    /// Marks the ready slots whose settle time has come.
+    fn settle(&mut self, now: Instant) {
+        for slot in self.slots.values_mut() {
+            if slot.settles_at.is_some_and(|t| t <= now) {
+                slot.settles_at = None;
+            }
+        }
     }
 
     /// Processes in any phase.
@@ -362,6 +405,7 @@ impl SiteCore {
             slot.phase = Phase::Starting { deadline };
             slot.pid = None;
             slot.started = Some(now);
+            slot.settles_at = None;
             out.push(Action::Spawn(id));
         }
     }
@@ -489,10 +533,11 @@ impl SiteCore {
         });
         for id in victims.into_iter().take(excess) {
             self.stop_slot(id, AfterStop::Remove, now, out);
-            if let Some((queue, current)) = &mut self.rolling {
-                queue.retain(|q| *q != id);
-                if *current == Some(id) {
-                    *current = None;
+            if let Some(r) = &mut self.rolling {
+                r.queue.retain(|q| *q != id);
+                r.done.retain(|q| *q != id);
+                if r.current == Some(id) {
+                    r.current = None;
                 }
             }
         }
@@ -501,6 +546,7 @@ impl SiteCore {
     /// Feeds one input at time `now`; returns what to do.
     pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
+        self.settle(now);
         match input {
             Input::StartRequested => {
                 self.run = RunState::Running;
@@ -535,7 +581,11 @@ impl SiteCore {
                     return self.handle(Input::StartRequested, now);
                 }
                 let queue: Vec<WorkerId> = self.slots.keys().rev().copied().collect();
-                self.rolling = Some((queue, None));
+                self.rolling = Some(Rolling {
+                    queue,
+                    current: None,
+                    done: Vec::new(),
+                });
             }
             Input::Spawned { id, pid } => {
                 let ready_now = self.policies.ready.check == ReadyCheck::None;
@@ -545,6 +595,7 @@ impl SiteCore {
                     out.push(Action::Note(Note::Started(id, pid)));
                     if ready_now && matches!(slot.phase, Phase::Starting { .. }) {
                         slot.phase = Phase::Ready;
+                        slot.settles_at = Some(now + self.policies.ready.settle);
                         out.push(Action::Note(Note::Ready(id)));
                     }
                 }
@@ -558,6 +609,7 @@ impl SiteCore {
                 if let Some(slot) = self.slots.get_mut(&id) {
                     if matches!(slot.phase, Phase::Starting { .. }) {
                         slot.phase = Phase::Ready;
+                        slot.settles_at = Some(now + self.policies.ready.settle);
                         out.push(Action::Note(Note::Ready(id)));
                     }
                 }
@@ -573,7 +625,11 @@ impl SiteCore {
                         slot.phase = Phase::Failed;
                         slot.pid = None;
                         slot.last_exit = Some(reason.clone());
-                        out.push(Action::Note(Note::Exited(id, reason)));
+                        out.push(Action::Note(Note::Crashed(
+                            id,
+                            reason,
+                            std::time::Duration::ZERO,
+                        )));
                         out.push(Action::Note(Note::Failed(id)));
                         self.run = RunState::Failed;
                     }
@@ -590,6 +646,7 @@ impl SiteCore {
                 }
                 slot.pid = None;
                 slot.busy = false;
+                slot.settles_at = None;
                 slot.last_exit = Some(reason.clone());
                 match slot.phase {
                     Phase::Stopping { then, .. } => {
@@ -660,8 +717,22 @@ impl SiteCore {
             return;
         };
         slot.pid = None;
+        slot.settles_at = None;
         slot.last_exit = Some(reason.clone());
-        out.push(Action::Note(Note::Exited(id, reason)));
+        let ran = slot.started.map_or(std::time::Duration::ZERO, |t| {
+            now.saturating_duration_since(t)
+        });
+        out.push(Action::Note(Note::Crashed(id, reason, ran)));
+        // A restarted worker that does not stay up ends the rolling restart there: the
+        // slots not yet restarted keep their processes.
+        if self
+            .rolling
+            .as_ref()
+            .is_some_and(|r| r.current == Some(id) || r.done.contains(&id))
+        {
+            self.rolling = None;
+            out.push(Action::Note(Note::RestartFailed(id)));
+        }
         if !keep_running {
             slot.phase = Phase::Stopped;
             return;
@@ -688,24 +759,55 @@ impl SiteCore {
 
     fn advance_rolling(&mut self, now: Instant, out: &mut Vec<Action>) {
         loop {
-            let Some((queue, current)) = &mut self.rolling else {
+            let Some(r) = &mut self.rolling else {
                 return;
             };
-            if let Some(cur) = *current {
-                match self.slots.get(&cur).map(|s| s.phase) {
+            if let Some(cur) = r.current {
+                let slot = self.slots.get(&cur);
+                match slot.map(|s| s.phase) {
                     // Still on its way down or up: wait.
                     Some(Phase::Stopping { .. } | Phase::Starting { .. }) => return,
-                    // Ready again, or gone, failed, backing off: move on.
-                    _ => *current = None,
+                    // Up again: the first one must also stay up before the next goes.
+                    Some(Phase::Ready) => {
+                        let first = r.done.is_empty();
+                        if first && slot.is_some_and(|s| s.settles_at.is_some()) {
+                            return;
+                        }
+                        r.done.push(cur);
+                        r.current = None;
+                    }
+                    // Scaled away meanwhile: move on.
+                    None => r.current = None,
+                    // Its new process died or could not start: stop here, so the slots
+                    // not yet restarted keep serving.
+                    Some(Phase::Backoff { .. } | Phase::Failed | Phase::Stopped) => {
+                        self.rolling = None;
+                        out.push(Action::Note(Note::RestartFailed(cur)));
+                        return;
+                    }
                 }
             }
-            let Some(next) = queue.pop() else {
-                self.rolling = None;
-                out.push(Action::Note(Note::RestartDone));
-                return;
-            };
-            *current = Some(next);
-            self.stop_slot(next, AfterStop::Respawn, now, out);
+            if let Some(next) = r.queue.pop() {
+                r.current = Some(next);
+                self.stop_slot(next, AfterStop::Respawn, now, out);
+                continue;
+            }
+            // Every slot restarted: done once each has stayed up, or failed if one did not.
+            let done = r.done.clone();
+            for id in &done {
+                match self.slots.get(id).map(|s| (s.phase, s.settles_at)) {
+                    Some((Phase::Ready, Some(_))) => return,
+                    Some((Phase::Ready, None)) | None => {}
+                    Some(_) => {
+                        self.rolling = None;
+                        out.push(Action::Note(Note::RestartFailed(*id)));
+                        return;
+                    }
+                }
+            }
+            self.rolling = None;
+            out.push(Action::Note(Note::RestartDone));
+            return;
         }
     }
 
@@ -717,9 +819,7 @@ impl SiteCore {
     }
 
     fn check_settled(&mut self, out: &mut Vec<Action>) {
-        let settled = matches!(self.run, RunState::Running)
-            && self.slots.len() == self.desired as usize
-            && self.ready() == self.desired as usize;
+        let settled = self.is_settled();
         if settled && !self.settled {
             out.push(Action::Note(Note::Settled));
         }
@@ -752,6 +852,7 @@ mod tests {
             ready: ReadyPolicy {
                 check,
                 timeout: Duration::from_secs(4),
+                settle: Duration::from_millis(500),
             },
         }
     }
@@ -889,6 +990,8 @@ mod tests {
         }
         let a = s.handle(Input::RestartRequested, t);
         assert_eq!(a, vec![Action::Signal(0, Signal(libc::SIGTERM))]);
+        let settle = s.policies.ready.settle;
+        let mut now = t;
         for (id, pid) in (0..3).zip(200..) {
             assert!(s.ready() >= 2);
             let a = s.handle(
@@ -896,24 +999,98 @@ mod tests {
                     id,
                     reason: ExitReason::Exited { code: 0 },
                 },
-                t,
+                now,
             );
             assert_eq!(spawns(&a), vec![id], "the stopped slot is respawned");
-            s.handle(Input::Spawned { id, pid }, t);
-            let a = s.handle(Input::ReadyNotified { id }, t);
-            if id < 2 {
-                assert_eq!(
-                    a.last(),
-                    Some(&Action::Signal(id + 1, Signal(libc::SIGTERM)))
-                );
-            } else {
-                assert!(a.contains(&Action::Note(Note::RestartDone)));
+            s.handle(Input::Spawned { id, pid }, now);
+            let a = s.handle(Input::ReadyNotified { id }, now);
+            match id {
+                0 => {
+                    // The first restarted worker must stay up before the next one goes.
+                    assert!(!a.iter().any(|x| matches!(x, Action::Signal(..))), "{a:?}");
+                    assert_eq!(s.next_deadline(), Some(now + settle));
+                    now += settle;
+                    let a = s.handle(Input::DeadlineReached, now);
+                    assert_eq!(a.last(), Some(&Action::Signal(1, Signal(libc::SIGTERM))));
+                }
+                1 => assert_eq!(a.last(), Some(&Action::Signal(2, Signal(libc::SIGTERM)))),
+                _ => {
+                    // Done once the last ones have stayed up too.
+                    assert!(!a.contains(&Action::Note(Note::RestartDone)));
+                    now += settle;
+                    let a = s.handle(Input::DeadlineReached, now);
+                    assert!(a.contains(&Action::Note(Note::RestartDone)), "{a:?}");
+                }
             }
         }
         assert_eq!(
             s.slots[&0].restarts, 0,
             "operator restarts are not crash restarts"
         );
+    }
+
+    #[test]
+    fn a_rolling_restart_stops_at_a_worker_that_does_not_stay_up() {
+        let t = Instant::now();
+        let mut s = running(3, ReadyCheck::Notify, t);
+        for id in 0..3 {
+            s.handle(Input::ReadyNotified { id }, t);
+        }
+        let old: Vec<Option<i32>> = (0..3).map(|id| s.slots[&id].pid).collect();
+        s.handle(Input::RestartRequested, t);
+        s.handle(
+            Input::Exited {
+                id: 0,
+                reason: ExitReason::Exited { code: 0 },
+            },
+            t,
+        );
+        s.handle(Input::Spawned { id: 0, pid: 300 }, t);
+        s.handle(Input::ReadyNotified { id: 0 }, t);
+        // The new release dies right after it said it was ready.
+        let later = t + Duration::from_millis(100);
+        let a = s.handle(
+            Input::Exited {
+                id: 0,
+                reason: ExitReason::Exited { code: 3 },
+            },
+            later,
+        );
+        assert!(
+            a.contains(&Action::Note(Note::Crashed(
+                0,
+                ExitReason::Exited { code: 3 },
+                Duration::from_millis(100)
+            ))),
+            "{a:?}"
+        );
+        assert!(a.contains(&Action::Note(Note::RestartFailed(0))), "{a:?}");
+        assert!(!s.is_restarting());
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Signal(1 | 2, _))),
+            "no other worker is stopped: {a:?}"
+        );
+        assert_eq!(s.slots[&1].pid, old[1]);
+        assert_eq!(s.slots[&2].pid, old[2]);
+        assert_eq!(s.slots[&1].phase, Phase::Ready);
+    }
+
+    #[test]
+    fn settled_means_ready_for_the_settle_time() {
+        let t = Instant::now();
+        let mut s = SiteCore::new(2, policies(ReadyCheck::None));
+        s.handle(Input::StartRequested, t);
+        s.handle(Input::Spawned { id: 0, pid: 10 }, t);
+        let a = s.handle(Input::Spawned { id: 1, pid: 11 }, t);
+        assert_eq!(s.ready(), 2);
+        assert!(!a.contains(&Action::Note(Note::Settled)), "not yet: {a:?}");
+        assert!(!s.is_settled());
+        let settle = s.policies.ready.settle;
+        assert_eq!(s.next_deadline(), Some(t + settle));
+        let a = s.handle(Input::DeadlineReached, t + settle);
+        assert!(a.contains(&Action::Note(Note::Settled)), "{a:?}");
+        assert!(s.is_settled());
+        assert_eq!(s.next_deadline(), None, "nothing more to wake for");
     }
 
     #[test]
@@ -931,7 +1108,11 @@ mod tests {
             },
             t + Duration::from_secs(4),
         );
-        assert!(a.contains(&Action::Note(Note::Exited(0, ExitReason::ReadyTimeout))));
+        assert!(a.contains(&Action::Note(Note::Crashed(
+            0,
+            ExitReason::ReadyTimeout,
+            Duration::from_secs(4)
+        ))));
         assert_eq!(s.slots[&0].last_exit, Some(ExitReason::ReadyTimeout));
     }
 
