@@ -56,7 +56,9 @@ fn workers_start_are_children_of_the_agent_and_listed_in_status() {
         let out = agent.cli(&["status", "web"]);
         assert!(out.status.success());
         assert!(stdout(&out).contains("w-2"), "{}", stdout(&out));
-        // The event loop in use is the one asked for.
+        // The event loop in use is the one asked for: its kernel object is among the
+        // agent's fds (the report could say anything).
+        assert_eq!(reactor_in_use(i64::from(agent.pid())), reactor);
         let all: serde_json::Value =
             serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).expect("json");
         let features = all["agent"]["features"].to_string();
@@ -213,9 +215,16 @@ fn stop_escalates_to_sigkill_of_the_whole_tree() {
 #[test]
 fn orphans_of_a_double_forking_worker_are_reaped() {
     each_reactor(|reactor| {
-        let site = "name = \"forky\"\ncommand = [\"/bin/sh\", \"-c\", \"(sleep 2 &); (sleep 2 &); exec sleep 1000\"]\nworkers = 2\n";
+        // Each worker leaves two orphans that live until the test lets them go (no race
+        // between their lifetime and the test's first look).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let go = dir.path().join("go");
+        let site = format!(
+            "name = \"forky\"\ncommand = [\"/bin/sh\", \"-c\", \"(while [ ! -e {go} ]; do sleep 0.05; done &); (while [ ! -e {go} ]; do sleep 0.05; done &); exec sleep 1000\"]\nworkers = 2\n",
+            go = go.display()
+        );
         let agent = TestAgent::start_ready(
-            &[("forky", site)],
+            &[("forky", &site)],
             Options {
                 reactor,
                 cgroups: true,
@@ -224,28 +233,26 @@ fn orphans_of_a_double_forking_worker_are_reaped() {
             2,
         );
         let me = i64::from(agent.pid());
-        // The orphaned sleeps were re-parented to the agent (subreaper)...
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut saw_orphans = false;
-        while Instant::now() < deadline {
-            let workers = agent.pids("forky");
-            let orphans = processes()
+        let workers = agent.pids("forky");
+        let orphans = || {
+            processes()
                 .into_iter()
                 .filter(|p| p.1 == me && !workers.contains(&p.0))
-                .count();
-            saw_orphans |= orphans > 0;
-            if saw_orphans && orphans == 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(saw_orphans, "orphans were adopted by the agent");
-        // ...and reaped when they exited: no zombie child of the agent remains.
-        let zombies: Vec<_> = processes()
-            .into_iter()
-            .filter(|p| p.1 == me && p.2 == 'Z')
-            .collect();
-        assert!(zombies.is_empty(), "zombies left: {zombies:?}");
+                .collect::<Vec<_>>()
+        };
+        // The orphaned loops were re-parented to the agent (subreaper)...
+        wait_until(
+            "the 4 orphans adopted by the agent",
+            Duration::from_secs(20),
+            || orphans().iter().filter(|p| p.2 != 'Z').count() == 4,
+        );
+        // ...and reaped when they exit: no zombie child of the agent remains.
+        std::fs::write(&go, "").expect("touch");
+        wait_until(
+            "the orphans exited and reaped",
+            Duration::from_secs(20),
+            || orphans().is_empty(),
+        );
         assert_eq!(
             agent.status("forky")["ready"],
             2,

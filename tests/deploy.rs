@@ -590,7 +590,8 @@ fn deploys_queue_rollback_returns_to_the_previous_release_and_bad_requests_are_r
     let port = free_port();
     let text = site(&link, port, "");
     let (agent, _) = start_web(&text, 4, "epoll", false);
-    point(&link, &release(root.path(), "r2", None));
+    // Slow to become ready: the first deploy is still under way when the second comes.
+    point(&link, &release(root.path(), "r2", Some("slow-start")));
     // Two deploys at once: the second waits for the first, then deploys again.
     let first = std::thread::spawn({
         let socket = agent.socket.clone();
@@ -603,7 +604,13 @@ fn deploys_queue_rollback_returns_to_the_previous_release_and_bad_requests_are_r
                 .expect("deploy")
         }
     });
-    std::thread::sleep(Duration::from_millis(100));
+    // The second is asked for once the first is under way (not after a guessed delay).
+    agent.wait_for(
+        "web",
+        "the first deploy under way",
+        Duration::from_secs(20),
+        |s| s["deploy"].is_object(),
+    );
     let second = agent.cli(&["deploy", "web"]);
     let first = first.join().expect("first deploy");
     assert!(first.status.success(), "{}", stderr(&first));
@@ -691,13 +698,14 @@ probation = "100ms"
 #[test]
 fn gunicorn_is_deployed_unchanged_without_a_failed_request() {
     let Some(pythonpath) = std::env::var_os("HATCHERY_TEST_PYTHONPATH") else {
-        // Only `run-tests` installs gunicorn (beside the build); vm-tests have no Python.
-        eprintln!("skipped: HATCHERY_TEST_PYTHONPATH does not name a gunicorn install");
+        // `run-tests` and vm-tests install gunicorn beside the build and say where.
+        skip("HATCHERY_TEST_PYTHONPATH does not name a gunicorn install");
         return;
     };
-    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
-        .into_iter()
+    let python = std::env::var_os("HATCHERY_TEST_PYTHON")
         .map(PathBuf::from)
+        .into_iter()
+        .chain(["/usr/bin/python3", "/usr/local/bin/python3"].map(PathBuf::from))
         .chain(
             std::env::var_os("PATH")
                 .into_iter()

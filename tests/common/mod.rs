@@ -376,6 +376,24 @@ pub fn cgroup_of(pid: i64) -> Option<String> {
         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
 }
 
+/// The event loop a process really runs, from its fds: an io_uring instance
+/// (`anon_inode:[io_uring]`) or an epoll one (`anon_inode:[eventpoll]`), never both.
+pub fn reactor_in_use(pid: i64) -> &'static str {
+    let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    let uring = links.iter().any(|l| l == "anon_inode:[io_uring]");
+    let epoll = links.iter().any(|l| l == "anon_inode:[eventpoll]");
+    match (uring, epoll) {
+        (true, false) => "io_uring",
+        (false, true) => "epoll",
+        _ => panic!("no single event loop among the fds of {pid}: {links:?}"),
+    }
+}
+
 /// Whether a process is alive (and not a zombie).
 pub fn alive(pid: i64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
