@@ -69,7 +69,9 @@ pub struct WorkerOptions {
     /// `exit` (exits at start), `never-ready` (serves but never reports ready),
     /// `crash-after-ready` (reports ready, then exits 300 ms later), `slow-start` (waits
     /// 1.5 s before it reports ready and accepts), `never-accepts` (neither reports ready
-    /// nor accepts, until stopped), `quiet` (prints nothing when it starts serving).
+    /// nor accepts, until stopped), `quiet` (prints nothing when it starts serving),
+    /// `one-at-a-time` (serves one connection before it accepts the next, so connections
+    /// queue up behind a slow one).
     pub behaviour_from: Option<PathBuf>,
 }
 
@@ -206,6 +208,11 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
             }
             Err(e) => return Err(e),
         };
+        if does("one-at-a-time") {
+            // The next connection waits in the accept queue meanwhile.
+            serve(stream, &body, opts.delay);
+            continue;
+        }
         let body = body.clone();
         let delay = opts.delay;
         handlers.push(std::thread::spawn(move || serve(stream, &body, delay)));

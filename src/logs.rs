@@ -26,23 +26,59 @@ pub static AGENT_LOG_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::
 /// went away: `EPIPE`) or would block (a pipe or socket nobody drains) is dropped and
 /// counted in [`AGENT_LOG_DROPPED`], and reported to the caller as written, so the
 /// logging library has no error to report (it would report it on the same stderr, with
-/// a panic if that fails too). Writes use `RWF_NOWAIT` (pipes, sockets, most files);
-/// where the file does not support it (a terminal), a plain write.
+/// a panic if that fails too). How a write avoids blocking depends on what stderr is
+/// ([`AgentStderr::setup`]): a socket (journald's stream) is written with `MSG_DONTWAIT`;
+/// a pipe through a file description of our own with `O_NONBLOCK` (opened again through
+/// `/proc/self/fd/2`, so the flag does not change the description we were given, which
+/// others may share; `RWF_NOWAIT` would do, but pipes take it only on recent kernels);
+/// anything else (a terminal, a file) with a plain write.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AgentStderr;
+
+/// How [`AgentStderr`] writes, decided once by [`AgentStderr::setup`].
+#[derive(Debug)]
+enum StderrKind {
+    Socket,
+    Pipe(std::os::fd::OwnedFd),
+    Other,
+}
+
+static STDERR_KIND: std::sync::OnceLock<StderrKind> = std::sync::OnceLock::new();
+
+impl AgentStderr {
+    /// Looks at what fd 2 is and prepares non-blocking writes to it (see the type).
+    pub fn setup() {
+        let kind = match rustix::fs::fstat(rustix::stdio::stderr()) {
+            Ok(st) => match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+                rustix::fs::FileType::Socket => StderrKind::Socket,
+                rustix::fs::FileType::Fifo => rustix::fs::open(
+                    "/proc/self/fd/2",
+                    rustix::fs::OFlags::WRONLY
+                        | rustix::fs::OFlags::NONBLOCK
+                        | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_or(StderrKind::Other, StderrKind::Pipe),
+                _ => StderrKind::Other,
+            },
+            Err(_) => StderrKind::Other,
+        };
+        let _ = STDERR_KIND.set(kind);
+    }
+}
 
 impl Write for AgentStderr {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let fd = rustix::stdio::stderr();
-        let slice = [io::IoSlice::new(buf)];
-        // Offset -1: at the current position, as write(2) would.
-        let written =
-            match rustix::io::pwritev2(fd, &slice, u64::MAX, rustix::io::ReadWriteFlags::NOWAIT) {
-                Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
-                    rustix::io::write(fd, buf)
-                }
-                other => other,
-            };
+        let written = match STDERR_KIND.get() {
+            Some(StderrKind::Socket) => rustix::net::send(
+                fd,
+                buf,
+                rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+            ),
+            Some(StderrKind::Pipe(own)) => rustix::io::write(own, buf),
+            Some(StderrKind::Other) | None => rustix::io::write(fd, buf),
+        };
         let done = written.unwrap_or(0);
         let lost = buf.len().saturating_sub(done);
         if lost > 0 {

@@ -189,6 +189,7 @@ fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HATCHERY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    hatchery::logs::AgentStderr::setup();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(hatchery::logs::AgentStderr)

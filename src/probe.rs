@@ -19,6 +19,8 @@
 //!   `bind:PORT`, `connect:PORT`, `exec:PATH` (run `PATH __probe ids`: blocked when the
 //!   effective uid did not change), `nofile:N` and `nproc:N` (blocked when fewer than N
 //!   fds or processes could be had).
+//! - `without-io-uring CMD ARGS...`: runs CMD with `io_uring_setup` refused (`EPERM`) by a
+//!   seccomp filter, as in a container whose runtime blocks io_uring.
 //! - `hold-connections SOCKET N`: what a hostile local user does to a control socket:
 //!   opens N connections, sends half a request on each, prints `{"connected":N}`, then
 //!   reads each until the agent closes it and prints `{"replies":[...]}` (the last line
@@ -100,6 +102,20 @@ pub fn main(args: &[String]) -> u8 {
             );
             println!("{} {} {} {}", ids.0, ids.1, ids.2, ids.3);
             0
+        }
+        Some("without-io-uring") => {
+            use std::os::unix::process::CommandExt;
+            let Some(cmd) = args.get(1) else {
+                eprintln!("usage: __probe without-io-uring CMD ARGS...");
+                return 2;
+            };
+            if let Err(e) = crate::sys::seccomp::deny_io_uring_setup() {
+                eprintln!("without-io-uring: {e}");
+                return 1;
+            }
+            let e = std::process::Command::new(cmd).args(&args[2..]).exec();
+            eprintln!("without-io-uring: {cmd}: {e}");
+            127
         }
         Some("hold-connections") => {
             let (Some(socket), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok()))

@@ -265,8 +265,15 @@ fn create_maps() -> Result<(OwnedFd, OwnedFd), SteeringError> {
 }
 
 /// Loads with SELECT_OR_MIGRATE, or SELECT where the kernel rejects it with EINVAL.
+/// `HATCHERY_STEERING=select` asks for SELECT alone, the path of kernels 4.19 to 5.13, so
+/// the drain that stands in for migration is tested on newer ones too.
 fn load(cfg: BorrowedFd<'_>, socks: BorrowedFd<'_>) -> Result<(OwnedFd, bool), SteeringError> {
     let insns = program(map_fd(cfg), map_fd(socks));
+    if std::env::var("HATCHERY_STEERING").is_ok_and(|v| v == "select") {
+        return bpf::prog_load_sk_reuseport(&insns, LICENSE, bpf::BPF_SK_REUSEPORT_SELECT)
+            .map(|fd| (fd, false))
+            .map_err(SteeringError::Load);
+    }
     match bpf::prog_load_sk_reuseport(&insns, LICENSE, bpf::BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) {
         Ok(fd) => Ok((fd, true)),
         // remove once 5.14 is the floor

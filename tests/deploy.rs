@@ -803,3 +803,142 @@ fn agent_log_tail(agent: &TestAgent) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// With `SELECT` alone (no migration of queued connections, as before Linux 5.14), the old
+/// generation keeps accepting until its queue is empty: connections queued at the flip are
+/// answered by it, none reset. `rollback` then steers back to it while it drains, and
+/// during a deploy that has not flipped it stops the new generation.
+#[test]
+fn a_draining_generation_answers_its_queue_and_rollback_steers_back_to_it() {
+    if !is_root() && skip("eBPF steering needs root") {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    point(&link, &release(root.path(), "r1", Some("one-at-a-time")));
+    let port = free_port();
+    let (probation, queued) = if in_vm() { ("2s", 20) } else { ("1s", 12) };
+    let text = format!(
+        r#"name = "web"
+command = ["{BIN}", "__demo-worker", "--delay-ms", "500", "--behaviour-from", "{{release}}"]
+workers = 1
+release = "{}"
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:{port}"
+[ready]
+check = "notify"
+timeout = "30s"
+[stop]
+timeout = "60s"
+[deploy]
+probation = "{probation}"
+"#,
+        link.display()
+    );
+    let agent = TestAgent::start_with_env(
+        &[("web", &text)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+        &[("HATCHERY_STEERING", "select")],
+    );
+    agent.wait_for("web", "gen-1 ready", Duration::from_secs(20), |s| {
+        s["ready"] == 1
+    });
+    let features =
+        serde_json::from_slice::<serde_json::Value>(&agent.cli(&["status", "--json"]).stdout)
+            .expect("json")["agent"]["features"]
+            .to_string();
+    assert!(features.contains("no SELECT_OR_MIGRATE"), "{features}");
+    assert_eq!(agent.status("web")["steering"], "ebpf");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+
+    // Rolled back before the flip: the new generation stops, gen-1 never did.
+    point(&link, &release(root.path(), "r2", Some("slow-start")));
+    let socket = agent.socket.clone();
+    let starting = std::thread::spawn(move || {
+        Command::new(BIN)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["deploy", "web"])
+            .output()
+            .expect("deploy")
+    });
+    agent.wait_for("web", "gen-2 starting", Duration::from_secs(20), |s| {
+        s["deploy"]["stage"] == "starting"
+    });
+    let out = agent.cli(&["rollback", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("gen-2 rolled back; gen-1 serves"),
+        "{}",
+        stdout(&out)
+    );
+    let out = starting.join().expect("deploy");
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("rolled back on request"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(agent.status("web")["generation"], 1);
+
+    // Connections queued at the flip, then a rollback while gen-1 drains them.
+    point(&link, &release(root.path(), "r3", None));
+    let socket = agent.socket.clone();
+    let deploying = std::thread::spawn(move || {
+        Command::new(BIN)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["deploy", "web"])
+            .output()
+            .expect("deploy")
+    });
+    agent.wait_for("web", "gen-3 in probation", Duration::from_secs(30), |s| {
+        s["deploy"]["stage"] == "probation"
+    });
+    let waiting: Vec<TcpStream> = (0..queued)
+        .map(|_| {
+            let mut s =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(60)))
+                .expect("timeout");
+            s.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+                .expect("write");
+            s
+        })
+        .collect();
+    agent.wait_for(
+        "web",
+        "gen-3 serving, gen-1 draining",
+        Duration::from_secs(30),
+        |s| s["generation"] == 3 && s["deploy"]["stage"] == "draining",
+    );
+    let out = agent.cli(&["rollback", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("steered back to gen-1"),
+        "rollback found gen-1 still draining: {}",
+        stdout(&out)
+    );
+    let out = deploying.join().expect("deploy");
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    // Every queued connection was answered by gen-1; none was reset.
+    for (i, mut s) in waiting.into_iter().enumerate() {
+        let mut body = String::new();
+        s.read_to_string(&mut body)
+            .unwrap_or_else(|e| panic!("queued connection {i}: {e}"));
+        assert!(
+            body.starts_with("HTTP/1.1 200") && body.contains("generation 1"),
+            "queued connection {i}: {body:?}"
+        );
+    }
+    // And new connections go to gen-1 again.
+    let s = one_request(addr);
+    assert_eq!(s.outcome.as_ref().ok(), Some(&1), "{s:?}");
+    agent.wait_for("web", "gen-3 gone", Duration::from_secs(30), |s| {
+        s["generations"].as_array().map(Vec::len) == Some(1)
+    });
+}

@@ -1762,9 +1762,11 @@ impl Agent {
         self.send(id, reply);
     }
 
-    /// Writes what the connection has buffered; a `logs` client whose buffer ran low gets
-    /// its next chunk of backlog, until the socket is full or the backlog is done.
+    /// Writes what the connection has buffered; a `logs` client whose buffer ran empty
+    /// gets its next chunk of backlog, one chunk per event (the next one when the socket
+    /// is writable again), so no client's backlog delays the others' requests for long.
     fn flush(&mut self, id: u64) {
+        let mut pumped = false;
         loop {
             let Some(conn) = self.conns.get_mut(&id) else {
                 return;
@@ -1783,6 +1785,21 @@ impl Agent {
                 }
             }
             if conn.outbuf.is_empty() && conn.backlog.is_some() {
+                if pumped {
+                    // More when the loop comes back to this connection.
+                    if conn.write_token.is_none() {
+                        match self.reg.arm(
+                            conn.fd.as_fd(),
+                            Interest::Writable,
+                            Source::ConnWrite(id),
+                        ) {
+                            Ok(t) => conn.write_token = Some(t),
+                            Err(_) => self.close_conn(id),
+                        }
+                    }
+                    return;
+                }
+                pumped = true;
                 if self.pump_backlog(id) {
                     continue;
                 }

@@ -18,6 +18,8 @@
 //! - [`landlock`]: building a Landlock ruleset in the parent and probing the ABI version
 //!   (the child enforces it in [`spawn`]).
 //! - [`ptrace`]: `PTRACE_ATTACH`, for the probe worker's attacks only.
+//! - [`seccomp`]: a filter refusing `io_uring_setup`, for the probe (tests of the epoll
+//!   fall-back where io_uring is refused).
 //! - [`tcp`]: `TCP_INFO` on a listener, to read its accept-queue length.
 //! - [`uring`]: the io_uring submission side (pushing entries is unsafe because the
 //!   kernel may read memory the entry points to until the operation completes).
@@ -30,6 +32,7 @@ pub mod bpf;
 pub mod creds;
 pub mod landlock;
 pub mod ptrace;
+pub mod seccomp;
 pub mod signals;
 pub mod spawn;
 pub mod tcp;

@@ -45,6 +45,8 @@ pub struct TestAgent {
     ignored: Vec<&'static str>,
     /// Where the next launch sends the agent's stdout and stderr instead of `agent.log`.
     output: Option<std::os::fd::OwnedFd>,
+    /// A command the agent is started through (its arguments, then the agent's).
+    through: Vec<String>,
 }
 
 pub struct Options {
@@ -117,7 +119,18 @@ impl TestAgent {
                 .collect(),
             ignored: Vec::new(),
             output: None,
+            through: Vec::new(),
         };
+        a.launch();
+        a
+    }
+
+    /// As [`TestAgent::start`], with the agent started through `through` (a command and
+    /// its arguments, followed by the agent's command line).
+    pub fn start_through(sites: &[(&str, &str)], opts: Options, through: &[&str]) -> TestAgent {
+        let mut a = TestAgent::start(sites, opts);
+        a.stop();
+        a.through = through.iter().map(|s| s.to_string()).collect();
         a.launch();
         a
     }
@@ -160,7 +173,11 @@ impl TestAgent {
                 .open(self.dir.path().join("agent.log"))
                 .expect("log"),
         };
-        let mut cmd = if self.ignored.is_empty() {
+        let mut cmd = if let Some((first, rest)) = self.through.split_first() {
+            let mut c = Command::new(first);
+            c.args(rest).arg(BIN);
+            c
+        } else if self.ignored.is_empty() {
             Command::new(BIN)
         } else {
             let mut c = Command::new("/bin/sh");
