@@ -95,7 +95,17 @@ pub fn oom_kills(dir: &Path) -> Option<u64> {
 /// What the memory cap measures for `dir`, reading only that: `memory.peak`, or
 /// `memory.current` before 5.19 (see [`Usage::peak_or_current`]).
 pub fn measured_memory(dir: &Path) -> Option<u64> {
-    read_u64(&dir.join(MEMORY_PEAK)).or_else(|| read_u64(&dir.join(MEMORY_CURRENT)))
+    peak(dir).or_else(|| read_u64(&dir.join(MEMORY_CURRENT)))
+}
+
+/// `memory.peak`, unless `HATCHERY_CGROUP_NO_PEAK=1` asks to behave as before 5.19 (to test
+/// that path on newer kernels).
+fn peak(dir: &Path) -> Option<u64> {
+    static NO_PEAK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *NO_PEAK.get_or_init(|| std::env::var("HATCHERY_CGROUP_NO_PEAK").is_ok_and(|v| v == "1")) {
+        return None;
+    }
+    read_u64(&dir.join(MEMORY_PEAK))
 }
 
 /// Reads the accounting files of `dir` (missing files give `None`).
@@ -104,7 +114,7 @@ pub fn read_usage(dir: &Path) -> Usage {
     let cpu = fs::read_to_string(dir.join(CPU_STAT)).ok();
     Usage {
         memory_current: read_u64(&dir.join(MEMORY_CURRENT)),
-        memory_peak: read_u64(&dir.join(MEMORY_PEAK)),
+        memory_peak: peak(dir),
         memory_max: read_u64(&dir.join(MEMORY_MAX)),
         oom_kills: events.as_deref().and_then(|t| keyed_value(t, "oom_kill")),
         pids: read_u64(&dir.join(PIDS_CURRENT)),

@@ -509,3 +509,46 @@ fn a_delegated_agent_manages_its_own_subtree_and_respects_its_memory_max() {
     );
     let _ = std::fs::remove_dir(&unit);
 }
+
+/// Before Linux 5.19 there is no `memory.peak`: the cap measures `memory.current`
+/// (forced here with HATCHERY_CGROUP_NO_PEAK=1 on kernels that have it).
+#[test]
+fn without_memory_peak_the_cap_measures_memory_current() {
+    if !cgroup_controllers() {
+        return;
+    }
+    // The estimate (200M) allows one worker in 256M; measured at ~20M each, all 3 fit.
+    let site = probe_site(
+        "nopeak",
+        0,
+        &format!("exec {BIN} __probe alloc 20M"),
+        "memory = \"256M\"\nworker_memory = \"200M\"\nworkers_min = 1\nworkers_max = 3\n",
+    )
+    .replace("workers = 0", "workers = \"auto\"");
+    let agent = TestAgent::start_with_env(
+        &[("nopeak", &site)],
+        Options {
+            reactor: "epoll",
+            cgroups: true,
+        },
+        &[("HATCHERY_CGROUP_NO_PEAK", "1")],
+    );
+    let s = agent.wait_for(
+        "nopeak",
+        "3 workers on the measured figure",
+        Duration::from_secs(120),
+        |s| s["ready"] == 3 && s["capacity"]["basis"] == "measured",
+    );
+    let per_worker = s["capacity"]["per_worker"].as_u64().expect("per_worker");
+    assert!(
+        per_worker < 64 << 20,
+        "measured from memory.current, not the estimate: {s:#}"
+    );
+    for w in s["workers"].as_array().expect("workers") {
+        assert!(w["usage"]["memory_peak"].is_null(), "no peak read: {w:#}");
+        assert!(
+            w["usage"]["memory_current"].as_u64() > Some(16 << 20),
+            "{w:#}"
+        );
+    }
+}

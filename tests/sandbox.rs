@@ -908,3 +908,49 @@ fn landlock_abi_is_the_kernels() {
         None => assert_eq!(abi, want.parse::<u32>().expect("number"), "wanted {want}"),
     }
 }
+
+/// Landlock set to `off` is off: the same write, outside the site's `read_write` paths but
+/// allowed by the file's permissions, is refused with filesystem rules on and done with
+/// them off, and `status` says so.
+#[test]
+fn landlock_off_enforces_no_filesystem_rules() {
+    if !privileged() {
+        return;
+    }
+    if landlock_abi() == 0 {
+        skip("Landlock is not available: nothing to turn off");
+        return;
+    }
+    let base = root_owned_tempdir();
+    let open = base.path().join("open");
+    std::fs::create_dir_all(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let site = |name: &str, mode: &str| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"{BIN}\", \"__probe\", \"attacks\", \"write:{}/{name}\"]\nuser = \"{USER_A}\"\n\
+             [sandbox.landlock]\nfilesystem = \"{mode}\"\nread_write = [\"/tmp\"]\n",
+            open.display()
+        )
+    };
+    let (on, off) = (site("on", "required"), site("off", "off"));
+    let agent = TestAgent::start(&[("on", &on), ("off", &off)], opts());
+    let result = |name: &str| {
+        let lines = wait_log(&agent, name, "attacks done");
+        json_of(
+            lines
+                .iter()
+                .find(|l| l.contains("\"attack\""))
+                .expect("an attack line"),
+        )
+    };
+    let on_r = result("on");
+    assert_eq!(on_r["blocked"], true, "rules on: {on_r}");
+    let off_r = result("off");
+    assert_eq!(off_r["blocked"], false, "rules off: {off_r}");
+    assert!(open.join("off").exists() && !open.join("on").exists());
+    let off_status = agent.status("off")["sandbox"]["not_enforced"].to_string();
+    assert!(
+        off_status.contains("Landlock filesystem rules: off"),
+        "{off_status}"
+    );
+}

@@ -868,3 +868,50 @@ fn io_uring_refused_falls_back_to_epoll() {
         s["ready"] == 2 && s["workers"][0]["pid"].as_i64().is_some_and(|p| p != victim)
     });
 }
+
+/// A reload whose new listener cannot be bound changes nothing: the site keeps its
+/// address and its workers, and the answer names the holder.
+#[test]
+fn a_reload_whose_listener_cannot_bind_changes_nothing() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = holder.local_addr().expect("addr").port();
+    let site = |p: u16| {
+        format!(
+            "name = \"web\"\ncommand = [\"{BIN}\", \"__demo-worker\"]\nworkers = 2\n[[listen]]\ntcp = \"127.0.0.1:{p}\"\n[ready]\ncheck = \"notify\"\n"
+        )
+    };
+    let agent = TestAgent::start_ready(
+        &[("web", &site(port))],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "web",
+        2,
+    );
+    let pids = agent.pids("web");
+    std::fs::write(agent.site_file("web"), site(taken)).expect("write");
+    let out = agent.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let want = format!(
+        "127.0.0.1:{taken}: address in use by pid {}",
+        std::process::id()
+    );
+    assert!(
+        stderr(&out).contains("nothing changed") && stderr(&out).contains(&want),
+        "{}",
+        stderr(&out)
+    );
+    let s = agent.status("web");
+    assert_eq!(s["listen"][0], format!("tcp 127.0.0.1:{port}"), "{s:#}");
+    assert_eq!(agent.pids("web"), pids);
+    assert!(
+        http_get(port, "/").is_ok_and(|b| b.contains("hello from worker")),
+        "still served on the old address"
+    );
+    drop(holder);
+}

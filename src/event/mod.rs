@@ -2136,8 +2136,20 @@ impl Agent {
             Request::Reload => match self.reload() {
                 Ok(summary) => self.finish(conn, &Reply::Ok(summary)),
                 Err(e) => {
-                    error!("reload refused, nothing changed: {e}");
-                    self.finish(conn, &Reply::error(ErrorKind::Config, e.to_string()));
+                    let text = match &e {
+                        AgentError::Config(_) => e.to_string(),
+                        _ => format!("{e}: {}", error_chain(&e)),
+                    };
+                    error!("reload refused, nothing changed: {text}");
+                    // A bad file is a configuration error; a port taken is the host's.
+                    let kind = match e {
+                        AgentError::Config(_) => ErrorKind::Config,
+                        _ => ErrorKind::Failed,
+                    };
+                    self.finish(
+                        conn,
+                        &Reply::error(kind, format!("reload refused, nothing changed: {text}")),
+                    );
                 }
             },
         }
