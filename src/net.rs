@@ -144,7 +144,9 @@ impl Listener {
                 let addr = SocketAddrUnix::new(path).map_err(|e| bind_err(e.into()))?;
                 rustix::net::bind(&fd, &addr).map_err(|e| bind_err(e.into()))?;
                 if rustix::process::geteuid().is_root() {
-                    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(bind_err)?;
+                    // Not following a symlink: if the directory is the site user's, it
+                    // could have replaced the socket with a link to any file by now.
+                    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(bind_err)?;
                 }
                 fd
             }
