@@ -479,6 +479,19 @@ fn a_site_owner_stays_within_its_site() {
         1,
         "nothing was deployed"
     );
+    // Its symlink, which it may repoint, is resolved with its permissions too.
+    std::fs::remove_file(srv.join("current")).expect("rm");
+    std::os::unix::fs::symlink(secret.join("inner"), srv.join("current")).expect("symlink");
+    let out = as_nobody(&agent, tmp.path(), &["deploy", "mine"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not resolve to a directory that uid 65534 can reach"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_file(srv.join("current")).expect("rm");
+    std::os::unix::fs::symlink("releases/r1", srv.join("current")).expect("symlink");
+    assert_eq!(agent.status("mine")["generation"], 1);
     // A relative path is the caller's, not the agent's.
     let out = as_nobody(
         &agent,

@@ -92,11 +92,16 @@ pub(super) struct Queued {
     rollback: bool,
 }
 
-/// The release directory `dir` a site's owner asked to deploy, resolved with the
-/// permissions of the site's user (never the agent's) and required to be inside the
-/// directory that holds the site's `release` symlink. Every refusal reads the same, so the
-/// answer tells nothing about paths the user may not see.
-pub(super) fn release_for_owner(site: &config::SiteConfig, dir: &Path) -> Result<PathBuf, String> {
+/// The release directory `dir` a site's owner asked to deploy (its `release` symlink, or
+/// a directory it named), resolved with the permissions of the site's user (never the
+/// agent's) and, for a named one (`contained`), required to be inside the directory that
+/// holds the site's `release` symlink. Every refusal reads the same, so the answer tells
+/// nothing about paths the user may not see.
+pub(super) fn release_for_owner(
+    site: &config::SiteConfig,
+    dir: &Path,
+    contained: bool,
+) -> Result<PathBuf, String> {
     let Some(parent) = site.release.as_deref().and_then(Path::parent) else {
         return Err(format!(
             "site {} has no release symlink: only root may deploy a directory of its choice",
@@ -104,12 +109,20 @@ pub(super) fn release_for_owner(site: &config::SiteConfig, dir: &Path) -> Result
         ));
     };
     let refused = || {
-        format!(
-            "release {}: not a directory inside {} that uid {} can reach",
-            dir.display(),
-            parent.display(),
-            site.uid
-        )
+        if contained {
+            format!(
+                "release {}: not a directory inside {} that uid {} can reach",
+                dir.display(),
+                parent.display(),
+                site.uid
+            )
+        } else {
+            format!(
+                "release {}: does not resolve to a directory that uid {} can reach",
+                dir.display(),
+                site.uid
+            )
+        }
     };
     let allowed = std::fs::canonicalize(parent).map_err(|_| refused())?;
     let resolved = {
@@ -126,7 +139,7 @@ pub(super) fn release_for_owner(site: &config::SiteConfig, dir: &Path) -> Result
         })
     };
     match resolved {
-        Ok(r) if r.starts_with(&allowed) && r != allowed => Ok(r),
+        Ok(r) if !contained || (r.starts_with(&allowed) && r != allowed) => Ok(r),
         _ => Err(refused()),
     }
 }

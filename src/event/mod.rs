@@ -1988,17 +1988,20 @@ impl Agent {
             }
             Request::Deploy { release, .. } => {
                 let name = name.expect("site request");
-                let release = match release.map(PathBuf::from) {
-                    Some(dir) if !admin => {
-                        match deploy::release_for_owner(&self.sites[&name].config, &dir) {
-                            Ok(r) => Some(r),
-                            Err(why) => {
-                                warn!(uid, site = %name, "refused a deploy: {why}");
-                                return self.finish(conn, &Reply::error(ErrorKind::Refused, why));
-                            }
-                        }
+                // A site's owner deploys only what it can reach itself: a directory it
+                // names, or what its `release` symlink (which it may repoint) resolves to.
+                let config = &self.sites[&name].config;
+                let asked = match (release.map(PathBuf::from), &config.release) {
+                    (Some(dir), _) if !admin => Some(deploy::release_for_owner(config, &dir, true)),
+                    (None, Some(link)) if !admin => Some(deploy::release_for_owner(config, link, false)),
+                    (other, _) => other.map(Ok),
+                };
+                let release = match asked.transpose() {
+                    Ok(r) => r,
+                    Err(why) => {
+                        warn!(uid, site = %name, "refused a deploy: {why}");
+                        return self.finish(conn, &Reply::error(ErrorKind::Refused, why));
                     }
-                    other => other,
                 };
                 self.request_deploy(conn, &name, release, false);
             }
