@@ -209,6 +209,19 @@ fn deploy(agent: &TestAgent, args: &[&str]) -> DeployRun {
     DeployRun { code, lines }
 }
 
+/// `hatchery deploy web` on a thread of its own; join it for the CLI's output.
+fn deploy_in_background(agent: &TestAgent) -> std::thread::JoinHandle<std::process::Output> {
+    let socket = agent.socket.clone();
+    std::thread::spawn(move || {
+        Command::new(BIN)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["deploy", "web"])
+            .output()
+            .expect("deploy")
+    })
+}
+
 fn serving(agent: &TestAgent) -> (u64, Vec<i64>) {
     let s = agent.status("web");
     let g = s["generation"].as_u64().expect("generation");
@@ -593,17 +606,7 @@ fn deploys_queue_rollback_returns_to_the_previous_release_and_bad_requests_are_r
     // Slow to become ready: the first deploy is still under way when the second comes.
     point(&link, &release(root.path(), "r2", Some("slow-start")));
     // Two deploys at once: the second waits for the first, then deploys again.
-    let first = std::thread::spawn({
-        let socket = agent.socket.clone();
-        move || {
-            Command::new(BIN)
-                .arg("--socket")
-                .arg(&socket)
-                .args(["deploy", "web"])
-                .output()
-                .expect("deploy")
-        }
-    });
+    let first = deploy_in_background(&agent);
     // The second is asked for once the first is under way (not after a guessed delay).
     agent.wait_for(
         "web",
@@ -857,15 +860,7 @@ probation = "{probation}"
 
     // Rolled back before the flip: the new generation stops, gen-1 never did.
     point(&link, &release(root.path(), "r2", Some("slow-start")));
-    let socket = agent.socket.clone();
-    let starting = std::thread::spawn(move || {
-        Command::new(BIN)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["deploy", "web"])
-            .output()
-            .expect("deploy")
-    });
+    let starting = deploy_in_background(&agent);
     agent.wait_for("web", "gen-2 starting", Duration::from_secs(20), |s| {
         s["deploy"]["stage"] == "starting"
     });
@@ -887,15 +882,7 @@ probation = "{probation}"
 
     // Connections queued at the flip, then a rollback while gen-1 drains them.
     point(&link, &release(root.path(), "r3", None));
-    let socket = agent.socket.clone();
-    let deploying = std::thread::spawn(move || {
-        Command::new(BIN)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["deploy", "web"])
-            .output()
-            .expect("deploy")
-    });
+    let deploying = deploy_in_background(&agent);
     agent.wait_for("web", "gen-3 in probation", Duration::from_secs(30), |s| {
         s["deploy"]["stage"] == "probation"
     });

@@ -1993,7 +1993,9 @@ impl Agent {
                 let config = &self.sites[&name].config;
                 let asked = match (release.map(PathBuf::from), &config.release) {
                     (Some(dir), _) if !admin => Some(deploy::release_for_owner(config, &dir, true)),
-                    (None, Some(link)) if !admin => Some(deploy::release_for_owner(config, link, false)),
+                    (None, Some(link)) if !admin => {
+                        Some(deploy::release_for_owner(config, link, false))
+                    }
                     (other, _) => other.map(Ok),
                 };
                 let release = match asked.transpose() {
