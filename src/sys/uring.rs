@@ -25,6 +25,8 @@ pub struct Uring {
     ring: IoUring,
     timespec: Box<types::Timespec>,
     timeout_pending: bool,
+    /// Tokens completed while the submission queue was being emptied, for the next wait.
+    early: Vec<u64>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -57,6 +59,7 @@ impl Uring {
             ring,
             timespec: Box::new(types::Timespec::new()),
             timeout_pending: false,
+            early: Vec::new(),
         })
     }
 
@@ -69,7 +72,33 @@ impl Uring {
                 return Ok(());
             }
             // Submission queue full: hand the queued entries to the kernel and retry.
-            self.ring.submit()?;
+            match self.ring.submit() {
+                Ok(_) => {}
+                // Completions the kernel could not post yet (EBUSY) or a transient lack of
+                // memory (EAGAIN): take the completions, then submit again.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    self.reap_completions();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Moves the completions that are there into `early`.
+    fn reap_completions(&mut self) {
+        let mut tokens = std::mem::take(&mut self.early);
+        self.collect(&mut tokens);
+        self.early = tokens;
+    }
+
+    fn collect(&mut self, ready: &mut Vec<u64>) {
+        for cqe in self.ring.completion() {
+            let token = cqe.user_data();
+            if token == TIMEOUT_TAG {
+                self.timeout_pending = false;
+            } else if token & INTERNAL == 0 && cqe.result() != -libc::ECANCELED {
+                ready.push(token);
+            }
         }
     }
 
@@ -111,19 +140,20 @@ impl Uring {
             self.push(&entry)?;
             self.timeout_pending = true;
         }
-        match self.ring.submit_and_wait(1) {
+        ready.append(&mut self.early);
+        let want = usize::from(ready.is_empty());
+        match self.ring.submit_and_wait(want) {
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            // Interrupted, or completions waiting to be posted (EBUSY), or short of
+            // memory for a moment (EAGAIN): take what is there; the loop comes back.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) => {}
             Err(e) => return Err(e),
         }
-        for cqe in self.ring.completion() {
-            let token = cqe.user_data();
-            if token == TIMEOUT_TAG {
-                self.timeout_pending = false;
-            } else if token & INTERNAL == 0 && cqe.result() != -libc::ECANCELED {
-                ready.push(token);
-            }
-        }
+        self.collect(ready);
         Ok(())
     }
 }
