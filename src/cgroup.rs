@@ -48,7 +48,7 @@ const CPU_WEIGHT: &str = "cpu.weight";
 const CPU_STAT: &str = "cpu.stat";
 
 /// Accounting of one cgroup; `None` where the kernel or controller does not provide it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// `memory.current`, bytes.
     pub memory_current: Option<u64>,

@@ -139,6 +139,81 @@ impl Request {
     }
 }
 
+/// An operation on a site that went through (`start`, `stop`, `restart`, `scale`,
+/// `deploy`, `rollback`): which site, what happened in words, and for deploys the
+/// generations involved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    /// The site.
+    pub site: String,
+    /// What happened, for people.
+    pub message: String,
+    /// The generation that serves now (deploys and rollbacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
+    /// Its release (deploys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<std::path::PathBuf>,
+    /// The generation that was retired (deploys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired: Option<u32>,
+    /// How long the deploy took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+impl Done {
+    /// `site` did what `message` says.
+    pub fn new(site: impl std::fmt::Display, message: impl Into<String>) -> Done {
+        Done {
+            site: site.to_string(),
+            message: message.into(),
+            generation: None,
+            release: None,
+            retired: None,
+            duration_ms: None,
+        }
+    }
+}
+
+/// The answer to `signal`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signalled {
+    /// The site.
+    pub site: String,
+    /// The signal's name.
+    pub signal: String,
+    /// How many workers it was sent to.
+    pub workers: u32,
+}
+
+/// The end of `logs` (without `follow`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsEnded {
+    /// The site.
+    pub site: String,
+    /// Its log file.
+    pub log: std::path::PathBuf,
+}
+
+/// The answer to `reload`: the sites by what happened to them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Reloaded {
+    /// Started.
+    pub added: Vec<String>,
+    /// Changed (restarted, or only scaled).
+    pub changed: Vec<String>,
+    /// Stopped and removed.
+    pub removed: Vec<String>,
+}
+
+/// The end of `exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecEnded {
+    /// The command's exit code (128 + N when signal N ended it).
+    pub exit_code: i32,
+}
+
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -186,6 +261,12 @@ impl Reply {
         let mut v = serde_json::to_vec(self).expect("replies always serialize");
         v.push(b'\n');
         v
+    }
+
+    /// A success carrying `value` (one of the reply types: [`crate::status::Status`],
+    /// [`Done`], ...).
+    pub fn ok(value: &impl Serialize) -> Reply {
+        Reply::Ok(serde_json::to_value(value).expect("reply types always serialize"))
     }
 
     /// An error reply.

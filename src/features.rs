@@ -6,10 +6,10 @@
 use serde::Serialize;
 
 /// One line of the report.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Feature {
     /// What it is.
-    pub name: &'static str,
+    pub name: String,
     /// Whether it is in use.
     pub in_use: bool,
     /// How, or what happens without it.
@@ -20,7 +20,7 @@ impl Feature {
     /// A feature in use.
     pub fn on(name: &'static str, detail: impl Into<String>) -> Feature {
         Feature {
-            name,
+            name: name.to_string(),
             in_use: true,
             detail: detail.into(),
         }
@@ -29,7 +29,7 @@ impl Feature {
     /// A feature not in use, and what that means.
     pub fn off(name: &'static str, detail: impl Into<String>) -> Feature {
         Feature {
-            name,
+            name: name.to_string(),
             in_use: false,
             detail: detail.into(),
         }

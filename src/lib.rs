@@ -36,6 +36,7 @@ pub mod probe;
 pub mod process;
 pub mod sandbox;
 pub mod spawn;
+pub mod status;
 pub mod steering;
 pub mod supervisor;
 #[allow(unsafe_code)]

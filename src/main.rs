@@ -5,9 +5,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+mod cli;
+
+use cli::render::printable;
 use hatchery::control::{Client, ErrorKind, Reply, Request};
 use hatchery::event::Agent;
 use hatchery::{config, demo, features};
@@ -212,27 +215,6 @@ fn say_err(line: &str) {
 fn say(text: &str) {
     use std::io::Write as _;
     let _ = write!(std::io::stdout(), "{text}");
-}
-
-/// Text for a terminal: control characters other than newline and tab (escape sequences a
-/// worker wrote, a release path with a bell in it) are shown escaped (`\x1b`), never sent
-/// to the operator's terminal as they are.
-fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-        return std::borrow::Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        match c {
-            '\n' | '\t' => out.push(c),
-            c if c.is_control() && u32::from(c) < 0x100 => {
-                out.push_str(&format!("\\x{:02x}", u32::from(c)));
-            }
-            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    std::borrow::Cow::Owned(out)
 }
 
 /// The CLI's output goes to pipes (`| head`): like any Unix tool, it ends quietly (killed
@@ -446,7 +428,7 @@ fn sandbox_reports(config: &config::AgentConfig) -> serde_json::Value {
                 "enforced": p.report.iter().filter(|(on, _)| *on).map(|(_, s)| s).collect::<Vec<_>>(),
                 "not_enforced": p.not_enforced(),
             }),
-            Err(why) => serde_json::json!({ "refused": why }),
+            Err(why) => serde_json::json!({ "refused": why.to_string() }),
         };
         out.insert(site.name.to_string(), v);
     }
@@ -559,10 +541,17 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
                     serde_json::to_string_pretty(&value).unwrap_or_default()
                 );
             } else if is_status {
-                print!("{}", printable(&render_status(&value)));
-            } else if let Some(msg) = value.get("message").and_then(|m| m.as_str()) {
-                let site = value.get("site").and_then(|s| s.as_str()).unwrap_or("");
-                println!("{}", printable(&format!("{site}: {msg}")));
+                match serde_json::from_value::<hatchery::status::Status>(value) {
+                    Ok(status) => print!("{}", printable(&cli::render::status(&status))),
+                    Err(e) => {
+                        say_err(&format!("hatchery: an answer this CLI cannot read: {e}"));
+                        return ExitCode::from(EXIT_REFUSED);
+                    }
+                }
+            } else if let Ok(done) =
+                serde_json::from_value::<hatchery::control::Done>(value.clone())
+            {
+                println!("{}", printable(&format!("{}: {}", done.site, done.message)));
             } else if value.get("log").is_none() {
                 println!("{value}");
             }
@@ -610,183 +599,4 @@ fn exec(socket: &std::path::Path, site: &str, command: Vec<String>) -> ExitCode 
             ExitCode::from(EXIT_REFUSED)
         }
     }
-}
-
-fn fmt_uptime(ms: u64) -> String {
-    let d = Duration::from_millis(ms);
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{}.{}s", s, d.subsec_millis() / 100),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
-    }
-}
-
-fn fmt_bytes(b: u64) -> String {
-    match b {
-        0..1024 => format!("{b}B"),
-        1024..1_048_576 => format!("{:.1}K", b as f64 / 1024.0),
-        1_048_576..1_073_741_824 => format!("{:.1}M", b as f64 / 1_048_576.0),
-        _ => format!("{:.2}G", b as f64 / 1_073_741_824.0),
-    }
-}
-
-fn render_status(v: &serde_json::Value) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let empty = Vec::new();
-    let sites = v["sites"].as_array().unwrap_or(&empty);
-    let single = sites.len() == 1;
-    let _ = writeln!(
-        out,
-        "{:<20} {:<9} {:>7}  {:<4} LISTEN",
-        "SITE", "STATE", "READY", "GEN"
-    );
-    for s in sites {
-        let listen: Vec<&str> = s["listen"]
-            .as_array()
-            .unwrap_or(&empty)
-            .iter()
-            .filter_map(|x| x.as_str())
-            .collect();
-        let _ = writeln!(
-            out,
-            "{:<20} {:<9} {:>7}  {:<4} {}",
-            s["name"].as_str().unwrap_or(""),
-            s["state"].as_str().unwrap_or(""),
-            format!("{}/{}", s["ready"], s["desired"]),
-            s["generation"].to_string(),
-            listen.join(", ")
-        );
-        if let Some(e) = s["error"].as_str() {
-            let _ = writeln!(out, "  {e}");
-        }
-    }
-    if single {
-        let s = &sites[0];
-        let _ = writeln!(
-            out,
-            "\n{:<7} {:>8} {:<9} {:>8} {:>8} {:>9} {:>9} {:>5}  LAST EXIT",
-            "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "MEM", "PEAK", "PIDS"
-        );
-        let bytes = |v: &serde_json::Value| v.as_u64().map(fmt_bytes).unwrap_or_else(|| "-".into());
-        let several = s["generations"].as_array().is_some_and(|g| g.len() > 1);
-        for w in s["workers"].as_array().unwrap_or(&empty) {
-            let u = &w["usage"];
-            let _ = writeln!(
-                out,
-                "{:<7} {:>8} {:<9} {:>8} {:>8} {:>9} {:>9} {:>5}  {}",
-                if several {
-                    format!("g{}/w-{}", w["generation"], w["id"])
-                } else {
-                    format!("w-{}", w["id"])
-                },
-                w["pid"]
-                    .as_i64()
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                w["state"].as_str().unwrap_or(""),
-                w["restarts"].to_string(),
-                w["uptime_ms"]
-                    .as_u64()
-                    .map(fmt_uptime)
-                    .unwrap_or_else(|| "-".into()),
-                bytes(&u["memory_current"]),
-                bytes(&u["memory_peak"]),
-                u["pids"]
-                    .as_u64()
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                w["last_exit"].as_str().unwrap_or("-"),
-            );
-        }
-        let su = &s["usage"];
-        if su.is_object() {
-            let _ = writeln!(
-                out,
-                "\nsite: memory {} of {}, {} processes, cpu {:.1} s",
-                bytes(&su["memory_current"]),
-                su["memory_max"]
-                    .as_u64()
-                    .map(fmt_bytes)
-                    .unwrap_or_else(|| "no budget".into()),
-                su["pids"]
-                    .as_u64()
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                su["cpu_usec"].as_u64().unwrap_or(0) as f64 / 1e6,
-            );
-        }
-        if let Some(r) = s["release"].as_str() {
-            let _ = writeln!(out, "release: {r} (gen-{})", s["generation"]);
-        }
-        for g in s["generations"].as_array().unwrap_or(&empty) {
-            if g["id"] != s["generation"] {
-                let _ = writeln!(
-                    out,
-                    "gen-{}: {}, {}/{} ready{}",
-                    g["id"],
-                    g["state"].as_str().unwrap_or(""),
-                    g["ready"],
-                    g["desired"],
-                    g["release"]
-                        .as_str()
-                        .map(|r| format!(", {r}"))
-                        .unwrap_or_default()
-                );
-            }
-        }
-        if let Some(d) = s["last_deploy"].as_object() {
-            let _ = writeln!(
-                out,
-                "last deploy: gen-{} {}{}",
-                d.get("to").map(|t| t.to_string()).unwrap_or_default(),
-                d.get("result").and_then(|r| r.as_str()).unwrap_or(""),
-                d.get("reason")
-                    .and_then(|r| r.as_str())
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default()
-            );
-        }
-        if let Some(d) = s["capacity"]["derivation"].as_str() {
-            let _ = writeln!(out, "cap: {d} (requested {})", s["requested"]);
-        }
-        let off: Vec<&str> = s["limits"]["not_enforced"]
-            .as_array()
-            .unwrap_or(&empty)
-            .iter()
-            .filter_map(|x| x.as_str())
-            .collect();
-        if !off.is_empty() {
-            let _ = writeln!(out, "limits not enforced here: {}", off.join(", "));
-        }
-        let sandbox_off: Vec<&str> = s["sandbox"]["not_enforced"]
-            .as_array()
-            .unwrap_or(&empty)
-            .iter()
-            .filter_map(|x| x.as_str())
-            .collect();
-        if !sandbox_off.is_empty() {
-            let _ = writeln!(out, "sandbox not enforced here: {}", sandbox_off.join("; "));
-        }
-        let _ = writeln!(out, "log: {}", s["log"].as_str().unwrap_or(""));
-    }
-    let off: Vec<String> = v["agent"]["features"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .filter(|f| f["in_use"] == false)
-        .map(|f| {
-            format!(
-                "  {}: {}",
-                f["name"].as_str().unwrap_or(""),
-                f["detail"].as_str().unwrap_or("")
-            )
-        })
-        .collect();
-    if !off.is_empty() {
-        let _ = writeln!(out, "\nnot enforced on this host:\n{}", off.join("\n"));
-    }
-    out
 }

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::process::{Pid, Signal as RSignal, WaitId, WaitIdOptions};
 
-use crate::supervisor::site::ExitReason;
+use crate::supervisor::slots::ExitReason;
 
 /// A live (or not yet reaped) child: its pid and its pidfd.
 #[derive(Debug)]

@@ -53,6 +53,96 @@ use crate::config::sandbox::Mode;
 use crate::sys::landlock;
 use crate::sys::spawn::SandboxPlan;
 
+/// Why a site's sandbox cannot be had on this host. Every case is permanent: retrying
+/// does not help until the operator changes the site, the root or the host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SandboxError {
+    /// A root or a private `/tmp` without a root agent.
+    #[error("sandbox.root and sandbox.private_tmp need the agent to run as root")]
+    NeedsRoot,
+    /// The root, or a directory on the way to it, is not safe to `chroot` into.
+    #[error("sandbox.root: {0}")]
+    Root(RootRefusal),
+    /// `<root>/tmp` is not a directory.
+    #[error("sandbox.private_tmp: {} is not a directory", .0.display())]
+    PrivateTmp(PathBuf),
+    /// A feature set to `required` that this kernel lacks.
+    #[error(
+        "sandbox: {feature} is required but this kernel does not provide it ({needs}; this kernel has Landlock ABI {abi})"
+    )]
+    Required {
+        /// The feature.
+        feature: &'static str,
+        /// What it needs.
+        needs: &'static str,
+        /// The Landlock ABI this kernel has.
+        abi: u32,
+    },
+    /// A path that cannot be passed to the kernel.
+    #[error("{} contains a NUL byte", .0.display())]
+    Nul(PathBuf),
+}
+
+impl SandboxError {
+    /// Whether trying again cannot help (always: see the type).
+    pub fn permanent(&self) -> bool {
+        true
+    }
+}
+
+/// What is wrong with a site's root.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RootRefusal {
+    /// A relative path.
+    #[error("{} is not an absolute path", .0.display())]
+    NotAbsolute(PathBuf),
+    /// A directory on the way could not be looked at.
+    #[error("cannot inspect {}: {error}", .path.display())]
+    Inspect {
+        /// It.
+        path: PathBuf,
+        /// Why.
+        error: String,
+    },
+    /// A symlink on the way.
+    #[error("{} is a symlink: give the real path", .0.display())]
+    Symlink(PathBuf),
+    /// Not a directory.
+    #[error("{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// A directory on the way someone other than root owns.
+    #[error(
+        "{} is owned by uid {uid}: every directory from / to the root must be owned by root (else its owner could swap the root for a symlink)",
+        .path.display()
+    )]
+    Owned {
+        /// It.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
+    /// A directory on the way others may write.
+    #[error(
+        "{} is writable by {by}: every directory from / to the root must be writable by root only (chmod go-w)",
+        .path.display()
+    )]
+    Writable {
+        /// It.
+        path: PathBuf,
+        /// `its group` or `others`.
+        by: &'static str,
+    },
+    /// A setuid or setgid file below (`strict`).
+    #[error("{} is setuid or setgid (strict = true refuses it)", .0.display())]
+    Setuid(PathBuf),
+    /// Too many entries to look through (`strict`).
+    #[error(
+        "more than {MAX_ROOT_ENTRIES} entries under {}: too many to check for setuid files (set strict = false)",
+        .0.display()
+    )]
+    TooMany(PathBuf),
+}
+
 /// Most entries looked at when searching a root for setuid files.
 const MAX_ROOT_ENTRIES: usize = 200_000;
 
@@ -76,16 +166,9 @@ impl Prepared {
     }
 }
 
-/// The message of a refused `required` feature; documented in the README.
-pub fn required_message(feature: &str, needs: &str, abi: u32) -> String {
-    format!(
-        "sandbox: {feature} is required but this kernel does not provide it ({needs}; this kernel has Landlock ABI {abi})"
-    )
-}
-
 /// Prepares the sandbox of `site`. `privileged`: the agent is root and may change
 /// identities, capabilities and roots.
-pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> {
+pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, SandboxError> {
     let sb = &site.sandbox;
     let mut plan = SandboxPlan::default();
     let mut report = Vec::new();
@@ -94,22 +177,17 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
         report.push((true, format!("rlimit {name} = {value}")));
     }
     if !privileged && (sb.root.is_some() || sb.private_tmp) {
-        return Err(
-            "sandbox.root and sandbox.private_tmp need the agent to run as root".to_string(),
-        );
+        return Err(SandboxError::NeedsRoot);
     }
     if let Some(root) = &sb.root {
-        check_root(root, sb.strict)?;
+        check_root(root, sb.strict).map_err(SandboxError::Root)?;
         plan.root = Some(cstring(root)?);
         report.push((true, format!("chroot {}", root.display())));
     }
     if sb.private_tmp {
         let tmp = host_path(sb.root.as_deref(), Path::new("/tmp"));
         if !tmp.is_dir() {
-            return Err(format!(
-                "sandbox.private_tmp: {} is not a directory",
-                tmp.display()
-            ));
+            return Err(SandboxError::PrivateTmp(tmp));
         }
         plan.private_tmp = Some(cstring(&tmp)?);
         report.push((true, "private /tmp".into()));
@@ -160,11 +238,11 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
             false
         }
         (Mode::Required, 0) => {
-            return Err(required_message(
-                "Landlock (filesystem)",
-                "Landlock ABI 1, Linux 5.13",
+            return Err(SandboxError::Required {
+                feature: "Landlock (filesystem)",
+                needs: "Landlock ABI 1, Linux 5.13",
                 abi,
-            ));
+            });
         }
         (Mode::BestEffort, 0) => {
             report.push((
@@ -181,11 +259,11 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
             false
         }
         (Mode::Required, a) if a < 4 => {
-            return Err(required_message(
-                "Landlock network (TCP bind/connect rules)",
-                "Landlock ABI 4, Linux 6.7",
+            return Err(SandboxError::Required {
+                feature: "Landlock network (TCP bind/connect rules)",
+                needs: "Landlock ABI 4, Linux 6.7",
                 abi,
-            ));
+            });
         }
         (Mode::BestEffort, a) if a < 4 => {
             report.push((
@@ -204,11 +282,11 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
             false
         }
         (Mode::Required, a) if a < 6 => {
-            return Err(required_message(
-                "Landlock scopes (signals, abstract unix sockets)",
-                "Landlock ABI 6, Linux 6.12",
+            return Err(SandboxError::Required {
+                feature: "Landlock scopes (signals, abstract unix sockets)",
+                needs: "Landlock ABI 6, Linux 6.12",
                 abi,
-            ));
+            });
         }
         (Mode::BestEffort, a) if a < 6 => {
             report.push((
@@ -303,9 +381,8 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, String> 
     })
 }
 
-fn cstring(p: &Path) -> Result<CString, String> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| format!("{} contains a NUL byte", p.display()))
+fn cstring(p: &Path) -> Result<CString, SandboxError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| SandboxError::Nul(p.to_path_buf()))
 }
 
 /// Where `p` (a path inside the site's root) is on the host.
@@ -323,12 +400,9 @@ pub fn host_path(root: Option<&Path>, p: &Path) -> PathBuf {
 /// symlink to `/` in its place, and the next worker would run with the host's `/` as its
 /// root. Cheap (one `lstat` per component): the agent checks it again before every spawn
 /// of a site with a root, since `chroot` follows the path again each time.
-pub fn check_root_path(root: &Path) -> Result<(), String> {
+pub fn check_root_path(root: &Path) -> Result<(), RootRefusal> {
     if !root.is_absolute() {
-        return Err(format!(
-            "sandbox.root: {} is not an absolute path",
-            root.display()
-        ));
+        return Err(RootRefusal::NotAbsolute(root.to_path_buf()));
     }
     let mut cur = PathBuf::from("/");
     let mut components = vec![cur.clone()];
@@ -337,8 +411,10 @@ pub fn check_root_path(root: &Path) -> Result<(), String> {
         components.push(cur.clone());
     }
     for dir in &components {
-        let m = std::fs::symlink_metadata(dir)
-            .map_err(|e| format!("sandbox.root: cannot inspect {}: {e}", dir.display()))?;
+        let m = std::fs::symlink_metadata(dir).map_err(|e| RootRefusal::Inspect {
+            path: dir.clone(),
+            error: e.to_string(),
+        })?;
         judge_root_component(
             dir,
             m.file_type().is_symlink(),
@@ -357,45 +433,38 @@ fn judge_root_component(
     is_dir: bool,
     uid: u32,
     mode: u32,
-) -> Result<(), String> {
+) -> Result<(), RootRefusal> {
+    let path = || dir.to_path_buf();
     if symlink {
-        return Err(format!(
-            "sandbox.root: {} is a symlink: give the real path",
-            dir.display()
-        ));
+        return Err(RootRefusal::Symlink(path()));
     }
     if !is_dir {
-        return Err(format!(
-            "sandbox.root: {} is not a directory",
-            dir.display()
-        ));
+        return Err(RootRefusal::NotADirectory(path()));
     }
     if uid != 0 {
-        return Err(format!(
-            "sandbox.root: {} is owned by uid {uid}: every directory from / to the root must be owned by root (else its owner could swap the root for a symlink)",
-            dir.display()
-        ));
+        return Err(RootRefusal::Owned { path: path(), uid });
     }
     if mode & 0o022 != 0 {
-        return Err(format!(
-            "sandbox.root: {} is writable by {}: every directory from / to the root must be writable by root only (chmod go-w)",
-            dir.display(),
-            if mode & 0o002 != 0 {
+        return Err(RootRefusal::Writable {
+            path: path(),
+            by: if mode & 0o002 != 0 {
                 "others"
             } else {
                 "its group"
-            }
-        ));
+            },
+        });
     }
     Ok(())
 }
 
 /// Refuses a root the site's user could change or escape through ([`check_root_path`]),
 /// and when `strict`, one holding a setuid or setgid file.
-pub fn check_root(root: &Path, strict: bool) -> Result<(), String> {
+pub fn check_root(root: &Path, strict: bool) -> Result<(), RootRefusal> {
     check_root_path(root)?;
-    let top = std::fs::metadata(root)
-        .map_err(|e| format!("sandbox.root: cannot inspect {}: {e}", root.display()))?;
+    let top = std::fs::metadata(root).map_err(|e| RootRefusal::Inspect {
+        path: root.to_path_buf(),
+        error: e.to_string(),
+    })?;
     if strict {
         let mut seen = 0;
         let mut stack = vec![root.to_path_buf()];
@@ -406,19 +475,13 @@ pub fn check_root(root: &Path, strict: bool) -> Result<(), String> {
             for e in entries.flatten() {
                 seen += 1;
                 if seen > MAX_ROOT_ENTRIES {
-                    return Err(format!(
-                        "sandbox.root: more than {MAX_ROOT_ENTRIES} entries under {}: too many to check for setuid files (set strict = false)",
-                        root.display()
-                    ));
+                    return Err(RootRefusal::TooMany(root.to_path_buf()));
                 }
                 let Ok(m) = e.metadata() else { continue };
                 if m.is_dir() && m.dev() == top.dev() {
                     stack.push(e.path());
                 } else if m.is_file() && m.mode() & 0o6000 != 0 {
-                    return Err(format!(
-                        "sandbox.root: {} is setuid or setgid (strict = true refuses it)",
-                        e.path().display()
-                    ));
+                    return Err(RootRefusal::Setuid(e.path()));
                 }
             }
         }
@@ -440,17 +503,29 @@ mod tests {
         let d = Path::new("/srv/jail");
         judge_root_component(d, false, true, 0, 0o40755).expect("root's, 0755");
         judge_root_component(d, false, true, 0, 0o40711).expect("root's, 0711");
-        let e = judge_root_component(d, false, true, 33, 0o40755).expect_err("owned by a user");
+        let e = judge_root_component(d, false, true, 33, 0o40755)
+            .expect_err("owned by a user")
+            .to_string();
         assert!(e.contains("/srv/jail is owned by uid 33"), "{e}");
-        let e = judge_root_component(d, false, true, 0, 0o40775).expect_err("group-writable");
+        let e = judge_root_component(d, false, true, 0, 0o40775)
+            .expect_err("group-writable")
+            .to_string();
         assert!(e.contains("writable by its group"), "{e}");
-        let e = judge_root_component(d, false, true, 0, 0o41777).expect_err("like /tmp");
+        let e = judge_root_component(d, false, true, 0, 0o41777)
+            .expect_err("like /tmp")
+            .to_string();
         assert!(e.contains("writable by others"), "{e}");
-        let e = judge_root_component(d, true, false, 0, 0o120777).expect_err("symlink");
+        let e = judge_root_component(d, true, false, 0, 0o120777)
+            .expect_err("symlink")
+            .to_string();
         assert!(e.contains("is a symlink"), "{e}");
-        let e = judge_root_component(d, false, false, 0, 0o100644).expect_err("a file");
+        let e = judge_root_component(d, false, false, 0, 0o100644)
+            .expect_err("a file")
+            .to_string();
         assert!(e.contains("not a directory"), "{e}");
-        let e = check_root_path(Path::new("relative/root")).expect_err("relative");
+        let e = check_root_path(Path::new("relative/root"))
+            .expect_err("relative")
+            .to_string();
         assert!(e.contains("not an absolute path"), "{e}");
     }
 
@@ -479,7 +554,9 @@ mod tests {
         let suid = root.join("bin/su");
         std::fs::write(&suid, b"x").expect("write");
         chmod(&suid, 0o4755);
-        let e = check_root(&root, true).expect_err("setuid file");
+        let e = check_root(&root, true)
+            .expect_err("setuid file")
+            .to_string();
         assert!(e.contains("bin/su is setuid or setgid"), "{e}");
         check_root(&root, false).expect("not strict: accepted");
     }
@@ -494,7 +571,9 @@ mod tests {
     #[test]
     fn an_unprivileged_agent_refuses_a_root_and_reports_what_it_cannot_do() {
         let s = site("name = \"blog\"\ncommand = [\"/x\"]\n[sandbox]\nroot = \"/srv\"\n");
-        let e = prepare(&s, false).expect_err("a root needs root");
+        let e = prepare(&s, false)
+            .expect_err("a root needs root")
+            .to_string();
         assert!(e.contains("need the agent to run as root"), "{e}");
         let s = site(
             "name = \"blog\"\ncommand = [\"/x\"]\n[sandbox.landlock]\nfilesystem = \"off\"\nnetwork = \"off\"\nscope = \"off\"\n",

@@ -7,12 +7,150 @@
 //! `HATCHERY_SITE`, `HATCHERY_WORKER_ID`, `HATCHERY_GENERATION`. Nothing of the agent's
 //! own environment leaks into workers.
 
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::SiteConfig;
+use crate::cgroup::{CgroupError, CgroupTree, Graveyard};
+use crate::config::{Limits, SiteConfig};
 use crate::net::{self, Listener};
-use crate::sys::spawn::ExecImage;
+use crate::sandbox::SandboxError;
+use crate::sys::spawn::{ChildStep, ExecImage, FdBlock, SpawnError};
+
+/// Why a process could not be started, and whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnFailure {
+    /// The site's sandbox cannot be had here.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The command is not in `PATH`.
+    #[error("{program} not found in PATH ({path})")]
+    NotFound {
+        /// The command.
+        program: String,
+        /// The `PATH` searched.
+        path: String,
+    },
+    /// An argument or variable holds a NUL byte.
+    #[error("invalid command")]
+    Image(#[source] io::Error),
+    /// The process's output pipe could not be made.
+    #[error("failed to create the output pipe")]
+    Pipe(#[source] io::Error),
+    /// Its cgroup leaf could not be made.
+    #[error("failed to set up its cgroup leaf")]
+    Cgroup(#[source] CgroupError),
+    /// `clone3` or a step of the child failed.
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    /// The process started but its pidfd could not be watched (it was killed).
+    #[error("failed to watch the pidfd")]
+    Watch(#[source] io::Error),
+}
+
+impl SpawnFailure {
+    /// The failure and every cause under it, for the log and `status`.
+    pub fn describe(&self) -> String {
+        let mut text = self.to_string();
+        let mut cur = std::error::Error::source(self);
+        while let Some(c) = cur {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cur = c.source();
+        }
+        text
+    }
+
+    /// Whether trying again cannot help (until the operator changes something): a
+    /// sandbox this host refuses, a command that is not there or cannot be run, a working
+    /// directory that does not exist. The rest (a pipe, a cgroup, `clone3` short of
+    /// something) may work the next time.
+    pub fn permanent(&self) -> bool {
+        match self {
+            SpawnFailure::Sandbox(e) => e.permanent(),
+            SpawnFailure::NotFound { .. } | SpawnFailure::Image(_) => true,
+            SpawnFailure::Pipe(_) | SpawnFailure::Cgroup(_) | SpawnFailure::Watch(_) => false,
+            SpawnFailure::Spawn(SpawnError::Child { step, source }) => {
+                matches!(step, ChildStep::Exec | ChildStep::Chdir)
+                    && matches!(
+                        source.raw_os_error(),
+                        Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR)
+                    )
+            }
+            SpawnFailure::Spawn(_) => false,
+        }
+    }
+}
+
+/// Where a new process is born: a fresh cgroup leaf `name` of generation `generation` of
+/// `site`, with per-worker `limits` when given.
+pub struct Leaf<'a> {
+    /// The tree.
+    pub tree: &'a CgroupTree,
+    /// Where the leaf goes if the spawn fails with a process left in it.
+    pub graveyard: &'a mut Graveyard,
+    /// The site.
+    pub site: &'a str,
+    /// The generation.
+    pub generation: u32,
+    /// `w-<K>` or `exec-<N>`.
+    pub name: String,
+    /// Per-worker limits to write into the leaf.
+    pub limits: Option<&'a Limits>,
+}
+
+/// A process that was started.
+#[derive(Debug)]
+pub struct Launched {
+    /// Its pid.
+    pub pid: i32,
+    /// Its pidfd.
+    pub pidfd: OwnedFd,
+    /// Its cgroup leaf.
+    pub leaf: Option<PathBuf>,
+}
+
+/// Starts `image` with `fds` as its fds 0, 1, 2, ...: the one sequence every process of a
+/// site goes through (workers and `exec` commands): a fresh cgroup leaf with its limits,
+/// then `clone3` into it (`sys::spawn`); a leaf whose process could not start is retired.
+pub fn launch(
+    image: &mut ExecImage,
+    fds: &[BorrowedFd<'_>],
+    leaf: Option<Leaf<'_>>,
+    block: &mut FdBlock,
+) -> Result<Launched, SpawnFailure> {
+    let (dir, leaf_fd, retire) = match leaf {
+        Some(l) => {
+            let (dir, fd) = l
+                .tree
+                .new_leaf(l.site, l.generation, &l.name)
+                .map_err(SpawnFailure::Cgroup)?;
+            if let Some(limits) = l.limits {
+                if let Err(e) = CgroupTree::apply_worker_limits(&dir, limits) {
+                    let _ = std::fs::remove_dir(&dir);
+                    return Err(SpawnFailure::Cgroup(e));
+                }
+            }
+            (Some(dir), Some(fd), Some((l.tree, l.graveyard)))
+        }
+        None => (None, None, None),
+    };
+    match crate::sys::spawn::spawn(image, fds, leaf_fd.as_ref().map(|f| f.as_fd()), block) {
+        Ok(s) => Ok(Launched {
+            pid: s.pid,
+            pidfd: s.pidfd,
+            leaf: dir,
+        }),
+        Err(e) => {
+            // The child (reaped by `spawn`) was the only process ever in the leaf.
+            if let (Some(dir), Some((tree, graveyard))) = (&dir, retire) {
+                let _ = tree.retire(dir, graveyard);
+            }
+            Err(e.into())
+        }
+    }
+}
 
 /// `PATH` for workers whose site does not set one.
 pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -73,27 +211,57 @@ pub fn workdir(site: &SiteConfig) -> &str {
         .unwrap_or("/")
 }
 
-/// The executable of the site's `command` (looked up in its `PATH` when it is a bare
-/// name), as the worker will see it (inside its root).
-pub fn resolve_command(site: &SiteConfig) -> Result<PathBuf, String> {
-    let path_var = site
-        .env
+/// The `PATH` of the site's processes.
+pub fn path_var(site: &SiteConfig) -> &str {
+    site.env
         .get("PATH")
         .map(String::as_str)
-        .unwrap_or(DEFAULT_PATH);
-    let program = &site.command[0];
+        .unwrap_or(DEFAULT_PATH)
+}
+
+/// The executable of `program` for the site's processes (looked up in the site's `PATH`
+/// when it is a bare name), as they see it (inside the site's root).
+pub fn resolve_for(site: &SiteConfig, program: &str) -> Result<PathBuf, SpawnFailure> {
+    let path_var = path_var(site);
     let root = site.sandbox.root.as_deref();
     match root {
         Some(_) if !program.contains('/') => resolve_program_in(program, path_var, root),
         _ => resolve_program(program, path_var, Some(Path::new(workdir(site)))),
     }
-    .ok_or_else(|| format!("{program} not found in PATH ({path_var})"))
+    .ok_or_else(|| SpawnFailure::NotFound {
+        program: program.to_string(),
+        path: path_var.to_string(),
+    })
+}
+
+/// The executable of the site's `command`.
+pub fn resolve_command(site: &SiteConfig) -> Result<PathBuf, SpawnFailure> {
+    resolve_for(site, &site.command[0])
+}
+
+/// The image of `argv` with `env`, run the way the site's processes are: the program
+/// resolved like [`resolve_for`], in the site's working directory.
+pub fn site_image(
+    site: &SiteConfig,
+    argv: &[String],
+    env: &[String],
+    with_listen_pid: bool,
+) -> Result<ExecImage, SpawnFailure> {
+    let exe = resolve_for(site, &argv[0])?;
+    ExecImage::new(
+        &exe.to_string_lossy(),
+        argv,
+        env,
+        Some(workdir(site)),
+        with_listen_pid,
+    )
+    .map_err(SpawnFailure::Image)
 }
 
 /// Whether the site's command exists and is executable (for `check`; a spawn finds out
 /// by itself).
 pub fn check_command(site: &SiteConfig) -> Result<PathBuf, String> {
-    let exe = resolve_command(site)?;
+    let exe = resolve_command(site).map_err(|e| e.to_string())?;
     let host = crate::sandbox::host_path(site.sandbox.root.as_deref(), &exe);
     match std::fs::metadata(&host) {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(exe),
@@ -102,25 +270,50 @@ pub fn check_command(site: &SiteConfig) -> Result<PathBuf, String> {
     }
 }
 
-/// Builds the image for worker `id`. Fails with a message when the program cannot be
-/// found or a string holds a NUL byte.
+/// Builds the image for worker `id` of generation `generation`.
 pub fn worker_image(
     site: &SiteConfig,
     listeners: &[Listener],
     notify: &Path,
     id: u32,
     generation: u32,
-) -> Result<ExecImage, String> {
-    let exe = resolve_command(site)?;
+) -> Result<ExecImage, SpawnFailure> {
     let env = worker_env(site, listeners, notify, id, generation);
-    ExecImage::new(
-        &exe.to_string_lossy(),
-        &site.command,
-        &env,
-        Some(workdir(site)),
-        !listeners.is_empty(),
-    )
-    .map_err(|e| e.to_string())
+    site_image(site, &site.command, &env, !listeners.is_empty())
+}
+
+/// Builds the image of a `hatchery exec` command (`argv`; empty for the site user's
+/// shell): the site's environment and `PATH`, `TERM`, `HATCHERY_SITE`.
+pub fn exec_image(
+    site: &SiteConfig,
+    argv: Vec<String>,
+    term: Option<&str>,
+) -> Result<ExecImage, SpawnFailure> {
+    let argv = if argv.is_empty() {
+        // The site user's login shell, if it exists inside the root; else /bin/sh.
+        let shell = site
+            .user
+            .as_deref()
+            .and_then(crate::config::lookup_user)
+            .map(|u| u.shell)
+            .filter(|s| {
+                let host = crate::sandbox::host_path(site.sandbox.root.as_deref(), Path::new(s));
+                s.starts_with('/') && host.is_file()
+            })
+            .unwrap_or_else(|| "/bin/sh".to_string());
+        vec![shell]
+    } else {
+        argv
+    };
+    let mut env: Vec<String> = site.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !site.env.contains_key("PATH") {
+        env.push(format!("PATH={}", path_var(site)));
+    }
+    if let Some(t) = term {
+        env.push(format!("TERM={t}"));
+    }
+    env.push(format!("HATCHERY_SITE={}", site.name));
+    site_image(site, &argv, &env, false)
 }
 
 #[cfg(test)]

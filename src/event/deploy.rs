@@ -21,17 +21,17 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::json;
 use tracing::{error, info, warn};
 
 use super::{Agent, Gen, GenId, Site, error_chain, policies};
 use crate::config::{self, ListenAddr, ReadyCheck, SiteName};
-use crate::control::{ErrorKind, Reply};
+use crate::control::{Done, ErrorKind, Reply};
 use crate::logs;
 use crate::net::Listener;
+use crate::status::{DeployRecord, DeployResult, DeployStatus};
 use crate::steering::{Steering, SteeringSupport};
 use crate::supervisor::deploy::{Failure, GenView, Stage, Step, View, decide};
-use crate::supervisor::site::{Input, RunState, SiteCore};
+use crate::supervisor::slots::{Input, RunState, SiteCore};
 
 /// How often a draining generation's accept queues are looked at.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -70,17 +70,37 @@ fn monotonic_ns() -> u64 {
 
 impl Deploy {
     /// For `status`.
-    pub fn describe(&self) -> serde_json::Value {
-        json!({
-            "from": self.from,
-            "to": self.to,
-            "stage": self.stage.name(),
-            "release": self.release,
-            "target": self.target,
-            "cap": self.cap,
-            "rollback": self.rollback,
-            "started_at": logs::utc_timestamp(self.started_wall),
-        })
+    pub fn describe(&self) -> DeployStatus {
+        DeployStatus {
+            from: self.from,
+            to: self.to,
+            stage: self.stage.name().to_string(),
+            release: self.release.clone(),
+            target: self.target,
+            cap: self.cap,
+            rollback: self.rollback,
+            started_at: logs::utc_timestamp(self.started_wall),
+        }
+    }
+
+    /// How it ended, for `status`'s `last_deploy`.
+    fn record(
+        &self,
+        result: DeployResult,
+        reason: Option<String>,
+        flip: Option<[u64; 2]>,
+    ) -> DeployRecord {
+        DeployRecord {
+            result,
+            from: self.from,
+            to: self.to,
+            release: self.release.clone(),
+            reason,
+            duration_ms: (result != DeployResult::RolledBack)
+                .then(|| u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            finished_at: logs::utc_timestamp(SystemTime::now()),
+            flip_monotonic_ns: flip,
+        }
     }
 }
 
@@ -293,11 +313,10 @@ impl Agent {
                 self.roll_back(name, format!("gen-{to} rolled back on request"));
                 self.finish(
                     conn,
-                    &Reply::Ok(json!({
-                        "site": name,
-                        "generation": from,
-                        "message": format!("gen-{to} rolled back; gen-{from} serves"),
-                    })),
+                    &Reply::ok(&Done {
+                        generation: Some(from),
+                        ..Done::new(name, format!("gen-{to} rolled back; gen-{from} serves"))
+                    }),
                 );
             }
             Some((
@@ -310,11 +329,13 @@ impl Agent {
                 self.steer_back(name, "rolled back on request");
                 self.finish(
                     conn,
-                    &Reply::Ok(json!({
-                        "site": name,
-                        "generation": from,
-                        "message": format!("steered back to gen-{from}; gen-{to} is stopping"),
-                    })),
+                    &Reply::ok(&Done {
+                        generation: Some(from),
+                        ..Done::new(
+                            name,
+                            format!("steered back to gen-{from}; gen-{to} is stopping"),
+                        )
+                    }),
                 );
             }
             _ => {
@@ -710,15 +731,8 @@ impl Agent {
         }
         let msg = format!("{why}; gen-{} serves again", d.from);
         let old_desired = site.gens.get(&d.from).map(|g| g.core.desired);
-        site.last_deploy = Some(json!({
-            "result": "rolled_back",
-            "from": d.from,
-            "to": d.to,
-            "release": d.release,
-            "reason": msg,
-            "finished_at": logs::utc_timestamp(SystemTime::now()),
-            "flip_monotonic_ns": window,
-        }));
+        site.last_deploy =
+            Some(d.record(DeployResult::RolledBack, Some(msg.clone()), Some(window)));
         warn!(site = %name, gen = d.to, "{msg}");
         for c in d.conns {
             self.finish(c, &Reply::error(ErrorKind::RolledBack, msg.clone()));
@@ -749,14 +763,7 @@ impl Agent {
                 clear_probes(site);
             }
         }
-        site.last_deploy = Some(json!({
-            "result": "rolled_back",
-            "from": d.from,
-            "to": d.to,
-            "release": d.release,
-            "reason": reason,
-            "finished_at": logs::utc_timestamp(SystemTime::now()),
-        }));
+        site.last_deploy = Some(d.record(DeployResult::RolledBack, Some(reason.clone()), None));
         let old_desired = site.gens.get(&d.from).map(|g| g.core.desired);
         let msg = format!("deploy rolled back: {reason}; gen-{} keeps serving", d.from);
         for c in d.conns {
@@ -786,15 +793,15 @@ impl Agent {
                 .find_map(|s| s.last_exit.as_ref().map(|r| format!("w-{} {r}", s.id)))
                 .unwrap_or_else(|| "a worker could not be started".into())
         });
-        site.last_deploy = Some(json!({
-            "result": if crashed.is_some() { "done_with_crashes" } else { "done" },
-            "from": d.from,
-            "to": d.to,
-            "release": d.release,
-            "duration_ms": took.as_millis(),
-            "finished_at": logs::utc_timestamp(SystemTime::now()),
-            "flip_monotonic_ns": d.flip_window.map(|(a, b)| [a, b]),
-        }));
+        site.last_deploy = Some(d.record(
+            if crashed.is_some() {
+                DeployResult::DoneWithCrashes
+            } else {
+                DeployResult::Done
+            },
+            None,
+            d.flip_window.map(|(a, b)| [a, b]),
+        ));
         let short = site
             .gens
             .get(&d.to)
@@ -808,14 +815,13 @@ impl Agent {
                     d.to, d.from
                 ),
             ),
-            None => Reply::Ok(json!({
-            "site": name,
-            "generation": d.to,
-            "release": d.release,
-            "retired": d.from,
-            "duration_ms": took.as_millis(),
-            "message": format!("gen-{} serves; gen-{} retired", d.to, d.from),
-            })),
+            None => Reply::ok(&Done {
+                generation: Some(d.to),
+                release: d.release.clone(),
+                retired: Some(d.from),
+                duration_ms: Some(u64::try_from(took.as_millis()).unwrap_or(u64::MAX)),
+                ..Done::new(name, format!("gen-{} serves; gen-{} retired", d.to, d.from))
+            }),
         };
         for c in d.conns {
             self.finish(c, &reply);

@@ -4,7 +4,7 @@
 //! `SCM_RIGHTS`; the client's connection is answered with the exit code.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tracing::{debug, warn};
@@ -15,18 +15,22 @@ use crate::config::SiteName;
 use crate::control::{ErrorKind, Reply};
 use crate::process::PidRef;
 use crate::sandbox::Prepared;
-use crate::sys::spawn::{ExecImage, SandboxPlan};
+use crate::sandbox::SandboxError;
+use crate::sys::spawn::SandboxPlan;
 
 impl Agent {
     /// The site's sandbox plan, prepared at its first spawn (and again after a reload
     /// replaced the site). A refusal (a `required` feature missing, a bad root) is a
     /// permanent spawn failure with the message.
-    pub(super) fn site_sandbox(&mut self, name: &SiteName) -> Result<Arc<SandboxPlan>, String> {
+    pub(super) fn site_sandbox(
+        &mut self,
+        name: &SiteName,
+    ) -> Result<Arc<SandboxPlan>, SandboxError> {
         let privileged = rustix::process::geteuid().is_root();
         let site = self
             .sites
             .get_mut(name)
-            .ok_or_else(|| "no such site".to_string())?;
+            .expect("the sandbox is asked for a site that exists");
         if let Some(p) = &site.sandbox {
             return Ok(p.plan.clone());
         }
@@ -46,11 +50,16 @@ impl Agent {
 }
 
 /// The `sandbox` field of a site in `status`.
-pub(super) fn sandbox_status(p: &Prepared) -> serde_json::Value {
-    serde_json::json!({
-        "enforced": p.report.iter().filter(|(on, _)| *on).map(|(_, s)| s).collect::<Vec<_>>(),
-        "not_enforced": p.not_enforced(),
-    })
+pub(super) fn sandbox_status(p: &Prepared) -> crate::status::SandboxStatus {
+    crate::status::SandboxStatus {
+        enforced: p
+            .report
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, s)| s.clone())
+            .collect(),
+        not_enforced: p.not_enforced(),
+    }
 }
 
 /// A running `hatchery exec` command.
@@ -97,57 +106,18 @@ impl Agent {
         name: &SiteName,
         params: ExecParams,
     ) -> Result<i32, String> {
-        let plan = self.site_sandbox(name)?;
-        let site = self.sites.get(name).ok_or("no such site")?;
+        if !self.sites.contains_key(name) {
+            return Err("no such site".into());
+        }
+        let plan = self.site_sandbox(name).map_err(|e| e.to_string())?;
+        let site = self.sites.get(name).expect("looked up above");
         // The serving generation's configuration: its release fills `{release}`.
         let config = &site.cur().config;
         if let Some(root) = &config.sandbox.root {
-            crate::sandbox::check_root_path(root)?;
+            crate::sandbox::check_root_path(root).map_err(|e| SandboxError::Root(e).to_string())?;
         }
-        let mut argv = params.command;
-        if argv.is_empty() {
-            // The site user's login shell, if it exists inside the root; else /bin/sh.
-            let shell = config
-                .user
-                .as_deref()
-                .and_then(crate::config::lookup_user)
-                .map(|u| u.shell)
-                .filter(|s| {
-                    let host =
-                        crate::sandbox::host_path(config.sandbox.root.as_deref(), Path::new(s));
-                    s.starts_with('/') && host.is_file()
-                })
-                .unwrap_or_else(|| "/bin/sh".to_string());
-            argv = vec![shell];
-        }
-        let path_var = config
-            .env
-            .get("PATH")
-            .cloned()
-            .unwrap_or_else(|| crate::spawn::DEFAULT_PATH.to_string());
-        let program = &argv[0];
-        let exe = if program.contains('/') {
-            PathBuf::from(program)
-        } else {
-            crate::spawn::resolve_program_in(program, &path_var, config.sandbox.root.as_deref())
-                .ok_or_else(|| format!("{program} not found in PATH ({path_var})"))?
-        };
-        let mut env: Vec<String> = config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        if !config.env.contains_key("PATH") {
-            env.push(format!("PATH={path_var}"));
-        }
-        if let Some(t) = &params.term {
-            env.push(format!("TERM={t}"));
-        }
-        env.push(format!("HATCHERY_SITE={name}"));
-        let mut image = ExecImage::new(
-            &exe.to_string_lossy(),
-            &argv,
-            &env,
-            Some(crate::spawn::workdir(config)),
-            false,
-        )
-        .map_err(|e| format!("invalid command: {e}"))?;
+        let mut image = crate::spawn::exec_image(config, params.command, params.term.as_deref())
+            .map_err(|e| e.describe())?;
         image.set_sandbox(plan);
 
         // The command's stdio, and what the client gets.
@@ -177,36 +147,21 @@ impl Agent {
             ],
         };
         self.next_exec = self.next_exec.wrapping_add(1);
-        let leaf = match &self.cgroups {
-            Some(tree) => Some(
-                tree.new_leaf(
-                    name.as_str(),
-                    site.serving,
-                    &format!("exec-{}", self.next_exec),
-                )
-                .map_err(|e| format!("{e}: {}", super::error_chain(&e)))?,
-            ),
-            None => None,
+        let leaf = match (&self.cgroups, &mut self.graveyard) {
+            (Some(tree), Some(graveyard)) => Some(crate::spawn::Leaf {
+                tree,
+                graveyard,
+                site: name.as_str(),
+                generation: site.serving,
+                name: format!("exec-{}", self.next_exec),
+                limits: None,
+            }),
+            _ => None,
         };
-        let spawned = crate::sys::spawn::spawn(
-            &mut image,
-            &stdio,
-            leaf.as_ref().map(|(_, fd)| fd.as_fd()),
-            &mut self.fd_block,
-        );
+        let spawned = crate::spawn::launch(&mut image, &stdio, leaf, &mut self.fd_block);
         drop(stdio);
         drop(child_fds);
-        let spawned = match spawned {
-            Ok(s) => s,
-            Err(e) => {
-                if let (Some((dir, _)), Some(tree), Some(graveyard)) =
-                    (&leaf, &self.cgroups, &mut self.graveyard)
-                {
-                    let _ = tree.retire(dir, graveyard);
-                }
-                return Err(format!("{e}: {}", super::error_chain(&e)));
-            }
-        };
+        let spawned = spawned.map_err(|e| e.describe())?;
         let pid = spawned.pid;
         let pidref = PidRef::new(pid, spawned.pidfd);
         let token = self
@@ -222,7 +177,7 @@ impl Agent {
                 conn,
                 pidref,
                 token,
-                cgroup: leaf.map(|(d, _)| d),
+                cgroup: spawned.leaf,
             },
         );
         // The start event carries the client's ends; the connection's buffer is empty
@@ -278,7 +233,7 @@ impl Agent {
         debug!(pid, code, "exec exited");
         self.finish(
             session.conn,
-            &Reply::Ok(serde_json::json!({ "exit_code": code })),
+            &Reply::ok(&crate::control::ExecEnded { exit_code: code }),
         );
     }
 }

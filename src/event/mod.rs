@@ -7,7 +7,7 @@
 //! the supervisor's state and set the reactor's wait timeout; when nothing is due the
 //! loop sleeps without a timeout, so an idle agent uses no CPU.
 //!
-//! Inputs go to [`SiteCore`](crate::supervisor::site::SiteCore) machines; their actions
+//! Inputs go to [`SiteCore`](crate::supervisor::slots::SiteCore) machines; their actions
 //! (spawn, signal, kill, notes) are carried out here, and the resulting inputs fed back
 //! until nothing is left. Errors of single operations are logged once, here, with the
 //! site, worker and pid; the loop itself only stops on a failure of the reactor.
@@ -26,23 +26,27 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use rustix::net::{SocketFlags, sockopt};
-use serde_json::json;
 use tracing::{debug, error, info, warn};
 
 use self::reactor::{Interest, Reactor};
 use crate::cgroup::{CgroupTree, Graveyard};
 use crate::config::{self, AgentConfig, ListenAddr, ReadyCheck, SiteConfig, SiteName};
-use crate::control::{ErrorKind, MAX_CONNECTIONS, MAX_REQUEST, Reply, Request};
+use crate::control::{Done, ErrorKind, MAX_CONNECTIONS, MAX_REQUEST, Reply, Request};
 use crate::features::{self, Feature};
 use crate::logs::{self, LineSplitter, SiteLog};
 use crate::net::{Listener, NotifySocket};
 use crate::process::PidRef;
+use crate::sandbox::SandboxError;
+use crate::spawn::SpawnFailure;
+use crate::status::{
+    AgentStatus, AutoRange, CapacityStatus, GenerationStatus, LimitsStatus, SiteState, SiteStatus,
+    Status, WorkerStatus,
+};
 use crate::supervisor::capacity::{self, Capacity};
-use crate::supervisor::site::{
-    Action, ExitReason, Input, Note, Phase, Policies, RunState, SiteCore, WorkerId,
+use crate::supervisor::slots::{
+    Action, ExitReason, Input, Note, Phase, Policies, RunState, SiteCore, Slot,
 };
 use crate::sys::signals::{self, SigSet};
-use crate::sys::spawn::{ChildStep, SpawnError};
 
 /// Errors that stop the agent from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +101,7 @@ enum Source {
     Signals,
     Control,
     Notify,
-    Pidfd(SiteName, GenId, WorkerId),
+    Pidfd(SiteName, GenId, Slot),
     Pipe,
     ConnRead(u64),
     ConnWrite(u64),
@@ -119,7 +123,7 @@ struct Worker {
 #[derive(Debug)]
 struct Pipe {
     site: SiteName,
-    id: WorkerId,
+    id: Slot,
     pid: i32,
     fd: OwnedFd,
     splitter: LineSplitter,
@@ -152,7 +156,7 @@ struct Gen {
     core: SiteCore,
     /// The agent's copies of the listeners passed to this generation's workers.
     listeners: Vec<Listener>,
-    workers: HashMap<WorkerId, Worker>,
+    workers: HashMap<Slot, Worker>,
     tcp_probe: Option<(TcpStream, Instant)>,
     /// Worker exits and failed spawns it was not asked for.
     crashes: u32,
@@ -172,7 +176,7 @@ struct Site {
     deploy: Option<deploy::Deploy>,
     queued_deploys: std::collections::VecDeque<deploy::Queued>,
     /// What the last deploy did, for `status`.
-    last_deploy: Option<serde_json::Value>,
+    last_deploy: Option<crate::status::DeployRecord>,
     /// The release the serving generation replaced (for `rollback`).
     previous_release: Option<PathBuf>,
     /// Per listener (by index): the eBPF program steering its reuseport group, if any.
@@ -279,7 +283,7 @@ pub struct Agent {
     pipes: HashMap<u64, Pipe>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
-    pids: HashMap<i32, (SiteName, GenId, WorkerId)>,
+    pids: HashMap<i32, (SiteName, GenId, Slot)>,
     shutting_down: bool,
     kernel: Vec<Feature>,
     /// Whether eBPF connection steering can be used here.
@@ -893,7 +897,7 @@ impl Agent {
                     }
                 }
             }
-            let starting: Vec<WorkerId> = gen_
+            let starting: Vec<Slot> = gen_
                 .core
                 .slots
                 .values()
@@ -1024,7 +1028,7 @@ impl Agent {
         }
     }
 
-    fn on_pidfd(&mut self, site: &SiteName, g: GenId, id: WorkerId, token: u64) {
+    fn on_pidfd(&mut self, site: &SiteName, g: GenId, id: Slot, token: u64) {
         let current = self
             .sites
             .get(site)
@@ -1036,7 +1040,7 @@ impl Agent {
         }
     }
 
-    fn worker_exited(&mut self, name: &SiteName, g: GenId, id: WorkerId) {
+    fn worker_exited(&mut self, name: &SiteName, g: GenId, id: Slot) {
         let tree = self.cgroups.as_ref();
         let graveyard = &mut self.graveyard;
         let Some(site) = self.sites.get_mut(name).and_then(|s| s.gens.get_mut(&g)) else {
@@ -1064,12 +1068,12 @@ impl Agent {
                             w.token = t;
                         }
                     }
-                    Err(e) => error!(site = %name, worker = id, "failed to watch the pidfd: {e}"),
+                    Err(e) => error!(site = %name, worker = %id, "failed to watch the pidfd: {e}"),
                 }
                 return;
             }
             Err(e) => {
-                error!(site = %name, worker = id, "waitid failed: {e}");
+                error!(site = %name, worker = %id, "waitid failed: {e}");
                 ExitReason::Exited { code: -1 }
             }
         };
@@ -1089,7 +1093,7 @@ impl Agent {
         };
         if let (Some(tree), Some(dir), Some(graveyard)) = (tree, &worker.cgroup, graveyard) {
             if let Err(e) = tree.retire(dir, graveyard) {
-                warn!(site = %name, worker = id, "failed to kill what the worker left behind: {e}");
+                warn!(site = %name, worker = %id, "failed to kill what the worker left behind: {e}");
             }
         }
         let level_crash = !matches!(
@@ -1100,9 +1104,9 @@ impl Agent {
             site.crashes += 1;
         }
         if level_crash && !self.shutting_down {
-            warn!(site = %name, gen = g, worker = id, pid = worker.pidref.pid(), "worker {reason}");
+            warn!(site = %name, gen = g, worker = %id, pid = worker.pidref.pid(), "worker {reason}");
         } else {
-            debug!(site = %name, gen = g, worker = id, pid = worker.pidref.pid(), "worker {reason}");
+            debug!(site = %name, gen = g, worker = %id, pid = worker.pidref.pid(), "worker {reason}");
         }
         self.feed(name, g, Input::Exited { id, reason });
     }
@@ -1156,14 +1160,14 @@ impl Agent {
                 let site = self.sites.get(name)?.gens.get(&g)?;
                 let w = site.workers.get(&id)?;
                 if let Err(e) = w.pidref.signal(sig.0) {
-                    error!(site = %name, worker = id, pid = w.pidref.pid(), "failed to send {}: {e}", sig.name());
+                    error!(site = %name, worker = %id, pid = w.pidref.pid(), "failed to send {}: {e}", sig.name());
                 }
                 None
             }
             Action::Kill(id) => {
                 let site = self.sites.get(name)?.gens.get(&g)?;
                 let w = site.workers.get(&id)?;
-                warn!(site = %name, worker = id, pid = w.pidref.pid(), "stop timeout: killing the worker's process tree");
+                warn!(site = %name, worker = %id, pid = w.pidref.pid(), "stop timeout: killing the worker's process tree");
                 let result = match (&self.cgroups, &w.cgroup) {
                     (Some(tree), Some(dir)) => tree.kill(dir).map_err(|e| e.to_string()),
                     _ => w
@@ -1172,7 +1176,7 @@ impl Agent {
                         .map_err(|e| e.to_string()),
                 };
                 if let Err(e) = result {
-                    error!(site = %name, worker = id, "failed to kill: {e}; sending SIGKILL to the worker itself");
+                    error!(site = %name, worker = %id, "failed to kill: {e}; sending SIGKILL to the worker itself");
                     let _ = w.pidref.signal(libc::SIGKILL);
                 }
                 None
@@ -1184,89 +1188,61 @@ impl Agent {
         }
     }
 
-    fn spawn(&mut self, name: &SiteName, g: GenId, id: WorkerId) -> Input {
+    fn spawn(&mut self, name: &SiteName, g: GenId, id: Slot) -> Input {
         match self.try_spawn(name, g, id) {
             Ok(pid) => Input::Spawned { id, pid },
-            Err((error, permanent)) => {
-                error!(site = %name, gen = g, worker = id, "failed to spawn: {error}");
+            Err(failure) => {
+                let error = failure.describe();
+                error!(site = %name, gen = g, worker = %id, "failed to spawn: {error}");
                 if let Some(gn) = self.sites.get_mut(name).and_then(|s| s.gens.get_mut(&g)) {
                     gn.crashes += 1;
                 }
                 Input::SpawnFailed {
                     id,
                     error,
-                    permanent,
+                    permanent: failure.permanent(),
                 }
             }
         }
     }
 
-    fn try_spawn(
-        &mut self,
-        name: &SiteName,
-        g: GenId,
-        id: WorkerId,
-    ) -> Result<i32, (String, bool)> {
+    fn try_spawn(&mut self, name: &SiteName, g: GenId, id: Slot) -> Result<i32, SpawnFailure> {
         let notify_path = self.notify.path.clone();
-        let plan = self.site_sandbox(name).map_err(|e| (e, true))?;
+        let plan = self.site_sandbox(name)?;
         let site = self
             .sites
             .get(name)
             .and_then(|s| s.gens.get(&g))
-            .ok_or_else(|| ("no such site".to_string(), true))?;
+            .expect("a slot is spawned only in a generation that exists");
         if let Some(root) = &site.config.sandbox.root {
             // `chroot` follows the path again at every spawn: whoever could change a
             // directory on the way since it was prepared could now point it elsewhere.
-            crate::sandbox::check_root_path(root).map_err(|e| (e, true))?;
+            crate::sandbox::check_root_path(root).map_err(SandboxError::Root)?;
         }
         let mut image =
-            crate::spawn::worker_image(&site.config, &site.listeners, &notify_path, id, g)
-                .map_err(|e| (e, true))?;
+            crate::spawn::worker_image(&site.config, &site.listeners, &notify_path, id.0, g)?;
         image.set_sandbox(plan);
         let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(|e| (format!("failed to create the output pipe: {e}"), false))?;
-        rustix::io::ioctl_fionbio(&pipe_r, true)
-            .map_err(|e| (format!("failed to set up the output pipe: {e}"), false))?;
-        let leaf = match &self.cgroups {
-            Some(tree) => {
-                let (dir, fd) = tree
-                    .new_leaf(name.as_str(), g, &format!("w-{id}"))
-                    .map_err(|e| (format!("{e}: {}", error_chain(&e)), false))?;
-                if let Err(e) = CgroupTree::apply_worker_limits(&dir, &site.config.limits) {
-                    let _ = std::fs::remove_dir(&dir);
-                    return Err((format!("{e}: {}", error_chain(&e)), false));
-                }
-                Some((dir, fd))
-            }
-            None => None,
-        };
+            .map_err(|e| SpawnFailure::Pipe(e.into()))?;
+        rustix::io::ioctl_fionbio(&pipe_r, true).map_err(|e| SpawnFailure::Pipe(e.into()))?;
         let mut fds: Vec<BorrowedFd<'_>> =
             vec![self.devnull.as_fd(), pipe_w.as_fd(), pipe_w.as_fd()];
         fds.extend(site.listeners.iter().map(|l| l.fd.as_fd()));
-        let spawned = crate::sys::spawn::spawn(
-            &mut image,
-            &fds,
-            leaf.as_ref().map(|(_, fd)| fd.as_fd()),
-            &mut self.fd_block,
-        );
+        let leaf = match (&self.cgroups, &mut self.graveyard) {
+            (Some(tree), Some(graveyard)) => Some(crate::spawn::Leaf {
+                tree,
+                graveyard,
+                site: name.as_str(),
+                generation: g,
+                name: format!("w-{id}"),
+                limits: Some(&site.config.limits),
+            }),
+            _ => None,
+        };
+        let spawned = crate::spawn::launch(&mut image, &fds, leaf, &mut self.fd_block);
         drop(fds);
         drop(pipe_w);
-        if spawned.is_err() {
-            // The child (reaped by `spawn`) was the only process ever in the leaf.
-            if let (Some(tree), Some((dir, _)), Some(graveyard)) =
-                (&self.cgroups, &leaf, &mut self.graveyard)
-            {
-                let _ = tree.retire(dir, graveyard);
-            }
-        }
-        let spawned = spawned.map_err(|e| {
-            let permanent = matches!(
-                &e,
-                SpawnError::Child { step: ChildStep::Exec | ChildStep::Chdir, source }
-                    if matches!(source.raw_os_error(), Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR))
-            );
-            (format!("{e}: {}", error_chain(&e)), permanent)
-        })?;
+        let spawned = spawned?;
         let pid = spawned.pid;
         let pidref = PidRef::new(pid, spawned.pidfd);
         let token = self
@@ -1278,7 +1254,7 @@ impl Agent {
             )
             .map_err(|e| {
                 let _ = pidref.signal(libc::SIGKILL);
-                (format!("failed to watch the pidfd: {e}"), false)
+                SpawnFailure::Watch(e)
             })?;
         match self
             .reg
@@ -1296,7 +1272,7 @@ impl Agent {
                     },
                 );
             }
-            Err(e) => warn!(site = %name, worker = id, "worker output is not captured: {e}"),
+            Err(e) => warn!(site = %name, worker = %id, "worker output is not captured: {e}"),
         }
         self.pids.insert(pid, (name.clone(), g, id));
         let site = self
@@ -1309,11 +1285,11 @@ impl Agent {
             Worker {
                 pidref,
                 token,
-                cgroup: leaf.map(|(d, _)| d),
+                cgroup: spawned.leaf,
                 started_wall: SystemTime::now(),
             },
         );
-        debug!(site = %name, gen = g, worker = id, pid, "spawned");
+        debug!(site = %name, gen = g, worker = %id, pid, "spawned");
         Ok(pid)
     }
 
@@ -1354,7 +1330,7 @@ impl Agent {
             return;
         }
         if let Note::Failed(id) = note {
-            error!(site = %name, worker = id, "site failed: worker flapping or unstartable");
+            error!(site = %name, worker = %id, "site failed: worker flapping or unstartable");
         }
         let finished: Vec<(u64, Reply)> = {
             let mut done = Vec::new();
@@ -1364,7 +1340,7 @@ impl Agent {
                     (WaitFor::Stopped, Note::AllStopped)
                     | (WaitFor::Settled, Note::Settled)
                     | (WaitFor::RestartDone, Note::RestartDone) => {
-                        Some(Reply::Ok(json!({ "site": name, "message": text })))
+                        Some(Reply::ok(&Done::new(name, text.clone())))
                     }
                     (WaitFor::Settled | WaitFor::RestartDone, Note::Failed(_)) => Some(
                         Reply::error(ErrorKind::Failed, format!("site {name} failed: {text}")),
@@ -1412,12 +1388,12 @@ impl Agent {
                     break;
                 }
                 Ok(n) => pipe.splitter.feed(&buf[..n], |line| {
-                    records.push(logs::record(pipe.id, pipe.pid, line, now))
+                    records.push(logs::record(pipe.id.0, pipe.pid, line, now))
                 }),
                 Err(rustix::io::Errno::AGAIN) => break,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
-                    warn!(site = %pipe.site, worker = pipe.id, "failed to read worker output: {e}");
+                    warn!(site = %pipe.site, worker = %pipe.id, "failed to read worker output: {e}");
                     eof = true;
                     break;
                 }
@@ -1426,7 +1402,7 @@ impl Agent {
         if eof {
             pipe.splitter.feed(b"", |_| {});
             pipe.splitter
-                .finish(|line| records.push(logs::record(pipe.id, pipe.pid, line, now)));
+                .finish(|line| records.push(logs::record(pipe.id.0, pipe.pid, line, now)));
         }
         self.write_records(&pipe.site, &records);
         if !eof {
@@ -1438,7 +1414,7 @@ impl Agent {
                     self.pipes.insert(t, pipe);
                 }
                 Err(e) => {
-                    warn!(site = %pipe.site, worker = pipe.id, "stopped capturing worker output: {e}")
+                    warn!(site = %pipe.site, worker = %pipe.id, "stopped capturing worker output: {e}")
                 }
             }
         }
@@ -1851,7 +1827,13 @@ impl Agent {
                 } else {
                     let path = site.log.path().to_path_buf();
                     let name = stream.site;
-                    self.finish(id, &Reply::Ok(json!({ "site": name, "log": path })));
+                    self.finish(
+                        id,
+                        &Reply::ok(&crate::control::LogsEnded {
+                            site: name.to_string(),
+                            log: path,
+                        }),
+                    );
                     true
                 }
             }
@@ -1947,7 +1929,7 @@ impl Agent {
         match req {
             Request::Status { .. } => {
                 let status = self.status(name.as_ref(), uid, admin);
-                self.finish(conn, &Reply::Ok(status));
+                self.finish(conn, &Reply::ok(&status));
             }
             Request::Start { .. } => {
                 let name = name.expect("site request");
@@ -1959,10 +1941,7 @@ impl Agent {
             Request::Stop { .. } => {
                 let name = name.expect("site request");
                 if self.sites[&name].all_stopped() {
-                    return self.finish(
-                        conn,
-                        &Reply::Ok(json!({ "site": name, "message": "already stopped" })),
-                    );
+                    return self.finish(conn, &Reply::ok(&Done::new(&name, "already stopped")));
                 }
                 self.cancel_deploys(&name, "the site was stopped");
                 self.hold(&name, conn, WaitFor::Stopped);
@@ -2065,7 +2044,10 @@ impl Agent {
                 let serving = self.sites[&name].serving;
                 if self.sites[&name].cur().core.run == RunState::Stopped {
                     self.feed(&name, serving, Input::ScaleRequested(workers));
-                    return self.finish(conn, &Reply::Ok(json!({ "site": name, "message": format!("{workers} workers when started") })));
+                    return self.finish(
+                        conn,
+                        &Reply::ok(&Done::new(&name, format!("{workers} workers when started"))),
+                    );
                 }
                 self.hold(&name, conn, WaitFor::Settled);
                 self.feed(&name, serving, Input::ScaleRequested(workers));
@@ -2084,14 +2066,18 @@ impl Agent {
                         match w.pidref.signal(sig.0) {
                             Ok(()) => sent += 1,
                             Err(e) => {
-                                warn!(site = %name, gen = gn.id, worker = id, "failed to send {}: {e}", sig.name())
+                                warn!(site = %name, gen = gn.id, worker = %id, "failed to send {}: {e}", sig.name())
                             }
                         }
                     }
                 }
                 self.finish(
                     conn,
-                    &Reply::Ok(json!({ "site": name, "signal": sig.name(), "workers": sent })),
+                    &Reply::ok(&crate::control::Signalled {
+                        site: name.to_string(),
+                        signal: sig.name(),
+                        workers: sent,
+                    }),
                 );
             }
             Request::Logs { lines, follow, .. } => {
@@ -2139,7 +2125,7 @@ impl Agent {
                 self.start_exec(conn, &name, params);
             }
             Request::Reload => match self.reload() {
-                Ok(summary) => self.finish(conn, &Reply::Ok(summary)),
+                Ok(summary) => self.finish(conn, &Reply::ok(&summary)),
                 Err(e) => {
                     let text = match &e {
                         AgentError::Config(_) => e.to_string(),
@@ -2167,7 +2153,7 @@ impl Agent {
             Request::Status { .. } => {
                 let name = SiteName::new(site).ok();
                 let status = self.status(name.as_ref(), uid, admin);
-                self.finish(conn, &Reply::Ok(status));
+                self.finish(conn, &Reply::ok(&status));
             }
             Request::Start { .. } => {
                 let Some(config) = self.broken.get(site).and_then(|b| b.config.clone()) else {
@@ -2243,122 +2229,159 @@ impl Agent {
         };
         let waiting = site.waiters.iter().any(|w| w.conn == conn);
         if waiting && site.cur().core.is_settled() {
-            self.finish(
-                conn,
-                &Reply::Ok(json!({ "site": name, "message": "all workers ready" })),
-            );
+            self.finish(conn, &Reply::ok(&Done::new(name, "all workers ready")));
         }
     }
 
-    fn status(&self, only: Option<&SiteName>, uid: u32, admin: bool) -> serde_json::Value {
+    fn status(&self, only: Option<&SiteName>, uid: u32, admin: bool) -> Status {
         let now = Instant::now();
         let wall = SystemTime::now();
-        let sites: Vec<serde_json::Value> = self
+        let mut sites: Vec<SiteStatus> = self
             .sites
             .iter()
             .filter(|(n, s)| only.is_none_or(|o| o == *n) && (admin || s.config.uid == uid))
             .map(|(name, s)| {
-                let workers: Vec<serde_json::Value> = s
+                let workers = s
                     .gens
                     .values()
                     .flat_map(|g| g.core.slots.values().map(move |slot| (g, slot)))
                     .map(|(g, slot)| {
-                        let started_at = g
-                            .workers
-                            .get(&slot.id)
-                            .map(|w| w.started_wall)
-                            .or_else(|| slot.started.map(|t| wall - now.saturating_duration_since(t)));
-                        json!({
-                            "id": slot.id,
-                            "generation": g.id,
-                            "pid": slot.pid,
-                            "state": slot.phase.name(),
-                            "busy": slot.busy,
-                            "restarts": slot.restarts,
-                            "started_at": started_at.map(logs::utc_timestamp),
-                            "uptime_ms": slot.pid.and(slot.started).map(|t| now.saturating_duration_since(t).as_millis()),
-                            "last_exit": slot.last_exit.as_ref().map(|r| r.to_string()),
-                            "cgroup": g.workers.get(&slot.id).and_then(|w| w.cgroup.clone()),
-                            "usage": g.workers.get(&slot.id).and_then(|w| w.cgroup.as_deref()).map(crate::cgroup::read_usage),
-                        })
+                        let worker = g.workers.get(&slot.id);
+                        let started_at = worker.map(|w| w.started_wall).or_else(|| {
+                            slot.started
+                                .map(|t| wall - now.saturating_duration_since(t))
+                        });
+                        WorkerStatus {
+                            id: slot.id.0,
+                            generation: g.id,
+                            pid: slot.pid,
+                            state: slot.phase.name().to_string(),
+                            busy: slot.busy,
+                            restarts: slot.restarts,
+                            started_at: started_at.map(logs::utc_timestamp),
+                            uptime_ms: slot.pid.and(slot.started).map(|t| {
+                                u64::try_from(now.saturating_duration_since(t).as_millis())
+                                    .unwrap_or(u64::MAX)
+                            }),
+                            last_exit: slot.last_exit.as_ref().map(|r| r.to_string()),
+                            cgroup: worker.and_then(|w| w.cgroup.clone()),
+                            usage: worker
+                                .and_then(|w| w.cgroup.as_deref())
+                                .map(crate::cgroup::read_usage),
+                        }
                     })
                     .collect();
                 let cur = s.cur();
-                json!({
-                    "name": name,
-                    "state": cur.core.run.name(),
-                    "generation": s.serving,
-                    "release": cur.release,
-                    "previous_release": s.previous_release,
-                    "generations": s.gens.values().map(|g| json!({
-                        "id": g.id,
-                        "state": self.generation_state(s, g),
-                        "release": g.release,
-                        "desired": g.core.desired,
-                        "ready": g.core.ready(),
-                        "live": g.core.live(),
-                    })).collect::<Vec<_>>(),
-                    "deploy": s.deploy.as_ref().map(|d| d.describe()),
-                    "queued_deploys": s.queued_deploys.len(),
-                    "last_deploy": s.last_deploy,
-                    "steering": self.steering_mode(s),
-                    "desired": cur.core.desired,
-                    "requested": s.requested,
-                    "auto": s.config.auto.map(|a| json!({ "min": a.min, "max": a.max })),
-                    "capacity": s.capacity.map(|c| json!({
-                        "workers": c.workers,
-                        "per_worker": c.per_worker,
-                        "basis": c.basis,
-                        "budget": c.budget,
-                        "derivation": c.describe(),
-                    })),
-                    "ready": cur.core.ready(),
-                    "restarting": cur.core.is_restarting(),
-                    "listen": cur.listeners.iter().map(|l| l.spec.addr.to_string()).collect::<Vec<_>>(),
-                    "log": s.log.path(),
-                    "limits": {
-                        "memory": s.config.limits.memory,
-                        "pids_max": s.config.limits.pids_max,
-                        "cpu_weight": s.config.limits.cpu_weight,
-                        "memory_max": s.config.limits.worker_memory_max,
-                        "memory_high": s.config.limits.worker_memory_high,
-                        "not_enforced": s.not_enforced,
-                    },
-                    "usage": self.cgroups.as_ref().map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str()))),
-                    "sandbox": s.sandbox.as_ref().map(exec::sandbox_status),
-                    "workers": workers,
-                })
+                SiteStatus {
+                    name: name.to_string(),
+                    state: cur.core.run.state(),
+                    error: None,
+                    file: None,
+                    generation: Some(s.serving),
+                    release: cur.release.clone(),
+                    previous_release: s.previous_release.clone(),
+                    generations: s
+                        .gens
+                        .values()
+                        .map(|g| GenerationStatus {
+                            id: g.id,
+                            state: self.generation_state(s, g).to_string(),
+                            release: g.release.clone(),
+                            desired: g.core.desired,
+                            ready: count(g.core.ready()),
+                            live: count(g.core.live()),
+                        })
+                        .collect(),
+                    deploy: s.deploy.as_ref().map(|d| d.describe()),
+                    queued_deploys: s.queued_deploys.len(),
+                    last_deploy: s.last_deploy.clone(),
+                    steering: Some(self.steering_mode(s).to_string()),
+                    desired: cur.core.desired,
+                    requested: s.requested,
+                    auto: s.config.auto.map(|a| AutoRange {
+                        min: a.min,
+                        max: a.max,
+                    }),
+                    capacity: s.capacity.map(|c| CapacityStatus {
+                        workers: c.workers,
+                        per_worker: c.per_worker,
+                        basis: c.basis,
+                        budget: c.budget,
+                        derivation: c.describe(),
+                    }),
+                    ready: count(cur.core.ready()),
+                    restarting: cur.core.is_restarting(),
+                    listen: cur
+                        .listeners
+                        .iter()
+                        .map(|l| l.spec.addr.to_string())
+                        .collect(),
+                    log: Some(s.log.path().to_path_buf()),
+                    limits: Some(LimitsStatus {
+                        memory: s.config.limits.memory,
+                        pids_max: s.config.limits.pids_max,
+                        cpu_weight: s.config.limits.cpu_weight,
+                        memory_max: s.config.limits.worker_memory_max,
+                        memory_high: s.config.limits.worker_memory_high,
+                        not_enforced: s.not_enforced.iter().map(|x| x.to_string()).collect(),
+                    }),
+                    usage: self
+                        .cgroups
+                        .as_ref()
+                        .map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str()))),
+                    sandbox: s.sandbox.as_ref().map(exec::sandbox_status),
+                    workers,
+                }
             })
             .collect();
-        let mut sites = sites;
         for (name, b) in &self.broken {
             let visible = admin || b.config.as_ref().is_some_and(|c| c.uid == uid);
             if !visible || only.is_some_and(|o| o.as_str() != name) {
                 continue;
             }
-            sites.push(json!({
-                "name": name,
-                "state": "failed",
-                "error": b.reason,
-                "file": b.file,
-                "generation": null,
-                "desired": b.config.as_ref().map_or(0, |c| c.workers),
-                "ready": 0,
-                "listen": b.config.iter().flat_map(|c| c.listen.iter().map(|l| l.addr.to_string())).collect::<Vec<_>>(),
-                "workers": [],
-            }));
+            sites.push(SiteStatus {
+                name: name.clone(),
+                state: SiteState::Failed,
+                error: Some(b.reason.clone()),
+                file: Some(b.file.clone()),
+                generation: None,
+                release: None,
+                previous_release: None,
+                generations: Vec::new(),
+                deploy: None,
+                queued_deploys: 0,
+                last_deploy: None,
+                steering: None,
+                desired: b.config.as_ref().map_or(0, |c| c.workers),
+                requested: b.config.as_ref().map_or(0, |c| c.workers),
+                auto: None,
+                capacity: None,
+                ready: 0,
+                restarting: false,
+                listen: b
+                    .config
+                    .iter()
+                    .flat_map(|c| c.listen.iter().map(|l| l.addr.to_string()))
+                    .collect(),
+                log: None,
+                limits: None,
+                usage: None,
+                sandbox: None,
+                workers: Vec::new(),
+            });
         }
-        json!({
-            "agent": {
-                "pid": std::process::id(),
-                "version": env!("CARGO_PKG_VERSION"),
-                "started_at": logs::utc_timestamp(self.started),
-                "log_bytes_dropped": logs::AGENT_LOG_DROPPED.load(std::sync::atomic::Ordering::Relaxed),
-                "config": self.config.file,
-                "features": self.features(),
+        Status {
+            agent: AgentStatus {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                started_at: logs::utc_timestamp(self.started),
+                log_bytes_dropped: logs::AGENT_LOG_DROPPED
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                config: self.config.file.clone(),
+                features: self.features(),
             },
-            "sites": sites,
-        })
+            sites,
+        }
     }
 
     // ------------------------------------------------------------ reload
@@ -2366,7 +2389,7 @@ impl Agent {
     /// Re-reads the configuration. On any error nothing changes. Added sites start,
     /// removed sites stop, changed sites restart their workers one at a time (or only
     /// scale, if only `workers` changed).
-    fn reload(&mut self) -> Result<serde_json::Value, AgentError> {
+    fn reload(&mut self) -> Result<crate::control::Reloaded, AgentError> {
         // Sites that run with the same listeners keep their addresses: a conflict is the
         // other file's fault.
         let holds = |sc: &SiteConfig| {
@@ -2541,7 +2564,11 @@ impl Agent {
         // Every site is valid and started now.
         self.broken.clear();
         info!(?added, ?changed, ?removed, "configuration reloaded");
-        Ok(json!({ "added": added, "changed": changed, "removed": removed }))
+        Ok(crate::control::Reloaded {
+            added,
+            changed,
+            removed,
+        })
     }
 
     fn drop_site(&mut self, name: &SiteName) {
@@ -2565,10 +2592,7 @@ impl Agent {
             .chain(site.waiters.iter().map(|w| w.conn))
             .collect();
         for c in conns {
-            self.finish(
-                c,
-                &Reply::Ok(json!({ "site": name, "message": "site removed" })),
-            );
+            self.finish(c, &Reply::ok(&Done::new(name, "site removed")));
         }
         info!(site = %name, "site removed");
     }
@@ -2637,6 +2661,11 @@ impl Agent {
         let _ = std::fs::remove_file(&self.notify.path);
         info!("agent stopped");
     }
+}
+
+/// A count of slots, as `status` shows it.
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn site_log_path(sites: &BTreeMap<SiteName, Site>, name: &SiteName) -> String {

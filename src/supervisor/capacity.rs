@@ -23,7 +23,7 @@ pub const MARGIN_PERCENT: u64 = 15;
 pub const SETTLE: Duration = Duration::from_secs(2);
 
 /// Where the per-worker figure came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Basis {
     /// The configuration's estimate.

@@ -287,6 +287,9 @@ impl TestAgent {
             String::from_utf8_lossy(&out.stderr),
             self.agent_log()
         );
+        // The JSON is that of the typed status the agent and the CLI share.
+        let typed: Result<hatchery::status::Status, _> = serde_json::from_slice(&out.stdout);
+        assert!(typed.is_ok(), "status --json is not a Status: {typed:?}");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         v["sites"][0].clone()
     }

@@ -1,7 +1,7 @@
 //! One site's worker slots as an explicit state machine.
 //!
 //! A *slot* is a numbered place for one worker (`w-<id>`); its process comes and goes.
-//! Slot phases:
+//! SlotState phases:
 //!
 //! | phase      | process | leaves on                                               |
 //! |------------|---------|---------------------------------------------------------|
@@ -27,8 +27,7 @@ use serde::Serialize;
 use super::policy::{AfterCrash, CrashHistory};
 use crate::config::{ReadyCheck, ReadyPolicy, RestartPolicy, Signal, StopPolicy};
 
-/// A worker slot number, shown as `w-<id>`.
-pub type WorkerId = u32;
+pub use super::ids::Slot;
 
 /// Why a worker's process ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -132,9 +131,9 @@ impl Phase {
 
 /// One worker slot.
 #[derive(Debug, Clone)]
-pub struct Slot {
+pub struct SlotState {
     /// Its number.
-    pub id: WorkerId,
+    pub id: Slot,
     /// Its phase.
     pub phase: Phase,
     /// The pid of its current process, once spawned.
@@ -154,9 +153,9 @@ pub struct Slot {
     pub settles_at: Option<Instant>,
 }
 
-impl Slot {
-    fn new(id: WorkerId) -> Slot {
-        Slot {
+impl SlotState {
+    fn new(id: Slot) -> SlotState {
+        SlotState {
             id,
             phase: Phase::Stopped,
             pid: None,
@@ -185,6 +184,17 @@ pub enum RunState {
 }
 
 impl RunState {
+    /// As `status` shows it.
+    pub fn state(self) -> crate::status::SiteState {
+        use crate::status::SiteState;
+        match self {
+            RunState::Running => SiteState::Running,
+            RunState::Failed => SiteState::Failed,
+            RunState::Stopping => SiteState::Stopping,
+            RunState::Stopped => SiteState::Stopped,
+        }
+    }
+
     /// The name shown in `status`.
     pub fn name(self) -> &'static str {
         match self {
@@ -201,15 +211,15 @@ impl RunState {
 pub enum Input {
     /// The slot's process was created.
     Spawned {
-        /// Slot.
-        id: WorkerId,
+        /// SlotState.
+        id: Slot,
         /// Its pid.
         pid: i32,
     },
     /// The slot's process could not be created; `permanent` when retrying cannot help.
     SpawnFailed {
-        /// Slot.
-        id: WorkerId,
+        /// SlotState.
+        id: Slot,
         /// Why.
         error: String,
         /// Whether retrying is pointless (e.g. the command does not exist).
@@ -217,20 +227,20 @@ pub enum Input {
     },
     /// The slot's process ended.
     Exited {
-        /// Slot.
-        id: WorkerId,
+        /// SlotState.
+        id: Slot,
         /// How.
         reason: ExitReason,
     },
     /// The slot's process reported readiness.
     ReadyNotified {
-        /// Slot.
-        id: WorkerId,
+        /// SlotState.
+        id: Slot,
     },
     /// The slot's process reported that it is busy (`BUSY=1`) or idle (`BUSY=0`).
     BusyReported {
-        /// Slot.
-        id: WorkerId,
+        /// SlotState.
+        id: Slot,
         /// Busy or idle.
         busy: bool,
     },
@@ -250,11 +260,11 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Create the slot's process, then report `Spawned` or `SpawnFailed`.
-    Spawn(WorkerId),
+    Spawn(Slot),
     /// Send this signal to the slot's process.
-    Signal(WorkerId, Signal),
+    Signal(Slot, Signal),
     /// Kill the slot's whole process tree.
-    Kill(WorkerId),
+    Kill(Slot),
     /// Something worth telling the operator (logs, waiting clients).
     Note(Note),
 }
@@ -263,23 +273,23 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Note {
     /// A slot's process started.
-    Started(WorkerId, i32),
+    Started(Slot, i32),
     /// A slot became ready.
-    Ready(WorkerId),
+    Ready(Slot),
     /// A slot's process ended when asked to (stop, restart, scale down).
-    Exited(WorkerId, ExitReason),
+    Exited(Slot, ExitReason),
     /// A slot's process ended on its own (or could not start), this long after it
     /// started.
-    Crashed(WorkerId, ExitReason, std::time::Duration),
+    Crashed(Slot, ExitReason, std::time::Duration),
     /// A rolling restart stopped at this slot: its new process did not stay up (the
     /// slots not yet restarted keep their processes).
-    RestartFailed(WorkerId),
+    RestartFailed(Slot),
     /// A slot will be restarted after a delay (ms).
-    BackingOff(WorkerId, u128),
+    BackingOff(Slot, u128),
     /// A slot was escalated to SIGKILL.
-    Killed(WorkerId),
+    Killed(Slot),
     /// A slot flapped or could not start, and the site is marked failed.
-    Failed(WorkerId),
+    Failed(Slot),
     /// Every worker has stopped.
     AllStopped,
     /// A rolling restart finished.
@@ -307,7 +317,7 @@ pub struct SiteCore {
     /// Overall state.
     pub run: RunState,
     /// Slots by id.
-    pub slots: BTreeMap<WorkerId, Slot>,
+    pub slots: BTreeMap<Slot, SlotState>,
     /// Policies.
     pub policies: Policies,
     /// The rolling restart under way.
@@ -321,11 +331,11 @@ pub struct SiteCore {
 #[derive(Debug, Clone)]
 struct Rolling {
     /// Slots still to restart (the next is last).
-    queue: Vec<WorkerId>,
+    queue: Vec<Slot>,
     /// The slot being restarted.
-    current: Option<WorkerId>,
+    current: Option<Slot>,
     /// Slots restarted so far.
-    done: Vec<WorkerId>,
+    done: Vec<Slot>,
 }
 
 impl SiteCore {
@@ -395,7 +405,7 @@ impl SiteCore {
             .count()
     }
 
-    fn spawn(&mut self, id: WorkerId, now: Instant, out: &mut Vec<Action>) {
+    fn spawn(&mut self, id: Slot, now: Instant, out: &mut Vec<Action>) {
         let deadline = match self.policies.ready.check {
             ReadyCheck::None => None,
             _ => Some(now + self.policies.ready.timeout),
@@ -410,7 +420,7 @@ impl SiteCore {
         }
     }
 
-    fn stop_slot(&mut self, id: WorkerId, then: AfterStop, now: Instant, out: &mut Vec<Action>) {
+    fn stop_slot(&mut self, id: Slot, then: AfterStop, now: Instant, out: &mut Vec<Action>) {
         let stop = self.policies.stop;
         let Some(slot) = self.slots.get_mut(&id) else {
             return;
@@ -487,15 +497,15 @@ impl SiteCore {
         }
         let mut id = 0;
         while missing > 0 {
-            if let std::collections::btree_map::Entry::Vacant(e) = self.slots.entry(id) {
-                e.insert(Slot::new(id));
-                self.spawn(id, now, out);
+            if let std::collections::btree_map::Entry::Vacant(e) = self.slots.entry(Slot(id)) {
+                e.insert(SlotState::new(Slot(id)));
+                self.spawn(Slot(id), now, out);
                 missing -= 1;
             }
             id += 1;
         }
         // Restart slots that are merely stopped (site started again).
-        let stopped: Vec<WorkerId> = self
+        let stopped: Vec<Slot> = self
             .slots
             .values()
             .filter(|s| s.phase == Phase::Stopped)
@@ -507,7 +517,7 @@ impl SiteCore {
     }
 
     fn trim_slots(&mut self, now: Instant, out: &mut Vec<Action>) {
-        let keeping: Vec<WorkerId> = self
+        let keeping: Vec<Slot> = self
             .slots
             .values()
             .filter(|s| {
@@ -524,7 +534,7 @@ impl SiteCore {
         let excess = keeping.len().saturating_sub(self.desired as usize);
         // Remove slots without a process first, then idle ones (by their `BUSY=`
         // reports; a worker that never reports counts as idle), highest ids first.
-        let mut victims: Vec<WorkerId> = keeping.clone();
+        let mut victims: Vec<Slot> = keeping.clone();
         victims.sort_by_key(|id| {
             let slot = self.slots.get(id);
             let has = slot.is_some_and(|s| s.phase.has_process());
@@ -563,7 +573,7 @@ impl SiteCore {
             Input::StopRequested => {
                 self.run = RunState::Stopping;
                 self.rolling = None;
-                let ids: Vec<WorkerId> = self.slots.keys().copied().collect();
+                let ids: Vec<Slot> = self.slots.keys().copied().collect();
                 for id in ids {
                     self.stop_slot(id, AfterStop::Rest, now, &mut out);
                 }
@@ -580,7 +590,7 @@ impl SiteCore {
                 if matches!(self.run, RunState::Stopped | RunState::Stopping) {
                     return self.handle(Input::StartRequested, now);
                 }
-                let queue: Vec<WorkerId> = self.slots.keys().rev().copied().collect();
+                let queue: Vec<Slot> = self.slots.keys().rev().copied().collect();
                 self.rolling = Some(Rolling {
                     queue,
                     current: None,
@@ -672,7 +682,7 @@ impl SiteCore {
                 }
             }
             Input::DeadlineReached => {
-                let ids: Vec<WorkerId> = self.slots.keys().copied().collect();
+                let ids: Vec<Slot> = self.slots.keys().copied().collect();
                 for id in ids {
                     let Some(slot) = self.slots.get_mut(&id) else {
                         continue;
@@ -710,7 +720,7 @@ impl SiteCore {
         out
     }
 
-    fn crashed(&mut self, id: WorkerId, reason: ExitReason, now: Instant, out: &mut Vec<Action>) {
+    fn crashed(&mut self, id: Slot, reason: ExitReason, now: Instant, out: &mut Vec<Action>) {
         let policy = self.policies.restart;
         let keep_running = matches!(self.run, RunState::Running | RunState::Failed);
         let Some(slot) = self.slots.get_mut(&id) else {
@@ -857,11 +867,11 @@ mod tests {
         }
     }
 
-    fn spawns(actions: &[Action]) -> Vec<WorkerId> {
+    fn spawns(actions: &[Action]) -> Vec<u32> {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Spawn(id) => Some(*id),
+                Action::Spawn(id) => Some(id.0),
                 _ => None,
             })
             .collect()
@@ -874,7 +884,7 @@ mod tests {
         s.handle(Input::StartRequested, t);
         for id in 0..n {
             let pid = 100 + i32::try_from(id).unwrap();
-            s.handle(Input::Spawned { id, pid }, t);
+            s.handle(Input::Spawned { id: Slot(id), pid }, t);
         }
         s
     }
@@ -888,7 +898,7 @@ mod tests {
         for id in 0..3 {
             s.handle(
                 Input::Spawned {
-                    id,
+                    id: Slot(id),
                     pid: 100 + i32::try_from(id).unwrap(),
                 },
                 t,
@@ -902,12 +912,18 @@ mod tests {
         let t0 = Instant::now();
         let mut s = SiteCore::new(1, policies(ReadyCheck::None));
         s.handle(Input::StartRequested, t0);
-        s.handle(Input::Spawned { id: 0, pid: 1 }, t0);
+        s.handle(
+            Input::Spawned {
+                id: Slot(0),
+                pid: 1,
+            },
+            t0,
+        );
         let mut t = t0 + Duration::from_secs(3);
         // A worker that ran longer than healthy_after restarts at once.
         let a = s.handle(
             Input::Exited {
-                id: 0,
+                id: Slot(0),
                 reason: ExitReason::Exited { code: 1 },
             },
             t,
@@ -916,20 +932,26 @@ mod tests {
         // Then it crashes instantly, again and again: backoff, then failed.
         let mut failed = false;
         for _ in 0..10 {
-            s.handle(Input::Spawned { id: 0, pid: 2 }, t);
+            s.handle(
+                Input::Spawned {
+                    id: Slot(0),
+                    pid: 2,
+                },
+                t,
+            );
             t += Duration::from_millis(1);
             let a = s.handle(
                 Input::Exited {
-                    id: 0,
+                    id: Slot(0),
                     reason: ExitReason::Signaled { signal: 11 },
                 },
                 t,
             );
-            if a.contains(&Action::Note(Note::Failed(0))) {
+            if a.contains(&Action::Note(Note::Failed(Slot(0)))) {
                 failed = true;
                 break;
             }
-            let until = match s.slots[&0].phase {
+            let until = match s.slots[&Slot(0)].phase {
                 Phase::Backoff { until } => until,
                 Phase::Starting { .. } => t,
                 p => panic!("unexpected phase {p:?}"),
@@ -940,7 +962,7 @@ mod tests {
         }
         assert!(failed, "a crash loop must end in failed");
         assert_eq!(s.run, RunState::Failed);
-        assert_eq!(s.slots[&0].phase, Phase::Failed);
+        assert_eq!(s.slots[&Slot(0)].phase, Phase::Failed);
         // Starting the site again clears it.
         let a = s.handle(Input::StartRequested, t);
         assert_eq!(spawns(&a), vec![0]);
@@ -952,19 +974,31 @@ mod tests {
         let t0 = Instant::now();
         let mut s = SiteCore::new(2, policies(ReadyCheck::None));
         s.handle(Input::StartRequested, t0);
-        s.handle(Input::Spawned { id: 0, pid: 1 }, t0);
-        s.handle(Input::Spawned { id: 1, pid: 2 }, t0);
+        s.handle(
+            Input::Spawned {
+                id: Slot(0),
+                pid: 1,
+            },
+            t0,
+        );
+        s.handle(
+            Input::Spawned {
+                id: Slot(1),
+                pid: 2,
+            },
+            t0,
+        );
         let a = s.handle(Input::StopRequested, t0);
-        assert!(a.contains(&Action::Signal(0, Signal(libc::SIGTERM))));
+        assert!(a.contains(&Action::Signal(Slot(0), Signal(libc::SIGTERM))));
         s.handle(
             Input::Exited {
-                id: 1,
+                id: Slot(1),
                 reason: ExitReason::Exited { code: 0 },
             },
             t0,
         );
         let a = s.handle(Input::DeadlineReached, t0 + Duration::from_secs(3));
-        assert_eq!(a.first(), Some(&Action::Kill(0)));
+        assert_eq!(a.first(), Some(&Action::Kill(Slot(0))));
         assert_eq!(
             s.next_deadline(),
             None,
@@ -972,7 +1006,7 @@ mod tests {
         );
         let a = s.handle(
             Input::Exited {
-                id: 0,
+                id: Slot(0),
                 reason: ExitReason::Signaled { signal: 9 },
             },
             t0,
@@ -986,24 +1020,24 @@ mod tests {
         let t = Instant::now();
         let mut s = running(3, ReadyCheck::Notify, t);
         for id in 0..3 {
-            s.handle(Input::ReadyNotified { id }, t);
+            s.handle(Input::ReadyNotified { id: Slot(id) }, t);
         }
         let a = s.handle(Input::RestartRequested, t);
-        assert_eq!(a, vec![Action::Signal(0, Signal(libc::SIGTERM))]);
+        assert_eq!(a, vec![Action::Signal(Slot(0), Signal(libc::SIGTERM))]);
         let settle = s.policies.ready.settle;
         let mut now = t;
         for (id, pid) in (0..3).zip(200..) {
             assert!(s.ready() >= 2);
             let a = s.handle(
                 Input::Exited {
-                    id,
+                    id: Slot(id),
                     reason: ExitReason::Exited { code: 0 },
                 },
                 now,
             );
             assert_eq!(spawns(&a), vec![id], "the stopped slot is respawned");
-            s.handle(Input::Spawned { id, pid }, now);
-            let a = s.handle(Input::ReadyNotified { id }, now);
+            s.handle(Input::Spawned { id: Slot(id), pid }, now);
+            let a = s.handle(Input::ReadyNotified { id: Slot(id) }, now);
             match id {
                 0 => {
                     // The first restarted worker must stay up before the next one goes.
@@ -1011,9 +1045,15 @@ mod tests {
                     assert_eq!(s.next_deadline(), Some(now + settle));
                     now += settle;
                     let a = s.handle(Input::DeadlineReached, now);
-                    assert_eq!(a.last(), Some(&Action::Signal(1, Signal(libc::SIGTERM))));
+                    assert_eq!(
+                        a.last(),
+                        Some(&Action::Signal(Slot(1), Signal(libc::SIGTERM)))
+                    );
                 }
-                1 => assert_eq!(a.last(), Some(&Action::Signal(2, Signal(libc::SIGTERM)))),
+                1 => assert_eq!(
+                    a.last(),
+                    Some(&Action::Signal(Slot(2), Signal(libc::SIGTERM)))
+                ),
                 _ => {
                     // Done once the last ones have stayed up too.
                     assert!(!a.contains(&Action::Note(Note::RestartDone)));
@@ -1024,7 +1064,8 @@ mod tests {
             }
         }
         assert_eq!(
-            s.slots[&0].restarts, 0,
+            s.slots[&Slot(0)].restarts,
+            0,
             "operator restarts are not crash restarts"
         );
     }
@@ -1034,45 +1075,55 @@ mod tests {
         let t = Instant::now();
         let mut s = running(3, ReadyCheck::Notify, t);
         for id in 0..3 {
-            s.handle(Input::ReadyNotified { id }, t);
+            s.handle(Input::ReadyNotified { id: Slot(id) }, t);
         }
-        let old: Vec<Option<i32>> = (0..3).map(|id| s.slots[&id].pid).collect();
+        let old: Vec<Option<i32>> = (0..3).map(|id| s.slots[&Slot(id)].pid).collect();
         s.handle(Input::RestartRequested, t);
         s.handle(
             Input::Exited {
-                id: 0,
+                id: Slot(0),
                 reason: ExitReason::Exited { code: 0 },
             },
             t,
         );
-        s.handle(Input::Spawned { id: 0, pid: 300 }, t);
-        s.handle(Input::ReadyNotified { id: 0 }, t);
+        s.handle(
+            Input::Spawned {
+                id: Slot(0),
+                pid: 300,
+            },
+            t,
+        );
+        s.handle(Input::ReadyNotified { id: Slot(0) }, t);
         // The new release dies right after it said it was ready.
         let later = t + Duration::from_millis(100);
         let a = s.handle(
             Input::Exited {
-                id: 0,
+                id: Slot(0),
                 reason: ExitReason::Exited { code: 3 },
             },
             later,
         );
         assert!(
             a.contains(&Action::Note(Note::Crashed(
-                0,
+                Slot(0),
                 ExitReason::Exited { code: 3 },
                 Duration::from_millis(100)
             ))),
             "{a:?}"
         );
-        assert!(a.contains(&Action::Note(Note::RestartFailed(0))), "{a:?}");
+        assert!(
+            a.contains(&Action::Note(Note::RestartFailed(Slot(0)))),
+            "{a:?}"
+        );
         assert!(!s.is_restarting());
         assert!(
-            !a.iter().any(|x| matches!(x, Action::Signal(1 | 2, _))),
+            !a.iter()
+                .any(|x| matches!(x, Action::Signal(Slot(1) | Slot(2), _))),
             "no other worker is stopped: {a:?}"
         );
-        assert_eq!(s.slots[&1].pid, old[1]);
-        assert_eq!(s.slots[&2].pid, old[2]);
-        assert_eq!(s.slots[&1].phase, Phase::Ready);
+        assert_eq!(s.slots[&Slot(1)].pid, old[1]);
+        assert_eq!(s.slots[&Slot(2)].pid, old[2]);
+        assert_eq!(s.slots[&Slot(1)].phase, Phase::Ready);
     }
 
     #[test]
@@ -1080,8 +1131,20 @@ mod tests {
         let t = Instant::now();
         let mut s = SiteCore::new(2, policies(ReadyCheck::None));
         s.handle(Input::StartRequested, t);
-        s.handle(Input::Spawned { id: 0, pid: 10 }, t);
-        let a = s.handle(Input::Spawned { id: 1, pid: 11 }, t);
+        s.handle(
+            Input::Spawned {
+                id: Slot(0),
+                pid: 10,
+            },
+            t,
+        );
+        let a = s.handle(
+            Input::Spawned {
+                id: Slot(1),
+                pid: 11,
+            },
+            t,
+        );
         assert_eq!(s.ready(), 2);
         assert!(!a.contains(&Action::Note(Note::Settled)), "not yet: {a:?}");
         assert!(!s.is_settled());
@@ -1098,22 +1161,28 @@ mod tests {
         let t = Instant::now();
         let mut s = SiteCore::new(1, policies(ReadyCheck::Notify));
         s.handle(Input::StartRequested, t);
-        s.handle(Input::Spawned { id: 0, pid: 5 }, t);
+        s.handle(
+            Input::Spawned {
+                id: Slot(0),
+                pid: 5,
+            },
+            t,
+        );
         let a = s.handle(Input::DeadlineReached, t + Duration::from_secs(4));
-        assert_eq!(a, vec![Action::Signal(0, Signal(libc::SIGTERM))]);
+        assert_eq!(a, vec![Action::Signal(Slot(0), Signal(libc::SIGTERM))]);
         let a = s.handle(
             Input::Exited {
-                id: 0,
+                id: Slot(0),
                 reason: ExitReason::Signaled { signal: 15 },
             },
             t + Duration::from_secs(4),
         );
         assert!(a.contains(&Action::Note(Note::Crashed(
-            0,
+            Slot(0),
             ExitReason::ReadyTimeout,
             Duration::from_secs(4)
         ))));
-        assert_eq!(s.slots[&0].last_exit, Some(ExitReason::ReadyTimeout));
+        assert_eq!(s.slots[&Slot(0)].last_exit, Some(ExitReason::ReadyTimeout));
     }
 
     #[test]
@@ -1121,16 +1190,16 @@ mod tests {
         let t = Instant::now();
         let mut s = running(4, ReadyCheck::None, t);
         let a = s.handle(Input::ScaleRequested(2), t);
-        assert!(a.contains(&Action::Signal(3, Signal(libc::SIGTERM))));
-        assert!(a.contains(&Action::Signal(2, Signal(libc::SIGTERM))));
+        assert!(a.contains(&Action::Signal(Slot(3), Signal(libc::SIGTERM))));
+        assert!(a.contains(&Action::Signal(Slot(2), Signal(libc::SIGTERM))));
         s.handle(
             Input::Exited {
-                id: 3,
+                id: Slot(3),
                 reason: ExitReason::Signaled { signal: 15 },
             },
             t,
         );
-        assert!(!s.slots.contains_key(&3));
+        assert!(!s.slots.contains_key(&Slot(3)));
         let a = s.handle(Input::ScaleRequested(4), t);
         assert_eq!(
             spawns(&a),
@@ -1139,7 +1208,7 @@ mod tests {
         );
         let a = s.handle(
             Input::Exited {
-                id: 2,
+                id: Slot(2),
                 reason: ExitReason::Signaled { signal: 15 },
             },
             t,
@@ -1151,11 +1220,29 @@ mod tests {
     fn scale_down_stops_idle_workers_before_busy_ones() {
         let t = Instant::now();
         let mut s = running(4, ReadyCheck::None, t);
-        s.handle(Input::BusyReported { id: 3, busy: true }, t);
-        s.handle(Input::BusyReported { id: 1, busy: true }, t);
-        s.handle(Input::BusyReported { id: 1, busy: false }, t);
+        s.handle(
+            Input::BusyReported {
+                id: Slot(3),
+                busy: true,
+            },
+            t,
+        );
+        s.handle(
+            Input::BusyReported {
+                id: Slot(1),
+                busy: true,
+            },
+            t,
+        );
+        s.handle(
+            Input::BusyReported {
+                id: Slot(1),
+                busy: false,
+            },
+            t,
+        );
         let a = s.handle(Input::ScaleRequested(2), t);
-        let stopped: Vec<WorkerId> = a
+        let stopped: Vec<Slot> = a
             .iter()
             .filter_map(|x| match x {
                 Action::Signal(id, _) => Some(*id),
@@ -1164,18 +1251,18 @@ mod tests {
             .collect();
         assert_eq!(
             stopped,
-            vec![2, 1],
+            vec![Slot(2), Slot(1)],
             "idle first, highest first; busy 3 stays"
         );
         // A new process of a slot starts idle.
         s.handle(
             Input::Exited {
-                id: 3,
+                id: Slot(3),
                 reason: ExitReason::Exited { code: 1 },
             },
             t,
         );
-        assert!(!s.slots[&3].busy);
+        assert!(!s.slots[&Slot(3)].busy);
     }
 
     #[derive(Debug, Clone)]
@@ -1215,8 +1302,8 @@ mod tests {
             let t0 = Instant::now();
             let mut now = t0;
             let mut s = SiteCore::new(3, policies(check));
-            let mut live: BTreeSet<WorkerId> = BTreeSet::new();
-            let mut last_start: HashMap<WorkerId, (Instant, u32)> = HashMap::new();
+            let mut live: BTreeSet<Slot> = BTreeSet::new();
+            let mut last_start: HashMap<Slot, (Instant, u32)> = HashMap::new();
             let mut next_pid = 1;
             let mut pending = s.handle(Input::StartRequested, now);
             for st in steps {
@@ -1259,7 +1346,7 @@ mod tests {
                     prop_assert!(d >= t0);
                 }
                 // Next input.
-                let ids: Vec<WorkerId> = live.iter().copied().collect();
+                let ids: Vec<Slot> = live.iter().copied().collect();
                 pending = match st {
                     Step::Exit(k) if !ids.is_empty() => {
                         let id = ids[k as usize % ids.len()];

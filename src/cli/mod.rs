@@ -1,0 +1,3 @@
+//! Parts of the `hatchery` binary beside `main.rs`: how the CLI shows what the agent says.
+
+pub mod render;

@@ -1,0 +1,194 @@
+//! The CLI's text for people: `status` as a table, and any text from the agent with its
+//! control characters escaped.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hatchery::status::{SiteStatus, Status};
+
+/// Text for a terminal: control characters other than newline and tab (escape sequences a
+/// worker wrote, a release path with a bell in it) are shown escaped (`\x1b`), never sent
+/// to the operator's terminal as they are.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() && u32::from(c) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn fmt_uptime(ms: u64) -> String {
+    let d = Duration::from_millis(ms);
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{}.{}s", s, d.subsec_millis() / 100),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn fmt_bytes(b: u64) -> String {
+    match b {
+        0..1024 => format!("{b}B"),
+        1024..1_048_576 => format!("{:.1}K", b as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1}M", b as f64 / 1_048_576.0),
+        _ => format!("{:.2}G", b as f64 / 1_073_741_824.0),
+    }
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |x| x.to_string())
+}
+
+/// `status` for people: a line per site, and with one site its workers and details.
+pub fn status(v: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:<9} {:>7}  {:<4} LISTEN",
+        "SITE", "STATE", "READY", "GEN"
+    );
+    for s in &v.sites {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<9} {:>7}  {:<4} {}",
+            s.name,
+            s.state.name(),
+            format!("{}/{}", s.ready, s.desired),
+            or_dash(s.generation),
+            s.listen.join(", ")
+        );
+        if let Some(e) = &s.error {
+            let _ = writeln!(out, "  {e}");
+        }
+    }
+    if let [s] = v.sites.as_slice() {
+        site_details(&mut out, s);
+    }
+    let off: Vec<String> = v
+        .agent
+        .features
+        .iter()
+        .filter(|f| !f.in_use)
+        .map(|f| format!("  {}: {}", f.name, f.detail))
+        .collect();
+    if !off.is_empty() {
+        let _ = writeln!(out, "\nnot enforced on this host:\n{}", off.join("\n"));
+    }
+    out
+}
+
+fn site_details(out: &mut String, s: &SiteStatus) {
+    let _ = writeln!(
+        out,
+        "\n{:<7} {:>8} {:<9} {:>8} {:>8} {:>9} {:>9} {:>5}  LAST EXIT",
+        "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "MEM", "PEAK", "PIDS"
+    );
+    let bytes = |v: Option<u64>| v.map_or_else(|| "-".into(), fmt_bytes);
+    let several = s.generations.len() > 1;
+    for w in &s.workers {
+        let u = w.usage.unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<7} {:>8} {:<9} {:>8} {:>8} {:>9} {:>9} {:>5}  {}",
+            if several {
+                format!("g{}/w-{}", w.generation, w.id)
+            } else {
+                format!("w-{}", w.id)
+            },
+            or_dash(w.pid),
+            w.state,
+            w.restarts,
+            w.uptime_ms.map_or_else(|| "-".into(), fmt_uptime),
+            bytes(u.memory_current),
+            bytes(u.memory_peak),
+            or_dash(u.pids),
+            w.last_exit.as_deref().unwrap_or("-"),
+        );
+    }
+    if let Some(su) = &s.usage {
+        let _ = writeln!(
+            out,
+            "\nsite: memory {} of {}, {} processes, cpu {:.1} s",
+            bytes(su.memory_current),
+            su.memory_max.map_or_else(|| "no budget".into(), fmt_bytes),
+            or_dash(su.pids),
+            su.cpu_usec.unwrap_or(0) as f64 / 1e6,
+        );
+    }
+    if let Some(r) = &s.release {
+        let _ = writeln!(
+            out,
+            "release: {} (gen-{})",
+            r.display(),
+            or_dash(s.generation)
+        );
+    }
+    for g in s.generations.iter().filter(|g| Some(g.id) != s.generation) {
+        let _ = writeln!(
+            out,
+            "gen-{}: {}, {}/{} ready{}",
+            g.id,
+            g.state,
+            g.ready,
+            g.desired,
+            g.release
+                .as_ref()
+                .map(|r| format!(", {}", r.display()))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(d) = &s.last_deploy {
+        let result = serde_json::to_value(d.result)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "last deploy: gen-{} {result}{}",
+            d.to,
+            d.reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(c) = &s.capacity {
+        let _ = writeln!(out, "cap: {} (requested {})", c.derivation, s.requested);
+    }
+    if let Some(l) = s.limits.as_ref().filter(|l| !l.not_enforced.is_empty()) {
+        let _ = writeln!(
+            out,
+            "limits not enforced here: {}",
+            l.not_enforced.join(", ")
+        );
+    }
+    if let Some(sb) = s.sandbox.as_ref().filter(|sb| !sb.not_enforced.is_empty()) {
+        let _ = writeln!(
+            out,
+            "sandbox not enforced here: {}",
+            sb.not_enforced.join("; ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "log: {}",
+        s.log
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+}

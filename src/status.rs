@@ -1,0 +1,292 @@
+//! What `status` answers, as types: built by the agent, rendered by the CLI, read by the
+//! tests, all through these structs (the JSON of `status --json` is their serde form).
+//!
+//! Optional fields are `null` when unknown or not applicable: a site that could not be
+//! started has only its `name`, `state` (`failed`), `error`, `file` and the counts it was
+//! configured with.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::Usage;
+use crate::features::Feature;
+
+/// The answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The agent itself.
+    pub agent: AgentStatus,
+    /// The sites the caller may see (one, when a site was named).
+    pub sites: Vec<SiteStatus>,
+}
+
+/// The agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Its pid.
+    pub pid: u32,
+    /// Its version.
+    pub version: String,
+    /// When it started (UTC).
+    pub started_at: String,
+    /// Bytes of its own log it could not write (a stderr closed, full or failing).
+    pub log_bytes_dropped: u64,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// What this host provides and what is not enforced.
+    pub features: Vec<Feature>,
+}
+
+/// A site's overall state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteState {
+    /// Workers are kept running.
+    Running,
+    /// A worker flapped or could not start (the others keep serving), or the site could
+    /// not be started at all (`error` says why).
+    Failed,
+    /// Stopping every worker.
+    Stopping,
+    /// No worker runs, by request.
+    Stopped,
+}
+
+impl SiteState {
+    /// The name shown in `status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SiteState::Running => "running",
+            SiteState::Failed => "failed",
+            SiteState::Stopping => "stopping",
+            SiteState::Stopped => "stopped",
+        }
+    }
+}
+
+/// One site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteStatus {
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: SiteState,
+    /// Why it could not be started, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its file, when it could not be started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// The serving generation.
+    pub generation: Option<u32>,
+    /// The serving generation's release directory.
+    #[serde(default)]
+    pub release: Option<PathBuf>,
+    /// The release the serving one replaced (what `rollback` returns to).
+    #[serde(default)]
+    pub previous_release: Option<PathBuf>,
+    /// Every live generation.
+    #[serde(default)]
+    pub generations: Vec<GenerationStatus>,
+    /// The deploy under way.
+    #[serde(default)]
+    pub deploy: Option<DeployStatus>,
+    /// Deploys waiting for it.
+    #[serde(default)]
+    pub queued_deploys: usize,
+    /// What the last deploy did.
+    #[serde(default)]
+    pub last_deploy: Option<DeployRecord>,
+    /// How connections reach the serving generation: `ebpf` or `shared listener`.
+    #[serde(default)]
+    pub steering: Option<String>,
+    /// Workers the serving generation runs (the cap may hold it below `requested`).
+    pub desired: u32,
+    /// Workers asked for (configuration or `scale`).
+    #[serde(default)]
+    pub requested: u32,
+    /// `workers = "auto"`: its range.
+    #[serde(default)]
+    pub auto: Option<AutoRange>,
+    /// The memory cap and its derivation.
+    #[serde(default)]
+    pub capacity: Option<CapacityStatus>,
+    /// Ready workers of the serving generation.
+    pub ready: u32,
+    /// Whether a rolling restart is under way.
+    #[serde(default)]
+    pub restarting: bool,
+    /// Its listeners (`tcp 127.0.0.1:8000`, `unix /run/x.sock`).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Its log file.
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+    /// Its configured limits, and those this host cannot enforce.
+    #[serde(default)]
+    pub limits: Option<LimitsStatus>,
+    /// Accounting of its cgroup.
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    /// What its sandbox enforces here.
+    #[serde(default)]
+    pub sandbox: Option<SandboxStatus>,
+    /// Every worker slot of every generation.
+    #[serde(default)]
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One worker slot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Its slot number (`w-<id>`).
+    pub id: u32,
+    /// Its generation.
+    pub generation: u32,
+    /// Its process, if it has one.
+    pub pid: Option<i32>,
+    /// `starting`, `ready`, `stopping`, `backoff`, `failed`, `stopped`.
+    pub state: String,
+    /// It said `BUSY=1` (until `BUSY=0`).
+    pub busy: bool,
+    /// Restarts after a crash.
+    pub restarts: u32,
+    /// When its process started (UTC).
+    pub started_at: Option<String>,
+    /// How long its process has run.
+    pub uptime_ms: Option<u64>,
+    /// How its last process ended (`exited with code 3`, `killed by SIGKILL`,
+    /// `oom-killed`, ...).
+    pub last_exit: Option<String>,
+    /// Its cgroup leaf.
+    pub cgroup: Option<PathBuf>,
+    /// Accounting of its leaf.
+    pub usage: Option<Usage>,
+}
+
+/// One generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    /// Its number.
+    pub id: u32,
+    /// `serving`, `starting`, `probation`, `draining`, `retiring`.
+    pub state: String,
+    /// Its release directory.
+    pub release: Option<PathBuf>,
+    /// Workers it is asked to run.
+    pub desired: u32,
+    /// Ready workers.
+    pub ready: u32,
+    /// Processes alive.
+    pub live: u32,
+}
+
+/// The deploy under way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployStatus {
+    /// The serving generation it started from.
+    pub from: u32,
+    /// The new generation.
+    pub to: u32,
+    /// `starting`, `probation`, `draining`.
+    pub stage: String,
+    /// The release being deployed.
+    pub release: Option<PathBuf>,
+    /// Workers the new generation ends up with.
+    pub target: u32,
+    /// Most workers of both generations together.
+    pub cap: Option<u32>,
+    /// Whether it returns to the previous release.
+    pub rollback: bool,
+    /// When it began (UTC).
+    pub started_at: String,
+}
+
+/// How a deploy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployResult {
+    /// The new generation serves, the old one retired.
+    Done,
+    /// The new generation serves, but one of its workers died once the old one was
+    /// told to stop.
+    DoneWithCrashes,
+    /// The new generation was stopped; the old one serves.
+    RolledBack,
+}
+
+/// What a deploy did (the site's `last_deploy`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployRecord {
+    /// How it ended.
+    pub result: DeployResult,
+    /// The generation it started from.
+    pub from: u32,
+    /// The generation it started.
+    pub to: u32,
+    /// The release it deployed.
+    pub release: Option<PathBuf>,
+    /// Why it was rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How long it took, when it went through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// When it ended (UTC).
+    pub finished_at: String,
+    /// `CLOCK_MONOTONIC` just before and just after the steering was flipped (or flipped
+    /// back), to correlate with other records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flip_monotonic_ns: Option<[u64; 2]>,
+}
+
+/// The range of `workers = "auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoRange {
+    /// `workers_min`.
+    pub min: u32,
+    /// `workers_max`.
+    pub max: u32,
+}
+
+/// The memory cap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapacityStatus {
+    /// Most workers.
+    pub workers: u32,
+    /// Bytes counted per worker.
+    pub per_worker: u64,
+    /// `estimate` or `measured`.
+    pub basis: crate::supervisor::capacity::Basis,
+    /// The site's budget.
+    pub budget: u64,
+    /// `512M budget / 115M per worker (measured peak + 15%) = 4`.
+    pub derivation: String,
+}
+
+/// A site's configured limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsStatus {
+    /// `memory` (the site budget).
+    pub memory: Option<u64>,
+    /// `pids_max`.
+    pub pids_max: Option<u32>,
+    /// `cpu_weight`.
+    pub cpu_weight: Option<u32>,
+    /// `memory_max` per worker.
+    pub memory_max: Option<u64>,
+    /// `memory_high` per worker.
+    pub memory_high: Option<u64>,
+    /// Those this host cannot enforce.
+    pub not_enforced: Vec<String>,
+}
+
+/// A site's sandbox on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxStatus {
+    /// What is enforced, one line each.
+    pub enforced: Vec<String>,
+    /// What is not.
+    pub not_enforced: Vec<String>,
+}

@@ -1,0 +1,676 @@
+//! Deploys by generations, as the site machine runs them: asked for, queued (FIFO, one at
+//! a time), started beside the serving generation, moved on by the pure plan of
+//! [`crate::supervisor::deploy::decide`] after every input, and ended (done, rolled back,
+//! steered back, cancelled). See that module for the stages.
+//!
+//! `rollback`: a deploy still starting or in probation is rolled back; a generation still
+//! draining (not yet told to stop) is steered back to and serves again; otherwise the
+//! previous release is deployed.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::{
+    Action, CancelReason, Done, Event, Failure, Generation, Observe, Outcome, RollbackReason,
+    SiteMachine, Steering,
+};
+use crate::config::ReadyCheck;
+use crate::supervisor::deploy::{Failure as PlanFailure, GenView, Stage, Step, View, decide};
+use crate::supervisor::ids::{ClientId, GenId};
+use crate::supervisor::slots::{self, RunState};
+
+/// How often a draining generation's accept queues are looked at.
+pub const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// A deploy under way.
+#[derive(Debug, Clone)]
+pub struct DeployState {
+    /// The generation that served when it began.
+    pub from: GenId,
+    /// The new generation.
+    pub to: GenId,
+    /// Where it is.
+    pub stage: Stage,
+    /// The release deployed.
+    pub release: Option<PathBuf>,
+    /// When it began.
+    pub started: Instant,
+    /// When the new generation must be ready by.
+    pub ready_deadline: Instant,
+    /// Workers the new generation ends up with.
+    pub target: u32,
+    /// Most workers of both generations together.
+    pub cap: Option<u32>,
+    /// Clients waiting for the outcome.
+    pub clients: Vec<ClientId>,
+    /// Whether it returns to the previous release.
+    pub rollback: bool,
+    /// `CLOCK_MONOTONIC` around the flip.
+    pub flip_window: Option<[u64; 2]>,
+}
+
+/// A deploy waiting for the one under way.
+#[derive(Debug, Clone)]
+pub(super) struct Queued {
+    client: ClientId,
+    release: Option<PathBuf>,
+    rollback: bool,
+}
+
+/// What a finished deploy did: the site's `last_deploy`, with the time it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeployEnd {
+    /// How it ended.
+    pub result: crate::status::DeployResult,
+    /// The generation it started from.
+    pub from: GenId,
+    /// The generation it started.
+    pub to: GenId,
+    /// The release it deployed.
+    pub release: Option<PathBuf>,
+    /// Why it was rolled back.
+    pub reason: Option<RollbackReason>,
+    /// How long it took, when it went through.
+    pub took: Option<Duration>,
+    /// When it ended.
+    pub finished: Instant,
+    /// `CLOCK_MONOTONIC` around the flip (or the flip back).
+    pub flip_window: Option<[u64; 2]>,
+    /// Whether the old generation had been flipped from and serves again.
+    pub steered_back: bool,
+}
+
+impl SiteMachine {
+    /// When the deploy needs looking at again without any other input.
+    pub(super) fn deploy_deadline(&self, now: Instant) -> Option<Instant> {
+        let d = self.deploy.as_ref()?;
+        match d.stage {
+            Stage::Starting => Some(d.ready_deadline),
+            Stage::Probation { until } => Some(until),
+            Stage::Draining {
+                until,
+                stopping: false,
+            } => Some(until.min(now + DRAIN_POLL)),
+            Stage::Draining { stopping: true, .. } => None,
+        }
+    }
+
+    /// Refused while a deploy runs: operations that would fight it.
+    pub(super) fn deploy_busy(&self) -> Option<Failure> {
+        let d = self.deploy.as_ref()?;
+        Some(Failure::DeployUnderWay {
+            to: d.to,
+            stage: d.stage.name(),
+        })
+    }
+
+    fn deploy_clients(&self) -> Vec<ClientId> {
+        self.deploy
+            .as_ref()
+            .map(|d| d.clients.clone())
+            .unwrap_or_default()
+    }
+
+    /// Tells the deploy's clients.
+    pub(super) fn deploy_progress(&self, event: Event, out: &mut Vec<Action>) {
+        let clients = self.deploy_clients();
+        if !clients.is_empty() {
+            out.push(Action::Progress { clients, event });
+        }
+    }
+
+    /// `deploy`: start one now, or queue it behind the one under way.
+    pub(super) fn request_deploy(
+        &mut self,
+        client: ClientId,
+        release: Option<PathBuf>,
+        rollback: bool,
+        obs: &dyn Observe,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let refuse = |failure| Action::Reply {
+            client,
+            outcome: Outcome::Failed(failure),
+        };
+        if self.config.ready.check == ReadyCheck::Tcp {
+            if let Err(why) = obs.probe_alone() {
+                return out.push(refuse(Failure::ProbeNeedsSteering(why)));
+            }
+        }
+        if self.removing || self.current().slots.run == RunState::Stopped {
+            return out.push(refuse(Failure::Stopped));
+        }
+        if let Some(d) = &self.deploy {
+            let event = Event::DeployQueued {
+                behind: d.to,
+                ahead: self.queued.len() + 1,
+            };
+            self.queued.push_back(Queued {
+                client,
+                release,
+                rollback,
+            });
+            return out.push(Action::Progress {
+                clients: vec![client],
+                event,
+            });
+        }
+        self.start_deploy(Some(client), release, rollback, obs, now, out);
+    }
+
+    /// `rollback`: undo the deploy under way, steer back to a draining generation, or
+    /// deploy the previous release.
+    pub(super) fn request_rollback(
+        &mut self,
+        client: ClientId,
+        obs: &dyn Observe,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        match self.deploy.as_ref().map(|d| (d.stage, d.from, d.to)) {
+            Some((Stage::Starting | Stage::Probation { .. }, from, to)) => {
+                self.roll_back(RollbackReason::OnRequest(to), now, out);
+                out.push(Action::Reply {
+                    client,
+                    outcome: Outcome::Done(Done::RolledBack { from, to }),
+                });
+            }
+            Some((
+                Stage::Draining {
+                    stopping: false, ..
+                },
+                from,
+                to,
+            )) => {
+                self.steer_back(RollbackReason::OnRequest(to), now, out);
+                out.push(Action::Reply {
+                    client,
+                    outcome: Outcome::Done(Done::SteeredBack { from, to }),
+                });
+            }
+            _ => match self.previous_release.clone() {
+                Some(p) => self.request_deploy(client, Some(p), true, obs, now, out),
+                None => out.push(Action::Reply {
+                    client,
+                    outcome: Outcome::Failed(Failure::NoPreviousRelease),
+                }),
+            },
+        }
+    }
+
+    /// Starts a deploy: resolves the release, then has the new generation's listeners
+    /// bound ([`Action::BindListeners`]); [`SiteMachine::listeners_bound`] goes on.
+    fn start_deploy(
+        &mut self,
+        client: Option<ClientId>,
+        release: Option<PathBuf>,
+        rollback: bool,
+        obs: &dyn Observe,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let clients: Vec<ClientId> = client.into_iter().collect();
+        let fail = |this: &mut SiteMachine, failure: Failure, out: &mut Vec<Action>| {
+            for c in &clients {
+                out.push(Action::Reply {
+                    client: *c,
+                    outcome: Outcome::Failed(failure.clone()),
+                });
+            }
+            this.next_queued(obs, now, out);
+        };
+        let resolved = match obs.resolve_release(&self.config, release.as_deref()) {
+            Ok(r) => r,
+            Err(e) => return fail(self, Failure::CannotDeploy(e), out),
+        };
+        let target = self.current().slots.desired;
+        if target == 0 {
+            return fail(self, Failure::NoWorkers, out);
+        }
+        let cap = self
+            .capacity
+            .map(|c| c.workers)
+            .or(self.config.auto.map(|a| a.max));
+        if let Some(c) = cap.filter(|c| *c < 2) {
+            return fail(self, Failure::NoRoom(c), out);
+        }
+        let from = self.serving;
+        let to = self.last_gen.next();
+        let config = match &resolved {
+            Some(r) => self.config.for_release(r),
+            None => self.config.clone(),
+        };
+        self.last_gen = to;
+        self.gens
+            .insert(to, Generation::new(to, resolved.clone(), config.clone(), 0));
+        self.deploy = Some(DeployState {
+            from,
+            to,
+            stage: Stage::Starting,
+            release: resolved,
+            started: now,
+            ready_deadline: now + config.ready.timeout,
+            target,
+            cap,
+            clients,
+            rollback,
+            flip_window: None,
+        });
+        out.push(Action::BindListeners(to));
+    }
+
+    /// The new generation's listeners are bound (it starts), or could not be (the deploy
+    /// ends before it began).
+    pub(super) fn listeners_bound(
+        &mut self,
+        g: GenId,
+        result: Result<(), String>,
+        obs: &dyn Observe,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(d) = self.deploy.as_ref().filter(|d| d.to == g) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                let event = Event::DeployBegins {
+                    to: g,
+                    from: d.from,
+                    release: d.release.clone(),
+                    target: d.target,
+                    cap: d.cap,
+                };
+                out.push(Action::Log(event.clone()));
+                self.deploy_progress(event, out);
+                self.feed(g, slots::Input::StartRequested, now, out);
+            }
+            Err(e) => {
+                // Never started: its number is not used.
+                let d = self.deploy.take().expect("checked above");
+                self.gens.remove(&g);
+                self.last_gen = d.from.max(GenId(g.0 - 1));
+                for c in d.clients {
+                    out.push(Action::Reply {
+                        client: c,
+                        outcome: Outcome::Failed(Failure::CannotDeploy(e.clone())),
+                    });
+                }
+                self.next_queued(obs, now, out);
+            }
+        }
+    }
+
+    fn view(&self, obs: &dyn Observe, now: Instant) -> Option<View> {
+        let d = self.deploy.as_ref()?;
+        let gen_view = |g: GenId| {
+            self.gens
+                .get(&g)
+                .map(|x| GenView {
+                    desired: x.slots.desired,
+                    slots: count(x.slots.slots.len()),
+                    ready: count(x.slots.ready()),
+                    live: count(x.slots.live()),
+                    crashes: x.crashes,
+                })
+                .unwrap_or_default()
+        };
+        Some(View {
+            stage: d.stage,
+            now,
+            ready_deadline: d.ready_deadline,
+            target: d.target,
+            cap: d.cap,
+            old: gen_view(d.from),
+            new: gen_view(d.to),
+            old_queues_empty: obs.queues_empty(d.from, d.to),
+        })
+    }
+
+    /// Asks the plan what to do until it says wait. Every step changes what the plan
+    /// sees (a count asked for, a stage), so this ends.
+    pub(super) fn advance_deploy(
+        &mut self,
+        obs: &dyn Observe,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        while let Some(view) = self.view(obs, now) {
+            let (from, to) = {
+                let d = self.deploy.as_ref().expect("viewed above");
+                (d.from, d.to)
+            };
+            match decide(&view) {
+                Step::Wait => break,
+                Step::ScaleNew(n) => {
+                    self.deploy_progress(
+                        Event::NewGrows {
+                            generation: to,
+                            workers: n,
+                            target: view.target,
+                        },
+                        out,
+                    );
+                    self.feed(to, slots::Input::ScaleRequested(n), now, out);
+                }
+                Step::ScaleOld(n) => {
+                    self.deploy_progress(
+                        Event::OldShrinks {
+                            generation: from,
+                            workers: n,
+                            for_generation: to,
+                        },
+                        out,
+                    );
+                    self.feed(from, slots::Input::ScaleRequested(n), now, out);
+                }
+                Step::BeginProbation => {
+                    let period = self.config.deploy.probation;
+                    if let Some(d) = self.deploy.as_mut() {
+                        d.stage = Stage::Probation {
+                            until: now + period,
+                        };
+                    }
+                    self.deploy_progress(
+                        Event::ProbationBegins {
+                            generation: to,
+                            ready: view.new.ready,
+                            period,
+                        },
+                        out,
+                    );
+                }
+                Step::Flip => {
+                    let stop_timeout = self.config.stop.timeout;
+                    if let Some(d) = self.deploy.as_mut() {
+                        d.stage = Stage::Draining {
+                            until: now + stop_timeout,
+                            stopping: false,
+                        };
+                    }
+                    // The loop flips the steering at once and answers `Steered`.
+                    out.push(Action::Steer(to));
+                    return;
+                }
+                Step::StopOld => {
+                    if let Some(d) = self.deploy.as_mut() {
+                        if let Stage::Draining { until, .. } = d.stage {
+                            d.stage = Stage::Draining {
+                                until,
+                                stopping: true,
+                            };
+                        }
+                    }
+                    if let Some(old) = self.gens.get_mut(&from) {
+                        old.leaving = true;
+                    }
+                    self.deploy_progress(
+                        Event::OldStops {
+                            generation: from,
+                            drained: view.old_queues_empty,
+                        },
+                        out,
+                    );
+                    self.feed(from, slots::Input::StopRequested, now, out);
+                }
+                Step::Done => {
+                    self.finish_deploy(now, out);
+                    self.next_queued(obs, now, out);
+                    return;
+                }
+                Step::RollBack(why) => {
+                    let reason = self.rollback_reason(to, why, false);
+                    self.roll_back(reason, now, out);
+                    self.next_queued(obs, now, out);
+                    return;
+                }
+                Step::SteerBack(why) => {
+                    let reason = self.rollback_reason(to, why, true);
+                    self.steer_back(reason, now, out);
+                    self.next_queued(obs, now, out);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn rollback_reason(&self, to: GenId, why: PlanFailure, after_flip: bool) -> RollbackReason {
+        let g = self.gens.get(&to);
+        match why {
+            PlanFailure::Crashed => RollbackReason::Crashed {
+                generation: to,
+                exit: g.and_then(|g| {
+                    g.slots
+                        .slots
+                        .values()
+                        .find_map(|s| s.last_exit.clone().map(|r| (s.id, r)))
+                }),
+                after_flip,
+            },
+            PlanFailure::NotReady => RollbackReason::NotReady {
+                generation: to,
+                timeout: g.map_or(Duration::ZERO, |g| g.config.ready.timeout),
+                ready: g.map_or(0, |g| count(g.slots.ready())),
+                desired: g.map_or(0, |g| g.slots.desired),
+            },
+        }
+    }
+
+    /// The steering was flipped to the new generation: it serves. (Or flipped back to
+    /// the old one by a steer-back: the record gets the window.)
+    pub(super) fn steered(
+        &mut self,
+        g: GenId,
+        steering: Steering,
+        window: Option<[u64; 2]>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(d) = self.deploy.as_mut().filter(|d| d.to == g) else {
+            if let Some(end) = self
+                .last_deploy
+                .as_mut()
+                .filter(|e| e.from == g && e.steered_back && e.flip_window.is_none())
+            {
+                end.flip_window = window;
+            }
+            return;
+        };
+        d.flip_window = window;
+        let from = d.from;
+        self.serving = g;
+        if let Some(prev) = self.gens.get(&from).and_then(|x| x.release.clone()) {
+            self.previous_release = Some(prev.clone());
+            out.push(Action::RecordPreviousRelease(prev));
+        }
+        let event = Event::Flipped {
+            from,
+            to: g,
+            steering,
+        };
+        out.push(Action::Log(event.clone()));
+        self.deploy_progress(event, out);
+    }
+
+    /// Back to the old generation while it drains (on `rollback`, or because a new
+    /// worker died after the flip): it serves again, with the workers it had, and the new
+    /// one stops.
+    fn steer_back(&mut self, reason: RollbackReason, now: Instant, out: &mut Vec<Action>) {
+        let Some(d) = self.deploy.take() else {
+            return;
+        };
+        out.push(Action::Steer(d.from));
+        self.serving = d.from;
+        if let Some(g) = self.gens.get_mut(&d.to) {
+            g.leaving = true;
+        }
+        let old_desired = self.gens.get(&d.from).map(|g| g.slots.desired);
+        out.push(Action::Log(Event::RolledBack {
+            generation: d.to,
+            reason: reason.clone(),
+            steered_back: true,
+        }));
+        self.last_deploy = Some(DeployEnd {
+            result: crate::status::DeployResult::RolledBack,
+            from: d.from,
+            to: d.to,
+            release: d.release.clone(),
+            reason: Some(reason.clone()),
+            took: None,
+            finished: now,
+            flip_window: None,
+            steered_back: true,
+        });
+        for c in d.clients {
+            out.push(Action::Reply {
+                client: c,
+                outcome: Outcome::Failed(Failure::SteeredBack {
+                    reason: reason.clone(),
+                    from: d.from,
+                }),
+            });
+        }
+        self.feed(d.to, slots::Input::StopRequested, now, out);
+        if old_desired.is_some_and(|n| n < d.target) {
+            self.feed(d.from, slots::Input::ScaleRequested(d.target), now, out);
+        }
+    }
+
+    /// Stops the new generation; the serving one stays as it is (and gets back the
+    /// workers it gave up).
+    fn roll_back(&mut self, reason: RollbackReason, now: Instant, out: &mut Vec<Action>) {
+        let Some(d) = self.deploy.take() else {
+            return;
+        };
+        out.push(Action::Log(Event::RolledBack {
+            generation: d.to,
+            reason: reason.clone(),
+            steered_back: false,
+        }));
+        // Stopped like any worker (stop signal, SIGKILL at the stop timeout): where
+        // generations share a listener, the rolled-back workers may be in the middle of
+        // requests they accepted.
+        if let Some(g) = self.gens.get_mut(&d.to) {
+            g.leaving = true;
+        }
+        if self.config.ready.check == ReadyCheck::Tcp {
+            out.push(Action::EndProbe(d.to));
+        }
+        self.last_deploy = Some(DeployEnd {
+            result: crate::status::DeployResult::RolledBack,
+            from: d.from,
+            to: d.to,
+            release: d.release.clone(),
+            reason: Some(reason.clone()),
+            took: None,
+            finished: now,
+            flip_window: None,
+            steered_back: false,
+        });
+        let old_desired = self.gens.get(&d.from).map(|g| g.slots.desired);
+        for c in d.clients {
+            out.push(Action::Reply {
+                client: c,
+                outcome: Outcome::Failed(Failure::RolledBack {
+                    reason: reason.clone(),
+                    from: d.from,
+                }),
+            });
+        }
+        self.feed(d.to, slots::Input::StopRequested, now, out);
+        if old_desired.is_some_and(|n| n < d.target) {
+            self.feed(d.from, slots::Input::ScaleRequested(d.target), now, out);
+        }
+    }
+
+    fn finish_deploy(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(d) = self.deploy.take() else {
+            return;
+        };
+        let took = now.saturating_duration_since(d.started);
+        // A new worker that died once the old generation was told to stop cannot be rolled
+        // back from: the deploy is over, but not a success.
+        let new = self.gens.get(&d.to);
+        let crashed = new.filter(|g| g.crashes > 0).map(|g| {
+            g.slots
+                .slots
+                .values()
+                .find_map(|s| s.last_exit.clone().map(|r| (s.id, r)))
+        });
+        let short = new.is_some_and(|g| g.slots.desired < d.target);
+        self.last_deploy = Some(DeployEnd {
+            result: if crashed.is_some() {
+                crate::status::DeployResult::DoneWithCrashes
+            } else {
+                crate::status::DeployResult::Done
+            },
+            from: d.from,
+            to: d.to,
+            release: d.release.clone(),
+            reason: None,
+            took: Some(took),
+            finished: now,
+            flip_window: d.flip_window,
+            steered_back: false,
+        });
+        out.push(Action::Log(Event::Deployed {
+            generation: d.to,
+            took,
+        }));
+        let outcome = match crashed {
+            Some(exit) => Outcome::Failed(Failure::DoneWithCrashes {
+                to: d.to,
+                from: d.from,
+                exit,
+            }),
+            None => Outcome::Done(Done::Deployed {
+                to: d.to,
+                from: d.from,
+                release: d.release.clone(),
+                took,
+            }),
+        };
+        for c in d.clients {
+            out.push(Action::Reply {
+                client: c,
+                outcome: outcome.clone(),
+            });
+        }
+        if short {
+            self.feed(d.to, slots::Input::ScaleRequested(d.target), now, out);
+        }
+    }
+
+    /// Starts the deploy waiting first, if none runs.
+    fn next_queued(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
+        if self.deploy.is_some() {
+            return;
+        }
+        let Some(q) = self.queued.pop_front() else {
+            return;
+        };
+        self.start_deploy(Some(q.client), q.release, q.rollback, obs, now, out);
+    }
+
+    /// Ends the deploy under way and every queued one (the site is stopping or going).
+    pub(super) fn cancel_deploys(
+        &mut self,
+        why: CancelReason,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        for q in std::mem::take(&mut self.queued) {
+            out.push(Action::Reply {
+                client: q.client,
+                outcome: Outcome::Failed(Failure::Cancelled(why)),
+            });
+        }
+        if self.deploy.is_some() {
+            self.roll_back(RollbackReason::Cancelled(why), now, out);
+        }
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,951 @@
+//! One site's whole lifecycle as pure data: [`SiteMachine`].
+//!
+//! It holds every live generation of the site (each a [`SiteCore`] of worker slots), the
+//! deploy under way and those queued behind it, the count asked for and the one the memory
+//! cap allows, and the clients waiting for an outcome (as opaque [`ClientId`]s). It takes
+//! one [`Input`] at a time, with the time as an input and a read-only window onto the
+//! world ([`Observe`]: the release a symlink resolves to, the measured memory of workers,
+//! whether listeners' accept queues are empty), and returns [`Action`]s for the event loop
+//! to carry out. It does no I/O and holds no clock; it says nothing in words: progress and
+//! history are typed [`Event`]s, answers typed [`Outcome`]s, which the loop renders.
+//!
+//! Some actions have a result the machine needs before it can go on (a spawn's pid, a new
+//! generation's listeners bound, the steering flipped): the loop carries them out at once
+//! and feeds the result back as the next input ([`Input::Worker`] with
+//! `Spawned`/`SpawnFailed`, [`Input::ListenersBound`], [`Input::Steered`]).
+//!
+//! Invariants (checked by the simulation in `sim.rs`): never more workers than the cap;
+//! never two live workers in one slot; two starts of one slot are at least the backoff
+//! floor apart unless an operator asked; a deploy never leaves the site without a serving
+//! generation that runs; every client waiting is answered exactly once.
+
+mod deploy;
+pub mod outcome;
+mod reconfigure;
+#[cfg(test)]
+mod sim;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use self::deploy::{DeployEnd, DeployState};
+pub use self::outcome::{CancelReason, Done, Event, Failure, Outcome, RollbackReason, Steering};
+use super::capacity::{self, Capacity};
+use super::ids::{ClientId, GenId, Slot};
+use super::slots::{self, Note, Phase, Policies, RunState, SiteCore};
+use crate::config::{ReadyCheck, SiteConfig, SiteName};
+
+/// Interval of TCP readiness probes while a worker of a `tcp`-checked site is starting.
+pub const TCP_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What the machine may look at in the world (read only; the loop answers from the
+/// kernel and the file system, a simulation from its own model).
+pub trait Observe {
+    /// The release to deploy: `asked` (a directory an operator named), else what the
+    /// site's `release` symlink resolves to now; `None` for a site without `release`.
+    fn resolve_release(
+        &self,
+        site: &SiteConfig,
+        asked: Option<&Path>,
+    ) -> Result<Option<PathBuf>, String>;
+    /// The largest measured memory (`memory.peak`, or `memory.current`) of these slots of
+    /// generation `generation`, where it is accounted.
+    fn measured_memory(&self, generation: GenId, slots: &[Slot]) -> Option<u64>;
+    /// Whether the accept queues of `old`'s own listeners are empty (listeners it shares
+    /// with `new` count as empty: they are served by `new` already).
+    fn queues_empty(&self, old: GenId, new: GenId) -> bool;
+    /// Whether a `tcp` ready check can reach a new generation alone (steering attached to
+    /// the site's first TCP listener); why not, if not.
+    fn probe_alone(&self) -> Result<(), String>;
+}
+
+/// One generation of the site.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Its number.
+    pub id: GenId,
+    /// Its release directory (sites with `release`).
+    pub release: Option<PathBuf>,
+    /// The site's configuration as this generation runs it (`{release}` filled in).
+    pub config: SiteConfig,
+    /// Its worker slots.
+    pub slots: SiteCore,
+    /// Worker exits and failed spawns it was not asked for.
+    pub crashes: u32,
+    /// Being rolled back or retired: removed once its last worker is gone.
+    pub leaving: bool,
+}
+
+impl Generation {
+    fn new(id: GenId, release: Option<PathBuf>, config: SiteConfig, desired: u32) -> Generation {
+        let slots = SiteCore::new(desired, policies(&config));
+        Generation {
+            id,
+            release,
+            config,
+            slots,
+            crashes: 0,
+            leaving: false,
+        }
+    }
+
+    /// Whether a worker of it is starting (a `tcp` check probes it then).
+    fn starting(&self) -> bool {
+        self.slots
+            .slots
+            .values()
+            .any(|s| matches!(s.phase, Phase::Starting { .. }))
+    }
+}
+
+/// The policies a generation's slots apply, from its configuration.
+pub fn policies(c: &SiteConfig) -> Policies {
+    Policies {
+        restart: c.restart,
+        stop: c.stop,
+        ready: c.ready,
+    }
+}
+
+/// What a client waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WaitFor {
+    Stopped,
+    Settled,
+    RestartDone,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Waiter {
+    client: ClientId,
+    until: WaitFor,
+}
+
+/// An input: what happened, or what was asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Something about a worker of a generation (spawned, failed to spawn, exited, ready,
+    /// busy), for its slots.
+    Worker {
+        /// The generation.
+        generation: GenId,
+        /// What.
+        input: slots::Input,
+    },
+    /// The `tcp` ready probe of a generation was accepted by one of its workers.
+    ProbeAccepted(GenId),
+    /// The listeners of a new generation were bound (or could not be).
+    ListenersBound {
+        /// The generation.
+        generation: GenId,
+        /// Why not, if not.
+        result: Result<(), String>,
+    },
+    /// New connections now go to a generation.
+    Steered {
+        /// The generation.
+        generation: GenId,
+        /// How.
+        steering: Steering,
+        /// `CLOCK_MONOTONIC` just before and after the change (for the record).
+        window: Option<[u64; 2]>,
+    },
+    /// Time passed: deadlines at or before `now` fire.
+    Tick,
+    /// Run the site (clears `failed`).
+    Start(ClientId),
+    /// Stop every worker (a client waits, or the agent stops or the site goes).
+    Stop {
+        /// Who waits, if anyone.
+        client: Option<ClientId>,
+        /// What it cancels deploys for.
+        why: CancelReason,
+    },
+    /// Restart every worker, one at a time.
+    Restart(ClientId),
+    /// Run this many workers.
+    Scale {
+        /// Who asked.
+        client: ClientId,
+        /// How many.
+        workers: u32,
+        /// The uid of a site owner who asked (its limit applies), `None` for root.
+        owner: Option<u32>,
+    },
+    /// Deploy a new generation.
+    Deploy {
+        /// Who asked.
+        client: ClientId,
+        /// A release directory to deploy instead of what the symlink points to.
+        release: Option<PathBuf>,
+    },
+    /// Roll back the deploy under way, steer back to a draining generation, or deploy the
+    /// previous release.
+    Rollback(ClientId),
+    /// A reload changed the site's configuration (its listeners were rebound already).
+    Reconfigure(Box<SiteConfig>),
+    /// The site was removed from the configuration: stop it and forget it.
+    Remove,
+    /// A client went away: it waits for nothing any more.
+    ClientGone(ClientId),
+}
+
+/// Something for the event loop to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Create a worker process in this slot, then report `Spawned` or `SpawnFailed`.
+    Spawn {
+        /// The generation.
+        generation: GenId,
+        /// The slot.
+        slot: Slot,
+    },
+    /// Send a signal to a slot's process.
+    Signal {
+        /// The generation.
+        generation: GenId,
+        /// The slot.
+        slot: Slot,
+        /// The signal.
+        signal: crate::config::Signal,
+    },
+    /// Kill a slot's whole process tree.
+    KillTree {
+        /// The generation.
+        generation: GenId,
+        /// The slot.
+        slot: Slot,
+    },
+    /// Bind (or share) a new generation's listeners beside the serving one's, then report
+    /// [`Input::ListenersBound`].
+    BindListeners(GenId),
+    /// Send new connections to this generation's listeners, then report
+    /// [`Input::Steered`].
+    Steer(GenId),
+    /// Start or continue the `tcp` ready probe of a generation; report
+    /// [`Input::ProbeAccepted`] once a worker accepted it.
+    Probe(GenId),
+    /// The probe of a generation is over (drop it and its steering entry).
+    EndProbe(GenId),
+    /// A generation is gone: close its listeners, remove its cgroup.
+    Retire(GenId),
+    /// Record the release the serving generation replaced (for `rollback` after a restart
+    /// of the agent).
+    RecordPreviousRelease(PathBuf),
+    /// The site's limits changed: write them to its cgroups.
+    ApplyLimits,
+    /// Tell these clients how it goes.
+    Progress {
+        /// The clients.
+        clients: Vec<ClientId>,
+        /// What happened.
+        event: Event,
+    },
+    /// Answer a client (its last word).
+    Reply {
+        /// The client.
+        client: ClientId,
+        /// The answer.
+        outcome: Outcome,
+    },
+    /// Something for the agent's log.
+    Log(Event),
+    /// The site is removed and stopped: forget it.
+    Dropped,
+}
+
+/// One site.
+#[derive(Debug, Clone)]
+pub struct SiteMachine {
+    config: SiteConfig,
+    gens: BTreeMap<GenId, Generation>,
+    serving: GenId,
+    /// The highest generation number used so far.
+    last_gen: GenId,
+    deploy: Option<DeployState>,
+    queued: VecDeque<deploy::Queued>,
+    last_deploy: Option<DeployEnd>,
+    previous_release: Option<PathBuf>,
+    /// Workers asked for (configuration or `scale`); the cap may hold the site below it.
+    requested: u32,
+    /// The memory cap, for sites with a budget and a per-worker figure.
+    capacity: Option<Capacity>,
+    /// When to re-measure and re-derive the cap (sites with a budget only).
+    next_capacity_check: Option<Instant>,
+    /// The measured peak at the previous check: growth waits until it holds still.
+    last_peak: Option<u64>,
+    waiters: Vec<Waiter>,
+    removing: bool,
+}
+
+impl SiteMachine {
+    /// A stopped site with its first generation (`release`: what its symlink resolved to),
+    /// and the events worth logging about it.
+    pub fn new(
+        config: SiteConfig,
+        release: Option<PathBuf>,
+        previous_release: Option<PathBuf>,
+        now: Instant,
+    ) -> (SiteMachine, Vec<Action>) {
+        let requested = config.workers;
+        let cap = config.limits.memory.and_then(|budget| {
+            capacity::capacity(budget, config.limits.worker_estimate(), None, requested)
+        });
+        let initial = match (config.auto, cap) {
+            (Some(a), Some(c)) => a.min.min(c.workers),
+            (None, Some(c)) => requested.min(c.workers),
+            (_, None) => requested,
+        };
+        let mut out = Vec::new();
+        if initial < requested && config.auto.is_none() {
+            if let Some(capacity) = cap {
+                out.push(Action::Log(Event::DoesNotFit {
+                    requested,
+                    capacity,
+                }));
+            }
+        }
+        let gen_config = match &release {
+            Some(r) => config.for_release(r),
+            None => config.clone(),
+        };
+        let first = GenId(1);
+        let machine = SiteMachine {
+            next_capacity_check: config.limits.memory.map(|_| now + capacity::SETTLE),
+            gens: BTreeMap::from([(first, Generation::new(first, release, gen_config, initial))]),
+            config,
+            serving: first,
+            last_gen: first,
+            deploy: None,
+            queued: VecDeque::new(),
+            last_deploy: None,
+            previous_release,
+            requested,
+            capacity: cap,
+            last_peak: None,
+            waiters: Vec::new(),
+            removing: false,
+        };
+        (machine, out)
+    }
+
+    /// The site's name.
+    pub fn name(&self) -> &SiteName {
+        &self.config.name
+    }
+
+    /// The site's configuration.
+    pub fn config(&self) -> &SiteConfig {
+        &self.config
+    }
+
+    /// The serving generation's number.
+    pub fn serving(&self) -> GenId {
+        self.serving
+    }
+
+    /// The serving generation.
+    pub fn current(&self) -> &Generation {
+        self.gens
+            .get(&self.serving)
+            .expect("the serving generation exists while the site does")
+    }
+
+    /// A generation.
+    pub fn generation(&self, g: GenId) -> Option<&Generation> {
+        self.gens.get(&g)
+    }
+
+    /// Every live generation, oldest first.
+    pub fn generations(&self) -> impl Iterator<Item = &Generation> {
+        self.gens.values()
+    }
+
+    /// The deploy under way.
+    pub fn deploy(&self) -> Option<&DeployState> {
+        self.deploy.as_ref()
+    }
+
+    /// Deploys waiting for it.
+    pub fn queued_deploys(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// What the last deploy did.
+    pub fn last_deploy(&self) -> Option<&DeployEnd> {
+        self.last_deploy.as_ref()
+    }
+
+    /// The release the serving generation replaced.
+    pub fn previous_release(&self) -> Option<&Path> {
+        self.previous_release.as_deref()
+    }
+
+    /// Workers asked for.
+    pub fn requested(&self) -> u32 {
+        self.requested
+    }
+
+    /// The memory cap.
+    pub fn capacity(&self) -> Option<Capacity> {
+        self.capacity
+    }
+
+    /// Whether no generation has a process or anything left to do.
+    pub fn is_stopped(&self) -> bool {
+        self.gens.values().all(|g| g.slots.run == RunState::Stopped)
+    }
+
+    /// A generation's state, as `status` shows it.
+    pub fn generation_state(&self, g: &Generation) -> &'static str {
+        match &self.deploy {
+            Some(d) if d.to == g.id && g.id != self.serving => d.stage.name(),
+            Some(d) if d.from == g.id && g.id != self.serving => "draining",
+            _ if g.id == self.serving => "serving",
+            _ if g.leaving => "retiring",
+            _ => "draining",
+        }
+    }
+
+    /// When the machine must be looked at again (a [`Input::Tick`]) without any other
+    /// input: a slot's deadline, a settling worker, a `tcp` probe, a capacity check, the
+    /// deploy's next step.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let probe = self.needs_probe().next().map(|_| now + TCP_PROBE_INTERVAL);
+        let gens = self
+            .gens
+            .values()
+            .filter_map(|g| g.slots.next_deadline())
+            .min();
+        [
+            gens,
+            probe,
+            self.next_capacity_check,
+            self.deploy_deadline(now),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Generations whose `tcp` ready probe should run.
+    fn needs_probe(&self) -> impl Iterator<Item = GenId> + '_ {
+        let tcp = self.config.ready.check == ReadyCheck::Tcp;
+        self.gens
+            .values()
+            .filter(move |g| tcp && !g.leaving && g.starting())
+            .map(|g| g.id)
+    }
+
+    /// Takes one input at time `now`; returns what to do.
+    pub fn handle(&mut self, input: Input, obs: &dyn Observe, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Worker { generation, input } => {
+                self.worker_input(generation, input, now, &mut out)
+            }
+            Input::ProbeAccepted(g) => self.probe_accepted(g, now, &mut out),
+            Input::ListenersBound { generation, result } => {
+                self.listeners_bound(generation, result, obs, now, &mut out)
+            }
+            Input::Steered {
+                generation,
+                steering,
+                window,
+            } => self.steered(generation, steering, window, &mut out),
+            Input::Tick => self.tick(obs, now, &mut out),
+            Input::Start(client) => {
+                let serving = self.serving;
+                self.hold(client, WaitFor::Settled);
+                self.feed(serving, slots::Input::StartRequested, now, &mut out);
+                self.reply_if_settled(client, &mut out);
+            }
+            Input::Stop { client, why } => self.stop(client, why, now, &mut out),
+            Input::Restart(client) => self.restart(client, now, &mut out),
+            Input::Scale {
+                client,
+                workers,
+                owner,
+            } => self.scale(client, workers, owner, now, &mut out),
+            Input::Deploy { client, release } => {
+                self.request_deploy(client, release, false, obs, now, &mut out)
+            }
+            Input::Rollback(client) => self.request_rollback(client, obs, now, &mut out),
+            Input::Reconfigure(config) => self.reconfigure(*config, obs, now, &mut out),
+            Input::Remove => {
+                self.removing = true;
+                self.stop(None, CancelReason::SiteRemoved, now, &mut out);
+            }
+            Input::ClientGone(client) => {
+                self.waiters.retain(|w| w.client != client);
+                if let Some(d) = &mut self.deploy {
+                    d.clients.retain(|c| *c != client);
+                }
+            }
+        }
+        self.after(obs, now, &mut out);
+        out
+    }
+
+    /// Generations retired, the deploy moved on, the site dropped once removed and stopped.
+    fn after(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
+        let gone: Vec<GenId> = self
+            .gens
+            .values()
+            .filter(|g| g.leaving && g.slots.run == RunState::Stopped && g.id != self.serving)
+            .map(|g| g.id)
+            .collect();
+        for g in gone {
+            self.gens.remove(&g);
+            out.push(Action::Retire(g));
+            self.deploy_progress(Event::Retired(g), out);
+            out.push(Action::Log(Event::Retired(g)));
+        }
+        if self.deploy.is_some() {
+            self.advance_deploy(obs, now, out);
+        }
+        if self.removing && self.is_stopped() && !out.contains(&Action::Dropped) {
+            for w in std::mem::take(&mut self.waiters) {
+                out.push(Action::Reply {
+                    client: w.client,
+                    outcome: Outcome::Done(Done::Removed),
+                });
+            }
+            out.push(Action::Dropped);
+        }
+    }
+
+    // ------------------------------------------------------------ workers
+
+    fn worker_input(&mut self, g: GenId, input: slots::Input, now: Instant, out: &mut Vec<Action>) {
+        let Some(gen_) = self.gens.get_mut(&g) else {
+            return;
+        };
+        match &input {
+            // An exit it was not asked for, or a spawn that failed, counts against the
+            // generation (a deploy rolls back on it).
+            slots::Input::Exited { id, .. } => {
+                let asked = matches!(
+                    gen_.slots.slots.get(id).map(|s| s.phase),
+                    Some(Phase::Stopping { .. })
+                );
+                let live = gen_
+                    .slots
+                    .slots
+                    .get(id)
+                    .is_some_and(|s| s.phase.has_process());
+                if live && !asked {
+                    gen_.crashes += 1;
+                }
+            }
+            slots::Input::SpawnFailed { .. } => gen_.crashes += 1,
+            _ => {}
+        }
+        self.feed(g, input, now, out);
+    }
+
+    fn probe_accepted(&mut self, g: GenId, now: Instant, out: &mut Vec<Action>) {
+        let Some(gen_) = self.gens.get(&g) else {
+            return;
+        };
+        if g != self.serving {
+            out.push(Action::EndProbe(g));
+        }
+        let starting: Vec<Slot> = gen_
+            .slots
+            .slots
+            .values()
+            .filter(|x| matches!(x.phase, Phase::Starting { .. }) && x.pid.is_some())
+            .map(|x| x.id)
+            .collect();
+        for id in starting {
+            self.feed(g, slots::Input::ReadyNotified { id }, now, out);
+        }
+    }
+
+    /// Feeds generation `g`'s slots; their actions become the machine's.
+    fn feed(&mut self, g: GenId, input: slots::Input, now: Instant, out: &mut Vec<Action>) {
+        let Some(gen_) = self.gens.get_mut(&g) else {
+            return;
+        };
+        for action in gen_.slots.handle(input, now) {
+            match action {
+                slots::Action::Spawn(slot) => out.push(Action::Spawn {
+                    generation: g,
+                    slot,
+                }),
+                slots::Action::Signal(slot, signal) => out.push(Action::Signal {
+                    generation: g,
+                    slot,
+                    signal,
+                }),
+                slots::Action::Kill(slot) => out.push(Action::KillTree {
+                    generation: g,
+                    slot,
+                }),
+                slots::Action::Note(note) => self.on_note(g, note, out),
+            }
+        }
+    }
+
+    /// A note of generation `g`'s slots: deploy progress for a generation that does not
+    /// serve; for the serving one, the answer to the clients waiting for it, or progress.
+    fn on_note(&mut self, g: GenId, note: Note, out: &mut Vec<Action>) {
+        if g != self.serving {
+            if matches!(note, Note::Settled | Note::RestartDone) {
+                return;
+            }
+            self.deploy_progress(
+                Event::Worker {
+                    generation: g,
+                    serving: false,
+                    note,
+                },
+                out,
+            );
+            return;
+        }
+        let event = Event::Worker {
+            generation: g,
+            serving: true,
+            note: note.clone(),
+        };
+        if matches!(note, Note::Failed(_)) {
+            out.push(Action::Log(event.clone()));
+        }
+        let mut keep = Vec::new();
+        for w in std::mem::take(&mut self.waiters) {
+            let outcome = match (w.until, &note) {
+                (WaitFor::Stopped, Note::AllStopped) => Some(Outcome::Done(Done::Stopped)),
+                (WaitFor::Settled, Note::Settled) => Some(Outcome::Done(Done::Settled)),
+                (WaitFor::RestartDone, Note::RestartDone) => Some(Outcome::Done(Done::Restarted)),
+                (WaitFor::Settled | WaitFor::RestartDone, Note::Failed(_)) => {
+                    Some(Outcome::Failed(Failure::SiteFailed(note.clone())))
+                }
+                // A worker that dies right after it started (or became ready) is not a
+                // success, whatever the count looked like a moment before.
+                (WaitFor::Settled | WaitFor::RestartDone, Note::Crashed(..)) => {
+                    Some(Outcome::Failed(Failure::WorkerDied(note.clone())))
+                }
+                (WaitFor::RestartDone, Note::RestartFailed(_)) => {
+                    Some(Outcome::Failed(Failure::RestartStopped(note.clone())))
+                }
+                _ => None,
+            };
+            match outcome {
+                Some(outcome) => out.push(Action::Reply {
+                    client: w.client,
+                    outcome,
+                }),
+                None => keep.push(w),
+            }
+        }
+        self.waiters = keep;
+        let watching: Vec<ClientId> = self.waiters.iter().map(|w| w.client).collect();
+        if !watching.is_empty() {
+            out.push(Action::Progress {
+                clients: watching,
+                event,
+            });
+        }
+    }
+
+    fn hold(&mut self, client: ClientId, until: WaitFor) {
+        self.waiters.push(Waiter { client, until });
+    }
+
+    /// `Settled` is only noted on a change: answer a client whose wish already holds.
+    fn reply_if_settled(&mut self, client: ClientId, out: &mut Vec<Action>) {
+        let waiting = self.waiters.iter().any(|w| w.client == client);
+        if waiting && self.current().slots.is_settled() {
+            self.waiters.retain(|w| w.client != client);
+            out.push(Action::Reply {
+                client,
+                outcome: Outcome::Done(Done::Settled),
+            });
+        }
+    }
+
+    // ------------------------------------------------------------ operators
+
+    fn stop(
+        &mut self,
+        client: Option<ClientId>,
+        why: CancelReason,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        if self.is_stopped() {
+            if let Some(client) = client {
+                out.push(Action::Reply {
+                    client,
+                    outcome: Outcome::Done(Done::AlreadyStopped),
+                });
+            }
+            return;
+        }
+        self.cancel_deploys(why, now, out);
+        if let Some(client) = client {
+            self.hold(client, WaitFor::Stopped);
+        }
+        let gens: Vec<GenId> = self.gens.keys().copied().collect();
+        for g in gens {
+            self.feed(g, slots::Input::StopRequested, now, out);
+        }
+    }
+
+    fn restart(&mut self, client: ClientId, now: Instant, out: &mut Vec<Action>) {
+        if let Some(busy) = self.deploy_busy() {
+            return out.push(Action::Reply {
+                client,
+                outcome: Outcome::Failed(busy),
+            });
+        }
+        let serving = self.serving;
+        if self.current().slots.run == RunState::Stopped {
+            self.hold(client, WaitFor::Settled);
+            self.feed(serving, slots::Input::StartRequested, now, out);
+            self.reply_if_settled(client, out);
+        } else {
+            self.hold(client, WaitFor::RestartDone);
+            self.feed(serving, slots::Input::RestartRequested, now, out);
+        }
+    }
+
+    fn scale(
+        &mut self,
+        client: ClientId,
+        workers: u32,
+        owner: Option<u32>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let refuse = |failure| Action::Reply {
+            client,
+            outcome: Outcome::Failed(failure),
+        };
+        if let Some(busy) = self.deploy_busy() {
+            return out.push(refuse(busy));
+        }
+        if workers > crate::config::MAX_WORKERS {
+            return out.push(refuse(Failure::TooManyWorkers(workers)));
+        }
+        // A site's owner may scale up to what its configuration allows; more is root's
+        // decision (and the memory cap bounds everyone).
+        let allowed = self.config.auto.map_or(self.config.workers, |a| a.max);
+        if let Some(uid) = owner.filter(|_| workers > allowed) {
+            return out.push(refuse(Failure::BeyondOwnersLimit {
+                uid,
+                allowed,
+                auto: self.config.auto.is_some(),
+            }));
+        }
+        self.requested = workers;
+        let cap = self.capacity.filter(|c| c.workers < workers);
+        let target = match (self.config.auto, cap) {
+            (_, Some(c)) => c.workers.min(workers),
+            // Automatic sites grow toward the request one worker at a time.
+            (Some(a), None) => self.current().slots.desired.max(a.min).min(workers),
+            (None, None) => workers,
+        };
+        if let Some(c) = cap {
+            out.push(Action::Progress {
+                clients: vec![client],
+                event: Event::Capped(c),
+            });
+        }
+        let serving = self.serving;
+        if self.current().slots.run == RunState::Stopped {
+            self.feed(serving, slots::Input::ScaleRequested(target), now, out);
+            return out.push(Action::Reply {
+                client,
+                outcome: Outcome::Done(Done::WhenStarted(target)),
+            });
+        }
+        self.hold(client, WaitFor::Settled);
+        self.feed(serving, slots::Input::ScaleRequested(target), now, out);
+        self.reply_if_settled(client, out);
+    }
+
+    // ------------------------------------------------------------ time
+
+    fn tick(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
+        let due: Vec<GenId> = self
+            .gens
+            .values()
+            .filter(|g| g.slots.next_deadline().is_some_and(|d| d <= now))
+            .map(|g| g.id)
+            .collect();
+        for g in due {
+            self.feed(g, slots::Input::DeadlineReached, now, out);
+        }
+        // The deploy is looked at after every input anyway (see `after`).
+        let probing: Vec<GenId> = self.needs_probe().collect();
+        for g in probing {
+            out.push(Action::Probe(g));
+        }
+        if self.next_capacity_check.is_some_and(|d| d <= now) {
+            self.refresh_capacity(obs, now, out);
+        }
+    }
+
+    /// Re-derives a budgeted site's cap from its workers' measured memory and moves the
+    /// desired count toward it (automatic sites grow one worker per check).
+    fn refresh_capacity(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
+        let Some(budget) = self.config.limits.memory else {
+            return;
+        };
+        if self.deploy.is_some() {
+            // The deploy plan moves workers between generations; measure afterwards.
+            self.next_capacity_check = Some(now + capacity::SETTLE);
+            return;
+        }
+        let cur = self.current();
+        let running: Vec<(Slot, Instant)> = cur
+            .slots
+            .slots
+            .values()
+            .filter(|s| s.pid.is_some())
+            .filter_map(|s| s.started.map(|t| (s.id, t)))
+            .collect();
+        let settled: Vec<Slot> = running
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(*t) >= capacity::SETTLE)
+            .map(|(s, _)| *s)
+            .collect();
+        let measured = if settled.is_empty() {
+            None
+        } else {
+            obs.measured_memory(cur.id, &settled)
+        };
+        let cap = capacity::capacity(
+            budget,
+            self.config.limits.worker_estimate(),
+            measured,
+            self.requested,
+        );
+        let desired = cur.slots.desired;
+        let newest_settled = settled.len() == running.len();
+        // Memory still growing (a worker still warming up) would under-estimate the
+        // per-worker figure: only grow once the peak held within 5% since the last check.
+        let stable = match (measured, self.last_peak) {
+            (Some(now_peak), Some(before)) => now_peak <= before.saturating_add(before / 20),
+            _ => false,
+        };
+        let core = &cur.slots;
+        let settled = newest_settled
+            && stable
+            && core.slots.len() == desired as usize
+            && core.ready() == desired as usize
+            && core.run == RunState::Running;
+        self.last_peak = measured;
+        self.capacity = cap;
+        let target = match (self.config.auto, cap) {
+            (Some(a), Some(c)) => {
+                capacity::auto_step(desired, c.workers.min(self.requested), a.min, settled)
+            }
+            (None, Some(c)) => Some(self.requested.min(c.workers)).filter(|t| *t != desired),
+            (_, None) => None,
+        };
+        let growing = self.config.auto.is_some()
+            && cap.is_some_and(|c| desired < c.workers.min(self.requested));
+        self.next_capacity_check = Some(
+            now + if growing {
+                capacity::SETTLE
+            } else {
+                capacity::SETTLE * 5
+            },
+        );
+        if let Some(t) = target {
+            if let Some(capacity) = cap {
+                out.push(Action::Log(Event::Resized {
+                    from: desired,
+                    to: t,
+                    capacity,
+                }));
+            }
+            let serving = self.serving;
+            self.feed(serving, slots::Input::ScaleRequested(t), now, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A world where nothing is measured, every queue is empty, releases resolve to
+    /// themselves and probes can reach a generation alone.
+    pub(super) struct Quiet;
+
+    impl Observe for Quiet {
+        fn resolve_release(
+            &self,
+            site: &SiteConfig,
+            asked: Option<&Path>,
+        ) -> Result<Option<PathBuf>, String> {
+            Ok(asked
+                .map(Path::to_path_buf)
+                .or_else(|| site.release.clone()))
+        }
+        fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+            None
+        }
+        fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+            true
+        }
+        fn probe_alone(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    pub(super) fn site(extra: &str) -> SiteConfig {
+        let text = format!("name = \"web\"\ncommand = [\"/bin/true\"]\n{extra}");
+        let raw: crate::config::RawSite = toml::from_str(&text).expect("toml");
+        crate::config::validate_site(
+            Path::new("/etc/hatchery/sites.d/web.toml"),
+            &raw,
+            crate::config::LogPolicy::default(),
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn start_waits_for_every_worker_to_settle() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site("workers = 2\n"), None, None, t);
+        let a = m.handle(Input::Start(ClientId(7)), &Quiet, t);
+        let spawns: Vec<&Action> = a
+            .iter()
+            .filter(|x| matches!(x, Action::Spawn { .. }))
+            .collect();
+        assert_eq!(spawns.len(), 2);
+        for slot in [Slot(0), Slot(1)] {
+            let a = m.handle(
+                Input::Worker {
+                    generation: GenId(1),
+                    input: slots::Input::Spawned {
+                        id: slot,
+                        pid: 10 + i32::from(slot.0 == 1),
+                    },
+                },
+                &Quiet,
+                t,
+            );
+            assert!(
+                !a.iter().any(|x| matches!(x, Action::Reply { .. })),
+                "{a:?}"
+            );
+        }
+        let later = t + Duration::from_secs(1);
+        let a = m.handle(Input::Tick, &Quiet, later);
+        assert!(
+            a.contains(&Action::Reply {
+                client: ClientId(7),
+                outcome: Outcome::Done(Done::Settled)
+            }),
+            "{a:?}"
+        );
+    }
+}

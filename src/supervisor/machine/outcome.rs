@@ -1,0 +1,291 @@
+//! What a site machine tells: progress and history as [`Event`]s, answers to clients as
+//! [`Outcome`]s. Typed, not worded: the event loop and the CLI turn them into text.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::supervisor::capacity::Capacity;
+use crate::supervisor::ids::{GenId, Slot};
+use crate::supervisor::slots::{ExitReason, Note};
+
+/// How new connections reach a generation after a flip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steering {
+    /// The eBPF program's map now names the generation's listeners.
+    Ebpf,
+    /// The generations share their listeners.
+    Shared,
+}
+
+/// Something that happened to a site.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A worker slot of a generation (or the generation as a whole: all stopped, settled,
+    /// restart done).
+    Worker {
+        /// The generation.
+        generation: GenId,
+        /// Whether it serves (its notes are the site's state; the others', deploy
+        /// progress).
+        serving: bool,
+        /// What happened.
+        note: Note,
+    },
+    /// `scale` asked for more than the memory cap holds.
+    Capped(Capacity),
+    /// The cap (or `workers = "auto"`) moved the serving generation's count.
+    Resized {
+        /// Workers before.
+        from: u32,
+        /// Workers now.
+        to: u32,
+        /// The cap that decided it.
+        capacity: Capacity,
+    },
+    /// The configured count does not fit the budget at start.
+    DoesNotFit {
+        /// The configured count.
+        requested: u32,
+        /// The cap.
+        capacity: Capacity,
+    },
+    /// A deploy starts a new generation beside the serving one.
+    DeployBegins {
+        /// The new generation.
+        to: GenId,
+        /// The serving one.
+        from: GenId,
+        /// The release deployed.
+        release: Option<PathBuf>,
+        /// Workers the new generation ends up with.
+        target: u32,
+        /// Most workers of both together.
+        cap: Option<u32>,
+    },
+    /// A deploy waits for the one under way.
+    DeployQueued {
+        /// The generation being deployed now.
+        behind: GenId,
+        /// Deploys ahead of this one.
+        ahead: usize,
+    },
+    /// The new generation is asked for more workers.
+    NewGrows {
+        /// It.
+        generation: GenId,
+        /// Workers now asked for.
+        workers: u32,
+        /// Workers it ends up with.
+        target: u32,
+    },
+    /// The old generation gives up a worker to make room.
+    OldShrinks {
+        /// It.
+        generation: GenId,
+        /// Workers it keeps.
+        workers: u32,
+        /// The generation the room is for.
+        for_generation: GenId,
+    },
+    /// Every new worker is ready: probation begins.
+    ProbationBegins {
+        /// The new generation.
+        generation: GenId,
+        /// Its ready workers.
+        ready: u32,
+        /// How long.
+        period: Duration,
+    },
+    /// New connections go to the new generation.
+    Flipped {
+        /// The old generation (it drains).
+        from: GenId,
+        /// The new one.
+        to: GenId,
+        /// How.
+        steering: Steering,
+    },
+    /// The old generation is told to stop.
+    OldStops {
+        /// It.
+        generation: GenId,
+        /// Whether its queues were empty (else the stop timeout passed).
+        drained: bool,
+    },
+    /// A generation's last worker is gone.
+    Retired(GenId),
+    /// A deploy went through (for the agent's log).
+    Deployed {
+        /// The new generation.
+        generation: GenId,
+        /// How long it took.
+        took: Duration,
+    },
+    /// A deploy was rolled back, or steered back (for the agent's log).
+    RolledBack {
+        /// The generation stopped.
+        generation: GenId,
+        /// Why.
+        reason: RollbackReason,
+        /// Whether the old generation had been flipped from and now serves again.
+        steered_back: bool,
+    },
+}
+
+/// The answer to a client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// It went through.
+    Done(Done),
+    /// It did not.
+    Failed(Failure),
+}
+
+/// What went through.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Done {
+    /// The site runs its workers, each ready for `ready.settle`.
+    Settled,
+    /// Every worker stopped.
+    Stopped,
+    /// Nothing ran.
+    AlreadyStopped,
+    /// Every worker was restarted.
+    Restarted,
+    /// The site is stopped: this many workers when it starts.
+    WhenStarted(u32),
+    /// A deploy: the new generation serves, the old one retired.
+    Deployed {
+        /// The new generation.
+        to: GenId,
+        /// The retired one.
+        from: GenId,
+        /// Its release.
+        release: Option<PathBuf>,
+        /// How long it took.
+        took: Duration,
+    },
+    /// `rollback` of a deploy that had not flipped.
+    RolledBack {
+        /// The generation that serves (it always did).
+        from: GenId,
+        /// The one stopped.
+        to: GenId,
+    },
+    /// `rollback` while the old generation drained: it serves again.
+    SteeredBack {
+        /// The generation that serves again.
+        from: GenId,
+        /// The one stopped.
+        to: GenId,
+    },
+    /// The site was removed from the configuration.
+    Removed,
+}
+
+/// Why not.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// A worker flapped or could not start: the site is failed.
+    SiteFailed(Note),
+    /// A worker died right after it started (or became ready).
+    WorkerDied(Note),
+    /// A rolling restart stopped at a worker that did not stay up.
+    RestartStopped(Note),
+    /// A deploy is under way.
+    DeployUnderWay {
+        /// Its new generation.
+        to: GenId,
+        /// Its stage's name.
+        stage: &'static str,
+    },
+    /// More workers than any site may have.
+    TooManyWorkers(u32),
+    /// More workers than the site's owner may ask for.
+    BeyondOwnersLimit {
+        /// Who asked.
+        uid: u32,
+        /// What the configuration allows.
+        allowed: u32,
+        /// Whether that is `workers_max` (else the configured count).
+        auto: bool,
+    },
+    /// `ready.check = "tcp"` cannot reach a new generation alone here.
+    ProbeNeedsSteering(String),
+    /// The site is stopped.
+    Stopped,
+    /// The site runs no workers.
+    NoWorkers,
+    /// The cap leaves no room for a second generation.
+    NoRoom(u32),
+    /// The release (or the new listeners) could not be had.
+    CannotDeploy(String),
+    /// The deploy was rolled back; the old generation serves.
+    RolledBack {
+        /// Why.
+        reason: RollbackReason,
+        /// The generation that serves.
+        from: GenId,
+    },
+    /// After the flip, the deploy was steered back; the old generation serves again.
+    SteeredBack {
+        /// Why.
+        reason: RollbackReason,
+        /// The generation that serves again.
+        from: GenId,
+    },
+    /// The new generation serves, but one of its workers died once the old one was told
+    /// to stop.
+    DoneWithCrashes {
+        /// The new generation.
+        to: GenId,
+        /// The retired one.
+        from: GenId,
+        /// Which worker and how it ended.
+        exit: Option<(Slot, ExitReason)>,
+    },
+    /// The deploy was cancelled.
+    Cancelled(CancelReason),
+    /// `rollback` with nothing recorded to return to.
+    NoPreviousRelease,
+}
+
+/// Why a deploy was rolled back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RollbackReason {
+    /// A new worker exited (or could not start).
+    Crashed {
+        /// The new generation.
+        generation: GenId,
+        /// Which worker and how, when known.
+        exit: Option<(Slot, ExitReason)>,
+        /// Whether it was after the flip.
+        after_flip: bool,
+    },
+    /// Not every new worker was ready in time.
+    NotReady {
+        /// The new generation.
+        generation: GenId,
+        /// `ready.timeout`.
+        timeout: Duration,
+        /// Ready workers.
+        ready: u32,
+        /// Workers asked for.
+        desired: u32,
+    },
+    /// An operator asked (`rollback`).
+    OnRequest(GenId),
+    /// The site stopped, was removed, or the agent is stopping.
+    Cancelled(CancelReason),
+}
+
+/// Why deploys were cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The site was stopped.
+    SiteStopped,
+    /// The site was removed from the configuration.
+    SiteRemoved,
+    /// The agent is shutting down.
+    AgentStopping,
+}

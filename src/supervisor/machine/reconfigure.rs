@@ -1,0 +1,74 @@
+//! A reload that changed a site: what the new configuration means for what runs.
+//!
+//! Only `workers` changed: the site scales. Anything else: the new policies apply, and
+//! the serving generation's workers restart one at a time (a rolling restart, which stops
+//! at a worker that does not stay up). Changed limits are written to the cgroups; with a
+//! budget, the cap decides how many of the requested workers run. The loop binds what is
+//! new (listeners) before, and refuses the whole reload when any site cannot take it
+//! ([`SiteMachine::reconfigure_refusal`]), so nothing here can fail.
+
+use std::time::Instant;
+
+use super::{Action, Failure, Observe, SiteMachine, policies};
+use crate::config::SiteConfig;
+use crate::supervisor::slots;
+
+impl SiteMachine {
+    /// Why the site cannot take `new` now (a deploy under way, or a generation still
+    /// draining), if it cannot.
+    pub fn reconfigure_refusal(&self, new: &SiteConfig) -> Option<Failure> {
+        if self.config == *new {
+            return None;
+        }
+        if let Some(busy) = self.deploy_busy() {
+            return Some(busy);
+        }
+        (self.gens.len() > 1).then(|| Failure::DeployUnderWay {
+            to: self.current().id,
+            stage: "draining",
+        })
+    }
+
+    pub(super) fn reconfigure(
+        &mut self,
+        config: SiteConfig,
+        obs: &dyn Observe,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        if self.config == config {
+            return;
+        }
+        let only_count = SiteConfig {
+            workers: self.config.workers,
+            ..config.clone()
+        } == self.config;
+        let limits_changed = self.config.limits != config.limits;
+        let workers = config.workers;
+        let serving = self.serving;
+        if let Some(cur) = self.gens.get_mut(&serving) {
+            cur.slots.policies = policies(&config);
+            cur.config = match &cur.release {
+                Some(r) => config.for_release(r),
+                None => config.clone(),
+            };
+        }
+        self.config = config;
+        self.requested = workers;
+        if self.config.limits.memory.is_some() && self.next_capacity_check.is_none() {
+            self.next_capacity_check = Some(now);
+        }
+        if limits_changed {
+            out.push(Action::ApplyLimits);
+        }
+        if self.config.limits.memory.is_some() {
+            // The cap decides how many of the requested workers run.
+            self.refresh_capacity(obs, now, out);
+        } else {
+            self.feed(serving, slots::Input::ScaleRequested(workers), now, out);
+        }
+        if !only_count {
+            self.feed(serving, slots::Input::RestartRequested, now, out);
+        }
+    }
+}
