@@ -31,20 +31,20 @@ impl Agent {
             .sites
             .get_mut(name)
             .expect("the sandbox is asked for a site that exists");
-        if let Some(p) = &site.sandbox {
+        if let Some(p) = &site.io.sandbox {
             return Ok(p.plan.clone());
         }
-        let prepared = crate::sandbox::prepare(&site.config, privileged)?;
+        let prepared = crate::sandbox::prepare(site.config(), privileged)?;
         for line in prepared.not_enforced() {
             warn!(site = %name, "not enforced: {line}");
             let record = format!(
                 "{} hatchery: sandbox not enforced: {line}\n",
                 crate::logs::utc_timestamp(std::time::SystemTime::now())
             );
-            let _ = site.log.append(record.as_bytes());
+            let _ = site.io.log.append(record.as_bytes());
         }
         let plan = prepared.plan.clone();
-        site.sandbox = Some(prepared);
+        site.io.sandbox = Some(prepared);
         Ok(plan)
     }
 }
@@ -112,7 +112,7 @@ impl Agent {
         let plan = self.site_sandbox(name).map_err(|e| e.to_string())?;
         let site = self.sites.get(name).expect("looked up above");
         // The serving generation's configuration: its release fills `{release}`.
-        let config = &site.cur().config;
+        let config = &site.machine.current().config;
         if let Some(root) = &config.sandbox.root {
             crate::sandbox::check_root_path(root).map_err(|e| SandboxError::Root(e).to_string())?;
         }
@@ -152,7 +152,7 @@ impl Agent {
                 tree,
                 graveyard,
                 site: name.as_str(),
-                generation: site.serving,
+                generation: site.machine.serving().0,
                 name: format!("exec-{}", self.next_exec),
                 limits: None,
             }),

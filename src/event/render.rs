@@ -228,7 +228,11 @@ pub fn deploy_record(
 ) -> crate::status::DeployRecord {
     let reason = end.reason.as_ref().map(|r| {
         if end.steered_back {
-            format!("{}; gen-{} serves again", rollback_reason(r, true), end.from)
+            format!(
+                "{}; gen-{} serves again",
+                rollback_reason(r, true),
+                end.from
+            )
         } else {
             rollback_reason(r, false)
         }
@@ -313,10 +317,7 @@ fn failure(site: &SiteName, f: &Failure) -> (ErrorKind, String) {
         ),
         Failure::TooManyWorkers(n) => (
             ErrorKind::BadRequest,
-            format!(
-                "{n} workers is too many: use 0 to {}",
-                config::MAX_WORKERS
-            ),
+            format!("{n} workers is too many: use 0 to {}", config::MAX_WORKERS),
         ),
         Failure::BeyondOwnersLimit { uid, allowed, auto } => (
             ErrorKind::Refused,
@@ -349,10 +350,7 @@ fn failure(site: &SiteName, f: &Failure) -> (ErrorKind, String) {
                 "site {site} has room for {c} worker: a deploy needs room for one more beside the serving generation"
             ),
         ),
-        Failure::CannotDeploy(e) => (
-            ErrorKind::Failed,
-            format!("cannot deploy site {site}: {e}"),
-        ),
+        Failure::CannotDeploy(e) => (ErrorKind::Failed, format!("cannot deploy site {site}: {e}")),
         Failure::RolledBack { reason, from } => (
             ErrorKind::RolledBack,
             format!(
@@ -362,10 +360,7 @@ fn failure(site: &SiteName, f: &Failure) -> (ErrorKind, String) {
         ),
         Failure::SteeredBack { reason, from } => (
             ErrorKind::RolledBack,
-            format!(
-                "{}; gen-{from} serves again",
-                rollback_reason(reason, true)
-            ),
+            format!("{}; gen-{from} serves again", rollback_reason(reason, true)),
         ),
         Failure::DoneWithCrashes { to, from, exit } => (
             ErrorKind::Failed,

@@ -211,14 +211,14 @@ impl RunState {
 pub enum Input {
     /// The slot's process was created.
     Spawned {
-        /// SlotState.
+        /// The slot.
         id: Slot,
         /// Its pid.
         pid: i32,
     },
     /// The slot's process could not be created; `permanent` when retrying cannot help.
     SpawnFailed {
-        /// SlotState.
+        /// The slot.
         id: Slot,
         /// Why.
         error: String,
@@ -227,19 +227,19 @@ pub enum Input {
     },
     /// The slot's process ended.
     Exited {
-        /// SlotState.
+        /// The slot.
         id: Slot,
         /// How.
         reason: ExitReason,
     },
     /// The slot's process reported readiness.
     ReadyNotified {
-        /// SlotState.
+        /// The slot.
         id: Slot,
     },
     /// The slot's process reported that it is busy (`BUSY=1`) or idle (`BUSY=0`).
     BusyReported {
-        /// SlotState.
+        /// The slot.
         id: Slot,
         /// Busy or idle.
         busy: bool,

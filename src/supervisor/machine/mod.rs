@@ -153,8 +153,9 @@ pub enum Input {
     },
     /// Time passed: deadlines at or before `now` fire.
     Tick,
-    /// Run the site (clears `failed`).
-    Start(ClientId),
+    /// Run the site (clears `failed`); the client, if any, waits until every worker is
+    /// ready.
+    Start(Option<ClientId>),
     /// Stop every worker (a client waits, or the agent stops or the site goes).
     Stop {
         /// Who waits, if anyone.
@@ -392,6 +393,16 @@ impl SiteMachine {
         self.capacity
     }
 
+    /// A client went away (or was answered by other means): it waits for nothing any
+    /// more. The same as [`Input::ClientGone`], which has no actions, for a caller in the
+    /// middle of carrying out others.
+    pub fn forget_client(&mut self, client: ClientId) {
+        self.waiters.retain(|w| w.client != client);
+        if let Some(d) = &mut self.deploy {
+            d.clients.retain(|c| *c != client);
+        }
+    }
+
     /// Whether no generation has a process or anything left to do.
     pub fn is_stopped(&self) -> bool {
         self.gens.values().all(|g| g.slots.run == RunState::Stopped)
@@ -457,9 +468,13 @@ impl SiteMachine {
             Input::Tick => self.tick(obs, now, &mut out),
             Input::Start(client) => {
                 let serving = self.serving;
-                self.hold(client, WaitFor::Settled);
+                if let Some(c) = client {
+                    self.hold(c, WaitFor::Settled);
+                }
                 self.feed(serving, slots::Input::StartRequested, now, &mut out);
-                self.reply_if_settled(client, &mut out);
+                if let Some(c) = client {
+                    self.reply_if_settled(c, &mut out);
+                }
             }
             Input::Stop { client, why } => self.stop(client, why, now, &mut out),
             Input::Restart(client) => self.restart(client, now, &mut out),
@@ -477,12 +492,7 @@ impl SiteMachine {
                 self.removing = true;
                 self.stop(None, CancelReason::SiteRemoved, now, &mut out);
             }
-            Input::ClientGone(client) => {
-                self.waiters.retain(|w| w.client != client);
-                if let Some(d) = &mut self.deploy {
-                    d.clients.retain(|c| *c != client);
-                }
-            }
+            Input::ClientGone(client) => self.forget_client(client),
         }
         self.after(obs, now, &mut out);
         out
@@ -915,7 +925,7 @@ mod tests {
     fn start_waits_for_every_worker_to_settle() {
         let t = Instant::now();
         let (mut m, _) = SiteMachine::new(site("workers = 2\n"), None, None, t);
-        let a = m.handle(Input::Start(ClientId(7)), &Quiet, t);
+        let a = m.handle(Input::Start(Some(ClientId(7))), &Quiet, t);
         let spawns: Vec<&Action> = a
             .iter()
             .filter(|x| matches!(x, Action::Spawn { .. }))

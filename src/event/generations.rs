@@ -1,0 +1,399 @@
+//! The kernel's side of generations: their listeners (bound beside the serving
+//! generation's, or shared), the eBPF steering that decides which generation new
+//! connections reach, the `tcp` ready probe that reaches a new generation alone, and the
+//! files that outlive the agent (the previous release of each site).
+//!
+//! What to do and when is the site machine's (`supervisor::machine`); these functions
+//! carry out its [`Action`](crate::supervisor::machine::Action)s on a site's [`SiteIo`].
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tracing::{debug, error, warn};
+
+use super::sites::{GenIo, SiteIo};
+use crate::config::{self, ListenAddr, SiteName};
+use crate::net::Listener;
+use crate::steering::{Steering as Program, SteeringSupport};
+use crate::supervisor::ids::GenId;
+use crate::supervisor::machine::Steering;
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the clock Rust's `Instant` reads on Linux).
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+}
+
+/// Attaches eBPF steering to each TCP listener's reuseport group where the kernel allows
+/// it, steering it to that listener; `None` entries use the shared-listener fallback.
+pub(super) fn attach_steering(
+    support: &SteeringSupport,
+    site: &SiteName,
+    listeners: &[Listener],
+) -> Vec<Option<Program>> {
+    listeners
+        .iter()
+        .map(|l| {
+            if matches!(support, SteeringSupport::Unavailable(_))
+                || !matches!(l.spec.addr, ListenAddr::Tcp(_))
+            {
+                return None;
+            }
+            let attached = Program::attach(l.fd.as_fd()).and_then(|mut s| {
+                s.steer_to(l.fd.as_fd())?;
+                Ok(s)
+            });
+            match attached {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    warn!(site = %site, "no eBPF steering for {} (generations share its listener): {e}", l.spec.addr);
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// How connections reach the serving generation, for `status`.
+pub(super) fn steering_mode(io: &SiteIo) -> &'static str {
+    if io.steering.iter().any(Option::is_some) {
+        "ebpf"
+    } else {
+        "shared listener"
+    }
+}
+
+/// Whether the site's first TCP listener is steered, so that a `tcp` ready check can
+/// reach a new generation alone; why not, if not.
+pub(super) fn probe_alone(
+    io: &SiteIo,
+    serving: GenId,
+    support: &SteeringSupport,
+) -> Result<(), String> {
+    let steered = io.gens.get(&serving).is_some_and(|g| {
+        g.listeners
+            .iter()
+            .position(|l| matches!(l.spec.addr, ListenAddr::Tcp(_)))
+            .is_some_and(|i| io.steering.get(i).is_some_and(Option::is_some))
+    });
+    if steered {
+        return Ok(());
+    }
+    Err(match support {
+        SteeringSupport::Unavailable(why) => format!("unavailable: {why}"),
+        _ => "it could not be attached to that listener, see the agent's log".into(),
+    })
+}
+
+/// Binds (or shares) the listeners of a new generation beside `serving`'s: a new
+/// `SO_REUSEPORT` socket per steered TCP address, the serving generation's socket (a
+/// duplicate of its fd) for the rest.
+pub(super) fn bind_beside(
+    io: &SiteIo,
+    serving: GenId,
+    uid: u32,
+    gid: u32,
+) -> Result<Vec<Listener>, String> {
+    let Some(cur) = io.gens.get(&serving) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (i, l) in cur.listeners.iter().enumerate() {
+        let steered = matches!(l.spec.addr, ListenAddr::Tcp(_))
+            && io.steering.get(i).is_some_and(Option::is_some);
+        let fresh = if steered {
+            Listener::bind_beside(&l.spec, uid, gid)
+                .map_err(|e| format!("{e}: {}", super::error_chain(&e)))?
+        } else {
+            Listener {
+                spec: l.spec.clone(),
+                fd: l
+                    .fd
+                    .try_clone()
+                    .map_err(|e| format!("failed to share {}: {e}", l.spec.addr))?,
+            }
+        };
+        out.push(fresh);
+    }
+    Ok(out)
+}
+
+/// Whether two listeners are one socket (shared between generations).
+fn same_socket(a: &Listener, b: &Listener) -> bool {
+    let (Ok(x), Ok(y)) = (
+        rustix::fs::fstat(a.fd.as_fd()),
+        rustix::fs::fstat(b.fd.as_fd()),
+    ) else {
+        return false;
+    };
+    x.st_ino == y.st_ino && x.st_dev == y.st_dev
+}
+
+/// Whether the accept queues of `old`'s own listeners are empty. Only listeners of their
+/// own (steered away from) can drain; shared ones are served by the new generation as
+/// soon as the old one stops accepting.
+pub(super) fn queues_empty(io: &SiteIo, old: GenId, new: GenId) -> bool {
+    match (io.gens.get(&old), io.gens.get(&new)) {
+        (Some(old), Some(new)) => old
+            .listeners
+            .iter()
+            .zip(&new.listeners)
+            .all(|(o, n)| same_socket(o, n) || o.queued().is_none_or(|q| q == 0)),
+        _ => true,
+    }
+}
+
+/// Points every steered address of the site at generation `to`'s listeners; returns how,
+/// and `CLOCK_MONOTONIC` just before and after (a connection the kernel placed before
+/// the first went to the old generation, one placed after the second to the new one).
+pub(super) fn steer(io: &mut SiteIo, site: &SiteName, to: GenId) -> (Steering, [u64; 2]) {
+    let before = monotonic_ns();
+    let mut any = false;
+    if let Some(g) = io.gens.get(&to) {
+        for (i, steering) in io.steering.iter_mut().enumerate() {
+            let (Some(st), Some(l)) = (steering.as_mut(), g.listeners.get(i)) else {
+                continue;
+            };
+            if let Err(e) = st.steer_to(l.fd.as_fd()) {
+                error!(site = %site, gen = to.0, "failed to steer {}: {e}", l.spec.addr);
+            } else {
+                any = true;
+            }
+        }
+    }
+    let window = [before, monotonic_ns()];
+    let how = if any {
+        Steering::Ebpf
+    } else {
+        Steering::Shared
+    };
+    (how, window)
+}
+
+/// Ends the steering probe of a generation that goes (its probe socket with it).
+pub(super) fn end_probe(io: &mut SiteIo, site: &SiteName, g: GenId) {
+    let probing = io
+        .gens
+        .get_mut(&g)
+        .is_some_and(|x| x.tcp_probe.take().is_some());
+    if !probing {
+        return;
+    }
+    for st in io.steering.iter_mut().flatten() {
+        if let Err(e) = st.clear_probe() {
+            warn!(site = %site, "failed to clear the steering probe: {e}");
+        }
+    }
+}
+
+/// The `tcp` ready check of generation `g`: a probe connection to its first TCP listener
+/// is made; once that listener's accept queue no longer holds it (a worker accepted it),
+/// returns true: every starting worker of `g` counts as ready. A generation that is not
+/// serving yet is reached through the steering program's probe entry, from the port the
+/// probe socket was bound to; nothing else reaches it before the flip.
+pub(super) fn tcp_probe(io: &mut SiteIo, site: &SiteName, g: GenId, serving: GenId) -> bool {
+    let Some((index, addr)) = io.gens.get(&g).and_then(|gen_| {
+        gen_.listeners
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| match l.spec.addr {
+                ListenAddr::Tcp(a) => Some((i, a)),
+                ListenAddr::Unix(_) => None,
+            })
+    }) else {
+        return false;
+    };
+    let SiteIo { gens, steering, .. } = io;
+    let Some(gen_) = gens.get_mut(&g) else {
+        return false;
+    };
+    let accepted = match &gen_.tcp_probe {
+        None => {
+            let st = if g == serving {
+                None
+            } else {
+                match steering.get_mut(index).and_then(Option::as_mut) {
+                    Some(st) => Some(st),
+                    None => {
+                        // Refused when the deploy is asked for; nothing to probe here.
+                        debug!(site = %site, gen = g.0, "tcp ready probe: no steering");
+                        return false;
+                    }
+                }
+            };
+            match start_tcp_probe(loopback_for(addr), st, gen_.listeners[index].fd.as_fd()) {
+                Ok(sock) => gen_.tcp_probe = Some((sock, Instant::now())),
+                Err(e) => debug!(site = %site, gen = g.0, "tcp ready probe: {e}"),
+            }
+            false
+        }
+        Some((sock, _)) => {
+            if rustix::net::getpeername(sock).is_err() {
+                // Not connected yet, or refused: look again (or start over) next tick.
+                if sock.take_error().ok().flatten().is_some() {
+                    gen_.tcp_probe = None;
+                }
+                false
+            } else {
+                gen_.listeners[index].queued() == Some(0)
+            }
+        }
+    };
+    if accepted {
+        gen_.tcp_probe = None;
+        if g != serving {
+            if let Some(st) = steering.get_mut(index).and_then(Option::as_mut) {
+                if let Err(e) = st.clear_probe() {
+                    warn!(site = %site, gen = g.0, "failed to clear the steering probe: {e}");
+                }
+            }
+        }
+    }
+    accepted
+}
+
+/// Connects a non-blocking probe socket to `target`; with `steering`, its connection goes
+/// to `listener` (a generation that is not serving yet) through the probe entry.
+fn start_tcp_probe(
+    target: SocketAddr,
+    steering: Option<&mut Program>,
+    listener: BorrowedFd<'_>,
+) -> Result<TcpStream, String> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let (family, any): (AddressFamily, SocketAddr) = if target.is_ipv4() {
+        (
+            AddressFamily::INET,
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        )
+    } else {
+        (
+            AddressFamily::INET6,
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        )
+    };
+    let sock = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    if let Some(st) = steering {
+        // The port is chosen at bind, so the probe entry can name it before the SYN.
+        rustix::net::bind(&sock, &any).map_err(|e| format!("bind: {e}"))?;
+        let local = rustix::net::getsockname(&sock).map_err(|e| format!("getsockname: {e}"))?;
+        let port = SocketAddr::try_from(local)
+            .map_err(|e| format!("getsockname: {e}"))?
+            .port();
+        st.probe_from(port, listener)
+            .map_err(|e| format!("{e}: {}", super::error_chain(&e)))?;
+    }
+    match rustix::net::connect(&sock, &target) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => Ok(TcpStream::from(sock)),
+        Err(e) => Err(format!("connect to {target}: {e}")),
+    }
+}
+
+fn loopback_for(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(if a.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    a
+}
+
+/// A new generation's kernel side.
+pub(super) fn new_generation(listeners: Vec<Listener>) -> GenIo {
+    GenIo {
+        listeners,
+        workers: Default::default(),
+        tcp_probe: None,
+    }
+}
+
+/// The release directory `dir` a site's owner asked to deploy (its `release` symlink, or
+/// a directory it named), resolved with the permissions of the site's user (never the
+/// agent's) and, for a named one (`contained`), required to be inside the directory that
+/// holds the site's `release` symlink. Every refusal reads the same, so the answer tells
+/// nothing about paths the user may not see.
+pub(super) fn release_for_owner(
+    site: &config::SiteConfig,
+    dir: &Path,
+    contained: bool,
+) -> Result<PathBuf, String> {
+    let Some(parent) = site.release.as_deref().and_then(Path::parent) else {
+        return Err(format!(
+            "site {} has no release symlink: only root may deploy a directory of its choice",
+            site.name
+        ));
+    };
+    let refused = || {
+        if contained {
+            format!(
+                "release {}: not a directory inside {} that uid {} can reach",
+                dir.display(),
+                parent.display(),
+                site.uid
+            )
+        } else {
+            format!(
+                "release {}: does not resolve to a directory that uid {} can reach",
+                dir.display(),
+                site.uid
+            )
+        }
+    };
+    let allowed = std::fs::canonicalize(parent).map_err(|_| refused())?;
+    let resolved = {
+        let _as_user = crate::sys::creds::become_fs(site.uid, site.gid, &site.sandbox.groups)
+            .map_err(|e| format!("failed to take the identity of uid {}: {e}", site.uid))?;
+        std::fs::canonicalize(dir).and_then(|r| {
+            std::fs::metadata(&r).and_then(|m| {
+                if m.is_dir() {
+                    Ok(r)
+                } else {
+                    Err(std::io::ErrorKind::NotADirectory.into())
+                }
+            })
+        })
+    };
+    match resolved {
+        Ok(r) if !contained || (r.starts_with(&allowed) && r != allowed) => Ok(r),
+        _ => Err(refused()),
+    }
+}
+
+/// Where the previous release of `site` is recorded.
+fn previous_release_file(state_dir: &Path, site: &SiteName) -> PathBuf {
+    state_dir.join("releases").join(site.as_str())
+}
+
+/// The recorded previous release of `site`, if any.
+pub(super) fn read_previous_release(state_dir: &Path, site: &SiteName) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(previous_release_file(state_dir, site)).ok()?;
+    let path = PathBuf::from(text.trim_end_matches('\n'));
+    path.is_absolute().then_some(path)
+}
+
+/// Records the release the serving generation replaced (for `rollback` after a restart
+/// of the agent).
+pub(super) fn write_previous_release(state_dir: &Path, site: &SiteName, release: &Path) {
+    let file = previous_release_file(state_dir, site);
+    let result = file
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            let tmp = file.with_extension("tmp");
+            std::fs::write(&tmp, format!("{}\n", release.display()))?;
+            std::fs::rename(&tmp, &file)
+        });
+    if let Err(e) = result {
+        warn!(site = %site, "failed to record the previous release in {}: {e}", file.display());
+    }
+}

@@ -1,0 +1,146 @@
+//! `reload` (and `SIGHUP`): the configuration read again and applied all at once or not
+//! at all. What is new is bound first (listeners of added or changed sites); a site that
+//! cannot take a change now (a deploy under way) refuses the whole reload. Then added
+//! sites start, removed ones stop and go, and changed ones are reconfigured by their
+//! machine (a scale, or a rolling restart with the new policies).
+
+use std::io;
+
+use tracing::{info, warn};
+
+use super::sites::{GenIo, Site};
+use super::{Agent, AgentError, generations, setup_err};
+use crate::config::{self, AgentConfig, SiteConfig, SiteName};
+use crate::net::Listener;
+use crate::supervisor::machine::Input;
+
+impl Agent {
+    /// Re-reads the configuration. On any error nothing changes. Added sites start,
+    /// removed sites stop, changed sites restart their workers one at a time (or only
+    /// scale, if only `workers` changed).
+    pub(super) fn reload(&mut self) -> Result<crate::control::Reloaded, AgentError> {
+        // Sites that run with the same listeners keep their addresses: a conflict is the
+        // other file's fault.
+        let holds = |sc: &SiteConfig| {
+            self.sites
+                .get(&sc.name)
+                .is_some_and(|s| s.config().listen == sc.listen)
+        };
+        let new = config::load_keeping(&self.config.file, &holds)?;
+        if new.control_socket != self.config.control_socket
+            || new.state_dir != self.config.state_dir
+            || new.cgroup_base != self.config.cgroup_base
+        {
+            warn!(
+                "control_socket, state_dir and cgroup_base changes take effect when the agent restarts"
+            );
+        }
+        for sc in &new.sites {
+            let busy = self
+                .sites
+                .get(&sc.name)
+                .is_some_and(|s| s.machine.reconfigure_refusal(sc).is_some());
+            if busy {
+                return Err(setup_err(
+                    format!("reload site {}", sc.name),
+                    io::Error::other("a deploy is under way: reload once it is done"),
+                ));
+            }
+        }
+        // Bind what is new first: if anything fails, drop it all and change nothing.
+        let mut prepared: Vec<(SiteConfig, Option<Vec<Listener>>, Option<Site>)> = Vec::new();
+        for sc in &new.sites {
+            match self.sites.get(&sc.name) {
+                None => prepared.push((sc.clone(), None, Some(self.make_site(sc.clone())?))),
+                Some(old) if old.config().listen != sc.listen => {
+                    let listeners = rebind(old.cur_io(), sc)?;
+                    prepared.push((sc.clone(), Some(listeners), None));
+                }
+                Some(_) => prepared.push((sc.clone(), None, None)),
+            }
+        }
+        let mut added = Vec::new();
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
+        let new_names: Vec<SiteName> = new.sites.iter().map(|s| s.name.clone()).collect();
+        for name in self.sites.keys().cloned().collect::<Vec<_>>() {
+            if !new_names.contains(&name) {
+                removed.push(name.to_string());
+                self.feed(&name, Input::Remove);
+            }
+        }
+        for (sc, listeners, fresh) in prepared {
+            let name = sc.name.clone();
+            if let Some(site) = fresh {
+                added.push(name.to_string());
+                self.sites.insert(name.clone(), site);
+                self.feed(&name, Input::Start(None));
+                continue;
+            }
+            let Some(site) = self.sites.get_mut(&name) else {
+                continue;
+            };
+            if *site.config() == sc {
+                continue;
+            }
+            changed.push(name.to_string());
+            if let Some(ls) = listeners {
+                let serving = site.machine.serving();
+                if let Some(cur) = site.io.gens.get_mut(&serving) {
+                    for old in &cur.listeners {
+                        if !ls.iter().any(|l| l.spec.addr == old.spec.addr) {
+                            old.unlink();
+                        }
+                    }
+                    site.io.steering =
+                        generations::attach_steering(&self.steering_support, &name, &ls);
+                    cur.listeners = ls;
+                }
+            }
+            if let Err(e) = site.io.log.set_policy(sc.logs, Some(sc.gid)) {
+                warn!(site = %name, "failed to set the permissions of {}: {e}", site.io.log.path().display());
+            }
+            // Prepared again, from the new configuration, at the next spawn.
+            site.io.sandbox = None;
+            self.feed(&name, Input::Reconfigure(Box::new(sc)));
+        }
+        self.config = AgentConfig {
+            sites: Vec::new(),
+            ..new
+        };
+        // Every site is valid and started now.
+        self.broken.clear();
+        info!(?added, ?changed, ?removed, "configuration reloaded");
+        Ok(crate::control::Reloaded {
+            added,
+            changed,
+            removed,
+        })
+    }
+}
+
+/// The listeners of a site whose `listen` changed: the new addresses bound, the unchanged
+/// ones shared with what runs (their fds duplicated).
+fn rebind(cur: &GenIo, sc: &SiteConfig) -> Result<Vec<Listener>, AgentError> {
+    let mut full = Vec::new();
+    for spec in &sc.listen {
+        match cur.listeners.iter().find(|l| l.spec == *spec) {
+            Some(old) => {
+                let fd = old
+                    .fd
+                    .try_clone()
+                    .map_err(|e| setup_err("duplicate a listener", e))?;
+                full.push(Listener {
+                    spec: spec.clone(),
+                    fd,
+                });
+            }
+            None => {
+                full.push(Listener::bind(spec, sc.uid, sc.gid).map_err(|e| {
+                    setup_err(format!("set up the listeners of site {}", sc.name), e)
+                })?)
+            }
+        }
+    }
+    Ok(full)
+}

@@ -1,0 +1,419 @@
+//! Sites as the event loop holds them: the site machine (all policy, pure) beside the
+//! kernel objects it speaks of ([`SiteIo`]: listeners, worker processes, steering, the
+//! log). [`Agent::feed`] gives a site's machine one input and carries out the actions it
+//! returns; the results some actions have (a spawn's pid, listeners bound, the steering
+//! flipped, a probe accepted) are fed back, in order, before anything else happens.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
+
+use tracing::{debug, error, info, warn};
+
+use super::{Agent, AgentError, generations, render, setup_err};
+use crate::cgroup::CgroupTree;
+use crate::config::{self, SiteConfig, SiteName};
+use crate::control::{Done, Reply};
+use crate::logs::SiteLog;
+use crate::net::Listener;
+use crate::process::PidRef;
+use crate::steering::SteeringSupport;
+use crate::supervisor::ids::{ClientId, GenId, Slot};
+use crate::supervisor::machine::{Action, Input, Observe, SiteMachine};
+use crate::supervisor::slots;
+
+/// A worker process.
+#[derive(Debug)]
+pub(super) struct Worker {
+    pub pidref: PidRef,
+    /// Its pidfd's registration.
+    pub token: u64,
+    /// Its own cgroup leaf, fresh for this process.
+    pub cgroup: Option<PathBuf>,
+    pub started_wall: SystemTime,
+}
+
+/// A generation's kernel side.
+#[derive(Debug)]
+pub(super) struct GenIo {
+    /// The agent's copies of the listeners passed to this generation's workers.
+    pub listeners: Vec<Listener>,
+    pub workers: HashMap<Slot, Worker>,
+    /// The `tcp` ready probe under way.
+    pub tcp_probe: Option<(TcpStream, Instant)>,
+}
+
+/// A site's kernel side.
+#[derive(Debug)]
+pub(super) struct SiteIo {
+    pub gens: BTreeMap<GenId, GenIo>,
+    /// Per listener (by index): the eBPF program steering its reuseport group, if any.
+    pub steering: Vec<Option<crate::steering::Steering>>,
+    pub log: SiteLog,
+    /// `logs -f` connections.
+    pub followers: Vec<u64>,
+    /// Configured limits this host cannot enforce.
+    pub not_enforced: Vec<&'static str>,
+    /// The sandbox, prepared at the first spawn (see `exec.rs`).
+    pub sandbox: Option<crate::sandbox::Prepared>,
+}
+
+/// A running site.
+#[derive(Debug)]
+pub(super) struct Site {
+    pub machine: SiteMachine,
+    pub io: SiteIo,
+}
+
+impl Site {
+    /// The site's configuration.
+    pub fn config(&self) -> &SiteConfig {
+        self.machine.config()
+    }
+
+    /// The serving generation's kernel side.
+    pub fn cur_io(&self) -> &GenIo {
+        self.io
+            .gens
+            .get(&self.machine.serving())
+            .expect("the serving generation exists while the site does")
+    }
+}
+
+/// What a site machine may look at: the kernel and the file system.
+struct World<'a> {
+    io: &'a SiteIo,
+    serving: GenId,
+    steering: &'a SteeringSupport,
+}
+
+impl Observe for World<'_> {
+    fn resolve_release(
+        &self,
+        site: &SiteConfig,
+        asked: Option<&std::path::Path>,
+    ) -> Result<Option<PathBuf>, String> {
+        match (asked, &site.release) {
+            (Some(dir), _) => config::resolve_release(dir).map(Some),
+            (None, Some(link)) => config::resolve_release(link).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn measured_memory(&self, generation: GenId, slots: &[Slot]) -> Option<u64> {
+        let g = self.io.gens.get(&generation)?;
+        slots
+            .iter()
+            .filter_map(|s| g.workers.get(s))
+            .filter_map(|w| w.cgroup.as_deref())
+            .filter_map(crate::cgroup::measured_memory)
+            .max()
+    }
+
+    fn queues_empty(&self, old: GenId, new: GenId) -> bool {
+        generations::queues_empty(self.io, old, new)
+    }
+
+    fn probe_alone(&self) -> Result<(), String> {
+        generations::probe_alone(self.io, self.serving, self.steering)
+    }
+}
+
+impl Agent {
+    /// A stopped site from its configuration: its listeners bound, its log open, its
+    /// limits written, its release resolved.
+    pub(super) fn make_site(&mut self, config: SiteConfig) -> Result<Site, AgentError> {
+        let mut listeners = Vec::new();
+        for spec in &config.listen {
+            let l = Listener::bind(spec, config.uid, config.gid).map_err(|e| {
+                setup_err(format!("set up the listeners of site {}", config.name), e)
+            })?;
+            listeners.push(l);
+        }
+        let log = SiteLog::open(
+            &self.config.state_dir.join("logs"),
+            config.name.as_str(),
+            config.logs,
+            Some(config.gid),
+        )
+        .map_err(|e| setup_err(format!("open the log of site {}", config.name), e))?;
+        let not_enforced = self.apply_site_limits(&config);
+        let release = match &config.release {
+            Some(link) => Some(config::resolve_release(link).map_err(|e| {
+                setup_err(
+                    format!("resolve the release of site {}", config.name),
+                    std::io::Error::new(std::io::ErrorKind::NotFound, e),
+                )
+            })?),
+            None => None,
+        };
+        let previous = generations::read_previous_release(&self.config.state_dir, &config.name);
+        let steering =
+            generations::attach_steering(&self.steering_support, &config.name, &listeners);
+        let name = config.name.clone();
+        let (machine, actions) = SiteMachine::new(config, release, previous, Instant::now());
+        for a in actions {
+            if let Action::Log(e) = a {
+                render::log(&name, &e);
+            }
+        }
+        let first = machine.serving();
+        Ok(Site {
+            machine,
+            io: SiteIo {
+                gens: BTreeMap::from([(first, generations::new_generation(listeners))]),
+                steering,
+                log,
+                followers: Vec::new(),
+                not_enforced,
+                sandbox: None,
+            },
+        })
+    }
+
+    /// Writes the site's cgroup limits; returns (and logs) those not enforced here.
+    pub(super) fn apply_site_limits(&self, config: &SiteConfig) -> Vec<&'static str> {
+        let l = &config.limits;
+        let wanted: Vec<&'static str> = [
+            (l.memory.is_some(), "memory"),
+            (l.pids_max.is_some(), "pids_max"),
+            (l.cpu_weight.is_some(), "cpu_weight"),
+            (l.worker_memory_max.is_some(), "memory_max"),
+            (l.worker_memory_high.is_some(), "memory_high"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        let missing = match &self.cgroups {
+            Some(tree) => match tree.apply_site_limits(config.name.as_str(), l) {
+                Ok(m) => m,
+                Err(e) => {
+                    error!(site = %config.name, "failed to apply cgroup limits: {e}: {}", super::error_chain(&e));
+                    wanted
+                }
+            },
+            None => wanted,
+        };
+        if !missing.is_empty() {
+            warn!(site = %config.name, "limits not enforced on this host (no cgroup controller): {}", missing.join(", "));
+        }
+        missing
+    }
+
+    /// Gives site `name`'s machine `input` and carries out what it says, feeding back the
+    /// results of actions that have one before anything else.
+    pub(super) fn feed(&mut self, name: &SiteName, input: Input) {
+        let mut pending = vec![input];
+        while let Some(input) = pending.pop() {
+            let Some(site) = self.sites.get_mut(name) else {
+                return;
+            };
+            let world = World {
+                io: &site.io,
+                serving: site.machine.serving(),
+                steering: &self.steering_support,
+            };
+            let actions = site.machine.handle(input, &world, Instant::now());
+            let mut results = Vec::new();
+            for action in actions {
+                if let Some(next) = self.execute(name, action) {
+                    results.push(next);
+                }
+            }
+            // In the order the actions came, before anything older.
+            pending.extend(results.into_iter().rev());
+        }
+    }
+
+    /// Feeds a client's request; a client left without its answer now waits for it (its
+    /// connection is held, reads only notice a hang-up).
+    pub(super) fn feed_request(&mut self, name: &SiteName, conn: u64, input: Input) {
+        self.feed(name, input);
+        let waiting = self.conns.get(&conn).is_some_and(|c| !c.done);
+        if waiting {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.held = true;
+            }
+            self.arm_conn_read(conn);
+        }
+    }
+
+    fn execute(&mut self, name: &SiteName, action: Action) -> Option<Input> {
+        match action {
+            Action::Spawn { generation, slot } => Some(Input::Worker {
+                generation,
+                input: self.spawn(name, generation, slot),
+            }),
+            Action::Signal {
+                generation,
+                slot,
+                signal,
+            } => {
+                let w = self.worker(name, generation, slot)?;
+                if let Err(e) = w.pidref.signal(signal.0) {
+                    error!(site = %name, worker = %slot, pid = w.pidref.pid(), "failed to send {}: {e}", signal.name());
+                }
+                None
+            }
+            Action::KillTree { generation, slot } => {
+                let w = self.worker(name, generation, slot)?;
+                warn!(site = %name, worker = %slot, pid = w.pidref.pid(), "stop timeout: killing the worker's process tree");
+                let result = match (&self.cgroups, &w.cgroup) {
+                    (Some(tree), Some(dir)) => tree.kill(dir).map_err(|e| e.to_string()),
+                    _ => w
+                        .pidref
+                        .signal_group(libc::SIGKILL)
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(e) = result {
+                    error!(site = %name, worker = %slot, "failed to kill: {e}; sending SIGKILL to the worker itself");
+                    let _ = w.pidref.signal(libc::SIGKILL);
+                }
+                None
+            }
+            Action::BindListeners(generation) => {
+                let site = self.sites.get_mut(name)?;
+                let (uid, gid) = (site.config().uid, site.config().gid);
+                let result = generations::bind_beside(&site.io, site.machine.serving(), uid, gid)
+                    .map(|listeners| {
+                        site.io
+                            .gens
+                            .insert(generation, generations::new_generation(listeners));
+                    });
+                Some(Input::ListenersBound { generation, result })
+            }
+            Action::Steer(generation) => {
+                let site = self.sites.get_mut(name)?;
+                let (steering, window) = generations::steer(&mut site.io, name, generation);
+                Some(Input::Steered {
+                    generation,
+                    steering,
+                    window: Some(window),
+                })
+            }
+            Action::Probe(generation) => {
+                let site = self.sites.get_mut(name)?;
+                let serving = site.machine.serving();
+                generations::tcp_probe(&mut site.io, name, generation, serving)
+                    .then_some(Input::ProbeAccepted(generation))
+            }
+            Action::EndProbe(generation) => {
+                let site = self.sites.get_mut(name)?;
+                generations::end_probe(&mut site.io, name, generation);
+                None
+            }
+            Action::Retire(generation) => {
+                self.retire_generation(name, generation);
+                None
+            }
+            Action::RecordPreviousRelease(release) => {
+                generations::write_previous_release(&self.config.state_dir, name, &release);
+                None
+            }
+            Action::ApplyLimits => {
+                self.apply_limits(name);
+                None
+            }
+            Action::Progress { clients, event } => {
+                let line = Reply::Event(render::event(name, &event));
+                for c in clients {
+                    self.send(c.0, &line);
+                }
+                None
+            }
+            Action::Reply { client, outcome } => {
+                self.finish(client.0, &render::outcome(name, &outcome));
+                None
+            }
+            Action::Log(event) => {
+                render::log(name, &event);
+                None
+            }
+            Action::Dropped => {
+                self.drop_site(name);
+                None
+            }
+        }
+    }
+
+    fn worker(&self, name: &SiteName, g: GenId, slot: Slot) -> Option<&Worker> {
+        self.sites.get(name)?.io.gens.get(&g)?.workers.get(&slot)
+    }
+
+    /// The site's limits changed: written to its cgroup and to every worker's leaf.
+    fn apply_limits(&mut self, name: &SiteName) {
+        let Some(config) = self.sites.get(name).map(|s| s.config().clone()) else {
+            return;
+        };
+        let missing = self.apply_site_limits(&config);
+        let Some(site) = self.sites.get_mut(name) else {
+            return;
+        };
+        site.io.not_enforced = missing;
+        for w in site.io.gens.values().flat_map(|g| g.workers.values()) {
+            if let Some(dir) = &w.cgroup {
+                if let Err(e) = CgroupTree::apply_worker_limits(dir, &config.limits) {
+                    warn!(site = %name, "failed to update worker limits: {e}");
+                }
+            }
+        }
+    }
+
+    /// Forgets a generation whose last worker is gone: its listeners (the agent's
+    /// copies) close and its cgroup is removed.
+    fn retire_generation(&mut self, name: &SiteName, g: GenId) {
+        let Some(site) = self.sites.get_mut(name) else {
+            return;
+        };
+        let Some(gen_) = site.io.gens.remove(&g) else {
+            return;
+        };
+        for w in gen_.workers.values() {
+            self.reg.tokens.remove(&w.token);
+        }
+        if let (Some(tree), Some(graveyard)) = (&self.cgroups, &mut self.graveyard) {
+            graveyard.bury(tree.site_dir(name.as_str()).join(format!("gen-{g}")));
+        }
+        debug!(site = %name, gen = g.0, "gen-{g} retired");
+    }
+
+    /// A removed site is stopped: its listeners and cgroups go, its `logs -f` clients are
+    /// told.
+    fn drop_site(&mut self, name: &SiteName) {
+        let Some(site) = self.sites.remove(name) else {
+            return;
+        };
+        for l in site.io.gens.values().flat_map(|g| &g.listeners) {
+            l.unlink();
+        }
+        if let (Some(tree), Some(graveyard)) = (&self.cgroups, &mut self.graveyard) {
+            let dir = tree.site_dir(name.as_str());
+            for g in site.io.gens.keys() {
+                graveyard.bury(dir.join(format!("gen-{g}")));
+            }
+            graveyard.bury(dir);
+        }
+        for c in site.io.followers {
+            self.finish(c, &Reply::ok(&Done::new(name, "site removed")));
+        }
+        info!(site = %name, "site removed");
+    }
+
+    /// A connection is answered or gone: no site waits to tell it anything.
+    pub(super) fn forget_conn(&mut self, conn: u64) {
+        for site in self.sites.values_mut() {
+            site.io.followers.retain(|c| *c != conn);
+            site.machine.forget_client(ClientId(conn));
+        }
+    }
+
+    /// Whether a slot's worker was asked to stop (its exit is no crash).
+    pub(super) fn stopping(&self, name: &SiteName, g: GenId, slot: Slot) -> bool {
+        self.sites
+            .get(name)
+            .and_then(|s| s.machine.generation(g))
+            .and_then(|x| x.slots.slots.get(&slot))
+            .is_some_and(|s| matches!(s.phase, slots::Phase::Stopping { .. }))
+    }
+}

@@ -1,0 +1,184 @@
+//! `status`: the typed report ([`crate::status::Status`]) assembled from the site
+//! machines' state and the kernel's (pids, cgroups, listeners, usage).
+
+use std::time::{Instant, SystemTime};
+
+use super::{Agent, exec, generations};
+use crate::config::SiteName;
+use crate::logs;
+use crate::status::{
+    AgentStatus, AutoRange, CapacityStatus, DeployStatus, GenerationStatus, LimitsStatus,
+    SiteState, SiteStatus, Status, WorkerStatus,
+};
+
+impl Agent {
+    pub(super) fn status(&self, only: Option<&SiteName>, uid: u32, admin: bool) -> Status {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut sites: Vec<SiteStatus> = self
+            .sites
+            .iter()
+            .filter(|(n, s)| only.is_none_or(|o| o == *n) && (admin || s.config().uid == uid))
+            .map(|(name, s)| {
+                let m = &s.machine;
+                let workers = m
+                    .generations()
+                    .flat_map(|g| g.slots.slots.values().map(move |slot| (g, slot)))
+                    .map(|(g, slot)| {
+                        let worker = s.io.gens.get(&g.id).and_then(|x| x.workers.get(&slot.id));
+                        let started_at = worker.map(|w| w.started_wall).or_else(|| {
+                            slot.started
+                                .map(|t| wall - now.saturating_duration_since(t))
+                        });
+                        WorkerStatus {
+                            id: slot.id.0,
+                            generation: g.id.0,
+                            pid: slot.pid,
+                            state: slot.phase.name().to_string(),
+                            busy: slot.busy,
+                            restarts: slot.restarts,
+                            started_at: started_at.map(logs::utc_timestamp),
+                            uptime_ms: slot.pid.and(slot.started).map(|t| {
+                                u64::try_from(now.saturating_duration_since(t).as_millis())
+                                    .unwrap_or(u64::MAX)
+                            }),
+                            last_exit: slot.last_exit.as_ref().map(|r| r.to_string()),
+                            cgroup: worker.and_then(|w| w.cgroup.clone()),
+                            usage: worker
+                                .and_then(|w| w.cgroup.as_deref())
+                                .map(crate::cgroup::read_usage),
+                        }
+                    })
+                    .collect();
+                let cur = m.current();
+                let config = m.config();
+                SiteStatus {
+                    name: name.to_string(),
+                    state: cur.slots.run.state(),
+                    error: None,
+                    file: None,
+                    generation: Some(m.serving().0),
+                    release: cur.release.clone(),
+                    previous_release: m.previous_release().map(|p| p.to_path_buf()),
+                    generations: m
+                        .generations()
+                        .map(|g| GenerationStatus {
+                            id: g.id.0,
+                            state: m.generation_state(g).to_string(),
+                            release: g.release.clone(),
+                            desired: g.slots.desired,
+                            ready: count(g.slots.ready()),
+                            live: count(g.slots.live()),
+                        })
+                        .collect(),
+                    deploy: m.deploy().map(|d| DeployStatus {
+                        from: d.from.0,
+                        to: d.to.0,
+                        stage: d.stage.name().to_string(),
+                        release: d.release.clone(),
+                        target: d.target,
+                        cap: d.cap,
+                        rollback: d.rollback,
+                        started_at: logs::utc_timestamp(
+                            wall - now.saturating_duration_since(d.started),
+                        ),
+                    }),
+                    queued_deploys: m.queued_deploys(),
+                    last_deploy: m
+                        .last_deploy()
+                        .map(|e| super::render::deploy_record(e, now, wall)),
+                    steering: Some(generations::steering_mode(&s.io).to_string()),
+                    desired: cur.slots.desired,
+                    requested: m.requested(),
+                    auto: config.auto.map(|a| AutoRange {
+                        min: a.min,
+                        max: a.max,
+                    }),
+                    capacity: m.capacity().map(|c| CapacityStatus {
+                        workers: c.workers,
+                        per_worker: c.per_worker,
+                        basis: c.basis,
+                        budget: c.budget,
+                        derivation: c.describe(),
+                    }),
+                    ready: count(cur.slots.ready()),
+                    restarting: cur.slots.is_restarting(),
+                    listen: s
+                        .cur_io()
+                        .listeners
+                        .iter()
+                        .map(|l| l.spec.addr.to_string())
+                        .collect(),
+                    log: Some(s.io.log.path().to_path_buf()),
+                    limits: Some(LimitsStatus {
+                        memory: config.limits.memory,
+                        pids_max: config.limits.pids_max,
+                        cpu_weight: config.limits.cpu_weight,
+                        memory_max: config.limits.worker_memory_max,
+                        memory_high: config.limits.worker_memory_high,
+                        not_enforced: s.io.not_enforced.iter().map(|x| x.to_string()).collect(),
+                    }),
+                    usage: self
+                        .cgroups
+                        .as_ref()
+                        .map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str()))),
+                    sandbox: s.io.sandbox.as_ref().map(exec::sandbox_status),
+                    workers,
+                }
+            })
+            .collect();
+        for (name, b) in &self.broken {
+            let visible = admin || b.config.as_ref().is_some_and(|c| c.uid == uid);
+            if !visible || only.is_some_and(|o| o.as_str() != name) {
+                continue;
+            }
+            sites.push(SiteStatus {
+                name: name.clone(),
+                state: SiteState::Failed,
+                error: Some(b.reason.clone()),
+                file: Some(b.file.clone()),
+                generation: None,
+                release: None,
+                previous_release: None,
+                generations: Vec::new(),
+                deploy: None,
+                queued_deploys: 0,
+                last_deploy: None,
+                steering: None,
+                desired: b.config.as_ref().map_or(0, |c| c.workers),
+                requested: b.config.as_ref().map_or(0, |c| c.workers),
+                auto: None,
+                capacity: None,
+                ready: 0,
+                restarting: false,
+                listen: b
+                    .config
+                    .iter()
+                    .flat_map(|c| c.listen.iter().map(|l| l.addr.to_string()))
+                    .collect(),
+                log: None,
+                limits: None,
+                usage: None,
+                sandbox: None,
+                workers: Vec::new(),
+            });
+        }
+        Status {
+            agent: AgentStatus {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                started_at: logs::utc_timestamp(self.started),
+                log_bytes_dropped: logs::AGENT_LOG_DROPPED
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                config: self.config.file.clone(),
+                features: self.features(),
+            },
+            sites,
+        }
+    }
+}
+
+/// A count of slots, as `status` shows it.
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,428 @@
+//! Worker plumbing: starting a slot's process (its image, output pipe, cgroup leaf and
+//! pidfd), its exit (reaped through the pidfd, told apart from an OOM kill), its output
+//! (lines into the site's log and to `logs -f` clients) and its notifications
+//! (`READY=1`, `BUSY=`).
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::SystemTime;
+
+use tracing::{debug, error, warn};
+
+use super::reactor::Interest;
+use super::sites::Worker;
+use super::{Agent, MAX_FOLLOW_BUFFER, Pipe, Source};
+use crate::config::SiteName;
+use crate::control::{ErrorKind, Reply};
+use crate::logs::{self, LineSplitter};
+use crate::process::PidRef;
+use crate::sandbox::SandboxError;
+use crate::spawn::SpawnFailure;
+use crate::supervisor::ids::{GenId, Slot};
+use crate::supervisor::machine::Input as SiteInput;
+use crate::supervisor::slots::{ExitReason, Input};
+
+impl Agent {
+    /// Reaps zombies: tracked workers through their pidfd, orphans by pid.
+    pub(super) fn reap(&mut self) {
+        self.reap_zombies();
+        // An orphan that was killed with its worker's leaf may have been the last
+        // process in it.
+        if let Some(g) = &mut self.graveyard {
+            g.sweep();
+        }
+    }
+
+    pub(super) fn reap_zombies(&mut self) {
+        for _ in 0..100_000 {
+            let pid = match crate::sys::wait::peek_zombie() {
+                Ok(Some(pid)) => pid,
+                Ok(None) => return,
+                Err(e) => {
+                    error!("waitid failed: {e}");
+                    return;
+                }
+            };
+            if let Some((site, g, id)) = self.pids.get(&pid).cloned() {
+                self.worker_exited(&site, g, id);
+            } else if self.execs.contains_key(&pid) {
+                self.exec_exited(pid);
+            } else if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
+                    Ok(_) => debug!(pid, "reaped an orphaned descendant"),
+                    Err(e) => {
+                        error!(pid, "failed to reap: {e}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_pidfd(&mut self, site: &SiteName, g: GenId, id: Slot, token: u64) {
+        let current = self
+            .sites
+            .get(site)
+            .and_then(|s| s.io.gens.get(&g))
+            .and_then(|x| x.workers.get(&id))
+            .is_some_and(|w| w.token == token);
+        if current {
+            self.worker_exited(site, g, id);
+        }
+    }
+
+    pub(super) fn worker_exited(&mut self, name: &SiteName, g: GenId, id: Slot) {
+        let asked = self.stopping(name, g, id);
+        let tree = self.cgroups.as_ref();
+        let graveyard = &mut self.graveyard;
+        let Some(site) = self.sites.get_mut(name).and_then(|s| s.io.gens.get_mut(&g)) else {
+            return;
+        };
+        let Some(worker) = site.workers.get(&id) else {
+            return;
+        };
+        if tree.is_none() {
+            // The exited leader still holds its pid as process group id until reaped:
+            // take its group with it.
+            let _ = worker.pidref.signal_group(libc::SIGKILL);
+        }
+        let reason = match worker.pidref.try_wait() {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                // Not exited after all (spurious wake-up): watch again.
+                match self.reg.arm(
+                    worker.pidref.as_fd(),
+                    Interest::Readable,
+                    Source::Pidfd(name.clone(), g, id),
+                ) {
+                    Ok(t) => {
+                        if let Some(w) = site.workers.get_mut(&id) {
+                            w.token = t;
+                        }
+                    }
+                    Err(e) => error!(site = %name, worker = %id, "failed to watch the pidfd: {e}"),
+                }
+                return;
+            }
+            Err(e) => {
+                error!(site = %name, worker = %id, "waitid failed: {e}");
+                ExitReason::Exited { code: -1 }
+            }
+        };
+        let worker = site.workers.remove(&id).expect("checked above");
+        self.reg.tokens.remove(&worker.token);
+        self.pids.remove(&worker.pidref.pid());
+        // An OOM kill shows as SIGKILL; the leaf's memory.events tells them apart (the
+        // leaf is this process's own, so any count is its).
+        let reason = match (&reason, worker.cgroup.as_deref()) {
+            (
+                ExitReason::Signaled {
+                    signal: libc::SIGKILL,
+                },
+                Some(dir),
+            ) if crate::cgroup::oom_kills(dir).is_some_and(|n| n > 0) => ExitReason::OomKilled,
+            _ => reason,
+        };
+        if let (Some(tree), Some(dir), Some(graveyard)) = (tree, &worker.cgroup, graveyard) {
+            if let Err(e) = tree.retire(dir, graveyard) {
+                warn!(site = %name, worker = %id, "failed to kill what the worker left behind: {e}");
+            }
+        }
+        if !asked && !self.shutting_down {
+            warn!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), "worker {reason}");
+        } else {
+            debug!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), "worker {reason}");
+        }
+        self.feed(
+            name,
+            SiteInput::Worker {
+                generation: g,
+                input: Input::Exited { id, reason },
+            },
+        );
+    }
+
+    pub(super) fn spawn(&mut self, name: &SiteName, g: GenId, id: Slot) -> Input {
+        match self.try_spawn(name, g, id) {
+            Ok(pid) => Input::Spawned { id, pid },
+            Err(failure) => {
+                let error = failure.describe();
+                error!(site = %name, gen = g.0, worker = %id, "failed to spawn: {error}");
+                Input::SpawnFailed {
+                    id,
+                    error,
+                    permanent: failure.permanent(),
+                }
+            }
+        }
+    }
+
+    pub(super) fn try_spawn(
+        &mut self,
+        name: &SiteName,
+        g: GenId,
+        id: Slot,
+    ) -> Result<i32, SpawnFailure> {
+        let notify_path = self.notify.path.clone();
+        let plan = self.site_sandbox(name)?;
+        let site = self
+            .sites
+            .get(name)
+            .expect("a slot is spawned only in a site that exists");
+        let config = &site
+            .machine
+            .generation(g)
+            .expect("a slot is spawned only in a generation that exists")
+            .config;
+        let site = site
+            .io
+            .gens
+            .get(&g)
+            .expect("a generation's listeners are bound before it spawns");
+        if let Some(root) = &config.sandbox.root {
+            // `chroot` follows the path again at every spawn: whoever could change a
+            // directory on the way since it was prepared could now point it elsewhere.
+            crate::sandbox::check_root_path(root).map_err(SandboxError::Root)?;
+        }
+        let mut image =
+            crate::spawn::worker_image(config, &site.listeners, &notify_path, id.0, g.0)?;
+        image.set_sandbox(plan);
+        let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| SpawnFailure::Pipe(e.into()))?;
+        rustix::io::ioctl_fionbio(&pipe_r, true).map_err(|e| SpawnFailure::Pipe(e.into()))?;
+        let mut fds: Vec<BorrowedFd<'_>> =
+            vec![self.devnull.as_fd(), pipe_w.as_fd(), pipe_w.as_fd()];
+        fds.extend(site.listeners.iter().map(|l| l.fd.as_fd()));
+        let leaf = match (&self.cgroups, &mut self.graveyard) {
+            (Some(tree), Some(graveyard)) => Some(crate::spawn::Leaf {
+                tree,
+                graveyard,
+                site: name.as_str(),
+                generation: g.0,
+                name: format!("w-{id}"),
+                limits: Some(&config.limits),
+            }),
+            _ => None,
+        };
+        let spawned = crate::spawn::launch(&mut image, &fds, leaf, &mut self.fd_block);
+        drop(fds);
+        drop(pipe_w);
+        let spawned = spawned?;
+        let pid = spawned.pid;
+        let pidref = PidRef::new(pid, spawned.pidfd);
+        let token = self
+            .reg
+            .arm(
+                pidref.as_fd(),
+                Interest::Readable,
+                Source::Pidfd(name.clone(), g, id),
+            )
+            .map_err(|e| {
+                let _ = pidref.signal(libc::SIGKILL);
+                SpawnFailure::Watch(e)
+            })?;
+        match self
+            .reg
+            .arm(pipe_r.as_fd(), Interest::Readable, Source::Pipe)
+        {
+            Ok(t) => {
+                self.pipes.insert(
+                    t,
+                    Pipe {
+                        site: name.clone(),
+                        id,
+                        pid,
+                        fd: pipe_r,
+                        splitter: LineSplitter::default(),
+                    },
+                );
+            }
+            Err(e) => warn!(site = %name, worker = %id, "worker output is not captured: {e}"),
+        }
+        self.pids.insert(pid, (name.clone(), g, id));
+        let site = self
+            .sites
+            .get_mut(name)
+            .and_then(|s| s.io.gens.get_mut(&g))
+            .expect("looked up above");
+        site.workers.insert(
+            id,
+            Worker {
+                pidref,
+                token,
+                cgroup: spawned.leaf,
+                started_wall: SystemTime::now(),
+            },
+        );
+        debug!(site = %name, gen = g.0, worker = %id, pid, "spawned");
+        Ok(pid)
+    }
+
+    pub(super) fn on_pipe(&mut self, token: u64) {
+        let Some(mut pipe) = self.pipes.remove(&token) else {
+            return;
+        };
+        let mut buf = [0u8; 65536];
+        let mut eof = false;
+        let mut records = Vec::new();
+        let now = SystemTime::now();
+        for _ in 0..16 {
+            match rustix::io::read(&pipe.fd, &mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => pipe.splitter.feed(&buf[..n], |line| {
+                    records.push(logs::record(pipe.id.0, pipe.pid, line, now))
+                }),
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    warn!(site = %pipe.site, worker = %pipe.id, "failed to read worker output: {e}");
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        if eof {
+            pipe.splitter.feed(b"", |_| {});
+            pipe.splitter
+                .finish(|line| records.push(logs::record(pipe.id.0, pipe.pid, line, now)));
+        }
+        self.write_records(&pipe.site, &records);
+        if !eof {
+            match self
+                .reg
+                .arm(pipe.fd.as_fd(), Interest::Readable, Source::Pipe)
+            {
+                Ok(t) => {
+                    self.pipes.insert(t, pipe);
+                }
+                Err(e) => {
+                    warn!(site = %pipe.site, worker = %pipe.id, "stopped capturing worker output: {e}")
+                }
+            }
+        }
+    }
+
+    pub(super) fn write_records(&mut self, name: &SiteName, records: &[Vec<u8>]) {
+        if records.is_empty() {
+            return;
+        }
+        let Some(site) = self.sites.get_mut(name) else {
+            return;
+        };
+        for r in records {
+            if let Err(e) = site.io.log.append(r) {
+                warn!(site = %name, "failed to write {}: {e}", site.io.log.path().display());
+                break;
+            }
+        }
+        let path = site.io.log.path().display().to_string();
+        let followers = site.io.followers.clone();
+        for conn in followers {
+            let behind = self
+                .conns
+                .get(&conn)
+                .is_some_and(|c| c.outbuf.len() > MAX_FOLLOW_BUFFER);
+            if behind {
+                warn!(site = %name, "a logs -f client fell behind: dropped");
+                self.finish(
+                    conn,
+                    &Reply::error(
+                        ErrorKind::Failed,
+                        format!(
+                            "logs -f dropped: more than {} KiB behind the log; the lines are in {path}",
+                            MAX_FOLLOW_BUFFER >> 10
+                        ),
+                    ),
+                );
+                continue;
+            }
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            for r in records {
+                let line = String::from_utf8_lossy(r.strip_suffix(b"\n").unwrap_or(r)).into_owned();
+                c.outbuf.extend_from_slice(&Reply::Line(line).to_line());
+            }
+            self.flush(conn);
+        }
+    }
+
+    // ------------------------------------------------------------ notify socket
+
+    pub(super) fn on_notify(&mut self) {
+        loop {
+            match self.notify.recv() {
+                Ok(Some(n)) => {
+                    let Some((site, g, id)) = self.pids.get(&n.pid).cloned() else {
+                        self.foreign_notification(&n);
+                        continue;
+                    };
+                    if n.ready {
+                        let input = Input::ReadyNotified { id };
+                        self.feed(
+                            &site,
+                            SiteInput::Worker {
+                                generation: g,
+                                input,
+                            },
+                        );
+                    }
+                    if let Some(busy) = n.busy {
+                        let input = Input::BusyReported { id, busy };
+                        self.feed(
+                            &site,
+                            SiteInput::Worker {
+                                generation: g,
+                                input,
+                            },
+                        );
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("failed to read the notify socket: {e}");
+                    break;
+                }
+            }
+        }
+        self.rearm(Source::Notify);
+    }
+
+    /// A notification from a pid that is not a worker. `READY=1` from a worker's child
+    /// (e.g. `systemd-notify --ready`, which can speak for its parent only with
+    /// CAP_SYS_ADMIN, dropped by the sandbox) is said in the agent's and the site's log,
+    /// since that worker would otherwise wait for readiness in silence.
+    pub(super) fn foreign_notification(&mut self, n: &crate::net::Notification) {
+        let parent = n
+            .ready
+            .then(|| parent_pid(n.pid))
+            .flatten()
+            .and_then(|ppid| self.pids.get(&ppid).cloned());
+        let Some((site, g, id)) = parent else {
+            debug!(pid = n.pid, "notification from an unknown pid, ignored");
+            return;
+        };
+        let msg = format!(
+            "READY=1 from pid {} (a child of gen-{g} w-{id}) ignored: only the worker itself may report; a helper such as systemd-notify speaks for its parent only with CAP_SYS_ADMIN (use ready.check = \"tcp\", or send READY=1 from the worker)",
+            n.pid
+        );
+        warn!(site = %site, "{msg}");
+        if let Some(s) = self.sites.get_mut(&site).map(|s| &mut s.io) {
+            let record = format!(
+                "{} hatchery: {msg}\n",
+                logs::utc_timestamp(SystemTime::now())
+            );
+            let _ = s.log.append(record.as_bytes());
+        }
+    }
+}
+
+/// The parent of `pid` from `/proc/<pid>/stat`, if it is still there.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses (which may hold spaces): state, then ppid.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
