@@ -1,0 +1,110 @@
+//! What operators ask of a running site: stop, restart (one worker at a time) and scale
+//! (within the owner's limit and the memory cap). Each client waits for the outcome it
+//! asked for, answered from the notes of the serving generation's slots.
+
+use std::time::Instant;
+
+use super::{Action, CancelReason, Done, Event, Failure, Outcome, SiteMachine, WaitFor};
+use crate::supervisor::ids::{ClientId, GenId};
+use crate::supervisor::slots::{self, RunState};
+
+impl SiteMachine {
+    pub(super) fn stop(
+        &mut self,
+        client: Option<ClientId>,
+        why: CancelReason,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        if self.is_stopped() {
+            if let Some(client) = client {
+                out.push(Action::Reply {
+                    client,
+                    outcome: Outcome::Done(Done::AlreadyStopped),
+                });
+            }
+            return;
+        }
+        self.cancel_deploys(why, now, out);
+        if let Some(client) = client {
+            self.hold(client, WaitFor::Stopped);
+        }
+        let gens: Vec<GenId> = self.gens.keys().copied().collect();
+        for g in gens {
+            self.feed(g, slots::Input::StopRequested, now, out);
+        }
+    }
+
+    pub(super) fn restart(&mut self, client: ClientId, now: Instant, out: &mut Vec<Action>) {
+        if let Some(busy) = self.deploy_busy() {
+            return out.push(Action::Reply {
+                client,
+                outcome: Outcome::Failed(busy),
+            });
+        }
+        let serving = self.serving;
+        if self.current().slots.run == RunState::Stopped {
+            self.hold(client, WaitFor::Settled);
+            self.feed(serving, slots::Input::StartRequested, now, out);
+            self.reply_if_settled(client, out);
+        } else {
+            self.hold(client, WaitFor::RestartDone);
+            self.feed(serving, slots::Input::RestartRequested, now, out);
+        }
+    }
+
+    pub(super) fn scale(
+        &mut self,
+        client: ClientId,
+        workers: u32,
+        owner: Option<u32>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let refuse = |failure| Action::Reply {
+            client,
+            outcome: Outcome::Failed(failure),
+        };
+        if let Some(busy) = self.deploy_busy() {
+            return out.push(refuse(busy));
+        }
+        if workers > crate::config::MAX_WORKERS {
+            return out.push(refuse(Failure::TooManyWorkers(workers)));
+        }
+        // A site's owner may scale up to what its configuration allows; more is root's
+        // decision (and the memory cap bounds everyone).
+        let allowed = self.config.auto.map_or(self.config.workers, |a| a.max);
+        if let Some(uid) = owner.filter(|_| workers > allowed) {
+            return out.push(refuse(Failure::BeyondOwnersLimit {
+                uid,
+                allowed,
+                auto: self.config.auto.is_some(),
+            }));
+        }
+        self.requested = workers;
+        let cap = self.capacity.filter(|c| c.workers < workers);
+        let target = match (self.config.auto, cap) {
+            (_, Some(c)) => c.workers.min(workers),
+            // Automatic sites grow toward the request one worker at a time.
+            (Some(a), None) => self.current().slots.desired.max(a.min).min(workers),
+            (None, None) => workers,
+        };
+        if let Some(c) = cap {
+            out.push(Action::Progress {
+                clients: vec![client],
+                event: Event::Capped(c),
+            });
+        }
+        let serving = self.serving;
+        if self.current().slots.run == RunState::Stopped {
+            self.feed(serving, slots::Input::ScaleRequested(target), now, out);
+            return out.push(Action::Reply {
+                client,
+                outcome: Outcome::Done(Done::WhenStarted(target)),
+            });
+        }
+        self.hold(client, WaitFor::Settled);
+        self.feed(serving, slots::Input::ScaleRequested(target), now, out);
+        self.reply_if_settled(client, out);
+    }
+}
