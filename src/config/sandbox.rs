@@ -415,7 +415,7 @@ mod tests {
     fn notify_readiness_cannot_cross_a_root() {
         let file = Path::new("/s/blog.toml");
         let text = "name = \"blog\"\ncommand = [\"/x\"]\n[ready]\ncheck = \"notify\"\n[sandbox]\nroot = \"/srv/r\"\n";
-        let raw: super::super::RawSite = super::super::parse_toml(file, text).expect("toml");
+        let raw: super::super::RawSite = super::super::load::parse_toml(file, text).expect("toml");
         let e = super::super::validate_site(file, &raw, super::super::LogPolicy::default())
             .expect_err("notify inside a root");
         assert_eq!(e.key, "ready.check");
