@@ -327,7 +327,7 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
         )
         .collect();
     if json {
-        let sites: Vec<_> = config.sites.iter().map(|s| s.to_raw()).collect();
+        let sites: Vec<_> = config.sites.iter().map(|s| s.effective.raw()).collect();
         let out = serde_json::json!({
             "valid": invalid.is_empty(),
             "problems": problems,

@@ -214,11 +214,7 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, SandboxE
                 if sb.capabilities.is_empty() {
                     "none".to_string()
                 } else {
-                    site.sandbox
-                        .to_raw()
-                        .capabilities
-                        .unwrap_or_default()
-                        .join(" ")
+                    sb.capability_names().join(" ")
                 }
             ),
         ));

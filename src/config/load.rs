@@ -52,7 +52,7 @@ fn load_each_keeping(
     path: &Path,
     holds: &dyn Fn(&SiteConfig) -> bool,
 ) -> Result<(AgentConfig, Vec<BrokenSite>), ConfigError> {
-    let raw: RawAgent = read_toml(path)?;
+    let mut raw: RawAgent = read_toml(path)?;
     let base = path.parent().unwrap_or(Path::new("/"));
     let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
     let control_socket = rel(raw
@@ -76,7 +76,7 @@ fn load_each_keeping(
             ));
         }
     };
-    let default_logs = validate_logs(path, "logs", raw.logs.as_ref(), LogPolicy::default())?;
+    let default_logs = validate_logs(path, "logs", &mut raw.logs, LogPolicy::default())?;
     let memory_reserve = match &raw.memory_reserve {
         Some(s) => parse_size(s).map_err(|m| err(path, "memory_reserve", m))?,
         None => DEFAULT_MEMORY_RESERVE,

@@ -309,7 +309,39 @@ pub struct SiteConfig {
     pub limits: Limits,
     /// The sandbox.
     pub sandbox: sandbox::SandboxConfig,
+    /// The file this was validated from, every default written in.
+    pub effective: Effective,
 }
+
+/// The site file a [`SiteConfig`] was validated from, with every key the file left out
+/// written in with the default validation took: the effective configuration `check`
+/// prints. [`validate_site`] writes each default in where it applies it, so there is no
+/// second description of the defaults to keep in step, and validating this file again
+/// gives the same configuration. (Where the file names no `user` or `group`, this one
+/// names the agent's own, in numbers; validated again, `user` and `group` then say so.)
+///
+/// It is what the file says, not what a derived configuration runs: it keeps `{release}`
+/// after [`SiteConfig::for_release`].
+///
+/// It takes no part in comparing configurations: two are equal when they mean the same,
+/// however their files spell it (`"30s"` or `"30000ms"`), which is what a reload compares.
+#[derive(Debug, Clone)]
+pub struct Effective(RawSite);
+
+impl Effective {
+    /// The file, in the file format.
+    pub fn raw(&self) -> &RawSite {
+        &self.0
+    }
+}
+
+impl PartialEq for Effective {
+    fn eq(&self, _: &Effective) -> bool {
+        true
+    }
+}
+
+impl Eq for Effective {}
 
 /// `workers = "auto"`: as many workers as the budget holds, between `min` and `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,7 +417,7 @@ impl AgentConfig {
         out.push_str(&toml::to_string(&agent).unwrap_or_default());
         for site in &self.sites {
             out.push_str(&format!("\n# {}\n", site.file.display()));
-            out.push_str(&toml::to_string(&site.to_raw()).unwrap_or_default());
+            out.push_str(&toml::to_string(site.effective.raw()).unwrap_or_default());
         }
         out
     }

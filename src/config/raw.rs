@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::sandbox;
 
 /// The agent file, as written.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAgent {
     /// Path of the control socket.
@@ -28,7 +28,7 @@ pub struct RawAgent {
 }
 
 /// A site file, as written.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSite {
     /// The site's name (must match the file name).
@@ -93,7 +93,7 @@ pub enum RawWorkers {
 }
 
 /// `[[listen]]`.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawListen {
     /// The fd name passed in `LISTEN_FDNAMES`.
@@ -107,7 +107,7 @@ pub struct RawListen {
 }
 
 /// `[stop]`.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStop {
     /// The signal asking a worker to stop.
@@ -117,7 +117,7 @@ pub struct RawStop {
 }
 
 /// `[restart]`.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRestart {
     /// The delay after the second quick crash.
@@ -131,7 +131,7 @@ pub struct RawRestart {
 }
 
 /// `[restart] flapping`.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFlapping {
     /// Exits of one worker slot...
@@ -141,7 +141,7 @@ pub struct RawFlapping {
 }
 
 /// `[ready]`.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReady {
     /// `notify`, `tcp` or `none`.
@@ -154,7 +154,7 @@ pub struct RawReady {
 }
 
 /// `[deploy]`.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDeploy {
     /// How long a new generation's workers must stay up, all ready, before the flip.
@@ -162,7 +162,7 @@ pub struct RawDeploy {
 }
 
 /// `[logs]`.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLogs {
     /// Rotate when the file reaches this size.
