@@ -53,6 +53,8 @@ use crate::config::sandbox::Mode;
 use crate::sys::landlock;
 use crate::sys::spawn::SandboxPlan;
 
+pub use crate::sys::landlock::abi_version as landlock_abi;
+
 /// Why a site's sandbox cannot be had on this host. Every case is permanent: retrying
 /// does not help until the operator changes the site, the root or the host.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
