@@ -15,8 +15,9 @@
 //!   readiness (Linux 2.6.27).
 //! - [`wait`]: `waitid(P_ALL, WNOWAIT)` to find which child became a zombie, for reaping
 //!   orphans re-parented to us as child subreaper.
-//! - [`landlock`]: building a Landlock ruleset in the parent and probing the ABI version
-//!   (the child enforces it in [`spawn`]).
+//! - [`landlock`]: probing the ABI version, and building and enforcing a ruleset in the
+//!   spawn child (called from [`spawn`]'s child path, after `chroot` and the private
+//!   `/tmp`; the parent only prepares the paths and rights, in `crate::sandbox`).
 //! - [`ptrace`]: `PTRACE_ATTACH`, for the probe worker's attacks only.
 //! - [`seccomp`]: a filter refusing `io_uring_setup`, for the probe (tests of the epoll
 //!   fall-back where io_uring is refused).

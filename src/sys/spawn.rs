@@ -37,7 +37,8 @@
 //!    leader without a controlling terminal may acquire one);
 //! 6. to 14. the sandbox, when the image has a [`SandboxPlan`] (`apply_sandbox`; the list
 //!    with each ordering reason is in `crate::sandbox`): rlimits, private `/tmp`, `chroot`,
-//!    bounding set, groups and gid, uid, capability sets, `no_new_privs`, Landlock;
+//!    bounding set, groups and gid, uid, capability sets, `no_new_privs`, Landlock (the
+//!    ruleset is built here, in the child, from the paths and rights of the plan);
 //! 15. fill in `LISTEN_PID=` with its own pid (only known now), `chdir` to the working
 //!     directory (inside the root, as the site's user);
 //! 16. `execve`. Any failure writes `(step, errno)` to the report pipe and `_exit(127)`s;
