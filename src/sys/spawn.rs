@@ -78,76 +78,82 @@ const MAX_SIGNALS: usize = 65;
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 const PID_DIGITS: usize = 10;
 
-/// A step of the child path, reported with its errno when it fails.
+/// A step of the child path, reported with its errno when it fails. The numbers are the
+/// steps of the module doc (the sandbox steps 6 to 14 are listed in `crate::sandbox`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum ChildStep {
-    /// Resetting signal dispositions, or `sigprocmask`.
+    /// 0: `close_range(CLOSE_RANGE_UNSHARE)`, a private fd table.
+    UnshareFds = 0,
+    /// 1: resetting signal dispositions, or `sigprocmask`.
     ResetSignals = 1,
-    /// `setsid`.
+    /// 2: `setsid`.
     Setsid = 2,
-    /// Duplicating the fd map into place.
+    /// 3: duplicating the fd map into place.
     MoveFds = 3,
-    /// `close_range` of the fds the worker must not inherit.
+    /// 4: `close_range` of the fds the worker must not inherit.
     CloseFds = 4,
-    /// `chdir` to the working directory.
-    Chdir = 5,
-    /// `execve` of the worker.
-    Exec = 6,
-    /// `setrlimit` of a configured limit.
-    Rlimits = 7,
-    /// A private `/tmp`: a new mount namespace and a tmpfs.
-    PrivateTmp = 8,
-    /// `chroot` into the site's root.
-    Chroot = 9,
-    /// Dropping capabilities from the bounding set.
-    DropBounding = 10,
-    /// `setgroups` and `setresgid`.
-    SetGroups = 11,
-    /// `setresuid`.
-    SetUid = 12,
-    /// `capset` and the ambient set.
-    Capabilities = 13,
-    /// `PR_SET_NO_NEW_PRIVS`.
-    NoNewPrivs = 14,
-    /// `landlock_restrict_self`.
-    Landlock = 15,
-    /// `TIOCSCTTY` on the terminal given as stdin.
-    ControllingTty = 16,
+    /// 5: `TIOCSCTTY` on the terminal given as stdin.
+    ControllingTty = 5,
+    /// 6: `setrlimit` of a configured limit.
+    Rlimits = 6,
+    /// 7: a private `/tmp`: a new mount namespace and a tmpfs.
+    PrivateTmp = 7,
+    /// 8: `chroot` into the site's root.
+    Chroot = 8,
+    /// 9: dropping capabilities from the bounding set.
+    DropBounding = 9,
+    /// 10: `setgroups` and `setresgid`.
+    SetGroups = 10,
+    /// 11: `setresuid`.
+    SetUid = 11,
+    /// 12: `capset` and the ambient set.
+    Capabilities = 12,
+    /// 13: `PR_SET_NO_NEW_PRIVS`.
+    NoNewPrivs = 13,
+    /// 14: building the Landlock ruleset and `landlock_restrict_self`.
+    Landlock = 14,
+    /// 15: `chdir` to the working directory.
+    Chdir = 15,
+    /// 16: `execve` of the worker.
+    Exec = 16,
 }
 
 impl ChildStep {
+    /// Every step, in order: `ALL[n]` is step `n`.
+    const ALL: [ChildStep; 17] = [
+        ChildStep::UnshareFds,
+        ChildStep::ResetSignals,
+        ChildStep::Setsid,
+        ChildStep::MoveFds,
+        ChildStep::CloseFds,
+        ChildStep::ControllingTty,
+        ChildStep::Rlimits,
+        ChildStep::PrivateTmp,
+        ChildStep::Chroot,
+        ChildStep::DropBounding,
+        ChildStep::SetGroups,
+        ChildStep::SetUid,
+        ChildStep::Capabilities,
+        ChildStep::NoNewPrivs,
+        ChildStep::Landlock,
+        ChildStep::Chdir,
+        ChildStep::Exec,
+    ];
+
     fn from_u32(v: u32) -> Option<ChildStep> {
-        Some(match v {
-            1 => ChildStep::ResetSignals,
-            2 => ChildStep::Setsid,
-            3 => ChildStep::MoveFds,
-            4 => ChildStep::CloseFds,
-            5 => ChildStep::Chdir,
-            6 => ChildStep::Exec,
-            7 => ChildStep::Rlimits,
-            8 => ChildStep::PrivateTmp,
-            9 => ChildStep::Chroot,
-            10 => ChildStep::DropBounding,
-            11 => ChildStep::SetGroups,
-            12 => ChildStep::SetUid,
-            13 => ChildStep::Capabilities,
-            14 => ChildStep::NoNewPrivs,
-            15 => ChildStep::Landlock,
-            16 => ChildStep::ControllingTty,
-            _ => return None,
-        })
+        ChildStep::ALL.get(usize::try_from(v).ok()?).copied()
     }
 
     /// What the step does, for error messages.
     pub fn describe(self) -> &'static str {
         match self {
+            ChildStep::UnshareFds => "unshare the file descriptor table",
             ChildStep::ResetSignals => "reset the signal mask",
             ChildStep::Setsid => "start a new session",
             ChildStep::MoveFds => "move file descriptors into place",
             ChildStep::CloseFds => "close inherited file descriptors",
-            ChildStep::Chdir => "change to the working directory",
-            ChildStep::Exec => "execute the command",
+            ChildStep::ControllingTty => "acquire the controlling terminal",
             ChildStep::Rlimits => "set resource limits",
             ChildStep::PrivateTmp => "mount a private /tmp",
             ChildStep::Chroot => "change root to the site's root",
@@ -156,8 +162,9 @@ impl ChildStep {
             ChildStep::SetUid => "set the user",
             ChildStep::Capabilities => "set the capability sets",
             ChildStep::NoNewPrivs => "set no_new_privs",
-            ChildStep::Landlock => "enforce the Landlock ruleset",
-            ChildStep::ControllingTty => "acquire the controlling terminal",
+            ChildStep::Landlock => "build and enforce the Landlock ruleset",
+            ChildStep::Chdir => "change to the working directory",
+            ChildStep::Exec => "execute the command",
         }
     }
 }
@@ -632,7 +639,7 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     };
     if ret != 0 {
         // The report pipe is in the shared table: writing to it changes no table.
-        fail(plan.report, ChildStep::CloseFds);
+        fail(plan.report, ChildStep::UnshareFds);
     }
 
     // Step 1: signals. Dispositions first, while the agent's mask still blocks what it
@@ -960,4 +967,36 @@ fn fail(report: RawFd, step: ChildStep) -> ! {
     // group: no CLONE_THREAD), without running atexit handlers or destructors, which
     // belong to the parent whose memory this child shares or copies.
     unsafe { libc::_exit(127) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_steps_are_numbered_as_the_module_doc_lists_them() {
+        for (n, step) in ChildStep::ALL.iter().enumerate() {
+            let n = u32::try_from(n).expect("small");
+            assert_eq!(*step as u32, n, "{step:?}");
+            assert_eq!(ChildStep::from_u32(n), Some(*step));
+        }
+        assert_eq!(ChildStep::from_u32(17), None);
+        // The module doc's list, "N. ..." or "N. to M. ...", one number per step.
+        let doc: Vec<u32> = include_str!("spawn.rs")
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .filter_map(|l| {
+                let (n, rest) = l.strip_prefix("//! ")?.split_once(". ")?;
+                let n: u32 = n.parse().ok()?;
+                let to = rest
+                    .strip_prefix("to ")
+                    .and_then(|r| r.split_once('.'))
+                    .and_then(|(m, _)| m.parse().ok())
+                    .unwrap_or(n);
+                Some((n..=to).collect::<Vec<_>>())
+            })
+            .flatten()
+            .collect();
+        assert_eq!(doc, (0..=16).collect::<Vec<_>>());
+    }
 }
