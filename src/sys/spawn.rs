@@ -849,7 +849,8 @@ unsafe fn apply_sandbox(sb: &SandboxPlan, report: RawFd) {
         }
         // Step 10: groups, then gid: both need CAP_SETGID, gone after setresuid.
         // SAFETY: `groups` is a live slice in the parent's plan; the length matches it.
-        if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+        // Raw, like setresgid and setresuid below: glibc's wrapper is a setxid call too.
+        if unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) } != 0 {
             fail(report, ChildStep::SetGroups);
         }
         // SAFETY: plain integer arguments. Raw syscalls: glibc's setxid broadcast to
