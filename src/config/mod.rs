@@ -12,6 +12,8 @@
 //! - `site`: validating one site file ([`validate_site`]);
 //! - `load`: reading the agent file and its sites, and the checks across sites
 //!   (overlapping listeners, memory budgets);
+//! - `effective`: the effective configuration `check` prints ([`Effective`], the file
+//!   each site was validated from with every default written in);
 //! - `units`: durations, sizes and signals, parsed and formatted;
 //! - `users`: users and groups, resolved from `/etc/passwd` and `/etc/group` (NSS modules
 //!   such as LDAP are not consulted);
@@ -25,6 +27,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+mod effective;
 mod load;
 mod raw;
 pub mod sandbox;
@@ -32,6 +35,7 @@ mod site;
 mod units;
 mod users;
 
+pub use effective::Effective;
 pub use load::{
     BrokenSite, DEFAULT_MEMORY_RESERVE, check_budgets, host_memory, load, load_each, load_keeping,
 };
@@ -313,36 +317,6 @@ pub struct SiteConfig {
     pub effective: Effective,
 }
 
-/// The site file a [`SiteConfig`] was validated from, with every key the file left out
-/// written in with the default validation took: the effective configuration `check`
-/// prints. [`validate_site`] writes each default in where it applies it, so there is no
-/// second description of the defaults to keep in step, and validating this file again
-/// gives the same configuration. (Where the file names no `user` or `group`, this one
-/// names the agent's own, in numbers; validated again, `user` and `group` then say so.)
-///
-/// It is what the file says, not what a derived configuration runs: it keeps `{release}`
-/// after [`SiteConfig::for_release`].
-///
-/// It takes no part in comparing configurations: two are equal when they mean the same,
-/// however their files spell it (`"30s"` or `"30000ms"`), which is what a reload compares.
-#[derive(Debug, Clone)]
-pub struct Effective(RawSite);
-
-impl Effective {
-    /// The file, in the file format.
-    pub fn raw(&self) -> &RawSite {
-        &self.0
-    }
-}
-
-impl PartialEq for Effective {
-    fn eq(&self, _: &Effective) -> bool {
-        true
-    }
-}
-
-impl Eq for Effective {}
-
 /// `workers = "auto"`: as many workers as the budget holds, between `min` and `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AutoWorkers {
@@ -395,31 +369,6 @@ impl SiteConfig {
             env: self.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect(),
             ..self.clone()
         }
-    }
-}
-
-impl AgentConfig {
-    /// The effective configuration as TOML: the agent file, then each site.
-    pub fn effective_toml(&self) -> String {
-        let agent = RawAgent {
-            control_socket: Some(self.control_socket.clone()),
-            state_dir: Some(self.state_dir.clone()),
-            sites_dir: Some(self.sites_dir.clone()),
-            cgroup_base: Some(match &self.cgroup_base {
-                CgroupBase::Auto => "auto".into(),
-                CgroupBase::Off => "off".into(),
-                CgroupBase::Path(p) => p.display().to_string(),
-            }),
-            logs: None,
-            memory_reserve: Some(format_size(self.memory_reserve)),
-        };
-        let mut out = format!("# {}\n", self.file.display());
-        out.push_str(&toml::to_string(&agent).unwrap_or_default());
-        for site in &self.sites {
-            out.push_str(&format!("\n# {}\n", site.file.display()));
-            out.push_str(&toml::to_string(site.effective.raw()).unwrap_or_default());
-        }
-        out
     }
 }
 
