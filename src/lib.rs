@@ -2,8 +2,12 @@
 //!
 //! The module tree follows the layers of DESIGN.md, each using only those beneath it:
 //!
-//! - [`sys`] is the only place with `unsafe`: `clone3` and the post-clone child path,
-//!   `signalfd`, `waitid(P_ALL, WNOWAIT)`, the io_uring submission side and `bpf(2)`.
+//! - `sys`, private to the crate, is the only place with `unsafe`: `clone3` and the
+//!   post-clone child path, `signalfd`, `waitid(P_ALL, WNOWAIT)`, the io_uring submission
+//!   side, `bpf(2)` and Landlock. The few of its safe calls that the CLI and the tests use
+//!   are re-exported by the modules that own the concept:
+//!   [`net::accept_queue_len`], [`steering::load_select_program`],
+//!   [`sandbox::landlock_abi`] and [`process::set_default_disposition`].
 //! - Kernel-facing mechanism: [`process`] (a pid always with its pidfd), [`cgroup`] (the
 //!   cgroup v2 tree as directory fds), [`net`] (listeners bound by the agent, the notify
 //!   socket), [`spawn`] (turning a site's configuration into a ready-to-clone image),
@@ -40,5 +44,5 @@ pub mod status;
 pub mod steering;
 pub mod supervisor;
 #[allow(unsafe_code)]
-pub mod sys;
+mod sys;
 pub mod terminal;

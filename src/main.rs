@@ -221,7 +221,7 @@ fn say(text: &str) {
 /// by `SIGPIPE`) when the reader is gone, instead of failing a write (Rust's runtime
 /// ignores `SIGPIPE`, and `println!` panics on the error).
 fn quiet_on_closed_stdout() {
-    let _ = hatchery::sys::signals::set_default(libc::SIGPIPE);
+    let _ = hatchery::process::set_default_disposition(libc::SIGPIPE);
 }
 
 fn run_agent(path: &std::path::Path) -> ExitCode {
@@ -327,7 +327,7 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
         )
         .collect();
     if json {
-        let sites: Vec<_> = config.sites.iter().map(|s| s.to_raw()).collect();
+        let sites: Vec<_> = config.sites.iter().map(|s| s.effective.raw()).collect();
         let out = serde_json::json!({
             "valid": invalid.is_empty(),
             "problems": problems,

@@ -23,6 +23,8 @@ use rustix::net::{
 
 use crate::config::{ListenAddr, ListenSpec};
 
+pub use crate::sys::tcp::accept_queue_len;
+
 /// Errors binding sockets.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -162,7 +164,7 @@ impl Listener {
     /// The accept-queue length (TCP only; `None` for unix sockets).
     pub fn queued(&self) -> Option<u32> {
         match self.spec.addr {
-            ListenAddr::Tcp(_) => crate::sys::tcp::accept_queue_len(self.fd.as_fd()).ok(),
+            ListenAddr::Tcp(_) => accept_queue_len(self.fd.as_fd()).ok(),
             ListenAddr::Unix(_) => None,
         }
     }

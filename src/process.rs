@@ -4,6 +4,9 @@
 //! (5.4). A pid is only ever signalled through its pidfd, so a recycled pid can never be
 //! hit by mistake; the process group kill (for workers without a cgroup) goes through
 //! `kill(-pgid)` only while the pidfd shows the group leader has not been reaped.
+//!
+//! Also this process's own signal dispositions: [`set_default_disposition`] (the CLI's
+//! `SIGPIPE`).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -11,6 +14,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::process::{Pid, Signal as RSignal, WaitId, WaitIdOptions};
 
 use crate::supervisor::slots::ExitReason;
+
+pub use crate::sys::signals::set_default as set_default_disposition;
 
 /// A live (or not yet reaped) child: its pid and its pidfd.
 #[derive(Debug)]

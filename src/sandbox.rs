@@ -1,9 +1,12 @@
 //! The sandbox of a site's workers, prepared in the agent before `clone3`.
 //!
-//! This module checks the site's root, opens the Landlock paths and builds the ruleset,
-//! and turns the configuration into a [`SandboxPlan`] of plain numbers, C strings and
-//! one fd. The child path of `sys::spawn` then applies it with raw syscalls between
-//! `clone3` and `execve`, in this order (each step's why is next to its syscall there):
+//! This module checks the site's root and turns the configuration into a `SandboxPlan`
+//! (`sys::spawn`) of plain numbers and C strings, the Landlock part included: the handled
+//! rights, and each path (as the worker sees it, inside the root) with its rights. It
+//! opens no path and creates no ruleset: the child path of `sys::spawn` builds the ruleset
+//! itself, after `chroot` and the private `/tmp` (rules are tied to inodes: see
+//! `sys::landlock`). The child applies the plan with raw syscalls between `clone3` and
+//! `execve`, in this order (each step's why is next to its syscall there):
 //!
 //! 0.-4. fd table unshared, signals reset, `setsid`, fds moved into place, the rest
 //!    closed (see `sys::spawn`);
@@ -20,7 +23,9 @@
 //! 12. `capset` (effective = permitted = inheritable = allow-list) and the ambient set:
 //!     after 11, which cleared the effective set, so the allowed ones survive `execve`;
 //! 13. `PR_SET_NO_NEW_PRIVS`: always; before 14, since Landlock requires it;
-//! 14. `landlock_restrict_self`: last, so nothing the child still does is refused;
+//! 14. Landlock: create the ruleset, open each path (`O_PATH`, inside the root and its
+//!     private `/tmp`) and add its rule, then `landlock_restrict_self`: last, so nothing
+//!     the child still does is refused;
 //! 15. `chdir(workdir)` as the site's user (so a workdir it may not enter fails), then
 //! 16. `execve`.
 //!
@@ -35,9 +40,9 @@
 //! unprivileged agent cannot change them and its workers run as itself.
 //!
 //! Kernel requirements: everything but Landlock exists on every supported kernel (5.10).
-//! Landlock filesystem rules need ABI 1 (5.13), TCP bind/connect rules ABI 4 (6.7); each
-//! is `required`, `best-effort` or `off` (see `config::sandbox`). What is enforced is
-//! reported by [`Prepared::report`].
+//! Landlock filesystem rules need ABI 1 (5.13), TCP bind/connect rules ABI 4 (6.7), scopes
+//! ABI 6 (6.12); each is `required`, `best-effort` or `off` (see `config::sandbox`). What
+//! is enforced is reported by [`Prepared::report`].
 //!
 //! What it does not do: namespaces other than the mount namespace of a private `/tmp`,
 //! seccomp, and bind mounts into the root (the root is prepared by the operator).
@@ -52,6 +57,8 @@ use crate::config::SiteConfig;
 use crate::config::sandbox::Mode;
 use crate::sys::landlock;
 use crate::sys::spawn::SandboxPlan;
+
+pub use crate::sys::landlock::abi_version as landlock_abi;
 
 /// Why a site's sandbox cannot be had on this host. Every case is permanent: retrying
 /// does not help until the operator changes the site, the root or the host.
@@ -214,11 +221,7 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, SandboxE
                 if sb.capabilities.is_empty() {
                     "none".to_string()
                 } else {
-                    site.sandbox
-                        .to_raw()
-                        .capabilities
-                        .unwrap_or_default()
-                        .join(" ")
+                    sb.capability_names().join(" ")
                 }
             ),
         ));

@@ -1,4 +1,4 @@
-//! From a site's configuration to an [`ExecImage`] ready for `clone3`.
+//! From a site's configuration to an `ExecImage` (`sys::spawn`) ready for `clone3`.
 //!
 //! Built in the parent, before the clone: the resolved executable path, argv, and the
 //! worker's environment, which is exactly the site's `env`, a default `PATH` if the site

@@ -38,6 +38,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::sys::bpf;
 
+pub use crate::sys::bpf::ProgLoadError;
+
 /// What this kernel/privilege allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SteeringSupport {
@@ -64,7 +66,7 @@ pub enum SteeringError {
     },
     /// The program did not load.
     #[error("failed to load the steering program")]
-    Load(#[source] bpf::ProgLoadError),
+    Load(#[source] ProgLoadError),
     /// The socket is not in a reuseport group.
     #[error("failed to attach the steering program: the socket does not have SO_REUSEPORT set")]
     NotReuseport,
@@ -225,6 +227,14 @@ pub fn probe() -> SteeringSupport {
         Ok((_, false)) => SteeringSupport::Select,
         Err(e) => SteeringSupport::Unavailable(chain(&e)),
     }
+}
+
+/// Loads `insns` (raw `struct bpf_insn`s, 8 bytes each) as an `SK_REUSEPORT` program for
+/// `SELECT`, attached to nothing. The agent loads only its own program (through
+/// [`Steering::attach`] and [`probe`]); this shows, with a program the verifier refuses,
+/// what a refusal reports: the kernel's error and the verifier's log.
+pub fn load_select_program(insns: &[[u8; 8]]) -> Result<OwnedFd, ProgLoadError> {
+    bpf::prog_load_sk_reuseport(insns, LICENSE, bpf::BPF_SK_REUSEPORT_SELECT)
 }
 
 /// An error and its causes on one line.

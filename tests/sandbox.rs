@@ -32,7 +32,7 @@ fn uid_of(user: &str) -> u32 {
 }
 
 fn landlock_abi() -> u32 {
-    hatchery::sys::landlock::abi_version()
+    hatchery::sandbox::landlock_abi()
 }
 
 /// A site root holding the hatchery binary and its libraries, with `/proc` mounted so the

@@ -122,7 +122,7 @@ fn steering_queued_connections_of_a_closed_listener_migrate() {
     let queued: usize = 8; // also the accept-queue length waited for below
     let mut clients = connect(addr, queued);
     let start = Instant::now();
-    while hatchery::sys::tcp::accept_queue_len(a.as_fd()).expect("TCP_INFO") < 8 {
+    while hatchery::net::accept_queue_len(a.as_fd()).expect("TCP_INFO") < 8 {
         assert!(start.elapsed() < DEADLINE, "connections did not queue on A");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -237,12 +237,7 @@ fn steering_a_rejected_program_carries_the_verifier_log() {
     }
     // r0 = 1 without an exit: the verifier refuses to fall off the end.
     let insns = [[0xb7, 0, 0, 0, 1, 0, 0, 0]];
-    let err = hatchery::sys::bpf::prog_load_sk_reuseport(
-        &insns,
-        c"GPL",
-        hatchery::sys::bpf::BPF_SK_REUSEPORT_SELECT,
-    )
-    .expect_err("no exit instruction");
+    let err = hatchery::steering::load_select_program(&insns).expect_err("no exit instruction");
     assert!(!err.log.is_empty(), "{err}");
     assert!(err.to_string().contains("verifier log"), "{err}");
     eprintln!("{err}");

@@ -1,6 +1,6 @@
 //! `[sandbox]` of a site file: chroot, groups, capabilities, rlimits, private `/tmp` and
-//! Landlock. Parsed and validated here; applied by `crate::sandbox` and the child path
-//! of `crate::sys::spawn`.
+//! Landlock. Parsed and validated here; turned into a plan by `crate::sandbox`, which the
+//! child path of `sys::spawn` applies (the Landlock ruleset included, built in the child).
 //!
 //! Every path in `[sandbox.landlock]` is inside the site's `root` (the paths the worker
 //! sees). Features the kernel may lack (Landlock filesystem and network rules) are
@@ -78,12 +78,16 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn parse(file: &Path, key: &str, v: Option<&str>) -> Result<Mode, ConfigError> {
-        match v {
-            None | Some("best-effort") => Ok(Mode::BestEffort),
-            Some("required") => Ok(Mode::Required),
-            Some("off") => Ok(Mode::Off),
-            Some(other) => Err(err(
+    /// The mode at `slot` (`key`), `best-effort` when none is written (and then written).
+    fn parse(file: &Path, key: &str, slot: &mut Option<String>) -> Result<Mode, ConfigError> {
+        match slot
+            .get_or_insert_with(|| Mode::BestEffort.name().into())
+            .as_str()
+        {
+            "best-effort" => Ok(Mode::BestEffort),
+            "required" => Ok(Mode::Required),
+            "off" => Ok(Mode::Off),
+            other => Err(err(
                 file,
                 key,
                 format!("invalid value {other:?}: use \"required\", \"best-effort\" or \"off\""),
@@ -193,16 +197,16 @@ pub const RLIMITS: &[(&str, i32)] = &[
     ("stack", 3),
 ];
 
+/// The paths at `slot` (`key`), or `default`, which is then written there.
 fn absolute_list(
     file: &Path,
     key: &str,
-    v: Option<&Vec<PathBuf>>,
+    slot: &mut Option<Vec<PathBuf>>,
     default: &[&str],
 ) -> Result<Vec<PathBuf>, ConfigError> {
-    let list: Vec<PathBuf> = match v {
-        Some(l) => l.clone(),
-        None => default.iter().map(PathBuf::from).collect(),
-    };
+    let list = slot
+        .get_or_insert_with(|| default.iter().map(PathBuf::from).collect())
+        .clone();
     for p in &list {
         if !p.is_absolute() || p.components().any(|c| c.as_os_str() == "..") {
             return Err(err(
@@ -218,14 +222,14 @@ fn absolute_list(
     Ok(list)
 }
 
-/// Validates `[sandbox]`; `user` is the site's user name, for its supplementary groups.
+/// Validates `[sandbox]` at `slot`; `user` is the site's user name, for its supplementary
+/// groups. Like [`super::validate_site`], writes every default it takes into `slot`.
 pub fn validate(
     file: &Path,
-    raw: Option<&RawSandbox>,
+    slot: &mut Option<RawSandbox>,
     user: Option<&str>,
 ) -> Result<SandboxConfig, ConfigError> {
-    let empty = RawSandbox::default();
-    let raw = raw.unwrap_or(&empty);
+    let raw = slot.get_or_insert_with(RawSandbox::default);
     if let Some(root) = &raw.root {
         if !root.is_absolute() || root.components().any(|c| c.as_os_str() == "..") {
             return Err(err(
@@ -240,7 +244,7 @@ pub fn validate(
         .and_then(super::lookup_user)
         .map(|u| user_groups(&u.name))
         .unwrap_or_default();
-    let group_names = raw.groups.clone().unwrap_or_default();
+    let group_names = raw.groups.get_or_insert_with(Vec::new).clone();
     for g in &group_names {
         let gid = super::lookup_group(g).ok_or_else(|| {
             err(
@@ -254,7 +258,7 @@ pub fn validate(
         }
     }
     let mut capabilities = Vec::new();
-    for c in raw.capabilities.iter().flatten() {
+    for c in raw.capabilities.get_or_insert_with(Vec::new).iter() {
         let upper = c.to_ascii_uppercase();
         let name = if upper.starts_with("CAP_") {
             upper
@@ -275,7 +279,7 @@ pub fn validate(
     }
     capabilities.sort_unstable();
     let mut rlimits = Vec::new();
-    for (name, value) in raw.rlimits.iter().flatten() {
+    for (name, value) in raw.rlimits.get_or_insert_with(BTreeMap::new).iter() {
         let key = format!("sandbox.rlimits.{name}");
         let resource = RLIMITS
             .iter()
@@ -297,41 +301,34 @@ pub fn validate(
         };
         rlimits.push((name.clone(), resource, v));
     }
-    let ll = raw.landlock.clone().unwrap_or_default();
+    let strict = *raw.strict.get_or_insert(true);
+    let private_tmp = *raw.private_tmp.get_or_insert(false);
+    let ll = raw.landlock.get_or_insert_with(RawLandlock::default);
     Ok(SandboxConfig {
         root: raw.root.clone(),
-        strict: raw.strict.unwrap_or(true),
+        strict,
         groups,
         group_names,
         capabilities,
-        private_tmp: raw.private_tmp.unwrap_or(false),
+        private_tmp,
         rlimits,
-        landlock_fs: Mode::parse(
-            file,
-            "sandbox.landlock.filesystem",
-            ll.filesystem.as_deref(),
-        )?,
-        landlock_net: Mode::parse(file, "sandbox.landlock.network", ll.network.as_deref())?,
-        landlock_scope: Mode::parse(file, "sandbox.landlock.scope", ll.scope.as_deref())?,
+        landlock_fs: Mode::parse(file, "sandbox.landlock.filesystem", &mut ll.filesystem)?,
+        landlock_net: Mode::parse(file, "sandbox.landlock.network", &mut ll.network)?,
+        landlock_scope: Mode::parse(file, "sandbox.landlock.scope", &mut ll.scope)?,
         read_only: absolute_list(
             file,
             "sandbox.landlock.read_only",
-            ll.read_only.as_ref(),
+            &mut ll.read_only,
             &["/"],
         )?,
         read_write: absolute_list(
             file,
             "sandbox.landlock.read_write",
-            ll.read_write.as_ref(),
+            &mut ll.read_write,
             &["/tmp", "/dev/null"],
         )?,
-        execute: absolute_list(
-            file,
-            "sandbox.landlock.execute",
-            ll.execute.as_ref(),
-            &["/"],
-        )?,
-        connect: ll.connect.clone().unwrap_or_default(),
+        execute: absolute_list(file, "sandbox.landlock.execute", &mut ll.execute, &["/"])?,
+        connect: ll.connect.get_or_insert_with(Vec::new).clone(),
     })
 }
 
@@ -349,36 +346,12 @@ pub fn user_groups(user: &str) -> Vec<u32> {
 }
 
 impl SandboxConfig {
-    /// The effective `[sandbox]`, every default filled in.
-    pub fn to_raw(&self) -> RawSandbox {
-        RawSandbox {
-            root: self.root.clone(),
-            strict: Some(self.strict),
-            groups: Some(self.group_names.clone()),
-            capabilities: Some(
-                self.capabilities
-                    .iter()
-                    .filter_map(|&c| CAPABILITIES.get(usize::try_from(c).ok()?))
-                    .map(|s| s.to_string())
-                    .collect(),
-            ),
-            private_tmp: Some(self.private_tmp),
-            rlimits: Some(
-                self.rlimits
-                    .iter()
-                    .map(|(n, _, v)| (n.clone(), RawLimit::Number(*v)))
-                    .collect(),
-            ),
-            landlock: Some(RawLandlock {
-                filesystem: Some(self.landlock_fs.name().into()),
-                network: Some(self.landlock_net.name().into()),
-                scope: Some(self.landlock_scope.name().into()),
-                read_only: Some(self.read_only.clone()),
-                read_write: Some(self.read_write.clone()),
-                execute: Some(self.execute.clone()),
-                connect: Some(self.connect.clone()),
-            }),
-        }
+    /// The names of the capabilities kept, e.g. `CAP_NET_BIND_SERVICE`.
+    pub fn capability_names(&self) -> Vec<&'static str> {
+        self.capabilities
+            .iter()
+            .filter_map(|&c| CAPABILITIES.get(usize::try_from(c).ok()?).copied())
+            .collect()
     }
 }
 
@@ -388,7 +361,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<SandboxConfig, ConfigError> {
         let raw: RawSandbox = toml::from_str(text).expect("toml");
-        validate(Path::new("/s/blog.toml"), Some(&raw), None)
+        validate(Path::new("/s/blog.toml"), &mut Some(raw), None)
     }
 
     #[test]
@@ -415,7 +388,7 @@ mod tests {
     fn notify_readiness_cannot_cross_a_root() {
         let file = Path::new("/s/blog.toml");
         let text = "name = \"blog\"\ncommand = [\"/x\"]\n[ready]\ncheck = \"notify\"\n[sandbox]\nroot = \"/srv/r\"\n";
-        let raw: super::super::RawSite = super::super::parse_toml(file, text).expect("toml");
+        let raw: super::super::RawSite = super::super::load::parse_toml(file, text).expect("toml");
         let e = super::super::validate_site(file, &raw, super::super::LogPolicy::default())
             .expect_err("notify inside a root");
         assert_eq!(e.key, "ready.check");

@@ -48,6 +48,20 @@ pub mod fs {
     pub const TRUNCATE: u64 = 1 << 14;
     /// The rights that apply to a file (not a directory) in a path rule.
     pub const FILE_RIGHTS: u64 = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE;
+    /// The rights of ABI 1.
+    pub const ABI_1: u64 = EXECUTE
+        | WRITE_FILE
+        | READ_FILE
+        | READ_DIR
+        | REMOVE_DIR
+        | REMOVE_FILE
+        | MAKE_CHAR
+        | MAKE_DIR
+        | MAKE_REG
+        | MAKE_SOCK
+        | MAKE_FIFO
+        | MAKE_BLOCK
+        | MAKE_SYM;
 }
 
 /// `LANDLOCK_ACCESS_NET_*` (ABI 4).
@@ -70,9 +84,9 @@ pub mod scope {
 pub fn fs_rights_for_abi(abi: u32) -> u64 {
     match abi {
         0 => 0,
-        1 => (1 << 13) - 1,
-        2 => (1 << 14) - 1,
-        _ => (1 << 15) - 1,
+        1 => fs::ABI_1,
+        2 => fs::ABI_1 | fs::REFER,
+        _ => fs::ABI_1 | fs::REFER | fs::TRUNCATE,
     }
 }
 
@@ -223,4 +237,20 @@ pub fn abi_version() -> u32 {
         )
     };
     u32::try_from(ret).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_abi_adds_its_rights_above_the_last() {
+        // uapi/linux/landlock.h numbers the filesystem rights from bit 0 in the order the
+        // ABIs added them: 13 in ABI 1, REFER in 2, TRUNCATE in 3.
+        assert_eq!(fs_rights_for_abi(0), 0);
+        assert_eq!(fs_rights_for_abi(1), (1 << 13) - 1);
+        assert_eq!(fs_rights_for_abi(2), (1 << 14) - 1);
+        assert_eq!(fs_rights_for_abi(3), (1 << 15) - 1);
+        assert_eq!(fs_rights_for_abi(6), fs_rights_for_abi(3));
+    }
 }

@@ -3,9 +3,10 @@
 //! Everything here is a thin, documented wrapper over a syscall that `rustix` does not
 //! cover (or cannot cover safely for our use):
 //!
-//! - [`spawn`]: `clone3(CLONE_PIDFD | CLONE_INTO_CGROUP)` and the post-clone child path,
+//! - [`spawn`]: `clone3(CLONE_PIDFD | CLONE_FILES | CLONE_VFORK)`, with `CLONE_VM` on
+//!   x86-64 and `CLONE_INTO_CGROUP` when a cgroup is given, and the post-clone child path,
 //!   which runs only raw, allocation-free syscalls before `execve` (Linux 5.3; the cgroup
-//!   flag needs 5.7 and is optional).
+//!   flag needs 5.7 and is optional; `close_range` 5.9).
 //! - [`bpf`]: `bpf(2)` map create/update and `SK_REUSEPORT` program load, and
 //!   `SO_ATTACH_REUSEPORT_EBPF` (Linux 4.19; select-or-migrate 5.14).
 //! - [`activation`]: adopting fds passed with `LISTEN_FDS` (the worker side).
@@ -15,8 +16,9 @@
 //!   readiness (Linux 2.6.27).
 //! - [`wait`]: `waitid(P_ALL, WNOWAIT)` to find which child became a zombie, for reaping
 //!   orphans re-parented to us as child subreaper.
-//! - [`landlock`]: building a Landlock ruleset in the parent and probing the ABI version
-//!   (the child enforces it in [`spawn`]).
+//! - [`landlock`]: probing the ABI version, and building and enforcing a ruleset in the
+//!   spawn child (called from [`spawn`]'s child path, after `chroot` and the private
+//!   `/tmp`; the parent only prepares the paths and rights, in `crate::sandbox`).
 //! - [`ptrace`]: `PTRACE_ATTACH`, for the probe worker's attacks only.
 //! - [`seccomp`]: a filter refusing `io_uring_setup`, for the probe (tests of the epoll
 //!   fall-back where io_uring is refused).

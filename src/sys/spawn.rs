@@ -1,4 +1,5 @@
-//! `clone3(CLONE_PIDFD | CLONE_INTO_CGROUP)` and the post-clone child path.
+//! `clone3(CLONE_PIDFD | CLONE_FILES | CLONE_VFORK | CLONE_INTO_CGROUP)` (and `CLONE_VM` on
+//! x86-64) and the post-clone child path.
 //!
 //! Kernel requirements: `clone3` with `CLONE_PIDFD` (Linux 5.3), `CLONE_INTO_CGROUP`
 //! (5.7, only when a cgroup is given), `close_range` (5.9).
@@ -17,6 +18,16 @@
 //! CLOSE_RANGE_UNSHARE)` (5.9), which gives it a private table holding only the fds below
 //! the block's end. Until then it touches no fd, so the shared table is never changed, and
 //! `CLONE_VFORK` keeps the parent from changing it either until the child has exec'd.
+//!
+//! On x86-64 the child also shares the parent's memory (`CLONE_VM`, as `posix_spawn`'s
+//! vfork does), which spares copying the page tables and the copy-on-write faults that
+//! follow; it runs on a stack of its own held by the [`FdBlock`]. Elsewhere it runs on a
+//! copy of the parent's memory. Either way it reads the plan in place, and `CLONE_VFORK`
+//! keeps the parent suspended, so nothing changes the plan (or, with `CLONE_VM`, runs on
+//! the shared memory) until the child has exec'd or exited. Without `CLONE_SIGHAND` the
+//! child has its own signal handler table, and without `CLONE_SETTLS` it runs on the
+//! parent thread's TLS: glibc's wrappers write `errno` into the suspended parent's slot,
+//! which nothing reads after `clone3` returns.
 //!
 //! The child, in order:
 //! 0. unshare the fd table, keeping only the fds below the block's end;
@@ -37,7 +48,8 @@
 //!    leader without a controlling terminal may acquire one);
 //! 6. to 14. the sandbox, when the image has a [`SandboxPlan`] (`apply_sandbox`; the list
 //!    with each ordering reason is in `crate::sandbox`): rlimits, private `/tmp`, `chroot`,
-//!    bounding set, groups and gid, uid, capability sets, `no_new_privs`, Landlock;
+//!    bounding set, groups and gid, uid, capability sets, `no_new_privs`, Landlock (the
+//!    ruleset is built here, in the child, from the paths and rights of the plan);
 //! 15. fill in `LISTEN_PID=` with its own pid (only known now), `chdir` to the working
 //!     directory (inside the root, as the site's user);
 //! 16. `execve`. Any failure writes `(step, errno)` to the report pipe and `_exit(127)`s;
@@ -66,76 +78,82 @@ const MAX_SIGNALS: usize = 65;
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 const PID_DIGITS: usize = 10;
 
-/// A step of the child path, reported with its errno when it fails.
+/// A step of the child path, reported with its errno when it fails. The numbers are the
+/// steps of the module doc (the sandbox steps 6 to 14 are listed in `crate::sandbox`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum ChildStep {
-    /// Resetting signal dispositions, or `sigprocmask`.
+    /// 0: `close_range(CLOSE_RANGE_UNSHARE)`, a private fd table.
+    UnshareFds = 0,
+    /// 1: resetting signal dispositions, or `sigprocmask`.
     ResetSignals = 1,
-    /// `setsid`.
+    /// 2: `setsid`.
     Setsid = 2,
-    /// Duplicating the fd map into place.
+    /// 3: duplicating the fd map into place.
     MoveFds = 3,
-    /// `close_range` of the fds the worker must not inherit.
+    /// 4: `close_range` of the fds the worker must not inherit.
     CloseFds = 4,
-    /// `chdir` to the working directory.
-    Chdir = 5,
-    /// `execve` of the worker.
-    Exec = 6,
-    /// `setrlimit` of a configured limit.
-    Rlimits = 7,
-    /// A private `/tmp`: a new mount namespace and a tmpfs.
-    PrivateTmp = 8,
-    /// `chroot` into the site's root.
-    Chroot = 9,
-    /// Dropping capabilities from the bounding set.
-    DropBounding = 10,
-    /// `setgroups` and `setresgid`.
-    SetGroups = 11,
-    /// `setresuid`.
-    SetUid = 12,
-    /// `capset` and the ambient set.
-    Capabilities = 13,
-    /// `PR_SET_NO_NEW_PRIVS`.
-    NoNewPrivs = 14,
-    /// `landlock_restrict_self`.
-    Landlock = 15,
-    /// `TIOCSCTTY` on the terminal given as stdin.
-    ControllingTty = 16,
+    /// 5: `TIOCSCTTY` on the terminal given as stdin.
+    ControllingTty = 5,
+    /// 6: `setrlimit` of a configured limit.
+    Rlimits = 6,
+    /// 7: a private `/tmp`: a new mount namespace and a tmpfs.
+    PrivateTmp = 7,
+    /// 8: `chroot` into the site's root.
+    Chroot = 8,
+    /// 9: dropping capabilities from the bounding set.
+    DropBounding = 9,
+    /// 10: `setgroups` and `setresgid`.
+    SetGroups = 10,
+    /// 11: `setresuid`.
+    SetUid = 11,
+    /// 12: `capset` and the ambient set.
+    Capabilities = 12,
+    /// 13: `PR_SET_NO_NEW_PRIVS`.
+    NoNewPrivs = 13,
+    /// 14: building the Landlock ruleset and `landlock_restrict_self`.
+    Landlock = 14,
+    /// 15: `chdir` to the working directory.
+    Chdir = 15,
+    /// 16: `execve` of the worker.
+    Exec = 16,
 }
 
 impl ChildStep {
+    /// Every step, in order: `ALL[n]` is step `n`.
+    const ALL: [ChildStep; 17] = [
+        ChildStep::UnshareFds,
+        ChildStep::ResetSignals,
+        ChildStep::Setsid,
+        ChildStep::MoveFds,
+        ChildStep::CloseFds,
+        ChildStep::ControllingTty,
+        ChildStep::Rlimits,
+        ChildStep::PrivateTmp,
+        ChildStep::Chroot,
+        ChildStep::DropBounding,
+        ChildStep::SetGroups,
+        ChildStep::SetUid,
+        ChildStep::Capabilities,
+        ChildStep::NoNewPrivs,
+        ChildStep::Landlock,
+        ChildStep::Chdir,
+        ChildStep::Exec,
+    ];
+
     fn from_u32(v: u32) -> Option<ChildStep> {
-        Some(match v {
-            1 => ChildStep::ResetSignals,
-            2 => ChildStep::Setsid,
-            3 => ChildStep::MoveFds,
-            4 => ChildStep::CloseFds,
-            5 => ChildStep::Chdir,
-            6 => ChildStep::Exec,
-            7 => ChildStep::Rlimits,
-            8 => ChildStep::PrivateTmp,
-            9 => ChildStep::Chroot,
-            10 => ChildStep::DropBounding,
-            11 => ChildStep::SetGroups,
-            12 => ChildStep::SetUid,
-            13 => ChildStep::Capabilities,
-            14 => ChildStep::NoNewPrivs,
-            15 => ChildStep::Landlock,
-            16 => ChildStep::ControllingTty,
-            _ => return None,
-        })
+        ChildStep::ALL.get(usize::try_from(v).ok()?).copied()
     }
 
     /// What the step does, for error messages.
     pub fn describe(self) -> &'static str {
         match self {
+            ChildStep::UnshareFds => "unshare the file descriptor table",
             ChildStep::ResetSignals => "reset the signal mask",
             ChildStep::Setsid => "start a new session",
             ChildStep::MoveFds => "move file descriptors into place",
             ChildStep::CloseFds => "close inherited file descriptors",
-            ChildStep::Chdir => "change to the working directory",
-            ChildStep::Exec => "execute the command",
+            ChildStep::ControllingTty => "acquire the controlling terminal",
             ChildStep::Rlimits => "set resource limits",
             ChildStep::PrivateTmp => "mount a private /tmp",
             ChildStep::Chroot => "change root to the site's root",
@@ -144,8 +162,9 @@ impl ChildStep {
             ChildStep::SetUid => "set the user",
             ChildStep::Capabilities => "set the capability sets",
             ChildStep::NoNewPrivs => "set no_new_privs",
-            ChildStep::Landlock => "enforce the Landlock ruleset",
-            ChildStep::ControllingTty => "acquire the controlling terminal",
+            ChildStep::Landlock => "build and enforce the Landlock ruleset",
+            ChildStep::Chdir => "change to the working directory",
+            ChildStep::Exec => "execute the command",
         }
     }
 }
@@ -385,7 +404,11 @@ struct CloneArgs {
 /// Creates a child that runs `image` with `fds[i]` as its fd `i`, born in `cgroup` when
 /// given. Returns once the child has `execve`d (or failed to).
 ///
-/// The caller must be single-threaded (the agent is; see the module doc).
+/// The process must be single-threaded (the agent is): `CLONE_VFORK` suspends only the
+/// calling thread, so another thread could close or reuse fd numbers in the shared table
+/// before the child unshares it or, on x86-64 (`CLONE_VM`), change the memory the child
+/// reads its plan from. Nothing outside this crate can call it (`sys` is private; the only
+/// caller is `crate::spawn::launch`, and only the agent holds an [`FdBlock`]).
 pub fn spawn(
     image: &mut ExecImage,
     fds: &[BorrowedFd<'_>],
@@ -505,8 +528,8 @@ fn clone_child(args: &mut CloneArgs, plan: &ChildPlan<'_>, stack: &mut [u128]) -
     let ret: libc::c_long;
     // SAFETY: `args` is a fully initialised `clone_args` that outlives the call, passed
     // with its exact size. With CLONE_VM | CLONE_VFORK the kernel suspends this thread
-    // until the child has exec'd or exited, so the child is the only one running on this
-    // memory meanwhile; it starts on `stack` (16-byte aligned, `size_of_val` bytes, owned
+    // until the child has exec'd or exited, so (with no other thread: see `spawn`) the
+    // child is the only one running on this memory meanwhile; it starts on `stack` (16-byte aligned, `size_of_val` bytes, owned
     // by the caller's `FdBlock` for the whole call), with rsp = stack + size, which is
     // 16-byte aligned before the `call`, as the ABI wants. It never returns into this
     // frame: `child_entry` is `-> !` and the `ud2` after it is unreachable. In the parent
@@ -555,8 +578,9 @@ fn clone_child(args: &mut CloneArgs, plan: &ChildPlan<'_>, _stack: &mut [u128]) 
         )
     };
     if ret == 0 {
-        // SAFETY: we are the freshly cloned child; `plan` points into our private copy
-        // of the parent's memory, unchanged since it was built. It never returns.
+        // SAFETY: we are the freshly cloned child (CLONE_VFORK, neither CLONE_VM,
+        // CLONE_SIGHAND nor CLONE_THREAD); `plan` points into our private copy of the
+        // parent's memory, unchanged since it was built. It never returns.
         unsafe { child_main(plan) }
     }
     ret
@@ -565,8 +589,10 @@ fn clone_child(args: &mut CloneArgs, plan: &ChildPlan<'_>, _stack: &mut [u128]) 
 /// The child's first Rust frame, on its own stack (x86-64 `CLONE_VM` path).
 #[cfg(target_arch = "x86_64")]
 extern "C" fn child_entry(plan: *const ChildPlan<'_>) -> ! {
-    // SAFETY: `plan` is the pointer the parent passed in r12; the parent is suspended
-    // (CLONE_VFORK) and keeps `plan` alive until we exec or exit.
+    // SAFETY: `plan` is the pointer the parent passed in r12, to a `ChildPlan` on the
+    // parent's stack; the parent is suspended (CLONE_VFORK) and has no other thread, so
+    // it stays valid and unchanged until we exec or exit. The flags are those child_main
+    // requires: CLONE_VM | CLONE_VFORK, neither CLONE_SIGHAND nor CLONE_THREAD.
     unsafe { child_main(&*plan) }
 }
 
@@ -591,8 +617,12 @@ struct ChildPlan<'a> {
 ///
 /// # Safety
 ///
-/// Must be called only in the child of `clone3` without `CLONE_VM`, with a `plan` whose
-/// pointers are valid in the child's copy of the parent's memory.
+/// Must be called only in the child of `clone_child`'s `clone3`: with `CLONE_VFORK`, and
+/// without `CLONE_SIGHAND` or `CLONE_THREAD`. On x86-64 the child shares the parent's
+/// memory (`CLONE_VM`) and runs on the [`FdBlock`]'s stack; elsewhere it runs on a copy of
+/// the parent's memory. Either way `plan` and everything it points to must be valid there
+/// and unchanged until the child execs or exits: `CLONE_VFORK` suspends the parent thread
+/// for that long, and [`spawn`] requires that there is no other thread.
 unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     // Step 0: a private fd table with only the fds below the block's end. Nothing before
     // this line may touch an fd: the table is still the parent's.
@@ -609,7 +639,7 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     };
     if ret != 0 {
         // The report pipe is in the shared table: writing to it changes no table.
-        fail(plan.report, ChildStep::CloseFds);
+        fail(plan.report, ChildStep::UnshareFds);
     }
 
     // Step 1: signals. Dispositions first, while the agent's mask still blocks what it
@@ -689,7 +719,8 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         }
     }
     if let Some(sb) = plan.sandbox {
-        // SAFETY: `sb` is the parent's plan, alive until we exec (see child_main).
+        // SAFETY: `sb` is the parent's plan, valid and unchanged until we exec (see the
+        // contract of child_main).
         unsafe { apply_sandbox(sb, report) };
     }
 
@@ -709,15 +740,17 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         while j < PID_DIGITS {
             let byte = if j < len { digits[k + j] } else { 0 };
             // SAFETY: `listen_pid` points at the PID_DIGITS-byte digit area of a
-            // PID_DIGITS+1-byte slot (ending in NUL) inside this child's private copy of
-            // the env buffer; j < PID_DIGITS keeps the write inside it. Writing 0 after
-            // the digits terminates the string early.
+            // PID_DIGITS+1-byte slot (ending in NUL) of the image's env buffer: on x86-64
+            // the parent's own (`CLONE_VM`), which `spawn` holds by `&mut` for the whole
+            // call and the next spawn overwrites whole; elsewhere this child's copy.
+            // j < PID_DIGITS keeps the write inside it. Writing 0 after the digits
+            // terminates the string early.
             unsafe { plan.listen_pid.add(j).write(byte) };
             j += 1;
         }
     }
     if let Some(dir) = plan.workdir {
-        // SAFETY: `dir` is a NUL-terminated string in the child's copy of the parent heap.
+        // SAFETY: `dir` is a NUL-terminated string of the parent's plan (see child_main).
         if unsafe { libc::chdir(dir.as_ptr()) } != 0 {
             fail(report, ChildStep::Chdir);
         }
@@ -725,7 +758,7 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
 
     // Step 16: execve.
     // SAFETY: path, argv and envp are NUL-terminated strings and null-terminated pointer
-    // arrays built by `ExecImage::new`, valid in this child's copy of the parent memory.
+    // arrays built by `ExecImage::new`, valid and unchanged until we exec (see child_main).
     unsafe { libc::execve(plan.path.as_ptr(), plan.argv, plan.envp) };
     fail(report, ChildStep::Exec)
 }
@@ -816,7 +849,8 @@ unsafe fn apply_sandbox(sb: &SandboxPlan, report: RawFd) {
         }
         // Step 10: groups, then gid: both need CAP_SETGID, gone after setresuid.
         // SAFETY: `groups` is a live slice in the parent's plan; the length matches it.
-        if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+        // Raw, like setresgid and setresuid below: glibc's wrapper is a setxid call too.
+        if unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) } != 0 {
             fail(report, ChildStep::SetGroups);
         }
         // SAFETY: plain integer arguments. Raw syscalls: glibc's setxid broadcast to
@@ -930,7 +964,40 @@ fn fail(report: RawFd, step: ChildStep) -> ! {
     // SAFETY: `msg` is an 8-byte stack buffer; a short or failed write only loses the
     // diagnosis (the parent then sees EOF and the worker's exit status 127).
     unsafe { libc::write(report, msg.as_ptr().cast(), msg.len()) };
-    // SAFETY: `_exit` ends the child immediately, without running the parent's atexit
-    // handlers or destructors on this copied stack.
+    // SAFETY: `_exit` ends the child immediately (`exit_group` of the child's own thread
+    // group: no CLONE_THREAD), without running atexit handlers or destructors, which
+    // belong to the parent whose memory this child shares or copies.
     unsafe { libc::_exit(127) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_steps_are_numbered_as_the_module_doc_lists_them() {
+        for (n, step) in ChildStep::ALL.iter().enumerate() {
+            let n = u32::try_from(n).expect("small");
+            assert_eq!(*step as u32, n, "{step:?}");
+            assert_eq!(ChildStep::from_u32(n), Some(*step));
+        }
+        assert_eq!(ChildStep::from_u32(17), None);
+        // The module doc's list, "N. ..." or "N. to M. ...", one number per step.
+        let doc: Vec<u32> = include_str!("spawn.rs")
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .filter_map(|l| {
+                let (n, rest) = l.strip_prefix("//! ")?.split_once(". ")?;
+                let n: u32 = n.parse().ok()?;
+                let to = rest
+                    .strip_prefix("to ")
+                    .and_then(|r| r.split_once('.'))
+                    .and_then(|(m, _)| m.parse().ok())
+                    .unwrap_or(n);
+                Some((n..=to).collect::<Vec<_>>())
+            })
+            .flatten()
+            .collect();
+        assert_eq!(doc, (0..=16).collect::<Vec<_>>());
+    }
 }

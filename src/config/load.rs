@@ -1,0 +1,260 @@
+//! Reading the agent file and the site files of its `sites_dir`, and the checks across
+//! sites: overlapping listeners, and budgets that together exceed the host's memory.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::site::{validate_logs, validate_site};
+use super::{
+    AgentConfig, CgroupBase, ConfigError, LogPolicy, RawAgent, RawSite, SiteConfig, err,
+    format_size, parse_size,
+};
+
+/// A site file that could not be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenSite {
+    /// The site's name: its file's name without `.toml`.
+    pub name: String,
+    /// Why (the file, key and message).
+    pub error: ConfigError,
+}
+
+/// Reads and validates the agent file at `path` and every `*.toml` in its sites dir; any
+/// error is an error (reload and `check` change nothing on a bad file).
+pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+    load_keeping(path, &|_| false)
+}
+
+/// As [`load`] for a running agent: sites for which `holds` is true (running, with the
+/// same listeners) keep their addresses, and a conflict is blamed on the other site.
+pub fn load_keeping(
+    path: &Path,
+    holds: &dyn Fn(&SiteConfig) -> bool,
+) -> Result<AgentConfig, ConfigError> {
+    let (config, broken) = load_each_keeping(path, holds)?;
+    match broken.into_iter().next() {
+        Some(b) => Err(b.error),
+        None => Ok(config),
+    }
+}
+
+/// As [`load`], but a bad site file only puts that site aside: the configuration holds
+/// every valid site, and the others come back with their errors (the agent starts the
+/// valid ones and shows the others as failed). Errors of the agent file itself are still
+/// errors. Where two sites want one address, or budgets overflow, the later file (in name
+/// order) is the one put aside.
+pub fn load_each(path: &Path) -> Result<(AgentConfig, Vec<BrokenSite>), ConfigError> {
+    load_each_keeping(path, &|_| false)
+}
+
+fn load_each_keeping(
+    path: &Path,
+    holds: &dyn Fn(&SiteConfig) -> bool,
+) -> Result<(AgentConfig, Vec<BrokenSite>), ConfigError> {
+    let mut raw: RawAgent = read_toml(path)?;
+    let base = path.parent().unwrap_or(Path::new("/"));
+    let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+    let control_socket = rel(raw
+        .control_socket
+        .unwrap_or_else(|| PathBuf::from("/run/hatchery/control.sock")));
+    let state_dir = rel(raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/hatchery")));
+    let sites_dir = rel(raw
+        .sites_dir
+        .unwrap_or_else(|| PathBuf::from("/etc/hatchery/sites.d")));
+    let cgroup_base = match raw.cgroup_base.as_deref() {
+        None | Some("auto") => CgroupBase::Auto,
+        Some("off") => CgroupBase::Off,
+        Some(p) if p.starts_with('/') => CgroupBase::Path(PathBuf::from(p)),
+        Some(other) => {
+            return Err(err(
+                path,
+                "cgroup_base",
+                format!("invalid value {other:?}: use \"auto\", \"off\" or an absolute path"),
+            ));
+        }
+    };
+    let default_logs = validate_logs(path, "logs", &mut raw.logs, LogPolicy::default())?;
+    let memory_reserve = match &raw.memory_reserve {
+        Some(s) => parse_size(s).map_err(|m| err(path, "memory_reserve", m))?,
+        None => DEFAULT_MEMORY_RESERVE,
+    };
+
+    let mut sites = Vec::new();
+    let mut broken = Vec::new();
+    let entries = std::fs::read_dir(&sites_dir).map_err(|e| {
+        err(
+            path,
+            "sites_dir",
+            format!("cannot read {}: {e}", sites_dir.display()),
+        )
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    for file in files {
+        let name = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match read_toml::<RawSite>(&file).and_then(|raw| validate_site(&file, &raw, default_logs)) {
+            Ok(site) => sites.push(site),
+            Err(error) => broken.push(BrokenSite { name, error }),
+        }
+    }
+    // Those that hold their addresses first (stable: then in file order).
+    sites.sort_by_key(|s| !holds(s));
+    let mut kept: Vec<SiteConfig> = Vec::new();
+    for site in sites {
+        if let Err(error) = check_conflicts(&kept, &site) {
+            broken.push(BrokenSite {
+                name: site.name.to_string(),
+                error,
+            });
+            continue;
+        }
+        let mut with = kept.clone();
+        with.push(site.clone());
+        if let Some(total) = host_memory() {
+            if let Err(e) = check_budgets(
+                path,
+                &with,
+                memory_reserve,
+                total,
+                "the host's memory (MemTotal)",
+            ) {
+                broken.push(BrokenSite {
+                    name: site.name.to_string(),
+                    error: err(&site.file, "memory", e.message),
+                });
+                continue;
+            }
+        }
+        kept.push(site);
+    }
+    broken.sort_by(|a, b| a.error.file.cmp(&b.error.file));
+    kept.sort_by(|a, b| a.file.cmp(&b.file));
+    let sites = kept;
+    let config = AgentConfig {
+        file: path.to_path_buf(),
+        control_socket,
+        state_dir,
+        sites_dir,
+        cgroup_base,
+        memory_reserve,
+        sites,
+    };
+    Ok((config, broken))
+}
+
+/// Memory reserved for the host when the agent file says nothing.
+pub const DEFAULT_MEMORY_RESERVE: u64 = 256 << 20;
+
+/// `MemTotal` from `/proc/meminfo`, in bytes.
+pub fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Refuses site budgets that, with the reserve, do not fit in `limit` bytes.
+pub fn check_budgets(
+    file: &Path,
+    sites: &[SiteConfig],
+    reserve: u64,
+    limit: u64,
+    what: &str,
+) -> Result<(), ConfigError> {
+    let budgets: u64 = sites.iter().filter_map(|s| s.limits.memory).sum();
+    if budgets.saturating_add(reserve) > limit {
+        return Err(err(
+            file,
+            "memory_reserve",
+            format!(
+                "site budgets ({}) plus memory_reserve ({}) exceed {what} ({}): lower the sites' memory or the reserve",
+                format_size(budgets),
+                format_size(reserve),
+                format_size(limit)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses `site` when one of its addresses overlaps one of `others` (same port, and the
+/// same address or a wildcard on either side; the same unix path): the blame goes to
+/// `site`, the one that came later.
+fn check_conflicts(others: &[SiteConfig], site: &SiteConfig) -> Result<(), ConfigError> {
+    for l in &site.listen {
+        for other in others.iter().filter(|o| o.name != site.name) {
+            if let Some(o) = other.listen.iter().find(|o| o.addr.overlaps(&l.addr)) {
+                return Err(err(
+                    &site.file,
+                    "listen",
+                    format!(
+                        "{} overlaps {} of site {} ({})",
+                        l.addr,
+                        o.addr,
+                        other.name,
+                        other.file.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_toml<T: for<'de> Deserialize<'de>>(file: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| err(file, "-", format!("cannot read the file: {e}")))?;
+    parse_toml(file, &text)
+}
+
+pub(super) fn parse_toml<T: for<'de> Deserialize<'de>>(
+    file: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let msg = e.message().to_string();
+        let where_ = e
+            .span()
+            .map(|span| {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        // toml reports the offending key in the message for unknown fields.
+        err(file, "-", format!("{msg}{where_}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_site as site;
+    use super::*;
+
+    #[test]
+    fn budgets_must_fit_beside_the_reserve() {
+        let a = site("name = \"blog\"\ncommand = [\"x\"]\nmemory = \"1G\"\n").expect("valid");
+        let f = Path::new("/etc/hatchery/hatchery.toml");
+        assert!(check_budgets(f, std::slice::from_ref(&a), 256 << 20, 2 << 30, "x").is_ok());
+        let e = check_budgets(f, &[a.clone(), a], 256 << 20, 2 << 30, "the host").unwrap_err();
+        assert_eq!(e.key, "memory_reserve");
+        assert!(
+            e.message.contains("2G") && e.message.contains("256M"),
+            "{e}"
+        );
+    }
+}

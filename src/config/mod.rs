@@ -1,0 +1,394 @@
+//! Configuration: the agent file and one TOML file per site, parsed and validated once.
+//!
+//! The raw `serde` structs ([`RawAgent`], [`RawSite`]) mirror the file format exactly
+//! (`deny_unknown_fields`, so a typo is an error, not a silently ignored key); [`load`]
+//! turns them into validated, immutable values with durations, sizes, signals and users
+//! resolved. Every error names the file, the key and what is accepted, and loading has no
+//! side effects, so a bad file on reload changes nothing that runs.
+//!
+//! This module holds the validated types; the work is done by its parts:
+//!
+//! - `raw`: the file format;
+//! - `site`: validating one site file ([`validate_site`]);
+//! - `load`: reading the agent file and its sites, and the checks across sites
+//!   (overlapping listeners, memory budgets);
+//! - `effective`: the effective configuration `check` prints ([`Effective`], the file
+//!   each site was validated from with every default written in);
+//! - `units`: durations, sizes and signals, parsed and formatted;
+//! - `users`: users and groups, resolved from `/etc/passwd` and `/etc/group` (NSS modules
+//!   such as LDAP are not consulted);
+//! - [`sandbox`]: the `[sandbox]` table.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+mod effective;
+mod load;
+mod raw;
+pub mod sandbox;
+mod site;
+mod units;
+mod users;
+
+pub use effective::Effective;
+pub use load::{
+    BrokenSite, DEFAULT_MEMORY_RESERVE, check_budgets, host_memory, load, load_each, load_keeping,
+};
+pub use raw::{
+    RawAgent, RawDeploy, RawFlapping, RawListen, RawLogs, RawReady, RawRestart, RawSite, RawStop,
+    RawWorkers,
+};
+pub use site::{resolve_release, validate_site};
+pub use units::{Signal, format_duration, format_size, parse_duration, parse_size};
+pub use users::{UserEntry, lookup_group, lookup_user};
+
+/// The agent file read when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/hatchery/hatchery.toml";
+/// Most workers one site may ask for.
+pub const MAX_WORKERS: u32 = 4096;
+/// Most listeners one site may declare.
+pub const MAX_LISTENERS: usize = 16;
+
+/// A configuration error: which file, which key, and what is wrong or accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {key}: {message}", .file.display())]
+pub struct ConfigError {
+    /// The file at fault.
+    pub file: PathBuf,
+    /// The key at fault (dotted path), or `-` for the whole file.
+    pub key: String,
+    /// What is wrong and what is accepted.
+    pub message: String,
+}
+
+fn err(file: &Path, key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        file: file.to_path_buf(),
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A validated site name: 1 to 64 of `[a-z0-9_-]`, starting with a letter or digit.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct SiteName(String);
+
+impl SiteName {
+    /// Validates `name`.
+    pub fn new(name: &str) -> Result<SiteName, String> {
+        let ok_char =
+            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
+        let first_ok = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if name.is_empty() || name.len() > 64 || !first_ok || !name.chars().all(ok_char) {
+            return Err(format!(
+                "invalid site name {name:?}: use 1 to 64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+            ));
+        }
+        Ok(SiteName(name.to_string()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SiteName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where the agent manages cgroups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupBase {
+    /// The delegated cgroup the agent runs in, or `/sys/fs/cgroup/hatchery` when run as
+    /// root outside a delegated unit.
+    Auto,
+    /// No cgroups: no accounting, no tree kill.
+    Off,
+    /// This cgroup v2 directory.
+    Path(PathBuf),
+}
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The agent file.
+    pub file: PathBuf,
+    /// The control socket.
+    pub control_socket: PathBuf,
+    /// The state directory (logs, notify socket).
+    pub state_dir: PathBuf,
+    /// The sites directory.
+    pub sites_dir: PathBuf,
+    /// Where cgroups live.
+    pub cgroup_base: CgroupBase,
+    /// Memory the site budgets must leave to the host.
+    pub memory_reserve: u64,
+    /// The sites, sorted by name.
+    pub sites: Vec<SiteConfig>,
+}
+
+/// A listener address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// TCP on this address.
+    Tcp(SocketAddr),
+    /// A unix stream socket at this path.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "tcp {a}"),
+            ListenAddr::Unix(p) => write!(f, "unix {}", p.display()),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// Whether binding both would collide: one unix path, or one TCP port with the same
+    /// address or a wildcard (`0.0.0.0`, `[::]`) on either side.
+    pub fn overlaps(&self, other: &ListenAddr) -> bool {
+        match (self, other) {
+            (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a == b,
+            (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => {
+                a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            }
+            _ => false,
+        }
+    }
+}
+
+impl PartialOrd for ListenAddr {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ListenAddr {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.to_string().cmp(&other.to_string())
+    }
+}
+
+/// One listener of a site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    /// The name in `LISTEN_FDNAMES`.
+    pub name: String,
+    /// The address.
+    pub addr: ListenAddr,
+    /// The backlog.
+    pub backlog: u32,
+}
+
+/// How a site's workers are stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopPolicy {
+    /// The first signal.
+    pub signal: Signal,
+    /// When `SIGKILL` follows.
+    pub timeout: Duration,
+}
+
+/// Restart backoff and flapping control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Delay before the restart after the second crash in a row.
+    pub backoff_initial: Duration,
+    /// The longest delay.
+    pub backoff_max: Duration,
+    /// A worker that ran this long resets its backoff.
+    pub healthy_after: Duration,
+    /// This many exits of one slot...
+    pub flapping_exits: u32,
+    /// ...within this window mark the site failed.
+    pub flapping_within: Duration,
+}
+
+/// How readiness is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyCheck {
+    /// `READY=1` on `NOTIFY_SOCKET`.
+    Notify,
+    /// The site's TCP listener accepted a probe connection.
+    Tcp,
+    /// Ready as soon as it runs.
+    None,
+}
+
+/// Readiness policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadyPolicy {
+    /// The check.
+    pub check: ReadyCheck,
+    /// How long a worker may take.
+    pub timeout: Duration,
+    /// How long a ready worker must stay up before it counts as settled: a worker that
+    /// exits within it fails the operation that started it.
+    pub settle: Duration,
+}
+
+/// Deploy policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeployPolicy {
+    /// How long every worker of a new generation must stay up and ready before the flip.
+    pub probation: Duration,
+}
+
+/// The text in `command`, `workdir` and `env` replaced by a generation's release.
+pub const RELEASE_PLACEHOLDER: &str = "{release}";
+
+/// Log rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogPolicy {
+    /// Rotate at this size in bytes.
+    pub max_size: u64,
+    /// Rotated files kept.
+    pub keep: u32,
+}
+
+impl Default for LogPolicy {
+    fn default() -> Self {
+        LogPolicy {
+            max_size: 10 << 20,
+            keep: 3,
+        }
+    }
+}
+
+/// A validated site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteConfig {
+    /// Its name.
+    pub name: SiteName,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// The worker argv.
+    pub command: Vec<String>,
+    /// The configured worker count (for `"auto"`: `workers_max`).
+    pub workers: u32,
+    /// `workers = "auto"`: sized by the memory budget.
+    pub auto: Option<AutoWorkers>,
+    /// The user name (as written; `None` means the agent's own user).
+    pub user: Option<String>,
+    /// The group name (as written).
+    pub group: Option<String>,
+    /// The resolved uid.
+    pub uid: u32,
+    /// The resolved gid.
+    pub gid: u32,
+    /// The working directory.
+    pub workdir: Option<PathBuf>,
+    /// The release symlink (each generation runs its resolved target).
+    pub release: Option<PathBuf>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Listeners.
+    pub listen: Vec<ListenSpec>,
+    /// Stop policy.
+    pub stop: StopPolicy,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// Readiness policy.
+    pub ready: ReadyPolicy,
+    /// Deploy policy.
+    pub deploy: DeployPolicy,
+    /// Log rotation.
+    pub logs: LogPolicy,
+    /// cgroup limits.
+    pub limits: Limits,
+    /// The sandbox.
+    pub sandbox: sandbox::SandboxConfig,
+    /// The file this was validated from, every default written in.
+    pub effective: Effective,
+}
+
+/// `workers = "auto"`: as many workers as the budget holds, between `min` and `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoWorkers {
+    /// The fewest.
+    pub min: u32,
+    /// The most.
+    pub max: u32,
+}
+
+/// cgroup v2 limits of a site and of each of its workers (enforced where the controllers
+/// are available; `check` and `status` say when they are not).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Site budget in bytes (`memory.max` of `sites/<site>`).
+    pub memory: Option<u64>,
+    /// `pids.max` of the site.
+    pub pids_max: Option<u32>,
+    /// `cpu.weight` of the site.
+    pub cpu_weight: Option<u32>,
+    /// `memory.max` of each worker leaf.
+    pub worker_memory_max: Option<u64>,
+    /// `memory.high` of each worker leaf.
+    pub worker_memory_high: Option<u64>,
+    /// Expected memory of one worker (`worker_memory`), before measurements.
+    pub worker_memory: Option<u64>,
+}
+
+impl Limits {
+    /// The per-worker memory to assume before any worker has been measured: the
+    /// configured estimate, else the per-worker hard limit, else `memory.high`.
+    pub fn worker_estimate(&self) -> Option<u64> {
+        self.worker_memory
+            .or(self.worker_memory_max)
+            .or(self.worker_memory_high)
+    }
+}
+
+impl SiteConfig {
+    /// This site as run from `release` (a resolved release directory): `{release}` in
+    /// `command`, `workdir` and `env` replaced by it.
+    pub fn for_release(&self, release: &Path) -> SiteConfig {
+        let r = release.to_string_lossy();
+        let fill = |s: &str| s.replace(RELEASE_PLACEHOLDER, &r);
+        SiteConfig {
+            command: self.command.iter().map(|a| fill(a)).collect(),
+            workdir: self
+                .workdir
+                .as_ref()
+                .map(|w| PathBuf::from(fill(&w.to_string_lossy()))),
+            env: self.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect(),
+            ..self.clone()
+        }
+    }
+}
+
+/// A site validated from `text`, as if read from `/etc/hatchery/sites.d/blog.toml`.
+#[cfg(test)]
+fn test_site(text: &str) -> Result<SiteConfig, ConfigError> {
+    let file = Path::new("/etc/hatchery/sites.d/blog.toml");
+    let raw: RawSite = load::parse_toml(file, text)?;
+    validate_site(file, &raw, LogPolicy::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_names_are_restricted() {
+        assert!(SiteName::new("blog-2_x").is_ok());
+        for bad in ["", "Blog", "-x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(SiteName::new(bad).is_err(), "{bad:?}");
+        }
+    }
+}

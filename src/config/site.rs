@@ -1,0 +1,647 @@
+//! Validating one site file: every key checked, every default applied, every error
+//! naming the file, the key and what is accepted.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{
+    AutoWorkers, ConfigError, DeployPolicy, Effective, Limits, ListenAddr, ListenSpec, LogPolicy,
+    MAX_LISTENERS, MAX_WORKERS, RELEASE_PLACEHOLDER, RawDeploy, RawFlapping, RawLogs, RawReady,
+    RawRestart, RawSite, RawStop, RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy, Signal,
+    SiteConfig, SiteName, StopPolicy, err, format_duration, format_size, lookup_group, lookup_user,
+    parse_duration, parse_size, sandbox,
+};
+
+/// The `[logs]` table at `slot` (`key`), with `default` for what it leaves out; every
+/// default taken is written into it.
+pub(super) fn validate_logs(
+    file: &Path,
+    key: &str,
+    slot: &mut Option<RawLogs>,
+    default: LogPolicy,
+) -> Result<LogPolicy, ConfigError> {
+    let raw = slot.get_or_insert_with(RawLogs::default);
+    let max_size = match &raw.max_size {
+        Some(s) => parse_size(s).map_err(|m| err(file, &format!("{key}.max_size"), m))?,
+        None => {
+            raw.max_size = Some(format_size(default.max_size));
+            default.max_size
+        }
+    };
+    if max_size < 4096 {
+        return Err(err(file, &format!("{key}.max_size"), "must be at least 4K"));
+    }
+    let keep = *raw.keep.get_or_insert(default.keep);
+    if keep > 100 {
+        return Err(err(file, &format!("{key}.keep"), "must be at most 100"));
+    }
+    Ok(LogPolicy { max_size, keep })
+}
+
+/// The duration at `slot` (`key`), or `default`, which is then written there.
+fn duration_key(
+    file: &Path,
+    key: &str,
+    slot: &mut Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match slot {
+        Some(s) => parse_duration(s).map_err(|m| err(file, key, m)),
+        None => {
+            *slot = Some(format_duration(default));
+            Ok(default)
+        }
+    }
+}
+
+const RESERVED_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+];
+
+/// Validates one site file's contents.
+///
+/// Each default is applied in one place, where it is written into a copy of `raw` as the
+/// file would spell it; the configuration keeps that copy ([`SiteConfig::effective`]), so
+/// the effective file `check` prints is the one validated here, not a second description
+/// of the defaults.
+pub fn validate_site(
+    file: &Path,
+    raw: &RawSite,
+    default_logs: LogPolicy,
+) -> Result<SiteConfig, ConfigError> {
+    let mut eff = raw.clone();
+    let name_str = eff.name.as_deref().ok_or_else(|| {
+        err(
+            file,
+            "name",
+            "missing: every site file needs name = \"...\"",
+        )
+    })?;
+    let name = SiteName::new(name_str).map_err(|m| err(file, "name", m))?;
+    if let Some(stem) = file.file_stem().and_then(|s| s.to_str()) {
+        if stem != name.as_str() {
+            return Err(err(
+                file,
+                "name",
+                format!(
+                    "the site is named {name:?} but its file is {stem}.toml: name the file {name}.toml"
+                ),
+            ));
+        }
+    }
+    let command = eff.command.clone().unwrap_or_default();
+    if command.is_empty() || command[0].is_empty() {
+        return Err(err(
+            file,
+            "command",
+            "missing or empty: give the worker's argv, e.g. [\"/usr/bin/python3\", \"-m\", \"app\"]",
+        ));
+    }
+    if command.iter().any(|a| a.contains('\0')) {
+        return Err(err(file, "command", "arguments must not contain NUL bytes"));
+    }
+    let (workers, auto) = match eff.workers.get_or_insert(RawWorkers::Count(1)) {
+        RawWorkers::Count(n) => (*n, None),
+        RawWorkers::Auto(a) if a == "auto" => {
+            let min = *eff.workers_min.get_or_insert(1);
+            let max = *eff.workers_max.get_or_insert(64);
+            if min > max || max == 0 || max > MAX_WORKERS {
+                return Err(err(
+                    file,
+                    "workers_max",
+                    format!("use 1 to {MAX_WORKERS}, at least workers_min ({min})"),
+                ));
+            }
+            (max, Some(AutoWorkers { min, max }))
+        }
+        RawWorkers::Auto(other) => {
+            return Err(err(
+                file,
+                "workers",
+                format!("invalid value {other:?}: use a number or \"auto\""),
+            ));
+        }
+    };
+    // Filled above only for "auto": anything here was written.
+    if auto.is_none() && (eff.workers_min.is_some() || eff.workers_max.is_some()) {
+        return Err(err(
+            file,
+            "workers_min",
+            "workers_min and workers_max need workers = \"auto\"",
+        ));
+    }
+    if workers > MAX_WORKERS {
+        return Err(err(
+            file,
+            "workers",
+            format!("{workers} is too many: use 0 to {MAX_WORKERS}"),
+        ));
+    }
+
+    // Users: default to the agent's own identity.
+    let (uid, user_gid) = match &eff.user {
+        Some(u) => {
+            let entry = lookup_user(u)
+                .ok_or_else(|| err(file, "user", format!("no such user {u:?} in /etc/passwd")))?;
+            (entry.uid, entry.gid)
+        }
+        None => (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        ),
+    };
+    let gid = match &eff.group {
+        Some(g) => lookup_group(g)
+            .ok_or_else(|| err(file, "group", format!("no such group {g:?} in /etc/group")))?,
+        None => user_gid,
+    };
+
+    for (k, v) in &eff.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(err(
+                file,
+                &format!("env.{k}"),
+                "names must be non-empty without '=' or NUL, values without NUL",
+            ));
+        }
+        if RESERVED_ENV.contains(&k.as_str()) || k.starts_with("HATCHERY_") {
+            return Err(err(
+                file,
+                &format!("env.{k}"),
+                "is set by the agent for every worker and cannot be overridden",
+            ));
+        }
+    }
+
+    if eff.listen.len() > MAX_LISTENERS {
+        return Err(err(
+            file,
+            "listen",
+            format!("at most {MAX_LISTENERS} listeners"),
+        ));
+    }
+    let mut listen = Vec::new();
+    for (i, l) in eff.listen.iter_mut().enumerate() {
+        let key = format!("listen[{i}]");
+        let addr = match (&l.tcp, &l.unix) {
+            (Some(t), None) => ListenAddr::Tcp(t.parse().map_err(|_| {
+                err(file, &format!("{key}.tcp"), format!("invalid address {t:?}: use host:port, e.g. \"127.0.0.1:8000\" or \"[::1]:8000\""))
+            })?),
+            (None, Some(u)) if u.is_absolute() => ListenAddr::Unix(u.clone()),
+            (None, Some(_)) => return Err(err(file, &format!("{key}.unix"), "must be an absolute path")),
+            _ => {
+                return Err(err(file, &key, "give exactly one of tcp = \"host:port\" or unix = \"/path\""));
+            }
+        };
+        let lname = l.name.get_or_insert_with(|| format!("listen{i}")).clone();
+        if lname.is_empty()
+            || lname.len() > 255
+            || !lname.chars().all(|c| c.is_ascii_graphic() && c != ':')
+        {
+            return Err(err(
+                file,
+                &format!("{key}.name"),
+                "use 1 to 255 printable characters without ':'",
+            ));
+        }
+        // Out of range is clamped; the file then says what is used.
+        let backlog = l.backlog.unwrap_or(1024).clamp(1, 65535);
+        l.backlog = Some(backlog);
+        listen.push(ListenSpec {
+            name: lname,
+            addr,
+            backlog,
+        });
+    }
+
+    let stop_raw = eff.stop.get_or_insert_with(RawStop::default);
+    let stop = StopPolicy {
+        signal: match &stop_raw.signal {
+            Some(s) => Signal::parse(s).map_err(|m| err(file, "stop.signal", m))?,
+            None => {
+                let term = Signal(libc::SIGTERM);
+                stop_raw.signal = Some(term.name());
+                term
+            }
+        },
+        timeout: duration_key(
+            file,
+            "stop.timeout",
+            &mut stop_raw.timeout,
+            Duration::from_secs(30),
+        )?,
+    };
+
+    let r = eff.restart.get_or_insert_with(RawRestart::default);
+    let backoff_initial = duration_key(
+        file,
+        "restart.backoff_initial",
+        &mut r.backoff_initial,
+        Duration::from_millis(100),
+    )?;
+    let backoff_max = duration_key(
+        file,
+        "restart.backoff_max",
+        &mut r.backoff_max,
+        Duration::from_secs(30),
+    )?;
+    let healthy_after = duration_key(
+        file,
+        "restart.healthy_after",
+        &mut r.healthy_after,
+        Duration::from_secs(60),
+    )?;
+    let fl = r.flapping.get_or_insert_with(RawFlapping::default);
+    let restart = RestartPolicy {
+        backoff_initial,
+        backoff_max,
+        healthy_after,
+        flapping_exits: *fl.exits.get_or_insert(5),
+        flapping_within: duration_key(
+            file,
+            "restart.flapping.within",
+            &mut fl.within,
+            Duration::from_secs(10),
+        )?,
+    };
+    if restart.backoff_max < restart.backoff_initial {
+        return Err(err(
+            file,
+            "restart.backoff_max",
+            "must not be less than restart.backoff_initial",
+        ));
+    }
+    if restart.flapping_exits == 0 {
+        return Err(err(file, "restart.flapping.exits", "must be at least 1"));
+    }
+
+    let rd = eff.ready.get_or_insert_with(RawReady::default);
+    let check = match rd.check.get_or_insert_with(|| "none".into()).as_str() {
+        "none" => ReadyCheck::None,
+        "notify" => ReadyCheck::Notify,
+        "tcp" => ReadyCheck::Tcp,
+        other => {
+            return Err(err(
+                file,
+                "ready.check",
+                format!("unknown check {other:?}: use \"notify\", \"tcp\" or \"none\""),
+            ));
+        }
+    };
+    if check == ReadyCheck::Tcp && !listen.iter().any(|l| matches!(l.addr, ListenAddr::Tcp(_))) {
+        return Err(err(
+            file,
+            "ready.check",
+            "\"tcp\" needs at least one [[listen]] with tcp = \"host:port\"",
+        ));
+    }
+    let ready = ReadyPolicy {
+        check,
+        timeout: duration_key(
+            file,
+            "ready.timeout",
+            &mut rd.timeout,
+            Duration::from_secs(30),
+        )?,
+        settle: duration_key(file, "ready.settle", &mut rd.settle, Duration::from_secs(1))?,
+    };
+    let logs = validate_logs(file, "logs", &mut eff.logs, default_logs)?;
+    let limits = validate_limits(file, &eff)?;
+    if auto.is_some() && (limits.memory.is_none() || limits.worker_estimate().is_none()) {
+        return Err(err(
+            file,
+            "workers",
+            "\"auto\" needs a memory budget (memory = ...) and a per-worker figure (worker_memory or memory_max)",
+        ));
+    }
+    if let Some(w) = &eff.workdir {
+        if !w.is_absolute() && !w.starts_with(RELEASE_PLACEHOLDER) {
+            return Err(err(
+                file,
+                "workdir",
+                "must be an absolute path (or start with {release})",
+            ));
+        }
+    }
+    let deploy = DeployPolicy {
+        probation: duration_key(
+            file,
+            "deploy.probation",
+            &mut eff.deploy.get_or_insert_with(RawDeploy::default).probation,
+            Duration::from_secs(1),
+        )?,
+    };
+    let release = validate_release(file, &eff)?;
+
+    // The user as written: its supplementary groups come from /etc/group by its name.
+    let sandbox = sandbox::validate(file, &mut eff.sandbox, raw.user.as_deref())?;
+    if sandbox.root.is_some() && ready.check == ReadyCheck::Notify {
+        return Err(err(
+            file,
+            "ready.check",
+            "\"notify\" cannot reach the agent's notify socket from inside sandbox.root: use \"tcp\" or \"none\"",
+        ));
+    }
+    // Where the file names no identity, the effective file names the agent's own (the one
+    // resolved above), in numbers.
+    eff.user.get_or_insert_with(|| uid.to_string());
+    eff.group.get_or_insert_with(|| gid.to_string());
+
+    Ok(SiteConfig {
+        name,
+        file: file.to_path_buf(),
+        command,
+        workers,
+        auto,
+        user: raw.user.clone(),
+        group: raw.group.clone(),
+        uid,
+        gid,
+        workdir: eff.workdir.clone(),
+        release,
+        env: eff.env.clone(),
+        listen,
+        stop,
+        restart,
+        ready,
+        deploy,
+        logs,
+        limits,
+        sandbox,
+        effective: Effective(eff),
+    })
+}
+
+/// `release`: an absolute symlink path resolving to a directory; `{release}` anywhere
+/// needs it.
+fn validate_release(file: &Path, raw: &RawSite) -> Result<Option<PathBuf>, ConfigError> {
+    let uses = raw
+        .command
+        .iter()
+        .flatten()
+        .chain(raw.env.values())
+        .any(|a| a.contains(RELEASE_PLACEHOLDER))
+        || raw
+            .workdir
+            .as_ref()
+            .is_some_and(|w| w.to_string_lossy().contains(RELEASE_PLACEHOLDER));
+    let Some(release) = &raw.release else {
+        if uses {
+            return Err(err(
+                file,
+                "release",
+                "{release} is used in command, workdir or env: set release = \"/path/to/current\" (a symlink to the release directory)",
+            ));
+        }
+        return Ok(None);
+    };
+    if !release.is_absolute() {
+        return Err(err(file, "release", "must be an absolute path"));
+    }
+    if let Err(e) = resolve_release(release) {
+        return Err(err(file, "release", e));
+    }
+    Ok(Some(release.clone()))
+}
+
+/// The directory a release symlink points to now, fully resolved.
+pub fn resolve_release(link: &Path) -> Result<PathBuf, String> {
+    let target = std::fs::canonicalize(link)
+        .map_err(|e| format!("{} does not resolve: {e}", link.display()))?;
+    if !target.is_dir() {
+        return Err(format!(
+            "{} resolves to {}, which is not a directory",
+            link.display(),
+            target.display()
+        ));
+    }
+    Ok(target)
+}
+
+fn validate_limits(file: &Path, raw: &RawSite) -> Result<Limits, ConfigError> {
+    let size = |key: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(s) => {
+                let n = parse_size(s).map_err(|m| err(file, key, m))?;
+                if n < (4 << 20) {
+                    return Err(err(file, key, "must be at least 4M"));
+                }
+                Ok(Some(n))
+            }
+        }
+    };
+    let limits = Limits {
+        memory: size("memory", &raw.memory)?,
+        pids_max: raw.pids_max,
+        cpu_weight: raw.cpu_weight,
+        worker_memory_max: size("memory_max", &raw.memory_max)?,
+        worker_memory_high: size("memory_high", &raw.memory_high)?,
+        worker_memory: size("worker_memory", &raw.worker_memory)?,
+    };
+    if limits.pids_max == Some(0) {
+        return Err(err(file, "pids_max", "must be at least 1"));
+    }
+    if let Some(w) = limits.cpu_weight {
+        if !(1..=10_000).contains(&w) {
+            return Err(err(
+                file,
+                "cpu_weight",
+                format!("{w} is out of range: use 1 to 10000"),
+            ));
+        }
+    }
+    if let (Some(high), Some(max)) = (limits.worker_memory_high, limits.worker_memory_max) {
+        if high > max {
+            return Err(err(file, "memory_high", "must not exceed memory_max"));
+        }
+    }
+    if let (Some(w), Some(site)) = (
+        limits.worker_memory_max.or(limits.worker_memory_high),
+        limits.memory,
+    ) {
+        if w > site {
+            return Err(err(
+                file,
+                "memory_max",
+                "a worker's limit must not exceed the site's memory budget",
+            ));
+        }
+    }
+    Ok(limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_site as site;
+    use super::*;
+
+    #[test]
+    fn release_fills_command_workdir_and_env_and_is_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r1 = dir.path().join("r1");
+        std::fs::create_dir(&r1).expect("mkdir");
+        let link = dir.path().join("current");
+        std::os::unix::fs::symlink(&r1, &link).expect("symlink");
+        let text = format!(
+            "name = \"blog\"\ncommand = [\"{{release}}/bin/server\", \"--root\", \"{{release}}\"]\nworkdir = \"{{release}}\"\nrelease = \"{}\"\n[env]\nAPP = \"{{release}}/app.ini\"\n[ready]\ncheck = \"notify\"\n[deploy]\nprobation = \"2s\"\n",
+            link.display()
+        );
+        let s = site(&text).expect("valid");
+        assert_eq!(s.deploy.probation, Duration::from_secs(2));
+        let target = resolve_release(&link).expect("resolves");
+        assert_eq!(target, std::fs::canonicalize(&r1).expect("canonical"));
+        let g = s.for_release(&target);
+        let t = target.display().to_string();
+        assert_eq!(
+            g.command,
+            vec![format!("{t}/bin/server"), "--root".into(), t.clone()]
+        );
+        assert_eq!(g.workdir, Some(target.clone()));
+        assert_eq!(g.env["APP"], format!("{t}/app.ini"));
+
+        let e = site("name = \"blog\"\ncommand = [\"{release}/x\"]\n").unwrap_err();
+        assert_eq!(e.key, "release");
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nrelease = \"/nonexistent/current\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "release");
+        assert!(e.message.contains("does not resolve"), "{e}");
+        let tcp = text.replace("check = \"notify\"", "check = \"tcp\"")
+            + "[[listen]]\ntcp = \"127.0.0.1:1\"\n";
+        // Accepted: with eBPF steering the agent probes a new generation alone (and
+        // refuses the deploy without it).
+        let s = site(&tcp).expect("tcp readiness with a release");
+        assert_eq!(s.ready.check, ReadyCheck::Tcp);
+        let e = site(&text.replace("\"2s\"", "\"soon\"")).unwrap_err();
+        assert_eq!(e.key, "deploy.probation");
+    }
+
+    #[test]
+    fn the_documented_example_site_is_valid() {
+        let s = site(
+            r#"
+name = "blog"
+command = ["/usr/bin/python3", "-m", "blog.server"]
+workers = 4
+[env]
+BLOG_SETTINGS = "/srv/blog/settings.ini"
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:8000"
+[stop]
+signal = "SIGTERM"
+timeout = "30s"
+[restart]
+backoff_initial = "100ms"
+backoff_max = "30s"
+healthy_after = "60s"
+flapping = { exits = 5, within = "10s" }
+[ready]
+check = "notify"
+timeout = "30s"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(s.workers, 4);
+        assert_eq!(
+            s.listen[0].addr,
+            ListenAddr::Tcp("127.0.0.1:8000".parse().expect("addr"))
+        );
+        assert_eq!(s.restart.flapping_exits, 5);
+        assert_eq!(s.ready.check, ReadyCheck::Notify);
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_and_what_is_accepted() {
+        let e =
+            site("name = \"blog\"\ncommand = [\"/bin/true\"]\nworkers = \"four\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/etc/hatchery/sites.d/blog.toml: "),
+            "{e}"
+        );
+        assert!(e.message.contains("a number or \"auto\""), "{e}");
+
+        let e =
+            site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[stop]\ntimeout = 30\n").unwrap_err();
+        assert!(e.to_string().contains("line 4"), "{e}");
+        assert!(e.to_string().contains("string"), "{e}");
+
+        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\nwrokers = 2\n").unwrap_err();
+        assert!(
+            e.to_string().contains("wrokers"),
+            "unknown keys are named: {e}"
+        );
+
+        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[stop]\ntimeout = \"soon\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "stop.timeout");
+        assert!(e.message.contains("ms, s, m, h"), "{e}");
+
+        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[ready]\ncheck = \"http\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "ready.check");
+        assert!(e.message.contains("\"notify\", \"tcp\" or \"none\""));
+
+        let e = site("name = \"shop\"\ncommand = [\"/bin/true\"]\n").unwrap_err();
+        assert_eq!(e.key, "name");
+        assert!(e.message.contains("shop.toml"));
+
+        let e = site("name = \"blog\"\ncommand = []\n").unwrap_err();
+        assert_eq!(e.key, "command");
+
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\n[[listen]]\ntcp = \"localhost\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "listen[0].tcp");
+
+        let e =
+            site("name = \"blog\"\ncommand = [\"x\"]\n[env]\nLISTEN_FDS = \"3\"\n").unwrap_err();
+        assert_eq!(e.key, "env.LISTEN_FDS");
+
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nuser = \"no-such-user-hopefully\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "user");
+
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\n[ready]\ncheck = \"tcp\"\n").unwrap_err();
+        assert!(e.message.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        let s = site("name = \"blog\"\ncommand = [\"x\"]\nmemory = \"512M\"\npids_max = 64\ncpu_weight = 200\nmemory_max = \"128M\"\nmemory_high = \"100M\"\n").expect("valid");
+        assert_eq!(s.limits.memory, Some(512 << 20));
+        assert_eq!(s.limits.worker_memory_high, Some(100 << 20));
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\ncpu_weight = 0\n").unwrap_err();
+        assert_eq!(e.key, "cpu_weight");
+        let e = site(
+            "name = \"blog\"\ncommand = [\"x\"]\nmemory_max = \"64M\"\nmemory_high = \"100M\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "memory_high");
+        let e =
+            site("name = \"blog\"\ncommand = [\"x\"]\nmemory = \"64M\"\nmemory_max = \"100M\"\n")
+                .unwrap_err();
+        assert_eq!(e.key, "memory_max");
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nmemory = \"1K\"\n").unwrap_err();
+        assert!(e.message.contains("4M"), "{e}");
+    }
+
+    #[test]
+    fn auto_workers_need_a_budget_and_a_per_worker_figure() {
+        let s = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = \"auto\"\nworkers_max = 10\nmemory = \"512M\"\nworker_memory = \"100M\"\n").expect("valid");
+        assert_eq!(s.auto, Some(AutoWorkers { min: 1, max: 10 }));
+        assert_eq!(s.limits.worker_estimate(), Some(100 << 20));
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = \"auto\"\n").unwrap_err();
+        assert!(e.message.contains("memory budget"), "{e}");
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = \"many\"\n").unwrap_err();
+        assert_eq!(e.key, "workers");
+        let e =
+            site("name = \"blog\"\ncommand = [\"x\"]\nworkers = 3\nworkers_max = 4\n").unwrap_err();
+        assert_eq!(e.key, "workers_min");
+        let text = toml::to_string(s.effective.raw()).expect("ser");
+        assert!(text.contains("workers = \"auto\""), "{text}");
+    }
+}
