@@ -13,6 +13,9 @@ mod cli;
 use cli::render::printable;
 use hatchery::control::{Client, ErrorKind, Reply, Request};
 use hatchery::event::Agent;
+use std::collections::BTreeMap;
+
+use hatchery::status::{CheckReport, Problem, ProblemKind, SandboxCheck};
 use hatchery::{config, demo, features};
 
 const EXIT_REFUSED: u8 = 1;
@@ -312,29 +315,33 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
     report.push(cgroup);
     report.push(features::steering(&hatchery::steering::probe()));
     let sandboxes = sandbox_reports(&config);
-    for (site, v) in sandboxes.as_object().into_iter().flatten() {
-        if let Some(why) = v["refused"].as_str() {
-            refused.push((site.clone(), why.to_string()));
+    for (site, v) in &sandboxes {
+        if let SandboxCheck::Refused { refused: why } = v {
+            refused.push((site.clone(), why.clone()));
         }
     }
-    let problems: Vec<serde_json::Value> = invalid
+    let problems: Vec<Problem> = invalid
         .iter()
-        .map(|(s, m)| serde_json::json!({ "site": s, "kind": "invalid", "message": m }))
-        .chain(
-            refused
-                .iter()
-                .map(|(s, m)| serde_json::json!({ "site": s, "kind": "refused", "message": m })),
-        )
+        .map(|(s, m)| (s, ProblemKind::Invalid, m))
+        .chain(refused.iter().map(|(s, m)| (s, ProblemKind::Refused, m)))
+        .map(|(site, kind, message)| Problem {
+            site: site.clone(),
+            kind,
+            message: message.clone(),
+        })
         .collect();
     if json {
-        let sites: Vec<_> = config.sites.iter().map(|s| s.effective.raw()).collect();
-        let out = serde_json::json!({
-            "valid": invalid.is_empty(),
-            "problems": problems,
-            "sites": sites,
-            "features": report,
-            "sandbox": sandboxes,
-        });
+        let out = CheckReport {
+            valid: invalid.is_empty(),
+            problems,
+            sites: config
+                .sites
+                .iter()
+                .map(|s| s.effective.raw().clone())
+                .collect(),
+            features: report,
+            sandbox: sandboxes,
+        };
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
         if invalid.is_empty() {
@@ -349,16 +356,17 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
         println!("\nkernel features:");
         print!("{}", features::render(&report));
         println!("\nsandbox:");
-        for (site, v) in sandboxes.as_object().into_iter().flatten() {
-            if let Some(why) = v["refused"].as_str() {
-                println!("  {site}: REFUSED: {why}");
-                continue;
-            }
-            for line in v["enforced"].as_array().into_iter().flatten() {
-                println!("  {site}: [yes] {}", line.as_str().unwrap_or(""));
-            }
-            for line in v["not_enforced"].as_array().into_iter().flatten() {
-                println!("  {site}: [NO ] {}", line.as_str().unwrap_or(""));
+        for (site, v) in &sandboxes {
+            match v {
+                SandboxCheck::Refused { refused: why } => println!("  {site}: REFUSED: {why}"),
+                SandboxCheck::Prepared(p) => {
+                    for line in &p.enforced {
+                        println!("  {site}: [yes] {line}");
+                    }
+                    for line in &p.not_enforced {
+                        println!("  {site}: [NO ] {line}");
+                    }
+                }
             }
         }
         if !problems.is_empty() {
@@ -419,20 +427,21 @@ fn parent_of(pid: u32) -> Option<u32> {
 }
 
 /// What each site's sandbox enforces on this host, or why it would be refused.
-fn sandbox_reports(config: &config::AgentConfig) -> serde_json::Value {
+fn sandbox_reports(config: &config::AgentConfig) -> BTreeMap<String, SandboxCheck> {
     let root = rustix::process::geteuid().is_root();
-    let mut out = serde_json::Map::new();
-    for site in &config.sites {
-        let v = match hatchery::sandbox::prepare(site, root) {
-            Ok(p) => serde_json::json!({
-                "enforced": p.report.iter().filter(|(on, _)| *on).map(|(_, s)| s).collect::<Vec<_>>(),
-                "not_enforced": p.not_enforced(),
-            }),
-            Err(why) => serde_json::json!({ "refused": why.to_string() }),
-        };
-        out.insert(site.name.to_string(), v);
-    }
-    serde_json::Value::Object(out)
+    config
+        .sites
+        .iter()
+        .map(|site| {
+            let v = match hatchery::sandbox::prepare(site, root) {
+                Ok(p) => SandboxCheck::Prepared(p.status()),
+                Err(why) => SandboxCheck::Refused {
+                    refused: why.to_string(),
+                },
+            };
+            (site.name.to_string(), v)
+        })
+        .collect()
 }
 
 fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {

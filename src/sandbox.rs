@@ -164,6 +164,19 @@ pub struct Prepared {
 
 impl Prepared {
     /// The lines of the report that say what is not enforced.
+    /// What `status` and `check` show of it.
+    pub fn status(&self) -> crate::status::SandboxStatus {
+        crate::status::SandboxStatus {
+            enforced: self
+                .report
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, s)| s.clone())
+                .collect(),
+            not_enforced: self.not_enforced(),
+        }
+    }
+
     pub fn not_enforced(&self) -> Vec<String> {
         self.report
             .iter()

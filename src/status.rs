@@ -290,3 +290,52 @@ pub struct SandboxStatus {
     /// What is not.
     pub not_enforced: Vec<String>,
 }
+
+/// What `hatchery check --json` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// Whether every site file is valid.
+    pub valid: bool,
+    /// Every problem found: invalid files first, then what this host would refuse.
+    pub problems: Vec<Problem>,
+    /// Each valid site's effective file: what it says, with every default filled in.
+    pub sites: Vec<crate::config::RawSite>,
+    /// What the kernel offers.
+    pub features: Vec<Feature>,
+    /// Each valid site's sandbox on this host, by site name.
+    pub sandbox: std::collections::BTreeMap<String, SandboxCheck>,
+}
+
+/// A problem `check` found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// The site.
+    pub site: String,
+    /// What kind.
+    pub kind: ProblemKind,
+    /// What is wrong, and where.
+    pub message: String,
+}
+
+/// What kind of problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// The file is not valid (exit 2).
+    Invalid,
+    /// The file is valid but this host would refuse the site (exit 1).
+    Refused,
+}
+
+/// A site's sandbox as `check` sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SandboxCheck {
+    /// This host would refuse it.
+    Refused {
+        /// Why.
+        refused: String,
+    },
+    /// What it would enforce.
+    Prepared(SandboxStatus),
+}

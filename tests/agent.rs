@@ -568,6 +568,21 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
             && text.contains("pidfd"),
         "{text}"
     );
+    // `--json` is the typed report: the effective file of each site, every default filled.
+    let out = Command::new(BIN)
+        .args(["check", "--json", "--config"])
+        .arg(dir.path().join("hatchery.toml"))
+        .output()
+        .expect("check");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: hatchery::status::CheckReport =
+        serde_json::from_slice(&out.stdout).expect("check --json is a CheckReport");
+    assert!(report.valid && report.problems.is_empty(), "{report:?}");
+    let blog = &report.sites[0];
+    assert_eq!(blog.name.as_deref(), Some("blog"));
+    let restart = blog.restart.as_ref().expect("restart filled in");
+    assert_eq!(restart.backoff_initial.as_deref(), Some("100ms"));
+    assert!(report.sandbox.contains_key("blog"), "{report:?}");
 
     // On reload, a bad file changes nothing that runs.
     each_reactor(|reactor| {

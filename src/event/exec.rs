@@ -14,7 +14,6 @@ use super::{Agent, Source};
 use crate::config::SiteName;
 use crate::control::{ErrorKind, Reply};
 use crate::process::PidRef;
-use crate::sandbox::Prepared;
 use crate::sandbox::SandboxError;
 use crate::sys::spawn::SandboxPlan;
 
@@ -46,19 +45,6 @@ impl Agent {
         let plan = prepared.plan.clone();
         site.io.sandbox = Some(prepared);
         Ok(plan)
-    }
-}
-
-/// The `sandbox` field of a site in `status`.
-pub(super) fn sandbox_status(p: &Prepared) -> crate::status::SandboxStatus {
-    crate::status::SandboxStatus {
-        enforced: p
-            .report
-            .iter()
-            .filter(|(on, _)| *on)
-            .map(|(_, s)| s.clone())
-            .collect(),
-        not_enforced: p.not_enforced(),
     }
 }
 

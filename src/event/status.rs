@@ -3,7 +3,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use super::{Agent, exec, generations};
+use super::{Agent, generations};
 use crate::config::SiteName;
 use crate::logs;
 use crate::status::{
@@ -122,7 +122,7 @@ impl Agent {
                         .cgroups
                         .as_ref()
                         .map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str()))),
-                    sandbox: s.io.sandbox.as_ref().map(exec::sandbox_status),
+                    sandbox: s.io.sandbox.as_ref().map(crate::sandbox::Prepared::status),
                     workers,
                 }
             })
