@@ -58,7 +58,7 @@ use crate::control::{ErrorKind, Reply};
 use crate::features::{self, Feature};
 use crate::logs::{self, LineSplitter};
 use crate::net::NotifySocket;
-use crate::supervisor::ids::{GenId, Slot};
+use crate::supervisor::ids::{Slot, WorkerId};
 use crate::supervisor::machine::{CancelReason, Input, TCP_PROBE_INTERVAL};
 use crate::sys::signals::{self, SigSet};
 
@@ -116,7 +116,7 @@ enum Source {
     Signals,
     Control,
     Notify,
-    Pidfd(SiteName, GenId, Slot),
+    Pidfd(SiteName, WorkerId),
     Pipe,
     ConnRead(u64),
     ConnWrite(u64),
@@ -199,7 +199,7 @@ pub struct Agent {
     pipes: HashMap<u64, Pipe>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
-    pids: HashMap<i32, (SiteName, GenId, Slot)>,
+    pids: HashMap<i32, (SiteName, WorkerId)>,
     shutting_down: bool,
     kernel: Vec<Feature>,
     /// Whether eBPF connection steering can be used here.
@@ -512,7 +512,7 @@ impl Agent {
             Source::Signals => self.on_signals(),
             Source::Control => self.on_accept(),
             Source::Notify => self.on_notify(),
-            Source::Pidfd(site, g, id) => self.on_pidfd(&site, g, id, token),
+            Source::Pidfd(site, w) => self.on_pidfd(&site, w.generation, w.slot, token),
             Source::Pipe => self.on_pipe(token),
             Source::ConnRead(c) => self.on_conn_read(c),
             Source::Exec(pid) => self.exec_exited(pid),

@@ -17,7 +17,7 @@ use crate::logs::{self, LineSplitter};
 use crate::process::PidRef;
 use crate::sandbox::SandboxError;
 use crate::spawn::SpawnFailure;
-use crate::supervisor::ids::{GenId, Slot};
+use crate::supervisor::ids::{GenId, Slot, WorkerId};
 use crate::supervisor::machine::Input as SiteInput;
 use crate::supervisor::slots::{ExitReason, Input};
 
@@ -42,7 +42,8 @@ impl Agent {
                     return;
                 }
             };
-            if let Some((site, g, id)) = self.pids.get(&pid).cloned() {
+            if let Some((site, w)) = self.pids.get(&pid).cloned() {
+                let (g, id) = (w.generation, w.slot);
                 self.worker_exited(&site, g, id);
             } else if self.execs.contains_key(&pid) {
                 self.exec_exited(pid);
@@ -92,7 +93,13 @@ impl Agent {
                 match self.reg.arm(
                     worker.pidref.as_fd(),
                     Interest::Readable,
-                    Source::Pidfd(name.clone(), g, id),
+                    Source::Pidfd(
+                        name.clone(),
+                        WorkerId {
+                            generation: g,
+                            slot: id,
+                        },
+                    ),
                 ) {
                     Ok(t) => {
                         if let Some(w) = site.workers.get_mut(&id) {
@@ -214,7 +221,13 @@ impl Agent {
             .arm(
                 pidref.as_fd(),
                 Interest::Readable,
-                Source::Pidfd(name.clone(), g, id),
+                Source::Pidfd(
+                    name.clone(),
+                    WorkerId {
+                        generation: g,
+                        slot: id,
+                    },
+                ),
             )
             .map_err(|e| {
                 let _ = pidref.signal(libc::SIGKILL);
@@ -238,7 +251,11 @@ impl Agent {
             }
             Err(e) => warn!(site = %name, worker = %id, "worker output is not captured: {e}"),
         }
-        self.pids.insert(pid, (name.clone(), g, id));
+        let worker = WorkerId {
+            generation: g,
+            slot: id,
+        };
+        self.pids.insert(pid, (name.clone(), worker));
         let site = self
             .sites
             .get_mut(name)
@@ -355,7 +372,14 @@ impl Agent {
         loop {
             match self.notify.recv() {
                 Ok(Some(n)) => {
-                    let Some((site, g, id)) = self.pids.get(&n.pid).cloned() else {
+                    let Some((
+                        site,
+                        WorkerId {
+                            generation: g,
+                            slot: id,
+                        },
+                    )) = self.pids.get(&n.pid).cloned()
+                    else {
                         self.foreign_notification(&n);
                         continue;
                     };
@@ -400,7 +424,14 @@ impl Agent {
             .then(|| parent_pid(n.pid))
             .flatten()
             .and_then(|ppid| self.pids.get(&ppid).cloned());
-        let Some((site, g, id)) = parent else {
+        let Some((
+            site,
+            WorkerId {
+                generation: g,
+                slot: id,
+            },
+        )) = parent
+        else {
             debug!(pid = n.pid, "notification from an unknown pid, ignored");
             return;
         };
