@@ -388,14 +388,6 @@ pub fn children(pid: i64) -> Vec<i64> {
         .collect()
 }
 
-/// The cgroup v2 path of `pid` (relative to the mount), from /proc.
-pub fn cgroup_of(pid: i64) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-}
-
 /// The event loop a process really runs, from its fds: an io_uring instance
 /// (`anon_inode:[io_uring]`) or an epoll one (`anon_inode:[eventpoll]`), never both.
 pub fn reactor_in_use(pid: i64) -> &'static str {
