@@ -431,7 +431,11 @@ impl SiteCore {
                     deadline: Some(now + stop.timeout),
                     then,
                 };
-                out.push(Action::Signal(id, stop.signal));
+                // A spawn not yet reported has no process to signal yet: it is signalled
+                // once it is reported (`Spawned`), or ends there (`SpawnFailed`).
+                if slot.pid.is_some() {
+                    out.push(Action::Signal(id, stop.signal));
+                }
             }
             Phase::Stopping {
                 deadline,
@@ -608,6 +612,13 @@ impl SiteCore {
                         slot.settles_at = Some(now + self.policies.ready.settle);
                         out.push(Action::Note(Note::Ready(id)));
                     }
+                    // Asked to stop before its spawn was reported: now it can be.
+                    if let Phase::Stopping { deadline, .. } = slot.phase {
+                        out.push(match deadline {
+                            Some(_) => Action::Signal(id, self.policies.stop.signal),
+                            None => Action::Kill(id),
+                        });
+                    }
                 }
             }
             Input::BusyReported { id, busy } => {
@@ -630,6 +641,13 @@ impl SiteCore {
                 permanent,
             } => {
                 let reason = ExitReason::SpawnFailed { error };
+                if matches!(
+                    self.slots.get(&id).map(|s| s.phase),
+                    Some(Phase::Stopping { .. })
+                ) {
+                    // Asked to stop before its spawn was reported: it ended as asked.
+                    return self.handle(Input::Exited { id, reason }, now);
+                }
                 if permanent {
                     if let Some(slot) = self.slots.get_mut(&id) {
                         slot.phase = Phase::Failed;
@@ -1263,6 +1281,47 @@ mod tests {
             t,
         );
         assert!(!s.slots[&Slot(3)].busy);
+    }
+
+    #[test]
+    fn a_slot_stopped_before_its_spawn_is_reported_is_signalled_once_it_is() {
+        let t = Instant::now();
+        let mut s = SiteCore::new(2, policies(ReadyCheck::Notify));
+        assert_eq!(spawns(&s.handle(Input::StartRequested, t)), vec![0, 1]);
+        // Stopped before the loop reported either spawn: there is no process to signal.
+        let a = s.handle(Input::StopRequested, t);
+        assert_eq!(a, vec![]);
+        let a = s.handle(
+            Input::Spawned {
+                id: Slot(0),
+                pid: 10,
+            },
+            t,
+        );
+        assert!(
+            a.contains(&Action::Signal(Slot(0), Signal(libc::SIGTERM))),
+            "{a:?}"
+        );
+        // A spawn that failed has nothing left to stop: it ended as asked, not as a crash.
+        let a = s.handle(
+            Input::SpawnFailed {
+                id: Slot(1),
+                error: "ENOENT".into(),
+                permanent: true,
+            },
+            t,
+        );
+        assert!(!a.contains(&Action::Note(Note::Failed(Slot(1)))), "{a:?}");
+        assert_eq!(s.slots[&Slot(1)].phase, Phase::Stopped);
+        let a = s.handle(
+            Input::Exited {
+                id: Slot(0),
+                reason: ExitReason::Signaled { signal: 15 },
+            },
+            t,
+        );
+        assert!(a.contains(&Action::Note(Note::AllStopped)), "{a:?}");
+        assert_eq!(s.run, RunState::Stopped);
     }
 
     #[derive(Debug, Clone)]
