@@ -566,8 +566,19 @@ impl SiteCore {
                 self.run = RunState::Running;
                 for slot in self.slots.values_mut() {
                     slot.history.reset();
-                    if slot.phase == Phase::Failed || matches!(slot.phase, Phase::Backoff { .. }) {
-                        slot.phase = Phase::Stopped;
+                    match slot.phase {
+                        Phase::Failed | Phase::Backoff { .. } => slot.phase = Phase::Stopped,
+                        // Started again before a stop ended: runs again once it has exited.
+                        Phase::Stopping {
+                            deadline,
+                            then: AfterStop::Rest,
+                        } => {
+                            slot.phase = Phase::Stopping {
+                                deadline,
+                                then: AfterStop::Respawn,
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 self.settled = false;
@@ -1322,6 +1333,28 @@ mod tests {
         );
         assert!(a.contains(&Action::Note(Note::AllStopped)), "{a:?}");
         assert_eq!(s.run, RunState::Stopped);
+    }
+
+    #[test]
+    fn starting_again_before_a_stop_ended_runs_the_stopping_slots_again() {
+        let t = Instant::now();
+        let mut s = running(2, ReadyCheck::None, t);
+        s.handle(Input::StopRequested, t);
+        assert_eq!(
+            spawns(&s.handle(Input::StartRequested, t)),
+            Vec::<u32>::new()
+        );
+        for id in 0..2 {
+            let a = s.handle(
+                Input::Exited {
+                    id: Slot(id),
+                    reason: ExitReason::Signaled { signal: 15 },
+                },
+                t,
+            );
+            assert_eq!(spawns(&a), vec![id], "slot {id} runs again");
+        }
+        assert_eq!(s.run, RunState::Running);
     }
 
     #[derive(Debug, Clone)]
