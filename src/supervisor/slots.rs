@@ -406,6 +406,15 @@ impl SiteCore {
     }
 
     fn spawn(&mut self, id: Slot, now: Instant, out: &mut Vec<Action>) {
+        // Never more processes than the desired count: a slot on its way out (scaled down)
+        // still holds its process, and its memory, until it exits. A slot due to start
+        // waits, stopped, until one has (`start_waiting`).
+        if self.live() >= self.desired as usize {
+            if let Some(slot) = self.slots.get_mut(&id) {
+                slot.phase = Phase::Stopped;
+            }
+            return;
+        }
         let deadline = match self.policies.ready.check {
             ReadyCheck::None => None,
             _ => Some(now + self.policies.ready.timeout),
@@ -743,6 +752,7 @@ impl SiteCore {
                 }
             }
         }
+        self.start_waiting(now, &mut out);
         self.advance_rolling(now, &mut out);
         self.check_stopped(&mut out);
         self.check_settled(&mut out);
@@ -796,6 +806,26 @@ impl SiteCore {
         }
     }
 
+    /// Starts the slots of a running site that waited for a process on its way out to
+    /// end (see `spawn`).
+    fn start_waiting(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if !matches!(self.run, RunState::Running | RunState::Failed) {
+            return;
+        }
+        let waiting: Vec<Slot> = self
+            .slots
+            .values()
+            .filter(|s| s.phase == Phase::Stopped)
+            .map(|s| s.id)
+            .collect();
+        for id in waiting {
+            if self.live() >= self.desired as usize {
+                break;
+            }
+            self.spawn(id, now, out);
+        }
+    }
+
     fn advance_rolling(&mut self, now: Instant, out: &mut Vec<Action>) {
         loop {
             let Some(r) = &mut self.rolling else {
@@ -804,8 +834,11 @@ impl SiteCore {
             if let Some(cur) = r.current {
                 let slot = self.slots.get(&cur);
                 match slot.map(|s| s.phase) {
-                    // Still on its way down or up: wait.
-                    Some(Phase::Stopping { .. } | Phase::Starting { .. }) => return,
+                    // Still on its way down or up (or waiting for a slot on its way out to
+                    // make room): wait.
+                    Some(Phase::Stopping { .. } | Phase::Starting { .. } | Phase::Stopped) => {
+                        return;
+                    }
                     // Up again: the first one must also stay up before the next goes.
                     Some(Phase::Ready) => {
                         let first = r.done.is_empty();
@@ -819,7 +852,7 @@ impl SiteCore {
                     None => r.current = None,
                     // Its new process died or could not start: stop here, so the slots
                     // not yet restarted keep serving.
-                    Some(Phase::Backoff { .. } | Phase::Failed | Phase::Stopped) => {
+                    Some(Phase::Backoff { .. } | Phase::Failed) => {
                         self.rolling = None;
                         out.push(Action::Note(Note::RestartFailed(cur)));
                         return;
@@ -1355,6 +1388,33 @@ mod tests {
             assert_eq!(spawns(&a), vec![id], "slot {id} runs again");
         }
         assert_eq!(s.run, RunState::Running);
+    }
+
+    #[test]
+    fn no_restart_while_a_slot_on_its_way_out_holds_its_room() {
+        let t = Instant::now();
+        let mut s = running(3, ReadyCheck::None, t);
+        s.handle(Input::ScaleRequested(2), t);
+        assert!(matches!(s.slots[&Slot(2)].phase, Phase::Stopping { .. }));
+        // Slot 0 dies while slot 2 still runs, on its way out: two processes for two.
+        let later = t + Duration::from_secs(3);
+        let a = s.handle(
+            Input::Exited {
+                id: Slot(0),
+                reason: ExitReason::Exited { code: 1 },
+            },
+            later,
+        );
+        assert_eq!(spawns(&a), Vec::<u32>::new());
+        assert_eq!(s.live(), 2);
+        let a = s.handle(
+            Input::Exited {
+                id: Slot(2),
+                reason: ExitReason::Signaled { signal: 15 },
+            },
+            later,
+        );
+        assert_eq!(spawns(&a), vec![0], "room again");
     }
 
     #[derive(Debug, Clone)]
