@@ -686,6 +686,18 @@ impl SiteMachine {
             return;
         }
         self.cancel_deploys(why, now, out);
+        // Clients waiting for the site to settle or for a restart to finish would wait for
+        // as long as it stays stopped: they are answered now.
+        let (stopped, cancelled): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.until == WaitFor::Stopped);
+        self.waiters = stopped;
+        for w in cancelled {
+            out.push(Action::Reply {
+                client: w.client,
+                outcome: Outcome::Failed(Failure::Cancelled(why)),
+            });
+        }
         if let Some(client) = client {
             self.hold(client, WaitFor::Stopped);
         }
@@ -909,6 +921,95 @@ mod tests {
             crate::config::LogPolicy::default(),
         )
         .expect("valid")
+    }
+
+    /// Carries out `actions` as the event loop does, first in first out: spawns succeed
+    /// (pid `1000 × generation + slot`), listeners bind, steering flips. Returns every
+    /// action seen, the first ones included.
+    pub(super) fn drive(
+        m: &mut SiteMachine,
+        actions: Vec<Action>,
+        obs: &dyn Observe,
+        t: Instant,
+    ) -> Vec<Action> {
+        let mut queue: VecDeque<Action> = actions.into();
+        let mut seen = Vec::new();
+        while let Some(a) = queue.pop_front() {
+            let input = match &a {
+                Action::Spawn { generation, slot } => Some(Input::Worker {
+                    generation: *generation,
+                    input: slots::Input::Spawned {
+                        id: *slot,
+                        pid: i32::try_from(1000 * generation.0 + slot.0).expect("small"),
+                    },
+                }),
+                Action::BindListeners(g) => Some(Input::ListenersBound {
+                    generation: *g,
+                    result: Ok(()),
+                }),
+                Action::Steer(g) => Some(Input::Steered {
+                    generation: *g,
+                    steering: Steering::Ebpf,
+                    window: None,
+                }),
+                _ => None,
+            };
+            seen.push(a);
+            if let Some(input) = input {
+                queue.extend(m.handle(input, obs, t));
+            }
+        }
+        seen
+    }
+
+    /// Feeds `input` and carries out what follows.
+    pub(super) fn send(
+        m: &mut SiteMachine,
+        input: Input,
+        obs: &dyn Observe,
+        t: Instant,
+    ) -> Vec<Action> {
+        let a = m.handle(input, obs, t);
+        drive(m, a, obs, t)
+    }
+
+    pub(super) fn replies(actions: &[Action]) -> Vec<(ClientId, Outcome)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Reply { client, outcome } => Some((*client, outcome.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stopping_answers_the_clients_waiting_for_the_site_to_settle() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(
+            site("workers = 2\n[ready]\ncheck = \"notify\"\n"),
+            None,
+            None,
+            t,
+        );
+        send(&mut m, Input::Start(ClientId(1)), &Quiet, t);
+        let a = send(
+            &mut m,
+            Input::Stop {
+                client: Some(ClientId(2)),
+                why: CancelReason::SiteStopped,
+            },
+            &Quiet,
+            t,
+        );
+        assert_eq!(
+            replies(&a),
+            vec![(
+                ClientId(1),
+                Outcome::Failed(Failure::Cancelled(CancelReason::SiteStopped))
+            )],
+            "the start never settles now: {a:?}"
+        );
     }
 
     #[test]
