@@ -685,7 +685,6 @@ impl SiteMachine {
             }
             return;
         }
-        self.cancel_deploys(why, now, out);
         // Clients waiting for the site to settle or for a restart to finish would wait for
         // as long as it stays stopped: they are answered now.
         let (stopped, cancelled): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
@@ -705,6 +704,9 @@ impl SiteMachine {
         for g in gens {
             self.feed(g, slots::Input::StopRequested, now, out);
         }
+        // After the stop: a deploy rolled back gives the old generation its workers back,
+        // which must not start them now.
+        self.cancel_deploys(why, now, out);
     }
 
     fn restart(&mut self, client: ClientId, now: Instant, out: &mut Vec<Action>) {
@@ -973,6 +975,16 @@ mod tests {
         drive(m, a, obs, t)
     }
 
+    pub(super) fn exited(g: u32, slot: u32) -> Input {
+        Input::Worker {
+            generation: GenId(g),
+            input: slots::Input::Exited {
+                id: Slot(slot),
+                reason: slots::ExitReason::Exited { code: 0 },
+            },
+        }
+    }
+
     pub(super) fn replies(actions: &[Action]) -> Vec<(ClientId, Outcome)> {
         actions
             .iter()
@@ -982,6 +994,20 @@ mod tests {
             })
             .collect()
     }
+
+    pub(super) fn spawned(actions: &[Action]) -> Vec<(u32, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Spawn { generation, slot } => Some((generation.0, slot.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A budget of 400M with 100M a worker: a cap of 4, which 4 workers fill.
+    pub(super) const FULL_BUDGET: &str =
+        "workers = 4\nmemory = \"400M\"\nworker_memory = \"100M\"\n";
 
     #[test]
     fn stopping_answers_the_clients_waiting_for_the_site_to_settle() {
@@ -1010,6 +1036,53 @@ mod tests {
             )],
             "the start never settles now: {a:?}"
         );
+    }
+
+    #[test]
+    fn a_stop_during_a_deploy_starts_no_worker() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+        send(&mut m, Input::Start(ClientId(1)), &Quiet, t);
+        // The old generation gives up a slot; the new one takes it.
+        let a = send(
+            &mut m,
+            Input::Deploy {
+                client: ClientId(2),
+                release: None,
+            },
+            &Quiet,
+            t,
+        );
+        assert!(
+            a.iter().any(|x| matches!(
+                x,
+                Action::Signal {
+                    generation: GenId(1),
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
+        let a = send(&mut m, exited(1, 3), &Quiet, t);
+        assert_eq!(spawned(&a), vec![(2, 0)]);
+        // Cancelled, the deploy gives the old generation its workers back, for its next start.
+        let a = send(
+            &mut m,
+            Input::Stop {
+                client: Some(ClientId(3)),
+                why: CancelReason::SiteStopped,
+            },
+            &Quiet,
+            t,
+        );
+        assert_eq!(spawned(&a), vec![], "{a:?}");
+        for (g, slot) in [(1, 0), (1, 1), (1, 2), (2, 0)] {
+            send(&mut m, exited(g, slot), &Quiet, t);
+        }
+        assert!(m.is_stopped());
+        let a = send(&mut m, Input::Tick, &Quiet, t + capacity::SETTLE);
+        assert_eq!(spawned(&a), vec![]);
+        assert_eq!(m.current().slots.desired, 4, "all of them when it starts");
     }
 
     #[test]
