@@ -138,7 +138,14 @@ impl SiteMachine {
                 return out.push(refuse(Failure::ProbeNeedsSteering(why)));
             }
         }
-        if self.removing || self.current().slots.run == RunState::Stopped {
+        // A site being stopped is refused too: its new generation would start workers the
+        // stop does not reach, and serve once it flipped.
+        if self.removing
+            || matches!(
+                self.current().slots.run,
+                RunState::Stopped | RunState::Stopping
+            )
+        {
             return out.push(refuse(Failure::Stopped));
         }
         if let Some(d) = &self.deploy {

@@ -717,7 +717,12 @@ impl SiteMachine {
             });
         }
         let serving = self.serving;
-        if self.current().slots.run == RunState::Stopped {
+        // A site being stopped is started again (`SiteCore` takes a restart as a start
+        // then): no rolling restart follows, so the client waits for it to settle.
+        if matches!(
+            self.current().slots.run,
+            RunState::Stopped | RunState::Stopping
+        ) {
             self.hold(client, WaitFor::Settled);
             self.feed(serving, slots::Input::StartRequested, now, out);
             self.reply_if_settled(client, out);
@@ -770,7 +775,11 @@ impl SiteMachine {
             });
         }
         let serving = self.serving;
-        if self.current().slots.run == RunState::Stopped {
+        // A site being stopped settles at nothing: the count applies when it is started.
+        if matches!(
+            self.current().slots.run,
+            RunState::Stopped | RunState::Stopping
+        ) {
             self.feed(serving, slots::Input::ScaleRequested(target), now, out);
             return out.push(Action::Reply {
                 client,
@@ -1083,6 +1092,53 @@ mod tests {
         let a = send(&mut m, Input::Tick, &Quiet, t + capacity::SETTLE);
         assert_eq!(spawned(&a), vec![]);
         assert_eq!(m.current().slots.desired, 4, "all of them when it starts");
+    }
+
+    #[test]
+    fn a_stopping_site_is_stopped_to_deploy_scale_and_restart() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+        send(&mut m, Input::Start(ClientId(1)), &Quiet, t);
+        let stop = Input::Stop {
+            client: Some(ClientId(2)),
+            why: CancelReason::SiteStopped,
+        };
+        send(&mut m, stop, &Quiet, t);
+        assert_eq!(m.current().slots.run, RunState::Stopping);
+        let a = send(
+            &mut m,
+            Input::Deploy {
+                client: ClientId(3),
+                release: None,
+            },
+            &Quiet,
+            t,
+        );
+        assert_eq!(
+            replies(&a),
+            vec![(ClientId(3), Outcome::Failed(Failure::Stopped))]
+        );
+        assert!(m.deploy().is_none());
+        let scale = Input::Scale {
+            client: ClientId(4),
+            workers: 2,
+            owner: None,
+        };
+        let a = send(&mut m, scale, &Quiet, t);
+        assert_eq!(
+            replies(&a),
+            vec![(ClientId(4), Outcome::Done(Done::WhenStarted(2)))]
+        );
+        // A restart starts it again: the client waits for it to settle (no rolling restart
+        // follows a start).
+        send(&mut m, Input::Restart(ClientId(5)), &Quiet, t);
+        send(&mut m, exited(1, 0), &Quiet, t);
+        let later = t + Duration::from_secs(2);
+        let a = send(&mut m, Input::Tick, &Quiet, later);
+        assert!(
+            replies(&a).contains(&(ClientId(5), Outcome::Done(Done::Settled))),
+            "{a:?}"
+        );
     }
 
     #[test]
