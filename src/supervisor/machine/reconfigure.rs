@@ -58,6 +58,13 @@ impl SiteMachine {
         if self.config.limits.memory.is_some() && self.next_capacity_check.is_none() {
             self.next_capacity_check = Some(now);
         }
+        if self.config.limits.memory.is_none() {
+            // No budget any more: no cap, and nothing to measure (a check left due would
+            // be due for ever: the loop would spin).
+            self.capacity = None;
+            self.next_capacity_check = None;
+            self.last_peak = None;
+        }
         if limits_changed {
             out.push(Action::ApplyLimits);
         }
@@ -83,7 +90,7 @@ impl SiteMachine {
 mod tests {
     use std::time::Duration;
 
-    use super::super::tests::{Quiet, send, site, spawned};
+    use super::super::tests::{FULL_BUDGET, Quiet, send, site, spawned};
     use super::*;
     use crate::supervisor::ids::ClientId;
     use crate::supervisor::machine::{CancelReason, Input};
@@ -107,5 +114,22 @@ mod tests {
         let a = send(&mut m, Input::Reconfigure(Box::new(new)), &Quiet, t);
         assert_eq!(spawned(&a), vec![], "{a:?}");
         assert_eq!(m.current().slots.run, RunState::Stopping);
+    }
+
+    #[test]
+    fn a_reload_without_the_budget_lifts_the_cap_and_its_checks() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+        assert!(m.capacity().is_some());
+        let mut new = m.config().clone();
+        new.limits.memory = None;
+        send(&mut m, Input::Reconfigure(Box::new(new)), &Quiet, t);
+        assert_eq!(m.capacity(), None);
+        let later = t + Duration::from_secs(20);
+        send(&mut m, Input::Tick, &Quiet, later);
+        assert!(
+            m.next_deadline(later).is_none_or(|d| d > later),
+            "a check due for ever: the loop would spin"
+        );
     }
 }
