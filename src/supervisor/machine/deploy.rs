@@ -348,6 +348,23 @@ impl SiteMachine {
                 let d = self.deploy.as_ref().expect("viewed above");
                 (d.from, d.to)
             };
+            // Nothing moves before the result the plan waits for is in, whatever else is fed
+            // back meanwhile (a spawn asked for in the same breath): the new generation's
+            // listeners bound (it is started then: a count asked of it before has no slot to
+            // show for it, so the plan would grow it past the cap, and the old generation
+            // would stay shrunk if the bind fails); the steering flipped (it serves then: a
+            // deploy done before would leave the retired generation serving).
+            let waiting = match view.stage {
+                Stage::Starting => self
+                    .gens
+                    .get(&to)
+                    .is_some_and(|g| g.slots.run == RunState::Stopped),
+                Stage::Probation { .. } => false,
+                Stage::Draining { .. } => self.serving != to,
+            };
+            if waiting {
+                break;
+            }
             match decide(&view) {
                 Step::Wait => break,
                 Step::ScaleNew(n) => {
@@ -680,4 +697,86 @@ impl SiteMachine {
 
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{FULL_BUDGET, Quiet, exited, replies, send, site, spawned};
+    use super::*;
+    use crate::supervisor::machine::{Input, Outcome};
+    use crate::supervisor::slots::Slot;
+
+    #[test]
+    fn nothing_moves_before_the_new_listeners_are_bound() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+        send(&mut m, Input::Start(ClientId(1)), &Quiet, t);
+        let deploy = Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        };
+        let a = m.handle(deploy, &Quiet, t);
+        assert_eq!(a, vec![Action::BindListeners(GenId(2))]);
+        let bound = Input::ListenersBound {
+            generation: GenId(2),
+            result: Err("127.0.0.1:8000: Address already in use".into()),
+        };
+        m.handle(bound, &Quiet, t);
+        assert_eq!(
+            m.current().slots.desired,
+            4,
+            "the old generation gave up nothing"
+        );
+        assert_eq!(m.generations().count(), 1);
+    }
+
+    #[test]
+    fn nothing_moves_before_the_flip_is_reported() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+        send(&mut m, Input::Start(ClientId(1)), &Quiet, t);
+        send(
+            &mut m,
+            Input::Deploy {
+                client: ClientId(2),
+                release: None,
+            },
+            &Quiet,
+            t,
+        );
+        let later = t + Duration::from_secs(1);
+        let a = m.handle(Input::Tick, &Quiet, later);
+        assert_eq!(a.last(), Some(&Action::Steer(GenId(2))));
+        // Before the loop reports the flip, it feeds back something else: the old worker
+        // died and its restart could not be spawned, so the old generation has no process.
+        let a = m.handle(exited(1, 0), &Quiet, later);
+        assert_eq!(spawned(&a), vec![(1, 0)]);
+        let failed = Input::Worker {
+            generation: GenId(1),
+            input: slots::Input::SpawnFailed {
+                id: Slot(0),
+                error: "EAGAIN".into(),
+                permanent: false,
+            },
+        };
+        let a = [a, m.handle(failed, &Quiet, later)].concat();
+        // It still serves: it is not stopped, and the deploy is not done.
+        assert!(m.deploy().is_some(), "{a:?}");
+        assert!(!m.generation(GenId(1)).expect("old").leaving, "{a:?}");
+        assert_eq!(replies(&a), vec![]);
+        let steered = Input::Steered {
+            generation: GenId(2),
+            steering: Steering::Shared,
+            window: None,
+        };
+        let a = send(&mut m, steered, &Quiet, later);
+        assert_eq!(m.serving(), GenId(2));
+        assert!(
+            matches!(
+                replies(&a).as_slice(),
+                [(ClientId(2), Outcome::Done(Done::Deployed { .. }))]
+            ),
+            "{a:?}"
+        );
+    }
 }
