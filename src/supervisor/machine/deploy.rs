@@ -731,6 +731,39 @@ mod tests {
     }
 
     #[test]
+    fn an_old_generation_left_without_a_process_is_retired_when_it_stops() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+        send(&mut m, Input::Start(ClientId(1)), &Quiet, t);
+        // The old worker dies and cannot be spawned again: the site is failed, with no
+        // process; a deploy replaces it.
+        let t = t + Duration::from_secs(1);
+        let a = send(&mut m, exited(1, 0), &Quiet, t);
+        assert_eq!(spawned(&a), vec![(1, 0)]);
+        let failed = Input::Worker {
+            generation: GenId(1),
+            input: slots::Input::SpawnFailed {
+                id: Slot(0),
+                error: "ENOENT".into(),
+                permanent: true,
+            },
+        };
+        send(&mut m, failed, &Quiet, t);
+        let deploy = Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        };
+        send(&mut m, deploy, &Quiet, t);
+        let later = t + Duration::from_secs(1);
+        let a = send(&mut m, Input::Tick, &Quiet, later);
+        assert!(a.contains(&Action::Retire(GenId(1))), "{a:?}");
+        assert_eq!(
+            m.generations().map(|g| g.id).collect::<Vec<_>>(),
+            vec![GenId(2)]
+        );
+    }
+
+    #[test]
     fn nothing_moves_before_the_flip_is_reported() {
         let t = Instant::now();
         let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);

@@ -490,6 +490,25 @@ impl SiteMachine {
 
     /// Generations retired, the deploy moved on, the site dropped once removed and stopped.
     fn after(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
+        self.retire_gone(out);
+        if self.deploy.is_some() {
+            self.advance_deploy(obs, now, out);
+            // It may have stopped a generation with no process left: gone at once.
+            self.retire_gone(out);
+        }
+        if self.removing && self.is_stopped() && !out.contains(&Action::Dropped) {
+            for w in std::mem::take(&mut self.waiters) {
+                out.push(Action::Reply {
+                    client: w.client,
+                    outcome: Outcome::Done(Done::Removed),
+                });
+            }
+            out.push(Action::Dropped);
+        }
+    }
+
+    /// Retires the generations leaving that have stopped.
+    fn retire_gone(&mut self, out: &mut Vec<Action>) {
         let gone: Vec<GenId> = self
             .gens
             .values()
@@ -501,18 +520,6 @@ impl SiteMachine {
             out.push(Action::Retire(g));
             self.deploy_progress(Event::Retired(g), out);
             out.push(Action::Log(Event::Retired(g)));
-        }
-        if self.deploy.is_some() {
-            self.advance_deploy(obs, now, out);
-        }
-        if self.removing && self.is_stopped() && !out.contains(&Action::Dropped) {
-            for w in std::mem::take(&mut self.waiters) {
-                out.push(Action::Reply {
-                    client: w.client,
-                    outcome: Outcome::Done(Done::Removed),
-                });
-            }
-            out.push(Action::Dropped);
         }
     }
 
