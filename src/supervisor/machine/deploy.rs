@@ -439,7 +439,7 @@ impl SiteMachine {
                     self.feed(from, slots::Input::StopRequested, now, out);
                 }
                 Step::Done => {
-                    self.finish_deploy(now, out);
+                    self.finish_deploy(true, now, out);
                     self.next_queued(obs, now, out);
                     return;
                 }
@@ -607,7 +607,9 @@ impl SiteMachine {
         }
     }
 
-    fn finish_deploy(&mut self, now: Instant, out: &mut Vec<Action>) {
+    /// Ends the deploy as done; `grow`: a new generation short of the target gets the rest
+    /// (not when the site is being stopped).
+    fn finish_deploy(&mut self, grow: bool, now: Instant, out: &mut Vec<Action>) {
         let Some(d) = self.deploy.take() else {
             return;
         };
@@ -660,7 +662,7 @@ impl SiteMachine {
                 outcome: outcome.clone(),
             });
         }
-        if short {
+        if short && grow {
             self.feed(d.to, slots::Input::ScaleRequested(d.target), now, out);
         }
     }
@@ -689,8 +691,17 @@ impl SiteMachine {
                 outcome: Outcome::Failed(Failure::Cancelled(why)),
             });
         }
-        if self.deploy.is_some() {
-            self.roll_back(RollbackReason::Cancelled(why), now, out);
+        match self.deploy.as_ref().map(|d| (d.stage, d.from)) {
+            // Past the flip the new generation serves: there is nothing to roll back to, so
+            // the deploy ends as done and the old generation leaves with the stop.
+            Some((Stage::Draining { .. }, from)) => {
+                if let Some(old) = self.gens.get_mut(&from) {
+                    old.leaving = true;
+                }
+                self.finish_deploy(false, now, out);
+            }
+            Some(_) => self.roll_back(RollbackReason::Cancelled(why), now, out),
+            None => {}
         }
     }
 }
@@ -701,10 +712,35 @@ fn count(n: usize) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::super::tests::{FULL_BUDGET, Quiet, exited, replies, send, site, spawned};
     use super::*;
+    use crate::config::SiteConfig;
     use crate::supervisor::machine::{Input, Outcome};
     use crate::supervisor::slots::Slot;
+
+    /// Old generations' accept queues never empty: they drain until the stop timeout.
+    struct Queued;
+
+    impl Observe for Queued {
+        fn resolve_release(
+            &self,
+            s: &SiteConfig,
+            a: Option<&Path>,
+        ) -> Result<Option<PathBuf>, String> {
+            Quiet.resolve_release(s, a)
+        }
+        fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+            None
+        }
+        fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+            false
+        }
+        fn probe_alone(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
 
     #[test]
     fn nothing_moves_before_the_new_listeners_are_bound() {
@@ -810,6 +846,46 @@ mod tests {
                 [(ClientId(2), Outcome::Done(Done::Deployed { .. }))]
             ),
             "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_deploy_cancelled_after_the_flip_is_done_and_the_old_generation_goes() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+        send(&mut m, Input::Start(ClientId(1)), &Queued, t);
+        let deploy = Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        };
+        send(&mut m, deploy, &Queued, t);
+        let later = t + Duration::from_secs(1);
+        send(&mut m, Input::Tick, &Queued, later);
+        assert_eq!(m.serving(), GenId(2), "flipped; the old one drains");
+        let stop = Input::Stop {
+            client: Some(ClientId(3)),
+            why: CancelReason::SiteStopped,
+        };
+        let a = send(&mut m, stop, &Queued, later);
+        assert!(
+            matches!(
+                replies(&a).as_slice(),
+                [(ClientId(2), Outcome::Done(Done::Deployed { .. }))]
+            ),
+            "the new generation serves: {a:?}"
+        );
+        assert_eq!(m.serving(), GenId(2));
+        assert!(!m.current().leaving);
+        send(&mut m, exited(1, 0), &Queued, later);
+        let a = send(&mut m, exited(2, 0), &Queued, later);
+        assert_eq!(
+            replies(&a),
+            vec![(ClientId(3), Outcome::Done(Done::Stopped))]
+        );
+        assert_eq!(
+            m.generations().map(|g| g.id).collect::<Vec<_>>(),
+            vec![GenId(2)],
+            "the old generation was retired"
         );
     }
 }
