@@ -323,13 +323,23 @@ impl SiteMachine {
                 })
                 .unwrap_or_default()
         };
+        // Generations still on their way out (a deploy rolled back just before this one)
+        // hold processes too: they count against the cap with the old generation's.
+        let mut old = gen_view(d.from);
+        for g in self
+            .gens
+            .values()
+            .filter(|g| g.id != d.from && g.id != d.to)
+        {
+            old.slots += count(g.slots.slots.len());
+        }
         Some(View {
             stage: d.stage,
             now,
             ready_deadline: d.ready_deadline,
             target: d.target,
             cap: d.cap,
-            old: gen_view(d.from),
+            old,
             new: gen_view(d.to),
             old_queues_empty: obs.queues_empty(d.from, d.to),
         })
@@ -528,7 +538,6 @@ impl SiteMachine {
         if let Some(g) = self.gens.get_mut(&d.to) {
             g.leaving = true;
         }
-        let old_desired = self.gens.get(&d.from).map(|g| g.slots.desired);
         out.push(Action::Log(Event::RolledBack {
             generation: d.to,
             reason: reason.clone(),
@@ -555,9 +564,7 @@ impl SiteMachine {
             });
         }
         self.feed(d.to, slots::Input::StopRequested, now, out);
-        if old_desired.is_some_and(|n| n < d.target) {
-            self.feed(d.from, slots::Input::ScaleRequested(d.target), now, out);
-        }
+        self.give_back(d.from, d.target, d.cap, now, out);
     }
 
     /// Stops the new generation; the serving one stays as it is (and gets back the
@@ -591,7 +598,6 @@ impl SiteMachine {
             flip_window: None,
             steered_back: false,
         });
-        let old_desired = self.gens.get(&d.from).map(|g| g.slots.desired);
         for c in d.clients {
             out.push(Action::Reply {
                 client: c,
@@ -602,8 +608,33 @@ impl SiteMachine {
             });
         }
         self.feed(d.to, slots::Input::StopRequested, now, out);
-        if old_desired.is_some_and(|n| n < d.target) {
-            self.feed(d.from, slots::Input::ScaleRequested(d.target), now, out);
+        self.give_back(d.from, d.target, d.cap, now, out);
+    }
+
+    /// After a rollback or a steer-back, the old generation `g` gets back the workers it
+    /// gave up, up to `target`, as far as the cap leaves room beside the generations still
+    /// leaving (their processes hold memory until they exit); once they are gone, the
+    /// capacity check gives back the rest.
+    fn give_back(
+        &mut self,
+        g: GenId,
+        target: u32,
+        cap: Option<u32>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(desired) = self.gens.get(&g).map(|x| x.slots.desired) else {
+            return;
+        };
+        let others: u32 = self
+            .gens
+            .values()
+            .filter(|x| x.id != g)
+            .map(|x| count(x.slots.slots.len()))
+            .sum();
+        let n = cap.map_or(target, |c| target.min(c.saturating_sub(others)));
+        if n > desired {
+            self.feed(g, slots::Input::ScaleRequested(n), now, out);
         }
     }
 
@@ -887,5 +918,60 @@ mod tests {
             vec![GenId(2)],
             "the old generation was retired"
         );
+    }
+
+    #[test]
+    fn a_rollback_gives_workers_back_as_the_rolled_back_ones_leave() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+        send(&mut m, Input::Start(ClientId(1)), &Quiet, t);
+        let deploy = Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        };
+        send(&mut m, deploy, &Quiet, t);
+        // Slot 3 of the old generation makes room for the first new worker, slot 2 for
+        // the next.
+        let a = send(&mut m, exited(1, 3), &Quiet, t);
+        assert_eq!(spawned(&a), vec![(2, 0)]);
+        assert_eq!(m.current().slots.desired, 2);
+        let a = send(&mut m, Input::Rollback(ClientId(3)), &Quiet, t);
+        // The new worker is still stopping: the old generation has 3 of the 4, not more.
+        assert_eq!(spawned(&a), vec![], "{a:?}");
+        assert_eq!(m.current().slots.desired, 3);
+        // So does a scale beside it.
+        let scale = Input::Scale {
+            client: ClientId(4),
+            workers: 4,
+            owner: None,
+        };
+        let a = send(&mut m, scale, &Quiet, t);
+        assert_eq!(spawned(&a), vec![], "{a:?}");
+        // Once it is gone, the capacity check gives back the last one.
+        send(&mut m, exited(2, 0), &Quiet, t);
+        let a = send(&mut m, exited(1, 2), &Quiet, t);
+        assert_eq!(spawned(&a), vec![(1, 2)]);
+        let a = send(&mut m, Input::Tick, &Quiet, t + Duration::from_secs(2));
+        assert_eq!(spawned(&a), vec![(1, 3)]);
+        assert_eq!(m.current().slots.desired, 4);
+    }
+
+    #[test]
+    fn a_deploy_counts_the_workers_of_a_generation_rolled_back_before_it() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+        send(&mut m, Input::Start(ClientId(1)), &Quiet, t);
+        let deploy = |client| Input::Deploy {
+            client: ClientId(client),
+            release: None,
+        };
+        send(&mut m, deploy(2), &Quiet, t);
+        send(&mut m, exited(1, 3), &Quiet, t);
+        send(&mut m, Input::Rollback(ClientId(3)), &Quiet, t);
+        // Generation 2's worker is still stopping: 3 old ones and it fill the cap of 4.
+        let a = send(&mut m, deploy(4), &Quiet, t);
+        assert_eq!(spawned(&a), vec![], "{a:?}");
+        let a = send(&mut m, exited(2, 0), &Quiet, t);
+        assert_eq!(spawned(&a), vec![(3, 0)], "{a:?}");
     }
 }

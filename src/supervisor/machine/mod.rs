@@ -775,6 +775,18 @@ impl SiteMachine {
             (Some(a), None) => self.current().slots.desired.max(a.min).min(workers),
             (None, None) => workers,
         };
+        // Generations still leaving (after a rollback) hold processes in the same budget:
+        // the capacity check gives back the rest once they are gone.
+        let leaving: u32 = self
+            .gens
+            .values()
+            .filter(|g| g.id != self.serving)
+            .map(|g| u32::try_from(g.slots.slots.len()).unwrap_or(u32::MAX))
+            .sum();
+        let target = match self.capacity {
+            Some(c) => target.min(c.workers.saturating_sub(leaving)),
+            None => target,
+        };
         if let Some(c) = cap {
             out.push(Action::Progress {
                 clients: vec![client],
@@ -826,8 +838,9 @@ impl SiteMachine {
         let Some(budget) = self.config.limits.memory else {
             return;
         };
-        if self.deploy.is_some() {
-            // The deploy plan moves workers between generations; measure afterwards.
+        if self.deploy.is_some() || self.gens.len() > 1 {
+            // The deploy plan moves workers between generations, and a generation leaving
+            // still holds its processes: measure (and grow) once they are gone.
             self.next_capacity_check = Some(now + capacity::SETTLE);
             return;
         }
