@@ -813,6 +813,11 @@ impl SiteMachine {
     // ------------------------------------------------------------ time
 
     fn tick(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
+        // The cap first: slots whose restart is due are then the first removed if it fell,
+        // rather than started above it.
+        if self.next_capacity_check.is_some_and(|d| d <= now) {
+            self.refresh_capacity(obs, now, out);
+        }
         let due: Vec<GenId> = self
             .gens
             .values()
@@ -826,9 +831,6 @@ impl SiteMachine {
         let probing: Vec<GenId> = self.needs_probe().collect();
         for g in probing {
             out.push(Action::Probe(g));
-        }
-        if self.next_capacity_check.is_some_and(|d| d <= now) {
-            self.refresh_capacity(obs, now, out);
         }
     }
 
@@ -1159,6 +1161,45 @@ mod tests {
             replies(&a).contains(&(ClientId(5), Outcome::Done(Done::Settled))),
             "{a:?}"
         );
+    }
+
+    /// Measured memory of every worker, as given.
+    pub(super) struct Measured(pub(super) u64);
+
+    impl Observe for Measured {
+        fn resolve_release(
+            &self,
+            s: &SiteConfig,
+            a: Option<&Path>,
+        ) -> Result<Option<PathBuf>, String> {
+            Quiet.resolve_release(s, a)
+        }
+        fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+            Some(self.0)
+        }
+        fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+            true
+        }
+        fn probe_alone(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_fall_of_the_cap_applies_before_restarts_that_are_due() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+        send(&mut m, Input::Start(ClientId(1)), &Quiet, t);
+        // Slot 1 dies at once: it restarts after the backoff floor.
+        let a = send(&mut m, exited(1, 1), &Quiet, t + Duration::from_millis(1));
+        assert_eq!(spawned(&a), vec![]);
+        // Measured at 150M (172.5M with the margin), the budget holds 2: the slot waiting
+        // for its restart is the first to go, and nothing starts above the new cap.
+        let later = t + capacity::SETTLE;
+        let a = send(&mut m, Input::Tick, &Measured(150 << 20), later);
+        assert_eq!(m.capacity().map(|c| c.workers), Some(2));
+        assert_eq!(spawned(&a), vec![], "{a:?}");
+        assert!(!m.current().slots.slots.contains_key(&Slot(1)));
     }
 
     #[test]
