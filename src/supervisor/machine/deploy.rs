@@ -524,6 +524,7 @@ impl SiteMachine {
         };
         out.push(Action::Log(event.clone()));
         self.deploy_progress(event, out);
+        self.serving_changed(out);
     }
 
     /// Back to the old generation while it drains (on `rollback`, or because a new
@@ -535,6 +536,7 @@ impl SiteMachine {
         };
         out.push(Action::Steer(d.from));
         self.serving = d.from;
+        self.serving_changed(out);
         if let Some(g) = self.gens.get_mut(&d.to) {
             g.leaving = true;
         }

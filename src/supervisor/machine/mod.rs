@@ -662,6 +662,32 @@ impl SiteMachine {
         self.waiters.push(Waiter { client, until });
     }
 
+    /// The serving generation changed (a flip, a steer back). `Settled` is only noted on
+    /// a change, and a generation that settled while it did not serve noted it to no one:
+    /// clients waiting for the site to settle are answered now if it has. A client waiting
+    /// for a restart to finish waited for the generation that no longer serves: it waits
+    /// for the one that does to settle.
+    fn serving_changed(&mut self, out: &mut Vec<Action>) {
+        for w in &mut self.waiters {
+            if w.until == WaitFor::RestartDone {
+                w.until = WaitFor::Settled;
+            }
+        }
+        if !self.current().slots.is_settled() {
+            return;
+        }
+        let (settled, keep): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.until == WaitFor::Settled);
+        self.waiters = keep;
+        for w in settled {
+            out.push(Action::Reply {
+                client: w.client,
+                outcome: Outcome::Done(Done::Settled),
+            });
+        }
+    }
+
     /// `Settled` is only noted on a change: answer a client whose wish already holds.
     fn reply_if_settled(&mut self, client: ClientId, out: &mut Vec<Action>) {
         let waiting = self.waiters.iter().any(|w| w.client == client);
@@ -1200,6 +1226,41 @@ mod tests {
         assert_eq!(m.capacity().map(|c| c.workers), Some(2));
         assert_eq!(spawned(&a), vec![], "{a:?}");
         assert!(!m.current().slots.slots.contains_key(&Slot(1)));
+    }
+
+    #[test]
+    fn a_flip_to_a_settled_generation_answers_the_clients_waiting_for_the_site_to_settle() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(
+            site("workers = 1\n[ready]\ncheck = \"notify\"\n"),
+            None,
+            None,
+            t,
+        );
+        // The old worker never says it is ready: the start waits.
+        send(&mut m, Input::Start(ClientId(1)), &Quiet, t);
+        let a = send(
+            &mut m,
+            Input::Deploy {
+                client: ClientId(2),
+                release: None,
+            },
+            &Quiet,
+            t,
+        );
+        assert_eq!(spawned(&a), vec![(2, 0)]);
+        let ready = Input::Worker {
+            generation: GenId(2),
+            input: slots::Input::ReadyNotified { id: Slot(0) },
+        };
+        send(&mut m, ready, &Quiet, t);
+        // Probation and settle both end a second later: it settles, then serves.
+        let a = send(&mut m, Input::Tick, &Quiet, t + Duration::from_secs(1));
+        assert_eq!(m.serving(), GenId(2));
+        assert!(
+            replies(&a).contains(&(ClientId(1), Outcome::Done(Done::Settled))),
+            "{a:?}"
+        );
     }
 
     #[test]
