@@ -4,7 +4,7 @@
 //! returns; the results some actions have (a spawn's pid, listeners bound, the steering
 //! flipped, a probe accepted) are fed back, in order, before anything else happens.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
@@ -201,29 +201,31 @@ impl Agent {
         missing
     }
 
-    /// Gives site `name`'s machine `input` and carries out what it says, feeding back the
-    /// results of actions that have one before anything else.
+    /// Gives site `name`'s machine `input` and carries out what it says, in the order it
+    /// says it. A result the machine waits for (a spawn's pid, listeners bound, the
+    /// steering flipped, a probe accepted) is fed back at once, and the actions it brings
+    /// are carried out after the rest (first in, first out: the order the simulation in
+    /// `supervisor::machine::sim` checks the machine's invariants in).
     pub(super) fn feed(&mut self, name: &SiteName, input: Input) {
-        let mut pending = vec![input];
-        while let Some(input) = pending.pop() {
-            let Some(site) = self.sites.get_mut(name) else {
-                return;
-            };
-            let world = World {
-                io: &site.io,
-                serving: site.machine.serving(),
-                steering: &self.steering_support,
-            };
-            let actions = site.machine.handle(input, &world, Instant::now());
-            let mut results = Vec::new();
-            for action in actions {
-                if let Some(next) = self.execute(name, action) {
-                    results.push(next);
-                }
+        let mut queue: VecDeque<Action> = self.handle(name, input).into();
+        while let Some(action) = queue.pop_front() {
+            if let Some(result) = self.execute(name, action) {
+                queue.extend(self.handle(name, result));
             }
-            // In the order the actions came, before anything older.
-            pending.extend(results.into_iter().rev());
         }
+    }
+
+    /// One input to site `name`'s machine (none once the site is gone).
+    fn handle(&mut self, name: &SiteName, input: Input) -> Vec<Action> {
+        let Some(site) = self.sites.get_mut(name) else {
+            return Vec::new();
+        };
+        let world = World {
+            io: &site.io,
+            serving: site.machine.serving(),
+            steering: &self.steering_support,
+        };
+        site.machine.handle(input, &world, Instant::now())
     }
 
     /// Feeds a client's request; a client left without its answer now waits for it (its

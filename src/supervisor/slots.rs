@@ -406,6 +406,15 @@ impl SiteCore {
     }
 
     fn spawn(&mut self, id: Slot, now: Instant, out: &mut Vec<Action>) {
+        // Never more processes than the desired count: a slot on its way out (scaled down)
+        // still holds its process, and its memory, until it exits. A slot due to start
+        // waits, stopped, until one has (`start_waiting`).
+        if self.live() >= self.desired as usize {
+            if let Some(slot) = self.slots.get_mut(&id) {
+                slot.phase = Phase::Stopped;
+            }
+            return;
+        }
         let deadline = match self.policies.ready.check {
             ReadyCheck::None => None,
             _ => Some(now + self.policies.ready.timeout),
@@ -431,7 +440,11 @@ impl SiteCore {
                     deadline: Some(now + stop.timeout),
                     then,
                 };
-                out.push(Action::Signal(id, stop.signal));
+                // A spawn not yet reported has no process to signal yet: it is signalled
+                // once it is reported (`Spawned`), or ends there (`SpawnFailed`).
+                if slot.pid.is_some() {
+                    out.push(Action::Signal(id, stop.signal));
+                }
             }
             Phase::Stopping {
                 deadline,
@@ -562,8 +575,19 @@ impl SiteCore {
                 self.run = RunState::Running;
                 for slot in self.slots.values_mut() {
                     slot.history.reset();
-                    if slot.phase == Phase::Failed || matches!(slot.phase, Phase::Backoff { .. }) {
-                        slot.phase = Phase::Stopped;
+                    match slot.phase {
+                        Phase::Failed | Phase::Backoff { .. } => slot.phase = Phase::Stopped,
+                        // Started again before a stop ended: runs again once it has exited.
+                        Phase::Stopping {
+                            deadline,
+                            then: AfterStop::Rest,
+                        } => {
+                            slot.phase = Phase::Stopping {
+                                deadline,
+                                then: AfterStop::Respawn,
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 self.settled = false;
@@ -608,6 +632,13 @@ impl SiteCore {
                         slot.settles_at = Some(now + self.policies.ready.settle);
                         out.push(Action::Note(Note::Ready(id)));
                     }
+                    // Asked to stop before its spawn was reported: now it can be.
+                    if let Phase::Stopping { deadline, .. } = slot.phase {
+                        out.push(match deadline {
+                            Some(_) => Action::Signal(id, self.policies.stop.signal),
+                            None => Action::Kill(id),
+                        });
+                    }
                 }
             }
             Input::BusyReported { id, busy } => {
@@ -630,6 +661,13 @@ impl SiteCore {
                 permanent,
             } => {
                 let reason = ExitReason::SpawnFailed { error };
+                if matches!(
+                    self.slots.get(&id).map(|s| s.phase),
+                    Some(Phase::Stopping { .. })
+                ) {
+                    // Asked to stop before its spawn was reported: it ended as asked.
+                    return self.handle(Input::Exited { id, reason }, now);
+                }
                 if permanent {
                     if let Some(slot) = self.slots.get_mut(&id) {
                         slot.phase = Phase::Failed;
@@ -714,6 +752,7 @@ impl SiteCore {
                 }
             }
         }
+        self.start_waiting(now, &mut out);
         self.advance_rolling(now, &mut out);
         self.check_stopped(&mut out);
         self.check_settled(&mut out);
@@ -767,6 +806,26 @@ impl SiteCore {
         }
     }
 
+    /// Starts the slots of a running site that waited for a process on its way out to
+    /// end (see `spawn`).
+    fn start_waiting(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if !matches!(self.run, RunState::Running | RunState::Failed) {
+            return;
+        }
+        let waiting: Vec<Slot> = self
+            .slots
+            .values()
+            .filter(|s| s.phase == Phase::Stopped)
+            .map(|s| s.id)
+            .collect();
+        for id in waiting {
+            if self.live() >= self.desired as usize {
+                break;
+            }
+            self.spawn(id, now, out);
+        }
+    }
+
     fn advance_rolling(&mut self, now: Instant, out: &mut Vec<Action>) {
         loop {
             let Some(r) = &mut self.rolling else {
@@ -775,8 +834,11 @@ impl SiteCore {
             if let Some(cur) = r.current {
                 let slot = self.slots.get(&cur);
                 match slot.map(|s| s.phase) {
-                    // Still on its way down or up: wait.
-                    Some(Phase::Stopping { .. } | Phase::Starting { .. }) => return,
+                    // Still on its way down or up (or waiting for a slot on its way out to
+                    // make room): wait.
+                    Some(Phase::Stopping { .. } | Phase::Starting { .. } | Phase::Stopped) => {
+                        return;
+                    }
                     // Up again: the first one must also stay up before the next goes.
                     Some(Phase::Ready) => {
                         let first = r.done.is_empty();
@@ -790,7 +852,7 @@ impl SiteCore {
                     None => r.current = None,
                     // Its new process died or could not start: stop here, so the slots
                     // not yet restarted keep serving.
-                    Some(Phase::Backoff { .. } | Phase::Failed | Phase::Stopped) => {
+                    Some(Phase::Backoff { .. } | Phase::Failed) => {
                         self.rolling = None;
                         out.push(Action::Note(Note::RestartFailed(cur)));
                         return;
@@ -1263,6 +1325,96 @@ mod tests {
             t,
         );
         assert!(!s.slots[&Slot(3)].busy);
+    }
+
+    #[test]
+    fn a_slot_stopped_before_its_spawn_is_reported_is_signalled_once_it_is() {
+        let t = Instant::now();
+        let mut s = SiteCore::new(2, policies(ReadyCheck::Notify));
+        assert_eq!(spawns(&s.handle(Input::StartRequested, t)), vec![0, 1]);
+        // Stopped before the loop reported either spawn: there is no process to signal.
+        let a = s.handle(Input::StopRequested, t);
+        assert_eq!(a, vec![]);
+        let a = s.handle(
+            Input::Spawned {
+                id: Slot(0),
+                pid: 10,
+            },
+            t,
+        );
+        assert!(
+            a.contains(&Action::Signal(Slot(0), Signal(libc::SIGTERM))),
+            "{a:?}"
+        );
+        // A spawn that failed has nothing left to stop: it ended as asked, not as a crash.
+        let a = s.handle(
+            Input::SpawnFailed {
+                id: Slot(1),
+                error: "ENOENT".into(),
+                permanent: true,
+            },
+            t,
+        );
+        assert!(!a.contains(&Action::Note(Note::Failed(Slot(1)))), "{a:?}");
+        assert_eq!(s.slots[&Slot(1)].phase, Phase::Stopped);
+        let a = s.handle(
+            Input::Exited {
+                id: Slot(0),
+                reason: ExitReason::Signaled { signal: 15 },
+            },
+            t,
+        );
+        assert!(a.contains(&Action::Note(Note::AllStopped)), "{a:?}");
+        assert_eq!(s.run, RunState::Stopped);
+    }
+
+    #[test]
+    fn starting_again_before_a_stop_ended_runs_the_stopping_slots_again() {
+        let t = Instant::now();
+        let mut s = running(2, ReadyCheck::None, t);
+        s.handle(Input::StopRequested, t);
+        assert_eq!(
+            spawns(&s.handle(Input::StartRequested, t)),
+            Vec::<u32>::new()
+        );
+        for id in 0..2 {
+            let a = s.handle(
+                Input::Exited {
+                    id: Slot(id),
+                    reason: ExitReason::Signaled { signal: 15 },
+                },
+                t,
+            );
+            assert_eq!(spawns(&a), vec![id], "slot {id} runs again");
+        }
+        assert_eq!(s.run, RunState::Running);
+    }
+
+    #[test]
+    fn no_restart_while_a_slot_on_its_way_out_holds_its_room() {
+        let t = Instant::now();
+        let mut s = running(3, ReadyCheck::None, t);
+        s.handle(Input::ScaleRequested(2), t);
+        assert!(matches!(s.slots[&Slot(2)].phase, Phase::Stopping { .. }));
+        // Slot 0 dies while slot 2 still runs, on its way out: two processes for two.
+        let later = t + Duration::from_secs(3);
+        let a = s.handle(
+            Input::Exited {
+                id: Slot(0),
+                reason: ExitReason::Exited { code: 1 },
+            },
+            later,
+        );
+        assert_eq!(spawns(&a), Vec::<u32>::new());
+        assert_eq!(s.live(), 2);
+        let a = s.handle(
+            Input::Exited {
+                id: Slot(2),
+                reason: ExitReason::Signaled { signal: 15 },
+            },
+            later,
+        );
+        assert_eq!(spawns(&a), vec![0], "room again");
     }
 
     #[derive(Debug, Clone)]

@@ -138,7 +138,14 @@ impl SiteMachine {
                 return out.push(refuse(Failure::ProbeNeedsSteering(why)));
             }
         }
-        if self.removing || self.current().slots.run == RunState::Stopped {
+        // A site being stopped is refused too: its new generation would start workers the
+        // stop does not reach, and serve once it flipped.
+        if self.removing
+            || matches!(
+                self.current().slots.run,
+                RunState::Stopped | RunState::Stopping
+            )
+        {
             return out.push(refuse(Failure::Stopped));
         }
         if let Some(d) = &self.deploy {
@@ -316,13 +323,23 @@ impl SiteMachine {
                 })
                 .unwrap_or_default()
         };
+        // Generations still on their way out (a deploy rolled back just before this one)
+        // hold processes too: they count against the cap with the old generation's.
+        let mut old = gen_view(d.from);
+        for g in self
+            .gens
+            .values()
+            .filter(|g| g.id != d.from && g.id != d.to)
+        {
+            old.slots += count(g.slots.slots.len());
+        }
         Some(View {
             stage: d.stage,
             now,
             ready_deadline: d.ready_deadline,
             target: d.target,
             cap: d.cap,
-            old: gen_view(d.from),
+            old,
             new: gen_view(d.to),
             old_queues_empty: obs.queues_empty(d.from, d.to),
         })
@@ -341,6 +358,23 @@ impl SiteMachine {
                 let d = self.deploy.as_ref().expect("viewed above");
                 (d.from, d.to)
             };
+            // Nothing moves before the result the plan waits for is in, whatever else is fed
+            // back meanwhile (a spawn asked for in the same breath): the new generation's
+            // listeners bound (it is started then: a count asked of it before has no slot to
+            // show for it, so the plan would grow it past the cap, and the old generation
+            // would stay shrunk if the bind fails); the steering flipped (it serves then: a
+            // deploy done before would leave the retired generation serving).
+            let waiting = match view.stage {
+                Stage::Starting => self
+                    .gens
+                    .get(&to)
+                    .is_some_and(|g| g.slots.run == RunState::Stopped),
+                Stage::Probation { .. } => false,
+                Stage::Draining { .. } => self.serving != to,
+            };
+            if waiting {
+                break;
+            }
             match decide(&view) {
                 Step::Wait => break,
                 Step::ScaleNew(n) => {
@@ -415,7 +449,7 @@ impl SiteMachine {
                     self.feed(from, slots::Input::StopRequested, now, out);
                 }
                 Step::Done => {
-                    self.finish_deploy(now, out);
+                    self.finish_deploy(true, now, out);
                     self.next_queued(obs, now, out);
                     return;
                 }
@@ -490,6 +524,7 @@ impl SiteMachine {
         };
         out.push(Action::Log(event.clone()));
         self.deploy_progress(event, out);
+        self.serving_changed(out);
     }
 
     /// Back to the old generation while it drains (on `rollback`, or because a new
@@ -501,10 +536,10 @@ impl SiteMachine {
         };
         out.push(Action::Steer(d.from));
         self.serving = d.from;
+        self.serving_changed(out);
         if let Some(g) = self.gens.get_mut(&d.to) {
             g.leaving = true;
         }
-        let old_desired = self.gens.get(&d.from).map(|g| g.slots.desired);
         out.push(Action::Log(Event::RolledBack {
             generation: d.to,
             reason: reason.clone(),
@@ -531,9 +566,7 @@ impl SiteMachine {
             });
         }
         self.feed(d.to, slots::Input::StopRequested, now, out);
-        if old_desired.is_some_and(|n| n < d.target) {
-            self.feed(d.from, slots::Input::ScaleRequested(d.target), now, out);
-        }
+        self.give_back(d.from, d.target, d.cap, now, out);
     }
 
     /// Stops the new generation; the serving one stays as it is (and gets back the
@@ -567,7 +600,6 @@ impl SiteMachine {
             flip_window: None,
             steered_back: false,
         });
-        let old_desired = self.gens.get(&d.from).map(|g| g.slots.desired);
         for c in d.clients {
             out.push(Action::Reply {
                 client: c,
@@ -578,12 +610,39 @@ impl SiteMachine {
             });
         }
         self.feed(d.to, slots::Input::StopRequested, now, out);
-        if old_desired.is_some_and(|n| n < d.target) {
-            self.feed(d.from, slots::Input::ScaleRequested(d.target), now, out);
+        self.give_back(d.from, d.target, d.cap, now, out);
+    }
+
+    /// After a rollback or a steer-back, the old generation `g` gets back the workers it
+    /// gave up, up to `target`, as far as the cap leaves room beside the generations still
+    /// leaving (their processes hold memory until they exit); once they are gone, the
+    /// capacity check gives back the rest.
+    fn give_back(
+        &mut self,
+        g: GenId,
+        target: u32,
+        cap: Option<u32>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(desired) = self.gens.get(&g).map(|x| x.slots.desired) else {
+            return;
+        };
+        let others: u32 = self
+            .gens
+            .values()
+            .filter(|x| x.id != g)
+            .map(|x| count(x.slots.slots.len()))
+            .sum();
+        let n = cap.map_or(target, |c| target.min(c.saturating_sub(others)));
+        if n > desired {
+            self.feed(g, slots::Input::ScaleRequested(n), now, out);
         }
     }
 
-    fn finish_deploy(&mut self, now: Instant, out: &mut Vec<Action>) {
+    /// Ends the deploy as done; `grow`: a new generation short of the target gets the rest
+    /// (not when the site is being stopped).
+    fn finish_deploy(&mut self, grow: bool, now: Instant, out: &mut Vec<Action>) {
         let Some(d) = self.deploy.take() else {
             return;
         };
@@ -636,7 +695,7 @@ impl SiteMachine {
                 outcome: outcome.clone(),
             });
         }
-        if short {
+        if short && grow {
             self.feed(d.to, slots::Input::ScaleRequested(d.target), now, out);
         }
     }
@@ -665,12 +724,256 @@ impl SiteMachine {
                 outcome: Outcome::Failed(Failure::Cancelled(why)),
             });
         }
-        if self.deploy.is_some() {
-            self.roll_back(RollbackReason::Cancelled(why), now, out);
+        match self.deploy.as_ref().map(|d| (d.stage, d.from)) {
+            // Past the flip the new generation serves: there is nothing to roll back to, so
+            // the deploy ends as done and the old generation leaves with the stop.
+            Some((Stage::Draining { .. }, from)) => {
+                if let Some(old) = self.gens.get_mut(&from) {
+                    old.leaving = true;
+                }
+                self.finish_deploy(false, now, out);
+            }
+            Some(_) => self.roll_back(RollbackReason::Cancelled(why), now, out),
+            None => {}
         }
     }
 }
 
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::tests::{FULL_BUDGET, Quiet, exited, replies, send, site, spawned};
+    use super::*;
+    use crate::config::SiteConfig;
+    use crate::supervisor::machine::{Input, Outcome};
+    use crate::supervisor::slots::Slot;
+
+    /// Old generations' accept queues never empty: they drain until the stop timeout.
+    struct Queued;
+
+    impl Observe for Queued {
+        fn resolve_release(
+            &self,
+            s: &SiteConfig,
+            a: Option<&Path>,
+        ) -> Result<Option<PathBuf>, String> {
+            Quiet.resolve_release(s, a)
+        }
+        fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+            None
+        }
+        fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+            false
+        }
+        fn probe_alone(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn nothing_moves_before_the_new_listeners_are_bound() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+        send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+        let deploy = Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        };
+        let a = m.handle(deploy, &Quiet, t);
+        assert_eq!(a, vec![Action::BindListeners(GenId(2))]);
+        let bound = Input::ListenersBound {
+            generation: GenId(2),
+            result: Err("127.0.0.1:8000: Address already in use".into()),
+        };
+        m.handle(bound, &Quiet, t);
+        assert_eq!(
+            m.current().slots.desired,
+            4,
+            "the old generation gave up nothing"
+        );
+        assert_eq!(m.generations().count(), 1);
+    }
+
+    #[test]
+    fn an_old_generation_left_without_a_process_is_retired_when_it_stops() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+        send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+        // The old worker dies and cannot be spawned again: the site is failed, with no
+        // process; a deploy replaces it.
+        let t = t + Duration::from_secs(1);
+        let a = send(&mut m, exited(1, 0), &Quiet, t);
+        assert_eq!(spawned(&a), vec![(1, 0)]);
+        let failed = Input::Worker {
+            generation: GenId(1),
+            input: slots::Input::SpawnFailed {
+                id: Slot(0),
+                error: "ENOENT".into(),
+                permanent: true,
+            },
+        };
+        send(&mut m, failed, &Quiet, t);
+        let deploy = Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        };
+        send(&mut m, deploy, &Quiet, t);
+        let later = t + Duration::from_secs(1);
+        let a = send(&mut m, Input::Tick, &Quiet, later);
+        assert!(a.contains(&Action::Retire(GenId(1))), "{a:?}");
+        assert_eq!(
+            m.generations().map(|g| g.id).collect::<Vec<_>>(),
+            vec![GenId(2)]
+        );
+    }
+
+    #[test]
+    fn nothing_moves_before_the_flip_is_reported() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+        send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+        send(
+            &mut m,
+            Input::Deploy {
+                client: ClientId(2),
+                release: None,
+            },
+            &Quiet,
+            t,
+        );
+        let later = t + Duration::from_secs(1);
+        let a = m.handle(Input::Tick, &Quiet, later);
+        assert_eq!(a.last(), Some(&Action::Steer(GenId(2))));
+        // Before the loop reports the flip, it feeds back something else: the old worker
+        // died and its restart could not be spawned, so the old generation has no process.
+        let a = m.handle(exited(1, 0), &Quiet, later);
+        assert_eq!(spawned(&a), vec![(1, 0)]);
+        let failed = Input::Worker {
+            generation: GenId(1),
+            input: slots::Input::SpawnFailed {
+                id: Slot(0),
+                error: "EAGAIN".into(),
+                permanent: false,
+            },
+        };
+        let a = [a, m.handle(failed, &Quiet, later)].concat();
+        // It still serves: it is not stopped, and the deploy is not done.
+        assert!(m.deploy().is_some(), "{a:?}");
+        assert!(!m.generation(GenId(1)).expect("old").leaving, "{a:?}");
+        assert_eq!(replies(&a), vec![]);
+        let steered = Input::Steered {
+            generation: GenId(2),
+            steering: Steering::Shared,
+            window: None,
+        };
+        let a = send(&mut m, steered, &Quiet, later);
+        assert_eq!(m.serving(), GenId(2));
+        assert!(
+            matches!(
+                replies(&a).as_slice(),
+                [(ClientId(2), Outcome::Done(Done::Deployed { .. }))]
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_deploy_cancelled_after_the_flip_is_done_and_the_old_generation_goes() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+        send(&mut m, Input::Start(Some(ClientId(1))), &Queued, t);
+        let deploy = Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        };
+        send(&mut m, deploy, &Queued, t);
+        let later = t + Duration::from_secs(1);
+        send(&mut m, Input::Tick, &Queued, later);
+        assert_eq!(m.serving(), GenId(2), "flipped; the old one drains");
+        let stop = Input::Stop {
+            client: Some(ClientId(3)),
+            why: CancelReason::SiteStopped,
+        };
+        let a = send(&mut m, stop, &Queued, later);
+        assert!(
+            matches!(
+                replies(&a).as_slice(),
+                [(ClientId(2), Outcome::Done(Done::Deployed { .. }))]
+            ),
+            "the new generation serves: {a:?}"
+        );
+        assert_eq!(m.serving(), GenId(2));
+        assert!(!m.current().leaving);
+        send(&mut m, exited(1, 0), &Queued, later);
+        let a = send(&mut m, exited(2, 0), &Queued, later);
+        assert_eq!(
+            replies(&a),
+            vec![(ClientId(3), Outcome::Done(Done::Stopped))]
+        );
+        assert_eq!(
+            m.generations().map(|g| g.id).collect::<Vec<_>>(),
+            vec![GenId(2)],
+            "the old generation was retired"
+        );
+    }
+
+    #[test]
+    fn a_rollback_gives_workers_back_as_the_rolled_back_ones_leave() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+        send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+        let deploy = Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        };
+        send(&mut m, deploy, &Quiet, t);
+        // Slot 3 of the old generation makes room for the first new worker, slot 2 for
+        // the next.
+        let a = send(&mut m, exited(1, 3), &Quiet, t);
+        assert_eq!(spawned(&a), vec![(2, 0)]);
+        assert_eq!(m.current().slots.desired, 2);
+        let a = send(&mut m, Input::Rollback(ClientId(3)), &Quiet, t);
+        // The new worker is still stopping: the old generation has 3 of the 4, not more.
+        assert_eq!(spawned(&a), vec![], "{a:?}");
+        assert_eq!(m.current().slots.desired, 3);
+        // So does a scale beside it.
+        let scale = Input::Scale {
+            client: ClientId(4),
+            workers: 4,
+            owner: None,
+        };
+        let a = send(&mut m, scale, &Quiet, t);
+        assert_eq!(spawned(&a), vec![], "{a:?}");
+        // Once it is gone, the capacity check gives back the last one.
+        send(&mut m, exited(2, 0), &Quiet, t);
+        let a = send(&mut m, exited(1, 2), &Quiet, t);
+        assert_eq!(spawned(&a), vec![(1, 2)]);
+        let a = send(&mut m, Input::Tick, &Quiet, t + Duration::from_secs(2));
+        assert_eq!(spawned(&a), vec![(1, 3)]);
+        assert_eq!(m.current().slots.desired, 4);
+    }
+
+    #[test]
+    fn a_deploy_counts_the_workers_of_a_generation_rolled_back_before_it() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+        send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+        let deploy = |client| Input::Deploy {
+            client: ClientId(client),
+            release: None,
+        };
+        send(&mut m, deploy(2), &Quiet, t);
+        send(&mut m, exited(1, 3), &Quiet, t);
+        send(&mut m, Input::Rollback(ClientId(3)), &Quiet, t);
+        // Generation 2's worker is still stopping: 3 old ones and it fill the cap of 4.
+        let a = send(&mut m, deploy(4), &Quiet, t);
+        assert_eq!(spawned(&a), vec![], "{a:?}");
+        let a = send(&mut m, exited(2, 0), &Quiet, t);
+        assert_eq!(spawned(&a), vec![(3, 0)], "{a:?}");
+    }
 }

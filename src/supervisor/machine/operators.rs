@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::{Action, CancelReason, Done, Event, Failure, Outcome, SiteMachine, WaitFor};
+use super::{Action, CancelReason, Done, Event, Failure, Outcome, SiteMachine, WaitFor, Waiter};
 use crate::supervisor::ids::{ClientId, GenId};
 use crate::supervisor::slots::{self, RunState};
 
@@ -25,7 +25,18 @@ impl SiteMachine {
             }
             return;
         }
-        self.cancel_deploys(why, now, out);
+        // Clients waiting for the site to settle or for a restart to finish would wait for
+        // as long as it stays stopped: they are answered now.
+        let (stopped, cancelled): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.until == WaitFor::Stopped);
+        self.waiters = stopped;
+        for w in cancelled {
+            out.push(Action::Reply {
+                client: w.client,
+                outcome: Outcome::Failed(Failure::Cancelled(why)),
+            });
+        }
         if let Some(client) = client {
             self.hold(client, WaitFor::Stopped);
         }
@@ -33,6 +44,9 @@ impl SiteMachine {
         for g in gens {
             self.feed(g, slots::Input::StopRequested, now, out);
         }
+        // After the stop: a deploy rolled back gives the old generation its workers back,
+        // which must not start them now.
+        self.cancel_deploys(why, now, out);
     }
 
     pub(super) fn restart(&mut self, client: ClientId, now: Instant, out: &mut Vec<Action>) {
@@ -43,7 +57,12 @@ impl SiteMachine {
             });
         }
         let serving = self.serving;
-        if self.current().slots.run == RunState::Stopped {
+        // A site being stopped is started again (`SiteCore` takes a restart as a start
+        // then): no rolling restart follows, so the client waits for it to settle.
+        if matches!(
+            self.current().slots.run,
+            RunState::Stopped | RunState::Stopping
+        ) {
             self.hold(client, WaitFor::Settled);
             self.feed(serving, slots::Input::StartRequested, now, out);
             self.reply_if_settled(client, out);
@@ -89,6 +108,18 @@ impl SiteMachine {
             (Some(a), None) => self.current().slots.desired.max(a.min).min(workers),
             (None, None) => workers,
         };
+        // Generations still leaving (after a rollback) hold processes in the same budget:
+        // the capacity check gives back the rest once they are gone.
+        let leaving: u32 = self
+            .gens
+            .values()
+            .filter(|g| g.id != self.serving)
+            .map(|g| u32::try_from(g.slots.slots.len()).unwrap_or(u32::MAX))
+            .sum();
+        let target = match self.capacity {
+            Some(c) => target.min(c.workers.saturating_sub(leaving)),
+            None => target,
+        };
         if let Some(c) = cap {
             out.push(Action::Progress {
                 clients: vec![client],
@@ -96,7 +127,11 @@ impl SiteMachine {
             });
         }
         let serving = self.serving;
-        if self.current().slots.run == RunState::Stopped {
+        // A site being stopped settles at nothing: the count applies when it is started.
+        if matches!(
+            self.current().slots.run,
+            RunState::Stopped | RunState::Stopping
+        ) {
             self.feed(serving, slots::Input::ScaleRequested(target), now, out);
             return out.push(Action::Reply {
                 client,

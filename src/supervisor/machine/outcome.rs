@@ -244,7 +244,7 @@ pub enum Failure {
         /// Which worker and how it ended.
         exit: Option<(Slot, ExitReason)>,
     },
-    /// The deploy was cancelled.
+    /// The deploy (or the wait for a start, scale or restart to settle) was cancelled.
     Cancelled(CancelReason),
     /// `rollback` with nothing recorded to return to.
     NoPreviousRelease,

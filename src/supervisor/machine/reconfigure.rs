@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use super::{Action, Failure, Observe, SiteMachine, policies};
 use crate::config::SiteConfig;
-use crate::supervisor::slots;
+use crate::supervisor::slots::{self, RunState};
 
 impl SiteMachine {
     /// Why the site cannot take `new` now (a deploy under way, or a generation still
@@ -58,6 +58,13 @@ impl SiteMachine {
         if self.config.limits.memory.is_some() && self.next_capacity_check.is_none() {
             self.next_capacity_check = Some(now);
         }
+        if self.config.limits.memory.is_none() {
+            // No budget any more: no cap, and nothing to measure (a check left due would
+            // be due for ever: the loop would spin).
+            self.capacity = None;
+            self.next_capacity_check = None;
+            self.last_peak = None;
+        }
         if limits_changed {
             out.push(Action::ApplyLimits);
         }
@@ -67,8 +74,62 @@ impl SiteMachine {
         } else {
             self.feed(serving, slots::Input::ScaleRequested(workers), now, out);
         }
-        if !only_count {
+        // A site stopped (or stopping) stays so: it runs the new configuration when it is
+        // started. (`RestartRequested` would start it: that is `restart` of a stopped site.)
+        let running = self
+            .gens
+            .get(&serving)
+            .is_some_and(|g| matches!(g.slots.run, RunState::Running | RunState::Failed));
+        if !only_count && running {
             self.feed(serving, slots::Input::RestartRequested, now, out);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::tests::{FULL_BUDGET, Quiet, send, site, spawned};
+    use super::*;
+    use crate::supervisor::ids::ClientId;
+    use crate::supervisor::machine::{CancelReason, Input};
+
+    #[test]
+    fn a_reload_leaves_a_stopped_site_stopped() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site("workers = 2\n"), None, None, t);
+        let mut new = m.config().clone();
+        new.command = vec!["/bin/false".into()];
+        let a = send(&mut m, Input::Reconfigure(Box::new(new.clone())), &Quiet, t);
+        assert_eq!(spawned(&a), vec![], "{a:?}");
+        // Nor does one whose stop is under way start again.
+        send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+        let stop = Input::Stop {
+            client: None,
+            why: CancelReason::SiteStopped,
+        };
+        send(&mut m, stop, &Quiet, t);
+        new.stop.timeout = Duration::from_secs(1);
+        let a = send(&mut m, Input::Reconfigure(Box::new(new)), &Quiet, t);
+        assert_eq!(spawned(&a), vec![], "{a:?}");
+        assert_eq!(m.current().slots.run, RunState::Stopping);
+    }
+
+    #[test]
+    fn a_reload_without_the_budget_lifts_the_cap_and_its_checks() {
+        let t = Instant::now();
+        let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+        assert!(m.capacity().is_some());
+        let mut new = m.config().clone();
+        new.limits.memory = None;
+        send(&mut m, Input::Reconfigure(Box::new(new)), &Quiet, t);
+        assert_eq!(m.capacity(), None);
+        let later = t + Duration::from_secs(20);
+        send(&mut m, Input::Tick, &Quiet, later);
+        assert!(
+            m.next_deadline(later).is_none_or(|d| d > later),
+            "a check due for ever: the loop would spin"
+        );
     }
 }

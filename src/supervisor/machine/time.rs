@@ -11,6 +11,11 @@ use crate::supervisor::slots::{self, RunState};
 
 impl SiteMachine {
     pub(super) fn tick(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
+        // The cap first: slots whose restart is due are then the first removed if it fell,
+        // rather than started above it.
+        if self.next_capacity_check.is_some_and(|d| d <= now) {
+            self.refresh_capacity(obs, now, out);
+        }
         let due: Vec<GenId> = self
             .gens
             .values()
@@ -25,9 +30,6 @@ impl SiteMachine {
         for g in probing {
             out.push(Action::Probe(g));
         }
-        if self.next_capacity_check.is_some_and(|d| d <= now) {
-            self.refresh_capacity(obs, now, out);
-        }
     }
 
     /// Re-derives a budgeted site's cap from its workers' measured memory and moves the
@@ -41,8 +43,9 @@ impl SiteMachine {
         let Some(budget) = self.config.limits.memory else {
             return;
         };
-        if self.deploy.is_some() {
-            // The deploy plan moves workers between generations; measure afterwards.
+        if self.deploy.is_some() || self.gens.len() > 1 {
+            // The deploy plan moves workers between generations, and a generation leaving
+            // still holds its processes: measure (and grow) once they are gone.
             self.next_capacity_check = Some(now + capacity::SETTLE);
             return;
         }
