@@ -1,0 +1,229 @@
+//! Deploys as the site machine runs them, input by input.
+
+use std::path::Path;
+
+use super::super::tests::{FULL_BUDGET, Quiet, exited, replies, send, site, spawned};
+use super::*;
+use crate::config::SiteConfig;
+use crate::supervisor::machine::{Input, Outcome};
+use crate::supervisor::slots::Slot;
+
+/// Old generations' accept queues never empty: they drain until the stop timeout.
+struct Queued;
+
+impl Observe for Queued {
+    fn resolve_release(&self, s: &SiteConfig, a: Option<&Path>) -> Result<Option<PathBuf>, String> {
+        Quiet.resolve_release(s, a)
+    }
+    fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+        None
+    }
+    fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+        false
+    }
+    fn probe_alone(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[test]
+fn nothing_moves_before_the_new_listeners_are_bound() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+    };
+    let a = m.handle(deploy, &Quiet, t);
+    assert_eq!(a, vec![Action::BindListeners(GenId(2))]);
+    let bound = Input::ListenersBound {
+        generation: GenId(2),
+        result: Err("127.0.0.1:8000: Address already in use".into()),
+    };
+    m.handle(bound, &Quiet, t);
+    assert_eq!(
+        m.current().slots.desired,
+        4,
+        "the old generation gave up nothing"
+    );
+    assert_eq!(m.generations().count(), 1);
+}
+
+#[test]
+fn an_old_generation_left_without_a_process_is_retired_when_it_stops() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    // The old worker dies and cannot be spawned again: the site is failed, with no
+    // process; a deploy replaces it.
+    let t = t + Duration::from_secs(1);
+    let a = send(&mut m, exited(1, 0), &Quiet, t);
+    assert_eq!(spawned(&a), vec![(1, 0)]);
+    let failed = Input::Worker {
+        generation: GenId(1),
+        input: slots::Input::SpawnFailed {
+            id: Slot(0),
+            error: "ENOENT".into(),
+            permanent: true,
+        },
+    };
+    send(&mut m, failed, &Quiet, t);
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+    };
+    send(&mut m, deploy, &Quiet, t);
+    let later = t + Duration::from_secs(1);
+    let a = send(&mut m, Input::Tick, &Quiet, later);
+    assert!(a.contains(&Action::Retire(GenId(1))), "{a:?}");
+    assert_eq!(
+        m.generations().map(|g| g.id).collect::<Vec<_>>(),
+        vec![GenId(2)]
+    );
+}
+
+#[test]
+fn nothing_moves_before_the_flip_is_reported() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    send(
+        &mut m,
+        Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        },
+        &Quiet,
+        t,
+    );
+    let later = t + Duration::from_secs(1);
+    let a = m.handle(Input::Tick, &Quiet, later);
+    assert_eq!(a.last(), Some(&Action::Steer(GenId(2))));
+    // Before the loop reports the flip, it feeds back something else: the old worker
+    // died and its restart could not be spawned, so the old generation has no process.
+    let a = m.handle(exited(1, 0), &Quiet, later);
+    assert_eq!(spawned(&a), vec![(1, 0)]);
+    let failed = Input::Worker {
+        generation: GenId(1),
+        input: slots::Input::SpawnFailed {
+            id: Slot(0),
+            error: "EAGAIN".into(),
+            permanent: false,
+        },
+    };
+    let a = [a, m.handle(failed, &Quiet, later)].concat();
+    // It still serves: it is not stopped, and the deploy is not done.
+    assert!(m.deploy().is_some(), "{a:?}");
+    assert!(!m.generation(GenId(1)).expect("old").leaving, "{a:?}");
+    assert_eq!(replies(&a), vec![]);
+    let steered = Input::Steered {
+        generation: GenId(2),
+        steering: Steering::Shared,
+        window: None,
+    };
+    let a = send(&mut m, steered, &Quiet, later);
+    assert_eq!(m.serving(), GenId(2));
+    assert!(
+        matches!(
+            replies(&a).as_slice(),
+            [(ClientId(2), Outcome::Done(Done::Deployed { .. }))]
+        ),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn a_deploy_cancelled_after_the_flip_is_done_and_the_old_generation_goes() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Queued, t);
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+    };
+    send(&mut m, deploy, &Queued, t);
+    let later = t + Duration::from_secs(1);
+    send(&mut m, Input::Tick, &Queued, later);
+    assert_eq!(m.serving(), GenId(2), "flipped; the old one drains");
+    let stop = Input::Stop {
+        client: Some(ClientId(3)),
+        why: CancelReason::SiteStopped,
+    };
+    let a = send(&mut m, stop, &Queued, later);
+    assert!(
+        matches!(
+            replies(&a).as_slice(),
+            [(ClientId(2), Outcome::Done(Done::Deployed { .. }))]
+        ),
+        "the new generation serves: {a:?}"
+    );
+    assert_eq!(m.serving(), GenId(2));
+    assert!(!m.current().leaving);
+    send(&mut m, exited(1, 0), &Queued, later);
+    let a = send(&mut m, exited(2, 0), &Queued, later);
+    assert_eq!(
+        replies(&a),
+        vec![(ClientId(3), Outcome::Done(Done::Stopped))]
+    );
+    assert_eq!(
+        m.generations().map(|g| g.id).collect::<Vec<_>>(),
+        vec![GenId(2)],
+        "the old generation was retired"
+    );
+}
+
+#[test]
+fn a_rollback_gives_workers_back_as_the_rolled_back_ones_leave() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+    };
+    send(&mut m, deploy, &Quiet, t);
+    // Slot 3 of the old generation makes room for the first new worker, slot 2 for
+    // the next.
+    let a = send(&mut m, exited(1, 3), &Quiet, t);
+    assert_eq!(spawned(&a), vec![(2, 0)]);
+    assert_eq!(m.current().slots.desired, 2);
+    let a = send(&mut m, Input::Rollback(ClientId(3)), &Quiet, t);
+    // The new worker is still stopping: the old generation has 3 of the 4, not more.
+    assert_eq!(spawned(&a), vec![], "{a:?}");
+    assert_eq!(m.current().slots.desired, 3);
+    // So does a scale beside it.
+    let scale = Input::Scale {
+        client: ClientId(4),
+        workers: 4,
+        owner: None,
+    };
+    let a = send(&mut m, scale, &Quiet, t);
+    assert_eq!(spawned(&a), vec![], "{a:?}");
+    // Once it is gone, the capacity check gives back the last one.
+    send(&mut m, exited(2, 0), &Quiet, t);
+    let a = send(&mut m, exited(1, 2), &Quiet, t);
+    assert_eq!(spawned(&a), vec![(1, 2)]);
+    let a = send(&mut m, Input::Tick, &Quiet, t + Duration::from_secs(2));
+    assert_eq!(spawned(&a), vec![(1, 3)]);
+    assert_eq!(m.current().slots.desired, 4);
+}
+
+#[test]
+fn a_deploy_counts_the_workers_of_a_generation_rolled_back_before_it() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let deploy = |client| Input::Deploy {
+        client: ClientId(client),
+        release: None,
+    };
+    send(&mut m, deploy(2), &Quiet, t);
+    send(&mut m, exited(1, 3), &Quiet, t);
+    send(&mut m, Input::Rollback(ClientId(3)), &Quiet, t);
+    // Generation 2's worker is still stopping: 3 old ones and it fill the cap of 4.
+    let a = send(&mut m, deploy(4), &Quiet, t);
+    assert_eq!(spawned(&a), vec![], "{a:?}");
+    let a = send(&mut m, exited(2, 0), &Quiet, t);
+    assert_eq!(spawned(&a), vec![(3, 0)], "{a:?}");
+}

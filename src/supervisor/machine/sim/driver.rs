@@ -1,0 +1,485 @@
+//! The loop: inputs handed to the machine, its actions carried out in the world, first
+//! in, first out, results fed back at once.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::ReadyCheck;
+use crate::supervisor::ids::{GenId, Slot};
+use crate::supervisor::machine::{Action, Input, Steering};
+use crate::supervisor::slots::{self, ExitReason, Phase};
+
+use super::*;
+
+impl Sim {
+    /// Hands one input to the machine and carries out everything it asks.
+    pub(super) fn feed(&mut self, input: Input) -> Step {
+        if self.dropped {
+            return Ok(());
+        }
+        let out = self.handle(input)?;
+        self.carry_out(out)
+    }
+
+    pub(super) fn handle(&mut self, input: Input) -> Result<Vec<Action>, String> {
+        if self.trace {
+            eprintln!("  [{:?}] <- {input:?}", self.elapsed());
+        }
+        let rolling: BTreeSet<GenId> = self.restarting().collect();
+        let out = self.m.handle(input, &self.w, self.now);
+        // Starts in a generation whose rolling restart (an operator's) is under way are
+        // that restart's, whenever they come.
+        let rolling: BTreeSet<GenId> = rolling.into_iter().chain(self.restarting()).collect();
+        // A slot the machine removed (scaled down) is gone: one made later with its number
+        // is a new slot.
+        let m = &self.m;
+        self.starts.retain(|(g, slot), _| {
+            m.generation(*g)
+                .is_some_and(|x| x.slots.slots.contains_key(slot))
+        });
+        for a in &out {
+            if let Action::Spawn { generation, slot } = a {
+                if rolling.contains(generation) {
+                    self.rolling_starts.insert((*generation, *slot));
+                }
+            }
+        }
+        if self.trace {
+            for a in &out {
+                eprintln!("  [{:?}]    -> {a:?}", self.elapsed());
+            }
+            for g in self.m.generations() {
+                let slots: Vec<String> = g
+                    .slots
+                    .slots
+                    .values()
+                    .map(|s| match s.phase {
+                        Phase::Backoff { until } => {
+                            format!("{}:backoff({:?})", s.id, until.duration_since(self.t0))
+                        }
+                        p => format!("{}:{}", s.id, p.name()),
+                    })
+                    .collect();
+                eprintln!(
+                    "  [{:?}]       gen {} {:?} desired {} [{}]",
+                    self.elapsed(),
+                    g.id,
+                    g.slots.run,
+                    g.slots.desired,
+                    slots.join(" ")
+                );
+            }
+        }
+        self.answers(&out)?;
+        Ok(out)
+    }
+
+    pub(super) fn restarting(&self) -> impl Iterator<Item = GenId> + '_ {
+        self.m
+            .generations()
+            .filter(|g| g.slots.is_restarting())
+            .map(|g| g.id)
+    }
+
+    pub(super) fn elapsed(&self) -> Duration {
+        self.now.duration_since(self.t0)
+    }
+
+    pub(super) fn carry_out(&mut self, out: Vec<Action>) -> Step {
+        let mut queue: VecDeque<Action> = out.into();
+        while let Some(a) = queue.pop_front() {
+            let more = self.act(a)?;
+            queue.extend(more);
+        }
+        Ok(())
+    }
+
+    /// Carries out one action; returns the machine's answer to its result, if any.
+    pub(super) fn act(&mut self, a: Action) -> Result<Vec<Action>, String> {
+        match a {
+            Action::Spawn { generation, slot } => self.spawn(generation, slot),
+            Action::Signal {
+                generation, slot, ..
+            } => {
+                let stop = self
+                    .m
+                    .generation(generation)
+                    .map_or(self.cfg.stop.timeout, |g| g.slots.policies.stop.timeout);
+                let slow = self.rng.chance(20);
+                let delay = if slow {
+                    self.rng
+                        .ms(0, 2 * u64::try_from(stop.as_millis()).unwrap_or(1000))
+                } else {
+                    self.rng.ms(0, 300)
+                };
+                let code = self.rng.pick(&[0, 143]);
+                let now = self.now;
+                let p = self.proc_mut(generation, slot, "signalled")?;
+                p.asked = true;
+                if !p.ignores_stop && p.exit_at.is_none() {
+                    let reason = if code == 0 {
+                        ExitReason::Exited { code: 0 }
+                    } else {
+                        ExitReason::Signaled {
+                            signal: libc::SIGTERM,
+                        }
+                    };
+                    p.exit_at = Some((now + delay, reason));
+                }
+                Ok(Vec::new())
+            }
+            Action::KillTree { generation, slot } => {
+                let at = self.now + self.rng.ms(0, 5);
+                let p = self.proc_mut(generation, slot, "killed")?;
+                p.asked = true;
+                if p.exit_at.as_ref().is_none_or(|(t, _)| *t > at) {
+                    p.exit_at = Some((
+                        at,
+                        ExitReason::Signaled {
+                            signal: libc::SIGKILL,
+                        },
+                    ));
+                }
+                Ok(Vec::new())
+            }
+            Action::BindListeners(generation) => {
+                let result = if self.rng.chance(self.w.bind_fails) {
+                    Err("127.0.0.1:8000: Address already in use".into())
+                } else {
+                    Ok(())
+                };
+                self.handle(Input::ListenersBound { generation, result })
+            }
+            Action::Steer(generation) => {
+                self.w.steered = generation;
+                let steering = if self.rng.chance(50) {
+                    Steering::Ebpf
+                } else {
+                    Steering::Shared
+                };
+                self.handle(Input::Steered {
+                    generation,
+                    steering,
+                    window: Some([1, 2]),
+                })
+            }
+            Action::Probe(g) => {
+                self.w.probing.insert(g);
+                let accepting = self.w.procs.iter().any(|((pg, _), p)| *pg == g && p.ready);
+                if accepting && self.rng.chance(70) {
+                    return self.handle(Input::ProbeAccepted(g));
+                }
+                Ok(Vec::new())
+            }
+            Action::EndProbe(g) => {
+                self.w.probing.remove(&g);
+                Ok(Vec::new())
+            }
+            Action::Retire(g) => {
+                if g == self.m.serving() {
+                    return Err(format!("retired the serving generation {g}"));
+                }
+                if self.w.procs.keys().any(|(pg, _)| *pg == g) {
+                    return Err(format!("retired generation {g} with processes left"));
+                }
+                if self.w.steered == g {
+                    return Err(format!("retired generation {g}, still steered to"));
+                }
+                self.w.probing.remove(&g);
+                Ok(Vec::new())
+            }
+            // Checked as the machine returns them (`answers`): the order the loop carries
+            // them out in is the loop's.
+            Action::Progress { .. } | Action::Reply { .. } => Ok(Vec::new()),
+            Action::Dropped => {
+                if !self.removed {
+                    return Err("dropped a site that was not removed".into());
+                }
+                if !self.w.procs.is_empty() {
+                    return Err(format!(
+                        "dropped with processes left: {:?}",
+                        self.w.procs.keys().collect::<Vec<_>>()
+                    ));
+                }
+                self.dropped = true;
+                Ok(Vec::new())
+            }
+            Action::RecordPreviousRelease(_) | Action::ApplyLimits | Action::Log(_) => {
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Every client is answered once, and told nothing after its answer, in the order the
+    /// machine says things.
+    pub(super) fn answers(&mut self, out: &[Action]) -> Step {
+        for a in out {
+            match a {
+                Action::Progress { clients, event } => {
+                    for c in clients {
+                        let asked = self
+                            .clients
+                            .get(c)
+                            .ok_or_else(|| format!("progress to unknown client {c:?}"))?;
+                        if asked.answered {
+                            return Err(format!(
+                                "progress to client {c:?} ({}) after its reply: {event:?}",
+                                asked.what
+                            ));
+                        }
+                    }
+                }
+                Action::Reply { client, outcome } => {
+                    let asked = self
+                        .clients
+                        .get_mut(client)
+                        .ok_or_else(|| format!("reply to unknown client {client:?}"))?;
+                    if asked.answered {
+                        return Err(format!(
+                            "second reply to client {client:?} ({}, asked at step {}): {outcome:?}",
+                            asked.what, asked.step
+                        ));
+                    }
+                    asked.answered = true;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn proc_mut(
+        &mut self,
+        g: GenId,
+        slot: Slot,
+        what: &str,
+    ) -> Result<&mut Proc, String> {
+        self.w
+            .procs
+            .get_mut(&(g, slot))
+            .ok_or_else(|| format!("{what} gen {g} slot {slot}, which has no process"))
+    }
+
+    pub(super) fn spawn(&mut self, g: GenId, slot: Slot) -> Result<Vec<Action>, String> {
+        let Some(gen_) = self.m.generation(g) else {
+            return Err(format!("spawn in generation {g}, which does not exist"));
+        };
+        if self.w.procs.contains_key(&(g, slot)) {
+            return Err(format!("two processes in gen {g} slot {slot}"));
+        }
+        if !self.up {
+            return Err(format!(
+                "started gen {g} slot {slot} of a site no client started (or one stopped)"
+            ));
+        }
+        let cap = match self.m.deploy() {
+            Some(d) => d.cap,
+            None => self.m.capacity().map(|c| c.workers),
+        };
+        if let Some(cap) = cap {
+            let live = self.w.procs.len() + 1;
+            if live > cap as usize {
+                return Err(format!(
+                    "started gen {g} slot {slot}: {live} processes for a cap of {cap} \
+                     (deploy: {:?})",
+                    self.m.deploy().map(|d| (d.from, d.to, d.stage))
+                ));
+            }
+        }
+        let floor = gen_.slots.policies.restart.backoff_initial;
+        let rolling = self.rolling_starts.remove(&(g, slot));
+        if let Some(last) = self.starts.get(&(g, slot)) {
+            let since = self.now.duration_since(last.at);
+            if last.crashed == Some(self.epoch) && since < floor && !rolling {
+                return Err(format!(
+                    "gen {g} slot {slot} crashed and started again {since:?} after its last \
+                     start (floor {floor:?}), with no operator request in between"
+                ));
+            }
+        }
+        self.starts.insert(
+            (g, slot),
+            Start {
+                at: self.now,
+                crashed: None,
+            },
+        );
+        let text = format!(
+            "{} {}",
+            gen_.config.command.join(" "),
+            gen_.release
+                .as_deref()
+                .map(Path::to_string_lossy)
+                .unwrap_or_default()
+        );
+        let q = quality(&text);
+        let ready_timeout = gen_.config.ready.timeout;
+        if q == Quality::Broken || self.rng.chance(self.w.spawn_fails) {
+            let permanent = q == Quality::Broken;
+            self.ended_on_its_own(g, slot);
+            return self.handle(Input::Worker {
+                generation: g,
+                input: slots::Input::SpawnFailed {
+                    id: slot,
+                    error: "no such file or directory".into(),
+                    permanent,
+                },
+            });
+        }
+        let now = self.now;
+        let ready_at = match (self.w.check, q) {
+            (ReadyCheck::None, _) | (_, Quality::Hangs) => None,
+            _ if self.rng.chance(3) => Some(now + ready_timeout + self.rng.ms(1, 2000)),
+            _ => {
+                let most = u64::try_from(ready_timeout.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .min(3000);
+                Some(now + self.rng.ms(0, most))
+            }
+        };
+        let crash_at = match q {
+            Quality::Crashes => Some(now + self.rng.ms(0, 4000)),
+            _ if !self.w.calm && self.rng.chance(4) => Some(now + self.rng.ms(0, 30_000)),
+            _ => None,
+        }
+        .map(|t| {
+            let reason = if self.rng.chance(50) {
+                ExitReason::Exited { code: 1 }
+            } else {
+                ExitReason::Signaled {
+                    signal: libc::SIGSEGV,
+                }
+            };
+            (t, reason)
+        });
+        let pid = self.w.next_pid;
+        self.w.next_pid += 1;
+        let mem = self.w.mem_base * self.rng.range(70, 130) / 100;
+        let ignores_stop = self.rng.chance(self.w.ignores_stop);
+        self.w.procs.insert(
+            (g, slot),
+            Proc {
+                pid,
+                ready_at,
+                ready: false,
+                crash_at,
+                exit_at: None,
+                ignores_stop,
+                asked: false,
+                mem,
+            },
+        );
+        self.handle(Input::Worker {
+            generation: g,
+            input: slots::Input::Spawned { id: slot, pid },
+        })
+    }
+
+    /// A process ends: the world forgets it and the machine hears of it.
+    pub(super) fn exit(&mut self, g: GenId, slot: Slot, reason: ExitReason) -> Step {
+        if let Some(p) = self.w.procs.remove(&(g, slot)) {
+            if !p.asked {
+                self.ended_on_its_own(g, slot);
+            }
+        }
+        self.feed(Input::Worker {
+            generation: g,
+            input: slots::Input::Exited { id: slot, reason },
+        })
+    }
+
+    pub(super) fn ended_on_its_own(&mut self, g: GenId, slot: Slot) {
+        if let Some(last) = self.starts.get_mut(&(g, slot)) {
+            last.crashed = Some(self.epoch);
+        }
+    }
+
+    /// Delivers what the world did up to now, in order.
+    pub(super) fn deliver_due(&mut self) -> Step {
+        for _ in 0..MAX_EVENTS {
+            let Some((_, (g, slot), what)) = self.w.next_event().filter(|e| e.0 <= self.now) else {
+                return Ok(());
+            };
+            match what {
+                Happens::Ready => {
+                    let p = self.proc_mut(g, slot, "ready")?;
+                    p.ready = true;
+                    match self.w.check {
+                        ReadyCheck::Notify => self.feed(Input::Worker {
+                            generation: g,
+                            input: slots::Input::ReadyNotified { id: slot },
+                        })?,
+                        ReadyCheck::Tcp if self.w.probing.contains(&g) => {
+                            self.feed(Input::ProbeAccepted(g))?
+                        }
+                        _ => {}
+                    }
+                }
+                Happens::Crash => {
+                    let p = self.proc_mut(g, slot, "crashing")?;
+                    let (_, reason) = p.crash_at.take().expect("it was due");
+                    self.exit(g, slot, reason)?;
+                }
+                Happens::Exit => {
+                    let p = self.proc_mut(g, slot, "exiting")?;
+                    let (_, reason) = p.exit_at.take().expect("it was due");
+                    self.exit(g, slot, reason)?;
+                }
+            }
+        }
+        Err("the world does not settle at one instant (livelock)".into())
+    }
+
+    /// A `Tick`, repeated while the machine asks to be woken at or before now (results
+    /// fed back during a tick may be due at once: a ready worker with `settle = 0`), a few
+    /// times at most: more would be a loop that spins.
+    pub(super) fn tick(&mut self) -> Step {
+        for _ in 0..4 {
+            self.feed(Input::Tick)?;
+            if self.dropped {
+                return Ok(());
+            }
+            match self.m.next_deadline(self.now) {
+                Some(d) if d <= self.now => {}
+                _ => return Ok(()),
+            }
+        }
+        Err(
+            "after four ticks at one instant the machine still asks to be woken now: \
+             the loop would spin"
+                .into(),
+        )
+    }
+
+    /// Moves the clock by `dt`: smoothly (waking at every deadline and event on the way,
+    /// up to [`MAX_WAKEUPS`]), or in one jump.
+    pub(super) fn advance(&mut self, dt: Duration, smooth: bool) -> Step {
+        let target = self.now + dt;
+        if smooth {
+            for _ in 0..MAX_WAKEUPS {
+                if self.dropped {
+                    break;
+                }
+                let world = self.w.next_event().map(|e| e.0);
+                let machine = self.m.next_deadline(self.now);
+                let next = [world, machine].into_iter().flatten().min();
+                match next {
+                    Some(t) if t <= target => {
+                        self.now = self.now.max(t);
+                        self.deliver_due()?;
+                        // Woken for the machine (a deadline the world's events made due is
+                        // taken at the next turn, at the same instant).
+                        if machine.is_some_and(|d| d <= self.now) {
+                            self.tick()?;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.now = self.now.max(target);
+        self.deliver_due()?;
+        self.tick()
+    }
+}

@@ -1,0 +1,70 @@
+//! The simulated world: its processes, and the machine's read-only window onto it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::config::SiteConfig;
+use crate::supervisor::ids::{GenId, Slot};
+use crate::supervisor::machine::Observe;
+
+use super::*;
+
+impl Observe for World {
+    fn resolve_release(
+        &self,
+        site: &SiteConfig,
+        asked: Option<&Path>,
+    ) -> Result<Option<PathBuf>, String> {
+        match asked {
+            Some(p) if p.to_string_lossy().contains("missing") => {
+                Err(format!("{} does not resolve", p.display()))
+            }
+            Some(p) => Ok(Some(p.to_path_buf())),
+            None if site.release.is_none() => Ok(None),
+            None if self.link_dangles => Err("/srv/web/current does not resolve".into()),
+            None => Ok(Some(self.link.clone())),
+        }
+    }
+
+    fn measured_memory(&self, generation: GenId, slots: &[Slot]) -> Option<u64> {
+        if !self.accounted {
+            return None;
+        }
+        slots
+            .iter()
+            .filter_map(|s| self.procs.get(&(generation, *s)).map(|p| p.mem))
+            .max()
+    }
+
+    fn queues_empty(&self, _old: GenId, _new: GenId) -> bool {
+        self.queues_empty
+    }
+
+    fn probe_alone(&self) -> Result<(), String> {
+        self.probe_alone.clone()
+    }
+}
+
+impl World {
+    /// The earliest thing that will happen by itself.
+    pub(super) fn next_event(&self) -> Option<(Instant, (GenId, Slot), Happens)> {
+        let mut best: Option<(Instant, (GenId, Slot), Happens)> = None;
+        let mut consider = |t: Instant, k: (GenId, Slot), h: Happens| {
+            if best.is_none_or(|b| t < b.0) {
+                best = Some((t, k, h));
+            }
+        };
+        for (k, p) in &self.procs {
+            if let (Some(t), false) = (p.ready_at, p.ready) {
+                consider(t, *k, Happens::Ready);
+            }
+            if let Some((t, _)) = &p.crash_at {
+                consider(*t, *k, Happens::Crash);
+            }
+            if let Some((t, _)) = &p.exit_at {
+                consider(*t, *k, Happens::Exit);
+            }
+        }
+        best
+    }
+}

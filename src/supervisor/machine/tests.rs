@@ -1,0 +1,354 @@
+//! The site machine, input by input: what it asks for and answers, and the fixes the
+//! simulation found, each pinned by a test.
+
+use super::*;
+
+/// A world where nothing is measured, every queue is empty, releases resolve to
+/// themselves and probes can reach a generation alone.
+pub(super) struct Quiet;
+
+impl Observe for Quiet {
+    fn resolve_release(
+        &self,
+        site: &SiteConfig,
+        asked: Option<&Path>,
+    ) -> Result<Option<PathBuf>, String> {
+        Ok(asked
+            .map(Path::to_path_buf)
+            .or_else(|| site.release.clone()))
+    }
+    fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+        None
+    }
+    fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+        true
+    }
+    fn probe_alone(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+pub(super) fn site(extra: &str) -> SiteConfig {
+    let text = format!("name = \"web\"\ncommand = [\"/bin/true\"]\n{extra}");
+    let raw: crate::config::RawSite = toml::from_str(&text).expect("toml");
+    crate::config::validate_site(
+        Path::new("/etc/hatchery/sites.d/web.toml"),
+        &raw,
+        crate::config::LogPolicy::default(),
+    )
+    .expect("valid")
+}
+
+/// Carries out `actions` as the event loop does, first in first out: spawns succeed
+/// (pid `1000 × generation + slot`), listeners bind, steering flips. Returns every
+/// action seen, the first ones included.
+pub(super) fn drive(
+    m: &mut SiteMachine,
+    actions: Vec<Action>,
+    obs: &dyn Observe,
+    t: Instant,
+) -> Vec<Action> {
+    let mut queue: VecDeque<Action> = actions.into();
+    let mut seen = Vec::new();
+    while let Some(a) = queue.pop_front() {
+        let input = match &a {
+            Action::Spawn { generation, slot } => Some(Input::Worker {
+                generation: *generation,
+                input: slots::Input::Spawned {
+                    id: *slot,
+                    pid: i32::try_from(1000 * generation.0 + slot.0).expect("small"),
+                },
+            }),
+            Action::BindListeners(g) => Some(Input::ListenersBound {
+                generation: *g,
+                result: Ok(()),
+            }),
+            Action::Steer(g) => Some(Input::Steered {
+                generation: *g,
+                steering: Steering::Ebpf,
+                window: None,
+            }),
+            _ => None,
+        };
+        seen.push(a);
+        if let Some(input) = input {
+            queue.extend(m.handle(input, obs, t));
+        }
+    }
+    seen
+}
+
+/// Feeds `input` and carries out what follows.
+pub(super) fn send(
+    m: &mut SiteMachine,
+    input: Input,
+    obs: &dyn Observe,
+    t: Instant,
+) -> Vec<Action> {
+    let a = m.handle(input, obs, t);
+    drive(m, a, obs, t)
+}
+
+pub(super) fn exited(g: u32, slot: u32) -> Input {
+    Input::Worker {
+        generation: GenId(g),
+        input: slots::Input::Exited {
+            id: Slot(slot),
+            reason: slots::ExitReason::Exited { code: 0 },
+        },
+    }
+}
+
+pub(super) fn replies(actions: &[Action]) -> Vec<(ClientId, Outcome)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply { client, outcome } => Some((*client, outcome.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+pub(super) fn spawned(actions: &[Action]) -> Vec<(u32, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Spawn { generation, slot } => Some((generation.0, slot.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A budget of 400M with 100M a worker: a cap of 4, which 4 workers fill.
+pub(super) const FULL_BUDGET: &str = "workers = 4\nmemory = \"400M\"\nworker_memory = \"100M\"\n";
+
+#[test]
+fn stopping_answers_the_clients_waiting_for_the_site_to_settle() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(
+        site("workers = 2\n[ready]\ncheck = \"notify\"\n"),
+        None,
+        None,
+        t,
+    );
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let a = send(
+        &mut m,
+        Input::Stop {
+            client: Some(ClientId(2)),
+            why: CancelReason::SiteStopped,
+        },
+        &Quiet,
+        t,
+    );
+    assert_eq!(
+        replies(&a),
+        vec![(
+            ClientId(1),
+            Outcome::Failed(Failure::Cancelled(CancelReason::SiteStopped))
+        )],
+        "the start never settles now: {a:?}"
+    );
+}
+
+#[test]
+fn a_stop_during_a_deploy_starts_no_worker() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    // The old generation gives up a slot; the new one takes it.
+    let a = send(
+        &mut m,
+        Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        },
+        &Quiet,
+        t,
+    );
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Signal {
+                generation: GenId(1),
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+    let a = send(&mut m, exited(1, 3), &Quiet, t);
+    assert_eq!(spawned(&a), vec![(2, 0)]);
+    // Cancelled, the deploy gives the old generation its workers back, for its next start.
+    let a = send(
+        &mut m,
+        Input::Stop {
+            client: Some(ClientId(3)),
+            why: CancelReason::SiteStopped,
+        },
+        &Quiet,
+        t,
+    );
+    assert_eq!(spawned(&a), vec![], "{a:?}");
+    for (g, slot) in [(1, 0), (1, 1), (1, 2), (2, 0)] {
+        send(&mut m, exited(g, slot), &Quiet, t);
+    }
+    assert!(m.is_stopped());
+    let a = send(&mut m, Input::Tick, &Quiet, t + capacity::SETTLE);
+    assert_eq!(spawned(&a), vec![]);
+    assert_eq!(m.current().slots.desired, 4, "all of them when it starts");
+}
+
+#[test]
+fn a_stopping_site_is_stopped_to_deploy_scale_and_restart() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let stop = Input::Stop {
+        client: Some(ClientId(2)),
+        why: CancelReason::SiteStopped,
+    };
+    send(&mut m, stop, &Quiet, t);
+    assert_eq!(m.current().slots.run, RunState::Stopping);
+    let a = send(
+        &mut m,
+        Input::Deploy {
+            client: ClientId(3),
+            release: None,
+        },
+        &Quiet,
+        t,
+    );
+    assert_eq!(
+        replies(&a),
+        vec![(ClientId(3), Outcome::Failed(Failure::Stopped))]
+    );
+    assert!(m.deploy().is_none());
+    let scale = Input::Scale {
+        client: ClientId(4),
+        workers: 2,
+        owner: None,
+    };
+    let a = send(&mut m, scale, &Quiet, t);
+    assert_eq!(
+        replies(&a),
+        vec![(ClientId(4), Outcome::Done(Done::WhenStarted(2)))]
+    );
+    // A restart starts it again: the client waits for it to settle (no rolling restart
+    // follows a start).
+    send(&mut m, Input::Restart(ClientId(5)), &Quiet, t);
+    send(&mut m, exited(1, 0), &Quiet, t);
+    let later = t + Duration::from_secs(2);
+    let a = send(&mut m, Input::Tick, &Quiet, later);
+    assert!(
+        replies(&a).contains(&(ClientId(5), Outcome::Done(Done::Settled))),
+        "{a:?}"
+    );
+}
+
+/// Measured memory of every worker, as given.
+pub(super) struct Measured(pub(super) u64);
+
+impl Observe for Measured {
+    fn resolve_release(&self, s: &SiteConfig, a: Option<&Path>) -> Result<Option<PathBuf>, String> {
+        Quiet.resolve_release(s, a)
+    }
+    fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+        Some(self.0)
+    }
+    fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+        true
+    }
+    fn probe_alone(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_fall_of_the_cap_applies_before_restarts_that_are_due() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    // Slot 1 dies at once: it restarts after the backoff floor.
+    let a = send(&mut m, exited(1, 1), &Quiet, t + Duration::from_millis(1));
+    assert_eq!(spawned(&a), vec![]);
+    // Measured at 150M (172.5M with the margin), the budget holds 2: the slot waiting
+    // for its restart is the first to go, and nothing starts above the new cap.
+    let later = t + capacity::SETTLE;
+    let a = send(&mut m, Input::Tick, &Measured(150 << 20), later);
+    assert_eq!(m.capacity().map(|c| c.workers), Some(2));
+    assert_eq!(spawned(&a), vec![], "{a:?}");
+    assert!(!m.current().slots.slots.contains_key(&Slot(1)));
+}
+
+#[test]
+fn a_flip_to_a_settled_generation_answers_the_clients_waiting_for_the_site_to_settle() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(
+        site("workers = 1\n[ready]\ncheck = \"notify\"\n"),
+        None,
+        None,
+        t,
+    );
+    // The old worker never says it is ready: the start waits.
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let a = send(
+        &mut m,
+        Input::Deploy {
+            client: ClientId(2),
+            release: None,
+        },
+        &Quiet,
+        t,
+    );
+    assert_eq!(spawned(&a), vec![(2, 0)]);
+    let ready = Input::Worker {
+        generation: GenId(2),
+        input: slots::Input::ReadyNotified { id: Slot(0) },
+    };
+    send(&mut m, ready, &Quiet, t);
+    // Probation and settle both end a second later: it settles, then serves.
+    let a = send(&mut m, Input::Tick, &Quiet, t + Duration::from_secs(1));
+    assert_eq!(m.serving(), GenId(2));
+    assert!(
+        replies(&a).contains(&(ClientId(1), Outcome::Done(Done::Settled))),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn start_waits_for_every_worker_to_settle() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site("workers = 2\n"), None, None, t);
+    let a = m.handle(Input::Start(Some(ClientId(7))), &Quiet, t);
+    let spawns: Vec<&Action> = a
+        .iter()
+        .filter(|x| matches!(x, Action::Spawn { .. }))
+        .collect();
+    assert_eq!(spawns.len(), 2);
+    for slot in [Slot(0), Slot(1)] {
+        let a = m.handle(
+            Input::Worker {
+                generation: GenId(1),
+                input: slots::Input::Spawned {
+                    id: slot,
+                    pid: 10 + i32::from(slot.0 == 1),
+                },
+            },
+            &Quiet,
+            t,
+        );
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Reply { .. })),
+            "{a:?}"
+        );
+    }
+    let later = t + Duration::from_secs(1);
+    let a = m.handle(Input::Tick, &Quiet, later);
+    assert!(
+        a.contains(&Action::Reply {
+            client: ClientId(7),
+            outcome: Outcome::Done(Done::Settled)
+        }),
+        "{a:?}"
+    );
+}

@@ -1,0 +1,627 @@
+//! One site's worker slots as an explicit state machine.
+//!
+//! A *slot* is a numbered place for one worker (`w-<id>`); its process comes and goes.
+//! Slot phases:
+//!
+//! | phase      | process | leaves on                                               |
+//! |------------|---------|---------------------------------------------------------|
+//! | `Starting` | yes     | ready (→ `Ready`), exit (crash), ready deadline (stop)   |
+//! | `Ready`    | yes     | exit (crash), stop request (→ `Stopping`)               |
+//! | `Stopping` | yes     | exit (→ what was asked), stop deadline (→ SIGKILL)       |
+//! | `Backoff`  | no      | deadline (→ spawn)                                      |
+//! | `Failed`   | no      | site start                                              |
+//! | `Stopped`  | no      | site start                                              |
+//!
+//! Invariants (checked by the property tests in `tests.rs`, and for whole sites by the
+//! simulation in `supervisor::machine::sim`):
+//! - a slot never has two processes: `Spawn` is only issued for a slot without one;
+//! - slots that are not being removed never outnumber the desired count;
+//! - two starts of one slot are at least `backoff_initial` apart unless an operator
+//!   asked for the restart;
+//! - a stopped site has no process left, and a stop always ends (SIGKILL at the deadline).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::policy::AfterCrash;
+use crate::config::ReadyCheck;
+
+pub use self::types::{
+    Action, AfterStop, ExitReason, Input, Note, Phase, Policies, RunState, SlotState,
+};
+pub use super::ids::Slot;
+
+mod types;
+
+/// One site's workers.
+#[derive(Debug, Clone)]
+pub struct SiteCore {
+    /// How many workers are wanted.
+    pub desired: u32,
+    /// Overall state.
+    pub run: RunState,
+    /// Slots by id.
+    pub slots: BTreeMap<Slot, SlotState>,
+    /// Policies.
+    pub policies: Policies,
+    /// The rolling restart under way.
+    rolling: Option<Rolling>,
+    settled: bool,
+}
+
+/// A rolling restart: one slot at a time; the first restarted slot must settle before
+/// the next one is stopped (a release that dies right after it is ready takes one worker,
+/// not the site), and the restart is done once every restarted slot has settled.
+#[derive(Debug, Clone)]
+struct Rolling {
+    /// Slots still to restart (the next is last).
+    queue: Vec<Slot>,
+    /// The slot being restarted.
+    current: Option<Slot>,
+    /// Slots restarted so far.
+    done: Vec<Slot>,
+}
+
+impl SiteCore {
+    /// A stopped site that wants `desired` workers.
+    pub fn new(desired: u32, policies: Policies) -> SiteCore {
+        SiteCore {
+            desired,
+            run: RunState::Stopped,
+            slots: BTreeMap::new(),
+            policies,
+            rolling: None,
+            settled: false,
+        }
+    }
+
+    /// Whether a rolling restart is under way.
+    pub fn is_restarting(&self) -> bool {
+        self.rolling.is_some()
+    }
+
+    /// The earliest deadline of any slot (settling ones included).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.slots
+            .values()
+            .filter_map(|s| match s.phase {
+                Phase::Starting { deadline } => deadline,
+                Phase::Stopping { deadline, .. } => deadline,
+                Phase::Backoff { until } => Some(until),
+                Phase::Ready => s.settles_at,
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Whether the desired count runs, ready, each for at least `ready.settle`.
+    pub fn is_settled(&self) -> bool {
+        self.run == RunState::Running
+            && self.slots.len() == self.desired as usize
+            && self
+                .slots
+                .values()
+                .all(|s| s.phase == Phase::Ready && s.settles_at.is_none())
+    }
+
+    /// Marks the ready slots whose settle time has come.
+    fn settle(&mut self, now: Instant) {
+        for slot in self.slots.values_mut() {
+            if slot.settles_at.is_some_and(|t| t <= now) {
+                slot.settles_at = None;
+            }
+        }
+    }
+
+    /// Processes in any phase.
+    pub fn live(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| s.phase.has_process())
+            .count()
+    }
+
+    /// Ready workers.
+    pub fn ready(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| s.phase == Phase::Ready)
+            .count()
+    }
+
+    fn spawn(&mut self, id: Slot, now: Instant, out: &mut Vec<Action>) {
+        // Never more processes than the desired count: a slot on its way out (scaled down)
+        // still holds its process, and its memory, until it exits. A slot due to start
+        // waits, stopped, until one has (`start_waiting`).
+        if self.live() >= self.desired as usize {
+            if let Some(slot) = self.slots.get_mut(&id) {
+                slot.phase = Phase::Stopped;
+            }
+            return;
+        }
+        let deadline = match self.policies.ready.check {
+            ReadyCheck::None => None,
+            _ => Some(now + self.policies.ready.timeout),
+        };
+        if let Some(slot) = self.slots.get_mut(&id) {
+            debug_assert!(!slot.phase.has_process(), "slot {id} already has a process");
+            slot.phase = Phase::Starting { deadline };
+            slot.pid = None;
+            slot.started = Some(now);
+            slot.settles_at = None;
+            out.push(Action::Spawn(id));
+        }
+    }
+
+    fn stop_slot(&mut self, id: Slot, then: AfterStop, now: Instant, out: &mut Vec<Action>) {
+        let stop = self.policies.stop;
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        match slot.phase {
+            Phase::Starting { .. } | Phase::Ready => {
+                slot.phase = Phase::Stopping {
+                    deadline: Some(now + stop.timeout),
+                    then,
+                };
+                // A spawn not yet reported has no process to signal yet: it is signalled
+                // once it is reported (`Spawned`), or ends there (`SpawnFailed`).
+                if slot.pid.is_some() {
+                    out.push(Action::Signal(id, stop.signal));
+                }
+            }
+            Phase::Stopping {
+                deadline,
+                then: old,
+            } => {
+                // Removal wins over anything else; otherwise keep the first request.
+                let then = if then == AfterStop::Remove || old == AfterStop::Remove {
+                    AfterStop::Remove
+                } else if then == AfterStop::Rest {
+                    AfterStop::Rest
+                } else {
+                    old
+                };
+                slot.phase = Phase::Stopping { deadline, then };
+            }
+            Phase::Backoff { .. } | Phase::Failed | Phase::Stopped => match then {
+                AfterStop::Remove => {
+                    self.slots.remove(&id);
+                }
+                AfterStop::Respawn => {
+                    if self.run != RunState::Stopping && self.run != RunState::Stopped {
+                        self.spawn(id, now, out);
+                    }
+                }
+                AfterStop::Rest | AfterStop::Crash => slot.phase = Phase::Stopped,
+            },
+        }
+    }
+
+    fn fill_slots(&mut self, now: Instant, out: &mut Vec<Action>) {
+        // Keep (desired) slots that are not being removed; new ids take the lowest free
+        // numbers so `w-0 .. w-(n-1)` stay stable across scaling.
+        let keeping = self
+            .slots
+            .values()
+            .filter(|s| {
+                !matches!(
+                    s.phase,
+                    Phase::Stopping {
+                        then: AfterStop::Remove,
+                        ..
+                    }
+                )
+            })
+            .count();
+        let mut missing = (self.desired as usize).saturating_sub(keeping);
+        // A slot on its way out is cheaper to keep than a new one: restart it instead.
+        for slot in self.slots.values_mut() {
+            if missing == 0 {
+                break;
+            }
+            if let Phase::Stopping {
+                deadline,
+                then: AfterStop::Remove,
+            } = slot.phase
+            {
+                slot.phase = Phase::Stopping {
+                    deadline,
+                    then: AfterStop::Respawn,
+                };
+                missing -= 1;
+            }
+        }
+        let mut id = 0;
+        while missing > 0 {
+            if let std::collections::btree_map::Entry::Vacant(e) = self.slots.entry(Slot(id)) {
+                e.insert(SlotState::new(Slot(id)));
+                self.spawn(Slot(id), now, out);
+                missing -= 1;
+            }
+            id += 1;
+        }
+        // Restart slots that are merely stopped (site started again).
+        let stopped: Vec<Slot> = self
+            .slots
+            .values()
+            .filter(|s| s.phase == Phase::Stopped)
+            .map(|s| s.id)
+            .collect();
+        for id in stopped {
+            self.spawn(id, now, out);
+        }
+    }
+
+    fn trim_slots(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let keeping: Vec<Slot> = self
+            .slots
+            .values()
+            .filter(|s| {
+                !matches!(
+                    s.phase,
+                    Phase::Stopping {
+                        then: AfterStop::Remove,
+                        ..
+                    }
+                )
+            })
+            .map(|s| s.id)
+            .collect();
+        let excess = keeping.len().saturating_sub(self.desired as usize);
+        // Remove slots without a process first, then idle ones (by their `BUSY=`
+        // reports; a worker that never reports counts as idle), highest ids first.
+        let mut victims: Vec<Slot> = keeping.clone();
+        victims.sort_by_key(|id| {
+            let slot = self.slots.get(id);
+            let has = slot.is_some_and(|s| s.phase.has_process());
+            let busy = slot.is_some_and(|s| s.busy);
+            (has, busy, std::cmp::Reverse(*id))
+        });
+        for id in victims.into_iter().take(excess) {
+            self.stop_slot(id, AfterStop::Remove, now, out);
+            if let Some(r) = &mut self.rolling {
+                r.queue.retain(|q| *q != id);
+                r.done.retain(|q| *q != id);
+                if r.current == Some(id) {
+                    r.current = None;
+                }
+            }
+        }
+    }
+
+    /// Feeds one input at time `now`; returns what to do.
+    pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.settle(now);
+        match input {
+            Input::StartRequested => {
+                self.run = RunState::Running;
+                for slot in self.slots.values_mut() {
+                    slot.history.reset();
+                    match slot.phase {
+                        Phase::Failed | Phase::Backoff { .. } => slot.phase = Phase::Stopped,
+                        // Started again before a stop ended: runs again once it has exited.
+                        Phase::Stopping {
+                            deadline,
+                            then: AfterStop::Rest,
+                        } => {
+                            slot.phase = Phase::Stopping {
+                                deadline,
+                                then: AfterStop::Respawn,
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                self.settled = false;
+                self.trim_slots(now, &mut out);
+                self.fill_slots(now, &mut out);
+            }
+            Input::StopRequested => {
+                self.run = RunState::Stopping;
+                self.rolling = None;
+                let ids: Vec<Slot> = self.slots.keys().copied().collect();
+                for id in ids {
+                    self.stop_slot(id, AfterStop::Rest, now, &mut out);
+                }
+            }
+            Input::ScaleRequested(n) => {
+                self.desired = n;
+                self.settled = false;
+                self.trim_slots(now, &mut out);
+                if matches!(self.run, RunState::Running | RunState::Failed) {
+                    self.fill_slots(now, &mut out);
+                }
+            }
+            Input::RestartRequested => {
+                if matches!(self.run, RunState::Stopped | RunState::Stopping) {
+                    return self.handle(Input::StartRequested, now);
+                }
+                let queue: Vec<Slot> = self.slots.keys().rev().copied().collect();
+                self.rolling = Some(Rolling {
+                    queue,
+                    current: None,
+                    done: Vec::new(),
+                });
+            }
+            Input::Spawned { id, pid } => {
+                let ready_now = self.policies.ready.check == ReadyCheck::None;
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    slot.pid = Some(pid);
+                    slot.busy = false;
+                    out.push(Action::Note(Note::Started(id, pid)));
+                    if ready_now && matches!(slot.phase, Phase::Starting { .. }) {
+                        slot.phase = Phase::Ready;
+                        slot.settles_at = Some(now + self.policies.ready.settle);
+                        out.push(Action::Note(Note::Ready(id)));
+                    }
+                    // Asked to stop before its spawn was reported: now it can be.
+                    if let Phase::Stopping { deadline, .. } = slot.phase {
+                        out.push(match deadline {
+                            Some(_) => Action::Signal(id, self.policies.stop.signal),
+                            None => Action::Kill(id),
+                        });
+                    }
+                }
+            }
+            Input::BusyReported { id, busy } => {
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    slot.busy = busy && slot.phase.has_process();
+                }
+            }
+            Input::ReadyNotified { id } => {
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    if matches!(slot.phase, Phase::Starting { .. }) {
+                        slot.phase = Phase::Ready;
+                        slot.settles_at = Some(now + self.policies.ready.settle);
+                        out.push(Action::Note(Note::Ready(id)));
+                    }
+                }
+            }
+            Input::SpawnFailed {
+                id,
+                error,
+                permanent,
+            } => {
+                let reason = ExitReason::SpawnFailed { error };
+                if matches!(
+                    self.slots.get(&id).map(|s| s.phase),
+                    Some(Phase::Stopping { .. })
+                ) {
+                    // Asked to stop before its spawn was reported: it ended as asked.
+                    return self.handle(Input::Exited { id, reason }, now);
+                }
+                if permanent {
+                    if let Some(slot) = self.slots.get_mut(&id) {
+                        slot.phase = Phase::Failed;
+                        slot.pid = None;
+                        slot.last_exit = Some(reason.clone());
+                        out.push(Action::Note(Note::Crashed(
+                            id,
+                            reason,
+                            std::time::Duration::ZERO,
+                        )));
+                        out.push(Action::Note(Note::Failed(id)));
+                        self.run = RunState::Failed;
+                    }
+                } else {
+                    self.crashed(id, reason, now, &mut out);
+                }
+            }
+            Input::Exited { id, reason } => {
+                let Some(slot) = self.slots.get_mut(&id) else {
+                    return out;
+                };
+                if !slot.phase.has_process() {
+                    return out;
+                }
+                slot.pid = None;
+                slot.busy = false;
+                slot.settles_at = None;
+                slot.last_exit = Some(reason.clone());
+                match slot.phase {
+                    Phase::Stopping { then, .. } => {
+                        out.push(Action::Note(Note::Exited(id, reason.clone())));
+                        match then {
+                            AfterStop::Remove => {
+                                self.slots.remove(&id);
+                            }
+                            AfterStop::Rest => slot.phase = Phase::Stopped,
+                            AfterStop::Respawn => {
+                                slot.phase = Phase::Stopped;
+                                if matches!(self.run, RunState::Running | RunState::Failed) {
+                                    self.spawn(id, now, &mut out);
+                                }
+                            }
+                            AfterStop::Crash => {
+                                slot.phase = Phase::Stopped;
+                                self.crashed(id, ExitReason::ReadyTimeout, now, &mut out);
+                            }
+                        }
+                    }
+                    _ => self.crashed(id, reason, now, &mut out),
+                }
+            }
+            Input::DeadlineReached => {
+                let ids: Vec<Slot> = self.slots.keys().copied().collect();
+                for id in ids {
+                    let Some(slot) = self.slots.get_mut(&id) else {
+                        continue;
+                    };
+                    match slot.phase {
+                        Phase::Backoff { until } if until <= now => {
+                            slot.phase = Phase::Stopped;
+                            if matches!(self.run, RunState::Running | RunState::Failed) {
+                                slot.restarts += 1;
+                                self.spawn(id, now, &mut out);
+                            }
+                        }
+                        Phase::Starting { deadline: Some(d) } if d <= now => {
+                            self.stop_slot(id, AfterStop::Crash, now, &mut out);
+                        }
+                        Phase::Stopping {
+                            deadline: Some(d),
+                            then,
+                        } if d <= now => {
+                            slot.phase = Phase::Stopping {
+                                deadline: None,
+                                then,
+                            };
+                            out.push(Action::Kill(id));
+                            out.push(Action::Note(Note::Killed(id)));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.start_waiting(now, &mut out);
+        self.advance_rolling(now, &mut out);
+        self.check_stopped(&mut out);
+        self.check_settled(&mut out);
+        out
+    }
+
+    fn crashed(&mut self, id: Slot, reason: ExitReason, now: Instant, out: &mut Vec<Action>) {
+        let policy = self.policies.restart;
+        let keep_running = matches!(self.run, RunState::Running | RunState::Failed);
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        slot.pid = None;
+        slot.settles_at = None;
+        slot.last_exit = Some(reason.clone());
+        let ran = slot.started.map_or(std::time::Duration::ZERO, |t| {
+            now.saturating_duration_since(t)
+        });
+        out.push(Action::Note(Note::Crashed(id, reason, ran)));
+        // A restarted worker that does not stay up ends the rolling restart there: the
+        // slots not yet restarted keep their processes.
+        if self
+            .rolling
+            .as_ref()
+            .is_some_and(|r| r.current == Some(id) || r.done.contains(&id))
+        {
+            self.rolling = None;
+            out.push(Action::Note(Note::RestartFailed(id)));
+        }
+        if !keep_running {
+            slot.phase = Phase::Stopped;
+            return;
+        }
+        self.settled = false;
+        let started = slot.started.unwrap_or(now);
+        match slot.history.record(&policy, started, now) {
+            AfterCrash::Flapping => {
+                slot.phase = Phase::Failed;
+                self.run = RunState::Failed;
+                out.push(Action::Note(Note::Failed(id)));
+            }
+            AfterCrash::RestartAt(at) if at <= now => {
+                slot.phase = Phase::Stopped;
+                slot.restarts += 1;
+                self.spawn(id, now, out);
+            }
+            AfterCrash::RestartAt(at) => {
+                slot.phase = Phase::Backoff { until: at };
+                out.push(Action::Note(Note::BackingOff(id, (at - now).as_millis())));
+            }
+        }
+    }
+
+    /// Starts the slots of a running site that waited for a process on its way out to
+    /// end (see `spawn`).
+    fn start_waiting(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if !matches!(self.run, RunState::Running | RunState::Failed) {
+            return;
+        }
+        let waiting: Vec<Slot> = self
+            .slots
+            .values()
+            .filter(|s| s.phase == Phase::Stopped)
+            .map(|s| s.id)
+            .collect();
+        for id in waiting {
+            if self.live() >= self.desired as usize {
+                break;
+            }
+            self.spawn(id, now, out);
+        }
+    }
+
+    fn advance_rolling(&mut self, now: Instant, out: &mut Vec<Action>) {
+        loop {
+            let Some(r) = &mut self.rolling else {
+                return;
+            };
+            if let Some(cur) = r.current {
+                let slot = self.slots.get(&cur);
+                match slot.map(|s| s.phase) {
+                    // Still on its way down or up (or waiting for a slot on its way out to
+                    // make room): wait.
+                    Some(Phase::Stopping { .. } | Phase::Starting { .. } | Phase::Stopped) => {
+                        return;
+                    }
+                    // Up again: the first one must also stay up before the next goes.
+                    Some(Phase::Ready) => {
+                        let first = r.done.is_empty();
+                        if first && slot.is_some_and(|s| s.settles_at.is_some()) {
+                            return;
+                        }
+                        r.done.push(cur);
+                        r.current = None;
+                    }
+                    // Scaled away meanwhile: move on.
+                    None => r.current = None,
+                    // Its new process died or could not start: stop here, so the slots
+                    // not yet restarted keep serving.
+                    Some(Phase::Backoff { .. } | Phase::Failed) => {
+                        self.rolling = None;
+                        out.push(Action::Note(Note::RestartFailed(cur)));
+                        return;
+                    }
+                }
+            }
+            if let Some(next) = r.queue.pop() {
+                r.current = Some(next);
+                self.stop_slot(next, AfterStop::Respawn, now, out);
+                continue;
+            }
+            // Every slot restarted: done once each has stayed up, or failed if one did not.
+            let done = r.done.clone();
+            for id in &done {
+                match self.slots.get(id).map(|s| (s.phase, s.settles_at)) {
+                    Some((Phase::Ready, Some(_))) => return,
+                    Some((Phase::Ready, None)) | None => {}
+                    Some(_) => {
+                        self.rolling = None;
+                        out.push(Action::Note(Note::RestartFailed(*id)));
+                        return;
+                    }
+                }
+            }
+            self.rolling = None;
+            out.push(Action::Note(Note::RestartDone));
+            return;
+        }
+    }
+
+    fn check_stopped(&mut self, out: &mut Vec<Action>) {
+        if self.run == RunState::Stopping && self.live() == 0 {
+            self.run = RunState::Stopped;
+            out.push(Action::Note(Note::AllStopped));
+        }
+    }
+
+    fn check_settled(&mut self, out: &mut Vec<Action>) {
+        let settled = self.is_settled();
+        if settled && !self.settled {
+            out.push(Action::Note(Note::Settled));
+        }
+        self.settled = settled;
+    }
+}
+
+#[cfg(test)]
+mod tests;
