@@ -377,5 +377,9 @@ fn failure(site: &SiteName, f: &Failure) -> (ErrorKind, String) {
             ErrorKind::Failed,
             format!("no previous release of site {site} is recorded"),
         ),
+        Failure::StartedAgain => (
+            ErrorKind::Failed,
+            format!("site {site} was started again before all its workers had stopped"),
+        ),
     }
 }

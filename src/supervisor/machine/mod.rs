@@ -470,6 +470,7 @@ impl SiteMachine {
             Input::Tick => self.tick(obs, now, &mut out),
             Input::Start(client) => {
                 let serving = self.serving;
+                self.stop_superseded(&mut out);
                 if let Some(c) = client {
                     self.hold(c, WaitFor::Settled);
                 }

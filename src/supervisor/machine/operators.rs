@@ -49,6 +49,21 @@ impl SiteMachine {
         self.cancel_deploys(why, now, out);
     }
 
+    /// A start while a stop is under way ends that stop: its clients, who would wait
+    /// until the site next stops, are told.
+    pub(super) fn stop_superseded(&mut self, out: &mut Vec<Action>) {
+        let (stopped, keep): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.until == WaitFor::Stopped);
+        self.waiters = keep;
+        for w in stopped {
+            out.push(Action::Reply {
+                client: w.client,
+                outcome: Outcome::Failed(Failure::StartedAgain),
+            });
+        }
+    }
+
     pub(super) fn restart(&mut self, client: ClientId, now: Instant, out: &mut Vec<Action>) {
         if let Some(busy) = self.deploy_busy() {
             return out.push(Action::Reply {
@@ -63,6 +78,7 @@ impl SiteMachine {
             self.current().slots.run,
             RunState::Stopped | RunState::Stopping
         ) {
+            self.stop_superseded(out);
             self.hold(client, WaitFor::Settled);
             self.feed(serving, slots::Input::StartRequested, now, out);
             self.reply_if_settled(client, out);

@@ -248,6 +248,8 @@ pub enum Failure {
     Cancelled(CancelReason),
     /// `rollback` with nothing recorded to return to.
     NoPreviousRelease,
+    /// The site was started again (`start`, `restart`) before the stop waited for ended.
+    StartedAgain,
 }
 
 /// Why a deploy was rolled back.

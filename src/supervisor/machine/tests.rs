@@ -152,6 +152,38 @@ fn stopping_answers_the_clients_waiting_for_the_site_to_settle() {
 }
 
 #[test]
+fn a_start_during_a_stop_answers_the_client_waiting_for_the_stop() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site("workers = 2\n"), None, None, t);
+    send(&mut m, Input::Start(None), &Quiet, t);
+    let stop = Input::Stop {
+        client: Some(ClientId(2)),
+        why: CancelReason::SiteStopped,
+    };
+    let a = send(&mut m, stop, &Quiet, t);
+    assert!(
+        replies(&a).is_empty(),
+        "the workers have not exited yet: {a:?}"
+    );
+    let a = send(&mut m, Input::Start(Some(ClientId(3))), &Quiet, t);
+    assert_eq!(
+        replies(&a),
+        vec![(ClientId(2), Outcome::Failed(Failure::StartedAgain))],
+        "the stop never ends now: {a:?}"
+    );
+    // Once the old processes are gone the site runs again, and the start is answered.
+    let mut a = send(&mut m, exited(1, 0), &Quiet, t);
+    a.extend(send(&mut m, exited(1, 1), &Quiet, t));
+    let later = t + Duration::from_secs(2);
+    a.extend(send(&mut m, Input::Tick, &Quiet, later));
+    assert_eq!(
+        replies(&a),
+        vec![(ClientId(3), Outcome::Done(Done::Settled))],
+        "{a:?}"
+    );
+}
+
+#[test]
 fn a_stop_during_a_deploy_starts_no_worker() {
     let t = Instant::now();
     let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);

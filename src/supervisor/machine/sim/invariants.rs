@@ -255,7 +255,7 @@ impl Sim {
     }
 
     /// The world stops misbehaving and time runs: a site that settles then, with no deploy
-    /// left, has answered every client that waited for it to settle, restart or deploy.
+    /// left, has answered every client (a stop a start superseded included).
     pub(super) fn calm(&mut self) -> Step {
         self.w.calm = true;
         self.w.spawn_fails = 0;
@@ -278,7 +278,7 @@ impl Sim {
         let waiting: Vec<String> = self
             .clients
             .iter()
-            .filter(|(_, a)| !a.answered && !a.gone && a.what != "stop")
+            .filter(|(_, a)| !a.answered && !a.gone)
             .map(|(c, a)| format!("{c:?} ({}, asked at step {})", a.what, a.step))
             .collect();
         if !waiting.is_empty() {

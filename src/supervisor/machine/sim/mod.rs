@@ -64,9 +64,9 @@
 //!    steered to); until the flip the old generation keeps at least one worker.
 //! 5. Answers: every client that asked something gets exactly one `Reply`, and no
 //!    `Progress` after it (in the order the machine returns them); once the world is
-//!    calm, a site that has settled with no deploy left has answered every client but
-//!    those waiting for a stop; at the end (the site stopped and time run on) none is
-//!    left waiting, except clients that went away.
+//!    calm, a site that has settled with no deploy left has answered every client (a
+//!    stop that a start superseded was told so); at the end (the site stopped and time
+//!    run on) none is left waiting, except clients that went away.
 //! 6. Liveness: a stop always ends (no process left, every generation stopped); a site
 //!    stopped by a client starts no worker until a client starts it; after a `Tick` the
 //!    machine never asks to be woken at or before now (the loop would spin).
