@@ -545,28 +545,7 @@ impl SiteMachine {
             reason: reason.clone(),
             steered_back: true,
         }));
-        self.last_deploy = Some(DeployEnd {
-            result: crate::status::DeployResult::RolledBack,
-            from: d.from,
-            to: d.to,
-            release: d.release.clone(),
-            reason: Some(reason.clone()),
-            took: None,
-            finished: now,
-            flip_window: None,
-            steered_back: true,
-        });
-        for c in d.clients {
-            out.push(Action::Reply {
-                client: c,
-                outcome: Outcome::Failed(Failure::SteeredBack {
-                    reason: reason.clone(),
-                    from: d.from,
-                }),
-            });
-        }
-        self.feed(d.to, slots::Input::StopRequested, now, out);
-        self.give_back(d.from, d.target, d.cap, now, out);
+        self.rolled_back(d, reason, true, now, out);
     }
 
     /// Stops the new generation; the serving one stays as it is (and gets back the
@@ -589,6 +568,19 @@ impl SiteMachine {
         if self.config.ready.check == ReadyCheck::Tcp {
             out.push(Action::EndProbe(d.to));
         }
+        self.rolled_back(d, reason, false, now, out);
+    }
+
+    /// The end of a deploy undone (rolled back, or steered back from): recorded, its
+    /// clients answered, the new generation stopped, the old one given its workers back.
+    fn rolled_back(
+        &mut self,
+        d: DeployState,
+        reason: RollbackReason,
+        steered_back: bool,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         self.last_deploy = Some(DeployEnd {
             result: crate::status::DeployResult::RolledBack,
             from: d.from,
@@ -598,15 +590,18 @@ impl SiteMachine {
             took: None,
             finished: now,
             flip_window: None,
-            steered_back: false,
+            steered_back,
         });
         for c in d.clients {
+            let (reason, from) = (reason.clone(), d.from);
+            let failure = if steered_back {
+                Failure::SteeredBack { reason, from }
+            } else {
+                Failure::RolledBack { reason, from }
+            };
             out.push(Action::Reply {
                 client: c,
-                outcome: Outcome::Failed(Failure::RolledBack {
-                    reason: reason.clone(),
-                    from: d.from,
-                }),
+                outcome: Outcome::Failed(failure),
             });
         }
         self.feed(d.to, slots::Input::StopRequested, now, out);
