@@ -71,7 +71,9 @@ pub struct WorkerOptions {
     /// 1.5 s before it reports ready and accepts), `never-accepts` (neither reports ready
     /// nor accepts, until stopped), `quiet` (prints nothing when it starts serving),
     /// `one-at-a-time` (serves one connection before it accepts the next, so connections
-    /// queue up behind a slow one).
+    /// queue up behind a slow one), `http-500` (answers every request with
+    /// `500 Internal Server Error`, as an app that failed to load behind a server that
+    /// started).
     pub behaviour_from: Option<PathBuf>,
 }
 
@@ -172,6 +174,11 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         println!("demo worker {id} of generation {generation} serving");
     }
     let body = format!("hello from worker {id}, generation {generation}{release}\n");
+    let status = if does("http-500") {
+        "500 Internal Server Error"
+    } else {
+        "200 OK"
+    };
     let mut handlers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     loop {
         if crash_at.is_some_and(|t| std::time::Instant::now() >= t) {
@@ -210,12 +217,14 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         };
         if does("one-at-a-time") {
             // The next connection waits in the accept queue meanwhile.
-            serve(stream, &body, opts.delay);
+            serve(stream, status, &body, opts.delay);
             continue;
         }
         let body = body.clone();
         let delay = opts.delay;
-        handlers.push(std::thread::spawn(move || serve(stream, &body, delay)));
+        handlers.push(std::thread::spawn(move || {
+            serve(stream, status, &body, delay)
+        }));
     }
     for h in handlers {
         let _ = h.join();
@@ -225,7 +234,7 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
 
 /// Answers every request on one connection (HTTP/1.1 keep-alive unless the client
 /// says `connection: close`).
-fn serve(mut stream: std::net::TcpStream, body: &str, delay: Duration) {
+fn serve(mut stream: std::net::TcpStream, status: &str, body: &str, delay: Duration) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut buf = Vec::new();
@@ -253,7 +262,7 @@ fn serve(mut stream: std::net::TcpStream, body: &str, delay: Duration) {
             std::thread::sleep(delay);
         }
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n{body}",
             body.len(),
             if close { "close" } else { "keep-alive" }
         );

@@ -543,6 +543,93 @@ fn tcp_readiness_probes_the_new_generation_alone() {
 }
 
 #[test]
+fn http_readiness_rolls_back_a_release_that_answers_errors() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    point(&link, &release(root.path(), "r1", None));
+    let port = free_port();
+    let ready_timeout = if in_vm() { "20s" } else { "6s" };
+    let text = site(&link, port, "")
+        .replace("workers = 4", "workers = 2")
+        .replace("check = \"notify\"", "check = \"http\"\npath = \"/health\"")
+        .replace(
+            "timeout = \"20s\"\n",
+            &format!("timeout = \"{ready_timeout}\"\n"),
+        )
+        .replace(
+            "timeout = \"4s\"\n",
+            &format!("timeout = \"{ready_timeout}\"\n"),
+        );
+    let (agent, steering) = start_web(&text, 2, "io_uring", true);
+    if steering != "ebpf" {
+        point(&link, &release(root.path(), "r2", None));
+        let run = deploy(&agent, &["web"]);
+        assert_eq!(run.code, Some(1), "{}", run.text());
+        assert!(
+            run.text().contains("eBPF connection steering"),
+            "{}",
+            run.text()
+        );
+        assert!(
+            !require_all(),
+            "eBPF steering must be available as root: {steering}"
+        );
+        common::skip("http readiness across generations needs eBPF steering");
+        return;
+    }
+
+    let load = Load::start(port, if in_vm() { 2 } else { 8 });
+    std::thread::sleep(Duration::from_millis(300));
+    // A release whose server starts and accepts, but answers every request with a 500 (an
+    // app that failed to load behind a server that did not): never ready, rolled back,
+    // and no request of the load ever reaches it (a 500 fails a request).
+    point(
+        &link,
+        &release(root.path(), "broken", Some("http-500 never-ready quiet")),
+    );
+    let (_, pids) = serving(&agent);
+    let run = deploy(&agent, &["web"]);
+    assert_eq!(run.code, Some(4), "{}", run.text());
+    assert!(run.text().contains("not ready"), "{}", run.text());
+    let (g, pids_after) = serving(&agent);
+    assert_eq!(g, 1);
+    assert_eq!(pids_after, pids, "the serving workers were disturbed");
+    // A release that answers, though it never sends READY=1 nor prints a line: the
+    // probe's 200 is what flips it.
+    point(
+        &link,
+        &release(root.path(), "good", Some("never-ready quiet")),
+    );
+    let run = deploy(&agent, &["web"]);
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    assert!(run.flip(3).is_some(), "{}", run.text());
+    let (flip, _) = last_flip(&agent);
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = load.finish();
+
+    let failures = failed(&samples);
+    assert!(samples.len() >= 20, "only {} requests", samples.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failures.len(),
+        samples.len(),
+        failures.iter().take(5).collect::<Vec<_>>()
+    );
+    for s in &samples {
+        match *s.outcome.as_ref().expect("no failures") {
+            1 => {}
+            3 => assert!(
+                s.connected.expect("connected") >= flip,
+                "gen-3 answered before its flip"
+            ),
+            other => panic!("gen-{other} answered: it never served"),
+        }
+    }
+    eprintln!("{} requests, 0 failed", samples.len());
+}
+
+#[test]
 fn a_budget_that_cannot_hold_two_generations_moves_slots_one_at_a_time() {
     let root = tempfile::tempdir().expect("tempdir");
     let link = root.path().join("current");
@@ -698,12 +785,13 @@ probation = "100ms"
 /// An unmodified gunicorn as the worker: it takes its socket from `LISTEN_FDS`, reports
 /// `READY=1` on `NOTIFY_SOCKET`, and stops gracefully on `SIGTERM`, so deploys under load
 /// fail no request with no Hatchery-specific code in the app.
-#[test]
-fn gunicorn_is_deployed_unchanged_without_a_failed_request() {
+/// A python3 that imports gunicorn, and the `PYTHONPATH` it needs; `None` (having said
+/// why) where `run-tests` or vm-tests did not install it.
+fn gunicorn() -> Option<(PathBuf, std::ffi::OsString)> {
     let Some(pythonpath) = std::env::var_os("HATCHERY_TEST_PYTHONPATH") else {
         // `run-tests` and vm-tests install gunicorn beside the build and say where.
         skip("HATCHERY_TEST_PYTHONPATH does not name a gunicorn install");
-        return;
+        return None;
     };
     let python = std::env::var_os("HATCHERY_TEST_PYTHON")
         .map(PathBuf::from)
@@ -723,6 +811,14 @@ fn gunicorn_is_deployed_unchanged_without_a_failed_request() {
                 .is_ok_and(|o| o.status.success())
         })
         .expect("a python3 that imports gunicorn from HATCHERY_TEST_PYTHONPATH");
+    Some((python, pythonpath))
+}
+
+#[test]
+fn gunicorn_is_deployed_unchanged_without_a_failed_request() {
+    let Some((python, pythonpath)) = gunicorn() else {
+        return;
+    };
     let root = tempfile::tempdir().expect("tempdir");
     let link = root.path().join("current");
     let app = |name: &str| {
@@ -792,6 +888,113 @@ probation = "1s"
         last,
         Some(4),
         "the last answer came from the last generation"
+    );
+}
+
+/// gunicorn's master sends `READY=1` before its workers import the app, and keeps running
+/// when the app fails on every request: with an `http` check, a release that raises at
+/// import, and one whose every answer is a 500, are never flipped to; each is rolled
+/// back, and no request fails.
+#[test]
+fn a_gunicorn_release_that_fails_is_rolled_back_by_the_http_check() {
+    let Some((python, pythonpath)) = gunicorn() else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    // `broken`: "import" raises at import, "request" raises in every request (gunicorn
+    // answers 500 then).
+    let app = |name: &str, broken: &str| {
+        let dir = release(root.path(), name, None);
+        let (at_import, per_request) = match broken {
+            "import" => ("raise ImportError('this release is broken')\n", ""),
+            "request" => ("", "    raise RuntimeError('this release is broken')\n"),
+            _ => ("", ""),
+        };
+        std::fs::write(
+            dir.join("app.py"),
+            format!(
+                "import os\n{at_import}\ndef app(environ, start_response):\n{per_request}    body = b'generation ' + os.environ.get('HATCHERY_GENERATION', '?').encode() + b', release {name}\\n'\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    return [body]\n"
+            ),
+        )
+        .expect("write app");
+        dir
+    };
+    point(&link, &app("g1", ""));
+    let port = free_port();
+    let ready_timeout = if in_vm() { "40s" } else { "10s" };
+    let text = format!(
+        r#"name = "web"
+command = ["{}", "-m", "gunicorn", "--chdir", "{{release}}", "-w", "2", "--graceful-timeout", "10", "app:app"]
+workers = 1
+release = "{}"
+[env]
+PYTHONPATH = "{}"
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:{port}"
+[ready]
+check = "http"
+timeout = "{ready_timeout}"
+[stop]
+timeout = "15s"
+[deploy]
+probation = "1s"
+"#,
+        python.display(),
+        link.display(),
+        Path::new(&pythonpath).display()
+    );
+    let (agent, steering) = start_web(&text, 1, "io_uring", true);
+    if steering != "ebpf" {
+        assert!(
+            !require_all(),
+            "eBPF steering must be available as root: {steering}"
+        );
+        skip("http readiness across generations needs eBPF steering");
+        return;
+    }
+    let load = Load::start(port, 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, pids) = serving(&agent);
+    for (name, broken) in [("g2", "import"), ("g3", "request")] {
+        point(&link, &app(name, broken));
+        let run = deploy(&agent, &["web"]);
+        assert_eq!(
+            run.code,
+            Some(4),
+            "a release failing at {broken}:\n{}\n{}",
+            run.text(),
+            agent_log_tail(&agent)
+        );
+        let (g, pids_after) = serving(&agent);
+        assert_eq!(g, 1, "{}", run.text());
+        assert_eq!(pids_after, pids, "the serving gunicorn was disturbed");
+    }
+    // A good release after them deploys.
+    point(&link, &app("g4", ""));
+    let run = deploy(&agent, &["web"]);
+    assert_eq!(
+        run.code,
+        Some(0),
+        "{}\n{}",
+        run.text(),
+        agent_log_tail(&agent)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = load.finish();
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.outcome.is_err()).collect();
+    assert!(samples.len() > 20, "only {} requests", samples.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failed.len(),
+        samples.len(),
+        failed.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(
+        samples.iter().all(|s| matches!(s.outcome, Ok(1) | Ok(4))),
+        "only gen-1 and gen-4 may answer"
     );
 }
 

@@ -226,8 +226,36 @@ pub enum ReadyCheck {
     Notify,
     /// The site's TCP listener accepted a probe connection.
     Tcp,
+    /// A probe request to the site's TCP listener got an expected HTTP status
+    /// ([`HttpCheck`]).
+    Http,
     /// Ready as soon as it runs.
     None,
+}
+
+impl ReadyCheck {
+    /// Whether the agent probes the site's first TCP listener (`tcp`, `http`).
+    pub fn probes(self) -> bool {
+        matches!(self, ReadyCheck::Tcp | ReadyCheck::Http)
+    }
+}
+
+/// The request of `ready.check = "http"` and the answer that counts as ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCheck {
+    /// The path asked for (`ready.path`), from `/`.
+    pub path: String,
+    /// The `Host` header (`ready.host`); the listener's address when not set.
+    pub host: Option<String>,
+    /// The statuses that count as ready (`ready.status`), inclusive.
+    pub status: (u16, u16),
+}
+
+impl HttpCheck {
+    /// Whether `status` counts as ready.
+    pub fn accepts(&self, status: u16) -> bool {
+        (self.status.0..=self.status.1).contains(&status)
+    }
 }
 
 /// Readiness policy.
@@ -305,6 +333,8 @@ pub struct SiteConfig {
     pub restart: RestartPolicy,
     /// Readiness policy.
     pub ready: ReadyPolicy,
+    /// The request of an `http` ready check (with `ready.check = "http"` only).
+    pub ready_http: Option<HttpCheck>,
     /// Deploy policy.
     pub deploy: DeployPolicy,
     /// Log rotation.

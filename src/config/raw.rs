@@ -144,13 +144,19 @@ pub struct RawFlapping {
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReady {
-    /// `notify`, `tcp` or `none`.
+    /// `notify`, `tcp`, `http` or `none`.
     pub check: Option<String>,
     /// How long a worker may take to become ready.
     pub timeout: Option<String>,
     /// How long a worker must stay up once ready before `start`, `scale` and `restart`
     /// call it a success.
     pub settle: Option<String>,
+    /// `http`: the path asked for.
+    pub path: Option<String>,
+    /// `http`: the statuses that count as ready (`2xx`, `200`, `200-399`).
+    pub status: Option<String>,
+    /// `http`: the `Host` header.
+    pub host: Option<String>,
 }
 
 /// `[deploy]`.

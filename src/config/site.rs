@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    AutoWorkers, ConfigError, DeployPolicy, Effective, Limits, ListenAddr, ListenSpec, LogPolicy,
-    MAX_LISTENERS, MAX_WORKERS, RELEASE_PLACEHOLDER, RawDeploy, RawFlapping, RawLogs, RawReady,
-    RawRestart, RawSite, RawStop, RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy, Signal,
-    SiteConfig, SiteName, StopPolicy, err, format_duration, format_size, lookup_group, lookup_user,
-    parse_duration, parse_size, sandbox,
+    AutoWorkers, ConfigError, DeployPolicy, Effective, HttpCheck, Limits, ListenAddr, ListenSpec,
+    LogPolicy, MAX_LISTENERS, MAX_WORKERS, RELEASE_PLACEHOLDER, RawDeploy, RawFlapping, RawLogs,
+    RawReady, RawRestart, RawSite, RawStop, RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy,
+    Signal, SiteConfig, SiteName, StopPolicy, err, format_duration, format_size, lookup_group,
+    lookup_user, parse_duration, parse_size, sandbox,
 };
 
 /// The `[logs]` table at `slot` (`key`), with `default` for what it leaves out; every
@@ -283,21 +283,29 @@ pub fn validate_site(
         "none" => ReadyCheck::None,
         "notify" => ReadyCheck::Notify,
         "tcp" => ReadyCheck::Tcp,
+        "http" => ReadyCheck::Http,
         other => {
             return Err(err(
                 file,
                 "ready.check",
-                format!("unknown check {other:?}: use \"notify\", \"tcp\" or \"none\""),
+                format!("unknown check {other:?}: use \"notify\", \"tcp\", \"http\" or \"none\""),
             ));
         }
     };
-    if check == ReadyCheck::Tcp && !listen.iter().any(|l| matches!(l.addr, ListenAddr::Tcp(_))) {
+    let probes = matches!(check, ReadyCheck::Tcp | ReadyCheck::Http);
+    if probes && !listen.iter().any(|l| matches!(l.addr, ListenAddr::Tcp(_))) {
+        let name = if check == ReadyCheck::Http {
+            "http"
+        } else {
+            "tcp"
+        };
         return Err(err(
             file,
             "ready.check",
-            "\"tcp\" needs at least one [[listen]] with tcp = \"host:port\"",
+            format!("\"{name}\" needs at least one [[listen]] with tcp = \"host:port\""),
         ));
     }
+    let ready_http = validate_http_check(file, check, rd)?;
     let ready = ReadyPolicy {
         check,
         timeout: duration_key(
@@ -342,7 +350,7 @@ pub fn validate_site(
         return Err(err(
             file,
             "ready.check",
-            "\"notify\" cannot reach the agent's notify socket from inside sandbox.root: use \"tcp\" or \"none\"",
+            "\"notify\" cannot reach the agent's notify socket from inside sandbox.root: use \"tcp\", \"http\" or \"none\"",
         ));
     }
     // Where the file names no identity, the effective file names the agent's own (the one
@@ -367,6 +375,7 @@ pub fn validate_site(
         stop,
         restart,
         ready,
+        ready_http,
         deploy,
         logs,
         limits,
@@ -377,6 +386,69 @@ pub fn validate_site(
 
 /// `release`: an absolute symlink path resolving to a directory; `{release}` anywhere
 /// needs it.
+/// `ready.path`, `ready.status` and `ready.host` of an `http` check (its defaults written
+/// in); refused with any other check, where they would mean nothing.
+fn validate_http_check(
+    file: &Path,
+    check: ReadyCheck,
+    rd: &mut RawReady,
+) -> Result<Option<HttpCheck>, ConfigError> {
+    if check != ReadyCheck::Http {
+        for (key, set) in [
+            ("ready.path", rd.path.is_some()),
+            ("ready.status", rd.status.is_some()),
+            ("ready.host", rd.host.is_some()),
+        ] {
+            if set {
+                return Err(err(file, key, "only used with ready.check = \"http\""));
+            }
+        }
+        return Ok(None);
+    }
+    // What goes into the request line and headers: visible ASCII, no space.
+    let token = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic());
+    let path = rd.path.get_or_insert_with(|| "/".into()).clone();
+    if !path.starts_with('/') || !token(&path) {
+        return Err(err(
+            file,
+            "ready.path",
+            format!("{path:?}: a path from / (visible ASCII, no spaces), e.g. \"/health\""),
+        ));
+    }
+    let host = rd.host.clone();
+    if let Some(h) = host.as_deref().filter(|h| !token(h)) {
+        return Err(err(
+            file,
+            "ready.host",
+            format!("{h:?}: a host name (visible ASCII, no spaces), e.g. \"example.com\""),
+        ));
+    }
+    let text = rd.status.get_or_insert_with(|| "2xx".into()).clone();
+    let status = parse_status_range(&text).ok_or_else(|| {
+        err(
+            file,
+            "ready.status",
+            format!("{text:?}: use a class (\"2xx\"), a status (\"200\") or a range (\"200-399\") within 100-599"),
+        )
+    })?;
+    Ok(Some(HttpCheck { path, host, status }))
+}
+
+/// `2xx`, `204` or `200-399` as an inclusive range of HTTP statuses (100 to 599).
+fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+    let one = |t: &str| t.parse::<u16>().ok().filter(|n| (100..=599).contains(n));
+    let (lo, hi) = if let Some(class) = text.strip_suffix("xx") {
+        let c: u16 = class.parse().ok().filter(|c| (1..=5).contains(c))?;
+        (c * 100, c * 100 + 99)
+    } else if let Some((a, b)) = text.split_once('-') {
+        (one(a)?, one(b)?)
+    } else {
+        let n = one(text)?;
+        (n, n)
+    };
+    (lo <= hi).then_some((lo, hi))
+}
+
 fn validate_release(file: &Path, raw: &RawSite) -> Result<Option<PathBuf>, ConfigError> {
     let uses = raw
         .command
@@ -520,6 +592,65 @@ mod tests {
     }
 
     #[test]
+    fn an_http_check_asks_a_path_and_accepts_a_range_of_statuses() {
+        let base =
+            "name = \"blog\"\ncommand = [\"/bin/true\"]\n[[listen]]\ntcp = \"127.0.0.1:1\"\n";
+        let s = site(&format!("{base}[ready]\ncheck = \"http\"\n")).expect("defaults");
+        assert_eq!(s.ready.check, ReadyCheck::Http);
+        let h = s.ready_http.as_ref().expect("an http check");
+        assert_eq!(
+            (h.path.as_str(), h.host.as_deref(), h.status),
+            ("/", None, (200, 299))
+        );
+        let ready = s.effective.raw().ready.as_ref().expect("ready");
+        assert_eq!(ready.path.as_deref(), Some("/"));
+        assert_eq!(ready.status.as_deref(), Some("2xx"));
+        for (status, range) in [
+            ("204", (204, 204)),
+            ("200-399", (200, 399)),
+            ("3xx", (300, 399)),
+        ] {
+            let text = format!(
+                "{base}[ready]\ncheck = \"http\"\npath = \"/health?deep=1\"\nhost = \"example.com\"\nstatus = \"{status}\"\n"
+            );
+            let s = site(&text).expect("valid");
+            let h = s.ready_http.expect("an http check");
+            assert_eq!(h.status, range, "{status}");
+            assert_eq!(h.path, "/health?deep=1");
+            assert_eq!(h.host.as_deref(), Some("example.com"));
+        }
+        for (key, line) in [
+            ("ready.status", "status = \"600\""),
+            ("ready.status", "status = \"399-200\""),
+            ("ready.status", "status = \"ok\""),
+            ("ready.path", "path = \"health\""),
+            ("ready.path", "path = \"/a b\""),
+            ("ready.host", "host = \"a\\r\\nX: y\""),
+        ] {
+            let e = site(&format!("{base}[ready]\ncheck = \"http\"\n{line}\n")).unwrap_err();
+            assert_eq!(e.key, key, "{line}: {e}");
+        }
+        // The keys mean nothing to another check: said, not ignored.
+        let e = site(&format!(
+            "{base}[ready]\ncheck = \"tcp\"\npath = \"/health\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "ready.path");
+        assert!(
+            e.message.contains("only used with ready.check = \"http\""),
+            "{e}"
+        );
+        // And it needs a TCP listener to probe.
+        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[ready]\ncheck = \"http\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "ready.check");
+        assert!(
+            e.message.contains("\"http\" needs at least one [[listen]]"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn the_documented_example_site_is_valid() {
         let s = site(
             r#"
@@ -581,10 +712,13 @@ timeout = "30s"
         assert_eq!(e.key, "stop.timeout");
         assert!(e.message.contains("ms, s, m, h"), "{e}");
 
-        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[ready]\ncheck = \"http\"\n")
+        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[ready]\ncheck = \"grpc\"\n")
             .unwrap_err();
         assert_eq!(e.key, "ready.check");
-        assert!(e.message.contains("\"notify\", \"tcp\" or \"none\""));
+        assert!(
+            e.message
+                .contains("\"notify\", \"tcp\", \"http\" or \"none\"")
+        );
 
         let e = site("name = \"shop\"\ncommand = [\"/bin/true\"]\n").unwrap_err();
         assert_eq!(e.key, "name");

@@ -9,12 +9,11 @@
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use tracing::{debug, error, warn};
 
 use super::sites::{GenIo, SiteIo};
-use crate::config::{self, ListenAddr, SiteName};
+use crate::config::{self, HttpCheck, ListenAddr, SiteName};
 use crate::net::Listener;
 use crate::steering::{Steering as Program, SteeringSupport};
 use crate::supervisor::ids::GenId;
@@ -177,7 +176,7 @@ pub(super) fn end_probe(io: &mut SiteIo, site: &SiteName, g: GenId) {
     let probing = io
         .gens
         .get_mut(&g)
-        .is_some_and(|x| x.tcp_probe.take().is_some());
+        .is_some_and(|x| x.probe.take().is_some());
     if !probing {
         return;
     }
@@ -188,12 +187,62 @@ pub(super) fn end_probe(io: &mut SiteIo, site: &SiteName, g: GenId) {
     }
 }
 
-/// The `tcp` ready check of generation `g`: a probe connection to its first TCP listener
-/// is made; once that listener's accept queue no longer holds it (a worker accepted it),
-/// returns true: every starting worker of `g` counts as ready. A generation that is not
-/// serving yet is reached through the steering program's probe entry, from the port the
-/// probe socket was bound to; nothing else reaches it before the flip.
-pub(super) fn tcp_probe(io: &mut SiteIo, site: &SiteName, g: GenId, serving: GenId) -> bool {
+/// A ready probe under way: its connection, and for an `http` check the request still to
+/// send and the answer read so far.
+#[derive(Debug)]
+pub(super) struct Probe {
+    sock: TcpStream,
+    unsent: Vec<u8>,
+    answer: Vec<u8>,
+}
+
+/// What an `http` probe's answer says so far.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// Not all of the status line yet.
+    Incomplete,
+    /// The status.
+    Status(u16),
+    /// Not HTTP.
+    Garbled,
+}
+
+/// The status of an HTTP response whose first bytes are `head`.
+fn status_of(head: &[u8]) -> Answer {
+    let Some(end) = head.windows(2).position(|w| w == b"\r\n") else {
+        return if head.len() > 1024 {
+            Answer::Garbled
+        } else {
+            Answer::Incomplete
+        };
+    };
+    let line = String::from_utf8_lossy(&head[..end]);
+    let mut words = line.split(' ');
+    match (words.next(), words.next()) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/1.") && code.len() == 3 => code
+            .parse()
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+            .map_or(Answer::Garbled, Answer::Status),
+        _ => Answer::Garbled,
+    }
+}
+
+/// The ready check of generation `g` (`tcp`, or `http` with `http`): a probe connection
+/// to its first TCP listener is made. For `tcp`, once that listener's accept queue no
+/// longer holds it (a worker accepted it), returns true: every starting worker of `g`
+/// counts as ready. For `http`, the probe sends its request and returns true once the
+/// answer's status is one `http` accepts; another status (or no HTTP at all) is logged,
+/// and the next tick probes again. A generation that is not serving yet is reached
+/// through the steering program's probe entry, from the port the probe socket was bound
+/// to; nothing else reaches it before the flip.
+pub(super) fn probe(
+    io: &mut SiteIo,
+    site: &SiteName,
+    g: GenId,
+    serving: GenId,
+    http: Option<&HttpCheck>,
+) -> bool {
     let Some((index, addr)) = io.gens.get(&g).and_then(|gen_| {
         gen_.listeners
             .iter()
@@ -209,7 +258,8 @@ pub(super) fn tcp_probe(io: &mut SiteIo, site: &SiteName, g: GenId, serving: Gen
     let Some(gen_) = gens.get_mut(&g) else {
         return false;
     };
-    let accepted = match &gen_.tcp_probe {
+    let target = loopback_for(addr);
+    let accepted = match &mut gen_.probe {
         None => {
             let st = if g == serving {
                 None
@@ -218,31 +268,52 @@ pub(super) fn tcp_probe(io: &mut SiteIo, site: &SiteName, g: GenId, serving: Gen
                     Some(st) => Some(st),
                     None => {
                         // Refused when the deploy is asked for; nothing to probe here.
-                        debug!(site = %site, gen = g.0, "tcp ready probe: no steering");
+                        debug!(site = %site, gen = g.0, "ready probe: no steering");
                         return false;
                     }
                 }
             };
-            match start_tcp_probe(loopback_for(addr), st, gen_.listeners[index].fd.as_fd()) {
-                Ok(sock) => gen_.tcp_probe = Some((sock, Instant::now())),
-                Err(e) => debug!(site = %site, gen = g.0, "tcp ready probe: {e}"),
+            match start_tcp_probe(target, st, gen_.listeners[index].fd.as_fd()) {
+                Ok(sock) => {
+                    gen_.probe = Some(Probe {
+                        sock,
+                        unsent: http.map(|h| request(h, target)).unwrap_or_default(),
+                        answer: Vec::new(),
+                    });
+                }
+                Err(e) => debug!(site = %site, gen = g.0, "ready probe: {e}"),
             }
             false
         }
-        Some((sock, _)) => {
-            if rustix::net::getpeername(sock).is_err() {
+        Some(p) => {
+            if rustix::net::getpeername(&p.sock).is_err() {
                 // Not connected yet, or refused: look again (or start over) next tick.
-                if sock.take_error().ok().flatten().is_some() {
-                    gen_.tcp_probe = None;
+                if p.sock.take_error().ok().flatten().is_some() {
+                    gen_.probe = None;
                 }
                 false
+            } else if let Some(h) = http {
+                match exchange(p) {
+                    Answer::Incomplete => false,
+                    Answer::Status(code) if h.accepts(code) => true,
+                    answer => {
+                        let said = match answer {
+                            Answer::Status(code) => format!("answered {code}"),
+                            _ => "did not answer with HTTP".to_string(),
+                        };
+                        let (lo, hi) = h.status;
+                        warn!(site = %site, gen = g.0, "ready probe: GET {} {said} (ready.status: {lo}-{hi}); probing again", h.path);
+                        gen_.probe = None;
+                        false
+                    }
+                }
             } else {
                 gen_.listeners[index].queued() == Some(0)
             }
         }
     };
     if accepted {
-        gen_.tcp_probe = None;
+        gen_.probe = None;
         if g != serving {
             if let Some(st) = steering.get_mut(index).and_then(Option::as_mut) {
                 if let Err(e) = st.clear_probe() {
@@ -252,6 +323,53 @@ pub(super) fn tcp_probe(io: &mut SiteIo, site: &SiteName, g: GenId, serving: Gen
         }
     }
     accepted
+}
+
+/// The request of an `http` check sent to `target`.
+fn request(h: &HttpCheck, target: SocketAddr) -> Vec<u8> {
+    let host = h.host.clone().unwrap_or_else(|| target.to_string());
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: hatchery-ready-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        h.path
+    )
+    .into_bytes()
+}
+
+/// Sends what is left of the probe's request and reads what has come of the answer,
+/// without blocking; says what the answer is so far (a connection closed before a
+/// status line is no HTTP).
+fn exchange(p: &mut Probe) -> Answer {
+    use std::io::{ErrorKind, Read, Write};
+    while !p.unsent.is_empty() {
+        match p.sock.write(&p.unsent) {
+            Ok(n) => {
+                p.unsent.drain(..n);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Answer::Incomplete,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Answer::Garbled,
+        }
+    }
+    let mut buf = [0u8; 1024];
+    loop {
+        match p.sock.read(&mut buf) {
+            Ok(0) => {
+                return match status_of(&p.answer) {
+                    Answer::Incomplete => Answer::Garbled,
+                    a => a,
+                };
+            }
+            Ok(n) => {
+                p.answer.extend_from_slice(&buf[..n]);
+                if status_of(&p.answer) != Answer::Incomplete {
+                    return status_of(&p.answer);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return status_of(&p.answer),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Answer::Garbled,
+        }
+    }
 }
 
 /// Connects a non-blocking probe socket to `target`; with `steering`, its connection goes
@@ -313,7 +431,7 @@ pub(super) fn new_generation(listeners: Vec<Listener>) -> GenIo {
     GenIo {
         listeners,
         workers: Default::default(),
-        tcp_probe: None,
+        probe: None,
     }
 }
 
@@ -395,5 +513,44 @@ pub(super) fn write_previous_release(state_dir: &Path, site: &SiteName, release:
         });
     if let Err(e) = result {
         warn!(site = %site, "failed to record the previous release in {}: {e}", file.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_of_an_answer_is_read_as_it_comes() {
+        assert_eq!(status_of(b""), Answer::Incomplete);
+        assert_eq!(status_of(b"HTTP/1.1 20"), Answer::Incomplete);
+        assert_eq!(status_of(b"HTTP/1.1 200 OK\r\n"), Answer::Status(200));
+        assert_eq!(status_of(b"HTTP/1.0 503\r\nx: y\r\n"), Answer::Status(503));
+        assert_eq!(status_of(b"SSH-2.0-OpenSSH\r\n"), Answer::Garbled);
+        assert_eq!(status_of(b"HTTP/1.1 2000 big\r\n"), Answer::Garbled);
+        assert_eq!(status_of(&[b'x'; 2000]), Answer::Garbled);
+    }
+
+    #[test]
+    fn the_request_names_the_path_and_the_host() {
+        let h = HttpCheck {
+            path: "/health?full=1".into(),
+            host: None,
+            status: (200, 299),
+        };
+        let target: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
+        let text = String::from_utf8(request(&h, target)).expect("ascii");
+        assert!(
+            text.starts_with("GET /health?full=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("Connection: close\r\n\r\n"), "{text}");
+        let h = HttpCheck {
+            host: Some("example.com".into()),
+            ..h
+        };
+        let text = String::from_utf8(request(&h, target)).expect("ascii");
+        assert!(text.contains("\r\nHost: example.com\r\n"), "{text}");
+        assert!(h.accepts(204) && !h.accepts(301) && !h.accepts(500));
     }
 }

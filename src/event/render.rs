@@ -330,10 +330,15 @@ fn failure(site: &SiteName, f: &Failure) -> (ErrorKind, String) {
                 }
             ),
         ),
-        Failure::ProbeNeedsSteering(why) => (
+        Failure::ProbeNeedsSteering { check, why } => (
             ErrorKind::BadRequest,
             format!(
-                "site {site} uses ready.check = \"tcp\", which needs eBPF connection steering on its first TCP listener to probe a new generation alone ({why}); use \"notify\" or \"none\""
+                "site {site} uses ready.check = \"{check}\", which needs eBPF connection steering on its first TCP listener to probe a new generation alone ({why}); use \"notify\" or \"none\"",
+                check = if *check == crate::config::ReadyCheck::Http {
+                    "http"
+                } else {
+                    "tcp"
+                }
             ),
         ),
         Failure::Stopped => (

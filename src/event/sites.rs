@@ -5,7 +5,6 @@
 //! flipped, a probe accepted) are fed back, in order, before anything else happens.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
@@ -40,8 +39,8 @@ pub(super) struct GenIo {
     /// The agent's copies of the listeners passed to this generation's workers.
     pub listeners: Vec<Listener>,
     pub workers: HashMap<Slot, Worker>,
-    /// The `tcp` ready probe under way.
-    pub tcp_probe: Option<(TcpStream, Instant)>,
+    /// The ready probe under way (`tcp`, `http`).
+    pub probe: Option<generations::Probe>,
 }
 
 /// A site's kernel side.
@@ -297,7 +296,11 @@ impl Agent {
             Action::Probe(generation) => {
                 let site = self.sites.get_mut(name)?;
                 let serving = site.machine.serving();
-                generations::tcp_probe(&mut site.io, name, generation, serving)
+                let http = site
+                    .machine
+                    .generation(generation)
+                    .and_then(|g| g.config.ready_http.clone());
+                generations::probe(&mut site.io, name, generation, serving, http.as_ref())
                     .then_some(Input::ProbeAccepted(generation))
             }
             Action::EndProbe(generation) => {

@@ -36,7 +36,7 @@ pub use self::outcome::{CancelReason, Done, Event, Failure, Outcome, RollbackRea
 use super::capacity::{self, Capacity};
 use super::ids::{ClientId, GenId, Slot};
 use super::slots::{self, Note, Phase, Policies, RunState, SiteCore};
-use crate::config::{ReadyCheck, SiteConfig, SiteName};
+use crate::config::{SiteConfig, SiteName};
 
 /// Interval of TCP readiness probes while a worker of a `tcp`-checked site is starting.
 pub const TCP_PROBE_INTERVAL: Duration = Duration::from_millis(50);
@@ -442,12 +442,12 @@ impl SiteMachine {
         .min()
     }
 
-    /// Generations whose `tcp` ready probe should run.
+    /// Generations whose `tcp` or `http` ready probe should run.
     fn needs_probe(&self) -> impl Iterator<Item = GenId> + '_ {
-        let tcp = self.config.ready.check == ReadyCheck::Tcp;
+        let probes = self.config.ready.check.probes();
         self.gens
             .values()
-            .filter(move |g| tcp && !g.leaving && g.starting())
+            .filter(move |g| probes && !g.leaving && g.starting())
             .map(|g| g.id)
     }
 
@@ -542,6 +542,13 @@ impl SiteMachine {
         let Some(gen_) = self.gens.get_mut(&g) else {
             return;
         };
+        // With an `http` check only an answer makes a worker ready: servers such as
+        // gunicorn send `READY=1` before their app is loaded, or whether it loads at all.
+        if matches!(input, slots::Input::ReadyNotified { .. })
+            && gen_.config.ready.check == crate::config::ReadyCheck::Http
+        {
+            return;
+        }
         match &input {
             // An exit it was not asked for, or a spawn that failed, counts against the
             // generation (a deploy rolls back on it).

@@ -211,7 +211,12 @@ pub enum Failure {
         auto: bool,
     },
     /// `ready.check = "tcp"` cannot reach a new generation alone here.
-    ProbeNeedsSteering(String),
+    ProbeNeedsSteering {
+        /// `tcp` or `http`.
+        check: crate::config::ReadyCheck,
+        /// Why steering cannot do it.
+        why: String,
+    },
     /// The site is stopped.
     Stopped,
     /// The site runs no workers.

@@ -384,3 +384,25 @@ fn start_waits_for_every_worker_to_settle() {
         "{a:?}"
     );
 }
+
+#[test]
+fn with_an_http_check_only_an_answer_makes_a_worker_ready() {
+    let t = Instant::now();
+    let text = "workers = 1\n[[listen]]\ntcp = \"127.0.0.1:1\"\n[ready]\ncheck = \"http\"\n";
+    let (mut m, _) = SiteMachine::new(site(text), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let slot = |m: &SiteMachine| m.current().slots.slots[&Slot(0)].phase;
+    assert!(matches!(slot(&m), Phase::Starting { .. }), "{:?}", slot(&m));
+    // READY=1 (gunicorn sends it before its app is loaded) is not an answer.
+    let ready = Input::Worker {
+        generation: GenId(1),
+        input: slots::Input::ReadyNotified { id: Slot(0) },
+    };
+    send(&mut m, ready, &Quiet, t);
+    assert!(matches!(slot(&m), Phase::Starting { .. }), "{:?}", slot(&m));
+    // The loop probes it, and the probe's answer is.
+    let a = send(&mut m, Input::Tick, &Quiet, t);
+    assert!(a.contains(&Action::Probe(GenId(1))), "{a:?}");
+    send(&mut m, Input::ProbeAccepted(GenId(1)), &Quiet, t);
+    assert_eq!(slot(&m), Phase::Ready);
+}

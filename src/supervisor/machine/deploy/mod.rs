@@ -14,7 +14,6 @@ use super::{
     Action, CancelReason, Done, Event, Failure, Generation, Observe, Outcome, RollbackReason,
     SiteMachine, Steering,
 };
-use crate::config::ReadyCheck;
 use crate::supervisor::deploy::{Failure as PlanFailure, GenView, Stage, Step, View, decide};
 use crate::supervisor::ids::{ClientId, GenId};
 use crate::supervisor::slots::{self, RunState};
@@ -133,9 +132,12 @@ impl SiteMachine {
             client,
             outcome: Outcome::Failed(failure),
         };
-        if self.config.ready.check == ReadyCheck::Tcp {
+        if self.config.ready.check.probes() {
             if let Err(why) = obs.probe_alone() {
-                return out.push(refuse(Failure::ProbeNeedsSteering(why)));
+                return out.push(refuse(Failure::ProbeNeedsSteering {
+                    check: self.config.ready.check,
+                    why,
+                }));
             }
         }
         // A site being stopped is refused too: its new generation would start workers the
@@ -565,7 +567,7 @@ impl SiteMachine {
         if let Some(g) = self.gens.get_mut(&d.to) {
             g.leaving = true;
         }
-        if self.config.ready.check == ReadyCheck::Tcp {
+        if self.config.ready.check.probes() {
             out.push(Action::EndProbe(d.to));
         }
         self.rolled_back(d, reason, false, now, out);
