@@ -590,7 +590,11 @@ fn http_readiness_rolls_back_a_release_that_answers_errors() {
     let (_, pids) = serving(&agent);
     let run = deploy(&agent, &["web"]);
     assert_eq!(run.code, Some(4), "{}", run.text());
-    assert!(run.text().contains("not ready"), "{}", run.text());
+    assert!(
+        run.text().contains("not ready") && run.text().contains("answered 500"),
+        "the rollback says what the probe was answered: {}",
+        run.text()
+    );
     let (g, pids_after) = serving(&agent);
     assert_eq!(g, 1);
     assert_eq!(pids_after, pids, "the serving workers were disturbed");

@@ -17,7 +17,7 @@ use crate::config::{self, HttpCheck, ListenAddr, SiteName};
 use crate::net::Listener;
 use crate::steering::{Steering as Program, SteeringSupport};
 use crate::supervisor::ids::GenId;
-use crate::supervisor::machine::Steering;
+use crate::supervisor::machine::{ProbeAnswer, Steering};
 
 /// `CLOCK_MONOTONIC` in nanoseconds (the clock Rust's `Instant` reads on Linux).
 fn monotonic_ns() -> u64 {
@@ -228,21 +228,32 @@ fn status_of(head: &[u8]) -> Answer {
     }
 }
 
+/// What a look at a ready probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Probed {
+    /// Nothing yet.
+    Waiting,
+    /// Accepted (`tcp`), or answered as `ready.status` asks (`http`).
+    Accepted,
+    /// Answered otherwise (`http`): probed again at the next tick.
+    Refused(ProbeAnswer),
+}
+
 /// The ready check of generation `g` (`tcp`, or `http` with `http`): a probe connection
 /// to its first TCP listener is made. For `tcp`, once that listener's accept queue no
-/// longer holds it (a worker accepted it), returns true: every starting worker of `g`
-/// counts as ready. For `http`, the probe sends its request and returns true once the
-/// answer's status is one `http` accepts; another status (or no HTTP at all) is logged,
-/// and the next tick probes again. A generation that is not serving yet is reached
-/// through the steering program's probe entry, from the port the probe socket was bound
-/// to; nothing else reaches it before the flip.
+/// longer holds it (a worker accepted it), it is accepted: every starting worker of `g`
+/// counts as ready. For `http`, the probe sends its request and is accepted once the
+/// answer's status is one `http` accepts; another status (or no HTTP at all) is refused,
+/// logged, and the next tick probes again. A generation that is not serving yet is
+/// reached through the steering program's probe entry, from the port the probe socket was
+/// bound to; nothing else reaches it before the flip.
 pub(super) fn probe(
     io: &mut SiteIo,
     site: &SiteName,
     g: GenId,
     serving: GenId,
     http: Option<&HttpCheck>,
-) -> bool {
+) -> Probed {
     let Some((index, addr)) = io.gens.get(&g).and_then(|gen_| {
         gen_.listeners
             .iter()
@@ -252,14 +263,14 @@ pub(super) fn probe(
                 ListenAddr::Unix(_) => None,
             })
     }) else {
-        return false;
+        return Probed::Waiting;
     };
     let SiteIo { gens, steering, .. } = io;
     let Some(gen_) = gens.get_mut(&g) else {
-        return false;
+        return Probed::Waiting;
     };
     let target = loopback_for(addr);
-    let accepted = match &mut gen_.probe {
+    let result = match &mut gen_.probe {
         None => {
             let st = if g == serving {
                 None
@@ -269,7 +280,7 @@ pub(super) fn probe(
                     None => {
                         // Refused when the deploy is asked for; nothing to probe here.
                         debug!(site = %site, gen = g.0, "ready probe: no steering");
-                        return false;
+                        return Probed::Waiting;
                     }
                 }
             };
@@ -283,7 +294,7 @@ pub(super) fn probe(
                 }
                 Err(e) => debug!(site = %site, gen = g.0, "ready probe: {e}"),
             }
-            false
+            Probed::Waiting
         }
         Some(p) => {
             if rustix::net::getpeername(&p.sock).is_err() {
@@ -291,28 +302,32 @@ pub(super) fn probe(
                 if p.sock.take_error().ok().flatten().is_some() {
                     gen_.probe = None;
                 }
-                false
+                Probed::Waiting
             } else if let Some(h) = http {
                 match exchange(p) {
-                    Answer::Incomplete => false,
-                    Answer::Status(code) if h.accepts(code) => true,
+                    Answer::Incomplete => Probed::Waiting,
+                    Answer::Status(code) if h.accepts(code) => Probed::Accepted,
                     answer => {
-                        let said = match answer {
-                            Answer::Status(code) => format!("answered {code}"),
-                            _ => "did not answer with HTTP".to_string(),
+                        let (said, answer) = match answer {
+                            Answer::Status(code) => {
+                                (format!("answered {code}"), ProbeAnswer::Status(code))
+                            }
+                            _ => ("did not answer with HTTP".into(), ProbeAnswer::NotHttp),
                         };
                         let (lo, hi) = h.status;
                         warn!(site = %site, gen = g.0, "ready probe: GET {} {said} (ready.status: {lo}-{hi}); probing again", h.path);
                         gen_.probe = None;
-                        false
+                        Probed::Refused(answer)
                     }
                 }
+            } else if gen_.listeners[index].queued() == Some(0) {
+                Probed::Accepted
             } else {
-                gen_.listeners[index].queued() == Some(0)
+                Probed::Waiting
             }
         }
     };
-    if accepted {
+    if result == Probed::Accepted {
         gen_.probe = None;
         if g != serving {
             if let Some(st) = steering.get_mut(index).and_then(Option::as_mut) {
@@ -322,7 +337,7 @@ pub(super) fn probe(
             }
         }
     }
-    accepted
+    result
 }
 
 /// The request of an `http` check sent to `target`.

@@ -5,7 +5,7 @@ use crate::config::{self, SiteName};
 use crate::control::{Done as DoneReply, ErrorKind, Reply};
 use crate::supervisor::ids::Slot;
 use crate::supervisor::machine::{
-    CancelReason, DeployEnd, Done, Event, Failure, Outcome, RollbackReason, Steering,
+    CancelReason, DeployEnd, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, Steering,
 };
 use crate::supervisor::slots::{ExitReason, Note};
 
@@ -197,9 +197,19 @@ pub fn rollback_reason(r: &RollbackReason, steered_back: bool) -> String {
             timeout,
             ready,
             desired,
+            last_probe,
         } => format!(
-            "gen-{generation} was not ready within ready.timeout ({}): {ready} of {desired} workers ready",
-            config::format_duration(*timeout)
+            "gen-{generation} was not ready within ready.timeout ({}): {ready} of {desired} workers ready{}",
+            config::format_duration(*timeout),
+            match last_probe {
+                Some(ProbeAnswer::Status(code)) => {
+                    format!("; its ready probe was answered {code}")
+                }
+                Some(ProbeAnswer::NotHttp) => {
+                    "; its ready probe was not answered with HTTP".to_string()
+                }
+                None => String::new(),
+            }
         ),
         RollbackReason::OnRequest(g) => {
             if steered_back {

@@ -10,6 +10,7 @@ use std::time::{Instant, SystemTime};
 
 use tracing::{debug, error, info, warn};
 
+use super::generations::Probed;
 use super::{Agent, AgentError, generations, render, setup_err};
 use crate::cgroup::CgroupTree;
 use crate::config::{self, SiteConfig, SiteName};
@@ -300,8 +301,11 @@ impl Agent {
                     .machine
                     .generation(generation)
                     .and_then(|g| g.config.ready_http.clone());
-                generations::probe(&mut site.io, name, generation, serving, http.as_ref())
-                    .then_some(Input::ProbeAccepted(generation))
+                match generations::probe(&mut site.io, name, generation, serving, http.as_ref()) {
+                    Probed::Waiting => None,
+                    Probed::Accepted => Some(Input::ProbeAccepted(generation)),
+                    Probed::Refused(answer) => Some(Input::ProbeRefused { generation, answer }),
+                }
             }
             Action::EndProbe(generation) => {
                 let site = self.sites.get_mut(name)?;

@@ -32,7 +32,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use self::deploy::{DeployEnd, DeployState};
-pub use self::outcome::{CancelReason, Done, Event, Failure, Outcome, RollbackReason, Steering};
+pub use self::outcome::{
+    CancelReason, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, Steering,
+};
 use super::capacity::{self, Capacity};
 use super::ids::{ClientId, GenId, Slot};
 use super::slots::{self, Note, Phase, Policies, RunState, SiteCore};
@@ -77,6 +79,8 @@ pub struct Generation {
     pub crashes: u32,
     /// Being rolled back or retired: removed once its last worker is gone.
     pub leaving: bool,
+    /// How its last `http` ready probe that did not count was answered.
+    pub last_probe: Option<ProbeAnswer>,
 }
 
 impl Generation {
@@ -89,6 +93,7 @@ impl Generation {
             slots,
             crashes: 0,
             leaving: false,
+            last_probe: None,
         }
     }
 
@@ -135,8 +140,17 @@ pub enum Input {
         /// What.
         input: slots::Input,
     },
-    /// The `tcp` ready probe of a generation was accepted by one of its workers.
+    /// The ready probe of a generation was accepted by one of its workers (`tcp`), or
+    /// answered with a status that counts (`http`).
     ProbeAccepted(GenId),
+    /// The `http` ready probe of a generation was answered, but not as `ready.status`
+    /// asks (the loop probes again).
+    ProbeRefused {
+        /// The generation.
+        generation: GenId,
+        /// How it was answered.
+        answer: ProbeAnswer,
+    },
     /// The listeners of a new generation were bound (or could not be).
     ListenersBound {
         /// The generation.
@@ -459,6 +473,11 @@ impl SiteMachine {
                 self.worker_input(generation, input, now, &mut out)
             }
             Input::ProbeAccepted(g) => self.probe_accepted(g, now, &mut out),
+            Input::ProbeRefused { generation, answer } => {
+                if let Some(g) = self.gens.get_mut(&generation) {
+                    g.last_probe = Some(answer);
+                }
+            }
             Input::ListenersBound { generation, result } => {
                 self.listeners_bound(generation, result, obs, now, &mut out)
             }

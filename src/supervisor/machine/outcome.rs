@@ -279,6 +279,8 @@ pub enum RollbackReason {
         ready: u32,
         /// Workers asked for.
         desired: u32,
+        /// What the last `http` probe that failed was answered.
+        last_probe: Option<ProbeAnswer>,
     },
     /// An operator asked (`rollback`).
     OnRequest(GenId),
@@ -295,4 +297,13 @@ pub enum CancelReason {
     SiteRemoved,
     /// The agent is shutting down.
     AgentStopping,
+}
+
+/// How an `http` ready probe was answered when it did not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// With a status outside `ready.status`.
+    Status(u16),
+    /// Not with HTTP (or the connection closed first).
+    NotHttp,
 }

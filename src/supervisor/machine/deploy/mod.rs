@@ -489,6 +489,7 @@ impl SiteMachine {
                 timeout: g.map_or(Duration::ZERO, |g| g.config.ready.timeout),
                 ready: g.map_or(0, |g| count(g.slots.ready())),
                 desired: g.map_or(0, |g| g.slots.desired),
+                last_probe: g.and_then(|g| g.last_probe),
             },
         }
     }
