@@ -115,28 +115,56 @@ fn one_request(addr: SocketAddr) -> Sample {
 /// `conns` clients, each making one request per fresh connection until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
+    /// Answers so far, by the generation that gave them.
+    answers: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
     threads: Vec<std::thread::JoinHandle<Vec<Sample>>>,
 }
 
 impl Load {
     fn start(port: u16, conns: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let threads = (0..conns)
             .map(|_| {
                 let stop = stop.clone();
+                let answers = answers.clone();
                 std::thread::spawn(move || {
                     let mut out = Vec::new();
                     // Bounded: at most 10 minutes' worth even if never stopped.
                     let until = Instant::now() + Duration::from_secs(600);
                     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
-                        out.push(one_request(addr));
+                        let sample = one_request(addr);
+                        if let Ok(g) = sample.outcome {
+                            *answers.lock().expect("answers").entry(g).or_insert(0) += 1;
+                        }
+                        out.push(sample);
                     }
                     out
                 })
             })
             .collect();
-        Load { stop, threads }
+        Load {
+            stop,
+            answers,
+            threads,
+        }
+    }
+
+    /// Waits until generation `g` has answered `n` requests of the load (at most a
+    /// minute: a load that never gets there fails the test).
+    fn wait_for(&self, g: u32, n: usize) {
+        wait_until(
+            &format!("{n} answers from gen-{g}"),
+            Duration::from_secs(60),
+            || {
+                self.answers
+                    .lock()
+                    .expect("answers")
+                    .get(&g)
+                    .is_some_and(|k| *k >= n)
+            },
+        );
     }
 
     fn finish(self) -> Vec<Sample> {
@@ -434,16 +462,13 @@ fn failed(samples: &[Sample]) -> Vec<&Sample> {
     samples.iter().filter(|s| s.outcome.is_err()).collect()
 }
 
-#[test]
-fn tcp_readiness_probes_the_new_generation_alone() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let link = root.path().join("current");
-    point(&link, &release(root.path(), "r1", None));
-    let port = free_port();
+/// The test site with two workers, ready by `check` (the lines of `[ready]` after
+/// `check =`), and a `ready.timeout` long enough for a busy machine.
+fn probed_site(link: &Path, port: u16, check: &str) -> String {
     let ready_timeout = if in_vm() { "20s" } else { "8s" };
-    let text = site(&link, port, "")
+    site(link, port, "")
         .replace("workers = 4", "workers = 2")
-        .replace("check = \"notify\"", "check = \"tcp\"")
+        .replace("check = \"notify\"", &format!("check = {check}"))
         .replace(
             "timeout = \"20s\"\n",
             &format!("timeout = \"{ready_timeout}\"\n"),
@@ -451,25 +476,38 @@ fn tcp_readiness_probes_the_new_generation_alone() {
         .replace(
             "timeout = \"4s\"\n",
             &format!("timeout = \"{ready_timeout}\"\n"),
-        );
+        )
+}
+
+/// Without eBPF steering a probe cannot tell the generations apart: the deploy is
+/// refused, and nothing changes (then the test says why it skips the rest).
+fn refused_without_steering(agent: &TestAgent, root: &Path, link: &Path, steering: &str) {
+    point(link, &release(root, "r2", None));
+    let run = deploy(agent, &["web"]);
+    assert_eq!(run.code, Some(1), "{}", run.text());
+    assert!(
+        run.text().contains("eBPF connection steering"),
+        "{}",
+        run.text()
+    );
+    assert_eq!(agent.status("web")["generation"], 1);
+    assert!(
+        !require_all(),
+        "eBPF steering must be available as root: {steering}"
+    );
+    common::skip("probing a new generation alone needs eBPF steering");
+}
+
+#[test]
+fn tcp_readiness_probes_the_new_generation_alone() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    point(&link, &release(root.path(), "r1", None));
+    let port = free_port();
+    let text = probed_site(&link, port, "\"tcp\"");
     let (agent, steering) = start_web(&text, 2, "io_uring", true);
     if steering != "ebpf" {
-        // The probe could not tell the generations apart: the deploy is refused, and
-        // nothing changes.
-        point(&link, &release(root.path(), "r2", None));
-        let run = deploy(&agent, &["web"]);
-        assert_eq!(run.code, Some(1), "{}", run.text());
-        assert!(
-            run.text().contains("eBPF connection steering"),
-            "{}",
-            run.text()
-        );
-        assert_eq!(agent.status("web")["generation"], 1);
-        assert!(
-            !require_all(),
-            "eBPF steering must be available as root: {steering}"
-        );
-        common::skip("tcp readiness across generations needs eBPF steering");
+        refused_without_steering(&agent, root.path(), &link, &steering);
         return;
     }
 
@@ -548,38 +586,15 @@ fn http_readiness_rolls_back_a_release_that_answers_errors() {
     let link = root.path().join("current");
     point(&link, &release(root.path(), "r1", None));
     let port = free_port();
-    let ready_timeout = if in_vm() { "20s" } else { "6s" };
-    let text = site(&link, port, "")
-        .replace("workers = 4", "workers = 2")
-        .replace("check = \"notify\"", "check = \"http\"\npath = \"/health\"")
-        .replace(
-            "timeout = \"20s\"\n",
-            &format!("timeout = \"{ready_timeout}\"\n"),
-        )
-        .replace(
-            "timeout = \"4s\"\n",
-            &format!("timeout = \"{ready_timeout}\"\n"),
-        );
+    let text = probed_site(&link, port, "\"http\"\npath = \"/health\"");
     let (agent, steering) = start_web(&text, 2, "io_uring", true);
     if steering != "ebpf" {
-        point(&link, &release(root.path(), "r2", None));
-        let run = deploy(&agent, &["web"]);
-        assert_eq!(run.code, Some(1), "{}", run.text());
-        assert!(
-            run.text().contains("eBPF connection steering"),
-            "{}",
-            run.text()
-        );
-        assert!(
-            !require_all(),
-            "eBPF steering must be available as root: {steering}"
-        );
-        common::skip("http readiness across generations needs eBPF steering");
+        refused_without_steering(&agent, root.path(), &link, &steering);
         return;
     }
 
     let load = Load::start(port, if in_vm() { 2 } else { 8 });
-    std::thread::sleep(Duration::from_millis(300));
+    load.wait_for(1, 10);
     // A release whose server starts and accepts, but answers every request with a 500 (an
     // app that failed to load behind a server that did not): never ready, rolled back,
     // and no request of the load ever reaches it (a 500 fails a request).
@@ -608,7 +623,8 @@ fn http_readiness_rolls_back_a_release_that_answers_errors() {
     assert_eq!(run.code, Some(0), "{}", run.text());
     assert!(run.flip(3).is_some(), "{}", run.text());
     let (flip, _) = last_flip(&agent);
-    std::thread::sleep(Duration::from_millis(300));
+    // The load reaches the new generation (and the check below sees it answer).
+    load.wait_for(3, 10);
     let samples = load.finish();
 
     let failures = failed(&samples);
@@ -959,7 +975,7 @@ probation = "1s"
         return;
     }
     let load = Load::start(port, 4);
-    std::thread::sleep(Duration::from_millis(500));
+    load.wait_for(1, 10);
     let (_, pids) = serving(&agent);
     for (name, broken) in [("g2", "import"), ("g3", "request")] {
         point(&link, &app(name, broken));
@@ -985,7 +1001,7 @@ probation = "1s"
         run.text(),
         agent_log_tail(&agent)
     );
-    std::thread::sleep(Duration::from_millis(500));
+    load.wait_for(4, 10);
     let samples = load.finish();
     let failed: Vec<&Sample> = samples.iter().filter(|s| s.outcome.is_err()).collect();
     assert!(samples.len() > 20, "only {} requests", samples.len());
