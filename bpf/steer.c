@@ -10,10 +10,12 @@
 
 /* cfg[0] == 0: let the kernel pick by hash; cfg[0] == k + 1: select socks[k].
  * cfg[1] == 0: no probe; else (port << 16) | (k + 1): a connection whose TCP source port
- * is `port` (its two header bytes read as a native u16) selects socks[k] instead. */
+ * is `port` (its two header bytes read as a native u16) selects socks[k] instead.
+ * cfg[2] == 0: no canary; else (t << 16) | (k + 1): a connection whose flow hash has its
+ * low 16 bits below t selects socks[k] (a canary's share of t / 65536). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, __u32);
 } cfg SEC(".maps");
@@ -44,6 +46,12 @@ int steer(struct sk_reuseport_md *ctx)
 		key = 1;
 		entry = bpf_map_lookup_elem(&cfg, &key);
 		if (entry && *entry && (*entry >> 16) == sport)
+			slot1 = *entry & 0xffff;
+	}
+	if (!slot1) {
+		key = 2;
+		entry = bpf_map_lookup_elem(&cfg, &key);
+		if (entry && *entry && (ctx->hash & 0xffff) < (*entry >> 16))
 			slot1 = *entry & 0xffff;
 	}
 	if (!slot1) {

@@ -10,11 +10,14 @@
 //! One [`Steering`] per reuseport group (per bound address). It owns two maps and the
 //! program (see `bpf/README.md` for the instruction listing):
 //!
-//! - `cfg`: ARRAY `u32 → u32`, two entries. `cfg[0]`: 0 means "kernel default
+//! - `cfg`: ARRAY `u32 → u32`, three entries. `cfg[0]`: 0 means "kernel default
 //!   selection", `k + 1` means "select slot `k` of `socks`". `cfg[1]`, the probe: 0, or a
 //!   TCP source port and a slot (`port << 16 | k + 1`): a connection from that port
-//!   selects slot `k` whatever `cfg[0]` says, so the agent can check that a generation
-//!   that is not serving yet accepts connections ([`Steering::probe_from`]);
+//!   selects slot `k` whatever the others say, so the agent can check that a generation
+//!   that is not serving yet accepts connections ([`Steering::probe_from`]). `cfg[2]`, the
+//!   canary: 0, or a threshold and a slot (`t << 16 | k + 1`): a connection whose flow
+//!   hash (the kernel's hash of its 4-tuple, low 16 bits) is below `t` selects slot `k`,
+//!   so that share of new connections reaches a new generation ([`Steering::canary`]);
 //! - `socks`: REUSEPORT_SOCKARRAY `u32 → u64` with two slots, used alternately.
 //!
 //! [`Steering::steer_to`] performs, in order:
@@ -29,8 +32,7 @@
 //! dropped). A connection whose source port matches the probe only by chance (another
 //! host's client using the same port while a probe runs, a fraction of a second per
 //! deploy) reaches the probed generation, which is up and accepting by then.
-//! What this module does not do: detach the program, pin maps, or steer by
-//! weight.
+//! What this module does not do: detach the program or pin maps.
 
 use std::ffi::CStr;
 use std::io;
@@ -100,6 +102,15 @@ pub enum SteeringError {
         #[source]
         source: io::Error,
     },
+    /// The canary entry could not be set or cleared.
+    #[error("failed to set the steering canary (slot {slot})")]
+    Canary {
+        /// Which slot (2 when clearing).
+        slot: u32,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
     /// The selected slot could not be switched.
     #[error("failed to switch steering to slot {slot}")]
     Flip {
@@ -113,14 +124,19 @@ pub enum SteeringError {
 
 /// Slots in the sockarray: the serving listener and the next one.
 const SLOTS: u32 = 2;
-/// Entries of `cfg`: the serving slot, the probe.
-const CFG_ENTRIES: u32 = 2;
+/// Entries of `cfg`: the serving slot, the probe, the canary.
+const CFG_ENTRIES: u32 = 3;
 /// `cfg[0]`: 0, or the serving slot + 1.
 const CFG_SERVING: u32 = 0;
 /// `cfg[1]`: 0, or the probe port (as the program reads it) << 16 | its slot + 1.
 const CFG_PROBE: u32 = 1;
+/// `cfg[2]`: 0, or a hash threshold << 16 | the canary's slot + 1.
+const CFG_CANARY: u32 = 2;
+/// Offset of `hash` in `struct sk_reuseport_md` (data, data_end, len, eth_protocol,
+/// ip_protocol, bind_inany, hash).
+const CTX_HASH: i16 = 32;
 /// Instruction slots of [`program`].
-const PROGRAM_LEN: usize = 41;
+const PROGRAM_LEN: usize = 57;
 /// Helper ids (`enum bpf_func_id`).
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_SK_SELECT_REUSEPORT: i32 = 82;
@@ -181,6 +197,30 @@ impl Steering {
         let slot = self.stage(listener)?;
         bpf::array_set_u32(self.cfg.as_fd(), CFG_PROBE, probe_entry(port, slot))
             .map_err(|source| SteeringError::Probe { slot, source })
+    }
+
+    /// Sends a share of new connections, those whose flow hash (its low 16 bits) is
+    /// below `threshold` out of 65536, to `listener`, which need not be serving; the rest
+    /// go to the serving listener. Replaces any earlier canary; the probe still wins.
+    pub fn canary(
+        &mut self,
+        listener: BorrowedFd<'_>,
+        threshold: u16,
+    ) -> Result<(), SteeringError> {
+        let slot = self.stage(listener)?;
+        let entry = (u32::from(threshold) << 16) | (slot + 1);
+        bpf::array_set_u32(self.cfg.as_fd(), CFG_CANARY, entry)
+            .map_err(|source| SteeringError::Canary { slot, source })
+    }
+
+    /// Ends the canary: every new connection goes to the serving listener.
+    pub fn clear_canary(&mut self) -> Result<(), SteeringError> {
+        bpf::array_set_u32(self.cfg.as_fd(), CFG_CANARY, 0).map_err(|source| {
+            SteeringError::Canary {
+                slot: SLOTS,
+                source,
+            }
+        })
     }
 
     /// Ends the probe: connections from its port are steered like every other.
@@ -324,6 +364,7 @@ const BPF_MOV: u8 = 0xb0;
 const BPF_JA: u8 = 0x00;
 const BPF_JEQ: u8 = 0x10;
 const BPF_JGT: u8 = 0x20;
+const BPF_JGE: u8 = 0x30;
 const BPF_JNE: u8 = 0x50;
 const BPF_CALL: u8 = 0x80;
 const BPF_EXIT: u8 = 0x90;
@@ -379,28 +420,40 @@ pub(crate) fn program(cfg: i32, socks: i32) -> Vec<[u8; 8]> {
     p.push(insn(BPF_ALU64 | BPF_RSH | BPF_K, R2, 0, 0, 16)); // 17: r2 >>= 16 (the port)
     p.push(insn(BPF_JMP | BPF_JNE | BPF_X, R2, R7, 2, 0)); // 18: if r2 != r7 goto 21
     p.push(insn(BPF_ALU64 | BPF_AND | BPF_K, R1, 0, 0, 0xffff)); // 19: r1 &= 0xffff
-    p.push(insn(BPF_JMP | BPF_JA, 0, 0, 8, 0)); // 20: goto 29 (r1 holds the slot + 1)
+    p.push(insn(BPF_JMP | BPF_JA, 0, 0, 24, 0)); // 20: goto 45 (r1 holds the slot + 1)
+    // A canary: connections whose hash falls under the threshold go to the canary's slot.
+    lookup_cfg(&mut p, 2); // 21-26: r0 = &cfg[2]
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R0, 0, 9, 0)); // 27: if !r0 goto 37
+    p.push(insn(BPF_LDX | BPF_MEM | BPF_W, R1, R0, 0, 0)); // 28: r1 = cfg[2]
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R1, 0, 7, 0)); // 29: if r1 == 0 goto 37
+    p.push(insn(BPF_LDX | BPF_MEM | BPF_W, R2, R6, CTX_HASH, 0)); // 30: r2 = ctx->hash
+    p.push(insn(BPF_ALU64 | BPF_AND | BPF_K, R2, 0, 0, 0xffff)); // 31: r2 &= 0xffff
+    p.push(mov64_reg(R3, R1)); // 32: r3 = r1
+    p.push(insn(BPF_ALU64 | BPF_RSH | BPF_K, R3, 0, 0, 16)); // 33: r3 >>= 16 (the threshold)
+    p.push(insn(BPF_JMP | BPF_JGE | BPF_X, R2, R3, 2, 0)); // 34: if r2 >= r3 goto 37
+    p.push(insn(BPF_ALU64 | BPF_AND | BPF_K, R1, 0, 0, 0xffff)); // 35: r1 &= 0xffff
+    p.push(insn(BPF_JMP | BPF_JA, 0, 0, 8, 0)); // 36: goto 45 (r1 holds the slot + 1)
     // Everything else goes to the serving slot.
-    lookup_cfg(&mut p, 0); // 21-26: r0 = &cfg[0]
-    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R0, 0, 11, 0)); // 27: if !r0 goto 39
-    p.push(insn(BPF_LDX | BPF_MEM | BPF_W, R1, R0, 0, 0)); // 28: r1 = cfg[0]
-    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R1, 0, 9, 0)); // 29: if r1 == 0 goto 39
-    p.push(insn(BPF_ALU | BPF_ADD | BPF_K, R1, 0, 0, -1)); // 30: w1 -= 1 (the slot)
-    p.push(insn(BPF_STX | BPF_MEM | BPF_W, R10, R1, -8, 0)); // 31: *(u32 *)(r10 - 8) = w1
-    p.push(mov64_reg(R1, R6)); // 32: r1 = ctx
-    p.extend(ld_map(R2, socks)); // 33-34: r2 = &socks
-    p.push(mov64_reg(R3, R10)); // 35: r3 = r10
-    p.push(add64_imm(R3, -8)); // 36: r3 = &slot
-    p.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R4, 0, 0, 0)); // 37: r4 = 0 (flags)
+    lookup_cfg(&mut p, 0); // 37-42: r0 = &cfg[0]
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R0, 0, 11, 0)); // 43: if !r0 goto 55
+    p.push(insn(BPF_LDX | BPF_MEM | BPF_W, R1, R0, 0, 0)); // 44: r1 = cfg[0]
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, R1, 0, 9, 0)); // 45: if r1 == 0 goto 55
+    p.push(insn(BPF_ALU | BPF_ADD | BPF_K, R1, 0, 0, -1)); // 46: w1 -= 1 (the slot)
+    p.push(insn(BPF_STX | BPF_MEM | BPF_W, R10, R1, -8, 0)); // 47: *(u32 *)(r10 - 8) = w1
+    p.push(mov64_reg(R1, R6)); // 48: r1 = ctx
+    p.extend(ld_map(R2, socks)); // 49-50: r2 = &socks
+    p.push(mov64_reg(R3, R10)); // 51: r3 = r10
+    p.push(add64_imm(R3, -8)); // 52: r3 = &slot
+    p.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R4, 0, 0, 0)); // 53: r4 = 0 (flags)
     p.push(insn(
         BPF_JMP | BPF_CALL,
         0,
         0,
         0,
         BPF_FUNC_SK_SELECT_REUSEPORT,
-    )); // 38
-    p.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, SK_PASS)); // 39: r0 = SK_PASS
-    p.push(insn(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)); // 40: exit
+    )); // 54
+    p.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, SK_PASS)); // 55: r0 = SK_PASS
+    p.push(insn(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)); // 56: exit
     p
 }
 
@@ -451,9 +504,10 @@ mod tests {
         }
     }
 
-    /// Every jump lands where the listing says: the probe's misses on the default path
-    /// (21, `key = 0`), the probe's hit on the select (29, with the probe's slot + 1 in
-    /// r1), the default's misses on `SK_PASS` (39).
+    /// Every jump lands where the listing says: the probe's misses on the canary (21,
+    /// `key = 2`), the canary's misses on the serving path (37, `key = 0`), the probe's and
+    /// the canary's hits on the select (45, with the slot + 1 in r1), the serving path's
+    /// misses on `SK_PASS` (55).
     #[test]
     fn jumps_land_on_their_labels() {
         let p = program(3, 4);
@@ -475,13 +529,18 @@ mod tests {
                 (13, 21),
                 (15, 21),
                 (18, 21),
-                (20, 29),
-                (27, 39),
-                (29, 39)
+                (20, 45),
+                (27, 37),
+                (29, 37),
+                (34, 37),
+                (36, 45),
+                (43, 55),
+                (45, 55)
             ]
         );
-        assert_eq!(p[21], insn(BPF_ST | BPF_MEM | BPF_W, R10, 0, -4, 0));
-        assert_eq!(p[29], insn(BPF_JMP | BPF_JEQ | BPF_K, R1, 0, 9, 0));
-        assert_eq!(p[39], insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, SK_PASS));
+        assert_eq!(p[21], insn(BPF_ST | BPF_MEM | BPF_W, R10, 0, -4, 2));
+        assert_eq!(p[37], insn(BPF_ST | BPF_MEM | BPF_W, R10, 0, -4, 0));
+        assert_eq!(p[45], insn(BPF_JMP | BPF_JEQ | BPF_K, R1, 0, 9, 0));
+        assert_eq!(p[55], insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, SK_PASS));
     }
 }

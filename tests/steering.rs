@@ -203,6 +203,69 @@ fn steering_a_probe_port_reaches_a_listener_that_is_not_serving() {
     drop(clients);
 }
 
+/// Connects `n` clients in batches the listen backlog holds, accepting each batch from
+/// both listeners; returns how many `a` and `b` accepted.
+fn split(addr: SocketAddr, a: &TcpListener, b: &TcpListener, n: usize) -> (usize, usize) {
+    const BATCH: usize = 100;
+    let (mut on_a, mut on_b) = (0, 0);
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(BATCH);
+        let clients = connect(addr, batch);
+        let start = Instant::now();
+        let mut got = 0;
+        while got < batch && start.elapsed() < DEADLINE {
+            let (x, y) = (accept_queued(a), accept_queued(b));
+            (on_a, on_b, got) = (on_a + x, on_b + y, got + x + y);
+            if x + y == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        assert_eq!(got, batch, "every connection of the batch was accepted");
+        drop(clients);
+        left -= batch;
+    }
+    (on_a, on_b)
+}
+
+#[test]
+fn steering_a_canary_takes_its_share_of_new_connections() {
+    if !available() {
+        return;
+    }
+    let (a, b, addr) = pair();
+    let mut steering = Steering::attach(a.as_fd()).expect("attach");
+    steering.steer_to(a.as_fd()).expect("steer to A");
+
+    // 10 % of the hash space: 6554 of 65536.
+    steering.canary(b.as_fd(), 6554).expect("canary B");
+    let (on_a, on_b) = split(addr, &a, &b, 2000);
+    assert_eq!(on_a + on_b, 2000);
+    assert!(
+        (140..=260).contains(&on_b),
+        "B took {on_b} of 2000 connections, not 10 % ± 3 %"
+    );
+
+    // Cleared: none on B.
+    steering.clear_canary().expect("clear");
+    assert_eq!(
+        split(addr, &a, &b, 200),
+        (200, 0),
+        "a cleared canary gets nothing"
+    );
+
+    // The flip to the canary's listener reuses its slot; clearing afterwards changes
+    // nothing.
+    steering.canary(b.as_fd(), 6554).expect("canary B again");
+    steering.steer_to(b.as_fd()).expect("steer to B");
+    steering.clear_canary().expect("clear");
+    assert_eq!(
+        split(addr, &a, &b, 200),
+        (0, 200),
+        "all on B after the flip"
+    );
+}
+
 #[test]
 fn steering_attach_needs_a_reuseport_socket() {
     let l = bound("127.0.0.1:0".parse().expect("addr"), false);
