@@ -86,6 +86,15 @@ pub enum Request {
         /// A release directory to deploy instead of the symlink's target.
         #[serde(default)]
         release: Option<String>,
+        /// Deploy as a canary taking this share of new connections (`"10%"`) until
+        /// `promote` or `rollback`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<String>,
+    },
+    /// Promote the canary: the new generation grows to full size and is flipped to.
+    Promote {
+        /// The site.
+        site: String,
     },
     /// Roll back the deploy under way, or deploy the previous release.
     Rollback {
@@ -133,6 +142,7 @@ impl Request {
             | Request::Logs { site, .. }
             | Request::Deploy { site, .. }
             | Request::Rollback { site }
+            | Request::Promote { site }
             | Request::Exec { site, .. } => Some(site),
             Request::Reload => None,
         }
@@ -157,6 +167,9 @@ pub struct Done {
     /// The generation that was retired (deploys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired: Option<u32>,
+    /// The canary's generation (`deploy --canary`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u32>,
     /// How long the deploy took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
@@ -171,6 +184,7 @@ impl Done {
             generation: None,
             release: None,
             retired: None,
+            canary: None,
             duration_ms: None,
         }
     }

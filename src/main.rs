@@ -119,8 +119,19 @@ enum Command {
         /// Deploy this release directory instead of the symlink's target.
         #[arg(long, value_name = "DIR")]
         release: Option<PathBuf>,
+        /// Deploy a canary: the new generation starts with this share of the workers and
+        /// takes this share of new connections beside the serving one (e.g. `10%`);
+        /// returns once it serves. Finish with `promote`, abort with `rollback`.
+        #[arg(long, value_name = "PERCENT", value_parser = parse_share)]
+        canary: Option<hatchery::supervisor::deploy::Share>,
     },
-    /// Roll back the deploy under way, or deploy the previous release.
+    /// Promote a site's canary: it grows to full size and takes every new connection;
+    /// waits until the old generation has retired.
+    Promote {
+        /// The site.
+        site: String,
+    },
+    /// Roll back the deploy under way (a canary too), or deploy the previous release.
     Rollback {
         /// The site.
         site: String,
@@ -508,13 +519,19 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             follow,
         },
         Command::Reload => Request::Reload,
-        Command::Deploy { site, release } => Request::Deploy {
+        Command::Deploy {
+            site,
+            release,
+            canary,
+        } => Request::Deploy {
             site,
             // The agent's working directory is not the caller's.
             release: release
                 .map(|r| std::path::absolute(&r).unwrap_or(r))
                 .map(|r| r.display().to_string()),
+            canary: canary.map(|c| c.to_string()),
         },
+        Command::Promote { site } => Request::Promote { site },
         Command::Rollback { site } => Request::Rollback { site },
         Command::Agent { .. }
         | Command::Check { .. }
@@ -608,4 +625,9 @@ fn exec(socket: &std::path::Path, site: &str, command: Vec<String>) -> ExitCode 
             ExitCode::from(EXIT_REFUSED)
         }
     }
+}
+
+/// `--canary`: a percentage above 0 and below 100.
+fn parse_share(s: &str) -> Result<hatchery::supervisor::deploy::Share, String> {
+    s.parse()
 }

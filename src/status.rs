@@ -180,6 +180,12 @@ pub struct GenerationStatus {
     pub ready: u32,
     /// Processes alive.
     pub live: u32,
+    /// Exits of its workers it did not ask for.
+    #[serde(default)]
+    pub crashes: u32,
+    /// While a canary runs: the share of new connections it takes (`"10%"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<String>,
 }
 
 /// The deploy under way.
@@ -201,6 +207,12 @@ pub struct DeployStatus {
     pub rollback: bool,
     /// When it began (UTC).
     pub started_at: String,
+    /// A canary deploy: the new generation's share of new connections (`"10%"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
+    /// Whether the canary was promoted (it grows, then is flipped to).
+    #[serde(default)]
+    pub promoted: bool,
 }
 
 /// How a deploy ended.

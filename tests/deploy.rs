@@ -1152,3 +1152,240 @@ probation = "{probation}"
         s["generations"].as_array().map(Vec::len) == Some(1)
     });
 }
+
+/// `n` requests, each on a new connection, from `threads` clients at once: how many each
+/// generation answered, and the failures.
+fn burst(
+    port: u16,
+    n: usize,
+    threads: usize,
+) -> (std::collections::BTreeMap<u32, usize>, Vec<String>) {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let mine = n / threads + usize::from(i < n % threads);
+            std::thread::spawn(move || (0..mine).map(|_| one_request(addr)).collect::<Vec<_>>())
+        })
+        .collect();
+    let mut by_gen = std::collections::BTreeMap::new();
+    let mut failures = Vec::new();
+    for h in handles {
+        for s in h.join().expect("burst thread") {
+            match s.outcome {
+                Ok(g) => *by_gen.entry(g).or_insert(0) += 1,
+                Err(e) => failures.push(e),
+            }
+        }
+    }
+    (by_gen, failures)
+}
+
+/// The generations of `web` by number: (state, desired workers, share of new connections).
+fn generations(agent: &TestAgent) -> Vec<(u64, String, u64, Option<String>)> {
+    let s = agent.status("web");
+    s["generations"]
+        .as_array()
+        .expect("generations")
+        .iter()
+        .map(|g| {
+            (
+                g["id"].as_u64().expect("id"),
+                g["state"].as_str().unwrap_or("").to_string(),
+                g["desired"].as_u64().unwrap_or(0),
+                g["share"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_canary_takes_its_share_promote_moves_all_rollback_none_and_a_crash_aborts_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    point(&link, &release(root.path(), "r1", None));
+    let port = free_port();
+    let text = site(&link, port, "").replace("\"--delay-ms\", \"50\"", "\"--delay-ms\", \"0\"");
+    let (agent, steering) = start_web(&text, 4, "io_uring", true);
+    if steering != "ebpf" {
+        point(&link, &release(root.path(), "r2", None));
+        let run = deploy(&agent, &["web", "--canary", "10%"]);
+        assert_eq!(run.code, Some(2), "{}", run.text());
+        assert!(
+            run.text().contains("eBPF connection steering"),
+            "{}",
+            run.text()
+        );
+        assert!(
+            !require_all(),
+            "eBPF steering must be available as root: {steering}"
+        );
+        common::skip("a canary needs eBPF steering");
+        return;
+    }
+    let clients = if in_vm() { 4 } else { 8 };
+    let load = Load::start(port, 2);
+    load.wait_for(1, 5);
+
+    // A 10 % canary: returns once it serves, with one worker of four.
+    point(&link, &release(root.path(), "r2", None));
+    let run = deploy(&agent, &["web", "--canary", "10%"]);
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    assert!(
+        run.text()
+            .contains("canary gen-2 serves 10% of new connections beside gen-1"),
+        "{}",
+        run.text()
+    );
+    let s = agent.status("web");
+    assert_eq!(s["deploy"]["stage"], "canary", "{s:#}");
+    assert_eq!(s["deploy"]["canary"], "10%", "{s:#}");
+    assert_eq!(s["generation"], 1, "gen-1 still serves: {s:#}");
+    assert_eq!(
+        generations(&agent),
+        vec![
+            (1, "serving".into(), 4, Some("90%".into())),
+            (2, "canary".into(), 1, Some("10%".into())),
+        ]
+    );
+    let human = agent.cli(&["status", "web"]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human.contains("canary: gen-2 takes 10% of new connections beside gen-1"),
+        "{human}"
+    );
+    // 2,000 new connections: 10 % ± 3 % reach the canary, the rest the serving generation.
+    let (by_gen, failures) = burst(port, 2000, clients);
+    assert!(
+        failures.is_empty(),
+        "{} failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    let canary = by_gen.get(&2).copied().unwrap_or(0);
+    eprintln!("canary at 10 %: {by_gen:?}");
+    assert!(
+        (140..=260).contains(&canary) && by_gen.get(&1).copied().unwrap_or(0) == 2000 - canary,
+        "the canary took {canary} of 2000 connections: {by_gen:?}"
+    );
+    // Other operations wait for the canary's end.
+    let scale = agent.cli(&["scale", "web", "3"]);
+    assert!(!scale.status.success());
+    assert!(
+        String::from_utf8_lossy(&scale.stderr).contains("promote web"),
+        "{}",
+        String::from_utf8_lossy(&scale.stderr)
+    );
+
+    // Promoted: it grows to four workers and takes every new connection; gen-1 retires.
+    let promote = agent.cli(&["promote", "web"]);
+    let said = String::from_utf8_lossy(&promote.stdout).into_owned()
+        + &String::from_utf8_lossy(&promote.stderr);
+    assert!(promote.status.success(), "{said}");
+    assert!(said.contains("gen-2 serves; gen-1 retired"), "{said}");
+    assert_eq!(generations(&agent), vec![(2, "serving".into(), 4, None)]);
+    let (by_gen, failures) = burst(port, 200, clients);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(by_gen, [(2, 200)].into(), "after the promotion");
+
+    // Rolled back: the canary stops, and gets nothing more.
+    point(&link, &release(root.path(), "r3", None));
+    let run = deploy(&agent, &["web", "--canary", "25%"]);
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    let rollback = agent.cli(&["rollback", "web"]);
+    assert!(
+        rollback.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rollback.stderr)
+    );
+    wait_until("gen-3 to be gone", Duration::from_secs(60), || {
+        generations(&agent) == vec![(2, "serving".into(), 4, None)]
+    });
+    let (by_gen, failures) = burst(port, 200, clients);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(by_gen, [(2, 200)].into(), "after the rollback");
+    let samples = load.finish();
+    let failures = failed(&samples);
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests of the load failed, e.g. {:?}",
+        failures.len(),
+        samples.len(),
+        failures.iter().take(3).collect::<Vec<_>>()
+    );
+
+    // A canary whose worker dies (killed here, as a crash would) is rolled back by itself.
+    point(&link, &release(root.path(), "r4", None));
+    let run = deploy(&agent, &["web", "--canary", "50%"]);
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    let s = agent.status("web");
+    let pid = s["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["generation"] == 4)
+        .and_then(|w| w["pid"].as_i64())
+        .unwrap_or_else(|| panic!("no canary worker: {s:#}"));
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).expect("pid")).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill");
+    wait_until(
+        "the canary to be rolled back",
+        Duration::from_secs(60),
+        || {
+            let s = agent.status("web");
+            s["last_deploy"]["to"] == 4 && s["last_deploy"]["result"] == "rolled_back"
+        },
+    );
+    let s = agent.status("web");
+    let reason = s["last_deploy"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("a worker of gen-4 exited"), "{s:#}");
+    assert!(s["deploy"].is_null(), "{s:#}");
+    let (by_gen, failures) = burst(port, 200, clients);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(by_gen, [(2, 200)].into(), "after the abort");
+}
+
+#[test]
+fn a_canary_is_refused_with_its_reason_where_it_cannot_be_steered() {
+    let sock = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        r#"name = "web"
+command = ["{BIN}", "__demo-worker"]
+workers = 2
+[[listen]]
+name = "http"
+unix = "{}"
+[ready]
+check = "notify"
+"#,
+        sock.path().join("web.sock").display()
+    );
+    let (agent, _) = start_web(&text, 2, "epoll", false);
+    let pids = agent.pids("web");
+    // A share that is not one is the CLI's usage error; the agent refuses it too.
+    let run = deploy(&agent, &["web", "--canary", "150%"]);
+    assert_eq!(run.code, Some(2), "{}", run.text());
+    assert!(
+        run.text().contains("above 0 and below 100"),
+        "{}",
+        run.text()
+    );
+    // A site with no TCP listener has nothing to steer a share of.
+    let run = deploy(&agent, &["web", "--canary", "10%"]);
+    assert_eq!(run.code, Some(2), "{}", run.text());
+    assert!(
+        run.text().contains("needs eBPF connection steering")
+            && run.text().contains("the site has no TCP listener"),
+        "{}",
+        run.text()
+    );
+    // No canary, nothing to promote.
+    let promote = agent.cli(&["promote", "web"]);
+    assert_eq!(promote.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&promote.stderr).contains("no canary to promote"),
+        "{}",
+        String::from_utf8_lossy(&promote.stderr)
+    );
+    assert_eq!(agent.status("web")["generation"], 1);
+    assert_eq!(agent.pids("web"), pids, "nothing changed");
+}

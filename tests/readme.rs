@@ -85,7 +85,7 @@ fn readme_config_examples_are_valid() {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    std::fs::write(sites.join("app.toml"), app_text).expect("write");
+    std::fs::write(sites.join("app.toml"), &app_text).expect("write");
     let config = hatchery::config::load(&agent_path).expect("the deploy example is valid");
     let app = &config.sites[0];
     assert_eq!(app.name.as_str(), "app");
@@ -94,6 +94,15 @@ fn readme_config_examples_are_valid() {
     let run = app.for_release(&target);
     assert_eq!(run.command[2], target.display().to_string());
     assert_eq!(run.workdir.as_deref(), Some(target.as_path()));
+    assert_eq!(app.deploy.canary_abort_crashes, 1, "the default");
+    // The canary example continues the deploy example.
+    let canary = blocks
+        .iter()
+        .find(|b| b.starts_with("# sites.d/app.toml (continued)"))
+        .expect("a canary example");
+    std::fs::write(sites.join("app.toml"), format!("{app_text}\n{canary}")).expect("write");
+    let config = hatchery::config::load(&agent_path).expect("the canary example is valid");
+    assert_eq!(config.sites[0].deploy.canary_abort_crashes, 3);
     std::fs::remove_file(sites.join("app.toml")).expect("rm");
     let config = hatchery::config::load(&agent_path).expect("valid");
     assert_eq!(config.sites.len(), 3);

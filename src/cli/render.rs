@@ -137,18 +137,49 @@ fn site_details(out: &mut String, s: &SiteStatus) {
             or_dash(s.generation)
         );
     }
-    for g in s.generations.iter().filter(|g| Some(g.id) != s.generation) {
+    // While a canary runs, every generation is shown with its share and crashes.
+    let canary = s.deploy.as_ref().and_then(|d| d.canary.as_ref());
+    for g in s
+        .generations
+        .iter()
+        .filter(|g| canary.is_some() || Some(g.id) != s.generation)
+    {
         let _ = writeln!(
             out,
-            "gen-{}: {}, {}/{} ready{}",
+            "gen-{}: {}, {}/{} ready{}{}{}",
             g.id,
             g.state,
             g.ready,
             g.desired,
+            g.share
+                .as_ref()
+                .map(|p| format!(", {p} of new connections"))
+                .unwrap_or_default(),
+            if canary.is_some() || g.crashes > 0 {
+                format!(", {} crashes", g.crashes)
+            } else {
+                String::new()
+            },
             g.release
                 .as_ref()
                 .map(|r| format!(", {}", r.display()))
                 .unwrap_or_default()
+        );
+    }
+    if let (Some(d), Some(share)) = (&s.deploy, canary) {
+        let _ = writeln!(
+            out,
+            "canary: gen-{} takes {share} of new connections beside gen-{}{}",
+            d.to,
+            d.from,
+            if d.promoted {
+                "; promoted, growing to full size before the flip".to_string()
+            } else {
+                format!(
+                    "; `hatchery promote {0}` or `hatchery rollback {0}`",
+                    s.name
+                )
+            }
         );
     }
     if let Some(d) = &s.last_deploy {

@@ -112,6 +112,9 @@ settle = "1s"
 [deploy]
 probation = "1s"
 
+[deploy.canary_abort]
+crashes = 1
+
 [logs]
 max_size = "10M"
 keep = 3

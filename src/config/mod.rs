@@ -275,6 +275,9 @@ pub struct ReadyPolicy {
 pub struct DeployPolicy {
     /// How long every worker of a new generation must stay up and ready before the flip.
     pub probation: Duration,
+    /// A canary (`deploy --canary`) is rolled back once its workers exited this many
+    /// times (0: never by itself).
+    pub canary_abort_crashes: u32,
 }
 
 /// The text in `command`, `workdir` and `env` replaced by a generation's release.

@@ -165,6 +165,16 @@ pub struct RawReady {
 pub struct RawDeploy {
     /// How long a new generation's workers must stay up, all ready, before the flip.
     pub probation: Option<String>,
+    /// `[deploy.canary_abort]`: what rolls a canary back by itself.
+    pub canary_abort: Option<RawCanaryAbort>,
+}
+
+/// `[deploy.canary_abort]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCanaryAbort {
+    /// Exits of the canary's workers that roll it back (0: none do).
+    pub crashes: Option<u32>,
 }
 
 /// `[logs]`.

@@ -334,13 +334,19 @@ pub fn validate_site(
             ));
         }
     }
+    let raw_deploy = eff.deploy.get_or_insert_with(RawDeploy::default);
     let deploy = DeployPolicy {
         probation: duration_key(
             file,
             "deploy.probation",
-            &mut eff.deploy.get_or_insert_with(RawDeploy::default).probation,
+            &mut raw_deploy.probation,
             Duration::from_secs(1),
         )?,
+        canary_abort_crashes: *raw_deploy
+            .canary_abort
+            .get_or_insert_with(Default::default)
+            .crashes
+            .get_or_insert(1),
     };
     let release = validate_release(file, &eff)?;
 

@@ -18,6 +18,7 @@ use super::{
 use crate::config::{self, SiteName};
 use crate::control::{ErrorKind, MAX_CONNECTIONS, MAX_REQUEST, Reply, Request};
 use crate::logs;
+use crate::supervisor::deploy::Share;
 use crate::supervisor::ids::ClientId;
 use crate::supervisor::machine::{CancelReason, Input};
 
@@ -442,8 +443,16 @@ impl Agent {
                 let name = name.expect("site request");
                 self.feed_request(&name, conn, Input::Restart(client));
             }
-            Request::Deploy { release, .. } => {
+            Request::Deploy {
+                release, canary, ..
+            } => {
                 let name = name.expect("site request");
+                let canary = match canary.map(|c| c.parse::<Share>()).transpose() {
+                    Ok(c) => c,
+                    Err(why) => {
+                        return self.finish(conn, &Reply::error(ErrorKind::BadRequest, why));
+                    }
+                };
                 // A site's owner deploys only what it can reach itself: a directory it
                 // names, or what its `release` symlink (which it may repoint) resolves to.
                 let config = self.sites[&name].config();
@@ -463,11 +472,20 @@ impl Agent {
                         return self.finish(conn, &Reply::error(ErrorKind::Refused, why));
                     }
                 };
-                self.feed_request(&name, conn, Input::Deploy { client, release });
+                let input = Input::Deploy {
+                    client,
+                    release,
+                    canary,
+                };
+                self.feed_request(&name, conn, input);
             }
             Request::Rollback { .. } => {
                 let name = name.expect("site request");
                 self.feed_request(&name, conn, Input::Rollback(client));
+            }
+            Request::Promote { .. } => {
+                let name = name.expect("site request");
+                self.feed_request(&name, conn, Input::Promote(client));
             }
             Request::Scale { workers, .. } => {
                 let name = name.expect("site request");

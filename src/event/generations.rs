@@ -16,6 +16,7 @@ use super::sites::{GenIo, SiteIo};
 use crate::config::{self, HttpCheck, ListenAddr, SiteName};
 use crate::net::Listener;
 use crate::steering::{Steering as Program, SteeringSupport};
+use crate::supervisor::deploy::Share;
 use crate::supervisor::ids::GenId;
 use crate::supervisor::machine::{ProbeAnswer, Steering};
 
@@ -79,6 +80,14 @@ pub(super) fn probe_alone(
     });
     if steered {
         return Ok(());
+    }
+    let has_tcp = io.gens.get(&serving).is_some_and(|g| {
+        g.listeners
+            .iter()
+            .any(|l| matches!(l.spec.addr, ListenAddr::Tcp(_)))
+    });
+    if !has_tcp {
+        return Err("the site has no TCP listener".into());
     }
     Err(match support {
         SteeringSupport::Unavailable(why) => format!("unavailable: {why}"),
@@ -160,6 +169,10 @@ pub(super) fn steer(io: &mut SiteIo, site: &SiteName, to: GenId) -> (Steering, [
             } else {
                 any = true;
             }
+            // A canary ends with the flip (to it, or back from it).
+            if let Err(e) = st.clear_canary() {
+                error!(site = %site, gen = to.0, "failed to end the canary on {}: {e}", l.spec.addr);
+            }
         }
     }
     let window = [before, monotonic_ns()];
@@ -169,6 +182,45 @@ pub(super) fn steer(io: &mut SiteIo, site: &SiteName, to: GenId) -> (Steering, [
         Steering::Shared
     };
     (how, window)
+}
+
+/// Sends `share` of the new connections of every steered address to generation `g`'s
+/// listeners beside the serving ones (a canary), or with `None` ends the canary. Setting
+/// fails unless every steered address takes it (none half-set: those set are cleared).
+pub(super) fn canary(
+    io: &mut SiteIo,
+    site: &SiteName,
+    g: GenId,
+    share: Option<Share>,
+) -> Result<(), String> {
+    let Some(share) = share else {
+        for st in io.steering.iter_mut().flatten() {
+            if let Err(e) = st.clear_canary() {
+                error!(site = %site, gen = g.0, "failed to end the canary: {e}");
+            }
+        }
+        return Ok(());
+    };
+    let Some(gen_io) = io.gens.get(&g) else {
+        return Err(format!("gen-{g} has no listeners"));
+    };
+    let mut result = Err("no listener of the site is steered".to_string());
+    for (i, steering) in io.steering.iter_mut().enumerate() {
+        let (Some(st), Some(l)) = (steering.as_mut(), gen_io.listeners.get(i)) else {
+            continue;
+        };
+        if let Err(e) = st.canary(l.fd.as_fd(), share.threshold()) {
+            result = Err(format!("{}: {e}: {}", l.spec.addr, super::error_chain(&e)));
+            break;
+        }
+        result = Ok(());
+    }
+    if result.is_err() {
+        for st in io.steering.iter_mut().flatten() {
+            let _ = st.clear_canary();
+        }
+    }
+    result
 }
 
 /// Ends the steering probe of a generation that goes (its probe socket with it).

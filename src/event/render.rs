@@ -118,6 +118,18 @@ pub fn event(site: &SiteName, e: &Event) -> String {
                 )
             }
         }
+        Event::CanaryServes {
+            generation,
+            from,
+            share,
+            workers,
+        } => format!(
+            "canary gen-{generation} serves {share} of new connections ({workers} {}) beside gen-{from}: `hatchery promote {site}` or `hatchery rollback {site}`",
+            if *workers == 1 { "worker" } else { "workers" }
+        ),
+        Event::Promoting { generation, target } => format!(
+            "promoting canary gen-{generation}: growing it to {target} workers, then the flip"
+        ),
         Event::Retired(g) => format!("gen-{g} retired"),
         Event::Deployed { took, .. } => format!("deploy done in {} ms", took.as_millis()),
         Event::RolledBack {
@@ -139,7 +151,11 @@ pub fn log(site: &SiteName, e: &Event) {
     use tracing::{error, info, warn};
     match e {
         Event::DoesNotFit { .. } => warn!(site = %site, "{}", event(site, e)),
-        Event::Resized { .. } | Event::Deployed { .. } | Event::Retired(_) => {
+        Event::Resized { .. }
+        | Event::Deployed { .. }
+        | Event::Retired(_)
+        | Event::CanaryServes { .. }
+        | Event::Promoting { .. } => {
             info!(site = %site, "{}", event(site, e));
         }
         Event::DeployBegins {
@@ -219,6 +235,9 @@ pub fn rollback_reason(r: &RollbackReason, steered_back: bool) -> String {
             }
         }
         RollbackReason::Cancelled(why) => format!("cancelled: {}", cancel_reason(*why)),
+        RollbackReason::CanaryNotSteered(why) => {
+            format!("the canary's share could not be steered to it: {why}")
+        }
     }
 }
 
@@ -302,6 +321,22 @@ fn done(site: &SiteName, d: &Done) -> DoneReply {
                 format!("steered back to gen-{from}; gen-{to} is stopping"),
             )
         },
+        Done::Canary {
+            from,
+            to,
+            share,
+            release,
+        } => DoneReply {
+            generation: Some(from.0),
+            release: release.clone(),
+            canary: Some(to.0),
+            ..DoneReply::new(
+                site,
+                format!(
+                    "canary gen-{to} serves {share} of new connections beside gen-{from}; finish with `hatchery promote {site}` or abort with `hatchery rollback {site}`"
+                ),
+            )
+        },
         Done::Removed => DoneReply::new(site, "site removed"),
     }
 }
@@ -319,11 +354,37 @@ fn failure(site: &SiteName, f: &Failure) -> (ErrorKind, String) {
                 note(site, n)
             ),
         ),
+        Failure::DeployUnderWay {
+            to,
+            stage: "canary",
+        } => (
+            ErrorKind::Refused,
+            format!(
+                "site {site} runs a canary (gen-{to}): `hatchery promote {site}` or `hatchery rollback {site}` first"
+            ),
+        ),
         Failure::DeployUnderWay { to, stage } => (
             ErrorKind::Refused,
             format!(
                 "a deploy of site {site} is under way (gen-{to} {stage}): try again once it is done"
             ),
+        ),
+        Failure::CanaryNeedsSteering(why) => (
+            ErrorKind::BadRequest,
+            format!(
+                "a canary of site {site} needs eBPF connection steering on its first TCP listener ({why}); deploy without --canary"
+            ),
+        ),
+        Failure::NoCanary { stage } => (
+            ErrorKind::Refused,
+            match stage {
+                Some(stage) => {
+                    format!("site {site} has no canary to promote: its deploy is {stage}")
+                }
+                None => format!(
+                    "site {site} has no canary to promote: start one with `hatchery deploy {site} --canary 10%`"
+                ),
+            },
         ),
         Failure::TooManyWorkers(n) => (
             ErrorKind::BadRequest,

@@ -307,6 +307,11 @@ impl Agent {
                     Probed::Refused(answer) => Some(Input::ProbeRefused { generation, answer }),
                 }
             }
+            Action::Canary { generation, share } => {
+                let site = self.sites.get_mut(name)?;
+                let result = generations::canary(&mut site.io, name, generation, share);
+                share.map(|_| Input::CanarySteered { generation, result })
+            }
             Action::EndProbe(generation) => {
                 let site = self.sites.get_mut(name)?;
                 generations::end_probe(&mut site.io, name, generation);

@@ -69,6 +69,8 @@ impl Agent {
                             desired: g.slots.desired,
                             ready: count(g.slots.ready()),
                             live: count(g.slots.live()),
+                            crashes: g.crashes,
+                            share: m.connection_share(g.id).map(|s| s.to_string()),
                         })
                         .collect(),
                     deploy: m.deploy().map(|d| DeployStatus {
@@ -79,6 +81,8 @@ impl Agent {
                         target: d.target,
                         cap: d.cap,
                         rollback: d.rollback,
+                        canary: d.canary.map(|c| c.share.to_string()),
+                        promoted: d.canary.is_some_and(|c| c.promoted),
                         started_at: logs::utc_timestamp(
                             wall - now.saturating_duration_since(d.started),
                         ),

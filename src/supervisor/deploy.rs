@@ -10,6 +10,10 @@
 //! 2. `Probation`: every N+1 worker is ready; they must stay up for the probation period
 //!    (a release that becomes ready and then crashes is caught here, while N still serves).
 //! 3. The flip: new connections go to N+1 only (eBPF steering, or one shared listener).
+//!    A canary deploy stops short of it: N+1 starts with its share of the workers and
+//!    takes that share of new connections beside N (`Canary`) until it is promoted (it
+//!    grows to full size, passes probation again and is flipped to) or rolled back; a
+//!    canary whose workers crash `deploy.canary_abort.crashes` times is rolled back.
 //! 4. `Draining`: N keeps accepting until its listeners' accept queues are empty (or the
 //!    stop timeout passes), then gets its stop signal; when its last worker is gone, N
 //!    is retired and the deploy is done. A worker of N+1 that dies before N was told to
@@ -21,6 +25,78 @@
 
 use std::time::Instant;
 
+/// A canary's share of new connections, in hundredths of a percent: more than 0, less
+/// than 100 % (100 % is a promotion).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Share(u16);
+
+impl Share {
+    /// The share in hundredths of a percent, if it is one a canary can have.
+    pub fn from_basis_points(bp: u16) -> Option<Share> {
+        (1..10_000).contains(&bp).then_some(Share(bp))
+    }
+
+    /// Hundredths of a percent.
+    pub fn basis_points(self) -> u16 {
+        self.0
+    }
+
+    /// The steering program's threshold: the share of the 65,536 low-16-bit hash values.
+    pub fn threshold(self) -> u16 {
+        u16::try_from(u32::from(self.0) * 65_536 / 10_000).unwrap_or(u16::MAX)
+    }
+
+    /// The workers a canary of a generation of `full` workers starts with: its share,
+    /// rounded up, at least one.
+    pub fn workers_of(self, full: u32) -> u32 {
+        let n = (u64::from(full) * u64::from(self.0)).div_ceil(10_000);
+        u32::try_from(n).unwrap_or(full).clamp(1, full.max(1))
+    }
+}
+
+impl std::str::FromStr for Share {
+    type Err = String;
+
+    /// `10%`, `10`, `2.5%`: a percentage above 0 and below 100, at most two decimals.
+    fn from_str(s: &str) -> Result<Share, String> {
+        let bad = || {
+            format!(
+                "a canary share is a percentage above 0 and below 100, like \"10%\" (got \"{s}\")"
+            )
+        };
+        let t = s.trim();
+        let t = t.strip_suffix('%').unwrap_or(t).trim();
+        let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+        if int.is_empty()
+            || frac.len() > 2
+            || !(int.bytes().chain(frac.bytes())).all(|b| b.is_ascii_digit())
+        {
+            return Err(bad());
+        }
+        let int: u32 = int.parse().map_err(|_| bad())?;
+        let frac: u32 = format!("{frac:0<2}").parse().map_err(|_| bad())?;
+        let bp = int
+            .checked_mul(100)
+            .and_then(|x| x.checked_add(frac))
+            .ok_or_else(bad)?;
+        u16::try_from(bp)
+            .ok()
+            .and_then(Share::from_basis_points)
+            .ok_or_else(bad)
+    }
+}
+
+impl std::fmt::Display for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (int, frac) = (self.0 / 100, self.0 % 100);
+        match frac {
+            0 => write!(f, "{int}%"),
+            x if x % 10 == 0 => write!(f, "{int}.{}%", x / 10),
+            x => write!(f, "{int}.{x:02}%"),
+        }
+    }
+}
+
 /// Where a deploy is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -31,6 +107,9 @@ pub enum Stage {
         /// End of the probation period.
         until: Instant,
     },
+    /// A canary: both generations serve, the new one its share of new connections,
+    /// until it is promoted or rolled back.
+    Canary,
     /// The new generation serves; the old one drains.
     Draining {
         /// After this, the old generation is stopped even if its queues still hold
@@ -47,6 +126,7 @@ impl Stage {
         match self {
             Stage::Starting => "starting",
             Stage::Probation { .. } => "probation",
+            Stage::Canary => "canary",
             Stage::Draining { .. } => "draining",
         }
     }
@@ -86,6 +166,10 @@ pub struct View {
     pub new: GenView,
     /// Whether the old generation's listeners hold no queued connection.
     pub old_queues_empty: bool,
+    /// A canary not promoted yet: after probation it serves its share beside the old
+    /// generation instead of being flipped to; it is rolled back after this many crashes
+    /// (0: never).
+    pub canary: Option<u32>,
 }
 
 /// Why a deploy was rolled back.
@@ -110,6 +194,8 @@ pub enum Step {
     BeginProbation,
     /// Steer new connections to the new generation; the old one starts draining.
     Flip,
+    /// Steer the canary's share of new connections to the new generation; both serve.
+    BeginCanary,
     /// The old generation's queues are empty (or its time is up): stop it.
     StopOld,
     /// The old generation is gone: the deploy is done.
@@ -157,12 +243,18 @@ pub fn decide(v: &View) -> Step {
         Stage::Probation { until } => {
             if v.new.crashes > 0 {
                 Step::RollBack(Failure::Crashed)
-            } else if v.now >= until {
-                Step::Flip
-            } else {
+            } else if v.now < until {
                 Step::Wait
+            } else if v.canary.is_some() {
+                Step::BeginCanary
+            } else {
+                Step::Flip
             }
         }
+        Stage::Canary => match v.canary {
+            Some(limit) if limit > 0 && v.new.crashes >= limit => Step::RollBack(Failure::Crashed),
+            _ => Step::Wait,
+        },
         Stage::Draining { until, stopping } => {
             if !stopping {
                 if v.new.crashes > 0 {
@@ -190,7 +282,7 @@ pub fn next_deadline(v: &View) -> Option<Instant> {
             until,
             stopping: false,
         } => Some(until),
-        Stage::Draining { stopping: true, .. } => None,
+        Stage::Canary | Stage::Draining { stopping: true, .. } => None,
     }
 }
 
@@ -218,6 +310,7 @@ mod tests {
             },
             new: GenView::default(),
             old_queues_empty: false,
+            canary: None,
         }
     }
 
@@ -331,6 +424,67 @@ mod tests {
         );
     }
 
+    #[test]
+    fn canary_shares_parse_show_and_size() {
+        let ten: Share = "10%".parse().expect("10%");
+        assert_eq!(ten.basis_points(), 1000);
+        assert_eq!(ten.to_string(), "10%");
+        assert_eq!("10".parse::<Share>(), Ok(ten));
+        assert_eq!(ten.threshold(), 6553);
+        let small: Share = "2.5%".parse().expect("2.5%");
+        assert_eq!(
+            (small.basis_points(), small.to_string()),
+            (250, "2.5%".to_string())
+        );
+        assert_eq!(
+            "0.05%".parse::<Share>().map(|s| s.to_string()),
+            Ok("0.05%".into())
+        );
+        for bad in [
+            "0", "0%", "100%", "150", "-5%", "ten", "", "1.234%", "%", ".5",
+        ] {
+            let e = bad.parse::<Share>().expect_err(bad);
+            assert!(e.contains("above 0 and below 100"), "{bad}: {e}");
+        }
+        assert_eq!(ten.workers_of(4), 1, "at least one");
+        assert_eq!(ten.workers_of(20), 2);
+        assert_eq!(ten.workers_of(25), 3, "rounded up");
+        assert_eq!("99%".parse::<Share>().map(|s| s.workers_of(4)), Ok(4));
+    }
+
+    #[test]
+    fn a_canary_serves_beside_the_old_generation_until_its_crashes_abort_it() {
+        let t0 = Instant::now();
+        let mut v = view(t0);
+        v.target = 1;
+        v.canary = Some(2);
+        v.new = GenView {
+            desired: 1,
+            slots: 1,
+            ready: 1,
+            live: 1,
+            crashes: 0,
+        };
+        let until = t0 + Duration::from_secs(1);
+        v.stage = Stage::Probation { until };
+        v.now = until;
+        assert_eq!(decide(&v), Step::BeginCanary, "no flip for a canary");
+        v.stage = Stage::Canary;
+        v.now = t0 + Duration::from_secs(3600);
+        assert_eq!(
+            decide(&v),
+            Step::Wait,
+            "a canary waits for promote or rollback"
+        );
+        assert_eq!(next_deadline(&v), None);
+        v.new.crashes = 1;
+        assert_eq!(decide(&v), Step::Wait, "one crash of two allowed");
+        v.new.crashes = 2;
+        assert_eq!(decide(&v), Step::RollBack(Failure::Crashed));
+        v.canary = Some(0);
+        assert_eq!(decide(&v), Step::Wait, "0: crashes never abort it");
+    }
+
     /// A toy world: scaling takes effect at once, new workers become ready one step
     /// later, removed old workers exit one step later.
     #[derive(Debug)]
@@ -367,6 +521,7 @@ mod tests {
                     old: GenView { desired: old, slots: old, ready: old, live: old, crashes: 0 },
                     new: GenView::default(),
                     old_queues_empty: false,
+                    canary: None,
                 },
                 old_leaving: 0,
                 flipped: false,
@@ -423,6 +578,7 @@ mod tests {
                         w.v.old.desired = 0;
                         w.v.stage = Stage::Draining { until: w.v.now, stopping: true };
                     }
+                    Step::BeginCanary => prop_assert!(false, "a canary without asking for one"),
                     Step::Done => { done = true; break; }
                     Step::RollBack(f) => {
                         prop_assert!(!w.flipped, "{f:?} after the flip");

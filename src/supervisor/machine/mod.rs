@@ -36,6 +36,7 @@ pub use self::outcome::{
     CancelReason, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, Steering,
 };
 use super::capacity::{self, Capacity};
+use super::deploy::Share;
 use super::ids::{ClientId, GenId, Slot};
 use super::slots::{self, Note, Phase, Policies, RunState, SiteCore};
 use crate::config::{SiteConfig, SiteName};
@@ -196,6 +197,19 @@ pub enum Input {
         client: ClientId,
         /// A release directory to deploy instead of what the symlink points to.
         release: Option<PathBuf>,
+        /// A canary: the new generation takes this share of new connections beside the
+        /// serving one until it is promoted or rolled back.
+        canary: Option<Share>,
+    },
+    /// Promote the canary: the new generation grows to full size and is flipped to.
+    Promote(ClientId),
+    /// The canary's share of new connections was steered to a generation (or could not
+    /// be).
+    CanarySteered {
+        /// The generation.
+        generation: GenId,
+        /// Why not, if not.
+        result: Result<(), String>,
     },
     /// Roll back the deploy under way, steer back to a draining generation, or deploy the
     /// previous release.
@@ -240,6 +254,14 @@ pub enum Action {
     /// Send new connections to this generation's listeners, then report
     /// [`Input::Steered`].
     Steer(GenId),
+    /// Send this share of new connections to a generation beside the serving one (a
+    /// canary), then report [`Input::CanarySteered`]; `None`: end the canary (no report).
+    Canary {
+        /// The canary's generation.
+        generation: GenId,
+        /// Its share, or `None` to end it.
+        share: Option<Share>,
+    },
     /// Start or continue the `tcp` ready probe of a generation; report
     /// [`Input::ProbeAccepted`] once a worker accepted it.
     Probe(GenId),
@@ -424,6 +446,19 @@ impl SiteMachine {
         self.gens.values().all(|g| g.slots.run == RunState::Stopped)
     }
 
+    /// While a canary serves: the share of new connections generation `g` takes.
+    pub fn connection_share(&self, g: GenId) -> Option<Share> {
+        let d = self.deploy.as_ref()?;
+        let c = d.canary.filter(|c| c.steered)?;
+        if g == d.to && g != self.serving {
+            Some(c.share)
+        } else if g == self.serving && d.to != self.serving {
+            Share::from_basis_points(10_000 - c.share.basis_points())
+        } else {
+            None
+        }
+    }
+
     /// A generation's state, as `status` shows it.
     pub fn generation_state(&self, g: &Generation) -> &'static str {
         match &self.deploy {
@@ -505,8 +540,14 @@ impl SiteMachine {
                 workers,
                 owner,
             } => self.scale(client, workers, owner, now, &mut out),
-            Input::Deploy { client, release } => {
-                self.request_deploy(client, release, false, obs, now, &mut out)
+            Input::Deploy {
+                client,
+                release,
+                canary,
+            } => self.request_deploy(client, release, canary, false, obs, now, &mut out),
+            Input::Promote(client) => self.promote(client, obs, now, &mut out),
+            Input::CanarySteered { generation, result } => {
+                self.canary_steered(generation, result, now, &mut out)
             }
             Input::Rollback(client) => self.request_rollback(client, obs, now, &mut out),
             Input::Reconfigure(config) => self.reconfigure(*config, obs, now, &mut out),

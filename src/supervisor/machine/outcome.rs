@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::supervisor::capacity::Capacity;
+use crate::supervisor::deploy::Share;
 use crate::supervisor::ids::{GenId, Slot};
 use crate::supervisor::slots::{ExitReason, Note};
 
@@ -112,6 +113,24 @@ pub enum Event {
         /// Whether its queues were empty (else the stop timeout passed).
         drained: bool,
     },
+    /// A canary serves its share of new connections beside the serving generation.
+    CanaryServes {
+        /// The canary's generation.
+        generation: GenId,
+        /// The serving one.
+        from: GenId,
+        /// Its share of new connections.
+        share: Share,
+        /// Its workers.
+        workers: u32,
+    },
+    /// A canary is promoted: it grows to full size, then is flipped to.
+    Promoting {
+        /// The canary's generation.
+        generation: GenId,
+        /// Workers it ends up with.
+        target: u32,
+    },
     /// A generation's last worker is gone.
     Retired(GenId),
     /// A deploy went through (for the agent's log).
@@ -165,6 +184,17 @@ pub enum Done {
         /// How long it took.
         took: Duration,
     },
+    /// `deploy --canary`: the new generation serves its share beside the old one.
+    Canary {
+        /// The serving generation.
+        from: GenId,
+        /// The canary.
+        to: GenId,
+        /// Its share of new connections.
+        share: Share,
+        /// Its release.
+        release: Option<PathBuf>,
+    },
     /// `rollback` of a deploy that had not flipped.
     RolledBack {
         /// The generation that serves (it always did).
@@ -216,6 +246,13 @@ pub enum Failure {
         check: crate::config::ReadyCheck,
         /// Why steering cannot do it.
         why: String,
+    },
+    /// `deploy --canary` needs eBPF steering, which this site does not have.
+    CanaryNeedsSteering(String),
+    /// `promote` with no canary to promote.
+    NoCanary {
+        /// The stage of the deploy under way, if one is.
+        stage: Option<&'static str>,
     },
     /// The site is stopped.
     Stopped,
@@ -284,6 +321,8 @@ pub enum RollbackReason {
     },
     /// An operator asked (`rollback`).
     OnRequest(GenId),
+    /// The canary's share could not be steered to it.
+    CanaryNotSteered(String),
     /// The site stopped, was removed, or the agent is stopping.
     Cancelled(CancelReason),
 }

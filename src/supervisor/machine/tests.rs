@@ -68,6 +68,13 @@ pub(super) fn drive(
                 steering: Steering::Ebpf,
                 window: None,
             }),
+            Action::Canary {
+                generation,
+                share: Some(_),
+            } => Some(Input::CanarySteered {
+                generation: *generation,
+                result: Ok(()),
+            }),
             _ => None,
         };
         seen.push(a);
@@ -194,6 +201,7 @@ fn a_stop_during_a_deploy_starts_no_worker() {
         Input::Deploy {
             client: ClientId(2),
             release: None,
+            canary: None,
         },
         &Quiet,
         t,
@@ -246,6 +254,7 @@ fn a_stopping_site_is_stopped_to_deploy_scale_and_restart() {
         Input::Deploy {
             client: ClientId(3),
             release: None,
+            canary: None,
         },
         &Quiet,
         t,
@@ -328,6 +337,7 @@ fn a_flip_to_a_settled_generation_answers_the_clients_waiting_for_the_site_to_se
         Input::Deploy {
             client: ClientId(2),
             release: None,
+            canary: None,
         },
         &Quiet,
         t,

@@ -14,7 +14,9 @@ use super::{
     Action, CancelReason, Done, Event, Failure, Generation, Observe, Outcome, RollbackReason,
     SiteMachine, Steering,
 };
-use crate::supervisor::deploy::{Failure as PlanFailure, GenView, Stage, Step, View, decide};
+use crate::supervisor::deploy::{
+    Failure as PlanFailure, GenView, Share, Stage, Step, View, decide,
+};
 use crate::supervisor::ids::{ClientId, GenId};
 use crate::supervisor::slots::{self, RunState};
 
@@ -46,6 +48,24 @@ pub struct DeployState {
     pub rollback: bool,
     /// `CLOCK_MONOTONIC` around the flip.
     pub flip_window: Option<[u64; 2]>,
+    /// A canary deploy.
+    pub canary: Option<CanaryState>,
+    /// The new generation's crashes when it was promoted (the plan counts those after).
+    pub crash_base: u32,
+}
+
+/// A canary deploy: the new generation serves its share beside the old one until it is
+/// promoted or rolled back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CanaryState {
+    /// Its share of new connections.
+    pub share: Share,
+    /// Workers it grows to when promoted.
+    pub full_target: u32,
+    /// Whether the steering program sends it its share.
+    pub steered: bool,
+    /// Whether it was promoted.
+    pub promoted: bool,
 }
 
 /// A deploy waiting for the one under way.
@@ -53,6 +73,7 @@ pub struct DeployState {
 pub(super) struct Queued {
     client: ClientId,
     release: Option<PathBuf>,
+    canary: Option<Share>,
     rollback: bool,
 }
 
@@ -90,7 +111,7 @@ impl SiteMachine {
                 until,
                 stopping: false,
             } => Some(until.min(now + DRAIN_POLL)),
-            Stage::Draining { stopping: true, .. } => None,
+            Stage::Canary | Stage::Draining { stopping: true, .. } => None,
         }
     }
 
@@ -119,10 +140,12 @@ impl SiteMachine {
     }
 
     /// `deploy`: start one now, or queue it behind the one under way.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn request_deploy(
         &mut self,
         client: ClientId,
         release: Option<PathBuf>,
+        canary: Option<Share>,
         rollback: bool,
         obs: &dyn Observe,
         now: Instant,
@@ -132,6 +155,11 @@ impl SiteMachine {
             client,
             outcome: Outcome::Failed(failure),
         };
+        if canary.is_some() {
+            if let Err(why) = obs.probe_alone() {
+                return out.push(refuse(Failure::CanaryNeedsSteering(why)));
+            }
+        }
         if self.config.ready.check.probes() {
             if let Err(why) = obs.probe_alone() {
                 return out.push(refuse(Failure::ProbeNeedsSteering {
@@ -158,6 +186,7 @@ impl SiteMachine {
             self.queued.push_back(Queued {
                 client,
                 release,
+                canary,
                 rollback,
             });
             return out.push(Action::Progress {
@@ -165,7 +194,7 @@ impl SiteMachine {
                 event,
             });
         }
-        self.start_deploy(Some(client), release, rollback, obs, now, out);
+        self.start_deploy(Some(client), release, canary, rollback, obs, now, out);
     }
 
     /// `rollback`: undo the deploy under way, steer back to a draining generation, or
@@ -178,7 +207,7 @@ impl SiteMachine {
         out: &mut Vec<Action>,
     ) {
         match self.deploy.as_ref().map(|d| (d.stage, d.from, d.to)) {
-            Some((Stage::Starting | Stage::Probation { .. }, from, to)) => {
+            Some((Stage::Starting | Stage::Probation { .. } | Stage::Canary, from, to)) => {
                 self.roll_back(RollbackReason::OnRequest(to), now, out);
                 out.push(Action::Reply {
                     client,
@@ -199,7 +228,7 @@ impl SiteMachine {
                 });
             }
             _ => match self.previous_release.clone() {
-                Some(p) => self.request_deploy(client, Some(p), true, obs, now, out),
+                Some(p) => self.request_deploy(client, Some(p), None, true, obs, now, out),
                 None => out.push(Action::Reply {
                     client,
                     outcome: Outcome::Failed(Failure::NoPreviousRelease),
@@ -210,10 +239,12 @@ impl SiteMachine {
 
     /// Starts a deploy: resolves the release, then has the new generation's listeners
     /// bound ([`Action::BindListeners`]); [`SiteMachine::listeners_bound`] goes on.
+    #[allow(clippy::too_many_arguments)]
     fn start_deploy(
         &mut self,
         client: Option<ClientId>,
         release: Option<PathBuf>,
+        canary: Option<Share>,
         rollback: bool,
         obs: &dyn Observe,
         now: Instant,
@@ -233,10 +264,11 @@ impl SiteMachine {
             Ok(r) => r,
             Err(e) => return fail(self, Failure::CannotDeploy(e), out),
         };
-        let target = self.current().slots.desired;
-        if target == 0 {
+        let full = self.current().slots.desired;
+        if full == 0 {
             return fail(self, Failure::NoWorkers, out);
         }
+        let target = canary.map_or(full, |s| s.workers_of(full));
         let cap = self
             .capacity
             .map(|c| c.workers)
@@ -265,6 +297,13 @@ impl SiteMachine {
             clients,
             rollback,
             flip_window: None,
+            canary: canary.map(|share| CanaryState {
+                share,
+                full_target: full,
+                steered: false,
+                promoted: false,
+            }),
+            crash_base: 0,
         });
         out.push(Action::BindListeners(to));
     }
@@ -321,7 +360,11 @@ impl SiteMachine {
                     slots: count(x.slots.slots.len()),
                     ready: count(x.slots.ready()),
                     live: count(x.slots.live()),
-                    crashes: x.crashes,
+                    crashes: if g == d.to {
+                        x.crashes.saturating_sub(d.crash_base)
+                    } else {
+                        x.crashes
+                    },
                 })
                 .unwrap_or_default()
         };
@@ -344,6 +387,10 @@ impl SiteMachine {
             old,
             new: gen_view(d.to),
             old_queues_empty: obs.queues_empty(d.from, d.to),
+            canary: d
+                .canary
+                .filter(|c| !c.promoted)
+                .map(|_| self.config.deploy.canary_abort_crashes),
         })
     }
 
@@ -356,9 +403,9 @@ impl SiteMachine {
         out: &mut Vec<Action>,
     ) {
         while let Some(view) = self.view(obs, now) {
-            let (from, to) = {
+            let (from, to, canary) = {
                 let d = self.deploy.as_ref().expect("viewed above");
-                (d.from, d.to)
+                (d.from, d.to, d.canary)
             };
             // Nothing moves before the result the plan waits for is in, whatever else is fed
             // back meanwhile (a spawn asked for in the same breath): the new generation's
@@ -372,6 +419,8 @@ impl SiteMachine {
                     .get(&to)
                     .is_some_and(|g| g.slots.run == RunState::Stopped),
                 Stage::Probation { .. } => false,
+                // The canary's steering set (`CanarySteered`).
+                Stage::Canary => !canary.is_some_and(|c| c.steered),
                 Stage::Draining { .. } => self.serving != to,
             };
             if waiting {
@@ -427,6 +476,20 @@ impl SiteMachine {
                     }
                     // The loop flips the steering at once and answers `Steered`.
                     out.push(Action::Steer(to));
+                    return;
+                }
+                Step::BeginCanary => {
+                    let Some(c) = canary else {
+                        return;
+                    };
+                    if let Some(d) = self.deploy.as_mut() {
+                        d.stage = Stage::Canary;
+                    }
+                    // The loop sets the steering at once and answers `CanarySteered`.
+                    out.push(Action::Canary {
+                        generation: to,
+                        share: Some(c.share),
+                    });
                     return;
                 }
                 Step::StopOld => {
@@ -571,6 +634,12 @@ impl SiteMachine {
         if self.config.ready.check.probes() {
             out.push(Action::EndProbe(d.to));
         }
+        if d.canary.is_some_and(|c| c.steered) {
+            out.push(Action::Canary {
+                generation: d.to,
+                share: None,
+            });
+        }
         self.rolled_back(d, reason, false, now, out);
     }
 
@@ -608,7 +677,8 @@ impl SiteMachine {
             });
         }
         self.feed(d.to, slots::Input::StopRequested, now, out);
-        self.give_back(d.from, d.target, d.cap, now, out);
+        let target = d.canary.map_or(d.target, |c| c.full_target);
+        self.give_back(d.from, target, d.cap, now, out);
     }
 
     /// After a rollback or a steer-back, the old generation `g` gets back the workers it
@@ -698,6 +768,100 @@ impl SiteMachine {
         }
     }
 
+    /// The canary's share is steered to it (it serves beside the old generation, and its
+    /// clients hear so), or could not be (rolled back).
+    pub(super) fn canary_steered(
+        &mut self,
+        g: GenId,
+        result: Result<(), String>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(d) = self
+            .deploy
+            .as_mut()
+            .filter(|d| d.to == g && d.stage == Stage::Canary)
+        else {
+            return;
+        };
+        let Some(c) = d.canary.as_mut() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                c.steered = true;
+                let (share, from, release) = (c.share, d.from, d.release.clone());
+                let clients = std::mem::take(&mut d.clients);
+                let workers = self.gens.get(&g).map_or(0, |x| x.slots.desired);
+                out.push(Action::Log(Event::CanaryServes {
+                    generation: g,
+                    from,
+                    share,
+                    workers,
+                }));
+                for client in clients {
+                    out.push(Action::Reply {
+                        client,
+                        outcome: Outcome::Done(Done::Canary {
+                            from,
+                            to: g,
+                            share,
+                            release: release.clone(),
+                        }),
+                    });
+                }
+            }
+            Err(why) => self.roll_back(RollbackReason::CanaryNotSteered(why), now, out),
+        }
+    }
+
+    /// `promote`: the canary grows to full size (moving slots from the old generation as
+    /// the cap requires), passes probation again, and is flipped to; the client waits
+    /// for the end, as for a deploy.
+    pub(super) fn promote(
+        &mut self,
+        client: ClientId,
+        obs: &dyn Observe,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let timeout = self
+            .deploy
+            .as_ref()
+            .and_then(|d| self.gens.get(&d.to))
+            .map_or(self.config.ready.timeout, |g| g.config.ready.timeout);
+        let crashes = |this: &SiteMachine, g: GenId| this.gens.get(&g).map_or(0, |x| x.crashes);
+        let stage = self.deploy.as_ref().map(|d| d.stage);
+        let promotable = self.deploy.as_ref().is_some_and(|d| {
+            d.stage == Stage::Canary && d.canary.is_some_and(|c| c.steered && !c.promoted)
+        });
+        if !promotable {
+            return out.push(Action::Reply {
+                client,
+                outcome: Outcome::Failed(Failure::NoCanary {
+                    stage: stage.map(Stage::name),
+                }),
+            });
+        }
+        let to = self.deploy.as_ref().map(|d| d.to).expect("checked above");
+        let base = crashes(self, to);
+        let d = self.deploy.as_mut().expect("checked above");
+        let c = d.canary.as_mut().expect("checked above");
+        c.promoted = true;
+        d.target = c.full_target;
+        d.crash_base = base;
+        d.stage = Stage::Starting;
+        d.ready_deadline = now + timeout;
+        d.clients.push(client);
+        let event = Event::Promoting {
+            generation: to,
+            target: d.target,
+        };
+        out.push(Action::Log(event.clone()));
+        self.deploy_progress(event, out);
+        self.advance_deploy(obs, now, out);
+    }
+
     /// Starts the deploy waiting first, if none runs.
     fn next_queued(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
         if self.deploy.is_some() {
@@ -706,7 +870,15 @@ impl SiteMachine {
         let Some(q) = self.queued.pop_front() else {
             return;
         };
-        self.start_deploy(Some(q.client), q.release, q.rollback, obs, now, out);
+        self.start_deploy(
+            Some(q.client),
+            q.release,
+            q.canary,
+            q.rollback,
+            obs,
+            now,
+            out,
+        );
     }
 
     /// Ends the deploy under way and every queued one (the site is stopping or going).

@@ -34,6 +34,7 @@ fn nothing_moves_before_the_new_listeners_are_bound() {
     let deploy = Input::Deploy {
         client: ClientId(2),
         release: None,
+        canary: None,
     };
     let a = m.handle(deploy, &Quiet, t);
     assert_eq!(a, vec![Action::BindListeners(GenId(2))]);
@@ -72,6 +73,7 @@ fn an_old_generation_left_without_a_process_is_retired_when_it_stops() {
     let deploy = Input::Deploy {
         client: ClientId(2),
         release: None,
+        canary: None,
     };
     send(&mut m, deploy, &Quiet, t);
     let later = t + Duration::from_secs(1);
@@ -93,6 +95,7 @@ fn nothing_moves_before_the_flip_is_reported() {
         Input::Deploy {
             client: ClientId(2),
             release: None,
+            canary: None,
         },
         &Quiet,
         t,
@@ -141,6 +144,7 @@ fn a_deploy_cancelled_after_the_flip_is_done_and_the_old_generation_goes() {
     let deploy = Input::Deploy {
         client: ClientId(2),
         release: None,
+        canary: None,
     };
     send(&mut m, deploy, &Queued, t);
     let later = t + Duration::from_secs(1);
@@ -181,6 +185,7 @@ fn a_rollback_gives_workers_back_as_the_rolled_back_ones_leave() {
     let deploy = Input::Deploy {
         client: ClientId(2),
         release: None,
+        canary: None,
     };
     send(&mut m, deploy, &Quiet, t);
     // Slot 3 of the old generation makes room for the first new worker, slot 2 for
@@ -217,6 +222,7 @@ fn a_deploy_counts_the_workers_of_a_generation_rolled_back_before_it() {
     let deploy = |client| Input::Deploy {
         client: ClientId(client),
         release: None,
+        canary: None,
     };
     send(&mut m, deploy(2), &Quiet, t);
     send(&mut m, exited(1, 3), &Quiet, t);
@@ -226,4 +232,238 @@ fn a_deploy_counts_the_workers_of_a_generation_rolled_back_before_it() {
     assert_eq!(spawned(&a), vec![], "{a:?}");
     let a = send(&mut m, exited(2, 0), &Quiet, t);
     assert_eq!(spawned(&a), vec![(3, 0)], "{a:?}");
+}
+
+/// A world whose listeners are not steered.
+struct Unsteered;
+
+impl Observe for Unsteered {
+    fn resolve_release(&self, s: &SiteConfig, a: Option<&Path>) -> Result<Option<PathBuf>, String> {
+        Quiet.resolve_release(s, a)
+    }
+    fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+        None
+    }
+    fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+        true
+    }
+    fn probe_alone(&self) -> Result<(), String> {
+        Err("unavailable: Operation not permitted".into())
+    }
+}
+
+/// A site of ten workers started, and a 20 % canary of it serving (two workers).
+fn canary_serving(t: Instant) -> (SiteMachine, Share) {
+    let (mut m, _) = SiteMachine::new(site("workers = 10\n"), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let share: Share = "20%".parse().expect("share");
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+        canary: Some(share),
+    };
+    let a = send(&mut m, deploy, &Quiet, t);
+    assert_eq!(replies(&a), vec![], "not before the canary serves");
+    assert_eq!(m.generation(GenId(2)).map(|g| g.slots.desired), Some(2));
+    // Probation passes: the canary takes its share, and its client hears so.
+    let a = send(&mut m, Input::Tick, &Quiet, t + Duration::from_secs(1));
+    assert!(
+        a.contains(&Action::Canary {
+            generation: GenId(2),
+            share: Some(share)
+        }),
+        "{a:?}"
+    );
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Steer(_))),
+        "no flip: {a:?}"
+    );
+    let to_deployer: Vec<_> = replies(&a)
+        .into_iter()
+        .filter(|(c, _)| *c != ClientId(1))
+        .collect();
+    assert_eq!(
+        to_deployer,
+        vec![(
+            ClientId(2),
+            Outcome::Done(Done::Canary {
+                from: GenId(1),
+                to: GenId(2),
+                share,
+                release: None
+            })
+        )]
+    );
+    assert_eq!(m.serving(), GenId(1));
+    assert_eq!(
+        m.current().slots.desired,
+        10,
+        "the old generation keeps its workers"
+    );
+    (m, share)
+}
+
+#[test]
+fn a_canary_serves_beside_the_old_generation_until_it_is_promoted() {
+    let t = Instant::now();
+    let (mut m, _) = canary_serving(t);
+    // An hour later it is still a canary.
+    let t = t + Duration::from_secs(3600);
+    let a = send(&mut m, Input::Tick, &Quiet, t);
+    assert_eq!(replies(&a), vec![]);
+    assert_eq!(m.deploy().map(|d| d.stage), Some(Stage::Canary));
+    assert_eq!(
+        replies(&send(
+            &mut m,
+            Input::Scale {
+                client: ClientId(9),
+                workers: 3,
+                owner: None
+            },
+            &Quiet,
+            t
+        )),
+        vec![(
+            ClientId(9),
+            Outcome::Failed(Failure::DeployUnderWay {
+                to: GenId(2),
+                stage: "canary"
+            })
+        )]
+    );
+    // Promoted: it grows to ten workers, passes probation, and is flipped to.
+    let a = send(&mut m, Input::Promote(ClientId(3)), &Quiet, t);
+    assert_eq!(
+        m.generation(GenId(2)).map(|g| g.slots.desired),
+        Some(10),
+        "{a:?}"
+    );
+    assert_eq!(replies(&a), vec![]);
+    let t = t + Duration::from_secs(1);
+    let a = send(&mut m, Input::Tick, &Quiet, t);
+    assert!(a.contains(&Action::Steer(GenId(2))), "{a:?}");
+    assert_eq!(m.serving(), GenId(2));
+    let mut a = Vec::new();
+    for slot in 0..10 {
+        a.extend(send(&mut m, exited(1, slot), &Quiet, t));
+    }
+    assert!(
+        matches!(
+            replies(&a).as_slice(),
+            [(
+                ClientId(3),
+                Outcome::Done(Done::Deployed {
+                    to: GenId(2),
+                    from: GenId(1),
+                    ..
+                })
+            )]
+        ),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn a_canary_whose_worker_crashes_is_rolled_back_by_itself() {
+    let t = Instant::now();
+    let (mut m, _) = canary_serving(t);
+    let t = t + Duration::from_secs(5);
+    let a = send(&mut m, exited(2, 1), &Quiet, t);
+    assert!(
+        a.contains(&Action::Canary {
+            generation: GenId(2),
+            share: None
+        }),
+        "the canary's share ends: {a:?}"
+    );
+    assert!(m.deploy().is_none());
+    assert_eq!(m.serving(), GenId(1));
+    let end = m.last_deploy().expect("recorded");
+    assert_eq!(end.result, crate::status::DeployResult::RolledBack);
+    assert!(
+        matches!(
+            end.reason,
+            Some(RollbackReason::Crashed {
+                generation: GenId(2),
+                after_flip: false,
+                ..
+            })
+        ),
+        "{end:?}"
+    );
+    // Nothing left to promote.
+    let a = send(&mut m, Input::Promote(ClientId(4)), &Quiet, t);
+    assert_eq!(
+        replies(&a),
+        vec![(
+            ClientId(4),
+            Outcome::Failed(Failure::NoCanary { stage: None })
+        )]
+    );
+}
+
+#[test]
+fn rollback_ends_a_canary_and_the_old_generation_keeps_everything() {
+    let t = Instant::now();
+    let (mut m, _) = canary_serving(t);
+    let a = send(&mut m, Input::Rollback(ClientId(3)), &Quiet, t);
+    assert!(
+        a.contains(&Action::Canary {
+            generation: GenId(2),
+            share: None
+        }),
+        "{a:?}"
+    );
+    assert_eq!(
+        replies(&a),
+        vec![(
+            ClientId(3),
+            Outcome::Done(Done::RolledBack {
+                from: GenId(1),
+                to: GenId(2)
+            })
+        )]
+    );
+    assert_eq!(m.serving(), GenId(1));
+    assert_eq!(m.current().slots.desired, 10);
+}
+
+#[test]
+fn a_canary_needs_steering_and_promote_needs_a_canary() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site("workers = 2\n"), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+        canary: "10%".parse().ok(),
+    };
+    let a = send(&mut m, deploy, &Unsteered, t);
+    assert_eq!(
+        replies(&a),
+        vec![(
+            ClientId(2),
+            Outcome::Failed(Failure::CanaryNeedsSteering(
+                "unavailable: Operation not permitted".into()
+            ))
+        )]
+    );
+    assert!(m.deploy().is_none());
+    // A plain deploy under way has no canary to promote.
+    let deploy = Input::Deploy {
+        client: ClientId(3),
+        release: None,
+        canary: None,
+    };
+    send(&mut m, deploy, &Quiet, t);
+    let a = send(&mut m, Input::Promote(ClientId(4)), &Quiet, t);
+    assert_eq!(
+        replies(&a),
+        vec![(
+            ClientId(4),
+            Outcome::Failed(Failure::NoCanary {
+                stage: Some("probation")
+            })
+        )]
+    );
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::config::ReadyCheck;
 use crate::supervisor::ids::{GenId, Slot};
-use crate::supervisor::machine::{Action, Input, Steering};
+use crate::supervisor::machine::{Action, Done, Input, Outcome, Steering};
 use crate::supervisor::slots::{self, ExitReason, Phase};
 
 use super::*;
@@ -153,6 +153,7 @@ impl Sim {
             }
             Action::Steer(generation) => {
                 self.w.steered = generation;
+                self.w.canary = None;
                 let steering = if self.rng.chance(50) {
                     Steering::Ebpf
                 } else {
@@ -172,6 +173,25 @@ impl Sim {
                 }
                 Ok(Vec::new())
             }
+            Action::Canary {
+                generation,
+                share: Some(_),
+            } => {
+                if self.m.deploy().is_none_or(|d| d.to != generation) {
+                    return Err(format!("a canary of {generation}, which is not deployed"));
+                }
+                let result = if self.rng.chance(5) {
+                    Err("failed to set the steering canary (slot 1): No such file".into())
+                } else {
+                    self.w.canary = Some(generation);
+                    Ok(())
+                };
+                self.handle(Input::CanarySteered { generation, result })
+            }
+            Action::Canary { share: None, .. } => {
+                self.w.canary = None;
+                Ok(Vec::new())
+            }
             Action::EndProbe(g) => {
                 self.w.probing.remove(&g);
                 Ok(Vec::new())
@@ -183,7 +203,7 @@ impl Sim {
                 if self.w.procs.keys().any(|(pg, _)| *pg == g) {
                     return Err(format!("retired generation {g} with processes left"));
                 }
-                if self.w.steered == g {
+                if self.w.steered == g || self.w.canary == Some(g) {
                     return Err(format!("retired generation {g}, still steered to"));
                 }
                 self.w.probing.remove(&g);
@@ -242,6 +262,17 @@ impl Sim {
                         ));
                     }
                     asked.answered = true;
+                    let reached = match (asked.what, outcome) {
+                        ("deploy", Outcome::Done(Done::Canary { .. })) => Some(&REACHED.canary),
+                        ("promote", Outcome::Done(Done::Deployed { .. })) => {
+                            Some(&REACHED.promoted)
+                        }
+                        ("deploy", Outcome::Done(Done::Deployed { .. })) => Some(&REACHED.deployed),
+                        _ => None,
+                    };
+                    if let Some(r) = reached {
+                        r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
                 _ => {}
             }

@@ -118,7 +118,18 @@ impl Sim {
         match deploy {
             Some(d) => {
                 let slots = |g: GenId| self.m.generation(g).map_or(0, |x| x.slots.slots.len());
-                if matches!(d.stage, Stage::Starting | Stage::Probation { .. }) {
+                // A canary is steered to only while it is one.
+                let canary = d.canary.filter(|c| c.steered).map(|_| d.to);
+                if self.w.canary.is_some() && self.w.canary != canary {
+                    return Err(format!(
+                        "the canary entry names {:?}, the deploy's canary is {canary:?}",
+                        self.w.canary
+                    ));
+                }
+                if matches!(
+                    d.stage,
+                    Stage::Starting | Stage::Probation { .. } | Stage::Canary
+                ) {
                     if d.from != serving {
                         return Err(format!("generation {} serves before the flip", serving));
                     }
@@ -153,6 +164,9 @@ impl Sim {
                 }
             }
             None => {
+                if let Some(g) = self.w.canary {
+                    return Err(format!("the canary entry names {g}, and no deploy runs"));
+                }
                 if let Some(c) = self.m.capacity() {
                     if cur.slots.desired > c.workers {
                         return Err(format!(

@@ -85,6 +85,7 @@ mod world;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::SiteMachine;
@@ -198,6 +199,8 @@ struct World {
     /// Where new connections go.
     steered: GenId,
     probing: BTreeSet<GenId>,
+    /// The generation the steering program's canary entry names.
+    canary: Option<GenId>,
     queues_empty: bool,
     /// What the release symlink points to.
     link: PathBuf,
@@ -342,6 +345,7 @@ impl Sim {
             next_pid: 100,
             steered: GenId(1),
             probing: BTreeSet::new(),
+            canary: None,
             queues_empty: true,
             link: PathBuf::from(first),
             link_dangles: false,
@@ -408,6 +412,19 @@ fn env(name: &str) -> Option<u64> {
     )
 }
 
+/// Milestones the sequences reached, over every run of the test.
+pub(super) struct Reached {
+    pub(super) deployed: AtomicUsize,
+    pub(super) canary: AtomicUsize,
+    pub(super) promoted: AtomicUsize,
+}
+
+pub(super) static REACHED: Reached = Reached {
+    deployed: AtomicUsize::new(0),
+    canary: AtomicUsize::new(0),
+    promoted: AtomicUsize::new(0),
+};
+
 thread_local! {
     /// The step of the sequence running on this thread (for a panic's message).
     static STEP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -446,4 +463,18 @@ fn whole_site_invariants_hold_under_random_sequences() {
         run_seed(seed, false);
     }
     eprintln!("{runs} sequences in {:?}", t.elapsed());
+    // The sequences reach what they are there to test (not a sequence of refusals).
+    let reached = |r: &AtomicUsize| r.load(Ordering::Relaxed);
+    let (deployed, canary, promoted) = (
+        reached(&REACHED.deployed),
+        reached(&REACHED.canary),
+        reached(&REACHED.promoted),
+    );
+    eprintln!("deploys done {deployed}, canaries serving {canary}, canaries promoted {promoted}");
+    if runs >= RUNS {
+        assert!(
+            deployed > 0 && canary > 0 && promoted > 0,
+            "the sequences never reached a deploy done ({deployed}), a canary serving ({canary}) or one promoted ({promoted})"
+        );
+    }
 }

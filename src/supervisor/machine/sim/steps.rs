@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::config::{MAX_WORKERS, ReadyCheck};
+use crate::supervisor::deploy::Share;
 use crate::supervisor::ids::{ClientId, GenId, Slot};
 use crate::supervisor::machine::{CancelReason, Input};
 use crate::supervisor::slots::{self, ExitReason};
@@ -151,6 +152,11 @@ impl Sim {
             }
             74..=77 => self.reconfigure(),
             78..=90 => self.deploy(),
+            91..=93 if self.rng.chance(40) => {
+                let c = self.client("promote");
+                self.epoch += 1;
+                self.feed(Input::Promote(c))
+            }
             91..=93 => {
                 let c = self.client("rollback");
                 self.epoch += 1;
@@ -264,8 +270,18 @@ impl Sim {
             let kind = self.release_kind();
             Some(PathBuf::from(format!("/srv/web/releases/r{n}-{kind}")))
         };
+        let canary = self
+            .rng
+            .chance(30)
+            .then(|| u16::try_from(self.rng.small(1, 9999)).ok())
+            .flatten()
+            .and_then(Share::from_basis_points);
         let c = self.client("deploy");
         self.epoch += 1;
-        self.feed(Input::Deploy { client: c, release })
+        self.feed(Input::Deploy {
+            client: c,
+            release,
+            canary,
+        })
     }
 }
