@@ -73,7 +73,9 @@ pub struct WorkerOptions {
     /// `one-at-a-time` (serves one connection before it accepts the next, so connections
     /// queue up behind a slow one), `http-500` (answers every request with
     /// `500 Internal Server Error`, as an app that failed to load behind a server that
-    /// started).
+    /// started), `hang-when-told` (once the file `hang-<worker id>` appears in the
+    /// directory, the worker removes it and from then on accepts connections but never
+    /// answers them, as a worker whose app is stuck).
     pub behaviour_from: Option<PathBuf>,
 }
 
@@ -180,6 +182,13 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         "200 OK"
     };
     let mut handlers: Vec<std::thread::JoinHandle<()>> = Vec::new();
+    let hang_file = opts
+        .behaviour_from
+        .as_ref()
+        .filter(|_| does("hang-when-told"))
+        .map(|d| d.join(format!("hang-{id}")));
+    // Once stuck, connections are held here, never answered.
+    let mut stuck: Option<Vec<std::net::TcpStream>> = None;
     loop {
         if crash_at.is_some_and(|t| std::time::Instant::now() >= t) {
             return Err(io::Error::other(
@@ -215,6 +224,18 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
             }
             Err(e) => return Err(e),
         };
+        if stuck.is_none()
+            && hang_file
+                .as_ref()
+                .is_some_and(|f| std::fs::remove_file(f).is_ok())
+        {
+            println!("demo worker {id} of generation {generation}: stuck, answering nothing");
+            stuck = Some(Vec::new());
+        }
+        if let Some(held) = stuck.as_mut() {
+            held.push(stream);
+            continue;
+        }
         if does("one-at-a-time") {
             // The next connection waits in the accept queue meanwhile.
             serve(stream, status, &body, opts.delay);

@@ -225,14 +225,57 @@ fn tcp_listeners(addr: std::net::SocketAddr) -> Vec<u64> {
 
 /// A `LISTEN` line of `/proc/net/tcp{,6}`: its local address and socket inode.
 fn parse_listener(line: &str) -> Option<(std::net::SocketAddr, u64)> {
+    let s = parse_tcp_line(line)?;
+    (s.state == 0x0A).then_some((s.local, s.inode))
+}
+
+/// The socket inode of the server's end of the TCP connection from `client` to `server`
+/// (local address `server`, remote `client`), once a process accepted it; `None` while it
+/// waits in an accept queue (no file yet), or when there is no such connection.
+pub fn accepted_socket(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<u64> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .find_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(parse_tcp_line)
+                .find(|s| s.local == server && s.remote == client && s.inode != 0)
+                .map(|s| s.inode)
+        })
+}
+
+/// Whether process `pid` holds socket `inode` among its fds.
+pub fn holds_socket(pid: u32, inode: u64) -> bool {
+    socket_inodes_of(&pid.to_string()).contains(&inode)
+}
+
+/// A socket of `/proc/net/tcp{,6}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TcpLine {
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+    /// `TCP_ESTABLISHED` (1) … `TCP_LISTEN` (0x0A).
+    state: u8,
+    /// 0 when no file holds it.
+    inode: u64,
+}
+
+fn parse_tcp_line(line: &str) -> Option<TcpLine> {
     let f: Vec<&str> = line.split_whitespace().collect();
-    if f.get(3) != Some(&"0A") {
-        return None;
-    }
-    let (ip, port) = f.get(1)?.split_once(':')?;
+    Some(TcpLine {
+        local: parse_proc_addr(f.get(1)?)?,
+        remote: parse_proc_addr(f.get(2)?)?,
+        state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+        inode: f.get(9)?.parse().ok()?,
+    })
+}
+
+/// `0100007F:1F90`: the in-kernel address bytes printed as 32-bit words in host order,
+/// and the port; IPv4-mapped IPv6 addresses as IPv4.
+fn parse_proc_addr(text: &str) -> Option<std::net::SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
-    let inode = f.get(9)?.parse().ok()?;
-    // The address is the in-kernel bytes, printed as 32-bit words in host order.
     let words: Vec<u32> = (0..ip.len() / 8)
         .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16))
         .collect::<Result<_, _>>()
@@ -246,7 +289,7 @@ fn parse_listener(line: &str) -> Option<(std::net::SocketAddr, u64)> {
         }
         _ => return None,
     };
-    Some(((ip, port).into(), inode))
+    Some((ip, port).into())
 }
 
 /// The socket inodes among the fds of process `pid` (`self` for the agent).
@@ -404,6 +447,25 @@ pub fn activation_env(listeners: &[Listener]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_accepted_end_of_a_connection_is_found_once_a_process_holds_it() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server = l.local_addr().expect("addr");
+        let c = std::net::TcpStream::connect(server).expect("connect");
+        let client = c.local_addr().expect("client addr");
+        assert_eq!(accepted_socket(server, client), None, "queued: no file yet");
+        let (s, _) = l.accept().expect("accept");
+        let inode = accepted_socket(server, client).expect("accepted");
+        assert!(holds_socket(std::process::id(), inode));
+        assert_ne!(
+            accepted_socket(client, server),
+            Some(inode),
+            "the client's end is another"
+        );
+        drop(s);
+        assert_eq!(accepted_socket(server, client), None, "closed");
+    }
 
     #[test]
     fn notifications_are_parsed() {

@@ -1389,3 +1389,74 @@ check = "notify"
     assert_eq!(agent.status("web")["generation"], 1);
     assert_eq!(agent.pids("web"), pids, "nothing changed");
 }
+
+/// `pid` of worker `w-<id>` of `web`'s serving generation.
+fn worker_pid(agent: &TestAgent, id: u64) -> Option<i64> {
+    let s = agent.status("web");
+    s["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["id"] == id && w["generation"] == s["generation"])
+        .and_then(|w| w["pid"].as_i64())
+}
+
+#[test]
+fn a_worker_that_stops_answering_its_health_checks_is_restarted_and_said_so() {
+    // Found through its cgroup leaf, and without cgroups through its process tree.
+    health_restarts_a_stuck_worker("io_uring", true);
+    health_restarts_a_stuck_worker("epoll", false);
+}
+
+fn health_restarts_a_stuck_worker(reactor: &'static str, cgroups: bool) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    let r1 = release(root.path(), "r1", Some("hang-when-told"));
+    point(&link, &r1);
+    let port = free_port();
+    let health = if in_vm() {
+        "[health]\ninterval = \"300ms\"\ntimeout = \"2s\"\nfailures = 2\npath = \"/health\"\n"
+    } else {
+        "[health]\ninterval = \"100ms\"\ntimeout = \"1s\"\nfailures = 2\npath = \"/health\"\n"
+    };
+    let text = site(&link, port, "")
+        .replace("workers = 4", "workers = 2")
+        .replace("\"--delay-ms\", \"50\"", "\"--delay-ms\", \"0\"")
+        + health;
+    let (agent, _) = start_web(&text, 2, reactor, cgroups);
+    let (w0, w1) = (worker_pid(&agent, 0), worker_pid(&agent, 1));
+    assert!(w0.is_some() && w1.is_some());
+    let site_log =
+        || String::from_utf8_lossy(&agent.cli(&["logs", "web", "-n", "200"]).stdout).into_owned();
+    // w-1 gets stuck: it accepts connections, answers none. Health checks land on either
+    // worker; those on w-1 time out, and the second restarts it.
+    std::fs::write(r1.join("hang-1"), "").expect("touch hang-1");
+    wait_until("w-1 to be restarted", Duration::from_secs(120), || {
+        worker_pid(&agent, 1).is_some_and(|p| Some(p) != w1)
+    });
+    let log = site_log();
+    assert!(
+        log.contains("stuck, answering nothing"),
+        "the worker got stuck:\n{log}"
+    );
+    assert!(
+        log.contains("w-1 did not answer in time (1 of 2 before it is restarted)")
+            && log.contains(&format!(
+                "gen-1 w-1 (pid {}) failed 2 health checks: restarting it",
+                w1.expect("pid")
+            )),
+        "the site's log says why:\n{log}"
+    );
+    assert!(
+        !log.contains("gen-1 w-0 (pid"),
+        "w-0, which answered every check, was left alone:\n{log}"
+    );
+    assert_eq!(worker_pid(&agent, 0), w0, "w-0 was not restarted");
+    assert!(!std::path::Path::new(&r1.join("hang-1")).exists());
+    // The new w-1 answers: a burst of requests all succeed.
+    wait_until("both workers ready", Duration::from_secs(60), || {
+        agent.status("web")["ready"] == 2
+    });
+    let (by_gen, failures) = burst(port, 50, 4);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(by_gen, [(1, 50)].into());
+}

@@ -103,6 +103,16 @@ fn readme_config_examples_are_valid() {
     std::fs::write(sites.join("app.toml"), format!("{app_text}\n{canary}")).expect("write");
     let config = hatchery::config::load(&agent_path).expect("the canary example is valid");
     assert_eq!(config.sites[0].deploy.canary_abort_crashes, 3);
+    // So does the health example.
+    let health = blocks
+        .iter()
+        .find(|b| b.starts_with("# sites.d/app.toml (health)"))
+        .expect("a health example");
+    std::fs::write(sites.join("app.toml"), format!("{app_text}\n{health}")).expect("write");
+    let config = hatchery::config::load(&agent_path).expect("the health example is valid");
+    let h = config.sites[0].health.as_ref().expect("health");
+    assert_eq!((h.failures, h.http.path.as_str()), (2, "/health"));
+    assert_eq!(h.interval, std::time::Duration::from_secs(10));
     std::fs::remove_file(sites.join("app.toml")).expect("rm");
     let config = hatchery::config::load(&agent_path).expect("valid");
     assert_eq!(config.sites.len(), 3);

@@ -165,6 +165,7 @@ connect = []
             left_out,
             [
                 ".cpu_weight",
+                ".health",
                 ".memory",
                 ".memory_high",
                 ".memory_max",

@@ -40,8 +40,8 @@ pub use load::{
     BrokenSite, DEFAULT_MEMORY_RESERVE, check_budgets, host_memory, load, load_each, load_keeping,
 };
 pub use raw::{
-    RawAgent, RawDeploy, RawFlapping, RawListen, RawLogs, RawReady, RawRestart, RawSite, RawStop,
-    RawWorkers,
+    RawAgent, RawDeploy, RawFlapping, RawHealth, RawListen, RawLogs, RawReady, RawRestart, RawSite,
+    RawStop, RawWorkers,
 };
 pub use site::{resolve_release, validate_site};
 pub use units::{Signal, format_duration, format_size, parse_duration, parse_size};
@@ -270,6 +270,21 @@ pub struct ReadyPolicy {
     pub settle: Duration,
 }
 
+/// `[health]`: an HTTP request to the site's first TCP listener every `interval`; a
+/// worker that fails `failures` of them (not answered within `timeout`, or answered with a
+/// status `http` does not accept) is restarted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// How often.
+    pub interval: Duration,
+    /// How long an answer may take.
+    pub timeout: Duration,
+    /// Failed checks of one worker process before it is restarted.
+    pub failures: u32,
+    /// The request and the statuses that count as healthy.
+    pub http: HttpCheck,
+}
+
 /// Deploy policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeployPolicy {
@@ -340,6 +355,8 @@ pub struct SiteConfig {
     pub ready_http: Option<HttpCheck>,
     /// Deploy policy.
     pub deploy: DeployPolicy,
+    /// Periodic health checks of the serving generation (`[health]`).
+    pub health: Option<HealthPolicy>,
     /// Log rotation.
     pub logs: LogPolicy,
     /// cgroup limits.

@@ -66,6 +66,8 @@ pub struct RawSite {
     pub ready: Option<RawReady>,
     /// How deploys go.
     pub deploy: Option<RawDeploy>,
+    /// Periodic HTTP health checks of the serving generation.
+    pub health: Option<RawHealth>,
     /// Log rotation for this site.
     pub logs: Option<RawLogs>,
     /// The site's memory budget (`memory.max` of its cgroup).
@@ -156,6 +158,24 @@ pub struct RawReady {
     /// `http`: the statuses that count as ready (`2xx`, `200`, `200-399`).
     pub status: Option<String>,
     /// `http`: the `Host` header.
+    pub host: Option<String>,
+}
+
+/// `[health]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// How often the serving generation is checked.
+    pub interval: Option<String>,
+    /// How long a check may take to be answered.
+    pub timeout: Option<String>,
+    /// Failed checks of one worker before it is restarted.
+    pub failures: Option<u32>,
+    /// The path asked for.
+    pub path: Option<String>,
+    /// The statuses that count as healthy (`2xx`, `200`, `200-399`).
+    pub status: Option<String>,
+    /// The `Host` header.
     pub host: Option<String>,
 }
 

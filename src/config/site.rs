@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    AutoWorkers, ConfigError, DeployPolicy, Effective, HttpCheck, Limits, ListenAddr, ListenSpec,
-    LogPolicy, MAX_LISTENERS, MAX_WORKERS, RELEASE_PLACEHOLDER, RawDeploy, RawFlapping, RawLogs,
-    RawReady, RawRestart, RawSite, RawStop, RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy,
-    Signal, SiteConfig, SiteName, StopPolicy, err, format_duration, format_size, lookup_group,
-    lookup_user, parse_duration, parse_size, sandbox,
+    AutoWorkers, ConfigError, DeployPolicy, Effective, HealthPolicy, HttpCheck, Limits, ListenAddr,
+    ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WORKERS, RELEASE_PLACEHOLDER, RawDeploy, RawFlapping,
+    RawHealth, RawLogs, RawReady, RawRestart, RawSite, RawStop, RawWorkers, ReadyCheck,
+    ReadyPolicy, RestartPolicy, Signal, SiteConfig, SiteName, StopPolicy, err, format_duration,
+    format_size, lookup_group, lookup_user, parse_duration, parse_size, sandbox,
 };
 
 /// The `[logs]` table at `slot` (`key`), with `default` for what it leaves out; every
@@ -305,7 +305,27 @@ pub fn validate_site(
             format!("\"{name}\" needs at least one [[listen]] with tcp = \"host:port\""),
         ));
     }
-    let ready_http = validate_http_check(file, check, rd)?;
+    let ready_http = if check == ReadyCheck::Http {
+        Some(validate_http_check(
+            file,
+            "ready",
+            &mut rd.path,
+            &mut rd.status,
+            &mut rd.host,
+        )?)
+    } else {
+        for (key, set) in [
+            ("ready.path", rd.path.is_some()),
+            ("ready.status", rd.status.is_some()),
+            ("ready.host", rd.host.is_some()),
+        ] {
+            if set {
+                return Err(err(file, key, "only used with ready.check = \"http\""));
+            }
+        }
+        None
+    };
+    let health = validate_health(file, &mut eff.health, ready_http.as_ref(), &listen)?;
     let ready = ReadyPolicy {
         check,
         timeout: duration_key(
@@ -383,6 +403,7 @@ pub fn validate_site(
         ready,
         ready_http,
         deploy,
+        health,
         logs,
         limits,
         sandbox,
@@ -392,52 +413,109 @@ pub fn validate_site(
 
 /// `release`: an absolute symlink path resolving to a directory; `{release}` anywhere
 /// needs it.
-/// `ready.path`, `ready.status` and `ready.host` of an `http` check (its defaults written
-/// in); refused with any other check, where they would mean nothing.
+/// `path`, `status` and `host` of an `http` check under `table` (`ready` or `health`),
+/// their defaults written in.
 fn validate_http_check(
     file: &Path,
-    check: ReadyCheck,
-    rd: &mut RawReady,
-) -> Result<Option<HttpCheck>, ConfigError> {
-    if check != ReadyCheck::Http {
-        for (key, set) in [
-            ("ready.path", rd.path.is_some()),
-            ("ready.status", rd.status.is_some()),
-            ("ready.host", rd.host.is_some()),
-        ] {
-            if set {
-                return Err(err(file, key, "only used with ready.check = \"http\""));
-            }
-        }
-        return Ok(None);
-    }
+    table: &str,
+    path: &mut Option<String>,
+    status: &mut Option<String>,
+    host: &mut Option<String>,
+) -> Result<HttpCheck, ConfigError> {
     // What goes into the request line and headers: visible ASCII, no space.
     let token = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic());
-    let path = rd.path.get_or_insert_with(|| "/".into()).clone();
+    let path = path.get_or_insert_with(|| "/".into()).clone();
     if !path.starts_with('/') || !token(&path) {
         return Err(err(
             file,
-            "ready.path",
+            &format!("{table}.path"),
             format!("{path:?}: a path from / (visible ASCII, no spaces), e.g. \"/health\""),
         ));
     }
-    let host = rd.host.clone();
+    let host = host.clone();
     if let Some(h) = host.as_deref().filter(|h| !token(h)) {
         return Err(err(
             file,
-            "ready.host",
+            &format!("{table}.host"),
             format!("{h:?}: a host name (visible ASCII, no spaces), e.g. \"example.com\""),
         ));
     }
-    let text = rd.status.get_or_insert_with(|| "2xx".into()).clone();
+    let text = status.get_or_insert_with(|| "2xx".into()).clone();
     let status = parse_status_range(&text).ok_or_else(|| {
         err(
             file,
-            "ready.status",
+            &format!("{table}.status"),
             format!("{text:?}: use a class (\"2xx\"), a status (\"200\") or a range (\"200-399\") within 100-599"),
         )
     })?;
-    Ok(Some(HttpCheck { path, host, status }))
+    Ok(HttpCheck { path, host, status })
+}
+
+/// `[health]`, if the file has one: its request defaults to the `http` ready check's.
+fn validate_health(
+    file: &Path,
+    raw: &mut Option<RawHealth>,
+    ready_http: Option<&HttpCheck>,
+    listen: &[ListenSpec],
+) -> Result<Option<HealthPolicy>, ConfigError> {
+    let Some(h) = raw.as_mut() else {
+        return Ok(None);
+    };
+    if !listen.iter().any(|l| matches!(l.addr, ListenAddr::Tcp(_))) {
+        return Err(err(
+            file,
+            "health",
+            "health checks need at least one [[listen]] with tcp = \"host:port\"",
+        ));
+    }
+    if let Some(r) = ready_http {
+        h.path.get_or_insert_with(|| r.path.clone());
+        if h.host.is_none() {
+            h.host.clone_from(&r.host);
+        }
+        h.status.get_or_insert_with(|| {
+            if r.status.0 / 100 == r.status.1 / 100
+                && r.status.0 % 100 == 0
+                && r.status.1 % 100 == 99
+            {
+                format!("{}xx", r.status.0 / 100)
+            } else if r.status.0 == r.status.1 {
+                r.status.0.to_string()
+            } else {
+                format!("{}-{}", r.status.0, r.status.1)
+            }
+        });
+    }
+    let interval = duration_key(
+        file,
+        "health.interval",
+        &mut h.interval,
+        Duration::from_secs(10),
+    )?;
+    let timeout = duration_key(
+        file,
+        "health.timeout",
+        &mut h.timeout,
+        Duration::from_secs(2),
+    )?;
+    if interval.is_zero() || timeout.is_zero() {
+        return Err(err(
+            file,
+            "health",
+            "interval and timeout must be more than 0",
+        ));
+    }
+    let failures = *h.failures.get_or_insert(2);
+    if failures == 0 {
+        return Err(err(file, "health.failures", "at least 1"));
+    }
+    let http = validate_http_check(file, "health", &mut h.path, &mut h.status, &mut h.host)?;
+    Ok(Some(HealthPolicy {
+        interval,
+        timeout,
+        failures,
+        http,
+    }))
 }
 
 /// `2xx`, `204` or `200-399` as an inclusive range of HTTP statuses (100 to 599).
@@ -595,6 +673,57 @@ mod tests {
         assert_eq!(s.ready.check, ReadyCheck::Tcp);
         let e = site(&text.replace("\"2s\"", "\"soon\"")).unwrap_err();
         assert_eq!(e.key, "deploy.probation");
+    }
+
+    #[test]
+    fn health_checks_take_their_request_from_the_http_ready_check_and_need_tcp() {
+        let base =
+            "name = \"blog\"\ncommand = [\"/bin/true\"]\n[[listen]]\ntcp = \"127.0.0.1:1\"\n";
+        assert_eq!(site(base).expect("none").health, None);
+        let s = site(&format!("{base}[health]\n")).expect("defaults");
+        let h = s.health.expect("health");
+        assert_eq!(
+            (h.interval, h.timeout, h.failures),
+            (Duration::from_secs(10), Duration::from_secs(2), 2)
+        );
+        assert_eq!((h.http.path.as_str(), h.http.status), ("/", (200, 299)));
+        let eff = s.effective.raw().health.as_ref().expect("written in");
+        assert_eq!(eff.interval.as_deref(), Some("10s"));
+        assert_eq!(eff.failures, Some(2));
+        // An http ready check lends its request.
+        let text = format!(
+            "{base}[ready]\ncheck = \"http\"\npath = \"/up\"\nstatus = \"200-399\"\nhost = \"a.example\"\n[health]\ninterval = \"5s\"\n"
+        );
+        let h = site(&text).expect("valid").health.expect("health");
+        assert_eq!(
+            (h.http.path.as_str(), h.http.host.as_deref(), h.http.status),
+            ("/up", Some("a.example"), (200, 399))
+        );
+        assert_eq!(h.interval, Duration::from_secs(5));
+        // Its own keys win.
+        let h = site(&format!(
+            "{text}path = \"/deep\"\nstatus = \"204\"\nfailures = 1\n"
+        ))
+        .expect("valid")
+        .health
+        .expect("health");
+        assert_eq!(
+            (h.http.path.as_str(), h.http.status, h.failures),
+            ("/deep", (204, 204), 1)
+        );
+        for (key, line) in [
+            ("health.failures", "failures = 0"),
+            ("health.interval", "interval = \"often\""),
+            ("health", "timeout = \"0s\""),
+            ("health.path", "path = \"up\""),
+            ("health.status", "status = \"7xx\""),
+        ] {
+            let e = site(&format!("{base}[health]\n{line}\n")).unwrap_err();
+            assert_eq!(e.key, key, "{line}: {e}");
+        }
+        let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[health]\n").unwrap_err();
+        assert_eq!(e.key, "health");
+        assert!(e.message.contains("tcp"), "{e}");
     }
 
     #[test]

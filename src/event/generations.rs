@@ -336,11 +336,14 @@ pub(super) fn probe(
                     }
                 }
             };
-            match start_tcp_probe(target, st, gen_.listeners[index].fd.as_fd()) {
+            let through = st.map(|st| (st, gen_.listeners[index].fd.as_fd()));
+            match start_tcp_probe(target, through) {
                 Ok(sock) => {
                     gen_.probe = Some(Probe {
                         sock,
-                        unsent: http.map(|h| request(h, target)).unwrap_or_default(),
+                        unsent: http
+                            .map(|h| request(h, target, "hatchery-ready-check"))
+                            .unwrap_or_default(),
                         answer: Vec::new(),
                     });
                 }
@@ -393,13 +396,59 @@ pub(super) fn probe(
 }
 
 /// The request of an `http` check sent to `target`.
-fn request(h: &HttpCheck, target: SocketAddr) -> Vec<u8> {
+fn request(h: &HttpCheck, target: SocketAddr, agent: &str) -> Vec<u8> {
     let host = h.host.clone().unwrap_or_else(|| target.to_string());
     format!(
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: hatchery-ready-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {agent}\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         h.path
     )
     .into_bytes()
+}
+
+/// What a look at an HTTP probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Look {
+    /// Not connected, or no status line yet.
+    Waiting,
+    /// The connection failed (refused, reset).
+    Failed(String),
+    /// Answered with this status.
+    Status(u16),
+    /// Answered with something that is not HTTP, or closed first.
+    NotHttp,
+}
+
+impl Probe {
+    /// An HTTP probe of `h` to `target` (the serving generation: steered as any client),
+    /// sent as `agent`.
+    pub(super) fn http(target: SocketAddr, h: &HttpCheck, agent: &str) -> Result<Probe, String> {
+        Ok(Probe {
+            sock: start_tcp_probe(loopback_for(target), None)?,
+            unsent: request(h, loopback_for(target), agent),
+            answer: Vec::new(),
+        })
+    }
+
+    /// Sends and reads what it can without blocking.
+    pub(super) fn look(&mut self) -> Look {
+        if rustix::net::getpeername(&self.sock).is_err() {
+            return match self.sock.take_error() {
+                Ok(Some(e)) => Look::Failed(e.to_string()),
+                Err(e) => Look::Failed(e.to_string()),
+                Ok(None) => Look::Waiting,
+            };
+        }
+        match exchange(self) {
+            Answer::Incomplete => Look::Waiting,
+            Answer::Status(code) => Look::Status(code),
+            Answer::Garbled => Look::NotHttp,
+        }
+    }
+
+    /// Its connection's two ends (local, peer), once connected.
+    pub(super) fn ends(&self) -> Option<(SocketAddr, SocketAddr)> {
+        Some((self.sock.local_addr().ok()?, self.sock.peer_addr().ok()?))
+    }
 }
 
 /// Sends what is left of the probe's request and reads what has come of the answer,
@@ -443,8 +492,7 @@ fn exchange(p: &mut Probe) -> Answer {
 /// to `listener` (a generation that is not serving yet) through the probe entry.
 fn start_tcp_probe(
     target: SocketAddr,
-    steering: Option<&mut Program>,
-    listener: BorrowedFd<'_>,
+    through: Option<(&mut Program, BorrowedFd<'_>)>,
 ) -> Result<TcpStream, String> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let (family, any): (AddressFamily, SocketAddr) = if target.is_ipv4() {
@@ -465,7 +513,7 @@ fn start_tcp_probe(
         None,
     )
     .map_err(|e| format!("socket: {e}"))?;
-    if let Some(st) = steering {
+    if let Some((st, listener)) = through {
         // The port is chosen at bind, so the probe entry can name it before the SYN.
         rustix::net::bind(&sock, &any).map_err(|e| format!("bind: {e}"))?;
         let local = rustix::net::getsockname(&sock).map_err(|e| format!("getsockname: {e}"))?;
@@ -606,7 +654,7 @@ mod tests {
             status: (200, 299),
         };
         let target: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
-        let text = String::from_utf8(request(&h, target)).expect("ascii");
+        let text = String::from_utf8(request(&h, target, "hatchery-ready-check")).expect("ascii");
         assert!(
             text.starts_with("GET /health?full=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"),
             "{text}"
@@ -616,7 +664,7 @@ mod tests {
             host: Some("example.com".into()),
             ..h
         };
-        let text = String::from_utf8(request(&h, target)).expect("ascii");
+        let text = String::from_utf8(request(&h, target, "hatchery-ready-check")).expect("ascii");
         assert!(text.contains("\r\nHost: example.com\r\n"), "{text}");
         assert!(h.accepts(204) && !h.accepts(301) && !h.accepts(500));
     }

@@ -31,6 +31,7 @@
 mod control;
 mod exec;
 mod generations;
+mod health;
 pub mod reactor;
 mod reload;
 mod render;

@@ -5,7 +5,8 @@ use crate::config::{self, SiteName};
 use crate::control::{Done as DoneReply, ErrorKind, Reply};
 use crate::supervisor::ids::Slot;
 use crate::supervisor::machine::{
-    CancelReason, DeployEnd, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, Steering,
+    CancelReason, DeployEnd, Done, Event, Failure, HealthAnswer, Outcome, ProbeAnswer,
+    RollbackReason, Steering,
 };
 use crate::supervisor::slots::{ExitReason, Note};
 
@@ -130,6 +131,30 @@ pub fn event(site: &SiteName, e: &Event) -> String {
         Event::Promoting { generation, target } => format!(
             "promoting canary gen-{generation}: growing it to {target} workers, then the flip"
         ),
+        Event::HealthFailed {
+            generation,
+            worker,
+            answer,
+            failures,
+            of,
+        } => match worker {
+            Some(w) => format!(
+                "health check of gen-{generation}: w-{w} {} ({failures} of {of} before it is restarted)",
+                health_answer(answer)
+            ),
+            None => format!(
+                "health check of gen-{generation}: {} (no worker had accepted it: every worker busy, or none accepting)",
+                health_answer(answer)
+            ),
+        },
+        Event::Unhealthy {
+            generation,
+            worker,
+            pid,
+            failures,
+        } => format!(
+            "gen-{generation} w-{worker} (pid {pid}) failed {failures} health checks: restarting it"
+        ),
         Event::Retired(g) => format!("gen-{g} retired"),
         Event::Deployed { took, .. } => format!("deploy done in {} ms", took.as_millis()),
         Event::RolledBack {
@@ -181,7 +206,23 @@ pub fn log(site: &SiteName, e: &Event) {
             note: Note::Failed(id),
             ..
         } => error!(site = %site, worker = %id, "site failed: worker flapping or unstartable"),
+        Event::HealthFailed { generation, .. } => {
+            warn!(site = %site, gen = generation.0, "{}", event(site, e));
+        }
+        Event::Unhealthy {
+            generation, worker, ..
+        } => warn!(site = %site, gen = generation.0, worker = %worker, "{}", event(site, e)),
         _ => info!(site = %site, "{}", event(site, e)),
+    }
+}
+
+/// How a failed health check was answered, after "w-N".
+fn health_answer(a: &HealthAnswer) -> String {
+    match a {
+        HealthAnswer::TimedOut => "did not answer in time".into(),
+        HealthAnswer::Status(code) => format!("answered {code}"),
+        HealthAnswer::NotHttp => "did not answer with HTTP".into(),
+        HealthAnswer::Refused(why) => format!("could not be reached: {why}"),
     }
 }
 

@@ -20,7 +20,7 @@ use crate::net::Listener;
 use crate::process::PidRef;
 use crate::steering::SteeringSupport;
 use crate::supervisor::ids::{ClientId, GenId, Slot};
-use crate::supervisor::machine::{Action, Input, Observe, SiteMachine};
+use crate::supervisor::machine::{Action, Event, Input, Observe, SiteMachine};
 use crate::supervisor::slots;
 
 /// A worker process.
@@ -57,6 +57,8 @@ pub(super) struct SiteIo {
     pub not_enforced: Vec<&'static str>,
     /// The sandbox, prepared at the first spawn (see `exec.rs`).
     pub sandbox: Option<crate::sandbox::Prepared>,
+    /// The health check under way.
+    pub health: Option<super::generations::Probe>,
 }
 
 /// A running site.
@@ -168,6 +170,7 @@ impl Agent {
                 followers: Vec::new(),
                 not_enforced,
                 sandbox: None,
+                health: None,
             },
         })
     }
@@ -312,6 +315,15 @@ impl Agent {
                 let result = generations::canary(&mut site.io, name, generation, share);
                 share.map(|_| Input::CanarySteered { generation, result })
             }
+            Action::Health {
+                generation,
+                give_up,
+            } => {
+                let site = self.sites.get_mut(name)?;
+                let policy = site.config().health.clone()?;
+                super::health::check(&mut site.io, name, generation, &policy, give_up)
+                    .map(Input::HealthChecked)
+            }
             Action::EndProbe(generation) => {
                 let site = self.sites.get_mut(name)?;
                 generations::end_probe(&mut site.io, name, generation);
@@ -342,6 +354,18 @@ impl Agent {
             }
             Action::Log(event) => {
                 render::log(name, &event);
+                // What the agent does to a site's workers on its own is said in the site's
+                // log too, beside their output.
+                if matches!(event, Event::Unhealthy { .. } | Event::HealthFailed { .. }) {
+                    if let Some(site) = self.sites.get_mut(name) {
+                        let record = format!(
+                            "{} hatchery: {}\n",
+                            crate::logs::utc_timestamp(std::time::SystemTime::now()),
+                            render::event(name, &event)
+                        );
+                        let _ = site.io.log.append(record.as_bytes());
+                    }
+                }
                 None
             }
             Action::Dropped => {

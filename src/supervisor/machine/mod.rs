@@ -20,6 +20,7 @@
 //! generation that runs; every client waiting is answered exactly once.
 
 mod deploy;
+mod health;
 mod operators;
 pub mod outcome;
 mod reconfigure;
@@ -32,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use self::deploy::{DeployEnd, DeployState};
+pub use self::health::{HealthAnswer, HealthResult};
 pub use self::outcome::{
     CancelReason, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, Steering,
 };
@@ -220,6 +222,8 @@ pub enum Input {
     Remove,
     /// A client went away: it waits for nothing any more.
     ClientGone(ClientId),
+    /// A health check ended.
+    HealthChecked(HealthResult),
 }
 
 /// Something for the event loop to do.
@@ -265,6 +269,14 @@ pub enum Action {
     /// Start or continue the `tcp` ready probe of a generation; report
     /// [`Input::ProbeAccepted`] once a worker accepted it.
     Probe(GenId),
+    /// Start, look at (or with `give_up`, end) the health check of a generation; report
+    /// [`Input::HealthChecked`] once it is over.
+    Health {
+        /// The generation checked (the serving one when it began).
+        generation: GenId,
+        /// Its time is up: end it, failed unless answered by now.
+        give_up: bool,
+    },
     /// The probe of a generation is over (drop it and its steering entry).
     EndProbe(GenId),
     /// A generation is gone: close its listeners, remove its cgroup.
@@ -316,6 +328,7 @@ pub struct SiteMachine {
     last_peak: Option<u64>,
     waiters: Vec<Waiter>,
     removing: bool,
+    health: health::HealthState,
 }
 
 impl SiteMachine {
@@ -365,6 +378,7 @@ impl SiteMachine {
             last_peak: None,
             waiters: Vec::new(),
             removing: false,
+            health: health::HealthState::default(),
         };
         (machine, out)
     }
@@ -485,6 +499,7 @@ impl SiteMachine {
             probe,
             self.next_capacity_check,
             self.deploy_deadline(now),
+            self.health_deadline(now),
         ]
         .into_iter()
         .flatten()
@@ -556,6 +571,7 @@ impl SiteMachine {
                 self.stop(None, CancelReason::SiteRemoved, now, &mut out);
             }
             Input::ClientGone(client) => self.forget_client(client),
+            Input::HealthChecked(result) => self.health_checked(result, now, &mut out),
         }
         self.after(obs, now, &mut out);
         out
@@ -569,6 +585,7 @@ impl SiteMachine {
             // It may have stopped a generation with no process left: gone at once.
             self.retire_gone(out);
         }
+        self.health_arm(now);
         if self.removing && self.is_stopped() && !out.contains(&Action::Dropped) {
             for w in std::mem::take(&mut self.waiters) {
                 out.push(Action::Reply {

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::HealthAnswer;
 use crate::supervisor::capacity::Capacity;
 use crate::supervisor::deploy::Share;
 use crate::supervisor::ids::{GenId, Slot};
@@ -130,6 +131,30 @@ pub enum Event {
         generation: GenId,
         /// Workers it ends up with.
         target: u32,
+    },
+    /// A health check failed.
+    HealthFailed {
+        /// The generation checked.
+        generation: GenId,
+        /// The worker that had accepted it, when one had.
+        worker: Option<Slot>,
+        /// How it went.
+        answer: HealthAnswer,
+        /// Checks this worker process failed so far.
+        failures: u32,
+        /// Failed checks before it is restarted.
+        of: u32,
+    },
+    /// A worker failed its health checks: it is restarted.
+    Unhealthy {
+        /// Its generation.
+        generation: GenId,
+        /// The worker.
+        worker: Slot,
+        /// Its process.
+        pid: i32,
+        /// Checks it failed.
+        failures: u32,
     },
     /// A generation's last worker is gone.
     Retired(GenId),

@@ -416,3 +416,132 @@ fn with_an_http_check_only_an_answer_makes_a_worker_ready() {
     send(&mut m, Input::ProbeAccepted(GenId(1)), &Quiet, t);
     assert_eq!(slot(&m), Phase::Ready);
 }
+
+/// A site of two workers with health checks every second, two failures before a restart.
+fn healthy_site(t: Instant) -> SiteMachine {
+    let extra = "workers = 2\n[[listen]]\ntcp = \"127.0.0.1:1\"\n[health]\ninterval = \"1s\"\ntimeout = \"500ms\"\nfailures = 2\n";
+    let (mut m, _) = SiteMachine::new(site(extra), None, None, t);
+    send(&mut m, Input::Start(None), &Quiet, t);
+    m
+}
+
+fn timed_out(g: u32, slot: u32, pid: i32) -> Input {
+    Input::HealthChecked(HealthResult::Failed {
+        answer: HealthAnswer::TimedOut,
+        worker: Some((GenId(g), Slot(slot), pid)),
+    })
+}
+
+fn health_checks(a: &[Action]) -> Vec<(u32, bool)> {
+    a.iter()
+        .filter_map(|x| match x {
+            Action::Health {
+                generation,
+                give_up,
+            } => Some((generation.0, *give_up)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn health_checks_run_every_interval_and_give_up_at_the_timeout() {
+    let t = Instant::now();
+    let mut m = healthy_site(t);
+    assert!(
+        m.next_deadline(t)
+            .is_some_and(|d| d <= t + Duration::from_secs(1))
+    );
+    let a = send(&mut m, Input::Tick, &Quiet, t + Duration::from_millis(500));
+    assert_eq!(health_checks(&a), vec![], "not before an interval");
+    let t1 = t + Duration::from_secs(1);
+    let a = send(&mut m, Input::Tick, &Quiet, t1);
+    assert_eq!(health_checks(&a), vec![(1, false)]);
+    // Looked at every probe interval until its timeout, then given up.
+    assert_eq!(m.next_deadline(t1), Some(t1 + TCP_PROBE_INTERVAL));
+    let a = send(&mut m, Input::Tick, &Quiet, t1 + TCP_PROBE_INTERVAL);
+    assert_eq!(health_checks(&a), vec![(1, false)]);
+    let a = send(&mut m, Input::Tick, &Quiet, t1 + Duration::from_millis(500));
+    assert_eq!(health_checks(&a), vec![(1, true)]);
+    send(
+        &mut m,
+        Input::HealthChecked(HealthResult::Healthy),
+        &Quiet,
+        t1 + Duration::from_millis(500),
+    );
+    assert_eq!(
+        m.next_deadline(t1 + Duration::from_millis(500)),
+        Some(t1 + Duration::from_secs(1)),
+        "the next one an interval after this one began"
+    );
+}
+
+#[test]
+fn a_worker_that_fails_its_health_checks_is_restarted_and_said_so() {
+    let t = Instant::now();
+    let mut m = healthy_site(t);
+    // w-1 (pid 1001) fails once: said, not restarted.
+    let a = send(&mut m, timed_out(1, 1, 1001), &Quiet, t);
+    assert!(
+        a.contains(&Action::Log(Event::HealthFailed {
+            generation: GenId(1),
+            worker: Some(Slot(1)),
+            answer: HealthAnswer::TimedOut,
+            failures: 1,
+            of: 2
+        })),
+        "{a:?}"
+    );
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Signal { .. })),
+        "{a:?}"
+    );
+    // A check no worker had accepted says so, and counts against nobody.
+    let unattributed = Input::HealthChecked(HealthResult::Failed {
+        answer: HealthAnswer::TimedOut,
+        worker: None,
+    });
+    let a = send(&mut m, unattributed, &Quiet, t);
+    assert!(
+        matches!(
+            a.as_slice(),
+            [Action::Log(Event::HealthFailed { worker: None, .. })]
+        ),
+        "{a:?}"
+    );
+    // A failure of a process the slot no longer runs counts for nothing.
+    let a = send(&mut m, timed_out(1, 1, 999), &Quiet, t);
+    assert_eq!(a, vec![]);
+    // The second failure restarts it: the stop signal, then a new process at once.
+    let a = send(&mut m, timed_out(1, 1, 1001), &Quiet, t);
+    assert!(
+        a.contains(&Action::Log(Event::Unhealthy {
+            generation: GenId(1),
+            worker: Slot(1),
+            pid: 1001,
+            failures: 2
+        })),
+        "{a:?}"
+    );
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Signal {
+                generation: GenId(1),
+                slot: Slot(1),
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+    let a = send(&mut m, exited(1, 1), &Quiet, t);
+    assert_eq!(spawned(&a), vec![(1, 1)], "started again at once");
+    // w-0 was never touched.
+    assert!(
+        m.current()
+            .slots
+            .slots
+            .get(&Slot(0))
+            .is_some_and(|s| s.pid == Some(1000))
+    );
+}

@@ -30,6 +30,7 @@ impl SiteMachine {
         for g in probing {
             out.push(Action::Probe(g));
         }
+        self.health_tick(now, out);
     }
 
     /// Re-derives a budgeted site's cap from its workers' measured memory and moves the

@@ -334,6 +334,13 @@ impl SiteCore {
                     self.fill_slots(now, &mut out);
                 }
             }
+            Input::RestartSlot(id) => {
+                if self.run == RunState::Running
+                    && self.slots.get(&id).is_some_and(|s| s.phase == Phase::Ready)
+                {
+                    self.stop_slot(id, AfterStop::Respawn, now, &mut out);
+                }
+            }
             Input::RestartRequested => {
                 if matches!(self.run, RunState::Stopped | RunState::Stopping) {
                     return self.handle(Input::StartRequested, now);

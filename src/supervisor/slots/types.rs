@@ -234,6 +234,9 @@ pub enum Input {
     ScaleRequested(u32),
     /// Operator: restart every worker, one at a time.
     RestartRequested,
+    /// Restart one worker (stop it, then start it again at once): it failed its health
+    /// checks.
+    RestartSlot(Slot),
 }
 
 /// Something for the event loop to do.

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use crate::config::ReadyCheck;
 use crate::supervisor::ids::{GenId, Slot};
-use crate::supervisor::machine::{Action, Done, Input, Outcome, Steering};
+use crate::supervisor::machine::{
+    Action, Done, HealthAnswer, HealthResult, Input, Outcome, Steering,
+};
 use crate::supervisor::slots::{self, ExitReason, Phase};
 
 use super::*;
@@ -191,6 +193,41 @@ impl Sim {
             Action::Canary { share: None, .. } => {
                 self.w.canary = None;
                 Ok(Vec::new())
+            }
+            Action::Health {
+                generation,
+                give_up,
+            } => {
+                if !give_up && self.rng.chance(50) {
+                    return Ok(Vec::new());
+                }
+                let answer = HealthAnswer::TimedOut;
+                let result = match self.rng.range(0, 10) {
+                    0..=5 => HealthResult::Healthy,
+                    6 => HealthResult::Failed {
+                        answer,
+                        worker: None,
+                    },
+                    _ => {
+                        let procs: Vec<(Slot, i32)> = self
+                            .w
+                            .procs
+                            .iter()
+                            .filter(|((g, _), _)| *g == generation)
+                            .map(|((_, s), p)| (*s, p.pid))
+                            .collect();
+                        let worker = match procs.len() {
+                            0 => None,
+                            n => {
+                                let i = self.rng.range(0, u64::try_from(n - 1).unwrap_or(0));
+                                procs.get(usize::try_from(i).unwrap_or(0)).copied()
+                            }
+                        }
+                        .map(|(s, pid)| (generation, s, pid));
+                        HealthResult::Failed { answer, worker }
+                    }
+                };
+                self.handle(Input::HealthChecked(result))
             }
             Action::EndProbe(g) => {
                 self.w.probing.remove(&g);

@@ -324,6 +324,18 @@ fn random_config(rng: &mut Rng) -> SiteConfig {
         flapping_within: rng.ms(2000, 30_000),
     };
     c.deploy.probation = rng.ms(0, 3000);
+    if rng.chance(30) {
+        c.health = Some(crate::config::HealthPolicy {
+            interval: rng.ms(100, 3000),
+            timeout: rng.ms(20, 1000),
+            failures: rng.small(1, 4),
+            http: crate::config::HttpCheck {
+                path: "/".into(),
+                host: None,
+                status: (200, 299),
+            },
+        });
+    }
     c
 }
 
