@@ -75,7 +75,8 @@ pub struct WorkerOptions {
     /// `500 Internal Server Error`, as an app that failed to load behind a server that
     /// started), `hang-when-told` (once the file `hang-<worker id>` appears in the
     /// directory, the worker removes it and from then on accepts connections but never
-    /// answers them, as a worker whose app is stuck).
+    /// answers them, as a worker whose app is stuck), `log-requests` (prints each request
+    /// line and its user agent).
     pub behaviour_from: Option<PathBuf>,
 }
 
@@ -187,6 +188,7 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         .as_ref()
         .filter(|_| does("hang-when-told"))
         .map(|d| d.join(format!("hang-{id}")));
+    let log = does("log-requests").then(|| format!("demo worker {id} of generation {generation}"));
     // Once stuck, connections are held here, never answered.
     let mut stuck: Option<Vec<std::net::TcpStream>> = None;
     loop {
@@ -238,13 +240,14 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         }
         if does("one-at-a-time") {
             // The next connection waits in the accept queue meanwhile.
-            serve(stream, status, &body, opts.delay);
+            serve(stream, status, &body, opts.delay, log.as_deref());
             continue;
         }
         let body = body.clone();
         let delay = opts.delay;
+        let log = log.clone();
         handlers.push(std::thread::spawn(move || {
-            serve(stream, status, &body, delay)
+            serve(stream, status, &body, delay, log.as_deref())
         }));
     }
     for h in handlers {
@@ -255,7 +258,13 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
 
 /// Answers every request on one connection (HTTP/1.1 keep-alive unless the client
 /// says `connection: close`).
-fn serve(mut stream: std::net::TcpStream, status: &str, body: &str, delay: Duration) {
+fn serve(
+    mut stream: std::net::TcpStream,
+    status: &str,
+    body: &str,
+    delay: Duration,
+    log: Option<&str>,
+) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut buf = Vec::new();
@@ -277,6 +286,15 @@ fn serve(mut stream: std::net::TcpStream, status: &str, body: &str, delay: Durat
             return;
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        if let Some(who) = log {
+            let line = head.lines().next().unwrap_or("");
+            let agent = head
+                .lines()
+                .find_map(|l| l.strip_prefix("user-agent:"))
+                .unwrap_or("")
+                .trim();
+            println!("{who}: {line} ({agent})");
+        }
         buf.drain(..end);
         let close = head.contains("connection: close") || head.starts_with("get / http/1.0");
         if !delay.is_zero() {

@@ -232,29 +232,83 @@ fn parse_listener(line: &str) -> Option<(std::net::SocketAddr, u64)> {
 /// The socket inode of the server's end of the TCP connection from `client` to `server`
 /// (local address `server`, remote `client`), once a process accepted it; `None` while it
 /// waits in an accept queue (no file yet), or when there is no such connection.
+///
+/// One `sock_diag` request for that exact socket (`SOCK_DIAG_BY_FAMILY` without
+/// `NLM_F_DUMP`: the kernel looks it up in its established hash), so the cost does not
+/// grow with the host's connections (`/proc/net/tcp` lists every one, `TIME_WAIT` too).
 pub fn accepted_socket(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<u64> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .find_map(|text| {
-            text.lines()
-                .skip(1)
-                .filter_map(parse_tcp_line)
-                .find(|s| s.local == server && s.remote == client && s.inode != 0)
-                .map(|s| s.inode)
-        })
+    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType, netlink};
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    const IPPROTO_TCP: u8 = 6;
+    let family = match (server, client) {
+        (std::net::SocketAddr::V4(_), std::net::SocketAddr::V4(_)) => libc::AF_INET,
+        (std::net::SocketAddr::V6(_), std::net::SocketAddr::V6(_)) => libc::AF_INET6,
+        _ => return None,
+    };
+    let addr = |ip: std::net::IpAddr| -> [u8; 16] {
+        let mut a = [0u8; 16];
+        match ip {
+            std::net::IpAddr::V4(v4) => a[..4].copy_from_slice(&v4.octets()),
+            std::net::IpAddr::V6(v6) => a = v6.octets(),
+        }
+        a
+    };
+    // struct nlmsghdr, then struct inet_diag_req_v2 with the socket's id as it sees itself.
+    let mut req = Vec::with_capacity(72);
+    req.extend_from_slice(&72u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    req.push(u8::try_from(family).ok()?);
+    req.push(IPPROTO_TCP);
+    req.extend_from_slice(&[0, 0]); // idiag_ext, pad
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // idiag_states: any
+    req.extend_from_slice(&server.port().to_be_bytes());
+    req.extend_from_slice(&client.port().to_be_bytes());
+    req.extend_from_slice(&addr(server.ip()));
+    req.extend_from_slice(&addr(client.ip()));
+    req.extend_from_slice(&0u32.to_ne_bytes()); // interface
+    req.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    let fd = rustix::net::socket_with(
+        AddressFamily::NETLINK,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        Some(netlink::SOCK_DIAG),
+    )
+    .ok()?;
+    rustix::net::sendto(
+        &fd,
+        &req,
+        SendFlags::empty(),
+        &netlink::SocketAddrNetlink::new(0, 0),
+    )
+    .ok()?;
+    // The kernel answers within the send: nothing to wait for.
+    let mut buf = [0u8; 512];
+    let (n, _) = rustix::net::recv(&fd, &mut buf, RecvFlags::DONTWAIT).ok()?;
+    let reply = buf.get(..n)?;
+    let kind = u16::from_ne_bytes(reply.get(4..6)?.try_into().ok()?);
+    if kind == NLMSG_ERROR || kind != SOCK_DIAG_BY_FAMILY {
+        return None;
+    }
+    // struct inet_diag_msg: family, state, timer, retrans, id (48), expires, rqueue,
+    // wqueue, uid, inode.
+    let inode = u32::from_ne_bytes(reply.get(16 + 68..16 + 72)?.try_into().ok()?);
+    (inode != 0).then_some(u64::from(inode))
 }
 
-/// Whether process `pid` holds socket `inode` among its fds.
-pub fn holds_socket(pid: u32, inode: u64) -> bool {
-    socket_inodes_of(&pid.to_string()).contains(&inode)
+/// The socket inodes among the fds of process `pid`.
+pub fn sockets_of(pid: u32) -> Vec<u64> {
+    socket_inodes_of(&pid.to_string())
 }
 
 /// A socket of `/proc/net/tcp{,6}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TcpLine {
     local: std::net::SocketAddr,
-    remote: std::net::SocketAddr,
     /// `TCP_ESTABLISHED` (1) … `TCP_LISTEN` (0x0A).
     state: u8,
     /// 0 when no file holds it.
@@ -265,7 +319,6 @@ fn parse_tcp_line(line: &str) -> Option<TcpLine> {
     let f: Vec<&str> = line.split_whitespace().collect();
     Some(TcpLine {
         local: parse_proc_addr(f.get(1)?)?,
-        remote: parse_proc_addr(f.get(2)?)?,
         state: u8::from_str_radix(f.get(3)?, 16).ok()?,
         inode: f.get(9)?.parse().ok()?,
     })
@@ -457,7 +510,17 @@ mod tests {
         assert_eq!(accepted_socket(server, client), None, "queued: no file yet");
         let (s, _) = l.accept().expect("accept");
         let inode = accepted_socket(server, client).expect("accepted");
-        assert!(holds_socket(std::process::id(), inode));
+        assert!(sockets_of(std::process::id()).contains(&inode));
+        let fd = std::fs::read_link(format!("/proc/self/fd/{}", {
+            use std::os::fd::AsRawFd;
+            s.as_raw_fd()
+        }))
+        .expect("fd link");
+        assert_eq!(
+            fd.to_string_lossy(),
+            format!("socket:[{inode}]"),
+            "that very socket"
+        );
         assert_ne!(
             accepted_socket(client, server),
             Some(inode),

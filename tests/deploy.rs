@@ -1460,3 +1460,98 @@ fn health_restarts_a_stuck_worker(reactor: &'static str, cgroups: bool) {
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(by_gen, [(1, 50)].into());
 }
+
+#[test]
+fn a_warmup_reaches_every_new_worker_before_the_flip() {
+    // Workers that accept every connection (a thread each), and workers that serve one
+    // connection before they accept the next (a synchronous server).
+    warmup_reaches_every_worker("log-requests");
+    warmup_reaches_every_worker("one-at-a-time log-requests");
+}
+
+fn warmup_reaches_every_worker(behaviour: &str) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    point(&link, &release(root.path(), "r1", Some(behaviour)));
+    let port = free_port();
+    let text = site(&link, port, "").replace(
+        "probation = \"600ms\"",
+        "probation = \"600ms\"\nwarmup = [\"/\", \"/warm?up=1\"]",
+    );
+    let (agent, steering) = start_web(&text, 4, "io_uring", true);
+    if steering != "ebpf" {
+        point(&link, &release(root.path(), "r2", None));
+        let run = deploy(&agent, &["web"]);
+        assert_eq!(run.code, Some(2), "{}", run.text());
+        assert!(run.text().contains("deploy.warmup"), "{}", run.text());
+        assert!(
+            !require_all(),
+            "eBPF steering must be available as root: {steering}"
+        );
+        common::skip("a warm-up needs eBPF steering");
+        return;
+    }
+    let load = Load::start(port, if in_vm() { 2 } else { 4 });
+    load.wait_for(1, 10);
+    point(&link, &release(root.path(), "r2", Some(behaviour)));
+    let run = deploy(&agent, &["web"]);
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    let text = run.text();
+    eprintln!(
+        "{behaviour}: {}",
+        text.lines().find(|l| l.contains("warmed up")).unwrap_or("")
+    );
+    let warmed = text
+        .find("gen-2: warmed up: each of its 4 workers answered all 2 warm-up requests")
+        .unwrap_or_else(|| {
+            let log = agent.agent_log();
+            let warm: Vec<&str> = log.lines().filter(|l| l.contains("warm-up")).collect();
+            panic!("no warm-up reported:\n{text}\n{}", warm.join("\n"))
+        });
+    let flipped = text.find("gen-2 serves").expect("flipped");
+    assert!(warmed < flipped, "warmed up before the flip:\n{text}");
+    let (flip, _) = last_flip(&agent);
+    load.wait_for(2, 10);
+    let samples = load.finish();
+    let failures = failed(&samples);
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failures.len(),
+        samples.len(),
+        failures.iter().take(3).collect::<Vec<_>>()
+    );
+    for s in &samples {
+        if s.outcome == Ok(2) {
+            assert!(
+                s.connected.expect("connected") >= flip,
+                "a request of the load reached gen-2 before its flip"
+            );
+        }
+    }
+    // Every new worker answered both warm-up requests (its own words, in the site's log,
+    // which the agent writes as it reads the workers' output).
+    let wanted: Vec<String> = (0..4)
+        .flat_map(|id| {
+            ["/", "/warm?up=1"].map(|path| {
+                format!("demo worker {id} of generation 2: get {path} http/1.1 (hatchery-warmup)")
+            })
+        })
+        .collect();
+    let read_log = || {
+        String::from_utf8_lossy(&agent.cli(&["logs", "web", "-n", "1000000"]).stdout).into_owned()
+    };
+    let mut log = String::new();
+    wait_until(
+        "the warm-up lines in the site's log",
+        Duration::from_secs(30),
+        || {
+            log = read_log();
+            wanted.iter().all(|l| log.contains(l.as_str()))
+        },
+    );
+    assert!(
+        !log.contains("of generation 1: get / http/1.1 (hatchery-warmup)"),
+        "the warm-up reached the serving generation"
+    );
+}

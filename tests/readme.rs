@@ -103,6 +103,26 @@ fn readme_config_examples_are_valid() {
     std::fs::write(sites.join("app.toml"), format!("{app_text}\n{canary}")).expect("write");
     let config = hatchery::config::load(&agent_path).expect("the canary example is valid");
     assert_eq!(config.sites[0].deploy.canary_abort_crashes, 3);
+    // So does the warm-up example.
+    let warm = blocks
+        .iter()
+        .find(|b| b.starts_with("# sites.d/app.toml (warm-up)"))
+        .expect("a warm-up example");
+    // Its keys go in the deploy example's [deploy] table, its last.
+    assert!(app_text.contains("[deploy]\nprobation"), "{app_text}");
+    let keys: Vec<&str> = warm
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .collect();
+    let with_warmup = format!("{app_text}\n{}\n", keys.join("\n"));
+    std::fs::write(sites.join("app.toml"), &with_warmup).expect("write");
+    let config = hatchery::config::load(&agent_path).expect("the warm-up example is valid");
+    let paths: Vec<&str> = config.sites[0]
+        .warmup
+        .iter()
+        .map(|w| w.path.as_str())
+        .collect();
+    assert_eq!(paths, ["/", "/search?q=warm"]);
     // So does the health example.
     let health = blocks
         .iter()

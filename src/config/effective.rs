@@ -165,6 +165,7 @@ connect = []
             left_out,
             [
                 ".cpu_weight",
+                ".deploy.warmup",
                 ".health",
                 ".memory",
                 ".memory_high",

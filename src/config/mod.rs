@@ -41,7 +41,7 @@ pub use load::{
 };
 pub use raw::{
     RawAgent, RawDeploy, RawFlapping, RawHealth, RawListen, RawLogs, RawReady, RawRestart, RawSite,
-    RawStop, RawWorkers,
+    RawStop, RawWarmup, RawWorkers,
 };
 pub use site::{resolve_release, validate_site};
 pub use units::{Signal, format_duration, format_size, parse_duration, parse_size};
@@ -295,6 +295,9 @@ pub struct DeployPolicy {
     pub canary_abort_crashes: u32,
 }
 
+/// Most warm-up requests per worker.
+pub const MAX_WARMUP: usize = 32;
+
 /// The text in `command`, `workdir` and `env` replaced by a generation's release.
 pub const RELEASE_PLACEHOLDER: &str = "{release}";
 
@@ -357,6 +360,9 @@ pub struct SiteConfig {
     pub deploy: DeployPolicy,
     /// Periodic health checks of the serving generation (`[health]`).
     pub health: Option<HealthPolicy>,
+    /// `deploy.warmup`: the requests every new worker answers before the flip, in order
+    /// (empty: none).
+    pub warmup: Vec<HttpCheck>,
     /// Log rotation.
     pub logs: LogPolicy,
     /// cgroup limits.

@@ -187,6 +187,19 @@ pub struct RawDeploy {
     pub probation: Option<String>,
     /// `[deploy.canary_abort]`: what rolls a canary back by itself.
     pub canary_abort: Option<RawCanaryAbort>,
+    /// Requests sent to every new worker before the flip: paths, or a number of requests
+    /// of the ready path.
+    pub warmup: Option<RawWarmup>,
+}
+
+/// `deploy.warmup`, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawWarmup {
+    /// This many requests of the ready path (`/` without an `http` check).
+    Count(u32),
+    /// These paths, in order.
+    Paths(Vec<String>),
 }
 
 /// `[deploy.canary_abort]`.

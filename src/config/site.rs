@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use super::{
     AutoWorkers, ConfigError, DeployPolicy, Effective, HealthPolicy, HttpCheck, Limits, ListenAddr,
-    ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WORKERS, RELEASE_PLACEHOLDER, RawDeploy, RawFlapping,
-    RawHealth, RawLogs, RawReady, RawRestart, RawSite, RawStop, RawWorkers, ReadyCheck,
-    ReadyPolicy, RestartPolicy, Signal, SiteConfig, SiteName, StopPolicy, err, format_duration,
-    format_size, lookup_group, lookup_user, parse_duration, parse_size, sandbox,
+    ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WARMUP, MAX_WORKERS, RELEASE_PLACEHOLDER, RawDeploy,
+    RawFlapping, RawHealth, RawLogs, RawReady, RawRestart, RawSite, RawStop, RawWarmup, RawWorkers,
+    ReadyCheck, ReadyPolicy, RestartPolicy, Signal, SiteConfig, SiteName, StopPolicy, err,
+    format_duration, format_size, lookup_group, lookup_user, parse_duration, parse_size, sandbox,
 };
 
 /// The `[logs]` table at `slot` (`key`), with `default` for what it leaves out; every
@@ -368,6 +368,7 @@ pub fn validate_site(
             .crashes
             .get_or_insert(1),
     };
+    let warmup = validate_warmup(file, eff.deploy.as_ref(), ready_http.as_ref(), &listen)?;
     let release = validate_release(file, &eff)?;
 
     // The user as written: its supplementary groups come from /etc/group by its name.
@@ -404,6 +405,7 @@ pub fn validate_site(
         ready_http,
         deploy,
         health,
+        warmup,
         logs,
         limits,
         sandbox,
@@ -449,6 +451,68 @@ fn validate_http_check(
         )
     })?;
     Ok(HttpCheck { path, host, status })
+}
+
+/// `deploy.warmup`: a number of requests of the ready path, or paths; every answer counts.
+fn validate_warmup(
+    file: &Path,
+    raw: Option<&RawDeploy>,
+    ready_http: Option<&HttpCheck>,
+    listen: &[ListenSpec],
+) -> Result<Vec<HttpCheck>, ConfigError> {
+    let Some(w) = raw.and_then(|d| d.warmup.as_ref()) else {
+        return Ok(Vec::new());
+    };
+    let key = "deploy.warmup";
+    if !listen.iter().any(|l| matches!(l.addr, ListenAddr::Tcp(_))) {
+        return Err(err(
+            file,
+            key,
+            "a warm-up needs at least one [[listen]] with tcp = \"host:port\"",
+        ));
+    }
+    let host = ready_http.and_then(|h| h.host.clone());
+    let request = |path: String| HttpCheck {
+        path,
+        host: host.clone(),
+        status: (100, 599),
+    };
+    let too_many = || {
+        err(
+            file,
+            key,
+            format!("from 1 to {MAX_WARMUP} requests per worker"),
+        )
+    };
+    match w {
+        RawWarmup::Count(n) => {
+            let n = usize::try_from(*n).unwrap_or(usize::MAX);
+            if n == 0 || n > MAX_WARMUP {
+                return Err(too_many());
+            }
+            let path = ready_http.map_or_else(|| "/".to_string(), |h| h.path.clone());
+            Ok(vec![request(path); n])
+        }
+        RawWarmup::Paths(paths) => {
+            if paths.is_empty() || paths.len() > MAX_WARMUP {
+                return Err(too_many());
+            }
+            paths
+                .iter()
+                .map(|p| {
+                    if p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()) {
+                        Ok(request(p.clone()))
+                    } else {
+                        Err(err(
+                            file,
+                            key,
+                            format!("{p:?}: a path from / (visible ASCII, no spaces), e.g. \"/\""),
+                        ))
+                    }
+                })
+                .collect()
+        }
+    }
 }
 
 /// `[health]`, if the file has one: its request defaults to the `http` ready check's.
@@ -673,6 +737,42 @@ mod tests {
         assert_eq!(s.ready.check, ReadyCheck::Tcp);
         let e = site(&text.replace("\"2s\"", "\"soon\"")).unwrap_err();
         assert_eq!(e.key, "deploy.probation");
+    }
+
+    #[test]
+    fn a_warmup_is_paths_or_a_number_of_requests_of_the_ready_path() {
+        let base =
+            "name = \"blog\"\ncommand = [\"/bin/true\"]\n[[listen]]\ntcp = \"127.0.0.1:1\"\n";
+        assert!(site(base).expect("none").warmup.is_empty());
+        let s = site(&format!(
+            "{base}[deploy]\nwarmup = [\"/\", \"/search?q=x\"]\n"
+        ))
+        .expect("paths");
+        let paths: Vec<&str> = s.warmup.iter().map(|w| w.path.as_str()).collect();
+        assert_eq!(paths, ["/", "/search?q=x"]);
+        let s = site(&format!(
+            "{base}[ready]\ncheck = \"http\"\npath = \"/up\"\nhost = \"a.example\"\n[deploy]\nwarmup = 3\n"
+        ))
+        .expect("count");
+        assert_eq!(s.warmup.len(), 3);
+        assert!(
+            s.warmup
+                .iter()
+                .all(|w| w.path == "/up" && w.host.as_deref() == Some("a.example"))
+        );
+        for bad in [
+            "warmup = 0",
+            "warmup = 33",
+            "warmup = []",
+            "warmup = [\"up\"]",
+            "warmup = [\"/a b\"]",
+        ] {
+            let e = site(&format!("{base}[deploy]\n{bad}\n")).unwrap_err();
+            assert_eq!(e.key, "deploy.warmup", "{bad}: {e}");
+        }
+        let e =
+            site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[deploy]\nwarmup = 2\n").unwrap_err();
+        assert!(e.message.contains("tcp"), "{e}");
     }
 
     #[test]

@@ -429,6 +429,34 @@ impl Probe {
         })
     }
 
+    /// A connection to a generation's listener through the steering probe entry (the
+    /// entry is set to this connection's port), with no request yet.
+    pub(super) fn through(
+        target: SocketAddr,
+        steering: &mut Program,
+        listener: BorrowedFd<'_>,
+    ) -> Result<Probe, String> {
+        Ok(Probe {
+            sock: start_tcp_probe(loopback_for(target), Some((steering, listener)))?,
+            unsent: Vec::new(),
+            answer: Vec::new(),
+        })
+    }
+
+    /// Sends request `h` (as `agent`) on the connection.
+    pub(super) fn ask(&mut self, h: &HttpCheck, agent: &str) {
+        let target = self
+            .sock
+            .peer_addr()
+            .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
+        self.unsent = request(h, target, agent);
+    }
+
+    /// Whether the connection is established.
+    pub(super) fn connected(&self) -> bool {
+        rustix::net::getpeername(&self.sock).is_ok()
+    }
+
     /// Sends and reads what it can without blocking.
     pub(super) fn look(&mut self) -> Look {
         if rustix::net::getpeername(&self.sock).is_err() {
@@ -547,6 +575,7 @@ pub(super) fn new_generation(listeners: Vec<Listener>) -> GenIo {
         listeners,
         workers: Default::default(),
         probe: None,
+        warmup: None,
     }
 }
 

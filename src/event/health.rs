@@ -56,7 +56,7 @@ pub(super) fn check(
     // Who had it, looked up while the connection is still open.
     let worker = probe
         .ends()
-        .and_then(|(local, peer)| holder(io, peer, local));
+        .and_then(|(local, peer)| holder(io, None, peer, local));
     debug!(site = %site, gen = g.0, ?answer, ?worker, "health check failed");
     io.health = None;
     Some(failed(answer, worker))
@@ -67,22 +67,38 @@ fn failed(answer: HealthAnswer, worker: Option<(GenId, Slot, i32)>) -> HealthRes
 }
 
 /// The worker (generation, slot, pid) one of whose processes holds the server end of the
-/// connection from `client` to `server`.
-fn holder(
+/// connection from `client` to `server` (among generation `only`'s, if given).
+pub(super) fn holder(
     io: &SiteIo,
+    only: Option<GenId>,
     server: std::net::SocketAddr,
     client: std::net::SocketAddr,
 ) -> Option<(GenId, Slot, i32)> {
     let inode = crate::net::accepted_socket(server, client)?;
-    io.gens.iter().find_map(|(g, gen_io)| {
-        gen_io.workers.iter().find_map(|(slot, w)| {
+    sockets_by_worker(io, only).remove(&inode)
+}
+
+/// The sockets the workers' processes hold (of generation `only`, if given), by inode.
+pub(super) fn sockets_by_worker(
+    io: &SiteIo,
+    only: Option<GenId>,
+) -> std::collections::HashMap<u64, (GenId, Slot, i32)> {
+    let mut out = std::collections::HashMap::new();
+    for (g, gen_io) in io
+        .gens
+        .iter()
+        .filter(|(g, _)| only.is_none_or(|o| o == **g))
+    {
+        for (slot, w) in &gen_io.workers {
             let pid = w.pidref.pid();
-            processes_of(pid, w.cgroup.as_deref())
-                .into_iter()
-                .any(|p| crate::net::holds_socket(p, inode))
-                .then_some((*g, *slot, pid))
-        })
-    })
+            for p in processes_of(pid, w.cgroup.as_deref()) {
+                for inode in crate::net::sockets_of(p) {
+                    out.insert(inode, (*g, *slot, pid));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The processes of a worker: its cgroup leaf's, or without one the worker and its

@@ -38,6 +38,7 @@ mod render;
 mod setup;
 mod sites;
 mod status;
+mod warmup;
 mod workers;
 
 use std::collections::{BTreeMap, HashMap};

@@ -131,6 +131,31 @@ pub fn event(site: &SiteName, e: &Event) -> String {
         Event::Promoting { generation, target } => format!(
             "promoting canary gen-{generation}: growing it to {target} workers, then the flip"
         ),
+        Event::WarmedUp {
+            generation,
+            report,
+            requests,
+            took,
+        } => {
+            let what = if *requests == 1 {
+                "the warm-up request".to_string()
+            } else {
+                format!("all {requests} warm-up requests")
+            };
+            if report.warmed == report.of {
+                format!(
+                    "gen-{generation}: warmed up: each of its {} workers answered {what} ({} answers in {} ms)",
+                    report.of,
+                    report.answered,
+                    took.as_millis()
+                )
+            } else {
+                format!(
+                    "gen-{generation}: warm-up given up at ready.timeout: {} of {} workers answered {what} ({} answers)",
+                    report.warmed, report.of, report.answered
+                )
+            }
+        }
         Event::HealthFailed {
             generation,
             worker,
@@ -414,6 +439,12 @@ fn failure(site: &SiteName, f: &Failure) -> (ErrorKind, String) {
             ErrorKind::BadRequest,
             format!(
                 "a canary of site {site} needs eBPF connection steering on its first TCP listener ({why}); deploy without --canary"
+            ),
+        ),
+        Failure::WarmupNeedsSteering(why) => (
+            ErrorKind::BadRequest,
+            format!(
+                "site {site} has deploy.warmup, which needs eBPF connection steering on its first TCP listener to reach a new generation alone ({why}); remove deploy.warmup to deploy without it"
             ),
         ),
         Failure::NoCanary { stage } => (

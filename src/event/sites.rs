@@ -42,6 +42,8 @@ pub(super) struct GenIo {
     pub workers: HashMap<Slot, Worker>,
     /// The ready probe under way (`tcp`, `http`).
     pub probe: Option<generations::Probe>,
+    /// The warm-up under way.
+    pub warmup: Option<super::warmup::Run>,
 }
 
 /// A site's kernel side.
@@ -323,6 +325,15 @@ impl Agent {
                 let policy = site.config().health.clone()?;
                 super::health::check(&mut site.io, name, generation, &policy, give_up)
                     .map(Input::HealthChecked)
+            }
+            Action::WarmUp {
+                generation,
+                give_up,
+            } => {
+                let site = self.sites.get_mut(name)?;
+                let requests = site.machine.generation(generation)?.config.warmup.clone();
+                super::warmup::step(&mut site.io, name, generation, &requests, give_up)
+                    .map(|report| Input::WarmedUp { generation, report })
             }
             Action::EndProbe(generation) => {
                 let site = self.sites.get_mut(name)?;

@@ -170,6 +170,8 @@ pub struct View {
     /// generation instead of being flipped to; it is rolled back after this many crashes
     /// (0: never).
     pub canary: Option<u32>,
+    /// The new generation's warm-up is under way: nothing is steered to it before it ends.
+    pub warming: bool,
 }
 
 /// Why a deploy was rolled back.
@@ -243,7 +245,7 @@ pub fn decide(v: &View) -> Step {
         Stage::Probation { until } => {
             if v.new.crashes > 0 {
                 Step::RollBack(Failure::Crashed)
-            } else if v.now < until {
+            } else if v.now < until || v.warming {
                 Step::Wait
             } else if v.canary.is_some() {
                 Step::BeginCanary
@@ -311,6 +313,7 @@ mod tests {
             new: GenView::default(),
             old_queues_empty: false,
             canary: None,
+            warming: false,
         }
     }
 
@@ -358,6 +361,16 @@ mod tests {
         v.stage = Stage::Probation { until };
         assert_eq!(decide(&v), Step::Wait);
         v.now = until;
+        v.warming = true;
+        assert_eq!(decide(&v), Step::Wait, "not before the warm-up ends");
+        v.new.crashes = 1;
+        assert_eq!(
+            decide(&v),
+            Step::RollBack(Failure::Crashed),
+            "a crash while warming"
+        );
+        v.new.crashes = 0;
+        v.warming = false;
         assert_eq!(decide(&v), Step::Flip);
         v.stage = Stage::Draining {
             until: until + Duration::from_secs(10),
@@ -522,6 +535,7 @@ mod tests {
                     new: GenView::default(),
                     old_queues_empty: false,
                     canary: None,
+                    warming: false,
                 },
                 old_leaving: 0,
                 flipped: false,

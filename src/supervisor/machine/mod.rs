@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use self::deploy::{DeployEnd, DeployState};
+pub use self::deploy::{DeployEnd, DeployState, WARMUP_INTERVAL, WarmupReport};
 pub use self::health::{HealthAnswer, HealthResult};
 pub use self::outcome::{
     CancelReason, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, Steering,
@@ -224,6 +224,13 @@ pub enum Input {
     ClientGone(ClientId),
     /// A health check ended.
     HealthChecked(HealthResult),
+    /// The warm-up of a new generation ended.
+    WarmedUp {
+        /// The generation.
+        generation: GenId,
+        /// What it did.
+        report: WarmupReport,
+    },
 }
 
 /// Something for the event loop to do.
@@ -275,6 +282,15 @@ pub enum Action {
         /// The generation checked (the serving one when it began).
         generation: GenId,
         /// Its time is up: end it, failed unless answered by now.
+        give_up: bool,
+    },
+    /// Start, look at (or with `give_up`, end) the warm-up of a new generation (each of
+    /// `deploy.warmup`'s requests answered by every one of its workers, reached through
+    /// the steering probe entry); report [`Input::WarmedUp`] once it is over.
+    WarmUp {
+        /// The new generation.
+        generation: GenId,
+        /// Its time is up: end it with what was done.
         give_up: bool,
     },
     /// The probe of a generation is over (drop it and its steering entry).
@@ -572,6 +588,9 @@ impl SiteMachine {
             }
             Input::ClientGone(client) => self.forget_client(client),
             Input::HealthChecked(result) => self.health_checked(result, now, &mut out),
+            Input::WarmedUp { generation, report } => {
+                self.warmed_up(generation, report, now, &mut out)
+            }
         }
         self.after(obs, now, &mut out);
         out

@@ -132,6 +132,17 @@ pub enum Event {
         /// Workers it ends up with.
         target: u32,
     },
+    /// A new generation's warm-up ended.
+    WarmedUp {
+        /// The generation.
+        generation: GenId,
+        /// What it did.
+        report: super::WarmupReport,
+        /// Requests asked of each worker.
+        requests: u32,
+        /// How long it took.
+        took: Duration,
+    },
     /// A health check failed.
     HealthFailed {
         /// The generation checked.
@@ -274,6 +285,8 @@ pub enum Failure {
     },
     /// `deploy --canary` needs eBPF steering, which this site does not have.
     CanaryNeedsSteering(String),
+    /// `deploy.warmup` needs eBPF steering, which this site does not have.
+    WarmupNeedsSteering(String),
     /// `promote` with no canary to promote.
     NoCanary {
         /// The stage of the deploy under way, if one is.

@@ -31,6 +31,7 @@ impl SiteMachine {
             out.push(Action::Probe(g));
         }
         self.health_tick(now, out);
+        self.warmup_tick(now, out);
     }
 
     /// Re-derives a budgeted site's cap from its workers' measured memory and moves the

@@ -52,6 +52,22 @@ pub struct DeployState {
     pub canary: Option<CanaryState>,
     /// The new generation's crashes when it was promoted (the plan counts those after).
     pub crash_base: u32,
+    /// The warm-up under way (`deploy.warmup`): when it began, and when it is given up.
+    pub warmup: Option<(Instant, Instant)>,
+}
+
+/// How often a warm-up under way is looked at.
+pub const WARMUP_INTERVAL: Duration = Duration::from_millis(10);
+
+/// What a warm-up did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmupReport {
+    /// Workers that answered every warm-up request.
+    pub warmed: u32,
+    /// Workers of the generation.
+    pub of: u32,
+    /// Warm-up requests answered in all.
+    pub answered: u32,
 }
 
 /// A canary deploy: the new generation serves its share beside the old one until it is
@@ -104,15 +120,58 @@ impl SiteMachine {
     /// When the deploy needs looking at again without any other input.
     pub(super) fn deploy_deadline(&self, now: Instant) -> Option<Instant> {
         let d = self.deploy.as_ref()?;
-        match d.stage {
+        let warmup = d
+            .warmup
+            .map(|(_, give_up)| give_up.min(now + WARMUP_INTERVAL));
+        let stage = match d.stage {
             Stage::Starting => Some(d.ready_deadline),
-            Stage::Probation { until } => Some(until),
+            // Past its end, the probation waits for the warm-up alone.
+            Stage::Probation { until } => (until > now).then_some(until),
             Stage::Draining {
                 until,
                 stopping: false,
             } => Some(until.min(now + DRAIN_POLL)),
             Stage::Canary | Stage::Draining { stopping: true, .. } => None,
+        };
+        [stage, warmup].into_iter().flatten().min()
+    }
+
+    /// Looks at the warm-up under way (at every tick), giving it up once its time is up.
+    pub(super) fn warmup_tick(&self, now: Instant, out: &mut Vec<Action>) {
+        if let Some(d) = self.deploy.as_ref() {
+            if let Some((_, give_up)) = d.warmup {
+                out.push(Action::WarmUp {
+                    generation: d.to,
+                    give_up: now >= give_up,
+                });
+            }
         }
+    }
+
+    /// The warm-up of a new generation ended: what it did is said, and the flip may come.
+    pub(super) fn warmed_up(
+        &mut self,
+        g: GenId,
+        report: WarmupReport,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(d) = self.deploy.as_mut().filter(|d| d.to == g) else {
+            return;
+        };
+        let Some((started, _)) = d.warmup.take() else {
+            return;
+        };
+        let event = Event::WarmedUp {
+            generation: g,
+            report,
+            requests: self.gens.get(&g).map_or(0, |x| {
+                u32::try_from(x.config.warmup.len()).unwrap_or(u32::MAX)
+            }),
+            took: now.saturating_duration_since(started),
+        };
+        out.push(Action::Log(event.clone()));
+        self.deploy_progress(event, out);
     }
 
     /// Refused while a deploy runs: operations that would fight it.
@@ -158,6 +217,11 @@ impl SiteMachine {
         if canary.is_some() {
             if let Err(why) = obs.probe_alone() {
                 return out.push(refuse(Failure::CanaryNeedsSteering(why)));
+            }
+        }
+        if !self.config.warmup.is_empty() {
+            if let Err(why) = obs.probe_alone() {
+                return out.push(refuse(Failure::WarmupNeedsSteering(why)));
             }
         }
         if self.config.ready.check.probes() {
@@ -304,6 +368,7 @@ impl SiteMachine {
                 promoted: false,
             }),
             crash_base: 0,
+            warmup: None,
         });
         out.push(Action::BindListeners(to));
     }
@@ -387,6 +452,7 @@ impl SiteMachine {
             old,
             new: gen_view(d.to),
             old_queues_empty: obs.queues_empty(d.from, d.to),
+            warming: d.warmup.is_some(),
             canary: d
                 .canary
                 .filter(|c| !c.promoted)
@@ -452,10 +518,22 @@ impl SiteMachine {
                 }
                 Step::BeginProbation => {
                     let period = self.config.deploy.probation;
+                    let warmup = self
+                        .gens
+                        .get(&to)
+                        .filter(|g| !g.config.warmup.is_empty())
+                        .map(|g| (now, now + g.config.ready.timeout));
                     if let Some(d) = self.deploy.as_mut() {
                         d.stage = Stage::Probation {
                             until: now + period,
                         };
+                        d.warmup = warmup;
+                    }
+                    if warmup.is_some() {
+                        out.push(Action::WarmUp {
+                            generation: to,
+                            give_up: false,
+                        });
                     }
                     self.deploy_progress(
                         Event::ProbationBegins {
@@ -638,6 +716,12 @@ impl SiteMachine {
             out.push(Action::Canary {
                 generation: d.to,
                 share: None,
+            });
+        }
+        if d.warmup.is_some() {
+            out.push(Action::WarmUp {
+                generation: d.to,
+                give_up: true,
             });
         }
         self.rolled_back(d, reason, false, now, out);

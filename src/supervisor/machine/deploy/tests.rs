@@ -5,7 +5,7 @@ use std::path::Path;
 use super::super::tests::{FULL_BUDGET, Quiet, exited, replies, send, site, spawned};
 use super::*;
 use crate::config::SiteConfig;
-use crate::supervisor::machine::{Input, Outcome};
+use crate::supervisor::machine::{Input, Outcome, WarmupReport};
 use crate::supervisor::slots::Slot;
 
 /// Old generations' accept queues never empty: they drain until the stop timeout.
@@ -465,5 +465,99 @@ fn a_canary_needs_steering_and_promote_needs_a_canary() {
                 stage: Some("probation")
             })
         )]
+    );
+}
+
+#[test]
+fn nothing_is_flipped_to_a_generation_before_its_warmup_ends() {
+    let t = Instant::now();
+    let extra =
+        "workers = 2\n[[listen]]\ntcp = \"127.0.0.1:1\"\n[deploy]\nwarmup = [\"/\", \"/search\"]\n";
+    let (mut m, _) = SiteMachine::new(site(extra), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+        canary: None,
+    };
+    let a = send(&mut m, deploy, &Quiet, t);
+    let warm = Action::WarmUp {
+        generation: GenId(2),
+        give_up: false,
+    };
+    assert!(a.contains(&warm), "it begins with the probation: {a:?}");
+    // Probation is over, the warm-up is not: looked at, no flip.
+    let t = t + Duration::from_secs(2);
+    let a = send(&mut m, Input::Tick, &Quiet, t);
+    assert!(a.contains(&warm), "{a:?}");
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Steer(_))),
+        "no flip yet: {a:?}"
+    );
+    assert!(
+        m.next_deadline(t).is_some_and(|d| d > t),
+        "no spin while it runs"
+    );
+    let report = WarmupReport {
+        warmed: 2,
+        of: 2,
+        answered: 4,
+    };
+    let a = send(
+        &mut m,
+        Input::WarmedUp {
+            generation: GenId(2),
+            report,
+        },
+        &Quiet,
+        t,
+    );
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Progress {
+                event: Event::WarmedUp {
+                    requests: 2,
+                    report: WarmupReport { warmed: 2, .. },
+                    ..
+                },
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+    assert!(a.contains(&Action::Steer(GenId(2))), "then the flip: {a:?}");
+}
+
+#[test]
+fn a_warmup_needs_steering_and_a_rollback_ends_it() {
+    let t = Instant::now();
+    let extra = "workers = 2\n[[listen]]\ntcp = \"127.0.0.1:1\"\n[deploy]\nwarmup = 1\n";
+    let (mut m, _) = SiteMachine::new(site(extra), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let deploy = |client| Input::Deploy {
+        client,
+        release: None,
+        canary: None,
+    };
+    let a = send(&mut m, deploy(ClientId(2)), &Unsteered, t);
+    assert!(
+        matches!(
+            replies(&a).as_slice(),
+            [(
+                ClientId(2),
+                Outcome::Failed(Failure::WarmupNeedsSteering(_))
+            )]
+        ),
+        "{a:?}"
+    );
+    send(&mut m, deploy(ClientId(3)), &Quiet, t);
+    let a = send(&mut m, Input::Rollback(ClientId(4)), &Quiet, t);
+    assert!(
+        a.contains(&Action::WarmUp {
+            generation: GenId(2),
+            give_up: true
+        }),
+        "{a:?}"
     );
 }

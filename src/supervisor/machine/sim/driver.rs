@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::config::ReadyCheck;
 use crate::supervisor::ids::{GenId, Slot};
 use crate::supervisor::machine::{
-    Action, Done, HealthAnswer, HealthResult, Input, Outcome, Steering,
+    Action, Done, HealthAnswer, HealthResult, Input, Outcome, Steering, WarmupReport,
 };
 use crate::supervisor::slots::{self, ExitReason, Phase};
 
@@ -154,6 +154,7 @@ impl Sim {
                 self.handle(Input::ListenersBound { generation, result })
             }
             Action::Steer(generation) => {
+                self.not_warming(generation)?;
                 self.w.steered = generation;
                 self.w.canary = None;
                 let steering = if self.rng.chance(50) {
@@ -179,6 +180,7 @@ impl Sim {
                 generation,
                 share: Some(_),
             } => {
+                self.not_warming(generation)?;
                 if self.m.deploy().is_none_or(|d| d.to != generation) {
                     return Err(format!("a canary of {generation}, which is not deployed"));
                 }
@@ -193,6 +195,28 @@ impl Sim {
             Action::Canary { share: None, .. } => {
                 self.w.canary = None;
                 Ok(Vec::new())
+            }
+            Action::WarmUp {
+                generation,
+                give_up,
+            } => {
+                if !give_up && self.rng.chance(60) {
+                    return Ok(Vec::new());
+                }
+                let n = self
+                    .w
+                    .procs
+                    .keys()
+                    .filter(|(g, _)| *g == generation)
+                    .count();
+                let n = u32::try_from(n).unwrap_or(u32::MAX);
+                let warmed = if give_up { n.saturating_sub(1) } else { n };
+                let report = WarmupReport {
+                    warmed,
+                    of: n,
+                    answered: warmed,
+                };
+                self.handle(Input::WarmedUp { generation, report })
             }
             Action::Health {
                 generation,
@@ -265,6 +289,16 @@ impl Sim {
             Action::RecordPreviousRelease(_) | Action::ApplyLimits | Action::Log(_) => {
                 Ok(Vec::new())
             }
+        }
+    }
+
+    /// Nothing is steered to a generation whose warm-up is under way.
+    fn not_warming(&self, g: GenId) -> Step {
+        match self.m.deploy() {
+            Some(d) if d.to == g && d.warmup.is_some() => {
+                Err(format!("steered to {g} while it warms up"))
+            }
+            _ => Ok(()),
         }
     }
 

@@ -325,6 +325,14 @@ fn random_config(rng: &mut Rng) -> SiteConfig {
     };
     c.deploy.probation = rng.ms(0, 3000);
     if rng.chance(30) {
+        let path = crate::config::HttpCheck {
+            path: "/".into(),
+            host: None,
+            status: (100, 599),
+        };
+        c.warmup = vec![path; usize::try_from(rng.small(1, 3)).unwrap_or(1)];
+    }
+    if rng.chance(30) {
         c.health = Some(crate::config::HealthPolicy {
             interval: rng.ms(100, 3000),
             timeout: rng.ms(20, 1000),
