@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 REQ_TIMEOUT = 5.0  # a request not answered in this long counts as failed (timeout)
 CMD_TIMEOUT = 120.0  # any reload/deploy command
-SYSTEMS = ["gunicorn", "pm2", "hatchery-gunicorn", "hatchery-node"]
+SYSTEMS = ["gunicorn", "pm2", "hatchery-gunicorn", "hatchery-node", "hatchery-node-warm5", "hatchery-node-warm"]
 
 
 def log(*a):
@@ -297,7 +297,7 @@ class Hatchery(System):
                 "[env]"] + ['%s = "%s"' % kv for kv in sorted(appenv.items())] + [
                 "[[listen]]", 'name = "http"', 'tcp = "127.0.0.1:%d"' % self.port,
                 "[ready]", 'check = "%s"' % self.ready_check, 'timeout = "30s"',
-                "[stop]", 'signal = "SIGTERM"', 'timeout = "10s"']
+                "[stop]", 'signal = "SIGTERM"', 'timeout = "10s"'] + self.site_extra()
         with open(os.path.join(d, "sites.d", "bench.toml"), "w") as f:
             f.write("\n".join(site) + "\n")
         self.log = open(os.path.join(d, "agent.log"), "w")
@@ -305,6 +305,9 @@ class Hatchery(System):
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_serving()
         wait_until(lambda: len(self.worker_pids()) == workers, 30)
+
+    def site_extra(self):
+        return []
 
     def ctl(self, *a, timeout=CMD_TIMEOUT):
         return run([self.args.hatchery, "--socket", self.sock] + list(a), env=self.env, timeout=timeout, check=False)
@@ -362,7 +365,23 @@ class HatcheryNode(Hatchery):
         return {}
 
 
-CLASSES = {"gunicorn": Gunicorn, "pm2": Pm2, "hatchery-gunicorn": HatcheryGunicorn, "hatchery-node": HatcheryNode}
+class HatcheryNodeWarm(HatcheryNode):
+    # The same, with deploy.warmup: every new worker answers 20 requests of "/" before the
+    # flip, so its handler is compiled before clients reach it.
+    name = "hatchery-node-warm"
+    warmup = 20
+
+    def site_extra(self):
+        return ["[deploy]", "warmup = %d" % self.warmup]
+
+
+class HatcheryNodeWarm5(HatcheryNodeWarm):
+    name = "hatchery-node-warm5"
+    warmup = 5
+
+
+CLASSES = {"gunicorn": Gunicorn, "pm2": Pm2, "hatchery-gunicorn": HatcheryGunicorn, "hatchery-node": HatcheryNode,
+           "hatchery-node-warm": HatcheryNodeWarm, "hatchery-node-warm5": HatcheryNodeWarm5}
 
 
 # ---------------------------------------------------------------- scenarios
