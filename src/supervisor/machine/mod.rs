@@ -294,6 +294,9 @@ pub struct SiteMachine {
     last_peak: Option<u64>,
     waiters: Vec<Waiter>,
     removing: bool,
+    /// A site whose app binds its own port: the serving generation starts once no other
+    /// generation has a process left (one rolled back may still be stopping).
+    start_deferred: bool,
 }
 
 impl SiteMachine {
@@ -343,6 +346,7 @@ impl SiteMachine {
             last_peak: None,
             waiters: Vec::new(),
             removing: false,
+            start_deferred: false,
         };
         (machine, out)
     }
@@ -409,6 +413,28 @@ impl SiteMachine {
         self.capacity
     }
 
+    /// Whether the serving generation waits to start until another generation's last
+    /// process is gone (the app binds its own port: never two generations at once).
+    pub fn start_deferred(&self) -> bool {
+        self.start_deferred
+    }
+
+    /// Starts the serving generation, or, for a site whose app binds its own port while
+    /// another generation still has a process, once that one is gone.
+    fn start_serving(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let others = self
+            .gens
+            .values()
+            .any(|g| g.id != self.serving && g.slots.live() > 0);
+        if self.config.exclusive_deploys() && others {
+            self.start_deferred = true;
+            return;
+        }
+        self.start_deferred = false;
+        let serving = self.serving;
+        self.feed(serving, slots::Input::StartRequested, now, out);
+    }
+
     /// A client went away (or was answered by other means): it waits for nothing any
     /// more. The same as [`Input::ClientGone`], which has no actions, for a caller in the
     /// middle of carrying out others.
@@ -428,6 +454,13 @@ impl SiteMachine {
     pub fn generation_state(&self, g: &Generation) -> &'static str {
         match &self.deploy {
             Some(d) if d.to == g.id && g.id != self.serving => d.stage.name(),
+            Some(d) if d.from == g.id && d.exclusive.is_some_and(|x| x.old_stopped) => {
+                if g.slots.slots.is_empty() {
+                    "stopped"
+                } else {
+                    "stopping"
+                }
+            }
             Some(d) if d.from == g.id && g.id != self.serving => "draining",
             _ if g.id == self.serving => "serving",
             _ if g.leaving => "retiring",
@@ -487,13 +520,22 @@ impl SiteMachine {
                 window,
             } => self.steered(generation, steering, window, &mut out),
             Input::Tick => self.tick(obs, now, &mut out),
+            // A stop-then-start deploy holds the serving generation stopped: starting it
+            // would bind the port beside the new one.
+            Input::Start(client) if self.deploy.as_ref().is_some_and(|d| d.exclusive.is_some()) => {
+                if let (Some(client), Some(busy)) = (client, self.deploy_busy()) {
+                    out.push(Action::Reply {
+                        client,
+                        outcome: Outcome::Failed(busy),
+                    });
+                }
+            }
             Input::Start(client) => {
-                let serving = self.serving;
                 self.stop_superseded(&mut out);
                 if let Some(c) = client {
                     self.hold(c, WaitFor::Settled);
                 }
-                self.feed(serving, slots::Input::StartRequested, now, &mut out);
+                self.start_serving(now, &mut out);
                 if let Some(c) = client {
                     self.reply_if_settled(c, &mut out);
                 }
@@ -523,6 +565,9 @@ impl SiteMachine {
     /// Generations retired, the deploy moved on, the site dropped once removed and stopped.
     fn after(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
         self.retire_gone(out);
+        if self.start_deferred {
+            self.start_serving(now, out);
+        }
         if self.deploy.is_some() {
             self.advance_deploy(obs, now, out);
             // It may have stopped a generation with no process left: gone at once.
