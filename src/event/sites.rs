@@ -125,7 +125,7 @@ impl Agent {
     /// limits written, its release resolved.
     pub(super) fn make_site(&mut self, config: SiteConfig) -> Result<Site, AgentError> {
         let mut listeners = Vec::new();
-        for spec in &config.listen {
+        for spec in config.agent_listeners() {
             let l = Listener::bind(spec, config.uid, config.gid).map_err(|e| {
                 setup_err(format!("set up the listeners of site {}", config.name), e)
             })?;
@@ -277,12 +277,15 @@ impl Agent {
             Action::BindListeners(generation) => {
                 let site = self.sites.get_mut(name)?;
                 let (uid, gid) = (site.config().uid, site.config().gid);
-                let result = generations::bind_beside(&site.io, site.machine.serving(), uid, gid)
-                    .map(|listeners| {
+                let share_all = site.config().exclusive_deploys();
+                let serving = site.machine.serving();
+                let result = generations::bind_beside(&site.io, serving, uid, gid, share_all).map(
+                    |listeners| {
                         site.io
                             .gens
                             .insert(generation, generations::new_generation(listeners));
-                    });
+                    },
+                );
                 Some(Input::ListenersBound { generation, result })
             }
             Action::Steer(generation) => {
@@ -301,7 +304,15 @@ impl Agent {
                     .machine
                     .generation(generation)
                     .and_then(|g| g.config.ready_http.clone());
-                match generations::probe(&mut site.io, name, generation, serving, http.as_ref()) {
+                let own = site.config().own_ports().first().copied();
+                match generations::probe(
+                    &mut site.io,
+                    name,
+                    generation,
+                    serving,
+                    http.as_ref(),
+                    own,
+                ) {
                     Probed::Waiting => None,
                     Probed::Accepted => Some(Input::ProbeAccepted(generation)),
                     Probed::Refused(answer) => Some(Input::ProbeRefused { generation, answer }),
