@@ -151,6 +151,9 @@ fn site_details(out: &mut String, s: &SiteStatus) {
                 .unwrap_or_default()
         );
     }
+    if let Some(d) = &s.deploys {
+        let _ = writeln!(out, "deploys: {d}");
+    }
     if let Some(d) = &s.last_deploy {
         let result = serde_json::to_value(d.result)
             .ok()

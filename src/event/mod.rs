@@ -133,6 +133,8 @@ struct Pipe {
     pid: i32,
     fd: OwnedFd,
     splitter: LineSplitter,
+    /// Whether the sandbox's bind rule was explained after one of its lines.
+    hinted: bool,
 }
 
 #[derive(Debug)]
