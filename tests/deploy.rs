@@ -1275,3 +1275,62 @@ fn an_own_port_site_deploys_by_stop_then_start_and_a_failed_release_starts_the_o
         samples.len()
     );
 }
+
+/// `GET /` on `127.0.0.1:port`: the body, if it answered 200.
+fn get_body(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\nhost: t\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.starts_with("HTTP/1.0 200")
+        .then(|| text.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// The README's example of a server that binds its own port, for real:
+/// `python3 -m http.server` serving each release's directory.
+#[test]
+fn python_http_server_binding_its_own_port_is_deployed_by_stop_then_start() {
+    let Some((python, _)) = gunicorn() else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    for r in ["r1", "r2"] {
+        let dir = release(root.path(), r, None);
+        std::fs::write(dir.join("index.html"), format!("release {r}\n")).expect("index");
+    }
+    point(&link, &root.path().join("releases/r1"));
+    let port = free_port();
+    let timeout = if in_vm() { "30s" } else { "10s" };
+    let text = format!(
+        r#"name = "web"
+command = ["{}", "-m", "http.server", "--bind", "127.0.0.1", "--directory", "{{release}}", "{port}"]
+release = "{}"
+[[listen]]
+tcp = "127.0.0.1:{port}"
+mode = "own"
+[ready]
+check = "http"
+timeout = "{timeout}"
+[deploy]
+probation = "300ms"
+"#,
+        python.display(),
+        link.display()
+    );
+    let (agent, _) = start_web(&text, 1, "epoll", true);
+    assert_eq!(get_body(port).as_deref(), Some("release r1\n"));
+    point(&link, &root.path().join("releases/r2"));
+    let run = deploy(&agent, &["web"]);
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    assert!(
+        run.text().contains(&format!(
+            "stop-then-start: web binds its own port 127.0.0.1:{port}"
+        )),
+        "{}",
+        run.text()
+    );
+    assert_eq!(get_body(port).as_deref(), Some("release r2\n"));
+    assert_eq!(agent.status("web")["generation"], 2);
+}
