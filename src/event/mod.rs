@@ -523,6 +523,16 @@ impl Agent {
                     g.sweep();
                 }
                 self.rearm(Source::Graveyard);
+                // A stop-then-start deploy may wait for what a generation left behind.
+                let waiting: Vec<SiteName> = self
+                    .sites
+                    .iter()
+                    .filter(|(_, s)| s.machine.deploy().is_some_and(|d| d.exclusive.is_some()))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for name in waiting {
+                    self.feed(&name, Input::Tick);
+                }
             }
             Source::ConnWrite(c) => {
                 if let Some(conn) = self.conns.get_mut(&c) {

@@ -86,6 +86,9 @@ struct World<'a> {
     io: &'a SiteIo,
     serving: GenId,
     steering: &'a SteeringSupport,
+    /// Cgroups killed and not yet empty (the graveyard's), and the site's cgroup.
+    buried: &'a [PathBuf],
+    site_dir: Option<PathBuf>,
 }
 
 impl Observe for World<'_> {
@@ -117,6 +120,14 @@ impl Observe for World<'_> {
 
     fn probe_alone(&self) -> Result<(), String> {
         generations::probe_alone(self.io, self.serving, self.steering)
+    }
+
+    fn leftovers(&self, generation: GenId) -> bool {
+        let Some(site) = &self.site_dir else {
+            return false;
+        };
+        let dir = site.join(format!("gen-{}", generation.0));
+        self.buried.iter().any(|b| b.starts_with(&dir))
     }
 }
 
@@ -224,6 +235,11 @@ impl Agent {
             io: &site.io,
             serving: site.machine.serving(),
             steering: &self.steering_support,
+            buried: self
+                .graveyard
+                .as_ref()
+                .map_or(&[][..], crate::cgroup::Graveyard::remaining),
+            site_dir: self.cgroups.as_ref().map(|t| t.site_dir(name.as_str())),
         };
         site.machine.handle(input, &world, Instant::now())
     }

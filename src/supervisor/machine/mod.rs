@@ -62,6 +62,13 @@ pub trait Observe {
     /// Whether a `tcp` ready check can reach a new generation alone (steering attached to
     /// the site's first TCP listener); why not, if not.
     fn probe_alone(&self) -> Result<(), String>;
+    /// Whether processes that generation `generation`'s workers left behind (killed with
+    /// their cgroup leaf, not gone yet) may still hold its sockets. Where this cannot be
+    /// known (no cgroups), `false`.
+    fn leftovers(&self, generation: GenId) -> bool {
+        let _ = generation;
+        false
+    }
 }
 
 /// One generation of the site.

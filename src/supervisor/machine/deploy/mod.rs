@@ -374,6 +374,16 @@ impl SiteMachine {
         // Generations still on their way out (a deploy rolled back just before this one)
         // hold processes too: they count against the cap with the old generation's.
         let mut old = gen_view(d.from);
+        let mut new = gen_view(d.to);
+        // Stop-then-start: what a generation's workers left behind may hold the port until
+        // it is gone, so it counts as a process.
+        if d.exclusive.is_some() {
+            for (g, v) in [(d.from, &mut old), (d.to, &mut new)] {
+                if obs.leftovers(g) {
+                    v.live = v.live.max(1);
+                }
+            }
+        }
         for g in self
             .gens
             .values()
@@ -388,7 +398,7 @@ impl SiteMachine {
             target: d.target,
             cap: d.cap,
             old,
-            new: gen_view(d.to),
+            new,
             old_queues_empty: obs.queues_empty(d.from, d.to),
             exclusive: d.exclusive,
         })

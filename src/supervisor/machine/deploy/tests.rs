@@ -507,3 +507,44 @@ fn a_stop_then_start_deploy_not_ready_in_time_or_rolled_back_on_request_waits_fo
     assert_eq!(spawned(&a), vec![]);
     assert!(m.is_stopped());
 }
+
+/// No steering, and what generation 1's workers left behind is still there until told.
+struct LeftBehind(std::cell::Cell<bool>);
+
+impl Observe for LeftBehind {
+    fn resolve_release(&self, s: &SiteConfig, a: Option<&Path>) -> Result<Option<PathBuf>, String> {
+        Quiet.resolve_release(s, a)
+    }
+    fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+        None
+    }
+    fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+        true
+    }
+    fn probe_alone(&self) -> Result<(), String> {
+        Err("unavailable".into())
+    }
+    fn leftovers(&self, g: GenId) -> bool {
+        g == GenId(1) && self.0.get()
+    }
+}
+
+#[test]
+fn stop_then_start_waits_for_what_the_old_workers_left_behind() {
+    let t = Instant::now();
+    let (mut m, _) = own_port_deploy(t);
+    let obs = LeftBehind(std::cell::Cell::new(true));
+    let a = [
+        send(&mut m, exited(1, 0), &obs, t),
+        send(&mut m, exited(1, 1), &obs, t),
+    ]
+    .concat();
+    assert_eq!(
+        spawned(&a),
+        vec![],
+        "a killed grandchild may still hold the port"
+    );
+    obs.0.set(false);
+    let a = send(&mut m, Input::Tick, &obs, t);
+    assert_eq!(spawned(&a), vec![(2, 0), (2, 1)]);
+}
