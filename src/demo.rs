@@ -78,14 +78,19 @@ pub struct WorkerOptions {
     /// answers them, as a worker whose app is stuck), `log-requests` (prints each request
     /// line and its user agent).
     pub behaviour_from: Option<PathBuf>,
+    /// Bind this address itself (without `SO_REUSEPORT`, so a second process bound to it
+    /// fails with `EADDRINUSE`) instead of taking its listener from `LISTEN_FDS`: a server
+    /// that binds its own port (`[[listen]] mode = "own"`).
+    pub bind: Option<SocketAddr>,
 }
 
 impl WorkerOptions {
-    /// Parses `--delay-ms N` and `--behaviour-from DIR`.
+    /// Parses `--delay-ms N`, `--behaviour-from DIR` and `--bind HOST:PORT`.
     pub fn parse(args: &[String]) -> Result<WorkerOptions, String> {
         let mut o = WorkerOptions {
             delay: Duration::ZERO,
             behaviour_from: None,
+            bind: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -98,6 +103,10 @@ impl WorkerOptions {
                 "--behaviour-from" => {
                     let v = it.next().ok_or("--behaviour-from needs a directory")?;
                     o.behaviour_from = Some(PathBuf::from(v));
+                }
+                "--bind" => {
+                    let v = it.next().ok_or("--bind needs host:port")?;
+                    o.bind = Some(v.parse().map_err(|_| format!("bad --bind {v:?}"))?);
                 }
                 other => return Err(format!("unknown option {other:?}")),
             }
@@ -132,11 +141,21 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         .and_then(|d| d.file_name())
         .map(|n| format!(", release {}", n.to_string_lossy()))
         .unwrap_or_default();
-    let fds = crate::sys::activation::listen_fds()?;
-    let (_, fd) = fds.into_iter().next().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "no listener passed in LISTEN_FDS")
-    })?;
-    let listener = TcpListener::from(fd);
+    let listener = match opts.bind {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("failed to bind {addr}: {e}")))?;
+            println!("demo worker {id} of generation {generation}: bound {addr}");
+            l
+        }
+        None => {
+            let fds = crate::sys::activation::listen_fds()?;
+            let (_, fd) = fds.into_iter().next().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "no listener passed in LISTEN_FDS")
+            })?;
+            TcpListener::from(fd)
+        }
+    };
     // Several processes (and generations) may accept from this socket: never block in
     // accept after another one took the connection.
     listener.set_nonblocking(true)?;

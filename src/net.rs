@@ -554,6 +554,7 @@ mod tests {
             name: "http".into(),
             addr: ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr")),
             backlog: 16,
+            mode: crate::config::ListenMode::Agent,
         };
         let l = Listener::bind(&spec, 0, 0).expect("bind");
         assert_eq!(l.queued(), Some(0));

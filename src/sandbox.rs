@@ -160,6 +160,57 @@ pub struct Prepared {
     pub plan: Arc<SandboxPlan>,
     /// What is enforced and what is not, one line each.
     pub report: Vec<(bool, String)>,
+    /// With Landlock network rules in force: the only TCP ports workers may bind (the
+    /// site's `[[listen]]` ports, `mode = "own"` ones included).
+    pub bind_ports: Option<Vec<u16>>,
+}
+
+impl Prepared {
+    /// The marked line for the site's log that says which ports the sandbox lets the app
+    /// bind and how to allow another, when Landlock network rules are in force.
+    pub fn bind_rule_line(&self) -> Option<String> {
+        let ports = self.bind_ports.as_ref()?;
+        let allowed = if ports.is_empty() {
+            "no TCP port".to_string()
+        } else {
+            format!("only TCP {}", port_list(ports))
+        };
+        Some(format!(
+            "sandbox: workers may bind {allowed} (Landlock network rules); a bind to another port fails with EACCES (Permission denied): declare it in [[listen]] (the agent binds it and passes it as fd 3, LISTEN_FDS), or add mode = \"own\" to let the app bind it"
+        ))
+    }
+
+    /// The marked line for the site's log after worker `worker` printed `line`, when that
+    /// may be the sandbox refusing a bind: Landlock network rules are in force and the
+    /// line says `Permission denied` (`EACCES`, Python's `Errno 13`). The kernel does not
+    /// say which rule refused what (Landlock's audit records need 6.15 and audit on), so
+    /// the line names the rule and the fix, not a certainty.
+    pub fn bind_refusal_hint(&self, worker: u32, line: &[u8]) -> Option<String> {
+        let ports = self.bind_ports.as_ref()?;
+        let text = String::from_utf8_lossy(line).to_ascii_lowercase();
+        let denied = ["permission denied", "eacces", "errno 13"]
+            .iter()
+            .any(|m| text.contains(m));
+        if !denied {
+            return None;
+        }
+        let allowed = if ports.is_empty() {
+            "no TCP port".to_string()
+        } else {
+            format!("only TCP {}", port_list(ports))
+        };
+        Some(format!(
+            "w-{worker} was refused something (Permission denied): if it was a bind, it may not bind ports the site does not declare (it may bind {allowed}): declare it in [[listen]] (the agent binds it and passes fd 3), or say mode = \"own\" to let the app bind it"
+        ))
+    }
+}
+
+fn port_list(ports: &[u16]) -> String {
+    let words: Vec<String> = ports.iter().map(ToString::to_string).collect();
+    match words.len() {
+        1 => format!("port {}", words[0]),
+        _ => format!("ports {}", words.join(", ")),
+    }
 }
 
 impl Prepared {
@@ -192,6 +243,7 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, SandboxE
     let sb = &site.sandbox;
     let mut plan = SandboxPlan::default();
     let mut report = Vec::new();
+    let mut bind_ports = None;
     for (name, resource, value) in &sb.rlimits {
         plan.rlimits.push((*resource, *value));
         report.push((true, format!("rlimit {name} = {value}")));
@@ -379,6 +431,7 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, SandboxE
             binds.dedup();
             ll.ports
                 .extend(binds.iter().map(|p| (*p, landlock::net::BIND_TCP)));
+            bind_ports = Some(binds.clone());
             ll.ports
                 .extend(sb.connect.iter().map(|p| (*p, landlock::net::CONNECT_TCP)));
             report.push((
@@ -394,6 +447,7 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, SandboxE
     Ok(Prepared {
         plan: Arc::new(plan),
         report,
+        bind_ports,
     })
 }
 

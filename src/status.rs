@@ -135,6 +135,10 @@ pub struct SiteStatus {
     /// Every worker slot of every generation.
     #[serde(default)]
     pub workers: Vec<WorkerStatus>,
+    /// How deploys go when not by generations side by side: `stop-then-start: blog binds
+    /// its own port 127.0.0.1:8000` (a `[[listen]]` with `mode = "own"`).
+    #[serde(default)]
+    pub deploys: Option<String>,
 }
 
 /// One worker slot.

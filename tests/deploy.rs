@@ -1555,3 +1555,185 @@ fn warmup_reaches_every_worker(behaviour: &str) {
         "the warm-up reached the serving generation"
     );
 }
+
+/// Site `web` whose one worker binds `127.0.0.1:port` itself (`mode = "own"`), without
+/// `SO_REUSEPORT`: a worker started while another still holds the port fails with
+/// `EADDRINUSE` (and its deploy would roll back).
+fn own_port_site(link: &Path, port: u16) -> String {
+    let timeout = if in_vm() { "20s" } else { "8s" };
+    format!(
+        r#"name = "web"
+command = ["{BIN}", "__demo-worker", "--behaviour-from", "{{release}}", "--bind", "127.0.0.1:{port}"]
+workers = 1
+release = "{}"
+[[listen]]
+tcp = "127.0.0.1:{port}"
+mode = "own"
+[ready]
+check = "http"
+timeout = "{timeout}"
+[stop]
+timeout = "10s"
+[deploy]
+probation = "300ms"
+"#,
+        link.display()
+    )
+}
+
+#[test]
+fn an_own_port_site_deploys_by_stop_then_start_and_a_failed_release_starts_the_old_one_again() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    point(&link, &release(root.path(), "r1", None));
+    let port = free_port();
+    let (agent, steering) = start_web(&own_port_site(&link, port), 1, "io_uring", true);
+    // Nothing for eBPF to steer (the agent binds nothing), and the http check probes
+    // the app's port directly: the deploy is not refused for want of steering.
+    assert_ne!(steering, "ebpf");
+    let s = agent.status("web");
+    assert_eq!(
+        s["listen"][0],
+        format!("tcp 127.0.0.1:{port} (own)"),
+        "{s:#}"
+    );
+    assert!(
+        s["deploys"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("stop-then-start: web binds its own port")),
+        "{s:#}"
+    );
+    let (_, old_pids) = serving(&agent);
+
+    let load = Load::start(port, if in_vm() { 2 } else { 4 });
+    load.wait_for(1, 20);
+    point(&link, &release(root.path(), "r2", None));
+    let run = deploy(&agent, &["web"]);
+    // Done: gen-2's worker bound the port (it would have failed with EADDRINUSE next to a
+    // worker of gen-1, and the deploy rolled back).
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    let text = run.text();
+    let said = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("the deploy did not say {needle:?}:\n{text}"))
+    };
+    assert!(
+        said("stop-then-start: web binds its own port") < said("gen-1: stopping all its workers")
+    );
+    // The agent starts gen-2 only once gen-1's last process is gone: after it told of
+    // the stop, and with the old pid gone by the time gen-2's worker is reported.
+    assert!(said("gen-1: stopping all its workers") < said("gen-2: w-0 started"));
+    assert!(said("gen-2: w-0 started") < said("gen-2 serves"), "{text}");
+    for p in &old_pids {
+        assert!(!alive(*p), "gen-1's worker {p} still runs");
+    }
+    assert!(
+        text.contains("stop-then-start: the only generation"),
+        "{text}"
+    );
+    load.wait_for(2, 20);
+
+    // A release that exits at start: gen-3 is stopped and gen-2 starts again.
+    let before = load
+        .answers
+        .lock()
+        .expect("answers")
+        .get(&2)
+        .copied()
+        .unwrap_or(0);
+    point(&link, &release(root.path(), "r3", Some("exit")));
+    let run = deploy(&agent, &["web"]);
+    assert_eq!(run.code, Some(4), "{}", run.text());
+    let text = run.text();
+    assert!(
+        text.contains("stopping gen-3; gen-2 starts again"),
+        "{text}"
+    );
+    assert!(text.contains("gen-2 was started again"), "{text}");
+    let s = agent.status("web");
+    assert_eq!(s["generation"], 2, "{s:#}");
+    load.wait_for(2, before + 20);
+    let samples = load.finish();
+
+    // Never two generations bound at once, as the load saw it: every answer of gen-1
+    // came on a connection made before the first answer of gen-2, and gen-3 never
+    // answered. (Between them the port was closed: some connections were refused.)
+    let connected = |g: u32| {
+        samples
+            .iter()
+            .filter(|s| s.outcome.as_ref().is_ok_and(|x| *x == g))
+            .filter_map(|s| s.connected)
+            .collect::<Vec<_>>()
+    };
+    let last1 = connected(1).into_iter().max().expect("gen-1 answered");
+    let first2 = connected(2).into_iter().min().expect("gen-2 answered");
+    assert!(
+        last1 < first2,
+        "gen-1 answered a connection made after gen-2 had answered"
+    );
+    assert!(connected(3).is_empty(), "gen-3 answered");
+    let refused = failed(&samples).len();
+    eprintln!(
+        "{} requests; {refused} failed while no generation was bound (stop-then-start)",
+        samples.len()
+    );
+}
+
+/// `GET /` on `127.0.0.1:port`: the body, if it answered 200.
+fn get_body(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\nhost: t\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.starts_with("HTTP/1.0 200")
+        .then(|| text.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// The README's example of a server that binds its own port, for real:
+/// `python3 -m http.server` serving each release's directory.
+#[test]
+fn python_http_server_binding_its_own_port_is_deployed_by_stop_then_start() {
+    let Some((python, _)) = gunicorn() else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    for r in ["r1", "r2"] {
+        let dir = release(root.path(), r, None);
+        std::fs::write(dir.join("index.html"), format!("release {r}\n")).expect("index");
+    }
+    point(&link, &root.path().join("releases/r1"));
+    let port = free_port();
+    let timeout = if in_vm() { "30s" } else { "10s" };
+    let text = format!(
+        r#"name = "web"
+command = ["{}", "-m", "http.server", "--bind", "127.0.0.1", "--directory", "{{release}}", "{port}"]
+release = "{}"
+[[listen]]
+tcp = "127.0.0.1:{port}"
+mode = "own"
+[ready]
+check = "http"
+timeout = "{timeout}"
+[deploy]
+probation = "300ms"
+"#,
+        python.display(),
+        link.display()
+    );
+    let (agent, _) = start_web(&text, 1, "epoll", true);
+    assert_eq!(get_body(port).as_deref(), Some("release r1\n"));
+    point(&link, &root.path().join("releases/r2"));
+    let run = deploy(&agent, &["web"]);
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    assert!(
+        run.text().contains(&format!(
+            "stop-then-start: web binds its own port 127.0.0.1:{port}"
+        )),
+        "{}",
+        run.text()
+    );
+    assert_eq!(get_body(port).as_deref(), Some("release r2\n"));
+    assert_eq!(agent.status("web")["generation"], 2);
+}

@@ -134,6 +134,24 @@ fn readme_config_examples_are_valid() {
     assert_eq!((h.failures, h.http.path.as_str()), (2, "/health"));
     assert_eq!(h.interval, std::time::Duration::from_secs(10));
     std::fs::remove_file(sites.join("app.toml")).expect("rm");
+
+    // The server that binds its own port.
+    let files = blocks
+        .iter()
+        .find(|b| b.starts_with("# sites.d/files.toml"))
+        .expect("an own-port example");
+    std::fs::write(sites.join("files.toml"), files).expect("write");
+    let config = hatchery::config::load(&agent_path).expect("the own-port example is valid");
+    let files = config
+        .sites
+        .iter()
+        .find(|s| s.name.as_str() == "files")
+        .expect("files");
+    assert_eq!(files.listen[0].mode, hatchery::config::ListenMode::Own);
+    assert_eq!(files.agent_listeners().count(), 0);
+    assert!(files.exclusive_deploys());
+    assert_eq!(files.ready.check, hatchery::config::ReadyCheck::Http);
+    std::fs::remove_file(sites.join("files.toml")).expect("rm");
     let config = hatchery::config::load(&agent_path).expect("valid");
     assert_eq!(config.sites.len(), 3);
     let blog = &config.sites[0];

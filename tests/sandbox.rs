@@ -954,3 +954,60 @@ fn landlock_off_enforces_no_filesystem_rules() {
         "{off_status}"
     );
 }
+
+/// A worker binding a port its site does not declare: with Landlock network rules (ABI
+/// 4, Linux 6.7) the kernel refuses it (EACCES), and the site's log says which ports the
+/// app may bind (when the site starts) and the fix (right after the app's own error). The
+/// port declared `mode = "own"` is the app's: the agent leaves it free. Without network
+/// rules (Debian's 6.1, ABI 2) nothing refuses the bind, and `status` says binds are not
+/// restricted: that is what this test checks there.
+#[test]
+fn an_undeclared_bind_is_refused_by_landlock_and_the_site_log_gives_the_fix() {
+    let (own, other) = (free_port(), free_port());
+    let site = format!(
+        "name = \"a\"\ncommand = [\"{BIN}\", \"__demo-worker\", \"--bind\", \"127.0.0.1:{other}\"]\n\
+         [[listen]]\ntcp = \"127.0.0.1:{own}\"\nmode = \"own\"\n[restart]\nbackoff_initial = \"1s\"\n"
+    );
+    let agent = TestAgent::start(&[("a", &site)], opts());
+    let abi = landlock_abi();
+    if abi < 4 {
+        wait_log(&agent, "a", &format!("bound 127.0.0.1:{other}"));
+        let status = agent.status("a");
+        assert!(
+            status["sandbox"]["not_enforced"]
+                .to_string()
+                .contains("binds and connects are not restricted"),
+            "{status:#}"
+        );
+        eprintln!(
+            "Landlock ABI {abi}: no network rules on this kernel; checked that the bind is not restricted and that status says so"
+        );
+        return;
+    }
+    let lines = wait_log(&agent, "a", "w-0 was refused something");
+    let at = |what: &str, needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {what} ({needle:?}) in the log: {lines:#?}"))
+    };
+    let rule = at(
+        "the rule, said at start",
+        &format!(
+            "hatchery: sandbox: workers may bind only TCP port {own} (Landlock network rules); a bind to another port fails with EACCES"
+        ),
+    );
+    let error = at(
+        "the app's error",
+        &format!("failed to bind 127.0.0.1:{other}: Permission denied"),
+    );
+    let hint = at(
+        "the fix",
+        &format!(
+            "hatchery: w-0 was refused something (Permission denied): if it was a bind, it may not bind ports the site does not declare (it may bind only TCP port {own}): declare it in [[listen]] (the agent binds it and passes fd 3), or say mode = \"own\" to let the app bind it"
+        ),
+    );
+    assert!(rule < error && error < hint, "{lines:#?}");
+    // The agent bound nothing: the declared port is free for the app.
+    std::net::TcpListener::bind(("127.0.0.1", own)).expect("the app's own port is free");
+}

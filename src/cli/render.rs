@@ -182,6 +182,9 @@ fn site_details(out: &mut String, s: &SiteStatus) {
             }
         );
     }
+    if let Some(d) = &s.deploys {
+        let _ = writeln!(out, "deploys: {d}");
+    }
     if let Some(d) = &s.last_deploy {
         let result = serde_json::to_value(d.result)
             .ok()

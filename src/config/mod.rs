@@ -183,6 +183,32 @@ impl Ord for ListenAddr {
     }
 }
 
+/// Who binds a listener (`[[listen]] mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenMode {
+    /// The agent binds it and passes it to every worker (socket activation).
+    #[default]
+    Agent,
+    /// The app binds this TCP port itself: the agent does not bind it or pass it, the
+    /// sandbox's Landlock network rules allow the bind, and deploys stop the serving
+    /// generation before the new one starts (never two generations bound at once).
+    Own,
+}
+
+impl ListenMode {
+    /// The accepted spellings, as written in the file.
+    pub const NAMES: &'static [&'static str] = &["agent", "own"];
+
+    /// As written in the file.
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenMode::Agent => "agent",
+            ListenMode::Own => "own",
+        }
+    }
+}
+
 /// One listener of a site.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenSpec {
@@ -192,6 +218,15 @@ pub struct ListenSpec {
     pub addr: ListenAddr,
     /// The backlog.
     pub backlog: u32,
+    /// Who binds it.
+    pub mode: ListenMode,
+}
+
+impl ListenSpec {
+    /// Whether the agent binds it and passes it to the workers.
+    pub fn agent_binds(&self) -> bool {
+        self.mode == ListenMode::Agent
+    }
 }
 
 /// How a site's workers are stopped.
@@ -411,6 +446,30 @@ impl Limits {
 }
 
 impl SiteConfig {
+    /// The listeners the agent binds and passes to every worker, in `LISTEN_FDS` order
+    /// (`mode = "own"` ones are the app's).
+    pub fn agent_listeners(&self) -> impl Iterator<Item = &ListenSpec> {
+        self.listen.iter().filter(|l| l.agent_binds())
+    }
+
+    /// The TCP addresses the app binds itself (`mode = "own"`).
+    pub fn own_ports(&self) -> Vec<SocketAddr> {
+        self.listen
+            .iter()
+            .filter(|l| l.mode == ListenMode::Own)
+            .filter_map(|l| match l.addr {
+                ListenAddr::Tcp(a) => Some(a),
+                ListenAddr::Unix(_) => None,
+            })
+            .collect()
+    }
+
+    /// Whether a deploy must stop the serving generation before the new one starts: the
+    /// app binds a port of its own, which two generations cannot hold at once.
+    pub fn exclusive_deploys(&self) -> bool {
+        !self.own_ports().is_empty()
+    }
+
     /// This site as run from `release` (a resolved release directory): `{release}` in
     /// `command`, `workdir` and `env` replaced by it.
     pub fn for_release(&self, release: &Path) -> SiteConfig {

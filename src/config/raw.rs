@@ -106,6 +106,9 @@ pub struct RawListen {
     pub unix: Option<PathBuf>,
     /// The listen backlog.
     pub backlog: Option<u32>,
+    /// Who binds it: `"agent"` (default: bound by the agent, passed as an fd) or `"own"`
+    /// (the app binds this TCP port itself; the sandbox allows that bind).
+    pub mode: Option<String>,
 }
 
 /// `[stop]`.

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use super::{
     AutoWorkers, ConfigError, DeployPolicy, Effective, HealthPolicy, HttpCheck, Limits, ListenAddr,
-    ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WARMUP, MAX_WORKERS, RELEASE_PLACEHOLDER, RawDeploy,
-    RawFlapping, RawHealth, RawLogs, RawReady, RawRestart, RawSite, RawStop, RawWarmup, RawWorkers,
-    ReadyCheck, ReadyPolicy, RestartPolicy, Signal, SiteConfig, SiteName, StopPolicy, err,
-    format_duration, format_size, lookup_group, lookup_user, parse_duration, parse_size, sandbox,
+    ListenMode, ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WARMUP, MAX_WORKERS, RELEASE_PLACEHOLDER,
+    RawDeploy, RawFlapping, RawHealth, RawLogs, RawReady, RawRestart, RawSite, RawStop, RawWarmup,
+    RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy, Signal, SiteConfig, SiteName, StopPolicy,
+    err, format_duration, format_size, lookup_group, lookup_user, parse_duration, parse_size,
+    sandbox,
 };
 
 /// The `[logs]` table at `slot` (`key`), with `default` for what it leaves out; every
@@ -196,6 +197,29 @@ pub fn validate_site(
                 return Err(err(file, &key, "give exactly one of tcp = \"host:port\" or unix = \"/path\""));
             }
         };
+        let mode = match l
+            .mode
+            .get_or_insert_with(|| ListenMode::Agent.name().into())
+            .as_str()
+        {
+            "agent" => ListenMode::Agent,
+            "own" => ListenMode::Own,
+            other => {
+                let names: Vec<String> =
+                    ListenMode::NAMES.iter().map(|n| format!("{n:?}")).collect();
+                return Err(err(
+                    file,
+                    &format!("{key}.mode"),
+                    format!(
+                        "unknown mode {other:?}: use {} (the agent binds it and passes it as an fd; the app binds this TCP port itself)",
+                        names.join(" or ")
+                    ),
+                ));
+            }
+        };
+        if mode == ListenMode::Own {
+            validate_own(file, &key, l, &addr)?;
+        }
         let lname = l.name.get_or_insert_with(|| format!("listen{i}")).clone();
         if lname.is_empty()
             || lname.len() > 255
@@ -207,13 +231,17 @@ pub fn validate_site(
                 "use 1 to 255 printable characters without ':'",
             ));
         }
-        // Out of range is clamped; the file then says what is used.
+        // Out of range is clamped; the file then says what is used. The app chooses the
+        // backlog of a port it binds itself (refused above), so none is written for it.
         let backlog = l.backlog.unwrap_or(1024).clamp(1, 65535);
-        l.backlog = Some(backlog);
+        if mode == ListenMode::Agent {
+            l.backlog = Some(backlog);
+        }
         listen.push(ListenSpec {
             name: lname,
             addr,
             backlog,
+            mode,
         });
     }
 
@@ -411,6 +439,34 @@ pub fn validate_site(
         sandbox,
         effective: Effective(eff),
     })
+}
+
+/// A `[[listen]]` with `mode = "own"` (at `key`): a TCP port, not 0, with no backlog
+/// (the app's `listen(2)` chooses it).
+fn validate_own(
+    file: &Path,
+    key: &str,
+    l: &super::RawListen,
+    addr: &ListenAddr,
+) -> Result<(), ConfigError> {
+    match addr {
+        ListenAddr::Unix(_) => Err(err(
+            file,
+            &format!("{key}.mode"),
+            "\"own\" is for tcp = \"host:port\" only: a unix socket the app creates itself needs no [[listen]] (allow its directory in sandbox.landlock.read_write), or let the agent bind it (mode = \"agent\") and pass it as fd 3",
+        )),
+        ListenAddr::Tcp(a) if a.port() == 0 => Err(err(
+            file,
+            &format!("{key}.tcp"),
+            "with mode = \"own\" give the port the app binds, not 0: the sandbox allows a bind to that port only, and the ready check probes it",
+        )),
+        ListenAddr::Tcp(_) if l.backlog.is_some() => Err(err(
+            file,
+            &format!("{key}.backlog"),
+            "the app binds a mode = \"own\" port itself and chooses its backlog: remove backlog, or let the agent bind it (mode = \"agent\")",
+        )),
+        ListenAddr::Tcp(_) => Ok(()),
+    }
 }
 
 /// `release`: an absolute symlink path resolving to a directory; `{release}` anywhere
@@ -883,6 +939,63 @@ mod tests {
             e.message.contains("\"http\" needs at least one [[listen]]"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_port_the_app_binds_itself_is_declared_with_mode_own() {
+        let base = "name = \"blog\"\ncommand = [\"/bin/true\"]\n";
+        let s = site(&format!(
+            "{base}[[listen]]\ntcp = \"127.0.0.1:8000\"\nmode = \"own\"\n[[listen]]\nname = \"admin\"\ntcp = \"127.0.0.1:8001\"\n[ready]\ncheck = \"http\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(s.listen[0].mode, ListenMode::Own);
+        assert_eq!(s.listen[1].mode, ListenMode::Agent, "the default");
+        let agent: Vec<&str> = s.agent_listeners().map(|l| l.name.as_str()).collect();
+        assert_eq!(agent, ["admin"], "the agent binds only its own listeners");
+        assert_eq!(
+            s.own_ports(),
+            vec![
+                "127.0.0.1:8000"
+                    .parse::<std::net::SocketAddr>()
+                    .expect("addr")
+            ]
+        );
+        assert!(s.exclusive_deploys());
+        // The effective file says the mode, and gives no backlog to the app's port.
+        let raw = &s.effective.raw().listen;
+        assert_eq!(raw[0].mode.as_deref(), Some("own"));
+        assert_eq!(raw[0].backlog, None);
+        assert_eq!(raw[1].mode.as_deref(), Some("agent"));
+        assert_eq!(raw[1].backlog, Some(1024));
+        let plain = site(&format!("{base}[[listen]]\ntcp = \"127.0.0.1:8000\"\n")).expect("valid");
+        assert!(!plain.exclusive_deploys());
+
+        for (key, text, says) in [
+            (
+                "listen[0].mode",
+                "tcp = \"127.0.0.1:8000\"\nmode = \"app\"",
+                "unknown mode \"app\": use \"agent\" or \"own\"",
+            ),
+            (
+                "listen[0].mode",
+                "unix = \"/run/blog.sock\"\nmode = \"own\"",
+                "\"own\" is for tcp = \"host:port\" only",
+            ),
+            (
+                "listen[0].tcp",
+                "tcp = \"127.0.0.1:0\"\nmode = \"own\"",
+                "not 0",
+            ),
+            (
+                "listen[0].backlog",
+                "tcp = \"127.0.0.1:8000\"\nmode = \"own\"\nbacklog = 64",
+                "chooses its backlog",
+            ),
+        ] {
+            let e = site(&format!("{base}[[listen]]\n{text}\n")).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+            assert!(e.message.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

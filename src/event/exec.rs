@@ -42,6 +42,14 @@ impl Agent {
             );
             let _ = site.io.log.append(record.as_bytes());
         }
+        // Said once, where the app's own errors are: which ports it may bind.
+        if let Some(line) = prepared.bind_rule_line() {
+            let record = format!(
+                "{} hatchery: {line}\n",
+                crate::logs::utc_timestamp(std::time::SystemTime::now())
+            );
+            let _ = site.io.log.append(record.as_bytes());
+        }
         let plan = prepared.plan.clone();
         site.io.sandbox = Some(prepared);
         Ok(plan)

@@ -97,19 +97,23 @@ pub(super) fn probe_alone(
 
 /// Binds (or shares) the listeners of a new generation beside `serving`'s: a new
 /// `SO_REUSEPORT` socket per steered TCP address, the serving generation's socket (a
-/// duplicate of its fd) for the rest.
+/// duplicate of its fd) for the rest. `share_all` (stop-then-start deploys): every
+/// socket is shared, so connections queued while no generation runs are served by the
+/// new one.
 pub(super) fn bind_beside(
     io: &SiteIo,
     serving: GenId,
     uid: u32,
     gid: u32,
+    share_all: bool,
 ) -> Result<Vec<Listener>, String> {
     let Some(cur) = io.gens.get(&serving) else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
     for (i, l) in cur.listeners.iter().enumerate() {
-        let steered = matches!(l.spec.addr, ListenAddr::Tcp(_))
+        let steered = !share_all
+            && matches!(l.spec.addr, ListenAddr::Tcp(_))
             && io.steering.get(i).is_some_and(Option::is_some);
         let fresh = if steered {
             Listener::bind_beside(&l.spec, uid, gid)
@@ -292,20 +296,26 @@ pub(super) enum Probed {
 }
 
 /// The ready check of generation `g` (`tcp`, or `http` with `http`): a probe connection
-/// to its first TCP listener is made. For `tcp`, once that listener's accept queue no
-/// longer holds it (a worker accepted it), it is accepted: every starting worker of `g`
-/// counts as ready. For `http`, the probe sends its request and is accepted once the
-/// answer's status is one `http` accepts; another status (or no HTTP at all) is refused,
-/// logged, and the next tick probes again. A generation that is not serving yet is
-/// reached through the steering program's probe entry, from the port the probe socket was
-/// bound to; nothing else reaches it before the flip.
+/// is made to the first port the app binds itself (`own`, `mode = "own"`), directly: only
+/// one generation ever runs then (stop-then-start), and for `tcp` a connection the kernel
+/// completes is enough (the app listens). Otherwise to the first TCP listener: for `tcp`,
+/// once that listener's accept queue no longer holds it (a worker accepted it), it is
+/// accepted: every starting worker of `g` counts as ready. For `http`, the probe sends its
+/// request and is accepted once the answer's status is one `http` accepts; another status
+/// (or no HTTP at all) is refused, logged, and the next tick probes again. A generation
+/// that is not serving yet is reached through the steering program's probe entry, from the
+/// port the probe socket was bound to; nothing else reaches it before the flip.
 pub(super) fn probe(
     io: &mut SiteIo,
     site: &SiteName,
     g: GenId,
     serving: GenId,
     http: Option<&HttpCheck>,
+    own: Option<SocketAddr>,
 ) -> Probed {
+    if let Some(addr) = own {
+        return probe_own(io, site, g, addr, http);
+    }
     let Some((index, addr)) = io.gens.get(&g).and_then(|gen_| {
         gen_.listeners
             .iter()
@@ -391,6 +401,64 @@ pub(super) fn probe(
                 }
             }
         }
+    }
+    result
+}
+
+/// The ready probe of a port the app binds itself: connected to directly (no steering:
+/// the generation probed is the only one that runs). `tcp`: the connection completes
+/// once the app listens; `http`: its answer counts as for any other listener.
+fn probe_own(
+    io: &mut SiteIo,
+    site: &SiteName,
+    g: GenId,
+    addr: SocketAddr,
+    http: Option<&HttpCheck>,
+) -> Probed {
+    let Some(gen_) = io.gens.get_mut(&g) else {
+        return Probed::Waiting;
+    };
+    let target = loopback_for(addr);
+    let Some(p) = &mut gen_.probe else {
+        match start_tcp_probe(target, None) {
+            Ok(sock) => {
+                gen_.probe = Some(Probe {
+                    sock,
+                    unsent: http
+                        .map(|h| request(h, target, "hatchery-ready-check"))
+                        .unwrap_or_default(),
+                    answer: Vec::new(),
+                });
+            }
+            Err(e) => debug!(site = %site, gen = g.0, "ready probe: {e}"),
+        }
+        return Probed::Waiting;
+    };
+    if rustix::net::getpeername(&p.sock).is_err() {
+        // Not connected yet, or refused (nothing listens yet): start over next tick.
+        if p.sock.take_error().ok().flatten().is_some() {
+            gen_.probe = None;
+        }
+        return Probed::Waiting;
+    }
+    let result = match http {
+        None => Probed::Accepted,
+        Some(h) => match exchange(p) {
+            Answer::Incomplete => Probed::Waiting,
+            Answer::Status(code) if h.accepts(code) => Probed::Accepted,
+            Answer::Status(code) => {
+                let (lo, hi) = h.status;
+                warn!(site = %site, gen = g.0, "ready probe: GET {} answered {code} (ready.status: {lo}-{hi}); probing again", h.path);
+                Probed::Refused(ProbeAnswer::Status(code))
+            }
+            Answer::Garbled => {
+                warn!(site = %site, gen = g.0, "ready probe: GET {} did not answer with HTTP; probing again", h.path);
+                Probed::Refused(ProbeAnswer::NotHttp)
+            }
+        },
+    };
+    if result != Probed::Waiting {
+        gen_.probe = None;
     }
     result
 }

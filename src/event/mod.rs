@@ -135,6 +135,8 @@ struct Pipe {
     pid: i32,
     fd: OwnedFd,
     splitter: LineSplitter,
+    /// Whether the sandbox's bind rule was explained after one of its lines.
+    hinted: bool,
 }
 
 #[derive(Debug)]
@@ -523,6 +525,16 @@ impl Agent {
                     g.sweep();
                 }
                 self.rearm(Source::Graveyard);
+                // A stop-then-start deploy may wait for what a generation left behind.
+                let waiting: Vec<SiteName> = self
+                    .sites
+                    .iter()
+                    .filter(|(_, s)| s.machine.deploy().is_some_and(|d| d.exclusive.is_some()))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for name in waiting {
+                    self.feed(&name, Input::Tick);
+                }
             }
             Source::ConnWrite(c) => {
                 if let Some(conn) = self.conns.get_mut(&c) {

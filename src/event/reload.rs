@@ -123,7 +123,7 @@ impl Agent {
 /// ones shared with what runs (their fds duplicated).
 fn rebind(cur: &GenIo, sc: &SiteConfig) -> Result<Vec<Listener>, AgentError> {
     let mut full = Vec::new();
-    for spec in &sc.listen {
+    for spec in sc.agent_listeners() {
         match cur.listeners.iter().find(|l| l.spec == *spec) {
             Some(old) => {
                 let fd = old

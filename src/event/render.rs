@@ -100,13 +100,47 @@ pub fn event(site: &SiteName, e: &Event) -> String {
             "gen-{generation}: {ready} workers ready; probation {}",
             config::format_duration(*period)
         ),
+        Event::Flipped {
+            to,
+            steering: Steering::Alone,
+            ..
+        } => format!("gen-{to} serves (stop-then-start: the only generation)"),
         Event::Flipped { from, to, steering } => format!(
             "gen-{to} serves: new connections go to it ({}); gen-{from} drains",
             match steering {
                 Steering::Ebpf => "eBPF steering",
-                Steering::Shared => "shared listener",
+                Steering::Shared | Steering::Alone => "shared listener",
             }
         ),
+        Event::StopThenStart {
+            to,
+            from,
+            release,
+            own,
+        } => format!(
+            "stop-then-start: {site} binds its own port{} {}: gen-{from} stops before {} starts",
+            if own.len() == 1 { "" } else { "s" },
+            own.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            deployed_what(release.as_deref(), *to)
+        ),
+        Event::OldStopsFirst {
+            generation,
+            for_generation,
+        } => format!(
+            "gen-{generation}: stopping all its workers; gen-{for_generation} starts once they are gone (the port is free)"
+        ),
+        Event::NewStopsFirst {
+            generation,
+            reason,
+            then,
+        } => format!(
+            "{}: stopping gen-{generation}; gen-{then} starts again once it is gone",
+            rollback_reason(reason, false)
+        ),
+        Event::OldRestarts(g) => format!("gen-{g} starting again (stop-then-start rollback)"),
         Event::OldStops {
             generation,
             drained,
@@ -218,6 +252,9 @@ pub fn log(site: &SiteName, e: &Event) {
         ),
         Event::Flipped { from, to, .. } => {
             info!(site = %site, gen = to.0, "gen-{to} serves; gen-{from} drains");
+        }
+        Event::NewStopsFirst { generation, .. } => {
+            error!(site = %site, gen = generation.0, "{}", event(site, e));
         }
         Event::RolledBack {
             generation,
@@ -503,6 +540,13 @@ fn failure(site: &SiteName, f: &Failure) -> (ErrorKind, String) {
             ErrorKind::RolledBack,
             format!(
                 "deploy rolled back: {}; gen-{from} keeps serving",
+                rollback_reason(reason, false)
+            ),
+        ),
+        Failure::RestartedPrevious { reason, from } => (
+            ErrorKind::RolledBack,
+            format!(
+                "deploy rolled back: {}; gen-{from} was started again (stop-then-start)",
                 rollback_reason(reason, false)
             ),
         ),

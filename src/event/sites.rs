@@ -90,6 +90,9 @@ struct World<'a> {
     io: &'a SiteIo,
     serving: GenId,
     steering: &'a SteeringSupport,
+    /// Cgroups killed and not yet empty (the graveyard's), and the site's cgroup.
+    buried: &'a [PathBuf],
+    site_dir: Option<PathBuf>,
 }
 
 impl Observe for World<'_> {
@@ -122,6 +125,14 @@ impl Observe for World<'_> {
     fn probe_alone(&self) -> Result<(), String> {
         generations::probe_alone(self.io, self.serving, self.steering)
     }
+
+    fn leftovers(&self, generation: GenId) -> bool {
+        let Some(site) = &self.site_dir else {
+            return false;
+        };
+        let dir = site.join(format!("gen-{}", generation.0));
+        self.buried.iter().any(|b| b.starts_with(&dir))
+    }
 }
 
 impl Agent {
@@ -129,7 +140,7 @@ impl Agent {
     /// limits written, its release resolved.
     pub(super) fn make_site(&mut self, config: SiteConfig) -> Result<Site, AgentError> {
         let mut listeners = Vec::new();
-        for spec in &config.listen {
+        for spec in config.agent_listeners() {
             let l = Listener::bind(spec, config.uid, config.gid).map_err(|e| {
                 setup_err(format!("set up the listeners of site {}", config.name), e)
             })?;
@@ -229,6 +240,11 @@ impl Agent {
             io: &site.io,
             serving: site.machine.serving(),
             steering: &self.steering_support,
+            buried: self
+                .graveyard
+                .as_ref()
+                .map_or(&[][..], crate::cgroup::Graveyard::remaining),
+            site_dir: self.cgroups.as_ref().map(|t| t.site_dir(name.as_str())),
         };
         site.machine.handle(input, &world, Instant::now())
     }
@@ -282,12 +298,15 @@ impl Agent {
             Action::BindListeners(generation) => {
                 let site = self.sites.get_mut(name)?;
                 let (uid, gid) = (site.config().uid, site.config().gid);
-                let result = generations::bind_beside(&site.io, site.machine.serving(), uid, gid)
-                    .map(|listeners| {
+                let share_all = site.config().exclusive_deploys();
+                let serving = site.machine.serving();
+                let result = generations::bind_beside(&site.io, serving, uid, gid, share_all).map(
+                    |listeners| {
                         site.io
                             .gens
                             .insert(generation, generations::new_generation(listeners));
-                    });
+                    },
+                );
                 Some(Input::ListenersBound { generation, result })
             }
             Action::Steer(generation) => {
@@ -306,7 +325,15 @@ impl Agent {
                     .machine
                     .generation(generation)
                     .and_then(|g| g.config.ready_http.clone());
-                match generations::probe(&mut site.io, name, generation, serving, http.as_ref()) {
+                let own = site.config().own_ports().first().copied();
+                match generations::probe(
+                    &mut site.io,
+                    name,
+                    generation,
+                    serving,
+                    http.as_ref(),
+                    own,
+                ) {
                     Probed::Waiting => None,
                     Probed::Accepted => Some(Input::ProbeAccepted(generation)),
                     Probed::Refused(answer) => Some(Input::ProbeRefused { generation, answer }),

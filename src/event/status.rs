@@ -107,12 +107,7 @@ impl Agent {
                     }),
                     ready: count(cur.slots.ready()),
                     restarting: cur.slots.is_restarting(),
-                    listen: s
-                        .cur_io()
-                        .listeners
-                        .iter()
-                        .map(|l| l.spec.addr.to_string())
-                        .collect(),
+                    listen: listen_list(config),
                     log: Some(s.io.log.path().to_path_buf()),
                     limits: Some(LimitsStatus {
                         memory: config.limits.memory,
@@ -128,6 +123,7 @@ impl Agent {
                         .map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str()))),
                     sandbox: s.io.sandbox.as_ref().map(crate::sandbox::Prepared::status),
                     workers,
+                    deploys: stop_then_start(config),
                 }
             })
             .collect();
@@ -155,16 +151,13 @@ impl Agent {
                 capacity: None,
                 ready: 0,
                 restarting: false,
-                listen: b
-                    .config
-                    .iter()
-                    .flat_map(|c| c.listen.iter().map(|l| l.addr.to_string()))
-                    .collect(),
+                listen: b.config.as_ref().map(listen_list).unwrap_or_default(),
                 log: None,
                 limits: None,
                 usage: None,
                 sandbox: None,
                 workers: Vec::new(),
+                deploys: b.config.as_ref().and_then(stop_then_start),
             });
         }
         Status {
@@ -185,4 +178,31 @@ impl Agent {
 /// A count of slots, as `status` shows it.
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A site's listeners as `status` shows them: the ports the app binds itself marked.
+fn listen_list(config: &crate::config::SiteConfig) -> Vec<String> {
+    config
+        .listen
+        .iter()
+        .map(|l| match l.mode {
+            crate::config::ListenMode::Agent => l.addr.to_string(),
+            crate::config::ListenMode::Own => format!("{} (own)", l.addr),
+        })
+        .collect()
+}
+
+/// How a site whose app binds its own port deploys, in words.
+fn stop_then_start(config: &crate::config::SiteConfig) -> Option<String> {
+    let own = config.own_ports();
+    if own.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = own.iter().map(ToString::to_string).collect();
+    Some(format!(
+        "stop-then-start: {} binds its own port{} {} (the serving generation stops before a new one starts)",
+        config.name,
+        if own.len() == 1 { "" } else { "s" },
+        list.join(", ")
+    ))
 }

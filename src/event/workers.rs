@@ -246,6 +246,7 @@ impl Agent {
                         pid,
                         fd: pipe_r,
                         splitter: LineSplitter::default(),
+                        hinted: false,
                     },
                 );
             }
@@ -288,9 +289,28 @@ impl Agent {
                     eof = true;
                     break;
                 }
-                Ok(n) => pipe.splitter.feed(&buf[..n], |line| {
-                    records.push(logs::record(pipe.id.0, pipe.pid, line, now))
-                }),
+                Ok(n) => {
+                    let hint = |line: &[u8]| {
+                        self.sites
+                            .get(&pipe.site)
+                            .and_then(|s| s.io.sandbox.as_ref())
+                            .and_then(|p| p.bind_refusal_hint(pipe.id.0, line))
+                    };
+                    let hinted = &mut pipe.hinted;
+                    pipe.splitter.feed(&buf[..n], |line| {
+                        records.push(logs::record(pipe.id.0, pipe.pid, line, now));
+                        // Once per process, right after the line it explains.
+                        if !*hinted {
+                            if let Some(h) = hint(line) {
+                                *hinted = true;
+                                records.push(
+                                    format!("{} hatchery: {h}\n", logs::utc_timestamp(now))
+                                        .into_bytes(),
+                                );
+                            }
+                        }
+                    })
+                }
                 Err(rustix::io::Errno::AGAIN) => break,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {

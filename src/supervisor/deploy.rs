@@ -22,6 +22,16 @@
 //! Invariants (checked by the simulation below): the workers of both generations never
 //! exceed the cap; N keeps at least one worker until the flip; nothing is flipped to a
 //! generation that has no ready worker; a deploy always ends (done or rolled back).
+//!
+//! **Stop-then-start** ([`View::exclusive`], [`decide_exclusive`]): a site whose app binds
+//! a port itself (`[[listen]] mode = "own"`) cannot have two generations bound at once,
+//! so its deploys go in order instead: N is told to stop (`StopOld` while `Starting`);
+//! once its last process is gone (the port is free), N+1 is asked for its workers
+//! (`ScaleNew`; its `ready.timeout` counts from then); every N+1 worker ready, probation;
+//! then N+1 serves (`Flip`) and the deploy is done. A crash of N+1 or the timeout stops
+//! N+1 (`StopNew`), and once its last process is gone N is started again (`RollBack`).
+//! There is downtime between N's stop and N+1's readiness: the price of an app that binds
+//! its own port. Invariant: never a process of both generations at once.
 
 use std::time::Instant;
 
@@ -172,6 +182,18 @@ pub struct View {
     pub canary: Option<u32>,
     /// The new generation's warm-up is under way: nothing is steered to it before it ends.
     pub warming: bool,
+    /// A stop-then-start deploy (the app binds a port of its own): where it is.
+    pub exclusive: Option<Exclusive>,
+}
+
+/// Where a stop-then-start deploy is, beyond its [`Stage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Exclusive {
+    /// The old generation was told to stop.
+    pub old_stopped: bool,
+    /// The new generation failed and is being stopped; the old one starts again once it
+    /// is gone.
+    pub failed: Option<Failure>,
 }
 
 /// Why a deploy was rolled back.
@@ -181,6 +203,9 @@ pub enum Failure {
     Crashed,
     /// Not every new worker was ready before `ready.timeout`.
     NotReady,
+    /// An operator asked for the rollback (stop-then-start: the old generation starts
+    /// again once the new one is gone).
+    Asked,
 }
 
 /// What to do next.
@@ -207,10 +232,16 @@ pub enum Step {
     /// After the flip, before the old generation was told to stop: a new worker died.
     /// Steer back to the old generation (it still runs, and serves again) and stop the new.
     SteerBack(Failure),
+    /// Stop-then-start: the new generation failed; stop it (the old one starts again once
+    /// it is gone, with [`Step::RollBack`]).
+    StopNew(Failure),
 }
 
 /// The next step of a deploy.
 pub fn decide(v: &View) -> Step {
+    if let Some(x) = v.exclusive {
+        return decide_exclusive(v, x);
+    }
     match v.stage {
         Stage::Starting => {
             if v.new.crashes > 0 {
@@ -275,6 +306,71 @@ pub fn decide(v: &View) -> Step {
     }
 }
 
+/// The next step of a stop-then-start deploy: the old generation has no process left
+/// (`live` 0: a stopped generation keeps its slots, not their processes) before the new
+/// one is asked for a worker, and the new one has none before the old one starts again.
+/// `ready_deadline` counts from the new generation's start: the caller sets it when it asks
+/// for the new workers.
+pub fn decide_exclusive(v: &View, x: Exclusive) -> Step {
+    let new_gone = v.new.live == 0;
+    if let Some(f) = x.failed {
+        return if new_gone {
+            Step::RollBack(f)
+        } else {
+            Step::Wait
+        };
+    }
+    match v.stage {
+        Stage::Starting => {
+            if !x.old_stopped {
+                return Step::StopOld;
+            }
+            if v.old.live > 0 {
+                return Step::Wait;
+            }
+            if v.new.crashes > 0 {
+                return Step::StopNew(Failure::Crashed);
+            }
+            if v.new.desired == 0 {
+                let room = v.cap.map_or(v.target, |c| c.saturating_sub(v.new.slots));
+                return if room > 0 {
+                    Step::ScaleNew(v.target.min(room))
+                } else {
+                    Step::Wait
+                };
+            }
+            if v.now >= v.ready_deadline {
+                return Step::StopNew(Failure::NotReady);
+            }
+            if v.new.ready > 0 && v.new.ready == v.new.desired && v.new.slots == v.new.desired {
+                Step::BeginProbation
+            } else {
+                Step::Wait
+            }
+        }
+        Stage::Probation { until } => {
+            if v.new.crashes > 0 {
+                Step::StopNew(Failure::Crashed)
+            } else if v.now >= until && !v.warming {
+                Step::Flip
+            } else {
+                Step::Wait
+            }
+        }
+        // Refused for these sites (no steering to share connections with).
+        Stage::Canary => Step::Wait,
+        // The old generation stopped before the new one started: once the new one
+        // serves, nothing is left to drain.
+        Stage::Draining { .. } => {
+            if v.old.live == 0 {
+                Step::Done
+            } else {
+                Step::Wait
+            }
+        }
+    }
+}
+
 /// The earliest time [`decide`] may answer differently without any other change.
 pub fn next_deadline(v: &View) -> Option<Instant> {
     match v.stage {
@@ -314,6 +410,7 @@ mod tests {
             old_queues_empty: false,
             canary: None,
             warming: false,
+            exclusive: None,
         }
     }
 
@@ -498,6 +595,190 @@ mod tests {
         assert_eq!(decide(&v), Step::Wait, "0: crashes never abort it");
     }
 
+    #[test]
+    fn stop_then_start_stops_the_old_generation_before_the_new_one_starts() {
+        let t0 = Instant::now();
+        let mut v = view(t0);
+        v.exclusive = Some(Exclusive::default());
+        assert_eq!(decide(&v), Step::StopOld, "the old generation stops first");
+        v.exclusive = Some(Exclusive {
+            old_stopped: true,
+            failed: None,
+        });
+        v.old.live = 1;
+        v.old.slots = 1;
+        assert_eq!(decide(&v), Step::Wait, "a process of the old one is left");
+        v.old.live = 0;
+        v.old.ready = 0;
+        // Past the deadline set at the deploy's start: it counts from the new start.
+        v.now = v.ready_deadline;
+        assert_eq!(
+            decide(&v),
+            Step::ScaleNew(4),
+            "all at once: nothing else runs"
+        );
+        v.ready_deadline = v.now + Duration::from_secs(30);
+        v.new = GenView {
+            desired: 4,
+            slots: 4,
+            ready: 3,
+            live: 4,
+            crashes: 0,
+        };
+        assert_eq!(decide(&v), Step::Wait);
+        v.new.ready = 4;
+        assert_eq!(decide(&v), Step::BeginProbation);
+        let until = v.now + Duration::from_secs(1);
+        v.stage = Stage::Probation { until };
+        assert_eq!(decide(&v), Step::Wait);
+        v.now = until;
+        assert_eq!(decide(&v), Step::Flip);
+        v.stage = Stage::Draining {
+            until,
+            stopping: false,
+        };
+        assert_eq!(decide(&v), Step::Done, "nothing to drain");
+    }
+
+    #[test]
+    fn stop_then_start_restarts_the_old_generation_once_the_new_one_is_gone() {
+        let t0 = Instant::now();
+        let mut v = view(t0);
+        v.old = GenView {
+            desired: 4,
+            ..GenView::default()
+        };
+        v.exclusive = Some(Exclusive {
+            old_stopped: true,
+            failed: None,
+        });
+        v.new = GenView {
+            desired: 4,
+            slots: 4,
+            ready: 1,
+            live: 4,
+            crashes: 1,
+        };
+        assert_eq!(decide(&v), Step::StopNew(Failure::Crashed));
+        v.new.crashes = 0;
+        v.now = v.ready_deadline;
+        assert_eq!(decide(&v), Step::StopNew(Failure::NotReady));
+        v.exclusive = Some(Exclusive {
+            old_stopped: true,
+            failed: Some(Failure::NotReady),
+        });
+        assert_eq!(decide(&v), Step::Wait, "the new generation still runs");
+        v.new.live = 0;
+        assert_eq!(decide(&v), Step::RollBack(Failure::NotReady));
+        // In probation too.
+        v.exclusive = Some(Exclusive {
+            old_stopped: true,
+            failed: None,
+        });
+        v.new = GenView {
+            desired: 4,
+            slots: 4,
+            ready: 4,
+            live: 4,
+            crashes: 1,
+        };
+        v.stage = Stage::Probation { until: v.now };
+        assert_eq!(decide(&v), Step::StopNew(Failure::Crashed));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Stop-then-start: a toy world where stopped workers exit one step at a time,
+        /// new workers become ready or crash at random, and time jumps.
+        #[test]
+        fn never_two_generations_live_at_once_when_exclusive(
+            target in 1u32..6,
+            old in 1u32..6,
+            capped in any::<bool>(),
+            ops in proptest::collection::vec(prop_oneof![8 => 0u8..4, 1 => Just(4u8)], 1..150),
+        ) {
+            let t0 = Instant::now();
+            let mut v = View {
+                stage: Stage::Starting,
+                now: t0,
+                ready_deadline: t0 + Duration::from_secs(1000),
+                target,
+                cap: capped.then_some(old.max(target)),
+                old: GenView { desired: old, slots: old, ready: old, live: old, crashes: 0 },
+                new: GenView::default(),
+                old_queues_empty: false,
+                canary: None,
+                warming: false,
+                exclusive: Some(Exclusive::default()),
+            };
+            let (mut old_stopping, mut new_stopping) = (false, false);
+            let mut ended = None;
+            for o in ops.iter().chain(std::iter::repeat_n(&0, 300)) {
+                // The world moves: a stopped generation loses a process per step.
+                if old_stopping && v.old.live > 0 {
+                    v.old.live -= 1;
+                    v.old.ready = v.old.ready.min(v.old.live);
+                }
+                if new_stopping && v.new.live > 0 {
+                    v.new.live -= 1;
+                    v.new.ready = v.new.ready.min(v.new.live);
+                }
+                match o {
+                    3 => v.now += Duration::from_secs(400),
+                    4 if v.new.live > 0 && !new_stopping => v.new.crashes += 1,
+                    // 1 and 2: a step without time; 0: 100 ms.
+                    _ => {
+                        if !new_stopping && v.new.ready < v.new.live {
+                            v.new.ready += 1;
+                        }
+                        if *o == 0 {
+                            v.now += Duration::from_millis(100);
+                        }
+                    }
+                }
+                prop_assert!(v.old.live == 0 || v.new.live == 0, "two generations live: {v:?}");
+                let x = v.exclusive.expect("exclusive");
+                match decide(&v) {
+                    Step::Wait => {}
+                    Step::StopOld => {
+                        prop_assert!(!x.old_stopped && v.stage == Stage::Starting);
+                        old_stopping = true;
+                        v.exclusive = Some(Exclusive { old_stopped: true, ..x });
+                    }
+                    Step::ScaleNew(n) => {
+                        prop_assert!(v.old.live == 0, "started beside the old: {v:?}");
+                        prop_assert!(n >= 1 && n <= target && v.cap.is_none_or(|c| n <= c));
+                        v.new = GenView { desired: n, slots: n, ready: 0, live: n, crashes: 0 };
+                        v.ready_deadline = v.now + Duration::from_secs(1000);
+                    }
+                    Step::BeginProbation => {
+                        prop_assert!(v.new.ready == v.new.desired);
+                        v.stage = Stage::Probation { until: v.now + Duration::from_secs(1) };
+                    }
+                    Step::Flip => {
+                        prop_assert!(v.new.ready > 0 && v.old.live == 0);
+                        v.stage = Stage::Draining { until: v.now, stopping: false };
+                    }
+                    Step::Done => { ended = Some(true); break; }
+                    Step::StopNew(f) => {
+                        prop_assert!(x.failed.is_none() && !new_stopping);
+                        new_stopping = true;
+                        v.exclusive = Some(Exclusive { failed: Some(f), ..x });
+                    }
+                    Step::RollBack(_) => {
+                        prop_assert!(v.new.live == 0, "old restarted beside the new: {v:?}");
+                        ended = Some(false);
+                        break;
+                    }
+                    s @ (Step::ScaleOld(_) | Step::SteerBack(_) | Step::BeginCanary) => {
+                        prop_assert!(false, "{s:?} in a stop-then-start deploy");
+                    }
+                }
+            }
+            prop_assert!(ended.is_some(), "the deploy did not end: {v:?}");
+        }
+    }
+
     /// A toy world: scaling takes effect at once, new workers become ready one step
     /// later, removed old workers exit one step later.
     #[derive(Debug)]
@@ -536,6 +817,7 @@ mod tests {
                     old_queues_empty: false,
                     canary: None,
                     warming: false,
+                    exclusive: None,
                 },
                 old_leaving: 0,
                 flipped: false,
@@ -598,6 +880,9 @@ mod tests {
                         prop_assert!(!w.flipped, "{f:?} after the flip");
                         done = true;
                         break;
+                    }
+                    Step::StopNew(f) => {
+                        prop_assert!(false, "{f:?}: StopNew outside a stop-then-start deploy");
                     }
                     Step::SteerBack(f) => {
                         // Only to an old generation that still runs and was not stopped.

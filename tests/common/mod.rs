@@ -246,10 +246,17 @@ impl TestAgent {
     /// Starts the agent and waits until `site` has `ready` ready workers.
     pub fn start_ready(sites: &[(&str, &str)], opts: Options, site: &str, ready: u64) -> TestAgent {
         let agent = TestAgent::start(sites, opts);
+        // Under TCG (vm-tests) a Python server imports ten times slower, beside the other
+        // tests of its binary: longer than the longest `ready.timeout` of a test site (30s).
+        let limit = if std::env::var_os("HATCHERY_IN_VM").is_some() {
+            60
+        } else {
+            20
+        };
         agent.wait_for(
             site,
             &format!("{ready} ready workers"),
-            Duration::from_secs(20),
+            Duration::from_secs(limit),
             |s| s["ready"] == ready,
         );
         agent

@@ -65,6 +65,13 @@ pub trait Observe {
     /// Whether a `tcp` ready check can reach a new generation alone (steering attached to
     /// the site's first TCP listener); why not, if not.
     fn probe_alone(&self) -> Result<(), String>;
+    /// Whether processes that generation `generation`'s workers left behind (killed with
+    /// their cgroup leaf, not gone yet) may still hold its sockets. Where this cannot be
+    /// known (no cgroups), `false`.
+    fn leftovers(&self, generation: GenId) -> bool {
+        let _ = generation;
+        false
+    }
 }
 
 /// One generation of the site.
@@ -345,6 +352,9 @@ pub struct SiteMachine {
     waiters: Vec<Waiter>,
     removing: bool,
     health: health::HealthState,
+    /// A site whose app binds its own port: the serving generation starts once no other
+    /// generation has a process left (one rolled back may still be stopping).
+    start_deferred: bool,
 }
 
 impl SiteMachine {
@@ -395,6 +405,7 @@ impl SiteMachine {
             waiters: Vec::new(),
             removing: false,
             health: health::HealthState::default(),
+            start_deferred: false,
         };
         (machine, out)
     }
@@ -461,6 +472,28 @@ impl SiteMachine {
         self.capacity
     }
 
+    /// Whether the serving generation waits to start until another generation's last
+    /// process is gone (the app binds its own port: never two generations at once).
+    pub fn start_deferred(&self) -> bool {
+        self.start_deferred
+    }
+
+    /// Starts the serving generation, or, for a site whose app binds its own port while
+    /// another generation still has a process, once that one is gone.
+    fn start_serving(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let others = self
+            .gens
+            .values()
+            .any(|g| g.id != self.serving && g.slots.live() > 0);
+        if self.config.exclusive_deploys() && others {
+            self.start_deferred = true;
+            return;
+        }
+        self.start_deferred = false;
+        let serving = self.serving;
+        self.feed(serving, slots::Input::StartRequested, now, out);
+    }
+
     /// A client went away (or was answered by other means): it waits for nothing any
     /// more. The same as [`Input::ClientGone`], which has no actions, for a caller in the
     /// middle of carrying out others.
@@ -493,6 +526,13 @@ impl SiteMachine {
     pub fn generation_state(&self, g: &Generation) -> &'static str {
         match &self.deploy {
             Some(d) if d.to == g.id && g.id != self.serving => d.stage.name(),
+            Some(d) if d.from == g.id && d.exclusive.is_some_and(|x| x.old_stopped) => {
+                if g.slots.slots.is_empty() {
+                    "stopped"
+                } else {
+                    "stopping"
+                }
+            }
             Some(d) if d.from == g.id && g.id != self.serving => "draining",
             _ if g.id == self.serving => "serving",
             _ if g.leaving => "retiring",
@@ -553,13 +593,22 @@ impl SiteMachine {
                 window,
             } => self.steered(generation, steering, window, &mut out),
             Input::Tick => self.tick(obs, now, &mut out),
+            // A stop-then-start deploy holds the serving generation stopped: starting it
+            // would bind the port beside the new one.
+            Input::Start(client) if self.deploy.as_ref().is_some_and(|d| d.exclusive.is_some()) => {
+                if let (Some(client), Some(busy)) = (client, self.deploy_busy()) {
+                    out.push(Action::Reply {
+                        client,
+                        outcome: Outcome::Failed(busy),
+                    });
+                }
+            }
             Input::Start(client) => {
-                let serving = self.serving;
                 self.stop_superseded(&mut out);
                 if let Some(c) = client {
                     self.hold(c, WaitFor::Settled);
                 }
-                self.feed(serving, slots::Input::StartRequested, now, &mut out);
+                self.start_serving(now, &mut out);
                 if let Some(c) = client {
                     self.reply_if_settled(c, &mut out);
                 }
@@ -599,6 +648,9 @@ impl SiteMachine {
     /// Generations retired, the deploy moved on, the site dropped once removed and stopped.
     fn after(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
         self.retire_gone(out);
+        if self.start_deferred {
+            self.start_serving(now, out);
+        }
         if self.deploy.is_some() {
             self.advance_deploy(obs, now, out);
             // It may have stopped a generation with no process left: gone at once.

@@ -23,6 +23,10 @@ impl SiteMachine {
                     outcome: Outcome::Done(Done::AlreadyStopped),
                 });
             }
+            // A stop-then-start deploy may be between generations, none running: it ends
+            // here, and nothing starts again.
+            self.start_deferred = false;
+            self.cancel_deploys(why, now, out);
             return;
         }
         // Clients waiting for the site to settle or for a restart to finish would wait for
@@ -40,6 +44,7 @@ impl SiteMachine {
         if let Some(client) = client {
             self.hold(client, WaitFor::Stopped);
         }
+        self.start_deferred = false;
         let gens: Vec<GenId> = self.gens.keys().copied().collect();
         for g in gens {
             self.feed(g, slots::Input::StopRequested, now, out);
@@ -80,7 +85,7 @@ impl SiteMachine {
         ) {
             self.stop_superseded(out);
             self.hold(client, WaitFor::Settled);
-            self.feed(serving, slots::Input::StartRequested, now, out);
+            self.start_serving(now, out);
             self.reply_if_settled(client, out);
         } else {
             self.hold(client, WaitFor::RestartDone);

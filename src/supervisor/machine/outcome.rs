@@ -17,6 +17,9 @@ pub enum Steering {
     Ebpf,
     /// The generations share their listeners.
     Shared,
+    /// A stop-then-start deploy: the new generation is the only one (the old one stopped
+    /// before it started).
+    Alone,
 }
 
 /// Something that happened to a site.
@@ -176,6 +179,38 @@ pub enum Event {
         /// How long it took.
         took: Duration,
     },
+    /// A stop-then-start deploy begins (the app binds a port itself): the serving
+    /// generation stops before the new one starts.
+    StopThenStart {
+        /// The new generation.
+        to: GenId,
+        /// The serving one.
+        from: GenId,
+        /// The release deployed.
+        release: Option<PathBuf>,
+        /// The ports the app binds itself.
+        own: Vec<std::net::SocketAddr>,
+    },
+    /// Stop-then-start: the serving generation is told to stop; the new one starts once
+    /// its last process is gone.
+    OldStopsFirst {
+        /// It.
+        generation: GenId,
+        /// The generation that waits for it.
+        for_generation: GenId,
+    },
+    /// Stop-then-start: the new generation failed; it is stopped, and the old one starts
+    /// again once it is gone.
+    NewStopsFirst {
+        /// It.
+        generation: GenId,
+        /// Why.
+        reason: RollbackReason,
+        /// The generation that starts again then.
+        then: GenId,
+    },
+    /// Stop-then-start rollback: the previous generation starts again.
+    OldRestarts(GenId),
     /// A deploy was rolled back, or steered back (for the agent's log).
     RolledBack {
         /// The generation stopped.
@@ -305,6 +340,14 @@ pub enum Failure {
         /// Why.
         reason: RollbackReason,
         /// The generation that serves.
+        from: GenId,
+    },
+    /// A stop-then-start deploy was rolled back: the new generation is gone and the old
+    /// one was started again.
+    RestartedPrevious {
+        /// Why.
+        reason: RollbackReason,
+        /// The generation started again.
         from: GenId,
     },
     /// After the flip, the deploy was steered back; the old generation serves again.

@@ -6,6 +6,12 @@
 //! `rollback`: a deploy still starting or in probation is rolled back; a generation still
 //! draining (not yet told to stop) is steered back to and serves again; otherwise the
 //! previous release is deployed.
+//!
+//! A site whose app binds a port itself (`[[listen]] mode = "own"`) deploys by
+//! stop-then-start ([`crate::supervisor::deploy::decide_exclusive`]): its generations
+//! share the agent's listeners (if any), the ready probe connects to the app's port
+//! directly (there is only one generation to reach), and a rollback waits until the new
+//! generation is gone before the old one starts again.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,7 +21,7 @@ use super::{
     SiteMachine, Steering,
 };
 use crate::supervisor::deploy::{
-    Failure as PlanFailure, GenView, Share, Stage, Step, View, decide,
+    Exclusive, Failure as PlanFailure, GenView, Share, Stage, Step, View, decide,
 };
 use crate::supervisor::ids::{ClientId, GenId};
 use crate::supervisor::slots::{self, RunState};
@@ -54,6 +60,11 @@ pub struct DeployState {
     pub crash_base: u32,
     /// The warm-up under way (`deploy.warmup`): when it began, and when it is given up.
     pub warmup: Option<(Instant, Instant)>,
+    /// A stop-then-start deploy (the app binds a port itself): where it is.
+    pub exclusive: Option<Exclusive>,
+    /// Stop-then-start: why the new generation is being stopped (taken when it failed,
+    /// while its workers' exits are known).
+    pub exclusive_failure: Option<RollbackReason>,
 }
 
 /// How often a warm-up under way is looked at.
@@ -120,6 +131,14 @@ impl SiteMachine {
     /// When the deploy needs looking at again without any other input.
     pub(super) fn deploy_deadline(&self, now: Instant) -> Option<Instant> {
         let d = self.deploy.as_ref()?;
+        // Stop-then-start: while a generation stops, only its exits move the deploy on;
+        // the new one's `ready.timeout` counts from its start.
+        if let Some(x) = d.exclusive {
+            let started = self.gens.get(&d.to).is_some_and(|g| g.slots.desired > 0);
+            if x.failed.is_some() || (d.stage == Stage::Starting && !started) {
+                return None;
+            }
+        }
         let warmup = d
             .warmup
             .map(|(_, give_up)| give_up.min(now + WARMUP_INTERVAL));
@@ -224,7 +243,8 @@ impl SiteMachine {
                 return out.push(refuse(Failure::WarmupNeedsSteering(why)));
             }
         }
-        if self.config.ready.check.probes() {
+        // Stop-then-start deploys probe the only generation there is: no steering needed.
+        if self.config.ready.check.probes() && !self.config.exclusive_deploys() {
             if let Err(why) = obs.probe_alone() {
                 return out.push(refuse(Failure::ProbeNeedsSteering {
                     check: self.config.ready.check,
@@ -271,6 +291,17 @@ impl SiteMachine {
         out: &mut Vec<Action>,
     ) {
         match self.deploy.as_ref().map(|d| (d.stage, d.from, d.to)) {
+            Some((Stage::Starting | Stage::Probation { .. }, from, to))
+                if self.deploy.as_ref().is_some_and(|d| d.exclusive.is_some()) =>
+            {
+                // The old generation starts again once the new one is gone.
+                self.stop_new_first(PlanFailure::Asked, RollbackReason::OnRequest(to), out);
+                self.feed(to, slots::Input::StopRequested, now, out);
+                out.push(Action::Reply {
+                    client,
+                    outcome: Outcome::Done(Done::RolledBack { from, to }),
+                });
+            }
             Some((Stage::Starting | Stage::Probation { .. } | Stage::Canary, from, to)) => {
                 self.roll_back(RollbackReason::OnRequest(to), now, out);
                 out.push(Action::Reply {
@@ -337,7 +368,9 @@ impl SiteMachine {
             .capacity
             .map(|c| c.workers)
             .or(self.config.auto.map(|a| a.max));
-        if let Some(c) = cap.filter(|c| *c < 2) {
+        // Stop-then-start needs room for one generation only.
+        let exclusive = self.config.exclusive_deploys();
+        if let Some(c) = cap.filter(|c| *c < 2 && !exclusive) {
             return fail(self, Failure::NoRoom(c), out);
         }
         let from = self.serving;
@@ -369,6 +402,8 @@ impl SiteMachine {
             }),
             crash_base: 0,
             warmup: None,
+            exclusive: exclusive.then(Exclusive::default),
+            exclusive_failure: None,
         });
         out.push(Action::BindListeners(to));
     }
@@ -388,12 +423,21 @@ impl SiteMachine {
         };
         match result {
             Ok(()) => {
-                let event = Event::DeployBegins {
-                    to: g,
-                    from: d.from,
-                    release: d.release.clone(),
-                    target: d.target,
-                    cap: d.cap,
+                let event = if d.exclusive.is_some() {
+                    Event::StopThenStart {
+                        to: g,
+                        from: d.from,
+                        release: d.release.clone(),
+                        own: self.config.own_ports(),
+                    }
+                } else {
+                    Event::DeployBegins {
+                        to: g,
+                        from: d.from,
+                        release: d.release.clone(),
+                        target: d.target,
+                        cap: d.cap,
+                    }
                 };
                 out.push(Action::Log(event.clone()));
                 self.deploy_progress(event, out);
@@ -436,6 +480,16 @@ impl SiteMachine {
         // Generations still on their way out (a deploy rolled back just before this one)
         // hold processes too: they count against the cap with the old generation's.
         let mut old = gen_view(d.from);
+        let mut new = gen_view(d.to);
+        // Stop-then-start: what a generation's workers left behind may hold the port until
+        // it is gone, so it counts as a process.
+        if d.exclusive.is_some() {
+            for (g, v) in [(d.from, &mut old), (d.to, &mut new)] {
+                if obs.leftovers(g) {
+                    v.live = v.live.max(1);
+                }
+            }
+        }
         for g in self
             .gens
             .values()
@@ -450,13 +504,14 @@ impl SiteMachine {
             target: d.target,
             cap: d.cap,
             old,
-            new: gen_view(d.to),
+            new,
             old_queues_empty: obs.queues_empty(d.from, d.to),
             warming: d.warmup.is_some(),
             canary: d
                 .canary
                 .filter(|c| !c.promoted)
                 .map(|_| self.config.deploy.canary_abort_crashes),
+            exclusive: d.exclusive,
         })
     }
 
@@ -480,6 +535,9 @@ impl SiteMachine {
             // would stay shrunk if the bind fails); the steering flipped (it serves then: a
             // deploy done before would leave the retired generation serving).
             let waiting = match view.stage {
+                // (A stop-then-start deploy whose new generation failed waits for it to
+                // stop, which the plan sees.)
+                Stage::Starting if view.exclusive.is_some_and(|x| x.failed.is_some()) => false,
                 Stage::Starting => self
                     .gens
                     .get(&to)
@@ -495,6 +553,13 @@ impl SiteMachine {
             match decide(&view) {
                 Step::Wait => break,
                 Step::ScaleNew(n) => {
+                    // Stop-then-start: `ready.timeout` counts from the new start.
+                    let timeout = self.gens.get(&to).map(|g| g.config.ready.timeout);
+                    if let (Some(d), Some(t)) = (self.deploy.as_mut(), timeout) {
+                        if d.exclusive.is_some() && view.new.desired == 0 {
+                            d.ready_deadline = now + t;
+                        }
+                    }
                     self.deploy_progress(
                         Event::NewGrows {
                             generation: to,
@@ -570,6 +635,31 @@ impl SiteMachine {
                     });
                     return;
                 }
+                Step::StopOld if view.exclusive.is_some() => {
+                    // Not leaving: it starts again if the new generation fails.
+                    if let Some(x) = self.deploy.as_mut().and_then(|d| d.exclusive.as_mut()) {
+                        x.old_stopped = true;
+                    }
+                    // Its rolling restart ends with the stop: a client waiting for it waits
+                    // for the site to settle, on whichever generation serves then.
+                    for w in &mut self.waiters {
+                        if w.until == super::WaitFor::RestartDone {
+                            w.until = super::WaitFor::Settled;
+                        }
+                    }
+                    let event = Event::OldStopsFirst {
+                        generation: from,
+                        for_generation: to,
+                    };
+                    out.push(Action::Log(event.clone()));
+                    self.deploy_progress(event, out);
+                    self.feed(from, slots::Input::StopRequested, now, out);
+                }
+                Step::StopNew(why) => {
+                    let reason = self.rollback_reason(to, why, false);
+                    self.stop_new_first(why, reason, out);
+                    self.feed(to, slots::Input::StopRequested, now, out);
+                }
                 Step::StopOld => {
                     if let Some(d) = self.deploy.as_mut() {
                         if let Stage::Draining { until, .. } = d.stage {
@@ -597,7 +687,14 @@ impl SiteMachine {
                     return;
                 }
                 Step::RollBack(why) => {
-                    let reason = self.rollback_reason(to, why, false);
+                    let reason = match self
+                        .deploy
+                        .as_ref()
+                        .and_then(|d| d.exclusive_failure.clone())
+                    {
+                        Some(r) => r,
+                        None => self.rollback_reason(to, why, false),
+                    };
                     self.roll_back(reason, now, out);
                     self.next_queued(obs, now, out);
                     return;
@@ -625,6 +722,7 @@ impl SiteMachine {
                 }),
                 after_flip,
             },
+            PlanFailure::Asked => RollbackReason::OnRequest(to),
             PlanFailure::NotReady => RollbackReason::NotReady {
                 generation: to,
                 timeout: g.map_or(Duration::ZERO, |g| g.config.ready.timeout),
@@ -656,7 +754,15 @@ impl SiteMachine {
         };
         d.flip_window = window;
         let from = d.from;
+        let exclusive = d.exclusive.is_some();
+        let steering = if exclusive { Steering::Alone } else { steering };
         self.serving = g;
+        if exclusive {
+            // Stopped before the new generation started: retired now that it serves.
+            if let Some(old) = self.gens.get_mut(&from) {
+                old.leaving = true;
+            }
+        }
         if let Some(prev) = self.gens.get(&from).and_then(|x| x.release.clone()) {
             self.previous_release = Some(prev.clone());
             out.push(Action::RecordPreviousRelease(prev));
@@ -695,6 +801,22 @@ impl SiteMachine {
     /// Stops the new generation; the serving one stays as it is (and gets back the
     /// workers it gave up).
     fn roll_back(&mut self, reason: RollbackReason, now: Instant, out: &mut Vec<Action>) {
+        let cancelled = matches!(reason, RollbackReason::Cancelled(_));
+        // Stop-then-start: never the old generation beside a new one that still runs.
+        let new_runs = self
+            .deploy
+            .as_ref()
+            .and_then(|d| self.gens.get(&d.to))
+            .is_some_and(|g| !g.slots.slots.is_empty());
+        let exclusive = self.deploy.as_ref().and_then(|d| d.exclusive);
+        if exclusive.is_some_and(|x| x.failed.is_none() && !cancelled && new_runs) {
+            let to = self.deploy.as_ref().map(|d| d.to);
+            self.stop_new_first(PlanFailure::Asked, reason, out);
+            if let Some(to) = to {
+                self.feed(to, slots::Input::StopRequested, now, out);
+            }
+            return;
+        }
         let Some(d) = self.deploy.take() else {
             return;
         };
@@ -724,7 +846,41 @@ impl SiteMachine {
                 give_up: true,
             });
         }
+        let (from, old_stopped) = (d.from, d.exclusive.is_some_and(|x| x.old_stopped));
         self.rolled_back(d, reason, false, now, out);
+        // Stop-then-start: the new generation is gone; the old one starts again (not when
+        // the site is stopping).
+        if old_stopped && !cancelled {
+            out.push(Action::Log(Event::OldRestarts(from)));
+            self.start_serving(now, out);
+        }
+    }
+
+    /// Stop-then-start: the new generation failed (or an operator asked to roll back):
+    /// it is stopped, and the plan starts the old one again once it is gone. The caller
+    /// stops it.
+    fn stop_new_first(&mut self, why: PlanFailure, reason: RollbackReason, out: &mut Vec<Action>) {
+        let Some(d) = self.deploy.as_mut() else {
+            return;
+        };
+        let (from, to) = (d.from, d.to);
+        if let Some(x) = d.exclusive.as_mut() {
+            x.failed = Some(why);
+        }
+        d.exclusive_failure = Some(reason.clone());
+        if let Some(g) = self.gens.get_mut(&to) {
+            g.leaving = true;
+        }
+        if self.config.ready.check.probes() {
+            out.push(Action::EndProbe(to));
+        }
+        let event = Event::NewStopsFirst {
+            generation: to,
+            reason,
+            then: from,
+        };
+        out.push(Action::Log(event.clone()));
+        self.deploy_progress(event, out);
     }
 
     /// The end of a deploy undone (rolled back, or steered back from): recorded, its
@@ -748,10 +904,14 @@ impl SiteMachine {
             flip_window: None,
             steered_back,
         });
+        let restarted = d.exclusive.is_some_and(|x| x.old_stopped)
+            && !matches!(reason, RollbackReason::Cancelled(_));
         for c in d.clients {
             let (reason, from) = (reason.clone(), d.from);
             let failure = if steered_back {
                 Failure::SteeredBack { reason, from }
+            } else if restarted {
+                Failure::RestartedPrevious { reason, from }
             } else {
                 Failure::RolledBack { reason, from }
             };

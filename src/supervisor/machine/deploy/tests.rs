@@ -561,3 +561,325 @@ fn a_warmup_needs_steering_and_a_rollback_ends_it() {
         "{a:?}"
     );
 }
+
+/// A world without eBPF steering: probes cannot reach a new generation alone.
+struct NoSteering;
+
+impl Observe for NoSteering {
+    fn resolve_release(&self, s: &SiteConfig, a: Option<&Path>) -> Result<Option<PathBuf>, String> {
+        Quiet.resolve_release(s, a)
+    }
+    fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+        None
+    }
+    fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+        true
+    }
+    fn probe_alone(&self) -> Result<(), String> {
+        Err("unavailable: no CAP_BPF".into())
+    }
+}
+
+const OWN_PORT: &str =
+    "workers = 2\n[[listen]]\ntcp = \"127.0.0.1:8000\"\nmode = \"own\"\n[ready]\ncheck = \"tcp\"\n";
+
+/// Feeds `input` (and what follows), then checks that no two generations have a process.
+fn step(m: &mut SiteMachine, input: Input, t: Instant) -> Vec<Action> {
+    let a = send(m, input, &NoSteering, t);
+    let live: Vec<GenId> = m
+        .generations()
+        .filter(|g| g.slots.live() > 0)
+        .map(|g| g.id)
+        .collect();
+    assert!(
+        live.len() <= 1,
+        "two generations live: {live:?} after {a:?}"
+    );
+    a
+}
+
+/// Every process of generation `g` exits, one at a time; returns what followed.
+fn exit_all(m: &mut SiteMachine, g: u32, t: Instant) -> Vec<Action> {
+    let slots: Vec<u32> = m
+        .generation(GenId(g))
+        .map(|x| {
+            x.slots
+                .slots
+                .values()
+                .filter(|s| s.phase.has_process())
+                .map(|s| s.id.0)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut all = Vec::new();
+    for s in slots {
+        all.extend(step(m, exited(g, s), t));
+    }
+    all
+}
+
+/// An own-port site, started, both workers ready, and a deploy asked for by client 2.
+fn own_port_deploy(t: Instant) -> (SiteMachine, Vec<Action>) {
+    let (mut m, _) = SiteMachine::new(site(OWN_PORT), None, None, t);
+    step(&mut m, Input::Start(None), t);
+    step(&mut m, Input::ProbeAccepted(GenId(1)), t);
+    assert_eq!(m.current().slots.ready(), 2);
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+        canary: None,
+    };
+    let a = step(&mut m, deploy, t);
+    (m, a)
+}
+
+#[test]
+fn an_own_port_site_stops_its_serving_generation_before_the_new_one_starts() {
+    let t = Instant::now();
+    let (mut m, a) = own_port_deploy(t);
+    // Accepted without steering: the probe has only one generation to reach.
+    assert_eq!(replies(&a), vec![], "{a:?}");
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Progress {
+                event: Event::StopThenStart { own, .. },
+                ..
+            } if own == &vec!["127.0.0.1:8000".parse::<std::net::SocketAddr>().expect("addr")]
+        )),
+        "{a:?}"
+    );
+    let stops = a
+        .iter()
+        .filter(|x| {
+            matches!(
+                x,
+                Action::Signal {
+                    generation: GenId(1),
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(stops, 2, "the serving generation is told to stop: {a:?}");
+    assert_eq!(spawned(&a), vec![]);
+    assert_eq!(m.generation_state(m.current()), "stopping");
+    // A start now would bind the port beside the new generation: refused.
+    let a = step(&mut m, Input::Start(Some(ClientId(3))), t);
+    assert!(
+        matches!(
+            replies(&a).as_slice(),
+            [(ClientId(3), Outcome::Failed(Failure::DeployUnderWay { .. }))]
+        ),
+        "{a:?}"
+    );
+    assert_eq!(spawned(&a), vec![]);
+    let a = step(&mut m, exited(1, 0), t);
+    assert_eq!(spawned(&a), vec![], "one old worker still runs");
+    let a = step(&mut m, exited(1, 1), t);
+    assert_eq!(spawned(&a), vec![(2, 0), (2, 1)], "the port is free: {a:?}");
+    // Ready by the probe of the app's own port, then probation, then it serves alone.
+    let a = step(&mut m, Input::ProbeAccepted(GenId(2)), t);
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Progress {
+                event: Event::ProbationBegins { .. },
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+    let later = t + m.config().deploy.probation;
+    let a = step(&mut m, Input::Tick, later);
+    assert!(a.contains(&Action::Retire(GenId(1))), "{a:?}");
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Progress {
+                event: Event::Flipped {
+                    steering: Steering::Alone,
+                    ..
+                },
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+    assert!(
+        matches!(
+            replies(&a).as_slice(),
+            [(ClientId(2), Outcome::Done(Done::Deployed { .. }))]
+        ),
+        "{a:?}"
+    );
+    assert_eq!(m.serving(), GenId(2));
+    assert!(m.deploy().is_none());
+}
+
+#[test]
+fn a_failed_stop_then_start_deploy_starts_the_old_generation_once_the_new_one_is_gone() {
+    let t = Instant::now();
+    let (mut m, _) = own_port_deploy(t);
+    exit_all(&mut m, 1, t);
+    assert_eq!(m.generation(GenId(2)).expect("new").slots.live(), 2);
+    // A new worker crashes: the new generation is stopped first.
+    let a = step(&mut m, exited(2, 0), t);
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Progress {
+                event: Event::NewStopsFirst {
+                    generation: GenId(2),
+                    then: GenId(1),
+                    ..
+                },
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+    assert!(
+        spawned(&a).iter().all(|(g, _)| *g == 2),
+        "not the old one yet: {a:?}"
+    );
+    assert_eq!(replies(&a), vec![]);
+    let a = exit_all(&mut m, 2, t);
+    assert_eq!(spawned(&a), vec![(1, 0), (1, 1)], "{a:?}");
+    match replies(&a).as_slice() {
+        [(ClientId(2), Outcome::Failed(Failure::RestartedPrevious { reason, from }))] => {
+            assert_eq!(*from, GenId(1));
+            assert!(
+                matches!(
+                    reason,
+                    RollbackReason::Crashed {
+                        generation: GenId(2),
+                        exit: Some(_),
+                        ..
+                    }
+                ),
+                "{reason:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(m.serving(), GenId(1));
+    assert!(m.deploy().is_none());
+    assert_eq!(m.generations().count(), 1, "the new generation is retired");
+}
+
+#[test]
+fn a_stop_then_start_deploy_not_ready_in_time_or_rolled_back_on_request_waits_for_the_new_generation()
+ {
+    let t = Instant::now();
+    let (mut m, _) = own_port_deploy(t);
+    // The old generation takes a while to stop: the timeout counts from the new start.
+    let t1 = t + m.config().ready.timeout + Duration::from_secs(5);
+    let a = exit_all(&mut m, 1, t1);
+    assert_eq!(spawned(&a), vec![(2, 0), (2, 1)]);
+    let a = step(&mut m, Input::Tick, t1 + Duration::from_secs(1));
+    assert!(
+        m.deploy().is_some_and(|d| d.exclusive_failure.is_none()),
+        "{a:?}"
+    );
+    let t2 = t1 + m.config().ready.timeout;
+    let a = step(&mut m, Input::Tick, t2);
+    assert_eq!(spawned(&a), vec![]);
+    let a = exit_all(&mut m, 2, t2);
+    assert!(
+        matches!(
+            replies(&a).as_slice(),
+            [(
+                ClientId(2),
+                Outcome::Failed(Failure::RestartedPrevious {
+                    reason: RollbackReason::NotReady { .. },
+                    ..
+                })
+            )]
+        ),
+        "{a:?}"
+    );
+    assert_eq!(spawned(&a), vec![(1, 0), (1, 1)]);
+
+    // `rollback` while the new generation starts: answered, and the old one starts
+    // once the new one is gone.
+    let (mut m, _) = own_port_deploy(t);
+    exit_all(&mut m, 1, t);
+    let a = step(&mut m, Input::Rollback(ClientId(4)), t);
+    assert!(
+        matches!(
+            replies(&a).as_slice(),
+            [(ClientId(4), Outcome::Done(Done::RolledBack { .. }))]
+        ),
+        "{a:?}"
+    );
+    assert_eq!(spawned(&a), vec![]);
+    let a = exit_all(&mut m, 2, t);
+    assert_eq!(spawned(&a), vec![(1, 0), (1, 1)]);
+    assert!(
+        matches!(
+            replies(&a).as_slice(),
+            [(
+                ClientId(2),
+                Outcome::Failed(Failure::RestartedPrevious {
+                    reason: RollbackReason::OnRequest(GenId(2)),
+                    ..
+                })
+            )]
+        ),
+        "{a:?}"
+    );
+
+    // A stop cancels it: nothing starts again.
+    let (mut m, _) = own_port_deploy(t);
+    exit_all(&mut m, 1, t);
+    let stop = Input::Stop {
+        client: Some(ClientId(5)),
+        why: CancelReason::SiteStopped,
+    };
+    step(&mut m, stop, t);
+    let a = exit_all(&mut m, 2, t);
+    assert_eq!(spawned(&a), vec![]);
+    assert!(m.is_stopped());
+}
+
+/// No steering, and what generation 1's workers left behind is still there until told.
+struct LeftBehind(std::cell::Cell<bool>);
+
+impl Observe for LeftBehind {
+    fn resolve_release(&self, s: &SiteConfig, a: Option<&Path>) -> Result<Option<PathBuf>, String> {
+        Quiet.resolve_release(s, a)
+    }
+    fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+        None
+    }
+    fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+        true
+    }
+    fn probe_alone(&self) -> Result<(), String> {
+        Err("unavailable".into())
+    }
+    fn leftovers(&self, g: GenId) -> bool {
+        g == GenId(1) && self.0.get()
+    }
+}
+
+#[test]
+fn stop_then_start_waits_for_what_the_old_workers_left_behind() {
+    let t = Instant::now();
+    let (mut m, _) = own_port_deploy(t);
+    let obs = LeftBehind(std::cell::Cell::new(true));
+    let a = [
+        send(&mut m, exited(1, 0), &obs, t),
+        send(&mut m, exited(1, 1), &obs, t),
+    ]
+    .concat();
+    assert_eq!(
+        spawned(&a),
+        vec![],
+        "a killed grandchild may still hold the port"
+    );
+    obs.0.set(false);
+    let a = send(&mut m, Input::Tick, &obs, t);
+    assert_eq!(spawned(&a), vec![(2, 0), (2, 1)]);
+}

@@ -375,6 +375,14 @@ impl Sim {
                 "started gen {g} slot {slot} of a site no client started (or one stopped)"
             ));
         }
+        // Stop-then-start: the app binds its port itself, so never two generations.
+        if self.m.config().exclusive_deploys() {
+            if let Some((other, s)) = self.w.procs.keys().find(|(x, _)| *x != g) {
+                return Err(format!(
+                    "started gen {g} slot {slot} of an own-port site while gen {other} slot {s} runs"
+                ));
+            }
+        }
         let cap = match self.m.deploy() {
             Some(d) => d.cap,
             None => self.m.capacity().map(|c| c.workers),

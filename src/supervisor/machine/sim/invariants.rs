@@ -90,7 +90,14 @@ impl Sim {
         if cur.leaving {
             return Err(format!("the serving generation {serving} is leaving"));
         }
-        if self.up && !matches!(cur.slots.run, RunState::Running | RunState::Failed) {
+        // A stop-then-start deploy holds the serving generation stopped until the new one
+        // serves (or, rolled back, starts it again).
+        let held = self
+            .m
+            .deploy()
+            .is_some_and(|d| d.exclusive.is_some_and(|x| x.old_stopped))
+            || self.m.start_deferred();
+        if self.up && !held && !matches!(cur.slots.run, RunState::Running | RunState::Failed) {
             return Err(format!(
                 "the serving generation {serving} is {:?}, and no client stopped the site",
                 cur.slots.run
@@ -144,7 +151,14 @@ impl Sim {
                 // The deploy adds no slot beyond its cap. (The old generation may hold more
                 // when it begins: slots still stopping after the cap fell.)
                 if let Some(cap) = d.cap {
-                    let used = slots(d.from) + slots(d.to);
+                    // Stop-then-start: the old generation's slots are at rest, their
+                    // processes gone, before the new one has any.
+                    let old = if d.exclusive.is_some() {
+                        self.m.generation(d.from).map_or(0, |x| x.slots.live())
+                    } else {
+                        slots(d.from)
+                    };
+                    let used = old + slots(d.to);
                     if slots(d.to) > 0 && used > cap as usize {
                         let phases = |g: GenId| {
                             self.m.generation(g).map(|x| {

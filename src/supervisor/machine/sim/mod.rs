@@ -70,6 +70,8 @@
 //! 6. Liveness: a stop always ends (no process left, every generation stopped); a site
 //!    stopped by a client starts no worker until a client starts it; after a `Tick` the
 //!    machine never asks to be woken at or before now (the loop would spin).
+//! 7. Stop-then-start (a site whose app binds its own port, one in five): a worker is
+//!    started only when no process of another generation runs. Checked at every `Spawn`.
 //!
 //! `cargo test --lib supervisor::machine::sim` runs [`RUNS`] sequences (seeds `0..RUNS`).
 //! A failure names its seed and step; `HATCHERY_SIM_SEED=<n>` replays one seed with a
@@ -343,6 +345,10 @@ fn random_config(rng: &mut Rng) -> SiteConfig {
                 status: (200, 299),
             },
         });
+    }
+    // The app binds its port itself: deploys stop then start.
+    if rng.chance(20) {
+        c.listen[0].mode = crate::config::ListenMode::Own;
     }
     c
 }
