@@ -311,6 +311,14 @@ pub fn rollback_reason(r: &RollbackReason, steered_back: bool) -> String {
             if *after_flip { "after" } else { "before" },
             exit_text(exit.as_ref(), "it could not be started")
         ),
+        RollbackReason::Unhealthy {
+            generation,
+            worker,
+            after_flip,
+        } => format!(
+            "w-{worker} of gen-{generation} failed its health checks {} the flip",
+            if *after_flip { "after" } else { "before" }
+        ),
         RollbackReason::NotReady {
             generation,
             timeout,

@@ -183,6 +183,12 @@ impl SiteMachine {
                 pid,
                 failures,
             }));
+            // A failure nobody asked for, as a crash: a deploy under way (a canary, a new
+            // generation still draining the old one) is rolled back or steered back.
+            if let Some(g) = self.gens.get_mut(&generation) {
+                g.crashes += 1;
+                g.unhealthy = Some(slot);
+            }
             self.feed(generation, slots::Input::RestartSlot(slot), now, out);
         }
     }

@@ -91,6 +91,8 @@ pub struct Generation {
     pub leaving: bool,
     /// How its last `http` ready probe that did not count was answered.
     pub last_probe: Option<ProbeAnswer>,
+    /// The last worker restarted for failing its health checks (it counts as a crash).
+    pub unhealthy: Option<Slot>,
 }
 
 impl Generation {
@@ -104,6 +106,7 @@ impl Generation {
             crashes: 0,
             leaving: false,
             last_probe: None,
+            unhealthy: None,
         }
     }
 

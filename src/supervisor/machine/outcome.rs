@@ -387,6 +387,15 @@ pub enum RollbackReason {
         /// Whether it was after the flip.
         after_flip: bool,
     },
+    /// A new worker was restarted for failing its health checks.
+    Unhealthy {
+        /// The new generation.
+        generation: GenId,
+        /// The worker.
+        worker: Slot,
+        /// Whether it was after the flip.
+        after_flip: bool,
+    },
     /// Not every new worker was ready in time.
     NotReady {
         /// The new generation.

@@ -712,6 +712,13 @@ impl SiteMachine {
     fn rollback_reason(&self, to: GenId, why: PlanFailure, after_flip: bool) -> RollbackReason {
         let g = self.gens.get(&to);
         match why {
+            PlanFailure::Crashed if g.is_some_and(|g| g.unhealthy.is_some()) => {
+                RollbackReason::Unhealthy {
+                    generation: to,
+                    worker: g.and_then(|g| g.unhealthy).unwrap_or_default(),
+                    after_flip,
+                }
+            }
             PlanFailure::Crashed => RollbackReason::Crashed {
                 generation: to,
                 exit: g.and_then(|g| {

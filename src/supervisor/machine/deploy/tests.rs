@@ -883,3 +883,44 @@ fn stop_then_start_waits_for_what_the_old_workers_left_behind() {
     let a = send(&mut m, Input::Tick, &obs, t);
     assert_eq!(spawned(&a), vec![(2, 0), (2, 1)]);
 }
+
+#[test]
+fn a_canary_worker_that_fails_its_health_checks_rolls_the_canary_back() {
+    let t = Instant::now();
+    let extra = "workers = 10\n[[listen]]\ntcp = \"127.0.0.1:1\"\n[health]\nfailures = 1\n";
+    let (mut m, _) = SiteMachine::new(site(extra), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+        canary: "20%".parse().ok(),
+    };
+    send(&mut m, deploy, &Quiet, t);
+    let t = t + Duration::from_secs(1);
+    send(&mut m, Input::Tick, &Quiet, t);
+    assert_eq!(m.deploy().map(|d| d.stage), Some(Stage::Canary));
+    // A check that landed on the canary's w-1 (pid 2001) was not answered.
+    let failed = Input::HealthChecked(crate::supervisor::machine::HealthResult::Failed {
+        answer: crate::supervisor::machine::HealthAnswer::TimedOut,
+        worker: Some((GenId(2), Slot(1), 2001)),
+    });
+    let a = send(&mut m, failed, &Quiet, t);
+    assert!(
+        a.contains(&Action::Canary {
+            generation: GenId(2),
+            share: None
+        }),
+        "{a:?}"
+    );
+    assert!(m.deploy().is_none());
+    assert_eq!(m.serving(), GenId(1));
+    let end = m.last_deploy().expect("recorded");
+    assert_eq!(
+        end.reason,
+        Some(RollbackReason::Unhealthy {
+            generation: GenId(2),
+            worker: Slot(1),
+            after_flip: false
+        })
+    );
+}
