@@ -235,17 +235,69 @@ fn parse_listener(line: &str) -> Option<(std::net::SocketAddr, u64)> {
 ///
 /// One `sock_diag` request for that exact socket (`SOCK_DIAG_BY_FAMILY` without
 /// `NLM_F_DUMP`: the kernel looks it up in its established hash), so the cost does not
-/// grow with the host's connections (`/proc/net/tcp` lists every one, `TIME_WAIT` too).
+/// grow with the host's connections. Where the kernel cannot answer it (`tcp_diag` is a
+/// module on Debian's kernels, and a host may not load it), `/proc/net/tcp{,6}` is read
+/// instead, which lists every socket of the host (`TIME_WAIT` ones too).
 pub fn accepted_socket(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<u64> {
+    if sock_diag_answers() {
+        return diag_lookup(server, client).ok().flatten();
+    }
+    proc_lookup(server, client)
+}
+
+/// [`accepted_socket`] by reading `/proc/net/tcp{,6}`.
+fn proc_lookup(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<u64> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .find_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(parse_tcp_line)
+                .find(|s| s.local == server && s.remote == client && s.inode != 0)
+                .map(|s| s.inode)
+        })
+}
+
+/// Whether `sock_diag` finds TCP sockets here: asked once, of a connection of our own.
+fn sock_diag_answers() -> bool {
+    static ANSWERS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWERS.get_or_init(|| {
+        let Ok(l) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            return false;
+        };
+        let Ok(server) = l.local_addr() else {
+            return false;
+        };
+        let Ok(c) = std::net::TcpStream::connect(server) else {
+            return false;
+        };
+        let Ok(client) = c.local_addr() else {
+            return false;
+        };
+        // Not accepted yet: found, with no inode.
+        let answers = diag_lookup(server, client).is_ok();
+        if !answers {
+            tracing::debug!("sock_diag does not answer for TCP here (no tcp_diag?): reading /proc/net/tcp instead");
+        }
+        answers
+    })
+}
+
+/// The inode of the socket `server`–`client` by `sock_diag`: `Err` when the kernel did not
+/// answer with the socket (no such socket, or no `tcp_diag` to ask).
+fn diag_lookup(
+    server: std::net::SocketAddr,
+    client: std::net::SocketAddr,
+) -> Result<Option<u64>, ()> {
     use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType, netlink};
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLMSG_ERROR: u16 = 2;
     const NLM_F_REQUEST: u16 = 1;
     const IPPROTO_TCP: u8 = 6;
     let family = match (server, client) {
         (std::net::SocketAddr::V4(_), std::net::SocketAddr::V4(_)) => libc::AF_INET,
         (std::net::SocketAddr::V6(_), std::net::SocketAddr::V6(_)) => libc::AF_INET6,
-        _ => return None,
+        _ => return Err(()),
     };
     let addr = |ip: std::net::IpAddr| -> [u8; 16] {
         let mut a = [0u8; 16];
@@ -262,7 +314,7 @@ pub fn accepted_socket(server: std::net::SocketAddr, client: std::net::SocketAdd
     req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
     req.extend_from_slice(&1u32.to_ne_bytes()); // seq
     req.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    req.push(u8::try_from(family).ok()?);
+    req.push(u8::try_from(family).map_err(|_| ())?);
     req.push(IPPROTO_TCP);
     req.extend_from_slice(&[0, 0]); // idiag_ext, pad
     req.extend_from_slice(&u32::MAX.to_ne_bytes()); // idiag_states: any
@@ -278,26 +330,27 @@ pub fn accepted_socket(server: std::net::SocketAddr, client: std::net::SocketAdd
         SocketFlags::CLOEXEC,
         Some(netlink::SOCK_DIAG),
     )
-    .ok()?;
+    .map_err(|_| ())?;
     rustix::net::sendto(
         &fd,
         &req,
         SendFlags::empty(),
         &netlink::SocketAddrNetlink::new(0, 0),
     )
-    .ok()?;
+    .map_err(|_| ())?;
     // The kernel answers within the send: nothing to wait for.
     let mut buf = [0u8; 512];
-    let (n, _) = rustix::net::recv(&fd, &mut buf, RecvFlags::DONTWAIT).ok()?;
-    let reply = buf.get(..n)?;
-    let kind = u16::from_ne_bytes(reply.get(4..6)?.try_into().ok()?);
-    if kind == NLMSG_ERROR || kind != SOCK_DIAG_BY_FAMILY {
-        return None;
+    let (n, _) = rustix::net::recv(&fd, &mut buf, RecvFlags::DONTWAIT).map_err(|_| ())?;
+    let reply = buf.get(..n).ok_or(())?;
+    let kind = u16::from_ne_bytes(reply.get(4..6).ok_or(())?.try_into().map_err(|_| ())?);
+    if kind != SOCK_DIAG_BY_FAMILY {
+        return Err(());
     }
     // struct inet_diag_msg: family, state, timer, retrans, id (48), expires, rqueue,
     // wqueue, uid, inode.
-    let inode = u32::from_ne_bytes(reply.get(16 + 68..16 + 72)?.try_into().ok()?);
-    (inode != 0).then_some(u64::from(inode))
+    let inode = reply.get(16 + 68..16 + 72).ok_or(())?;
+    let inode = u32::from_ne_bytes(inode.try_into().map_err(|_| ())?);
+    Ok((inode != 0).then_some(u64::from(inode)))
 }
 
 /// The socket inodes among the fds of process `pid`.
@@ -309,6 +362,7 @@ pub fn sockets_of(pid: u32) -> Vec<u64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TcpLine {
     local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
     /// `TCP_ESTABLISHED` (1) … `TCP_LISTEN` (0x0A).
     state: u8,
     /// 0 when no file holds it.
@@ -319,6 +373,7 @@ fn parse_tcp_line(line: &str) -> Option<TcpLine> {
     let f: Vec<&str> = line.split_whitespace().collect();
     Some(TcpLine {
         local: parse_proc_addr(f.get(1)?)?,
+        remote: parse_proc_addr(f.get(2)?)?,
         state: u8::from_str_radix(f.get(3)?, 16).ok()?,
         inode: f.get(9)?.parse().ok()?,
     })
@@ -508,8 +563,15 @@ mod tests {
         let c = std::net::TcpStream::connect(server).expect("connect");
         let client = c.local_addr().expect("client addr");
         assert_eq!(accepted_socket(server, client), None, "queued: no file yet");
+        assert_eq!(proc_lookup(server, client), None);
         let (s, _) = l.accept().expect("accept");
         let inode = accepted_socket(server, client).expect("accepted");
+        // Both ways of asking agree (sock_diag where the kernel answers it, as here on a
+        // kernel with tcp_diag; /proc/net/tcp where it does not).
+        assert_eq!(proc_lookup(server, client), Some(inode));
+        if sock_diag_answers() {
+            assert_eq!(diag_lookup(server, client), Ok(Some(inode)));
+        }
         assert!(sockets_of(std::process::id()).contains(&inode));
         let fd = std::fs::read_link(format!("/proc/self/fd/{}", {
             use std::os::fd::AsRawFd;
@@ -528,6 +590,7 @@ mod tests {
         );
         drop(s);
         assert_eq!(accepted_socket(server, client), None, "closed");
+        assert_eq!(proc_lookup(server, client), None, "closed");
     }
 
     #[test]
