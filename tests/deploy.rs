@@ -854,6 +854,9 @@ fn gunicorn_is_deployed_unchanged_without_a_failed_request() {
     };
     point(&link, &app("g1"));
     let port = free_port();
+    // Under TCG, beside the other deploy tests, gunicorn's start (Python imports) took
+    // more than 30 s.
+    let ready_timeout = if in_vm() { "120s" } else { "30s" };
     let text = format!(
         r#"name = "web"
 command = ["{}", "-m", "gunicorn", "--chdir", "{{release}}", "-w", "2", "--graceful-timeout", "10", "app:app"]
@@ -866,7 +869,7 @@ name = "http"
 tcp = "127.0.0.1:{port}"
 [ready]
 check = "notify"
-timeout = "30s"
+timeout = "{ready_timeout}"
 [stop]
 timeout = "15s"
 [deploy]
@@ -1043,7 +1046,9 @@ fn a_draining_generation_answers_its_queue_and_rollback_steers_back_to_it() {
     let link = root.path().join("current");
     point(&link, &release(root.path(), "r1", Some("one-at-a-time")));
     let port = free_port();
-    let (probation, queued) = if in_vm() { ("2s", 20) } else { ("1s", 12) };
+    // The queued connections are made during probation: a long one under TCG, where
+    // making them took more than 2 s beside the other deploy tests.
+    let (probation, queued) = if in_vm() { ("10s", 20) } else { ("1s", 12) };
     let text = format!(
         r#"name = "web"
 command = ["{BIN}", "__demo-worker", "--delay-ms", "500", "--behaviour-from", "{{release}}"]
