@@ -5,6 +5,13 @@
 //! hit by mistake; the process group kill (for workers without a cgroup) goes through
 //! `kill(-pgid)` only while the pidfd shows the group leader has not been reaped.
 //!
+//! A process that is not our child (a worker of an earlier agent) is opened with
+//! [`PidRef::open_verified`]: `pidfd_open` (5.3) first, then its start time is compared
+//! with the recorded one (field 22 of `/proc/<pid>/stat`), then the pidfd is confirmed
+//! with the null signal. The pidfd pins the process, not the number, so a recycled pid
+//! with another start time is never signalled. Such a process cannot be waited for
+//! (`waitid` gives `ECHILD`), but its pidfd polls readable once it has exited.
+//!
 //! Also this process's own signal dispositions: [`set_default_disposition`] (the CLI's
 //! `SIGPIPE`).
 
@@ -28,6 +35,41 @@ impl PidRef {
     /// Wraps a pid and the pidfd `clone3` returned for it.
     pub fn new(pid: i32, pidfd: OwnedFd) -> PidRef {
         PidRef { pid, pidfd }
+    }
+
+    /// Opens a pidfd for `pid` if it is still the process that started at `start_time`
+    /// (clock ticks since boot, as in `/proc/<pid>/stat`); `None` if it is gone, or the
+    /// number now belongs to another process.
+    pub fn open_verified(pid: i32, start_time: u64) -> Option<PidRef> {
+        let p = Pid::from_raw(pid)?;
+        // 1. Pin the process the number names now.
+        let pidfd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()?;
+        // 2. Is it the one recorded? Read after the pin: the number cannot move on while
+        // the pidfd's process is unreaped, and step 3 checks that it is.
+        if read_stat(pid).ok()?.start_time != start_time {
+            return None;
+        }
+        let pidref = PidRef { pid, pidfd };
+        // 3. Still unreaped, so what /proc showed was this pidfd's process.
+        pidref.is_unreaped().then_some(pidref)
+    }
+
+    /// Whether the process is alive or an unreaped zombie (the null signal through the
+    /// pidfd): while it is, its pid and the process group it leads cannot be reused.
+    pub fn is_unreaped(&self) -> bool {
+        crate::sys::pidfd::test_signal(self.pidfd.as_fd()).is_ok()
+    }
+
+    /// Whether the process has exited (its pidfd polls readable), without waiting and
+    /// without reaping: this works for processes that are not our children too.
+    pub fn has_exited(&self) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        rustix::event::poll(&mut fds, Some(&zero)).is_ok_and(|n| n > 0)
     }
 
     /// The pid, for display and credential matching.
@@ -79,8 +121,114 @@ impl PidRef {
     }
 }
 
+/// What the agent reads of another process in `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Its process group (field 5).
+    pub pgid: i32,
+    /// When it started, in clock ticks since boot (field 22).
+    pub start_time: u64,
+}
+
+/// Reads `/proc/<pid>/stat`.
+pub fn read_stat(pid: i32) -> io::Result<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected /proc/{pid}/stat"),
+        )
+    })
+}
+
+/// Parses a `/proc/<pid>/stat` line: the fields after the command name, which is in
+/// parentheses and may itself hold spaces and parentheses, hence after the last `)`
+/// (proc(5)).
+pub fn parse_stat(text: &str) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    // Fields from 3 (state) on: pgid is field 5, start time field 22.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        pgid: fields.get(5 - 3)?.parse().ok()?,
+        start_time: fields.get(22 - 3)?.parse().ok()?,
+    })
+}
+
+/// Every process in process group `pgid` other than `except`, each opened by pidfd and
+/// checked to be in the group after it was pinned.
+pub fn group_members(pgid: i32, except: i32) -> Vec<PidRef> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != except)
+        .filter(|&pid| read_stat(pid).is_ok_and(|s| s.pgid == pgid))
+        .filter_map(|pid| {
+            let p = Pid::from_raw(pid)?;
+            let pidfd =
+                rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()?;
+            let pidref = PidRef { pid, pidfd };
+            (read_stat(pid).is_ok_and(|s| s.pgid == pgid) && pidref.is_unreaped()).then_some(pidref)
+        })
+        .collect()
+}
+
 impl AsFd for PidRef {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.pidfd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stat_line_is_read_after_the_last_parenthesis() {
+        let line = "4242 (a (weird) name) S 1 4240 4240 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200 18446744073709551615\n";
+        assert_eq!(
+            parse_stat(line),
+            Some(ProcStat {
+                pgid: 4240,
+                start_time: 987654
+            })
+        );
+        assert_eq!(parse_stat("4242 (sh) S 1 2"), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn our_own_process_is_opened_only_with_its_start_time() {
+        let me = i32::try_from(std::process::id()).expect("a pid fits");
+        let stat = read_stat(me).expect("our own stat");
+        let pidref = PidRef::open_verified(me, stat.start_time).expect("ourselves");
+        assert!(pidref.is_unreaped());
+        assert!(!pidref.has_exited());
+        assert!(PidRef::open_verified(me, stat.start_time + 1).is_none());
+        assert!(PidRef::open_verified(me, stat.start_time.saturating_sub(1)).is_none());
+    }
+
+    #[test]
+    fn an_exited_process_polls_readable_and_is_unreaped_until_waited_for() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = i32::try_from(child.id()).expect("a pid fits");
+        let start = read_stat(pid).expect("stat").start_time;
+        let pidref = PidRef::open_verified(pid, start).expect("the child");
+        let mut fds = [rustix::event::PollFd::new(
+            &pidref,
+            rustix::event::PollFlags::IN,
+        )];
+        rustix::event::poll(&mut fds, None).expect("poll");
+        assert!(pidref.has_exited());
+        assert!(
+            pidref.is_unreaped(),
+            "a zombie can still take the null signal"
+        );
+        child.wait().expect("reap");
+        assert!(!pidref.is_unreaped());
     }
 }

@@ -25,6 +25,7 @@
 //! | `reload.rs` | `reload` |
 //! | `exec.rs` | the sandbox as prepared, and `hatchery exec` |
 //! | `render.rs` | the words for the machines' events and outcomes |
+//! | `recovery.rs` | the record of live workers; stopping those of a previous agent |
 //! | `setup.rs` | the control socket's lock, signals, limits, systemd notification |
 //! | `reactor.rs` | io_uring and epoll |
 
@@ -33,6 +34,7 @@ mod exec;
 mod generations;
 mod health;
 pub mod reactor;
+mod recovery;
 mod reload;
 mod render;
 mod setup;
@@ -212,6 +214,10 @@ pub struct Agent {
     /// Running `hatchery exec` commands, by pid (see `exec.rs`).
     execs: HashMap<i32, exec::ExecSession>,
     next_exec: u32,
+    /// A worker started or exited since the record of live workers was last written.
+    workers_dirty: bool,
+    /// This boot's id, written in the record of live workers.
+    boot_id: String,
 }
 
 impl Agent {
@@ -259,6 +265,9 @@ impl Agent {
                 "the agent's own memory.max",
             )?;
         }
+        // Before any site binds: a previous agent's workers still hold its listeners. With
+        // cgroups they get their stop signal here, and the sweep kills what is left.
+        recovery::stop_previous_workers(&config.state_dir, &config.sites, cgroups.as_ref());
         let graveyard = match &cgroups {
             Some(tree) => {
                 let mut g = Graveyard::new().map_err(|e| setup_err("create an inotify fd", e))?;
@@ -325,6 +334,8 @@ impl Agent {
             started: SystemTime::now(),
             execs: HashMap::new(),
             next_exec: 0,
+            workers_dirty: false,
+            boot_id: recovery::boot_id(),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -457,6 +468,8 @@ impl Agent {
             let timeout = self
                 .next_deadline()
                 .map(|d| d.saturating_duration_since(Instant::now()));
+            // Once per iteration, however many workers started or exited in it.
+            self.save_workers();
             ready.clear();
             self.reg
                 .reactor
@@ -665,6 +678,8 @@ impl Agent {
         }
         let _ = std::fs::remove_file(&self.config.control_socket);
         let _ = std::fs::remove_file(&self.notify.path);
+        // Every site is stopped: no worker is left to record.
+        let _ = std::fs::remove_file(recovery::workers_file(&self.config.state_dir));
         info!("agent stopped");
     }
 }

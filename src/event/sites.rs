@@ -32,6 +32,9 @@ pub(super) struct Worker {
     /// Its own cgroup leaf, fresh for this process.
     pub cgroup: Option<PathBuf>,
     pub started_wall: SystemTime,
+    /// Its start time in clock ticks since boot (`/proc/<pid>/stat`), for the record of
+    /// live workers; `None` if it could not be read (it exited at once).
+    pub start_time: Option<u64>,
 }
 
 /// A generation's kernel side.

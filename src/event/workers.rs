@@ -118,6 +118,7 @@ impl Agent {
         let worker = site.workers.remove(&id).expect("checked above");
         self.reg.tokens.remove(&worker.token);
         self.pids.remove(&worker.pidref.pid());
+        self.workers_dirty = true;
         // An OOM kill shows as SIGKILL; the leaf's memory.events tells them apart (the
         // leaf is this process's own, so any count is its).
         let reason = match (&reason, worker.cgroup.as_deref()) {
@@ -269,8 +270,11 @@ impl Agent {
                 token,
                 cgroup: spawned.leaf,
                 started_wall: SystemTime::now(),
+                // Our child, not yet reaped: the pid is still its own.
+                start_time: crate::process::read_stat(pid).ok().map(|s| s.start_time),
             },
         );
+        self.workers_dirty = true;
         debug!(site = %name, gen = g.0, worker = %id, pid, "spawned");
         Ok(pid)
     }

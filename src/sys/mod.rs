@@ -16,6 +16,8 @@
 //!   readiness (Linux 2.6.27).
 //! - [`wait`]: `waitid(P_ALL, WNOWAIT)` to find which child became a zombie, for reaping
 //!   orphans re-parented to us as child subreaper.
+//! - [`pidfd`]: `pidfd_send_signal` with the null signal, to confirm a process opened
+//!   with `pidfd_open` is still the one we looked at (Linux 5.1).
 //! - [`landlock`]: probing the ABI version, and building and enforcing a ruleset in the
 //!   spawn child (called from [`spawn`]'s child path, after `chroot` and the private
 //!   `/tmp`; the parent only prepares the paths and rights, in `crate::sandbox`).
@@ -33,6 +35,7 @@ pub mod activation;
 pub mod bpf;
 pub mod creds;
 pub mod landlock;
+pub mod pidfd;
 pub mod ptrace;
 pub mod seccomp;
 pub mod signals;
