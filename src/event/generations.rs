@@ -347,16 +347,8 @@ pub(super) fn probe(
                 }
             };
             let through = st.map(|st| (st, gen_.listeners[index].fd.as_fd()));
-            match start_tcp_probe(target, through) {
-                Ok(sock) => {
-                    gen_.probe = Some(Probe {
-                        sock,
-                        unsent: http
-                            .map(|h| request(h, target, "hatchery-ready-check"))
-                            .unwrap_or_default(),
-                        answer: Vec::new(),
-                    });
-                }
+            match Probe::ready(target, through, http) {
+                Ok(p) => gen_.probe = Some(p),
                 Err(e) => debug!(site = %site, gen = g.0, "ready probe: {e}"),
             }
             Probed::Waiting
@@ -420,16 +412,8 @@ fn probe_own(
     };
     let target = loopback_for(addr);
     let Some(p) = &mut gen_.probe else {
-        match start_tcp_probe(target, None) {
-            Ok(sock) => {
-                gen_.probe = Some(Probe {
-                    sock,
-                    unsent: http
-                        .map(|h| request(h, target, "hatchery-ready-check"))
-                        .unwrap_or_default(),
-                    answer: Vec::new(),
-                });
-            }
+        match Probe::ready(target, None, http) {
+            Ok(p) => gen_.probe = Some(p),
             Err(e) => debug!(site = %site, gen = g.0, "ready probe: {e}"),
         }
         return Probed::Waiting;
@@ -493,6 +477,22 @@ impl Probe {
         Ok(Probe {
             sock: start_tcp_probe(loopback_for(target), None)?,
             unsent: request(h, loopback_for(target), agent),
+            answer: Vec::new(),
+        })
+    }
+
+    /// A ready probe of `target` (already a loopback address when the listener's is
+    /// unspecified), through the steering probe entry when given, with `http`'s request.
+    fn ready(
+        target: SocketAddr,
+        through: Option<(&mut Program, BorrowedFd<'_>)>,
+        http: Option<&HttpCheck>,
+    ) -> Result<Probe, String> {
+        Ok(Probe {
+            sock: start_tcp_probe(target, through)?,
+            unsent: http
+                .map(|h| request(h, target, "hatchery-ready-check"))
+                .unwrap_or_default(),
             answer: Vec::new(),
         })
     }
