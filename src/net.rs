@@ -245,6 +245,35 @@ pub fn accepted_socket(server: std::net::SocketAddr, client: std::net::SocketAdd
     proc_lookup(server, client)
 }
 
+/// [`accepted_socket`] of several connections (server, client), with one read of
+/// `/proc/net/tcp{,6}` for all of them where the kernel does not answer `sock_diag`.
+pub fn accepted_sockets(
+    conns: &[(std::net::SocketAddr, std::net::SocketAddr)],
+) -> Vec<Option<u64>> {
+    if conns.is_empty() {
+        return Vec::new();
+    }
+    if sock_diag_answers() {
+        return conns
+            .iter()
+            .map(|(s, c)| diag_lookup(*s, *c).ok().flatten())
+            .collect();
+    }
+    let mut found: std::collections::HashMap<(std::net::SocketAddr, std::net::SocketAddr), u64> =
+        std::collections::HashMap::new();
+    for text in ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+    {
+        for s in text.lines().skip(1).filter_map(parse_tcp_line) {
+            if s.inode != 0 && conns.contains(&(s.local, s.remote)) {
+                found.insert((s.local, s.remote), s.inode);
+            }
+        }
+    }
+    conns.iter().map(|k| found.get(k).copied()).collect()
+}
+
 /// [`accepted_socket`] by reading `/proc/net/tcp{,6}`.
 fn proc_lookup(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<u64> {
     ["/proc/net/tcp", "/proc/net/tcp6"]
@@ -569,6 +598,10 @@ mod tests {
         // Both ways of asking agree (sock_diag where the kernel answers it, as here on a
         // kernel with tcp_diag; /proc/net/tcp where it does not).
         assert_eq!(proc_lookup(server, client), Some(inode));
+        assert_eq!(
+            accepted_sockets(&[(server, client), (client, server)]),
+            vec![Some(inode), accepted_socket(client, server)]
+        );
         if sock_diag_answers() {
             assert_eq!(diag_lookup(server, client), Ok(Some(inode)));
         }

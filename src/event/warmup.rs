@@ -133,18 +133,23 @@ fn advance(
     }
     // Connections pinned on the worker that accepted them (the workers' sockets listed
     // once per look, and only when a connection needs it).
+    let unpinned: Vec<(usize, (std::net::SocketAddr, std::net::SocketAddr))> = run
+        .conns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.worker.is_none())
+        .filter_map(|(i, c)| c.probe.ends().map(|(local, peer)| (i, (peer, local))))
+        .collect();
+    let ends: Vec<_> = unpinned.iter().map(|(_, e)| *e).collect();
+    let inodes = crate::net::accepted_sockets(&ends);
     let mut sockets = None;
-    for c in run.conns.iter_mut().filter(|c| c.worker.is_none()) {
-        let Some(inode) = c
-            .probe
-            .ends()
-            .and_then(|(local, peer)| crate::net::accepted_socket(peer, local))
-        else {
+    for ((i, _), inode) in unpinned.iter().zip(inodes) {
+        let Some(inode) = inode else {
             continue;
         };
         let by_worker =
             sockets.get_or_insert_with(|| super::health::sockets_by_worker(io, Some(g)));
-        c.worker = by_worker.get(&inode).map(|(_, s, _)| *s);
+        run.conns[*i].worker = by_worker.get(&inode).map(|(_, s, _)| *s);
     }
     // A connection on a worker is asked that worker's next request; one on a worker that
     // was asked them all is closed unused.
