@@ -1046,9 +1046,11 @@ fn a_draining_generation_answers_its_queue_and_rollback_steers_back_to_it() {
     let link = root.path().join("current");
     point(&link, &release(root.path(), "r1", Some("one-at-a-time")));
     let port = free_port();
-    // The queued connections are made during probation: a long one under TCG, where
-    // making them took more than 2 s beside the other deploy tests.
-    let (probation, queued) = if in_vm() { ("10s", 20) } else { ("1s", 12) };
+    // The queued connections are made during probation, and the one worker (500 ms a
+    // connection) must still hold some at the flip: under TCG probation is longer (making
+    // them took more than 2 s there beside other busy tests) and the queue longer still
+    // (30 × 500 ms = 15 s of work, 11 s of it left after a 4 s probation).
+    let (probation, queued) = if in_vm() { ("4s", 30) } else { ("1s", 12) };
     let text = format!(
         r#"name = "web"
 command = ["{BIN}", "__demo-worker", "--delay-ms", "500", "--behaviour-from", "{{release}}"]
