@@ -234,24 +234,6 @@ fn a_deploy_counts_the_workers_of_a_generation_rolled_back_before_it() {
     assert_eq!(spawned(&a), vec![(3, 0)], "{a:?}");
 }
 
-/// A world whose listeners are not steered.
-struct Unsteered;
-
-impl Observe for Unsteered {
-    fn resolve_release(&self, s: &SiteConfig, a: Option<&Path>) -> Result<Option<PathBuf>, String> {
-        Quiet.resolve_release(s, a)
-    }
-    fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
-        None
-    }
-    fn queues_empty(&self, _: GenId, _: GenId) -> bool {
-        true
-    }
-    fn probe_alone(&self) -> Result<(), String> {
-        Err("unavailable: Operation not permitted".into())
-    }
-}
-
 /// A site of ten workers started, and a 20 % canary of it serving (two workers).
 fn canary_serving(t: Instant) -> (SiteMachine, Share) {
     let (mut m, _) = SiteMachine::new(site("workers = 10\n"), None, None, t);
@@ -438,13 +420,13 @@ fn a_canary_needs_steering_and_promote_needs_a_canary() {
         release: None,
         canary: "10%".parse().ok(),
     };
-    let a = send(&mut m, deploy, &Unsteered, t);
+    let a = send(&mut m, deploy, &NoSteering, t);
     assert_eq!(
         replies(&a),
         vec![(
             ClientId(2),
             Outcome::Failed(Failure::CanaryNeedsSteering(
-                "unavailable: Operation not permitted".into()
+                "unavailable: no CAP_BPF".into()
             ))
         )]
     );
@@ -540,7 +522,7 @@ fn a_warmup_needs_steering_and_a_rollback_ends_it() {
         release: None,
         canary: None,
     };
-    let a = send(&mut m, deploy(ClientId(2)), &Unsteered, t);
+    let a = send(&mut m, deploy(ClientId(2)), &NoSteering, t);
     assert!(
         matches!(
             replies(&a).as_slice(),
