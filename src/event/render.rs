@@ -214,6 +214,14 @@ pub fn event(site: &SiteName, e: &Event) -> String {
         } => format!(
             "gen-{generation} w-{worker} (pid {pid}) failed {failures} health checks: restarting it"
         ),
+        Event::Adopted {
+            generation,
+            workers,
+            starting,
+            stopped,
+        } => format!(
+            "adopted {workers} workers of gen-{generation} left running by an earlier agent; {starting} started, {stopped} told to stop"
+        ),
         Event::Retired(g) => format!("gen-{g} retired"),
         Event::Deployed { took, .. } => format!("deploy done in {} ms", took.as_millis()),
         Event::RolledBack {

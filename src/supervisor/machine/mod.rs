@@ -19,6 +19,7 @@
 //! floor apart unless an operator asked; a deploy never leaves the site without a serving
 //! generation that runs; every client waiting is answered exactly once.
 
+mod adopt;
 mod deploy;
 mod health;
 mod operators;
@@ -32,6 +33,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use self::adopt::{GenRecord, MachineRecord, WorkerState};
 pub use self::deploy::{DeployEnd, DeployState, WARMUP_INTERVAL, WarmupReport};
 pub use self::health::{HealthAnswer, HealthResult};
 pub use self::outcome::{
@@ -117,6 +119,33 @@ impl Generation {
             .values()
             .any(|s| matches!(s.phase, Phase::Starting { .. }))
     }
+}
+
+/// The memory cap of a site just built and the count it starts with, for `requested`
+/// workers: `auto.min` for an automatic site, else `requested`, within the cap (said so
+/// when it does not fit).
+fn initial_count(
+    config: &SiteConfig,
+    requested: u32,
+    out: &mut Vec<Action>,
+) -> (Option<Capacity>, u32) {
+    let cap = config.limits.memory.and_then(|budget| {
+        capacity::capacity(budget, config.limits.worker_estimate(), None, requested)
+    });
+    let initial = match (config.auto, cap) {
+        (Some(a), Some(c)) => a.min.min(c.workers),
+        (None, Some(c)) => requested.min(c.workers),
+        (_, None) => requested,
+    };
+    if initial < requested && config.auto.is_none() {
+        if let Some(capacity) = cap {
+            out.push(Action::Log(Event::DoesNotFit {
+                requested,
+                capacity,
+            }));
+        }
+    }
+    (cap, initial)
 }
 
 /// The policies a generation's slots apply, from its configuration.
@@ -370,23 +399,8 @@ impl SiteMachine {
         now: Instant,
     ) -> (SiteMachine, Vec<Action>) {
         let requested = config.workers;
-        let cap = config.limits.memory.and_then(|budget| {
-            capacity::capacity(budget, config.limits.worker_estimate(), None, requested)
-        });
-        let initial = match (config.auto, cap) {
-            (Some(a), Some(c)) => a.min.min(c.workers),
-            (None, Some(c)) => requested.min(c.workers),
-            (_, None) => requested,
-        };
         let mut out = Vec::new();
-        if initial < requested && config.auto.is_none() {
-            if let Some(capacity) = cap {
-                out.push(Action::Log(Event::DoesNotFit {
-                    requested,
-                    capacity,
-                }));
-            }
-        }
+        let (cap, initial) = initial_count(&config, requested, &mut out);
         let gen_config = match &release {
             Some(r) => config.for_release(r),
             None => config.clone(),
@@ -747,7 +761,13 @@ impl SiteMachine {
         let Some(gen_) = self.gens.get_mut(&g) else {
             return;
         };
-        for action in gen_.slots.handle(input, now) {
+        let actions = gen_.slots.handle(input, now);
+        self.carry(g, actions, out);
+    }
+
+    /// Generation `g`'s slots' actions, as the machine's.
+    fn carry(&mut self, g: GenId, actions: Vec<slots::Action>, out: &mut Vec<Action>) {
+        for action in actions {
             match action {
                 slots::Action::Spawn(slot) => out.push(Action::Spawn {
                     generation: g,

@@ -170,6 +170,19 @@ pub enum Event {
         /// Checks it failed.
         failures: u32,
     },
+    /// A new agent took over the workers an earlier one left running.
+    Adopted {
+        /// The generation kept: it serves.
+        generation: GenId,
+        /// Its workers taken over (still running).
+        workers: u32,
+        /// Missing workers started (a site whose app binds its own port starts them once
+        /// the other generations' processes are gone: not counted here).
+        starting: u32,
+        /// Workers told to stop: those of the other generations, those beyond the count
+        /// wanted, every one of a site stopped by request.
+        stopped: u32,
+    },
     /// A generation's last worker is gone.
     Retired(GenId),
     /// A deploy went through (for the agent's log).

@@ -33,6 +33,30 @@ pub use super::ids::Slot;
 
 mod types;
 
+/// A worker an earlier agent started, found alive by the agent that takes it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adopted {
+    /// Its slot.
+    pub id: Slot,
+    /// Its process.
+    pub pid: i32,
+    /// How many times its slot was restarted after a crash.
+    pub restarts: u32,
+    /// Where the earlier agent had it.
+    pub phase: AdoptedPhase,
+}
+
+/// Where the earlier agent had an adopted worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdoptedPhase {
+    /// Started, not yet ready.
+    Starting,
+    /// Ready.
+    Ready,
+    /// Asked to stop.
+    Stopping,
+}
+
 /// One site's workers.
 #[derive(Debug, Clone)]
 pub struct SiteCore {
@@ -73,6 +97,77 @@ impl SiteCore {
             rolling: None,
             settled: false,
         }
+    }
+
+    /// The slots of a generation whose workers an earlier agent started and left running
+    /// (the caller verified each is alive), taken over as they are: a ready worker is
+    /// `Ready` and settled; one not yet ready is `Starting` with a fresh `ready.timeout`
+    /// (without a ready check, a process that runs is ready: `Ready`, settling); one asked
+    /// to stop is `Stopping` (then removed) and signalled again, as the earlier agent may
+    /// have died between deciding and signalling. Each keeps its pid and restart count;
+    /// its crash history starts afresh, from `now`. A second worker for a slot already
+    /// taken is left out: a slot never has two processes.
+    ///
+    /// `run`: the workers not stopping keep running (`Running`), but never more than
+    /// `desired`: the excess is stopped at once, highest slots first, and removed. Missing
+    /// slots are not started here (`StartRequested` does that). Otherwise every worker is
+    /// stopped (`Stopping`, then `Stopped`), as a site stop does.
+    pub fn adopted(
+        desired: u32,
+        policies: Policies,
+        workers: &[Adopted],
+        run: bool,
+        now: Instant,
+    ) -> (SiteCore, Vec<Action>) {
+        let mut core = SiteCore::new(desired, policies);
+        let mut out = Vec::new();
+        for w in workers {
+            if core.slots.contains_key(&w.id) {
+                continue;
+            }
+            let mut slot = SlotState::new(w.id);
+            slot.pid = Some(w.pid);
+            slot.restarts = w.restarts;
+            slot.started = Some(now);
+            match (w.phase, policies.ready.check) {
+                (AdoptedPhase::Ready, _) => slot.phase = Phase::Ready,
+                (AdoptedPhase::Starting, ReadyCheck::None) => {
+                    slot.phase = Phase::Ready;
+                    slot.settles_at = Some(now + policies.ready.settle);
+                }
+                (AdoptedPhase::Starting, _) => {
+                    slot.phase = Phase::Starting {
+                        deadline: Some(now + policies.ready.timeout),
+                    }
+                }
+                (AdoptedPhase::Stopping, _) => {
+                    slot.phase = Phase::Stopping {
+                        deadline: Some(now + policies.stop.timeout),
+                        then: AfterStop::Remove,
+                    };
+                    out.push(Action::Signal(w.id, policies.stop.signal));
+                }
+            }
+            core.slots.insert(w.id, slot);
+        }
+        if core.live() > 0 {
+            core.run = if run {
+                RunState::Running
+            } else {
+                RunState::Stopping
+            };
+        }
+        if run {
+            core.trim_slots(now, &mut out);
+        } else {
+            let ids: Vec<Slot> = core.slots.keys().copied().collect();
+            for id in ids {
+                core.stop_slot(id, AfterStop::Rest, now, &mut out);
+            }
+        }
+        core.check_stopped(&mut out);
+        core.check_settled(&mut out);
+        (core, out)
     }
 
     /// Whether a rolling restart is under way.
