@@ -416,9 +416,11 @@ impl CgroupTree {
 
     /// After an agent that did not clean up (killed, crashed): kills whatever still runs
     /// in the site cgroups and hands every leaf and generation cgroup to `graveyard`, so
-    /// no new process is ever cloned into a cgroup that may have been killed. Site
-    /// cgroups of sites not in `keep` go too; those in `keep` stay, with their limits.
-    pub fn sweep_stale(&self, keep: &[&str], graveyard: &mut Graveyard) {
+    /// no new process is ever cloned into a cgroup that may have been killed. The leaves
+    /// in `spare` (of workers adopted by this agent) and the generation cgroups that hold
+    /// them are left alone; in a site that holds one, only the other leaves are killed.
+    /// Site cgroups of sites not in `keep` go too; those in `keep` stay, with their limits.
+    pub fn sweep_stale(&self, keep: &[&str], spare: &[PathBuf], graveyard: &mut Graveyard) {
         let sites = self.base.join("sites");
         let Ok(entries) = fs::read_dir(&sites) else {
             return;
@@ -428,17 +430,26 @@ impl CgroupTree {
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         {
             let dir = site.path();
-            if CgroupTree::is_populated(&dir) {
+            let spared = spare.iter().any(|p| p.starts_with(&dir));
+            if !spared && CgroupTree::is_populated(&dir) {
                 let _ = self.kill(&dir);
             }
             for g in subdirs(&dir) {
                 for leaf in subdirs(&g) {
+                    if spare.contains(&leaf) {
+                        continue;
+                    }
+                    if spared && CgroupTree::is_populated(&leaf) {
+                        let _ = self.kill(&leaf);
+                    }
                     graveyard.bury(leaf);
                 }
-                graveyard.bury(g);
+                if !spare.iter().any(|p| p.starts_with(&g)) {
+                    graveyard.bury(g);
+                }
             }
             let name = site.file_name();
-            if !keep.iter().any(|k| name == std::ffi::OsStr::new(k)) {
+            if !spared && !keep.iter().any(|k| name == std::ffi::OsStr::new(k)) {
                 graveyard.bury(dir);
             }
         }

@@ -121,6 +121,64 @@ impl PidRef {
     }
 }
 
+impl PidRef {
+    /// How a process that is not our child ended, once its pidfd polls readable: the
+    /// kernel records it when the parent reaps it, and tells others from 6.15 on
+    /// (`PIDFD_INFO_EXIT`). `None` where it does not (older kernels, or not reaped yet).
+    pub fn foreign_exit(&self) -> Option<ExitReason> {
+        let status = crate::sys::pidfd::exit_status(self.pidfd.as_fd()).ok()??;
+        Some(decode_wait_status(status))
+    }
+}
+
+impl PidRef {
+    /// A duplicate of the process's open socket whose inode is `ino` (`pidfd_getfd`, Linux
+    /// 5.6, which needs ptrace rights over it: root has them), e.g. a listener the agent
+    /// passed to a worker of an earlier agent. `Ok(None)` when the process holds no such
+    /// socket (any more).
+    pub fn socket_by_inode(&self, ino: u64) -> io::Result<Option<OwnedFd>> {
+        let want = format!("socket:[{ino}]");
+        let mut found = None;
+        for entry in std::fs::read_dir(format!("/proc/{}/fd", self.pid))?.flatten() {
+            let is_it =
+                std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == want.as_str());
+            if is_it {
+                found = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<i32>().ok());
+                break;
+            }
+        }
+        // What /proc showed was this pidfd's process only if it is still unreaped.
+        let (Some(target), true) = (found, self.is_unreaped()) else {
+            return Ok(None);
+        };
+        let fd = rustix::process::pidfd_getfd(
+            &self.pidfd,
+            target,
+            rustix::process::PidfdGetfdFlags::empty(),
+        )?;
+        // The number may have been closed and reused in between: check what came.
+        let st = rustix::fs::fstat(&fd)?;
+        Ok((st.st_ino == ino).then_some(fd))
+    }
+}
+
+/// A wait status (`waitpid`'s `wstatus`) as an exit reason.
+pub fn decode_wait_status(status: i32) -> ExitReason {
+    // WIFEXITED: the low seven bits (the signal) are 0; WEXITSTATUS is the next byte.
+    if status & 0x7f == 0 {
+        ExitReason::Exited {
+            code: (status >> 8) & 0xff,
+        }
+    } else {
+        ExitReason::Signaled {
+            signal: status & 0x7f,
+        }
+    }
+}
+
 /// What the agent reads of another process in `/proc/<pid>/stat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcStat {
@@ -230,5 +288,86 @@ mod tests {
         );
         child.wait().expect("reap");
         assert!(!pidref.is_unreaped());
+    }
+
+    #[test]
+    fn a_socket_is_taken_from_another_process_by_its_inode() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let ino = rustix::fs::fstat(&listener).expect("fstat").st_ino;
+        // A child holding the socket (as a worker holds its listeners).
+        rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::empty()).expect("inheritable");
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "exec sleep 30"])
+            .spawn()
+            .expect("spawn sh");
+        let pid = i32::try_from(child.id()).expect("a pid fits");
+        let pidref = PidRef::new(
+            pid,
+            rustix::process::pidfd_open(
+                Pid::from_raw(pid).expect("a pid"),
+                rustix::process::PidfdFlags::empty(),
+            )
+            .expect("pidfd_open"),
+        );
+        drop(listener);
+        // Wait until the shell has moved it and exec'd (its fd table is sleep's then).
+        let fd = loop {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                break pidref.socket_by_inode(ino).expect("pidfd_getfd");
+            }
+            std::thread::yield_now();
+        };
+        let fd = fd.expect("the child holds it");
+        let taken = std::net::TcpListener::from(fd);
+        assert_eq!(taken.local_addr().expect("addr"), addr);
+        assert!(pidref.socket_by_inode(ino + 1).expect("scan").is_none());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn wait_statuses_are_decoded_as_waitpid_encodes_them() {
+        assert_eq!(decode_wait_status(42 << 8), ExitReason::Exited { code: 42 });
+        assert_eq!(decode_wait_status(0), ExitReason::Exited { code: 0 });
+        assert_eq!(decode_wait_status(9), ExitReason::Signaled { signal: 9 });
+        // A core dump sets 0x80 beside the signal.
+        assert_eq!(
+            decode_wait_status(0x80 | 11),
+            ExitReason::Signaled { signal: 11 }
+        );
+    }
+
+    /// The kernel tells anyone holding a pidfd how its process ended from 6.15 on, once it
+    /// has been reaped; before 6.13 the ioctl does not exist, and in between the exit is
+    /// not part of it. Which applies is read from the kernel's release.
+    #[test]
+    fn the_exit_of_a_reaped_process_is_told_through_its_pidfd_from_6_15() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "exit 42"])
+            .spawn()
+            .expect("spawn sh");
+        let pid = i32::try_from(child.id()).expect("a pid fits");
+        // Opened before it can have exited and been reaped: it is our child.
+        let pidfd = rustix::process::pidfd_open(
+            Pid::from_raw(pid).expect("a pid"),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .expect("pidfd_open");
+        let pidref = PidRef::new(pid, pidfd);
+        assert_eq!(child.wait().expect("reap").code(), Some(42));
+        let release = rustix::system::uname()
+            .release()
+            .to_string_lossy()
+            .into_owned();
+        let mut parts = release.split(|c: char| !c.is_ascii_digit());
+        let major: u32 = parts.next().and_then(|p| p.parse().ok()).expect("major");
+        let minor: u32 = parts.next().and_then(|p| p.parse().ok()).expect("minor");
+        if (major, minor) >= (6, 15) {
+            assert_eq!(pidref.foreign_exit(), Some(ExitReason::Exited { code: 42 }));
+        } else {
+            assert_eq!(pidref.foreign_exit(), None, "{release}");
+        }
     }
 }

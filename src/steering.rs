@@ -32,6 +32,11 @@
 //! dropped). A connection whose source port matches the probe only by chance (another
 //! host's client using the same port while a probe runs, a fraction of a second per
 //! deploy) reaches the probed generation, which is up and accepting by then.
+//! An agent that adopts the workers of an earlier one recovers the group's maps by the ids
+//! it recorded ([`Steering::ids`], [`Steering::recover`]): the program stays attached to
+//! the group while any of its sockets lives, and a socket can be in one sockarray only, so
+//! a fresh program could not steer to the listeners the earlier agent inserted.
+//!
 //! What this module does not do: detach the program or pin maps.
 
 use std::ffi::CStr;
@@ -111,6 +116,15 @@ pub enum SteeringError {
         #[source]
         source: io::Error,
     },
+    /// A map of an earlier agent could not be recovered by its id.
+    #[error("failed to recover the steering map {map} of an earlier agent")]
+    Recover {
+        /// Which map.
+        map: &'static str,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
     /// The selected slot could not be switched.
     #[error("failed to switch steering to slot {slot}")]
     Flip {
@@ -150,7 +164,8 @@ const LICENSE: &CStr = c"GPL";
 pub struct Steering {
     cfg: OwnedFd,
     socks: OwnedFd,
-    _prog: OwnedFd,
+    /// The program, when this agent loaded it (a recovered one is held by the group).
+    _prog: Option<OwnedFd>,
     migrate: bool,
     /// The slot `cfg` selects, if any.
     active: Option<u32>,
@@ -173,7 +188,7 @@ impl Steering {
         Ok(Steering {
             cfg,
             socks,
-            _prog: prog,
+            _prog: Some(prog),
             migrate,
             active: None,
             occupant: [None; SLOTS as usize],
@@ -247,6 +262,87 @@ impl Steering {
             .map_err(|source| SteeringError::Insert { slot, source })?;
         self.occupant[slot as usize] = Some(id);
         Ok(slot)
+    }
+
+    /// The ids of its two maps (`cfg`, `socks`), for the record of a running agent.
+    pub fn ids(&self) -> io::Result<[u32; 2]> {
+        Ok([
+            bpf::map_info(self.cfg.as_fd())?.id,
+            bpf::map_info(self.socks.as_fd())?.id,
+        ])
+    }
+
+    /// The steering an earlier agent attached, from the ids of its maps (`ids`), with
+    /// `serving`, the listener of the generation kept, steered to (it is in the slot
+    /// `cfg` selects unless the generation kept is another). The canary and the probe
+    /// end (a deploy in flight is over). `migrate`: whether the program was loaded with
+    /// `SELECT_OR_MIGRATE` (this kernel's support says).
+    pub fn recover(
+        ids: [u32; 2],
+        serving: BorrowedFd<'_>,
+        migrate: bool,
+    ) -> Result<Steering, SteeringError> {
+        let open = |id: u32, map: &'static str, want: (u32, u32, u32, u32)| {
+            let fd = bpf::map_get_fd_by_id(id)
+                .map_err(|source| SteeringError::Recover { map, source })?;
+            let info = bpf::map_info(fd.as_fd())
+                .map_err(|source| SteeringError::Recover { map, source })?;
+            let got = (
+                info.map_type,
+                info.key_size,
+                info.value_size,
+                info.max_entries,
+            );
+            if got != want {
+                return Err(SteeringError::Recover {
+                    map,
+                    source: io::Error::other(format!(
+                        "map {id} is not the agent's (type, key, value, entries {got:?})"
+                    )),
+                });
+            }
+            Ok(fd)
+        };
+        let cfg = open(ids[0], "cfg", (bpf::BPF_MAP_TYPE_ARRAY, 4, 4, CFG_ENTRIES))?;
+        let socks = open(
+            ids[1],
+            "socks",
+            (bpf::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, SLOTS),
+        )?;
+        let read = |map: BorrowedFd<'_>, key: u32| {
+            bpf::map_lookup(map, key)
+                .map_err(|source| SteeringError::Recover { map: "cfg", source })
+        };
+        let selected = u32::from_ne_bytes(
+            read(cfg.as_fd(), CFG_SERVING)?[..4]
+                .try_into()
+                .expect("4 of 8 bytes"),
+        );
+        let active = selected.checked_sub(1).filter(|s| *s < SLOTS);
+        let mut st = Steering {
+            cfg,
+            socks,
+            _prog: None,
+            migrate,
+            active,
+            occupant: [None; SLOTS as usize],
+        };
+        // The selected slot holds `serving` if its socket cookie is `serving`'s.
+        if let Some(a) = active {
+            let cookie = rustix::net::sockopt::socket_cookie(serving)
+                .map_err(|e| SteeringError::Identify(e.into()))?;
+            // An empty slot gives ENOENT: nothing to match.
+            if let Ok(v) = bpf::map_lookup(st.socks.as_fd(), a) {
+                if u64::from_ne_bytes(v) == cookie {
+                    st.occupant[a as usize] =
+                        Some(identity(serving).map_err(SteeringError::Identify)?);
+                }
+            }
+        }
+        st.clear_canary()?;
+        st.clear_probe()?;
+        st.steer_to(serving)?;
+        Ok(st)
     }
 
     /// Whether queued connections of a closing listener migrate (SELECT_OR_MIGRATE loaded).

@@ -1744,3 +1744,89 @@ probation = "300ms"
     assert_eq!(get_body(port).as_deref(), Some("release r2\n"));
     assert_eq!(agent.status("web")["generation"], 2);
 }
+
+/// An agent SIGKILLed under load is replaced by one that adopts its workers (issue 11):
+/// the workers answer on their own while no agent runs, and the new agent takes them
+/// back, same pids, same generation, the listeners taken from them and steering attached
+/// again, without a failed request. A worker killed afterwards is seen through its pidfd
+/// (it is not the new agent's child) and restarted; a deploy works on the adopted site.
+#[test]
+fn an_agent_killed_under_load_is_replaced_by_one_that_adopts_its_workers() {
+    for cgroups in [false, true] {
+        let root = tempfile::tempdir().expect("tempdir");
+        let link = root.path().join("current");
+        point(&link, &release(root.path(), "r1", None));
+        let port = free_port();
+        let text = site(&link, port, "");
+        let (mut agent, steering) = start_web(&text, 4, "io_uring", cgroups);
+        let (g1, mut before) = serving(&agent);
+        before.sort_unstable();
+        let g1 = u32::try_from(g1).expect("a generation number");
+        let load = Load::start(port, 4);
+        load.wait_for(g1, 20);
+        agent.crash();
+        // Served while no agent runs.
+        let answered = load.answers.lock().expect("answers").get(&g1).copied();
+        load.wait_for(g1, answered.unwrap_or(0) + 20);
+        agent.relaunch();
+        let s = agent.wait_for("web", "4 ready workers", Duration::from_secs(20), |s| {
+            s["ready"] == 4
+        });
+        let (g, mut after) = serving(&agent);
+        after.sort_unstable();
+        assert_eq!(g, u64::from(g1), "{s:#}");
+        assert_eq!(after, before, "the same workers, adopted: {s:#}");
+        assert_eq!(s["steering"], steering.as_str(), "{s:#}");
+        let log = agent.agent_log();
+        assert!(
+            log.contains("adopting 4 workers of a previous agent"),
+            "{log}"
+        );
+        let check = |samples: Vec<Sample>, when: &str| {
+            let bad = failed(&samples);
+            assert!(
+                bad.is_empty(),
+                "cgroups {cgroups}, {when}: {} of {} requests failed: {:?}",
+                bad.len(),
+                samples.len(),
+                bad.iter().take(5).collect::<Vec<_>>()
+            );
+        };
+        check(load.finish(), "through the crash and the adoption");
+        // A worker killed now (without load: its requests in flight would fail) is seen
+        // and restarted.
+        let victim = before[0];
+        let killed = Command::new("kill")
+            .args(["-KILL", &victim.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let s = agent.wait_for(
+            "web",
+            "the killed worker restarted",
+            Duration::from_secs(20),
+            |s| {
+                s["ready"] == 4
+                    && s["workers"]
+                        .as_array()
+                        .is_some_and(|ws| ws.iter().all(|w| w["pid"] != victim))
+            },
+        );
+        let restarts: Vec<u64> = s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter_map(|w| w["restarts"].as_u64())
+            .collect();
+        assert_eq!(restarts.iter().sum::<u64>(), 1, "counted as a crash: {s:#}");
+        // A deploy under load works on the adopted site.
+        let load = Load::start(port, 4);
+        load.wait_for(g1, 10);
+        point(&link, &release(root.path(), "r2", None));
+        let run = deploy(&agent, &["web"]);
+        assert_eq!(run.code, Some(0), "{}", run.text());
+        load.wait_for(g1 + 1, 20);
+        check(load.finish(), "through a deploy after the adoption");
+        assert_eq!(agent.stop(), Some(0));
+    }
+}

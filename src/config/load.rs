@@ -151,6 +151,20 @@ fn load_each_keeping(
     Ok((config, broken))
 }
 
+/// A site's configuration from the text its file had (`site_file`), with the defaults of
+/// the agent file at `agent_file` as it is now: what an earlier agent ran a site with,
+/// recorded, for a new one that adopts its workers after the file changed.
+pub fn site_from_text(
+    agent_file: &Path,
+    site_file: &Path,
+    text: &str,
+) -> Result<SiteConfig, ConfigError> {
+    let mut raw: RawAgent = read_toml(agent_file)?;
+    let default_logs = validate_logs(agent_file, "logs", &mut raw.logs, LogPolicy::default())?;
+    let site: RawSite = parse_toml(site_file, text)?;
+    validate_site(site_file, &site, default_logs)
+}
+
 /// Memory reserved for the host when the agent file says nothing.
 pub const DEFAULT_MEMORY_RESERVE: u64 = 256 << 20;
 

@@ -38,6 +38,7 @@ mod users;
 pub use effective::Effective;
 pub use load::{
     BrokenSite, DEFAULT_MEMORY_RESERVE, check_budgets, host_memory, load, load_each, load_keeping,
+    site_from_text,
 };
 pub use raw::{
     RawAgent, RawDeploy, RawFlapping, RawHealth, RawListen, RawLogs, RawReady, RawRestart, RawSite,

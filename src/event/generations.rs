@@ -56,6 +56,37 @@ pub(super) fn attach_steering(
         .collect()
 }
 
+/// The steering an earlier agent attached to `listeners` (taken back from its workers),
+/// recovered by the recorded ids of its maps; listeners recorded without steering get it
+/// attached afresh where the kernel allows. Where recovery fails the generations share
+/// that listener (said in the log).
+pub(super) fn recover_steering(
+    support: &SteeringSupport,
+    site: &SiteName,
+    listeners: &[Listener],
+    ids: &[Option<[u32; 2]>],
+) -> Vec<Option<Program>> {
+    listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| match ids.get(i).copied().flatten() {
+            Some(ids) => {
+                let migrate = matches!(support, SteeringSupport::Migrate);
+                match Program::recover(ids, l.fd.as_fd(), migrate) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        warn!(site = %site, "no eBPF steering for {} (generations share its listener): {e}: {}", l.spec.addr, super::error_chain(&e));
+                        None
+                    }
+                }
+            }
+            None => attach_steering(support, site, std::slice::from_ref(l))
+                .pop()
+                .flatten(),
+        })
+        .collect()
+}
+
 /// How connections reach the serving generation, for `status`.
 pub(super) fn steering_mode(io: &SiteIo) -> &'static str {
     if io.steering.iter().any(Option::is_some) {

@@ -25,7 +25,7 @@
 //! | `reload.rs` | `reload` |
 //! | `exec.rs` | the sandbox as prepared, and `hatchery exec` |
 //! | `render.rs` | the words for the machines' events and outcomes |
-//! | `recovery.rs` | the record of live workers; stopping those of a previous agent |
+//! | `recovery.rs` | the record of a running agent; adopting (or stopping) the workers of an earlier one |
 //! | `setup.rs` | the control socket's lock, signals, limits, systemd notification |
 //! | `reactor.rs` | io_uring and epoll |
 
@@ -63,7 +63,7 @@ use crate::features::{self, Feature};
 use crate::logs::{self, LineSplitter};
 use crate::net::NotifySocket;
 use crate::supervisor::ids::{Slot, WorkerId};
-use crate::supervisor::machine::{CancelReason, Input, TCP_PROBE_INTERVAL};
+use crate::supervisor::machine::{Action, CancelReason, Input, TCP_PROBE_INTERVAL};
 use crate::sys::signals::{self, SigSet};
 
 /// Errors that stop the agent from starting or running.
@@ -214,8 +214,17 @@ pub struct Agent {
     /// Running `hatchery exec` commands, by pid (see `exec.rs`).
     execs: HashMap<i32, exec::ExecSession>,
     next_exec: u32,
-    /// A worker started or exited since the record of live workers was last written.
+    /// A site was fed, or a worker started or exited, since the record of live workers
+    /// was last written.
     workers_dirty: bool,
+    /// The record as last written (it is written again only when it changed).
+    last_record: Option<Vec<u8>>,
+    /// Sites whose workers were adopted from an earlier agent: the actions their machines
+    /// start with, and the configuration to apply (their file changed while no agent ran).
+    adopted: BTreeMap<SiteName, (Vec<Action>, Option<SiteConfig>)>,
+    /// Configurations that changed while no agent ran, waiting for their site to take
+    /// them (a generation of the earlier agent is still stopping).
+    missed_changes: BTreeMap<SiteName, SiteConfig>,
     /// This boot's id, written in the record of live workers.
     boot_id: String,
 }
@@ -265,14 +274,25 @@ impl Agent {
                 "the agent's own memory.max",
             )?;
         }
-        // Before any site binds: a previous agent's workers still hold its listeners. With
-        // cgroups they get their stop signal here, and the sweep kills what is left.
-        recovery::stop_previous_workers(&config.state_dir, &config.sites, cgroups.as_ref());
+        // Before any site binds: a previous agent's workers still hold its listeners. Those
+        // of sites still configured are adopted; the others are stopped here, and with
+        // cgroups the sweep kills what is left beside the adopted ones.
+        let mut adoptions = recovery::recover(
+            &config.state_dir,
+            &config.file,
+            &config.sites,
+            cgroups.as_ref(),
+        );
         let graveyard = match &cgroups {
             Some(tree) => {
                 let mut g = Graveyard::new().map_err(|e| setup_err("create an inotify fd", e))?;
                 let names: Vec<&str> = config.sites.iter().map(|s| s.name.as_str()).collect();
-                tree.sweep_stale(&names, &mut g);
+                let spare: Vec<PathBuf> = adoptions
+                    .values()
+                    .flat_map(|a| a.workers.values().flatten())
+                    .filter_map(|w| w.record.cgroup.clone())
+                    .collect();
+                tree.sweep_stale(&names, &spare, &mut g);
                 if !g.is_empty() {
                     // What an earlier agent's workers hold (their listeners) must be
                     // closed before the sites bind again.
@@ -334,8 +354,11 @@ impl Agent {
             started: SystemTime::now(),
             execs: HashMap::new(),
             next_exec: 0,
-            workers_dirty: false,
+            workers_dirty: true,
+            last_record: None,
             boot_id: recovery::boot_id(),
+            adopted: BTreeMap::new(),
+            missed_changes: BTreeMap::new(),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -349,7 +372,11 @@ impl Agent {
             );
         }
         for site in &config.sites {
-            match agent.make_site(site.clone()) {
+            let made = match adoptions.remove(site.name.as_str()) {
+                Some(adoption) => agent.adopt_site(site, adoption),
+                None => agent.make_site(site.clone()),
+            };
+            match made {
                 Ok(s) => {
                     agent.sites.insert(site.name.clone(), s);
                 }
@@ -448,7 +475,15 @@ impl Agent {
         }
         let names: Vec<SiteName> = self.sites.keys().cloned().collect();
         for name in names {
-            self.feed(&name, Input::Start(None));
+            match self.adopted.remove(&name) {
+                Some((actions, changed)) => {
+                    self.carry_out(&name, actions);
+                    if let Some(config) = changed {
+                        self.apply_missed_change(&name, config);
+                    }
+                }
+                None => self.feed(&name, Input::Start(None)),
+            }
         }
         notify_systemd("READY=1");
 
@@ -506,6 +541,9 @@ impl Agent {
     /// Connections that sent nothing in time are closed; sites with something due (a
     /// deadline, a `tcp` probe, a deploy to move on) get a tick.
     fn fire_deadlines(&mut self) {
+        if !self.missed_changes.is_empty() {
+            self.apply_missed_changes();
+        }
         let now = Instant::now();
         self.expire_connections(now);
         let due: Vec<SiteName> = self

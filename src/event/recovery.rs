@@ -1,17 +1,40 @@
-//! The record of live workers (`<state_dir>/workers.json`), and what a starting agent does
-//! with the workers an earlier agent left running.
+//! The record of a running agent (`<state_dir>/workers.json`), and what a starting agent
+//! does with the workers an earlier one left running: it adopts them.
 //!
-//! The file lists every live worker process: site, generation, slot, pid, its start time
-//! (field 22 of `/proc/<pid>/stat`, clock ticks since boot) and its cgroup leaf, under a
-//! format version and the boot id (start times mean nothing across a reboot). It is
-//! rewritten atomically (a temporary file in the same directory, then `rename`) at most
-//! once per iteration of the event loop: spawns and exits only mark it dirty, so a thousand
-//! workers crashing at once cost one write.
+//! The file holds, under a format version and the boot id (start times mean nothing
+//! across a reboot), for each site: its machine's record (generations, which one serves,
+//! the workers asked for, whether it runs, each worker's slot, pid, readiness and
+//! restarts: [`MachineRecord`]), the text of its file as the workers were started from
+//! it, and the kernel's side of each generation: its listeners' socket inodes, and each
+//! worker's start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot) and cgroup
+//! leaf. It is rewritten atomically (a temporary file in the same directory, then
+//! `rename`) at most once per iteration of the event loop, and only when it changed, so a
+//! thousand workers crashing at once cost one write.
 //!
 //! At startup, before any site binds or starts, a new agent reads it (a missing file is
-//! normal; an unreadable or corrupt one is logged and ignored) and, for each recorded
-//! worker that is still the same process ([`PidRef::open_verified`]: pidfd first, then the
-//! start time, then the null signal), stops it:
+//! normal; an unreadable, corrupt or foreign one is logged and ignored) and opens each
+//! recorded worker that is still the same process ([`PidRef::open_verified`]: pidfd
+//! first, then the start time, then the null signal). A recycled pid is never adopted.
+//! For each site still configured it then:
+//!
+//! 1. builds the site's machine from the record of the workers found alive
+//!    ([`SiteMachine::adopt`]: which generation is kept, what is started and stopped; a
+//!    deploy in flight is rolled back if it had not flipped, finished if it had);
+//! 2. takes the kept generation's listeners back from one of its workers (or any worker
+//!    holding the same socket) with `pidfd_getfd`, by the recorded inode;
+//! 3. recovers each steered listener's maps by their recorded ids (the program stays
+//!    attached to the reuseport group, and a socket can be in one sockarray only) and
+//!    steers to the kept generation, ending a canary; where they cannot be recovered the
+//!    site's generations share their listener (deploys still work, canaries and
+//!    warm-ups are refused);
+//! 4. watches each adopted worker's pidfd: they are not its children, so an exit is seen
+//!    when the pidfd polls readable, and told by the kernel from 6.15 (`PIDFD_INFO_EXIT`),
+//!    else reported as unknown; an OOM kill is still told by the worker's leaf;
+//! 5. if the file of the site changed while no agent ran, builds the machine from the
+//!    recorded text and applies the new one as a reload would, once the agent runs.
+//!
+//! A site that is no longer configured, or whose listeners cannot be taken back, has its
+//! workers stopped instead, before anything binds (never two sets on one port):
 //!
 //! 1. Its process group's other members are pinned by pidfd (without cgroups they hold the
 //!    listeners too, and the group id may be freed once the leader is reaped by init).
@@ -26,14 +49,14 @@
 //! 5. Wait (at most [`KILL_GRACE`]) for every pinned process to exit, so that no listener
 //!    of the old set is open when the sites bind.
 //!
-//! Adoption (resuming supervision of these workers instead of stopping them) is not done
-//! here yet: issue 11. A member forked into the group after step 1 whose leader was
-//! already reaped is missed without cgroups; with cgroups the sweep kills whatever is
-//! left in the tree.
+//! A member forked into the group after step 1 whose leader was already reaped is missed
+//! without cgroups; with cgroups the sweep kills whatever is left in the tree, except the
+//! leaves of adopted workers.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
@@ -41,12 +64,15 @@ use tracing::{debug, error, info, warn};
 use super::Agent;
 use crate::cgroup::CgroupTree;
 use crate::config::SiteConfig;
+use crate::net::Listener;
 use crate::process::PidRef;
+use crate::supervisor::ids::{GenId, Slot};
+use crate::supervisor::machine::{Action, MachineRecord, SiteMachine};
 
 /// The file's name in the state directory.
 const WORKERS_FILE: &str = "workers.json";
 /// The version of the format written; other versions are ignored.
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 /// Where the kernel says which boot this is.
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 /// The longest wait for a previous agent's worker to honour its stop signal.
@@ -54,22 +80,44 @@ pub(super) const MAX_STOP_WAIT: Duration = Duration::from_secs(10);
 /// How long a killed previous worker has to disappear.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
-/// The record of live workers.
+/// The record of a running agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkersFile {
     /// [`FORMAT_VERSION`].
     pub version: u32,
     /// The boot the start times count from.
     pub boot_id: String,
-    /// Every live worker.
+    /// Every site that has a worker (or a machine worth resuming).
+    pub sites: Vec<SiteRecord>,
+}
+
+/// One site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub name: String,
+    /// The text of the site's file its machine was configured from.
+    pub config_text: Option<String>,
+    pub machine: MachineRecord,
+    /// The kernel's side of each generation with a process.
+    pub gens: Vec<GenIoRecord>,
+    /// Per listener of the serving generation: the ids of its steering maps (`cfg`,
+    /// `socks`), where it is steered.
+    #[serde(default)]
+    pub steering: Vec<Option<[u32; 2]>>,
+}
+
+/// The kernel's side of a generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenIoRecord {
+    pub id: u32,
+    /// The socket inode of each of its listeners, in the order of the site's `listen`.
+    pub listeners: Vec<u64>,
     pub workers: Vec<WorkerRecord>,
 }
 
 /// One live worker process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerRecord {
-    pub site: String,
-    pub generation: u32,
     pub slot: u32,
     pub pid: i32,
     /// Clock ticks since boot (`/proc/<pid>/stat` field 22).
@@ -108,24 +156,30 @@ pub fn load(path: &Path) -> Result<Option<WorkersFile>, LoadError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(LoadError::Read(path.to_path_buf(), e)),
     };
+    // The version first: a file of another format is told as such, not as corrupt.
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    if let Ok(v) = serde_json::from_slice::<Versioned>(&text) {
+        if v.version != FORMAT_VERSION {
+            return Err(LoadError::Version {
+                path: path.to_path_buf(),
+                found: v.version,
+            });
+        }
+    }
     let file: WorkersFile =
         serde_json::from_slice(&text).map_err(|e| LoadError::Corrupt(path.to_path_buf(), e))?;
-    if file.version != FORMAT_VERSION {
-        return Err(LoadError::Version {
-            path: path.to_path_buf(),
-            found: file.version,
-        });
-    }
     Ok(Some(file))
 }
 
 /// Replaces the record atomically: a reader sees the old file or the new one, never a
 /// part, even if the agent dies mid-write.
-pub fn save(path: &Path, file: &WorkersFile) -> io::Result<()> {
+pub fn save(path: &Path, text: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_vec(file).map_err(io::Error::other)?;
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&text)?;
+    f.write_all(text)?;
     // No fsync: it blocked the loop 3-7 ms per write with 1000 workers, for nothing. An
     // agent that dies leaves the page cache to the next one; after a crash of the host the
     // boot id differs (and a torn file is corrupt), so the record is ignored either way.
@@ -135,6 +189,7 @@ pub fn save(path: &Path, file: &WorkersFile) -> io::Result<()> {
 
 /// A recorded worker found alive, and what must die with it.
 struct Previous {
+    site: String,
     record: WorkerRecord,
     pidref: PidRef,
     /// Other members of its process group, pinned before anything was signalled.
@@ -146,34 +201,61 @@ struct Previous {
     killed: bool,
 }
 
-/// Stops the workers a previous agent left running (module doc, steps 1–5), before any
-/// site binds. Never fails: what cannot be read or stopped is logged.
-pub(super) fn stop_previous_workers(
-    state_dir: &Path,
-    sites: &[SiteConfig],
-    cgroups: Option<&CgroupTree>,
-) {
-    let path = workers_file(state_dir);
-    stop_recorded(&path, sites, cgroups);
-    // The loop writes the record of this agent's own workers once they start.
-    match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            warn!("failed to remove {}: {e}", path.display());
-        }
-        _ => {}
-    }
+/// A worker of an earlier agent, found alive: adopted, or stopped.
+pub(super) struct Alive {
+    pub slot: Slot,
+    pub pidref: PidRef,
+    pub record: WorkerRecord,
 }
 
-fn stop_recorded(path: &Path, sites: &[SiteConfig], cgroups: Option<&CgroupTree>) {
-    let file = match load(path) {
+/// A site whose workers are adopted (module doc, steps 1–3): its machine and the actions
+/// it starts with, its listeners taken back, its live workers by generation.
+pub(super) struct Adoption {
+    pub machine: SiteMachine,
+    pub actions: Vec<Action>,
+    pub listeners: Vec<Listener>,
+    pub workers: BTreeMap<GenId, Vec<Alive>>,
+    /// The configuration to apply once the agent runs: the site's file changed while no
+    /// agent ran (the machine was built from the recorded text).
+    pub changed: Option<SiteConfig>,
+    /// The text of the file the machine's configuration came from.
+    pub config_text: Option<String>,
+    /// The recorded ids of each listener's steering maps.
+    pub steering: Vec<Option<[u32; 2]>>,
+}
+
+/// Stops the adopted workers of a site that could not be set up after all (steps 2–5).
+pub(super) fn stop_adopted(
+    config: &SiteConfig,
+    workers: BTreeMap<GenId, Vec<Alive>>,
+    cgroups: Option<&CgroupTree>,
+) {
+    stop_all(
+        to_stop(config.name.as_str(), workers, Some(config), cgroups),
+        cgroups,
+    );
+}
+
+/// Reads the record an earlier agent left and sorts out its live workers: those of sites
+/// still configured are adopted where their listeners can be taken back; the others are
+/// stopped here (module doc, steps 1–5), before any site binds. Never fails: what cannot
+/// be read, adopted or stopped is logged.
+pub(super) fn recover(
+    state_dir: &Path,
+    agent_file: &Path,
+    sites: &[SiteConfig],
+    cgroups: Option<&CgroupTree>,
+) -> BTreeMap<String, Adoption> {
+    let path = workers_file(state_dir);
+    let file = match load(&path) {
         Ok(Some(f)) => f,
-        Ok(None) => return,
+        Ok(None) => return BTreeMap::new(),
         Err(e) => {
             error!(
                 "ignoring the record of a previous agent's workers: {e}: {}",
                 super::error_chain(&e)
             );
-            return;
+            return BTreeMap::new();
         }
     };
     if file.boot_id != boot_id() {
@@ -181,45 +263,200 @@ fn stop_recorded(path: &Path, sites: &[SiteConfig], cgroups: Option<&CgroupTree>
             "the record of a previous agent's workers ({}) is from another boot: ignored",
             path.display()
         );
-        return;
+        return BTreeMap::new();
     }
-    let mut found: Vec<Previous> = Vec::new();
-    for record in file.workers {
-        let Some(pidref) = PidRef::open_verified(record.pid, record.start_time) else {
-            debug!(
-                site = record.site,
-                gen = record.generation,
-                worker = record.slot,
-                pid = record.pid,
-                "a previous agent's worker is gone (or its pid is another process's now): left alone"
-            );
+    let mut adopted = BTreeMap::new();
+    let mut strays: Vec<Previous> = Vec::new();
+    for site in file.sites {
+        let alive = open_alive(&site);
+        let config = sites.iter().find(|c| c.name.as_str() == site.name);
+        let Some(config) = config else {
+            strays.extend(to_stop(&site.name, alive, None, cgroups));
             continue;
         };
-        let stop = sites
-            .iter()
-            .find(|s| s.name.as_str() == record.site)
-            .map(|s| s.stop);
-        let members = if record.cgroup.is_some() && cgroups.is_some() {
-            Vec::new()
-        } else {
-            crate::process::group_members(record.pid, record.pid)
-        };
-        found.push(Previous {
-            signal: stop.map_or(libc::SIGTERM, |s| s.signal.0),
-            timeout: stop.map_or(MAX_STOP_WAIT, |s| s.timeout.min(MAX_STOP_WAIT)),
-            record,
-            pidref,
-            members,
-            settled: false,
-            killed: false,
+        let count: usize = alive.values().map(Vec::len).sum();
+        match adopt_site(site, alive, config, state_dir, agent_file) {
+            Ok(a) => {
+                info!(
+                    site = %config.name,
+                    "adopting {count} workers of a previous agent (gen-{} serving)",
+                    a.machine.serving()
+                );
+                adopted.insert(config.name.to_string(), a);
+            }
+            Err((why, alive)) => {
+                warn!(site = %config.name, "cannot adopt the workers of a previous agent ({why}): stopping them");
+                strays.extend(to_stop(config.name.as_str(), alive, Some(config), cgroups));
+            }
+        }
+    }
+    stop_all(strays, cgroups);
+    adopted
+}
+
+/// The recorded workers of a site that are still the processes recorded, by generation.
+fn open_alive(site: &SiteRecord) -> BTreeMap<GenId, Vec<Alive>> {
+    let mut out: BTreeMap<GenId, Vec<Alive>> = BTreeMap::new();
+    for g in &site.gens {
+        for w in &g.workers {
+            match PidRef::open_verified(w.pid, w.start_time) {
+                Some(pidref) => out.entry(GenId(g.id)).or_default().push(Alive {
+                    slot: Slot(w.slot),
+                    pidref,
+                    record: w.clone(),
+                }),
+                None => debug!(
+                    site = site.name,
+                    gen = g.id,
+                    worker = w.slot,
+                    pid = w.pid,
+                    "a previous agent's worker is gone (or its pid is another process's now)"
+                ),
+            }
+        }
+    }
+    out
+}
+
+/// Steps 1–3 and 5 of the module doc for one site; on failure, why, and its workers back.
+#[allow(clippy::type_complexity)]
+fn adopt_site(
+    site: SiteRecord,
+    alive: BTreeMap<GenId, Vec<Alive>>,
+    config: &SiteConfig,
+    state_dir: &Path,
+    agent_file: &Path,
+) -> Result<Adoption, (String, BTreeMap<GenId, Vec<Alive>>)> {
+    // The configuration its workers run with: the recorded text if the file changed since.
+    let now_text = std::fs::read_to_string(&config.file).ok();
+    let (ran_with, changed) = match &site.config_text {
+        Some(text) if now_text.as_deref() != Some(text.as_str()) => {
+            match crate::config::site_from_text(agent_file, &config.file, text) {
+                Ok(old) if old != *config => (old, Some(config.clone())),
+                Ok(_) => (config.clone(), None),
+                Err(e) => {
+                    warn!(site = %config.name, "the recorded configuration of the site no longer reads ({e}): its workers are taken as running the current one");
+                    (config.clone(), None)
+                }
+            }
+        }
+        _ => (config.clone(), None),
+    };
+    // Only the workers found alive, in the machine's record too.
+    let mut record = site.machine.clone();
+    for g in &mut record.gens {
+        let found = alive.get(&GenId(g.id));
+        g.workers.retain(|w| {
+            found.is_some_and(|ws| {
+                ws.iter()
+                    .any(|a| a.slot.0 == w.slot && a.pidref.pid() == w.pid)
+            })
         });
     }
+    let previous = super::generations::read_previous_release(state_dir, &config.name);
+    let (machine, actions) = SiteMachine::adopt(ran_with.clone(), record, previous, Instant::now());
+    let kept = machine.serving();
+    let inodes: Vec<u64> = site
+        .gens
+        .iter()
+        .find(|g| g.id == kept.0)
+        .map(|g| g.listeners.clone())
+        .unwrap_or_default();
+    let specs: Vec<_> = ran_with.agent_listeners().cloned().collect();
+    if specs.len() != inodes.len() {
+        return Err((
+            format!(
+                "gen-{kept} had {} listeners recorded, its configuration has {}",
+                inodes.len(),
+                specs.len()
+            ),
+            alive,
+        ));
+    }
+    let mut listeners = Vec::new();
+    for (spec, ino) in specs.into_iter().zip(inodes) {
+        // The kept generation's workers first; a shared socket is held by others too.
+        let holders = alive.get(&kept).into_iter().flatten().chain(
+            alive
+                .iter()
+                .filter(|(g, _)| **g != kept)
+                .flat_map(|(_, v)| v),
+        );
+        let mut taken = None;
+        let mut last_error = None;
+        for a in holders {
+            match a.pidref.socket_by_inode(ino) {
+                Ok(Some(fd)) => {
+                    taken = Some(fd);
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match taken {
+            Some(fd) => listeners.push(Listener { spec, fd }),
+            None => {
+                let why = match last_error {
+                    Some(e) => format!("failed to take {} back from its workers: {e}", spec.addr),
+                    None => format!("no live worker holds {} any more", spec.addr),
+                };
+                return Err((why, alive));
+            }
+        }
+    }
+    let config_text = if changed.is_some() {
+        site.config_text
+    } else {
+        now_text
+    };
+    Ok(Adoption {
+        machine,
+        actions,
+        listeners,
+        workers: alive,
+        changed,
+        config_text,
+        steering: site.steering,
+    })
+}
+
+/// The workers of a site to stop, with what must die with them (step 1).
+fn to_stop(
+    site: &str,
+    alive: BTreeMap<GenId, Vec<Alive>>,
+    config: Option<&SiteConfig>,
+    cgroups: Option<&CgroupTree>,
+) -> Vec<Previous> {
+    let stop = config.map(|c| c.stop);
+    alive
+        .into_values()
+        .flatten()
+        .map(|a| Previous {
+            site: site.to_string(),
+            members: if a.record.cgroup.is_some() && cgroups.is_some() {
+                Vec::new()
+            } else {
+                crate::process::group_members(a.record.pid, a.record.pid)
+            },
+            signal: stop.map_or(libc::SIGTERM, |s| s.signal.0),
+            timeout: stop.map_or(MAX_STOP_WAIT, |s| s.timeout.min(MAX_STOP_WAIT)),
+            record: a.record,
+            pidref: a.pidref,
+            settled: false,
+            killed: false,
+        })
+        .collect()
+}
+
+/// Steps 2–5 of stopping, for every worker not adopted.
+fn stop_all(mut found: Vec<Previous>, cgroups: Option<&CgroupTree>) {
     if found.is_empty() {
         return;
     }
     let pids: Vec<String> = found.iter().map(|p| p.record.pid.to_string()).collect();
     warn!(
-        "found {} workers of a previous agent (pids {}): stopping them before starting the sites (adoption is not implemented yet)",
+        "stopping {} workers of a previous agent (pids {}) before starting the sites",
         found.len(),
         pids.join(" ")
     );
@@ -227,7 +464,7 @@ fn stop_recorded(path: &Path, sites: &[SiteConfig], cgroups: Option<&CgroupTree>
     for p in &found {
         if let Err(e) = p.pidref.signal(p.signal) {
             error!(
-                site = p.record.site,
+                site = p.site,
                 pid = p.record.pid,
                 "failed to signal a previous agent's worker: {e}"
             );
@@ -242,7 +479,7 @@ fn stop_recorded(path: &Path, sites: &[SiteConfig], cgroups: Option<&CgroupTree>
                 p.settled = true;
             } else if !p.killed && now >= start + p.timeout {
                 warn!(
-                    site = p.record.site,
+                    site = p.site,
                     pid = p.record.pid,
                     "a previous agent's worker did not stop within {:?}: killing its process tree",
                     p.timeout
@@ -301,7 +538,7 @@ fn kill_tree(p: &Previous, cgroups: Option<&CgroupTree>) {
             match tree.kill(leaf) {
                 Ok(()) => return,
                 Err(e) => warn!(
-                    site = p.record.site,
+                    site = p.site,
                     pid = p.record.pid,
                     "failed to kill the leaf of a previous agent's worker: {e}"
                 ),
@@ -340,51 +577,130 @@ fn poll_exits(procs: &[&PidRef], timeout: Duration) {
 }
 
 impl Agent {
-    /// Rewrites the record of live workers if a worker started or exited since the last
-    /// write (once per loop iteration).
+    /// Rewrites the record if something was fed to a site or a worker started or exited
+    /// since it was last written, and it changed (at most once per loop iteration).
     pub(super) fn save_workers(&mut self) {
         if !self.workers_dirty {
             return;
         }
         self.workers_dirty = false;
-        let mut workers = Vec::new();
-        for (name, site) in &self.sites {
-            for (g, gen_io) in &site.io.gens {
-                for (slot, w) in &gen_io.workers {
-                    let Some(start_time) = w.start_time else {
-                        continue;
-                    };
-                    workers.push(WorkerRecord {
-                        site: name.to_string(),
-                        generation: g.0,
-                        slot: slot.0,
-                        pid: w.pidref.pid(),
-                        start_time,
-                        cgroup: w.cgroup.clone(),
-                    });
-                }
-            }
-        }
+        let sites = self
+            .sites
+            .iter()
+            .map(|(name, site)| SiteRecord {
+                name: name.to_string(),
+                config_text: site.io.config_text.clone(),
+                machine: site.machine.record(),
+                steering: site
+                    .io
+                    .steering
+                    .iter()
+                    .map(|s| s.as_ref().and_then(|s| s.ids().ok()))
+                    .collect(),
+                gens: site
+                    .io
+                    .gens
+                    .iter()
+                    .map(|(g, gen_io)| GenIoRecord {
+                        id: g.0,
+                        listeners: gen_io
+                            .listeners
+                            .iter()
+                            .filter_map(|l| rustix::fs::fstat(&l.fd).ok().map(|st| st.st_ino))
+                            .collect(),
+                        workers: gen_io
+                            .workers
+                            .iter()
+                            .filter_map(|(slot, w)| {
+                                Some(WorkerRecord {
+                                    slot: slot.0,
+                                    pid: w.pidref.pid(),
+                                    start_time: w.start_time?,
+                                    cgroup: w.cgroup.clone(),
+                                })
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
         let file = WorkersFile {
             version: FORMAT_VERSION,
             boot_id: self.boot_id.clone(),
-            workers,
+            sites,
         };
-        let path = workers_file(&self.config.state_dir);
-        if let Err(e) = save(&path, &file) {
-            error!("failed to write {}: {e}", path.display());
+        let text = match serde_json::to_vec(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                error!("failed to encode the record of live workers: {e}");
+                return;
+            }
+        };
+        if self.last_record.as_ref() == Some(&text) {
+            return;
         }
+        let path = workers_file(&self.config.state_dir);
+        match save(&path, &text) {
+            Ok(()) => self.last_record = Some(text),
+            Err(e) => error!("failed to write {}: {e}", path.display()),
+        }
+    }
+}
+
+/// When a process that started `start_time` clock ticks after boot started, by the wall
+/// clock (`btime` of `/proc/stat`); now if that cannot be read.
+pub(super) fn started_wall(start_time: u64) -> SystemTime {
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    let ticks = rustix::param::clock_ticks_per_second().max(1);
+    match btime {
+        Some(b) => {
+            SystemTime::UNIX_EPOCH
+                + Duration::from_secs(b)
+                + Duration::from_millis(start_time.saturating_mul(1000) / ticks)
+        }
+        None => SystemTime::now(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::supervisor::machine::GenRecord;
+
+    fn file(workers: Vec<WorkerRecord>) -> WorkersFile {
+        WorkersFile {
+            version: FORMAT_VERSION,
+            boot_id: boot_id(),
+            sites: vec![SiteRecord {
+                name: "web".into(),
+                config_text: Some("command = [\"app\"]\n".into()),
+                machine: MachineRecord {
+                    serving: 3,
+                    last_gen: 3,
+                    requested: 2,
+                    running: true,
+                    gens: vec![GenRecord {
+                        id: 3,
+                        release: None,
+                        workers: Vec::new(),
+                    }],
+                },
+                gens: vec![GenIoRecord {
+                    id: 3,
+                    listeners: vec![77],
+                    workers,
+                }],
+                steering: vec![Some([5, 6])],
+            }],
+        }
+    }
 
     fn record(pid: i32, start_time: u64) -> WorkerRecord {
         WorkerRecord {
-            site: "web".into(),
-            generation: 3,
             slot: 1,
             pid,
             start_time,
@@ -392,22 +708,22 @@ mod tests {
         }
     }
 
+    fn write(path: &Path, file: &WorkersFile) {
+        save(path, &serde_json::to_vec(file).expect("encode")).expect("save");
+    }
+
     #[test]
     fn the_record_survives_a_round_trip_and_replaces_the_old_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = workers_file(dir.path());
         assert!(load(&path).expect("no file is fine").is_none());
-        let mut file = WorkersFile {
-            version: FORMAT_VERSION,
-            boot_id: boot_id(),
-            workers: vec![record(10, 20), record(11, 21)],
-        };
-        file.workers[1].cgroup = None;
-        save(&path, &file).expect("save");
-        assert_eq!(load(&path).expect("load"), Some(file.clone()));
-        file.workers.pop();
-        save(&path, &file).expect("save again");
-        assert_eq!(load(&path).expect("load"), Some(file));
+        let mut f = file(vec![record(10, 20), record(11, 21)]);
+        f.sites[0].gens[0].workers[1].cgroup = None;
+        write(&path, &f);
+        assert_eq!(load(&path).expect("load"), Some(f.clone()));
+        f.sites[0].gens[0].workers.pop();
+        write(&path, &f);
+        assert_eq!(load(&path).expect("load"), Some(f));
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .expect("ls")
             .flatten()
@@ -420,51 +736,57 @@ mod tests {
     fn a_corrupt_or_foreign_record_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = workers_file(dir.path());
-        for text in ["", "{", "[]", "{\"version\":1}", "\u{0}\u{1}garbage"] {
+        for text in ["", "{", "[]", "{\"version\":2}", "\u{0}\u{1}garbage"] {
             std::fs::write(&path, text).expect("write");
             assert!(
                 matches!(load(&path), Err(LoadError::Corrupt(..))),
                 "{text:?}"
             );
         }
-        std::fs::write(
-            &path,
-            format!(
-                "{{\"version\":99,\"boot_id\":\"{}\",\"workers\":[]}}",
-                boot_id()
-            ),
-        )
-        .expect("write");
-        assert!(matches!(
-            load(&path),
-            Err(LoadError::Version { found: 99, .. })
-        ));
+        // The first format, or a later one: told by its version.
+        for version in [1, 99] {
+            std::fs::write(
+                &path,
+                format!(
+                    "{{\"version\":{version},\"boot_id\":\"{}\",\"workers\":[]}}",
+                    boot_id()
+                ),
+            )
+            .expect("write");
+            assert!(matches!(
+                load(&path),
+                Err(LoadError::Version { found, .. }) if found == version
+            ));
+        }
     }
 
     /// A recorded pid that now names a process with another start time is left alone:
     /// here this test process itself, which must not receive the stop signal (SIGTERM
-    /// would end the test run).
+    /// would end the test run). The site is not configured any more, so a worker found
+    /// alive would be stopped.
     #[test]
     fn a_recorded_pid_with_another_start_time_is_not_signalled() {
         let dir = tempfile::tempdir().expect("tempdir");
         let me = i32::try_from(std::process::id()).expect("a pid fits");
         let real = crate::process::read_stat(me).expect("stat").start_time;
         let path = workers_file(dir.path());
-        let file = WorkersFile {
-            version: FORMAT_VERSION,
-            boot_id: boot_id(),
-            workers: vec![record(me, real + 1), record(me, real.saturating_sub(1))],
-        };
-        save(&path, &file).expect("save");
+        write(
+            &path,
+            &file(vec![
+                record(me, real + 1),
+                record(me, real.saturating_sub(1)),
+            ]),
+        );
+        let agent_file = dir.path().join("agent.toml");
         let started = Instant::now();
-        stop_previous_workers(dir.path(), &[], None);
+        let adopted = recover(dir.path(), &agent_file, &[], None);
+        assert!(adopted.is_empty());
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "nothing was waited for"
         );
-        assert!(!path.exists(), "the record is consumed");
-        // Still here, and a record of a corrupt file does not stop the agent either.
+        // Still here, and a corrupt file does not stop the agent either.
         std::fs::write(&path, "{").expect("write");
-        stop_previous_workers(dir.path(), &[], None);
+        assert!(recover(dir.path(), &agent_file, &[], None).is_empty());
     }
 }

@@ -6,7 +6,7 @@
 
 use std::io;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::sites::{GenIo, Site};
 use super::{Agent, AgentError, generations, setup_err};
@@ -84,25 +84,7 @@ impl Agent {
                 continue;
             }
             changed.push(name.to_string());
-            if let Some(ls) = listeners {
-                let serving = site.machine.serving();
-                if let Some(cur) = site.io.gens.get_mut(&serving) {
-                    for old in &cur.listeners {
-                        if !ls.iter().any(|l| l.spec.addr == old.spec.addr) {
-                            old.unlink();
-                        }
-                    }
-                    site.io.steering =
-                        generations::attach_steering(&self.steering_support, &name, &ls);
-                    cur.listeners = ls;
-                }
-            }
-            if let Err(e) = site.io.log.set_policy(sc.logs, Some(sc.gid)) {
-                warn!(site = %name, "failed to set the permissions of {}: {e}", site.io.log.path().display());
-            }
-            // Prepared again, from the new configuration, at the next spawn.
-            site.io.sandbox = None;
-            self.feed(&name, Input::Reconfigure(Box::new(sc)));
+            self.apply_change(&name, sc, listeners);
         }
         self.config = AgentConfig {
             sites: Vec::new(),
@@ -116,6 +98,75 @@ impl Agent {
             changed,
             removed,
         })
+    }
+}
+
+impl Agent {
+    /// Applies a changed configuration to a running site, whose new listeners, if its
+    /// `listen` changed, are bound already (`listeners`: the full new set).
+    fn apply_change(&mut self, name: &SiteName, sc: SiteConfig, listeners: Option<Vec<Listener>>) {
+        let Some(site) = self.sites.get_mut(name) else {
+            return;
+        };
+        if let Some(ls) = listeners {
+            let serving = site.machine.serving();
+            if let Some(cur) = site.io.gens.get_mut(&serving) {
+                for old in &cur.listeners {
+                    if !ls.iter().any(|l| l.spec.addr == old.spec.addr) {
+                        old.unlink();
+                    }
+                }
+                site.io.steering = generations::attach_steering(&self.steering_support, name, &ls);
+                cur.listeners = ls;
+            }
+        }
+        if let Err(e) = site.io.log.set_policy(sc.logs, Some(sc.gid)) {
+            warn!(site = %name, "failed to set the permissions of {}: {e}", site.io.log.path().display());
+        }
+        site.io.config_text = std::fs::read_to_string(&sc.file).ok();
+        // Prepared again, from the new configuration, at the next spawn.
+        site.io.sandbox = None;
+        self.feed(name, Input::Reconfigure(Box::new(sc)));
+    }
+
+    /// A site's file changed while no agent ran: applied as a reload would, now or, while
+    /// a generation of the earlier agent is still stopping, once it is gone.
+    pub(super) fn apply_missed_change(&mut self, name: &SiteName, sc: SiteConfig) {
+        self.missed_changes.insert(name.clone(), sc);
+        self.apply_missed_changes();
+    }
+
+    /// Applies the changes that missed the agent that sites can take now.
+    pub(super) fn apply_missed_changes(&mut self) {
+        let names: Vec<SiteName> = self.missed_changes.keys().cloned().collect();
+        for name in names {
+            let Some(site) = self.sites.get(&name) else {
+                self.missed_changes.remove(&name);
+                continue;
+            };
+            let Some(sc) = self.missed_changes.get(&name) else {
+                continue;
+            };
+            if site.machine.reconfigure_refusal(sc).is_some() {
+                continue;
+            }
+            let Some(sc) = self.missed_changes.remove(&name) else {
+                continue;
+            };
+            let listeners = if site.config().listen == sc.listen {
+                None
+            } else {
+                match rebind(site.cur_io(), &sc) {
+                    Ok(ls) => Some(ls),
+                    Err(e) => {
+                        error!(site = %name, "the site's file changed while the agent was down, and its new listeners cannot be bound ({e}: {}): it keeps running as before; fix the file and reload", super::error_chain(&e));
+                        continue;
+                    }
+                }
+            };
+            info!(site = %name, "the site's file changed while the agent was down: applying it as a reload would");
+            self.apply_change(&name, sc, listeners);
+        }
     }
 }
 

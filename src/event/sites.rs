@@ -5,6 +5,7 @@
 //! flipped, a probe accepted) are fed back, in order, before anything else happens.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
@@ -27,6 +28,9 @@ use crate::supervisor::slots;
 #[derive(Debug)]
 pub(super) struct Worker {
     pub pidref: PidRef,
+    /// Adopted after an agent restart: not our child (its exit is seen through its pidfd
+    /// alone, and cannot be waited for).
+    pub adopted: bool,
     /// Its pidfd's registration.
     pub token: u64,
     /// Its own cgroup leaf, fresh for this process.
@@ -64,6 +68,9 @@ pub(super) struct SiteIo {
     pub sandbox: Option<crate::sandbox::Prepared>,
     /// The health check under way.
     pub health: Option<super::generations::Probe>,
+    /// The text of the site's file its machine was configured from (for the record: a
+    /// new agent that adopts the workers tells from it whether the file changed since).
+    pub config_text: Option<String>,
 }
 
 /// A running site.
@@ -170,6 +177,7 @@ impl Agent {
         let steering =
             generations::attach_steering(&self.steering_support, &config.name, &listeners);
         let name = config.name.clone();
+        let config_file = config.file.clone();
         let (machine, actions) = SiteMachine::new(config, release, previous, Instant::now());
         for a in actions {
             if let Action::Log(e) = a {
@@ -187,6 +195,109 @@ impl Agent {
                 not_enforced,
                 sandbox: None,
                 health: None,
+                config_text: std::fs::read_to_string(&config_file).ok(),
+            },
+        })
+    }
+
+    /// A site whose workers an earlier agent left running (`recovery.rs`): its machine
+    /// built from the record, its listeners taken back from its workers, steering attached
+    /// to them again, each adopted worker's pidfd watched. The machine's first actions are
+    /// carried out once the agent runs. Fails only where a fresh site would (its log);
+    /// the adopted workers are stopped then.
+    pub(super) fn adopt_site(
+        &mut self,
+        config: &SiteConfig,
+        adoption: super::recovery::Adoption,
+    ) -> Result<Site, AgentError> {
+        let super::recovery::Adoption {
+            machine,
+            actions,
+            listeners,
+            workers,
+            changed,
+            config_text,
+            steering: steering_ids,
+        } = adoption;
+        let name = config.name.clone();
+        let log = match SiteLog::open(
+            &self.config.state_dir.join("logs"),
+            name.as_str(),
+            machine.config().logs,
+            Some(machine.config().gid),
+        ) {
+            Ok(l) => l,
+            Err(e) => {
+                super::recovery::stop_adopted(config, workers, self.cgroups.as_ref());
+                return Err(setup_err(format!("open the log of site {name}"), e));
+            }
+        };
+        let not_enforced = self.apply_site_limits(machine.config());
+        let steering =
+            generations::recover_steering(&self.steering_support, &name, &listeners, &steering_ids);
+        let serving = machine.serving();
+        let mut gens: BTreeMap<GenId, GenIo> = machine
+            .generations()
+            .map(|g| (g.id, generations::new_generation(Vec::new())))
+            .collect();
+        if let Some(cur) = gens.get_mut(&serving) {
+            cur.listeners = listeners;
+        }
+        for (g, alive) in workers {
+            for a in alive {
+                let adopted = machine
+                    .generation(g)
+                    .and_then(|x| x.slots.slots.get(&a.slot))
+                    .is_some_and(|s| s.pid == Some(a.pidref.pid()));
+                let Some(gen_io) = gens.get_mut(&g).filter(|_| adopted) else {
+                    // Recorded but not in the machine's record: nobody would watch it.
+                    warn!(site = %name, gen = g.0, worker = %a.slot, pid = a.pidref.pid(), "a previous agent's worker is not in its site's record: killing it");
+                    let _ = a.pidref.signal(libc::SIGKILL);
+                    continue;
+                };
+                let id = crate::supervisor::ids::WorkerId {
+                    generation: g,
+                    slot: a.slot,
+                };
+                let token = match self.reg.arm(
+                    a.pidref.as_fd(),
+                    super::reactor::Interest::Readable,
+                    super::Source::Pidfd(name.clone(), id),
+                ) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        error!(site = %name, gen = g.0, worker = %a.slot, pid = a.pidref.pid(), "failed to watch an adopted worker's pidfd ({e}): killing it");
+                        let _ = a.pidref.signal(libc::SIGKILL);
+                        continue;
+                    }
+                };
+                self.pids.insert(a.pidref.pid(), (name.clone(), id));
+                gen_io.workers.insert(
+                    a.slot,
+                    Worker {
+                        adopted: true,
+                        token,
+                        cgroup: a.record.cgroup.clone(),
+                        started_wall: super::recovery::started_wall(a.record.start_time),
+                        start_time: Some(a.record.start_time),
+                        pidref: a.pidref,
+                    },
+                );
+            }
+        }
+        self.adopted.insert(name.clone(), (actions, changed));
+        self.workers_dirty = true;
+        Ok(Site {
+            machine,
+            io: SiteIo {
+                gens,
+                steering,
+                log,
+                followers: Vec::new(),
+                not_enforced,
+                sandbox: None,
+                health: None,
+                config_text,
             },
         })
     }
@@ -226,7 +337,15 @@ impl Agent {
     /// are carried out after the rest (first in, first out: the order the simulation in
     /// `supervisor::machine::sim` checks the machine's invariants in).
     pub(super) fn feed(&mut self, name: &SiteName, input: Input) {
-        let mut queue: VecDeque<Action> = self.handle(name, input).into();
+        let actions = self.handle(name, input);
+        self.carry_out(name, actions);
+    }
+
+    /// Carries out actions of site `name`'s machine, in order, feeding back the results
+    /// some have (see [`Agent::feed`]).
+    pub(super) fn carry_out(&mut self, name: &SiteName, actions: Vec<Action>) {
+        self.workers_dirty = true;
+        let mut queue: VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             if let Some(result) = self.execute(name, action) {
                 queue.extend(self.handle(name, result));

@@ -86,7 +86,17 @@ impl Agent {
             // take its group with it.
             let _ = worker.pidref.signal_group(libc::SIGKILL);
         }
-        let reason = match worker.pidref.try_wait() {
+        // A worker adopted after an agent restart is not our child: its pidfd polls
+        // readable at its exit, but only the kernel (6.15) can say how it ended.
+        let waited = if worker.adopted {
+            Ok(worker
+                .pidref
+                .has_exited()
+                .then(|| worker.pidref.foreign_exit().unwrap_or(ExitReason::Unknown)))
+        } else {
+            worker.pidref.try_wait()
+        };
+        let reason = match waited {
             Ok(Some(r)) => r,
             Ok(None) => {
                 // Not exited after all (spurious wake-up): watch again.
@@ -267,6 +277,7 @@ impl Agent {
             id,
             Worker {
                 pidref,
+                adopted: false,
                 token,
                 cgroup: spawned.leaf,
                 started_wall: SystemTime::now(),

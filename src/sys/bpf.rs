@@ -11,7 +11,11 @@
 //! Each `bpf_attr` variant is a local `#[repr(C)]` struct holding only the leading fields
 //! this code sets; the kernel zero-extends a shorter `size` (`bpf_check_uarg_tail_zero`).
 //!
-//! What this does not do: pin objects, detach programs, or read maps back.
+//! And, for an agent that adopts the workers of an earlier one, what recovers its steering
+//! maps: `BPF_MAP_GET_FD_BY_ID` (CAP_SYS_ADMIN), `BPF_OBJ_GET_INFO_BY_FD` (to check what
+//! an id names) and `BPF_MAP_LOOKUP_ELEM`.
+//!
+//! What this does not do: pin objects or detach programs.
 
 use std::ffi::CStr;
 use std::io;
@@ -22,7 +26,13 @@ use super::cvt;
 /// `enum bpf_cmd`.
 pub const BPF_MAP_CREATE: libc::c_int = 0;
 /// `enum bpf_cmd`.
+pub const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
+/// `enum bpf_cmd`.
 pub const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
+/// `enum bpf_cmd` (Linux 4.13).
+pub const BPF_MAP_GET_FD_BY_ID: libc::c_int = 14;
+/// `enum bpf_cmd` (Linux 4.13).
+pub const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
 /// `enum bpf_cmd`.
 pub const BPF_PROG_LOAD: libc::c_int = 5;
 
@@ -67,6 +77,42 @@ struct MapElemAttr {
     key: u64,
     value: u64,
     flags: u64,
+}
+
+/// `bpf_attr` for `BPF_*_GET_FD_BY_ID` (`start_id`/`prog_id`/`map_id` is one union).
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// `bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_map_info` (leading fields; the kernel copies at most `info_len` bytes).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MapInfo {
+    /// `enum bpf_map_type`.
+    pub map_type: u32,
+    /// Its id (system-wide, not reused until the counter wraps).
+    pub id: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// Entries.
+    pub max_entries: u32,
+    /// Creation flags.
+    pub map_flags: u32,
 }
 
 /// `bpf_attr` for `BPF_PROG_LOAD` (through `expected_attach_type`).
@@ -162,6 +208,55 @@ fn map_update(map: BorrowedFd<'_>, key: u32, value: &[u8]) -> io::Result<()> {
     // the only maps this module creates for them have 4- or 8-byte values.
     let ret = unsafe { bpf_call(BPF_MAP_UPDATE_ELEM, &mut attr) };
     ret.map(drop)
+}
+
+/// The 8-byte value at `key` of `map` (a `u32` array's value in the low-order bytes as the
+/// machine orders them; a reuseport sockarray's socket cookie). Maps with larger values
+/// are refused (`EINVAL`) before the call.
+pub fn map_lookup(map: BorrowedFd<'_>, key: u32) -> io::Result<[u8; 8]> {
+    if map_info(map)?.value_size > 8 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let fd =
+        u32::try_from(map.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    let mut value = [0u8; 8];
+    let mut attr = MapElemAttr {
+        map_fd: fd,
+        key: std::ptr::from_ref(&key) as u64,
+        value: value.as_mut_ptr() as u64,
+        ..MapElemAttr::default()
+    };
+    // SAFETY: `key` (4 bytes) and `value` (8 bytes) outlive the call; the kernel reads the
+    // map's `key_size` bytes from `key` (every map this is used on has u32 keys) and writes
+    // `value_size` bytes to `value`, checked above to be at most 8.
+    let ret = unsafe { bpf_call(BPF_MAP_LOOKUP_ELEM, &mut attr) };
+    ret.map(|_| value)
+}
+
+/// A new fd for the map with id `id` (CAP_SYS_ADMIN).
+pub fn map_get_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = GetFdByIdAttr {
+        id,
+        ..GetFdByIdAttr::default()
+    };
+    // SAFETY: the attr holds no pointers; the returned fd is new and ours.
+    unsafe { bpf_fd(BPF_MAP_GET_FD_BY_ID, &mut attr) }
+}
+
+/// What the map `map` is (type, id, sizes).
+pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    let fd =
+        u32::try_from(map.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    let mut info = MapInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd,
+        info_len: u32::try_from(size_of::<MapInfo>()).expect("small"),
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    // SAFETY: `info` is a live `#[repr(C)]` struct of `info_len` bytes, and the kernel
+    // writes at most `info_len` bytes to it; `map` is borrowed for the call.
+    let ret = unsafe { bpf_call(BPF_OBJ_GET_INFO_BY_FD, &mut attr) };
+    ret.map(|_| info)
 }
 
 /// Inserts the socket `sock` at `key` of the reuseport sockarray `map` (8-byte values).
@@ -295,6 +390,10 @@ mod tests {
         assert_eq!(offset_of!(ProgLoadAttr, prog_ifindex), 64);
         assert_eq!(offset_of!(ProgLoadAttr, expected_attach_type), 68);
         assert_eq!(size_of::<ProgLoadAttr>(), 72);
+        assert_eq!(offset_of!(GetFdByIdAttr, open_flags), 8);
+        assert_eq!(offset_of!(InfoAttr, info), 8);
+        assert_eq!(offset_of!(MapInfo, max_entries), 16);
+        assert_eq!(size_of::<MapInfo>(), 24);
     }
 
     #[test]
@@ -302,6 +401,14 @@ mod tests {
         assert_eq!(
             (BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_PROG_LOAD),
             (0, 2, 5)
+        );
+        assert_eq!(
+            (
+                BPF_MAP_LOOKUP_ELEM,
+                BPF_MAP_GET_FD_BY_ID,
+                BPF_OBJ_GET_INFO_BY_FD
+            ),
+            (1, 14, 15)
         );
         assert_eq!(BPF_MAP_TYPE_ARRAY, 2);
         assert_eq!(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 20);

@@ -17,7 +17,8 @@
 //! - [`wait`]: `waitid(P_ALL, WNOWAIT)` to find which child became a zombie, for reaping
 //!   orphans re-parented to us as child subreaper.
 //! - [`pidfd`]: `pidfd_send_signal` with the null signal, to confirm a process opened
-//!   with `pidfd_open` is still the one we looked at (Linux 5.1).
+//!   with `pidfd_open` is still the one we looked at (Linux 5.1), and `PIDFD_GET_INFO`
+//!   for the exit status of a process that is not our child (Linux 6.15).
 //! - [`landlock`]: probing the ABI version, and building and enforcing a ruleset in the
 //!   spawn child (called from [`spawn`]'s child path, after `chroot` and the private
 //!   `/tmp`; the parent only prepares the paths and rights, in `crate::sandbox`).

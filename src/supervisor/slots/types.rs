@@ -32,6 +32,9 @@ pub enum ExitReason {
     ReadyTimeout,
     /// Killed by the kernel's OOM killer (its cgroup's `memory.events` counted it).
     OomKilled,
+    /// Ended, but how is not known: it was adopted after an agent restart, so it is not
+    /// the agent's child, and this kernel (before 6.15) tells only its parent.
+    Unknown,
 }
 
 impl std::fmt::Display for ExitReason {
@@ -42,6 +45,9 @@ impl std::fmt::Display for ExitReason {
             ExitReason::SpawnFailed { error } => write!(f, "failed to start: {error}"),
             ExitReason::ReadyTimeout => f.write_str("not ready before ready.timeout"),
             ExitReason::OomKilled => f.write_str("oom-killed"),
+            ExitReason::Unknown => f.write_str(
+                "exited (how is unknown: adopted after an agent restart, it is not the agent's child)",
+            ),
         }
     }
 }
