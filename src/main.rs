@@ -160,6 +160,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The fd holder: keeps fds by name across the agent's death, at the socket given by
+    /// the global `--socket` (started by the agent).
+    #[command(name = "fd-holder", hide = true)]
+    FdHolder,
 }
 
 fn main() -> ExitCode {
@@ -185,6 +189,19 @@ fn main() -> ExitCode {
             }
         },
         Command::Probe { args } => ExitCode::from(hatchery::probe::main(&args)),
+        Command::FdHolder => {
+            let Some(socket) = cli.socket else {
+                eprintln!("hatchery fd-holder: --socket PATH is required");
+                return ExitCode::from(EXIT_USAGE);
+            };
+            match hatchery::fdholder::serve(&socket) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hatchery fd-holder: {:#}", anyhow::Error::new(e));
+                    ExitCode::from(EXIT_REFUSED)
+                }
+            }
+        }
         Command::Exec { site, command } => {
             let socket = cli
                 .socket
@@ -537,6 +554,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         | Command::Check { .. }
         | Command::Demo { .. }
         | Command::DemoWorker { .. }
+        | Command::FdHolder
         | Command::Exec { .. }
         | Command::Probe { .. } => {
             unreachable!("handled in main")
