@@ -926,3 +926,301 @@ fn wait_for_end_of_file(fd: BorrowedFd<'_>, timeout: Duration) -> Result<(), Hol
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread::JoinHandle;
+
+    /// A holder served by a thread of the test, at a socket in its own temporary directory.
+    struct TestHolder {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        thread: Option<JoinHandle<Result<(), HolderError>>>,
+    }
+
+    impl TestHolder {
+        fn start() -> TestHolder {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("fdholder.sock");
+            let holder = Holder::bind(&path)
+                .expect("bind")
+                .expect("nothing listens yet");
+            let thread = Some(std::thread::spawn(move || holder.run()));
+            TestHolder {
+                _dir: dir,
+                path,
+                thread,
+            }
+        }
+
+        fn client(&self) -> HolderClient {
+            HolderClient::connect(&self.path)
+                .expect("connect")
+                .expect("the holder listens")
+        }
+
+        /// Sends EXIT and waits for the serving thread to end.
+        fn exit(mut self) {
+            self.client().exit().expect("exit");
+            let thread = self.thread.take().expect("running");
+            thread.join().expect("no panic").expect("run ends with Ok");
+        }
+    }
+
+    impl Drop for TestHolder {
+        fn drop(&mut self) {
+            if let Some(thread) = self.thread.take() {
+                if let Ok(Some(client)) = HolderClient::connect(&self.path) {
+                    let _ = client.exit();
+                }
+                let _ = thread.join();
+            }
+        }
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe")
+    }
+
+    fn names(dump: &[(String, OwnedFd)]) -> Vec<&str> {
+        dump.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// A raw, unchecked connection, for sending what the client never sends.
+    fn raw(path: &Path) -> OwnedFd {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Recv, Some(IO_TIMEOUT))
+            .expect("timeout");
+        rustix::net::connect(&fd, &SocketAddrUnix::new(path).expect("addr")).expect("connect");
+        fd
+    }
+
+    /// Whether the holder closed `fd` (end of file), skipping replies before it.
+    fn closed_by_holder(fd: &OwnedFd) -> bool {
+        let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
+        loop {
+            match receive(fd.as_fd(), &mut buf, RecvFlags::empty()) {
+                Ok(Received::End) => return true,
+                Ok(Received::Message(..)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn parses_requests_and_refuses_malformed_ones() {
+        assert_eq!(parse_request(b"HELLO 1"), Ok(Request::Hello(1)));
+        assert_eq!(parse_request(b"HELLO 7"), Ok(Request::Hello(7)));
+        assert_eq!(
+            parse_request(b"PUT\na\nb"),
+            Ok(Request::Put(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            parse_request(b"DROP\na"),
+            Ok(Request::Drop(vec!["a".into()]))
+        );
+        assert_eq!(parse_request(b"DUMP"), Ok(Request::Dump));
+        assert_eq!(parse_request(b"EXIT"), Ok(Request::Exit));
+        for bad in [
+            &b"HELLO x"[..],
+            b"PUT",
+            b"PUT\n",
+            b"PUT\na\n",
+            b"PUT\na\0b",
+            b"DUMP\na",
+            b"EXIT\n",
+            b"FOO",
+            b"",
+            b"\xff",
+        ] {
+            assert!(parse_request(bad).is_err(), "{bad:?} accepted");
+        }
+        let long = format!("PUT\n{}", "x".repeat(MAX_NAME_BYTES + 1));
+        assert!(parse_request(long.as_bytes()).is_err());
+        let longest = format!("PUT\n{}", "x".repeat(MAX_NAME_BYTES));
+        assert!(parse_request(longest.as_bytes()).is_ok());
+        let many = format!("DROP\n{}", vec!["n"; MAX_FDS_PER_MESSAGE + 1].join("\n"));
+        assert!(parse_request(many.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_held_pipe_keeps_its_writer_alive_and_comes_back_in_a_dump() {
+        let holder = TestHolder::start();
+        let (r, w) = pipe();
+        let mut client = holder.client();
+        client.put(&[("w-1.out", r.as_fd())]).expect("put");
+        drop(r);
+        drop(client);
+        // Our read end is closed; the holder's duplicate (in flight or received) remains.
+        assert_eq!(rustix::io::write(&w, b"hello"), Ok(5));
+        let dump = holder.client().dump().expect("dump");
+        assert_eq!(names(&dump), ["w-1.out"]);
+        let mut buf = [0u8; 16];
+        let n = rustix::io::read(&dump[0].1, &mut buf).expect("read");
+        assert_eq!(&buf[..n], b"hello");
+        // Received fds are close-on-exec.
+        let flags = rustix::io::fcntl_getfd(&dump[0].1).expect("getfd");
+        assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));
+        holder.exit();
+    }
+
+    #[test]
+    fn dropped_names_are_closed() {
+        // The test harness leaves SIGPIPE ignored (Rust's runtime): a write to a pipe
+        // without readers returns EPIPE. Checked first, so that the test cannot pass by
+        // dying of SIGPIPE-less luck.
+        let (probe_r, probe_w) = pipe();
+        drop(probe_r);
+        assert_eq!(rustix::io::write(&probe_w, b"x"), Err(Errno::PIPE));
+
+        let holder = TestHolder::start();
+        let (r, w) = pipe();
+        let (r2, _w2) = pipe();
+        let mut client = holder.client();
+        client
+            .put(&[("a", r.as_fd()), ("b", r2.as_fd())])
+            .expect("put");
+        drop(r);
+        client.drop_names(&["a"]).expect("drop");
+        // A DUMP on the same connection is answered after the DROP was handled.
+        assert_eq!(names(&client.dump().expect("dump")), ["b"]);
+        assert_eq!(rustix::io::write(&w, b"x"), Err(Errno::PIPE));
+        assert!(client.drop_names(&["bad\nname"]).is_err());
+        holder.exit();
+    }
+
+    #[test]
+    fn put_replaces_and_closes_the_fd_of_the_same_name() {
+        let holder = TestHolder::start();
+        let (r1, w1) = pipe();
+        let (r2, _w2) = pipe();
+        let mut client = holder.client();
+        client.put(&[("out", r1.as_fd())]).expect("put");
+        drop(r1);
+        client.put(&[("out", r2.as_fd())]).expect("put");
+        let dump = client.dump().expect("dump");
+        assert_eq!(names(&dump), ["out"]);
+        drop(dump);
+        assert_eq!(rustix::io::write(&w1, b"x"), Err(Errno::PIPE));
+        holder.exit();
+    }
+
+    #[test]
+    fn a_pipe_whose_writers_are_gone_is_dropped() {
+        let holder = TestHolder::start();
+        let (r, w) = pipe();
+        let (keep_r, _keep_w) = pipe();
+        let mut client = holder.client();
+        client
+            .put(&[("gone", r.as_fd()), ("kept", keep_r.as_fd())])
+            .expect("put");
+        drop(r);
+        assert_eq!(names(&client.dump().expect("dump")), ["gone", "kept"]);
+        drop(w);
+        // The HUP is an event of the holder's loop, independent of our connection: each
+        // DUMP is a round trip through that loop, bounded by the deadline.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let dump = client.dump().expect("dump");
+            if names(&dump) == ["kept"] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still held: {:?}", names(&dump));
+        }
+        holder.exit();
+    }
+
+    #[test]
+    fn malformed_messages_close_their_connection_only() {
+        let holder = TestHolder::start();
+        let (r, _w) = pipe();
+        let cases: [(&[u8], usize); 7] = [
+            (b"DUMP", 0),      // before HELLO
+            (b"HELLO 2", 0),   // unknown version
+            (b"BOGUS", 0),     // after HELLO below
+            (b"PUT\na\nb", 1), // two names, one fd
+            (b"PUT\n", 1),     // an empty name
+            (b"DROP\na", 1),   // fds on DROP
+            (b"HELLO 1", 0),   // a second HELLO
+        ];
+        for (i, (message, nfds)) in cases.iter().enumerate() {
+            let conn = raw(&holder.path);
+            if i >= 2 {
+                send(conn.as_fd(), b"HELLO 1", &[]).expect("send");
+            }
+            let fds = vec![r.as_fd(); *nfds];
+            send(conn.as_fd(), message, &fds).expect("send");
+            assert!(
+                closed_by_holder(&conn),
+                "{:?} did not close the connection",
+                String::from_utf8_lossy(message)
+            );
+        }
+        // The holder goes on, and kept nothing of what came with the bad messages.
+        assert!(holder.client().dump().expect("dump").is_empty());
+        holder.exit();
+    }
+
+    #[test]
+    fn more_than_250_fds_travel_in_batches() {
+        let holder = TestHolder::start();
+        let (r, _w) = pipe();
+        // One pipe under many names: the holder shares the test's fd table, so 260 fds
+        // held and 260 dumped stay well under the default limit of 1024.
+        let names_owned: Vec<String> = (0..260).map(|i| format!("w-{i:03}.err")).collect();
+        let fds: Vec<(&str, BorrowedFd<'_>)> = names_owned
+            .iter()
+            .map(|n| (n.as_str(), r.as_fd()))
+            .collect();
+        let mut client = holder.client();
+        client.put(&fds).expect("put");
+        let dump = client.dump().expect("dump");
+        assert_eq!(names(&dump), names_owned);
+        let ino = rustix::fs::fstat(&r).expect("fstat").st_ino;
+        assert!(
+            dump.iter()
+                .all(|(_, fd)| rustix::fs::fstat(fd).expect("fstat").st_ino == ino)
+        );
+        drop(dump);
+        let all: Vec<&str> = names_owned.iter().map(String::as_str).collect();
+        client.drop_names(&all).expect("drop");
+        assert!(client.dump().expect("dump").is_empty());
+        holder.exit();
+    }
+
+    #[test]
+    fn exit_removes_the_socket_and_ends_the_loop() {
+        let holder = TestHolder::start();
+        let path = holder.path.clone();
+        let mode = rustix::fs::stat(&path).expect("stat").st_mode & 0o777;
+        assert_eq!(mode, 0o600);
+        holder.exit();
+        assert!(!path.exists());
+        assert!(HolderClient::connect(&path).expect("connect").is_none());
+    }
+
+    #[test]
+    fn one_holder_per_path_and_stale_sockets_are_replaced() {
+        let holder = TestHolder::start();
+        assert!(Holder::bind(&holder.path).expect("bind").is_none());
+        holder.exit();
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("stale.sock");
+        // A socket file nothing listens on, as a killed holder leaves it.
+        drop(std::os::unix::net::UnixDatagram::bind(&path).expect("bind"));
+        assert!(path.exists());
+        assert!(HolderClient::connect(&path).expect("connect").is_none());
+        let holder = Holder::bind(&path)
+            .expect("bind")
+            .expect("stale socket replaced");
+        drop(holder);
+    }
+}
