@@ -285,7 +285,9 @@ struct Held {
 enum Outcome {
     Keep(Connection),
     Close,
-    Exit,
+    /// `EXIT`, received on this connection: closed only once the socket file is gone, so
+    /// that the client's end of file means it is.
+    Exit(Connection),
 }
 
 /// The holder's state: its listener, clients and held fds, and the epoll set over them.
@@ -326,6 +328,15 @@ impl Holder {
             Err(Errno::ADDRINUSE) => {
                 if answers(&addr) {
                     return Ok(None);
+                }
+                // Only a socket file is ours to remove; anything else there is a mistake
+                // to report, not to delete.
+                let stat = rustix::fs::lstat(path).map_err(HolderError::socket("stat", path))?;
+                if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket
+                {
+                    return Err(HolderError::socket("replace the non-socket at", path)(
+                        Errno::EXIST,
+                    ));
                 }
                 match rustix::fs::unlink(path) {
                     Ok(()) | Err(Errno::NOENT) => {}
@@ -402,8 +413,9 @@ impl Holder {
                             // duplicated.
                             self.clients -= 1;
                         }
-                        Outcome::Exit => {
+                        Outcome::Exit(conn) => {
                             self.shut_down();
+                            drop(conn);
                             return Ok(());
                         }
                     },
@@ -531,7 +543,7 @@ impl Holder {
                     Ok(())
                 }
                 (true, Ok(Request::Dump)) => self.dump_to(conn.fd.as_fd()),
-                (true, Ok(Request::Exit)) => return Outcome::Exit,
+                (true, Ok(Request::Exit)) => return Outcome::Exit(conn),
             };
             if let Err(why) = reply {
                 // The fds it carried, if any, were closed with the request.
@@ -963,6 +975,8 @@ mod tests {
         /// Sends EXIT and waits for the serving thread to end.
         fn exit(mut self) {
             self.client().exit().expect("exit");
+            // The client's end of file comes after the socket file is removed.
+            assert!(!self.path.exists(), "the socket outlived EXIT's answer");
             let thread = self.thread.take().expect("running");
             thread.join().expect("no panic").expect("run ends with Ok");
         }
@@ -1222,5 +1236,11 @@ mod tests {
             .expect("bind")
             .expect("stale socket replaced");
         drop(holder);
+
+        // Whatever else is at the path stays, and is reported.
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, b"data").expect("write");
+        assert!(Holder::bind(&file).is_err());
+        assert_eq!(std::fs::read(&file).expect("read"), b"data");
     }
 }
