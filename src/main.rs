@@ -166,10 +166,39 @@ enum Command {
     FdHolder,
 }
 
+/// Clap's "a similar subcommand exists" tip can name a hidden subcommand (`fd-holder`,
+/// `__probe`): such an error is printed without the tip, so hidden ones are never suggested.
+fn without_hidden_suggestions(e: clap::Error) -> clap::Error {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::InvalidSubcommand {
+        return e;
+    }
+    let mut cmd = Cli::command();
+    let hidden = |name: &str| {
+        cmd.get_subcommands()
+            .any(|s| s.is_hide_set() && s.get_name() == name)
+    };
+    let suggests_hidden = match e.get(ContextKind::SuggestedSubcommand) {
+        Some(ContextValue::String(s)) => hidden(s),
+        Some(ContextValue::Strings(v)) => v.iter().any(|s| hidden(s)),
+        _ => false,
+    };
+    let Some(ContextValue::String(invalid)) = e.get(ContextKind::InvalidSubcommand) else {
+        return e;
+    };
+    if !suggests_hidden {
+        return e;
+    }
+    let message = format!("unrecognized subcommand '{invalid}'");
+    cmd.error(ErrorKind::InvalidSubcommand, message)
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
+            let e = without_hidden_suggestions(e);
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }

@@ -84,3 +84,31 @@ fn a_missing_executable_is_reported() {
         .expect_err("started nothing");
     assert!(err.to_string().starts_with("failed to start"), "{err}");
 }
+
+#[test]
+fn the_subcommand_is_hidden_and_never_suggested() {
+    let exe = env!("CARGO_BIN_EXE_hatchery");
+    let help = std::process::Command::new(exe)
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert!(help.status.success());
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("fd-holder"));
+    let typo = std::process::Command::new(exe)
+        .arg("fd-holde")
+        .output()
+        .expect("run");
+    assert_eq!(typo.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert!(
+        stderr.contains("unrecognized subcommand 'fd-holde'"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("fd-holder"), "{stderr}");
+    // Without its socket, a usage error.
+    let bare = std::process::Command::new(exe)
+        .arg("fd-holder")
+        .output()
+        .expect("run");
+    assert_eq!(bare.status.code(), Some(2));
+}
