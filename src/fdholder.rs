@@ -254,6 +254,7 @@ pub fn serve(socket_path: &Path) -> Result<(), HolderError> {
     let null = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
         .map_err(HolderError::io("open /dev/null"))?;
     rustix::stdio::dup2_stdout(&null).map_err(HolderError::io("replace stdout by /dev/null"))?;
+    drop(null);
     // 6. The loop.
     holder.run()
 }

@@ -5,6 +5,8 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
+mod common;
+
 use hatchery::fdholder::HolderClient;
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockopt};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
@@ -111,4 +113,46 @@ fn the_subcommand_is_hidden_and_never_suggested() {
         .output()
         .expect("run");
     assert_eq!(bare.status.code(), Some(2));
+}
+
+/// Another user is refused by the holder itself (`SO_PEERCRED`), even when the socket's
+/// mode lets it connect, and what is held stays held.
+#[test]
+fn another_uid_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !common::is_root() && common::skip("needs root to connect as another uid") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fdholder.sock");
+    let exe = env!("CARGO_BIN_EXE_hatchery");
+    let (mut client, _) = HolderClient::connect_or_start(&path, Path::new(exe)).expect("start");
+    let (_pid, pidfd) = holder_pidfd(&path);
+    let (r, _w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
+    client.put(&[("a", r.as_fd())]).expect("put");
+    // Only the peer check stands in the way now.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let probe = |uid: Option<u32>| {
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["__probe", "holder-dump"]).arg(&path);
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let out = cmd.output().expect("probe");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    // The same probe as the holder's user is served: the refusal below is the peer check.
+    assert_eq!(probe(None), (Some(0), "{\"dumped\":1}\n".to_string()));
+    let (code, out) = probe(Some(65534));
+    assert_eq!(code, Some(1), "{out}");
+    // Closed at once, its HELLO unread (a reset) or unanswered.
+    assert!(out.contains("HELLO"), "{out}");
+    assert_eq!(client.dump().expect("dump").len(), 1);
+    client.exit().expect("exit");
+    rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED).expect("waitid");
 }
