@@ -26,13 +26,16 @@
 //! The `hatchery` binary (`src/main.rs`) is the CLI and `hatchery agent`; [`demo`] holds
 //! the built-in demo site and its tiny HTTP worker; [`probe`] is a small worker that
 //! reports what it sees of itself (and tries what a hostile worker would), for tests and
-//! diagnostics; [`terminal`] is the client side of `hatchery exec`.
+//! diagnostics; [`terminal`] is the client side of `hatchery exec`; [`fdholder`] is the fd
+//! holder (`hatchery fd-holder`), a separate process that keeps the read ends of workers'
+//! output pipes open across an agent's death, and its client.
 
 pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod demo;
 pub mod event;
+pub mod fdholder;
 pub mod features;
 pub mod logs;
 pub mod net;

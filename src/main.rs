@@ -160,12 +160,45 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The fd holder: keeps fds by name across the agent's death, at the socket given by
+    /// the global `--socket` (started by the agent).
+    #[command(name = "fd-holder", hide = true)]
+    FdHolder,
+}
+
+/// Clap's "a similar subcommand exists" tip can name a hidden subcommand (`fd-holder`,
+/// `__probe`): such an error is printed without the tip, so hidden ones are never suggested.
+fn without_hidden_suggestions(e: clap::Error) -> clap::Error {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::InvalidSubcommand {
+        return e;
+    }
+    let mut cmd = Cli::command();
+    let hidden = |name: &str| {
+        cmd.get_subcommands()
+            .any(|s| s.is_hide_set() && s.get_name() == name)
+    };
+    let suggests_hidden = match e.get(ContextKind::SuggestedSubcommand) {
+        Some(ContextValue::String(s)) => hidden(s),
+        Some(ContextValue::Strings(v)) => v.iter().any(|s| hidden(s)),
+        _ => false,
+    };
+    let Some(ContextValue::String(invalid)) = e.get(ContextKind::InvalidSubcommand) else {
+        return e;
+    };
+    if !suggests_hidden {
+        return e;
+    }
+    let message = format!("unrecognized subcommand '{invalid}'");
+    cmd.error(ErrorKind::InvalidSubcommand, message)
 }
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
+            let e = without_hidden_suggestions(e);
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
@@ -185,6 +218,19 @@ fn main() -> ExitCode {
             }
         },
         Command::Probe { args } => ExitCode::from(hatchery::probe::main(&args)),
+        Command::FdHolder => {
+            let Some(socket) = cli.socket else {
+                eprintln!("hatchery fd-holder: --socket PATH is required");
+                return ExitCode::from(EXIT_USAGE);
+            };
+            match hatchery::fdholder::serve(&socket) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hatchery fd-holder: {:#}", anyhow::Error::new(e));
+                    ExitCode::from(EXIT_REFUSED)
+                }
+            }
+        }
         Command::Exec { site, command } => {
             let socket = cli
                 .socket
@@ -537,6 +583,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         | Command::Check { .. }
         | Command::Demo { .. }
         | Command::DemoWorker { .. }
+        | Command::FdHolder
         | Command::Exec { .. }
         | Command::Probe { .. } => {
             unreachable!("handled in main")

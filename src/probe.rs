@@ -25,6 +25,8 @@
 //!   opens N connections, sends half a request on each, prints `{"connected":N}`, then
 //!   reads each until the agent closes it and prints `{"replies":[...]}` (the last line
 //!   the agent sent on each) and exits.
+//! - `holder-dump SOCKET`: asks the fd holder at SOCKET for its fds, prints
+//!   `{"dumped":N}` (exit 0) or `{"error":...}` (exit 1): what another user gets from it.
 
 use std::io::Write;
 use std::time::Duration;
@@ -124,6 +126,27 @@ pub fn main(args: &[String]) -> u8 {
                 return 2;
             };
             hold_connections(std::path::Path::new(socket), n)
+        }
+        Some("holder-dump") => {
+            let Some(socket) = args.get(1) else {
+                eprintln!("usage: __probe holder-dump SOCKET");
+                return 2;
+            };
+            let dumped = crate::fdholder::HolderClient::connect(std::path::Path::new(socket))
+                .and_then(|c| match c {
+                    Some(mut c) => c.dump(),
+                    None => Ok(Vec::new()),
+                });
+            match dumped {
+                Ok(fds) => {
+                    println!("{}", serde_json::json!({ "dumped": fds.len() }));
+                    0
+                }
+                Err(e) => {
+                    println!("{}", serde_json::json!({ "error": e.to_string() }));
+                    1
+                }
+            }
         }
         Some("attacks") => {
             for spec in &args[1..] {
