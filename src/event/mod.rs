@@ -26,6 +26,7 @@
 //! | `exec.rs` | the sandbox as prepared, and `hatchery exec` |
 //! | `render.rs` | the words for the machines' events and outcomes |
 //! | `recovery.rs` | the record of a running agent; adopting (or stopping) the workers of an earlier one |
+//! | `holder.rs` | handing worker output pipes to the fd holder, and taking them back |
 //! | `setup.rs` | the control socket's lock, signals, limits, systemd notification |
 //! | `reactor.rs` | io_uring and epoll |
 
@@ -33,6 +34,7 @@ mod control;
 mod exec;
 mod generations;
 mod health;
+mod holder;
 pub mod reactor;
 mod recovery;
 mod reload;
@@ -54,6 +56,7 @@ use tracing::{error, info, warn};
 
 use self::reactor::{Interest, Reactor};
 pub use self::setup::running_agent;
+use self::holder::{HOLDER_SOCKET, start_holder};
 use self::setup::{agent_signals, bind_control, lock_control, notify_systemd, raise_nofile_limit};
 use self::sites::Site;
 use crate::cgroup::{CgroupTree, Graveyard};
@@ -225,6 +228,13 @@ pub struct Agent {
     /// Configurations that changed while no agent ran, waiting for their site to take
     /// them (a generation of the earlier agent is still stopping).
     missed_changes: BTreeMap<SiteName, SiteConfig>,
+    /// The fd holder (`None` if it could not be started; see `holder.rs`).
+    holder: Option<crate::fdholder::HolderClient>,
+    holder_path: PathBuf,
+    /// When the holder was last started again after it went.
+    holder_retry: Option<Instant>,
+    /// What the holder held when this agent started, by name, until adoption claims it.
+    held: HashMap<String, OwnedFd>,
     /// This boot's id, written in the record of live workers.
     boot_id: String,
 }
@@ -274,6 +284,10 @@ impl Agent {
                 "the agent's own memory.max",
             )?;
         }
+        // The fd holder keeps the read ends of worker output pipes open while no agent runs;
+        // one that is already there (an earlier agent's) hands back what it holds.
+        let holder_path = config.state_dir.join(HOLDER_SOCKET);
+        let (holder, held) = start_holder(&holder_path);
         // Before any site binds: a previous agent's workers still hold its listeners. Those
         // of sites still configured are adopted; the others are stopped here, and with
         // cgroups the sweep kills what is left beside the adopted ones.
@@ -359,6 +373,10 @@ impl Agent {
             boot_id: recovery::boot_id(),
             adopted: BTreeMap::new(),
             missed_changes: BTreeMap::new(),
+            holder,
+            holder_path,
+            holder_retry: None,
+            held,
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -394,6 +412,8 @@ impl Agent {
                 }
             }
         }
+        // What the holder held for workers not adopted: theirs are gone, or stopped.
+        agent.held.clear();
         Ok(agent)
     }
 
@@ -718,6 +738,7 @@ impl Agent {
         let _ = std::fs::remove_file(&self.notify.path);
         // Every site is stopped: no worker is left to record.
         let _ = std::fs::remove_file(recovery::workers_file(&self.config.state_dir));
+        self.stop_holder();
         info!("agent stopped");
     }
 }

@@ -3,7 +3,7 @@
 //! (lines into the site's log and to `logs -f` clients) and its notifications
 //! (`READY=1`, `BUSY=`).
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::SystemTime;
 
 use tracing::{debug, error, warn};
@@ -244,25 +244,8 @@ impl Agent {
                 let _ = pidref.signal(libc::SIGKILL);
                 SpawnFailure::Watch(e)
             })?;
-        match self
-            .reg
-            .arm(pipe_r.as_fd(), Interest::Readable, Source::Pipe)
-        {
-            Ok(t) => {
-                self.pipes.insert(
-                    t,
-                    Pipe {
-                        site: name.clone(),
-                        id,
-                        pid,
-                        fd: pipe_r,
-                        splitter: LineSplitter::default(),
-                        hinted: false,
-                    },
-                );
-            }
-            Err(e) => warn!(site = %name, worker = %id, "worker output is not captured: {e}"),
-        }
+        self.hold_pipe(&super::holder::pipe_name(name, g, id, pid), pipe_r.as_fd());
+        self.read_pipe(name, id, pid, pipe_r);
         let worker = WorkerId {
             generation: g,
             slot: id,
@@ -288,6 +271,26 @@ impl Agent {
         self.workers_dirty = true;
         debug!(site = %name, gen = g.0, worker = %id, pid, "spawned");
         Ok(pid)
+    }
+
+    /// Reads a worker's output pipe from now on.
+    pub(super) fn read_pipe(&mut self, name: &SiteName, id: Slot, pid: i32, fd: OwnedFd) {
+        match self.reg.arm(fd.as_fd(), Interest::Readable, Source::Pipe) {
+            Ok(t) => {
+                self.pipes.insert(
+                    t,
+                    Pipe {
+                        site: name.clone(),
+                        id,
+                        pid,
+                        fd,
+                        splitter: LineSplitter::default(),
+                        hinted: false,
+                    },
+                );
+            }
+            Err(e) => warn!(site = %name, worker = %id, "worker output is not captured: {e}"),
+        }
     }
 
     pub(super) fn on_pipe(&mut self, token: u64) {
