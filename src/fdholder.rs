@@ -111,6 +111,12 @@ pub enum HolderError {
         #[source]
         source: io::Error,
     },
+    /// Something other than a socket is at the holder's path: left alone.
+    #[error("refused to replace {}: it is not a socket", path.display())]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
     /// A send, a receive or another call on an open connection or on the holder's own
     /// fds failed (a timeout shows as `EAGAIN`).
     #[error("failed to {op}")]
@@ -312,14 +318,15 @@ impl Holder {
     /// Binds and listens at `path` (mode 0600): `Ok(None)` when another holder answers
     /// there. A socket file nothing answers on is removed first.
     pub fn bind(path: &Path) -> Result<Option<Holder>, HolderError> {
-        let addr = SocketAddrUnix::new(path).map_err(HolderError::socket("name", path))?;
+        let addr =
+            SocketAddrUnix::new(path).map_err(HolderError::socket("use the path of", path))?;
         let listener = rustix::net::socket_with(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
             SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
             None,
         )
-        .map_err(HolderError::socket("create a socket for", path))?;
+        .map_err(HolderError::socket("create", path))?;
         // Linux's unix_bind gives the new file the socket inode's mode (less the umask):
         // 0600 from the start, with no window where another user could connect. The
         // chmod after bind covers kernels where this has no effect.
@@ -335,9 +342,9 @@ impl Holder {
                 let stat = rustix::fs::lstat(path).map_err(HolderError::socket("stat", path))?;
                 if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket
                 {
-                    return Err(HolderError::socket("replace the non-socket at", path)(
-                        Errno::EXIST,
-                    ));
+                    return Err(HolderError::NotASocket {
+                        path: path.to_path_buf(),
+                    });
                 }
                 match rustix::fs::unlink(path) {
                     Ok(()) | Err(Errno::NOENT) => {}
@@ -721,14 +728,15 @@ impl HolderClient {
     /// Connects to the holder at `path`: `Ok(None)` when none listens there (no file, or
     /// `ECONNREFUSED`).
     pub fn connect(path: &Path) -> Result<Option<HolderClient>, HolderError> {
-        let addr = SocketAddrUnix::new(path).map_err(HolderError::socket("name", path))?;
+        let addr =
+            SocketAddrUnix::new(path).map_err(HolderError::socket("use the path of", path))?;
         let socket = rustix::net::socket_with(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
             SocketFlags::CLOEXEC,
             None,
         )
-        .map_err(HolderError::socket("create a socket for", path))?;
+        .map_err(HolderError::socket("create a socket to reach", path))?;
         // Set before connect: a unix connect to a full backlog waits up to SO_SNDTIMEO.
         for which in [sockopt::Timeout::Send, sockopt::Timeout::Recv] {
             sockopt::set_socket_timeout(&socket, which, Some(IO_TIMEOUT))
@@ -1241,7 +1249,10 @@ mod tests {
         // Whatever else is at the path stays, and is reported.
         let file = dir.path().join("not-a-socket");
         std::fs::write(&file, b"data").expect("write");
-        assert!(Holder::bind(&file).is_err());
+        assert!(matches!(
+            Holder::bind(&file),
+            Err(HolderError::NotASocket { .. })
+        ));
         assert_eq!(std::fs::read(&file).expect("read"), b"data");
     }
 }
