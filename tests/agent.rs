@@ -1150,13 +1150,14 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-/// A new agent started after one was SIGKILLed stops the workers the dead one left (found
-/// in the record of live workers by pid and start time, with their children) before its
-/// sites bind and start: never two sets of workers on one port. Without cgroups nothing
-/// else would find them; with cgroups they get their stop signal before the sweep. Workers
-/// that ignore their stop signal are killed, tree and all, after the site's `stop.timeout`.
+/// An agent that dies leaves its workers running; a new one started on the same
+/// configuration adopts them (issue 11): the same processes, found by the record of live
+/// workers (pid and start time, checked through a pidfd), and the port held by them and
+/// the new agent alone, with or without cgroups: never two sets of workers on one port.
+/// A site whose file is gone when the new agent starts has its workers stopped instead,
+/// before anything binds: its stop signal, then its tree killed after `stop.timeout`.
 #[test]
-fn a_new_agent_stops_the_workers_of_a_dead_one_before_starting_its_own() {
+fn a_new_agent_adopts_the_workers_of_a_dead_one_and_stops_those_of_removed_sites() {
     for (cgroups, stubborn) in [(false, false), (true, false), (false, true), (true, true)] {
         if cgroups && !cgroup_placement() {
             continue;
@@ -1179,7 +1180,8 @@ fn a_new_agent_stops_the_workers_of_a_dead_one_before_starting_its_own() {
                 cgroups,
             },
         );
-        let old = workers_with_children(&agent, "web", 2);
+        let mut old = workers_with_children(&agent, "web", 2);
+        old.sort_unstable();
         let old_tree: Vec<i64> = old
             .iter()
             .flat_map(|p| std::iter::once(*p).chain(children(*p)))
@@ -1187,22 +1189,49 @@ fn a_new_agent_stops_the_workers_of_a_dead_one_before_starting_its_own() {
         let record = agent.dir.path().join("state/workers.json");
         let text = std::fs::read_to_string(&record).expect("the record of live workers");
         let recorded: serde_json::Value = serde_json::from_str(&text).expect("json");
-        let mut pids: Vec<i64> = recorded["workers"]
+        let mut pids: Vec<i64> = recorded["sites"][0]["gens"][0]["workers"]
             .as_array()
             .expect("workers")
             .iter()
             .filter_map(|w| w["pid"].as_i64())
             .collect();
         pids.sort_unstable();
-        let mut expected = old.clone();
-        expected.sort_unstable();
-        assert_eq!(pids, expected, "{text}");
+        assert_eq!(pids, old, "{text}");
 
         agent.crash();
         assert!(
             old_tree.iter().all(|p| alive(*p)),
             "a SIGKILLed agent leaves its workers running"
         );
+        agent.relaunch();
+        let mut adopted = workers_with_children(&agent, "web", 2);
+        adopted.sort_unstable();
+        assert_eq!(adopted, old, "the same workers, adopted");
+        assert_eq!(agent.status("web")["state"], "running");
+        // One set of processes holds the port: the new agent, the workers and their
+        // children.
+        let ours: Vec<i64> = std::iter::once(i64::from(agent.pid()))
+            .chain(old_tree.iter().copied())
+            .collect();
+        let holders: Vec<i64> = hatchery::net::tcp_holder_pids(addr)
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        assert!(
+            holders.contains(&i64::from(agent.pid())) && holders.iter().all(|h| ours.contains(h)),
+            "holders of {addr}: {holders:?}, the new agent's: {ours:?}"
+        );
+        assert!(
+            agent
+                .agent_log()
+                .contains("adopting 2 workers of a previous agent"),
+            "{}",
+            agent.agent_log()
+        );
+
+        // Again, but the site is gone from the configuration meanwhile.
+        agent.crash();
+        std::fs::remove_file(agent.site_file("web")).expect("remove the site");
         agent.relaunch();
         // The control socket answers only once the old workers were stopped.
         for p in &old_tree {
@@ -1212,37 +1241,19 @@ fn a_new_agent_stops_the_workers_of_a_dead_one_before_starting_its_own() {
                 || !alive(*p),
             );
         }
-        let new = workers_with_children(&agent, "web", 2);
-        assert!(
-            new.iter().all(|p| !old_tree.contains(p)),
-            "{old:?} -> {new:?}"
-        );
-        assert_eq!(agent.status("web")["state"], "running");
-        // One set of processes holds the port: the agent, its workers and their children.
-        let ours: Vec<i64> = std::iter::once(i64::from(agent.pid()))
-            .chain(
-                new.iter()
-                    .flat_map(|p| std::iter::once(*p).chain(children(*p))),
-            )
-            .collect();
-        let holders: Vec<i64> = hatchery::net::tcp_holder_pids(addr)
-            .into_iter()
-            .map(i64::from)
-            .collect();
-        assert!(
-            !holders.is_empty() && holders.iter().all(|h| ours.contains(h)),
-            "holders of {addr}: {holders:?}, the new agent's: {ours:?}"
-        );
         let log = agent.agent_log();
         let said = log
             .lines()
-            .find(|l| l.contains("found 2 workers of a previous agent"))
+            .find(|l| l.contains("stopping 2 workers of a previous agent"))
             .unwrap_or_else(|| panic!("the agent says what it found: {log}"));
         assert!(old.iter().all(|p| said.contains(&p.to_string())), "{said}");
-        assert!(said.contains("adoption is not implemented yet"), "{said}");
         assert!(
             log.contains("stopped 2 workers of a previous agent"),
             "{log}"
+        );
+        assert!(
+            hatchery::net::tcp_holder_pids(addr).is_empty(),
+            "nothing holds {addr} any more"
         );
         // A clean stop leaves no record behind.
         assert_eq!(agent.stop(), Some(0));

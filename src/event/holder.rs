@@ -39,7 +39,9 @@ pub(super) fn start_holder(path: &Path) -> (Option<HolderClient>, HashMap<String
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
-            warn!("no fd holder (the agent's own binary cannot be found: {e}): worker output pipes close with the agent");
+            warn!(
+                "no fd holder (the agent's own binary cannot be found: {e}): worker output pipes close with the agent"
+            );
             return (None, HashMap::new());
         }
     };
@@ -117,7 +119,10 @@ mod tests {
     #[test]
     fn pipe_names_say_whose_pipe_it_is() {
         let site = SiteName::new("blog").expect("name");
-        assert_eq!(pipe_name(&site, GenId(3), Slot(1), 4242), "out/blog/3/1/4242");
+        assert_eq!(
+            pipe_name(&site, GenId(3), Slot(1), 4242),
+            "out/blog/3/1/4242"
+        );
         assert!(crate::fdholder::valid_name(&pipe_name(
             &site,
             GenId(3),

@@ -54,9 +54,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{error, info, warn};
 
+use self::holder::{HOLDER_SOCKET, start_holder};
 use self::reactor::{Interest, Reactor};
 pub use self::setup::running_agent;
-use self::holder::{HOLDER_SOCKET, start_holder};
 use self::setup::{agent_signals, bind_control, lock_control, notify_systemd, raise_nofile_limit};
 use self::sites::Site;
 use crate::cgroup::{CgroupTree, Graveyard};

@@ -275,7 +275,9 @@ impl Agent {
                 let pipe = super::holder::pipe_name(&name, g, a.slot, a.pidref.pid());
                 match self.take_held_pipe(&pipe) {
                     Some(fd) => self.read_pipe(&name, a.slot, a.pidref.pid(), fd),
-                    None => warn!(site = %name, gen = g.0, worker = %a.slot, pid = a.pidref.pid(), "the output of an adopted worker is lost (the fd holder did not hold its pipe): it dies of SIGPIPE at its next write, and is restarted"),
+                    None => {
+                        warn!(site = %name, gen = g.0, worker = %a.slot, pid = a.pidref.pid(), "the output of an adopted worker is lost (the fd holder did not hold its pipe): it dies of SIGPIPE at its next write, and is restarted")
+                    }
                 }
                 gen_io.workers.insert(
                     a.slot,
