@@ -76,7 +76,8 @@ pub struct WorkerOptions {
     /// started), `hang-when-told` (once the file `hang-<worker id>` appears in the
     /// directory, the worker removes it and from then on accepts connections but never
     /// answers them, as a worker whose app is stuck), `log-requests` (prints each request
-    /// line and its user agent).
+    /// line and its user agent), `slow-stop` (once told to stop, stops accepting but exits
+    /// only 3 s later, as a worker finishing long requests: its generation drains that long).
     pub behaviour_from: Option<PathBuf>,
     /// Bind this address itself (without `SO_REUSEPORT`, so a second process bound to it
     /// fails with `EADDRINUSE`) instead of taking its listener from `LISTEN_FDS`: a server
@@ -271,6 +272,10 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
     }
     for h in handlers {
         let _ = h.join();
+    }
+    if does("slow-stop") {
+        std::thread::sleep(Duration::from_secs(3));
+        println!("demo worker {id} of generation {generation}: stopped after a slow stop");
     }
     Ok(())
 }

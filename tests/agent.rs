@@ -237,7 +237,8 @@ fn orphans_of_a_double_forking_worker_are_reaped() {
         let orphans = || {
             processes()
                 .into_iter()
-                .filter(|p| p.1 == me && !workers.contains(&p.0))
+                // The agent's other child is its fd holder.
+                .filter(|p| p.1 == me && !workers.contains(&p.0) && !p.3.contains("fd-holder"))
                 .collect::<Vec<_>>()
         };
         // The orphaned loops were re-parented to the agent (subreaper)...
@@ -997,20 +998,33 @@ fn slots_start_again_after_their_tree_was_killed() {
         assert!(out.status.success(), "start: {}", stderr(&out));
         let started = workers_with_children(&agent, "kids", 2);
 
-        // 4. the agent crashes; a new one on the same cgroup tree kills what the old one
-        // left (which still holds the listener) and starts the site again.
+        // 4. the agent crashes; a new one on the same cgroup tree adopts the workers, in
+        // their leaves; one killed then has its leaf killed, and starts in a fresh one.
+        let leaf_before = leaf_id(&agent.status("kids"));
         agent.crash();
         agent.relaunch();
-        let again = workers_with_children(&agent, "kids", 2);
-        assert!(again.iter().all(|p| !started.contains(p)));
-        for p in started {
-            wait_until(
-                &format!("the crashed agent's worker {p} to be killed"),
-                Duration::from_secs(10),
-                || !alive(p),
-            );
-        }
-        assert_eq!(agent.status("kids")["state"], "running");
+        let mut again = workers_with_children(&agent, "kids", 2);
+        again.sort_unstable();
+        let mut kept = started.clone();
+        kept.sort_unstable();
+        assert_eq!(again, kept, "adopted, not restarted");
+        assert_eq!(leaf_id(&agent.status("kids")), leaf_before);
+        Command::new("kill")
+            .args(["-KILL", &started[0].to_string()])
+            .status()
+            .expect("kill");
+        let mut after = Vec::new();
+        wait_until(
+            "the adopted w-0 back with its child",
+            Duration::from_secs(20),
+            || {
+                after = workers_with_children_now(&agent, "kids");
+                after.len() == 2 && !after.contains(&started[0])
+            },
+        );
+        let s = agent.status("kids");
+        assert_eq!(s["state"], "running", "{s:#}");
+        assert_ne!(leaf_id(&s), leaf_before, "a fresh leaf: {s:#}");
 
         // 5. shutdown kills the children with their leaves and removes the whole tree.
         let base = agent.cgroup_base.clone().expect("cgroups in use");
@@ -1268,4 +1282,64 @@ fn libc_sig(name: &str) -> u32 {
         "QUIT" => 3,
         _ => panic!("unknown signal {name}"),
     }
+}
+
+/// A worker that writes all the time survives an agent SIGKILL (its pipe's read end is
+/// held by the fd holder: no SIGPIPE), and what it wrote while no agent ran is in the
+/// site's log once a new agent adopts it: every line, once, in order.
+#[test]
+fn a_chatty_worker_survives_an_agent_crash_and_its_lines_are_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ticks = dir.path().join("ticks");
+    let script = format!(
+        "i=0; while :; do i=$((i+1)); echo tick $i; echo $i > {}.tmp; mv {}.tmp {}; sleep 0.01; done",
+        ticks.display(),
+        ticks.display(),
+        ticks.display()
+    );
+    let site =
+        format!("name = \"chat\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\nworkers = 1\n");
+    let mut agent = TestAgent::start(
+        &[("chat", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+    );
+    let tick = || -> u64 {
+        std::fs::read_to_string(&ticks)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    wait_until("20 lines written", Duration::from_secs(20), || tick() >= 20);
+    let pid = agent.pids("chat")[0];
+    agent.crash();
+    let at_crash = tick();
+    wait_until(
+        "50 more lines written while no agent runs",
+        Duration::from_secs(30),
+        || tick() >= at_crash + 50,
+    );
+    assert!(alive(pid), "the worker did not die of SIGPIPE");
+    agent.relaunch();
+    assert_eq!(agent.pids("chat"), [pid], "the same worker, adopted");
+    let last = tick() + 10;
+    let mut text = String::new();
+    wait_until(
+        &format!("line {last} in the site's log"),
+        Duration::from_secs(30),
+        || {
+            text = stdout(&agent.cli(&["logs", "chat", "-n", "100000"]));
+            text.lines().any(|l| l.ends_with(&format!("tick {last}")))
+        },
+    );
+    let seen: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.rsplit_once("tick ").and_then(|(_, n)| n.parse().ok()))
+        .collect();
+    let expected: Vec<u64> = (1..=seen.len() as u64).collect();
+    assert_eq!(seen, expected, "every line once, in order");
+    assert!(seen.len() as u64 >= last);
+    assert_eq!(agent.stop(), Some(0));
 }

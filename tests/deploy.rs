@@ -1830,3 +1830,69 @@ fn an_agent_killed_under_load_is_replaced_by_one_that_adopts_its_workers() {
         assert_eq!(agent.stop(), Some(0));
     }
 }
+
+/// An agent SIGKILLed while the old generation drains after a deploy's flip (issue 11):
+/// the new agent adopts the generation that serves, the old one's workers are stopped
+/// (their drain goes on: `slow-stop` takes 3 s) and its generation retired, and no
+/// request fails.
+#[test]
+fn an_agent_killed_while_a_generation_drains_is_replaced_and_the_drain_finishes() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    point(&link, &release(root.path(), "r1", Some("slow-stop")));
+    let port = free_port();
+    let text = site(&link, port, "");
+    let (mut agent, _) = start_web(&text, 4, "io_uring", true);
+    let load = Load::start(port, 4);
+    load.wait_for(1, 10);
+    point(&link, &release(root.path(), "r2", None));
+    let cli = deploy_in_background(&agent);
+    wait_until(
+        "gen-2 serving while gen-1 drains",
+        Duration::from_secs(60),
+        || {
+            let gens = generations(&agent);
+            agent.status("web")["generation"] == 2 && gens.iter().any(|g| g.0 == 1)
+        },
+    );
+    let (_, mut serving_pids) = serving(&agent);
+    serving_pids.sort_unstable();
+    agent.crash();
+    let out = cli.join().expect("deploy thread");
+    assert!(
+        !out.status.success(),
+        "the deploy's client lost its agent: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.relaunch();
+    let s = agent.wait_for(
+        "web",
+        "gen-2 alone, 4 ready",
+        Duration::from_secs(30),
+        |s| {
+            s["generation"] == 2
+                && s["ready"] == 4
+                && s["generations"].as_array().is_some_and(|g| g.len() == 1)
+        },
+    );
+    let (_, mut adopted) = serving(&agent);
+    adopted.sort_unstable();
+    assert_eq!(adopted, serving_pids, "gen-2's workers adopted: {s:#}");
+    let answered = load.answers.lock().expect("answers").get(&2).copied();
+    load.wait_for(2, answered.unwrap_or(0) + 20);
+    let samples = load.finish();
+    let bad = failed(&samples);
+    assert!(
+        bad.is_empty(),
+        "{} of {} requests failed: {:?}",
+        bad.len(),
+        samples.len(),
+        bad.iter().take(5).collect::<Vec<_>>()
+    );
+    let log = agent.agent_log();
+    assert!(
+        log.contains("adopting 8 workers of a previous agent"),
+        "{log}"
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
