@@ -235,6 +235,8 @@ pub struct Agent {
     holder_retry: Option<Instant>,
     /// What the holder held when this agent started, by name, until adoption claims it.
     held: HashMap<String, OwnedFd>,
+    /// When `Agent::new` began (for the time adoption took).
+    born: Instant,
     /// This boot's id, written in the record of live workers.
     boot_id: String,
 }
@@ -244,6 +246,7 @@ impl Agent {
     /// cgroups, the notify and control sockets, and every site's listeners. Nothing is
     /// started yet.
     pub fn new(path: &std::path::Path) -> Result<Agent, AgentError> {
+        let born = Instant::now();
         // A bad site file only keeps that site from starting (shown as failed).
         let (config, broken_files) = config::load_each(path)?;
         let lock = lock_control(&config.control_socket)?;
@@ -377,6 +380,7 @@ impl Agent {
             holder_path,
             holder_retry: None,
             held,
+            born,
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -494,6 +498,7 @@ impl Agent {
             warn!(feature = f.name, "not enforced: {}", f.detail);
         }
         let names: Vec<SiteName> = self.sites.keys().cloned().collect();
+        let adopted_sites = self.adopted.len();
         for name in names {
             match self.adopted.remove(&name) {
                 Some((actions, changed)) => {
@@ -504,6 +509,19 @@ impl Agent {
                 }
                 None => self.feed(&name, Input::Start(None)),
             }
+        }
+        if adopted_sites > 0 {
+            let workers: usize = self
+                .sites
+                .values()
+                .flat_map(|s| s.io.gens.values())
+                .flat_map(|g| g.workers.values())
+                .filter(|w| w.adopted)
+                .count();
+            info!(
+                "supervising {workers} adopted workers of {adopted_sites} sites, {} µs after the agent started",
+                self.born.elapsed().as_micros()
+            );
         }
         notify_systemd("READY=1");
 

@@ -362,6 +362,16 @@ impl Drop for TestAgent {
         if self.child.is_some() {
             self.stop();
         }
+        // A clean stop makes the fd holder exit; after a crash (or a failed test) it is
+        // still there, holding what it held.
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        for (pid, _, _, cmdline) in processes() {
+            if cmdline.contains("fd-holder") && cmdline.contains(&dir) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
     }
 }
 
