@@ -1343,3 +1343,56 @@ fn a_chatty_worker_survives_an_agent_crash_and_its_lines_are_logged() {
     assert!(seen.len() as u64 >= last);
     assert_eq!(agent.stop(), Some(0));
 }
+
+/// A site whose file changed while no agent ran is adopted as it ran, then changed as a
+/// reload would change it: here only `workers` changed, so the adopted workers stay and
+/// one more starts; then `env` changes too, so the adopted workers are restarted one at
+/// a time with it.
+#[test]
+fn a_site_changed_while_the_agent_was_down_is_adopted_then_reconciled() {
+    let site = |workers: u32, env: &str| {
+        format!(
+            "name = \"web\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 1000 & wait\"]\nworkers = {workers}\n\
+             [env]\nFLAVOUR = \"{env}\"\n"
+        )
+    };
+    let mut agent = TestAgent::start(
+        &[("web", &site(2, "plain"))],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+    );
+    let old = workers_with_children(&agent, "web", 2);
+    agent.crash();
+    std::fs::write(agent.site_file("web"), site(3, "plain")).expect("write the site");
+    agent.relaunch();
+    let now = workers_with_children(&agent, "web", 3);
+    assert!(
+        old.iter().all(|p| now.contains(p)),
+        "the two adopted workers stay, one more starts: {old:?} -> {now:?}"
+    );
+    let log = agent.agent_log();
+    assert!(
+        log.contains("the site's file changed while the agent was down"),
+        "{log}"
+    );
+    agent.crash();
+    std::fs::write(agent.site_file("web"), site(3, "spicy")).expect("write the site");
+    agent.relaunch();
+    let mut restarted = Vec::new();
+    wait_until(
+        "every adopted worker restarted with the new environment",
+        Duration::from_secs(30),
+        || {
+            restarted = workers_with_children_now(&agent, "web");
+            restarted.len() == 3
+                && restarted.iter().all(|p| !now.contains(p))
+                && restarted.iter().all(|p| {
+                    std::fs::read(format!("/proc/{p}/environ"))
+                        .is_ok_and(|e| e.split(|b| *b == 0).any(|v| v == b"FLAVOUR=spicy"))
+                })
+        },
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
