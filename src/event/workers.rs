@@ -81,9 +81,10 @@ impl Agent {
         let Some(worker) = site.workers.get(&id) else {
             return;
         };
-        if tree.is_none() {
-            // The exited leader still holds its pid as process group id until reaped:
-            // take its group with it.
+        // The exited leader still holds its pid as process group id until reaped: take its
+        // group with it. An adopted worker is reaped by another process: only while it is
+        // not yet is the group id certain to be its.
+        if tree.is_none() && (!worker.adopted || worker.pidref.is_unreaped()) {
             let _ = worker.pidref.signal_group(libc::SIGKILL);
         }
         // A worker adopted after an agent restart is not our child: its pidfd polls
