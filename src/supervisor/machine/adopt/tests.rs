@@ -405,3 +405,19 @@ fn an_own_port_site_starts_missing_workers_once_the_other_generation_is_gone() {
     let a = send(&mut m, exited(2, 0), &Quiet, t);
     assert!(spawned(&a).is_empty(), "{a:?}");
 }
+
+#[test]
+fn a_scale_that_only_a_measured_cap_allowed_is_not_started_blind() {
+    let t = Instant::now();
+    // A budget without `worker_memory`: no cap until workers are measured.
+    let config = site("workers = 2\nmemory = \"400M\"\n");
+    let rec = record(1, 4096, vec![generation(1, vec![worker(0, true)])]);
+    let (m, a) = SiteMachine::adopt(config.clone(), rec, None, t);
+    assert_eq!(spawned(&a), vec![(1, 1)]);
+    assert_eq!(m.requested(), 4096);
+    let workers = (0..3).map(|s| worker(s, true)).collect();
+    let rec = record(1, 4096, vec![generation(1, workers)]);
+    let (m, a) = SiteMachine::adopt(config, rec, None, t);
+    assert!(spawned(&a).is_empty() && signalled(&a).is_empty(), "{a:?}");
+    assert_eq!(m.current().slots.desired, 3);
+}
