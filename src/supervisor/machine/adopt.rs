@@ -57,7 +57,11 @@
 //!
 //! What it does not keep: a site marked failed (flapping) runs again, as after
 //! `hatchery start`; crash histories and backoffs (a slot backing off is a missing slot);
-//! which workers said they were busy; the last deploy's outcome.
+//! which workers said they were busy; the last deploy's outcome. A worker that sent
+//! `READY=1` to the agent that died does not send it again: with a `notify` check, one
+//! recorded as starting is stopped at its fresh ready deadline and started again (a `tcp`
+//! or `http` probe finds it ready). A spawn whose pid the earlier agent had not seen is
+//! not in the record: its slot counts as missing.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
