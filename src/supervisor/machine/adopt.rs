@@ -31,9 +31,15 @@
 //! 3. The count wanted is derived from the recorded `requested` as a new site's is from
 //!    `workers` (`auto.min` for an automatic site, within the memory cap), and `requested`
 //!    stays the recorded one (a runtime `scale` outlives the crash). Within a memory cap,
-//!    the processes of the other generations (still stopping) take room: K starts no more
-//!    than the cap leaves beside them, and keeps the workers it has up to that count; the
-//!    capacity check gives back the rest once they are gone.
+//!    the processes of the other generations (stopping) hold memory until they are gone:
+//!    K wants no more than the cap leaves beside them, as after a rollback, and the
+//!    capacity check gives back the rest once they are gone. (A deploy keeps both
+//!    generations within the cap, so this stops none of K's workers unless the cap fell:
+//!    a smaller budget, or an estimate below what the earlier agent had measured.)
+//!    A site with a budget but no per-worker figure has no cap until its workers are
+//!    measured: until then it wants no more than its configured `workers`, or the workers
+//!    it kept if more (a runtime `scale` that the earlier agent's measured cap allowed is
+//!    not started blind; the capacity check grows the site once it has measured).
 //!    - The site runs: K runs. Its workers beyond the count are stopped at once (highest
 //!      slots first) and removed; missing slots (workers that died while no agent ran)
 //!      are started as any start does, so a site whose app binds its own port waits until
@@ -51,7 +57,11 @@
 //!
 //! What it does not keep: a site marked failed (flapping) runs again, as after
 //! `hatchery start`; crash histories and backoffs (a slot backing off is a missing slot);
-//! which workers said they were busy; the last deploy's outcome.
+//! which workers said they were busy; the last deploy's outcome. A worker that sent
+//! `READY=1` to the agent that died does not send it again: with a `notify` check, one
+//! recorded as starting is stopped at its fresh ready deadline and started again (a `tcp`
+//! or `http` probe finds it ready). A spawn whose pid the earlier agent had not seen is
+//! not in the record: its slot counts as missing.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -209,6 +219,14 @@ impl SiteMachine {
         let release = kept_record.and_then(|g| g.release.clone());
         let requested = record.requested;
         let (cap, initial) = initial_count(&config, requested, &mut out);
+        // A budget without a per-worker figure has no cap until workers are measured: a
+        // count the earlier agent's measured cap allowed is not started blind.
+        let initial = if config.limits.memory.is_some() && cap.is_none() {
+            let kept = kept_record.map_or(0, |g| g.workers.iter().filter(|w| !w.stopping).count());
+            initial.min(config.workers.max(u32::try_from(kept).unwrap_or(u32::MAX)))
+        } else {
+            initial
+        };
         // Processes of the other generations still hold memory until they are gone.
         let others = record
             .gens
@@ -217,15 +235,8 @@ impl SiteMachine {
             .map(|g| g.workers.len())
             .sum::<usize>();
         let others = u32::try_from(others).unwrap_or(u32::MAX);
-        let keeping = kept_record.map_or(0, |g| {
-            let n = g.workers.iter().filter(|w| !w.stopping).count();
-            u32::try_from(n).unwrap_or(u32::MAX)
-        });
-        let keeping = if record.running { keeping } else { 0 };
         let desired = match cap {
-            Some(c) => initial
-                .min(c.workers.saturating_sub(others))
-                .max(keeping.min(initial)),
+            Some(c) => initial.min(c.workers.saturating_sub(others)),
             None => initial,
         };
 

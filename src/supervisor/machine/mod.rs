@@ -14,6 +14,10 @@
 //! and feeds the result back as the next input ([`Input::Worker`] with
 //! `Spawned`/`SpawnFailed`, [`Input::ListenersBound`], [`Input::Steered`]).
 //!
+//! What the state file keeps of a machine, and the machine a new agent builds from it
+//! to take over the workers an agent that crashed left running, are in `adopt`
+//! ([`SiteMachine::record`], [`SiteMachine::adopt`]).
+//!
 //! Invariants (checked by the simulation in `sim.rs`): never more workers than the cap;
 //! never two live workers in one slot; two starts of one slot are at least the backoff
 //! floor apart unless an operator asked; a deploy never leaves the site without a serving

@@ -372,3 +372,52 @@ fn an_adopted_site_stops_scales_and_starts() {
     let a = send(&mut m, Input::Start(None), &Quiet, t);
     assert_eq!(spawned(&a).len(), 3);
 }
+
+/// A site whose app binds its own port: never two generations' processes at once.
+const OWN_PORT: &str = "workers = 2\n[[listen]]\ntcp = \"127.0.0.1:8000\"\nmode = \"own\"\n";
+
+#[test]
+fn an_own_port_site_starts_missing_workers_once_the_other_generation_is_gone() {
+    let t = Instant::now();
+    // Three of the serving generation (one beyond the count), a canary's still running.
+    let rec = record(
+        1,
+        2,
+        vec![
+            generation(1, vec![worker(0, true), worker(1, true), worker(2, true)]),
+            generation(2, vec![worker(0, true)]),
+        ],
+    );
+    let (mut m, a) = SiteMachine::adopt(site(OWN_PORT), rec.clone(), None, t);
+    // The excess is stopped at once, though the start waits.
+    assert_eq!(signalled(&a), vec![(1, 2), (2, 0)]);
+    assert!(spawned(&a).is_empty(), "{a:?}");
+    // One dead while no agent ran: started once generation 2 is gone, not before.
+    let mut rec = rec;
+    rec.gens[0].workers.truncate(1);
+    let (mut m2, a) = SiteMachine::adopt(site(OWN_PORT), rec, None, t);
+    assert!(spawned(&a).is_empty(), "{a:?}");
+    assert!(m2.start_deferred());
+    let a = send(&mut m2, exited(2, 0), &Quiet, t);
+    assert_eq!(retired(&a), vec![2]);
+    assert_eq!(spawned(&a), vec![(1, 1)]);
+    send(&mut m, exited(1, 2), &Quiet, t);
+    let a = send(&mut m, exited(2, 0), &Quiet, t);
+    assert!(spawned(&a).is_empty(), "{a:?}");
+}
+
+#[test]
+fn a_scale_that_only_a_measured_cap_allowed_is_not_started_blind() {
+    let t = Instant::now();
+    // A budget without `worker_memory`: no cap until workers are measured.
+    let config = site("workers = 2\nmemory = \"400M\"\n");
+    let rec = record(1, 4096, vec![generation(1, vec![worker(0, true)])]);
+    let (m, a) = SiteMachine::adopt(config.clone(), rec, None, t);
+    assert_eq!(spawned(&a), vec![(1, 1)]);
+    assert_eq!(m.requested(), 4096);
+    let workers = (0..3).map(|s| worker(s, true)).collect();
+    let rec = record(1, 4096, vec![generation(1, workers)]);
+    let (m, a) = SiteMachine::adopt(config, rec, None, t);
+    assert!(spawned(&a).is_empty() && signalled(&a).is_empty(), "{a:?}");
+    assert_eq!(m.current().slots.desired, 3);
+}

@@ -32,8 +32,16 @@
 //! queue changes, a repointed release symlink, `Start`, `Stop`, `Restart`, `Scale`
 //! (owner-limited, beyond `MAX_WORKERS`), `Reconfigure` (workers, limits, command,
 //! timeouts), `Deploy` (good, crashing, hanging, broken, missing releases), `Rollback`,
-//! `ClientGone`, `Remove`, clock advances), then a calm (the world stops misbehaving and
-//! time runs), then a final stop.
+//! `ClientGone`, `Remove`, clock advances, the agent crashing), then a calm (the world
+//! stops misbehaving and time runs), then a final stop.
+//!
+//! The agent crashing: the world goes on without it for up to 3 s (processes exit or
+//! crash as they were due to, unseen, and one in ten dies besides; a worker that became
+//! ready then told the agent that died), then a new agent reads the machine's
+//! [`SiteMachine::record`], keeps the workers still alive, and carries out what
+//! [`SiteMachine::adopt`] returns. The clients were the dead agent's connections: they
+//! count as gone. It is a new agent: an operator epoch begins (crash histories start
+//! afresh), and the site runs by request if the record says so.
 //!
 //! The invariants, and where they are checked:
 //! 1. Cap: a worker is started only if the site then runs no more processes than its cap
@@ -263,6 +271,8 @@ struct Sim {
     /// A client started the site, and none stopped it since.
     up: bool,
     next_release: u32,
+    /// The agent crashed and a new one adopted the site at least once.
+    adopted: bool,
 }
 
 fn base_config() -> &'static SiteConfig {
@@ -410,6 +420,7 @@ impl Sim {
             epoch: 0,
             up: false,
             next_release: 2,
+            adopted: false,
         }
     }
 
@@ -443,12 +454,22 @@ pub(super) struct Reached {
     pub(super) deployed: AtomicUsize,
     pub(super) canary: AtomicUsize,
     pub(super) promoted: AtomicUsize,
+    /// Sequences in which the agent crashed and a new one adopted the site.
+    pub(super) adopting: AtomicUsize,
+    /// Adoptions.
+    pub(super) adoptions: AtomicUsize,
+    /// Adoptions of a site with more than one generation (a deploy, or a generation
+    /// leaving).
+    pub(super) adopted_mid_deploy: AtomicUsize,
 }
 
 pub(super) static REACHED: Reached = Reached {
     deployed: AtomicUsize::new(0),
     canary: AtomicUsize::new(0),
     promoted: AtomicUsize::new(0),
+    adopting: AtomicUsize::new(0),
+    adoptions: AtomicUsize::new(0),
+    adopted_mid_deploy: AtomicUsize::new(0),
 };
 
 thread_local! {
@@ -497,10 +518,22 @@ fn whole_site_invariants_hold_under_random_sequences() {
         reached(&REACHED.promoted),
     );
     eprintln!("deploys done {deployed}, canaries serving {canary}, canaries promoted {promoted}");
+    let (adopting, adoptions, mid_deploy) = (
+        reached(&REACHED.adopting),
+        reached(&REACHED.adoptions),
+        reached(&REACHED.adopted_mid_deploy),
+    );
+    eprintln!(
+        "sequences with an agent crash {adopting}, adoptions {adoptions}, of them with more than one generation {mid_deploy}"
+    );
     if runs >= RUNS {
         assert!(
             deployed > 0 && canary > 0 && promoted > 0,
             "the sequences never reached a deploy done ({deployed}), a canary serving ({canary}) or one promoted ({promoted})"
+        );
+        assert!(
+            adopting > 0 && mid_deploy > 0,
+            "the sequences never adopted a site ({adopting}), or never one mid-deploy ({mid_deploy})"
         );
     }
 }

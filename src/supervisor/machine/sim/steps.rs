@@ -1,6 +1,8 @@
 //! The random steps of a sequence: what operators ask, what the world does, time.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use crate::config::{MAX_WORKERS, ReadyCheck};
 use crate::supervisor::deploy::Share;
@@ -162,6 +164,7 @@ impl Sim {
                 self.epoch += 1;
                 self.feed(Input::Rollback(c))
             }
+            95 => self.agent_crashes(),
             94 if self.rng.chance(30) => {
                 self.epoch += 1;
                 self.up = false;
@@ -173,6 +176,85 @@ impl Sim {
                 self.advance(dt, true)
             }
         }
+    }
+
+    /// The agent crashes and a new one adopts the site's workers. While no agent runs,
+    /// the world goes on: what was due happens unseen (a `READY=1` goes to the agent that
+    /// died), and some workers die. The new agent reads the record the old one wrote,
+    /// keeps the workers still alive (the loop checks each by pidfd), and builds the
+    /// machine from it; the clients were the old agent's connections: gone.
+    pub(super) fn agent_crashes(&mut self) -> Step {
+        if self.dropped {
+            return Ok(());
+        }
+        let mut record = self.m.record();
+        if self.rng.chance(50) {
+            self.now += self.rng.ms(1, 3000);
+        }
+        let now = self.now;
+        let due = |x: &Option<(Instant, ExitReason)>| x.as_ref().is_some_and(|(t, _)| *t <= now);
+        let mut dead = Vec::new();
+        for (k, p) in &mut self.w.procs {
+            if p.ready_at.is_some_and(|t| t <= now) {
+                p.ready = true;
+            }
+            if due(&p.crash_at) || due(&p.exit_at) {
+                dead.push(*k);
+            }
+        }
+        let keys: Vec<(GenId, Slot)> = self.w.procs.keys().copied().collect();
+        for k in keys {
+            if self.rng.chance(10) {
+                dead.push(k);
+            }
+        }
+        for k in dead {
+            self.w.procs.remove(&k);
+        }
+        let mid_deploy = record.gens.len() > 1;
+        for g in &mut record.gens {
+            let procs = &self.w.procs;
+            g.workers.retain(|w| {
+                procs
+                    .get(&(GenId(g.id), Slot(w.slot)))
+                    .is_some_and(|p| p.pid == w.pid)
+            });
+        }
+        for a in self.clients.values_mut() {
+            if !a.answered {
+                a.gone = true;
+            }
+        }
+        // A new agent: no rolling restart, no crash history, no probe, no canary entry.
+        self.rolling_starts.clear();
+        self.epoch += 1;
+        self.up = record.running;
+        self.w.probing.clear();
+        self.w.canary = None;
+        if self.trace {
+            eprintln!(
+                "  [{:?}] agent crashed; adopting {record:?}",
+                self.elapsed()
+            );
+        }
+        let previous = self.m.previous_release().map(Path::to_path_buf);
+        let (m, out) = SiteMachine::adopt(self.cfg.clone(), record, previous, self.now);
+        self.m = m;
+        if self.trace {
+            for a in &out {
+                eprintln!("  [{:?}]    -> {a:?}", self.elapsed());
+            }
+        }
+        if !self.adopted {
+            self.adopted = true;
+            REACHED.adopting.fetch_add(1, Ordering::Relaxed);
+        }
+        REACHED.adoptions.fetch_add(1, Ordering::Relaxed);
+        if mid_deploy {
+            REACHED.adopted_mid_deploy.fetch_add(1, Ordering::Relaxed);
+        }
+        self.answers(&out)?;
+        self.carry_out(out)
     }
 
     pub(super) fn release_kind(&mut self) -> &'static str {
