@@ -29,7 +29,8 @@
 //!    signalling. Crash histories start afresh: the new agent's first crash of a worker
 //!    backs off from `restart.backoff_initial`.
 //! 3. The count wanted is derived from the recorded `requested` as a new site's is from
-//!    `workers` (`auto.min` for an automatic site, within the memory cap), and `requested`
+//!    `workers` (for an automatic site `auto.min`, or the workers it kept if more, up to
+//!    `auto.max`; within the memory cap), and `requested`
 //!    stays the recorded one (a runtime `scale` outlives the crash). Within a memory cap,
 //!    the processes of the other generations (stopping) hold memory until they are gone:
 //!    K wants no more than the cap leaves beside them, as after a rollback, and the
@@ -226,6 +227,18 @@ impl SiteMachine {
             initial.min(config.workers.max(u32::try_from(kept).unwrap_or(u32::MAX)))
         } else {
             initial
+        };
+        // An `auto` site that had grown keeps the workers it has (within its maximum and the
+        // cap): stopping healthy workers to grow back one capacity check at a time would
+        // only cost capacity.
+        let initial = match (config.auto, cap) {
+            (Some(a), Some(c)) => {
+                let live =
+                    kept_record.map_or(0, |g| g.workers.iter().filter(|w| !w.stopping).count());
+                let live = u32::try_from(live).unwrap_or(u32::MAX);
+                initial.max(live.min(a.max).min(c.workers))
+            }
+            _ => initial,
         };
         // Processes of the other generations still hold memory until they are gone.
         let others = record

@@ -421,3 +421,21 @@ fn a_scale_that_only_a_measured_cap_allowed_is_not_started_blind() {
     assert!(spawned(&a).is_empty() && signalled(&a).is_empty(), "{a:?}");
     assert_eq!(m.current().slots.desired, 3);
 }
+
+#[test]
+fn an_auto_site_that_had_grown_keeps_its_workers_within_its_maximum_and_the_cap() {
+    let t = Instant::now();
+    // Cap 4 (400M / 100M), auto between 1 and 3.
+    let auto = "workers = \"auto\"\nworkers_min = 1\nworkers_max = 3\nmemory = \"400M\"\nworker_memory = \"100M\"\n";
+    let workers = (0..3).map(|s| worker(s, true)).collect();
+    let rec = record(1, 3, vec![generation(1, workers)]);
+    let (m, a) = SiteMachine::adopt(site(auto), rec, None, t);
+    assert!(spawned(&a).is_empty() && signalled(&a).is_empty(), "{a:?}");
+    assert_eq!(m.current().slots.desired, 3);
+    // Beyond its maximum (the configuration changed): back to it.
+    let workers = (0..4).map(|s| worker(s, true)).collect();
+    let rec = record(1, 4, vec![generation(1, workers)]);
+    let (m, a) = SiteMachine::adopt(site(auto), rec, None, t);
+    assert_eq!(signalled(&a), vec![(1, 3)]);
+    assert_eq!(m.current().slots.desired, 3);
+}
