@@ -199,6 +199,13 @@ pub fn read_stat(pid: i32) -> io::Result<ProcStat> {
     })
 }
 
+/// The parent of process `pid` (`/proc/<pid>/stat` field 4), if it can be read.
+pub fn parent_pid(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    rest.split_whitespace().nth(4 - 3)?.parse().ok()
+}
+
 /// Parses a `/proc/<pid>/stat` line: the fields after the command name, which is in
 /// parentheses and may itself hold spaces and parentheses, hence after the last `)`
 /// (proc(5)).

@@ -27,6 +27,7 @@
 //! | `render.rs` | the words for the machines' events and outcomes |
 //! | `recovery.rs` | the record of a running agent; adopting (or stopping) the workers of an earlier one |
 //! | `holder.rs` | handing worker output pipes to the fd holder, and taking them back |
+//! | `upgrade.rs` | `hatchery upgrade`: executing a new binary in place, and coming up from one |
 //! | `setup.rs` | the control socket's lock, signals, limits, systemd notification |
 //! | `reactor.rs` | io_uring and epoll |
 
@@ -42,6 +43,7 @@ mod render;
 mod setup;
 mod sites;
 mod status;
+mod upgrade;
 mod warmup;
 mod workers;
 
@@ -56,6 +58,7 @@ use tracing::{error, info, warn};
 
 use self::holder::{HOLDER_SOCKET, start_holder};
 use self::reactor::{Interest, Reactor};
+pub use self::recovery::FORMAT_VERSION as RECORD_VERSION;
 pub use self::setup::running_agent;
 use self::setup::{agent_signals, bind_control, lock_control, notify_systemd, raise_nofile_limit};
 use self::sites::Site;
@@ -237,16 +240,64 @@ pub struct Agent {
     held: HashMap<String, OwnedFd>,
     /// This boot's id, written in the record of live workers.
     boot_id: String,
+    /// The binary this agent runs (the default of `upgrade`).
+    exe: PathBuf,
+    /// The version this agent was upgraded from, and when.
+    upgraded_from: Option<crate::status::UpgradedFrom>,
+    /// The client of the upgrade that started this image, and its answer (see `upgrade.rs`).
+    upgrade_reply: Option<(OwnedFd, Reply)>,
 }
 
 impl Agent {
     /// Sets everything up from the configuration file at `path`: signals, reactor,
     /// cgroups, the notify and control sockets, and every site's listeners. Nothing is
     /// started yet.
+    ///
+    /// Started by `hatchery upgrade` (`HATCHERY_UPGRADE` set), it takes the lock and the
+    /// sockets from the old image and adopts every worker; if that fails it resumes the
+    /// old binary (see `upgrade.rs`).
     pub fn new(path: &std::path::Path) -> Result<Agent, AgentError> {
+        let inherited = match upgrade::Inherited::from_env() {
+            None => return Agent::start(path, None),
+            Some(Ok(i)) => i,
+            Some(Err(e)) => {
+                return Err(setup_err(
+                    "take what the previous binary passed",
+                    io::Error::new(io::ErrorKind::InvalidInput, e),
+                ));
+            }
+        };
+        let started = Agent::start(path, Some(&inherited)).and_then(|mut agent| {
+            agent.upgraded(&inherited)?;
+            Ok(agent)
+        });
+        match started {
+            // The passed originals close here; the agent holds duplicates.
+            Ok(agent) => Ok(agent),
+            Err(e) if inherited.failed.is_none() => {
+                let reason = match &e {
+                    AgentError::Config(_) => e.to_string(),
+                    _ => format!("{e}: {}", error_chain(&e)),
+                };
+                error!("the new binary cannot take over ({reason}): resuming the previous one");
+                let failed = inherited.resume_previous(&reason);
+                error!("failed to resume the previous binary: {failed}");
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn start(
+        path: &std::path::Path,
+        inherited: Option<&upgrade::Inherited>,
+    ) -> Result<Agent, AgentError> {
         // A bad site file only keeps that site from starting (shown as failed).
         let (config, broken_files) = config::load_each(path)?;
-        let lock = lock_control(&config.control_socket)?;
+        let lock = match inherited {
+            Some(i) => i.lock(&config.control_socket)?,
+            None => lock_control(&config.control_socket)?,
+        };
         let read = agent_signals();
         let set = SigSet::of(&read);
         signals::block(&set).map_err(|e| setup_err("block signals", e))?;
@@ -324,9 +375,18 @@ impl Agent {
             }
             None => None,
         };
-        let notify = NotifySocket::bind(&config.state_dir.join("notify.sock"))
-            .map_err(|e| setup_err("bind the notify socket", e))?;
-        let control = bind_control(&config.control_socket)?;
+        let notify_path = config.state_dir.join("notify.sock");
+        let (notify, control) = match inherited {
+            Some(i) => (
+                NotifySocket::inherited(&notify_path, i.notify(&notify_path)?),
+                i.control(&config.control_socket)?,
+            ),
+            None => (
+                NotifySocket::bind(&notify_path)
+                    .map_err(|e| setup_err("bind the notify socket", e))?,
+                bind_control(&config.control_socket)?,
+            ),
+        };
         let devnull = OpenOptions::new()
             .read(true)
             .open("/dev/null")
@@ -377,6 +437,9 @@ impl Agent {
             holder_path,
             holder_retry: None,
             held,
+            exe: std::env::current_exe().unwrap_or_default(),
+            upgraded_from: None,
+            upgrade_reply: None,
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -506,6 +569,7 @@ impl Agent {
             }
         }
         notify_systemd("READY=1");
+        self.answer_upgrade();
 
         let mut ready = Vec::new();
         loop {
