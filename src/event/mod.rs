@@ -246,6 +246,8 @@ pub struct Agent {
     upgraded_from: Option<crate::status::UpgradedFrom>,
     /// The client of the upgrade that started this image, and its answer (see `upgrade.rs`).
     upgrade_reply: Option<(OwnedFd, Reply)>,
+    /// Connections passed by the old image whose request is yet to be read.
+    upgrade_pending: Vec<OwnedFd>,
 }
 
 impl Agent {
@@ -440,6 +442,7 @@ impl Agent {
             exe: std::env::current_exe().unwrap_or_default(),
             upgraded_from: None,
             upgrade_reply: None,
+            upgrade_pending: Vec::new(),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);

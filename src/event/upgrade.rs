@@ -30,8 +30,9 @@
 //! fails as well exits with its error (crash recovery applies at the next start): never
 //! a loop.
 //!
-//! Not kept: `logs -f` and `exec` clients and every other waiting connection (their fds
-//! close at `execve`); `exec` commands get `SIGHUP` first.
+//! Connections accepted whose request was not read yet are passed too (`pending=`), and
+//! read by the new image. Not kept: `logs -f` and `exec` clients and every other waiting
+//! connection (their fds close at `execve`); `exec` commands get `SIGHUP` first.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -66,6 +67,8 @@ struct Passed {
     notify: i32,
     client: i32,
     previous: i32,
+    /// Connections accepted whose request has not been read yet: the new image reads it.
+    pending: Vec<i32>,
     /// The old image's version.
     from: String,
     /// Set by a new image that failed and resumed the old one: why.
@@ -74,9 +77,16 @@ struct Passed {
 
 impl Passed {
     fn to_env(&self) -> String {
+        let pending: Vec<String> = self.pending.iter().map(i32::to_string).collect();
         let mut s = format!(
-            "control={},lock={},notify={},client={},previous={},from={}",
-            self.control, self.lock, self.notify, self.client, self.previous, self.from
+            "control={},lock={},notify={},client={},previous={},pending={},from={}",
+            self.control,
+            self.lock,
+            self.notify,
+            self.client,
+            self.previous,
+            pending.join(":"),
+            self.from
         );
         // Last: the reason may hold commas.
         if let Some(f) = &self.failed {
@@ -93,6 +103,7 @@ impl Passed {
         };
         let mut fds = [None; 5];
         let mut from = None;
+        let mut pending = Vec::new();
         for part in text.split(',') {
             let (k, v) = part
                 .split_once('=')
@@ -105,6 +116,12 @@ impl Passed {
                 "previous" => 4,
                 "from" => {
                     from = Some(v.to_string());
+                    continue;
+                }
+                "pending" => {
+                    for n in v.split(':').filter(|n| !n.is_empty()) {
+                        pending.push(n.parse().map_err(|_| format!("pending={v:?}"))?);
+                    }
                     continue;
                 }
                 _ => return Err(format!("unknown key {k:?}")),
@@ -121,6 +138,7 @@ impl Passed {
             notify: need(2, "notify")?,
             client: need(3, "client")?,
             previous: need(4, "previous")?,
+            pending,
             from: from.ok_or("no from=")?,
             failed,
         })
@@ -137,6 +155,8 @@ pub(super) struct Inherited {
     notify: OwnedFd,
     client: OwnedFd,
     previous: OwnedFd,
+    /// Connections whose request is yet to be read.
+    pending: Vec<OwnedFd>,
     pub from: String,
     pub failed: Option<String>,
 }
@@ -168,6 +188,11 @@ impl Inherited {
             notify: take("notify socket", p.notify)?,
             client: take("client", p.client)?,
             previous: take("previous binary", p.previous)?,
+            pending: p
+                .pending
+                .iter()
+                .map(|&n| take("pending connection", n))
+                .collect::<Result<_, _>>()?,
             from: p.from,
             failed: p.failed,
         })
@@ -202,6 +227,14 @@ impl Inherited {
         dup("notify socket", self.notify.as_fd())
     }
 
+    /// Duplicates of the connections whose request is yet to be read.
+    pub(super) fn pending(&self) -> Result<Vec<OwnedFd>, AgentError> {
+        self.pending
+            .iter()
+            .map(|fd| dup("pending connection", fd.as_fd()))
+            .collect()
+    }
+
     /// The client's connection, to be answered (`FD_CLOEXEC` set again).
     pub(super) fn client(&self) -> Result<OwnedFd, AgentError> {
         dup("client connection", self.client.as_fd())
@@ -216,6 +249,7 @@ impl Inherited {
             notify: self.notify.as_raw_fd(),
             client: self.client.as_raw_fd(),
             previous: self.previous.as_raw_fd(),
+            pending: self.pending.iter().map(AsRawFd::as_raw_fd).collect(),
             from: self.from.clone(),
             // One line, and the separator stays unambiguous.
             failed: Some(reason.replace('\n', " ")),
@@ -421,19 +455,32 @@ impl Agent {
         let Some(client) = self.conns.get(&conn).map(|c| c.fd.as_fd()) else {
             return "the client hung up".into();
         };
-        let kept = [
+        // Connections accepted whose request was not read yet (it may be in the socket's
+        // buffer): the new image reads it, instead of their client losing the connection.
+        // One that sent part of a line, waits for an operation or streams is closed.
+        let pending: Vec<BorrowedFd<'_>> = self
+            .conns
+            .iter()
+            .filter(|(id, c)| {
+                **id != conn && !c.done && !c.held && c.backlog.is_none() && c.inbuf.is_empty()
+            })
+            .map(|(_, c)| c.fd.as_fd())
+            .collect();
+        let mut kept = vec![
             self.control.as_fd(),
             self._lock.as_fd(),
             self.notify.as_fd(),
             client,
             previous.as_fd(),
         ];
+        kept.extend(pending.iter().copied());
         let passed = Passed {
             control: self.control.as_raw_fd(),
             lock: self._lock.as_raw_fd(),
             notify: self.notify.as_fd().as_raw_fd(),
             client: client.as_raw_fd(),
             previous: previous.as_raw_fd(),
+            pending: pending.iter().map(AsRawFd::as_raw_fd).collect(),
             from: crate::version().to_string(),
             failed: None,
         };
@@ -496,19 +543,33 @@ impl Agent {
             }
         };
         self.upgrade_reply = Some((client, reply));
+        self.upgrade_pending = inherited.pending()?;
         Ok(())
     }
 
-    /// Answers the client of the upgrade (from `run`, once the reactor watches).
+    /// Answers the client of the upgrade and reads the requests the old image had not
+    /// (from `run`, once the reactor watches).
     pub(super) fn answer_upgrade(&mut self) {
+        for fd in std::mem::take(&mut self.upgrade_pending) {
+            if let Some(id) = self.add_conn(fd, Some(Instant::now() + super::REQUEST_TIMEOUT)) {
+                self.arm_conn_read(id);
+            }
+        }
         let Some((fd, reply)) = self.upgrade_reply.take() else {
             return;
         };
+        if let Some(id) = self.add_conn(fd, None) {
+            self.finish(id, &reply);
+        }
+    }
+
+    /// A connection passed by the old image, as a new one.
+    fn add_conn(&mut self, fd: OwnedFd, deadline: Option<Instant>) -> Option<u64> {
         let uid = match rustix::net::sockopt::socket_peercred(&fd) {
             Ok(c) => c.uid.as_raw(),
             Err(e) => {
-                error!("the upgrade's client is gone: {e}");
-                return;
+                error!("a client passed across the upgrade is gone: {e}");
+                return None;
             }
         };
         let _ = rustix::fs::fcntl_setfl(&fd, rustix::fs::OFlags::NONBLOCK);
@@ -525,11 +586,11 @@ impl Agent {
                 write_token: None,
                 done: false,
                 held: false,
-                deadline: None,
+                deadline,
                 backlog: None,
             },
         );
-        self.finish(id, &reply);
+        Some(id)
     }
 }
 
@@ -545,11 +606,16 @@ mod tests {
             notify: 7,
             client: 9,
             previous: 10,
+            pending: vec![11, 12],
             from: "0.1.0+a".into(),
             failed: Some("bad state: a, b=c".into()),
         };
         assert_eq!(Passed::parse(&p.to_env()), Ok(p.clone()));
-        let q = Passed { failed: None, ..p };
+        let q = Passed {
+            failed: None,
+            pending: Vec::new(),
+            ..p
+        };
         assert_eq!(Passed::parse(&q.to_env()), Ok(q));
     }
 
