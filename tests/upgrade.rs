@@ -341,3 +341,59 @@ fn another_uid_may_not_upgrade() {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
     assert_eq!(exe, Path::new(BIN));
 }
+
+#[test]
+fn a_new_binary_that_fails_to_take_over_resumes_the_previous_one() {
+    let (agent, port, _root) = start("io_uring");
+    let pid = agent.pid();
+    let before = sorted(agent.pids("web"));
+    // It passes the check, then fails in the agent's start (the hook is removed from the
+    // environment at once, so the previous binary, resumed, does not fail).
+    let bin = script(
+        &agent,
+        "fails-to-take-over",
+        &format!(
+            "#!/bin/sh\nif [ \"$1\" = __upgrade-check ]; then exec {BIN} \"$@\"; fi\n\
+             HATCHERY_TEST_FAIL_UPGRADE=1 exec {BIN} \"$@\"\n"
+        ),
+    );
+    let out = agent.cli(&["upgrade", "--binary", bin.to_str().expect("utf-8")]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}\n{}",
+        stderr(&out),
+        agent.agent_log()
+    );
+    assert!(
+        stderr(&out).contains("upgrade failed")
+            && stderr(&out).contains("HATCHERY_TEST_FAIL_UPGRADE is set")
+            && stderr(&out).contains("the previous binary resumed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(agent.pid(), pid);
+    assert!(alive(i64::from(pid)));
+    assert_eq!(sorted(agent.pids("web")), before);
+    assert!(one_request(([127, 0, 0, 1], port).into()).is_ok());
+    assert!(agent_status(&agent)["upgraded_from"].is_null());
+    // The workers are its children still.
+    let victim = before[1];
+    let _ = Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status();
+    let s = agent.wait_for("web", "a replacement", Duration::from_secs(10), |s| {
+        s["ready"] == 4
+            && s["workers"]
+                .as_array()
+                .is_some_and(|w| w.iter().all(|w| w["pid"].as_i64() != Some(victim)))
+    });
+    assert!(
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .any(|w| w["last_exit"] == "killed by SIGKILL"),
+        "{s:#}"
+    );
+}

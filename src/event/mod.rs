@@ -269,7 +269,17 @@ impl Agent {
                 ));
             }
         };
-        let started = Agent::start(path, Some(&inherited)).and_then(|mut agent| {
+        // Tests make a new image fail here (it is removed at once: the previous binary,
+        // resumed, does not see it).
+        let fail = crate::sys::inherit::take_env(upgrade::FAIL_ENV);
+        let started = match fail {
+            Some(_) if inherited.failed.is_none() => Err(setup_err(
+                "take over",
+                io::Error::other(format!("{} is set", upgrade::FAIL_ENV)),
+            )),
+            _ => Agent::start(path, Some(&inherited)),
+        };
+        let started = started.and_then(|mut agent| {
             agent.upgraded(&inherited)?;
             Ok(agent)
         });
@@ -344,6 +354,24 @@ impl Agent {
         // Before any site binds: a previous agent's workers still hold its listeners. Those
         // of sites still configured are adopted; the others are stopped here, and with
         // cgroups the sweep kills what is left beside the adopted ones.
+        // An upgrade resumes from the record the old image has just written: without it
+        // (missing, unreadable, another format), this image rejects the state.
+        if inherited.is_some() {
+            let record = recovery::workers_file(&config.state_dir);
+            match recovery::load(&record) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(setup_err(
+                        "resume after the upgrade",
+                        io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!("{} is missing", record.display()),
+                        ),
+                    ));
+                }
+                Err(e) => return Err(setup_err("resume after the upgrade", e)),
+            }
+        }
         let mut adoptions = recovery::recover(
             &config.state_dir,
             &config.file,

@@ -22,7 +22,8 @@
 //!
 //! The new image (`Agent::new`) removes [`UPGRADE_ENV`] from its environment at once,
 //! takes the fds it names (each checked to be what it should: the lock file's inode, the
-//! sockets' bound paths), and recovers as after a crash; the workers whose parent is
+//! sockets' bound paths), checks that the record can be read, and recovers as after a
+//! crash; the workers whose parent is
 //! itself are its children again, so their exits are reaped with `waitid`. It answers the
 //! client from `run`. If it fails before that, it executes the old binary through
 //! `/proc/self/fd/<previous>` with `failed=<reason>` added; that image comes up the same
@@ -52,6 +53,9 @@ use crate::sys::signals::SigSet;
 
 /// The environment variable naming the fds an old image passes to the new one.
 pub(super) const UPGRADE_ENV: &str = "HATCHERY_UPGRADE";
+/// Set (to anything) in a new image's environment, makes it fail as it takes over: the
+/// tests' way to see the previous binary resume.
+pub(super) const FAIL_ENV: &str = "HATCHERY_TEST_FAIL_UPGRADE";
 /// How long the new binary has to answer `__upgrade-check`.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most bytes of the check's output kept (its stderr's tail is shown).
