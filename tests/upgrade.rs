@@ -397,3 +397,34 @@ fn a_new_binary_that_fails_to_take_over_resumes_the_previous_one() {
         "{s:#}"
     );
 }
+
+#[test]
+fn an_upgrade_is_refused_while_a_deploy_is_under_way() {
+    let (agent, _port, root) = start("epoll");
+    let pid = agent.pid();
+    let r2 = root.path().join("releases").join("r2");
+    std::fs::create_dir_all(&r2).expect("mkdir");
+    std::fs::write(r2.join("behaviour"), "never-ready").expect("behaviour");
+    release(root.path(), "r2");
+    let mut deploy = Command::new(BIN)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["deploy", "web"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("deploy");
+    agent.wait_for("web", "a deploy", Duration::from_secs(10), |s| {
+        !s["deploy"].is_null()
+    });
+    let out = agent.cli(&["upgrade", "--binary", BIN]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("site web has a deploy under way"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(agent.pid(), pid);
+    let _ = agent.cli(&["rollback", "web"]);
+    let _ = deploy.wait();
+}
