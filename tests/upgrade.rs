@@ -179,6 +179,16 @@ fn an_upgrade_under_load_keeps_the_pid_and_every_worker_and_loses_no_request() {
 
         let load = Load::start(port, 4);
         load.wait_for_more(20);
+        // For comparison: the slowest of 20 `status` calls without an upgrade.
+        let baseline = (0..20)
+            .map(|_| {
+                let t = Instant::now();
+                assert!(agent.cli(&["status", "--json"]).status.success());
+                t.elapsed()
+            })
+            .max()
+            .unwrap_or_default();
+        eprintln!("[{reactor}] slowest of 20 status calls under load: {baseline:?}");
         // The control socket's pause: the slowest of back-to-back `status` calls.
         let stop_probe = Arc::new(AtomicBool::new(false));
         let probe = {
@@ -257,6 +267,13 @@ fn an_upgrade_under_load_keeps_the_pid_and_every_worker_and_loses_no_request() {
             .unwrap_or_else(|| panic!("the restarted worker: {s:#}"))
             .clone();
         assert_eq!(w["last_exit"], "killed by SIGKILL", "{s:#}");
+
+        // Again, to the binary it runs now (the default).
+        let out = agent.cli(&["upgrade"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
+        assert_eq!(exe, next, "the default is the agent's own binary");
+        assert_eq!(agent.pid(), pid);
 
         // And a deploy works after.
         release(root.path(), "r2");
