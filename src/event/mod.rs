@@ -731,6 +731,12 @@ impl Agent {
     // ------------------------------------------------------------ signals and exits
 
     fn on_signals(&mut self) {
+        self.handle_pending_signals();
+        self.rearm(Source::Signals);
+    }
+
+    /// Reads and acts on every signal pending in the signalfd.
+    fn handle_pending_signals(&mut self) {
         loop {
             match signals::read_signal_info(self.signalfd.as_fd()).map(|r| r.map(|r| (r.signal, r)))
             {
@@ -766,7 +772,6 @@ impl Agent {
                 }
             }
         }
-        self.rearm(Source::Signals);
     }
 
     // ------------------------------------------------------------ shutdown

@@ -16,8 +16,10 @@
 //!    so no other agent can start in between), the notify socket (datagrams queued
 //!    meanwhile are read by the new image), the client's connection (the new image
 //!    answers it), and `/proc/self/exe` opened read-only (to resume the old binary);
-//! 5. `execve`s the binary with its own arguments, its signals still blocked (pending
-//!    ones wait in the new signalfd). If that fails, the flags are restored and the
+//! 5. `execve`s the binary with its own arguments, its signals blocked again after `std`
+//!    unblocked them (the signals pending before were handled just before, in step 3;
+//!    one arriving in the microseconds between is delivered with its default action: a
+//!    `SIGCHLD` is lost, which the pidfds of the workers make up for). If that fails, the flags are restored and the
 //!    client told why.
 //!
 //! The new image (`Agent::new`) removes [`UPGRADE_ENV`] from its environment at once,
@@ -441,6 +443,13 @@ impl Agent {
                 check.version,
                 check.record_version
             );
+        }
+        // Signals that arrived meanwhile are handled now: `std` unblocks every signal for a
+        // moment before `execve`, and a pending `SIGTERM` would then end the agent by
+        // default action instead of stopping it.
+        self.handle_pending_signals();
+        if self.shutting_down {
+            return "the agent is shutting down".into();
         }
         // 3. The record, now, whatever was written before.
         self.workers_dirty = true;
