@@ -251,6 +251,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_parent_of_this_process_is_its_parent() {
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+        assert_eq!(parent_pid(me), Some(parent));
+        assert_eq!(parent_pid(-1), None);
+    }
+
+    #[test]
     fn the_stat_line_is_read_after_the_last_parenthesis() {
         let line = "4242 (a (weird) name) S 1 4240 4240 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200 18446744073709551615\n";
         assert_eq!(
