@@ -547,7 +547,12 @@ fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {
             return ExitCode::from(EXIT_REFUSED);
         }
     };
-    if let Err(e) = std::net::TcpListener::bind(listen) {
+    // After `hatchery upgrade` this is the same agent, and its workers hold the port.
+    let upgrading = std::env::var_os("HATCHERY_UPGRADE").is_some();
+    if let Err(e) = std::net::TcpListener::bind(listen)
+        .map(drop)
+        .or_else(|e| if upgrading { Ok(()) } else { Err(e) })
+    {
         eprintln!(
             "hatchery: {listen} is not available ({e}); pick another with --listen 127.0.0.1:PORT"
         );
