@@ -123,6 +123,13 @@ pub enum Request {
         #[serde(default)]
         term: Option<String>,
     },
+    /// Replace the agent's binary in place (`hatchery upgrade`): same pid, every worker
+    /// kept. Root and the agent's user only.
+    Upgrade {
+        /// The new binary (absolute); the agent's own path if absent.
+        #[serde(default)]
+        binary: Option<String>,
+    },
 }
 
 fn default_lines() -> usize {
@@ -144,7 +151,7 @@ impl Request {
             | Request::Rollback { site }
             | Request::Promote { site }
             | Request::Exec { site, .. } => Some(site),
-            Request::Reload => None,
+            Request::Reload | Request::Upgrade { .. } => None,
         }
     }
 }
@@ -219,6 +226,31 @@ pub struct Reloaded {
     pub changed: Vec<String>,
     /// Stopped and removed.
     pub removed: Vec<String>,
+}
+
+/// The answer to `upgrade`, from the new binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upgraded {
+    /// What happened, for people.
+    pub message: String,
+    /// The version before.
+    pub from: String,
+    /// The version now.
+    pub to: String,
+    /// The agent's pid (unchanged).
+    pub pid: u32,
+    /// Workers kept running across the upgrade.
+    pub workers: u32,
+}
+
+/// What `hatchery __upgrade-check` prints: the binary's version and the record format it
+/// reads (it loaded the configuration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeCheck {
+    /// [`crate::version`].
+    pub version: String,
+    /// The format of the record of live workers it reads.
+    pub record_version: u32,
 }
 
 /// The end of `exec`.

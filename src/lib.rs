@@ -30,6 +30,16 @@
 //! holder (`hatchery fd-holder`), a separate process that keeps the read ends of workers'
 //! output pipes open across an agent's death, and its client.
 
+/// This build's version: the crate's, with `+<id>` when built with `HATCHERY_BUILD_ID` set
+/// (so that two builds of one version tell apart in `status` after `hatchery upgrade`).
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| match option_env!("HATCHERY_BUILD_ID") {
+        Some(id) if !id.is_empty() => format!("{}+{id}", env!("CARGO_PKG_VERSION")),
+        _ => env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
 pub mod cgroup;
 pub mod config;
 pub mod control;

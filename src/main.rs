@@ -1,7 +1,9 @@
 //! `hatchery`: the agent (`hatchery agent`) and the CLI that controls it.
 //!
 //! Exit codes: 0 ok; 1 refused or failed (not allowed, no such site, the operation
-//! failed); 2 usage or configuration error; 3 agent unreachable; 4 deploy rolled back.
+//! failed; for `upgrade`: refused, or the new binary failed and the previous one resumed);
+//! 2 usage or configuration error; 3 agent unreachable (for `upgrade`: the connection was
+//! lost, the agent may have exited); 4 deploy rolled back.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,7 +29,6 @@ const DEFAULT_SOCKET: &str = "/run/hatchery/control.sock";
 #[derive(Parser, Debug)]
 #[command(
     name = "hatchery",
-    version,
     about = "A kernel-assisted process supervisor for hosting many web sites on one Linux host"
 )]
 struct Cli {
@@ -146,6 +147,22 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Replace the agent's binary in place: same pid, every worker kept running. The new
+    /// binary is checked first (it must load the configuration and read the agent's
+    /// record); root and the agent's user only; refused while a deploy is under way.
+    Upgrade {
+        /// The new binary (default: the path the agent runs from, e.g. rebuilt in place).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
+    /// What `upgrade` asks of a new binary: load the configuration, print the version and
+    /// the record format read, as one JSON line.
+    #[command(name = "__upgrade-check", hide = true)]
+    UpgradeCheck {
+        /// The agent configuration file.
+        #[arg(long, default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// The demo site's worker (used by `hatchery demo`).
     #[command(name = "__demo-worker", hide = true)]
     DemoWorker {
@@ -195,7 +212,12 @@ fn without_hidden_suggestions(e: clap::Error) -> clap::Error {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = Cli::command()
+        .version(hatchery::version())
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let e = without_hidden_suggestions(e);
@@ -210,6 +232,20 @@ fn main() -> ExitCode {
             check(&config, cli.json)
         }
         Command::Demo { listen, workers } => run_demo(listen, workers),
+        Command::UpgradeCheck { config } => match config::load_each(&config) {
+            Ok(_) => {
+                let check = hatchery::control::UpgradeCheck {
+                    version: hatchery::version().to_string(),
+                    record_version: hatchery::event::RECORD_VERSION,
+                };
+                println!("{}", serde_json::to_string(&check).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("hatchery: invalid configuration: {e}");
+                ExitCode::from(EXIT_USAGE)
+            }
+        },
         Command::DemoWorker { args } => match demo::worker_main(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -511,7 +547,12 @@ fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {
             return ExitCode::from(EXIT_REFUSED);
         }
     };
-    if let Err(e) = std::net::TcpListener::bind(listen) {
+    // After `hatchery upgrade` this is the same agent, and its workers hold the port.
+    let upgrading = std::env::var_os("HATCHERY_UPGRADE").is_some();
+    if let Err(e) = std::net::TcpListener::bind(listen)
+        .map(drop)
+        .or_else(|e| if upgrading { Ok(()) } else { Err(e) })
+    {
         eprintln!(
             "hatchery: {listen} is not available ({e}); pick another with --listen 127.0.0.1:PORT"
         );
@@ -565,6 +606,12 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             follow,
         },
         Command::Reload => Request::Reload,
+        Command::Upgrade { binary } => Request::Upgrade {
+            // The agent's working directory is not the caller's.
+            binary: binary
+                .map(|b| std::path::absolute(&b).unwrap_or(b))
+                .map(|b| b.display().to_string()),
+        },
         Command::Deploy {
             site,
             release,
@@ -584,6 +631,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         | Command::Demo { .. }
         | Command::DemoWorker { .. }
         | Command::FdHolder
+        | Command::UpgradeCheck { .. }
         | Command::Exec { .. }
         | Command::Probe { .. } => {
             unreachable!("handled in main")
@@ -621,6 +669,10 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
                         return ExitCode::from(EXIT_REFUSED);
                     }
                 }
+            } else if let Ok(up) =
+                serde_json::from_value::<hatchery::control::Upgraded>(value.clone())
+            {
+                println!("{}", printable(&up.message));
             } else if let Ok(done) =
                 serde_json::from_value::<hatchery::control::Done>(value.clone())
             {

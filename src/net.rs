@@ -513,6 +513,14 @@ impl NotifySocket {
         })
     }
 
+    /// The socket an earlier image of this agent bound at `path` (`hatchery upgrade`).
+    pub fn inherited(path: &Path, fd: OwnedFd) -> NotifySocket {
+        NotifySocket {
+            path: path.to_path_buf(),
+            fd,
+        }
+    }
+
     /// Receives one pending message; `None` when drained.
     pub fn recv(&self) -> io::Result<Option<Notification>> {
         let mut buf = [0u8; 4096];

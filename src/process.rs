@@ -199,6 +199,13 @@ pub fn read_stat(pid: i32) -> io::Result<ProcStat> {
     })
 }
 
+/// The parent of process `pid` (`/proc/<pid>/stat` field 4), if it can be read.
+pub fn parent_pid(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    rest.split_whitespace().nth(4 - 3)?.parse().ok()
+}
+
 /// Parses a `/proc/<pid>/stat` line: the fields after the command name, which is in
 /// parentheses and may itself hold spaces and parentheses, hence after the last `)`
 /// (proc(5)).
@@ -242,6 +249,14 @@ impl AsFd for PidRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parent_of_this_process_is_its_parent() {
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+        assert_eq!(parent_pid(me), Some(parent));
+        assert_eq!(parent_pid(-1), None);
+    }
 
     #[test]
     fn the_stat_line_is_read_after_the_last_parenthesis() {

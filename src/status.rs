@@ -30,12 +30,24 @@ pub struct AgentStatus {
     pub version: String,
     /// When it started (UTC).
     pub started_at: String,
+    /// The version it replaced with `hatchery upgrade`, and when (since its start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgraded_from: Option<UpgradedFrom>,
     /// Bytes of its own log it could not write (a stderr closed, full or failing).
     pub log_bytes_dropped: u64,
     /// Its configuration file.
     pub config: PathBuf,
     /// What this host provides and what is not enforced.
     pub features: Vec<Feature>,
+}
+
+/// The agent's last upgrade: the same process, another binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradedFrom {
+    /// The version that ran before.
+    pub version: String,
+    /// When the new binary took over (UTC).
+    pub at: String,
 }
 
 /// A site's overall state.

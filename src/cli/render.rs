@@ -78,6 +78,13 @@ pub fn status(v: &Status) -> String {
     if let [s] = v.sites.as_slice() {
         site_details(&mut out, s);
     }
+    if let Some(up) = &v.agent.upgraded_from {
+        let _ = writeln!(
+            out,
+            "\nagent {} (pid {}), upgraded from {} at {}",
+            v.agent.version, v.agent.pid, up.version, up.at
+        );
+    }
     let off: Vec<String> = v
         .agent
         .features

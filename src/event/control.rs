@@ -575,6 +575,7 @@ impl Agent {
                 };
                 self.start_exec(conn, &name, params);
             }
+            Request::Upgrade { binary } => self.upgrade(conn, binary),
             Request::Reload => match self.reload() {
                 Ok(summary) => self.finish(conn, &Reply::ok(&summary)),
                 Err(e) => {

@@ -27,6 +27,7 @@
 //! | `render.rs` | the words for the machines' events and outcomes |
 //! | `recovery.rs` | the record of a running agent; adopting (or stopping) the workers of an earlier one |
 //! | `holder.rs` | handing worker output pipes to the fd holder, and taking them back |
+//! | `upgrade.rs` | `hatchery upgrade`: executing a new binary in place, and coming up from one |
 //! | `setup.rs` | the control socket's lock, signals, limits, systemd notification |
 //! | `reactor.rs` | io_uring and epoll |
 
@@ -42,6 +43,7 @@ mod render;
 mod setup;
 mod sites;
 mod status;
+mod upgrade;
 mod warmup;
 mod workers;
 
@@ -56,6 +58,7 @@ use tracing::{error, info, warn};
 
 use self::holder::{HOLDER_SOCKET, start_holder};
 use self::reactor::{Interest, Reactor};
+pub use self::recovery::FORMAT_VERSION as RECORD_VERSION;
 pub use self::setup::running_agent;
 use self::setup::{agent_signals, bind_control, lock_control, notify_systemd, raise_nofile_limit};
 use self::sites::Site;
@@ -239,17 +242,77 @@ pub struct Agent {
     born: Instant,
     /// This boot's id, written in the record of live workers.
     boot_id: String,
+    /// The binary this agent runs (the default of `upgrade`).
+    exe: PathBuf,
+    /// The version this agent was upgraded from, and when.
+    upgraded_from: Option<crate::status::UpgradedFrom>,
+    /// The client of the upgrade that started this image, and its answer (see `upgrade.rs`).
+    upgrade_reply: Option<(OwnedFd, Reply)>,
+    /// Connections passed by the old image whose request is yet to be read.
+    upgrade_pending: Vec<OwnedFd>,
 }
 
 impl Agent {
     /// Sets everything up from the configuration file at `path`: signals, reactor,
     /// cgroups, the notify and control sockets, and every site's listeners. Nothing is
     /// started yet.
+    ///
+    /// Started by `hatchery upgrade` (`HATCHERY_UPGRADE` set), it takes the lock and the
+    /// sockets from the old image and adopts every worker; if that fails it resumes the
+    /// old binary (see `upgrade.rs`).
     pub fn new(path: &std::path::Path) -> Result<Agent, AgentError> {
+        let inherited = match upgrade::Inherited::from_env() {
+            None => return Agent::start(path, None),
+            Some(Ok(i)) => i,
+            Some(Err(e)) => {
+                return Err(setup_err(
+                    "take what the previous binary passed",
+                    io::Error::new(io::ErrorKind::InvalidInput, e),
+                ));
+            }
+        };
+        // Tests make a new image fail here (it is removed at once: the previous binary,
+        // resumed, does not see it).
+        let fail = crate::sys::inherit::take_env(upgrade::FAIL_ENV);
+        let started = match fail {
+            Some(_) if inherited.failed.is_none() => Err(setup_err(
+                "take over",
+                io::Error::other(format!("{} is set", upgrade::FAIL_ENV)),
+            )),
+            _ => Agent::start(path, Some(&inherited)),
+        };
+        let started = started.and_then(|mut agent| {
+            agent.upgraded(&inherited)?;
+            Ok(agent)
+        });
+        match started {
+            // The passed originals close here; the agent holds duplicates.
+            Ok(agent) => Ok(agent),
+            Err(e) if inherited.failed.is_none() => {
+                let reason = match &e {
+                    AgentError::Config(_) => e.to_string(),
+                    _ => format!("{e}: {}", error_chain(&e)),
+                };
+                error!("the new binary cannot take over ({reason}): resuming the previous one");
+                let failed = inherited.resume_previous(&reason);
+                error!("failed to resume the previous binary: {failed}");
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn start(
+        path: &std::path::Path,
+        inherited: Option<&upgrade::Inherited>,
+    ) -> Result<Agent, AgentError> {
         let born = Instant::now();
         // A bad site file only keeps that site from starting (shown as failed).
         let (config, broken_files) = config::load_each(path)?;
-        let lock = lock_control(&config.control_socket)?;
+        let lock = match inherited {
+            Some(i) => i.lock(&config.control_socket)?,
+            None => lock_control(&config.control_socket)?,
+        };
         let read = agent_signals();
         let set = SigSet::of(&read);
         signals::block(&set).map_err(|e| setup_err("block signals", e))?;
@@ -294,6 +357,24 @@ impl Agent {
         // Before any site binds: a previous agent's workers still hold its listeners. Those
         // of sites still configured are adopted; the others are stopped here, and with
         // cgroups the sweep kills what is left beside the adopted ones.
+        // An upgrade resumes from the record the old image has just written: without it
+        // (missing, unreadable, another format), this image rejects the state.
+        if inherited.is_some() {
+            let record = recovery::workers_file(&config.state_dir);
+            match recovery::load(&record) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(setup_err(
+                        "resume after the upgrade",
+                        io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!("{} is missing", record.display()),
+                        ),
+                    ));
+                }
+                Err(e) => return Err(setup_err("resume after the upgrade", e)),
+            }
+        }
         let mut adoptions = recovery::recover(
             &config.state_dir,
             &config.file,
@@ -327,9 +408,18 @@ impl Agent {
             }
             None => None,
         };
-        let notify = NotifySocket::bind(&config.state_dir.join("notify.sock"))
-            .map_err(|e| setup_err("bind the notify socket", e))?;
-        let control = bind_control(&config.control_socket)?;
+        let notify_path = config.state_dir.join("notify.sock");
+        let (notify, control) = match inherited {
+            Some(i) => (
+                NotifySocket::inherited(&notify_path, i.notify(&notify_path)?),
+                i.control(&config.control_socket)?,
+            ),
+            None => (
+                NotifySocket::bind(&notify_path)
+                    .map_err(|e| setup_err("bind the notify socket", e))?,
+                bind_control(&config.control_socket)?,
+            ),
+        };
         let devnull = OpenOptions::new()
             .read(true)
             .open("/dev/null")
@@ -381,6 +471,10 @@ impl Agent {
             holder_retry: None,
             held,
             born,
+            exe: std::env::current_exe().unwrap_or_default(),
+            upgraded_from: None,
+            upgrade_reply: None,
+            upgrade_pending: Vec::new(),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -524,6 +618,7 @@ impl Agent {
             );
         }
         notify_systemd("READY=1");
+        self.answer_upgrade();
 
         let mut ready = Vec::new();
         loop {
@@ -654,6 +749,12 @@ impl Agent {
     // ------------------------------------------------------------ signals and exits
 
     fn on_signals(&mut self) {
+        self.handle_pending_signals();
+        self.rearm(Source::Signals);
+    }
+
+    /// Reads and acts on every signal pending in the signalfd.
+    fn handle_pending_signals(&mut self) {
         loop {
             match signals::read_signal_info(self.signalfd.as_fd()).map(|r| r.map(|r| (r.signal, r)))
             {
@@ -689,7 +790,6 @@ impl Agent {
                 }
             }
         }
-        self.rearm(Source::Signals);
     }
 
     // ------------------------------------------------------------ shutdown

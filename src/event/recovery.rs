@@ -71,8 +71,9 @@ use crate::supervisor::machine::{Action, MachineRecord, SiteMachine};
 
 /// The file's name in the state directory.
 const WORKERS_FILE: &str = "workers.json";
-/// The version of the format written; other versions are ignored.
-const FORMAT_VERSION: u32 = 2;
+/// The version of the format written; other versions are ignored (an upgrade to a binary
+/// that reads another is refused).
+pub const FORMAT_VERSION: u32 = 2;
 /// Where the kernel says which boot this is.
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 /// The longest wait for a previous agent's worker to honour its stop signal.

@@ -279,10 +279,14 @@ impl Agent {
                         warn!(site = %name, gen = g.0, worker = %a.slot, pid = a.pidref.pid(), "the output of an adopted worker is lost (the fd holder did not hold its pipe): it dies of SIGPIPE at its next write, and is restarted")
                     }
                 }
+                // After `hatchery upgrade` (same pid) the workers are still our children:
+                // their exits are reaped, and their status known.
+                let child = crate::process::parent_pid(a.pidref.pid())
+                    .is_some_and(|p| u32::try_from(p).is_ok_and(|p| p == std::process::id()));
                 gen_io.workers.insert(
                     a.slot,
                     Worker {
-                        adopted: true,
+                        adopted: !child,
                         token,
                         cgroup: a.record.cgroup.clone(),
                         started_wall: super::recovery::started_wall(a.record.start_time),

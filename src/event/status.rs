@@ -163,8 +163,9 @@ impl Agent {
         Status {
             agent: AgentStatus {
                 pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
+                version: crate::version().to_string(),
                 started_at: logs::utc_timestamp(self.started),
+                upgraded_from: self.upgraded_from.clone(),
                 log_bytes_dropped: logs::AGENT_LOG_DROPPED
                     .load(std::sync::atomic::Ordering::Relaxed),
                 config: self.config.file.clone(),

@@ -22,6 +22,8 @@
 //! - [`landlock`]: probing the ABI version, and building and enforcing a ruleset in the
 //!   spawn child (called from [`spawn`]'s child path, after `chroot` and the private
 //!   `/tmp`; the parent only prepares the paths and rights, in `crate::sandbox`).
+//! - [`inherit`]: taking ownership of the fds an earlier image of the agent kept across
+//!   its `execve` (`hatchery upgrade`), and that `execve` with the agent's signals blocked.
 //! - [`ptrace`]: `PTRACE_ATTACH`, for the probe worker's attacks only.
 //! - [`seccomp`]: a filter refusing `io_uring_setup`, for the probe (tests of the epoll
 //!   fall-back where io_uring is refused).
@@ -35,6 +37,7 @@
 pub mod activation;
 pub mod bpf;
 pub mod creds;
+pub mod inherit;
 pub mod landlock;
 pub mod pidfd;
 pub mod ptrace;
