@@ -77,7 +77,8 @@ pub struct WorkerOptions {
     /// directory, the worker removes it and from then on accepts connections but never
     /// answers them, as a worker whose app is stuck), `log-requests` (prints each request
     /// line and its user agent), `slow-stop` (once told to stop, stops accepting but exits
-    /// only 3 s later, as a worker finishing long requests: its generation drains that long).
+    /// only once the file `finish-stop` appears in the directory, at most a minute later, as
+    /// a worker finishing long requests: its generation drains that long).
     pub behaviour_from: Option<PathBuf>,
     /// Bind this address itself (without `SO_REUSEPORT`, so a second process bound to it
     /// fails with `EADDRINUSE`) instead of taking its listener from `LISTEN_FDS`: a server
@@ -274,7 +275,12 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         let _ = h.join();
     }
     if does("slow-stop") {
-        std::thread::sleep(Duration::from_secs(3));
+        // Until told (the file `finish-stop` in the release), at most a minute.
+        let told = opts.behaviour_from.as_ref().map(|d| d.join("finish-stop"));
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while told.as_ref().is_some_and(|f| !f.exists()) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         println!("demo worker {id} of generation {generation}: stopped after a slow stop");
     }
     Ok(())

@@ -1833,15 +1833,20 @@ fn an_agent_killed_under_load_is_replaced_by_one_that_adopts_its_workers() {
 
 /// An agent SIGKILLed while the old generation drains after a deploy's flip (issue 11):
 /// the new agent adopts the generation that serves, the old one's workers are stopped
-/// (their drain goes on: `slow-stop` takes 3 s) and its generation retired, and no
-/// request fails.
+/// (their drain goes on: `slow-stop` holds them until the test lets them go) and its
+/// generation retired, and no request fails.
 #[test]
 fn an_agent_killed_while_a_generation_drains_is_replaced_and_the_drain_finishes() {
     let root = tempfile::tempdir().expect("tempdir");
     let link = root.path().join("current");
-    point(&link, &release(root.path(), "r1", Some("slow-stop")));
+    let r1 = release(root.path(), "r1", Some("slow-stop"));
+    point(&link, &r1);
     let port = free_port();
-    let text = site(&link, port, "");
+    // gen-1 must still be stopping when the agent is killed, however slow the machine: its
+    // stop timeout is longer than the test.
+    let text =
+        site(&link, port, "").replace("[stop]\ntimeout = \"10s\"", "[stop]\ntimeout = \"300s\"");
+    assert!(text.contains("300s"), "{text}");
     let (mut agent, _) = start_web(&text, 4, "io_uring", true);
     let load = Load::start(port, 4);
     load.wait_for(1, 10);
@@ -1865,6 +1870,15 @@ fn an_agent_killed_while_a_generation_drains_is_replaced_and_the_drain_finishes(
         String::from_utf8_lossy(&out.stderr)
     );
     agent.relaunch();
+    let log = agent.agent_log();
+    assert!(
+        log.contains("adopting 8 workers of a previous agent"),
+        "{log}"
+    );
+    // gen-1 drains on, its workers stopped again by the new agent, until they finish.
+    let gens = generations(&agent);
+    assert!(gens.iter().any(|g| g.0 == 1), "{gens:?}");
+    std::fs::write(r1.join("finish-stop"), "").expect("let gen-1 finish");
     let s = agent.wait_for(
         "web",
         "gen-2 alone, 4 ready",
@@ -1888,11 +1902,6 @@ fn an_agent_killed_while_a_generation_drains_is_replaced_and_the_drain_finishes(
         bad.len(),
         samples.len(),
         bad.iter().take(5).collect::<Vec<_>>()
-    );
-    let log = agent.agent_log();
-    assert!(
-        log.contains("adopting 8 workers of a previous agent"),
-        "{log}"
     );
     assert_eq!(agent.stop(), Some(0));
 }
