@@ -425,18 +425,25 @@ impl CgroupTree {
         let Ok(entries) = fs::read_dir(&sites) else {
             return;
         };
+        // Looked up once per leaf: a set, and the generation cgroups that hold one.
+        let spare_leaves: std::collections::HashSet<&Path> =
+            spare.iter().map(PathBuf::as_path).collect();
+        let spare_gens: std::collections::HashSet<&Path> =
+            spare.iter().filter_map(|p| p.parent()).collect();
+        let spare_sites: std::collections::HashSet<&Path> =
+            spare_gens.iter().filter_map(|g| g.parent()).collect();
         for site in entries
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         {
             let dir = site.path();
-            let spared = spare.iter().any(|p| p.starts_with(&dir));
+            let spared = spare_sites.contains(dir.as_path());
             if !spared && CgroupTree::is_populated(&dir) {
                 let _ = self.kill(&dir);
             }
             for g in subdirs(&dir) {
                 for leaf in subdirs(&g) {
-                    if spare.contains(&leaf) {
+                    if spare_leaves.contains(leaf.as_path()) {
                         continue;
                     }
                     if spared && CgroupTree::is_populated(&leaf) {
@@ -444,7 +451,7 @@ impl CgroupTree {
                     }
                     graveyard.bury(leaf);
                 }
-                if !spare.iter().any(|p| p.starts_with(&g)) {
+                if !spare_gens.contains(g.as_path()) {
                     graveyard.bury(g);
                 }
             }

@@ -41,17 +41,24 @@ impl PidRef {
     /// (clock ticks since boot, as in `/proc/<pid>/stat`); `None` if it is gone, or the
     /// number now belongs to another process.
     pub fn open_verified(pid: i32, start_time: u64) -> Option<PidRef> {
+        PidRef::open_verified_stat(pid, start_time).map(|(p, _)| p)
+    }
+
+    /// As [`PidRef::open_verified`], with what `/proc/<pid>/stat` said of it then (its
+    /// parent, its process group).
+    pub fn open_verified_stat(pid: i32, start_time: u64) -> Option<(PidRef, ProcStat)> {
         let p = Pid::from_raw(pid)?;
         // 1. Pin the process the number names now.
         let pidfd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()?;
         // 2. Is it the one recorded? Read after the pin: the number cannot move on while
         // the pidfd's process is unreaped, and step 3 checks that it is.
-        if read_stat(pid).ok()?.start_time != start_time {
+        let stat = read_stat(pid).ok()?;
+        if stat.start_time != start_time {
             return None;
         }
         let pidref = PidRef { pid, pidfd };
         // 3. Still unreaped, so what /proc showed was this pidfd's process.
-        pidref.is_unreaped().then_some(pidref)
+        pidref.is_unreaped().then_some((pidref, stat))
     }
 
     /// Whether the process is alive or an unreaped zombie (the null signal through the
@@ -182,6 +189,8 @@ pub fn decode_wait_status(status: i32) -> ExitReason {
 /// What the agent reads of another process in `/proc/<pid>/stat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcStat {
+    /// Its parent (field 4).
+    pub ppid: i32,
     /// Its process group (field 5).
     pub pgid: i32,
     /// When it started, in clock ticks since boot (field 22).
@@ -201,9 +210,7 @@ pub fn read_stat(pid: i32) -> io::Result<ProcStat> {
 
 /// The parent of process `pid` (`/proc/<pid>/stat` field 4), if it can be read.
 pub fn parent_pid(pid: i32) -> Option<i32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    rest.split_whitespace().nth(4 - 3)?.parse().ok()
+    read_stat(pid).ok().map(|s| s.ppid)
 }
 
 /// Parses a `/proc/<pid>/stat` line: the fields after the command name, which is in
@@ -214,6 +221,7 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     // Fields from 3 (state) on: pgid is field 5, start time field 22.
     let fields: Vec<&str> = rest.split_whitespace().collect();
     Some(ProcStat {
+        ppid: fields.get(4 - 3)?.parse().ok()?,
         pgid: fields.get(5 - 3)?.parse().ok()?,
         start_time: fields.get(22 - 3)?.parse().ok()?,
     })
@@ -264,6 +272,7 @@ mod tests {
         assert_eq!(
             parse_stat(line),
             Some(ProcStat {
+                ppid: 1,
                 pgid: 4240,
                 start_time: 987654
             })

@@ -207,6 +207,8 @@ pub(super) struct Alive {
     pub slot: Slot,
     pub pidref: PidRef,
     pub record: WorkerRecord,
+    /// Its parent when it was found (this agent itself after `hatchery upgrade`).
+    pub parent: i32,
 }
 
 /// A site whose workers are adopted (module doc, steps 1–3): its machine and the actions
@@ -300,11 +302,12 @@ fn open_alive(site: &SiteRecord) -> BTreeMap<GenId, Vec<Alive>> {
     let mut out: BTreeMap<GenId, Vec<Alive>> = BTreeMap::new();
     for g in &site.gens {
         for w in &g.workers {
-            match PidRef::open_verified(w.pid, w.start_time) {
-                Some(pidref) => out.entry(GenId(g.id)).or_default().push(Alive {
+            match PidRef::open_verified_stat(w.pid, w.start_time) {
+                Some((pidref, stat)) => out.entry(GenId(g.id)).or_default().push(Alive {
                     slot: Slot(w.slot),
                     pidref,
                     record: w.clone(),
+                    parent: stat.ppid,
                 }),
                 None => debug!(
                     site = site.name,
@@ -651,10 +654,14 @@ impl Agent {
 /// When a process that started `start_time` clock ticks after boot started, by the wall
 /// clock (`btime` of `/proc/stat`); now if that cannot be read.
 pub(super) fn started_wall(start_time: u64) -> SystemTime {
-    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
-        t.lines()
-            .find_map(|l| l.strip_prefix("btime "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
+    // Read once: `/proc/stat` is long, and the boot time does not change.
+    static BTIME: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let btime = *BTIME.get_or_init(|| {
+        std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
     });
     let ticks = rustix::param::clock_ticks_per_second().max(1);
     match btime {

@@ -281,8 +281,7 @@ impl Agent {
                 }
                 // After `hatchery upgrade` (same pid) the workers are still our children:
                 // their exits are reaped, and their status known.
-                let child = crate::process::parent_pid(a.pidref.pid())
-                    .is_some_and(|p| u32::try_from(p).is_ok_and(|p| p == std::process::id()));
+                let child = u32::try_from(a.parent).is_ok_and(|p| p == std::process::id());
                 gen_io.workers.insert(
                     a.slot,
                     Worker {

@@ -460,7 +460,7 @@ impl Agent {
     pub(super) fn foreign_notification(&mut self, n: &crate::net::Notification) {
         let parent = n
             .ready
-            .then(|| parent_pid(n.pid))
+            .then(|| crate::process::parent_pid(n.pid))
             .flatten()
             .and_then(|ppid| self.pids.get(&ppid).cloned());
         let Some((
@@ -487,12 +487,4 @@ impl Agent {
             let _ = s.log.append(record.as_bytes());
         }
     }
-}
-
-/// The parent of `pid` from `/proc/<pid>/stat`, if it is still there.
-fn parent_pid(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name in parentheses (which may hold spaces): state, then ppid.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
