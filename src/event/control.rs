@@ -47,18 +47,7 @@ impl Agent {
             let refusal = self.connection_refusal(uid);
             let id = self.next_conn;
             self.next_conn += 1;
-            let conn = Conn {
-                fd,
-                uid,
-                inbuf: Vec::new(),
-                outbuf: Vec::new(),
-                read_token: None,
-                write_token: None,
-                done: false,
-                held: false,
-                deadline: Some(Instant::now() + REQUEST_TIMEOUT),
-                backlog: None,
-            };
+            let conn = Conn::new(fd, uid, Some(Instant::now() + REQUEST_TIMEOUT));
             self.conns.insert(id, conn);
             if let Some(why) = refusal {
                 warn!(uid, "refused a control connection: {why}");

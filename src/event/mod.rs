@@ -165,6 +165,24 @@ struct Conn {
     backlog: Option<LogStream>,
 }
 
+impl Conn {
+    /// A new connection of peer `uid`, nothing read or written yet.
+    fn new(fd: OwnedFd, uid: u32, deadline: Option<Instant>) -> Conn {
+        Conn {
+            fd,
+            uid,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            read_token: None,
+            write_token: None,
+            done: false,
+            held: false,
+            deadline,
+            backlog: None,
+        }
+    }
+}
+
 /// A `logs` request being answered from the site's file.
 #[derive(Debug)]
 struct LogStream {

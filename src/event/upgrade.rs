@@ -588,21 +588,7 @@ impl Agent {
         let _ = rustix::fs::fcntl_setfl(&fd, rustix::fs::OFlags::NONBLOCK);
         let id = self.next_conn;
         self.next_conn += 1;
-        self.conns.insert(
-            id,
-            super::Conn {
-                fd,
-                uid,
-                inbuf: Vec::new(),
-                outbuf: Vec::new(),
-                read_token: None,
-                write_token: None,
-                done: false,
-                held: false,
-                deadline,
-                backlog: None,
-            },
-        );
+        self.conns.insert(id, super::Conn::new(fd, uid, deadline));
         Some(id)
     }
 }

@@ -64,13 +64,13 @@
 //! or `http` probe finds it ready). A spawn whose pid the earlier agent had not seen is
 //! not in the record: its slot counts as missing.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Action, Event, Generation, SiteMachine, capacity, health, initial_count, policies};
+use super::{Action, Event, Generation, SiteMachine, initial_count, policies};
 use crate::config::SiteConfig;
 use crate::supervisor::ids::{GenId, Slot};
 use crate::supervisor::slots::{self, Adopted, AdoptedPhase, Phase, RunState, SiteCore};
@@ -296,23 +296,18 @@ impl SiteMachine {
             .max()
             .unwrap_or(kept);
 
-        let mut m = SiteMachine {
-            next_capacity_check: config.limits.memory.map(|_| now + capacity::SETTLE),
-            gens,
+        let m = SiteMachine::assemble(
             config,
-            serving: GenId(kept),
-            last_gen: GenId(last_gen),
-            deploy: None,
-            queued: VecDeque::new(),
-            last_deploy: None,
+            gens,
+            GenId(kept),
+            GenId(last_gen),
             previous_release,
+            now,
+        );
+        let mut m = SiteMachine {
             requested,
             capacity: cap,
-            last_peak: None,
-            waiters: Vec::new(),
-            removing: false,
-            health: health::HealthState::default(),
-            start_deferred: false,
+            ..m
         };
         let mut acts = Vec::new();
         for (g, actions) in carried {

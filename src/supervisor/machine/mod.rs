@@ -410,25 +410,45 @@ impl SiteMachine {
             None => config.clone(),
         };
         let first = GenId(1);
+        let gens = BTreeMap::from([(first, Generation::new(first, release, gen_config, initial))]);
+        let machine = SiteMachine::assemble(config, gens, first, first, previous_release, now);
         let machine = SiteMachine {
+            requested,
+            capacity: cap,
+            ..machine
+        };
+        (machine, out)
+    }
+
+    /// A machine with these generations, `serving` serving, nothing under way: no deploy,
+    /// no client waiting, a fresh health state, the capacity check due once workers had
+    /// time to settle. Its `requested` count is the configuration's, with no cap yet.
+    fn assemble(
+        config: SiteConfig,
+        gens: BTreeMap<GenId, Generation>,
+        serving: GenId,
+        last_gen: GenId,
+        previous_release: Option<PathBuf>,
+        now: Instant,
+    ) -> SiteMachine {
+        SiteMachine {
             next_capacity_check: config.limits.memory.map(|_| now + capacity::SETTLE),
-            gens: BTreeMap::from([(first, Generation::new(first, release, gen_config, initial))]),
+            requested: config.workers,
+            gens,
             config,
-            serving: first,
-            last_gen: first,
+            serving,
+            last_gen,
             deploy: None,
             queued: VecDeque::new(),
             last_deploy: None,
             previous_release,
-            requested,
-            capacity: cap,
+            capacity: None,
             last_peak: None,
             waiters: Vec::new(),
             removing: false,
             health: health::HealthState::default(),
             start_deferred: false,
-        };
-        (machine, out)
+        }
     }
 
     /// The site's name.
