@@ -1764,6 +1764,14 @@ fn an_agent_killed_under_load_is_replaced_by_one_that_adopts_its_workers() {
         let g1 = u32::try_from(g1).expect("a generation number");
         let load = Load::start(port, 4);
         load.wait_for(g1, 20);
+        // The steering maps, by id, as the record says.
+        let record = agent.dir.path().join("state/workers.json");
+        let maps = || -> serde_json::Value {
+            let text = std::fs::read_to_string(&record).expect("the record");
+            serde_json::from_str::<serde_json::Value>(&text).expect("json")["sites"][0]["steering"]
+                .clone()
+        };
+        let maps_before = maps();
         agent.crash();
         // Served while no agent runs.
         let answered = load.answers.lock().expect("answers").get(&g1).copied();
@@ -1777,6 +1785,14 @@ fn an_agent_killed_under_load_is_replaced_by_one_that_adopts_its_workers() {
         assert_eq!(g, u64::from(g1), "{s:#}");
         assert_eq!(after, before, "the same workers, adopted: {s:#}");
         assert_eq!(s["steering"], steering.as_str(), "{s:#}");
+        if steering == "ebpf" {
+            assert!(maps_before[0].is_array(), "{maps_before}");
+            assert_eq!(
+                maps(),
+                maps_before,
+                "the same steering maps, recovered by id"
+            );
+        }
         let log = agent.agent_log();
         assert!(
             log.contains("adopting 4 workers of a previous agent"),
