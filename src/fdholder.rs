@@ -860,17 +860,37 @@ impl HolderClient {
     }
 
     /// Makes the holder close everything, remove its socket file and exit; returns once
-    /// it has closed this connection (its socket file is gone by then).
+    /// its process has exited (at most 2 s after it closed this connection; its socket
+    /// file is gone by then).
     pub fn exit(self) -> Result<(), HolderError> {
+        // Its process, pinned first: the caller may need it gone (out of its cgroup).
+        let process = rustix::net::sockopt::socket_peercred(&self.socket)
+            .ok()
+            .and_then(|c| {
+                rustix::process::pidfd_open(c.pid, rustix::process::PidfdFlags::empty()).ok()
+            });
         self.send(b"EXIT", &[], "send EXIT to the fd holder")?;
         let mut buf = [0u8; 64];
         loop {
             match receive(self.socket.as_fd(), &mut buf, RecvFlags::empty()) {
-                Ok(Received::End) => return Ok(()),
+                Ok(Received::End) => break,
                 Ok(Received::Message(..)) | Err(Errno::INTR) => {}
                 Err(e) => return Err(HolderError::io("wait for the fd holder to exit")(e)),
             }
         }
+        // It closes the connection just before it exits: wait (briefly) until it has.
+        if let Some(pidfd) = process {
+            let mut fds = [rustix::event::PollFd::new(
+                &pidfd,
+                rustix::event::PollFlags::IN,
+            )];
+            let limit = rustix::event::Timespec {
+                tv_sec: 2,
+                tv_nsec: 0,
+            };
+            let _ = rustix::event::poll(&mut fds, Some(&limit));
+        }
+        Ok(())
     }
 
     fn send(

@@ -867,6 +867,8 @@ impl Agent {
         {
             l.unlink();
         }
+        // The holder lives in the agent's own cgroup: gone before the tree is removed.
+        self.stop_holder();
         if let Some(tree) = &self.cgroups {
             tree.teardown();
         }
@@ -874,7 +876,6 @@ impl Agent {
         let _ = std::fs::remove_file(&self.notify.path);
         // Every site is stopped: no worker is left to record.
         let _ = std::fs::remove_file(recovery::workers_file(&self.config.state_dir));
-        self.stop_holder();
         info!("agent stopped");
     }
 }
