@@ -1,0 +1,17 @@
+"""A tiny WSGI app for the tests: says who answered."""
+
+import os
+import sys
+
+
+def app(environ, start_response):
+    hooks = sys.modules.get("tiny_hooks")
+    body = "tiny app: worker %s, pid %d, generation %s, hooks %s\n" % (
+        os.environ.get("HATCHERY_WORKER_ID"),
+        os.getpid(),
+        os.environ.get("HATCHERY_GENERATION"),
+        ",".join(hooks.calls) if hooks else "-",
+    )
+    data = body.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
