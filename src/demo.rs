@@ -298,12 +298,16 @@ pub fn zygote_main(args: &[String]) -> io::Result<()> {
     loop {
         match rest {
             [flag, v, tail @ ..] if flag == "--load-ms" => {
-                let ms: u64 = v.parse().map_err(|_| bad_input(format!("bad --load-ms {v:?}")))?;
+                let ms: u64 = v
+                    .parse()
+                    .map_err(|_| bad_input(format!("bad --load-ms {v:?}")))?;
                 load = Duration::from_millis(ms);
                 rest = tail;
             }
             [flag, v, tail @ ..] if flag == "--load-mib" => {
-                mib = v.parse().map_err(|_| bad_input(format!("bad --load-mib {v:?}")))?;
+                mib = v
+                    .parse()
+                    .map_err(|_| bad_input(format!("bad --load-mib {v:?}")))?;
                 rest = tail;
             }
             _ => break,

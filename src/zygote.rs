@@ -408,18 +408,18 @@ impl ZygoteLink {
         let (n, fds) = match receive(self.socket.as_fd(), &mut buf, RecvFlags::DONTWAIT) {
             Ok(Received::Message(n, fds)) => (n, fds),
             Ok(Received::End) => return Err(ZygoteError::Closed),
-            Err(ZygoteError::Io { source, .. })
-                if source.kind() == io::ErrorKind::WouldBlock =>
-            {
+            Err(ZygoteError::Io { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
                 return Ok(None);
             }
             Err(e) => return Err(e),
         };
         match ToAgent::parse(&buf[..n])? {
-            ToAgent::Ready { .. } if !fds.is_empty() => Err(ZygoteError::Unexpected(
-                "fds sent with READY".to_string(),
-            )),
-            ToAgent::Ready { version: PROTOCOL_VERSION } => Ok(Some(PROTOCOL_VERSION)),
+            ToAgent::Ready { .. } if !fds.is_empty() => {
+                Err(ZygoteError::Unexpected("fds sent with READY".to_string()))
+            }
+            ToAgent::Ready {
+                version: PROTOCOL_VERSION,
+            } => Ok(Some(PROTOCOL_VERSION)),
             ToAgent::Ready { version } => Err(ZygoteError::UnsupportedVersion(version)),
             other => Err(ZygoteError::Unexpected(format!(
                 "{:?} before READY",
@@ -455,8 +455,8 @@ impl ZygoteLink {
                 &self.socket,
                 rustix::event::PollFlags::IN,
             )];
-            let limit = rustix::event::Timespec::try_from(left)
-                .unwrap_or(rustix::event::Timespec {
+            let limit =
+                rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec {
                     tv_sec: i64::MAX,
                     tv_nsec: 0,
                 });
@@ -529,9 +529,8 @@ fn own_child(slot: u32, pid: i32, go: OwnedFd) -> Result<Forked, ZygoteError> {
     }
     // Our child cannot be reaped by anyone but us, so the pid still names the process
     // whose parent we just read.
-    let raw = rustix::process::Pid::from_raw(pid).ok_or(ZygoteError::Unexpected(
-        "pid 0 in FORKED".to_string(),
-    ))?;
+    let raw = rustix::process::Pid::from_raw(pid)
+        .ok_or(ZygoteError::Unexpected("pid 0 in FORKED".to_string()))?;
     let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
         .map_err(io_err("open the forked worker's pidfd"))?;
     Ok(Forked { pid, pidfd, go })
@@ -566,7 +565,10 @@ pub fn inherited_link() -> io::Result<Option<OwnedFd>> {
 /// requests until the link reaches end of file (`Ok(())`). Each worker runs `worker` after
 /// its go, then `_exit`s with its return value; it never returns here. Must be called on
 /// the process's only thread (forking is refused otherwise: each fork answers `FAILED`).
-pub fn serve(mut link: OwnedFd, mut worker: impl FnMut(WorkerStart) -> i32) -> Result<(), ZygoteError> {
+pub fn serve(
+    mut link: OwnedFd,
+    mut worker: impl FnMut(WorkerStart) -> i32,
+) -> Result<(), ZygoteError> {
     send(
         link.as_fd(),
         &ToAgent::Ready {
@@ -584,7 +586,11 @@ pub fn serve(mut link: OwnedFd, mut worker: impl FnMut(WorkerStart) -> i32) -> R
         let ToZygote::Fork { slot, request } = ToZygote::parse(&buf[..n])?;
         if fds.len() != 1 {
             let reason = format!("FORK needs exactly 1 fd, got {}", fds.len());
-            send(link.as_fd(), &ToAgent::Failed { request, reason }.format(), &[])?;
+            send(
+                link.as_fd(),
+                &ToAgent::Failed { request, reason }.format(),
+                &[],
+            )?;
             continue;
         }
         let output = fds.remove(0);
@@ -639,8 +645,8 @@ fn fork_worker(
             drop(pid_write);
             drop(go_read);
             drop(output);
-            let raw = rustix::process::Pid::from_raw(intermediate)
-                .expect("fork returned a positive pid");
+            let raw =
+                rustix::process::Pid::from_raw(intermediate).expect("fork returned a positive pid");
             rustix::process::waitpid(Some(raw), rustix::process::WaitOptions::empty())?;
             // Once the intermediate is reaped, the worker has been re-parented (the
             // kernel re-parents children before their parent becomes a zombie).
@@ -797,7 +803,11 @@ mod tests {
             b"FORK 1 2",
         ];
         for m in to_agent {
-            assert!(ToAgent::parse(m).is_err(), "{:?}", String::from_utf8_lossy(m));
+            assert!(
+                ToAgent::parse(m).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(m)
+            );
         }
         let long = format!("FAILED 1 {}", "x".repeat(MAX_MESSAGE_BYTES));
         assert!(ToAgent::parse(long.as_bytes()).is_err());
@@ -813,7 +823,11 @@ mod tests {
             b"READY 1",
         ];
         for m in to_zygote {
-            assert!(ToZygote::parse(m).is_err(), "{:?}", String::from_utf8_lossy(m));
+            assert!(
+                ToZygote::parse(m).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(m)
+            );
         }
     }
 
@@ -829,10 +843,7 @@ mod tests {
             Err(ZygoteError::UnsupportedVersion(2))
         ));
         send(zygote.as_fd(), "FORKED 1 5", &[]).expect("send");
-        assert!(matches!(
-            link.read_ready(),
-            Err(ZygoteError::Unexpected(_))
-        ));
+        assert!(matches!(link.read_ready(), Err(ZygoteError::Unexpected(_))));
         send(zygote.as_fd(), "garbage", &[]).expect("send");
         assert!(matches!(link.read_ready(), Err(ZygoteError::Malformed(_))));
         drop(zygote);
@@ -866,7 +877,10 @@ mod tests {
         let e = link
             .fork(2, w.as_fd(), Duration::from_secs(5))
             .expect_err("not ours");
-        assert!(matches!(e, ZygoteError::NotOurChild { pid: 2, .. }), "{e:?}");
+        assert!(
+            matches!(e, ZygoteError::NotOurChild { pid: 2, .. }),
+            "{e:?}"
+        );
         // Its go pipe was closed unwritten.
         let mut b = [0u8; 4];
         assert_eq!(rustix::io::read(&go_r, &mut b), Ok(0));

@@ -114,7 +114,9 @@ impl Zygote {
 
     /// Waits for the zygote's exit (at most 10 s), through its pidfd.
     fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a pid");
+        let pid =
+            rustix::process::Pid::from_raw(i32::try_from(self.child.id()).expect("a pid fits i32"))
+                .expect("a pid");
         let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
             .expect("pidfd_open");
         assert!(
@@ -204,7 +206,10 @@ fn demo_zygote_forks_gated_workers_that_are_our_children_and_outlive_it() {
     z.notify.set_nonblocking(true).expect("nonblocking");
     let mut buf = [0u8; 256];
     assert!(z.notify.recv(&mut buf).is_err(), "READY=1 before the go");
-    assert!(!readable(out.as_fd(), Duration::ZERO), "output before the go");
+    assert!(
+        !readable(out.as_fd(), Duration::ZERO),
+        "output before the go"
+    );
     let pid = worker.pid;
     let pidfd = worker.pidfd.try_clone().expect("dup the pidfd");
     worker.proceed().expect("go");
@@ -261,10 +266,7 @@ fn the_zygote_exits_when_its_link_is_closed() {
 #[test]
 fn the_python_zygote_speaks_the_same_protocol() {
     let python = Command::new("python3")
-        .args([
-            "-c",
-            "import sys; assert sys.version_info >= (3, 9)",
-        ])
+        .args(["-c", "import sys; assert sys.version_info >= (3, 9)"])
         .status();
     if !python.is_ok_and(|s| s.success()) {
         skip("python3 (3.9 or later) is not installed");
