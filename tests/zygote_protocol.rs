@@ -1,6 +1,12 @@
 //! Zygote mode's protocol, end to end: this test plays the agent with `ZygoteLink` against
 //! the real `hatchery __demo-zygote` (and once against the Python helper), as the child
 //! subreaper that the double fork re-parents workers to.
+//!
+//! The subreaper flag is process-wide and stays set on this test binary (a forked child
+//! would need `unsafe` here): harmless to the other tests of this file, whose orphans
+//! would only stay zombies until the binary exits. Waits are on pidfds, sockets and
+//! pipes; the one bounded negative wait (300 ms) checks that a worker answers nothing
+//! before its go.
 
 mod common;
 

@@ -46,11 +46,15 @@ pub fn fork_single_threaded() -> io::Result<ForkSide> {
             format!("refusing to fork a process with {threads} threads"),
         ));
     }
-    // SAFETY: the process has exactly one thread (checked just above; only this thread
-    // could have started another since, and it did not), so no lock in the allocator,
-    // stdio or the environment is held by a thread that the child would lack, and the
-    // child may run ordinary code: it gets a consistent copy of this single thread's
-    // state. glibc's own `pthread_atfork` handlers run as usual. fork(2) takes no
+    // SAFETY: fork(2) and POSIX limit the child to async-signal-safe calls only "after a
+    // fork() in a multithreaded program". This process has exactly one thread (checked
+    // just above; only this thread could have started another since, and it did not),
+    // so no lock in the allocator, stdio or the environment is held by a thread the
+    // child would lack, and the child is a consistent copy of this one thread's state:
+    // it may run ordinary code. Its callers' children do: `zygote::serve`'s intermediate
+    // reads /proc, forks again, writes a pid and `_exit`s; its worker reads a pipe, sets
+    // its environment and runs the application's worker entry, which may start threads
+    // of its own. glibc's `pthread_atfork` handlers run as usual. fork(2) takes no
     // pointers.
     let pid = unsafe { libc::fork() };
     match pid {

@@ -68,10 +68,12 @@ def serve(link, worker):
     """
     _send(link, Ready())
     while True:
-        data, fds, _flags, _addr = socket.recv_fds(link, MAX_MESSAGE_BYTES + 1, 4)
+        data, fds, flags, _addr = socket.recv_fds(link, MAX_MESSAGE_BYTES + 1, 4)
         if not data and not fds:
             return
         try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ProtocolError("truncated message (too long, or too many fds)")
             request = parse_to_zygote(data)
         except ProtocolError:
             for fd in fds:

@@ -38,6 +38,18 @@ def readable(fd, timeout):
     return bool(r)
 
 
+def read_until(fd, needle, timeout=10):
+    text = b""
+    while needle not in text:
+        if not readable(fd, timeout):
+            raise AssertionError("no %r in the output: %r" % (needle, text))
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise AssertionError("end of output without %r: %r" % (needle, text))
+        text += chunk
+    return text
+
+
 def parent_of(pid):
     with open("/proc/%d/stat" % pid) as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
@@ -131,17 +143,23 @@ class RoundTripTest(unittest.TestCase):
         _, status = os.waitpid(self.zygote, 0)
         self.assertEqual(os.waitstatus_to_exitcode(status), 0)
 
+        read_until(out, b"worker 0 (pid %d) serving" % pid)
+        # SIGTERM with a request in flight: it is answered, then the worker exits 0.
+        slow = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        slow.sendall(b"GET /slow HTTP/1.0\r\n\r\n")
+        read_until(out, b"slow request started")
         os.kill(pid, signal.SIGTERM)
-        _, status = os.waitpid(pid, 0)
-        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
-        text = b""
-        while readable(out, 5):
-            chunk = os.read(out, 4096)
+        answer = b""
+        while True:
+            chunk = slow.recv(4096)
             if not chunk:
                 break
-            text += chunk
+            answer += chunk
+        slow.close()
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
         os.close(out)
-        self.assertIn(b"worker 0 (pid %d) serving" % pid, text)
 
 
 if __name__ == "__main__":
