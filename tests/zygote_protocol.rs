@@ -104,6 +104,25 @@ fn start(argv: &[&str], env: &[(&str, &str)]) -> Zygote {
     }
 }
 
+/// A failing test leaves no zygote behind.
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A worker's pidfd; a failing test leaves no worker behind (after a clean stop, the
+/// kill and the wait fail harmlessly: ESRCH, ECHILD).
+struct KillOnDrop(OwnedFd);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = rustix::process::pidfd_send_signal(&self.0, rustix::process::Signal::KILL);
+        let _ = rustix::process::waitid(WaitId::PidFd(self.0.as_fd()), WaitIdOptions::EXITED);
+    }
+}
+
 impl Zygote {
     fn wait_ready(&mut self) {
         assert!(
@@ -217,7 +236,7 @@ fn demo_zygote_forks_gated_workers_that_are_our_children_and_outlive_it() {
         "output before the go"
     );
     let pid = worker.pid;
-    let pidfd = worker.pidfd.try_clone().expect("dup the pidfd");
+    let pidfd = KillOnDrop(worker.pidfd.try_clone().expect("dup the pidfd"));
     worker.proceed().expect("go");
     z.notify.set_nonblocking(false).expect("blocking");
     z.notify
@@ -246,7 +265,7 @@ fn demo_zygote_forks_gated_workers_that_are_our_children_and_outlive_it() {
     z.child.kill().expect("kill the zygote");
     z.child.wait().expect("reap the zygote");
     assert!(answer(request(z.port())).contains("hello from worker 0, generation 7"));
-    assert_eq!(stop(&pidfd), Some(0));
+    assert_eq!(stop(&pidfd.0), Some(0));
 }
 
 #[test]
@@ -259,14 +278,14 @@ fn the_zygote_exits_when_its_link_is_closed() {
         .fork(3, out_w.as_fd(), Duration::from_secs(10))
         .expect("FORKED");
     drop(out_w);
-    let pidfd = worker.pidfd.try_clone().expect("dup the pidfd");
+    let pidfd = KillOnDrop(worker.pidfd.try_clone().expect("dup the pidfd"));
     worker.proceed().expect("go");
     read_until(&out, "demo worker 3 of generation 7 serving");
     let (link, _) = ZygoteLink::pair().expect("socketpair");
     drop(std::mem::replace(&mut z.link, link));
     assert!(z.wait_exit().success());
     assert!(answer(request(z.port())).contains("hello from worker 3"));
-    assert_eq!(stop(&pidfd), Some(0));
+    assert_eq!(stop(&pidfd.0), Some(0));
 }
 
 #[test]
@@ -293,7 +312,7 @@ fn the_python_zygote_speaks_the_same_protocol() {
     drop(out_w);
     assert_eq!(hatchery::process::parent_pid(worker.pid), Some(my_pid()));
     let pid = worker.pid;
-    let pidfd = worker.pidfd.try_clone().expect("dup the pidfd");
+    let pidfd = KillOnDrop(worker.pidfd.try_clone().expect("dup the pidfd"));
     worker.proceed().expect("go");
     let mut buf = [0u8; 256];
     z.notify
@@ -310,5 +329,34 @@ fn the_python_zygote_speaks_the_same_protocol() {
     let (link, _) = ZygoteLink::pair().expect("socketpair");
     drop(std::mem::replace(&mut z.link, link));
     assert!(z.wait_exit().success());
-    assert_eq!(stop(&pidfd), Some(0));
+    assert_eq!(stop(&pidfd.0), Some(0));
+}
+
+#[test]
+fn a_fork_without_its_output_fd_fails_and_the_zygote_forks_on() {
+    let mut z = start(&[BIN, "__demo-zygote"], &[]);
+    z.wait_ready();
+    // Behind ZygoteLink's back, on a duplicate of its socket: a FORK without its fd, with
+    // a request id the link will not use.
+    let raw =
+        UnixDatagram::from(rustix::io::fcntl_dupfd_cloexec(z.link.fd(), 3).expect("dup the link"));
+    raw.send(b"FORK 5 1000000").expect("send");
+    raw.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 600];
+    let n = raw.recv(&mut buf).expect("an answer");
+    assert_eq!(
+        String::from_utf8_lossy(&buf[..n]),
+        "FAILED 1000000 FORK needs exactly 1 fd, got 0"
+    );
+    let (out, out_w) = pipe();
+    let worker = z
+        .link
+        .fork(5, out_w.as_fd(), Duration::from_secs(10))
+        .expect("FORKED");
+    drop(out_w);
+    let pidfd = KillOnDrop(worker.pidfd.try_clone().expect("dup the pidfd"));
+    worker.proceed().expect("go");
+    read_until(&out, "demo worker 5 of generation 7 serving");
+    assert_eq!(stop(&pidfd.0), Some(0));
 }
