@@ -286,6 +286,68 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
     Ok(())
 }
 
+/// The demo zygote (`hatchery __demo-zygote [--load-ms N] [--load-mib M] [WORKER ARGS…]`):
+/// simulates loading an application (waits N ms, allocates and touches M MiB that its
+/// workers then share copy-on-write), then serves the zygote protocol on the link named
+/// by `HATCHERY_ZYGOTE_FD` ([`crate::zygote::serve`]); each worker it forks runs
+/// [`worker_main`] with the remaining arguments. Returns once the agent closes the link.
+pub fn zygote_main(args: &[String]) -> io::Result<()> {
+    let mut load = Duration::ZERO;
+    let mut mib: usize = 0;
+    let mut rest = args;
+    loop {
+        match rest {
+            [flag, v, tail @ ..] if flag == "--load-ms" => {
+                let ms: u64 = v
+                    .parse()
+                    .map_err(|_| bad_input(format!("bad --load-ms {v:?}")))?;
+                load = Duration::from_millis(ms);
+                rest = tail;
+            }
+            [flag, v, tail @ ..] if flag == "--load-mib" => {
+                mib = v
+                    .parse()
+                    .map_err(|_| bad_input(format!("bad --load-mib {v:?}")))?;
+                rest = tail;
+            }
+            _ => break,
+        }
+    }
+    // Refuse bad worker options now rather than in every worker.
+    WorkerOptions::parse(rest).map_err(bad_input)?;
+    let link = crate::zygote::inherited_link()?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "not started as a zygote: HATCHERY_ZYGOTE_FD is not set",
+        )
+    })?;
+    // The "application": loading takes time, and its memory is written once (every page
+    // touched, so that it is really allocated), then only shared by the workers.
+    std::thread::sleep(load);
+    let mut heap = vec![0u8; mib * 1024 * 1024];
+    for page in heap.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    let heap = std::hint::black_box(heap);
+    println!(
+        "demo zygote: loaded {} MiB in {} ms",
+        heap.len() / (1024 * 1024),
+        load.as_millis()
+    );
+    crate::zygote::serve(link, |_start| match worker_main(rest) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("demo worker: {e}");
+            1
+        }
+    })
+    .map_err(io::Error::other)
+}
+
+fn bad_input(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
 /// Answers every request on one connection (HTTP/1.1 keep-alive unless the client
 /// says `connection: close`).
 fn serve(

@@ -3,8 +3,8 @@
 //! The module tree follows the layers of DESIGN.md, each using only those beneath it:
 //!
 //! - `sys`, private to the crate, is the only place with `unsafe`: `clone3` and the
-//!   post-clone child path, `signalfd`, `waitid(P_ALL, WNOWAIT)`, the io_uring submission
-//!   side, `bpf(2)` and Landlock. The few of its safe calls that the CLI and the tests use
+//!   post-clone child path, `signalfd`, `waitid(P_ALL, WNOWAIT)`, `fork` for a zygote,
+//!   the io_uring submission side, `bpf(2)` and Landlock. The few of its safe calls that the CLI and the tests use
 //!   are re-exported by the modules that own the concept:
 //!   [`net::accept_queue_len`], [`steering::load_select_program`],
 //!   [`sandbox::landlock_abi`] and [`process::set_default_disposition`].
@@ -28,7 +28,9 @@
 //! reports what it sees of itself (and tries what a hostile worker would), for tests and
 //! diagnostics; [`terminal`] is the client side of `hatchery exec`; [`fdholder`] is the fd
 //! holder (`hatchery fd-holder`), a separate process that keeps the read ends of workers'
-//! output pipes open across an agent's death, and its client.
+//! output pipes open across an agent's death, and its client; [`zygote`] is zygote mode's
+//! protocol (a per-generation process that loads the app once and forks workers on the
+//! agent's request): the agent's side and the side of a zygote written in Rust.
 
 /// This build's version: the crate's, with `+<id>` when built with `HATCHERY_BUILD_ID` set
 /// (so that two builds of one version tell apart in `status` after `hatchery upgrade`).
@@ -59,3 +61,4 @@ pub mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
 pub mod terminal;
+pub mod zygote;

@@ -170,6 +170,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The demo zygote (zygote mode's test double): --load-ms N, --load-mib M, then the
+    /// demo worker's options for the workers it forks.
+    #[command(name = "__demo-zygote", hide = true)]
+    DemoZygote {
+        /// Options: --load-ms N, --load-mib M, then the demo worker's options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// A probe worker for tests and diagnostics: info | alloc SIZE | spawn-forever | sleep.
     #[command(name = "__probe", hide = true)]
     Probe {
@@ -250,6 +258,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("demo worker: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::DemoZygote { args } => match demo::zygote_main(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("demo zygote: {e}");
                 ExitCode::from(1)
             }
         },
@@ -630,6 +645,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         | Command::Check { .. }
         | Command::Demo { .. }
         | Command::DemoWorker { .. }
+        | Command::DemoZygote { .. }
         | Command::FdHolder
         | Command::UpgradeCheck { .. }
         | Command::Exec { .. }

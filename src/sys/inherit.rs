@@ -40,10 +40,11 @@ pub fn take_inherited(raw: i32) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     taken.insert(raw);
-    // SAFETY: the previous image of this process handed `raw` to this one (its number is
-    // in HATCHERY_UPGRADE, which is read once and removed); nothing else in this process
-    // knows the number, `TAKEN` guarantees it is adopted once, and it is open (checked
-    // above).
+    // SAFETY: whoever started this image handed `raw` to it: the previous image of the
+    // agent (the number is in HATCHERY_UPGRADE, read once and removed) or the agent
+    // starting a zygote (the number is in HATCHERY_ZYGOTE_FD, see `crate::zygote`);
+    // nothing else in this process owns the number, `TAKEN` guarantees it is adopted
+    // once, and it is open (checked above).
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 

@@ -9,6 +9,8 @@
 //!   flag needs 5.7 and is optional; `close_range` 5.9).
 //! - [`bpf`]: `bpf(2)` map create/update and `SK_REUSEPORT` program load, and
 //!   `SO_ATTACH_REUSEPORT_EBPF` (Linux 4.19; select-or-migrate 5.14).
+//! - [`fork`]: `fork(2)` for a zygote (refused unless the process has one thread),
+//!   `_exit(2)`, and setting the environment in the forked child.
 //! - [`activation`]: adopting fds passed with `LISTEN_FDS` (the worker side).
 //! - [`creds`]: `setfsuid`/`setfsgid`/`setgroups` for a moment, to resolve a path with a
 //!   site user's permissions.
@@ -37,6 +39,7 @@
 pub mod activation;
 pub mod bpf;
 pub mod creds;
+pub mod fork;
 pub mod inherit;
 pub mod landlock;
 pub mod pidfd;

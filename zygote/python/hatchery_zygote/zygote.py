@@ -1,0 +1,176 @@
+"""The zygote's side of the protocol: READY, then FORK requests served by a double fork.
+
+For each FORK (with the worker's output pipe as its one fd), in order:
+
+1. Create the go pipe and a pipe for the worker's pid; block the stop signals so that
+   none is handled by a half-made child.
+2. Fork the intermediate child, which forks the worker, writes its pid and ``_exit(0)``s.
+3. The zygote reaps the intermediate: the worker is now re-parented to the agent (a child
+   subreaper), so it is the agent's own child. Answer ``FORKED <request> <pid>`` with the
+   go pipe's write end, and close our copies of it and of the output pipe.
+4. The worker closes the link and the write end of the go pipe, and waits for exactly
+   ``go\\n``; on anything else (end of file: the agent refused it or died) it
+   ``_exit(1)``s without running application code. After ``go``: default signal
+   handlers, the mask restored, ``HATCHERY_WORKER_ID`` and ``LISTEN_PID`` set, the output
+   pipe as stdout and stderr, then ``worker(slot)``, and ``_exit`` with its result.
+
+The zygote returns from ``serve`` when the link reaches end of file.
+"""
+
+import os
+import signal
+import socket
+import struct
+import sys
+import traceback
+
+from .protocol import (
+    GO,
+    MAX_MESSAGE_BYTES,
+    Failed,
+    Fork,
+    Forked,
+    ProtocolError,
+    Ready,
+    format_message,
+    parse_to_zygote,
+)
+
+ZYGOTE_FD_ENV = "HATCHERY_ZYGOTE_FD"
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+
+
+def inherited_link():
+    """The zygote's end of the link (a socket, close-on-exec), or None if not a zygote."""
+    value = os.environ.get(ZYGOTE_FD_ENV)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise ValueError("bad %s %r" % (ZYGOTE_FD_ENV, value))
+    fd = int(value)
+    os.set_inheritable(fd, False)
+    return socket.socket(fileno=fd)
+
+
+def _send(link, message, fds=()):
+    data = format_message(message)
+    if fds:
+        socket.send_fds(link, [data], list(fds))
+    else:
+        link.send(data)
+
+
+def serve(link, worker):
+    """Sends READY 1 and serves FORK requests until the link's end of file.
+
+    ``worker(slot)`` runs in each worker after its go; its return value (an int) is the
+    worker's exit status. It never returns here.
+    """
+    _send(link, Ready())
+    while True:
+        data, fds, flags, _addr = socket.recv_fds(link, MAX_MESSAGE_BYTES + 1, 4)
+        if not data and not fds:
+            return
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ProtocolError("truncated message (too long, or too many fds)")
+            request = parse_to_zygote(data)
+        except ProtocolError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        assert isinstance(request, Fork)
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            _send(link, Failed(request.request, "FORK needs exactly 1 fd, got %d" % len(fds)))
+            continue
+        output = fds[0]
+        try:
+            pid, go = _fork_worker(link, output, request.slot, worker)
+        except OSError as e:
+            _send(link, Failed(request.request, "fork failed: %s" % e))
+            continue
+        finally:
+            os.close(output)
+        try:
+            _send(link, Forked(request.request, pid), [go])
+        finally:
+            os.close(go)
+
+
+def _fork_worker(link, output, slot, worker):
+    go_read, go_write = os.pipe()
+    pid_read, pid_write = os.pipe()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        intermediate = os.fork()
+        if intermediate == 0:
+            code = 1
+            try:
+                os.close(pid_read)
+                pid = os.fork()
+                if pid == 0:
+                    os.close(pid_write)
+                    _worker_child(link, output, go_read, go_write, slot, worker, old_mask)
+                os.write(pid_write, struct.pack("=i", pid))
+                code = 0
+            finally:
+                os._exit(code)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    os.close(pid_write)
+    os.close(go_read)
+    try:
+        os.waitpid(intermediate, 0)
+        # Once the intermediate is reaped, the worker has been re-parented.
+        data = os.read(pid_read, 4)
+    finally:
+        os.close(pid_read)
+    if len(data) != 4:
+        os.close(go_write)
+        raise OSError("the intermediate child exited without forking the worker")
+    return struct.unpack("=i", data)[0], go_write
+
+
+def _worker_child(link, output, go_read, go_write, slot, worker, old_mask):
+    """The worker after the second fork: never returns."""
+    code = 1
+    try:
+        link.close()
+        os.close(go_write)
+        got = b""
+        while len(got) < len(GO):
+            chunk = os.read(go_read, len(GO) - len(got))
+            if not chunk:
+                break
+            got += chunk
+        if got != GO:
+            os._exit(1)
+        os.close(go_read)
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.environ["HATCHERY_WORKER_ID"] = str(slot)
+        os.environ["LISTEN_PID"] = str(os.getpid())
+        os.environ.pop(ZYGOTE_FD_ENV, None)
+        os.environ.pop("LISTEN_PIDFDID", None)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        os.close(output)
+        result = worker(slot)
+        code = result if isinstance(result, int) else 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
