@@ -311,7 +311,7 @@ impl SiteMachine {
         };
         let mut acts = Vec::new();
         for (g, actions) in carried {
-            m.carry(g, actions, &mut acts);
+            m.carry(g, actions, now, &mut acts);
         }
         // The serving generation had no worker left: the one kept serves instead, as at a
         // flip.
@@ -338,7 +338,9 @@ impl SiteMachine {
         out.push(Action::Log(Event::Adopted {
             generation: m.serving,
             workers: adopted,
-            starting: count(|a| matches!(a, Action::Spawn { .. })),
+            // A zygote-mode generation's spawns wait for its zygote.
+            starting: count(|a| matches!(a, Action::Spawn { .. }))
+                + m.gens.values().filter_map(|g| g.zygote.as_ref()).map(|z| u32::try_from(z.held.len()).unwrap_or(u32::MAX)).sum::<u32>(),
             stopped: count(|a| matches!(a, Action::Signal { .. })),
         }));
         out.extend(acts);

@@ -32,6 +32,7 @@ mod reconfigure;
 #[cfg(test)]
 mod sim;
 mod time;
+mod zygote;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -40,6 +41,7 @@ use std::time::{Duration, Instant};
 pub use self::adopt::{GenRecord, MachineRecord, WorkerState};
 pub use self::deploy::{DeployEnd, DeployState, WARMUP_INTERVAL, WarmupReport};
 pub use self::health::{HealthAnswer, HealthResult};
+pub use self::zygote::{ZygotePhase, ZygoteState};
 pub use self::outcome::{
     CancelReason, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, Steering,
 };
@@ -99,11 +101,14 @@ pub struct Generation {
     pub last_probe: Option<ProbeAnswer>,
     /// The last worker restarted for failing its health checks (it counts as a crash).
     pub unhealthy: Option<Slot>,
+    /// Its zygote (`mode = "zygote"` only), which its workers are forked from.
+    pub zygote: Option<ZygoteState>,
 }
 
 impl Generation {
     fn new(id: GenId, release: Option<PathBuf>, config: SiteConfig, desired: u32) -> Generation {
         let slots = SiteCore::new(desired, policies(&config));
+        let zygote = zygote::for_config(&config);
         Generation {
             id,
             release,
@@ -113,7 +118,14 @@ impl Generation {
             leaving: false,
             last_probe: None,
             unhealthy: None,
+            zygote,
         }
+    }
+
+    /// Whether its zygote died while it was ready and has not been replaced yet (its
+    /// workers run on; new ones wait for the next zygote).
+    pub fn zygote_degraded(&self) -> bool {
+        self.zygote.as_ref().is_some_and(|z| z.degraded)
     }
 
     /// Whether a worker of it is starting (a `tcp` check probes it then).
@@ -274,6 +286,16 @@ pub enum Input {
         /// What it did.
         report: WarmupReport,
     },
+    /// A generation's zygote (started by [`Action::StartZygote`]) said `READY`: workers
+    /// can be forked from it.
+    ZygoteReady(GenId),
+    /// A generation's zygote ended (or could not be started).
+    ZygoteExited {
+        /// The generation.
+        generation: GenId,
+        /// How, in words.
+        reason: String,
+    },
 }
 
 /// Something for the event loop to do.
@@ -340,6 +362,13 @@ pub enum Action {
     EndProbe(GenId),
     /// A generation is gone: close its listeners, remove its cgroup.
     Retire(GenId),
+    /// Start a generation's zygote (`mode = "zygote"`), then report
+    /// [`Input::ZygoteReady`] once it said `READY`, or [`Input::ZygoteExited`] when it
+    /// ended.
+    StartZygote(GenId),
+    /// Send a generation's zygote its stop signal; report [`Input::ZygoteExited`] once it
+    /// ended (the loop escalates to SIGKILL after `stop.timeout`).
+    StopZygote(GenId),
     /// Record the release the serving generation replaced (for `rollback` after a restart
     /// of the agent).
     RecordPreviousRelease(PathBuf),
@@ -589,7 +618,13 @@ impl SiteMachine {
         let gens = self
             .gens
             .values()
-            .filter_map(|g| g.slots.next_deadline())
+            .flat_map(|g| {
+                [
+                    g.slots.next_deadline(),
+                    g.zygote.as_ref().and_then(|z| z.deadline()),
+                ]
+            })
+            .flatten()
             .min();
         [
             gens,
@@ -681,6 +716,10 @@ impl SiteMachine {
             Input::WarmedUp { generation, report } => {
                 self.warmed_up(generation, report, now, &mut out)
             }
+            Input::ZygoteReady(g) => self.zygote_ready(g, now, &mut out),
+            Input::ZygoteExited { generation, reason } => {
+                self.zygote_exited(generation, reason, now, &mut out)
+            }
         }
         self.after(obs, now, &mut out);
         out
@@ -718,7 +757,11 @@ impl SiteMachine {
             .map(|g| g.id)
             .collect();
         for g in gone {
-            self.gens.remove(&g);
+            if let Some(z) = self.gens.remove(&g).and_then(|g| g.zygote) {
+                if z.phase.has_process() {
+                    out.push(Action::StopZygote(g));
+                }
+            }
             out.push(Action::Retire(g));
             self.deploy_progress(Event::Retired(g), out);
             out.push(Action::Log(Event::Retired(g)));
@@ -786,17 +829,22 @@ impl SiteMachine {
             return;
         };
         let actions = gen_.slots.handle(input, now);
-        self.carry(g, actions, out);
+        self.carry(g, actions, now, out);
     }
 
-    /// Generation `g`'s slots' actions, as the machine's.
-    fn carry(&mut self, g: GenId, actions: Vec<slots::Action>, out: &mut Vec<Action>) {
+    /// Generation `g`'s slots' actions, as the machine's. A spawn of a zygote-mode
+    /// generation whose zygote is not ready is held until it is (see `zygote`).
+    fn carry(&mut self, g: GenId, actions: Vec<slots::Action>, now: Instant, out: &mut Vec<Action>) {
         for action in actions {
             match action {
-                slots::Action::Spawn(slot) => out.push(Action::Spawn {
-                    generation: g,
-                    slot,
-                }),
+                slots::Action::Spawn(slot) => {
+                    if !self.hold_spawn(g, slot, now, out) {
+                        out.push(Action::Spawn {
+                            generation: g,
+                            slot,
+                        })
+                    }
+                }
                 slots::Action::Signal(slot, signal) => out.push(Action::Signal {
                     generation: g,
                     slot,
@@ -806,9 +854,15 @@ impl SiteMachine {
                     generation: g,
                     slot,
                 }),
-                slots::Action::Note(note) => self.on_note(g, note, out),
+                slots::Action::Note(note) => {
+                    if note == Note::AllStopped {
+                        self.stop_zygote(g, out);
+                    }
+                    self.on_note(g, note, out)
+                }
             }
         }
+        self.drop_held(g, now, out);
     }
 
     /// A note of generation `g`'s slots: deploy progress for a generation that does not
