@@ -230,7 +230,11 @@ pub fn event(site: &SiteName, e: &Event) -> String {
             restored,
         } => format!(
             "gen-{generation}: zygote ready{}; {spawns} workers forked",
-            if *restored { " again (no longer degraded)" } else { "" }
+            if *restored {
+                " again (no longer degraded)"
+            } else {
+                ""
+            }
         ),
         Event::ZygoteNotReady {
             generation,

@@ -331,6 +331,7 @@ impl SiteMachine {
             m.start_serving(now, &mut acts);
         }
         m.retire_gone(&mut acts);
+        m.start_zygotes(now, &mut acts);
         m.health_arm(now);
         let count = |f: fn(&Action) -> bool| {
             u32::try_from(acts.iter().filter(|a| f(a)).count()).unwrap_or(u32::MAX)
@@ -340,7 +341,11 @@ impl SiteMachine {
             workers: adopted,
             // A zygote-mode generation's spawns wait for its zygote.
             starting: count(|a| matches!(a, Action::Spawn { .. }))
-                + m.gens.values().filter_map(|g| g.zygote.as_ref()).map(|z| u32::try_from(z.held.len()).unwrap_or(u32::MAX)).sum::<u32>(),
+                + m.gens
+                    .values()
+                    .filter_map(|g| g.zygote.as_ref())
+                    .map(|z| u32::try_from(z.held.len()).unwrap_or(u32::MAX))
+                    .sum::<u32>(),
             stopped: count(|a| matches!(a, Action::Signal { .. })),
         }));
         out.extend(acts);

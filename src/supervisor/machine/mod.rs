@@ -41,10 +41,10 @@ use std::time::{Duration, Instant};
 pub use self::adopt::{GenRecord, MachineRecord, WorkerState};
 pub use self::deploy::{DeployEnd, DeployState, WARMUP_INTERVAL, WarmupReport};
 pub use self::health::{HealthAnswer, HealthResult};
-pub use self::zygote::{ZygotePhase, ZygoteState};
 pub use self::outcome::{
     CancelReason, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, Steering,
 };
+pub use self::zygote::{ZygotePhase, ZygoteState};
 use super::capacity::{self, Capacity};
 use super::deploy::Share;
 use super::ids::{ClientId, GenId, Slot};
@@ -736,6 +736,7 @@ impl SiteMachine {
             // It may have stopped a generation with no process left: gone at once.
             self.retire_gone(out);
         }
+        self.start_zygotes(now, out);
         self.health_arm(now);
         if self.removing && self.is_stopped() && !out.contains(&Action::Dropped) {
             for w in std::mem::take(&mut self.waiters) {
@@ -758,7 +759,8 @@ impl SiteMachine {
             .collect();
         for g in gone {
             if let Some(z) = self.gens.remove(&g).and_then(|g| g.zygote) {
-                if z.phase.has_process() {
+                // One stopping already was told.
+                if matches!(z.phase, ZygotePhase::Starting { .. } | ZygotePhase::Ready) {
                     out.push(Action::StopZygote(g));
                 }
             }
@@ -834,11 +836,17 @@ impl SiteMachine {
 
     /// Generation `g`'s slots' actions, as the machine's. A spawn of a zygote-mode
     /// generation whose zygote is not ready is held until it is (see `zygote`).
-    fn carry(&mut self, g: GenId, actions: Vec<slots::Action>, now: Instant, out: &mut Vec<Action>) {
+    fn carry(
+        &mut self,
+        g: GenId,
+        actions: Vec<slots::Action>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         for action in actions {
             match action {
                 slots::Action::Spawn(slot) => {
-                    if !self.hold_spawn(g, slot, now, out) {
+                    if !self.hold_spawn(g, slot) {
                         out.push(Action::Spawn {
                             generation: g,
                             slot,

@@ -16,8 +16,8 @@
 //! |            |         | with its ready deadline from now); exit (→ `Backoff`) or its     |
 //! |            |         | deadline (→ `Stopping`, then `Backoff`): held spawns fail       |
 //! | `Ready`    | yes     | exit (→ `Backoff`, degraded: workers run on, spawns are held)   |
-//! | `Backoff`  | no      | its time (→ `Starting` if a spawn is held or the generation     |
-//! |            |         | runs and is not leaving, else `Stopped`)                         |
+//! | `Backoff`  | no      | its time (→ `Starting` if a spawn is held, or it was lost while  |
+//! |            |         | ready and the generation runs and is not leaving; else `Stopped`)|
 //! | `Stopping` | yes     | exit (→ `Backoff` after a failed start, else `Stopped`, then     |
 //! |            |         | started again at once if a spawn is held)                        |
 //!
@@ -134,17 +134,14 @@ fn count(n: usize) -> u32 {
 
 impl SiteMachine {
     /// Holds the spawn of `slot` of generation `g` if `g` has a zygote that is not ready
-    /// (starting it if it is stopped). Whether it did.
-    pub(super) fn hold_spawn(
-        &mut self,
-        g: GenId,
-        slot: Slot,
-        now: Instant,
-        out: &mut Vec<Action>,
-    ) -> bool {
+    /// (`start_zygotes` starts it once the input is handled). Whether it did.
+    pub(super) fn hold_spawn(&mut self, g: GenId, slot: Slot) -> bool {
         let Some(gen_) = self.gens.get_mut(&g) else {
             return false;
         };
+        if gen_.config.mode != SiteMode::Zygote {
+            return false;
+        }
         let Some(z) = &mut gen_.zygote else {
             return false;
         };
@@ -152,10 +149,22 @@ impl SiteMachine {
             return false;
         }
         z.held.insert(slot);
-        if z.phase == ZygotePhase::Stopped {
-            start(gen_, now, out);
-        }
         true
+    }
+
+    /// Starts the stopped zygotes that a spawn waits for. Called once an input is handled,
+    /// not at the spawn: a spawn held and dropped within one input (a slot restarted, then
+    /// stopped by the deploy) starts no zygote.
+    pub(super) fn start_zygotes(&mut self, now: Instant, out: &mut Vec<Action>) {
+        for gen_ in self.gens.values_mut() {
+            let wanted = gen_
+                .zygote
+                .as_ref()
+                .is_some_and(|z| z.phase == ZygotePhase::Stopped && !z.held.is_empty());
+            if wanted {
+                start(gen_, now, out);
+            }
+        }
     }
 
     /// Held spawns whose slot no longer waits for them: dropped; a slot asked to stop
@@ -265,8 +274,10 @@ impl SiteMachine {
                     generation: g,
                     reason,
                 }));
-                if z.phase == ZygotePhase::Stopped && !z.held.is_empty() {
-                    start(gen_, now, out);
+                // Started again by `start_zygotes` if a spawn waits.
+                if z.phase == ZygotePhase::Stopped && gen_.config.mode == SiteMode::Exec {
+                    // The last of a generation reloaded to exec mode.
+                    gen_.zygote = None;
                 }
             }
             // Already given up on: nothing more to learn.
@@ -294,9 +305,12 @@ impl SiteMachine {
             };
             let restart = gen_.config.restart;
             let timeout = gen_.config.ready.timeout;
+            // A zygote lost while ready is replaced for the workers to come; one that never
+            // became ready is tried again when a spawn needs it.
             let wanted = !gen_.leaving
                 && gen_.slots.run == RunState::Running
-                && !gen_.slots.slots.is_empty();
+                && !gen_.slots.slots.is_empty()
+                && gen_.zygote.as_ref().is_some_and(|z| z.degraded);
             let Some(z) = &mut gen_.zygote else {
                 continue;
             };
@@ -312,8 +326,9 @@ impl SiteMachine {
                     self.fail_held(g, why, retry_in, now, out);
                 }
                 ZygotePhase::Backoff { .. } => {
+                    // Started again by `start_zygotes` if a spawn waits.
                     z.phase = ZygotePhase::Stopped;
-                    if wanted || !z.held.is_empty() {
+                    if wanted {
                         start(gen_, now, out);
                     }
                 }
@@ -368,19 +383,33 @@ impl SiteMachine {
     }
 
     /// A reload changed generation `g`'s mode (its configuration already says the new
-    /// one): to zygote mode, it has a zygote from its next spawn on; to exec mode, its
-    /// zygote is stopped and the spawns it held are carried out as execs.
+    /// one): to zygote mode, it has a zygote from its next spawn on (one still stopping is
+    /// waited for: never two); to exec mode, its zygote is stopped (and kept, stopping,
+    /// until it has ended) and the spawns it held are carried out as execs.
     pub(super) fn mode_changed(&mut self, g: GenId, now: Instant, out: &mut Vec<Action>) {
         let Some(gen_) = self.gens.get_mut(&g) else {
             return;
         };
-        match (gen_.config.mode, gen_.zygote.take()) {
-            (SiteMode::Zygote, None) => gen_.zygote = for_config(&gen_.config),
-            (SiteMode::Exec, Some(z)) => {
-                if z.phase.has_process() && !matches!(z.phase, ZygotePhase::Stopping { .. }) {
+        match gen_.config.mode {
+            SiteMode::Zygote => {
+                if gen_.zygote.is_none() {
+                    gen_.zygote = for_config(&gen_.config);
+                }
+            }
+            SiteMode::Exec => {
+                let Some(z) = &mut gen_.zygote else {
+                    return;
+                };
+                if matches!(z.phase, ZygotePhase::Starting { .. } | ZygotePhase::Ready) {
+                    z.phase = ZygotePhase::Stopping { retry: None };
                     out.push(Action::StopZygote(g));
                 }
-                for slot in z.held {
+                z.degraded = false;
+                let held = std::mem::take(&mut z.held);
+                if !z.phase.has_process() {
+                    gen_.zygote = None;
+                }
+                for slot in held {
                     if gen_.slots.release_spawn(slot, now) {
                         out.push(Action::Spawn {
                             generation: g,
@@ -389,7 +418,6 @@ impl SiteMachine {
                     }
                 }
             }
-            (_, z) => gen_.zygote = z,
         }
     }
 }
