@@ -56,6 +56,10 @@
 //!    health checks start afresh, and the generation numbers go on from the highest the
 //!    record names. An [`Event::Adopted`] says what was taken over, started and stopped.
 //!
+//! A zygote-mode generation's zygote did not outlive the agent (it ends when its socket to
+//! the agent closes): the workers forked from it are adopted as any, and a new zygote is
+//! started when a spawn needs one (a missing slot at once; the spawn waits for it).
+//!
 //! What it does not keep: a site marked failed (flapping) runs again, as after
 //! `hatchery start`; crash histories and backoffs (a slot backing off is a missing slot);
 //! which workers said they were busy; the last deploy's outcome. A worker that sent

@@ -14,6 +14,11 @@
 //! and feeds the result back as the next input ([`Input::Worker`] with
 //! `Spawned`/`SpawnFailed`, [`Input::ListenersBound`], [`Input::Steered`]).
 //!
+//! A generation of a `mode = "zygote"` site has a zygote its workers are forked from: the
+//! machine starts and stops it ([`Action::StartZygote`], [`Action::StopZygote`]) and holds
+//! worker spawns until it is ready ([`Input::ZygoteReady`]); a spawn is still a `Spawn`
+//! answered by `Spawned`/`SpawnFailed`. The policy is in `zygote`.
+//!
 //! What the state file keeps of a machine, and the machine a new agent builds from it
 //! to take over the workers an agent that crashed left running, are in `adopt`
 //! ([`SiteMachine::record`], [`SiteMachine::adopt`]).
@@ -21,7 +26,9 @@
 //! Invariants (checked by the simulation in `sim.rs`): never more workers than the cap;
 //! never two live workers in one slot; two starts of one slot are at least the backoff
 //! floor apart unless an operator asked; a deploy never leaves the site without a serving
-//! generation that runs; every client waiting is answered exactly once.
+//! generation that runs; every client waiting is answered exactly once; a worker of a
+//! zygote-mode generation is spawned only from its ready zygote, and a generation has at
+//! most one zygote process.
 
 mod adopt;
 mod deploy;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use super::super::tests::{Quiet, exited, replies, send, site, spawned};
 use super::*;
 use crate::supervisor::ids::ClientId;
+use crate::supervisor::machine::WorkerState;
 use crate::supervisor::machine::{CancelReason, Done, Failure, Input, Outcome, RollbackReason};
 
 const ZYGOTE: &str = "mode = \"zygote\"\n";
@@ -442,4 +443,46 @@ fn a_reload_to_exec_mode_carries_out_the_spawns_the_zygote_held() {
     let a = send(&mut m, Input::Reconfigure(Box::new(ex)), &Quiet, t);
     assert_eq!(zygote_actions(&a), vec![Action::StopZygote(GenId(1))]);
     assert_eq!(spawned(&a), vec![(1, 0), (1, 1)]);
+}
+
+#[test]
+fn an_adopted_zygote_site_keeps_its_workers_and_starts_a_zygote_for_a_missing_one() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(zsite("workers = 3\n"), None, None, t);
+    world(&mut m, Input::Start(None), t, true);
+    let (_, t) = run_until(&mut m, t, true, |m| m.current().slots.is_settled());
+    // The agent dies with its zygote; w-2 dies too while no agent runs.
+    let mut record = m.record();
+    record.gens[0].workers.retain(|w| w.slot != 2);
+    let (mut m, a) = SiteMachine::adopt(m.config().clone(), record.clone(), None, t);
+    assert_eq!(zygote_actions(&a), vec![Action::StartZygote(GenId(1))]);
+    assert_eq!(spawned(&a), vec![], "{a:?}");
+    assert!(
+        a.contains(&Action::Log(Event::Adopted {
+            generation: GenId(1),
+            workers: 2,
+            starting: 1,
+            stopped: 0,
+        })),
+        "{a:?}"
+    );
+    assert_eq!(m.current().slots.ready(), 2);
+    let a = send(&mut m, Input::ZygoteReady(GenId(1)), &Quiet, t);
+    assert_eq!(spawned(&a), vec![(1, 2)]);
+    // Every worker alive: no zygote until a spawn needs one.
+    record.gens[0].workers.push(WorkerState {
+        slot: 2,
+        pid: 1002,
+        ready: true,
+        stopping: false,
+        restarts: 0,
+    });
+    let (mut m, a) = SiteMachine::adopt(m.config().clone(), record, None, t);
+    assert_eq!(zygote_actions(&a), vec![]);
+    assert_eq!(phase(&m, 1), Some(ZygotePhase::Stopped));
+    let mut a = send(&mut m, exited(1, 0), &Quiet, t);
+    let due = m.next_deadline(t).expect("its restart is due");
+    a.extend(send(&mut m, Input::Tick, &Quiet, due));
+    assert_eq!(zygote_actions(&a), vec![Action::StartZygote(GenId(1))]);
+    assert_eq!(spawned(&a), vec![]);
 }
