@@ -135,12 +135,13 @@ impl Generation {
         self.zygote.as_ref().is_some_and(|z| z.degraded)
     }
 
-    /// Whether a worker of it is starting (a `tcp` check probes it then).
+    /// Whether a worker of it is starting (a `tcp` check probes it then): spawned, not
+    /// held for its zygote.
     fn starting(&self) -> bool {
         self.slots
             .slots
             .values()
-            .any(|s| matches!(s.phase, Phase::Starting { .. }))
+            .any(|s| matches!(s.phase, Phase::Starting { .. }) && s.pid.is_some())
     }
 }
 

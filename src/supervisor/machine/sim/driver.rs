@@ -606,9 +606,18 @@ impl Sim {
                     if let Some(z) = self.w.zygotes.get_mut(&g) {
                         z.ready = true;
                     }
+                    REACHED.zygotes_ready.fetch_add(1, Ordering::Relaxed);
                     self.feed(Input::ZygoteReady(g))?;
                 } else {
                     let z = self.w.zygotes.remove(&g).expect("it was due");
+                    let counter = match (z.ready, z.asked) {
+                        (true, false) => Some(&REACHED.zygotes_lost),
+                        (false, _) => Some(&REACHED.zygotes_not_ready),
+                        (true, true) => None,
+                    };
+                    if let Some(c) = counter {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
                     let (_, reason) = z.exit_at.expect("it was due");
                     self.feed(Input::ZygoteExited {
                         generation: g,

@@ -489,6 +489,12 @@ pub(super) struct Reached {
     /// Adoptions of a site with more than one generation (a deploy, or a generation
     /// leaving).
     pub(super) adopted_mid_deploy: AtomicUsize,
+    /// Zygotes that said `READY`.
+    pub(super) zygotes_ready: AtomicUsize,
+    /// Zygotes that died while ready (not told to stop).
+    pub(super) zygotes_lost: AtomicUsize,
+    /// Zygotes that ended before they were ready, or were stopped at their deadline.
+    pub(super) zygotes_not_ready: AtomicUsize,
 }
 
 pub(super) static REACHED: Reached = Reached {
@@ -498,6 +504,9 @@ pub(super) static REACHED: Reached = Reached {
     adopting: AtomicUsize::new(0),
     adoptions: AtomicUsize::new(0),
     adopted_mid_deploy: AtomicUsize::new(0),
+    zygotes_ready: AtomicUsize::new(0),
+    zygotes_lost: AtomicUsize::new(0),
+    zygotes_not_ready: AtomicUsize::new(0),
 };
 
 thread_local! {
@@ -554,7 +563,19 @@ fn whole_site_invariants_hold_under_random_sequences() {
     eprintln!(
         "sequences with an agent crash {adopting}, adoptions {adoptions}, of them with more than one generation {mid_deploy}"
     );
+    let (z_ready, z_lost, z_not_ready) = (
+        reached(&REACHED.zygotes_ready),
+        reached(&REACHED.zygotes_lost),
+        reached(&REACHED.zygotes_not_ready),
+    );
+    eprintln!(
+        "zygotes ready {z_ready}, lost while ready {z_lost}, ended or stopped before ready {z_not_ready}"
+    );
     if runs >= RUNS {
+        assert!(
+            z_ready > 0 && z_lost > 0 && z_not_ready > 0,
+            "the sequences never had a zygote ready ({z_ready}), lost while ready ({z_lost}) or not ready ({z_not_ready})"
+        );
         assert!(
             deployed > 0 && canary > 0 && promoted > 0,
             "the sequences never reached a deploy done ({deployed}), a canary serving ({canary}) or one promoted ({promoted})"
