@@ -87,6 +87,7 @@ mod tests {
         let want = format!(
             r#"name = "blog"
 command = ["/bin/true"]
+mode = "exec"
 workers = 1
 user = "{uid}"
 group = "{gid}"

@@ -254,6 +254,31 @@ pub struct RestartPolicy {
     pub flapping_within: Duration,
 }
 
+/// How a site's workers start (`mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteMode {
+    /// Each worker is a fresh `execve` of `command`.
+    #[default]
+    Exec,
+    /// `command` starts one zygote per generation (the app's code loaded once); workers
+    /// are forked from it when the agent asks.
+    Zygote,
+}
+
+impl SiteMode {
+    /// Every name, as written in a site file.
+    pub const NAMES: [&'static str; 2] = ["exec", "zygote"];
+
+    /// As written in a site file.
+    pub fn name(self) -> &'static str {
+        match self {
+            SiteMode::Exec => "exec",
+            SiteMode::Zygote => "zygote",
+        }
+    }
+}
+
 /// How readiness is decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -362,8 +387,10 @@ pub struct SiteConfig {
     pub name: SiteName,
     /// The file it came from.
     pub file: PathBuf,
-    /// The worker argv.
+    /// The worker argv (with `mode = "zygote"`: the zygote's).
     pub command: Vec<String>,
+    /// How workers start.
+    pub mode: SiteMode,
     /// The configured worker count (for `"auto"`: `workers_max`).
     pub workers: u32,
     /// `workers = "auto"`: sized by the memory budget.

@@ -35,6 +35,9 @@ pub struct RawSite {
     pub name: Option<String>,
     /// The worker's argv.
     pub command: Option<Vec<String>>,
+    /// How workers start: `"exec"` (each runs `command`) or `"zygote"` (`command` starts a
+    /// zygote per generation, and workers are forked from it).
+    pub mode: Option<String>,
     /// How many workers: a number, or `"auto"` (as many as the memory budget holds).
     pub workers: Option<RawWorkers>,
     /// With `workers = "auto"`: the fewest workers.

@@ -8,9 +8,9 @@ use super::{
     AutoWorkers, ConfigError, DeployPolicy, Effective, HealthPolicy, HttpCheck, Limits, ListenAddr,
     ListenMode, ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WARMUP, MAX_WORKERS, RELEASE_PLACEHOLDER,
     RawDeploy, RawFlapping, RawHealth, RawLogs, RawReady, RawRestart, RawSite, RawStop, RawWarmup,
-    RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy, Signal, SiteConfig, SiteName, StopPolicy,
-    err, format_duration, format_size, lookup_group, lookup_user, parse_duration, parse_size,
-    sandbox,
+    RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy, Signal, SiteConfig, SiteMode, SiteName,
+    StopPolicy, err, format_duration, format_size, lookup_group, lookup_user, parse_duration,
+    parse_size, sandbox,
 };
 
 /// The `[logs]` table at `slot` (`key`), with `default` for what it leaves out; every
@@ -306,6 +306,26 @@ pub fn validate_site(
         return Err(err(file, "restart.flapping.exits", "must be at least 1"));
     }
 
+    let mode = match eff
+        .mode
+        .get_or_insert_with(|| SiteMode::Exec.name().into())
+        .as_str()
+    {
+        "exec" => SiteMode::Exec,
+        "zygote" => SiteMode::Zygote,
+        other => {
+            let names: Vec<String> = SiteMode::NAMES.iter().map(|n| format!("{n:?}")).collect();
+            return Err(err(
+                file,
+                "mode",
+                format!(
+                    "unknown mode {other:?}: use {} (each worker runs command; command starts a zygote that workers are forked from)",
+                    names.join(" or ")
+                ),
+            ));
+        }
+    };
+
     let rd = eff.ready.get_or_insert_with(RawReady::default);
     let check = match rd.check.get_or_insert_with(|| "none".into()).as_str() {
         "none" => ReadyCheck::None,
@@ -417,6 +437,7 @@ pub fn validate_site(
         name,
         file: file.to_path_buf(),
         command,
+        mode,
         workers,
         auto,
         user: raw.user.clone(),
@@ -1125,5 +1146,19 @@ timeout = "30s"
         assert_eq!(e.key, "workers_min");
         let text = toml::to_string(s.effective.raw()).expect("ser");
         assert!(text.contains("workers = \"auto\""), "{text}");
+    }
+
+    #[test]
+    fn mode_is_exec_or_zygote() {
+        let base = "name = \"blog\"\ncommand = [\"/bin/true\"]\n";
+        assert_eq!(site(base).expect("default").mode, SiteMode::Exec);
+        let s = site(&format!("{base}mode = \"zygote\"\n")).expect("zygote");
+        assert_eq!(s.mode, SiteMode::Zygote);
+        let text = toml::to_string(s.effective.raw()).expect("ser");
+        assert!(text.contains("mode = \"zygote\""), "{text}");
+        let e = site(&format!("{base}mode = \"fork\"\n")).expect_err("unknown");
+        assert_eq!(e.key, "mode");
+        assert!(e.message.contains("\"fork\""), "{e}");
+        assert!(e.message.contains("\"exec\" or \"zygote\""), "{e}");
     }
 }

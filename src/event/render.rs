@@ -223,6 +223,39 @@ pub fn event(site: &SiteName, e: &Event) -> String {
             "adopted {workers} workers of gen-{generation} left running by an earlier agent; {starting} started, {stopped} told to stop"
         ),
         Event::Retired(g) => format!("gen-{g} retired"),
+        Event::ZygoteStarting(g) => format!("gen-{g}: starting its zygote"),
+        Event::ZygoteReady {
+            generation,
+            spawns,
+            restored,
+        } => format!(
+            "gen-{generation}: zygote ready{}; {spawns} workers forked",
+            if *restored {
+                " again (no longer degraded)"
+            } else {
+                ""
+            }
+        ),
+        Event::ZygoteNotReady {
+            generation,
+            why,
+            failed,
+            retry_in,
+        } => format!(
+            "gen-{generation}: the zygote did not become ready: {why}; {failed} workers could not start; started again in {} ms at the earliest",
+            retry_in.as_millis()
+        ),
+        Event::ZygoteLost {
+            generation,
+            reason,
+            retry_in,
+        } => format!(
+            "gen-{generation}: the zygote {reason}; its workers run on, degraded (no new worker) until a new zygote is ready, started in {} ms",
+            retry_in.as_millis()
+        ),
+        Event::ZygoteStopped { generation, reason } => {
+            format!("gen-{generation}: zygote stopped ({reason})")
+        }
         Event::Deployed { took, .. } => format!("deploy done in {} ms", took.as_millis()),
         Event::RolledBack {
             reason,
@@ -282,6 +315,9 @@ pub fn log(site: &SiteName, e: &Event) {
         Event::Unhealthy {
             generation, worker, ..
         } => warn!(site = %site, gen = generation.0, worker = %worker, "{}", event(site, e)),
+        Event::ZygoteNotReady { generation, .. } | Event::ZygoteLost { generation, .. } => {
+            error!(site = %site, gen = generation.0, "{}", event(site, e));
+        }
         _ => info!(site = %site, "{}", event(site, e)),
     }
 }

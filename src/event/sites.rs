@@ -503,6 +503,8 @@ impl Agent {
                 self.retire_generation(name, generation);
                 None
             }
+            // zygote: carried out by the event loop (next step)
+            Action::StartZygote(_) | Action::StopZygote(_) => None,
             Action::RecordPreviousRelease(release) => {
                 generations::write_previous_release(&self.config.state_dir, name, &release);
                 None

@@ -56,6 +56,10 @@
 //!    health checks start afresh, and the generation numbers go on from the highest the
 //!    record names. An [`Event::Adopted`] says what was taken over, started and stopped.
 //!
+//! A zygote-mode generation's zygote did not outlive the agent (it ends when its socket to
+//! the agent closes): the workers forked from it are adopted as any, and a new zygote is
+//! started when a spawn needs one (a missing slot at once; the spawn waits for it).
+//!
 //! What it does not keep: a site marked failed (flapping) runs again, as after
 //! `hatchery start`; crash histories and backoffs (a slot backing off is a missing slot);
 //! which workers said they were busy; the last deploy's outcome. A worker that sent
@@ -311,7 +315,7 @@ impl SiteMachine {
         };
         let mut acts = Vec::new();
         for (g, actions) in carried {
-            m.carry(g, actions, &mut acts);
+            m.carry(g, actions, now, &mut acts);
         }
         // The serving generation had no worker left: the one kept serves instead, as at a
         // flip.
@@ -331,6 +335,7 @@ impl SiteMachine {
             m.start_serving(now, &mut acts);
         }
         m.retire_gone(&mut acts);
+        m.start_zygotes(now, &mut acts);
         m.health_arm(now);
         let count = |f: fn(&Action) -> bool| {
             u32::try_from(acts.iter().filter(|a| f(a)).count()).unwrap_or(u32::MAX)
@@ -338,7 +343,13 @@ impl SiteMachine {
         out.push(Action::Log(Event::Adopted {
             generation: m.serving,
             workers: adopted,
-            starting: count(|a| matches!(a, Action::Spawn { .. })),
+            // A zygote-mode generation's spawns wait for its zygote.
+            starting: count(|a| matches!(a, Action::Spawn { .. }))
+                + m.gens
+                    .values()
+                    .filter_map(|g| g.zygote.as_ref())
+                    .map(|z| u32::try_from(z.held.len()).unwrap_or(u32::MAX))
+                    .sum::<u32>(),
             stopped: count(|a| matches!(a, Action::Signal { .. })),
         }));
         out.extend(acts);

@@ -14,6 +14,11 @@
 //! and feeds the result back as the next input ([`Input::Worker`] with
 //! `Spawned`/`SpawnFailed`, [`Input::ListenersBound`], [`Input::Steered`]).
 //!
+//! A generation of a `mode = "zygote"` site has a zygote its workers are forked from: the
+//! machine starts and stops it ([`Action::StartZygote`], [`Action::StopZygote`]) and holds
+//! worker spawns until it is ready ([`Input::ZygoteReady`]); a spawn is still a `Spawn`
+//! answered by `Spawned`/`SpawnFailed`. The policy is in `zygote`.
+//!
 //! What the state file keeps of a machine, and the machine a new agent builds from it
 //! to take over the workers an agent that crashed left running, are in `adopt`
 //! ([`SiteMachine::record`], [`SiteMachine::adopt`]).
@@ -21,7 +26,9 @@
 //! Invariants (checked by the simulation in `sim.rs`): never more workers than the cap;
 //! never two live workers in one slot; two starts of one slot are at least the backoff
 //! floor apart unless an operator asked; a deploy never leaves the site without a serving
-//! generation that runs; every client waiting is answered exactly once.
+//! generation that runs; every client waiting is answered exactly once; a worker of a
+//! zygote-mode generation is spawned only from its ready zygote, and a generation has at
+//! most one zygote process.
 
 mod adopt;
 mod deploy;
@@ -32,6 +39,7 @@ mod reconfigure;
 #[cfg(test)]
 mod sim;
 mod time;
+mod zygote;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -43,6 +51,7 @@ pub use self::health::{HealthAnswer, HealthResult};
 pub use self::outcome::{
     CancelReason, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, Steering,
 };
+pub use self::zygote::{ZygotePhase, ZygoteState};
 use super::capacity::{self, Capacity};
 use super::deploy::Share;
 use super::ids::{ClientId, GenId, Slot};
@@ -99,11 +108,14 @@ pub struct Generation {
     pub last_probe: Option<ProbeAnswer>,
     /// The last worker restarted for failing its health checks (it counts as a crash).
     pub unhealthy: Option<Slot>,
+    /// Its zygote (`mode = "zygote"` only), which its workers are forked from.
+    pub zygote: Option<ZygoteState>,
 }
 
 impl Generation {
     fn new(id: GenId, release: Option<PathBuf>, config: SiteConfig, desired: u32) -> Generation {
         let slots = SiteCore::new(desired, policies(&config));
+        let zygote = zygote::for_config(&config);
         Generation {
             id,
             release,
@@ -113,15 +125,23 @@ impl Generation {
             leaving: false,
             last_probe: None,
             unhealthy: None,
+            zygote,
         }
     }
 
-    /// Whether a worker of it is starting (a `tcp` check probes it then).
+    /// Whether its zygote died while it was ready and has not been replaced yet (its
+    /// workers run on; new ones wait for the next zygote).
+    pub fn zygote_degraded(&self) -> bool {
+        self.zygote.as_ref().is_some_and(|z| z.degraded)
+    }
+
+    /// Whether a worker of it is starting (a `tcp` check probes it then): spawned, not
+    /// held for its zygote.
     fn starting(&self) -> bool {
         self.slots
             .slots
             .values()
-            .any(|s| matches!(s.phase, Phase::Starting { .. }))
+            .any(|s| matches!(s.phase, Phase::Starting { .. }) && s.pid.is_some())
     }
 }
 
@@ -274,6 +294,16 @@ pub enum Input {
         /// What it did.
         report: WarmupReport,
     },
+    /// A generation's zygote (started by [`Action::StartZygote`]) said `READY`: workers
+    /// can be forked from it.
+    ZygoteReady(GenId),
+    /// A generation's zygote ended (or could not be started).
+    ZygoteExited {
+        /// The generation.
+        generation: GenId,
+        /// How, in words.
+        reason: String,
+    },
 }
 
 /// Something for the event loop to do.
@@ -340,6 +370,13 @@ pub enum Action {
     EndProbe(GenId),
     /// A generation is gone: close its listeners, remove its cgroup.
     Retire(GenId),
+    /// Start a generation's zygote (`mode = "zygote"`), then report
+    /// [`Input::ZygoteReady`] once it said `READY`, or [`Input::ZygoteExited`] when it
+    /// ended.
+    StartZygote(GenId),
+    /// Send a generation's zygote its stop signal; report [`Input::ZygoteExited`] once it
+    /// ended (the loop escalates to SIGKILL after `stop.timeout`).
+    StopZygote(GenId),
     /// Record the release the serving generation replaced (for `rollback` after a restart
     /// of the agent).
     RecordPreviousRelease(PathBuf),
@@ -589,7 +626,13 @@ impl SiteMachine {
         let gens = self
             .gens
             .values()
-            .filter_map(|g| g.slots.next_deadline())
+            .flat_map(|g| {
+                [
+                    g.slots.next_deadline(),
+                    g.zygote.as_ref().and_then(|z| z.deadline()),
+                ]
+            })
+            .flatten()
             .min();
         [
             gens,
@@ -681,6 +724,10 @@ impl SiteMachine {
             Input::WarmedUp { generation, report } => {
                 self.warmed_up(generation, report, now, &mut out)
             }
+            Input::ZygoteReady(g) => self.zygote_ready(g, now, &mut out),
+            Input::ZygoteExited { generation, reason } => {
+                self.zygote_exited(generation, reason, now, &mut out)
+            }
         }
         self.after(obs, now, &mut out);
         out
@@ -697,6 +744,7 @@ impl SiteMachine {
             // It may have stopped a generation with no process left: gone at once.
             self.retire_gone(out);
         }
+        self.start_zygotes(now, out);
         self.health_arm(now);
         if self.removing && self.is_stopped() && !out.contains(&Action::Dropped) {
             for w in std::mem::take(&mut self.waiters) {
@@ -718,7 +766,12 @@ impl SiteMachine {
             .map(|g| g.id)
             .collect();
         for g in gone {
-            self.gens.remove(&g);
+            if let Some(z) = self.gens.remove(&g).and_then(|g| g.zygote) {
+                // One stopping already was told.
+                if matches!(z.phase, ZygotePhase::Starting { .. } | ZygotePhase::Ready) {
+                    out.push(Action::StopZygote(g));
+                }
+            }
             out.push(Action::Retire(g));
             self.deploy_progress(Event::Retired(g), out);
             out.push(Action::Log(Event::Retired(g)));
@@ -786,17 +839,28 @@ impl SiteMachine {
             return;
         };
         let actions = gen_.slots.handle(input, now);
-        self.carry(g, actions, out);
+        self.carry(g, actions, now, out);
     }
 
-    /// Generation `g`'s slots' actions, as the machine's.
-    fn carry(&mut self, g: GenId, actions: Vec<slots::Action>, out: &mut Vec<Action>) {
+    /// Generation `g`'s slots' actions, as the machine's. A spawn of a zygote-mode
+    /// generation whose zygote is not ready is held until it is (see `zygote`).
+    fn carry(
+        &mut self,
+        g: GenId,
+        actions: Vec<slots::Action>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         for action in actions {
             match action {
-                slots::Action::Spawn(slot) => out.push(Action::Spawn {
-                    generation: g,
-                    slot,
-                }),
+                slots::Action::Spawn(slot) => {
+                    if !self.hold_spawn(g, slot) {
+                        out.push(Action::Spawn {
+                            generation: g,
+                            slot,
+                        })
+                    }
+                }
                 slots::Action::Signal(slot, signal) => out.push(Action::Signal {
                     generation: g,
                     slot,
@@ -806,9 +870,15 @@ impl SiteMachine {
                     generation: g,
                     slot,
                 }),
-                slots::Action::Note(note) => self.on_note(g, note, out),
+                slots::Action::Note(note) => {
+                    if note == Note::AllStopped {
+                        self.stop_zygote(g, out);
+                    }
+                    self.on_note(g, note, out)
+                }
             }
         }
+        self.drop_held(g, now, out);
     }
 
     /// A note of generation `g`'s slots: deploy progress for a generation that does not

@@ -185,6 +185,48 @@ pub enum Event {
     },
     /// A generation's last worker is gone.
     Retired(GenId),
+    /// A generation's zygote is started (`mode = "zygote"`): its workers' spawns wait
+    /// until it is ready.
+    ZygoteStarting(GenId),
+    /// A generation's zygote is ready: workers are forked from it.
+    ZygoteReady {
+        /// The generation.
+        generation: GenId,
+        /// Spawns that waited for it, carried out now.
+        spawns: u32,
+        /// It replaces one that died while ready (the generation is no longer degraded).
+        restored: bool,
+    },
+    /// A generation's zygote did not become ready (it ended first, or not within
+    /// `ready.timeout`): the spawns that waited for it failed, as spawns that cannot
+    /// start do.
+    ZygoteNotReady {
+        /// The generation.
+        generation: GenId,
+        /// Why.
+        why: String,
+        /// Spawns failed.
+        failed: u32,
+        /// When it is started again (at the earliest).
+        retry_in: Duration,
+    },
+    /// A generation's ready zygote ended: its workers run on, but the generation is
+    /// degraded (new workers wait) until a new zygote is ready.
+    ZygoteLost {
+        /// The generation.
+        generation: GenId,
+        /// How it ended.
+        reason: String,
+        /// When it is started again.
+        retry_in: Duration,
+    },
+    /// A generation's zygote, asked to stop, ended.
+    ZygoteStopped {
+        /// The generation.
+        generation: GenId,
+        /// How it ended.
+        reason: String,
+    },
     /// A deploy went through (for the agent's log).
     Deployed {
         /// The new generation.

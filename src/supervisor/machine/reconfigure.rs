@@ -2,7 +2,8 @@
 //!
 //! Only `workers` changed: the site scales. Anything else: the new policies apply, and
 //! the serving generation's workers restart one at a time (a rolling restart, which stops
-//! at a worker that does not stay up). Changed limits are written to the cgroups; with a
+//! at a worker that does not stay up). A changed `mode` gives the generation a zygote (started
+//! by the first spawn that needs it), or stops its zygote. Changed limits are written to the cgroups; with a
 //! budget, the cap decides how many of the requested workers run. The loop binds what is
 //! new (listeners) before, and refuses the whole reload when any site cannot take it
 //! ([`SiteMachine::reconfigure_refusal`]), so nothing here can fail.
@@ -44,6 +45,7 @@ impl SiteMachine {
             ..config.clone()
         } == self.config;
         let limits_changed = self.config.limits != config.limits;
+        let mode_changed = self.config.mode != config.mode;
         let workers = config.workers;
         let serving = self.serving;
         if let Some(cur) = self.gens.get_mut(&serving) {
@@ -52,6 +54,9 @@ impl SiteMachine {
                 Some(r) => config.for_release(r),
                 None => config.clone(),
             };
+        }
+        if mode_changed {
+            self.mode_changed(serving, now, out);
         }
         self.config = config;
         self.requested = workers;

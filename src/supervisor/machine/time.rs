@@ -25,6 +25,7 @@ impl SiteMachine {
         for g in due {
             self.feed(g, slots::Input::DeadlineReached, now, out);
         }
+        self.zygote_tick(now, out);
         // The deploy is looked at after every input anyway (see `after`).
         let probing: Vec<GenId> = self.needs_probe().collect();
         for g in probing {

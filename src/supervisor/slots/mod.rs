@@ -170,6 +170,38 @@ impl SiteCore {
         (core, out)
     }
 
+    /// Holds back the spawn of slot `id` just asked for (`Action::Spawn`, not yet carried
+    /// out): it stays `Starting` without a ready deadline until [`SiteCore::release_spawn`]
+    /// (the caller waits for something the spawn needs, with its own deadline, and ends
+    /// the wait with `Spawned` or `SpawnFailed` as for any spawn). Whether it did.
+    pub fn hold_spawn(&mut self, id: Slot) -> bool {
+        match self.slots.get_mut(&id) {
+            Some(slot) if matches!(slot.phase, Phase::Starting { .. }) && slot.pid.is_none() => {
+                slot.phase = Phase::Starting { deadline: None };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A spawn held back (`hold_spawn`) is carried out now: its ready deadline, and its
+    /// start time for the crash history, count from `now`. Whether the slot still waits for
+    /// it (`Starting`, no process reported).
+    pub fn release_spawn(&mut self, id: Slot, now: Instant) -> bool {
+        let deadline = match self.policies.ready.check {
+            ReadyCheck::None => None,
+            _ => Some(now + self.policies.ready.timeout),
+        };
+        match self.slots.get_mut(&id) {
+            Some(slot) if matches!(slot.phase, Phase::Starting { .. }) && slot.pid.is_none() => {
+                slot.phase = Phase::Starting { deadline };
+                slot.started = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether a rolling restart is under way.
     pub fn is_restarting(&self) -> bool {
         self.rolling.is_some()

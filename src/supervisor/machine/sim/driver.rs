@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::config::ReadyCheck;
 use crate::supervisor::ids::{GenId, Slot};
 use crate::supervisor::machine::{
-    Action, Done, HealthAnswer, HealthResult, Input, Outcome, Steering, WarmupReport,
+    Action, Done, HealthAnswer, HealthResult, Input, Outcome, Steering, WarmupReport, ZygotePhase,
 };
 use crate::supervisor::slots::{self, ExitReason, Phase};
 
@@ -264,6 +264,11 @@ impl Sim {
                 if self.w.procs.keys().any(|(pg, _)| *pg == g) {
                     return Err(format!("retired generation {g} with processes left"));
                 }
+                if self.w.zygotes.get(&g).is_some_and(|z| !z.asked) {
+                    return Err(format!(
+                        "retired generation {g} with its zygote not told to stop"
+                    ));
+                }
                 if self.w.steered == g || self.w.canary == Some(g) {
                     return Err(format!("retired generation {g}, still steered to"));
                 }
@@ -284,6 +289,18 @@ impl Sim {
                     ));
                 }
                 self.dropped = true;
+                Ok(Vec::new())
+            }
+            Action::StartZygote(g) => self.start_zygote(g),
+            Action::StopZygote(g) => {
+                let at = self.now + self.rng.ms(0, 300);
+                let Some(z) = self.w.zygotes.get_mut(&g) else {
+                    return Err(format!("stopped the zygote of {g}, which has none"));
+                };
+                z.asked = true;
+                if z.exit_at.as_ref().is_none_or(|(t, _)| *t > at) {
+                    z.exit_at = Some((at, "exited with status 0".into()));
+                }
                 Ok(Vec::new())
             }
             Action::RecordPreviousRelease(_) | Action::ApplyLimits | Action::Log(_) => {
@@ -363,10 +380,86 @@ impl Sim {
             .ok_or_else(|| format!("{what} gen {g} slot {slot}, which has no process"))
     }
 
+    /// Starts generation `g`'s zygote in the world.
+    fn start_zygote(&mut self, g: GenId) -> Result<Vec<Action>, String> {
+        // A generation retired by a result fed back before this was carried out (the
+        // actions are carried out in order: its `StopZygote` follows) is started as the
+        // loop would start it, with the site's configuration.
+        let (command, release, timeout) = match self.m.generation(g) {
+            Some(x) => (
+                x.config.command.clone(),
+                x.release.clone(),
+                x.config.ready.timeout,
+            ),
+            None if g.0 <= self.m.record().last_gen => {
+                (self.cfg.command.clone(), None, self.cfg.ready.timeout)
+            }
+            None => return Err(format!("started the zygote of {g}, which never existed")),
+        };
+        if self.w.zygotes.contains_key(&g) {
+            return Err(format!("two zygotes of gen {g}"));
+        }
+        if !self.up {
+            return Err(format!(
+                "started the zygote of gen {g} of a site no client started (or one stopped)"
+            ));
+        }
+        let text = format!(
+            "{} {}",
+            command.join(" "),
+            release
+                .as_deref()
+                .map(Path::to_string_lossy)
+                .unwrap_or_default()
+        );
+        let q = quality(&text);
+        let now = self.now;
+        let ready_at = match q {
+            Quality::Hangs | Quality::Broken => None,
+            _ if self.rng.chance(3) => Some(now + timeout + self.rng.ms(1, 2000)),
+            _ => {
+                let most = u64::try_from(timeout.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .min(3000);
+                Some(now + self.rng.ms(0, most))
+            }
+        };
+        let exit_at = match q {
+            Quality::Broken => Some((now + self.rng.ms(0, 50), "exited with status 127".into())),
+            _ if !self.w.calm && self.rng.chance(5) => {
+                Some((now + self.rng.ms(0, 20_000), "was killed by SIGKILL".into()))
+            }
+            _ => None,
+        };
+        self.w.zygotes.insert(
+            g,
+            Zygote {
+                ready_at,
+                ready: false,
+                exit_at,
+                asked: false,
+            },
+        );
+        Ok(Vec::new())
+    }
+
     pub(super) fn spawn(&mut self, g: GenId, slot: Slot) -> Result<Vec<Action>, String> {
         let Some(gen_) = self.m.generation(g) else {
             return Err(format!("spawn in generation {g}, which does not exist"));
         };
+        if let Some(z) = gen_
+            .zygote
+            .as_ref()
+            .filter(|_| gen_.config.mode == crate::config::SiteMode::Zygote)
+        {
+            let world = self.w.zygotes.get(&g).is_some_and(|z| z.ready && !z.asked);
+            if z.phase != ZygotePhase::Ready || !world {
+                return Err(format!(
+                    "spawn in gen {g} slot {slot}, whose zygote is {:?} (world: ready {world})",
+                    z.phase
+                ));
+            }
+        }
         if self.w.procs.contains_key(&(g, slot)) {
             return Err(format!("two processes in gen {g} slot {slot}"));
         }
@@ -508,6 +601,31 @@ impl Sim {
     /// Delivers what the world did up to now, in order.
     pub(super) fn deliver_due(&mut self) -> Step {
         for _ in 0..MAX_EVENTS {
+            if let Some((_, g, ready)) = self.w.next_zygote_event().filter(|e| e.0 <= self.now) {
+                if ready {
+                    if let Some(z) = self.w.zygotes.get_mut(&g) {
+                        z.ready = true;
+                    }
+                    REACHED.zygotes_ready.fetch_add(1, Ordering::Relaxed);
+                    self.feed(Input::ZygoteReady(g))?;
+                } else {
+                    let z = self.w.zygotes.remove(&g).expect("it was due");
+                    let counter = match (z.ready, z.asked) {
+                        (true, false) => Some(&REACHED.zygotes_lost),
+                        (false, _) => Some(&REACHED.zygotes_not_ready),
+                        (true, true) => None,
+                    };
+                    if let Some(c) = counter {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let (_, reason) = z.exit_at.expect("it was due");
+                    self.feed(Input::ZygoteExited {
+                        generation: g,
+                        reason,
+                    })?;
+                }
+                continue;
+            }
             let Some((_, (g, slot), what)) = self.w.next_event().filter(|e| e.0 <= self.now) else {
                 return Ok(());
             };
@@ -571,7 +689,13 @@ impl Sim {
                 if self.dropped {
                     break;
                 }
-                let world = self.w.next_event().map(|e| e.0);
+                let world = [
+                    self.w.next_event().map(|e| e.0),
+                    self.w.next_zygote_event().map(|e| e.0),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
                 let machine = self.m.next_deadline(self.now);
                 let next = [world, machine].into_iter().flatten().min();
                 match next {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::supervisor::deploy::Stage;
 use crate::supervisor::ids::GenId;
-use crate::supervisor::machine::{CancelReason, Input};
+use crate::supervisor::machine::{CancelReason, Input, ZygotePhase};
 use crate::supervisor::slots::{AfterStop, Phase, RunState};
 
 use super::*;
@@ -35,8 +35,18 @@ impl Sim {
                     keeping += 1;
                 }
                 let world = self.w.procs.get(&(g.id, s.id));
+                let held = g.zygote.as_ref().is_some_and(|z| z.held.contains(&s.id));
+                let waits = matches!(s.phase, Phase::Starting { .. }) && s.pid.is_none();
+                let zygote_mode = g.config.mode == crate::config::SiteMode::Zygote;
+                if held != (waits && zygote_mode) {
+                    return Err(format!(
+                        "gen {} slot {}: {:?} (pid {:?}), held for the zygote: {held}",
+                        g.id, s.id, s.phase, s.pid
+                    ));
+                }
                 match (s.phase.has_process(), world) {
                     (true, Some(p)) if s.pid == Some(p.pid) => {}
+                    (true, None) if held => {}
                     (false, None) => {}
                     (has, p) => {
                         return Err(format!(
@@ -75,6 +85,38 @@ impl Sim {
                     "gen {} keeps {keeping} slots for {} desired",
                     g.id, g.slots.desired
                 ));
+            }
+        }
+        // The machine's zygotes are the world's; the world's others were told to stop.
+        for g in self.m.generations() {
+            let Some(z) = &g.zygote else {
+                continue;
+            };
+            let world = self.w.zygotes.get(&g.id);
+            if z.phase.has_process() != world.is_some() {
+                return Err(format!(
+                    "gen {}: the machine's zygote is {:?}, the world's {world:?}",
+                    g.id, z.phase
+                ));
+            }
+            if z.phase == ZygotePhase::Ready && !z.held.is_empty() {
+                return Err(format!(
+                    "gen {}: zygote ready, spawns held {:?}",
+                    g.id, z.held
+                ));
+            }
+            if matches!(z.phase, ZygotePhase::Stopping { .. }) && world.is_some_and(|w| !w.asked) {
+                return Err(format!("gen {}: zygote stopping, never told", g.id));
+            }
+        }
+        for (g, z) in &self.w.zygotes {
+            let counted = self
+                .m
+                .generation(*g)
+                .and_then(|x| x.zygote.as_ref())
+                .is_some_and(|x| x.phase.has_process());
+            if !counted && !z.asked {
+                return Err(format!("gen {g}: a zygote runs that the machine forgot"));
             }
         }
         for (g, s) in self.w.procs.keys() {
@@ -233,6 +275,9 @@ impl Sim {
                 self.w.procs.keys().collect::<Vec<_>>()
             ));
         }
+        if !self.w.zygotes.is_empty() {
+            return Err(format!("zygotes outlived the stop: {:?}", self.w.zygotes));
+        }
         if !self.dropped {
             if !self.m.is_stopped() {
                 return Err("the stop did not end: a generation is not stopped".into());
@@ -289,6 +334,11 @@ impl Sim {
         self.w.spawn_fails = 0;
         for p in self.w.procs.values_mut() {
             p.crash_at = None;
+        }
+        for z in self.w.zygotes.values_mut() {
+            if !z.asked {
+                z.exit_at = None;
+            }
         }
         // A minute, woken once a second (late for most deadlines, which the machine
         // must take in its stride; smooth wake-ups are the rest of the sequence's).

@@ -80,6 +80,17 @@
 //!    machine never asks to be woken at or before now (the loop would spin).
 //! 7. Stop-then-start (a site whose app binds its own port, one in five): a worker is
 //!    started only when no process of another generation runs. Checked at every `Spawn`.
+//! 8. Zygotes (`mode = "zygote"`, one site in four; a reload may switch the mode): a
+//!    worker of a zygote-mode generation is spawned only while its zygote is ready (the
+//!    machine's and the world's); a zygote is started only when its generation has no
+//!    zygote process (at most one per generation, a stopping one included) and the site
+//!    runs by request; the machine's zygote with a process is the world's, and a world's
+//!    zygote the machine does not count on was told to stop; held spawns are exactly the
+//!    slots `Starting` without a process, and none is held while the zygote is ready;
+//!    every zygote ends by the end of the sequence (one that never becomes ready is
+//!    stopped). The world's zygotes become ready at a random time (sometimes after the
+//!    deadline, never for a `hang` release), exit at once for a `broken` one, sometimes
+//!    die (ready or not), exit soon when told to, and die with the agent.
 //!
 //! `cargo test --lib supervisor::machine::sim` runs [`RUNS`] sequences (seeds `0..RUNS`).
 //! A failure names its seed and step; `HATCHERY_SIM_SEED=<n>` replays one seed with a
@@ -201,10 +212,23 @@ enum Happens {
     Exit,
 }
 
+/// A zygote process of the world (zygote-mode generations).
+#[derive(Debug, Clone)]
+struct Zygote {
+    /// When it says `READY`; `None`: never.
+    ready_at: Option<Instant>,
+    ready: bool,
+    /// When it ends (on its own, or told to), and how.
+    exit_at: Option<(Instant, String)>,
+    /// The machine told it to stop.
+    asked: bool,
+}
+
 /// The world a site runs in, and the machine's read-only window onto it.
 struct World {
     check: ReadyCheck,
     procs: BTreeMap<(GenId, Slot), Proc>,
+    zygotes: BTreeMap<GenId, Zygote>,
     next_pid: i32,
     /// Where new connections go.
     steered: GenId,
@@ -360,6 +384,9 @@ fn random_config(rng: &mut Rng) -> SiteConfig {
     if rng.chance(20) {
         c.listen[0].mode = crate::config::ListenMode::Own;
     }
+    if rng.chance(25) {
+        c.mode = crate::config::SiteMode::Zygote;
+    }
     c
 }
 
@@ -378,6 +405,7 @@ impl Sim {
         let w = World {
             check: cfg.ready.check,
             procs: BTreeMap::new(),
+            zygotes: BTreeMap::new(),
             next_pid: 100,
             steered: GenId(1),
             probing: BTreeSet::new(),
@@ -461,6 +489,12 @@ pub(super) struct Reached {
     /// Adoptions of a site with more than one generation (a deploy, or a generation
     /// leaving).
     pub(super) adopted_mid_deploy: AtomicUsize,
+    /// Zygotes that said `READY`.
+    pub(super) zygotes_ready: AtomicUsize,
+    /// Zygotes that died while ready (not told to stop).
+    pub(super) zygotes_lost: AtomicUsize,
+    /// Zygotes that ended before they were ready, or were stopped at their deadline.
+    pub(super) zygotes_not_ready: AtomicUsize,
 }
 
 pub(super) static REACHED: Reached = Reached {
@@ -470,6 +504,9 @@ pub(super) static REACHED: Reached = Reached {
     adopting: AtomicUsize::new(0),
     adoptions: AtomicUsize::new(0),
     adopted_mid_deploy: AtomicUsize::new(0),
+    zygotes_ready: AtomicUsize::new(0),
+    zygotes_lost: AtomicUsize::new(0),
+    zygotes_not_ready: AtomicUsize::new(0),
 };
 
 thread_local! {
@@ -526,7 +563,19 @@ fn whole_site_invariants_hold_under_random_sequences() {
     eprintln!(
         "sequences with an agent crash {adopting}, adoptions {adoptions}, of them with more than one generation {mid_deploy}"
     );
+    let (z_ready, z_lost, z_not_ready) = (
+        reached(&REACHED.zygotes_ready),
+        reached(&REACHED.zygotes_lost),
+        reached(&REACHED.zygotes_not_ready),
+    );
+    eprintln!(
+        "zygotes ready {z_ready}, lost while ready {z_lost}, ended or stopped before ready {z_not_ready}"
+    );
     if runs >= RUNS {
+        assert!(
+            z_ready > 0 && z_lost > 0 && z_not_ready > 0,
+            "the sequences never had a zygote ready ({z_ready}), lost while ready ({z_lost}) or not ready ({z_not_ready})"
+        );
         assert!(
             deployed > 0 && canary > 0 && promoted > 0,
             "the sequences never reached a deploy done ({deployed}), a canary serving ({canary}) or one promoted ({promoted})"

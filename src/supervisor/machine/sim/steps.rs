@@ -211,6 +211,8 @@ impl Sim {
         for k in dead {
             self.w.procs.remove(&k);
         }
+        // Zygotes end when their socket to the agent closes.
+        self.w.zygotes.clear();
         let mid_deploy = record.gens.len() > 1;
         for g in &mut record.gens {
             let procs = &self.w.procs;
@@ -327,6 +329,12 @@ impl Sim {
             3 => {
                 new.stop.timeout = self.rng.ms(200, 8000);
                 new.ready.timeout = self.rng.ms(500, 10_000);
+                if self.rng.chance(30) {
+                    new.mode = match new.mode {
+                        crate::config::SiteMode::Exec => crate::config::SiteMode::Zygote,
+                        crate::config::SiteMode::Zygote => crate::config::SiteMode::Exec,
+                    };
+                }
             }
             _ => {
                 new.restart.backoff_initial = self.rng.ms(20, 1000);

@@ -46,6 +46,21 @@ impl Observe for World {
 }
 
 impl World {
+    /// The earliest thing a zygote will do by itself: become ready (`true`) or end.
+    pub(super) fn next_zygote_event(&self) -> Option<(Instant, GenId, bool)> {
+        let mut best: Option<(Instant, GenId, bool)> = None;
+        for (g, z) in &self.zygotes {
+            let ready = z.ready_at.filter(|_| !z.ready).map(|t| (t, *g, true));
+            let exit = z.exit_at.as_ref().map(|(t, _)| (*t, *g, false));
+            for e in [ready, exit].into_iter().flatten() {
+                if best.is_none_or(|b| e.0 < b.0) {
+                    best = Some(e);
+                }
+            }
+        }
+        best
+    }
+
     /// The earliest thing that will happen by itself.
     pub(super) fn next_event(&self) -> Option<(Instant, (GenId, Slot), Happens)> {
         let mut best: Option<(Instant, (GenId, Slot), Happens)> = None;
