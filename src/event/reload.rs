@@ -36,6 +36,7 @@ impl Agent {
             );
         }
         for sc in &new.sites {
+            super::sites::refuse_zygote_mode(sc)?;
             let busy = self
                 .sites
                 .get(&sc.name)
