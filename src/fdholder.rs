@@ -58,8 +58,7 @@
 //! any use of the held fds beyond holding and handing them back.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::mem::MaybeUninit;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -68,11 +67,7 @@ use std::time::{Duration, Instant};
 use rustix::event::epoll;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
-use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
-    sockopt,
-};
+use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType, sockopt};
 use rustix::process::{Resource, Rlimit};
 
 /// The protocol version, sent in `HELLO` by both sides.
@@ -660,61 +655,16 @@ fn answers(addr: &SocketAddrUnix) -> bool {
     )
 }
 
-/// One received message.
-enum Received {
-    /// Its length (`None` if it or its fds were truncated) and its fds.
-    Message(Option<usize>, Vec<OwnedFd>),
-    /// The peer closed the connection.
-    End,
-}
+use crate::scm::Datagram as Received;
 
 /// Receives one message and its fds (close-on-exec) into `buf`.
 fn receive(socket: BorrowedFd<'_>, buf: &mut [u8], flags: RecvFlags) -> Result<Received, Errno> {
-    let mut space =
-        vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = rustix::net::recvmsg(
-        socket,
-        &mut [IoSliceMut::new(buf)],
-        &mut control,
-        flags | RecvFlags::CMSG_CLOEXEC,
-    )?;
-    let mut fds = Vec::new();
-    for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = message {
-            fds.extend(received);
-        }
-    }
-    if msg.bytes == 0 && fds.is_empty() {
-        return Ok(Received::End);
-    }
-    let truncated = msg
-        .flags
-        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC);
-    Ok(Received::Message((!truncated).then_some(msg.bytes), fds))
+    crate::scm::recv_with_fds(socket, buf, flags, MAX_FDS_PER_MESSAGE)
 }
 
 /// Sends one message carrying `fds`.
 fn send(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Errno> {
-    let mut space =
-        vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() {
-        let pushed = control.push(SendAncillaryMessage::ScmRights(fds));
-        assert!(pushed, "the buffer has room for MAX_FDS_PER_MESSAGE fds");
-    }
-    loop {
-        match rustix::net::sendmsg(
-            socket,
-            &[IoSlice::new(bytes)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        ) {
-            Ok(_) => return Ok(()),
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    crate::scm::send_with_fds(socket, bytes, fds)
 }
 
 /// A connection to the fd holder, for the agent. Every call blocks at most about 2 s per

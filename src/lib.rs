@@ -30,7 +30,8 @@
 //! holder (`hatchery fd-holder`), a separate process that keeps the read ends of workers'
 //! output pipes open across an agent's death, and its client; [`zygote`] is zygote mode's
 //! protocol (a per-generation process that loads the app once and forks workers on the
-//! agent's request): the agent's side and the side of a zygote written in Rust.
+//! agent's request): the agent's side and the side of a zygote written in Rust. Both
+//! exchange datagrams with fds through [`scm`].
 
 /// This build's version: the crate's, with `+<id>` when built with `HATCHERY_BUILD_ID` set
 /// (so that two builds of one version tell apart in `status` after `hatchery upgrade`).
@@ -54,6 +55,7 @@ pub mod net;
 pub mod probe;
 pub mod process;
 pub mod sandbox;
+pub mod scm;
 pub mod spawn;
 pub mod status;
 pub mod steering;

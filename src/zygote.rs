@@ -50,16 +50,12 @@
 //! middle is the caller's, between [`ZygoteLink::fork`] and [`Forked::proceed`]),
 //! starting or stopping the zygote, and any decision about when to fork.
 
-use std::io::{self, IoSlice, IoSliceMut, Write};
-use std::mem::MaybeUninit;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
-use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
-};
+use rustix::net::{AddressFamily, RecvFlags, SocketFlags, SocketType};
 
 use crate::sys::fork::{ForkSide, exit_now, fork_single_threaded, set_env_in_forked_child};
 
@@ -267,7 +263,6 @@ fn io_err(what: &'static str) -> impl FnOnce(Errno) -> ZygoteError {
     }
 }
 
-/// One received message.
 enum Received {
     /// Its length and its fds (close-on-exec).
     Message(usize, Vec<OwnedFd>),
@@ -275,70 +270,41 @@ enum Received {
     End,
 }
 
+use crate::scm::Datagram;
+
 /// Receives one message and its fds into `buf`; a truncated message is malformed.
 fn receive(
     socket: BorrowedFd<'_>,
     buf: &mut [u8; MAX_MESSAGE_BYTES + 1],
     flags: RecvFlags,
 ) -> Result<Received, ZygoteError> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_RECEIVED_FDS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = loop {
-        match rustix::net::recvmsg(
-            socket,
-            &mut [IoSliceMut::new(buf)],
-            &mut control,
-            flags | RecvFlags::CMSG_CLOEXEC,
-        ) {
-            Err(Errno::INTR) => continue,
-            other => break other.map_err(io_err("receive from the zygote link"))?,
+    let got = crate::scm::recv_with_fds(socket, buf, flags, MAX_RECEIVED_FDS)
+        .map_err(io_err("receive from the zygote link"))?;
+    match got {
+        Datagram::End => Ok(Received::End),
+        Datagram::Message(Some(len), fds) if len <= MAX_MESSAGE_BYTES => {
+            Ok(Received::Message(len, fds))
         }
-    };
-    let mut fds = Vec::new();
-    for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = message {
-            fds.extend(received);
-        }
-    }
-    if msg.bytes == 0 && fds.is_empty() {
-        return Ok(Received::End);
-    }
-    if msg
-        .flags
-        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
-        || msg.bytes > MAX_MESSAGE_BYTES
-    {
-        return Err(ParseError {
+        Datagram::Message(..) => Err(ParseError {
             text: String::from_utf8_lossy(&buf[..MAX_MESSAGE_BYTES]).into_owned(),
             reason: "truncated (too long, or too many fds)",
         }
-        .into());
+        .into()),
     }
-    Ok(Received::Message(msg.bytes, fds))
 }
 
 /// Sends one message carrying `fds` (at most one here).
 fn send(socket: BorrowedFd<'_>, text: &str, fds: &[BorrowedFd<'_>]) -> Result<(), ZygoteError> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+    if fds.len() > 1 {
         return Err(ZygoteError::Unexpected(format!(
             "{} fds in one message",
             fds.len()
         )));
     }
-    loop {
-        match rustix::net::sendmsg(
-            socket,
-            &[IoSlice::new(text.as_bytes())],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        ) {
-            Ok(_) => return Ok(()),
-            Err(Errno::INTR) => continue,
-            Err(Errno::PIPE | Errno::CONNRESET) => return Err(ZygoteError::Closed),
-            Err(e) => return Err(io_err("send on the zygote link")(e)),
-        }
+    match crate::scm::send_with_fds(socket, text.as_bytes(), fds) {
+        Ok(()) => Ok(()),
+        Err(Errno::PIPE | Errno::CONNRESET) => Err(ZygoteError::Closed),
+        Err(e) => Err(io_err("send on the zygote link")(e)),
     }
 }
 
