@@ -138,6 +138,22 @@ fn agent_status(agent: &TestAgent) -> serde_json::Value {
     v["agent"].clone()
 }
 
+/// SIGKILLs worker `victim` of `web` and waits (generously: TCG) until a replacement is
+/// ready; returns that status.
+fn kill_and_wait_for_replacement(agent: &TestAgent, victim: i64) -> serde_json::Value {
+    let killed = Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill {victim}");
+    agent.wait_for("web", "a replacement", Duration::from_secs(30), |s| {
+        s["ready"] == 4
+            && s["workers"]
+                .as_array()
+                .is_some_and(|w| w.iter().all(|w| w["pid"].as_i64() != Some(victim)))
+    })
+}
+
 fn sorted(mut v: Vec<i64>) -> Vec<i64> {
     v.sort_unstable();
     v
@@ -250,15 +266,7 @@ fn an_upgrade_under_load_keeps_the_pid_and_every_worker_and_loses_no_request() {
 
         // The workers are its children again: a killed one's exit is known.
         let victim = before[0];
-        let _ = Command::new("kill")
-            .args(["-KILL", &victim.to_string()])
-            .status();
-        let s = agent.wait_for("web", "a replacement", Duration::from_secs(10), |s| {
-            s["ready"] == 4
-                && s["workers"]
-                    .as_array()
-                    .is_some_and(|w| w.iter().all(|w| w["pid"].as_i64() != Some(victim)))
-        });
+        let s = kill_and_wait_for_replacement(&agent, victim);
         let w = s["workers"]
             .as_array()
             .expect("workers")
@@ -396,15 +404,7 @@ fn a_new_binary_that_fails_to_take_over_resumes_the_previous_one() {
     assert!(agent_status(&agent)["upgraded_from"].is_null());
     // The workers are its children still.
     let victim = before[1];
-    let _ = Command::new("kill")
-        .args(["-KILL", &victim.to_string()])
-        .status();
-    let s = agent.wait_for("web", "a replacement", Duration::from_secs(10), |s| {
-        s["ready"] == 4
-            && s["workers"]
-                .as_array()
-                .is_some_and(|w| w.iter().all(|w| w["pid"].as_i64() != Some(victim)))
-    });
+    let s = kill_and_wait_for_replacement(&agent, victim);
     assert!(
         s["workers"]
             .as_array()
