@@ -482,6 +482,13 @@ impl CgroupTree {
         Ok(())
     }
 
+    /// Moves process `pid` into `leaf` (a worker forked by a zygote, born in the zygote's
+    /// leaf). Memory it touched before stays charged where it was (the zygote's pages);
+    /// what it allocates from now on is charged to `leaf`.
+    pub fn move_into(leaf: &Path, pid: i32) -> Result<(), CgroupError> {
+        write_file(&leaf.join("cgroup.procs"), &pid.to_string())
+    }
+
     /// Whether any process is in `dir` or below (`cgroup.events` `populated`).
     pub fn is_populated(dir: &Path) -> bool {
         fs::read_to_string(dir.join(CGROUP_EVENTS))

@@ -286,14 +286,20 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
     Ok(())
 }
 
-/// The demo zygote (`hatchery __demo-zygote [--load-ms N] [--load-mib M] [WORKER ARGS…]`):
-/// simulates loading an application (waits N ms, allocates and touches M MiB that its
-/// workers then share copy-on-write), then serves the zygote protocol on the link named
-/// by `HATCHERY_ZYGOTE_FD` ([`crate::zygote::serve`]); each worker it forks runs
-/// [`worker_main`] with the remaining arguments. Returns once the agent closes the link.
+/// The demo zygote (`hatchery __demo-zygote [--load-ms N] [--load-mib M] [--ready-when
+/// PATH] [--worker-alloc-mib K] [WORKER ARGS…]`): simulates loading an application (waits
+/// N ms, allocates and touches M MiB that its workers then share copy-on-write; with
+/// `--ready-when`, also waits, at most a minute, for PATH to exist), then serves the
+/// zygote protocol on the link named by `HATCHERY_ZYGOTE_FD` ([`crate::zygote::serve`]).
+/// Each worker it forks first prints the cgroup it runs in (`/proc/self/cgroup`, read
+/// before anything else: where the agent put it before its go), then allocates and
+/// touches K MiB of its own, then runs [`worker_main`] with the remaining arguments.
+/// Returns once the agent closes the link.
 pub fn zygote_main(args: &[String]) -> io::Result<()> {
     let mut load = Duration::ZERO;
     let mut mib: usize = 0;
+    let mut worker_mib: usize = 0;
+    let mut ready_when: Option<PathBuf> = None;
     let mut rest = args;
     loop {
         match rest {
@@ -308,6 +314,16 @@ pub fn zygote_main(args: &[String]) -> io::Result<()> {
                 mib = v
                     .parse()
                     .map_err(|_| bad_input(format!("bad --load-mib {v:?}")))?;
+                rest = tail;
+            }
+            [flag, v, tail @ ..] if flag == "--worker-alloc-mib" => {
+                worker_mib = v
+                    .parse()
+                    .map_err(|_| bad_input(format!("bad --worker-alloc-mib {v:?}")))?;
+                rest = tail;
+            }
+            [flag, v, tail @ ..] if flag == "--ready-when" => {
+                ready_when = Some(PathBuf::from(v));
                 rest = tail;
             }
             _ => break,
@@ -329,16 +345,36 @@ pub fn zygote_main(args: &[String]) -> io::Result<()> {
         page[0] = 1;
     }
     let heap = std::hint::black_box(heap);
+    if let Some(path) = &ready_when {
+        println!("demo zygote: waiting for {} before READY", path.display());
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while !path.exists() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     println!(
         "demo zygote: loaded {} MiB in {} ms",
         heap.len() / (1024 * 1024),
         load.as_millis()
     );
-    crate::zygote::serve(link, |_start| match worker_main(rest) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("demo worker: {e}");
-            1
+    crate::zygote::serve(link, |start| {
+        let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let v2 = cgroups
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or("?");
+        println!("demo worker {} forked into cgroup {v2}", start.slot);
+        let mut own = vec![0u8; worker_mib * 1024 * 1024];
+        for page in own.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        std::hint::black_box(&own);
+        match worker_main(rest) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("demo worker: {e}");
+                1
+            }
         }
     })
     .map_err(io::Error::other)

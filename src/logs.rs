@@ -365,9 +365,27 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
+/// Who wrote a line of a site's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// The worker of this slot (`w-<K>`).
+    Worker(u32),
+    /// A generation's zygote (`zygote`).
+    Zygote,
+}
+
+impl std::fmt::Display for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Writer::Worker(k) => write!(f, "w-{k}"),
+            Writer::Zygote => f.write_str("zygote"),
+        }
+    }
+}
+
 /// Formats one log record.
-pub fn record(worker: u32, pid: i32, line: &[u8], now: SystemTime) -> Vec<u8> {
-    let mut out = format!("{} w-{worker}[{pid}] ", utc_timestamp(now)).into_bytes();
+pub fn record(writer: Writer, pid: i32, line: &[u8], now: SystemTime) -> Vec<u8> {
+    let mut out = format!("{} {writer}[{pid}] ", utc_timestamp(now)).into_bytes();
     out.extend_from_slice(line);
     out.push(b'\n');
     out

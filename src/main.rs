@@ -170,11 +170,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The demo zygote (zygote mode's test double): --load-ms N, --load-mib M, then the
-    /// demo worker's options for the workers it forks.
+    /// The demo zygote (zygote mode's test double): --load-ms N, --load-mib M,
+    /// --ready-when PATH, --worker-alloc-mib K, then the demo worker's options for the
+    /// workers it forks.
     #[command(name = "__demo-zygote", hide = true)]
     DemoZygote {
-        /// Options: --load-ms N, --load-mib M, then the demo worker's options.
+        /// Options: --load-ms N, --load-mib M, --ready-when PATH, --worker-alloc-mib K,
+        /// then the demo worker's options.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -282,6 +282,25 @@ pub fn worker_image(
     site_image(site, &site.command, &env, !listeners.is_empty())
 }
 
+/// Builds the image of generation `generation`'s zygote (`mode = "zygote"`): the
+/// environment a worker gets, less `HATCHERY_WORKER_ID` and `LISTEN_PID` (each forked
+/// worker sets its own), plus [`crate::zygote::ZYGOTE_FD_ENV`] naming `link_fd`, the fd
+/// number its end of the zygote link is placed at.
+pub fn zygote_image(
+    site: &SiteConfig,
+    listeners: &[Listener],
+    notify: &Path,
+    generation: u32,
+    link_fd: usize,
+) -> Result<ExecImage, SpawnFailure> {
+    let mut env: Vec<String> = worker_env(site, listeners, notify, 0, generation)
+        .into_iter()
+        .filter(|v| !v.starts_with("HATCHERY_WORKER_ID="))
+        .collect();
+    env.push(format!("{}={link_fd}", crate::zygote::ZYGOTE_FD_ENV));
+    site_image(site, &site.command, &env, false)
+}
+
 /// Builds the image of a `hatchery exec` command (`argv`; empty for the site user's
 /// shell): the site's environment and `PATH`, `TERM`, `HATCHERY_SITE`.
 pub fn exec_image(

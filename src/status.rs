@@ -202,6 +202,26 @@ pub struct GenerationStatus {
     /// While a canary runs: the share of new connections it takes (`"10%"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share: Option<String>,
+    /// Its zygote (`mode = "zygote"` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zygote: Option<ZygoteStatus>,
+}
+
+/// A generation's zygote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZygoteStatus {
+    /// `starting`, `ready`, `backoff`, `stopping`, `stopped`.
+    pub state: String,
+    /// It died while ready and no new one is ready yet: the workers run on, new ones wait.
+    pub degraded: bool,
+    /// Times it ended (or failed to start) without being asked.
+    pub restarts: u32,
+    /// Its process.
+    pub pid: Option<i32>,
+    /// Its cgroup leaf.
+    pub cgroup: Option<PathBuf>,
+    /// Its leaf's usage (the memory its workers share is charged here).
+    pub usage: Option<Usage>,
 }
 
 /// The deploy under way.

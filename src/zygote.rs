@@ -331,15 +331,21 @@ pub struct Forked {
 impl Forked {
     /// Lets the worker run: writes `go\n` to its go pipe and closes it.
     pub fn proceed(self) -> io::Result<()> {
-        let written = rustix::io::retry_on_intr(|| rustix::io::write(&self.go, GO))?;
-        if written != GO.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "short write to a go pipe",
-            ));
-        }
-        Ok(())
+        let_go(self.go)
     }
+}
+
+/// Writes `go\n` to a forked worker's go pipe (the write end `go`) and closes it: the
+/// worker runs from then on.
+pub fn let_go(go: OwnedFd) -> io::Result<()> {
+    let written = rustix::io::retry_on_intr(|| rustix::io::write(&go, GO))?;
+    if written != GO.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short write to a go pipe",
+        ));
+    }
+    Ok(())
 }
 
 impl ZygoteLink {
@@ -394,16 +400,10 @@ impl ZygoteLink {
         }
     }
 
-    /// Asks for worker `slot`, whose output goes to `output` (the write end of its
-    /// pipe), and waits at most `timeout` (in `poll`) for the answer. On success the
-    /// worker is our child, with its pidfd open, blocked until [`Forked::proceed`].
-    pub fn fork(
-        &mut self,
-        slot: u32,
-        output: BorrowedFd<'_>,
-        timeout: Duration,
-    ) -> Result<Forked, ZygoteError> {
-        let deadline = Instant::now() + timeout;
+    /// Asks for worker `slot`, whose output goes to `output` (the write end of its pipe),
+    /// without waiting: the answer comes later from [`ZygoteLink::read_answer`], under the
+    /// request id returned here.
+    pub fn request_fork(&mut self, slot: u32, output: BorrowedFd<'_>) -> Result<u64, ZygoteError> {
         self.last_request += 1;
         let request = self.last_request;
         send(
@@ -411,8 +411,77 @@ impl ZygoteLink {
             &ToZygote::Fork { slot, request }.format(),
             &[output],
         )?;
+        Ok(request)
+    }
+
+    /// Reads one answer to a [`ZygoteLink::request_fork`] without blocking (`Ok(None)`
+    /// when none came yet). The answer's own result is the fork's: the worker (our child,
+    /// its pidfd open, blocked until [`Forked::proceed`]), or why there is none
+    /// ([`ZygoteError::Failed`], [`ZygoteError::NotOurChild`], ...). The outer error is the
+    /// link's: closed, or a protocol violation (the zygote is not to be trusted further).
+    pub fn read_answer(&mut self) -> Result<Option<Answer>, ZygoteError> {
         let mut buf = [0u8; MAX_MESSAGE_BYTES + 1];
+        let (n, mut received) = match receive(self.socket.as_fd(), &mut buf, RecvFlags::DONTWAIT) {
+            Ok(Received::Message(n, fds)) => (n, fds),
+            Ok(Received::End) => return Err(ZygoteError::Closed),
+            Err(ZygoteError::Io { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let (request, slot_result) = match ToAgent::parse(&buf[..n])? {
+            ToAgent::Forked { request, pid } => {
+                if received.len() != 1 {
+                    return Err(ZygoteError::Unexpected(format!(
+                        "FORKED with {} fds",
+                        received.len()
+                    )));
+                }
+                (request, Ok((pid, received.remove(0))))
+            }
+            ToAgent::Failed { request, reason } => {
+                if !received.is_empty() {
+                    return Err(ZygoteError::Unexpected("fds sent with FAILED".into()));
+                }
+                (request, Err(reason))
+            }
+            ToAgent::Ready { .. } => {
+                return Err(ZygoteError::Unexpected("a second READY".into()));
+            }
+        };
+        if request == 0 || request > self.last_request {
+            return Err(ZygoteError::Unexpected(format!(
+                "an answer to request {request}, which was never made"
+            )));
+        }
+        Ok(Some(Answer {
+            request,
+            pid: slot_result.as_ref().ok().map(|(pid, _)| *pid),
+            result: slot_result,
+        }))
+    }
+
+    /// Asks for worker `slot`, whose output goes to `output` (the write end of its
+    /// pipe), and waits at most `timeout` (in `poll`) for the answer. On success the
+    /// worker is our child, with its pidfd open, blocked until [`Forked::proceed`].
+    /// Answers to earlier requests that come meanwhile are dropped (their workers exit
+    /// without running application code).
+    pub fn fork(
+        &mut self,
+        slot: u32,
+        output: BorrowedFd<'_>,
+        timeout: Duration,
+    ) -> Result<Forked, ZygoteError> {
+        let deadline = Instant::now() + timeout;
+        let request = self.request_fork(slot, output)?;
         loop {
+            if let Some(answer) = self.read_answer()? {
+                if answer.request == request {
+                    return answer.into_forked(slot);
+                }
+                // A late answer to a request we gave up on: dropped here.
+                continue;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ZygoteError::TimedOut { slot, timeout });
@@ -427,53 +496,32 @@ impl ZygoteLink {
                     tv_nsec: 0,
                 });
             match rustix::event::poll(&mut fds, Some(&limit)) {
-                Ok(0) | Err(Errno::INTR) => continue,
-                Ok(_) => {}
+                Ok(_) | Err(Errno::INTR) => {}
                 Err(e) => return Err(io_err("poll the zygote link")(e)),
             }
-            let (n, mut received) =
-                match receive(self.socket.as_fd(), &mut buf, RecvFlags::DONTWAIT) {
-                    Ok(Received::Message(n, fds)) => (n, fds),
-                    Ok(Received::End) => return Err(ZygoteError::Closed),
-                    Err(ZygoteError::Io { source, .. })
-                        if source.kind() == io::ErrorKind::WouldBlock =>
-                    {
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-            let message = ToAgent::parse(&buf[..n])?;
-            match message {
-                ToAgent::Forked { request: r, pid } if r == request => {
-                    if received.len() != 1 {
-                        return Err(ZygoteError::Unexpected(format!(
-                            "FORKED with {} fds",
-                            received.len()
-                        )));
-                    }
-                    let go = received.remove(0);
-                    return own_child(slot, pid, go);
-                }
-                ToAgent::Failed { request: r, reason } if r == request => {
-                    if !received.is_empty() {
-                        return Err(ZygoteError::Unexpected("fds sent with FAILED".into()));
-                    }
-                    return Err(ZygoteError::Failed { slot, reason });
-                }
-                // A late answer to a request we gave up on: its go pipe (if any) closes
-                // here, so that worker exits without running application code.
-                ToAgent::Forked { request: r, .. } | ToAgent::Failed { request: r, .. }
-                    if r < request =>
-                {
-                    drop(received);
-                }
-                other => {
-                    return Err(ZygoteError::Unexpected(format!(
-                        "{:?} while waiting for request {request}",
-                        other.format()
-                    )));
-                }
-            }
+        }
+    }
+}
+
+/// The zygote's answer to one `FORK`, as it came: the worker's pid and go pipe, or the
+/// zygote's reason for failing. [`Answer::into_forked`] checks the worker.
+#[derive(Debug)]
+pub struct Answer {
+    /// The request it answers.
+    pub request: u64,
+    /// The pid the zygote named (not yet checked).
+    pub pid: Option<i32>,
+    result: Result<(i32, OwnedFd), String>,
+}
+
+impl Answer {
+    /// The worker of slot `slot` (the slot the request was made for): checked to be our
+    /// child, its pidfd opened; or why not. Dropping the go pipe on failure makes a
+    /// worker that exists exit 1 without running application code.
+    pub fn into_forked(self, slot: u32) -> Result<Forked, ZygoteError> {
+        match self.result {
+            Ok((pid, go)) => own_child(slot, pid, go),
+            Err(reason) => Err(ZygoteError::Failed { slot, reason }),
         }
     }
 }

@@ -1403,25 +1403,3 @@ fn a_site_changed_while_the_agent_was_down_is_adopted_then_reconciled() {
     );
     assert_eq!(agent.stop(), Some(0));
 }
-
-/// Zygote mode is not carried out by the agent yet: a site asking for it is refused with
-/// that reason (and the others start), never left waiting for a zygote that never comes.
-#[test]
-fn a_zygote_mode_site_is_refused_with_its_reason_until_the_agent_carries_it_out() {
-    let zygote = "name = \"z\"\ncommand = [\"/bin/sleep\", \"1000\"]\nmode = \"zygote\"\n";
-    let plain = sleeper("plain", 1, "");
-    let agent = TestAgent::start(
-        &[("z", zygote), ("plain", &plain)],
-        Options {
-            reactor: "io_uring",
-            cgroups: false,
-        },
-    );
-    agent.wait_for("plain", "1 worker", Duration::from_secs(20), |s| {
-        s["workers"].as_array().is_some_and(|w| w.len() == 1)
-    });
-    let out = agent.cli(&["status", "z", "--json"]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &stderr(&out);
-    assert!(text.contains("not carried out by this agent yet"), "{text}");
-    assert!(agent.pids("z").is_empty(), "{text}");
-}

@@ -94,7 +94,8 @@ fn one_request(addr: SocketAddr) -> Sample {
     if let Err(e) = s.read_to_string(&mut body) {
         return fail(connected, format!("read: {e}"));
     }
-    if !body.starts_with("HTTP/1.1 200") {
+    // HTTP/1.0 from servers that speak only it (wsgiref's, in the zygote helper).
+    if !(body.starts_with("HTTP/1.1 200") || body.starts_with("HTTP/1.0 200")) {
         return fail(connected, format!("bad response: {body:?}"));
     }
     let generation = body
@@ -1018,6 +1019,146 @@ probation = "1s"
     assert!(
         samples.iter().all(|s| matches!(s.outcome, Ok(1) | Ok(4))),
         "only gen-1 and gen-4 may answer"
+    );
+}
+
+/// A python3 and a `PYTHONPATH` that import the zygote helper (`hatchery_zygote`) and
+/// gunicorn: the repository's `zygote/python` on the host, the copy vm-tests puts beside
+/// gunicorn in a VM.
+fn zygote_python() -> Option<(PathBuf, String)> {
+    let (python, pythonpath) = gunicorn()?;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("zygote/python");
+    let path = if repo.join("hatchery_zygote").is_dir() {
+        format!("{}:{}", repo.display(), Path::new(&pythonpath).display())
+    } else {
+        Path::new(&pythonpath).display().to_string()
+    };
+    let imports = Command::new(&python)
+        .args(["-c", "import hatchery_zygote"])
+        .env("PYTHONPATH", &path)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        imports,
+        "{} cannot import hatchery_zygote from {path}",
+        python.display()
+    );
+    Some((python, path))
+}
+
+/// Zygote mode with the Python helper: each release's app is imported once, by its
+/// generation's zygote, and its 4 workers are forked from it. Under load, deploys to new
+/// releases fail no request and the new code answers after each (unlike gunicorn
+/// `--preload`, whose reload keeps the old code); a release whose import fails never gets
+/// a ready zygote, so its deploy fails and is rolled back with the old generation
+/// undisturbed.
+#[test]
+fn a_python_app_in_zygote_mode_deploys_under_load_without_a_failed_request() {
+    let Some((python, pythonpath)) = zygote_python() else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    let app = |name: &str, broken: bool| {
+        let dir = release(root.path(), name, None);
+        let at_import = if broken {
+            "raise ImportError('this release is broken')\n"
+        } else {
+            ""
+        };
+        std::fs::write(
+            dir.join("app.py"),
+            format!(
+                "import os, time\n{at_import}\nLOADED_BY = os.getpid()\n\ndef app(environ, start_response):\n    time.sleep(0.02)\n    body = 'generation {{}}, release {name}, loaded by {{}}, served by {{}}\\n'.format(os.environ.get('HATCHERY_GENERATION', '?'), LOADED_BY, os.getpid()).encode()\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    return [body]\n"
+            ),
+        )
+        .expect("write app");
+        dir
+    };
+    point(&link, &app("g1", false));
+    let port = free_port();
+    let ready_timeout = if in_vm() { "120s" } else { "30s" };
+    let text = format!(
+        r#"name = "web"
+command = ["{}", "-m", "hatchery_zygote", "app:app"]
+mode = "zygote"
+workers = 4
+release = "{}"
+workdir = "{{release}}"
+[env]
+PYTHONPATH = "{pythonpath}"
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:{port}"
+[ready]
+check = "notify"
+timeout = "{ready_timeout}"
+[restart]
+backoff_initial = "100ms"
+[stop]
+timeout = "15s"
+[deploy]
+probation = "1s"
+"#,
+        python.display(),
+        link.display(),
+    );
+    let (agent, _) = start_web(&text, 4, "io_uring", true);
+    let body = get_body(port).expect("an answer");
+    let loaded_by = |body: &str| {
+        body.split("loaded by ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|p| p.trim().parse::<i64>().ok())
+    };
+    let zygote_pid = agent.status("web")["generations"][0]["zygote"]["pid"].as_i64();
+    assert_eq!(
+        loaded_by(&body),
+        zygote_pid,
+        "the app was loaded by the zygote: {body}"
+    );
+    let load = Load::start(port, 4);
+    load.wait_for(1, 10);
+    for i in 2..=3 {
+        point(&link, &app(&format!("g{i}"), false));
+        let run = deploy(&agent, &["web"]);
+        assert_eq!(
+            run.code,
+            Some(0),
+            "deploy {i}:\n{}\n{}",
+            run.text(),
+            agent_log_tail(&agent)
+        );
+        load.wait_for(i, 10);
+        let body = get_body(port).expect("an answer");
+        assert!(
+            body.contains(&format!("release g{i},")),
+            "the new code answers: {body}"
+        );
+    }
+    // A release that fails at import: its zygote never says READY.
+    let (_, pids) = serving(&agent);
+    point(&link, &app("g4", true));
+    let run = deploy(&agent, &["web"]);
+    assert_eq!(run.code, Some(4), "{}", run.text());
+    let (g, pids_after) = serving(&agent);
+    assert_eq!(g, 3, "{}", run.text());
+    assert_eq!(pids_after, pids, "the serving generation was disturbed");
+    let samples = load.finish();
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.outcome.is_err()).collect();
+    assert!(samples.len() > 20, "only {} requests", samples.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failed.len(),
+        samples.len(),
+        failed.iter().take(3).collect::<Vec<_>>()
+    );
+    let log =
+        std::fs::read_to_string(agent.dir.path().join("state/logs/web.log")).unwrap_or_default();
+    assert!(
+        log.contains("this release is broken"),
+        "the zygote's error is in the site's log:\n{log}"
     );
 }
 

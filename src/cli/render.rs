@@ -144,6 +144,37 @@ fn site_details(out: &mut String, s: &SiteStatus) {
             or_dash(s.generation)
         );
     }
+    // A zygote-mode site's zygotes, one line per generation.
+    for g in &s.generations {
+        let Some(z) = &g.zygote else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "zygote{}: {}{}{}{}{}",
+            if several {
+                format!(" of gen-{}", g.id)
+            } else {
+                String::new()
+            },
+            z.state,
+            z.pid.map(|p| format!(", pid {p}")).unwrap_or_default(),
+            z.usage
+                .and_then(|u| u.memory_current)
+                .map(|m| format!(", memory {}", fmt_bytes(m)))
+                .unwrap_or_default(),
+            if z.restarts > 0 {
+                format!(", {} restarts", z.restarts)
+            } else {
+                String::new()
+            },
+            if z.degraded {
+                "; DEGRADED: it died, workers run on, new ones wait for the next zygote"
+            } else {
+                ""
+            },
+        );
+    }
     // While a canary runs, every generation is shown with its share and crashes.
     let canary = s.deploy.as_ref().and_then(|d| d.canary.as_ref());
     for g in s

@@ -46,6 +46,7 @@ mod status;
 mod upgrade;
 mod warmup;
 mod workers;
+mod zygote;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -68,7 +69,7 @@ use crate::control::{ErrorKind, Reply};
 use crate::features::{self, Feature};
 use crate::logs::{self, LineSplitter};
 use crate::net::NotifySocket;
-use crate::supervisor::ids::{Slot, WorkerId};
+use crate::supervisor::ids::WorkerId;
 use crate::supervisor::machine::{Action, CancelReason, Input, TCP_PROBE_INTERVAL};
 use crate::sys::signals::{self, SigSet};
 
@@ -134,12 +135,16 @@ enum Source {
     Exec(i32),
     /// The graveyard's inotify fd: a cgroup waiting for removal may be empty now.
     Graveyard,
+    /// A zygote's pidfd (it exited), by its number in `Agent::zygotes`.
+    ZygoteExit(u64),
+    /// A zygote's link (it said something, or closed it).
+    ZygoteLink(u64),
 }
 
 #[derive(Debug)]
 struct Pipe {
     site: SiteName,
-    id: Slot,
+    writer: crate::logs::Writer,
     pid: i32,
     fd: OwnedFd,
     splitter: LineSplitter,
@@ -256,6 +261,11 @@ pub struct Agent {
     holder_retry: Option<Instant>,
     /// What the holder held when this agent started, by name, until adoption claims it.
     held: HashMap<String, OwnedFd>,
+    /// Zygote processes (`mode = "zygote"`), by number (see `zygote.rs`).
+    zygotes: HashMap<u64, zygote::Zygote>,
+    next_zygote: u64,
+    /// Zygotes by pid, for `reap`.
+    zygote_pids: HashMap<i32, u64>,
     /// When `Agent::new` began (for the time adoption took).
     born: Instant,
     /// This boot's id, written in the record of live workers.
@@ -479,6 +489,9 @@ impl Agent {
             started: SystemTime::now(),
             execs: HashMap::new(),
             next_exec: 0,
+            zygotes: HashMap::new(),
+            next_zygote: 0,
+            zygote_pids: HashMap::new(),
             workers_dirty: true,
             last_record: None,
             boot_id: recovery::boot_id(),
@@ -642,11 +655,12 @@ impl Agent {
         loop {
             if self.shutting_down && self.sites.values().all(|s| s.machine.is_stopped()) {
                 // Then wait (a bounded time) for what the workers left behind to leave
-                // their cgroups, so the tree can be removed.
+                // their cgroups, and for the zygotes to exit, so the tree can be removed.
                 let deadline = *self
                     .shutdown_deadline
                     .get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
-                let empty = self.graveyard.as_ref().is_none_or(Graveyard::is_empty);
+                let empty = self.graveyard.as_ref().is_none_or(Graveyard::is_empty)
+                    && self.zygotes.is_empty();
                 if empty || Instant::now() >= deadline {
                     break;
                 }
@@ -664,7 +678,7 @@ impl Agent {
             // Exits first: a crashed worker's replacement should not wait behind output
             // and control traffic that arrived in the same batch.
             ready.sort_by_key(|t| match self.reg.tokens.get(t) {
-                Some(Source::Pidfd(..)) => 0,
+                Some(Source::Pidfd(..) | Source::ZygoteExit(_)) => 0,
                 Some(Source::Signals) => 1,
                 _ => 2,
             });
@@ -686,6 +700,7 @@ impl Agent {
             .filter_map(|s| s.machine.next_deadline(now))
             .chain(self.shutdown_deadline)
             .chain(self.conns.values().filter_map(|c| c.deadline))
+            .chain(self.zygote_deadline())
             .min()
     }
 
@@ -697,6 +712,7 @@ impl Agent {
         }
         let now = Instant::now();
         self.expire_connections(now);
+        self.zygote_deadlines(now);
         let due: Vec<SiteName> = self
             .sites
             .iter()
@@ -722,6 +738,8 @@ impl Agent {
             Source::Pipe => self.on_pipe(token),
             Source::ConnRead(c) => self.on_conn_read(c),
             Source::Exec(pid) => self.exec_exited(pid),
+            Source::ZygoteExit(id) => self.zygote_exited(id),
+            Source::ZygoteLink(id) => self.on_zygote_link(id),
             Source::Graveyard => {
                 if let Some(g) = &mut self.graveyard {
                     g.sweep();
@@ -827,6 +845,7 @@ impl Agent {
     }
 
     fn kill_everything(&mut self) {
+        self.kill_zygotes();
         for site in self.sites.values() {
             for w in site.io.gens.values().flat_map(|g| g.workers.values()) {
                 let _ = match (&self.cgroups, &w.cgroup) {
@@ -849,6 +868,7 @@ impl Agent {
         }
         // What the workers left behind was killed with their leaves and reaped in the
         // loop; anything still in the tree now did not die within SHUTDOWN_GRACE.
+        self.kill_zygotes();
         self.reap_zombies();
         if let Some(g) = &self.graveyard {
             if !g.is_empty() {

@@ -36,7 +36,6 @@ impl Agent {
             );
         }
         for sc in &new.sites {
-            super::sites::refuse_zygote_mode(sc)?;
             let busy = self
                 .sites
                 .get(&sc.name)

@@ -95,21 +95,6 @@ impl Site {
     }
 }
 
-/// Zygote mode's policy is in the site machine and its protocol in `crate::zygote`, but
-/// this event loop does not start zygotes yet (issue 12): such a site is refused with
-/// that reason (shown in `status`, refused by `reload`), never started to wait forever.
-pub(super) fn refuse_zygote_mode(config: &SiteConfig) -> Result<(), AgentError> {
-    if config.mode == config::SiteMode::Zygote {
-        return Err(setup_err(
-            format!("start site {}", config.name),
-            std::io::Error::other(
-                "mode = \"zygote\" is not carried out by this agent yet (issue 12): use mode = \"exec\"",
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// What a site machine may look at: the kernel and the file system.
 struct World<'a> {
     io: &'a SiteIo,
@@ -164,7 +149,6 @@ impl Agent {
     /// A stopped site from its configuration: its listeners bound, its log open, its
     /// limits written, its release resolved.
     pub(super) fn make_site(&mut self, config: SiteConfig) -> Result<Site, AgentError> {
-        refuse_zygote_mode(&config)?;
         let mut listeners = Vec::new();
         for spec in config.agent_listeners() {
             let l = Listener::bind(spec, config.uid, config.gid).map_err(|e| {
@@ -290,7 +274,12 @@ impl Agent {
                 self.pids.insert(a.pidref.pid(), (name.clone(), id));
                 let pipe = super::holder::pipe_name(&name, g, a.slot, a.pidref.pid());
                 match self.take_held_pipe(&pipe) {
-                    Some(fd) => self.read_pipe(&name, a.slot, a.pidref.pid(), fd),
+                    Some(fd) => self.read_pipe(
+                        &name,
+                        crate::logs::Writer::Worker(a.slot.0),
+                        a.pidref.pid(),
+                        fd,
+                    ),
                     None => {
                         warn!(site = %name, gen = g.0, worker = %a.slot, pid = a.pidref.pid(), "the output of an adopted worker is lost (the fd holder did not hold its pipe): it dies of SIGPIPE at its next write, and is restarted")
                     }
@@ -412,10 +401,15 @@ impl Agent {
 
     fn execute(&mut self, name: &SiteName, action: Action) -> Option<Input> {
         match action {
-            Action::Spawn { generation, slot } => Some(Input::Worker {
-                generation,
-                input: self.spawn(name, generation, slot),
-            }),
+            Action::Spawn { generation, slot } => {
+                let input = if self.forks_from_zygote(name, generation) {
+                    // The answer comes on the zygote's link (`zygote.rs`).
+                    self.fork_worker(name, generation, slot)?
+                } else {
+                    self.spawn(name, generation, slot)
+                };
+                Some(Input::Worker { generation, input })
+            }
             Action::Signal {
                 generation,
                 slot,
@@ -519,8 +513,11 @@ impl Agent {
                 self.retire_generation(name, generation);
                 None
             }
-            // zygote: carried out by the event loop (next step)
-            Action::StartZygote(_) | Action::StopZygote(_) => None,
+            Action::StartZygote(generation) => self.start_zygote(name, generation),
+            Action::StopZygote(generation) => {
+                self.stop_zygote(name, generation);
+                None
+            }
             Action::RecordPreviousRelease(release) => {
                 generations::write_previous_release(&self.config.state_dir, name, &release);
                 None
@@ -589,6 +586,7 @@ impl Agent {
     /// Forgets a generation whose last worker is gone: its listeners (the agent's
     /// copies) close and its cgroup is removed.
     fn retire_generation(&mut self, name: &SiteName, g: GenId) {
+        self.detach_zygotes(name, Some(g));
         let Some(site) = self.sites.get_mut(name) else {
             return;
         };
@@ -607,6 +605,7 @@ impl Agent {
     /// A removed site is stopped: its listeners and cgroups go, its `logs -f` clients are
     /// told.
     fn drop_site(&mut self, name: &SiteName) {
+        self.detach_zygotes(name, None);
         let Some(site) = self.sites.remove(name) else {
             return;
         };

@@ -8,7 +8,7 @@ use crate::config::SiteName;
 use crate::logs;
 use crate::status::{
     AgentStatus, AutoRange, CapacityStatus, DeployStatus, GenerationStatus, LimitsStatus,
-    SiteState, SiteStatus, Status, WorkerStatus,
+    SiteState, SiteStatus, Status, WorkerStatus, ZygoteStatus,
 };
 
 impl Agent {
@@ -71,6 +71,18 @@ impl Agent {
                             live: count(g.slots.live()),
                             crashes: g.crashes,
                             share: m.connection_share(g.id).map(|s| s.to_string()),
+                            zygote: g.zygote.as_ref().map(|z| {
+                                let process = self.zygote_process(name, g.id);
+                                let cgroup = process.and_then(|p| p.cgroup.clone());
+                                ZygoteStatus {
+                                    state: z.phase.name().to_string(),
+                                    degraded: z.degraded,
+                                    restarts: z.restarts,
+                                    pid: process.map(|p| p.pidref.pid()),
+                                    usage: cgroup.as_deref().map(crate::cgroup::read_usage),
+                                    cgroup,
+                                }
+                            }),
                         })
                         .collect(),
                     deploy: m.deploy().map(|d| DeployStatus {

@@ -13,7 +13,7 @@ use super::sites::Worker;
 use super::{Agent, MAX_FOLLOW_BUFFER, Pipe, Source};
 use crate::config::SiteName;
 use crate::control::{ErrorKind, Reply};
-use crate::logs::{self, LineSplitter};
+use crate::logs::{self, LineSplitter, Writer};
 use crate::process::PidRef;
 use crate::sandbox::SandboxError;
 use crate::spawn::SpawnFailure;
@@ -47,6 +47,8 @@ impl Agent {
                 self.worker_exited(&site, g, id);
             } else if self.execs.contains_key(&pid) {
                 self.exec_exited(pid);
+            } else if let Some(id) = self.zygote_pids.get(&pid).copied() {
+                self.zygote_exited(id);
             } else if let Some(p) = rustix::process::Pid::from_raw(pid) {
                 match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
                     Ok(_) => debug!(pid, "reaped an orphaned descendant"),
@@ -246,7 +248,7 @@ impl Agent {
                 SpawnFailure::Watch(e)
             })?;
         self.hold_pipe(&super::holder::pipe_name(name, g, id, pid), pipe_r.as_fd());
-        self.read_pipe(name, id, pid, pipe_r);
+        self.read_pipe(name, Writer::Worker(id.0), pid, pipe_r);
         let worker = WorkerId {
             generation: g,
             slot: id,
@@ -275,14 +277,14 @@ impl Agent {
     }
 
     /// Reads a worker's output pipe from now on.
-    pub(super) fn read_pipe(&mut self, name: &SiteName, id: Slot, pid: i32, fd: OwnedFd) {
+    pub(super) fn read_pipe(&mut self, name: &SiteName, writer: Writer, pid: i32, fd: OwnedFd) {
         match self.reg.arm(fd.as_fd(), Interest::Readable, Source::Pipe) {
             Ok(t) => {
                 self.pipes.insert(
                     t,
                     Pipe {
                         site: name.clone(),
-                        id,
+                        writer,
                         pid,
                         fd,
                         splitter: LineSplitter::default(),
@@ -290,7 +292,7 @@ impl Agent {
                     },
                 );
             }
-            Err(e) => warn!(site = %name, worker = %id, "worker output is not captured: {e}"),
+            Err(e) => warn!(site = %name, "the output of {writer} is not captured: {e}"),
         }
     }
 
@@ -310,14 +312,17 @@ impl Agent {
                 }
                 Ok(n) => {
                     let hint = |line: &[u8]| {
+                        let Writer::Worker(id) = pipe.writer else {
+                            return None;
+                        };
                         self.sites
                             .get(&pipe.site)
                             .and_then(|s| s.io.sandbox.as_ref())
-                            .and_then(|p| p.bind_refusal_hint(pipe.id.0, line))
+                            .and_then(|p| p.bind_refusal_hint(id, line))
                     };
                     let hinted = &mut pipe.hinted;
                     pipe.splitter.feed(&buf[..n], |line| {
-                        records.push(logs::record(pipe.id.0, pipe.pid, line, now));
+                        records.push(logs::record(pipe.writer, pipe.pid, line, now));
                         // Once per process, right after the line it explains.
                         if !*hinted {
                             if let Some(h) = hint(line) {
@@ -333,7 +338,7 @@ impl Agent {
                 Err(rustix::io::Errno::AGAIN) => break,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
-                    warn!(site = %pipe.site, worker = %pipe.id, "failed to read worker output: {e}");
+                    warn!(site = %pipe.site, "failed to read the output of {}: {e}", pipe.writer);
                     eof = true;
                     break;
                 }
@@ -342,7 +347,7 @@ impl Agent {
         if eof {
             pipe.splitter.feed(b"", |_| {});
             pipe.splitter
-                .finish(|line| records.push(logs::record(pipe.id.0, pipe.pid, line, now)));
+                .finish(|line| records.push(logs::record(pipe.writer, pipe.pid, line, now)));
         }
         self.write_records(&pipe.site, &records);
         if !eof {
@@ -354,7 +359,7 @@ impl Agent {
                     self.pipes.insert(t, pipe);
                 }
                 Err(e) => {
-                    warn!(site = %pipe.site, worker = %pipe.id, "stopped capturing worker output: {e}")
+                    warn!(site = %pipe.site, "stopped capturing the output of {}: {e}", pipe.writer)
                 }
             }
         }

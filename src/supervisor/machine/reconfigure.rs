@@ -3,7 +3,9 @@
 //! Only `workers` changed: the site scales. Anything else: the new policies apply, and
 //! the serving generation's workers restart one at a time (a rolling restart, which stops
 //! at a worker that does not stay up). A changed `mode` gives the generation a zygote (started
-//! by the first spawn that needs it), or stops its zygote. Changed limits are written to the cgroups; with a
+//! by the first spawn that needs it), or stops its zygote; any other change to a zygote-mode
+//! site replaces its zygote (the workers the rolling restart starts are forked from one
+//! that runs the new configuration). Changed limits are written to the cgroups; with a
 //! budget, the cap decides how many of the requested workers run. The loop binds what is
 //! new (listeners) before, and refuses the whole reload when any site cannot take it
 //! ([`SiteMachine::reconfigure_refusal`]), so nothing here can fail.
@@ -55,8 +57,14 @@ impl SiteMachine {
                 None => config.clone(),
             };
         }
-        if mode_changed {
+        let to_zygote = config.mode == crate::config::SiteMode::Zygote;
+        if mode_changed && to_zygote {
+            // Before the count changes: the spawns it asks for wait for the zygote.
             self.mode_changed(serving, now, out);
+        } else if !mode_changed && !only_count {
+            // The zygote runs the old configuration: workers restarted from now on are
+            // forked from one that runs the new one.
+            self.replace_zygote(serving, out);
         }
         self.config = config;
         self.requested = workers;
@@ -78,6 +86,11 @@ impl SiteMachine {
             self.refresh_capacity(obs, now, out);
         } else {
             self.feed(serving, slots::Input::ScaleRequested(workers), now, out);
+        }
+        // After the cap and the count: the spawns a zygote held and exec mode now carries
+        // out are only those of slots still wanted.
+        if mode_changed && !to_zygote {
+            self.mode_changed(serving, now, out);
         }
         // A site stopped (or stopping) stays so: it runs the new configuration when it is
         // started. (`RestartRequested` would start it: that is `restart` of a stopped site.)

@@ -352,6 +352,31 @@ impl SiteMachine {
         }
     }
 
+    /// Generation `g`'s configuration changed (a reload, not only its worker count): its
+    /// zygote, which runs the old one, is stopped; the next spawn starts a new one (never
+    /// two: one still stopping is waited for). Its workers run on until the rolling restart
+    /// reaches them.
+    pub(super) fn replace_zygote(&mut self, g: GenId, out: &mut Vec<Action>) {
+        let Some(z) = self.gens.get_mut(&g).and_then(|g| g.zygote.as_mut()) else {
+            return;
+        };
+        match z.phase {
+            ZygotePhase::Starting { .. } | ZygotePhase::Ready => {
+                z.phase = ZygotePhase::Stopping { retry: None };
+                out.push(Action::StopZygote(g));
+            }
+            // Started again at once when a spawn needs it: the old configuration's
+            // failures say nothing of the new one's.
+            ZygotePhase::Backoff { .. } => z.phase = ZygotePhase::Stopped,
+            ZygotePhase::Stopping { retry } => {
+                if retry.is_some() {
+                    z.phase = ZygotePhase::Stopping { retry: None };
+                }
+            }
+            ZygotePhase::Stopped => {}
+        }
+    }
+
     /// The spawns generation `g` held fail: its zygote did not become ready.
     fn fail_held(
         &mut self,

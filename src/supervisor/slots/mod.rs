@@ -180,19 +180,34 @@ impl SiteCore {
                 slot.phase = Phase::Starting { deadline: None };
                 true
             }
+            // Asked to stop in the same input that asked for it (a rolling restart moving
+            // on): held too, so that the caller ends it as never started.
+            Some(slot) if matches!(slot.phase, Phase::Stopping { .. }) && slot.pid.is_none() => {
+                true
+            }
             _ => false,
         }
     }
 
     /// A spawn held back (`hold_spawn`) is carried out now: its ready deadline, and its
     /// start time for the crash history, count from `now`. Whether the slot still waits for
-    /// it (`Starting`, no process reported).
+    /// it (`Starting`, no process reported) and may start: if the count fell meanwhile and
+    /// slots on their way out still hold more processes than it allows, the slot waits,
+    /// stopped, for one of them to exit (as `spawn` would have made it), and this is false.
     pub fn release_spawn(&mut self, id: Slot, now: Instant) -> bool {
         let deadline = match self.policies.ready.check {
             ReadyCheck::None => None,
             _ => Some(now + self.policies.ready.timeout),
         };
+        // `live` counts the held slot itself.
+        let over = self.live() > self.desired as usize;
         match self.slots.get_mut(&id) {
+            Some(slot)
+                if over && matches!(slot.phase, Phase::Starting { .. }) && slot.pid.is_none() =>
+            {
+                slot.phase = Phase::Stopped;
+                false
+            }
             Some(slot) if matches!(slot.phase, Phase::Starting { .. }) && slot.pid.is_none() => {
                 slot.phase = Phase::Starting { deadline };
                 slot.started = Some(now);

@@ -434,6 +434,39 @@ fn a_reload_to_zygote_mode_and_back() {
 }
 
 #[test]
+fn a_reload_that_changes_a_zygote_site_replaces_its_zygote() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(zsite("workers = 2\n"), None, None, t);
+    world(&mut m, Input::Start(None), t, true);
+    let (_, t) = run_until(&mut m, t, true, |m| m.current().slots.is_settled());
+    assert_eq!(phase(&m, 1), Some(ZygotePhase::Ready));
+    // Only the count: the zygote stays.
+    let mut more = m.config().clone();
+    more.workers = 3;
+    let a = send(&mut m, Input::Reconfigure(Box::new(more)), &Quiet, t);
+    assert_eq!(zygote_actions(&a), vec![]);
+    assert_eq!(spawned(&a), vec![(1, 2)]);
+    send(&mut m, ready(1, 2), &Quiet, t);
+    // Anything else: the zygote is replaced before a worker is forked again.
+    let mut changed = m.config().clone();
+    changed.env.insert("FLAVOUR".into(), "spicy".into());
+    let a = send(&mut m, Input::Reconfigure(Box::new(changed)), &Quiet, t);
+    assert_eq!(zygote_actions(&a), vec![Action::StopZygote(GenId(1))]);
+    assert!(matches!(phase(&m, 1), Some(ZygotePhase::Stopping { .. })));
+    let b = world(&mut m, zexit(1, "exited with status 0"), t, true);
+    let (c, _) = run_until(&mut m, t, true, |m| {
+        m.current().slots.is_settled() && !m.current().slots.is_restarting()
+    });
+    let all: Vec<Action> = a.into_iter().chain(b).chain(c).collect();
+    let at = |f: &dyn Fn(&Action) -> bool| all.iter().position(f);
+    let start = at(&|x| matches!(x, Action::StartZygote(_))).expect("a new zygote");
+    let first_spawn = at(&|x| matches!(x, Action::Spawn { .. })).expect("spawns");
+    assert!(start < first_spawn, "{all:?}");
+    assert_eq!(spawned(&all).len(), 3, "every worker restarted: {all:?}");
+    assert_eq!(zygote_actions(&all).len(), 2, "{all:?}");
+}
+
+#[test]
 fn a_reload_to_exec_mode_carries_out_the_spawns_the_zygote_held() {
     let t = Instant::now();
     let (mut m, _) = SiteMachine::new(zsite("workers = 2\n"), None, None, t);

@@ -1,0 +1,716 @@
+//! Zygote mode in the event loop: a generation's zygote process (started, watched,
+//! stopped), and its workers, forked on request and made the agent's own. The policy
+//! (when a zygote starts, stops, or is replaced; which spawns wait for it) is the site
+//! machine's (`supervisor::machine::zygote`); the protocol is `crate::zygote`'s.
+//!
+//! - **Start** ([`Action::StartZygote`]): the site's `command` is launched like a worker
+//!   (same sandbox, listeners at fds 3.., `NOTIFY_SOCKET`, an output pipe whose lines are
+//!   logged as `zygote[pid]`) in its own cgroup leaf `gen-<N>/zygote` (counted in the
+//!   site's budget, with no per-worker limit), with its end of a new link at the next fd,
+//!   named by `HATCHERY_ZYGOTE_FD`. Its `READY 1` on the link is
+//!   [`Input::ZygoteReady`]; its exit (pidfd), or a failure to start it, is
+//!   [`Input::ZygoteExited`].
+//! - **Spawn** of a zygote-mode generation ([`Action::Spawn`]): a `FORK` is sent with the
+//!   write end of the worker's new output pipe, and the loop goes on; the answer comes on
+//!   the link. A `FORKED` worker (checked to be the agent's own child) gets a fresh leaf
+//!   `gen-<N>/w-<K>` with the per-worker limits, is moved into it, and only then told to
+//!   proceed: no application code runs outside its leaf. From there it is a worker like
+//!   an exec one (pidfd, output, notifications, exit, OOM). `FAILED`, or no answer within
+//!   the generation's `ready.timeout`, fails the spawn (as a crash); a zygote that does
+//!   not answer in time is killed (it is replaced as one that died).
+//! - **Stop** ([`Action::StopZygote`]): its stop signal (`stop.signal`), and `SIGKILL`
+//!   (its leaf's `cgroup.kill`) after `stop.timeout`. A zygote outlives its generation
+//!   (retired, or its site removed) until it has exited; only then is its leaf removed.
+//! - A zygote that breaks the protocol is killed. Its workers are not its children and
+//!   live on whatever happens to it.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{debug, error, info, warn};
+
+use super::reactor::Interest;
+use super::sites::Worker;
+use super::{Agent, Source};
+use crate::cgroup::CgroupTree;
+use crate::config::SiteName;
+use crate::logs::Writer;
+use crate::process::PidRef;
+use crate::sandbox::SandboxError;
+use crate::spawn::SpawnFailure;
+use crate::supervisor::ids::{GenId, Slot, WorkerId};
+use crate::supervisor::machine::Input;
+use crate::supervisor::slots::{ExitReason, Input as SlotInput};
+use crate::zygote::{Answer, Forked, ZygoteError, ZygoteLink};
+
+/// A zygote process.
+#[derive(Debug)]
+pub(super) struct Zygote {
+    pub site: SiteName,
+    pub generation: GenId,
+    pub pidref: PidRef,
+    /// Its pidfd's registration.
+    pid_token: u64,
+    link: ZygoteLink,
+    /// The link's registration; `None` once the link reached its end.
+    link_token: Option<u64>,
+    /// Its cgroup leaf.
+    pub cgroup: Option<PathBuf>,
+    /// It said `READY`.
+    ready: bool,
+    /// `FORK`s not answered yet, by request id.
+    pending: BTreeMap<u64, PendingFork>,
+    /// Asked to stop: killed at this time if it still runs.
+    kill_at: Option<Instant>,
+    /// Its generation is gone (retired, or its site removed): only its exit is awaited.
+    detached: bool,
+    /// Killed: only its exit is awaited (no deadline applies any more).
+    killed: bool,
+}
+
+/// A `FORK` sent, waiting for its answer.
+#[derive(Debug)]
+struct PendingFork {
+    slot: Slot,
+    /// The read end of the worker's output pipe.
+    output: OwnedFd,
+    /// When it was asked for.
+    asked: Instant,
+    /// When the zygote is given up on if it has not answered.
+    deadline: Instant,
+}
+
+/// How long a zygote asked to stop has, when its configuration cannot be found any more.
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Agent {
+    /// The live zygote of generation `g` of site `name`, by its number.
+    fn zygote_of(&self, name: &SiteName, g: GenId) -> Option<u64> {
+        self.zygotes
+            .iter()
+            .find(|(_, z)| !z.detached && z.generation == g && &z.site == name)
+            .map(|(id, _)| *id)
+    }
+
+    /// The zygote of generation `g` of site `name`, for `status`.
+    pub(super) fn zygote_process(&self, name: &SiteName, g: GenId) -> Option<&Zygote> {
+        self.zygote_of(name, g).and_then(|id| self.zygotes.get(&id))
+    }
+
+    /// Whether spawns of generation `g` of site `name` are forks from its zygote.
+    pub(super) fn forks_from_zygote(&self, name: &SiteName, g: GenId) -> bool {
+        self.sites
+            .get(name)
+            .and_then(|s| s.machine.generation(g))
+            .is_some_and(|x| x.zygote.is_some() && x.config.mode == crate::config::SiteMode::Zygote)
+    }
+
+    /// Starts generation `g`'s zygote; on failure, the input saying it ended.
+    pub(super) fn start_zygote(&mut self, name: &SiteName, g: GenId) -> Option<Input> {
+        if let Some(old) = self.zygote_of(name, g) {
+            // The machine starts at most one per generation; a process it forgot about
+            // (it was told the zygote ended) must not serve the new one's forks.
+            warn!(site = %name, gen = g.0, "a zygote of gen-{g} is still running: detached, and killed");
+            self.detach_zygote(old, true);
+        }
+        match self.try_start_zygote(name, g) {
+            Ok(pid) => {
+                info!(site = %name, gen = g.0, pid, "zygote started");
+                None
+            }
+            Err(failure) => {
+                let reason = format!("failed to start: {}", failure.describe());
+                error!(site = %name, gen = g.0, "zygote {reason}");
+                Some(Input::ZygoteExited {
+                    generation: g,
+                    reason,
+                })
+            }
+        }
+    }
+
+    fn try_start_zygote(&mut self, name: &SiteName, g: GenId) -> Result<i32, SpawnFailure> {
+        let notify_path = self.notify.path.clone();
+        let plan = self.site_sandbox(name)?;
+        let site = self
+            .sites
+            .get(name)
+            .expect("a zygote is started in a site that exists");
+        let config = &site
+            .machine
+            .generation(g)
+            .expect("a zygote is started in a generation that exists")
+            .config;
+        let listeners = &site
+            .io
+            .gens
+            .get(&g)
+            .expect("a generation's listeners are bound before it starts")
+            .listeners;
+        if let Some(root) = &config.sandbox.root {
+            crate::sandbox::check_root_path(root).map_err(SandboxError::Root)?;
+        }
+        let link_fd = 3 + listeners.len();
+        let mut image = crate::spawn::zygote_image(config, listeners, &notify_path, g.0, link_fd)?;
+        image.set_sandbox(plan);
+        let (link, theirs) = ZygoteLink::pair().map_err(SpawnFailure::Pipe)?;
+        let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| SpawnFailure::Pipe(e.into()))?;
+        rustix::io::ioctl_fionbio(&pipe_r, true).map_err(|e| SpawnFailure::Pipe(e.into()))?;
+        let mut fds: Vec<BorrowedFd<'_>> =
+            vec![self.devnull.as_fd(), pipe_w.as_fd(), pipe_w.as_fd()];
+        fds.extend(listeners.iter().map(|l| l.fd.as_fd()));
+        fds.push(theirs.as_fd());
+        let leaf = match (&self.cgroups, &mut self.graveyard) {
+            (Some(tree), Some(graveyard)) => Some(crate::spawn::Leaf {
+                tree,
+                graveyard,
+                site: name.as_str(),
+                generation: g.0,
+                name: "zygote".to_string(),
+                limits: None,
+            }),
+            _ => None,
+        };
+        let spawned = crate::spawn::launch(&mut image, &fds, leaf, &mut self.fd_block);
+        drop(fds);
+        drop(pipe_w);
+        drop(theirs);
+        let spawned = spawned?;
+        let pid = spawned.pid;
+        let pidref = PidRef::new(pid, spawned.pidfd);
+        self.next_zygote += 1;
+        let id = self.next_zygote;
+        let armed = self
+            .reg
+            .arm(pidref.as_fd(), Interest::Readable, Source::ZygoteExit(id))
+            .and_then(|pid_token| {
+                self.reg
+                    .arm(link.fd(), Interest::Readable, Source::ZygoteLink(id))
+                    .map(|link_token| (pid_token, link_token))
+            });
+        let (pid_token, link_token) = match armed {
+            Ok(t) => t,
+            Err(e) => {
+                // Its exit is reaped as an orphan's; its leaf goes with the generation.
+                let _ = pidref.signal(libc::SIGKILL);
+                return Err(SpawnFailure::Watch(e));
+            }
+        };
+        self.read_pipe(name, Writer::Zygote, pid, pipe_r);
+        self.zygote_pids.insert(pid, id);
+        self.zygotes.insert(
+            id,
+            Zygote {
+                site: name.clone(),
+                generation: g,
+                pidref,
+                pid_token,
+                link,
+                link_token: Some(link_token),
+                cgroup: spawned.leaf,
+                ready: false,
+                pending: BTreeMap::new(),
+                kill_at: None,
+                detached: false,
+                killed: false,
+            },
+        );
+        Ok(pid)
+    }
+
+    /// Asks generation `g`'s zygote for the worker of `slot`. The answer comes later on
+    /// the link ([`Agent::on_zygote_link`]); a request that cannot even be made fails the
+    /// spawn now.
+    pub(super) fn fork_worker(
+        &mut self,
+        name: &SiteName,
+        g: GenId,
+        slot: Slot,
+    ) -> Option<SlotInput> {
+        let failed = |error: String| {
+            error!(site = %name, gen = g.0, worker = %slot, "failed to spawn: {error}");
+            Some(SlotInput::SpawnFailed {
+                id: slot,
+                error,
+                permanent: false,
+            })
+        };
+        let timeout = self
+            .sites
+            .get(name)
+            .and_then(|s| s.machine.generation(g))
+            .map_or(DEFAULT_STOP_TIMEOUT, |x| x.config.ready.timeout);
+        let Some(z) = self
+            .zygote_of(name, g)
+            .and_then(|id| self.zygotes.get_mut(&id))
+            .filter(|z| z.ready)
+        else {
+            return failed("the generation's zygote is not ready".into());
+        };
+        let pipe = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).and_then(|(r, w)| {
+            rustix::io::ioctl_fionbio(&r, true)?;
+            Ok((r, w))
+        });
+        let (pipe_r, pipe_w) = match pipe {
+            Ok(p) => p,
+            Err(e) => return failed(format!("failed to create the output pipe: {e}")),
+        };
+        match z.link.request_fork(slot.0, pipe_w.as_fd()) {
+            Ok(request) => {
+                let now = Instant::now();
+                z.pending.insert(
+                    request,
+                    PendingFork {
+                        slot,
+                        output: pipe_r,
+                        asked: now,
+                        deadline: now + timeout,
+                    },
+                );
+                None
+            }
+            Err(e) => failed(format!("the zygote cannot be asked to fork: {e}")),
+        }
+    }
+
+    /// The zygote's link is readable: its `READY`, answers to `FORK`s, or its end.
+    pub(super) fn on_zygote_link(&mut self, id: u64) {
+        let Some(z) = self.zygotes.get_mut(&id) else {
+            return;
+        };
+        z.link_token = None;
+        let (site, g) = (z.site.clone(), z.generation);
+        if !z.ready {
+            match z.link.read_ready() {
+                Ok(Some(_)) => {
+                    z.ready = true;
+                    debug!(site = %site, gen = g.0, pid = z.pidref.pid(), "zygote ready");
+                    let detached = z.detached;
+                    self.rearm_link(id);
+                    if !detached {
+                        self.feed(&site, Input::ZygoteReady(g));
+                    }
+                }
+                Ok(None) => self.rearm_link(id),
+                Err(ZygoteError::Closed) => {
+                    debug!(site = %site, gen = g.0, "the zygote closed its link before READY");
+                }
+                Err(e) => self.zygote_broke(id, &e),
+            }
+            return;
+        }
+        let (answers, end) = self.drain_answers(id);
+        if let Some(e) = &end {
+            if !matches!(e, ZygoteError::Closed) {
+                self.zygote_broke(id, e);
+            }
+        } else {
+            self.rearm_link(id);
+        }
+        for (slot, answer, output) in answers {
+            self.take_forked(id, &site, g, slot, answer, output);
+        }
+    }
+
+    /// Reads every answer waiting on zygote `id`'s link, with the pending fork each
+    /// answers (answers to forks already given up on are dropped: their workers exit
+    /// without running application code); and why reading stopped, if not because
+    /// nothing more is there.
+    #[allow(clippy::type_complexity)]
+    fn drain_answers(&mut self, id: u64) -> (Vec<(Slot, Answer, OwnedFd)>, Option<ZygoteError>) {
+        let mut answers = Vec::new();
+        let Some(z) = self.zygotes.get_mut(&id) else {
+            return (answers, None);
+        };
+        loop {
+            match z.link.read_answer() {
+                Ok(Some(answer)) => match z.pending.remove(&answer.request) {
+                    Some(p) => {
+                        debug!(site = %z.site, gen = z.generation.0, worker = %p.slot, "fork answered in {} µs", p.asked.elapsed().as_micros());
+                        answers.push((p.slot, answer, p.output));
+                    }
+                    None => {
+                        debug!(site = %z.site, request = answer.request, "a late fork answer dropped");
+                    }
+                },
+                Ok(None) => return (answers, None),
+                Err(e) => return (answers, Some(e)),
+            }
+        }
+    }
+
+    /// A worker the zygote forked (or failed to): moved into its own leaf and let go, then
+    /// reported to the site's machine as a spawn.
+    fn take_forked(
+        &mut self,
+        zygote: u64,
+        name: &SiteName,
+        g: GenId,
+        slot: Slot,
+        answer: Answer,
+        output: OwnedFd,
+    ) {
+        let input = match self.let_forked_go(name, g, slot, answer, output) {
+            Ok(pid) => SlotInput::Spawned { id: slot, pid },
+            Err(error) => {
+                error!(site = %name, gen = g.0, worker = %slot, "failed to spawn: {error}");
+                SlotInput::SpawnFailed {
+                    id: slot,
+                    error,
+                    permanent: false,
+                }
+            }
+        };
+        let detached = self.zygotes.get(&zygote).is_none_or(|z| z.detached);
+        if detached && matches!(input, SlotInput::SpawnFailed { .. }) {
+            return;
+        }
+        self.feed(
+            name,
+            Input::Worker {
+                generation: g,
+                input,
+            },
+        );
+    }
+
+    fn let_forked_go(
+        &mut self,
+        name: &SiteName,
+        g: GenId,
+        slot: Slot,
+        answer: Answer,
+        output: OwnedFd,
+    ) -> Result<i32, String> {
+        let Forked { pid, pidfd, go } = answer.into_forked(slot.0).map_err(|e| e.to_string())?;
+        let pidref = PidRef::new(pid, pidfd);
+        // Whatever fails from here, the worker must not run: its go pipe closes unwritten
+        // (it exits 1 before any application code) and it is killed to be sure.
+        let refuse = |pidref: &PidRef, why: String| {
+            let _ = pidref.signal(libc::SIGKILL);
+            why
+        };
+        let limits = self
+            .sites
+            .get(name)
+            .and_then(|s| s.machine.generation(g))
+            .map(|x| x.config.limits);
+        let Some(limits) = limits else {
+            return Err(refuse(&pidref, "its generation is gone".into()));
+        };
+        let leaf = match (&self.cgroups, &mut self.graveyard) {
+            (Some(tree), Some(graveyard)) => {
+                let made = tree
+                    .new_leaf(name.as_str(), g.0, &format!("w-{slot}"))
+                    .map_err(|e| format!("{e}: {}", super::error_chain(&e)));
+                let (dir, _fd) = made.map_err(|e| refuse(&pidref, e))?;
+                let moved = CgroupTree::apply_worker_limits(&dir, &limits)
+                    .and_then(|()| CgroupTree::move_into(&dir, pid));
+                if let Err(e) = moved {
+                    let why = refuse(&pidref, format!("{e}: {}", super::error_chain(&e)));
+                    let _ = tree.retire(&dir, graveyard);
+                    return Err(why);
+                }
+                Some(dir)
+            }
+            _ => None,
+        };
+        let token = self
+            .reg
+            .arm(
+                pidref.as_fd(),
+                Interest::Readable,
+                Source::Pidfd(
+                    name.clone(),
+                    WorkerId {
+                        generation: g,
+                        slot,
+                    },
+                ),
+            )
+            .map_err(|e| refuse(&pidref, format!("failed to watch the worker: {e}")))?;
+        if let Err(e) = crate::zygote::let_go(go) {
+            self.reg.tokens.remove(&token);
+            return Err(refuse(
+                &pidref,
+                format!("failed to tell the worker to go: {e}"),
+            ));
+        }
+        self.hold_pipe(
+            &super::holder::pipe_name(name, g, slot, pid),
+            output.as_fd(),
+        );
+        self.read_pipe(name, Writer::Worker(slot.0), pid, output);
+        self.pids.insert(
+            pid,
+            (
+                name.clone(),
+                WorkerId {
+                    generation: g,
+                    slot,
+                },
+            ),
+        );
+        let gen_io = self
+            .sites
+            .get_mut(name)
+            .and_then(|s| s.io.gens.get_mut(&g))
+            .ok_or_else(|| refuse(&pidref, "its generation is gone".into()))?;
+        gen_io.workers.insert(
+            slot,
+            Worker {
+                adopted: false,
+                token,
+                cgroup: leaf,
+                started_wall: SystemTime::now(),
+                // Our child, not yet reaped: the pid is still its own.
+                start_time: crate::process::read_stat(pid).ok().map(|s| s.start_time),
+                pidref,
+            },
+        );
+        self.workers_dirty = true;
+        debug!(site = %name, gen = g.0, worker = %slot, pid, "forked by the zygote");
+        Ok(pid)
+    }
+
+    fn rearm_link(&mut self, id: u64) {
+        let Some(z) = self.zygotes.get_mut(&id) else {
+            return;
+        };
+        match self
+            .reg
+            .arm(z.link.fd(), Interest::Readable, Source::ZygoteLink(id))
+        {
+            Ok(t) => z.link_token = Some(t),
+            Err(e) => {
+                error!(site = %z.site, gen = z.generation.0, "failed to watch the zygote's link ({e}): killing it");
+                let _ = z.pidref.signal(libc::SIGKILL);
+            }
+        }
+    }
+
+    /// The zygote broke the protocol, or its link failed: killed (its exit follows).
+    fn zygote_broke(&mut self, id: u64, e: &ZygoteError) {
+        let Some(z) = self.zygotes.get_mut(&id) else {
+            return;
+        };
+        error!(site = %z.site, gen = z.generation.0, pid = z.pidref.pid(), "the zygote's link failed ({e}: {}): killing it", super::error_chain(e));
+        self.kill_zygote(id);
+    }
+
+    /// Kills a zygote and whatever is still in its leaf (forks not yet let go).
+    fn kill_zygote(&mut self, id: u64) {
+        let Some(z) = self.zygotes.get_mut(&id) else {
+            return;
+        };
+        z.killed = true;
+        let killed = match (&self.cgroups, &z.cgroup) {
+            (Some(tree), Some(dir)) => tree.kill(dir).map_err(|e| e.to_string()),
+            _ => z.pidref.signal(libc::SIGKILL).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = killed {
+            warn!(site = %z.site, gen = z.generation.0, "failed to kill the zygote: {e}");
+            let _ = z.pidref.signal(libc::SIGKILL);
+        }
+    }
+
+    /// Sends generation `g`'s zygote its stop signal; it is killed if it still runs after
+    /// `stop.timeout`.
+    pub(super) fn stop_zygote(&mut self, name: &SiteName, g: GenId) {
+        let Some(id) = self.zygote_of(name, g) else {
+            return;
+        };
+        let stop = self
+            .sites
+            .get(name)
+            .and_then(|s| s.machine.generation(g))
+            .map(|x| x.config.stop);
+        self.ask_zygote_to_stop(id, stop);
+    }
+
+    fn ask_zygote_to_stop(&mut self, id: u64, stop: Option<crate::config::StopPolicy>) {
+        let Some(z) = self.zygotes.get_mut(&id) else {
+            return;
+        };
+        if z.kill_at.is_some() || z.killed {
+            return;
+        }
+        let (signal, timeout) = stop.map_or((libc::SIGTERM, DEFAULT_STOP_TIMEOUT), |s| {
+            (s.signal.0, s.timeout)
+        });
+        if let Err(e) = z.pidref.signal(signal) {
+            debug!(site = %z.site, gen = z.generation.0, "failed to signal the zygote: {e}");
+        }
+        z.kill_at = Some(Instant::now() + timeout);
+    }
+
+    /// Generation `g` of site `name` is gone (retired, or the site removed): its zygote, if
+    /// one still runs, is asked to stop (or killed) and forgotten by the site; its exit is
+    /// still awaited, to reap it and remove its leaf.
+    pub(super) fn detach_zygotes(&mut self, name: &SiteName, g: Option<GenId>) {
+        let ids: Vec<u64> = self
+            .zygotes
+            .iter()
+            .filter(|(_, z)| !z.detached && &z.site == name && g.is_none_or(|g| z.generation == g))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.detach_zygote(id, false);
+        }
+    }
+
+    fn detach_zygote(&mut self, id: u64, kill: bool) {
+        let Some(z) = self.zygotes.get_mut(&id) else {
+            return;
+        };
+        z.detached = true;
+        // Forks asked for by a generation that is gone: their workers never run.
+        z.pending.clear();
+        if kill {
+            self.kill_zygote(id);
+        } else {
+            self.ask_zygote_to_stop(id, None);
+        }
+    }
+
+    /// A zygote exited (its pidfd, or found by `reap`): the answers it sent before are
+    /// taken, the forks it did not answer fail, its leaf goes, and its generation's
+    /// machine is told.
+    pub(super) fn zygote_exited(&mut self, id: u64) {
+        let exited = match self.zygotes.get(&id).map(|z| z.pidref.try_wait()) {
+            None => return,
+            Some(Ok(Some(reason))) => reason,
+            // Not exited after all (spurious wake-up): watch again.
+            Some(Ok(None)) => {
+                let z = self.zygotes.get_mut(&id).expect("looked up above");
+                match self
+                    .reg
+                    .arm(z.pidref.as_fd(), Interest::Readable, Source::ZygoteExit(id))
+                {
+                    Ok(t) => z.pid_token = t,
+                    Err(e) => error!(site = %z.site, "failed to watch the zygote's pidfd: {e}"),
+                }
+                return;
+            }
+            Some(Err(e)) => {
+                error!("waitid on a zygote failed: {e}");
+                ExitReason::Exited { code: -1 }
+            }
+        };
+        // Workers it forked and reported before it ended are real and waiting for their
+        // go: let them go before failing the rest.
+        let (answers, _) = if self.zygotes.get(&id).is_some_and(|z| z.ready) {
+            self.drain_answers(id)
+        } else {
+            (Vec::new(), None)
+        };
+        let z = self.zygotes.remove(&id).expect("looked up above");
+        let (site, g) = (z.site.clone(), z.generation);
+        for (slot, answer, output) in answers {
+            if !z.detached {
+                self.take_forked(id, &site, g, slot, answer, output);
+            }
+        }
+        self.reg.tokens.remove(&z.pid_token);
+        if let Some(t) = z.link_token {
+            self.reg.tokens.remove(&t);
+            let _ = self.reg.reactor.disarm(z.link.fd(), t);
+        }
+        self.zygote_pids.remove(&z.pidref.pid());
+        let reason = match (&exited, z.cgroup.as_deref()) {
+            (
+                ExitReason::Signaled {
+                    signal: libc::SIGKILL,
+                },
+                Some(dir),
+            ) if crate::cgroup::oom_kills(dir).is_some_and(|n| n > 0) => ExitReason::OomKilled,
+            _ => exited,
+        };
+        if let (Some(tree), Some(dir), Some(graveyard)) =
+            (&self.cgroups, &z.cgroup, &mut self.graveyard)
+        {
+            if let Err(e) = tree.retire(dir, graveyard) {
+                warn!(site = %site, gen = g.0, "failed to kill what the zygote left behind: {e}");
+            }
+        }
+        let asked = z.kill_at.is_some() || z.killed || z.detached || self.shutting_down;
+        if asked {
+            debug!(site = %site, gen = g.0, pid = z.pidref.pid(), "zygote {reason}");
+        } else {
+            warn!(site = %site, gen = g.0, pid = z.pidref.pid(), "zygote {reason}");
+        }
+        if z.detached {
+            return;
+        }
+        for p in z.pending.into_values() {
+            let input = SlotInput::SpawnFailed {
+                id: p.slot,
+                error: format!("the zygote ended before it forked the worker: {reason}"),
+                permanent: false,
+            };
+            self.feed(
+                &site,
+                Input::Worker {
+                    generation: g,
+                    input,
+                },
+            );
+        }
+        self.feed(
+            &site,
+            Input::ZygoteExited {
+                generation: g,
+                reason: reason.to_string(),
+            },
+        );
+    }
+
+    /// The earliest time a zygote needs looking at (a kill due, a fork unanswered).
+    pub(super) fn zygote_deadline(&self) -> Option<Instant> {
+        self.zygotes
+            .values()
+            .filter(|z| !z.killed)
+            .flat_map(|z| {
+                z.kill_at
+                    .into_iter()
+                    .chain(z.pending.values().map(|p| p.deadline))
+            })
+            .min()
+    }
+
+    /// Zygotes that did not stop in time are killed; those that did not answer a fork in
+    /// time are killed too (they are replaced as zygotes that died), and the fork fails.
+    pub(super) fn zygote_deadlines(&mut self, now: Instant) {
+        let due: Vec<(u64, bool)> = self
+            .zygotes
+            .iter()
+            .filter(|(_, z)| !z.killed)
+            .filter_map(|(id, z)| {
+                let stop = z.kill_at.is_some_and(|t| t <= now);
+                let hung = z.pending.values().any(|p| p.deadline <= now);
+                (stop || hung).then_some((*id, hung))
+            })
+            .collect();
+        for (id, hung) in due {
+            if let Some(z) = self.zygotes.get(&id) {
+                if hung {
+                    error!(site = %z.site, gen = z.generation.0, pid = z.pidref.pid(), "the zygote did not answer a fork in time: killing it");
+                } else {
+                    warn!(site = %z.site, gen = z.generation.0, pid = z.pidref.pid(), "stop timeout: killing the zygote");
+                }
+            }
+            self.kill_zygote(id);
+        }
+    }
+
+    /// At the agent's exit: zygotes still running are killed.
+    pub(super) fn kill_zygotes(&mut self) {
+        let ids: Vec<u64> = self.zygotes.keys().copied().collect();
+        for id in ids {
+            self.kill_zygote(id);
+        }
+    }
+}

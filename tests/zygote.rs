@@ -1,0 +1,241 @@
+//! Zygote mode end to end (issue 12): the real agent starts a generation's zygote (the
+//! demo zygote, `hatchery __demo-zygote`), forks its workers from it into their own
+//! cgroup leaves, replaces a zygote that dies without losing a worker, and stops it with
+//! its generation. The Python helper under load through deploys is in `deploy.rs`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+
+fn in_vm() -> bool {
+    std::env::var_os("HATCHERY_IN_VM").is_some()
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Site `z` in zygote mode: the demo zygote with `zygote_args` (its own options, then the
+/// demo worker's), `workers` workers on `port`.
+fn zygote_site(port: u16, workers: u32, zygote_args: &[&str], extra: &str) -> String {
+    let args: Vec<String> = zygote_args.iter().map(|a| format!("{a:?}")).collect();
+    let timeout = if in_vm() { "30s" } else { "10s" };
+    format!(
+        r#"name = "z"
+command = ["{BIN}", "__demo-zygote", {}]
+mode = "zygote"
+workers = {workers}
+{extra}
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:{port}"
+[ready]
+check = "notify"
+timeout = "{timeout}"
+[restart]
+backoff_initial = "100ms"
+"#,
+        args.join(", ")
+    )
+}
+
+/// The answer to `GET /` on `port`, if any.
+fn get(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// The parent pid of `pid`.
+fn ppid(pid: i64) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn zygote(s: &serde_json::Value) -> &serde_json::Value {
+    &s["generations"][0]["zygote"]
+}
+
+fn site_log(agent: &TestAgent) -> String {
+    std::fs::read_to_string(agent.dir.path().join("state/logs/z.log")).unwrap_or_default()
+}
+
+/// Ready workers' pids.
+fn ready_pids(s: &serde_json::Value) -> Vec<i64> {
+    let mut pids: Vec<i64> = s["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter(|w| w["state"] == "ready")
+        .filter_map(|w| w["pid"].as_i64())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Workers are forked by the zygote, become the agent's own children, each in its own
+/// leaf before its first instruction of app code (with cgroups), and serve; a worker that
+/// dies is forked again from the same zygote; `scale` forks more. A zygote that dies takes
+/// no worker with it: the generation is degraded (shown in `status`), a new zygote starts,
+/// a worker that dies meanwhile waits for it, and once it is ready all is as before.
+#[test]
+fn workers_are_forked_into_their_own_leaves_and_outlive_a_zygote_that_dies() {
+    for (reactor, cgroups) in [("io_uring", true), ("epoll", false)] {
+        forked_workers_outlive_their_zygote(reactor, cgroups);
+    }
+}
+
+fn forked_workers_outlive_their_zygote(reactor: &'static str, cgroups: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ready_file = dir.path().join("zygote-may-be-ready");
+    std::fs::write(&ready_file, "").expect("write");
+    let port = free_port();
+    let ready_arg = ready_file.display().to_string();
+    let text = zygote_site(
+        port,
+        2,
+        &["--load-mib", "16", "--ready-when", &ready_arg],
+        "",
+    );
+    let mut agent = TestAgent::start_ready(&[("z", &text)], Options { reactor, cgroups }, "z", 2);
+    let s = agent.status("z");
+    let z = zygote(&s);
+    assert_eq!(z["state"], "ready", "{s:#}");
+    assert_eq!(z["degraded"], false, "{s:#}");
+    let zpid = z["pid"].as_i64().expect("the zygote's pid");
+    let workers = ready_pids(&s);
+    assert_eq!(workers.len(), 2, "{s:#}");
+    for &w in &workers {
+        assert_ne!(w, zpid);
+        assert_eq!(
+            ppid(w),
+            Some(i64::from(agent.pid())),
+            "worker {w} is the agent's own child"
+        );
+    }
+    assert_eq!(ppid(zpid), Some(i64::from(agent.pid())));
+    let body = get(port).expect("an answer");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let uses_cgroups = agent.cgroup_base.is_some();
+    if uses_cgroups {
+        let zleaf = z["cgroup"].as_str().expect("the zygote's leaf");
+        assert!(zleaf.ends_with("/gen-1/zygote"), "{zleaf}");
+        for w in s["workers"].as_array().expect("workers") {
+            let leaf = w["cgroup"].as_str().expect("a worker's leaf");
+            let name = format!("/gen-1/w-{}", w["id"]);
+            assert!(leaf.ends_with(&name), "{leaf}");
+            // What the worker read first thing after its go: already its own leaf.
+            let first = format!("demo worker {} forked into cgroup ", w["id"]);
+            let log = site_log(&agent);
+            let line = log
+                .lines()
+                .find(|l| l.contains(&first))
+                .unwrap_or_else(|| panic!("no line {first:?} in\n{log}"));
+            assert!(line.trim_end().ends_with(&name), "{line}");
+        }
+    }
+    assert!(
+        site_log(&agent).contains(&format!("zygote[{zpid}] demo zygote: loaded 16 MiB")),
+        "{}",
+        site_log(&agent)
+    );
+
+    // A worker killed is forked again, from the same zygote.
+    let victim = workers[0];
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(victim).expect("pid")).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("kill a worker");
+    let s = agent.wait_for("z", "a new worker", Duration::from_secs(30), |s| {
+        let r = ready_pids(s);
+        r.len() == 2 && !r.contains(&victim)
+    });
+    assert_eq!(zygote(&s)["pid"].as_i64(), Some(zpid), "{s:#}");
+
+    // Scale: one more fork.
+    let out = agent.cli(&["scale", "z", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = agent.wait_for("z", "3 ready workers", Duration::from_secs(30), |s| {
+        ready_pids(s).len() == 3
+    });
+    let before = ready_pids(&s);
+
+    // The zygote dies, and the next one is held before its READY: degraded, and the
+    // workers live on.
+    std::fs::remove_file(&ready_file).expect("remove");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(zpid).expect("pid")).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("kill the zygote");
+    let s = agent.wait_for(
+        "z",
+        "a degraded generation with a new zygote starting",
+        Duration::from_secs(30),
+        |s| {
+            let z = zygote(s);
+            z["degraded"] == true
+                && z["state"] == "starting"
+                && z["pid"].as_i64().is_some_and(|p| p != zpid)
+        },
+    );
+    assert_eq!(ready_pids(&s), before, "no worker lost: {s:#}");
+    assert_eq!(zygote(&s)["restarts"], 1, "{s:#}");
+    let text = stdout(&agent.cli(&["status", "z"]));
+    assert!(text.contains("DEGRADED"), "{text}");
+    // A worker that dies meanwhile waits for the new zygote.
+    let victim = before[0];
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(victim).expect("pid")).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("kill a worker");
+    agent.wait_for(
+        "z",
+        "the dead worker's slot waiting",
+        Duration::from_secs(30),
+        |s| ready_pids(s).len() == 2 && s["workers"].as_array().is_some_and(|w| w.len() == 3),
+    );
+    std::fs::write(&ready_file, "").expect("write");
+    let s = agent.wait_for(
+        "z",
+        "the new zygote ready and 3 workers",
+        Duration::from_secs(30),
+        |s| {
+            zygote(s)["state"] == "ready"
+                && zygote(s)["degraded"] == false
+                && ready_pids(s).len() == 3
+        },
+    );
+    let after = ready_pids(&s);
+    assert!(
+        before[1..].iter().all(|p| after.contains(p)),
+        "{before:?} -> {after:?}"
+    );
+    let new_zygote = zygote(&s)["pid"].as_i64().expect("pid");
+    assert_eq!(agent.stop(), Some(0), "{}", agent.agent_log());
+    for p in after.iter().chain([&new_zygote]) {
+        assert!(!alive(*p), "{p} still runs after the agent stopped");
+    }
+    if uses_cgroups {
+        let base = agent.cgroup_base.clone().expect("base");
+        assert!(
+            !base.join("sites").join("z").exists(),
+            "the site's cgroups are removed"
+        );
+    }
+}
