@@ -17,9 +17,10 @@ It serves, in order:
    finish the requests in flight (their responses say ``Connection: close``), send
    ``lifespan.shutdown``, return. The agent's stop deadline bounds all of this.
 
-Limits on what a client controls: a request head of at most 64 KiB and 100 header
-lines, 60 s to send one (also the keep-alive idle time), chunk-size lines within the head
-limit. A request with both Content-Length and Transfer-Encoding is refused (400), as are
+Limits on what a client controls: 1000 connections per worker (more are answered 503
+and closed), a request head of at most 64 KiB and 100 header lines, 60 s to send one
+(also the keep-alive idle time), 60 s for each read of the body (a client that stalls
+longer is taken to have left), chunk-size lines within the head limit. A request with both Content-Length and Transfer-Encoding is refused (400), as are
 transfer codings other than chunked (501).
 
 It does not serve websockets (an upgrade request is an ordinary ``http`` request), HTTP/2
@@ -39,7 +40,9 @@ from urllib.parse import unquote
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
+MAX_CONNECTIONS = 1000
 HEAD_TIMEOUT_S = 60.0
+BODY_TIMEOUT_S = 60.0
 READ_CHUNK_BYTES = 64 * 1024
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 
@@ -56,7 +59,7 @@ class _BadRequest(Exception):
 
 def serve_asgi(app, sockets, ready=None):
     """Serves ``app`` on ``sockets`` until SIGTERM or SIGINT, then returns 0; returns 1 if
-    the app's lifespan startup failed."""
+    the app's lifespan startup or shutdown failed."""
     try:
         asyncio.run(_serve(app, sockets, ready))
     except LifespanFailed as e:
@@ -138,6 +141,8 @@ class _Lifespan:
     async def shutdown(self):
         await self.to_app.put({"type": "lifespan.shutdown"})
         message = await _first(self.from_app, self.task)
+        if message is None and not self.task.cancelled() and self.task.exception() is not None:
+            raise LifespanFailed("lifespan shutdown raised %r" % (self.task.exception(),))
         if message is not None and message.get("type") == "lifespan.shutdown.failed":
             raise LifespanFailed("lifespan shutdown failed: %s" % message.get("message", ""))
 
@@ -162,6 +167,10 @@ class _HttpServer:
 
     async def connection(self, reader, writer):
         task = asyncio.current_task()
+        if len(self.connections) >= MAX_CONNECTIONS:
+            await _simple_response(writer, 503, "too many connections")
+            writer.close()
+            return
         self.connections.add(task)
         try:
             keep_alive = True
@@ -339,8 +348,16 @@ class _Exchange:
             self.continue_expected = False
             self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            body = await (self._read_chunked() if self.chunked else self._read_length())
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+            body = await asyncio.wait_for(
+                self._read_chunked() if self.chunked else self._read_length(), BODY_TIMEOUT_S
+            )
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            asyncio.TimeoutError,
+            ConnectionError,
+            ValueError,
+        ):
             self.disconnected = True
             self.keep_alive = False
             return {"type": "http.disconnect"}
