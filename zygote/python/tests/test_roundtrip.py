@@ -9,6 +9,8 @@ import unittest
 
 from harness import ZygoteTestCase, read_to_end, read_until, readable, wait_exit_code
 
+from hatchery_zygote.protocol import Failed, parse_to_agent  # after harness: sys.path
+
 
 class RoundTripTest(ZygoteTestCase):
     ARGS = ["tiny_app:app", "--hooks", "tiny_hooks"]
@@ -58,6 +60,27 @@ class RoundTripTest(ZygoteTestCase):
             os.close(go)
             os.close(out)
         # A refused worker never ran after_fork: only the zygote's hooks are logged.
+
+    def test_a_failing_before_fork_fails_that_fork_only(self):
+        self.expect_ready()
+        with open(self.hooks_log + ".fail", "w"):
+            pass
+        out_r, out_w = os.pipe()
+        socket.send_fds(self.link, [b"FORK 0 1"], [out_w])
+        os.close(out_w)
+        self.assertTrue(readable(self.link, 10), "no answer to FORK")
+        data, fds, _, _ = socket.recv_fds(self.link, 513, 4)
+        self.assertEqual(fds, [])
+        self.assertEqual(
+            parse_to_agent(data), Failed(1, "before_fork hook failed: RuntimeError('told to fail')")
+        )
+        # The output pipe was closed by the zygote (no worker holds it).
+        self.assertEqual(os.read(out_r, 64), b"")
+        os.close(out_r)
+        os.unlink(self.hooks_log + ".fail")
+        _, go, out = self.fork(0, 2)  # the zygote still serves
+        os.close(go)
+        os.close(out)
 
 
 class InterfaceMismatchTest(ZygoteTestCase):

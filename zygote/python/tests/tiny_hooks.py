@@ -1,7 +1,8 @@
 """Hooks for the tests: records that they ran, and where.
 
 ``calls`` is what a worker inherits; with HOOKS_LOG set, each hook also appends a line
-``<hook> <pid>`` to that file, so a test sees what ran in the zygote."""
+``<hook> <pid>`` to that file, so a test sees what ran in the zygote; while a file
+named HOOKS_LOG + ".fail" exists, before_fork() raises."""
 
 import os
 
@@ -21,6 +22,9 @@ def after_load():
 
 
 def before_fork():
+    path = os.environ.get("HOOKS_LOG")
+    if path and os.path.exists(path + ".fail"):
+        raise RuntimeError("told to fail")
     _record("before")
 
 
