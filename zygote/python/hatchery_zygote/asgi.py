@@ -119,7 +119,7 @@ class _Lifespan:
     async def start(cls, app, state):
         """Runs ``lifespan.startup``; None if the app does not support lifespan."""
         to_app, from_app = asyncio.Queue(), asyncio.Queue()
-        scope = {"type": "lifespan", "asgi": ASGI, "state": state}
+        scope = {"type": "lifespan", "asgi": dict(ASGI), "state": state}
         task = asyncio.ensure_future(app(scope, to_app.get, from_app.put))
         await to_app.put({"type": "lifespan.startup"})
         message = await _first(from_app, task)
@@ -299,7 +299,7 @@ class _Exchange:
         r = self.request
         return {
             "type": "http",
-            "asgi": ASGI,
+            "asgi": dict(ASGI),
             "http_version": r["http_version"],
             "method": r["method"],
             "scheme": "http",
