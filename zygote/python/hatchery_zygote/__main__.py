@@ -1,22 +1,34 @@
-"""``python -m hatchery_zygote module:app [--server wsgi|module:function] [--hooks module]``
+"""``python -m hatchery_zygote module:app [--interface wsgi|asgi|callable]
+[--server builtin|module:function] [--hooks module]``
 
-Loads the WSGI application once (with the garbage collector off), runs the hooks
-module's ``before_fork()`` (close database connections, stop threads), collects and
-freezes the heap (``gc.collect(); gc.freeze()``), says READY on the link named by
-HATCHERY_ZYGOTE_FD, and forks a worker per request. Each worker, after its go: turns the
-collector back on, runs ``after_fork()``, reports READY=1 to NOTIFY_SOCKET and serves the
-app on its listener at fd 3.
+In the zygote: loads the application once (with the garbage collector off), runs the
+hooks module's ``after_load()``, collects and freezes the heap (``gc.collect();
+gc.freeze()``), says READY on the link named by HATCHERY_ZYGOTE_FD, and forks a worker
+per request, running ``before_fork()`` right before each fork. Each worker, after its go:
+turns the collector back on, reseeds ``random``, runs ``after_fork()``, and then, by
+interface:
+
+- ``wsgi``: reports READY=1 to NOTIFY_SOCKET and serves the app on its listener at fd 3
+  (built-in threaded server, or ``--server``);
+- ``asgi``: the built-in asyncio server runs the lifespan startup, reports READY=1 and
+  serves every listener; a ``--server`` is called after READY=1 like a WSGI one;
+- ``callable``: reports READY=1 and calls ``app(sockets)``, which owns the serving loop;
+  its return value (an int, or None for 0) is the worker's exit status.
 """
 
 import argparse
 import gc
 import importlib
+import inspect
 import os
 import random
 import sys
 
+from .asgi import serve_asgi
 from .server import listen_sockets, notify, serve_wsgi
 from .zygote import inherited_link, serve
+
+INTERFACES = ("wsgi", "asgi", "callable")
 
 
 def _load(spec, what):
@@ -29,47 +41,101 @@ def _load(spec, what):
     return obj
 
 
+def looks_asgi(app):
+    """Whether ``app`` (a function or an object with ``__call__``) is a coroutine function,
+    as every ASGI 3 application is and no WSGI one is."""
+    return inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(
+        getattr(app, "__call__", None)
+    )
+
+
+def _hook(hooks, name):
+    hook = getattr(hooks, name, None) if hooks is not None else None
+    if hook is not None and not callable(hook):
+        raise SystemExit("hatchery_zygote: %s.%s is not callable" % (hooks.__name__, name))
+    return hook
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="python -m hatchery_zygote")
+    parser.add_argument("app", help="the application (or entry point), as module:name")
+    parser.add_argument(
+        "--interface",
+        choices=INTERFACES,
+        default="wsgi",
+        help="how the worker runs the app: wsgi (default), asgi, or callable: app(sockets)",
+    )
+    parser.add_argument(
+        "--server",
+        default="builtin",
+        help="'builtin' (default) or module:function, called in the worker as "
+        "function(app, sockets); wsgi and asgi only",
+    )
+    parser.add_argument(
+        "--hooks",
+        help="a module defining any of after_load() (zygote, once), before_fork() "
+        "(zygote, before each fork) and after_fork() (each worker)",
+    )
+    return parser
+
+
 def main(argv=None):
     # No collection while loading: freed holes would be refilled after fork, and a
     # collection in a worker writes to every tracked object's header (research note §1).
     gc.disable()
-    parser = argparse.ArgumentParser(prog="python -m hatchery_zygote")
-    parser.add_argument("app", help="the WSGI application, as module:name")
-    parser.add_argument(
-        "--server",
-        default="wsgi",
-        help="'wsgi' (built-in threaded server) or module:function called as function(app, sockets)",
-    )
-    parser.add_argument("--hooks", help="a module defining before_fork() and/or after_fork()")
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.server == "wsgi":
+        args.server = "builtin"  # the name of the built-in server before 0.2
+    if args.interface == "callable" and args.server != "builtin":
+        parser.error("--server does not apply to --interface callable (the app serves)")
 
     link = inherited_link()
     if link is None:
         raise SystemExit("hatchery_zygote: not started as a zygote (HATCHERY_ZYGOTE_FD is not set)")
     sys.path.insert(0, os.getcwd())
     app = _load(args.app, "the application")
+    if not callable(app):
+        raise SystemExit("hatchery_zygote: %s is not callable" % args.app)
+    if args.interface == "wsgi" and looks_asgi(app):
+        raise SystemExit(
+            "hatchery_zygote: %s is a coroutine function, an ASGI app: pass --interface asgi"
+            % args.app
+        )
     hooks = importlib.import_module(args.hooks) if args.hooks else None
-    server = serve_wsgi if args.server == "wsgi" else _load(args.server, "--server")
-    if hooks is not None and hasattr(hooks, "before_fork"):
-        hooks.before_fork()
+    after_load = _hook(hooks, "after_load")
+    before_fork = _hook(hooks, "before_fork")
+    after_fork = _hook(hooks, "after_fork")
+    server = None if args.server == "builtin" else _load(args.server, "--server")
+    if after_load is not None:
+        after_load()
     gc.collect()
     gc.freeze()
 
     def worker(slot):
+        def ready():
+            notify(b"READY=1")
+            print("hatchery_zygote: worker %d (pid %d) serving" % (slot, os.getpid()), flush=True)
+
         gc.enable()
         random.seed()
-        if hooks is not None and hasattr(hooks, "after_fork"):
-            hooks.after_fork()
+        if after_fork is not None:
+            after_fork()
         sockets = listen_sockets()
+        if args.interface == "callable":
+            ready()
+            result = app(sockets)
+            return result if isinstance(result, int) else 0
         if not sockets:
             print("hatchery_zygote: no listener passed in LISTEN_FDS", file=sys.stderr)
             return 1
-        notify(b"READY=1")
-        print("hatchery_zygote: worker %d (pid %d) serving" % (slot, os.getpid()), flush=True)
-        server(app, sockets)
+        if args.interface == "asgi" and server is None:
+            return serve_asgi(app, sockets, ready)
+        ready()
+        (server or serve_wsgi)(app, sockets)
         return 0
 
-    serve(link, worker)
+    serve(link, worker, before_fork)
     return 0
 
 

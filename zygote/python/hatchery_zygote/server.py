@@ -1,5 +1,5 @@
 """What a worker runs after its go: readiness on NOTIFY_SOCKET and a small threaded WSGI
-server on the listener inherited at fd 3 (LISTEN_FDS), stopped gracefully by SIGTERM.
+server on the listeners inherited at fd 3.. (LISTEN_FDS), stopped gracefully by SIGTERM.
 
 The built-in server is wsgiref's, one thread per connection: enough for tests and small
 sites. A real server plugs in with ``--server module:function``, called as
@@ -7,10 +7,10 @@ sites. A real server plugs in with ``--server module:function``, called as
 """
 
 import os
+import selectors
 import signal
 import socket
 import socketserver
-import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 SD_LISTEN_FDS_START = 3
@@ -66,16 +66,35 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
 
 
 def serve_wsgi(app, sockets):
-    """Serves ``app`` on ``sockets[0]`` until SIGTERM: then stops accepting, finishes the
-    requests in flight, and returns."""
-    server = ThreadedWSGIServer(sockets[0], app)
+    """Serves ``app`` on every listener in ``sockets`` until SIGTERM: then stops accepting,
+    finishes the requests in flight, and returns.
+
+    One loop waits, without a timeout, for a listener to be readable or for the stop
+    pipe that the SIGTERM handler writes to (socketserver's own serve_forever wakes every
+    poll_interval to look at its shutdown flag)."""
+    servers = [ThreadedWSGIServer(sock, app) for sock in sockets]
+    stop_r, stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def stop(_signum, _frame):
-        # shutdown() waits for serve_forever to return: not from its own thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        os.write(stop_w, b"x")
 
-    signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        server.serve_forever(poll_interval=0.5)
+        with selectors.DefaultSelector() as selector:
+            selector.register(stop_r, selectors.EVENT_READ)
+            for server in servers:
+                selector.register(server.socket, selectors.EVENT_READ, server)
+            while True:
+                ready = selector.select()
+                if any(key.fd == stop_r for key, _ in ready):
+                    break
+                for key, _ in ready:
+                    # Accepts one connection (or none: another worker took it) and
+                    # hands it to a thread.
+                    key.data._handle_request_noblock()
     finally:
-        server.server_close()
+        signal.signal(signal.SIGTERM, previous)
+        for server in servers:
+            server.server_close()  # joins the request threads (block_on_close)
+        os.close(stop_r)
+        os.close(stop_w)

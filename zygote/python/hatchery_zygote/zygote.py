@@ -2,6 +2,10 @@
 
 For each FORK (with the worker's output pipe as its one fd), in order:
 
+0. Call ``before_fork()`` if given (the hooks' closeASAP step: close the database
+   connections and other fds the zygote opened since the last fork), then ``gc.freeze()``
+   whatever the zygote allocated since (a list splice, no collection). A hook that
+   raises fails this FORK (``FAILED``), not the zygote.
 1. Create the go pipe and a pipe for the worker's pid; block the stop signals so that
    none is handled by a half-made child.
 2. Fork the intermediate child, which forks the worker, writes its pid and ``_exit(0)``s.
@@ -17,6 +21,7 @@ For each FORK (with the worker's output pipe as its one fd), in order:
 The zygote returns from ``serve`` when the link reaches end of file.
 """
 
+import gc
 import os
 import signal
 import socket
@@ -60,9 +65,10 @@ def _send(link, message, fds=()):
         link.send(data)
 
 
-def serve(link, worker):
+def serve(link, worker, before_fork=None):
     """Sends READY 1 and serves FORK requests until the link's end of file.
 
+    ``before_fork()``, if given, runs in the zygote right before each fork.
     ``worker(slot)`` runs in each worker after its go; its return value (an int) is the
     worker's exit status. It never returns here.
     """
@@ -86,6 +92,15 @@ def serve(link, worker):
             _send(link, Failed(request.request, "FORK needs exactly 1 fd, got %d" % len(fds)))
             continue
         output = fds[0]
+        if before_fork is not None:
+            try:
+                before_fork()
+            except Exception as e:
+                traceback.print_exc()
+                os.close(output)
+                _send(link, Failed(request.request, "before_fork hook failed: %r" % (e,)))
+                continue
+        gc.freeze()
         try:
             pid, go = _fork_worker(link, output, request.slot, worker)
         except OSError as e:
