@@ -287,22 +287,35 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
 }
 
 /// The demo zygote (`hatchery __demo-zygote [--load-ms N] [--load-mib M] [--ready-when
-/// PATH] [--worker-alloc-mib K] [WORKER ARGS…]`): simulates loading an application (waits
-/// N ms, allocates and touches M MiB that its workers then share copy-on-write; with
-/// `--ready-when`, also waits, at most a minute, for PATH to exist), then serves the
-/// zygote protocol on the link named by `HATCHERY_ZYGOTE_FD` ([`crate::zygote::serve`]).
-/// Each worker it forks first prints the cgroup it runs in (`/proc/self/cgroup`, read
-/// before anything else: where the agent put it before its go), then allocates and
-/// touches K MiB of its own, then runs [`worker_main`] with the remaining arguments.
-/// Returns once the agent closes the link.
+/// PATH] [--worker-alloc-mib K] [--worker-info] [--worker-try-write PATH]… [WORKER
+/// ARGS…]`): simulates loading an application (waits N ms, allocates and touches M MiB
+/// that its workers then share copy-on-write; with `--ready-when`, also waits, at most a
+/// minute, for PATH to exist), then serves the zygote protocol on the link named by
+/// `HATCHERY_ZYGOTE_FD` ([`crate::zygote::serve`]). Each worker it forks first prints the
+/// cgroup it runs in (`/proc/self/cgroup`, read before anything else: where the agent put
+/// it before its go); with `--worker-info`, what `__probe info` prints (its credentials,
+/// capabilities, root, rlimits: the sandbox it inherited); for each `--worker-try-write`,
+/// whether it can create that file (`ok`, or the error); then allocates and touches K MiB
+/// of its own, then runs [`worker_main`] with the remaining arguments. Returns once the
+/// agent closes the link.
 pub fn zygote_main(args: &[String]) -> io::Result<()> {
     let mut load = Duration::ZERO;
     let mut mib: usize = 0;
     let mut worker_mib: usize = 0;
     let mut ready_when: Option<PathBuf> = None;
+    let mut info = false;
+    let mut try_write: Vec<PathBuf> = Vec::new();
     let mut rest = args;
     loop {
         match rest {
+            [flag, tail @ ..] if flag == "--worker-info" => {
+                info = true;
+                rest = tail;
+            }
+            [flag, v, tail @ ..] if flag == "--worker-try-write" => {
+                try_write.push(PathBuf::from(v));
+                rest = tail;
+            }
             [flag, v, tail @ ..] if flag == "--load-ms" => {
                 let ms: u64 = v
                     .parse()
@@ -364,6 +377,18 @@ pub fn zygote_main(args: &[String]) -> io::Result<()> {
             .find_map(|l| l.strip_prefix("0::"))
             .unwrap_or("?");
         println!("demo worker {} forked into cgroup {v2}", start.slot);
+        if info {
+            println!("{}", crate::probe::info());
+        }
+        for path in &try_write {
+            let result = std::fs::write(path, "written by a forked worker\n")
+                .map_or_else(|e| e.to_string(), |()| "ok".to_string());
+            println!(
+                "demo worker {} writing {}: {result}",
+                start.slot,
+                path.display()
+            );
+        }
         let mut own = vec![0u8; worker_mib * 1024 * 1024];
         for page in own.chunks_mut(4096) {
             page[0] = 1;

@@ -555,3 +555,67 @@ fn without_memory_peak_the_cap_measures_memory_current() {
         assert!(w["usage"]["memory_peak"].is_null(), "no peak read: {w:#}");
     }
 }
+
+/// Zygote mode and memory: pages the zygote loaded stay charged to its own leaf, so a
+/// worker that only reads them fits under a `memory_max` smaller than them; a forked
+/// worker that allocates past its `memory_max` is OOM-killed in its own leaf, reported as
+/// such, and forked again; the zygote is untouched.
+#[test]
+fn forked_workers_are_charged_their_own_memory_and_oom_killed_in_their_own_leaf() {
+    if !cgroup_controllers() {
+        return;
+    }
+    let site = |name: &str, port: u16, alloc: u32| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"{BIN}\", \"__demo-zygote\", \"--load-mib\", \"64\", \"--worker-alloc-mib\", \"{alloc}\"]\nmode = \"zygote\"\nworkers = 1\nmemory_max = \"40M\"\n[[listen]]\ntcp = \"127.0.0.1:{port}\"\n[ready]\ncheck = \"notify\"\ntimeout = \"30s\"\n[restart]\nbackoff_initial = \"200ms\"\nflapping = {{ exits = 100, within = \"10s\" }}\n"
+        )
+    };
+    let port = |l: std::net::TcpListener| l.local_addr().expect("addr").port();
+    let (a, b) = (
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
+    );
+    let reader = site("reader", port(a), 0);
+    let hog = site("hog", port(b), 100);
+    let agent = TestAgent::start(
+        &[("reader", &reader), ("hog", &hog)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+    );
+    let s = agent.wait_for("reader", "a ready worker", Duration::from_secs(60), |s| {
+        s["ready"] == 1
+    });
+    let read_current = |dir: &str| -> u64 {
+        std::fs::read_to_string(std::path::Path::new(dir).join("memory.current"))
+            .expect("memory.current")
+            .trim()
+            .parse()
+            .expect("a number")
+    };
+    let zleaf = s["generations"][0]["zygote"]["cgroup"]
+        .as_str()
+        .expect("the zygote's leaf")
+        .to_string();
+    let wleaf = s["workers"][0]["cgroup"]
+        .as_str()
+        .expect("the worker's leaf")
+        .to_string();
+    assert!(read_current(&zleaf) >= 64 << 20, "the zygote's pages are its own");
+    assert!(
+        read_current(&wleaf) < 40 << 20,
+        "the worker is charged only what it wrote: {}",
+        read_current(&wleaf)
+    );
+    let s = agent.wait_for("hog", "an OOM kill reported", Duration::from_secs(60), |s| {
+        s["workers"][0]["last_exit"] == "oom-killed"
+    });
+    let zpid = s["generations"][0]["zygote"]["pid"].as_i64();
+    assert!(zpid.is_some_and(alive), "the zygote lives on: {s:#}");
+    let s = agent.wait_for("hog", "the worker forked again", Duration::from_secs(60), |s| {
+        s["workers"][0]["restarts"].as_u64().is_some_and(|r| r >= 2)
+    });
+    assert_eq!(s["generations"][0]["zygote"]["pid"].as_i64(), zpid, "{s:#}");
+    assert_eq!(s["generations"][0]["zygote"]["restarts"], 0, "{s:#}");
+}

@@ -1011,3 +1011,99 @@ fn an_undeclared_bind_is_refused_by_landlock_and_the_site_log_gives_the_fix() {
     // The agent bound nothing: the declared port is free for the app.
     std::net::TcpListener::bind(("127.0.0.1", own)).expect("the app's own port is free");
 }
+
+/// Zygote mode in a sandbox: the zygote is started like a worker (the site's user, its
+/// root, `no_new_privs`, no capabilities, its rlimits, Landlock), and the workers it forks
+/// inherit all of it, each moved into its own leaf before its go.
+#[test]
+fn a_sandboxed_zygote_forks_workers_that_inherit_its_sandbox() {
+    if !privileged() {
+        return;
+    }
+    let base = root_owned_tempdir();
+    let root = Root::new(base.path(), "root-z");
+    // Writable for the site's user by its mode: only Landlock can refuse a write there.
+    let uid = uid_of(USER_A);
+    std::os::unix::fs::chown(root.path.join("data"), Some(uid), None).expect("chown data");
+    let port = free_port();
+    let site = format!(
+        r#"name = "z"
+command = ["/hatchery", "__demo-zygote", "--load-mib", "4", "--worker-info", "--worker-try-write", "/data/w", "--worker-try-write", "/tmp/w"]
+mode = "zygote"
+user = "{USER_A}"
+workers = 2
+[[listen]]
+name = "web"
+tcp = "127.0.0.1:{port}"
+[ready]
+check = "notify"
+timeout = "30s"
+[sandbox]
+root = "{}"
+[sandbox.rlimits]
+nofile = 64
+"#,
+        root.path.display()
+    );
+    let agent = TestAgent::start_ready(&[("z", &site)], opts(), "z", 2);
+    let status = agent.status("z");
+    let zpid = status["generations"][0]["zygote"]["pid"]
+        .as_i64()
+        .expect("the zygote's pid");
+    // The zygote itself runs sandboxed.
+    let zstatus = std::fs::read_to_string(format!("/proc/{zpid}/status")).expect("status");
+    let field = |name: &str| {
+        zstatus
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(field("Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    let lines = wait_log(&agent, "z", "\"uid\"");
+    let infos: Vec<serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.contains("\"uid\""))
+        .map(|l| json_of(l))
+        .collect();
+    assert!(!infos.is_empty(), "{lines:#?}");
+    for info in &infos {
+        assert_eq!(
+            info["uid"],
+            format!("{uid}\t{uid}\t{uid}\t{uid}"),
+            "{info:#}"
+        );
+        assert_eq!(info["no_new_privs"], "1", "{info:#}");
+        for set in ["cap_eff", "cap_prm", "cap_inh", "cap_amb"] {
+            assert_eq!(info[set], "0000000000000000", "{set}: {info:#}");
+        }
+        let listing = info["root"].to_string();
+        assert!(listing.contains("hatchery"), "in the site's root: {info:#}");
+        assert!(!listing.contains("root-z"), "{info:#}");
+        assert_eq!(info["rlimits"]["nofile"], "64", "{info:#}");
+        // Its own leaf, not the zygote's.
+        let cgroup = info["cgroup"].as_str().unwrap_or("");
+        assert!(cgroup.contains("/sites/z/gen-1/w-"), "{info:#}");
+        assert_eq!(info["env"]["LISTEN_PID"], info["pid"].to_string(), "{info:#}");
+        assert!(info["env"].get("HATCHERY_ZYGOTE_FD").is_none(), "{info:#}");
+    }
+    let lines = wait_log(&agent, "z", "writing /tmp/w");
+    let wrote = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(&format!("writing {path}: ")))
+            .unwrap_or_else(|| panic!("no write to {path}: {lines:#?}"))
+            .clone()
+    };
+    assert!(wrote("/tmp/w").ends_with(": ok"), "{lines:#?}");
+    if landlock_abi() >= 1 {
+        assert!(
+            wrote("/data/w").contains("Permission denied"),
+            "Landlock refuses what the sandbox does not allow: {lines:#?}"
+        );
+    }
+    assert!(!root.path.join("data/w").exists());
+}
