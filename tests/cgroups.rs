@@ -602,20 +602,29 @@ fn forked_workers_are_charged_their_own_memory_and_oom_killed_in_their_own_leaf(
         .as_str()
         .expect("the worker's leaf")
         .to_string();
-    assert!(read_current(&zleaf) >= 64 << 20, "the zygote's pages are its own");
+    assert!(
+        read_current(&zleaf) >= 64 << 20,
+        "the zygote's pages are its own"
+    );
     assert!(
         read_current(&wleaf) < 40 << 20,
         "the worker is charged only what it wrote: {}",
         read_current(&wleaf)
     );
-    let s = agent.wait_for("hog", "an OOM kill reported", Duration::from_secs(60), |s| {
-        s["workers"][0]["last_exit"] == "oom-killed"
-    });
+    let s = agent.wait_for(
+        "hog",
+        "an OOM kill reported",
+        Duration::from_secs(60),
+        |s| s["workers"][0]["last_exit"] == "oom-killed",
+    );
     let zpid = s["generations"][0]["zygote"]["pid"].as_i64();
     assert!(zpid.is_some_and(alive), "the zygote lives on: {s:#}");
-    let s = agent.wait_for("hog", "the worker forked again", Duration::from_secs(60), |s| {
-        s["workers"][0]["restarts"].as_u64().is_some_and(|r| r >= 2)
-    });
+    let s = agent.wait_for(
+        "hog",
+        "the worker forked again",
+        Duration::from_secs(60),
+        |s| s["workers"][0]["restarts"].as_u64().is_some_and(|r| r >= 2),
+    );
     assert_eq!(s["generations"][0]["zygote"]["pid"].as_i64(), zpid, "{s:#}");
     assert_eq!(s["generations"][0]["zygote"]["restarts"], 0, "{s:#}");
 }

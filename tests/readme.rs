@@ -95,6 +95,31 @@ fn readme_config_examples_are_valid() {
     assert_eq!(run.command[2], target.display().to_string());
     assert_eq!(run.workdir.as_deref(), Some(target.as_path()));
     assert_eq!(app.deploy.canary_abort_crashes, 1, "the default");
+    // The zygote-mode example, with its release pointing at the same directory.
+    let store = blocks
+        .iter()
+        .find(|b| b.starts_with("# sites.d/store.toml (zygote)"))
+        .expect("a zygote example");
+    let store_text: String = store
+        .lines()
+        .map(|l| {
+            if l.starts_with("release") {
+                format!("release = \"{}\"", link.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(sites.join("store.toml"), &store_text).expect("write");
+    let config = hatchery::config::load(&agent_path).expect("the zygote example is valid");
+    let store = config
+        .sites
+        .iter()
+        .find(|s| s.name.as_str() == "store")
+        .expect("store");
+    assert_eq!(store.mode, hatchery::config::SiteMode::Zygote);
+    std::fs::remove_file(sites.join("store.toml")).expect("rm");
     // The canary example continues the deploy example.
     let canary = blocks
         .iter()

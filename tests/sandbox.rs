@@ -1087,7 +1087,11 @@ nofile = 64
         // Its own leaf, not the zygote's.
         let cgroup = info["cgroup"].as_str().unwrap_or("");
         assert!(cgroup.contains("/sites/z/gen-1/w-"), "{info:#}");
-        assert_eq!(info["env"]["LISTEN_PID"], info["pid"].to_string(), "{info:#}");
+        assert_eq!(
+            info["env"]["LISTEN_PID"],
+            info["pid"].to_string(),
+            "{info:#}"
+        );
         assert!(info["env"].get("HATCHERY_ZYGOTE_FD").is_none(), "{info:#}");
     }
     let lines = wait_log(&agent, "z", "writing /tmp/w");

@@ -239,3 +239,104 @@ fn forked_workers_outlive_their_zygote(reactor: &'static str, cgroups: bool) {
         );
     }
 }
+
+/// An agent that dies leaves the forked workers running, and its zygote exits (its link
+/// closed); the next agent adopts the workers, starts no zygote until a worker is needed,
+/// then starts one and forks from it, leaving the adopted workers alone.
+#[test]
+fn a_new_agent_adopts_forked_workers_and_starts_a_zygote_when_one_is_needed() {
+    let port = free_port();
+    let text = zygote_site(port, 2, &["--load-mib", "8"], "");
+    let mut agent = TestAgent::start_ready(
+        &[("z", &text)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+        "z",
+        2,
+    );
+    let s = agent.status("z");
+    let zpid = zygote(&s)["pid"].as_i64().expect("the zygote's pid");
+    let workers = ready_pids(&s);
+    agent.crash();
+    wait_until(
+        "the zygote exits with its link closed",
+        Duration::from_secs(30),
+        || !alive(zpid),
+    );
+    assert!(workers.iter().all(|p| alive(*p)), "the workers live on");
+    agent.relaunch();
+    let s = agent.wait_for("z", "the workers adopted", Duration::from_secs(30), |s| {
+        ready_pids(s) == workers
+    });
+    assert_eq!(zygote(&s)["state"], "stopped", "{s:#}");
+    assert!(zygote(&s)["pid"].is_null(), "{s:#}");
+    let body = get(port).expect("an answer");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    // A worker dies: a zygote is started for its replacement.
+    let victim = workers[0];
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(victim).expect("pid")).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("kill a worker");
+    let s = agent.wait_for(
+        "z",
+        "a new zygote and a forked replacement",
+        Duration::from_secs(30),
+        |s| {
+            let r = ready_pids(s);
+            zygote(s)["state"] == "ready" && r.len() == 2 && !r.contains(&victim)
+        },
+    );
+    assert!(ready_pids(&s).contains(&workers[1]), "{s:#}");
+    let new_zygote = zygote(&s)["pid"].as_i64().expect("pid");
+    assert_ne!(new_zygote, zpid);
+    let replacement = ready_pids(&s)
+        .into_iter()
+        .find(|p| *p != workers[1])
+        .expect("the replacement");
+    assert_eq!(ppid(replacement), Some(i64::from(agent.pid())));
+    assert_eq!(agent.stop(), Some(0), "{}", agent.agent_log());
+}
+
+/// A zygote that never says `READY` is stopped at `ready.timeout` (its spawns fail, as
+/// crashes), and tried again after the backoff; the site's other workers are unaffected.
+#[test]
+fn a_zygote_that_never_becomes_ready_is_stopped_at_its_deadline_and_tried_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let never = dir.path().join("never");
+    let port = free_port();
+    let never_arg = never.display().to_string();
+    let text = zygote_site(port, 1, &["--ready-when", &never_arg], "")
+        .replace("timeout = \"30s\"", "timeout = \"1s\"")
+        .replace("timeout = \"10s\"", "timeout = \"1s\"");
+    let mut agent = TestAgent::start(
+        &[("z", &text)],
+        Options {
+            reactor: "epoll",
+            cgroups: false,
+        },
+    );
+    let s = agent.wait_for(
+        "z",
+        "the zygote given up on once",
+        Duration::from_secs(30),
+        |s| zygote(s)["restarts"].as_u64().is_some_and(|r| r >= 1),
+    );
+    let log = agent.agent_log();
+    assert!(log.contains("not ready within 1000 ms"), "{s:#}\n{log}");
+    assert!(
+        s["workers"][0]["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("the zygote did not become ready")),
+        "{s:#}"
+    );
+    // Once it may become ready, it does, and the worker is forked.
+    std::fs::write(&never, "").expect("write");
+    agent.wait_for("z", "a ready worker", Duration::from_secs(60), |s| {
+        s["ready"] == 1 && zygote(s)["state"] == "ready"
+    });
+    assert_eq!(agent.stop(), Some(0), "{}", agent.agent_log());
+}
