@@ -475,7 +475,8 @@ def run_gunicorn(args, py, preload, work):
     gunicorn = os.path.join(os.path.dirname(py), "gunicorn")
     cmd = [gunicorn, "-w", str(args.workers), "-b", "127.0.0.1:%d" % port,
            "--pythonpath", os.path.join(work, "current"),
-           "-c", os.path.join(HERE, "gunicorn_conf.py"), "--graceful-timeout", "10"]
+           "-c", os.path.join(HERE, "gunicorn_conf.py"), "--graceful-timeout", "10",
+           "--no-control-socket"]
     if preload:
         cmd.append("--preload")
     cmd.append("app:app")
@@ -537,14 +538,20 @@ def run_gunicorn(args, py, preload, work):
 
         def replaced():
             now = loaded()
+            if os.environ.get("ZBENCH_DEBUG"):
+                log("HUP: %d loaded, %d old left" % (len(now), len(set(children(master.pid)) & old)))
             return (len(now) >= args.workers and not (set(now) & old)
                     and not (set(children(master.pid)) & old))
         wait_for("every worker replaced after HUP", replaced, 120, 0.05)
+        wall = time.monotonic() - t
+        new_ready = sorted(v for p, v in loaded().items() if p not in old)
         r["deploys"] = [{
             "release": "r2",
-            "how": "repoint current, SIGHUP; until every old worker is gone and %d new ones "
-                   "have loaded the app" % args.workers,
-            "wall_s": round(time.monotonic() - t, 2),
+            "how": "repoint current, SIGHUP; wall: until every old worker has exited and %d "
+                   "new ones have loaded the app; all ready: the last new worker loaded"
+                   % args.workers,
+            "wall_s": round(wall, 2),
+            "all_ready_s": round(new_ready[args.workers - 1] - t, 2),
             "answers_after": releases_answering(port),
         }]
         log("%s: HUP %s" % (name, r["deploys"][0]))
