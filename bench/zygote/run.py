@@ -7,6 +7,9 @@ Variants (``--only`` picks some, comma-separated):
 
 - ``zygote``: a Hatchery site with ``mode = "zygote"``, command
   ``python -m hatchery_zygote app:app`` (the repo's ``zygote/python`` on ``PYTHONPATH``);
+- ``zygote-preview``: the same zygote command, with this driver playing the agent's side
+  of the protocol (``zygote_preview.py``): the Python side's figures until the agent
+  starts zygotes;
 - ``exec``: a Hatchery site in exec mode, each worker a fresh Python running
   ``exec_worker.py app:app`` (the same wsgiref server on fd 3, READY=1 on NOTIFY_SOCKET);
 - ``gunicorn``: ``gunicorn -w 16`` (sync workers), no ``--preload``;
@@ -41,7 +44,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-VARIANTS = ["zygote", "exec", "gunicorn", "gunicorn-preload"]
+VARIANTS = ["zygote", "zygote-preview", "exec", "gunicorn", "gunicorn-preload"]
 PACKAGES = ["flask", "pandas", "numpy", "gunicorn"]
 SITE = "z"
 
@@ -607,6 +610,9 @@ def goals(results, import_s):
     by = {r["variant"]: r for r in results if "memory" in r}
     out = []
     z = by.get("zygote")
+    if not z and "zygote-preview" in by:
+        z = by["zygote-preview"]
+        out.append("goals, checked on zygote-preview (the driver plays the agent):")
     if not z:
         return ["goals: not checked (zygote mode was not measured)"]
     zu = z["memory"]["median_uss_mb"]
@@ -683,6 +689,9 @@ def main():
         point(work, "r1")
         if v in ("zygote", "exec"):
             results.append(run_hatchery(args, py, v, work))
+        elif v == "zygote-preview":
+            import zygote_preview  # noqa: PLC0415 - only this variant needs it
+            results.append(zygote_preview.run_preview(args, py, REPO, work, sys.modules[__name__]))
         else:
             results.append(run_gunicorn(args, py, v == "gunicorn-preload", work))
     meta["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
