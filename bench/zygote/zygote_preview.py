@@ -84,6 +84,7 @@ class Zygote:
         if not r:
             raise TimeoutError("no answer to FORK %d" % slot)
         data, fds, _, _ = socket.recv_fds(self.link, 513, 4)
+        self.forked_at = time.monotonic()
         msg = self.p.parse_to_agent(data)
         if not isinstance(msg, self.p.Forked) or len(fds) != 1:
             for fd in fds:
@@ -177,10 +178,11 @@ def run_preview(args, py, repo, work, h):
                            args.warm_max_seconds)
         r["memory"] = h.memory(z.workers, {"zygote": z.pid})
         h.log("zygote-preview: memory %s" % r["memory"])
-        times = []
+        times, forked = [], []
         for _ in range(args.reps):
             t = time.monotonic()
             pid = z.fork(args.workers)
+            forked.append((z.forked_at - t) * 1000)
             times.append((ready_datagrams(1, 10) - t) * 1000)
             z.workers.remove(pid)
             stop_workers([pid])
@@ -189,6 +191,8 @@ def run_preview(args, py, repo, work, h):
                    "agent), median of %d" % args.reps,
             "median_ms": round(h.statistics.median(times), 1),
             "all_ms": [round(x, 1) for x in times],
+            "forked_median_ms": round(h.statistics.median(forked), 1),
+            "forked_all_ms": [round(x, 1) for x in forked],
         }
         h.log("zygote-preview: one worker %s" % r["one_worker"])
         r["deploys"] = []
