@@ -381,7 +381,9 @@ class HatcheryRun:
         t_end = time.monotonic()
         if "error" in final:
             raise BenchError("scale %d: %s" % (n + 1, final["error"]))
-        ready = [t for t, e in events if e == "w-%d ready" % n]
+        # "w-16 ready" today; tolerant of a pid or a generation in the text.
+        ready = [t for t, e in events
+                 if ("w-%d " % n) in (e + " ") and "ready" in e and "not ready" not in e]
         if not ready:
             raise BenchError("scale %d: no ready event for w-%d in %s" % (n + 1, n, events))
         back, _ = self.ctl.request({"cmd": "scale", "site": SITE, "workers": n})
@@ -438,7 +440,11 @@ def run_hatchery(args, py, mode, work):
         pids = h.worker_pids()
         log("%s: %d workers ready in %.1f s; warming" % (mode, len(pids), r["cold_start_16_s"]))
         r["warm"] = warm(port, pids, args.warm, args.warm_max_requests, args.warm_max_seconds)
-        r["memory"] = memory(pids, h.extra_pids(pids))
+        extra = h.extra_pids(pids)
+        if mode == "zygote" and "zygote" not in extra:
+            r["note"] = ("no zygote found among the agent's children: total PSS is the "
+                         "workers' and the agent's only")
+        r["memory"] = memory(pids, extra)
         log("%s: memory %s" % (mode, r["memory"]))
         ready_ms, cmd_ms = [], []
         for _ in range(args.reps):
