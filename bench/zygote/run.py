@@ -15,7 +15,8 @@ Variants (``--only`` picks some, comma-separated):
 - ``gunicorn``: ``gunicorn -w 16`` (sync workers), no ``--preload``;
 - ``gunicorn-preload``: the same with ``--preload``.
 
-Per variant, in order: start the 16 workers and wait until they are all ready; warm each
+Per variant, in order: start the 16 workers and wait until they are all ready; read their
+memory before any request; warm each
 worker with HTTP requests on loopback until every worker answered ``--warm`` of them
 (bounded in count and time); read ``/proc/<pid>/smaps_rollup`` of each worker (USS =
 Private_Clean + Private_Dirty, and Pss) and of the zygote or master; time one more worker
@@ -439,6 +440,7 @@ def run_hatchery(args, py, mode, work):
         r["cold_start_16_s"] = round(h.start(), 2)
         pids = h.worker_pids()
         log("%s: %d workers ready in %.1f s; warming" % (mode, len(pids), r["cold_start_16_s"]))
+        r["memory_before_requests"] = memory(pids, {})
         r["warm"] = warm(port, pids, args.warm, args.warm_max_requests, args.warm_max_seconds)
         extra = h.extra_pids(pids)
         if mode == "zygote" and "zygote" not in extra:
@@ -516,6 +518,7 @@ def run_gunicorn(args, py, preload, work):
         r["cold_start_16_s"] = round(time.monotonic() - t0, 2)
         pids = sorted(loaded())
         log("%s: %d workers loaded in %.1f s; warming" % (name, len(pids), r["cold_start_16_s"]))
+        r["memory_before_requests"] = memory(pids, {})
         r["warm"] = warm(port, pids, args.warm, args.warm_max_requests, args.warm_max_seconds)
         r["memory"] = memory(pids, {"master": master.pid})
         log("%s: memory %s" % (name, r["memory"]))
@@ -583,7 +586,7 @@ def run_gunicorn(args, py, preload, work):
 
 
 def table(results, import_s):
-    rows = [("variant", "warmed", "median USS/worker MB", "median PSS/worker MB", "total PSS MB",
+    rows = [("variant", "warmed", "median USS/worker MB (before requests)", "median PSS/worker MB", "total PSS MB",
              "zygote/master PSS MB", "16 ready (cold) s", "one more worker ms",
              "deploy of the %.0f s app: wall s (all ready s)" % import_s, "after deploy")]
     for r in results:
@@ -599,7 +602,8 @@ def table(results, import_s):
         after = ", ".join(json.dumps(d["answers_after"]) for d in deps)
         w = r.get("warm", {})
         warmed = "%s/%s x%s" % (w.get("workers_warmed"), m.get("workers"), w.get("min_per_worker"))
-        rows.append((r["variant"], warmed, str(m.get("median_uss_mb", "")), str(m.get("median_pss_mb", "")),
+        cold = r.get("memory_before_requests", {}).get("median_uss_mb", "-")
+        rows.append((r["variant"], warmed, "%s (%s)" % (m.get("median_uss_mb", ""), cold), str(m.get("median_pss_mb", "")),
                      str(m.get("total_pss_mb", "")), str(lead.get("pss_mb", "-")),
                      str(r.get("cold_start_16_s", "")), str(ow.get("median_ms", "")),
                      dep, after + (" error: " + r["error"] if "error" in r else "")))

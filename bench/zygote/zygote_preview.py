@@ -174,6 +174,7 @@ def run_preview(args, py, repo, work, h):
         z, loaded, all_ready = generation("r1", 1)
         r["cold_start_16_s"] = round(all_ready, 2)
         r["zygote_loaded_s"] = round(loaded, 2)
+        r["memory_before_requests"] = h.memory(z.workers, {})
         r["warm"] = h.warm(port, z.workers, args.warm, args.warm_max_requests,
                            args.warm_max_seconds)
         r["memory"] = h.memory(z.workers, {"zygote": z.pid})
