@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 
+sys.dont_write_bytecode = True  # no __pycache__ beside the benchmark's files
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 VARIANTS = ["zygote", "zygote-preview", "exec", "gunicorn", "gunicorn-preload"]
@@ -493,7 +494,7 @@ def run_gunicorn(args, py, preload, work):
     cmd.append("app:app")
     r = {"variant": name, "server": " ".join(["gunicorn", "-w", str(args.workers), "(sync)"]
                                              + (["--preload"] if preload else []))}
-    env = dict(os.environ, ZBENCH_READY_DIR=ready_dir)
+    env = dict(os.environ, ZBENCH_READY_DIR=ready_dir, PYTHONDONTWRITEBYTECODE="1")
     glog = open(os.path.join(work, "gunicorn.log"), "w")
     t0 = time.monotonic()
     master = subprocess.Popen(cmd, cwd=work, env=env, stdout=glog, stderr=subprocess.STDOUT)
