@@ -471,6 +471,9 @@ def run_hatchery(args, py, mode, work):
     except BenchError as e:
         r["error"] = str(e)
         log("%s: error: %s" % (mode, e))
+    except Exception as e:  # noqa: BLE001 - reported; the other variants still run
+        r["error"] = "unexpected %s: %s" % (type(e).__name__, e)
+        log("%s: error: %s" % (mode, r["error"]))
     finally:
         h.stop()
     return r
@@ -552,7 +555,8 @@ def run_gunicorn(args, py, preload, work):
         def replaced():
             now = loaded()
             if os.environ.get("ZBENCH_DEBUG"):
-                log("HUP: %d loaded, %d old left" % (len(now), len(set(children(master.pid)) & old)))
+                log("HUP: %d loaded, %d old left"
+                    % (len(now), len(set(children(master.pid)) & old)))
             return (len(now) >= args.workers and not (set(now) & old)
                     and not (set(children(master.pid)) & old))
         wait_for("every worker replaced after HUP", replaced, 120, 0.05)
@@ -571,6 +575,9 @@ def run_gunicorn(args, py, preload, work):
     except BenchError as e:
         r["error"] = str(e)
         log("%s: error: %s" % (name, e))
+    except Exception as e:  # noqa: BLE001 - reported; the other variants still run
+        r["error"] = "unexpected %s: %s" % (type(e).__name__, e)
+        log("%s: error: %s" % (name, r["error"]))
     finally:
         if master.poll() is None:
             master.send_signal(signal.SIGTERM)
@@ -587,8 +594,9 @@ def run_gunicorn(args, py, preload, work):
 
 
 def table(results, import_s):
-    rows = [("variant", "warmed", "median USS/worker MB (before requests)", "median PSS/worker MB", "total PSS MB",
-             "zygote/master PSS MB", "16 ready (cold) s", "one more worker ms",
+    rows = [("variant", "warmed", "median USS/worker MB (before requests)",
+             "median PSS/worker MB", "total PSS MB", "zygote/master PSS MB",
+             "16 ready (cold) s", "one more worker ms",
              "deploy of the %.0f s app: wall s (all ready s)" % import_s, "after deploy")]
     for r in results:
         if "error" in r and "memory" not in r:
@@ -604,8 +612,9 @@ def table(results, import_s):
         w = r.get("warm", {})
         warmed = "%s/%s x%s" % (w.get("workers_warmed"), m.get("workers"), w.get("min_per_worker"))
         cold = r.get("memory_before_requests", {}).get("median_uss_mb", "-")
-        rows.append((r["variant"], warmed, "%s (%s)" % (m.get("median_uss_mb", ""), cold), str(m.get("median_pss_mb", "")),
-                     str(m.get("total_pss_mb", "")), str(lead.get("pss_mb", "-")),
+        rows.append((r["variant"], warmed, "%s (%s)" % (m.get("median_uss_mb", ""), cold),
+                     str(m.get("median_pss_mb", "")), str(m.get("total_pss_mb", "")),
+                     str(lead.get("pss_mb", "-")),
                      str(r.get("cold_start_16_s", "")), str(ow.get("median_ms", "")),
                      dep, after + (" error: " + r["error"] if "error" in r else "")))
     out = []
@@ -680,8 +689,9 @@ def main():
         "cpus": os.cpu_count(),
         "kernel": os.uname().release,
         "packages": versions,
-        "hatchery": subprocess.run([args.hatchery, "--version"], capture_output=True,
-                                   text=True).stdout.strip() if os.access(args.hatchery, os.X_OK) else None,
+        "hatchery": (subprocess.run([args.hatchery, "--version"], capture_output=True,
+                                    text=True).stdout.strip()
+                     if os.access(args.hatchery, os.X_OK) else None),
         "import_seconds_target": args.import_seconds,
         "import_seconds_one_process": round(import_time(py, probe), 2),
         "heavy_import_seconds_one_process": round(import_time(py, make_release(
