@@ -108,6 +108,11 @@ fn peak(dir: &Path) -> Option<u64> {
     read_u64(&dir.join(MEMORY_PEAK))
 }
 
+/// A cgroup's `memory.current`, where the memory controller is enabled.
+pub fn memory_current(dir: &Path) -> Option<u64> {
+    read_u64(&dir.join(MEMORY_CURRENT))
+}
+
 /// Reads the accounting files of `dir` (missing files give `None`).
 pub fn read_usage(dir: &Path) -> Usage {
     let events = fs::read_to_string(dir.join(MEMORY_EVENTS)).ok();

@@ -309,6 +309,9 @@ pub struct CapacityStatus {
     pub basis: crate::supervisor::capacity::Basis,
     /// The site's budget.
     pub budget: u64,
+    /// Bytes of it the zygote holds (zygote mode), left out of the workers' share.
+    #[serde(default)]
+    pub zygote: u64,
     /// `512M budget / 115M per worker (measured peak + 15%) = 4`.
     pub derivation: String,
 }

@@ -559,7 +559,8 @@ fn without_memory_peak_the_cap_measures_memory_current() {
 /// Zygote mode and memory: pages the zygote loaded stay charged to its own leaf, so a
 /// worker that only reads them fits under a `memory_max` smaller than them; a forked
 /// worker that allocates past its `memory_max` is OOM-killed in its own leaf, reported as
-/// such, and forked again; the zygote is untouched.
+/// such, and forked again; the zygote is untouched. What the zygote holds is left out of
+/// the budget the workers' cap divides.
 #[test]
 fn forked_workers_are_charged_their_own_memory_and_oom_killed_in_their_own_leaf() {
     if !cgroup_controllers() {
@@ -575,7 +576,9 @@ fn forked_workers_are_charged_their_own_memory_and_oom_killed_in_their_own_leaf(
         std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
         std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
     );
-    let reader = site("reader", port(a), 0);
+    // The reader has a budget: the zygote's share of it is left out of the workers'.
+    let reader =
+        site("reader", port(a), 0).replace("workers = 1\n", "workers = 1\nmemory = \"512M\"\n");
     let hog = site("hog", port(b), 100);
     let agent = TestAgent::start(
         &[("reader", &reader), ("hog", &hog)],
@@ -611,6 +614,18 @@ fn forked_workers_are_charged_their_own_memory_and_oom_killed_in_their_own_leaf(
         "the worker is charged only what it wrote: {}",
         read_current(&wleaf)
     );
+    let s = agent.wait_for(
+        "reader",
+        "the zygote's share in the cap",
+        Duration::from_secs(60),
+        |s| {
+            s["capacity"]["zygote"]
+                .as_u64()
+                .is_some_and(|z| z >= 64 << 20)
+        },
+    );
+    let derivation = s["capacity"]["derivation"].as_str().unwrap_or("");
+    assert!(derivation.starts_with("(512M budget - "), "{s:#}");
     let s = agent.wait_for(
         "hog",
         "an OOM kill reported",

@@ -1036,7 +1036,7 @@ workers = 2
 name = "web"
 tcp = "127.0.0.1:{port}"
 [ready]
-check = "notify"
+check = "tcp"
 timeout = "30s"
 [sandbox]
 root = "{}"

@@ -103,6 +103,8 @@ struct World<'a> {
     /// Cgroups killed and not yet empty (the graveyard's), and the site's cgroup.
     buried: &'a [PathBuf],
     site_dir: Option<PathBuf>,
+    /// The cgroup leaves of the site's zygotes, by generation.
+    zygote_leaves: Vec<(GenId, PathBuf)>,
 }
 
 impl Observe for World<'_> {
@@ -126,6 +128,11 @@ impl Observe for World<'_> {
             .filter_map(|w| w.cgroup.as_deref())
             .filter_map(crate::cgroup::measured_memory)
             .max()
+    }
+
+    fn zygote_memory(&self, generation: GenId) -> Option<u64> {
+        let (_, leaf) = self.zygote_leaves.iter().find(|(g, _)| *g == generation)?;
+        crate::cgroup::memory_current(leaf)
     }
 
     fn queues_empty(&self, old: GenId, new: GenId) -> bool {
@@ -370,6 +377,7 @@ impl Agent {
 
     /// One input to site `name`'s machine (none once the site is gone).
     fn handle(&mut self, name: &SiteName, input: Input) -> Vec<Action> {
+        let zygote_leaves = self.zygote_leaves(name);
         let Some(site) = self.sites.get_mut(name) else {
             return Vec::new();
         };
@@ -382,6 +390,7 @@ impl Agent {
                 .as_ref()
                 .map_or(&[][..], crate::cgroup::Graveyard::remaining),
             site_dir: self.cgroups.as_ref().map(|t| t.site_dir(name.as_str())),
+            zygote_leaves,
         };
         site.machine.handle(input, &world, Instant::now())
     }

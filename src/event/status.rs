@@ -115,6 +115,7 @@ impl Agent {
                         per_worker: c.per_worker,
                         basis: c.basis,
                         budget: c.budget,
+                        zygote: c.zygote,
                         derivation: c.describe(),
                     }),
                     ready: count(cur.slots.ready()),

@@ -99,6 +99,15 @@ impl Agent {
         self.zygote_of(name, g).and_then(|id| self.zygotes.get(&id))
     }
 
+    /// The cgroup leaves of site `name`'s zygotes, by generation.
+    pub(super) fn zygote_leaves(&self, name: &SiteName) -> Vec<(GenId, PathBuf)> {
+        self.zygotes
+            .values()
+            .filter(|z| !z.detached && &z.site == name)
+            .filter_map(|z| Some((z.generation, z.cgroup.clone()?)))
+            .collect()
+    }
+
     /// Whether spawns of generation `g` of site `name` are forks from its zygote.
     pub(super) fn forks_from_zygote(&self, name: &SiteName, g: GenId) -> bool {
         self.sites

@@ -74,6 +74,12 @@ pub trait Observe {
     /// The largest measured memory (`memory.peak`, or `memory.current`) of these slots of
     /// generation `generation`, where it is accounted.
     fn measured_memory(&self, generation: GenId, slots: &[Slot]) -> Option<u64>;
+    /// What generation `generation`'s zygote holds of the site's budget (its leaf's
+    /// `memory.current`), where it has one and it is accounted.
+    fn zygote_memory(&self, generation: GenId) -> Option<u64> {
+        let _ = generation;
+        None
+    }
     /// Whether the accept queues of `old`'s own listeners are empty (listeners it shares
     /// with `new` count as empty: they are served by `new` already).
     fn queues_empty(&self, old: GenId, new: GenId) -> bool;
@@ -154,7 +160,7 @@ fn initial_count(
     out: &mut Vec<Action>,
 ) -> (Option<Capacity>, u32) {
     let cap = config.limits.memory.and_then(|budget| {
-        capacity::capacity(budget, config.limits.worker_estimate(), None, requested)
+        capacity::capacity(budget, 0, config.limits.worker_estimate(), None, requested)
     });
     let initial = match (config.auto, cap) {
         (Some(a), Some(c)) => a.min.min(c.workers),

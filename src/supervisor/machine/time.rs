@@ -72,6 +72,7 @@ impl SiteMachine {
         };
         let cap = capacity::capacity(
             budget,
+            obs.zygote_memory(cur.id).unwrap_or(0),
             self.config.limits.worker_estimate(),
             measured,
             self.requested,
