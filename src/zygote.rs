@@ -689,15 +689,15 @@ fn worker_child(
     // zygote, nor keep it open past the zygote's exit) and our copy of the go pipe's write
     // end (else its end of file would never come).
     // The caller's `OwnedFd` is never dropped (this function does not return), so the
-    // socket is closed by swapping `/dev/null` in.
-    let Ok(null) = rustix::fs::open(
-        "/dev/null",
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    ) else {
+    // socket is closed by swapping in the read end of a fresh pipe (whose write end is
+    // closed at once): no file system needed, so it works in any sandbox root (one
+    // without `/dev/null`).
+    let Ok((placeholder, unused)) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+    else {
         exit_now(1)
     };
-    drop(std::mem::replace(link, null));
+    drop(unused);
+    drop(std::mem::replace(link, placeholder));
     drop(go_write);
     let mut got = Vec::with_capacity(GO.len() + 1);
     let mut byte = [0u8; 4];

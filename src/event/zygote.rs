@@ -394,7 +394,14 @@ impl Agent {
         answer: Answer,
         output: OwnedFd,
     ) -> Result<i32, String> {
-        let Forked { pid, pidfd, go } = answer.into_forked(slot.0).map_err(|e| e.to_string())?;
+        let Forked { pid, pidfd, go } = answer.into_forked(slot.0).map_err(|e| {
+            let chain = super::error_chain(&e);
+            if chain.is_empty() {
+                e.to_string()
+            } else {
+                format!("{e}: {chain}")
+            }
+        })?;
         let pidref = PidRef::new(pid, pidfd);
         // Whatever fails from here, the worker must not run: its go pipe closes unwritten
         // (it exits 1 before any application code) and it is killed to be sure.
