@@ -195,7 +195,7 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
             if let Err(e) = sent {
                 println!(
                     "demo worker {id}: READY=1 not sent to {}: {e}",
-                    path.display()
+                    Path::new(&path).display()
                 );
             }
         }
