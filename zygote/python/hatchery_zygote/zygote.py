@@ -1,18 +1,28 @@
 """The zygote's side of the protocol: READY, then FORK requests served by a double fork.
 
-For each FORK (with the worker's output pipe as its one fd), in order:
+To answer a FORK at once, the zygote keeps one worker forked ahead (a *spare*): just
+before READY, and right after each FORK it answered, it forks the next one, which waits,
+already the agent's child and running no application code, for its slot and output pipe
+(on a socket of its own) and then for its go. A FORK gives the spare its slot and the
+FORK's output pipe and answers ``FORKED`` with the spare's pid and go pipe. Without a
+spare (a hook or the fork failed, or the spare died) the FORK forks on demand.
+
+Each fork, in order:
 
 0. Call ``before_fork()`` if given (the hooks' closeASAP step: close the database
    connections and other fds the zygote opened since the last fork), then ``gc.freeze()``
    whatever the zygote allocated since (a list splice, no collection). A hook that
-   raises fails this FORK (``FAILED``), not the zygote.
+   raises fails this FORK (``FAILED``) when forking on demand (a spare is not made), not
+   the zygote.
 1. Create the go pipe and a pipe for the worker's pid; block the stop signals so that
    none is handled by a half-made child.
 2. Fork the intermediate child, which forks the worker, writes its pid and ``_exit(0)``s.
 3. The zygote reaps the intermediate: the worker is now re-parented to the agent (a child
-   subreaper), so it is the agent's own child. Answer ``FORKED <request> <pid>`` with the
-   go pipe's write end, and close our copies of it and of the output pipe.
-4. The worker closes the link and the write end of the go pipe, and waits for exactly
+   subreaper), so it is the agent's own child. (On demand: answer ``FORKED <request>
+   <pid>`` with the go pipe's write end, and close our copies of it and of the output
+   pipe.)
+4. The worker closes the link and the write end of the go pipe (a spare first receives
+   its slot and output pipe; at end of file it ``_exit(1)``s), and waits for exactly
    ``go\\n``; on anything else (end of file: the agent refused it or died) it
    ``_exit(1)``s without running application code. After ``go``: default signal
    handlers, the mask restored, ``HATCHERY_WORKER_ID`` and ``LISTEN_PID`` set, the output
@@ -72,8 +82,12 @@ def serve(link, worker, before_fork=None):
     ``worker(slot)`` runs in each worker after its go; its return value (an int) is the
     worker's exit status. It never returns here.
     """
+    # The first spare before READY: a ready zygote answers its first FORK at once.
+    spare = _make_spare(link, worker, before_fork)
     _send(link, Ready())
     while True:
+        if spare is None:
+            spare = _make_spare(link, worker, before_fork)
         data, fds, flags, _addr = socket.recv_fds(link, MAX_MESSAGE_BYTES + 1, 4)
         if not data and not fds:
             return
@@ -92,29 +106,91 @@ def serve(link, worker, before_fork=None):
             _send(link, Failed(request.request, "FORK needs exactly 1 fd, got %d" % len(fds)))
             continue
         output = fds[0]
-        if before_fork is not None:
-            try:
-                before_fork()
-            except Exception as e:
-                traceback.print_exc()
-                os.close(output)
-                _send(link, Failed(request.request, "before_fork hook failed: %r" % (e,)))
-                continue
-        gc.freeze()
-        try:
-            pid, go = _fork_worker(link, output, request.slot, worker)
-        except OSError as e:
-            _send(link, Failed(request.request, "fork failed: %s" % e))
-            continue
-        finally:
+        answer = None
+        if spare is not None:
+            answer, spare = spare.assign(request.slot, output), None
+        if answer is None:
+            # No spare (a hook or a fork failed, or it died): fork now.
+            answer = _fork_now(link, worker, before_fork, request, output)
+        else:
             os.close(output)
+        if answer is None:
+            continue
+        pid, go = answer
         try:
             _send(link, Forked(request.request, pid), [go])
         finally:
             os.close(go)
 
 
-def _fork_worker(link, output, slot, worker):
+class _Spare:
+    """A worker forked ahead of its ``FORK``: already the agent's child, blocked until it
+    is given its slot and output pipe (on ``channel``), then until its go."""
+
+    def __init__(self, pid, go, channel):
+        self.pid = pid
+        self.go = go
+        self.channel = channel
+
+    def assign(self, slot, output):
+        """Gives it its slot and output pipe; ``(pid, go)``, or None if it is gone (its go
+        pipe closed: it exits 1, if it still runs)."""
+        try:
+            socket.send_fds(self.channel, [b"%d" % slot], [output])
+            return self.pid, self.go
+        except OSError:
+            os.close(self.go)
+            return None
+        finally:
+            self.channel.close()
+
+
+def _make_spare(link, worker, before_fork):
+    """Forks the next worker before it is asked for, so that a ``FORK`` is answered at
+    once; None (the next ``FORK`` forks on demand) if a hook or the fork fails."""
+    if before_fork is not None:
+        try:
+            before_fork()
+        except Exception:
+            traceback.print_exc()
+            return None
+    gc.freeze()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid, go = _fork_worker(link, theirs, None, worker, close_in_child=ours)
+    except OSError:
+        traceback.print_exc()
+        ours.close()
+        return None
+    finally:
+        theirs.close()
+    return _Spare(pid, go, ours)
+
+
+def _fork_now(link, worker, before_fork, request, output):
+    """Forks the worker of ``request`` now; ``(pid, go)``, or None once ``FAILED`` is
+    sent."""
+    try:
+        if before_fork is not None:
+            try:
+                before_fork()
+            except Exception as e:
+                traceback.print_exc()
+                _send(link, Failed(request.request, "before_fork hook failed: %r" % (e,)))
+                return None
+        gc.freeze()
+        try:
+            return _fork_worker(link, output, request.slot, worker)
+        except OSError as e:
+            _send(link, Failed(request.request, "fork failed: %s" % e))
+            return None
+    finally:
+        os.close(output)
+
+
+def _fork_worker(link, output, slot, worker, close_in_child=None):
+    """The double fork; ``(pid, go)``. ``output`` is the worker's output pipe, or with
+    ``slot`` None (a spare) the socket its slot and output pipe will come on."""
     go_read, go_write = os.pipe()
     pid_read, pid_write = os.pipe()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -127,6 +203,8 @@ def _fork_worker(link, output, slot, worker):
                 pid = os.fork()
                 if pid == 0:
                     os.close(pid_write)
+                    if close_in_child is not None:
+                        close_in_child.close()
                     _worker_child(link, output, go_read, go_write, slot, worker, old_mask)
                 os.write(pid_write, struct.pack("=i", pid))
                 code = 0
@@ -154,6 +232,14 @@ def _worker_child(link, output, go_read, go_write, slot, worker, old_mask):
     try:
         link.close()
         os.close(go_write)
+        if slot is None:
+            # A spare: its slot and output pipe first (end of file: the zygote is gone).
+            channel = output
+            data, fds, _flags, _addr = socket.recv_fds(channel, 32, 1)
+            channel.close()
+            if not data or len(fds) != 1 or not data.isdigit():
+                os._exit(1)
+            slot, output = int(data), fds[0]
         got = b""
         while len(got) < len(GO):
             chunk = os.read(go_read, len(GO) - len(got))

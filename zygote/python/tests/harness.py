@@ -6,6 +6,7 @@ Every wait is for an event, bounded by a timeout."""
 import ctypes
 import fcntl
 import os
+import time
 import select
 import signal
 import socket
@@ -160,6 +161,14 @@ class ZygoteTestCase(unittest.TestCase):
         os.close(go)
         self.assertEqual(self.notify.recv(64), b"READY=1")
         return pid, out
+
+    def wait_hook_lines(self, expected):
+        """Waits (at most TIMEOUT_S) until the hooks log is ``expected``; fails if it
+        is not then."""
+        deadline = time.monotonic() + TIMEOUT_S
+        while self.hook_lines() != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(self.hook_lines(), expected)
 
     def hook_lines(self):
         try:

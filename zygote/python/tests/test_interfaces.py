@@ -141,7 +141,10 @@ class CallableTest(ZygoteTestCase):
         self.assertEqual(answer, b"callable: worker 3, pid %d, 1 socket(s)\n" % pid)
         self.assertEqual(wait_exit_code(pid), 7)
         self.assertEqual(self.hook_lines()[:2], ["load %d" % self.zygote, "before %d" % self.zygote])
-        self.assertEqual(self.hook_lines()[2:], ["after %d" % pid])
+        # The zygote's hook for its next spare may come before or after the worker's.
+        self.assertEqual(
+            [l for l in self.hook_lines() if l.startswith("after")], ["after %d" % pid]
+        )
         os.close(out)
 
 

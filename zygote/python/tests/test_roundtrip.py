@@ -17,7 +17,8 @@ class RoundTripTest(ZygoteTestCase):
 
     def test_round_trip(self):
         self.expect_ready()
-        self.assertEqual(self.hook_lines(), ["load %d" % self.zygote])
+        # Loaded, and the first worker forked ahead (a spare) before READY.
+        self.assertEqual(self.hook_lines(), ["load %d" % self.zygote, "before %d" % self.zygote])
 
         pid, out = self.start_worker(0, 1)
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -52,11 +53,13 @@ class RoundTripTest(ZygoteTestCase):
     def test_before_fork_runs_in_the_zygote_before_each_fork(self):
         self.expect_ready()
         zygote = "%d" % self.zygote
-        self.assertEqual(self.hook_lines(), ["load " + zygote])
+        # The spare forked before READY.
+        self.assertEqual(self.hook_lines(), ["load " + zygote, "before " + zygote])
         for n in range(1, 4):
             _, go, out = self.fork(n, n)
-            # The hook ran (in the zygote) before FORKED, once per fork.
-            self.assertEqual(self.hook_lines(), ["load " + zygote] + ["before " + zygote] * n)
+            # The FORK took the spare; the next spare is forked after the answer: the
+            # hook ran (in the zygote) once per fork, n workers and one spare.
+            self.wait_hook_lines(["load " + zygote] + ["before " + zygote] * (n + 1))
             os.close(go)
             os.close(out)
         # A refused worker never ran after_fork: only the zygote's hooks are logged.
@@ -65,20 +68,25 @@ class RoundTripTest(ZygoteTestCase):
         self.expect_ready()
         with open(self.hooks_log + ".fail", "w"):
             pass
+        # The spare, forked before READY, answers the first FORK; then the hook fails
+        # for the next spare, and again for the fork on demand: that FORK fails.
+        _, go, out = self.fork(0, 1)
+        os.close(go)
+        os.close(out)
         out_r, out_w = os.pipe()
-        socket.send_fds(self.link, [b"FORK 0 1"], [out_w])
+        socket.send_fds(self.link, [b"FORK 0 2"], [out_w])
         os.close(out_w)
         self.assertTrue(readable(self.link, 10), "no answer to FORK")
         data, fds, _, _ = socket.recv_fds(self.link, 513, 4)
         self.assertEqual(fds, [])
         self.assertEqual(
-            parse_to_agent(data), Failed(1, "before_fork hook failed: RuntimeError('told to fail')")
+            parse_to_agent(data), Failed(2, "before_fork hook failed: RuntimeError('told to fail')")
         )
         # The output pipe was closed by the zygote (no worker holds it).
         self.assertEqual(os.read(out_r, 64), b"")
         os.close(out_r)
         os.unlink(self.hooks_log + ".fail")
-        _, go, out = self.fork(0, 2)  # the zygote still serves
+        _, go, out = self.fork(0, 3)  # the zygote still serves
         os.close(go)
         os.close(out)
 
