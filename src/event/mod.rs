@@ -573,6 +573,16 @@ impl Agent {
                         "cgroup.freeze + SIGKILL each process (no cgroup.kill before 5.14)",
                     )
                 });
+                if let Some(mount) = crate::cgroup::cgroup2_mount() {
+                    out.push(Feature::on(
+                        "cgroup moves",
+                        if crate::cgroup::favors_dynmods(&mount) {
+                            format!("{} has favordynmods: a zygote-mode worker is moved into its leaf in well under a millisecond", mount.display())
+                        } else {
+                            format!("a zygote-mode worker is moved into its leaf after its fork; {} lacks favordynmods (Linux 6.0+), so a move may wait for an RCU grace period (5-20 ms seen): `mount -o remount,favordynmods {}` avoids it", mount.display(), mount.display())
+                        },
+                    ));
+                }
                 out.push(if t.controllers.is_empty() {
                     Feature::off("accounting", "no cgroup v2 controllers available: memory, pids and cpu are not accounted or limited")
                 } else {
