@@ -340,3 +340,121 @@ fn a_zygote_that_never_becomes_ready_is_stopped_at_its_deadline_and_tried_again(
     });
     assert_eq!(agent.stop(), Some(0), "{}", agent.agent_log());
 }
+
+/// `hatchery upgrade` of an agent with a zygote-mode site: the agent keeps its pid and the
+/// forked workers; the old zygote ends with its link (closed by the exec), and the new image
+/// starts a zygote when a worker is next needed.
+#[test]
+fn an_upgrade_keeps_the_forked_workers_and_starts_a_zygote_when_one_is_needed() {
+    let port = free_port();
+    let text = zygote_site(port, 2, &["--load-mib", "8"], "");
+    let mut agent = TestAgent::start_ready(
+        &[("z", &text)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+        "z",
+        2,
+    );
+    let pid = agent.pid();
+    let s = agent.status("z");
+    let zpid = zygote(&s)["pid"].as_i64().expect("the zygote's pid");
+    let workers = ready_pids(&s);
+    let next = agent.dir.path().join("hatchery-next");
+    std::fs::copy(BIN, &next).expect("copy the binary");
+    let out = agent.cli(&["upgrade", "--binary", next.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        agent.agent_log()
+    );
+    assert_eq!(agent.pid(), pid);
+    wait_until(
+        "the old zygote exits with its link closed",
+        Duration::from_secs(30),
+        || !alive(zpid),
+    );
+    let s = agent.wait_for("z", "the workers kept", Duration::from_secs(30), |s| {
+        ready_pids(s) == workers
+    });
+    assert_eq!(zygote(&s)["state"], "stopped", "{s:#}");
+    let victim = workers[1];
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(victim).expect("pid")).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("kill a worker");
+    let s = agent.wait_for(
+        "z",
+        "a new zygote and a forked replacement",
+        Duration::from_secs(30),
+        |s| {
+            let r = ready_pids(s);
+            zygote(s)["state"] == "ready" && r.len() == 2 && !r.contains(&victim)
+        },
+    );
+    assert!(ready_pids(&s).contains(&workers[0]), "{s:#}");
+    assert_eq!(agent.stop(), Some(0), "{}", agent.agent_log());
+}
+
+/// A reload switches a running site between exec and zygote mode: the rolling restart
+/// forks the workers from a new zygote, and back in exec mode execs them again and stops
+/// the zygote; the site serves throughout.
+#[test]
+fn a_reload_switches_a_running_site_between_exec_and_zygote_mode() {
+    let port = free_port();
+    let zygote_text = zygote_site(port, 2, &["--load-mib", "4"], "");
+    let exec_text = zygote_text.replace("mode = \"zygote\"\n", "").replace(
+        &format!("command = [\"{BIN}\", \"__demo-zygote\", \"--load-mib\", \"4\"]"),
+        &format!("command = [\"{BIN}\", \"__demo-worker\"]"),
+    );
+    assert!(exec_text.contains("__demo-worker"), "{exec_text}");
+    let mut agent = TestAgent::start_ready(
+        &[("z", &exec_text)],
+        Options {
+            reactor: "epoll",
+            cgroups: true,
+        },
+        "z",
+        2,
+    );
+    let s = agent.status("z");
+    assert!(zygote(&s).is_null(), "exec mode has no zygote: {s:#}");
+    let exec_workers = ready_pids(&s);
+    std::fs::write(agent.site_file("z"), &zygote_text).expect("write the site");
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = agent.wait_for(
+        "z",
+        "workers forked from a zygote",
+        Duration::from_secs(60),
+        |s| {
+            let r = ready_pids(s);
+            zygote(s)["state"] == "ready"
+                && r.len() == 2
+                && r.iter().all(|p| !exec_workers.contains(p))
+        },
+    );
+    let zpid = zygote(&s)["pid"].as_i64().expect("pid");
+    assert!(get(port).is_some_and(|b| b.starts_with("HTTP/1.1 200")));
+    let forked = ready_pids(&s);
+    std::fs::write(agent.site_file("z"), &exec_text).expect("write the site");
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    agent.wait_for(
+        "z",
+        "exec'd workers and no zygote",
+        Duration::from_secs(60),
+        |s| {
+            let r = ready_pids(s);
+            zygote(s).is_null() && r.len() == 2 && r.iter().all(|p| !forked.contains(p))
+        },
+    );
+    wait_until("the zygote stopped", Duration::from_secs(30), || {
+        !alive(zpid)
+    });
+    assert!(get(port).is_some_and(|b| b.starts_with("HTTP/1.1 200")));
+    assert_eq!(agent.stop(), Some(0), "{}", agent.agent_log());
+}
