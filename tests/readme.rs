@@ -19,6 +19,21 @@ fn toml_blocks(readme: &str) -> Vec<String> {
     out
 }
 
+/// A site example with its `release` pointing at `link`.
+fn with_release(example: &str, link: &Path) -> String {
+    example
+        .lines()
+        .map(|l| {
+            if l.starts_with("release") {
+                format!("release = \"{}\"", link.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
 fn readme_config_examples_are_valid() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
@@ -74,17 +89,7 @@ fn readme_config_examples_are_valid() {
     std::fs::create_dir_all(&release).expect("mkdir");
     let link = dir.path().join("current");
     std::os::unix::fs::symlink(&release, &link).expect("symlink");
-    let app_text: String = app
-        .lines()
-        .map(|l| {
-            if l.starts_with("release") {
-                format!("release = \"{}\"", link.display())
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let app_text = with_release(app, &link);
     std::fs::write(sites.join("app.toml"), &app_text).expect("write");
     let config = hatchery::config::load(&agent_path).expect("the deploy example is valid");
     let app = &config.sites[0];
@@ -100,17 +105,7 @@ fn readme_config_examples_are_valid() {
         .iter()
         .find(|b| b.starts_with("# sites.d/store.toml (zygote)"))
         .expect("a zygote example");
-    let store_text: String = store
-        .lines()
-        .map(|l| {
-            if l.starts_with("release") {
-                format!("release = \"{}\"", link.display())
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let store_text = with_release(store, &link);
     std::fs::write(sites.join("store.toml"), &store_text).expect("write");
     let config = hatchery::config::load(&agent_path).expect("the zygote example is valid");
     let store = config

@@ -54,6 +54,51 @@ fn get(port: u16) -> Option<String> {
     Some(body)
 }
 
+/// Sends SIGKILL to `pid`.
+fn sigkill(pid: i64) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).expect("a pid")).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill");
+}
+
+/// Kills adopted worker `victim` and waits for a new zygote and a replacement forked from
+/// it; checks that `other` was left alone and that the replacement is the agent's child.
+fn replaced_from_a_new_zygote(agent: &TestAgent, victim: i64, other: i64, old_zygote: i64) {
+    sigkill(victim);
+    let s = agent.wait_for(
+        "z",
+        "a new zygote and a forked replacement",
+        Duration::from_secs(30),
+        |s| {
+            let r = ready_pids(s);
+            zygote(s)["state"] == "ready" && r.len() == 2 && !r.contains(&victim)
+        },
+    );
+    assert!(ready_pids(&s).contains(&other), "{s:#}");
+    assert_ne!(zygote(&s)["pid"].as_i64(), Some(old_zygote));
+    let replacement = ready_pids(&s)
+        .into_iter()
+        .find(|p| *p != other)
+        .expect("the replacement");
+    assert_eq!(ppid(replacement), Some(i64::from(agent.pid())));
+}
+
+/// An agent (io_uring, cgroups where possible) with site `z` of 2 ready workers forked from
+/// the demo zygote (8 MiB loaded), and its port.
+fn two_forked_workers() -> (TestAgent, u16) {
+    let port = free_port();
+    let text = zygote_site(port, 2, &["--load-mib", "8"], "");
+    let agent = TestAgent::start_ready(
+        &[("z", &text)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+        "z",
+        2,
+    );
+    (agent, port)
+}
+
 /// The parent pid of `pid`.
 fn ppid(pid: i64) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -155,11 +200,7 @@ fn forked_workers_outlive_their_zygote(reactor: &'static str, cgroups: bool) {
 
     // A worker killed is forked again, from the same zygote.
     let victim = workers[0];
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(i32::try_from(victim).expect("pid")).expect("pid"),
-        rustix::process::Signal::KILL,
-    )
-    .expect("kill a worker");
+    sigkill(victim);
     let s = agent.wait_for("z", "a new worker", Duration::from_secs(30), |s| {
         let r = ready_pids(s);
         r.len() == 2 && !r.contains(&victim)
@@ -177,11 +218,7 @@ fn forked_workers_outlive_their_zygote(reactor: &'static str, cgroups: bool) {
     // The zygote dies, and the next one is held before its READY: degraded, and the
     // workers live on.
     std::fs::remove_file(&ready_file).expect("remove");
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(i32::try_from(zpid).expect("pid")).expect("pid"),
-        rustix::process::Signal::KILL,
-    )
-    .expect("kill the zygote");
+    sigkill(zpid);
     let s = agent.wait_for(
         "z",
         "a degraded generation with a new zygote starting",
@@ -199,11 +236,7 @@ fn forked_workers_outlive_their_zygote(reactor: &'static str, cgroups: bool) {
     assert!(text.contains("DEGRADED"), "{text}");
     // A worker that dies meanwhile waits for the new zygote.
     let victim = before[0];
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(i32::try_from(victim).expect("pid")).expect("pid"),
-        rustix::process::Signal::KILL,
-    )
-    .expect("kill a worker");
+    sigkill(victim);
     agent.wait_for(
         "z",
         "the dead worker's slot waiting",
@@ -245,17 +278,7 @@ fn forked_workers_outlive_their_zygote(reactor: &'static str, cgroups: bool) {
 /// then starts one and forks from it, leaving the adopted workers alone.
 #[test]
 fn a_new_agent_adopts_forked_workers_and_starts_a_zygote_when_one_is_needed() {
-    let port = free_port();
-    let text = zygote_site(port, 2, &["--load-mib", "8"], "");
-    let mut agent = TestAgent::start_ready(
-        &[("z", &text)],
-        Options {
-            reactor: "io_uring",
-            cgroups: true,
-        },
-        "z",
-        2,
-    );
+    let (mut agent, port) = two_forked_workers();
     let s = agent.status("z");
     let zpid = zygote(&s)["pid"].as_i64().expect("the zygote's pid");
     let workers = ready_pids(&s);
@@ -275,29 +298,7 @@ fn a_new_agent_adopts_forked_workers_and_starts_a_zygote_when_one_is_needed() {
     let body = get(port).expect("an answer");
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     // A worker dies: a zygote is started for its replacement.
-    let victim = workers[0];
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(i32::try_from(victim).expect("pid")).expect("pid"),
-        rustix::process::Signal::KILL,
-    )
-    .expect("kill a worker");
-    let s = agent.wait_for(
-        "z",
-        "a new zygote and a forked replacement",
-        Duration::from_secs(30),
-        |s| {
-            let r = ready_pids(s);
-            zygote(s)["state"] == "ready" && r.len() == 2 && !r.contains(&victim)
-        },
-    );
-    assert!(ready_pids(&s).contains(&workers[1]), "{s:#}");
-    let new_zygote = zygote(&s)["pid"].as_i64().expect("pid");
-    assert_ne!(new_zygote, zpid);
-    let replacement = ready_pids(&s)
-        .into_iter()
-        .find(|p| *p != workers[1])
-        .expect("the replacement");
-    assert_eq!(ppid(replacement), Some(i64::from(agent.pid())));
+    replaced_from_a_new_zygote(&agent, workers[0], workers[1], zpid);
     assert_eq!(agent.stop(), Some(0), "{}", agent.agent_log());
 }
 
@@ -346,17 +347,7 @@ fn a_zygote_that_never_becomes_ready_is_stopped_at_its_deadline_and_tried_again(
 /// starts a zygote when a worker is next needed.
 #[test]
 fn an_upgrade_keeps_the_forked_workers_and_starts_a_zygote_when_one_is_needed() {
-    let port = free_port();
-    let text = zygote_site(port, 2, &["--load-mib", "8"], "");
-    let mut agent = TestAgent::start_ready(
-        &[("z", &text)],
-        Options {
-            reactor: "io_uring",
-            cgroups: true,
-        },
-        "z",
-        2,
-    );
+    let (mut agent, _) = two_forked_workers();
     let pid = agent.pid();
     let s = agent.status("z");
     let zpid = zygote(&s)["pid"].as_i64().expect("the zygote's pid");
@@ -380,22 +371,7 @@ fn an_upgrade_keeps_the_forked_workers_and_starts_a_zygote_when_one_is_needed() 
         ready_pids(s) == workers
     });
     assert_eq!(zygote(&s)["state"], "stopped", "{s:#}");
-    let victim = workers[1];
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(i32::try_from(victim).expect("pid")).expect("pid"),
-        rustix::process::Signal::KILL,
-    )
-    .expect("kill a worker");
-    let s = agent.wait_for(
-        "z",
-        "a new zygote and a forked replacement",
-        Duration::from_secs(30),
-        |s| {
-            let r = ready_pids(s);
-            zygote(s)["state"] == "ready" && r.len() == 2 && !r.contains(&victim)
-        },
-    );
-    assert!(ready_pids(&s).contains(&workers[0]), "{s:#}");
+    replaced_from_a_new_zygote(&agent, workers[1], workers[0], zpid);
     assert_eq!(agent.stop(), Some(0), "{}", agent.agent_log());
 }
 

@@ -229,51 +229,66 @@ impl Agent {
         drop(pipe_w);
         let spawned = spawned?;
         let pid = spawned.pid;
-        let pidref = PidRef::new(pid, spawned.pidfd);
+        self.track_worker(
+            name,
+            WorkerId {
+                generation: g,
+                slot: id,
+            },
+            PidRef::new(pid, spawned.pidfd),
+            pipe_r,
+            spawned.leaf,
+        )
+        .map_err(SpawnFailure::Watch)?;
+        debug!(site = %name, gen = g.0, worker = %id, pid, "spawned");
+        Ok(pid)
+    }
+
+    /// A new worker of ours (spawned, or forked by a zygote and let go): its pidfd watched,
+    /// its output read (and held by the fd holder), known by its pid. Fails, the worker
+    /// killed, only if its pidfd cannot be watched.
+    pub(super) fn track_worker(
+        &mut self,
+        name: &SiteName,
+        worker: WorkerId,
+        pidref: PidRef,
+        output: OwnedFd,
+        cgroup: Option<std::path::PathBuf>,
+    ) -> std::io::Result<()> {
+        let WorkerId {
+            generation: g,
+            slot: id,
+        } = worker;
+        let pid = pidref.pid();
         let token = self
             .reg
             .arm(
                 pidref.as_fd(),
                 Interest::Readable,
-                Source::Pidfd(
-                    name.clone(),
-                    WorkerId {
-                        generation: g,
-                        slot: id,
-                    },
-                ),
+                Source::Pidfd(name.clone(), worker),
             )
-            .map_err(|e| {
+            .inspect_err(|_| {
                 let _ = pidref.signal(libc::SIGKILL);
-                SpawnFailure::Watch(e)
             })?;
-        self.hold_pipe(&super::holder::pipe_name(name, g, id, pid), pipe_r.as_fd());
-        self.read_pipe(name, Writer::Worker(id.0), pid, pipe_r);
-        let worker = WorkerId {
-            generation: g,
-            slot: id,
-        };
+        self.hold_pipe(&super::holder::pipe_name(name, g, id, pid), output.as_fd());
+        self.read_pipe(name, Writer::Worker(id.0), pid, output);
         self.pids.insert(pid, (name.clone(), worker));
-        let site = self
-            .sites
-            .get_mut(name)
-            .and_then(|s| s.io.gens.get_mut(&g))
-            .expect("looked up above");
-        site.workers.insert(
-            id,
-            Worker {
-                pidref,
-                adopted: false,
-                token,
-                cgroup: spawned.leaf,
-                started_wall: SystemTime::now(),
-                // Our child, not yet reaped: the pid is still its own.
-                start_time: crate::process::read_stat(pid).ok().map(|s| s.start_time),
-            },
-        );
+        if let Some(gen_io) = self.sites.get_mut(name).and_then(|s| s.io.gens.get_mut(&g)) {
+            gen_io.workers.insert(
+                id,
+                Worker {
+                    pidref,
+                    adopted: false,
+                    token,
+                    cgroup,
+                    started_wall: SystemTime::now(),
+                    // Our child, not yet reaped: the pid is still its own.
+                    start_time: crate::process::read_stat(pid).ok().map(|s| s.start_time),
+                },
+            );
+        }
         self.workers_dirty = true;
-        debug!(site = %name, gen = g.0, worker = %id, pid, "spawned");
-        Ok(pid)
+        Ok(())
     }
 
     /// Reads a worker's output pipe from now on.

@@ -27,12 +27,11 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
 use super::reactor::Interest;
-use super::sites::Worker;
 use super::{Agent, Source};
 use crate::cgroup::CgroupTree;
 use crate::config::SiteName;
@@ -434,60 +433,22 @@ impl Agent {
             }
             _ => None,
         };
-        let token = self
-            .reg
-            .arm(
-                pidref.as_fd(),
-                Interest::Readable,
-                Source::Pidfd(
-                    name.clone(),
-                    WorkerId {
-                        generation: g,
-                        slot,
-                    },
-                ),
-            )
-            .map_err(|e| refuse(&pidref, format!("failed to watch the worker: {e}")))?;
         if let Err(e) = crate::zygote::let_go(go) {
-            self.reg.tokens.remove(&token);
-            return Err(refuse(
-                &pidref,
-                format!("failed to tell the worker to go: {e}"),
-            ));
+            let why = refuse(&pidref, format!("failed to tell the worker to go: {e}"));
+            if let (Some(tree), Some(dir), Some(graveyard)) =
+                (&self.cgroups, &leaf, &mut self.graveyard)
+            {
+                let _ = tree.retire(dir, graveyard);
+            }
+            return Err(why);
         }
-        self.hold_pipe(
-            &super::holder::pipe_name(name, g, slot, pid),
-            output.as_fd(),
-        );
-        self.read_pipe(name, Writer::Worker(slot.0), pid, output);
-        self.pids.insert(
-            pid,
-            (
-                name.clone(),
-                WorkerId {
-                    generation: g,
-                    slot,
-                },
-            ),
-        );
-        let gen_io = self
-            .sites
-            .get_mut(name)
-            .and_then(|s| s.io.gens.get_mut(&g))
-            .ok_or_else(|| refuse(&pidref, "its generation is gone".into()))?;
-        gen_io.workers.insert(
+        // Its generation was looked up above, in this same turn: it still exists.
+        let worker = WorkerId {
+            generation: g,
             slot,
-            Worker {
-                adopted: false,
-                token,
-                cgroup: leaf,
-                started_wall: SystemTime::now(),
-                // Our child, not yet reaped: the pid is still its own.
-                start_time: crate::process::read_stat(pid).ok().map(|s| s.start_time),
-                pidref,
-            },
-        );
-        self.workers_dirty = true;
+        };
+        self.track_worker(name, worker, pidref, output, leaf)
+            .map_err(|e| format!("failed to watch the worker: {e}"))?;
         debug!(site = %name, gen = g.0, worker = %slot, pid, "forked by the zygote");
         Ok(pid)
     }
