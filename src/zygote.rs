@@ -22,17 +22,22 @@
 //! 2. agent → zygote: `FORK <slot> <request-id>` with exactly one fd, the write end of
 //!    the new worker's output pipe.
 //! 3. The zygote creates a "go" pipe and forks **twice**: an intermediate child forks the
-//!    worker and `_exit(0)`s at once; the zygote reaps the intermediate. The worker is
-//!    thereby re-parented to the agent (a child subreaper, and the zygote's parent), so it
-//!    is the agent's own child: waitable, its exit status known, its pid not reusable
-//!    until the agent reaps it. The worker closes the zygote socket and everything else it
-//!    must not keep, then blocks reading the go pipe.
+//!    worker and `_exit(0)`s at once. Once the intermediate has exited, the worker is
+//!    re-parented to the agent (a child subreaper, and the zygote's parent), so it is the
+//!    agent's own child: waitable, its exit status known, its pid not reusable until the
+//!    agent reaps it. The zygote may answer before that (the exit of a large process takes
+//!    longer than a fork: the Python helper does not wait; `serve` here does), and reaps
+//!    the intermediate in its own time. A zygote may also fork a worker ahead of its
+//!    `FORK` (the Python helper keeps one such spare), as long as the worker runs no
+//!    application code before its go. The worker closes the zygote socket and everything
+//!    else it must not keep, then blocks reading the go pipe.
 //! 4. zygote → agent: `FORKED <request-id> <pid>` with exactly one fd, the write end of
 //!    that worker's go pipe (the zygote then closes its copies of the go pipe and of the
 //!    output pipe); or `FAILED <request-id> <reason…>` without fds.
-//! 5. The agent checks that `<pid>` is its own child (`/proc/<pid>/stat` field 4), opens
-//!    its pidfd, moves it into its cgroup leaf (writes the pid to `cgroup.procs`), then
-//!    writes `go\n` to the go pipe and closes it ([`Forked::proceed`]).
+//! 5. The agent opens `<pid>`'s pidfd, checks that it is its own child, or the child of a
+//!    child of the zygote (`/proc/<pid>/stat` field 4), and still alive, moves it into
+//!    its cgroup leaf (writes the pid to `cgroup.procs`), then writes `go\n` to the go
+//!    pipe and closes it ([`Forked::proceed`]).
 //! 6. The worker, on reading exactly `go\n`, sets `HATCHERY_WORKER_ID=<slot>` and
 //!    `LISTEN_PID=<its pid>`, makes the output pipe its stdout and stderr, closes the go
 //!    pipe and runs the application's worker entry. On end of file without `go\n` (the
@@ -463,21 +468,23 @@ impl ZygoteLink {
 
     /// Asks for worker `slot`, whose output goes to `output` (the write end of its
     /// pipe), and waits at most `timeout` (in `poll`) for the answer. On success the
-    /// worker is our child, with its pidfd open, blocked until [`Forked::proceed`].
-    /// Answers to earlier requests that come meanwhile are dropped (their workers exit
-    /// without running application code).
+    /// worker is our child (or, given the pid of the `zygote`, still the child of its
+    /// exiting intermediate child: ours once that has exited), with its pidfd open,
+    /// blocked until [`Forked::proceed`]. Answers to earlier requests that come meanwhile
+    /// are dropped (their workers exit without running application code).
     pub fn fork(
         &mut self,
         slot: u32,
         output: BorrowedFd<'_>,
         timeout: Duration,
+        zygote: Option<i32>,
     ) -> Result<Forked, ZygoteError> {
         let deadline = Instant::now() + timeout;
         let request = self.request_fork(slot, output)?;
         loop {
             if let Some(answer) = self.read_answer()? {
                 if answer.request == request {
-                    return answer.into_forked(slot);
+                    return answer.into_forked(slot, zygote);
                 }
                 // A late answer to a request we gave up on: dropped here.
                 continue;
@@ -516,37 +523,59 @@ pub struct Answer {
 
 impl Answer {
     /// The worker of slot `slot` (the slot the request was made for): checked to be our
-    /// child, its pidfd opened; or why not. Dropping the go pipe on failure makes a
-    /// worker that exists exit 1 without running application code.
-    pub fn into_forked(self, slot: u32) -> Result<Forked, ZygoteError> {
+    /// child (or, with the pid of the `zygote` that answered, the child of that zygote's
+    /// child, re-parented to us once that intermediate exits), its pidfd opened; or why
+    /// not. Dropping the go pipe on failure makes a worker that exists exit 1 without
+    /// running application code.
+    pub fn into_forked(self, slot: u32, zygote: Option<i32>) -> Result<Forked, ZygoteError> {
         match self.result {
-            Ok((pid, go)) => own_child(slot, pid, go),
+            Ok((pid, go)) => own_child(slot, pid, go, zygote),
             Err(reason) => Err(ZygoteError::Failed { slot, reason }),
         }
     }
 }
 
-/// Checks that `pid` is our child and opens its pidfd; drops `go` (the worker then exits
-/// 1) if it is not.
-fn own_child(slot: u32, pid: i32, go: OwnedFd) -> Result<Forked, ZygoteError> {
-    let stat = crate::process::read_stat(pid).map_err(|source| ZygoteError::Io {
-        what: "read the forked worker's /proc/<pid>/stat",
-        source,
-    })?;
-    let me = rustix::process::getpid().as_raw_nonzero().get();
-    if stat.ppid != me {
-        return Err(ZygoteError::NotOurChild {
-            slot,
-            pid,
-            parent: stat.ppid,
-        });
-    }
-    // Our child cannot be reaped by anyone but us, so the pid still names the process
-    // whose parent we just read.
+/// Checks that `pid` is our child, or on its way to being one (its parent is a child of
+/// `zygote`: the intermediate of the double fork, about to exit), and opens its pidfd;
+/// drops `go` (the worker then exits 1) if it is neither.
+fn own_child(slot: u32, pid: i32, go: OwnedFd, zygote: Option<i32>) -> Result<Forked, ZygoteError> {
     let raw = rustix::process::Pid::from_raw(pid)
         .ok_or(ZygoteError::Unexpected("pid 0 in FORKED".to_string()))?;
+    // The pidfd first: once the parentage is read, its process being alive still proves
+    // the pid was not reused in between.
     let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
         .map_err(io_err("open the forked worker's pidfd"))?;
+    let read = |pid: i32| {
+        crate::process::read_stat(pid).map_err(|source| ZygoteError::Io {
+            what: "read the forked worker's /proc/<pid>/stat (it exited before its go?)",
+            source,
+        })
+    };
+    let me = rustix::process::getpid().as_raw_nonzero().get();
+    let parent = read(pid)?.ppid;
+    // The intermediate may exit (the worker re-parented to us) between the two reads.
+    let ours = parent == me
+        || zygote.is_some_and(|z| read(parent).is_ok_and(|p| p.ppid == z))
+        || read(pid)?.ppid == me;
+    if !ours {
+        return Err(ZygoteError::NotOurChild { slot, pid, parent });
+    }
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    if rustix::event::poll(&mut fds, Some(&zero))
+        .map_err(io_err("poll the forked worker's pidfd"))?
+        > 0
+    {
+        return Err(ZygoteError::Unexpected(format!(
+            "worker {slot} (pid {pid}) exited before its go"
+        )));
+    }
     Ok(Forked { pid, pidfd, go })
 }
 
@@ -870,7 +899,7 @@ mod tests {
         let (_r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
         // Nobody answers.
         let e = link
-            .fork(0, w.as_fd(), Duration::from_millis(20))
+            .fork(0, w.as_fd(), Duration::from_millis(20), None)
             .expect_err("no answer");
         assert!(matches!(e, ZygoteError::TimedOut { slot: 0, .. }));
         assert!(!e.is_permanent());
@@ -878,7 +907,7 @@ mod tests {
         send(zygote.as_fd(), "FAILED 1 late", &[]).expect("send");
         send(zygote.as_fd(), "FAILED 2 out of memory", &[]).expect("send");
         let e = link
-            .fork(1, w.as_fd(), Duration::from_secs(5))
+            .fork(1, w.as_fd(), Duration::from_secs(5), None)
             .expect_err("failed");
         assert!(
             matches!(&e, ZygoteError::Failed { slot: 1, reason } if reason == "out of memory"),
@@ -890,7 +919,7 @@ mod tests {
         send(zygote.as_fd(), &format!("FORKED 3 {me}"), &[go_w.as_fd()]).expect("send");
         drop(go_w);
         let e = link
-            .fork(2, w.as_fd(), Duration::from_secs(5))
+            .fork(2, w.as_fd(), Duration::from_secs(5), None)
             .expect_err("not ours");
         assert!(
             matches!(e, ZygoteError::NotOurChild { pid, .. } if pid == me),
@@ -912,7 +941,7 @@ mod tests {
         }
         drop(zygote);
         assert!(matches!(
-            link.fork(3, w.as_fd(), Duration::from_secs(5)),
+            link.fork(3, w.as_fd(), Duration::from_secs(5), None),
             Err(ZygoteError::Closed)
         ));
     }

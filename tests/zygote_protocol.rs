@@ -37,6 +37,16 @@ struct Zygote {
     _dir: tempfile::TempDir,
 }
 
+/// Waits (at most 10 s) until `pid` is our child: the zygote may answer before its
+/// intermediate child has exited.
+fn reparented(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hatchery::process::parent_pid(pid) != Some(my_pid()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(hatchery::process::parent_pid(pid), Some(my_pid()));
+}
+
 /// Waits at most `timeout` for `fd` to be readable (or hung up).
 fn readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -124,6 +134,11 @@ impl Drop for KillOnDrop {
 }
 
 impl Zygote {
+    /// The zygote's pid (bash exec'd it).
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("a pid")
+    }
+
     fn wait_ready(&mut self) {
         assert!(
             readable(self.link.fd(), Duration::from_secs(30)),
@@ -219,10 +234,10 @@ fn demo_zygote_forks_gated_workers_that_are_our_children_and_outlive_it() {
     let (out, out_w) = pipe();
     let worker = z
         .link
-        .fork(0, out_w.as_fd(), Duration::from_secs(10))
+        .fork(0, out_w.as_fd(), Duration::from_secs(10), Some(z.pid()))
         .expect("FORKED");
     drop(out_w);
-    assert_eq!(hatchery::process::parent_pid(worker.pid), Some(my_pid()));
+    reparented(worker.pid);
     let pending = request(z.port());
     assert!(
         !readable(pending.as_fd(), Duration::from_millis(300)),
@@ -251,7 +266,7 @@ fn demo_zygote_forks_gated_workers_that_are_our_children_and_outlive_it() {
     let (out1, out1_w) = pipe();
     let refused = z
         .link
-        .fork(1, out1_w.as_fd(), Duration::from_secs(10))
+        .fork(1, out1_w.as_fd(), Duration::from_secs(10), Some(z.pid()))
         .expect("FORKED");
     drop(out1_w);
     assert_ne!(refused.pid, pid);
@@ -275,7 +290,7 @@ fn the_zygote_exits_when_its_link_is_closed() {
     let (out, out_w) = pipe();
     let worker = z
         .link
-        .fork(3, out_w.as_fd(), Duration::from_secs(10))
+        .fork(3, out_w.as_fd(), Duration::from_secs(10), Some(z.pid()))
         .expect("FORKED");
     drop(out_w);
     let pidfd = KillOnDrop(worker.pidfd.try_clone().expect("dup the pidfd"));
@@ -307,10 +322,10 @@ fn the_python_zygote_speaks_the_same_protocol() {
     let (out, out_w) = pipe();
     let worker = z
         .link
-        .fork(2, out_w.as_fd(), Duration::from_secs(10))
+        .fork(2, out_w.as_fd(), Duration::from_secs(10), Some(z.pid()))
         .expect("FORKED");
     drop(out_w);
-    assert_eq!(hatchery::process::parent_pid(worker.pid), Some(my_pid()));
+    reparented(worker.pid);
     let pid = worker.pid;
     let pidfd = KillOnDrop(worker.pidfd.try_clone().expect("dup the pidfd"));
     worker.proceed().expect("go");
@@ -352,7 +367,7 @@ fn a_fork_without_its_output_fd_fails_and_the_zygote_forks_on() {
     let (out, out_w) = pipe();
     let worker = z
         .link
-        .fork(5, out_w.as_fd(), Duration::from_secs(10))
+        .fork(5, out_w.as_fd(), Duration::from_secs(10), Some(z.pid()))
         .expect("FORKED");
     drop(out_w);
     let pidfd = KillOnDrop(worker.pidfd.try_clone().expect("dup the pidfd"));

@@ -97,7 +97,15 @@ impl Agent {
                 .has_exited()
                 .then(|| worker.pidref.foreign_exit().unwrap_or(ExitReason::Unknown)))
         } else {
-            worker.pidref.try_wait()
+            match worker.pidref.try_wait() {
+                // Forked by a zygote and dead before the zygote's intermediate child
+                // exited: not yet re-parented to us (it is once the intermediate is gone,
+                // and reaped then as an orphan).
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(Some(
+                    worker.pidref.foreign_exit().unwrap_or(ExitReason::Unknown),
+                )),
+                waited => waited,
+            }
         };
         let reason = match waited {
             Ok(Some(r)) => r,

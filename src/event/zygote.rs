@@ -310,6 +310,7 @@ impl Agent {
             }
             return;
         }
+        let zpid = self.zygotes.get(&id).map_or(0, |z| z.pidref.pid());
         let (answers, end) = self.drain_answers(id);
         if let Some(e) = &end {
             if !matches!(e, ZygoteError::Closed) {
@@ -319,7 +320,7 @@ impl Agent {
             self.rearm_link(id);
         }
         for (slot, answer, output) in answers {
-            self.take_forked(id, &site, g, slot, answer, output);
+            self.take_forked(zpid, &site, g, slot, answer, output);
         }
     }
 
@@ -352,16 +353,17 @@ impl Agent {
 
     /// A worker the zygote forked (or failed to): moved into its own leaf and let go, then
     /// reported to the site's machine as a spawn.
+    /// `zygote` is the pid of the zygote that answered.
     fn take_forked(
         &mut self,
-        zygote: u64,
+        zygote: i32,
         name: &SiteName,
         g: GenId,
         slot: Slot,
         answer: Answer,
         output: OwnedFd,
     ) {
-        let input = match self.let_forked_go(name, g, slot, answer, output) {
+        let input = match self.let_forked_go(zygote, name, g, slot, answer, output) {
             Ok(pid) => SlotInput::Spawned { id: slot, pid },
             Err(error) => {
                 error!(site = %name, gen = g.0, worker = %slot, "failed to spawn: {error}");
@@ -372,10 +374,6 @@ impl Agent {
                 }
             }
         };
-        let detached = self.zygotes.get(&zygote).is_none_or(|z| z.detached);
-        if detached && matches!(input, SlotInput::SpawnFailed { .. }) {
-            return;
-        }
         self.feed(
             name,
             Input::Worker {
@@ -387,13 +385,14 @@ impl Agent {
 
     fn let_forked_go(
         &mut self,
+        zygote: i32,
         name: &SiteName,
         g: GenId,
         slot: Slot,
         answer: Answer,
         output: OwnedFd,
     ) -> Result<i32, String> {
-        let Forked { pid, pidfd, go } = answer.into_forked(slot.0).map_err(|e| {
+        let Forked { pid, pidfd, go } = answer.into_forked(slot.0, Some(zygote)).map_err(|e| {
             let chain = super::error_chain(&e);
             if chain.is_empty() {
                 e.to_string()
@@ -588,7 +587,7 @@ impl Agent {
         let (site, g) = (z.site.clone(), z.generation);
         for (slot, answer, output) in answers {
             if !z.detached {
-                self.take_forked(id, &site, g, slot, answer, output);
+                self.take_forked(z.pidref.pid(), &site, g, slot, answer, output);
             }
         }
         self.reg.tokens.remove(&z.pid_token);

@@ -17,8 +17,10 @@ Each fork, in order:
 1. Create the go pipe and a pipe for the worker's pid; block the stop signals so that
    none is handled by a half-made child.
 2. Fork the intermediate child, which forks the worker, writes its pid and ``_exit(0)``s.
-3. The zygote reaps the intermediate: the worker is now re-parented to the agent (a child
-   subreaper), so it is the agent's own child. (On demand: answer ``FORKED <request>
+3. The zygote reads the worker's pid from the intermediate, without waiting for the
+   intermediate's exit (reaped later): once it has exited, the worker is re-parented to
+   the agent (a child subreaper) and is the agent's own child; the agent accepts it
+   meanwhile as the child of the zygote's child. (On demand: answer ``FORKED <request>
    <pid>`` with the go pipe's write end, and close our copies of it and of the output
    pipe.)
 4. The worker closes the link and the write end of the go pipe (a spare first receives
@@ -86,6 +88,7 @@ def serve(link, worker, before_fork=None):
     spare = _make_spare(link, worker, before_fork)
     _send(link, Ready())
     while True:
+        _reap_intermediates()
         if spare is None:
             spare = _make_spare(link, worker, before_fork)
         data, fds, flags, _addr = socket.recv_fds(link, MAX_MESSAGE_BYTES + 1, 4)
@@ -215,15 +218,33 @@ def _fork_worker(link, output, slot, worker, close_in_child=None):
     os.close(pid_write)
     os.close(go_read)
     try:
-        os.waitpid(intermediate, 0)
-        # Once the intermediate is reaped, the worker has been re-parented.
+        # The pid as soon as the worker exists (end of file: the intermediate failed).
+        # The intermediate is not waited for: tearing down its copy of a large heap takes
+        # longer than a fork, and the agent accepts a worker whose parent is still our
+        # child; the worker is re-parented to the agent once that exits.
         data = os.read(pid_read, 4)
     finally:
         os.close(pid_read)
+        _intermediates.append(intermediate)
     if len(data) != 4:
         os.close(go_write)
         raise OSError("the intermediate child exited without forking the worker")
     return struct.unpack("=i", data)[0], go_write
+
+
+# Intermediate children not reaped yet.
+_intermediates = []
+
+
+def _reap_intermediates():
+    """Reaps the intermediate children that have exited (without waiting)."""
+    for pid in list(_intermediates):
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _intermediates.remove(pid)
 
 
 def _worker_child(link, output, go_read, go_write, slot, worker, old_mask):
