@@ -357,23 +357,13 @@ impl SiteMachine {
     /// two: one still stopping is waited for). Its workers run on until the rolling restart
     /// reaches them.
     pub(super) fn replace_zygote(&mut self, g: GenId, out: &mut Vec<Action>) {
-        let Some(z) = self.gens.get_mut(&g).and_then(|g| g.zygote.as_mut()) else {
-            return;
-        };
-        match z.phase {
-            ZygotePhase::Starting { .. } | ZygotePhase::Ready => {
+        self.stop_zygote(g, out);
+        // Started again at once when a spawn needs it: the old configuration's failures
+        // say nothing of the new one's.
+        if let Some(z) = self.gens.get_mut(&g).and_then(|g| g.zygote.as_mut()) {
+            if let ZygotePhase::Stopping { retry: Some(_) } = z.phase {
                 z.phase = ZygotePhase::Stopping { retry: None };
-                out.push(Action::StopZygote(g));
             }
-            // Started again at once when a spawn needs it: the old configuration's
-            // failures say nothing of the new one's.
-            ZygotePhase::Backoff { .. } => z.phase = ZygotePhase::Stopped,
-            ZygotePhase::Stopping { retry } => {
-                if retry.is_some() {
-                    z.phase = ZygotePhase::Stopping { retry: None };
-                }
-            }
-            ZygotePhase::Stopped => {}
         }
     }
 
