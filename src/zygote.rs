@@ -893,6 +893,67 @@ mod tests {
         assert!(matches!(link.read_ready(), Err(ZygoteError::Closed)));
     }
 
+    /// The first child of `parent` found in /proc, waiting (at most 10 s) for one.
+    fn child_of(parent: i32) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = std::fs::read_dir("/proc")
+                .expect("/proc")
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .find(|p| crate::process::read_stat(*p).is_ok_and(|s| s.ppid == parent));
+            if let Some(p) = found {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "no child of {parent}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_worker_is_accepted_while_its_parent_is_the_zygotes_exiting_child() {
+        // A stand-in zygote (sh) whose child (sh) has a child (sleep): the tree a double
+        // fork leaves until its intermediate child has exited.
+        let mut zygote_process = std::process::Command::new("sh")
+            .args(["-c", "sh -c 'sleep 60 & wait' & wait"])
+            .spawn()
+            .expect("spawn sh");
+        let zpid = i32::try_from(zygote_process.id()).expect("pid");
+        let intermediate = child_of(zpid);
+        let worker = child_of(intermediate);
+        let (mut link, zygote) = ZygoteLink::pair().expect("socketpair");
+        let (_r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
+        let answer = |request: u64| {
+            let (_go_r, go_w) =
+                rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
+            let text = format!("FORKED {request} {worker}");
+            send(zygote.as_fd(), &text, &[go_w.as_fd()]).expect("send");
+        };
+        // Named by its zygote: accepted, its pidfd open.
+        answer(1);
+        let forked = link
+            .fork(0, w.as_fd(), Duration::from_secs(5), Some(zpid))
+            .expect("a grandchild of the zygote is accepted");
+        assert_eq!(forked.pid, worker);
+        // Without the zygote's pid, or by another one, it is refused.
+        answer(2);
+        let e = link
+            .fork(1, w.as_fd(), Duration::from_secs(5), None)
+            .expect_err("not our child");
+        assert!(matches!(e, ZygoteError::NotOurChild { .. }), "{e:?}");
+        answer(3);
+        let e = link
+            .fork(2, w.as_fd(), Duration::from_secs(5), Some(worker))
+            .expect_err("not the child of that zygote's child");
+        assert!(matches!(e, ZygoteError::NotOurChild { .. }), "{e:?}");
+        for pid in [worker, intermediate, zpid] {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        let _ = zygote_process.wait();
+    }
+
     #[test]
     fn fork_reports_failed_timeout_and_a_pid_that_is_not_our_child() {
         let (mut link, zygote) = ZygoteLink::pair().expect("socketpair");

@@ -11,6 +11,7 @@ import selectors
 import signal
 import socket
 import socketserver
+import sys
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 SD_LISTEN_FDS_START = 3
@@ -87,6 +88,7 @@ def serve_wsgi(app, sockets):
             while True:
                 ready = selector.select()
                 if any(key.fd == stop_r for key, _ in ready):
+                    print("hatchery_zygote: stopping", file=sys.stderr, flush=True)
                     break
                 for key, _ in ready:
                     # Accepts one connection (or none: another worker took it) and

@@ -41,9 +41,12 @@ class RoundTripTest(ZygoteTestCase):
         read_until(out, b"worker 0 (pid %d) serving" % pid)
         # SIGTERM with a request in flight: it is answered, then the worker exits 0.
         slow = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        slow.sendall(b"GET /slow HTTP/1.0\r\n\r\n")
+        slow.sendall(b"POST /slow HTTP/1.0\r\nContent-Length: 5\r\n\r\n")
         read_until(out, b"slow request started")
         os.kill(pid, signal.SIGTERM)
+        # Stopped accepting while the request waits for its body: it is still answered.
+        read_until(out, b"hatchery_zygote: stopping")
+        slow.sendall(b"hello")
         answer = read_to_end(slow)
         slow.close()
         self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer)

@@ -2,14 +2,13 @@
 
 import os
 import sys
-import time
 
 
 def app(environ, start_response):
     if environ.get("PATH_INFO") == "/slow":
-        # In flight for a while, and says so (on the worker's output pipe).
+        # In flight until its body comes, and says so (on the worker's output pipe).
         print("slow request started", flush=True)
-        time.sleep(0.5)
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     hooks = sys.modules.get("tiny_hooks")
     body = "tiny app: worker %s, pid %d, generation %s, hooks %s\n" % (
         os.environ.get("HATCHERY_WORKER_ID"),
