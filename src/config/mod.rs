@@ -41,8 +41,8 @@ pub use load::{
     site_from_text,
 };
 pub use raw::{
-    RawAgent, RawDeploy, RawFlapping, RawHealth, RawListen, RawLogs, RawReady, RawRestart, RawSite,
-    RawStop, RawWarmup, RawWorkers,
+    RawAgent, RawDeploy, RawFlapping, RawFraction, RawHealth, RawListen, RawLogs, RawReady,
+    RawRestart, RawScale, RawSite, RawStop, RawWarmup, RawWorkers,
 };
 pub use site::{resolve_release, validate_site};
 pub use units::{Signal, format_duration, format_size, parse_duration, parse_size};
@@ -436,13 +436,59 @@ pub struct SiteConfig {
     pub effective: Effective,
 }
 
-/// `workers = "auto"`: as many workers as the budget holds, between `min` and `max`.
+/// `workers = "auto"`: between `min` and `max`, as many as the memory budget holds, or
+/// (`[scale] by = "load"`) as the load needs within it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AutoWorkers {
     /// The fewest.
     pub min: u32,
     /// The most.
     pub max: u32,
+    /// How the count is chosen (`[scale]`).
+    pub scale: ScalePolicy,
+}
+
+impl AutoWorkers {
+    /// Whether the count follows the load (`[scale] by = "load"`).
+    pub fn by_load(&self) -> bool {
+        self.scale.by == ScaleBy::Load
+    }
+}
+
+/// What sizes an automatic site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleBy {
+    /// As many workers as the memory budget holds.
+    Memory,
+    /// As many as the load needs (busy reports, accept queues, CPU), within the budget.
+    Load,
+}
+
+/// `[scale]`: how an automatic site follows its load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScalePolicy {
+    /// What sizes the site.
+    pub by: ScaleBy,
+    /// The utilisation aimed at, in percent (1 to 100).
+    pub target_percent: u32,
+    /// How often the load is sampled.
+    pub interval: Duration,
+    /// The least time between two growths.
+    pub grow_cooldown: Duration,
+    /// How long fewer workers must have done before a shrink (and between two).
+    pub shrink_cooldown: Duration,
+}
+
+impl ScalePolicy {
+    /// The defaults: by memory; for load, 70% utilisation, sampled every 250 ms, growing
+    /// at every sample that asks for more, shrinking after 30 s of surplus.
+    pub const DEFAULT: ScalePolicy = ScalePolicy {
+        by: ScaleBy::Memory,
+        target_percent: 70,
+        interval: Duration::from_millis(250),
+        grow_cooldown: Duration::ZERO,
+        shrink_cooldown: Duration::from_secs(30),
+    };
 }
 
 /// cgroup v2 limits of a site and of each of its workers (enforced where the controllers

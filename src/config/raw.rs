@@ -85,7 +85,41 @@ pub struct RawSite {
     pub memory_high: Option<String>,
     /// The sandbox (`[sandbox]`).
     pub sandbox: Option<sandbox::RawSandbox>,
+    /// How `workers = "auto"` sizes the site (`[scale]`).
+    pub scale: Option<RawScale>,
 }
+
+/// `[scale]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawScale {
+    /// `"memory"` (as many workers as the budget holds) or `"load"` (as many as the load
+    /// needs, within the budget).
+    pub by: Option<String>,
+    /// The utilisation aimed at: a fraction (`0.7`) or a percentage (`"70%"`).
+    pub target: Option<RawFraction>,
+    /// How often the load is sampled.
+    pub interval: Option<String>,
+    /// The least time between two growths.
+    pub grow_cooldown: Option<String>,
+    /// How long fewer workers must have done before the site shrinks (and between two
+    /// shrinks).
+    pub shrink_cooldown: Option<String>,
+}
+
+/// A fraction as written: `0.7` or `"70%"`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawFraction {
+    /// A number.
+    Number(f64),
+    /// A percentage, or anything else (refused by validation).
+    Text(String),
+}
+
+// Files are compared only after parsing; a NaN (which TOML can spell) is refused by
+// validation before anything keeps it.
+impl Eq for RawFraction {}
 
 /// `workers`: a count or `"auto"`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

@@ -7,9 +7,9 @@ use std::time::Duration;
 use super::{
     AutoWorkers, ConfigError, DeployPolicy, Effective, HealthPolicy, HttpCheck, Limits, ListenAddr,
     ListenMode, ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WARMUP, MAX_WORKERS, RELEASE_PLACEHOLDER,
-    RawDeploy, RawFlapping, RawHealth, RawLogs, RawReady, RawRestart, RawSite, RawStop, RawWarmup,
-    RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy, Signal, SiteConfig, SiteMode, SiteName,
-    StopPolicy, err, format_duration, format_size, lookup_group, lookup_user, parse_duration,
+    RawDeploy, RawFlapping, RawFraction, RawHealth, RawLogs, RawReady, RawRestart, RawScale,
+    RawSite, RawStop, RawWarmup, RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy, ScaleBy,
+    ScalePolicy, Signal, SiteConfig, SiteMode, SiteName, StopPolicy, err, format_duration, format_size, lookup_group, lookup_user, parse_duration,
     parse_size, sandbox,
 };
 
@@ -53,6 +53,92 @@ fn duration_key(
             Ok(default)
         }
     }
+}
+
+/// `[scale]` of an automatic site, its defaults written in.
+fn validate_scale(
+    file: &Path,
+    slot: &mut Option<RawScale>,
+    min: u32,
+    listen: &[ListenSpec],
+) -> Result<ScalePolicy, ConfigError> {
+    let d = ScalePolicy::DEFAULT;
+    let raw = slot.get_or_insert_with(RawScale::default);
+    let by = match raw.by.get_or_insert_with(|| "memory".into()).as_str() {
+        "memory" => ScaleBy::Memory,
+        "load" => ScaleBy::Load,
+        other => {
+            return Err(err(
+                file,
+                "scale.by",
+                format!(
+                    "unknown value {other:?}: use \"memory\" (as many workers as the budget holds) or \"load\" (as many as the load needs, within the budget)"
+                ),
+            ));
+        }
+    };
+    let fraction = match raw
+        .target
+        .get_or_insert(RawFraction::Number(f64::from(d.target_percent) / 100.0))
+    {
+        RawFraction::Number(f) => Some(*f),
+        RawFraction::Text(t) => t
+            .trim()
+            .strip_suffix('%')
+            .and_then(|p| p.trim().parse::<f64>().ok())
+            .map(|p| p / 100.0),
+    };
+    let target_percent = match fraction {
+        Some(f) if f > 0.0 && f <= 1.0 => (f * 100.0).round().max(1.0) as u32,
+        _ => {
+            return Err(err(
+                file,
+                "scale.target",
+                "use a fraction of each worker's time above 0 and at most 1, like 0.7, or a percentage like \"70%\"",
+            ));
+        }
+    };
+    let interval = duration_key(file, "scale.interval", &mut raw.interval, d.interval)?;
+    if !(Duration::from_millis(50)..=Duration::from_secs(60)).contains(&interval) {
+        return Err(err(file, "scale.interval", "use 50ms to 60s"));
+    }
+    let grow_cooldown = duration_key(
+        file,
+        "scale.grow_cooldown",
+        &mut raw.grow_cooldown,
+        d.grow_cooldown,
+    )?;
+    let shrink_cooldown = duration_key(
+        file,
+        "scale.shrink_cooldown",
+        &mut raw.shrink_cooldown,
+        d.shrink_cooldown,
+    )?;
+    if shrink_cooldown < interval {
+        return Err(err(
+            file,
+            "scale.shrink_cooldown",
+            "must be at least scale.interval: a shrink needs samples that say fewer workers do",
+        ));
+    }
+    // With no worker running, only a queue of connections can say that one is needed.
+    let queue = listen
+        .iter()
+        .any(|l| l.agent_binds() && matches!(l.addr, ListenAddr::Tcp(_)));
+    if by == ScaleBy::Load && min == 0 && !queue {
+        return Err(err(
+            file,
+            "workers_min",
+            "0 with scale.by = \"load\" needs a TCP listener bound by the agent: its accept queue is the only sign of load while no worker runs",
+        ));
+    }
+    Ok(ScalePolicy {
+        by,
+        target_percent,
+        interval,
+        grow_cooldown,
+        shrink_cooldown,
+    })
 }
 
 const RESERVED_ENV: &[&str] = &[
@@ -116,7 +202,7 @@ pub fn validate_site(
                     format!("use 1 to {MAX_WORKERS}, at least workers_min ({min})"),
                 ));
             }
-            (max, Some(AutoWorkers { min, max }))
+            (max, Some((min, max)))
         }
         RawWorkers::Auto(other) => {
             return Err(err(
@@ -386,6 +472,17 @@ pub fn validate_site(
     };
     let logs = validate_logs(file, "logs", &mut eff.logs, default_logs)?;
     let limits = validate_limits(file, &eff)?;
+    let auto = match auto {
+        Some((min, max)) => Some(AutoWorkers {
+            min,
+            max,
+            scale: validate_scale(file, &mut eff.scale, min, &listen)?,
+        }),
+        None if eff.scale.is_some() => {
+            return Err(err(file, "scale", "[scale] needs workers = \"auto\""));
+        }
+        None => None,
+    };
     if auto.is_some() && (limits.memory.is_none() || limits.worker_estimate().is_none()) {
         return Err(err(
             file,
@@ -1135,7 +1232,14 @@ timeout = "30s"
     #[test]
     fn auto_workers_need_a_budget_and_a_per_worker_figure() {
         let s = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = \"auto\"\nworkers_max = 10\nmemory = \"512M\"\nworker_memory = \"100M\"\n").expect("valid");
-        assert_eq!(s.auto, Some(AutoWorkers { min: 1, max: 10 }));
+        assert_eq!(
+            s.auto,
+            Some(AutoWorkers {
+                min: 1,
+                max: 10,
+                scale: ScalePolicy::DEFAULT
+            })
+        );
         assert_eq!(s.limits.worker_estimate(), Some(100 << 20));
         let e = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = \"auto\"\n").unwrap_err();
         assert!(e.message.contains("memory budget"), "{e}");

@@ -9,6 +9,7 @@
 pub mod capacity;
 pub mod deploy;
 pub mod ids;
+pub mod load;
 pub mod machine;
 pub mod policy;
 pub mod slots;

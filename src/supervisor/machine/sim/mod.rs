@@ -320,7 +320,11 @@ fn random_config(rng: &mut Rng) -> SiteConfig {
     if rng.chance(25) {
         let min = rng.small(1, 2);
         let max = rng.small(min, 8);
-        c.auto = Some(AutoWorkers { min, max });
+        c.auto = Some(AutoWorkers {
+            min,
+            max,
+            scale: crate::config::ScalePolicy::DEFAULT,
+        });
         c.workers = max;
         c.limits.memory = Some(budget);
         c.limits.worker_memory = Some(estimate);
