@@ -46,6 +46,7 @@ const PIDS_MAX: &str = "pids.max";
 const PIDS_CURRENT: &str = "pids.current";
 const CPU_WEIGHT: &str = "cpu.weight";
 const CPU_STAT: &str = "cpu.stat";
+const CPU_PRESSURE: &str = "cpu.pressure";
 
 /// Accounting of one cgroup; `None` where the kernel or controller does not provide it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -111,6 +112,38 @@ fn peak(dir: &Path) -> Option<u64> {
 /// A cgroup's `memory.current`, where the memory controller is enabled.
 pub fn memory_current(dir: &Path) -> Option<u64> {
     read_u64(&dir.join(MEMORY_CURRENT))
+}
+
+/// What load scaling reads of a generation's cgroup `dir`: its CPU time (`cpu.stat`
+/// `usage_usec`, there without the cpu controller too), the time all its tasks waited for
+/// a CPU (`cpu.pressure`: the `full` total, or `some` on kernels before 5.13 without a
+/// `full` line), and its `memory.high` and `memory.max` events (`memory.events`, which
+/// counts its leaves' too). Missing files give `None`.
+pub fn load_counters(dir: &Path) -> (Option<u64>, Option<u64>, Option<u64>) {
+    let cpu = fs::read_to_string(dir.join(CPU_STAT)).ok();
+    let pressure = fs::read_to_string(dir.join(CPU_PRESSURE)).ok();
+    let events = fs::read_to_string(dir.join(MEMORY_EVENTS)).ok();
+    let memory = events
+        .as_deref()
+        .and_then(|t| Some(keyed_value(t, "high")?.saturating_add(keyed_value(t, "max")?)));
+    (
+        cpu.as_deref().and_then(|t| keyed_value(t, "usage_usec")),
+        pressure.as_deref().and_then(stall_total),
+        memory,
+    )
+}
+
+/// The stall total (µs) of a PSI file: its `full` line, else its `some` line.
+fn stall_total(text: &str) -> Option<u64> {
+    let total = |kind: &str| {
+        text.lines()
+            .find(|l| l.starts_with(kind))?
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("total="))?
+            .parse()
+            .ok()
+    };
+    total("full ").or_else(|| total("some "))
 }
 
 /// Reads the accounting files of `dir` (missing files give `None`).
@@ -720,6 +753,32 @@ pub fn enable_controllers(dir: &Path) -> Result<Vec<String>, CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stall_time_is_the_full_line_else_the_some_line() {
+        let both = "some avg10=1.00 avg60=0.00 avg300=0.00 total=365377\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=158825\n";
+        assert_eq!(stall_total(both), Some(158_825));
+        // Kernels before 5.13 have no `full` line for the CPU.
+        let some = "some avg10=0.00 avg60=0.00 avg300=0.00 total=42\n";
+        assert_eq!(stall_total(some), Some(42));
+        assert_eq!(stall_total(""), None);
+    }
+
+    #[test]
+    fn load_counters_read_a_real_cgroup() {
+        // The agent's own cgroup v2 directory, where there is one (`cpu.stat` and
+        // `cpu.pressure` are there without any controller).
+        let Some(own) = cgroup2_mount().and_then(|m| own_cgroup(&m)) else {
+            assert!(
+                std::env::var("HATCHERY_TEST_REQUIRE").is_err(),
+                "HATCHERY_TEST_REQUIRE is set but there is no cgroup v2 directory of our own"
+            );
+            eprintln!("skipped: no cgroup v2 directory of our own");
+            return;
+        };
+        let (cpu, _stall, _memory) = load_counters(&own);
+        assert!(cpu.is_some_and(|c| c > 0), "{own:?}: {cpu:?}");
+    }
 
     #[test]
     fn controllers_are_enabled_from_what_the_parent_offers() {

@@ -21,6 +21,56 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+/// What `scale` asks for: a count (which pins a site that follows its load), or
+/// `"auto"` (its policy decides again). On the wire, a number or the string `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "WireScaleTo", into = "WireScaleTo")]
+pub enum ScaleTo {
+    /// This many workers.
+    Count(u32),
+    /// The site's `workers = "auto"` policy.
+    Auto,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum WireScaleTo {
+    Count(u32),
+    Word(String),
+}
+
+impl TryFrom<WireScaleTo> for ScaleTo {
+    type Error = String;
+    fn try_from(w: WireScaleTo) -> Result<ScaleTo, String> {
+        match w {
+            WireScaleTo::Count(n) => Ok(ScaleTo::Count(n)),
+            WireScaleTo::Word(w) if w == "auto" => Ok(ScaleTo::Auto),
+            WireScaleTo::Word(w) => Err(format!("invalid workers {w:?}: use a number or \"auto\"")),
+        }
+    }
+}
+
+impl From<ScaleTo> for WireScaleTo {
+    fn from(s: ScaleTo) -> WireScaleTo {
+        match s {
+            ScaleTo::Count(n) => WireScaleTo::Count(n),
+            ScaleTo::Auto => WireScaleTo::Word("auto".into()),
+        }
+    }
+}
+
+impl std::str::FromStr for ScaleTo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ScaleTo, String> {
+        if s == "auto" {
+            return Ok(ScaleTo::Auto);
+        }
+        s.parse().map(ScaleTo::Count).map_err(|_| {
+            format!("invalid workers {s:?}: use a number, or auto (let the site's workers = \"auto\" policy decide again)")
+        })
+    }
+}
+
 /// Largest request accepted, in bytes.
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// Most concurrent control connections.
@@ -51,12 +101,12 @@ pub enum Request {
         /// The site.
         site: String,
     },
-    /// Run `workers` workers.
+    /// Run `workers` workers (`"auto"`: let an automatic site's policy decide again).
     Scale {
         /// The site.
         site: String,
         /// How many.
-        workers: u32,
+        workers: ScaleTo,
     },
     /// Send a signal to every worker of a site.
     Signal {
@@ -394,6 +444,22 @@ mod tests {
         let r: Request =
             serde_json::from_str(r#"{"cmd":"scale","site":"a","workers":3}"#).expect("parse");
         assert_eq!(r.site(), Some("a"));
+        let auto: Request =
+            serde_json::from_str(r#"{"cmd":"scale","site":"a","workers":"auto"}"#).expect("parse");
+        assert_eq!(
+            auto,
+            Request::Scale {
+                site: "a".into(),
+                workers: ScaleTo::Auto
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&auto).expect("ser"),
+            r#"{"cmd":"scale","site":"a","workers":"auto"}"#
+        );
+        let e = serde_json::from_str::<Request>(r#"{"cmd":"scale","site":"a","workers":"lots"}"#)
+            .expect_err("not a count");
+        assert!(e.to_string().contains("a number or \"auto\""), "{e}");
         let text = serde_json::to_string(&Request::Reload).expect("ser");
         assert_eq!(text, r#"{"cmd":"reload"}"#);
     }

@@ -89,8 +89,9 @@ enum Command {
     Scale {
         /// The site.
         site: String,
-        /// The new number of workers.
-        workers: u32,
+        /// The new number of workers (pins a site that follows its load), or `auto` (its
+        /// `workers = "auto"` policy decides again).
+        workers: hatchery::control::ScaleTo,
     },
     /// Send a signal to every worker of a site.
     Signal {

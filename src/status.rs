@@ -124,6 +124,9 @@ pub struct SiteStatus {
     /// The memory cap and its derivation.
     #[serde(default)]
     pub capacity: Option<CapacityStatus>,
+    /// Load scaling, for a site that follows its load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<ScaleStatus>,
     /// Ready workers of the serving generation.
     pub ready: u32,
     /// Whether a rolling restart is under way.
@@ -296,6 +299,51 @@ pub struct AutoRange {
     pub min: u32,
     /// `workers_max`.
     pub max: u32,
+}
+
+/// Load scaling (`[scale] by = "load"`): why the site has the workers it has.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaleStatus {
+    /// `scale N` pinned the count (until `scale SITE auto`).
+    pub pinned: bool,
+    /// The utilisation aimed at, percent.
+    pub target_percent: u32,
+    /// How often the load is sampled, ms.
+    pub interval_ms: u64,
+    /// `scale.grow_cooldown`, ms.
+    pub grow_cooldown_ms: u64,
+    /// `scale.shrink_cooldown`, ms.
+    pub shrink_cooldown_ms: u64,
+    /// Whether the load is sampled now (else why not).
+    pub sampling: bool,
+    /// Why not, when it is not.
+    #[serde(default)]
+    pub idle_reason: Option<String>,
+    /// The signals at the last sample.
+    #[serde(default)]
+    pub signals: Option<crate::supervisor::load::Signals>,
+    /// Signals this site does not have, and why.
+    #[serde(default)]
+    pub unavailable: Vec<String>,
+    /// Why the last sample that wanted more workers did not grow the site.
+    #[serde(default)]
+    pub held: Option<String>,
+    /// The last change of the count.
+    #[serde(default)]
+    pub last_decision: Option<ScaleDecision>,
+}
+
+/// A change of the count by load scaling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleDecision {
+    /// Workers before.
+    pub from: u32,
+    /// Workers after.
+    pub to: u32,
+    /// Why, in words.
+    pub reason: String,
+    /// When (UTC).
+    pub at: String,
 }
 
 /// The memory cap.

@@ -195,8 +195,8 @@ fn readme_config_examples_are_valid() {
             .any(|(n, _, v)| n == "as" && *v == 2 << 30)
     );
     assert_eq!(
-        shop.auto,
-        Some(hatchery::config::AutoWorkers { min: 1, max: 16 })
+        shop.auto.map(|a| (a.min, a.max, a.by_load())),
+        Some((1, 16, false))
     );
     assert_eq!(shop.limits.memory, Some(512 << 20));
     assert_eq!(shop.limits.pids_max, Some(256));

@@ -241,6 +241,9 @@ fn site_details(out: &mut String, s: &SiteStatus) {
     if let Some(c) = &s.capacity {
         let _ = writeln!(out, "cap: {} (requested {})", c.derivation, s.requested);
     }
+    if let Some(l) = &s.scale {
+        scale(out, l);
+    }
     if let Some(l) = s.limits.as_ref().filter(|l| !l.not_enforced.is_empty()) {
         let _ = writeln!(
             out,
@@ -263,4 +266,60 @@ fn site_details(out: &mut String, s: &SiteStatus) {
             .map(|p| p.display().to_string())
             .unwrap_or_default()
     );
+}
+
+/// The load-scaling lines of a site's `status`.
+fn scale(out: &mut String, l: &hatchery::status::ScaleStatus) {
+    let _ = writeln!(
+        out,
+        "load scaling: target {}%, sampled every {} ms{}",
+        l.target_percent,
+        l.interval_ms,
+        l.idle_reason
+            .as_ref()
+            .map(|r| format!(" (not sampled now: {r})"))
+            .unwrap_or_default()
+    );
+    if let Some(sig) = &l.signals {
+        let mut parts = Vec::new();
+        if let Some(b) = sig.busy {
+            parts.push(format!("busy {b:.1}"));
+        }
+        if let Some(q) = sig.queued {
+            parts.push(format!("queued {q}"));
+        }
+        if let Some(c) = sig.cpu {
+            parts.push(format!("cpu {c:.2} CPUs"));
+        }
+        if let Some(st) = sig.cpu_stall {
+            parts.push(format!("cpu stall {:.0}%", st * 100.0));
+        }
+        if let Some(m) = sig.memory_events {
+            parts.push(format!("memory limit hits {m}"));
+        }
+        let _ = writeln!(
+            out,
+            "  signals: {} ready, {}; wants {}",
+            sig.ready,
+            if parts.is_empty() {
+                "none yet".to_string()
+            } else {
+                parts.join(", ")
+            },
+            sig.wanted
+        );
+    }
+    for u in &l.unavailable {
+        let _ = writeln!(out, "  not available: {u}");
+    }
+    if let Some(h) = &l.held {
+        let _ = writeln!(out, "  {h}");
+    }
+    if let Some(d) = &l.last_decision {
+        let _ = writeln!(
+            out,
+            "  last: {} -> {} at {} ({})",
+            d.from, d.to, d.at, d.reason
+        );
+    }
 }

@@ -177,6 +177,7 @@ connect = []
                 ".ready.status",
                 ".release",
                 ".sandbox.root",
+                ".scale",
                 ".workdir",
                 ".worker_memory",
                 ".workers_max",
@@ -226,6 +227,9 @@ flapping = {{ exits = 3 }}
 [ready]
 check = "tcp"
 timeout = "1m"
+[scale]
+by = "load"
+target = "80%"
 [logs]
 keep = 5
 [sandbox]
@@ -272,6 +276,9 @@ read_write = ["/tmp", "/var/lib/blog"]
         assert_eq!(kept.listen[1].name.as_deref(), Some("listen1"));
         assert_eq!(kept.listen[1].backlog, Some(65535));
         assert_eq!(kept.workers_min, Some(1));
+        let scale = kept.scale.as_ref().expect("scale");
+        assert_eq!(scale.shrink_cooldown.as_deref(), Some("30s"));
+        assert_eq!(s.auto.map(|a| a.scale.target_percent), Some(80));
         let sandbox = kept.sandbox.as_ref().expect("sandbox");
         assert_eq!(
             sandbox.rlimits.as_ref().and_then(|r| r.get("core")),

@@ -9,8 +9,8 @@ use super::{
     ListenMode, ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WARMUP, MAX_WORKERS, RELEASE_PLACEHOLDER,
     RawDeploy, RawFlapping, RawFraction, RawHealth, RawLogs, RawReady, RawRestart, RawScale,
     RawSite, RawStop, RawWarmup, RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy, ScaleBy,
-    ScalePolicy, Signal, SiteConfig, SiteMode, SiteName, StopPolicy, err, format_duration, format_size, lookup_group, lookup_user, parse_duration,
-    parse_size, sandbox,
+    ScalePolicy, Signal, SiteConfig, SiteMode, SiteName, StopPolicy, err, format_duration,
+    format_size, lookup_group, lookup_user, parse_duration, parse_size, sandbox,
 };
 
 /// The `[logs]` table at `slot` (`key`), with `default` for what it leaves out; every
@@ -89,7 +89,9 @@ fn validate_scale(
             .map(|p| p / 100.0),
     };
     let target_percent = match fraction {
-        Some(f) if f > 0.0 && f <= 1.0 => (f * 100.0).round().max(1.0) as u32,
+        Some(f) if f > 0.0 && f <= 1.0 => {
+            u32::try_from(((f * 100.0).round() as i64).max(1)).unwrap_or(100)
+        }
         _ => {
             return Err(err(
                 file,
@@ -174,7 +176,7 @@ pub fn validate_site(
                 file,
                 "name",
                 format!(
-                    "the site is named {name:?} but its file is {stem}.toml: name the file {name}.toml"
+                    "the site is named \"{name}\" but its file is {stem}.toml: name the file {name}.toml"
                 ),
             ));
         }
@@ -1227,6 +1229,50 @@ timeout = "30s"
         assert_eq!(e.key, "memory_max");
         let e = site("name = \"blog\"\ncommand = [\"x\"]\nmemory = \"1K\"\n").unwrap_err();
         assert!(e.message.contains("4M"), "{e}");
+    }
+
+    #[test]
+    fn scale_by_load_is_checked_key_by_key() {
+        let auto = "name = \"blog\"\ncommand = [\"x\"]\nworkers = \"auto\"\nmemory = \"1G\"\nworker_memory = \"50M\"\n";
+        let s = site(&format!("{auto}[scale]\nby = \"load\"\ntarget = 0.6\ninterval = \"100ms\"\ngrow_cooldown = \"1s\"\nshrink_cooldown = \"1m\"\n")).expect("valid");
+        let a = s.auto.expect("auto");
+        assert!(a.by_load());
+        assert_eq!(a.scale.target_percent, 60);
+        assert_eq!(a.scale.interval, Duration::from_millis(100));
+        assert_eq!(a.scale.grow_cooldown, Duration::from_secs(1));
+        assert_eq!(a.scale.shrink_cooldown, Duration::from_secs(60));
+        let refused = |extra: &str| site(&format!("{auto}{extra}")).expect_err(extra);
+        let e = refused("[scale]\nby = \"cpu\"\n");
+        assert_eq!(e.key, "scale.by");
+        assert!(e.message.contains("\"load\""), "{e}");
+        for bad in ["0", "1.5", "\"70\"", "\"lots%\"", "nan"] {
+            let e = refused(&format!("[scale]\ntarget = {bad}\n"));
+            assert_eq!(e.key, "scale.target", "{bad}");
+            assert!(e.message.contains("\"70%\""), "{e}");
+        }
+        assert_eq!(
+            site(&format!("{auto}[scale]\ntarget = \"85%\"\n"))
+                .expect("a percentage")
+                .auto
+                .map(|a| a.scale.target_percent),
+            Some(85)
+        );
+        let e = refused("[scale]\ninterval = \"10ms\"\n");
+        assert_eq!(e.key, "scale.interval");
+        let e = refused("[scale]\ninterval = \"2s\"\nshrink_cooldown = \"1s\"\n");
+        assert_eq!(e.key, "scale.shrink_cooldown");
+        // Nothing but an accept queue can ask for a first worker.
+        let e = refused("workers_min = 0\n[scale]\nby = \"load\"\n");
+        assert_eq!(e.key, "workers_min");
+        assert!(e.message.contains("TCP listener"), "{e}");
+        site(&format!(
+            "{auto}workers_min = 0\n[[listen]]\ntcp = \"127.0.0.1:0\"\n[scale]\nby = \"load\"\n"
+        ))
+        .expect("scale to zero with a TCP listener");
+        let e = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = 2\n[scale]\nby = \"load\"\n")
+            .expect_err("a fixed count");
+        assert_eq!(e.key, "scale");
+        assert!(e.message.contains("workers = \"auto\""), "{e}");
     }
 
     #[test]

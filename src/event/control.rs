@@ -16,7 +16,7 @@ use super::{
     REQUEST_TIMEOUT, RESERVED_FOR_ADMIN, Source, exec, generations,
 };
 use crate::config::{self, SiteName};
-use crate::control::{ErrorKind, MAX_CONNECTIONS, MAX_REQUEST, Reply, Request};
+use crate::control::{ErrorKind, MAX_CONNECTIONS, MAX_REQUEST, Reply, Request, ScaleTo};
 use crate::logs;
 use crate::supervisor::deploy::Share;
 use crate::supervisor::ids::ClientId;
@@ -476,7 +476,17 @@ impl Agent {
                 let name = name.expect("site request");
                 self.feed_request(&name, conn, Input::Promote(client));
             }
-            Request::Scale { workers, .. } => {
+            Request::Scale {
+                workers: ScaleTo::Auto,
+                ..
+            } => {
+                let name = name.expect("site request");
+                self.feed_request(&name, conn, Input::ScaleAuto(client));
+            }
+            Request::Scale {
+                workers: ScaleTo::Count(workers),
+                ..
+            } => {
                 let name = name.expect("site request");
                 let owner = (!admin).then_some(uid);
                 if owner.is_some() {

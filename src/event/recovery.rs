@@ -690,6 +690,7 @@ mod tests {
                     serving: 3,
                     last_gen: 3,
                     requested: 2,
+                    pinned: false,
                     running: true,
                     gens: vec![GenRecord {
                         id: 3,

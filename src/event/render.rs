@@ -50,6 +50,15 @@ pub fn event(site: &SiteName, e: &Event) -> String {
         Event::Resized { from, to, capacity } => {
             format!("workers {from} -> {to} ({})", capacity.describe())
         }
+        Event::LoadScaled {
+            decision,
+            target_percent,
+        } => format!(
+            "workers {} -> {} (load: {})",
+            decision.from,
+            decision.to,
+            decision.reason.describe(*target_percent)
+        ),
         Event::DoesNotFit {
             requested,
             capacity,
@@ -453,6 +462,14 @@ fn done(site: &SiteName, d: &Done) -> DoneReply {
         Done::AlreadyStopped => DoneReply::new(site, "already stopped"),
         Done::Restarted => DoneReply::new(site, "restart done"),
         Done::WhenStarted(n) => DoneReply::new(site, format!("{n} workers when started")),
+        Done::Automatic { by_load, workers } => DoneReply::new(
+            site,
+            if *by_load {
+                format!("follows its load again ({workers} workers now)")
+            } else {
+                format!("sized by its memory budget again ({workers} workers now)")
+            },
+        ),
         Done::Deployed {
             to,
             from,
@@ -546,6 +563,12 @@ fn failure(site: &SiteName, f: &Failure) -> (ErrorKind, String) {
                     "site {site} has no canary to promote: start one with `hatchery deploy {site} --canary 10%`"
                 ),
             },
+        ),
+        Failure::NotAutomatic => (
+            ErrorKind::BadRequest,
+            format!(
+                "site {site} has a fixed count: `scale {site} auto` needs workers = \"auto\" in its file"
+            ),
         ),
         Failure::TooManyWorkers(n) => (
             ErrorKind::BadRequest,

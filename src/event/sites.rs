@@ -139,6 +139,25 @@ impl Observe for World<'_> {
         generations::queues_empty(self.io, old, new)
     }
 
+    fn load(&self, generation: GenId) -> crate::supervisor::load::Counters {
+        let queued = self.io.gens.get(&generation).and_then(|g| {
+            g.listeners
+                .iter()
+                .filter_map(Listener::queued)
+                .reduce(u32::saturating_add)
+        });
+        let (cpu_usec, cpu_stall_usec, memory_events) = match &self.site_dir {
+            Some(site) => crate::cgroup::load_counters(&site.join(format!("gen-{}", generation.0))),
+            None => (None, None, None),
+        };
+        crate::supervisor::load::Counters {
+            queued,
+            cpu_usec,
+            cpu_stall_usec,
+            memory_events,
+        }
+    }
+
     fn probe_alone(&self) -> Result<(), String> {
         generations::probe_alone(self.io, self.serving, self.steering)
     }

@@ -8,7 +8,7 @@ use crate::config::SiteName;
 use crate::logs;
 use crate::status::{
     AgentStatus, AutoRange, CapacityStatus, DeployStatus, GenerationStatus, LimitsStatus,
-    SiteState, SiteStatus, Status, WorkerStatus, ZygoteStatus,
+    ScaleDecision, ScaleStatus, SiteState, SiteStatus, Status, WorkerStatus, ZygoteStatus,
 };
 
 impl Agent {
@@ -35,7 +35,7 @@ impl Agent {
                             generation: g.id.0,
                             pid: slot.pid,
                             state: slot.phase.name().to_string(),
-                            busy: slot.busy,
+                            busy: slot.busy(),
                             restarts: slot.restarts,
                             started_at: started_at.map(logs::utc_timestamp),
                             uptime_ms: slot.pid.and(slot.started).map(|t| {
@@ -118,6 +118,7 @@ impl Agent {
                         zygote: c.zygote,
                         derivation: c.describe(),
                     }),
+                    scale: scale_status(s, now, wall),
                     ready: count(cur.slots.ready()),
                     restarting: cur.slots.is_restarting(),
                     listen: listen_list(config),
@@ -162,6 +163,7 @@ impl Agent {
                 requested: b.config.as_ref().map_or(0, |c| c.workers),
                 auto: None,
                 capacity: None,
+                scale: None,
                 ready: 0,
                 restarting: false,
                 listen: b.config.as_ref().map(listen_list).unwrap_or_default(),
@@ -219,4 +221,71 @@ fn stop_then_start(config: &crate::config::SiteConfig) -> Option<String> {
         if own.len() == 1 { "" } else { "s" },
         list.join(", ")
     ))
+}
+
+/// Load scaling of a site that follows its load: the signals it has (and those it has
+/// not, with the reason), what they asked for, the last decision.
+fn scale_status(s: &super::Site, now: Instant, wall: SystemTime) -> Option<ScaleStatus> {
+    let m = &s.machine;
+    let load = m.load()?;
+    let config = m.config();
+    let policy = config.auto?.scale;
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let idle_reason = if m.load_sampling() {
+        None
+    } else if m.pinned() {
+        Some(format!(
+            "pinned at {} workers by scale: `hatchery scale {} auto` follows the load again",
+            m.requested(),
+            config.name
+        ))
+    } else if m.deploy().is_some() || m.generations().count() > 1 {
+        Some("a deploy is under way (the new generation starts at the current count)".into())
+    } else if m.current().slots.run != crate::supervisor::slots::RunState::Running {
+        Some(format!("the site is {}", m.current().slots.run.name()))
+    } else {
+        Some(
+            "at workers_min with no TCP listener and no BUSY report yet: nothing to sample (the first BUSY report starts sampling)"
+                .into(),
+        )
+    };
+    let mut unavailable = Vec::new();
+    if let Some(sig) = &load.signals {
+        if sig.busy.is_none() {
+            unavailable.push("busy: the app sends no BUSY=1/BUSY=0 reports".to_string());
+        }
+        if sig.queued.is_none() {
+            unavailable.push("accept queue: no TCP listener bound by the agent".to_string());
+        }
+        if sig.cpu.is_none() {
+            unavailable.push("cpu: no cgroup v2 directory for the site (cgroup_base)".to_string());
+        }
+        if sig.cpu_stall.is_none() {
+            unavailable.push(
+                "cpu pressure: no cpu.pressure (a kernel without PSI, or booted without psi=1)"
+                    .to_string(),
+            );
+        }
+        if sig.memory_events.is_none() {
+            unavailable.push("memory events: no memory controller for the site".to_string());
+        }
+    }
+    Some(ScaleStatus {
+        pinned: m.pinned(),
+        target_percent: policy.target_percent,
+        interval_ms: ms(policy.interval),
+        grow_cooldown_ms: ms(policy.grow_cooldown),
+        shrink_cooldown_ms: ms(policy.shrink_cooldown),
+        sampling: m.load_sampling(),
+        idle_reason,
+        signals: load.signals,
+        unavailable,
+        held: load.held.map(|h| h.describe().to_string()),
+        last_decision: load.decision.map(|(at, d)| ScaleDecision {
+            from: d.from,
+            to: d.to,
+            reason: d.reason.describe(policy.target_percent),
+            at: logs::utc_timestamp(wall - now.saturating_duration_since(at)),
+        }),
+    })
 }

@@ -169,7 +169,9 @@ impl Held {
     /// In words.
     pub fn describe(self) -> &'static str {
         match self {
-            Held::CpuBound => "growth waits: the site's tasks wait for a CPU, more workers would too",
+            Held::CpuBound => {
+                "growth waits: the site's tasks wait for a CPU, more workers would too"
+            }
             Held::Cooldown => "growth waits for scale.grow_cooldown",
             Held::Memory => "growth waits: the site hits its memory limits",
         }
@@ -230,7 +232,7 @@ fn rate(now: Option<u64>, before: Option<u64>, dt: Duration) -> Option<f64> {
 /// Workers for `load` at `target_percent` utilisation.
 fn needed(load: f64, target_percent: u32) -> u32 {
     let n = (load * 100.0 / f64::from(target_percent.max(1)) - 1e-9).ceil();
-    if n <= 0.0 { 0 } else { n.min(f64::from(u32::MAX)) as u32 }
+    u32::try_from((n.min(f64::from(u32::MAX)) as i64).max(0)).unwrap_or(u32::MAX)
 }
 
 impl LoadState {
@@ -289,7 +291,10 @@ impl LoadState {
         };
         let mut asks: Vec<(u32, Reason)> = Vec::new();
         if waiting > 0 {
-            asks.push((ready.saturating_add(waiting), Reason::Queue { waiting, ready }));
+            asks.push((
+                ready.saturating_add(waiting),
+                Reason::Queue { waiting, ready },
+            ));
         }
         match (busy, cpu) {
             (Some(b), _) => asks.push((needed(b, target), Reason::Busy { busy: b })),

@@ -10,7 +10,10 @@ fn policy() -> ScalePolicy {
     }
 }
 
-const BOUNDS: Bounds = Bounds { min: 1, ceiling: 24 };
+const BOUNDS: Bounds = Bounds {
+    min: 1,
+    ceiling: 24,
+};
 
 /// A site seen by samples every 250 ms: the loop's side of [`LoadState::sample`].
 struct Site {
@@ -85,7 +88,11 @@ impl Site {
 #[test]
 fn a_queue_far_behind_adds_a_worker_per_waiting_connection_at_once() {
     let mut s = Site::new(2);
-    assert_eq!(s.period(None, 0), None, "the first sample starts the period");
+    assert_eq!(
+        s.period(None, 0),
+        None,
+        "the first sample starts the period"
+    );
     let d = s.period(None, 5).expect("grows");
     assert_eq!((d.from, d.to), (2, 7), "2 ready + 5 waiting");
     assert_eq!(
@@ -102,7 +109,11 @@ fn a_queue_far_behind_adds_a_worker_per_waiting_connection_at_once() {
 fn a_connection_caught_once_is_not_a_queue_but_a_standing_one_is() {
     let mut s = Site::new(4);
     s.period(None, 0);
-    assert_eq!(s.period(None, 1), None, "one connection on its way to a worker");
+    assert_eq!(
+        s.period(None, 1),
+        None,
+        "one connection on its way to a worker"
+    );
     assert_eq!(s.period(None, 0), None);
     assert_eq!(s.period(None, 2), None);
     let d = s.period(None, 1).expect("waiting in two samples in a row");
@@ -117,7 +128,11 @@ fn starting_workers_are_not_asked_for_twice() {
     assert_eq!(d.to, 8);
     // The six new ones are starting: the queue is still there, as long.
     s.ready = 2;
-    assert_eq!(s.period(None, 6), None, "2 ready + 6 waiting = the 8 there are");
+    assert_eq!(
+        s.period(None, 6),
+        None,
+        "2 ready + 6 waiting = the 8 there are"
+    );
     let d = s.period(None, 9).expect("the queue grew meanwhile");
     assert_eq!(d.to, 11);
 }
@@ -166,7 +181,10 @@ fn shrink_waits_a_whole_cooldown_then_goes_to_the_most_wanted() {
     }
     let (i, d) = shrunk.expect("shrinks");
     assert_eq!(i, 121, "30 s of samples after the first that wanted fewer");
-    assert_eq!(d.to, 3, "2 busy / 0.7: the most any sample of the window wanted");
+    assert_eq!(
+        d.to, 3,
+        "2 busy / 0.7: the most any sample of the window wanted"
+    );
     assert!(matches!(d.reason, Reason::Idle { needed: 3, .. }));
     // Idle from now on: the next shrink waits another cool-down.
     let mut next = None;
@@ -177,7 +195,10 @@ fn shrink_waits_a_whole_cooldown_then_goes_to_the_most_wanted() {
         }
     }
     let (i, d) = next.expect("shrinks again");
-    assert_eq!(i, 121, "a fresh window, from the first sample after the shrink");
+    assert_eq!(
+        i, 121,
+        "a fresh window, from the first sample after the shrink"
+    );
     assert_eq!(d.to, 1, "workers_min");
 }
 
@@ -189,7 +210,11 @@ fn an_idle_site_is_back_at_min_within_a_minute() {
     while s.desired > 1 {
         s.period(Some(0.0), 0);
         t += s.policy.interval;
-        assert!(t <= Duration::from_secs(60), "still {} after {t:?}", s.desired);
+        assert!(
+            t <= Duration::from_secs(60),
+            "still {} after {t:?}",
+            s.desired
+        );
     }
 }
 

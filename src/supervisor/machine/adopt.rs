@@ -89,6 +89,9 @@ pub struct MachineRecord {
     pub last_gen: u32,
     /// Workers asked for (configuration, or a runtime `scale`).
     pub requested: u32,
+    /// `scale N` pinned the count of a site that follows its load.
+    #[serde(default)]
+    pub pinned: bool,
     /// `false`: stopped (or stopping) by request.
     pub running: bool,
     /// Every generation with a process (the serving one even without).
@@ -172,6 +175,7 @@ impl SiteMachine {
             serving: self.serving.0,
             last_gen: self.last_gen.0,
             requested: self.requested,
+            pinned: self.pinned,
             running: self.runs(),
             gens,
         }
@@ -300,6 +304,7 @@ impl SiteMachine {
             .max()
             .unwrap_or(kept);
 
+        let config_follows_load = config.auto.is_some_and(|a| a.by_load());
         let m = SiteMachine::assemble(
             config,
             gens,
@@ -311,6 +316,7 @@ impl SiteMachine {
         let mut m = SiteMachine {
             requested,
             capacity: cap,
+            pinned: record.pinned && config_follows_load,
             ..m
         };
         let mut acts = Vec::new();

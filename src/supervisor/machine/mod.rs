@@ -33,6 +33,7 @@
 mod adopt;
 mod deploy;
 mod health;
+mod load;
 mod operators;
 pub mod outcome;
 mod reconfigure;
@@ -55,6 +56,7 @@ pub use self::zygote::{ZygotePhase, ZygoteState};
 use super::capacity::{self, Capacity};
 use super::deploy::Share;
 use super::ids::{ClientId, GenId, Slot};
+use super::load::LoadState;
 use super::slots::{self, Note, Phase, Policies, RunState, SiteCore};
 use crate::config::{SiteConfig, SiteName};
 
@@ -79,6 +81,12 @@ pub trait Observe {
     fn zygote_memory(&self, generation: GenId) -> Option<u64> {
         let _ = generation;
         None
+    }
+    /// What the kernel says of generation `generation`'s load (load scaling): its accept
+    /// queues, CPU time, CPU stall and memory events, where available.
+    fn load(&self, generation: GenId) -> crate::supervisor::load::Counters {
+        let _ = generation;
+        crate::supervisor::load::Counters::default()
     }
     /// Whether the accept queues of `old`'s own listeners are empty (listeners it shares
     /// with `new` count as empty: they are served by `new` already).
@@ -272,6 +280,9 @@ pub enum Input {
         /// serving one until it is promoted or rolled back.
         canary: Option<Share>,
     },
+    /// Let an automatic site's count follow its load (or memory budget) again after a
+    /// `scale N` pinned it.
+    ScaleAuto(ClientId),
     /// Promote the canary: the new generation grows to full size and is flipped to.
     Promote(ClientId),
     /// The canary's share of new connections was steered to a generation (or could not
@@ -428,6 +439,12 @@ pub struct SiteMachine {
     next_capacity_check: Option<Instant>,
     /// The measured peak at the previous check: growth waits until it holds still.
     last_peak: Option<u64>,
+    /// `scale N` pinned the count of an automatic site (until `scale SITE auto`).
+    pinned: bool,
+    /// Load scaling (`[scale] by = "load"`): the previous sample, the last decision.
+    load: LoadState,
+    /// When the load is sampled next (while it is, see `load`).
+    next_sample: Option<Instant>,
     waiters: Vec<Waiter>,
     removing: bool,
     health: health::HealthState,
@@ -487,6 +504,9 @@ impl SiteMachine {
             previous_release,
             capacity: None,
             last_peak: None,
+            pinned: false,
+            load: LoadState::default(),
+            next_sample: None,
             waiters: Vec::new(),
             removing: false,
             health: health::HealthState::default(),
@@ -554,6 +574,22 @@ impl SiteMachine {
     /// The memory cap.
     pub fn capacity(&self) -> Option<Capacity> {
         self.capacity
+    }
+
+    /// Whether `scale N` pinned the count of an automatic site.
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Whether its load is sampled now (sites with `[scale] by = "load"`).
+    pub fn load_sampling(&self) -> bool {
+        self.next_sample.is_some()
+    }
+
+    /// Load scaling: the signals at the last sample, the last decision (sites with
+    /// `[scale] by = "load"`).
+    pub fn load(&self) -> Option<&LoadState> {
+        self.config.auto.filter(|a| a.by_load()).map(|_| &self.load)
     }
 
     /// Whether the serving generation waits to start until another generation's last
@@ -644,6 +680,7 @@ impl SiteMachine {
             gens,
             probe,
             self.next_capacity_check,
+            self.next_sample,
             self.deploy_deadline(now),
             self.health_deadline(now),
         ]
@@ -710,6 +747,7 @@ impl SiteMachine {
                 workers,
                 owner,
             } => self.scale(client, workers, owner, now, &mut out),
+            Input::ScaleAuto(client) => self.scale_auto(client, now, &mut out),
             Input::Deploy {
                 client,
                 release,
@@ -752,6 +790,7 @@ impl SiteMachine {
         }
         self.start_zygotes(now, out);
         self.health_arm(now);
+        self.arm_load(now);
         if self.removing && self.is_stopped() && !out.contains(&Action::Dropped) {
             for w in std::mem::take(&mut self.waiters) {
                 out.push(Action::Reply {

@@ -122,12 +122,14 @@ impl SiteMachine {
             }));
         }
         self.requested = workers;
+        // A site that follows its load runs what was asked until `scale SITE auto`.
+        self.pinned = self.config.auto.is_some_and(|a| a.by_load());
         let cap = self.capacity.filter(|c| c.workers < workers);
         let target = match (self.config.auto, cap) {
             (_, Some(c)) => c.workers.min(workers),
-            // Automatic sites grow toward the request one worker at a time.
-            (Some(a), None) => self.current().slots.desired.max(a.min).min(workers),
-            (None, None) => workers,
+            // Sites sized by memory grow toward the request one worker at a time.
+            (Some(a), None) if !a.by_load() => self.current().slots.desired.max(a.min).min(workers),
+            _ => workers,
         };
         // Generations still leaving (after a rollback) hold processes in the same budget:
         // the capacity check gives back the rest once they are gone.
@@ -162,5 +164,34 @@ impl SiteMachine {
         self.hold(client, WaitFor::Settled);
         self.feed(serving, slots::Input::ScaleRequested(target), now, out);
         self.reply_if_settled(client, out);
+    }
+
+    /// `scale SITE auto`: the count of an automatic site is its policy's again (load
+    /// scaling decides at its next sample; a site sized by memory grows toward its cap).
+    pub(super) fn scale_auto(&mut self, client: ClientId, now: Instant, out: &mut Vec<Action>) {
+        let Some(auto) = self.config.auto else {
+            return out.push(Action::Reply {
+                client,
+                outcome: Outcome::Failed(Failure::NotAutomatic),
+            });
+        };
+        if let Some(busy) = self.deploy_busy() {
+            return out.push(Action::Reply {
+                client,
+                outcome: Outcome::Failed(busy),
+            });
+        }
+        self.requested = auto.max;
+        self.pinned = false;
+        if self.config.limits.memory.is_some() {
+            self.next_capacity_check = Some(now);
+        }
+        out.push(Action::Reply {
+            client,
+            outcome: Outcome::Done(Done::Automatic {
+                by_load: auto.by_load(),
+                workers: self.current().slots.desired,
+            }),
+        });
     }
 }

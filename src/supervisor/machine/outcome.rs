@@ -47,6 +47,13 @@ pub enum Event {
         /// The cap that decided it.
         capacity: Capacity,
     },
+    /// Load scaling changed the serving generation's count.
+    LoadScaled {
+        /// What, and why.
+        decision: crate::supervisor::load::Decision,
+        /// The utilisation aimed at, percent.
+        target_percent: u32,
+    },
     /// The configured count does not fit the budget at start.
     DoesNotFit {
         /// The configured count.
@@ -299,6 +306,13 @@ pub enum Done {
     Restarted,
     /// The site is stopped: this many workers when it starts.
     WhenStarted(u32),
+    /// `scale SITE auto`: the count follows the load (or the memory budget) again.
+    Automatic {
+        /// By load (else by memory).
+        by_load: bool,
+        /// Workers now.
+        workers: u32,
+    },
     /// A deploy: the new generation serves, the old one retired.
     Deployed {
         /// The new generation.
@@ -357,6 +371,8 @@ pub enum Failure {
     },
     /// More workers than any site may have.
     TooManyWorkers(u32),
+    /// `scale SITE auto` of a site with a fixed count.
+    NotAutomatic,
     /// More workers than the site's owner may ask for.
     BeyondOwnersLimit {
         /// Who asked.

@@ -16,6 +16,9 @@ impl SiteMachine {
         if self.next_capacity_check.is_some_and(|d| d <= now) {
             self.refresh_capacity(obs, now, out);
         }
+        if self.next_sample.is_some_and(|d| d <= now) {
+            self.sample_load(obs, now, out);
+        }
         let due: Vec<GenId> = self
             .gens
             .values()
@@ -94,13 +97,18 @@ impl SiteMachine {
         self.last_peak = measured;
         self.capacity = cap;
         let target = match (self.config.auto, cap) {
+            // Load scaling sizes the site; the cap only bounds it (at once when it fell).
+            (Some(a), Some(c)) if a.by_load() => {
+                let ceiling = c.workers.min(self.requested);
+                Some(desired.max(a.min).min(ceiling)).filter(|t| *t != desired)
+            }
             (Some(a), Some(c)) => {
                 capacity::auto_step(desired, c.workers.min(self.requested), a.min, settled)
             }
             (None, Some(c)) => Some(self.requested.min(c.workers)).filter(|t| *t != desired),
             (_, None) => None,
         };
-        let growing = self.config.auto.is_some()
+        let growing = self.config.auto.is_some_and(|a| !a.by_load())
             && cap.is_some_and(|c| desired < c.workers.min(self.requested));
         self.next_capacity_check = Some(
             now + if growing {

@@ -71,6 +71,10 @@ pub struct SiteCore {
     /// The rolling restart under way.
     rolling: Option<Rolling>,
     settled: bool,
+    /// Busy time of processes that are no longer busy (see [`SiteCore::busy_time`]).
+    busy_time: std::time::Duration,
+    /// Whether any of its processes sent a `BUSY` report.
+    busy_reported: bool,
 }
 
 /// A rolling restart: one slot at a time; the first restarted slot must settle before
@@ -96,6 +100,37 @@ impl SiteCore {
             policies,
             rolling: None,
             settled: false,
+            busy_time: std::time::Duration::ZERO,
+            busy_reported: false,
+        }
+    }
+
+    /// The time its processes said they were busy, all added up, until `now`; `None` while
+    /// none has sent a `BUSY` report (the app does not send them). Load scaling takes the
+    /// busy workers on average over a period from two of these.
+    pub fn busy_time(&self, now: Instant) -> Option<std::time::Duration> {
+        self.busy_reported.then(|| {
+            self.slots
+                .values()
+                .filter_map(|s| s.busy_since)
+                .fold(self.busy_time, |t, since| {
+                    t + now.saturating_duration_since(since)
+                })
+        })
+    }
+
+    /// Marks a slot's process busy or not, counting the time it was.
+    fn set_busy(&mut self, id: Slot, busy: bool, now: Instant) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        match (slot.busy_since, busy) {
+            (None, true) => slot.busy_since = Some(now),
+            (Some(since), false) => {
+                slot.busy_since = None;
+                self.busy_time += now.saturating_duration_since(since);
+            }
+            _ => {}
         }
     }
 
@@ -417,7 +452,7 @@ impl SiteCore {
         victims.sort_by_key(|id| {
             let slot = self.slots.get(id);
             let has = slot.is_some_and(|s| s.phase.has_process());
-            let busy = slot.is_some_and(|s| s.busy);
+            let busy = slot.is_some_and(SlotState::busy);
             (has, busy, std::cmp::Reverse(*id))
         });
         for id in victims.into_iter().take(excess) {
@@ -496,9 +531,9 @@ impl SiteCore {
             }
             Input::Spawned { id, pid } => {
                 let ready_now = self.policies.ready.check == ReadyCheck::None;
+                self.set_busy(id, false, now);
                 if let Some(slot) = self.slots.get_mut(&id) {
                     slot.pid = Some(pid);
-                    slot.busy = false;
                     out.push(Action::Note(Note::Started(id, pid)));
                     if ready_now && matches!(slot.phase, Phase::Starting { .. }) {
                         slot.phase = Phase::Ready;
@@ -515,9 +550,11 @@ impl SiteCore {
                 }
             }
             Input::BusyReported { id, busy } => {
-                if let Some(slot) = self.slots.get_mut(&id) {
-                    slot.busy = busy && slot.phase.has_process();
+                let live = self.slots.get(&id).is_some_and(|s| s.phase.has_process());
+                if live {
+                    self.busy_reported = true;
                 }
+                self.set_busy(id, busy && live, now);
             }
             Input::ReadyNotified { id } => {
                 if let Some(slot) = self.slots.get_mut(&id) {
@@ -559,6 +596,7 @@ impl SiteCore {
                 }
             }
             Input::Exited { id, reason } => {
+                self.set_busy(id, false, now);
                 let Some(slot) = self.slots.get_mut(&id) else {
                     return out;
                 };
@@ -566,7 +604,6 @@ impl SiteCore {
                     return out;
                 }
                 slot.pid = None;
-                slot.busy = false;
                 slot.settles_at = None;
                 slot.last_exit = Some(reason.clone());
                 match slot.phase {

@@ -426,7 +426,7 @@ fn scale_down_stops_idle_workers_before_busy_ones() {
         },
         t,
     );
-    assert!(!s.slots[&Slot(3)].busy);
+    assert!(!s.slots[&Slot(3)].busy());
 }
 
 #[test]
@@ -647,4 +647,35 @@ proptest! {
         prop_assert!(live.is_empty());
         prop_assert_eq!(s.run, RunState::Stopped);
     }
+}
+
+#[test]
+fn busy_time_adds_up_the_busy_reports_of_every_process() {
+    let t = Instant::now();
+    let s_ = Duration::from_secs(1);
+    let mut s = running(3, ReadyCheck::None, t);
+    assert_eq!(
+        s.busy_time(t),
+        None,
+        "no report: the app does not send them"
+    );
+    let busy = |id, busy| Input::BusyReported { id: Slot(id), busy };
+    s.handle(busy(1, true), t);
+    s.handle(busy(2, true), t + s_);
+    s.handle(busy(1, true), t + s_ * 2); // already busy: no change
+    s.handle(busy(1, false), t + s_ * 3);
+    assert_eq!(
+        s.busy_time(t + s_ * 4),
+        Some(s_ * 6),
+        "3 s of 1, 3 s of 2 so far"
+    );
+    // A process that exits busy stops counting then.
+    s.handle(
+        Input::Exited {
+            id: Slot(2),
+            reason: ExitReason::Exited { code: 1 },
+        },
+        t + s_ * 5,
+    );
+    assert_eq!(s.busy_time(t + s_ * 9), Some(s_ * 7));
 }

@@ -132,14 +132,19 @@ pub struct SlotState {
     pub last_exit: Option<ExitReason>,
     /// Its crash history.
     pub history: CrashHistory,
-    /// Its process said it is handling requests (`BUSY=1`, until `BUSY=0`).
-    pub busy: bool,
+    /// Since when its process says it is handling requests (`BUSY=1`, until `BUSY=0`).
+    pub busy_since: Option<Instant>,
     /// When its process, ready, will have stayed up for `ready.settle`; `None` once it has
     /// (or while it is not ready).
     pub settles_at: Option<Instant>,
 }
 
 impl SlotState {
+    /// Whether its process said it is handling requests.
+    pub fn busy(&self) -> bool {
+        self.busy_since.is_some()
+    }
+
     pub(super) fn new(id: Slot) -> SlotState {
         SlotState {
             id,
@@ -149,7 +154,7 @@ impl SlotState {
             restarts: 0,
             last_exit: None,
             history: CrashHistory::default(),
-            busy: false,
+            busy_since: None,
             settles_at: None,
         }
     }

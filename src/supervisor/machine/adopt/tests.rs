@@ -37,6 +37,7 @@ fn record(serving: u32, requested: u32, gens: Vec<GenRecord>) -> MachineRecord {
         serving,
         last_gen: gens.iter().map(|g| g.id).max().unwrap_or(serving),
         requested,
+        pinned: false,
         running: true,
         gens,
     }
