@@ -85,3 +85,6 @@ impl SiteMachine {
         self.feed(serving, slots::Input::ScaleRequested(decision.to), now, out);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -186,6 +186,16 @@ impl SiteMachine {
         if self.config.limits.memory.is_some() {
             self.next_capacity_check = Some(now);
         }
+        // A pinned count above the bounds comes back within them at once (one below
+        // `workers_min` grows at the capacity check, which waits for generations still
+        // leaving: their processes hold the same budget).
+        let desired = self.current().slots.desired;
+        let ceiling = auto.max.min(self.capacity.map_or(u32::MAX, |c| c.workers));
+        if auto.by_load() && desired > ceiling {
+            let within = ceiling;
+            let serving = self.serving;
+            self.feed(serving, slots::Input::ScaleRequested(within), now, out);
+        }
         out.push(Action::Reply {
             client,
             outcome: Outcome::Done(Done::Automatic {

@@ -231,6 +231,16 @@ impl Sim {
                         ));
                     }
                 }
+                // Load scaling stays within workers_max (a pin by `scale` is the
+                // operator's).
+                if let Some(a) = self.cfg.auto.filter(|a| a.by_load()) {
+                    if !self.m.pinned() && cur.slots.desired > a.max {
+                        return Err(format!(
+                            "load scaling wants {} workers, workers_max is {}",
+                            cur.slots.desired, a.max
+                        ));
+                    }
+                }
             }
         }
         if self.m.is_stopped() && !self.w.procs.is_empty() {

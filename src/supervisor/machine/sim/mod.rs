@@ -236,6 +236,8 @@ struct World {
     /// The generation the steering program's canary entry names.
     canary: Option<GenId>,
     queues_empty: bool,
+    /// What load scaling reads (cumulative counters only grow).
+    load: crate::supervisor::load::Counters,
     /// What the release symlink points to.
     link: PathBuf,
     link_dangles: bool,
@@ -320,10 +322,21 @@ fn random_config(rng: &mut Rng) -> SiteConfig {
     if rng.chance(25) {
         let min = rng.small(1, 2);
         let max = rng.small(min, 8);
+        let by_load = rng.chance(60);
         c.auto = Some(AutoWorkers {
             min,
             max,
-            scale: crate::config::ScalePolicy::DEFAULT,
+            scale: crate::config::ScalePolicy {
+                by: if by_load {
+                    crate::config::ScaleBy::Load
+                } else {
+                    crate::config::ScaleBy::Memory
+                },
+                target_percent: rng.small(30, 100),
+                interval: Duration::from_millis(rng.range(50, 1000)),
+                grow_cooldown: Duration::from_millis(rng.pick(&[0, 0, 500, 2000])),
+                shrink_cooldown: Duration::from_millis(rng.range(1000, 30_000)),
+            },
         });
         c.workers = max;
         c.limits.memory = Some(budget);
@@ -415,6 +428,12 @@ impl Sim {
             probing: BTreeSet::new(),
             canary: None,
             queues_empty: true,
+            load: crate::supervisor::load::Counters {
+                queued: Some(0),
+                cpu_usec: Some(0),
+                cpu_stall_usec: Some(0),
+                memory_events: Some(0),
+            },
             link: PathBuf::from(first),
             link_dangles: false,
             probe_alone: if rng.chance(90) {

@@ -92,6 +92,19 @@ impl Sim {
             }
             52..=55 => {
                 self.w.queues_empty = self.rng.chance(60);
+                // The load moves: connections waiting, CPU and stall time, memory limits
+                // hit now and then.
+                let l = &mut self.w.load;
+                l.queued = Some(if self.rng.chance(50) {
+                    0
+                } else {
+                    u32::try_from(self.rng.range(1, 40)).unwrap_or(1)
+                });
+                l.cpu_usec = l.cpu_usec.map(|c| c + self.rng.range(0, 4_000_000));
+                l.cpu_stall_usec = l.cpu_stall_usec.map(|c| c + self.rng.range(0, 1_000_000));
+                if self.rng.chance(10) {
+                    l.memory_events = l.memory_events.map(|m| m + 1);
+                }
                 Ok(())
             }
             56..=57 => {
@@ -279,6 +292,11 @@ impl Sim {
             8 if self.m.capacity().is_some() => (MAX_WORKERS, None),
             _ => (self.rng.small(0, 3), Some(1000)),
         };
+        if self.rng.chance(15) {
+            let c = self.client("scale auto");
+            self.epoch += 1;
+            return self.feed(Input::ScaleAuto(c));
+        }
         let c = self.client("scale");
         self.epoch += 1;
         self.feed(Input::Scale {

@@ -40,6 +40,10 @@ impl Observe for World {
         self.queues_empty
     }
 
+    fn load(&self, _generation: GenId) -> crate::supervisor::load::Counters {
+        self.load
+    }
+
     fn probe_alone(&self) -> Result<(), String> {
         self.probe_alone.clone()
     }
