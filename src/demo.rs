@@ -84,15 +84,20 @@ pub struct WorkerOptions {
     /// fails with `EADDRINUSE`) instead of taking its listener from `LISTEN_FDS`: a server
     /// that binds its own port (`[[listen]] mode = "own"`).
     pub bind: Option<SocketAddr>,
+    /// Send `BUSY=1` to `NOTIFY_SOCKET` when a request begins and `BUSY=0` when it ends
+    /// (with `one-at-a-time`; a threaded worker is never full).
+    pub busy_reports: bool,
 }
 
 impl WorkerOptions {
-    /// Parses `--delay-ms N`, `--behaviour-from DIR` and `--bind HOST:PORT`.
+    /// Parses `--delay-ms N`, `--behaviour-from DIR`, `--bind HOST:PORT` and
+    /// `--busy-reports`.
     pub fn parse(args: &[String]) -> Result<WorkerOptions, String> {
         let mut o = WorkerOptions {
             delay: Duration::ZERO,
             behaviour_from: None,
             bind: None,
+            busy_reports: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -110,6 +115,7 @@ impl WorkerOptions {
                     let v = it.next().ok_or("--bind needs host:port")?;
                     o.bind = Some(v.parse().map_err(|_| format!("bad --bind {v:?}"))?);
                 }
+                "--busy-reports" => o.busy_reports = true,
                 other => return Err(format!("unknown option {other:?}")),
             }
         }
@@ -269,7 +275,13 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         }
         if does("one-at-a-time") {
             // The next connection waits in the accept queue meanwhile.
+            if opts.busy_reports {
+                notify(b"BUSY=1");
+            }
             serve(stream, status, &body, opts.delay, log.as_deref());
+            if opts.busy_reports {
+                notify(b"BUSY=0");
+            }
             continue;
         }
         let body = body.clone();
@@ -292,6 +304,14 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         println!("demo worker {id} of generation {generation}: stopped after a slow stop");
     }
     Ok(())
+}
+
+/// Sends `state` to `NOTIFY_SOCKET`, if there is one (a failure changes nothing).
+fn notify(state: &[u8]) {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let _ = std::os::unix::net::UnixDatagram::unbound()
+            .and_then(|sock| sock.send_to(state, PathBuf::from(&path)));
+    }
 }
 
 /// The demo zygote (`hatchery __demo-zygote [--load-ms N] [--load-mib M] [--ready-when
