@@ -368,16 +368,21 @@ def run_system(name, args, profile, work):
         sampler_proc.start()
         log("%s: %d requests over %.0f s" % (name, len(plan), sum(p[1] for p in profile)))
         rows = asyncio.run(drive(port, plan, t0))
+        length = sum(p[1] for p in profile)
+        # The last idle request may come and go before the profile ends: sample to its end.
+        time.sleep(max(0.0, t0 + length + SAMPLE_S - time.monotonic()))
         parent_end.send("stop")
         samples = parent_end.recv()
         sampler_proc.join()
         rows.sort()
         # The same window for every system: the profile's length (a system that leaves
         # requests to time out is not charged for the drain).
-        length = sum(p[1] for p in profile)
         window = [s for s in samples if 0 <= s[0] < length]
-        ws = sum(s[1] for s in window) * SAMPLE_S
-        rss_mbs = sum(s[2] for s in window) * SAMPLE_S / 1024
+        # Each sample holds until the next (the last one until the profile's end): the
+        # sampler's own delays do not change the integral.
+        spans = [b[0] - a[0] for a, b in zip(window, window[1:])] + [length - window[-1][0]]
+        ws = sum(s[1] * d for s, d in zip(window, spans))
+        rss_mbs = sum(s[2] * d for s, d in zip(window, spans)) / 1024
         reached = [s[0] - burst_at for s in window if s[0] >= burst_at and s[1] >= BURST_WORKERS]
         errors = {}
         for row in rows:
@@ -410,17 +415,19 @@ def run_system(name, args, profile, work):
 
 def table(results):
     head = ("system", "all p50/p99/max ms", "burst p50/p99/max ms", "failed (burst)",
-            "worker-s", "RSS MB-s", "max workers", "to 15 workers s")
+            "worker-s", "RSS MB-s", "max workers", "workers at end", "to 15 workers s")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if "error" in r:
             out.append("| %s | error: %s |%s" % (r["system"], r["error"][:300], " |" * (len(head) - 2)))
             continue
         a, b = r["all"], r["burst"]
-        out.append("| %s | %s / %s / %s | %s / %s / %s | %d (%d) | %s | %s | %d | %s |" % (
-            r["system"], a["p50_ms"], a["p99_ms"], a["max_ms"], b["p50_ms"], b["p99_ms"],
-            b["max_ms"], a["failed"], b["failed"], r["worker_seconds"], r["rss_mb_seconds"],
-            r["max_workers"], r["to_15_workers_s"]))
+        ms = ["-" if x is None else "%g" % x for x in
+              (a["p50_ms"], a["p99_ms"], a["max_ms"], b["p50_ms"], b["p99_ms"], b["max_ms"])]
+        out.append("| %s | %s / %s / %s | %s / %s / %s | %d (%d) | %.0f | %.0f | %d | %d | %s |" % (
+            (r["system"],) + tuple(ms) + (a["failed"], b["failed"], r["worker_seconds"],
+                                          r["rss_mb_seconds"], r["max_workers"],
+                                          r["workers_at_end"], r["to_15_workers_s"])))
     return "\n".join(out)
 
 
