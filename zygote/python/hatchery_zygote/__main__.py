@@ -1,5 +1,5 @@
 """``python -m hatchery_zygote module:app [--interface wsgi|asgi|callable]
-[--server builtin|module:function] [--hooks module]``
+[--server builtin|module:function] [--hooks module] [--threads N] [--busy-reports]``
 
 In the zygote: loads the application once (with the garbage collector off), runs the
 hooks module's ``after_load()``, collects and freezes the heap (``gc.collect();
@@ -8,12 +8,18 @@ per request, running ``before_fork()`` right before each fork. Each worker, afte
 turns the collector back on, reseeds ``random``, runs ``after_fork()``, and then, by
 interface:
 
-- ``wsgi``: reports READY=1 to NOTIFY_SOCKET and serves the app on its listener at fd 3
-  (built-in threaded server, or ``--server``);
+- ``wsgi``: reports READY=1 to NOTIFY_SOCKET and serves the app on its listeners at fd 3..
+  (built-in server: a thread per connection, or at most ``--threads N`` requests at once,
+  with ``--busy-reports`` sending BUSY=1/BUSY=0 when full and free again; or ``--server``);
 - ``asgi``: the built-in asyncio server runs the lifespan startup, reports READY=1 and
   serves every listener; a ``--server`` is called after READY=1 like a WSGI one;
 - ``callable``: reports READY=1 and calls ``app(sockets)``, which owns the serving loop;
   its return value (an int, or None for 0) is the worker's exit status.
+
+Started without a zygote link but with listeners of its own (``LISTEN_PID`` is this
+process, as in a Hatchery site in exec mode), it is a single worker: it loads the app
+and runs the worker's steps above (hooks: ``after_load()`` then ``after_fork()``; no
+fork).
 """
 
 import argparse
@@ -76,7 +82,37 @@ def _parser():
         help="a module defining any of after_load() (zygote, once), before_fork() "
         "(zygote, before each fork) and after_fork() (each worker)",
     )
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="built-in WSGI server: at most N requests at once, the next connection "
+        "waiting in the accept queue (1: one at a time, as a sync worker); default: a "
+        "thread per connection, unbounded",
+    )
+    parser.add_argument(
+        "--busy-reports",
+        action="store_true",
+        help="with --threads: send BUSY=1 to NOTIFY_SOCKET when all N are in use and "
+        "BUSY=0 when one is free again",
+    )
     return parser
+
+
+def _positive(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1, not %r" % text)
+    return n
+
+
+def _has_own_listeners():
+    """Started by a supervisor with listeners for this very process (LISTEN_PID)."""
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and bool(os.environ.get("LISTEN_FDS"))
 
 
 def main(argv=None):
@@ -89,10 +125,19 @@ def main(argv=None):
         args.server = "builtin"  # the name of the built-in server before 0.2
     if args.interface == "callable" and args.server != "builtin":
         parser.error("--server does not apply to --interface callable (the app serves)")
+    builtin_wsgi = args.interface == "wsgi" and args.server == "builtin"
+    if args.threads is not None and not builtin_wsgi:
+        parser.error("--threads applies to the built-in WSGI server only "
+                     "(--interface wsgi, no --server)")
+    if args.busy_reports and args.threads is None:
+        parser.error("--busy-reports needs --threads N (an unbounded worker is never full)")
 
     link = inherited_link()
-    if link is None:
-        raise SystemExit("hatchery_zygote: not started as a zygote (HATCHERY_ZYGOTE_FD is not set)")
+    if link is None and not _has_own_listeners():
+        raise SystemExit(
+            "hatchery_zygote: not started as a zygote (HATCHERY_ZYGOTE_FD is not set) "
+            "nor as a worker (no LISTEN_FDS for this process)"
+        )
     sys.path.insert(0, os.getcwd())
     app = _load(args.app, "the application")
     if not callable(app):
@@ -132,9 +177,16 @@ def main(argv=None):
         if args.interface == "asgi" and server is None:
             return serve_asgi(app, sockets, ready)
         ready()
-        (server or serve_wsgi)(app, sockets)
+        if server is not None:
+            server(app, sockets)
+        else:
+            serve_wsgi(app, sockets, threads=args.threads, busy_reports=args.busy_reports)
         return 0
 
+    if link is None:
+        # Exec mode: this process is the worker.
+        slot = os.environ.get("HATCHERY_WORKER_ID", "")
+        return worker(int(slot) if slot.isdigit() else 0)
     serve(link, worker, before_fork)
     return 0
 
