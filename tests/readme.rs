@@ -208,3 +208,36 @@ fn readme_config_examples_are_valid() {
         Path::new("/run/hatchery/control.sock")
     );
 }
+
+#[test]
+fn readme_load_scaling_example_is_valid() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let blocks = toml_blocks(&readme);
+    let api = blocks
+        .iter()
+        .find(|b| b.starts_with("# sites.d/api.toml"))
+        .expect("a load scaling example");
+    let raw: hatchery::config::RawSite = toml::from_str(api).expect("toml");
+    let s = hatchery::config::validate_site(
+        Path::new("/etc/hatchery/sites.d/api.toml"),
+        &raw,
+        hatchery::config::LogPolicy::default(),
+    )
+    .expect("the load scaling example is valid");
+    let auto = s.auto.expect("automatic");
+    assert!(auto.by_load());
+    assert_eq!((auto.min, auto.max), (1, 24));
+    assert_eq!(auto.scale.target_percent, 70);
+    assert_eq!(auto.scale.interval, std::time::Duration::from_millis(250));
+    assert_eq!(
+        auto.scale.shrink_cooldown,
+        std::time::Duration::from_secs(30)
+    );
+    // What it spells out are the defaults.
+    let defaults = hatchery::config::ScalePolicy {
+        by: hatchery::config::ScaleBy::Load,
+        ..hatchery::config::ScalePolicy::DEFAULT
+    };
+    assert_eq!(auto.scale, defaults);
+}
