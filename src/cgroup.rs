@@ -116,9 +116,10 @@ pub fn memory_current(dir: &Path) -> Option<u64> {
 
 /// What load scaling reads of a generation's cgroup `dir`: its CPU time (`cpu.stat`
 /// `usage_usec`, there without the cpu controller too), the time all its tasks waited for
-/// a CPU (`cpu.pressure`: the `full` total, or `some` on kernels before 5.13 without a
-/// `full` line), and its `memory.high` and `memory.max` events (`memory.events`, which
-/// counts its leaves' too). Missing files give `None`.
+/// a CPU (`cpu.pressure`, its `full` total; kernels before 5.13 have no `full` line for
+/// the CPU, and `some`, one task waiting while others run, says nothing of starvation),
+/// and its `memory.high` and `memory.max` events (`memory.events`, which counts its
+/// leaves' too). Missing files give `None`.
 pub fn load_counters(dir: &Path) -> (Option<u64>, Option<u64>, Option<u64>) {
     let cpu = fs::read_to_string(dir.join(CPU_STAT)).ok();
     let pressure = fs::read_to_string(dir.join(CPU_PRESSURE)).ok();
@@ -133,17 +134,37 @@ pub fn load_counters(dir: &Path) -> (Option<u64>, Option<u64>, Option<u64>) {
     )
 }
 
-/// The stall total (µs) of a PSI file: its `full` line, else its `some` line.
+/// A PSI trigger on `dir`'s `cpu.pressure`: its fd polls `POLLPRI` (at most once per
+/// window) when none of the cgroup's tasks ran for half a window while some were
+/// runnable. The window is 1 s, or 2 s where the kernel asks an agent without
+/// `CAP_SYS_RESOURCE` for a multiple of 2 s. `Err` where the kernel has no PSI (or no
+/// `full` line for the CPU, before 5.13). Closing the fd removes the trigger.
+pub fn cpu_pressure_trigger(dir: &Path) -> io::Result<OwnedFd> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut last = io::Error::from(io::ErrorKind::InvalidInput);
+    for spec in ["full 500000 1000000", "full 1000000 2000000"] {
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(dir.join(CPU_PRESSURE))?;
+        match f.write_all(spec.as_bytes()) {
+            Ok(()) => return Ok(f.into()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// The `full` stall total (µs) of a PSI file.
 fn stall_total(text: &str) -> Option<u64> {
-    let total = |kind: &str| {
-        text.lines()
-            .find(|l| l.starts_with(kind))?
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("total="))?
-            .parse()
-            .ok()
-    };
-    total("full ").or_else(|| total("some "))
+    text.lines()
+        .find(|l| l.starts_with("full "))?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
 }
 
 /// Reads the accounting files of `dir` (missing files give `None`).
@@ -755,12 +776,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stall_time_is_the_full_line_else_the_some_line() {
+    fn stall_time_is_the_full_line() {
         let both = "some avg10=1.00 avg60=0.00 avg300=0.00 total=365377\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=158825\n";
         assert_eq!(stall_total(both), Some(158_825));
         // Kernels before 5.13 have no `full` line for the CPU.
         let some = "some avg10=0.00 avg60=0.00 avg300=0.00 total=42\n";
-        assert_eq!(stall_total(some), Some(42));
+        assert_eq!(stall_total(some), None);
         assert_eq!(stall_total(""), None);
     }
 

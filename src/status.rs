@@ -316,6 +316,10 @@ pub struct ScaleStatus {
     pub shrink_cooldown_ms: u64,
     /// Whether the load is sampled now (else why not).
     pub sampling: bool,
+    /// Whether the kernel wakes the agent when the site goes without a CPU (a PSI
+    /// trigger on the serving generation's `cpu.pressure`).
+    #[serde(default)]
+    pub pressure_trigger: bool,
     /// Why not, when it is not.
     #[serde(default)]
     pub idle_reason: Option<String>,

@@ -155,6 +155,16 @@ fn step_up_and_back(reactor: &'static str, busy_reports: bool) {
     let idle = agent.status("api");
     assert_eq!(desired(&idle), 1, "starts at workers_min: {idle:#}");
     assert_eq!(idle["scale"]["sampling"], true, "a TCP listener: sampled");
+    // With a cgroup v2 directory (here and in the VMs, as root) whose cpu.pressure has a
+    // `full` line (PSI, 5.13+), the kernel takes a trigger.
+    let full_psi = agent.cgroup_base.as_ref().is_some_and(|b| {
+        std::fs::read_to_string(b.join("cpu.pressure")).is_ok_and(|t| t.contains("full "))
+    });
+    if full_psi {
+        assert_eq!(idle["scale"]["pressure_trigger"], true, "{idle:#}");
+    } else {
+        skip("no cgroup v2 with PSI here: no pressure trigger to check");
+    }
 
     // The load: 80 a second, 100 ms each, for 8 s, while the count is watched.
     let watcher = {

@@ -272,9 +272,14 @@ fn site_details(out: &mut String, s: &SiteStatus) {
 fn scale(out: &mut String, l: &hatchery::status::ScaleStatus) {
     let _ = writeln!(
         out,
-        "load scaling: target {}%, sampled every {} ms{}",
+        "load scaling: target {}%, sampled every {} ms{}{}",
         l.target_percent,
         l.interval_ms,
+        if l.pressure_trigger {
+            " and when the site goes without a CPU"
+        } else {
+            ""
+        },
         l.idle_reason
             .as_ref()
             .map(|r| format!(" (not sampled now: {r})"))

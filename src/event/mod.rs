@@ -36,6 +36,7 @@ mod exec;
 mod generations;
 mod health;
 mod holder;
+mod pressure;
 pub mod reactor;
 mod recovery;
 mod reload;
@@ -139,6 +140,8 @@ enum Source {
     ZygoteExit(u64),
     /// A zygote's link (it said something, or closed it).
     ZygoteLink(u64),
+    /// A site's CPU pressure trigger fired (see `pressure.rs`).
+    Pressure(SiteName),
 }
 
 #[derive(Debug)]
@@ -266,6 +269,8 @@ pub struct Agent {
     next_zygote: u64,
     /// Zygotes by pid, for `reap`.
     zygote_pids: HashMap<i32, u64>,
+    /// CPU pressure triggers of sites that follow their load (see `pressure.rs`).
+    pressure: HashMap<SiteName, pressure::Trigger>,
     /// When `Agent::new` began (for the time adoption took).
     born: Instant,
     /// This boot's id, written in the record of live workers.
@@ -492,6 +497,7 @@ impl Agent {
             zygotes: HashMap::new(),
             next_zygote: 0,
             zygote_pids: HashMap::new(),
+            pressure: HashMap::new(),
             workers_dirty: true,
             last_record: None,
             boot_id: recovery::boot_id(),
@@ -750,6 +756,7 @@ impl Agent {
             Source::Exec(pid) => self.exec_exited(pid),
             Source::ZygoteExit(id) => self.zygote_exited(id),
             Source::ZygoteLink(id) => self.on_zygote_link(id),
+            Source::Pressure(site) => self.on_pressure(&site, token),
             Source::Graveyard => {
                 if let Some(g) = &mut self.graveyard {
                     g.sweep();

@@ -26,6 +26,8 @@ pub enum Interest {
     Readable,
     /// Writable.
     Writable,
+    /// An exceptional condition (`POLLPRI`: a PSI trigger fired).
+    Priority,
 }
 
 /// Which backend is in use.
@@ -93,6 +95,7 @@ impl Reactor {
                 let events = match interest {
                     Interest::Readable => libc::POLLIN,
                     Interest::Writable => libc::POLLOUT,
+                    Interest::Priority => libc::POLLPRI,
                 };
                 u.poll(fd, u32::from(events.unsigned_abs()), token)
             }
@@ -146,6 +149,7 @@ impl EpollReactor {
             | match interest {
                 Interest::Readable => epoll::EventFlags::IN,
                 Interest::Writable => epoll::EventFlags::OUT,
+                Interest::Priority => epoll::EventFlags::PRI,
             };
         let data = epoll::EventData::new_u64(token);
         let raw = fd.as_raw_fd();

@@ -392,6 +392,7 @@ impl Agent {
                 queue.extend(self.handle(name, result));
             }
         }
+        self.watch_pressure(name);
     }
 
     /// One input to site `name`'s machine (none once the site is gone).

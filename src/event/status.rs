@@ -118,7 +118,7 @@ impl Agent {
                         zygote: c.zygote,
                         derivation: c.describe(),
                     }),
-                    scale: scale_status(s, now, wall),
+                    scale: scale_status(s, self.pressure_armed(name), now, wall),
                     ready: count(cur.slots.ready()),
                     restarting: cur.slots.is_restarting(),
                     listen: listen_list(config),
@@ -225,7 +225,12 @@ fn stop_then_start(config: &crate::config::SiteConfig) -> Option<String> {
 
 /// Load scaling of a site that follows its load: the signals it has (and those it has
 /// not, with the reason), what they asked for, the last decision.
-fn scale_status(s: &super::Site, now: Instant, wall: SystemTime) -> Option<ScaleStatus> {
+fn scale_status(
+    s: &super::Site,
+    pressure_trigger: bool,
+    now: Instant,
+    wall: SystemTime,
+) -> Option<ScaleStatus> {
     let m = &s.machine;
     let load = m.load()?;
     let config = m.config();
@@ -262,7 +267,7 @@ fn scale_status(s: &super::Site, now: Instant, wall: SystemTime) -> Option<Scale
         }
         if sig.cpu_stall.is_none() {
             unavailable.push(
-                "cpu pressure: no cpu.pressure (a kernel without PSI, or booted without psi=1)"
+                "cpu pressure: no full line in cpu.pressure (PSI off, booted without psi=1, or a kernel before 5.13)"
                     .to_string(),
             );
         }
@@ -277,6 +282,7 @@ fn scale_status(s: &super::Site, now: Instant, wall: SystemTime) -> Option<Scale
         grow_cooldown_ms: ms(policy.grow_cooldown),
         shrink_cooldown_ms: ms(policy.shrink_cooldown),
         sampling: m.load_sampling(),
+        pressure_trigger,
         idle_reason,
         signals: load.signals,
         unavailable,

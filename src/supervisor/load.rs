@@ -24,14 +24,16 @@
 //!   does not ask for them again. Growth waits while the CPU is what the site is short of:
 //!   when all its tasks waited for a CPU for at least [`CPU_BOUND`] of the period (PSI
 //!   `full`), more workers would wait too;
-//! - **shrink** is slow: only once every sample for `shrink_cooldown` wanted fewer
-//!   workers, to the most any of them wanted, and not again for another
-//!   `shrink_cooldown`. A load that comes and goes faster than that keeps the site at its
-//!   peak: no flapping between sizes. Which workers go is the slots' choice: idle ones
+//! - **shrink** is slow: to the most any sample of the last `shrink_cooldown` wanted,
+//!   once the count has not grown for that long (a sliding window, as Kubernetes'
+//!   scale-down stabilisation). An idle site is back at `workers_min` `shrink_cooldown`
+//!   after its load stopped; a load that comes and goes faster than that keeps the site at
+//!   its peak: no flapping between sizes. Which workers go is the slots' choice: idle ones
 //!   first, highest slot first;
 //! - **memory** comes first: in a period where the site's cgroups hit `memory.high` or
 //!   `memory.max`, one worker less (never below `workers_min`), and no growth.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -51,7 +53,7 @@ pub struct Counters {
     /// CPU time the generation's processes used, µs (`cpu.stat` `usage_usec`).
     pub cpu_usec: Option<u64>,
     /// Time all of the generation's tasks waited for a CPU, µs (`cpu.pressure` `full`
-    /// total; `some` on kernels before 5.13, which have no `full` line for the CPU).
+    /// total; kernels before 5.13 have none for the CPU).
     pub cpu_stall_usec: Option<u64>,
     /// Times the generation's cgroups hit `memory.high` or `memory.max`
     /// (`memory.events`, which counts the leaves' too).
@@ -205,14 +207,16 @@ struct Previous {
     busy: Option<Duration>,
 }
 
-/// A site's load scaling: the previous sample, the surplus window, the last decision.
+/// A site's load scaling: the previous sample, what the recent ones wanted, the last
+/// decision.
 #[derive(Debug, Clone, Default)]
 pub struct LoadState {
     previous: Option<Previous>,
-    /// Since when every sample wanted fewer workers, and the most any of them wanted.
-    surplus: Option<(Instant, u32)>,
+    /// What each sample of the last `shrink_cooldown` wanted, oldest first.
+    wants: VecDeque<(Instant, u32)>,
+    /// Since when the count has not grown (the start of the period, or the last growth).
+    steady_since: Option<Instant>,
     last_grow: Option<Instant>,
-    last_shrink: Option<Instant>,
     /// The signals at the last sample.
     pub signals: Option<Signals>,
     /// The last change of the count, and when.
@@ -240,7 +244,8 @@ impl LoadState {
     /// next sample starts a new period. The last decision stays for `status`.
     pub fn restart_period(&mut self) {
         self.previous = None;
-        self.surplus = None;
+        self.wants.clear();
+        self.steady_since = None;
         self.signals = None;
         self.held = None;
     }
@@ -319,18 +324,26 @@ impl LoadState {
         });
         self.held = None;
         let from = workers.desired;
+        self.wants.push_back((now, wanted));
+        while self
+            .wants
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= policy.shrink_cooldown)
+        {
+            self.wants.pop_front();
+        }
+        if previous.is_none() {
+            self.steady_since = Some(now);
+        }
 
         if let Some(events) = memory_events.filter(|e| *e > 0) {
-            self.surplus = None;
             self.held = (wanted > from).then_some(Held::Memory);
             if from > bounds.min {
-                self.last_shrink = Some(now);
                 return self.decide(now, from, from - 1, Reason::Memory { events });
             }
             return None;
         }
         if wanted > from {
-            self.surplus = None;
             if cpu_stall.is_some_and(|s| s >= CPU_BOUND) {
                 self.held = Some(Held::CpuBound);
                 return None;
@@ -343,37 +356,28 @@ impl LoadState {
                 return None;
             }
             self.last_grow = Some(now);
+            self.steady_since = Some(now);
             let reason = why
                 .filter(|_| need >= wanted)
                 .unwrap_or(Reason::Min { min: bounds.min });
             return self.decide(now, from, wanted, reason);
         }
-        // A first sample has no rates yet: too little to say fewer workers would do.
-        if wanted == from || previous.is_none() {
-            self.surplus = None;
+        // Shrink to the most any sample of the last `shrink_cooldown` wanted, once that
+        // long has passed without growth (a whole window of samples).
+        let steady = self
+            .steady_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= policy.shrink_cooldown);
+        let most = self.wants.iter().map(|(_, w)| *w).max().unwrap_or(from);
+        if wanted >= from || !steady || most >= from {
             return None;
         }
-        let (since, most) = match self.surplus {
-            Some((since, most)) => (since, most.max(wanted)),
-            None => (now, wanted),
-        };
-        self.surplus = Some((since, most));
-        let quiet = now.saturating_duration_since(since) >= policy.shrink_cooldown;
-        let rested = self
-            .last_shrink
-            .is_none_or(|t| now.saturating_duration_since(t) >= policy.shrink_cooldown);
-        if !(quiet && rested) {
-            return None;
-        }
-        self.surplus = None;
-        self.last_shrink = Some(now);
         self.decide(
             now,
             from,
             most,
             Reason::Idle {
                 needed: most,
-                over: now.saturating_duration_since(since),
+                over: policy.shrink_cooldown,
             },
         )
     }

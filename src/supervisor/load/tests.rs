@@ -167,39 +167,25 @@ fn cpu_time_stands_in_for_busy_reports() {
 }
 
 #[test]
-fn shrink_waits_a_whole_cooldown_then_goes_to_the_most_wanted() {
+fn shrink_waits_a_whole_cooldown_then_follows_the_most_wanted_in_it() {
     let mut s = Site::new(10);
     s.period(Some(0.0), 0);
-    let mut shrunk = None;
-    for i in 1..=200 {
-        // Two busy for the first half of the window, none after.
+    let mut shrinks = Vec::new();
+    for i in 1..=300 {
+        // Two busy for the first 15 s, none after.
         let busy = if i <= 60 { 2.0 } else { 0.0 };
         if let Some(d) = s.period(Some(busy), 0) {
-            shrunk = Some((i, d));
-            break;
+            shrinks.push((i, d.to, d.reason));
         }
     }
-    let (i, d) = shrunk.expect("shrinks");
-    assert_eq!(i, 121, "30 s of samples after the first that wanted fewer");
-    assert_eq!(
-        d.to, 3,
-        "2 busy / 0.7: the most any sample of the window wanted"
-    );
-    assert!(matches!(d.reason, Reason::Idle { needed: 3, .. }));
-    // Idle from now on: the next shrink waits another cool-down.
-    let mut next = None;
-    for i in 1..=200 {
-        if let Some(d) = s.period(Some(0.0), 0) {
-            next = Some((i, d));
-            break;
-        }
-    }
-    let (i, d) = next.expect("shrinks again");
-    assert_eq!(
-        i, 121,
-        "a fresh window, from the first sample after the shrink"
-    );
-    assert_eq!(d.to, 1, "workers_min");
+    assert_eq!(shrinks.len(), 2, "{shrinks:?}");
+    let (i, to, reason) = shrinks[0];
+    assert_eq!(i, 120, "30 s after the period began");
+    assert_eq!(to, 3, "2 busy / 0.7: the most the window wanted");
+    assert!(matches!(reason, Reason::Idle { needed: 3, .. }));
+    let (i, to, _) = shrinks[1];
+    assert_eq!(i, 180, "once the last busy sample left the window");
+    assert_eq!(to, 1, "workers_min");
 }
 
 #[test]

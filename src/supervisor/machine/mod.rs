@@ -283,6 +283,9 @@ pub enum Input {
     /// Let an automatic site's count follow its load (or memory budget) again after a
     /// `scale N` pinned it.
     ScaleAuto(ClientId),
+    /// The serving generation's CPU pressure trigger fired: its load is sampled now,
+    /// not at the next interval.
+    Pressure,
     /// Promote the canary: the new generation grows to full size and is flipped to.
     Promote(ClientId),
     /// The canary's share of new connections was steered to a generation (or could not
@@ -748,6 +751,11 @@ impl SiteMachine {
                 owner,
             } => self.scale(client, workers, owner, now, &mut out),
             Input::ScaleAuto(client) => self.scale_auto(client, now, &mut out),
+            Input::Pressure => {
+                if self.next_sample.is_some() {
+                    self.sample_load(obs, now, &mut out);
+                }
+            }
             Input::Deploy {
                 client,
                 release,
