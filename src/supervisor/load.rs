@@ -211,7 +211,10 @@ struct Previous {
 /// decision.
 #[derive(Debug, Clone, Default)]
 pub struct LoadState {
+    /// The last full sample (rates are taken between two of these).
     previous: Option<Previous>,
+    /// The last sample of any kind, and the accept queues then.
+    last: Option<(Instant, Option<u32>)>,
     /// What each sample of the last `shrink_cooldown` wanted, oldest first.
     wants: VecDeque<(Instant, u32)>,
     /// Since when the count has not grown (the start of the period, or the last growth).
@@ -233,6 +236,17 @@ fn rate(now: Option<u64>, before: Option<u64>, dt: Duration) -> Option<f64> {
     (us > 0).then(|| d as f64 / us as f64)
 }
 
+/// Connections waiting for a worker: all of them when as many wait as there are ready
+/// workers (far behind), else those that waited since the last sample too (a standing
+/// queue, not connections caught on their way to a worker).
+fn waiting(queued: u32, last_queued: Option<u32>, ready: u32) -> u32 {
+    if queued >= ready.max(1) {
+        queued
+    } else {
+        last_queued.unwrap_or(0).min(queued)
+    }
+}
+
 /// Workers for `load` at `target_percent` utilisation.
 fn needed(load: f64, target_percent: u32) -> u32 {
     let n = (load * 100.0 / f64::from(target_percent.max(1)) - 1e-9).ceil();
@@ -244,13 +258,24 @@ impl LoadState {
     /// next sample starts a new period. The last decision stays for `status`.
     pub fn restart_period(&mut self) {
         self.previous = None;
+        self.last = None;
         self.wants.clear();
         self.steady_since = None;
         self.signals = None;
         self.held = None;
     }
 
+    /// When the last sample was taken (in this period).
+    pub fn last_sample(&self) -> Option<Instant> {
+        self.last.map(|(t, _)| t)
+    }
+
     /// Takes one sample at `now`; returns the change of the count, if any.
+    ///
+    /// A sample less than three quarters of an interval after the last full one (the
+    /// machine samples a full pool sooner) is a quick one: averages over so short a time
+    /// are noise (one request of a one-worker site looks like a full worker), so it looks
+    /// at the accept queue only, and may grow the site but never shrinks it.
     pub fn sample(
         &mut self,
         policy: &ScalePolicy,
@@ -259,6 +284,16 @@ impl LoadState {
         workers: Workers,
         bounds: Bounds,
     ) -> Option<Decision> {
+        let last_queued = self
+            .last
+            .replace((now, counters.queued))
+            .and_then(|(_, q)| q);
+        let quick = self
+            .previous
+            .is_some_and(|p| now.saturating_duration_since(p.at) < policy.interval * 3 / 4);
+        if quick {
+            return self.quick(policy, now, counters.queued, last_queued, workers, bounds);
+        }
         let previous = self.previous.replace(Previous {
             at: now,
             counters,
@@ -288,12 +323,7 @@ impl LoadState {
         // What each signal asks for.
         let ready = workers.ready;
         let queued = counters.queued.unwrap_or(0);
-        let standing = before.queued.unwrap_or(0).min(queued);
-        let waiting = if queued >= ready.max(1) {
-            queued
-        } else {
-            standing
-        };
+        let waiting = waiting(queued, last_queued, ready);
         let mut asks: Vec<(u32, Reason)> = Vec::new();
         if waiting > 0 {
             asks.push((
@@ -380,6 +410,54 @@ impl LoadState {
                 over: policy.shrink_cooldown,
             },
         )
+    }
+
+    /// A quick sample: the accept queue only.
+    fn quick(
+        &mut self,
+        policy: &ScalePolicy,
+        now: Instant,
+        queued: Option<u32>,
+        last_queued: Option<u32>,
+        workers: Workers,
+        bounds: Bounds,
+    ) -> Option<Decision> {
+        let ready = workers.ready;
+        let waiting = waiting(queued.unwrap_or(0), last_queued, ready);
+        let wanted = ready
+            .saturating_add(waiting)
+            .max(bounds.min)
+            .min(bounds.ceiling);
+        if let Some(sig) = &mut self.signals {
+            sig.queued = queued;
+            sig.ready = ready;
+        }
+        let from = workers.desired;
+        if waiting == 0 || wanted <= from {
+            return None;
+        }
+        let stalled = self
+            .signals
+            .and_then(|s| s.cpu_stall)
+            .is_some_and(|s| s >= CPU_BOUND);
+        if stalled {
+            self.held = Some(Held::CpuBound);
+            return None;
+        }
+        if self
+            .last_grow
+            .is_some_and(|t| now.saturating_duration_since(t) < policy.grow_cooldown)
+        {
+            self.held = Some(Held::Cooldown);
+            return None;
+        }
+        self.held = None;
+        self.last_grow = Some(now);
+        self.steady_since = Some(now);
+        if let Some(sig) = &mut self.signals {
+            sig.wanted = wanted;
+        }
+        self.decide(now, from, wanted, Reason::Queue { waiting, ready })
     }
 
     fn decide(&mut self, now: Instant, from: u32, to: u32, reason: Reason) -> Option<Decision> {

@@ -313,3 +313,31 @@ fn the_bounds_hold_whatever_the_signals() {
         }
     }
 }
+
+#[test]
+fn a_quick_sample_looks_at_the_queue_only() {
+    let mut s = Site::new(1);
+    s.period(Some(0.0), 0);
+    // 50 ms later (the pool was full), its one worker busy all that time: too short to
+    // say anything of the busy average.
+    s.now += Duration::from_millis(50);
+    s.busy = s.busy.map(|b| b + Duration::from_millis(50));
+    assert_eq!(s.sample(), None);
+    // A queue as long as the ready workers grows the site at once.
+    s.now += Duration::from_millis(50);
+    s.busy = s.busy.map(|b| b + Duration::from_millis(50));
+    s.queued = Some(3);
+    let d = s.sample().expect("grows");
+    assert_eq!((d.from, d.to), (1, 4));
+    // Idle again: a quick sample never shrinks.
+    s.desired = 4;
+    s.ready = 4;
+    s.queued = Some(0);
+    s.now += Duration::from_millis(50);
+    assert_eq!(s.sample(), None);
+    // The next full sample averages over the whole interval.
+    s.now += Duration::from_millis(100);
+    assert_eq!(s.sample(), None);
+    let busy = s.state.signals.and_then(|x| x.busy).expect("busy");
+    assert!((busy - 0.4).abs() < 1e-6, "100 ms busy of 250: {busy}");
+}

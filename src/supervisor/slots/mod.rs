@@ -306,6 +306,13 @@ impl SiteCore {
             .count()
     }
 
+    /// Whether every ready worker says it is busy (and there is one): a pool that is full.
+    pub fn saturated(&self) -> bool {
+        let mut ready = self.slots.values().filter(|s| s.phase == Phase::Ready);
+        let first = ready.next();
+        first.is_some_and(SlotState::busy) && ready.all(SlotState::busy)
+    }
+
     fn spawn(&mut self, id: Slot, now: Instant, out: &mut Vec<Action>) {
         // Never more processes than the desired count: a slot on its way out (scaled down)
         // still holds its process, and its memory, until it exits. A slot due to start

@@ -181,3 +181,36 @@ fn scale_pins_the_count_until_scale_auto() {
         }]
     );
 }
+
+#[test]
+fn a_full_pool_is_sampled_sooner() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site(LOAD), None, None, t);
+    let q = Queue(Cell::new(0));
+    send(&mut m, Input::Start(None), &q, t);
+    let t1 = m.next_deadline(t).expect("sampled");
+    send(&mut m, Input::Tick, &q, t1);
+    assert_eq!(
+        m.next_deadline(t1),
+        Some(t1 + Duration::from_millis(250)),
+        "the interval"
+    );
+    // The one worker says it is busy: the pool is full.
+    send(
+        &mut m,
+        Input::Worker {
+            generation: GenId(1),
+            input: slots::Input::BusyReported {
+                id: Slot(0),
+                busy: true,
+            },
+        },
+        &q,
+        t1 + Duration::from_millis(10),
+    );
+    assert_eq!(
+        m.next_deadline(t1),
+        Some(t1 + Duration::from_millis(50)),
+        "a fifth of the interval after the last sample"
+    );
+}
