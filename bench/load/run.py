@@ -218,7 +218,7 @@ class Hatchery:
                   "[ready]", 'check = "notify"', 'timeout = "30s"',
                   "[stop]", 'timeout = "10s"']
         if load:
-            lines += ["[scale]", 'by = "load"', "target = 0.7"]
+            lines += ["[scale]", 'by = "load"', "target = %s" % (args.scale_target or "0.7")]
             if args.scale_interval:
                 lines += ['interval = "%s"' % args.scale_interval]
         self.site = "\n".join(lines) + "\n"
@@ -444,6 +444,8 @@ def main():
     ap.add_argument("--out", default=None, help="JSON results (default WORK/results-PROFILE.json)")
     ap.add_argument("--work", default=os.path.join(cache, "run"), help="scratch (emptied first)")
     ap.add_argument("--venv", default=os.path.join(cache, "venv"), help="the venv with uwsgi")
+    ap.add_argument("--scale-target", default=None,
+                    help="hatchery-load*: [scale] target (default 0.7)")
     ap.add_argument("--scale-interval", default=None,
                     help="hatchery-load*: [scale] interval (default: the agent's)")
     ap.add_argument("--hatchery", default=os.environ.get("HATCHERY_BIN")
