@@ -307,8 +307,12 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HATCHERY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     hatchery::logs::AgentStderr::setup();
+    // Colour only for a person at a terminal: a file, a pipe or the journal gets plain
+    // text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(hatchery::logs::AgentStderr)
         .log_internal_errors(false)
         .with_target(false)

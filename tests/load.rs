@@ -223,6 +223,10 @@ fn step_up_and_back(reactor: &'static str, busy_reports: bool) {
         log.contains("workers 1 -> ") && log.contains("(load: "),
         "each decision is logged with its reason: {log}"
     );
+    assert!(
+        !log.contains('\u{1b}'),
+        "a log that is not a terminal has no colour codes: {log}"
+    );
     if busy_reports {
         assert!(
             loaded["scale"]["signals"]["busy"].as_f64().is_some(),

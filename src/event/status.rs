@@ -262,16 +262,22 @@ fn scale_status(
         if sig.queued.is_none() {
             unavailable.push("accept queue: no TCP listener bound by the agent".to_string());
         }
-        if sig.cpu.is_none() {
-            unavailable.push("cpu: no cgroup v2 directory for the site (cgroup_base)".to_string());
+        let no_cgroup = sig.cpu.is_none() && sig.cpu_stall.is_none() && sig.memory_events.is_none();
+        if no_cgroup {
+            unavailable.push(
+                "cpu, cpu pressure, memory events: no cgroup v2 directory for the site (cgroup_base)"
+                    .to_string(),
+            );
+        } else if sig.cpu.is_none() {
+            unavailable.push("cpu: no cpu.stat for the site".to_string());
         }
-        if sig.cpu_stall.is_none() {
+        if sig.cpu_stall.is_none() && !no_cgroup {
             unavailable.push(
                 "cpu pressure: no full line in cpu.pressure (PSI off, booted without psi=1, or a kernel before 5.13)"
                     .to_string(),
             );
         }
-        if sig.memory_events.is_none() {
+        if sig.memory_events.is_none() && !no_cgroup {
             unavailable.push("memory events: no memory controller for the site".to_string());
         }
     }
