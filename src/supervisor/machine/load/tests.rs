@@ -33,9 +33,28 @@ impl Observe for Queue {
 
 const LOAD: &str = "workers = \"auto\"\nworkers_max = 8\nmemory = \"1G\"\nworker_memory = \"50M\"\n[[listen]]\ntcp = \"127.0.0.1:8000\"\n[scale]\nby = \"load\"\nshrink_cooldown = \"2s\"\n";
 
+/// Feeds `input`, carries out what follows as the loop does, and lets every worker told
+/// to stop exit at once.
 fn send(m: &mut SiteMachine, input: Input, obs: &dyn Observe, t: Instant) -> Vec<Action> {
     let a = m.handle(input, obs, t);
-    drive(m, a, obs, t)
+    let seen = drive(m, a, obs, t);
+    let mut all = seen.clone();
+    for x in &seen {
+        if let Action::Signal {
+            generation, slot, ..
+        } = x
+        {
+            let exit = Input::Worker {
+                generation: *generation,
+                input: slots::Input::Exited {
+                    id: *slot,
+                    reason: slots::ExitReason::Exited { code: 0 },
+                },
+            };
+            all.extend(send(m, exit, obs, t));
+        }
+    }
+    all
 }
 
 /// Ticks at every deadline up to `until`; returns every action.
@@ -213,4 +232,44 @@ fn a_full_pool_is_sampled_sooner() {
         Some(t1 + Duration::from_millis(50)),
         "a fifth of the interval after the last sample"
     );
+}
+
+#[test]
+fn a_deploy_starts_the_new_generation_at_the_current_count_and_sampling_resumes_after() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site(LOAD), None, None, t);
+    let q = Queue(Cell::new(0));
+    send(&mut m, Input::Start(None), &q, t);
+    q.0.set(4);
+    let a = run_until(&mut m, &q, t, t + Duration::from_millis(300));
+    assert_eq!(scaled(&a), vec![(1, 5)]);
+    q.0.set(0);
+    let t1 = t + Duration::from_millis(300);
+    send(
+        &mut m,
+        Input::Deploy {
+            client: ClientId(1),
+            release: None,
+            canary: None,
+        },
+        &q,
+        t1,
+    );
+    assert!(!m.load_sampling(), "no sampling while two generations run");
+    let d = m.deploy().expect("a deploy");
+    assert_eq!(d.target, 5, "the new generation runs what the old one did");
+    // No ready check: the new generation is ready at once and flips after its
+    // probation; the old one's workers stop (at once here) and it retires.
+    let mut now = t1;
+    while m.generations().count() > 1 {
+        now = m.next_deadline(now).expect("the deploy goes on").max(now);
+        assert!(now < t1 + Duration::from_secs(5), "retired in time");
+        send(&mut m, Input::Tick, &q, now);
+    }
+    assert_eq!(m.serving(), GenId(2));
+    assert_eq!(m.current().slots.desired, 5);
+    assert!(m.load_sampling(), "sampling resumed on the new generation");
+    // Idle, it shrinks a cool-down later, as any site.
+    let a = run_until(&mut m, &q, now, now + Duration::from_secs(3));
+    assert_eq!(scaled(&a), vec![(5, 1)]);
 }
