@@ -1,6 +1,6 @@
 //! A reload that changed a site: what the new configuration means for what runs.
 //!
-//! Only `workers` changed: the site scales. Anything else: the new policies apply, and
+//! Only `workers` (or `workers_min`, `workers_max`, `[scale]`) changed: the site scales. Anything else: the new policies apply, and
 //! the serving generation's workers restart one at a time (a rolling restart, which stops
 //! at a worker that does not stay up). A changed `mode` gives the generation a zygote (started
 //! by the first spawn that needs it), or stops its zygote; any other change to a zygote-mode
@@ -42,8 +42,11 @@ impl SiteMachine {
         if self.config == config {
             return;
         }
+        // The count and how it is chosen (`workers_min`, `workers_max`, `[scale]`) change
+        // no worker's configuration: the site scales, nothing restarts.
         let only_count = SiteConfig {
             workers: self.config.workers,
+            auto: self.config.auto,
             ..config.clone()
         } == self.config;
         let limits_changed = self.config.limits != config.limits;
@@ -132,6 +135,28 @@ mod tests {
         let a = send(&mut m, Input::Reconfigure(Box::new(new)), &Quiet, t);
         assert_eq!(spawned(&a), vec![], "{a:?}");
         assert_eq!(m.current().slots.run, RunState::Stopping);
+    }
+
+    #[test]
+    fn a_reload_of_the_scale_policy_restarts_no_worker() {
+        let t = Instant::now();
+        let load = "workers = \"auto\"\nworkers_min = 2\nworkers_max = 8\nmemory = \"1G\"\nworker_memory = \"50M\"\n[[listen]]\ntcp = \"127.0.0.1:8000\"\n[scale]\nby = \"load\"\n";
+        let (mut m, _) = SiteMachine::new(site(load), None, None, t);
+        send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+        assert_eq!(m.current().slots.desired, 2);
+        let mut new = m.config().clone();
+        let mut auto = new.auto.expect("auto");
+        auto.scale.target_percent = 50;
+        auto.min = 3;
+        new.auto = Some(auto);
+        let a = send(&mut m, Input::Reconfigure(Box::new(new)), &Quiet, t);
+        assert!(
+            !a.iter()
+                .any(|x| matches!(x, crate::supervisor::machine::Action::Signal { .. })),
+            "no worker stopped: {a:?}"
+        );
+        assert_eq!(spawned(&a), vec![(1, 2)], "workers_min 3: one more");
+        assert_eq!(m.config().auto.map(|a| a.scale.target_percent), Some(50));
     }
 
     #[test]
