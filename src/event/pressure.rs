@@ -52,20 +52,28 @@ impl Agent {
             token: None,
         };
         match crate::cgroup::cpu_pressure_trigger(&dir) {
-            Ok(fd) => {
-                t.token = self
-                    .reg
-                    .arm(
-                        fd.as_fd(),
-                        Interest::Priority,
-                        Source::Pressure(name.clone()),
-                    )
-                    .ok();
-                t.fd = Some(fd);
-            }
+            Ok(fd) => t.fd = Some(fd),
             Err(e) => debug!(site = %name, "no cpu pressure trigger: {e}"),
         }
         self.pressure.insert(name.clone(), t);
+        self.arm_trigger(name);
+    }
+
+    /// Waits for site `name`'s trigger to fire, unless it is waited for already.
+    fn arm_trigger(&mut self, name: &SiteName) {
+        let Some(t) = self.pressure.get_mut(name) else {
+            return;
+        };
+        if let (Some(fd), None) = (&t.fd, t.token) {
+            t.token = self
+                .reg
+                .arm(
+                    fd.as_fd(),
+                    Interest::Priority,
+                    Source::Pressure(name.clone()),
+                )
+                .ok();
+        }
     }
 
     /// Whether site `name` has a trigger the kernel accepted.
@@ -88,18 +96,6 @@ impl Agent {
             _ => return,
         }
         self.feed(name, Input::Pressure);
-        let Some(t) = self.pressure.get_mut(name) else {
-            return;
-        };
-        if let (Some(fd), None) = (&t.fd, t.token) {
-            t.token = self
-                .reg
-                .arm(
-                    fd.as_fd(),
-                    Interest::Priority,
-                    Source::Pressure(name.clone()),
-                )
-                .ok();
-        }
+        self.arm_trigger(name);
     }
 }

@@ -374,19 +374,9 @@ impl LoadState {
             return None;
         }
         if wanted > from {
-            if cpu_stall.is_some_and(|s| s >= CPU_BOUND) {
-                self.held = Some(Held::CpuBound);
+            if !self.may_grow(policy, now, cpu_stall) {
                 return None;
             }
-            if self
-                .last_grow
-                .is_some_and(|t| now.saturating_duration_since(t) < policy.grow_cooldown)
-            {
-                self.held = Some(Held::Cooldown);
-                return None;
-            }
-            self.last_grow = Some(now);
-            self.steady_since = Some(now);
             let reason = why
                 .filter(|_| need >= wanted)
                 .unwrap_or(Reason::Min { min: bounds.min });
@@ -410,6 +400,26 @@ impl LoadState {
                 over: policy.shrink_cooldown,
             },
         )
+    }
+
+    /// Whether the site may grow now: not while its tasks wait for a CPU (`cpu_stall`, the
+    /// share of the period), nor within `grow_cooldown` of the last growth; says why not
+    /// in `held`, and when it may, counts this as the last growth.
+    fn may_grow(&mut self, policy: &ScalePolicy, now: Instant, cpu_stall: Option<f64>) -> bool {
+        if cpu_stall.is_some_and(|s| s >= CPU_BOUND) {
+            self.held = Some(Held::CpuBound);
+            return false;
+        }
+        if self
+            .last_grow
+            .is_some_and(|t| now.saturating_duration_since(t) < policy.grow_cooldown)
+        {
+            self.held = Some(Held::Cooldown);
+            return false;
+        }
+        self.last_grow = Some(now);
+        self.steady_since = Some(now);
+        true
     }
 
     /// A quick sample: the accept queue only.
@@ -436,24 +446,10 @@ impl LoadState {
         if waiting == 0 || wanted <= from {
             return None;
         }
-        let stalled = self
-            .signals
-            .and_then(|s| s.cpu_stall)
-            .is_some_and(|s| s >= CPU_BOUND);
-        if stalled {
-            self.held = Some(Held::CpuBound);
-            return None;
-        }
-        if self
-            .last_grow
-            .is_some_and(|t| now.saturating_duration_since(t) < policy.grow_cooldown)
-        {
-            self.held = Some(Held::Cooldown);
-            return None;
-        }
         self.held = None;
-        self.last_grow = Some(now);
-        self.steady_since = Some(now);
+        if !self.may_grow(policy, now, self.signals.and_then(|s| s.cpu_stall)) {
+            return None;
+        }
         if let Some(sig) = &mut self.signals {
             sig.wanted = wanted;
         }
