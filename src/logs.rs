@@ -1,7 +1,8 @@
 //! Worker output: one log file per site, size-based rotation, tailing; and the writer of
 //! the agent's own log ([`AgentStderr`]), which never blocks the loop and never fails.
 //!
-//! Each worker's stdout and stderr go to one pipe the agent reads; complete lines are
+//! The stdout and stderr of a site's workers go to one unix stream socket the agent reads
+//! ([`OutputSocket`]; a zygote's go to a pipe of its own); complete lines are
 //! written as `<UTC time> w-<id>[<pid>] <line>` to `<state_dir>/logs/<site>.log`. When a
 //! write would take the file past `max_size`, it is renamed to `<site>.log.1` (older ones
 //! shift up to `.<keep>`, the oldest is dropped) and a new file is started. Lines longer
@@ -365,6 +366,129 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
+/// The send buffer asked for a site's output socket: what the site's workers may have
+/// written and the agent not yet read, all together (a writer blocks beyond it, as on a
+/// full pipe). Forced past `net.core.wmem_max` where the agent may (`CAP_NET_ADMIN`).
+pub const OUTPUT_BUFFER: usize = 1 << 20;
+
+/// A site's output socket: every worker of the site has the same `send` end as its stdout
+/// and stderr, and the agent reads the other end. One pair per site instead of one pipe
+/// per worker keeps the agent at one fd per worker (its pidfd), which is what lets ten
+/// thousand workers fit in the usual fd limit.
+///
+/// It is a `SOCK_STREAM` socket pair, not a datagram one: a stream has no message size
+/// limit and is what programs expect of their stdout (Node.js writes to a unix stream
+/// socket as to a pipe, but would drop everything written to a datagram socket). Lines stay
+/// attributed to their writer because the receiving end has `SO_PASSCRED`: the kernel then
+/// never joins data from two senders in one `recvmsg`, and tells the sending process of
+/// each (`SCM_CREDENTIALS`, its pid in the agent's pid namespace). Writes of different
+/// workers interleave only between whole writes (or the kernel's chunks of a large one),
+/// and each chunk is still told apart by its pid.
+///
+/// What differs from a pipe: `open("/dev/stdout")` fails with `ENXIO` on a socket (as under
+/// journald); programs that write to `/dev/stdout` by path should write to fd 1 instead,
+/// or the site can ask for pipes (`output = "pipe"`).
+#[derive(Debug)]
+pub struct OutputSocket {
+    recv: std::os::fd::OwnedFd,
+    send: std::os::fd::OwnedFd,
+}
+
+/// One read from an [`OutputSocket`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// The process that wrote it (0 if the kernel did not say).
+    pub pid: i32,
+    /// How many bytes of the buffer it filled.
+    pub len: usize,
+}
+
+impl OutputSocket {
+    /// A new pair: the receiving end non-blocking with `SO_PASSCRED`, the sending end
+    /// blocking (workers share it, and the flag belongs to the shared file description).
+    pub fn new() -> io::Result<OutputSocket> {
+        let (recv, send) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )?;
+        // Workers only write, the agent only reads.
+        rustix::net::shutdown(&recv, rustix::net::Shutdown::Write)?;
+        rustix::net::shutdown(&send, rustix::net::Shutdown::Read)?;
+        if rustix::net::sockopt::set_socket_send_buffer_size_force(&send, OUTPUT_BUFFER).is_err() {
+            // Capped at `net.core.wmem_max` without `CAP_NET_ADMIN`; the default will do.
+            let _ = rustix::net::sockopt::set_socket_send_buffer_size(&send, OUTPUT_BUFFER);
+        }
+        OutputSocket::from_parts(recv, send)
+    }
+
+    /// A pair an earlier agent made (kept by the fd holder), checked to be unix stream
+    /// sockets, and set up to be read again.
+    pub fn from_parts(
+        recv: std::os::fd::OwnedFd,
+        send: std::os::fd::OwnedFd,
+    ) -> io::Result<OutputSocket> {
+        for fd in [&recv, &send] {
+            if rustix::net::sockopt::socket_type(fd)? != rustix::net::SocketType::STREAM {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a stream socket",
+                ));
+            }
+        }
+        rustix::net::sockopt::set_socket_passcred(&recv, true)?;
+        rustix::io::ioctl_fionbio(&recv, true)?;
+        Ok(OutputSocket { recv, send })
+    }
+
+    /// The end the agent reads.
+    pub fn receiver(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.recv.as_fd()
+    }
+
+    /// The end the workers write to (their fds 1 and 2).
+    pub fn sender(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.send.as_fd()
+    }
+
+    /// Reads what one process wrote into `buf`; `None` once nothing is waiting.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<OutputChunk>> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
+        loop {
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let msg = match rustix::net::recvmsg(
+                &self.recv,
+                &mut [io::IoSliceMut::new(buf)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            ) {
+                Ok(m) => m,
+                Err(rustix::io::Errno::AGAIN) => return Ok(None),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if msg.bytes == 0 {
+                // Every sending end closed (the agent keeps one, so only when it let go).
+                return Ok(None);
+            }
+            let mut pid = 0;
+            for cmsg in control.drain() {
+                if let RecvAncillaryMessage::ScmCredentials(cred) = cmsg {
+                    pid = cred.pid.as_raw_nonzero().get();
+                }
+            }
+            return Ok(Some(OutputChunk {
+                pid,
+                len: msg.bytes,
+            }));
+        }
+    }
+}
+
 /// Who wrote a line of a site's log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Writer {
@@ -372,6 +496,9 @@ pub enum Writer {
     Worker(u32),
     /// A generation's zygote (`zygote`).
     Zygote,
+    /// A process of the site's that is none of these, and descends from none of its
+    /// workers any more (`process`).
+    Other,
 }
 
 impl std::fmt::Display for Writer {
@@ -379,6 +506,7 @@ impl std::fmt::Display for Writer {
         match self {
             Writer::Worker(k) => write!(f, "w-{k}"),
             Writer::Zygote => f.write_str("zygote"),
+            Writer::Other => f.write_str("process"),
         }
     }
 }
@@ -418,6 +546,11 @@ impl LineSplitter {
             emit(&self.partial);
             self.partial = tail;
         }
+    }
+
+    /// Whether no unfinished line waits.
+    pub fn is_empty(&self) -> bool {
+        self.partial.is_empty()
     }
 
     /// Emits what is left (the stream ended without a final newline).

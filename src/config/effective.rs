@@ -88,6 +88,7 @@ mod tests {
             r#"name = "blog"
 command = ["/bin/true"]
 mode = "exec"
+output = "pipe"
 workers = 1
 user = "{uid}"
 group = "{gid}"

@@ -7,8 +7,8 @@ use serde::Deserialize;
 
 use super::site::{validate_logs, validate_site};
 use super::{
-    AgentConfig, CgroupBase, ConfigError, LogPolicy, RawAgent, RawSite, SiteConfig, err,
-    format_size, parse_size,
+    AgentConfig, CgroupBase, ConfigError, LogPolicy, OutputMode, RawAgent, RawSite, SiteConfig,
+    err, format_size, parse_size,
 };
 
 /// A site file that could not be used, and why.
@@ -134,6 +134,15 @@ fn load_each_keeping(
                 continue;
             }
         }
+        if let Some(limit) = fd_limit() {
+            if let Err(error) = check_fds(&with, limit) {
+                broken.push(BrokenSite {
+                    name: site.name.to_string(),
+                    error,
+                });
+                continue;
+            }
+        }
         kept.push(site);
     }
     broken.sort_by(|a, b| a.error.file.cmp(&b.error.file));
@@ -206,6 +215,59 @@ pub fn check_budgets(
     Ok(())
 }
 
+/// Fds the agent keeps whatever its sites: the control socket and its connections, the
+/// notify socket, signals, the reactor, the fd holder's connection, the cgroup tree.
+pub const AGENT_FDS: u64 = 256;
+
+/// Fds the agent keeps for a site besides one per worker (its pidfd): the log file, the
+/// output socket's two ends, and per listener its socket in each of two generations (a
+/// deploy) and steering maps.
+fn site_fds(site: &SiteConfig) -> u64 {
+    8 + 4 * site.listen.len() as u64
+}
+
+/// The agent's fd limit: the hard `RLIMIT_NOFILE`, which it raises its soft limit to at
+/// start; `None` when unlimited.
+pub fn fd_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum
+}
+
+/// Refuses the last of `sites` when the fds the agent needs for all of them (one per
+/// worker, at the most workers each may run, and [`site_fds`] per site, plus
+/// [`AGENT_FDS`]) do not fit in `limit`. A deploy runs two generations for a while, so
+/// a site near the limit may see spawns fail with `EMFILE` during one; `status` shows it.
+pub fn check_fds(sites: &[SiteConfig], limit: u64) -> Result<(), ConfigError> {
+    let Some(site) = sites.last() else {
+        return Ok(());
+    };
+    let need = |s: &SiteConfig| u64::from(s.workers) * s.output.fds_per_worker() + site_fds(s);
+    let others: u64 = sites[..sites.len() - 1].iter().map(need).sum();
+    let total = AGENT_FDS + others + need(site);
+    if total > limit {
+        return Err(err(
+            &site.file,
+            "workers",
+            format!(
+                "{} workers need {} fds in the agent ({} each, and {} for the site), the other sites {} and the agent itself {}: {total} in all, beyond the agent's fd limit ({limit}, the hard RLIMIT_NOFILE; raise it, e.g. LimitNOFILE= in the systemd unit, {}or ask for fewer workers)",
+                site.workers,
+                need(site),
+                match site.output {
+                    OutputMode::Pipe => "a pidfd and an output pipe",
+                    OutputMode::Socket => "a pidfd",
+                },
+                site_fds(site),
+                others,
+                AGENT_FDS,
+                match site.output {
+                    OutputMode::Pipe => "write output = \"socket\" (one fd per worker), ",
+                    OutputMode::Socket => "",
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses `site` when one of its addresses overlaps one of `others` (same port, and the
 /// same address or a wildcard on either side; the same unix path): the blame goes to
 /// `site`, the one that came later.
@@ -270,5 +332,35 @@ mod tests {
             e.message.contains("2G") && e.message.contains("256M"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn workers_must_fit_in_the_agents_fd_limit() {
+        let big =
+            site("name = \"blog\"\ncommand = [\"x\"]\nworkers = 10000\noutput = \"socket\"\n")
+                .expect("valid");
+        let small = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = 100\n[[listen]]\ntcp = \"127.0.0.1:8080\"\n")
+            .expect("valid");
+        // 10,000 workers on the output socket fit in this machine's 20,000 fds, with room
+        // for the rest.
+        assert!(check_fds(std::slice::from_ref(&big), 20_000).is_ok());
+        assert!(check_fds(&[big.clone(), small.clone()], 20_000).is_ok());
+        // The last site is the one refused, with the numbers that do not fit.
+        let e = check_fds(&[big.clone(), small.clone()], 10_400).unwrap_err();
+        assert_eq!(e.key, "workers");
+        assert!(
+            e.message.contains("100 workers need 212 fds in the agent (a pidfd and an output pipe each, and 12 for the site)")
+                && e.message.contains("the other sites 10008")
+                && e.message.contains("10476 in all")
+                && e.message.contains("(10400, the hard RLIMIT_NOFILE")
+                && e.message.contains("write output = \"socket\""),
+            "{e}"
+        );
+        // Exactly at the limit fits.
+        assert!(check_fds(&[big, small], 10_476).is_ok());
+        // With a pipe each, 10,000 workers do not fit in 20,000.
+        let piped = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = 10000\n").expect("valid");
+        let e = check_fds(&[piped], 20_000).unwrap_err();
+        assert!(e.message.contains("10000 workers need 20008 fds"), "{e}");
     }
 }

@@ -36,6 +36,7 @@ mod units;
 mod users;
 
 pub use effective::Effective;
+
 pub use load::{
     BrokenSite, DEFAULT_MEMORY_RESERVE, check_budgets, host_memory, load, load_each, load_keeping,
     site_from_text,
@@ -50,8 +51,9 @@ pub use users::{UserEntry, lookup_group, lookup_user};
 
 /// The agent file read when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/hatchery/hatchery.toml";
-/// Most workers one site may ask for.
-pub const MAX_WORKERS: u32 = 4096;
+/// Most workers one site may ask for (the agent's fd limit may allow fewer:
+/// `check_fds`).
+pub const MAX_WORKERS: u32 = 32_768;
 /// Most listeners one site may declare.
 pub const MAX_LISTENERS: usize = 16;
 
@@ -279,6 +281,38 @@ impl SiteMode {
     }
 }
 
+/// Where a site's workers' stdout and stderr go (`output`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputMode {
+    /// A pipe per worker: two fds per worker in the agent (its pidfd and the pipe).
+    #[default]
+    Pipe,
+    /// The site's one output socket (`crate::logs::OutputSocket`): one fd per worker.
+    Socket,
+}
+
+impl OutputMode {
+    /// Every name, as written in a site file.
+    pub const NAMES: [&'static str; 2] = ["pipe", "socket"];
+
+    /// As written in a site file.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputMode::Pipe => "pipe",
+            OutputMode::Socket => "socket",
+        }
+    }
+
+    /// The fds the agent holds per worker.
+    pub fn fds_per_worker(self) -> u64 {
+        match self {
+            OutputMode::Pipe => 2,
+            OutputMode::Socket => 1,
+        }
+    }
+}
+
 /// How readiness is decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -391,6 +425,8 @@ pub struct SiteConfig {
     pub command: Vec<String>,
     /// How workers start.
     pub mode: SiteMode,
+    /// Where its workers' output goes.
+    pub output: OutputMode,
     /// The configured worker count (for `"auto"`: `workers_max`).
     pub workers: u32,
     /// `workers = "auto"`: sized by the memory budget.

@@ -38,6 +38,9 @@ pub struct RawSite {
     /// How workers start: `"exec"` (each runs `command`) or `"zygote"` (`command` starts a
     /// zygote per generation, and workers are forked from it).
     pub mode: Option<String>,
+    /// Where workers' stdout and stderr go: `"pipe"` (one per worker) or `"socket"` (one
+    /// for the site).
+    pub output: Option<String>,
     /// How many workers: a number, or `"auto"` (as many as the memory budget holds).
     pub workers: Option<RawWorkers>,
     /// With `workers = "auto"`: the fewest workers.

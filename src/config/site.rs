@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use super::{
     AutoWorkers, ConfigError, DeployPolicy, Effective, HealthPolicy, HttpCheck, Limits, ListenAddr,
-    ListenMode, ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WARMUP, MAX_WORKERS, RELEASE_PLACEHOLDER,
-    RawDeploy, RawFlapping, RawFraction, RawHealth, RawLogs, RawReady, RawRestart, RawScale,
-    RawSite, RawStop, RawWarmup, RawWorkers, ReadyCheck, ReadyPolicy, RestartPolicy, ScaleBy,
-    ScalePolicy, Signal, SiteConfig, SiteMode, SiteName, StopPolicy, err, format_duration,
-    format_size, lookup_group, lookup_user, parse_duration, parse_size, sandbox,
+    ListenMode, ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WARMUP, MAX_WORKERS, OutputMode,
+    RELEASE_PLACEHOLDER, RawDeploy, RawFlapping, RawFraction, RawHealth, RawLogs, RawReady,
+    RawRestart, RawScale, RawSite, RawStop, RawWarmup, RawWorkers, ReadyCheck, ReadyPolicy,
+    RestartPolicy, ScaleBy, ScalePolicy, Signal, SiteConfig, SiteMode, SiteName, StopPolicy, err,
+    format_duration, format_size, lookup_group, lookup_user, parse_duration, parse_size, sandbox,
 };
 
 /// The `[logs]` table at `slot` (`key`), with `default` for what it leaves out; every
@@ -414,6 +414,26 @@ pub fn validate_site(
         }
     };
 
+    let output = match eff
+        .output
+        .get_or_insert_with(|| OutputMode::Pipe.name().into())
+        .as_str()
+    {
+        "pipe" => OutputMode::Pipe,
+        "socket" => OutputMode::Socket,
+        other => {
+            let names: Vec<String> = OutputMode::NAMES.iter().map(|n| format!("{n:?}")).collect();
+            return Err(err(
+                file,
+                "output",
+                format!(
+                    "unknown output {other:?}: use {} (a pipe per worker; one socket for the site's workers, one fd per worker in the agent)",
+                    names.join(" or ")
+                ),
+            ));
+        }
+    };
+
     let rd = eff.ready.get_or_insert_with(RawReady::default);
     let check = match rd.check.get_or_insert_with(|| "none".into()).as_str() {
         "none" => ReadyCheck::None,
@@ -537,6 +557,7 @@ pub fn validate_site(
         file: file.to_path_buf(),
         command,
         mode,
+        output,
         workers,
         auto,
         user: raw.user.clone(),

@@ -75,6 +75,11 @@ pub(super) fn start_holder(path: &Path) -> (Option<HolderClient>, HashMap<String
 impl Agent {
     /// Hands a new worker's output pipe (its read end) to the holder.
     pub(super) fn hold_pipe(&mut self, name: &str, fd: BorrowedFd<'_>) {
+        self.hold_fds(&[(name, fd)]);
+    }
+
+    /// Hands fds to the holder, by name (a site's output socket, a worker's pipe).
+    pub(super) fn hold_fds(&mut self, fds: &[(&str, BorrowedFd<'_>)]) {
         if self.holder.is_none() {
             let due = self
                 .holder_retry
@@ -88,7 +93,7 @@ impl Agent {
         let Some(h) = &mut self.holder else {
             return;
         };
-        if let Err(e) = h.put(&[(name, fd)]) {
+        if let Err(e) = h.put(fds) {
             warn!(
                 "the fd holder is gone ({e}): worker output pipes close with the agent until it is started again"
             );

@@ -20,6 +20,7 @@
 //! | `sites.rs` | a site's machine beside its kernel objects; feeding inputs, carrying out actions |
 //! | `generations.rs` | listeners beside the serving generation, steering, the `tcp` probe |
 //! | `workers.rs` | spawning, reaping, output pipes, notifications |
+//! | `output.rs` | the socket a site's workers write their output to |
 //! | `control.rs` | control connections and requests |
 //! | `status.rs` | the `status` report |
 //! | `reload.rs` | `reload` |
@@ -36,6 +37,7 @@ mod exec;
 mod generations;
 mod health;
 mod holder;
+mod output;
 mod pressure;
 pub mod reactor;
 mod recovery;
@@ -142,6 +144,8 @@ enum Source {
     ZygoteLink(u64),
     /// A site's CPU pressure trigger fired (see `pressure.rs`).
     Pressure(SiteName),
+    /// A site's output socket is readable (see `output.rs`).
+    Output(SiteName),
 }
 
 #[derive(Debug)]
@@ -251,6 +255,8 @@ pub struct Agent {
     workers_dirty: bool,
     /// The record as last written (it is written again only when it changed).
     last_record: Option<Vec<u8>>,
+    /// The record is not written again before this (see `recovery::save_workers`).
+    save_after: Option<Instant>,
     /// Sites whose workers were adopted from an earlier agent: the actions their machines
     /// start with, and the configuration to apply (their file changed while no agent ran).
     adopted: BTreeMap<SiteName, (Vec<Action>, Option<SiteConfig>)>,
@@ -500,6 +506,7 @@ impl Agent {
             pressure: HashMap::new(),
             workers_dirty: true,
             last_record: None,
+            save_after: None,
             boot_id: recovery::boot_id(),
             adopted: BTreeMap::new(),
             missed_changes: BTreeMap::new(),
@@ -532,6 +539,12 @@ impl Agent {
             match made {
                 Ok(s) => {
                     agent.sites.insert(site.name.clone(), s);
+                    // Its workers' output waits in the socket the holder kept: read on.
+                    if agent.held_output(&site.name) {
+                        if let Err(e) = agent.ensure_output(&site.name) {
+                            warn!(site = %site.name, "failed to read the output of its workers: {e}");
+                        }
+                    }
                 }
                 Err(e) => {
                     let reason = format!("{e}: {}", error_chain(&e));
@@ -547,7 +560,21 @@ impl Agent {
                 }
             }
         }
-        // What the holder held for workers not adopted: theirs are gone, or stopped.
+        // What the holder held for workers not adopted: theirs are gone, or stopped. A
+        // pipe the holder drops by itself once its worker is gone; an output socket of a
+        // site no longer here it is told to drop.
+        let unclaimed: Vec<String> = agent
+            .held
+            .keys()
+            .filter(|n| output::is_output_name(n))
+            .cloned()
+            .collect();
+        if let (false, Some(h)) = (unclaimed.is_empty(), &mut agent.holder) {
+            let names: Vec<&str> = unclaimed.iter().map(String::as_str).collect();
+            if let Err(e) = h.drop_names(&names) {
+                warn!("failed to tell the fd holder to let unclaimed output sockets go: {e}");
+            }
+        }
         agent.held.clear();
         Ok(agent)
     }
@@ -681,11 +708,15 @@ impl Agent {
                     break;
                 }
             }
-            let timeout = self
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()));
-            // Once per iteration, however many workers started or exited in it.
+            // At most once per iteration, however many workers started or exited in it
+            // (and spaced out when it is long: see `save_workers`).
             self.save_workers();
+            let save = self.save_after.filter(|_| self.workers_dirty);
+            let timeout = [self.next_deadline(), save]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|d| d.saturating_duration_since(Instant::now()));
             ready.clear();
             self.reg
                 .reactor
@@ -752,6 +783,7 @@ impl Agent {
             Source::Notify => self.on_notify(),
             Source::Pidfd(site, w) => self.on_pidfd(&site, w.generation, w.slot, token),
             Source::Pipe => self.on_pipe(token),
+            Source::Output(site) => self.on_output(&site),
             Source::ConnRead(c) => self.on_conn_read(c),
             Source::Exec(pid) => self.exec_exited(pid),
             Source::ZygoteExit(id) => self.zygote_exited(id),

@@ -9,7 +9,13 @@
 //! worker's start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot) and cgroup
 //! leaf. It is rewritten atomically (a temporary file in the same directory, then
 //! `rename`) at most once per iteration of the event loop, and only when it changed, so a
-//! thousand workers crashing at once cost one write.
+//! thousand workers crashing at once cost one write. Writing it takes time in proportion
+//! to the workers (about 2 ms for 10,000), so after each write the next waits
+//! [`SAVE_SPACING`] times as long as that one took (at most [`MAX_SAVE_DELAY`]): the
+//! agent spends at most 1/20 of its time on it, and the record is at most that late
+//! (well under a millisecond with a few hundred workers). A worker started in that window
+//! before an agent crash is missing from the record: with cgroups the next agent's sweep
+//! kills it (its leaf is no adopted worker's); without, it runs on unsupervised.
 //!
 //! At startup, before any site binds or starts, a new agent reads it (a missing file is
 //! normal; an unreadable, corrupt or foreign one is logged and ignored) and opens each
@@ -78,6 +84,10 @@ pub const FORMAT_VERSION: u32 = 2;
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 /// The longest wait for a previous agent's worker to honour its stop signal.
 pub(super) const MAX_STOP_WAIT: Duration = Duration::from_secs(10);
+/// After a write of the record, the next waits this many times as long as it took.
+const SAVE_SPACING: u32 = 20;
+/// The longest the record waits to be written again.
+const MAX_SAVE_DELAY: Duration = Duration::from_millis(100);
 /// How long a killed previous worker has to disappear.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -587,7 +597,16 @@ impl Agent {
         if !self.workers_dirty {
             return;
         }
+        let began = Instant::now();
+        if self.save_after.is_some_and(|t| began < t) {
+            // Still dirty: the loop wakes at `save_after`.
+            return;
+        }
         self.workers_dirty = false;
+        let _spaced = SaveSpacing {
+            began,
+            after: &mut self.save_after,
+        };
         let sites = self
             .sites
             .iter()
@@ -648,6 +667,19 @@ impl Agent {
             Ok(()) => self.last_record = Some(text),
             Err(e) => error!("failed to write {}: {e}", path.display()),
         }
+    }
+}
+
+/// Sets when the record may be written again once a write (or an attempt) is over.
+struct SaveSpacing<'a> {
+    began: Instant,
+    after: &'a mut Option<Instant>,
+}
+
+impl Drop for SaveSpacing<'_> {
+    fn drop(&mut self) {
+        let took = self.began.elapsed();
+        *self.after = Some(Instant::now() + (took * SAVE_SPACING).min(MAX_SAVE_DELAY));
     }
 }
 

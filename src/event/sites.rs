@@ -71,6 +71,8 @@ pub(super) struct SiteIo {
     /// The text of the site's file its machine was configured from (for the record: a
     /// new agent that adopts the workers tells from it whether the file changed since).
     pub config_text: Option<String>,
+    /// The socket its workers write their output to (`output.rs`), from the first spawn.
+    pub output: Option<super::output::SiteOutput>,
 }
 
 /// A running site.
@@ -221,6 +223,7 @@ impl Agent {
                 not_enforced,
                 sandbox: None,
                 health: None,
+                output: None,
                 config_text: std::fs::read_to_string(&config_file).ok(),
             },
         })
@@ -338,6 +341,7 @@ impl Agent {
                 not_enforced,
                 sandbox: None,
                 health: None,
+                output: None,
                 config_text,
             },
         })
@@ -635,6 +639,7 @@ impl Agent {
     /// told.
     fn drop_site(&mut self, name: &SiteName) {
         self.detach_zygotes(name, None);
+        self.drop_output(name);
         let Some(site) = self.sites.remove(name) else {
             return;
         };

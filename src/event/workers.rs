@@ -11,7 +11,7 @@ use tracing::{debug, error, warn};
 use super::reactor::Interest;
 use super::sites::Worker;
 use super::{Agent, MAX_FOLLOW_BUFFER, Pipe, Source};
-use crate::config::SiteName;
+use crate::config::{OutputMode, SiteName};
 use crate::control::{ErrorKind, Reply};
 use crate::logs::{self, LineSplitter, Writer};
 use crate::process::PidRef;
@@ -74,6 +74,8 @@ impl Agent {
     }
 
     pub(super) fn worker_exited(&mut self, name: &SiteName, g: GenId, id: Slot) {
+        // What it wrote is attributed by its pid: read while the pid is still known.
+        self.drain_output(name);
         let asked = self.stopping(name, g, id);
         let tree = self.cgroups.as_ref();
         let graveyard = &mut self.graveyard;
@@ -156,6 +158,7 @@ impl Agent {
                 warn!(site = %name, worker = %id, "failed to kill what the worker left behind: {e}");
             }
         }
+        self.worker_output_done(name, worker.pidref.pid(), Writer::Worker(id.0));
         if !asked && !self.shutting_down {
             warn!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), "worker {reason}");
         } else {
@@ -193,6 +196,14 @@ impl Agent {
     ) -> Result<i32, SpawnFailure> {
         let notify_path = self.notify.path.clone();
         let plan = self.site_sandbox(name)?;
+        let socket = self
+            .sites
+            .get(name)
+            .and_then(|s| s.machine.generation(g))
+            .is_some_and(|x| x.config.output == OutputMode::Socket);
+        if socket {
+            self.ensure_output(name).map_err(SpawnFailure::Pipe)?;
+        }
         let site = self
             .sites
             .get(name)
@@ -215,11 +226,26 @@ impl Agent {
         let mut image =
             crate::spawn::worker_image(config, &site.listeners, &notify_path, id.0, g.0)?;
         image.set_sandbox(plan);
-        let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(|e| SpawnFailure::Pipe(e.into()))?;
-        rustix::io::ioctl_fionbio(&pipe_r, true).map_err(|e| SpawnFailure::Pipe(e.into()))?;
-        let mut fds: Vec<BorrowedFd<'_>> =
-            vec![self.devnull.as_fd(), pipe_w.as_fd(), pipe_w.as_fd()];
+        // The site's output socket, or a pipe of its own.
+        let pipe = if socket {
+            None
+        } else {
+            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| SpawnFailure::Pipe(e.into()))?;
+            rustix::io::ioctl_fionbio(&r, true).map_err(|e| SpawnFailure::Pipe(e.into()))?;
+            Some((r, w))
+        };
+        let output = match &pipe {
+            Some((_, w)) => w.as_fd(),
+            None => self
+                .sites
+                .get(name)
+                .and_then(|s| s.io.output.as_ref())
+                .expect("made above")
+                .socket
+                .sender(),
+        };
+        let mut fds: Vec<BorrowedFd<'_>> = vec![self.devnull.as_fd(), output, output];
         fds.extend(site.listeners.iter().map(|l| l.fd.as_fd()));
         let leaf = match (&self.cgroups, &mut self.graveyard) {
             (Some(tree), Some(graveyard)) => Some(crate::spawn::Leaf {
@@ -234,7 +260,7 @@ impl Agent {
         };
         let spawned = crate::spawn::launch(&mut image, &fds, leaf, &mut self.fd_block);
         drop(fds);
-        drop(pipe_w);
+        let pipe_r = pipe.map(|(r, _)| r);
         let spawned = spawned?;
         let pid = spawned.pid;
         self.track_worker(
@@ -253,14 +279,15 @@ impl Agent {
     }
 
     /// A new worker of ours (spawned, or forked by a zygote and let go): its pidfd watched,
-    /// its output read (and held by the fd holder), known by its pid. Fails, the worker
-    /// killed, only if its pidfd cannot be watched.
+    /// known by its pid (which attributes what it writes to the site's output socket), and
+    /// its own output pipe, if it has one, read (and held by the fd holder). Fails, the
+    /// worker killed, only if its pidfd cannot be watched.
     pub(super) fn track_worker(
         &mut self,
         name: &SiteName,
         worker: WorkerId,
         pidref: PidRef,
-        output: OwnedFd,
+        output: Option<OwnedFd>,
         cgroup: Option<std::path::PathBuf>,
     ) -> std::io::Result<()> {
         let WorkerId {
@@ -278,8 +305,10 @@ impl Agent {
             .inspect_err(|_| {
                 let _ = pidref.signal(libc::SIGKILL);
             })?;
-        self.hold_pipe(&super::holder::pipe_name(name, g, id, pid), output.as_fd());
-        self.read_pipe(name, Writer::Worker(id.0), pid, output);
+        if let Some(output) = output {
+            self.hold_pipe(&super::holder::pipe_name(name, g, id, pid), output.as_fd());
+            self.read_pipe(name, Writer::Worker(id.0), pid, output);
+        }
         self.pids.insert(pid, (name.clone(), worker));
         if let Some(gen_io) = self.sites.get_mut(name).and_then(|s| s.io.gens.get_mut(&g)) {
             gen_io.workers.insert(

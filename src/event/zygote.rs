@@ -73,8 +73,8 @@ pub(super) struct Zygote {
 #[derive(Debug)]
 struct PendingFork {
     slot: Slot,
-    /// The read end of the worker's output pipe.
-    output: OwnedFd,
+    /// The read end of the worker's output pipe, if it has one of its own.
+    output: Option<OwnedFd>,
     /// When it was asked for.
     asked: Instant,
     /// When the zygote is given up on if it has not answered.
@@ -251,6 +251,30 @@ impl Agent {
             .get(name)
             .and_then(|s| s.machine.generation(g))
             .map_or(DEFAULT_STOP_TIMEOUT, |x| x.config.ready.timeout);
+        let socket = self
+            .sites
+            .get(name)
+            .and_then(|s| s.machine.generation(g))
+            .is_some_and(|x| x.config.output == crate::config::OutputMode::Socket);
+        if socket {
+            if let Err(e) = self.ensure_output(name) {
+                return failed(format!("failed to create the site's output socket: {e}"));
+            }
+        }
+        // The site's output socket, or a pipe of the worker's own.
+        let pipe = if socket {
+            None
+        } else {
+            let pipe =
+                rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).and_then(|(r, w)| {
+                    rustix::io::ioctl_fionbio(&r, true)?;
+                    Ok((r, w))
+                });
+            match pipe {
+                Ok(p) => Some(p),
+                Err(e) => return failed(format!("failed to create the output pipe: {e}")),
+            }
+        };
         let Some(z) = self
             .zygote_of(name, g)
             .and_then(|id| self.zygotes.get_mut(&id))
@@ -258,22 +282,25 @@ impl Agent {
         else {
             return failed("the generation's zygote is not ready".into());
         };
-        let pipe = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).and_then(|(r, w)| {
-            rustix::io::ioctl_fionbio(&r, true)?;
-            Ok((r, w))
-        });
-        let (pipe_r, pipe_w) = match pipe {
-            Ok(p) => p,
-            Err(e) => return failed(format!("failed to create the output pipe: {e}")),
+        let output = match &pipe {
+            Some((_, w)) => Some(w.as_fd()),
+            None => self
+                .sites
+                .get(name)
+                .and_then(|s| s.io.output.as_ref())
+                .map(|o| o.socket.sender()),
         };
-        match z.link.request_fork(slot.0, pipe_w.as_fd()) {
+        let Some(output) = output else {
+            return failed("the site has no output socket".into());
+        };
+        match z.link.request_fork(slot.0, output) {
             Ok(request) => {
                 let now = Instant::now();
                 z.pending.insert(
                     request,
                     PendingFork {
                         slot,
-                        output: pipe_r,
+                        output: pipe.map(|(r, _)| r),
                         asked: now,
                         deadline: now + timeout,
                     },
@@ -329,7 +356,10 @@ impl Agent {
     /// without running application code); and why reading stopped, if not because
     /// nothing more is there.
     #[allow(clippy::type_complexity)]
-    fn drain_answers(&mut self, id: u64) -> (Vec<(Slot, Answer, OwnedFd)>, Option<ZygoteError>) {
+    fn drain_answers(
+        &mut self,
+        id: u64,
+    ) -> (Vec<(Slot, Answer, Option<OwnedFd>)>, Option<ZygoteError>) {
         let mut answers = Vec::new();
         let Some(z) = self.zygotes.get_mut(&id) else {
             return (answers, None);
@@ -361,7 +391,7 @@ impl Agent {
         g: GenId,
         slot: Slot,
         answer: Answer,
-        output: OwnedFd,
+        output: Option<OwnedFd>,
     ) {
         let input = match self.let_forked_go(zygote, name, g, slot, answer, output) {
             Ok(pid) => SlotInput::Spawned { id: slot, pid },
@@ -390,7 +420,7 @@ impl Agent {
         g: GenId,
         slot: Slot,
         answer: Answer,
-        output: OwnedFd,
+        output: Option<OwnedFd>,
     ) -> Result<i32, String> {
         let Forked { pid, pidfd, go } = answer.into_forked(slot.0, Some(zygote)).map_err(|e| {
             let chain = super::error_chain(&e);
