@@ -138,3 +138,61 @@ fn lines_are_attributed_to_their_worker_and_pid_through_one_socket() {
         }
     }
 }
+
+#[test]
+fn output_written_while_no_agent_runs_is_logged_by_the_next_one() {
+    let script = r#"trap \"echo during $HATCHERY_WORKER_ID\" USR1; echo up $HATCHERY_WORKER_ID; while :; do sleep 1; done"#;
+    let site = format!(
+        "name = \"out\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\nworkers = 2\noutput = \"socket\"\n"
+    );
+    let mut agent = TestAgent::start_ready(
+        &[("out", &site)],
+        Options {
+            reactor: REACTORS[0],
+            cgroups: true,
+        },
+        "out",
+        2,
+    );
+    let pids: Vec<i32> = agent.status("out")["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|x| x["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    agent.crash();
+    // Written while no agent runs: it waits in the socket the fd holder keeps (without
+    // it, the workers would die of SIGPIPE at this write).
+    for pid in &pids {
+        let _ = std::process::Command::new("kill")
+            .args(["-USR1", &pid.to_string()])
+            .status();
+    }
+    agent.relaunch();
+    let mut log = Vec::new();
+    wait_until(
+        "the lines written meanwhile",
+        Duration::from_secs(20),
+        || {
+            log = lines(&stdout(&agent.cli(&["logs", "out", "-n", "50"])));
+            (0..2).all(|k| log.iter().any(|(_, _, t)| *t == format!("during {k}")))
+        },
+    );
+    for (k, pid) in pids.iter().enumerate() {
+        assert!(
+            log.contains(&(format!("w-{k}"), *pid, format!("during {k}"))),
+            "w-{k} (pid {pid}) wrote it while no agent ran: {log:?}"
+        );
+    }
+    // The same workers, adopted: none died of SIGPIPE.
+    let now: Vec<i32> = agent.status("out")["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|x| x["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect();
+    assert_eq!(now, pids, "adopted, not restarted");
+}
