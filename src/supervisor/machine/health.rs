@@ -66,9 +66,7 @@ impl SiteMachine {
     /// Whether the serving generation can be checked: running, with a ready worker.
     fn health_up(&self) -> bool {
         let cur = self.current();
-        !self.removing
-            && cur.slots.run == RunState::Running
-            && cur.slots.slots.values().any(|s| s.phase == Phase::Ready)
+        !self.removing && cur.slots.run == RunState::Running && cur.slots.ready() > 0
     }
 
     /// After every input: the first check is due one interval after the site is up; a

@@ -23,7 +23,7 @@ const SATURATED_SOONER: u32 = 5;
 
 impl SiteMachine {
     /// Whether the serving generation's load is sampled now.
-    fn load_sampled(&self, now: Instant) -> bool {
+    fn load_sampled(&self) -> bool {
         let Some(auto) = self.config.auto.filter(|a| a.by_load()) else {
             return false;
         };
@@ -38,7 +38,7 @@ impl SiteMachine {
             .config
             .agent_listeners()
             .any(|l| matches!(l.addr, ListenAddr::Tcp(_)));
-        queue || cur.busy_time(now).is_some() || cur.desired > auto.min
+        queue || cur.busy_reported() || cur.desired > auto.min
     }
 
     /// Arms or disarms sampling after an input. While every ready worker says it is busy
@@ -48,7 +48,7 @@ impl SiteMachine {
         let Some(interval) = self.config.auto.map(|a| a.scale.interval) else {
             return;
         };
-        if !self.load_sampled(now) {
+        if !self.load_sampled() {
             if self.next_sample.take().is_some() {
                 self.load.restart_period();
             }

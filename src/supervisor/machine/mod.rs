@@ -152,10 +152,7 @@ impl Generation {
     /// Whether a worker of it is starting (a `tcp` check probes it then): spawned, not
     /// held for its zygote.
     fn starting(&self) -> bool {
-        self.slots
-            .slots
-            .values()
-            .any(|s| matches!(s.phase, Phase::Starting { .. }) && s.pid.is_some())
+        self.slots.spawned_starting() > 0
     }
 }
 

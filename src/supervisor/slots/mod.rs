@@ -19,6 +19,11 @@
 //! - two starts of one slot are at least `backoff_initial` apart unless an operator
 //!   asked for the restart;
 //! - a stopped site has no process left, and a stop always ends (SIGKILL at the deadline).
+//!
+//! Cost: an input that changes k slots costs O(k log N) with N slots, so a site of
+//! thousands of workers starts at the kernel's speed: the counts and deadlines its queries
+//! need are kept up to date beside the slots (`index`). Only what is about every slot
+//! (start, stop, a rolling restart's queue, a scale's choice of victims) passes over all.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -31,7 +36,10 @@ pub use self::types::{
 };
 pub use super::ids::Slot;
 
+mod index;
 mod types;
+
+use self::index::Index;
 
 /// A worker an earlier agent started, found alive by the agent that takes it over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +83,11 @@ pub struct SiteCore {
     busy_time: std::time::Duration,
     /// Whether any of its processes sent a `BUSY` report.
     busy_reported: bool,
+    /// Counts and deadlines over `slots`, kept up to date by `sync` (see `index`).
+    index: Index,
+    /// Inputs since the index was last checked (debug builds, see `index`).
+    #[cfg(debug_assertions)]
+    unchecked: usize,
 }
 
 /// A rolling restart: one slot at a time; the first restarted slot must settle before
@@ -102,6 +115,9 @@ impl SiteCore {
             settled: false,
             busy_time: std::time::Duration::ZERO,
             busy_reported: false,
+            index: Index::default(),
+            #[cfg(debug_assertions)]
+            unchecked: 0,
         }
     }
 
@@ -119,6 +135,12 @@ impl SiteCore {
         })
     }
 
+    /// Whether any of its processes sent a `BUSY` report (`busy_time` is `Some`), without
+    /// adding up their busy time.
+    pub fn busy_reported(&self) -> bool {
+        self.busy_reported
+    }
+
     /// Marks a slot's process busy or not, counting the time it was.
     fn set_busy(&mut self, id: Slot, busy: bool, now: Instant) {
         let Some(slot) = self.slots.get_mut(&id) else {
@@ -132,6 +154,7 @@ impl SiteCore {
             }
             _ => {}
         }
+        self.sync(id);
     }
 
     /// The slots of a generation whose workers an earlier agent started and left running
@@ -184,6 +207,7 @@ impl SiteCore {
                 }
             }
             core.slots.insert(w.id, slot);
+            core.sync(w.id);
         }
         if core.live() > 0 {
             core.run = if run {
@@ -202,6 +226,8 @@ impl SiteCore {
         }
         core.check_stopped(&mut out);
         core.check_settled(&mut out);
+        #[cfg(debug_assertions)]
+        core.check_index();
         (core, out)
     }
 
@@ -210,7 +236,7 @@ impl SiteCore {
     /// (the caller waits for something the spawn needs, with its own deadline, and ends
     /// the wait with `Spawned` or `SpawnFailed` as for any spawn). Whether it did.
     pub fn hold_spawn(&mut self, id: Slot) -> bool {
-        match self.slots.get_mut(&id) {
+        let held = match self.slots.get_mut(&id) {
             Some(slot) if matches!(slot.phase, Phase::Starting { .. }) && slot.pid.is_none() => {
                 slot.phase = Phase::Starting { deadline: None };
                 true
@@ -221,7 +247,11 @@ impl SiteCore {
                 true
             }
             _ => false,
-        }
+        };
+        self.sync(id);
+        #[cfg(debug_assertions)]
+        self.check_index_often();
+        held
     }
 
     /// A spawn held back (`hold_spawn`) is carried out now: its ready deadline, and its
@@ -236,7 +266,7 @@ impl SiteCore {
         };
         // `live` counts the held slot itself.
         let over = self.live() > self.desired as usize;
-        match self.slots.get_mut(&id) {
+        let released = match self.slots.get_mut(&id) {
             Some(slot)
                 if over && matches!(slot.phase, Phase::Starting { .. }) && slot.pid.is_none() =>
             {
@@ -249,7 +279,11 @@ impl SiteCore {
                 true
             }
             _ => false,
-        }
+        };
+        self.sync(id);
+        #[cfg(debug_assertions)]
+        self.check_index_often();
+        released
     }
 
     /// Whether a rolling restart is under way.
@@ -259,58 +293,48 @@ impl SiteCore {
 
     /// The earliest deadline of any slot (settling ones included).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.slots
-            .values()
-            .filter_map(|s| match s.phase {
-                Phase::Starting { deadline } => deadline,
-                Phase::Stopping { deadline, .. } => deadline,
-                Phase::Backoff { until } => Some(until),
-                Phase::Ready => s.settles_at,
-                _ => None,
-            })
-            .min()
+        self.index.deadlines.first().map(|(t, _)| *t)
     }
 
     /// Whether the desired count runs, ready, each for at least `ready.settle`.
     pub fn is_settled(&self) -> bool {
         self.run == RunState::Running
             && self.slots.len() == self.desired as usize
-            && self
-                .slots
-                .values()
-                .all(|s| s.phase == Phase::Ready && s.settles_at.is_none())
+            && self.index.ready == self.slots.len()
+            && self.index.settling == 0
     }
 
-    /// Marks the ready slots whose settle time has come.
+    /// Marks the slots whose settle time has come.
     fn settle(&mut self, now: Instant) {
-        for slot in self.slots.values_mut() {
-            if slot.settles_at.is_some_and(|t| t <= now) {
+        while self.index.settles.first().is_some_and(|(t, _)| *t <= now) {
+            let Some((_, id)) = self.index.settles.pop_first() else {
+                break;
+            };
+            if let Some(slot) = self.slots.get_mut(&id) {
                 slot.settles_at = None;
             }
+            self.sync(id);
         }
     }
 
     /// Processes in any phase.
     pub fn live(&self) -> usize {
-        self.slots
-            .values()
-            .filter(|s| s.phase.has_process())
-            .count()
+        self.index.live
     }
 
     /// Ready workers.
     pub fn ready(&self) -> usize {
-        self.slots
-            .values()
-            .filter(|s| s.phase == Phase::Ready)
-            .count()
+        self.index.ready
+    }
+
+    /// Workers whose process was started (its spawn reported) and is not ready yet.
+    pub fn spawned_starting(&self) -> usize {
+        self.index.spawned
     }
 
     /// Whether every ready worker says it is busy (and there is one): a pool that is full.
     pub fn saturated(&self) -> bool {
-        let mut ready = self.slots.values().filter(|s| s.phase == Phase::Ready);
-        let first = ready.next();
-        first.is_some_and(SlotState::busy) && ready.all(SlotState::busy)
+        self.index.ready > 0 && self.index.ready_busy == self.index.ready
     }
 
     fn spawn(&mut self, id: Slot, now: Instant, out: &mut Vec<Action>) {
@@ -321,6 +345,7 @@ impl SiteCore {
             if let Some(slot) = self.slots.get_mut(&id) {
                 slot.phase = Phase::Stopped;
             }
+            self.sync(id);
             return;
         }
         let deadline = match self.policies.ready.check {
@@ -335,6 +360,7 @@ impl SiteCore {
             slot.settles_at = None;
             out.push(Action::Spawn(id));
         }
+        self.sync(id);
     }
 
     fn stop_slot(&mut self, id: Slot, then: AfterStop, now: Instant, out: &mut Vec<Action>) {
@@ -369,9 +395,7 @@ impl SiteCore {
                 slot.phase = Phase::Stopping { deadline, then };
             }
             Phase::Backoff { .. } | Phase::Failed | Phase::Stopped => match then {
-                AfterStop::Remove => {
-                    self.slots.remove(&id);
-                }
+                AfterStop::Remove => self.remove_slot(id),
                 AfterStop::Respawn => {
                     if self.run != RunState::Stopping && self.run != RunState::Stopped {
                         self.spawn(id, now, out);
@@ -380,64 +404,59 @@ impl SiteCore {
                 AfterStop::Rest | AfterStop::Crash => slot.phase = Phase::Stopped,
             },
         }
+        self.sync(id);
     }
 
     fn fill_slots(&mut self, now: Instant, out: &mut Vec<Action>) {
         // Keep (desired) slots that are not being removed; new ids take the lowest free
         // numbers so `w-0 .. w-(n-1)` stay stable across scaling.
-        let keeping = self
-            .slots
-            .values()
-            .filter(|s| {
-                !matches!(
-                    s.phase,
-                    Phase::Stopping {
-                        then: AfterStop::Remove,
-                        ..
-                    }
-                )
-            })
-            .count();
+        let keeping = self.slots.len() - self.index.removing;
         let mut missing = (self.desired as usize).saturating_sub(keeping);
         // A slot on its way out is cheaper to keep than a new one: restart it instead.
-        for slot in self.slots.values_mut() {
-            if missing == 0 {
-                break;
-            }
-            if let Phase::Stopping {
-                deadline,
-                then: AfterStop::Remove,
-            } = slot.phase
-            {
-                slot.phase = Phase::Stopping {
+        if missing > 0 && self.index.removing > 0 {
+            let mut kept = Vec::new();
+            for slot in self.slots.values_mut() {
+                if missing == 0 {
+                    break;
+                }
+                if let Phase::Stopping {
                     deadline,
-                    then: AfterStop::Respawn,
-                };
-                missing -= 1;
+                    then: AfterStop::Remove,
+                } = slot.phase
+                {
+                    slot.phase = Phase::Stopping {
+                        deadline,
+                        then: AfterStop::Respawn,
+                    };
+                    kept.push(slot.id);
+                    missing -= 1;
+                }
+            }
+            for id in kept {
+                self.sync(id);
             }
         }
         let mut id = 0;
         while missing > 0 {
             if let std::collections::btree_map::Entry::Vacant(e) = self.slots.entry(Slot(id)) {
                 e.insert(SlotState::new(Slot(id)));
+                self.sync(Slot(id));
                 self.spawn(Slot(id), now, out);
                 missing -= 1;
             }
             id += 1;
         }
         // Restart slots that are merely stopped (site started again).
-        let stopped: Vec<Slot> = self
-            .slots
-            .values()
-            .filter(|s| s.phase == Phase::Stopped)
-            .map(|s| s.id)
-            .collect();
+        let stopped: Vec<Slot> = self.index.stopped.iter().copied().collect();
         for id in stopped {
             self.spawn(id, now, out);
         }
     }
 
     fn trim_slots(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.slots.len() - self.index.removing <= self.desired as usize {
+            return;
+        }
         let keeping: Vec<Slot> = self
             .slots
             .values()
@@ -476,12 +495,23 @@ impl SiteCore {
 
     /// Feeds one input at time `now`; returns what to do.
     pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
+        let out = self.apply(input, now);
+        #[cfg(debug_assertions)]
+        self.check_index_often();
+        out
+    }
+
+    fn apply(&mut self, input: Input, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
         self.settle(now);
         match input {
             Input::StartRequested => {
                 self.run = RunState::Running;
-                for slot in self.slots.values_mut() {
+                let ids: Vec<Slot> = self.slots.keys().copied().collect();
+                for id in ids {
+                    let Some(slot) = self.slots.get_mut(&id) else {
+                        continue;
+                    };
                     slot.history.reset();
                     match slot.phase {
                         Phase::Failed | Phase::Backoff { .. } => slot.phase = Phase::Stopped,
@@ -497,6 +527,7 @@ impl SiteCore {
                         }
                         _ => {}
                     }
+                    self.sync(id);
                 }
                 self.settled = false;
                 self.trim_slots(now, &mut out);
@@ -527,7 +558,7 @@ impl SiteCore {
             }
             Input::RestartRequested => {
                 if matches!(self.run, RunState::Stopped | RunState::Stopping) {
-                    return self.handle(Input::StartRequested, now);
+                    return self.apply(Input::StartRequested, now);
                 }
                 let queue: Vec<Slot> = self.slots.keys().rev().copied().collect();
                 self.rolling = Some(Rolling {
@@ -555,6 +586,7 @@ impl SiteCore {
                         });
                     }
                 }
+                self.sync(id);
             }
             Input::BusyReported { id, busy } => {
                 let live = self.slots.get(&id).is_some_and(|s| s.phase.has_process());
@@ -571,6 +603,7 @@ impl SiteCore {
                         out.push(Action::Note(Note::Ready(id)));
                     }
                 }
+                self.sync(id);
             }
             Input::SpawnFailed {
                 id,
@@ -583,7 +616,7 @@ impl SiteCore {
                     Some(Phase::Stopping { .. })
                 ) {
                     // Asked to stop before its spawn was reported: it ended as asked.
-                    return self.handle(Input::Exited { id, reason }, now);
+                    return self.apply(Input::Exited { id, reason }, now);
                 }
                 if permanent {
                     if let Some(slot) = self.slots.get_mut(&id) {
@@ -598,6 +631,7 @@ impl SiteCore {
                         out.push(Action::Note(Note::Failed(id)));
                         self.run = RunState::Failed;
                     }
+                    self.sync(id);
                 } else {
                     self.crashed(id, reason, now, &mut out);
                 }
@@ -613,22 +647,25 @@ impl SiteCore {
                 slot.pid = None;
                 slot.settles_at = None;
                 slot.last_exit = Some(reason.clone());
-                match slot.phase {
+                let phase = slot.phase;
+                self.sync(id);
+                match phase {
                     Phase::Stopping { then, .. } => {
                         out.push(Action::Note(Note::Exited(id, reason.clone())));
+                        if then == AfterStop::Remove {
+                            self.remove_slot(id);
+                        } else if let Some(slot) = self.slots.get_mut(&id) {
+                            slot.phase = Phase::Stopped;
+                            self.sync(id);
+                        }
                         match then {
-                            AfterStop::Remove => {
-                                self.slots.remove(&id);
-                            }
-                            AfterStop::Rest => slot.phase = Phase::Stopped,
+                            AfterStop::Remove | AfterStop::Rest => {}
                             AfterStop::Respawn => {
-                                slot.phase = Phase::Stopped;
                                 if matches!(self.run, RunState::Running | RunState::Failed) {
                                     self.spawn(id, now, &mut out);
                                 }
                             }
                             AfterStop::Crash => {
-                                slot.phase = Phase::Stopped;
                                 self.crashed(id, ExitReason::ReadyTimeout, now, &mut out);
                             }
                         }
@@ -637,16 +674,28 @@ impl SiteCore {
                 }
             }
             Input::DeadlineReached => {
-                let ids: Vec<Slot> = self.slots.keys().copied().collect();
-                for id in ids {
+                // Only the slots whose deadline has come, in slot order as a pass over all
+                // would take them (`settle` has taken the settle times that came).
+                let mut due: Vec<Slot> = self
+                    .index
+                    .deadlines
+                    .range(..=(now, Slot(u32::MAX)))
+                    .map(|(_, id)| *id)
+                    .collect();
+                due.sort_unstable();
+                for id in due {
                     let Some(slot) = self.slots.get_mut(&id) else {
                         continue;
                     };
                     match slot.phase {
                         Phase::Backoff { until } if until <= now => {
                             slot.phase = Phase::Stopped;
-                            if matches!(self.run, RunState::Running | RunState::Failed) {
+                            let respawn = matches!(self.run, RunState::Running | RunState::Failed);
+                            if respawn {
                                 slot.restarts += 1;
+                            }
+                            self.sync(id);
+                            if respawn {
                                 self.spawn(id, now, &mut out);
                             }
                         }
@@ -661,6 +710,7 @@ impl SiteCore {
                                 deadline: None,
                                 then,
                             };
+                            self.sync(id);
                             out.push(Action::Kill(id));
                             out.push(Action::Note(Note::Killed(id)));
                         }
@@ -685,6 +735,10 @@ impl SiteCore {
         slot.pid = None;
         slot.settles_at = None;
         slot.last_exit = Some(reason.clone());
+        self.sync(id);
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
         let ran = slot.started.map_or(std::time::Duration::ZERO, |t| {
             now.saturating_duration_since(t)
         });
@@ -701,6 +755,7 @@ impl SiteCore {
         }
         if !keep_running {
             slot.phase = Phase::Stopped;
+            self.sync(id);
             return;
         }
         self.settled = false;
@@ -710,15 +765,18 @@ impl SiteCore {
                 slot.phase = Phase::Failed;
                 self.run = RunState::Failed;
                 out.push(Action::Note(Note::Failed(id)));
+                self.sync(id);
             }
             AfterCrash::RestartAt(at) if at <= now => {
                 slot.phase = Phase::Stopped;
                 slot.restarts += 1;
+                self.sync(id);
                 self.spawn(id, now, out);
             }
             AfterCrash::RestartAt(at) => {
                 slot.phase = Phase::Backoff { until: at };
                 out.push(Action::Note(Note::BackingOff(id, (at - now).as_millis())));
+                self.sync(id);
             }
         }
     }
@@ -729,12 +787,10 @@ impl SiteCore {
         if !matches!(self.run, RunState::Running | RunState::Failed) {
             return;
         }
-        let waiting: Vec<Slot> = self
-            .slots
-            .values()
-            .filter(|s| s.phase == Phase::Stopped)
-            .map(|s| s.id)
-            .collect();
+        // Each spawn of a stopped slot below the desired count starts it: the first
+        // `room` stopped slots start.
+        let room = (self.desired as usize).saturating_sub(self.live());
+        let waiting: Vec<Slot> = self.index.stopped.iter().take(room).copied().collect();
         for id in waiting {
             if self.live() >= self.desired as usize {
                 break;

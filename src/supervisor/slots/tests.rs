@@ -679,3 +679,57 @@ fn busy_time_adds_up_the_busy_reports_of_every_process() {
     );
     assert_eq!(s.busy_time(t + s_ * 9), Some(s_ * 7));
 }
+
+#[test]
+fn ten_thousand_workers_start_and_settle() {
+    const N: u32 = 10_000;
+    let t = Instant::now();
+    let settle = policies(ReadyCheck::None).ready.settle;
+    let mut s = SiteCore::new(N, policies(ReadyCheck::None));
+    let a = s.handle(Input::StartRequested, t);
+    assert_eq!(spawns(&a).len(), N as usize);
+    assert_eq!(s.live(), N as usize);
+    for id in 0..N {
+        let pid = 100 + i32::try_from(id).unwrap();
+        s.handle(Input::Spawned { id: Slot(id), pid }, t);
+    }
+    assert_eq!(s.ready(), N as usize);
+    assert!(!s.is_settled(), "ready, not yet for ready.settle");
+    assert_eq!(s.next_deadline(), Some(t + settle));
+    let a = s.handle(Input::DeadlineReached, t + settle);
+    assert_eq!(a, vec![Action::Note(Note::Settled)]);
+    assert!(s.is_settled());
+    assert_eq!(s.next_deadline(), None);
+    // One exit among them: one restart, nothing else touched.
+    let a = s.handle(
+        Input::Exited {
+            id: Slot(4321),
+            reason: ExitReason::Exited { code: 1 },
+        },
+        t + settle * 10,
+    );
+    assert_eq!(spawns(&a), vec![4321]);
+    assert_eq!(s.live(), N as usize);
+    assert_eq!(s.ready(), N as usize - 1);
+    assert!(!s.is_settled());
+}
+
+#[test]
+#[should_panic(expected = "changed without a sync")]
+fn check_index_catches_a_slot_changed_without_a_sync() {
+    let t = Instant::now();
+    let mut s = running(3, ReadyCheck::None, t);
+    s.check_index();
+    s.slots.get_mut(&Slot(1)).unwrap().phase = Phase::Stopped;
+    s.check_index();
+}
+
+#[test]
+#[should_panic(expected = "the slot index went stale")]
+fn check_index_catches_a_stale_count() {
+    let t = Instant::now();
+    let mut s = running(3, ReadyCheck::None, t);
+    s.check_index();
+    s.index.live += 1;
+    s.check_index();
+}

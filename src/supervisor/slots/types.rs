@@ -137,6 +137,8 @@ pub struct SlotState {
     /// When its process, ready, will have stayed up for `ready.settle`; `None` once it has
     /// (or while it is not ready).
     pub settles_at: Option<Instant>,
+    /// What it added to its site's index (kept by `SiteCore::sync`).
+    pub(super) indexed: super::index::Indexed,
 }
 
 impl SlotState {
@@ -156,6 +158,7 @@ impl SlotState {
             history: CrashHistory::default(),
             busy_since: None,
             settles_at: None,
+            indexed: super::index::Indexed::default(),
         }
     }
 }
