@@ -33,6 +33,7 @@
 
 mod control;
 mod exec;
+pub mod fold;
 mod generations;
 mod health;
 mod holder;
