@@ -74,10 +74,10 @@ pub struct Summary<K> {
     pub total: u64,
     /// From the burst's first line to its last.
     pub span: Duration,
-    /// The worker of the first folded line.
-    pub first: String,
-    /// The worker of the last folded line.
-    pub last: String,
+    /// The lowest worker number of the folded lines.
+    pub lowest: u32,
+    /// The highest.
+    pub highest: u32,
 }
 
 impl<K> Summary<K> {
@@ -89,10 +89,10 @@ impl<K> Summary<K> {
         } else {
             "workers"
         };
-        let range = if self.first == self.last {
-            format!("w-{}", self.first)
+        let range = if self.lowest == self.highest {
+            format!("w-{}", self.lowest)
         } else {
-            format!("w-{} … w-{}", self.first, self.last)
+            format!("w-{} … w-{}", self.lowest, self.highest)
         };
         format!(
             "{} more {workers} {what} ({} in {:.2} s; {range})",
@@ -114,8 +114,8 @@ struct Burst {
     free: usize,
     folded: u64,
     total: u64,
-    first: String,
-    last_worker: String,
+    lowest: u32,
+    highest: u32,
 }
 
 impl Burst {
@@ -127,8 +127,8 @@ impl Burst {
             free,
             folded: 0,
             total: 0,
-            first: String::new(),
-            last_worker: String::new(),
+            lowest: u32::MAX,
+            highest: 0,
         }
     }
 
@@ -142,8 +142,8 @@ impl Burst {
             folded: self.folded,
             total: self.total,
             span: self.last.saturating_duration_since(self.began),
-            first: self.first.clone(),
-            last: self.last_worker.clone(),
+            lowest: self.lowest,
+            highest: self.highest,
         })
     }
 
@@ -154,6 +154,8 @@ impl Burst {
             part_began: end,
             free: 0,
             folded: 0,
+            lowest: u32::MAX,
+            highest: 0,
             ..self.clone()
         })
     }
@@ -176,7 +178,7 @@ impl<K: Ord + Clone> Fold<K> {
     }
 
     /// A line of `kind` about `worker` came at `now`.
-    pub fn offer(&mut self, now: Instant, kind: &K, worker: &str) -> Offered<K> {
+    pub fn offer(&mut self, now: Instant, kind: &K, worker: u32) -> Offered<K> {
         let limits = self.limits;
         let mut ended = None;
         let burst = match self.bursts.remove(kind) {
@@ -195,18 +197,16 @@ impl<K: Ord + Clone> Fold<K> {
             burst.free -= 1;
             Verdict::Shown
         } else {
-            if burst.folded == 0 {
-                burst.first = worker.to_string();
-            }
             burst.folded += 1;
-            burst.last_worker = worker.to_string();
+            burst.lowest = burst.lowest.min(worker);
+            burst.highest = burst.highest.max(worker);
             Verdict::Folded
         };
         Offered { verdict, ended }
     }
 
-    /// The summaries due at `now`, in the order of their kinds; bursts that ended with
-    /// nothing folded are forgotten.
+    /// The summaries due at `now`, in the order their bursts began; bursts that ended
+    /// with nothing folded are forgotten.
     pub fn due(&mut self, now: Instant) -> Vec<Summary<K>> {
         let limits = self.limits;
         let mut out = Vec::new();
@@ -215,7 +215,7 @@ impl<K: Ord + Clone> Fold<K> {
             if now < end {
                 return true;
             }
-            out.extend(b.summary(kind.clone()));
+            out.extend(b.summary(kind.clone()).map(|s| (b.began, s)));
             match b.after(end, now, &limits) {
                 Some(next) => {
                     *b = next;
@@ -224,15 +224,18 @@ impl<K: Ord + Clone> Fold<K> {
                 None => false,
             }
         });
-        out
+        out.sort_by_key(|(began, _)| *began);
+        out.into_iter().map(|(_, s)| s).collect()
     }
 
     /// Every summary still owed (the stream ends), whether due or not.
     pub fn drain(&mut self) -> Vec<Summary<K>> {
-        std::mem::take(&mut self.bursts)
+        let mut owed: Vec<(Instant, Summary<K>)> = std::mem::take(&mut self.bursts)
             .into_iter()
-            .filter_map(|(kind, b)| b.summary(kind))
-            .collect()
+            .filter_map(|(kind, b)| b.summary(kind).map(|s| (b.began, s)))
+            .collect();
+        owed.sort_by_key(|(began, _)| *began);
+        owed.into_iter().map(|(_, s)| s).collect()
     }
 
     /// When the next summary is due; `None` when nothing is folded (an idle fold needs
@@ -343,12 +346,15 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogFoldLayer {
         let (Some(site), Some(worker)) = (fields.site, fields.worker) else {
             return true;
         };
+        let Ok(worker) = worker.parse::<u32>() else {
+            return true;
+        };
         let kind = LogKind {
             warn: level == tracing::Level::WARN,
             site,
             message: fields.message,
         };
-        let offered = self.0.lock().offer(Instant::now(), &kind, &worker);
+        let offered = self.0.lock().offer(Instant::now(), &kind, worker);
         // Said before the line that came after its burst (the lock is released).
         if let Some(s) = &offered.ended {
             say(s);
@@ -399,7 +405,7 @@ pub struct ProgressKind {
 
 /// A progress line's kind and worker, when it is about one worker and may be folded: a
 /// worker that failed (and so the site) is never folded.
-pub fn progress_kind(line: &str) -> Option<(ProgressKind, String)> {
+pub fn progress_kind(line: &str) -> Option<(ProgressKind, u32)> {
     let (prefix, rest) = match line.strip_prefix("gen-") {
         Some(after) => {
             let (generation, rest) = after.split_once(": ")?;
@@ -411,9 +417,7 @@ pub fn progress_kind(line: &str) -> Option<(ProgressKind, String)> {
         None => (String::new(), line),
     };
     let (worker, what) = rest.strip_prefix("w-")?.split_once(' ')?;
-    if worker.is_empty() || !worker.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
+    let worker = worker.parse::<u32>().ok()?;
     if what.starts_with("failed") {
         return None;
     }
@@ -427,7 +431,7 @@ pub fn progress_kind(line: &str) -> Option<(ProgressKind, String)> {
             prefix,
             what: what.to_string(),
         },
-        worker.to_string(),
+        worker,
     ))
 }
 

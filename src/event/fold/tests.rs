@@ -16,7 +16,7 @@ fn burst(
 ) -> Vec<Verdict> {
     (0..n)
         .map(|i| {
-            let o = f.offer(t + every * i, &kind, &i.to_string());
+            let o = f.offer(t + every * i, &kind, i);
             assert_eq!(o.ended, None, "line {i}: no burst ended");
             o.verdict
         })
@@ -27,7 +27,7 @@ fn burst(
 fn a_single_line_is_shown_and_needs_no_summary_nor_wake_up() {
     let mut f = fold();
     let t = Instant::now();
-    let o = f.offer(t, &"killed by SIGKILL", "3");
+    let o = f.offer(t, &"killed by SIGKILL", 3);
     assert_eq!(o.verdict, Verdict::Shown);
     assert_eq!(o.ended, None);
     assert_eq!(f.next_deadline(), None, "nothing folded: no wake-up");
@@ -59,8 +59,8 @@ fn a_burst_shows_five_lines_then_one_summary_after_the_quiet_gap() {
             folded: 995,
             total: 1000,
             span: last - t,
-            first: "5".into(),
-            last: "999".into(),
+            lowest: 5,
+            highest: 999,
         }]
     );
     assert_eq!(
@@ -71,7 +71,7 @@ fn a_burst_shows_five_lines_then_one_summary_after_the_quiet_gap() {
     // The next burst shows its first lines again.
     let later = last + Duration::from_secs(5);
     assert_eq!(
-        f.offer(later, &"killed by SIGKILL", "7").verdict,
+        f.offer(later, &"killed by SIGKILL", 7).verdict,
         Verdict::Shown
     );
 }
@@ -98,7 +98,7 @@ fn a_line_after_the_quiet_gap_says_the_summary_it_follows() {
     let mut f = fold();
     let t = Instant::now();
     burst(&mut f, "k", t, 8, MS);
-    let o = f.offer(t + Duration::from_millis(600), &"k", "40");
+    let o = f.offer(t + Duration::from_millis(600), &"k", 40);
     assert_eq!(
         o.verdict,
         Verdict::Shown,
@@ -120,7 +120,7 @@ fn a_long_storm_is_cut_at_longest_and_goes_on_folded() {
     for i in 0..250u32 {
         let now = t + every * i;
         summaries.extend(f.due(now));
-        let o = f.offer(now, &"k", &i.to_string());
+        let o = f.offer(now, &"k", i);
         summaries.extend(o.ended);
         if o.verdict == Verdict::Shown {
             shown += 1;
@@ -149,7 +149,11 @@ fn a_long_storm_is_cut_at_longest_and_goes_on_folded() {
     );
     assert_eq!(summaries[2].total, 250);
     assert_eq!(summaries[2].span, end - t);
-    assert_eq!(summaries[1].first, "100", "its own first folded worker");
+    assert_eq!(
+        (summaries[1].lowest, summaries[1].highest),
+        (100, 199),
+        "its own workers"
+    );
 }
 
 #[test]
@@ -169,15 +173,15 @@ fn progress_lines_of_one_worker_have_a_kind_and_failures_none() {
     let k = |l: &str| progress_kind(l).map(|(k, w)| (k.prefix, k.what, w));
     assert_eq!(
         k("w-473 killed by SIGTERM"),
-        Some(("".into(), "killed by SIGTERM".into(), "473".into()))
+        Some(("".into(), "killed by SIGTERM".into(), 473))
     );
     assert_eq!(
         k("w-0 started (pid 25263)"),
-        Some(("".into(), "started".into(), "0".into()))
+        Some(("".into(), "started".into(), 0))
     );
     assert_eq!(
         k("gen-3: w-12 ready"),
-        Some(("gen-3: ".into(), "ready".into(), "12".into()))
+        Some(("gen-3: ".into(), "ready".into(), 12))
     );
     // Failures need attention: never folded.
     assert_eq!(
@@ -233,8 +237,8 @@ fn progress_summaries_keep_the_generation() {
         folded: 3995,
         total: 4000,
         span: Duration::from_millis(1500),
-        first: "5".into(),
-        last: "3999".into(),
+        lowest: 5,
+        highest: 3999,
     };
     assert_eq!(
         progress_summary(&s),
