@@ -310,12 +310,18 @@ fn init_tracing() {
     // Colour only for a person at a terminal: a file, a pipe or the journal gets plain
     // text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Lines about one worker each are folded when they come by the thousand (a mass
+    // kill): the first few, then one summary (`event::fold`).
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
         .with_writer(hatchery::logs::AgentStderr)
         .log_internal_errors(false)
         .with_target(false)
+        .finish()
+        .with(hatchery::event::fold::LogFold::agent().layer())
         .try_init();
 }
 
@@ -671,12 +677,20 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         }
     };
     let is_status = matches!(request, Request::Status { .. });
+    let mut progress = cli::render::Progress::default();
     let result = conn.call(&request, |r| match r {
         Reply::Line(l) => println!("{}", printable(l)),
-        Reply::Event(e) if !json => say_err(&format!("  {e}")),
+        Reply::Event(e) if !json => {
+            for line in progress.line(std::time::Instant::now(), e) {
+                say_err(&format!("  {line}"));
+            }
+        }
         Reply::Event(e) => println!("{}", serde_json::json!({ "event": e })),
         _ => {}
     });
+    for line in progress.finish() {
+        say_err(&format!("  {line}"));
+    }
     match result {
         Ok(Reply::Ok(value)) => {
             if json {

@@ -1403,3 +1403,109 @@ fn a_site_changed_while_the_agent_was_down_is_adopted_then_reconciled() {
     );
     assert_eq!(agent.stop(), Some(0));
 }
+
+/// The workers' numbers of the summaries of `what` in `text` (`N more workers WHAT (`).
+fn folded(text: &str, what: &str) -> u64 {
+    let tail = format!(" more workers {what} (");
+    text.lines()
+        .filter_map(|l| {
+            let at = l.find(&tail)?;
+            l[..at].rsplit(' ').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[test]
+fn a_mass_kill_is_logged_as_a_few_lines_and_a_summary_and_stop_prints_one() {
+    const N: u64 = 200;
+    each_reactor(|reactor| {
+        let site = sleeper("mass", 200, "");
+        let agent = TestAgent::start_ready(
+            &[("mass", &site)],
+            Options {
+                reactor,
+                cgroups: false,
+            },
+            "mass",
+            N,
+        );
+        let pids: Vec<String> = agent.pids("mass").iter().map(i64::to_string).collect();
+        assert_eq!(pids.len(), 200);
+        let killed = Command::new("kill")
+            .arg("-KILL")
+            .args(&pids)
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        agent.wait_for(
+            "mass",
+            "every worker restarted",
+            Duration::from_secs(30),
+            |s| {
+                s["ready"] == N
+                    && s["workers"]
+                        .as_array()
+                        .is_some_and(|w| w.iter().all(|w| w["restarts"] == 1))
+            },
+        );
+        // The summary is said from the loop's deadline, while the agent runs: wait for
+        // every crash to be accounted for in the log.
+        let per_worker = |log: &str| {
+            log.lines()
+                .filter(|l| l.contains("worker killed by SIGKILL") && l.contains("site=mass"))
+                .count() as u64
+        };
+        wait_until(
+            "the summary of the crashes",
+            Duration::from_secs(10),
+            || {
+                let log = agent.agent_log();
+                per_worker(&log) + folded(&log, "killed by SIGKILL") == N
+            },
+        );
+        let log = agent.agent_log();
+        let shown = per_worker(&log);
+        assert!(
+            (5..=20).contains(&shown),
+            "[{reactor}] a few lines per worker, not {shown}:\n{log}"
+        );
+        let summary = log
+            .lines()
+            .find(|l| l.contains("more workers killed by SIGKILL ("))
+            .expect("a summary");
+        assert!(
+            summary.contains(" WARN ") && summary.contains("site=mass"),
+            "{summary}"
+        );
+
+        // `stop` prints a few workers and a summary, then its reply as before.
+        let out = agent.cli(&["stop", "mass"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "mass: all workers stopped\n");
+        let progress = stderr(&out);
+        let lines = progress
+            .lines()
+            .filter(|l| l.starts_with("  w-") && l.ends_with(" killed by SIGTERM"))
+            .count() as u64;
+        assert!(
+            (5..=20).contains(&lines),
+            "[{reactor}] a few lines per worker, not {lines}:\n{progress}"
+        );
+        assert_eq!(
+            lines + folded(&progress, "killed by SIGTERM"),
+            N,
+            "every worker is counted once:\n{progress}"
+        );
+        assert!(progress.lines().count() < 30, "{progress}");
+
+        // Machine-readable progress is never folded: one event per worker.
+        let out = agent.cli(&["start", "mass", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let ready = stdout(&out)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"].as_str().is_some_and(|e| e.ends_with(" ready")))
+            .count() as u64;
+        assert_eq!(ready, N, "{}", stdout(&out));
+    });
+}

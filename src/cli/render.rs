@@ -4,7 +4,57 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use hatchery::event::fold::{self, Fold, ProgressKind, Verdict};
 use hatchery::status::{SiteStatus, Status};
+
+/// The progress lines of one request, for people: per-worker lines by the thousand (a
+/// `stop` of 4000 workers) folded into summaries by [`fold`] (the first few shown, then
+/// one line per burst), every other line as it comes. `--json` does not use it: it
+/// prints every line.
+pub struct Progress {
+    fold: Fold<ProgressKind>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            fold: Fold::new(fold::LIMITS),
+        }
+    }
+}
+
+impl Progress {
+    /// The lines to print for a progress line that came at `now`: summaries now due (a
+    /// burst that ended before it), then the line unless it was folded.
+    pub fn line(&mut self, now: std::time::Instant, line: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .fold
+            .due(now)
+            .iter()
+            .map(fold::progress_summary)
+            .collect();
+        match fold::progress_kind(line) {
+            Some((kind, worker)) => {
+                let offered = self.fold.offer(now, &kind, worker);
+                out.extend(offered.ended.as_ref().map(fold::progress_summary));
+                if offered.verdict == Verdict::Shown {
+                    out.push(line.to_string());
+                }
+            }
+            None => out.push(line.to_string()),
+        }
+        out
+    }
+
+    /// The summaries still owed when the final reply came (printed before it).
+    pub fn finish(&mut self) -> Vec<String> {
+        self.fold
+            .drain()
+            .iter()
+            .map(fold::progress_summary)
+            .collect()
+    }
+}
 
 /// Text for a terminal: control characters other than newline and tab (escape sequences a
 /// worker wrote, a release path with a bell in it) are shown escaped (`\x1b`), never sent
@@ -326,5 +376,68 @@ fn scale(out: &mut String, l: &hatchery::status::ScaleStatus) {
             "  last: {} -> {} at {} ({})",
             d.from, d.to, d.at, d.reason
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_stop_of_many_workers_prints_five_lines_and_one_summary() {
+        let mut p = Progress::default();
+        let t = Instant::now();
+        let mut printed = Vec::new();
+        for w in 0..4000u32 {
+            let at = t + Duration::from_micros(100) * w;
+            printed.extend(p.line(at, &format!("w-{w} killed by SIGTERM")));
+        }
+        printed.extend(p.finish());
+        assert_eq!(
+            printed,
+            vec![
+                "w-0 killed by SIGTERM",
+                "w-1 killed by SIGTERM",
+                "w-2 killed by SIGTERM",
+                "w-3 killed by SIGTERM",
+                "w-4 killed by SIGTERM",
+                "3995 more workers killed by SIGTERM (4000 in 0.40 s; w-5 … w-3999)",
+            ]
+        );
+    }
+
+    #[test]
+    fn lines_about_no_single_worker_and_failures_are_printed_as_they_come() {
+        let mut p = Progress::default();
+        let t = Instant::now();
+        let mut printed = Vec::new();
+        for w in 0..8u32 {
+            printed.extend(p.line(
+                t,
+                &format!("w-{w} failed: not restarted until `hatchery start web`"),
+            ));
+        }
+        printed.extend(p.line(t, "all workers stopped"));
+        printed.extend(p.finish());
+        assert_eq!(printed.len(), 9, "{printed:?}");
+    }
+
+    #[test]
+    fn a_summary_due_before_the_next_line_comes_first() {
+        let mut p = Progress::default();
+        let t = Instant::now();
+        for w in 0..7u32 {
+            p.line(t, &format!("w-{w} started (pid {})", 100 + w));
+        }
+        let later = t + Duration::from_secs(3);
+        assert_eq!(
+            p.line(later, "all workers ready"),
+            vec![
+                "2 more workers started (7 in 0.00 s; w-5 … w-6)".to_string(),
+                "all workers ready".to_string(),
+            ]
+        );
+        assert_eq!(p.finish(), Vec::<String>::new());
     }
 }

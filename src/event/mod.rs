@@ -4,8 +4,8 @@
 //! the signalfd (`SIGTERM`, `SIGINT`, `SIGHUP`, `SIGCHLD`), every worker's pidfd (exit),
 //! every worker's output pipe, the notify socket (`READY=1`), the control socket and its
 //! connections. Deadlines (backoff, stop and ready timeouts, TCP ready probes, deploy
-//! stages, capacity checks) come from the site machines and set the reactor's wait
-//! timeout; when nothing is due the loop sleeps without a timeout, so an idle agent uses
+//! stages, capacity checks) come from the site machines, and the summaries of folded log
+//! lines from [`fold`]; they set the reactor's wait timeout; when nothing is due the loop sleeps without a timeout, so an idle agent uses
 //! no CPU.
 //!
 //! All policy is in the site machines ([`crate::supervisor::machine`]): this module is
@@ -26,6 +26,7 @@
 //! | `reload.rs` | `reload` |
 //! | `exec.rs` | the sandbox as prepared, and `hatchery exec` |
 //! | `render.rs` | the words for the machines' events and outcomes |
+//! | `fold.rs` | per-worker lines by the thousand folded into summaries (log and progress) |
 //! | `recovery.rs` | the record of a running agent; adopting (or stopping) the workers of an earlier one |
 //! | `holder.rs` | handing worker output pipes to the fd holder, and taking them back |
 //! | `upgrade.rs` | `hatchery upgrade`: executing a new binary in place, and coming up from one |
@@ -34,6 +35,7 @@
 
 mod control;
 mod exec;
+pub mod fold;
 mod generations;
 mod health;
 mod holder;
@@ -748,6 +750,7 @@ impl Agent {
             .chain(self.shutdown_deadline)
             .chain(self.conns.values().filter_map(|c| c.deadline))
             .chain(self.zygote_deadline())
+            .chain(fold::LogFold::agent().next_deadline())
             .min()
     }
 
@@ -758,6 +761,7 @@ impl Agent {
             self.apply_missed_changes();
         }
         let now = Instant::now();
+        fold::LogFold::agent().flush(now);
         self.expire_connections(now);
         self.zygote_deadlines(now);
         let due: Vec<SiteName> = self
@@ -945,6 +949,7 @@ impl Agent {
         let _ = std::fs::remove_file(&self.notify.path);
         // Every site is stopped: no worker is left to record.
         let _ = std::fs::remove_file(recovery::workers_file(&self.config.state_dir));
+        fold::LogFold::agent().flush_all();
         info!("agent stopped");
     }
 }
