@@ -507,6 +507,9 @@ impl Agent {
             version = check.version,
             "upgrading: executing the new binary"
         );
+        // The summaries of folded log lines still owed are written now: the new image
+        // starts with none.
+        super::fold::LogFold::agent().flush_all();
         // 5. Same pid, same children; signals stay blocked and pending ones wait.
         let mut cmd = Command::new(&binary);
         cmd.args(std::env::args_os().skip(1))
