@@ -241,6 +241,8 @@ pub struct Agent {
     /// failed; `start` tries again, a reload replaces them.
     broken: BTreeMap<String, Broken>,
     pipes: HashMap<u64, Pipe>,
+    /// The buffer sites' output sockets are read into (`output.rs`).
+    output_buf: Vec<u8>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     pids: HashMap<i32, (SiteName, WorkerId)>,
@@ -493,6 +495,7 @@ impl Agent {
             sites: BTreeMap::new(),
             broken: BTreeMap::new(),
             pipes: HashMap::new(),
+            output_buf: Vec::new(),
             conns: HashMap::new(),
             next_conn: 1,
             pids: HashMap::new(),

@@ -32,6 +32,8 @@ const MAX_ANCESTORS: usize = 8;
 /// At most this many reads of one site's socket per wake-up (other sites and events go
 /// on; the socket is polled again at once).
 const READS_PER_WAKE: usize = 64;
+/// The most one read takes.
+const READ_BUFFER: usize = 65536;
 /// At most this many processes that are not workers are remembered per site.
 const MAX_REMEMBERED: usize = 4096;
 
@@ -139,16 +141,20 @@ impl Agent {
     /// Reads what waits in the site's socket (at most `reads` reads), writes its complete
     /// lines to the site's log. Whether the socket is drained.
     pub(super) fn read_output(&mut self, name: &SiteName, reads: usize) -> bool {
-        let mut buf = vec![0u8; 65536];
+        if self.sites.get(name).is_none_or(|s| s.io.output.is_none()) {
+            return true;
+        }
+        // One buffer for every read of every site, kept between calls (a drain at each
+        // of ten thousand exits must not allocate each time).
+        let mut buf = std::mem::take(&mut self.output_buf);
+        buf.resize(READ_BUFFER, 0);
         let mut records = Vec::new();
         let now = SystemTime::now();
         let mut drained = false;
         for _ in 0..reads {
-            let Some(site) = self.sites.get(name) else {
-                return true;
-            };
-            let Some(output) = &site.io.output else {
-                return true;
+            let Some(output) = self.sites.get(name).and_then(|s| s.io.output.as_ref()) else {
+                drained = true;
+                break;
             };
             let chunk = match output.socket.read(&mut buf) {
                 Ok(Some(c)) => c,
@@ -164,11 +170,13 @@ impl Agent {
             };
             let writer = self.writer_of(name, chunk.pid);
             let Some(site) = self.sites.get_mut(name) else {
-                return true;
+                drained = true;
+                break;
             };
             let sandbox = site.io.sandbox.as_ref();
             let Some(output) = site.io.output.as_mut() else {
-                return true;
+                drained = true;
+                break;
             };
             let stream = match writer {
                 Writer::Worker(k) => Stream::Worker(k),
@@ -200,6 +208,7 @@ impl Agent {
                 output.partial.remove(&stream);
             }
         }
+        self.output_buf = buf;
         self.write_records(name, &records);
         drained
     }
