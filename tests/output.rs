@@ -196,3 +196,41 @@ fn output_written_while_no_agent_runs_is_logged_by_the_next_one() {
         .collect();
     assert_eq!(now, pids, "adopted, not restarted");
 }
+
+#[test]
+fn a_scale_beyond_the_agents_fd_limit_is_refused_with_the_numbers() {
+    // The agent inherits this limit (lowering it needs no privilege): 4096 fds hold fewer
+    // than 2048 workers with a pipe each.
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(4096),
+            maximum: Some(4096),
+        },
+    )
+    .expect("lower the fd limit");
+    let site =
+        "name = \"out\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\nworkers = 1\n";
+    let agent = TestAgent::start_ready(
+        &[("out", site)],
+        Options {
+            reactor: REACTORS[0],
+            cgroups: true,
+        },
+        "out",
+        1,
+    );
+    let out = agent.cli(&["scale", "out", "2000"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("2000 workers need 4008 fds in the agent (a pidfd and an output pipe each")
+            && err.contains("beyond the agent's fd limit (4096")
+            && err.contains("write output = \"socket\""),
+        "{err}"
+    );
+    // Nothing changed.
+    let s = agent.status("out");
+    assert_eq!(s["ready"], 1);
+    assert_eq!(s["workers"].as_array().map(Vec::len), Some(1));
+}

@@ -23,6 +23,27 @@ use crate::supervisor::ids::ClientId;
 use crate::supervisor::machine::{CancelReason, Input};
 
 impl Agent {
+    /// Whether the agent's fds hold site `name` at `workers` workers beside every other
+    /// site (`config::check_fds`); the refusal says the numbers.
+    fn fds_fit(&self, name: &SiteName, workers: u32) -> Result<(), String> {
+        let Some(limit) = config::fd_limit() else {
+            return Ok(());
+        };
+        let mut sites: Vec<config::SiteConfig> = self
+            .sites
+            .iter()
+            .filter(|(n, _)| *n != name)
+            .map(|(_, s)| s.config().clone())
+            .collect();
+        let Some(site) = self.sites.get(name) else {
+            return Ok(());
+        };
+        let mut this = site.config().clone();
+        this.workers = workers;
+        sites.push(this);
+        config::check_fds(&sites, limit).map_err(|e| e.message)
+    }
+
     pub(super) fn on_accept(&mut self) {
         loop {
             let fd = match rustix::net::accept_with(
@@ -488,6 +509,10 @@ impl Agent {
                 ..
             } => {
                 let name = name.expect("site request");
+                if let Err(why) = self.fds_fit(&name, workers) {
+                    warn!(uid, site = %name, workers, "refused a scale: {why}");
+                    return self.finish(conn, &Reply::error(ErrorKind::Refused, why));
+                }
                 let owner = (!admin).then_some(uid);
                 if owner.is_some() {
                     let c = self.sites[&name].config();
