@@ -423,10 +423,11 @@ impl CgroupTree {
     ///
     /// A leaf is never reused: on recent kernels (seen on 6.18, not on 6.1 or 6.12) a
     /// cgroup that has received `cgroup.kill` SIGKILLs every process later cloned into it,
-    /// while a new cgroup, even one created under a killed parent, does not. A stale leaf
-    /// of that name (left by an earlier agent, or still emptying after its worker's tree
-    /// was killed) is removed if it is empty; otherwise the new leaf gets the first free
-    /// name `<name>.<n>`.
+    /// while a new cgroup, even one created under a killed parent, does not. While a stale
+    /// leaf of that name is there (retired and not yet removed, left by an earlier agent
+    /// and buried, or still emptying after its worker's tree was killed), the new leaf
+    /// gets the first free name `<name>.<n>`: the stale one is removed by the graveyard,
+    /// off the hot path.
     pub fn new_leaf(
         &self,
         site: &str,
@@ -450,13 +451,7 @@ impl CgroupTree {
             };
             match fs::create_dir(&leaf) {
                 Ok(()) => break leaf,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    // Stale and empty: remove it and take its name afresh.
-                    if fs::remove_dir(&leaf).is_ok() {
-                        continue;
-                    }
-                    n += 1;
-                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => n += 1,
                 Err(source) => return Err(CgroupError::Create { path: leaf, source }),
             }
         };
@@ -478,19 +473,40 @@ impl CgroupTree {
         }
     }
 
-    /// Retires the leaf of a process that has exited (and been reaped): removed at once
-    /// when nothing is left in it; otherwise what its process left behind is killed and
-    /// the leaf goes to `graveyard`, which removes it once it is empty. It is never used
-    /// again either way.
-    pub fn retire(&self, leaf: &Path, graveyard: &mut Graveyard) -> Result<(), CgroupError> {
-        match fs::remove_dir(leaf) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(_) => {}
+    /// Retires the leaf of a process that has exited (and been reaped): it is never used
+    /// again, and is removed off the hot path ([`CgroupTree::remove_deferred`]): `rmdir`
+    /// of a cgroup takes the kernel's global cgroup mutex, which the kernel's own release
+    /// of freshly removed cgroups holds too, so ten thousand of them beside the exits and
+    /// starts of a mass crash or a stop would make each wait for the others.
+    pub fn retire(&self, leaf: &Path, graveyard: &mut Graveyard) {
+        graveyard.deferred.push_back(leaf.to_path_buf());
+    }
+
+    /// Removes up to `max` retired leaves (oldest first): at once when nothing is left in
+    /// one; otherwise what its process left behind is killed and the leaf goes to the
+    /// graveyard's watch, which removes it once it is empty. Then, when none is left to
+    /// remove, tries the buried cgroups again (a generation goes once its last leaf has).
+    /// The kills that failed.
+    pub fn remove_deferred(&self, graveyard: &mut Graveyard, max: usize) -> Vec<CgroupError> {
+        let mut failed = Vec::new();
+        for _ in 0..max {
+            let Some(leaf) = graveyard.deferred.pop_front() else {
+                break;
+            };
+            match fs::remove_dir(&leaf) {
+                Ok(()) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => {}
+            }
+            if let Err(e) = self.kill(&leaf) {
+                failed.push(e);
+            }
+            graveyard.bury(leaf);
         }
-        let killed = self.kill(leaf);
-        graveyard.bury(leaf.to_path_buf());
-        killed
+        if graveyard.deferred.is_empty() {
+            graveyard.sweep();
+        }
+        failed
     }
 
     /// After an agent that did not clean up (killed, crashed): kills whatever still runs
@@ -638,6 +654,10 @@ fn subdirs(dir: &Path) -> Vec<PathBuf> {
 pub struct Graveyard {
     inotify: OwnedFd,
     dirs: Vec<PathBuf>,
+    /// The same, to tell at once whether one is there.
+    buried: std::collections::HashSet<PathBuf>,
+    /// Leaves retired and not yet removed ([`CgroupTree::remove_deferred`]).
+    deferred: std::collections::VecDeque<PathBuf>,
 }
 
 impl Graveyard {
@@ -649,6 +669,8 @@ impl Graveyard {
         Ok(Graveyard {
             inotify,
             dirs: Vec::new(),
+            buried: std::collections::HashSet::new(),
+            deferred: std::collections::VecDeque::new(),
         })
     }
 
@@ -670,7 +692,7 @@ impl Graveyard {
             dir.join(CGROUP_EVENTS),
             rustix::fs::inotify::WatchFlags::MODIFY,
         );
-        if !self.dirs.contains(&dir) {
+        if self.buried.insert(dir.clone()) {
             self.dirs.push(dir);
         }
     }
@@ -686,7 +708,14 @@ impl Graveyard {
         // Deepest first, so a generation goes in the same sweep as its last leaf.
         self.dirs
             .sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-        self.dirs.retain(|d| !try_remove(d));
+        let buried = &mut self.buried;
+        self.dirs.retain(|d| {
+            let gone = try_remove(d);
+            if gone {
+                buried.remove(d);
+            }
+            !gone
+        });
     }
 
     /// Waits (blocking, at most `timeout`) until everything buried is gone; for an agent
@@ -714,7 +743,21 @@ impl Graveyard {
 
     /// Whether nothing is left to remove.
     pub fn is_empty(&self) -> bool {
-        self.dirs.is_empty()
+        self.dirs.is_empty() && self.deferred.is_empty()
+    }
+
+    /// Whether retired leaves wait to be removed.
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Whether a cgroup at or below `dir` waits to be removed: buried, or retired and not
+    /// yet removed (it may still hold what its process left behind).
+    pub fn holds_below(&self, dir: &Path) -> bool {
+        self.dirs
+            .iter()
+            .chain(&self.deferred)
+            .any(|b| b.starts_with(dir))
     }
 
     /// What is left to remove.
@@ -887,6 +930,59 @@ mod tests {
         let bare = tempfile::tempdir().expect("tempdir");
         CgroupTree::apply_worker_limits(bare.path(), &limits).expect("apply");
         assert!(!bare.path().join(MEMORY_MAX).exists());
+    }
+
+    #[test]
+    fn retired_leaves_are_removed_later_in_batches_and_a_new_leaf_takes_a_free_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = CgroupTree {
+            base: dir.path().to_path_buf(),
+            controllers: Vec::new(),
+            has_kill: false,
+            moved_from: None,
+        };
+        fs::create_dir(dir.path().join("sites")).expect("sites");
+        let mut graveyard = Graveyard::new().expect("inotify");
+        let (first, _fd) = tree.new_leaf("web", 1, "w-0").expect("leaf");
+        assert!(
+            first.ends_with("sites/web/gen-1/w-0"),
+            "{}",
+            first.display()
+        );
+        let leaves: Vec<PathBuf> = (1..4)
+            .map(|k| tree.new_leaf("web", 1, &format!("w-{k}")).expect("leaf").0)
+            .collect();
+        // Retired: still there (no rmdir on the hot path), counted as left to remove.
+        tree.retire(&first, &mut graveyard);
+        assert!(first.exists() && graveyard.has_deferred() && !graveyard.is_empty());
+        assert!(graveyard.holds_below(&dir.path().join("sites/web/gen-1")));
+        // The slot's next leaf takes the first free name meanwhile.
+        let (next, _fd) = tree.new_leaf("web", 1, "w-0").expect("leaf");
+        assert!(
+            next.ends_with("sites/web/gen-1/w-0.1"),
+            "{}",
+            next.display()
+        );
+        for l in &leaves {
+            tree.retire(l, &mut graveyard);
+        }
+        // Removed oldest first, `max` at a time.
+        assert!(tree.remove_deferred(&mut graveyard, 2).is_empty());
+        assert!(!first.exists() && !leaves[0].exists() && leaves[1].exists());
+        assert!(graveyard.has_deferred());
+        assert!(tree.remove_deferred(&mut graveyard, 100).is_empty());
+        assert!(leaves.iter().all(|l| !l.exists()));
+        assert!(!graveyard.has_deferred() && graveyard.is_empty());
+        assert!(next.exists(), "a live leaf is left alone");
+        // Its name is free again for the slot's next leaf.
+        tree.retire(&next, &mut graveyard);
+        assert!(tree.remove_deferred(&mut graveyard, 100).is_empty());
+        let (again, _fd) = tree.new_leaf("web", 1, "w-0").expect("leaf");
+        assert!(
+            again.ends_with("sites/web/gen-1/w-0"),
+            "{}",
+            again.display()
+        );
     }
 
     #[test]

@@ -145,7 +145,7 @@ pub fn launch(
         Err(e) => {
             // The child (reaped by `spawn`) was the only process ever in the leaf.
             if let (Some(dir), Some((tree, graveyard))) = (&dir, retire) {
-                let _ = tree.retire(dir, graveyard);
+                tree.retire(dir, graveyard);
             }
             Err(e.into())
         }

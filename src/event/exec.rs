@@ -222,7 +222,7 @@ impl Agent {
         if let (Some(dir), Some(tree), Some(graveyard)) =
             (&session.cgroup, &self.cgroups, &mut self.graveyard)
         {
-            let _ = tree.retire(dir, graveyard);
+            tree.retire(dir, graveyard);
         }
         debug!(pid, code, "exec exited");
         self.finish(

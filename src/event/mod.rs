@@ -112,6 +112,10 @@ fn setup_err(
 const STALE_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for killed processes to leave their cgroups.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Retired cgroup leaves removed in a turn of the loop with no event.
+const REMOVALS_IDLE: usize = 256;
+/// Retired cgroup leaves removed in a turn with events.
+const REMOVALS_BUSY: usize = 8;
 /// Most bytes buffered for a slow control client before it is dropped.
 const MAX_CONN_BUFFER: usize = 4 << 20;
 /// Most bytes buffered for a `logs -f` client: one that falls this far behind the log is
@@ -717,11 +721,16 @@ impl Agent {
             // (and spaced out when it is long: see `save_workers`).
             self.save_workers();
             let save = self.save_after.filter(|_| self.workers_dirty);
+            // Retired cgroup leaves are removed when nothing else waits: look, do not
+            // block, while some are left.
+            let removing = self.graveyard.as_ref().is_some_and(Graveyard::has_deferred);
             let timeout = [self.next_deadline(), save]
                 .into_iter()
                 .flatten()
                 .min()
-                .map(|d| d.saturating_duration_since(Instant::now()));
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .filter(|_| !removing)
+                .or(removing.then_some(Duration::ZERO));
             ready.clear();
             self.reg
                 .reactor
@@ -740,6 +749,13 @@ impl Agent {
                 }
             }
             self.fire_deadlines();
+            // Off the hot path: many when nothing else happened, a few beside events
+            // (so a steady stream of them does not keep the leaves forever).
+            self.remove_retired(if ready.is_empty() {
+                REMOVALS_IDLE
+            } else {
+                REMOVALS_BUSY
+            });
         }
         self.shutdown();
         Ok(())
@@ -783,6 +799,34 @@ impl Agent {
         }
     }
 
+    /// Removes up to `max` retired cgroup leaves (`cgroup::CgroupTree::retire`).
+    fn remove_retired(&mut self, max: usize) {
+        let (Some(tree), Some(graveyard)) = (&self.cgroups, &mut self.graveyard) else {
+            return;
+        };
+        if !graveyard.has_deferred() {
+            return;
+        }
+        for e in tree.remove_deferred(graveyard, max) {
+            warn!("failed to kill what a worker left behind: {e}");
+        }
+        self.graveyard_changed();
+    }
+
+    /// Cgroups were removed: a stop-then-start deploy may wait for what a generation
+    /// left behind.
+    fn graveyard_changed(&mut self) {
+        let waiting: Vec<SiteName> = self
+            .sites
+            .iter()
+            .filter(|(_, s)| s.machine.deploy().is_some_and(|d| d.exclusive.is_some()))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in waiting {
+            self.feed(&name, Input::Tick);
+        }
+    }
+
     fn dispatch(&mut self, token: u64, source: Source) {
         match source {
             Source::Signals => self.on_signals(),
@@ -801,16 +845,7 @@ impl Agent {
                     g.sweep();
                 }
                 self.rearm(Source::Graveyard);
-                // A stop-then-start deploy may wait for what a generation left behind.
-                let waiting: Vec<SiteName> = self
-                    .sites
-                    .iter()
-                    .filter(|(_, s)| s.machine.deploy().is_some_and(|d| d.exclusive.is_some()))
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for name in waiting {
-                    self.feed(&name, Input::Tick);
-                }
+                self.graveyard_changed();
             }
             Source::ConnWrite(c) => {
                 if let Some(conn) = self.conns.get_mut(&c) {

@@ -281,6 +281,8 @@ impl Agent {
                     .find_map(|l| l.strip_prefix("0::"))
                     .and_then(|p| p.rsplit('/').next())
                     .and_then(|l| l.strip_prefix("w-"))
+                    // `w-<K>.<n>` while an older leaf of the slot is being removed.
+                    .and_then(|k| k.split('.').next())
                     .and_then(|k| k.parse::<u32>().ok());
                 if let Some(k) = leaf {
                     return Some(Writer::Worker(k));

@@ -102,8 +102,8 @@ struct World<'a> {
     io: &'a SiteIo,
     serving: GenId,
     steering: &'a SteeringSupport,
-    /// Cgroups killed and not yet empty (the graveyard's), and the site's cgroup.
-    buried: &'a [PathBuf],
+    /// Cgroups not yet removed (the graveyard), and the site's cgroup.
+    graveyard: Option<&'a crate::cgroup::Graveyard>,
     site_dir: Option<PathBuf>,
     /// The cgroup leaves of the site's zygotes, by generation.
     zygote_leaves: Vec<(GenId, PathBuf)>,
@@ -169,7 +169,7 @@ impl Observe for World<'_> {
             return false;
         };
         let dir = site.join(format!("gen-{}", generation.0));
-        self.buried.iter().any(|b| b.starts_with(&dir))
+        self.graveyard.is_some_and(|g| g.holds_below(&dir))
     }
 }
 
@@ -409,10 +409,7 @@ impl Agent {
             io: &site.io,
             serving: site.machine.serving(),
             steering: &self.steering_support,
-            buried: self
-                .graveyard
-                .as_ref()
-                .map_or(&[][..], crate::cgroup::Graveyard::remaining),
+            graveyard: self.graveyard.as_ref(),
             site_dir: self.cgroups.as_ref().map(|t| t.site_dir(name.as_str())),
             zygote_leaves,
         };

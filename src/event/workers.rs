@@ -154,9 +154,7 @@ impl Agent {
             _ => reason,
         };
         if let (Some(tree), Some(dir), Some(graveyard)) = (tree, &worker.cgroup, graveyard) {
-            if let Err(e) = tree.retire(dir, graveyard) {
-                warn!(site = %name, worker = %id, "failed to kill what the worker left behind: {e}");
-            }
+            tree.retire(dir, graveyard);
         }
         self.worker_output_done(name, worker.pidref.pid(), Writer::Worker(id.0));
         if !asked && !self.shutting_down {

@@ -455,7 +455,7 @@ impl Agent {
                     .and_then(|()| CgroupTree::move_into(&dir, pid));
                 if let Err(e) = moved {
                     let why = refuse(&pidref, format!("{e}: {}", super::error_chain(&e)));
-                    let _ = tree.retire(&dir, graveyard);
+                    tree.retire(&dir, graveyard);
                     return Err(why);
                 }
                 Some(dir)
@@ -467,7 +467,7 @@ impl Agent {
             if let (Some(tree), Some(dir), Some(graveyard)) =
                 (&self.cgroups, &leaf, &mut self.graveyard)
             {
-                let _ = tree.retire(dir, graveyard);
+                tree.retire(dir, graveyard);
             }
             return Err(why);
         }
@@ -638,9 +638,7 @@ impl Agent {
         if let (Some(tree), Some(dir), Some(graveyard)) =
             (&self.cgroups, &z.cgroup, &mut self.graveyard)
         {
-            if let Err(e) = tree.retire(dir, graveyard) {
-                warn!(site = %site, gen = g.0, "failed to kill what the zygote left behind: {e}");
-            }
+            tree.retire(dir, graveyard);
         }
         let asked = z.kill_at.is_some() || z.killed || z.detached || self.shutting_down;
         if asked {
