@@ -183,12 +183,19 @@ pub fn read_usage(dir: &Path) -> Usage {
 
 /// Writes `value` to `dir/file` if the file exists; returns whether it did.
 fn write_if_present(dir: &Path, file: &str, value: &str) -> Result<bool, CgroupError> {
+    use std::io::Write as _;
     let path = dir.join(file);
-    if !path.exists() {
-        return Ok(false);
+    let failed = |source| CgroupError::Write {
+        path: path.clone(),
+        value: value.to_string(),
+        source,
+    };
+    // One open, no stat before it: this runs at every worker start.
+    match fs::OpenOptions::new().write(true).open(&path) {
+        Ok(mut f) => f.write_all(value.as_bytes()).map(|()| true).map_err(failed),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(failed(e)),
     }
-    write_file(&path, value)?;
-    Ok(true)
 }
 
 /// Errors managing cgroups.
@@ -436,13 +443,8 @@ impl CgroupTree {
     ) -> Result<(PathBuf, OwnedFd), CgroupError> {
         let site_dir = self.site_dir(site);
         let gen_dir = site_dir.join(format!("gen-{generation}"));
-        for dir in [&site_dir, &gen_dir] {
-            if !dir.exists() {
-                mkdir(dir)?;
-                enable_controllers(dir)?;
-            }
-        }
         let mut n = 0u32;
+        let mut parents_made = false;
         let leaf = loop {
             let leaf = if n == 0 {
                 gen_dir.join(name)
@@ -452,6 +454,17 @@ impl CgroupTree {
             match fs::create_dir(&leaf) {
                 Ok(()) => break leaf,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => n += 1,
+                // The site or the generation is new: made once, not looked for at every
+                // start.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !parents_made => {
+                    for dir in [&site_dir, &gen_dir] {
+                        if !dir.exists() {
+                            mkdir(dir)?;
+                            enable_controllers(dir)?;
+                        }
+                    }
+                    parents_made = true;
+                }
                 Err(source) => return Err(CgroupError::Create { path: leaf, source }),
             }
         };

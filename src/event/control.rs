@@ -231,7 +231,23 @@ impl Agent {
             return;
         }
         conn.outbuf.extend_from_slice(&reply.to_line());
-        self.flush(id);
+        // Written before the loop waits again (a final reply at once: `finish`): the
+        // progress lines of ten thousand exits handled in one turn of the loop are a few
+        // writes, not ten thousand.
+        if !conn.to_flush {
+            conn.to_flush = true;
+            self.to_flush.push(id);
+        }
+    }
+
+    /// Writes what `send` buffered.
+    pub(super) fn flush_pending(&mut self) {
+        for id in std::mem::take(&mut self.to_flush) {
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.to_flush = false;
+                self.flush(id);
+            }
+        }
     }
 
     /// Sends the final reply and closes the connection once it is flushed.
@@ -244,6 +260,9 @@ impl Agent {
         }
         self.forget_conn(id);
         self.send(id, reply);
+        // Written (and the connection closed) at once: a refused connection must not
+        // count against the limits of the next ones accepted in the same turn.
+        self.flush(id);
     }
 
     /// Writes what the connection has buffered; a `logs` client whose buffer ran empty

@@ -112,10 +112,13 @@ fn setup_err(
 const STALE_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for killed processes to leave their cgroups.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// Retired cgroup leaves removed in a turn of the loop with no event.
-const REMOVALS_IDLE: usize = 256;
-/// Retired cgroup leaves removed in a turn with events.
-const REMOVALS_BUSY: usize = 8;
+/// Retired cgroup leaves are removed once no event came for this long (a stop or a mass
+/// restart brings exits and starts one after another until it is over).
+const QUIET_BEFORE_REMOVALS: Duration = Duration::from_millis(5);
+/// Retired cgroup leaves removed in a quiet turn of the loop (a few milliseconds).
+const REMOVALS_QUIET: usize = 64;
+/// Under events that never stop for that long, some are removed this often anyway.
+const REMOVALS_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 /// Most bytes buffered for a slow control client before it is dropped.
 const MAX_CONN_BUFFER: usize = 4 << 20;
 /// Most bytes buffered for a `logs -f` client: one that falls this far behind the log is
@@ -181,6 +184,8 @@ struct Conn {
     deadline: Option<Instant>,
     /// The rest of a `logs` client's backlog, sent as its buffer drains.
     backlog: Option<LogStream>,
+    /// `outbuf` is written before the loop waits again (see `Agent::send`).
+    to_flush: bool,
 }
 
 impl Conn {
@@ -197,6 +202,7 @@ impl Conn {
             held: false,
             deadline,
             backlog: None,
+            to_flush: false,
         }
     }
 }
@@ -247,6 +253,8 @@ pub struct Agent {
     pipes: HashMap<u64, Pipe>,
     /// The buffer sites' output sockets are read into (`output.rs`).
     output_buf: Vec<u8>,
+    /// Connections with something to write before the loop waits again.
+    to_flush: Vec<u64>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     pids: HashMap<i32, (SiteName, WorkerId)>,
@@ -265,6 +273,8 @@ pub struct Agent {
     last_record: Option<Vec<u8>>,
     /// The record is not written again before this (see `recovery::save_workers`).
     save_after: Option<Instant>,
+    /// When retired cgroup leaves were last removed (see `remove_retired`).
+    last_removals: Option<Instant>,
     /// Sites whose workers were adopted from an earlier agent: the actions their machines
     /// start with, and the configuration to apply (their file changed while no agent ran).
     adopted: BTreeMap<SiteName, (Vec<Action>, Option<SiteConfig>)>,
@@ -500,6 +510,7 @@ impl Agent {
             broken: BTreeMap::new(),
             pipes: HashMap::new(),
             output_buf: Vec::new(),
+            to_flush: Vec::new(),
             conns: HashMap::new(),
             next_conn: 1,
             pids: HashMap::new(),
@@ -516,6 +527,7 @@ impl Agent {
             workers_dirty: true,
             last_record: None,
             save_after: None,
+            last_removals: None,
             boot_id: recovery::boot_id(),
             adopted: BTreeMap::new(),
             missed_changes: BTreeMap::new(),
@@ -721,17 +733,17 @@ impl Agent {
             // (and spaced out when it is long: see `save_workers`).
             self.save_workers();
             let save = self.save_after.filter(|_| self.workers_dirty);
-            // Retired cgroup leaves are removed when nothing else waits: look, do not
-            // block, while some are left.
+            // Retired cgroup leaves are removed once the loop is quiet: wait only that
+            // long while some are left.
             let removing = self.graveyard.as_ref().is_some_and(Graveyard::has_deferred);
-            let timeout = [self.next_deadline(), save]
+            let quiet = removing.then(|| Instant::now() + QUIET_BEFORE_REMOVALS);
+            let timeout = [self.next_deadline(), save, quiet]
                 .into_iter()
                 .flatten()
                 .min()
-                .map(|d| d.saturating_duration_since(Instant::now()))
-                .filter(|_| !removing)
-                .or(removing.then_some(Duration::ZERO));
+                .map(|d| d.saturating_duration_since(Instant::now()));
             ready.clear();
+            self.flush_pending();
             self.reg
                 .reactor
                 .wait(timeout, &mut ready)
@@ -749,13 +761,16 @@ impl Agent {
                 }
             }
             self.fire_deadlines();
-            // Off the hot path: many when nothing else happened, a few beside events
-            // (so a steady stream of them does not keep the leaves forever).
-            self.remove_retired(if ready.is_empty() {
-                REMOVALS_IDLE
-            } else {
-                REMOVALS_BUSY
-            });
+            // Off the hot path: when nothing happened for a while, or now and then
+            // beside events that never stop.
+            if removing
+                && (ready.is_empty()
+                    || self
+                        .last_removals
+                        .is_none_or(|t| t.elapsed() >= REMOVALS_AT_LEAST_EVERY))
+            {
+                self.remove_retired(REMOVALS_QUIET);
+            }
         }
         self.shutdown();
         Ok(())
@@ -801,6 +816,7 @@ impl Agent {
 
     /// Removes up to `max` retired cgroup leaves (`cgroup::CgroupTree::retire`).
     fn remove_retired(&mut self, max: usize) {
+        self.last_removals = Some(Instant::now());
         let (Some(tree), Some(graveyard)) = (&self.cgroups, &mut self.graveyard) else {
             return;
         };
@@ -957,6 +973,7 @@ impl Agent {
                 &Reply::error(ErrorKind::Failed, "the agent is shutting down"),
             );
         }
+        self.flush_pending();
         // What the workers left behind was killed with their leaves and reaped in the
         // loop; anything still in the tree now did not die within SHUTDOWN_GRACE.
         self.kill_zygotes();

@@ -451,6 +451,8 @@ impl Agent {
         if self.shutting_down {
             return "the agent is shutting down".into();
         }
+        // What other clients are owed is written now: the new image starts with none.
+        self.flush_pending();
         // 3. The record, now, whatever was written before.
         self.workers_dirty = true;
         self.last_record = None;
