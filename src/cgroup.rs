@@ -191,7 +191,11 @@ fn write_if_present(dir: &Path, file: &str, value: &str) -> Result<bool, CgroupE
         source,
     };
     // One open, no stat before it: this runs at every worker start.
-    match fs::OpenOptions::new().write(true).open(&path) {
+    match fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+    {
         Ok(mut f) => f.write_all(value.as_bytes()).map(|()| true).map_err(failed),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(failed(e)),
@@ -412,6 +416,25 @@ impl CgroupTree {
             }
         }
         Ok(missing)
+    }
+
+    /// Writes the limits of a leaf just made ([`CgroupTree::new_leaf`]): as
+    /// [`CgroupTree::apply_worker_limits`], but only what differs from a new cgroup's
+    /// defaults (`memory.max` and `memory.high` are `max` already), and nothing where the
+    /// memory controller is not enabled (its files are not there): this runs at every
+    /// worker start.
+    pub fn apply_new_leaf_limits(&self, leaf: &Path, limits: &Limits) -> Result<(), CgroupError> {
+        if !self.controllers.iter().any(|c| c == "memory") {
+            return Ok(());
+        }
+        if let Some(max) = limits.worker_memory_max {
+            write_if_present(leaf, MEMORY_MAX, &max.to_string())?;
+        }
+        if let Some(high) = limits.worker_memory_high {
+            write_if_present(leaf, MEMORY_HIGH, &high.to_string())?;
+        }
+        write_if_present(leaf, MEMORY_OOM_GROUP, "1")?;
+        Ok(())
     }
 
     /// Writes a worker leaf's limits: `memory.max`, `memory.high`, and `memory.oom.group`
@@ -943,6 +966,38 @@ mod tests {
         let bare = tempfile::tempdir().expect("tempdir");
         CgroupTree::apply_worker_limits(bare.path(), &limits).expect("apply");
         assert!(!bare.path().join(MEMORY_MAX).exists());
+    }
+
+    #[test]
+    fn a_new_leaf_gets_only_the_limits_that_differ_from_the_defaults() {
+        let tree = |controllers: &[&str]| CgroupTree {
+            base: PathBuf::from("/nonexistent"),
+            controllers: controllers.iter().map(|c| c.to_string()).collect(),
+            has_kill: false,
+            moved_from: None,
+        };
+        let leaf = tempfile::tempdir().expect("tempdir");
+        for f in [MEMORY_MAX, MEMORY_HIGH, MEMORY_OOM_GROUP] {
+            fs::write(leaf.path().join(f), "default").expect("write");
+        }
+        let limits = Limits {
+            worker_memory_high: Some(64 << 20),
+            ..Limits::default()
+        };
+        // No memory controller: nothing written (its files would not be there).
+        tree(&["pids"])
+            .apply_new_leaf_limits(leaf.path(), &limits)
+            .expect("apply");
+        let read = |f: &str| fs::read_to_string(leaf.path().join(f)).expect("read");
+        assert_eq!(read(MEMORY_HIGH), "default");
+        assert_eq!(read(MEMORY_OOM_GROUP), "default");
+        // With it: what is set, and the OOM group; not `memory.max`, `max` already.
+        tree(&["memory", "pids"])
+            .apply_new_leaf_limits(leaf.path(), &limits)
+            .expect("apply");
+        assert_eq!(read(MEMORY_HIGH), "67108864");
+        assert_eq!(read(MEMORY_OOM_GROUP), "1");
+        assert_eq!(read(MEMORY_MAX), "default");
     }
 
     #[test]

@@ -127,7 +127,7 @@ pub fn launch(
                 .new_leaf(l.site, l.generation, &l.name)
                 .map_err(SpawnFailure::Cgroup)?;
             if let Some(limits) = l.limits {
-                if let Err(e) = CgroupTree::apply_worker_limits(&dir, limits) {
+                if let Err(e) = l.tree.apply_new_leaf_limits(&dir, limits) {
                     let _ = std::fs::remove_dir(&dir);
                     return Err(SpawnFailure::Cgroup(e));
                 }
