@@ -269,8 +269,8 @@ pub struct Agent {
     /// A site was fed, or a worker started or exited, since the record of live workers
     /// was last written.
     workers_dirty: bool,
-    /// The record as last written (it is written again only when it changed).
-    last_record: Option<Vec<u8>>,
+    /// A hash of the record as last written (it is written again only when it changed).
+    last_record: Option<u64>,
     /// The record is not written again before this (see `recovery::save_workers`).
     save_after: Option<Instant>,
     /// When retired cgroup leaves were last removed (see `remove_retired`).
