@@ -31,6 +31,17 @@ fn lines(text: &str) -> Vec<(String, i32, String)> {
         .collect()
 }
 
+/// The pids of the workers of site `out`, by slot.
+fn worker_pids(agent: &TestAgent) -> Vec<i32> {
+    agent.status("out")["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|x| x["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect()
+}
+
 #[test]
 fn lines_are_attributed_to_their_worker_and_pid_through_one_socket() {
     for reactor in REACTORS {
@@ -154,13 +165,7 @@ fn output_written_while_no_agent_runs_is_logged_by_the_next_one() {
         "out",
         2,
     );
-    let pids: Vec<i32> = agent.status("out")["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .filter_map(|x| x["pid"].as_i64())
-        .map(|p| p as i32)
-        .collect();
+    let pids = worker_pids(&agent);
     assert_eq!(pids.len(), 2);
     agent.crash();
     // Written while no agent runs: it waits in the socket the fd holder keeps (without
@@ -187,13 +192,7 @@ fn output_written_while_no_agent_runs_is_logged_by_the_next_one() {
         );
     }
     // The same workers, adopted: none died of SIGPIPE.
-    let now: Vec<i32> = agent.status("out")["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .filter_map(|x| x["pid"].as_i64())
-        .map(|p| p as i32)
-        .collect();
+    let now = worker_pids(&agent);
     assert_eq!(now, pids, "adopted, not restarted");
 }
 
