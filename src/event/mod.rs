@@ -2,11 +2,13 @@
 //!
 //! Sources, each a one-shot readiness registration identified by a never-reused token:
 //! the signalfd (`SIGTERM`, `SIGINT`, `SIGHUP`, `SIGCHLD`), every worker's pidfd (exit),
-//! every worker's output pipe, the notify socket (`READY=1`), the control socket and its
-//! connections. Deadlines (backoff, stop and ready timeouts, TCP ready probes, deploy
-//! stages, capacity checks) come from the site machines, and the summaries of folded log
-//! lines from [`fold`]; they set the reactor's wait timeout; when nothing is due the loop sleeps without a timeout, so an idle agent uses
-//! no CPU.
+//! every worker's output pipe (or its site's output socket), the notify socket
+//! (`READY=1`), the control socket and its connections. Deadlines (backoff, stop and ready
+//! timeouts, TCP ready probes, deploy stages, capacity checks) come from the site
+//! machines, the summaries of folded log lines from [`fold`], the next write of the record
+//! of workers and the removal of retired cgroup leaves from the loop itself; they set the
+//! reactor's wait timeout; when nothing is due the loop sleeps without a timeout, so an
+//! idle agent uses no CPU.
 //!
 //! All policy is in the site machines ([`crate::supervisor::machine`]): this module is
 //! mechanism. Each event becomes an input to a site's machine; its actions are carried
