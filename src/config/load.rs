@@ -233,8 +233,8 @@ pub fn fd_limit() -> Option<u64> {
 }
 
 /// Refuses the last of `sites` when the fds the agent needs for all of them (one per
-/// worker, at the most workers each may run, and [`site_fds`] per site, plus
-/// [`AGENT_FDS`]) do not fit in `limit`. A deploy runs two generations for a while, so
+/// worker, at the most workers each may run, and `site_fds` per site, plus
+/// `AGENT_FDS`) do not fit in `limit`. A deploy runs two generations for a while, so
 /// a site near the limit may see spawns fail with `EMFILE` during one; `status` shows it.
 pub fn check_fds(sites: &[SiteConfig], limit: u64) -> Result<(), ConfigError> {
     let Some(site) = sites.last() else {
