@@ -273,6 +273,9 @@ pub struct Agent {
     workers_dirty: bool,
     /// A hash of the record as last written (it is written again only when it changed).
     last_record: Option<u64>,
+    /// The shape of the record last written (`Agent::record_shape`): a change of it is
+    /// written without waiting for `save_after`.
+    last_shape: Option<u64>,
     /// The record is not written again before this (see `recovery::save_workers`).
     save_after: Option<Instant>,
     /// When retired cgroup leaves were last removed (see `remove_retired`).
@@ -528,6 +531,7 @@ impl Agent {
             pressure: HashMap::new(),
             workers_dirty: true,
             last_record: None,
+            last_shape: None,
             save_after: None,
             last_removals: None,
             boot_id: recovery::boot_id(),

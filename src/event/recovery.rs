@@ -13,7 +13,10 @@
 //! to the workers (about 2 ms for 10,000), so after each write the next waits
 //! [`SAVE_SPACING`] times as long as that one took (at most [`MAX_SAVE_DELAY`]): the
 //! agent spends at most 1/20 of its time on it, and the record is at most that late
-//! (well under a millisecond with a few hundred workers). A worker started in that window
+//! (well under a millisecond with a few hundred workers). Only workers coming and going
+//! are spaced out so: a change of a site's generations (a deploy's flip, a generation
+//! told to stop), of its workers asked for or of whether it runs is written at the end
+//! of the iteration it happened in. A worker started in that window
 //! before an agent crash is missing from the record: with cgroups the next agent's sweep
 //! kills it (its leaf is no adopted worker's); without, it runs on unsupervised.
 //!
@@ -598,10 +601,12 @@ impl Agent {
             return;
         }
         let began = Instant::now();
-        if self.save_after.is_some_and(|t| began < t) {
-            // Still dirty: the loop wakes at `save_after`.
+        let shape = self.record_shape();
+        if self.save_after.is_some_and(|t| began < t) && self.last_shape == Some(shape) {
+            // Only workers came or went: still dirty, the loop wakes at `save_after`.
             return;
         }
+        self.last_shape = Some(shape);
         self.workers_dirty = false;
         let _spaced = SaveSpacing {
             began,
@@ -674,6 +679,33 @@ impl Agent {
             Ok(()) => self.last_record = Some(hash),
             Err(e) => error!("failed to write {}: {e}", path.display()),
         }
+    }
+}
+
+impl Agent {
+    /// A hash of what the record says beyond which workers run: per site, the generation
+    /// that serves, the workers asked for, whether it runs, and each generation's number,
+    /// release and state (a deploy's stage, draining, stopping). A change of it is written
+    /// at once, never spaced out: a new agent that read an older one would undo a flip
+    /// (and find the generation it keeps already told to stop).
+    fn record_shape(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (name, site) in &self.sites {
+            let m = &site.machine;
+            (
+                name.as_str(),
+                m.serving().0,
+                m.requested(),
+                m.pinned(),
+                m.is_stopped(),
+            )
+                .hash(&mut h);
+            for g in m.generations() {
+                (g.id.0, &g.release, m.generation_state(g)).hash(&mut h);
+            }
+        }
+        h.finish()
     }
 }
 
