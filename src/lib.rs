@@ -50,6 +50,7 @@ pub mod demo;
 pub mod event;
 pub mod fdholder;
 pub mod features;
+pub mod journal;
 pub mod logs;
 pub mod net;
 pub mod probe;

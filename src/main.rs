@@ -314,6 +314,15 @@ fn init_tracing() {
     // kill): the first few, then one summary (`event::fold`).
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
+    // Under systemd, with stderr connected to the journal: entries with their fields.
+    if let Some(journal) = hatchery::journal::Journal::for_stderr() {
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(hatchery::event::fold::LogFold::agent().layer())
+            .with(journal)
+            .try_init();
+        return;
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)

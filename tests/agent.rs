@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -1508,4 +1508,92 @@ fn a_mass_kill_is_logged_as_a_few_lines_and_a_summary_and_stop_prints_one() {
             .count() as u64;
         assert_eq!(ready, N, "{}", stdout(&out));
     });
+}
+
+/// Under systemd with stderr connected to the journal (`JOURNAL_STREAM` names it), the
+/// agent's lines go to the journal's native socket as entries with their fields, so
+/// `journalctl HATCHERY_SITE=web` finds them; nothing goes to the stream.
+#[test]
+fn under_systemd_the_agents_lines_are_journal_entries_with_the_site_and_worker() {
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("journal.socket");
+    let journal = UnixDatagram::bind(&socket).expect("bind the journal's socket");
+    journal
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    // What systemd gives a service with `StandardError=journal`: a stream socket.
+    let (stream, stream_end) = UnixStream::pair().expect("stream");
+    let st = rustix::fs::fstat(&stream_end).expect("fstat");
+    let journal_stream = format!("{}:{}", st.st_dev, st.st_ino);
+    let site = sleeper("web", 2, "");
+    let agent = TestAgent::start_with_env_and_output(
+        &[("web", &site)],
+        Options {
+            reactor: REACTORS[0],
+            cgroups: false,
+        },
+        &[
+            ("JOURNAL_STREAM", &journal_stream),
+            (
+                "HATCHERY_JOURNAL_SOCKET",
+                socket.to_str().expect("utf-8 path"),
+            ),
+        ],
+        OwnedFd::from(stream_end),
+    );
+    let victim = agent.wait_for("web", "2 ready", Duration::from_secs(10), |s| {
+        s["ready"] == 2
+    })["workers"][0]["pid"]
+        .as_i64()
+        .expect("pid");
+    Command::new("kill")
+        .arg("-KILL")
+        .arg(victim.to_string())
+        .status()
+        .expect("kill");
+    // Entries until the one about the victim's death.
+    let mut buf = vec![0u8; 1 << 16];
+    let mut seen = Vec::new();
+    let exit = loop {
+        let n = journal.recv(&mut buf).unwrap_or_else(|e| {
+            panic!("no journal entry about w-0's death ({e}); entries: {seen:#?}")
+        });
+        if n == 0 {
+            continue;
+        }
+        let fields: std::collections::BTreeMap<String, String> =
+            hatchery::journal::parse(&buf[..n])
+                .expect("a well-formed entry")
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                .collect();
+        if fields.get("HATCHERY_PID") == Some(&victim.to_string())
+            && fields["MESSAGE"].contains("SIGKILL")
+        {
+            break fields;
+        }
+        seen.push(fields);
+    };
+    assert_eq!(exit["HATCHERY_SITE"], "web", "{exit:?}");
+    assert_eq!(exit["HATCHERY_WORKER"], "0", "{exit:?}");
+    assert_eq!(exit["SYSLOG_IDENTIFIER"], "hatchery", "{exit:?}");
+    assert!(
+        seen.iter().any(
+            |f| f.get("HATCHERY_SITE").map(String::as_str) == Some("web")
+                && f["MESSAGE"].contains("spawned")
+        ),
+        "the spawns are there too: {seen:#?}"
+    );
+    // The stream got none of it.
+    stream.set_nonblocking(true).expect("nonblocking");
+    let mut text = Vec::new();
+    let _ = (&stream).read_to_end(&mut text);
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        !text.contains("spawned"),
+        "the log went to the stream too: {text}"
+    );
+    drop(agent);
 }

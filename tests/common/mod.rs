@@ -149,6 +149,20 @@ impl TestAgent {
         a
     }
 
+    /// As [`TestAgent::start_with_env`], with the agent's stdout and stderr on `output`.
+    pub fn start_with_env_and_output(
+        sites: &[(&str, &str)],
+        opts: Options,
+        env: &[(&str, &str)],
+        output: std::os::fd::OwnedFd,
+    ) -> TestAgent {
+        let mut a = TestAgent::start_with_env(sites, opts, env);
+        a.stop();
+        a.output = Some(output);
+        a.launch();
+        a
+    }
+
     /// As [`TestAgent::start`], with `signals` (names without SIG) ignored by the shell
     /// that starts the agent, and the agent's working directory in its temporary dir.
     pub fn start_ignoring(
