@@ -63,6 +63,21 @@ pub struct Usage {
     pub pids: Option<u64>,
     /// `usage_usec` of `cpu.stat`.
     pub cpu_usec: Option<u64>,
+    /// Where the memory figures come from: the cgroup, or `/proc` where the memory
+    /// controller is missing ([`crate::usage`]).
+    #[serde(default)]
+    pub source: UsageSource,
+}
+
+/// Where a [`Usage`]'s memory figures come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The cgroup's own accounting (`memory.current`: every page charged to it once).
+    #[default]
+    Cgroup,
+    /// `/proc`: the resident memory (RSS) of the processes, a shared page counted in each.
+    Proc,
 }
 
 impl Usage {
@@ -168,16 +183,23 @@ fn stall_total(text: &str) -> Option<u64> {
 }
 
 /// Reads the accounting files of `dir` (missing files give `None`).
+/// Without `memory.current` (no memory controller), the other memory files are not
+/// looked for.
 pub fn read_usage(dir: &Path) -> Usage {
-    let events = fs::read_to_string(dir.join(MEMORY_EVENTS)).ok();
     let cpu = fs::read_to_string(dir.join(CPU_STAT)).ok();
+    let memory_current = read_u64(&dir.join(MEMORY_CURRENT));
+    let memory = memory_current.is_some();
+    let events = memory
+        .then(|| fs::read_to_string(dir.join(MEMORY_EVENTS)).ok())
+        .flatten();
     Usage {
-        memory_current: read_u64(&dir.join(MEMORY_CURRENT)),
-        memory_peak: peak(dir),
-        memory_max: read_u64(&dir.join(MEMORY_MAX)),
+        memory_current,
+        memory_peak: memory.then(|| peak(dir)).flatten(),
+        memory_max: memory.then(|| read_u64(&dir.join(MEMORY_MAX))).flatten(),
         oom_kills: events.as_deref().and_then(|t| keyed_value(t, "oom_kill")),
         pids: read_u64(&dir.join(PIDS_CURRENT)),
         cpu_usec: cpu.as_deref().and_then(|t| keyed_value(t, "usage_usec")),
+        source: UsageSource::Cgroup,
     }
 }
 

@@ -64,4 +64,5 @@ pub mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
 pub mod terminal;
+pub mod usage;
 pub mod zygote;

@@ -1597,3 +1597,45 @@ fn under_systemd_the_agents_lines_are_journal_entries_with_the_site_and_worker()
     );
     drop(agent);
 }
+
+/// Without cgroup accounting (here `cgroup_base = "off"`; on a host without the memory
+/// controller the same), `status` adds up each worker's processes from `/proc` and says so,
+/// instead of showing nothing.
+#[test]
+fn without_cgroup_accounting_status_reads_each_workers_tree_from_proc() {
+    let site = "name = \"web\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 1000 & wait\"]\nworkers = 2\n";
+    let agent = TestAgent::start_ready(
+        &[("web", site)],
+        Options {
+            reactor: REACTORS[0],
+            cgroups: false,
+        },
+        "web",
+        2,
+    );
+    // Each worker is a shell and its `sleep`, once the shell has forked it.
+    let s = agent.wait_for("web", "two processes per worker", Duration::from_secs(10), |s| {
+        s["workers"]
+            .as_array()
+            .is_some_and(|ws| ws.iter().all(|w| w["usage"]["pids"] == 2))
+    });
+    let mut memory = 0;
+    for w in s["workers"].as_array().expect("workers") {
+        let u = &w["usage"];
+        assert_eq!(u["source"], "proc", "{w:#}");
+        let m = u["memory_current"].as_u64().expect("memory from /proc");
+        assert!(m > 2 * 4096, "two resident processes: {w:#}");
+        assert!(u["cpu_usec"].as_u64().is_some(), "{w:#}");
+        assert!(u["oom_kills"].is_null(), "not known from /proc: {w:#}");
+        memory += m;
+    }
+    // The site is the sum of its workers, read in the same status.
+    assert_eq!(s["usage"]["source"], "proc", "{s:#}");
+    assert_eq!(s["usage"]["pids"], 4, "{s:#}");
+    assert_eq!(s["usage"]["memory_current"].as_u64(), Some(memory), "{s:#}");
+    let out = agent.cli(&["status", "web"]);
+    let text = stdout(&out);
+    assert!(text.contains("RSS"), "the text says where memory comes from: {text}");
+    assert!(text.contains("site: memory "), "{text}");
+    assert!(!text.contains("site: memory -"), "{text}");
+}

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use hatchery::cgroup::UsageSource;
 use hatchery::event::fold::{self, Fold, ProgressKind, Verdict};
 use hatchery::status::{SiteStatus, Status};
 
@@ -184,6 +185,19 @@ fn site_details(out: &mut String, s: &SiteStatus) {
             su.memory_max.map_or_else(|| "no budget".into(), fmt_bytes),
             or_dash(su.pids),
             su.cpu_usec.unwrap_or(0) as f64 / 1e6,
+        );
+    }
+    let from_proc = s
+        .workers
+        .iter()
+        .filter_map(|w| w.usage)
+        .chain(s.usage)
+        .any(|u| u.source == UsageSource::Proc);
+    if from_proc {
+        let _ = writeln!(
+            out,
+            "memory: resident (RSS) of each worker's processes from /proc, a shared page counted \
+             in each (no cgroup memory accounting here)"
         );
     }
     if let Some(r) = &s.release {

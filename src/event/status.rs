@@ -44,15 +44,18 @@ impl Agent {
                             }),
                             last_exit: slot.last_exit.as_ref().map(|r| r.to_string()),
                             cgroup: worker.and_then(|w| w.cgroup.clone()),
-                            usage: worker
-                                .and_then(|w| w.cgroup.as_deref())
-                                .map(crate::cgroup::read_usage),
+                            usage: worker.map(|w| {
+                                let leaf = w.cgroup.as_deref();
+                                let mut u = leaf.map(crate::cgroup::read_usage).unwrap_or_default();
+                                crate::usage::complete(&mut u, w.pidref.pid(), leaf);
+                                u
+                            }),
                         }
                     })
                     .collect();
                 let cur = m.current();
                 let config = m.config();
-                SiteStatus {
+                let mut site = SiteStatus {
                     name: name.to_string(),
                     state: cur.slots.run.state(),
                     error: None,
@@ -79,7 +82,13 @@ impl Agent {
                                     degraded: z.degraded,
                                     restarts: z.restarts,
                                     pid: process.map(|p| p.pidref.pid()),
-                                    usage: cgroup.as_deref().map(crate::cgroup::read_usage),
+                                    usage: process.map(|p| {
+                                        let leaf = cgroup.as_deref();
+                                        let mut u =
+                                            leaf.map(crate::cgroup::read_usage).unwrap_or_default();
+                                        crate::usage::complete(&mut u, p.pidref.pid(), leaf);
+                                        u
+                                    }),
                                     cgroup,
                                 }
                             }),
@@ -138,7 +147,9 @@ impl Agent {
                     sandbox: s.io.sandbox.as_ref().map(crate::sandbox::Prepared::status),
                     workers,
                     deploys: stop_then_start(config),
-                }
+                };
+                site_usage_from_workers(&mut site);
+                site
             })
             .collect();
         for (name, b) in &self.broken {
@@ -300,4 +311,26 @@ fn scale_status(
             at: logs::utc_timestamp(wall - now.saturating_duration_since(at)),
         }),
     })
+}
+
+/// Completes a site's usage where its cgroup lacks figures (no memory or pids
+/// controller, or no cgroups at all) with the sum of its workers' and zygotes' (read from
+/// `/proc`, [`crate::usage`]).
+fn site_usage_from_workers(site: &mut SiteStatus) {
+    let parts: Vec<crate::cgroup::Usage> = site
+        .workers
+        .iter()
+        .filter_map(|w| w.usage)
+        .chain(
+            site.generations
+                .iter()
+                .filter_map(|g| g.zygote.as_ref().and_then(|z| z.usage)),
+        )
+        .collect();
+    if parts.is_empty() {
+        return;
+    }
+    let mut usage = site.usage.unwrap_or_default();
+    crate::usage::fill(&mut usage, &crate::usage::sum(&parts));
+    site.usage = Some(usage);
 }
