@@ -89,7 +89,24 @@ impl Usage {
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
+    read_small(path)?.trim().parse().ok()
+}
+
+/// The text of a small kernel file (a cgroup's, or one of `/proc/<pid>`): open, one read,
+/// close when it fits in 4 KiB (`fs::read_to_string` also asks for the size, which such a
+/// file does not know, and reads again to see the end). `status` reads several per worker.
+pub fn read_small(path: &Path) -> Option<String> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let mut buf = [0u8; 4096];
+    let n = rustix::io::read(&fd, &mut buf).ok()?;
+    let mut text = buf[..n].to_vec();
+    if n == buf.len() {
+        // More than one read's worth: the rest, to the end.
+        let mut rest = fs::File::from(fd);
+        io::Read::read_to_end(&mut rest, &mut text).ok()?;
+    }
+    String::from_utf8(text).ok()
 }
 
 /// The value of `key` in a flat-keyed file (`memory.events`, `cpu.stat`).
@@ -182,22 +199,35 @@ fn stall_total(text: &str) -> Option<u64> {
         .ok()
 }
 
-/// Reads the accounting files of `dir` (missing files give `None`).
-/// Without `memory.current` (no memory controller), the other memory files are not
-/// looked for.
+/// Reads the accounting files of `dir` (missing files give `None`). Without
+/// `memory.current` (no memory controller), the other memory files are not looked for.
 pub fn read_usage(dir: &Path) -> Usage {
-    let cpu = fs::read_to_string(dir.join(CPU_STAT)).ok();
-    let memory_current = read_u64(&dir.join(MEMORY_CURRENT));
+    read_usage_below(dir, None)
+}
+
+/// [`read_usage`] of a cgroup below one whose usage is `parent`: the files of a controller
+/// the parent lacks are not looked for (a controller is enabled from the top down). A
+/// missing file is the costly lookup of a cgroup file, and `status` reads every worker's
+/// leaf.
+pub fn read_usage_below(dir: &Path, parent: Option<&Usage>) -> Usage {
+    let cpu = read_small(&dir.join(CPU_STAT));
+    let memory_current = parent
+        .is_none_or(|p| p.memory_current.is_some())
+        .then(|| read_u64(&dir.join(MEMORY_CURRENT)))
+        .flatten();
     let memory = memory_current.is_some();
     let events = memory
-        .then(|| fs::read_to_string(dir.join(MEMORY_EVENTS)).ok())
+        .then(|| read_small(&dir.join(MEMORY_EVENTS)))
         .flatten();
     Usage {
         memory_current,
         memory_peak: memory.then(|| peak(dir)).flatten(),
         memory_max: memory.then(|| read_u64(&dir.join(MEMORY_MAX))).flatten(),
         oom_kills: events.as_deref().and_then(|t| keyed_value(t, "oom_kill")),
-        pids: read_u64(&dir.join(PIDS_CURRENT)),
+        pids: parent
+            .is_none_or(|p| p.pids.is_some())
+            .then(|| read_u64(&dir.join(PIDS_CURRENT)))
+            .flatten(),
         cpu_usec: cpu.as_deref().and_then(|t| keyed_value(t, "usage_usec")),
         source: UsageSource::Cgroup,
     }

@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use crate::cgroup::{Usage, UsageSource};
+use crate::cgroup::{Usage, UsageSource, read_small};
 
 /// Fills what `usage` lacks (memory, processes, CPU) from the processes of the tree of
 /// worker `pid`, whose cgroup leaf is `leaf` (if it has one). Nothing is read when the
@@ -25,7 +25,7 @@ pub fn complete(usage: &mut Usage, pid: i32, leaf: Option<&Path>) {
         return;
     }
     let pids = tree(pid, leaf);
-    let from_proc = of_processes(&pids);
+    let from_proc = of_processes(&pids, usage.cpu_usec.is_none());
     fill(usage, &from_proc);
 }
 
@@ -65,7 +65,7 @@ pub fn sum<'a>(parts: impl IntoIterator<Item = &'a Usage>) -> Usage {
 
 /// The processes of worker `pid`'s tree.
 fn tree(pid: i32, leaf: Option<&Path>) -> Vec<i32> {
-    if let Some(procs) = leaf.and_then(|l| std::fs::read_to_string(l.join("cgroup.procs")).ok()) {
+    if let Some(procs) = leaf.and_then(|l| read_small(&l.join("cgroup.procs"))) {
         let pids: Vec<i32> = procs
             .lines()
             .filter_map(|l| l.trim().parse().ok())
@@ -84,7 +84,7 @@ fn tree(pid: i32, leaf: Option<&Path>) -> Vec<i32> {
             continue;
         };
         for task in tasks.flatten() {
-            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+            let Some(children) = read_small(&task.path().join("children")) else {
                 continue;
             };
             pids.extend(
@@ -101,9 +101,9 @@ fn tree(pid: i32, leaf: Option<&Path>) -> Vec<i32> {
 /// The most processes of one worker's tree read from `/proc`.
 const MAX_TREE: usize = 4096;
 
-/// Memory (RSS), count and CPU time of `pids`, from `/proc` (processes that are gone
-/// count for nothing).
-fn of_processes(pids: &[i32]) -> Usage {
+/// Memory (RSS), count and (if `cpu`) CPU time of `pids`, from `/proc` (processes that
+/// are gone count for nothing).
+fn of_processes(pids: &[i32], cpu_wanted: bool) -> Usage {
     static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static TICK_USEC: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let page = *PAGE.get_or_init(|| rustix::param::page_size() as u64);
@@ -111,7 +111,7 @@ fn of_processes(pids: &[i32]) -> Usage {
         *TICK_USEC.get_or_init(|| 1_000_000 / rustix::param::clock_ticks_per_second().max(1));
     let (mut rss, mut count, mut cpu) = (0u64, 0u64, 0u64);
     for pid in pids {
-        let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
+        let Some(statm) = read_small(Path::new(&format!("/proc/{pid}/statm"))) else {
             continue;
         };
         let Some(resident) = statm
@@ -123,8 +123,10 @@ fn of_processes(pids: &[i32]) -> Usage {
         };
         count += 1;
         rss = rss.saturating_add(resident.saturating_mul(page));
-        if let Some(ticks) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
+        if !cpu_wanted {
+            continue;
+        }
+        if let Some(ticks) = read_small(Path::new(&format!("/proc/{pid}/stat")))
             .as_deref()
             .and_then(cpu_ticks)
         {
@@ -134,7 +136,7 @@ fn of_processes(pids: &[i32]) -> Usage {
     Usage {
         memory_current: (count > 0).then_some(rss),
         pids: Some(count),
-        cpu_usec: (count > 0).then_some(cpu),
+        cpu_usec: (cpu_wanted && count > 0).then_some(cpu),
         source: UsageSource::Proc,
         ..Usage::default()
     }

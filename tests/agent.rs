@@ -1603,7 +1603,8 @@ fn under_systemd_the_agents_lines_are_journal_entries_with_the_site_and_worker()
 /// instead of showing nothing.
 #[test]
 fn without_cgroup_accounting_status_reads_each_workers_tree_from_proc() {
-    let site = "name = \"web\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 1000 & wait\"]\nworkers = 2\n";
+    let site =
+        "name = \"web\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 1000 & wait\"]\nworkers = 2\n";
     let agent = TestAgent::start_ready(
         &[("web", site)],
         Options {
@@ -1614,11 +1615,16 @@ fn without_cgroup_accounting_status_reads_each_workers_tree_from_proc() {
         2,
     );
     // Each worker is a shell and its `sleep`, once the shell has forked it.
-    let s = agent.wait_for("web", "two processes per worker", Duration::from_secs(10), |s| {
-        s["workers"]
-            .as_array()
-            .is_some_and(|ws| ws.iter().all(|w| w["usage"]["pids"] == 2))
-    });
+    let s = agent.wait_for(
+        "web",
+        "two processes per worker",
+        Duration::from_secs(10),
+        |s| {
+            s["workers"]
+                .as_array()
+                .is_some_and(|ws| ws.iter().all(|w| w["usage"]["pids"] == 2))
+        },
+    );
     let mut memory = 0;
     for w in s["workers"].as_array().expect("workers") {
         let u = &w["usage"];
@@ -1635,7 +1641,10 @@ fn without_cgroup_accounting_status_reads_each_workers_tree_from_proc() {
     assert_eq!(s["usage"]["memory_current"].as_u64(), Some(memory), "{s:#}");
     let out = agent.cli(&["status", "web"]);
     let text = stdout(&out);
-    assert!(text.contains("RSS"), "the text says where memory comes from: {text}");
+    assert!(
+        text.contains("RSS"),
+        "the text says where memory comes from: {text}"
+    );
     assert!(text.contains("site: memory "), "{text}");
     assert!(!text.contains("site: memory -"), "{text}");
 }

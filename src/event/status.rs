@@ -21,6 +21,18 @@ impl Agent {
             .filter(|(n, s)| only.is_none_or(|o| o == *n) && (admin || s.config().uid == uid))
             .map(|(name, s)| {
                 let m = &s.machine;
+                // The site's cgroup first: its leaves are read for what it has.
+                let site_usage = self
+                    .cgroups
+                    .as_ref()
+                    .map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str())));
+                let leaf_usage = |leaf: Option<&std::path::Path>, pid: i32| {
+                    let mut u = leaf
+                        .map(|l| crate::cgroup::read_usage_below(l, site_usage.as_ref()))
+                        .unwrap_or_default();
+                    crate::usage::complete(&mut u, pid, leaf);
+                    u
+                };
                 let workers = m
                     .generations()
                     .flat_map(|g| g.slots.slots.values().map(move |slot| (g, slot)))
@@ -44,12 +56,7 @@ impl Agent {
                             }),
                             last_exit: slot.last_exit.as_ref().map(|r| r.to_string()),
                             cgroup: worker.and_then(|w| w.cgroup.clone()),
-                            usage: worker.map(|w| {
-                                let leaf = w.cgroup.as_deref();
-                                let mut u = leaf.map(crate::cgroup::read_usage).unwrap_or_default();
-                                crate::usage::complete(&mut u, w.pidref.pid(), leaf);
-                                u
-                            }),
+                            usage: worker.map(|w| leaf_usage(w.cgroup.as_deref(), w.pidref.pid())),
                         }
                     })
                     .collect();
@@ -82,13 +89,8 @@ impl Agent {
                                     degraded: z.degraded,
                                     restarts: z.restarts,
                                     pid: process.map(|p| p.pidref.pid()),
-                                    usage: process.map(|p| {
-                                        let leaf = cgroup.as_deref();
-                                        let mut u =
-                                            leaf.map(crate::cgroup::read_usage).unwrap_or_default();
-                                        crate::usage::complete(&mut u, p.pidref.pid(), leaf);
-                                        u
-                                    }),
+                                    usage: process
+                                        .map(|p| leaf_usage(cgroup.as_deref(), p.pidref.pid())),
                                     cgroup,
                                 }
                             }),
@@ -140,10 +142,7 @@ impl Agent {
                         memory_high: config.limits.worker_memory_high,
                         not_enforced: s.io.not_enforced.iter().map(|x| x.to_string()).collect(),
                     }),
-                    usage: self
-                        .cgroups
-                        .as_ref()
-                        .map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str()))),
+                    usage: site_usage,
                     sandbox: s.io.sandbox.as_ref().map(crate::sandbox::Prepared::status),
                     workers,
                     deploys: stop_then_start(config),
