@@ -1419,7 +1419,11 @@ fn folded(text: &str, what: &str) -> u64 {
 fn a_mass_kill_is_logged_as_a_few_lines_and_a_summary_and_stop_prints_one() {
     const N: u64 = 200;
     each_reactor(|reactor| {
-        let site = sleeper("mass", 200, "");
+        // The replacements wait 5 s: the agent takes in every exit before it starts one,
+        // so the exits come as one burst however slow the machine is at spawning (under
+        // TCG beside other jobs a spawn takes ~70 ms, and exits seen between 200 spawns
+        // came in a dozen bursts).
+        let site = sleeper("mass", 200, "[restart]\nbackoff_initial = \"5s\"\n");
         let agent = TestAgent::start_ready(
             &[("mass", &site)],
             Options {
