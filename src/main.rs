@@ -391,7 +391,7 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
     // Every problem at once: invalid files, then what this host would refuse.
     let mut invalid: Vec<(String, String)> = broken
         .iter()
-        .map(|b| (b.name.clone(), b.error.to_string()))
+        .flat_map(|b| b.error.all().map(|e| (b.name.clone(), e.one())))
         .collect();
     let agent = hatchery::event::running_agent(&config.control_socket);
     let mut refused: Vec<(String, String)> = Vec::new();

@@ -550,6 +550,29 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
         "{err}"
     );
 
+    // Every problem of a file at once, each with its line and key, a typo with the key
+    // meant.
+    std::fs::write(
+        sites.join("blog.toml"),
+        "name = \"blog\"\ncommand = [\"/bin/true\"]\nwrokers = 2\n[stop]\ntimeout = 5\n[[listen]]\nname = \"a\"\ntpc = \"127.0.0.1:1\"\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(dir.path().join("hatchery.toml"))
+        .output()
+        .expect("check");
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    assert!(text.contains("NOT valid: 3 problem(s)"), "{text}");
+    for expected in [
+        "blog.toml:3: wrokers: unknown key `wrokers`; did you mean `workers`?",
+        "blog.toml:5: stop.timeout: expected a string, found integer 5",
+        "blog.toml:8: listen[0].tpc: unknown key `tpc`; did you mean `tcp`?",
+    ] {
+        assert!(text.contains(expected), "{expected} in:\n{text}");
+    }
+
     // A valid file checks fine and prints the effective configuration and features.
     std::fs::write(
         sites.join("blog.toml"),

@@ -298,23 +298,7 @@ fn read_toml<T: for<'de> Deserialize<'de>>(file: &Path) -> Result<T, ConfigError
     parse_toml(file, &text)
 }
 
-pub(super) fn parse_toml<T: for<'de> Deserialize<'de>>(
-    file: &Path,
-    text: &str,
-) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let msg = e.message().to_string();
-        let where_ = e
-            .span()
-            .map(|span| {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                format!(" (line {line})")
-            })
-            .unwrap_or_default();
-        // toml reports the offending key in the message for unknown fields.
-        err(file, "-", format!("{msg}{where_}"))
-    })
-}
+pub(super) use super::parse::parse_toml;
 
 #[cfg(test)]
 mod tests {

@@ -29,6 +29,7 @@ use serde::Serialize;
 
 mod effective;
 mod load;
+mod parse;
 mod raw;
 pub mod sandbox;
 mod site;
@@ -57,23 +58,60 @@ pub const MAX_WORKERS: u32 = 32_768;
 /// Most listeners one site may declare.
 pub const MAX_LISTENERS: usize = 16;
 
-/// A configuration error: which file, which key, and what is wrong or accepted.
+/// A configuration error: which file (and line, where known), which key, and what is wrong
+/// or accepted; with the other problems found in the same file, if any.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {key}: {message}", .file.display())]
 pub struct ConfigError {
     /// The file at fault.
     pub file: PathBuf,
-    /// The key at fault (dotted path), or `-` for the whole file.
+    /// The line the key is on, where the file was parsed that far.
+    pub line: Option<u32>,
+    /// The key at fault (dotted path, `listen[1].tcp`), or `-` for the whole file.
     pub key: String,
     /// What is wrong and what is accepted.
     pub message: String,
+    /// The other problems of the file (a file's problems are all reported at once).
+    pub also: Vec<ConfigError>,
+}
+
+impl ConfigError {
+    /// This problem and the others of its file, each alone.
+    pub fn all(&self) -> impl Iterator<Item = &ConfigError> {
+        std::iter::once(self).chain(self.also.iter())
+    }
+
+    /// This problem alone, as one line: `file:line: key: message`.
+    pub fn one(&self) -> String {
+        let line = self.line.map(|l| format!(":{l}")).unwrap_or_default();
+        format!(
+            "{}{line}: {}: {}",
+            self.file.display(),
+            self.key,
+            self.message
+        )
+    }
+}
+
+impl fmt::Display for ConfigError {
+    /// `file:line: key: message`, one line per problem.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.all().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            f.write_str(&e.one())?;
+        }
+        Ok(())
+    }
 }
 
 fn err(file: &Path, key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         file: file.to_path_buf(),
+        line: None,
         key: key.to_string(),
         message: message.into(),
+        also: Vec::new(),
     }
 }
 

@@ -1187,7 +1187,11 @@ timeout = "30s"
 
         let e =
             site("name = \"blog\"\ncommand = [\"/bin/true\"]\n[stop]\ntimeout = 30\n").unwrap_err();
-        assert!(e.to_string().contains("line 4"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/hatchery/sites.d/blog.toml:4: stop.timeout: "),
+            "the line and the key's path: {e}"
+        );
         assert!(e.to_string().contains("string"), "{e}");
 
         let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\nwrokers = 2\n").unwrap_err();
