@@ -226,6 +226,25 @@ impl SiteLog {
         Ok(())
     }
 
+    /// Appends records, as few writes as rotation allows: those that fit in the file
+    /// together are one write (the lines of one turn of the loop), and the file is rotated
+    /// before the first that would not fit, as [`SiteLog::append`] would.
+    pub fn append_all(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
+        let mut batch: Vec<u8> = Vec::new();
+        for r in records {
+            let total = self.size + (batch.len() + r.len()) as u64;
+            if !batch.is_empty() && total > self.policy.max_size {
+                self.append(&batch)?;
+                batch.clear();
+            }
+            batch.extend_from_slice(r);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.append(&batch)
+    }
+
     /// Counts the lines of `bytes`, just written at the end of the file.
     fn index(&mut self, bytes: &[u8]) {
         for at in memchr::memchr_iter(b'\n', bytes) {
@@ -705,6 +724,25 @@ mod tests {
         assert_eq!(size("blog.log.3"), None, "keep = 2");
         let last = backlog(&log, 1);
         assert!(last[0].starts_with('9'), "the newest line is last");
+    }
+
+    #[test]
+    fn records_appended_together_rotate_as_one_by_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy = LogPolicy {
+            max_size: 4096,
+            keep: 2,
+        };
+        let mut log = SiteLog::open(dir.path(), "many", policy, None).expect("open");
+        let mut line = vec![b'a'; 1023];
+        line.push(b'\n');
+        let many: Vec<Vec<u8>> = (0..10).map(|_| line.clone()).collect();
+        log.append_all(&many).expect("append");
+        let size = |p: &str| fs::metadata(dir.path().join(p)).map(|m| m.len()).ok();
+        assert_eq!(size("many.log.2"), Some(4096));
+        assert_eq!(size("many.log.1"), Some(4096));
+        assert_eq!(size("many.log"), Some(2048));
+        assert_eq!(backlog(&log, 100).len(), 10);
     }
 
     /// Everything a backlog of `n` lines yields, chunk by chunk.

@@ -432,8 +432,8 @@ impl Agent {
         let Some(site) = self.sites.get_mut(name) else {
             return;
         };
-        // One write for the lot (the lines of a turn of the loop).
-        if let Err(e) = site.io.log.append(&records.concat()) {
+        // Few writes for the lot (the lines of a turn of the loop).
+        if let Err(e) = site.io.log.append_all(records) {
             warn!(site = %name, "failed to write {}: {e}", site.io.log.path().display());
         }
         let path = site.io.log.path().display().to_string();
