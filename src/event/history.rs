@@ -252,19 +252,22 @@ impl Entry {
         self
     }
 
-    /// `gen-2 w-3[1234] `: who the entry is about, as the site's log and `events` say it
-    /// (empty for a site-wide entry).
+    /// `gen-2 w-3[1234] `: the worker the entry is about, as the site's log and `events`
+    /// say it (empty for an entry about a site or a generation: their words name it).
     pub fn who(&self) -> String {
-        let mut out = String::new();
-        if let Some(g) = self.generation {
-            out.push_str(&format!("gen-{g} "));
+        // Its words name the worker, as they always have in the site's log.
+        if self.kind == Kind::Unhealthy {
+            return String::new();
         }
+        let generation = self
+            .generation
+            .map(|g| format!("gen-{g} "))
+            .unwrap_or_default();
         match (self.worker, self.pid) {
-            (Some(w), Some(p)) => out.push_str(&format!("w-{w}[{p}] ")),
-            (Some(w), None) => out.push_str(&format!("w-{w} ")),
-            _ => {}
+            (Some(w), Some(p)) => format!("{generation}w-{w}[{p}] "),
+            (Some(w), None) => format!("{generation}w-{w} "),
+            _ => String::new(),
         }
-        out
     }
 
     /// The entry as `hatchery events` prints it: time, site (`-` for the agent), who,
@@ -416,14 +419,14 @@ pub fn entry_of(
             generation,
             worker,
             pid,
-            failures,
+            ..
         } => Entry::worker(
             site,
             *generation,
             *worker,
             Some(*pid),
             Kind::Unhealthy,
-            format!("failed {failures} health checks: restarting it"),
+            words(),
         ),
         Event::Adopted { generation, .. } => Entry {
             generation: Some(generation.0),
