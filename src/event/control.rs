@@ -657,28 +657,28 @@ impl Agent {
                 self.emit_operator(None, uid, "upgrade", detail, None);
                 self.upgrade(conn, binary);
             }
-            Request::Reload => match {
+            Request::Reload => {
                 self.emit_operator(None, uid, "reload", None, None);
-                self.reload()
-            } {
-                Ok(summary) => self.finish(conn, &Reply::ok(&summary)),
-                Err(e) => {
-                    let text = match &e {
-                        AgentError::Config(_) => e.to_string(),
-                        _ => format!("{e}: {}", super::error_chain(&e)),
-                    };
-                    error!("reload refused, nothing changed: {text}");
-                    // A bad file is a configuration error; a port taken is the host's.
-                    let kind = match e {
-                        AgentError::Config(_) => ErrorKind::Config,
-                        _ => ErrorKind::Failed,
-                    };
-                    self.finish(
-                        conn,
-                        &Reply::error(kind, format!("reload refused, nothing changed: {text}")),
-                    );
+                match self.reload() {
+                    Ok(summary) => self.finish(conn, &Reply::ok(&summary)),
+                    Err(e) => {
+                        let text = match &e {
+                            AgentError::Config(_) => e.to_string(),
+                            _ => format!("{e}: {}", super::error_chain(&e)),
+                        };
+                        error!("reload refused, nothing changed: {text}");
+                        // A bad file is a configuration error; a port taken is the host's.
+                        let kind = match e {
+                            AgentError::Config(_) => ErrorKind::Config,
+                            _ => ErrorKind::Failed,
+                        };
+                        self.finish(
+                            conn,
+                            &Reply::error(kind, format!("reload refused, nothing changed: {text}")),
+                        );
+                    }
                 }
-            },
+            }
         }
     }
 
