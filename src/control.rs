@@ -126,6 +126,24 @@ pub enum Request {
         #[serde(default)]
         follow: bool,
     },
+    /// The event history (`hatchery events`): the last `lines` entries (of `site`, or of
+    /// every site the caller may see), at or after `since` (a UTC time), then new ones if
+    /// `follow`. Each entry is a `{"line":"<JSON object>"}` (see
+    /// [`crate::event::history::Entry`]).
+    Events {
+        /// Only this site's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        site: Option<String>,
+        /// How many past entries.
+        #[serde(default = "default_lines")]
+        lines: usize,
+        /// Keep streaming.
+        #[serde(default)]
+        follow: bool,
+        /// Only entries at or after this UTC time (`2026-11-22T14:41:08Z`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<String>,
+    },
     /// Re-read the configuration.
     Reload,
     /// Start a new generation from the release symlink's target (or `release`), flip to
@@ -190,7 +208,7 @@ impl Request {
     /// The site a request concerns, if one.
     pub fn site(&self) -> Option<&str> {
         match self {
-            Request::Status { site } => site.as_deref(),
+            Request::Status { site } | Request::Events { site, .. } => site.as_deref(),
             Request::Start { site }
             | Request::Stop { site }
             | Request::Restart { site }

@@ -226,6 +226,25 @@ impl SiteLog {
         Ok(())
     }
 
+    /// Appends records, as few writes as rotation allows: those that fit in the file
+    /// together are one write (the lines of one turn of the loop), and the file is rotated
+    /// before the first that would not fit, as [`SiteLog::append`] would.
+    pub fn append_all(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
+        let mut batch: Vec<u8> = Vec::new();
+        for r in records {
+            let total = self.size + (batch.len() + r.len()) as u64;
+            if !batch.is_empty() && total > self.policy.max_size {
+                self.append(&batch)?;
+                batch.clear();
+            }
+            batch.extend_from_slice(r);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.append(&batch)
+    }
+
     /// Counts the lines of `bytes`, just written at the end of the file.
     fn index(&mut self, bytes: &[u8]) {
         for at in memchr::memchr_iter(b'\n', bytes) {
@@ -265,10 +284,15 @@ impl SiteLog {
 /// The part of a site's log a `logs` client still has to receive: read from the file a
 /// chunk at a time, as the client's connection drains, so a client that asks for many
 /// lines and reads slowly (or never) costs the agent one chunk, not the whole tail.
-/// Reading goes on until the end of the file as it grows, and onto the new file when the
-/// log was rotated meanwhile; then the client is caught up (and, with `-f`, follows).
+/// More lines than the current file holds are taken from the end of the rotated files
+/// (`<site>.log.1`, …), read first, oldest first. Reading goes on until the end of the
+/// file as it grows, and onto the new file when the log was rotated meanwhile; then the
+/// client is caught up (and, with `-f`, follows).
 #[derive(Debug)]
 pub struct Backlog {
+    /// Rotated files to read before `file`, oldest first: each with where to start and
+    /// where it ends.
+    earlier: std::collections::VecDeque<(File, u64, u64)>,
     file: File,
     pos: u64,
     rotations: u64,
@@ -288,26 +312,30 @@ impl Backlog {
         let mut file = File::open(&log.path)?;
         let first = log.lines.saturating_sub(lines as u64);
         let mark = usize::try_from(first / MARK_EVERY).unwrap_or(usize::MAX);
-        let mut pos = log.marks.get(mark).copied().unwrap_or(0);
-        let mut skip = first % MARK_EVERY;
-        let mut buf = vec![0u8; BACKLOG_CHUNK];
-        while skip > 0 {
-            file.seek(SeekFrom::Start(pos))?;
-            let n = read_full(&mut file, &mut buf)?;
-            if n == 0 {
+        let pos = log.marks.get(mark).copied().unwrap_or(0);
+        let pos = skip_lines(&mut file, pos, first % MARK_EVERY)?;
+        // The rest from the rotated files, newest first, counted (rotated files are at
+        // most `max_size` each, and only as many are read as the lines asked for need).
+        let mut earlier = std::collections::VecDeque::new();
+        let mut need = (lines as u64).saturating_sub(log.lines);
+        let mut i = 1;
+        while need > 0 && i <= log.policy.keep {
+            let Ok(mut old) = File::open(format!("{}.{i}", log.path.display())) else {
                 break;
-            }
-            let mut consumed = n;
-            for at in memchr::memchr_iter(b'\n', &buf[..n]) {
-                skip -= 1;
-                if skip == 0 {
-                    consumed = at + 1;
-                    break;
-                }
-            }
-            pos += consumed as u64;
+            };
+            let len = old.metadata()?.len();
+            let count = count_lines(&mut old)?;
+            let start = if count > need {
+                skip_lines(&mut old, 0, count - need)?
+            } else {
+                0
+            };
+            earlier.push_front((old, start, len));
+            need = need.saturating_sub(count);
+            i += 1;
         }
         Ok(Backlog {
+            earlier,
             file,
             pos,
             rotations: log.rotations,
@@ -318,6 +346,26 @@ impl Backlog {
     /// The next complete lines (at most about [`BACKLOG_CHUNK`] bytes), without their
     /// newlines; `None` once caught up with `log`.
     pub fn next_lines(&mut self, log: &SiteLog) -> io::Result<Option<Vec<String>>> {
+        while let Some((old, pos, end)) = self.earlier.front_mut() {
+            let want = usize::try_from(*end - *pos).map_or(BACKLOG_CHUNK, |n| n.min(BACKLOG_CHUNK));
+            let mut buf = vec![0u8; want];
+            old.seek(SeekFrom::Start(*pos))?;
+            let n = read_full(old, &mut buf)?;
+            buf.truncate(n);
+            let upto = match memchr::memrchr(b'\n', &buf) {
+                Some(i) => i + 1,
+                None if n == BACKLOG_CHUNK => n,
+                None => 0,
+            };
+            if upto == 0 {
+                // Read to its end (a rotated file ends with a whole line).
+                self.earlier.pop_front();
+                continue;
+            }
+            *pos += upto as u64;
+            let text = String::from_utf8_lossy(&buf[..upto]);
+            return Ok(Some(text.lines().map(str::to_string).collect()));
+        }
         loop {
             let want = match self.until {
                 Some(end) if self.pos >= end => return Ok(None),
@@ -350,6 +398,42 @@ impl Backlog {
             self.pos = 0;
             self.rotations = log.rotations;
         }
+    }
+}
+
+/// Where the line `skip` lines after `pos` starts (the end of the file if it has fewer).
+fn skip_lines(file: &mut File, mut pos: u64, mut skip: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; BACKLOG_CHUNK];
+    while skip > 0 {
+        file.seek(SeekFrom::Start(pos))?;
+        let n = read_full(file, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let mut consumed = n;
+        for at in memchr::memchr_iter(b'\n', &buf[..n]) {
+            skip -= 1;
+            if skip == 0 {
+                consumed = at + 1;
+                break;
+            }
+        }
+        pos += consumed as u64;
+    }
+    Ok(pos)
+}
+
+/// The complete lines in a file.
+fn count_lines(file: &mut File) -> io::Result<u64> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut buf = vec![0u8; BACKLOG_CHUNK];
+    let mut count = 0;
+    loop {
+        let n = read_full(file, &mut buf)?;
+        if n == 0 {
+            return Ok(count);
+        }
+        count += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
     }
 }
 
@@ -642,6 +726,25 @@ mod tests {
         assert!(last[0].starts_with('9'), "the newest line is last");
     }
 
+    #[test]
+    fn records_appended_together_rotate_as_one_by_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy = LogPolicy {
+            max_size: 4096,
+            keep: 2,
+        };
+        let mut log = SiteLog::open(dir.path(), "many", policy, None).expect("open");
+        let mut line = vec![b'a'; 1023];
+        line.push(b'\n');
+        let many: Vec<Vec<u8>> = (0..10).map(|_| line.clone()).collect();
+        log.append_all(&many).expect("append");
+        let size = |p: &str| fs::metadata(dir.path().join(p)).map(|m| m.len()).ok();
+        assert_eq!(size("many.log.2"), Some(4096));
+        assert_eq!(size("many.log.1"), Some(4096));
+        assert_eq!(size("many.log"), Some(2048));
+        assert_eq!(backlog(&log, 100).len(), 10);
+    }
+
     /// Everything a backlog of `n` lines yields, chunk by chunk.
     fn backlog(log: &SiteLog, n: usize) -> Vec<String> {
         let mut b = Backlog::start(log, n, false).expect("start");
@@ -683,6 +786,31 @@ mod tests {
         assert_eq!(backlog(&log, 1), vec!["partial done"]);
         let empty = SiteLog::open(dir.path(), "empty", policy, None).expect("open");
         assert!(backlog(&empty, 5).is_empty());
+    }
+
+    #[test]
+    fn a_backlog_reads_the_rotated_files_for_more_lines_than_the_current_one_has() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy = LogPolicy {
+            max_size: 1000,
+            keep: 2,
+        };
+        let mut log = SiteLog::open(dir.path(), "n", policy, None).expect("open");
+        // 100-byte lines: 10 per file; 35 lines leave 5 in the current file, 10 in each
+        // of .1 and .2 (the 10 oldest are gone).
+        for i in 0..35 {
+            log.append(format!("{i:099}\n").as_bytes()).expect("append");
+        }
+        let numbers = |n| -> Vec<u32> {
+            backlog(&log, n)
+                .iter()
+                .map(|l| l.parse().expect("number"))
+                .collect()
+        };
+        assert_eq!(numbers(3), vec![32, 33, 34]);
+        assert_eq!(numbers(12), (23..35).collect::<Vec<_>>());
+        assert_eq!(numbers(25), (10..35).collect::<Vec<_>>());
+        assert_eq!(numbers(1000), (10..35).collect::<Vec<_>>(), "all there is");
     }
 
     #[test]

@@ -111,6 +111,23 @@ enum Command {
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
     },
+    /// Show what happened: workers started, ready, exited and why, restarts, deploy
+    /// steps, scales, reloads, operators' requests (one line each; `--json`: one JSON
+    /// object per line). Without SITE, every site the caller may see.
+    Events {
+        /// Only this site.
+        site: Option<String>,
+        /// Keep printing new events.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only events since this long ago (`30s`, `10m`, `2h`) or this UTC time
+        /// (`2026-11-22T14:41:08Z`).
+        #[arg(long, value_name = "DURATION|TIME")]
+        since: Option<String>,
+        /// How many past events (at most).
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
     /// Re-read the configuration (like SIGHUP); a bad file changes nothing.
     Reload,
     /// Deploy a new generation from the release symlink's target; waits until the old
@@ -642,6 +659,31 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             lines,
             follow,
         },
+        Command::Events {
+            site,
+            follow,
+            since,
+            lines,
+        } => {
+            let since = match since
+                .map(|s| {
+                    hatchery::event::history::since_timestamp(&s, std::time::SystemTime::now())
+                })
+                .transpose()
+            {
+                Ok(s) => s,
+                Err(why) => {
+                    say_err(&format!("hatchery: {why}"));
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            Request::Events {
+                site,
+                lines,
+                follow,
+                since,
+            }
+        }
         Command::Reload => Request::Reload,
         Command::Upgrade { binary } => Request::Upgrade {
             // The agent's working directory is not the caller's.
@@ -686,8 +728,10 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         }
     };
     let is_status = matches!(request, Request::Status { .. });
+    let is_events = matches!(request, Request::Events { .. });
     let mut progress = cli::render::Progress::default();
     let result = conn.call(&request, |r| match r {
+        Reply::Line(l) if is_events && !json => println!("{}", printable(&cli::events::text(l))),
         Reply::Line(l) => println!("{}", printable(l)),
         Reply::Event(e) if !json => {
             for line in progress.line(std::time::Instant::now(), e) {
@@ -701,6 +745,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         say_err(&format!("  {line}"));
     }
     match result {
+        Ok(Reply::Ok(_)) if is_events => ExitCode::SUCCESS,
         Ok(Reply::Ok(value)) => {
             if json {
                 println!(

@@ -82,6 +82,25 @@ fn a_worker_past_its_memory_max_is_oom_killed_reported_and_restarted_alone() {
         log.contains("oom-killed"),
         "the agent log says oom-killed: {log}"
     );
+    // The event history says it too: an exit of w-0 told as an OOM kill, then its restart.
+    let out = agent.cli(&["events", "hog", "-n", "1000", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let history: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let oom = history
+        .iter()
+        .position(|e| e["kind"] == "exited" && e["exit"] == "oom" && e["worker"] == 0)
+        .unwrap_or_else(|| panic!("no OOM-kill event: {history:#?}"));
+    assert_eq!(history[oom]["crash"], true);
+    assert_eq!(history[oom]["signal"], "SIGKILL");
+    assert!(
+        history[oom..]
+            .iter()
+            .any(|e| e["kind"] == "restart_scheduled" && e["worker"] == 0),
+        "a restart follows: {history:#?}"
+    );
 }
 
 #[test]

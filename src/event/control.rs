@@ -287,7 +287,8 @@ impl Agent {
                     }
                 }
             }
-            if conn.outbuf.is_empty() && conn.backlog.is_some() {
+            let querying = self.history.querying(id);
+            if conn.outbuf.is_empty() && (conn.backlog.is_some() || querying) {
                 if pumped {
                     // More when the loop comes back to this connection.
                     if conn.write_token.is_none() {
@@ -303,7 +304,12 @@ impl Agent {
                     return;
                 }
                 pumped = true;
-                if self.pump_backlog(id) {
+                let more = if querying {
+                    self.pump_events(id)
+                } else {
+                    self.pump_backlog(id)
+                };
+                if more {
                     continue;
                 }
                 return;
@@ -434,7 +440,8 @@ impl Agent {
             }
         } else if !admin {
             let owns_any = self.sites.values().any(|s| s.config().uid == uid);
-            let allowed = matches!(req, Request::Status { .. }) && owns_any;
+            let allowed =
+                matches!(req, Request::Status { .. } | Request::Events { .. }) && owns_any;
             if !allowed {
                 warn!(uid, "refused a control request");
                 return self.finish(
@@ -458,10 +465,12 @@ impl Agent {
             }
             Request::Start { .. } => {
                 let name = name.expect("site request");
+                self.emit_operator(Some(&name), uid, "start", None, None);
                 self.feed_request(&name, conn, Input::Start(Some(client)));
             }
             Request::Stop { .. } => {
                 let name = name.expect("site request");
+                self.emit_operator(Some(&name), uid, "stop", None, None);
                 let input = Input::Stop {
                     client: Some(client),
                     why: CancelReason::SiteStopped,
@@ -470,6 +479,7 @@ impl Agent {
             }
             Request::Restart { .. } => {
                 let name = name.expect("site request");
+                self.emit_operator(Some(&name), uid, "restart", None, None);
                 self.feed_request(&name, conn, Input::Restart(client));
             }
             Request::Deploy {
@@ -501,6 +511,13 @@ impl Agent {
                         return self.finish(conn, &Reply::error(ErrorKind::Refused, why));
                     }
                 };
+                let detail = match (&release, canary) {
+                    (Some(r), Some(c)) => Some(format!("of {} as a {c} canary", r.display())),
+                    (Some(r), None) => Some(format!("of {}", r.display())),
+                    (None, Some(c)) => Some(format!("as a {c} canary")),
+                    (None, None) => None,
+                };
+                self.emit_operator(Some(&name), uid, "deploy", detail, None);
                 let input = Input::Deploy {
                     client,
                     release,
@@ -510,10 +527,12 @@ impl Agent {
             }
             Request::Rollback { .. } => {
                 let name = name.expect("site request");
+                self.emit_operator(Some(&name), uid, "rollback", None, None);
                 self.feed_request(&name, conn, Input::Rollback(client));
             }
             Request::Promote { .. } => {
                 let name = name.expect("site request");
+                self.emit_operator(Some(&name), uid, "promote", None, None);
                 self.feed_request(&name, conn, Input::Promote(client));
             }
             Request::Scale {
@@ -521,6 +540,7 @@ impl Agent {
                 ..
             } => {
                 let name = name.expect("site request");
+                self.emit_operator(Some(&name), uid, "scale", Some("to auto".into()), None);
                 self.feed_request(&name, conn, Input::ScaleAuto(client));
             }
             Request::Scale {
@@ -540,6 +560,13 @@ impl Agent {
                         warn!(uid, site = %name, workers, "refused a scale beyond the configuration");
                     }
                 }
+                self.emit_operator(
+                    Some(&name),
+                    uid,
+                    "scale",
+                    Some(format!("to {workers} workers")),
+                    Some(workers),
+                );
                 let input = Input::Scale {
                     client,
                     workers,
@@ -553,6 +580,7 @@ impl Agent {
                     Ok(s) => s,
                     Err(m) => return self.finish(conn, &Reply::error(ErrorKind::BadRequest, m)),
                 };
+                self.emit_operator(Some(&name), uid, "signal", Some(sig.name()), None);
                 let site = &self.sites[&name];
                 let mut sent = 0;
                 for (g, gn) in &site.io.gens {
@@ -618,26 +646,39 @@ impl Agent {
                 };
                 self.start_exec(conn, &name, params);
             }
-            Request::Upgrade { binary } => self.upgrade(conn, binary),
-            Request::Reload => match self.reload() {
-                Ok(summary) => self.finish(conn, &Reply::ok(&summary)),
-                Err(e) => {
-                    let text = match &e {
-                        AgentError::Config(_) => e.to_string(),
-                        _ => format!("{e}: {}", super::error_chain(&e)),
-                    };
-                    error!("reload refused, nothing changed: {text}");
-                    // A bad file is a configuration error; a port taken is the host's.
-                    let kind = match e {
-                        AgentError::Config(_) => ErrorKind::Config,
-                        _ => ErrorKind::Failed,
-                    };
-                    self.finish(
-                        conn,
-                        &Reply::error(kind, format!("reload refused, nothing changed: {text}")),
-                    );
+            Request::Events {
+                site,
+                lines,
+                follow,
+                since,
+            } => self.start_events(conn, admin, uid, site, lines, follow, since),
+            Request::Upgrade { binary } => {
+                let detail = binary.as_ref().map(|b| format!("to {b}"));
+                self.emit_operator(None, uid, "upgrade", detail, None);
+                self.upgrade(conn, binary);
+            }
+            Request::Reload => {
+                self.emit_operator(None, uid, "reload", None, None);
+                match self.reload() {
+                    Ok(summary) => self.finish(conn, &Reply::ok(&summary)),
+                    Err(e) => {
+                        let text = match &e {
+                            AgentError::Config(_) => e.to_string(),
+                            _ => format!("{e}: {}", super::error_chain(&e)),
+                        };
+                        error!("reload refused, nothing changed: {text}");
+                        // A bad file is a configuration error; a port taken is the host's.
+                        let kind = match e {
+                            AgentError::Config(_) => ErrorKind::Config,
+                            _ => ErrorKind::Failed,
+                        };
+                        self.finish(
+                            conn,
+                            &Reply::error(kind, format!("reload refused, nothing changed: {text}")),
+                        );
+                    }
                 }
-            },
+            }
         }
     }
 

@@ -29,6 +29,7 @@
 //! | `exec.rs` | the sandbox as prepared, and `hatchery exec` |
 //! | `render.rs` | the words for the machines' events and outcomes |
 //! | `fold.rs` | per-worker lines by the thousand folded into summaries (log and progress) |
+//! | `history.rs` | the event history: one `emit` to the agent's log, the site's log and `events.jsonl`; `hatchery events` |
 //! | `recovery.rs` | the record of a running agent; adopting (or stopping) the workers of an earlier one |
 //! | `holder.rs` | handing worker output pipes to the fd holder, and taking them back |
 //! | `upgrade.rs` | `hatchery upgrade`: executing a new binary in place, and coming up from one |
@@ -40,6 +41,7 @@ mod exec;
 pub mod fold;
 mod generations;
 mod health;
+pub mod history;
 mod holder;
 mod output;
 mod pressure;
@@ -312,6 +314,8 @@ pub struct Agent {
     upgrade_reply: Option<(OwnedFd, Reply)>,
     /// Connections passed by the old image whose request is yet to be read.
     upgrade_pending: Vec<OwnedFd>,
+    /// The event history (see `history.rs`).
+    history: history::History,
 }
 
 impl Agent {
@@ -546,6 +550,7 @@ impl Agent {
             upgraded_from: None,
             upgrade_reply: None,
             upgrade_pending: Vec::new(),
+            history: history::History::new(&config.state_dir),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -749,6 +754,8 @@ impl Agent {
                 .min()
                 .map(|d| d.saturating_duration_since(Instant::now()));
             ready.clear();
+            // What this turn emitted, in one write per file.
+            self.flush_history(false);
             self.flush_pending();
             self.reg
                 .reactor
@@ -791,6 +798,7 @@ impl Agent {
             .chain(self.conns.values().filter_map(|c| c.deadline))
             .chain(self.zygote_deadline())
             .chain(fold::LogFold::agent().next_deadline())
+            .chain(self.history.next_deadline())
             .min()
     }
 
@@ -802,6 +810,7 @@ impl Agent {
         }
         let now = Instant::now();
         fold::LogFold::agent().flush(now);
+        self.history_deadlines(now);
         self.expire_connections(now);
         self.zygote_deadlines(now);
         let due: Vec<SiteName> = self
@@ -1011,6 +1020,7 @@ impl Agent {
         // Every site is stopped: no worker is left to record.
         let _ = std::fs::remove_file(recovery::workers_file(&self.config.state_dir));
         fold::LogFold::agent().flush_all();
+        self.flush_history(true);
         info!("agent stopped");
     }
 }

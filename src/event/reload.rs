@@ -93,6 +93,7 @@ impl Agent {
         // Every site is valid and started now.
         self.broken.clear();
         info!(?added, ?changed, ?removed, "configuration reloaded");
+        self.emit_reload(&added, &changed, &removed);
         Ok(crate::control::Reloaded {
             added,
             changed,

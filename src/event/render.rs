@@ -318,6 +318,8 @@ pub fn log(site: &SiteName, e: &Event) {
             note: Note::Failed(id),
             ..
         } => error!(site = %site, worker = %id, "site failed: worker flapping or unstartable"),
+        // The other notes of workers are said by the history (`history.rs`).
+        Event::Worker { .. } => {}
         Event::HealthFailed { generation, .. } => {
             warn!(site = %site, gen = generation.0, "{}", event(site, e));
         }

@@ -21,7 +21,7 @@ use crate::net::Listener;
 use crate::process::PidRef;
 use crate::steering::SteeringSupport;
 use crate::supervisor::ids::{ClientId, GenId, Slot};
-use crate::supervisor::machine::{Action, Event, Input, Observe, SiteMachine};
+use crate::supervisor::machine::{Action, Input, Observe, SiteMachine};
 use crate::supervisor::slots;
 
 /// A worker process.
@@ -569,18 +569,8 @@ impl Agent {
             }
             Action::Log(event) => {
                 render::log(name, &event);
-                // What the agent does to a site's workers on its own is said in the site's
-                // log too, beside their output.
-                if matches!(event, Event::Unhealthy { .. } | Event::HealthFailed { .. }) {
-                    if let Some(site) = self.sites.get_mut(name) {
-                        let record = format!(
-                            "{} hatchery: {}\n",
-                            crate::logs::utc_timestamp(std::time::SystemTime::now()),
-                            render::event(name, &event)
-                        );
-                        let _ = site.io.log.append(record.as_bytes());
-                    }
-                }
+                // In the site's log too, beside its workers' output, and in the history.
+                self.emit_event(name, &event);
                 None
             }
             Action::Dropped => {
@@ -658,6 +648,7 @@ impl Agent {
 
     /// A connection is answered or gone: no site waits to tell it anything.
     pub(super) fn forget_conn(&mut self, conn: u64) {
+        self.history.forget(conn);
         for site in self.sites.values_mut() {
             site.io.followers.retain(|c| *c != conn);
             site.machine.forget_client(ClientId(conn));

@@ -451,7 +451,9 @@ impl Agent {
         if self.shutting_down {
             return "the agent is shutting down".into();
         }
-        // What other clients are owed is written now: the new image starts with none.
+        // What other clients are owed is written now: the new image starts with none (the
+        // history's buffers too).
+        self.flush_history(true);
         self.flush_pending();
         // 3. The record, now, whatever was written before.
         self.workers_dirty = true;

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use tracing::{debug, error, warn};
 
+use super::history::{Entry, Kind};
 use super::reactor::Interest;
 use super::sites::Worker;
 use super::{Agent, MAX_FOLLOW_BUFFER, Pipe, Source};
@@ -158,10 +159,19 @@ impl Agent {
         }
         self.worker_output_done(name, worker.pidref.pid(), Writer::Worker(id.0));
         if !asked && !self.shutting_down {
-            warn!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), "worker {reason}");
+            warn!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), kind = "exited", "worker {reason}");
         } else {
-            debug!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), "worker {reason}");
+            debug!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), kind = "exited", "worker {reason}");
         }
+        let words = if asked {
+            format!("{reason} (asked to stop)")
+        } else {
+            reason.to_string()
+        };
+        self.emit(
+            Entry::worker(name, g, id, Some(worker.pidref.pid()), Kind::Exited, words)
+                .exited(&reason, !asked),
+        );
         self.feed(
             name,
             SiteInput::Worker {
@@ -422,11 +432,9 @@ impl Agent {
         let Some(site) = self.sites.get_mut(name) else {
             return;
         };
-        for r in records {
-            if let Err(e) = site.io.log.append(r) {
-                warn!(site = %name, "failed to write {}: {e}", site.io.log.path().display());
-                break;
-            }
+        // Few writes for the lot (the lines of a turn of the loop).
+        if let Err(e) = site.io.log.append_all(records) {
+            warn!(site = %name, "failed to write {}: {e}", site.io.log.path().display());
         }
         let path = site.io.log.path().display().to_string();
         let followers = site.io.followers.clone();

@@ -413,7 +413,8 @@ pub enum Action {
         /// The answer.
         outcome: Outcome,
     },
-    /// Something for the agent's log.
+    /// Something for the site's history: the agent's log, the site's log, the event
+    /// history (every note of a generation's slots, every deploy step).
     Log(Event),
     /// The site is removed and stopped: forget it.
     Dropped,
@@ -934,6 +935,12 @@ impl SiteMachine {
     /// A note of generation `g`'s slots: deploy progress for a generation that does not
     /// serve; for the serving one, the answer to the clients waiting for it, or progress.
     fn on_note(&mut self, g: GenId, note: Note, out: &mut Vec<Action>) {
+        // Every note is history (the agent's log, the site's log, the event history).
+        out.push(Action::Log(Event::Worker {
+            generation: g,
+            serving: g == self.serving,
+            note: note.clone(),
+        }));
         if g != self.serving {
             if matches!(note, Note::Settled | Note::RestartDone) {
                 return;
@@ -953,9 +960,6 @@ impl SiteMachine {
             serving: true,
             note: note.clone(),
         };
-        if matches!(note, Note::Failed(_)) {
-            out.push(Action::Log(event.clone()));
-        }
         let mut keep = Vec::new();
         for w in std::mem::take(&mut self.waiters) {
             let outcome = match (w.until, &note) {

@@ -217,6 +217,13 @@ impl SiteMachine {
         }
     }
 
+    /// A step of the deploy: in the site's history (the agent's log, the site's log, the
+    /// event history) and to the clients that wait.
+    pub(super) fn deploy_step(&self, event: Event, out: &mut Vec<Action>) {
+        out.push(Action::Log(event.clone()));
+        self.deploy_progress(event, out);
+    }
+
     /// `deploy`: start one now, or queue it behind the one under way.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn request_deploy(
@@ -560,7 +567,7 @@ impl SiteMachine {
                             d.ready_deadline = now + t;
                         }
                     }
-                    self.deploy_progress(
+                    self.deploy_step(
                         Event::NewGrows {
                             generation: to,
                             workers: n,
@@ -571,7 +578,7 @@ impl SiteMachine {
                     self.feed(to, slots::Input::ScaleRequested(n), now, out);
                 }
                 Step::ScaleOld(n) => {
-                    self.deploy_progress(
+                    self.deploy_step(
                         Event::OldShrinks {
                             generation: from,
                             workers: n,
@@ -600,7 +607,7 @@ impl SiteMachine {
                             give_up: false,
                         });
                     }
-                    self.deploy_progress(
+                    self.deploy_step(
                         Event::ProbationBegins {
                             generation: to,
                             ready: view.new.ready,
@@ -672,7 +679,7 @@ impl SiteMachine {
                     if let Some(old) = self.gens.get_mut(&from) {
                         old.leaving = true;
                     }
-                    self.deploy_progress(
+                    self.deploy_step(
                         Event::OldStops {
                             generation: from,
                             drained: view.old_queues_empty,

@@ -1,0 +1,371 @@
+//! The event history: `hatchery events --json` after a crash (the exit with its signal,
+//! the restart scheduled, the new process started and ready), after a deploy (its steps
+//! in order, the flip, the old generation retired), after an operator's `scale` and
+//! `restart` (with the uid that asked); `--since`; `-f` streaming a new event; the
+//! marked agent line in the site's `logs` among the workers' lines; and `logs -n` across a
+//! rotation of the site's log.
+
+mod common;
+
+use std::io::BufRead;
+use std::os::unix::fs::MetadataExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// A site of `workers` shell workers that say hello and sleep.
+fn site(workers: u32) -> String {
+    format!(
+        "name = \"ev\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hello $HATCHERY_WORKER_ID; exec sleep 1000\"]\nworkers = {workers}\n"
+    )
+}
+
+fn start(reactor: &'static str, workers: u32) -> TestAgent {
+    TestAgent::start_ready(
+        &[("ev", &site(workers))],
+        Options {
+            reactor,
+            cgroups: true,
+        },
+        "ev",
+        u64::from(workers),
+    )
+}
+
+/// `hatchery events <args> --json`, one object per line.
+fn events(agent: &TestAgent, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["events"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = agent.cli(&all);
+    assert!(
+        out.status.success(),
+        "events failed: {}\n{}",
+        stderr(&out),
+        agent.agent_log()
+    );
+    stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Waits until the site's history has an entry that `want` accepts; returns the history.
+fn wait_event(agent: &TestAgent, what: &str, want: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    wait_until(what, Duration::from_secs(20), || {
+        seen = events(agent, &["ev", "-n", "1000"]);
+        want(&seen)
+    });
+    seen
+}
+
+/// Where the first entry `want` accepts is.
+fn position(list: &[Value], want: impl Fn(&Value) -> bool) -> Option<usize> {
+    list.iter().position(want)
+}
+
+fn kill9(pid: i64) {
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+fn my_uid() -> u64 {
+    u64::from(std::fs::metadata("/proc/self").expect("proc").uid())
+}
+
+#[test]
+fn a_crash_is_an_exit_with_its_signal_a_restart_scheduled_a_start_and_ready() {
+    for reactor in REACTORS {
+        let agent = start(reactor, 2);
+        let status = agent.status("ev");
+        let victim = &status["workers"][0];
+        let (pid, slot) = (
+            victim["pid"].as_i64().expect("pid"),
+            victim["id"].as_u64().expect("id"),
+        );
+        kill9(pid);
+        let history = wait_event(&agent, "the crashed worker started again and ready", |h| {
+            let Some(exit) = position(h, |e| e["kind"] == "exited" && e["pid"] == pid) else {
+                return false;
+            };
+            let worker = &h[exit]["worker"];
+            h[exit..]
+                .iter()
+                .any(|e| e["kind"] == "ready" && e["worker"] == *worker)
+        });
+        let exit =
+            position(&history, |e| e["kind"] == "exited" && e["pid"] == pid).expect("waited for");
+        let e = &history[exit];
+        assert_eq!(e["signal"], "SIGKILL", "{e}");
+        assert_eq!(e["exit"], "signal", "{e}");
+        assert_eq!(e["crash"], true, "{e}");
+        assert_eq!(e["site"], "ev");
+        assert!(
+            e["gen"].as_u64().is_some() && e["time"].as_str().is_some(),
+            "{e}"
+        );
+        assert_eq!(e["worker"], slot, "{e}");
+        let worker = e["worker"].clone();
+        let after = &history[exit..];
+        let of = |kind: &str| {
+            after
+                .iter()
+                .position(|x| x["kind"] == kind && x["worker"] == worker)
+                .unwrap_or_else(|| panic!("no {kind} after the exit: {after:#?}"))
+        };
+        let (scheduled, started, ready) = (of("restart_scheduled"), of("started"), of("ready"));
+        assert!(
+            scheduled < started && started < ready,
+            "in order: {after:#?}"
+        );
+        assert!(after[scheduled]["delay_ms"].as_u64().is_some());
+        let new_pid = after[started]["pid"].as_i64().expect("a pid");
+        assert_ne!(new_pid, pid);
+        assert_eq!(after[ready]["pid"], new_pid);
+
+        // The site's log: the workers' lines and the agent's marked line about the crash.
+        let log = stdout(&agent.cli(&["logs", "ev", "-n", "100"]));
+        let marked = format!("w-{worker}[{pid}] killed by SIGKILL");
+        let line = log
+            .lines()
+            .find(|l| l.contains(&marked))
+            .unwrap_or_else(|| panic!("no line about the crash in the site's log:\n{log}"));
+        let (_, rest) = line.split_once(' ').expect("a time");
+        assert!(rest.starts_with("hatchery: "), "marked: {line}");
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!(" w-{worker}[{pid}] hello "))),
+            "the worker's own lines are there too:\n{log}"
+        );
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!(" w-{worker}[{new_pid}] hello "))),
+            "and its successor's:\n{log}"
+        );
+        // The text form: one line per event, time, site, who, what.
+        let text = stdout(&agent.cli(&["events", "ev", "-n", "1000"]));
+        assert!(
+            text.lines()
+                .any(|l| l.ends_with(&format!(" ev gen-1 w-{worker}[{pid}] killed by SIGKILL"))),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn operators_scale_and_restart_with_their_uid_and_since_filters() {
+    for reactor in REACTORS {
+        let agent = start(reactor, 1);
+        let out = agent.cli(&["scale", "ev", "2"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = agent.cli(&["restart", "ev"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let history = wait_event(&agent, "the restart done", |h| {
+            h.iter().any(|e| e["kind"] == "restart_done")
+        });
+        let asked = |action: &str| {
+            position(&history, |e| {
+                e["kind"] == "operator" && e["action"] == action
+            })
+            .unwrap_or_else(|| panic!("no {action}: {history:#?}"))
+        };
+        let (scale, restart) = (asked("scale"), asked("restart"));
+        assert!(scale < restart);
+        assert_eq!(history[scale]["uid"], my_uid());
+        assert_eq!(history[scale]["to"], 2);
+        assert_eq!(history[restart]["uid"], my_uid());
+        assert!(
+            history[scale..restart]
+                .iter()
+                .any(|e| e["kind"] == "started" && e["worker"] == 1),
+            "the new worker started after the scale: {history:#?}"
+        );
+        // Every worker stopped and started again after the restart was asked.
+        let after = &history[restart..];
+        for w in 0..2 {
+            assert!(
+                after
+                    .iter()
+                    .any(|e| e["kind"] == "exited" && e["worker"] == w && e["crash"] == false),
+                "w-{w} stopped: {after:#?}"
+            );
+        }
+
+        // --since: from the scale on.
+        let since = history[scale]["time"].as_str().expect("time").to_string();
+        let later = events(&agent, &["ev", "-n", "1000", "--since", &since]);
+        assert!(
+            later
+                .iter()
+                .all(|e| e["time"].as_str() >= Some(since.as_str()))
+        );
+        assert!(later.iter().any(|e| e["action"] == "scale"));
+        assert!(
+            later.len() < history.len(),
+            "the first starts are before it: {later:#?}"
+        );
+        let all = events(&agent, &["ev", "-n", "1000", "--since", "1h"]);
+        assert!(all.len() >= history.len());
+        assert!(events(&agent, &["ev", "--since", "2999-01-01T00:00:00Z"]).is_empty());
+        let bad = agent.cli(&["events", "--since", "yesterday"]);
+        assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+        // -n: the last N.
+        let last = events(&agent, &["ev", "-n", "2"]);
+        assert_eq!(last.as_slice(), &history[history.len() - 2..]);
+        // Without a site: every site's, and the agent's own.
+        let everything = events(&agent, &["-n", "1000"]);
+        assert!(everything.len() >= history.len());
+    }
+}
+
+#[test]
+fn a_follower_gets_a_new_event() {
+    for reactor in REACTORS {
+        let agent = start(reactor, 1);
+        let mut child = Command::new(BIN)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .args(["events", "ev", "-f", "-n", "1", "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("events -f");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // The backlog first: once it came, the client follows.
+        let first = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the last event");
+        assert!(first.starts_with('{'), "{first}");
+        let pid = agent.pids("ev")[0];
+        kill9(pid);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        let exited = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                panic!("no exit event followed: {got:#?}");
+            };
+            let e: Value = serde_json::from_str(&line).expect("json");
+            if e["kind"] == "exited" && e["pid"] == pid {
+                break e;
+            }
+            got.push(line);
+        };
+        assert_eq!(exited["signal"], "SIGKILL");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[test]
+fn a_deploy_is_its_steps_in_order_the_flip_and_the_old_generation_retired() {
+    for reactor in REACTORS {
+        let agent = start(reactor, 2);
+        let out = agent.cli(&["deploy", "ev"]);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            stderr(&out),
+            agent.agent_log()
+        );
+        let history = wait_event(&agent, "gen-1 retired", |h| {
+            h.iter().any(|e| e["kind"] == "retired" && e["gen"] == 1)
+        });
+        let at = |kind: &str| {
+            position(&history, |e| e["kind"] == kind)
+                .unwrap_or_else(|| panic!("no {kind}: {history:#?}"))
+        };
+        let asked = position(&history, |e| e["action"] == "deploy").expect("operator deploy");
+        assert_eq!(history[asked]["uid"], my_uid());
+        let (began, flipped, done) = (at("deploy_started"), at("flipped"), at("deployed"));
+        let retired =
+            position(&history, |e| e["kind"] == "retired" && e["gen"] == 1).expect("waited for");
+        assert!(
+            asked < began && began < flipped && flipped < done && flipped < retired,
+            "in order: {history:#?}"
+        );
+        assert_eq!(history[began]["from"], 1);
+        assert_eq!(history[began]["to"], 2);
+        assert_eq!(history[flipped]["from"], 1);
+        assert_eq!(history[flipped]["to"], 2);
+        assert!(history[done]["duration_ms"].as_u64().is_some());
+        // The new generation's workers were ready before the flip; the old one's stopped
+        // (asked) after it.
+        for w in 0..2 {
+            assert!(
+                history[began..flipped]
+                    .iter()
+                    .any(|e| e["kind"] == "ready" && e["gen"] == 2 && e["worker"] == w),
+                "gen-2 w-{w} ready before the flip: {history:#?}"
+            );
+            assert!(
+                history[flipped..].iter().any(|e| e["kind"] == "exited"
+                    && e["gen"] == 1
+                    && e["worker"] == w
+                    && e["crash"] == false),
+                "gen-1 w-{w} stopped after the flip: {history:#?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn logs_n_reads_across_a_rotation() {
+    let script = "i=0; while [ $i -lt 150 ]; do echo line-$i-abcdefghijklmnopqrstuvwxyz; i=$((i+1)); done; exec sleep 1000";
+    let text = format!(
+        "name = \"ev\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\nworkers = 1\n[logs]\nmax_size = \"4K\"\nkeep = 3\n"
+    );
+    for reactor in REACTORS {
+        let agent = TestAgent::start_ready(
+            &[("ev", &text)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+            "ev",
+            1,
+        );
+        let logs = agent.dir.path().join("state").join("logs");
+        wait_until("the last line written", Duration::from_secs(20), || {
+            std::fs::read_to_string(logs.join("ev.log")).is_ok_and(|t| t.contains("line-149-"))
+        });
+        let current = std::fs::read_to_string(logs.join("ev.log")).expect("log");
+        assert!(logs.join("ev.log.1").exists(), "rotated");
+        assert!(
+            current.lines().count() < 100,
+            "the current file alone holds fewer than asked: {}",
+            current.lines().count()
+        );
+        let out = agent.cli(&["logs", "ev", "-n", "100"]);
+        let shown = stdout(&out);
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 100, "{shown}");
+        let numbers: Vec<u32> = lines
+            .iter()
+            .filter_map(|l| {
+                l.split_once(" line-")
+                    .and_then(|(_, r)| r.split('-').next()?.parse().ok())
+            })
+            .collect();
+        assert_eq!(numbers.last(), Some(&149), "{shown}");
+        assert!(
+            numbers.windows(2).all(|w| w[1] == w[0] + 1),
+            "consecutive, across the files: {numbers:?}"
+        );
+        assert!(numbers.len() >= 90, "{shown}");
+    }
+}
