@@ -392,6 +392,7 @@ impl Agent {
             }
         }
         self.forget_conn(id);
+        self.forget_watch(id);
         self.hang_up_execs(Some(id));
     }
 
@@ -434,7 +435,7 @@ impl Agent {
             }
         } else if !admin {
             let owns_any = self.sites.values().any(|s| s.config().uid == uid);
-            let allowed = matches!(req, Request::Status { .. }) && owns_any;
+            let allowed = matches!(req, Request::Status { .. } | Request::Watch { .. }) && owns_any;
             if !allowed {
                 warn!(uid, "refused a control request");
                 return self.finish(
@@ -619,6 +620,9 @@ impl Agent {
                 self.start_exec(conn, &name, params);
             }
             Request::Upgrade { binary } => self.upgrade(conn, binary),
+            Request::Watch { interval_ms, site } => {
+                self.start_watch(conn, uid, admin, site.as_deref(), interval_ms);
+            }
             Request::Reload => match self.reload() {
                 Ok(summary) => self.finish(conn, &Reply::ok(&summary)),
                 Err(e) => {
@@ -656,6 +660,9 @@ impl Agent {
                 let name = SiteName::new(site).ok();
                 let status = self.status(name.as_ref(), uid, admin);
                 self.finish(conn, &Reply::ok(&status));
+            }
+            Request::Watch { interval_ms, site } => {
+                self.start_watch(conn, uid, admin, site.as_deref(), interval_ms);
             }
             Request::Start { .. } => {
                 let Some(config) = self.broken.get(site).and_then(|b| b.config.clone()) else {

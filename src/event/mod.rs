@@ -25,6 +25,7 @@
 //! | `output.rs` | the socket a site's workers write their output to |
 //! | `control.rs` | control connections and requests |
 //! | `status.rs` | the `status` report |
+//! | `watch.rs` | `watch`: snapshots pushed to subscribers (`hatchery top`) on a timer |
 //! | `reload.rs` | `reload` |
 //! | `exec.rs` | the sandbox as prepared, and `hatchery exec` |
 //! | `render.rs` | the words for the machines' events and outcomes |
@@ -52,6 +53,7 @@ mod sites;
 mod status;
 mod upgrade;
 mod warmup;
+mod watch;
 mod workers;
 mod zygote;
 
@@ -312,6 +314,8 @@ pub struct Agent {
     upgrade_reply: Option<(OwnedFd, Reply)>,
     /// Connections passed by the old image whose request is yet to be read.
     upgrade_pending: Vec<OwnedFd>,
+    /// `watch` subscribers (see `watch.rs`).
+    watchers: watch::Watchers,
 }
 
 impl Agent {
@@ -546,6 +550,7 @@ impl Agent {
             upgraded_from: None,
             upgrade_reply: None,
             upgrade_pending: Vec::new(),
+            watchers: watch::Watchers::default(),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -791,6 +796,7 @@ impl Agent {
             .chain(self.conns.values().filter_map(|c| c.deadline))
             .chain(self.zygote_deadline())
             .chain(fold::LogFold::agent().next_deadline())
+            .chain(self.watch_deadline())
             .min()
     }
 
@@ -803,6 +809,7 @@ impl Agent {
         let now = Instant::now();
         fold::LogFold::agent().flush(now);
         self.expire_connections(now);
+        self.send_watches(now);
         self.zygote_deadlines(now);
         let due: Vec<SiteName> = self
             .sites

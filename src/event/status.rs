@@ -13,6 +13,18 @@ use crate::status::{
 
 impl Agent {
     pub(super) fn status(&self, only: Option<&SiteName>, uid: u32, admin: bool) -> Status {
+        self.status_of(only, uid, admin, true)
+    }
+
+    /// [`Agent::status`], with each site's `workers` (and the usage of their cgroup
+    /// leaves, read here) left out unless `with_workers` (`watch`'s overview).
+    pub(super) fn status_of(
+        &self,
+        only: Option<&SiteName>,
+        uid: u32,
+        admin: bool,
+        with_workers: bool,
+    ) -> Status {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut sites: Vec<SiteStatus> = self
@@ -23,6 +35,7 @@ impl Agent {
                 let m = &s.machine;
                 let workers = m
                     .generations()
+                    .filter(|_| with_workers)
                     .flat_map(|g| g.slots.slots.values().map(move |slot| (g, slot)))
                     .map(|(g, slot)| {
                         let worker = s.io.gens.get(&g.id).and_then(|x| x.workers.get(&slot.id));
