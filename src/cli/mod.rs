@@ -1,3 +1,4 @@
 //! Parts of the `hatchery` binary beside `main.rs`: how the CLI shows what the agent says.
 
 pub mod render;
+pub mod top;
