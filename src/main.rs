@@ -789,11 +789,11 @@ fn exec(socket: &std::path::Path, site: &str, command: Vec<String>) -> ExitCode 
 /// unreachable.
 fn top(socket: PathBuf, site: Option<String>, delay: f64, json: bool) -> ExitCode {
     use cli::top::{Options, TopError};
-    let interval_ms = if delay.is_finite() {
-        (delay.clamp(0.0, 3600.0) * 1000.0) as u64
-    } else {
-        1000
-    };
+    // The agent holds it within its bounds (0.2 to 60 s).
+    let interval_ms = std::time::Duration::try_from_secs_f64(delay.clamp(0.0, 3600.0))
+        .ok()
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+        .unwrap_or(1000);
     let opts = Options {
         socket,
         site,

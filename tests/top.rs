@@ -46,6 +46,9 @@ struct Top {
     child: Child,
     parser: Arc<Mutex<vt100::Parser>>,
     raw: Arc<Mutex<Vec<u8>>>,
+    /// The thread reading the terminal: it ends once `top` has exited and everything it
+    /// wrote was read.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 fn winsize(rows: u16, cols: u16) -> rustix::termios::Winsize {
@@ -92,7 +95,7 @@ impl Top {
         let raw = Arc::new(Mutex::new(Vec::new()));
         let reader = master.try_clone().expect("dup master");
         let (p, r) = (parser.clone(), raw.clone());
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 16384];
             // Ends with EIO once every slave side is closed (top exited).
             while let Ok(n) = rustix::io::read(&reader, &mut buf) {
@@ -109,6 +112,7 @@ impl Top {
             child,
             parser,
             raw,
+            reader: Some(reader),
         }
     }
 
@@ -162,6 +166,44 @@ impl Drop for Top {
     }
 }
 
+/// With `HATCHERY_TOP_CAPTURE=DIR`, writes the screen to `DIR/<name>.txt` (the README's
+/// capture comes from there).
+fn capture(name: &str, rows: &[String]) {
+    if let Some(dir) = std::env::var_os("HATCHERY_TOP_CAPTURE") {
+        let text: Vec<&str> = rows.iter().map(|r| r.trim_end()).collect();
+        let path = std::path::Path::new(&dir).join(format!("{name}.txt"));
+        std::fs::write(path, text.join("\n") + "\n").expect("write the capture");
+    }
+}
+
+/// The README's capture of the overview has the columns and the keys `top` draws.
+fn readme_capture_is_true(rows: &[String]) {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .expect("README");
+    let block: Vec<&str> = readme
+        .split("<!-- top: overview -->")
+        .nth(1)
+        .and_then(|rest| rest.split("```text\n").nth(1))
+        .and_then(|b| b.split("\n```").next())
+        .expect("a capture of top in README.md after <!-- top: overview -->")
+        .lines()
+        .collect();
+    let heading = |lines: &[&str]| {
+        lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("SITE"))
+            .map(|l| l.trim_end().to_string())
+    };
+    let screen: Vec<&str> = rows.iter().map(String::as_str).collect();
+    assert_eq!(heading(&block), heading(&screen), "README's columns");
+    assert_eq!(
+        block.last().map(|l| l.trim_end()),
+        rows.last().map(|l| l.trim_end()),
+        "README's keys"
+    );
+}
+
 /// The row of the screen that starts with `site` (after the selection marker, if any).
 fn row_of(rows: &[String], site: &str) -> Option<usize> {
     rows.iter()
@@ -199,6 +241,8 @@ fn top_shows_sorts_opens_a_site_restarts_it_and_follows_a_resize() {
             "{}",
             rows[0]
         );
+        capture("overview", &rows);
+        readme_capture_is_true(&rows);
 
         // `s`: sorted by READY, most first.
         top.keys("s");
@@ -238,6 +282,7 @@ fn top_shows_sorts_opens_a_site_restarts_it_and_follows_a_resize() {
             "{}",
             rows.join("\n")
         );
+        capture("site", &rows);
 
         // `r` asks first; `y` restarts; the agent's answer is shown.
         top.keys("r");
@@ -276,6 +321,12 @@ fn top_shows_sorts_opens_a_site_restarts_it_and_follows_a_resize() {
         top.keys("q");
         let status = top.child.wait().expect("wait for top");
         assert!(status.success(), "{status}");
+        // What it wrote last may still be in the terminal's buffer: read to the end.
+        top.reader
+            .take()
+            .expect("the reader")
+            .join()
+            .expect("join the reader");
         let raw = top.raw.lock().expect("raw").clone();
         let text = String::from_utf8_lossy(&raw);
         assert!(text.contains("\x1b[?1049l"), "no return to the main screen");
@@ -360,7 +411,7 @@ fn watch_pushes_snapshots_on_its_interval_until_the_client_hangs_up() {
                 other => panic!("not a snapshot: {other:?}"),
             }
         };
-        let (t0, first) = next();
+        let (_, first) = next();
         assert_eq!(first.interval_ms, 200);
         assert_eq!(first.status.sites.len(), 1);
         assert_eq!(
@@ -375,8 +426,7 @@ fn watch_pushes_snapshots_on_its_interval_until_the_client_hangs_up() {
             "{first:?} {second:?}"
         );
         assert!(third.monotonic_ms >= second.monotonic_ms + 190);
-        // Pushed on the interval, not faster, and not held back much longer.
-        assert!(t2 - t0 >= Duration::from_millis(380), "{:?}", t2 - t0);
+        // Pushed on the interval (above, by the agent's clock), and not held back.
         assert!(t2 - t1 < Duration::from_secs(2), "{:?}", t2 - t1);
         // A site the agent does not have is refused as by `status`.
         let mut other = UnixStream::connect(&agent.socket).expect("connect");

@@ -436,7 +436,11 @@ pub fn memory_cell(
     } else {
         ('█', '·', '│')
     };
-    let cells = |v: u64| ((v.min(limit) as f64 / limit as f64) * BAR as f64).round() as usize;
+    // Rounded to the nearest cell, in integers.
+    let cells = |v: u64| {
+        let (v, limit) = (u128::from(v.min(limit)), u128::from(limit));
+        usize::try_from((v * BAR as u128 + limit / 2) / limit).unwrap_or(BAR)
+    };
     let filled = cells(current);
     let cap_at = cap.filter(|c| *c < limit).map(cells);
     let mut bar = String::new();
