@@ -442,7 +442,11 @@ pub fn memory_cell(
         usize::try_from((v * BAR as u128 + limit / 2) / limit).unwrap_or(BAR)
     };
     let filled = cells(current);
-    let cap_at = cap.filter(|c| *c < limit).map(cells);
+    // The cap in the cell its position falls in.
+    let cap_at = cap.filter(|c| *c < limit).map(|c| {
+        let (c, limit) = (u128::from(c), u128::from(limit));
+        usize::try_from(c * BAR as u128 / limit).unwrap_or(BAR)
+    });
     let mut bar = String::new();
     for i in 0..BAR {
         bar.push(if cap_at == Some(i) && i >= filled {
