@@ -11,7 +11,9 @@
 //! ← {"ok":{...}}                      or   {"error":{"kind":"refused","message":"..."}}
 //! ```
 //!
-//! `logs` with `follow` streams `{"line":"..."}` until the client hangs up. The agent
+//! `logs` with `follow` streams `{"line":"..."}` until the client hangs up; `watch` streams
+//! `{"snapshot":{...}}` (a [`Snapshot`]) at once and then every `interval_ms`, until the
+//! client hangs up. The agent
 //! identifies the peer with `SO_PEERCRED`: root (and the agent's own user) may do
 //! everything, a site's user only what concerns that site, anyone else nothing.
 
@@ -198,6 +200,27 @@ pub enum Request {
         #[serde(default)]
         binary: Option<String>,
     },
+    /// Subscribe to snapshots (`hatchery top`): one [`Snapshot`] at once, then one every
+    /// `interval_ms` (held within [`WATCH_INTERVAL_MS`]), pushed by the agent until the
+    /// client hangs up. Without `site`: every site the caller may see, without their
+    /// workers (each site's [`SiteSummary`] instead); with `site`: that site and its
+    /// workers.
+    Watch {
+        /// Milliseconds between snapshots.
+        #[serde(default = "default_watch_interval")]
+        interval_ms: u64,
+        /// One site, with its workers.
+        #[serde(default)]
+        site: Option<String>,
+    },
+}
+
+/// The fewest and most milliseconds between two `watch` snapshots: a client asking for
+/// less or more gets the bound.
+pub const WATCH_INTERVAL_MS: std::ops::RangeInclusive<u64> = 200..=60_000;
+
+fn default_watch_interval() -> u64 {
+    1000
 }
 
 fn default_lines() -> usize {
@@ -208,7 +231,9 @@ impl Request {
     /// The site a request concerns, if one.
     pub fn site(&self) -> Option<&str> {
         match self {
-            Request::Status { site } | Request::Events { site, .. } => site.as_deref(),
+            Request::Status { site }
+            | Request::Events { site, .. }
+            | Request::Watch { site, .. } => site.as_deref(),
             Request::Start { site }
             | Request::Stop { site }
             | Request::Restart { site }
@@ -328,6 +353,42 @@ pub struct ExecEnded {
     pub exit_code: i32,
 }
 
+/// One line of `watch`: the status now, as `status` would answer it (filtered by the
+/// caller's authorization the same way), and what the overview shows of each site's
+/// workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The agent's `CLOCK_MONOTONIC` when it was taken, in milliseconds: rates (CPU %)
+    /// are differences between two snapshots over the difference of this.
+    pub monotonic_ms: u64,
+    /// The milliseconds between snapshots the agent keeps to (the request's, bounded).
+    pub interval_ms: u64,
+    /// The status. Without a site in the request, its sites carry no `workers`.
+    pub status: crate::status::Status,
+    /// Per site (in the order of `status.sites`; a site that could not be started has
+    /// none), its workers summed up.
+    pub summaries: Vec<SiteSummary>,
+}
+
+/// A site's workers in a few numbers, for an overview that does not carry them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteSummary {
+    /// The site.
+    pub site: String,
+    /// Worker slots of every generation.
+    pub workers: u32,
+    /// Those with a process.
+    pub live: u32,
+    /// Those whose process said `BUSY=1`.
+    pub busy: u32,
+    /// Restarts after a crash, over every slot.
+    pub restarts: u32,
+    /// The last exit of the worker that exited most recently, as far as the agent can
+    /// tell (the slot started again last): `w-3 exited with code 1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+}
+
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -363,6 +424,8 @@ pub enum Reply {
     Event(String),
     /// A log line.
     Line(String),
+    /// A `watch` snapshot.
+    Snapshot(Box<Snapshot>),
     /// Success, with data.
     Ok(serde_json::Value),
     /// Failure.
@@ -480,6 +543,17 @@ mod tests {
         assert!(e.to_string().contains("a number or \"auto\""), "{e}");
         let text = serde_json::to_string(&Request::Reload).expect("ser");
         assert_eq!(text, r#"{"cmd":"reload"}"#);
+        let watch: Request = serde_json::from_str(r#"{"cmd":"watch"}"#).expect("parse");
+        assert_eq!(
+            watch,
+            Request::Watch {
+                interval_ms: 1000,
+                site: None
+            }
+        );
+        let watch: Request =
+            serde_json::from_str(r#"{"cmd":"watch","site":"a","interval_ms":250}"#).expect("parse");
+        assert_eq!(watch.site(), Some("a"));
     }
 
     #[test]

@@ -100,6 +100,20 @@ enum Command {
         /// The signal: HUP, SIGUSR1, 10, ...
         signal: String,
     },
+    /// A live full-screen view of every site (`?` lists the keys); without a terminal,
+    /// one snapshot as text (`--json`: as JSON).
+    Top {
+        /// Open on this site's view (its generations and workers).
+        site: Option<String>,
+        /// Seconds between snapshots (0.2 to 60).
+        #[arg(
+            short = 'd',
+            long = "delay",
+            default_value_t = 1.0,
+            value_name = "SECONDS"
+        )]
+        delay: f64,
+    },
     /// Show a site's worker output.
     Logs {
         /// The site.
@@ -301,6 +315,13 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_REFUSED)
                 }
             }
+        }
+        Command::Top { site, delay } => {
+            let socket = cli
+                .socket
+                .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+            top(socket, site, delay, cli.json)
         }
         Command::Exec { site, command } => {
             let socket = cli
@@ -713,6 +734,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         | Command::FdHolder
         | Command::UpgradeCheck { .. }
         | Command::Exec { .. }
+        | Command::Top { .. }
         | Command::Probe { .. } => {
             unreachable!("handled in main")
         }
@@ -812,6 +834,43 @@ fn exec(socket: &std::path::Path, site: &str, command: Vec<String>) -> ExitCode 
         }
         Err(ExecError::Io(e)) => {
             eprintln!("hatchery: exec failed: {e}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+    }
+}
+
+/// `hatchery top`: 0 when quit (or one snapshot printed), 1 refused, 2 bad request, 3
+/// unreachable.
+fn top(socket: PathBuf, site: Option<String>, delay: f64, json: bool) -> ExitCode {
+    use cli::top::{Options, TopError};
+    // The agent holds it within its bounds (0.2 to 60 s).
+    let interval_ms = std::time::Duration::try_from_secs_f64(delay.clamp(0.0, 3600.0))
+        .ok()
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+        .unwrap_or(1000);
+    let opts = Options {
+        socket,
+        site,
+        interval_ms,
+        json,
+    };
+    match cli::top::run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(TopError::Unreachable { path, source }) => {
+            say_err(&format!(
+                "hatchery: cannot reach the agent at {path}: {source}"
+            ));
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+        Err(TopError::Refused(e)) => {
+            say_err(&format!("hatchery: {}", e.message));
+            ExitCode::from(match e.kind {
+                ErrorKind::BadRequest | ErrorKind::Config => EXIT_USAGE,
+                _ => EXIT_REFUSED,
+            })
+        }
+        Err(e) => {
+            print_error(&anyhow::Error::new(e));
             ExitCode::from(EXIT_REFUSED)
         }
     }

@@ -398,6 +398,7 @@ impl Agent {
             }
         }
         self.forget_conn(id);
+        self.forget_watch(id);
         self.hang_up_execs(Some(id));
     }
 
@@ -440,8 +441,10 @@ impl Agent {
             }
         } else if !admin {
             let owns_any = self.sites.values().any(|s| s.config().uid == uid);
-            let allowed =
-                matches!(req, Request::Status { .. } | Request::Events { .. }) && owns_any;
+            let allowed = matches!(
+                req,
+                Request::Status { .. } | Request::Events { .. } | Request::Watch { .. }
+            ) && owns_any;
             if !allowed {
                 warn!(uid, "refused a control request");
                 return self.finish(
@@ -657,6 +660,9 @@ impl Agent {
                 self.emit_operator(None, uid, "upgrade", detail, None);
                 self.upgrade(conn, binary);
             }
+            Request::Watch { interval_ms, site } => {
+                self.start_watch(conn, uid, admin, site.as_deref(), interval_ms);
+            }
             Request::Reload => {
                 self.emit_operator(None, uid, "reload", None, None);
                 match self.reload() {
@@ -697,6 +703,9 @@ impl Agent {
                 let name = SiteName::new(site).ok();
                 let status = self.status(name.as_ref(), uid, admin);
                 self.finish(conn, &Reply::ok(&status));
+            }
+            Request::Watch { interval_ms, site } => {
+                self.start_watch(conn, uid, admin, site.as_deref(), interval_ms);
             }
             Request::Start { .. } => {
                 let Some(config) = self.broken.get(site).and_then(|b| b.config.clone()) else {

@@ -25,6 +25,7 @@
 //! | `output.rs` | the socket a site's workers write their output to |
 //! | `control.rs` | control connections and requests |
 //! | `status.rs` | the `status` report |
+//! | `watch.rs` | `watch`: snapshots pushed to subscribers (`hatchery top`) on a timer |
 //! | `reload.rs` | `reload` |
 //! | `exec.rs` | the sandbox as prepared, and `hatchery exec` |
 //! | `render.rs` | the words for the machines' events and outcomes |
@@ -54,6 +55,7 @@ mod sites;
 mod status;
 mod upgrade;
 mod warmup;
+mod watch;
 mod workers;
 mod zygote;
 
@@ -316,6 +318,8 @@ pub struct Agent {
     upgrade_pending: Vec<OwnedFd>,
     /// The event history (see `history.rs`).
     history: history::History,
+    /// `watch` subscribers (see `watch.rs`).
+    watchers: watch::Watchers,
 }
 
 impl Agent {
@@ -551,6 +555,7 @@ impl Agent {
             upgrade_reply: None,
             upgrade_pending: Vec::new(),
             history: history::History::new(&config.state_dir),
+            watchers: watch::Watchers::default(),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -799,6 +804,7 @@ impl Agent {
             .chain(self.zygote_deadline())
             .chain(fold::LogFold::agent().next_deadline())
             .chain(self.history.next_deadline())
+            .chain(self.watch_deadline())
             .min()
     }
 
@@ -812,6 +818,7 @@ impl Agent {
         fold::LogFold::agent().flush(now);
         self.history_deadlines(now);
         self.expire_connections(now);
+        self.send_watches(now);
         self.zygote_deadlines(now);
         let due: Vec<SiteName> = self
             .sites

@@ -13,6 +13,18 @@ use crate::status::{
 
 impl Agent {
     pub(super) fn status(&self, only: Option<&SiteName>, uid: u32, admin: bool) -> Status {
+        self.status_of(only, uid, admin, true)
+    }
+
+    /// [`Agent::status`], with each site's `workers` (and the usage of their cgroup
+    /// leaves, read here) left out unless `with_workers` (`watch`'s overview).
+    pub(super) fn status_of(
+        &self,
+        only: Option<&SiteName>,
+        uid: u32,
+        admin: bool,
+        with_workers: bool,
+    ) -> Status {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut sites: Vec<SiteStatus> = self
@@ -35,6 +47,7 @@ impl Agent {
                 };
                 let workers = m
                     .generations()
+                    .filter(|_| with_workers)
                     .flat_map(|g| g.slots.slots.values().map(move |slot| (g, slot)))
                     .map(|(g, slot)| {
                         let worker = s.io.gens.get(&g.id).and_then(|x| x.workers.get(&slot.id));
@@ -147,7 +160,18 @@ impl Agent {
                     workers,
                     deploys: stop_then_start(config),
                 };
-                site_usage_from_workers(&mut site);
+                if with_workers {
+                    site_usage_from_workers(&mut site, Vec::new());
+                } else if site.usage.is_none_or(|u| u.memory_current.is_none()) {
+                    // The overview has no workers, but the site's figures are theirs.
+                    let parts =
+                        s.io.gens
+                            .values()
+                            .flat_map(|g| g.workers.values())
+                            .map(|w| leaf_usage(w.cgroup.as_deref(), w.pidref.pid()))
+                            .collect();
+                    site_usage_from_workers(&mut site, parts);
+                }
                 site
             })
             .collect();
@@ -314,8 +338,8 @@ fn scale_status(
 
 /// Completes a site's usage where its cgroup lacks figures (no memory or pids
 /// controller, or no cgroups at all) with the sum of its workers' and zygotes' (read from
-/// `/proc`, [`crate::usage`]).
-fn site_usage_from_workers(site: &mut SiteStatus) {
+/// `/proc`, [`crate::usage`]), and `more` (those of workers not listed).
+fn site_usage_from_workers(site: &mut SiteStatus, more: Vec<crate::cgroup::Usage>) {
     let parts: Vec<crate::cgroup::Usage> = site
         .workers
         .iter()
@@ -325,6 +349,7 @@ fn site_usage_from_workers(site: &mut SiteStatus) {
                 .iter()
                 .filter_map(|g| g.zygote.as_ref().and_then(|z| z.usage)),
         )
+        .chain(more)
         .collect();
     if parts.is_empty() {
         return;
