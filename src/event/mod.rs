@@ -34,6 +34,7 @@
 //! | `upgrade.rs` | `hatchery upgrade`: executing a new binary in place, and coming up from one |
 //! | `setup.rs` | the control socket's lock, signals, limits, systemd notification |
 //! | `reactor.rs` | io_uring and epoll |
+//! | `metrics.rs` | the metrics listener: `GET /metrics` over HTTP, with its limits |
 
 mod control;
 mod exec;
@@ -41,6 +42,7 @@ pub mod fold;
 mod generations;
 mod health;
 mod holder;
+mod metrics;
 mod output;
 mod pressure;
 pub mod reactor;
@@ -157,6 +159,10 @@ enum Source {
     Pressure(SiteName),
     /// A site's output socket is readable (see `output.rs`).
     Output(SiteName),
+    /// The metrics listener (see `metrics.rs`).
+    Metrics,
+    /// A metrics connection, by number (readable or writable: see `metrics.rs`).
+    MetricsConn(u64),
 }
 
 #[derive(Debug)]
@@ -312,6 +318,10 @@ pub struct Agent {
     upgrade_reply: Option<(OwnedFd, Reply)>,
     /// Connections passed by the old image whose request is yet to be read.
     upgrade_pending: Vec<OwnedFd>,
+    /// The metrics listener (`metrics` in the agent file; see `metrics.rs`).
+    metrics: Option<metrics::MetricsServer>,
+    /// Counters kept for metrics alone (loop turns, requests, deploys, crashes by cause).
+    counters: crate::metrics::Counters,
 }
 
 impl Agent {
@@ -375,6 +385,8 @@ impl Agent {
             Some(i) => i.lock(&config.control_socket)?,
             None => lock_control(&config.control_socket)?,
         };
+        // A port taken is an error before anything else is set up.
+        let metrics = Agent::bind_metrics(&config)?;
         let read = agent_signals();
         let set = SigSet::of(&read);
         signals::block(&set).map_err(|e| setup_err("block signals", e))?;
@@ -546,6 +558,8 @@ impl Agent {
             upgraded_from: None,
             upgrade_reply: None,
             upgrade_pending: Vec::new(),
+            metrics,
+            counters: crate::metrics::Counters::default(),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -682,6 +696,7 @@ impl Agent {
                 .arm(g.fd(), Interest::Readable, Source::Graveyard)
                 .map_err(AgentError::Reactor)?;
         }
+        self.arm_metrics()?;
 
         info!(
             sites = self.sites.len(),
@@ -723,6 +738,7 @@ impl Agent {
 
         let mut ready = Vec::new();
         loop {
+            self.counters.loop_iterations += 1;
             if self.shutting_down && self.sites.values().all(|s| s.machine.is_stopped()) {
                 // Then wait (a bounded time) for what the workers left behind to leave
                 // their cgroups, and for the zygotes to exit, so the tree can be removed.
@@ -791,6 +807,11 @@ impl Agent {
             .chain(self.conns.values().filter_map(|c| c.deadline))
             .chain(self.zygote_deadline())
             .chain(fold::LogFold::agent().next_deadline())
+            .chain(
+                self.metrics
+                    .as_ref()
+                    .and_then(metrics::MetricsServer::next_deadline),
+            )
             .min()
     }
 
@@ -803,6 +824,7 @@ impl Agent {
         let now = Instant::now();
         fold::LogFold::agent().flush(now);
         self.expire_connections(now);
+        self.expire_metrics(now);
         self.zygote_deadlines(now);
         let due: Vec<SiteName> = self
             .sites
@@ -862,6 +884,8 @@ impl Agent {
             Source::ZygoteExit(id) => self.zygote_exited(id),
             Source::ZygoteLink(id) => self.on_zygote_link(id),
             Source::Pressure(site) => self.on_pressure(&site, token),
+            Source::Metrics => self.on_metrics_accept(),
+            Source::MetricsConn(id) => self.on_metrics_conn(id),
             Source::Graveyard => {
                 if let Some(g) = &mut self.graveyard {
                     g.sweep();

@@ -569,6 +569,11 @@ impl Agent {
             }
             Action::Log(event) => {
                 render::log(name, &event);
+                match event {
+                    Event::Deployed { .. } => self.counters.site(name.as_str()).deploys += 1,
+                    Event::RolledBack { .. } => self.counters.site(name.as_str()).rollbacks += 1,
+                    _ => {}
+                }
                 // What the agent does to a site's workers on its own is said in the site's
                 // log too, beside their output.
                 if matches!(event, Event::Unhealthy { .. } | Event::HealthFailed { .. }) {
