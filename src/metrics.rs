@@ -564,3 +564,126 @@ impl Collector for Snapshot {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A status with one site: two workers (one ready after a restart, one backing off),
+    /// a cgroup with memory accounting and none of pids, a budget, a finished deploy.
+    fn status() -> Status {
+        serde_json::from_value(serde_json::json!({
+            "agent": {
+                "pid": 1, "version": "1.2.3", "started_at": "2026-01-01T00:00:00Z",
+                "log_bytes_dropped": 7, "config": "/etc/hatchery/hatchery.toml", "features": []
+            },
+            "sites": [{
+                "name": "blog", "state": "running", "generation": 4, "desired": 3,
+                "requested": 5, "ready": 1, "steering": "ebpf",
+                "limits": { "memory": 1073741824u64, "pids_max": null, "cpu_weight": null,
+                            "memory_max": 268435456u64, "memory_high": null, "not_enforced": [] },
+                "usage": { "memory_current": 1000, "memory_peak": 2000, "memory_max": null,
+                           "oom_kills": 2, "pids": null, "cpu_usec": 1500000 },
+                "last_deploy": { "result": "done", "from": 3, "to": 4, "release": null,
+                                 "duration_ms": 2500, "finished_at": "2026-01-01T00:00:00Z" },
+                "workers": [
+                    { "id": 0, "generation": 4, "pid": 10, "state": "ready", "busy": true,
+                      "restarts": 2, "started_at": null, "uptime_ms": null, "last_exit": null,
+                      "cgroup": null, "usage": null },
+                    { "id": 1, "generation": 4, "pid": null, "state": "backoff", "busy": false,
+                      "restarts": 1, "started_at": null, "uptime_ms": null, "last_exit": null,
+                      "cgroup": null, "usage": null }
+                ]
+            }]
+        }))
+        .expect("a status")
+    }
+
+    fn encoded(counters: Counters) -> String {
+        encode(Snapshot {
+            status: status(),
+            counters,
+            uptime: Duration::from_millis(1500),
+        })
+        .expect("encoded")
+    }
+
+    #[test]
+    fn series_come_from_the_status_with_a_site_label() {
+        let text = encoded(Counters::default());
+        for line in [
+            "hatchery_agent_info{version=\"1.2.3\"} 1",
+            "hatchery_agent_uptime_seconds 1.5",
+            "hatchery_agent_log_dropped_bytes_total 7",
+            "hatchery_site_state_info{site=\"blog\",state=\"running\"} 1",
+            "hatchery_site_generation{site=\"blog\"} 4",
+            "hatchery_site_workers{site=\"blog\",state=\"ready\"} 1",
+            "hatchery_site_workers{site=\"blog\",state=\"backoff\"} 1",
+            "hatchery_site_workers{site=\"blog\",state=\"starting\"} 0",
+            "hatchery_site_workers_ready{site=\"blog\"} 1",
+            "hatchery_site_workers_desired{site=\"blog\"} 3",
+            "hatchery_site_workers_requested{site=\"blog\"} 5",
+            "hatchery_site_workers_busy{site=\"blog\"} 1",
+            "hatchery_site_worker_restarts_total{site=\"blog\"} 3",
+            "hatchery_site_oom_kills_total{site=\"blog\"} 2",
+            "hatchery_site_memory_bytes{site=\"blog\"} 1000",
+            "hatchery_site_memory_peak_bytes{site=\"blog\"} 2000",
+            "hatchery_site_memory_budget_bytes{site=\"blog\"} 1073741824",
+            "hatchery_site_worker_memory_max_bytes{site=\"blog\"} 268435456",
+            "hatchery_site_cpu_seconds_total{site=\"blog\"} 1.5",
+            "hatchery_site_last_deploy_duration_seconds{site=\"blog\"} 2.5",
+            "hatchery_site_steering_info{site=\"blog\",mode=\"ebpf\"} 1",
+            "# TYPE hatchery_site_worker_restarts_total counter",
+            "# TYPE hatchery_site_memory_bytes gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // What is not known is left out, not written as zero.
+        for name in [
+            "hatchery_site_pids",
+            "hatchery_site_accept_queue",
+            "hatchery_site_capacity_workers",
+        ] {
+            assert!(!text.contains(name), "{name} in\n{text}");
+        }
+        // Every sample of a site has its label.
+        for l in text.lines().filter(|l| l.starts_with("hatchery_site_")) {
+            assert!(l.contains("site=\"blog\""), "{l}");
+        }
+    }
+
+    #[test]
+    fn the_agents_counters_are_written_per_site_and_cause() {
+        let mut c = Counters {
+            loop_iterations: 42,
+            control_requests: 3,
+            scrapes: 1,
+            ..Counters::default()
+        };
+        c.crashed("blog", &ExitReason::Signaled { signal: 9 });
+        c.crashed("blog", &ExitReason::OomKilled);
+        c.crashed("blog", &ExitReason::OomKilled);
+        c.crashed("blog", &ExitReason::ReadyTimeout);
+        c.count("blog", Cause::SpawnFailed);
+        c.site("blog").deploys = 4;
+        c.site("blog").rollbacks = 1;
+        // A site no longer in the status is not written.
+        c.crashed("gone", &ExitReason::Exited { code: 1 });
+        let text = encoded(c);
+        for line in [
+            "hatchery_agent_loop_iterations_total 42",
+            "hatchery_agent_control_requests_total 3",
+            "hatchery_agent_metrics_scrapes_total 1",
+            "hatchery_site_worker_crashes_total{site=\"blog\",cause=\"killed\"} 1",
+            "hatchery_site_worker_crashes_total{site=\"blog\",cause=\"oom\"} 2",
+            "hatchery_site_worker_crashes_total{site=\"blog\",cause=\"spawn_failed\"} 1",
+            "hatchery_site_worker_crashes_total{site=\"blog\",cause=\"exited\"} 0",
+            "hatchery_site_deploys_total{site=\"blog\"} 4",
+            "hatchery_site_rollbacks_total{site=\"blog\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(!text.contains("gone"), "{text}");
+        assert!(!text.contains("ready_timeout"), "{text}");
+    }
+}
