@@ -217,7 +217,7 @@ impl Agent {
     fn scrape(&mut self) -> Result<String, std::fmt::Error> {
         self.counters.scrapes += 1;
         let snapshot = Snapshot {
-            status: self.status(None, 0, true),
+            status: self.status_of_sites(),
             counters: self.counters.clone(),
             uptime: SystemTime::now()
                 .duration_since(self.started)
