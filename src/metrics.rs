@@ -686,4 +686,77 @@ mod tests {
         assert!(!text.contains("gone"), "{text}");
         assert!(!text.contains("ready_timeout"), "{text}");
     }
+
+    /// Every series name of a scrape where everything is known.
+    fn every_name() -> std::collections::BTreeSet<String> {
+        let mut st = status();
+        let site = &mut st.sites[0];
+        site.capacity = serde_json::from_value(serde_json::json!({
+            "workers": 4, "per_worker": 100, "basis": "measured", "budget": 400,
+            "derivation": "x"
+        }))
+        .expect("capacity");
+        site.scale = serde_json::from_value(serde_json::json!({
+            "pinned": false, "target_percent": 70, "interval_ms": 1000,
+            "grow_cooldown_ms": 0, "shrink_cooldown_ms": 0, "sampling": true,
+            "signals": { "busy": null, "cpu": null, "queued": 5, "cpu_stall": null,
+                         "memory_events": null, "ready": 1, "wanted": 2 }
+        }))
+        .expect("scale");
+        if let Some(u) = site.usage.as_mut() {
+            u.pids = Some(3);
+        }
+        let text = encode(Snapshot {
+            status: st,
+            counters: Counters::default(),
+            uptime: Duration::ZERO,
+        })
+        .expect("encoded");
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_and_the_dashboard_name_the_series_there_are() {
+        let names = every_name();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+        let table: std::collections::BTreeSet<String> = readme
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `hatchery_"))
+            .filter_map(|l| l.split('`').next())
+            .map(|n| format!("hatchery_{n}"))
+            .collect();
+        assert_eq!(table, names, "the README's table of metrics");
+        let dashboard = std::fs::read_to_string(root.join("packaging/grafana/hatchery.json"))
+            .expect("dashboard");
+        let json: serde_json::Value = serde_json::from_str(&dashboard).expect("JSON");
+        let mut used = std::collections::BTreeSet::new();
+        for p in json["panels"].as_array().expect("panels") {
+            for t in p["targets"].as_array().expect("targets") {
+                let expr = t["expr"].as_str().expect("expr");
+                for (i, _) in expr.match_indices("hatchery_") {
+                    let name: String = expr[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(names.contains(&name), "the dashboard's {name} is no series");
+                    used.insert(name);
+                }
+            }
+        }
+        for name in [
+            "hatchery_site_workers",
+            "hatchery_site_memory_bytes",
+            "hatchery_site_memory_budget_bytes",
+            "hatchery_site_worker_restarts_total",
+            "hatchery_site_cpu_seconds_total",
+            "hatchery_site_deploys_total",
+        ] {
+            assert!(used.contains(name), "the dashboard shows no {name}");
+        }
+    }
 }
