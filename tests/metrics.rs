@@ -237,7 +237,7 @@ fn metrics_agree_with_status_and_count_a_restart() {
             "{samples:?}"
         );
         // Accounting is there exactly where status has it (cgroup v2 here or not).
-        let usage = site.usage.clone().unwrap_or_default();
+        let usage = site.usage.unwrap_or_default();
         assert_eq!(
             value(&samples, "hatchery_site_cpu_seconds_total", &blog).is_some(),
             usage.cpu_usec.is_some(),
