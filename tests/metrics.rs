@@ -402,3 +402,86 @@ fn a_metrics_port_in_use_stops_the_agent_at_startup_with_the_reason() {
     );
     drop(taken);
 }
+
+#[test]
+fn deploys_and_rollbacks_are_counted_as_status_reports_them() {
+    let Some(parser) = prometheus_parser() else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let release = |name: &str, script: &str| {
+        let dir = root.path().join("releases").join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let run = dir.join("run");
+        std::fs::write(&run, format!("#!/bin/sh\n{script}\n")).expect("write");
+        std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        dir
+    };
+    let link = root.path().join("current");
+    let point = |target: &std::path::Path| {
+        let tmp = link.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp).expect("symlink");
+        std::fs::rename(&tmp, &link).expect("rename");
+    };
+    point(&release("r1", "exec sleep 1000"));
+    let site = format!(
+        "name = \"web\"\ncommand = [\"{{release}}/run\"]\nworkers = 1\nrelease = \"{}\"\n[deploy]\nprobation = \"100ms\"\n[ready]\ntimeout = \"3s\"\n",
+        link.display()
+    );
+    let (agent, addr) = start(&[("web", &site)], "epoll");
+    agent.wait_for("web", "a ready worker", Duration::from_secs(10), |s| {
+        s["ready"] == 1
+    });
+    point(&release("r2", "exec sleep 1000"));
+    let out = agent.cli(&["deploy", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = agent.wait_for("web", "the deploy done", Duration::from_secs(20), |s| {
+        s["last_deploy"]["result"] == "done" && s["deploy"].is_null()
+    });
+    let took = s["last_deploy"]["duration_ms"].as_u64().expect("duration");
+    let samples = parse(&parser, &scrape(addr));
+    let web = [("site", "web")];
+    assert_eq!(
+        value(&samples, "hatchery_site_deploys_total", &web),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&samples, "hatchery_site_rollbacks_total", &web),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&samples, "hatchery_site_last_deploy_duration_seconds", &web),
+        Some(took as f64 / 1e3)
+    );
+    assert_eq!(
+        value(&samples, "hatchery_site_generation", &web),
+        s["generation"].as_f64()
+    );
+    // A release whose workers exit at once is rolled back.
+    point(&release("r3", "exit 3"));
+    let out = agent.cli(&["deploy", "web"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    agent.wait_for("web", "the rollback", Duration::from_secs(30), |s| {
+        s["last_deploy"]["result"] == "rolled_back" && s["deploy"].is_null()
+    });
+    let samples = parse(&parser, &scrape(addr));
+    assert_eq!(
+        value(&samples, "hatchery_site_deploys_total", &web),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&samples, "hatchery_site_rollbacks_total", &web),
+        Some(1.0)
+    );
+    assert!(
+        value(
+            &samples,
+            "hatchery_site_worker_crashes_total",
+            &[("site", "web"), ("cause", "exited")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{samples:?}"
+    );
+}
