@@ -400,6 +400,14 @@ impl Agent {
             self.reg.tokens.remove(&t);
             let _ = self.reg.reactor.disarm(conn.fd.as_fd(), t);
         }
+        // A TCP socket closed with unread data sends a reset, and the client may lose the
+        // answer already sent (a 405 to a request with a body): drain a little first.
+        let mut scratch = [0u8; 4096];
+        for _ in 0..4 {
+            if !matches!(rustix::io::read(&conn.fd, &mut scratch), Ok(n) if n > 0) {
+                break;
+            }
+        }
     }
 
     /// Closes the connections whose time is up.
