@@ -25,6 +25,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncod
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::cgroup::UsageSource;
 use crate::status::{SiteStatus, Status};
 use crate::supervisor::slots::ExitReason;
 
@@ -436,15 +437,24 @@ impl Collector for Snapshot {
             &mut e,
             &per_site(sites, |s| s.usage.as_ref().and_then(|u| u.oom_kills)),
         )?;
+        let memory: Vec<(SiteAnd<'_>, u64)> = sites
+            .iter()
+            .filter_map(|s| {
+                let u = s.usage.as_ref()?;
+                let source = match u.source {
+                    UsageSource::Cgroup => "cgroup",
+                    UsageSource::Proc => "proc",
+                };
+                u.memory_current
+                    .map(|v| ([("site", s.name.as_str()), ("source", source)], v))
+            })
+            .collect();
         gauge(
             "hatchery_site_memory",
-            "Memory the site's cgroup uses now (memory.current).",
+            "Memory the site uses now: its cgroup's memory.current (source cgroup), or without the memory controller the resident memory of its processes from /proc (source proc).",
         )
         .bytes()
-        .gauges(
-            &mut e,
-            &per_site(sites, |s| s.usage.as_ref().and_then(|u| u.memory_current)),
-        )?;
+        .gauges(&mut e, &memory)?;
         gauge(
             "hatchery_site_memory_peak",
             "The most memory the site's cgroup has used (memory.peak).",
@@ -626,7 +636,7 @@ mod tests {
             "hatchery_site_workers_busy{site=\"blog\"} 1",
             "hatchery_site_worker_restarts_total{site=\"blog\"} 3",
             "hatchery_site_oom_kills_total{site=\"blog\"} 2",
-            "hatchery_site_memory_bytes{site=\"blog\"} 1000",
+            "hatchery_site_memory_bytes{site=\"blog\",source=\"cgroup\"} 1000",
             "hatchery_site_memory_peak_bytes{site=\"blog\"} 2000",
             "hatchery_site_memory_budget_bytes{site=\"blog\"} 1073741824",
             "hatchery_site_worker_memory_max_bytes{site=\"blog\"} 268435456",

@@ -249,9 +249,19 @@ fn metrics_agree_with_status_and_count_a_restart() {
         ) {
             assert!(cpu >= us as f64 / 1e6, "CPU time only grows: {cpu} {us}");
         }
+        let source = match usage.source {
+            hatchery::cgroup::UsageSource::Cgroup => "cgroup",
+            hatchery::cgroup::UsageSource::Proc => "proc",
+        };
         assert_eq!(
-            value(&samples, "hatchery_site_memory_bytes", &blog).is_some(),
-            usage.memory_current.is_some()
+            value(
+                &samples,
+                "hatchery_site_memory_bytes",
+                &[("site", "blog"), ("source", source)]
+            )
+            .is_some(),
+            usage.memory_current.is_some(),
+            "{usage:?}"
         );
         assert_eq!(
             value(&samples, "hatchery_site_pids", &blog).is_some(),
