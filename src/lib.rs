@@ -21,7 +21,8 @@
 //!   deploys by generations.
 //! - Used anywhere: [`config`] (parsing and validation), [`logs`] (per-site worker log
 //!   files with rotation), [`control`] (the JSON protocol and its client), [`features`]
-//!   (what this kernel provides and what is enforced).
+//!   (what this kernel provides and what is enforced), [`metrics`] (the Prometheus text
+//!   encoding of a `status` report and the agent's counters).
 //!
 //! The `hatchery` binary (`src/main.rs`) is the CLI and `hatchery agent`; [`demo`] holds
 //! the built-in demo site and its tiny HTTP worker; [`probe`] is a small worker that
@@ -52,6 +53,7 @@ pub mod fdholder;
 pub mod features;
 pub mod journal;
 pub mod logs;
+pub mod metrics;
 pub mod net;
 pub mod probe;
 pub mod process;

@@ -47,6 +47,7 @@ impl AgentConfig {
             }),
             logs: None,
             memory_reserve: Some(format_size(self.memory_reserve)),
+            metrics: self.metrics.map(|a| a.to_string()),
         };
         let mut out = format!("# {}\n", self.file.display());
         out.push_str(&toml::to_string(&agent).unwrap_or_default());

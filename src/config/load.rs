@@ -81,6 +81,16 @@ fn load_each_keeping(
         Some(s) => parse_size(s).map_err(|m| err(path, "memory_reserve", m))?,
         None => DEFAULT_MEMORY_RESERVE,
     };
+    let metrics = match raw.metrics.as_deref() {
+        None => None,
+        Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
+            err(
+                path,
+                "metrics",
+                format!("invalid address {text:?}: use an IP address and a port, such as \"127.0.0.1:9464\""),
+            )
+        })?),
+    };
 
     let mut sites = Vec::new();
     let mut broken = Vec::new();
@@ -155,6 +165,7 @@ fn load_each_keeping(
         sites_dir,
         cgroup_base,
         memory_reserve,
+        metrics,
         sites,
     };
     Ok((config, broken))
@@ -346,5 +357,29 @@ mod tests {
         let piped = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = 10000\n").expect("valid");
         let e = check_fds(&[piped], 20_000).unwrap_err();
         assert!(e.message.contains("10000 workers need 20008 fds"), "{e}");
+    }
+
+    #[test]
+    fn metrics_is_an_address_or_an_error_naming_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("sites")).expect("mkdir");
+        let file = dir.path().join("hatchery.toml");
+        let write = |extra: &str| {
+            std::fs::write(&file, format!("sites_dir = \"sites\"\n{extra}")).expect("write");
+        };
+        write("");
+        assert_eq!(load(&file).expect("valid").metrics, None);
+        write("metrics = \"127.0.0.1:9464\"\n");
+        let c = load(&file).expect("valid");
+        assert_eq!(c.metrics, Some("127.0.0.1:9464".parse().expect("address")));
+        assert!(c.effective_toml().contains("metrics = \"127.0.0.1:9464\""));
+        write("metrics = \"[::1]:9464\"\n");
+        assert!(load(&file).expect("valid").metrics.is_some());
+        for bad in ["localhost:9464", "127.0.0.1", ":9464", "127.0.0.1:99999"] {
+            write(&format!("metrics = \"{bad}\"\n"));
+            let e = load(&file).expect_err(bad);
+            assert_eq!(e.key, "metrics", "{bad}");
+            assert!(e.message.contains("127.0.0.1:9464"), "{e}");
+        }
     }
 }

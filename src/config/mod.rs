@@ -175,6 +175,8 @@ pub struct AgentConfig {
     pub cgroup_base: CgroupBase,
     /// Memory the site budgets must leave to the host.
     pub memory_reserve: u64,
+    /// Where Prometheus metrics are served (`metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
     /// The sites, sorted by name.
     pub sites: Vec<SiteConfig>,
 }

@@ -25,6 +25,9 @@ pub struct RawAgent {
     pub logs: Option<RawLogs>,
     /// Memory kept for the host and the agent: site budgets must leave this much free.
     pub memory_reserve: Option<String>,
+    /// TCP address (`127.0.0.1:9464`) to serve Prometheus metrics on (`GET /metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 /// A site file, as written.

@@ -407,6 +407,7 @@ impl Agent {
     }
 
     pub(super) fn handle_request(&mut self, conn: u64, uid: u32, req: Request) {
+        self.counters.control_requests += 1;
         let admin = self.is_admin(uid);
         // Authorization first: a site request needs root, the agent's user, or the
         // site's own user; the answer for someone else's site does not reveal whether

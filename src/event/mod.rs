@@ -36,6 +36,7 @@
 //! | `upgrade.rs` | `hatchery upgrade`: executing a new binary in place, and coming up from one |
 //! | `setup.rs` | the control socket's lock, signals, limits, systemd notification |
 //! | `reactor.rs` | io_uring and epoll |
+//! | `metrics.rs` | the metrics listener: `GET /metrics` over HTTP, with its limits |
 
 mod control;
 mod exec;
@@ -44,6 +45,7 @@ mod generations;
 mod health;
 pub mod history;
 mod holder;
+mod metrics;
 mod output;
 mod pressure;
 pub mod reactor;
@@ -161,6 +163,10 @@ enum Source {
     Pressure(SiteName),
     /// A site's output socket is readable (see `output.rs`).
     Output(SiteName),
+    /// The metrics listener (see `metrics.rs`).
+    Metrics,
+    /// A metrics connection, by number (readable or writable: see `metrics.rs`).
+    MetricsConn(u64),
 }
 
 #[derive(Debug)]
@@ -320,6 +326,10 @@ pub struct Agent {
     history: history::History,
     /// `watch` subscribers (see `watch.rs`).
     watchers: watch::Watchers,
+    /// The metrics listener (`metrics` in the agent file; see `metrics.rs`).
+    metrics: Option<metrics::MetricsServer>,
+    /// Counters kept for metrics alone (loop turns, requests, deploys, crashes by cause).
+    counters: crate::metrics::Counters,
 }
 
 impl Agent {
@@ -383,6 +393,8 @@ impl Agent {
             Some(i) => i.lock(&config.control_socket)?,
             None => lock_control(&config.control_socket)?,
         };
+        // A port taken is an error before anything else is set up.
+        let metrics = Agent::bind_metrics(&config)?;
         let read = agent_signals();
         let set = SigSet::of(&read);
         signals::block(&set).map_err(|e| setup_err("block signals", e))?;
@@ -556,6 +568,8 @@ impl Agent {
             upgrade_pending: Vec::new(),
             history: history::History::new(&config.state_dir),
             watchers: watch::Watchers::default(),
+            metrics,
+            counters: crate::metrics::Counters::default(),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -692,6 +706,7 @@ impl Agent {
                 .arm(g.fd(), Interest::Readable, Source::Graveyard)
                 .map_err(AgentError::Reactor)?;
         }
+        self.arm_metrics()?;
 
         info!(
             sites = self.sites.len(),
@@ -733,6 +748,7 @@ impl Agent {
 
         let mut ready = Vec::new();
         loop {
+            self.counters.loop_iterations += 1;
             if self.shutting_down && self.sites.values().all(|s| s.machine.is_stopped()) {
                 // Then wait (a bounded time) for what the workers left behind to leave
                 // their cgroups, and for the zygotes to exit, so the tree can be removed.
@@ -805,6 +821,11 @@ impl Agent {
             .chain(fold::LogFold::agent().next_deadline())
             .chain(self.history.next_deadline())
             .chain(self.watch_deadline())
+            .chain(
+                self.metrics
+                    .as_ref()
+                    .and_then(metrics::MetricsServer::next_deadline),
+            )
             .min()
     }
 
@@ -819,6 +840,7 @@ impl Agent {
         self.history_deadlines(now);
         self.expire_connections(now);
         self.send_watches(now);
+        self.expire_metrics(now);
         self.zygote_deadlines(now);
         let due: Vec<SiteName> = self
             .sites
@@ -878,6 +900,8 @@ impl Agent {
             Source::ZygoteExit(id) => self.zygote_exited(id),
             Source::ZygoteLink(id) => self.on_zygote_link(id),
             Source::Pressure(site) => self.on_pressure(&site, token),
+            Source::Metrics => self.on_metrics_accept(),
+            Source::MetricsConn(id) => self.on_metrics_conn(id),
             Source::Graveyard => {
                 if let Some(g) = &mut self.graveyard {
                     g.sweep();

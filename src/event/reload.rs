@@ -27,6 +27,7 @@ impl Agent {
                 .is_some_and(|s| s.config().listen == sc.listen)
         };
         let new = config::load_keeping(&self.config.file, &holds)?;
+        self.metrics_reloaded(&new);
         if new.control_socket != self.config.control_socket
             || new.state_dir != self.config.state_dir
             || new.cgroup_base != self.config.cgroup_base

@@ -21,7 +21,7 @@ use crate::net::Listener;
 use crate::process::PidRef;
 use crate::steering::SteeringSupport;
 use crate::supervisor::ids::{ClientId, GenId, Slot};
-use crate::supervisor::machine::{Action, Input, Observe, SiteMachine};
+use crate::supervisor::machine::{Action, Event, Input, Observe, SiteMachine};
 use crate::supervisor::slots;
 
 /// A worker process.
@@ -569,6 +569,11 @@ impl Agent {
             }
             Action::Log(event) => {
                 render::log(name, &event);
+                match event {
+                    Event::Deployed { .. } => self.counters.site(name.as_str()).deploys += 1,
+                    Event::RolledBack { .. } => self.counters.site(name.as_str()).rollbacks += 1,
+                    _ => {}
+                }
                 // In the site's log too, beside its workers' output, and in the history.
                 self.emit_event(name, &event);
                 None

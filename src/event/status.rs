@@ -13,17 +13,28 @@ use crate::status::{
 
 impl Agent {
     pub(super) fn status(&self, only: Option<&SiteName>, uid: u32, admin: bool) -> Status {
-        self.status_of(only, uid, admin, true)
+        self.status_of(only, uid, admin, true, true)
     }
 
-    /// [`Agent::status`], with each site's `workers` (and the usage of their cgroup
-    /// leaves, read here) left out unless `with_workers` (`watch`'s overview).
+    /// Every site's status as root sees it, for metrics: the usage of each worker's and
+    /// zygote's leaf is read only where the site's own cgroup lacks a figure (the site's
+    /// is then their sum), else left `null`. The site-level figures are those of `status`,
+    /// at the cost of a few files per site rather than a few per worker (at 1000 workers
+    /// with cgroups, 44 ms of the agent's CPU per scrape against 1.5 ms).
+    pub(super) fn status_of_sites(&self) -> Status {
+        self.status_of(None, 0, true, true, false)
+    }
+
+    /// [`Agent::status`], with each site's `workers` left out unless `with_workers`
+    /// (`watch`'s overview), and their leaves' usage read only where the site's cgroup
+    /// lacks a figure unless `every_leaf`.
     pub(super) fn status_of(
         &self,
         only: Option<&SiteName>,
         uid: u32,
         admin: bool,
         with_workers: bool,
+        every_leaf: bool,
     ) -> Status {
         let now = Instant::now();
         let wall = SystemTime::now();
@@ -38,6 +49,10 @@ impl Agent {
                     .cgroups
                     .as_ref()
                     .map(|t| crate::cgroup::read_usage(&t.site_dir(name.as_str())));
+                let complete = site_usage.is_some_and(|u| {
+                    u.memory_current.is_some() && u.pids.is_some() && u.cpu_usec.is_some()
+                });
+                let read_leaves = every_leaf || !complete;
                 let leaf_usage = |leaf: Option<&std::path::Path>, pid: i32| {
                     let mut u = leaf
                         .map(|l| crate::cgroup::read_usage_below(l, site_usage.as_ref()))
@@ -69,7 +84,9 @@ impl Agent {
                             }),
                             last_exit: slot.last_exit.as_ref().map(|r| r.to_string()),
                             cgroup: worker.and_then(|w| w.cgroup.clone()),
-                            usage: worker.map(|w| leaf_usage(w.cgroup.as_deref(), w.pidref.pid())),
+                            usage: worker
+                                .filter(|_| read_leaves)
+                                .map(|w| leaf_usage(w.cgroup.as_deref(), w.pidref.pid())),
                         }
                     })
                     .collect();
@@ -103,6 +120,7 @@ impl Agent {
                                     restarts: z.restarts,
                                     pid: process.map(|p| p.pidref.pid()),
                                     usage: process
+                                        .filter(|_| read_leaves)
                                         .map(|p| leaf_usage(cgroup.as_deref(), p.pidref.pid())),
                                     cgroup,
                                 }

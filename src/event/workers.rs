@@ -159,6 +159,7 @@ impl Agent {
         }
         self.worker_output_done(name, worker.pidref.pid(), Writer::Worker(id.0));
         if !asked && !self.shutting_down {
+            self.counters.crashed(name.as_str(), &reason);
             warn!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), kind = "exited", "worker {reason}");
         } else {
             debug!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), kind = "exited", "worker {reason}");
@@ -187,6 +188,8 @@ impl Agent {
             Err(failure) => {
                 let error = failure.describe();
                 error!(site = %name, gen = g.0, worker = %id, "failed to spawn: {error}");
+                self.counters
+                    .count(name.as_str(), crate::metrics::Cause::SpawnFailed);
                 Input::SpawnFailed {
                     id,
                     error,
