@@ -13,7 +13,7 @@ use crate::status::{
 
 impl Agent {
     pub(super) fn status(&self, only: Option<&SiteName>, uid: u32, admin: bool) -> Status {
-        self.status_of(only, uid, admin, true, true)
+        self.status_of(only, uid, admin, true, true, true)
     }
 
     /// Every site's status as root sees it, for metrics: the usage of each worker's and
@@ -22,12 +22,13 @@ impl Agent {
     /// at the cost of a few files per site rather than a few per worker (at 1000 workers
     /// with cgroups, 44 ms of the agent's CPU per scrape against 1.5 ms).
     pub(super) fn status_of_sites(&self) -> Status {
-        self.status_of(None, 0, true, true, false)
+        self.status_of(None, 0, true, true, false, false)
     }
 
     /// [`Agent::status`], with each site's `workers` left out unless `with_workers`
     /// (`watch`'s overview), and their leaves' usage read only where the site's cgroup
-    /// lacks a figure unless `every_leaf`.
+    /// lacks a figure unless `every_leaf`; what is read from `/proc` is read anew if
+    /// `fresh_proc`, else may be a few seconds old ([`crate::usage::ProcCache`]).
     pub(super) fn status_of(
         &self,
         only: Option<&SiteName>,
@@ -35,6 +36,7 @@ impl Agent {
         admin: bool,
         with_workers: bool,
         every_leaf: bool,
+        fresh_proc: bool,
     ) -> Status {
         let now = Instant::now();
         let wall = SystemTime::now();
@@ -57,7 +59,7 @@ impl Agent {
                     let mut u = leaf
                         .map(|l| crate::cgroup::read_usage_below(l, site_usage.as_ref()))
                         .unwrap_or_default();
-                    crate::usage::complete(&mut u, pid, leaf);
+                    self.proc_usage.complete(&mut u, pid, leaf, fresh_proc);
                     u
                 };
                 let workers = m

@@ -129,7 +129,14 @@ impl Agent {
     fn snapshot(&self, w: &Watcher) -> Snapshot {
         let one = w.site.as_deref().and_then(|s| SiteName::new(s).ok());
         let with_workers = w.site.is_some();
-        let mut status = self.status_of(one.as_ref(), w.uid, w.admin, with_workers, with_workers);
+        let mut status = self.status_of(
+            one.as_ref(),
+            w.uid,
+            w.admin,
+            with_workers,
+            with_workers,
+            false,
+        );
         if let Some(site) = &w.site {
             // A site that could not be started may have a name `SiteName` refuses.
             status.sites.retain(|s| &s.name == site);

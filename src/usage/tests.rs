@@ -104,3 +104,40 @@ fn a_sum_adds_what_each_part_has() {
     assert_eq!(s.source, UsageSource::Proc);
     assert_eq!(sum([]).memory_current, None);
 }
+
+#[test]
+fn the_cache_answers_from_a_recent_reading_unless_asked_fresh() {
+    use std::io::Write as _;
+    // A worker that forks a child once told to.
+    let mut worker = Command::new("/bin/sh")
+        .args(["-c", "read x; sleep 100 & wait"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = i32::try_from(worker.id()).expect("pid");
+    let cache = ProcCache::default();
+    let read = |fresh: bool| {
+        let mut u = Usage::default();
+        cache.complete(&mut u, pid, None, fresh);
+        u
+    };
+    assert_eq!(read(true).pids, Some(1), "the shell alone");
+    writeln!(worker.stdin.as_mut().expect("stdin")).expect("tell it");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut fresh = read(true);
+    while fresh.pids != Some(2) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        fresh = read(true);
+    }
+    let _ = Command::new("pkill")
+        .args(["-P", &pid.to_string()])
+        .status();
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(fresh.pids, Some(2), "read anew: the shell and its child");
+    // The fresh reading is what the cache now holds, so a cached answer is the same even
+    // with the worker gone.
+    assert_eq!(read(false).pids, Some(2));
+    assert_eq!(read(false).source, UsageSource::Proc);
+}
