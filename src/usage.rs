@@ -29,64 +29,52 @@ pub fn complete(usage: &mut Usage, pid: i32, leaf: Option<&Path>) {
     fill(usage, &from_proc);
 }
 
-/// What [`complete`] read of each worker lately, so that what looks often (`top`'s
-/// subscription, metrics scrapes) reads each worker's `/proc` files at most once per
-/// [`ProcCache::MAX_AGE`]: at 1000 workers on a host without the memory controller, one
-/// reading of all of them costs the agent ~25 ms, most of it the kernel's path lookups.
+/// What was read of each worker lately (its leaf's files and [`complete`]'s `/proc`
+/// files), so that what looks often (`top`'s subscription, metrics scrapes) reads each
+/// worker at most once per [`UsageCache::MAX_AGE`]: at 1000 workers, one reading of all of
+/// them costs the agent ~15-25 ms, most of it the kernel's path lookups.
 #[derive(Debug)]
-pub struct ProcCache {
+pub struct UsageCache {
     /// By worker pid: when read, and what.
     read: std::cell::RefCell<std::collections::HashMap<i32, (std::time::Instant, Usage)>>,
     /// When old readings were last dropped.
     pruned: std::cell::Cell<std::time::Instant>,
 }
 
-impl Default for ProcCache {
-    fn default() -> ProcCache {
-        ProcCache {
+impl Default for UsageCache {
+    fn default() -> UsageCache {
+        UsageCache {
             read: std::cell::RefCell::default(),
             pruned: std::cell::Cell::new(std::time::Instant::now()),
         }
     }
 }
 
-impl ProcCache {
+impl UsageCache {
     /// How old a reading may be when it is not asked for fresh.
     pub const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
 
-    /// [`complete`], with what was read of `pid` less than [`ProcCache::MAX_AGE`] ago
-    /// unless `fresh` (`status` asked by a person reads anew, and refreshes the cache).
-    pub fn complete(&self, usage: &mut Usage, pid: i32, leaf: Option<&Path>, fresh: bool) {
-        if usage.memory_current.is_some() && usage.pids.is_some() && usage.cpu_usec.is_some() {
-            return;
-        }
+    /// Worker `pid`'s usage: `read()` of it, or what that gave less than
+    /// [`UsageCache::MAX_AGE`] ago unless `fresh` (`status` asked by a person reads anew,
+    /// and refreshes the cache).
+    pub fn worker(&self, pid: i32, fresh: bool, read: impl FnOnce() -> Usage) -> Usage {
         let now = std::time::Instant::now();
-        let mut read = self.read.borrow_mut();
         if !fresh {
-            if let Some((at, cached)) = read.get(&pid) {
+            if let Some((at, cached)) = self.read.borrow().get(&pid) {
                 if now.saturating_duration_since(*at) < Self::MAX_AGE {
-                    fill(usage, cached);
-                    return;
+                    return *cached;
                 }
             }
         }
-        // The CPU time is not read where the cgroup has it (`Some` stands for known).
-        let mut from_proc = Usage {
-            cpu_usec: usage.cpu_usec.map(|_| 0),
-            ..Usage::default()
-        };
-        complete(&mut from_proc, pid, leaf);
-        if usage.cpu_usec.is_some() {
-            from_proc.cpu_usec = None;
-        }
-        // What the cgroup had stays the cgroup's; the rest is /proc's.
-        fill(usage, &from_proc);
-        read.insert(pid, (now, from_proc));
+        let usage = read();
+        let mut cache = self.read.borrow_mut();
+        cache.insert(pid, (now, usage));
         // Readings of workers long gone are dropped, at most once per `MAX_AGE`.
         if now.saturating_duration_since(self.pruned.get()) >= Self::MAX_AGE {
             self.pruned.set(now);
-            read.retain(|_, (at, _)| now.saturating_duration_since(*at) < 2 * Self::MAX_AGE);
+            cache.retain(|_, (at, _)| now.saturating_duration_since(*at) < 2 * Self::MAX_AGE);
         }
+        usage
     }
 }
 

@@ -326,9 +326,8 @@ pub struct Agent {
     history: history::History,
     /// `watch` subscribers (see `watch.rs`).
     watchers: watch::Watchers,
-    /// Workers' usage read from `/proc` where cgroups lack it, reused for a few seconds by
-    /// `watch` and metrics.
-    proc_usage: crate::usage::ProcCache,
+    /// Workers' usage (leaf and `/proc`), reused for a few seconds by `watch` and metrics.
+    usage_cache: crate::usage::UsageCache,
     /// The metrics listener (`metrics` in the agent file; see `metrics.rs`).
     metrics: Option<metrics::MetricsServer>,
     /// Counters kept for metrics alone (loop turns, requests, deploys, crashes by cause).
@@ -571,7 +570,7 @@ impl Agent {
             upgrade_pending: Vec::new(),
             history: history::History::new(&config.state_dir),
             watchers: watch::Watchers::default(),
-            proc_usage: crate::usage::ProcCache::default(),
+            usage_cache: crate::usage::UsageCache::default(),
             metrics,
             counters: crate::metrics::Counters::default(),
         };

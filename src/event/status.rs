@@ -27,8 +27,8 @@ impl Agent {
 
     /// [`Agent::status`], with each site's `workers` left out unless `with_workers`
     /// (`watch`'s overview), and their leaves' usage read only where the site's cgroup
-    /// lacks a figure unless `every_leaf`; what is read from `/proc` is read anew if
-    /// `fresh_proc`, else may be a few seconds old ([`crate::usage::ProcCache`]).
+    /// lacks a figure unless `every_leaf`; what is read of a worker is read anew if
+    /// `fresh`, else may be a few seconds old ([`crate::usage::UsageCache`]).
     pub(super) fn status_of(
         &self,
         only: Option<&SiteName>,
@@ -36,7 +36,7 @@ impl Agent {
         admin: bool,
         with_workers: bool,
         every_leaf: bool,
-        fresh_proc: bool,
+        fresh: bool,
     ) -> Status {
         let now = Instant::now();
         let wall = SystemTime::now();
@@ -56,11 +56,13 @@ impl Agent {
                 });
                 let read_leaves = every_leaf || !complete;
                 let leaf_usage = |leaf: Option<&std::path::Path>, pid: i32| {
-                    let mut u = leaf
-                        .map(|l| crate::cgroup::read_usage_below(l, site_usage.as_ref()))
-                        .unwrap_or_default();
-                    self.proc_usage.complete(&mut u, pid, leaf, fresh_proc);
-                    u
+                    self.usage_cache.worker(pid, fresh, || {
+                        let mut u = leaf
+                            .map(|l| crate::cgroup::read_usage_below(l, site_usage.as_ref()))
+                            .unwrap_or_default();
+                        crate::usage::complete(&mut u, pid, leaf);
+                        u
+                    })
                 };
                 let workers = m
                     .generations()

@@ -116,11 +116,13 @@ fn the_cache_answers_from_a_recent_reading_unless_asked_fresh() {
         .spawn()
         .expect("spawn");
     let pid = i32::try_from(worker.id()).expect("pid");
-    let cache = ProcCache::default();
+    let cache = UsageCache::default();
     let read = |fresh: bool| {
-        let mut u = Usage::default();
-        cache.complete(&mut u, pid, None, fresh);
-        u
+        cache.worker(pid, fresh, || {
+            let mut u = Usage::default();
+            complete(&mut u, pid, None);
+            u
+        })
     };
     assert_eq!(read(true).pids, Some(1), "the shell alone");
     writeln!(worker.stdin.as_mut().expect("stdin")).expect("tell it");
