@@ -589,6 +589,37 @@ pub fn activation_env(listeners: &[Listener]) -> Vec<String> {
     ]
 }
 
+/// Accepts one connection waiting on `listener`, non-blocking and close-on-exec; `None`
+/// when none waits. A connection aborted before it was taken, or an interrupted call, is
+/// retried.
+pub fn accept_waiting(listener: impl AsFd) -> rustix::io::Result<Option<OwnedFd>> {
+    use rustix::io::Errno;
+    loop {
+        match rustix::net::accept_with(
+            &listener,
+            rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+        ) {
+            Ok(fd) => return Ok(Some(fd)),
+            Err(Errno::AGAIN) => return Ok(None),
+            Err(Errno::INTR | Errno::CONNABORTED) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads and drops what a peer sent that was not read (at most `reads` reads of 4 KiB,
+/// without waiting), before the socket is closed: a socket closed with unread data resets
+/// the connection (TCP) or the peer's reads (unix), and the peer would lose the answer
+/// already sent.
+pub fn drain_before_close(fd: impl AsFd, reads: usize) {
+    let mut scratch = [0u8; 4096];
+    for _ in 0..reads {
+        if !matches!(rustix::io::read(&fd, &mut scratch), Ok(n) if n > 0) {
+            break;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -524,6 +524,14 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sites = dir.path().join("sites.d");
     std::fs::create_dir_all(&sites).expect("mkdir");
+    // `hatchery check` of this directory's agent file.
+    let check = || {
+        Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(dir.path().join("hatchery.toml"))
+            .output()
+            .expect("check")
+    };
     std::fs::write(
         dir.path().join("hatchery.toml"),
         format!(
@@ -538,11 +546,7 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
         "name = \"blog\"\ncommand = [\"/bin/true\"]\n[stop]\ntimeout = \"soon\"\n",
     )
     .expect("write");
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(dir.path().join("hatchery.toml"))
-        .output()
-        .expect("check");
+    let out = check();
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(
@@ -557,11 +561,7 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
         "name = \"blog\"\ncommand = [\"/bin/true\"]\nwrokers = 2\n[stop]\ntimeout = 5\n[[listen]]\nname = \"a\"\ntpc = \"127.0.0.1:1\"\n",
     )
     .expect("write");
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(dir.path().join("hatchery.toml"))
-        .output()
-        .expect("check");
+    let out = check();
     assert_eq!(out.status.code(), Some(2));
     let text = stdout(&out);
     assert!(text.contains("NOT valid: 3 problem(s)"), "{text}");
@@ -579,11 +579,7 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
         "name = \"blog\"\ncommand = [\"/bin/true\"]\n",
     )
     .expect("write");
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(dir.path().join("hatchery.toml"))
-        .output()
-        .expect("check");
+    let out = check();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(

@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use rustix::net::{SocketFlags, sockopt};
+use rustix::net::sockopt;
 use tracing::{debug, error, info, warn};
 
 use super::reactor::Interest;
@@ -46,13 +46,9 @@ impl Agent {
 
     pub(super) fn on_accept(&mut self) {
         loop {
-            let fd = match rustix::net::accept_with(
-                &self.control,
-                SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-            ) {
-                Ok(fd) => fd,
-                Err(rustix::io::Errno::AGAIN) => break,
-                Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
+            let fd = match crate::net::accept_waiting(&self.control) {
+                Ok(Some(fd)) => fd,
+                Ok(None) => break,
                 Err(e) => {
                     error!("failed to accept a control connection: {e}");
                     break;
@@ -391,12 +387,7 @@ impl Agent {
         }
         // A unix socket closed with unread data resets the peer's reads, and the client
         // would lose the answer already sent (a refusal, a timeout): drain first.
-        let mut scratch = [0u8; 4096];
-        for _ in 0..16 {
-            if !matches!(rustix::io::read(&conn.fd, &mut scratch), Ok(n) if n > 0) {
-                break;
-            }
-        }
+        crate::net::drain_before_close(&conn.fd, 16);
         self.forget_conn(id);
         self.forget_watch(id);
         self.hang_up_execs(Some(id));

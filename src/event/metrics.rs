@@ -232,13 +232,9 @@ impl Agent {
             let Some(server) = &mut self.metrics else {
                 return;
             };
-            let fd = match rustix::net::accept_with(
-                &server.listener,
-                SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-            ) {
-                Ok(fd) => fd,
-                Err(rustix::io::Errno::AGAIN) => break,
-                Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
+            let fd = match crate::net::accept_waiting(&server.listener) {
+                Ok(Some(fd)) => fd,
+                Ok(None) => break,
                 Err(e) => {
                     error!("failed to accept a metrics connection: {e}");
                     break;
@@ -402,12 +398,7 @@ impl Agent {
         }
         // A TCP socket closed with unread data sends a reset, and the client may lose the
         // answer already sent (a 405 to a request with a body): drain a little first.
-        let mut scratch = [0u8; 4096];
-        for _ in 0..4 {
-            if !matches!(rustix::io::read(&conn.fd, &mut scratch), Ok(n) if n > 0) {
-                break;
-            }
-        }
+        crate::net::drain_before_close(&conn.fd, 4);
     }
 
     /// Closes the connections whose time is up.
