@@ -128,8 +128,11 @@ def serve_wsgi(app, sockets, threads=None, busy_reports=False):
     the worker becomes full and has room again.
 
     One loop waits, without a timeout, for a listener to be readable or for the stop
-    pipe that the SIGTERM handler writes to (socketserver's own serve_forever wakes every
-    poll_interval to look at its shutdown flag)."""
+    pipe (socketserver's own serve_forever wakes every poll_interval to look at its
+    shutdown flag). The pipe is Python's signal wakeup fd: the C-level handler writes the
+    signal's number to it from whichever thread the kernel delivered SIGTERM to. A Python
+    handler writing to it instead would run only once the main thread runs again, and the
+    main thread may sleep in the selector while a request's thread took the signal."""
     if threads is not None and threads < 1:
         raise ValueError("threads must be at least 1, not %r" % (threads,))
     if busy_reports and threads is None:
@@ -137,18 +140,31 @@ def serve_wsgi(app, sockets, threads=None, busy_reports=False):
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def stop(_signum, _frame):
-        os.write(stop_w, b"x")
+        pass  # the wakeup fd says it (see above)
 
     previous = signal.signal(signal.SIGTERM, stop)
+    previous_wakeup = signal.set_wakeup_fd(stop_w, warn_on_full_buffer=False)
     try:
         if threads is None:
             _serve_unbounded(app, sockets, stop_r)
         else:
             _serve_bounded(app, sockets, stop_r, threads, busy_reports)
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
         signal.signal(signal.SIGTERM, previous)
         os.close(stop_r)
         os.close(stop_w)
+
+
+def _stop_asked(ready, stop_r):
+    """Whether SIGTERM came: the stop pipe is readable and holds its number (other
+    signals with a Python handler write theirs too, and do not stop the worker)."""
+    if not any(key.fd == stop_r for key, _ in ready):
+        return False
+    try:
+        return signal.SIGTERM in os.read(stop_r, 512)
+    except BlockingIOError:
+        return False
 
 
 def _serve_unbounded(app, sockets, stop_r):
@@ -160,10 +176,12 @@ def _serve_unbounded(app, sockets, stop_r):
                 selector.register(server.socket, selectors.EVENT_READ, server)
             while True:
                 ready = selector.select()
-                if any(key.fd == stop_r for key, _ in ready):
+                if _stop_asked(ready, stop_r):
                     print("hatchery_zygote: stopping", file=sys.stderr, flush=True)
                     break
                 for key, _ in ready:
+                    if key.data is None:
+                        continue  # the stop pipe, for another signal
                     # Accepts one connection (or none: another worker took it) and
                     # hands it to a thread.
                     key.data._handle_request_noblock()
@@ -213,7 +231,7 @@ def _serve_bounded(app, sockets, stop_r, threads, busy_reports):
                         selector.unregister(server.socket)
                     watching = False
                 ready = selector.select()
-                if any(key.fd == stop_r for key, _ in ready):
+                if _stop_asked(ready, stop_r):
                     print("hatchery_zygote: stopping", file=sys.stderr, flush=True)
                     break
                 if any(key.fd == done_r for key, _ in ready):
