@@ -362,19 +362,27 @@ max_size = "1G"
         .last()
         .expect("lines");
     assert!(last.contains("logs -f dropped"), "{last}");
-    // A client that reads gets the last 100 000 lines, complete and in order.
+    // A client that reads gets the last 100 000 lines, complete and in order: the
+    // worker's, with the agent's own `hatchery:` lines about it (started, ready) among them.
     let out = agent.cli(&["logs", "chatty", "-n", "100000"]);
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 100_000);
+    let agent_lines = lines.iter().filter(|l| l.contains(" hatchery: ")).count();
+    assert!(agent_lines < 10, "{agent_lines} agent lines");
+    let worker: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| !l.contains(" hatchery: "))
+        .collect();
     let mut last_tick = 0;
-    for (i, l) in lines.iter().enumerate() {
+    for (i, l) in worker.iter().enumerate() {
         assert!(l.contains(" w-0["), "line {i}: {l}");
         if l.contains("ticking") {
             last_tick = i;
         }
     }
-    assert_eq!(last_tick, lines.len() - 1, "the newest line is last");
+    assert_eq!(last_tick, worker.len() - 1, "the newest line is last");
 }
 
 /// Runs the CLI as `nobody` (uid and gid 65534) in `dir`.
