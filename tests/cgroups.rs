@@ -98,7 +98,7 @@ fn a_worker_past_its_memory_max_is_oom_killed_reported_and_restarted_alone() {
     assert!(
         history[oom..]
             .iter()
-            .any(|e| e["kind"] == "restart_scheduled" && e["worker"] == 0),
+            .any(|e| e["kind"] == "started" && e["worker"] == 0),
         "a restart follows: {history:#?}"
     );
 }

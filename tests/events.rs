@@ -18,7 +18,7 @@ use serde_json::Value;
 /// A site of `workers` shell workers that say hello and sleep.
 fn site(workers: u32) -> String {
     format!(
-        "name = \"ev\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hello $HATCHERY_WORKER_ID; exec sleep 1000\"]\nworkers = {workers}\n"
+        "name = \"ev\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hello $HATCHERY_WORKER_ID; exec sleep 1000\"]\nworkers = {workers}\n[restart]\nbackoff_initial = \"5s\"\n"
     )
 }
 

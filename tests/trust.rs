@@ -159,7 +159,8 @@ fn the_cli_is_a_good_pipe_citizen() {
     );
     assert!(!err.contains("panicked"), "{err}");
     // Escapes, not raw control characters.
-    let text = stdout(&agent.cli(&["logs", "chatty", "-n", "1"]));
+    // Among the last lines (the agent's own `hatchery:` lines may come after it).
+    let text = stdout(&agent.cli(&["logs", "chatty", "-n", "20"]));
     assert!(
         text.contains("red \\x1b[31mRED\\x1b]0;title\\x07 bell"),
         "{text:?}"
