@@ -1546,6 +1546,18 @@ fn under_systemd_the_agents_lines_are_journal_entries_with_the_site_and_worker()
     journal
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
+    // Read from the start, as journald does: entries the agent sends while nobody reads
+    // would fill the socket's queue (10 datagrams by default, where systemd is not there to
+    // raise `net.unix.max_dgram_qlen`), and the agent drops what does not fit.
+    let (entries, received) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = journal.recv(&mut buf) {
+            if entries.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
     // What systemd gives a service with `StandardError=journal`: a stream socket.
     let (stream, stream_end) = UnixStream::pair().expect("stream");
     let st = rustix::fs::fstat(&stream_end).expect("fstat");
@@ -1577,21 +1589,21 @@ fn under_systemd_the_agents_lines_are_journal_entries_with_the_site_and_worker()
         .status()
         .expect("kill");
     // Entries until the one about the victim's death.
-    let mut buf = vec![0u8; 1 << 16];
     let mut seen = Vec::new();
     let exit = loop {
-        let n = journal.recv(&mut buf).unwrap_or_else(|e| {
-            panic!("no journal entry about w-0's death ({e}); entries: {seen:#?}")
-        });
-        if n == 0 {
+        let entry = received
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| {
+                panic!("no journal entry about w-0's death ({e}); entries: {seen:#?}")
+            });
+        if entry.is_empty() {
             continue;
         }
-        let fields: std::collections::BTreeMap<String, String> =
-            hatchery::journal::parse(&buf[..n])
-                .expect("a well-formed entry")
-                .into_iter()
-                .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
-                .collect();
+        let fields: std::collections::BTreeMap<String, String> = hatchery::journal::parse(&entry)
+            .expect("a well-formed entry")
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect();
         if fields.get("HATCHERY_PID") == Some(&victim.to_string())
             && fields["MESSAGE"].contains("SIGKILL")
         {
