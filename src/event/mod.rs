@@ -55,6 +55,7 @@ mod render;
 mod setup;
 mod sites;
 mod status;
+mod systemd;
 mod upgrade;
 mod warmup;
 mod watch;
@@ -332,6 +333,8 @@ pub struct Agent {
     metrics: Option<metrics::MetricsServer>,
     /// Counters kept for metrics alone (loop turns, requests, deploys, crashes by cause).
     counters: crate::metrics::Counters,
+    /// What systemd is told (`READY=1`, `STATUS=`, the watchdog; see `systemd.rs`).
+    systemd: systemd::Systemd,
 }
 
 impl Agent {
@@ -573,6 +576,7 @@ impl Agent {
             usage_cache: crate::usage::UsageCache::default(),
             metrics,
             counters: crate::metrics::Counters::default(),
+            systemd: systemd::Systemd::from_env(),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -746,7 +750,6 @@ impl Agent {
                 self.born.elapsed().as_micros()
             );
         }
-        notify_systemd("READY=1");
         self.answer_upgrade();
 
         let mut ready = Vec::new();
@@ -764,6 +767,7 @@ impl Agent {
                     break;
                 }
             }
+            self.tell_systemd();
             // At most once per iteration, however many workers started or exited in it
             // (and spaced out when it is long: see `save_workers`).
             self.save_workers();
@@ -824,6 +828,7 @@ impl Agent {
             .chain(fold::LogFold::agent().next_deadline())
             .chain(self.history.next_deadline())
             .chain(self.watch_deadline())
+            .chain(self.systemd.next_deadline())
             .chain(
                 self.metrics
                     .as_ref()
