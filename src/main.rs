@@ -1064,6 +1064,7 @@ fn parse_share(s: &str) -> Result<hatchery::supervisor::deploy::Share, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     /// The names of the hidden commands.
     fn hidden() -> Vec<String> {
@@ -1233,12 +1234,12 @@ mod tests {
         assert!(parse(&["hatchery", "check", "--json"]).is_ok());
         let cli = parse(&["hatchery", "exec", "--socket", "/s", "blog", "--", "id"]).expect("exec");
         assert!(
-            matches!(cli.command, Command::Exec { socket: Some(s), site, command } if s == PathBuf::from("/s") && site == "blog" && command == ["id"])
+            matches!(cli.command, Command::Exec { socket: Some(s), site, command } if s == Path::new("/s") && site == "blog" && command == ["id"])
         );
         // The agent starts its fd holder as `fd-holder --socket PATH`.
         let cli = parse(&["hatchery", "fd-holder", "--socket", "/h"]).expect("fd-holder");
         assert!(
-            matches!(cli.command, Command::FdHolder { socket: Some(s) } if s == PathBuf::from("/h"))
+            matches!(cli.command, Command::FdHolder { socket: Some(s) } if s == Path::new("/h"))
         );
     }
 
