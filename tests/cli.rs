@@ -496,6 +496,46 @@ fn json_output_is_valid_everywhere_and_signal_and_reload_say_sentences() {
         let _ = child.wait();
     }
 
+    // The README's examples with jq, as written (but the one that follows forever).
+    if installed("jq") && installed("bash") {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .expect("README");
+        let block = readme
+            .split("### Output for scripts")
+            .nth(1)
+            .and_then(|s| s.split("```sh\n").nth(1))
+            .and_then(|b| b.split("```").next())
+            .expect("the README's --json examples");
+        let bin_dir = Path::new(BIN).parent().expect("the binary's directory");
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let examples: Vec<&str> = block
+            .lines()
+            .filter(|l| l.starts_with("hatchery ") && !l.contains(" -f "))
+            .collect();
+        assert_eq!(examples.len(), 3, "{block}");
+        for line in examples {
+            let out = Command::new("bash")
+                .args(["-o", "pipefail", "-c", line])
+                .env("PATH", &path)
+                .env("HATCHERY_SOCKET", &agent.socket)
+                .output()
+                .expect("sh");
+            assert!(out.status.success(), "{line}: {}", stderr(&out));
+            let said = stdout(&out);
+            assert!(
+                !said.trim().is_empty() && !said.contains("null"),
+                "{line}: {said}"
+            );
+        }
+    } else {
+        skip("jq or bash is not installed: the README's jq examples were not run");
+    }
+
     // --socket after the command, and HATCHERY_SOCKET alone.
     let after = Command::new(BIN)
         .args(["status", "blog", "--socket"])
@@ -523,4 +563,50 @@ fn json_output_is_valid_everywhere_and_signal_and_reload_say_sentences() {
         "{}",
         stderr(&out)
     );
+}
+
+/// The README's completion and man page commands run as written, each writing into a
+/// temporary directory instead of the system's.
+#[test]
+fn readme_completion_and_man_examples_run() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let section = readme
+        .split("### Shell completions and man pages")
+        .nth(1)
+        .expect("the README's section on completions and man pages");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("its example block");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ran = Vec::new();
+    for line in block.lines().filter(|l| l.starts_with("hatchery ")) {
+        let (command, target) = match line.split_once(" > ") {
+            Some((c, t)) => (c, Some(t)),
+            None => (line, None),
+        };
+        let mut args: Vec<String> = command
+            .split_whitespace()
+            .skip(1)
+            .map(String::from)
+            .collect();
+        // `--out DIR`: a directory of the test's own.
+        let out_dir = dir.path().join("man1");
+        if let Some(i) = args.iter().position(|a| a == "--out") {
+            args[i + 1] = out_dir.display().to_string();
+        }
+        let out = Command::new(BIN).args(&args).output().expect("run");
+        assert!(out.status.success(), "{line}: {}", stderr(&out));
+        assert!(!out.stdout.is_empty(), "{line}: no output");
+        if let Some(target) = target {
+            let name = Path::new(target).file_name().expect("a file name");
+            std::fs::write(dir.path().join(name), &out.stdout).expect("write");
+        } else {
+            assert!(out_dir.join("hatchery.1").exists(), "{line}");
+        }
+        ran.push(args[0].clone());
+    }
+    assert_eq!(ran, ["completions", "completions", "completions", "man"]);
 }
