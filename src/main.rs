@@ -1034,7 +1034,31 @@ fn top(socket: PathBuf, site: Option<String>, delay: f64, json: bool) -> ExitCod
         interval_ms,
         json,
     };
-    match cli::top::run(&opts) {
+    let result = cli::top::run(&opts);
+    // With --json, a failure is a JSON document on stdout too.
+    if json {
+        let error = match &result {
+            Ok(()) => None,
+            Err(TopError::Unreachable { path, source }) => Some(cli::reply::error_json(
+                "unreachable",
+                &format!("cannot reach the agent at {path}: {source}"),
+            )),
+            Err(TopError::Refused(e)) => Some(serde_json::json!({ "error": e }).to_string()),
+            Err(e) => {
+                let mut message = e.to_string();
+                let mut cause = std::error::Error::source(e);
+                while let Some(c) = cause {
+                    message.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                Some(cli::reply::error_json("failed", &message))
+            }
+        };
+        if let Some(error) = error {
+            println!("{error}");
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(TopError::Unreachable { path, source }) => {
             say_err(&format!(

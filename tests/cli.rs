@@ -473,6 +473,17 @@ fn json_output_is_valid_everywhere_and_signal_and_reload_say_sentences() {
     assert_eq!(out.status.code(), Some(3));
     let v = json_document("unreachable", &stdout(&out));
     assert_eq!(v["error"]["kind"], "unreachable", "{v}");
+    let out = Command::new(BIN)
+        .args(["top", "--json", "--socket", "/nonexistent/control.sock"])
+        .output()
+        .expect("top");
+    assert_eq!(out.status.code(), Some(3));
+    let v = json_document("top unreachable", &stdout(&out));
+    assert_eq!(v["error"]["kind"], "unreachable", "{v}");
+    let (c, out, err) = run(&["top", "nosuch", "--json"]);
+    assert_eq!(c, Some(1), "{out} {err}");
+    let v = json_document("top nosuch", &out);
+    assert!(v["error"]["message"].is_string(), "{v}");
 
     // Streams that follow: one object per line as they come.
     for args in [
