@@ -338,30 +338,33 @@ impl Command {
 }
 
 /// Clap's "a similar subcommand exists" tip can name a hidden subcommand (`fd-holder`,
-/// `__probe`): such an error is printed without the tip, so hidden ones are never suggested.
-fn without_hidden_suggestions(e: clap::Error) -> clap::Error {
-    use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if e.kind() != ErrorKind::InvalidSubcommand {
-        return e;
-    }
-    let mut cmd = command();
+/// `__probe`, `man`): the tip keeps only the visible ones (and goes when none is left), so
+/// hidden ones are never suggested.
+fn without_hidden_suggestions(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let cmd = command();
     let hidden = |name: &str| {
         cmd.get_subcommands()
             .any(|s| s.is_hide_set() && s.get_name() == name)
     };
-    let suggests_hidden = match e.get(ContextKind::SuggestedSubcommand) {
-        Some(ContextValue::String(s)) => hidden(s),
-        Some(ContextValue::Strings(v)) => v.iter().any(|s| hidden(s)),
-        _ => false,
+    let suggested = match e.get(ContextKind::SuggestedSubcommand) {
+        Some(ContextValue::String(s)) => vec![s.clone()],
+        Some(ContextValue::Strings(v)) => v.clone(),
+        _ => return e,
     };
-    let Some(ContextValue::String(invalid)) = e.get(ContextKind::InvalidSubcommand) else {
-        return e;
-    };
-    if !suggests_hidden {
-        return e;
+    let visible: Vec<String> = suggested.into_iter().filter(|s| !hidden(s)).collect();
+    e.remove(ContextKind::SuggestedSubcommand);
+    if !visible.is_empty() {
+        e.insert(
+            ContextKind::SuggestedSubcommand,
+            ContextValue::Strings(visible),
+        );
+    } else if matches!(e.get(ContextKind::Suggested), Some(ContextValue::StyledStrs(v)) if v.is_empty())
+    {
+        // Without any tip left, an empty list of other tips would print a blank line.
+        e.remove(ContextKind::Suggested);
     }
-    let message = format!("unrecognized subcommand '{invalid}'");
-    cmd.error(ErrorKind::InvalidSubcommand, message)
+    e
 }
 
 /// The command line's definition, with this build's version: what is parsed, and what
@@ -1303,6 +1306,11 @@ mod tests {
             attempt("stauts").contains("'status'"),
             "{}",
             attempt("stauts")
+        );
+        assert_eq!(
+            attempt("fd-holde"),
+            "error: unrecognized subcommand 'fd-holde'\n\nUsage: hatchery <COMMAND>\n\n\
+             For more information, try '--help'.\n"
         );
     }
 

@@ -430,6 +430,7 @@ fn json_output_is_valid_everywhere_and_signal_and_reload_say_sentences() {
         &["start", "blog", "--json"],
         &["deploy", "blog", "--json"],
         &["rollback", "blog", "--json"],
+        &["upgrade", "--binary", "/nonexistent/hatchery", "--json"],
     ] {
         let (_, out, _) = run(args);
         let lines = json_lines(&format!("{args:?}"), &out);
