@@ -114,7 +114,8 @@ enum Command {
         )]
         delay: f64,
     },
-    /// Show a site's worker output.
+    /// Show a site's worker output (a stderr line is marked `!` after its writer:
+    /// `w-1[4242]! …`; `--json`: one object per line, with `stream`).
     Logs {
         /// The site.
         site: String,
@@ -751,9 +752,14 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
     };
     let is_status = matches!(request, Request::Status { .. });
     let is_events = matches!(request, Request::Events { .. });
+    let is_logs = matches!(request, Request::Logs { .. });
     let mut progress = cli::render::Progress::default();
     let result = conn.call(&request, |r| match r {
         Reply::Line(l) if is_events && !json => println!("{}", printable(&cli::events::text(l))),
+        Reply::Line(l) if is_logs && json => println!(
+            "{}",
+            serde_json::to_string(&hatchery::logs::LogLine::parse(l)).unwrap_or_default()
+        ),
         Reply::Line(l) => println!("{}", printable(l)),
         Reply::Event(e) if !json => {
             for line in progress.line(std::time::Instant::now(), e) {
@@ -767,7 +773,8 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         say_err(&format!("  {line}"));
     }
     match result {
-        Ok(Reply::Ok(_)) if is_events => ExitCode::SUCCESS,
+        // `logs --json` is one object per line, and nothing else.
+        Ok(Reply::Ok(_)) if is_events || (is_logs && json) => ExitCode::SUCCESS,
         Ok(Reply::Ok(value)) => {
             if json {
                 println!(

@@ -35,7 +35,7 @@ use super::reactor::Interest;
 use super::{Agent, Source};
 use crate::cgroup::CgroupTree;
 use crate::config::SiteName;
-use crate::logs::Writer;
+use crate::logs::{StdStream, Writer};
 use crate::process::PidRef;
 use crate::sandbox::SandboxError;
 use crate::spawn::SpawnFailure;
@@ -164,11 +164,10 @@ impl Agent {
         let mut image = crate::spawn::zygote_image(config, listeners, &notify_path, g.0, link_fd)?;
         image.set_sandbox(plan);
         let (link, theirs) = ZygoteLink::pair().map_err(SpawnFailure::Pipe)?;
-        let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(|e| SpawnFailure::Pipe(e.into()))?;
-        rustix::io::ioctl_fionbio(&pipe_r, true).map_err(|e| SpawnFailure::Pipe(e.into()))?;
+        let (pipe_r, pipe_w) = super::workers::output_pipe()?;
+        let (err_r, err_w) = super::workers::output_pipe()?;
         let mut fds: Vec<BorrowedFd<'_>> =
-            vec![self.devnull.as_fd(), pipe_w.as_fd(), pipe_w.as_fd()];
+            vec![self.devnull.as_fd(), pipe_w.as_fd(), err_w.as_fd()];
         fds.extend(listeners.iter().map(|l| l.fd.as_fd()));
         fds.push(theirs.as_fd());
         let leaf = match (&self.cgroups, &mut self.graveyard) {
@@ -185,6 +184,7 @@ impl Agent {
         let spawned = crate::spawn::launch(&mut image, &fds, leaf, &mut self.fd_block);
         drop(fds);
         drop(pipe_w);
+        drop(err_w);
         drop(theirs);
         let spawned = spawned?;
         let pid = spawned.pid;
@@ -207,7 +207,8 @@ impl Agent {
                 return Err(SpawnFailure::Watch(e));
             }
         };
-        self.read_pipe(name, Writer::Zygote, pid, pipe_r);
+        self.read_pipe(name, Writer::Zygote, pid, StdStream::Stdout, pipe_r);
+        self.read_pipe(name, Writer::Zygote, pid, StdStream::Stderr, err_r);
         self.zygote_pids.insert(pid, id);
         self.zygotes.insert(
             id,
@@ -476,6 +477,9 @@ impl Agent {
             generation: g,
             slot,
         };
+        // Its stdout and stderr are the one pipe the zygote protocol (version 1) passes:
+        // its lines read as stdout's.
+        let output = output.map(|o| (o, None));
         self.track_worker(name, worker, pidref, output, leaf)
             .map_err(|e| format!("failed to watch the worker: {e}"))?;
         debug!(site = %name, gen = g.0, worker = %slot, pid, "forked by the zygote");
