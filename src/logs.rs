@@ -1,9 +1,11 @@
 //! Worker output: one log file per site, size-based rotation, tailing; and the writer of
 //! the agent's own log ([`AgentStderr`]), which never blocks the loop and never fails.
 //!
-//! The stdout and stderr of a site's workers go to one unix stream socket the agent reads
-//! ([`OutputSocket`]; a zygote's go to a pipe of its own); complete lines are
-//! written as `<UTC time> w-<id>[<pid>] <line>` to `<state_dir>/logs/<site>.log`. When a
+//! The stdout and stderr of a site's workers go to two pipes per worker, or to two unix
+//! stream sockets per site the agent reads ([`OutputSocket`], one per stream; a zygote's go
+//! to two pipes of its own); complete lines are written as `<UTC time> w-<id>[<pid>] <line>`
+//! (stdout) or `<UTC time> w-<id>[<pid>]! <line>` (stderr, [`STDERR_MARK`]) to
+//! `<state_dir>/logs/<site>.log`. When a
 //! write would take the file past `max_size`, it is renamed to `<site>.log.1` (older ones
 //! shift up to `.<keep>`, the oldest is dropped) and a new file is started. Lines longer
 //! than [`MAX_LINE`] are split. Writes are synchronous appends to a regular file, from
@@ -455,10 +457,10 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 /// full pipe). Forced past `net.core.wmem_max` where the agent may (`CAP_NET_ADMIN`).
 pub const OUTPUT_BUFFER: usize = 1 << 20;
 
-/// A site's output socket: every worker of the site has the same `send` end as its stdout
-/// and stderr, and the agent reads the other end. One pair per site instead of one pipe
-/// per worker keeps the agent at one fd per worker (its pidfd), which is what lets ten
-/// thousand workers fit in the usual fd limit.
+/// One of a site's output sockets: every worker of the site has the same `send` end as its
+/// stdout (or, the site's other one, as its stderr), and the agent reads the other end.
+/// Two pairs per site instead of pipes per worker keep the agent at one fd per worker (its
+/// pidfd), which is what lets ten thousand workers fit in the usual fd limit.
 ///
 /// It is a `SOCK_STREAM` socket pair, not a datagram one: a stream has no message size
 /// limit and is what programs expect of their stdout (Node.js writes to a unix stream
@@ -532,7 +534,7 @@ impl OutputSocket {
         self.recv.as_fd()
     }
 
-    /// The end the workers write to (their fds 1 and 2).
+    /// The end the workers write to (their fd 1, or 2, by the socket's stream).
     pub fn sender(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.send.as_fd()

@@ -869,6 +869,10 @@ fn top(socket: PathBuf, site: Option<String>, delay: f64, json: bool) -> ExitCod
             ));
             ExitCode::from(EXIT_UNREACHABLE)
         }
+        // The terminal was given back; as a shell reports a process a signal ended.
+        Err(TopError::Signalled(signal)) => {
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(u8::MAX))
+        }
         Err(TopError::Refused(e)) => {
             say_err(&format!("hatchery: {}", e.message));
             ExitCode::from(match e.kind {
