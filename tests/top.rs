@@ -478,7 +478,8 @@ fn top_gives_the_terminal_back_on_sigterm_and_sighup() {
         top.wait("the three sites", |r| {
             row_of(r, "alpha").is_some() && row_of(r, "gamma").is_some()
         });
-        let pid = rustix::process::Pid::from_raw(top.child.id() as i32).expect("pid");
+        let pid = rustix::process::Pid::from_raw(i32::try_from(top.child.id()).expect("a pid"))
+            .expect("pid");
         let sig = rustix::process::Signal::from_named_raw(signal).expect("signal");
         rustix::process::kill_process(pid, sig).expect("signal top");
         let status = top.assert_restored();
