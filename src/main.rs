@@ -151,7 +151,8 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Show a site's worker output.
+    /// Show a site's worker output (a stderr line is marked `!` after its writer:
+    /// `w-1[4242]! …`; `--json`: one object per line, with `stream`).
     #[command(after_help = cli::help::LOGS)]
     Logs {
         /// The site.
@@ -1068,6 +1069,10 @@ fn top(socket: PathBuf, site: Option<String>, delay: f64, json: bool) -> ExitCod
                 "hatchery: cannot reach the agent at {path}: {source}"
             ));
             ExitCode::from(EXIT_UNREACHABLE)
+        }
+        // The terminal was given back; as a shell reports a process a signal ended.
+        Err(TopError::Signalled(signal)) => {
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(u8::MAX))
         }
         Err(TopError::Refused(e)) => {
             say_err(&format!("hatchery: {}", e.message));

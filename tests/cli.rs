@@ -418,7 +418,7 @@ fn json_output_is_valid_everywhere_and_signal_and_reload_say_sentences() {
     assert_eq!(code, Some(0), "{err}");
     let lines = json_lines("logs --json", &out);
     assert_eq!(lines.len(), 5, "{out}");
-    assert!(lines.iter().all(|l| l["line"].is_string()), "{out}");
+    assert!(lines.iter().all(|l| l["text"].is_string()), "{out}");
     let (code, out, err) = run(&["events", "blog", "--json"]);
     assert_eq!(code, Some(0), "{err}");
     let events = json_lines("events --json", &out);

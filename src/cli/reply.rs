@@ -5,7 +5,7 @@
 //! section says which command prints which):
 //! - one document (pretty-printed): `status`, `signal`, `reload` (and `check`, `top`);
 //! - JSON lines, one compact object per line, for the commands that stream: `logs`
-//!   (`{"line": ...}` per log line), `events` (one entry per line), and the commands that
+//!   (one `hatchery::logs::LogLine` object per log line), `events` (one entry per line), and the commands that
 //!   report progress while they wait (`start`, `stop`, `restart`, `scale`, `deploy`,
 //!   `promote`, `rollback`, `upgrade`: `{"event": ...}` per step, then the answer).
 //!
@@ -32,9 +32,10 @@ pub fn json(value: &serde_json::Value, shape: JsonShape) -> String {
     .unwrap_or_else(|_| "null".to_string())
 }
 
-/// A log line as `logs --json` prints it: `{"line": "..."}`.
+/// A log line as `logs --json` prints it: `{"time", "source", "pid", "stream", "text"}`
+/// (`hatchery::logs::LogLine`).
 pub fn log_line_json(line: &str) -> String {
-    serde_json::json!({ "line": line }).to_string()
+    serde_json::to_string(&hatchery::logs::LogLine::parse(line)).unwrap_or_default()
 }
 
 /// A progress step as `--json` prints it: `{"event": "..."}`.

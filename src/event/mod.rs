@@ -162,8 +162,9 @@ enum Source {
     ZygoteLink(u64),
     /// A site's CPU pressure trigger fired (see `pressure.rs`).
     Pressure(SiteName),
-    /// A site's output socket is readable (see `output.rs`).
-    Output(SiteName),
+    /// One of a site's output sockets (its workers' stdout, or stderr) is readable (see
+    /// `output.rs`).
+    Output(SiteName, crate::logs::StdStream),
     /// The metrics listener (see `metrics.rs`).
     Metrics,
     /// A metrics connection, by number (readable or writable: see `metrics.rs`).
@@ -175,6 +176,8 @@ struct Pipe {
     site: SiteName,
     writer: crate::logs::Writer,
     pid: i32,
+    /// Which of the writer's streams the pipe is.
+    stream: crate::logs::StdStream,
     fd: OwnedFd,
     splitter: LineSplitter,
     /// Whether the sandbox's bind rule was explained after one of its lines.
@@ -902,7 +905,7 @@ impl Agent {
             Source::Notify => self.on_notify(),
             Source::Pidfd(site, w) => self.on_pidfd(&site, w.generation, w.slot, token),
             Source::Pipe => self.on_pipe(token),
-            Source::Output(site) => self.on_output(&site),
+            Source::Output(site, stream) => self.on_output(&site, stream),
             Source::ConnRead(c) => self.on_conn_read(c),
             Source::Exec(pid) => self.exec_exited(pid),
             Source::ZygoteExit(id) => self.zygote_exited(id),
