@@ -565,6 +565,10 @@ fn quiet_on_closed_stdout() {
 
 fn run_agent(path: &std::path::Path) -> ExitCode {
     init_tracing();
+    if hatchery::keeper::wanted() {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        return ExitCode::from(hatchery::keeper::run(&args));
+    }
     let agent = match Agent::new(path) {
         Ok(a) => a,
         Err(e) => {

@@ -186,6 +186,42 @@ fn cgroup_of(pid: i64) -> String {
         .to_string()
 }
 
+/// The agent: the only child of the keeper, the unit's main process.
+fn agent_pid() -> i64 {
+    let main = show("MainPID");
+    let children =
+        std::fs::read_to_string(format!("/proc/{main}/task/{main}/children")).unwrap_or_default();
+    let pids: Vec<i64> = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 1, "the keeper {main} has children {pids:?}");
+    pids[0]
+}
+
+/// Requests to `port`, one after another on a thread, until the returned flag is set;
+/// the thread returns how many were answered and the failures.
+fn keep_asking(
+    port: u16,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<(u64, Vec<String>)>,
+) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let thread = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            match get(port) {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e),
+            }
+        }
+        (ok, failed)
+    });
+    (done, thread)
+}
+
 fn signal(pid: i64, sig: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(i32::try_from(pid).expect("pid")).expect("pid");
     rustix::process::kill_process(pid, sig).expect("kill");
@@ -223,9 +259,14 @@ fn start_returns_once_every_site_serves_in_the_delegated_tree_and_stop_leaves_no
         show("StatusText") == "2 sites, 5 workers"
     });
 
-    // Delegate=yes: the agent in agent/, each site below the unit with its memory budget.
+    // Delegate=yes: the keeper (the unit's main process) in keeper/, the agent it started
+    // in agent/, each site below the unit with its memory budget.
     let main_pid: i64 = show("MainPID").parse().expect("MainPID");
-    assert_eq!(cgroup_of(main_pid), "/system.slice/hatchery.service/agent");
+    assert_eq!(cgroup_of(main_pid), "/system.slice/hatchery.service/keeper");
+    assert_eq!(
+        cgroup_of(agent_pid()),
+        "/system.slice/hatchery.service/agent"
+    );
     assert_eq!(show("ControlGroup"), "/system.slice/hatchery.service");
     for name in ["blog", "shop"] {
         let dir = format!("{UNIT_CGROUP}/sites/{name}");
@@ -361,30 +402,117 @@ fn the_agent_pings_the_watchdog_and_a_hung_agent_is_replaced() {
         show("WatchdogTimestampMonotonic") != first
     });
 
-    // A hung agent stops pinging: systemd kills it and starts another, and the site serves.
-    let main_pid: i64 = show("MainPID").parse().expect("MainPID");
-    let restarts: u64 = show("NRestarts").parse().expect("NRestarts");
-    signal(main_pid, rustix::process::Signal::STOP);
+    // A hung agent stops pinging: the keeper aborts it (and kills it: a stopped process
+    // does not die of SIGABRT) and starts another, which adopts the workers. The unit is
+    // not restarted and no worker is.
+    let main_pid = show("MainPID");
+    let restarts = show("NRestarts");
+    let agent = agent_pid();
+    let workers = worker_pids(&status(), "shop");
+    let (done, asking) = keep_asking(18083);
+    signal(agent, rustix::process::Signal::STOP);
     wait_until(
-        "systemd to replace the hung agent",
+        "the keeper to replace the hung agent",
         Duration::from_secs(120),
         || {
-            show("NRestarts").parse::<u64>().unwrap_or(0) > restarts
-                && show("ActiveState") == "active"
+            let now = show("MainPID");
+            let children = std::fs::read_to_string(format!("/proc/{now}/task/{now}/children"))
+                .unwrap_or_default();
+            !children.trim().is_empty() && !children.contains(&agent.to_string())
         },
+    );
+    wait_until("the new agent to answer", Duration::from_secs(60), || {
+        hatchery(&["status", "--json"]).status.success()
+    });
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, failed) = asking.join().expect("requests");
+    assert!(
+        failed.is_empty(),
+        "requests failed while the agent was replaced: {failed:?}"
+    );
+    assert!(answered > 0);
+    assert_eq!(show("MainPID"), main_pid, "the unit was restarted");
+    assert_eq!(show("NRestarts"), restarts, "systemd restarted the unit");
+    assert_eq!(
+        worker_pids(&status(), "shop"),
+        workers,
+        "workers were restarted"
     );
     let log = stdout(&run(
         "journalctl",
         &["-u", "hatchery", "--no-pager", "-o", "cat"],
     ));
     assert!(
-        log.contains("Watchdog timeout"),
-        "no watchdog timeout in the journal:\n{log}"
+        log.contains("sent no watchdog ping"),
+        "the keeper did not say why it replaced the agent:\n{log}"
     );
-    assert_ne!(show("MainPID"), main_pid.to_string());
-    wait_until("the site to serve again", Duration::from_secs(60), || {
-        get(18083).is_ok()
+}
+
+#[test]
+fn an_agent_killed_under_systemd_is_replaced_and_adopts_its_workers_without_a_failed_request() {
+    let _one = UNIT.lock().unwrap_or_else(|e| e.into_inner());
+    if !under_systemd() {
+        return;
+    }
+    configure(&[
+        ("blog", demo_site("blog", 18085, 2, false)),
+        ("shop", demo_site("shop", 18086, 3, false)),
+    ]);
+    let unit = Unit::start();
+    let main_pid = show("MainPID");
+    let restarts = show("NRestarts");
+    let before = status();
+    let (done, asking) = keep_asking(18085);
+    let agent = agent_pid();
+    signal(agent, rustix::process::Signal::KILL);
+    wait_until("a new agent", Duration::from_secs(60), || {
+        let children =
+            std::fs::read_to_string(format!("/proc/{main_pid}/task/{main_pid}/children"))
+                .unwrap_or_default();
+        !children.trim().is_empty() && !children.contains(&agent.to_string())
     });
+    wait_until("the new agent to answer", Duration::from_secs(60), || {
+        hatchery(&["status", "--json"]).status.success()
+    });
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, failed) = asking.join().expect("requests");
+    assert!(
+        failed.is_empty(),
+        "requests failed across the agent's crash: {failed:?}"
+    );
+    assert!(answered > 0);
+    assert_eq!(show("MainPID"), main_pid, "the unit was restarted");
+    assert_eq!(show("NRestarts"), restarts, "systemd restarted the unit");
+    assert_eq!(show("ActiveState"), "active");
+    assert_eq!(
+        cgroup_of(agent_pid()),
+        "/system.slice/hatchery.service/agent"
+    );
+    let after = status();
+    for name in ["blog", "shop"] {
+        assert_eq!(
+            worker_pids(&after, name),
+            worker_pids(&before, name),
+            "{name}'s workers were not adopted"
+        );
+    }
+    // A crash of an adopted worker is still seen and repaired.
+    let victim = worker_pids(&after, "shop")[0];
+    signal(victim, rustix::process::Signal::KILL);
+    wait_until("shop's worker replaced", Duration::from_secs(60), || {
+        let s = status();
+        let pids = worker_pids(&s, "shop");
+        site(&s, "shop")["ready"] == 3 && pids.len() == 3 && !pids.contains(&victim)
+    });
+    // And `systemctl stop` still leaves nothing.
+    let pids: Vec<i64> = worker_pids(&status(), "blog")
+        .into_iter()
+        .chain(worker_pids(&status(), "shop"))
+        .collect();
+    drop(unit);
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} outlived systemctl stop");
+    }
 }
 
 #[test]
