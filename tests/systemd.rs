@@ -1,6 +1,6 @@
 //! The packaged unit (`packaging/hatchery.service`) under real systemd: these tests run in
-//! the systemd VM of `vm-tests/run` (a Debian rootfs booted with systemd as PID 1, the
-//! agent installed as `/usr/local/bin/hatchery` and the unit in `/etc/systemd/system`).
+//! the systemd VM of `vm-tests/run` (a Debian rootfs booted with systemd as PID 1, where the
+//! agent's Debian package from `packaging/build-deb` was installed with `dpkg -i`).
 //! Elsewhere they skip with the reason (and fail under `HATCHERY_TEST_REQUIRE=all`).
 //!
 //! Each test writes `/etc/hatchery`, drives the unit with `systemctl` and stops it at the
@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use common::{skip, stderr, stdout, wait_until};
 
-/// Where the VM installs the agent (the unit's `ExecStart`).
-const INSTALLED: &str = "/usr/local/bin/hatchery";
+/// Where the package installs the agent (the unit's `ExecStart`).
+const INSTALLED: &str = "/usr/bin/hatchery";
+/// Where it installs the unit.
+const UNIT_FILE: &str = "/lib/systemd/system/hatchery.service";
 /// The unit's cgroup.
 const UNIT_CGROUP: &str = "/sys/fs/cgroup/system.slice/hatchery.service";
 
@@ -31,11 +33,8 @@ fn under_systemd() -> bool {
     if comm.trim() != "systemd" || !Path::new("/run/systemd/system").exists() {
         return !skip("systemd is not PID 1 here (these tests run in vm-tests' systemd VM)");
     }
-    if !Path::new(INSTALLED).exists() || !Path::new("/etc/systemd/system/hatchery.service").exists()
-    {
-        return !skip(
-            "the agent or its unit is not installed (vm-tests' systemd VM installs them)",
-        );
+    if !Path::new(INSTALLED).exists() || !Path::new(UNIT_FILE).exists() {
+        return !skip("the hatchery package is not installed (vm-tests' systemd VM installs it)");
     }
     true
 }
@@ -571,4 +570,67 @@ fn the_agents_lines_are_journal_entries_with_the_site_and_worker() {
         let e: serde_json::Value = serde_json::from_str(line).expect("journalctl -o json");
         assert_eq!(e["HATCHERY_SITE"], "blog", "{e}");
     }
+}
+
+#[test]
+fn the_package_installs_the_agent_its_unit_a_configuration_man_pages_and_completions() {
+    let _one = UNIT.lock().unwrap_or_else(|e| e.into_inner());
+    if !under_systemd() {
+        return;
+    }
+    let out = run("dpkg", &["-s", "hatchery"]);
+    assert!(
+        stdout(&out).contains("Status: install ok installed"),
+        "{}",
+        stdout(&out)
+    );
+    let files = stdout(&run("dpkg", &["-L", "hatchery"]));
+    for f in [
+        INSTALLED,
+        UNIT_FILE,
+        "/etc/hatchery/hatchery.toml",
+        "/etc/hatchery/sites.d",
+        "/usr/share/man/man1/hatchery.1.gz",
+        "/usr/share/man/man1/hatchery-deploy.1.gz",
+        "/usr/share/bash-completion/completions/hatchery",
+        "/usr/share/zsh/vendor-completions/_hatchery",
+        "/usr/share/fish/vendor_completions.d/hatchery.fish",
+    ] {
+        assert!(
+            files.lines().any(|l| l == f),
+            "the package lacks {f}:\n{files}"
+        );
+    }
+    let conffiles =
+        std::fs::read_to_string("/var/lib/dpkg/info/hatchery.conffiles").unwrap_or_default();
+    assert_eq!(conffiles.trim(), "/etc/hatchery/hatchery.toml");
+    // The unit runs the installed binary, and enables like any other.
+    let unit = std::fs::read_to_string(UNIT_FILE).expect("unit");
+    assert!(unit.contains("ExecStart=/usr/bin/hatchery agent"), "{unit}");
+    let out = systemctl(&["enable", "hatchery"]);
+    assert!(out.status.success(), "enable: {}", stderr(&out));
+    assert!(Path::new("/etc/systemd/system/multi-user.target.wants/hatchery.service").exists());
+    let out = systemctl(&["disable", "hatchery"]);
+    assert!(out.status.success(), "disable: {}", stderr(&out));
+    // bash loads the completion script and completes a command.
+    let out = run(
+        "bash",
+        &[
+            "-c",
+            "source /usr/share/bash-completion/completions/hatchery && complete -p hatchery",
+        ],
+    );
+    assert!(out.status.success(), "bash completion: {}", stderr(&out));
+    // The default configuration, as packaged (the other tests write their own), checks.
+    let unpacked = tempfile::tempdir().expect("tempdir");
+    let dir = unpacked.path().to_str().expect("utf-8");
+    let out = run("dpkg-deb", &["-x", "/vmtests/hatchery.deb", dir]);
+    assert!(out.status.success(), "dpkg-deb -x: {}", stderr(&out));
+    let default = format!("{dir}/etc/hatchery/hatchery.toml");
+    let out = hatchery(&["check", "--config", &default]);
+    assert!(
+        out.status.success(),
+        "check of the default configuration: {}",
+        stderr(&out)
+    );
 }
