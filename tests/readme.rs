@@ -241,3 +241,39 @@ fn readme_load_scaling_example_is_valid() {
     };
     assert_eq!(auto.scale, defaults);
 }
+
+#[test]
+fn the_install_sections_site_is_valid_with_the_packaged_configuration() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    let blocks = toml_blocks(&readme);
+    let site = blocks
+        .iter()
+        .find(|b| b.starts_with("# /etc/hatchery/sites.d/blog.toml"))
+        .expect("the install section's site");
+    let packaged =
+        std::fs::read_to_string(root.join("packaging/hatchery.toml")).expect("packaged config");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sites = dir.path().join("sites.d");
+    std::fs::create_dir_all(&sites).expect("mkdir");
+    std::fs::write(sites.join("blog.toml"), site).expect("write");
+    // The packaged file's paths are the host's; point them into the test's directory.
+    let agent_text: String = packaged
+        .lines()
+        .map(|l| match l.split_once(" = ") {
+            Some(("sites_dir", _)) => format!("sites_dir = \"{}\"", sites.display()),
+            Some(("state_dir", _)) => format!("state_dir = \"{}\"", dir.path().display()),
+            Some(("control_socket", _)) => {
+                format!("control_socket = \"{}/control.sock\"", dir.path().display())
+            }
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(agent_text, packaged, "the packaged file names no paths");
+    let agent_path = dir.path().join("hatchery.toml");
+    std::fs::write(&agent_path, agent_text).expect("write");
+    let config = hatchery::config::load(&agent_path).expect("the install example is valid");
+    assert_eq!(config.sites.len(), 1);
+    assert_eq!(config.sites[0].name.as_str(), "blog");
+}
