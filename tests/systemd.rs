@@ -634,3 +634,46 @@ fn the_package_installs_the_agent_its_unit_a_configuration_man_pages_and_complet
         stderr(&out)
     );
 }
+
+#[test]
+fn upgrade_under_systemd_keeps_the_agents_pid_the_keeper_and_every_worker() {
+    let _one = UNIT.lock().unwrap_or_else(|e| e.into_inner());
+    if !under_systemd() {
+        return;
+    }
+    configure(&[("shop", demo_site("shop", 18087, 3, false))]);
+    let _unit = Unit::start();
+    let main_pid = show("MainPID");
+    let agent = agent_pid();
+    let before = worker_pids(&status(), "shop");
+    let (done, asking) = keep_asking(18087);
+    // The installed binary again: the path the agent runs from is the default.
+    let out = hatchery(&["upgrade"]);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        out.status.success(),
+        "upgrade failed: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let (answered, failed) = asking.join().expect("requests");
+    assert!(
+        failed.is_empty(),
+        "requests failed across the upgrade: {failed:?}"
+    );
+    assert!(answered > 0);
+    assert_eq!(show("MainPID"), main_pid, "the unit's main process changed");
+    assert_eq!(agent_pid(), agent, "the agent's pid changed");
+    let after = status();
+    assert_eq!(
+        worker_pids(&after, "shop"),
+        before,
+        "workers were restarted"
+    );
+    assert!(
+        after["agent"]["upgraded_from"]["version"].is_string(),
+        "status does not say the agent was upgraded: {}",
+        after["agent"]
+    );
+    assert_eq!(show("ActiveState"), "active");
+}
