@@ -26,7 +26,7 @@ fn every_problem_of_a_file_is_reported_with_its_line_and_key() {
             (
                 Some(5),
                 "stop.timeout".to_string(),
-                "expected a string, found integer 5".to_string()
+                "expected a duration like \"30s\", found integer 5".to_string()
             ),
             (
                 Some(6),

@@ -21,6 +21,7 @@ fn policies(check: ReadyCheck) -> Policies {
         },
         stop: StopPolicy {
             signal: Signal(libc::SIGTERM),
+            then: Default::default(),
             timeout: Duration::from_secs(3),
         },
         ready: ReadyPolicy {

@@ -366,6 +366,7 @@ fn random_config(rng: &mut Rng) -> SiteConfig {
     };
     c.stop = StopPolicy {
         signal: Signal(libc::SIGTERM),
+        then: Default::default(),
         timeout: rng.ms(200, 8000),
     };
     let backoff_initial = rng.ms(20, 1000);
