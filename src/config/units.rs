@@ -203,6 +203,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             if bytes >= u64::MAX as f64 {
                 Err(bad("too large: "))
             } else {
+                // Finite, at least 0 and below u64::MAX (checked above): the cast only
+                // drops the fraction of a byte.
+                #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
                 Ok(bytes as u64)
             }
         }
