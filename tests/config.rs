@@ -226,6 +226,18 @@ fn check_without_config_checks_the_running_agents_file() {
         stdout(&out)
     );
 
+    // `hatchery signal` names signals by the same table: a bad name says what is accepted.
+    let out = agent.cli(&["signal", "web", "SIGNOPE"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown signal \"SIGNOPE\": use a name (HUP, INT, QUIT,")
+            && stderr(&out).contains("TTIN, TTOU, URG, XCPU, XFSZ, VTALRM, PROF, WINCH"),
+        "{}",
+        stderr(&out)
+    );
+    let out = agent.cli(&["signal", "web", "sigwinch"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
     // Every problem at once, as JSON: file, line, key and message apart.
     let site = agent.site_file("web");
     std::fs::write(

@@ -215,12 +215,15 @@ pub(super) fn site_from(
     let (raw, parsed) = parse_lenient::<RawSite>(file, text);
     let validated = raw.map(|raw| validate_site(file, &raw, default_logs));
     let mut p = Problems::default();
+    // A key at fault, one inside it, or the table holding it (whose check may only be
+    // missing what was taken out).
     let at_fault = |key: &str| {
-        parsed.iter().any(|e| {
-            e.key == key
-                || key.starts_with(&format!("{}.", e.key))
-                || key.starts_with(&format!("{}[", e.key))
-        })
+        let within = |inner: &str, outer: &str| {
+            inner.starts_with(&format!("{outer}.")) || inner.starts_with(&format!("{outer}["))
+        };
+        parsed
+            .iter()
+            .any(|e| e.key == key || within(key, &e.key) || within(&e.key, key))
     };
     let value = match validated {
         Some(Ok(site)) => Some(site),

@@ -22,7 +22,7 @@ pub(crate) mod text {
     /// Reads a string, expecting `what`.
     struct Text(&'static str);
 
-    impl Visitor<'_> for Text {
+    impl<'de> Visitor<'de> for Text {
         type Value = Option<String>;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -32,31 +32,44 @@ pub(crate) mod text {
         fn visit_str<E: Error>(self, v: &str) -> Result<Self::Value, E> {
             Ok(Some(v.to_string()))
         }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+
+        // A `null` where the raw structs travel as JSON (`check --json`).
+        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
     }
 
     /// A duration: `"30s"`, `"1m30s"`, `"500ms"`.
     pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        d.deserialize_str(Text("a duration like \"30s\""))
+        d.deserialize_option(Text("a duration like \"30s\""))
     }
 
     /// A size: `"512MiB"`, `"2G"`, or a number of bytes written as text.
     pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        d.deserialize_str(Text("a size like \"512MiB\""))
+        d.deserialize_option(Text("a size like \"512MiB\""))
     }
 
     /// A signal: `"SIGTERM"`, `"HUP"`.
     pub fn signal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        d.deserialize_str(Text("a signal name like \"SIGTERM\""))
+        d.deserialize_option(Text("a signal name like \"SIGTERM\""))
     }
 
     /// A TCP address: `"127.0.0.1:8000"`.
     pub fn address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        d.deserialize_str(Text("an address like \"127.0.0.1:8000\""))
+        d.deserialize_option(Text("an address like \"127.0.0.1:8000\""))
     }
 
     /// Any other text.
     pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        d.deserialize_str(Text("a string in double quotes"))
+        d.deserialize_option(Text("a string in double quotes"))
     }
 }
 

@@ -95,3 +95,16 @@ fn edit_distance_counts_a_swap_as_one() {
     assert_eq!(closest("timout", &["timeout", "signal"]), Some("timeout"));
     assert_eq!(closest("x", &["timeout"]), None);
 }
+
+#[test]
+fn a_raw_site_travels_as_json_with_nulls() {
+    let site: RawSite = parse_toml(
+        Path::new("web.toml"),
+        "name = \"web\"\ncommand = [\"x\"]\n[stop]\ntimeout = \"5s\"\n",
+    )
+    .expect("valid");
+    let json = serde_json::to_string(&site).expect("json");
+    assert!(json.contains("\"memory\":null"), "{json}");
+    let back: RawSite = serde_json::from_str(&json).expect("back");
+    assert_eq!(back, site);
+}
