@@ -371,7 +371,18 @@ impl CgroupTree {
             None if *base == CgroupBase::Off => return Ok(Err("cgroup_base = \"off\"".into())),
             None => return Ok(Err("no cgroup2 file system is mounted".into())),
         };
-        let own = own_cgroup(&mount);
+        // Under the keeper (`crate::keeper`), the unit's cgroup is the one delegated: the
+        // keeper sits in its `keeper/` leaf, and this agent moves into `agent/` beside it.
+        let own = match std::env::var_os(crate::keeper::DELEGATED_ENV) {
+            Some(unit) => Some(
+                mount.join(
+                    Path::new(&unit)
+                        .strip_prefix("/")
+                        .unwrap_or(Path::new(&unit)),
+                ),
+            ),
+            None => own_cgroup(&mount),
+        };
         let root = rustix::process::geteuid().is_root();
         let base_path = match base {
             CgroupBase::Off => return Ok(Err("cgroup_base = \"off\"".into())),

@@ -29,7 +29,9 @@
 //! reports what it sees of itself (and tries what a hostile worker would), for tests and
 //! diagnostics; [`terminal`] is the client side of `hatchery exec`; [`fdholder`] is the fd
 //! holder (`hatchery fd-holder`), a separate process that keeps the read ends of workers'
-//! output pipes open across an agent's death, and its client; [`zygote`] is zygote mode's
+//! output pipes open across an agent's death, and its client; [`keeper`] is the unit's main
+//! process under systemd, which starts the agent and starts another when it dies, so that
+//! the agent's crash is not the unit's; [`zygote`] is zygote mode's
 //! protocol (a per-generation process that loads the app once and forks workers on the
 //! agent's request): the agent's side and the side of a zygote written in Rust. Both
 //! exchange datagrams with fds through [`scm`].
@@ -52,6 +54,7 @@ pub mod event;
 pub mod fdholder;
 pub mod features;
 pub mod journal;
+pub mod keeper;
 pub mod logs;
 pub mod metrics;
 pub mod net;

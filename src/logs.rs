@@ -1,9 +1,11 @@
 //! Worker output: one log file per site, size-based rotation, tailing; and the writer of
 //! the agent's own log ([`AgentStderr`]), which never blocks the loop and never fails.
 //!
-//! The stdout and stderr of a site's workers go to one unix stream socket the agent reads
-//! ([`OutputSocket`]; a zygote's go to a pipe of its own); complete lines are
-//! written as `<UTC time> w-<id>[<pid>] <line>` to `<state_dir>/logs/<site>.log`. When a
+//! The stdout and stderr of a site's workers go to two pipes per worker, or to two unix
+//! stream sockets per site the agent reads ([`OutputSocket`], one per stream; a zygote's go
+//! to two pipes of its own); complete lines are written as `<UTC time> w-<id>[<pid>] <line>`
+//! (stdout) or `<UTC time> w-<id>[<pid>]! <line>` (stderr, [`STDERR_MARK`]) to
+//! `<state_dir>/logs/<site>.log`. When a
 //! write would take the file past `max_size`, it is renamed to `<site>.log.1` (older ones
 //! shift up to `.<keep>`, the oldest is dropped) and a new file is started. Lines longer
 //! than [`MAX_LINE`] are split. Writes are synchronous appends to a regular file, from
@@ -455,10 +457,10 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 /// full pipe). Forced past `net.core.wmem_max` where the agent may (`CAP_NET_ADMIN`).
 pub const OUTPUT_BUFFER: usize = 1 << 20;
 
-/// A site's output socket: every worker of the site has the same `send` end as its stdout
-/// and stderr, and the agent reads the other end. One pair per site instead of one pipe
-/// per worker keeps the agent at one fd per worker (its pidfd), which is what lets ten
-/// thousand workers fit in the usual fd limit.
+/// One of a site's output sockets: every worker of the site has the same `send` end as its
+/// stdout (or, the site's other one, as its stderr), and the agent reads the other end.
+/// Two pairs per site instead of pipes per worker keep the agent at one fd per worker (its
+/// pidfd), which is what lets ten thousand workers fit in the usual fd limit.
 ///
 /// It is a `SOCK_STREAM` socket pair, not a datagram one: a stream has no message size
 /// limit and is what programs expect of their stdout (Node.js writes to a unix stream
@@ -532,7 +534,7 @@ impl OutputSocket {
         self.recv.as_fd()
     }
 
-    /// The end the workers write to (their fds 1 and 2).
+    /// The end the workers write to (their fd 1, or 2, by the socket's stream).
     pub fn sender(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.send.as_fd()
@@ -595,12 +597,114 @@ impl std::fmt::Display for Writer {
     }
 }
 
-/// Formats one log record.
-pub fn record(writer: Writer, pid: i32, line: &[u8], now: SystemTime) -> Vec<u8> {
-    let mut out = format!("{} {writer}[{pid}] ", utc_timestamp(now)).into_bytes();
+/// Which of a process's output streams a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StdStream {
+    /// Its fd 1.
+    Stdout,
+    /// Its fd 2.
+    Stderr,
+}
+
+impl StdStream {
+    /// The stream's name (`stdout`, `stderr`).
+    pub fn name(self) -> &'static str {
+        match self {
+            StdStream::Stdout => "stdout",
+            StdStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// What follows `<writer>[<pid>]` in a stderr line's record (nothing in a stdout one's):
+/// inside the prefix, so no line a process writes can look like the other stream's.
+pub const STDERR_MARK: &str = "!";
+
+/// Formats one log record: `<time> <writer>[<pid>] <line>` for a stdout line,
+/// `<time> <writer>[<pid>]! <line>` for a stderr one.
+pub fn record(
+    writer: Writer,
+    pid: i32,
+    stream: StdStream,
+    line: &[u8],
+    now: SystemTime,
+) -> Vec<u8> {
+    let mark = match stream {
+        StdStream::Stdout => "",
+        StdStream::Stderr => STDERR_MARK,
+    };
+    let mut out = format!("{} {writer}[{pid}]{mark} ", utc_timestamp(now)).into_bytes();
     out.extend_from_slice(line);
     out.push(b'\n');
     out
+}
+
+/// One line of a site's log, taken apart (what `hatchery logs --json` prints).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogLine {
+    /// When it was written (`2026-11-22T14:41:08.123Z`), if the line has a time.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub time: Option<String>,
+    /// Who wrote it: `w-<K>`, `zygote`, `process`, or `hatchery` (the agent).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub source: Option<String>,
+    /// The writing process (not for the agent's lines).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pid: Option<i32>,
+    /// `stdout` or `stderr` (not for the agent's lines).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub stream: Option<StdStream>,
+    /// The line as it was written (the whole line if it is not in the log's format).
+    pub text: String,
+}
+
+impl LogLine {
+    /// Takes a line of a site's log apart; a line that is not in the format (written by
+    /// an older agent, or cut) is all `text`.
+    pub fn parse(line: &str) -> LogLine {
+        let whole = || LogLine {
+            time: None,
+            source: None,
+            pid: None,
+            stream: None,
+            text: line.to_string(),
+        };
+        let Some((time, rest)) = line.split_once(' ') else {
+            return whole();
+        };
+        if !(time.ends_with('Z') && time.contains('T')) {
+            return whole();
+        }
+        if let Some(text) = rest.strip_prefix("hatchery: ") {
+            return LogLine {
+                time: Some(time.to_string()),
+                source: Some("hatchery".into()),
+                pid: None,
+                stream: None,
+                text: text.to_string(),
+            };
+        }
+        let (head, text) = rest.split_once(' ').unwrap_or((rest, ""));
+        let (head, stream) = match head.strip_suffix(STDERR_MARK) {
+            Some(h) => (h, StdStream::Stderr),
+            None => (head, StdStream::Stdout),
+        };
+        let Some((writer, pid)) = head
+            .strip_suffix(']')
+            .and_then(|h| h.split_once('['))
+            .and_then(|(w, p)| Some((w, p.parse::<i32>().ok()?)))
+        else {
+            return whole();
+        };
+        LogLine {
+            time: Some(time.to_string()),
+            source: Some(writer.to_string()),
+            pid: Some(pid),
+            stream: Some(stream),
+            text: text.to_string(),
+        }
+    }
 }
 
 /// Splits a byte stream into lines, keeping the unfinished tail between reads.
@@ -684,6 +788,33 @@ mod tests {
         assert_eq!(utc_timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert!(utc_timestamp(leap).starts_with("2000-02-29T"));
+    }
+
+    #[test]
+    fn records_say_their_stream_and_parse_back() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_358_468_123);
+        let out = record(Writer::Worker(3), 42, StdStream::Stdout, b"hello", t);
+        assert_eq!(out, b"2026-11-22T14:41:08.123Z w-3[42] hello\n");
+        let err = record(Writer::Worker(3), 42, StdStream::Stderr, b"boom! x", t);
+        assert_eq!(err, b"2026-11-22T14:41:08.123Z w-3[42]! boom! x\n");
+        let parsed = LogLine::parse("2026-11-22T14:41:08.123Z w-3[42]! boom! x");
+        assert_eq!(parsed.source.as_deref(), Some("w-3"));
+        assert_eq!(parsed.pid, Some(42));
+        assert_eq!(parsed.stream, Some(StdStream::Stderr));
+        assert_eq!(parsed.text, "boom! x");
+        let parsed = LogLine::parse("2026-11-22T14:41:08.123Z zygote[7] ");
+        assert_eq!(parsed.stream, Some(StdStream::Stdout));
+        assert_eq!(parsed.text, "");
+        let agent = LogLine::parse("2026-11-22T14:41:08.123Z hatchery: gen-1 w-3 started");
+        assert_eq!(agent.source.as_deref(), Some("hatchery"));
+        assert_eq!(agent.stream, None);
+        assert_eq!(agent.text, "gen-1 w-3 started");
+        let other = LogLine::parse("not a record");
+        assert_eq!(other.text, "not a record");
+        assert_eq!(other.source, None);
+        let json = serde_json::to_value(LogLine::parse("2026-11-22T14:41:08.123Z w-1[5]! e"))
+            .expect("json");
+        assert_eq!(json["stream"], "stderr");
     }
 
     #[test]

@@ -29,33 +29,56 @@ const DEFAULT_SOCKET: &str = "/run/hatchery/control.sock";
 #[derive(Parser, Debug)]
 #[command(
     name = "hatchery",
-    about = "A kernel-assisted process supervisor for hosting many web sites on one Linux host"
+    about = "A kernel-assisted process supervisor for hosting many web sites on one Linux host",
+    after_help = cli::help::TOP
 )]
 struct Cli {
-    /// Control socket of the agent (default: $HATCHERY_SOCKET, else /run/hatchery/control.sock).
-    #[arg(long, global = true, value_name = "PATH")]
+    /// `--socket` before the command (`hatchery --socket PATH status`), as it was once
+    /// written: hidden, and refused for a command without the option of its own.
+    #[arg(long, hide = true, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Print machine-readable JSON instead of text.
-    #[arg(long, global = true)]
+    /// `--json` before the command: hidden, and refused as `socket` is.
+    #[arg(long, hide = true)]
     json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
+/// The options of the commands that talk to the agent.
+#[derive(clap::Args, Debug, Default, Clone)]
+struct ClientArgs {
+    /// Control socket of the agent (default: $HATCHERY_SOCKET, else /run/hatchery/control.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of text: one document, or one object per line for what streams
+    /// (progress, log lines, events).
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent in the foreground.
+    #[command(after_help = cli::help::AGENT)]
     Agent {
         /// The agent configuration file.
         #[arg(long, default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Validate the configuration, print it with every default, and report kernel features.
+    #[command(after_help = cli::help::CHECK)]
     Check {
-        /// The agent configuration file (default: the running agent's, else
-        /// /etc/hatchery/hatchery.toml).
+        /// The agent configuration file (default: the running agent's, asked on the
+        /// control socket, else /etc/hatchery/hatchery.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Control socket of the agent asked for its configuration file when --config is
+        /// not given (default: $HATCHERY_SOCKET, else /run/hatchery/control.sock).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Print the report as one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run an agent with a built-in demo site (4 workers on 127.0.0.1:8080).
     Demo {
@@ -67,42 +90,58 @@ enum Command {
         workers: u32,
     },
     /// Show sites and workers.
+    #[command(after_help = cli::help::STATUS)]
     Status {
         /// Only this site (with its workers).
         site: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Start a site (also clears `failed`); waits until its workers are ready.
     Start {
         /// The site.
         site: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Stop every worker of a site; waits until they have exited.
     Stop {
         /// The site.
         site: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Restart a site's workers one at a time; waits until done.
     Restart {
         /// The site.
         site: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Change the number of workers; waits until they are running and ready.
+    #[command(after_help = cli::help::SCALE)]
     Scale {
         /// The site.
         site: String,
         /// The new number of workers (pins a site that follows its load), or `auto` (its
         /// `workers = "auto"` policy decides again).
         workers: hatchery::control::ScaleTo,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Send a signal to every worker of a site.
+    #[command(after_help = cli::help::SIGNAL)]
     Signal {
         /// The site.
         site: String,
         /// The signal: HUP, SIGUSR1, 10, ...
         signal: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// A live full-screen view of every site (`?` lists the keys); without a terminal,
     /// one snapshot as text (`--json`: as JSON).
+    #[command(after_help = cli::help::TOP_VIEW)]
     Top {
         /// Open on this site's view (its generations and workers).
         site: Option<String>,
@@ -114,8 +153,12 @@ enum Command {
             value_name = "SECONDS"
         )]
         delay: f64,
+        #[command(flatten)]
+        client: ClientArgs,
     },
-    /// Show a site's worker output.
+    /// Show a site's worker output (a stderr line is marked `!` after its writer:
+    /// `w-1[4242]! …`; `--json`: one object per line, with `stream`).
+    #[command(after_help = cli::help::LOGS)]
     Logs {
         /// The site.
         site: String,
@@ -125,10 +168,13 @@ enum Command {
         /// How many past lines.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Show what happened: workers started, ready, exited and why, restarts, deploy
     /// steps, scales, reloads, operators' requests (one line each; `--json`: one JSON
     /// object per line). Without SITE, every site the caller may see.
+    #[command(after_help = cli::help::EVENTS)]
     Events {
         /// Only this site.
         site: Option<String>,
@@ -142,11 +188,18 @@ enum Command {
         /// How many past events (at most).
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Re-read the configuration (like SIGHUP); a bad file changes nothing.
-    Reload,
+    #[command(after_help = cli::help::RELOAD)]
+    Reload {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Deploy a new generation from the release symlink's target; waits until the old
     /// generation has retired (exit 4 if the new one was rolled back).
+    #[command(after_help = cli::help::DEPLOY)]
     Deploy {
         /// The site.
         site: String,
@@ -158,22 +211,33 @@ enum Command {
         /// returns once it serves. Finish with `promote`, abort with `rollback`.
         #[arg(long, value_name = "PERCENT", value_parser = parse_share)]
         canary: Option<hatchery::supervisor::deploy::Share>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Promote a site's canary: it grows to full size and takes every new connection;
     /// waits until the old generation has retired.
     Promote {
         /// The site.
         site: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Roll back the deploy under way (a canary too), or deploy the previous release.
     Rollback {
         /// The site.
         site: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Run a command in a site's sandbox (its user, root, Landlock, cgroup and limits),
     /// on a new terminal when stdin is one; without CMD, the site user's shell. Exits with
     /// the command's status (128 + N when killed by signal N).
+    #[command(after_help = cli::help::EXEC)]
     Exec {
+        /// Control socket of the agent (default: $HATCHERY_SOCKET, else
+        /// /run/hatchery/control.sock).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
         /// The site.
         site: String,
         /// The command and its arguments (after `--` if they start with `-`).
@@ -187,6 +251,22 @@ enum Command {
         /// The new binary (default: the path the agent runs from, e.g. rebuilt in place).
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the shell completion script for bash, zsh or fish (hidden commands left out).
+    #[command(after_help = cli::help::COMPLETIONS)]
+    Completions {
+        /// The shell.
+        shell: cli::docs::Shell,
+    },
+    /// Write the man pages, generated from this command line's definition: hatchery.1 and
+    /// hatchery-COMMAND.1 for each command (for packages; `man -l DIR/hatchery.1` reads one).
+    #[command(name = "man", hide = true)]
+    Man {
+        /// The directory to write them in (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// What `upgrade` asks of a new binary: load the configuration, print the version and
     /// the record format read, as one JSON line.
@@ -221,45 +301,116 @@ enum Command {
         args: Vec<String>,
     },
     /// The fd holder: keeps fds by name across the agent's death, at the socket given by
-    /// the global `--socket` (started by the agent).
+    /// `--socket` (started by the agent).
     #[command(name = "fd-holder", hide = true)]
-    FdHolder,
+    FdHolder {
+        /// The holder's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+}
+
+impl Command {
+    /// The `--socket` and `--json` of a command that talks to the agent.
+    fn client_args(&self) -> Option<&ClientArgs> {
+        match self {
+            Command::Status { client, .. }
+            | Command::Start { client, .. }
+            | Command::Stop { client, .. }
+            | Command::Restart { client, .. }
+            | Command::Scale { client, .. }
+            | Command::Signal { client, .. }
+            | Command::Top { client, .. }
+            | Command::Logs { client, .. }
+            | Command::Events { client, .. }
+            | Command::Reload { client }
+            | Command::Deploy { client, .. }
+            | Command::Promote { client, .. }
+            | Command::Rollback { client, .. }
+            | Command::Upgrade { client, .. } => Some(client),
+            Command::Agent { .. }
+            | Command::Check { .. }
+            | Command::Demo { .. }
+            | Command::Exec { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. }
+            | Command::UpgradeCheck { .. }
+            | Command::DemoWorker { .. }
+            | Command::DemoZygote { .. }
+            | Command::Probe { .. }
+            | Command::FdHolder { .. } => None,
+        }
+    }
 }
 
 /// Clap's "a similar subcommand exists" tip can name a hidden subcommand (`fd-holder`,
-/// `__probe`): such an error is printed without the tip, so hidden ones are never suggested.
-fn without_hidden_suggestions(e: clap::Error) -> clap::Error {
-    use clap::CommandFactory;
-    use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if e.kind() != ErrorKind::InvalidSubcommand {
-        return e;
-    }
-    let mut cmd = Cli::command();
+/// `__probe`, `man`): the tip keeps only the visible ones (and goes when none is left), so
+/// hidden ones are never suggested.
+fn without_hidden_suggestions(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let cmd = command();
     let hidden = |name: &str| {
         cmd.get_subcommands()
             .any(|s| s.is_hide_set() && s.get_name() == name)
     };
-    let suggests_hidden = match e.get(ContextKind::SuggestedSubcommand) {
-        Some(ContextValue::String(s)) => hidden(s),
-        Some(ContextValue::Strings(v)) => v.iter().any(|s| hidden(s)),
-        _ => false,
+    let suggested = match e.get(ContextKind::SuggestedSubcommand) {
+        Some(ContextValue::String(s)) => vec![s.clone()],
+        Some(ContextValue::Strings(v)) => v.clone(),
+        _ => return e,
     };
-    let Some(ContextValue::String(invalid)) = e.get(ContextKind::InvalidSubcommand) else {
-        return e;
-    };
-    if !suggests_hidden {
-        return e;
+    let visible: Vec<String> = suggested.into_iter().filter(|s| !hidden(s)).collect();
+    e.remove(ContextKind::SuggestedSubcommand);
+    if !visible.is_empty() {
+        e.insert(
+            ContextKind::SuggestedSubcommand,
+            ContextValue::Strings(visible),
+        );
+    } else if matches!(e.get(ContextKind::Suggested), Some(ContextValue::StyledStrs(v)) if v.is_empty())
+    {
+        // Without any tip left, an empty list of other tips would print a blank line.
+        e.remove(ContextKind::Suggested);
     }
-    let message = format!("unrecognized subcommand '{invalid}'");
-    cmd.error(ErrorKind::InvalidSubcommand, message)
+    e
+}
+
+/// The command line's definition, with this build's version: what is parsed, and what
+/// completions and man pages are generated from.
+fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command().version(hatchery::version())
+}
+
+/// `--socket` or `--json` given before a command that has no such option of its own
+/// (`hatchery --socket PATH agent`): refused as clap refuses an unknown option.
+fn misplaced_option(matches: &clap::ArgMatches) -> Option<clap::Error> {
+    use clap::parser::ValueSource;
+    let (name, _) = matches.subcommand()?;
+    let mut cmd = command();
+    let sub = cmd.find_subcommand(name)?;
+    let misplaced = ["socket", "json"].into_iter().find(|id| {
+        matches.value_source(id) == Some(ValueSource::CommandLine)
+            && !sub.get_arguments().any(|a| a.get_id() == *id)
+    })?;
+    Some(cmd.error(
+        clap::error::ErrorKind::UnknownArgument,
+        format!("--{misplaced} is not an option of `hatchery {name}`"),
+    ))
+}
+
+/// The agent's control socket: the one given, else `$HATCHERY_SOCKET`, else the default.
+fn socket_path(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
 fn main() -> ExitCode {
-    use clap::{CommandFactory, FromArgMatches};
-    let parsed = Cli::command()
-        .version(hatchery::version())
-        .try_get_matches()
-        .and_then(|m| Cli::from_arg_matches(&m));
+    use clap::FromArgMatches;
+    let parsed = command().try_get_matches().and_then(|m| {
+        if let Some(e) = misplaced_option(&m) {
+            return Err(e);
+        }
+        Cli::from_arg_matches(&m)
+    });
     let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
@@ -270,18 +421,38 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Agent { config } => run_agent(&config),
-        Command::Check { config } => {
+        Command::Check {
+            config,
+            socket,
+            json,
+        } => {
             quiet_on_closed_stdout();
-            let config = config.unwrap_or_else(|| {
-                let socket = cli
-                    .socket
-                    .clone()
-                    .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-                running_config(&socket)
-            });
-            check(&config, cli.json)
+            let config =
+                config.unwrap_or_else(|| running_config(&socket_path(socket.or(cli.socket))));
+            check(&config, json || cli.json)
         }
+        Command::Completions { shell } => {
+            quiet_on_closed_stdout();
+            let mut out = Vec::new();
+            cli::docs::completions(&command(), shell, &mut out);
+            say(&String::from_utf8_lossy(&out));
+            ExitCode::SUCCESS
+        }
+        Command::Man { out } => match cli::docs::man_pages(command(), &out) {
+            Ok(pages) => {
+                for page in pages {
+                    say(&format!("{}\n", page.display()));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                say_err(&format!(
+                    "hatchery: failed to write the man pages in {}: {e}",
+                    out.display()
+                ));
+                ExitCode::from(EXIT_REFUSED)
+            }
+        },
         Command::Demo { listen, workers } => run_demo(listen, workers),
         Command::UpgradeCheck { config } => match config::load_each(&config) {
             Ok(_) => {
@@ -312,8 +483,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Probe { args } => ExitCode::from(hatchery::probe::main(&args)),
-        Command::FdHolder => {
-            let Some(socket) = cli.socket else {
+        Command::FdHolder { socket } => {
+            let Some(socket) = socket.or(cli.socket) else {
                 eprintln!("hatchery fd-holder: --socket PATH is required");
                 return ExitCode::from(EXIT_USAGE);
             };
@@ -325,27 +496,26 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Top { site, delay } => {
-            let socket = cli
-                .socket
-                .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-            top(socket, site, delay, cli.json)
-        }
-        Command::Exec { site, command } => {
-            let socket = cli
-                .socket
-                .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-            exec(&socket, &site, command)
-        }
+        Command::Top {
+            site,
+            delay,
+            client,
+        } => top(
+            socket_path(client.socket.or(cli.socket)),
+            site,
+            delay,
+            client.json || cli.json,
+        ),
+        Command::Exec {
+            socket,
+            site,
+            command,
+        } => exec(&socket_path(socket.or(cli.socket)), &site, command),
         command => {
             quiet_on_closed_stdout();
-            let socket = cli
-                .socket
-                .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-            client(&socket, command, cli.json)
+            let given = command.client_args().cloned().unwrap_or_default();
+            let socket = socket_path(given.socket.or(cli.socket));
+            client(&socket, command, given.json || cli.json)
         }
     }
 }
@@ -406,6 +576,10 @@ fn quiet_on_closed_stdout() {
 
 fn run_agent(path: &std::path::Path) -> ExitCode {
     init_tracing();
+    if hatchery::keeper::wanted() {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        return ExitCode::from(hatchery::keeper::run(&args));
+    }
     let agent = match Agent::new(path) {
         Ok(a) => a,
         Err(e) => {
@@ -720,16 +894,17 @@ fn run_demo(listen: std::net::SocketAddr, workers: u32) -> ExitCode {
 
 fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
     let request = match command {
-        Command::Status { site } => Request::Status { site },
-        Command::Start { site } => Request::Start { site },
-        Command::Stop { site } => Request::Stop { site },
-        Command::Restart { site } => Request::Restart { site },
-        Command::Scale { site, workers } => Request::Scale { site, workers },
-        Command::Signal { site, signal } => Request::Signal { site, signal },
+        Command::Status { site, .. } => Request::Status { site },
+        Command::Start { site, .. } => Request::Start { site },
+        Command::Stop { site, .. } => Request::Stop { site },
+        Command::Restart { site, .. } => Request::Restart { site },
+        Command::Scale { site, workers, .. } => Request::Scale { site, workers },
+        Command::Signal { site, signal, .. } => Request::Signal { site, signal },
         Command::Logs {
             site,
             follow,
             lines,
+            ..
         } => Request::Logs {
             site,
             lines,
@@ -740,6 +915,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             follow,
             since,
             lines,
+            ..
         } => {
             let since = match since
                 .map(|s| {
@@ -749,6 +925,9 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             {
                 Ok(s) => s,
                 Err(why) => {
+                    if json {
+                        println!("{}", cli::reply::error_json("usage", &why.to_string()));
+                    }
                     say_err(&format!("hatchery: {why}"));
                     return ExitCode::from(EXIT_USAGE);
                 }
@@ -760,8 +939,8 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
                 since,
             }
         }
-        Command::Reload => Request::Reload,
-        Command::Upgrade { binary } => Request::Upgrade {
+        Command::Reload { .. } => Request::Reload,
+        Command::Upgrade { binary, .. } => Request::Upgrade {
             // The agent's working directory is not the caller's.
             binary: binary
                 .map(|b| std::path::absolute(&b).unwrap_or(b))
@@ -771,6 +950,7 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             site,
             release,
             canary,
+            ..
         } => Request::Deploy {
             site,
             // The agent's working directory is not the caller's.
@@ -779,14 +959,16 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
                 .map(|r| r.display().to_string()),
             canary: canary.map(|c| c.to_string()),
         },
-        Command::Promote { site } => Request::Promote { site },
-        Command::Rollback { site } => Request::Rollback { site },
+        Command::Promote { site, .. } => Request::Promote { site },
+        Command::Rollback { site, .. } => Request::Rollback { site },
         Command::Agent { .. }
         | Command::Check { .. }
         | Command::Demo { .. }
         | Command::DemoWorker { .. }
         | Command::DemoZygote { .. }
-        | Command::FdHolder
+        | Command::FdHolder { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. }
         | Command::UpgradeCheck { .. }
         | Command::Exec { .. }
         | Command::Top { .. }
@@ -794,41 +976,50 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             unreachable!("handled in main")
         }
     };
+    use cli::reply::JsonShape;
     let mut conn = match Client::connect(socket) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
-                "hatchery: cannot reach the agent at {}: {e}",
-                socket.display()
-            );
+            let message = format!("cannot reach the agent at {}: {e}", socket.display());
+            if json {
+                println!("{}", cli::reply::error_json("unreachable", &message));
+            }
+            say_err(&format!("hatchery: {message}"));
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
     let is_status = matches!(request, Request::Status { .. });
     let is_events = matches!(request, Request::Events { .. });
+    let is_logs = matches!(request, Request::Logs { .. });
+    // One document for an answer alone; JSON lines where lines come before it.
+    let shape = match request {
+        Request::Status { .. } | Request::Signal { .. } | Request::Reload => JsonShape::Document,
+        _ => JsonShape::Lines,
+    };
     let mut progress = cli::render::Progress::default();
     let result = conn.call(&request, |r| match r {
         Reply::Line(l) if is_events && !json => println!("{}", printable(&cli::events::text(l))),
+        // Each entry of the history is already one JSON object.
+        Reply::Line(l) if is_events => println!("{}", printable(l)),
+        Reply::Line(l) if is_logs && json => println!("{}", cli::reply::log_line_json(l)),
         Reply::Line(l) => println!("{}", printable(l)),
         Reply::Event(e) if !json => {
             for line in progress.line(std::time::Instant::now(), e) {
                 say_err(&format!("  {line}"));
             }
         }
-        Reply::Event(e) => println!("{}", serde_json::json!({ "event": e })),
+        Reply::Event(e) => println!("{}", cli::reply::progress_json(e)),
         _ => {}
     });
     for line in progress.finish() {
         say_err(&format!("  {line}"));
     }
     match result {
-        Ok(Reply::Ok(_)) if is_events => ExitCode::SUCCESS,
+        // The end of a stream: its lines said it all.
+        Ok(Reply::Ok(_)) if is_events || (is_logs && json) => ExitCode::SUCCESS,
         Ok(Reply::Ok(value)) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&value).unwrap_or_default()
-                );
+                println!("{}", cli::reply::json(&value, shape));
             } else if is_status {
                 match serde_json::from_value::<hatchery::status::Status>(value) {
                     Ok(status) => print!("{}", printable(&cli::render::status(&status))),
@@ -837,16 +1028,11 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
                         return ExitCode::from(EXIT_REFUSED);
                     }
                 }
-            } else if let Ok(up) =
-                serde_json::from_value::<hatchery::control::Upgraded>(value.clone())
-            {
-                println!("{}", printable(&up.message));
-            } else if let Ok(done) =
-                serde_json::from_value::<hatchery::control::Done>(value.clone())
-            {
-                println!("{}", printable(&format!("{}: {}", done.site, done.message)));
-            } else if value.get("log").is_none() {
-                println!("{value}");
+            } else if let Some(sentence) = cli::reply::sentence(&value) {
+                println!("{}", printable(&sentence));
+            } else if !is_logs {
+                // An answer this CLI does not know (from a newer agent): as it came.
+                println!("{}", printable(&value.to_string()));
             }
             ExitCode::SUCCESS
         }
@@ -863,7 +1049,11 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
         }
         Ok(_) => ExitCode::from(EXIT_REFUSED),
         Err(e) => {
-            eprintln!("hatchery: lost the connection to the agent: {e}");
+            let message = format!("lost the connection to the agent: {e}");
+            if json {
+                println!("{}", cli::reply::error_json("unreachable", &message));
+            }
+            say_err(&format!("hatchery: {message}"));
             ExitCode::from(EXIT_UNREACHABLE)
         }
     }
@@ -909,13 +1099,41 @@ fn top(socket: PathBuf, site: Option<String>, delay: f64, json: bool) -> ExitCod
         interval_ms,
         json,
     };
-    match cli::top::run(&opts) {
+    let result = cli::top::run(&opts);
+    // With --json, a failure is a JSON document on stdout too.
+    if json {
+        let error = match &result {
+            Ok(()) => None,
+            Err(TopError::Unreachable { path, source }) => Some(cli::reply::error_json(
+                "unreachable",
+                &format!("cannot reach the agent at {path}: {source}"),
+            )),
+            Err(TopError::Refused(e)) => Some(serde_json::json!({ "error": e }).to_string()),
+            Err(e) => {
+                let mut message = e.to_string();
+                let mut cause = std::error::Error::source(e);
+                while let Some(c) = cause {
+                    message.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                Some(cli::reply::error_json("failed", &message))
+            }
+        };
+        if let Some(error) = error {
+            println!("{error}");
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(TopError::Unreachable { path, source }) => {
             say_err(&format!(
                 "hatchery: cannot reach the agent at {path}: {source}"
             ));
             ExitCode::from(EXIT_UNREACHABLE)
+        }
+        // The terminal was given back; as a shell reports a process a signal ended.
+        Err(TopError::Signalled(signal)) => {
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(u8::MAX))
         }
         Err(TopError::Refused(e)) => {
             say_err(&format!("hatchery: {}", e.message));
@@ -935,3 +1153,8 @@ fn top(socket: PathBuf, site: Option<String>, delay: f64, json: bool) -> ExitCod
 fn parse_share(s: &str) -> Result<hatchery::supervisor::deploy::Share, String> {
     s.parse()
 }
+
+/// Tests of the command line's definition (kept beside the CLI's other parts).
+#[cfg(test)]
+#[path = "cli/main_tests.rs"]
+mod tests;

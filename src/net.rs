@@ -521,8 +521,40 @@ impl NotifySocket {
         }
     }
 
+    /// Binds a datagram socket with `SO_PASSCRED` at the abstract address `name` (no file;
+    /// shown as `@name`, which is what `NOTIFY_SOCKET` then names).
+    pub fn bind_abstract(name: &str) -> Result<NotifySocket, NetError> {
+        let bind_err = |source: io::Error| NetError::Bind {
+            addr: format!("unix @{name}"),
+            source,
+        };
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+        .map_err(|e| bind_err(e.into()))?;
+        let addr =
+            SocketAddrUnix::new_abstract_name(name.as_bytes()).map_err(|e| bind_err(e.into()))?;
+        rustix::net::bind(&fd, &addr).map_err(|e| bind_err(e.into()))?;
+        sockopt::set_socket_passcred(&fd, true).map_err(|e| bind_err(e.into()))?;
+        Ok(NotifySocket {
+            path: PathBuf::from(format!("@{name}")),
+            fd,
+        })
+    }
+
     /// Receives one pending message; `None` when drained.
     pub fn recv(&self) -> io::Result<Option<Notification>> {
+        Ok(self
+            .recv_text()?
+            .map(|(pid, text)| parse_notification(pid, &text)))
+    }
+
+    /// Receives one pending message as its sender's pid (as the kernel vouches for it) and
+    /// text; `None` when drained.
+    pub fn recv_text(&self) -> io::Result<Option<(i32, String)>> {
         let mut buf = [0u8; 4096];
         let mut space =
             [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1), ScmRights(4))];
@@ -544,7 +576,7 @@ impl NotifySocket {
             }
         }
         let text = String::from_utf8_lossy(&buf[..msg.bytes.min(buf.len())]);
-        Ok(Some(parse_notification(pid, &text)))
+        Ok(Some((pid, text.into_owned())))
     }
 }
 
@@ -552,6 +584,24 @@ impl AsFd for NotifySocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// Sends `state` to the socket `NOTIFY_SOCKET` names (a path, or `@name` for an abstract
+/// address), as sd_notify(3) does; `Ok(false)` when the variable is not set.
+pub fn sd_notify(state: &str) -> io::Result<bool> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    let bytes = path.as_encoded_bytes();
+    if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+        sock.send_to_addr(state.as_bytes(), &addr)?;
+    } else {
+        sock.send_to(state.as_bytes(), PathBuf::from(path))?;
+    }
+    Ok(true)
 }
 
 /// Parses an `sd_notify` message (newline-separated `KEY=VALUE` pairs).

@@ -13,7 +13,8 @@
 //! (`waitid` gives `ECHILD`), but its pidfd polls readable once it has exited.
 //!
 //! Also this process's own signal dispositions: [`set_default_disposition`] (the CLI's
-//! `SIGPIPE`).
+//! `SIGPIPE`), and blocked signals read from a signalfd ([`block_signals`],
+//! [`signalfd`], [`read_signal`]: `hatchery top`'s `SIGTERM`).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -23,6 +24,7 @@ use rustix::process::{Pid, Signal as RSignal, WaitId, WaitIdOptions};
 use crate::supervisor::slots::ExitReason;
 
 pub use crate::sys::signals::set_default as set_default_disposition;
+pub use crate::sys::signals::{SigSet, block as block_signals, read_signal, signalfd};
 
 /// A live (or not yet reaped) child: its pid and its pidfd.
 #[derive(Debug)]

@@ -17,10 +17,13 @@
 //! `LISTEN_PID`: each worker sets its own), `NOTIFY_SOCKET`, `HATCHERY_GENERATION`, and
 //! its stdout/stderr (the zygote's own output pipe).
 //!
-//! 1. zygote → agent: `READY 1` once the code is loaded (1 is the protocol version). Sent
-//!    once, before anything else.
-//! 2. agent → zygote: `FORK <slot> <request-id>` with exactly one fd, the write end of
-//!    the new worker's output pipe.
+//! 1. zygote → agent: `READY <version>` once the code is loaded (`READY 2` from a zygote
+//!    of this version, `READY 1` from one of version 1; the agent takes both). Sent once,
+//!    before anything else.
+//! 2. agent → zygote: `FORK <slot> <request-id>` with the write end of the new worker's
+//!    output: to a zygote of version 2, two fds, its stdout's and its stderr's (so that
+//!    the agent tells the streams apart); to one of version 1, one fd for both. A zygote
+//!    of version 2 takes either.
 //! 3. The zygote creates a "go" pipe and forks **twice**: an intermediate child forks the
 //!    worker and `_exit(0)`s at once. Once the intermediate has exited, the worker is
 //!    re-parented to the agent (a child subreaper, and the zygote's parent), so it is the
@@ -39,7 +42,8 @@
 //!    its cgroup leaf (writes the pid to `cgroup.procs`), then writes `go\n` to the go
 //!    pipe and closes it ([`Forked::proceed`]).
 //! 6. The worker, on reading exactly `go\n`, sets `HATCHERY_WORKER_ID=<slot>` and
-//!    `LISTEN_PID=<its pid>`, makes the output pipe its stdout and stderr, closes the go
+//!    `LISTEN_PID=<its pid>`, makes the first output fd its stdout and the second (or the
+//!    first, if it came alone) its stderr, closes the go
 //!    pipe and runs the application's worker entry. On end of file without `go\n` (the
 //!    agent refused it, or died) it `_exit(1)`s without running application code.
 //!
@@ -66,8 +70,11 @@ use crate::sys::fork::{ForkSide, exit_now, fork_single_threaded, set_env_in_fork
 
 /// The environment variable naming the zygote's end of the link.
 pub const ZYGOTE_FD_ENV: &str = "HATCHERY_ZYGOTE_FD";
-/// The protocol version this module speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this module speaks: 2, version 1 with a `FORK`'s stderr as an fd
+/// of its own.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest version the agent still takes from a zygote (one fd for both streams).
+pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
 /// The largest message either side sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 512;
 /// What the agent writes to a worker's go pipe.
@@ -90,7 +97,8 @@ pub enum ToAgent {
 /// A message from the agent to the zygote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ToZygote {
-    /// `FORK <slot> <request-id>` (with the output pipe's write end).
+    /// `FORK <slot> <request-id>` (with the output's write ends: stdout's and stderr's,
+    /// or one for both).
     Fork { slot: u32, request: u64 },
 }
 
@@ -298,9 +306,9 @@ fn receive(
     }
 }
 
-/// Sends one message carrying `fds` (at most one here).
+/// Sends one message carrying `fds` (at most two here: a `FORK`'s stdout and stderr).
 fn send(socket: BorrowedFd<'_>, text: &str, fds: &[BorrowedFd<'_>]) -> Result<(), ZygoteError> {
-    if fds.len() > 1 {
+    if fds.len() > 2 {
         return Err(ZygoteError::Unexpected(format!(
             "{} fds in one message",
             fds.len()
@@ -379,7 +387,7 @@ impl ZygoteLink {
 
     /// Reads what the zygote sent, without blocking: `Ok(Some(version))` for `READY`,
     /// `Ok(None)` when nothing came yet; an error at end of file, for anything else than
-    /// `READY 1` (fds included), or any other version.
+    /// `READY 1` or `READY 2` (fds included), or any other version.
     pub fn read_ready(&mut self) -> Result<Option<u32>, ZygoteError> {
         let mut buf = [0u8; MAX_MESSAGE_BYTES + 1];
         let (n, fds) = match receive(self.socket.as_fd(), &mut buf, RecvFlags::DONTWAIT) {
@@ -394,9 +402,11 @@ impl ZygoteLink {
             ToAgent::Ready { .. } if !fds.is_empty() => {
                 Err(ZygoteError::Unexpected("fds sent with READY".to_string()))
             }
-            ToAgent::Ready {
-                version: PROTOCOL_VERSION,
-            } => Ok(Some(PROTOCOL_VERSION)),
+            ToAgent::Ready { version }
+                if (OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
+            {
+                Ok(Some(version))
+            }
             ToAgent::Ready { version } => Err(ZygoteError::UnsupportedVersion(version)),
             other => Err(ZygoteError::Unexpected(format!(
                 "{:?} before READY",
@@ -405,17 +415,23 @@ impl ZygoteLink {
         }
     }
 
-    /// Asks for worker `slot`, whose output goes to `output` (the write end of its pipe),
-    /// without waiting: the answer comes later from [`ZygoteLink::read_answer`], under the
-    /// request id returned here.
-    pub fn request_fork(&mut self, slot: u32, output: BorrowedFd<'_>) -> Result<u64, ZygoteError> {
+    /// Asks for worker `slot`, whose stdout goes to `output` (the write end of its pipe)
+    /// and its stderr to `errors` (only to a zygote that said version 2 or later), or to
+    /// `output` too; without waiting: the answer comes later from
+    /// [`ZygoteLink::read_answer`], under the request id returned here.
+    pub fn request_fork(
+        &mut self,
+        slot: u32,
+        output: BorrowedFd<'_>,
+        errors: Option<BorrowedFd<'_>>,
+    ) -> Result<u64, ZygoteError> {
         self.last_request += 1;
         let request = self.last_request;
-        send(
-            self.socket.as_fd(),
-            &ToZygote::Fork { slot, request }.format(),
-            &[output],
-        )?;
+        let message = ToZygote::Fork { slot, request }.format();
+        match errors {
+            Some(errors) => send(self.socket.as_fd(), &message, &[output, errors])?,
+            None => send(self.socket.as_fd(), &message, &[output])?,
+        }
         Ok(request)
     }
 
@@ -480,7 +496,7 @@ impl ZygoteLink {
         zygote: Option<i32>,
     ) -> Result<Forked, ZygoteError> {
         let deadline = Instant::now() + timeout;
-        let request = self.request_fork(slot, output)?;
+        let request = self.request_fork(slot, output, None)?;
         loop {
             if let Some(answer) = self.read_answer()? {
                 if answer.request == request {
@@ -604,7 +620,7 @@ pub fn inherited_link() -> io::Result<Option<OwnedFd>> {
     Ok(Some(fd))
 }
 
-/// The zygote's side, for a zygote written in Rust: sends `READY 1`, then serves `FORK`
+/// The zygote's side, for a zygote written in Rust: sends `READY 2`, then serves `FORK`
 /// requests until the link reaches end of file (`Ok(())`). Each worker runs `worker` after
 /// its go, then `_exit`s with its return value; it never returns here. Must be called on
 /// the process's only thread (forking is refused otherwise: each fork answers `FAILED`).
@@ -627,8 +643,8 @@ pub fn serve(
             Received::End => return Ok(()),
         };
         let ToZygote::Fork { slot, request } = ToZygote::parse(&buf[..n])?;
-        if fds.len() != 1 {
-            let reason = format!("FORK needs exactly 1 fd, got {}", fds.len());
+        if !(1..=2).contains(&fds.len()) {
+            let reason = format!("FORK needs 1 or 2 fds, got {}", fds.len());
             send(
                 link.as_fd(),
                 &ToAgent::Failed { request, reason }.format(),
@@ -637,8 +653,9 @@ pub fn serve(
             continue;
         }
         let output = fds.remove(0);
+        let errors = fds.pop();
         let start = WorkerStart { slot, request };
-        match fork_worker(&mut link, output, start, &mut worker) {
+        match fork_worker(&mut link, (output, errors), start, &mut worker) {
             Ok((pid, go)) => send(
                 link.as_fd(),
                 &ToAgent::Forked { request, pid }.format(),
@@ -658,10 +675,10 @@ pub fn serve(
 }
 
 /// The double fork of step 3; in the parent (the zygote), the worker's pid and the write
-/// end of its go pipe. `output` is closed here on return.
+/// end of its go pipe. `output` (stdout's, and stderr's if apart) is closed here on return.
 fn fork_worker(
     link: &mut OwnedFd,
-    output: OwnedFd,
+    output: (OwnedFd, Option<OwnedFd>),
     start: WorkerStart,
     worker: &mut impl FnMut(WorkerStart) -> i32,
 ) -> io::Result<(i32, OwnedFd)> {
@@ -708,7 +725,7 @@ fn fork_worker(
 /// The worker's path after the second fork: never returns.
 fn worker_child(
     link: &mut OwnedFd,
-    output: OwnedFd,
+    output: (OwnedFd, Option<OwnedFd>),
     go_read: OwnedFd,
     go_write: OwnedFd,
     start: WorkerStart,
@@ -760,11 +777,13 @@ fn worker_child(
             exit_now(1);
         }
     }
-    if rustix::stdio::dup2_stdout(&output).is_err() || rustix::stdio::dup2_stderr(&output).is_err()
-    {
+    let (out, err) = output;
+    let err_fd = err.as_ref().unwrap_or(&out);
+    if rustix::stdio::dup2_stdout(&out).is_err() || rustix::stdio::dup2_stderr(err_fd).is_err() {
         exit_now(1);
     }
-    drop(output);
+    drop(out);
+    drop(err);
     let code = worker(start);
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
@@ -881,9 +900,11 @@ mod tests {
         send(zygote.as_fd(), "READY 1", &[]).expect("send");
         assert_eq!(link.read_ready().expect("ready"), Some(1));
         send(zygote.as_fd(), "READY 2", &[]).expect("send");
+        assert_eq!(link.read_ready().expect("ready"), Some(2));
+        send(zygote.as_fd(), "READY 3", &[]).expect("send");
         assert!(matches!(
             link.read_ready(),
-            Err(ZygoteError::UnsupportedVersion(2))
+            Err(ZygoteError::UnsupportedVersion(3))
         ));
         send(zygote.as_fd(), "FORKED 1 5", &[]).expect("send");
         assert!(matches!(link.read_ready(), Err(ZygoteError::Unexpected(_))));

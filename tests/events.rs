@@ -369,3 +369,180 @@ fn logs_n_reads_across_a_rotation() {
         assert!(numbers.len() >= 90, "{shown}");
     }
 }
+
+/// `hatchery <args>` as `nobody` (uid and gid 65534).
+fn as_nobody(agent: &TestAgent) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(BIN);
+    c.uid(65534)
+        .gid(65534)
+        .current_dir("/")
+        .arg("--socket")
+        .arg(&agent.socket);
+    c
+}
+
+/// A site's user sees through `events` (past and followed) and `watch` (`top`) its own
+/// site only: another site's entries, and the agent-wide ones that name other sites (a
+/// reload), never reach it.
+#[test]
+fn a_site_owner_sees_only_its_own_sites_events_and_snapshots() {
+    if !is_root() && skip("needs root to run the CLI as another uid") {
+        return;
+    }
+    for reactor in REACTORS {
+        let sleeper = |name: &str, extra: &str| {
+            format!(
+                "name = \"{name}\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\nworkers = 1\n{extra}[restart]\nbackoff_initial = \"10ms\"\n"
+            )
+        };
+        let (mine, theirs) = (
+            sleeper("mine", "user = \"nobody\"\n"),
+            sleeper("theirs", ""),
+        );
+        let agent = TestAgent::start(
+            &[("mine", &mine), ("theirs", &theirs)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
+        for site in ["mine", "theirs"] {
+            agent.wait_for(site, "ready", Duration::from_secs(20), |s| s["ready"] == 1);
+        }
+        // The socket is reachable by others (the test directory is private otherwise).
+        std::fs::set_permissions(
+            agent.dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+
+        // A follower as nobody, from now on.
+        let mut follower = as_nobody(&agent)
+            .args(["events", "-f", "-n", "0", "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("events -f as nobody");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let out = follower.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+
+        // Things happen to both sites, and to the agent (a reload that adds a site).
+        let out = agent.cli(&["restart", "theirs"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        kill9(agent.pids("theirs")[0]);
+        std::fs::write(agent.site_file("other"), sleeper("other", "")).expect("write site");
+        let out = agent.cli(&["reload"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        // Root sees them all.
+        wait_until(
+            "theirs' crash in root's history",
+            Duration::from_secs(20),
+            || {
+                let all = events(&agent, &["-n", "1000"]);
+                all.iter()
+                    .any(|e| e["site"] == "theirs" && e["kind"] == "exited")
+                    && all
+                        .iter()
+                        .any(|e| e["kind"] == "reload" && e.get("site").is_none())
+            },
+        );
+        // Then mine's crash: the follower's first sight of it comes after everything
+        // above was published, so anything of theirs it were sent would come first.
+        let mine_pid = agent.pids("mine")[0];
+        kill9(mine_pid);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut followed = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                panic!("nobody's follower never saw mine's crash: {followed:#?}");
+            };
+            let e: Value = serde_json::from_str(&line).expect("json");
+            followed.push(e.clone());
+            if e["site"] == "mine" && e["kind"] == "exited" && e["pid"] == mine_pid {
+                break;
+            }
+        }
+        let _ = follower.kill();
+        let _ = follower.wait();
+        assert!(
+            followed.iter().all(|e| e["site"] == "mine"),
+            "the follower got only mine's entries: {followed:#?}"
+        );
+
+        // The past, as nobody: mine's entries (its start, its crash), nothing else.
+        let past = as_nobody(&agent)
+            .args(["events", "-n", "1000", "--json"])
+            .output()
+            .expect("events as nobody");
+        assert!(past.status.success(), "{}", stderr(&past));
+        let text = stdout(&past);
+        let past: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        assert!(
+            past.iter().any(|e| e["kind"] == "started")
+                && past.iter().any(|e| e["kind"] == "exited"),
+            "{text}"
+        );
+        assert!(past.iter().all(|e| e["site"] == "mine"), "{text}");
+        assert!(
+            !text.contains("theirs") && !text.contains("other"),
+            "nothing names another site: {text}"
+        );
+        // Asked for by name: refused, and nothing of it shown.
+        let refused = as_nobody(&agent)
+            .args(["events", "theirs", "--json"])
+            .output()
+            .expect("events theirs as nobody");
+        assert!(!refused.status.success(), "{}", stdout(&refused));
+        // Only the refusal: no entry (an entry has a time).
+        assert!(
+            stdout(&refused).contains("may not") && !stdout(&refused).contains("\"time\""),
+            "{}",
+            stdout(&refused)
+        );
+
+        // `watch` (through `top` without a terminal): a snapshot of mine only.
+        let snap = as_nobody(&agent)
+            .args(["top", "--json"])
+            .output()
+            .expect("top as nobody");
+        assert!(snap.status.success(), "{}", stderr(&snap));
+        let snapshot: hatchery::control::Snapshot =
+            serde_json::from_slice(&snap.stdout).expect("a snapshot");
+        let names: Vec<&str> = snapshot
+            .status
+            .sites
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names, ["mine"], "{}", stdout(&snap));
+        let summed: Vec<&str> = snapshot.summaries.iter().map(|s| s.site.as_str()).collect();
+        assert_eq!(summed, ["mine"], "{}", stdout(&snap));
+        assert!(!stdout(&snap).contains("theirs"), "{}", stdout(&snap));
+        // Root's snapshot has every site: the filter is the caller's, not the snapshot's.
+        let all: hatchery::control::Snapshot =
+            serde_json::from_slice(&agent.cli(&["top", "--json"]).stdout).expect("a snapshot");
+        assert_eq!(all.status.sites.len(), 3, "mine, theirs and other");
+        let refused = as_nobody(&agent)
+            .args(["top", "theirs", "--json"])
+            .output()
+            .expect("top theirs as nobody");
+        assert!(!refused.status.success(), "{}", stdout(&refused));
+        assert!(
+            !stdout(&refused).contains("snapshot"),
+            "{}",
+            stdout(&refused)
+        );
+    }
+}

@@ -19,14 +19,27 @@ fn site(workers: u32) -> String {
     )
 }
 
-/// The log lines (`<time> <writer>[<pid>] <text>`) as (writer, pid, text).
+/// The log lines (`<time> <writer>[<pid>] <text>`, a stderr line's `<writer>[<pid>]!`)
+/// as (writer, pid, text).
 fn lines(text: &str) -> Vec<(String, i32, String)> {
+    streams(text)
+        .into_iter()
+        .map(|(w, p, _, t)| (w, p, t))
+        .collect()
+}
+
+/// The log lines as (writer, pid, whether a stderr line, text).
+fn streams(text: &str) -> Vec<(String, i32, bool, String)> {
     text.lines()
         .filter_map(|l| {
             let (_, rest) = l.split_once(' ')?;
             let (who, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            let (who, err) = match who.strip_suffix('!') {
+                Some(w) => (w, true),
+                None => (who, false),
+            };
             let (writer, pid) = who.strip_suffix(']')?.split_once('[')?;
-            Some((writer.to_string(), pid.parse().ok()?, text.to_string()))
+            Some((writer.to_string(), pid.parse().ok()?, err, text.to_string()))
         })
         .collect()
 }
@@ -108,28 +121,33 @@ fn lines_are_attributed_to_their_worker_and_pid_through_one_socket() {
             );
         }
 
-        // Every worker's stdout and stderr are the same socket, the site's: no pipe per
-        // worker.
-        let outputs: Vec<String> = status["workers"]
-            .as_array()
-            .expect("workers")
-            .iter()
-            .filter_map(|x| x["pid"].as_i64())
-            .flat_map(|pid| [1, 2].map(|fd| format!("/proc/{pid}/fd/{fd}")))
-            .map(|p| {
-                std::fs::read_link(&p)
-                    .expect("a worker's output")
-                    .display()
-                    .to_string()
-            })
-            .collect();
-        assert_eq!(outputs.len(), 4, "{outputs:?}");
-        assert!(
-            outputs
+        // Every worker's stdout is the same socket, the site's, and every worker's stderr
+        // the site's other one: no pipe per worker.
+        let outputs = |fd: u32| -> Vec<String> {
+            status["workers"]
+                .as_array()
+                .expect("workers")
                 .iter()
-                .all(|o| o.starts_with("socket:") && *o == outputs[0]),
-            "one socket: {outputs:?}"
+                .filter_map(|x| x["pid"].as_i64())
+                .map(|pid| {
+                    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                        .expect("a worker's output")
+                        .display()
+                        .to_string()
+                })
+                .collect()
+        };
+        let (out, err) = (outputs(1), outputs(2));
+        assert_eq!((out.len(), err.len()), (2, 2), "{out:?} {err:?}");
+        assert!(
+            out.iter().all(|o| o.starts_with("socket:") && *o == out[0]),
+            "one stdout socket: {out:?}"
         );
+        assert!(
+            err.iter().all(|o| o.starts_with("socket:") && *o == err[0]),
+            "one stderr socket: {err:?}"
+        );
+        assert_ne!(out[0], err[0], "stdout and stderr are two sockets");
 
         // Stopped: each worker's unfinished line is written, as its own.
         let out = agent.cli(&["stop", "out"]);
@@ -219,7 +237,7 @@ fn a_scale_beyond_the_agents_fd_limit_is_refused_with_the_numbers() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("2000 workers need 4008 fds in the agent (a pidfd and an output pipe each")
+        err.contains("2000 workers need 6010 fds in the agent (a pidfd and two output pipes each")
             && err.contains("beyond the agent's fd limit (4096")
             && err.contains("write output = \"socket\""),
         "{err}"
@@ -228,4 +246,186 @@ fn a_scale_beyond_the_agents_fd_limit_is_refused_with_the_numbers() {
     let s = agent.status("out");
     assert_eq!(s["ready"], 1);
     assert_eq!(s["workers"].as_array().map(Vec::len), Some(1));
+}
+
+/// Each worker writes a line to each stream at its start, and again on `SIGUSR1`.
+const BOTH: &str = "trap 'echo during-out-$HATCHERY_WORKER_ID; echo during-err-$HATCHERY_WORKER_ID >&2' USR1; echo up-out-$HATCHERY_WORKER_ID; echo up-err-$HATCHERY_WORKER_ID >&2; while :; do sleep 1; done";
+
+/// Asserts that `log` (the site's `logs` text) has `w-<k>`'s lines `<what>-out-<k>` as
+/// stdout's and `<what>-err-<k>` as stderr's (marked), by `pids[k]`; and that `json`
+/// (`logs --json`) says the same in its `stream` field.
+fn assert_streams(log: &str, json: &str, pids: &[i32], what: &str) {
+    let parsed = streams(log);
+    let objects: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("logs --json: one object a line"))
+        .collect();
+    for (k, pid) in pids.iter().enumerate() {
+        let w = format!("w-{k}");
+        for (stream, err) in [("out", false), ("err", true)] {
+            let text = format!("{what}-{stream}-{k}");
+            assert!(
+                parsed.contains(&(w.clone(), *pid, err, text.clone())),
+                "{w} (pid {pid}) wrote {text:?} to std{stream}: {log}"
+            );
+            let mark = if err { "!" } else { "" };
+            assert!(
+                log.lines()
+                    .any(|l| l.ends_with(&format!(" {w}[{pid}]{mark} {text}"))),
+                "marked as std{stream}'s: {log}"
+            );
+            let object = objects
+                .iter()
+                .find(|o| o["text"] == text.as_str())
+                .unwrap_or_else(|| panic!("{text:?} in logs --json: {json}"));
+            assert_eq!(object["stream"], format!("std{stream}"), "{object}");
+            assert_eq!(object["source"], w.as_str(), "{object}");
+            assert_eq!(object["pid"], *pid, "{object}");
+            assert!(object["time"].is_string(), "{object}");
+        }
+    }
+}
+
+#[test]
+fn stdout_and_stderr_lines_are_told_apart_across_an_agent_crash() {
+    for (reactor, output) in [
+        (REACTORS[0], "pipe"),
+        (REACTORS[1], "pipe"),
+        (REACTORS[0], "socket"),
+        (REACTORS[1], "socket"),
+    ] {
+        let site = format!(
+            "name = \"out\"\ncommand = [\"/bin/sh\", \"-c\", \"{BOTH}\"]\nworkers = 2\noutput = \"{output}\"\n"
+        );
+        let mut agent = TestAgent::start_ready(
+            &[("out", &site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+            "out",
+            2,
+        );
+        let mut pids = worker_pids(&agent);
+        pids.sort_by_key(|p| {
+            // By slot: the status lists them so, but be sure.
+            let s = agent.status("out");
+            s["workers"]
+                .as_array()
+                .and_then(|ws| ws.iter().find(|w| w["pid"] == *p))
+                .and_then(|w| w["id"].as_u64())
+                .unwrap_or(u64::MAX)
+        });
+        assert_eq!(pids.len(), 2);
+        let logs = |agent: &TestAgent, json: bool| {
+            let mut args = vec!["logs", "out", "-n", "100"];
+            if json {
+                args.push("--json");
+            }
+            let out = agent.cli(&args);
+            assert!(out.status.success(), "{}", stderr(&out));
+            stdout(&out)
+        };
+        let has_all = |log: &str, what: &str| {
+            let parsed = streams(log);
+            (0..2).all(|k| {
+                parsed
+                    .iter()
+                    .any(|(_, _, e, t)| !*e && *t == format!("{what}-out-{k}"))
+                    && parsed
+                        .iter()
+                        .any(|(_, _, e, t)| *e && *t == format!("{what}-err-{k}"))
+            })
+        };
+        let mut log = String::new();
+        wait_until("both streams' lines", Duration::from_secs(20), || {
+            log = logs(&agent, false);
+            has_all(&log, "up")
+        });
+        assert_streams(&log, &logs(&agent, true), &pids, "up");
+
+        // Each stream its own pipe in pipe mode (two per worker), or the site's socket
+        // of the stream in socket mode.
+        for pid in &pids {
+            let fd = |n: u32| {
+                std::fs::read_link(format!("/proc/{pid}/fd/{n}"))
+                    .expect("a worker's output")
+                    .display()
+                    .to_string()
+            };
+            let kind = if output == "pipe" { "pipe:" } else { "socket:" };
+            assert!(
+                fd(1).starts_with(kind) && fd(2).starts_with(kind),
+                "{} {}",
+                fd(1),
+                fd(2)
+            );
+            assert_ne!(fd(1), fd(2), "stdout and stderr are two {kind}");
+        }
+
+        // Written while no agent runs: it waits in the pipes or sockets the fd holder
+        // keeps, and the next agent reads each stream as its own.
+        agent.crash();
+        for pid in &pids {
+            let _ = std::process::Command::new("kill")
+                .args(["-USR1", &pid.to_string()])
+                .status();
+        }
+        agent.relaunch();
+        wait_until(
+            "the lines written while no agent ran",
+            Duration::from_secs(20),
+            || {
+                log = logs(&agent, false);
+                has_all(&log, "during")
+            },
+        );
+        assert_streams(&log, &logs(&agent, true), &pids, "during");
+        assert_eq!(worker_pids(&agent), pids, "adopted, not restarted");
+
+        // Followed: a stderr line written now reaches `logs -f --json`, marked.
+        let mut follow = std::process::Command::new(BIN)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .args(["logs", "out", "-f", "-n", "0", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("logs -f");
+        let reader = follow.stdout.take().expect("its stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        // Asked again until it comes: the follower may subscribe after a first signal.
+        let found = loop {
+            let _ = std::process::Command::new("kill")
+                .args(["-USR1", &pids[0].to_string()])
+                .status();
+            let got = rx.recv_timeout(Duration::from_secs(2));
+            if let Ok(line) = got {
+                let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+                if v["text"] == "during-err-0" {
+                    break Some(v);
+                }
+                seen.push(line);
+            }
+            if std::time::Instant::now() > deadline {
+                break None;
+            }
+        };
+        let _ = follow.kill();
+        let _ = follow.wait();
+        let found = found.unwrap_or_else(|| panic!("logs -f: no stderr line in {seen:?}"));
+        assert_eq!(found["stream"], "stderr", "{found}");
+        assert_eq!(found["source"], "w-0", "{found}");
+        assert_eq!(found["pid"], pids[0], "{found}");
+    }
 }

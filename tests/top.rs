@@ -159,6 +159,50 @@ impl Top {
     }
 }
 
+impl Top {
+    /// Waits for `top` to exit, reads what it wrote to the end, and asserts that the
+    /// terminal is as it was: the main screen (after the last switch to the alternate
+    /// one), the cursor shown, cooked mode with echo. Returns its exit status.
+    fn assert_restored(&mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().expect("wait for top");
+        // What it wrote last may still be in the terminal's buffer: read to the end.
+        self.reader
+            .take()
+            .expect("the reader")
+            .join()
+            .expect("join the reader");
+        let raw = self.raw.lock().expect("raw").clone();
+        let text = String::from_utf8_lossy(&raw);
+        let entered = text
+            .rfind("\x1b[?1049h")
+            .expect("the alternate screen was taken");
+        assert!(
+            text[entered..].contains("\x1b[?1049l"),
+            "no return to the main screen"
+        );
+        assert!(
+            text[entered..].contains("\x1b[?25h"),
+            "the cursor is hidden"
+        );
+        let slave = rustix::fs::open(
+            self.slave_name.as_c_str(),
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
+            rustix::fs::Mode::empty(),
+        )
+        .expect("open slave");
+        let modes = rustix::termios::tcgetattr(&slave).expect("tcgetattr");
+        use rustix::termios::LocalModes;
+        assert!(
+            modes
+                .local_modes
+                .contains(LocalModes::ICANON | LocalModes::ECHO),
+            "the terminal is left raw: {:?}",
+            modes.local_modes
+        );
+        status
+    }
+}
+
 impl Drop for Top {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -319,32 +363,8 @@ fn top_shows_sorts_opens_a_site_restarts_it_and_follows_a_resize() {
 
         // `q` quits, and the terminal is as it was: the main screen, cooked mode.
         top.keys("q");
-        let status = top.child.wait().expect("wait for top");
+        let status = top.assert_restored();
         assert!(status.success(), "{status}");
-        // What it wrote last may still be in the terminal's buffer: read to the end.
-        top.reader
-            .take()
-            .expect("the reader")
-            .join()
-            .expect("join the reader");
-        let raw = top.raw.lock().expect("raw").clone();
-        let text = String::from_utf8_lossy(&raw);
-        assert!(text.contains("\x1b[?1049l"), "no return to the main screen");
-        let slave = rustix::fs::open(
-            top.slave_name.as_c_str(),
-            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
-            rustix::fs::Mode::empty(),
-        )
-        .expect("open slave");
-        let modes = rustix::termios::tcgetattr(&slave).expect("tcgetattr");
-        use rustix::termios::LocalModes;
-        assert!(
-            modes
-                .local_modes
-                .contains(LocalModes::ICANON | LocalModes::ECHO),
-            "the terminal is left raw: {:?}",
-            modes.local_modes
-        );
     }
 }
 
@@ -446,5 +466,152 @@ fn watch_pushes_snapshots_on_its_interval_until_the_client_hangs_up() {
             "{}",
             agent.agent_log()
         );
+    }
+}
+
+#[test]
+fn top_gives_the_terminal_back_on_sigterm_and_sighup() {
+    let agent = three_sites(REACTORS[0]);
+    for signal in [libc::SIGTERM, libc::SIGHUP] {
+        let mut top = Top::start(&agent, 24, 120, &["--delay", "0.2"]);
+        // Drawn: the terminal is raw and on the alternate screen now.
+        top.wait("the three sites", |r| {
+            row_of(r, "alpha").is_some() && row_of(r, "gamma").is_some()
+        });
+        let pid = rustix::process::Pid::from_raw(i32::try_from(top.child.id()).expect("a pid"))
+            .expect("pid");
+        let sig = rustix::process::Signal::from_named_raw(signal).expect("signal");
+        rustix::process::kill_process(pid, sig).expect("signal top");
+        let status = top.assert_restored();
+        assert_eq!(
+            status.code(),
+            Some(128 + signal),
+            "exits as a shell reports signal {signal}: {status}"
+        );
+    }
+}
+
+/// A site with a `release` symlink (so a rollback has a release to go back to): each
+/// worker says its generation on stdout and on stderr.
+fn release_site(link: &std::path::Path) -> String {
+    format!(
+        "name = \"rel\"\ncommand = [\"/bin/sh\", \"-c\", \"echo out-of-gen-$HATCHERY_GENERATION; echo err-of-gen-$HATCHERY_GENERATION >&2; exec sleep 1000 # marker-top-rel\"]\nworkers = 1\nrelease = \"{}\"\n[deploy]\nprobation = \"300ms\"\n",
+        link.display()
+    )
+}
+
+#[test]
+fn top_scales_deploys_rolls_back_and_shows_the_logs_on_a_terminal() {
+    for reactor in REACTORS {
+        let root = root_owned_tempdir();
+        let (r1, r2) = (root.path().join("r1"), root.path().join("r2"));
+        for r in [&r1, &r2] {
+            std::fs::create_dir_all(r).expect("mkdir release");
+        }
+        let link = root.path().join("current");
+        std::os::unix::fs::symlink(&r1, &link).expect("symlink");
+        let agent = TestAgent::start_ready(
+            &[("rel", &release_site(&link))],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+            "rel",
+            1,
+        );
+        let mut top = Top::start(&agent, 36, 140, &["--delay", "0.2", "rel"]);
+        top.wait("the site's view", |r| r[0].contains("site rel"));
+        let message_has = |r: &[String], text: &str| r.iter().any(|l| l.contains(text));
+
+        // `n`: the number asked for, then the question; `n` declines, nothing changes.
+        top.keys("n");
+        top.wait("the number asked for", |r| {
+            message_has(r, "workers for rel")
+        });
+        top.keys("3\r");
+        top.wait("the question", |r| {
+            message_has(r, "Scale rel to 3 workers? (y/n)")
+        });
+        top.keys("n");
+        top.wait("declined", |r| message_has(r, "scale rel: not done"));
+        assert_eq!(agent.status("rel")["desired"], 1, "declined: not scaled");
+        // Asked again and confirmed: the agent scales, its answer is shown.
+        top.keys("n3\r");
+        top.wait("the question again", |r| {
+            message_has(r, "Scale rel to 3 workers? (y/n)")
+        });
+        top.keys("y");
+        top.wait("the agent's answer", |r| {
+            message_has(r, "rel: all workers ready")
+        });
+        let s = agent.status("rel");
+        assert_eq!(
+            (s["desired"].clone(), s["ready"].clone()),
+            (3.into(), 3.into()),
+            "{s:#}"
+        );
+        let pids = agent.pids("rel");
+        top.wait("the three workers", |r| {
+            pids.iter()
+                .all(|p| r.iter().any(|l| l.contains(&p.to_string())))
+        });
+
+        // `d`: a new generation of the release the link points to now; the deploy's
+        // progress is shown while it runs, then the agent's answer.
+        std::fs::remove_file(&link).expect("rm link");
+        std::os::unix::fs::symlink(&r2, &link).expect("symlink");
+        top.keys("d");
+        top.wait("the question", |r| {
+            message_has(r, "Deploy a new generation of rel? (y/n)")
+        });
+        top.keys("y");
+        top.wait("the deploy's progress", |r| {
+            message_has(r, "deploy rel: gen-2")
+        });
+        top.wait("the deploy's answer", |r| {
+            message_has(r, "rel: gen-2 serves; gen-1 retired")
+        });
+        let s = agent.status("rel");
+        assert_eq!(s["generation"], 2, "{s:#}");
+        assert!(
+            s["release"].as_str().is_some_and(|r| r.ends_with("r2")),
+            "{s:#}"
+        );
+
+        // `b`: back to the release gen-2 replaced, as a new generation.
+        top.keys("b");
+        top.wait("the question", |r| message_has(r, "Roll rel back? (y/n)"));
+        top.keys("y");
+        top.wait("the rollback's answer", |r| {
+            message_has(r, "rel: gen-3 serves; gen-2 retired")
+        });
+        let s = agent.status("rel");
+        assert_eq!(s["generation"], 3, "{s:#}");
+        assert!(
+            s["release"].as_str().is_some_and(|r| r.ends_with("r1")),
+            "{s:#}"
+        );
+
+        // `l`: the site's log in a pane, a worker's lines of each stream among them.
+        top.keys("l");
+        let rows = top.wait("the logs pane with gen-3's lines", |r| {
+            message_has(r, "log of rel")
+                && r.iter().any(|l| l.contains("] out-of-gen-3"))
+                && r.iter().any(|l| l.contains("]! err-of-gen-3"))
+        });
+        let now = agent.pids("rel");
+        assert!(
+            rows.iter().any(|l| now
+                .iter()
+                .any(|p| l.contains(&format!(" w-0[{p}]! err-of-gen-3")))),
+            "w-0's stderr line, marked, with its pid ({now:?}): {}",
+            rows.join("\n")
+        );
+        // Closed again with `l`.
+        top.keys("l");
+        top.wait("the pane closed", |r| !message_has(r, "log of rel"));
+        top.keys("q");
+        let status = top.assert_restored();
+        assert!(status.success(), "{status}");
     }
 }

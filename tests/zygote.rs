@@ -99,6 +99,33 @@ fn two_forked_workers() -> (TestAgent, u16) {
     (agent, port)
 }
 
+/// Waits until the agent's record of live workers (`state/workers.json`) has `n` of the
+/// site's workers ready: a worker's readiness is written up to 100 ms after it came (the
+/// record's writes are spaced), and an agent that crashes before that leaves it recorded
+/// as starting (its successor then waits for a `READY=1` that never comes again).
+fn wait_recorded_ready(agent: &TestAgent, n: usize) {
+    let record = agent.dir.path().join("state/workers.json");
+    wait_until(
+        "the workers recorded ready",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&record)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|r| {
+                    r["sites"][0]["machine"]["gens"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|g| g["workers"].as_array().into_iter().flatten())
+                        .filter(|w| w["ready"] == true)
+                        .count()
+                        == n
+                })
+        },
+    );
+}
+
 /// The parent pid of `pid`.
 fn ppid(pid: i64) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -165,6 +192,15 @@ fn forked_workers_outlive_their_zygote(reactor: &'static str, cgroups: bool) {
     assert_eq!(workers.len(), 2, "{s:#}");
     for &w in &workers {
         assert_ne!(w, zpid);
+        // Its stdout and stderr: two pipes of its own (protocol version 2), read apart.
+        let fd = |n: u32| {
+            std::fs::read_link(format!("/proc/{w}/fd/{n}"))
+                .expect("a worker's output")
+                .display()
+                .to_string()
+        };
+        assert!(fd(1).starts_with("pipe:") && fd(2).starts_with("pipe:"));
+        assert_ne!(fd(1), fd(2), "stdout and stderr apart");
         assert_eq!(
             ppid(w),
             Some(i64::from(agent.pid())),
@@ -282,6 +318,7 @@ fn a_new_agent_adopts_forked_workers_and_starts_a_zygote_when_one_is_needed() {
     let s = agent.status("z");
     let zpid = zygote(&s)["pid"].as_i64().expect("the zygote's pid");
     let workers = ready_pids(&s);
+    wait_recorded_ready(&agent, 2);
     agent.crash();
     wait_until(
         "the zygote exits with its link closed",

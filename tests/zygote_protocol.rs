@@ -144,7 +144,10 @@ impl Zygote {
             readable(self.link.fd(), Duration::from_secs(30)),
             "no READY from the zygote"
         );
-        assert_eq!(self.link.read_ready().expect("READY"), Some(1));
+        assert_eq!(
+            self.link.read_ready().expect("READY"),
+            Some(hatchery::zygote::PROTOCOL_VERSION)
+        );
         assert_eq!(self.link.read_ready().expect("nothing more"), None);
     }
 
@@ -362,7 +365,7 @@ fn a_fork_without_its_output_fd_fails_and_the_zygote_forks_on() {
     let n = raw.recv(&mut buf).expect("an answer");
     assert_eq!(
         String::from_utf8_lossy(&buf[..n]),
-        "FAILED 1000000 FORK needs exactly 1 fd, got 0"
+        "FAILED 1000000 FORK needs 1 or 2 fds, got 0"
     );
     let (out, out_w) = pipe();
     let worker = z
@@ -374,4 +377,55 @@ fn a_fork_without_its_output_fd_fails_and_the_zygote_forks_on() {
     worker.proceed().expect("go");
     read_until(&out, "demo worker 5 of generation 7 serving");
     assert_eq!(stop(&pidfd.0), Some(0));
+}
+
+/// Version 2: a `FORK` with two fds gives the worker the first as its stdout and the
+/// second as its stderr (what lets `hatchery logs` tell a forked worker's streams apart).
+#[test]
+fn a_fork_with_two_output_fds_gives_the_worker_its_stdout_and_stderr_apart() {
+    let mut z = start(&[BIN, "__demo-zygote", "--load-ms", "20"], &[]);
+    z.wait_ready();
+    let (out, out_w) = pipe();
+    let (err, err_w) = pipe();
+    let request = z
+        .link
+        .request_fork(4, out_w.as_fd(), Some(err_w.as_fd()))
+        .expect("FORK");
+    drop(out_w);
+    drop(err_w);
+    let answer = loop {
+        assert!(
+            readable(z.link.fd(), Duration::from_secs(10)),
+            "no answer to FORK"
+        );
+        if let Some(a) = z.link.read_answer().expect("an answer") {
+            break a;
+        }
+    };
+    assert_eq!(answer.request, request);
+    let worker = answer.into_forked(4, Some(z.pid())).expect("FORKED");
+    reparented(worker.pid);
+    let pid = worker.pid;
+    let _pidfd = KillOnDrop(worker.pidfd.try_clone().expect("dup the pidfd"));
+    worker.proceed().expect("go");
+    z.notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 256];
+    let n = z.notify.recv(&mut buf).expect("READY=1 on NOTIFY_SOCKET");
+    assert_eq!(&buf[..n], b"READY=1");
+    let pipe_of = |fd: &OwnedFd| {
+        format!(
+            "pipe:[{}]",
+            rustix::fs::fstat(fd).expect("fstat the pipe").st_ino
+        )
+    };
+    let fd_of = |n: u32| {
+        std::fs::read_link(format!("/proc/{pid}/fd/{n}"))
+            .expect("the worker's fd")
+            .display()
+            .to_string()
+    };
+    assert_eq!(fd_of(1), pipe_of(&out), "its stdout");
+    assert_eq!(fd_of(2), pipe_of(&err), "its stderr");
 }

@@ -7,7 +7,9 @@
 //! the logs pane, and the answer of an action (restart, scale, deploy, rollback) run on
 //! a connection of its own so the screen keeps moving while it runs. Changing views
 //! (overview, one site with its workers) replaces the subscription; a lost one is
-//! opened again every second. The terminal is restored on exit and on a panic.
+//! opened again every second. The terminal is restored on exit, on a panic, and on
+//! `SIGTERM`, `SIGHUP` or `SIGINT` (blocked in every thread of `top` and read by one of
+//! them, which tells the loop; `top` then exits with 128 + the signal's number).
 
 mod draw;
 pub mod rows;
@@ -44,7 +46,13 @@ pub enum TopError {
     /// The connection or the terminal failed.
     #[error("top failed")]
     Io(#[from] io::Error),
+    /// `SIGTERM`, `SIGHUP` or `SIGINT` came: the terminal was given back.
+    #[error("stopped by signal {0}")]
+    Signalled(i32),
 }
+
+/// The signals that end `top` with the terminal given back.
+const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
 
 /// What `hatchery top` was asked for.
 #[derive(Debug, Clone)]
@@ -67,6 +75,9 @@ pub fn run(opts: &Options) -> Result<(), TopError> {
         return once(opts);
     }
     let (tx, rx) = mpsc::channel();
+    // Before any thread starts, so that every thread has them blocked and none dies of
+    // one with the terminal still taken.
+    watch_signals(tx.clone())?;
     let mut app = App::new(opts, tx.clone());
     // The first snapshot before the screen is taken: an agent that is not there, or
     // refuses, is said on the plain terminal.
@@ -106,6 +117,7 @@ fn first_reply(rx: &Receiver<Msg>) -> Result<Reply, TopError> {
                 reply,
                 ..
             }) => return reply.map_err(|e| TopError::Io(io::Error::other(e))),
+            Ok(Msg::Signal(signal)) => return Err(TopError::Signalled(signal)),
             Ok(_) => continue,
             Err(_) => return Err(TopError::Io(io::Error::other("the subscription ended"))),
         }
@@ -191,9 +203,43 @@ fn restore() {
     let _ = execute!(io::stdout(), terminal::LeaveAlternateScreen, cursor::Show);
 }
 
+/// Blocks [`STOP_SIGNALS`] in this thread (and so in every thread it starts from now on)
+/// and starts a thread that reads them from a signalfd and sends them to the loop.
+fn watch_signals(tx: Sender<Msg>) -> io::Result<()> {
+    use hatchery::process as signals;
+    let set = signals::SigSet::of(&STOP_SIGNALS);
+    signals::block_signals(&set)?;
+    let fd = signals::signalfd(&set)?;
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        loop {
+            let mut pfd = [rustix::event::PollFd::new(
+                &fd,
+                rustix::event::PollFlags::IN,
+            )];
+            match rustix::event::poll(&mut pfd, None) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return,
+            }
+            match signals::read_signal(fd.as_fd()) {
+                Ok(Some(signal)) => {
+                    if tx.send(Msg::Signal(signal)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(())
+}
+
 /// What the loop hears.
 #[derive(Debug)]
 enum Msg {
+    /// One of [`STOP_SIGNALS`] came.
+    Signal(i32),
     /// A key or a resize.
     Input(Event),
     /// The terminal's input failed.
@@ -476,6 +522,7 @@ impl App {
                         "failed to read the terminal: {e}"
                     ))));
                 }
+                Some(Msg::Signal(signal)) => return Err(TopError::Signalled(signal)),
                 Some(m) => self.handle(m),
             }
             if self.quit {
@@ -487,8 +534,8 @@ impl App {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Input(Event::Key(key)) if key.kind == KeyEventKind::Press => self.key(key),
-            // A resize (or anything else) only redraws.
-            Msg::Input(_) | Msg::InputFailed(_) => {}
+            // A resize (or anything else) only redraws; a signal ended the loop before.
+            Msg::Input(_) | Msg::InputFailed(_) | Msg::Signal(_) => {}
             Msg::Stream {
                 kind: StreamKind::Watch,
                 id,

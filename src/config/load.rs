@@ -307,10 +307,10 @@ pub fn check_budgets(
 pub const AGENT_FDS: u64 = 256;
 
 /// Fds the agent keeps for a site besides one per worker (its pidfd): the log file, the
-/// output socket's two ends, and per listener its socket in each of two generations (a
+/// output sockets' four ends (stdout, stderr), and per listener its socket in each of two generations (a
 /// deploy) and steering maps.
 fn site_fds(site: &SiteConfig) -> u64 {
-    8 + 4 * site.listen.len() as u64
+    10 + 4 * site.listen.len() as u64
 }
 
 /// The agent's fd limit: the hard `RLIMIT_NOFILE`, which it raises its soft limit to at
@@ -339,7 +339,7 @@ pub fn check_fds(sites: &[SiteConfig], limit: u64) -> Result<(), ConfigError> {
                 site.workers,
                 need(site),
                 match site.output {
-                    OutputMode::Pipe => "a pidfd and an output pipe",
+                    OutputMode::Pipe => "a pidfd and two output pipes",
                     OutputMode::Socket => "a pidfd",
                 },
                 site_fds(site),
@@ -423,19 +423,19 @@ mod tests {
         let e = check_fds(&[big.clone(), small.clone()], 10_400).unwrap_err();
         assert_eq!(e.key, "workers");
         assert!(
-            e.message.contains("100 workers need 212 fds in the agent (a pidfd and an output pipe each, and 12 for the site)")
-                && e.message.contains("the other sites 10008")
-                && e.message.contains("10476 in all")
+            e.message.contains("100 workers need 314 fds in the agent (a pidfd and two output pipes each, and 14 for the site)")
+                && e.message.contains("the other sites 10010")
+                && e.message.contains("10580 in all")
                 && e.message.contains("(10400, the hard RLIMIT_NOFILE")
                 && e.message.contains("write output = \"socket\""),
             "{e}"
         );
         // Exactly at the limit fits.
-        assert!(check_fds(&[big, small], 10_476).is_ok());
-        // With a pipe each, 10,000 workers do not fit in 20,000.
+        assert!(check_fds(&[big, small], 10_580).is_ok());
+        // With two pipes each, 10,000 workers do not fit in 20,000.
         let piped = site("name = \"blog\"\ncommand = [\"x\"]\nworkers = 10000\n").expect("valid");
         let e = check_fds(&[piped], 20_000).unwrap_err();
-        assert!(e.message.contains("10000 workers need 20008 fds"), "{e}");
+        assert!(e.message.contains("10000 workers need 30010 fds"), "{e}");
     }
 
     #[test]

@@ -467,7 +467,7 @@ impl OutputMode {
     /// The fds the agent holds per worker.
     pub fn fds_per_worker(self) -> u64 {
         match self {
-            OutputMode::Pipe => 2,
+            OutputMode::Pipe => 3,
             OutputMode::Socket => 1,
         }
     }

@@ -1,6 +1,7 @@
-//! The agent's side of the fd holder (`crate::fdholder`): the read end of every worker's
-//! output pipe is handed to it as the worker starts, under the name
-//! `out/<site>/<gen>/<slot>/<pid>`, so that the pipe keeps a reader when the agent dies and
+//! The agent's side of the fd holder (`crate::fdholder`): the read ends of every worker's
+//! output pipes are handed to it as the worker starts, under the names
+//! `out/<site>/<gen>/<slot>/<pid>` (its stdout) and `err/<site>/<gen>/<slot>/<pid>` (its
+//! stderr), so that the pipe keeps a reader when the agent dies and
 //! the worker never gets `SIGPIPE`; what it writes meanwhile waits in the pipe (64 KiB; a
 //! worker that fills it blocks until a reader is back). A new agent takes the pipes of the
 //! workers it adopts back from the holder and reads on. The holder drops a pipe by itself
@@ -31,6 +32,11 @@ const RESTART_INTERVAL: Duration = Duration::from_secs(60);
 /// The name a worker's output pipe is held under.
 pub(super) fn pipe_name(site: &SiteName, g: GenId, slot: Slot, pid: i32) -> String {
     format!("out/{site}/{g}/{slot}/{pid}")
+}
+
+/// The name a worker's stderr pipe is held under (its stdout pipe's is [`pipe_name`]).
+pub(super) fn err_pipe_name(site: &SiteName, g: GenId, slot: Slot, pid: i32) -> String {
+    format!("err/{site}/{g}/{slot}/{pid}")
 }
 
 /// Connects to the holder at `path`, starting it if none runs; returns it and, if it was
@@ -127,6 +133,10 @@ mod tests {
         assert_eq!(
             pipe_name(&site, GenId(3), Slot(1), 4242),
             "out/blog/3/1/4242"
+        );
+        assert_eq!(
+            err_pipe_name(&site, GenId(3), Slot(1), 4242),
+            "err/blog/3/1/4242"
         );
         assert!(crate::fdholder::valid_name(&pipe_name(
             &site,

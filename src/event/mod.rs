@@ -55,6 +55,7 @@ mod render;
 mod setup;
 mod sites;
 mod status;
+mod systemd;
 mod upgrade;
 mod warmup;
 mod watch;
@@ -161,8 +162,9 @@ enum Source {
     ZygoteLink(u64),
     /// A site's CPU pressure trigger fired (see `pressure.rs`).
     Pressure(SiteName),
-    /// A site's output socket is readable (see `output.rs`).
-    Output(SiteName),
+    /// One of a site's output sockets (its workers' stdout, or stderr) is readable (see
+    /// `output.rs`).
+    Output(SiteName, crate::logs::StdStream),
     /// The metrics listener (see `metrics.rs`).
     Metrics,
     /// A metrics connection, by number (readable or writable: see `metrics.rs`).
@@ -174,6 +176,8 @@ struct Pipe {
     site: SiteName,
     writer: crate::logs::Writer,
     pid: i32,
+    /// Which of the writer's streams the pipe is.
+    stream: crate::logs::StdStream,
     fd: OwnedFd,
     splitter: LineSplitter,
     /// Whether the sandbox's bind rule was explained after one of its lines.
@@ -332,6 +336,8 @@ pub struct Agent {
     metrics: Option<metrics::MetricsServer>,
     /// Counters kept for metrics alone (loop turns, requests, deploys, crashes by cause).
     counters: crate::metrics::Counters,
+    /// What systemd is told (`READY=1`, `STATUS=`, the watchdog; see `systemd.rs`).
+    systemd: systemd::Systemd,
 }
 
 impl Agent {
@@ -573,6 +579,7 @@ impl Agent {
             usage_cache: crate::usage::UsageCache::default(),
             metrics,
             counters: crate::metrics::Counters::default(),
+            systemd: systemd::Systemd::from_env(),
         };
         for b in broken_files {
             error!(site = b.name, "not started: {}", b.error);
@@ -746,7 +753,6 @@ impl Agent {
                 self.born.elapsed().as_micros()
             );
         }
-        notify_systemd("READY=1");
         self.answer_upgrade();
 
         let mut ready = Vec::new();
@@ -764,6 +770,7 @@ impl Agent {
                     break;
                 }
             }
+            self.tell_systemd();
             // At most once per iteration, however many workers started or exited in it
             // (and spaced out when it is long: see `save_workers`).
             self.save_workers();
@@ -824,6 +831,7 @@ impl Agent {
             .chain(fold::LogFold::agent().next_deadline())
             .chain(self.history.next_deadline())
             .chain(self.watch_deadline())
+            .chain(self.systemd.next_deadline())
             .chain(
                 self.metrics
                     .as_ref()
@@ -897,7 +905,7 @@ impl Agent {
             Source::Notify => self.on_notify(),
             Source::Pidfd(site, w) => self.on_pidfd(&site, w.generation, w.slot, token),
             Source::Pipe => self.on_pipe(token),
-            Source::Output(site) => self.on_output(&site),
+            Source::Output(site, stream) => self.on_output(&site, stream),
             Source::ConnRead(c) => self.on_conn_read(c),
             Source::Exec(pid) => self.exec_exited(pid),
             Source::ZygoteExit(id) => self.zygote_exited(id),

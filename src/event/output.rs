@@ -1,9 +1,13 @@
-//! The output of a site's workers: one [`OutputSocket`] per site, its sending end the
-//! stdout and stderr of every worker (exec'd or forked by a zygote), read by the agent,
-//! each chunk attributed to its writer by the pid the kernel attaches.
+//! The output of a site's workers: two [`OutputSocket`]s per site, the sending end of one
+//! the stdout of every worker (exec'd or forked by a zygote), of the other their stderr,
+//! read by the agent, each chunk attributed to its writer by the pid the kernel attaches,
+//! and each line to its stream by the socket it came through. (A zygote's workers have
+//! the stdout socket as both: the zygote protocol passes one fd.) Two sockets per site
+//! keep the agent at one fd per worker, its pidfd.
 //!
-//! - The pair is made at the site's first spawn (or adoption) and handed to the fd holder
-//!   under `log/<site>/recv` and `log/<site>/send`, so that it outlives the agent: workers
+//! - The pairs are made at the site's first spawn (or adoption) and handed to the fd
+//!   holder under `log/<site>/recv` and `log/<site>/send` (stdout), `log/<site>/err-recv`
+//!   and `log/<site>/err-send` (stderr), so that they outlive the agent: workers
 //!   never get `SIGPIPE`, what they write while no agent runs waits in the socket (up to
 //!   [`crate::logs::OUTPUT_BUFFER`]; a writer blocks beyond it), and the next agent, or
 //!   the new image after `hatchery upgrade`, takes the pair back and reads on. The holder
@@ -25,7 +29,7 @@ use tracing::warn;
 use super::reactor::Interest;
 use super::{Agent, Source};
 use crate::config::SiteName;
-use crate::logs::{self, LineSplitter, OutputSocket, Writer};
+use crate::logs::{self, LineSplitter, OutputSocket, StdStream, Writer};
 
 /// How far up its parents a process is followed to find the worker it belongs to.
 const MAX_ANCESTORS: usize = 8;
@@ -40,9 +44,12 @@ const MAX_REMEMBERED: usize = 4096;
 /// A site's output socket and what the agent keeps about its writers.
 #[derive(Debug)]
 pub(super) struct SiteOutput {
+    /// The socket of the workers' stdout.
     pub socket: OutputSocket,
-    /// Unfinished lines, by writer.
-    partial: HashMap<Stream, Partial>,
+    /// The socket of their stderr.
+    errors: OutputSocket,
+    /// Unfinished lines, by writer and stream.
+    partial: HashMap<(Stream, StdStream), Partial>,
     /// Writers that are not workers, and whose they are.
     others: HashMap<i32, Writer>,
 }
@@ -64,9 +71,30 @@ struct Partial {
     hinted: bool,
 }
 
-/// The holder's names for a site's pair.
-fn held_names(site: &SiteName) -> [String; 2] {
-    [format!("log/{site}/recv"), format!("log/{site}/send")]
+/// The holder's names for a site's pair of a stream.
+fn held_names(site: &SiteName, stream: StdStream) -> [String; 2] {
+    match stream {
+        StdStream::Stdout => [format!("log/{site}/recv"), format!("log/{site}/send")],
+        StdStream::Stderr => [
+            format!("log/{site}/err-recv"),
+            format!("log/{site}/err-send"),
+        ],
+    }
+}
+
+impl SiteOutput {
+    /// The socket of a stream.
+    fn socket_of(&self, stream: StdStream) -> &OutputSocket {
+        match stream {
+            StdStream::Stdout => &self.socket,
+            StdStream::Stderr => &self.errors,
+        }
+    }
+
+    /// The end the workers' stderr is.
+    pub fn stderr_sender(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.errors.sender()
+    }
 }
 
 /// Whether a name the holder holds is a site's output socket.
@@ -75,9 +103,50 @@ pub(super) fn is_output_name(name: &str) -> bool {
 }
 
 impl Agent {
-    /// Whether the fd holder kept an output socket of the site's.
+    /// Whether the fd holder kept an output socket of the site's (its stdout one: an
+    /// agent from before the streams were told apart kept only that one).
     pub(super) fn held_output(&self, name: &SiteName) -> bool {
-        held_names(name).iter().all(|n| self.held.contains_key(n))
+        held_names(name, StdStream::Stdout)
+            .iter()
+            .all(|n| self.held.contains_key(n))
+    }
+
+    /// The site's socket of a stream: taken back from the fd holder, or made (and handed
+    /// to it), and watched.
+    fn take_or_make_output(
+        &mut self,
+        name: &SiteName,
+        stream: StdStream,
+    ) -> std::io::Result<OutputSocket> {
+        let [recv_name, send_name] = held_names(name, stream);
+        let held = match (self.held.remove(&recv_name), self.held.remove(&send_name)) {
+            (Some(r), Some(s)) => match OutputSocket::from_parts(r, s) {
+                Ok(socket) => Some(socket),
+                Err(e) => {
+                    warn!(site = %name, "the {} socket the fd holder kept cannot be used ({e}): a new one is made", stream.name());
+                    None
+                }
+            },
+            _ => None,
+        };
+        let (socket, fresh) = match held {
+            Some(s) => (s, false),
+            None => (OutputSocket::new()?, true),
+        };
+        if fresh {
+            self.hold_fds(&[
+                (recv_name.as_str(), socket.receiver()),
+                (send_name.as_str(), socket.sender()),
+            ]);
+        }
+        if let Err(e) = self.reg.arm(
+            socket.receiver(),
+            Interest::Readable,
+            Source::Output(name.clone(), stream),
+        ) {
+            warn!(site = %name, "the {} of the site's workers is not read: {e}", stream.name());
+        }
+        Ok(socket)
     }
 
     /// Makes sure the site has its output socket: made (or taken back from the fd holder)
@@ -85,37 +154,12 @@ impl Agent {
     pub(super) fn ensure_output(&mut self, name: &SiteName) -> std::io::Result<()> {
         let has = self.sites.get(name).is_some_and(|s| s.io.output.is_some());
         if !has {
-            let [recv_name, send_name] = held_names(name);
-            let held = match (self.held.remove(&recv_name), self.held.remove(&send_name)) {
-                (Some(r), Some(s)) => match OutputSocket::from_parts(r, s) {
-                    Ok(socket) => Some(socket),
-                    Err(e) => {
-                        warn!(site = %name, "the output socket the fd holder kept cannot be used ({e}): a new one is made");
-                        None
-                    }
-                },
-                _ => None,
-            };
-            let (socket, fresh) = match held {
-                Some(s) => (s, false),
-                None => (OutputSocket::new()?, true),
-            };
-            if fresh {
-                self.hold_fds(&[
-                    (recv_name.as_str(), socket.receiver()),
-                    (send_name.as_str(), socket.sender()),
-                ]);
-            }
-            if let Err(e) = self.reg.arm(
-                socket.receiver(),
-                Interest::Readable,
-                Source::Output(name.clone()),
-            ) {
-                warn!(site = %name, "the output of the site's workers is not read: {e}");
-            }
+            let socket = self.take_or_make_output(name, StdStream::Stdout)?;
+            let errors = self.take_or_make_output(name, StdStream::Stderr)?;
             if let Some(site) = self.sites.get_mut(name) {
                 site.io.output = Some(SiteOutput {
                     socket,
+                    errors,
                     partial: HashMap::new(),
                     others: HashMap::new(),
                 });
@@ -124,23 +168,31 @@ impl Agent {
         Ok(())
     }
 
-    /// The site's socket is readable: reads some of it and watches it again.
-    pub(super) fn on_output(&mut self, name: &SiteName) {
-        self.read_output(name, READS_PER_WAKE);
+    /// One of the site's sockets is readable: reads some of it and watches it again.
+    pub(super) fn on_output(&mut self, name: &SiteName, stream: StdStream) {
+        self.read_stream(name, stream, READS_PER_WAKE);
         if let Some(o) = self.sites.get(name).and_then(|s| s.io.output.as_ref()) {
             if let Err(e) = self.reg.arm(
-                o.socket.receiver(),
+                o.socket_of(stream).receiver(),
                 Interest::Readable,
-                Source::Output(name.clone()),
+                Source::Output(name.clone(), stream),
             ) {
-                warn!(site = %name, "stopped reading the output of the site's workers: {e}");
+                warn!(site = %name, "stopped reading the {} of the site's workers: {e}", stream.name());
             }
         }
     }
 
-    /// Reads what waits in the site's socket (at most `reads` reads), writes its complete
-    /// lines to the site's log. Whether the socket is drained.
+    /// Reads what waits in the site's sockets (at most `reads` reads of each), writes
+    /// their complete lines to the site's log. Whether both are drained.
     pub(super) fn read_output(&mut self, name: &SiteName, reads: usize) -> bool {
+        let out = self.read_stream(name, StdStream::Stdout, reads);
+        let err = self.read_stream(name, StdStream::Stderr, reads);
+        out && err
+    }
+
+    /// Reads what waits in the site's socket of `stream` (at most `reads` reads), writes
+    /// its complete lines to the site's log. Whether the socket is drained.
+    fn read_stream(&mut self, name: &SiteName, stream_of: StdStream, reads: usize) -> bool {
         if self.sites.get(name).is_none_or(|s| s.io.output.is_none()) {
             return true;
         }
@@ -156,7 +208,7 @@ impl Agent {
                 drained = true;
                 break;
             };
-            let chunk = match output.socket.read(&mut buf) {
+            let chunk = match output.socket_of(stream_of).read(&mut buf) {
                 Ok(Some(c)) => c,
                 Ok(None) => {
                     drained = true;
@@ -182,13 +234,13 @@ impl Agent {
                 Writer::Worker(k) => Stream::Worker(k),
                 _ => Stream::Process(chunk.pid),
             };
-            let partial = output.partial.entry(stream).or_default();
+            let partial = output.partial.entry((stream, stream_of)).or_default();
             let hinted = &mut partial.hinted;
             // The first line it completes was begun by whoever began it.
             let mut first = partial.started_by.take();
             partial.splitter.feed(&buf[..chunk.len], |line| {
                 let pid = first.take().unwrap_or(chunk.pid);
-                records.push(logs::record(writer, pid, line, now));
+                records.push(logs::record(writer, pid, stream_of, line, now));
                 let Writer::Worker(id) = writer else {
                     return;
                 };
@@ -205,7 +257,7 @@ impl Agent {
             if !partial.splitter.is_empty() {
                 partial.started_by = Some(first.unwrap_or(chunk.pid));
             } else if !partial.hinted {
-                output.partial.remove(&stream);
+                output.partial.remove(&(stream, stream_of));
             }
         }
         self.output_buf = buf;
@@ -232,14 +284,16 @@ impl Agent {
             Writer::Worker(k) => Stream::Worker(k),
             _ => Stream::Process(pid),
         };
-        let Some(mut partial) = output.partial.remove(&stream) else {
-            return;
-        };
-        let pid = partial.started_by.unwrap_or(pid);
         let mut records = Vec::new();
-        partial
-            .splitter
-            .finish(|line| records.push(logs::record(writer, pid, line, now)));
+        for stream_of in [StdStream::Stdout, StdStream::Stderr] {
+            let Some(mut partial) = output.partial.remove(&(stream, stream_of)) else {
+                continue;
+            };
+            let pid = partial.started_by.unwrap_or(pid);
+            partial
+                .splitter
+                .finish(|line| records.push(logs::record(writer, pid, stream_of, line, now)));
+        }
         self.write_records(name, &records);
     }
 
@@ -302,9 +356,12 @@ impl Agent {
         None
     }
 
-    /// The site is gone: the holder lets its output socket go.
+    /// The site is gone: the holder lets its output sockets go.
     pub(super) fn drop_output(&mut self, name: &SiteName) {
-        let names = held_names(name);
+        let names: Vec<String> = [StdStream::Stdout, StdStream::Stderr]
+            .into_iter()
+            .flat_map(|s| held_names(name, s))
+            .collect();
         if let Some(h) = &mut self.holder {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             if let Err(e) = h.drop_names(&refs) {

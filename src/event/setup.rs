@@ -152,21 +152,7 @@ pub(super) fn raise_nofile_limit() {
 
 /// Sends `state` to systemd's `NOTIFY_SOCKET`, if the agent runs under it.
 pub(super) fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
-    } else {
-        sock.send_to(state.as_bytes(), PathBuf::from(path))
-    };
-    if let Err(e) = result {
+    if let Err(e) = crate::net::sd_notify(state) {
         warn!("failed to notify systemd: {e}");
     }
 }

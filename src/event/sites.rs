@@ -307,11 +307,24 @@ impl Agent {
                         &name,
                         crate::logs::Writer::Worker(a.slot.0),
                         a.pidref.pid(),
+                        crate::logs::StdStream::Stdout,
                         fd,
                     ),
                     None => {
                         warn!(site = %name, gen = g.0, worker = %a.slot, pid = a.pidref.pid(), "the output of an adopted worker is lost (the fd holder did not hold its pipe): it dies of SIGPIPE at its next write, and is restarted")
                     }
+                }
+                // Its stderr pipe, if it has one of its own (a zygote's workers, and those
+                // of an agent from before the streams were told apart, have not).
+                let errors = super::holder::err_pipe_name(&name, g, a.slot, a.pidref.pid());
+                if let Some(fd) = self.take_held_pipe(&errors) {
+                    self.read_pipe(
+                        &name,
+                        crate::logs::Writer::Worker(a.slot.0),
+                        a.pidref.pid(),
+                        crate::logs::StdStream::Stderr,
+                        fd,
+                    );
                 }
                 // After `hatchery upgrade` (same pid) the workers are still our children:
                 // their exits are reaped, and their status known.

@@ -14,7 +14,7 @@ use super::sites::Worker;
 use super::{Agent, MAX_FOLLOW_BUFFER, Pipe, Source};
 use crate::config::{OutputMode, SiteName};
 use crate::control::{ErrorKind, Reply};
-use crate::logs::{self, LineSplitter, Writer};
+use crate::logs::{self, LineSplitter, StdStream, Writer};
 use crate::process::PidRef;
 use crate::sandbox::SandboxError;
 use crate::spawn::SpawnFailure;
@@ -237,26 +237,24 @@ impl Agent {
         let mut image =
             crate::spawn::worker_image(config, &site.listeners, &notify_path, id.0, g.0)?;
         image.set_sandbox(plan);
-        // The site's output socket, or a pipe of its own.
-        let pipe = if socket {
+        // The site's output sockets (one per stream), or two pipes of its own.
+        let pipes = if socket {
             None
         } else {
-            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-                .map_err(|e| SpawnFailure::Pipe(e.into()))?;
-            rustix::io::ioctl_fionbio(&r, true).map_err(|e| SpawnFailure::Pipe(e.into()))?;
-            Some((r, w))
+            Some((output_pipe()?, output_pipe()?))
         };
-        let output = match &pipe {
-            Some((_, w)) => w.as_fd(),
-            None => self
-                .sites
-                .get(name)
-                .and_then(|s| s.io.output.as_ref())
-                .expect("made above")
-                .socket
-                .sender(),
+        let (output, errors) = match &pipes {
+            Some(((_, out), (_, err))) => (out.as_fd(), err.as_fd()),
+            None => {
+                let o = self
+                    .sites
+                    .get(name)
+                    .and_then(|s| s.io.output.as_ref())
+                    .expect("made above");
+                (o.socket.sender(), o.stderr_sender())
+            }
         };
-        let mut fds: Vec<BorrowedFd<'_>> = vec![self.devnull.as_fd(), output, output];
+        let mut fds: Vec<BorrowedFd<'_>> = vec![self.devnull.as_fd(), output, errors];
         fds.extend(site.listeners.iter().map(|l| l.fd.as_fd()));
         let leaf = match (&self.cgroups, &mut self.graveyard) {
             (Some(tree), Some(graveyard)) => Some(crate::spawn::Leaf {
@@ -271,7 +269,7 @@ impl Agent {
         };
         let spawned = crate::spawn::launch(&mut image, &fds, leaf, &mut self.fd_block);
         drop(fds);
-        let pipe_r = pipe.map(|(r, _)| r);
+        let pipes_r = pipes.map(|((out, _), (err, _))| (out, Some(err)));
         let spawned = spawned?;
         let pid = spawned.pid;
         self.track_worker(
@@ -281,7 +279,7 @@ impl Agent {
                 slot: id,
             },
             PidRef::new(pid, spawned.pidfd),
-            pipe_r,
+            pipes_r,
             spawned.leaf,
         )
         .map_err(SpawnFailure::Watch)?;
@@ -291,14 +289,15 @@ impl Agent {
 
     /// A new worker of ours (spawned, or forked by a zygote and let go): its pidfd watched,
     /// known by its pid (which attributes what it writes to the site's output socket), and
-    /// its own output pipe, if it has one, read (and held by the fd holder). Fails, the
-    /// worker killed, only if its pidfd cannot be watched.
+    /// its own output pipes, if it has them (stdout's, and stderr's unless both streams
+    /// share the first, as a zygote's workers do), read and held by the fd holder. Fails,
+    /// the worker killed, only if its pidfd cannot be watched.
     pub(super) fn track_worker(
         &mut self,
         name: &SiteName,
         worker: WorkerId,
         pidref: PidRef,
-        output: Option<OwnedFd>,
+        output: Option<(OwnedFd, Option<OwnedFd>)>,
         cgroup: Option<std::path::PathBuf>,
     ) -> std::io::Result<()> {
         let WorkerId {
@@ -316,9 +315,16 @@ impl Agent {
             .inspect_err(|_| {
                 let _ = pidref.signal(libc::SIGKILL);
             })?;
-        if let Some(output) = output {
+        if let Some((output, errors)) = output {
             self.hold_pipe(&super::holder::pipe_name(name, g, id, pid), output.as_fd());
-            self.read_pipe(name, Writer::Worker(id.0), pid, output);
+            self.read_pipe(name, Writer::Worker(id.0), pid, StdStream::Stdout, output);
+            if let Some(errors) = errors {
+                self.hold_pipe(
+                    &super::holder::err_pipe_name(name, g, id, pid),
+                    errors.as_fd(),
+                );
+                self.read_pipe(name, Writer::Worker(id.0), pid, StdStream::Stderr, errors);
+            }
         }
         self.pids.insert(pid, (name.clone(), worker));
         if let Some(gen_io) = self.sites.get_mut(name).and_then(|s| s.io.gens.get_mut(&g)) {
@@ -339,8 +345,15 @@ impl Agent {
         Ok(())
     }
 
-    /// Reads a worker's output pipe from now on.
-    pub(super) fn read_pipe(&mut self, name: &SiteName, writer: Writer, pid: i32, fd: OwnedFd) {
+    /// Reads a worker's output pipe (its `stream`) from now on.
+    pub(super) fn read_pipe(
+        &mut self,
+        name: &SiteName,
+        writer: Writer,
+        pid: i32,
+        stream: StdStream,
+        fd: OwnedFd,
+    ) {
         match self.reg.arm(fd.as_fd(), Interest::Readable, Source::Pipe) {
             Ok(t) => {
                 self.pipes.insert(
@@ -349,6 +362,7 @@ impl Agent {
                         site: name.clone(),
                         writer,
                         pid,
+                        stream,
                         fd,
                         splitter: LineSplitter::default(),
                         hinted: false,
@@ -385,7 +399,7 @@ impl Agent {
                     };
                     let hinted = &mut pipe.hinted;
                     pipe.splitter.feed(&buf[..n], |line| {
-                        records.push(logs::record(pipe.writer, pipe.pid, line, now));
+                        records.push(logs::record(pipe.writer, pipe.pid, pipe.stream, line, now));
                         // Once per process, right after the line it explains.
                         if !*hinted {
                             if let Some(h) = hint(line) {
@@ -409,8 +423,9 @@ impl Agent {
         }
         if eof {
             pipe.splitter.feed(b"", |_| {});
-            pipe.splitter
-                .finish(|line| records.push(logs::record(pipe.writer, pipe.pid, line, now)));
+            pipe.splitter.finish(|line| {
+                records.push(logs::record(pipe.writer, pipe.pid, pipe.stream, line, now))
+            });
         }
         self.write_records(&pipe.site, &records);
         if !eof {
@@ -553,4 +568,13 @@ impl Agent {
             let _ = s.log.append(record.as_bytes());
         }
     }
+}
+
+/// A new output pipe for a worker: its read end (the agent's, non-blocking) and its write
+/// end (the worker's).
+pub(super) fn output_pipe() -> Result<(OwnedFd, OwnedFd), SpawnFailure> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| SpawnFailure::Pipe(e.into()))?;
+    rustix::io::ioctl_fionbio(&r, true).map_err(|e| SpawnFailure::Pipe(e.into()))?;
+    Ok((r, w))
 }

@@ -4,14 +4,15 @@
 //! machine's (`supervisor::machine::zygote`); the protocol is `crate::zygote`'s.
 //!
 //! - **Start** ([`Action::StartZygote`]): the site's `command` is launched like a worker
-//!   (same sandbox, listeners at fds 3.., `NOTIFY_SOCKET`, an output pipe whose lines are
-//!   logged as `zygote[pid]`) in its own cgroup leaf `gen-<N>/zygote` (counted in the
+//!   (same sandbox, listeners at fds 3.., `NOTIFY_SOCKET`, two output pipes, stdout's and
+//!   stderr's, whose lines are logged as `zygote[pid]`) in its own cgroup leaf `gen-<N>/zygote` (counted in the
 //!   site's budget, with no per-worker limit), with its end of a new link at the next fd,
-//!   named by `HATCHERY_ZYGOTE_FD`. Its `READY 1` on the link is
+//!   named by `HATCHERY_ZYGOTE_FD`. Its `READY 2` (or `READY 1`) on the link is
 //!   [`Input::ZygoteReady`]; its exit (pidfd), or a failure to start it, is
 //!   [`Input::ZygoteExited`].
 //! - **Spawn** of a zygote-mode generation ([`Action::Spawn`]): a `FORK` is sent with the
-//!   write end of the worker's new output pipe, and the loop goes on; the answer comes on
+//!   write ends of the worker's new output pipes, stdout's and stderr's (one for both to
+//!   a zygote that said `READY 1`), and the loop goes on; the answer comes on
 //!   the link. A `FORKED` worker (checked to be the agent's own child) gets a fresh leaf
 //!   `gen-<N>/w-<K>` with the per-worker limits, is moved into it, and only then told to
 //!   proceed: no application code runs outside its leaf. From there it is a worker like
@@ -35,7 +36,7 @@ use super::reactor::Interest;
 use super::{Agent, Source};
 use crate::cgroup::CgroupTree;
 use crate::config::SiteName;
-use crate::logs::Writer;
+use crate::logs::{StdStream, Writer};
 use crate::process::PidRef;
 use crate::sandbox::SandboxError;
 use crate::spawn::SpawnFailure;
@@ -59,6 +60,8 @@ pub(super) struct Zygote {
     pub cgroup: Option<PathBuf>,
     /// It said `READY`.
     ready: bool,
+    /// The protocol version it said (2 and later take a `FORK`'s stderr as a second fd).
+    version: u32,
     /// `FORK`s not answered yet, by request id.
     pending: BTreeMap<u64, PendingFork>,
     /// Asked to stop: killed at this time if it still runs.
@@ -69,12 +72,17 @@ pub(super) struct Zygote {
     killed: bool,
 }
 
+/// The read ends of a worker's own output pipes: stdout's, and stderr's unless both
+/// streams share the first.
+type WorkerPipes = (OwnedFd, Option<OwnedFd>);
+
 /// A `FORK` sent, waiting for its answer.
 #[derive(Debug)]
 struct PendingFork {
     slot: Slot,
-    /// The read end of the worker's output pipe, if it has one of its own.
-    output: Option<OwnedFd>,
+    /// The read ends of the worker's output pipes (stdout's, and stderr's if the zygote
+    /// takes one), if it has pipes of its own.
+    output: Option<WorkerPipes>,
     /// When it was asked for.
     asked: Instant,
     /// When the zygote is given up on if it has not answered.
@@ -164,11 +172,10 @@ impl Agent {
         let mut image = crate::spawn::zygote_image(config, listeners, &notify_path, g.0, link_fd)?;
         image.set_sandbox(plan);
         let (link, theirs) = ZygoteLink::pair().map_err(SpawnFailure::Pipe)?;
-        let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(|e| SpawnFailure::Pipe(e.into()))?;
-        rustix::io::ioctl_fionbio(&pipe_r, true).map_err(|e| SpawnFailure::Pipe(e.into()))?;
+        let (pipe_r, pipe_w) = super::workers::output_pipe()?;
+        let (err_r, err_w) = super::workers::output_pipe()?;
         let mut fds: Vec<BorrowedFd<'_>> =
-            vec![self.devnull.as_fd(), pipe_w.as_fd(), pipe_w.as_fd()];
+            vec![self.devnull.as_fd(), pipe_w.as_fd(), err_w.as_fd()];
         fds.extend(listeners.iter().map(|l| l.fd.as_fd()));
         fds.push(theirs.as_fd());
         let leaf = match (&self.cgroups, &mut self.graveyard) {
@@ -185,6 +192,7 @@ impl Agent {
         let spawned = crate::spawn::launch(&mut image, &fds, leaf, &mut self.fd_block);
         drop(fds);
         drop(pipe_w);
+        drop(err_w);
         drop(theirs);
         let spawned = spawned?;
         let pid = spawned.pid;
@@ -207,7 +215,8 @@ impl Agent {
                 return Err(SpawnFailure::Watch(e));
             }
         };
-        self.read_pipe(name, Writer::Zygote, pid, pipe_r);
+        self.read_pipe(name, Writer::Zygote, pid, StdStream::Stdout, pipe_r);
+        self.read_pipe(name, Writer::Zygote, pid, StdStream::Stderr, err_r);
         self.zygote_pids.insert(pid, id);
         self.zygotes.insert(
             id,
@@ -220,6 +229,7 @@ impl Agent {
                 link_token: Some(link_token),
                 cgroup: spawned.leaf,
                 ready: false,
+                version: 0,
                 pending: BTreeMap::new(),
                 kill_at: None,
                 detached: false,
@@ -261,18 +271,26 @@ impl Agent {
                 return failed(format!("failed to create the site's output socket: {e}"));
             }
         }
-        // The site's output socket, or a pipe of the worker's own.
-        let pipe = if socket {
+        // A zygote of protocol version 2 takes the worker's stderr apart from its stdout.
+        let apart = self
+            .zygote_of(name, g)
+            .and_then(|id| self.zygotes.get(&id))
+            .is_some_and(|z| z.version >= 2);
+        // The site's output sockets, or pipes of the worker's own.
+        let pipes = if socket {
             None
         } else {
-            let pipe =
-                rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).and_then(|(r, w)| {
-                    rustix::io::ioctl_fionbio(&r, true)?;
-                    Ok((r, w))
-                });
-            match pipe {
-                Ok(p) => Some(p),
-                Err(e) => return failed(format!("failed to create the output pipe: {e}")),
+            let out = super::workers::output_pipe();
+            let err = if apart {
+                super::workers::output_pipe().map(Some)
+            } else {
+                Ok(None)
+            };
+            match (out, err) {
+                (Ok(o), Ok(e)) => Some((o, e)),
+                (Err(e), _) | (_, Err(e)) => {
+                    return failed(format!("failed to create the output pipe: {e}"));
+                }
             }
         };
         let Some(z) = self
@@ -282,25 +300,25 @@ impl Agent {
         else {
             return failed("the generation's zygote is not ready".into());
         };
-        let output = match &pipe {
-            Some((_, w)) => Some(w.as_fd()),
+        let ends = match &pipes {
+            Some(((_, out), err)) => Some((out.as_fd(), err.as_ref().map(|(_, w)| w.as_fd()))),
             None => self
                 .sites
                 .get(name)
                 .and_then(|s| s.io.output.as_ref())
-                .map(|o| o.socket.sender()),
+                .map(|o| (o.socket.sender(), apart.then(|| o.stderr_sender()))),
         };
-        let Some(output) = output else {
+        let Some((output, errors)) = ends else {
             return failed("the site has no output socket".into());
         };
-        match z.link.request_fork(slot.0, output) {
+        match z.link.request_fork(slot.0, output, errors) {
             Ok(request) => {
                 let now = Instant::now();
                 z.pending.insert(
                     request,
                     PendingFork {
                         slot,
-                        output: pipe.map(|(r, _)| r),
+                        output: pipes.map(|((out, _), err)| (out, err.map(|(r, _)| r))),
                         asked: now,
                         deadline: now + timeout,
                     },
@@ -320,8 +338,9 @@ impl Agent {
         let (site, g) = (z.site.clone(), z.generation);
         if !z.ready {
             match z.link.read_ready() {
-                Ok(Some(_)) => {
+                Ok(Some(version)) => {
                     z.ready = true;
+                    z.version = version;
                     debug!(site = %site, gen = g.0, pid = z.pidref.pid(), "zygote ready");
                     let detached = z.detached;
                     self.rearm_link(id);
@@ -359,7 +378,10 @@ impl Agent {
     fn drain_answers(
         &mut self,
         id: u64,
-    ) -> (Vec<(Slot, Answer, Option<OwnedFd>)>, Option<ZygoteError>) {
+    ) -> (
+        Vec<(Slot, Answer, Option<WorkerPipes>)>,
+        Option<ZygoteError>,
+    ) {
         let mut answers = Vec::new();
         let Some(z) = self.zygotes.get_mut(&id) else {
             return (answers, None);
@@ -391,7 +413,7 @@ impl Agent {
         g: GenId,
         slot: Slot,
         answer: Answer,
-        output: Option<OwnedFd>,
+        output: Option<WorkerPipes>,
     ) {
         let input = match self.let_forked_go(zygote, name, g, slot, answer, output) {
             Ok(pid) => SlotInput::Spawned { id: slot, pid },
@@ -420,7 +442,7 @@ impl Agent {
         g: GenId,
         slot: Slot,
         answer: Answer,
-        output: Option<OwnedFd>,
+        output: Option<WorkerPipes>,
     ) -> Result<i32, String> {
         let Forked { pid, pidfd, go } = answer.into_forked(slot.0, Some(zygote)).map_err(|e| {
             let chain = super::error_chain(&e);
@@ -476,6 +498,8 @@ impl Agent {
             generation: g,
             slot,
         };
+        // A zygote of protocol version 1 gave it one pipe for both streams: its lines
+        // read as stdout's.
         self.track_worker(name, worker, pidref, output, leaf)
             .map_err(|e| format!("failed to watch the worker: {e}"))?;
         debug!(site = %name, gen = g.0, worker = %slot, pid, "forked by the zygote");

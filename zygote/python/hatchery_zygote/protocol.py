@@ -1,17 +1,18 @@
-"""The zygote protocol, version 1: messages and their text (see src/zygote.rs).
+"""The zygote protocol, version 2: messages and their text (see src/zygote.rs).
 
 One message is one SOCK_SEQPACKET datagram of printable ASCII, at most 512 bytes, fields
 separated by single spaces; fds travel as SCM_RIGHTS.
 
-- zygote -> agent ``READY 1`` once loaded;
-- agent -> zygote ``FORK <slot> <request-id>`` with 1 fd (the worker's output pipe);
+- zygote -> agent ``READY 2`` once loaded (version 1 zygotes said ``READY 1``);
+- agent -> zygote ``FORK <slot> <request-id>`` with 2 fds (the worker's stdout and its
+  stderr), or 1 for both (what the agent sends a version 1 zygote);
 - zygote -> agent ``FORKED <request-id> <pid>`` with 1 fd (the worker's go pipe), or
   ``FAILED <request-id> <reason...>``.
 """
 
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 512
 GO = b"go\n"
 

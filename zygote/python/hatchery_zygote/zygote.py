@@ -2,9 +2,9 @@
 
 To answer a FORK at once, the zygote keeps one worker forked ahead (a *spare*): just
 before READY, and right after each FORK it answered, it forks the next one, which waits,
-already the agent's child and running no application code, for its slot and output pipe
+already the agent's child and running no application code, for its slot and output fds
 (on a socket of its own) and then for its go. A FORK gives the spare its slot and the
-FORK's output pipe and answers ``FORKED`` with the spare's pid and go pipe. Without a
+FORK's output fds and answers ``FORKED`` with the spare's pid and go pipe. Without a
 spare (a hook or the fork failed, or the spare died) the FORK forks on demand.
 
 Each fork, in order:
@@ -27,8 +27,9 @@ Each fork, in order:
    its slot and output pipe; at end of file it ``_exit(1)``s), and waits for exactly
    ``go\\n``; on anything else (end of file: the agent refused it or died) it
    ``_exit(1)``s without running application code. After ``go``: default signal
-   handlers, the mask restored, ``HATCHERY_WORKER_ID`` and ``LISTEN_PID`` set, the output
-   pipe as stdout and stderr, then ``worker(slot)``, and ``_exit`` with its result.
+   handlers, the mask restored, ``HATCHERY_WORKER_ID`` and ``LISTEN_PID`` set, the first
+   output fd as stdout and the second (or the first, if it came alone) as stderr, then
+   ``worker(slot)``, and ``_exit`` with its result.
 
 The zygote returns from ``serve`` when the link reaches end of file.
 """
@@ -78,7 +79,7 @@ def _send(link, message, fds=()):
 
 
 def serve(link, worker, before_fork=None):
-    """Sends READY 1 and serves FORK requests until the link's end of file.
+    """Sends READY 2 and serves FORK requests until the link's end of file.
 
     ``before_fork()``, if given, runs in the zygote right before each fork.
     ``worker(slot)`` runs in each worker after its go; its return value (an int) is the
@@ -103,20 +104,22 @@ def serve(link, worker, before_fork=None):
                 os.close(fd)
             raise
         assert isinstance(request, Fork)
-        if len(fds) != 1:
+        if len(fds) not in (1, 2):
             for fd in fds:
                 os.close(fd)
-            _send(link, Failed(request.request, "FORK needs exactly 1 fd, got %d" % len(fds)))
+            _send(link, Failed(request.request, "FORK needs 1 or 2 fds, got %d" % len(fds)))
             continue
-        output = fds[0]
+        # The worker's stdout, and its stderr if it came apart (else the same).
+        outputs = list(fds)
         answer = None
         if spare is not None:
-            answer, spare = spare.assign(request.slot, output), None
+            answer, spare = spare.assign(request.slot, outputs), None
         if answer is None:
             # No spare (a hook or a fork failed, or it died): fork now.
-            answer = _fork_now(link, worker, before_fork, request, output)
+            answer = _fork_now(link, worker, before_fork, request, outputs)
         else:
-            os.close(output)
+            for fd in outputs:
+                os.close(fd)
         if answer is None:
             continue
         pid, go = answer
@@ -128,18 +131,18 @@ def serve(link, worker, before_fork=None):
 
 class _Spare:
     """A worker forked ahead of its ``FORK``: already the agent's child, blocked until it
-    is given its slot and output pipe (on ``channel``), then until its go."""
+    is given its slot and output fds (on ``channel``), then until its go."""
 
     def __init__(self, pid, go, channel):
         self.pid = pid
         self.go = go
         self.channel = channel
 
-    def assign(self, slot, output):
-        """Gives it its slot and output pipe; ``(pid, go)``, or None if it is gone (its go
-        pipe closed: it exits 1, if it still runs)."""
+    def assign(self, slot, outputs):
+        """Gives it its slot and output fds (stdout's, and stderr's if apart); ``(pid,
+        go)``, or None if it is gone (its go pipe closed: it exits 1, if it still runs)."""
         try:
-            socket.send_fds(self.channel, [b"%d" % slot], [output])
+            socket.send_fds(self.channel, [b"%d" % slot], outputs)
             return self.pid, self.go
         except OSError:
             os.close(self.go)
@@ -170,9 +173,9 @@ def _make_spare(link, worker, before_fork):
     return _Spare(pid, go, ours)
 
 
-def _fork_now(link, worker, before_fork, request, output):
-    """Forks the worker of ``request`` now; ``(pid, go)``, or None once ``FAILED`` is
-    sent."""
+def _fork_now(link, worker, before_fork, request, outputs):
+    """Forks the worker of ``request`` now (``outputs``: its stdout's fd, and its
+    stderr's if apart); ``(pid, go)``, or None once ``FAILED`` is sent."""
     try:
         if before_fork is not None:
             try:
@@ -183,17 +186,19 @@ def _fork_now(link, worker, before_fork, request, output):
                 return None
         gc.freeze()
         try:
-            return _fork_worker(link, output, request.slot, worker)
+            return _fork_worker(link, outputs, request.slot, worker)
         except OSError as e:
             _send(link, Failed(request.request, "fork failed: %s" % e))
             return None
     finally:
-        os.close(output)
+        for fd in outputs:
+            os.close(fd)
 
 
 def _fork_worker(link, output, slot, worker, close_in_child=None):
-    """The double fork; ``(pid, go)``. ``output`` is the worker's output pipe, or with
-    ``slot`` None (a spare) the socket its slot and output pipe will come on."""
+    """The double fork; ``(pid, go)``. ``output`` is the list of the worker's output fds
+    (stdout's, and stderr's if apart), or with ``slot`` None (a spare) the socket its slot
+    and output fds will come on."""
     go_read, go_write = os.pipe()
     pid_read, pid_write = os.pipe()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -254,13 +259,13 @@ def _worker_child(link, output, go_read, go_write, slot, worker, old_mask):
         link.close()
         os.close(go_write)
         if slot is None:
-            # A spare: its slot and output pipe first (end of file: the zygote is gone).
+            # A spare: its slot and output fds first (end of file: the zygote is gone).
             channel = output
-            data, fds, _flags, _addr = socket.recv_fds(channel, 32, 1)
+            data, fds, _flags, _addr = socket.recv_fds(channel, 32, 2)
             channel.close()
-            if not data or len(fds) != 1 or not data.isdigit():
+            if not data or len(fds) not in (1, 2) or not data.isdigit():
                 os._exit(1)
-            slot, output = int(data), fds[0]
+            slot, output = int(data), list(fds)
         got = b""
         while len(got) < len(GO):
             chunk = os.read(go_read, len(GO) - len(got))
@@ -280,9 +285,11 @@ def _worker_child(link, output, go_read, go_write, slot, worker, old_mask):
         os.environ.pop("LISTEN_PIDFDID", None)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(output, 1)
-        os.dup2(output, 2)
-        os.close(output)
+        # Stdout's fd, and stderr's (the same one from an agent that sent one).
+        os.dup2(output[0], 1)
+        os.dup2(output[-1], 2)
+        for fd in output:
+            os.close(fd)
         result = worker(slot)
         code = result if isinstance(result, int) else 0
     except SystemExit as e:

@@ -18,7 +18,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from hatchery_zygote.protocol import Fork, Forked, Ready, format_message, parse_to_agent  # noqa: E402
+from hatchery_zygote.protocol import (  # noqa: E402
+    PROTOCOL_VERSION,
+    Fork,
+    Forked,
+    Ready,
+    format_message,
+    parse_to_agent,
+)
 
 PR_SET_CHILD_SUBREAPER = 36
 TIMEOUT_S = 10
@@ -137,12 +144,14 @@ class ZygoteTestCase(unittest.TestCase):
 
     def expect_ready(self):
         self.assertTrue(readable(self.link, 30), "no READY")
-        self.assertEqual(parse_to_agent(self.link.recv(513)), Ready(1))
+        self.assertEqual(parse_to_agent(self.link.recv(513)), Ready(PROTOCOL_VERSION))
 
-    def fork(self, slot, request):
-        """Sends FORK; the worker's pid, its go pipe and its output (read end)."""
+    def fork(self, slot, request, errors_w=None):
+        """Sends FORK; the worker's pid, its go pipe and its output (read end). With
+        ``errors_w``, that is sent as the worker's stderr (the FORK has two fds)."""
         out_r, out_w = os.pipe()
-        socket.send_fds(self.link, [format_message(Fork(slot, request))], [out_w])
+        fds = [out_w] if errors_w is None else [out_w, errors_w]
+        socket.send_fds(self.link, [format_message(Fork(slot, request))], fds)
         os.close(out_w)
         self.assertTrue(readable(self.link, TIMEOUT_S), "no answer to FORK")
         data, fds, _, _ = socket.recv_fds(self.link, 513, 4)
@@ -152,9 +161,10 @@ class ZygoteTestCase(unittest.TestCase):
         self.workers.append(answer.pid)
         return answer.pid, fds[0], out_r
 
-    def start_worker(self, slot, request):
-        """Forks a worker and says go; returns after its READY=1."""
-        pid, go, out = self.fork(slot, request)
+    def start_worker(self, slot, request, errors_w=None):
+        """Forks a worker (its stderr ``errors_w`` if given) and says go; returns after its
+        READY=1."""
+        pid, go, out = self.fork(slot, request, errors_w)
         # Ours, once the zygote's intermediate child has exited (the zygote answers
         # without waiting for that).
         deadline = time.monotonic() + TIMEOUT_S

@@ -24,7 +24,7 @@ class ProtocolTest(unittest.TestCase):
         self.assertEqual(parse_to_zygote(b"FORK 3 12"), Fork(3, 12))
 
     def test_same_text_as_the_rust_side(self):
-        self.assertEqual(format_message(Ready()), b"READY 1")
+        self.assertEqual(format_message(Ready()), b"READY 2")
         self.assertEqual(format_message(Forked(1, 99)), b"FORKED 1 99")
         self.assertEqual(
             format_message(Failed(1, "line one\nline\ttwo  \u00e9")), b"FAILED 1 line one line two"

@@ -53,6 +53,21 @@ class RoundTripTest(ZygoteTestCase):
         self.assertEqual(wait_exit_code(pid), 0)
         os.close(out)
 
+    def test_a_fork_with_two_output_fds_gives_the_worker_stdout_and_stderr_apart(self):
+        self.expect_ready()
+        err_r, err_w = os.pipe()
+        pid, out = self.start_worker(0, 1, err_w)
+        os.close(err_w)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("GET", "/both")
+        body = conn.getresponse().read().decode()
+        conn.close()
+        self.assertIn("worker 0, pid %d" % pid, body)
+        self.assertNotIn(b"to stderr", read_until(out, b"to stdout"))
+        self.assertNotIn(b"to stdout", read_until(err_r, b"to stderr"))
+        os.close(err_r)
+        os.close(out)
+
     def test_before_fork_runs_in_the_zygote_before_each_fork(self):
         self.expect_ready()
         zygote = "%d" % self.zygote

@@ -5,6 +5,10 @@ import sys
 
 
 def app(environ, start_response):
+    if environ.get("PATH_INFO") == "/both":
+        # A line on each stream.
+        print("to stdout", flush=True)
+        print("to stderr", file=sys.stderr, flush=True)
     if environ.get("PATH_INFO") == "/slow":
         # In flight until its body comes, and says so (on the worker's output pipe).
         print("slow request started", flush=True)
