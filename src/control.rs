@@ -19,7 +19,7 @@
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -148,6 +148,9 @@ pub enum Request {
     },
     /// Re-read the configuration.
     Reload,
+    /// The path of the agent file the agent runs from (`hatchery check` without
+    /// `--config`): answered with a [`ConfigPath`].
+    ConfigPath,
     /// Start a new generation from the release symlink's target (or `release`), flip to
     /// it once ready, drain the old one.
     Deploy {
@@ -244,9 +247,16 @@ impl Request {
             | Request::Rollback { site }
             | Request::Promote { site }
             | Request::Exec { site, .. } => Some(site),
-            Request::Reload | Request::Upgrade { .. } => None,
+            Request::Reload | Request::Upgrade { .. } | Request::ConfigPath => None,
         }
     }
+}
+
+/// The answer to [`Request::ConfigPath`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigPath {
+    /// The agent file, absolute.
+    pub path: PathBuf,
 }
 
 /// An operation on a site that went through (`start`, `stop`, `restart`, `scale`,

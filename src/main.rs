@@ -68,9 +68,14 @@ enum Command {
     /// Validate the configuration, print it with every default, and report kernel features.
     #[command(after_help = cli::help::CHECK)]
     Check {
-        /// The agent configuration file.
-        #[arg(long, default_value = config::DEFAULT_CONFIG)]
-        config: PathBuf,
+        /// The agent configuration file (default: the running agent's, asked on the
+        /// control socket, else /etc/hatchery/hatchery.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Control socket of the agent asked for its configuration file when --config is
+        /// not given (default: $HATCHERY_SOCKET, else /run/hatchery/control.sock).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
         /// Print the report as one JSON document instead of text.
         #[arg(long)]
         json: bool,
@@ -416,8 +421,14 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Agent { config } => run_agent(&config),
-        Command::Check { config, json } => {
+        Command::Check {
+            config,
+            socket,
+            json,
+        } => {
             quiet_on_closed_stdout();
+            let config =
+                config.unwrap_or_else(|| running_config(&socket_path(socket.or(cli.socket))));
             check(&config, json || cli.json)
         }
         Command::Completions { shell } => {
@@ -590,10 +601,47 @@ fn run_agent(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// The agent file of the agent answering on `socket`; the default file, said on stderr,
+/// when none answers.
+fn running_config(socket: &std::path::Path) -> PathBuf {
+    let asked = Client::connect(socket).and_then(|mut c| c.call(&Request::ConfigPath, |_| {}));
+    let why = match asked {
+        Ok(Reply::Ok(v)) => match serde_json::from_value::<hatchery::control::ConfigPath>(v) {
+            Ok(c) => {
+                say_err(&format!(
+                    "hatchery: checking the running agent's configuration, {}",
+                    c.path.display()
+                ));
+                return c.path;
+            }
+            Err(e) => format!("its answer was not understood ({e})"),
+        },
+        Ok(Reply::Error(e)) => format!("it refused: {}", e.message),
+        Ok(_) => "it gave no answer".to_string(),
+        Err(e) => e.to_string(),
+    };
+    say_err(&format!(
+        "hatchery: no agent answered on {} ({why}); checking {}",
+        socket.display(),
+        config::DEFAULT_CONFIG
+    ));
+    PathBuf::from(config::DEFAULT_CONFIG)
+}
+
 fn check(path: &std::path::Path, json: bool) -> ExitCode {
     let (config, broken) = match config::load_each(path) {
         Ok(c) => c,
         Err(e) => {
+            if json {
+                let out = CheckReport {
+                    valid: false,
+                    problems: e.all().map(|p| Problem::of_file("-", p)).collect(),
+                    sites: Vec::new(),
+                    features: Vec::new(),
+                    sandbox: Default::default(),
+                };
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            }
             say_err(&format!("hatchery: invalid configuration: {e}"));
             return ExitCode::from(EXIT_USAGE);
         }
@@ -602,6 +650,11 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
     let mut invalid: Vec<(String, String)> = broken
         .iter()
         .flat_map(|b| b.error.all().map(|e| (b.name.clone(), e.one())))
+        .collect();
+    // The same, with their file, line and key apart, for --json.
+    let file_problems: Vec<Problem> = broken
+        .iter()
+        .flat_map(|b| b.error.all().map(|e| Problem::of_file(&b.name, e)))
         .collect();
     let agent = hatchery::event::running_agent(&config.control_socket);
     let mut refused: Vec<(String, String)> = Vec::new();
@@ -660,16 +713,20 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
             refused.push((site.clone(), why.clone()));
         }
     }
-    let problems: Vec<Problem> = invalid
+    let problems = invalid
         .iter()
+        .skip(file_problems.len())
         .map(|(s, m)| (s, ProblemKind::Invalid, m))
         .chain(refused.iter().map(|(s, m)| (s, ProblemKind::Refused, m)))
         .map(|(site, kind, message)| Problem {
             site: site.clone(),
             kind,
+            file: None,
+            line: None,
+            key: None,
             message: message.clone(),
-        })
-        .collect();
+        });
+    let problems: Vec<Problem> = file_problems.into_iter().chain(problems).collect();
     if json {
         let out = CheckReport {
             valid: invalid.is_empty(),

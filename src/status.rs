@@ -412,12 +412,36 @@ pub struct CheckReport {
 /// A problem `check` found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
-    /// The site.
+    /// The site (`-` for the agent file).
     pub site: String,
     /// What kind.
     pub kind: ProblemKind,
-    /// What is wrong, and where.
+    /// The file at fault, for a problem of a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<std::path::PathBuf>,
+    /// The line of the file, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    /// The key at fault (`stop.timeout`, `listen[1].tcp`; `-` for the whole file), for a
+    /// problem of a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// What is wrong (and, without `file`, where).
     pub message: String,
+}
+
+impl Problem {
+    /// An invalid file's problem `e`, of `site`.
+    pub fn of_file(site: &str, e: &crate::config::ConfigError) -> Problem {
+        Problem {
+            site: site.to_string(),
+            kind: ProblemKind::Invalid,
+            file: Some(e.file.clone()),
+            line: e.line,
+            key: Some(e.key.clone()),
+            message: e.message.clone(),
+        }
+    }
 }
 
 /// What kind of problem.

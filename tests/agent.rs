@@ -550,7 +550,7 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(
-        err.contains("blog.toml: stop.timeout:") && err.contains("ms, s, m, h"),
+        err.contains("blog.toml:4: stop.timeout:") && err.contains("ms, s, m, h"),
         "{err}"
     );
 
@@ -567,7 +567,7 @@ fn bad_config_is_refused_by_check_agent_and_reload() {
     assert!(text.contains("NOT valid: 3 problem(s)"), "{text}");
     for expected in [
         "blog.toml:3: wrokers: unknown key `wrokers`; did you mean `workers`?",
-        "blog.toml:5: stop.timeout: expected a string, found integer 5",
+        "blog.toml:5: stop.timeout: expected a duration like \"30s\", found integer 5",
         "blog.toml:8: listen[0].tpc: unknown key `tpc`; did you mean `tcp`?",
     ] {
         assert!(text.contains(expected), "{expected} in:\n{text}");

@@ -277,3 +277,66 @@ fn the_install_sections_site_is_valid_with_the_packaged_configuration() {
     assert_eq!(config.sites.len(), 1);
     assert_eq!(config.sites[0].name.as_str(), "blog");
 }
+
+/// The block of README.md (of any language) whose first line is `first`.
+fn block_starting(readme: &str, first: &str) -> Option<String> {
+    let mut lines = readme.lines();
+    while let Some(l) = lines.next() {
+        if l.starts_with("```") {
+            let body: Vec<&str> = lines
+                .by_ref()
+                .take_while(|l| !l.starts_with("```"))
+                .collect();
+            if body.first() == Some(&first) {
+                return Some(body.join("\n") + "\n");
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn readme_env_file_and_stop_sequence_example_is_valid() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let site = block_starting(&readme, "# sites.d/mail.toml").expect("an env_file example");
+    let env = block_starting(&readme, "# sites.d/mail.env").expect("its environment file");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sites = dir.path().join("sites.d");
+    std::fs::create_dir(&sites).expect("mkdir");
+    std::fs::write(sites.join("mail.toml"), &site).expect("write");
+    std::fs::write(sites.join("mail.env"), &env).expect("write");
+    let agent = dir.path().join("hatchery.toml");
+    std::fs::write(&agent, "sites_dir = \"sites.d\"\n").expect("write");
+    let config = hatchery::config::load(&agent).expect("the env_file example is valid");
+    let mail = &config.sites[0];
+    let vars: Vec<(&str, &str)> = mail
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        vars,
+        [
+            ("MAIL_DB", "postgres://db/mail"),
+            ("MAIL_FROM", "noreply@example.com"),
+            ("MAIL_GREETING", "Hello, $USER"),
+            ("MAIL_MODE", "production"),
+        ]
+    );
+    let signals: Vec<String> = mail.stop.signals().map(|s| s.name()).collect();
+    assert_eq!(signals, ["SIGHUP", "SIGTERM"]);
+    assert_eq!(mail.stop.timeout, std::time::Duration::from_secs(10));
+    // The error the table shows for a bad line is the one given.
+    std::fs::write(sites.join("mail.env"), format!("{env}oops\n")).expect("write");
+    let e = hatchery::config::load(&agent).expect_err("a bad line");
+    assert_eq!(
+        e.one(),
+        format!(
+            "{}:{}: env_file: expected NAME=VALUE, found \"oops\"",
+            sites.join("mail.env").display(),
+            env.lines().count() + 1
+        )
+    );
+    assert!(readme.contains("mail.env:6: env_file: expected NAME=VALUE, found \"oops\""));
+}

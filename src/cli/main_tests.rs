@@ -95,7 +95,8 @@ fn socket_and_json_are_options_of_the_commands_they_affect() {
         assert!(has(sub, "socket") && has(sub, "json"), "{sub}");
     }
     assert!(has("exec", "socket") && !has("exec", "json"));
-    assert!(has("check", "json") && !has("check", "socket"));
+    // Without --config, check asks the agent on the socket for its file.
+    assert!(has("check", "json") && has("check", "socket"));
     for sub in ["agent", "demo", "completions"] {
         assert!(!has(sub, "socket") && !has(sub, "json"), "{sub}");
     }
@@ -155,7 +156,6 @@ fn socket_and_json_are_options_of_the_commands_they_affect() {
         &["hatchery", "--json", "demo"],
         &["hatchery", "demo", "--json"],
         &["hatchery", "--json", "completions", "bash"],
-        &["hatchery", "--socket", "/s", "check"],
     ] {
         let e = parse(args).expect_err("refused");
         assert!(
@@ -168,9 +168,12 @@ fn socket_and_json_are_options_of_the_commands_they_affect() {
         e.contains("--socket is not an option of `hatchery agent`"),
         "{e}"
     );
-    // `check --json` both ways; `exec` with its socket before the site.
+    // `check --json` both ways, and its socket (the agent asked for its file) too; `exec`
+    // with its socket before the site.
     assert!(parse(&["hatchery", "--json", "check"]).is_ok());
     assert!(parse(&["hatchery", "check", "--json"]).is_ok());
+    assert!(parse(&["hatchery", "--socket", "/s", "check"]).is_ok());
+    assert!(parse(&["hatchery", "check", "--socket", "/s"]).is_ok());
     let cli = parse(&["hatchery", "exec", "--socket", "/s", "blog", "--", "id"]).expect("exec");
     assert!(
         matches!(cli.command, Command::Exec { socket: Some(s), site, command } if s == Path::new("/s") && site == "blog" && command == ["id"])

@@ -7,8 +7,8 @@ use serde::Deserialize;
 
 use super::site::{validate_logs, validate_site};
 use super::{
-    AgentConfig, CgroupBase, ConfigError, LogPolicy, OutputMode, RawAgent, RawSite, SiteConfig,
-    err, format_size, parse_size,
+    AgentConfig, CgroupBase, ConfigError, LogPolicy, OutputMode, Problems, RawAgent, RawSite,
+    SiteConfig, err, format_size, parse_size,
 };
 
 /// A site file that could not be used, and why.
@@ -52,7 +52,9 @@ fn load_each_keeping(
     path: &Path,
     holds: &dyn Fn(&SiteConfig) -> bool,
 ) -> Result<(AgentConfig, Vec<BrokenSite>), ConfigError> {
-    let mut raw: RawAgent = read_toml(path)?;
+    let text = read_text(path)?;
+    let mut raw: RawAgent = parse_toml(path, &text)?;
+    let mut p = Problems::default();
     let base = path.parent().unwrap_or(Path::new("/"));
     let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
     let control_socket = rel(raw
@@ -69,28 +71,39 @@ fn load_each_keeping(
         Some("off") => CgroupBase::Off,
         Some(p) if p.starts_with('/') => CgroupBase::Path(PathBuf::from(p)),
         Some(other) => {
-            return Err(err(
+            p.push(err(
                 path,
                 "cgroup_base",
-                format!("invalid value {other:?}: use \"auto\", \"off\" or an absolute path"),
+                format!("invalid value \"{other}\": use \"auto\", \"off\" or an absolute path"),
             ));
+            CgroupBase::Auto
         }
     };
-    let default_logs = validate_logs(path, "logs", &mut raw.logs, LogPolicy::default())?;
+    let default_logs = p.or(
+        validate_logs(path, "logs", &mut raw.logs, LogPolicy::default()),
+        LogPolicy::default(),
+    );
     let memory_reserve = match &raw.memory_reserve {
-        Some(s) => parse_size(s).map_err(|m| err(path, "memory_reserve", m))?,
+        Some(s) => p.or(
+            parse_size(s).map_err(|m| err(path, "memory_reserve", m)),
+            DEFAULT_MEMORY_RESERVE,
+        ),
         None => DEFAULT_MEMORY_RESERVE,
     };
     let metrics = match raw.metrics.as_deref() {
         None => None,
-        Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
+        Some(text) => p.ok(text.parse::<std::net::SocketAddr>().map_err(|_| {
             err(
                 path,
                 "metrics",
-                format!("invalid address {text:?}: use an IP address and a port, such as \"127.0.0.1:9464\""),
+                format!("invalid address \"{text}\": use an IP address and a port, such as \"127.0.0.1:9464\""),
             )
-        })?),
+        })),
     };
+    if let Some(mut e) = p.into_error() {
+        locate(&text, &mut e);
+        return Err(e);
+    }
 
     let mut sites = Vec::new();
     let mut broken = Vec::new();
@@ -111,7 +124,7 @@ fn load_each_keeping(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        match read_toml::<RawSite>(&file).and_then(|raw| validate_site(&file, &raw, default_logs)) {
+        match site_from_file(&file, default_logs) {
             Ok(site) => sites.push(site),
             Err(error) => broken.push(BrokenSite { name, error }),
         }
@@ -181,8 +194,71 @@ pub fn site_from_text(
 ) -> Result<SiteConfig, ConfigError> {
     let mut raw: RawAgent = read_toml(agent_file)?;
     let default_logs = validate_logs(agent_file, "logs", &mut raw.logs, LogPolicy::default())?;
-    let site: RawSite = parse_toml(site_file, text)?;
-    validate_site(site_file, &site, default_logs)
+    site_from(site_file, text, default_logs)
+}
+
+/// The site file at `file`, read, parsed and validated; every problem with its line.
+fn site_from_file(file: &Path, default_logs: LogPolicy) -> Result<SiteConfig, ConfigError> {
+    site_from(file, &read_text(file)?, default_logs)
+}
+
+/// The site file `file` from its contents `text`; every problem with its line.
+///
+/// The file's parse problems (unknown keys, wrong types) and its validation problems are
+/// reported together: what is left once the keys at fault are taken out is validated too,
+/// and a validation problem of a key already at fault is not said twice.
+pub(super) fn site_from(
+    file: &Path,
+    text: &str,
+    default_logs: LogPolicy,
+) -> Result<SiteConfig, ConfigError> {
+    let (raw, parsed) = parse_lenient::<RawSite>(file, text);
+    let validated = raw.map(|raw| validate_site(file, &raw, default_logs));
+    let mut p = Problems::default();
+    // A key at fault, one inside it, or the table holding it (whose check may only be
+    // missing what was taken out).
+    let at_fault = |key: &str| {
+        let within = |inner: &str, outer: &str| {
+            inner.starts_with(&format!("{outer}.")) || inner.starts_with(&format!("{outer}["))
+        };
+        parsed
+            .iter()
+            .any(|e| e.key == key || within(key, &e.key) || within(&e.key, key))
+    };
+    let value = match validated {
+        Some(Ok(site)) => Some(site),
+        Some(Err(mut e)) => {
+            locate(text, &mut e);
+            e.also.retain(|x| !at_fault(&x.key));
+            let first_follows = at_fault(&e.key);
+            let also = std::mem::take(&mut e.also);
+            if !first_follows {
+                p.push(e);
+            }
+            also.into_iter().for_each(|x| p.push(x));
+            None
+        }
+        None => None,
+    };
+    let mut all: Vec<ConfigError> = parsed;
+    if let Some(e) = p.into_error() {
+        all.extend(e.all().map(|x| ConfigError {
+            also: Vec::new(),
+            ..x.clone()
+        }));
+    }
+    // In the file's order; problems of another file (an env_file) and those without a
+    // line after.
+    all.sort_by_key(|e| (e.file != file, e.line.is_none(), e.line));
+    let mut all = all.into_iter();
+    match (all.next(), value) {
+        (None, Some(site)) => Ok(site),
+        (None, None) => Err(err(file, "-", "the file could not be validated")),
+        (Some(mut first), _) => {
+            first.also = all.collect();
+            Err(first)
+        }
+    }
 }
 
 /// Memory reserved for the host when the agent file says nothing.
@@ -304,12 +380,15 @@ fn check_conflicts(others: &[SiteConfig], site: &SiteConfig) -> Result<(), Confi
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(file: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| err(file, "-", format!("cannot read the file: {e}")))?;
-    parse_toml(file, &text)
+    parse_toml(file, &read_text(file)?)
 }
 
-pub(super) use super::parse::parse_toml;
+/// The contents of `file`.
+fn read_text(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file).map_err(|e| err(file, "-", format!("cannot read the file: {e}")))
+}
+
+pub(super) use super::parse::{locate, parse_lenient, parse_toml};
 
 #[cfg(test)]
 mod tests {

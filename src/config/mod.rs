@@ -14,9 +14,9 @@
 //!   (overlapping listeners, memory budgets);
 //! - `effective`: the effective configuration `check` prints ([`Effective`], the file
 //!   each site was validated from with every default written in);
+//! - `envfile`: a site's `env_file` (`KEY=VALUE` lines);
 //! - `units`: durations, sizes and signals, parsed and formatted;
-//! - `users`: users and groups, resolved from `/etc/passwd` and `/etc/group` (NSS modules
-//!   such as LDAP are not consulted);
+//! - `users`: users and groups, resolved through NSS (`getpwnam_r`, `getgrnam_r`);
 //! - [`sandbox`]: the `[sandbox]` table.
 
 use std::collections::BTreeMap;
@@ -28,6 +28,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 mod effective;
+mod envfile;
 mod load;
 mod parse;
 mod raw;
@@ -105,6 +106,79 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The problems found while validating one file, every one kept: a check that fails
+/// records its problem and validation goes on with a stand-in value, so one run reports
+/// all of them (each check that depends on a failed one is skipped, not reported twice).
+#[derive(Debug, Default)]
+pub(crate) struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    /// Records `e` (and the problems it carries).
+    pub(crate) fn push(&mut self, mut e: ConfigError) {
+        let also = std::mem::take(&mut e.also);
+        self.0.push(e);
+        self.0.extend(also);
+    }
+
+    /// The value of `r`, or `None` with its problem recorded.
+    pub(crate) fn ok<T>(&mut self, r: Result<T, ConfigError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.push(e);
+                None
+            }
+        }
+    }
+
+    /// The value of `r`, or `fallback` with its problem recorded.
+    pub(crate) fn or<T>(&mut self, r: Result<T, ConfigError>, fallback: T) -> T {
+        self.ok(r).unwrap_or(fallback)
+    }
+
+    /// Whether nothing was recorded.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `value` when nothing was recorded; else the first problem, the others in its
+    /// `also`.
+    pub(crate) fn finish<T>(self, value: T) -> Result<T, ConfigError> {
+        match self.into_error() {
+            None => Ok(value),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// The first problem with the others in its `also`, if any.
+    pub(crate) fn into_error(self) -> Option<ConfigError> {
+        let mut all = self.0.into_iter();
+        let mut first = all.next()?;
+        first.also = all.collect();
+        Some(first)
+    }
+}
+
+/// `s` between double quotes as a TOML file would write it: control characters escaped
+/// (`\n`, `\u0001`), so a message stays on one line; never Rust's `Debug` form.
+pub(crate) fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn err(file: &Path, key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         file: file.to_path_buf(),
@@ -130,7 +204,7 @@ impl SiteName {
             .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
         if name.is_empty() || name.len() > 64 || !first_ok || !name.chars().all(ok_char) {
             return Err(format!(
-                "invalid site name {name:?}: use 1 to 64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+                "invalid site name \"{name}\": use 1 to 64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
             ));
         }
         Ok(SiteName(name.to_string()))
@@ -272,13 +346,59 @@ impl ListenSpec {
     }
 }
 
-/// How a site's workers are stopped.
+/// Most signals in a stop sequence (`stop.signals`), `SIGKILL` not counted.
+pub const MAX_STOP_SIGNALS: usize = 4;
+
+/// How a site's workers are stopped: `signal`, then each of `then` in order, each sent
+/// when the worker has not exited `timeout` after the one before, and `SIGKILL` to the
+/// worker's tree `timeout` after the last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StopPolicy {
     /// The first signal.
     pub signal: Signal,
-    /// When `SIGKILL` follows.
+    /// The signals after the first, in order (`None` past the end).
+    pub then: [Option<Signal>; MAX_STOP_SIGNALS - 1],
+    /// The wait after each signal before the next one (after the last: `SIGKILL`).
     pub timeout: Duration,
+}
+
+impl StopPolicy {
+    /// The policy sending `signals` in order, each followed by `timeout`; `None` when
+    /// `signals` is empty or longer than [`MAX_STOP_SIGNALS`].
+    pub fn sequence(signals: &[Signal], timeout: Duration) -> Option<StopPolicy> {
+        let (&signal, rest) = signals.split_first()?;
+        if rest.len() >= MAX_STOP_SIGNALS {
+            return None;
+        }
+        let mut then = [None; MAX_STOP_SIGNALS - 1];
+        for (slot, s) in then.iter_mut().zip(rest) {
+            *slot = Some(*s);
+        }
+        Some(StopPolicy {
+            signal,
+            then,
+            timeout,
+        })
+    }
+
+    /// The signal of step `n` (0 is the first), if the sequence has that many.
+    pub fn step(&self, n: usize) -> Option<Signal> {
+        match n {
+            0 => Some(self.signal),
+            n => self.then.get(n - 1).copied().flatten(),
+        }
+    }
+
+    /// Every signal of the sequence, in order (`SIGKILL`, which follows, not included).
+    pub fn signals(&self) -> impl Iterator<Item = Signal> + '_ {
+        (0..MAX_STOP_SIGNALS).map_while(|n| self.step(n))
+    }
+
+    /// The longest a worker may take to stop before `SIGKILL`: `timeout` per signal.
+    pub fn total(&self) -> Duration {
+        let steps = u32::try_from(self.signals().count()).unwrap_or(1);
+        self.timeout.saturating_mul(steps)
+    }
 }
 
 /// Restart backoff and flapping control.
@@ -641,8 +761,7 @@ impl SiteConfig {
 #[cfg(test)]
 fn test_site(text: &str) -> Result<SiteConfig, ConfigError> {
     let file = Path::new("/etc/hatchery/sites.d/blog.toml");
-    let raw: RawSite = load::parse_toml(file, text)?;
-    validate_site(file, &raw, LogPolicy::default())
+    load::site_from(file, text, LogPolicy::default())
 }
 
 #[cfg(test)]

@@ -24,16 +24,41 @@ const MAX_PROBLEMS: usize = 50;
 /// Parses `text` (the contents of `file`) into `T`; on failure, the first problem, with the
 /// others in its `also`.
 pub(super) fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
-    let mut root = DeTable::parse(text).map_err(|e| {
-        let mut error = err(file, "-", e.message().trim().to_string());
-        error.line = e.span().map(|s| line_of(text, s.start));
-        error
-    })?;
+    let (value, mut problems) = parse_lenient(file, text);
+    match value {
+        Some(v) if problems.is_empty() => Ok(v),
+        _ if problems.is_empty() => Err(err(file, "-", "the file could not be read as TOML")),
+        _ => {
+            let mut first = problems.remove(0);
+            first.also = problems;
+            Err(first)
+        }
+    }
+}
+
+/// Parses `text` (the contents of `file`) into `T` as far as it can: every problem, in the
+/// file's order, and the value of what is left once the keys at fault are taken out (if
+/// that deserializes), so that validation can report its own problems beside these.
+pub(super) fn parse_lenient<T: DeserializeOwned>(
+    file: &Path,
+    text: &str,
+) -> (Option<T>, Vec<ConfigError>) {
+    let mut root = match DeTable::parse(text) {
+        Ok(root) => root,
+        Err(e) => {
+            let mut error = err(file, "-", e.message().trim().to_string());
+            error.line = e.span().map(|s| line_of(text, s.start));
+            return (None, vec![error]);
+        }
+    };
     let mut problems: Vec<ConfigError> = Vec::new();
+    let mut value = None;
     while problems.len() < MAX_PROBLEMS {
         let e = match T::deserialize(toml::de::Deserializer::from(root.clone())) {
-            Ok(value) if problems.is_empty() => return Ok(value),
-            Ok(_) => break,
+            Ok(v) => {
+                value = Some(v);
+                break;
+            }
             Err(e) => e,
         };
         let at = e.span();
@@ -57,9 +82,52 @@ pub(super) fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> Result
     }
     // In the file's order (serde meets keys in its own).
     problems.sort_by_key(|p| p.line);
-    let mut first = problems.remove(0);
-    first.also = problems;
-    Err(first)
+    (value, problems)
+}
+
+/// Gives each problem of `error` that has no line the line of its key in `text` (the
+/// file's contents): where the key is written, or for a key the file leaves out (a
+/// default that conflicts with something), the line of the deepest table on its path.
+pub(super) fn locate(text: &str, error: &mut ConfigError) {
+    let Ok(root) = DeTable::parse(text) else {
+        return;
+    };
+    let fill = |e: &mut ConfigError| {
+        if e.line.is_none() && e.key != "-" {
+            e.line = key_offset(&root, &e.key).map(|at| line_of(text, at));
+        }
+    };
+    fill(error);
+    error.also.iter_mut().for_each(fill);
+}
+
+/// The byte offset where the deepest existing part of the dotted `path` (`listen[1].tcp`,
+/// `env.FOO`) is written, if any part is.
+fn key_offset(root: &Spanned<DeTable<'_>>, path: &str) -> Option<usize> {
+    let mut table = root.get_ref();
+    let mut found = None;
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (name, index) = match part.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let (key, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name)?;
+        found = Some(key.span().start);
+        let value = match (value.get_ref(), index) {
+            (DeValue::Array(items), Some(i)) => {
+                let item = items.get(i)?;
+                found = Some(item.span().start);
+                item
+            }
+            _ => value,
+        };
+        match value.get_ref() {
+            DeValue::Table(t) if parts.peek().is_some() => table = t,
+            _ => break,
+        }
+    }
+    found
 }
 
 /// Takes out of `table` the entry whose key or value covers `at` (the deepest one, inside
@@ -142,13 +210,40 @@ fn describe(message: &str) -> String {
             };
         }
     }
-    if let Some(rest) = message.strip_prefix("invalid type: ") {
-        // "integer `5`, expected a string" -> "expected a string, found integer 5"
-        if let Some((found, expected)) = rest.split_once(", expected ") {
-            return format!("expected {expected}, found {}", found.replace('`', ""));
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            // "integer `5`, expected a string" -> "expected a string, found integer 5"
+            if let Some((found, expected)) = rest.split_once(", expected ") {
+                return format!(
+                    "expected {}, found {}",
+                    expected_for_people(expected),
+                    found.replace('`', "")
+                );
+            }
         }
     }
     message.to_string()
+}
+
+/// What serde says a key expects, in the file's words: `u32` is a whole number, a
+/// struct is a table.
+fn expected_for_people(expected: &str) -> String {
+    let integer = |bits: u32| format!("a whole number from 0 to {}", (1u64 << bits) - 1);
+    match expected {
+        "u8" => integer(8),
+        "u16" => integer(16),
+        "u32" => integer(32),
+        "u64" => "a whole number from 0".to_string(),
+        "i32" | "i64" => "a whole number".to_string(),
+        "f32" | "f64" => "a number".to_string(),
+        "a boolean" => "true or false".to_string(),
+        "a string" => "a string in double quotes".to_string(),
+        "path string" => "a path in double quotes".to_string(),
+        "a sequence" => "an array like [\"...\"]".to_string(),
+        "a map" => "a table".to_string(),
+        e if e.starts_with("struct ") => "a table".to_string(),
+        e => e.to_string(),
+    }
 }
 
 /// The known key closest to `name` by edit distance, if close enough to be a typo (at

@@ -37,7 +37,10 @@ pub struct RawSandbox {
 
 /// An rlimit value: a number, a size string (`"1G"`) or `"unlimited"`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a number, a size like \"1G\" or \"unlimited\""
+)]
 pub enum RawLimit {
     /// A plain number.
     Number(u64),
@@ -90,7 +93,7 @@ impl Mode {
             other => Err(err(
                 file,
                 key,
-                format!("invalid value {other:?}: use \"required\", \"best-effort\" or \"off\""),
+                format!("invalid value \"{other}\": use \"required\", \"best-effort\" or \"off\""),
             )),
         }
     }
@@ -239,20 +242,20 @@ pub fn validate(
             ));
         }
     }
-    // By the name in /etc/passwd (the site may give its user as a number).
+    // By the user's name (the site may give its user as a number).
     let mut groups = user
         .and_then(super::lookup_user)
-        .map(|u| user_groups(&u.name))
+        .map(|u| {
+            // Its primary group is the gid itself, not a supplementary one.
+            let mut g = super::users::user_groups(&u.name, u.gid);
+            g.retain(|&x| x != u.gid);
+            g
+        })
         .unwrap_or_default();
     let group_names = raw.groups.get_or_insert_with(Vec::new).clone();
     for g in &group_names {
-        let gid = super::lookup_group(g).ok_or_else(|| {
-            err(
-                file,
-                "sandbox.groups",
-                format!("no such group {g:?} in /etc/group"),
-            )
-        })?;
+        let gid = super::lookup_group(g)
+            .ok_or_else(|| err(file, "sandbox.groups", format!("no such group `{g}`")))?;
         if !groups.contains(&gid) {
             groups.push(gid);
         }
@@ -269,7 +272,7 @@ pub fn validate(
             err(
                 file,
                 "sandbox.capabilities",
-                format!("unknown capability {c:?}: use names such as \"CAP_NET_BIND_SERVICE\" (capabilities(7))"),
+                format!("unknown capability \"{c}\": use names such as \"CAP_NET_BIND_SERVICE\" (capabilities(7))"),
             )
         })?;
         let n = u32::try_from(n).expect("small");
@@ -330,19 +333,6 @@ pub fn validate(
         execute: absolute_list(file, "sandbox.landlock.execute", &mut ll.execute, &["/"])?,
         connect: ll.connect.get_or_insert_with(Vec::new).clone(),
     })
-}
-
-/// The gids of the groups in `/etc/group` that list `user` as a member.
-pub fn user_groups(user: &str) -> Vec<u32> {
-    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(':').collect();
-            (f.len() >= 4 && f[3].split(',').any(|m| m == user))
-                .then(|| f[2].parse().ok())
-                .flatten()
-        })
-        .collect()
 }
 
 impl SandboxConfig {

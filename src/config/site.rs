@@ -1,16 +1,18 @@
 //! Validating one site file: every key checked, every default applied, every error
 //! naming the file, the key and what is accepted.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
     AutoWorkers, ConfigError, DeployPolicy, Effective, HealthPolicy, HttpCheck, Limits, ListenAddr,
-    ListenMode, ListenSpec, LogPolicy, MAX_LISTENERS, MAX_WARMUP, MAX_WORKERS, OutputMode,
-    RELEASE_PLACEHOLDER, RawDeploy, RawFlapping, RawFraction, RawHealth, RawLogs, RawReady,
-    RawRestart, RawScale, RawSite, RawStop, RawWarmup, RawWorkers, ReadyCheck, ReadyPolicy,
-    RestartPolicy, ScaleBy, ScalePolicy, Signal, SiteConfig, SiteMode, SiteName, StopPolicy, err,
-    format_duration, format_size, lookup_group, lookup_user, parse_duration, parse_size, sandbox,
+    ListenMode, ListenSpec, LogPolicy, MAX_LISTENERS, MAX_STOP_SIGNALS, MAX_WARMUP, MAX_WORKERS,
+    OutputMode, Problems, RELEASE_PLACEHOLDER, RawDeploy, RawFlapping, RawFraction, RawHealth,
+    RawLogs, RawReady, RawRestart, RawScale, RawSite, RawStop, RawWarmup, RawWorkers, ReadyCheck,
+    ReadyPolicy, RestartPolicy, ScaleBy, ScalePolicy, Signal, SiteConfig, SiteMode, SiteName,
+    StopPolicy, envfile, err, format_duration, format_size, lookup_group, lookup_user,
+    parse_duration, parse_size, quoted, sandbox,
 };
 
 /// The `[logs]` table at `slot` (`key`), with `default` for what it leaves out; every
@@ -21,22 +23,26 @@ pub(super) fn validate_logs(
     slot: &mut Option<RawLogs>,
     default: LogPolicy,
 ) -> Result<LogPolicy, ConfigError> {
+    let mut p = Problems::default();
     let raw = slot.get_or_insert_with(RawLogs::default);
     let max_size = match &raw.max_size {
-        Some(s) => parse_size(s).map_err(|m| err(file, &format!("{key}.max_size"), m))?,
+        Some(s) => p.or(
+            parse_size(s).map_err(|m| err(file, &format!("{key}.max_size"), m)),
+            default.max_size,
+        ),
         None => {
             raw.max_size = Some(format_size(default.max_size));
             default.max_size
         }
     };
     if max_size < 4096 {
-        return Err(err(file, &format!("{key}.max_size"), "must be at least 4K"));
+        p.push(err(file, &format!("{key}.max_size"), "must be at least 4K"));
     }
     let keep = *raw.keep.get_or_insert(default.keep);
     if keep > 100 {
-        return Err(err(file, &format!("{key}.keep"), "must be at most 100"));
+        p.push(err(file, &format!("{key}.keep"), "must be at most 100"));
     }
-    Ok(LogPolicy { max_size, keep })
+    p.finish(LogPolicy { max_size, keep })
 }
 
 /// The duration at `slot` (`key`), or `default`, which is then written there.
@@ -53,6 +59,18 @@ fn duration_key(
             Ok(default)
         }
     }
+}
+
+/// The duration at `slot` (`key`), or `default`, which is then written there; a value
+/// that does not parse is recorded in `p`, and `default` stands in for it.
+fn duration_or(
+    p: &mut Problems,
+    file: &Path,
+    key: &str,
+    slot: &mut Option<String>,
+    default: Duration,
+) -> Duration {
+    p.or(duration_key(file, key, slot, default), default)
 }
 
 /// `[scale]` of an automatic site, its defaults written in.
@@ -72,7 +90,7 @@ fn validate_scale(
                 file,
                 "scale.by",
                 format!(
-                    "unknown value {other:?}: use \"memory\" (as many workers as the budget holds) or \"load\" (as many as the load needs, within the budget)"
+                    "unknown value \"{other}\": use \"memory\" (as many workers as the budget holds) or \"load\" (as many as the load needs, within the budget)"
                 ),
             ));
         }
@@ -150,6 +168,11 @@ const RESERVED_ENV: &[&str] = &[
     "NOTIFY_SOCKET",
 ];
 
+/// Whether the agent sets `name` for every worker (a site may not).
+fn reserved_env(name: &str) -> bool {
+    RESERVED_ENV.contains(&name) || name.starts_with("HATCHERY_")
+}
+
 /// Validates one site file's contents.
 ///
 /// Each default is applied in one place, where it is written into a copy of `raw` as the
@@ -162,35 +185,42 @@ pub fn validate_site(
     default_logs: LogPolicy,
 ) -> Result<SiteConfig, ConfigError> {
     let mut eff = raw.clone();
-    let name_str = eff.name.as_deref().ok_or_else(|| {
-        err(
-            file,
-            "name",
-            "missing: every site file needs name = \"...\"",
-        )
-    })?;
-    let name = SiteName::new(name_str).map_err(|m| err(file, "name", m))?;
-    if let Some(stem) = file.file_stem().and_then(|s| s.to_str()) {
-        if stem != name.as_str() {
-            return Err(err(
+    // Every problem is recorded and validation goes on with a stand-in value, so that
+    // one run reports all of them; the stand-ins are never returned.
+    let mut p = Problems::default();
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("site");
+    let name = match eff.name.as_deref() {
+        None => {
+            p.push(err(
                 file,
                 "name",
-                format!(
-                    "the site is named \"{name}\" but its file is {stem}.toml: name the file {name}.toml"
-                ),
+                "missing: every site file needs name = \"...\"",
             ));
+            SiteName(stem.to_string())
         }
+        Some(n) => p.or(
+            SiteName::new(n).map_err(|m| err(file, "name", m)),
+            SiteName(stem.to_string()),
+        ),
+    };
+    if stem != name.as_str() && p.is_empty() {
+        p.push(err(
+            file,
+            "name",
+            format!(
+                "the site is named \"{name}\" but its file is {stem}.toml: name the file {name}.toml"
+            ),
+        ));
     }
     let command = eff.command.clone().unwrap_or_default();
     if command.is_empty() || command[0].is_empty() {
-        return Err(err(
+        p.push(err(
             file,
             "command",
             "missing or empty: give the worker's argv, e.g. [\"/usr/bin/python3\", \"-m\", \"app\"]",
         ));
-    }
-    if command.iter().any(|a| a.contains('\0')) {
-        return Err(err(file, "command", "arguments must not contain NUL bytes"));
+    } else if command.iter().any(|a| a.contains('\0')) {
+        p.push(err(file, "command", "arguments must not contain NUL bytes"));
     }
     let (workers, auto) = match eff.workers.get_or_insert(RawWorkers::Count(1)) {
         RawWorkers::Count(n) => (*n, None),
@@ -198,32 +228,33 @@ pub fn validate_site(
             let min = *eff.workers_min.get_or_insert(1);
             let max = *eff.workers_max.get_or_insert(64);
             if min > max || max == 0 || max > MAX_WORKERS {
-                return Err(err(
+                p.push(err(
                     file,
                     "workers_max",
                     format!("use 1 to {MAX_WORKERS}, at least workers_min ({min})"),
                 ));
             }
-            (max, Some((min, max)))
+            (max.min(MAX_WORKERS), Some((min.min(max), max)))
         }
         RawWorkers::Auto(other) => {
-            return Err(err(
+            p.push(err(
                 file,
                 "workers",
-                format!("invalid value {other:?}: use a number or \"auto\""),
+                format!("invalid value \"{other}\": use a number or \"auto\""),
             ));
+            (1, None)
         }
     };
     // Filled above only for "auto": anything here was written.
     if auto.is_none() && (eff.workers_min.is_some() || eff.workers_max.is_some()) {
-        return Err(err(
+        p.push(err(
             file,
             "workers_min",
             "workers_min and workers_max need workers = \"auto\"",
         ));
     }
     if workers > MAX_WORKERS {
-        return Err(err(
+        p.push(err(
             file,
             "workers",
             format!("{workers} is too many: use 0 to {MAX_WORKERS}"),
@@ -232,32 +263,52 @@ pub fn validate_site(
 
     // Users: default to the agent's own identity.
     let (uid, user_gid) = match &eff.user {
-        Some(u) => {
-            let entry = lookup_user(u)
-                .ok_or_else(|| err(file, "user", format!("no such user {u:?} in /etc/passwd")))?;
-            (entry.uid, entry.gid)
-        }
+        Some(u) => match lookup_user(u) {
+            Some(entry) => (entry.uid, entry.gid),
+            None => {
+                p.push(err(file, "user", format!("no such user `{u}`")));
+                (u32::MAX, u32::MAX)
+            }
+        },
         None => (
             rustix::process::geteuid().as_raw(),
             rustix::process::getegid().as_raw(),
         ),
     };
     let gid = match &eff.group {
-        Some(g) => lookup_group(g)
-            .ok_or_else(|| err(file, "group", format!("no such group {g:?} in /etc/group")))?,
+        Some(g) => lookup_group(g).unwrap_or_else(|| {
+            p.push(err(file, "group", format!("no such group `{g}`")));
+            u32::MAX
+        }),
         None => user_gid,
     };
 
+    // The environment file's variables under the file's own `env` (which wins).
+    let mut env = eff.env.clone();
+    if let Some(path) = &eff.env_file {
+        let path = file.parent().unwrap_or(Path::new("/")).join(path);
+        for (k, v) in p.ok(envfile::read(file, &path)).unwrap_or_default() {
+            if reserved_env(&k) {
+                let mut e = err(
+                    &path,
+                    &format!("env.{k}"),
+                    "is set by the agent for every worker and cannot be overridden",
+                );
+                e.line = Some(v.line);
+                p.push(e);
+            }
+            env.entry(k).or_insert(v.value);
+        }
+    }
     for (k, v) in &eff.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(err(
+            p.push(err(
                 file,
                 &format!("env.{k}"),
                 "names must be non-empty without '=' or NUL, values without NUL",
             ));
-        }
-        if RESERVED_ENV.contains(&k.as_str()) || k.starts_with("HATCHERY_") {
-            return Err(err(
+        } else if reserved_env(k) {
+            p.push(err(
                 file,
                 &format!("env.{k}"),
                 "is set by the agent for every worker and cannot be overridden",
@@ -266,7 +317,7 @@ pub fn validate_site(
     }
 
     if eff.listen.len() > MAX_LISTENERS {
-        return Err(err(
+        p.push(err(
             file,
             "listen",
             format!("at most {MAX_LISTENERS} listeners"),
@@ -276,13 +327,30 @@ pub fn validate_site(
     for (i, l) in eff.listen.iter_mut().enumerate() {
         let key = format!("listen[{i}]");
         let addr = match (&l.tcp, &l.unix) {
-            (Some(t), None) => ListenAddr::Tcp(t.parse().map_err(|_| {
-                err(file, &format!("{key}.tcp"), format!("invalid address {t:?}: use host:port, e.g. \"127.0.0.1:8000\" or \"[::1]:8000\""))
-            })?),
+            (Some(t), None) => match t.parse() {
+                Ok(a) => ListenAddr::Tcp(a),
+                Err(_) => {
+                    p.push(err(file, &format!("{key}.tcp"), format!("invalid address \"{t}\": use host:port, e.g. \"127.0.0.1:8000\" or \"[::1]:8000\"")));
+                    // A stand-in, so the checks that need a TCP listener say nothing more.
+                    ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 0)))
+                }
+            },
             (None, Some(u)) if u.is_absolute() => ListenAddr::Unix(u.clone()),
-            (None, Some(_)) => return Err(err(file, &format!("{key}.unix"), "must be an absolute path")),
+            (None, Some(_)) => {
+                p.push(err(
+                    file,
+                    &format!("{key}.unix"),
+                    "must be an absolute path",
+                ));
+                ListenAddr::Unix(PathBuf::from("/"))
+            }
             _ => {
-                return Err(err(file, &key, "give exactly one of tcp = \"host:port\" or unix = \"/path\""));
+                p.push(err(
+                    file,
+                    &key,
+                    "give exactly one of tcp = \"host:port\" or unix = \"/path\"",
+                ));
+                continue;
             }
         };
         let mode = match l
@@ -293,27 +361,30 @@ pub fn validate_site(
             "agent" => ListenMode::Agent,
             "own" => ListenMode::Own,
             other => {
-                let names: Vec<String> =
-                    ListenMode::NAMES.iter().map(|n| format!("{n:?}")).collect();
-                return Err(err(
+                let names: Vec<String> = ListenMode::NAMES
+                    .iter()
+                    .map(|n| format!("\"{n}\""))
+                    .collect();
+                p.push(err(
                     file,
                     &format!("{key}.mode"),
                     format!(
-                        "unknown mode {other:?}: use {} (the agent binds it and passes it as an fd; the app binds this TCP port itself)",
+                        "unknown mode \"{other}\": use {} (the agent binds it and passes it as an fd; the app binds this TCP port itself)",
                         names.join(" or ")
                     ),
                 ));
+                ListenMode::Agent
             }
         };
         if mode == ListenMode::Own {
-            validate_own(file, &key, l, &addr)?;
+            p.ok(validate_own(file, &key, l, &addr));
         }
         let lname = l.name.get_or_insert_with(|| format!("listen{i}")).clone();
         if lname.is_empty()
             || lname.len() > 255
             || !lname.chars().all(|c| c.is_ascii_graphic() && c != ':')
         {
-            return Err(err(
+            p.push(err(
                 file,
                 &format!("{key}.name"),
                 "use 1 to 255 printable characters without ':'",
@@ -333,65 +404,53 @@ pub fn validate_site(
         });
     }
 
-    let stop_raw = eff.stop.get_or_insert_with(RawStop::default);
-    let stop = StopPolicy {
-        signal: match &stop_raw.signal {
-            Some(s) => Signal::parse(s).map_err(|m| err(file, "stop.signal", m))?,
-            None => {
-                let term = Signal(libc::SIGTERM);
-                stop_raw.signal = Some(term.name());
-                term
-            }
-        },
-        timeout: duration_key(
-            file,
-            "stop.timeout",
-            &mut stop_raw.timeout,
-            Duration::from_secs(30),
-        )?,
-    };
+    let stop = validate_stop(file, &mut eff.stop, &mut p);
 
     let r = eff.restart.get_or_insert_with(RawRestart::default);
-    let backoff_initial = duration_key(
+    let backoff_initial = duration_or(
+        &mut p,
         file,
         "restart.backoff_initial",
         &mut r.backoff_initial,
         Duration::from_millis(100),
-    )?;
-    let backoff_max = duration_key(
+    );
+    let backoff_max = duration_or(
+        &mut p,
         file,
         "restart.backoff_max",
         &mut r.backoff_max,
         Duration::from_secs(30),
-    )?;
-    let healthy_after = duration_key(
+    );
+    let healthy_after = duration_or(
+        &mut p,
         file,
         "restart.healthy_after",
         &mut r.healthy_after,
         Duration::from_secs(60),
-    )?;
+    );
     let fl = r.flapping.get_or_insert_with(RawFlapping::default);
     let restart = RestartPolicy {
         backoff_initial,
         backoff_max,
         healthy_after,
         flapping_exits: *fl.exits.get_or_insert(5),
-        flapping_within: duration_key(
+        flapping_within: duration_or(
+            &mut p,
             file,
             "restart.flapping.within",
             &mut fl.within,
             Duration::from_secs(10),
-        )?,
+        ),
     };
     if restart.backoff_max < restart.backoff_initial {
-        return Err(err(
+        p.push(err(
             file,
             "restart.backoff_max",
             "must not be less than restart.backoff_initial",
         ));
     }
     if restart.flapping_exits == 0 {
-        return Err(err(file, "restart.flapping.exits", "must be at least 1"));
+        p.push(err(file, "restart.flapping.exits", "must be at least 1"));
     }
 
     let mode = match eff
@@ -402,15 +461,16 @@ pub fn validate_site(
         "exec" => SiteMode::Exec,
         "zygote" => SiteMode::Zygote,
         other => {
-            let names: Vec<String> = SiteMode::NAMES.iter().map(|n| format!("{n:?}")).collect();
-            return Err(err(
+            let names: Vec<String> = SiteMode::NAMES.iter().map(|n| format!("\"{n}\"")).collect();
+            p.push(err(
                 file,
                 "mode",
                 format!(
-                    "unknown mode {other:?}: use {} (each worker runs command; command starts a zygote that workers are forked from)",
+                    "unknown mode \"{other}\": use {} (each worker runs command; command starts a zygote that workers are forked from)",
                     names.join(" or ")
                 ),
             ));
+            SiteMode::Exec
         }
     };
 
@@ -422,15 +482,19 @@ pub fn validate_site(
         "pipe" => OutputMode::Pipe,
         "socket" => OutputMode::Socket,
         other => {
-            let names: Vec<String> = OutputMode::NAMES.iter().map(|n| format!("{n:?}")).collect();
-            return Err(err(
+            let names: Vec<String> = OutputMode::NAMES
+                .iter()
+                .map(|n| format!("\"{n}\""))
+                .collect();
+            p.push(err(
                 file,
                 "output",
                 format!(
-                    "unknown output {other:?}: use {} (a pipe per worker; one socket for the site's workers, one fd per worker in the agent)",
+                    "unknown output \"{other}\": use {} (a pipe per worker; one socket for the site's workers, one fd per worker in the agent)",
                     names.join(" or ")
                 ),
             ));
+            OutputMode::Pipe
         }
     };
 
@@ -441,11 +505,12 @@ pub fn validate_site(
         "tcp" => ReadyCheck::Tcp,
         "http" => ReadyCheck::Http,
         other => {
-            return Err(err(
+            p.push(err(
                 file,
                 "ready.check",
-                format!("unknown check {other:?}: use \"notify\", \"tcp\", \"http\" or \"none\""),
+                format!("unknown check \"{other}\": use \"notify\", \"tcp\", \"http\" or \"none\""),
             ));
+            ReadyCheck::None
         }
     };
     let probes = matches!(check, ReadyCheck::Tcp | ReadyCheck::Http);
@@ -455,20 +520,20 @@ pub fn validate_site(
         } else {
             "tcp"
         };
-        return Err(err(
+        p.push(err(
             file,
             "ready.check",
             format!("\"{name}\" needs at least one [[listen]] with tcp = \"host:port\""),
         ));
     }
     let ready_http = if check == ReadyCheck::Http {
-        Some(validate_http_check(
+        p.ok(validate_http_check(
             file,
             "ready",
             &mut rd.path,
             &mut rd.status,
             &mut rd.host,
-        )?)
+        ))
     } else {
         for (key, set) in [
             ("ready.path", rd.path.is_some()),
@@ -476,37 +541,60 @@ pub fn validate_site(
             ("ready.host", rd.host.is_some()),
         ] {
             if set {
-                return Err(err(file, key, "only used with ready.check = \"http\""));
+                p.push(err(file, key, "only used with ready.check = \"http\""));
             }
         }
         None
     };
-    let health = validate_health(file, &mut eff.health, ready_http.as_ref(), &listen)?;
+    let health = p.or(
+        validate_health(file, &mut eff.health, ready_http.as_ref(), &listen),
+        None,
+    );
     let ready = ReadyPolicy {
         check,
-        timeout: duration_key(
+        timeout: duration_or(
+            &mut p,
             file,
             "ready.timeout",
             &mut rd.timeout,
             Duration::from_secs(30),
-        )?,
-        settle: duration_key(file, "ready.settle", &mut rd.settle, Duration::from_secs(1))?,
+        ),
+        settle: duration_or(
+            &mut p,
+            file,
+            "ready.settle",
+            &mut rd.settle,
+            Duration::from_secs(1),
+        ),
     };
-    let logs = validate_logs(file, "logs", &mut eff.logs, default_logs)?;
-    let limits = validate_limits(file, &eff)?;
+    let logs = p.or(
+        validate_logs(file, "logs", &mut eff.logs, default_logs),
+        default_logs,
+    );
+    let limits = p.ok(validate_limits(file, &eff));
     let auto = match auto {
         Some((min, max)) => Some(AutoWorkers {
             min,
             max,
-            scale: validate_scale(file, &mut eff.scale, min, &listen)?,
+            scale: p.or(
+                validate_scale(file, &mut eff.scale, min, &listen),
+                ScalePolicy::DEFAULT,
+            ),
         }),
         None if eff.scale.is_some() => {
-            return Err(err(file, "scale", "[scale] needs workers = \"auto\""));
+            p.push(err(file, "scale", "[scale] needs workers = \"auto\""));
+            None
         }
         None => None,
     };
-    if auto.is_some() && (limits.memory.is_none() || limits.worker_estimate().is_none()) {
-        return Err(err(
+    // Said only of limits that are themselves valid.
+    let limits_known = limits.is_some();
+    let limits = limits.unwrap_or_default();
+    if limits_known
+        && auto.is_some()
+        && (limits.memory.is_none() || limits.worker_estimate().is_none())
+    {
+        p.push(err(
             file,
             "workers",
             "\"auto\" needs a memory budget (memory = ...) and a per-worker figure (worker_memory or memory_max)",
@@ -514,7 +602,7 @@ pub fn validate_site(
     }
     if let Some(w) = &eff.workdir {
         if !w.is_absolute() && !w.starts_with(RELEASE_PLACEHOLDER) {
-            return Err(err(
+            p.push(err(
                 file,
                 "workdir",
                 "must be an absolute path (or start with {release})",
@@ -523,25 +611,34 @@ pub fn validate_site(
     }
     let raw_deploy = eff.deploy.get_or_insert_with(RawDeploy::default);
     let deploy = DeployPolicy {
-        probation: duration_key(
+        probation: duration_or(
+            &mut p,
             file,
             "deploy.probation",
             &mut raw_deploy.probation,
             Duration::from_secs(1),
-        )?,
+        ),
         canary_abort_crashes: *raw_deploy
             .canary_abort
             .get_or_insert_with(Default::default)
             .crashes
             .get_or_insert(1),
     };
-    let warmup = validate_warmup(file, eff.deploy.as_ref(), ready_http.as_ref(), &listen)?;
-    let release = validate_release(file, &eff)?;
+    let warmup = p.or(
+        validate_warmup(file, eff.deploy.as_ref(), ready_http.as_ref(), &listen),
+        Vec::new(),
+    );
+    let release = p.or(validate_release(file, &eff), None);
 
-    // The user as written: its supplementary groups come from /etc/group by its name.
-    let sandbox = sandbox::validate(file, &mut eff.sandbox, raw.user.as_deref())?;
-    if sandbox.root.is_some() && ready.check == ReadyCheck::Notify {
-        return Err(err(
+    // The user as written: its supplementary groups come from the group database by its
+    // name.
+    let sandbox = p.ok(sandbox::validate(
+        file,
+        &mut eff.sandbox,
+        raw.user.as_deref(),
+    ));
+    if sandbox.as_ref().is_some_and(|s| s.root.is_some()) && ready.check == ReadyCheck::Notify {
+        p.push(err(
             file,
             "ready.check",
             "\"notify\" cannot reach the agent's notify socket from inside sandbox.root: use \"tcp\", \"http\" or \"none\"",
@@ -552,7 +649,10 @@ pub fn validate_site(
     eff.user.get_or_insert_with(|| uid.to_string());
     eff.group.get_or_insert_with(|| gid.to_string());
 
-    Ok(SiteConfig {
+    let Some(sandbox) = sandbox else {
+        return Err(p.into_error().expect("the sandbox's problem was recorded"));
+    };
+    p.finish(SiteConfig {
         name,
         file: file.to_path_buf(),
         command,
@@ -566,7 +666,7 @@ pub fn validate_site(
         gid,
         workdir: eff.workdir.clone(),
         release,
-        env: eff.env.clone(),
+        env,
         listen,
         stop,
         restart,
@@ -579,6 +679,52 @@ pub fn validate_site(
         limits,
         sandbox,
         effective: Effective(eff),
+    })
+}
+
+/// `[stop]`: `signal` or `signals` (not both), then `timeout` after each; its defaults
+/// written in.
+fn validate_stop(file: &Path, slot: &mut Option<RawStop>, p: &mut Problems) -> StopPolicy {
+    let raw = slot.get_or_insert_with(RawStop::default);
+    let term = Signal(libc::SIGTERM);
+    let mut signals = Vec::new();
+    match (&raw.signal, &raw.signals) {
+        (Some(_), Some(_)) => p.push(err(
+            file,
+            "stop.signals",
+            "give either stop.signal (one signal) or stop.signals (a sequence), not both",
+        )),
+        (Some(s), None) => {
+            signals.extend(p.ok(Signal::parse(s).map_err(|m| err(file, "stop.signal", m))));
+        }
+        (None, Some(list)) => {
+            if list.is_empty() || list.len() > MAX_STOP_SIGNALS {
+                p.push(err(
+                    file,
+                    "stop.signals",
+                    format!("give 1 to {MAX_STOP_SIGNALS} signals, e.g. [\"SIGHUP\", \"SIGTERM\"]; SIGKILL follows the last"),
+                ));
+            }
+            for (i, s) in list.iter().take(MAX_STOP_SIGNALS).enumerate() {
+                let key = format!("stop.signals[{i}]");
+                signals.extend(p.ok(Signal::parse(s).map_err(|m| err(file, &key, m))));
+            }
+        }
+        (None, None) => raw.signal = Some(term.name()),
+    }
+    let timeout = p.or(
+        duration_key(
+            file,
+            "stop.timeout",
+            &mut raw.timeout,
+            Duration::from_secs(30),
+        ),
+        Duration::from_secs(30),
+    );
+    StopPolicy::sequence(&signals, timeout).unwrap_or(StopPolicy {
+        signal: term,
+        then: [None; MAX_STOP_SIGNALS - 1],
+        timeout,
     })
 }
 
@@ -628,7 +774,10 @@ fn validate_http_check(
         return Err(err(
             file,
             &format!("{table}.path"),
-            format!("{path:?}: a path from / (visible ASCII, no spaces), e.g. \"/health\""),
+            format!(
+                "{}: a path from / (visible ASCII, no spaces), e.g. \"/health\"",
+                quoted(&path)
+            ),
         ));
     }
     let host = host.clone();
@@ -636,7 +785,10 @@ fn validate_http_check(
         return Err(err(
             file,
             &format!("{table}.host"),
-            format!("{h:?}: a host name (visible ASCII, no spaces), e.g. \"example.com\""),
+            format!(
+                "{}: a host name (visible ASCII, no spaces), e.g. \"example.com\"",
+                quoted(h)
+            ),
         ));
     }
     let text = status.get_or_insert_with(|| "2xx".into()).clone();
@@ -644,7 +796,7 @@ fn validate_http_check(
         err(
             file,
             &format!("{table}.status"),
-            format!("{text:?}: use a class (\"2xx\"), a status (\"200\") or a range (\"200-399\") within 100-599"),
+            format!("{}: use a class (\"2xx\"), a status (\"200\") or a range (\"200-399\") within 100-599", quoted(&text)),
         )
     })?;
     Ok(HttpCheck { path, host, status })
@@ -703,7 +855,10 @@ fn validate_warmup(
                         Err(err(
                             file,
                             key,
-                            format!("{p:?}: a path from / (visible ASCII, no spaces), e.g. \"/\""),
+                            format!(
+                                "{}: a path from / (visible ASCII, no spaces), e.g. \"/\"",
+                                quoted(p)
+                            ),
                         ))
                     }
                 })
@@ -839,32 +994,29 @@ pub fn resolve_release(link: &Path) -> Result<PathBuf, String> {
 }
 
 fn validate_limits(file: &Path, raw: &RawSite) -> Result<Limits, ConfigError> {
-    let size = |key: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
-        match v {
-            None => Ok(None),
-            Some(s) => {
-                let n = parse_size(s).map_err(|m| err(file, key, m))?;
-                if n < (4 << 20) {
-                    return Err(err(file, key, "must be at least 4M"));
-                }
-                Ok(Some(n))
-            }
+    let mut p = Problems::default();
+    let mut size = |key: &str, v: &Option<String>| -> Option<u64> {
+        let n = p.ok(parse_size(v.as_deref()?).map_err(|m| err(file, key, m)))?;
+        if n < (4 << 20) {
+            p.push(err(file, key, "must be at least 4M"));
+            return None;
         }
+        Some(n)
     };
     let limits = Limits {
-        memory: size("memory", &raw.memory)?,
+        memory: size("memory", &raw.memory),
         pids_max: raw.pids_max,
         cpu_weight: raw.cpu_weight,
-        worker_memory_max: size("memory_max", &raw.memory_max)?,
-        worker_memory_high: size("memory_high", &raw.memory_high)?,
-        worker_memory: size("worker_memory", &raw.worker_memory)?,
+        worker_memory_max: size("memory_max", &raw.memory_max),
+        worker_memory_high: size("memory_high", &raw.memory_high),
+        worker_memory: size("worker_memory", &raw.worker_memory),
     };
     if limits.pids_max == Some(0) {
-        return Err(err(file, "pids_max", "must be at least 1"));
+        p.push(err(file, "pids_max", "must be at least 1"));
     }
     if let Some(w) = limits.cpu_weight {
         if !(1..=10_000).contains(&w) {
-            return Err(err(
+            p.push(err(
                 file,
                 "cpu_weight",
                 format!("{w} is out of range: use 1 to 10000"),
@@ -873,7 +1025,7 @@ fn validate_limits(file: &Path, raw: &RawSite) -> Result<Limits, ConfigError> {
     }
     if let (Some(high), Some(max)) = (limits.worker_memory_high, limits.worker_memory_max) {
         if high > max {
-            return Err(err(file, "memory_high", "must not exceed memory_max"));
+            p.push(err(file, "memory_high", "must not exceed memory_max"));
         }
     }
     if let (Some(w), Some(site)) = (
@@ -881,14 +1033,14 @@ fn validate_limits(file: &Path, raw: &RawSite) -> Result<Limits, ConfigError> {
         limits.memory,
     ) {
         if w > site {
-            return Err(err(
+            p.push(err(
                 file,
                 "memory_max",
                 "a worker's limit must not exceed the site's memory budget",
             ));
         }
     }
-    Ok(limits)
+    p.finish(limits)
 }
 
 #[cfg(test)]
@@ -1180,7 +1332,7 @@ timeout = "30s"
             site("name = \"blog\"\ncommand = [\"/bin/true\"]\nworkers = \"four\"\n").unwrap_err();
         assert!(
             e.to_string()
-                .starts_with("/etc/hatchery/sites.d/blog.toml: "),
+                .starts_with("/etc/hatchery/sites.d/blog.toml:3: workers: "),
             "{e}"
         );
         assert!(e.message.contains("a number or \"auto\""), "{e}");
@@ -1192,7 +1344,11 @@ timeout = "30s"
                 .starts_with("/etc/hatchery/sites.d/blog.toml:4: stop.timeout: "),
             "the line and the key's path: {e}"
         );
-        assert!(e.to_string().contains("string"), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("expected a duration like \"30s\", found integer 30"),
+            "{e}"
+        );
 
         let e = site("name = \"blog\"\ncommand = [\"/bin/true\"]\nwrokers = 2\n").unwrap_err();
         assert!(
@@ -1234,6 +1390,207 @@ timeout = "30s"
 
         let e = site("name = \"blog\"\ncommand = [\"x\"]\n[ready]\ncheck = \"tcp\"\n").unwrap_err();
         assert!(e.message.contains("listen"), "{e}");
+    }
+
+    /// Every problem of a file, each as `check` prints it.
+    fn all_problems(text: &str) -> Vec<String> {
+        site(text)
+            .expect_err("problems")
+            .all()
+            .map(ConfigError::one)
+            .collect()
+    }
+
+    #[test]
+    fn every_problem_of_a_file_is_reported_at_once_with_its_line() {
+        let text = "name = \"blog\"\n\
+                    command = [\"/bin/true\"]\n\
+                    wrokers = 2\n\
+                    user = \"no-such-user-hopefully\"\n\
+                    cpu_weight = 0\n\
+                    memory = 512\n\
+                    memory_max = \"lots\"\n\
+                    [stop]\n\
+                    signal = \"SIGFOO\"\n\
+                    timeout = 30\n\
+                    [restart]\n\
+                    backoff_initial = \"10s\"\n\
+                    backoff_max = \"1s\"\n\
+                    [sandbox]\n\
+                    private_tmp = \"yes\"\n";
+        let f = "/etc/hatchery/sites.d/blog.toml";
+        assert_eq!(
+            all_problems(text),
+            [
+                format!("{f}:3: wrokers: unknown key `wrokers`; did you mean `workers`?"),
+                format!("{f}:4: user: no such user `no-such-user-hopefully`"),
+                format!("{f}:5: cpu_weight: 0 is out of range: use 1 to 10000"),
+                format!("{f}:6: memory: expected a size like \"512MiB\", found integer 512"),
+                format!(
+                    "{f}:7: memory_max: invalid size \"lots\": use a number of bytes or a number with K, M, G or T (binary: KiB, MiB, GiB, TiB), e.g. \"512M\" or \"2GiB\""
+                ),
+                format!(
+                    "{f}:9: stop.signal: unknown signal \"SIGFOO\": use a name (HUP, INT, QUIT, ILL, TRAP, ABRT, BUS, FPE, KILL, USR1, SEGV, USR2, PIPE, ALRM, TERM, STKFLT, CHLD, CONT, STOP, TSTP, TTIN, TTOU, URG, XCPU, XFSZ, VTALRM, PROF, WINCH, IO, PWR, SYS, RTMIN+N, RTMAX-N) with or without SIG, or a number from 1 to 64"
+                ),
+                format!("{f}:10: stop.timeout: expected a duration like \"30s\", found integer 30"),
+                format!(
+                    "{f}:13: restart.backoff_max: must not be less than restart.backoff_initial"
+                ),
+                format!(
+                    "{f}:15: sandbox.private_tmp: expected true or false, found string \"yes\""
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_and_what_it_expects() {
+        let base = "name = \"blog\"\ncommand = [\"/bin/true\"]\n";
+        for (line, says) in [
+            (
+                "workers = -1",
+                "workers: expected a number of workers like 4, or \"auto\"",
+            ),
+            (
+                "pids_max = \"many\"",
+                "pids_max: expected a whole number from 0 to 4294967295, found string \"many\"",
+            ),
+            (
+                "command = \"/bin/true\"",
+                "command: expected an array like [\"...\"], found string \"/bin/true\"",
+            ),
+            ("env = 3", "env: expected a table, found integer 3"),
+            ("stop = 3", "stop: expected a table, found integer 3"),
+            (
+                "[stop]\nsignal = 15",
+                "stop.signal: expected a signal name like \"SIGTERM\", found integer 15",
+            ),
+            (
+                "[stop]\nsignals = \"SIGTERM\"",
+                "stop.signals: expected an array like [\"...\"], found string \"SIGTERM\"",
+            ),
+            (
+                "[[listen]]\ntcp = 8000",
+                "listen[0].tcp: expected an address like \"127.0.0.1:8000\", found integer 8000",
+            ),
+            (
+                "[logs]\nmax_size = 10",
+                "logs.max_size: expected a size like \"512MiB\", found integer 10",
+            ),
+            (
+                "[ready]\ntimeout = 1.5",
+                "ready.timeout: expected a duration like \"30s\", found floating point 1.5",
+            ),
+            (
+                "[ready]\ncheck = true",
+                "ready.check: expected a string in double quotes, found boolean true",
+            ),
+        ] {
+            let text = if line.starts_with("command") {
+                format!("name = \"blog\"\n{line}\n")
+            } else {
+                format!("{base}{line}\n")
+            };
+            let found = all_problems(&text);
+            assert!(found.iter().any(|p| p.contains(says)), "{line}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn a_stop_sequence_is_signals_with_a_timeout_after_each() {
+        let base = "name = \"blog\"\ncommand = [\"/bin/true\"]\n";
+        let s = site(&format!(
+            "{base}[stop]\nsignals = [\"SIGHUP\", \"term\", \"SIGRTMIN+1\"]\ntimeout = \"2s\"\n"
+        ))
+        .expect("valid");
+        let names: Vec<String> = s.stop.signals().map(|g| g.name()).collect();
+        assert_eq!(names, ["SIGHUP", "SIGTERM", "SIGRTMIN+1"]);
+        assert_eq!(s.stop.timeout, Duration::from_secs(2));
+        assert_eq!(s.stop.total(), Duration::from_secs(6));
+        // The effective file keeps the sequence and adds no single signal.
+        let eff = s.effective.raw().stop.as_ref().expect("stop");
+        assert_eq!(eff.signal, None);
+        assert_eq!(eff.signals.as_ref().map(Vec::len), Some(3));
+        // The single signal stays valid.
+        let s = site(&format!("{base}[stop]\nsignal = \"INT\"\n")).expect("valid");
+        assert_eq!(s.stop.signals().collect::<Vec<_>>(), [Signal(libc::SIGINT)]);
+        let f = "/etc/hatchery/sites.d/blog.toml";
+        assert_eq!(
+            all_problems(&format!(
+                "{base}[stop]\nsignal = \"TERM\"\nsignals = [\"HUP\", \"TERM\"]\n"
+            )),
+            [format!(
+                "{f}:5: stop.signals: give either stop.signal (one signal) or stop.signals (a sequence), not both"
+            )]
+        );
+        assert_eq!(
+            all_problems(&format!("{base}[stop]\nsignals = []\n")),
+            [format!(
+                "{f}:4: stop.signals: give 1 to 4 signals, e.g. [\"SIGHUP\", \"SIGTERM\"]; SIGKILL follows the last"
+            )]
+        );
+        let found = all_problems(&format!("{base}[stop]\nsignals = [\"HUP\", \"TREM\"]\n"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with(&format!(
+                "{f}:4: stop.signals[1]: unknown signal \"TREM\": use a name (HUP,"
+            )),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn an_env_file_adds_to_env_which_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sites = dir.path().join("sites.d");
+        std::fs::create_dir(&sites).expect("mkdir");
+        std::fs::write(
+            sites.join("blog.env"),
+            "# secrets\nDB_URL=\"postgres://db/blog\"\nMODE=from-file\n",
+        )
+        .expect("write");
+        let file = sites.join("blog.toml");
+        let text = "name = \"blog\"\ncommand = [\"/bin/true\"]\nenv_file = \"blog.env\"\n[env]\nMODE = \"explicit\"\n";
+        let s = super::super::load::site_from(&file, text, LogPolicy::default()).expect("valid");
+        assert_eq!(s.env["DB_URL"], "postgres://db/blog");
+        assert_eq!(s.env["MODE"], "explicit");
+        // The effective file names the file, not its contents.
+        let eff = s.effective.raw();
+        assert_eq!(eff.env_file.as_deref(), Some(Path::new("blog.env")));
+        assert!(!eff.env.contains_key("DB_URL"));
+
+        let problems = |env: &str| -> Vec<String> {
+            std::fs::write(sites.join("blog.env"), env).expect("write");
+            let e = super::super::load::site_from(&file, text, LogPolicy::default())
+                .expect_err("a bad line");
+            e.all().map(ConfigError::one).collect()
+        };
+        let env_file = sites.join("blog.env");
+        assert_eq!(
+            problems("OK=1\nnot a line\n"),
+            [format!(
+                "{}:2: env_file: expected NAME=VALUE, found \"not a line\"",
+                env_file.display()
+            )],
+        );
+        assert_eq!(
+            problems("OK=1\n\nLISTEN_FDS=3\n"),
+            [format!(
+                "{}:3: env.LISTEN_FDS: is set by the agent for every worker and cannot be overridden",
+                env_file.display()
+            )],
+        );
+        std::fs::remove_file(sites.join("blog.env")).expect("rm");
+        let e =
+            super::super::load::site_from(&file, text, LogPolicy::default()).expect_err("no file");
+        assert!(
+            e.one().starts_with(&format!(
+                "{}:3: env_file: cannot read {}: No such file",
+                file.display(),
+                sites.join("blog.env").display()
+            )),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,7 +1,11 @@
-//! Users and groups, resolved from `/etc/passwd` and `/etc/group` (NSS modules such as
-//! LDAP are not consulted).
+//! Users and groups, resolved through the C library's name service switch (NSS:
+//! `getpwnam_r`, `getgrnam_r`, `getgrouplist`), so users from LDAP or systemd's dynamic
+//! users resolve as they do for `id(1)`. A name that is all digits and names no user is
+//! taken as a number.
 
-/// A user entry from `/etc/passwd`.
+use crate::sys::users as nss;
+
+/// A user's entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserEntry {
     /// Login name.
@@ -16,39 +20,54 @@ pub struct UserEntry {
     pub shell: String,
 }
 
-/// Looks a user up by name or numeric uid in `/etc/passwd`.
-pub fn lookup_user(name: &str) -> Option<UserEntry> {
-    let text = std::fs::read_to_string("/etc/passwd").ok()?;
-    let entries = text.lines().filter_map(|line| {
-        let f: Vec<&str> = line.split(':').collect();
-        (f.len() >= 7).then(|| UserEntry {
-            name: f[0].to_string(),
-            uid: f[2].parse().unwrap_or(u32::MAX),
-            gid: f[3].parse().unwrap_or(u32::MAX),
-            home: f[5].to_string(),
-            shell: f[6].to_string(),
-        })
-    });
-    let mut by_uid = None;
-    for e in entries {
-        if e.name == name {
-            return Some(e);
-        }
-        if name.parse::<u32>().ok() == Some(e.uid) {
-            by_uid = Some(e);
+impl From<nss::Passwd> for UserEntry {
+    fn from(p: nss::Passwd) -> Self {
+        UserEntry {
+            name: p.name,
+            uid: p.uid,
+            gid: p.gid,
+            home: p.home,
+            shell: p.shell,
         }
     }
-    by_uid
 }
 
-/// Looks a group up by name or numeric gid in `/etc/group`.
-pub fn lookup_group(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() >= 3 && f[0] == name {
-            return f[2].parse().ok();
-        }
+/// Looks a user up by name, or by numeric uid. A lookup that fails (an NSS module that
+/// cannot be reached) finds nothing.
+pub fn lookup_user(name: &str) -> Option<UserEntry> {
+    if let Ok(Some(p)) = nss::user_by_name(name) {
+        return Some(p.into());
     }
-    name.parse().ok()
+    let uid = name.parse::<u32>().ok()?;
+    nss::user_by_uid(uid).ok().flatten().map(UserEntry::from)
+}
+
+/// Looks a group up by name, or takes a numeric gid as it is.
+pub fn lookup_group(name: &str) -> Option<u32> {
+    match nss::group_by_name(name) {
+        Ok(Some(gid)) => Some(gid),
+        _ => name.parse().ok(),
+    }
+}
+
+/// The groups `user` (with primary group `gid`) belongs to, as a login would set them;
+/// just `gid` when they cannot be listed.
+pub fn user_groups(user: &str, gid: u32) -> Vec<u32> {
+    nss::group_list(user, gid).unwrap_or_else(|_| vec![gid])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_and_groups_resolve_by_name_or_number() {
+        assert_eq!(lookup_user("root").map(|u| u.uid), Some(0));
+        assert_eq!(lookup_user("0").map(|u| u.name), Some("root".into()));
+        assert_eq!(lookup_user("no-such-user-hopefully"), None);
+        assert_eq!(lookup_group("root"), Some(0));
+        assert_eq!(lookup_group("4242"), Some(4242));
+        assert_eq!(lookup_group("no-such-group-hopefully"), None);
+        assert!(user_groups("root", 0).contains(&0));
+    }
 }

@@ -436,7 +436,8 @@ impl Agent {
             let allowed = matches!(
                 req,
                 Request::Status { .. } | Request::Events { .. } | Request::Watch { .. }
-            ) && owns_any;
+            ) && owns_any
+                || matches!(req, Request::ConfigPath);
             if !allowed {
                 warn!(uid, "refused a control request");
                 return self.finish(
@@ -654,6 +655,12 @@ impl Agent {
             }
             Request::Watch { interval_ms, site } => {
                 self.start_watch(conn, uid, admin, site.as_deref(), interval_ms);
+            }
+            Request::ConfigPath => {
+                // Absolute, so that a client in another directory finds the same file.
+                let path = std::fs::canonicalize(&self.config.file)
+                    .unwrap_or_else(|_| self.config.file.clone());
+                self.finish(conn, &Reply::ok(&crate::control::ConfigPath { path }));
             }
             Request::Reload => {
                 self.emit_operator(None, uid, "reload", None, None);

@@ -30,6 +30,8 @@
 //! - [`seccomp`]: a filter refusing `io_uring_setup`, for the probe (tests of the epoll
 //!   fall-back where io_uring is refused).
 //! - [`tcp`]: `TCP_INFO` on a listener, to read its accept-queue length.
+//! - [`users`]: users and groups through NSS (`getpwnam_r`, `getgrnam_r`,
+//!   `getgrouplist`), not by reading `/etc/passwd`.
 //! - [`uring`]: the io_uring submission side (pushing entries is unsafe because the
 //!   kernel may read memory the entry points to until the operation completes).
 //!
@@ -49,6 +51,7 @@ pub mod signals;
 pub mod spawn;
 pub mod tcp;
 pub mod uring;
+pub mod users;
 pub mod wait;
 
 use std::io;

@@ -26,7 +26,7 @@ fn every_problem_of_a_file_is_reported_with_its_line_and_key() {
             (
                 Some(5),
                 "stop.timeout".to_string(),
-                "expected a string, found integer 5".to_string()
+                "expected a duration like \"30s\", found integer 5".to_string()
             ),
             (
                 Some(6),
@@ -94,4 +94,17 @@ fn edit_distance_counts_a_swap_as_one() {
     assert_eq!(distance("kitten", "sitting"), 3);
     assert_eq!(closest("timout", &["timeout", "signal"]), Some("timeout"));
     assert_eq!(closest("x", &["timeout"]), None);
+}
+
+#[test]
+fn a_raw_site_travels_as_json_with_nulls() {
+    let site: RawSite = parse_toml(
+        Path::new("web.toml"),
+        "name = \"web\"\ncommand = [\"x\"]\n[stop]\ntimeout = \"5s\"\n",
+    )
+    .expect("valid");
+    let json = serde_json::to_string(&site).expect("json");
+    assert!(json.contains("\"memory\":null"), "{json}");
+    let back: RawSite = serde_json::from_str(&json).expect("back");
+    assert_eq!(back, site);
 }

@@ -7,7 +7,7 @@
 //! |------------|---------|---------------------------------------------------------|
 //! | `Starting` | yes     | ready (→ `Ready`), exit (crash), ready deadline (stop)   |
 //! | `Ready`    | yes     | exit (crash), stop request (→ `Stopping`)               |
-//! | `Stopping` | yes     | exit (→ what was asked), stop deadline (→ SIGKILL)       |
+//! | `Stopping` | yes     | exit (→ what was asked), stop deadline (→ next signal of `stop.signals`, SIGKILL after the last) |
 //! | `Backoff`  | no      | deadline (→ spawn)                                      |
 //! | `Failed`   | no      | site start                                              |
 //! | `Stopped`  | no      | site start                                              |
@@ -202,6 +202,7 @@ impl SiteCore {
                     slot.phase = Phase::Stopping {
                         deadline: Some(now + policies.stop.timeout),
                         then: AfterStop::Remove,
+                        step: 0,
                     };
                     out.push(Action::Signal(w.id, policies.stop.signal));
                 }
@@ -373,6 +374,7 @@ impl SiteCore {
                 slot.phase = Phase::Stopping {
                     deadline: Some(now + stop.timeout),
                     then,
+                    step: 0,
                 };
                 // A spawn not yet reported has no process to signal yet: it is signalled
                 // once it is reported (`Spawned`), or ends there (`SpawnFailed`).
@@ -383,6 +385,7 @@ impl SiteCore {
             Phase::Stopping {
                 deadline,
                 then: old,
+                step,
             } => {
                 // Removal wins over anything else; otherwise keep the first request.
                 let then = if then == AfterStop::Remove || old == AfterStop::Remove {
@@ -392,7 +395,11 @@ impl SiteCore {
                 } else {
                     old
                 };
-                slot.phase = Phase::Stopping { deadline, then };
+                slot.phase = Phase::Stopping {
+                    deadline,
+                    then,
+                    step,
+                };
             }
             Phase::Backoff { .. } | Phase::Failed | Phase::Stopped => match then {
                 AfterStop::Remove => self.remove_slot(id),
@@ -422,11 +429,13 @@ impl SiteCore {
                 if let Phase::Stopping {
                     deadline,
                     then: AfterStop::Remove,
+                    step,
                 } = slot.phase
                 {
                     slot.phase = Phase::Stopping {
                         deadline,
                         then: AfterStop::Respawn,
+                        step,
                     };
                     kept.push(slot.id);
                     missing -= 1;
@@ -519,10 +528,12 @@ impl SiteCore {
                         Phase::Stopping {
                             deadline,
                             then: AfterStop::Rest,
+                            step,
                         } => {
                             slot.phase = Phase::Stopping {
                                 deadline,
                                 then: AfterStop::Respawn,
+                                step,
                             }
                         }
                         _ => {}
@@ -579,9 +590,13 @@ impl SiteCore {
                         out.push(Action::Note(Note::Ready(id)));
                     }
                     // Asked to stop before its spawn was reported: now it can be.
-                    if let Phase::Stopping { deadline, .. } = slot.phase {
+                    if let Phase::Stopping { deadline, step, .. } = slot.phase {
+                        let stop = self.policies.stop;
                         out.push(match deadline {
-                            Some(_) => Action::Signal(id, self.policies.stop.signal),
+                            Some(_) => Action::Signal(
+                                id,
+                                stop.step(usize::from(step)).unwrap_or(stop.signal),
+                            ),
                             None => Action::Kill(id),
                         });
                     }
@@ -705,14 +720,33 @@ impl SiteCore {
                         Phase::Stopping {
                             deadline: Some(d),
                             then,
+                            step,
                         } if d <= now => {
-                            slot.phase = Phase::Stopping {
-                                deadline: None,
-                                then,
-                            };
-                            self.sync(id);
-                            out.push(Action::Kill(id));
-                            out.push(Action::Note(Note::Killed(id)));
+                            // The next signal of the stop sequence, with its own wait; after
+                            // the last, SIGKILL to the worker's tree.
+                            let next = step.saturating_add(1);
+                            let stop = self.policies.stop;
+                            match stop.step(usize::from(next)) {
+                                Some(signal) => {
+                                    slot.phase = Phase::Stopping {
+                                        deadline: Some(now + stop.timeout),
+                                        then,
+                                        step: next,
+                                    };
+                                    self.sync(id);
+                                    out.push(Action::Signal(id, signal));
+                                }
+                                None => {
+                                    slot.phase = Phase::Stopping {
+                                        deadline: None,
+                                        then,
+                                        step,
+                                    };
+                                    self.sync(id);
+                                    out.push(Action::Kill(id));
+                                    out.push(Action::Note(Note::Killed(id)));
+                                }
+                            }
                         }
                         _ => {}
                     }

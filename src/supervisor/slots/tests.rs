@@ -21,6 +21,7 @@ fn policies(check: ReadyCheck) -> Policies {
         },
         stop: StopPolicy {
             signal: Signal(libc::SIGTERM),
+            then: Default::default(),
             timeout: Duration::from_secs(3),
         },
         ready: ReadyPolicy {
@@ -732,4 +733,56 @@ fn check_index_catches_a_stale_count() {
     s.check_index();
     s.index.live += 1;
     s.check_index();
+}
+
+#[test]
+fn a_stop_sequence_sends_each_signal_after_the_wait_then_sigkill() {
+    let t = Instant::now();
+    let mut p = policies(ReadyCheck::None);
+    p.stop = StopPolicy::sequence(
+        &[Signal(libc::SIGHUP), Signal(libc::SIGTERM)],
+        Duration::from_secs(2),
+    )
+    .expect("two signals");
+    let mut s = SiteCore::new(2, p);
+    s.handle(Input::StartRequested, t);
+    for id in 0..2 {
+        s.handle(
+            Input::Spawned {
+                id: Slot(id),
+                pid: 100 + i32::try_from(id).unwrap(),
+            },
+            t,
+        );
+    }
+    let sig = |a: &[Action]| -> Vec<(u32, i32)> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Signal(id, s) => Some((id.0, s.0)),
+                Action::Kill(id) => Some((id.0, libc::SIGKILL)),
+                _ => None,
+            })
+            .collect()
+    };
+    let a = s.handle(Input::StopRequested, t);
+    assert_eq!(sig(&a), [(0, libc::SIGHUP), (1, libc::SIGHUP)]);
+    assert_eq!(s.next_deadline(), Some(t + Duration::from_secs(2)));
+    // Nothing before the wait is over.
+    assert!(sig(&s.handle(Input::DeadlineReached, t + Duration::from_millis(1999))).is_empty());
+    // Worker 1 exits on HUP; worker 0 gets TERM after the wait, with a wait of its own.
+    s.handle(
+        Input::Exited {
+            id: Slot(1),
+            reason: ExitReason::Exited { code: 0 },
+        },
+        t + Duration::from_secs(1),
+    );
+    let a = s.handle(Input::DeadlineReached, t + Duration::from_secs(2));
+    assert_eq!(sig(&a), [(0, libc::SIGTERM)]);
+    assert_eq!(s.next_deadline(), Some(t + Duration::from_secs(4)));
+    // After the last signal's wait: SIGKILL, and nothing more is scheduled.
+    let a = s.handle(Input::DeadlineReached, t + Duration::from_secs(4));
+    assert_eq!(sig(&a), [(0, libc::SIGKILL)]);
+    assert!(a.contains(&Action::Note(Note::Killed(Slot(0)))));
+    assert_eq!(s.next_deadline(), None);
 }

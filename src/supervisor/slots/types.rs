@@ -77,10 +77,13 @@ pub enum Phase {
     Ready,
     /// Asked to stop.
     Stopping {
-        /// When SIGKILL follows (None once sent).
+        /// When the next signal of the stop sequence, or SIGKILL after the last, follows
+        /// (None once SIGKILL is sent).
         deadline: Option<Instant>,
         /// What to do after the exit.
         then: AfterStop,
+        /// The step of the stop sequence sent last (0: `stop.signal`, the first).
+        step: u8,
     },
     /// Waiting to be restarted.
     Backoff {

@@ -364,10 +364,13 @@ fn random_config(rng: &mut Rng) -> SiteConfig {
             rng.ms(50, 1500)
         },
     };
-    c.stop = StopPolicy {
-        signal: Signal(libc::SIGTERM),
-        timeout: rng.ms(200, 8000),
+    // A third of the sites stop with a sequence (`stop.signals`): more steps before SIGKILL.
+    let signals: &[Signal] = if rng.chance(33) {
+        &[Signal(libc::SIGHUP), Signal(libc::SIGTERM)]
+    } else {
+        &[Signal(libc::SIGTERM)]
     };
+    c.stop = StopPolicy::sequence(signals, rng.ms(200, 8000)).expect("1 or 2 signals");
     let backoff_initial = rng.ms(20, 1000);
     c.restart = RestartPolicy {
         backoff_initial,
