@@ -79,6 +79,9 @@ enum Command {
         /// Print the report as one JSON document instead of text.
         #[arg(long)]
         json: bool,
+        /// Print nothing but the problems (on stderr), as a unit's ExecStartPre wants.
+        #[arg(short, long, conflicts_with = "json")]
+        quiet: bool,
     },
     /// Run an agent with a built-in demo site (4 workers on 127.0.0.1:8080).
     Demo {
@@ -425,11 +428,12 @@ fn main() -> ExitCode {
             config,
             socket,
             json,
+            quiet,
         } => {
             quiet_on_closed_stdout();
             let config =
                 config.unwrap_or_else(|| running_config(&socket_path(socket.or(cli.socket))));
-            check(&config, json || cli.json)
+            check(&config, json || cli.json, quiet)
         }
         Command::Completions { shell } => {
             quiet_on_closed_stdout();
@@ -628,7 +632,7 @@ fn running_config(socket: &std::path::Path) -> PathBuf {
     PathBuf::from(config::DEFAULT_CONFIG)
 }
 
-fn check(path: &std::path::Path, json: bool) -> ExitCode {
+fn check(path: &std::path::Path, json: bool, quiet: bool) -> ExitCode {
     let (config, broken) = match config::load_each(path) {
         Ok(c) => c,
         Err(e) => {
@@ -740,7 +744,7 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
             sandbox: sandboxes,
         };
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
-    } else {
+    } else if !quiet {
         if invalid.is_empty() {
             println!("configuration is valid: {} site(s)\n", config.sites.len());
         } else {

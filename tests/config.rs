@@ -225,6 +225,10 @@ fn check_without_config_checks_the_running_agents_file() {
         "{}",
         stdout(&out)
     );
+    // --quiet (the unit's ExecStartPre): nothing on stdout when valid.
+    let out = agent.cli(&["check", "--quiet"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "", "check --quiet printed the report");
 
     // `hatchery signal` names signals by the same table: a bad name says what is accepted.
     let out = agent.cli(&["signal", "web", "SIGNOPE"]);
@@ -245,6 +249,15 @@ fn check_without_config_checks_the_running_agents_file() {
         "name = \"web\"\ncommand = [\"/bin/true\"]\nwrokers = 2\n[stop]\ntimeout = 30\nsignal = \"SIGNOPE\"\n[restart]\nbackoff_initial = \"5s\"\nbackoff_max = \"1s\"\n",
     )
     .expect("write");
+    // --quiet: the problems, on stderr only.
+    let out = agent.cli(&["check", "--quiet"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "", "check --quiet printed the report");
+    assert!(
+        stderr(&out).contains("unknown key `wrokers`; did you mean `workers`?"),
+        "{}",
+        stderr(&out)
+    );
     let out = agent.cli(&["--json", "check"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
