@@ -4,5 +4,6 @@ pub mod docs;
 pub mod events;
 pub mod help;
 pub mod render;
+pub mod remote;
 pub mod reply;
 pub mod top;
