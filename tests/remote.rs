@@ -108,12 +108,12 @@ fn site(name: &str, workers: u32) -> String {
 
 fn agent() -> TestAgent {
     TestAgent::start_ready(
-        &[("web", &site("web", 2))],
+        &[("blog", &site("blog", 2))],
         Options {
             reactor: REACTORS[0],
             cgroups: false,
         },
-        "web",
+        "blog",
         2,
     )
 }
@@ -124,10 +124,10 @@ fn status_scale_and_logs_run_on_the_remote_agent_through_ssh() {
     let ssh = Double::new(&agent.socket);
 
     // Without --host the local CLI finds no agent: what follows went through ssh.
-    let out = ssh.cli().args(["status", "web"]).output().expect("cli");
+    let out = ssh.cli().args(["status", "blog"]).output().expect("cli");
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
 
-    let out = ssh.run("ssh://deploy@web1:2222", &["status", "web", "--json"]);
+    let out = ssh.run("ssh://deploy@web1:2222", &["status", "blog", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let status: hatchery::status::Status =
         serde_json::from_slice(&out.stdout).expect("status --json through ssh");
@@ -140,23 +140,23 @@ fn status_scale_and_logs_run_on_the_remote_agent_through_ssh() {
             "-n",
             "--",
             "deploy@web1",
-            "hatchery status web --json"
+            "hatchery status blog --json"
         ]
     );
 
     // Text for people, as on the host itself.
     let out = ssh.run("ssh://web1", &["status"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("web"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("blog"), "{}", stdout(&out));
     assert_eq!(ssh.ssh_args()[..3], ["-n", "--", "web1"]);
 
     // `scale` waits for its workers, remotely too, and its progress comes back on stderr.
-    let out = ssh.run("ssh://web1", &["scale", "web", "3"]);
+    let out = ssh.run("ssh://web1", &["scale", "blog", "3"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let s = agent.status("web");
+    let s = agent.status("blog");
     assert_eq!(s["ready"], 3, "{s:#}");
 
-    let out = ssh.run("ssh://web1", &["logs", "web", "-n", "10"]);
+    let out = ssh.run("ssh://web1", &["logs", "blog", "-n", "10"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("hello"), "{}", stdout(&out));
 
@@ -171,7 +171,7 @@ fn status_scale_and_logs_run_on_the_remote_agent_through_ssh() {
     let out = ssh
         .cli()
         .env("HATCHERY_HOST", "ssh://web2")
-        .args(["status", "web", "--json"])
+        .args(["status", "blog", "--json"])
         .output()
         .expect("cli");
     assert!(out.status.success(), "{}", stderr(&out));
@@ -214,7 +214,15 @@ fn arguments_reach_the_remote_command_exactly_and_exit_codes_come_back() {
     // `exec` prints its arguments back, one per NUL: each arrives as it was given.
     let out = ssh
         .cli()
-        .args(["--host", "ssh://web1", "exec", "web", "--", "printf", "%s\\0"])
+        .args([
+            "--host",
+            "ssh://web1",
+            "exec",
+            "blog",
+            "--",
+            "printf",
+            "%s\\0",
+        ])
         .args(tricky)
         .output()
         .expect("exec through ssh");
@@ -236,19 +244,22 @@ fn arguments_reach_the_remote_command_exactly_and_exit_codes_come_back() {
     assert!(stderr(&out).contains(name), "{}", stderr(&out));
 
     // Exit codes: the command's own through exec (127 too), the CLI's usage error (2).
-    let out = ssh.run("ssh://web1", &["exec", "web", "--", "/bin/sh", "-c", "exit 7"]);
+    let out = ssh.run(
+        "ssh://web1",
+        &["exec", "blog", "--", "/bin/sh", "-c", "exit 7"],
+    );
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
     let out = ssh.run(
         "ssh://web1",
-        &["exec", "web", "--", "/bin/sh", "-c", "exit 127"],
+        &["exec", "blog", "--", "/bin/sh", "-c", "exit 127"],
     );
     assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
-    let out = ssh.run("ssh://web1", &["scale", "web", "many"]);
+    let out = ssh.run("ssh://web1", &["scale", "blog", "many"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     // stdin reaches `exec`'s command.
     let mut child = ssh
         .cli()
-        .args(["--host", "ssh://web1", "exec", "web", "--", "cat"])
+        .args(["--host", "ssh://web1", "exec", "blog", "--", "cat"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -260,9 +271,11 @@ fn arguments_reach_the_remote_command_exactly_and_exit_codes_come_back() {
     }
     let out = child.wait_with_output().expect("wait");
     assert_eq!(stdout(&out), "through ssh\n");
-    wait_until("the site to keep its workers", Duration::from_secs(5), || {
-        agent.status("web")["ready"] == 2
-    });
+    wait_until(
+        "the site to keep its workers",
+        Duration::from_secs(5),
+        || agent.status("blog")["ready"] == 2,
+    );
 }
 
 #[test]
@@ -281,7 +294,7 @@ fn an_unreachable_host_is_exit_3_with_a_message() {
         "{err}"
     );
     // With --json, the error is a JSON document on stdout too.
-    let out = ssh.run("ssh://unreachable", &["deploy", "web", "--json"]);
+    let out = ssh.run("ssh://unreachable", &["deploy", "blog", "--json"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON error");
     assert_eq!(doc["error"]["kind"], "unreachable", "{doc}");
@@ -313,7 +326,11 @@ fn an_unreachable_host_is_exit_3_with_a_message() {
         .output()
         .expect("cli");
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(stderr(&out).contains("Connection refused"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Connection refused"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -343,4 +360,36 @@ fn host_is_refused_for_the_commands_that_run_here() {
         "{}",
         stderr(&out)
     );
+}
+
+/// The README's examples of `--host` (its "Many hosts" section), run through the double.
+#[test]
+fn the_readmes_examples_run_through_ssh() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let block = readme
+        .split("### `--host`")
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|b| b.split("```").next())
+        .expect("the README's --host examples");
+    let agent = agent();
+    let ssh = Double::new(&agent.socket);
+    let mut ran = 0;
+    for line in block.lines() {
+        let mut words = line.split_whitespace().peekable();
+        let mut cmd = ssh.cli();
+        // `NAME=VALUE` before the program: its environment.
+        while let Some((k, v)) = words.peek().and_then(|w| w.split_once('=')) {
+            cmd.env(k, v);
+            words.next();
+        }
+        assert_eq!(words.next(), Some("hatchery"), "{line}");
+        let out = cmd.args(words).output().expect("run the example");
+        assert!(out.status.success(), "{line}: {}", stderr(&out));
+        assert!(!out.stdout.is_empty(), "{line}: no output");
+        ran += 1;
+    }
+    assert_eq!(ran, 4, "{block}");
+    assert_eq!(agent.status("blog")["ready"], 3);
 }

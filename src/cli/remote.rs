@@ -62,7 +62,9 @@ pub enum HostError {
     #[error("nothing may follow HOST[:PORT] (no path): {0:?}")]
     Trailing(String),
     /// A user or host that ssh would read as an option, or with characters no name has.
-    #[error("{what} {value:?} is not valid: it may not be empty, start with `-`, or hold spaces, `@`, `/` or control characters")]
+    #[error(
+        "{what} {value:?} is not valid: it may not be empty, start with `-`, or hold spaces, `@`, `/` or control characters"
+    )]
     BadName {
         /// `user` or `host`.
         what: &'static str,
@@ -354,7 +356,10 @@ mod tests {
         assert_eq!(h.to_string(), "ssh://deploy@web1:2222");
         assert_eq!(h.destination(), "deploy@web1");
         let h: Host = "ssh://web1.example.org/".parse().expect("valid");
-        assert_eq!((h.user, h.name.as_str(), h.port), (None, "web1.example.org", None));
+        assert_eq!(
+            (h.user, h.name.as_str(), h.port),
+            (None, "web1.example.org", None)
+        );
         let h: Host = "ssh://root@[::1]:22".parse().expect("valid");
         assert_eq!((h.name.as_str(), h.port), ("::1", Some(22)));
         assert_eq!(h.to_string(), "ssh://root@[::1]:22");
@@ -401,7 +406,12 @@ mod tests {
         );
         assert_eq!(
             args_without_host(&os(&[
-                "--socket", "/s", "--host=ssh://w", "--json", "deploy", "blog"
+                "--socket",
+                "/s",
+                "--host=ssh://w",
+                "--json",
+                "deploy",
+                "blog"
             ])),
             os(&["--socket", "/s", "--json", "deploy", "blog"])
         );
@@ -414,7 +424,9 @@ mod tests {
         );
         // A socket path that looks like a command is the socket's value.
         assert_eq!(
-            args_without_host(&os(&["--socket", "status", "--host", "ssh://w", "logs", "b"])),
+            args_without_host(&os(&[
+                "--socket", "status", "--host", "ssh://w", "logs", "b"
+            ])),
             os(&["--socket", "status", "logs", "b"])
         );
     }
@@ -430,7 +442,10 @@ mod tests {
             "line\nbreak",
             "plain-word_1.2/x:y@z",
         ]);
-        assert_eq!(quote(OsStr::new("plain-word_1.2/x:y@z")), "plain-word_1.2/x:y@z");
+        assert_eq!(
+            quote(OsStr::new("plain-word_1.2/x:y@z")),
+            "plain-word_1.2/x:y@z"
+        );
         assert_eq!(quote(OsStr::new("it's")), "'it'\\''s'");
         assert_eq!(quote(OsStr::new("")), "''");
         let line = remote_command_line(&args);
