@@ -393,3 +393,40 @@ fn the_readmes_examples_run_through_ssh() {
     assert_eq!(ran, 4, "{block}");
     assert_eq!(agent.status("blog")["ready"], 3);
 }
+
+/// The real ssh client takes the arguments as given (port, `-n`, `--`, destination,
+/// command): against a loopback port nobody listens on it fails as ssh does, and the CLI
+/// says the host is unreachable.
+#[test]
+fn a_real_ssh_client_that_cannot_connect_is_exit_3() {
+    let has_ssh = Command::new("ssh")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_ssh && skip("no ssh client on the PATH") {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let out = Command::new(BIN)
+        .env_remove("HATCHERY_SSH")
+        .args([
+            "--host",
+            &format!("ssh://nobody@127.0.0.1:{port}"),
+            "status",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("cli");
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("port {port}: Connection refused")),
+        "{}",
+        stderr(&out)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON error");
+    assert_eq!(doc["error"]["kind"], "unreachable", "{doc}");
+}
