@@ -40,6 +40,10 @@ struct Cli {
     /// `--json` before the command: hidden, and refused as `socket` is.
     #[arg(long, hide = true)]
     json: bool,
+    /// Run the command against another host's agent, through ssh, as the SSH user
+    /// (default: $HATCHERY_HOST). Paths in the command are the remote host's.
+    #[arg(long, value_name = "ssh://[USER@]HOST[:PORT]")]
+    host: Option<cli::remote::Host>,
     #[command(subcommand)]
     command: Command,
 }
@@ -346,6 +350,57 @@ impl Command {
     }
 }
 
+impl Command {
+    /// How the command runs with `--host`: what its ssh session needs, or `None` when it
+    /// makes no sense on another host (it runs or serves something here, or prints what
+    /// this binary knows).
+    fn remote_session(&self) -> Option<cli::remote::Session> {
+        use cli::remote::Session;
+        match self {
+            Command::Exec { .. } => Some(Session::Exec),
+            Command::Top { .. } => Some(Session::Top),
+            Command::Status { .. }
+            | Command::Start { .. }
+            | Command::Stop { .. }
+            | Command::Restart { .. }
+            | Command::Scale { .. }
+            | Command::Signal { .. }
+            | Command::Logs { .. }
+            | Command::Events { .. }
+            | Command::Reload { .. }
+            | Command::Deploy { .. }
+            | Command::Promote { .. }
+            | Command::Rollback { .. }
+            | Command::Upgrade { .. }
+            | Command::Check { .. } => Some(Session::NoInput),
+            Command::Agent { .. }
+            | Command::Demo { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. }
+            | Command::UpgradeCheck { .. }
+            | Command::DemoWorker { .. }
+            | Command::DemoZygote { .. }
+            | Command::Probe { .. }
+            | Command::FdHolder { .. } => None,
+        }
+    }
+}
+
+/// `--host` given for a command that runs here (`hatchery --host ssh://web1 agent`):
+/// refused, naming the command. (`$HATCHERY_HOST` is left alone for those.)
+fn misplaced_host(matches: &clap::ArgMatches, cli: &Cli) -> Option<clap::Error> {
+    if cli.host.is_none() || cli.command.remote_session().is_some() {
+        return None;
+    }
+    let name = matches.subcommand_name().unwrap_or("?");
+    Some(command().error(
+        clap::error::ErrorKind::ArgumentConflict,
+        format!(
+            "--host is not an option of `hatchery {name}`: it runs on this host (run it on the other one, e.g. `ssh HOST hatchery {name}`)"
+        ),
+    ))
+}
+
 /// Clap's "a similar subcommand exists" tip can name a hidden subcommand (`fd-holder`,
 /// `__probe`, `man`): the tip keeps only the visible ones (and goes when none is left), so
 /// hidden ones are never suggested.
@@ -412,7 +467,11 @@ fn main() -> ExitCode {
         if let Some(e) = misplaced_option(&m) {
             return Err(e);
         }
-        Cli::from_arg_matches(&m)
+        let cli = Cli::from_arg_matches(&m)?;
+        if let Some(e) = misplaced_host(&m, &cli) {
+            return Err(e);
+        }
+        Ok(cli)
     });
     let cli = match parsed {
         Ok(c) => c,
@@ -422,6 +481,9 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
+    if let Some(code) = remote(&cli) {
+        return code;
+    }
     match cli.command {
         Command::Agent { config } => run_agent(&config),
         Command::Check {
@@ -520,6 +582,42 @@ fn main() -> ExitCode {
             let given = command.client_args().cloned().unwrap_or_default();
             let socket = socket_path(given.socket.or(cli.socket));
             client(&socket, command, given.json || cli.json)
+        }
+    }
+}
+
+/// With `--host` (or `$HATCHERY_HOST`), a command that makes sense there runs on the
+/// other host through ssh: its exit code, or `None` to run the command here.
+fn remote(cli: &Cli) -> Option<ExitCode> {
+    let session = cli.command.remote_session()?;
+    let host = match &cli.host {
+        Some(h) => h.clone(),
+        None => {
+            let value = std::env::var("HATCHERY_HOST")
+                .ok()
+                .filter(|v| !v.is_empty())?;
+            match value.parse::<cli::remote::Host>() {
+                Ok(h) => h,
+                Err(e) => {
+                    say_err(&format!("hatchery: HATCHERY_HOST={value:?}: {e}"));
+                    return Some(ExitCode::from(EXIT_USAGE));
+                }
+            }
+        }
+    };
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let args = cli::remote::args_without_host(&args);
+    match cli::remote::run(&host, &args, session) {
+        cli::remote::Ended::Code(code) => Some(ExitCode::from(code)),
+        cli::remote::Ended::Unreachable(message) => {
+            let json = cli.json
+                || cli.command.client_args().is_some_and(|c| c.json)
+                || matches!(cli.command, Command::Check { json: true, .. });
+            if json {
+                println!("{}", cli::reply::error_json("unreachable", &message));
+            }
+            say_err(&format!("hatchery: {message}"));
+            Some(ExitCode::from(EXIT_UNREACHABLE))
         }
     }
 }

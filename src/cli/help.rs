@@ -21,6 +21,8 @@ Examples:
   # Talk to an agent on another socket, such as the one `hatchery demo` prints
   hatchery status --socket /tmp/hatchery-demo-4242/control.sock
   HATCHERY_SOCKET=/tmp/hatchery-demo-4242/control.sock hatchery status
+  # The same against another host's agent, through ssh (as the SSH user)
+  hatchery --host ssh://deploy@web1 status blog
   # Shell completions
   hatchery completions bash > /etc/bash_completion.d/hatchery
 

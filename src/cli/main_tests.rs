@@ -222,7 +222,7 @@ fn hidden_commands_are_never_suggested() {
     );
     assert_eq!(
         attempt("fd-holde"),
-        "error: unrecognized subcommand 'fd-holde'\n\nUsage: hatchery <COMMAND>\n\n\
+        "error: unrecognized subcommand 'fd-holde'\n\nUsage: hatchery [OPTIONS] <COMMAND>\n\n\
          For more information, try '--help'.\n"
     );
 }
@@ -314,4 +314,62 @@ fn completions_and_man_pages_leave_hidden_commands_out() {
         status.contains("\\-\\-socket") && status.contains(".SH EXAMPLES"),
         "{status}"
     );
+}
+
+/// `--host` is an option of the top level for the commands that run on an agent (and
+/// `check`, which checks that host's configuration), refused with the command's name for
+/// those that run here; a bad value is a usage error naming the form.
+#[test]
+fn host_is_taken_by_the_commands_that_run_on_an_agent_only() {
+    use clap::FromArgMatches as _;
+    let parse = |args: &[&str]| {
+        command()
+            .try_get_matches_from(args)
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                let cli = Cli::from_arg_matches(&m).map_err(|e| e.to_string())?;
+                match misplaced_host(&m, &cli) {
+                    Some(e) => Err(e.to_string()),
+                    None => Ok(cli),
+                }
+            })
+    };
+    for sub in [
+        &["status"][..],
+        &["deploy", "blog"],
+        &["exec", "blog", "--", "id"],
+        &["top"],
+        &["logs", "blog", "-f"],
+        &["check"],
+        &["upgrade"],
+    ] {
+        let mut args = vec!["hatchery", "--host", "ssh://deploy@web1:2222"];
+        args.extend_from_slice(sub);
+        let cli = parse(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert_eq!(
+            cli.host.map(|h| h.to_string()).as_deref(),
+            Some("ssh://deploy@web1:2222")
+        );
+        assert!(cli.command.remote_session().is_some(), "{args:?}");
+    }
+    for (sub, name) in [
+        (&["agent"][..], "agent"),
+        (&["demo"], "demo"),
+        (&["completions", "bash"], "completions"),
+        (&["man", "--out", "/tmp/m"], "man"),
+        (&["fd-holder", "--socket", "/h"], "fd-holder"),
+    ] {
+        let mut args = vec!["hatchery", "--host", "ssh://web1"];
+        args.extend_from_slice(sub);
+        let e = parse(&args).expect_err("refused");
+        assert!(
+            e.contains(&format!("--host is not an option of `hatchery {name}`")),
+            "{args:?}: {e}"
+        );
+    }
+    let e = parse(&["hatchery", "--host", "web1", "status"]).expect_err("refused");
+    assert!(e.contains("ssh://[USER@]HOST[:PORT]"), "{e}");
+    // An option of the top level: shown there, as the command's own options are not.
+    let top = command().render_long_help().to_string();
+    assert!(top.contains("--host <ssh://[USER@]HOST[:PORT]>"), "{top}");
 }

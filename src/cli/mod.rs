@@ -3,6 +3,7 @@
 pub mod docs;
 pub mod events;
 pub mod help;
+pub mod remote;
 pub mod render;
 pub mod reply;
 pub mod top;
