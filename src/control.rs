@@ -213,6 +213,25 @@ pub enum Request {
         #[serde(default)]
         site: Option<String>,
     },
+    /// Add a site at runtime (`hatchery add FILE`): `text` is the site file's content,
+    /// validated as the configuration loader does (`file`, the path the client read it
+    /// from, names it in error messages; it must be called `<name>.toml`), refused if a
+    /// site of that name exists; the agent writes it into its `sites_dir` as
+    /// `<name>.toml` and starts it as a reload would. Root and the agent's user only: the
+    /// file names the user the site runs as. Answers a [`Done`].
+    Add {
+        /// The path the file was read from (absolute), for messages.
+        file: String,
+        /// The site file's text.
+        text: String,
+    },
+    /// Remove a site at runtime (`hatchery remove SITE`): its workers are stopped (the
+    /// answer comes once they have exited), its file is deleted from `sites_dir`, and the
+    /// agent forgets it. Root and the agent's user only. Answers a [`Done`].
+    Remove {
+        /// The site.
+        site: String,
+    },
 }
 
 /// The fewest and most milliseconds between two `watch` snapshots: a client asking for
@@ -244,7 +263,9 @@ impl Request {
             | Request::Rollback { site }
             | Request::Promote { site }
             | Request::Exec { site, .. } => Some(site),
+            Request::Remove { site } => Some(site),
             Request::Reload | Request::Upgrade { .. } => None,
+            Request::Add { .. } => None,
         }
     }
 }
