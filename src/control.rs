@@ -1,21 +1,83 @@
-//! The control protocol: one JSON request per connection, answered by zero or more
-//! progress lines and one final line, over a unix stream socket.
+//! The control protocol, and a client for it: what `hatchery` itself uses, for programs
+//! that embed it (see `examples/status.rs`; other languages: the README's "Control
+//! protocol" section and `tests/clients/hatchery_client.py`).
 //!
-//! Wire format (newline-delimited JSON, each line at most [`MAX_REQUEST`] bytes on the
-//! way in):
+//! # Framing
+//!
+//! A unix stream socket (the agent file's `control_socket`, `$HATCHERY_SOCKET` for the
+//! CLI). One request per connection: the client writes one JSON object and a newline (at
+//! most [`MAX_REQUEST`] bytes, within 5 s of connecting); the agent answers with zero or
+//! more progress lines and one final line, each one JSON object and a newline, then
+//! closes the connection:
 //!
 //! ```text
 //! → {"cmd":"restart","site":"blog"}
 //! ← {"event":"w-0 stopping"}
 //! ← {"event":"w-0 ready (pid 4242)"}
-//! ← {"ok":{...}}                      or   {"error":{"kind":"refused","message":"..."}}
+//! ← {"ok":{"site":"blog","message":"restarted 1 worker"}}
 //! ```
 //!
-//! `logs` with `follow` streams `{"line":"..."}` until the client hangs up; `watch` streams
-//! `{"snapshot":{...}}` (a [`Snapshot`]) at once and then every `interval_ms`, until the
-//! client hangs up. The agent
-//! identifies the peer with `SO_PEERCRED`: root (and the agent's own user) may do
-//! everything, a site's user only what concerns that site, anyone else nothing.
+//! A line is one of [`Reply`]: `{"event":"..."}` (progress, for people),
+//! `{"line":"..."}` (a log line or an event-history entry), `{"snapshot":{...}}` (a
+//! [`Snapshot`], `watch` only), and the final `{"ok":VALUE}` or
+//! `{"error":{"kind":KIND,"message":"..."}}`, where `KIND` is one of [`ErrorKind`]
+//! (`refused`, `not_found`, `bad_request`, `config`, `failed`, `rolled_back`). `logs` with
+//! `follow`, `events` with `follow` and `watch` stream until the client hangs up.
+//!
+//! # Versioning
+//!
+//! [`PROTOCOL_VERSION`] is this protocol's version; the agent says the one it speaks in
+//! every `status` answer (`agent.protocol`; [`Client::protocol`]). Within a version,
+//! changes are additive only: new requests, new optional request fields (an agent refuses
+//! fields it does not know with `bad_request`), new fields in answers (clients ignore
+//! fields they do not know). Anything else (a field renamed, removed or retyped, another
+//! framing) raises the version.
+//!
+//! # Authorization
+//!
+//! The agent identifies the peer with `SO_PEERCRED`: root (and the agent's own user) may
+//! do everything, a site's user only what concerns that site (`add` and `remove`
+//! excepted), anyone else nothing (`{"error":{"kind":"refused",...}}`).
+//!
+//! # Requests and their answers
+//!
+//! Each request is a [`Request`], tagged by `cmd`; fields in brackets are optional.
+//!
+//! | request | final `ok` value |
+//! |---|---|
+//! | `{"cmd":"status"[,"site":"blog"]}` | a [`crate::status::Status`]: `{"agent":{"pid":1,"version":"0.1.0","protocol":1,...},"sites":[{"name":"blog","state":"running","desired":4,"ready":4,...}]}` |
+//! | `{"cmd":"start","site":"blog"}`, `stop`, `restart`, `promote`, `rollback` | a [`Done`]: `{"site":"blog","message":"..."}`, after progress events |
+//! | `{"cmd":"scale","site":"blog","workers":4}` (or `"workers":"auto"`) | a [`Done`] |
+//! | `{"cmd":"signal","site":"blog","signal":"HUP"}` | a [`Signalled`]: `{"site":"blog","signal":"SIGHUP","workers":4}` |
+//! | `{"cmd":"logs","site":"blog"[,"lines":20][,"follow":true]}` | `{"line":"..."}` lines, then a [`LogsEnded`] (without `follow`) |
+//! | `{"cmd":"events"[,"site":"blog"][,"lines":20][,"follow":true][,"since":"2026-11-22T14:41:08Z"]}` | `{"line":"<entry JSON>"}` lines, then a final `ok` (without `follow`) |
+//! | `{"cmd":"reload"}` | a [`Reloaded`]: `{"added":[],"changed":["blog"],"removed":[]}` |
+//! | `{"cmd":"deploy","site":"blog"[,"release":"/srv/blog/releases/42"][,"canary":"10%"]}` | a [`Done`] with `generation`, `release`, `retired`, `duration_ms`; `rolled_back` if it failed |
+//! | `{"cmd":"add","file":"/root/shop.toml","text":"name = \"shop\"\n..."}` | a [`Done`]: `{"site":"shop","message":"added as /etc/hatchery/sites.d/shop.toml"}` |
+//! | `{"cmd":"remove","site":"shop"}` | a [`Done`]: `{"site":"shop","message":"site removed"}`, once its workers have exited |
+//! | `{"cmd":"upgrade"[,"binary":"/usr/sbin/hatchery"]}` | an [`Upgraded`] |
+//! | `{"cmd":"watch"[,"site":"blog"][,"interval_ms":1000]}` | `{"snapshot":{...}}` lines until the client hangs up |
+//! | `{"cmd":"exec","site":"blog",...}` | file descriptors over `SCM_RIGHTS`, then an [`ExecEnded`] (see [`Request::Exec`]; not offered by [`Client`]) |
+//!
+//! # The client
+//!
+//! [`Client::connect`] opens a connection; each typed method ([`Client::status`],
+//! [`Client::scale`], [`Client::deploy`], [`Client::logs`], ...) sends one request on it,
+//! consumes it, and returns the typed answer or a [`ClientError`] (the agent's
+//! [`ErrorReply`] among them). Progress events and log lines go to a callback.
+//!
+//! ```no_run
+//! use hatchery::control::{Client, ScaleTo};
+//!
+//! let socket = std::path::Path::new("/run/hatchery/control.sock");
+//! let status = Client::connect(socket)?.status(None)?;
+//! for site in &status.sites {
+//!     println!("{} {} {}/{}", site.name, site.state.name(), site.ready, site.desired);
+//! }
+//! let done = Client::connect(socket)?.scale("blog", ScaleTo::Count(4), |e| eprintln!("{e}"))?;
+//! println!("{}: {}", done.site, done.message);
+//! # Ok::<(), hatchery::control::ClientError>(())
+//! ```
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -71,6 +133,14 @@ impl std::str::FromStr for ScaleTo {
             format!("invalid workers {s:?}: use a number, or auto (let the site's workers = \"auto\" policy decide again)")
         })
     }
+}
+
+/// The version of the control protocol this build speaks (see the module's doc).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The protocol of an agent whose `status` does not say: the first.
+pub fn first_protocol() -> u32 {
+    1
 }
 
 /// Largest request accepted, in bytes.
@@ -216,6 +286,25 @@ pub enum Request {
         #[serde(default)]
         site: Option<String>,
     },
+    /// Add a site at runtime (`hatchery add FILE`): `text` is the site file's content,
+    /// validated as the configuration loader does (`file`, the path the client read it
+    /// from, names it in error messages; it must be called `<name>.toml`), refused if a
+    /// site of that name exists; the agent writes it into its `sites_dir` as
+    /// `<name>.toml` and starts it as a reload would. Root and the agent's user only: the
+    /// file names the user the site runs as. Answers a [`Done`].
+    Add {
+        /// The path the file was read from (absolute), for messages.
+        file: String,
+        /// The site file's text.
+        text: String,
+    },
+    /// Remove a site at runtime (`hatchery remove SITE`): its workers are stopped (the
+    /// answer comes once they have exited), its file is deleted from `sites_dir`, and the
+    /// agent forgets it. Root and the agent's user only. Answers a [`Done`].
+    Remove {
+        /// The site.
+        site: String,
+    },
 }
 
 /// The fewest and most milliseconds between two `watch` snapshots: a client asking for
@@ -247,7 +336,9 @@ impl Request {
             | Request::Rollback { site }
             | Request::Promote { site }
             | Request::Exec { site, .. } => Some(site),
+            Request::Remove { site } => Some(site),
             Request::Reload | Request::Upgrade { .. } | Request::ConfigPath => None,
+            Request::Add { .. } => None,
         }
     }
 }
@@ -514,6 +605,186 @@ impl Client {
                 Some(r) => progress(&r),
             }
         }
+    }
+
+    /// Sends `req`, hands each progress event and line to `progress` (an event's text,
+    /// or a line's), and reads the final answer as a `T`.
+    pub fn request<T: serde::de::DeserializeOwned>(
+        mut self,
+        req: &Request,
+        mut progress: impl FnMut(&str),
+    ) -> Result<T, ClientError> {
+        let reply = self.call(req, |r| match r {
+            Reply::Event(e) | Reply::Line(e) => progress(e),
+            Reply::Snapshot(_) | Reply::Ok(_) | Reply::Error(_) => {}
+        })?;
+        match reply {
+            Reply::Ok(value) => serde_json::from_value(value).map_err(|e| {
+                ClientError::Protocol(format!("an answer this client cannot read: {e}"))
+            }),
+            Reply::Error(e) => Err(ClientError::Agent(e)),
+            other => Err(ClientError::Protocol(format!(
+                "a final answer neither ok nor error: {other:?}"
+            ))),
+        }
+    }
+
+    /// `status`: every site the caller may see, or one (with its workers).
+    pub fn status(self, site: Option<&str>) -> Result<crate::status::Status, ClientError> {
+        let site = site.map(str::to_string);
+        self.request(&Request::Status { site }, |_| {})
+    }
+
+    /// The control protocol the agent speaks (from its `status`): compare with
+    /// [`PROTOCOL_VERSION`].
+    pub fn protocol(self) -> Result<u32, ClientError> {
+        Ok(self.status(None)?.agent.protocol)
+    }
+
+    /// `start`: once its workers are ready and settled.
+    pub fn start(self, site: &str, progress: impl FnMut(&str)) -> Result<Done, ClientError> {
+        let site = site.to_string();
+        self.request(&Request::Start { site }, progress)
+    }
+
+    /// `stop`: once its workers have exited.
+    pub fn stop(self, site: &str, progress: impl FnMut(&str)) -> Result<Done, ClientError> {
+        let site = site.to_string();
+        self.request(&Request::Stop { site }, progress)
+    }
+
+    /// `restart`: once every worker was replaced.
+    pub fn restart(self, site: &str, progress: impl FnMut(&str)) -> Result<Done, ClientError> {
+        let site = site.to_string();
+        self.request(&Request::Restart { site }, progress)
+    }
+
+    /// `scale`: once the workers asked for are ready (or gone).
+    pub fn scale(
+        self,
+        site: &str,
+        workers: ScaleTo,
+        progress: impl FnMut(&str),
+    ) -> Result<Done, ClientError> {
+        let site = site.to_string();
+        self.request(&Request::Scale { site, workers }, progress)
+    }
+
+    /// `signal`: to every worker of the site.
+    pub fn signal(self, site: &str, signal: &str) -> Result<Signalled, ClientError> {
+        let (site, signal) = (site.to_string(), signal.to_string());
+        self.request(&Request::Signal { site, signal }, |_| {})
+    }
+
+    /// `deploy`: of the release symlink's target, or of `release` (an absolute path), as
+    /// a canary taking `canary` (`"10%"`) if given; once the old generation retired (or
+    /// the canary serves). A rolled-back deploy is [`ClientError::Agent`] of kind
+    /// [`ErrorKind::RolledBack`].
+    pub fn deploy(
+        self,
+        site: &str,
+        release: Option<&Path>,
+        canary: Option<&str>,
+        progress: impl FnMut(&str),
+    ) -> Result<Done, ClientError> {
+        let req = Request::Deploy {
+            site: site.to_string(),
+            release: release.map(|r| r.display().to_string()),
+            canary: canary.map(str::to_string),
+        };
+        self.request(&req, progress)
+    }
+
+    /// `rollback`.
+    pub fn rollback(self, site: &str, progress: impl FnMut(&str)) -> Result<Done, ClientError> {
+        let site = site.to_string();
+        self.request(&Request::Rollback { site }, progress)
+    }
+
+    /// `logs`: the last `lines` lines of the site's log, each to `on_line` as the log
+    /// file has it ([`crate::logs::LogLine::parse`] reads one), then, with `follow`, new
+    /// ones until the connection ends.
+    pub fn logs(
+        self,
+        site: &str,
+        lines: usize,
+        follow: bool,
+        on_line: impl FnMut(&str),
+    ) -> Result<LogsEnded, ClientError> {
+        let req = Request::Logs {
+            site: site.to_string(),
+            lines,
+            follow,
+        };
+        self.request(&req, on_line)
+    }
+
+    /// `reload`: what changed.
+    pub fn reload(self) -> Result<Reloaded, ClientError> {
+        self.request(&Request::Reload, |_| {})
+    }
+
+    /// `add`: the site file at `file` (read here, named `<site>.toml`), added and started.
+    pub fn add(self, file: &Path) -> Result<Done, ClientError> {
+        let file = std::path::absolute(file)?;
+        let text = std::fs::read_to_string(&file)?;
+        let req = Request::Add {
+            file: file.display().to_string(),
+            text,
+        };
+        self.request(&req, |_| {})
+    }
+
+    /// `remove`: once the site's workers have exited and its file is gone.
+    pub fn remove(self, site: &str) -> Result<Done, ClientError> {
+        let site = site.to_string();
+        self.request(&Request::Remove { site }, |_| {})
+    }
+}
+
+/// Why a [`Client`] call failed.
+#[derive(Debug)]
+pub enum ClientError {
+    /// The agent could not be reached, or the connection broke.
+    Io(io::Error),
+    /// The agent refused or failed the request.
+    Agent(ErrorReply),
+    /// The agent's answer is not one this client reads (another protocol version?).
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The agent's error kind, when the agent answered with an error.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Agent(e) => Some(e.kind),
+            ClientError::Io(_) | ClientError::Protocol(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Io(e) => write!(f, "cannot talk to the agent: {e}"),
+            ClientError::Agent(e) => f.write_str(&e.message),
+            ClientError::Protocol(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClientError::Io(e) => Some(e),
+            ClientError::Agent(_) | ClientError::Protocol(_) => None,
+        }
+    }
+}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> ClientError {
+        ClientError::Io(e)
     }
 }
 

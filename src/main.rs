@@ -198,6 +198,23 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Add a site at runtime: the file (named <site>.toml) is validated, written into the
+    /// agent's sites_dir and started; an invalid file or a taken name changes nothing.
+    /// Root and the agent's user only.
+    Add {
+        /// The site file.
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a site at runtime: stops its workers (waits until they have exited),
+    /// deletes its file from sites_dir and forgets it. Root and the agent's user only.
+    Remove {
+        /// The site.
+        site: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Re-read the configuration (like SIGHUP); a bad file changes nothing.
     #[command(after_help = cli::help::RELOAD)]
     Reload {
@@ -331,6 +348,8 @@ impl Command {
             | Command::Logs { client, .. }
             | Command::Events { client, .. }
             | Command::Reload { client }
+            | Command::Add { client, .. }
+            | Command::Remove { client, .. }
             | Command::Deploy { client, .. }
             | Command::Promote { client, .. }
             | Command::Rollback { client, .. }
@@ -372,6 +391,8 @@ impl Command {
             | Command::Promote { .. }
             | Command::Rollback { .. }
             | Command::Upgrade { .. }
+            | Command::Add { .. }
+            | Command::Remove { .. }
             | Command::Check { .. } => Some(Session::NoInput),
             Command::Agent { .. }
             | Command::Demo { .. }
@@ -1042,6 +1063,25 @@ fn client(socket: &std::path::Path, command: Command, json: bool) -> ExitCode {
             }
         }
         Command::Reload { .. } => Request::Reload,
+        Command::Add { file, .. } => {
+            // The agent's working directory is not the caller's.
+            let file = std::path::absolute(&file).unwrap_or(file);
+            match std::fs::read_to_string(&file) {
+                Ok(text) => Request::Add {
+                    file: file.display().to_string(),
+                    text,
+                },
+                Err(e) => {
+                    let why = format!("cannot read {}: {e}", file.display());
+                    if json {
+                        println!("{}", cli::reply::error_json("usage", &why));
+                    }
+                    say_err(&format!("hatchery: {why}"));
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
+        }
+        Command::Remove { site, .. } => Request::Remove { site },
         Command::Upgrade { binary, .. } => Request::Upgrade {
             // The agent's working directory is not the caller's.
             binary: binary

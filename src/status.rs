@@ -28,6 +28,10 @@ pub struct AgentStatus {
     pub pid: u32,
     /// Its version.
     pub version: String,
+    /// The control protocol it speaks ([`crate::control::PROTOCOL_VERSION`]); 1 when an
+    /// agent from before the field does not say.
+    #[serde(default = "crate::control::first_protocol")]
+    pub protocol: u32,
     /// When it started (UTC).
     pub started_at: String,
     /// The version it replaced with `hatchery upgrade`, and when (since its start).

@@ -38,6 +38,8 @@ const VISIBLE: &[&str] = &[
     "top",
     "logs",
     "events",
+    "add",
+    "remove",
     "reload",
     "deploy",
     "promote",

@@ -89,7 +89,7 @@ fn socket_and_json_are_options_of_the_commands_they_affect() {
     };
     let clients = [
         "status", "start", "stop", "restart", "scale", "signal", "top", "logs", "events", "reload",
-        "deploy", "promote", "rollback", "upgrade",
+        "deploy", "promote", "rollback", "upgrade", "add", "remove",
     ];
     for sub in clients {
         assert!(has(sub, "socket") && has(sub, "json"), "{sub}");

@@ -662,6 +662,11 @@ impl Agent {
                     .unwrap_or_else(|_| self.config.file.clone());
                 self.finish(conn, &Reply::ok(&crate::control::ConfigPath { path }));
             }
+            Request::Add { file, text } => self.add_site(conn, uid, &file, &text),
+            Request::Remove { .. } => {
+                let name = name.expect("site request");
+                self.remove_site(conn, uid, admin, &name);
+            }
             Request::Reload => {
                 self.emit_operator(None, uid, "reload", None, None);
                 match self.reload() {
@@ -706,6 +711,7 @@ impl Agent {
             Request::Watch { interval_ms, site } => {
                 self.start_watch(conn, uid, admin, site.as_deref(), interval_ms);
             }
+            Request::Remove { .. } => self.remove_broken_site(conn, uid, admin, site),
             Request::Start { .. } => {
                 let Some(config) = self.broken.get(site).and_then(|b| b.config.clone()) else {
                     let reason = self

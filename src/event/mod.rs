@@ -54,6 +54,7 @@ mod reload;
 mod render;
 mod setup;
 mod sites;
+mod sites_runtime;
 mod status;
 mod systemd;
 mod upgrade;

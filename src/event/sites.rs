@@ -62,6 +62,8 @@ pub(super) struct SiteIo {
     pub log: SiteLog,
     /// `logs -f` connections.
     pub followers: Vec<u64>,
+    /// `remove` connections, answered when the site is dropped.
+    pub removers: Vec<u64>,
     /// Configured limits this host cannot enforce.
     pub not_enforced: Vec<&'static str>,
     /// The sandbox, prepared at the first spawn (see `exec.rs`).
@@ -220,6 +222,7 @@ impl Agent {
                 steering,
                 log,
                 followers: Vec::new(),
+                removers: Vec::new(),
                 not_enforced,
                 sandbox: None,
                 health: None,
@@ -351,6 +354,7 @@ impl Agent {
                 steering,
                 log,
                 followers: Vec::new(),
+                removers: Vec::new(),
                 not_enforced,
                 sandbox: None,
                 health: None,
@@ -661,6 +665,9 @@ impl Agent {
         for c in site.io.followers {
             self.finish(c, &Reply::ok(&Done::new(name, "site removed")));
         }
+        for c in site.io.removers {
+            self.finish(c, &Reply::ok(&Done::new(name, "site removed")));
+        }
         info!(site = %name, "site removed");
     }
 
@@ -669,6 +676,7 @@ impl Agent {
         self.history.forget(conn);
         for site in self.sites.values_mut() {
             site.io.followers.retain(|c| *c != conn);
+            site.io.removers.retain(|c| *c != conn);
             site.machine.forget_client(ClientId(conn));
         }
     }

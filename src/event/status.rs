@@ -235,6 +235,7 @@ impl Agent {
             agent: AgentStatus {
                 pid: std::process::id(),
                 version: crate::version().to_string(),
+                protocol: crate::control::PROTOCOL_VERSION,
                 started_at: logs::utc_timestamp(self.started),
                 upgraded_from: self.upgraded_from.clone(),
                 log_bytes_dropped: logs::AGENT_LOG_DROPPED
