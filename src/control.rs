@@ -725,7 +725,7 @@ impl Client {
     }
 
     /// `add`: the site file at `file` (read here, named `<site>.toml`), added and started.
-    pub fn add(self, file: &Path) -> Result<Done, ClientError> {
+    pub fn add_site(self, file: &Path) -> Result<Done, ClientError> {
         let file = std::path::absolute(file)?;
         let text = std::fs::read_to_string(&file)?;
         let req = Request::Add {
@@ -736,7 +736,7 @@ impl Client {
     }
 
     /// `remove`: once the site's workers have exited and its file is gone.
-    pub fn remove(self, site: &str) -> Result<Done, ClientError> {
+    pub fn remove_site(self, site: &str) -> Result<Done, ClientError> {
         let site = site.to_string();
         self.request(&Request::Remove { site }, |_| {})
     }

@@ -71,3 +71,5 @@ mod sys;
 pub mod terminal;
 pub mod usage;
 pub mod zygote;
+
+pub use control::{Client, ClientError};

@@ -71,6 +71,24 @@ fn the_typed_client_reads_status_scales_and_reports_the_agents_errors() {
             .expect("logs");
         assert_eq!(ended.site, "web");
         assert!(lines <= 5);
+        // A site added from its file, then removed.
+        let incoming = agent.dir.path().join("incoming");
+        std::fs::create_dir_all(&incoming).expect("mkdir");
+        let shop = incoming.join("shop.toml");
+        std::fs::write(&shop, sleeper("shop", 1)).expect("write");
+        let added = connect().add_site(&shop).expect("add");
+        assert_eq!(added.site, "shop");
+        agent.wait_for("shop", "shop ready", Duration::from_secs(10), |s| {
+            s["ready"] == 1
+        });
+        assert!(agent.dir.path().join("sites.d/shop.toml").exists());
+        let err = connect().add_site(&shop).expect_err("a name taken");
+        assert!(err.to_string().contains("site shop exists"), "{err}");
+        let removed = connect().remove_site("shop").expect("remove");
+        assert_eq!(removed.site, "shop");
+        assert!(!agent.dir.path().join("sites.d/shop.toml").exists());
+        let err = connect().remove_site("shop").expect_err("gone");
+        assert_eq!(err.kind(), Some(ErrorKind::NotFound), "{err}");
         // The agent's errors, typed.
         let err = connect().status(Some("nope")).expect_err("no such site");
         assert_eq!(err.kind(), Some(ErrorKind::NotFound));
@@ -198,4 +216,55 @@ fn the_python_client_reads_status_and_scales() {
         stderr(&out).trim(),
         "hatchery (not_found): no such site: nope"
     );
+}
+
+/// The README's Rust example is the client's documented example, which `cargo test`
+/// compiles (a doctest of `hatchery::control`); its protocol transcript's lines are what
+/// this build sends and reads.
+#[test]
+fn the_readmes_client_examples_are_the_tested_ones() {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme
+        .find("## Embedding it: the control protocol")
+        .expect("the section")..];
+    let block = |fence: &str| -> String {
+        let start = section.find(fence).expect("a block") + fence.len();
+        let end = start + section[start..].find("\n```").expect("its end");
+        section[start..end].trim_start_matches('\n').to_string()
+    };
+    let rust = block("```rust\n");
+    let doc: String = include_str!("../src/control.rs")
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let start = doc.find("```no_run\n").expect("the module's example") + "```no_run\n".len();
+    let end = start + doc[start..].find("\n```").expect("its end");
+    let example: Vec<&str> = doc[start..end]
+        .lines()
+        .filter(|l| !l.starts_with("# "))
+        .collect();
+    assert_eq!(rust.lines().collect::<Vec<_>>(), example);
+    let transcript = block("```text\n");
+    let mut lines = transcript.lines();
+    let request = lines
+        .next()
+        .and_then(|l| l.strip_prefix("→ "))
+        .expect("a request");
+    let request: hatchery::control::Request = serde_json::from_str(request).expect("a request");
+    assert!(matches!(
+        request,
+        hatchery::control::Request::Scale {
+            workers: ScaleTo::Count(4),
+            ..
+        }
+    ));
+    let replies: Vec<hatchery::control::Reply> = lines
+        .map(|l| serde_json::from_str(l.strip_prefix("← ").expect("a reply")).expect("a reply"))
+        .collect();
+    assert!(matches!(
+        replies.last(),
+        Some(hatchery::control::Reply::Ok(_))
+    ));
 }

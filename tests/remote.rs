@@ -1,11 +1,12 @@
 //! `hatchery --host ssh://...`: client commands run on another host through ssh.
 //!
-//! No sshd runs here: `ssh` is a test double (a script named `ssh`, first on the `PATH`)
+//! Most tests run no sshd: `ssh` is a test double (a script named `ssh`, first on the `PATH`)
 //! that records its arguments and runs the remote command line with `/bin/sh -c`, as the
 //! remote user's shell would, with `hatchery` on its `PATH` and `HATCHERY_SOCKET` naming
 //! the test agent's socket (the local CLI is given a socket that does not exist, so only
 //! the way through the double reaches the agent). A destination containing `unreachable`
-//! fails as ssh does when it cannot connect: a message and exit 255.
+//! fails as ssh does when it cannot connect: a message and exit 255. One test runs a real
+//! sshd on a loopback port and the real ssh client against it.
 
 mod common;
 
@@ -429,4 +430,149 @@ fn a_real_ssh_client_that_cannot_connect_is_exit_3() {
     );
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON error");
     assert_eq!(doc["error"]["kind"], "unreachable", "{doc}");
+}
+
+/// A real sshd on a loopback port (started by the test, as root, with its own host key and
+/// an authorized key made here) and the real ssh client: `status`, `scale` and `logs` reach
+/// the agent through an actual SSH session, and a key the server does not know is exit 3.
+#[test]
+fn a_real_sshd_runs_the_commands_on_its_host() {
+    use std::os::unix::fs::PermissionsExt;
+    let sshd = Path::new("/usr/sbin/sshd");
+    let has_tools = sshd.exists()
+        && Command::new("ssh-keygen").arg("-?").output().is_ok()
+        && Command::new("ssh").arg("-V").output().is_ok();
+    if !has_tools && skip("no sshd, ssh or ssh-keygen here (openssh-server, openssh-client)") {
+        return;
+    }
+    if !is_root() && skip("sshd needs root to log a user in") {
+        return;
+    }
+    let agent = agent();
+    let dir = root_owned_tempdir();
+    let d = dir.path();
+    let keygen = |file: &str| {
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(file))
+            .output()
+            .expect("ssh-keygen");
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    keygen("host_key");
+    keygen("client_key");
+    keygen("stranger_key");
+    std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).expect("authorize");
+    // sshd needs its privilege separation directory.
+    std::fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd");
+    let bin = d.join("remote-bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    std::os::unix::fs::symlink(BIN, bin.join("hatchery")).expect("symlink hatchery");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "ListenAddress 127.0.0.1:{port}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             UsePAM no\nStrictModes no\nPidFile none\n\
+             SetEnv PATH={bin}:/usr/local/bin:/usr/bin:/bin HATCHERY_SOCKET={socket}\n",
+            d = d.display(),
+            bin = bin.display(),
+            socket = agent.socket.display(),
+        ),
+    )
+    .expect("sshd_config");
+    let server = Command::new(sshd)
+        .arg("-D")
+        .arg("-e")
+        .arg("-f")
+        .arg(d.join("sshd_config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join("sshd.log")).expect("log"))
+        .spawn()
+        .expect("start sshd");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server_id = server.id();
+    let mut server_guard = Kill(server);
+    // Listening once a connection is accepted (sshd binds before it forks nothing else).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(st)) = server_guard.0.try_wait() {
+            panic!(
+                "sshd {server_id} exited ({st}): {}",
+                std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
+            );
+        }
+        assert!(std::time::Instant::now() < deadline, "sshd never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The client: real ssh, with this test's key and no known_hosts of its own.
+    let wrapper = |name: &str, key: &str| {
+        let path = d.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nexec ssh -i {d}/{key} -o IdentitiesOnly=yes -o BatchMode=yes \
+                 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR \"$@\"\n",
+                d = d.display()
+            ),
+        )
+        .expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    };
+    let ssh = wrapper("ssh-client", "client_key");
+    let host = format!("ssh://root@127.0.0.1:{port}");
+    let run = |ssh: &Path, args: &[&str]| {
+        Command::new(BIN)
+            .env("HATCHERY_SSH", ssh)
+            .env("HATCHERY_SOCKET", "/nonexistent/control.sock")
+            .env_remove("HATCHERY_HOST")
+            .arg("--host")
+            .arg(&host)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the cli")
+    };
+    let out = run(&ssh, &["status", "blog", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}\nsshd: {}",
+        stderr(&out),
+        std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["sites"][0]["ready"], 2, "{status}");
+    let here: serde_json::Value =
+        serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).expect("status JSON");
+    assert_eq!(
+        status["agent"]["pid"], here["agent"]["pid"],
+        "the remote agent is the test's"
+    );
+    let out = run(&ssh, &["scale", "blog", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(agent.status("blog")["ready"], 3);
+    let out = run(&ssh, &["logs", "blog", "-n", "50"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("hello 2"), "{}", stdout(&out));
+    // A key the server does not know: ssh's refusal is exit 3.
+    let stranger = wrapper("ssh-stranger", "stranger_key");
+    let out = run(&stranger, &["status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
 }
