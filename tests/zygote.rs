@@ -471,3 +471,47 @@ fn a_reload_switches_a_running_site_between_exec_and_zygote_mode() {
     assert!(get(port).is_some_and(|b| b.starts_with("HTTP/1.1 200")));
     assert_eq!(agent.stop(), Some(0), "{}", agent.agent_log());
 }
+
+/// A zygote is stopped by its site's whole stop sequence, as its workers are: `SIGWINCH`
+/// first (which the demo zygote and worker ignore, as any process does by default), then
+/// `SIGTERM` after `stop.timeout`, which ends them; nothing is killed.
+#[test]
+fn a_zygote_gets_its_sites_whole_stop_sequence() {
+    let port = free_port();
+    let text = zygote_site(
+        port,
+        1,
+        &[],
+        "[stop]\nsignals = [\"SIGWINCH\", \"SIGTERM\"]\ntimeout = \"1s\"\n",
+    );
+    let agent = TestAgent::start_ready(
+        &[("z", &text)],
+        Options {
+            reactor: "epoll",
+            cgroups: false,
+        },
+        "z",
+        1,
+    );
+    let zygote_pid = zygote(&agent.status("z"))["pid"]
+        .as_i64()
+        .expect("the zygote's pid");
+    let out = agent.cli(&["stop", "z"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("the zygote to end", Duration::from_secs(30), || {
+        agent
+            .agent_log()
+            .lines()
+            .any(|l| l.contains("zygote killed by SIGTERM"))
+    });
+    let log = agent.agent_log();
+    assert!(
+        log.lines().any(
+            |l| l.contains("the zygote still runs: next signal of its stop sequence")
+                && l.contains("SIGTERM")
+                && l.contains(&zygote_pid.to_string())
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("stop timeout: killing"), "{log}");
+}

@@ -47,9 +47,11 @@
 //!
 //! 1. Its process group's other members are pinned by pidfd (without cgroups they hold the
 //!    listeners too, and the group id may be freed once the leader is reaped by init).
-//! 2. The stop signal of its site (`SIGTERM` if the site is gone) through its pidfd.
+//! 2. The first signal of its site's stop sequence (`SIGTERM` if the site is gone) through
+//!    its pidfd.
 //! 3. Wait for its pidfd to poll readable (it is not our child: `waitid` gives `ECHILD`),
-//!    up to the site's `stop.timeout`, at most [`MAX_STOP_WAIT`].
+//!    up to the site's `stop.timeout`, then send the sequence's next signal and wait again,
+//!    to its end; all the waits together at most [`MAX_STOP_WAIT`] (each step its share).
 //! 4. Kill its tree: `cgroup.kill` of its leaf when it had one and cgroups are in use,
 //!    else `SIGKILL` to its group while the leader is unreaped (so the group id is its),
 //!    and to each pinned member through its pidfd. The leaf is never used again (a leaf
@@ -208,8 +210,13 @@ struct Previous {
     pidref: PidRef,
     /// Other members of its process group, pinned before anything was signalled.
     members: Vec<PidRef>,
-    signal: i32,
+    /// Its stop sequence, in order.
+    signals: Vec<i32>,
+    /// The wait after each signal.
     timeout: Duration,
+    /// The signal sent last (an index into `signals`), and when.
+    step: usize,
+    step_at: Instant,
     /// It exited, or was killed and given up on.
     settled: bool,
     killed: bool,
@@ -446,6 +453,12 @@ fn to_stop(
     cgroups: Option<&CgroupTree>,
 ) -> Vec<Previous> {
     let stop = config.map(|c| c.stop);
+    let signals: Vec<i32> =
+        stop.map_or(vec![libc::SIGTERM], |s| s.signals().map(|s| s.0).collect());
+    // Every step its share of the longest wait.
+    let steps = u32::try_from(signals.len()).unwrap_or(1).max(1);
+    let timeout = stop.map_or(MAX_STOP_WAIT, |s| s.timeout.min(MAX_STOP_WAIT / steps));
+    let now = Instant::now();
     alive
         .into_values()
         .flatten()
@@ -456,8 +469,10 @@ fn to_stop(
             } else {
                 crate::process::group_members(a.record.pid, a.record.pid)
             },
-            signal: stop.map_or(libc::SIGTERM, |s| s.signal.0),
-            timeout: stop.map_or(MAX_STOP_WAIT, |s| s.timeout.min(MAX_STOP_WAIT)),
+            signals: signals.clone(),
+            timeout,
+            step: 0,
+            step_at: now,
             record: a.record,
             pidref: a.pidref,
             settled: false,
@@ -478,8 +493,9 @@ fn stop_all(mut found: Vec<Previous>, cgroups: Option<&CgroupTree>) {
         pids.join(" ")
     );
     let start = Instant::now();
-    for p in &found {
-        if let Err(e) = p.pidref.signal(p.signal) {
+    for p in &mut found {
+        p.step_at = start;
+        if let Err(e) = p.pidref.signal(p.signals[0]) {
             error!(
                 site = p.site,
                 pid = p.record.pid,
@@ -487,19 +503,37 @@ fn stop_all(mut found: Vec<Previous>, cgroups: Option<&CgroupTree>) {
             );
         }
     }
-    // Wait for each to exit; kill the tree of each whose timeout passes, and stop waiting
-    // for it after KILL_GRACE more (the last wait below reports it).
+    // Wait for each to exit; at each timeout the next signal of its sequence, after the
+    // last its tree killed, and no more waiting for it after KILL_GRACE more (the last wait
+    // below reports it).
     loop {
         let now = Instant::now();
         for p in found.iter_mut().filter(|p| !p.settled) {
-            if p.pidref.has_exited() || (p.killed && now >= start + p.timeout + KILL_GRACE) {
+            if p.pidref.has_exited() || (p.killed && now >= p.step_at + KILL_GRACE) {
                 p.settled = true;
-            } else if !p.killed && now >= start + p.timeout {
+            } else if !p.killed && now >= p.step_at + p.timeout {
+                p.step_at = now;
+                if let Some(&next) = p.signals.get(p.step + 1) {
+                    p.step += 1;
+                    debug!(
+                        site = p.site,
+                        pid = p.record.pid,
+                        "a previous agent's worker still runs: signal {next} of its stop sequence"
+                    );
+                    if let Err(e) = p.pidref.signal(next) {
+                        error!(
+                            site = p.site,
+                            pid = p.record.pid,
+                            "failed to signal a previous agent's worker: {e}"
+                        );
+                    }
+                    continue;
+                }
                 warn!(
                     site = p.site,
                     pid = p.record.pid,
                     "a previous agent's worker did not stop within {:?}: killing its process tree",
-                    p.timeout
+                    p.timeout * u32::try_from(p.signals.len()).unwrap_or(1)
                 );
                 kill_tree(p, cgroups);
                 p.killed = true;
@@ -508,7 +542,7 @@ fn stop_all(mut found: Vec<Previous>, cgroups: Option<&CgroupTree>) {
         let waiting: Vec<&Previous> = found.iter().filter(|p| !p.settled).collect();
         let Some(next) = waiting
             .iter()
-            .map(|p| start + p.timeout + if p.killed { KILL_GRACE } else { Duration::ZERO })
+            .map(|p| p.step_at + if p.killed { KILL_GRACE } else { p.timeout })
             .min()
         else {
             break;
@@ -868,5 +902,52 @@ mod tests {
         // Still here, and a corrupt file does not stop the agent either.
         std::fs::write(&path, "{").expect("write");
         assert!(recover(dir.path(), &agent_file, &[], None).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod stop_sequence_tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt as _;
+
+    /// A previous worker that ignores the first signal of its sequence (`SIGWINCH`, as a
+    /// `sleep` does) gets the next one (`SIGTERM`) `timeout` later, and is not killed.
+    #[test]
+    fn a_previous_worker_gets_each_signal_of_its_stop_sequence() {
+        use std::os::unix::process::CommandExt as _;
+        // In a group of its own: what is left of its tree gets SIGKILL by group at the end.
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .process_group(0)
+            .spawn()
+            .expect("sleep");
+        let pid = i32::try_from(child.id()).expect("a pid fits");
+        let start_time = crate::process::read_stat(pid).expect("stat").start_time;
+        let pidref = PidRef::open_verified(pid, start_time).expect("pidfd");
+        let timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        stop_all(
+            vec![Previous {
+                site: "web".into(),
+                record: WorkerRecord {
+                    slot: 1,
+                    pid,
+                    start_time,
+                    cgroup: None,
+                },
+                pidref,
+                members: Vec::new(),
+                signals: vec![libc::SIGWINCH, libc::SIGTERM],
+                timeout,
+                step: 0,
+                step_at: started,
+                settled: false,
+                killed: false,
+            }],
+            None,
+        );
+        assert!(started.elapsed() >= timeout, "TERM came after the wait");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
     }
 }

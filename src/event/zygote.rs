@@ -64,8 +64,11 @@ pub(super) struct Zygote {
     version: u32,
     /// `FORK`s not answered yet, by request id.
     pending: BTreeMap<u64, PendingFork>,
-    /// Asked to stop: killed at this time if it still runs.
+    /// Asked to stop: the next signal of its stop sequence (or `SIGKILL` after the last)
+    /// at this time if it still runs.
     kill_at: Option<Instant>,
+    /// Asked to stop: its stop sequence, and the step sent last (0: the first signal).
+    stop_step: Option<(crate::config::StopPolicy, usize)>,
     /// Its generation is gone (retired, or its site removed): only its exit is awaited.
     detached: bool,
     /// Killed: only its exit is awaited (no deadline applies any more).
@@ -232,6 +235,7 @@ impl Agent {
                 version: 0,
                 pending: BTreeMap::new(),
                 kill_at: None,
+                stop_step: None,
                 detached: false,
                 killed: false,
             },
@@ -547,8 +551,9 @@ impl Agent {
         }
     }
 
-    /// Sends generation `g`'s zygote its stop signal; it is killed if it still runs after
-    /// `stop.timeout`.
+    /// Sends generation `g`'s zygote the first signal of its stop sequence; each next one
+    /// follows `stop.timeout` after the one before while it runs, and it is killed
+    /// `stop.timeout` after the last.
     pub(super) fn stop_zygote(&mut self, name: &SiteName, g: GenId) {
         let Some(id) = self.zygote_of(name, g) else {
             return;
@@ -568,13 +573,37 @@ impl Agent {
         if z.kill_at.is_some() || z.killed {
             return;
         }
-        let (signal, timeout) = stop.map_or((libc::SIGTERM, DEFAULT_STOP_TIMEOUT), |s| {
-            (s.signal.0, s.timeout)
+        let stop = stop.unwrap_or(crate::config::StopPolicy {
+            signal: crate::config::Signal(libc::SIGTERM),
+            then: [None; crate::config::MAX_STOP_SIGNALS - 1],
+            timeout: DEFAULT_STOP_TIMEOUT,
         });
-        if let Err(e) = z.pidref.signal(signal) {
+        if let Err(e) = z.pidref.signal(stop.signal.0) {
             debug!(site = %z.site, gen = z.generation.0, "failed to signal the zygote: {e}");
         }
-        z.kill_at = Some(Instant::now() + timeout);
+        z.kill_at = Some(Instant::now() + stop.timeout);
+        z.stop_step = Some((stop, 0));
+    }
+
+    /// A zygote asked to stop still runs at its deadline: the next signal of its stop
+    /// sequence, if there is one (true), else nothing (false: it is to be killed).
+    fn next_stop_signal(&mut self, id: u64, now: Instant) -> bool {
+        let Some(z) = self.zygotes.get_mut(&id) else {
+            return false;
+        };
+        let Some((stop, step)) = z.stop_step else {
+            return false;
+        };
+        let Some(signal) = stop.step(step + 1) else {
+            return false;
+        };
+        info!(site = %z.site, gen = z.generation.0, pid = z.pidref.pid(), signal = %signal.name(), "the zygote still runs: next signal of its stop sequence");
+        if let Err(e) = z.pidref.signal(signal.0) {
+            debug!(site = %z.site, gen = z.generation.0, "failed to signal the zygote: {e}");
+        }
+        z.stop_step = Some((stop, step + 1));
+        z.kill_at = Some(now + stop.timeout);
+        true
     }
 
     /// Generation `g` of site `name` is gone (retired, or the site removed): its zygote, if
@@ -723,6 +752,9 @@ impl Agent {
             })
             .collect();
         for (id, hung) in due {
+            if !hung && self.next_stop_signal(id, now) {
+                continue;
+            }
             if let Some(z) = self.zygotes.get(&id) {
                 if hung {
                     error!(site = %z.site, gen = z.generation.0, pid = z.pidref.pid(), "the zygote did not answer a fork in time: killing it");
