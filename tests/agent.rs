@@ -1195,7 +1195,8 @@ fn free_port() -> u16 {
 /// workers (pid and start time, checked through a pidfd), and the port held by them and
 /// the new agent alone, with or without cgroups: never two sets of workers on one port.
 /// A site whose file is gone when the new agent starts has its workers stopped instead,
-/// before anything binds: its stop signal, then its tree killed after `stop.timeout`.
+/// before anything binds: its stop signal, then its tree killed after `stop.timeout` (as
+/// recorded when its workers started: the site file is gone).
 #[test]
 fn a_new_agent_adopts_the_workers_of_a_dead_one_and_stops_those_of_removed_sites() {
     for (cgroups, stubborn) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -1289,6 +1290,13 @@ fn a_new_agent_adopts_the_workers_of_a_dead_one_and_stops_those_of_removed_sites
         assert!(old.iter().all(|p| said.contains(&p.to_string())), "{said}");
         assert!(
             log.contains("stopped 2 workers of a previous agent"),
+            "{log}"
+        );
+        // The site is gone, but its stop timeout is the one its workers were started
+        // with (recorded): not the 10 s given to workers of an unknown site.
+        assert_eq!(
+            log.contains("a previous agent's worker did not stop within 1s"),
+            stubborn,
             "{log}"
         );
         assert!(

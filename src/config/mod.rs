@@ -190,8 +190,16 @@ fn err(file: &Path, key: &str, message: impl Into<String>) -> ConfigError {
 }
 
 /// A validated site name: 1 to 64 of `[a-z0-9_-]`, starting with a letter or digit.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct SiteName(String);
+/// Shared, not copied: the agent keeps one per worker in several maps (by pid, by
+/// registration), and a clone is a reference count.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SiteName(std::sync::Arc<str>);
+
+impl Serialize for SiteName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 impl SiteName {
     /// Validates `name`.
@@ -207,7 +215,7 @@ impl SiteName {
                 "invalid site name \"{name}\": use 1 to 64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
             ));
         }
-        Ok(SiteName(name.to_string()))
+        Ok(SiteName(name.into()))
     }
 
     /// The name.

@@ -196,11 +196,11 @@ pub fn validate_site(
                 "name",
                 "missing: every site file needs name = \"...\"",
             ));
-            SiteName(stem.to_string())
+            SiteName(stem.into())
         }
         Some(n) => p.or(
             SiteName::new(n).map_err(|m| err(file, "name", m)),
-            SiteName(stem.to_string()),
+            SiteName(stem.into()),
         ),
     };
     if stem != name.as_str() && p.is_empty() {

@@ -47,8 +47,9 @@
 //!
 //! 1. Its process group's other members are pinned by pidfd (without cgroups they hold the
 //!    listeners too, and the group id may be freed once the leader is reaped by init).
-//! 2. The first signal of its site's stop sequence (`SIGTERM` if the site is gone) through
-//!    its pidfd.
+//! 2. The first signal of its site's stop sequence through its pidfd: of the site as
+//!    configured now, or, for a site gone from the configuration, as recorded when its
+//!    workers started (`SIGTERM` and [`MAX_STOP_WAIT`] if that no longer reads).
 //! 3. Wait for its pidfd to poll readable (it is not our child: `waitid` gives `ECHILD`),
 //!    up to the site's `stop.timeout`, then send the sequence's next signal and wait again,
 //!    to its end; all the waits together at most [`MAX_STOP_WAIT`] (each step its share).
@@ -294,7 +295,13 @@ pub(super) fn recover(
         let alive = open_alive(&site);
         let config = sites.iter().find(|c| c.name.as_str() == site.name);
         let Some(config) = config else {
-            strays.extend(to_stop(&site.name, alive, None, cgroups));
+            // Gone from the configuration: stopped as the text it ran with says (its stop
+            // sequence and timeout), if that still reads.
+            let recorded = site.config_text.as_deref().and_then(|text| {
+                let file = Path::new(&site.name).with_extension("toml");
+                crate::config::site_from_text(agent_file, &file, text).ok()
+            });
+            strays.extend(to_stop(&site.name, alive, recorded.as_ref(), cgroups));
             continue;
         };
         let count: usize = alive.values().map(Vec::len).sum();
