@@ -527,8 +527,12 @@ pub enum Reply {
     Line(String),
     /// A `watch` snapshot.
     Snapshot(Box<Snapshot>),
-    /// Success, with data.
+    /// Success, with data (as a client reads it).
     Ok(serde_json::Value),
+    /// Success, with data serialized already: what the agent sends (read back as
+    /// [`Reply::Ok`]).
+    #[serde(rename = "ok", skip_deserializing)]
+    OkText(RawJson),
     /// Failure.
     Error(ErrorReply),
 }
@@ -542,9 +546,12 @@ impl Reply {
     }
 
     /// A success carrying `value` (one of the reply types: [`crate::status::Status`],
-    /// [`Done`], ...).
+    /// [`Done`], ...), serialized at once: a `status` of 10,000 workers built as a
+    /// `serde_json::Value` tree first took ~30 MB at its peak, which the agent's heap kept.
     pub fn ok(value: &impl Serialize) -> Reply {
-        Reply::Ok(serde_json::to_value(value).expect("reply types always serialize"))
+        Reply::OkText(RawJson(
+            serde_json::value::to_raw_value(value).expect("reply types always serialize"),
+        ))
     }
 
     /// An error reply.
@@ -553,6 +560,29 @@ impl Reply {
             kind,
             message: message.into(),
         })
+    }
+}
+
+/// A JSON text, serialized already, sent as it is.
+#[derive(Debug, Clone)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &RawJson) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
     }
 }
 
@@ -601,7 +631,7 @@ impl Client {
                         "the agent closed the connection without an answer",
                     ));
                 }
-                Some(r @ (Reply::Ok(_) | Reply::Error(_))) => return Ok(r),
+                Some(r @ (Reply::Ok(_) | Reply::OkText(_) | Reply::Error(_))) => return Ok(r),
                 Some(r) => progress(&r),
             }
         }
@@ -616,12 +646,14 @@ impl Client {
     ) -> Result<T, ClientError> {
         let reply = self.call(req, |r| match r {
             Reply::Event(e) | Reply::Line(e) => progress(e),
-            Reply::Snapshot(_) | Reply::Ok(_) | Reply::Error(_) => {}
+            Reply::Snapshot(_) | Reply::Ok(_) | Reply::OkText(_) | Reply::Error(_) => {}
         })?;
+        let cannot_read = |e: serde_json::Error| {
+            ClientError::Protocol(format!("an answer this client cannot read: {e}"))
+        };
         match reply {
-            Reply::Ok(value) => serde_json::from_value(value).map_err(|e| {
-                ClientError::Protocol(format!("an answer this client cannot read: {e}"))
-            }),
+            Reply::Ok(value) => serde_json::from_value(value).map_err(cannot_read),
+            Reply::OkText(text) => serde_json::from_str(text.get()).map_err(cannot_read),
             Reply::Error(e) => Err(ClientError::Agent(e)),
             other => Err(ClientError::Protocol(format!(
                 "a final answer neither ok nor error: {other:?}"
@@ -856,5 +888,26 @@ mod tests {
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
         let back: Reply = serde_json::from_slice(&line).expect("parse");
         assert_eq!(back, Reply::Line("a\nb".into()));
+    }
+
+    /// What the agent sends as text is what a client reads as a value.
+    #[test]
+    fn an_ok_sent_as_text_reads_back_as_its_value() {
+        let done = Done {
+            generation: Some(2),
+            ..Done::new("blog", "line one\nline \"two\"")
+        };
+        let line = Reply::ok(&done).to_line();
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        let back: Reply = serde_json::from_slice(&line).expect("parse");
+        assert_eq!(
+            back,
+            Reply::Ok(serde_json::to_value(&done).expect("a value"))
+        );
+        assert!(
+            line.starts_with(b"{\"ok\":{"),
+            "{}",
+            String::from_utf8_lossy(&line)
+        );
     }
 }
