@@ -198,14 +198,14 @@ fn agent_pid() -> i64 {
     pids[0]
 }
 
-/// Requests to `port`, one after another on a thread, until the returned flag is set;
-/// the thread returns how many were answered and the failures.
-fn keep_asking(
-    port: u16,
-) -> (
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-    std::thread::JoinHandle<(u64, Vec<String>)>,
-) {
+/// Requests to a port, one after another on a thread, until [`Load::end`].
+struct Load {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, Vec<String>)>,
+}
+
+/// Starts asking `port`.
+fn keep_asking(port: u16) -> Load {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = done.clone();
     let thread = std::thread::spawn(move || {
@@ -218,7 +218,30 @@ fn keep_asking(
         }
         (ok, failed)
     });
-    (done, thread)
+    Load { done, thread }
+}
+
+impl Load {
+    /// Stops asking; every request was answered, and some were, `during` what happened.
+    fn end(self, during: &str) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (answered, failed) = self.thread.join().expect("requests");
+        assert!(failed.is_empty(), "requests failed {during}: {failed:?}");
+        assert!(answered > 0, "no request was answered {during}");
+    }
+}
+
+/// Waits until the keeper (the unit's main process `keeper`) has a child other than
+/// agent `old`, and that new agent answers.
+fn wait_for_a_new_agent(what: &str, keeper: &str, old: i64) {
+    wait_until(what, Duration::from_secs(120), || {
+        let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children"))
+            .unwrap_or_default();
+        !children.trim().is_empty() && !children.contains(&old.to_string())
+    });
+    wait_until("the new agent to answer", Duration::from_secs(60), || {
+        hatchery(&["status", "--json"]).status.success()
+    });
 }
 
 fn signal(pid: i64, sig: rustix::process::Signal) {
@@ -408,28 +431,10 @@ fn the_agent_pings_the_watchdog_and_a_hung_agent_is_replaced() {
     let restarts = show("NRestarts");
     let agent = agent_pid();
     let workers = worker_pids(&status(), "shop");
-    let (done, asking) = keep_asking(18083);
+    let load = keep_asking(18083);
     signal(agent, rustix::process::Signal::STOP);
-    wait_until(
-        "the keeper to replace the hung agent",
-        Duration::from_secs(120),
-        || {
-            let now = show("MainPID");
-            let children = std::fs::read_to_string(format!("/proc/{now}/task/{now}/children"))
-                .unwrap_or_default();
-            !children.trim().is_empty() && !children.contains(&agent.to_string())
-        },
-    );
-    wait_until("the new agent to answer", Duration::from_secs(60), || {
-        hatchery(&["status", "--json"]).status.success()
-    });
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (answered, failed) = asking.join().expect("requests");
-    assert!(
-        failed.is_empty(),
-        "requests failed while the agent was replaced: {failed:?}"
-    );
-    assert!(answered > 0);
+    wait_for_a_new_agent("the keeper to replace the hung agent", &main_pid, agent);
+    load.end("while the agent was replaced");
     assert_eq!(show("MainPID"), main_pid, "the unit was restarted");
     assert_eq!(show("NRestarts"), restarts, "systemd restarted the unit");
     assert_eq!(
@@ -461,25 +466,11 @@ fn an_agent_killed_under_systemd_is_replaced_and_adopts_its_workers_without_a_fa
     let main_pid = show("MainPID");
     let restarts = show("NRestarts");
     let before = status();
-    let (done, asking) = keep_asking(18085);
+    let load = keep_asking(18085);
     let agent = agent_pid();
     signal(agent, rustix::process::Signal::KILL);
-    wait_until("a new agent", Duration::from_secs(60), || {
-        let children =
-            std::fs::read_to_string(format!("/proc/{main_pid}/task/{main_pid}/children"))
-                .unwrap_or_default();
-        !children.trim().is_empty() && !children.contains(&agent.to_string())
-    });
-    wait_until("the new agent to answer", Duration::from_secs(60), || {
-        hatchery(&["status", "--json"]).status.success()
-    });
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (answered, failed) = asking.join().expect("requests");
-    assert!(
-        failed.is_empty(),
-        "requests failed across the agent's crash: {failed:?}"
-    );
-    assert!(answered > 0);
+    wait_for_a_new_agent("a new agent", &main_pid, agent);
+    load.end("across the agent's crash");
     assert_eq!(show("MainPID"), main_pid, "the unit was restarted");
     assert_eq!(show("NRestarts"), restarts, "systemd restarted the unit");
     assert_eq!(show("ActiveState"), "active");
@@ -646,22 +637,16 @@ fn upgrade_under_systemd_keeps_the_agents_pid_the_keeper_and_every_worker() {
     let main_pid = show("MainPID");
     let agent = agent_pid();
     let before = worker_pids(&status(), "shop");
-    let (done, asking) = keep_asking(18087);
+    let load = keep_asking(18087);
     // The installed binary again: the path the agent runs from is the default.
     let out = hatchery(&["upgrade"]);
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.end("across the upgrade");
     assert!(
         out.status.success(),
         "upgrade failed: {}{}",
         stdout(&out),
         stderr(&out)
     );
-    let (answered, failed) = asking.join().expect("requests");
-    assert!(
-        failed.is_empty(),
-        "requests failed across the upgrade: {failed:?}"
-    );
-    assert!(answered > 0);
     assert_eq!(show("MainPID"), main_pid, "the unit's main process changed");
     assert_eq!(agent_pid(), agent, "the agent's pid changed");
     let after = status();
