@@ -371,6 +371,15 @@ pub struct StopPolicy {
 }
 
 impl StopPolicy {
+    /// `signal`, then `SIGKILL` to the tree `timeout` later.
+    pub fn single(signal: Signal, timeout: Duration) -> StopPolicy {
+        StopPolicy {
+            signal,
+            then: [None; MAX_STOP_SIGNALS - 1],
+            timeout,
+        }
+    }
+
     /// The policy sending `signals` in order, each followed by `timeout`; `None` when
     /// `signals` is empty or longer than [`MAX_STOP_SIGNALS`].
     pub fn sequence(signals: &[Signal], timeout: Duration) -> Option<StopPolicy> {

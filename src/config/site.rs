@@ -721,11 +721,7 @@ fn validate_stop(file: &Path, slot: &mut Option<RawStop>, p: &mut Problems) -> S
         ),
         Duration::from_secs(30),
     );
-    StopPolicy::sequence(&signals, timeout).unwrap_or(StopPolicy {
-        signal: term,
-        then: [None; MAX_STOP_SIGNALS - 1],
-        timeout,
-    })
+    StopPolicy::sequence(&signals, timeout).unwrap_or(StopPolicy::single(term, timeout))
 }
 
 /// A `[[listen]]` with `mode = "own"` (at `key`): a TCP port, not 0, with no backlog

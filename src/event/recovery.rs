@@ -75,7 +75,7 @@ use tracing::{debug, error, info, warn};
 
 use super::Agent;
 use crate::cgroup::CgroupTree;
-use crate::config::SiteConfig;
+use crate::config::{Signal, SiteConfig, StopPolicy};
 use crate::net::Listener;
 use crate::process::PidRef;
 use crate::supervisor::ids::{GenId, Slot};
@@ -211,11 +211,9 @@ struct Previous {
     pidref: PidRef,
     /// Other members of its process group, pinned before anything was signalled.
     members: Vec<PidRef>,
-    /// Its stop sequence, in order.
-    signals: Vec<i32>,
-    /// The wait after each signal.
-    timeout: Duration,
-    /// The signal sent last (an index into `signals`), and when.
+    /// Its stop sequence, each wait cut to its share of [`MAX_STOP_WAIT`].
+    stop: StopPolicy,
+    /// The step of the sequence sent last (0: the first signal), and when.
     step: usize,
     step_at: Instant,
     /// It exited, or was killed and given up on.
@@ -459,12 +457,16 @@ fn to_stop(
     config: Option<&SiteConfig>,
     cgroups: Option<&CgroupTree>,
 ) -> Vec<Previous> {
-    let stop = config.map(|c| c.stop);
-    let signals: Vec<i32> =
-        stop.map_or(vec![libc::SIGTERM], |s| s.signals().map(|s| s.0).collect());
+    let stop = config.map_or(
+        StopPolicy::single(Signal(libc::SIGTERM), MAX_STOP_WAIT),
+        |c| c.stop,
+    );
     // Every step its share of the longest wait.
-    let steps = u32::try_from(signals.len()).unwrap_or(1).max(1);
-    let timeout = stop.map_or(MAX_STOP_WAIT, |s| s.timeout.min(MAX_STOP_WAIT / steps));
+    let steps = u32::try_from(stop.signals().count()).unwrap_or(1).max(1);
+    let stop = StopPolicy {
+        timeout: stop.timeout.min(MAX_STOP_WAIT / steps),
+        ..stop
+    };
     let now = Instant::now();
     alive
         .into_values()
@@ -476,8 +478,7 @@ fn to_stop(
             } else {
                 crate::process::group_members(a.record.pid, a.record.pid)
             },
-            signals: signals.clone(),
-            timeout,
+            stop,
             step: 0,
             step_at: now,
             record: a.record,
@@ -502,7 +503,7 @@ fn stop_all(mut found: Vec<Previous>, cgroups: Option<&CgroupTree>) {
     let start = Instant::now();
     for p in &mut found {
         p.step_at = start;
-        if let Err(e) = p.pidref.signal(p.signals[0]) {
+        if let Err(e) = p.pidref.signal(p.stop.signal.0) {
             error!(
                 site = p.site,
                 pid = p.record.pid,
@@ -518,16 +519,17 @@ fn stop_all(mut found: Vec<Previous>, cgroups: Option<&CgroupTree>) {
         for p in found.iter_mut().filter(|p| !p.settled) {
             if p.pidref.has_exited() || (p.killed && now >= p.step_at + KILL_GRACE) {
                 p.settled = true;
-            } else if !p.killed && now >= p.step_at + p.timeout {
+            } else if !p.killed && now >= p.step_at + p.stop.timeout {
                 p.step_at = now;
-                if let Some(&next) = p.signals.get(p.step + 1) {
+                if let Some(next) = p.stop.step(p.step + 1) {
                     p.step += 1;
                     debug!(
                         site = p.site,
                         pid = p.record.pid,
-                        "a previous agent's worker still runs: signal {next} of its stop sequence"
+                        "a previous agent's worker still runs: {} of its stop sequence",
+                        next.name()
                     );
-                    if let Err(e) = p.pidref.signal(next) {
+                    if let Err(e) = p.pidref.signal(next.0) {
                         error!(
                             site = p.site,
                             pid = p.record.pid,
@@ -540,7 +542,7 @@ fn stop_all(mut found: Vec<Previous>, cgroups: Option<&CgroupTree>) {
                     site = p.site,
                     pid = p.record.pid,
                     "a previous agent's worker did not stop within {:?}: killing its process tree",
-                    p.timeout * u32::try_from(p.signals.len()).unwrap_or(1)
+                    p.stop.total()
                 );
                 kill_tree(p, cgroups);
                 p.killed = true;
@@ -549,7 +551,7 @@ fn stop_all(mut found: Vec<Previous>, cgroups: Option<&CgroupTree>) {
         let waiting: Vec<&Previous> = found.iter().filter(|p| !p.settled).collect();
         let Some(next) = waiting
             .iter()
-            .map(|p| p.step_at + if p.killed { KILL_GRACE } else { p.timeout })
+            .map(|p| p.step_at + if p.killed { KILL_GRACE } else { p.stop.timeout })
             .min()
         else {
             break;
@@ -944,8 +946,11 @@ mod stop_sequence_tests {
                 },
                 pidref,
                 members: Vec::new(),
-                signals: vec![libc::SIGWINCH, libc::SIGTERM],
-                timeout,
+                stop: StopPolicy::sequence(
+                    &[Signal(libc::SIGWINCH), Signal(libc::SIGTERM)],
+                    timeout,
+                )
+                .expect("two signals"),
                 step: 0,
                 step_at: started,
                 settled: false,

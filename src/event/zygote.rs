@@ -573,11 +573,10 @@ impl Agent {
         if z.kill_at.is_some() || z.killed {
             return;
         }
-        let stop = stop.unwrap_or(crate::config::StopPolicy {
-            signal: crate::config::Signal(libc::SIGTERM),
-            then: [None; crate::config::MAX_STOP_SIGNALS - 1],
-            timeout: DEFAULT_STOP_TIMEOUT,
-        });
+        let stop = stop.unwrap_or(crate::config::StopPolicy::single(
+            crate::config::Signal(libc::SIGTERM),
+            DEFAULT_STOP_TIMEOUT,
+        ));
         if let Err(e) = z.pidref.signal(stop.signal.0) {
             debug!(site = %z.site, gen = z.generation.0, "failed to signal the zygote: {e}");
         }
