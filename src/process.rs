@@ -199,6 +199,34 @@ pub struct ProcStat {
     pub start_time: u64,
 }
 
+/// `CLOCK_BOOTTIME` now, in nanoseconds: the clock of a process's start time
+/// (`/proc/<pid>/stat` field 22, in clock ticks).
+pub fn boottime_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    u64::try_from(t.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+}
+
+/// The start time, in clock ticks after boot as `/proc/<pid>/stat` gives it, of a process
+/// created between two readings of [`boottime_ns`]: known without reading `/proc` when
+/// both fall in the same tick (the kernel truncates the nanoseconds it took at the fork
+/// to ticks), `None` when a tick ended between them.
+///
+/// Reading `/proc/<pid>/stat` instead has two costs at 10,000 workers: the read at every
+/// start, and the `/proc/<pid>` entries it makes, which the kernel must then invalidate
+/// when the process is reaped (a quarter of the agent's time in a graceful stop).
+pub fn start_time_between(before_ns: u64, after_ns: u64) -> Option<u64> {
+    let ticks = rustix::param::clock_ticks_per_second();
+    if ticks == 0 || 1_000_000_000 % ticks != 0 || after_ns < before_ns {
+        return None;
+    }
+    let tick_ns = 1_000_000_000 / ticks;
+    let (a, b) = (before_ns / tick_ns, after_ns / tick_ns);
+    (a == b).then_some(a)
+}
+
 /// Reads `/proc/<pid>/stat`.
 pub fn read_stat(pid: i32) -> io::Result<ProcStat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -266,6 +294,49 @@ mod tests {
         let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
         assert_eq!(parent_pid(me), Some(parent));
         assert_eq!(parent_pid(-1), None);
+    }
+
+    #[test]
+    fn a_start_time_bracketed_by_the_boot_clock_is_the_one_proc_gives() {
+        // The kernel's own start times against the ones derived from the clock around
+        // the fork, for as many children as it takes to see both cases of the bracket:
+        // inside one tick (known, and equal to /proc's) and across a tick's end (unknown).
+        let (mut known, mut unknown) = (0, 0);
+        for _ in 0..2000 {
+            let before = boottime_ns();
+            let mut child = std::process::Command::new("true")
+                .spawn()
+                .expect("spawn true");
+            let after = boottime_ns();
+            let pid = i32::try_from(child.id()).expect("pid");
+            let real = read_stat(pid)
+                .expect("stat of the unreaped child")
+                .start_time;
+            child.wait().expect("wait");
+            match start_time_between(before, after) {
+                Some(t) => {
+                    assert_eq!(t, real, "bracket {before}..{after} ns");
+                    known += 1;
+                }
+                None => {
+                    let tick = 1_000_000_000 / rustix::param::clock_ticks_per_second();
+                    assert_ne!(before / tick, after / tick);
+                    unknown += 1;
+                }
+            }
+            if known >= 50 && unknown >= 1 {
+                break;
+            }
+        }
+        assert!(
+            known >= 50,
+            "{known} start times known of {}",
+            known + unknown
+        );
+        // Across a tick's end the answer is None, never a guess.
+        let tick = 1_000_000_000 / rustix::param::clock_ticks_per_second();
+        assert_eq!(start_time_between(5 * tick - 1, 5 * tick), None);
+        assert_eq!(start_time_between(5 * tick, 6 * tick - 1), Some(5));
     }
 
     #[test]

@@ -109,6 +109,9 @@ pub struct Launched {
     pub pidfd: OwnedFd,
     /// Its cgroup leaf.
     pub leaf: Option<PathBuf>,
+    /// Its start time in clock ticks after boot (`/proc/<pid>/stat` field 22), when the
+    /// clock around `clone3` tells it (see `process::start_time_between`).
+    pub start_time: Option<u64>,
 }
 
 /// Starts `image` with `fds` as its fds 0, 1, 2, ...: the one sequence every process of a
@@ -141,6 +144,7 @@ pub fn launch(
             pid: s.pid,
             pidfd: s.pidfd,
             leaf: dir,
+            start_time: crate::process::start_time_between(s.born_between.0, s.born_between.1),
         }),
         Err(e) => {
             // The child (reaped by `spawn`) was the only process ever in the leaf.

@@ -286,6 +286,9 @@ pub struct Agent {
     /// A site was fed, or a worker started or exited, since the record of live workers
     /// was last written.
     workers_dirty: bool,
+    /// The sites whose output was read this turn of the loop, before its exits were
+    /// handled (see `Agent::drain_before_exits`).
+    drained_before_exits: Vec<SiteName>,
     /// A hash of the record as last written (it is written again only when it changed).
     last_record: Option<u64>,
     /// The shape of the record last written (`Agent::record_shape`): a change of it is
@@ -559,6 +562,7 @@ impl Agent {
             zygote_pids: HashMap::new(),
             pressure: HashMap::new(),
             workers_dirty: true,
+            drained_before_exits: Vec::new(),
             last_record: None,
             last_shape: None,
             save_after: None,
@@ -800,6 +804,7 @@ impl Agent {
                 Some(Source::Signals) => 1,
                 _ => 2,
             });
+            self.drain_before_exits(&ready);
             for &token in &ready {
                 if let Some(source) = self.reg.tokens.remove(&token) {
                     self.dispatch(token, source);

@@ -504,7 +504,7 @@ impl Agent {
         };
         // A zygote of protocol version 1 gave it one pipe for both streams: its lines
         // read as stdout's.
-        self.track_worker(name, worker, pidref, output, leaf)
+        self.track_worker(name, worker, pidref, output, leaf, None)
             .map_err(|e| format!("failed to watch the worker: {e}"))?;
         debug!(site = %name, gen = g.0, worker = %slot, pid, "forked by the zygote");
         Ok(pid)

@@ -302,6 +302,9 @@ pub struct Spawned {
     pub pid: i32,
     /// Its pidfd, the only handle the agent uses to signal and reap it.
     pub pidfd: OwnedFd,
+    /// `CLOCK_BOOTTIME` just before `clone3` and just after it returned, in nanoseconds:
+    /// the kernel took the child's start time between the two.
+    pub born_between: (u64, u64),
 }
 
 // Linux uapi values; libc has no `clone_args` for glibc targets.
@@ -487,7 +490,9 @@ fn spawn_with_block(
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = u64::try_from(cg.as_raw_fd()).expect("fds are non-negative");
     }
+    let before = crate::process::boottime_ns();
     let ret = clone_child(&mut args, &plan, &mut block.stack);
+    let after = crate::process::boottime_ns();
     let ret = cvt(ret).map_err(SpawnError::Clone)?;
     // The child has exec'd or exited (CLONE_VFORK): drop our references to its fds, the
     // report pipe's write end among them, so the read below sees EOF on success.
@@ -508,7 +513,11 @@ fn spawn_with_block(
         }
     }
     if got == 0 {
-        return Ok(Spawned { pid, pidfd });
+        return Ok(Spawned {
+            pid,
+            pidfd,
+            born_between: (before, after),
+        });
     }
     // The child failed before or at execve and is exiting with 127: reap it now so no
     // zombie is left behind.
