@@ -78,7 +78,10 @@ pub struct WorkerOptions {
     /// answers them, as a worker whose app is stuck), `log-requests` (prints each request
     /// line and its user agent), `slow-stop` (once told to stop, stops accepting but exits
     /// only once the file `finish-stop` appears in the directory, at most a minute later, as
-    /// a worker finishing long requests: its generation drains that long).
+    /// a worker finishing long requests: its generation drains that long), `wait-for-go`
+    /// (with `one-at-a-time`: answers nothing until the file `go` appears in the directory,
+    /// at most two minutes; connections queue up meanwhile, so its generation drains until
+    /// told).
     pub behaviour_from: Option<PathBuf>,
     /// Bind this address itself (without `SO_REUSEPORT`, so a second process bound to it
     /// fails with `EADDRINUSE`) instead of taking its listener from `LISTEN_FDS`: a server
@@ -223,6 +226,11 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         .as_ref()
         .filter(|_| does("hang-when-told"))
         .map(|d| d.join(format!("hang-{id}")));
+    let go_file = opts
+        .behaviour_from
+        .as_ref()
+        .filter(|_| does("wait-for-go"))
+        .map(|d| d.join("go"));
     let log = does("log-requests").then(|| format!("demo worker {id} of generation {generation}"));
     // Once stuck, connections are held here, never answered.
     let mut stuck: Option<Vec<std::net::TcpStream>> = None;
@@ -274,6 +282,12 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
             continue;
         }
         if does("one-at-a-time") {
+            if let Some(go) = &go_file {
+                let until = std::time::Instant::now() + Duration::from_secs(120);
+                while !go.exists() && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
             // The next connection waits in the accept queue meanwhile.
             if opts.busy_reports {
                 notify(b"BUSY=1");

@@ -1185,16 +1185,17 @@ fn a_draining_generation_answers_its_queue_and_rollback_steers_back_to_it() {
     }
     let root = tempfile::tempdir().expect("tempdir");
     let link = root.path().join("current");
-    point(&link, &release(root.path(), "r1", Some("one-at-a-time")));
+    // gen-1's one worker answers nothing until the test creates `go` in its release, so
+    // the connections queued behind it are still there at the flip and gen-1 drains until
+    // then, however slow the machine (not a queue sized to outlast a probation, which a
+    // loaded VM outran).
+    let r1 = release(root.path(), "r1", Some("one-at-a-time wait-for-go"));
+    point(&link, &r1);
     let port = free_port();
-    // The queued connections are made during probation, and the one worker (500 ms a
-    // connection) must still hold some at the flip: under TCG probation is longer (making
-    // them took more than 2 s there beside other busy tests) and the queue longer still
-    // (30 × 500 ms = 15 s of work, 11 s of it left after a 4 s probation).
-    let (probation, queued) = if in_vm() { ("4s", 30) } else { ("1s", 12) };
+    let (probation, queued) = ("1s", 8);
     let text = format!(
         r#"name = "web"
-command = ["{BIN}", "__demo-worker", "--delay-ms", "500", "--behaviour-from", "{{release}}"]
+command = ["{BIN}", "__demo-worker", "--delay-ms", "100", "--behaviour-from", "{{release}}"]
 workers = 1
 release = "{}"
 [[listen]]
@@ -1251,12 +1252,8 @@ probation = "{probation}"
     );
     assert_eq!(agent.status("web")["generation"], 1);
 
-    // Connections queued at the flip, then a rollback while gen-1 drains them.
-    point(&link, &release(root.path(), "r3", None));
-    let deploying = deploy_in_background(&agent);
-    agent.wait_for("web", "gen-3 in probation", Duration::from_secs(30), |s| {
-        s["deploy"]["stage"] == "probation"
-    });
+    // Connections queued at gen-1 before the deploy (held there until `go`), then a
+    // rollback while gen-1 drains them.
     let waiting: Vec<TcpStream> = (0..queued)
         .map(|_| {
             let mut s =
@@ -1268,6 +1265,8 @@ probation = "{probation}"
             s
         })
         .collect();
+    point(&link, &release(root.path(), "r3", None));
+    let deploying = deploy_in_background(&agent);
     agent.wait_for(
         "web",
         "gen-3 serving, gen-1 draining",
@@ -1281,6 +1280,7 @@ probation = "{probation}"
         "rollback found gen-1 still draining: {}",
         stdout(&out)
     );
+    std::fs::write(r1.join("go"), "").expect("go");
     let out = deploying.join().expect("deploy");
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     // Every queued connection was answered by gen-1; none was reset.
