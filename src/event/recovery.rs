@@ -191,17 +191,35 @@ pub fn load(path: &Path) -> Result<Option<WorkersFile>, LoadError> {
     Ok(Some(file))
 }
 
-/// Replaces the record atomically: a reader sees the old file or the new one, never a
-/// part, even if the agent dies mid-write.
-pub fn save(path: &Path, text: &[u8]) -> io::Result<()> {
+/// Replaces the record atomically (`write` writes it into a temporary file, renamed over
+/// `path`): a reader sees the old file or the new one, never a part, even if the agent
+/// dies mid-write.
+fn save_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
+) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text)?;
+    write(&mut f)?;
     // No fsync: it blocked the loop 3-7 ms per write with 1000 workers, for nothing. An
     // agent that dies leaves the page cache to the next one; after a crash of the host the
     // boot id differs (and a torn file is corrupt), so the record is ignored either way.
     drop(f);
     std::fs::rename(&tmp, path)
+}
+
+/// A `Write` that only hashes what it is given.
+struct HashWriter(std::collections::hash_map::DefaultHasher);
+
+impl Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        std::hash::Hasher::write(&mut self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A recorded worker found alive, and what must die with it.
@@ -700,25 +718,25 @@ impl Agent {
             boot_id: self.boot_id.clone(),
             sites,
         };
-        let text = match serde_json::to_vec(&file) {
-            Ok(t) => t,
-            Err(e) => {
-                error!("failed to encode the record of live workers: {e}");
-                return;
-            }
-        };
-        // A hash of what was written, not a copy of it (2 MB with 10,000 workers).
-        let hash = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            text.hash(&mut h);
-            h.finish()
-        };
+        // A hash of the text, not a copy of it, and the text streamed to the file, never
+        // whole in memory: 2 MB with 10,000 workers, which the heap kept after it was
+        // freed (the allocator's threshold for returning large blocks rises with them).
+        let mut hasher = HashWriter(std::collections::hash_map::DefaultHasher::new());
+        if let Err(e) = serde_json::to_writer(&mut hasher, &file) {
+            error!("failed to encode the record of live workers: {e}");
+            return;
+        }
+        let hash = std::hash::Hasher::finish(&hasher.0);
         if self.last_record == Some(hash) {
             return;
         }
         let path = workers_file(&self.config.state_dir);
-        match save(&path, &text) {
+        let written = save_with(&path, |f| {
+            let mut w = io::BufWriter::with_capacity(64 * 1024, f);
+            serde_json::to_writer(&mut w, &file)?;
+            w.flush()
+        });
+        match written {
             Ok(()) => self.last_record = Some(hash),
             Err(e) => error!("failed to write {}: {e}", path.display()),
         }
@@ -832,7 +850,10 @@ mod tests {
     }
 
     fn write(path: &Path, file: &WorkersFile) {
-        save(path, &serde_json::to_vec(file).expect("encode")).expect("save");
+        save_with(path, |f| {
+            serde_json::to_writer(f, file).map_err(io::Error::other)
+        })
+        .expect("save");
     }
 
     #[test]
