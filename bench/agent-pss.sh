@@ -5,11 +5,14 @@
 # 10,000 workers is a few MB of reply that the heap keeps for a while). Root; raises
 # kernel.pid_max while it runs if N needs it.
 #
-#   bench/agent-pss.sh [N] [BIN]        # defaults: 10000, target/release/hatchery
+#   bench/agent-pss.sh [N] [BIN]   # defaults: 10000, target/dist/hatchery (the packaged build,
+#                                  # `cargo build --profile dist`), else target/release/hatchery
 set -eu
 N=${1:-10000}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${2:-$HERE/target/release/hatchery}
+default=$HERE/target/dist/hatchery
+[ -x "$default" ] || default=$HERE/target/release/hatchery
+BIN=${2:-$default}
 d=$(mktemp -d /tmp/hatchery-pss-XXXXXX)
 old_pid_max=$(cat /proc/sys/kernel/pid_max)
 [ "$old_pid_max" -lt $((3 * N + 4096)) ] && echo $((3 * N + 4096)) > /proc/sys/kernel/pid_max

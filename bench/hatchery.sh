@@ -1,10 +1,13 @@
 #!/bin/bash
 # Adapter "hatchery" for ../shared/bench/bench.py (see its docstring for the contract):
 # one site with N workers running CMD, the agent in the foreground.
-# Uses the release binary ($HATCHERY_BIN, default target/release/hatchery next to this file).
+# Uses $HATCHERY_BIN, by default the packaged build next to this file (target/dist/hatchery,
+# `cargo build --profile dist`), or target/release/hatchery when there is none.
 set -eu
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${HATCHERY_BIN:-$HERE/target/release/hatchery}
+default=$HERE/target/dist/hatchery
+[ -x "$default" ] || default=$HERE/target/release/hatchery
+BIN=${HATCHERY_BIN:-$default}
 act=$1; shift
 case $act in
   version)  echo "hatchery $("$BIN" --version | cut -d' ' -f2) ($(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || echo unknown)), reactor ${HATCHERY_REACTOR:-io_uring}" ;;
