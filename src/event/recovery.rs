@@ -192,15 +192,18 @@ pub fn load(path: &Path) -> Result<Option<WorkersFile>, LoadError> {
 }
 
 /// Replaces the record atomically (`write` writes it into a temporary file, renamed over
-/// `path`): a reader sees the old file or the new one, never a part, even if the agent
-/// dies mid-write.
+/// `path` if `write` says to keep it, removed if not): a reader sees the old file or the
+/// new one, never a part, even if the agent dies mid-write.
 fn save_with(
     path: &Path,
-    write: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
+    write: impl FnOnce(&mut std::fs::File) -> io::Result<bool>,
 ) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    write(&mut f)?;
+    if !write(&mut f)? {
+        drop(f);
+        return std::fs::remove_file(&tmp);
+    }
     // No fsync: it blocked the loop 3-7 ms per write with 1000 workers, for nothing. An
     // agent that dies leaves the page cache to the next one; after a crash of the host the
     // boot id differs (and a torn file is corrupt), so the record is ignored either way.
@@ -208,17 +211,21 @@ fn save_with(
     std::fs::rename(&tmp, path)
 }
 
-/// A `Write` that only hashes what it is given.
-struct HashWriter(std::collections::hash_map::DefaultHasher);
+/// A `Write` that hashes what it passes on to `out`.
+struct HashWriter<W> {
+    hasher: std::collections::hash_map::DefaultHasher,
+    out: W,
+}
 
-impl Write for HashWriter {
+impl<W: Write> Write for HashWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        std::hash::Hasher::write(&mut self.0, buf);
-        Ok(buf.len())
+        let n = self.out.write(buf)?;
+        std::hash::Hasher::write(&mut self.hasher, &buf[..n]);
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.out.flush()
     }
 }
 
@@ -718,26 +725,26 @@ impl Agent {
             boot_id: self.boot_id.clone(),
             sites,
         };
-        // A hash of the text, not a copy of it, and the text streamed to the file, never
-        // whole in memory: 2 MB with 10,000 workers, which the heap kept after it was
-        // freed (the allocator's threshold for returning large blocks rises with them).
-        let mut hasher = HashWriter(std::collections::hash_map::DefaultHasher::new());
-        if let Err(e) = serde_json::to_writer(&mut hasher, &file) {
-            error!("failed to encode the record of live workers: {e}");
-            return;
-        }
-        let hash = std::hash::Hasher::finish(&hasher.0);
-        if self.last_record == Some(hash) {
-            return;
-        }
+        // The text streamed to the file, never whole in memory (2 MB with 10,000 workers,
+        // which the heap kept after it was freed: the allocator's threshold for returning
+        // large blocks rises with them), and hashed on the way, not copied: a text the same
+        // as the last one written is not put in its place.
         let path = workers_file(&self.config.state_dir);
+        let last = self.last_record;
+        let mut hash = None;
         let written = save_with(&path, |f| {
-            let mut w = io::BufWriter::with_capacity(64 * 1024, f);
+            let mut w = HashWriter {
+                hasher: std::collections::hash_map::DefaultHasher::new(),
+                out: io::BufWriter::with_capacity(64 * 1024, f),
+            };
             serde_json::to_writer(&mut w, &file)?;
-            w.flush()
+            w.out.flush()?;
+            let h = std::hash::Hasher::finish(&w.hasher);
+            hash = Some(h);
+            Ok(last != Some(h))
         });
         match written {
-            Ok(()) => self.last_record = Some(hash),
+            Ok(()) => self.last_record = hash,
             Err(e) => error!("failed to write {}: {e}", path.display()),
         }
     }
@@ -851,7 +858,8 @@ mod tests {
 
     fn write(path: &Path, file: &WorkersFile) {
         save_with(path, |f| {
-            serde_json::to_writer(f, file).map_err(io::Error::other)
+            serde_json::to_writer(f, file).map_err(io::Error::other)?;
+            Ok(true)
         })
         .expect("save");
     }
