@@ -299,8 +299,9 @@ mod tests {
     #[test]
     fn a_start_time_bracketed_by_the_boot_clock_is_the_one_proc_gives() {
         // The kernel's own start times against the ones derived from the clock around
-        // the fork, for as many children as it takes to see both cases of the bracket:
-        // inside one tick (known, and equal to /proc's) and across a tick's end (unknown).
+        // the fork, until 50 were known (each must equal /proc's); a bracket across a
+        // tick's end must give none (checked on the children that had one, and below on
+        // fixed readings, since a run may have none).
         let (mut known, mut unknown) = (0, 0);
         for _ in 0..2000 {
             let before = boottime_ns();
@@ -324,7 +325,7 @@ mod tests {
                     unknown += 1;
                 }
             }
-            if known >= 50 && unknown >= 1 {
+            if known >= 50 {
                 break;
             }
         }
