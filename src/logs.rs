@@ -117,6 +117,10 @@ pub struct SiteLog {
     rotations: u64,
     /// The group that may read the files (the site's), when the agent may set it.
     group: Option<u32>,
+    /// The current file's inode (a rotation starts a new one).
+    ino: u64,
+    /// Where the log stood when this agent opened it.
+    opened: LogMark,
     /// Complete lines in the current file.
     lines: u64,
     /// `marks[i]`: where line `i * MARK_EVERY` of the current file starts, so the last N
@@ -165,13 +169,17 @@ impl SiteLog {
             .append(true)
             .mode(LOG_MODE)
             .open(&path)?;
-        let size = file.metadata()?.len();
+        let meta = file.metadata()?;
+        let size = meta.len();
+        let ino = std::os::unix::fs::MetadataExt::ino(&meta);
         let mut log = SiteLog {
             path,
             file,
             size: 0,
             policy,
             rotations: 0,
+            ino,
+            opened: LogMark { ino, size },
             group,
             lines: 0,
             marks: vec![0],
@@ -194,6 +202,19 @@ impl SiteLog {
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where the log stands now.
+    pub fn mark(&self) -> LogMark {
+        LogMark {
+            ino: self.ino,
+            size: self.size,
+        }
+    }
+
+    /// Where the log stood when this agent opened it, before it wrote anything.
+    pub fn opened(&self) -> LogMark {
+        self.opened
     }
 
     /// Changes the rotation policy and the group that may read the files (on reload).
@@ -275,11 +296,213 @@ impl SiteLog {
             .mode(LOG_MODE)
             .open(&self.path)?;
         protect(&self.file, self.group)?;
+        self.ino = std::os::unix::fs::MetadataExt::ino(&self.file.metadata()?);
         self.size = 0;
         self.rotations += 1;
         self.lines = 0;
         self.marks = vec![0];
         Ok(())
+    }
+}
+
+/// Where a site's log stands: its current file (by inode: a rotation starts a new one)
+/// and that file's size. Only the agent appends to it, so a log past a mark was written
+/// after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogMark {
+    pub ino: u64,
+    pub size: u64,
+}
+
+impl LogMark {
+    /// Whether something was written to the log between `earlier` and this mark.
+    pub fn is_past(self, earlier: LogMark) -> bool {
+        self.ino != earlier.ino || self.size > earlier.size
+    }
+}
+
+/// What the agent was reading when it last wrote the [`OutputCursor`]: an output socket
+/// or pipe (by the name the fd holder keeps it under), where the site's log stood before
+/// the read, and, for a pipe, how many bytes it read and where in the cursor's journal
+/// they go once taken off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorRecord {
+    pub name: String,
+    pub mark: LogMark,
+    pub len: u64,
+    pub journal_at: u64,
+}
+
+/// How the agent's reads of its workers' output stay exactly-once across its own death:
+/// a memfd the fd holder keeps (so it outlives the agent), holding one [`CursorRecord`]
+/// (the agent reads one socket or pipe at a time, so only the last read can be unfinished)
+/// and, after it, a journal that only grows, into which a pipe's bytes are spliced as
+/// they are taken off it (its size counts what was taken; the pages are freed).
+///
+/// A read goes: where the log stands is recorded; the bytes are looked at without being
+/// taken (`MSG_PEEK` for a socket, `tee` for a pipe); their lines are written; only then
+/// are they taken off (a `recv`; for a pipe, a `splice` into the journal). A new agent
+/// that finds the last read unfinished compares: if the log went past the recorded mark,
+/// the lines are written and only the taking was left (done now, nothing logged twice);
+/// if not, the bytes are still there and are read again (nothing lost). For a pipe, the
+/// journal's size says how much of the taking was done; for a socket, its peek offset.
+#[derive(Debug)]
+pub struct OutputCursor {
+    fd: std::os::fd::OwnedFd,
+    /// The file's size: where the journal ends.
+    size: u64,
+    /// Up to where the journal's pages were freed.
+    freed: u64,
+}
+
+/// Where the journal of an [`OutputCursor`] starts; the record is before it.
+const JOURNAL_START: u64 = 4096;
+/// The journal's pages are freed once this much was spliced in.
+const JOURNAL_FREE_EVERY: u64 = 1 << 20;
+
+impl OutputCursor {
+    /// A new cursor with no record.
+    pub fn new() -> io::Result<OutputCursor> {
+        let fd =
+            rustix::fs::memfd_create("hatchery-output-cursor", rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&fd, JOURNAL_START)?;
+        Ok(OutputCursor {
+            fd,
+            size: JOURNAL_START,
+            freed: JOURNAL_START,
+        })
+    }
+
+    /// The cursor an earlier agent made (kept by the fd holder), checked to be one.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> io::Result<OutputCursor> {
+        let stat = rustix::fs::fstat(&fd)?;
+        let size = u64::try_from(stat.st_size).unwrap_or(0);
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile
+            || size < JOURNAL_START
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not an output cursor",
+            ));
+        }
+        Ok(OutputCursor {
+            fd,
+            size,
+            freed: JOURNAL_START,
+        })
+    }
+
+    /// The memfd, for the fd holder.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// Where the journal ends (what a pipe read now is spliced to).
+    pub fn journal_end(&self) -> u64 {
+        self.size
+    }
+
+    /// Records a read about to be made.
+    pub fn record(&self, r: &CursorRecord) -> io::Result<()> {
+        let name = r.name.as_bytes();
+        let mut slot = Vec::with_capacity(34 + name.len());
+        slot.extend_from_slice(&u16::try_from(name.len()).unwrap_or(0).to_le_bytes());
+        for w in [r.mark.ino, r.mark.size, r.len, r.journal_at] {
+            slot.extend_from_slice(&w.to_le_bytes());
+        }
+        slot.extend_from_slice(name);
+        if slot.len() as u64 > JOURNAL_START {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "name too long"));
+        }
+        let n = rustix::io::pwrite(&self.fd, &slot, 0)?;
+        if n != slot.len() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+        }
+        Ok(())
+    }
+
+    /// The last read recorded; `None` if there was none.
+    pub fn recorded(&self) -> io::Result<Option<CursorRecord>> {
+        let mut slot = vec![0u8; JOURNAL_START as usize];
+        let n = rustix::io::pread(&self.fd, &mut slot, 0)?;
+        let slot = &slot[..n];
+        let word = |i: usize| {
+            slot.get(2 + 8 * i..10 + 8 * i)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        };
+        let (Some(len), Some(ino), Some(size), Some(read), Some(at)) = (
+            slot.get(..2)
+                .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))),
+            word(0),
+            word(1),
+            word(2),
+            word(3),
+        ) else {
+            return Ok(None);
+        };
+        let Some(name) = slot
+            .get(34..34 + len)
+            .and_then(|b| std::str::from_utf8(b).ok())
+        else {
+            return Ok(None);
+        };
+        // No file has inode 0: a cursor never written.
+        Ok((ino != 0 && len > 0).then(|| CursorRecord {
+            name: name.to_string(),
+            mark: LogMark { ino, size },
+            len: read,
+            journal_at: at,
+        }))
+    }
+
+    /// Takes `len` bytes off the pipe `from` (bytes already written to the log), into the
+    /// journal, and frees the journal's pages now and then.
+    pub fn take_from_pipe(
+        &mut self,
+        from: std::os::fd::BorrowedFd<'_>,
+        mut len: usize,
+    ) -> io::Result<()> {
+        while len > 0 {
+            let mut at = self.size;
+            match rustix::pipe::splice(
+                from,
+                None,
+                &self.fd,
+                Some(&mut at),
+                len,
+                rustix::pipe::SpliceFlags::NONBLOCK,
+            ) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the pipe ended before what was looked at",
+                    ));
+                }
+                Ok(n) => {
+                    len -= n;
+                    self.size += n as u64;
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if self.size - self.freed >= JOURNAL_FREE_EVERY {
+            rustix::fs::fallocate(
+                &self.fd,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                self.freed,
+                self.size - self.freed,
+            )?;
+            self.freed = self.size;
+        }
+        Ok(())
+    }
+
+    /// How many of the `len` bytes a read recorded at `journal_at` are still to be taken
+    /// off its pipe.
+    pub fn untaken(&self, r: &CursorRecord) -> u64 {
+        (r.journal_at + r.len).saturating_sub(self.size.max(r.journal_at))
     }
 }
 
@@ -506,11 +729,14 @@ impl OutputSocket {
             // Capped at `net.core.wmem_max` without `CAP_NET_ADMIN`; the default will do.
             let _ = rustix::net::sockopt::set_socket_send_buffer_size(&send, OUTPUT_BUFFER);
         }
-        OutputSocket::from_parts(recv, send)
+        let socket = OutputSocket::from_parts(recv, send)?;
+        socket.settle(false)?;
+        Ok(socket)
     }
 
     /// A pair an earlier agent made (kept by the fd holder), checked to be unix stream
-    /// sockets, and set up to be read again.
+    /// sockets, and set up to be read again. What that agent peeked and did not take
+    /// ([`OutputSocket::in_flight`]) is still to be settled ([`OutputSocket::settle`]).
     pub fn from_parts(
         recv: std::os::fd::OwnedFd,
         send: std::os::fd::OwnedFd,
@@ -540,8 +766,28 @@ impl OutputSocket {
         self.send.as_fd()
     }
 
-    /// Reads what one process wrote into `buf`; `None` once nothing is waiting.
-    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<OutputChunk>> {
+    /// Bytes peeked and not yet taken off the socket: by the agent that had it before, if
+    /// it died between a [`OutputSocket::peek`] and the [`OutputSocket::take`] after it.
+    pub fn in_flight(&self) -> io::Result<usize> {
+        let off = crate::sys::peek::peek_offset(self.receiver())?;
+        Ok(usize::try_from(off).unwrap_or(0))
+    }
+
+    /// Settles what was peeked and not taken: taken off the socket if it is in the log
+    /// (`logged`), else left to be read again; peeking starts again at the front.
+    pub fn settle(&self, logged: bool) -> io::Result<()> {
+        if logged {
+            let n = self.in_flight()?;
+            self.take(n, &mut [0u8; 4096])?;
+        }
+        crate::sys::peek::set_peek_offset(self.receiver(), 0)
+    }
+
+    /// Peeks at what one process wrote next, into `buf`, without taking it off the socket
+    /// (the next peek reads on after it); `None` once nothing more is waiting. What was
+    /// peeked is taken off with [`OutputSocket::take`] once it is in the log, so an agent
+    /// that dies in between loses none of it: the socket's peek offset tells the next one.
+    pub fn peek(&self, buf: &mut [u8]) -> io::Result<Option<OutputChunk>> {
         use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
         let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
         loop {
@@ -550,7 +796,7 @@ impl OutputSocket {
                 &self.recv,
                 &mut [io::IoSliceMut::new(buf)],
                 &mut control,
-                RecvFlags::CMSG_CLOEXEC,
+                RecvFlags::CMSG_CLOEXEC | RecvFlags::PEEK,
             ) {
                 Ok(m) => m,
                 Err(rustix::io::Errno::AGAIN) => return Ok(None),
@@ -572,6 +818,26 @@ impl OutputSocket {
                 len: msg.bytes,
             }));
         }
+    }
+
+    /// Takes the first `n` bytes off the socket (those peeked), read into `scratch`.
+    pub fn take(&self, mut n: usize, scratch: &mut [u8]) -> io::Result<()> {
+        while n > 0 {
+            let want = n.min(scratch.len());
+            match rustix::io::read(&self.recv, &mut scratch[..want]) {
+                // A read stops where the writer changes (`SO_PASSCRED`): read on.
+                Ok(got) if got > 0 => n -= got,
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the output socket ended before what was peeked",
+                    ));
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -969,5 +1235,77 @@ mod tests {
         assert_eq!(got.len(), 5, "{got:?}");
         assert_eq!(&got[..3], &["old 7", "old 8", "old 9"]);
         assert_eq!(got[4], "new 1");
+    }
+
+    /// A peek moves on past what it peeked; what is taken off is what was peeked; a
+    /// socket left with bytes peeked and not taken says how many (as a dead agent's would),
+    /// and settling either takes them off or reads them again.
+    #[test]
+    fn output_socket_peeks_then_takes_and_settles_what_a_reader_left() {
+        let socket = OutputSocket::new().expect("socket");
+        let send = |b: &[u8]| rustix::io::write(socket.sender(), b).expect("write");
+        send(b"one\n");
+        // Another writer: a chunk of its own.
+        let child = std::process::Command::new("/bin/sh")
+            .args(["-c", "printf 'two\\n'"])
+            .stdin(std::process::Stdio::null())
+            .stdout(socket.sender().try_clone_to_owned().expect("dup"))
+            .status()
+            .expect("sh");
+        assert!(child.success());
+        send(b"three\n");
+        let mut buf = [0u8; 64];
+        let a = socket.peek(&mut buf).expect("peek").expect("a chunk");
+        assert_eq!(&buf[..a.len], b"one\n");
+        let b = socket.peek(&mut buf).expect("peek").expect("a chunk");
+        assert_eq!(&buf[..b.len], b"two\n");
+        assert_ne!(a.pid, b.pid, "two writers");
+        assert_eq!(socket.in_flight().expect("offset"), 8);
+        socket.take(a.len, &mut buf).expect("take");
+        assert_eq!(socket.in_flight().expect("offset"), 4, "peeked, not taken");
+        // As a new reader: not logged, so read again from the front.
+        socket.settle(false).expect("settle");
+        assert_eq!(socket.in_flight().expect("offset"), 0);
+        let again = socket.peek(&mut buf).expect("peek").expect("a chunk");
+        assert_eq!(&buf[..again.len], b"two\n");
+        // Logged: taken off.
+        socket.settle(true).expect("settle");
+        let last = socket.peek(&mut buf).expect("peek").expect("a chunk");
+        assert_eq!(&buf[..last.len], b"three\n");
+        socket.take(last.len, &mut buf).expect("take");
+        assert_eq!(socket.peek(&mut buf).expect("peek"), None);
+    }
+
+    /// The cursor keeps its record (a new cursor has none), and its journal counts what
+    /// was taken off pipes: a read is untaken until its bytes are spliced in.
+    #[test]
+    fn output_cursor_records_a_read_and_counts_what_was_taken() {
+        let mut cursor = OutputCursor::new().expect("cursor");
+        assert_eq!(cursor.recorded().expect("read"), None);
+        let (r, w) = rustix::pipe::pipe().expect("pipe");
+        rustix::io::write(&w, b"hello\nworld\n").expect("write");
+        let record = CursorRecord {
+            name: "out/blog/g1/w-0/42".into(),
+            mark: LogMark { ino: 7, size: 100 },
+            len: 12,
+            journal_at: cursor.journal_end(),
+        };
+        cursor.record(&record).expect("record");
+        assert_eq!(cursor.untaken(&record), 12);
+        cursor.take_from_pipe(r.as_fd(), 6).expect("take");
+        assert_eq!(cursor.untaken(&record), 6, "half taken");
+        use std::os::fd::AsFd;
+        let again = OutputCursor::from_fd(cursor.fd().try_clone_to_owned().expect("dup"))
+            .expect("a cursor");
+        assert_eq!(again.recorded().expect("read"), Some(record.clone()));
+        assert_eq!(again.untaken(&record), 6, "the journal is in the file");
+        cursor.take_from_pipe(r.as_fd(), 6).expect("take");
+        assert_eq!(cursor.untaken(&record), 0);
+        let mut rest = [0u8; 8];
+        rustix::io::write(&w, b"next\n").expect("write");
+        assert_eq!(rustix::io::read(&r, &mut rest).expect("read"), 5, "only what was taken is gone");
+        assert!(LogMark { ino: 7, size: 101 }.is_past(record.mark));
+        assert!(LogMark { ino: 8, size: 0 }.is_past(record.mark), "rotated");
+        assert!(!LogMark { ino: 7, size: 100 }.is_past(record.mark));
     }
 }

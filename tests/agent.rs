@@ -1323,22 +1323,56 @@ fn libc_sig(name: &str) -> u32 {
 /// site's log once a new agent adopts it: every line, once, in order.
 #[test]
 fn a_chatty_worker_survives_an_agent_crash_and_its_lines_are_logged() {
+    chatty_worker_across_a_crash("pipe", None);
+}
+
+/// The agent reads its workers' output by peeking at the socket, writes the lines, and
+/// only then takes them off. Killed right after peeking, before writing: the next agent
+/// reads those bytes again (nothing lost).
+#[test]
+fn an_agent_killed_after_reading_lines_it_had_not_written_loses_none() {
+    chatty_worker_across_a_crash("pipe", Some("peeked"));
+    chatty_worker_across_a_crash("socket", Some("peeked"));
+}
+
+/// Killed right after writing the lines, before taking them off the socket: the next
+/// agent sees (by the log having moved past where the output cursor says it stood) that
+/// they are written, and takes them off without writing them again (nothing twice).
+#[test]
+fn an_agent_killed_after_writing_lines_it_had_not_taken_logs_none_twice() {
+    chatty_worker_across_a_crash("pipe", Some("logged"));
+    chatty_worker_across_a_crash("socket", Some("logged"));
+}
+
+/// A worker that prints a numbered line every 10 ms (through `output`, a pipe or the
+/// site's socket); the agent dies (killed by the test, or, with `crash_at`, by itself at
+/// that point of a read of the output), a new one adopts the worker; every line is in the
+/// site's log once, in order.
+fn chatty_worker_across_a_crash(output: &str, crash_at: Option<&str>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let ticks = dir.path().join("ticks");
+    let arm = dir.path().join("arm");
     let script = format!(
         "i=0; while :; do i=$((i+1)); echo tick $i; echo $i > {}.tmp; mv {}.tmp {}; sleep 0.01; done",
         ticks.display(),
         ticks.display(),
         ticks.display()
     );
-    let site =
-        format!("name = \"chat\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\nworkers = 1\n");
-    let mut agent = TestAgent::start(
+    let site = format!(
+        "name = \"chat\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\nworkers = 1\noutput = \"{output}\"\n"
+    );
+    let crash_env = crash_at.map(|point| format!("{point} {}", arm.display()));
+    let env: Vec<(&str, &str)> = crash_env
+        .iter()
+        .map(|v| ("HATCHERY_TEST_CRASH_OUTPUT", v.as_str()))
+        .collect();
+    let mut agent = TestAgent::start_with_env(
         &[("chat", &site)],
         Options {
             reactor: "io_uring",
             cgroups: true,
         },
+        &env,
     );
     let tick = || -> u64 {
         std::fs::read_to_string(&ticks)
@@ -1348,7 +1382,13 @@ fn a_chatty_worker_survives_an_agent_crash_and_its_lines_are_logged() {
     };
     wait_until("20 lines written", Duration::from_secs(20), || tick() >= 20);
     let pid = agent.pids("chat")[0];
-    agent.crash();
+    if crash_at.is_some() {
+        std::fs::write(&arm, "").expect("arm the crash");
+        agent.wait_killed();
+        assert!(!arm.exists(), "the agent died where it was armed to");
+    } else {
+        agent.crash();
+    }
     let at_crash = tick();
     wait_until(
         "50 more lines written while no agent runs",

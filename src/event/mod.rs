@@ -39,6 +39,7 @@
 //! | `metrics.rs` | the metrics listener: `GET /metrics` over HTTP, with its limits |
 
 mod control;
+mod cursor;
 mod exec;
 pub mod fold;
 mod generations;
@@ -180,6 +181,8 @@ struct Pipe {
     /// Which of the writer's streams the pipe is.
     stream: crate::logs::StdStream,
     fd: OwnedFd,
+    /// The name the fd holder keeps the pipe under, if it does.
+    held_as: Option<String>,
     splitter: LineSplitter,
     /// Whether the sandbox's bind rule was explained after one of its lines.
     hinted: bool,
@@ -270,6 +273,8 @@ pub struct Agent {
     pipes: HashMap<u64, Pipe>,
     /// The buffer sites' output sockets are read into (`output.rs`).
     output_buf: Vec<u8>,
+    /// Where reads of the workers' output stand, for the next agent (`cursor.rs`).
+    cursor: cursor::Cursor,
     /// Connections with something to write before the loop waits again.
     to_flush: Vec<u64>,
     conns: HashMap<u64, Conn>,
@@ -547,6 +552,7 @@ impl Agent {
             broken: BTreeMap::new(),
             pipes: HashMap::new(),
             output_buf: Vec::new(),
+            cursor: cursor::Cursor::default(),
             to_flush: Vec::new(),
             conns: HashMap::new(),
             next_conn: 1,
@@ -597,6 +603,7 @@ impl Agent {
                 },
             );
         }
+        agent.cursor = cursor::Cursor::inherit(agent.held.remove(cursor::CURSOR_NAME));
         for site in &config.sites {
             let made = match adoptions.remove(site.name.as_str()) {
                 Some(adoption) => agent.adopt_site(site, adoption),

@@ -24,12 +24,12 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::reactor::Interest;
 use super::{Agent, Source};
 use crate::config::SiteName;
-use crate::logs::{self, LineSplitter, OutputSocket, StdStream, Writer};
+use crate::logs::{self, LineSplitter, LogMark, OutputSocket, StdStream, Writer};
 
 /// How far up its parents a process is followed to find the worker it belongs to.
 const MAX_ANCESTORS: usize = 8;
@@ -111,17 +111,21 @@ impl Agent {
             .all(|n| self.held.contains_key(n))
     }
 
-    /// The site's socket of a stream: taken back from the fd holder, or made (and handed
-    /// to it), and watched.
+    /// The site's socket of a stream: taken back from the fd holder (what the agent before
+    /// peeked at and did not take off settled), or made (and handed to it), and watched.
     fn take_or_make_output(
         &mut self,
         name: &SiteName,
         stream: StdStream,
     ) -> std::io::Result<OutputSocket> {
         let [recv_name, send_name] = held_names(name, stream);
+        let opened = self.sites.get(name).map(|s| s.io.log.opened());
         let held = match (self.held.remove(&recv_name), self.held.remove(&send_name)) {
             (Some(r), Some(s)) => match OutputSocket::from_parts(r, s) {
-                Ok(socket) => Some(socket),
+                Ok(socket) => {
+                    self.settle_output(name, stream, &socket, opened);
+                    Some(socket)
+                }
                 Err(e) => {
                     warn!(site = %name, "the {} socket the fd holder kept cannot be used ({e}): a new one is made", stream.name());
                     None
@@ -147,6 +151,38 @@ impl Agent {
             warn!(site = %name, "the {} of the site's workers is not read: {e}", stream.name());
         }
         Ok(socket)
+    }
+
+    /// What the agent before peeked at on a socket taken back and did not take off: taken
+    /// off if its lines are in the log, else read again.
+    fn settle_output(
+        &self,
+        name: &SiteName,
+        stream: StdStream,
+        socket: &OutputSocket,
+        opened: Option<LogMark>,
+    ) {
+        let in_flight = match socket.in_flight() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(site = %name, "cannot tell what of the {} the agent before read ({e}): read again", stream.name());
+                0
+            }
+        };
+        let [recv_name, _] = held_names(name, stream);
+        let logged =
+            in_flight > 0 && opened.is_some_and(|o| self.inherited_read_logged(&recv_name, o));
+        if in_flight > 0 {
+            debug!(
+                site = %name,
+                "{in_flight} bytes of the {} peeked by the agent before: {}",
+                stream.name(),
+                if logged { "in the log, taken off" } else { "not in the log, read again" }
+            );
+        }
+        if let Err(e) = socket.settle(logged) {
+            warn!(site = %name, "cannot settle what the agent before read of the {}: {e}", stream.name());
+        }
     }
 
     /// Makes sure the site has its output socket: made (or taken back from the fd holder)
@@ -203,12 +239,14 @@ impl Agent {
         let mut records = Vec::new();
         let now = SystemTime::now();
         let mut drained = false;
+        self.record_cursor(name, stream_of);
+        let mut peeked = 0;
         for _ in 0..reads {
             let Some(output) = self.sites.get(name).and_then(|s| s.io.output.as_ref()) else {
                 drained = true;
                 break;
             };
-            let chunk = match output.socket_of(stream_of).read(&mut buf) {
+            let chunk = match output.socket_of(stream_of).peek(&mut buf) {
                 Ok(Some(c)) => c,
                 Ok(None) => {
                     drained = true;
@@ -220,6 +258,7 @@ impl Agent {
                     break;
                 }
             };
+            peeked += chunk.len;
             let writer = self.writer_of(name, chunk.pid);
             let Some(site) = self.sites.get_mut(name) else {
                 drained = true;
@@ -260,9 +299,36 @@ impl Agent {
                 output.partial.remove(&(stream, stream_of));
             }
         }
-        self.output_buf = buf;
+        if !records.is_empty() {
+            super::cursor::test_crash(super::cursor::CrashPoint::Peeked);
+        }
         self.write_records(name, &records);
+        if !records.is_empty() {
+            super::cursor::test_crash(super::cursor::CrashPoint::Logged);
+        }
+        // In the log: off the socket.
+        if let Some(socket) = self
+            .sites
+            .get(name)
+            .and_then(|s| s.io.output.as_ref())
+            .map(|o| o.socket_of(stream_of))
+        {
+            if let Err(e) = socket.take(peeked, &mut buf) {
+                warn!(site = %name, "failed to take the {} of the site's workers off its socket ({e}): it is read again", stream_of.name());
+                let _ = socket.settle(false);
+            }
+        }
+        self.output_buf = buf;
         drained
+    }
+
+    /// Records in the cursor where the site's log stands, before a peek at `stream`.
+    fn record_cursor(&mut self, name: &SiteName, stream: StdStream) {
+        let Some(mark) = self.sites.get(name).map(|s| s.io.log.mark()) else {
+            return;
+        };
+        let [recv_name, _] = held_names(name, stream);
+        self.record_read(&recv_name, mark, 0);
     }
 
     /// Reads everything that waits in the site's socket: once a worker has exited, all it

@@ -264,6 +264,7 @@ impl Agent {
                 return Err(setup_err(format!("open the log of site {name}"), e));
             }
         };
+        let opened = log.opened();
         let not_enforced = self.apply_site_limits(machine.config());
         let steering =
             generations::recover_steering(&self.steering_support, &name, &listeners, &steering_ids);
@@ -306,13 +307,17 @@ impl Agent {
                 self.pids.insert(a.pidref.pid(), (name.clone(), id));
                 let pipe = super::holder::pipe_name(&name, g, a.slot, a.pidref.pid());
                 match self.take_held_pipe(&pipe) {
-                    Some(fd) => self.read_pipe(
-                        &name,
-                        crate::logs::Writer::Worker(a.slot.0),
-                        a.pidref.pid(),
-                        crate::logs::StdStream::Stdout,
-                        fd,
-                    ),
+                    Some(fd) => {
+                        self.settle_pipe(&name, &pipe, fd.as_fd(), opened);
+                        self.read_pipe(
+                            &name,
+                            crate::logs::Writer::Worker(a.slot.0),
+                            a.pidref.pid(),
+                            crate::logs::StdStream::Stdout,
+                            fd,
+                            Some(pipe),
+                        );
+                    }
                     None => {
                         warn!(site = %name, gen = g.0, worker = %a.slot, pid = a.pidref.pid(), "the output of an adopted worker is lost (the fd holder did not hold its pipe): it dies of SIGPIPE at its next write, and is restarted")
                     }
@@ -321,12 +326,14 @@ impl Agent {
                 // of an agent from before the streams were told apart, have not).
                 let errors = super::holder::err_pipe_name(&name, g, a.slot, a.pidref.pid());
                 if let Some(fd) = self.take_held_pipe(&errors) {
+                    self.settle_pipe(&name, &errors, fd.as_fd(), opened);
                     self.read_pipe(
                         &name,
                         crate::logs::Writer::Worker(a.slot.0),
                         a.pidref.pid(),
                         crate::logs::StdStream::Stderr,
                         fd,
+                        Some(errors),
                     );
                 }
                 // After `hatchery upgrade` (same pid) the workers are still our children:

@@ -349,14 +349,14 @@ impl Agent {
                 let _ = pidref.signal(libc::SIGKILL);
             })?;
         if let Some((output, errors)) = output {
-            self.hold_pipe(&super::holder::pipe_name(name, g, id, pid), output.as_fd());
-            self.read_pipe(name, Writer::Worker(id.0), pid, StdStream::Stdout, output);
+            let held_as = super::holder::pipe_name(name, g, id, pid);
+            self.hold_pipe(&held_as, output.as_fd());
+            let writer = Writer::Worker(id.0);
+            self.read_pipe(name, writer, pid, StdStream::Stdout, output, Some(held_as));
             if let Some(errors) = errors {
-                self.hold_pipe(
-                    &super::holder::err_pipe_name(name, g, id, pid),
-                    errors.as_fd(),
-                );
-                self.read_pipe(name, Writer::Worker(id.0), pid, StdStream::Stderr, errors);
+                let held_as = super::holder::err_pipe_name(name, g, id, pid);
+                self.hold_pipe(&held_as, errors.as_fd());
+                self.read_pipe(name, writer, pid, StdStream::Stderr, errors, Some(held_as));
             }
         }
         self.pids.insert(pid, (name.clone(), worker));
@@ -379,7 +379,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Reads a worker's output pipe (its `stream`) from now on.
+    /// Reads a worker's output pipe (its `stream`) from now on; `held_as`: the name the
+    /// fd holder keeps it under, if it does.
     pub(super) fn read_pipe(
         &mut self,
         name: &SiteName,
@@ -387,6 +388,7 @@ impl Agent {
         pid: i32,
         stream: StdStream,
         fd: OwnedFd,
+        held_as: Option<String>,
     ) {
         match self.reg.arm(fd.as_fd(), Interest::Readable, Source::Pipe) {
             Ok(t) => {
@@ -398,6 +400,7 @@ impl Agent {
                         pid,
                         stream,
                         fd,
+                        held_as,
                         splitter: LineSplitter::default(),
                         hinted: false,
                     },
@@ -407,21 +410,39 @@ impl Agent {
         }
     }
 
+    /// A worker's pipe is readable: its complete lines go to the site's log. A pipe the
+    /// fd holder keeps is read through the cursor (`cursor.rs`): each chunk is looked at,
+    /// recorded, written, and only then taken off, so that an agent that dies loses none
+    /// of it and logs none of it twice.
     pub(super) fn on_pipe(&mut self, token: u64) {
         let Some(mut pipe) = self.pipes.remove(&token) else {
             return;
         };
+        let careful = pipe.held_as.is_some() && self.reads_through_cursor();
         let mut buf = [0u8; 65536];
         let mut eof = false;
         let mut records = Vec::new();
         let now = SystemTime::now();
         for _ in 0..16 {
-            match rustix::io::read(&pipe.fd, &mut buf) {
+            let got = if careful {
+                self.look_at_pipe(pipe.fd.as_fd(), &mut buf)
+            } else {
+                rustix::io::read(&pipe.fd, &mut buf)
+            };
+            match got {
                 Ok(0) => {
                     eof = true;
                     break;
                 }
                 Ok(n) => {
+                    if careful {
+                        if let (Some(held_as), Some(site)) =
+                            (&pipe.held_as, self.sites.get(&pipe.site))
+                        {
+                            let mark = site.io.log.mark();
+                            self.record_read(held_as, mark, n as u64);
+                        }
+                    }
                     let hint = |line: &[u8]| {
                         let Writer::Worker(id) = pipe.writer else {
                             return None;
@@ -444,7 +465,23 @@ impl Agent {
                                 );
                             }
                         }
-                    })
+                    });
+                    if careful {
+                        // Written, then taken off.
+                        if !records.is_empty() {
+                            super::cursor::test_crash(super::cursor::CrashPoint::Peeked);
+                        }
+                        self.write_records(&pipe.site, &records);
+                        if !records.is_empty() {
+                            super::cursor::test_crash(super::cursor::CrashPoint::Logged);
+                        }
+                        records.clear();
+                        if let Err(e) = self.take_from_pipe(pipe.fd.as_fd(), n) {
+                            warn!(site = %pipe.site, "failed to take the output of {} off its pipe: {e}", pipe.writer);
+                            eof = true;
+                            break;
+                        }
+                    }
                 }
                 Err(rustix::io::Errno::AGAIN) => break,
                 Err(rustix::io::Errno::INTR) => continue,

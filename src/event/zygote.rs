@@ -218,8 +218,8 @@ impl Agent {
                 return Err(SpawnFailure::Watch(e));
             }
         };
-        self.read_pipe(name, Writer::Zygote, pid, StdStream::Stdout, pipe_r);
-        self.read_pipe(name, Writer::Zygote, pid, StdStream::Stderr, err_r);
+        self.read_pipe(name, Writer::Zygote, pid, StdStream::Stdout, pipe_r, None);
+        self.read_pipe(name, Writer::Zygote, pid, StdStream::Stderr, err_r, None);
         self.zygote_pids.insert(pid, id);
         self.zygotes.insert(
             id,

@@ -29,6 +29,8 @@
 //! - [`ptrace`]: `PTRACE_ATTACH`, for the probe worker's attacks only.
 //! - [`seccomp`]: a filter refusing `io_uring_setup`, for the probe (tests of the epoll
 //!   fall-back where io_uring is refused).
+//! - [`peek`]: `SO_PEEK_OFF`, so the agent reads its workers' output by peeking and
+//!   takes it off the socket only once it is in the site's log (nothing lost to a crash).
 //! - [`tcp`]: `TCP_INFO` on a listener, to read its accept-queue length.
 //! - [`users`]: users and groups through NSS (`getpwnam_r`, `getgrnam_r`,
 //!   `getgrouplist`), not by reading `/etc/passwd`.
@@ -44,6 +46,7 @@ pub mod creds;
 pub mod fork;
 pub mod inherit;
 pub mod landlock;
+pub mod peek;
 pub mod pidfd;
 pub mod ptrace;
 pub mod seccomp;

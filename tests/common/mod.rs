@@ -251,6 +251,26 @@ impl TestAgent {
         child.wait().expect("wait for the agent");
     }
 
+    /// Waits for the agent to die by itself (a crash the test armed), and checks that it
+    /// was killed by `SIGKILL`; its workers are left running.
+    pub fn wait_killed(&mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = self.child.take().expect("the agent runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the agent did not die as armed: {}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    }
+
     /// Starts a new agent on the same configuration, state and cgroups (after `crash`).
     pub fn relaunch(&mut self) {
         assert!(self.child.is_none(), "the agent still runs");

@@ -1,0 +1,249 @@
+//! The agent's side of the [`OutputCursor`]: each read of a held output socket or pipe is
+//! recorded before it is made, its bytes are looked at without being taken, their lines
+//! written to the site's log, and only then taken off; a new agent settles the read the
+//! one before it left unfinished. So a line a worker wrote is in its site's log exactly
+//! once, whenever the agent dies. (A line a worker had not finished when the agent died,
+//! kept in the dead agent's memory, is logged from where the new agent reads on.)
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use tracing::{debug, warn};
+
+use super::Agent;
+use crate::config::SiteName;
+use crate::logs::{CursorRecord, LogMark, OutputCursor};
+
+/// The name the fd holder keeps the cursor under.
+pub(super) const CURSOR_NAME: &str = "output-cursor";
+
+/// The cursor, what the agent before left in it, and a pipe to `tee` into.
+#[derive(Debug, Default)]
+pub(super) struct Cursor {
+    file: Option<OutputCursor>,
+    /// Whether making a new cursor failed (it is not tried again).
+    failed: bool,
+    /// The last record written, so a socket read at an unchanged log is not recorded
+    /// again.
+    last: Option<CursorRecord>,
+    /// The last read of the agent before, if it left a cursor.
+    inherited: Option<CursorRecord>,
+    /// A pipe a held pipe's bytes are copied into (`tee`) to be looked at.
+    scratch: Option<(OwnedFd, OwnedFd)>,
+}
+
+impl Cursor {
+    /// The cursor the agent before left (taken back from the fd holder), if any.
+    pub(super) fn inherit(fd: Option<OwnedFd>) -> Cursor {
+        let Some(fd) = fd else {
+            return Cursor::default();
+        };
+        match OutputCursor::from_fd(fd) {
+            Ok(file) => {
+                let inherited = file
+                    .recorded()
+                    .inspect_err(|e| warn!("cannot read the output cursor the fd holder kept: {e}"))
+                    .ok()
+                    .flatten();
+                Cursor {
+                    last: inherited.clone(),
+                    inherited,
+                    file: Some(file),
+                    ..Cursor::default()
+                }
+            }
+            Err(e) => {
+                warn!(
+                    "the output cursor the fd holder kept cannot be used ({e}): a new one is made"
+                );
+                Cursor::default()
+            }
+        }
+    }
+
+    /// The agent before's last read, if it was of `name` and may be unfinished.
+    fn inherited(&self, name: &str) -> Option<&CursorRecord> {
+        self.inherited.as_ref().filter(|r| r.name == name)
+    }
+}
+
+impl Agent {
+    /// The cursor, made (and handed to the fd holder) at the first read that needs it.
+    fn cursor_file(&mut self) -> Option<&mut OutputCursor> {
+        if self.cursor.file.is_none() && !self.cursor.failed {
+            match OutputCursor::new() {
+                Ok(file) => {
+                    self.hold_fds(&[(CURSOR_NAME, file.fd())]);
+                    self.cursor.file = Some(file);
+                }
+                Err(e) => {
+                    warn!(
+                        "no output cursor ({e}): lines read when the agent dies may be lost or logged twice"
+                    );
+                    self.cursor.failed = true;
+                }
+            }
+        }
+        self.cursor.file.as_mut()
+    }
+
+    /// Records, before looking at them, a read of `len` bytes of the output socket or
+    /// pipe held as `name`, with the site's log at `mark`.
+    pub(super) fn record_read(&mut self, name: &str, mark: LogMark, len: u64) {
+        let Some(journal_at) = self.cursor_file().map(|f| f.journal_end()) else {
+            return;
+        };
+        let record = CursorRecord {
+            name: name.to_string(),
+            mark,
+            len,
+            journal_at,
+        };
+        if self.cursor.last.as_ref() == Some(&record) {
+            return;
+        }
+        let Some(file) = self.cursor.file.as_ref() else {
+            return;
+        };
+        match file.record(&record) {
+            Ok(()) => self.cursor.last = Some(record),
+            Err(e) => warn!("cannot write the output cursor: {e}"),
+        }
+    }
+
+    /// Whether the agent before wrote to the log the lines of what it read last of the
+    /// socket held as `name` (the log, as this agent opened it, went past where it stood
+    /// then).
+    pub(super) fn inherited_read_logged(&self, name: &str, opened: LogMark) -> bool {
+        self.cursor
+            .inherited(name)
+            .is_some_and(|r| opened.is_past(r.mark))
+    }
+
+    /// Copies what waits in the held pipe `from` into `buf` without taking it off
+    /// (`tee`, then a read of the copy): how many bytes; 0 at the end of the pipe.
+    pub(super) fn look_at_pipe(
+        &mut self,
+        from: BorrowedFd<'_>,
+        buf: &mut [u8],
+    ) -> rustix::io::Result<usize> {
+        if self.cursor.scratch.is_none() {
+            let (r, w) = rustix::pipe::pipe_with(
+                rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+            )?;
+            self.cursor.scratch = Some((r, w));
+        }
+        let (r, w) = self.cursor.scratch.as_ref().expect("made above");
+        let n = rustix::pipe::tee(from, w, buf.len(), rustix::pipe::SpliceFlags::NONBLOCK)?;
+        let mut got = 0;
+        while got < n {
+            match rustix::io::read(r, &mut buf[got..n]) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    }
+
+    /// Takes `len` bytes (looked at, and their lines written) off the held pipe `from`.
+    pub(super) fn take_from_pipe(
+        &mut self,
+        from: BorrowedFd<'_>,
+        len: usize,
+    ) -> std::io::Result<()> {
+        match self.cursor.file.as_mut() {
+            Some(file) => file.take_from_pipe(from, len),
+            None => {
+                let mut sink = vec![0u8; len.min(65536)];
+                let mut left = len;
+                while left > 0 {
+                    let want = left.min(sink.len());
+                    match rustix::io::read(from, &mut sink[..want]) {
+                        Ok(0) => break,
+                        Ok(k) => left -= k,
+                        Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the pipes are read through the cursor (held, and the cursor exists).
+    pub(super) fn reads_through_cursor(&mut self) -> bool {
+        self.cursor_file().is_some()
+    }
+
+    /// Settles the agent before's last read if it was of the pipe held as `name`, now
+    /// taken back: if its lines are in the log (which went past where it stood then, as
+    /// this agent opened it), what of it is still in the pipe is taken off; otherwise it
+    /// is read again.
+    pub(super) fn settle_pipe(
+        &mut self,
+        site: &SiteName,
+        name: &str,
+        pipe: BorrowedFd<'_>,
+        opened: LogMark,
+    ) {
+        let Some(r) = self.cursor.inherited(name).filter(|r| r.len > 0).cloned() else {
+            return;
+        };
+        let logged = opened.is_past(r.mark);
+        let untaken = self.cursor.file.as_ref().map_or(0, |f| f.untaken(&r));
+        debug!(
+            site = %site,
+            "the agent before read {} bytes of {name}: {}",
+            r.len,
+            if !logged {
+                "not in the log, read again".to_string()
+            } else {
+                format!("in the log, {untaken} still to take off")
+            }
+        );
+        if logged && untaken > 0 {
+            let len = usize::try_from(untaken).unwrap_or(usize::MAX);
+            if let Err(e) = self.take_from_pipe(pipe, len) {
+                warn!(site = %site, "cannot take off {name} what the agent before logged ({e}): it may be logged twice");
+            }
+        }
+    }
+}
+
+/// Set to `<point> <file>` (`peeked` or `logged`), makes the agent kill itself with
+/// `SIGKILL` at that point of a read of its workers' output that has complete lines (after
+/// peeking, or after writing the lines to the log, before taking them off the socket),
+/// once `<file>` exists (it is removed first, so it happens once): the tests' way to
+/// crash the agent exactly there.
+pub(super) const CRASH_ENV: &str = "HATCHERY_TEST_CRASH_OUTPUT";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CrashPoint {
+    Peeked,
+    Logged,
+}
+
+/// Dies here if [`CRASH_ENV`] says so.
+pub(super) fn test_crash(at: CrashPoint) {
+    static ARMED: std::sync::OnceLock<Option<(CrashPoint, std::path::PathBuf)>> =
+        std::sync::OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        let value = std::env::var(CRASH_ENV).ok()?;
+        let (point, file) = value.split_once(' ')?;
+        let point = match point {
+            "peeked" => CrashPoint::Peeked,
+            "logged" => CrashPoint::Logged,
+            _ => return None,
+        };
+        Some((point, file.into()))
+    });
+    if let Some((point, file)) = armed {
+        if *point == at && std::fs::remove_file(file).is_ok() {
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::KILL,
+            );
+        }
+    }
+}
