@@ -1303,7 +1303,11 @@ mod tests {
         assert_eq!(cursor.untaken(&record), 0);
         let mut rest = [0u8; 8];
         rustix::io::write(&w, b"next\n").expect("write");
-        assert_eq!(rustix::io::read(&r, &mut rest).expect("read"), 5, "only what was taken is gone");
+        assert_eq!(
+            rustix::io::read(&r, &mut rest).expect("read"),
+            5,
+            "only what was taken is gone"
+        );
         assert!(LogMark { ino: 7, size: 101 }.is_past(record.mark));
         assert!(LogMark { ino: 8, size: 0 }.is_past(record.mark), "rotated");
         assert!(!LogMark { ino: 7, size: 100 }.is_past(record.mark));
