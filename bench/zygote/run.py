@@ -310,6 +310,7 @@ class HatcheryRun:
             cmd = [self.py, "-m", "hatchery_zygote", "app:app"]
         else:
             cmd = [self.py, os.path.join(HERE, "exec_worker.py"), "app:app"]
+        cmd += threads_args(self.args)
         site = "\n".join([
             'name = "%s"' % SITE,
             "command = [%s]" % ", ".join(json.dumps(c) for c in cmd),
@@ -434,7 +435,7 @@ class HatcheryRun:
 
 def run_hatchery(args, py, mode, work):
     port = free_port()
-    r = {"variant": mode, "server": "hatchery %s mode" % mode}
+    r = {"variant": mode, "server": "hatchery %s mode%s" % (mode, server_shape(args))}
     h = HatcheryRun(args, py, mode, work, port)
     try:
         log("%s: starting the agent with %d workers" % (mode, args.workers))
@@ -651,6 +652,18 @@ def goals(results, import_s):
     return out
 
 
+def threads_args(args):
+    """The worker's arguments for ``--threads`` (none: a thread per connection)."""
+    return [] if args.threads is None else ["--threads", str(args.threads)]
+
+
+def server_shape(args):
+    """How the built-in server runs requests, for the table."""
+    if args.threads is None:
+        return " (a thread per connection)"
+    return " (%d request%s at once)" % (args.threads, "" if args.threads == 1 else "s")
+
+
 def main():
     target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
     cache = os.environ.get("ZBENCH_DIR") or os.path.join(target, "zygote-bench")
@@ -669,6 +682,10 @@ def main():
     ap.add_argument("--warm-max-seconds", type=float, default=60)
     ap.add_argument("--import-seconds", type=float, default=3.0)
     ap.add_argument("--probation", default="0s", help="Hatchery's deploy.probation")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="Hatchery's workers (zygote, preview, exec) serve at most N requests at "
+                    "once (the built-in server's --threads; 1: one at a time, as gunicorn's "
+                    "sync workers); default: a thread per connection")
     ap.add_argument("--out", default=None, help="JSON results (default WORK/results.json)")
     args = ap.parse_args()
     only = [v.strip() for v in args.only.split(",") if v.strip()]
@@ -697,6 +714,7 @@ def main():
         "heavy_import_seconds_one_process": round(import_time(py, make_release(
             os.path.join(args.work, "probe"), "r00")), 2),
         "workers": args.workers,
+        "threads": args.threads,
         "probation": args.probation,
     }
     log("setup: %s" % meta)

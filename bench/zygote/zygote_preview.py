@@ -31,7 +31,7 @@ def _protocol(repo):
 class Zygote:
     """One zygote (a generation) on ``listener``, and the workers forked from it."""
 
-    def __init__(self, py, repo, cwd, listener, notify_path, generation):
+    def __init__(self, py, repo, cwd, listener, notify_path, generation, threads=()):
         self.p = _protocol(repo)
         self.link, zend = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {
@@ -42,7 +42,7 @@ class Zygote:
             "HATCHERY_GENERATION": str(generation),
             "PYTHONPATH": os.path.join(repo, "zygote", "python"),
         }
-        argv = [py, "-m", "hatchery_zygote", "app:app"]
+        argv = [py, "-m", "hatchery_zygote", "app:app"] + list(threads)
         self.started = time.monotonic()
         pid = os.fork()
         if pid == 0:
@@ -137,7 +137,8 @@ def run_preview(args, py, repo, work, h):
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
     r = {"variant": "zygote-preview",
-         "server": "python -m hatchery_zygote app:app, the driver playing the agent"}
+         "server": "python -m hatchery_zygote app:app, the driver playing the agent"
+         + h.server_shape(args)}
     notify_path = os.path.join(work, "notify")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     notify.bind(notify_path)
@@ -161,7 +162,7 @@ def run_preview(args, py, repo, work, h):
 
     def generation(release, gen):
         cwd = os.path.realpath(os.path.join(work, "releases", release))
-        z = Zygote(py, repo, cwd, listener, notify_path, gen)
+        z = Zygote(py, repo, cwd, listener, notify_path, gen, h.threads_args(args))
         zygotes.append(z)
         loaded = z.wait_ready(300)
         for slot in range(args.workers):
