@@ -268,6 +268,48 @@ impl SiteLog {
         self.append(&batch)
     }
 
+    /// Appends records in one write, the file rotated first if they would not fit (a
+    /// batch larger than `max_size` alone makes a file that large): what an agent killed
+    /// meanwhile leaves is all of them, none, or a cut that [`SiteLog::truncate_to`]
+    /// removes. Where the log stands before the write, for the cursor, is
+    /// [`SiteLog::mark`] after [`SiteLog::make_room`].
+    pub fn append_whole(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
+        let batch = records.concat();
+        self.make_room(batch.len() as u64)?;
+        self.file.write_all(&batch)?;
+        self.index(&batch);
+        Ok(())
+    }
+
+    /// Rotates the file if `len` more bytes would not fit in it.
+    pub fn make_room(&mut self, len: u64) -> io::Result<()> {
+        if self.size > 0 && self.size + len > self.policy.max_size {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the file back to `size` bytes (a write an agent died inside), and counts its
+    /// lines again.
+    pub fn truncate_to(&mut self, size: u64) -> io::Result<()> {
+        self.file.set_len(size)?;
+        self.size = 0;
+        self.lines = 0;
+        self.marks = vec![0];
+        let mut old = File::open(&self.path)?;
+        let mut buf = vec![0u8; BACKLOG_CHUNK];
+        while self.size < size {
+            let n = old.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let n = n.min(usize::try_from(size - self.size).unwrap_or(usize::MAX));
+            self.index(&buf[..n]);
+        }
+        self.opened = self.mark();
+        Ok(())
+    }
+
     /// Counts the lines of `bytes`, just written at the end of the file.
     fn index(&mut self, bytes: &[u8]) {
         for at in memchr::memchr_iter(b'\n', bytes) {
@@ -314,13 +356,6 @@ pub struct LogMark {
     pub size: u64,
 }
 
-impl LogMark {
-    /// Whether something was written to the log between `earlier` and this mark.
-    pub fn is_past(self, earlier: LogMark) -> bool {
-        self.ino != earlier.ino || self.size > earlier.size
-    }
-}
-
 /// What the agent was reading when it last wrote the [`OutputCursor`]: an output socket
 /// or pipe (by the name the fd holder keeps it under), where the site's log stood before
 /// the read, and, for a pipe, how many bytes it read and where in the cursor's journal
@@ -331,6 +366,23 @@ pub struct CursorRecord {
     pub mark: LogMark,
     pub len: u64,
     pub journal_at: u64,
+    /// The log's size once the read's lines are written (one write, after `mark`).
+    pub expected: u64,
+}
+
+impl CursorRecord {
+    /// Whether the read's lines are all in the log, which the next agent opened at
+    /// `opened`: the same file, grown to at least where the write ended. (A file rotated
+    /// by someone else since says no: the read is done again, twice rather than lost.)
+    pub fn logged(&self, opened: LogMark) -> bool {
+        opened.ino == self.mark.ino && opened.size >= self.expected
+    }
+
+    /// Whether the write of the read's lines was cut short in the log opened at
+    /// `opened` (the agent died inside it): then the log is cut back to `mark`.
+    pub fn torn(&self, opened: LogMark) -> bool {
+        opened.ino == self.mark.ino && opened.size > self.mark.size && opened.size < self.expected
+    }
 }
 
 /// How the agent's reads of its workers' output stay exactly-once across its own death:
@@ -357,6 +409,8 @@ pub struct OutputCursor {
 
 /// Where the journal of an [`OutputCursor`] starts; the record is before it.
 const JOURNAL_START: u64 = 4096;
+/// Where a record's name starts: after its length (2 bytes) and five 8-byte words.
+const RECORD_NAME_AT: usize = 42;
 /// The journal's pages are freed once this much was spliced in.
 const JOURNAL_FREE_EVERY: u64 = 1 << 20;
 
@@ -406,9 +460,9 @@ impl OutputCursor {
     /// Records a read about to be made.
     pub fn record(&self, r: &CursorRecord) -> io::Result<()> {
         let name = r.name.as_bytes();
-        let mut slot = Vec::with_capacity(34 + name.len());
+        let mut slot = Vec::with_capacity(RECORD_NAME_AT + name.len());
         slot.extend_from_slice(&u16::try_from(name.len()).unwrap_or(0).to_le_bytes());
-        for w in [r.mark.ino, r.mark.size, r.len, r.journal_at] {
+        for w in [r.mark.ino, r.mark.size, r.len, r.journal_at, r.expected] {
             slot.extend_from_slice(&w.to_le_bytes());
         }
         slot.extend_from_slice(name);
@@ -431,18 +485,19 @@ impl OutputCursor {
             slot.get(2 + 8 * i..10 + 8 * i)
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
         };
-        let (Some(len), Some(ino), Some(size), Some(read), Some(at)) = (
+        let (Some(len), Some(ino), Some(size), Some(read), Some(at), Some(expected)) = (
             slot.get(..2)
                 .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))),
             word(0),
             word(1),
             word(2),
             word(3),
+            word(4),
         ) else {
             return Ok(None);
         };
         let Some(name) = slot
-            .get(34..34 + len)
+            .get(RECORD_NAME_AT..RECORD_NAME_AT + len)
             .and_then(|b| std::str::from_utf8(b).ok())
         else {
             return Ok(None);
@@ -453,7 +508,17 @@ impl OutputCursor {
             mark: LogMark { ino, size },
             len: read,
             journal_at: at,
+            expected,
         }))
+    }
+
+    /// Says no read is under way: the last one is settled (written and taken off).
+    pub fn clear(&self) -> io::Result<()> {
+        let n = rustix::io::pwrite(&self.fd, &[0u8; RECORD_NAME_AT], 0)?;
+        if n != RECORD_NAME_AT {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+        }
+        Ok(())
     }
 
     /// Takes `len` bytes off the pipe `from` (bytes already written to the log), into the
@@ -701,6 +766,9 @@ pub const OUTPUT_BUFFER: usize = 1 << 20;
 pub struct OutputSocket {
     recv: std::os::fd::OwnedFd,
     send: std::os::fd::OwnedFd,
+    /// Whether reads peek (`SO_PEEK_OFF` set): if the kernel refused it, they take the
+    /// bytes at once, as before the cursor (an agent that dies may then lose a read).
+    peeking: std::cell::Cell<bool>,
 }
 
 /// One read from an [`OutputSocket`].
@@ -730,7 +798,8 @@ impl OutputSocket {
             let _ = rustix::net::sockopt::set_socket_send_buffer_size(&send, OUTPUT_BUFFER);
         }
         let socket = OutputSocket::from_parts(recv, send)?;
-        socket.settle(false)?;
+        // Refused only by a kernel without a peek offset: its reads take the bytes at once.
+        let _ = socket.settle(false);
         Ok(socket)
     }
 
@@ -751,7 +820,11 @@ impl OutputSocket {
         }
         rustix::net::sockopt::set_socket_passcred(&recv, true)?;
         rustix::io::ioctl_fionbio(&recv, true)?;
-        Ok(OutputSocket { recv, send })
+        Ok(OutputSocket {
+            recv,
+            send,
+            peeking: std::cell::Cell::new(false),
+        })
     }
 
     /// The end the agent reads.
@@ -774,13 +847,19 @@ impl OutputSocket {
     }
 
     /// Settles what was peeked and not taken: taken off the socket if it is in the log
-    /// (`logged`), else left to be read again; peeking starts again at the front.
+    /// (`logged`), else left to be read again; peeking starts again at the front. If the
+    /// kernel refuses a peek offset, reads take the bytes at once from then on (said in
+    /// the returned error).
     pub fn settle(&self, logged: bool) -> io::Result<()> {
-        if logged {
-            let n = self.in_flight()?;
-            self.take(n, &mut [0u8; 4096])?;
-        }
-        crate::sys::peek::set_peek_offset(self.receiver(), 0)
+        let taken = if logged {
+            self.in_flight()
+                .and_then(|n| self.take_now(n, &mut [0u8; 4096]))
+        } else {
+            Ok(())
+        };
+        let peeking = crate::sys::peek::set_peek_offset(self.receiver(), 0);
+        self.peeking.set(peeking.is_ok());
+        taken.and(peeking)
     }
 
     /// Peeks at what one process wrote next, into `buf`, without taking it off the socket
@@ -792,11 +871,16 @@ impl OutputSocket {
         let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
         loop {
             let mut control = RecvAncillaryBuffer::new(&mut space);
+            let flags = if self.peeking.get() {
+                RecvFlags::CMSG_CLOEXEC | RecvFlags::PEEK
+            } else {
+                RecvFlags::CMSG_CLOEXEC
+            };
             let msg = match rustix::net::recvmsg(
                 &self.recv,
                 &mut [io::IoSliceMut::new(buf)],
                 &mut control,
-                RecvFlags::CMSG_CLOEXEC | RecvFlags::PEEK,
+                flags,
             ) {
                 Ok(m) => m,
                 Err(rustix::io::Errno::AGAIN) => return Ok(None),
@@ -820,8 +904,16 @@ impl OutputSocket {
         }
     }
 
-    /// Takes the first `n` bytes off the socket (those peeked), read into `scratch`.
-    pub fn take(&self, mut n: usize, scratch: &mut [u8]) -> io::Result<()> {
+    /// Takes the first `n` bytes off the socket (those peeked), read into `scratch` (a
+    /// socket that does not peek took them already).
+    pub fn take(&self, n: usize, scratch: &mut [u8]) -> io::Result<()> {
+        if !self.peeking.get() {
+            return Ok(());
+        }
+        self.take_now(n, scratch)
+    }
+
+    fn take_now(&self, mut n: usize, scratch: &mut [u8]) -> io::Result<()> {
         while n > 0 {
             let want = n.min(scratch.len());
             match rustix::io::read(&self.recv, &mut scratch[..want]) {
@@ -1289,6 +1381,7 @@ mod tests {
             mark: LogMark { ino: 7, size: 100 },
             len: 12,
             journal_at: cursor.journal_end(),
+            expected: 150,
         };
         cursor.record(&record).expect("record");
         assert_eq!(cursor.untaken(&record), 12);
@@ -1308,8 +1401,21 @@ mod tests {
             5,
             "only what was taken is gone"
         );
-        assert!(LogMark { ino: 7, size: 101 }.is_past(record.mark));
-        assert!(LogMark { ino: 8, size: 0 }.is_past(record.mark), "rotated");
-        assert!(!LogMark { ino: 7, size: 100 }.is_past(record.mark));
+        let at = |ino, size| LogMark { ino, size };
+        assert!(record.logged(at(7, 150)) && record.logged(at(7, 200)));
+        assert!(
+            !record.logged(at(7, 100)) && !record.torn(at(7, 100)),
+            "not written"
+        );
+        assert!(
+            !record.logged(at(7, 120)) && record.torn(at(7, 120)),
+            "cut short"
+        );
+        assert!(
+            !record.logged(at(8, 500)) && !record.torn(at(8, 500)),
+            "another file: read again"
+        );
+        again.clear().expect("clear");
+        assert_eq!(cursor.recorded().expect("read"), None, "cleared");
     }
 }

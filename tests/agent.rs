@@ -1335,6 +1335,15 @@ fn an_agent_killed_after_reading_lines_it_had_not_written_loses_none() {
     chatty_worker_across_a_crash("socket", Some("peeked"));
 }
 
+/// Killed in the middle of writing the lines (half of them written): the next agent cuts
+/// the log back to where the write began and reads the bytes again (nothing twice, no
+/// torn line).
+#[test]
+fn an_agent_killed_inside_a_write_of_lines_leaves_no_half() {
+    chatty_worker_across_a_crash("pipe", Some("torn"));
+    chatty_worker_across_a_crash("socket", Some("torn"));
+}
+
 /// Killed right after writing the lines, before taking them off the socket: the next
 /// agent sees (by the log having moved past where the output cursor says it stood) that
 /// they are written, and takes them off without writing them again (nothing twice).
@@ -1415,6 +1424,24 @@ fn chatty_worker_across_a_crash(output: &str, crash_at: Option<&str>) {
     let expected: Vec<u64> = (1..=seen.len() as u64).collect();
     assert_eq!(seen, expected, "every line once, in order");
     assert!(seen.len() as u64 >= last);
+    // And whole: every line `<time> <who> ...` (a worker's `w-0[<pid>] tick <n>`),
+    // nothing left of a write cut short.
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let time = fields.first().copied().unwrap_or_default();
+        assert!(
+            time.len() == "2026-12-04T17:06:49.736Z".len()
+                && time.ends_with('Z')
+                && time.as_bytes()[10] == b'T',
+            "a whole line: {line:?}"
+        );
+        if line.contains("tick ") {
+            assert!(
+                fields.len() == 4 && fields[1].starts_with("w-0[") && fields[2] == "tick",
+                "a whole line: {line:?}"
+            );
+        }
+    }
     assert_eq!(agent.stop(), Some(0));
 }
 

@@ -22,10 +22,9 @@ pub(super) struct Cursor {
     file: Option<OutputCursor>,
     /// Whether making a new cursor failed (it is not tried again).
     failed: bool,
-    /// The last record written, so a socket read at an unchanged log is not recorded
-    /// again.
-    last: Option<CursorRecord>,
-    /// The last read of the agent before, if it left a cursor.
+    /// Whether the file holds a record not yet cleared.
+    recorded: bool,
+    /// The last read of the agent before, if it left one unsettled.
     inherited: Option<CursorRecord>,
     /// A pipe a held pipe's bytes are copied into (`tee`) to be looked at.
     scratch: Option<(OwnedFd, OwnedFd)>,
@@ -45,7 +44,7 @@ impl Cursor {
                     .ok()
                     .flatten();
                 Cursor {
-                    last: inherited.clone(),
+                    recorded: inherited.is_some(),
                     inherited,
                     file: Some(file),
                     ..Cursor::default()
@@ -60,7 +59,7 @@ impl Cursor {
         }
     }
 
-    /// The agent before's last read, if it was of `name` and may be unfinished.
+    /// The agent before's last read, if it was of `name`.
     fn inherited(&self, name: &str) -> Option<&CursorRecord> {
         self.inherited.as_ref().filter(|r| r.name == name)
     }
@@ -86,37 +85,109 @@ impl Agent {
         self.cursor.file.as_mut()
     }
 
-    /// Records, before looking at them, a read of `len` bytes of the output socket or
-    /// pipe held as `name`, with the site's log at `mark`.
-    pub(super) fn record_read(&mut self, name: &str, mark: LogMark, len: u64) {
-        let Some(journal_at) = self.cursor_file().map(|f| f.journal_end()) else {
+    /// Writes the lines (`records`) of a read of `len` bytes of the output socket or pipe
+    /// held as `held_as` to the site's log, in one write, recorded first in the cursor:
+    /// where the log stands (after a rotation, if they would not fit) and where the write
+    /// will end. After this, the caller takes the bytes off and calls
+    /// [`Agent::read_done`].
+    pub(super) fn write_recorded(
+        &mut self,
+        site: &SiteName,
+        held_as: &str,
+        len: u64,
+        records: &[Vec<u8>],
+    ) {
+        let total: u64 = records.iter().map(|r| r.len() as u64).sum();
+        let Some(s) = self.sites.get_mut(site) else {
             return;
         };
-        let record = CursorRecord {
-            name: name.to_string(),
-            mark,
-            len,
-            journal_at,
-        };
-        if self.cursor.last.as_ref() == Some(&record) {
+        if let Err(e) = s.io.log.make_room(total) {
+            warn!(site = %site, "failed to rotate {}: {e}", s.io.log.path().display());
+        }
+        let mark = s.io.log.mark();
+        if let Some(file) = self.cursor_file() {
+            let record = CursorRecord {
+                name: held_as.to_string(),
+                mark,
+                len,
+                journal_at: file.journal_end(),
+                expected: mark.size + total,
+            };
+            match file.record(&record) {
+                Ok(()) => self.cursor.recorded = true,
+                Err(e) => warn!("cannot write the output cursor: {e}"),
+            }
+        }
+        if test_crash_armed(CrashPoint::Torn) {
+            // Half the write, then death.
+            let bytes = records.concat();
+            if let Some(s) = self.sites.get_mut(site) {
+                let _ = s.io.log.append_whole(&[bytes[..bytes.len() / 2].to_vec()]);
+            }
+            test_crash(CrashPoint::Torn);
+        }
+        self.write_records_whole(site, records);
+    }
+
+    /// The read recorded last is settled (its lines written, its bytes taken off).
+    pub(super) fn read_done(&mut self) {
+        if !self.cursor.recorded {
             return;
         }
-        let Some(file) = self.cursor.file.as_ref() else {
-            return;
-        };
-        match file.record(&record) {
-            Ok(()) => self.cursor.last = Some(record),
-            Err(e) => warn!("cannot write the output cursor: {e}"),
+        if let Some(file) = &self.cursor.file {
+            match file.clear() {
+                Ok(()) => self.cursor.recorded = false,
+                Err(e) => warn!("cannot clear the output cursor: {e}"),
+            }
         }
     }
 
-    /// Whether the agent before wrote to the log the lines of what it read last of the
-    /// socket held as `name` (the log, as this agent opened it, went past where it stood
-    /// then).
+    /// Whether the agent before wrote all the lines of its last read, of the socket or
+    /// pipe held as `name`, to the log (which this agent opened at `opened`).
     pub(super) fn inherited_read_logged(&self, name: &str, opened: LogMark) -> bool {
         self.cursor
             .inherited(name)
-            .is_some_and(|r| opened.is_past(r.mark))
+            .is_some_and(|r| r.logged(opened))
+    }
+
+    /// A site's log, just opened: if the agent before died inside the write of the lines
+    /// of a read of one of the site's sockets or pipes, the part it wrote is cut off (the
+    /// read is done again).
+    pub(super) fn repair_log(&self, site: &SiteName, log: &mut crate::logs::SiteLog) {
+        let Some(r) = &self.cursor.inherited else {
+            return;
+        };
+        let ours = [format!("out/{site}/"), format!("log/{site}/")]
+            .iter()
+            .any(|p| r.name.starts_with(p.as_str()));
+        if ours && r.torn(log.opened()) {
+            warn!(
+                site = %site,
+                "the agent before died writing lines to {}: the {} bytes it wrote of them are cut off and read again",
+                log.path().display(),
+                log.opened().size - r.mark.size
+            );
+            if let Err(e) = log.truncate_to(r.mark.size) {
+                warn!(site = %site, "failed to cut {} back: {e}", log.path().display());
+            }
+        }
+    }
+
+    /// The agent before's last read, if any, is settled for every socket and pipe taken
+    /// back (or was of none still here): the cursor says so.
+    pub(super) fn inherited_settled(&mut self) {
+        if self.cursor.inherited.take().is_some() {
+            self.read_done();
+        }
+    }
+
+    /// The socket or pipe held as `name` was taken back and settled: if the agent
+    /// before's last read was of it, the cursor says it is settled (before anything else
+    /// is written to the site's log, which would make a later agent judge it written).
+    pub(super) fn settled(&mut self, name: &str) {
+        if self.cursor.inherited(name).is_some() {
+            self.inherited_settled();
+        }
     }
 
     /// Copies what waits in the held pipe `from` into `buf` without taking it off
@@ -177,9 +248,8 @@ impl Agent {
     }
 
     /// Settles the agent before's last read if it was of the pipe held as `name`, now
-    /// taken back: if its lines are in the log (which went past where it stood then, as
-    /// this agent opened it), what of it is still in the pipe is taken off; otherwise it
-    /// is read again.
+    /// taken back: if its lines are all in the log (as this agent opened it), what of it
+    /// is still in the pipe is taken off; otherwise it is read again.
     pub(super) fn settle_pipe(
         &mut self,
         site: &SiteName,
@@ -190,14 +260,14 @@ impl Agent {
         let Some(r) = self.cursor.inherited(name).filter(|r| r.len > 0).cloned() else {
             return;
         };
-        let logged = opened.is_past(r.mark);
+        let logged = r.logged(opened);
         let untaken = self.cursor.file.as_ref().map_or(0, |f| f.untaken(&r));
         debug!(
             site = %site,
             "the agent before read {} bytes of {name}: {}",
             r.len,
             if !logged {
-                "not in the log, read again".to_string()
+                "not all in the log, read again".to_string()
             } else {
                 format!("in the log, {untaken} still to take off")
             }
@@ -208,37 +278,51 @@ impl Agent {
                 warn!(site = %site, "cannot take off {name} what the agent before logged ({e}): it may be logged twice");
             }
         }
+        self.settled(name);
     }
 }
 
-/// Set to `<point> <file>` (`peeked` or `logged`), makes the agent kill itself with
-/// `SIGKILL` at that point of a read of its workers' output that has complete lines (after
-/// peeking, or after writing the lines to the log, before taking them off the socket),
-/// once `<file>` exists (it is removed first, so it happens once): the tests' way to
-/// crash the agent exactly there.
+/// Set to `<point> <file>` (`peeked`, `torn` or `logged`), makes the agent kill itself
+/// with `SIGKILL` at that point of a read of its workers' output that has complete lines
+/// (after peeking; in the middle of writing the lines to the log, half of them written;
+/// or after writing them, before taking them off), once `<file>` exists (it is removed
+/// first, so it happens once): the tests' way to crash the agent exactly there.
 pub(super) const CRASH_ENV: &str = "HATCHERY_TEST_CRASH_OUTPUT";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum CrashPoint {
     Peeked,
+    Torn,
     Logged,
+}
+
+/// Where [`CRASH_ENV`] says to die, and the file that arms it.
+fn crash_point() -> Option<&'static (CrashPoint, std::path::PathBuf)> {
+    static ARMED: std::sync::OnceLock<Option<(CrashPoint, std::path::PathBuf)>> =
+        std::sync::OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let value = std::env::var(CRASH_ENV).ok()?;
+            let (point, file) = value.split_once(' ')?;
+            let point = match point {
+                "peeked" => CrashPoint::Peeked,
+                "torn" => CrashPoint::Torn,
+                "logged" => CrashPoint::Logged,
+                _ => return None,
+            };
+            Some((point, file.into()))
+        })
+        .as_ref()
+}
+
+/// Whether [`test_crash`] at `at` would die now.
+fn test_crash_armed(at: CrashPoint) -> bool {
+    crash_point().is_some_and(|(point, file)| *point == at && file.exists())
 }
 
 /// Dies here if [`CRASH_ENV`] says so.
 pub(super) fn test_crash(at: CrashPoint) {
-    static ARMED: std::sync::OnceLock<Option<(CrashPoint, std::path::PathBuf)>> =
-        std::sync::OnceLock::new();
-    let armed = ARMED.get_or_init(|| {
-        let value = std::env::var(CRASH_ENV).ok()?;
-        let (point, file) = value.split_once(' ')?;
-        let point = match point {
-            "peeked" => CrashPoint::Peeked,
-            "logged" => CrashPoint::Logged,
-            _ => return None,
-        };
-        Some((point, file.into()))
-    });
-    if let Some((point, file)) = armed {
+    if let Some((point, file)) = crash_point() {
         if *point == at && std::fs::remove_file(file).is_ok() {
             let _ = rustix::process::kill_process(
                 rustix::process::getpid(),

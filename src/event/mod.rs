@@ -633,6 +633,9 @@ impl Agent {
                 }
             }
         }
+        // The agent before's last read of output is settled, or was of a socket or pipe no
+        // longer here.
+        agent.inherited_settled();
         // What the holder held for workers not adopted: theirs are gone, or stopped. A
         // pipe the holder drops by itself once its worker is gone; an output socket of a
         // site no longer here it is told to drop.

@@ -156,7 +156,7 @@ impl Agent {
     /// What the agent before peeked at on a socket taken back and did not take off: taken
     /// off if its lines are in the log, else read again.
     fn settle_output(
-        &self,
+        &mut self,
         name: &SiteName,
         stream: StdStream,
         socket: &OutputSocket,
@@ -183,6 +183,7 @@ impl Agent {
         if let Err(e) = socket.settle(logged) {
             warn!(site = %name, "cannot settle what the agent before read of the {}: {e}", stream.name());
         }
+        self.settled(&recv_name);
     }
 
     /// Makes sure the site has its output socket: made (or taken back from the fd holder)
@@ -239,7 +240,6 @@ impl Agent {
         let mut records = Vec::new();
         let now = SystemTime::now();
         let mut drained = false;
-        self.record_cursor(name, stream_of);
         let mut peeked = 0;
         for _ in 0..reads {
             let Some(output) = self.sites.get(name).and_then(|s| s.io.output.as_ref()) else {
@@ -299,11 +299,10 @@ impl Agent {
                 output.partial.remove(&(stream, stream_of));
             }
         }
+        let [held_as, _] = held_names(name, stream_of);
         if !records.is_empty() {
             super::cursor::test_crash(super::cursor::CrashPoint::Peeked);
-        }
-        self.write_records(name, &records);
-        if !records.is_empty() {
+            self.write_recorded(name, &held_as, peeked as u64, &records);
             super::cursor::test_crash(super::cursor::CrashPoint::Logged);
         }
         // In the log: off the socket.
@@ -318,17 +317,11 @@ impl Agent {
                 let _ = socket.settle(false);
             }
         }
+        if !records.is_empty() {
+            self.read_done();
+        }
         self.output_buf = buf;
         drained
-    }
-
-    /// Records in the cursor where the site's log stands, before a peek at `stream`.
-    fn record_cursor(&mut self, name: &SiteName, stream: StdStream) {
-        let Some(mark) = self.sites.get(name).map(|s| s.io.log.mark()) else {
-            return;
-        };
-        let [recv_name, _] = held_names(name, stream);
-        self.record_read(&recv_name, mark, 0);
     }
 
     /// Reads everything that waits in the site's socket: once a worker has exited, all it

@@ -186,13 +186,14 @@ impl Agent {
             })?;
             listeners.push(l);
         }
-        let log = SiteLog::open(
+        let mut log = SiteLog::open(
             &self.config.state_dir.join("logs"),
             config.name.as_str(),
             config.logs,
             Some(config.gid),
         )
         .map_err(|e| setup_err(format!("open the log of site {}", config.name), e))?;
+        self.repair_log(&config.name, &mut log);
         let not_enforced = self.apply_site_limits(&config);
         let release = match &config.release {
             Some(link) => Some(config::resolve_release(link).map_err(|e| {
@@ -252,7 +253,7 @@ impl Agent {
             steering: steering_ids,
         } = adoption;
         let name = config.name.clone();
-        let log = match SiteLog::open(
+        let mut log = match SiteLog::open(
             &self.config.state_dir.join("logs"),
             name.as_str(),
             machine.config().logs,
@@ -264,6 +265,7 @@ impl Agent {
                 return Err(setup_err(format!("open the log of site {name}"), e));
             }
         };
+        self.repair_log(&name, &mut log);
         let opened = log.opened();
         let not_enforced = self.apply_site_limits(machine.config());
         let steering =

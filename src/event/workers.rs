@@ -435,14 +435,6 @@ impl Agent {
                     break;
                 }
                 Ok(n) => {
-                    if careful {
-                        if let (Some(held_as), Some(site)) =
-                            (&pipe.held_as, self.sites.get(&pipe.site))
-                        {
-                            let mark = site.io.log.mark();
-                            self.record_read(held_as, mark, n as u64);
-                        }
-                    }
                     let hint = |line: &[u8]| {
                         let Writer::Worker(id) = pipe.writer else {
                             return None;
@@ -467,12 +459,11 @@ impl Agent {
                         }
                     });
                     if careful {
-                        // Written, then taken off.
+                        // Recorded and written, then taken off.
                         if !records.is_empty() {
                             super::cursor::test_crash(super::cursor::CrashPoint::Peeked);
-                        }
-                        self.write_records(&pipe.site, &records);
-                        if !records.is_empty() {
+                            let held_as = pipe.held_as.as_deref().unwrap_or_default();
+                            self.write_recorded(&pipe.site, held_as, n as u64, &records);
                             super::cursor::test_crash(super::cursor::CrashPoint::Logged);
                         }
                         records.clear();
@@ -481,6 +472,7 @@ impl Agent {
                             eof = true;
                             break;
                         }
+                        self.read_done();
                     }
                 }
                 Err(rustix::io::Errno::AGAIN) => break,
@@ -515,6 +507,15 @@ impl Agent {
     }
 
     pub(super) fn write_records(&mut self, name: &SiteName, records: &[Vec<u8>]) {
+        self.write_records_as(name, records, false);
+    }
+
+    /// [`Agent::write_records`] in one write (a read recorded in the output cursor).
+    pub(super) fn write_records_whole(&mut self, name: &SiteName, records: &[Vec<u8>]) {
+        self.write_records_as(name, records, true);
+    }
+
+    fn write_records_as(&mut self, name: &SiteName, records: &[Vec<u8>], whole: bool) {
         if records.is_empty() {
             return;
         }
@@ -522,7 +523,12 @@ impl Agent {
             return;
         };
         // Few writes for the lot (the lines of a turn of the loop).
-        if let Err(e) = site.io.log.append_all(records) {
+        let written = if whole {
+            site.io.log.append_whole(records)
+        } else {
+            site.io.log.append_all(records)
+        };
+        if let Err(e) = written {
             warn!(site = %name, "failed to write {}: {e}", site.io.log.path().display());
         }
         let path = site.io.log.path().display().to_string();
