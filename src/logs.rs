@@ -244,8 +244,20 @@ impl SiteLog {
         if self.size > 0 && self.size + record.len() as u64 > self.policy.max_size {
             self.rotate()?;
         }
-        self.file.write_all(record)?;
-        self.index(record);
+        self.write_indexed(record)
+    }
+
+    /// Writes `bytes` at the end of the file and counts them; after a failed write, the
+    /// size is the file's again (part may have been written: the output cursor's marks
+    /// must say where the file ends).
+    fn write_indexed(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if let Err(e) = self.file.write_all(bytes) {
+            if let Ok(meta) = self.file.metadata() {
+                self.size = meta.len();
+            }
+            return Err(e);
+        }
+        self.index(bytes);
         Ok(())
     }
 
@@ -276,9 +288,7 @@ impl SiteLog {
     pub fn append_whole(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
         let batch = records.concat();
         self.make_room(batch.len() as u64)?;
-        self.file.write_all(&batch)?;
-        self.index(&batch);
-        Ok(())
+        self.write_indexed(&batch)
     }
 
     /// Rotates the file if `len` more bytes would not fit in it.
