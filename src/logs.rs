@@ -291,6 +291,15 @@ impl SiteLog {
         self.write_indexed(&batch)
     }
 
+    /// The most bytes of a worker's output read at once for one write of their lines
+    /// ([`SiteLog::append_whole`]): an eighth of `max_size` (at least 1 KiB, at most 64
+    /// KiB), so that the files rotate close to their size.
+    pub fn read_limit(&self) -> usize {
+        usize::try_from(self.policy.max_size / 8)
+            .unwrap_or(usize::MAX)
+            .clamp(1 << 10, 64 << 10)
+    }
+
     /// Rotates the file if `len` more bytes would not fit in it.
     pub fn make_room(&mut self, len: u64) -> io::Result<()> {
         if self.size > 0 && self.size + len > self.policy.max_size {

@@ -241,12 +241,21 @@ impl Agent {
         let now = SystemTime::now();
         let mut drained = false;
         let mut peeked = 0;
+        // What is read for one write of its lines.
+        let limit = self
+            .sites
+            .get(name)
+            .map_or(READ_BUFFER, |s| s.io.log.read_limit());
         for _ in 0..reads {
+            if peeked >= limit {
+                break;
+            }
             let Some(output) = self.sites.get(name).and_then(|s| s.io.output.as_ref()) else {
                 drained = true;
                 break;
             };
-            let chunk = match output.socket_of(stream_of).peek(&mut buf) {
+            let room = (limit - peeked).min(buf.len());
+            let chunk = match output.socket_of(stream_of).peek(&mut buf[..room]) {
                 Ok(Some(c)) => c,
                 Ok(None) => {
                     drained = true;

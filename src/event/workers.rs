@@ -425,7 +425,12 @@ impl Agent {
         let now = SystemTime::now();
         for _ in 0..16 {
             let got = if careful {
-                self.look_at_pipe(pipe.fd.as_fd(), &mut buf)
+                let limit = self
+                    .sites
+                    .get(&pipe.site)
+                    .map_or(buf.len(), |s| s.io.log.read_limit())
+                    .min(buf.len());
+                self.look_at_pipe(pipe.fd.as_fd(), &mut buf[..limit])
             } else {
                 rustix::io::read(&pipe.fd, &mut buf)
             };
