@@ -186,16 +186,7 @@ impl SiteLog {
         };
         log.protect_all()?;
         // Index what an earlier agent wrote.
-        let mut old = File::open(&log.path)?;
-        let mut buf = vec![0u8; BACKLOG_CHUNK];
-        while log.size < size {
-            let n = old.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            log.index(&buf[..n]);
-        }
-        log.size = size;
+        log.index_file(size)?;
         Ok(log)
     }
 
@@ -312,9 +303,17 @@ impl SiteLog {
     /// lines again.
     pub fn truncate_to(&mut self, size: u64) -> io::Result<()> {
         self.file.set_len(size)?;
-        self.size = 0;
         self.lines = 0;
         self.marks = vec![0];
+        self.index_file(size)?;
+        self.opened = self.mark();
+        Ok(())
+    }
+
+    /// Counts the lines of the file's first `size` bytes, from the start (its size is
+    /// then `size`).
+    fn index_file(&mut self, size: u64) -> io::Result<()> {
+        self.size = 0;
         let mut old = File::open(&self.path)?;
         let mut buf = vec![0u8; BACKLOG_CHUNK];
         while self.size < size {
@@ -325,7 +324,7 @@ impl SiteLog {
             let n = n.min(usize::try_from(size - self.size).unwrap_or(usize::MAX));
             self.index(&buf[..n]);
         }
-        self.opened = self.mark();
+        self.size = size;
         Ok(())
     }
 

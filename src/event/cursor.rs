@@ -217,7 +217,8 @@ impl Agent {
         Ok(got)
     }
 
-    /// Takes `len` bytes (looked at, and their lines written) off the held pipe `from`.
+    /// Takes `len` bytes (looked at, and their lines written) off the held pipe `from`,
+    /// into the cursor's journal (pipes are read through the cursor only when it exists).
     pub(super) fn take_from_pipe(
         &mut self,
         from: BorrowedFd<'_>,
@@ -225,20 +226,7 @@ impl Agent {
     ) -> std::io::Result<()> {
         match self.cursor.file.as_mut() {
             Some(file) => file.take_from_pipe(from, len),
-            None => {
-                let mut sink = vec![0u8; len.min(65536)];
-                let mut left = len;
-                while left > 0 {
-                    let want = left.min(sink.len());
-                    match rustix::io::read(from, &mut sink[..want]) {
-                        Ok(0) => break,
-                        Ok(k) => left -= k,
-                        Err(rustix::io::Errno::INTR) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Ok(())
-            }
+            None => Err(std::io::Error::other("no output cursor")),
         }
     }
 
