@@ -308,8 +308,8 @@ impl Agent {
                 output.partial.remove(&(stream, stream_of));
             }
         }
-        let [held_as, _] = held_names(name, stream_of);
         if !records.is_empty() {
+            let [held_as, _] = held_names(name, stream_of);
             super::cursor::test_crash(super::cursor::CrashPoint::Peeked);
             self.write_recorded(name, &held_as, peeked as u64, &records);
             super::cursor::test_crash(super::cursor::CrashPoint::Logged);
