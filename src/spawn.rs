@@ -289,7 +289,8 @@ pub fn worker_image(
 /// Builds the image of generation `generation`'s zygote (`mode = "zygote"`): the
 /// environment a worker gets, less `HATCHERY_WORKER_ID` and `LISTEN_PID` (each forked
 /// worker sets its own), plus [`crate::zygote::ZYGOTE_FD_ENV`] naming `link_fd`, the fd
-/// number its end of the zygote link is placed at.
+/// number its end of the zygote link is placed at, and [`crate::zygote::PROTOCOL_ENV`]
+/// the protocol version the agent speaks.
 pub fn zygote_image(
     site: &SiteConfig,
     listeners: &[Listener],
@@ -302,6 +303,11 @@ pub fn zygote_image(
         .filter(|v| !v.starts_with("HATCHERY_WORKER_ID="))
         .collect();
     env.push(format!("{}={link_fd}", crate::zygote::ZYGOTE_FD_ENV));
+    env.push(format!(
+        "{}={}",
+        crate::zygote::PROTOCOL_ENV,
+        crate::zygote::PROTOCOL_VERSION
+    ));
     site_image(site, &site.command, &env, false)
 }
 

@@ -229,6 +229,21 @@ pub struct ZygoteStatus {
     pub cgroup: Option<PathBuf>,
     /// Its leaf's usage (the memory its workers share is charged here).
     pub usage: Option<Usage>,
+    /// The workers it forked ahead and named (`SPARE`), already in the leaf of the slot
+    /// each is expected to get.
+    #[serde(default)]
+    pub spares: Vec<SpareStatus>,
+}
+
+/// A zygote's worker forked ahead, moved ahead into a leaf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpareStatus {
+    /// Its process.
+    pub pid: i32,
+    /// The slot its leaf is for.
+    pub slot: u32,
+    /// Its leaf.
+    pub cgroup: PathBuf,
 }
 
 /// The deploy under way.

@@ -1,12 +1,12 @@
 //! Zygote mode: a site's `command` starts a *zygote* per generation, a process that loads
 //! the application once and then forks workers on the agent's request, so that workers
 //! start in milliseconds and share the loaded memory copy-on-write. This module holds the
-//! protocol between the agent and a zygote (version 1), the agent's side of it
+//! protocol between the agent and a zygote (version 3), the agent's side of it
 //! ([`ZygoteLink`]) and the zygote's side for zygotes written in Rust ([`serve`], used by
 //! `hatchery __demo-zygote`). The Python side is the `hatchery_zygote` package in
 //! `zygote/python/`.
 //!
-//! # The protocol, version 1
+//! # The protocol, version 3
 //!
 //! Transport: a `SOCK_SEQPACKET` unix socket pair ([`ZygoteLink::pair`]). The zygote's end
 //! is inherited (not close-on-exec) at the fd number given in the environment variable
@@ -15,11 +15,12 @@
 //! single spaces; fds travel with it as `SCM_RIGHTS`. Like an exec worker, the zygote
 //! also inherits the generation's listeners at fds 3.. with `LISTEN_FDS=n` (but no
 //! `LISTEN_PID`: each worker sets its own), `NOTIFY_SOCKET`, `HATCHERY_GENERATION`, and
-//! its stdout/stderr (the zygote's own output pipe).
+//! its stdout/stderr (the zygote's own output pipe), and `HATCHERY_ZYGOTE_PROTOCOL`
+//! ([`PROTOCOL_ENV`]): the highest version the agent speaks (absent: 2).
 //!
-//! 1. zygote → agent: `READY <version>` once the code is loaded (`READY 2` from a zygote
-//!    of this version, `READY 1` from one of version 1; the agent takes both). Sent once,
-//!    before anything else.
+//! 1. zygote → agent: `READY <version>` once the code is loaded, the lower of the
+//!    zygote's own version and the agent's (`READY 3` between two of this version; the
+//!    agent takes 1 to 3). Sent once, before anything else.
 //! 2. agent → zygote: `FORK <slot> <request-id>` with the write end of the new worker's
 //!    output: to a zygote of version 2, two fds, its stdout's and its stderr's (so that
 //!    the agent tells the streams apart); to one of version 1, one fd for both. A zygote
@@ -34,6 +35,15 @@
 //!    `FORK` (the Python helper keeps one such spare), as long as the worker runs no
 //!    application code before its go. The worker closes the zygote socket and everything
 //!    else it must not keep, then blocks reading the go pipe.
+//!
+//!    Version 3, optional: zygote → agent `SPARE <pid>` (no fds), at any time after
+//!    `READY`, names a worker forked ahead of its `FORK`, blocked as above. The agent
+//!    checks it as in step 5 and moves it at once into the leaf of the slot it expects
+//!    that worker to get: the slot of the oldest `FORK` not answered yet, else the
+//!    lowest slot its generation does not use. When a `FORKED` then names it for that
+//!    slot, step 5's move is already done (a move can wait for an RCU grace period, 5 to
+//!    20 ms, on a cgroup2 mount without `favordynmods`); for another slot it is moved
+//!    again. A hint only: nothing needs it, and a zygote may never send one.
 //! 4. zygote → agent: `FORKED <request-id> <pid>` with exactly one fd, the write end of
 //!    that worker's go pipe (the zygote then closes its copies of the go pipe and of the
 //!    output pipe); or `FAILED <request-id> <reason…>` without fds.
@@ -70,9 +80,16 @@ use crate::sys::fork::{ForkSide, exit_now, fork_single_threaded, set_env_in_fork
 
 /// The environment variable naming the zygote's end of the link.
 pub const ZYGOTE_FD_ENV: &str = "HATCHERY_ZYGOTE_FD";
-/// The protocol version this module speaks: 2, version 1 with a `FORK`'s stderr as an fd
-/// of its own.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// The environment variable giving the zygote the highest protocol version the agent
+/// speaks (a zygote started by an agent that does not set it says at most 2).
+pub const PROTOCOL_ENV: &str = "HATCHERY_ZYGOTE_PROTOCOL";
+/// The protocol version this module speaks: 3, version 2 with `SPARE`; version 2 is
+/// version 1 with a `FORK`'s stderr as an fd of its own.
+pub const PROTOCOL_VERSION: u32 = 3;
+/// The version a zygote says when the agent does not say its own.
+pub const UNSAID_AGENT_VERSION: u32 = 2;
+/// The first version with `SPARE`.
+pub const SPARE_VERSION: u32 = 3;
 /// The oldest version the agent still takes from a zygote (one fd for both streams).
 pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
 /// The largest message either side sends or accepts.
@@ -92,6 +109,8 @@ pub enum ToAgent {
     Forked { request: u64, pid: i32 },
     /// `FAILED <request-id> <reason…>`.
     Failed { request: u64, reason: String },
+    /// `SPARE <pid>` (version 3): a worker forked ahead of its `FORK`.
+    Spare { pid: i32 },
 }
 
 /// A message from the agent to the zygote.
@@ -149,6 +168,7 @@ impl ToAgent {
         match self {
             ToAgent::Ready { version } => format!("READY {version}"),
             ToAgent::Forked { request, pid } => format!("FORKED {request} {pid}"),
+            ToAgent::Spare { pid } => format!("SPARE {pid}"),
             ToAgent::Failed { request, reason } => {
                 // Printable ASCII only, single spaces, and short enough to fit.
                 let clean: String = reason
@@ -192,7 +212,16 @@ impl ToAgent {
                 request: number(r).ok_or_else(|| bad("bad request id"))?,
                 reason: reason.join(" "),
             }),
-            ["READY", ..] | ["FORKED", ..] | ["FAILED", ..] => Err(bad("wrong number of fields")),
+            ["SPARE", p] => {
+                let pid: i32 = number(p).ok_or_else(|| bad("bad pid"))?;
+                if pid < 2 {
+                    return Err(bad("bad pid"));
+                }
+                Ok(ToAgent::Spare { pid })
+            }
+            ["READY", ..] | ["FORKED", ..] | ["FAILED", ..] | ["SPARE", ..] => {
+                Err(bad("wrong number of fields"))
+            }
             _ => Err(bad("unknown message")),
         }
     }
@@ -244,7 +273,7 @@ pub enum ZygoteError {
     #[error("zygote protocol violation: {0}")]
     Unexpected(String),
     /// The zygote speaks another version.
-    #[error("the zygote speaks protocol version {0}, this agent speaks version 1")]
+    #[error("the zygote speaks protocol version {0}, this agent speaks versions 1 to 3")]
     UnsupportedVersion(u32),
     /// No answer to a `FORK` in time.
     #[error("the zygote did not answer the fork of worker {slot} within {timeout:?}")]
@@ -327,6 +356,8 @@ pub struct ZygoteLink {
     socket: OwnedFd,
     /// The last request id used.
     last_request: u64,
+    /// The version the zygote said in its `READY` (0 before).
+    version: u32,
 }
 
 /// A worker the zygote forked, checked to be our child and waiting for its go.
@@ -375,6 +406,7 @@ impl ZygoteLink {
             ZygoteLink {
                 socket: agent,
                 last_request: 0,
+                version: 0,
             },
             zygote,
         ))
@@ -405,6 +437,7 @@ impl ZygoteLink {
             ToAgent::Ready { version }
                 if (OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
             {
+                self.version = version;
                 Ok(Some(version))
             }
             ToAgent::Ready { version } => Err(ZygoteError::UnsupportedVersion(version)),
@@ -435,12 +468,13 @@ impl ZygoteLink {
         Ok(request)
     }
 
-    /// Reads one answer to a [`ZygoteLink::request_fork`] without blocking (`Ok(None)`
-    /// when none came yet). The answer's own result is the fork's: the worker (our child,
-    /// its pidfd open, blocked until [`Forked::proceed`]), or why there is none
-    /// ([`ZygoteError::Failed`], [`ZygoteError::NotOurChild`], ...). The outer error is the
+    /// Reads one message of a ready zygote without blocking (`Ok(None)` when none came
+    /// yet): an answer to a [`ZygoteLink::request_fork`], whose own result is the fork's
+    /// (the worker, our child, its pidfd open, blocked until [`Forked::proceed`], or why
+    /// there is none: [`ZygoteError::Failed`], [`ZygoteError::NotOurChild`], ...), or a
+    /// `SPARE` (from a zygote that said version 3 or later). The outer error is the
     /// link's: closed, or a protocol violation (the zygote is not to be trusted further).
-    pub fn read_answer(&mut self) -> Result<Option<Answer>, ZygoteError> {
+    pub fn read_answer(&mut self) -> Result<Option<Reply>, ZygoteError> {
         let mut buf = [0u8; MAX_MESSAGE_BYTES + 1];
         let (n, mut received) = match receive(self.socket.as_fd(), &mut buf, RecvFlags::DONTWAIT) {
             Ok(Received::Message(n, fds)) => (n, fds),
@@ -469,17 +503,27 @@ impl ZygoteLink {
             ToAgent::Ready { .. } => {
                 return Err(ZygoteError::Unexpected("a second READY".into()));
             }
+            ToAgent::Spare { .. } if self.version < SPARE_VERSION => {
+                return Err(ZygoteError::Unexpected(format!(
+                    "SPARE from a zygote of version {}",
+                    self.version
+                )));
+            }
+            ToAgent::Spare { .. } if !received.is_empty() => {
+                return Err(ZygoteError::Unexpected("fds sent with SPARE".into()));
+            }
+            ToAgent::Spare { pid } => return Ok(Some(Reply::Spare { pid })),
         };
         if request == 0 || request > self.last_request {
             return Err(ZygoteError::Unexpected(format!(
                 "an answer to request {request}, which was never made"
             )));
         }
-        Ok(Some(Answer {
+        Ok(Some(Reply::Answer(Answer {
             request,
             pid: slot_result.as_ref().ok().map(|(pid, _)| *pid),
             result: slot_result,
-        }))
+        })))
     }
 
     /// Asks for worker `slot`, whose output goes to `output` (the write end of its
@@ -498,12 +542,13 @@ impl ZygoteLink {
         let deadline = Instant::now() + timeout;
         let request = self.request_fork(slot, output, None)?;
         loop {
-            if let Some(answer) = self.read_answer()? {
-                if answer.request == request {
+            match self.read_answer()? {
+                Some(Reply::Answer(answer)) if answer.request == request => {
                     return answer.into_forked(slot, zygote);
                 }
-                // A late answer to a request we gave up on: dropped here.
-                continue;
+                // A late answer to a request we gave up on, or a spare: dropped here.
+                Some(_) => continue,
+                None => {}
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -524,6 +569,16 @@ impl ZygoteLink {
             }
         }
     }
+}
+
+/// What a ready zygote sends.
+#[derive(Debug)]
+pub enum Reply {
+    /// An answer to a `FORK`.
+    Answer(Answer),
+    /// `SPARE <pid>`: a worker forked ahead of its `FORK` (not checked yet:
+    /// [`check_spare`]).
+    Spare { pid: i32 },
 }
 
 /// The zygote's answer to one `FORK`, as it came: the worker's pid and go pipe, or the
@@ -555,8 +610,22 @@ impl Answer {
 /// `zygote`: the intermediate of the double fork, about to exit), and opens its pidfd;
 /// drops `go` (the worker then exits 1) if it is neither.
 fn own_child(slot: u32, pid: i32, go: OwnedFd, zygote: Option<i32>) -> Result<Forked, ZygoteError> {
+    let pidfd = open_if_ours(pid, zygote, Some(slot))?;
+    Ok(Forked { pid, pidfd, go })
+}
+
+/// Checks the worker a `SPARE` named as [`Answer::into_forked`] checks a `FORKED`'s (our
+/// child or our child-to-be, alive): its pidfd, or why it is not to be touched.
+pub fn check_spare(pid: i32, zygote: Option<i32>) -> Result<OwnedFd, ZygoteError> {
+    open_if_ours(pid, zygote, None)
+}
+
+/// `pid`'s pidfd if it is our child, or on its way to being one (its parent is a child of
+/// `zygote`: the intermediate of the double fork, about to exit), and alive. `slot`, for
+/// the errors, is the one a `FORKED` was for (`None`: a `SPARE`'s).
+fn open_if_ours(pid: i32, zygote: Option<i32>, slot: Option<u32>) -> Result<OwnedFd, ZygoteError> {
     let raw = rustix::process::Pid::from_raw(pid)
-        .ok_or(ZygoteError::Unexpected("pid 0 in FORKED".to_string()))?;
+        .ok_or(ZygoteError::Unexpected("pid 0 from the zygote".to_string()))?;
     // The pidfd first: once the parentage is read, its process being alive still proves
     // the pid was not reused in between.
     let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
@@ -574,7 +643,12 @@ fn own_child(slot: u32, pid: i32, go: OwnedFd, zygote: Option<i32>) -> Result<Fo
         || zygote.is_some_and(|z| read(parent).is_ok_and(|p| p.ppid == z))
         || read(pid)?.ppid == me;
     if !ours {
-        return Err(ZygoteError::NotOurChild { slot, pid, parent });
+        return Err(match slot {
+            Some(slot) => ZygoteError::NotOurChild { slot, pid, parent },
+            None => ZygoteError::Unexpected(format!(
+                "SPARE named pid {pid}, whose parent is {parent}, not us"
+            )),
+        });
     }
     let zero = rustix::event::Timespec {
         tv_sec: 0,
@@ -588,11 +662,12 @@ fn own_child(slot: u32, pid: i32, go: OwnedFd, zygote: Option<i32>) -> Result<Fo
         .map_err(io_err("poll the forked worker's pidfd"))?
         > 0
     {
-        return Err(ZygoteError::Unexpected(format!(
-            "worker {slot} (pid {pid}) exited before its go"
-        )));
+        return Err(ZygoteError::Unexpected(match slot {
+            Some(slot) => format!("worker {slot} (pid {pid}) exited before its go"),
+            None => format!("the spare (pid {pid}) exited"),
+        }));
     }
-    Ok(Forked { pid, pidfd, go })
+    Ok(pidfd)
 }
 
 /// What a worker forked by [`serve`] is told.
@@ -620,7 +695,18 @@ pub fn inherited_link() -> io::Result<Option<OwnedFd>> {
     Ok(Some(fd))
 }
 
-/// The zygote's side, for a zygote written in Rust: sends `READY 2`, then serves `FORK`
+/// The version a zygote of this version says in its `READY`: the lower of its own and
+/// the agent's ([`PROTOCOL_ENV`]; 2 if unset or unreadable).
+pub fn version_to_say() -> u32 {
+    let agent = std::env::var(PROTOCOL_ENV)
+        .ok()
+        .and_then(|v| number::<u32>(&v))
+        .unwrap_or(UNSAID_AGENT_VERSION);
+    agent.clamp(OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION)
+}
+
+/// The zygote's side, for a zygote written in Rust: sends `READY` ([`version_to_say`];
+/// this side never sends `SPARE`: it forks each worker on its `FORK`), then serves `FORK`
 /// requests until the link reaches end of file (`Ok(())`). Each worker runs `worker` after
 /// its go, then `_exit`s with its return value; it never returns here. Must be called on
 /// the process's only thread (forking is refused otherwise: each fork answers `FAILED`).
@@ -631,7 +717,7 @@ pub fn serve(
     send(
         link.as_fd(),
         &ToAgent::Ready {
-            version: PROTOCOL_VERSION,
+            version: version_to_say(),
         }
         .format(),
         &[],
@@ -806,6 +892,7 @@ mod tests {
                 request: 9,
                 reason: "fork: Resource temporarily unavailable".into(),
             },
+            ToAgent::Spare { pid: 4243 },
         ] {
             assert_eq!(ToAgent::parse(m.format().as_bytes()), Ok(m));
         }
@@ -863,6 +950,12 @@ mod tests {
             b"FAILED 1 caf\xc3\xa9",
             b"HELLO 1",
             b"FORK 1 2",
+            b"SPARE",
+            b"SPARE 1",
+            b"SPARE 0",
+            b"SPARE x",
+            b"SPARE 5 6",
+            b"SPARE -5",
         ];
         for m in to_agent {
             assert!(
@@ -894,6 +987,39 @@ mod tests {
     }
 
     #[test]
+    fn spare_is_taken_from_a_zygote_of_version_3_only_and_without_fds() {
+        let (mut link, zygote) = ZygoteLink::pair().expect("socketpair");
+        send(zygote.as_fd(), "READY 3", &[]).expect("send");
+        assert_eq!(link.read_ready().expect("ready"), Some(3));
+        send(zygote.as_fd(), "SPARE 4242", &[]).expect("send");
+        assert!(matches!(
+            link.read_answer(),
+            Ok(Some(Reply::Spare { pid: 4242 }))
+        ));
+        let (_r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
+        send(zygote.as_fd(), "SPARE 4242", &[w.as_fd()]).expect("send");
+        assert!(matches!(
+            link.read_answer(),
+            Err(ZygoteError::Unexpected(_))
+        ));
+        let (mut old, zygote) = ZygoteLink::pair().expect("socketpair");
+        send(zygote.as_fd(), "READY 2", &[]).expect("send");
+        assert_eq!(old.read_ready().expect("ready"), Some(2));
+        send(zygote.as_fd(), "SPARE 4242", &[]).expect("send");
+        assert!(matches!(old.read_answer(), Err(ZygoteError::Unexpected(_))));
+    }
+
+    #[test]
+    fn a_spare_that_is_not_our_child_is_refused() {
+        // This test process is not its own child, nor its parent's grandchild.
+        let me = rustix::process::getpid().as_raw_nonzero().get();
+        assert!(matches!(
+            check_spare(me, None),
+            Err(ZygoteError::Unexpected(m)) if m.contains("not us")
+        ));
+    }
+
+    #[test]
     fn read_ready_reports_nothing_yet_ready_and_end() {
         let (mut link, zygote) = ZygoteLink::pair().expect("socketpair");
         assert_eq!(link.read_ready().expect("nothing yet"), None);
@@ -902,11 +1028,15 @@ mod tests {
         send(zygote.as_fd(), "READY 2", &[]).expect("send");
         assert_eq!(link.read_ready().expect("ready"), Some(2));
         send(zygote.as_fd(), "READY 3", &[]).expect("send");
+        assert_eq!(link.read_ready().expect("ready"), Some(3));
+        send(zygote.as_fd(), "READY 4", &[]).expect("send");
         assert!(matches!(
             link.read_ready(),
-            Err(ZygoteError::UnsupportedVersion(3))
+            Err(ZygoteError::UnsupportedVersion(4))
         ));
         send(zygote.as_fd(), "FORKED 1 5", &[]).expect("send");
+        assert!(matches!(link.read_ready(), Err(ZygoteError::Unexpected(_))));
+        send(zygote.as_fd(), "SPARE 5", &[]).expect("send");
         assert!(matches!(link.read_ready(), Err(ZygoteError::Unexpected(_))));
         send(zygote.as_fd(), "garbage", &[]).expect("send");
         assert!(matches!(link.read_ready(), Err(ZygoteError::Malformed(_))));

@@ -1162,6 +1162,214 @@ probation = "1s"
     );
 }
 
+/// Zygote mode, protocol version 3: the Python helper names the worker it forked ahead
+/// (`SPARE`), and the agent moves it at once, still running no app code, into the leaf
+/// of the slot it expects it to get (the lowest unused one), so a `scale` up only lets it
+/// go: the new worker is that process, in that leaf. A `scale` down frees a lower slot:
+/// the spare is moved, ahead again, into that slot's leaf. A spare given to another slot
+/// (the restart of a killed worker) is moved again into a leaf of that slot, and the leaf
+/// it left is removed: no leaf is left behind.
+#[test]
+fn a_zygotes_spare_waits_in_its_leaf_and_a_scale_up_only_lets_it_go() {
+    let Some((python, pythonpath)) = zygote_python() else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        root.path().join("app.py"),
+        "def app(environ, start_response):\n    start_response('200 OK', [('Content-Length', '2')])\n    return [b'ok']\n",
+    )
+    .expect("write app");
+    let port = free_port();
+    let ready_timeout = if in_vm() { "120s" } else { "30s" };
+    let text = format!(
+        r#"name = "web"
+command = ["{}", "-m", "hatchery_zygote", "--threads", "1", "app:app"]
+mode = "zygote"
+workers = 1
+workdir = "{}"
+[env]
+PYTHONPATH = "{pythonpath}"
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:{port}"
+[ready]
+check = "notify"
+timeout = "{ready_timeout}"
+[restart]
+backoff_initial = "100ms"
+"#,
+        python.display(),
+        root.path().display(),
+    );
+    let (agent, _) = start_web(&text, 1, "io_uring", true);
+    let Some(base) = agent.cgroup_base.clone() else {
+        skip("no cgroup v2 to move spares into (not root, or no cgroup2 mount)");
+        return;
+    };
+    let wait = Duration::from_secs(if in_vm() { 60 } else { 20 });
+    // The cgroup `pid` is in, as a path under the mount, and the leaf it names.
+    let cgroup_of = |pid: i64| -> String {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its cgroup");
+        text.lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a cgroup2 line")
+            .to_string()
+    };
+    let spare_for = |s: &serde_json::Value, slot: u64| -> Option<(i64, String)> {
+        s["generations"][0]["zygote"]["spares"]
+            .as_array()?
+            .iter()
+            .find(|x| x["slot"].as_u64() == Some(slot))
+            .map(|x| {
+                let pid = x["pid"].as_i64().expect("a spare's pid");
+                (pid, x["cgroup"].as_str().expect("its leaf").to_string())
+            })
+    };
+    let s = agent.wait_for("web", "a spare for worker 1", wait, |s| {
+        spare_for(s, 1).is_some()
+    });
+    let (spare, leaf) = spare_for(&s, 1).expect("the spare");
+    assert!(leaf.ends_with("/gen-1/w-1"), "{leaf}");
+    assert!(
+        leaf.ends_with(&cgroup_of(spare)),
+        "the spare is in its leaf before its FORK: {} against {leaf}",
+        cgroup_of(spare)
+    );
+    let ready_workers = |s: &serde_json::Value| -> Vec<(u64, i64, String)> {
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter(|w| w["state"] == "ready")
+            .map(|w| {
+                (
+                    w["id"].as_u64().expect("an id"),
+                    w["pid"].as_i64().expect("a pid"),
+                    w["cgroup"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+
+    let lets_go = |agent: &TestAgent| {
+        agent
+            .agent_log()
+            .matches("the spare, already in its leaf")
+            .count()
+    };
+    let before = lets_go(&agent);
+    let out = agent.cli(&["scale", "web", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = agent.status("web");
+    let one = ready_workers(&s)
+        .into_iter()
+        .find(|w| w.0 == 1)
+        .unwrap_or_else(|| panic!("no worker 1: {s:#}"));
+    assert_eq!(one.1, spare, "worker 1 is the spare: {s:#}");
+    assert_eq!(one.2, leaf, "in the leaf it waited in: {s:#}");
+    assert!(leaf.ends_with(&cgroup_of(spare)));
+    assert_eq!(
+        lets_go(&agent),
+        before + 1,
+        "no second move: {}",
+        agent_log_tail(&agent)
+    );
+
+    // The next spare waits in worker 2's leaf; back to one worker, it is moved into a
+    // leaf of worker 1's, and the next scale up only lets it go.
+    let s = agent.wait_for("web", "a spare for worker 2", wait, |s| {
+        spare_for(s, 2).is_some()
+    });
+    let (spare2, _) = spare_for(&s, 2).expect("the spare");
+    let out = agent.cli(&["scale", "web", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = agent.wait_for("web", "the spare moved for worker 1", wait, |s| {
+        spare_for(s, 1).is_some_and(|(p, _)| p == spare2)
+    });
+    let (_, leaf1) = spare_for(&s, 1).expect("the spare");
+    assert!(leaf1.ends_with(&cgroup_of(spare2)), "{leaf1}");
+    let before = lets_go(&agent);
+    let out = agent.cli(&["scale", "web", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = agent.status("web");
+    let one = ready_workers(&s)
+        .into_iter()
+        .find(|w| w.0 == 1)
+        .unwrap_or_else(|| panic!("no worker 1: {s:#}"));
+    assert_eq!((one.1, &one.2), (spare2, &leaf1), "{s:#}");
+    assert_eq!(
+        lets_go(&agent),
+        before + 1,
+        "no second move: {}",
+        agent_log_tail(&agent)
+    );
+
+    // Worker 0 is killed, and its restart gets the next spare, waiting for worker 2:
+    // moved again, into a leaf of worker 0's.
+    let s = agent.wait_for("web", "a spare for worker 2", wait, |s| {
+        spare_for(s, 2).is_some_and(|(p, _)| p != spare2)
+    });
+    let (spare2, leaf2) = spare_for(&s, 2).expect("the spare");
+    let zero = ready_workers(&s)
+        .into_iter()
+        .find(|w| w.0 == 0)
+        .expect("worker 0");
+    let pid = rustix::process::Pid::from_raw(i32::try_from(zero.1).expect("a pid")).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill worker 0");
+    let s = agent.wait_for("web", "worker 0 again, and a new spare", wait, |s| {
+        ready_workers(s).iter().any(|w| w.0 == 0 && w.1 != zero.1)
+            && spare_for(s, 2).is_some_and(|(p, _)| p != spare2)
+    });
+    let again = ready_workers(&s)
+        .into_iter()
+        .find(|w| w.0 == 0)
+        .expect("worker 0");
+    assert_eq!(again.1, spare2, "the restart took the spare: {s:#}");
+    let name = again.2.rsplit('/').next().unwrap_or("").to_string();
+    assert!(
+        name == "w-0" || name.starts_with("w-0."),
+        "moved into a leaf of worker 0's: {s:#}"
+    );
+    assert!(again.2.ends_with(&cgroup_of(spare2)), "{s:#}");
+    assert_ne!(again.2, leaf2);
+    // No leaf left behind: in gen-1, the zygote's, the two workers' and the spare's.
+    let gen_dir = base.join("sites/web/gen-1");
+    let leaves = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&gen_dir)
+            .expect("gen-1's cgroup")
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let deadline = std::time::Instant::now() + wait;
+    while leaves().len() != 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        leaves().len(),
+        4,
+        "{:?}\n{}",
+        leaves(),
+        agent_log_tail(&agent)
+    );
+}
+
 fn agent_log_tail(agent: &TestAgent) -> String {
     let log = agent.agent_log();
     log.lines()

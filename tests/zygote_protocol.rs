@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hatchery::zygote::ZygoteLink;
+use hatchery::zygote::{Reply, ZygoteLink};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{WaitId, WaitIdOptions};
 
@@ -97,6 +97,10 @@ fn start(argv: &[&str], env: &[(&str, &str)]) -> Zygote {
         .env("LISTEN_FDS", "1")
         .env_remove("LISTEN_PID")
         .env("HATCHERY_ZYGOTE_FD", "4")
+        .env(
+            hatchery::zygote::PROTOCOL_ENV,
+            hatchery::zygote::PROTOCOL_VERSION.to_string(),
+        )
         .env("NOTIFY_SOCKET", &notify_path)
         .env("HATCHERY_GENERATION", "7")
         .envs(env.iter().copied())
@@ -139,6 +143,7 @@ impl Zygote {
         i32::try_from(self.child.id()).expect("a pid")
     }
 
+    /// Waits for `READY` of this version (the agent's, given in the environment).
     fn wait_ready(&mut self) {
         assert!(
             readable(self.link.fd(), Duration::from_secs(30)),
@@ -148,7 +153,18 @@ impl Zygote {
             self.link.read_ready().expect("READY"),
             Some(hatchery::zygote::PROTOCOL_VERSION)
         );
-        assert_eq!(self.link.read_ready().expect("nothing more"), None);
+    }
+
+    /// The pid of the next `SPARE` (at most 10 s).
+    fn wait_spare(&mut self) -> i32 {
+        assert!(
+            readable(self.link.fd(), Duration::from_secs(10)),
+            "no SPARE from the zygote"
+        );
+        match self.link.read_answer().expect("a message") {
+            Some(Reply::Spare { pid }) => pid,
+            other => panic!("expected a SPARE, got {other:?}"),
+        }
     }
 
     fn port(&self) -> u16 {
@@ -322,12 +338,17 @@ fn the_python_zygote_speaks_the_same_protocol() {
         &[("PYTHONPATH", path.as_str())],
     );
     z.wait_ready();
+    // Version 3: the worker it forked ahead is named before any FORK, and the FORK gets
+    // that one (checked by the agent like a FORKED's: our child-to-be, alive).
+    let spare = z.wait_spare();
+    hatchery::zygote::check_spare(spare, Some(z.pid())).expect("a spare of ours");
     let (out, out_w) = pipe();
     let worker = z
         .link
         .fork(2, out_w.as_fd(), Duration::from_secs(10), Some(z.pid()))
         .expect("FORKED");
     drop(out_w);
+    assert_eq!(worker.pid, spare, "the FORK took the spare it named");
     reparented(worker.pid);
     let pid = worker.pid;
     let pidfd = KillOnDrop(worker.pidfd.try_clone().expect("dup the pidfd"));
@@ -398,7 +419,7 @@ fn a_fork_with_two_output_fds_gives_the_worker_its_stdout_and_stderr_apart() {
             readable(z.link.fd(), Duration::from_secs(10)),
             "no answer to FORK"
         );
-        if let Some(a) = z.link.read_answer().expect("an answer") {
+        if let Some(Reply::Answer(a)) = z.link.read_answer().expect("an answer") {
             break a;
         }
     };

@@ -321,6 +321,9 @@ pub struct Agent {
     next_zygote: u64,
     /// Zygotes by pid, for `reap`.
     zygote_pids: HashMap<i32, u64>,
+    /// Workers zygotes forked ahead and named in a `SPARE`, moved ahead into a leaf, by
+    /// pid (see `zygote.rs`).
+    spares: HashMap<i32, zygote::SpareLeaf>,
     /// CPU pressure triggers of sites that follow their load (see `pressure.rs`).
     pressure: HashMap<SiteName, pressure::Trigger>,
     /// When `Agent::new` began (for the time adoption took).
@@ -566,6 +569,7 @@ impl Agent {
             zygotes: HashMap::new(),
             next_zygote: 0,
             zygote_pids: HashMap::new(),
+            spares: HashMap::new(),
             pressure: HashMap::new(),
             workers_dirty: true,
             drained_before_exits: Vec::new(),
@@ -688,7 +692,7 @@ impl Agent {
                         if crate::cgroup::favors_dynmods(&mount) {
                             format!("{} has favordynmods: a zygote-mode worker is moved into its leaf in well under a millisecond", mount.display())
                         } else {
-                            format!("a zygote-mode worker is moved into its leaf after its fork; {} lacks favordynmods (Linux 6.0+), so a move may wait for an RCU grace period (5-20 ms seen): `mount -o remount,favordynmods {}` avoids it", mount.display(), mount.display())
+                            format!("a zygote-mode worker is moved into its leaf after its fork (a spare the zygote names ahead, before its request); {} lacks favordynmods (Linux 6.0+), so a move may wait for an RCU grace period (5-20 ms seen): `mount -o remount,favordynmods {}` avoids it", mount.display(), mount.display())
                         },
                     ));
                 }
@@ -780,7 +784,8 @@ impl Agent {
                     .shutdown_deadline
                     .get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
                 let empty = self.graveyard.as_ref().is_none_or(Graveyard::is_empty)
-                    && self.zygotes.is_empty();
+                    && self.zygotes.is_empty()
+                    && self.spares.is_empty();
                 if empty || Instant::now() >= deadline {
                     break;
                 }

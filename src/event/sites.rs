@@ -423,6 +423,9 @@ impl Agent {
             }
         }
         self.watch_pressure(name);
+        if !self.spares.is_empty() {
+            self.rehome_spares(name);
+        }
     }
 
     /// One input to site `name`'s machine (none once the site is gone).

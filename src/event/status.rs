@@ -127,6 +127,15 @@ impl Agent {
                                         .filter(|_| read_leaves)
                                         .map(|p| leaf_usage(cgroup.as_deref(), p.pidref.pid())),
                                     cgroup,
+                                    spares: self
+                                        .spares_of(name, g.id)
+                                        .into_iter()
+                                        .map(|(pid, s)| crate::status::SpareStatus {
+                                            pid,
+                                            slot: s.slot.0,
+                                            cgroup: s.leaf.clone(),
+                                        })
+                                        .collect(),
                                 }
                             }),
                         })

@@ -51,7 +51,10 @@ impl Agent {
             } else if let Some(id) = self.zygote_pids.get(&pid).copied() {
                 self.zygote_exited(id);
             } else if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                // A zygote's spare that never became a worker: its leaf goes.
+                let spare = self.spare_reaped(pid);
                 match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
+                    Ok(_) if spare => debug!(pid, "reaped a zygote's spare"),
                     Ok(_) => debug!(pid, "reaped an orphaned descendant"),
                     Err(e) => {
                         error!(pid, "failed to reap: {e}");

@@ -15,7 +15,14 @@
 //!   a zygote that said `READY 1`), and the loop goes on; the answer comes on
 //!   the link. A `FORKED` worker (checked to be the agent's own child) gets a fresh leaf
 //!   `gen-<N>/w-<K>` with the per-worker limits, is moved into it, and only then told to
-//!   proceed: no application code runs outside its leaf. From there it is a worker like
+//!   proceed: no application code runs outside its leaf. A worker the zygote forked
+//!   ahead and named in a `SPARE` (version 3) is moved ahead, when the `SPARE` comes,
+//!   into the leaf of the slot it is expected to get ([`Agent::take_spare`]): the oldest
+//!   unanswered `FORK`'s, else the lowest slot the generation does not use. A `FORKED`
+//!   naming it for that slot then only lets it go; for another slot it is moved again
+//!   and its first leaf retired. A move writes `cgroup.procs`, which on a cgroup2 mount
+//!   without `favordynmods` waits for an RCU grace period (5 to 20 ms): the spare's move
+//!   takes that wait off the path from the request to the ready worker. From there it is a worker like
 //!   an exec one (pidfd, output, notifications, exit, OOM). `FAILED`, or no answer within
 //!   the generation's `ready.timeout`, fails the spawn (as a crash); a zygote that does
 //!   not answer in time is killed (it is replaced as one that died).
@@ -43,7 +50,7 @@ use crate::spawn::SpawnFailure;
 use crate::supervisor::ids::{GenId, Slot, WorkerId};
 use crate::supervisor::machine::Input;
 use crate::supervisor::slots::{ExitReason, Input as SlotInput};
-use crate::zygote::{Answer, Forked, ZygoteError, ZygoteLink};
+use crate::zygote::{Answer, Forked, Reply, ZygoteError, ZygoteLink};
 
 /// A zygote process.
 #[derive(Debug)]
@@ -90,6 +97,34 @@ struct PendingFork {
     asked: Instant,
     /// When the zygote is given up on if it has not answered.
     deadline: Instant,
+}
+
+/// A worker a zygote forked ahead and named in a `SPARE`, moved ahead into a leaf.
+#[derive(Debug)]
+pub(super) struct SpareLeaf {
+    /// The zygote that named it (its number in `Agent::zygotes`).
+    pub zygote: u64,
+    /// The slot its leaf is for.
+    pub slot: Slot,
+    /// Its leaf, `gen-<N>/w-<slot>`, with `limits` written.
+    pub leaf: PathBuf,
+    limits: crate::config::Limits,
+    /// A move to another slot's leaf failed: it is not tried again (a `FORKED` for
+    /// another slot still moves it).
+    stuck: bool,
+}
+
+/// Spares a zygote may have in leaves at once; a `SPARE` beyond is not moved ahead (its
+/// worker is moved when a `FORKED` names it), so a zygote cannot make the agent create
+/// leaves without end.
+const MOST_SPARES: usize = 4;
+
+/// What was read on a ready zygote's link, in order.
+enum Got {
+    /// An answer to a `FORK` (for `slot`), with the output pipes the `FORK` sent.
+    Answer(Slot, Answer, Option<WorkerPipes>),
+    /// A `SPARE`, and the slot of the oldest `FORK` not answered when it came.
+    Spare(i32, Option<Slot>),
 }
 
 /// How long a zygote asked to stop has, when its configuration cannot be found any more.
@@ -369,33 +404,37 @@ impl Agent {
         } else {
             self.rearm_link(id);
         }
-        for (slot, answer, output) in answers {
-            self.take_forked(zpid, &site, g, slot, answer, output);
+        for got in answers {
+            match got {
+                Got::Answer(slot, answer, output) => {
+                    self.take_forked(id, zpid, &site, g, slot, answer, output);
+                }
+                Got::Spare(pid, expected) => self.take_spare(id, zpid, &site, g, pid, expected),
+            }
         }
     }
 
-    /// Reads every answer waiting on zygote `id`'s link, with the pending fork each
-    /// answers (answers to forks already given up on are dropped: their workers exit
-    /// without running application code); and why reading stopped, if not because
-    /// nothing more is there.
-    #[allow(clippy::type_complexity)]
-    fn drain_answers(
-        &mut self,
-        id: u64,
-    ) -> (
-        Vec<(Slot, Answer, Option<WorkerPipes>)>,
-        Option<ZygoteError>,
-    ) {
+    /// Reads every message waiting on zygote `id`'s link, in order: answers with the
+    /// pending fork each answers (answers to forks already given up on are dropped: their
+    /// workers exit without running application code), and spares; and why reading
+    /// stopped, if not because nothing more is there.
+    fn drain_answers(&mut self, id: u64) -> (Vec<Got>, Option<ZygoteError>) {
         let mut answers = Vec::new();
         let Some(z) = self.zygotes.get_mut(&id) else {
             return (answers, None);
         };
         loop {
             match z.link.read_answer() {
-                Ok(Some(answer)) => match z.pending.remove(&answer.request) {
+                Ok(Some(Reply::Spare { pid })) => {
+                    // The zygote answers in order: its spare goes to the oldest FORK it
+                    // has not answered yet, if any.
+                    let expected = z.pending.values().next().map(|p| p.slot);
+                    answers.push(Got::Spare(pid, expected));
+                }
+                Ok(Some(Reply::Answer(answer))) => match z.pending.remove(&answer.request) {
                     Some(p) => {
                         debug!(site = %z.site, gen = z.generation.0, worker = %p.slot, "fork answered in {} µs", p.asked.elapsed().as_micros());
-                        answers.push((p.slot, answer, p.output));
+                        answers.push(Got::Answer(p.slot, answer, p.output));
                     }
                     None => {
                         debug!(site = %z.site, request = answer.request, "a late fork answer dropped");
@@ -409,9 +448,11 @@ impl Agent {
 
     /// A worker the zygote forked (or failed to): moved into its own leaf and let go, then
     /// reported to the site's machine as a spawn.
-    /// `zygote` is the pid of the zygote that answered.
+    /// `zygote` is the pid of the zygote that answered, `id` its number.
+    #[allow(clippy::too_many_arguments)]
     fn take_forked(
         &mut self,
+        id: u64,
         zygote: i32,
         name: &SiteName,
         g: GenId,
@@ -419,7 +460,7 @@ impl Agent {
         answer: Answer,
         output: Option<WorkerPipes>,
     ) {
-        let input = match self.let_forked_go(zygote, name, g, slot, answer, output) {
+        let input = match self.let_forked_go(id, zygote, name, g, slot, answer, output) {
             Ok(pid) => SlotInput::Spawned { id: slot, pid },
             Err(error) => {
                 error!(site = %name, gen = g.0, worker = %slot, "failed to spawn: {error}");
@@ -439,8 +480,10 @@ impl Agent {
         );
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn let_forked_go(
         &mut self,
+        id: u64,
         zygote: i32,
         name: &SiteName,
         g: GenId,
@@ -471,21 +514,41 @@ impl Agent {
         let Some(limits) = limits else {
             return Err(refuse(&pidref, "its generation is gone".into()));
         };
+        // A spare moved ahead into this slot's leaf stays there: the move is done.
+        let spare = self.spares.remove(&pid).filter(|s| s.zygote == id);
         let leaf = match (&self.cgroups, &mut self.graveyard) {
-            (Some(tree), Some(graveyard)) => {
-                let made = tree
-                    .new_leaf(name.as_str(), g.0, &format!("w-{slot}"))
-                    .map_err(|e| format!("{e}: {}", super::error_chain(&e)));
-                let (dir, _fd) = made.map_err(|e| refuse(&pidref, e))?;
-                let moved = CgroupTree::apply_worker_limits(&dir, &limits)
-                    .and_then(|()| CgroupTree::move_into(&dir, pid));
-                if let Err(e) = moved {
-                    let why = refuse(&pidref, format!("{e}: {}", super::error_chain(&e)));
-                    tree.retire(&dir, graveyard);
-                    return Err(why);
+            (Some(tree), Some(graveyard)) => match spare {
+                Some(s) if s.slot == slot => {
+                    if s.limits != limits {
+                        if let Err(e) = CgroupTree::apply_worker_limits(&s.leaf, &limits) {
+                            let why = refuse(&pidref, format!("{e}: {}", super::error_chain(&e)));
+                            tree.retire(&s.leaf, graveyard);
+                            return Err(why);
+                        }
+                    }
+                    debug!(site = %name, gen = g.0, worker = %slot, pid, "the spare, already in its leaf");
+                    Some(s.leaf)
                 }
-                Some(dir)
-            }
+                other => {
+                    let made = tree
+                        .new_leaf(name.as_str(), g.0, &format!("w-{slot}"))
+                        .map_err(|e| format!("{e}: {}", super::error_chain(&e)));
+                    let (dir, _fd) = made.map_err(|e| refuse(&pidref, e))?;
+                    let moved = CgroupTree::apply_worker_limits(&dir, &limits)
+                        .and_then(|()| CgroupTree::move_into(&dir, pid));
+                    if let Some(s) = other {
+                        // Moved ahead for another slot: that leaf is left empty.
+                        debug!(site = %name, gen = g.0, worker = %slot, pid, "the spare, moved ahead for worker {}, moved again", s.slot);
+                        tree.retire(&s.leaf, graveyard);
+                    }
+                    if let Err(e) = moved {
+                        let why = refuse(&pidref, format!("{e}: {}", super::error_chain(&e)));
+                        tree.retire(&dir, graveyard);
+                        return Err(why);
+                    }
+                    Some(dir)
+                }
+            },
             _ => None,
         };
         if let Err(e) = crate::zygote::let_go(go) {
@@ -508,6 +571,161 @@ impl Agent {
             .map_err(|e| format!("failed to watch the worker: {e}"))?;
         debug!(site = %name, gen = g.0, worker = %slot, pid, "forked by the zygote");
         Ok(pid)
+    }
+
+    /// A `SPARE` from zygote `id` (pid `zygote`) of generation `g`: the worker `pid`,
+    /// checked like a `FORKED`'s, is moved now into a fresh leaf for the slot it is
+    /// expected to get (`expected`, the oldest unanswered `FORK`'s, else the lowest slot
+    /// the generation does not use), with the per-worker limits. Anything that stands in
+    /// the way (no cgroups, a generation leaving, too many spares, a pid that is not ours,
+    /// a failed move) leaves it where it is, to be moved when a `FORKED` names it: a spare
+    /// is a hint, never a failure.
+    fn take_spare(
+        &mut self,
+        id: u64,
+        zygote: i32,
+        name: &SiteName,
+        g: GenId,
+        pid: i32,
+        expected: Option<Slot>,
+    ) {
+        let (Some(tree), Some(graveyard)) = (&self.cgroups, &mut self.graveyard) else {
+            return;
+        };
+        let Some(generation) = self
+            .sites
+            .get(name)
+            .and_then(|s| s.machine.generation(g))
+            .filter(|x| !x.leaving)
+        else {
+            return;
+        };
+        let held = self.spares.values().filter(|s| s.zygote == id).count();
+        if held >= MOST_SPARES || self.spares.contains_key(&pid) {
+            debug!(site = %name, gen = g.0, pid, "a spare not moved ahead: {held} already are");
+            return;
+        }
+        if let Err(e) = crate::zygote::check_spare(pid, Some(zygote)) {
+            warn!(site = %name, gen = g.0, pid, "a spare not moved ahead: {e}");
+            return;
+        }
+        let slot = expected.unwrap_or_else(|| generation.slots.lowest_unused_slot());
+        let limits = generation.config.limits;
+        let started = Instant::now();
+        let made = tree.new_leaf(name.as_str(), g.0, &format!("w-{slot}"));
+        let leaf = match made {
+            Ok((leaf, _fd)) => leaf,
+            Err(e) => {
+                warn!(site = %name, gen = g.0, pid, "a spare not moved ahead: {e}: {}", super::error_chain(&e));
+                return;
+            }
+        };
+        let moved = CgroupTree::apply_worker_limits(&leaf, &limits)
+            .and_then(|()| CgroupTree::move_into(&leaf, pid));
+        if let Err(e) = moved {
+            // It may have exited meanwhile (its zygote died): its leaf goes.
+            debug!(site = %name, gen = g.0, pid, "a spare not moved ahead: {e}: {}", super::error_chain(&e));
+            tree.retire(&leaf, graveyard);
+            return;
+        }
+        debug!(site = %name, gen = g.0, worker = %slot, pid, "a spare moved ahead into {} in {} µs", leaf.display(), started.elapsed().as_micros());
+        self.spares.insert(
+            pid,
+            SpareLeaf {
+                zygote: id,
+                slot,
+                leaf,
+                limits,
+                stuck: false,
+            },
+        );
+    }
+
+    /// Moves the spares of site `name`'s zygotes that wait in the leaf of a slot the next
+    /// spawn will not be for (the slot was taken meanwhile, or one below it was freed by a
+    /// `scale` down) into a leaf of the slot it will be: the lowest unused one. Not while
+    /// a `FORK` is unanswered (the spare goes to that one: moving it now would cost what
+    /// moving it after the answer does). A move here is off any request's path.
+    pub(super) fn rehome_spares(&mut self, name: &SiteName) {
+        let mut moves = Vec::new();
+        for (pid, spare) in &self.spares {
+            let Some(z) = self.zygotes.get(&spare.zygote) else {
+                continue;
+            };
+            if spare.stuck || &z.site != name || z.detached || !z.pending.is_empty() {
+                continue;
+            }
+            let next = self
+                .sites
+                .get(name)
+                .and_then(|s| s.machine.generation(z.generation))
+                .filter(|x| !x.leaving)
+                .map(|x| x.slots.lowest_unused_slot());
+            if next.is_some_and(|n| n != spare.slot) {
+                moves.push((*pid, z.generation, next.expect("checked")));
+            }
+        }
+        for (pid, g, slot) in moves {
+            let (Some(tree), Some(graveyard)) = (&self.cgroups, &mut self.graveyard) else {
+                return;
+            };
+            let Some(spare) = self.spares.get_mut(&pid) else {
+                continue;
+            };
+            let started = Instant::now();
+            let moved = tree
+                .new_leaf(name.as_str(), g.0, &format!("w-{slot}"))
+                .and_then(|(leaf, _fd)| {
+                    let done = CgroupTree::apply_worker_limits(&leaf, &spare.limits)
+                        .and_then(|()| CgroupTree::move_into(&leaf, pid));
+                    if done.is_err() {
+                        tree.retire(&leaf, graveyard);
+                    }
+                    done.map(|()| leaf)
+                });
+            match moved {
+                Ok(leaf) => {
+                    debug!(site = %name, gen = g.0, worker = %slot, pid, "a spare moved ahead for worker {} moved into {} in {} µs", spare.slot, leaf.display(), started.elapsed().as_micros());
+                    tree.retire(&spare.leaf, graveyard);
+                    spare.leaf = leaf;
+                    spare.slot = slot;
+                }
+                Err(e) => {
+                    // Left where it is (a FORKED for another slot moves it then); it may
+                    // have exited.
+                    debug!(site = %name, gen = g.0, pid, "a spare not moved again: {e}: {}", super::error_chain(&e));
+                    spare.stuck = true;
+                }
+            }
+        }
+    }
+
+    /// Spare `pid` was reaped without becoming a worker (its zygote ended, or it failed):
+    /// its leaf is retired. Whether it was one.
+    pub(super) fn spare_reaped(&mut self, pid: i32) -> bool {
+        let Some(spare) = self.spares.remove(&pid) else {
+            return false;
+        };
+        if let (Some(tree), Some(graveyard)) = (&self.cgroups, &mut self.graveyard) {
+            tree.retire(&spare.leaf, graveyard);
+        }
+        true
+    }
+
+    /// The spares of generation `g`'s zygote of site `name` that are in leaves, for
+    /// `status`.
+    pub(super) fn spares_of(&self, name: &SiteName, g: GenId) -> Vec<(i32, &SpareLeaf)> {
+        let Some(id) = self.zygote_of(name, g) else {
+            return Vec::new();
+        };
+        let mut spares: Vec<(i32, &SpareLeaf)> = self
+            .spares
+            .iter()
+            .filter(|(_, s)| s.zygote == id)
+            .map(|(pid, s)| (*pid, s))
+            .collect();
+        spares.sort_by_key(|(pid, s)| (s.slot, *pid));
+        spares
     }
 
     fn rearm_link(&mut self, id: u64) {
@@ -667,9 +885,11 @@ impl Agent {
         };
         let z = self.zygotes.remove(&id).expect("looked up above");
         let (site, g) = (z.site.clone(), z.generation);
-        for (slot, answer, output) in answers {
-            if !z.detached {
-                self.take_forked(z.pidref.pid(), &site, g, slot, answer, output);
+        for got in answers {
+            // A spare named now exits with its zygote (its leaf, if it has one, goes when
+            // it is reaped).
+            if let (Got::Answer(slot, answer, output), false) = (got, z.detached) {
+                self.take_forked(id, z.pidref.pid(), &site, g, slot, answer, output);
             }
         }
         self.reg.tokens.remove(&z.pid_token);

@@ -318,6 +318,28 @@ impl SiteCore {
         }
     }
 
+    /// The lowest slot not in use: the one the next worker added (a start, a `scale` up)
+    /// gets (`fill_slots` fills the first gap).
+    pub fn lowest_unused_slot(&self) -> Slot {
+        // Without a gap (the usual case), one past the last, found without a walk.
+        match self.slots.last_key_value() {
+            None => return Slot(0),
+            Some((last, _)) if last.0 as usize + 1 == self.slots.len() => {
+                return Slot(last.0 + 1);
+            }
+            Some(_) => {}
+        }
+        // The keys are in order: the first gap.
+        let mut next = 0u32;
+        for id in self.slots.keys() {
+            if id.0 != next {
+                break;
+            }
+            next += 1;
+        }
+        Slot(next)
+    }
+
     /// Processes in any phase.
     pub fn live(&self) -> usize {
         self.index.live

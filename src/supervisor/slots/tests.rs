@@ -350,6 +350,33 @@ fn ready_timeout_stops_and_counts_as_a_crash() {
     assert_eq!(s.slots[&Slot(0)].last_exit, Some(ExitReason::ReadyTimeout));
 }
 
+/// What a zygote's spare is moved ahead for: the slot the next scale up spawns.
+#[test]
+fn the_lowest_unused_slot_is_the_one_a_scale_up_spawns() {
+    let t = Instant::now();
+    let mut s = running(4, ReadyCheck::None, t);
+    assert_eq!(s.lowest_unused_slot(), Slot(4));
+    s.handle(Input::ScaleRequested(2), t);
+    assert_eq!(
+        s.lowest_unused_slot(),
+        Slot(4),
+        "2 and 3 are stopping, still in use"
+    );
+    for id in [2, 3] {
+        s.handle(
+            Input::Exited {
+                id: Slot(id),
+                reason: ExitReason::Signaled { signal: 15 },
+            },
+            t,
+        );
+    }
+    assert_eq!(s.lowest_unused_slot(), Slot(2));
+    let a = s.handle(Input::ScaleRequested(3), t);
+    assert_eq!(spawns(&a), vec![2]);
+    assert_eq!(s.lowest_unused_slot(), Slot(3));
+}
+
 #[test]
 fn scale_down_removes_the_highest_slots_and_scale_up_reuses_ids() {
     let t = Instant::now();

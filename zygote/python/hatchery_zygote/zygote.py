@@ -3,9 +3,11 @@
 To answer a FORK at once, the zygote keeps one worker forked ahead (a *spare*): just
 before READY, and right after each FORK it answered, it forks the next one, which waits,
 already the agent's child and running no application code, for its slot and output fds
-(on a socket of its own) and then for its go. A FORK gives the spare its slot and the
-FORK's output fds and answers ``FORKED`` with the spare's pid and go pipe. Without a
-spare (a hook or the fork failed, or the spare died) the FORK forks on demand.
+(on a socket of its own) and then for its go. To an agent of version 3 it says ``SPARE
+<pid>`` (after READY, for the first), so that the agent moves the spare into its cgroup
+leaf before the FORK that takes it. A FORK gives the spare its slot and the FORK's output
+fds and answers ``FORKED`` with the spare's pid and go pipe. Without a spare (a hook or
+the fork failed, or the spare died) the FORK forks on demand.
 
 Each fork, in order:
 
@@ -50,8 +52,11 @@ from .protocol import (
     Forked,
     ProtocolError,
     Ready,
+    Spare,
+    SPARE_VERSION,
     format_message,
     parse_to_zygote,
+    version_to_say,
 )
 
 ZYGOTE_FD_ENV = "HATCHERY_ZYGOTE_FD"
@@ -79,19 +84,34 @@ def _send(link, message, fds=()):
 
 
 def serve(link, worker, before_fork=None):
-    """Sends READY 2 and serves FORK requests until the link's end of file.
+    """Sends READY (version 3, or the agent's if lower) and serves FORK requests until
+    the link's end of file.
 
     ``before_fork()``, if given, runs in the zygote right before each fork.
     ``worker(slot)`` runs in each worker after its go; its return value (an int) is the
     worker's exit status. It never returns here.
     """
+    try:
+        _serve(link, worker, before_fork)
+    except (BrokenPipeError, ConnectionResetError):
+        # The agent closed the link while we sent (a SPARE, an answer): the end, as at
+        # end of file.
+        return
+
+
+def _serve(link, worker, before_fork):
+    version = version_to_say()
     # The first spare before READY: a ready zygote answers its first FORK at once.
     spare = _make_spare(link, worker, before_fork)
-    _send(link, Ready())
+    _send(link, Ready(version))
+    if spare is not None and version >= SPARE_VERSION:
+        _send(link, Spare(spare.pid))
     while True:
         _reap_intermediates()
         if spare is None:
             spare = _make_spare(link, worker, before_fork)
+            if spare is not None and version >= SPARE_VERSION:
+                _send(link, Spare(spare.pid))
         data, fds, flags, _addr = socket.recv_fds(link, MAX_MESSAGE_BYTES + 1, 4)
         if not data and not fds:
             return

@@ -23,6 +23,7 @@ from hatchery_zygote.protocol import (  # noqa: E402
     Fork,
     Forked,
     Ready,
+    Spare,
     format_message,
     parse_to_agent,
 )
@@ -81,13 +82,17 @@ def wait_exit_code(pid, timeout=TIMEOUT_S):
 
 
 class ZygoteTestCase(unittest.TestCase):
-    """Starts the zygote with ``ARGS`` in setUp; kills what is left in tearDown."""
+    """Starts the zygote with ``ARGS`` in setUp, as an agent of version ``AGENT_VERSION``
+    (None: one that does not say its version); kills what is left in tearDown."""
 
     ARGS = []
+    AGENT_VERSION = PROTOCOL_VERSION
 
     def setUp(self):
         become_subreaper()
         self.workers = []
+        # The pids of the SPAREs received, in order.
+        self.spares = []
         self.dir = tempfile.TemporaryDirectory()
         self.notify_path = os.path.join(self.dir.name, "notify")
         self.hooks_log = os.path.join(self.dir.name, "hooks.log")
@@ -109,6 +114,9 @@ class ZygoteTestCase(unittest.TestCase):
             PYTHONPATH=os.pathsep.join([ROOT, HERE]),
         )
         env.pop("LISTEN_PID", None)
+        env.pop("HATCHERY_ZYGOTE_PROTOCOL", None)
+        if self.AGENT_VERSION is not None:
+            env["HATCHERY_ZYGOTE_PROTOCOL"] = str(self.AGENT_VERSION)
         argv = [sys.executable, "-m", "hatchery_zygote"] + list(self.ARGS)
         self.stderr_r, stderr_w = os.pipe()
         pid = os.fork()
@@ -144,7 +152,23 @@ class ZygoteTestCase(unittest.TestCase):
 
     def expect_ready(self):
         self.assertTrue(readable(self.link, 30), "no READY")
-        self.assertEqual(parse_to_agent(self.link.recv(513)), Ready(PROTOCOL_VERSION))
+        said = min(PROTOCOL_VERSION, self.AGENT_VERSION or 2)
+        self.assertEqual(parse_to_agent(self.link.recv(513)), Ready(said))
+
+    def receive(self, skip_spares=True):
+        """The next message and its fds (bounded wait); SPAREs are recorded in
+        ``self.spares`` and skipped unless ``skip_spares`` is false."""
+        while True:
+            self.assertTrue(readable(self.link, TIMEOUT_S), "nothing from the zygote")
+            data, fds, _, _ = socket.recv_fds(self.link, 513, 4)
+            message = parse_to_agent(data)
+            if isinstance(message, Spare):
+                self.assertEqual(fds, [])
+                self.spares.append(message.pid)
+                self.workers.append(message.pid)
+                if skip_spares:
+                    continue
+            return message, fds
 
     def fork(self, slot, request, errors_w=None):
         """Sends FORK; the worker's pid, its go pipe and its output (read end). With
@@ -153,9 +177,7 @@ class ZygoteTestCase(unittest.TestCase):
         fds = [out_w] if errors_w is None else [out_w, errors_w]
         socket.send_fds(self.link, [format_message(Fork(slot, request))], fds)
         os.close(out_w)
-        self.assertTrue(readable(self.link, TIMEOUT_S), "no answer to FORK")
-        data, fds, _, _ = socket.recv_fds(self.link, 513, 4)
-        answer = parse_to_agent(data)
+        answer, fds = self.receive()
         self.assertEqual(answer, Forked(request, answer.pid))
         self.assertEqual(len(fds), 1)
         self.workers.append(answer.pid)

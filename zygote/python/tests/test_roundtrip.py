@@ -9,7 +9,7 @@ import unittest
 
 from harness import ZygoteTestCase, read_to_end, read_until, readable, wait_exit_code
 
-from hatchery_zygote.protocol import Failed, parse_to_agent  # after harness: sys.path
+from hatchery_zygote.protocol import Failed, Forked, Spare  # after harness: sys.path
 
 
 class RoundTripTest(ZygoteTestCase):
@@ -94,11 +94,10 @@ class RoundTripTest(ZygoteTestCase):
         out_r, out_w = os.pipe()
         socket.send_fds(self.link, [b"FORK 0 2"], [out_w])
         os.close(out_w)
-        self.assertTrue(readable(self.link, 10), "no answer to FORK")
-        data, fds, _, _ = socket.recv_fds(self.link, 513, 4)
+        answer, fds = self.receive()
         self.assertEqual(fds, [])
         self.assertEqual(
-            parse_to_agent(data), Failed(2, "before_fork hook failed: RuntimeError('told to fail')")
+            answer, Failed(2, "before_fork hook failed: RuntimeError('told to fail')")
         )
         # The output pipe was closed by the zygote (no worker holds it).
         self.assertEqual(os.read(out_r, 64), b"")
@@ -107,6 +106,52 @@ class RoundTripTest(ZygoteTestCase):
         _, go, out = self.fork(0, 3)  # the zygote still serves
         os.close(go)
         os.close(out)
+
+
+class SpareTest(ZygoteTestCase):
+    """Version 3: each worker forked ahead is announced (``SPARE <pid>``) before the FORK
+    that takes it, so the agent can move it into its cgroup leaf ahead."""
+
+    ARGS = ["tiny_app:app"]
+
+    def test_each_spare_is_announced_before_the_fork_that_takes_it(self):
+        self.expect_ready()
+        # The first spare, forked before READY, is announced right after it.
+        message, _ = self.receive(skip_spares=False)
+        self.assertIsInstance(message, Spare)
+        for n in range(3):
+            pid, go, out = self.fork(n, n + 1)
+            self.assertEqual(pid, self.spares[-1], "FORK %d took the announced spare" % n)
+            os.close(go)
+            os.close(out)
+            self.assertEqual(wait_exit_code(pid), 1)  # no go: no app code
+            # The next spare, forked after the answer, is announced before the next FORK
+            # is read.
+            message, _ = self.receive(skip_spares=False)
+            self.assertEqual(message, Spare(self.spares[-1]))
+            self.assertNotEqual(self.spares[-1], pid)
+
+
+class OlderAgentTest(ZygoteTestCase):
+    """An agent that does not say its version (before version 3) gets READY 2 and no
+    SPARE: the message after READY is the FORK's answer."""
+
+    ARGS = ["tiny_app:app"]
+    AGENT_VERSION = None
+
+    def test_no_spare_is_announced_to_an_agent_of_version_2(self):
+        self.expect_ready()
+        out_r, out_w = os.pipe()
+        socket.send_fds(self.link, [b"FORK 0 1"], [out_w])
+        os.close(out_w)
+        answer, fds = self.receive(skip_spares=False)
+        self.assertEqual(answer, Forked(1, answer.pid))
+        self.workers.append(answer.pid)
+        self.assertEqual(len(fds), 1)
+        os.close(fds[0])
+        os.close(out_r)
+        self.assertEqual(wait_exit_code(answer.pid), 1)
+        self.assertEqual(self.spares, [])
 
 
 class InterfaceMismatchTest(ZygoteTestCase):
