@@ -375,10 +375,29 @@ class HatcheryRun:
             out["zygote" if i == 0 else "zygote-%d" % i] = p
         return out
 
+    def wait_spare(self, slot, timeout=3.0):
+        """Zygote mode: waits (bounded) until the agent is done with the last scale down,
+        i.e. until the zygote's spare waits in worker ``slot``'s leaf (``status``:
+        ``generations[].zygote.spares``), so that the scale up is timed from an idle
+        agent; whether it came. Exec mode has no spare: False at once."""
+        if self.mode != "zygote":
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for g in self.ctl.status().get("generations", []):
+                spares = (g.get("zygote") or {}).get("spares") or []
+                if any(x.get("slot") == slot for x in spares):
+                    return True
+            time.sleep(0.01)
+        log("no spare for worker %d within %.0f s: timing the scale up anyway" % (slot, timeout))
+        return False
+
     def one_more_worker(self):
-        """scale N+1: the time from the request to the new worker's ready event, and to
-        the command's answer (after ready.settle); then scale back to N."""
+        """scale N+1 once the agent is idle (``wait_spare``): the time from the request to
+        the new worker's ready event, and to the command's answer (after ready.settle);
+        then scale back to N."""
         n = self.args.workers
+        self.wait_spare(n)
         t0 = time.monotonic()
         final, events = self.ctl.request({"cmd": "scale", "site": SITE, "workers": n + 1})
         t_end = time.monotonic()
