@@ -514,11 +514,13 @@ impl Agent {
         let Some(limits) = limits else {
             return Err(refuse(&pidref, "its generation is gone".into()));
         };
-        // A spare moved ahead into this slot's leaf stays there: the move is done.
-        let spare = self.spares.remove(&pid).filter(|s| s.zygote == id);
+        // A spare this zygote named, moved ahead into this slot's leaf, stays there: the
+        // move is done. Any other spare record of this pid is moved again (below), and the
+        // leaf it leaves retired.
+        let spare = self.spares.remove(&pid);
         let leaf = match (&self.cgroups, &mut self.graveyard) {
             (Some(tree), Some(graveyard)) => match spare {
-                Some(s) if s.slot == slot => {
+                Some(s) if s.slot == slot && s.zygote == id => {
                     if s.limits != limits {
                         if let Err(e) = CgroupTree::apply_worker_limits(&s.leaf, &limits) {
                             let why = refuse(&pidref, format!("{e}: {}", super::error_chain(&e)));
