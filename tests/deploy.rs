@@ -855,30 +855,19 @@ fn gunicorn_is_deployed_unchanged_without_a_failed_request() {
     };
     point(&link, &app("g1"));
     let port = free_port();
-    // Under TCG, beside the other deploy tests, gunicorn's start (Python imports) took
-    // more than 30 s.
-    let ready_timeout = if in_vm() { "120s" } else { "30s" };
     let text = format!(
         r#"name = "web"
 command = ["{}", "-m", "gunicorn", "--chdir", "{{release}}", "-w", "2", "--graceful-timeout", "10", "app:app"]
 workers = 1
 release = "{}"
-[env]
-PYTHONPATH = "{}"
-[[listen]]
-name = "http"
-tcp = "127.0.0.1:{port}"
-[ready]
-check = "notify"
-timeout = "{ready_timeout}"
-[stop]
+{}[stop]
 timeout = "15s"
 [deploy]
 probation = "1s"
 "#,
         python.display(),
         link.display(),
-        Path::new(&pythonpath).display()
+        python_site_tables(&Path::new(&pythonpath).display().to_string(), port),
     );
     let (agent, _) = start_web(&text, 1, "io_uring", false);
     let load = Load::start(port, 4);
@@ -1046,6 +1035,24 @@ fn zygote_python() -> Option<(PathBuf, String)> {
     Some((python, path))
 }
 
+/// The tables of a site of Python workers (their `PYTHONPATH`) on `port`: its
+/// environment, listener and readiness (`notify`; under TCG, beside the other deploy
+/// tests, a Python start took more than 30 s).
+fn python_site_tables(pythonpath: &str, port: u16) -> String {
+    let ready_timeout = if in_vm() { "120s" } else { "30s" };
+    format!(
+        r#"[env]
+PYTHONPATH = "{pythonpath}"
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:{port}"
+[ready]
+check = "notify"
+timeout = "{ready_timeout}"
+"#
+    )
+}
+
 /// Zygote mode with the Python helper: each release's app is imported once, by its
 /// generation's zygote, and its 4 workers are forked from it. Under load, deploys to new
 /// releases fail no request and the new code answers after each (unlike gunicorn
@@ -1077,7 +1084,6 @@ fn a_python_app_in_zygote_mode_deploys_under_load_without_a_failed_request() {
     };
     point(&link, &app("g1", false));
     let port = free_port();
-    let ready_timeout = if in_vm() { "120s" } else { "30s" };
     let text = format!(
         r#"name = "web"
 command = ["{}", "-m", "hatchery_zygote", "app:app"]
@@ -1085,15 +1091,7 @@ mode = "zygote"
 workers = 4
 release = "{}"
 workdir = "{{release}}"
-[env]
-PYTHONPATH = "{pythonpath}"
-[[listen]]
-name = "http"
-tcp = "127.0.0.1:{port}"
-[ready]
-check = "notify"
-timeout = "{ready_timeout}"
-[restart]
+{}[restart]
 backoff_initial = "100ms"
 [stop]
 timeout = "15s"
@@ -1102,6 +1100,7 @@ probation = "1s"
 "#,
         python.display(),
         link.display(),
+        python_site_tables(&pythonpath, port),
     );
     let (agent, _) = start_web(&text, 4, "io_uring", true);
     let body = get_body(port).expect("an answer");
@@ -1181,26 +1180,18 @@ fn a_zygotes_spare_waits_in_its_leaf_and_a_scale_up_only_lets_it_go() {
     )
     .expect("write app");
     let port = free_port();
-    let ready_timeout = if in_vm() { "120s" } else { "30s" };
     let text = format!(
         r#"name = "web"
 command = ["{}", "-m", "hatchery_zygote", "--threads", "1", "app:app"]
 mode = "zygote"
 workers = 1
 workdir = "{}"
-[env]
-PYTHONPATH = "{pythonpath}"
-[[listen]]
-name = "http"
-tcp = "127.0.0.1:{port}"
-[ready]
-check = "notify"
-timeout = "{ready_timeout}"
-[restart]
+{}[restart]
 backoff_initial = "100ms"
 "#,
         python.display(),
         root.path().display(),
+        python_site_tables(&pythonpath, port),
     );
     let (agent, _) = start_web(&text, 1, "io_uring", true);
     let Some(base) = agent.cgroup_base.clone() else {
@@ -1252,33 +1243,40 @@ backoff_initial = "100ms"
             .collect()
     };
 
-    let lets_go = |agent: &TestAgent| {
-        agent
-            .agent_log()
-            .matches("the spare, already in its leaf")
-            .count()
+    let scale = |n: &str| {
+        let out = agent.cli(&["scale", "web", n]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    let before = lets_go(&agent);
-    let out = agent.cli(&["scale", "web", "2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = agent.status("web");
-    let one = ready_workers(&s)
-        .into_iter()
-        .find(|w| w.0 == 1)
-        .unwrap_or_else(|| panic!("no worker 1: {s:#}"));
-    assert_eq!(one.1, spare, "worker 1 is the spare: {s:#}");
-    assert_eq!(one.2, leaf, "in the leaf it waited in: {s:#}");
-    assert!(leaf.ends_with(&cgroup_of(spare)));
-    assert_eq!(
-        lets_go(&agent),
-        before + 1,
-        "no second move: {}",
-        agent_log_tail(&agent)
-    );
+    // `scale 2` from 1: worker 1 is `spare`, in `leaf`, let go without a move.
+    let scale_up_takes = |spare: i64, leaf: &str| {
+        let lets_go = || {
+            agent
+                .agent_log()
+                .matches("the spare, already in its leaf")
+                .count()
+        };
+        let before = lets_go();
+        scale("2");
+        let s = agent.status("web");
+        let one = ready_workers(&s)
+            .into_iter()
+            .find(|w| w.0 == 1)
+            .unwrap_or_else(|| panic!("no worker 1: {s:#}"));
+        assert_eq!(one.1, spare, "worker 1 is the spare: {s:#}");
+        assert_eq!(one.2, leaf, "in the leaf it waited in: {s:#}");
+        assert!(leaf.ends_with(&cgroup_of(spare)), "{leaf}");
+        assert_eq!(
+            lets_go(),
+            before + 1,
+            "no second move: {}",
+            agent_log_tail(&agent)
+        );
+    };
+    scale_up_takes(spare, &leaf);
 
     // The next spare waits in worker 2's leaf; back to one worker, it is moved into a
     // leaf of worker 1's, and the next scale up only lets it go.
@@ -1286,36 +1284,12 @@ backoff_initial = "100ms"
         spare_for(s, 2).is_some()
     });
     let (spare2, _) = spare_for(&s, 2).expect("the spare");
-    let out = agent.cli(&["scale", "web", "1"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    scale("1");
     let s = agent.wait_for("web", "the spare moved for worker 1", wait, |s| {
         spare_for(s, 1).is_some_and(|(p, _)| p == spare2)
     });
     let (_, leaf1) = spare_for(&s, 1).expect("the spare");
-    assert!(leaf1.ends_with(&cgroup_of(spare2)), "{leaf1}");
-    let before = lets_go(&agent);
-    let out = agent.cli(&["scale", "web", "2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = agent.status("web");
-    let one = ready_workers(&s)
-        .into_iter()
-        .find(|w| w.0 == 1)
-        .unwrap_or_else(|| panic!("no worker 1: {s:#}"));
-    assert_eq!((one.1, &one.2), (spare2, &leaf1), "{s:#}");
-    assert_eq!(
-        lets_go(&agent),
-        before + 1,
-        "no second move: {}",
-        agent_log_tail(&agent)
-    );
+    scale_up_takes(spare2, &leaf1);
 
     // Worker 0 is killed, and its restart gets the next spare, waiting for worker 2:
     // moved again, into a leaf of worker 0's.
