@@ -1222,6 +1222,12 @@ backoff_initial = "100ms"
     });
     let (spare, leaf) = spare_for(&s, 1).expect("the spare");
     assert!(leaf.ends_with("/gen-1/w-1"), "{leaf}");
+    let text = agent.cli(&["status", "web"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!(", spare for w-1 (pid {spare})")),
+        "status says where the spare waits:\n{text}"
+    );
     assert!(
         leaf.ends_with(&cgroup_of(spare)),
         "the spare is in its leaf before its FORK: {} against {leaf}",

@@ -215,7 +215,7 @@ fn site_details(out: &mut String, s: &SiteStatus) {
         };
         let _ = writeln!(
             out,
-            "zygote{}: {}{}{}{}{}",
+            "zygote{}: {}{}{}{}{}{}",
             if several {
                 format!(" of gen-{}", g.id)
             } else {
@@ -232,6 +232,11 @@ fn site_details(out: &mut String, s: &SiteStatus) {
             } else {
                 String::new()
             },
+            // Workers forked ahead, already in the leaf of the worker each will be.
+            z.spares
+                .iter()
+                .map(|x| format!(", spare for w-{} (pid {})", x.slot, x.pid))
+                .collect::<String>(),
             if z.degraded {
                 "; DEGRADED: it died, workers run on, new ones wait for the next zygote"
             } else {
