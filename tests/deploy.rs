@@ -1163,8 +1163,8 @@ probation = "1s"
 
 /// Zygote mode, protocol version 3: the Python helper names the worker it forked ahead
 /// (`SPARE`), and the agent moves it at once, still running no app code, into the leaf
-/// of the slot it expects it to get (the lowest unused one), so a `scale` up only lets it
-/// go: the new worker is that process, in that leaf. A `scale` down frees a lower slot:
+/// of the slot it expects it to get (the oldest unanswered fork's, else the lowest unused
+/// one), so the first worker and a `scale` up only let it go: the new worker is that process, in that leaf. A `scale` down frees a lower slot:
 /// the spare is moved, ahead again, into that slot's leaf. A spare given to another slot
 /// (the restart of a killed worker) is moved again into a leaf of that slot, and the leaf
 /// it left is removed: no leaf is left behind.
@@ -1220,6 +1220,16 @@ backoff_initial = "100ms"
     let s = agent.wait_for("web", "a spare for worker 1", wait, |s| {
         spare_for(s, 1).is_some()
     });
+    // The first spare, named after READY, when worker 0's FORK was already asked for:
+    // moved into worker 0's leaf, and let go there.
+    assert!(
+        agent
+            .agent_log()
+            .lines()
+            .any(|l| l.contains("the spare, already in its leaf") && l.contains("worker=0")),
+        "worker 0 took the first spare without a second move:\n{}",
+        agent_log_tail(&agent)
+    );
     let (spare, leaf) = spare_for(&s, 1).expect("the spare");
     assert!(leaf.ends_with("/gen-1/w-1"), "{leaf}");
     let text = agent.cli(&["status", "web"]);
