@@ -336,6 +336,15 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
+/// The cgroup v2 path of process `pid`, as `/proc/<pid>/cgroup` gives it (from the root
+/// of the cgroup2 mount as this process sees it); `None` if it exited or has none.
+pub fn cgroup_of(pid: i32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
 /// This process's cgroup v2 directory.
 pub fn own_cgroup(mount: &Path) -> Option<PathBuf> {
     let text = fs::read_to_string("/proc/self/cgroup").ok()?;

@@ -43,7 +43,10 @@
 //!    lowest slot its generation does not use. When a `FORKED` then names it for that
 //!    slot, step 5's move is already done (a move can wait for an RCU grace period, 5 to
 //!    20 ms, on a cgroup2 mount without `favordynmods`); for another slot it is moved
-//!    again. A hint only: nothing needs it, and a zygote may never send one.
+//!    again. A hint only: nothing needs it, and a zygote may never send one. The agent
+//!    moves only a process that is still in the zygote's own leaf (so it was forked
+//!    there, and moved by no one) and that it does not know already (a worker, a zygote,
+//!    another spare): a zygote is trusted less than the agent.
 //! 4. zygote → agent: `FORKED <request-id> <pid>` with exactly one fd, the write end of
 //!    that worker's go pipe (the zygote then closes its copies of the go pipe and of the
 //!    output pipe); or `FAILED <request-id> <reason…>` without fds.
@@ -857,6 +860,7 @@ fn worker_child(
         ("HATCHERY_WORKER_ID", Some(slot.as_str())),
         ("LISTEN_PID", Some(pid.as_str())),
         (ZYGOTE_FD_ENV, None),
+        (PROTOCOL_ENV, None),
     ];
     for (name, value) in env {
         if set_env_in_forked_child(name, value.map(std::ffi::OsStr::new)).is_err() {

@@ -1335,7 +1335,8 @@ backoff_initial = "100ms"
     );
     assert!(again.2.ends_with(&cgroup_of(spare2)), "{s:#}");
     assert_ne!(again.2, leaf2);
-    // No leaf left behind: in gen-1, the zygote's, the two workers' and the spare's.
+    // No leaf left behind: in gen-1, the zygote's, the two workers' and the spare's,
+    // by name.
     let gen_dir = base.join("sites/web/gen-1");
     let leaves = || -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(&gen_dir)
@@ -1347,17 +1348,33 @@ backoff_initial = "100ms"
         names.sort();
         names
     };
-    let deadline = std::time::Instant::now() + wait;
-    while leaves().len() != 4 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        leaves().len(),
-        4,
-        "{:?}\n{}",
-        leaves(),
-        agent_log_tail(&agent)
-    );
+    let expected = |s: &serde_json::Value| -> Vec<String> {
+        let z = &s["generations"][0]["zygote"];
+        let mut names: Vec<String> = s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| &w["cgroup"])
+            .chain(
+                z["spares"]
+                    .as_array()
+                    .expect("spares")
+                    .iter()
+                    .map(|x| &x["cgroup"]),
+            )
+            .chain([&z["cgroup"]])
+            .map(|c| {
+                let path = c.as_str().expect("a leaf");
+                path.rsplit('/').next().unwrap_or(path).to_string()
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let s = agent.wait_for("web", "only the live leaves in gen-1", wait, |s| {
+        expected(s).len() == 4 && leaves() == expected(s)
+    });
+    assert_eq!(leaves(), expected(&s), "{}", agent_log_tail(&agent));
 }
 
 fn agent_log_tail(agent: &TestAgent) -> String {

@@ -515,3 +515,113 @@ fn a_zygote_gets_its_sites_whole_stop_sequence() {
     );
     assert!(!log.contains("stop timeout: killing"), "{log}");
 }
+
+/// A zygote is trusted less than the agent: a `SPARE` (version 3) naming a process that is
+/// not a spare of its own (the zygote itself, another site's worker, the agent) moves
+/// nothing. The zygote here is a Python script that speaks the protocol: `READY 3`, then a
+/// `SPARE` of itself, then one for each pid the test writes to a FIFO, then `FAILED` to
+/// every `FORK`.
+#[test]
+fn a_spare_that_is_not_the_zygotes_own_fork_is_not_moved() {
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import sys; assert sys.version_info >= (3, 9)"])
+        .status();
+    if !python.is_ok_and(|s| s.success()) {
+        skip("python3 (3.9 or later) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("pids");
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .expect("mkfifo");
+    let script = dir.path().join("hostile.py");
+    std::fs::write(
+        &script,
+        r#"import os, socket, sys
+link = socket.socket(fileno=int(os.environ['HATCHERY_ZYGOTE_FD']))
+link.send(b'READY 3')
+link.send(b'SPARE %d' % os.getpid())
+with open(sys.argv[1]) as f:
+    pids = f.read().split()
+for pid in pids:
+    link.send(b'SPARE ' + pid.encode())
+while True:
+    data, fds, _, _ = socket.recv_fds(link, 600, 4)
+    for fd in fds:
+        os.close(fd)
+    if not data:
+        break
+    link.send(b'FAILED ' + data.split()[2] + b' this zygote forks nothing')
+"#,
+    )
+    .expect("write the script");
+    let port = free_port();
+    let victim_port = free_port();
+    let hostile = format!(
+        "name = \"z\"\ncommand = [\"python3\", \"{}\", \"{}\"]\nmode = \"zygote\"\nworkers = 1\n[[listen]]\ntcp = \"127.0.0.1:{port}\"\n[ready]\ncheck = \"notify\"\ntimeout = \"120s\"\n",
+        script.display(),
+        fifo.display()
+    );
+    let victim = format!(
+        "name = \"victim\"\ncommand = [\"{BIN}\", \"__demo-worker\"]\nworkers = 1\n[[listen]]\ntcp = \"127.0.0.1:{victim_port}\"\n[ready]\ncheck = \"notify\"\ntimeout = \"30s\"\n"
+    );
+    let agent = TestAgent::start_ready(
+        &[("victim", &victim), ("z", &hostile)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+        "victim",
+        1,
+    );
+    if agent.cgroup_base.is_none() {
+        skip("no cgroup v2 to move spares into (not root, or no cgroup2 mount)");
+        return;
+    }
+    let wait = Duration::from_secs(if in_vm() { 60 } else { 20 });
+    let s = agent.wait_for("z", "the zygote ready", wait, |s| {
+        zygote(s)["state"] == "ready"
+    });
+    let zpid = zygote(&s)["pid"].as_i64().expect("the zygote's pid");
+    let zleaf = zygote(&s)["cgroup"].as_str().expect("its leaf").to_string();
+    let v = agent.status("victim");
+    let vpid = v["workers"][0]["pid"].as_i64().expect("the victim's pid");
+    let vleaf = v["workers"][0]["cgroup"]
+        .as_str()
+        .expect("its leaf")
+        .to_string();
+    let cgroup_of = |pid: i64| hatchery::cgroup::cgroup_of(i32::try_from(pid).expect("pid"));
+    let before = (cgroup_of(zpid), cgroup_of(vpid));
+    std::fs::write(&fifo, format!("{vpid} {}\n", agent.pid())).expect("write the pids");
+    // Each refusal is said in the agent's log.
+    for pid in [zpid, vpid, i64::from(agent.pid())] {
+        let deadline = std::time::Instant::now() + wait;
+        let said = |log: &str| {
+            log.lines()
+                .any(|l| l.contains("a spare not moved ahead") && l.contains(&format!("pid={pid}")))
+        };
+        while !said(&agent.agent_log()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no refusal of pid {pid}:\n{}",
+                agent.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(
+        (cgroup_of(zpid), cgroup_of(vpid)),
+        before,
+        "nothing was moved"
+    );
+    let zrel = before.0.expect("the zygote's cgroup");
+    let vrel = before.1.expect("the victim's cgroup");
+    assert!(zleaf.ends_with(&zrel), "{zleaf} against {zrel}");
+    assert!(vleaf.ends_with(&vrel), "{vleaf} against {vrel}");
+    let s = agent.status("z");
+    assert_eq!(zygote(&s)["spares"], serde_json::json!([]), "{s:#}");
+}

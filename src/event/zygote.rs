@@ -532,23 +532,33 @@ impl Agent {
                     Some(s.leaf)
                 }
                 other => {
-                    let made = tree
-                        .new_leaf(name.as_str(), g.0, &format!("w-{slot}"))
-                        .map_err(|e| format!("{e}: {}", super::error_chain(&e)));
-                    let (dir, _fd) = made.map_err(|e| refuse(&pidref, e))?;
-                    let moved = CgroupTree::apply_worker_limits(&dir, &limits)
-                        .and_then(|()| CgroupTree::move_into(&dir, pid));
+                    let moved = match tree.new_leaf(name.as_str(), g.0, &format!("w-{slot}")) {
+                        Ok((dir, _fd)) => match CgroupTree::apply_worker_limits(&dir, &limits)
+                            .and_then(|()| CgroupTree::move_into(&dir, pid))
+                        {
+                            Ok(()) => Ok(dir),
+                            Err(e) => {
+                                tree.retire(&dir, graveyard);
+                                Err(e)
+                            }
+                        },
+                        Err(e) => Err(e),
+                    };
                     if let Some(s) = other {
-                        // Moved ahead for another slot: that leaf is left empty.
+                        // Moved ahead for another slot: that leaf is left behind (empty,
+                        // or holding a worker refused and killed below), whatever happened.
                         debug!(site = %name, gen = g.0, worker = %slot, pid, "the spare, moved ahead for worker {}, moved again", s.slot);
                         tree.retire(&s.leaf, graveyard);
                     }
-                    if let Err(e) = moved {
-                        let why = refuse(&pidref, format!("{e}: {}", super::error_chain(&e)));
-                        tree.retire(&dir, graveyard);
-                        return Err(why);
+                    match moved {
+                        Ok(dir) => Some(dir),
+                        Err(e) => {
+                            return Err(refuse(
+                                &pidref,
+                                format!("{e}: {}", super::error_chain(&e)),
+                            ));
+                        }
                     }
-                    Some(dir)
                 }
             },
             _ => None,
@@ -582,6 +592,11 @@ impl Agent {
     /// the way (no cgroups, a generation leaving, too many spares, a pid that is not ours,
     /// a failed move) leaves it where it is, to be moved when a `FORKED` names it: a spare
     /// is a hint, never a failure.
+    ///
+    /// A zygote is trusted less than the agent, and a `SPARE` needs no go pipe: only a
+    /// process that is still in the zygote's own leaf (so forked by it, and moved by no
+    /// one since) and is not already known (a worker, a zygote, an `exec`, a spare) is
+    /// moved; a zygote naming itself, or another site's worker, moves nothing.
     fn take_spare(
         &mut self,
         id: u64,
@@ -603,12 +618,30 @@ impl Agent {
             return;
         };
         let held = self.spares.values().filter(|s| s.zygote == id).count();
-        if held >= MOST_SPARES || self.spares.contains_key(&pid) {
+        if held >= MOST_SPARES {
             debug!(site = %name, gen = g.0, pid, "a spare not moved ahead: {held} already are");
             return;
         }
-        if let Err(e) = crate::zygote::check_spare(pid, Some(zygote)) {
-            warn!(site = %name, gen = g.0, pid, "a spare not moved ahead: {e}");
+        let known = self.spares.contains_key(&pid)
+            || self.pids.contains_key(&pid)
+            || self.execs.contains_key(&pid)
+            || self.zygote_pids.contains_key(&pid);
+        let detached = self.zygotes.get(&id).is_none_or(|z| z.detached);
+        if known || detached {
+            warn!(site = %name, gen = g.0, pid, "a spare not moved ahead: pid {pid} is not a spare of this zygote");
+            return;
+        }
+        // Held until it is moved: the pid stays this process's.
+        let _pidfd = match crate::zygote::check_spare(pid, Some(zygote)) {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(site = %name, gen = g.0, pid, "a spare not moved ahead: {e}");
+                return;
+            }
+        };
+        let theirs = crate::cgroup::cgroup_of(zygote);
+        if theirs.is_none() || crate::cgroup::cgroup_of(pid) != theirs {
+            warn!(site = %name, gen = g.0, pid, "a spare not moved ahead: pid {pid} is not in the zygote's cgroup");
             return;
         }
         let slot = expected.unwrap_or_else(|| generation.slots.lowest_unused_slot());
@@ -888,10 +921,25 @@ impl Agent {
         let z = self.zygotes.remove(&id).expect("looked up above");
         let (site, g) = (z.site.clone(), z.generation);
         for got in answers {
-            // A spare named now exits with its zygote (its leaf, if it has one, goes when
-            // it is reaped).
+            // A spare named now exits with its zygote.
             if let (Got::Answer(slot, answer, output), false) = (got, z.detached) {
                 self.take_forked(id, z.pidref.pid(), &site, g, slot, answer, output);
+            }
+        }
+        // Its spares that no FORKED let go: their leaves are retired, which kills what is
+        // still in them (a spare outlives no zygote; the helper's exit at the end of its
+        // channel anyway, but one of another zygote might not).
+        let left: Vec<i32> = self
+            .spares
+            .iter()
+            .filter(|(_, s)| s.zygote == id)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in left {
+            if let (Some(s), Some(tree), Some(graveyard)) =
+                (self.spares.remove(&pid), &self.cgroups, &mut self.graveyard)
+            {
+                tree.retire(&s.leaf, graveyard);
             }
         }
         self.reg.tokens.remove(&z.pid_token);

@@ -52,6 +52,7 @@ from .protocol import (
     Forked,
     ProtocolError,
     Ready,
+    PROTOCOL_ENV,
     Spare,
     SPARE_VERSION,
     format_message,
@@ -302,6 +303,7 @@ def _worker_child(link, output, go_read, go_write, slot, worker, old_mask):
         os.environ["HATCHERY_WORKER_ID"] = str(slot)
         os.environ["LISTEN_PID"] = str(os.getpid())
         os.environ.pop(ZYGOTE_FD_ENV, None)
+        os.environ.pop(PROTOCOL_ENV, None)
         os.environ.pop("LISTEN_PIDFDID", None)
         sys.stdout.flush()
         sys.stderr.flush()
