@@ -51,7 +51,9 @@
 //!    that worker's go pipe (the zygote then closes its copies of the go pipe and of the
 //!    output pipe); or `FAILED <request-id> <reason…>` without fds.
 //! 5. The agent opens `<pid>`'s pidfd, checks that it is its own child, or the child of a
-//!    child of the zygote (`/proc/<pid>/stat` field 4), and still alive, moves it into
+//!    child of the zygote (`/proc/<pid>/stat` field 4), and still alive, and (in the
+//!    agent's event loop) that it is the zygote's fork: still in the zygote's cgroup, or
+//!    its spare moved ahead, and no process the agent already knows; moves it into
 //!    its cgroup leaf (writes the pid to `cgroup.procs`), then writes `go\n` to the go
 //!    pipe and closes it ([`Forked::proceed`]).
 //! 6. The worker, on reading exactly `go\n`, sets `HATCHERY_WORKER_ID=<slot>` and

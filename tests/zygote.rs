@@ -518,11 +518,12 @@ fn a_zygote_gets_its_sites_whole_stop_sequence() {
 
 /// A zygote is trusted less than the agent: a `SPARE` (version 3) naming a process that is
 /// not a spare of its own (the zygote itself, another site's worker, the agent) moves
-/// nothing. The zygote here is a Python script that speaks the protocol: `READY 3`, then a
-/// `SPARE` of itself, then one for each pid the test writes to a FIFO, then `FAILED` to
-/// every `FORK`.
+/// nothing, and a `FORKED` naming another site's worker (a child of the agent, as its
+/// forks are) takes nothing and leaves that worker alone. The zygote here is a Python
+/// script that speaks the protocol: `READY 3`, then a `SPARE` of itself, then one for each
+/// pid the test writes to a FIFO, then `FORKED` with the first of them to every `FORK`.
 #[test]
-fn a_spare_that_is_not_the_zygotes_own_fork_is_not_moved() {
+fn a_zygote_cannot_take_or_move_a_process_it_did_not_fork() {
     let python = std::process::Command::new("python3")
         .args(["-c", "import sys; assert sys.version_info >= (3, 9)"])
         .status();
@@ -555,7 +556,10 @@ while True:
         os.close(fd)
     if not data:
         break
-    link.send(b'FAILED ' + data.split()[2] + b' this zygote forks nothing')
+    # Each FORK answered with the first pid written: another site's worker.
+    go_r, go_w = os.pipe()
+    socket.send_fds(link, [b'FORKED ' + data.split()[2] + b' ' + pids[0].encode()], [go_w])
+    os.close(go_w)
 "#,
     )
     .expect("write the script");
@@ -613,11 +617,28 @@ while True:
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    let refused = |log: &str| {
+        log.contains(&format!(
+            "the zygote named pid {vpid}, which is not a process it forked"
+        ))
+    };
+    let deadline = std::time::Instant::now() + wait;
+    while !refused(&agent.agent_log()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no FORKED refused:\n{}",
+            agent.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         (cgroup_of(zpid), cgroup_of(vpid)),
         before,
         "nothing was moved"
     );
+    let v = agent.status("victim");
+    assert_eq!(v["workers"][0]["pid"].as_i64(), Some(vpid), "{v:#}");
+    assert_eq!(v["workers"][0]["state"], "ready", "untouched: {v:#}");
     let zrel = before.0.expect("the zygote's cgroup");
     let vrel = before.1.expect("the victim's cgroup");
     assert!(zleaf.ends_with(&zrel), "{zleaf} against {zrel}");

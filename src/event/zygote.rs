@@ -500,6 +500,24 @@ impl Agent {
             }
         })?;
         let pidref = PidRef::new(pid, pidfd);
+        // A zygote is trusted less than the agent, and any child of the agent passes the
+        // check above: a process the agent already knows (a worker of any site, a zygote,
+        // another zygote's spare), or one that is neither this zygote's spare nor still in
+        // its leaf (so not its fork), is not taken, nor touched: it is someone else's.
+        let own_spare = self.spares.get(&pid).is_some_and(|s| s.zygote == id);
+        let known = self.pids.contains_key(&pid)
+            || self.execs.contains_key(&pid)
+            || self.zygote_pids.contains_key(&pid)
+            || (self.spares.contains_key(&pid) && !own_spare);
+        let forked_here = own_spare
+            || self.cgroups.is_none()
+            || crate::cgroup::cgroup_of(zygote)
+                .is_some_and(|z| crate::cgroup::cgroup_of(pid).is_some_and(|p| p == z));
+        if known || !forked_here {
+            return Err(format!(
+                "the zygote named pid {pid}, which is not a process it forked"
+            ));
+        }
         // Whatever fails from here, the worker must not run: its go pipe closes unwritten
         // (it exits 1 before any application code) and it is killed to be sure.
         let refuse = |pidref: &PidRef, why: String| {
