@@ -38,7 +38,7 @@
 //!
 //!    Version 3, optional: zygote → agent `SPARE <pid>` (no fds), at any time after
 //!    `READY`, names a worker forked ahead of its `FORK`, blocked as above. The agent
-//!    checks it as in step 5 and moves it at once into the leaf of the slot it expects
+//!    checks it as in step 5 (but for the go pipe) and moves it at once into the leaf of the slot it expects
 //!    that worker to get: the slot of the oldest `FORK` not answered yet, else the
 //!    lowest slot its generation does not use. When a `FORKED` then names it for that
 //!    slot, step 5's move is already done (a move can wait for an RCU grace period, 5 to
@@ -51,11 +51,12 @@
 //!    that worker's go pipe (the zygote then closes its copies of the go pipe and of the
 //!    output pipe); or `FAILED <request-id> <reason…>` without fds.
 //! 5. The agent opens `<pid>`'s pidfd, checks that it is its own child, or the child of a
-//!    child of the zygote (`/proc/<pid>/stat` field 4), and still alive, and (in the
-//!    agent's event loop) that it is the zygote's fork: still in the zygote's cgroup, or
-//!    its spare moved ahead, and no process the agent already knows; moves it into
-//!    its cgroup leaf (writes the pid to `cgroup.procs`), then writes `go\n` to the go
-//!    pipe and closes it ([`Forked::proceed`]).
+//!    child of the zygote (`/proc/<pid>/stat` field 4), still alive, and holding the
+//!    read end of the go pipe whose write end came with the `FORKED` (one of
+//!    `/proc/<pid>/fd`: only the zygote's own fork can), and (in the agent's event loop)
+//!    no process the agent already knows; moves it into its cgroup leaf (writes the pid
+//!    to `cgroup.procs`), then writes `go\n` to the go pipe and closes it
+//!    ([`Forked::proceed`]).
 //! 6. The worker, on reading exactly `go\n`, sets `HATCHERY_WORKER_ID=<slot>` and
 //!    `LISTEN_PID=<its pid>`, makes the first output fd its stdout and the second (or the
 //!    first, if it came alone) its stderr, closes the go
@@ -613,10 +614,36 @@ impl Answer {
 
 /// Checks that `pid` is our child, or on its way to being one (its parent is a child of
 /// `zygote`: the intermediate of the double fork, about to exit), and opens its pidfd;
-/// drops `go` (the worker then exits 1) if it is neither.
+/// drops `go` (the worker then exits 1) if it is neither. It must also hold the read end
+/// of the go pipe whose write end is `go`: a zygote can name any child of ours (another
+/// site's worker, an orphan we reaped for), but only its own fork waits on that pipe.
 fn own_child(slot: u32, pid: i32, go: OwnedFd, zygote: Option<i32>) -> Result<Forked, ZygoteError> {
     let pidfd = open_if_ours(pid, zygote, Some(slot))?;
+    // Its pidfd is open and it was alive after: the pid is still that process's.
+    if !holds_read_end(pid, &go).map_err(|source| ZygoteError::Io {
+        what: "read the forked worker's fds",
+        source,
+    })? {
+        return Err(ZygoteError::Unexpected(format!(
+            "the zygote named pid {pid} for worker {slot}, which does not hold the go pipe it sent"
+        )));
+    }
     Ok(Forked { pid, pidfd, go })
+}
+
+/// Whether process `pid` has the pipe whose write end is `write_end` open (its read end,
+/// as a forked worker waiting for its go does): one of `/proc/<pid>/fd` links to the same
+/// pipe.
+fn holds_read_end(pid: i32, write_end: &OwnedFd) -> io::Result<bool> {
+    let stat = rustix::fs::fstat(write_end)?;
+    let pipe = format!("pipe:[{}]", stat.st_ino);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(entry) = entry else { continue };
+        if std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == pipe.as_str()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Checks the worker a `SPARE` named as [`Answer::into_forked`] checks a `FORKED`'s (our
@@ -1070,35 +1097,50 @@ mod tests {
     #[test]
     fn a_worker_is_accepted_while_its_parent_is_the_zygotes_exiting_child() {
         // A stand-in zygote (sh) whose child (sh) has a child (sleep): the tree a double
-        // fork leaves until its intermediate child has exited.
+        // fork leaves until its intermediate child has exited. The worker holds the read
+        // end of its go pipe (inherited: not close-on-exec), as a forked worker does.
+        let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
+        rustix::io::fcntl_setfd(&go_r, rustix::io::FdFlags::empty()).expect("inheritable");
         let mut zygote_process = std::process::Command::new("sh")
             .args(["-c", "sh -c 'sleep 60 & wait' & wait"])
             .spawn()
             .expect("spawn sh");
+        drop(go_r);
         let zpid = i32::try_from(zygote_process.id()).expect("pid");
         let intermediate = child_of(zpid);
         let worker = child_of(intermediate);
         let (mut link, zygote) = ZygoteLink::pair().expect("socketpair");
         let (_r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
-        let answer = |request: u64| {
-            let (_go_r, go_w) =
+        // `held`: with the write end of the pipe the worker holds, else of a new one.
+        let answer = |request: u64, held: bool| {
+            let (_other_r, other_w) =
                 rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
             let text = format!("FORKED {request} {worker}");
-            send(zygote.as_fd(), &text, &[go_w.as_fd()]).expect("send");
+            let go = if held { go_w.as_fd() } else { other_w.as_fd() };
+            send(zygote.as_fd(), &text, &[go]).expect("send");
         };
-        // Named by its zygote: accepted, its pidfd open.
-        answer(1);
+        // A go pipe it does not hold: not its fork, refused.
+        answer(1, false);
+        let e = link
+            .fork(3, w.as_fd(), Duration::from_secs(5), Some(zpid))
+            .expect_err("not holding that go pipe");
+        assert!(
+            matches!(&e, ZygoteError::Unexpected(m) if m.contains("does not hold the go pipe")),
+            "{e:?}"
+        );
+        // Named by its zygote with its own go pipe: accepted, its pidfd open.
+        answer(2, true);
         let forked = link
             .fork(0, w.as_fd(), Duration::from_secs(5), Some(zpid))
             .expect("a grandchild of the zygote is accepted");
         assert_eq!(forked.pid, worker);
         // Without the zygote's pid, or by another one, it is refused.
-        answer(2);
+        answer(3, true);
         let e = link
             .fork(1, w.as_fd(), Duration::from_secs(5), None)
             .expect_err("not our child");
         assert!(matches!(e, ZygoteError::NotOurChild { .. }), "{e:?}");
-        answer(3);
+        answer(4, true);
         let e = link
             .fork(2, w.as_fd(), Duration::from_secs(5), Some(worker))
             .expect_err("not the child of that zygote's child");

@@ -619,7 +619,7 @@ while True:
     }
     let refused = |log: &str| {
         log.contains(&format!(
-            "the zygote named pid {vpid}, which is not a process it forked"
+            "the zygote named pid {vpid} for worker 0, which does not hold the go pipe it sent"
         ))
     };
     let deadline = std::time::Instant::now() + wait;

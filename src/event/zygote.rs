@@ -112,6 +112,22 @@ pub(super) struct SpareLeaf {
     /// A move to another slot's leaf failed: it is not tried again (a `FORKED` for
     /// another slot still moves it).
     stuck: bool,
+    /// Its pidfd: a spare may be reaped by someone else (an intermediate child its zygote
+    /// keeps), so its pid is only trusted while this says it runs.
+    pidfd: OwnedFd,
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd is readable).
+fn has_exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(
+        pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut fds, Some(&zero)).map_or(true, |n| n > 0)
 }
 
 /// Spares a zygote may have in leaves at once; a `SPARE` beyond is not moved ahead (its
@@ -500,20 +516,16 @@ impl Agent {
             }
         })?;
         let pidref = PidRef::new(pid, pidfd);
-        // A zygote is trusted less than the agent, and any child of the agent passes the
-        // check above: a process the agent already knows (a worker of any site, a zygote,
-        // another zygote's spare), or one that is neither this zygote's spare nor still in
-        // its leaf (so not its fork), is not taken, nor touched: it is someone else's.
+        // A zygote is trusted less than the agent. `into_forked` checked that the process
+        // waits on the go pipe the zygote sent (only its own fork can); a process the agent
+        // already knows (a worker of any site, a zygote, another zygote's spare) is not
+        // taken either, nor touched: it is someone else's.
         let own_spare = self.spares.get(&pid).is_some_and(|s| s.zygote == id);
         let known = self.pids.contains_key(&pid)
             || self.execs.contains_key(&pid)
             || self.zygote_pids.contains_key(&pid)
             || (self.spares.contains_key(&pid) && !own_spare);
-        let forked_here = own_spare
-            || self.cgroups.is_none()
-            || crate::cgroup::cgroup_of(zygote)
-                .is_some_and(|z| crate::cgroup::cgroup_of(pid).is_some_and(|p| p == z));
-        if known || !forked_here {
+        if known {
             return Err(format!(
                 "the zygote named pid {pid}, which is not a process it forked"
             ));
@@ -538,7 +550,8 @@ impl Agent {
         let spare = self.spares.remove(&pid);
         let leaf = match (&self.cgroups, &mut self.graveyard) {
             (Some(tree), Some(graveyard)) => match spare {
-                Some(s) if s.slot == slot && s.zygote == id => {
+                // Its record's own process (not a reused pid): the leaf holds this one.
+                Some(s) if s.slot == slot && s.zygote == id && !has_exited(&s.pidfd) => {
                     if s.limits != limits {
                         if let Err(e) = CgroupTree::apply_worker_limits(&s.leaf, &limits) {
                             let why = refuse(&pidref, format!("{e}: {}", super::error_chain(&e)));
@@ -649,8 +662,8 @@ impl Agent {
             warn!(site = %name, gen = g.0, pid, "a spare not moved ahead: pid {pid} is not a spare of this zygote");
             return;
         }
-        // Held until it is moved: the pid stays this process's.
-        let _pidfd = match crate::zygote::check_spare(pid, Some(zygote)) {
+        // Kept with the record: the pid is this process's while it runs.
+        let pidfd = match crate::zygote::check_spare(pid, Some(zygote)) {
             Ok(fd) => fd,
             Err(e) => {
                 warn!(site = %name, gen = g.0, pid, "a spare not moved ahead: {e}");
@@ -690,6 +703,7 @@ impl Agent {
                 leaf,
                 limits,
                 stuck: false,
+                pidfd,
             },
         );
     }
@@ -701,11 +715,18 @@ impl Agent {
     /// moving it after the answer does). A move here is off any request's path.
     pub(super) fn rehome_spares(&mut self, name: &SiteName) {
         let mut moves = Vec::new();
+        let mut gone = Vec::new();
         for (pid, spare) in &self.spares {
             let Some(z) = self.zygotes.get(&spare.zygote) else {
                 continue;
             };
             if spare.stuck || &z.site != name || z.detached || !z.pending.is_empty() {
+                continue;
+            }
+            if has_exited(&spare.pidfd) {
+                // Reaped by someone else, or a zombie not reaped yet: its pid may be
+                // another process's soon.
+                gone.push(*pid);
                 continue;
             }
             let next = self
@@ -716,6 +737,13 @@ impl Agent {
                 .map(|x| x.slots.lowest_unused_slot());
             if next.is_some_and(|n| n != spare.slot) {
                 moves.push((*pid, z.generation, next.expect("checked")));
+            }
+        }
+        for pid in gone {
+            if let (Some(s), Some(tree), Some(graveyard)) =
+                (self.spares.remove(&pid), &self.cgroups, &mut self.graveyard)
+            {
+                tree.retire(&s.leaf, graveyard);
             }
         }
         for (pid, g, slot) in moves {
