@@ -601,36 +601,28 @@ while True:
     let cgroup_of = |pid: i64| hatchery::cgroup::cgroup_of(i32::try_from(pid).expect("pid"));
     let before = (cgroup_of(zpid), cgroup_of(vpid));
     std::fs::write(&fifo, format!("{vpid} {}\n", agent.pid())).expect("write the pids");
-    // Each refusal is said in the agent's log.
-    for pid in [zpid, vpid, i64::from(agent.pid())] {
+    // Each refusal is said in the agent's log (a whole field: `pid=12` is not `pid=123`).
+    let said = |what: &str, line: &dyn Fn(&str) -> bool| {
         let deadline = std::time::Instant::now() + wait;
-        let said = |log: &str| {
-            log.lines()
-                .any(|l| l.contains("a spare not moved ahead") && l.contains(&format!("pid={pid}")))
-        };
-        while !said(&agent.agent_log()) {
+        while !agent.agent_log().lines().any(line) {
             assert!(
                 std::time::Instant::now() < deadline,
-                "no refusal of pid {pid}:\n{}",
+                "no {what}:\n{}",
                 agent.agent_log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-    let refused = |log: &str| {
-        log.contains(&format!(
-            "the zygote named pid {vpid} for worker 0, which does not hold the go pipe it sent"
-        ))
     };
-    let deadline = std::time::Instant::now() + wait;
-    while !refused(&agent.agent_log()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no FORKED refused:\n{}",
-            agent.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    for pid in [zpid, vpid, i64::from(agent.pid())] {
+        let field = format!("pid={pid}");
+        said(&format!("refusal of the spare {pid}"), &|l: &str| {
+            l.contains("a spare not moved ahead") && l.split_whitespace().any(|w| w == field)
+        });
     }
+    let forked = format!(
+        "the zygote named pid {vpid} for worker 0, which does not hold the go pipe it sent"
+    );
+    said("FORKED refused", &|l: &str| l.contains(&forked));
     assert_eq!(
         (cgroup_of(zpid), cgroup_of(vpid)),
         before,
