@@ -524,13 +524,21 @@ fn a_zygote_gets_its_sites_whole_stop_sequence() {
 /// pid the test writes to a FIFO, then `FORKED` with the first of them to every `FORK`.
 #[test]
 fn a_zygote_cannot_take_or_move_a_process_it_did_not_fork() {
-    let python = std::process::Command::new("python3")
-        .args(["-c", "import sys; assert sys.version_info >= (3, 9)"])
-        .status();
-    if !python.is_ok_and(|s| s.success()) {
+    // The interpreter vm-tests copies into a VM (`HATCHERY_TEST_PYTHON`), else the host's.
+    let candidates = std::env::var_os("HATCHERY_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain(["/usr/bin/python3", "/usr/local/bin/python3", "python3"].map(Into::into));
+    let python = candidates.into_iter().find(|p| {
+        std::process::Command::new(p)
+            .args(["-c", "import sys; assert sys.version_info >= (3, 9)"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(python) = python else {
         skip("python3 (3.9 or later) is not installed");
         return;
-    }
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let fifo = dir.path().join("pids");
     rustix::fs::mkfifoat(
@@ -566,7 +574,8 @@ while True:
     let port = free_port();
     let victim_port = free_port();
     let hostile = format!(
-        "name = \"z\"\ncommand = [\"python3\", \"{}\", \"{}\"]\nmode = \"zygote\"\nworkers = 1\n[[listen]]\ntcp = \"127.0.0.1:{port}\"\n[ready]\ncheck = \"notify\"\ntimeout = \"120s\"\n",
+        "name = \"z\"\ncommand = [\"{}\", \"{}\", \"{}\"]\nmode = \"zygote\"\nworkers = 1\n[[listen]]\ntcp = \"127.0.0.1:{port}\"\n[ready]\ncheck = \"notify\"\ntimeout = \"120s\"\n",
+        python.display(),
         script.display(),
         fifo.display()
     );
