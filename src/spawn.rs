@@ -100,6 +100,21 @@ pub struct Leaf<'a> {
     pub limits: Option<&'a Limits>,
 }
 
+/// A [`Leaf`] without the graveyard, which only the thread that started [`start_all`]
+/// holds: what the threads that start processes need.
+pub struct LeafSpec<'a> {
+    /// The tree.
+    pub tree: &'a CgroupTree,
+    /// The site.
+    pub site: &'a str,
+    /// The generation.
+    pub generation: u32,
+    /// `w-<K>`.
+    pub name: String,
+    /// Per-worker limits to write into the leaf.
+    pub limits: Option<&'a Limits>,
+}
+
 /// A process that was started.
 #[derive(Debug)]
 pub struct Launched {
@@ -114,6 +129,17 @@ pub struct Launched {
     pub start_time: Option<u64>,
 }
 
+/// A process that could not be started, and the leaf made for it, if one was: the
+/// caller retires it (`CgroupTree::retire`), since a child that failed may have left it
+/// only just.
+#[derive(Debug)]
+pub struct NotLaunched {
+    /// Why.
+    pub failure: SpawnFailure,
+    /// The leaf to retire.
+    pub leaf: Option<PathBuf>,
+}
+
 /// Starts `image` with `fds` as its fds 0, 1, 2, ...: the one sequence every process of a
 /// site goes through (workers and `exec` commands): a fresh cgroup leaf with its limits,
 /// then `clone3` into it (`sys::spawn`); a leaf whose process could not start is retired.
@@ -123,21 +149,53 @@ pub fn launch(
     leaf: Option<Leaf<'_>>,
     block: &mut FdBlock,
 ) -> Result<Launched, SpawnFailure> {
-    let (dir, leaf_fd, retire) = match leaf {
+    let (spec, retire) = match leaf {
+        Some(l) => (
+            Some(LeafSpec {
+                tree: l.tree,
+                site: l.site,
+                generation: l.generation,
+                name: l.name,
+                limits: l.limits,
+            }),
+            Some((l.tree, l.graveyard)),
+        ),
+        None => (None, None),
+    };
+    start(image, fds, spec, block).map_err(|not| {
+        if let (Some(dir), Some((tree, graveyard))) = (&not.leaf, retire) {
+            tree.retire(dir, graveyard);
+        }
+        not.failure
+    })
+}
+
+/// [`launch`] without retiring the leaf of a process that could not start.
+fn start(
+    image: &mut ExecImage,
+    fds: &[BorrowedFd<'_>],
+    leaf: Option<LeafSpec<'_>>,
+    block: &mut FdBlock,
+) -> Result<Launched, NotLaunched> {
+    let (dir, leaf_fd) = match leaf {
         Some(l) => {
+            let not_launched = |e| NotLaunched {
+                failure: SpawnFailure::Cgroup(e),
+                leaf: None,
+            };
             let (dir, fd) = l
                 .tree
                 .new_leaf(l.site, l.generation, &l.name)
-                .map_err(SpawnFailure::Cgroup)?;
+                .map_err(not_launched)?;
             if let Some(limits) = l.limits {
                 if let Err(e) = l.tree.apply_new_leaf_limits(&dir, limits) {
                     let _ = std::fs::remove_dir(&dir);
-                    return Err(SpawnFailure::Cgroup(e));
+                    return Err(not_launched(e));
                 }
             }
-            (Some(dir), Some(fd), Some((l.tree, l.graveyard)))
+            (Some(dir), Some(fd))
         }
-        None => (None, None, None),
+        None => (None, None),
     };
     match crate::sys::spawn::spawn(image, fds, leaf_fd.as_ref().map(|f| f.as_fd()), block) {
         Ok(s) => Ok(Launched {
@@ -146,13 +204,73 @@ pub fn launch(
             leaf: dir,
             start_time: crate::process::start_time_between(s.born_between.0, s.born_between.1),
         }),
-        Err(e) => {
-            // The child (reaped by `spawn`) was the only process ever in the leaf.
-            if let (Some(dir), Some((tree, graveyard))) = (&dir, retire) {
-                tree.retire(dir, graveyard);
-            }
-            Err(e.into())
-        }
+        // The child (reaped by `spawn`) was the only process ever in the leaf.
+        Err(e) => Err(NotLaunched {
+            failure: e.into(),
+            leaf: dir,
+        }),
+    }
+}
+
+/// One process of several to start together ([`start_all`]).
+pub struct Start<'a> {
+    /// What it runs.
+    pub image: ExecImage,
+    /// Its fds 0, 1, 2, ...
+    pub fds: Vec<BorrowedFd<'a>>,
+    /// Where it is born.
+    pub leaf: Option<LeafSpec<'a>>,
+}
+
+/// Starts every process of `starts`, as [`launch`] does, and says how each went, in
+/// order: from this thread and, when there are several, from one more at the same time,
+/// each with a block of its own. A start is mostly waiting: the kernel makes the leaf, the
+/// child applies its sandbox and `execve`s while its parent sleeps (`CLONE_VFORK`), so two
+/// of them at once keep both CPUs of a small host busy where one leaves a third of it idle
+/// (BENCHMARKS.md, "Two starts at a time"). If the second thread cannot be made, this one
+/// starts them all. Leaves of processes that could not start are the caller's to retire.
+pub fn start_all(
+    starts: Vec<Start<'_>>,
+    blocks: [&mut FdBlock; 2],
+) -> Vec<Result<Launched, NotLaunched>> {
+    let n = starts.len();
+    let queue = std::sync::Mutex::new(starts.into_iter().enumerate());
+    let [mine, theirs] = blocks;
+    let (mut done, others) = if n < 2 {
+        (start_from(&queue, mine), Vec::new())
+    } else {
+        std::thread::scope(|scope| {
+            let helper = std::thread::Builder::new()
+                .name("hatchery-start".into())
+                .spawn_scoped(scope, || start_from(&queue, theirs));
+            let done = start_from(&queue, mine);
+            let others = match helper {
+                Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                Err(_) => Vec::new(),
+            };
+            (done, others)
+        })
+    };
+    done.extend(others);
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Starts processes from `queue` until it is empty, with `block`.
+fn start_from<'a>(
+    queue: &std::sync::Mutex<impl Iterator<Item = (usize, Start<'a>)>>,
+    block: &mut FdBlock,
+) -> Vec<(usize, Result<Launched, NotLaunched>)> {
+    let mut done = Vec::new();
+    loop {
+        let next = queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .next();
+        let Some((i, mut s)) = next else {
+            return done;
+        };
+        done.push((i, start(&mut s.image, &s.fds, s.leaf, block)));
     }
 }
 

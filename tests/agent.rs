@@ -1761,3 +1761,96 @@ fn without_cgroup_accounting_status_reads_each_workers_tree_from_proc() {
     assert!(text.contains("site: memory "), "{text}");
     assert!(!text.contains("site: memory -"), "{text}");
 }
+
+/// Several workers whose starts are asked for at once (every site's first workers, then
+/// the replacements of workers killed together) are started two at a time
+/// (`spawn::start_all`): each still gets its own process, environment, output and leaf,
+/// and a start that fails fails only its own worker.
+#[test]
+fn workers_started_together_each_get_their_own_process_and_answer() {
+    each_reactor(|reactor| {
+        let good = "name = \"good\"\ncommand = [\"/bin/sh\", \"-c\", \"echo started $HATCHERY_WORKER_ID $$; exec sleep 1000\"]\nworkers = 8\n";
+        let lost = "name = \"lost\"\ncommand = [\"/bin/sleep\", \"1000\"]\nworkers = 4\nworkdir = \"/nonexistent/hatchery-test\"\n";
+        let agent = TestAgent::start_ready(
+            &[("good", good), ("lost", lost)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+            "good",
+            8,
+        );
+        // Each worker is the agent's child, alone in its leaf, and the line it wrote
+        // (its own id and pid) is in the log under its name and pid.
+        let each_its_own = |old: &[i64]| -> Vec<i64> {
+            let s = agent.status("good");
+            let workers = s["workers"].as_array().expect("workers").clone();
+            assert_eq!(workers.len(), 8, "{s:#}");
+            let pids: Vec<i64> = workers
+                .iter()
+                .map(|w| w["pid"].as_i64().expect("a pid"))
+                .collect();
+            let mut distinct = pids.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 8, "one process each: {pids:?}");
+            assert!(pids.iter().all(|p| !old.contains(p)), "{pids:?} {old:?}");
+            let kids = children(i64::from(agent.pid()));
+            for w in &workers {
+                let id = w["id"].as_u64().expect("an id");
+                let pid = w["pid"].as_i64().expect("a pid");
+                assert!(
+                    kids.contains(&pid),
+                    "w-{id} (pid {pid}) is the agent's child"
+                );
+                let line = format!("w-{id}[{pid}]");
+                let text = format!("started {id} {pid}");
+                wait_until(&format!("{line}'s line"), Duration::from_secs(10), || {
+                    stdout(&agent.cli(&["logs", "good", "-n", "100"]))
+                        .lines()
+                        .any(|l| l.contains(&line) && l.ends_with(&text))
+                });
+                if let Some(leaf) = w["cgroup"].as_str() {
+                    let procs = std::fs::read_to_string(format!("{leaf}/cgroup.procs"))
+                        .expect("the leaf's processes");
+                    assert_eq!(procs.trim(), pid.to_string(), "w-{id} alone in {leaf}");
+                }
+            }
+            pids
+        };
+        let first = each_its_own(&[]);
+        // The other site's starts failed, each with the child's own error, and nothing of
+        // them runs.
+        let s = agent.wait_for("lost", "its starts to fail", Duration::from_secs(10), |s| {
+            s["workers"].as_array().is_some_and(|ws| {
+                ws.len() == 4
+                    && ws.iter().all(|w| {
+                        w["pid"].is_null()
+                            && w["last_exit"]
+                                .as_str()
+                                .is_some_and(|e| e.contains("change to the working directory"))
+                    })
+            })
+        });
+        assert_eq!(s["ready"], 0, "{s:#}");
+        assert!(
+            with_marker("/nonexistent/hatchery-test").is_empty(),
+            "nothing of the failed site runs"
+        );
+        // Killed together, replaced together, each by a process of its own.
+        let kill = Command::new("kill")
+            .arg("-KILL")
+            .args(first.iter().map(i64::to_string))
+            .status()
+            .expect("kill");
+        assert!(kill.success());
+        agent.wait_for("good", "8 replacements", Duration::from_secs(20), |s| {
+            s["ready"] == 8
+                && s["workers"].as_array().is_some_and(|ws| {
+                    ws.iter()
+                        .all(|w| w["pid"].as_i64().is_some_and(|p| !first.contains(&p)))
+                })
+        });
+        each_its_own(&first);
+    });
+}

@@ -85,7 +85,7 @@ use crate::control::{ErrorKind, Reply};
 use crate::features::{self, Feature};
 use crate::logs::{self, LineSplitter};
 use crate::net::NotifySocket;
-use crate::supervisor::ids::WorkerId;
+use crate::supervisor::ids::{GenId, Slot, WorkerId};
 use crate::supervisor::machine::{Action, CancelReason, Input, TCP_PROBE_INTERVAL};
 use crate::sys::signals::{self, SigSet};
 
@@ -260,6 +260,12 @@ pub struct Agent {
     notify: NotifySocket,
     devnull: File,
     fd_block: crate::sys::spawn::FdBlock,
+    /// The block of the second thread that starts workers (`crate::spawn::start_all`).
+    second_block: crate::sys::spawn::FdBlock,
+    /// While the loop handles a batch of exits (and the first sites are started): the
+    /// workers whose start was asked for, started together once the batch is handled
+    /// (`Agent::start_deferred`).
+    deferred_spawns: Option<Vec<(SiteName, GenId, Slot)>>,
     cgroups: Option<CgroupTree>,
     cgroup_note: Option<String>,
     /// Cgroups to remove once empty (with cgroups only).
@@ -429,6 +435,7 @@ impl Agent {
         rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
             .map_err(|e| setup_err("become child subreaper", io::Error::from(e)))?;
         raise_nofile_limit();
+        crate::sys::one_malloc_arena();
         let (reactor, reactor_note) =
             Reactor::from_env().map_err(|e| setup_err("create the event loop", e))?;
 
@@ -532,6 +539,12 @@ impl Agent {
             .map_err(|e| setup_err("dup /dev/null", e))?;
         let fd_block = crate::sys::spawn::FdBlock::reserve(filler)
             .map_err(|e| setup_err("reserve file descriptors for spawning", e))?;
+        let filler = devnull
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| setup_err("dup /dev/null", e))?;
+        let second_block = crate::sys::spawn::FdBlock::reserve(filler)
+            .map_err(|e| setup_err("reserve file descriptors for spawning", e))?;
 
         let mut agent = Agent {
             config: config.clone(),
@@ -547,6 +560,8 @@ impl Agent {
             notify,
             devnull,
             fd_block,
+            second_block,
+            deferred_spawns: None,
             cgroups,
             cgroup_note,
             graveyard,
@@ -748,6 +763,8 @@ impl Agent {
         }
         let names: Vec<SiteName> = self.sites.keys().cloned().collect();
         let adopted_sites = self.adopted.len();
+        // Every site's first workers are started together, after every site was asked.
+        self.deferred_spawns = Some(Vec::new());
         for name in names {
             match self.adopted.remove(&name) {
                 Some((actions, changed)) => {
@@ -759,6 +776,7 @@ impl Agent {
                 None => self.feed(&name, Input::Start(None)),
             }
         }
+        self.start_deferred();
         if adopted_sites > 0 {
             let workers: usize = self
                 .sites
@@ -814,17 +832,21 @@ impl Agent {
                 .map_err(AgentError::Reactor)?;
             // Exits first: a crashed worker's replacement should not wait behind output
             // and control traffic that arrived in the same batch.
-            ready.sort_by_key(|t| match self.reg.tokens.get(t) {
-                Some(Source::Pidfd(..) | Source::ZygoteExit(_)) => 0,
-                Some(Source::Signals) => 1,
-                _ => 2,
-            });
+            ready.sort_by_key(|t| self.reg.tokens.get(t).map_or(2, rank));
             self.drain_before_exits(&ready);
+            // The workers that exits in this batch restart (seen through their pidfds, or
+            // reaped at a SIGCHLD) are started together, once every exit and signal is
+            // handled, before anything else.
+            self.deferred_spawns = Some(Vec::new());
             for &token in &ready {
                 if let Some(source) = self.reg.tokens.remove(&token) {
+                    if self.deferred_spawns.is_some() && rank(&source) > 1 {
+                        self.start_deferred();
+                    }
                     self.dispatch(token, source);
                 }
             }
+            self.start_deferred();
             self.fire_deadlines();
             // Off the hot path: when nothing happened for a while, or now and then
             // beside events that never stop.
@@ -1085,6 +1107,16 @@ impl Agent {
         fold::LogFold::agent().flush_all();
         self.flush_history(true);
         info!("agent stopped");
+    }
+}
+
+/// The order in which a batch of events is handled: exits of workers and zygotes (0), then
+/// signals (1, `SIGCHLD` among them), then the rest (2).
+fn rank(source: &Source) -> u8 {
+    match source {
+        Source::Pidfd(..) | Source::ZygoteExit(_) => 0,
+        Source::Signals => 1,
+        _ => 2,
     }
 }
 

@@ -46,6 +46,11 @@ impl Agent {
             return;
         };
         let dir = tree.site_dir(name.as_str()).join(format!("gen-{}", g.0));
+        if !dir.exists() {
+            // Its first worker's start makes it (a start can be put off until the end of
+            // a batch of events: `Agent::start_deferred`); watched from the next input on.
+            return;
+        }
         let mut t = Trigger {
             generation: g,
             fd: None,

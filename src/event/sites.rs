@@ -418,6 +418,31 @@ impl Agent {
         self.workers_dirty = true;
         let mut queue: VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
+            if let Action::Spawn { generation, slot } = action {
+                if !self.forks_from_zygote(name, generation) {
+                    // This start and those right after it are made together, and their
+                    // answers given in order: as if one by one, since a start does not
+                    // feed the machine, and what the answers bring comes after them.
+                    let mut asked = vec![(name.clone(), generation, slot)];
+                    while let Some(&Action::Spawn { generation, slot }) = queue.front() {
+                        if self.forks_from_zygote(name, generation) {
+                            break;
+                        }
+                        asked.push((name.clone(), generation, slot));
+                        queue.pop_front();
+                    }
+                    if let Some(deferred) = &mut self.deferred_spawns {
+                        deferred.extend(asked);
+                        continue;
+                    }
+                    let inputs = self.spawn_all(&asked);
+                    for ((_, generation, _), input) in asked.iter().zip(inputs) {
+                        let generation = *generation;
+                        queue.extend(self.handle(name, Input::Worker { generation, input }));
+                    }
+                    continue;
+                }
+            }
             if let Some(result) = self.execute(name, action) {
                 queue.extend(self.handle(name, result));
             }
@@ -425,6 +450,35 @@ impl Agent {
         self.watch_pressure(name);
         if !self.spares.is_empty() {
             self.rehome_spares(name);
+        }
+    }
+
+    /// Starts the workers whose start was put off (`Agent::deferred_spawns`) together,
+    /// gives each site's machine its answers, and puts no more off. A start asked for in a
+    /// generation that is gone meanwhile is dropped.
+    pub(super) fn start_deferred(&mut self) {
+        let Some(asked) = self.deferred_spawns.take() else {
+            return;
+        };
+        let asked: Vec<_> = asked
+            .into_iter()
+            .filter(|(name, g, slot)| {
+                let there = self.sites.get(name).is_some_and(|s| {
+                    s.machine.generation(*g).is_some() && s.io.gens.contains_key(g)
+                });
+                if !there {
+                    debug!(site = %name, gen = g.0, worker = %slot, "start dropped: its generation is gone");
+                }
+                there
+            })
+            .collect();
+        if asked.is_empty() {
+            return;
+        }
+        let inputs = self.spawn_all(&asked);
+        for ((name, generation, _), input) in asked.iter().zip(inputs) {
+            let generation = *generation;
+            self.feed(name, Input::Worker { generation, input });
         }
     }
 
@@ -465,7 +519,9 @@ impl Agent {
                     // The answer comes on the zygote's link (`zygote.rs`).
                     self.fork_worker(name, generation, slot)?
                 } else {
-                    self.spawn(name, generation, slot)
+                    // (`carry_out` starts these itself, several together.)
+                    let asked = [(name.clone(), generation, slot)];
+                    self.spawn_all(&asked).pop().expect("one answer per start")
                 };
                 Some(Input::Worker { generation, input })
             }

@@ -17,7 +17,7 @@ use crate::control::{ErrorKind, Reply};
 use crate::logs::{self, LineSplitter, StdStream, Writer};
 use crate::process::PidRef;
 use crate::sandbox::SandboxError;
-use crate::spawn::SpawnFailure;
+use crate::spawn::{Launched, LeafSpec, NotLaunched, SpawnFailure, Start, start_all};
 use crate::supervisor::ids::{GenId, Slot, WorkerId};
 use crate::supervisor::machine::Input as SiteInput;
 use crate::supervisor::slots::{ExitReason, Input};
@@ -215,9 +215,100 @@ impl Agent {
         );
     }
 
-    pub(super) fn spawn(&mut self, name: &SiteName, g: GenId, id: Slot) -> Input {
-        match self.try_spawn(name, g, id) {
-            Ok(pid) => Input::Spawned { id, pid },
+    /// Starts the workers `asked` for (each a slot of a generation of a site) together
+    /// (`crate::spawn::start_all`: two at a time when there are several) and says how each
+    /// start went, in order: the input its site's machine waits for.
+    pub(super) fn spawn_all(&mut self, asked: &[(SiteName, GenId, Slot)]) -> Vec<Input> {
+        // A few at a time: images made for 10,000 starts at once (1 KB or more each) left
+        // the heap that much larger for good.
+        asked
+            .chunks(START_CHUNK)
+            .flat_map(|chunk| self.spawn_chunk(chunk))
+            .collect()
+    }
+
+    /// [`Agent::spawn_all`] of at most [`START_CHUNK`] workers.
+    fn spawn_chunk(&mut self, asked: &[(SiteName, GenId, Slot)]) -> Vec<Input> {
+        // What each start needs that only this thread can make: the image, the site's
+        // output sockets or the worker's pipes.
+        let mut prepared: Vec<Result<Prepared, SpawnFailure>> = asked
+            .iter()
+            .map(|(name, g, id)| self.prepare_spawn(name, *g, *id))
+            .collect();
+        let mut images: Vec<Option<crate::sys::spawn::ExecImage>> = prepared
+            .iter_mut()
+            .map(|p| p.as_mut().ok().and_then(|p| p.image.take()))
+            .collect();
+        let mut results: Vec<Option<Result<Launched, NotLaunched>>> =
+            asked.iter().map(|_| None).collect();
+        {
+            let mut starts = Vec::with_capacity(asked.len());
+            let mut which = Vec::with_capacity(asked.len());
+            for (i, ((name, g, id), p)) in asked.iter().zip(&prepared).enumerate() {
+                let (Ok(p), Some(image)) = (p, images[i].take()) else {
+                    continue;
+                };
+                let site = self
+                    .sites
+                    .get(name)
+                    .expect("prepared for a site that exists");
+                let gen_io = site
+                    .io
+                    .gens
+                    .get(g)
+                    .expect("prepared for a bound generation");
+                let (output, errors) = match &p.pipes {
+                    Some(pipes) => (pipes.out_w.as_fd(), pipes.err_w.as_fd()),
+                    None => {
+                        let o = site.io.output.as_ref().expect("made by prepare_spawn");
+                        (o.socket.sender(), o.stderr_sender())
+                    }
+                };
+                let mut fds: Vec<BorrowedFd<'_>> = vec![self.devnull.as_fd(), output, errors];
+                fds.extend(gen_io.listeners.iter().map(|l| l.fd.as_fd()));
+                let leaf = self.cgroups.as_ref().map(|tree| LeafSpec {
+                    tree,
+                    site: name.as_str(),
+                    generation: g.0,
+                    name: format!("w-{id}"),
+                    limits: site.machine.generation(*g).map(|x| &x.config.limits),
+                });
+                starts.push(Start { image, fds, leaf });
+                which.push(i);
+            }
+            let blocks = [&mut self.fd_block, &mut self.second_block];
+            for (i, r) in which.into_iter().zip(start_all(starts, blocks)) {
+                results[i] = Some(r);
+            }
+        }
+        asked
+            .iter()
+            .zip(prepared)
+            .zip(results)
+            .map(|(((name, g, id), p), r)| {
+                let started = match (p, r) {
+                    (Err(failure), _) => Err(failure),
+                    (Ok(p), Some(r)) => self.track_started(name, *g, *id, p, r),
+                    (Ok(_), None) => unreachable!("every prepared start is started"),
+                };
+                self.spawn_result(name, *g, *id, started)
+            })
+            .collect()
+    }
+
+    /// The input a spawn's result is to the site's machine, with its log line.
+    fn spawn_result(
+        &mut self,
+        name: &SiteName,
+        g: GenId,
+        id: Slot,
+        started: Result<i32, SpawnFailure>,
+    ) -> Input {
+        match started {
+            Ok(pid) => {
+                debug!(site = %name, gen = g.0, worker = %id, pid, "spawned");
+                Input::Spawned { id, pid }
+            }
             Err(failure) => {
                 let error = failure.describe();
                 error!(site = %name, gen = g.0, worker = %id, "failed to spawn: {error}");
@@ -232,12 +323,14 @@ impl Agent {
         }
     }
 
-    pub(super) fn try_spawn(
+    /// What the start of slot `id` of generation `g` of site `name` needs, made before
+    /// any thread starts it.
+    fn prepare_spawn(
         &mut self,
         name: &SiteName,
         g: GenId,
         id: Slot,
-    ) -> Result<i32, SpawnFailure> {
+    ) -> Result<Prepared, SpawnFailure> {
         let notify_path = self.notify.path.clone();
         let plan = self.site_sandbox(name)?;
         let socket = self
@@ -274,50 +367,56 @@ impl Agent {
         let pipes = if socket {
             None
         } else {
-            Some((output_pipe()?, output_pipe()?))
+            let (out_r, out_w) = output_pipe()?;
+            let (err_r, err_w) = output_pipe()?;
+            Some(Pipes {
+                out_r,
+                out_w,
+                err_r,
+                err_w,
+            })
         };
-        let (output, errors) = match &pipes {
-            Some(((_, out), (_, err))) => (out.as_fd(), err.as_fd()),
-            None => {
-                let o = self
-                    .sites
-                    .get(name)
-                    .and_then(|s| s.io.output.as_ref())
-                    .expect("made above");
-                (o.socket.sender(), o.stderr_sender())
+        Ok(Prepared {
+            image: Some(image),
+            pipes,
+        })
+    }
+
+    /// A started worker tracked (its pipes' read ends kept, their write ends closed), or
+    /// the failure of its start (its leaf retired).
+    fn track_started(
+        &mut self,
+        name: &SiteName,
+        g: GenId,
+        id: Slot,
+        prepared: Prepared,
+        result: Result<Launched, NotLaunched>,
+    ) -> Result<i32, SpawnFailure> {
+        let pipes_r = prepared.pipes.map(|p| (p.out_r, Some(p.err_r)));
+        let launched = match result {
+            Ok(l) => l,
+            Err(not) => {
+                if let (Some(dir), Some(tree), Some(graveyard)) =
+                    (&not.leaf, &self.cgroups, &mut self.graveyard)
+                {
+                    tree.retire(dir, graveyard);
+                }
+                return Err(not.failure);
             }
         };
-        let mut fds: Vec<BorrowedFd<'_>> = vec![self.devnull.as_fd(), output, errors];
-        fds.extend(site.listeners.iter().map(|l| l.fd.as_fd()));
-        let leaf = match (&self.cgroups, &mut self.graveyard) {
-            (Some(tree), Some(graveyard)) => Some(crate::spawn::Leaf {
-                tree,
-                graveyard,
-                site: name.as_str(),
-                generation: g.0,
-                name: format!("w-{id}"),
-                limits: Some(&config.limits),
-            }),
-            _ => None,
-        };
-        let spawned = crate::spawn::launch(&mut image, &fds, leaf, &mut self.fd_block);
-        drop(fds);
-        let pipes_r = pipes.map(|((out, _), (err, _))| (out, Some(err)));
-        let spawned = spawned?;
-        let pid = spawned.pid;
+        let pid = launched.pid;
         self.track_worker(
             name,
             WorkerId {
                 generation: g,
                 slot: id,
             },
-            PidRef::new(pid, spawned.pidfd),
+            PidRef::new(pid, launched.pidfd),
             pipes_r,
-            spawned.leaf,
-            spawned.start_time,
+            launched.leaf,
+            launched.start_time,
         )
         .map_err(SpawnFailure::Watch)?;
-        debug!(site = %name, gen = g.0, worker = %id, pid, "spawned");
         Ok(pid)
     }
 
@@ -662,4 +761,23 @@ pub(super) fn output_pipe() -> Result<(OwnedFd, OwnedFd), SpawnFailure> {
         .map_err(|e| SpawnFailure::Pipe(e.into()))?;
     rustix::io::ioctl_fionbio(&r, true).map_err(|e| SpawnFailure::Pipe(e.into()))?;
     Ok((r, w))
+}
+
+/// Most workers whose starts are prepared at once (`Agent::spawn_all`).
+const START_CHUNK: usize = 256;
+
+/// A worker's start, prepared ([`Agent::spawn_all`]).
+struct Prepared {
+    /// Taken by the start.
+    image: Option<crate::sys::spawn::ExecImage>,
+    /// Its own output pipes, when its site has no output sockets.
+    pipes: Option<Pipes>,
+}
+
+/// A worker's stdout and stderr pipes: the write ends are its, the read ends the agent's.
+struct Pipes {
+    out_r: OwnedFd,
+    out_w: OwnedFd,
+    err_r: OwnedFd,
+    err_w: OwnedFd,
 }

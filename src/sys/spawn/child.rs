@@ -11,8 +11,8 @@ use super::*;
 #[cfg(target_arch = "x86_64")]
 pub(super) extern "C" fn child_entry(plan: *const ChildPlan<'_>) -> ! {
     // SAFETY: `plan` is the pointer the parent passed in r12, to a `ChildPlan` on the
-    // parent's stack; the parent is suspended (CLONE_VFORK) and has no other thread, so
-    // it stays valid and unchanged until we exec or exit. The flags are those child_main
+    // parent thread's stack; that thread is suspended (CLONE_VFORK) and no other thread
+    // changes what it points to, so it stays valid and unchanged until we exec or exit. The flags are those child_main
     // requires: CLONE_VM | CLONE_VFORK, neither CLONE_SIGHAND nor CLONE_THREAD.
     unsafe { child_main(&*plan) }
 }
@@ -43,7 +43,7 @@ pub(super) struct ChildPlan<'a> {
 /// memory (`CLONE_VM`) and runs on the [`FdBlock`]'s stack; elsewhere it runs on a copy of
 /// the parent's memory. Either way `plan` and everything it points to must be valid there
 /// and unchanged until the child execs or exits: `CLONE_VFORK` suspends the parent thread
-/// for that long, and [`spawn`] requires that there is no other thread.
+/// for that long, and [`spawn`] requires that no other thread changes it.
 pub(super) unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     // Step 0: a private fd table with only the fds below the block's end. Nothing before
     // this line may touch an fd: the table is still the parent's.

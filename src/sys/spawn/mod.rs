@@ -8,7 +8,7 @@
 //! the `argv`/`envp` pointer arrays, the fd map and an empty signal mask. The child then
 //! runs only raw, async-signal-safe syscalls and never allocates, locks or unwinds,
 //! because after a raw `clone3` glibc's per-thread bookkeeping still describes the
-//! parent (the agent is single-threaded, so no lock can be held by a vanished thread).
+//! parent thread (and a lock another thread holds would never be released in a copy).
 //!
 //! The child shares the parent's fd table (`CLONE_FILES`) instead of receiving a copy:
 //! an agent supervising N workers holds 2N fds (pidfds, output pipes), and copying that
@@ -17,17 +17,22 @@
 //! ([`FdBlock`]); the child's first fd operation is `close_range(block end, ~0,
 //! CLOSE_RANGE_UNSHARE)` (5.9), which gives it a private table holding only the fds below
 //! the block's end. Until then it touches no fd, so the shared table is never changed, and
-//! `CLONE_VFORK` keeps the parent from changing it either until the child has exec'd.
+//! `CLONE_VFORK` keeps the parent thread from changing the block until the child has
+//! exec'd. The agent spawns from two threads at once when it starts several processes
+//! (`crate::spawn::start_all`), each with a block of its own: another thread may open and
+//! close other fds meanwhile, which the child's copy of the table may then hold until it
+//! closes every fd outside its map (step 4), but nothing else touches a block in use.
 //!
 //! On x86-64 the child also shares the parent's memory (`CLONE_VM`, as `posix_spawn`'s
 //! vfork does), which spares copying the page tables and the copy-on-write faults that
 //! follow; it runs on a stack of its own held by the [`FdBlock`]. Elsewhere it runs on a
 //! copy of the parent's memory. Either way it reads the plan in place, and `CLONE_VFORK`
-//! keeps the parent suspended, so nothing changes the plan (or, with `CLONE_VM`, runs on
-//! the shared memory) until the child has exec'd or exited. Without `CLONE_SIGHAND` the
-//! child has its own signal handler table, and without `CLONE_SETTLS` it runs on the
-//! parent thread's TLS: glibc's wrappers write `errno` into the suspended parent's slot,
-//! which nothing reads after `clone3` returns.
+//! keeps the parent thread suspended, so nothing changes the plan (owned by that thread's
+//! call; the sandbox steps, shared by a site's spawns, are never written) until the child
+//! has exec'd or exited. Without
+//! `CLONE_SIGHAND` the child has its own signal handler table, and without `CLONE_SETTLS`
+//! it runs on the parent thread's TLS: glibc's wrappers write `errno` into the suspended
+//! thread's slot, which nothing reads after `clone3` returns.
 //!
 //! The child, in order:
 //! 0. unshare the fd table, keeping only the fds below the block's end;
@@ -295,6 +300,12 @@ impl ExecImage {
     }
 }
 
+// SAFETY: the raw pointers of an `ExecImage` (`argv_ptrs`, `env_ptrs`) point into heap
+// buffers the image itself owns (`_argv`'s `CString`s, `env`'s boxes), which stay where
+// they are when the image moves to another thread; no other value points into them, and
+// only a spawn, through `&mut ExecImage`, writes to them (the `LISTEN_PID` digits).
+unsafe impl Send for ExecImage {}
+
 /// A child that has successfully `execve`d.
 #[derive(Debug)]
 pub struct Spawned {
@@ -414,11 +425,13 @@ struct CloneArgs {
 /// Creates a child that runs `image` with `fds[i]` as its fd `i`, born in `cgroup` when
 /// given. Returns once the child has `execve`d (or failed to).
 ///
-/// The process must be single-threaded (the agent is): `CLONE_VFORK` suspends only the
-/// calling thread, so another thread could close or reuse fd numbers in the shared table
-/// before the child unshares it or, on x86-64 (`CLONE_VM`), change the memory the child
-/// reads its plan from. Nothing outside this crate can call it (`sys` is private; the only
-/// caller is `crate::spawn::launch`, and only the agent holds an [`FdBlock`]).
+/// `CLONE_VFORK` suspends only the calling thread: no other thread may use `block` (each
+/// spawning thread has its own: the `&mut` says so) or write to `image` meanwhile (the
+/// `&mut` again), and none may `dup2` onto a number it did not open (the agent does so only
+/// into its blocks). Other threads may open and close fds: the child's copy of the table
+/// holds whatever they left below the block's end until step 4 closes it. Nothing outside
+/// this crate can call it (`sys` is private; the callers are `crate::spawn`'s, and only the
+/// agent holds [`FdBlock`]s).
 pub fn spawn(
     image: &mut ExecImage,
     fds: &[BorrowedFd<'_>],
@@ -544,8 +557,10 @@ fn clone_child(args: &mut CloneArgs, plan: &ChildPlan<'_>, stack: &mut [u128]) -
     let ret: libc::c_long;
     // SAFETY: `args` is a fully initialised `clone_args` that outlives the call, passed
     // with its exact size. With CLONE_VM | CLONE_VFORK the kernel suspends this thread
-    // until the child has exec'd or exited, so (with no other thread: see `spawn`) the
-    // child is the only one running on this memory meanwhile; it starts on `stack` (16-byte aligned, `size_of_val` bytes, owned
+    // until the child has exec'd or exited; the child reads only `plan` and what it points
+    // to, which this thread's caller owns and no other thread changes (see `spawn`), and
+    // writes only its stack, the `LISTEN_PID` digits of the image and this thread's
+    // `errno`; it starts on `stack` (16-byte aligned, `size_of_val` bytes, owned
     // by the caller's `FdBlock` for the whole call), with rsp = stack + size, which is
     // 16-byte aligned before the `call`, as the ABI wants. It never returns into this
     // frame: `child_entry` is `-> !` and the `ud2` after it is unreachable. In the parent
