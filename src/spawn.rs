@@ -16,7 +16,7 @@ use crate::cgroup::{CgroupError, CgroupTree, Graveyard};
 use crate::config::{Limits, SiteConfig};
 use crate::net::{self, Listener};
 use crate::sandbox::SandboxError;
-use crate::sys::spawn::{ChildStep, ExecImage, FdBlock, SpawnError};
+use crate::sys::spawn::{ChildStep, ExecImage, FdBlock, SecondStarter, SpawnError, SpawnJob};
 
 /// Why a process could not be started, and whether trying again can help.
 #[derive(Debug, thiserror::Error)]
@@ -100,8 +100,7 @@ pub struct Leaf<'a> {
     pub limits: Option<&'a Limits>,
 }
 
-/// A [`Leaf`] without the graveyard, which only the thread that started [`start_all`]
-/// holds: what the threads that start processes need.
+/// A [`Leaf`] without the graveyard: what [`start_all`] needs.
 pub struct LeafSpec<'a> {
     /// The tree.
     pub tree: &'a CgroupTree,
@@ -179,20 +178,7 @@ fn start(
 ) -> Result<Launched, NotLaunched> {
     let (dir, leaf_fd) = match leaf {
         Some(l) => {
-            let not_launched = |e| NotLaunched {
-                failure: SpawnFailure::Cgroup(e),
-                leaf: None,
-            };
-            let (dir, fd) = l
-                .tree
-                .new_leaf(l.site, l.generation, &l.name)
-                .map_err(not_launched)?;
-            if let Some(limits) = l.limits {
-                if let Err(e) = l.tree.apply_new_leaf_limits(&dir, limits) {
-                    let _ = std::fs::remove_dir(&dir);
-                    return Err(not_launched(e));
-                }
-            }
+            let (dir, fd) = make_leaf(&l)?;
             (Some(dir), Some(fd))
         }
         None => (None, None),
@@ -212,6 +198,28 @@ fn start(
     }
 }
 
+/// A start's leaf, if it has one: its path and its fd to clone into.
+type MadeLeaf = (Option<PathBuf>, Option<OwnedFd>);
+
+/// A fresh leaf with its limits, and its fd to clone into.
+fn make_leaf(l: &LeafSpec<'_>) -> Result<(PathBuf, OwnedFd), NotLaunched> {
+    let not_launched = |e| NotLaunched {
+        failure: SpawnFailure::Cgroup(e),
+        leaf: None,
+    };
+    let (dir, fd) = l
+        .tree
+        .new_leaf(l.site, l.generation, &l.name)
+        .map_err(not_launched)?;
+    if let Some(limits) = l.limits {
+        if let Err(e) = l.tree.apply_new_leaf_limits(&dir, limits) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(not_launched(e));
+        }
+    }
+    Ok((dir, fd))
+}
+
 /// One process of several to start together ([`start_all`]).
 pub struct Start<'a> {
     /// What it runs.
@@ -223,55 +231,64 @@ pub struct Start<'a> {
 }
 
 /// Starts every process of `starts`, as [`launch`] does, and says how each went, in
-/// order: from this thread and, when there are several, from one more at the same time,
-/// each with a block of its own. A start is mostly waiting: the kernel makes the leaf, the
-/// child applies its sandbox and `execve`s while its parent sleeps (`CLONE_VFORK`), so two
-/// of them at once keep both CPUs of a small host busy where one leaves a third of it idle
-/// (BENCHMARKS.md, "Two starts at a time"). If the second thread cannot be made, this one
-/// starts them all. Leaves of processes that could not start are the caller's to retire.
+/// order. The leaves are made here, one after the other (the first of a generation makes
+/// its directory and turns its controllers on, which a leaf made beside it could miss);
+/// the processes are then started from this thread with `block` and, when there are
+/// several, from `second` at the same time (`sys::spawn::spawn_all`). Leaves of processes
+/// that could not start are the caller's to retire.
 pub fn start_all(
     starts: Vec<Start<'_>>,
-    blocks: [&mut FdBlock; 2],
-) -> Vec<Result<Launched, NotLaunched>> {
-    let n = starts.len();
-    let queue = std::sync::Mutex::new(starts.into_iter().enumerate());
-    let [mine, theirs] = blocks;
-    let (mut done, others) = if n < 2 {
-        (start_from(&queue, mine), Vec::new())
-    } else {
-        std::thread::scope(|scope| {
-            let helper = std::thread::Builder::new()
-                .name("hatchery-start".into())
-                .spawn_scoped(scope, || start_from(&queue, theirs));
-            let done = start_from(&queue, mine);
-            let others = match helper {
-                Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                Err(_) => Vec::new(),
-            };
-            (done, others)
-        })
-    };
-    done.extend(others);
-    done.sort_unstable_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, r)| r).collect()
-}
-
-/// Starts processes from `queue` until it is empty, with `block`.
-fn start_from<'a>(
-    queue: &std::sync::Mutex<impl Iterator<Item = (usize, Start<'a>)>>,
     block: &mut FdBlock,
-) -> Vec<(usize, Result<Launched, NotLaunched>)> {
-    let mut done = Vec::new();
-    loop {
-        let next = queue
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .next();
-        let Some((i, mut s)) = next else {
-            return done;
-        };
-        done.push((i, start(&mut s.image, &s.fds, s.leaf, block)));
+    second: Option<&SecondStarter>,
+) -> Vec<Result<Launched, NotLaunched>> {
+    let leaves: Vec<Result<MadeLeaf, NotLaunched>> = starts
+        .iter()
+        .map(|s| match &s.leaf {
+            Some(l) => make_leaf(l).map(|(dir, fd)| (Some(dir), Some(fd))),
+            None => Ok((None, None)),
+        })
+        .collect();
+    let mut jobs = Vec::with_capacity(starts.len());
+    let mut which = Vec::with_capacity(starts.len());
+    for (i, (s, leaf)) in starts.into_iter().zip(&leaves).enumerate() {
+        if let Ok((_, fd)) = leaf {
+            jobs.push(SpawnJob {
+                image: s.image,
+                fds: s.fds,
+                cgroup: fd.as_ref().map(|f| f.as_fd()),
+            });
+            which.push(i);
+        }
     }
+    let mut spawned = which
+        .into_iter()
+        .zip(crate::sys::spawn::spawn_all(jobs, block, second))
+        .peekable();
+    leaves
+        .into_iter()
+        .enumerate()
+        .map(|(i, leaf)| {
+            let (dir, _fd) = leaf?;
+            let (_, result) = spawned
+                .next_if(|(j, _)| *j == i)
+                .expect("every leaf made was started");
+            match result {
+                Ok(s) => Ok(Launched {
+                    pid: s.pid,
+                    pidfd: s.pidfd,
+                    leaf: dir,
+                    start_time: crate::process::start_time_between(
+                        s.born_between.0,
+                        s.born_between.1,
+                    ),
+                }),
+                Err(e) => Err(NotLaunched {
+                    failure: e.into(),
+                    leaf: dir,
+                }),
+            }
+        })
+        .collect()
 }
 
 /// `PATH` for workers whose site does not set one.

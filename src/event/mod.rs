@@ -1,4 +1,5 @@
-//! The agent's event loop: one thread, one reactor, only events.
+//! The agent's event loop: one thread, one reactor, only events (a second thread only starts
+//! workers beside it, while it waits: `sys::spawn::SecondStarter`).
 //!
 //! Sources, each a one-shot readiness registration identified by a never-reused token:
 //! the signalfd (`SIGTERM`, `SIGINT`, `SIGHUP`, `SIGCHLD`), every worker's pidfd (exit),
@@ -260,8 +261,9 @@ pub struct Agent {
     notify: NotifySocket,
     devnull: File,
     fd_block: crate::sys::spawn::FdBlock,
-    /// The block of the second thread that starts workers (`crate::spawn::start_all`).
-    second_block: crate::sys::spawn::FdBlock,
+    /// The second thread that starts workers (`crate::spawn::start_all`), with its own
+    /// block; none if it could not be made.
+    second: Option<crate::sys::spawn::SecondStarter>,
     /// While the loop handles a batch of exits (and the first sites are started): the
     /// workers whose start was asked for, started together once the batch is handled
     /// (`Agent::start_deferred`).
@@ -545,6 +547,10 @@ impl Agent {
             .map_err(|e| setup_err("dup /dev/null", e))?;
         let second_block = crate::sys::spawn::FdBlock::reserve(filler)
             .map_err(|e| setup_err("reserve file descriptors for spawning", e))?;
+        // Made once the signals the agent reads are blocked: the thread keeps that mask.
+        let second = crate::sys::spawn::SecondStarter::new(second_block)
+            .inspect_err(|e| warn!("workers are started one at a time: no second thread: {e}"))
+            .ok();
 
         let mut agent = Agent {
             config: config.clone(),
@@ -560,7 +566,7 @@ impl Agent {
             notify,
             devnull,
             fd_block,
-            second_block,
+            second,
             deferred_spawns: None,
             cgroups,
             cgroup_note,

@@ -455,23 +455,26 @@ impl Agent {
 
     /// Starts the workers whose start was put off (`Agent::deferred_spawns`) together,
     /// gives each site's machine its answers, and puts no more off. A start asked for in a
-    /// generation that is gone meanwhile is dropped.
+    /// generation that is gone meanwhile is answered as failed (it may be tried again).
     pub(super) fn start_deferred(&mut self) {
         let Some(asked) = self.deferred_spawns.take() else {
             return;
         };
-        let asked: Vec<_> = asked
-            .into_iter()
-            .filter(|(name, g, slot)| {
-                let there = self.sites.get(name).is_some_and(|s| {
-                    s.machine.generation(*g).is_some() && s.io.gens.contains_key(g)
-                });
-                if !there {
-                    debug!(site = %name, gen = g.0, worker = %slot, "start dropped: its generation is gone");
-                }
-                there
-            })
-            .collect();
+        let (asked, gone): (Vec<_>, Vec<_>) = asked.into_iter().partition(|(name, g, _)| {
+            self.sites
+                .get(name)
+                .is_some_and(|s| s.machine.generation(*g).is_some() && s.io.gens.contains_key(g))
+        });
+        for (name, generation, id) in gone {
+            warn!(site = %name, gen = generation.0, worker = %id, "not started: its generation is gone");
+            let error = "its generation is gone".to_string();
+            let input = slots::Input::SpawnFailed {
+                id,
+                error,
+                permanent: false,
+            };
+            self.feed(&name, Input::Worker { generation, input });
+        }
         if asked.is_empty() {
             return;
         }

@@ -220,7 +220,8 @@ impl Agent {
     /// start went, in order: the input its site's machine waits for.
     pub(super) fn spawn_all(&mut self, asked: &[(SiteName, GenId, Slot)]) -> Vec<Input> {
         // A few at a time: images made for 10,000 starts at once (1 KB or more each) left
-        // the heap that much larger for good.
+        // the heap that much larger for good, and each start in pipe mode holds four pipe
+        // fds until its chunk is done.
         asked
             .chunks(START_CHUNK)
             .flat_map(|chunk| self.spawn_chunk(chunk))
@@ -276,8 +277,8 @@ impl Agent {
                 starts.push(Start { image, fds, leaf });
                 which.push(i);
             }
-            let blocks = [&mut self.fd_block, &mut self.second_block];
-            for (i, r) in which.into_iter().zip(start_all(starts, blocks)) {
+            let started = start_all(starts, &mut self.fd_block, self.second.as_ref());
+            for (i, r) in which.into_iter().zip(started) {
                 results[i] = Some(r);
             }
         }
@@ -764,7 +765,7 @@ pub(super) fn output_pipe() -> Result<(OwnedFd, OwnedFd), SpawnFailure> {
 }
 
 /// Most workers whose starts are prepared at once (`Agent::spawn_all`).
-const START_CHUNK: usize = 256;
+const START_CHUNK: usize = 64;
 
 /// A worker's start, prepared ([`Agent::spawn_all`]).
 struct Prepared {

@@ -19,9 +19,11 @@
 //! the block's end. Until then it touches no fd, so the shared table is never changed, and
 //! `CLONE_VFORK` keeps the parent thread from changing the block until the child has
 //! exec'd. The agent spawns from two threads at once when it starts several processes
-//! (`crate::spawn::start_all`), each with a block of its own: another thread may open and
-//! close other fds meanwhile, which the child's copy of the table may then hold until it
-//! closes every fd outside its map (step 4), but nothing else touches a block in use.
+//! ([`spawn_all`], [`SecondStarter`]), each with a block of its own: another thread may
+//! open and close other fds meanwhile, and the child's copy of the table may then hold
+//! them (the other thread's block among them, when it lies below this block's end: its
+//! report pipe's write end then closes a little later) until it closes every fd outside
+//! its map (step 4); no thread writes into a block that is not its own.
 //!
 //! On x86-64 the child also shares the parent's memory (`CLONE_VM`, as `posix_spawn`'s
 //! vfork does), which spares copying the page tables and the copy-on-write faults that
@@ -76,11 +78,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use super::cvt;
 
 mod child;
+mod second;
 use self::child::ChildPlan;
 #[cfg(target_arch = "x86_64")]
 use self::child::child_entry;
 #[cfg(not(target_arch = "x86_64"))]
 use self::child::child_main;
+pub use self::second::{SecondStarter, SpawnJob, spawn_all};
 
 /// Most fds a child can be given (stdio plus listeners); bounds the child's stack array.
 pub const MAX_CHILD_FDS: usize = 64;
