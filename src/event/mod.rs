@@ -840,14 +840,21 @@ impl Agent {
             // and control traffic that arrived in the same batch.
             ready.sort_by_key(|t| self.reg.tokens.get(t).map_or(2, rank));
             self.drain_before_exits(&ready);
-            // The workers that exits in this batch restart (seen through their pidfds, or
-            // reaped at a SIGCHLD) are started together, once every exit and signal is
-            // handled, before anything else.
+            // The workers that the exits of this batch restart are started together once
+            // every exit is handled, before the signals; those that the signals restart
+            // (exits reaped at a SIGCHLD, a reload) together once they are handled, before
+            // anything else.
             self.deferred_spawns = Some(Vec::new());
+            let mut handling = 0;
             for &token in &ready {
                 if let Some(source) = self.reg.tokens.remove(&token) {
-                    if self.deferred_spawns.is_some() && rank(&source) > 1 {
+                    let next = rank(&source);
+                    if next != handling {
                         self.start_deferred();
+                        if next == 1 {
+                            self.deferred_spawns = Some(Vec::new());
+                        }
+                        handling = next;
                     }
                     self.dispatch(token, source);
                 }
