@@ -16,7 +16,9 @@ use crate::cgroup::{CgroupError, CgroupTree, Graveyard};
 use crate::config::{Limits, SiteConfig};
 use crate::net::{self, Listener};
 use crate::sandbox::SandboxError;
-use crate::sys::spawn::{ChildStep, ExecImage, FdBlock, SecondStarter, SpawnError, SpawnJob};
+use crate::sys::spawn::{
+    ChildStep, ExecImage, FdBlock, SecondStarter, SpawnError, SpawnJob, Spawned,
+};
 
 /// Why a process could not be started, and whether trying again can help.
 #[derive(Debug, thiserror::Error)]
@@ -183,17 +185,26 @@ fn start(
         }
         None => (None, None),
     };
-    match crate::sys::spawn::spawn(image, fds, leaf_fd.as_ref().map(|f| f.as_fd()), block) {
+    let spawned = crate::sys::spawn::spawn(image, fds, leaf_fd.as_ref().map(|f| f.as_fd()), block);
+    launched(spawned, dir)
+}
+
+/// What a spawn into `leaf` (if any) gave: the process, or why there is none (the child,
+/// reaped by `spawn`, was the only process ever in the leaf).
+fn launched(
+    spawned: Result<Spawned, SpawnError>,
+    leaf: Option<PathBuf>,
+) -> Result<Launched, NotLaunched> {
+    match spawned {
         Ok(s) => Ok(Launched {
             pid: s.pid,
             pidfd: s.pidfd,
-            leaf: dir,
+            leaf,
             start_time: crate::process::start_time_between(s.born_between.0, s.born_between.1),
         }),
-        // The child (reaped by `spawn`) was the only process ever in the leaf.
         Err(e) => Err(NotLaunched {
             failure: e.into(),
-            leaf: dir,
+            leaf,
         }),
     }
 }
@@ -272,21 +283,7 @@ pub fn start_all(
             let (_, result) = spawned
                 .next_if(|(j, _)| *j == i)
                 .expect("every leaf made was started");
-            match result {
-                Ok(s) => Ok(Launched {
-                    pid: s.pid,
-                    pidfd: s.pidfd,
-                    leaf: dir,
-                    start_time: crate::process::start_time_between(
-                        s.born_between.0,
-                        s.born_between.1,
-                    ),
-                }),
-                Err(e) => Err(NotLaunched {
-                    failure: e.into(),
-                    leaf: dir,
-                }),
-            }
+            launched(result, dir)
         })
         .collect()
 }

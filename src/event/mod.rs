@@ -535,18 +535,17 @@ impl Agent {
             .read(true)
             .open("/dev/null")
             .map_err(|e| setup_err("open /dev/null", e))?;
-        let filler = devnull
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| setup_err("dup /dev/null", e))?;
-        let fd_block = crate::sys::spawn::FdBlock::reserve(filler)
-            .map_err(|e| setup_err("reserve file descriptors for spawning", e))?;
-        let filler = devnull
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| setup_err("dup /dev/null", e))?;
-        let second_block = crate::sys::spawn::FdBlock::reserve(filler)
-            .map_err(|e| setup_err("reserve file descriptors for spawning", e))?;
+        // One block of fds for each thread that starts workers.
+        let reserve = || {
+            let filler = devnull
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| setup_err("dup /dev/null", e))?;
+            crate::sys::spawn::FdBlock::reserve(filler)
+                .map_err(|e| setup_err("reserve file descriptors for spawning", e))
+        };
+        let fd_block = reserve()?;
+        let second_block = reserve()?;
         // Made once the signals the agent reads are blocked: the thread keeps that mask.
         let second = crate::sys::spawn::SecondStarter::new(second_block)
             .inspect_err(|e| warn!("workers are started one at a time: no second thread: {e}"))

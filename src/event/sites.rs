@@ -518,14 +518,9 @@ impl Agent {
     fn execute(&mut self, name: &SiteName, action: Action) -> Option<Input> {
         match action {
             Action::Spawn { generation, slot } => {
-                let input = if self.forks_from_zygote(name, generation) {
-                    // The answer comes on the zygote's link (`zygote.rs`).
-                    self.fork_worker(name, generation, slot)?
-                } else {
-                    // (`carry_out` starts these itself, several together.)
-                    let asked = [(name.clone(), generation, slot)];
-                    self.spawn_all(&asked).pop().expect("one answer per start")
-                };
+                // Only a zygote-mode generation's (`carry_out` starts the others itself,
+                // several together); the answer comes on the zygote's link (`zygote.rs`).
+                let input = self.fork_worker(name, generation, slot)?;
                 Some(Input::Worker { generation, input })
             }
             Action::Signal {
