@@ -3,8 +3,9 @@
 //! This module checks the site's root and turns the configuration into a `SandboxPlan`
 //! (`sys::spawn`) of plain numbers and C strings, the Landlock part included: the handled
 //! rights, and each path (as the worker sees it, inside the root) with its rights. It
-//! opens no path and creates no ruleset: the child path of `sys::spawn` builds the ruleset
-//! itself, after `chroot` and the private `/tmp` (rules are tied to inodes: see
+//! opens no path and creates no ruleset: `sys::spawn` builds the ruleset in the agent
+//! once for each batch of starts, resolving each path inside the root, or, with a private
+//! `/tmp`, in the child after `chroot` and the tmpfs (rules are tied to inodes: see
 //! `sys::landlock`). The child applies the plan with raw syscalls between `clone3` and
 //! `execve`, in this order (each step's why is next to its syscall there):
 //!
@@ -23,9 +24,9 @@
 //! 12. `capset` (effective = permitted = inheritable = allow-list) and the ambient set:
 //!     after 11, which cleared the effective set, so the allowed ones survive `execve`;
 //! 13. `PR_SET_NO_NEW_PRIVS`: always; before 14, since Landlock requires it;
-//! 14. Landlock: create the ruleset, open each path (`O_PATH`, inside the root and its
-//!     private `/tmp`) and add its rule, then `landlock_restrict_self`: last, so nothing
-//!     the child still does is refused;
+//! 14. Landlock: `landlock_restrict_self` on the agent's ruleset (with a private `/tmp`:
+//!     create it, open each path with `O_PATH` inside the root and the tmpfs, and add its
+//!     rule first): last, so nothing the child still does is refused;
 //! 15. `chdir(workdir)` as the site's user (so a workdir it may not enter fails), then
 //! 16. `execve`.
 //!

@@ -955,6 +955,66 @@ fn landlock_off_enforces_no_filesystem_rules() {
     );
 }
 
+/// The agent builds a site's Landlock ruleset for its workers, resolving each path inside
+/// the site's root as the `chroot`ed worker would: `/rw`, a symlink in the root to the
+/// absolute `/data`, names the root's `/data` (the host has no `/rw`: resolved there, the
+/// rule would be skipped and the write refused). Three workers started together share
+/// one ruleset; each may write under `/rw` and nowhere else (`/tmp`, writable for
+/// everyone, is refused).
+#[test]
+fn landlock_paths_are_resolved_inside_the_root_as_the_worker_sees_them() {
+    if !privileged() {
+        return;
+    }
+    if landlock_abi() == 0 {
+        skip("Landlock is not available: no ruleset to build");
+        return;
+    }
+    let base = root_owned_tempdir();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let root = Root::new(base.path(), "root-l");
+    std::fs::set_permissions(
+        root.path.join("data"),
+        std::fs::Permissions::from_mode(0o1777),
+    )
+    .expect("chmod data");
+    std::os::unix::fs::symlink("/data", root.path.join("rw")).expect("symlink");
+    assert!(!Path::new("/rw").exists(), "the host must not have /rw");
+    let site = format!(
+        r#"name = "l"
+command = ["/hatchery", "__probe", "attacks", "write:/rw/through-link", "write:/tmp/refused"]
+user = "{USER_A}"
+workers = 3
+[sandbox]
+root = "{}"
+[sandbox.landlock]
+filesystem = "required"
+read_write = ["/rw"]
+"#,
+        root.path.display()
+    );
+    let agent = TestAgent::start(&[("l", &site)], opts());
+    let lines = wait_log(&agent, "l", "attacks done");
+    let results: Vec<serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.contains("\"attack\""))
+        .map(|l| json_of(l))
+        .collect();
+    let of = |attack: &str| {
+        results
+            .iter()
+            .find(|r| r["attack"] == attack)
+            .unwrap_or_else(|| panic!("no result for {attack}: {lines:#?}"))
+            .clone()
+    };
+    let through = of("write:/rw/through-link");
+    assert_eq!(through["blocked"], false, "{through}");
+    let refused = of("write:/tmp/refused");
+    assert_eq!(refused["blocked"], true, "{refused}");
+    assert!(root.path.join("data/through-link").exists());
+    assert!(!root.path.join("tmp/refused").exists());
+}
+
 /// A worker binding a port its site does not declare: with Landlock network rules (ABI
 /// 4, Linux 6.7) the kernel refuses it (EACCES), and the site's log says which ports the
 /// app may bind (when the site starts) and the fix (right after the app's own error). The

@@ -29,6 +29,8 @@ pub(super) struct ChildPlan<'a> {
     pub(super) unshare_from: libc::c_uint,
     pub(super) listen_pid: *mut u8,
     pub(super) sandbox: Option<&'a SandboxPlan>,
+    /// The Landlock ruleset the agent built for the sandbox, -1 when there is none.
+    pub(super) ruleset: RawFd,
     pub(super) controlling_tty: bool,
     pub(super) reset_signals: [libc::c_int; MAX_SIGNALS],
     pub(super) n_reset: usize,
@@ -108,6 +110,17 @@ pub(super) unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     if report < 0 {
         fail(plan.report, ChildStep::MoveFds);
     }
+    // And the ruleset, used at step 14 and closed by execve.
+    let ruleset = if plan.ruleset >= 0 {
+        // SAFETY: as above.
+        let fd = unsafe { libc::fcntl(plan.ruleset, libc::F_DUPFD_CLOEXEC, base) };
+        if fd < 0 {
+            fail(report, ChildStep::MoveFds);
+        }
+        fd
+    } else {
+        -1
+    };
     let mut target = 0;
     while target < n {
         let t = libc::c_int::try_from(target).unwrap_or(0);
@@ -118,16 +131,11 @@ pub(super) unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         target += 1;
     }
 
-    // Step 4: close everything else except the report pipe (closed by execve itself),
-    // outright rather than marking it close-on-exec: the sandbox steps open fds of their
-    // own (Landlock rules) after a RLIMIT_NOFILE that the agent's fd numbers may exceed.
-    let first = libc::c_uint::try_from(n).unwrap_or(0);
-    let rep = libc::c_uint::try_from(report).unwrap_or(0);
-    // SAFETY: plain integers; `report` (>= base >= first) is excluded from both ranges.
-    let a = unsafe { libc::syscall(libc::SYS_close_range, first, rep.saturating_sub(1), 0) };
-    // SAFETY: as above.
-    let b = unsafe { libc::syscall(libc::SYS_close_range, rep + 1, libc::c_uint::MAX, 0) };
-    if (rep > first && a != 0) || b != 0 {
+    // Step 4: close everything else except the report pipe and the ruleset (closed by
+    // execve itself), outright rather than marking it close-on-exec: the sandbox steps may
+    // open fds of their own (Landlock rules built here) after a RLIMIT_NOFILE that the
+    // agent's fd numbers may exceed.
+    if !close_all_but(n, [report, ruleset]) {
         fail(report, ChildStep::CloseFds);
     }
 
@@ -142,7 +150,7 @@ pub(super) unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     if let Some(sb) = plan.sandbox {
         // SAFETY: `sb` is the parent's plan, valid and unchanged until we exec (see the
         // contract of child_main).
-        unsafe { apply_sandbox(sb, report) };
+        unsafe { apply_sandbox(sb, report, ruleset) };
     }
 
     // Step 15: LISTEN_PID and the working directory.
@@ -184,13 +192,36 @@ pub(super) unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     fail(report, ChildStep::Exec)
 }
 
+/// Closes every fd from `first` up but those of `keep` (-1: none). False if a
+/// `close_range` failed.
+fn close_all_but(first: usize, keep: [RawFd; 2]) -> bool {
+    let mut keep = keep;
+    keep.sort_unstable();
+    let mut from = libc::c_uint::try_from(first).unwrap_or(0);
+    for k in keep {
+        let Ok(k) = libc::c_uint::try_from(k) else {
+            continue;
+        };
+        if k < from {
+            continue;
+        }
+        // SAFETY: plain integers; the range ends below `k`, which stays open.
+        if k > from && unsafe { libc::syscall(libc::SYS_close_range, from, k - 1, 0) } != 0 {
+            return false;
+        }
+        from = k + 1;
+    }
+    // SAFETY: plain integers; every fd kept is below `from`.
+    unsafe { libc::syscall(libc::SYS_close_range, from, libc::c_uint::MAX, 0) == 0 }
+}
+
 /// Steps 6 to 14 of the module doc: the sandbox. Only raw syscalls; every failure ends
-/// the child through [`fail`].
+/// the child through [`fail`]. `ruleset`: the Landlock ruleset the agent built, or -1.
 ///
 /// # Safety
 ///
 /// Must be called only in the child, with `sb` valid in its view of the parent's memory.
-unsafe fn apply_sandbox(sb: &SandboxPlan, report: RawFd) {
+unsafe fn apply_sandbox(sb: &SandboxPlan, report: RawFd, ruleset: RawFd) {
     // Step 6: rlimits, while we still have CAP_SYS_RESOURCE (raising a hard limit needs it).
     for &(resource, value) in &sb.rlimits {
         let lim = libc::rlimit {
@@ -350,13 +381,17 @@ unsafe fn apply_sandbox(sb: &SandboxPlan, report: RawFd) {
         fail(report, ChildStep::NoNewPrivs);
     }
     // Step 14: Landlock, last: nothing the child still does (chdir, execve of an allowed
-    // path) is refused by it, and the mount of step 7 would be. Built here, after the
-    // private /tmp exists and inside the root, so its rules name the worker's inodes.
-    if let Some(ll) = &sb.landlock {
+    // path) is refused by it, and the mount of step 7 would be. The ruleset the agent
+    // built when it could; with a private /tmp, built here, after the tmpfs exists and
+    // inside the root, so its rules name the worker's inodes.
+    let enforced = match (ruleset, &sb.landlock) {
+        (fd, _) if fd >= 0 => crate::sys::landlock::child_restrict(fd),
         // SAFETY: `ll` is the parent's plan, valid until we exec; no_new_privs is set.
-        if unsafe { crate::sys::landlock::child_enforce(ll) }.is_err() {
-            fail(report, ChildStep::Landlock);
-        }
+        (_, Some(ll)) => unsafe { crate::sys::landlock::child_enforce(ll) },
+        (_, None) => Ok(()),
+    };
+    if enforced.is_err() {
+        fail(report, ChildStep::Landlock);
     }
 }
 

@@ -55,8 +55,10 @@
 //!    leader without a controlling terminal may acquire one);
 //! 6. to 14. the sandbox, when the image has a [`SandboxPlan`] (`apply_sandbox`; the list
 //!    with each ordering reason is in `crate::sandbox`): rlimits, private `/tmp`, `chroot`,
-//!    bounding set, groups and gid, uid, capability sets, `no_new_privs`, Landlock (the
-//!    ruleset is built here, in the child, from the paths and rights of the plan);
+//!    bounding set, groups and gid, uid, capability sets, `no_new_privs`, Landlock
+//!    (`landlock_restrict_self` on the ruleset the parent built, once for a batch of
+//!    starts, and placed in the block beside the report pipe; with a private `/tmp` the
+//!    child builds it, from the paths and rights of the plan);
 //! 15. fill in `LISTEN_PID=` with its own pid (only known now), `chdir` to the working
 //!     directory (inside the root, as the site's user);
 //! 16. `execve`. Any failure writes `(step, errno)` to the report pipe and `_exit(127)`s;
@@ -68,8 +70,8 @@
 //! static worker, which would put cold start and restart far past twice the fork+exec
 //! limit. DESIGN.md allows running the steps directly in the child from a plan built in
 //! the parent; that is what this module does, sandbox steps included: everything they
-//! need (ids, capability masks, rlimits, the root and the Landlock paths as C strings) is
-//! built in the parent, the child only makes syscalls.
+//! need (ids, capability masks, rlimits, the root, the Landlock ruleset or its paths as C
+//! strings) is built in the parent, the child only makes syscalls.
 
 use std::ffi::{CString, c_char};
 use std::io;
@@ -194,6 +196,9 @@ pub enum SpawnError {
     /// The report pipe could not be created or read.
     #[error("failed to set up the child's report pipe")]
     Pipe(#[source] io::Error),
+    /// The sandbox's Landlock ruleset could not be built (no child exists).
+    #[error("failed to build the Landlock ruleset")]
+    Ruleset(#[source] io::Error),
     /// The child reached `step` and failed with `errno`; it has been reaped.
     #[error("the child failed to {}", .step.describe())]
     Child {
@@ -226,6 +231,18 @@ pub struct SandboxPlan {
     pub landlock: Option<super::landlock::LandlockPlan>,
 }
 
+impl SandboxPlan {
+    /// The Landlock ruleset the agent builds for the child, if it does: always, but with a
+    /// private `/tmp`, whose rules name the tmpfs the child mounts (`sys::landlock`).
+    fn build_ruleset(&self) -> Option<io::Result<OwnedFd>> {
+        let plan = self
+            .landlock
+            .as_ref()
+            .filter(|_| self.private_tmp.is_none())?;
+        Some(super::landlock::build(plan, self.root.as_deref()))
+    }
+}
+
 /// Everything `execve` needs, built in the parent before `clone3`.
 #[derive(Debug)]
 pub struct ExecImage {
@@ -237,6 +254,8 @@ pub struct ExecImage {
     env_ptrs: Vec<*const c_char>,
     listen_pid: Option<usize>,
     sandbox: Option<std::sync::Arc<SandboxPlan>>,
+    /// The sandbox's Landlock ruleset, built for a batch of starts ([`spawn_all`]).
+    ruleset: Option<std::sync::Arc<OwnedFd>>,
     controlling_tty: bool,
 }
 
@@ -289,6 +308,7 @@ impl ExecImage {
             env_ptrs,
             listen_pid,
             sandbox: None,
+            ruleset: None,
             controlling_tty: false,
         })
     }
@@ -332,10 +352,13 @@ const CLONE_VM: u64 = 0x100;
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 const CLONE_VFORK: u64 = 0x4000;
 const CLOSE_RANGE_UNSHARE: libc::c_uint = 1 << 1;
+/// The slot of an [`FdBlock`] that holds the Landlock ruleset during a spawn.
+const RULESET_SLOT: usize = MAX_CHILD_FDS;
 
 /// A block of consecutive fd numbers reserved for passing fds to children: slot `i`
-/// holds the child's future fd `i` during a spawn, the last slot the report pipe. Between
-/// spawns every slot holds a close-on-exec duplicate of `/dev/null`.
+/// holds the child's future fd `i` during a spawn, slot [`RULESET_SLOT`] the Landlock
+/// ruleset, the last slot the report pipe. Between spawns every slot holds a close-on-exec
+/// duplicate of `/dev/null`.
 #[derive(Debug)]
 pub struct FdBlock {
     slots: Vec<OwnedFd>,
@@ -351,9 +374,9 @@ pub struct FdBlock {
 }
 
 impl FdBlock {
-    /// Reserves `MAX_CHILD_FDS + 1` consecutive fd numbers above every fd open now.
+    /// Reserves `MAX_CHILD_FDS + 2` consecutive fd numbers above every fd open now.
     pub fn reserve(filler: OwnedFd) -> io::Result<FdBlock> {
-        let len = MAX_CHILD_FDS + 1;
+        let len = MAX_CHILD_FDS + 2;
         let mut base = rustix::io::fcntl_dupfd_cloexec(&filler, 0)?.as_raw_fd() + 1;
         'search: loop {
             let mut slots = Vec::with_capacity(len);
@@ -459,6 +482,16 @@ fn spawn_with_block(
             "too many fds for the child",
         )));
     }
+    let sandbox = image.sandbox.clone();
+    // Built for this start alone unless the batch it belongs to built it.
+    let ruleset = match &image.ruleset {
+        Some(shared) => Some(shared.clone()),
+        None => match sandbox.as_deref().and_then(SandboxPlan::build_ruleset) {
+            Some(Ok(fd)) => Some(std::sync::Arc::new(fd)),
+            Some(Err(e)) => return Err(SpawnError::Ruleset(e)),
+            None => None,
+        },
+    };
     let (report_r, report_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| SpawnError::Pipe(e.into()))?;
     let mut raw_fds = [-1 as RawFd; MAX_CHILD_FDS];
@@ -471,7 +504,15 @@ fn spawn_with_block(
         .place(report_slot, report_w.as_fd())
         .map_err(SpawnError::Pipe)?;
     drop(report_w);
-    let sandbox = image.sandbox.clone();
+    let ruleset_fd = match &ruleset {
+        Some(fd) => {
+            block
+                .place(RULESET_SLOT, fd.as_fd())
+                .map_err(SpawnError::Pipe)?;
+            block.base() + RawFd::try_from(RULESET_SLOT).expect("small")
+        }
+        None => -1,
+    };
     let listen_pid: *mut u8 = match image.listen_pid {
         Some(i) => image.env[i]
             .as_mut_ptr()
@@ -489,6 +530,7 @@ fn spawn_with_block(
         unshare_from: libc::c_uint::try_from(block.end()).expect("fds are non-negative"),
         listen_pid,
         sandbox: sandbox.as_deref(),
+        ruleset: ruleset_fd,
         controlling_tty: image.controlling_tty,
         reset_signals: block.reset_signals,
         n_reset: block.n_reset,
@@ -548,6 +590,30 @@ fn spawn_with_block(
         step: ChildStep::from_u32(step_raw).unwrap_or(ChildStep::Exec),
         source: io::Error::from_raw_os_error(errno),
     })
+}
+
+/// Builds one Landlock ruleset for every sandbox plan that `images` share, and gives it to
+/// each of them: a batch of starts builds it once, not once per child. A plan whose
+/// ruleset cannot be built is left to each start, which then says why it failed.
+fn share_rulesets<'a>(images: impl Iterator<Item = &'a mut ExecImage>) {
+    type Built = Option<std::sync::Arc<OwnedFd>>;
+    let mut built: Vec<(*const SandboxPlan, Built)> = Vec::new();
+    for image in images {
+        let Some(plan) = &image.sandbox else { continue };
+        let key = std::sync::Arc::as_ptr(plan);
+        let shared = match built.iter().find(|(k, _)| *k == key) {
+            Some((_, shared)) => shared.clone(),
+            None => {
+                let shared = plan
+                    .build_ruleset()
+                    .and_then(Result::ok)
+                    .map(std::sync::Arc::new);
+                built.push((key, shared.clone()));
+                shared
+            }
+        };
+        image.ruleset = shared;
+    }
 }
 
 /// `clone3` and the start of the child, x86-64: the child shares our memory (`CLONE_VM`,

@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{ExecImage, FdBlock, SpawnError, Spawned, spawn};
+use super::{ExecImage, FdBlock, SpawnError, Spawned, share_rulesets, spawn};
 
 /// One process to start among several ([`spawn_all`]).
 pub struct SpawnJob<'a> {
@@ -126,6 +126,8 @@ pub fn spawn_all(
     second: Option<&SecondStarter>,
 ) -> Vec<Result<Spawned, SpawnError>> {
     let n = jobs.len();
+    let mut jobs = jobs;
+    share_rulesets(jobs.iter_mut().map(|job| &mut job.image));
     let batch = Arc::new(Batch::default());
     {
         let mut queue = batch.jobs.lock().unwrap_or_else(PoisonError::into_inner);
