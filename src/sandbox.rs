@@ -407,7 +407,7 @@ pub fn prepare(site: &SiteConfig, privileged: bool) -> Result<Prepared, SandboxE
             ];
             for (paths, access) in lists {
                 for p in paths {
-                    // Opened by the child after chroot: the path as the worker sees it.
+                    // The path as the worker sees it, inside the root (`sys::landlock`).
                     ll.paths.push((cstring(p)?, access & fs));
                 }
             }

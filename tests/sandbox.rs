@@ -958,9 +958,10 @@ fn landlock_off_enforces_no_filesystem_rules() {
 /// The agent builds a site's Landlock ruleset for its workers, resolving each path inside
 /// the site's root as the `chroot`ed worker would: `/rw`, a symlink in the root to the
 /// absolute `/data`, names the root's `/data` (the host has no `/rw`: resolved there, the
-/// rule would be skipped and the write refused). Three workers started together share
-/// one ruleset; each may write under `/rw` and nowhere else (`/tmp`, writable for
-/// everyone, is refused).
+/// rule would be skipped and the write refused); `/tmp/app`, the site user's own symlink
+/// in the sticky `/tmp`, is followed as that user follows it (with `protected_symlinks`,
+/// root may not). Three workers started together share one ruleset; each may write
+/// through both and nowhere else (`/tmp`, writable for everyone, is refused).
 #[test]
 fn landlock_paths_are_resolved_inside_the_root_as_the_worker_sees_them() {
     if !privileged() {
@@ -980,16 +981,33 @@ fn landlock_paths_are_resolved_inside_the_root_as_the_worker_sees_them() {
     .expect("chmod data");
     std::os::unix::fs::symlink("/data", root.path.join("rw")).expect("symlink");
     assert!(!Path::new("/rw").exists(), "the host must not have /rw");
+    let data2 = root.path.join("data2");
+    std::fs::create_dir(&data2).expect("mkdir data2");
+    std::fs::set_permissions(&data2, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let app = root.path.join("tmp/app");
+    std::os::unix::fs::symlink("/data2", &app).expect("symlink");
+    let uid = uid_of(USER_A);
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        &app,
+        Some(rustix::fs::Uid::from_raw(uid)),
+        None,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .expect("chown the link");
+    let protected = "/proc/sys/fs/protected_symlinks";
+    let was = std::fs::read_to_string(protected).expect("protected_symlinks");
+    std::fs::write(protected, "1").expect("protect symlinks");
     let site = format!(
         r#"name = "l"
-command = ["/hatchery", "__probe", "attacks", "write:/rw/through-link", "write:/tmp/refused"]
+command = ["/hatchery", "__probe", "attacks", "write:/rw/through-link", "write:/tmp/app/own-link", "write:/tmp/refused"]
 user = "{USER_A}"
 workers = 3
 [sandbox]
 root = "{}"
 [sandbox.landlock]
 filesystem = "required"
-read_write = ["/rw"]
+read_write = ["/rw", "/tmp/app"]
 "#,
         root.path.display()
     );
@@ -1007,11 +1025,16 @@ read_write = ["/rw"]
             .unwrap_or_else(|| panic!("no result for {attack}: {lines:#?}"))
             .clone()
     };
+    let own = of("write:/tmp/app/own-link");
+    drop(agent);
+    std::fs::write(protected, was.trim()).expect("restore protected_symlinks");
     let through = of("write:/rw/through-link");
     assert_eq!(through["blocked"], false, "{through}");
+    assert_eq!(own["blocked"], false, "{own}");
     let refused = of("write:/tmp/refused");
     assert_eq!(refused["blocked"], true, "{refused}");
     assert!(root.path.join("data/through-link").exists());
+    assert!(data2.join("own-link").exists());
     assert!(!root.path.join("tmp/refused").exists());
 }
 

@@ -1,18 +1,20 @@
 //! Landlock: querying the kernel's ABI version, and building and enforcing a ruleset
 //! ([`LandlockPlan`], prepared in the parent).
 //!
-//! The ruleset is built in the agent, once for every batch of starts that share a site's
-//! plan ([`build`]; a single start builds its own), with each path resolved inside the
-//! site's root (`openat2` with `RESOLVE_IN_ROOT`, as the `chroot`ed worker resolves it);
-//! the child then only calls `landlock_restrict_self` on it ([`child_restrict`]). Built in
-//! the child, the default 4 paths cost it 19 of its 80 syscalls before `execve` (about a
-//! third of its time there); given the ruleset, 3.
+//! For a batch of starts that share a site's plan the agent builds the ruleset once
+//! ([`build`]), with each path resolved inside the site's root (`openat2` with
+//! `RESOLVE_IN_ROOT`, as the `chroot`ed worker resolves it, magic links refused) with the
+//! site user's file-system ids; each child then only calls `landlock_restrict_self` on it
+//! ([`child_restrict`]). Built in the child, the default 4 paths cost it 19 of its 80
+//! syscalls before `execve` (about a third of its time there); given the ruleset, 3.
 //!
-//! With a private `/tmp` the child builds it itself ([`child_enforce`]), after the tmpfs
-//! is mounted and after `chroot`: Landlock rules are tied to inodes, and a rule on the
-//! `/tmp` directory the agent sees would not cover the tmpfs mounted over it (Landlock
-//! skips covered mount points when it walks up a path). That costs one `open(O_PATH)`,
-//! one `fstat` and one `landlock_add_rule` per path, all allocation-free.
+//! Otherwise the child builds it itself ([`child_enforce`]): a single start, a ruleset
+//! the agent could not build (the child then says why), and a private `/tmp`, where it is
+//! built after the tmpfs is mounted and after `chroot`: Landlock rules are tied to inodes,
+//! and a rule on the `/tmp` directory the agent sees would not cover the tmpfs mounted
+//! over it (Landlock skips covered mount points when it walks up a path). That costs one
+//! `open(O_PATH)`, one `fstat` and one `landlock_add_rule` per path, all
+//! allocation-free.
 //!
 //! Kernel requirements: Landlock ABI 1 (Linux 5.13) for filesystem rules, ABI 2 (5.19)
 //! for `REFER`, ABI 3 (6.2) for `TRUNCATE`, ABI 4 (6.7) for TCP bind/connect rules, ABI 6
@@ -21,8 +23,7 @@
 //! (not built, or not in the `lsm=` list). Debian's 6.1 reports 2, 6.12 reports 6.
 //! See `Documentation/userspace-api/landlock.rst`.
 
-use std::ffi::CStr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `LANDLOCK_ACCESS_FS_*` (uapi/linux/landlock.h).
 pub mod fs {
@@ -198,10 +199,11 @@ fn add_port_rules(ruleset: libc::c_int, plan: &LandlockPlan) -> Result<(), ()> {
 }
 
 /// In the agent: the ruleset of `plan`, each path resolved as a worker `chroot`ed into
-/// `root` resolves it (`RESOLVE_IN_ROOT`: `..` and absolute symlinks stay inside it), or
-/// from `/` without a root. The paths are opened by the agent, not by the worker's user:
-/// a rule on a path that user cannot reach grants nothing the permissions refuse.
-pub fn build(plan: &LandlockPlan, root: Option<&CStr>) -> std::io::Result<OwnedFd> {
+/// `root` (a directory fd) resolves it (`RESOLVE_IN_ROOT`: `..` and absolute symlinks stay inside it), or
+/// from `/` without a root; magic links (`/proc/<pid>/root`, ...) are refused. The
+/// caller takes the worker's file-system ids first, so its permissions decide what is
+/// reachable.
+pub fn build(plan: &LandlockPlan, root: Option<BorrowedFd<'_>>) -> std::io::Result<OwnedFd> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
     let fd = create(plan);
     if fd < 0 {
@@ -209,27 +211,13 @@ pub fn build(plan: &LandlockPlan, root: Option<&CStr>) -> std::io::Result<OwnedF
     }
     // SAFETY: `create` returned a new fd that nothing else owns.
     let ruleset = unsafe { OwnedFd::from_raw_fd(fd) };
-    let root = root
-        .map(|r| {
-            rustix::fs::open(
-                r,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-        })
-        .transpose()?;
+    let (dir, resolve) = match root {
+        Some(r) => (r, ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS),
+        None => (rustix::fs::CWD, ResolveFlags::NO_MAGICLINKS),
+    };
     for (path, access) in &plan.paths {
         let flags = OFlags::PATH | OFlags::CLOEXEC;
-        let opened = match &root {
-            Some(r) => rustix::fs::openat2(
-                r,
-                path.as_c_str(),
-                flags,
-                Mode::empty(),
-                ResolveFlags::IN_ROOT,
-            ),
-            None => rustix::fs::open(path.as_c_str(), flags, Mode::empty()),
-        };
+        let opened = rustix::fs::openat2(dir, path.as_c_str(), flags, Mode::empty(), resolve);
         let target = match opened {
             Ok(t) => t,
             Err(rustix::io::Errno::NOENT) => continue,

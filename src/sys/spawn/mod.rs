@@ -49,8 +49,8 @@
 //! 3. move the fd map into place: every source is first duplicated above the highest
 //!    target (so a source sitting on another target's number is never clobbered), then
 //!    `dup2`ed onto its target, which also clears `FD_CLOEXEC`;
-//! 4. close every other fd (`close_range`, two ranges around the close-on-exec report
-//!    pipe);
+//! 4. close every other fd (`close_range` of the ranges around the close-on-exec report
+//!    pipe and Landlock ruleset);
 //! 5. `TIOCSCTTY` on fd 0, for `hatchery exec` on a PTY (after `setsid`: only a session
 //!    leader without a controlling terminal may acquire one);
 //! 6. to 14. the sandbox, when the image has a [`SandboxPlan`] (`apply_sandbox`; the list
@@ -129,7 +129,7 @@ pub enum ChildStep {
     Capabilities = 12,
     /// 13: `PR_SET_NO_NEW_PRIVS`.
     NoNewPrivs = 13,
-    /// 14: building the Landlock ruleset and `landlock_restrict_self`.
+    /// 14: `landlock_restrict_self`, after building the ruleset when the agent did not.
     Landlock = 14,
     /// 15: `chdir` to the working directory.
     Chdir = 15,
@@ -180,7 +180,7 @@ impl ChildStep {
             ChildStep::SetUid => "set the user",
             ChildStep::Capabilities => "set the capability sets",
             ChildStep::NoNewPrivs => "set no_new_privs",
-            ChildStep::Landlock => "build and enforce the Landlock ruleset",
+            ChildStep::Landlock => "build or enforce the Landlock ruleset",
             ChildStep::Chdir => "change to the working directory",
             ChildStep::Exec => "execute the command",
         }
@@ -196,9 +196,6 @@ pub enum SpawnError {
     /// The report pipe could not be created or read.
     #[error("failed to set up the child's report pipe")]
     Pipe(#[source] io::Error),
-    /// The sandbox's Landlock ruleset could not be built (no child exists).
-    #[error("failed to build the Landlock ruleset")]
-    Ruleset(#[source] io::Error),
     /// The child reached `step` and failed with `errno`; it has been reaped.
     #[error("the child failed to {}", .step.describe())]
     Child {
@@ -232,14 +229,37 @@ pub struct SandboxPlan {
 }
 
 impl SandboxPlan {
-    /// The Landlock ruleset the agent builds for the child, if it does: always, but with a
-    /// private `/tmp`, whose rules name the tmpfs the child mounts (`sys::landlock`).
-    fn build_ruleset(&self) -> Option<io::Result<OwnedFd>> {
+    /// The Landlock ruleset the agent builds for the children of a batch of starts, if it
+    /// can: not with a private `/tmp`, whose rules name the tmpfs each child mounts
+    /// (`sys::landlock`). The paths are opened as the site's user would (its file-system
+    /// ids and groups on this thread, for the moment: the permissions and the protection
+    /// of symlinks in sticky directories are the user's, as when the child opens them).
+    /// `None` when it cannot: each child then builds its own, and says why it failed if
+    /// it does.
+    fn build_ruleset(&self) -> Option<OwnedFd> {
         let plan = self
             .landlock
             .as_ref()
             .filter(|_| self.private_tmp.is_none())?;
-        Some(super::landlock::build(plan, self.root.as_deref()))
+        // The root as the agent's own: the child enters it before it changes ids.
+        let root = match &self.root {
+            Some(path) => Some(
+                rustix::fs::open(
+                    path.as_c_str(),
+                    rustix::fs::OFlags::PATH
+                        | rustix::fs::OFlags::DIRECTORY
+                        | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .ok()?,
+            ),
+            None => None,
+        };
+        let _as_user = match &self.identity {
+            Some((uid, gid, groups)) => Some(super::creds::become_fs(*uid, *gid, groups).ok()?),
+            None => None,
+        };
+        super::landlock::build(plan, root.as_ref().map(AsFd::as_fd)).ok()
     }
 }
 
@@ -254,7 +274,8 @@ pub struct ExecImage {
     env_ptrs: Vec<*const c_char>,
     listen_pid: Option<usize>,
     sandbox: Option<std::sync::Arc<SandboxPlan>>,
-    /// The sandbox's Landlock ruleset, built for a batch of starts ([`spawn_all`]).
+    /// The sandbox's Landlock ruleset, built for a batch of starts ([`spawn_all`]); without
+    /// it the child builds its own.
     ruleset: Option<std::sync::Arc<OwnedFd>>,
     controlling_tty: bool,
 }
@@ -316,6 +337,7 @@ impl ExecImage {
     /// Applies `plan` in the child before `execve`.
     pub fn set_sandbox(&mut self, plan: std::sync::Arc<SandboxPlan>) {
         self.sandbox = Some(plan);
+        self.ruleset = None;
     }
 
     /// Makes fd 0 (a terminal) the child's controlling terminal.
@@ -483,15 +505,8 @@ fn spawn_with_block(
         )));
     }
     let sandbox = image.sandbox.clone();
-    // Built for this start alone unless the batch it belongs to built it.
-    let ruleset = match &image.ruleset {
-        Some(shared) => Some(shared.clone()),
-        None => match sandbox.as_deref().and_then(SandboxPlan::build_ruleset) {
-            Some(Ok(fd)) => Some(std::sync::Arc::new(fd)),
-            Some(Err(e)) => return Err(SpawnError::Ruleset(e)),
-            None => None,
-        },
-    };
+    // The ruleset of the batch, if there is one; else the child builds its own.
+    let ruleset = image.ruleset.clone();
     let (report_r, report_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| SpawnError::Pipe(e.into()))?;
     let mut raw_fds = [-1 as RawFd; MAX_CHILD_FDS];
@@ -594,7 +609,9 @@ fn spawn_with_block(
 
 /// Builds one Landlock ruleset for every sandbox plan that `images` share, and gives it to
 /// each of them: a batch of starts builds it once, not once per child. A plan whose
-/// ruleset cannot be built is left to each start, which then says why it failed.
+/// ruleset cannot be built here is left to each child, which then says why it failed.
+/// Only while no other thread of the agent runs (the second thread waits for its batch):
+/// it changes this thread's file-system ids for a moment (`sys::creds`).
 fn share_rulesets<'a>(images: impl Iterator<Item = &'a mut ExecImage>) {
     type Built = Option<std::sync::Arc<OwnedFd>>;
     let mut built: Vec<(*const SandboxPlan, Built)> = Vec::new();
@@ -604,10 +621,7 @@ fn share_rulesets<'a>(images: impl Iterator<Item = &'a mut ExecImage>) {
         let shared = match built.iter().find(|(k, _)| *k == key) {
             Some((_, shared)) => shared.clone(),
             None => {
-                let shared = plan
-                    .build_ruleset()
-                    .and_then(Result::ok)
-                    .map(std::sync::Arc::new);
+                let shared = plan.build_ruleset().map(std::sync::Arc::new);
                 built.push((key, shared.clone()));
                 shared
             }

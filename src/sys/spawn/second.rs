@@ -127,7 +127,9 @@ pub fn spawn_all(
 ) -> Vec<Result<Spawned, SpawnError>> {
     let n = jobs.len();
     let mut jobs = jobs;
-    share_rulesets(jobs.iter_mut().map(|job| &mut job.image));
+    if n > 1 {
+        share_rulesets(jobs.iter_mut().map(|job| &mut job.image));
+    }
     let batch = Arc::new(Batch::default());
     {
         let mut queue = batch.jobs.lock().unwrap_or_else(PoisonError::into_inner);
