@@ -1766,6 +1766,51 @@ fn without_cgroup_accounting_status_reads_each_workers_tree_from_proc() {
 /// the replacements of workers killed together) are started two at a time
 /// (`spawn::start_all`): each still gets its own process, environment, output and leaf,
 /// and a start that fails fails only its own worker.
+/// Workers that exit together are reaped together (from both of the agent's threads when
+/// eight or more exits come in one batch of the loop), and each keeps its own end: sixteen
+/// exit at one `kill`, each with a code of its own, and each slot's last exit says its
+/// own code.
+#[test]
+fn workers_that_exit_together_each_keep_their_own_end() {
+    each_reactor(|reactor| {
+        let site = r#"name = "codes"
+command = ["/bin/sh", "-c", "trap 'exit $((40 + HATCHERY_WORKER_ID))' TERM; sleep 1000 & wait"]
+workers = 16
+"#;
+        let agent = TestAgent::start_ready(
+            &[("codes", site)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+            "codes",
+            16,
+        );
+        let pids = agent.pids("codes");
+        assert_eq!(pids.len(), 16);
+        let kill = Command::new("kill")
+            .arg("-TERM")
+            .args(pids.iter().map(i64::to_string))
+            .status()
+            .expect("kill");
+        assert!(kill.success());
+        agent.wait_for(
+            "codes",
+            "each slot's own end",
+            Duration::from_secs(20),
+            |s| {
+                s["workers"].as_array().is_some_and(|ws| {
+                    ws.len() == 16
+                        && ws.iter().all(|w| {
+                            let id = w["id"].as_u64().unwrap_or(999);
+                            w["last_exit"] == format!("exited with code {}", 40 + id).as_str()
+                        })
+                })
+            },
+        );
+    });
+}
+
 #[test]
 fn workers_started_together_each_get_their_own_process_and_answer() {
     each_reactor(|reactor| {

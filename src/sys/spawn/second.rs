@@ -1,9 +1,12 @@
-//! A second thread that starts processes beside the agent's own ([`SecondStarter`]).
+//! A second thread that works beside the agent's own ([`SecondStarter`]): it starts
+//! processes, and reaps them.
 //!
 //! A start is mostly waiting: the parent sleeps in `clone3` (`CLONE_VFORK`) while its child
 //! applies the sandbox and `execve`s, and on a small host that child often waits for the
 //! other CPU first. Two starts at once keep both CPUs busy where one leaves a third of the
-//! machine idle (BENCHMARKS.md, "Two starts at a time").
+//! machine idle (BENCHMARKS.md, "Two starts at a time"). A reap is the kernel's release
+//! of the process (`waitid`), most of the agent's work for each exit: when many workers
+//! exit at once (a stop, a mass crash), the agent reaps them from both threads.
 //!
 //! The thread lives as long as the agent: the kernel takes the thread that cloned a
 //! process as its parent, and a thread that ends sends its children their parent-death
@@ -11,8 +14,8 @@
 //! it started that asked for one. It ends only with the agent (its exit, or the `execve`
 //! of an upgrade, which ends every thread but the caller's).
 
-use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -28,54 +31,57 @@ pub struct SpawnJob<'a> {
     pub cgroup: Option<BorrowedFd<'a>>,
 }
 
-/// A job as the second thread sees it: fd numbers, open until the batch is done.
-struct RawJob {
-    index: usize,
-    image: ExecImage,
-    fds: Vec<RawFd>,
-    cgroup: Option<RawFd>,
+/// Item `i` of a [`run_all`], done with the block of the thread that does it.
+pub type Task<'a, T> = dyn Fn(usize, &mut FdBlock) -> T + Sync + 'a;
+
+/// Work the second thread shares with the caller's.
+trait Work: Send + Sync {
+    /// Does items until none is left, with the calling thread's `block`.
+    fn work(&self, block: &mut FdBlock);
 }
 
-/// A batch both threads take jobs from, and their answers.
-#[derive(Default)]
-struct Batch {
-    jobs: Mutex<VecDeque<RawJob>>,
-    done: Mutex<Vec<(usize, Result<Spawned, SpawnError>)>>,
+/// A [`Task`] whose borrows the type system cannot follow through the channel to the
+/// second thread: [`run_all`] holds the task, and all it borrows, for its whole call and
+/// does not return (nor unwind past its `Finished` guard) before that thread is done.
+struct Erased<T: 'static>(*const Task<'static, T>);
+
+// SAFETY: the pointer is to a `Task`, which is `Sync`: calling it through a shared
+// reference from either thread is what its type allows; it stays valid while the items are
+// done (see `Erased`).
+unsafe impl<T> Send for Erased<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Erased<T> {}
+
+/// The items of one [`run_all`], which both threads take in turn, and their results.
+struct Run<T: 'static> {
+    n: usize,
+    next: AtomicUsize,
+    task: Erased<T>,
+    done: Mutex<Vec<(usize, T)>>,
 }
 
-impl Batch {
-    fn next(&self) -> Option<RawJob> {
-        self.jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop_front()
-    }
-
-    /// Starts jobs until none is left, with `block`.
+impl<T: Send> Work for Run<T> {
     fn work(&self, block: &mut FdBlock) {
-        while let Some(mut job) = self.next() {
-            // SAFETY: the numbers are those of `BorrowedFd`s that `spawn_all` holds for its
-            // whole call, and it does not return (nor unwind past the `Finished` guard)
-            // before this thread has said it is done with the batch: they stay open.
-            let fds: Vec<BorrowedFd<'_>> = job
-                .fds
-                .iter()
-                .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
-                .collect();
-            // SAFETY: as above.
-            let cgroup = job.cgroup.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
-            let result = spawn(&mut job.image, &fds, cgroup, block);
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.n {
+                return;
+            }
+            // SAFETY: `run_all` holds the task for its whole call and does not return
+            // before this thread is done with the run (see `Erased`).
+            let task = unsafe { &*self.task.0 };
+            let result = task(i, block);
             self.done
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push((job.index, result));
+                .push((i, result));
         }
     }
 }
 
-/// The second thread: batches go to it, and it says when it is done with each.
+/// The second thread: work goes to it, and it says when it is done with each.
 pub struct SecondStarter {
-    batches: SyncSender<Arc<Batch>>,
+    batches: SyncSender<Arc<dyn Work>>,
     finished: Receiver<()>,
 }
 
@@ -89,7 +95,7 @@ impl SecondStarter {
     /// Starts the thread, which starts processes with `block`. Its signal mask is the
     /// caller's: call it once the agent has blocked the signals it reads.
     pub fn new(mut block: FdBlock) -> std::io::Result<SecondStarter> {
-        let (batches, incoming) = sync_channel::<Arc<Batch>>(1);
+        let (batches, incoming) = sync_channel::<Arc<dyn Work>>(1);
         let (done, finished) = sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("hatchery-start".into())
@@ -106,7 +112,7 @@ impl SecondStarter {
     }
 }
 
-/// Waits, even while unwinding, until the second thread is done with a batch.
+/// Waits, even while unwinding, until the second thread is done with a run.
 struct Finished<'a>(Option<&'a SecondStarter>);
 
 impl Drop for Finished<'_> {
@@ -115,6 +121,38 @@ impl Drop for Finished<'_> {
             let _ = second.finished.recv();
         }
     }
+}
+
+/// Does `task` for each of `0..n`, from this thread with `block` and, when there are
+/// several and `second` is there, from the second thread at the same time (each item once,
+/// by whichever thread takes it next); the results in order. `task` must be safe to run
+/// on either thread: that is, it may not rely on this thread's own state (its credentials,
+/// its signal mask, its TLS), which the second thread does not share.
+pub fn run_all<T: Send + 'static>(
+    n: usize,
+    block: &mut FdBlock,
+    second: Option<&SecondStarter>,
+    task: &Task<'_, T>,
+) -> Vec<T> {
+    // SAFETY: only the lifetime changes (same pointer, same vtable); see `Erased` for why
+    // the pointer stays valid while it is used.
+    let erased =
+        unsafe { std::mem::transmute::<*const Task<'_, T>, *const Task<'static, T>>(task) };
+    let run = Arc::new(Run {
+        n,
+        next: AtomicUsize::new(0),
+        task: Erased(erased),
+        done: Mutex::new(Vec::with_capacity(n)),
+    });
+    let helped = second.filter(|s| n > 1 && s.batches.send(run.clone()).is_ok());
+    {
+        let _finished = Finished(helped);
+        run.work(block);
+    }
+    let mut done = std::mem::take(&mut *run.done.lock().unwrap_or_else(PoisonError::into_inner));
+    assert_eq!(done.len(), n, "every item of a run is done once");
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Starts every job, as [`spawn`] does, from this thread with `block` and, when there
@@ -130,24 +168,14 @@ pub fn spawn_all(
     if n > 1 {
         share_rulesets(jobs.iter_mut().map(|job| &mut job.image));
     }
-    let batch = Arc::new(Batch::default());
-    {
-        let mut queue = batch.jobs.lock().unwrap_or_else(PoisonError::into_inner);
-        for (index, job) in jobs.into_iter().enumerate() {
-            queue.push_back(RawJob {
-                index,
-                image: job.image,
-                fds: job.fds.iter().map(|fd| fd.as_raw_fd()).collect(),
-                cgroup: job.cgroup.map(|fd| fd.as_raw_fd()),
-            });
-        }
-    }
-    let helped = second.filter(|s| n > 1 && s.batches.send(batch.clone()).is_ok());
-    {
-        let _finished = Finished(helped);
-        batch.work(block);
-    }
-    let mut done = std::mem::take(&mut *batch.done.lock().unwrap_or_else(PoisonError::into_inner));
-    done.sort_unstable_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, r)| r).collect()
+    let jobs: Vec<Mutex<Option<SpawnJob<'_>>>> =
+        jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
+    run_all(n, block, second, &|i, block| {
+        let mut job = jobs[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .expect("each job is taken once");
+        spawn(&mut job.image, &job.fds, job.cgroup, block)
+    })
 }
