@@ -179,3 +179,28 @@ pub fn spawn_all(
         spawn(&mut job.image, &job.fds, job.cgroup, block)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block() -> FdBlock {
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        FdBlock::reserve(null.into()).expect("a block")
+    }
+
+    #[test]
+    fn run_all_does_each_item_once_and_answers_in_order() {
+        let second = SecondStarter::new(block()).expect("the second thread");
+        let mut own = block();
+        for n in [0, 1, 2, 500] {
+            let times: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            let out = run_all(n, &mut own, Some(&second), &|i, _| {
+                times[i].fetch_add(1, Ordering::Relaxed);
+                i * 3
+            });
+            assert_eq!(out, (0..n).map(|i| i * 3).collect::<Vec<_>>());
+            assert!(times.iter().all(|t| t.load(Ordering::Relaxed) == 1));
+        }
+    }
+}
