@@ -1762,10 +1762,6 @@ fn without_cgroup_accounting_status_reads_each_workers_tree_from_proc() {
     assert!(!text.contains("site: memory -"), "{text}");
 }
 
-/// Several workers whose starts are asked for at once (every site's first workers, then
-/// the replacements of workers killed together) are started two at a time
-/// (`spawn::start_all`): each still gets its own process, environment, output and leaf,
-/// and a start that fails fails only its own worker.
 /// Workers that exit together are reaped together (from both of the agent's threads when
 /// eight or more exits come in one batch of the loop), and each keeps its own end: sixteen
 /// exit at one `kill`, each with a code of its own, and each slot's last exit says its
@@ -1811,6 +1807,10 @@ workers = 16
     });
 }
 
+/// Several workers whose starts are asked for at once (every site's first workers, then
+/// the replacements of workers killed together) are started two at a time
+/// (`spawn::start_all`): each still gets its own process, environment, output and leaf,
+/// and a start that fails fails only its own worker.
 #[test]
 fn workers_started_together_each_get_their_own_process_and_answer() {
     each_reactor(|reactor| {

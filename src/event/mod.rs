@@ -1,5 +1,5 @@
 //! The agent's event loop: one thread, one reactor, only events (a second thread only starts
-//! workers beside it, while it waits: `sys::spawn::SecondStarter`).
+//! and reaps workers beside it, while it waits: `sys::spawn::SecondStarter`).
 //!
 //! Sources, each a one-shot readiness registration identified by a never-reused token:
 //! the signalfd (`SIGTERM`, `SIGINT`, `SIGHUP`, `SIGCHLD`), every worker's pidfd (exit),
@@ -261,8 +261,8 @@ pub struct Agent {
     notify: NotifySocket,
     devnull: File,
     fd_block: crate::sys::spawn::FdBlock,
-    /// The second thread that starts workers (`crate::spawn::start_all`), with its own
-    /// block; none if it could not be made.
+    /// The second thread that starts and reaps workers beside this one (`crate::spawn::start_all`,
+    /// `Agent::reap_ahead`), with its own block; none if it could not be made.
     second: Option<crate::sys::spawn::SecondStarter>,
     /// While the loop handles a batch of exits (and the first sites are started): the
     /// workers whose start was asked for, started together once the batch is handled

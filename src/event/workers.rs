@@ -91,9 +91,11 @@ impl Agent {
     /// CPU was idle while the agent reaped a stop's exits one after the other. After
     /// [`Agent::drain_before_exits`]: what each wrote is read while its pid is its own.
     /// [`Agent::worker_gone`] takes each one's end from here.
+    /// Not without cgroups: there `worker_gone` kills the exited worker's process group,
+    /// whose id is certain to be its only until the worker is reaped.
     pub(super) fn reap_ahead(&mut self, ready: &[u64]) {
         self.reaped_ahead.clear();
-        if self.second.is_none() {
+        if self.second.is_none() || self.cgroups.is_none() {
             return;
         }
         let mut tokens = Vec::new();

@@ -16,8 +16,8 @@
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use super::{ExecImage, FdBlock, SpawnError, Spawned, share_rulesets, spawn};
 
@@ -38,11 +38,14 @@ pub type Task<'a, T> = dyn Fn(usize, &mut FdBlock) -> T + Sync + 'a;
 trait Work: Send + Sync {
     /// Does items until none is left, with the calling thread's `block`.
     fn work(&self, block: &mut FdBlock);
+    /// The second thread is done with this work (it takes no more items, and holds none).
+    fn helper_done(&self);
 }
 
 /// A [`Task`] whose borrows the type system cannot follow through the channel to the
 /// second thread: [`run_all`] holds the task, and all it borrows, for its whole call and
-/// does not return (nor unwind past its `Finished` guard) before that thread is done.
+/// does not return (nor unwind past its `Finished` guard) before that thread has said it
+/// is done with this very run (`Run::helper`).
 struct Erased<T: 'static>(*const Task<'static, T>);
 
 // SAFETY: the pointer is to a `Task`, which is `Sync`: calling it through a shared
@@ -58,6 +61,19 @@ struct Run<T: 'static> {
     next: AtomicUsize,
     task: Erased<T>,
     done: Mutex<Vec<(usize, T)>>,
+    /// Set by the second thread once it is done with this run, even while unwinding.
+    helper: (Mutex<bool>, Condvar),
+}
+
+impl<T> Run<T> {
+    /// Waits until the second thread is done with this run.
+    fn wait_for_helper(&self) {
+        let (lock, cvar) = &self.helper;
+        let mut done = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*done {
+            done = cvar.wait(done).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
 }
 
 impl<T: Send> Work for Run<T> {
@@ -77,12 +93,26 @@ impl<T: Send> Work for Run<T> {
                 .push((i, result));
         }
     }
+
+    fn helper_done(&self) {
+        let (lock, cvar) = &self.helper;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        cvar.notify_all();
+    }
 }
 
-/// The second thread: work goes to it, and it says when it is done with each.
+/// Says the second thread is done with a run when dropped, also while it unwinds.
+struct HelperDone(Arc<dyn Work>);
+
+impl Drop for HelperDone {
+    fn drop(&mut self) {
+        self.0.helper_done();
+    }
+}
+
+/// The second thread: work goes to it, and it says in the work when it is done with it.
 pub struct SecondStarter {
     batches: SyncSender<Arc<dyn Work>>,
-    finished: Receiver<()>,
 }
 
 impl std::fmt::Debug for SecondStarter {
@@ -92,33 +122,37 @@ impl std::fmt::Debug for SecondStarter {
 }
 
 impl SecondStarter {
-    /// Starts the thread, which starts processes with `block`. Its signal mask is the
-    /// caller's: call it once the agent has blocked the signals it reads.
+    /// Starts the thread, which does its part of each [`run_all`] (starts, reaps) with
+    /// `block`. Its signal mask is the caller's: call it once the agent has blocked the
+    /// signals it reads.
     pub fn new(mut block: FdBlock) -> std::io::Result<SecondStarter> {
         let (batches, incoming) = sync_channel::<Arc<dyn Work>>(1);
-        let (done, finished) = sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("hatchery-start".into())
             .spawn(move || {
+                ON_SECOND.with(|on| on.set(true));
                 while let Ok(batch) = incoming.recv() {
-                    batch.work(&mut block);
-                    drop(batch);
-                    if done.send(()).is_err() {
-                        return;
-                    }
+                    let done = HelperDone(batch);
+                    done.0.work(&mut block);
                 }
             })?;
-        Ok(SecondStarter { batches, finished })
+        Ok(SecondStarter { batches })
     }
 }
 
-/// Waits, even while unwinding, until the second thread is done with a run.
-struct Finished<'a>(Option<&'a SecondStarter>);
+thread_local! {
+    /// Whether this is the second thread: a run it starts itself it does alone (it cannot
+    /// help itself).
+    static ON_SECOND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
-impl Drop for Finished<'_> {
+/// Waits, even while unwinding, until the second thread is done with a run it was given.
+struct Finished<'a, T: 'static>(Option<&'a Run<T>>);
+
+impl<T> Drop for Finished<'_, T> {
     fn drop(&mut self) {
-        if let Some(second) = self.0 {
-            let _ = second.finished.recv();
+        if let Some(run) = self.0 {
+            run.wait_for_helper();
         }
     }
 }
@@ -143,10 +177,16 @@ pub fn run_all<T: Send + 'static>(
         next: AtomicUsize::new(0),
         task: Erased(erased),
         done: Mutex::new(Vec::with_capacity(n)),
+        helper: (Mutex::new(false), Condvar::new()),
     });
-    let helped = second.filter(|s| n > 1 && s.batches.send(run.clone()).is_ok());
+    // Sent, the run is the second thread's until it says it is done with it; not sent
+    // (one item; called on the second thread itself; another run already waiting for it;
+    // no thread: it ended), this thread does every item.
+    let helped = n > 1
+        && !ON_SECOND.with(std::cell::Cell::get)
+        && second.is_some_and(|s| s.batches.try_send(run.clone()).is_ok());
     {
-        let _finished = Finished(helped);
+        let _finished = Finished(helped.then_some(&*run));
         run.work(block);
     }
     let mut done = std::mem::take(&mut *run.done.lock().unwrap_or_else(PoisonError::into_inner));
@@ -202,5 +242,20 @@ mod tests {
             assert_eq!(out, (0..n).map(|i| i * 3).collect::<Vec<_>>());
             assert!(times.iter().all(|t| t.load(Ordering::Relaxed) == 1));
         }
+    }
+
+    #[test]
+    fn a_run_inside_a_run_waits_for_its_own_items() {
+        let second = SecondStarter::new(block()).expect("the second thread");
+        let mut own = block();
+        let outer = run_all(4, &mut own, Some(&second), &|i, block| {
+            let inner: Vec<usize> = run_all(50, block, Some(&second), &|j, _| {
+                std::thread::yield_now();
+                i * 100 + j
+            });
+            inner.iter().sum::<usize>()
+        });
+        let want: Vec<usize> = (0..4).map(|i| (0..50).map(|j| i * 100 + j).sum()).collect();
+        assert_eq!(outer, want);
     }
 }
