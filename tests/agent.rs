@@ -1762,10 +1762,8 @@ fn without_cgroup_accounting_status_reads_each_workers_tree_from_proc() {
     assert!(!text.contains("site: memory -"), "{text}");
 }
 
-/// Workers that exit together are reaped together (from both of the agent's threads when
-/// eight or more exits come in one batch of the loop), and each keeps its own end: sixteen
-/// exit at one `kill`, each with a code of its own, and each slot's last exit says its
-/// own code.
+/// Workers that exit together each keep their own end: sixteen exit at one `kill`, each
+/// with a code of its own, and each slot's last exit says its own code.
 #[test]
 fn workers_that_exit_together_each_keep_their_own_end() {
     each_reactor(|reactor| {

@@ -1,5 +1,5 @@
 //! The agent's event loop: one thread, one reactor, only events (a second thread only starts
-//! and reaps workers beside it, while it waits: `sys::spawn::SecondStarter`).
+//! workers beside it, while it waits: `sys::spawn::SecondStarter`).
 //!
 //! Sources, each a one-shot readiness registration identified by a never-reused token:
 //! the signalfd (`SIGTERM`, `SIGINT`, `SIGHUP`, `SIGCHLD`), every worker's pidfd (exit),
@@ -261,8 +261,8 @@ pub struct Agent {
     notify: NotifySocket,
     devnull: File,
     fd_block: crate::sys::spawn::FdBlock,
-    /// The second thread that starts and reaps workers beside this one (`crate::spawn::start_all`,
-    /// `Agent::reap_ahead`), with its own block; none if it could not be made.
+    /// The second thread that starts workers beside this one (`crate::spawn::start_all`),
+    /// with its own block; none if it could not be made.
     second: Option<crate::sys::spawn::SecondStarter>,
     /// While the loop handles a batch of exits (and the first sites are started): the
     /// workers whose start was asked for, started together once the batch is handled
@@ -302,9 +302,6 @@ pub struct Agent {
     /// The sites whose output was read this turn of the loop, before its exits were
     /// handled (see `Agent::drain_before_exits`).
     drained_before_exits: Vec<SiteName>,
-    /// How the workers whose exits are in the batch being handled ended, by their pidfd's
-    /// token, when they were reaped together (`Agent::reap_ahead`).
-    reaped_ahead: HashMap<u64, io::Result<Option<crate::supervisor::slots::ExitReason>>>,
     /// A hash of the record as last written (it is written again only when it changed).
     last_record: Option<u64>,
     /// The shape of the record last written (`Agent::record_shape`): a change of it is
@@ -596,7 +593,6 @@ impl Agent {
             pressure: HashMap::new(),
             workers_dirty: true,
             drained_before_exits: Vec::new(),
-            reaped_ahead: HashMap::new(),
             last_record: None,
             last_shape: None,
             save_after: None,
@@ -843,7 +839,6 @@ impl Agent {
             // and control traffic that arrived in the same batch.
             ready.sort_by_key(|t| self.reg.tokens.get(t).map_or(2, rank));
             self.drain_before_exits(&ready);
-            self.reap_ahead(&ready);
             // The workers that the exits of this batch restart are started together once
             // every exit is handled, before the signals; those that the signals restart
             // (exits reaped at a SIGCHLD, a reload) together once they are handled, before

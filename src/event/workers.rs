@@ -85,48 +85,6 @@ impl Agent {
         }
     }
 
-    /// Reaps the workers whose exits are among `ready` (the reactor's batch) from both
-    /// threads at once when there are several (a stop, a mass crash): the kernel's release
-    /// of each process in `waitid` is most of the agent's work for an exit, and the other
-    /// CPU was idle while the agent reaped a stop's exits one after the other. After
-    /// [`Agent::drain_before_exits`]: what each wrote is read while its pid is its own.
-    /// [`Agent::worker_gone`] takes each one's end from here.
-    /// Not without cgroups: there `worker_gone` kills the exited worker's process group,
-    /// whose id is certain to be its only until the worker is reaped.
-    pub(super) fn reap_ahead(&mut self, ready: &[u64]) {
-        self.reaped_ahead.clear();
-        if self.second.is_none() || self.cgroups.is_none() {
-            return;
-        }
-        let mut tokens = Vec::new();
-        let mut exited: Vec<&PidRef> = Vec::new();
-        for token in ready {
-            let Some(Source::Pidfd(site, w)) = self.reg.tokens.get(token) else {
-                continue;
-            };
-            let worker = self
-                .sites
-                .get(site)
-                .and_then(|s| s.io.gens.get(&w.generation))
-                .and_then(|g| g.workers.get(&w.slot))
-                .filter(|x| x.token == *token && !x.adopted);
-            if let Some(worker) = worker {
-                tokens.push(*token);
-                exited.push(&worker.pidref);
-            }
-        }
-        if exited.len() < REAP_TOGETHER_FROM {
-            return;
-        }
-        let ends = crate::sys::spawn::run_all(
-            exited.len(),
-            &mut self.fd_block,
-            self.second.as_ref(),
-            &|i, _| exited[i].try_wait(),
-        );
-        self.reaped_ahead.extend(tokens.into_iter().zip(ends));
-    }
-
     pub(super) fn on_pidfd(&mut self, site: &SiteName, g: GenId, id: Slot, token: u64) {
         let current = self
             .sites
@@ -175,11 +133,7 @@ impl Agent {
                 .has_exited()
                 .then(|| worker.pidref.foreign_exit().unwrap_or(ExitReason::Unknown)))
         } else {
-            let waited = match self.reaped_ahead.remove(&worker.token) {
-                Some(ended) => ended,
-                None => worker.pidref.try_wait(),
-            };
-            match waited {
+            match worker.pidref.try_wait() {
                 // Forked by a zygote and dead before the zygote's intermediate child
                 // exited: not yet re-parented to us (it is once the intermediate is gone,
                 // and reaped then as an orphan).
@@ -812,10 +766,6 @@ pub(super) fn output_pipe() -> Result<(OwnedFd, OwnedFd), SpawnFailure> {
 
 /// Most workers whose starts are prepared at once (`Agent::spawn_all`).
 const START_CHUNK: usize = 64;
-
-/// Fewest exits in one batch of the loop that are reaped from both threads
-/// (`Agent::reap_ahead`): below that, waking the second thread costs about what it saves.
-const REAP_TOGETHER_FROM: usize = 8;
 
 /// A worker's start, prepared ([`Agent::spawn_all`]).
 struct Prepared {

@@ -64,8 +64,7 @@ use std::io;
 /// The agent's second thread, which starts workers beside the first
 /// (`crate::spawn::start_all`), would otherwise get a heap of its own, whose small blocks
 /// (each leaf's path, kept as long as its worker) held 8 MiB more resident at 10,000
-/// workers. The threads only start (or reap) workers together, so they rarely wait for the
-/// lock.
+/// workers. The threads only start workers together, so they rarely wait for the lock.
 pub fn one_malloc_arena() {
     #[cfg(target_env = "gnu")]
     // SAFETY: `mallopt` takes two integers and only changes glibc's allocator settings;

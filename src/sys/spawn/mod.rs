@@ -86,7 +86,7 @@ use self::child::ChildPlan;
 use self::child::child_entry;
 #[cfg(not(target_arch = "x86_64"))]
 use self::child::child_main;
-pub use self::second::{SecondStarter, SpawnJob, run_all, spawn_all};
+pub use self::second::{SecondStarter, SpawnJob, spawn_all};
 
 /// Most fds a child can be given (stdio plus listeners); bounds the child's stack array.
 pub const MAX_CHILD_FDS: usize = 64;

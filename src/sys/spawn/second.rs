@@ -1,12 +1,10 @@
 //! A second thread that works beside the agent's own ([`SecondStarter`]): it starts
-//! processes, and reaps them.
+//! processes ([`spawn_all`]), and can do any other work split in items ([`run_all`]).
 //!
 //! A start is mostly waiting: the parent sleeps in `clone3` (`CLONE_VFORK`) while its child
 //! applies the sandbox and `execve`s, and on a small host that child often waits for the
 //! other CPU first. Two starts at once keep both CPUs busy where one leaves a third of the
-//! machine idle (BENCHMARKS.md, "Two starts at a time"). A reap is the kernel's release
-//! of the process (`waitid`), most of the agent's work for each exit: when many workers
-//! exit at once (a stop, a mass crash), the agent reaps them from both threads.
+//! machine idle (BENCHMARKS.md, "Two starts at a time").
 //!
 //! The thread lives as long as the agent: the kernel takes the thread that cloned a
 //! process as its parent, and a thread that ends sends its children their parent-death
@@ -122,7 +120,7 @@ impl std::fmt::Debug for SecondStarter {
 }
 
 impl SecondStarter {
-    /// Starts the thread, which does its part of each [`run_all`] (starts, reaps) with
+    /// Starts the thread, which does its part of each [`run_all`] (starts) with
     /// `block`. Its signal mask is the caller's: call it once the agent has blocked the
     /// signals it reads.
     pub fn new(mut block: FdBlock) -> std::io::Result<SecondStarter> {
