@@ -995,8 +995,16 @@ fn landlock_paths_are_resolved_inside_the_root_as_the_worker_sees_them() {
         rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
     )
     .expect("chown the link");
+    // Set back when the test ends, passed or failed.
+    struct Sysctl(&'static str, String);
+    impl Drop for Sysctl {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0, self.1.trim());
+        }
+    }
     let protected = "/proc/sys/fs/protected_symlinks";
     let was = std::fs::read_to_string(protected).expect("protected_symlinks");
+    let _restore = Sysctl(protected, was);
     std::fs::write(protected, "1").expect("protect symlinks");
     let site = format!(
         r#"name = "l"
@@ -1025,11 +1033,9 @@ read_write = ["/rw", "/tmp/app"]
             .unwrap_or_else(|| panic!("no result for {attack}: {lines:#?}"))
             .clone()
     };
-    let own = of("write:/tmp/app/own-link");
-    drop(agent);
-    std::fs::write(protected, was.trim()).expect("restore protected_symlinks");
     let through = of("write:/rw/through-link");
     assert_eq!(through["blocked"], false, "{through}");
+    let own = of("write:/tmp/app/own-link");
     assert_eq!(own["blocked"], false, "{own}");
     let refused = of("write:/tmp/refused");
     assert_eq!(refused["blocked"], true, "{refused}");
