@@ -17,7 +17,7 @@ use crate::config::{Limits, SiteConfig};
 use crate::net::{self, Listener};
 use crate::sandbox::SandboxError;
 use crate::sys::spawn::{
-    ChildStep, ExecImage, FdBlock, SecondStarter, SpawnError, SpawnJob, Spawned,
+    ChildStep, ExecImage, FdBlock, SpawnError, SpawnJob, Spawned, StartHelpers,
 };
 
 /// Why a process could not be started, and whether trying again can help.
@@ -245,12 +245,12 @@ pub struct Start<'a> {
 /// order. The leaves are made here, one after the other (the first of a generation makes
 /// its directory and turns its controllers on, which a leaf made beside it could miss);
 /// the processes are then started from this thread with `block` and, when there are
-/// several, from `second` at the same time (`sys::spawn::spawn_all`). Leaves of processes
+/// several, from the helper threads at the same time (`sys::spawn::spawn_all`). Leaves of processes
 /// that could not start are the caller's to retire.
 pub fn start_all(
     starts: Vec<Start<'_>>,
     block: &mut FdBlock,
-    second: Option<&SecondStarter>,
+    second: Option<&StartHelpers>,
 ) -> Vec<Result<Launched, NotLaunched>> {
     let leaves: Vec<Result<MadeLeaf, NotLaunched>> = starts
         .iter()

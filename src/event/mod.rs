@@ -1,5 +1,5 @@
-//! The agent's event loop: one thread, one reactor, only events (a second thread only starts
-//! workers beside it, while it waits: `sys::spawn::SecondStarter`).
+//! The agent's event loop: one thread, one reactor, only events (helper threads only start
+//! workers beside it, while it waits: `sys::spawn::StartHelpers`).
 //!
 //! Sources, each a one-shot readiness registration identified by a never-reused token:
 //! the signalfd (`SIGTERM`, `SIGINT`, `SIGHUP`, `SIGCHLD`), every worker's pidfd (exit),
@@ -131,6 +131,22 @@ const QUIET_BEFORE_REMOVALS: Duration = Duration::from_millis(5);
 const REMOVALS_QUIET: usize = 64;
 /// Under events that never stop for that long, some are removed this often anyway.
 const REMOVALS_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
+/// How long after a `SIGCHLD` the agent looks for zombies that no pidfd reports (orphans
+/// it inherits as subreaper, a dead zygote's spares). Every child it starts has a pidfd
+/// that reports its exit, so none waits for this; the look itself (`waitid(P_ALL)`) walks
+/// the agent's whole list of children in the kernel, which at each `SIGCHLD` made every
+/// exit O(N) (15 % of the agent's time in single restarts among 1000 workers).
+const ZOMBIE_SCAN_DELAY: Duration = Duration::from_millis(20);
+
+/// The threads that start workers beside the loop's own (`sys::spawn::StartHelpers`):
+/// two starting threads per CPU in all, at most eight. A starting thread mostly waits (in
+/// `clone3`, until its child has `execve`d), so more threads than CPUs keep the CPUs busy:
+/// on 2 CPUs, mass-crash recovery of 10,000 workers took 4.96 s with three helpers, 5.66 s
+/// with two and 5.93 s with one (BENCHMARKS.md, "More threads that start workers").
+fn start_helpers() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (2 * cpus).clamp(2, 8) - 1
+}
 /// Most bytes buffered for a slow control client before it is dropped.
 const MAX_CONN_BUFFER: usize = 4 << 20;
 /// Most bytes buffered for a `logs -f` client: one that falls this far behind the log is
@@ -261,9 +277,9 @@ pub struct Agent {
     notify: NotifySocket,
     devnull: File,
     fd_block: crate::sys::spawn::FdBlock,
-    /// The second thread that starts workers beside this one (`crate::spawn::start_all`),
-    /// with its own block; none if it could not be made.
-    second: Option<crate::sys::spawn::SecondStarter>,
+    /// The threads that start workers beside this one (`crate::spawn::start_all`), each
+    /// with its own block; none if they could not be made.
+    second: Option<crate::sys::spawn::StartHelpers>,
     /// While the loop handles a batch of exits (and the first sites are started): the
     /// workers whose start was asked for, started together once the batch is handled
     /// (`Agent::start_deferred`).
@@ -311,6 +327,9 @@ pub struct Agent {
     save_after: Option<Instant>,
     /// When retired cgroup leaves were last removed (see `remove_retired`).
     last_removals: Option<Instant>,
+    /// When to look for zombies that no pidfd reports, after a `SIGCHLD` (see
+    /// `ZOMBIE_SCAN_DELAY`).
+    zombie_scan_at: Option<Instant>,
     /// Sites whose workers were adopted from an earlier agent: the actions their machines
     /// start with, and the configuration to apply (their file changed while no agent ran).
     adopted: BTreeMap<SiteName, (Vec<Action>, Option<SiteConfig>)>,
@@ -545,10 +564,12 @@ impl Agent {
                 .map_err(|e| setup_err("reserve file descriptors for spawning", e))
         };
         let fd_block = reserve()?;
-        let second_block = reserve()?;
-        // Made once the signals the agent reads are blocked: the thread keeps that mask.
-        let second = crate::sys::spawn::SecondStarter::new(second_block)
-            .inspect_err(|e| warn!("workers are started one at a time: no second thread: {e}"))
+        let helper_blocks = (0..start_helpers())
+            .map(|_| reserve())
+            .collect::<Result<Vec<_>, _>>()?;
+        // Made once the signals the agent reads are blocked: the threads keep that mask.
+        let second = crate::sys::spawn::StartHelpers::new(helper_blocks)
+            .inspect_err(|e| warn!("workers are started one at a time: no helper thread: {e}"))
             .ok();
 
         let mut agent = Agent {
@@ -597,6 +618,7 @@ impl Agent {
             last_shape: None,
             save_after: None,
             last_removals: None,
+            zombie_scan_at: None,
             boot_id: recovery::boot_id(),
             adopted: BTreeMap::new(),
             missed_changes: BTreeMap::new(),
@@ -822,7 +844,7 @@ impl Agent {
             // long while some are left.
             let removing = self.graveyard.as_ref().is_some_and(Graveyard::has_deferred);
             let quiet = removing.then(|| Instant::now() + QUIET_BEFORE_REMOVALS);
-            let timeout = [self.next_deadline(), save, quiet]
+            let timeout = [self.next_deadline(), save, quiet, self.zombie_scan_at]
                 .into_iter()
                 .flatten()
                 .min()
@@ -841,8 +863,7 @@ impl Agent {
             self.drain_before_exits(&ready);
             // The workers that the exits of this batch restart are started together once
             // every exit is handled, before the signals; those that the signals restart
-            // (exits reaped at a SIGCHLD, a reload) together once they are handled, before
-            // anything else.
+            // (a reload) together once they are handled, before anything else.
             self.deferred_spawns = Some(Vec::new());
             let mut handling = 0;
             for &token in &ready {
@@ -859,6 +880,14 @@ impl Agent {
                 }
             }
             self.start_deferred();
+            if self.zombie_scan_at.is_some_and(|t| t <= Instant::now()) {
+                self.zombie_scan_at = None;
+                // A tracked worker found here (its pidfd not handled yet) restarts with
+                // the others found.
+                self.deferred_spawns = Some(Vec::new());
+                self.reap();
+                self.start_deferred();
+            }
             self.fire_deadlines();
             // Off the hot path: when nothing happened for a while, or now and then
             // beside events that never stop.
@@ -1013,7 +1042,10 @@ impl Agent {
         loop {
             match signals::read_signal_info(self.signalfd.as_fd()).map(|r| r.map(|r| (r.signal, r)))
             {
-                Ok(Some((libc::SIGCHLD, _))) => self.reap(),
+                Ok(Some((libc::SIGCHLD, _))) => {
+                    self.zombie_scan_at
+                        .get_or_insert_with(|| Instant::now() + ZOMBIE_SCAN_DELAY);
+                }
                 Ok(Some((libc::SIGHUP, _))) => {
                     info!("SIGHUP: reloading the configuration");
                     if let Err(e) = self.reload() {

@@ -7,8 +7,8 @@
 //! opens; changing them from 0 also drops the file-system capabilities
 //! (`CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`, …) from the effective set, and changing them
 //! back restores them (capabilities(7), "Effect of user ID changes on capabilities").
-//! Raw syscalls change the calling thread only: the agent's second thread starts processes
-//! only while this one waits for it (`sys::spawn::run_all`), and nothing else runs while
+//! Raw syscalls change the calling thread only: the agent's helper threads start
+//! processes only while this one waits for them (`sys::spawn::run_all`), and nothing else runs while
 //! the guard lives (no io_uring submission, no spawn).
 //!
 //! `setfsuid` reports no error: the change is verified by reading the value back.

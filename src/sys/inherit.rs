@@ -70,8 +70,8 @@ pub fn exec_keeping_mask(cmd: &mut Command, blocked: &SigSet) -> io::Error {
 /// (a worker) inherits it.
 pub fn take_env(name: &str) -> Option<std::ffi::OsString> {
     let value = std::env::var_os(name)?;
-    // SAFETY: called by the agent at its start, on its only thread (its second thread,
-    // `spawn::SecondStarter`, is made later, in `Agent::start`), before anything reads the
+    // SAFETY: called by the agent at its start, on its only thread (its helper threads,
+    // `spawn::StartHelpers`, are made later, in `Agent::start`), before anything reads the
     // environment concurrently.
     unsafe { std::env::remove_var(name) };
     Some(value)

@@ -61,8 +61,8 @@ pub mod wait;
 use std::io;
 
 /// Makes every thread of this process allocate from one heap (glibc's `M_ARENA_MAX` = 1).
-/// The agent's second thread, which starts workers beside the first
-/// (`crate::spawn::start_all`), would otherwise get a heap of its own, whose small blocks
+/// The agent's helper threads, which start workers beside the first
+/// (`crate::spawn::start_all`), would otherwise each get a heap of its own, whose small blocks
 /// (each leaf's path, kept as long as its worker) held 8 MiB more resident at 10,000
 /// workers. The threads only start workers together, so they rarely wait for the lock.
 pub fn one_malloc_arena() {

@@ -35,7 +35,7 @@ impl SigSet {
 }
 
 /// Blocks `set` for the calling thread (and the threads it makes later: the agent blocks its
-/// signals before it makes its second thread, so for the process).
+/// signals before it makes its helper threads, so for the process).
 pub fn block(set: &SigSet) -> io::Result<()> {
     // SAFETY: `set.0` is an initialised `sigset_t` borrowed for the duration of the call;
     // the old-mask pointer is null, so the kernel writes nothing back.

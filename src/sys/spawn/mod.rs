@@ -18,8 +18,8 @@
 //! CLOSE_RANGE_UNSHARE)` (5.9), which gives it a private table holding only the fds below
 //! the block's end. Until then it touches no fd, so the shared table is never changed, and
 //! `CLONE_VFORK` keeps the parent thread from changing the block until the child has
-//! exec'd. The agent spawns from two threads at once when it starts several processes
-//! ([`spawn_all`], [`SecondStarter`]), each with a block of its own: another thread may
+//! exec'd. The agent spawns from several threads at once when it starts several processes
+//! ([`spawn_all`], [`StartHelpers`]), each with a block of its own: another thread may
 //! open and close other fds meanwhile, and the child's copy of the table may then hold
 //! them (the other thread's block among them, when it lies below this block's end: its
 //! report pipe's write end then closes a little later) until it closes every fd outside
@@ -80,13 +80,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use super::cvt;
 
 mod child;
-mod second;
+mod helpers;
 use self::child::ChildPlan;
 #[cfg(target_arch = "x86_64")]
 use self::child::child_entry;
 #[cfg(not(target_arch = "x86_64"))]
 use self::child::child_main;
-pub use self::second::{SecondStarter, SpawnJob, spawn_all};
+pub use self::helpers::{SpawnJob, StartHelpers, spawn_all};
 
 /// Most fds a child can be given (stdio plus listeners); bounds the child's stack array.
 pub const MAX_CHILD_FDS: usize = 64;
@@ -610,7 +610,7 @@ fn spawn_with_block(
 /// Builds one Landlock ruleset for every sandbox plan that `images` share, and gives it to
 /// each of them: a batch of starts builds it once, not once per child. A plan whose
 /// ruleset cannot be built here is left to each child, which then says why it failed.
-/// Only while no other thread of the agent runs (the second thread waits for its batch):
+/// Only while no other thread of the agent runs (the helper threads wait for their batch):
 /// it changes this thread's file-system ids for a moment (`sys::creds`).
 fn share_rulesets<'a>(images: impl Iterator<Item = &'a mut ExecImage>) {
     type Built = Option<std::sync::Arc<OwnedFd>>;

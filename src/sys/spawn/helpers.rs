@@ -1,15 +1,15 @@
-//! A second thread that works beside the agent's own ([`SecondStarter`]): it starts
-//! processes ([`spawn_all`]), and can do any other work split in items ([`run_all`]).
+//! Threads that work beside the agent's own ([`StartHelpers`]): they start processes
+//! ([`spawn_all`]), and can do any other work split in items ([`run_all`]).
 //!
 //! A start is mostly waiting: the parent sleeps in `clone3` (`CLONE_VFORK`) while its child
-//! applies the sandbox and `execve`s, and on a small host that child often waits for the
-//! other CPU first. Two starts at once keep both CPUs busy where one leaves a third of the
-//! machine idle (BENCHMARKS.md, "Two starts at a time").
+//! applies the sandbox and `execve`s, and on a small host that child often waits for a CPU
+//! first. Several starts at once keep the CPUs busy where one leaves a third of the machine
+//! idle (BENCHMARKS.md, "Two starts at a time" and "More threads that start workers").
 //!
-//! The thread lives as long as the agent: the kernel takes the thread that cloned a
+//! The threads live as long as the agent: the kernel takes the thread that cloned a
 //! process as its parent, and a thread that ends sends its children their parent-death
 //! signal (`PR_SET_PDEATHSIG`), so a thread made for each batch would signal every worker
-//! it started that asked for one. It ends only with the agent (its exit, or the `execve`
+//! it started that asked for one. They end only with the agent (its exit, or the `execve`
 //! of an upgrade, which ends every thread but the caller's).
 
 use std::os::fd::BorrowedFd;
@@ -32,18 +32,18 @@ pub struct SpawnJob<'a> {
 /// Item `i` of a [`run_all`], done with the block of the thread that does it.
 pub type Task<'a, T> = dyn Fn(usize, &mut FdBlock) -> T + Sync + 'a;
 
-/// Work the second thread shares with the caller's.
+/// Work the helper threads share with the caller's.
 trait Work: Send + Sync {
     /// Does items until none is left, with the calling thread's `block`.
     fn work(&self, block: &mut FdBlock);
-    /// The second thread is done with this work (it takes no more items, and holds none).
+    /// A helper thread is done with this work (it takes no more items, and holds none).
     fn helper_done(&self);
 }
 
 /// A [`Task`] whose borrows the type system cannot follow through the channel to the
-/// second thread: [`run_all`] holds the task, and all it borrows, for its whole call and
-/// does not return (nor unwind past its `Finished` guard) before that thread has said it
-/// is done with this very run (`Run::helper`).
+/// helper threads: [`run_all`] holds the task, and all it borrows, for its whole call and
+/// does not return (nor unwind past its `Finished` guard) before each thread it gave the run
+/// to has said it is done with this very run (`Run::helper`).
 struct Erased<T: 'static>(*const Task<'static, T>);
 
 // SAFETY: the pointer is to a `Task`, which is `Sync`: calling it through a shared
@@ -59,16 +59,17 @@ struct Run<T: 'static> {
     next: AtomicUsize,
     task: Erased<T>,
     done: Mutex<Vec<(usize, T)>>,
-    /// Set by the second thread once it is done with this run, even while unwinding.
-    helper: (Mutex<bool>, Condvar),
+    /// How many helper threads are done with this run (each counts itself once, even
+    /// while unwinding).
+    helper: (Mutex<usize>, Condvar),
 }
 
 impl<T> Run<T> {
-    /// Waits until the second thread is done with this run.
-    fn wait_for_helper(&self) {
+    /// Waits until the `helpers` threads it was given to are done with this run.
+    fn wait_for_helpers(&self, helpers: usize) {
         let (lock, cvar) = &self.helper;
         let mut done = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        while !*done {
+        while *done < helpers {
             done = cvar.wait(done).unwrap_or_else(PoisonError::into_inner);
         }
     }
@@ -94,12 +95,12 @@ impl<T: Send> Work for Run<T> {
 
     fn helper_done(&self) {
         let (lock, cvar) = &self.helper;
-        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) += 1;
         cvar.notify_all();
     }
 }
 
-/// Says the second thread is done with a run when dropped, also while it unwinds.
+/// Says a helper thread is done with a run when dropped, also while it unwinds.
 struct HelperDone(Arc<dyn Work>);
 
 impl Drop for HelperDone {
@@ -108,62 +109,77 @@ impl Drop for HelperDone {
     }
 }
 
-/// The second thread: work goes to it, and it says in the work when it is done with it.
-pub struct SecondStarter {
+/// The helper threads: work goes to them (one channel, each run sent once per helper it
+/// asks for), and each says in the work when it is done with it.
+pub struct StartHelpers {
     batches: SyncSender<Arc<dyn Work>>,
+    threads: usize,
 }
 
-impl std::fmt::Debug for SecondStarter {
+impl std::fmt::Debug for StartHelpers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SecondStarter")
+        f.write_str("StartHelpers")
     }
 }
 
-impl SecondStarter {
-    /// Starts the thread, which does its part of each [`run_all`] (starts) with
-    /// `block`. Its signal mask is the caller's: call it once the agent has blocked the
-    /// signals it reads.
-    pub fn new(mut block: FdBlock) -> std::io::Result<SecondStarter> {
-        let (batches, incoming) = sync_channel::<Arc<dyn Work>>(1);
-        std::thread::Builder::new()
-            .name("hatchery-start".into())
-            .spawn(move || {
-                ON_SECOND.with(|on| on.set(true));
-                while let Ok(batch) = incoming.recv() {
-                    let done = HelperDone(batch);
-                    done.0.work(&mut block);
-                }
-            })?;
-        Ok(SecondStarter { batches })
+impl StartHelpers {
+    /// Starts one thread per block, each doing its part of each [`run_all`] (starts) with
+    /// its block. Their signal mask is the caller's: call it once the agent has blocked the
+    /// signals it reads. An error only when not even one thread could be made.
+    pub fn new(blocks: Vec<FdBlock>) -> std::io::Result<StartHelpers> {
+        let (batches, incoming) = sync_channel::<Arc<dyn Work>>(blocks.len().max(1));
+        let incoming = Arc::new(Mutex::new(incoming));
+        let mut threads = 0;
+        for mut block in blocks {
+            let incoming = incoming.clone();
+            let made = std::thread::Builder::new()
+                .name("hatchery-start".into())
+                .spawn(move || {
+                    ON_HELPER.with(|on| on.set(true));
+                    loop {
+                        let batch = incoming
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .recv();
+                        let Ok(batch) = batch else { break };
+                        let done = HelperDone(batch);
+                        done.0.work(&mut block);
+                    }
+                });
+            match made {
+                Ok(_) => threads += 1,
+                Err(e) if threads == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(StartHelpers { batches, threads })
     }
 }
 
 thread_local! {
-    /// Whether this is the second thread: a run it starts itself it does alone (it cannot
-    /// help itself).
-    static ON_SECOND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether this is a helper thread: a run it starts itself (a run inside a run) it does
+    /// alone.
+    static ON_HELPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Waits, even while unwinding, until the second thread is done with a run it was given.
-struct Finished<'a, T: 'static>(Option<&'a Run<T>>);
+/// Waits, even while unwinding, until each helper thread a run was given to is done with it.
+struct Finished<'a, T: 'static>(&'a Run<T>, usize);
 
 impl<T> Drop for Finished<'_, T> {
     fn drop(&mut self) {
-        if let Some(run) = self.0 {
-            run.wait_for_helper();
-        }
+        self.0.wait_for_helpers(self.1);
     }
 }
 
 /// Does `task` for each of `0..n`, from this thread with `block` and, when there are
-/// several and `second` is there, from the second thread at the same time (each item once,
+/// several and `helpers` is there, from helper threads at the same time (each item once,
 /// by whichever thread takes it next); the results in order. `task` must be safe to run
 /// on either thread: that is, it may not rely on this thread's own state (its credentials,
-/// its signal mask, its TLS), which the second thread does not share.
+/// its signal mask, its TLS), which the helper threads do not share.
 pub fn run_all<T: Send + 'static>(
     n: usize,
     block: &mut FdBlock,
-    second: Option<&SecondStarter>,
+    helpers: Option<&StartHelpers>,
     task: &Task<'_, T>,
 ) -> Vec<T> {
     // SAFETY: only the lifetime changes (same pointer, same vtable); see `Erased` for why
@@ -175,16 +191,21 @@ pub fn run_all<T: Send + 'static>(
         next: AtomicUsize::new(0),
         task: Erased(erased),
         done: Mutex::new(Vec::with_capacity(n)),
-        helper: (Mutex::new(false), Condvar::new()),
+        helper: (Mutex::new(0), Condvar::new()),
     });
-    // Sent, the run is the second thread's until it says it is done with it; not sent
-    // (one item; called on the second thread itself; another run already waiting for it;
+    // Sent, the run is shared with each helper it was sent for until that helper says it is
+    // done with it; not sent (one item; called on a helper itself; the channel full;
     // no thread: it ended), this thread does every item.
-    let helped = n > 1
-        && !ON_SECOND.with(std::cell::Cell::get)
-        && second.is_some_and(|s| s.batches.try_send(run.clone()).is_ok());
+    let mut sent = 0;
+    if n > 1 && !ON_HELPER.with(std::cell::Cell::get) {
+        if let Some(h) = helpers {
+            while sent < h.threads.min(n - 1) && h.batches.try_send(run.clone()).is_ok() {
+                sent += 1;
+            }
+        }
+    }
     {
-        let _finished = Finished(helped.then_some(&*run));
+        let _finished = Finished(&run, sent);
         run.work(block);
     }
     let mut done = std::mem::take(&mut *run.done.lock().unwrap_or_else(PoisonError::into_inner));
@@ -194,12 +215,12 @@ pub fn run_all<T: Send + 'static>(
 }
 
 /// Starts every job, as [`spawn`] does, from this thread with `block` and, when there
-/// are several and `second` is there, from the second thread at the same time; says how
+/// are several and `helpers` is there, from helper threads at the same time; says how
 /// each went, in order.
 pub fn spawn_all(
     jobs: Vec<SpawnJob<'_>>,
     block: &mut FdBlock,
-    second: Option<&SecondStarter>,
+    helpers: Option<&StartHelpers>,
 ) -> Vec<Result<Spawned, SpawnError>> {
     let n = jobs.len();
     let mut jobs = jobs;
@@ -208,7 +229,7 @@ pub fn spawn_all(
     }
     let jobs: Vec<Mutex<Option<SpawnJob<'_>>>> =
         jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
-    run_all(n, block, second, &|i, block| {
+    run_all(n, block, helpers, &|i, block| {
         let mut job = jobs[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -229,7 +250,7 @@ mod tests {
 
     #[test]
     fn run_all_does_each_item_once_and_answers_in_order() {
-        let second = SecondStarter::new(block()).expect("the second thread");
+        let second = StartHelpers::new(vec![block()]).expect("a helper thread");
         let mut own = block();
         for n in [0, 1, 2, 500] {
             let times: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
@@ -243,8 +264,44 @@ mod tests {
     }
 
     #[test]
+    fn three_helpers_do_each_item_once_and_each_takes_part() {
+        let helpers = StartHelpers::new(vec![block(), block(), block()]).expect("helpers");
+        let mut own = block();
+        for _ in 0..20 {
+            let n = 400;
+            let times: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            let out = run_all(n, &mut own, Some(&helpers), &|i, _| {
+                times[i].fetch_add(1, Ordering::Relaxed);
+                std::thread::current().id()
+            });
+            assert_eq!(out.len(), n);
+            assert!(times.iter().all(|t| t.load(Ordering::Relaxed) == 1));
+        }
+        // Every helper thread took items at some point: a run is sent once per helper, and
+        // each helper waits for runs on the one channel. (Which ones take part in a given
+        // run depends on the scheduler; over runs of slow items, all of them do.)
+        let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+        for _ in 0..50 {
+            run_all(8, &mut own, Some(&helpers), &|_, _| {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                seen.lock()
+                    .expect("lock")
+                    .insert(std::thread::current().id());
+            });
+            if seen.lock().expect("lock").len() == 4 {
+                break;
+            }
+        }
+        assert_eq!(
+            seen.lock().expect("lock").len(),
+            4,
+            "the caller and three helpers"
+        );
+    }
+
+    #[test]
     fn a_run_inside_a_run_waits_for_its_own_items() {
-        let second = SecondStarter::new(block()).expect("the second thread");
+        let second = StartHelpers::new(vec![block()]).expect("a helper thread");
         let mut own = block();
         let outer = run_all(4, &mut own, Some(&second), &|i, block| {
             let inner: Vec<usize> = run_all(50, block, Some(&second), &|j, _| {
