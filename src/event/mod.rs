@@ -131,12 +131,6 @@ const QUIET_BEFORE_REMOVALS: Duration = Duration::from_millis(5);
 const REMOVALS_QUIET: usize = 64;
 /// Under events that never stop for that long, some are removed this often anyway.
 const REMOVALS_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
-/// How long after a `SIGCHLD` the agent looks for zombies that no pidfd reports (orphans
-/// it inherits as subreaper, a dead zygote's spares). Every child it starts has a pidfd
-/// that reports its exit, so none waits for this; the look itself (`waitid(P_ALL)`) walks
-/// the agent's whole list of children in the kernel, which at each `SIGCHLD` made every
-/// exit O(N) (15 % of the agent's time in single restarts among 1000 workers).
-const ZOMBIE_SCAN_DELAY: Duration = Duration::from_millis(20);
 
 /// The threads that start workers beside the loop's own (`sys::spawn::StartHelpers`):
 /// two starting threads per CPU in all, at most eight. A starting thread mostly waits (in
@@ -327,9 +321,6 @@ pub struct Agent {
     save_after: Option<Instant>,
     /// When retired cgroup leaves were last removed (see `remove_retired`).
     last_removals: Option<Instant>,
-    /// When to look for zombies that no pidfd reports, after a `SIGCHLD` (see
-    /// `ZOMBIE_SCAN_DELAY`).
-    zombie_scan_at: Option<Instant>,
     /// Sites whose workers were adopted from an earlier agent: the actions their machines
     /// start with, and the configuration to apply (their file changed while no agent ran).
     adopted: BTreeMap<SiteName, (Vec<Action>, Option<SiteConfig>)>,
@@ -618,7 +609,6 @@ impl Agent {
             last_shape: None,
             save_after: None,
             last_removals: None,
-            zombie_scan_at: None,
             boot_id: recovery::boot_id(),
             adopted: BTreeMap::new(),
             missed_changes: BTreeMap::new(),
@@ -844,7 +834,7 @@ impl Agent {
             // long while some are left.
             let removing = self.graveyard.as_ref().is_some_and(Graveyard::has_deferred);
             let quiet = removing.then(|| Instant::now() + QUIET_BEFORE_REMOVALS);
-            let timeout = [self.next_deadline(), save, quiet, self.zombie_scan_at]
+            let timeout = [self.next_deadline(), save, quiet]
                 .into_iter()
                 .flatten()
                 .min()
@@ -863,7 +853,8 @@ impl Agent {
             self.drain_before_exits(&ready);
             // The workers that the exits of this batch restart are started together once
             // every exit is handled, before the signals; those that the signals restart
-            // (a reload) together once they are handled, before anything else.
+            // (exits reaped at a SIGCHLD, a reload) together once they are handled, before
+            // anything else.
             self.deferred_spawns = Some(Vec::new());
             let mut handling = 0;
             for &token in &ready {
@@ -880,14 +871,6 @@ impl Agent {
                 }
             }
             self.start_deferred();
-            if self.zombie_scan_at.is_some_and(|t| t <= Instant::now()) {
-                self.zombie_scan_at = None;
-                // A tracked worker found here (its pidfd not handled yet) restarts with
-                // the others found.
-                self.deferred_spawns = Some(Vec::new());
-                self.reap();
-                self.start_deferred();
-            }
             self.fire_deadlines();
             // Off the hot path: when nothing happened for a while, or now and then
             // beside events that never stop.
@@ -1042,10 +1025,7 @@ impl Agent {
         loop {
             match signals::read_signal_info(self.signalfd.as_fd()).map(|r| r.map(|r| (r.signal, r)))
             {
-                Ok(Some((libc::SIGCHLD, _))) => {
-                    self.zombie_scan_at
-                        .get_or_insert_with(|| Instant::now() + ZOMBIE_SCAN_DELAY);
-                }
+                Ok(Some((libc::SIGCHLD, _))) => self.reap(),
                 Ok(Some((libc::SIGHUP, _))) => {
                     info!("SIGHUP: reloading the configuration");
                     if let Err(e) = self.reload() {

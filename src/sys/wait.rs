@@ -1,7 +1,7 @@
 //! Finding zombies without reaping them: `waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)`.
 //!
 //! As child subreaper (`PR_SET_CHILD_SUBREAPER`, Linux 3.4) the agent inherits orphaned
-//! grandchildren of its workers. After a `SIGCHLD` it asks which child is a zombie without
+//! grandchildren of its workers. On `SIGCHLD` it asks which child is a zombie without
 //! consuming it: a tracked worker is then reaped through its pidfd (so its exit status
 //! reaches the supervisor), anything else is reaped by pid. Each call consumes exactly one
 //! zombie in the caller, so the loop terminates. rustix's `WaitIdStatus` does not expose
