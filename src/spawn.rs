@@ -250,7 +250,7 @@ pub struct Start<'a> {
 pub fn start_all(
     starts: Vec<Start<'_>>,
     block: &mut FdBlock,
-    second: Option<&StartHelpers>,
+    helpers: Option<&StartHelpers>,
 ) -> Vec<Result<Launched, NotLaunched>> {
     let leaves: Vec<Result<MadeLeaf, NotLaunched>> = starts
         .iter()
@@ -273,7 +273,7 @@ pub fn start_all(
     }
     let mut spawned = which
         .into_iter()
-        .zip(crate::sys::spawn::spawn_all(jobs, block, second))
+        .zip(crate::sys::spawn::spawn_all(jobs, block, helpers))
         .peekable();
     leaves
         .into_iter()

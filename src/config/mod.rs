@@ -40,8 +40,8 @@ mod users;
 pub use effective::Effective;
 
 pub use load::{
-    BrokenSite, DEFAULT_MEMORY_RESERVE, check_budgets, check_fds, fd_limit, host_memory, load,
-    load_each, load_keeping, site_from_text,
+    BrokenSite, DEFAULT_MEMORY_RESERVE, START_THREADS, check_budgets, check_fds, fd_limit,
+    host_memory, load, load_each, load_keeping, site_from_text,
 };
 pub use raw::{
     RawAgent, RawDeploy, RawFlapping, RawFraction, RawHealth, RawListen, RawLogs, RawReady,

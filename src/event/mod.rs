@@ -133,13 +133,15 @@ const REMOVALS_QUIET: usize = 64;
 const REMOVALS_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 
 /// The threads that start workers beside the loop's own (`sys::spawn::StartHelpers`):
-/// two starting threads per CPU in all, at most eight. A starting thread mostly waits (in
-/// `clone3`, until its child has `execve`d), so more threads than CPUs keep the CPUs busy:
-/// on 2 CPUs, mass-crash recovery of 10,000 workers took 4.96 s with three helpers, 5.66 s
-/// with two and 5.93 s with one (BENCHMARKS.md, "More threads that start workers").
+/// two starting threads per CPU in all, at most [`crate::config::START_THREADS`] (each
+/// holds a block of fds, counted in the agent's own fds). A starting thread mostly waits
+/// (in `clone3`, until its child has `execve`d), so more threads than CPUs keep the CPUs
+/// busy: on 2 CPUs, mass-crash recovery of 10,000 workers took 4.9 to 5.3 s with three
+/// helpers against 5.8 to 6.5 s with one (BENCHMARKS.md, "More threads that start
+/// workers"); more than four threads were not measured.
 fn start_helpers() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    (2 * cpus).clamp(2, 8) - 1
+    (2 * cpus).clamp(2, crate::config::START_THREADS) - 1
 }
 /// Most bytes buffered for a slow control client before it is dropped.
 const MAX_CONN_BUFFER: usize = 4 << 20;
@@ -273,7 +275,7 @@ pub struct Agent {
     fd_block: crate::sys::spawn::FdBlock,
     /// The threads that start workers beside this one (`crate::spawn::start_all`), each
     /// with its own block; none if they could not be made.
-    second: Option<crate::sys::spawn::StartHelpers>,
+    helpers: Option<crate::sys::spawn::StartHelpers>,
     /// While the loop handles a batch of exits (and the first sites are started): the
     /// workers whose start was asked for, started together once the batch is handled
     /// (`Agent::start_deferred`).
@@ -555,11 +557,22 @@ impl Agent {
                 .map_err(|e| setup_err("reserve file descriptors for spawning", e))
         };
         let fd_block = reserve()?;
-        let helper_blocks = (0..start_helpers())
-            .map(|_| reserve())
-            .collect::<Result<Vec<_>, _>>()?;
+        // As many as can be reserved: fewer helpers only start workers more slowly.
+        let mut helper_blocks = Vec::new();
+        for _ in 0..start_helpers() {
+            match reserve() {
+                Ok(block) => helper_blocks.push(block),
+                Err(e) => {
+                    warn!(
+                        "{} helper threads to start workers: {e}",
+                        helper_blocks.len()
+                    );
+                    break;
+                }
+            }
+        }
         // Made once the signals the agent reads are blocked: the threads keep that mask.
-        let second = crate::sys::spawn::StartHelpers::new(helper_blocks)
+        let helpers = crate::sys::spawn::StartHelpers::new(helper_blocks)
             .inspect_err(|e| warn!("workers are started one at a time: no helper thread: {e}"))
             .ok();
 
@@ -577,7 +590,7 @@ impl Agent {
             notify,
             devnull,
             fd_block,
-            second,
+            helpers,
             deferred_spawns: None,
             cgroups,
             cgroup_note,

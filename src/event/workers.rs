@@ -277,7 +277,7 @@ impl Agent {
                 starts.push(Start { image, fds, leaf });
                 which.push(i);
             }
-            let started = start_all(starts, &mut self.fd_block, self.second.as_ref());
+            let started = start_all(starts, &mut self.fd_block, self.helpers.as_ref());
             for (i, r) in which.into_iter().zip(started) {
                 results[i] = Some(r);
             }

@@ -47,13 +47,13 @@ trait Work: Send + Sync {
 struct Erased<T: 'static>(*const Task<'static, T>);
 
 // SAFETY: the pointer is to a `Task`, which is `Sync`: calling it through a shared
-// reference from either thread is what its type allows; it stays valid while the items are
+// reference from any thread is what its type allows; it stays valid while the items are
 // done (see `Erased`).
 unsafe impl<T> Send for Erased<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for Erased<T> {}
 
-/// The items of one [`run_all`], which both threads take in turn, and their results.
+/// The items of one [`run_all`], which the threads take in turn, and their results.
 struct Run<T: 'static> {
     n: usize,
     next: AtomicUsize,
@@ -125,7 +125,8 @@ impl std::fmt::Debug for StartHelpers {
 impl StartHelpers {
     /// Starts one thread per block, each doing its part of each [`run_all`] (starts) with
     /// its block. Their signal mask is the caller's: call it once the agent has blocked the
-    /// signals it reads. An error only when not even one thread could be made.
+    /// signals it reads. An error only when a thread could not be made and none was (no
+    /// blocks: no threads, and every run is done by its caller alone).
     pub fn new(blocks: Vec<FdBlock>) -> std::io::Result<StartHelpers> {
         let (batches, incoming) = sync_channel::<Arc<dyn Work>>(blocks.len().max(1));
         let incoming = Arc::new(Mutex::new(incoming));
@@ -174,7 +175,7 @@ impl<T> Drop for Finished<'_, T> {
 /// Does `task` for each of `0..n`, from this thread with `block` and, when there are
 /// several and `helpers` is there, from helper threads at the same time (each item once,
 /// by whichever thread takes it next); the results in order. `task` must be safe to run
-/// on either thread: that is, it may not rely on this thread's own state (its credentials,
+/// on any thread: that is, it may not rely on this thread's own state (its credentials,
 /// its signal mask, its TLS), which the helper threads do not share.
 pub fn run_all<T: Send + 'static>(
     n: usize,

@@ -21,7 +21,7 @@
 //! exec'd. The agent spawns from several threads at once when it starts several processes
 //! ([`spawn_all`], [`StartHelpers`]), each with a block of its own: another thread may
 //! open and close other fds meanwhile, and the child's copy of the table may then hold
-//! them (the other thread's block among them, when it lies below this block's end: its
+//! them (another thread's block among them, when it lies below this block's end: its
 //! report pipe's write end then closes a little later) until it closes every fd outside
 //! its map (step 4); no thread writes into a block that is not its own.
 //!
