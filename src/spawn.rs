@@ -245,8 +245,8 @@ pub struct Start<'a> {
 /// order. The leaves are made here, one after the other (the first of a generation makes
 /// its directory and turns its controllers on, which a leaf made beside it could miss);
 /// the processes are then started from this thread with `block` and, when there are
-/// several, from the helper threads at the same time (`sys::spawn::spawn_all`). Leaves of processes
-/// that could not start are the caller's to retire.
+/// several, from the helper threads at the same time (`sys::spawn::spawn_all`). Leaves of
+/// processes that could not start are the caller's to retire.
 pub fn start_all(
     starts: Vec<Start<'_>>,
     block: &mut FdBlock,

@@ -8,8 +8,8 @@
 //! (`CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`, …) from the effective set, and changing them
 //! back restores them (capabilities(7), "Effect of user ID changes on capabilities").
 //! Raw syscalls change the calling thread only: the agent's helper threads start
-//! processes only while this one waits for them (`sys::spawn::run_all`), and nothing else runs while
-//! the guard lives (no io_uring submission, no spawn).
+//! processes only while this one waits for them (`sys::spawn::run_all`), and nothing else
+//! runs while the guard lives (no io_uring submission, no spawn).
 //!
 //! `setfsuid` reports no error: the change is verified by reading the value back.
 

@@ -59,17 +59,18 @@ struct Run<T: 'static> {
     next: AtomicUsize,
     task: Erased<T>,
     done: Mutex<Vec<(usize, T)>>,
-    /// How many helper threads are done with this run (each counts itself once, even
-    /// while unwinding).
+    /// How many of the copies sent to the helpers are done with: a helper counts each copy
+    /// it took once, after its items, even while unwinding (one that took two copies of a
+    /// run counts two).
     helper: (Mutex<usize>, Condvar),
 }
 
 impl<T> Run<T> {
-    /// Waits until the `helpers` threads it was given to are done with this run.
-    fn wait_for_helpers(&self, helpers: usize) {
+    /// Waits until each of the `sent` copies of this run is done with.
+    fn wait_for_helpers(&self, sent: usize) {
         let (lock, cvar) = &self.helper;
         let mut done = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        while *done < helpers {
+        while *done < sent {
             done = cvar.wait(done).unwrap_or_else(PoisonError::into_inner);
         }
     }
