@@ -564,8 +564,9 @@ impl Agent {
                 Ok(block) => helper_blocks.push(block),
                 Err(e) => {
                     warn!(
-                        "{} helper threads to start workers: {e}",
-                        helper_blocks.len()
+                        "workers are started by {} helper threads, not {}: reserving fds for another failed: {e}",
+                        helper_blocks.len(),
+                        start_helpers()
                     );
                     break;
                 }
