@@ -114,9 +114,20 @@ impl PidRef {
     /// `Ok(None)`: still running. `ECHILD` means someone else reaped it, which cannot
     /// happen in the agent (it is the only reaper).
     pub fn try_wait(&self) -> io::Result<Option<ExitReason>> {
+        self.wait_with(WaitIdOptions::empty())
+    }
+
+    /// How the process ended if it has, leaving it a zombie (`WNOWAIT`): reaped later with
+    /// [`PidRef::try_wait`]. Reaping is most of an exit's cost (the kernel frees the
+    /// process and its `/proc` entries); telling how it ended is not.
+    pub fn exit_status(&self) -> io::Result<Option<ExitReason>> {
+        self.wait_with(WaitIdOptions::NOWAIT)
+    }
+
+    fn wait_with(&self, more: WaitIdOptions) -> io::Result<Option<ExitReason>> {
         let status = rustix::process::waitid(
             WaitId::PidFd(self.pidfd.as_fd()),
-            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | more,
         )?;
         Ok(status.and_then(|st| {
             if let Some(code) = st.exit_status() {

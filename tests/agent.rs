@@ -1595,6 +1595,14 @@ fn a_mass_kill_is_logged_as_a_few_lines_and_a_summary_and_stop_prints_one() {
             "every worker is counted once:\n{progress}"
         );
         assert!(progress.lines().count() < 30, "{progress}");
+        // The workers are reaped once the stop is answered (each turn of the agent's loop
+        // that handles exits of a stop only says how they ended): none is left a zombie.
+        let me = i64::from(agent.pid());
+        wait_until(
+            "the stopped workers to be reaped",
+            Duration::from_secs(10),
+            || !processes().iter().any(|p| p.1 == me && p.2 == 'Z'),
+        );
 
         // Machine-readable progress is never folded: one event per worker.
         let out = agent.cli(&["start", "mass", "--json"]);

@@ -65,7 +65,7 @@ mod watch;
 mod workers;
 mod zygote;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -131,6 +131,12 @@ const QUIET_BEFORE_REMOVALS: Duration = Duration::from_millis(5);
 const REMOVALS_QUIET: usize = 64;
 /// Under events that never stop for that long, some are removed this often anyway.
 const REMOVALS_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
+/// Under exits that never stop for that long (longer than a stop of 10,000 workers), the
+/// workers whose exit was handled are reaped anyway (`Agent::reap_handled`).
+const REAP_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
+/// Signals sent per turn of the loop: a stop of thousands of workers is sent between the
+/// turns that reap the first of them, not all before the first exit is handled.
+const SIGNALS_PER_TURN: usize = 32;
 
 /// The threads that start workers beside the loop's own (`sys::spawn::StartHelpers`):
 /// two starting threads per CPU in all, at most [`crate::config::START_THREADS`] (each
@@ -280,6 +286,9 @@ pub struct Agent {
     /// workers whose start was asked for, started together once the batch is handled
     /// (`Agent::start_deferred`).
     deferred_spawns: Option<Vec<(SiteName, GenId, Slot)>>,
+    /// Signals the machines asked for, sent a batch per turn of the loop
+    /// (`Agent::send_signals`).
+    signals_to_send: VecDeque<sites::SignalToSend>,
     cgroups: Option<CgroupTree>,
     cgroup_note: Option<String>,
     /// Cgroups to remove once empty (with cgroups only).
@@ -314,6 +323,13 @@ pub struct Agent {
     /// The sites whose output was read this turn of the loop, before its exits were
     /// handled (see `Agent::drain_before_exits`).
     drained_before_exits: Vec<SiteName>,
+    /// Workers whose exit was handled, to reap (`Agent::reap_handled`).
+    zombies: Vec<crate::process::PidRef>,
+    /// Since when the first of them waits.
+    zombies_since: Option<Instant>,
+    /// A `SIGCHLD` came while some waited to be reaped: the look for other zombies is
+    /// owed (`Agent::reap`).
+    scan_owed: bool,
     /// A hash of the record as last written (it is written again only when it changed).
     last_record: Option<u64>,
     /// The shape of the record last written (`Agent::record_shape`): a change of it is
@@ -593,6 +609,7 @@ impl Agent {
             fd_block,
             helpers,
             deferred_spawns: None,
+            signals_to_send: VecDeque::new(),
             cgroups,
             cgroup_note,
             graveyard,
@@ -619,6 +636,9 @@ impl Agent {
             pressure: HashMap::new(),
             workers_dirty: true,
             drained_before_exits: Vec::new(),
+            zombies: Vec::new(),
+            zombies_since: None,
+            scan_owed: false,
             last_record: None,
             last_shape: None,
             save_after: None,
@@ -848,7 +868,11 @@ impl Agent {
             // long while some are left.
             let removing = self.graveyard.as_ref().is_some_and(Graveyard::has_deferred);
             let quiet = removing.then(|| Instant::now() + QUIET_BEFORE_REMOVALS);
-            let timeout = [self.next_deadline(), save, quiet]
+            self.send_signals(SIGNALS_PER_TURN);
+            // Signals to send: only what is ready now, then on.
+            let more = (!self.signals_to_send.is_empty()).then(Instant::now);
+            let reap = self.zombies_since.map(|t| t + REAP_AT_LEAST_EVERY);
+            let timeout = [self.next_deadline(), save, quiet, more, reap]
                 .into_iter()
                 .flatten()
                 .min()
@@ -886,13 +910,32 @@ impl Agent {
             }
             self.start_deferred();
             self.fire_deadlines();
-            // Off the hot path: when nothing happened for a while, or now and then
-            // beside events that never stop.
-            if removing
-                && (ready.is_empty()
+            // Workers whose exit was handled are reaped once no stop waits for more
+            // exits (its answer first).
+            let stopping = self.sites.values().any(|s| s.machine.is_stopping());
+            if !self.zombies.is_empty()
+                && self.signals_to_send.is_empty()
+                && (!stopping
                     || self
-                        .last_removals
-                        .is_none_or(|t| t.elapsed() >= REMOVALS_AT_LEAST_EVERY))
+                        .zombies_since
+                        .is_some_and(|t| t.elapsed() >= REAP_AT_LEAST_EVERY))
+            {
+                self.flush_history(false);
+                self.flush_pending();
+                self.reap_handled();
+            }
+            // Off the hot path: when nothing happened (while a stop waits for exits: for
+            // QUIET_BEFORE_REMOVALS), or now and then beside events that never stop (not
+            // while a stop waits for exits).
+            let quiet =
+                ready.is_empty() && (!stopping || quiet.is_some_and(|t| Instant::now() >= t));
+            if removing
+                && self.signals_to_send.is_empty()
+                && (quiet
+                    || (!stopping
+                        && self
+                            .last_removals
+                            .is_none_or(|t| t.elapsed() >= REMOVALS_AT_LEAST_EVERY)))
             {
                 self.remove_retired(REMOVALS_QUIET);
             }
@@ -1115,6 +1158,7 @@ impl Agent {
         // What the workers left behind was killed with their leaves and reaped in the
         // loop; anything still in the tree now did not die within SHUTDOWN_GRACE.
         self.kill_zygotes();
+        self.reap_handled();
         self.reap_zombies();
         if let Some(g) = &self.graveyard {
             if !g.is_empty() {

@@ -41,6 +41,18 @@ pub(super) struct Worker {
     pub start_time: Option<u64>,
 }
 
+/// A signal a site's machine asked for, not sent yet (`Agent::send_signals`).
+#[derive(Debug)]
+pub(super) struct SignalToSend {
+    site: SiteName,
+    generation: GenId,
+    slot: Slot,
+    /// The worker's pid and start when it was asked for: the same process (a slot's next
+    /// process may have the same pid, not also the same start).
+    process: (i32, SystemTime),
+    signal: config::Signal,
+}
+
 /// A generation's kernel side.
 #[derive(Debug)]
 pub(super) struct GenIo {
@@ -453,6 +465,26 @@ impl Agent {
         }
     }
 
+    /// Sends up to `max` of the signals the machines asked for, first asked first sent;
+    /// one meant for a worker that exited meanwhile is dropped (its slot may hold another
+    /// process by now).
+    pub(super) fn send_signals(&mut self, max: usize) {
+        for _ in 0..max {
+            let Some(p) = self.signals_to_send.pop_front() else {
+                return;
+            };
+            let Some(w) = self
+                .worker(&p.site, p.generation, p.slot)
+                .filter(|w| (w.pidref.pid(), w.started_wall) == p.process)
+            else {
+                continue;
+            };
+            if let Err(e) = w.pidref.signal(p.signal.0) {
+                error!(site = %p.site, worker = %p.slot, pid = w.pidref.pid(), "failed to send {}: {e}", p.signal.name());
+            }
+        }
+    }
+
     /// Starts the workers whose start was put off (`Agent::deferred_spawns`) together,
     /// gives each site's machine its answers, and puts no more off. A start asked for in a
     /// generation that is gone meanwhile is answered as failed (it may be tried again).
@@ -529,9 +561,14 @@ impl Agent {
                 signal,
             } => {
                 let w = self.worker(name, generation, slot)?;
-                if let Err(e) = w.pidref.signal(signal.0) {
-                    error!(site = %name, worker = %slot, pid = w.pidref.pid(), "failed to send {}: {e}", signal.name());
-                }
+                let process = (w.pidref.pid(), w.started_wall);
+                self.signals_to_send.push_back(SignalToSend {
+                    site: name.clone(),
+                    generation,
+                    slot,
+                    process,
+                    signal,
+                });
                 None
             }
             Action::KillTree { generation, slot } => {

@@ -451,6 +451,9 @@ impl Agent {
         if self.shutting_down {
             return "the agent is shutting down".into();
         }
+        // Signals the machines asked for are sent now: the new image does not know of them.
+        self.send_signals(usize::MAX);
+        self.reap_handled();
         // What other clients are owed is written now: the new image starts with none (the
         // history's buffers too).
         self.flush_history(true);

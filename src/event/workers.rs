@@ -4,7 +4,7 @@
 //! (`READY=1`, `BUSY=`).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use tracing::{debug, error, warn};
 
@@ -23,8 +23,15 @@ use crate::supervisor::machine::Input as SiteInput;
 use crate::supervisor::slots::{ExitReason, Input};
 
 impl Agent {
-    /// Reaps zombies: tracked workers through their pidfd, orphans by pid.
+    /// Reaps zombies: tracked workers through their pidfd, orphans by pid. Put off while
+    /// workers whose exit was handled wait to be reaped (`Agent::reap_handled`): the look
+    /// for zombies would find those first.
     pub(super) fn reap(&mut self) {
+        if !self.zombies.is_empty() {
+            self.scan_owed = true;
+            return;
+        }
+        self.scan_owed = false;
         self.reap_zombies();
         // An orphan that was killed with its worker's leaf may have been the last
         // process in it.
@@ -46,6 +53,8 @@ impl Agent {
             if let Some((site, w)) = self.pids.get(&pid).cloned() {
                 let (g, id) = (w.generation, w.slot);
                 self.worker_exited(&site, g, id);
+                // Reaped now: the next look would find it first again.
+                self.reap_handled();
             } else if self.execs.contains_key(&pid) {
                 self.exec_exited(pid);
             } else if let Some(id) = self.zygote_pids.get(&pid).copied() {
@@ -62,6 +71,26 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Reaps the workers whose exit was handled (`Agent::worker_gone`). Their exits are
+    /// handled, and answered (a stop's reply), first: the kernel's part of reaping (freeing
+    /// the process and its `/proc` entries, `release_task`) is most of an exit's cost to the
+    /// agent, and a stop of thousands of workers otherwise answers only once each is freed.
+    /// Done before anything is started (a zombie still counts in its cgroups'
+    /// `pids.current`), before the look for other zombies, and at the end of a turn of the
+    /// loop once no stop waits for more exits and no signal is left to send (or one second
+    /// after the first of them exited, `REAP_AT_LEAST_EVERY`).
+    pub(super) fn reap_handled(&mut self) {
+        self.zombies_since = None;
+        for z in std::mem::take(&mut self.zombies) {
+            if let Err(e) = z.try_wait() {
+                warn!(pid = z.pid(), "failed to reap a worker: {e}");
+            }
+        }
+        if self.scan_owed {
+            self.reap();
         }
     }
 
@@ -127,20 +156,25 @@ impl Agent {
         }
         // A worker adopted after an agent restart is not our child: its pidfd polls
         // readable at its exit, but only the kernel (6.15) can say how it ended.
+        let mut zombie = false;
         let waited = if worker.adopted {
             Ok(worker
                 .pidref
                 .has_exited()
                 .then(|| worker.pidref.foreign_exit().unwrap_or(ExitReason::Unknown)))
         } else {
-            match worker.pidref.try_wait() {
+            // Reaped later (`Agent::reap_handled`): not before this exit is answered.
+            match worker.pidref.exit_status() {
                 // Forked by a zygote and dead before the zygote's intermediate child
                 // exited: not yet re-parented to us (it is once the intermediate is gone,
                 // and reaped then as an orphan).
                 Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(Some(
                     worker.pidref.foreign_exit().unwrap_or(ExitReason::Unknown),
                 )),
-                waited => waited,
+                waited => {
+                    zombie = matches!(waited, Ok(Some(_)));
+                    waited
+                }
             }
         };
         let reason = match waited {
@@ -206,6 +240,10 @@ impl Agent {
             Entry::worker(name, g, id, Some(worker.pidref.pid()), Kind::Exited, words)
                 .exited(&reason, !asked),
         );
+        if zombie {
+            self.zombies_since.get_or_insert_with(Instant::now);
+            self.zombies.push(worker.pidref);
+        }
         self.feed(
             name,
             SiteInput::Worker {
@@ -219,6 +257,7 @@ impl Agent {
     /// (`crate::spawn::start_all`: two at a time when there are several) and says how each
     /// start went, in order: the input its site's machine waits for.
     pub(super) fn spawn_all(&mut self, asked: &[(SiteName, GenId, Slot)]) -> Vec<Input> {
+        self.reap_handled();
         // A few at a time: images made for 10,000 starts at once (1 KB or more each) left
         // the heap that much larger for good, and each start in pipe mode holds four pipe
         // fds until its chunk is done.

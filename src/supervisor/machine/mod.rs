@@ -630,6 +630,13 @@ impl SiteMachine {
         self.gens.values().all(|g| g.slots.run == RunState::Stopped)
     }
 
+    /// Whether some generation is stopping: workers were asked to exit and not all have.
+    pub fn is_stopping(&self) -> bool {
+        self.gens
+            .values()
+            .any(|g| g.slots.run == RunState::Stopping)
+    }
+
     /// While a canary serves: the share of new connections generation `g` takes.
     pub fn connection_share(&self, g: GenId) -> Option<Share> {
         let d = self.deploy.as_ref()?;
