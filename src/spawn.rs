@@ -11,14 +11,13 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use crate::cgroup::{CgroupError, CgroupTree, Graveyard};
 use crate::config::{Limits, SiteConfig};
 use crate::net::{self, Listener};
 use crate::sandbox::SandboxError;
-use crate::sys::spawn::{
-    ChildStep, ExecImage, FdBlock, SpawnError, SpawnJob, Spawned, StartHelpers,
-};
+use crate::sys::spawn::{ChildStep, ExecImage, FdBlock, SpawnError, Spawned, StartHelpers};
 
 /// Why a process could not be started, and whether trying again can help.
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +209,9 @@ fn launched(
 }
 
 /// A start's leaf, if it has one: its path and its fd to clone into.
-type MadeLeaf = (Option<PathBuf>, Option<OwnedFd>);
+type MadeLeaf = Result<(PathBuf, OwnedFd), NotLaunched>;
+/// A start of [`start_all`], with its leaf when it was made ahead.
+type StartItem<'a> = (Start<'a>, Option<MadeLeaf>);
 
 /// A fresh leaf with its limits, and its fd to clone into.
 fn make_leaf(l: &LeafSpec<'_>) -> Result<(PathBuf, OwnedFd), NotLaunched> {
@@ -242,50 +243,51 @@ pub struct Start<'a> {
 }
 
 /// Starts every process of `starts`, as [`launch`] does, and says how each went, in
-/// order. The leaves are made here, one after the other (the first of a generation makes
-/// its directory and turns its controllers on, which a leaf made beside it could miss);
-/// the processes are then started from this thread with `block` and, when there are
-/// several, from the helper threads at the same time (`sys::spawn::spawn_all`). Leaves of
-/// processes that could not start are the caller's to retire.
+/// order: from this thread with `block` and, when there are several, from the helper
+/// threads at the same time (`sys::spawn::run_all`), each making its process's leaf
+/// before starting it (a leaf's `mkdir` is a large part of a start: made one after the
+/// other on this thread, it left the helpers waiting). The first leaf of each generation
+/// is made here first, alone: it may make the generation's directory and turn its
+/// controllers on, which a leaf made beside it could miss. Leaves of processes that could
+/// not start are the caller's to retire.
 pub fn start_all(
     starts: Vec<Start<'_>>,
     block: &mut FdBlock,
     helpers: Option<&StartHelpers>,
 ) -> Vec<Result<Launched, NotLaunched>> {
-    let leaves: Vec<Result<MadeLeaf, NotLaunched>> = starts
-        .iter()
-        .map(|s| match &s.leaf {
-            Some(l) => make_leaf(l).map(|(dir, fd)| (Some(dir), Some(fd))),
-            None => Ok((None, None)),
+    let mut starts = starts;
+    if starts.len() > 1 {
+        crate::sys::spawn::share_rulesets(starts.iter_mut().map(|s| &mut s.image));
+    }
+    let mut generations: Vec<(&str, u32)> = Vec::new();
+    let starts: Vec<Mutex<Option<StartItem<'_>>>> = starts
+        .into_iter()
+        .map(|s| {
+            let first = s.leaf.as_ref().and_then(|l| {
+                let g = (l.site, l.generation);
+                (!generations.contains(&g)).then(|| {
+                    generations.push(g);
+                    make_leaf(l)
+                })
+            });
+            Mutex::new(Some((s, first)))
         })
         .collect();
-    let mut jobs = Vec::with_capacity(starts.len());
-    let mut which = Vec::with_capacity(starts.len());
-    for (i, (s, leaf)) in starts.into_iter().zip(&leaves).enumerate() {
-        if let Ok((_, fd)) = leaf {
-            jobs.push(SpawnJob {
-                image: s.image,
-                fds: s.fds,
-                cgroup: fd.as_ref().map(|f| f.as_fd()),
-            });
-            which.push(i);
-        }
-    }
-    let mut spawned = which
-        .into_iter()
-        .zip(crate::sys::spawn::spawn_all(jobs, block, helpers))
-        .peekable();
-    leaves
-        .into_iter()
-        .enumerate()
-        .map(|(i, leaf)| {
-            let (dir, _fd) = leaf?;
-            let (_, result) = spawned
-                .next_if(|(j, _)| *j == i)
-                .expect("every leaf made was started");
-            launched(result, dir)
-        })
-        .collect()
+    crate::sys::spawn::run_all(starts.len(), block, helpers, &|i, block| {
+        let (mut start, first) = starts[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .expect("each start is taken once");
+        let leaf = match (first, &start.leaf) {
+            (Some(made), _) => Some(made?),
+            (None, Some(l)) => Some(make_leaf(l)?),
+            (None, None) => None,
+        };
+        let cgroup = leaf.as_ref().map(|(_, fd)| fd.as_fd());
+        let spawned = crate::sys::spawn::spawn(&mut start.image, &start.fds, cgroup, block);
+        launched(spawned, leaf.map(|(dir, _)| dir))
+    })
 }
 
 /// `PATH` for workers whose site does not set one.

@@ -1,5 +1,5 @@
-//! Threads that work beside the agent's own ([`StartHelpers`]): they start processes
-//! ([`spawn_all`]), and can do any other work split in items ([`run_all`]).
+//! Threads that work beside the agent's own ([`StartHelpers`]): they do work split in
+//! items ([`run_all`]), mostly starting processes (`crate::spawn::start_all`).
 //!
 //! A start is mostly waiting: the parent sleeps in `clone3` (`CLONE_VFORK`) while its child
 //! applies the sandbox and `execve`s, and on a small host that child often waits for a CPU
@@ -12,22 +12,11 @@
 //! it started that asked for one. They end only with the agent (its exit, or the `execve`
 //! of an upgrade, which ends every thread but the caller's).
 
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
-use super::{ExecImage, FdBlock, SpawnError, Spawned, share_rulesets, spawn};
-
-/// One process to start among several ([`spawn_all`]).
-pub struct SpawnJob<'a> {
-    /// What it runs.
-    pub image: ExecImage,
-    /// Its fds 0, 1, 2, ...
-    pub fds: Vec<BorrowedFd<'a>>,
-    /// The cgroup it is born in.
-    pub cgroup: Option<BorrowedFd<'a>>,
-}
+use super::FdBlock;
 
 /// Item `i` of a [`run_all`], done with the block of the thread that does it.
 pub type Task<'a, T> = dyn Fn(usize, &mut FdBlock) -> T + Sync + 'a;
@@ -214,31 +203,6 @@ pub fn run_all<T: Send + 'static>(
     assert_eq!(done.len(), n, "every item of a run is done once");
     done.sort_unstable_by_key(|(i, _)| *i);
     done.into_iter().map(|(_, r)| r).collect()
-}
-
-/// Starts every job, as [`spawn`] does, from this thread with `block` and, when there
-/// are several and `helpers` is there, from helper threads at the same time; says how
-/// each went, in order.
-pub fn spawn_all(
-    jobs: Vec<SpawnJob<'_>>,
-    block: &mut FdBlock,
-    helpers: Option<&StartHelpers>,
-) -> Vec<Result<Spawned, SpawnError>> {
-    let n = jobs.len();
-    let mut jobs = jobs;
-    if n > 1 {
-        share_rulesets(jobs.iter_mut().map(|job| &mut job.image));
-    }
-    let jobs: Vec<Mutex<Option<SpawnJob<'_>>>> =
-        jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
-    run_all(n, block, helpers, &|i, block| {
-        let mut job = jobs[i]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .expect("each job is taken once");
-        spawn(&mut job.image, &job.fds, job.cgroup, block)
-    })
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 //! the block's end. Until then it touches no fd, so the shared table is never changed, and
 //! `CLONE_VFORK` keeps the parent thread from changing the block until the child has
 //! exec'd. The agent spawns from several threads at once when it starts several processes
-//! ([`spawn_all`], [`StartHelpers`]), each with a block of its own: another thread may
+//! ([`run_all`], [`StartHelpers`]), each with a block of its own: another thread may
 //! open and close other fds meanwhile, and the child's copy of the table may then hold
 //! them (another thread's block among them, when it lies below this block's end: its
 //! report pipe's write end then closes a little later) until it closes every fd outside
@@ -86,7 +86,7 @@ use self::child::ChildPlan;
 use self::child::child_entry;
 #[cfg(not(target_arch = "x86_64"))]
 use self::child::child_main;
-pub use self::helpers::{SpawnJob, StartHelpers, spawn_all};
+pub use self::helpers::{StartHelpers, run_all};
 
 /// Most fds a child can be given (stdio plus listeners); bounds the child's stack array.
 pub const MAX_CHILD_FDS: usize = 64;
@@ -274,7 +274,7 @@ pub struct ExecImage {
     env_ptrs: Vec<*const c_char>,
     listen_pid: Option<usize>,
     sandbox: Option<std::sync::Arc<SandboxPlan>>,
-    /// The sandbox's Landlock ruleset, built for a batch of starts ([`spawn_all`]); without
+    /// The sandbox's Landlock ruleset, built for a batch of starts ([`share_rulesets`]); without
     /// it the child builds its own.
     ruleset: Option<std::sync::Arc<OwnedFd>>,
     controlling_tty: bool,
@@ -612,7 +612,7 @@ fn spawn_with_block(
 /// ruleset cannot be built here is left to each child, which then says why it failed.
 /// Only while no other thread of the agent runs (the helper threads wait for their batch):
 /// it changes this thread's file-system ids for a moment (`sys::creds`).
-fn share_rulesets<'a>(images: impl Iterator<Item = &'a mut ExecImage>) {
+pub fn share_rulesets<'a>(images: impl Iterator<Item = &'a mut ExecImage>) {
     type Built = Option<std::sync::Arc<OwnedFd>>;
     let mut built: Vec<(*const SandboxPlan, Built)> = Vec::new();
     for image in images {
