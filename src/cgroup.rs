@@ -555,7 +555,10 @@ impl CgroupTree {
                     for dir in [&site_dir, &gen_dir] {
                         if !dir.exists() {
                             mkdir(dir)?;
-                            enable_controllers(dir)?;
+                            // Not left without its controllers: made again next time.
+                            enable_controllers(dir).inspect_err(|_| {
+                                let _ = fs::remove_dir(dir);
+                            })?;
                         }
                     }
                     parents_made = true;

@@ -79,7 +79,7 @@ impl Agent {
     /// Starts `params.command` in the sandbox of `name` for control connection `conn`.
     /// Authorization (root, or the site's user) was checked by the caller.
     pub(super) fn start_exec(&mut self, conn: u64, name: &SiteName, params: ExecParams) {
-        self.reap_handled();
+        self.reap_held();
         match self.try_start_exec(conn, name, params) {
             Ok(pid) => {
                 debug!(site = %name, pid, "exec started");

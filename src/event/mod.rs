@@ -132,7 +132,7 @@ const REMOVALS_QUIET: usize = 64;
 /// Under events that never stop for that long, some are removed this often anyway.
 const REMOVALS_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 /// Under exits that never stop for that long (longer than a stop of 10,000 workers), the
-/// workers whose exit was handled are reaped anyway (`Agent::reap_handled`).
+/// workers whose exit was handled are reaped anyway (`Agent::reap_held`).
 const REAP_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 /// Signals sent per turn of the loop: a stop of thousands of workers is sent between the
 /// turns that reap the first of them, not all before the first exit is handled.
@@ -323,8 +323,8 @@ pub struct Agent {
     /// The sites whose output was read this turn of the loop, before its exits were
     /// handled (see `Agent::drain_before_exits`).
     drained_before_exits: Vec<SiteName>,
-    /// Workers whose exit was handled, to reap (`Agent::reap_handled`).
-    zombies: Vec<crate::process::PidRef>,
+    /// Workers whose exit was handled, with their site, to reap (`Agent::reap_held`).
+    zombies: Vec<(SiteName, crate::process::PidRef)>,
     /// Since when the first of them waits.
     zombies_since: Option<Instant>,
     /// A `SIGCHLD` came while some waited to be reaped: the look for other zombies is
@@ -910,20 +910,8 @@ impl Agent {
             }
             self.start_deferred();
             self.fire_deadlines();
-            // Workers whose exit was handled are reaped once no stop waits for more
-            // exits (its answer first).
+            self.reap_after_turn();
             let stopping = self.sites.values().any(|s| s.machine.is_stopping());
-            if !self.zombies.is_empty()
-                && self.signals_to_send.is_empty()
-                && (!stopping
-                    || self
-                        .zombies_since
-                        .is_some_and(|t| t.elapsed() >= REAP_AT_LEAST_EVERY))
-            {
-                self.flush_history(false);
-                self.flush_pending();
-                self.reap_handled();
-            }
             // Off the hot path: when nothing happened (while a stop waits for exits: for
             // QUIET_BEFORE_REMOVALS), or now and then beside events that never stop (not
             // while a stop waits for exits).
@@ -942,6 +930,44 @@ impl Agent {
         }
         self.shutdown();
         Ok(())
+    }
+
+    /// At the end of a turn: the workers whose exit was handled are reaped (their exits
+    /// answered first) unless a stop of their site waits for more exits, the site has no
+    /// `pids_max` (a zombie counts in it) and the first of them exited less than
+    /// `REAP_AT_LEAST_EVERY` ago; then the look for other zombies put off meanwhile.
+    fn reap_after_turn(&mut self) {
+        if !self.signals_to_send.is_empty() {
+            return;
+        }
+        if !self.zombies.is_empty() {
+            let late = self
+                .zombies_since
+                .is_some_and(|t| t.elapsed() >= REAP_AT_LEAST_EVERY);
+            // Few: the sites that are stopping.
+            let held: Vec<SiteName> = if late {
+                Vec::new()
+            } else {
+                self.sites
+                    .iter()
+                    .filter(|(_, s)| {
+                        s.machine.is_stopping() && s.config().limits.pids_max.is_none()
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            };
+            if self.zombies.iter().any(|(site, _)| !held.contains(site)) {
+                self.flush_history(false);
+                self.flush_pending();
+                self.reap_where(|site| !held.contains(site));
+            }
+        }
+        if self.scan_owed && self.zombies.is_empty() {
+            // The workers whose exits it finds are restarted together, as in a turn.
+            self.deferred_spawns = Some(Vec::new());
+            self.reap();
+            self.start_deferred();
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -1158,7 +1184,7 @@ impl Agent {
         // What the workers left behind was killed with their leaves and reaped in the
         // loop; anything still in the tree now did not die within SHUTDOWN_GRACE.
         self.kill_zygotes();
-        self.reap_handled();
+        self.reap_held();
         self.reap_zombies();
         if let Some(g) = &self.graveyard {
             if !g.is_empty() {

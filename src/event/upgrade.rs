@@ -451,9 +451,15 @@ impl Agent {
         if self.shutting_down {
             return "the agent is shutting down".into();
         }
-        // Signals the machines asked for are sent now: the new image does not know of them.
+        // Workers whose exit was handled are reaped, and the look for other zombies made,
+        // now (it may feed a machine, which may ask for signals); then every signal the
+        // machines asked for is sent: the new image knows of neither.
+        self.reap_held();
+        if self.scan_owed {
+            self.reap();
+        }
         self.send_signals(usize::MAX);
-        self.reap_handled();
+        debug_assert!(self.zombies.is_empty() && self.signals_to_send.is_empty());
         // What other clients are owed is written now: the new image starts with none (the
         // history's buffers too).
         self.flush_history(true);

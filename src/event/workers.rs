@@ -1,5 +1,6 @@
 //! Worker plumbing: starting a slot's process (its image, output pipe, cgroup leaf and
-//! pidfd), its exit (reaped through the pidfd, told apart from an OOM kill), its output
+//! pidfd), its exit (told through the pidfd, told apart from an OOM kill, reaped once
+//! answered), its output
 //! (lines into the site's log and to `logs -f` clients) and its notifications
 //! (`READY=1`, `BUSY=`).
 
@@ -24,7 +25,7 @@ use crate::supervisor::slots::{ExitReason, Input};
 
 impl Agent {
     /// Reaps zombies: tracked workers through their pidfd, orphans by pid. Put off while
-    /// workers whose exit was handled wait to be reaped (`Agent::reap_handled`): the look
+    /// workers whose exit was handled wait to be reaped (`Agent::reap_held`): the look
     /// for zombies would find those first.
     pub(super) fn reap(&mut self) {
         if !self.zombies.is_empty() {
@@ -54,7 +55,7 @@ impl Agent {
                 let (g, id) = (w.generation, w.slot);
                 self.worker_exited(&site, g, id);
                 // Reaped now: the next look would find it first again.
-                self.reap_handled();
+                self.reap_held();
             } else if self.execs.contains_key(&pid) {
                 self.exec_exited(pid);
             } else if let Some(id) = self.zygote_pids.get(&pid).copied() {
@@ -80,17 +81,26 @@ impl Agent {
     /// agent, and a stop of thousands of workers otherwise answers only once each is freed.
     /// Done before anything is started (a zombie still counts in its cgroups'
     /// `pids.current`), before the look for other zombies, and at the end of a turn of the
-    /// loop once no stop waits for more exits and no signal is left to send (or one second
-    /// after the first of them exited, `REAP_AT_LEAST_EVERY`).
-    pub(super) fn reap_handled(&mut self) {
-        self.zombies_since = None;
-        for z in std::mem::take(&mut self.zombies) {
+    /// loop for the sites that are not stopping or that have a `pids_max` (the workers of
+    /// those that are, once they are not: see `Agent::reap_after_turn`). Feeds no machine:
+    /// the look for other zombies it put off (`scan_owed`) is the loop's to make.
+    pub(super) fn reap_held(&mut self) {
+        self.reap_where(|_| true);
+    }
+
+    /// Reaps the held workers of the sites `now` says, keeps the others.
+    pub(super) fn reap_where(&mut self, now: impl Fn(&SiteName) -> bool) {
+        let (reap, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.zombies)
+            .into_iter()
+            .partition(|(site, _)| now(site));
+        self.zombies = keep;
+        self.zombies_since = (!self.zombies.is_empty())
+            .then_some(self.zombies_since)
+            .flatten();
+        for (_, z) in reap {
             if let Err(e) = z.try_wait() {
                 warn!(pid = z.pid(), "failed to reap a worker: {e}");
             }
-        }
-        if self.scan_owed {
-            self.reap();
         }
     }
 
@@ -136,8 +146,8 @@ impl Agent {
         self.worker_gone(name, g, id);
     }
 
-    /// Worker `id` exited and what it wrote was read: it is reaped, forgotten and told to
-    /// its site's machine.
+    /// Worker `id` exited and what it wrote was read: how it ended is read (it stays a
+    /// zombie until [`Agent::reap_held`]), it is forgotten and told to its site's machine.
     fn worker_gone(&mut self, name: &SiteName, g: GenId, id: Slot) {
         let asked = self.stopping(name, g, id);
         let tree = self.cgroups.as_ref();
@@ -163,7 +173,7 @@ impl Agent {
                 .has_exited()
                 .then(|| worker.pidref.foreign_exit().unwrap_or(ExitReason::Unknown)))
         } else {
-            // Reaped later (`Agent::reap_handled`): not before this exit is answered.
+            // Reaped later (`Agent::reap_held`): not before this exit is answered.
             match worker.pidref.exit_status() {
                 // Forked by a zygote and dead before the zygote's intermediate child
                 // exited: not yet re-parented to us (it is once the intermediate is gone,
@@ -242,7 +252,7 @@ impl Agent {
         );
         if zombie {
             self.zombies_since.get_or_insert_with(Instant::now);
-            self.zombies.push(worker.pidref);
+            self.zombies.push((name.clone(), worker.pidref));
         }
         self.feed(
             name,
@@ -257,7 +267,7 @@ impl Agent {
     /// (`crate::spawn::start_all`: two at a time when there are several) and says how each
     /// start went, in order: the input its site's machine waits for.
     pub(super) fn spawn_all(&mut self, asked: &[(SiteName, GenId, Slot)]) -> Vec<Input> {
-        self.reap_handled();
+        self.reap_held();
         // A few at a time: images made for 10,000 starts at once (1 KB or more each) left
         // the heap that much larger for good, and each start in pipe mode holds four pipe
         // fds until its chunk is done.
@@ -480,16 +490,23 @@ impl Agent {
             slot: id,
         } = worker;
         let pid = pidref.pid();
-        let token = self
-            .reg
-            .arm(
-                pidref.as_fd(),
-                Interest::Readable,
-                Source::Pidfd(name.clone(), worker),
-            )
-            .inspect_err(|_| {
+        let armed = self.reg.arm(
+            pidref.as_fd(),
+            Interest::Readable,
+            Source::Pidfd(name.clone(), worker),
+        );
+        let token = match armed {
+            Ok(t) => t,
+            Err(e) => {
                 let _ = pidref.signal(libc::SIGKILL);
-            })?;
+                if let (Some(tree), Some(dir), Some(graveyard)) =
+                    (&self.cgroups, &cgroup, &mut self.graveyard)
+                {
+                    tree.retire(dir, graveyard);
+                }
+                return Err(e);
+            }
+        };
         if let Some((output, errors)) = output {
             let held_as = super::holder::pipe_name(name, g, id, pid);
             self.hold_pipe(&held_as, output.as_fd());

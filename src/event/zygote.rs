@@ -179,7 +179,7 @@ impl Agent {
 
     /// Starts generation `g`'s zygote; on failure, the input saying it ended.
     pub(super) fn start_zygote(&mut self, name: &SiteName, g: GenId) -> Option<Input> {
-        self.reap_handled();
+        self.reap_held();
         if let Some(old) = self.zygote_of(name, g) {
             // The machine starts at most one per generation; a process it forgot about
             // (it was told the zygote ended) must not serve the new one's forks.
@@ -304,7 +304,7 @@ impl Agent {
         g: GenId,
         slot: Slot,
     ) -> Option<SlotInput> {
-        self.reap_handled();
+        self.reap_held();
         let failed = |error: String| {
             error!(site = %name, gen = g.0, worker = %slot, "failed to spawn: {error}");
             Some(SlotInput::SpawnFailed {
