@@ -248,8 +248,9 @@ pub struct Start<'a> {
 /// before starting it (a leaf's `mkdir` is a large part of a start: made one after the
 /// other on this thread, it left the helpers waiting). The first leaf of each generation
 /// is made here first, alone: it may make the generation's directory and turn its
-/// controllers on, which a leaf made beside it could miss. Leaves of processes that could
-/// not start are the caller's to retire.
+/// controllers on, which a leaf made beside it could miss (and when it could not be made,
+/// the others of its generation are made here too). Leaves of processes that could not
+/// start are the caller's to retire.
 pub fn start_all(
     starts: Vec<Start<'_>>,
     block: &mut FdBlock,
@@ -259,35 +260,63 @@ pub fn start_all(
     if starts.len() > 1 {
         crate::sys::spawn::share_rulesets(starts.iter_mut().map(|s| &mut s.image));
     }
-    let mut generations: Vec<(&str, u32)> = Vec::new();
+    // Each generation met, and whether its first leaf was made: if not, the others are
+    // made here too, in turn (its directory may be half made).
+    let mut generations: Vec<((&str, u32), bool)> = Vec::new();
     let starts: Vec<Mutex<Option<StartItem<'_>>>> = starts
         .into_iter()
         .map(|s| {
-            let first = s.leaf.as_ref().and_then(|l| {
+            let ahead = s.leaf.as_ref().and_then(|l| {
                 let g = (l.site, l.generation);
-                (!generations.contains(&g)).then(|| {
-                    generations.push(g);
-                    make_leaf(l)
-                })
+                match generations.iter().find(|(seen, _)| *seen == g) {
+                    Some((_, true)) => None,
+                    Some((_, false)) => Some(make_leaf(l)),
+                    None => {
+                        let made = make_leaf(l);
+                        generations.push((g, made.is_ok()));
+                        Some(made)
+                    }
+                }
             });
-            Mutex::new(Some((s, first)))
+            Mutex::new(Some((s, ahead)))
         })
         .collect();
-    crate::sys::spawn::run_all(starts.len(), block, helpers, &|i, block| {
-        let (mut start, first) = starts[i]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .expect("each start is taken once");
-        let leaf = match (first, &start.leaf) {
-            (Some(made), _) => Some(made?),
-            (None, Some(l)) => Some(make_leaf(l)?),
+    // `None`: not on this thread (`sys::spawn::bounding_fits`), given back for the caller.
+    let start = |i: usize, block: &mut FdBlock, here: bool| {
+        let mut slot = starts[i].lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut start, ahead) = slot.take().expect("each start is taken once");
+        if !crate::sys::spawn::bounding_fits(&start.image) {
+            if here {
+                *slot = Some((start, ahead));
+                return None;
+            }
+            let step = crate::sys::spawn::ChildStep::DropBounding;
+            let source = io::Error::from_raw_os_error(libc::EPERM);
+            let leaf = ahead.and_then(Result::ok).map(|(dir, _)| dir);
+            return Some(launched(Err(SpawnError::Child { step, source }), leaf));
+        }
+        drop(slot);
+        let leaf = match (ahead, &start.leaf) {
+            (Some(made), _) => Some(made),
+            (None, Some(l)) => Some(make_leaf(l)),
             (None, None) => None,
+        };
+        let leaf = match leaf.transpose() {
+            Ok(l) => l,
+            Err(not) => return Some(Err(not)),
         };
         let cgroup = leaf.as_ref().map(|(_, fd)| fd.as_fd());
         let spawned = crate::sys::spawn::spawn(&mut start.image, &start.fds, cgroup, block);
-        launched(spawned, leaf.map(|(dir, _)| dir))
-    })
+        Some(launched(spawned, leaf.map(|(dir, _)| dir)))
+    };
+    let done = crate::sys::spawn::run_all(starts.len(), block, helpers, &|i, block| {
+        start(i, block, true)
+    });
+    // What a helper could not start, this thread does (it keeps its whole bounding set).
+    done.into_iter()
+        .enumerate()
+        .map(|(i, r)| r.or_else(|| start(i, block, false)).expect("started here"))
+        .collect()
 }
 
 /// `PATH` for workers whose site does not set one.

@@ -155,6 +155,60 @@ fn opts() -> Options {
     }
 }
 
+/// Workers started together, some by the helper threads (which drop from their own
+/// bounding set, once, what their children's sandboxes drop) and some by the agent's own
+/// thread (which keeps its whole set, and starts what a helper cannot: a worker keeping a
+/// capability the helper dropped): each has exactly its site's bounding set.
+#[test]
+fn workers_started_together_have_their_own_sites_bounding_set() {
+    if !privileged() {
+        return;
+    }
+    let exe = env!("CARGO_BIN_EXE_hatchery");
+    let site = |name: &str, workers: usize, caps: &str| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"{exe}\", \"__probe\", \"info\"]\nuser = \"{USER_A}\"\n\
+             workers = {workers}\n[sandbox]\ncapabilities = [{caps}]\n"
+        )
+    };
+    // Started in one batch at the agent's start, in this order: the helpers that took a
+    // worker of "a-none" have dropped every capability when they come to those of "z-keeps".
+    let none = site("a-none", 6, "");
+    let keeps = site("z-keeps", 24, "\"CAP_NET_BIND_SERVICE\"");
+    let agent = TestAgent::start(&[("a-none", &none), ("z-keeps", &keeps)], opts());
+    for (name, n, want) in [
+        ("a-none", 6, "0000000000000000"),
+        ("z-keeps", 24, "0000000000000400"),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let infos = loop {
+            let infos: Vec<serde_json::Value> = log_lines(&agent, name)
+                .iter()
+                .filter(|l| l.contains("\"cap_bnd\""))
+                .map(|l| json_of(l))
+                .collect();
+            let ids: std::collections::BTreeSet<String> = infos
+                .iter()
+                .filter_map(|i| i["env"]["HATCHERY_WORKER_ID"].as_str().map(str::to_string))
+                .collect();
+            if ids.len() == n {
+                break infos;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not every worker of {name} said its sets: {infos:#?}\n{}",
+                agent.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for info in &infos {
+            for set in ["cap_bnd", "cap_prm", "cap_eff"] {
+                assert_eq!(info[set], want, "{name} {set}: {info:#}");
+            }
+        }
+    }
+}
+
 #[test]
 fn sandbox_probe_sees_exactly_its_configuration() {
     if !privileged() {

@@ -19,6 +19,9 @@ pub(super) extern "C" fn child_entry(plan: *const ChildPlan<'_>) -> ! {
 
 /// Raw pointers and numbers the child reads; built in the parent.
 pub(super) struct ChildPlan<'a> {
+    /// The capabilities the parent thread dropped from its own bounding set: inherited
+    /// gone, not dropped again.
+    pub(super) bounding_gone: u64,
     pub(super) path: &'a CStr,
     pub(super) argv: *const *const c_char,
     pub(super) envp: *const *const c_char,
@@ -150,7 +153,7 @@ pub(super) unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     if let Some(sb) = plan.sandbox {
         // SAFETY: `sb` is the parent's plan, valid and unchanged until we exec (see the
         // contract of child_main).
-        unsafe { apply_sandbox(sb, report, ruleset) };
+        unsafe { apply_sandbox(sb, report, ruleset, plan.bounding_gone) };
     }
 
     // Step 15: LISTEN_PID and the working directory.
@@ -216,12 +219,13 @@ fn close_all_but(first: usize, keep: [RawFd; 2]) -> bool {
 }
 
 /// Steps 6 to 14 of the module doc: the sandbox. Only raw syscalls; every failure ends
-/// the child through [`fail`]. `ruleset`: the Landlock ruleset the agent built, or -1.
+/// the child through [`fail`]. `ruleset`: the Landlock ruleset the agent built, or -1;
+/// `bounding_gone`: the capabilities already gone from the bounding set.
 ///
 /// # Safety
 ///
 /// Must be called only in the child, with `sb` valid in its view of the parent's memory.
-unsafe fn apply_sandbox(sb: &SandboxPlan, report: RawFd, ruleset: RawFd) {
+unsafe fn apply_sandbox(sb: &SandboxPlan, report: RawFd, ruleset: RawFd, bounding_gone: u64) {
     // Step 6: rlimits, while we still have CAP_SYS_RESOURCE (raising a hard limit needs it).
     for &(resource, value) in &sb.rlimits {
         let lim = libc::rlimit {
@@ -294,6 +298,10 @@ unsafe fn apply_sandbox(sb: &SandboxPlan, report: RawFd, ruleset: RawFd) {
         // Step 9: the bounding set, while we have CAP_SETPCAP (gone after setresuid to a
         // non-root user); a root worker would regain every capability left in it at exec.
         for &cap in &sb.drop_bounding {
+            let bit = u32::try_from(cap).map_or(0, |c| 1u64.checked_shl(c).unwrap_or(0));
+            if bounding_gone & bit != 0 {
+                continue;
+            }
             // SAFETY: plain integer arguments.
             if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
                 fail(report, ChildStep::DropBounding);

@@ -153,6 +153,11 @@ thread_local! {
     static ON_HELPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether this is one of the helper threads.
+pub(super) fn on_helper() -> bool {
+    ON_HELPER.with(std::cell::Cell::get)
+}
+
 /// Waits, even while unwinding, until each helper thread a run was given to is done with it.
 struct Finished<'a, T: 'static>(&'a Run<T>, usize);
 

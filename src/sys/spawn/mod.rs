@@ -88,6 +88,54 @@ use self::child::child_entry;
 use self::child::child_main;
 pub use self::helpers::{StartHelpers, run_all};
 
+thread_local! {
+    /// The capabilities this thread dropped from its own bounding set ([`bounding_fits`]):
+    /// its children inherit the set without them.
+    static BOUNDING_GONE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The bounding-set mask of `caps`.
+fn cap_mask(caps: &[libc::c_int]) -> u64 {
+    caps.iter()
+        .filter_map(|&c| u32::try_from(c).ok())
+        .fold(0, |m, c| m | 1u64.checked_shl(c).unwrap_or(0))
+}
+
+/// Whether `image` may be started from this thread: not when the thread dropped from its
+/// bounding set a capability the sandbox keeps there (the child could not have it back).
+/// On a helper thread the capabilities the sandbox drops are first dropped from the
+/// thread's own set, once for all its later children (which then skip those
+/// `PR_CAPBSET_DROP`s: 41 for a sandbox that keeps none, each a copy of the credentials,
+/// about a sixth of the child's work before `execve`). The agent's own thread keeps its
+/// set: it also starts zygotes, `exec` sessions and the next agent of an upgrade.
+pub fn bounding_fits(image: &ExecImage) -> bool {
+    let want = image
+        .sandbox
+        .as_deref()
+        .filter(|sb| sb.identity.is_some())
+        .map_or(0, |sb| cap_mask(&sb.drop_bounding));
+    let mut gone = BOUNDING_GONE.get();
+    if gone & !want != 0 {
+        return false;
+    }
+    if helpers::on_helper() && want & !gone != 0 {
+        for cap in 0..64u32 {
+            if (want & !gone) >> cap & 1 == 0 {
+                continue;
+            }
+            // SAFETY: plain integer arguments; it changes this thread's credentials only
+            // (the bounding set is per thread), which no other thread reads.
+            if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+                // Left to each child (which says why it cannot).
+                break;
+            }
+            gone |= 1 << cap;
+        }
+        BOUNDING_GONE.set(gone);
+    }
+    true
+}
+
 /// Most fds a child can be given (stdio plus listeners); bounds the child's stack array.
 pub const MAX_CHILD_FDS: usize = 64;
 /// Most signals a child sets back to `SIG_DFL` (every signal number fits).
@@ -535,6 +583,7 @@ fn spawn_with_block(
         None => std::ptr::null_mut(),
     };
     let plan = ChildPlan {
+        bounding_gone: BOUNDING_GONE.get(),
         path: image.path.as_c_str(),
         argv: image.argv_ptrs.as_ptr(),
         envp: image.env_ptrs.as_ptr(),
