@@ -323,8 +323,8 @@ pub struct Agent {
     /// The sites whose output was read this turn of the loop, before its exits were
     /// handled (see `Agent::drain_before_exits`).
     drained_before_exits: Vec<SiteName>,
-    /// Workers whose exit was handled, with their site, to reap (`Agent::reap_held`).
-    zombies: Vec<(SiteName, crate::process::PidRef)>,
+    /// Workers whose exit was handled, by site, to reap (`Agent::reap_held`).
+    zombies: BTreeMap<SiteName, Vec<crate::process::PidRef>>,
     /// Since when the first of them waits.
     zombies_since: Option<Instant>,
     /// A `SIGCHLD` came while some waited to be reaped: the look for other zombies is
@@ -636,7 +636,7 @@ impl Agent {
             pressure: HashMap::new(),
             workers_dirty: true,
             drained_before_exits: Vec::new(),
-            zombies: Vec::new(),
+            zombies: BTreeMap::new(),
             zombies_since: None,
             scan_owed: false,
             last_record: None,
@@ -956,7 +956,7 @@ impl Agent {
                     .map(|(name, _)| name.clone())
                     .collect()
             };
-            if self.zombies.iter().any(|(site, _)| !held.contains(site)) {
+            if self.zombies.keys().any(|site| !held.contains(site)) {
                 self.flush_history(false);
                 self.flush_pending();
                 self.reap_where(|site| !held.contains(site));

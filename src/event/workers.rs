@@ -90,17 +90,16 @@ impl Agent {
 
     /// Reaps the held workers of the sites `now` says, keeps the others.
     pub(super) fn reap_where(&mut self, now: impl Fn(&SiteName) -> bool) {
-        let (reap, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.zombies)
-            .into_iter()
-            .partition(|(site, _)| now(site));
-        self.zombies = keep;
-        self.zombies_since = (!self.zombies.is_empty())
-            .then_some(self.zombies_since)
-            .flatten();
-        for (_, z) in reap {
-            if let Err(e) = z.try_wait() {
-                warn!(pid = z.pid(), "failed to reap a worker: {e}");
+        let sites: Vec<SiteName> = self.zombies.keys().filter(|s| now(s)).cloned().collect();
+        for site in sites {
+            for z in self.zombies.remove(&site).unwrap_or_default() {
+                if let Err(e) = z.try_wait() {
+                    warn!(pid = z.pid(), "failed to reap a worker: {e}");
+                }
             }
+        }
+        if self.zombies.is_empty() {
+            self.zombies_since = None;
         }
     }
 
@@ -252,7 +251,12 @@ impl Agent {
         );
         if zombie {
             self.zombies_since.get_or_insert_with(Instant::now);
-            self.zombies.push((name.clone(), worker.pidref));
+            match self.zombies.get_mut(name) {
+                Some(held) => held.push(worker.pidref),
+                None => {
+                    self.zombies.insert(name.clone(), vec![worker.pidref]);
+                }
+            }
         }
         self.feed(
             name,
