@@ -1905,3 +1905,113 @@ fn workers_started_together_each_get_their_own_process_and_answer() {
         each_its_own(&first);
     });
 }
+
+/// The record of live workers (`state/workers.json`) is written a little after workers
+/// come and go (not while the workers just started are in their `execve`), by itself, and
+/// always before a client is answered: a restarted worker's pid that a `status` reply
+/// shows is in the record when the reply arrives.
+#[test]
+fn a_restarted_worker_is_recorded_by_itself_and_before_a_client_is_told() {
+    // Each crash restarted at once, however many in a row.
+    let site = "name = \"web\"\ncommand = [\"/bin/sleep\", \"1000\"]\nworkers = 2\n\
+                [restart]\nhealthy_after = \"0s\"\nbackoff_initial = \"1ms\"\n\
+                flapping = { exits = 100, within = \"1s\" }\n";
+    let agent = TestAgent::start(
+        &[("web", site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+    );
+    let record = agent.dir.path().join("state/workers.json");
+    let recorded = || -> Vec<i64> {
+        let text = std::fs::read_to_string(&record).expect("the record of live workers");
+        let value: serde_json::Value = serde_json::from_str(&text).expect("json");
+        value["sites"][0]["gens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["workers"].as_array().into_iter().flatten())
+            .filter_map(|w| w["pid"].as_i64())
+            .collect()
+    };
+    // A status request on the control socket, without starting a CLI: one every few
+    // hundred microseconds, so that a reply can follow a restart by less than the time
+    // the record's write is put off.
+    let running = || -> Vec<i64> {
+        let mut s = UnixStream::connect(&agent.socket).expect("connect");
+        s.write_all(b"{\"cmd\":\"status\",\"site\":\"web\"}\n")
+            .expect("write");
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).expect("read");
+        let reply: serde_json::Value = serde_json::from_str(&line).expect("json");
+        reply["ok"]["sites"][0]["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w["pid"].as_i64())
+            .collect()
+    };
+    wait_until("2 workers", Duration::from_secs(20), || {
+        running().len() == 2
+    });
+
+    // 1. Without a request: the agent's children are looked at, not the agent.
+    let before = running();
+    let agent_pid = i64::from(agent.pid());
+    assert!(sigkill(before[0]));
+    let mut restarted = None;
+    wait_until("the replacement", Duration::from_secs(20), || {
+        restarted = children(agent_pid)
+            .into_iter()
+            .find(|p| !before.contains(p) && comm(*p) == "sleep");
+        restarted.is_some()
+    });
+    let restarted = restarted.expect("found");
+    wait_until(
+        "the replacement in the record, written by itself",
+        Duration::from_secs(20),
+        || recorded().contains(&restarted),
+    );
+
+    // 2. What a reply shows is in the record already.
+    for _ in 0..5 {
+        let before = running();
+        assert!(sigkill(before[0]));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = running();
+            if now.len() == 2 && !now.contains(&before[0]) {
+                let rec = recorded();
+                assert!(
+                    now.iter().all(|p| rec.contains(p)),
+                    "status shows {now:?}, the record {rec:?}"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "no replacement of {}", before[0]);
+        }
+    }
+
+    // 3. The workers replaced were reaped (after their replacements started).
+    wait_until("no zombie of the agent", Duration::from_secs(20), || {
+        processes()
+            .iter()
+            .all(|p| !(p.1 == agent_pid && p.2 == 'Z'))
+    });
+}
+
+/// `SIGKILL` to `pid`, through `kill(1)`: whether it was sent.
+fn sigkill(pid: i64) -> bool {
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The name of process `pid` (`/proc/<pid>/comm`), empty once it is gone.
+fn comm(pid: i64) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

@@ -399,6 +399,9 @@ impl Agent {
 
     pub(super) fn handle_request(&mut self, conn: u64, uid: u32, req: Request) {
         self.counters.control_requests += 1;
+        // What the client is told (a worker's pid, that a start happened) is in the record
+        // first: an agent that crashes after answering leaves it to the next one.
+        self.save_workers_now();
         let admin = self.is_admin(uid);
         // Authorization first: a site request needs root, the agent's user, or the
         // site's own user; the answer for someone else's site does not reveal whether

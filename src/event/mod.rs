@@ -337,6 +337,8 @@ pub struct Agent {
     last_shape: Option<u64>,
     /// The record is not written again before this (see `recovery::save_workers`).
     save_after: Option<Instant>,
+    /// The record's write was put off to `save_after` (see `recovery::save_workers`).
+    save_put_off: bool,
     /// When retired cgroup leaves were last removed (see `remove_retired`).
     last_removals: Option<Instant>,
     /// Sites whose workers were adopted from an earlier agent: the actions their machines
@@ -642,6 +644,7 @@ impl Agent {
             last_record: None,
             last_shape: None,
             save_after: None,
+            save_put_off: false,
             last_removals: None,
             boot_id: recovery::boot_id(),
             adopted: BTreeMap::new(),

@@ -12,13 +12,16 @@
 //! thousand workers crashing at once cost one write. Writing it takes time in proportion
 //! to the workers (about 2 ms for 10,000), so after each write the next waits
 //! [`SAVE_SPACING`] times as long as that one took (at most [`MAX_SAVE_DELAY`]): the
-//! agent spends at most 1/20 of its time on it, and the record is at most that late
-//! (well under a millisecond with a few hundred workers). Only workers coming and going
-//! are spaced out so: a change of a site's generations (a deploy's flip, a generation
-//! told to stop), of its workers asked for or of whether it runs is written at the end
-//! of the iteration it happened in. A worker started in that window
-//! before an agent crash is missing from the record: with cgroups the next agent's sweep
-//! kills it (its leaf is no adopted worker's); without, it runs on unsupervised.
+//! agent spends at most 1/20 of its time on it, and the record is at most that late. Only
+//! workers coming and going are spaced out so, and their change waits at least
+//! [`WORKERS_SAVE_DELAY`] (2 ms), so that the workers just started finish their `execve`
+//! before the write takes the CPU: a change of a site's generations (a deploy's flip, a
+//! generation told to stop), of its workers asked for or of whether it runs is written at
+//! the end of the iteration it happened in, and whatever is pending is written before a
+//! control request is answered (what a client was told is recorded). A worker started in
+//! that window before an agent crash is missing from the record: with cgroups the next
+//! agent's sweep kills it (its leaf is no adopted worker's); without, it runs on
+//! unsupervised.
 //!
 //! At startup, before any site binds or starts, a new agent reads it (a missing file is
 //! normal; an unreadable, corrupt or foreign one is logged and ignored) and opens each
@@ -94,6 +97,11 @@ pub(super) const MAX_STOP_WAIT: Duration = Duration::from_secs(10);
 const SAVE_SPACING: u32 = 20;
 /// The longest the record waits to be written again.
 const MAX_SAVE_DELAY: Duration = Duration::from_millis(100);
+/// How long a record changed by workers coming or going alone waits to be written: the
+/// workers started in the same turn are then past their `execve` (a restarted worker's
+/// `execve` finished after the write, 0.2-0.4 ms later with 100 workers, when both were on
+/// one CPU).
+const WORKERS_SAVE_DELAY: Duration = Duration::from_millis(2);
 /// How long a killed previous worker has to disappear.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -664,16 +672,43 @@ fn poll_exits(procs: &[&PidRef], timeout: Duration) {
 impl Agent {
     /// Rewrites the record if something was fed to a site or a worker started or exited
     /// since it was last written, and it changed (at most once per loop iteration).
+    ///
+    /// A change of workers alone is put off [`WORKERS_SAVE_DELAY`] (or to the spacing's
+    /// end): the workers just started are still in their `execve`, and a write on the
+    /// loop's CPU would hold each back by its length.
     pub(super) fn save_workers(&mut self) {
+        self.save_workers_as(false);
+    }
+
+    /// Rewrites the record now if anything changed since it was last written, put off or
+    /// not: before a control request is answered (what a client is told survives an agent
+    /// crash) and before an upgrade's `execve`.
+    pub(super) fn save_workers_now(&mut self) {
+        self.save_workers_as(true);
+    }
+
+    fn save_workers_as(&mut self, now: bool) {
         if !self.workers_dirty {
             return;
         }
         let began = Instant::now();
         let shape = self.record_shape();
-        if self.save_after.is_some_and(|t| began < t) && self.last_shape == Some(shape) {
+        if !now && self.last_shape == Some(shape) {
             // Only workers came or went: still dirty, the loop wakes at `save_after`.
-            return;
+            match self.save_after {
+                Some(t) if began < t => {
+                    self.save_put_off = true;
+                    return;
+                }
+                _ if !self.save_put_off => {
+                    self.save_put_off = true;
+                    self.save_after = Some(began + WORKERS_SAVE_DELAY);
+                    return;
+                }
+                _ => {}
+            }
         }
+        self.save_put_off = false;
         self.last_shape = Some(shape);
         self.workers_dirty = false;
         let _spaced = SaveSpacing {

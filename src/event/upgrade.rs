@@ -467,8 +467,7 @@ impl Agent {
         // 3. The record, now, whatever was written before.
         self.workers_dirty = true;
         self.last_record = None;
-        self.save_after = None;
-        self.save_workers();
+        self.save_workers_now();
         if self.last_record.is_none() {
             return "the record of live workers could not be written (see the agent's log)".into();
         }
