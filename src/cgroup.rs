@@ -479,7 +479,7 @@ impl CgroupTree {
         if !write_if_present(&dir, CPU_WEIGHT, &weight)? && limits.cpu_weight.is_some() {
             missing.push("cpu_weight");
         }
-        if !self.controllers.iter().any(|c| c == "memory") {
+        if !self.has_memory() {
             if limits.worker_memory_max.is_some() {
                 missing.push("memory_max");
             }
@@ -490,13 +490,19 @@ impl CgroupTree {
         Ok(missing)
     }
 
+    /// Whether the memory controller is enabled for the workers' leaves (their
+    /// `memory.*` files are there).
+    pub fn has_memory(&self) -> bool {
+        self.controllers.iter().any(|c| c == "memory")
+    }
+
     /// Writes the limits of a leaf just made ([`CgroupTree::new_leaf`]): as
     /// [`CgroupTree::apply_worker_limits`], but only what differs from a new cgroup's
     /// defaults (`memory.max` and `memory.high` are `max` already), and nothing where the
     /// memory controller is not enabled (its files are not there): this runs at every
     /// worker start.
     pub fn apply_new_leaf_limits(&self, leaf: &Path, limits: &Limits) -> Result<(), CgroupError> {
-        if !self.controllers.iter().any(|c| c == "memory") {
+        if !self.has_memory() {
             return Ok(());
         }
         if let Some(max) = limits.worker_memory_max {

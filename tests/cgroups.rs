@@ -159,6 +159,61 @@ fn a_fork_bomb_stops_at_pids_max_while_another_site_serves() {
     assert_eq!(s["usage"]["pids"], 0, "the whole bomb is gone: {s:#}");
 }
 
+/// A site at its `pids_max` exactly (one process per worker, as many workers as the limit
+/// allows): a crashed worker's replacement starts at once, every time. The crashed worker,
+/// a zombie until it is reaped, still counts in `pids.current`: it is reaped before the
+/// start (where a site has no `pids_max`, after).
+#[test]
+fn a_crash_at_pids_max_is_restarted_at_once() {
+    if !cgroup_controllers() {
+        return;
+    }
+    let site = probe_site(
+        "full",
+        2,
+        &format!("exec {BIN} __probe sleep"),
+        "pids_max = 2\n[restart]\nhealthy_after = \"0s\"\nbackoff_initial = \"1ms\"\n\
+         flapping = { exits = 100, within = \"1s\" }\n",
+    );
+    let agent = TestAgent::start(
+        &[("full", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+    );
+    for round in 0..5 {
+        let s = agent.wait_for("full", "2 workers", Duration::from_secs(20), |s| {
+            s["workers"][0]["pid"].is_i64() && s["workers"][1]["pid"].is_i64()
+        });
+        let victim = s["workers"][0]["pid"].as_i64().expect("a pid");
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &victim.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success(), "round {round}");
+        agent.wait_for("full", "w-0 replaced", Duration::from_secs(20), |s| {
+            s["workers"][0]["pid"].as_i64().is_some_and(|p| p != victim)
+        });
+    }
+    let out = agent.cli(&["events", "full", "-n", "1000", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let history: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let failed: Vec<_> = history
+        .iter()
+        .filter(|e| e["exit"] == "spawn_failed")
+        .collect();
+    assert!(failed.is_empty(), "a start failed: {failed:#?}");
+    let killed = history
+        .iter()
+        .filter(|e| e["kind"] == "exited" && e["signal"] == "SIGKILL")
+        .count();
+    assert_eq!(killed, 5, "{history:#?}");
+}
+
 #[test]
 fn usage_and_limits_show_in_status() {
     if !cgroup_controllers() {

@@ -13,6 +13,7 @@ use super::history::{Entry, Kind};
 use super::reactor::Interest;
 use super::sites::Worker;
 use super::{Agent, MAX_FOLLOW_BUFFER, Pipe, Source};
+use crate::cgroup::CgroupTree;
 use crate::config::{OutputMode, SiteName};
 use crate::control::{ErrorKind, Reply};
 use crate::logs::{self, LineSplitter, StdStream, Writer};
@@ -79,13 +80,40 @@ impl Agent {
     /// handled, and answered (a stop's reply), first: the kernel's part of reaping (freeing
     /// the process and its `/proc` entries, `release_task`) is most of an exit's cost to the
     /// agent, and a stop of thousands of workers otherwise answers only once each is freed.
-    /// Done before anything is started (a zombie still counts in its cgroups'
-    /// `pids.current`), before the look for other zombies, and at the end of a turn of the
-    /// loop for the sites that are not stopping or that have a `pids_max` (the workers of
-    /// those that are, once they are not: see `Agent::reap_after_turn`). Feeds no machine:
+    /// Done before a zygote, an `exec` session or the next agent is started, before
+    /// workers are (some of them: `Agent::reap_before_starting`), before the look for
+    /// other zombies, and at the end of a turn of the loop for the sites that are not
+    /// stopping or that have a `pids_max` (the workers of those that are, once they are
+    /// not: see `Agent::reap_after_turn`). Feeds no machine:
     /// the look for other zombies it put off (`scan_owed`) is the loop's to make.
     pub(super) fn reap_held(&mut self) {
         self.reap_where(|_| true);
+    }
+
+    /// Before workers are started: reaps the held workers that must go first, those of the
+    /// sites with a `pids_max` (a zombie counts in its cgroups' `pids.current`), or all of
+    /// them when they are more than [`ZOMBIES_PAST_A_START`] (a systemd unit's `TasksMax`
+    /// counts them too). The others (a crashed worker whose replacement is started now)
+    /// are reaped at the end of the turn (`Agent::reap_after_turn`), after the starts: the
+    /// kernel's release of the process replaced is no longer before its replacement.
+    fn reap_before_starting(&mut self) {
+        let held: usize = self.zombies.values().map(Vec::len).sum();
+        if held > ZOMBIES_PAST_A_START {
+            return self.reap_held();
+        }
+        let first: Vec<SiteName> = self
+            .zombies
+            .keys()
+            .filter(|name| {
+                self.sites
+                    .get(*name)
+                    .is_none_or(|s| s.config().limits.pids_max.is_some())
+            })
+            .cloned()
+            .collect();
+        if !first.is_empty() {
+            self.reap_where(|name| first.contains(name));
+        }
     }
 
     /// Reaps the held workers of the sites `now` says, keeps the others.
@@ -220,14 +248,19 @@ impl Agent {
         self.pids.remove(&worker.pidref.pid());
         self.workers_dirty = true;
         // An OOM kill shows as SIGKILL; the leaf's memory.events tells them apart (the
-        // leaf is this process's own, so any count is its).
+        // leaf is this process's own, so any count is its). Without the memory controller
+        // there is no such file, and no OOM kill of a leaf: not looked for.
         let reason = match (&reason, worker.cgroup.as_deref()) {
             (
                 ExitReason::Signaled {
                     signal: libc::SIGKILL,
                 },
                 Some(dir),
-            ) if crate::cgroup::oom_kills(dir).is_some_and(|n| n > 0) => ExitReason::OomKilled,
+            ) if tree.is_some_and(CgroupTree::has_memory)
+                && crate::cgroup::oom_kills(dir).is_some_and(|n| n > 0) =>
+            {
+                ExitReason::OomKilled
+            }
             _ => reason,
         };
         if let (Some(tree), Some(dir), Some(graveyard)) = (tree, &worker.cgroup, graveyard) {
@@ -271,7 +304,7 @@ impl Agent {
     /// (`crate::spawn::start_all`: two at a time when there are several) and says how each
     /// start went, in order: the input its site's machine waits for.
     pub(super) fn spawn_all(&mut self, asked: &[(SiteName, GenId, Slot)]) -> Vec<Input> {
-        self.reap_held();
+        self.reap_before_starting();
         // A few at a time: images made for 10,000 starts at once (1 KB or more each) left
         // the heap that much larger for good, and each start in pipe mode holds four pipe
         // fds until its chunk is done.
@@ -826,6 +859,10 @@ pub(super) fn output_pipe() -> Result<(OwnedFd, OwnedFd), SpawnFailure> {
 
 /// Most workers whose starts are prepared at once (`Agent::spawn_all`).
 const START_CHUNK: usize = 64;
+/// Workers whose exit was handled that may stay zombies past the start of their
+/// replacements, to the end of the turn (`Agent::reap_before_starting`): a few, since each
+/// still counts in its unit's `TasksMax`.
+const ZOMBIES_PAST_A_START: usize = 64;
 
 /// A worker's start, prepared ([`Agent::spawn_all`]).
 struct Prepared {
