@@ -290,6 +290,12 @@ fn start_returns_once_every_site_serves_in_the_delegated_tree_and_stop_leaves_no
         "/system.slice/hatchery.service/agent"
     );
     assert_eq!(show("ControlGroup"), "/system.slice/hatchery.service");
+    // No cap on the unit's tasks: systemd's default (15 % of pid_max, 4915 with the
+    // kernel's default of 32768) would stop the workers short of 10,000; each site's
+    // pids_max limits its own.
+    assert_eq!(show("TasksMax"), "infinity");
+    let pids_max = std::fs::read_to_string(format!("{UNIT_CGROUP}/pids.max")).expect("pids.max");
+    assert_eq!(pids_max.trim(), "max", "the unit's pids.max");
     for name in ["blog", "shop"] {
         let dir = format!("{UNIT_CGROUP}/sites/{name}");
         let max = std::fs::read_to_string(format!("{dir}/memory.max"))
