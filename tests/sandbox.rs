@@ -1254,3 +1254,57 @@ nofile = 64
     }
     assert!(!root.path.join("data/w").exists());
 }
+
+/// A site whose user may run just as many processes as it has workers (`nproc`, counted
+/// by the kernel per user, zombies included; at `setuid` it counts the user's other
+/// processes, so `nproc = 1` lets two workers start): a crashed worker's replacement
+/// starts at once, every time. The crashed worker, a zombie until reaped, still counts
+/// for its user: it is reaped before the start (where no site started has an `nproc`
+/// rlimit, after).
+#[test]
+fn a_crash_at_the_users_nproc_is_restarted_at_once() {
+    if !privileged() {
+        return;
+    }
+    if hatchery::config::lookup_user("nobody").is_none() {
+        skip("needs the user nobody in /etc/passwd");
+        return;
+    }
+    // Run as nobody, which no other test of this file runs as: the count is this site's.
+    let site = format!(
+        "name = \"full\"\ncommand = [\"{BIN}\", \"__probe\", \"sleep\"]\nworkers = 2\n\
+         user = \"nobody\"\n[restart]\nhealthy_after = \"0s\"\nbackoff_initial = \"1ms\"\n\
+         flapping = {{ exits = 100, within = \"1s\" }}\n[sandbox.rlimits]\nnproc = 1\n"
+    );
+    let agent = TestAgent::start(&[("full", &site)], opts());
+    for round in 0..5 {
+        let s = agent.wait_for("full", "2 workers", Duration::from_secs(20), |s| {
+            s["workers"][0]["pid"].is_i64() && s["workers"][1]["pid"].is_i64()
+        });
+        let victim = s["workers"][0]["pid"].as_i64().expect("a pid");
+        let killed = Command::new("kill")
+            .args(["-KILL", &victim.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success(), "round {round}");
+        agent.wait_for("full", "w-0 replaced", Duration::from_secs(20), |s| {
+            s["workers"][0]["pid"].as_i64().is_some_and(|p| p != victim)
+        });
+    }
+    let out = agent.cli(&["events", "full", "-n", "1000", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let history: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let failed: Vec<_> = history
+        .iter()
+        .filter(|e| e["exit"] == "spawn_failed")
+        .collect();
+    assert!(failed.is_empty(), "a start failed: {failed:#?}");
+    let killed = history
+        .iter()
+        .filter(|e| e["kind"] == "exited" && e["signal"] == "SIGKILL")
+        .count();
+    assert_eq!(killed, 5, "{history:#?}");
+}

@@ -399,9 +399,6 @@ impl Agent {
 
     pub(super) fn handle_request(&mut self, conn: u64, uid: u32, req: Request) {
         self.counters.control_requests += 1;
-        // What the client is told (a worker's pid, that a start happened) is in the record
-        // first: an agent that crashes after answering leaves it to the next one.
-        self.save_workers_now();
         let admin = self.is_admin(uid);
         // Authorization first: a site request needs root, the agent's user, or the
         // site's own user; the answer for someone else's site does not reveal whether
@@ -449,6 +446,10 @@ impl Agent {
                 );
             }
         }
+        // Authorized: the workers that came and went before the request are in the record
+        // first, so what the client is told of them (a pid, that a start happened) survives
+        // an agent that crashes after answering.
+        self.save_workers_now();
         if let Some(site) = req.site().filter(|s| self.broken.contains_key(*s)) {
             let site = site.to_string();
             return self.broken_site_request(conn, uid, admin, &site, req);

@@ -17,10 +17,12 @@
 //! [`WORKERS_SAVE_DELAY`] (2 ms), so that the workers just started finish their `execve`
 //! before the write takes the CPU: a change of a site's generations (a deploy's flip, a
 //! generation told to stop), of its workers asked for or of whether it runs is written at
-//! the end of the iteration it happened in, and whatever is pending is written before a
-//! control request is answered (what a client was told is recorded). A worker started in
-//! that window before an agent crash is missing from the record: with cgroups the next
-//! agent's sweep kills it (its leaf is no adopted worker's); without, it runs on
+//! the end of the iteration it happened in, and whatever is pending is written before an
+//! authorized control request is handled (what a client is then told of the workers that
+//! came and went before it is recorded; a reply that comes later, such as the end of a
+//! rolling restart, may precede the record of its last workers by that window). A worker
+//! started in that window before an agent crash is missing from the record: with cgroups
+//! the next agent's sweep kills it (its leaf is no adopted worker's); without, it runs on
 //! unsupervised.
 //!
 //! At startup, before any site binds or starts, a new agent reads it (a missing file is
@@ -671,7 +673,8 @@ fn poll_exits(procs: &[&PidRef], timeout: Duration) {
 
 impl Agent {
     /// Rewrites the record if something was fed to a site or a worker started or exited
-    /// since it was last written, and it changed (at most once per loop iteration).
+    /// since it was last written, and it changed (at the end of a turn of the loop; see
+    /// [`Agent::save_workers_now`] for the other times).
     ///
     /// A change of workers alone is put off [`WORKERS_SAVE_DELAY`] (or to the spacing's
     /// end): the workers just started are still in their `execve`, and a write on the
@@ -681,8 +684,9 @@ impl Agent {
     }
 
     /// Rewrites the record now if anything changed since it was last written, put off or
-    /// not: before a control request is answered (what a client is told survives an agent
-    /// crash) and before an upgrade's `execve`.
+    /// not: before an authorized control request is handled (what a client is told of the
+    /// workers that came and went before it survives an agent crash) and before an
+    /// upgrade's `execve`.
     pub(super) fn save_workers_now(&mut self) {
         self.save_workers_as(true);
     }
@@ -694,18 +698,17 @@ impl Agent {
         let began = Instant::now();
         let shape = self.record_shape();
         if !now && self.last_shape == Some(shape) {
-            // Only workers came or went: still dirty, the loop wakes at `save_after`.
-            match self.save_after {
-                Some(t) if began < t => {
-                    self.save_put_off = true;
-                    return;
-                }
-                _ if !self.save_put_off => {
-                    self.save_put_off = true;
-                    self.save_after = Some(began + WORKERS_SAVE_DELAY);
-                    return;
-                }
-                _ => {}
+            // Only workers came or went: still dirty, the loop wakes at `save_after`, at
+            // least WORKERS_SAVE_DELAY from the first change (and not before the spacing
+            // of the last write ends); put off once, not again at each later change.
+            if !self.save_put_off {
+                self.save_put_off = true;
+                let earliest = began + WORKERS_SAVE_DELAY;
+                self.save_after = Some(self.save_after.map_or(earliest, |t| t.max(earliest)));
+                return;
+            }
+            if self.save_after.is_some_and(|t| began < t) {
+                return;
             }
         }
         self.save_put_off = false;

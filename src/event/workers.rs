@@ -90,29 +90,35 @@ impl Agent {
         self.reap_where(|_| true);
     }
 
-    /// Before workers are started: reaps the held workers that must go first, those of the
-    /// sites with a `pids_max` (a zombie counts in its cgroups' `pids.current`), or all of
-    /// them when they are more than [`ZOMBIES_PAST_A_START`] (a systemd unit's `TasksMax`
-    /// counts them too). The others (a crashed worker whose replacement is started now)
-    /// are reaped at the end of the turn (`Agent::reap_after_turn`), after the starts: the
-    /// kernel's release of the process replaced is no longer before its replacement.
-    fn reap_before_starting(&mut self) {
-        let held: usize = self.zombies.values().map(Vec::len).sum();
-        if held > ZOMBIES_PAST_A_START {
-            return self.reap_held();
+    /// Before the workers `asked` for are started: reaps every held worker when a zombie
+    /// could make a start fail, that is when more than [`ZOMBIES_PAST_A_START`] are held (a
+    /// systemd unit's `TasksMax` counts them), when one is of a site with a `pids_max` (it
+    /// counts in its cgroups' `pids.current`) or gone from the configuration, or when a site
+    /// started has an `nproc` rlimit (its user's zombies count in it, of whichever site:
+    /// the new worker's `execve` fails with `EAGAIN`). Otherwise (a crashed worker whose
+    /// replacement is started now, the common case) they are reaped after the starts, at
+    /// the end of the turn or once their site's stop is over (`Agent::reap_after_turn`):
+    /// the kernel's release of the process replaced is no longer before its replacement.
+    fn reap_before_starting(&mut self, asked: &[(SiteName, GenId, Slot)]) {
+        if self.zombies.is_empty() {
+            return;
         }
-        let first: Vec<SiteName> = self
-            .zombies
-            .keys()
-            .filter(|name| {
-                self.sites
-                    .get(*name)
-                    .is_none_or(|s| s.config().limits.pids_max.is_some())
-            })
-            .cloned()
-            .collect();
-        if !first.is_empty() {
-            self.reap_where(|name| first.contains(name));
+        let held: usize = self.zombies.values().map(Vec::len).sum();
+        let config = |name: &SiteName| self.sites.get(name).map(|s| s.config());
+        let counted = |c: &crate::config::SiteConfig| c.limits.pids_max.is_some();
+        let nproc = |c: &crate::config::SiteConfig| {
+            c.sandbox.rlimits.iter().any(|(name, _, _)| name == "nproc")
+        };
+        let first = held > ZOMBIES_PAST_A_START
+            || self
+                .zombies
+                .keys()
+                .any(|name| config(name).is_none_or(counted))
+            || asked
+                .iter()
+                .any(|(name, _, _)| config(name).is_some_and(nproc));
+        if first {
+            self.reap_held();
         }
     }
 
@@ -304,7 +310,7 @@ impl Agent {
     /// (`crate::spawn::start_all`: two at a time when there are several) and says how each
     /// start went, in order: the input its site's machine waits for.
     pub(super) fn spawn_all(&mut self, asked: &[(SiteName, GenId, Slot)]) -> Vec<Input> {
-        self.reap_before_starting();
+        self.reap_before_starting(asked);
         // A few at a time: images made for 10,000 starts at once (1 KB or more each) left
         // the heap that much larger for good, and each start in pipe mode holds four pipe
         // fds until its chunk is done.
