@@ -182,36 +182,7 @@ fn a_crash_at_pids_max_is_restarted_at_once() {
             cgroups: true,
         },
     );
-    for round in 0..5 {
-        let s = agent.wait_for("full", "2 workers", Duration::from_secs(20), |s| {
-            s["workers"][0]["pid"].is_i64() && s["workers"][1]["pid"].is_i64()
-        });
-        let victim = s["workers"][0]["pid"].as_i64().expect("a pid");
-        let killed = std::process::Command::new("kill")
-            .args(["-KILL", &victim.to_string()])
-            .status()
-            .expect("kill");
-        assert!(killed.success(), "round {round}");
-        agent.wait_for("full", "w-0 replaced", Duration::from_secs(20), |s| {
-            s["workers"][0]["pid"].as_i64().is_some_and(|p| p != victim)
-        });
-    }
-    let out = agent.cli(&["events", "full", "-n", "1000", "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let history: Vec<serde_json::Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-        .collect();
-    let failed: Vec<_> = history
-        .iter()
-        .filter(|e| e["exit"] == "spawn_failed")
-        .collect();
-    assert!(failed.is_empty(), "a start failed: {failed:#?}");
-    let killed = history
-        .iter()
-        .filter(|e| e["kind"] == "exited" && e["signal"] == "SIGKILL")
-        .count();
-    assert_eq!(killed, 5, "{history:#?}");
+    crash_w0_and_see_each_restart(&agent, "full", 5);
 }
 
 #[test]

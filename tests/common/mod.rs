@@ -510,3 +510,39 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Kills worker 0 of `site` with `SIGKILL` `rounds` times, each once both workers run,
+/// waiting for its replacement each time; then checks the site's history: as many
+/// `SIGKILL` exits, and no start that failed (each replacement started at once).
+pub fn crash_w0_and_see_each_restart(agent: &TestAgent, site: &str, rounds: usize) {
+    for round in 0..rounds {
+        let s = agent.wait_for(site, "2 workers", Duration::from_secs(20), |s| {
+            s["workers"][0]["pid"].is_i64() && s["workers"][1]["pid"].is_i64()
+        });
+        let victim = s["workers"][0]["pid"].as_i64().expect("a pid");
+        let killed = Command::new("kill")
+            .args(["-KILL", &victim.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success(), "round {round}");
+        agent.wait_for(site, "w-0 replaced", Duration::from_secs(20), |s| {
+            s["workers"][0]["pid"].as_i64().is_some_and(|p| p != victim)
+        });
+    }
+    let out = agent.cli(&["events", site, "-n", "1000", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let history: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let failed: Vec<_> = history
+        .iter()
+        .filter(|e| e["exit"] == "spawn_failed")
+        .collect();
+    assert!(failed.is_empty(), "a start failed: {failed:#?}");
+    let killed = history
+        .iter()
+        .filter(|e| e["kind"] == "exited" && e["signal"] == "SIGKILL")
+        .count();
+    assert_eq!(killed, rounds, "{history:#?}");
+}
