@@ -8,8 +8,8 @@
 //! it, and the kernel's side of each generation: its listeners' socket inodes, and each
 //! worker's start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot) and cgroup
 //! leaf. It is rewritten atomically (a temporary file in the same directory, then
-//! `rename`; the file replaced is closed by a thread of its own, so that the release of its
-//! blocks never holds the loop) at most once per iteration of the event loop, and only when
+//! `rename`; the file replaced is removed by a thread of its own, so that the release of
+//! its blocks never holds the loop) at most once per iteration of the event loop, and only when
 //! it changed, so a thousand workers crashing at once cost one write. Writing it takes
 //! time in proportion to the workers (about 2 ms for 10,000), so after each write the next waits
 //! [`SAVE_SPACING`] times as long as that one took (at most [`MAX_SAVE_DELAY`]): the
@@ -219,34 +219,45 @@ fn save_with(
     // agent that dies leaves the page cache to the next one; after a crash of the host the
     // boot id differs (and a torn file is corrupt), so the record is ignored either way.
     drop(f);
-    // The record replaced is held open across the `rename` and closed by another thread:
-    // the last close frees its blocks, and on a file system mounted with `discard` (ext4
-    // here) that waits for the device to discard them, 1 to 3 ms for the record of 10,000
-    // workers, during which the loop would handle nothing.
-    let old = std::fs::File::open(path).ok();
+    // The record replaced keeps a second name across the `rename`, which a thread of its
+    // own then removes: the last name gone frees its blocks, and on a file system mounted
+    // with `discard` (ext4 here) that waits for the device to discard them, 1 to 3 ms for
+    // the record of 10,000 workers, during which the loop would handle nothing. (No fd is
+    // held instead: a child started meanwhile would copy it, and could close it last.) A
+    // second name still there (its removal not done yet, or left by an agent that died) is
+    // removed in the same way, and this record released here.
+    let spare = path.with_extension("json.replaced");
+    let kept = std::fs::hard_link(path, &spare);
     std::fs::rename(&tmp, path)?;
-    if let Some(old) = old {
-        close_elsewhere(old);
+    if kept.is_ok() || spare.exists() {
+        remove_elsewhere(spare);
     }
     Ok(())
 }
 
-/// Closes `file` on a thread of its own (started at the first call), so that whatever its
-/// last close waits for does not hold the caller; closed here if there is no such thread.
-fn close_elsewhere(file: std::fs::File) {
+/// Removes `path` on a thread of its own (started at the first call), so that whatever the
+/// removal waits for does not hold the caller; removed here if there is no such thread.
+fn remove_elsewhere(path: PathBuf) {
     use std::sync::{OnceLock, mpsc};
-    static CLOSER: OnceLock<Option<mpsc::Sender<std::fs::File>>> = OnceLock::new();
-    let closer = CLOSER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<std::fs::File>();
+    static REMOVER: OnceLock<Option<mpsc::Sender<PathBuf>>> = OnceLock::new();
+    let remover = REMOVER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<PathBuf>();
         std::thread::Builder::new()
-            .name("hatchery-close".into())
-            .spawn(move || rx.into_iter().for_each(drop))
+            .name("hatchery-rm".into())
+            .spawn(move || {
+                for path in rx {
+                    let _ = std::fs::remove_file(path);
+                }
+            })
             .ok()
             .map(|_| tx)
     });
-    if let Some(tx) = closer {
-        // A send to a thread that is gone hands the file back: it is closed here.
-        let _ = tx.send(file);
+    let unsent = match remover {
+        Some(tx) => tx.send(path).err().map(|e| e.0),
+        None => Some(path),
+    };
+    if let Some(path) = unsent {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -885,34 +896,28 @@ mod tests {
     use super::*;
     use crate::supervisor::machine::GenRecord;
 
-    /// The fds of this process open on a deleted file under `dir`.
-    fn deleted_under(dir: &Path) -> Vec<String> {
-        std::fs::read_dir("/proc/self/fd")
-            .expect("fds")
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .map(|t| t.to_string_lossy().into_owned())
-            .filter(|t| t.starts_with(&*dir.to_string_lossy()) && t.ends_with("(deleted)"))
-            .collect()
-    }
-
     #[test]
-    fn a_record_replaced_is_closed_by_the_closing_thread() {
-        let dir = std::env::temp_dir().join(format!("hatchery-save-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("workers.json");
+    fn a_record_replaced_loses_its_second_name_on_the_removing_thread() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("workers.json");
+        let spare = path.with_extension("json.replaced");
+        // A second name left by an agent that died is removed too.
+        std::fs::write(&spare, "left over").expect("spare");
         for text in ["first", "second", "third"] {
             save_with(&path, |f| f.write_all(text.as_bytes()).map(|()| true)).expect("save");
             assert_eq!(std::fs::read_to_string(&path).expect("read"), text);
         }
         assert!(!path.with_extension("json.tmp").exists());
-        // The two records replaced were held open across their rename, then closed by the
-        // other thread: none is left open.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !deleted_under(&dir).is_empty() && std::time::Instant::now() < deadline {
-            std::thread::yield_now();
+        while spare.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        assert_eq!(deleted_under(&dir), Vec::<String>::new());
-        std::fs::remove_dir_all(&dir).expect("clean up");
+        assert!(!spare.exists(), "{spare:?} is still there");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("workers.json")]);
     }
 
     fn file(workers: Vec<WorkerRecord>) -> WorkersFile {
