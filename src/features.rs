@@ -65,12 +65,9 @@ pub fn probe_kernel() -> Vec<Feature> {
         )),
     }
     match crate::sys::uring::Uring::new(512) {
-        Ok(ring) => out.push(Feature::on(
+        Ok(_) => out.push(Feature::on(
             "io_uring",
-            format!(
-                "event loop on io_uring, {} (HATCHERY_REACTOR=epoll to use epoll)",
-                ring.taskrun().name()
-            ),
+            "event loop on io_uring (HATCHERY_REACTOR=epoll to use epoll)",
         )),
         Err(e) => out.push(Feature::off(
             "io_uring",
