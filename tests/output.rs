@@ -67,26 +67,40 @@ fn lines_are_attributed_to_their_worker_and_pid_through_one_socket() {
             "out",
             2,
         );
-        let mut log = Vec::new();
-        wait_until(
-            "both workers' and children's lines",
-            Duration::from_secs(20),
-            || {
-                let out = agent.cli(&["logs", "out", "-n", "200"]);
-                log = lines(&stdout(&out));
-                (0..2).all(|k| {
-                    log.iter()
-                        .any(|(_, _, t)| t.starts_with(&format!("child {k} ")))
-                }) && (0..2).all(|k| {
-                    log.iter()
-                        .filter(|(w, _, t)| *w == format!("w-{k}") && !t.is_empty())
-                        .filter(|(_, _, t)| t.bytes().all(|b| b == b'0'))
-                        .map(|(_, _, t)| t.len())
-                        .sum::<usize>()
-                        == 300_000
-                })
-            },
-        );
+        let zeros = |log: &[(String, i32, String)], k: u32| {
+            log.iter()
+                .filter(|(w, _, t)| *w == format!("w-{k}") && !t.is_empty())
+                .filter(|(_, _, t)| t.bytes().all(|b| b == b'0'))
+                .map(|(_, _, t)| t.len())
+                .sum::<usize>()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let log = loop {
+            let out = agent.cli(&["logs", "out", "-n", "200"]);
+            let log = lines(&stdout(&out));
+            let children = (0..2).all(|k| {
+                log.iter()
+                    .any(|(_, _, t)| t.starts_with(&format!("child {k} ")))
+            });
+            if children && (0..2).all(|k| zeros(&log, k) == 300_000) {
+                break log;
+            }
+            if std::time::Instant::now() >= deadline {
+                let shown: Vec<_> = log
+                    .iter()
+                    .map(|(w, p, t)| format!("{w}[{p}] {} bytes: {:.40}", t.len(), t))
+                    .collect();
+                panic!(
+                    "timed out waiting for both workers' and children's lines: zeros {} and {}, \
+                     {} lines:\n{}",
+                    zeros(&log, 0),
+                    zeros(&log, 1),
+                    log.len(),
+                    shown.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         let status = agent.status("out");
         for k in 0..2u32 {
             let w = format!("w-{k}");
