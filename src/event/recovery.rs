@@ -1,20 +1,20 @@
 //! The record of a running agent (`<state_dir>/workers.json`), and what a starting agent
 //! does with the workers an earlier one left running: it adopts them.
 //!
-//! The file holds, under a format version and the boot id (start times mean nothing
-//! across a reboot), for each site: its machine's record (generations, which one serves,
-//! the workers asked for, whether it runs, each worker's slot, pid, readiness and
-//! restarts: [`MachineRecord`]), the text of its file as the workers were started from
-//! it, and the kernel's side of each generation: its listeners' socket inodes, and each
-//! worker's start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot) and cgroup
-//! leaf. It is rewritten atomically (a temporary file in the same directory, then
-//! `rename`; the file replaced is removed by a thread of its own, so that the release of
-//! its blocks never holds the loop) at most once per iteration of the event loop, and only when
-//! it changed, so a thousand workers crashing at once cost one write. Writing it takes
-//! time in proportion to the workers (about 2 ms for 10,000), so after each write the next waits
-//! [`SAVE_SPACING`] times as long as that one took (at most [`MAX_SAVE_DELAY`]): the
-//! agent spends at most 1/20 of its time on it, and the record is at most that late. Only
-//! workers coming and going are spaced out so, and their change waits at least
+//! The file holds, under a format version and the boot id (start times mean nothing across
+//! a reboot), for each site: its machine's record (generations, which one serves, the
+//! workers asked for, whether it runs, each worker's slot, pid, readiness and restarts:
+//! [`MachineRecord`]), the text of its file as the workers were started from it, and the
+//! kernel's side of each generation: its listeners' socket inodes, and each worker's start
+//! time (field 22 of `/proc/<pid>/stat`, clock ticks since boot) and cgroup leaf. It is
+//! rewritten atomically (a temporary file in the same directory, then `rename`; the file
+//! replaced is removed by a thread of its own, so that the release of its blocks never
+//! holds the loop) at most once per iteration of the event loop, and only when it changed,
+//! so a thousand workers crashing at once cost one write. Writing it takes time in
+//! proportion to the workers (about 2 ms for 10,000), so after each write the next waits
+//! [`SAVE_SPACING`] times as long as that one took (at most [`MAX_SAVE_DELAY`]): the agent
+//! spends at most 1/20 of its time on it, and the record is at most that late. Only workers
+//! coming and going are spaced out so, and their change waits at least
 //! [`WORKERS_SAVE_DELAY`] (2 ms), so that the workers just started finish their `execve`
 //! before the write takes the CPU: a change of a site's generations (a deploy's flip, a
 //! generation told to stop), of its workers asked for or of whether it runs is written at
