@@ -74,33 +74,29 @@ fn lines_are_attributed_to_their_worker_and_pid_through_one_socket() {
                 .map(|(_, _, t)| t.len())
                 .sum::<usize>()
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let log = loop {
+        let mut log = Vec::new();
+        let done = poll_until(Duration::from_secs(20), || {
             let out = agent.cli(&["logs", "out", "-n", "200"]);
-            let log = lines(&stdout(&out));
-            let children = (0..2).all(|k| {
+            log = lines(&stdout(&out));
+            (0..2).all(|k| {
                 log.iter()
                     .any(|(_, _, t)| t.starts_with(&format!("child {k} ")))
-            });
-            if children && (0..2).all(|k| zeros(&log, k) == 300_000) {
-                break log;
-            }
-            if std::time::Instant::now() >= deadline {
-                let shown: Vec<_> = log
-                    .iter()
-                    .map(|(w, p, t)| format!("{w}[{p}] {} bytes: {:.40}", t.len(), t))
-                    .collect();
-                panic!(
-                    "timed out waiting for both workers' and children's lines: zeros {} and {}, \
-                     {} lines:\n{}",
-                    zeros(&log, 0),
-                    zeros(&log, 1),
-                    log.len(),
-                    shown.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+            }) && (0..2).all(|k| zeros(&log, k) == 300_000)
+        });
+        if !done {
+            let shown: Vec<_> = log
+                .iter()
+                .map(|(w, p, t)| format!("{w}[{p}] {} bytes: {:.40}", t.len(), t))
+                .collect();
+            panic!(
+                "timed out waiting for both workers' and children's lines: zeros {} and {}, \
+                 {} lines:\n{}",
+                zeros(&log, 0),
+                zeros(&log, 1),
+                log.len(),
+                shown.join("\n")
+            );
+        }
         let status = agent.status("out");
         for k in 0..2u32 {
             let w = format!("w-{k}");

@@ -422,12 +422,20 @@ pub fn root_owned_tempdir() -> tempfile::TempDir {
 }
 
 /// Polls `cond` every 10 ms until it holds, or panics after `timeout` saying `what`.
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    assert!(poll_until(timeout, cond), "timed out waiting for {what}");
+}
+
+/// Polls `cond` every 10 ms until it holds (true), or until `timeout` has passed (false).
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
+    true
 }
 
 /// The children of `pid` (direct, not zombies).
