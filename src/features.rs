@@ -65,9 +65,12 @@ pub fn probe_kernel() -> Vec<Feature> {
         )),
     }
     match crate::sys::uring::Uring::new(512) {
-        Ok(_) => out.push(Feature::on(
+        Ok(ring) => out.push(Feature::on(
             "io_uring",
-            "event loop on io_uring (HATCHERY_REACTOR=epoll to use epoll)",
+            format!(
+                "event loop on io_uring, {} (HATCHERY_REACTOR=epoll to use epoll)",
+                ring.taskrun().name()
+            ),
         )),
         Err(e) => out.push(Feature::off(
             "io_uring",

@@ -737,9 +737,10 @@ impl Agent {
         let mut out = self.kernel.clone();
         out.push(Feature::on(
             "event loop",
-            match &self.reactor_note {
-                None => self.reg.reactor.backend().name().to_string(),
-                Some(why) => format!("{} ({why})", self.reg.reactor.backend().name()),
+            match (&self.reactor_note, self.reg.reactor.detail()) {
+                (Some(why), _) => format!("{} ({why})", self.reg.reactor.backend().name()),
+                (None, Some(how)) => format!("{}; {how}", self.reg.reactor.backend().name()),
+                (None, None) => self.reg.reactor.backend().name().to_string(),
             },
         ));
         match (&self.cgroups, &self.cgroup_note) {

@@ -88,6 +88,15 @@ impl Reactor {
         }
     }
 
+    /// How the backend posts what is ready, where it has a choice (io_uring: see
+    /// [`crate::sys::uring::TaskRun`]).
+    pub fn detail(&self) -> Option<&'static str> {
+        match self {
+            Reactor::Uring(u) => Some(u.taskrun().name()),
+            Reactor::Epoll(_) => None,
+        }
+    }
+
     /// Asks for one notification carrying `token` when `fd` is ready for `interest`.
     pub fn arm(&mut self, fd: BorrowedFd<'_>, interest: Interest, token: u64) -> io::Result<()> {
         match self {

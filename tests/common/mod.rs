@@ -466,6 +466,14 @@ pub fn reactor_in_use(pid: i64) -> &'static str {
 }
 
 /// Whether a process is alive (and not a zombie).
+/// The running kernel's release as (major, minor).
+pub fn kernel_release() -> (u32, u32) {
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = r.trim().split(|c: char| !c.is_ascii_digit());
+    let mut next = || parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (next(), next())
+}
+
 pub fn alive(pid: i64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
