@@ -15,10 +15,12 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// A site of `workers` shell workers that say hello and sleep.
+/// A site of `workers` shell workers that say hello and sleep. A worker that crashes
+/// again after a crash waits 1 s to start: none runs the hour after which a record is
+/// clean.
 fn site(workers: u32) -> String {
     format!(
-        "name = \"ev\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hello $HATCHERY_WORKER_ID; exec sleep 1000\"]\nworkers = {workers}\n[restart]\nbackoff_initial = \"5s\"\n"
+        "name = \"ev\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hello $HATCHERY_WORKER_ID; exec sleep 1000\"]\nworkers = {workers}\n[restart]\nbackoff_initial = \"1s\"\nhealthy_after = \"1h\"\n"
     )
 }
 
@@ -89,6 +91,8 @@ fn a_crash_is_an_exit_with_its_signal_a_restart_scheduled_a_start_and_ready() {
             victim["pid"].as_i64().expect("pid"),
             victim["id"].as_u64().expect("id"),
         );
+        // The first crash: its exit, then the slot started again and ready (at once, or at
+        // the floor `backoff_initial` after the start: the machine's speed decides which).
         kill9(pid);
         let history = wait_event(&agent, "the crashed worker started again and ready", |h| {
             let Some(exit) = position(h, |e| e["kind"] == "exited" && e["pid"] == pid) else {
@@ -112,25 +116,30 @@ fn a_crash_is_an_exit_with_its_signal_a_restart_scheduled_a_start_and_ready() {
         );
         assert_eq!(e["worker"], slot, "{e}");
         let worker = e["worker"].clone();
-        let after = &history[exit..];
-        let of = |kind: &str| {
+        let of = |after: &[Value], kind: &str| {
             after
                 .iter()
                 .position(|x| x["kind"] == kind && x["worker"] == worker)
                 .unwrap_or_else(|| panic!("no {kind} after the exit: {after:#?}"))
         };
-        let (scheduled, started, ready) = (of("restart_scheduled"), of("started"), of("ready"));
-        assert!(
-            scheduled < started && started < ready,
-            "in order: {after:#?}"
-        );
-        assert!(after[scheduled]["delay_ms"].as_u64().is_some());
+        let after = &history[exit..];
+        let (started, ready) = (of(after, "started"), of(after, "ready"));
+        assert!(started < ready, "in order: {after:#?}");
         let new_pid = after[started]["pid"].as_i64().expect("a pid");
         assert_ne!(new_pid, pid);
         assert_eq!(after[ready]["pid"], new_pid);
 
         // The site's log: the workers' lines and the agent's marked line about the crash.
-        let log = stdout(&agent.cli(&["logs", "ev", "-n", "100"]));
+        let hello = |p: i64| format!(" w-{worker}[{p}] hello ");
+        let mut log = String::new();
+        wait_until(
+            "the successor's hello in the log",
+            Duration::from_secs(20),
+            || {
+                log = stdout(&agent.cli(&["logs", "ev", "-n", "100"]));
+                log.contains(&hello(new_pid))
+            },
+        );
         let marked = format!("w-{worker}[{pid}] killed by SIGKILL");
         let line = log
             .lines()
@@ -139,22 +148,53 @@ fn a_crash_is_an_exit_with_its_signal_a_restart_scheduled_a_start_and_ready() {
         let (_, rest) = line.split_once(' ').expect("a time");
         assert!(rest.starts_with("hatchery: "), "marked: {line}");
         assert!(
-            log.lines()
-                .any(|l| l.contains(&format!(" w-{worker}[{pid}] hello "))),
+            log.contains(&hello(pid)),
             "the worker's own lines are there too:\n{log}"
         );
-        assert!(
-            log.lines()
-                .any(|l| l.contains(&format!(" w-{worker}[{new_pid}] hello "))),
-            "and its successor's:\n{log}"
+
+        // The second crash in a row (the successor ran far less than `healthy_after`)
+        // always waits its backoff, `backoff_initial` × 2⁰: a restart scheduled in 1000
+        // ms, then the start and the ready.
+        kill9(new_pid);
+        let history = wait_event(&agent, "the second crash's successor ready", |h| {
+            let Some(exit) = position(h, |e| e["kind"] == "exited" && e["pid"] == new_pid) else {
+                return false;
+            };
+            h[exit..]
+                .iter()
+                .any(|e| e["kind"] == "ready" && e["worker"] == worker)
+        });
+        let exit = position(&history, |e| e["kind"] == "exited" && e["pid"] == new_pid)
+            .expect("waited for");
+        assert_eq!(history[exit]["signal"], "SIGKILL", "{}", history[exit]);
+        let after = &history[exit..];
+        let (scheduled, started, ready) = (
+            of(after, "restart_scheduled"),
+            of(after, "started"),
+            of(after, "ready"),
         );
+        assert!(
+            scheduled < started && started < ready,
+            "in order: {after:#?}"
+        );
+        assert_eq!(
+            after[scheduled]["delay_ms"], 1000,
+            "{:#?}",
+            after[scheduled]
+        );
+        let third = after[started]["pid"].as_i64().expect("a pid");
+        assert!(third != pid && third != new_pid, "{after:#?}");
+        assert_eq!(after[ready]["pid"], third);
+
         // The text form: one line per event, time, site, who, what.
         let text = stdout(&agent.cli(&["events", "ev", "-n", "1000"]));
-        assert!(
-            text.lines()
-                .any(|l| l.ends_with(&format!(" ev gen-1 w-{worker}[{pid}] killed by SIGKILL"))),
-            "{text}"
-        );
+        for said in [
+            format!(" ev gen-1 w-{worker}[{pid}] killed by SIGKILL"),
+            format!(" ev gen-1 w-{worker}[{new_pid}] killed by SIGKILL"),
+            format!(" ev gen-1 w-{worker} restarting in 1000 ms"),
+        ] {
+            assert!(text.lines().any(|l| l.ends_with(&said)), "{said}:\n{text}");
+        }
     }
 }
 
