@@ -1090,26 +1090,42 @@ pub struct LineSplitter {
 }
 
 impl LineSplitter {
-    /// Feeds `data`; calls `emit` with each complete line (without its newline).
+    /// Feeds `data`; calls `emit` with each complete line (without its newline), a line
+    /// longer than [`MAX_LINE`] in pieces of `MAX_LINE` (its last piece the rest), however
+    /// the reads cut it.
     pub fn feed(&mut self, data: &[u8], mut emit: impl FnMut(&[u8])) {
         let mut rest = data;
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            let (line, tail) = rest.split_at(pos);
+        while let Some(pos) = memchr::memchr(b'\n', rest) {
+            let end = self.cut(&rest[..pos], &mut emit);
             if self.partial.is_empty() {
-                emit(line);
+                emit(end);
             } else {
-                self.partial.extend_from_slice(line);
+                self.partial.extend_from_slice(end);
                 emit(&self.partial);
                 self.partial.clear();
             }
-            rest = &tail[1..];
+            rest = &rest[pos + 1..];
         }
-        self.partial.extend_from_slice(rest);
-        while self.partial.len() >= MAX_LINE {
-            let tail = self.partial.split_off(MAX_LINE);
-            emit(&self.partial);
-            self.partial = tail;
+        let end = self.cut(rest, &mut emit);
+        self.partial.extend_from_slice(end);
+    }
+
+    /// Emits pieces of `MAX_LINE` of the unfinished line followed by `bytes` for as long
+    /// as more than `MAX_LINE` is left; returns the rest of `bytes` (which, after the
+    /// unfinished line, is at most `MAX_LINE`).
+    fn cut<'a>(&mut self, mut bytes: &'a [u8], emit: &mut impl FnMut(&[u8])) -> &'a [u8] {
+        while self.partial.len() + bytes.len() > MAX_LINE {
+            let (head, tail) = bytes.split_at(MAX_LINE - self.partial.len());
+            if self.partial.is_empty() {
+                emit(head);
+            } else {
+                self.partial.extend_from_slice(head);
+                emit(&self.partial);
+                self.partial.clear();
+            }
+            bytes = tail;
         }
+        bytes
     }
 
     /// Whether no unfinished line waits.
@@ -1207,6 +1223,49 @@ mod tests {
         let mut long = Vec::new();
         s.feed(&vec![b'x'; MAX_LINE * 2 + 5], |l| long.push(l.len()));
         assert_eq!(long, vec![MAX_LINE, MAX_LINE]);
+    }
+
+    /// A long line comes out in pieces of at most `MAX_LINE`, every byte once and in
+    /// order, whatever the reads' sizes: a read that ends the line after an unfinished
+    /// part (or holds more than `MAX_LINE` of it) does not make a longer piece.
+    #[test]
+    fn a_long_line_is_cut_into_pieces_of_max_line_however_it_is_read() {
+        let line: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut data = line.clone();
+        data.extend_from_slice(b"\nnext\n");
+        for read in [
+            1,
+            7,
+            4096,
+            MAX_LINE - 1,
+            MAX_LINE,
+            MAX_LINE + 1,
+            65536,
+            70_000,
+            400_000,
+        ] {
+            let mut s = LineSplitter::default();
+            let mut pieces: Vec<Vec<u8>> = Vec::new();
+            for chunk in data.chunks(read) {
+                s.feed(chunk, |l| pieces.push(l.to_vec()));
+            }
+            assert!(s.is_empty(), "read {read}");
+            let last = pieces.pop().expect("the next line");
+            assert_eq!(last, b"next", "read {read}");
+            assert!(
+                pieces.iter().all(|p| p.len() <= MAX_LINE),
+                "read {read}: {:?}",
+                pieces.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+            assert_eq!(pieces.concat(), line, "read {read}");
+            assert_eq!(pieces.len(), line.len().div_ceil(MAX_LINE), "read {read}");
+        }
+        // A line of exactly two pieces ends with the second: no empty line after it.
+        let mut s = LineSplitter::default();
+        let mut got = Vec::new();
+        s.feed(&vec![b'y'; MAX_LINE * 2], |l| got.push(l.len()));
+        s.feed(b"\n\n", |l| got.push(l.len()));
+        assert_eq!(got, vec![MAX_LINE, MAX_LINE, 0]);
     }
 
     #[test]

@@ -126,6 +126,12 @@ fn lines_are_attributed_to_their_worker_and_pid_through_one_socket() {
                 .collect();
             assert!(long.len() >= 2, "{long:?}");
             assert!(
+                long.iter()
+                    .all(|(_, _, t)| t.len() <= hatchery::logs::MAX_LINE),
+                "no piece longer than MAX_LINE: {:?}",
+                long.iter().map(|(_, _, t)| t.len()).collect::<Vec<_>>()
+            );
+            assert!(
                 long.iter().all(|(_, p, _)| *p == pid),
                 "written by the worker"
             );
