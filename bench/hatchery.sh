@@ -4,7 +4,9 @@
 # Uses $HATCHERY_BIN, by default the packaged build next to this file (target/dist/hatchery,
 # `cargo build --profile dist`), or target/release/hatchery when there is none.
 set -eu
-HERE=$(cd "$(dirname "$0")/.." && pwd)
+# The project: the directory above this file's, found without a fork (the harness times
+# `stop` from the adapter's spawn, and `limit`'s adapter forks nothing before its `kill`).
+case $0 in */*) HERE=${0%/*}/.. ;; *) HERE=.. ;; esac
 default=$HERE/target/dist/hatchery
 [ -x "$default" ] || default=$HERE/target/release/hatchery
 BIN=${HATCHERY_BIN:-$default}
