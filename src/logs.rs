@@ -1097,13 +1097,7 @@ impl LineSplitter {
         let mut rest = data;
         while let Some(pos) = memchr::memchr(b'\n', rest) {
             let end = self.cut(&rest[..pos], &mut emit);
-            if self.partial.is_empty() {
-                emit(end);
-            } else {
-                self.partial.extend_from_slice(end);
-                emit(&self.partial);
-                self.partial.clear();
-            }
+            self.emit_with(end, &mut emit);
             rest = &rest[pos + 1..];
         }
         let end = self.cut(rest, &mut emit);
@@ -1116,16 +1110,21 @@ impl LineSplitter {
     fn cut<'a>(&mut self, mut bytes: &'a [u8], emit: &mut impl FnMut(&[u8])) -> &'a [u8] {
         while self.partial.len() + bytes.len() > MAX_LINE {
             let (head, tail) = bytes.split_at(MAX_LINE - self.partial.len());
-            if self.partial.is_empty() {
-                emit(head);
-            } else {
-                self.partial.extend_from_slice(head);
-                emit(&self.partial);
-                self.partial.clear();
-            }
+            self.emit_with(head, emit);
             bytes = tail;
         }
         bytes
+    }
+
+    /// Emits the unfinished line followed by `bytes` as one piece, and forgets it.
+    fn emit_with(&mut self, bytes: &[u8], emit: &mut impl FnMut(&[u8])) {
+        if self.partial.is_empty() {
+            emit(bytes);
+        } else {
+            self.partial.extend_from_slice(bytes);
+            emit(&self.partial);
+            self.partial.clear();
+        }
     }
 
     /// Whether no unfinished line waits.

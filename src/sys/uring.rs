@@ -214,17 +214,7 @@ impl Uring {
         }
         ready.append(&mut self.early);
         let want = usize::from(ready.is_empty());
-        match self.ring.submit_and_wait(want) {
-            Ok(_) => {}
-            // Interrupted, or completions waiting to be posted (EBUSY), or short of
-            // memory for a moment (EAGAIN): take what is there; the loop comes back.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                ) => {}
-            Err(e) => return Err(e),
-        }
+        passing(self.ring.submit_and_wait(want))?;
         self.collect(ready);
         // A kernel may post only some of the deferred completions per call (6.13 and later:
         // 20 or so, then the rest at the next one); those left are flagged: take them now,
@@ -235,21 +225,31 @@ impl Uring {
             if !self.ring.submission().taskrun() {
                 break;
             }
-            match self.ring.submit() {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                    ) => {}
-                Err(e) => return Err(e),
-            }
+            passing(self.ring.submit())?;
             self.collect(ready);
             if ready.len() == before {
                 break;
             }
         }
         Ok(())
+    }
+}
+
+/// The result of an `io_uring_enter` that waited or took completions, with what passes
+/// treated as done: interrupted, completions waiting to be posted (`EBUSY`), or short of
+/// memory for a moment (`EAGAIN`): what is there is taken, and the loop comes back.
+fn passing(entered: io::Result<usize>) -> io::Result<()> {
+    match entered {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
