@@ -908,16 +908,24 @@ mod tests {
             assert_eq!(std::fs::read_to_string(&path).expect("read"), text);
         }
         assert!(!path.with_extension("json.tmp").exists());
+        assert_only_the_record_is_left(&path);
+    }
+
+    /// Asserts that the directory of `path` holds `path` alone once the removing thread
+    /// has removed the record's second name (it does so after `save_with` returns).
+    fn assert_only_the_record_is_left(path: &Path) {
+        let spare = path.with_extension("json.replaced");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while spare.exists() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert!(!spare.exists(), "{spare:?} is still there");
-        let names: Vec<_> = std::fs::read_dir(dir.path())
+        let dir = path.parent().expect("a directory");
+        let names: Vec<_> = std::fs::read_dir(dir)
             .expect("list")
             .map(|e| e.expect("entry").file_name())
             .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("workers.json")]);
+        assert_eq!(names, [WORKERS_FILE], "no temporary file is left");
     }
 
     fn file(workers: Vec<WorkerRecord>) -> WorkersFile {
@@ -978,12 +986,7 @@ mod tests {
         f.sites[0].gens[0].workers.pop();
         write(&path, &f);
         assert_eq!(load(&path).expect("load"), Some(f));
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .expect("ls")
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert_eq!(names, [WORKERS_FILE], "no temporary file is left");
+        assert_only_the_record_is_left(&path);
     }
 
     #[test]
