@@ -711,6 +711,12 @@ mod tests {
             "the client's end is another"
         );
         drop(s);
+        // A child another test is starting may hold a copy of our fds between its fork and
+        // its exec, and the socket is closed when the last copy goes: wait for that.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while accepted_socket(server, client).is_some() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(accepted_socket(server, client), None, "closed");
         assert_eq!(proc_lookup(server, client), None, "closed");
     }
