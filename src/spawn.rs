@@ -256,10 +256,6 @@ pub fn start_all(
     block: &mut FdBlock,
     helpers: Option<&StartHelpers>,
 ) -> Vec<Result<Launched, NotLaunched>> {
-    let mut starts = starts;
-    if starts.len() > 1 {
-        crate::sys::spawn::share_rulesets(starts.iter_mut().map(|s| &mut s.image));
-    }
     // Each generation met, and whether its first leaf was made: if not, the others are
     // made here too, in turn (its directory may be half made).
     let mut generations: Vec<((&str, u32), bool)> = Vec::new();

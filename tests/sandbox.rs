@@ -1098,6 +1098,89 @@ read_write = ["/rw", "/tmp/app"]
     assert!(!root.path.join("tmp/refused").exists());
 }
 
+/// A generation's workers get the Landlock rules the agent resolved at its first start,
+/// kept for the workers restarted after a crash (whose child then only enforces them) and
+/// resolved again at `hatchery restart`: `late`, a read-write path made after the first
+/// start (open to everyone), is refused by Landlock to the worker restarted after a crash
+/// and granted to the worker of the rolling restart.
+#[test]
+fn landlock_rules_are_the_generations_until_a_restart() {
+    if !privileged() {
+        return;
+    }
+    if landlock_abi() == 0 {
+        skip("Landlock is not available: no rules to keep");
+        return;
+    }
+    let base = root_owned_tempdir();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let late = base.path().join("late");
+    let site = format!(
+        "name = \"late\"\ncommand = [\"{BIN}\", \"__probe\", \"attacks\", \"write:{}/w\"]\n\
+         user = \"{USER_A}\"\n[sandbox.landlock]\nfilesystem = \"required\"\n\
+         read_write = [\"/tmp\", \"{}\"]\n",
+        late.display(),
+        late.display()
+    );
+    let agent = TestAgent::start(&[("late", &site)], opts());
+    // The one worker's pid once it is not `not`.
+    let worker_other_than = |not: i64| -> i64 {
+        let s = agent.wait_for("late", "a new worker", Duration::from_secs(30), |s| {
+            s["workers"][0]["pid"].as_i64().is_some_and(|p| p != not)
+        });
+        s["workers"][0]["pid"].as_i64().expect("pid")
+    };
+    // What worker `pid` got when it wrote into `late`.
+    let result_of = |pid: i64| -> serde_json::Value {
+        let writer = format!("[{pid}]");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let lines = log_lines(&agent, "late");
+            if let Some(l) = lines
+                .iter()
+                .find(|l| l.contains(&writer) && l.contains("\"attack\""))
+            {
+                return json_of(l);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no result from worker {pid}: {lines:#?}\n{}",
+                agent.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let first = worker_other_than(0);
+    let r = result_of(first);
+    assert_eq!(r["blocked"], true, "there is no such directory yet: {r}");
+    std::fs::create_dir(&late).expect("mkdir late");
+    std::fs::set_permissions(&late, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let out = Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .output()
+        .expect("kill");
+    assert!(out.status.success(), "kill: {out:?}");
+    let restarted = worker_other_than(first);
+    let r = result_of(restarted);
+    assert_eq!(
+        r["blocked"], true,
+        "the generation's rules name no `late`: {r}"
+    );
+    assert!(
+        r["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("os error 13")),
+        "refused by Landlock (EACCES), the directory being there: {r}"
+    );
+    assert!(!late.join("w").exists());
+    let out = agent.cli(&["restart", "late"]);
+    assert!(out.status.success(), "restart: {out:?}");
+    let after = worker_other_than(restarted);
+    let r = result_of(after);
+    assert_eq!(r["blocked"], false, "resolved again at the restart: {r}");
+    assert!(late.join("w").exists());
+}
+
 /// A worker binding a port its site does not declare: with Landlock network rules (ABI
 /// 4, Linux 6.7) the kernel refuses it (EACCES), and the site's log says which ports the
 /// app may bind (when the site starts) and the fix (right after the app's own error). The

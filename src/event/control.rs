@@ -466,6 +466,7 @@ impl Agent {
             Request::Start { .. } => {
                 let name = name.expect("site request");
                 self.emit_operator(Some(&name), uid, "start", None, None);
+                self.forget_rulesets(&name);
                 self.feed_request(&name, conn, Input::Start(Some(client)));
             }
             Request::Stop { .. } => {
@@ -480,6 +481,7 @@ impl Agent {
             Request::Restart { .. } => {
                 let name = name.expect("site request");
                 self.emit_operator(Some(&name), uid, "restart", None, None);
+                self.forget_rulesets(&name);
                 self.feed_request(&name, conn, Input::Restart(client));
             }
             Request::Deploy {

@@ -675,6 +675,7 @@ pub(super) fn new_generation(listeners: Vec<Listener>) -> GenIo {
         workers: Default::default(),
         probe: None,
         warmup: None,
+        ruleset: None,
     }
 }
 

@@ -5,8 +5,9 @@
 //! flipped, a probe accepted) are fed back, in order, before anything else happens.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use tracing::{debug, error, info, warn};
@@ -23,6 +24,7 @@ use crate::steering::SteeringSupport;
 use crate::supervisor::ids::{ClientId, GenId, Slot};
 use crate::supervisor::machine::{Action, Event, Input, Observe, SiteMachine};
 use crate::supervisor::slots;
+use crate::sys::spawn::SandboxPlan;
 
 /// A worker process.
 #[derive(Debug)]
@@ -63,6 +65,11 @@ pub(super) struct GenIo {
     pub probe: Option<generations::Probe>,
     /// The warm-up under way.
     pub warmup: Option<super::warmup::Run>,
+    /// The Landlock ruleset of its workers, built by the agent at the first start with
+    /// the site's sandbox plan (kept with it: a reload that replaces the plan builds
+    /// another) and enforced by every later start of the generation, restarts after a
+    /// crash included, until an operator's `start` or `restart` forgets it.
+    pub ruleset: Option<(Arc<SandboxPlan>, Arc<OwnedFd>)>,
 }
 
 /// A site's kernel side.

@@ -5,6 +5,7 @@
 //! (`READY=1`, `BUSY=`).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use tracing::{debug, error, warn};
@@ -23,6 +24,7 @@ use crate::spawn::{Launched, LeafSpec, NotLaunched, SpawnFailure, Start, start_a
 use crate::supervisor::ids::{GenId, Slot, WorkerId};
 use crate::supervisor::machine::Input as SiteInput;
 use crate::supervisor::slots::{ExitReason, Input};
+use crate::sys::spawn::SandboxPlan;
 
 impl Agent {
     /// Reaps zombies: tracked workers through their pidfd, orphans by pid. Put off while
@@ -455,7 +457,11 @@ impl Agent {
         }
         let mut image =
             crate::spawn::worker_image(config, &site.listeners, &notify_path, id.0, g.0)?;
+        let ruleset = self.generation_ruleset(name, g, &plan);
         image.set_sandbox(plan);
+        if let Some(ruleset) = ruleset {
+            image.set_ruleset(ruleset);
+        }
         // The site's output sockets (one per stream), or two pipes of its own.
         let pipes = if socket {
             None
@@ -473,6 +479,40 @@ impl Agent {
             image: Some(image),
             pipes,
         })
+    }
+
+    /// The Landlock ruleset of generation `g`'s workers under `plan`: built at the first
+    /// start (its paths resolved then, as the site's user, inside its root) and kept for
+    /// every later start of the generation, restarts after a crash included, so that a
+    /// restart's child only enforces it (until [`Agent::forget_rulesets`]); `None` when the agent cannot build it (each child then builds its
+    /// own, and says why it failed if it does). Called before the starts of a batch go to
+    /// the helper threads (`sys::spawn::SandboxPlan::build_ruleset`).
+    fn generation_ruleset(
+        &mut self,
+        name: &SiteName,
+        g: GenId,
+        plan: &Arc<SandboxPlan>,
+    ) -> Option<Arc<OwnedFd>> {
+        let gen_io = self.sites.get_mut(name)?.io.gens.get_mut(&g)?;
+        if let Some((built_with, ruleset)) = &gen_io.ruleset {
+            if Arc::ptr_eq(built_with, plan) {
+                return Some(ruleset.clone());
+            }
+        }
+        let ruleset = Arc::new(plan.build_ruleset()?);
+        gen_io.ruleset = Some((plan.clone(), ruleset.clone()));
+        Some(ruleset)
+    }
+
+    /// Forgets the Landlock rulesets built for the site's generations, so that the workers
+    /// started next resolve its paths again: at `hatchery start` and `restart`, with which
+    /// an operator who made or replaced a directory gets it covered without a deploy.
+    pub(super) fn forget_rulesets(&mut self, name: &SiteName) {
+        if let Some(site) = self.sites.get_mut(name) {
+            for gen_io in site.io.gens.values_mut() {
+                gen_io.ruleset = None;
+            }
+        }
     }
 
     /// A started worker tracked (its pipes' read ends kept, their write ends closed), or

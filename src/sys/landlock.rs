@@ -1,15 +1,17 @@
 //! Landlock: querying the kernel's ABI version, and building and enforcing a ruleset
 //! ([`LandlockPlan`], prepared in the parent).
 //!
-//! For a batch of starts that share a site's plan the agent builds the ruleset once
-//! ([`build`]), with each path resolved inside the site's root (`openat2` with
+//! For the workers of a generation the agent builds the ruleset once, at its first start
+//! ([`build`]; `event::workers` keeps it for the generation's later starts, restarts
+//! included), with each path resolved inside the site's root (`openat2` with
 //! `RESOLVE_IN_ROOT`, as the `chroot`ed worker resolves it, magic links refused) with the
 //! site user's file-system ids; each child then only calls `landlock_restrict_self` on it
 //! ([`child_restrict`]). Built in the child, the default 4 paths cost it 19 of its 80
 //! syscalls before `execve` (about a third of its time there); given the ruleset, 3.
 //!
-//! Otherwise the child builds it itself ([`child_enforce`]): a single start, a ruleset
-//! the agent could not build (the child then says why), and a private `/tmp`, where it is
+//! Otherwise the child builds it itself ([`child_enforce`]): a zygote or a `hatchery
+//! exec` session, a ruleset the agent could not build (the child then says why), and a
+//! private `/tmp`, where it is
 //! built after the tmpfs is mounted and after `chroot`: Landlock rules are tied to inodes,
 //! and a rule on the `/tmp` directory the agent sees would not cover the tmpfs mounted
 //! over it (Landlock skips covered mount points when it walks up a path). That costs one

@@ -21,8 +21,8 @@
 //! - [`pidfd`]: `pidfd_send_signal` with the null signal, to confirm a process opened
 //!   with `pidfd_open` is still the one we looked at (Linux 5.1), and `PIDFD_GET_INFO`
 //!   for the exit status of a process that is not our child (Linux 6.15).
-//! - [`landlock`]: probing the ABI version, building a ruleset in the agent for a batch
-//!   of starts (inside the site's root, as its user), and enforcing it, or building it
+//! - [`landlock`]: probing the ABI version, building a ruleset in the agent for a
+//!   generation's workers (inside the site's root, as its user), and enforcing it, or building it
 //!   too, in the spawn child (called from [`spawn`]'s child path, after `chroot` and the
 //!   private `/tmp`; `crate::sandbox` prepares the paths and rights).
 //! - [`inherit`]: taking ownership of the fds an earlier image of the agent kept across

@@ -56,8 +56,8 @@
 //! 6. to 14. the sandbox, when the image has a [`SandboxPlan`] (`apply_sandbox`; the list
 //!    with each ordering reason is in `crate::sandbox`): rlimits, private `/tmp`, `chroot`,
 //!    bounding set, groups and gid, uid, capability sets, `no_new_privs`, Landlock
-//!    (`landlock_restrict_self` on the ruleset the parent built, once for a batch of
-//!    starts, and placed in the block beside the report pipe; with a private `/tmp` the
+//!    (`landlock_restrict_self` on the ruleset the agent built, once for a generation's
+//!    workers, and placed in the block beside the report pipe; with a private `/tmp` the
 //!    child builds it, from the paths and rights of the plan);
 //! 15. fill in `LISTEN_PID=` with its own pid (only known now), `chdir` to the working
 //!     directory (inside the root, as the site's user);
@@ -277,14 +277,16 @@ pub struct SandboxPlan {
 }
 
 impl SandboxPlan {
-    /// The Landlock ruleset the agent builds for the children of a batch of starts, if it
-    /// can: not with a private `/tmp`, whose rules name the tmpfs each child mounts
-    /// (`sys::landlock`). The paths are opened as the site's user would (its file-system
+    /// The Landlock ruleset the agent builds for the children it starts with this plan
+    /// (`event::workers` keeps one per generation), if it can: not with a private `/tmp`,
+    /// whose rules name the tmpfs each child mounts (`sys::landlock`). The paths are opened as the site's user would (its file-system
     /// ids and groups on this thread, for the moment: the permissions and the protection
     /// of symlinks in sticky directories are the user's, as when the child opens them).
     /// `None` when it cannot: each child then builds its own, and says why it failed if
-    /// it does.
-    fn build_ruleset(&self) -> Option<OwnedFd> {
+    /// it does. Only while no other thread of the agent starts processes (the helper
+    /// threads wait for their batch): it changes this thread's file-system ids for a
+    /// moment (`sys::creds`).
+    pub fn build_ruleset(&self) -> Option<OwnedFd> {
         let plan = self
             .landlock
             .as_ref()
@@ -322,8 +324,8 @@ pub struct ExecImage {
     env_ptrs: Vec<*const c_char>,
     listen_pid: Option<usize>,
     sandbox: Option<std::sync::Arc<SandboxPlan>>,
-    /// The sandbox's Landlock ruleset, built for a batch of starts ([`share_rulesets`]); without
-    /// it the child builds its own.
+    /// The sandbox's Landlock ruleset, built by the agent ([`SandboxPlan::build_ruleset`]);
+    /// without it the child builds its own.
     ruleset: Option<std::sync::Arc<OwnedFd>>,
     controlling_tty: bool,
 }
@@ -386,6 +388,12 @@ impl ExecImage {
     pub fn set_sandbox(&mut self, plan: std::sync::Arc<SandboxPlan>) {
         self.sandbox = Some(plan);
         self.ruleset = None;
+    }
+
+    /// Gives the child `ruleset`, built from the plan of [`ExecImage::set_sandbox`] (called
+    /// first): it only enforces it.
+    pub fn set_ruleset(&mut self, ruleset: std::sync::Arc<OwnedFd>) {
+        self.ruleset = Some(ruleset);
     }
 
     /// Makes fd 0 (a terminal) the child's controlling terminal.
@@ -553,7 +561,7 @@ fn spawn_with_block(
         )));
     }
     let sandbox = image.sandbox.clone();
-    // The ruleset of the batch, if there is one; else the child builds its own.
+    // The ruleset the agent built, if there is one; else the child builds its own.
     let ruleset = image.ruleset.clone();
     let (report_r, report_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| SpawnError::Pipe(e.into()))?;
@@ -654,29 +662,6 @@ fn spawn_with_block(
         step: ChildStep::from_u32(step_raw).unwrap_or(ChildStep::Exec),
         source: io::Error::from_raw_os_error(errno),
     })
-}
-
-/// Builds one Landlock ruleset for every sandbox plan that `images` share, and gives it to
-/// each of them: a batch of starts builds it once, not once per child. A plan whose
-/// ruleset cannot be built here is left to each child, which then says why it failed.
-/// Only while no other thread of the agent runs (the helper threads wait for their batch):
-/// it changes this thread's file-system ids for a moment (`sys::creds`).
-pub fn share_rulesets<'a>(images: impl Iterator<Item = &'a mut ExecImage>) {
-    type Built = Option<std::sync::Arc<OwnedFd>>;
-    let mut built: Vec<(*const SandboxPlan, Built)> = Vec::new();
-    for image in images {
-        let Some(plan) = &image.sandbox else { continue };
-        let key = std::sync::Arc::as_ptr(plan);
-        let shared = match built.iter().find(|(k, _)| *k == key) {
-            Some((_, shared)) => shared.clone(),
-            None => {
-                let shared = plan.build_ruleset().map(std::sync::Arc::new);
-                built.push((key, shared.clone()));
-                shared
-            }
-        };
-        image.ruleset = shared;
-    }
 }
 
 /// `clone3` and the start of the child, x86-64: the child shares our memory (`CLONE_VM`,
