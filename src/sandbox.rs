@@ -3,10 +3,10 @@
 //! This module checks the site's root and turns the configuration into a `SandboxPlan`
 //! (`sys::spawn`) of plain numbers and C strings, the Landlock part included: the handled
 //! rights, and each path (as the worker sees it, inside the root) with its rights. It
-//! opens no path and creates no ruleset: `sys::spawn` builds the ruleset in the agent
-//! once for each batch of starts, resolving each path inside the root, or, with a private
-//! `/tmp`, in the child after `chroot` and the tmpfs (rules are tied to inodes: see
-//! `sys::landlock`). The child applies the plan with raw syscalls between `clone3` and
+//! opens no path and creates no ruleset: the agent builds it once for a generation's
+//! workers (`event::workers`, with `sys::spawn`), resolving each path inside the root, or,
+//! with a private `/tmp`, the child does after `chroot` and the tmpfs (rules are tied to
+//! inodes: see `sys::landlock`). The child applies the plan with raw syscalls between `clone3` and
 //! `execve`, in this order (each step's why is next to its syscall there):
 //!
 //! 0.-4. fd table unshared, signals reset, `setsid`, fds moved into place, the rest
@@ -470,8 +470,9 @@ pub fn host_path(root: Option<&Path>, p: &Path) -> PathBuf {
 /// who owns (or may write) any directory on the way could rename the root and put a
 /// symlink to `/` in its place, and the next worker would run with the host's `/` as its
 /// root. Cheap (one `lstat` per component): the agent checks it again before every spawn
-/// of a site with a root, since `chroot` follows the path again each time.
-pub fn check_root_path(root: &Path) -> Result<(), RootRefusal> {
+/// of a site with a root, since `chroot` follows the path again each time. Returns which
+/// directory the root is.
+pub fn check_root_path(root: &Path) -> Result<RootId, RootRefusal> {
     if !root.is_absolute() {
         return Err(RootRefusal::NotAbsolute(root.to_path_buf()));
     }
@@ -481,6 +482,7 @@ pub fn check_root_path(root: &Path) -> Result<(), RootRefusal> {
         cur.push(c);
         components.push(cur.clone());
     }
+    let mut id = RootId { dev: 0, ino: 0 };
     for dir in &components {
         let m = std::fs::symlink_metadata(dir).map_err(|e| RootRefusal::Inspect {
             path: dir.clone(),
@@ -493,8 +495,20 @@ pub fn check_root_path(root: &Path) -> Result<(), RootRefusal> {
             m.uid(),
             m.mode(),
         )?;
+        id = RootId {
+            dev: m.dev(),
+            ino: m.ino(),
+        };
     }
-    Ok(())
+    Ok(id)
+}
+
+/// Which directory a site's root is ([`check_root_path`]): another one there since (the
+/// root replaced) has other paths below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootId {
+    pub dev: u64,
+    pub ino: u64,
 }
 
 /// One directory on the way to a root, as [`check_root_path`] requires it.

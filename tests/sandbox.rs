@@ -1181,6 +1181,84 @@ fn landlock_rules_are_the_generations_until_a_restart() {
     assert!(late.join("w").exists());
 }
 
+/// The Landlock rules a generation keeps are for its root: a root replaced by another
+/// directory (root-owned, so the check before each start passes) gets rules of its own at
+/// the next start; with the old root's (rules name inodes) even its `execve` would be
+/// refused.
+#[test]
+fn a_replaced_root_gets_landlock_rules_of_its_own() {
+    if !privileged() {
+        return;
+    }
+    if landlock_abi() == 0 {
+        skip("Landlock is not available: no rules to keep");
+        return;
+    }
+    let base = root_owned_tempdir();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut first = Root::new(base.path(), "r");
+    let mut next = Root::new(base.path(), "next");
+    for root in [&first, &next] {
+        std::fs::set_permissions(
+            root.path.join("data"),
+            std::fs::Permissions::from_mode(0o1777),
+        )
+        .expect("chmod data");
+    }
+    let site = format!(
+        "name = \"swap\"\ncommand = [\"/hatchery\", \"__probe\", \"attacks\", \"write:/data/w\"]\n\
+         user = \"{USER_A}\"\n[sandbox]\nroot = \"{}\"\n[sandbox.landlock]\n\
+         filesystem = \"required\"\nread_write = [\"/data\"]\n",
+        first.path.display()
+    );
+    let agent = TestAgent::start(&[("swap", &site)], opts());
+    let worker_other_than = |not: i64| -> i64 {
+        let s = agent.wait_for("swap", "a new worker", Duration::from_secs(30), |s| {
+            s["workers"][0]["pid"].as_i64().is_some_and(|p| p != not)
+        });
+        s["workers"][0]["pid"].as_i64().expect("pid")
+    };
+    let result_of = |pid: i64| -> serde_json::Value {
+        let writer = format!("[{pid}]");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let lines = log_lines(&agent, "swap");
+            if let Some(l) = lines
+                .iter()
+                .find(|l| l.contains(&writer) && l.contains("\"attack\""))
+            {
+                return json_of(l);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no result from worker {pid}: {lines:#?}\n{:#}\n{}",
+                agent.status("swap"),
+                agent.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let before = worker_other_than(0);
+    let r = result_of(before);
+    assert_eq!(r["blocked"], false, "{r}");
+    assert!(first.path.join("data/w").exists());
+    // The root replaced: `r` becomes `r.old`, and `next` takes its name.
+    let old = base.path().join("r.old");
+    std::fs::rename(&first.path, &old).expect("rename r");
+    first.path = old;
+    std::fs::rename(&next.path, base.path().join("r")).expect("rename next");
+    next.path = base.path().join("r");
+    let out = Command::new("kill")
+        .args(["-KILL", &before.to_string()])
+        .output()
+        .expect("kill");
+    assert!(out.status.success(), "kill: {out:?}");
+    let after = worker_other_than(before);
+    let r = result_of(after);
+    assert_eq!(r["blocked"], false, "the new root's /data: {r}");
+    assert!(next.path.join("data/w").exists());
+}
+
 /// A worker binding a port its site does not declare: with Landlock network rules (ABI
 /// 4, Linux 6.7) the kernel refuses it (EACCES), and the site's log says which ports the
 /// app may bind (when the site starts) and the fix (right after the app's own error). The

@@ -1,7 +1,7 @@
 //! `[sandbox]` of a site file: chroot, groups, capabilities, rlimits, private `/tmp` and
 //! Landlock. Parsed and validated here; turned into a plan by `crate::sandbox`, which the
 //! child path of `sys::spawn` applies (the Landlock ruleset included: built by the agent
-//! for a batch of starts, otherwise by the child).
+//! once for a generation's workers, otherwise by the child).
 //!
 //! Every path in `[sandbox.landlock]` is inside the site's `root` (the paths the worker
 //! sees). Features the kernel may lack (Landlock filesystem and network rules) are

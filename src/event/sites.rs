@@ -65,11 +65,19 @@ pub(super) struct GenIo {
     pub probe: Option<generations::Probe>,
     /// The warm-up under way.
     pub warmup: Option<super::warmup::Run>,
-    /// The Landlock ruleset of its workers, built by the agent at the first start with
-    /// the site's sandbox plan (kept with it: a reload that replaces the plan builds
-    /// another) and enforced by every later start of the generation, restarts after a
-    /// crash included, until an operator's `start` or `restart` forgets it.
-    pub ruleset: Option<(Arc<SandboxPlan>, Arc<OwnedFd>)>,
+    /// The Landlock ruleset of its workers, built by the agent at the first start and
+    /// enforced by every later start of the generation, restarts after a crash included
+    /// (`Agent::generation_ruleset`).
+    pub ruleset: Option<KeptRuleset>,
+}
+
+/// A generation's Landlock ruleset, with what it was built from: another plan (a reload
+/// replaced it) or another root (the site's root replaced) builds another.
+#[derive(Debug)]
+pub(super) struct KeptRuleset {
+    pub plan: Arc<SandboxPlan>,
+    pub root: Option<crate::sandbox::RootId>,
+    pub ruleset: Arc<OwnedFd>,
 }
 
 /// A site's kernel side.

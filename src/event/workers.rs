@@ -19,7 +19,7 @@ use crate::config::{OutputMode, SiteName};
 use crate::control::{ErrorKind, Reply};
 use crate::logs::{self, LineSplitter, StdStream, Writer};
 use crate::process::PidRef;
-use crate::sandbox::SandboxError;
+use crate::sandbox::{RootId, SandboxError};
 use crate::spawn::{Launched, LeafSpec, NotLaunched, SpawnFailure, Start, start_all};
 use crate::supervisor::ids::{GenId, Slot, WorkerId};
 use crate::supervisor::machine::Input as SiteInput;
@@ -450,14 +450,15 @@ impl Agent {
             .gens
             .get(&g)
             .expect("a generation's listeners are bound before it spawns");
-        if let Some(root) = &config.sandbox.root {
-            // `chroot` follows the path again at every spawn: whoever could change a
-            // directory on the way since it was prepared could now point it elsewhere.
-            crate::sandbox::check_root_path(root).map_err(SandboxError::Root)?;
-        }
+        // `chroot` follows the path again at every spawn: whoever could change a directory
+        // on the way since it was prepared could now point it elsewhere.
+        let root = match &config.sandbox.root {
+            Some(root) => Some(crate::sandbox::check_root_path(root).map_err(SandboxError::Root)?),
+            None => None,
+        };
         let mut image =
             crate::spawn::worker_image(config, &site.listeners, &notify_path, id.0, g.0)?;
-        let ruleset = self.generation_ruleset(name, g, &plan);
+        let ruleset = self.generation_ruleset(name, g, &plan, root);
         image.set_sandbox(plan);
         if let Some(ruleset) = ruleset {
             image.set_ruleset(ruleset);
@@ -481,26 +482,35 @@ impl Agent {
         })
     }
 
-    /// The Landlock ruleset of generation `g`'s workers under `plan`: built at the first
-    /// start (its paths resolved then, as the site's user, inside its root) and kept for
-    /// every later start of the generation, restarts after a crash included, so that a
-    /// restart's child only enforces it (until [`Agent::forget_rulesets`]); `None` when the agent cannot build it (each child then builds its
-    /// own, and says why it failed if it does). Called before the starts of a batch go to
-    /// the helper threads (`sys::spawn::SandboxPlan::build_ruleset`).
+    /// The Landlock ruleset of generation `g`'s workers under `plan`, in the site's root
+    /// `root` (as [`crate::sandbox::check_root_path`] found it just now): built at the
+    /// first start (its paths resolved then, as the site's user, inside the root) and kept
+    /// for every later start of the generation, restarts after a crash included, so that
+    /// a restart's child only enforces it; built again when the plan or the root is
+    /// another (a reload, a root replaced: rules for the old root's directories would
+    /// refuse everything in the new one) and after [`Agent::forget_rulesets`]. `None` when
+    /// the agent cannot build it (each child then builds its own, and says why it failed
+    /// if it does). Called before the starts of a batch go to the helper threads
+    /// (`sys::spawn::SandboxPlan::build_ruleset`).
     fn generation_ruleset(
         &mut self,
         name: &SiteName,
         g: GenId,
         plan: &Arc<SandboxPlan>,
+        root: Option<RootId>,
     ) -> Option<Arc<OwnedFd>> {
         let gen_io = self.sites.get_mut(name)?.io.gens.get_mut(&g)?;
-        if let Some((built_with, ruleset)) = &gen_io.ruleset {
-            if Arc::ptr_eq(built_with, plan) {
-                return Some(ruleset.clone());
+        if let Some(kept) = &gen_io.ruleset {
+            if Arc::ptr_eq(&kept.plan, plan) && kept.root == root {
+                return Some(kept.ruleset.clone());
             }
         }
         let ruleset = Arc::new(plan.build_ruleset()?);
-        gen_io.ruleset = Some((plan.clone(), ruleset.clone()));
+        gen_io.ruleset = Some(super::sites::KeptRuleset {
+            plan: plan.clone(),
+            root,
+            ruleset: ruleset.clone(),
+        });
         Some(ruleset)
     }
 

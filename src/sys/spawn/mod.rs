@@ -279,9 +279,10 @@ pub struct SandboxPlan {
 impl SandboxPlan {
     /// The Landlock ruleset the agent builds for the children it starts with this plan
     /// (`event::workers` keeps one per generation), if it can: not with a private `/tmp`,
-    /// whose rules name the tmpfs each child mounts (`sys::landlock`). The paths are opened as the site's user would (its file-system
-    /// ids and groups on this thread, for the moment: the permissions and the protection
-    /// of symlinks in sticky directories are the user's, as when the child opens them).
+    /// whose rules name the tmpfs each child mounts (`sys::landlock`). The paths are
+    /// opened as the site's user would (its file-system ids and groups on this thread, for
+    /// the moment: the permissions and the protection of symlinks in sticky directories
+    /// are the user's, as when the child opens them).
     /// `None` when it cannot: each child then builds its own, and says why it failed if
     /// it does. Only while no other thread of the agent starts processes (the helper
     /// threads wait for their batch): it changes this thread's file-system ids for a
