@@ -1018,15 +1018,9 @@ fn landlock_off_enforces_no_filesystem_rules() {
 /// through both and nowhere else (`/tmp`, writable for everyone, is refused).
 #[test]
 fn landlock_paths_are_resolved_inside_the_root_as_the_worker_sees_them() {
-    if !privileged() {
+    let Some(base) = landlock_base("Landlock is not available: no ruleset to build") else {
         return;
-    }
-    if landlock_abi() == 0 {
-        skip("Landlock is not available: no ruleset to build");
-        return;
-    }
-    let base = root_owned_tempdir();
-    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    };
     let root = Root::new(base.path(), "root-l");
     std::fs::set_permissions(
         root.path.join("data"),
@@ -1098,6 +1092,51 @@ read_write = ["/rw", "/tmp/app"]
     assert!(!root.path.join("tmp/refused").exists());
 }
 
+/// A root-owned directory the site users may enter, for a test that needs root and
+/// Landlock (`None`, said, without them).
+fn landlock_base(why_skipped: &str) -> Option<tempfile::TempDir> {
+    if !privileged() {
+        return None;
+    }
+    if landlock_abi() == 0 {
+        skip(why_skipped);
+        return None;
+    }
+    let base = root_owned_tempdir();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    Some(base)
+}
+
+/// The pid of the site's one worker once it is not `not`.
+fn only_worker_other_than(agent: &TestAgent, site: &str, not: i64) -> i64 {
+    let s = agent.wait_for(site, "a new worker", Duration::from_secs(30), |s| {
+        s["workers"][0]["pid"].as_i64().is_some_and(|p| p != not)
+    });
+    s["workers"][0]["pid"].as_i64().expect("pid")
+}
+
+/// The result of the one attack of worker `pid` (`__probe attacks`), once it has said it.
+fn attack_result_of(agent: &TestAgent, site: &str, pid: i64) -> serde_json::Value {
+    let writer = format!("[{pid}]");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = log_lines(agent, site);
+        if let Some(l) = lines
+            .iter()
+            .find(|l| l.contains(&writer) && l.contains("\"attack\""))
+        {
+            return json_of(l);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no result from worker {pid}: {lines:#?}\n{:#}\n{}",
+            agent.status(site),
+            agent.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A generation's workers get the Landlock rules the agent resolved at its first start,
 /// kept for the workers restarted after a crash (whose child then only enforces them) and
 /// resolved again at `hatchery restart`: `late`, a read-write path made after the first
@@ -1105,15 +1144,9 @@ read_write = ["/rw", "/tmp/app"]
 /// and granted to the worker of the rolling restart.
 #[test]
 fn landlock_rules_are_the_generations_until_a_restart() {
-    if !privileged() {
+    let Some(base) = landlock_base("Landlock is not available: no rules to keep") else {
         return;
-    }
-    if landlock_abi() == 0 {
-        skip("Landlock is not available: no rules to keep");
-        return;
-    }
-    let base = root_owned_tempdir();
-    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    };
     let late = base.path().join("late");
     let site = format!(
         "name = \"late\"\ncommand = [\"{BIN}\", \"__probe\", \"attacks\", \"write:{}/w\"]\n\
@@ -1123,33 +1156,8 @@ fn landlock_rules_are_the_generations_until_a_restart() {
         late.display()
     );
     let agent = TestAgent::start(&[("late", &site)], opts());
-    // The one worker's pid once it is not `not`.
-    let worker_other_than = |not: i64| -> i64 {
-        let s = agent.wait_for("late", "a new worker", Duration::from_secs(30), |s| {
-            s["workers"][0]["pid"].as_i64().is_some_and(|p| p != not)
-        });
-        s["workers"][0]["pid"].as_i64().expect("pid")
-    };
-    // What worker `pid` got when it wrote into `late`.
-    let result_of = |pid: i64| -> serde_json::Value {
-        let writer = format!("[{pid}]");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let lines = log_lines(&agent, "late");
-            if let Some(l) = lines
-                .iter()
-                .find(|l| l.contains(&writer) && l.contains("\"attack\""))
-            {
-                return json_of(l);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no result from worker {pid}: {lines:#?}\n{}",
-                agent.agent_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let worker_other_than = |not: i64| only_worker_other_than(&agent, "late", not);
+    let result_of = |pid: i64| attack_result_of(&agent, "late", pid);
     let first = worker_other_than(0);
     let r = result_of(first);
     assert_eq!(r["blocked"], true, "there is no such directory yet: {r}");
@@ -1187,15 +1195,9 @@ fn landlock_rules_are_the_generations_until_a_restart() {
 /// refused.
 #[test]
 fn a_replaced_root_gets_landlock_rules_of_its_own() {
-    if !privileged() {
+    let Some(base) = landlock_base("Landlock is not available: no rules to keep") else {
         return;
-    }
-    if landlock_abi() == 0 {
-        skip("Landlock is not available: no rules to keep");
-        return;
-    }
-    let base = root_owned_tempdir();
-    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    };
     let mut first = Root::new(base.path(), "r");
     let mut next = Root::new(base.path(), "next");
     for root in [&first, &next] {
@@ -1212,32 +1214,8 @@ fn a_replaced_root_gets_landlock_rules_of_its_own() {
         first.path.display()
     );
     let agent = TestAgent::start(&[("swap", &site)], opts());
-    let worker_other_than = |not: i64| -> i64 {
-        let s = agent.wait_for("swap", "a new worker", Duration::from_secs(30), |s| {
-            s["workers"][0]["pid"].as_i64().is_some_and(|p| p != not)
-        });
-        s["workers"][0]["pid"].as_i64().expect("pid")
-    };
-    let result_of = |pid: i64| -> serde_json::Value {
-        let writer = format!("[{pid}]");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let lines = log_lines(&agent, "swap");
-            if let Some(l) = lines
-                .iter()
-                .find(|l| l.contains(&writer) && l.contains("\"attack\""))
-            {
-                return json_of(l);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no result from worker {pid}: {lines:#?}\n{:#}\n{}",
-                agent.status("swap"),
-                agent.agent_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let worker_other_than = |not: i64| only_worker_other_than(&agent, "swap", not);
+    let result_of = |pid: i64| attack_result_of(&agent, "swap", pid);
     let before = worker_other_than(0);
     let r = result_of(before);
     assert_eq!(r["blocked"], false, "{r}");
