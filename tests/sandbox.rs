@@ -1115,26 +1115,12 @@ fn only_worker_other_than(agent: &TestAgent, site: &str, not: i64) -> i64 {
     s["workers"][0]["pid"].as_i64().expect("pid")
 }
 
-/// The result of the one attack of worker `pid` (`__probe attacks`), once it has said it.
+/// The result of the one attack of worker `pid` (`__probe attacks`), once it has said it
+/// (its line is `<time> w-<K>[<pid>] {"attack":...}`).
 fn attack_result_of(agent: &TestAgent, site: &str, pid: i64) -> serde_json::Value {
-    let writer = format!("[{pid}]");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let lines = log_lines(agent, site);
-        if let Some(l) = lines
-            .iter()
-            .find(|l| l.contains(&writer) && l.contains("\"attack\""))
-        {
-            return json_of(l);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no result from worker {pid}: {lines:#?}\n{:#}\n{}",
-            agent.status(site),
-            agent.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let marker = format!("[{pid}] {{\"attack\"");
+    let lines = wait_log(agent, site, &marker);
+    json_of(lines.iter().find(|l| l.contains(&marker)).expect("found"))
 }
 
 /// A generation's workers get the Landlock rules the agent resolved at its first start,
