@@ -724,19 +724,28 @@ impl HolderClient {
         let (ready, ready_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(HolderError::io("create the fd holder's readiness pipe"))?;
         // The Command, and with it our copy of the write end, is dropped at the end of
-        // this statement: the end of file then comes from the child alone.
-        let child = std::process::Command::new(exe)
-            .arg("fd-holder")
-            .arg("--socket")
-            .arg(path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(ready_w))
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|source| HolderError::Start {
-                exe: exe.to_path_buf(),
-                source,
-            })?;
+        // this statement: the end of file then comes from the child alone. Started by a
+        // thread that keeps the whole bounding set, as the agent's other own programs.
+        let ready_w = std::sync::Mutex::new(Some(ready_w));
+        let child = crate::sys::spawn::with_whole_set(&|| {
+            let ready_w = ready_w
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+                .ok_or_else(|| std::io::Error::other("started once"))?;
+            std::process::Command::new(exe)
+                .arg("fd-holder")
+                .arg("--socket")
+                .arg(path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(ready_w))
+                .stderr(Stdio::null())
+                .spawn()
+        })
+        .map_err(|source| HolderError::Start {
+            exe: exe.to_path_buf(),
+            source,
+        })?;
         // Not waited for here: the caller reaps its children.
         drop(child);
         wait_for_end_of_file(ready.as_fd(), START_TIMEOUT)?;

@@ -5,6 +5,7 @@
 //!   listing of `/`, rlimits), then sleeps: the oracle the tests compare with a site's
 //!   configuration. Whether a Landlock domain is in force is not visible to a process
 //!   (no `/proc` field before audit), so the `attacks` below show it by its effects.
+//!   `info-once` prints it and exits (for `hatchery exec`).
 //! - `alloc SIZE`: allocates and touches SIZE bytes (e.g. `200M`), says so, then sleeps.
 //! - `spawn-forever`: starts sleeping copies of itself as fast as it can, counting
 //!   successes and failures (a fork bomb that a `pids.max` must stop).
@@ -38,6 +39,10 @@ pub fn main(args: &[String]) -> u8 {
             println!("{}", info());
             let _ = std::io::stdout().flush();
             sleep_forever()
+        }
+        Some("info-once") => {
+            println!("{}", info());
+            0
         }
         Some("alloc") => {
             let Some(size) = args.get(1).and_then(|s| crate::config::parse_size(s).ok()) else {

@@ -184,8 +184,38 @@ fn start(
         }
         None => (None, None),
     };
-    let spawned = crate::sys::spawn::spawn(image, fds, leaf_fd.as_ref().map(|f| f.as_fd()), block);
+    let cgroup = leaf_fd.as_ref().map(|f| f.as_fd());
+    let spawned = if crate::sys::spawn::bounding_fits(image) {
+        crate::sys::spawn::spawn(image, fds, cgroup, block)
+    } else {
+        // This thread dropped a capability the sandbox keeps.
+        let image = Mutex::new(image);
+        let task = |_, block: &mut FdBlock| {
+            let mut image = image.lock().unwrap_or_else(PoisonError::into_inner);
+            spawn_with_whole_set(&mut image, fds, cgroup, block)
+        };
+        let mut spawned = crate::sys::spawn::on_whole_set(1, block, &task);
+        spawned.pop().expect("one start")
+    };
     launched(spawned, dir)
+}
+
+/// `sys::spawn::spawn` on a thread that keeps its whole bounding set (`on_whole_set`), or
+/// the failure to drop from it that the child would meet.
+fn spawn_with_whole_set(
+    image: &mut ExecImage,
+    fds: &[BorrowedFd<'_>],
+    cgroup: Option<BorrowedFd<'_>>,
+    block: &mut FdBlock,
+) -> Result<crate::sys::spawn::Spawned, SpawnError> {
+    if crate::sys::spawn::keeps_whole_set() {
+        crate::sys::spawn::spawn(image, fds, cgroup, block)
+    } else {
+        Err(SpawnError::Child {
+            step: crate::sys::spawn::ChildStep::DropBounding,
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        })
+    }
 }
 
 /// What a spawn into `leaf` (if any) gave: the process, or why there is none (the child,
@@ -277,12 +307,13 @@ pub fn start_all(
             Mutex::new(Some((s, ahead)))
         })
         .collect();
-    // `None`: not on this thread (`sys::spawn::bounding_fits`), given back for the caller.
-    let start = |i: usize, block: &mut FdBlock, here: bool| {
+    // `None`: not on this thread (`sys::spawn::bounding_fits`), given back when
+    // `give_back`, for a thread that keeps its whole bounding set.
+    let start = |i: usize, block: &mut FdBlock, give_back: bool| {
         let mut slot = starts[i].lock().unwrap_or_else(PoisonError::into_inner);
         let (mut start, ahead) = slot.take().expect("each start is taken once");
         if !crate::sys::spawn::bounding_fits(&start.image) {
-            if here {
+            if give_back {
                 *slot = Some((start, ahead));
                 return None;
             }
@@ -308,10 +339,15 @@ pub fn start_all(
     let done = crate::sys::spawn::run_all(starts.len(), block, helpers, &|i, block| {
         start(i, block, true)
     });
-    // What a helper could not start, this thread does (it keeps its whole bounding set).
+    // What a helper or this thread could not start, a thread that keeps its whole bounding
+    // set does: this one, when it has dropped nothing.
+    let left: Vec<usize> = (0..done.len()).filter(|&i| done[i].is_none()).collect();
+    let mut again = crate::sys::spawn::on_whole_set(left.len(), block, &|k, block| {
+        start(left[k], block, false).expect("started there")
+    })
+    .into_iter();
     done.into_iter()
-        .enumerate()
-        .map(|(i, r)| r.or_else(|| start(i, block, false)).expect("started here"))
+        .map(|r| r.unwrap_or_else(|| again.next().expect("one for each left")))
         .collect()
 }
 

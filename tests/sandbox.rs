@@ -209,6 +209,114 @@ fn workers_started_together_have_their_own_sites_bounding_set() {
     }
 }
 
+/// The capability sets the probe printed on the log line `line`, if it printed them.
+fn capability_sets(line: &str) -> Option<(i64, [String; 3])> {
+    if !line.contains("\"cap_bnd\"") {
+        return None;
+    }
+    let info = json_of(line);
+    let set = |s: &str| info[s].as_str().unwrap_or("?").to_string();
+    Some((
+        info["pid"].as_i64()?,
+        [set("cap_bnd"), set("cap_prm"), set("cap_eff")],
+    ))
+}
+
+/// The bounding set of the agent's thread named `comm` (`CapBnd` of its status), or of its
+/// first thread (the event loop's) when `comm` is `None`.
+fn thread_bounding_set(agent_pid: i32, comm: Option<&str>) -> Option<String> {
+    let task = format!("/proc/{agent_pid}/task");
+    let dir = match comm {
+        None => Path::new(&task).join(agent_pid.to_string()),
+        Some(comm) => std::fs::read_dir(&task)
+            .ok()?
+            .flatten()
+            .find(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == comm)
+            })?
+            .path(),
+    };
+    std::fs::read_to_string(dir.join("status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .map(|v| v.trim().to_string())
+        })
+}
+
+/// A worker restarted after a crash is started by the agent's own thread, which has then
+/// dropped from its own bounding set what its workers' sandboxes drop (their children skip
+/// it); what it can no longer start (a worker or an `exec` command keeping a capability it
+/// dropped) a thread of the agent that keeps its whole set starts: each has exactly its
+/// site's sets.
+#[test]
+fn restarts_and_exec_commands_have_their_own_sites_bounding_set() {
+    if !privileged() {
+        return;
+    }
+    let exe = env!("CARGO_BIN_EXE_hatchery");
+    let site = |name: &str, caps: &str| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"{exe}\", \"__probe\", \"info\"]\nuser = \"{USER_A}\"\n\
+             workers = 1\n[restart]\nbackoff_initial = \"10ms\"\n[sandbox]\ncapabilities = [{caps}]\n"
+        )
+    };
+    let none = site("a-none", "");
+    let keeps = site("z-keeps", "\"CAP_NET_BIND_SERVICE\"");
+    let agent = TestAgent::start(&[("a-none", &none), ("z-keeps", &keeps)], opts());
+    let whole = thread_bounding_set(agent.pid(), Some("hatchery-whole")).expect("the thread");
+    // Each site's worker is killed and its restart says its sets, "a-none" first: the
+    // agent's thread has dropped every capability when it comes to "z-keeps".
+    for (name, want) in [
+        ("a-none", "0000000000000000"),
+        ("z-keeps", "0000000000000400"),
+    ] {
+        let first = wait_log(&agent, name, "\"cap_bnd\"");
+        let (pid, _) = first.iter().find_map(|l| capability_sets(l)).expect("sets");
+        assert_eq!(agent.pids(name), vec![pid], "{name}");
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(i32::try_from(pid).expect("pid")).expect("pid"),
+            rustix::process::Signal::KILL,
+        )
+        .expect("kill");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let sets = loop {
+            let after = log_lines(&agent, name);
+            if let Some((_, sets)) = after
+                .iter()
+                .filter_map(|l| capability_sets(l))
+                .find(|(p, _)| *p != pid)
+            {
+                break sets;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no restart of {name} said its sets: {after:#?}\n{}",
+                agent.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(sets, [want, want, want].map(str::to_string), "{name}");
+    }
+    assert_eq!(
+        thread_bounding_set(agent.pid(), None).as_deref(),
+        Some("0000000000000000"),
+        "the agent's own thread dropped its set"
+    );
+    assert_eq!(
+        thread_bounding_set(agent.pid(), Some("hatchery-whole")),
+        Some(whole.clone()),
+        "the other kept it"
+    );
+    assert_ne!(whole, "0000000000000000");
+    // An `exec` command of the site that keeps a capability.
+    let out = agent.cli(&["exec", "z-keeps", "--", exe, "__probe", "info-once"]);
+    let line = stdout(&out);
+    let (_, sets) = capability_sets(line.trim()).unwrap_or_else(|| panic!("{out:?}"));
+    assert_eq!(sets, ["0000000000000400"; 3].map(str::to_string));
+}
+
 #[test]
 fn sandbox_probe_sees_exactly_its_configuration() {
     if !privileged() {

@@ -154,6 +154,17 @@ fn kill_and_wait_for_replacement(agent: &TestAgent, victim: i64) -> serde_json::
     })
 }
 
+/// The capability set `set` (`CapBnd:`, ...) of thread `tid` of process `pid`.
+fn capabilities(pid: i32, tid: i32, set: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix(set))
+        .expect("the set")
+        .trim()
+        .to_string()
+}
+
 fn sorted(mut v: Vec<i64>) -> Vec<i64> {
     v.sort_unstable();
     v
@@ -276,12 +287,27 @@ fn an_upgrade_under_load_keeps_the_pid_and_every_worker_and_loses_no_request() {
             .clone();
         assert_eq!(w["last_exit"], "killed by SIGKILL", "{s:#}");
 
+        // As root, that restart's sandbox dropped every capability from the bounding set,
+        // and the agent's own thread, which started it, dropped them from its own.
+        if is_root() {
+            assert_eq!(capabilities(pid, pid, "CapBnd:"), "0000000000000000");
+        }
         // Again, to the binary it runs now (the default).
         let out = agent.cli(&["upgrade"]);
         assert!(out.status.success(), "{}", stderr(&out));
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
         assert_eq!(exe, next, "the default is the agent's own binary");
         assert_eq!(agent.pid(), pid);
+        // The new image was executed by a thread that kept the whole bounding set: the
+        // agent has the capabilities it was started with (this test's).
+        let me = i32::try_from(std::process::id()).expect("pid");
+        for set in ["CapBnd:", "CapPrm:", "CapEff:"] {
+            assert_eq!(
+                capabilities(pid, pid, set),
+                capabilities(me, me, set),
+                "{set} of the upgraded agent"
+            );
+        }
 
         // And a deploy works after.
         release(root.path(), "r2");

@@ -143,15 +143,17 @@ const REAP_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 const SIGNALS_PER_TURN: usize = 512;
 
 /// The threads that start workers beside the loop's own (`sys::spawn::StartHelpers`):
-/// two starting threads per CPU in all, at most [`crate::config::START_THREADS`] (each
-/// holds a block of fds, counted in the agent's own fds). A starting thread mostly waits
+/// two starting threads per CPU in all, at most [`crate::config::START_THREADS`] with the
+/// one that starts only what the others cannot (each holds a block of fds, counted in the
+/// agent's own fds). A starting thread mostly waits
 /// (in `clone3`, until its child has `execve`d), so more threads than CPUs keep the CPUs
 /// busy: on 2 CPUs, mass-crash recovery of 10,000 workers took 4.9 to 5.3 s with three
 /// helpers against 5.8 to 6.5 s with one (BENCHMARKS.md, "More threads that start
 /// workers"); more than four threads were not measured.
 fn start_helpers() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    (2 * cpus).clamp(2, crate::config::START_THREADS) - 1
+    // Less the one that keeps the whole bounding set (`sys::spawn::set_whole_set_aside`).
+    (2 * cpus).clamp(2, crate::config::START_THREADS - 1) - 1
 }
 /// Most bytes buffered for a slow control client before it is dropped.
 const MAX_CONN_BUFFER: usize = 4 << 20;
@@ -598,6 +600,14 @@ impl Agent {
         let helpers = crate::sys::spawn::StartHelpers::new(helper_blocks)
             .inspect_err(|e| warn!("workers are started one at a time: no helper thread: {e}"))
             .ok();
+        // With a thread that keeps the whole bounding set, this one drops from its own what
+        // its workers' sandboxes drop, as the helpers do: a restart's child then skips it.
+        if let Err(e) = reserve().and_then(|block| {
+            crate::sys::spawn::set_whole_set_aside(block)
+                .map_err(|e| setup_err("make the thread that keeps the bounding set", e))
+        }) {
+            warn!("every child of the agent's own thread drops its bounding set itself: {e}");
+        }
 
         let mut agent = Agent {
             config: config.clone(),

@@ -261,11 +261,29 @@ impl Inherited {
             failed: Some(reason.replace('\n', " ")),
         };
         let program = format!("/proc/self/fd/{}", self.previous.as_raw_fd());
+        exec_agent(Path::new(&program), &passed.to_env())
+    }
+}
+
+/// Executes `program` in place of this agent, with the agent's arguments and `passed` in
+/// [`UPGRADE_ENV`], from a thread that keeps its whole bounding set (the new image's
+/// capabilities come from the calling thread's credentials, and the agent's own thread
+/// drops from its set what its workers' sandboxes drop: `sys::spawn::set_whole_set_aside`).
+/// Returns only if that fails. Every other thread ends with the `execve`, and so do the
+/// threads' parent-death signals to the children they started (as they did when the
+/// agent's own thread executed it, for the helpers' children).
+fn exec_agent(program: &Path, passed: &str) -> std::io::Error {
+    crate::sys::spawn::with_whole_set(&|| {
+        if !crate::sys::spawn::keeps_whole_set() {
+            return std::io::Error::other(
+                "no thread of the agent keeps the whole bounding set for the new binary",
+            );
+        }
         let mut cmd = Command::new(program);
         cmd.args(std::env::args_os().skip(1))
-            .env(UPGRADE_ENV, passed.to_env());
+            .env(UPGRADE_ENV, passed);
         inherit::exec_keeping_mask(&mut cmd, &SigSet::of(&super::setup::agent_signals()))
-    }
+    })
 }
 
 fn mismatch(what: &str, e: std::io::Error) -> AgentError {
@@ -311,15 +329,18 @@ fn set_cloexec(fds: &[BorrowedFd<'_>], on: bool) -> rustix::io::Result<()> {
 /// its answer; the error says what it did instead.
 fn preflight(binary: &Path, config: &Path) -> Result<UpgradeCheck, String> {
     use rustix::event::{PollFd, PollFlags, Timespec};
-    let mut child = Command::new(binary)
-        .arg("__upgrade-check")
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+    // As the agent it will be: with the whole bounding set (see `exec_agent`).
+    let mut child = crate::sys::spawn::with_whole_set(&|| {
+        Command::new(binary)
+            .arg("__upgrade-check")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    })
+    .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
     let pidfd = i32::try_from(child.id())
         .ok()
         .and_then(rustix::process::Pid::from_raw)
@@ -523,10 +544,7 @@ impl Agent {
         // starts with none.
         super::fold::LogFold::agent().flush_all();
         // 5. Same pid, same children; signals stay blocked and pending ones wait.
-        let mut cmd = Command::new(&binary);
-        cmd.args(std::env::args_os().skip(1))
-            .env(UPGRADE_ENV, passed.to_env());
-        let e = inherit::exec_keeping_mask(&mut cmd, &SigSet::of(&super::setup::agent_signals()));
+        let e = exec_agent(&binary, &passed.to_env());
         let _ = set_cloexec(&kept, true);
         format!("failed to execute {}: {e}", binary.display())
     }

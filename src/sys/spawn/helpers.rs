@@ -54,6 +54,38 @@ struct Run<T: 'static> {
     helper: (Mutex<usize>, Condvar),
 }
 
+impl<T: Send + 'static> Run<T> {
+    /// A run of `task` over `0..n`.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds `task`, and all it borrows, until each thread it gives the run to
+    /// is done with it ([`Run::wait_for_helpers`]), also while unwinding: the run forgets
+    /// the borrow's lifetime (see `Erased`).
+    unsafe fn new(n: usize, task: &Task<'_, T>) -> Arc<Run<T>> {
+        // SAFETY: only the lifetime changes (same pointer, same vtable); the caller keeps
+        // the pointer valid while it is used (above).
+        let erased =
+            unsafe { std::mem::transmute::<*const Task<'_, T>, *const Task<'static, T>>(task) };
+        Arc::new(Run {
+            n,
+            next: AtomicUsize::new(0),
+            task: Erased(erased),
+            done: Mutex::new(Vec::with_capacity(n)),
+            helper: (Mutex::new(0), Condvar::new()),
+        })
+    }
+
+    /// The results, in order, once every item is done.
+    fn results(&self) -> Vec<T> {
+        let mut done =
+            std::mem::take(&mut *self.done.lock().unwrap_or_else(PoisonError::into_inner));
+        assert_eq!(done.len(), self.n, "every item of a run is done once");
+        done.sort_unstable_by_key(|(i, _)| *i);
+        done.into_iter().map(|(_, r)| r).collect()
+    }
+}
+
 impl<T> Run<T> {
     /// Waits until each of the `sent` copies of this run is done with.
     fn wait_for_helpers(&self, sent: usize) {
@@ -127,6 +159,7 @@ impl StartHelpers {
                 .name("hatchery-start".into())
                 .spawn(move || {
                     ON_HELPER.with(|on| on.set(true));
+                    super::may_drop_bounding_here();
                     loop {
                         let batch = incoming
                             .lock()
@@ -153,9 +186,74 @@ thread_local! {
     static ON_HELPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether this is one of the helper threads.
-pub(super) fn on_helper() -> bool {
-    ON_HELPER.with(std::cell::Cell::get)
+/// The thread that keeps the whole bounding set ([`set_whole_set_aside`]), when there is one:
+/// its runs' channel.
+static WHOLE_SET: Mutex<Option<SyncSender<Arc<dyn Work>>>> = Mutex::new(None);
+
+/// Makes the thread that keeps its whole bounding set (one for the process: a later call
+/// keeps the first and drops `block`), and lets the calling thread drop from its own set
+/// what its children's sandboxes drop, as the helpers do: what this thread can then no
+/// longer start ([`super::bounding_fits`]), and the agent's own programs (the next agent of
+/// an upgrade, the fd holder), that thread starts ([`on_whole_set`]). Like the helpers, it
+/// lives as long as the process, and has the caller's signal mask: call it once the agent
+/// has blocked the signals it reads.
+pub fn set_whole_set_aside(mut block: FdBlock) -> std::io::Result<()> {
+    let mut whole = WHOLE_SET.lock().unwrap_or_else(PoisonError::into_inner);
+    if whole.is_none() {
+        // No buffer: a run sent is one the thread took (and will say it is done with).
+        let (runs, incoming) = sync_channel::<Arc<dyn Work>>(0);
+        std::thread::Builder::new()
+            .name("hatchery-whole".into())
+            .spawn(move || {
+                for run in incoming {
+                    let done = HelperDone(run);
+                    done.0.work(&mut block);
+                }
+            })?;
+        *whole = Some(runs);
+    }
+    super::may_drop_bounding_here();
+    Ok(())
+}
+
+/// Does `task` for each of `0..n` on a thread whose bounding set is whole, and gives the
+/// results in order: on this thread with `block` when it has dropped nothing from its set,
+/// otherwise on the thread [`set_whole_set_aside`] made (this one waits), or, when there is
+/// none (it ended), here after all: `task` checks where it runs
+/// ([`super::keeps_whole_set`]) when that matters to it.
+pub fn on_whole_set<T: Send + 'static>(
+    n: usize,
+    block: &mut FdBlock,
+    task: &Task<'_, T>,
+) -> Vec<T> {
+    to_whole_set(n, task).unwrap_or_else(|| (0..n).map(|i| task(i, block)).collect())
+}
+
+/// Runs `f` as [`on_whole_set`] runs a task, for work that needs no block of fds (a
+/// `std::process::Command` of the agent's own).
+pub fn with_whole_set<T: Send + 'static>(f: &(dyn Fn() -> T + Sync)) -> T {
+    match to_whole_set(1, &|_, _| f()) {
+        Some(mut done) => done.pop().expect("one item"),
+        None => f(),
+    }
+}
+
+/// [`on_whole_set`] on the thread that keeps its whole set, when this one does not and that
+/// thread takes the work; `None` (nothing done) otherwise.
+fn to_whole_set<T: Send + 'static>(n: usize, task: &Task<'_, T>) -> Option<Vec<T>> {
+    if super::keeps_whole_set() {
+        return None;
+    }
+    let whole = WHOLE_SET
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()?;
+    // SAFETY: `task` outlives this call, which, once the run is sent, waits for the thread
+    // to be done with it (nothing between can unwind).
+    let run = unsafe { Run::new(n, task) };
+    whole.send(run.clone()).ok()?;
+    run.wait_for_helpers(1);
+    Some(run.results())
 }
 
 /// Waits, even while unwinding, until each helper thread a run was given to is done with it.
@@ -178,17 +276,9 @@ pub fn run_all<T: Send + 'static>(
     helpers: Option<&StartHelpers>,
     task: &Task<'_, T>,
 ) -> Vec<T> {
-    // SAFETY: only the lifetime changes (same pointer, same vtable); see `Erased` for why
-    // the pointer stays valid while it is used.
-    let erased =
-        unsafe { std::mem::transmute::<*const Task<'_, T>, *const Task<'static, T>>(task) };
-    let run = Arc::new(Run {
-        n,
-        next: AtomicUsize::new(0),
-        task: Erased(erased),
-        done: Mutex::new(Vec::with_capacity(n)),
-        helper: (Mutex::new(0), Condvar::new()),
-    });
+    // SAFETY: `task` outlives this call, which does not return (nor unwind past its
+    // `Finished` guard) before each helper it sent the run to is done with it.
+    let run = unsafe { Run::new(n, task) };
     // Sent, the run is shared with each helper it was sent for until that helper says it is
     // done with it; not sent (one item; called on a helper itself; the channel full;
     // no thread: it ended), this thread does every item.
@@ -204,10 +294,7 @@ pub fn run_all<T: Send + 'static>(
         let _finished = Finished(&run, sent);
         run.work(block);
     }
-    let mut done = std::mem::take(&mut *run.done.lock().unwrap_or_else(PoisonError::into_inner));
-    assert_eq!(done.len(), n, "every item of a run is done once");
-    done.sort_unstable_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, r)| r).collect()
+    run.results()
 }
 
 #[cfg(test)]
@@ -268,6 +355,28 @@ mod tests {
             4,
             "the caller and three helpers"
         );
+    }
+
+    #[test]
+    fn work_for_the_whole_set_runs_here_until_this_thread_drops_from_its_own() {
+        let name = || std::thread::current().name().map(str::to_string);
+        // A thread of its own: this test pretends it dropped from its bounding set.
+        std::thread::spawn(move || {
+            set_whole_set_aside(block()).expect("the thread");
+            let mut own = block();
+            let here = name();
+            let done = on_whole_set(3, &mut own, &|i, _| (i, name()));
+            assert_eq!(done, (0..3).map(|i| (i, here.clone())).collect::<Vec<_>>());
+            assert_eq!(with_whole_set(&name), here, "nothing dropped: here");
+            super::super::BOUNDING_GONE.set(1 << 21);
+            let there = Some("hatchery-whole".to_string());
+            let done = on_whole_set(3, &mut own, &|i, _| (i, name()));
+            assert_eq!(done, (0..3).map(|i| (i, there.clone())).collect::<Vec<_>>());
+            assert_eq!(with_whole_set(&name), there);
+            assert!(with_whole_set(&super::super::keeps_whole_set));
+        })
+        .join()
+        .expect("the test's thread");
     }
 
     #[test]

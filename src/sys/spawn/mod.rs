@@ -86,12 +86,27 @@ use self::child::ChildPlan;
 use self::child::child_entry;
 #[cfg(not(target_arch = "x86_64"))]
 use self::child::child_main;
-pub use self::helpers::{StartHelpers, run_all};
+pub use self::helpers::{StartHelpers, on_whole_set, run_all, set_whole_set_aside, with_whole_set};
 
 thread_local! {
     /// The capabilities this thread dropped from its own bounding set ([`bounding_fits`]):
     /// its children inherit the set without them.
     static BOUNDING_GONE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Whether this thread drops from its own bounding set what its children's sandboxes
+    /// drop: the helpers, and the thread that made the one keeping the whole set
+    /// ([`set_whole_set_aside`]).
+    static MAY_DROP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Lets this thread drop from its own bounding set ([`bounding_fits`]).
+fn may_drop_bounding_here() {
+    MAY_DROP.set(true);
+}
+
+/// Whether this thread's bounding set is whole (it dropped nothing from it): its children
+/// may be given any capability.
+pub fn keeps_whole_set() -> bool {
+    BOUNDING_GONE.get() == 0
 }
 
 /// The bounding-set mask of `caps`.
@@ -102,12 +117,13 @@ fn cap_mask(caps: &[libc::c_int]) -> u64 {
 }
 
 /// Whether `image` may be started from this thread: not when the thread dropped from its
-/// bounding set a capability the sandbox keeps there (the child could not have it back).
-/// On a helper thread the capabilities the sandbox drops are first dropped from the
-/// thread's own set, once for all its later children (which then skip those
-/// `PR_CAPBSET_DROP`s: 41 for a sandbox that keeps none, each a copy of the credentials,
-/// about a sixth of the child's work before `execve`). The agent's own thread keeps its
-/// set: it also starts zygotes, `exec` sessions and the next agent of an upgrade.
+/// bounding set a capability the sandbox keeps there (the child could not have it back:
+/// [`on_whole_set`] starts it). On a helper thread, and on the agent's own once it has set
+/// a thread with the whole set aside ([`set_whole_set_aside`]), the capabilities the
+/// sandbox drops are first dropped from the thread's own set, once for all its later
+/// children (which then skip those `PR_CAPBSET_DROP`s: 41 for a sandbox that keeps none,
+/// each a copy of the credentials, about a sixth of the child's work before `execve`, and
+/// a tenth of a restart after a crash).
 pub fn bounding_fits(image: &ExecImage) -> bool {
     let want = image
         .sandbox
@@ -118,7 +134,7 @@ pub fn bounding_fits(image: &ExecImage) -> bool {
     if gone & !want != 0 {
         return false;
     }
-    if helpers::on_helper() && want & !gone != 0 {
+    if MAY_DROP.get() && want & !gone != 0 {
         for cap in 0..64u32 {
             if (want & !gone) >> cap & 1 == 0 {
                 continue;
