@@ -1,5 +1,6 @@
 //! The agent's event loop: one thread, one reactor, only events (helper threads only start
-//! workers beside it, while it waits: `sys::spawn::StartHelpers`).
+//! processes beside it, while it waits: `sys::spawn::StartHelpers`, and the one that keeps
+//! the whole bounding set, `sys::spawn::set_whole_set_aside`).
 //!
 //! Sources, each a one-shot readiness registration identified by a never-reused token:
 //! the signalfd (`SIGTERM`, `SIGINT`, `SIGHUP`, `SIGCHLD`), every worker's pidfd (exit),

@@ -7,9 +7,10 @@
 //! opens; changing them from 0 also drops the file-system capabilities
 //! (`CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`, …) from the effective set, and changing them
 //! back restores them (capabilities(7), "Effect of user ID changes on capabilities").
-//! Raw syscalls change the calling thread only: the agent's helper threads start
-//! processes only while this one waits for them (`sys::spawn::run_all`), and nothing else
-//! runs while the guard lives (no io_uring submission, no spawn).
+//! Raw syscalls change the calling thread only: the agent's helper threads, and the one that
+//! keeps the whole bounding set, start processes only while this one waits for them
+//! (`sys::spawn::run_all`, `sys::spawn::on_whole_set`), and nothing else runs while the
+//! guard lives (no io_uring submission, no spawn).
 //!
 //! `setfsuid` reports no error: the change is verified by reading the value back.
 

@@ -1,5 +1,7 @@
 //! Threads that work beside the agent's own ([`StartHelpers`]): they do work split in
-//! items ([`run_all`]), mostly starting processes (`crate::spawn::start_all`).
+//! items ([`run_all`]), mostly starting processes (`crate::spawn::start_all`); and the one
+//! that keeps the whole bounding set ([`set_whole_set_aside`]), for the processes the others
+//! cannot start once they dropped from their own.
 //!
 //! A start is mostly waiting: the parent sleeps in `clone3` (`CLONE_VFORK`) while its child
 //! applies the sandbox and `execve`s, and on a small host that child often waits for a CPU
@@ -10,7 +12,7 @@
 //! process as its parent, and a thread that ends sends its children their parent-death
 //! signal (`PR_SET_PDEATHSIG`), so a thread made for each batch would signal every worker
 //! it started that asked for one. They end only with the agent (its exit, or the `execve`
-//! of an upgrade, which ends every thread but the caller's).
+//! of an upgrade, which ends every thread but the one keeping the whole set, its caller).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -219,8 +221,9 @@ pub fn set_whole_set_aside(mut block: FdBlock) -> std::io::Result<()> {
 /// Does `task` for each of `0..n` on a thread whose bounding set is whole, and gives the
 /// results in order: on this thread with `block` when it has dropped nothing from its set,
 /// otherwise on the thread [`set_whole_set_aside`] made (this one waits), or, when there is
-/// none (it ended), here after all: `task` checks where it runs
-/// ([`super::keeps_whole_set`]) when that matters to it.
+/// none (the agent's thread drops only once it made one, and with `panic = "abort"` it
+/// cannot end before the process), here after all: `task` checks where it runs
+/// ([`super::keeps_whole_set`]) where that matters to it.
 pub fn on_whole_set<T: Send + 'static>(
     n: usize,
     block: &mut FdBlock,
@@ -241,7 +244,8 @@ pub fn with_whole_set<T: Send + 'static>(f: &(dyn Fn() -> T + Sync)) -> T {
 /// [`on_whole_set`] on the thread that keeps its whole set, when this one does not and that
 /// thread takes the work; `None` (nothing done) otherwise.
 fn to_whole_set<T: Send + 'static>(n: usize, task: &Task<'_, T>) -> Option<Vec<T>> {
-    if super::keeps_whole_set() {
+    // Nothing to do is done here, without a hand-off (most starts leave nothing).
+    if n == 0 || super::keeps_whole_set() {
         return None;
     }
     let whole = WHOLE_SET
@@ -372,6 +376,29 @@ mod tests {
             let there = Some("hatchery-whole".to_string());
             let done = on_whole_set(3, &mut own, &|i, _| (i, name()));
             assert_eq!(done, (0..3).map(|i| (i, there.clone())).collect::<Vec<_>>());
+            // Nothing to do is not handed off: with the whole-set thread busy, it is answered
+            // at once all the same (10 s bound only a failure).
+            let (started, started_rx) = std::sync::mpsc::channel();
+            let busy = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    super::super::BOUNDING_GONE.set(1 << 21);
+                    with_whole_set(&|| {
+                        started.send(()).expect("told");
+                        busy.wait();
+                    })
+                });
+                started_rx.recv().expect("the whole-set thread is busy");
+                let (answer, answered) = std::sync::mpsc::channel();
+                s.spawn(move || {
+                    super::super::BOUNDING_GONE.set(1 << 21);
+                    let none: Vec<()> = on_whole_set(0, &mut block(), &|_, _| unreachable!());
+                    answer.send(none.len()).expect("answered");
+                });
+                let got = answered.recv_timeout(std::time::Duration::from_secs(10));
+                busy.wait();
+                assert_eq!(got, Ok(0), "no hand-off for nothing");
+            });
             assert_eq!(with_whole_set(&name), there);
             assert!(with_whole_set(&super::super::keeps_whole_set));
         })
