@@ -211,10 +211,16 @@ fn spawn_with_whole_set(
     if crate::sys::spawn::keeps_whole_set() {
         crate::sys::spawn::spawn(image, fds, cgroup, block)
     } else {
-        Err(SpawnError::Child {
-            step: crate::sys::spawn::ChildStep::DropBounding,
-            source: io::Error::from_raw_os_error(libc::EPERM),
-        })
+        Err(bounding_refused())
+    }
+}
+
+/// A start from a thread that dropped from its bounding set a capability the child keeps:
+/// what the child's own `PR_CAPBSET_DROP`s would meet (it cannot have it back).
+fn bounding_refused() -> SpawnError {
+    SpawnError::Child {
+        step: crate::sys::spawn::ChildStep::DropBounding,
+        source: io::Error::from_raw_os_error(libc::EPERM),
     }
 }
 
@@ -317,10 +323,8 @@ pub fn start_all(
                 *slot = Some((start, ahead));
                 return None;
             }
-            let step = crate::sys::spawn::ChildStep::DropBounding;
-            let source = io::Error::from_raw_os_error(libc::EPERM);
             let leaf = ahead.and_then(Result::ok).map(|(dir, _)| dir);
-            return Some(launched(Err(SpawnError::Child { step, source }), leaf));
+            return Some(launched(Err(bounding_refused()), leaf));
         }
         drop(slot);
         let leaf = match (ahead, &start.leaf) {

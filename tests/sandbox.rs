@@ -124,22 +124,38 @@ fn log_lines(agent: &TestAgent, site: &str) -> Vec<String> {
     stdout(&out).lines().map(str::to_string).collect()
 }
 
-/// Waits for a worker output line containing `marker`; returns every line so far.
-fn wait_log(agent: &TestAgent, site: &str, marker: &str) -> Vec<String> {
+/// Reads the site's log lines until `found` finds in them what it looks for (30 s at most,
+/// then fails saying there was no `what`).
+fn poll_log<T>(
+    agent: &TestAgent,
+    site: &str,
+    what: &str,
+    mut found: impl FnMut(&[String]) -> Option<T>,
+) -> T {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let lines = log_lines(agent, site);
-        if lines.iter().any(|l| l.contains(marker)) {
-            return lines;
+        if let Some(t) = found(&lines) {
+            return t;
         }
         assert!(
             Instant::now() < deadline,
-            "no {marker:?} in the log of {site}: {lines:#?}\nstatus: {:#}\n{}",
+            "no {what} in the log of {site}: {lines:#?}\nstatus: {:#}\n{}",
             agent.status(site),
             agent.agent_log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Waits for a worker output line containing `marker`; returns every line so far.
+fn wait_log(agent: &TestAgent, site: &str, marker: &str) -> Vec<String> {
+    poll_log(agent, site, &format!("{marker:?}"), |lines| {
+        lines
+            .iter()
+            .any(|l| l.contains(marker))
+            .then(|| lines.to_vec())
+    })
 }
 
 /// The JSON object printed on a log line.
@@ -180,9 +196,8 @@ fn workers_started_together_have_their_own_sites_bounding_set() {
         ("a-none", 6, "0000000000000000"),
         ("z-keeps", 24, "0000000000000400"),
     ] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let infos = loop {
-            let infos: Vec<serde_json::Value> = log_lines(&agent, name)
+        let infos = poll_log(&agent, name, "sets of every worker", |lines| {
+            let infos: Vec<serde_json::Value> = lines
                 .iter()
                 .filter(|l| l.contains("\"cap_bnd\""))
                 .map(|l| json_of(l))
@@ -191,16 +206,8 @@ fn workers_started_together_have_their_own_sites_bounding_set() {
                 .iter()
                 .filter_map(|i| i["env"]["HATCHERY_WORKER_ID"].as_str().map(str::to_string))
                 .collect();
-            if ids.len() == n {
-                break infos;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not every worker of {name} said its sets: {infos:#?}\n{}",
-                agent.agent_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+            (ids.len() == n).then_some(infos)
+        });
         for info in &infos {
             for set in ["cap_bnd", "cap_prm", "cap_eff"] {
                 assert_eq!(info[set], want, "{name} {set}: {info:#}");
@@ -280,23 +287,12 @@ fn restarts_and_exec_commands_have_their_own_sites_bounding_set() {
             rustix::process::Signal::KILL,
         )
         .expect("kill");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let sets = loop {
-            let after = log_lines(&agent, name);
-            if let Some((_, sets)) = after
+        let (_, sets) = poll_log(&agent, name, "sets of the restarted worker", |lines| {
+            lines
                 .iter()
                 .filter_map(|l| capability_sets(l))
                 .find(|(p, _)| *p != pid)
-            {
-                break sets;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no restart of {name} said its sets: {after:#?}\n{}",
-                agent.agent_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        });
         assert_eq!(sets, [want, want, want].map(str::to_string), "{name}");
     }
     assert_eq!(
