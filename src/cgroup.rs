@@ -2,7 +2,9 @@
 //!
 //! Layout (DESIGN.md): `<base>/sites/<site>/gen-<N>/w-<K>/`, a fresh leaf for each worker
 //! process ([`CgroupTree::new_leaf`]), removed when it exits ([`CgroupTree::retire`]), or by
-//! the [`Graveyard`] once what the worker left behind has died.
+//! the [`Graveyard`] once what the worker left behind has died. The one exception: a
+//! worker that crashed and left its leaf empty, never killed, is replaced in the same leaf
+//! when its replacement starts at once (`event::Agent::reusable_leaves`).
 //! The base is the delegated cgroup the agent runs in (under systemd `Delegate=yes`), or
 //! `<cgroup2 mount>/hatchery` when run by hand as root, or a path from the config.
 //! When the base is the agent's own cgroup, the agent first moves itself into
@@ -529,9 +531,11 @@ impl CgroupTree {
     /// `exec` command) in generation `generation` of `site`, creating the site and
     /// generation cgroups on the way, and opens it for `CLONE_INTO_CGROUP`.
     ///
-    /// A leaf is never reused: on recent kernels (seen on 6.18, not on 6.1 or 6.12) a
-    /// cgroup that has received `cgroup.kill` SIGKILLs every process later cloned into it,
-    /// while a new cgroup, even one created under a killed parent, does not. While a stale
+    /// A leaf that was killed is never reused: on recent kernels (seen on 6.18, not on 6.1
+    /// or 6.12) a cgroup that has received `cgroup.kill` SIGKILLs every process later cloned
+    /// into it, while a new cgroup, even one created under a killed parent, does not. (The
+    /// agent reuses only the empty leaf of a crashed worker whose tree it did not kill, for
+    /// its slot's next process: `event::Agent::reusable_leaves`.) While a stale
     /// leaf of that name is there (retired and not yet removed, left by an earlier agent
     /// and buried, or still emptying after its worker's tree was killed), the new leaf
     /// gets the first free name `<name>.<n>`: the stale one is removed by the graveyard,
@@ -572,22 +576,26 @@ impl CgroupTree {
                 Err(source) => return Err(CgroupError::Create { path: leaf, source }),
             }
         };
-        let fd = rustix::fs::open(
-            &leaf,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| CgroupError::Open {
-            path: leaf.clone(),
-            source: e.into(),
-        });
-        match fd {
+        match CgroupTree::open_leaf(&leaf) {
             Ok(fd) => Ok((leaf, fd)),
             Err(e) => {
                 let _ = fs::remove_dir(&leaf);
                 Err(e)
             }
         }
+    }
+
+    /// Opens `leaf` to clone into (`CLONE_INTO_CGROUP`).
+    pub fn open_leaf(leaf: &Path) -> Result<OwnedFd, CgroupError> {
+        rustix::fs::open(
+            leaf,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| CgroupError::Open {
+            path: leaf.to_path_buf(),
+            source: e.into(),
+        })
     }
 
     /// Retires the leaf of a process that has exited (and been reaped): it is never used
@@ -701,11 +709,10 @@ impl CgroupTree {
         write_file(&leaf.join("cgroup.procs"), &pid.to_string())
     }
 
-    /// Whether any process is in `dir` or below (`cgroup.events` `populated`).
+    /// Whether any process is in `dir` or below (`cgroup.events` `populated`; one read, as
+    /// on a crashed worker's restart path).
     pub fn is_populated(dir: &Path) -> bool {
-        fs::read_to_string(dir.join(CGROUP_EVENTS))
-            .map(|t| t.lines().any(|l| l == "populated 1"))
-            .unwrap_or(false)
+        read_small(&dir.join(CGROUP_EVENTS)).is_some_and(|t| t.lines().any(|l| l == "populated 1"))
     }
 
     /// Removes `dir` and its empty descendants, deepest first. Populated cgroups stay.

@@ -113,6 +113,9 @@ pub struct LeafSpec<'a> {
     pub name: String,
     /// Per-worker limits to write into the leaf.
     pub limits: Option<&'a Limits>,
+    /// The leaf of the slot's last process, to be born in again instead of a fresh one:
+    /// empty, and never killed (see `Agent::reusable_leaves`).
+    pub reuse: Option<PathBuf>,
 }
 
 /// A process that was started.
@@ -157,6 +160,7 @@ pub fn launch(
                 generation: l.generation,
                 name: l.name,
                 limits: l.limits,
+                reuse: None,
             }),
             Some((l.tree, l.graveyard)),
         ),
@@ -249,12 +253,28 @@ type MadeLeaf = Result<(PathBuf, OwnedFd), NotLaunched>;
 /// A start of [`start_all`], with its leaf when it was made ahead.
 type StartItem<'a> = (Start<'a>, Option<MadeLeaf>);
 
-/// A fresh leaf with its limits, and its fd to clone into.
+/// A fresh leaf with its limits, or the one to reuse, and its fd to clone into.
 fn make_leaf(l: &LeafSpec<'_>) -> Result<(PathBuf, OwnedFd), NotLaunched> {
     let not_launched = |e| NotLaunched {
         failure: SpawnFailure::Cgroup(e),
         leaf: None,
     };
+    if let Some(dir) = &l.reuse {
+        // Gone meanwhile (removed by hand): a fresh one, as for any start.
+        if let Ok(fd) = CgroupTree::open_leaf(dir) {
+            // Its limits again, as a fresh leaf gets them (the site's may have changed
+            // since they were written).
+            if let Some(limits) = l.limits.filter(|_| l.tree.has_memory()) {
+                if let Err(e) = CgroupTree::apply_worker_limits(dir, limits) {
+                    return Err(NotLaunched {
+                        failure: SpawnFailure::Cgroup(e),
+                        leaf: Some(dir.clone()),
+                    });
+                }
+            }
+            return Ok((dir.clone(), fd));
+        }
+    }
     let (dir, fd) = l
         .tree
         .new_leaf(l.site, l.generation, &l.name)

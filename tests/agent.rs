@@ -1069,6 +1069,107 @@ fn slots_start_again_after_their_tree_was_killed() {
     });
 }
 
+/// A worker that crashes alone (nothing of it left in its leaf, which was never killed) is
+/// replaced in the same leaf when its replacement starts at once: no cgroup made and removed
+/// for each crash. One that leaves a process behind gets a fresh leaf (and what it left is
+/// killed), and so does one asked to stop (a stop's timeout may have killed its leaf).
+#[test]
+fn a_worker_that_crashes_alone_is_replaced_in_its_leaf() {
+    if !cgroup_placement() {
+        return;
+    }
+    each_reactor(|reactor| {
+        let restart = "[restart]\nbackoff_initial = \"10ms\"\nhealthy_after = \"200ms\"\n";
+        let alone = format!(
+            "name = \"alone\"\ncommand = [\"/bin/sleep\", \"1000\"]\nworkers = 1\n{restart}"
+        );
+        let kids = format!(
+            "name = \"kids\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 1000 & wait\"]\n\
+             workers = 1\n{restart}"
+        );
+        let agent = TestAgent::start(
+            &[("alone", &alone), ("kids", &kids)],
+            Options {
+                reactor,
+                cgroups: true,
+            },
+        );
+        // The ready worker's pid and leaf, once it has run long enough to be restarted at
+        // once when it crashes.
+        let healthy_in = |site: &str, not: Option<i64>| {
+            let mut found = (0, String::new());
+            wait_until("w-0 up past healthy_after", Duration::from_secs(20), || {
+                let s = agent.status(site);
+                let w = &s["workers"][0];
+                let pid = w["pid"].as_i64().unwrap_or(0);
+                found = (pid, w["cgroup"].as_str().unwrap_or_default().to_string());
+                w["state"] == "ready"
+                    && Some(pid) != not
+                    && w["uptime_ms"].as_u64().is_some_and(|u| u >= 400)
+            });
+            found
+        };
+        let healthy = |not: Option<i64>| healthy_in("alone", not);
+        let inode = |leaf: &str| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(leaf).expect("the leaf exists").ino()
+        };
+        let (first, leaf) = healthy(None);
+        let ino = inode(&leaf);
+        for crash in 1..=2 {
+            let before = healthy(None).0;
+            Command::new("kill")
+                .args(["-KILL", &before.to_string()])
+                .status()
+                .expect("kill");
+            let (pid, again) = healthy(Some(before));
+            assert_eq!(again, leaf, "crash {crash}: the same leaf");
+            assert_eq!(
+                inode(&again),
+                ino,
+                "crash {crash}: the same cgroup, not a new one"
+            );
+            let procs = std::fs::read_to_string(format!("{again}/cgroup.procs")).expect("procs");
+            assert_eq!(
+                procs.trim(),
+                pid.to_string(),
+                "crash {crash}: alone in its leaf"
+            );
+            let s = agent.status("alone");
+            assert_eq!(s["workers"][0]["restarts"], crash, "{s:#}");
+        }
+        assert!(!alive(first));
+
+        // A crash that leaves its child behind: a fresh leaf, the child killed with the old.
+        let (sh, kids_leaf) = healthy_in("kids", None);
+        let left = children(sh);
+        assert_eq!(left.len(), 1, "the worker's sleep: {left:?}");
+        let kids_ino = inode(&kids_leaf);
+        Command::new("kill")
+            .args(["-KILL", &sh.to_string()])
+            .status()
+            .expect("kill");
+        let (_, next) = healthy_in("kids", Some(sh));
+        assert_ne!(
+            inode(&next),
+            kids_ino,
+            "a fresh leaf: {next} (was {kids_leaf})"
+        );
+        wait_until("the left child killed", Duration::from_secs(20), || {
+            !alive(left[0])
+        });
+
+        let out = agent.cli(&["restart", "alone"]);
+        assert!(out.status.success(), "restart: {}", stderr(&out));
+        let (_, fresh) = healthy(None);
+        assert_ne!(
+            inode(&fresh),
+            ino,
+            "a worker asked to stop is replaced in a fresh leaf: {fresh} (was {leaf})"
+        );
+    });
+}
+
 /// The pids of ready workers that have their child, without waiting.
 fn workers_with_children_now(agent: &TestAgent, site: &str) -> Vec<i64> {
     agent.status(site)["workers"]

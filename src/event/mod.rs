@@ -330,6 +330,11 @@ pub struct Agent {
     /// The sites whose output was read this turn of the loop, before its exits were
     /// handled (see `Agent::drain_before_exits`).
     drained_before_exits: Vec<SiteName>,
+    /// The leaves of workers that crashed this turn, empty and never killed, by slot: the
+    /// slot's next process is born in it again if it starts in the same turn (no `mkdir` on
+    /// a restart's path, no `rmdir` and cgroup release after it); those still here at the
+    /// end of the turn are retired (`Agent::retire_unused_leaves`).
+    reusable_leaves: HashMap<(SiteName, GenId, Slot), PathBuf>,
     /// Workers whose exit was handled, by site, to reap (`Agent::reap_held`).
     zombies: BTreeMap<SiteName, Vec<crate::process::PidRef>>,
     /// Since when the first of them waits.
@@ -653,6 +658,7 @@ impl Agent {
             pressure: HashMap::new(),
             workers_dirty: true,
             drained_before_exits: Vec::new(),
+            reusable_leaves: HashMap::new(),
             zombies: BTreeMap::new(),
             zombies_since: None,
             scan_owed: false,
@@ -930,6 +936,7 @@ impl Agent {
             self.start_deferred();
             self.fire_deadlines();
             self.reap_after_turn();
+            self.retire_unused_leaves();
             let stopping = self.sites.values().any(|s| s.machine.is_stopping());
             // Off the hot path: when nothing happened (while a stop waits for exits: for
             // QUIET_BEFORE_REMOVALS), or now and then beside events that never stop (not
@@ -1179,8 +1186,14 @@ impl Agent {
 
     fn kill_everything(&mut self) {
         self.kill_zygotes();
-        for site in self.sites.values() {
-            for w in site.io.gens.values().flat_map(|g| g.workers.values()) {
+        for site in self.sites.values_mut() {
+            for w in site
+                .io
+                .gens
+                .values_mut()
+                .flat_map(|g| g.workers.values_mut())
+            {
+                w.leaf_reusable = false;
                 let _ = match (&self.cgroups, &w.cgroup) {
                     (Some(tree), Some(dir)) => {
                         tree.kill(dir).map_err(|e| io::Error::other(e.to_string()))

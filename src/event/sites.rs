@@ -35,8 +35,14 @@ pub(super) struct Worker {
     pub adopted: bool,
     /// Its pidfd's registration.
     pub token: u64,
-    /// Its own cgroup leaf, fresh for this process.
+    /// Its own cgroup leaf: fresh for this process, or that of the slot's last process when
+    /// it crashed and left it empty (`Agent::reusable_leaves`).
     pub cgroup: Option<PathBuf>,
+    /// Whether its leaf may hold the slot's next process once this one has crashed: a leaf
+    /// this agent made, and whose tree it did not kill (`cgroup.kill` on 6.18 kills every
+    /// process later cloned into the cgroup). Not for an adopted worker: what an earlier
+    /// agent did to its leaf is not known.
+    pub leaf_reusable: bool,
     pub started_wall: SystemTime,
     /// Its start time in clock ticks since boot (`/proc/<pid>/stat`), for the record of
     /// live workers; `None` if it could not be read (it exited at once).
@@ -374,6 +380,7 @@ impl Agent {
                         adopted: !child,
                         token,
                         cgroup: a.record.cgroup.clone(),
+                        leaf_reusable: false,
                         started_wall: super::recovery::started_wall(a.record.start_time),
                         start_time: Some(a.record.start_time),
                         pidref: a.pidref,
@@ -587,6 +594,14 @@ impl Agent {
                 None
             }
             Action::KillTree { generation, slot } => {
+                if let Some(w) = self
+                    .sites
+                    .get_mut(name)
+                    .and_then(|s| s.io.gens.get_mut(&generation))
+                    .and_then(|g| g.workers.get_mut(&slot))
+                {
+                    w.leaf_reusable = false;
+                }
                 let w = self.worker(name, generation, slot)?;
                 warn!(site = %name, worker = %slot, pid = w.pidref.pid(), "stop timeout: killing the worker's process tree");
                 let result = match (&self.cgroups, &w.cgroup) {

@@ -92,6 +92,23 @@ impl Agent {
         self.reap_where(|_| true);
     }
 
+    /// At the end of a turn: retires the leaves of crashed workers that no start of the
+    /// turn took (`Agent::reusable_leaves`): their slot starts later (after a backoff), or
+    /// not at all.
+    pub(super) fn retire_unused_leaves(&mut self) {
+        if self.reusable_leaves.is_empty() {
+            return;
+        }
+        match (&self.cgroups, &mut self.graveyard) {
+            (Some(tree), Some(graveyard)) => {
+                for (_, dir) in self.reusable_leaves.drain() {
+                    tree.retire(&dir, graveyard);
+                }
+            }
+            _ => self.reusable_leaves.clear(),
+        }
+    }
+
     /// Before the workers `asked` for are started: reaps every held worker when a zombie
     /// could make a start fail, that is when more than [`ZOMBIES_PAST_A_START`] are held (a
     /// systemd unit's `TasksMax` counts them), when one is of a site with a `pids_max` (it
@@ -185,8 +202,12 @@ impl Agent {
     /// zombie until [`Agent::reap_held`]), it is forgotten and told to its site's machine.
     fn worker_gone(&mut self, name: &SiteName, g: GenId, id: Slot) {
         let asked = self.stopping(name, g, id);
+        // A crash's leaf may hold the slot's next process (`Agent::reusable_leaves`); a
+        // zygote's workers are forked into a leaf of their own.
+        let crashed = !asked && !self.shutting_down && !self.forks_from_zygote(name, g);
         let tree = self.cgroups.as_ref();
         let graveyard = &mut self.graveyard;
+        let reusable_leaves = &mut self.reusable_leaves;
         let Some(site) = self.sites.get_mut(name).and_then(|s| s.io.gens.get_mut(&g)) else {
             return;
         };
@@ -256,23 +277,36 @@ impl Agent {
         self.pids.remove(&worker.pidref.pid());
         self.workers_dirty = true;
         // An OOM kill shows as SIGKILL; the leaf's memory.events tells them apart (the
-        // leaf is this process's own, so any count is its). Without the memory controller
-        // there is no such file, and no OOM kill of a leaf: not looked for.
-        let reason = match (&reason, worker.cgroup.as_deref()) {
-            (
-                ExitReason::Signaled {
-                    signal: libc::SIGKILL,
-                },
-                Some(dir),
-            ) if tree.is_some_and(CgroupTree::has_memory)
-                && crate::cgroup::oom_kills(dir).is_some_and(|n| n > 0) =>
-            {
-                ExitReason::OomKilled
+        // leaf is this process's own, or held before only processes of its slot that were
+        // not OOM-killed: any count is its). Without the memory controller there is no
+        // such file, and no OOM kill of a leaf: not looked for. A leaf to reuse must have
+        // none either.
+        let memory = tree.is_some_and(CgroupTree::has_memory);
+        let killed = matches!(
+            reason,
+            ExitReason::Signaled {
+                signal: libc::SIGKILL
             }
-            _ => reason,
+        );
+        let reuse = crashed && worker.leaf_reusable;
+        let oom_kills = worker
+            .cgroup
+            .as_deref()
+            .filter(|_| memory && (killed || reuse))
+            .and_then(crate::cgroup::oom_kills);
+        let reason = if killed && oom_kills.is_some_and(|n| n > 0) {
+            ExitReason::OomKilled
+        } else {
+            reason
         };
         if let (Some(tree), Some(dir), Some(graveyard)) = (tree, &worker.cgroup, graveyard) {
-            tree.retire(dir, graveyard);
+            // Empty once the worker exited (a zombie is not counted): nothing it started is
+            // left in it, so the next process of the slot is alone there.
+            if reuse && (!memory || oom_kills == Some(0)) && !CgroupTree::is_populated(dir) {
+                reusable_leaves.insert((name.clone(), g, id), dir.clone());
+            } else {
+                tree.retire(dir, graveyard);
+            }
         }
         self.worker_output_done(name, worker.pidref.pid(), Writer::Worker(id.0));
         if !asked && !self.shutting_down {
@@ -367,6 +401,11 @@ impl Agent {
                     generation: g.0,
                     name: format!("w-{id}"),
                     limits: site.machine.generation(*g).map(|x| &x.config.limits),
+                    reuse: if self.reusable_leaves.is_empty() {
+                        None
+                    } else {
+                        self.reusable_leaves.remove(&(name.clone(), *g, *id))
+                    },
                 });
                 starts.push(Start { image, fds, leaf });
                 which.push(i);
@@ -619,6 +658,7 @@ impl Agent {
                     pidref,
                     adopted: false,
                     token,
+                    leaf_reusable: cgroup.is_some(),
                     cgroup,
                     started_wall: SystemTime::now(),
                     // Our child, not yet reaped: the pid is still its own.
