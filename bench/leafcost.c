@@ -9,7 +9,9 @@
  *   setsid as leaf, and the child calls setsid() before execv (Hatchery's workers lead
  *          their own session);
  *   premade as leaf, but every leaf is made (and opened) before the timed parts: what
- *          CLONE_INTO_CGROUP into a leaf costs without its mkdir.
+ *          CLONE_INTO_CGROUP into a leaf costs without its mkdir;
+ *   reuse  as leaf, but each restart is born in the leaf of the child it replaces (empty
+ *          once that child exited), as Hatchery replaces a crashed worker.
  * Prints one JSON object. Build: cc -O2 -o leafcost bench/leafcost.c */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -34,7 +36,7 @@ static double now(void) {
 }
 
 static char *wargv[2];
-static int with_leaf, with_setsid, premade;
+static int with_leaf, with_setsid, premade, reuse;
 static int *leaf_fds[2];
 static const char *base;
 
@@ -57,7 +59,7 @@ static pid_t start(int i, int round) {
         a.cgroup = (uint64_t)fd;
     } else if (with_leaf) {
         char p[4096];
-        leaf_path(p, sizeof p, i, round);
+        leaf_path(p, sizeof p, i, reuse ? 0 : round);
         if (mkdir(p, 0755) && errno != EEXIST) { perror(p); exit(1); }
         fd = open(p, O_PATH | O_DIRECTORY | O_CLOEXEC);
         if (fd < 0) { perror(p); exit(1); }
@@ -95,15 +97,16 @@ static void remove_leaves(int n, int round) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 4) { fprintf(stderr, "usage: leafcost plain|leaf|setsid|premade N WORKER [CGROUP_DIR]\n"); return 2; }
+    if (argc < 4) { fprintf(stderr, "usage: leafcost plain|leaf|setsid|premade|reuse N WORKER [CGROUP_DIR]\n"); return 2; }
     with_leaf = strcmp(argv[1], "plain") != 0;
     with_setsid = strcmp(argv[1], "setsid") == 0;
     premade = strcmp(argv[1], "premade") == 0;
+    reuse = strcmp(argv[1], "reuse") == 0;
     int n = atoi(argv[2]);
     wargv[0] = argv[3];
     wargv[1] = NULL;
     base = argc > 4 ? argv[4] : NULL;
-    if (with_leaf && !base) { fprintf(stderr, "leaf, setsid and premade need CGROUP_DIR\n"); return 2; }
+    if (with_leaf && !base) { fprintf(stderr, "leaf, setsid, premade and reuse need CGROUP_DIR\n"); return 2; }
     pid_t *k = calloc(n, sizeof *k);
     if (premade) {
         char p[4096];

@@ -709,10 +709,25 @@ impl CgroupTree {
         write_file(&leaf.join("cgroup.procs"), &pid.to_string())
     }
 
-    /// Whether any process is in `dir` or below (`cgroup.events` `populated`; one read, as
-    /// on a crashed worker's restart path).
+    /// Whether any process is in `dir` or below (`cgroup.events` `populated`).
     pub fn is_populated(dir: &Path) -> bool {
-        read_small(&dir.join(CGROUP_EVENTS)).is_some_and(|t| t.lines().any(|l| l == "populated 1"))
+        CgroupTree::populated(dir) == Some(true)
+    }
+
+    /// Whether `dir` is known to hold no process, itself or below (`populated 0`); not when
+    /// its `cgroup.events` cannot be read.
+    pub fn is_empty(dir: &Path) -> bool {
+        CgroupTree::populated(dir) == Some(false)
+    }
+
+    /// `cgroup.events`' `populated` line, in one read (a crashed worker's restart reads it).
+    fn populated(dir: &Path) -> Option<bool> {
+        let text = read_small(&dir.join(CGROUP_EVENTS))?;
+        text.lines().find_map(|l| match l {
+            "populated 1" => Some(true),
+            "populated 0" => Some(false),
+            _ => None,
+        })
     }
 
     /// Removes `dir` and its empty descendants, deepest first. Populated cgroups stay.

@@ -229,7 +229,7 @@ fn bounding_refused() -> SpawnError {
 }
 
 /// What a spawn into `leaf` (if any) gave: the process, or why there is none (the child,
-/// reaped by `spawn`, was the only process ever in the leaf).
+/// reaped by `spawn`, was the leaf's only process; the caller retires the leaf).
 fn launched(
     spawned: Result<Spawned, SpawnError>,
     leaf: Option<PathBuf>,
@@ -260,19 +260,23 @@ fn make_leaf(l: &LeafSpec<'_>) -> Result<(PathBuf, OwnedFd), NotLaunched> {
         leaf: None,
     };
     if let Some(dir) = &l.reuse {
-        // Gone meanwhile (removed by hand): a fresh one, as for any start.
-        if let Ok(fd) = CgroupTree::open_leaf(dir) {
-            // Its limits again, as a fresh leaf gets them (the site's may have changed
-            // since they were written).
-            if let Some(limits) = l.limits.filter(|_| l.tree.has_memory()) {
-                if let Err(e) = CgroupTree::apply_worker_limits(dir, limits) {
-                    return Err(NotLaunched {
-                        failure: SpawnFailure::Cgroup(e),
-                        leaf: Some(dir.clone()),
-                    });
+        let failed = |e| NotLaunched {
+            failure: SpawnFailure::Cgroup(e),
+            leaf: Some(dir.clone()),
+        };
+        match CgroupTree::open_leaf(dir) {
+            Ok(fd) => {
+                // Its limits again, as a fresh leaf gets them (the site's may have changed
+                // since they were written).
+                if let Some(limits) = l.limits.filter(|_| l.tree.has_memory()) {
+                    CgroupTree::apply_worker_limits(dir, limits).map_err(failed)?;
                 }
+                return Ok((dir.clone(), fd));
             }
-            return Ok((dir.clone(), fd));
+            // Gone meanwhile (removed by hand): a fresh one, as for any start.
+            Err(CgroupError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            // Still there: the caller retires it.
+            Err(e) => return Err(failed(e)),
         }
     }
     let (dir, fd) = l
@@ -343,7 +347,12 @@ pub fn start_all(
                 *slot = Some((start, ahead));
                 return None;
             }
-            let leaf = ahead.and_then(Result::ok).map(|(dir, _)| dir);
+            // Its leaf, made ahead or to be reused, is the caller's to retire.
+            let leaf = match ahead {
+                Some(Ok((dir, _))) => Some(dir),
+                Some(Err(not)) => not.leaf,
+                None => start.leaf.as_ref().and_then(|l| l.reuse.clone()),
+            };
             return Some(launched(Err(bounding_refused()), leaf));
         }
         drop(slot);

@@ -1095,7 +1095,7 @@ fn a_worker_that_crashes_alone_is_replaced_in_its_leaf() {
             },
         );
         // The ready worker's pid and leaf, once it has run long enough to be restarted at
-        // once when it crashes.
+        // once when it crashes (`healthy_after`) in its leaf (a second).
         let healthy_in = |site: &str, not: Option<i64>| {
             let mut found = (0, String::new());
             wait_until("w-0 up past healthy_after", Duration::from_secs(20), || {
@@ -1105,7 +1105,7 @@ fn a_worker_that_crashes_alone_is_replaced_in_its_leaf() {
                 found = (pid, w["cgroup"].as_str().unwrap_or_default().to_string());
                 w["state"] == "ready"
                     && Some(pid) != not
-                    && w["uptime_ms"].as_u64().is_some_and(|u| u >= 400)
+                    && w["uptime_ms"].as_u64().is_some_and(|u| u >= 1200)
             });
             found
         };

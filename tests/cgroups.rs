@@ -103,6 +103,86 @@ fn a_worker_past_its_memory_max_is_oom_killed_reported_and_restarted_alone() {
     );
 }
 
+/// A worker (no limit of its own: its site's budget) OOM-killed after it ran `healthy_after`
+/// and a second is restarted at once, in a fresh leaf: a leaf is reused only by a crash
+/// that was not an OOM kill (its `memory.events` count would say every later SIGKILL of the
+/// slot was one). The next, killed by `kill -9`, is told as such, and replaced in its leaf.
+#[test]
+fn an_oom_killed_leaf_is_not_reused_and_a_later_kill_is_not_told_as_oom() {
+    if !cgroup_controllers() {
+        return;
+    }
+    let marker = std::env::temp_dir().join(format!("hatchery-oom-once-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let m = marker.display();
+    let site = probe_site(
+        "once",
+        1,
+        &format!(
+            "if [ -e {m} ]; then exec {BIN} __probe sleep; else touch {m}; sleep 1.2; exec {BIN} __probe alloc 200M; fi"
+        ),
+        "memory = \"64M\"\n[restart]\nbackoff_initial = \"10ms\"\nhealthy_after = \"200ms\"\n",
+    );
+    let agent = TestAgent::start(
+        &[("once", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+    );
+    let leaf_of = |s: &serde_json::Value| {
+        use std::os::unix::fs::MetadataExt;
+        let leaf = s["workers"][0]["cgroup"]
+            .as_str()
+            .expect("a leaf")
+            .to_string();
+        (std::fs::metadata(&leaf).expect("the leaf").ino(), leaf)
+    };
+    let first = agent.wait_for("once", "w-0 up", Duration::from_secs(20), |s| {
+        s["workers"][0]["pid"].is_i64()
+    });
+    let (first_leaf, _) = leaf_of(&first);
+    let second = agent.wait_for(
+        "once",
+        "w-0 OOM-killed and back",
+        Duration::from_secs(30),
+        |s| {
+            s["workers"][0]["last_exit"] == "oom-killed"
+                && s["workers"][0]["restarts"] == 1
+                && s["workers"][0]["state"] == "ready"
+                && s["workers"][0]["uptime_ms"]
+                    .as_u64()
+                    .is_some_and(|u| u >= 1200)
+        },
+    );
+    let (second_leaf, path) = leaf_of(&second);
+    assert_ne!(
+        second_leaf, first_leaf,
+        "a fresh leaf after an OOM kill: {second:#}"
+    );
+    let pid = second["workers"][0]["pid"].as_i64().expect("pid");
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let third = agent.wait_for(
+        "once",
+        "w-0 killed and back",
+        Duration::from_secs(30),
+        |s| s["workers"][0]["restarts"] == 2 && s["workers"][0]["state"] == "ready",
+    );
+    let _ = std::fs::remove_file(&marker);
+    assert_eq!(
+        third["workers"][0]["last_exit"], "killed by SIGKILL",
+        "not an OOM kill: {third:#}"
+    );
+    assert_eq!(
+        leaf_of(&third),
+        (second_leaf, path),
+        "replaced in its own leaf: {third:#}"
+    );
+}
+
 #[test]
 fn a_fork_bomb_stops_at_pids_max_while_another_site_serves() {
     if !cgroup_controllers() {

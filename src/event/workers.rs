@@ -6,7 +6,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, error, warn};
 
@@ -203,8 +203,19 @@ impl Agent {
     fn worker_gone(&mut self, name: &SiteName, g: GenId, id: Slot) {
         let asked = self.stopping(name, g, id);
         // A crash's leaf may hold the slot's next process (`Agent::reusable_leaves`); a
-        // zygote's workers are forked into a leaf of their own.
-        let crashed = !asked && !self.shutting_down && !self.forks_from_zygote(name, g);
+        // zygote's workers are forked into a leaf of their own, and a leaf with a limit of
+        // its own would count what its last process left charged (tmpfs pages) against
+        // the next.
+        let own_limits = self
+            .sites
+            .get(name)
+            .and_then(|s| s.machine.generation(g))
+            .is_some_and(|x| {
+                let l = &x.config.limits;
+                l.worker_memory_max.is_some() || l.worker_memory_high.is_some()
+            });
+        let crashed =
+            !asked && !self.shutting_down && !own_limits && !self.forks_from_zygote(name, g);
         let tree = self.cgroups.as_ref();
         let graveyard = &mut self.graveyard;
         let reusable_leaves = &mut self.reusable_leaves;
@@ -288,7 +299,15 @@ impl Agent {
                 signal: libc::SIGKILL
             }
         );
-        let reuse = crashed && worker.leaf_reusable;
+        // A process killed as it was born is not replaced in its leaf: a cgroup killed
+        // from outside the agent (`cgroup.kill` of an ancestor) kills every process later
+        // cloned into it on 6.18.
+        let reuse = crashed
+            && worker.leaf_reusable
+            && worker
+                .started_wall
+                .elapsed()
+                .is_ok_and(|ran| ran >= REUSE_LEAF_AFTER);
         let oom_kills = worker
             .cgroup
             .as_deref()
@@ -302,8 +321,12 @@ impl Agent {
         if let (Some(tree), Some(dir), Some(graveyard)) = (tree, &worker.cgroup, graveyard) {
             // Empty once the worker exited (a zombie is not counted): nothing it started is
             // left in it, so the next process of the slot is alone there.
-            if reuse && (!memory || oom_kills == Some(0)) && !CgroupTree::is_populated(dir) {
-                reusable_leaves.insert((name.clone(), g, id), dir.clone());
+            if reuse && (!memory || oom_kills == Some(0)) && CgroupTree::is_empty(dir) {
+                if let Some(old) = reusable_leaves.insert((name.clone(), g, id), dir.clone()) {
+                    if old != *dir {
+                        tree.retire(&old, graveyard);
+                    }
+                }
             } else {
                 tree.retire(dir, graveyard);
             }
@@ -955,6 +978,11 @@ pub(super) fn output_pipe() -> Result<(OwnedFd, OwnedFd), SpawnFailure> {
 
 /// Most workers whose starts are prepared at once (`Agent::spawn_all`).
 const START_CHUNK: usize = 64;
+
+/// How long a crashed worker must have run for its leaf to hold the slot's next process
+/// (`Agent::reusable_leaves`): one killed as it was born (in a cgroup killed from outside
+/// the agent) is replaced in a fresh leaf.
+const REUSE_LEAF_AFTER: Duration = Duration::from_secs(1);
 /// Workers whose exit was handled that may stay zombies past the start of their
 /// replacements, to the end of the turn (`Agent::reap_before_starting`): a few, since each
 /// still counts in its unit's `TasksMax`.
