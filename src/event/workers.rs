@@ -4,6 +4,7 @@
 //! (lines into the site's log and to `logs -f` clients) and its notifications
 //! (`READY=1`, `BUSY=`).
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -96,16 +97,16 @@ impl Agent {
     /// turn took (`Agent::reusable_leaves`): their slot starts later (after a backoff), or
     /// not at all.
     pub(super) fn retire_unused_leaves(&mut self) {
-        if self.reusable_leaves.is_empty() {
-            return;
-        }
-        match (&self.cgroups, &mut self.graveyard) {
-            (Some(tree), Some(graveyard)) => {
-                for (_, dir) in self.reusable_leaves.drain() {
-                    tree.retire(&dir, graveyard);
-                }
+        if let (Some(tree), Some(graveyard)) = (&self.cgroups, &mut self.graveyard) {
+            for (_, dir) in self.reusable_leaves.drain() {
+                tree.retire(&dir, graveyard);
             }
-            _ => self.reusable_leaves.clear(),
+        }
+        // A mass crash fills it by the thousand: the room goes with it.
+        if self.reusable_leaves.capacity() > REUSABLE_LEAVES_KEPT {
+            self.reusable_leaves = HashMap::new();
+        } else {
+            self.reusable_leaves.clear();
         }
     }
 
@@ -983,6 +984,8 @@ const START_CHUNK: usize = 64;
 /// (`Agent::reusable_leaves`): one killed as it was born (in a cgroup killed from outside
 /// the agent) is replaced in a fresh leaf.
 const REUSE_LEAF_AFTER: Duration = Duration::from_secs(1);
+/// Room kept in `Agent::reusable_leaves` between turns (a crash or a few at a time).
+const REUSABLE_LEAVES_KEPT: usize = 256;
 /// Workers whose exit was handled that may stay zombies past the start of their
 /// replacements, to the end of the turn (`Agent::reap_before_starting`): a few, since each
 /// still counts in its unit's `TasksMax`.
