@@ -74,6 +74,17 @@ pub fn request(site: &str, command: Vec<String>) -> Request {
 /// exit code.
 pub fn run(socket: &Path, req: &Request) -> Result<u8, ExecError> {
     let tty = matches!(req, Request::Exec { tty: true, .. });
+    // Held from before the request: one that comes while the command starts (it may run
+    // before its answer reaches us) is forwarded to it once it runs, not the end of this
+    // process with the command left to be hung up.
+    let mut set = vec![libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+    if tty {
+        set.push(libc::SIGWINCH);
+    } else {
+        set.push(libc::SIGINT);
+    }
+    let sigset = SigSet::of(&set);
+    signals::block(&sigset)?;
     let mut stream = UnixStream::connect(socket).map_err(|e| ExecError::Unreachable {
         path: socket.display().to_string(),
         source: e,
@@ -127,14 +138,6 @@ pub fn run(socket: &Path, req: &Request) -> Result<u8, ExecError> {
             io::Error::new(io::ErrorKind::InvalidData, "no terminal or pipes received").into(),
         );
     }
-    let mut set = vec![libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
-    if tty {
-        set.push(libc::SIGWINCH);
-    } else {
-        set.push(libc::SIGINT);
-    }
-    let sigset = SigSet::of(&set);
-    signals::block(&sigset)?;
     let sigfd = signals::signalfd(&sigset)?;
     let saved = if tty {
         let stdin = io::stdin();

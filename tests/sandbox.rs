@@ -801,7 +801,8 @@ fn sandbox_exec_without_a_terminal_uses_pipes_and_returns_the_status() {
         .stdin(std::process::Stdio::null())
         .spawn()
         .expect("exec sleep");
-    // Once the command runs (the CLI forwards signals from then on).
+    // Once the command runs (the CLI holds signals from before its request: one sent as the
+    // command starts, before the CLI has its answer, is passed on too).
     let agent_pid = i64::from(agent.pid());
     wait_until("the exec'd sleep", Duration::from_secs(20), || {
         processes()
