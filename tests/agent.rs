@@ -1415,6 +1415,53 @@ fn a_new_agent_adopts_the_workers_of_a_dead_one_and_stops_those_of_removed_sites
     }
 }
 
+/// A worker's number is its place in the site's slots: a record that numbers a live worker
+/// beyond the most a site can have (`MAX_WORKERS`, a damaged record) is not taken over.
+/// The new agent says why, stops that worker, and starts the site afresh.
+#[test]
+fn a_recorded_worker_numbered_beyond_the_most_a_site_can_have_is_stopped_not_adopted() {
+    let site =
+        "name = \"web\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 1000 & wait\"]\nworkers = 1\n";
+    let mut agent = TestAgent::start(
+        &[("web", site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+    );
+    let old = workers_with_children(&agent, "web", 1);
+    let record = agent.dir.path().join("state/workers.json");
+    agent.crash();
+    let text = std::fs::read_to_string(&record).expect("the record of live workers");
+    let mut recorded: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let beyond = hatchery::config::MAX_WORKERS;
+    // Both the process's record and the site machine's.
+    for path in [
+        "/sites/0/gens/0/workers/0",
+        "/sites/0/machine/gens/0/workers/0",
+    ] {
+        let worker = recorded.pointer_mut(path).expect(path);
+        assert_eq!(worker["pid"].as_i64(), Some(old[0]), "{text}");
+        worker["slot"] = serde_json::json!(beyond);
+    }
+    std::fs::write(&record, recorded.to_string()).expect("write the record");
+    agent.relaunch();
+    wait_until(
+        "the worker with the damaged record to be stopped",
+        Duration::from_secs(20),
+        || !alive(old[0]),
+    );
+    let new = workers_with_children(&agent, "web", 1);
+    assert_ne!(new, old);
+    let log = agent.agent_log();
+    assert!(
+        log.contains(&format!(
+            "cannot adopt the workers of a previous agent (a worker is numbered w-{beyond}"
+        )),
+        "{log}"
+    );
+}
+
 fn libc_sig(name: &str) -> u32 {
     match name {
         "HUP" => 1,

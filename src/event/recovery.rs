@@ -446,6 +446,16 @@ fn adopt_site(
         }
         _ => (config.clone(), None),
     };
+    // A worker's number is its place in the site's slots (`SlotMap`): a number beyond the
+    // most a site can have (a damaged record) is not taken over, and the workers are stopped.
+    let numbers = alive.values().flatten().map(|a| a.slot.0);
+    if let Some(n) = numbers.filter(|n| *n >= crate::config::MAX_WORKERS).max() {
+        let why = format!(
+            "a worker is numbered w-{n}, beyond the {} a site can have",
+            crate::config::MAX_WORKERS
+        );
+        return Err((why, alive));
+    }
     // Only the workers found alive, in the machine's record too.
     let mut record = site.machine.clone();
     for g in &mut record.gens {

@@ -180,7 +180,7 @@ impl SiteCore {
     #[cfg(any(test, debug_assertions))]
     pub(super) fn check_index(&self) {
         let mut fresh = Index::default();
-        for (id, slot) in &self.slots {
+        for (id, slot) in self.slots.iter() {
             let e = Indexed::of(slot);
             assert_eq!(slot.indexed, e, "slot {id} changed without a sync");
             fresh.add(*id, e);

@@ -25,18 +25,19 @@
 //! need are kept up to date beside the slots (`index`). Only what is about every slot
 //! (start, stop, a rolling restart's queue, a scale's choice of victims) passes over all.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::policy::AfterCrash;
 use crate::config::ReadyCheck;
 
+pub use self::map::SlotMap;
 pub use self::types::{
     Action, AfterStop, ExitReason, Input, Note, Phase, Policies, RunState, SlotState,
 };
 pub use super::ids::Slot;
 
 mod index;
+mod map;
 mod types;
 
 use self::index::Index;
@@ -73,7 +74,7 @@ pub struct SiteCore {
     /// Overall state.
     pub run: RunState,
     /// Slots by id.
-    pub slots: BTreeMap<Slot, SlotState>,
+    pub slots: SlotMap,
     /// Policies.
     pub policies: Policies,
     /// The rolling restart under way.
@@ -109,7 +110,7 @@ impl SiteCore {
         SiteCore {
             desired,
             run: RunState::Stopped,
-            slots: BTreeMap::new(),
+            slots: SlotMap::default(),
             policies,
             rolling: None,
             settled: false,
@@ -170,6 +171,9 @@ impl SiteCore {
     /// `desired`: the excess is stopped at once, highest slots first, and removed. Missing
     /// slots are not started here (`StartRequested` does that). Otherwise every worker is
     /// stopped (`Stopping`, then `Stopped`), as a site stop does.
+    ///
+    /// The slots' numbers are below [`crate::config::MAX_WORKERS`] (the caller checks: a
+    /// slot's number is its place in [`SlotMap`]).
     pub fn adopted(
         desired: u32,
         policies: Policies,
@@ -179,6 +183,9 @@ impl SiteCore {
     ) -> (SiteCore, Vec<Action>) {
         let mut core = SiteCore::new(desired, policies);
         let mut out = Vec::new();
+        if let Some(last) = workers.iter().map(|w| w.id).max() {
+            core.slots.reserve_up_to(last);
+        }
         for w in workers {
             if core.slots.contains_key(&w.id) {
                 continue;
@@ -207,7 +214,7 @@ impl SiteCore {
                     out.push(Action::Signal(w.id, policies.stop.signal));
                 }
             }
-            core.slots.insert(w.id, slot);
+            core.slots.insert(slot);
             core.sync(w.id);
         }
         if core.live() > 0 {
@@ -467,10 +474,16 @@ impl SiteCore {
                 self.sync(id);
             }
         }
+        if missing > 0 {
+            // The new slots fill the gaps, then go at the end.
+            let last = self.slots.len() + missing - 1;
+            self.slots
+                .reserve_up_to(Slot(u32::try_from(last).unwrap_or(u32::MAX)));
+        }
         let mut id = 0;
         while missing > 0 {
-            if let std::collections::btree_map::Entry::Vacant(e) = self.slots.entry(Slot(id)) {
-                e.insert(SlotState::new(Slot(id)));
+            if !self.slots.contains_key(&Slot(id)) {
+                self.slots.insert(SlotState::new(Slot(id)));
                 self.sync(Slot(id));
                 self.spawn(Slot(id), now, out);
                 missing -= 1;
