@@ -551,13 +551,18 @@ impl CgroupTree {
         let mut n = 0u32;
         let mut parents_made = false;
         let leaf = loop {
-            let leaf = if n == 0 {
+            let mut leaf = if n == 0 {
                 gen_dir.join(name)
             } else {
                 gen_dir.join(format!("{name}.{n}"))
             };
             match fs::create_dir(&leaf) {
-                Ok(()) => break leaf,
+                // Kept by its worker as long as it runs: without the room `join` left
+                // (a third of its bytes; 0.3 MB of the agent's heap at 10,000 workers).
+                Ok(()) => {
+                    leaf.shrink_to_fit();
+                    break leaf;
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => n += 1,
                 // The site or the generation is new: made once, not looked for at every
                 // start.
