@@ -19,7 +19,7 @@ pub struct SlotMap {
 }
 
 fn index(id: Slot) -> usize {
-    // A u32 always fits a usize on the targets Linux ≥ 5.10 runs Hatchery on.
+    // Lossless: a usize has at least 32 bits on every target Hatchery builds for.
     id.0 as usize
 }
 
@@ -50,10 +50,11 @@ impl SlotMap {
     }
 
     /// Room for slots up to `last` without growing again: a site's start or scale up
-    /// fills the gaps and then adds its new slots at the end, in one step.
+    /// fills the gaps and then adds its new slots at the end, in one step. Many at once
+    /// get just that room; one at a time (`workers = "auto"` growing) doubles it.
     pub fn reserve_up_to(&mut self, last: Slot) {
         let needed = (index(last) + 1).saturating_sub(self.slots.len());
-        self.slots.reserve_exact(needed);
+        self.slots.reserve(needed);
     }
 
     /// Puts `slot` under its `id`; returns the slot it replaced.
