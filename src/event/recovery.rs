@@ -48,8 +48,10 @@
 //! 5. if the file of the site changed while no agent ran, builds the machine from the
 //!    recorded text and applies the new one as a reload would, once the agent runs.
 //!
-//! A site that is no longer configured, or whose listeners cannot be taken back, has its
-//! workers stopped instead, before anything binds (never two sets on one port):
+//! A site that is no longer configured, whose listeners cannot be taken back, or whose
+//! record numbers a worker beyond [`crate::config::MAX_WORKERS`] (a damaged record: the
+//! number is the worker's place in the site's slots) has its workers stopped instead,
+//! before anything binds (never two sets on one port):
 //!
 //! 1. Its process group's other members are pinned by pidfd (without cgroups they hold the
 //!    listeners too, and the group id may be freed once the leader is reaped by init).

@@ -226,7 +226,8 @@ impl SiteMachine {
         };
         let kept_record = record.gens.iter().find(|g| g.id == kept);
         let release = kept_record.and_then(|g| g.release.clone());
-        let requested = record.requested;
+        // As a `scale` could ask for (a damaged record could say more).
+        let requested = record.requested.min(crate::config::MAX_WORKERS);
         let (cap, initial) = initial_count(&config, requested, &mut out);
         // A budget without a per-worker figure has no cap until workers are measured: a
         // count the earlier agent's measured cap allowed is not started blind.

@@ -1,9 +1,11 @@
 //! A site's slots by number.
 //!
-//! Slot numbers are handed out lowest first (`SiteCore::fill_slots`), so they are dense:
-//! a vector indexed by the number holds them in 192 bytes a slot where a `BTreeMap` kept
-//! about 360 (its nodes half full): 1.7 MB of the agent's heap at 10,000 workers. Lookups
-//! stay O(1), walks go in increasing order, as the map's did.
+//! Slot numbers are handed out lowest first (`SiteCore::fill_slots`), so they are mostly
+//! dense (a scale down that keeps a busy high slot leaves gaps below it, filled first by
+//! the next scale up): a vector indexed by the number holds them in 192 bytes a slot where
+//! a `BTreeMap` kept about 360 (its nodes half full): 1.7 MB of the agent's heap at 10,000
+//! workers. Lookups become O(1); walks go in increasing order, as the map's did (over the
+//! gaps too: a walk costs the highest number, not the count).
 
 use std::ops::Index;
 
@@ -70,8 +72,8 @@ impl SlotMap {
         old
     }
 
-    /// Takes slot `id` out. The room it left at the end is given back once the vector is
-    /// four times larger than what it holds (a site scaled down from thousands).
+    /// Takes slot `id` out. The room left past the highest slot still there is given back
+    /// once it is three times what is below it (a site scaled down from thousands).
     pub fn remove(&mut self, id: &Slot) -> Option<SlotState> {
         let old = self.slots.get_mut(index(*id)).and_then(Option::take)?;
         self.len -= 1;

@@ -187,6 +187,7 @@ impl SiteCore {
             core.slots.reserve_up_to(last);
         }
         for w in workers {
+            debug_assert!(w.id.0 < crate::config::MAX_WORKERS, "checked by the caller");
             if core.slots.contains_key(&w.id) {
                 continue;
             }
