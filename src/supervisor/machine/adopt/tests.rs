@@ -269,6 +269,18 @@ fn a_runtime_scale_outlives_the_crash() {
     assert_eq!(m.current().slots.desired, 1);
 }
 
+/// A damaged record's count is taken as a `scale` could ask: at most `MAX_WORKERS` (without
+/// the bound, the slots' room for 2^32 workers aborts the agent).
+#[test]
+fn a_recorded_count_beyond_the_most_a_site_can_have_is_capped() {
+    let t = Instant::now();
+    let rec = record(1, u32::MAX, vec![generation(1, vec![worker(0, true)])]);
+    let (m, a) = SiteMachine::adopt(site("workers = 2\n"), rec, None, t);
+    let max = crate::config::MAX_WORKERS;
+    assert_eq!(m.current().slots.desired, max);
+    assert_eq!(spawned(&a).len(), max as usize - 1);
+}
+
 #[test]
 fn workers_beyond_the_memory_cap_are_stopped_highest_first() {
     let t = Instant::now();
