@@ -1431,15 +1431,28 @@ fn a_recorded_worker_numbered_beyond_the_most_a_site_can_have_is_stopped_not_ado
     );
     let old = workers_with_children(&agent, "web", 1);
     let record = agent.dir.path().join("state/workers.json");
+    // The record's writes are spaced (up to 100 ms): the worker in it, ready, before the crash.
+    let paths = [
+        "/sites/0/gens/0/workers/0",
+        "/sites/0/machine/gens/0/workers/0",
+    ];
+    wait_until("the worker recorded ready", Duration::from_secs(20), || {
+        std::fs::read_to_string(&record)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|r| {
+                paths.iter().all(|p| {
+                    r.pointer(p)
+                        .is_some_and(|w| w["pid"].as_i64() == Some(old[0]))
+                }) && r.pointer(paths[1]).is_some_and(|w| w["ready"] == true)
+            })
+    });
     agent.crash();
     let text = std::fs::read_to_string(&record).expect("the record of live workers");
     let mut recorded: serde_json::Value = serde_json::from_str(&text).expect("json");
     let beyond = hatchery::config::MAX_WORKERS;
     // Both the process's record and the site machine's.
-    for path in [
-        "/sites/0/gens/0/workers/0",
-        "/sites/0/machine/gens/0/workers/0",
-    ] {
+    for path in paths {
         let worker = recorded.pointer_mut(path).expect(path);
         assert_eq!(worker["pid"].as_i64(), Some(old[0]), "{text}");
         worker["slot"] = serde_json::json!(beyond);
