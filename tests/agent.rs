@@ -1475,6 +1475,102 @@ fn a_recorded_worker_numbered_beyond_the_most_a_site_can_have_is_stopped_not_ado
     );
 }
 
+/// Workers told to stop that left (here by a scale down) do not rewrite the record of live
+/// workers by themselves (a stop of 10,000 rewrote its 2 MB every 100 ms): it lists them
+/// until the next change of another kind, such as a client's request. An agent that
+/// crashes meanwhile leaves them listed, and its successor neither adopts nor starts them
+/// again: it keeps the worker that runs.
+#[test]
+fn workers_that_left_when_told_stay_recorded_until_the_next_change_and_are_not_started_again() {
+    let site = "name = \"web\"\ncommand = [\"/bin/sleep\", \"1000\"]\nworkers = 3\n";
+    let mut agent = TestAgent::start_ready(
+        &[("web", site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: false,
+        },
+        "web",
+        3,
+    );
+    let record = agent.dir.path().join("state/workers.json");
+    let recorded = || -> Vec<(u64, i64)> {
+        let text = std::fs::read_to_string(&record).expect("the record of live workers");
+        let value: serde_json::Value = serde_json::from_str(&text).expect("json");
+        value["sites"][0]["gens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["workers"].as_array().into_iter().flatten())
+            .filter_map(|w| Some((w["slot"].as_u64()?, w["pid"].as_i64()?)))
+            .collect()
+    };
+    let inode = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&record).expect("the record").ino()
+    };
+    let slot_pid = |slot: u64| -> i64 {
+        let s = agent.status("web");
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .find(|w| w["id"] == slot)
+            .and_then(|w| w["pid"].as_i64())
+            .expect("the slot's worker")
+    };
+    // Scale down by one, twice: the scale is written at once, the worker's exit is not.
+    let scale_down = |to: &str, leaving: i64| {
+        let out = agent.cli(&["scale", "web", to]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        wait_until(
+            "the worker told to stop to exit",
+            Duration::from_secs(20),
+            || !alive(leaving),
+        );
+        let written = inode();
+        assert!(
+            recorded().iter().any(|&(_, pid)| pid == leaving),
+            "the worker that left is still listed"
+        );
+        // Longer than the record's longest wait after a change (100 ms): not written.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            inode(),
+            written,
+            "the record was rewritten for the exit alone"
+        );
+    };
+    // Once settled (a `scale` to the count running waits for it): the settling's own
+    // change of the record is behind.
+    let out = agent.cli(&["scale", "web", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let w2 = slot_pid(2);
+    scale_down("2", w2);
+    // The next request is answered after the record is brought up to date.
+    let kept = agent.pids("web");
+    let mut listed: Vec<i64> = recorded().into_iter().map(|(_, pid)| pid).collect();
+    listed.sort_unstable();
+    let mut running = kept.clone();
+    running.sort_unstable();
+    assert_eq!(listed, running, "the record after a request");
+
+    let (w0, w1) = (slot_pid(0), slot_pid(1));
+    scale_down("1", w1);
+    agent.crash();
+    agent.relaunch();
+    agent.wait_for("web", "the worker adopted", Duration::from_secs(20), |s| {
+        s["workers"].as_array().map(Vec::len) == Some(1) && s["ready"] == 1
+    });
+    assert_eq!(
+        agent.pids("web"),
+        vec![w0],
+        "the running worker kept, no other"
+    );
+    assert!(!alive(w1));
+    let log = agent.agent_log();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
 fn libc_sig(name: &str) -> u32 {
     match name {
         "HUP" => 1,

@@ -324,9 +324,8 @@ pub struct Agent {
     /// Running `hatchery exec` commands, by pid (see `exec.rs`).
     execs: HashMap<i32, exec::ExecSession>,
     next_exec: u32,
-    /// A site was fed, or a worker started or exited, since the record of live workers
-    /// was last written.
-    workers_dirty: bool,
+    /// What the record of live workers lacks since it was last written.
+    unsaved: recovery::Unsaved,
     /// The sites whose output was read this turn of the loop, before its exits were
     /// handled (see `Agent::drain_before_exits`).
     drained_before_exits: Vec<SiteName>,
@@ -656,7 +655,7 @@ impl Agent {
             zygote_pids: HashMap::new(),
             spares: HashMap::new(),
             pressure: HashMap::new(),
-            workers_dirty: true,
+            unsaved: recovery::Unsaved::Changes,
             drained_before_exits: Vec::new(),
             reusable_leaves: HashMap::new(),
             zombies: BTreeMap::new(),
@@ -888,7 +887,9 @@ impl Agent {
             // At most once per iteration, however many workers started or exited in it
             // (and spaced out when it is long: see `save_workers`).
             self.save_workers();
-            let save = self.save_after.filter(|_| self.workers_dirty);
+            let save = self
+                .save_after
+                .filter(|_| self.unsaved == recovery::Unsaved::Changes);
             // Retired cgroup leaves are removed once the loop is quiet: wait only that
             // long while some are left.
             let removing = self.graveyard.as_ref().is_some_and(Graveyard::has_deferred);

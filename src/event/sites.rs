@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime};
 use tracing::{debug, error, info, warn};
 
 use super::generations::Probed;
+use super::recovery::Unsaved;
 use super::{Agent, AgentError, generations, render, setup_err};
 use crate::cgroup::CgroupTree;
 use crate::config::{self, SiteConfig, SiteName};
@@ -389,7 +390,7 @@ impl Agent {
             }
         }
         self.adopted.insert(name.clone(), (actions, changed));
-        self.workers_dirty = true;
+        self.unsaved(Unsaved::Changes);
         Ok(Site {
             machine,
             io: SiteIo {
@@ -442,14 +443,24 @@ impl Agent {
     /// are carried out after the rest (first in, first out: the order the simulation in
     /// `supervisor::machine::sim` checks the machine's invariants in).
     pub(super) fn feed(&mut self, name: &SiteName, input: Input) {
+        self.feed_as(name, input, Unsaved::Changes);
+    }
+
+    /// [`Agent::feed`] of an input that changes the record of live workers by `change`
+    /// (beyond what its actions change: a worker started is a change of its own).
+    pub(super) fn feed_as(&mut self, name: &SiteName, input: Input, change: Unsaved) {
         let actions = self.handle(name, input);
-        self.carry_out(name, actions);
+        self.carry_out_as(name, actions, change);
     }
 
     /// Carries out actions of site `name`'s machine, in order, feeding back the results
     /// some have (see [`Agent::feed`]).
     pub(super) fn carry_out(&mut self, name: &SiteName, actions: Vec<Action>) {
-        self.workers_dirty = true;
+        self.carry_out_as(name, actions, Unsaved::Changes);
+    }
+
+    fn carry_out_as(&mut self, name: &SiteName, actions: Vec<Action>, change: Unsaved) {
+        self.unsaved(change);
         let mut queue: VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             if let Action::Spawn { generation, slot } = action {

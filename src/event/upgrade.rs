@@ -47,7 +47,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rustix::io::FdFlags;
 use tracing::{error, info, warn};
 
-use super::recovery::FORMAT_VERSION;
+use super::recovery::{FORMAT_VERSION, Unsaved};
 use super::{Agent, AgentError, setup_err};
 use crate::control::{ErrorKind, Reply, UpgradeCheck, Upgraded};
 use crate::sys::inherit;
@@ -486,7 +486,7 @@ impl Agent {
         self.flush_history(true);
         self.flush_pending();
         // 3. The record, now, whatever was written before.
-        self.workers_dirty = true;
+        self.unsaved(Unsaved::Changes);
         self.last_record = None;
         self.save_workers_now();
         if self.last_record.is_none() {

@@ -13,6 +13,7 @@ use tracing::{debug, error, warn};
 
 use super::history::{Entry, Kind};
 use super::reactor::Interest;
+use super::recovery::Unsaved;
 use super::sites::Worker;
 use super::{Agent, MAX_FOLLOW_BUFFER, Pipe, Source};
 use crate::cgroup::CgroupTree;
@@ -287,7 +288,13 @@ impl Agent {
         let worker = site.workers.remove(&id).expect("checked above");
         self.reg.tokens.remove(&worker.token);
         self.pids.remove(&worker.pidref.pid());
-        self.workers_dirty = true;
+        // A worker told to stop that left: the record may list it a while longer.
+        let change = if asked {
+            Unsaved::Departures
+        } else {
+            Unsaved::Changes
+        };
+        self.unsaved = self.unsaved.max(change);
         // An OOM kill shows as SIGKILL; the leaf's memory.events tells them apart (the
         // leaf is this process's own, or held before only processes of its slot that were
         // not OOM-killed: any count is its). Without the memory controller there is no
@@ -357,13 +364,11 @@ impl Agent {
                 }
             }
         }
-        self.feed(
-            name,
-            SiteInput::Worker {
-                generation: g,
-                input: Input::Exited { id, reason },
-            },
-        );
+        let input = SiteInput::Worker {
+            generation: g,
+            input: Input::Exited { id, reason },
+        };
+        self.feed_as(name, input, change);
     }
 
     /// Starts the workers `asked` for (each a slot of a generation of a site) together
@@ -691,7 +696,7 @@ impl Agent {
                 },
             );
         }
-        self.workers_dirty = true;
+        self.unsaved(Unsaved::Changes);
         Ok(())
     }
 
