@@ -1493,17 +1493,7 @@ fn workers_that_left_when_told_stay_recorded_until_the_next_change_and_are_not_s
         3,
     );
     let record = agent.dir.path().join("state/workers.json");
-    let recorded = || -> Vec<(u64, i64)> {
-        let text = std::fs::read_to_string(&record).expect("the record of live workers");
-        let value: serde_json::Value = serde_json::from_str(&text).expect("json");
-        value["sites"][0]["gens"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|g| g["workers"].as_array().into_iter().flatten())
-            .filter_map(|w| Some((w["slot"].as_u64()?, w["pid"].as_i64()?)))
-            .collect()
-    };
+    let recorded = || recorded_pids(&record);
     let inode = || {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&record).expect("the record").ino()
@@ -1529,7 +1519,7 @@ fn workers_that_left_when_told_stay_recorded_until_the_next_change_and_are_not_s
         );
         let written = inode();
         assert!(
-            recorded().iter().any(|&(_, pid)| pid == leaving),
+            recorded().contains(&leaving),
             "the worker that left is still listed"
         );
         // Longer than the record's longest wait after a change (100 ms): not written.
@@ -1548,7 +1538,7 @@ fn workers_that_left_when_told_stay_recorded_until_the_next_change_and_are_not_s
     scale_down("2", w2);
     // The next request is answered after the record is brought up to date.
     let kept = agent.pids("web");
-    let mut listed: Vec<i64> = recorded().into_iter().map(|(_, pid)| pid).collect();
+    let mut listed = recorded();
     listed.sort_unstable();
     let mut running = kept.clone();
     running.sort_unstable();
@@ -1569,6 +1559,19 @@ fn workers_that_left_when_told_stay_recorded_until_the_next_change_and_are_not_s
     assert!(!alive(w1));
     let log = agent.agent_log();
     assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// The pids of the first site's workers in the record of live workers at `record`.
+fn recorded_pids(record: &std::path::Path) -> Vec<i64> {
+    let text = std::fs::read_to_string(record).expect("the record of live workers");
+    let value: serde_json::Value = serde_json::from_str(&text).expect("json");
+    value["sites"][0]["gens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["workers"].as_array().into_iter().flatten())
+        .filter_map(|w| w["pid"].as_i64())
+        .collect()
 }
 
 fn libc_sig(name: &str) -> u32 {
@@ -2186,17 +2189,7 @@ fn a_restarted_worker_is_recorded_by_itself_and_before_a_client_is_told() {
         },
     );
     let record = agent.dir.path().join("state/workers.json");
-    let recorded = || -> Vec<i64> {
-        let text = std::fs::read_to_string(&record).expect("the record of live workers");
-        let value: serde_json::Value = serde_json::from_str(&text).expect("json");
-        value["sites"][0]["gens"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|g| g["workers"].as_array().into_iter().flatten())
-            .filter_map(|w| w["pid"].as_i64())
-            .collect()
-    };
+    let recorded = || recorded_pids(&record);
     // A status request on the control socket, without starting a CLI: one every few
     // hundred microseconds, so that a reply can follow a restart by less than the time
     // the record's write is put off.
