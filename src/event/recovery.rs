@@ -11,22 +11,24 @@
 //! replaced is removed by a thread of its own, so that the release of its blocks never
 //! holds the loop) at most once per iteration of the event loop, and only when it changed,
 //! so a thousand workers crashing at once cost one write. Writing it takes time in
-//! proportion to the workers (about 2 ms for 10,000), so after each write the next waits
-//! [`SAVE_SPACING`] times as long as that one took (at most [`MAX_SAVE_DELAY`]): the agent
-//! spends at most 1/20 of its time on it, and the record is at most that late. Only workers
+//! proportion to the workers (about 2 ms for 10,000 on an idle CPU, 10 ms on one shared
+//! with a stop's exits), so after each write the next waits [`SAVE_SPACING`] times as long
+//! as that one took (at most [`MAX_SAVE_DELAY`]): the agent spends at most 1/20 of its time
+//! on it while a write takes under 5 ms, and the record is at most that late. Only workers
 //! coming and going are spaced out so, and their change waits at least
 //! [`WORKERS_SAVE_DELAY`] (2 ms), so that the workers just started finish their `execve`
 //! before the write takes the CPU; workers that left when told to (a stop, a drain, a scale
-//! down) are not written for that alone, only with the next change of another kind
+//! down, a restart) are not written for that alone, only with the next change of another
+//! kind (the last exit of a stop or a drain is one: the site stopped, the generation gone)
 //! ([`Unsaved::Departures`]: a record that still lists them is safe). A change of a site's
 //! generations (a deploy's flip, a generation told to stop), of its workers asked for or
-//! of whether it runs is written at the end of the iteration it happened in, and whatever is pending is written before an
-//! authorized control request is handled (what a client is then told of the workers that
-//! came and went before it is recorded; a reply that comes later, such as the end of a
-//! rolling restart, may precede the record of its last workers by that window). A worker
-//! started in that window before an agent crash is missing from the record: with cgroups
-//! the next agent's sweep kills it (its leaf is no adopted worker's); without, it runs on
-//! unsupervised.
+//! of whether it runs is written at the end of the iteration it happened in, and whatever
+//! is pending is written before an authorized control request is handled (what a client
+//! is then told of the workers that came and went before it is recorded; a reply that
+//! comes later, such as the end of a rolling restart, may precede the record of its last
+//! workers by that window). A worker started in that window before an agent crash is
+//! missing from the record: with cgroups the next agent's sweep kills it (its leaf is no
+//! adopted worker's); without, it runs on unsupervised.
 //!
 //! At startup, before any site binds or starts, a new agent reads it (a missing file is
 //! normal; an unreadable, corrupt or foreign one is logged and ignored) and opens each
@@ -732,7 +734,8 @@ pub(super) enum Unsaved {
     Nothing,
     /// Only that workers told to stop (by a stop, a drain, a scale down, a restart) are
     /// gone. It still lists them, each in a slot recorded as told to stop or beyond the
-    /// workers asked for, and a starting agent finds each gone (`PidRef::open_verified`),
+    /// workers asked for, and a starting agent finds each gone (`PidRef::open_verified`;
+    /// one not yet reaped is adopted as stopping, and its exit seen at once),
     /// so it is written with the next change of another kind, not for them alone: a stop
     /// of 10,000 workers rewrote it (2 MB) every 100 ms, a fifth of the agent's work in
     /// the stop.

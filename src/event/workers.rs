@@ -288,13 +288,13 @@ impl Agent {
         let worker = site.workers.remove(&id).expect("checked above");
         self.reg.tokens.remove(&worker.token);
         self.pids.remove(&worker.pidref.pid());
-        // A worker told to stop that left: the record may list it a while longer.
+        // A worker told to stop that left: the record may list it a while longer (fed
+        // below as such).
         let change = if asked {
             Unsaved::Departures
         } else {
             Unsaved::Changes
         };
-        self.unsaved = self.unsaved.max(change);
         // An OOM kill shows as SIGKILL; the leaf's memory.events tells them apart (the
         // leaf is this process's own, or held before only processes of its slot that were
         // not OOM-killed: any count is its). Without the memory controller there is no

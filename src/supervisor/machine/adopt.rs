@@ -3,7 +3,7 @@
 //! ([`SiteMachine::adopt`]) to take over the workers the earlier agent left running
 //! (orphaned, not stopped) instead of starting new ones.
 //!
-//! The event loop writes the record of each site on every change, and at startup reads it
+//! The event loop writes the record of each site after its changes, and at startup reads it
 //! back, keeps only the workers still alive (each checked by pidfd and start time), and
 //! hands the rest here. Everything below is policy, pure: it does no I/O.
 //!
