@@ -11,6 +11,17 @@ N=$1; BLOCKS=$2; REPS=$3; shift 3
 HERE=$(cd "$(dirname "$0")" && pwd)
 W=${PBWORKER:-/tmp/peers-bench/bin/pbworker}
 count() { pgrep -c -P "$1" -x pbworker || true; }
+# Waits (at most 5 minutes) for all N workers of agent $1 to run.
+all_running() {
+  local deadline=$((SECONDS + 300))
+  until [ "$(count "$1")" = "$N" ]; do
+    if [ $SECONDS -ge $deadline ] || ! kill -0 "$1" 2>/dev/null; then
+      echo "stop-ab: $name: $(count "$1") of $N workers running after 5 minutes, or the agent ended (log: $d/agent.log)" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
 for b in $(seq "$BLOCKS"); do
   for spec in "$@"; do
     IFS=: read -r name bin var <<< "$spec"
@@ -18,7 +29,7 @@ for b in $(seq "$BLOCKS"); do
     bash "$HERE/hatchery.sh" config "$d" "$N" "$W"
     env ${var:+"$var"} "$bin" agent --config "$d/hatchery.toml" 2> "$d/agent.log" & a=$!
     for r in $(seq "$REPS"); do
-      until [ "$(count $a)" = "$N" ]; do sleep 0.2; done
+      all_running "$a"
       sleep 1
       s=$(date +%s%N)
       "$bin" --socket "$d/control.sock" stop bench > /dev/null 2>&1
