@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Where the time of a stop went, from a trace of bench/stop-trace.sh (perf script output):
+the window from the first SIGTERM to the last worker's exit, each CPU's time in it by
+command (`swapper` is a CPU with nothing to run), and when a CPU idled: whether every
+worker signalled so far had exited, and where the supervisor (the sender of the first
+SIGTERM) was meanwhile (running, runnable behind another task, asleep)."""
+import bisect
+import re
+import sys
+from collections import Counter, defaultdict
+
+LINE = re.compile(r"^\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+(\d+\.\d+):\s+(\S+):(.*)$")
+SWITCH = re.compile(r"prev_comm=(.*?) prev_pid=(\d+) .*prev_state=(\S+) ==> next_comm=(.*?) next_pid=(\d+)")
+
+
+def main(path):
+    rows = []
+    for line in open(path):
+        m = LINE.match(line)
+        if m:
+            rows.append((float(m[4]), m[1], int(m[2]), int(m[3]), m[5], m[6]))
+    signals = [r for r in rows
+               if "signal_generate" in r[4] and "sig=15 " in r[5] and "comm=pbworker " in r[5]]
+    exits = sorted(r[0] for r in rows if "sched_process_exit" in r[4] and "comm=pbworker" in r[5])
+    if not signals or not exits:
+        sys.exit(f"{path}: no SIGTERM or no pbworker exit in the trace")
+    t0, t1, sup = signals[0][0], exits[-1], signals[0][2]
+    sent = [r[0] for r in signals if r[2] == sup]
+    ms = lambda t: 1000 * (t - t0)
+    print(f"{len(sent)} signals sent by {signals[0][1]} in {ms(sent[-1]):.1f} ms; "
+          f"{len(exits)} exits, the last at {ms(t1):.1f} ms")
+
+    busy = defaultdict(float)
+    since, idle_from, idles, sup_state = {}, {}, [], []
+    for t, _, _, cpu, ev, rest in rows:
+        if "sched_switch" not in ev:
+            continue
+        m = SWITCH.search(rest)
+        if not m:
+            continue
+        prev, prev_pid, state, nxt, next_pid = m[1], int(m[2]), m[3], m[4], int(m[5])
+        if cpu in since:
+            a, b = max(since[cpu], t0), min(t, t1)
+            if b > a:
+                busy[re.sub(r"[/:]\d.*", "", prev)] += b - a
+        since[cpu] = t
+        if nxt.startswith("swapper"):
+            idle_from[cpu] = t
+        elif prev.startswith("swapper") and cpu in idle_from:
+            a = idle_from.pop(cpu)
+            if a < t1 and t > t0:
+                idles.append((max(a, t0), min(t, t1)))
+        if prev_pid == sup:
+            sup_state.append((t, "runnable, waiting" if state.startswith("R") else "asleep"))
+        if next_pid == sup:
+            sup_state.append((t, "running"))
+    print(f"window {ms(t1):.0f} ms, CPU time in it (ms): " +
+          ", ".join(f"{k} {1000 * v:.0f}" for k, v in sorted(busy.items(), key=lambda x: -x[1])[:7]))
+    sup_state.sort()
+    where, dry = Counter(), 0.0
+    for a, b in idles:
+        i = bisect.bisect(sup_state, (a, "~")) - 1
+        where[sup_state[i][1] if i >= 0 else "unknown"] += b - a
+        if bisect.bisect(sent, a) - bisect.bisect(exits, a) <= 2:
+            dry += b - a
+    total = sum(b - a for a, b in idles)
+    print(f"a CPU idle {1000 * total:.1f} ms in all; the supervisor meanwhile: " +
+          ", ".join(f"{k} {1000 * v:.1f}" for k, v in where.most_common()) +
+          f"; every signalled worker gone (2 at most left) for {1000 * dry:.1f} ms of it")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

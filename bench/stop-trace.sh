@@ -1,0 +1,47 @@
+#!/bin/bash
+# A system-wide trace of one stop of N pbworker workers (perf: signals sent, process exits,
+# context switches), then where its time went (bench/stop-trace.py):
+#   bench/stop-trace.sh hatchery BIN [N]    a fresh agent with the harness's site, `hatchery stop`
+#   bench/stop-trace.sh limit [N]           ../shared/bench's limitsup, its SIGTERM
+# Needs perf, and pbworker and limitsup from ../shared/bench/setup.sh; raise kernel.pid_max
+# for N = 10,000. The trace stays in /tmp/stop-trace-WHO.txt.
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+BIN_DIR=${PEERS_BIN:-/tmp/peers-bench/bin}
+W=$BIN_DIR/pbworker
+who=$1; shift
+if [ "$who" = hatchery ]; then bin=$1; shift; fi
+N=${1:-10000}
+d=$(mktemp -d /tmp/stop-trace-XXXX)
+if [ "$who" = hatchery ]; then
+  bash "$HERE/hatchery.sh" config "$d" "$N" "$W"
+  "$bin" agent --config "$d/hatchery.toml" > "$d/agent.log" 2>&1 & sup=$!
+else
+  "$BIN_DIR/limitsup" "$N" "$W" & sup=$!
+fi
+deadline=$((SECONDS + 300))
+until [ "$(pgrep -c -P "$sup" -x pbworker || true)" = "$N" ]; do
+  if [ $SECONDS -ge $deadline ] || ! kill -0 "$sup" 2>/dev/null; then
+    echo "stop-trace: not all $N workers running after 5 minutes, or $who ended ($d)" >&2
+    exit 1
+  fi
+  sleep 0.3
+done
+sleep 3
+perf record -m 32M -e signal:signal_generate -e sched:sched_process_exit -e sched:sched_switch \
+  -a -o "$d/perf.data" 2> /dev/null & pp=$!
+sleep 1
+s=$(date +%s%N)
+if [ "$who" = hatchery ]; then
+  "$bin" --socket "$d/control.sock" stop bench > /dev/null
+else
+  kill -TERM "$sup"; wait "$sup" || true
+fi
+e=$(date +%s%N)
+sleep 0.5
+kill -INT "$pp"; wait "$pp" || true
+if [ "$who" = hatchery ]; then kill "$sup"; wait "$sup" || true; fi
+perf script -i "$d/perf.data" -F comm,pid,cpu,time,event,trace 2> /dev/null > "/tmp/stop-trace-$who.txt"
+rm -rf "$d"
+echo "$who: the stop command took $(( (e - s) / 1000 )) us"
+python3 "$HERE/stop-trace.py" "/tmp/stop-trace-$who.txt"
