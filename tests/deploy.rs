@@ -286,26 +286,28 @@ fn gen_dirs(agent: &TestAgent) -> Option<Vec<String>> {
 fn last_flip(agent: &TestAgent) -> (Instant, Instant) {
     let s = agent.status("web");
     let w = &s["last_deploy"]["flip_monotonic_ns"];
-    let at = |ns: &serde_json::Value| {
-        let ns = ns
-            .as_u64()
-            .unwrap_or_else(|| panic!("no flip recorded: {s:#}"));
-        instant_of_monotonic(ns)
+    let ns = |v: &serde_json::Value| {
+        v.as_u64()
+            .unwrap_or_else(|| panic!("no flip recorded: {s:#}"))
     };
-    (at(&w[0]), at(&w[1]))
+    // The window only widens: its start read no later, its end no earlier than it was.
+    (
+        instants_of_monotonic(ns(&w[0])).0,
+        instants_of_monotonic(ns(&w[1])).1,
+    )
 }
 
-/// The `Instant` of `CLOCK_MONOTONIC` reading `ns` (the clock `Instant` reads, with no
-/// way to build one from a reading): the clock read between two `Instant`s, the
-/// tightest of 20 tries, so a preemption between two reads (milliseconds on a busy
-/// machine) cannot move the result.
-fn instant_of_monotonic(ns: u64) -> Instant {
+/// The earliest and the latest `Instant` that `CLOCK_MONOTONIC` reading `ns` can be (the
+/// clock `Instant` reads, with no way to build one from a reading): the clock read between
+/// two `Instant`s, the tightest of 20 tries, so that a preemption between two reads
+/// (milliseconds on a busy machine) cannot move the result.
+fn instants_of_monotonic(ns: u64) -> (Instant, Instant) {
     let read = || {
         let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
         u64::try_from(t.tv_sec).expect("positive") * 1_000_000_000
             + u64::try_from(t.tv_nsec).expect("positive")
     };
-    let (before, reading, _) = (0..20)
+    let (before, reading, spread) = (0..20)
         .map(|_| {
             let before = Instant::now();
             let reading = read();
@@ -313,14 +315,16 @@ fn instant_of_monotonic(ns: u64) -> Instant {
         })
         .min_by_key(|&(_, _, spread)| spread)
         .expect("20 tries");
-    // `before` is at most the spread earlier than `reading`.
-    if ns >= reading {
-        before + Duration::from_nanos(ns - reading)
-    } else {
-        before
-            .checked_sub(Duration::from_nanos(reading - ns))
-            .expect("after boot")
-    }
+    // `reading` was taken between `before` and `before + spread`.
+    let at = |base: Instant| {
+        if ns >= reading {
+            base + Duration::from_nanos(ns - reading)
+        } else {
+            base.checked_sub(Duration::from_nanos(reading - ns))
+                .expect("after boot")
+        }
+    };
+    (at(before), at(before + spread))
 }
 
 /// The agent (on `reactor`, with or without cgroups) with site `web` of `workers` ready
@@ -384,13 +388,12 @@ fn deploys_under_load_fail_no_request_and_broken_releases_roll_back() {
         // The old generation's cgroups are removed off the loop's hot path, soon after
         // the deploy ends: waited for (bounded), so one never removed fails.
         let want = vec![format!("gen-{now}")];
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut dirs = gen_dirs(&agent);
-        while dirs.as_ref().is_some_and(|d| *d != want) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            dirs = gen_dirs(&agent);
-        }
-        if let Some(dirs) = dirs {
+        if let Some(mut dirs) = gen_dirs(&agent) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while dirs != want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                dirs = gen_dirs(&agent).expect("the site's cgroups");
+            }
             assert_eq!(dirs, want, "cgroups 10 s after deploy {i}");
         }
         assert!(
