@@ -389,11 +389,10 @@ fn deploys_under_load_fail_no_request_and_broken_releases_roll_back() {
         // the deploy ends: waited for (bounded), so one never removed fails.
         let want = vec![format!("gen-{now}")];
         if let Some(mut dirs) = gen_dirs(&agent) {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while dirs != want && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
+            poll_until(Duration::from_secs(10), || {
                 dirs = gen_dirs(&agent).expect("the site's cgroups");
-            }
+                dirs == want
+            });
             assert_eq!(dirs, want, "cgroups 10 s after deploy {i}");
         }
         assert!(
