@@ -37,7 +37,15 @@ const CGROUP_FREEZE: &str = "cgroup.freeze";
 const CGROUP_EVENTS: &str = "cgroup.events";
 const CGROUP_CONTROLLERS: &str = "cgroup.controllers";
 const CGROUP_SUBTREE_CONTROL: &str = "cgroup.subtree_control";
+/// Enabled for the base's children and for `sites/`'s (each site's cgroup: its
+/// `cpu.weight`, `memory.max`, `pids.max`).
 const WANTED_CONTROLLERS: &[&str] = &["cpu", "memory", "pids"];
+/// Enabled below a site (its generations, their leaves): not `cpu`. A cgroup with the cpu
+/// controller is a scheduling group of its own, with a run queue and a scheduling entity
+/// allocated on every possible CPU (2.3 KB a CPU, measured: 150 KB a worker on a host of
+/// 64), and its tasks scheduled one level deeper. Nothing below a site sets a CPU limit,
+/// and `cpu.stat`'s usage and `cpu.pressure` are there without the controller.
+const WANTED_BELOW_SITE: &[&str] = &["memory", "pids"];
 const MEMORY_MAX: &str = "memory.max";
 const MEMORY_HIGH: &str = "memory.high";
 const MEMORY_CURRENT: &str = "memory.current";
@@ -430,10 +438,10 @@ impl CgroupTree {
             write_file(&agent.join(CGROUP_PROCS), "0")?;
             moved_from = own.clone();
         }
-        let controllers = enable_controllers(&base_path)?;
+        let controllers = enable_controllers(&base_path, WANTED_CONTROLLERS)?;
         let sites = base_path.join("sites");
         mkdir(&sites)?;
-        enable_controllers(&sites)?;
+        enable_controllers(&sites, WANTED_CONTROLLERS)?;
         // HATCHERY_TREE_KILL=freeze forces the pre-5.14 path (to test it on newer kernels).
         let forced_freeze = std::env::var("HATCHERY_TREE_KILL").is_ok_and(|v| v == "freeze");
         Ok(Ok(CgroupTree {
@@ -464,7 +472,7 @@ impl CgroupTree {
         let dir = self.site_dir(site);
         if !dir.exists() {
             mkdir(&dir)?;
-            enable_controllers(&dir)?;
+            enable_controllers(&dir, WANTED_BELOW_SITE)?;
         }
         let mut missing = Vec::new();
         let max = |v: Option<u64>| v.map_or_else(|| "max".to_string(), |n| n.to_string());
@@ -571,7 +579,7 @@ impl CgroupTree {
                         if !dir.exists() {
                             mkdir(dir)?;
                             // Not left without its controllers: made again next time.
-                            enable_controllers(dir).inspect_err(|_| {
+                            enable_controllers(dir, WANTED_BELOW_SITE).inspect_err(|_| {
                                 let _ = fs::remove_dir(dir);
                             })?;
                         }
@@ -939,12 +947,12 @@ fn kill_procs_below(dir: &Path) {
     }
 }
 
-/// Enables the wanted controllers that `dir` offers for its children; returns them.
-pub fn enable_controllers(dir: &Path) -> Result<Vec<String>, CgroupError> {
+/// Enables the controllers of `wanted` that `dir` offers for its children; returns them.
+pub fn enable_controllers(dir: &Path, wanted: &[&str]) -> Result<Vec<String>, CgroupError> {
     let offered = fs::read_to_string(dir.join(CGROUP_CONTROLLERS)).unwrap_or_default();
     let enable: Vec<String> = offered
         .split_whitespace()
-        .filter(|c| WANTED_CONTROLLERS.contains(c))
+        .filter(|c| wanted.contains(c))
         .map(str::to_string)
         .collect();
     if !enable.is_empty() {
@@ -997,11 +1005,18 @@ mod tests {
         )
         .expect("write");
         fs::write(dir.path().join(CGROUP_SUBTREE_CONTROL), "").expect("write");
-        let enabled = enable_controllers(dir.path()).expect("enable");
+        let enabled = enable_controllers(dir.path(), WANTED_CONTROLLERS).expect("enable");
         assert_eq!(enabled, vec!["cpu", "memory", "pids"]);
         assert_eq!(
             fs::read_to_string(dir.path().join(CGROUP_SUBTREE_CONTROL)).expect("read"),
             "+cpu +memory +pids"
+        );
+        // Below a site: no scheduling group per generation or worker.
+        let enabled = enable_controllers(dir.path(), WANTED_BELOW_SITE).expect("enable");
+        assert_eq!(enabled, vec!["memory", "pids"]);
+        assert_eq!(
+            fs::read_to_string(dir.path().join(CGROUP_SUBTREE_CONTROL)).expect("read"),
+            "+memory +pids"
         );
     }
 
@@ -1009,7 +1024,11 @@ mod tests {
     fn no_controllers_offered_writes_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         fs::write(dir.path().join(CGROUP_CONTROLLERS), "\n").expect("write");
-        assert!(enable_controllers(dir.path()).expect("enable").is_empty());
+        assert!(
+            enable_controllers(dir.path(), WANTED_CONTROLLERS)
+                .expect("enable")
+                .is_empty()
+        );
         assert!(!dir.path().join(CGROUP_SUBTREE_CONTROL).exists());
     }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -315,6 +316,37 @@ fn usage_and_limits_show_in_status() {
             .expect("read")
             .trim(),
         "1"
+    );
+    // The site's CPU weight is its cgroup's; below it no cgroup is a scheduling group of its
+    // own (no cpu controller: a run queue per CPU per worker saved), and the CPU time of a
+    // worker and of its generation are still read.
+    let read = |p: &Path| std::fs::read_to_string(p).expect("read");
+    let leaf = Path::new(leaf);
+    let gen_dir = leaf.parent().expect("generation");
+    let site_dir = gen_dir.parent().expect("site");
+    assert_eq!(read(&site_dir.join("cpu.weight")).trim(), "50");
+    for dir in [gen_dir, leaf] {
+        let controllers = read(&dir.join("cgroup.controllers"));
+        let controllers: Vec<&str> = controllers.split_whitespace().collect();
+        assert!(
+            controllers.contains(&"memory") && controllers.contains(&"pids"),
+            "{}: {controllers:?}",
+            dir.display()
+        );
+        assert!(
+            !controllers.contains(&"cpu"),
+            "{}: {controllers:?}",
+            dir.display()
+        );
+        assert!(
+            read(&dir.join("cpu.stat")).starts_with("usage_usec "),
+            "{}",
+            dir.display()
+        );
+    }
+    assert!(
+        s["workers"][0]["usage"]["cpu_usec"].as_u64().is_some(),
+        "{s:#}"
     );
 }
 
