@@ -7,7 +7,9 @@
  * start with clone3(CLONE_VFORK | CLONE_FILES) (returns once the child has exec'd), the
  * child's first act unsharing the fd table with only fds 0-2 (as Hatchery's do).
  * SIGTERM: send SIGTERM to every child, reap them all, remove every leaf and CGROUP_DIR,
- * exit 0. Build: cc -O2 -o limitleaf bench/limitleaf.c */
+ * exit 0. With LIMITLEAF_SETSID=1 in its environment each child also calls setsid() before
+ * its execv (a session, and so a scheduler autogroup, of its own, as Hatchery's workers).
+ * Build: cc -O2 -o limitleaf bench/limitleaf.c */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -27,6 +29,7 @@ static volatile sig_atomic_t stopping;
 static void on_term(int s) { (void)s; stopping = 1; }
 
 static const char *base;
+static int own_session;     /* LIMITLEAF_SETSID=1: each child calls setsid(), as Hatchery's do */
 static char **cmd;
 static int n;
 static pid_t *kids;
@@ -55,6 +58,7 @@ static pid_t spawn1(int i) {
         dfl.sa_handler = SIG_DFL;
         sigaction(SIGTERM, &dfl, NULL);
         sigaction(SIGINT, &dfl, NULL);
+        if (own_session && setsid() < 0) _exit(125);
         execv(cmd[0], cmd);
         _exit(127);
     }
@@ -76,6 +80,7 @@ static void remove_retired(void) {
 int main(int argc, char **argv) {
     if (argc < 4) { fprintf(stderr, "usage: limitleaf CGROUP_DIR N cmd [args...]\n"); return 100; }
     base = argv[1];
+    own_session = getenv("LIMITLEAF_SETSID") != NULL;
     n = atoi(argv[2]);
     cmd = argv + 3;
     if (mkdir(base, 0755) && errno != EEXIST) { perror(base); return 1; }

@@ -3,6 +3,9 @@
 # context switches), then where its time went (bench/stop-trace.py):
 #   bench/stop-trace.sh hatchery BIN [N]    a fresh agent with the harness's site, `hatchery stop`
 #   bench/stop-trace.sh limit [N]           ../shared/bench's limitsup, its SIGTERM
+#   bench/stop-trace.sh limitleaf [N]       bench/limitleaf.c (limitsup, a cgroup leaf per
+#                                           worker), its SIGTERM; LIMITLEAF_SETSID=1 in the
+#                                           environment: each worker in a session of its own
 # Needs perf, and pbworker and limitsup from ../shared/bench/setup.sh; raise kernel.pid_max
 # for N = 10,000. The trace stays in /tmp/stop-trace-WHO.txt.
 set -eu
@@ -13,12 +16,18 @@ who=$1; shift
 if [ "$who" = hatchery ]; then bin=$1; shift; fi
 N=${1:-10000}
 d=$(mktemp -d /tmp/stop-trace-XXXX)
-if [ "$who" = hatchery ]; then
-  bash "$HERE/hatchery.sh" config "$d" "$N" "$W"
-  "$bin" agent --config "$d/hatchery.toml" > "$d/agent.log" 2>&1 & sup=$!
-else
-  "$BIN_DIR/limitsup" "$N" "$W" & sup=$!
-fi
+case $who in
+  hatchery)
+    bash "$HERE/hatchery.sh" config "$d" "$N" "$W"
+    "$bin" agent --config "$d/hatchery.toml" > "$d/agent.log" 2>&1 & sup=$! ;;
+  limitleaf)
+    ll=$HERE/../target/bench/limitleaf
+    mkdir -p "${ll%/*}" && cc -O2 -Wall -o "$ll" "$HERE/limitleaf.c"
+    cg=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+    "$ll" "$cg/limitleaf-trace.$$" "$N" "$W" & sup=$! ;;
+  *)
+    "$BIN_DIR/limitsup" "$N" "$W" & sup=$! ;;
+esac
 deadline=$((SECONDS + 300))
 until [ "$(pgrep -c -P "$sup" -x pbworker || true)" = "$N" ]; do
   if [ $SECONDS -ge $deadline ] || ! kill -0 "$sup" 2>/dev/null; then
