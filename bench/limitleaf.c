@@ -80,7 +80,8 @@ static void remove_retired(void) {
 int main(int argc, char **argv) {
     if (argc < 4) { fprintf(stderr, "usage: limitleaf CGROUP_DIR N cmd [args...]\n"); return 100; }
     base = argv[1];
-    own_session = getenv("LIMITLEAF_SETSID") != NULL;
+    const char *sid = getenv("LIMITLEAF_SETSID");
+    own_session = sid != NULL && strcmp(sid, "1") == 0;
     n = atoi(argv[2]);
     cmd = argv + 3;
     if (mkdir(base, 0755) && errno != EEXIST) { perror(base); return 1; }

@@ -7,12 +7,14 @@
 #                                           worker), its SIGTERM; LIMITLEAF_SETSID=1 in the
 #                                           environment: each worker in a session of its own
 # Needs perf, and pbworker and limitsup from ../shared/bench/setup.sh; raise kernel.pid_max
-# for N = 10,000. The trace stays in /tmp/stop-trace-WHO.txt.
+# for N = 10,000. The trace stays in /tmp/stop-trace-WHO.txt (WHO limitleaf-sid with
+# LIMITLEAF_SETSID=1).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN_DIR=${PEERS_BIN:-/tmp/peers-bench/bin}
 W=$BIN_DIR/pbworker
 who=$1; shift
+out=$who; [ "$who" = limitleaf ] && [ "${LIMITLEAF_SETSID:-}" = 1 ] && out=limitleaf-sid
 if [ "$who" = hatchery ]; then bin=$1; shift; fi
 N=${1:-10000}
 d=$(mktemp -d /tmp/stop-trace-XXXX)
@@ -32,6 +34,7 @@ deadline=$((SECONDS + 300))
 until [ "$(pgrep -c -P "$sup" -x pbworker || true)" = "$N" ]; do
   if [ $SECONDS -ge $deadline ] || ! kill -0 "$sup" 2>/dev/null; then
     echo "stop-trace: not all $N workers running after 5 minutes, or $who ended ($d)" >&2
+    kill -TERM "$sup" 2> /dev/null || true
     exit 1
   fi
   sleep 0.3
@@ -50,7 +53,7 @@ e=$(date +%s%N)
 sleep 0.5
 kill -INT "$pp"; wait "$pp" || true
 if [ "$who" = hatchery ]; then kill "$sup"; wait "$sup" || true; fi
-perf script -i "$d/perf.data" -F comm,pid,cpu,time,event,trace 2> /dev/null > "/tmp/stop-trace-$who.txt"
+perf script -i "$d/perf.data" -F comm,pid,cpu,time,event,trace 2> /dev/null > "/tmp/stop-trace-$out.txt"
 rm -rf "$d"
 echo "$who: the stop command took $(( (e - s) / 1000 )) us"
-python3 "$HERE/stop-trace.py" "/tmp/stop-trace-$who.txt"
+python3 "$HERE/stop-trace.py" "/tmp/stop-trace-$out.txt"

@@ -592,20 +592,25 @@ fn top_scales_deploys_rolls_back_and_shows_the_logs_on_a_terminal() {
             "{s:#}"
         );
 
-        // `l`: the site's log in a pane, a worker's lines of each stream among them.
+        // `l`: the site's log in a pane, a worker's lines of each stream among them, its
+        // stderr line marked and named by the worker's slot and its own pid. Which workers'
+        // lines the pane's last rows hold depends on the order their lines came in.
+        let gen3: Vec<String> = s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter(|w| w["generation"] == 3)
+            .map(|w| format!(" w-{}[{}]! err-of-gen-3", w["id"], w["pid"]))
+            .collect();
+        assert_eq!(gen3.len(), 3, "{s:#}");
         top.keys("l");
-        let rows = top.wait("the logs pane with gen-3's lines", |r| {
-            message_has(r, "log of rel")
-                && r.iter().any(|l| l.contains("] out-of-gen-3"))
-                && r.iter().any(|l| l.contains("]! err-of-gen-3"))
-        });
-        let now = agent.pids("rel");
-        assert!(
-            rows.iter().any(|l| now
-                .iter()
-                .any(|p| l.contains(&format!(" w-0[{p}]! err-of-gen-3")))),
-            "w-0's stderr line, marked, with its pid ({now:?}): {}",
-            rows.join("\n")
+        top.wait(
+            "the logs pane with a gen-3 worker's lines of each stream",
+            |r| {
+                message_has(r, "log of rel")
+                    && r.iter().any(|l| l.contains("] out-of-gen-3"))
+                    && r.iter().any(|l| gen3.iter().any(|m| l.contains(m)))
+            },
         );
         // Closed again with `l`.
         top.keys("l");
