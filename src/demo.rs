@@ -8,6 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -81,7 +82,11 @@ pub struct WorkerOptions {
     /// a worker finishing long requests: its generation drains that long), `wait-for-go`
     /// (with `one-at-a-time`: answers nothing until the file `go` appears in the directory,
     /// at most two minutes; connections queue up meanwhile, so its generation drains until
-    /// told).
+    /// told), `shut-listener` (reports ready, then shuts its last listener down, its only
+    /// one unless the site has several, with `shutdown(2)`, which closes the socket for
+    /// every process holding it: it leaves its `SO_REUSEPORT` group and accepts nothing
+    /// more; the worker accepts nothing and stays up until stopped, as an app that shuts
+    /// down a socket it inherited; with `slow-stop`, until told after that).
     pub behaviour_from: Option<PathBuf>,
     /// Bind this address itself (without `SO_REUSEPORT`, so a second process bound to it
     /// fails with `EADDRINUSE`) instead of taking its listener from `LISTEN_FDS`: a server
@@ -152,19 +157,20 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         .and_then(|d| d.file_name())
         .map(|n| format!(", release {}", n.to_string_lossy()))
         .unwrap_or_default();
-    let listener = match opts.bind {
+    // The listener served (the first passed), and the last one passed if there are more.
+    let (listener, last) = match opts.bind {
         Some(addr) => {
             let l = TcpListener::bind(addr)
                 .map_err(|e| io::Error::new(e.kind(), format!("failed to bind {addr}: {e}")))?;
             println!("demo worker {id} of generation {generation}: bound {addr}");
-            l
+            (l, None)
         }
         None => {
-            let fds = crate::sys::activation::listen_fds()?;
-            let (_, fd) = fds.into_iter().next().ok_or_else(|| {
+            let mut fds = crate::sys::activation::listen_fds()?.into_iter();
+            let (_, fd) = fds.next().ok_or_else(|| {
                 io::Error::new(io::ErrorKind::NotFound, "no listener passed in LISTEN_FDS")
             })?;
-            TcpListener::from(fd)
+            (TcpListener::from(fd), fds.last().map(|(_, fd)| fd))
         }
     };
     // Several processes (and generations) may accept from this socket: never block in
@@ -208,6 +214,32 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
                 );
             }
         }
+    }
+    let slow_stop = || {
+        // Until told (the file `finish-stop` in the release), at most a minute.
+        let told = opts.behaviour_from.as_ref().map(|d| d.join("finish-stop"));
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while told.as_ref().is_some_and(|f| !f.exists()) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        println!("demo worker {id} of generation {generation}: stopped after a slow stop");
+    };
+    if does("shut-listener") {
+        let shut = last.as_ref().map_or(listener.as_fd(), |fd| fd.as_fd());
+        match rustix::net::shutdown(shut, rustix::net::Shutdown::Both) {
+            Ok(()) => {
+                println!("demo worker {id} of generation {generation}: shut its listener down")
+            }
+            // Another worker of the generation shut it first.
+            Err(e) => {
+                println!("demo worker {id} of generation {generation}: listener not shut down: {e}")
+            }
+        }
+        while !wait_for_stop(None)? {}
+        if does("slow-stop") {
+            slow_stop();
+        }
+        return Ok(());
     }
     let crash_at =
         does("crash-after-ready").then(|| std::time::Instant::now() + Duration::from_millis(300));
@@ -309,13 +341,7 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         let _ = h.join();
     }
     if does("slow-stop") {
-        // Until told (the file `finish-stop` in the release), at most a minute.
-        let told = opts.behaviour_from.as_ref().map(|d| d.join("finish-stop"));
-        let until = std::time::Instant::now() + Duration::from_secs(60);
-        while told.as_ref().is_some_and(|f| !f.exists()) && std::time::Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        println!("demo worker {id} of generation {generation}: stopped after a slow stop");
+        slow_stop();
     }
     Ok(())
 }

@@ -205,6 +205,27 @@ impl Steering {
         Ok(())
     }
 
+    /// The slot new connections go to now (`None`: the kernel's own selection), for
+    /// [`Steering::select`].
+    pub fn serving_slot(&self) -> Option<u32> {
+        self.active
+    }
+
+    /// New connections go to `slot` again, one [`Steering::serving_slot`] returned before
+    /// a later [`Steering::steer_to`]: its listener is still there (`steer_to` inserts
+    /// into the slot not selected), unless it closed meanwhile. For a flip of a site's
+    /// groups that failed on one of them: the others go back.
+    pub fn select(&mut self, slot: Option<u32>) -> Result<(), SteeringError> {
+        bpf::array_set_u32(self.cfg.as_fd(), CFG_SERVING, slot.map_or(0, |s| s + 1)).map_err(
+            |source| SteeringError::Flip {
+                slot: slot.unwrap_or(SLOTS),
+                source,
+            },
+        )?;
+        self.active = slot;
+        Ok(())
+    }
+
     /// Connections from local TCP port `port` (the agent's probe socket, bound before it
     /// connects) go to `listener`, which need not be serving; every other connection
     /// is steered as before. Replaces any earlier probe.

@@ -1787,6 +1787,93 @@ check = "notify"
     assert_eq!(agent.pids("web"), pids, "nothing changed");
 }
 
+#[test]
+fn a_release_that_shuts_a_listener_down_is_rolled_back_at_the_flip_and_no_request_fails() {
+    if !is_root() && skip("eBPF steering needs root") {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let link = root.path().join("current");
+    let r1 = release(root.path(), "r1", None);
+    point(&link, &r1);
+    let (port, admin) = (free_port(), free_port());
+    // Two addresses: the workers serve the first; a broken release shuts the second down.
+    let text = format!(
+        r#"name = "web"
+command = ["{BIN}", "__demo-worker", "--delay-ms", "50", "--behaviour-from", "{{release}}"]
+workers = 4
+release = "{}"
+[[listen]]
+name = "http"
+tcp = "127.0.0.1:{port}"
+[[listen]]
+name = "admin"
+tcp = "127.0.0.1:{admin}"
+[ready]
+check = "notify"
+timeout = "30s"
+[stop]
+timeout = "120s"
+[deploy]
+probation = "600ms"
+"#,
+        link.display()
+    );
+    let (agent, steering) = start_web(&text, 4, "io_uring", true);
+    // Generations that share one listener share its shutdown too: only steering keeps
+    // the new generation's listeners apart.
+    assert_eq!(steering, "ebpf", "{:#}", agent.status("web"));
+    let (before, pids) = serving(&agent);
+    let load = Load::start(port, 4);
+    load.wait_for(1, 20);
+    // Each new worker reports ready, then shuts the new generation's `admin` listener
+    // down, serves nothing, and once told to stop waits for `finish-stop`. At the flip
+    // `http` is steered to gen-2 first; `admin`'s listener cannot be inserted in its map.
+    let r2 = release(root.path(), "r2", Some("shut-listener slow-stop"));
+    point(&link, &r2);
+    let run = deploy(&agent, &["web"]);
+    assert_eq!(run.code, Some(4), "not rolled back:\n{}", run.text());
+    let why = format!("new connections could not be steered to gen-2: tcp 127.0.0.1:{admin}");
+    assert!(run.text().contains(&why), "{}", run.text());
+    assert!(run.flip(2).is_none(), "{}", run.text());
+    let (after, pids_after) = serving(&agent);
+    assert_eq!(after, before, "the serving generation changed");
+    assert_eq!(pids_after, pids, "serving workers were disturbed");
+    let s = agent.status("web");
+    assert_eq!(s["last_deploy"]["result"], "rolled_back", "{s:#}");
+    let started = run.started_pids();
+    assert_eq!(started.len(), 4, "{}", run.text());
+    // While gen-2's workers are still there (told to stop, waiting for `finish-stop`,
+    // accepting nothing), `http` was steered back to gen-1: it answers new requests. (Left
+    // steered to gen-2, they would wait in its queue until its workers went.)
+    let answered = load.answers.lock().expect("answers").get(&1).copied();
+    wait_until(
+        "20 more answers from gen-1 while gen-2 is stopping",
+        Duration::from_secs(30),
+        || {
+            load.answers
+                .lock()
+                .expect("answers")
+                .get(&1)
+                .is_some_and(|k| *k >= answered.unwrap_or(0) + 20)
+        },
+    );
+    assert!(started.iter().all(|p| alive(*p)), "gen-2 left too early");
+    std::fs::write(r2.join("finish-stop"), b"").expect("finish-stop");
+    poll_until(Duration::from_secs(20), || {
+        !started.iter().any(|p| alive(*p))
+    });
+    for p in started {
+        assert!(!alive(p), "rolled-back worker {p} is still running");
+    }
+    let samples = load.finish();
+    assert!(failed(&samples).is_empty(), "{:?}", failed(&samples));
+    assert!(
+        samples.iter().all(|s| s.outcome == Ok(1)),
+        "a request reached gen-2"
+    );
+}
+
 /// `pid` of worker `w-<id>` of `web`'s serving generation.
 fn worker_pid(agent: &TestAgent, id: u64) -> Option<i64> {
     let s = agent.status("web");

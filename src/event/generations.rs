@@ -188,35 +188,64 @@ pub(super) fn queues_empty(io: &SiteIo, old: GenId, new: GenId) -> bool {
     }
 }
 
-/// Points every steered address of the site at generation `to`'s listeners; returns how,
-/// and `CLOCK_MONOTONIC` just before and after (a connection the kernel placed before
-/// the first went to the old generation, one placed after the second to the new one).
-pub(super) fn steer(io: &mut SiteIo, site: &SiteName, to: GenId) -> (Steering, [u64; 2]) {
+/// Points every steered address of the site at generation `to`'s listeners; returns how
+/// (or why not), and `CLOCK_MONOTONIC` just before and after (a connection the kernel
+/// placed before the first went to the old generation, one placed after the second to the
+/// new one). None is left half-flipped: where one address cannot be steered (its new
+/// listener was shut down, by a worker of the new generation for one), those flipped
+/// already go back to the listeners they served, and the error says which address and why.
+pub(super) fn steer(
+    io: &mut SiteIo,
+    site: &SiteName,
+    to: GenId,
+) -> (Result<Steering, String>, [u64; 2]) {
     let before = monotonic_ns();
-    let mut any = false;
+    // The addresses flipped, with the slot each served before.
+    let mut flipped = Vec::new();
+    let mut failed = None;
     if let Some(g) = io.gens.get(&to) {
         for (i, steering) in io.steering.iter_mut().enumerate() {
             let (Some(st), Some(l)) = (steering.as_mut(), g.listeners.get(i)) else {
                 continue;
             };
-            if let Err(e) = st.steer_to(l.fd.as_fd()) {
-                error!(site = %site, gen = to.0, "failed to steer {}: {e}", l.spec.addr);
-            } else {
-                any = true;
+            let served = st.serving_slot();
+            match st.steer_to(l.fd.as_fd()) {
+                Ok(()) => flipped.push((i, served, l.spec.addr.to_string())),
+                Err(e) => {
+                    error!(site = %site, gen = to.0, "failed to steer {}: {e}: {}", l.spec.addr, super::error_chain(&e));
+                    failed = Some(format!("{}: {e}: {}", l.spec.addr, super::error_chain(&e)));
+                    break;
+                }
             }
-            // A canary ends with the flip (to it, or back from it).
+        }
+        // A canary ends with the flip (to it, or back from it), or with its failure (the
+        // deploy is rolled back).
+        for (i, steering) in io.steering.iter_mut().enumerate() {
+            let (Some(st), Some(l)) = (steering.as_mut(), g.listeners.get(i)) else {
+                continue;
+            };
             if let Err(e) = st.clear_canary() {
                 error!(site = %site, gen = to.0, "failed to end the canary on {}: {e}", l.spec.addr);
             }
         }
     }
+    if failed.is_some() {
+        for (i, served, addr) in &flipped {
+            let Some(st) = io.steering.get_mut(*i).and_then(Option::as_mut) else {
+                continue;
+            };
+            if let Err(e) = st.select(*served) {
+                error!(site = %site, gen = to.0, "failed to steer {addr} back: {e}: {}", super::error_chain(&e));
+            }
+        }
+    }
     let window = [before, monotonic_ns()];
-    let how = if any {
-        Steering::Ebpf
-    } else {
-        Steering::Shared
+    let result = match failed {
+        Some(why) => Err(why),
+        None if flipped.is_empty() => Ok(Steering::Shared),
+        None => Ok(Steering::Ebpf),
     };
-    (how, window)
+    (result, window)
 }
 
 /// Sends `share` of the new connections of every steered address to generation `g`'s

@@ -404,6 +404,9 @@ pub fn rollback_reason(r: &RollbackReason, steered_back: bool) -> String {
         RollbackReason::CanaryNotSteered(why) => {
             format!("the canary's share could not be steered to it: {why}")
         }
+        RollbackReason::NotSteered { generation, why } => {
+            format!("new connections could not be steered to gen-{generation}: {why}")
+        }
     }
 }
 

@@ -644,10 +644,10 @@ impl Agent {
             }
             Action::Steer(generation) => {
                 let site = self.sites.get_mut(name)?;
-                let (steering, window) = generations::steer(&mut site.io, name, generation);
+                let (result, window) = generations::steer(&mut site.io, name, generation);
                 Some(Input::Steered {
                     generation,
-                    steering,
+                    result,
                     window: Some(window),
                 })
             }

@@ -235,12 +235,13 @@ pub enum Input {
         /// Why not, if not.
         result: Result<(), String>,
     },
-    /// New connections now go to a generation.
+    /// New connections now go to a generation (or could not be steered to it: they go
+    /// where they went).
     Steered {
         /// The generation.
         generation: GenId,
-        /// How.
-        steering: Steering,
+        /// How, or why not.
+        result: Result<Steering, String>,
         /// `CLOCK_MONOTONIC` just before and after the change (for the record).
         window: Option<[u64; 2]>,
     },
@@ -724,9 +725,9 @@ impl SiteMachine {
             }
             Input::Steered {
                 generation,
-                steering,
+                result,
                 window,
-            } => self.steered(generation, steering, window, &mut out),
+            } => self.steered(generation, result, window, now, &mut out),
             Input::Tick => self.tick(obs, now, &mut out),
             // A stop-then-start deploy holds the serving generation stopped: starting it
             // would bind the port beside the new one.

@@ -484,6 +484,13 @@ pub enum RollbackReason {
     OnRequest(GenId),
     /// The canary's share could not be steered to it.
     CanaryNotSteered(String),
+    /// New connections could not be steered to the new generation (at the flip).
+    NotSteered {
+        /// The new generation.
+        generation: GenId,
+        /// Which address, and the kernel's answer.
+        why: String,
+    },
     /// The site stopped, was removed, or the agent is stopping.
     Cancelled(CancelReason),
 }

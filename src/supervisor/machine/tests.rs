@@ -65,7 +65,7 @@ pub(super) fn drive(
             }),
             Action::Steer(g) => Some(Input::Steered {
                 generation: *g,
-                steering: Steering::Ebpf,
+                result: Ok(Steering::Ebpf),
                 window: None,
             }),
             Action::Canary {

@@ -748,14 +748,33 @@ impl SiteMachine {
     }
 
     /// The steering was flipped to the new generation: it serves. (Or flipped back to
-    /// the old one by a steer-back: the record gets the window.)
+    /// the old one by a steer-back: the record gets the window.) A flip that failed
+    /// (connections still go to the old generation) rolls the deploy back: the old
+    /// generation keeps serving, the new one stops.
     pub(super) fn steered(
         &mut self,
         g: GenId,
-        steering: Steering,
+        result: Result<Steering, String>,
         window: Option<[u64; 2]>,
+        now: Instant,
         out: &mut Vec<Action>,
     ) {
+        let steering = match result {
+            Ok(steering) => steering,
+            Err(why) => {
+                if let Some(d) = self.deploy.as_mut().filter(|d| d.to == g) {
+                    // Back to where the flip was decided (it drains nothing: the old
+                    // generation serves), so that a stop-then-start deploy's plan sees
+                    // the failure and starts the old generation again.
+                    d.stage = Stage::Probation { until: now };
+                    let reason = RollbackReason::NotSteered { generation: g, why };
+                    self.roll_back(reason, now, out);
+                }
+                // A steer-back or an adopted site's steering that failed: the loop said
+                // so in the log; the machine serves the generation it chose either way.
+                return;
+            }
+        };
         let Some(d) = self.deploy.as_mut().filter(|d| d.to == g) else {
             if let Some(end) = self
                 .last_deploy

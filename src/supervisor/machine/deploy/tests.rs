@@ -122,7 +122,7 @@ fn nothing_moves_before_the_flip_is_reported() {
     assert_eq!(replies(&a), vec![]);
     let steered = Input::Steered {
         generation: GenId(2),
-        steering: Steering::Shared,
+        result: Ok(Steering::Shared),
         window: None,
     };
     let a = send(&mut m, steered, &Quiet, later);
@@ -134,6 +134,78 @@ fn nothing_moves_before_the_flip_is_reported() {
         ),
         "{a:?}"
     );
+}
+
+#[test]
+fn a_flip_that_fails_rolls_the_deploy_back_and_the_old_generation_serves_on() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site("workers = 2\n"), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+        canary: None,
+    };
+    send(&mut m, deploy, &Quiet, t);
+    let later = t + Duration::from_secs(1);
+    let a = m.handle(Input::Tick, &Quiet, later);
+    assert_eq!(a.last(), Some(&Action::Steer(GenId(2))));
+    // The loop could not steer to the new listeners (a new worker shut its listener
+    // down): connections still go to the old generation.
+    let why = "tcp 127.0.0.1:8000: failed to insert the listener in steering slot 1";
+    let failed = Input::Steered {
+        generation: GenId(2),
+        result: Err(why.into()),
+        window: Some([1, 2]),
+    };
+    let a = send(&mut m, failed, &Quiet, later);
+    assert_eq!(m.serving(), GenId(1), "{a:?}");
+    assert!(m.deploy().is_none(), "{a:?}");
+    let reason = RollbackReason::NotSteered {
+        generation: GenId(2),
+        why: why.into(),
+    };
+    assert_eq!(
+        replies(&a),
+        vec![(
+            ClientId(2),
+            Outcome::Failed(Failure::RolledBack {
+                reason: reason.clone(),
+                from: GenId(1),
+            })
+        )],
+        "{a:?}"
+    );
+    assert!(
+        a.contains(&Action::Log(Event::RolledBack {
+            generation: GenId(2),
+            reason,
+            steered_back: false,
+        })),
+        "{a:?}"
+    );
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::Log(Event::Flipped { .. }))),
+        "{a:?}"
+    );
+    // The new generation stops; the old one is not told to.
+    assert!(m.generation(GenId(2)).expect("new").leaving, "{a:?}");
+    assert!(!m.generation(GenId(1)).expect("old").leaving, "{a:?}");
+    let signalled: Vec<GenId> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Signal { generation, .. } | Action::KillTree { generation, .. } => {
+                Some(*generation)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !signalled.is_empty() && signalled.iter().all(|g| *g == GenId(2)),
+        "{a:?}"
+    );
+    assert_eq!(m.current().slots.desired, 2, "{a:?}");
 }
 
 #[test]

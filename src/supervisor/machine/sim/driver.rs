@@ -8,7 +8,8 @@ use std::time::Duration;
 use crate::config::ReadyCheck;
 use crate::supervisor::ids::{GenId, Slot};
 use crate::supervisor::machine::{
-    Action, Done, HealthAnswer, HealthResult, Input, Outcome, Steering, WarmupReport, ZygotePhase,
+    Action, Done, Failure, HealthAnswer, HealthResult, Input, Outcome, RollbackReason, Steering,
+    WarmupReport, ZygotePhase,
 };
 use crate::supervisor::slots::{self, ExitReason, Phase};
 
@@ -155,16 +156,23 @@ impl Sim {
             }
             Action::Steer(generation) => {
                 self.not_warming(generation)?;
-                self.w.steered = generation;
                 self.w.canary = None;
-                let steering = if self.rng.chance(50) {
-                    Steering::Ebpf
+                // A flip to a new generation can fail (its listener shut down by one of
+                // its workers): the steering stays where it was.
+                let flip = self.m.deploy().is_some_and(|d| d.to == generation);
+                let result = if flip && self.rng.chance(self.w.steer_fails) {
+                    Err("tcp 127.0.0.1:8000: failed to insert a listener into steering slot 1: Invalid argument".into())
                 } else {
-                    Steering::Shared
+                    self.w.steered = generation;
+                    Ok(if self.rng.chance(50) {
+                        Steering::Ebpf
+                    } else {
+                        Steering::Shared
+                    })
                 };
                 self.handle(Input::Steered {
                     generation,
-                    steering,
+                    result,
                     window: Some([1, 2]),
                 })
             }
@@ -356,6 +364,20 @@ impl Sim {
                             Some(&REACHED.promoted)
                         }
                         ("deploy", Outcome::Done(Done::Deployed { .. })) => Some(&REACHED.deployed),
+                        (
+                            "deploy",
+                            Outcome::Failed(Failure::RolledBack {
+                                reason: RollbackReason::NotSteered { .. },
+                                ..
+                            }),
+                        ) => Some(&REACHED.not_steered),
+                        (
+                            "deploy",
+                            Outcome::Failed(Failure::RestartedPrevious {
+                                reason: RollbackReason::NotSteered { .. },
+                                ..
+                            }),
+                        ) => Some(&REACHED.not_steered_restarted),
                         _ => None,
                     };
                     if let Some(r) = reached {

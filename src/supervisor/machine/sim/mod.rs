@@ -252,6 +252,7 @@ struct World {
     /// Percent chances.
     spawn_fails: u64,
     bind_fails: u64,
+    steer_fails: u64,
     ignores_stop: u64,
 }
 
@@ -449,6 +450,7 @@ impl Sim {
             calm: false,
             spawn_fails: rng.pick(&[0, 0, 2, 10]),
             bind_fails: rng.pick(&[0, 5, 20]),
+            steer_fails: rng.pick(&[0, 0, 5, 30]),
             ignores_stop: rng.pick(&[0, 5, 30]),
         };
         let release = cfg.release.as_ref().map(|_| w.link.clone());
@@ -521,6 +523,10 @@ pub(super) struct Reached {
     pub(super) zygotes_lost: AtomicUsize,
     /// Zygotes that ended before they were ready, or were stopped at their deadline.
     pub(super) zygotes_not_ready: AtomicUsize,
+    /// Deploys rolled back because the flip failed.
+    pub(super) not_steered: AtomicUsize,
+    /// Stop-then-start deploys whose flip failed, the old generation started again.
+    pub(super) not_steered_restarted: AtomicUsize,
 }
 
 pub(super) static REACHED: Reached = Reached {
@@ -530,6 +536,8 @@ pub(super) static REACHED: Reached = Reached {
     adopting: AtomicUsize::new(0),
     adoptions: AtomicUsize::new(0),
     adopted_mid_deploy: AtomicUsize::new(0),
+    not_steered: AtomicUsize::new(0),
+    not_steered_restarted: AtomicUsize::new(0),
     zygotes_ready: AtomicUsize::new(0),
     zygotes_lost: AtomicUsize::new(0),
     zygotes_not_ready: AtomicUsize::new(0),
@@ -597,7 +605,18 @@ fn whole_site_invariants_hold_under_random_sequences() {
     eprintln!(
         "zygotes ready {z_ready}, lost while ready {z_lost}, ended or stopped before ready {z_not_ready}"
     );
+    let (not_steered, not_steered_restarted) = (
+        reached(&REACHED.not_steered),
+        reached(&REACHED.not_steered_restarted),
+    );
+    eprintln!(
+        "deploys rolled back at a failed flip {not_steered}, of stop-then-start ones {not_steered_restarted}"
+    );
     if runs >= RUNS {
+        assert!(
+            not_steered > 0 && not_steered_restarted > 0,
+            "the sequences never had a flip fail ({not_steered}), or never one of a stop-then-start deploy ({not_steered_restarted})"
+        );
         assert!(
             z_ready > 0 && z_lost > 0 && z_not_ready > 0,
             "the sequences never had a zygote ready ({z_ready}), lost while ready ({z_lost}) or not ready ({z_not_ready})"
