@@ -474,6 +474,10 @@ impl CgroupTree {
         if !dir.exists() {
             mkdir(&dir)?;
             enable_controllers(&dir, WANTED_BELOW_SITE)?;
+        } else if let Err(e) = drop_cpu_below(&dir) {
+            // Still accounted and limited; its leaves stay scheduling groups until the
+            // next deploy makes a generation without the controller.
+            tracing::warn!(site, "the cpu controller stays enabled below the site: {e}");
         }
         let mut missing = Vec::new();
         let max = |v: Option<u64>| v.map_or_else(|| "max".to_string(), |n| n.to_string());
@@ -946,6 +950,28 @@ fn kill_procs_below(dir: &Path) {
             }
         }
     }
+}
+
+/// Turns `cpu` off below an existing site's cgroup where an earlier agent enabled it (a
+/// site adopted after an upgrade or a crash; [`WANTED_BELOW_SITE`] says why): in each
+/// generation's `cgroup.subtree_control`, then in the site's (the kernel refuses a
+/// parent's `-cpu` while a child still enables it). The workers' leaves stop being
+/// scheduling groups at once; their processes stay where they are.
+fn drop_cpu_below(site_dir: &Path) -> Result<(), CgroupError> {
+    let enables_cpu = |dir: &Path| {
+        fs::read_to_string(dir.join(CGROUP_SUBTREE_CONTROL))
+            .is_ok_and(|s| s.split_whitespace().any(|c| c == "cpu"))
+    };
+    // A child can enable only what its parent does.
+    if !enables_cpu(site_dir) {
+        return Ok(());
+    }
+    for dir in subdirs(site_dir) {
+        if enables_cpu(&dir) {
+            write_file(&dir.join(CGROUP_SUBTREE_CONTROL), "-cpu")?;
+        }
+    }
+    write_file(&site_dir.join(CGROUP_SUBTREE_CONTROL), "-cpu")
 }
 
 /// Enables the controllers of `wanted` that `dir` offers for its children; returns them.

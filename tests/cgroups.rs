@@ -353,6 +353,69 @@ fn usage_and_limits_show_in_status() {
 }
 
 #[test]
+fn an_adopted_site_loses_the_cpu_controller_below_it() {
+    if !cgroup_controllers() {
+        return;
+    }
+    let site = probe_site(
+        "old",
+        2,
+        &format!("exec {BIN} __probe sleep"),
+        "cpu_weight = 50\n",
+    );
+    let mut agent = TestAgent::start_ready(
+        &[("old", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+        "old",
+        2,
+    );
+    let s = agent.status("old");
+    let leaf = Path::new(s["workers"][0]["cgroup"].as_str().expect("cgroup")).to_path_buf();
+    let gen_dir = leaf.parent().expect("generation").to_path_buf();
+    let site_dir = gen_dir.parent().expect("site").to_path_buf();
+    let read = |p: &Path| std::fs::read_to_string(p).expect("read");
+    let offered = read(&site_dir.join("cgroup.controllers"));
+    if !offered.split_whitespace().any(|c| c == "cpu")
+        && skip(&format!("no cpu controller for {}", site_dir.display()))
+    {
+        return;
+    }
+    // As an earlier agent left them: `cpu` enabled down to every worker's leaf.
+    for dir in [&site_dir, &gen_dir] {
+        std::fs::write(dir.join("cgroup.subtree_control"), "+cpu").expect("+cpu");
+    }
+    assert!(
+        leaf.join("cpu.weight").exists(),
+        "the leaf is a scheduling group"
+    );
+    let pids = agent.pids("old");
+    agent.crash();
+    agent.relaunch();
+    agent.wait_for("old", "2 adopted workers", Duration::from_secs(30), |s| {
+        s["ready"] == 2
+    });
+    assert_eq!(agent.pids("old"), pids, "the same workers, adopted");
+    for dir in [&site_dir, &gen_dir] {
+        let enabled = read(&dir.join("cgroup.subtree_control"));
+        assert!(
+            !enabled.split_whitespace().any(|c| c == "cpu")
+                && enabled.contains("memory")
+                && enabled.contains("pids"),
+            "{}: {enabled:?}",
+            dir.display()
+        );
+    }
+    assert!(
+        !leaf.join("cpu.weight").exists(),
+        "the leaf is still a scheduling group"
+    );
+    assert_eq!(read(&site_dir.join("cpu.weight")).trim(), "50");
+}
+
+#[test]
 fn both_tree_kill_paths_leave_no_process() {
     if !cgroup_controllers() {
         return;
