@@ -82,11 +82,11 @@ pub struct WorkerOptions {
     /// a worker finishing long requests: its generation drains that long), `wait-for-go`
     /// (with `one-at-a-time`: answers nothing until the file `go` appears in the directory,
     /// at most two minutes; connections queue up meanwhile, so its generation drains until
-    /// told), `shut-listener` (reports ready, then shuts its last listener down, its only
-    /// one unless the site has several, with `shutdown(2)`, which closes the socket for
-    /// every process holding it: it leaves its `SO_REUSEPORT` group and accepts nothing
-    /// more; the worker accepts nothing and stays up until stopped, as an app that shuts
-    /// down a socket it inherited; with `slow-stop`, until told after that).
+    /// told), `shut-listener` (shuts its last listener down, its only one unless the site
+    /// has several, with `shutdown(2)`, which closes the socket for every process holding
+    /// it: it leaves its `SO_REUSEPORT` group and accepts nothing more; then reports ready,
+    /// accepts nothing and stays up until stopped, as an app that shuts down a socket it
+    /// inherited; with `slow-stop`, until told after that).
     pub behaviour_from: Option<PathBuf>,
     /// Bind this address itself (without `SO_REUSEPORT`, so a second process bound to it
     /// fails with `EADDRINUSE`) instead of taking its listener from `LISTEN_FDS`: a server
@@ -201,6 +201,19 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
     if does("slow-start") && wait_for_stop(Some(Duration::from_millis(1500)))? {
         return Ok(());
     }
+    // Before it reports ready: a deploy that sees it ready sees the listener shut down.
+    if does("shut-listener") {
+        let shut = last.as_ref().map_or(listener.as_fd(), |fd| fd.as_fd());
+        match rustix::net::shutdown(shut, rustix::net::Shutdown::Both) {
+            Ok(()) => {
+                println!("demo worker {id} of generation {generation}: shut its listener down")
+            }
+            // Another worker of the generation shut it first.
+            Err(e) => {
+                println!("demo worker {id} of generation {generation}: listener not shut down: {e}")
+            }
+        }
+    }
     if !does("never-ready") {
         if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
             // As `sd_notify` callers do, serve on when it cannot be reached (in a sandbox
@@ -225,16 +238,6 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         println!("demo worker {id} of generation {generation}: stopped after a slow stop");
     };
     if does("shut-listener") {
-        let shut = last.as_ref().map_or(listener.as_fd(), |fd| fd.as_fd());
-        match rustix::net::shutdown(shut, rustix::net::Shutdown::Both) {
-            Ok(()) => {
-                println!("demo worker {id} of generation {generation}: shut its listener down")
-            }
-            // Another worker of the generation shut it first.
-            Err(e) => {
-                println!("demo worker {id} of generation {generation}: listener not shut down: {e}")
-            }
-        }
         while !wait_for_stop(None)? {}
         if does("slow-stop") {
             slow_stop();

@@ -271,9 +271,15 @@ impl Steering {
     /// the one not serving (the serving slot is never overwritten while selected).
     fn stage(&mut self, listener: BorrowedFd<'_>) -> Result<u32, SteeringError> {
         let id = identity(listener).map_err(SteeringError::Identify)?;
-        // A socket can be in one sockarray slot only.
+        // A socket can be in one sockarray slot only. One shut down since it was put there
+        // (by a worker holding it) left the slot by itself: inserted again, it is refused,
+        // rather than a flip selecting an empty slot (the kernel's own choice, which is the
+        // old generation's listener).
         if let Some(slot) = (0..SLOTS).find(|&s| self.occupant[s as usize] == Some(id)) {
-            return Ok(slot);
+            if self.holds(slot, listener) {
+                return Ok(slot);
+            }
+            self.occupant[slot as usize] = None;
         }
         let slot = match self.active {
             Some(a) => (a + 1) % SLOTS,
@@ -283,6 +289,15 @@ impl Steering {
             .map_err(|source| SteeringError::Insert { slot, source })?;
         self.occupant[slot as usize] = Some(id);
         Ok(slot)
+    }
+
+    /// Whether `slot` of the sockarray holds `listener` (their socket cookies match; an
+    /// empty slot's lookup fails).
+    fn holds(&self, slot: u32, listener: BorrowedFd<'_>) -> bool {
+        let Ok(cookie) = rustix::net::sockopt::socket_cookie(listener) else {
+            return false;
+        };
+        bpf::map_lookup(self.socks.as_fd(), slot).is_ok_and(|v| u64::from_ne_bytes(v) == cookie)
     }
 
     /// The ids of its two maps (`cfg`, `socks`), for the record of a running agent.
@@ -349,16 +364,8 @@ impl Steering {
             occupant: [None; SLOTS as usize],
         };
         // The selected slot holds `serving` if its socket cookie is `serving`'s.
-        if let Some(a) = active {
-            let cookie = rustix::net::sockopt::socket_cookie(serving)
-                .map_err(|e| SteeringError::Identify(e.into()))?;
-            // An empty slot gives ENOENT: nothing to match.
-            if let Ok(v) = bpf::map_lookup(st.socks.as_fd(), a) {
-                if u64::from_ne_bytes(v) == cookie {
-                    st.occupant[a as usize] =
-                        Some(identity(serving).map_err(SteeringError::Identify)?);
-                }
-            }
+        if let Some(a) = active.filter(|a| st.holds(*a, serving)) {
+            st.occupant[a as usize] = Some(identity(serving).map_err(SteeringError::Identify)?);
         }
         st.clear_canary()?;
         st.clear_probe()?;

@@ -294,6 +294,28 @@ fn steering_sockarray_refuses_a_bound_but_not_listening_socket() {
 }
 
 #[test]
+fn steering_a_staged_listener_shut_down_since_is_refused_at_the_flip() {
+    if !available() {
+        return;
+    }
+    let (a, b, addr) = pair();
+    let mut steering = Steering::attach(a.as_fd()).expect("attach");
+    steering.steer_to(a.as_fd()).expect("steer to A");
+    // B is put in the other slot by a probe (as a deploy's ready check does), then shut
+    // down by a process holding it: it leaves its reuseport group and the sockarray.
+    let (_client, port) = client_from_own_port();
+    steering.probe_from(port, b.as_fd()).expect("probe B");
+    rustix::net::shutdown(&b, rustix::net::Shutdown::Both).expect("shutdown B");
+    let err = steering
+        .steer_to(b.as_fd())
+        .expect_err("B is no longer in the group");
+    assert!(matches!(err, SteeringError::Insert { .. }), "{err:?}");
+    // New connections still go to A.
+    let _c = connect(addr, 3);
+    assert_eq!(accept_n(&a, 3).len(), 3);
+}
+
+#[test]
 fn steering_a_rejected_program_carries_the_verifier_log() {
     if !available() {
         return;

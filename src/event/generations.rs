@@ -191,18 +191,22 @@ pub(super) fn queues_empty(io: &SiteIo, old: GenId, new: GenId) -> bool {
 /// Points every steered address of the site at generation `to`'s listeners; returns how
 /// (or why not), and `CLOCK_MONOTONIC` just before and after (a connection the kernel
 /// placed before the first went to the old generation, one placed after the second to the
-/// new one). None is left half-flipped: where one address cannot be steered (its new
-/// listener was shut down, by a worker of the new generation for one), those flipped
-/// already go back to the listeners they served, and the error says which address and why.
+/// new one). A flip to a new generation (`all_or_nothing`) leaves no address half-flipped:
+/// where one cannot be steered (its new listener was shut down, by a worker of the new
+/// generation for one), those flipped already go back to the listeners they served, and the
+/// error says which address and why (the site machine rolls the deploy back and logs it).
+/// A steer back to a generation that serves again moves every address it can, and logs
+/// those it cannot.
 pub(super) fn steer(
     io: &mut SiteIo,
     site: &SiteName,
     to: GenId,
+    all_or_nothing: bool,
 ) -> (Result<Steering, String>, [u64; 2]) {
     let before = monotonic_ns();
     // The addresses flipped, with the slot each served before.
     let mut flipped = Vec::new();
-    let mut failed = None;
+    let mut failed = Vec::new();
     if let Some(g) = io.gens.get(&to) {
         for (i, steering) in io.steering.iter_mut().enumerate() {
             let (Some(st), Some(l)) = (steering.as_mut(), g.listeners.get(i)) else {
@@ -212,9 +216,10 @@ pub(super) fn steer(
             match st.steer_to(l.fd.as_fd()) {
                 Ok(()) => flipped.push((i, served, l.spec.addr.to_string())),
                 Err(e) => {
-                    error!(site = %site, gen = to.0, "failed to steer {}: {e}: {}", l.spec.addr, super::error_chain(&e));
-                    failed = Some(format!("{}: {e}: {}", l.spec.addr, super::error_chain(&e)));
-                    break;
+                    failed.push(format!("{}: {e}: {}", l.spec.addr, super::error_chain(&e)));
+                    if all_or_nothing {
+                        break;
+                    }
                 }
             }
         }
@@ -229,7 +234,7 @@ pub(super) fn steer(
             }
         }
     }
-    if failed.is_some() {
+    if !failed.is_empty() && all_or_nothing {
         for (i, served, addr) in &flipped {
             let Some(st) = io.steering.get_mut(*i).and_then(Option::as_mut) else {
                 continue;
@@ -238,12 +243,18 @@ pub(super) fn steer(
                 error!(site = %site, gen = to.0, "failed to steer {addr} back: {e}: {}", super::error_chain(&e));
             }
         }
+    } else {
+        for why in &failed {
+            error!(site = %site, gen = to.0, "failed to steer {why}");
+        }
     }
     let window = [before, monotonic_ns()];
-    let result = match failed {
-        Some(why) => Err(why),
-        None if flipped.is_empty() => Ok(Steering::Shared),
-        None => Ok(Steering::Ebpf),
+    let result = if !failed.is_empty() {
+        Err(failed.join("; "))
+    } else if flipped.is_empty() {
+        Ok(Steering::Shared)
+    } else {
+        Ok(Steering::Ebpf)
     };
     (result, window)
 }

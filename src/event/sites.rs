@@ -644,7 +644,11 @@ impl Agent {
             }
             Action::Steer(generation) => {
                 let site = self.sites.get_mut(name)?;
-                let (result, window) = generations::steer(&mut site.io, name, generation);
+                // A flip to the deploy's new generation is all or nothing (it is rolled
+                // back if it fails); a steer back or an adopted site's steering, as much
+                // as it can.
+                let flip = site.machine.deploy().is_some_and(|d| d.to == generation);
+                let (result, window) = generations::steer(&mut site.io, name, generation, flip);
                 Some(Input::Steered {
                     generation,
                     result,

@@ -797,6 +797,9 @@ impl SiteMachine {
         if self.start_deferred {
             self.start_serving(now, out);
         }
+        // A deploy that ended outside the plan's steps (its flip or its canary's steering
+        // failed) lets the next one start.
+        self.next_queued(obs, now, out);
         if self.deploy.is_some() {
             self.advance_deploy(obs, now, out);
             // It may have stopped a generation with no process left: gone at once.

@@ -1140,7 +1140,7 @@ impl SiteMachine {
     }
 
     /// Starts the deploy waiting first, if none runs.
-    fn next_queued(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
+    pub(super) fn next_queued(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
         if self.deploy.is_some() {
             return;
         }

@@ -152,7 +152,7 @@ fn a_flip_that_fails_rolls_the_deploy_back_and_the_old_generation_serves_on() {
     assert_eq!(a.last(), Some(&Action::Steer(GenId(2))));
     // The loop could not steer to the new listeners (a new worker shut its listener
     // down): connections still go to the old generation.
-    let why = "tcp 127.0.0.1:8000: failed to insert the listener in steering slot 1";
+    let why = "tcp 127.0.0.1:8000: failed to insert the listener in steering slot 1 (it must be a listening SO_REUSEPORT socket of the group): Invalid argument (os error 22)";
     let failed = Input::Steered {
         generation: GenId(2),
         result: Err(why.into()),

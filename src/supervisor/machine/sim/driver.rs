@@ -161,7 +161,7 @@ impl Sim {
                 // its workers): the steering stays where it was.
                 let flip = self.m.deploy().is_some_and(|d| d.to == generation);
                 let result = if flip && self.rng.chance(self.w.steer_fails) {
-                    Err("tcp 127.0.0.1:8000: failed to insert a listener into steering slot 1: Invalid argument".into())
+                    Err("tcp 127.0.0.1:8000: failed to insert the listener in steering slot 1 (it must be a listening SO_REUSEPORT socket of the group): Invalid argument (os error 22)".into())
                 } else {
                     self.w.steered = generation;
                     Ok(if self.rng.chance(50) {

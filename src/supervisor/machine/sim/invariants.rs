@@ -21,6 +21,13 @@ impl Sim {
         let Some(cur) = self.m.generation(serving) else {
             return Err(format!("the serving generation {serving} does not exist"));
         };
+        // A deploy waits in the queue only behind one under way.
+        if self.m.queued_deploys() > 0 && self.m.deploy().is_none() {
+            return Err(format!(
+                "{} deploys queued behind none",
+                self.m.queued_deploys()
+            ));
+        }
         // The machine's processes are the world's.
         for g in self.m.generations() {
             let mut keeping = 0;
