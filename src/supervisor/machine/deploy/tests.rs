@@ -823,6 +823,54 @@ fn a_failed_stop_then_start_deploy_starts_the_old_generation_once_the_new_one_is
 }
 
 #[test]
+fn a_stop_then_start_deploy_whose_flip_fails_starts_the_old_generation_again() {
+    let t = Instant::now();
+    let (mut m, _) = own_port_deploy(t);
+    exit_all(&mut m, 1, t);
+    step(&mut m, Input::ProbeAccepted(GenId(2)), t);
+    let later = t + m.config().deploy.probation;
+    let a = m.handle(Input::Tick, &NoSteering, later);
+    assert_eq!(a.last(), Some(&Action::Steer(GenId(2))), "{a:?}");
+    let why = "tcp 127.0.0.1:8000: failed to switch steering to slot 1: Cannot allocate memory (os error 12)";
+    let failed = Input::Steered {
+        generation: GenId(2),
+        result: Err(why.into()),
+        window: None,
+    };
+    let a = step(&mut m, failed, later);
+    let reason = RollbackReason::NotSteered {
+        generation: GenId(2),
+        why: why.into(),
+    };
+    assert!(
+        a.contains(&Action::Log(Event::NewStopsFirst {
+            generation: GenId(2),
+            reason: reason.clone(),
+            then: GenId(1),
+        })),
+        "{a:?}"
+    );
+    assert_eq!(m.serving(), GenId(1), "{a:?}");
+    assert_eq!(replies(&a), vec![], "{a:?}");
+    assert_eq!(spawned(&a), vec![], "not beside the new generation: {a:?}");
+    let a = exit_all(&mut m, 2, later);
+    assert_eq!(spawned(&a), vec![(1, 0), (1, 1)], "{a:?}");
+    assert_eq!(
+        replies(&a),
+        vec![(
+            ClientId(2),
+            Outcome::Failed(Failure::RestartedPrevious {
+                reason,
+                from: GenId(1),
+            })
+        )],
+        "{a:?}"
+    );
+    assert!(m.deploy().is_none());
+    assert_eq!(m.generations().count(), 1, "the new generation is retired");
+}
+
+#[test]
 fn a_stop_then_start_deploy_not_ready_in_time_or_rolled_back_on_request_waits_for_the_new_generation()
  {
     let t = Instant::now();
