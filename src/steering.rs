@@ -125,6 +125,15 @@ pub enum SteeringError {
         #[source]
         source: io::Error,
     },
+    /// The listener left its slot (shut down) as steering was switched to it; switched
+    /// back.
+    #[error(
+        "the listener left steering slot {slot} as steering was switched to it (it was shut down)"
+    )]
+    Left {
+        /// Which slot.
+        slot: u32,
+    },
     /// The selected slot could not be switched.
     #[error("failed to switch steering to slot {slot}")]
     Flip {
@@ -198,10 +207,18 @@ impl Steering {
     /// From now on every new connection of the group goes to `listener` (a listening
     /// member of the group): insert it in the sockarray, then flip the cfg index.
     pub fn steer_to(&mut self, listener: BorrowedFd<'_>) -> Result<(), SteeringError> {
+        let before = self.active;
         let slot = self.stage(listener)?;
         bpf::array_set_u32(self.cfg.as_fd(), CFG_SERVING, slot + 1)
             .map_err(|source| SteeringError::Flip { slot, source })?;
         self.active = Some(slot);
+        // Shut down between `stage`'s look and the switch, it left the slot: new
+        // connections would get the kernel's own choice. Back to the slot served before.
+        if before != Some(slot) && !self.holds(slot, listener) {
+            self.occupant[slot as usize] = None;
+            self.select(before)?;
+            return Err(SteeringError::Left { slot });
+        }
         Ok(())
     }
 

@@ -1826,8 +1826,8 @@ probation = "600ms"
     let (before, pids) = serving(&agent);
     let load = Load::start(port, 4);
     load.wait_for(1, 20);
-    // Each new worker reports ready, then shuts the new generation's `admin` listener
-    // down, serves nothing, and once told to stop waits for `finish-stop`. At the flip
+    // Each new worker shuts the new generation's `admin` listener down, then reports
+    // ready, serves nothing, and once told to stop waits for `finish-stop`. At the flip
     // `http` is steered to gen-2 first; `admin`'s listener cannot be inserted in its map.
     let r2 = release(root.path(), "r2", Some("shut-listener slow-stop"));
     point(&link, &r2);
