@@ -26,6 +26,20 @@ impl Observe for Queued {
     }
 }
 
+/// A site of `text`, started by client 1, with a deploy asked for by client 2 (as `obs`
+/// sees the world).
+fn deploying(text: &str, obs: &dyn Observe, t: Instant) -> SiteMachine {
+    let (mut m, _) = SiteMachine::new(site(text), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), obs, t);
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: None,
+        canary: None,
+    };
+    send(&mut m, deploy, obs, t);
+    m
+}
+
 #[test]
 fn nothing_moves_before_the_new_listeners_are_bound() {
     let t = Instant::now();
@@ -88,18 +102,7 @@ fn an_old_generation_left_without_a_process_is_retired_when_it_stops() {
 #[test]
 fn nothing_moves_before_the_flip_is_reported() {
     let t = Instant::now();
-    let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
-    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
-    send(
-        &mut m,
-        Input::Deploy {
-            client: ClientId(2),
-            release: None,
-            canary: None,
-        },
-        &Quiet,
-        t,
-    );
+    let mut m = deploying("workers = 1\n", &Quiet, t);
     let later = t + Duration::from_secs(1);
     let a = m.handle(Input::Tick, &Quiet, later);
     assert_eq!(a.last(), Some(&Action::Steer(GenId(2))));
@@ -139,14 +142,7 @@ fn nothing_moves_before_the_flip_is_reported() {
 #[test]
 fn a_flip_that_fails_rolls_the_deploy_back_and_the_old_generation_serves_on() {
     let t = Instant::now();
-    let (mut m, _) = SiteMachine::new(site("workers = 2\n"), None, None, t);
-    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
-    let deploy = Input::Deploy {
-        client: ClientId(2),
-        release: None,
-        canary: None,
-    };
-    send(&mut m, deploy, &Quiet, t);
+    let mut m = deploying("workers = 2\n", &Quiet, t);
     let later = t + Duration::from_secs(1);
     let a = m.handle(Input::Tick, &Quiet, later);
     assert_eq!(a.last(), Some(&Action::Steer(GenId(2))));
@@ -211,14 +207,7 @@ fn a_flip_that_fails_rolls_the_deploy_back_and_the_old_generation_serves_on() {
 #[test]
 fn a_deploy_cancelled_after_the_flip_is_done_and_the_old_generation_goes() {
     let t = Instant::now();
-    let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
-    send(&mut m, Input::Start(Some(ClientId(1))), &Queued, t);
-    let deploy = Input::Deploy {
-        client: ClientId(2),
-        release: None,
-        canary: None,
-    };
-    send(&mut m, deploy, &Queued, t);
+    let mut m = deploying("workers = 1\n", &Queued, t);
     let later = t + Duration::from_secs(1);
     send(&mut m, Input::Tick, &Queued, later);
     assert_eq!(m.serving(), GenId(2), "flipped; the old one drains");
@@ -252,14 +241,7 @@ fn a_deploy_cancelled_after_the_flip_is_done_and_the_old_generation_goes() {
 #[test]
 fn a_rollback_gives_workers_back_as_the_rolled_back_ones_leave() {
     let t = Instant::now();
-    let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
-    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
-    let deploy = Input::Deploy {
-        client: ClientId(2),
-        release: None,
-        canary: None,
-    };
-    send(&mut m, deploy, &Quiet, t);
+    let mut m = deploying(FULL_BUDGET, &Quiet, t);
     // Slot 3 of the old generation makes room for the first new worker, slot 2 for
     // the next.
     let a = send(&mut m, exited(1, 3), &Quiet, t);
