@@ -9,18 +9,11 @@ set -eu
 BIN=$1; N=${2:-1000}
 W=${PEERS_BIN:-/tmp/peers-bench/bin}/pbworker
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib.sh"
 d=$(mktemp -d /tmp/reply-trace-XXXX)
 bash "$HERE/hatchery.sh" config "$d" "$N" "$W"
 "$BIN" agent --config "$d/hatchery.toml" 2> "$d/agent.log" & sup=$!
-deadline=$((SECONDS + 300))
-until [ "$(pgrep -c -P "$sup" -x pbworker || true)" = "$N" ]; do
-  if [ $SECONDS -ge $deadline ] || ! kill -0 "$sup" 2>/dev/null; then
-    echo "reply-trace: not all $N workers running after 5 minutes ($d)" >&2
-    kill -TERM "$sup" 2> /dev/null || true
-    exit 1
-  fi
-  sleep 0.3
-done
+wait_for_workers "$sup" "$N" reply-trace "$d"
 sleep 2
 perf record -m 16M -e signal:signal_generate -e sched:sched_process_exit -e sched:sched_switch \
   -e sched:sched_wakeup -e syscalls:sys_enter_write -a -o "$d/perf.data" 2> /dev/null & pp=$!

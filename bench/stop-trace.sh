@@ -11,6 +11,7 @@
 # LIMITLEAF_SETSID=1).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib.sh"
 BIN_DIR=${PEERS_BIN:-/tmp/peers-bench/bin}
 W=$BIN_DIR/pbworker
 who=$1; shift
@@ -30,15 +31,7 @@ case $who in
   *)
     "$BIN_DIR/limitsup" "$N" "$W" & sup=$! ;;
 esac
-deadline=$((SECONDS + 300))
-until [ "$(pgrep -c -P "$sup" -x pbworker || true)" = "$N" ]; do
-  if [ $SECONDS -ge $deadline ] || ! kill -0 "$sup" 2>/dev/null; then
-    echo "stop-trace: not all $N workers running after 5 minutes, or $who ended ($d)" >&2
-    kill -TERM "$sup" 2> /dev/null || true
-    exit 1
-  fi
-  sleep 0.3
-done
+wait_for_workers "$sup" "$N" stop-trace "$d"
 sleep 3
 perf record -m 32M -e signal:signal_generate -e sched:sched_process_exit -e sched:sched_switch \
   -a -o "$d/perf.data" 2> /dev/null & pp=$!
