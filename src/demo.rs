@@ -12,6 +12,8 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustix::event::PollFlags;
+
 /// The agent file of the demo, with `{dir}` for its directory.
 pub const DEMO_AGENT: &str = r#"# Hatchery demo agent (written by `hatchery demo`)
 control_socket = "{dir}/control.sock"
@@ -86,7 +88,10 @@ pub struct WorkerOptions {
     /// has several, with `shutdown(2)`, which closes the socket for every process holding
     /// it: it leaves its `SO_REUSEPORT` group and accepts nothing more; then reports ready,
     /// accepts nothing and stays up until stopped, as an app that shuts down a socket it
-    /// inherited; with `slow-stop`, until told after that).
+    /// inherited; with `slow-stop`, until told after that), `shut-when-told` (serves until
+    /// the file `shut` appears in the directory; the worker that removes it shuts the
+    /// listener it serves down, as `shut-listener` does). A worker whose listener was shut
+    /// down (by any process) says so and accepts nothing more, until stopped.
     pub behaviour_from: Option<PathBuf>,
     /// Bind this address itself (without `SO_REUSEPORT`, so a second process bound to it
     /// fails with `EADDRINUSE`) instead of taking its listener from `LISTEN_FDS`: a server
@@ -266,6 +271,11 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
         .as_ref()
         .filter(|_| does("wait-for-go"))
         .map(|d| d.join("go"));
+    let shut_file = opts
+        .behaviour_from
+        .as_ref()
+        .filter(|_| does("shut-when-told"))
+        .map(|d| d.join("shut"));
     let log = does("log-requests").then(|| format!("demo worker {id} of generation {generation}"));
     // Once stuck, connections are held here, never answered.
     let mut stuck: Option<Vec<std::net::TcpStream>> = None;
@@ -275,9 +285,16 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
                 "this release crashes after becoming ready",
             ));
         }
+        if shut_file
+            .as_ref()
+            .is_some_and(|f| std::fs::remove_file(f).is_ok())
+        {
+            rustix::net::shutdown(&listener, rustix::net::Shutdown::Both)?;
+            println!("demo worker {id} of generation {generation}: shut its listener down");
+        }
         let mut fds = [
-            rustix::event::PollFd::new(&listener, rustix::event::PollFlags::IN),
-            rustix::event::PollFd::new(&sigfd, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(&listener, PollFlags::IN | PollFlags::RDHUP),
+            rustix::event::PollFd::new(&sigfd, PollFlags::IN),
         ];
         let timeout = rustix::event::Timespec {
             tv_sec: 0,
@@ -291,18 +308,22 @@ pub fn worker_main(args: &[String]) -> io::Result<()> {
             println!("demo worker {id} of generation {generation}: stopping");
             break;
         }
+        if fds[0]
+            .revents()
+            .intersects(PollFlags::HUP | PollFlags::RDHUP)
+        {
+            println!(
+                "demo worker {id} of generation {generation}: its listener was shut down, accepting nothing more"
+            );
+            while !wait_for_stop(None)? {}
+            break;
+        }
         handlers.retain(|h| !h.is_finished());
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            Err(e) => return Err(e),
+        // Without the peer's address: std's `accept` refuses a unix socket's.
+        let stream = match rustix::net::accept(&listener) {
+            Ok(fd) => std::net::TcpStream::from(fd),
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         };
         if stuck.is_none()
             && hang_file
