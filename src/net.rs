@@ -169,6 +169,25 @@ impl Listener {
         }
     }
 
+    /// Whether the socket was shut down (`shutdown(2)`, by any process holding it): it
+    /// accepts no connection and never will. A TCP listener shut down is closed (its
+    /// poll says `POLLHUP`); a unix one still says it listens, but refuses connections
+    /// (its poll says `POLLRDHUP`, or `POLLHUP` when shut both ways).
+    pub fn shut_down(&self) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let mut fds = [PollFd::new(&self.fd, PollFlags::RDHUP)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match poll(&mut fds, Some(&now)) {
+            Ok(_) => fds[0]
+                .revents()
+                .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR),
+            Err(_) => false,
+        }
+    }
+
     /// Removes a unix listener's socket file (after the socket is closed for good).
     pub fn unlink(&self) {
         if let ListenAddr::Unix(path) = &self.spec.addr {
@@ -757,6 +776,47 @@ mod tests {
             Some(1),
             "one connection waits in the accept queue"
         );
+    }
+
+    #[test]
+    fn a_listener_shut_down_by_another_holder_says_so_and_one_with_a_queue_does_not() {
+        use rustix::net::Shutdown;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = |name: &str, addr: ListenAddr| ListenSpec {
+            name: name.into(),
+            addr,
+            backlog: 16,
+            mode: crate::config::ListenMode::Agent,
+        };
+        let tcp = || ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"));
+        for (addr, how) in [
+            (tcp(), Shutdown::Both),
+            (tcp(), Shutdown::Read),
+            (ListenAddr::Unix(dir.path().join("a.sock")), Shutdown::Both),
+            (ListenAddr::Unix(dir.path().join("b.sock")), Shutdown::Read),
+        ] {
+            let what = format!("{addr} {how:?}");
+            let l = Listener::bind(&spec("http", addr.clone()), 0, 0).expect("bind");
+            // A connection waiting to be accepted makes it readable, not shut.
+            let _waiting = match &addr {
+                ListenAddr::Tcp(_) => {
+                    let local = rustix::net::getsockname(&l.fd).expect("name");
+                    let a = std::net::SocketAddr::try_from(local).expect("inet");
+                    Box::new(std::net::TcpStream::connect(a).expect("connect")) as Box<dyn Send>
+                }
+                ListenAddr::Unix(p) => {
+                    Box::new(std::os::unix::net::UnixStream::connect(p).expect("connect"))
+                }
+            };
+            assert!(!l.shut_down(), "{what}: not shut yet");
+            // As a worker does with the copy it inherited. Shut for writing only, a
+            // listener still accepts.
+            let copy = l.fd.try_clone().expect("dup");
+            rustix::net::shutdown(&copy, Shutdown::Write).expect("shutdown");
+            assert!(!l.shut_down(), "{what}: shut for writing only");
+            rustix::net::shutdown(&copy, how).expect("shutdown");
+            assert!(l.shut_down(), "{what}: shut through another fd");
+        }
     }
 
     #[test]

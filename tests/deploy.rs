@@ -2398,3 +2398,154 @@ fn an_agent_killed_while_a_generation_drains_is_replaced_and_the_drain_finishes(
     );
     assert_eq!(agent.stop(), Some(0));
 }
+
+/// Where a site listens, for [`answer`].
+enum Target {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+/// One request to `target`: the answer's body, or why there is none.
+fn answer(target: &Target) -> Result<String, String> {
+    let request = b"GET / HTTP/1.0\r\n\r\n";
+    let mut text = String::new();
+    let t = Some(Duration::from_secs(5));
+    match target {
+        Target::Tcp(port) => {
+            let mut s =
+                std::net::TcpStream::connect(("127.0.0.1", *port)).map_err(|e| e.to_string())?;
+            s.set_read_timeout(t).map_err(|e| e.to_string())?;
+            s.write_all(request).map_err(|e| e.to_string())?;
+            s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        }
+        Target::Unix(path) => {
+            let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+            s.set_read_timeout(t).map_err(|e| e.to_string())?;
+            s.write_all(request).map_err(|e| e.to_string())?;
+            s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        }
+    }
+    text.split("\r\n\r\n")
+        .nth(1)
+        .map(str::to_string)
+        .ok_or_else(|| format!("no HTTP answer: {text:?}"))
+}
+
+#[test]
+fn a_listener_a_serving_worker_shuts_down_is_replaced_by_a_deploy_of_the_same_release() {
+    // A TCP address, steered (each generation has a socket of its own) where the host
+    // steers, and a unix one, whose socket generations share.
+    let sock = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("tcp", Target::Tcp(free_port())),
+        ("unix", Target::Unix(sock.path().join("web.sock"))),
+    ];
+    for (kind, target) in cases {
+        let root = tempfile::tempdir().expect("tempdir");
+        let link = root.path().join("current");
+        let r1 = release(root.path(), "r1", Some("shut-when-told"));
+        point(&link, &r1);
+        let listen = match &target {
+            Target::Tcp(port) => format!("tcp = \"127.0.0.1:{port}\""),
+            Target::Unix(path) => format!("unix = \"{}\"", path.display()),
+        };
+        let text = format!(
+            r#"name = "web"
+command = ["{BIN}", "__demo-worker", "--behaviour-from", "{{release}}"]
+workers = 2
+release = "{}"
+[[listen]]
+name = "http"
+{listen}
+[ready]
+check = "notify"
+timeout = "30s"
+[stop]
+timeout = "10s"
+[deploy]
+probation = "300ms"
+"#,
+            link.display()
+        );
+        let (agent, _) = start_web(&text, 2, "io_uring", true);
+        let body = answer(&target).expect("gen-1 answers");
+        assert!(body.contains("generation 1, release r1"), "[{kind}] {body}");
+        // The next release is already in place: only the one that runs is deployed again.
+        let r2 = release(root.path(), "r2", None);
+        point(&link, &r2);
+        // A worker shuts the listener down; the agent sees it at once, says so and
+        // deploys r1 again as gen-2, with a listener that accepts.
+        std::fs::write(r1.join("shut"), b"").expect("shut");
+        wait_until(
+            &format!("[{kind}] the shutdown told"),
+            Duration::from_secs(20),
+            || !listener_shut_events(&agent).is_empty(),
+        );
+        wait_until(
+            &format!("[{kind}] gen-2 of r1 answering"),
+            Duration::from_secs(60),
+            || answer(&target).is_ok_and(|b| b.contains("generation 2, release r1")),
+        );
+        for _ in 0..20 {
+            let body = answer(&target).expect("answered");
+            assert!(body.contains("generation 2, release r1"), "[{kind}] {body}");
+        }
+        wait_until(
+            &format!("[{kind}] the deploy done and gen-1 retired"),
+            Duration::from_secs(30),
+            || {
+                let s = agent.status("web");
+                s["generation"] == 2
+                    && s["deploy"].is_null()
+                    && s["workers"]
+                        .as_array()
+                        .is_some_and(|w| w.iter().all(|w| w["generation"] == 2))
+            },
+        );
+        // The new listener deploys as any: steered (where TCP was), no request failed.
+        let load = match &target {
+            Target::Tcp(port) => {
+                let load = Load::start(*port, 4);
+                load.wait_for(2, 20);
+                Some(load)
+            }
+            Target::Unix(_) => None,
+        };
+        let run = deploy(&agent, &["web"]);
+        assert_eq!(run.code, Some(0), "[{kind}] {}", run.text());
+        let body = answer(&target).expect("gen-3 answers");
+        assert!(body.contains("generation 3, release r2"), "[{kind}] {body}");
+        if let Some(load) = load {
+            assert_eq!(
+                agent.status("web")["steering"],
+                "ebpf",
+                "[{kind}] the new listener's steering"
+            );
+            assert!(run.text().contains("eBPF steering"), "{}", run.text());
+            load.wait_for(3, 20);
+            let samples = load.finish();
+            assert!(failed(&samples).is_empty(), "{:?}", failed(&samples));
+        }
+        let said = listener_shut_events(&agent);
+        assert_eq!(said.len(), 1, "[{kind}] {said:#?}");
+        assert_eq!(said[0]["gen"], 1, "[{kind}] {said:#?}");
+        assert_eq!(said[0]["reason"], "redeploy", "[{kind}] {said:#?}");
+        assert_eq!(said[0]["to"], 2, "[{kind}] {said:#?}");
+        let message = said[0]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("listener http") && message.contains("shut down"),
+            "[{kind}] {message}"
+        );
+    }
+}
+
+/// The `listener_shut` events of `web`.
+fn listener_shut_events(agent: &TestAgent) -> Vec<serde_json::Value> {
+    let out = agent.cli(&["events", "web", "-n", "1000", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["kind"] == "listener_shut")
+        .collect()
+}

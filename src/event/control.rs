@@ -739,6 +739,7 @@ impl Agent {
                         info!(site = %name, "started after an earlier failure");
                         self.broken.remove(site);
                         self.sites.insert(name.clone(), s);
+                        self.watch_listeners(&name, None);
                         self.feed_request(&name, conn, Input::Start(Some(ClientId(conn))));
                     }
                     Err(e) => {

@@ -130,7 +130,10 @@ pub(super) fn probe_alone(
 /// `SO_REUSEPORT` socket per steered TCP address, the serving generation's socket (a
 /// duplicate of its fd) for the rest. `share_all` (stop-then-start deploys): every
 /// socket is shared, so connections queued while no generation runs are served by the
-/// new one.
+/// new one. A socket shut down (by a worker: it accepts nothing more) is never shared: a
+/// new one is bound for its address, as for a new site (refused if another process
+/// listens there now); it is in no `SO_REUSEPORT` group with the old one, which left its
+/// group when shut down, so its steering is attached anew (`Agent::carry_out`).
 pub(super) fn bind_beside(
     io: &SiteIo,
     serving: GenId,
@@ -146,7 +149,10 @@ pub(super) fn bind_beside(
         let steered = !share_all
             && matches!(l.spec.addr, ListenAddr::Tcp(_))
             && io.steering.get(i).is_some_and(Option::is_some);
-        let fresh = if steered {
+        let fresh = if l.shut_down() {
+            Listener::bind(&l.spec, uid, gid)
+                .map_err(|e| format!("{e}: {}", super::error_chain(&e)))?
+        } else if steered {
             Listener::bind_beside(&l.spec, uid, gid)
                 .map_err(|e| format!("{e}: {}", super::error_chain(&e)))?
         } else {

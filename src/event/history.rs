@@ -47,7 +47,7 @@ use crate::config::{LogPolicy, SiteName};
 use crate::control::{ErrorKind, Reply};
 use crate::logs;
 use crate::supervisor::ids::{GenId, Slot};
-use crate::supervisor::machine::Event;
+use crate::supervisor::machine::{Event, ShutAnswer};
 use crate::supervisor::slots::{ExitReason, Note};
 
 /// The history's file in the state directory.
@@ -110,6 +110,9 @@ pub enum Kind {
     Zygote,
     /// Workers an earlier agent left running were adopted.
     Adopted,
+    /// A listener of a generation was shut down by a process holding it (`reason`: what
+    /// is done about it).
+    ListenerShut,
     /// The configuration was reloaded (agent-wide).
     Reload,
     /// An operator asked for something (`action`, `uid`).
@@ -431,6 +434,28 @@ pub fn entry_of(
         Event::Adopted { generation, .. } => Entry {
             generation: Some(generation.0),
             ..Entry::site(site, Kind::Adopted, words())
+        },
+        Event::ListenerShut {
+            generation, answer, ..
+        } => Entry {
+            generation: Some(generation.0),
+            to: match answer {
+                ShutAnswer::Redeploy(to) | ShutAnswer::DeployUnderWay(to) => Some(to.0),
+                _ => None,
+            },
+            reason: Some(
+                match answer {
+                    ShutAnswer::Redeploy(_) => "redeploy",
+                    ShutAnswer::Again => "shut_again",
+                    ShutAnswer::DeployUnderWay(_) => "deploy_under_way",
+                    ShutAnswer::AfterDeploy => "after_deploy",
+                    ShutAnswer::Stopped => "stopped",
+                    ShutAnswer::NotRedeployed(_) => "not_redeployed",
+                    ShutAnswer::NotServing => "not_serving",
+                }
+                .into(),
+            ),
+            ..Entry::site(site, Kind::ListenerShut, words())
         },
         Event::ZygoteStarting(g) => Entry {
             generation: Some(g.0),

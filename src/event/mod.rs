@@ -56,6 +56,7 @@ mod recovery;
 mod reload;
 mod render;
 mod setup;
+mod shut_watch;
 mod sites;
 mod sites_runtime;
 mod status;
@@ -190,6 +191,8 @@ enum Source {
     ZygoteLink(u64),
     /// A site's CPU pressure trigger fired (see `pressure.rs`).
     Pressure(SiteName),
+    /// A listener watched was shut down (see `shut_watch.rs`).
+    ListenersShut,
     /// One of a site's output sockets (its workers' stdout, or stderr) is readable (see
     /// `output.rs`).
     Output(SiteName, crate::logs::StdStream),
@@ -352,6 +355,9 @@ pub struct Agent {
     save_put_off: bool,
     /// When retired cgroup leaves were last removed (see `remove_retired`).
     last_removals: Option<Instant>,
+    /// The agent's copies of the listeners, watched for a shutdown (none where epoll
+    /// could not be had).
+    shut_watch: Option<shut_watch::ShutWatch>,
     /// Sites whose workers were adopted from an earlier agent: the actions their machines
     /// start with, and the configuration to apply (their file changed while no agent ran).
     adopted: BTreeMap<SiteName, (Vec<Action>, Option<SiteConfig>)>,
@@ -666,6 +672,13 @@ impl Agent {
             save_after: None,
             save_put_off: false,
             last_removals: None,
+            shut_watch: match shut_watch::ShutWatch::new() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!("listeners shut down by a worker will not be noticed: {e}");
+                    None
+                }
+            },
             boot_id: recovery::boot_id(),
             adopted: BTreeMap::new(),
             missed_changes: BTreeMap::new(),
@@ -705,6 +718,7 @@ impl Agent {
             match made {
                 Ok(s) => {
                     agent.sites.insert(site.name.clone(), s);
+                    agent.watch_listeners(&site.name, None);
                     // Its workers' output waits in the socket the holder kept: read on.
                     if agent.held_output(&site.name) {
                         if let Err(e) = agent.ensure_output(&site.name) {
@@ -823,6 +837,11 @@ impl Agent {
         if let Some(g) = &self.graveyard {
             self.reg
                 .arm(g.fd(), Interest::Readable, Source::Graveyard)
+                .map_err(AgentError::Reactor)?;
+        }
+        if let Some(w) = &self.shut_watch {
+            self.reg
+                .arm(w.fd(), Interest::Readable, Source::ListenersShut)
                 .map_err(AgentError::Reactor)?;
         }
         self.arm_metrics()?;
@@ -1097,6 +1116,10 @@ impl Agent {
                 self.rearm(Source::Graveyard);
                 self.graveyard_changed();
             }
+            Source::ListenersShut => {
+                self.on_listeners_shut();
+                self.rearm(Source::ListenersShut);
+            }
             Source::ConnWrite(c) => {
                 if let Some(conn) = self.conns.get_mut(&c) {
                     conn.write_token = None;
@@ -1113,6 +1136,10 @@ impl Agent {
             Source::Notify => self.notify.as_fd(),
             Source::Graveyard => match &self.graveyard {
                 Some(g) => g.fd(),
+                None => return,
+            },
+            Source::ListenersShut => match &self.shut_watch {
+                Some(w) => w.fd(),
                 None => return,
             },
             _ => return,

@@ -988,6 +988,7 @@ mod tests {
                         id: 3,
                         release: None,
                         workers: Vec::new(),
+                        replaces_shut: false,
                     }],
                 },
                 gens: vec![GenIoRecord {

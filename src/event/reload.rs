@@ -75,6 +75,7 @@ impl Agent {
             if let Some(site) = fresh {
                 added.push(name.to_string());
                 self.sites.insert(name.clone(), site);
+                self.watch_listeners(&name, None);
                 self.feed(&name, Input::Start(None));
                 continue;
             }
@@ -107,9 +108,14 @@ impl Agent {
     /// Applies a changed configuration to a running site, whose new listeners, if its
     /// `listen` changed, are bound already (`listeners`: the full new set).
     fn apply_change(&mut self, name: &SiteName, sc: SiteConfig, listeners: Option<Vec<Listener>>) {
+        if listeners.is_some() {
+            let serving = self.sites.get(name).map(|s| s.machine.serving());
+            self.forget_listeners(name, serving);
+        }
         let Some(site) = self.sites.get_mut(name) else {
             return;
         };
+        let rebound = listeners.is_some();
         if let Some(ls) = listeners {
             let serving = site.machine.serving();
             if let Some(cur) = site.io.gens.get_mut(&serving) {
@@ -128,6 +134,10 @@ impl Agent {
         site.io.config_text = std::fs::read_to_string(&sc.file).ok();
         // Prepared again, from the new configuration, at the next spawn.
         site.io.sandbox = None;
+        if rebound {
+            let serving = site.machine.serving();
+            self.watch_listeners(name, Some(serving));
+        }
         self.feed(name, Input::Reconfigure(Box::new(sc)));
     }
 

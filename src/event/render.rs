@@ -6,7 +6,7 @@ use crate::control::{Done as DoneReply, ErrorKind, Reply};
 use crate::supervisor::ids::Slot;
 use crate::supervisor::machine::{
     CancelReason, DeployEnd, Done, Event, Failure, HealthAnswer, Outcome, ProbeAnswer,
-    RollbackReason, Steering,
+    RollbackReason, ShutAnswer, Steering,
 };
 use crate::supervisor::slots::{ExitReason, Note};
 
@@ -35,6 +35,35 @@ pub fn note(site: &SiteName, note: &Note) -> String {
 /// An event, as a progress line for the clients that wait.
 pub fn event(site: &SiteName, e: &Event) -> String {
     match e {
+        Event::ListenerShut {
+            generation,
+            listener,
+            answer,
+        } => format!(
+            "gen-{generation}: its listener {listener} was shut down by a process holding it and accepts no connection; {}",
+            match answer {
+                ShutAnswer::Redeploy(to) =>
+                    format!("deploying its release again as gen-{to}, with new listeners"),
+                ShutAnswer::Again => format!(
+                    "not deployed again (gen-{generation} was deployed to replace a generation whose listener was shut down): `hatchery deploy {site}` a release that does not shut it"
+                ),
+                ShutAnswer::DeployUnderWay(to) => format!(
+                    "the deploy under way replaces it with gen-{to} (rolled back, its release is deployed again then)"
+                ),
+                ShutAnswer::AfterDeploy =>
+                    "its release is deployed again once the deploy under way is over".to_string(),
+                ShutAnswer::Stopped =>
+                    "its release is deployed again, with new listeners, when the site starts"
+                        .to_string(),
+                ShutAnswer::NotRedeployed(f) => format!(
+                    "its release could not be deployed again ({}): `hatchery deploy {site}` binds a new one",
+                    failure(site, f).1
+                ),
+                ShutAnswer::NotServing => format!(
+                    "gen-{generation} does not serve (if it comes to, its release is deployed again then)"
+                ),
+            }
+        ),
         Event::Worker {
             generation,
             serving,
@@ -327,6 +356,14 @@ pub fn log(site: &SiteName, e: &Event) {
             generation, worker, ..
         } => warn!(site = %site, gen = generation.0, worker = %worker, "{}", event(site, e)),
         Event::ZygoteNotReady { generation, .. } | Event::ZygoteLost { generation, .. } => {
+            error!(site = %site, gen = generation.0, "{}", event(site, e));
+        }
+        Event::ListenerShut {
+            generation,
+            answer: ShutAnswer::NotServing,
+            ..
+        } => info!(site = %site, gen = generation.0, "{}", event(site, e)),
+        Event::ListenerShut { generation, .. } => {
             error!(site = %site, gen = generation.0, "{}", event(site, e));
         }
         _ => info!(site = %site, "{}", event(site, e)),

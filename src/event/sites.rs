@@ -5,7 +5,7 @@
 //! flipped, a probe accepted) are fed back, in order, before anything else happens.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -437,6 +437,78 @@ impl Agent {
         missing
     }
 
+    /// Watches the listeners of `name`'s generation `g` (every generation's, without one)
+    /// for a shutdown (`shut_watch`).
+    pub(super) fn watch_listeners(&mut self, name: &SiteName, g: Option<GenId>) {
+        let (Some(watch), Some(site)) = (&mut self.shut_watch, self.sites.get(name)) else {
+            return;
+        };
+        for (id, io) in site
+            .io
+            .gens
+            .iter()
+            .filter(|(id, _)| g.is_none_or(|g| g == **id))
+        {
+            for l in &io.listeners {
+                let what = super::shut_watch::Watched {
+                    site: name.clone(),
+                    generation: *id,
+                    listener: format!("{} ({})", l.spec.name, l.spec.addr),
+                    fd: l.fd.as_raw_fd(),
+                };
+                if let Err(e) = watch.watch(l.fd.as_fd(), what) {
+                    warn!(site = %name, gen = id.0, "failed to watch listener {} for a shutdown: {e}", l.spec.name);
+                }
+            }
+        }
+    }
+
+    /// Stops watching the listeners of `name`'s generation `g` (every generation's,
+    /// without one), before they are closed.
+    pub(super) fn forget_listeners(&mut self, name: &SiteName, g: Option<GenId>) {
+        let (Some(watch), Some(site)) = (&mut self.shut_watch, self.sites.get(name)) else {
+            return;
+        };
+        let fds = site
+            .io
+            .gens
+            .iter()
+            .filter(|(id, _)| g.is_none_or(|g| g == **id))
+            .flat_map(|(_, io)| io.listeners.iter().map(|l| l.fd.as_fd()));
+        watch.forget(fds);
+    }
+
+    /// Listeners were shut down (`shut_watch`): each is told to its site's machine, if it
+    /// is still one of the generation's and still shut down (not a socket bound since
+    /// under the same fd number).
+    pub(super) fn on_listeners_shut(&mut self) {
+        let shut = self
+            .shut_watch
+            .as_mut()
+            .map(super::shut_watch::ShutWatch::shut)
+            .unwrap_or_default();
+        for w in shut {
+            let still = self
+                .sites
+                .get(&w.site)
+                .and_then(|s| s.io.gens.get(&w.generation))
+                .is_some_and(|io| {
+                    io.listeners
+                        .iter()
+                        .any(|l| l.fd.as_raw_fd() == w.fd && l.shut_down())
+                });
+            if still {
+                self.feed(
+                    &w.site,
+                    Input::ListenerShut {
+                        generation: w.generation,
+                        listener: w.listener,
+                    },
+                );
+            }
+        }
+    }
+
     /// Gives site `name`'s machine `input` and carries out what it says, in the order it
     /// says it. A result the machine waits for (a spawn's pid, listeners bound, the
     /// steering flipped, a probe accepted) is fed back at once, and the actions it brings
@@ -633,13 +705,36 @@ impl Agent {
                 let (uid, gid) = (site.config().uid, site.config().gid);
                 let share_all = site.config().exclusive_deploys();
                 let serving = site.machine.serving();
+                // Listeners shut down left their group and its steering: bound anew, they
+                // get steering of their own.
+                let shut: Vec<usize> = site.io.gens.get(&serving).map_or(Vec::new(), |g| {
+                    (0..g.listeners.len())
+                        .filter(|i| g.listeners[*i].shut_down())
+                        .collect()
+                });
+                let support = &self.steering_support;
                 let result = generations::bind_beside(&site.io, serving, uid, gid, share_all).map(
                     |listeners| {
+                        for i in shut {
+                            if let (Some(Some(_)), Some(fresh)) =
+                                (site.io.steering.get(i), listeners.get(i))
+                            {
+                                let again = generations::attach_steering(
+                                    support,
+                                    name,
+                                    std::slice::from_ref(fresh),
+                                );
+                                site.io.steering[i] = again.into_iter().next().flatten();
+                            }
+                        }
                         site.io
                             .gens
                             .insert(generation, generations::new_generation(listeners));
                     },
                 );
+                if result.is_ok() {
+                    self.watch_listeners(name, Some(generation));
+                }
                 Some(Input::ListenersBound { generation, result })
             }
             Action::Steer(generation) => {
@@ -777,6 +872,7 @@ impl Agent {
     /// copies) close and its cgroup is removed.
     fn retire_generation(&mut self, name: &SiteName, g: GenId) {
         self.detach_zygotes(name, Some(g));
+        self.forget_listeners(name, Some(g));
         let Some(site) = self.sites.get_mut(name) else {
             return;
         };
@@ -796,6 +892,7 @@ impl Agent {
     /// told.
     fn drop_site(&mut self, name: &SiteName) {
         self.detach_zygotes(name, None);
+        self.forget_listeners(name, None);
         self.drop_output(name);
         let Some(site) = self.sites.remove(name) else {
             return;

@@ -448,7 +448,9 @@ pub fn children(pid: i64) -> Vec<i64> {
 }
 
 /// The event loop a process really runs, from its fds: an io_uring instance
-/// (`anon_inode:[io_uring]`) or an epoll one (`anon_inode:[eventpoll]`), never both.
+/// (`anon_inode:[io_uring]`) or an epoll one (`anon_inode:[eventpoll]`), never both. The
+/// agent has one more epoll set with either (its listeners watched for a shutdown:
+/// `src/event/shut_watch.rs`): one eventpoll beside io_uring, or two without it.
 pub fn reactor_in_use(pid: i64) -> &'static str {
     let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fds")
@@ -457,10 +459,13 @@ pub fn reactor_in_use(pid: i64) -> &'static str {
         .map(|l| l.display().to_string())
         .collect();
     let uring = links.iter().any(|l| l == "anon_inode:[io_uring]");
-    let epoll = links.iter().any(|l| l == "anon_inode:[eventpoll]");
-    match (uring, epoll) {
-        (true, false) => "io_uring",
-        (false, true) => "epoll",
+    let epolls = links
+        .iter()
+        .filter(|l| *l == "anon_inode:[eventpoll]")
+        .count();
+    match (uring, epolls) {
+        (true, 1) => "io_uring",
+        (false, 2) => "epoll",
         _ => panic!("no single event loop among the fds of {pid}: {links:?}"),
     }
 }

@@ -107,6 +107,10 @@ pub struct GenRecord {
     pub release: Option<PathBuf>,
     /// Its workers with a process.
     pub workers: Vec<WorkerState>,
+    /// Deployed because a listener of the generation before was shut down
+    /// (`Generation::replaces_shut`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replaces_shut: bool,
 }
 
 /// A worker in the record.
@@ -168,6 +172,7 @@ impl SiteMachine {
                     id: g.id.0,
                     release: g.release.clone(),
                     workers,
+                    replaces_shut: g.replaces_shut,
                 })
             })
             .collect();
@@ -280,6 +285,7 @@ impl SiteMachine {
             now,
         );
         k.slots = core;
+        k.replaces_shut = kept_record.is_some_and(|g| g.replaces_shut);
         carried.push((k.id, actions));
         let adopted = u32::try_from(k.slots.slots.len()).unwrap_or(u32::MAX);
         gens.insert(k.id, k);

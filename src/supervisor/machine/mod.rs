@@ -50,7 +50,7 @@ pub use self::adopt::{GenRecord, MachineRecord, WorkerState};
 pub use self::deploy::{DeployEnd, DeployState, WARMUP_INTERVAL, WarmupReport};
 pub use self::health::{HealthAnswer, HealthResult};
 pub use self::outcome::{
-    CancelReason, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, Steering,
+    CancelReason, Done, Event, Failure, Outcome, ProbeAnswer, RollbackReason, ShutAnswer, Steering,
 };
 pub use self::zygote::{ZygotePhase, ZygoteState};
 use super::capacity::{self, Capacity};
@@ -124,6 +124,15 @@ pub struct Generation {
     pub unhealthy: Option<Slot>,
     /// Its zygote (`mode = "zygote"` only), which its workers are forked from.
     pub zygote: Option<ZygoteState>,
+    /// Deployed because the serving generation's listener was shut down
+    /// (`SiteMachine::listener_shut`): a shutdown of its own is not answered with another
+    /// deploy.
+    pub replaces_shut: bool,
+    /// The first of its listeners found shut down, if one was: once it serves with no
+    /// deploy under way and is not stopped, its release is deployed again (once).
+    pub shut: Option<String>,
+    /// That deploy was asked for (started, or refused).
+    pub repaired: bool,
 }
 
 impl Generation {
@@ -140,6 +149,9 @@ impl Generation {
             last_probe: None,
             unhealthy: None,
             zygote,
+            replaces_shut: false,
+            shut: None,
+            repaired: false,
         }
     }
 
@@ -297,6 +309,14 @@ pub enum Input {
     /// Roll back the deploy under way, steer back to a draining generation, or deploy the
     /// previous release.
     Rollback(ClientId),
+    /// A listener of a generation no longer accepts connections: a process holding it
+    /// shut it down (`shutdown(2)` closes a socket for every process that holds it).
+    ListenerShut {
+        /// The generation.
+        generation: GenId,
+        /// Which listener, as the log names it (`http (tcp 127.0.0.1:8000)`).
+        listener: String,
+    },
     /// A reload changed the site's configuration (its listeners were rebound already).
     Reconfigure(Box<SiteConfig>),
     /// The site was removed from the configuration: stop it and forget it.
@@ -772,6 +792,10 @@ impl SiteMachine {
                 self.canary_steered(generation, result, now, &mut out)
             }
             Input::Rollback(client) => self.request_rollback(client, obs, now, &mut out),
+            Input::ListenerShut {
+                generation,
+                listener,
+            } => self.listener_shut(generation, listener, obs, now, &mut out),
             Input::Reconfigure(config) => self.reconfigure(*config, obs, now, &mut out),
             Input::Remove => {
                 self.removing = true;
@@ -805,6 +829,9 @@ impl SiteMachine {
             // It may have stopped a generation with no process left: gone at once.
             self.retire_gone(out);
         }
+        // A deploy that ended (a queued one started first) with a generation whose
+        // listener was shut down serving; or the site started again with one.
+        self.repair_shut(obs, now, out);
         self.start_zygotes(now, out);
         self.health_arm(now);
         self.arm_load(now);

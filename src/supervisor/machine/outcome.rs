@@ -22,9 +22,44 @@ pub enum Steering {
     Alone,
 }
 
+/// What the site machine does about a listener shut down ([`Event::ListenerShut`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ShutAnswer {
+    /// The serving generation's: its release is deployed again as this generation, with
+    /// new listeners.
+    Redeploy(GenId),
+    /// The serving generation's, which was itself deployed to replace a generation whose
+    /// listener was shut down: not deployed again (the release shuts its listeners down).
+    Again,
+    /// The serving generation's, while a deploy to this generation is under way: that
+    /// deploy replaces it (if it ends without, the release is deployed again then).
+    DeployUnderWay(GenId),
+    /// The serving generation's, while the deploy that made it serve is under way (its
+    /// old generation drains): its release is deployed again once that deploy is over.
+    AfterDeploy,
+    /// The serving generation's, while the site stops or is stopped: its release is
+    /// deployed again when it starts.
+    Stopped,
+    /// The serving generation's, and its release could not be deployed again.
+    NotRedeployed(Failure),
+    /// The generation does not serve (a deploy's new generation, or one that drains): if
+    /// it comes to serve, its release is deployed again then.
+    NotServing,
+}
+
 /// Something that happened to a site.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A listener of a generation no longer accepts connections: a process holding it
+    /// shut it down.
+    ListenerShut {
+        /// The generation.
+        generation: GenId,
+        /// The listener, as the log names it.
+        listener: String,
+        /// What is done about it.
+        answer: ShutAnswer,
+    },
     /// A worker slot of a generation (or the generation as a whole: all stopped, settled,
     /// restart done).
     Worker {

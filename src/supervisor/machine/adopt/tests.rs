@@ -29,6 +29,7 @@ fn generation(id: u32, workers: Vec<WorkerState>) -> GenRecord {
         id,
         release: None,
         workers,
+        replaces_shut: false,
     }
 }
 

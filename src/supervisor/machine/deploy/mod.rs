@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     Action, CancelReason, Done, Event, Failure, Generation, Observe, Outcome, RollbackReason,
-    SiteMachine, Steering,
+    ShutAnswer, SiteMachine, Steering,
 };
 use crate::supervisor::deploy::{
     Exclusive, Failure as PlanFailure, GenView, Share, Stage, Step, View, decide,
@@ -240,24 +240,8 @@ impl SiteMachine {
             client,
             outcome: Outcome::Failed(failure),
         };
-        if canary.is_some() {
-            if let Err(why) = obs.probe_alone() {
-                return out.push(refuse(Failure::CanaryNeedsSteering(why)));
-            }
-        }
-        if !self.config.warmup.is_empty() {
-            if let Err(why) = obs.probe_alone() {
-                return out.push(refuse(Failure::WarmupNeedsSteering(why)));
-            }
-        }
-        // Stop-then-start deploys probe the only generation there is: no steering needed.
-        if self.config.ready.check.probes() && !self.config.exclusive_deploys() {
-            if let Err(why) = obs.probe_alone() {
-                return out.push(refuse(Failure::ProbeNeedsSteering {
-                    check: self.config.ready.check,
-                    why,
-                }));
-            }
+        if let Some(failure) = self.deploy_refusal(canary, obs) {
+            return out.push(refuse(failure));
         }
         // A site being stopped is refused too: its new generation would start workers the
         // stop does not reach, and serve once it flipped.
@@ -286,6 +270,33 @@ impl SiteMachine {
             });
         }
         self.start_deploy(Some(client), release, canary, rollback, obs, now, out);
+    }
+
+    /// Why a deploy (with a `canary` share, if one) cannot be run here, if it cannot: a
+    /// canary, a warm-up, and a `tcp` or `http` ready check beside the serving generation
+    /// need connections steered to the new generation alone.
+    fn deploy_refusal(&self, canary: Option<Share>, obs: &dyn Observe) -> Option<Failure> {
+        let alone = || obs.probe_alone().err();
+        if canary.is_some() {
+            if let Some(why) = alone() {
+                return Some(Failure::CanaryNeedsSteering(why));
+            }
+        }
+        if !self.config.warmup.is_empty() {
+            if let Some(why) = alone() {
+                return Some(Failure::WarmupNeedsSteering(why));
+            }
+        }
+        // Stop-then-start deploys probe the only generation there is: no steering needed.
+        if self.config.ready.check.probes() && !self.config.exclusive_deploys() {
+            if let Some(why) = alone() {
+                return Some(Failure::ProbeNeedsSteering {
+                    check: self.config.ready.check,
+                    why,
+                });
+            }
+        }
+        None
     }
 
     /// `rollback`: undo the deploy under way, steer back to a draining generation, or
@@ -339,8 +350,102 @@ impl SiteMachine {
         }
     }
 
+    /// A listener of generation `g` no longer accepts connections (a worker shut it down,
+    /// which closes the socket for every process holding it: restarts keep it). The
+    /// generation is marked; the serving one's release is deployed again, as a new
+    /// generation with new listeners ([`SiteMachine::repair_shut`]), now or once it serves
+    /// with no deploy under way and is not stopped, unless it was itself deployed for that
+    /// (the release shuts its listeners down: an operator's deploy of a fixed one is
+    /// needed). Said in every case.
+    pub(super) fn listener_shut(
+        &mut self,
+        g: GenId,
+        listener: String,
+        obs: &dyn Observe,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let serving = self.serving;
+        let deploy_to = self.deploy.as_ref().map(|d| d.to);
+        let Some(generation) = self.gens.get_mut(&g) else {
+            return;
+        };
+        generation.shut.get_or_insert_with(|| listener.clone());
+        let stopping =
+            self.removing || matches!(generation.slots.run, RunState::Stopped | RunState::Stopping);
+        let answer = if g != serving || generation.leaving {
+            ShutAnswer::NotServing
+        } else if generation.replaces_shut {
+            generation.repaired = true;
+            ShutAnswer::Again
+        } else if let Some(to) = deploy_to {
+            if to == g {
+                ShutAnswer::AfterDeploy
+            } else {
+                ShutAnswer::DeployUnderWay(to)
+            }
+        } else if stopping {
+            ShutAnswer::Stopped
+        } else {
+            // At once: said before the deploy's own steps.
+            return self.repair_shut(obs, now, out);
+        };
+        out.push(Action::Log(Event::ListenerShut {
+            generation: g,
+            listener,
+            answer,
+        }));
+    }
+
+    /// The serving generation's listener was shut down, no deploy is under way, the site
+    /// runs, and its release was not deployed again for it yet: it is (a deploy with no
+    /// client, refused where an operator's would be), and said.
+    pub(super) fn repair_shut(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
+        let g = self.serving;
+        let Some(generation) = self.gens.get(&g) else {
+            return;
+        };
+        let stopping =
+            self.removing || matches!(generation.slots.run, RunState::Stopped | RunState::Stopping);
+        let Some(listener) = generation.shut.clone() else {
+            return;
+        };
+        if self.deploy.is_some() || stopping || generation.repaired || generation.replaces_shut {
+            return;
+        }
+        let release = generation.release.clone();
+        if let Some(g) = self.gens.get_mut(&g) {
+            g.repaired = true;
+        }
+        let refused = self.deploy_refusal(None, obs);
+        let answer = match refused
+            .or_else(|| self.start_deploy(None, release, None, false, obs, now, out))
+        {
+            Some(failure) => ShutAnswer::NotRedeployed(failure),
+            None => {
+                let to = self.last_gen;
+                if let Some(new) = self.gens.get_mut(&to) {
+                    new.replaces_shut = true;
+                }
+                ShutAnswer::Redeploy(to)
+            }
+        };
+        // Before the deploy's own steps.
+        let event = Event::ListenerShut {
+            generation: g,
+            listener,
+            answer,
+        };
+        let at = out
+            .iter()
+            .position(|a| matches!(a, Action::BindListeners(_)))
+            .unwrap_or(out.len());
+        out.insert(at, Action::Log(event));
+    }
+
     /// Starts a deploy: resolves the release, then has the new generation's listeners
-    /// bound ([`Action::BindListeners`]); [`SiteMachine::listeners_bound`] goes on.
+    /// bound ([`Action::BindListeners`]); [`SiteMachine::listeners_bound`] goes on. Returns
+    /// why it could not start, if it could not (its client was told).
     #[allow(clippy::too_many_arguments)]
     fn start_deploy(
         &mut self,
@@ -351,7 +456,7 @@ impl SiteMachine {
         obs: &dyn Observe,
         now: Instant,
         out: &mut Vec<Action>,
-    ) {
+    ) -> Option<Failure> {
         let clients: Vec<ClientId> = client.into_iter().collect();
         let fail = |this: &mut SiteMachine, failure: Failure, out: &mut Vec<Action>| {
             for c in &clients {
@@ -361,6 +466,7 @@ impl SiteMachine {
                 });
             }
             this.next_queued(obs, now, out);
+            Some(failure)
         };
         let resolved = match obs.resolve_release(&self.config, release.as_deref()) {
             Ok(r) => r,
@@ -413,6 +519,7 @@ impl SiteMachine {
             exclusive_failure: None,
         });
         out.push(Action::BindListeners(to));
+        None
     }
 
     /// The new generation's listeners are bound (it starts), or could not be (the deploy
@@ -455,6 +562,15 @@ impl SiteMachine {
                 let d = self.deploy.take().expect("checked above");
                 self.gens.remove(&g);
                 self.last_gen = d.from.max(GenId(g.0 - 1));
+                // A deploy for a listener shut down has no client to tell.
+                let shut = self.gens.get(&d.from).and_then(|x| x.shut.clone());
+                if let Some(listener) = shut.filter(|_| d.clients.is_empty()) {
+                    out.push(Action::Log(Event::ListenerShut {
+                        generation: d.from,
+                        listener,
+                        answer: ShutAnswer::NotRedeployed(Failure::CannotDeploy(e.clone())),
+                    }));
+                }
                 for c in d.clients {
                     out.push(Action::Reply {
                         client: c,
@@ -796,7 +912,13 @@ impl SiteMachine {
                 old.leaving = true;
             }
         }
-        if let Some(prev) = self.gens.get(&from).and_then(|x| x.release.clone()) {
+        // Not the release deployed again (a listener shut down): a rollback goes further.
+        if let Some(prev) = self
+            .gens
+            .get(&from)
+            .and_then(|x| x.release.clone())
+            .filter(|prev| d.release.as_ref() != Some(prev))
+        {
             self.previous_release = Some(prev.clone());
             out.push(Action::RecordPreviousRelease(prev));
         }

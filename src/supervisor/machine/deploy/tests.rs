@@ -1008,3 +1008,105 @@ fn a_canary_worker_that_fails_its_health_checks_rolls_the_canary_back() {
         })
     );
 }
+
+#[test]
+fn a_listener_shut_down_in_the_serving_generation_is_replaced_by_a_deploy_of_its_release_once() {
+    let t = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("r1")).expect("r1");
+    std::os::unix::fs::symlink("r1", dir.path().join("current")).expect("current");
+    let text = format!(
+        "workers = 1\nrelease = \"{}\"\n",
+        dir.path().join("current").display()
+    );
+    let (mut m, _) = SiteMachine::new(site(&text), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    // gen-2 runs a release an operator named, not the one `current` points to.
+    let r2 = PathBuf::from("/srv/web/releases/r2");
+    let deploy = Input::Deploy {
+        client: ClientId(2),
+        release: Some(r2.clone()),
+        canary: None,
+    };
+    send(&mut m, deploy, &Quiet, t);
+    let t = t + Duration::from_secs(1);
+    send(&mut m, Input::Tick, &Quiet, t);
+    send(&mut m, exited(1, 0), &Quiet, t);
+    assert_eq!((m.serving(), m.deploy().is_none()), (GenId(2), true));
+    // Said, then its release deployed again as gen-3, with listeners of its own.
+    let a = send(&mut m, shut(2), &Quiet, t);
+    let log = a
+        .iter()
+        .position(|x| *x == said(2, ShutAnswer::Redeploy(GenId(3))));
+    let bind = a.iter().position(|x| *x == Action::BindListeners(GenId(3)));
+    assert!(log.is_some() && log < bind, "{a:?}");
+    let d = m.deploy().expect("a deploy");
+    assert_eq!((d.to, d.release.as_ref()), (GenId(3), Some(&r2)), "{a:?}");
+    assert!(m.generation(GenId(3)).expect("gen-3").replaces_shut);
+    // While it is under way, another shutdown of gen-2's is left to it, and one of gen-3's
+    // fails its flip as any new generation's would.
+    let a = send(&mut m, shut(2), &Quiet, t);
+    assert_eq!(a, vec![said(2, ShutAnswer::DeployUnderWay(GenId(3)))]);
+    let a = send(&mut m, shut(3), &Quiet, t);
+    assert_eq!(a, vec![said(3, ShutAnswer::NotServing)]);
+    let t = t + Duration::from_secs(1);
+    send(&mut m, Input::Tick, &Quiet, t);
+    send(&mut m, exited(2, 0), &Quiet, t);
+    assert_eq!((m.serving(), m.deploy().is_none()), (GenId(3), true));
+    // gen-3's own shut down: the release shuts its listeners down, no deploy again.
+    let a = send(&mut m, shut(3), &Quiet, t);
+    assert_eq!(a, vec![said(3, ShutAnswer::Again)]);
+    assert!(m.deploy().is_none());
+    // The release deployed again is not the one before it for a `rollback`.
+    assert_ne!(m.previous_release(), Some(r2.as_path()));
+}
+
+fn shut(g: u32) -> Input {
+    Input::ListenerShut {
+        generation: GenId(g),
+        listener: "http (tcp 127.0.0.1:8000)".into(),
+    }
+}
+
+/// What the machine logs of a listener shut down.
+fn said(g: u32, answer: ShutAnswer) -> Action {
+    Action::Log(Event::ListenerShut {
+        generation: GenId(g),
+        listener: "http (tcp 127.0.0.1:8000)".into(),
+        answer,
+    })
+}
+
+#[test]
+fn a_listener_shut_down_while_its_generation_cannot_be_replaced_is_replaced_once_it_can() {
+    let t = Instant::now();
+    // Shut down while the deploy that made its generation serve drains the old one: the
+    // release is deployed again once that deploy is over.
+    let mut m = deploying("workers = 1\n", &Queued, t);
+    let t = t + Duration::from_secs(1);
+    send(&mut m, Input::Tick, &Queued, t);
+    assert_eq!(m.serving(), GenId(2), "flipped; the old one drains");
+    let a = send(&mut m, shut(2), &Queued, t);
+    assert_eq!(a, vec![said(2, ShutAnswer::AfterDeploy)]);
+    let stop = Input::Stop {
+        client: Some(ClientId(3)),
+        why: CancelReason::SiteStopped,
+    };
+    // The deploy ends (the old generation gone) as a stop comes: not deployed while the
+    // site stops.
+    send(&mut m, stop, &Queued, t);
+    let a = send(&mut m, exited(1, 0), &Queued, t);
+    assert!(m.deploy().is_none(), "{a:?}");
+    assert!(!a.contains(&Action::BindListeners(GenId(3))), "{a:?}");
+    send(&mut m, exited(2, 0), &Queued, t);
+    let a = send(&mut m, shut(2), &Queued, t);
+    assert_eq!(a, vec![said(2, ShutAnswer::Stopped)]);
+    // Started again: deployed again at once, said first.
+    let a = send(&mut m, Input::Start(Some(ClientId(4))), &Queued, t);
+    let log = a
+        .iter()
+        .position(|x| *x == said(2, ShutAnswer::Redeploy(GenId(3))));
+    let bind = a.iter().position(|x| *x == Action::BindListeners(GenId(3)));
+    assert!(log.is_some() && log < bind, "{a:?}");
+    assert!(m.generation(GenId(3)).expect("gen-3").replaces_shut);
+}

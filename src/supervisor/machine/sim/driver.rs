@@ -8,8 +8,8 @@ use std::time::Duration;
 use crate::config::ReadyCheck;
 use crate::supervisor::ids::{GenId, Slot};
 use crate::supervisor::machine::{
-    Action, Done, Failure, HealthAnswer, HealthResult, Input, Outcome, RollbackReason, Steering,
-    WarmupReport, ZygotePhase,
+    Action, Done, Event, Failure, HealthAnswer, HealthResult, Input, Outcome, RollbackReason,
+    ShutAnswer, Steering, WarmupReport, ZygotePhase,
 };
 use crate::supervisor::slots::{self, ExitReason, Phase};
 
@@ -308,6 +308,52 @@ impl Sim {
                 z.asked = true;
                 if z.exit_at.as_ref().is_none_or(|(t, _)| *t > at) {
                     z.exit_at = Some((at, "exited with status 0".into()));
+                }
+                Ok(Vec::new())
+            }
+            Action::Log(Event::ListenerShut {
+                generation, answer, ..
+            }) => {
+                // Only the serving generation's is replaced, by a deploy that starts now.
+                let serving = generation == self.m.serving();
+                match answer {
+                    ShutAnswer::Redeploy(to) => {
+                        if !serving || self.m.deploy().is_none_or(|d| d.to != to) {
+                            return Err(format!(
+                                "a listener of {generation} shut: redeployed as {to}, but the deploy is {:?} (serving {})",
+                                self.m.deploy().map(|d| d.to),
+                                self.m.serving()
+                            ));
+                        }
+                        REACHED
+                            .redeploys
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        // A deploy as an operator's (once for a listener): a stop-then-start
+                        // one's rollback starts the old generation again at once.
+                        self.epoch += 1;
+                    }
+                    ShutAnswer::NotServing if serving => {
+                        return Err(format!(
+                            "a listener of serving {generation} said not serving"
+                        ));
+                    }
+                    ShutAnswer::DeployUnderWay(to)
+                        if to == generation || self.m.deploy().is_none_or(|d| d.to != to) =>
+                    {
+                        return Err(format!(
+                            "a listener of {generation} shut: said replaced by the deploy to {to}, which is {:?}",
+                            self.m.deploy().map(|d| d.to)
+                        ));
+                    }
+                    ShutAnswer::AfterDeploy
+                        if !serving || self.m.deploy().is_none_or(|d| d.to != generation) =>
+                    {
+                        return Err(format!(
+                            "a listener of {generation} shut: said deployed again after the deploy to it, which is {:?}",
+                            self.m.deploy().map(|d| d.to)
+                        ));
+                    }
+                    _ => {}
                 }
                 Ok(Vec::new())
             }

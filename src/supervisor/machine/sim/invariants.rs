@@ -21,6 +21,24 @@ impl Sim {
         let Some(cur) = self.m.generation(serving) else {
             return Err(format!("the serving generation {serving} does not exist"));
         };
+        // A serving generation with a listener shut down is deployed again (or was, or was
+        // refused) once no deploy is under way, unless the site stops or it replaced one.
+        let runs = !self.removed
+            && matches!(
+                cur.slots.run,
+                crate::supervisor::slots::RunState::Running
+                    | crate::supervisor::slots::RunState::Failed
+            );
+        if cur.shut.is_some()
+            && runs
+            && self.m.deploy().is_none()
+            && !cur.repaired
+            && !cur.replaces_shut
+        {
+            return Err(format!(
+                "serving {serving} has a listener shut down and was not deployed again"
+            ));
+        }
         // A deploy waits in the queue only behind one under way.
         if self.m.queued_deploys() > 0 && self.m.deploy().is_none() {
             return Err(format!(

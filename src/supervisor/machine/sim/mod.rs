@@ -527,6 +527,8 @@ pub(super) struct Reached {
     pub(super) not_steered: AtomicUsize,
     /// Stop-then-start deploys whose flip failed, the old generation started again.
     pub(super) not_steered_restarted: AtomicUsize,
+    /// Deploys of the serving release because a listener of it was shut down.
+    pub(super) redeploys: AtomicUsize,
 }
 
 pub(super) static REACHED: Reached = Reached {
@@ -538,6 +540,7 @@ pub(super) static REACHED: Reached = Reached {
     adopted_mid_deploy: AtomicUsize::new(0),
     not_steered: AtomicUsize::new(0),
     not_steered_restarted: AtomicUsize::new(0),
+    redeploys: AtomicUsize::new(0),
     zygotes_ready: AtomicUsize::new(0),
     zygotes_lost: AtomicUsize::new(0),
     zygotes_not_ready: AtomicUsize::new(0),
@@ -612,7 +615,13 @@ fn whole_site_invariants_hold_under_random_sequences() {
     eprintln!(
         "deploys rolled back at a failed flip {not_steered}, of stop-then-start ones {not_steered_restarted}"
     );
+    let redeploys = reached(&REACHED.redeploys);
+    eprintln!("redeploys for a listener shut down {redeploys}");
     if runs >= RUNS {
+        assert!(
+            redeploys > 0,
+            "the sequences never redeployed for a listener shut down"
+        );
         assert!(
             not_steered > 0 && not_steered_restarted > 0,
             "the sequences never had a flip fail ({not_steered}), or never one of a stop-then-start deploy ({not_steered_restarted})"

@@ -178,6 +178,18 @@ impl Sim {
                 self.feed(Input::Rollback(c))
             }
             95 => self.agent_crashes(),
+            96 => {
+                // A worker shuts a listener down: mostly the serving generation's.
+                let generation = match self.m.deploy() {
+                    Some(d) if self.rng.chance(50) => d.to,
+                    _ => self.m.serving(),
+                };
+                self.epoch += 1;
+                self.feed(Input::ListenerShut {
+                    generation,
+                    listener: "http (tcp 127.0.0.1:8000)".into(),
+                })
+            }
             94 if self.rng.chance(30) => {
                 self.epoch += 1;
                 self.up = false;
