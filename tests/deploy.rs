@@ -2433,6 +2433,9 @@ fn answer(target: &Target) -> Result<String, String> {
 
 #[test]
 fn a_listener_a_serving_worker_shuts_down_is_replaced_by_a_deploy_of_the_same_release() {
+    if !is_root() && skip("eBPF steering needs root") {
+        return;
+    }
     // A TCP address, steered (each generation has a socket of its own) where the host
     // steers, and a unix one, whose socket generations share.
     let sock = tempfile::tempdir().expect("tempdir");
@@ -2467,7 +2470,7 @@ probation = "300ms"
 "#,
             link.display()
         );
-        let (agent, _) = start_web(&text, 2, "io_uring", true);
+        let (mut agent, _) = start_web(&text, 2, "io_uring", true);
         let body = answer(&target).expect("gen-1 answers");
         assert!(body.contains("generation 1, release r1"), "[{kind}] {body}");
         // The next release is already in place: only the one that runs is deployed again.
@@ -2527,6 +2530,7 @@ probation = "300ms"
             assert!(failed(&samples).is_empty(), "{:?}", failed(&samples));
         }
         let said = listener_shut_events(&agent);
+        assert_eq!(agent.stop(), Some(0), "[{kind}]");
         assert_eq!(said.len(), 1, "[{kind}] {said:#?}");
         assert_eq!(said[0]["gen"], 1, "[{kind}] {said:#?}");
         assert_eq!(said[0]["reason"], "redeploy", "[{kind}] {said:#?}");

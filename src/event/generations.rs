@@ -133,23 +133,26 @@ pub(super) fn probe_alone(
 /// new one. A socket shut down (by a worker: it accepts nothing more) is never shared: a
 /// new one is bound for its address, as for a new site (refused if another process
 /// listens there now); it is in no `SO_REUSEPORT` group with the old one, which left its
-/// group when shut down, so its steering is attached anew (`Agent::carry_out`).
+/// group when shut down, so its steering is to be attached anew: their indexes are
+/// returned too.
 pub(super) fn bind_beside(
     io: &SiteIo,
     serving: GenId,
     uid: u32,
     gid: u32,
     share_all: bool,
-) -> Result<Vec<Listener>, String> {
+) -> Result<(Vec<Listener>, Vec<usize>), String> {
     let Some(cur) = io.gens.get(&serving) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     let mut out = Vec::new();
+    let mut anew = Vec::new();
     for (i, l) in cur.listeners.iter().enumerate() {
         let steered = !share_all
             && matches!(l.spec.addr, ListenAddr::Tcp(_))
             && io.steering.get(i).is_some_and(Option::is_some);
         let fresh = if l.shut_down() {
+            anew.push(i);
             Listener::bind(&l.spec, uid, gid)
                 .map_err(|e| format!("{e}: {}", super::error_chain(&e)))?
         } else if steered {
@@ -166,7 +169,7 @@ pub(super) fn bind_beside(
         };
         out.push(fresh);
     }
-    Ok(out)
+    Ok((out, anew))
 }
 
 /// Whether two listeners are one socket (shared between generations).

@@ -183,11 +183,15 @@ impl Agent {
 }
 
 /// The listeners of a site whose `listen` changed: the new addresses bound, the unchanged
-/// ones shared with what runs (their fds duplicated).
+/// ones shared with what runs (their fds duplicated), unless shut down (bound anew).
 fn rebind(cur: &GenIo, sc: &SiteConfig) -> Result<Vec<Listener>, AgentError> {
     let mut full = Vec::new();
     for spec in sc.agent_listeners() {
-        match cur.listeners.iter().find(|l| l.spec == *spec) {
+        match cur
+            .listeners
+            .iter()
+            .find(|l| l.spec == *spec && !l.shut_down())
+        {
             Some(old) => {
                 let fd = old
                     .fd

@@ -48,7 +48,7 @@ pub fn event(site: &SiteName, e: &Event) -> String {
                     "not deployed again (gen-{generation} was deployed to replace a generation whose listener was shut down): `hatchery deploy {site}` a release that does not shut it"
                 ),
                 ShutAnswer::DeployUnderWay(to) => format!(
-                    "the deploy under way replaces it with gen-{to} (rolled back, its release is deployed again then)"
+                    "the deploy under way to gen-{to} goes on (its new listeners replace it; where gen-{to} shares this one, or the deploy is rolled back, the release then serving is deployed again after it)"
                 ),
                 ShutAnswer::AfterDeploy =>
                     "its release is deployed again once the deploy under way is over".to_string(),

@@ -4,12 +4,14 @@
 //! listeners are in an epoll set of their own that asks only for a hang-up (`EPOLLRDHUP`,
 //! `EPOLLHUP` and `EPOLLERR` come with it): a TCP listener shut down hangs up, a unix one
 //! says `EPOLLRDHUP`. Connections arriving wake nothing (not asked for), and the set holds
-//! no socket open (a closed one leaves it). The loop waits on the set's fd; what it finds
-//! is told to the site's machine (`Input::ListenerShut`).
+//! no socket open (an entry goes when its socket is closed by every holder, workers
+//! included: the agent forgets a generation's listeners before it closes its copies). The
+//! loop waits on the set's fd; what it finds is told to the site's machine
+//! (`Input::ListenerShut`).
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::event::epoll;
 
@@ -23,8 +25,8 @@ pub(super) struct Watched {
     pub generation: GenId,
     /// As the log names it (`http (tcp 127.0.0.1:8000)`).
     pub listener: String,
-    /// The agent's fd of it.
-    pub fd: RawFd,
+    /// Its socket's cookie (`SO_COOKIE`): the socket, whatever fd numbers it has.
+    pub cookie: u64,
 }
 
 /// The epoll set, and what each of its entries is.
@@ -73,11 +75,12 @@ impl ShutWatch {
     /// copies). One never watched, or already told, is left alone.
     pub(super) fn forget<'a>(&mut self, fds: impl IntoIterator<Item = BorrowedFd<'a>>) {
         for fd in fds {
-            let raw = fd.as_raw_fd();
             // A fired entry stays in the set, disabled, until deleted; `ENOENT` for one
             // never added.
             let _ = epoll::delete(&self.epoll, fd);
-            self.watched.retain(|_, w| w.fd != raw);
+            if let Ok(cookie) = rustix::net::sockopt::socket_cookie(fd) {
+                self.watched.retain(|_, w| w.cookie != cookie);
+            }
         }
     }
 
@@ -128,7 +131,7 @@ mod tests {
             site: SiteName::new("web").expect("name"),
             generation: GenId(g),
             listener: l.spec.addr.to_string(),
-            fd: l.fd.as_raw_fd(),
+            cookie: rustix::net::sockopt::socket_cookie(&l.fd).expect("cookie"),
         }
     }
 
@@ -156,9 +159,9 @@ mod tests {
             rustix::net::shutdown(&copy, rustix::net::Shutdown::Both).expect("shutdown");
         }
         let mut told = w.shut();
-        told.sort_by_key(|x| x.fd);
+        told.sort_by_key(|x| x.cookie);
         let mut expected = vec![watched(&tcp, 1), watched(&unix, 1)];
-        expected.sort_by_key(|x| x.fd);
+        expected.sort_by_key(|x| x.cookie);
         assert_eq!(told, expected, "each once; the forgotten one not");
         assert_eq!(w.shut(), vec![], "told once");
     }

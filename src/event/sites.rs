@@ -5,7 +5,7 @@
 //! flipped, a probe accepted) are fed back, in order, before anything else happens.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -450,13 +450,18 @@ impl Agent {
             .filter(|(id, _)| g.is_none_or(|g| g == **id))
         {
             for l in &io.listeners {
-                let what = super::shut_watch::Watched {
-                    site: name.clone(),
-                    generation: *id,
-                    listener: format!("{} ({})", l.spec.name, l.spec.addr),
-                    fd: l.fd.as_raw_fd(),
-                };
-                if let Err(e) = watch.watch(l.fd.as_fd(), what) {
+                let watched = rustix::net::sockopt::socket_cookie(&l.fd)
+                    .map_err(std::io::Error::from)
+                    .and_then(|cookie| {
+                        let what = super::shut_watch::Watched {
+                            site: name.clone(),
+                            generation: *id,
+                            listener: format!("{} ({})", l.spec.name, l.spec.addr),
+                            cookie,
+                        };
+                        watch.watch(l.fd.as_fd(), what)
+                    });
+                if let Err(e) = watched {
                     warn!(site = %name, gen = id.0, "failed to watch listener {} for a shutdown: {e}", l.spec.name);
                 }
             }
@@ -479,8 +484,7 @@ impl Agent {
     }
 
     /// Listeners were shut down (`shut_watch`): each is told to its site's machine, if it
-    /// is still one of the generation's and still shut down (not a socket bound since
-    /// under the same fd number).
+    /// is still one of the generation's.
     pub(super) fn on_listeners_shut(&mut self) {
         let shut = self
             .shut_watch
@@ -493,9 +497,10 @@ impl Agent {
                 .get(&w.site)
                 .and_then(|s| s.io.gens.get(&w.generation))
                 .is_some_and(|io| {
-                    io.listeners
-                        .iter()
-                        .any(|l| l.fd.as_raw_fd() == w.fd && l.shut_down())
+                    io.listeners.iter().any(|l| {
+                        rustix::net::sockopt::socket_cookie(&l.fd).is_ok_and(|c| c == w.cookie)
+                            && l.shut_down()
+                    })
                 });
             if still {
                 self.feed(
@@ -705,26 +710,23 @@ impl Agent {
                 let (uid, gid) = (site.config().uid, site.config().gid);
                 let share_all = site.config().exclusive_deploys();
                 let serving = site.machine.serving();
-                // Listeners shut down left their group and its steering: bound anew, they
-                // get steering of their own.
-                let shut: Vec<usize> = site.io.gens.get(&serving).map_or(Vec::new(), |g| {
-                    (0..g.listeners.len())
-                        .filter(|i| g.listeners[*i].shut_down())
-                        .collect()
-                });
                 let support = &self.steering_support;
                 let result = generations::bind_beside(&site.io, serving, uid, gid, share_all).map(
-                    |listeners| {
-                        for i in shut {
-                            if let (Some(Some(_)), Some(fresh)) =
-                                (site.io.steering.get(i), listeners.get(i))
+                    |(listeners, anew)| {
+                        // Those bound anew for listeners shut down left their group and its
+                        // steering: they get steering of their own (none for unix ones, or
+                        // where the kernel has none), which sends everything to them (no
+                        // other socket is in their group).
+                        for i in anew {
+                            if let (Some(slot), Some(fresh)) =
+                                (site.io.steering.get_mut(i), listeners.get(i))
                             {
                                 let again = generations::attach_steering(
                                     support,
                                     name,
                                     std::slice::from_ref(fresh),
                                 );
-                                site.io.steering[i] = again.into_iter().next().flatten();
+                                *slot = again.into_iter().next().flatten();
                             }
                         }
                         site.io

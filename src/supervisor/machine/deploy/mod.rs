@@ -373,11 +373,12 @@ impl SiteMachine {
         generation.shut.get_or_insert_with(|| listener.clone());
         let stopping =
             self.removing || matches!(generation.slots.run, RunState::Stopped | RunState::Stopping);
-        let answer = if g != serving || generation.leaving {
-            ShutAnswer::NotServing
-        } else if generation.replaces_shut {
+        let answer = if generation.replaces_shut {
+            // Serving, or about to.
             generation.repaired = true;
             ShutAnswer::Again
+        } else if g != serving || generation.leaving {
+            ShutAnswer::NotServing
         } else if let Some(to) = deploy_to {
             if to == g {
                 ShutAnswer::AfterDeploy
@@ -397,22 +398,25 @@ impl SiteMachine {
         }));
     }
 
-    /// The serving generation's listener was shut down, no deploy is under way, the site
-    /// runs, and its release was not deployed again for it yet: it is (a deploy with no
-    /// client, refused where an operator's would be), and said.
+    /// The serving generation's listener was shut down, no deploy is under way, no other
+    /// generation has a process left (one adopted from an earlier agent may still hold the
+    /// address), the site runs, and its release was not deployed again for it yet: it is
+    /// (a deploy with no client, refused where an operator's would be), and said.
     pub(super) fn repair_shut(&mut self, obs: &dyn Observe, now: Instant, out: &mut Vec<Action>) {
         let g = self.serving;
         let Some(generation) = self.gens.get(&g) else {
             return;
         };
-        let stopping =
-            self.removing || matches!(generation.slots.run, RunState::Stopped | RunState::Stopping);
-        let Some(listener) = generation.shut.clone() else {
-            return;
-        };
-        if self.deploy.is_some() || stopping || generation.repaired || generation.replaces_shut {
+        if generation.shut.is_none() || generation.repaired || generation.replaces_shut {
             return;
         }
+        let stopping =
+            self.removing || matches!(generation.slots.run, RunState::Stopped | RunState::Stopping);
+        let others = self.gens.values().any(|x| x.id != g && x.slots.live() > 0);
+        if self.deploy.is_some() || stopping || others {
+            return;
+        }
+        let listener = generation.shut.clone().unwrap_or_default();
         let release = generation.release.clone();
         if let Some(g) = self.gens.get_mut(&g) {
             g.repaired = true;
@@ -912,12 +916,14 @@ impl SiteMachine {
                 old.leaving = true;
             }
         }
-        // Not the release deployed again (a listener shut down): a rollback goes further.
+        // Not after the release is deployed again for a listener shut down: a rollback
+        // goes to the one before it.
+        let repair = self.gens.get(&g).is_some_and(|x| x.replaces_shut);
         if let Some(prev) = self
             .gens
             .get(&from)
             .and_then(|x| x.release.clone())
-            .filter(|prev| d.release.as_ref() != Some(prev))
+            .filter(|_| !repair)
         {
             self.previous_release = Some(prev.clone());
             out.push(Action::RecordPreviousRelease(prev));

@@ -29,8 +29,13 @@ impl Sim {
                 crate::supervisor::slots::RunState::Running
                     | crate::supervisor::slots::RunState::Failed
             );
+        let others = self
+            .m
+            .generations()
+            .any(|g| g.id != serving && g.slots.live() > 0);
         if cur.shut.is_some()
             && runs
+            && !others
             && self.m.deploy().is_none()
             && !cur.repaired
             && !cur.replaces_shut
