@@ -449,6 +449,7 @@ pub fn entry_of(
                     ShutAnswer::Again => "shut_again",
                     ShutAnswer::DeployUnderWay(_) => "deploy_under_way",
                     ShutAnswer::AfterDeploy => "after_deploy",
+                    ShutAnswer::AfterOlder => "after_older",
                     ShutAnswer::Stopped => "stopped",
                     ShutAnswer::NotRedeployed(_) => "not_redeployed",
                     ShutAnswer::NotServing => "not_serving",

@@ -52,6 +52,9 @@ pub fn event(site: &SiteName, e: &Event) -> String {
                 ),
                 ShutAnswer::AfterDeploy =>
                     "its release is deployed again once the deploy under way is over".to_string(),
+                ShutAnswer::AfterOlder =>
+                    "its release is deployed again once the processes of other generations are gone"
+                        .to_string(),
                 ShutAnswer::Stopped =>
                     "its release is deployed again, with new listeners, when the site starts"
                         .to_string(),

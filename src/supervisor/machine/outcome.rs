@@ -40,6 +40,10 @@ pub enum ShutAnswer {
     /// The serving generation's, while the site stops or is stopped: its release is
     /// deployed again when it starts.
     Stopped,
+    /// The serving generation's, while processes of another generation are left (adopted
+    /// from an earlier agent, or stopping: they may hold the address): its release is
+    /// deployed again once they are gone.
+    AfterOlder,
     /// The serving generation's, and its release could not be deployed again.
     NotRedeployed(Failure),
     /// The generation does not serve (a deploy's new generation, or one that drains): if

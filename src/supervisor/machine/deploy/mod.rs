@@ -367,6 +367,7 @@ impl SiteMachine {
     ) {
         let serving = self.serving;
         let deploy_to = self.deploy.as_ref().map(|d| d.to);
+        let older = self.gens.values().any(|x| x.id != g && x.slots.live() > 0);
         let Some(generation) = self.gens.get_mut(&g) else {
             return;
         };
@@ -387,6 +388,8 @@ impl SiteMachine {
             }
         } else if stopping {
             ShutAnswer::Stopped
+        } else if older {
+            ShutAnswer::AfterOlder
         } else {
             // At once: said before the deploy's own steps.
             return self.repair_shut(obs, now, out);

@@ -345,6 +345,18 @@ impl Sim {
                             self.m.deploy().map(|d| d.to)
                         ));
                     }
+                    ShutAnswer::AfterOlder
+                        if !serving
+                            || self.m.deploy().is_some()
+                            || !self
+                                .m
+                                .generations()
+                                .any(|g| g.id != generation && g.slots.live() > 0) =>
+                    {
+                        return Err(format!(
+                            "a listener of {generation} shut: said deployed again after the older processes, with none left or a deploy under way"
+                        ));
+                    }
                     ShutAnswer::AfterDeploy
                         if !serving || self.m.deploy().is_none_or(|d| d.to != generation) =>
                     {
