@@ -217,7 +217,22 @@ pub(super) fn steer(
     let mut flipped = Vec::new();
     let mut failed = Vec::new();
     if let Some(g) = io.gens.get(&to) {
+        // A listener already shut down is refused before any address flips: no window in
+        // which one flipped sends connections to a generation that is rolled back.
+        if all_or_nothing {
+            for (i, _) in io.steering.iter().enumerate().filter(|(_, s)| s.is_some()) {
+                if let Some(l) = g.listeners.get(i).filter(|l| l.shut_down()) {
+                    failed.push(format!(
+                        "{}: its listener was shut down (it accepts no connection)",
+                        l.spec.addr
+                    ));
+                }
+            }
+        }
         for (i, steering) in io.steering.iter_mut().enumerate() {
+            if !failed.is_empty() && all_or_nothing {
+                break;
+            }
             let (Some(st), Some(l)) = (steering.as_mut(), g.listeners.get(i)) else {
                 continue;
             };
