@@ -201,9 +201,10 @@ pub(super) fn queues_empty(io: &SiteIo, old: GenId, new: GenId) -> bool {
 /// (or why not), and `CLOCK_MONOTONIC` just before and after (a connection the kernel
 /// placed before the first went to the old generation, one placed after the second to the
 /// new one). A flip to a new generation (`all_or_nothing`) leaves no address half-flipped:
-/// where one cannot be steered (its new listener was shut down, by a worker of the new
-/// generation for one), those flipped already go back to the listeners they served, and the
-/// error says which address and why (the site machine rolls the deploy back and logs it).
+/// a new listener already shut down (by a worker of the new generation) is refused before
+/// any address flips; where one cannot be steered while flipping, those flipped already go
+/// back to the listeners they served. The error says which address and why (the site
+/// machine rolls the deploy back and logs it).
 /// A steer back to a generation that serves again moves every address it can, and logs
 /// those it cannot.
 pub(super) fn steer(
