@@ -4,7 +4,10 @@
 # One agent at a time (agents on one host share the cgroup base: a second agent kills what it
 # finds there). Each block runs each build in turn: its agent with the harness's site
 # (`bench/hatchery.sh config`, pbworker from ../shared/bench/setup.sh), REPS stop/start cycles
-# timed once all N run, then the agent stopped. Prints one line per stop: name, block.rep, µs.
+# timed once all N run, then the agent stopped. Prints one line per stop: name, block.rep, the
+# CLI's wall time in µs, and the CPU time of the agent's main thread (its loop) from just before
+# the stop to the CLI's return, in µs (`/proc/PID/schedstat`; the reaps after the reply may
+# begin before it is read).
 # Raise kernel.pid_max for N = 10,000.
 set -eu
 N=$1; BLOCKS=$2; REPS=$3; shift 3
@@ -31,10 +34,12 @@ for b in $(seq "$BLOCKS"); do
     for r in $(seq "$REPS"); do
       all_running "$a"
       sleep 1
+      read -r c0 _ < "/proc/$a/schedstat"
       s=$(date +%s%N)
       "$bin" --socket "$d/control.sock" stop bench > /dev/null 2>&1
       e=$(date +%s%N)
-      echo "$name $b.$r $(( (e - s) / 1000 ))"
+      read -r c1 _ < "/proc/$a/schedstat"
+      echo "$name $b.$r $(( (e - s) / 1000 )) $(( (c1 - c0) / 1000 ))"
       "$bin" --socket "$d/control.sock" start bench > /dev/null 2>&1
     done
     kill "$a"; wait "$a" || true

@@ -258,19 +258,25 @@ impl Entry {
     /// `gen-2 w-3[1234] `: the worker the entry is about, as the site's log and `events`
     /// say it (empty for an entry about a site or a generation: their words name it).
     pub fn who(&self) -> String {
+        let mut out = Vec::new();
+        self.write_who(&mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// [`Entry::who`], written at the end of `out`.
+    fn write_who(&self, out: &mut Vec<u8>) {
         // Its words name the worker, as they always have in the site's log.
-        if self.kind == Kind::Unhealthy {
-            return String::new();
+        let Some(w) = self.worker.filter(|_| self.kind != Kind::Unhealthy) else {
+            return;
+        };
+        // Writing into a `Vec` cannot fail.
+        if let Some(g) = self.generation {
+            let _ = write!(out, "gen-{g} ");
         }
-        let generation = self
-            .generation
-            .map(|g| format!("gen-{g} "))
-            .unwrap_or_default();
-        match (self.worker, self.pid) {
-            (Some(w), Some(p)) => format!("{generation}w-{w}[{p}] "),
-            (Some(w), None) => format!("{generation}w-{w} "),
-            _ => String::new(),
-        }
+        let _ = match self.pid {
+            Some(p) => write!(out, "w-{w}[{p}] "),
+            None => write!(out, "w-{w} "),
+        };
     }
 
     /// The entry as `hatchery events` prints it: time, site (`-` for the agent), who,
@@ -287,7 +293,13 @@ impl Entry {
 
     /// The entry as a marked agent line of its site's log.
     fn site_record(&self) -> Vec<u8> {
-        format!("{} hatchery: {}{}\n", self.time, self.who(), self.message).into_bytes()
+        let mut out = Vec::with_capacity(self.time.len() + self.message.len() + 48);
+        // Writing into a `Vec` cannot fail.
+        let _ = write!(out, "{} hatchery: ", self.time);
+        self.write_who(&mut out);
+        out.extend_from_slice(self.message.as_bytes());
+        out.push(b'\n');
+        out
     }
 }
 
@@ -810,12 +822,16 @@ impl Agent {
         if !said_elsewhere(entry.kind) {
             trace(&entry);
         }
-        let Ok(json) = serde_json::to_string(&entry) else {
+        // Written into the pending bytes at once: no text of its own unless someone follows.
+        let pending = &mut self.history.pending;
+        let start = pending.len();
+        if serde_json::to_writer(&mut *pending, &entry).is_err() {
+            pending.truncate(start);
             return;
-        };
-        self.history.pending.extend_from_slice(json.as_bytes());
-        self.history.pending.push(b'\n');
+        }
+        pending.push(b'\n');
         if !self.history.followers.is_empty() {
+            let json = String::from_utf8_lossy(&pending[start..pending.len() - 1]).into_owned();
             self.send_to_followers(&entry, &json);
         }
         let Some(site) = entry.site.as_deref().and_then(|s| SiteName::new(s).ok()) else {
