@@ -3,7 +3,9 @@
 the window from the first SIGTERM to the last worker's exit, each CPU's time in it by
 command (`swapper` is a CPU with nothing to run), and when a CPU idled: whether every
 worker signalled so far had exited, and where the supervisor (the sender of the first
-SIGTERM) was meanwhile (running, runnable behind another task, asleep)."""
+SIGTERM) was meanwhile (running, runnable behind another task, asleep); and how the signals
+went out: the gap between two signals the supervisor sent with no switch between them (the
+cost of one signal, its wake-up included), and how often it was switched out while sending."""
 import bisect
 import re
 import sys
@@ -67,6 +69,28 @@ def main(path):
     print(f"a CPU idle {1000 * total:.1f} ms in all; the supervisor meanwhile: " +
           ", ".join(f"{k} {1000 * v:.1f}" for k, v in where.most_common()) +
           f"; every signalled worker gone (2 at most left) for {1000 * dry:.1f} ms of it")
+
+    # The supervisor's signals and its switches out while it sent them, in order.
+    first, last = sent[0], sent[-1]
+    out = Counter()
+    gaps, prev = [], None
+    for t, _, pid, _, ev, rest in rows:
+        if "signal_generate" in ev and pid == sup and "sig=15 " in rest and "comm=pbworker " in rest:
+            if prev is not None:
+                gaps.append(1e6 * (t - prev))
+            prev = t
+        elif "sched_switch" in ev and first <= t <= last:
+            m = SWITCH.search(rest)
+            if m and int(m[2]) == sup:
+                out[("preempted by " if m[3].startswith("R") else "asleep, then ") +
+                    re.sub(r"[/:]\d.*", "", m[4])] += 1
+                prev = None
+    if gaps:
+        gaps.sort()
+        print(f"{len(gaps)} of {len(sent) - 1} pairs of signals sent back to back, a median "
+              f"{gaps[len(gaps) // 2]:.0f} µs apart; "
+              f"switched out {sum(out.values())} times while sending: " +
+              ", ".join(f"{k} {v}" for k, v in out.most_common(4)))
 
 
 if __name__ == "__main__":
