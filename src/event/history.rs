@@ -463,7 +463,9 @@ pub fn entry_of(
                     ShutAnswer::AfterDeploy => "after_deploy",
                     ShutAnswer::AfterOlder => "after_older",
                     ShutAnswer::Stopped => "stopped",
+                    ShutAnswer::Refused(_) => "refused",
                     ShutAnswer::NotRedeployed(_) => "not_redeployed",
+                    ShutAnswer::Tried => "tried",
                     ShutAnswer::NotServing => "not_serving",
                 }
                 .into(),

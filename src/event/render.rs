@@ -58,9 +58,16 @@ pub fn event(site: &SiteName, e: &Event) -> String {
                 ShutAnswer::Stopped =>
                     "its release is deployed again, with new listeners, when the site starts"
                         .to_string(),
+                ShutAnswer::Refused(f) => format!(
+                    "its release cannot be deployed again now ({}); it is once that passes, or `hatchery deploy {site}` binds a new one",
+                    failure(site, f).1
+                ),
                 ShutAnswer::NotRedeployed(f) => format!(
                     "its release could not be deployed again ({}): `hatchery deploy {site}` binds a new one",
                     failure(site, f).1
+                ),
+                ShutAnswer::Tried => format!(
+                    "not deployed again (its release was, for a listener shut down before, and did not come to serve): `hatchery deploy {site}` binds a new one"
                 ),
                 ShutAnswer::NotServing => format!(
                     "gen-{generation} does not serve (if it comes to, its release is deployed again then)"

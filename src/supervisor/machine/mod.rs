@@ -131,8 +131,12 @@ pub struct Generation {
     /// The first of its listeners found shut down, if one was: once it serves with no
     /// deploy under way and is not stopped, its release is deployed again (once).
     pub shut: Option<String>,
-    /// That deploy was asked for (started, or refused).
+    /// That deploy was started (or refused when its listeners could not be bound).
     pub repaired: bool,
+    /// Why that deploy was last refused before it started, if it was (no workers, no
+    /// room, a release that does not resolve, no steering): tried again at every step,
+    /// said again only when the reason changes.
+    pub repair_refused: Option<Failure>,
 }
 
 impl Generation {
@@ -152,6 +156,7 @@ impl Generation {
             replaces_shut: false,
             shut: None,
             repaired: false,
+            repair_refused: None,
         }
     }
 

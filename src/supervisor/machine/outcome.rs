@@ -44,8 +44,19 @@ pub enum ShutAnswer {
     /// from an earlier agent, or stopping: they may hold the address): its release is
     /// deployed again once they are gone.
     AfterOlder,
-    /// The serving generation's, and its release could not be deployed again.
+    /// The serving generation's, and its release cannot be deployed again now (no workers,
+    /// no room for two generations, a release that does not resolve, no steering): it is
+    /// tried again at every step and deployed once the reason passes; said again when the
+    /// reason changes.
+    Refused(Failure),
+    /// The serving generation's, and its release could not be deployed again (its new
+    /// listeners could not be bound), or was already (that deploy rolled back): left to an
+    /// operator's deploy.
     NotRedeployed(Failure),
+    /// The serving generation's, whose release was deployed again for a listener shut
+    /// down already and did not come to serve (rolled back, or its listeners not bound):
+    /// not deployed again (once in a row), left to an operator's deploy.
+    Tried,
     /// The generation does not serve (a deploy's new generation, or one that drains): if
     /// it comes to serve, its release is deployed again then.
     NotServing,

@@ -13,7 +13,7 @@
 //! directly (there is only one generation to reach), and a rollback waits until the new
 //! generation is gone before the old one starts again.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{
@@ -102,6 +102,20 @@ pub(super) struct Queued {
     release: Option<PathBuf>,
     canary: Option<Share>,
     rollback: bool,
+}
+
+/// What a deploy would start with ([`SiteMachine::deploy_plan`]).
+struct DeployPlan {
+    /// The release, resolved.
+    resolved: Option<PathBuf>,
+    /// The serving generation's workers.
+    full: u32,
+    /// The new generation's.
+    target: u32,
+    /// Most workers of both generations together.
+    cap: Option<u32>,
+    /// Stop-then-start.
+    exclusive: bool,
 }
 
 /// What a finished deploy did: the site's `last_deploy`, with the time it ended.
@@ -392,7 +406,17 @@ impl SiteMachine {
             ShutAnswer::AfterOlder
         } else {
             // At once: said before the deploy's own steps.
-            return self.repair_shut(obs, now, out);
+            let before = out.len();
+            self.repair_shut(obs, now, out);
+            if out.len() > before {
+                return;
+            }
+            // Nothing new said there: refused as before, or deployed again for a shutdown
+            // already.
+            match self.gens.get(&g).and_then(|x| x.repair_refused.clone()) {
+                Some(failure) => ShutAnswer::Refused(failure),
+                None => ShutAnswer::Tried,
+            }
         };
         out.push(Action::Log(Event::ListenerShut {
             generation: g,
@@ -421,21 +445,30 @@ impl SiteMachine {
         }
         let listener = generation.shut.clone().unwrap_or_default();
         let release = generation.release.clone();
-        if let Some(g) = self.gens.get_mut(&g) {
-            g.repaired = true;
+        // Refused for a reason that may pass (no workers, no room, a release that does not
+        // resolve): tried again at every step, said again only when the reason changes.
+        let refused = self
+            .deploy_refusal(None, obs)
+            .or_else(|| self.deploy_plan(release.as_deref(), None, obs).err());
+        if refused.is_some() && refused == generation.repair_refused {
+            return;
         }
-        let refused = self.deploy_refusal(None, obs);
-        let answer = match refused
-            .or_else(|| self.start_deploy(None, release, None, false, obs, now, out))
-        {
-            Some(failure) => ShutAnswer::NotRedeployed(failure),
-            None => {
-                let to = self.last_gen;
-                if let Some(new) = self.gens.get_mut(&to) {
-                    new.replaces_shut = true;
+        if let Some(g) = self.gens.get_mut(&g) {
+            g.repaired = refused.is_none();
+            g.repair_refused.clone_from(&refused);
+        }
+        let answer = match refused {
+            Some(failure) => ShutAnswer::Refused(failure),
+            None => match self.start_deploy(None, release, None, false, obs, now, out) {
+                Some(failure) => ShutAnswer::NotRedeployed(failure),
+                None => {
+                    let to = self.last_gen;
+                    if let Some(new) = self.gens.get_mut(&to) {
+                        new.replaces_shut = true;
+                    }
+                    ShutAnswer::Redeploy(to)
                 }
-                ShutAnswer::Redeploy(to)
-            }
+            },
         };
         // Before the deploy's own steps.
         let event = Event::ListenerShut {
@@ -448,6 +481,40 @@ impl SiteMachine {
             .position(|a| matches!(a, Action::BindListeners(_)))
             .unwrap_or(out.len());
         out.insert(at, Action::Log(event));
+    }
+
+    /// What a deploy of `release` (or of what the site's `release` names now) would start
+    /// with, or why it cannot start: the release does not resolve, the site has no workers
+    /// to deploy, or no room for two generations where it needs it.
+    fn deploy_plan(
+        &self,
+        release: Option<&Path>,
+        canary: Option<Share>,
+        obs: &dyn Observe,
+    ) -> Result<DeployPlan, Failure> {
+        let resolved = obs
+            .resolve_release(&self.config, release)
+            .map_err(Failure::CannotDeploy)?;
+        let full = self.current().slots.desired;
+        if full == 0 {
+            return Err(Failure::NoWorkers);
+        }
+        let cap = self
+            .capacity
+            .map(|c| c.workers)
+            .or(self.config.auto.map(|a| a.max));
+        // Stop-then-start needs room for one generation only.
+        let exclusive = self.config.exclusive_deploys();
+        if let Some(c) = cap.filter(|c| *c < 2 && !exclusive) {
+            return Err(Failure::NoRoom(c));
+        }
+        Ok(DeployPlan {
+            resolved,
+            full,
+            target: canary.map_or(full, |s| s.workers_of(full)),
+            cap,
+            exclusive,
+        })
     }
 
     /// Starts a deploy: resolves the release, then has the new generation's listeners
@@ -475,24 +542,16 @@ impl SiteMachine {
             this.next_queued(obs, now, out);
             Some(failure)
         };
-        let resolved = match obs.resolve_release(&self.config, release.as_deref()) {
-            Ok(r) => r,
-            Err(e) => return fail(self, Failure::CannotDeploy(e), out),
+        let DeployPlan {
+            resolved,
+            full,
+            target,
+            cap,
+            exclusive,
+        } = match self.deploy_plan(release.as_deref(), canary, obs) {
+            Ok(plan) => plan,
+            Err(failure) => return fail(self, failure, out),
         };
-        let full = self.current().slots.desired;
-        if full == 0 {
-            return fail(self, Failure::NoWorkers, out);
-        }
-        let target = canary.map_or(full, |s| s.workers_of(full));
-        let cap = self
-            .capacity
-            .map(|c| c.workers)
-            .or(self.config.auto.map(|a| a.max));
-        // Stop-then-start needs room for one generation only.
-        let exclusive = self.config.exclusive_deploys();
-        if let Some(c) = cap.filter(|c| *c < 2 && !exclusive) {
-            return fail(self, Failure::NoRoom(c), out);
-        }
         let from = self.serving;
         let to = self.last_gen.next();
         let config = match &resolved {

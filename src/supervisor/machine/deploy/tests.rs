@@ -1118,3 +1118,58 @@ fn a_listener_shut_down_while_its_generation_cannot_be_replaced_is_replaced_once
     assert!(log.is_some() && log < bind, "{a:?}");
     assert!(m.generation(GenId(3)).expect("gen-3").replaces_shut);
 }
+
+#[test]
+fn a_listener_shut_down_while_its_release_cannot_be_deployed_is_replaced_once_it_can() {
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site("workers = 1\n"), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let scale = |workers| Input::Scale {
+        client: ClientId(2),
+        workers,
+        owner: None,
+    };
+    send(&mut m, scale(0), &Quiet, t);
+    send(&mut m, exited(1, 0), &Quiet, t);
+    // Scaled to 0: nothing to deploy. Said, and not said again at every step.
+    let a = send(&mut m, shut(1), &Quiet, t);
+    assert_eq!(a, vec![said(1, ShutAnswer::Refused(Failure::NoWorkers))]);
+    let t = t + Duration::from_secs(1);
+    let a = send(&mut m, Input::Tick, &Quiet, t);
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Log(Event::ListenerShut { .. }))),
+        "{a:?}"
+    );
+    // Another of its listeners shut down: said again.
+    let a = send(&mut m, shut(1), &Quiet, t);
+    assert_eq!(a, vec![said(1, ShutAnswer::Refused(Failure::NoWorkers))]);
+    // Scaled up: its release is deployed again, said first, with new listeners.
+    let a = send(&mut m, scale(1), &Quiet, t);
+    let log = a
+        .iter()
+        .position(|x| *x == said(1, ShutAnswer::Redeploy(GenId(2))));
+    let bind = a.iter().position(|x| *x == Action::BindListeners(GenId(2)));
+    assert!(log.is_some() && log < bind, "{a:?}");
+    assert!(m.generation(GenId(2)).expect("gen-2").replaces_shut);
+    // That deploy rolled back (its listeners could not be bound): not tried again, and a
+    // later shutdown of gen-1's says so.
+    let a = send(
+        &mut m,
+        Input::ListenersBound {
+            generation: GenId(2),
+            result: Err("address in use".into()),
+        },
+        &Quiet,
+        t,
+    );
+    assert_eq!(
+        a,
+        vec![said(
+            1,
+            ShutAnswer::NotRedeployed(Failure::CannotDeploy("address in use".into()))
+        )]
+    );
+    assert!(m.deploy().is_none());
+    let a = send(&mut m, shut(1), &Quiet, t);
+    assert_eq!(a, vec![said(1, ShutAnswer::Tried)]);
+}

@@ -328,9 +328,27 @@ impl Sim {
                         REACHED
                             .redeploys
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if self.repair_refused.remove(&generation) {
+                            REACHED
+                                .redeploys_after_refusal
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         // A deploy as an operator's (once for a listener): a stop-then-start
                         // one's rollback starts the old generation again at once.
                         self.epoch += 1;
+                    }
+                    ShutAnswer::Refused(_) | ShutAnswer::Tried
+                        if !serving || self.m.deploy().is_some() =>
+                    {
+                        return Err(format!(
+                            "a listener of {generation} shut: said {answer:?} while it does not serve or a deploy is under way"
+                        ));
+                    }
+                    ShutAnswer::Refused(_) => {
+                        self.repair_refused.insert(generation);
+                        REACHED
+                            .repairs_refused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     ShutAnswer::NotServing if serving => {
                         return Err(format!(

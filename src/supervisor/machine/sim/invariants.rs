@@ -22,7 +22,8 @@ impl Sim {
             return Err(format!("the serving generation {serving} does not exist"));
         };
         // A serving generation with a listener shut down is deployed again (or was, or was
-        // refused) once no deploy is under way, unless the site stops or it replaced one.
+        // refused for a reason that holds) once no deploy is under way, unless the site
+        // stops or it replaced one.
         let runs = !self.removed
             && matches!(
                 cur.slots.run,
@@ -40,9 +41,20 @@ impl Sim {
             && !cur.repaired
             && !cur.replaces_shut
         {
-            return Err(format!(
-                "serving {serving} has a listener shut down and was not deployed again"
-            ));
+            match &cur.repair_refused {
+                None => {
+                    return Err(format!(
+                        "serving {serving} has a listener shut down and was not deployed again"
+                    ));
+                }
+                Some(crate::supervisor::machine::Failure::NoWorkers) if cur.slots.desired > 0 => {
+                    return Err(format!(
+                        "serving {serving} has a listener shut down, refused for no workers with {} asked for",
+                        cur.slots.desired
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         // A deploy waits in the queue only behind one under way.
         if self.m.queued_deploys() > 0 && self.m.deploy().is_none() {

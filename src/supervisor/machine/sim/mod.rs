@@ -295,6 +295,8 @@ struct Sim {
     rolling_starts: BTreeSet<(GenId, Slot)>,
     /// Counts operator requests.
     epoch: u64,
+    /// Generations whose redeploy for a listener shut down was said refused.
+    repair_refused: BTreeSet<GenId>,
     /// A client started the site, and none stopped it since.
     up: bool,
     next_release: u32,
@@ -474,6 +476,7 @@ impl Sim {
             starts: HashMap::new(),
             rolling_starts: BTreeSet::new(),
             epoch: 0,
+            repair_refused: BTreeSet::new(),
             up: false,
             next_release: 2,
             adopted: false,
@@ -529,6 +532,10 @@ pub(super) struct Reached {
     pub(super) not_steered_restarted: AtomicUsize,
     /// Deploys of the serving release because a listener of it was shut down.
     pub(super) redeploys: AtomicUsize,
+    /// Such deploys refused for a reason that may pass (said `refused`).
+    pub(super) repairs_refused: AtomicUsize,
+    /// Such deploys made after they were refused.
+    pub(super) redeploys_after_refusal: AtomicUsize,
 }
 
 pub(super) static REACHED: Reached = Reached {
@@ -541,6 +548,8 @@ pub(super) static REACHED: Reached = Reached {
     not_steered: AtomicUsize::new(0),
     not_steered_restarted: AtomicUsize::new(0),
     redeploys: AtomicUsize::new(0),
+    repairs_refused: AtomicUsize::new(0),
+    redeploys_after_refusal: AtomicUsize::new(0),
     zygotes_ready: AtomicUsize::new(0),
     zygotes_lost: AtomicUsize::new(0),
     zygotes_not_ready: AtomicUsize::new(0),
@@ -616,11 +625,15 @@ fn whole_site_invariants_hold_under_random_sequences() {
         "deploys rolled back at a failed flip {not_steered}, of stop-then-start ones {not_steered_restarted}"
     );
     let redeploys = reached(&REACHED.redeploys);
-    eprintln!("redeploys for a listener shut down {redeploys}");
+    let refused = reached(&REACHED.repairs_refused);
+    let after_refusal = reached(&REACHED.redeploys_after_refusal);
+    eprintln!(
+        "redeploys for a listener shut down {redeploys}, refused for a while {refused}, made after a refusal {after_refusal}"
+    );
     if runs >= RUNS {
         assert!(
-            redeploys > 0,
-            "the sequences never redeployed for a listener shut down"
+            redeploys > 0 && refused > 0 && after_refusal > 0,
+            "the sequences never redeployed for a listener shut down ({redeploys}), never had that refused ({refused}), or never made it after a refusal ({after_refusal})"
         );
         assert!(
             not_steered > 0 && not_steered_restarted > 0,
