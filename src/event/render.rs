@@ -67,7 +67,7 @@ pub fn event(site: &SiteName, e: &Event) -> String {
                     failure(site, f).1
                 ),
                 ShutAnswer::Tried => format!(
-                    "not deployed again (its release was, for a listener shut down before, and did not come to serve): `hatchery deploy {site}` binds a new one"
+                    "not deployed again (its release was already, for a listener shut down before): `hatchery deploy {site}` binds a new one"
                 ),
                 ShutAnswer::NotServing => format!(
                     "gen-{generation} does not serve (if it comes to, its release is deployed again then)"

@@ -131,7 +131,7 @@ pub struct Generation {
     /// The first of its listeners found shut down, if one was: once it serves with no
     /// deploy under way and is not stopped, its release is deployed again (once).
     pub shut: Option<String>,
-    /// That deploy was started (or refused when its listeners could not be bound).
+    /// That deploy was started (it is not again: once in a row).
     pub repaired: bool,
     /// Why that deploy was last refused before it started, if it was (no workers, no
     /// room, a release that does not resolve, no steering): tried again at every step,

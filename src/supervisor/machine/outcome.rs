@@ -53,9 +53,10 @@ pub enum ShutAnswer {
     /// listeners could not be bound), or was already (that deploy rolled back): left to an
     /// operator's deploy.
     NotRedeployed(Failure),
-    /// The serving generation's, whose release was deployed again for a listener shut
-    /// down already and did not come to serve (rolled back, or its listeners not bound):
-    /// not deployed again (once in a row), left to an operator's deploy.
+    /// The serving generation's, whose release was deployed again already for a listener
+    /// shut down before (that deploy's listeners could not be bound, it was rolled back, or
+    /// the site was steered back to this generation since): not deployed again (once in a
+    /// row), left to an operator's deploy.
     Tried,
     /// The generation does not serve (a deploy's new generation, or one that drains): if
     /// it comes to serve, its release is deployed again then.

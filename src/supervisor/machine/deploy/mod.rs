@@ -105,7 +105,7 @@ pub(super) struct Queued {
 }
 
 /// What a deploy would start with ([`SiteMachine::deploy_plan`]).
-struct DeployPlan {
+pub(super) struct DeployPlan {
     /// The release, resolved.
     resolved: Option<PathBuf>,
     /// The serving generation's workers.
@@ -289,7 +289,11 @@ impl SiteMachine {
     /// Why a deploy (with a `canary` share, if one) cannot be run here, if it cannot: a
     /// canary, a warm-up, and a `tcp` or `http` ready check beside the serving generation
     /// need connections steered to the new generation alone.
-    fn deploy_refusal(&self, canary: Option<Share>, obs: &dyn Observe) -> Option<Failure> {
+    pub(super) fn deploy_refusal(
+        &self,
+        canary: Option<Share>,
+        obs: &dyn Observe,
+    ) -> Option<Failure> {
         let alone = || obs.probe_alone().err();
         if canary.is_some() {
             if let Some(why) = alone() {
@@ -441,34 +445,45 @@ impl SiteMachine {
             self.removing || matches!(generation.slots.run, RunState::Stopped | RunState::Stopping);
         let others = self.gens.values().any(|x| x.id != g && x.slots.live() > 0);
         if self.deploy.is_some() || stopping || others {
+            // What was said since is what holds: a refusal found again once this passes
+            // is said again.
+            if let Some(x) = self.gens.get_mut(&g) {
+                x.repair_refused = None;
+            }
             return;
         }
         let listener = generation.shut.clone().unwrap_or_default();
         let release = generation.release.clone();
         // Refused for a reason that may pass (no workers, no room, a release that does not
-        // resolve): tried again at every step, said again only when the reason changes.
-        let refused = self
-            .deploy_refusal(None, obs)
-            .or_else(|| self.deploy_plan(release.as_deref(), None, obs).err());
-        if refused.is_some() && refused == generation.repair_refused {
-            return;
-        }
-        if let Some(g) = self.gens.get_mut(&g) {
-            g.repaired = refused.is_none();
-            g.repair_refused.clone_from(&refused);
-        }
-        let answer = match refused {
-            Some(failure) => ShutAnswer::Refused(failure),
-            None => match self.start_deploy(None, release, None, false, obs, now, out) {
-                Some(failure) => ShutAnswer::NotRedeployed(failure),
-                None => {
-                    let to = self.last_gen;
-                    if let Some(new) = self.gens.get_mut(&to) {
-                        new.replaces_shut = true;
-                    }
-                    ShutAnswer::Redeploy(to)
+        // resolve, no steering): checked again at every step, said again only when the
+        // reason changes.
+        let plan = match self.deploy_refusal(None, obs) {
+            Some(refused) => Err(refused),
+            None => self.deploy_plan(release.as_deref(), None, obs),
+        };
+        let answer = match plan {
+            Err(refused) => {
+                let before = generation.repair_refused.as_ref();
+                if before.is_some_and(|b| same_reason(b, &refused)) {
+                    return;
                 }
-            },
+                if let Some(x) = self.gens.get_mut(&g) {
+                    x.repair_refused = Some(refused.clone());
+                }
+                ShutAnswer::Refused(refused)
+            }
+            Ok(plan) => {
+                if let Some(x) = self.gens.get_mut(&g) {
+                    x.repaired = true;
+                    x.repair_refused = None;
+                }
+                self.start_planned(plan, None, None, false, now, out);
+                let to = self.last_gen;
+                if let Some(new) = self.gens.get_mut(&to) {
+                    new.replaces_shut = true;
+                }
+                ShutAnswer::Redeploy(to)
+            }
         };
         // Before the deploy's own steps.
         let event = Event::ListenerShut {
@@ -486,7 +501,7 @@ impl SiteMachine {
     /// What a deploy of `release` (or of what the site's `release` names now) would start
     /// with, or why it cannot start: the release does not resolve, the site has no workers
     /// to deploy, or no room for two generations where it needs it.
-    fn deploy_plan(
+    pub(super) fn deploy_plan(
         &self,
         release: Option<&Path>,
         canary: Option<Share>,
@@ -531,27 +546,42 @@ impl SiteMachine {
         now: Instant,
         out: &mut Vec<Action>,
     ) -> Option<Failure> {
-        let clients: Vec<ClientId> = client.into_iter().collect();
-        let fail = |this: &mut SiteMachine, failure: Failure, out: &mut Vec<Action>| {
-            for c in &clients {
-                out.push(Action::Reply {
-                    client: *c,
-                    outcome: Outcome::Failed(failure.clone()),
-                });
+        match self.deploy_plan(release.as_deref(), canary, obs) {
+            Ok(plan) => {
+                self.start_planned(plan, client, canary, rollback, now, out);
+                None
             }
-            this.next_queued(obs, now, out);
-            Some(failure)
-        };
+            Err(failure) => {
+                if let Some(c) = client {
+                    out.push(Action::Reply {
+                        client: c,
+                        outcome: Outcome::Failed(failure.clone()),
+                    });
+                }
+                self.next_queued(obs, now, out);
+                Some(failure)
+            }
+        }
+    }
+
+    /// [`SiteMachine::start_deploy`] once its checks passed (`plan`).
+    fn start_planned(
+        &mut self,
+        plan: DeployPlan,
+        client: Option<ClientId>,
+        canary: Option<Share>,
+        rollback: bool,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         let DeployPlan {
             resolved,
             full,
             target,
             cap,
             exclusive,
-        } = match self.deploy_plan(release.as_deref(), canary, obs) {
-            Ok(plan) => plan,
-            Err(failure) => return fail(self, failure, out),
-        };
+        } = plan;
+        let clients: Vec<ClientId> = client.into_iter().collect();
         let from = self.serving;
         let to = self.last_gen.next();
         let config = match &resolved {
@@ -585,7 +615,6 @@ impl SiteMachine {
             exclusive_failure: None,
         });
         out.push(Action::BindListeners(to));
-        None
     }
 
     /// The new generation's listeners are bound (it starts), or could not be (the deploy
@@ -626,11 +655,11 @@ impl SiteMachine {
             Err(e) => {
                 // Never started: its number is not used.
                 let d = self.deploy.take().expect("checked above");
-                self.gens.remove(&g);
+                let repair = self.gens.remove(&g).is_some_and(|x| x.replaces_shut);
                 self.last_gen = d.from.max(GenId(g.0 - 1));
                 // A deploy for a listener shut down has no client to tell.
                 let shut = self.gens.get(&d.from).and_then(|x| x.shut.clone());
-                if let Some(listener) = shut.filter(|_| d.clients.is_empty()) {
+                if let Some(listener) = shut.filter(|_| repair) {
                     out.push(Action::Log(Event::ListenerShut {
                         generation: d.from,
                         listener,
@@ -1378,6 +1407,15 @@ impl SiteMachine {
 
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Whether two refusals of a repair give the same reason: no room is no room, whatever
+/// the count (a capacity that moves does not make it said again).
+pub(super) fn same_reason(a: &Failure, b: &Failure) -> bool {
+    match (a, b) {
+        (Failure::NoRoom(_), Failure::NoRoom(_)) => true,
+        _ => a == b,
+    }
 }
 
 #[cfg(test)]

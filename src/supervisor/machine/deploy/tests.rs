@@ -1137,12 +1137,27 @@ fn a_listener_shut_down_while_its_release_cannot_be_deployed_is_replaced_once_it
     let t = t + Duration::from_secs(1);
     let a = send(&mut m, Input::Tick, &Quiet, t);
     assert!(
-        !a.iter().any(|x| matches!(x, Action::Log(Event::ListenerShut { .. }))),
+        !a.iter()
+            .any(|x| matches!(x, Action::Log(Event::ListenerShut { .. }))),
         "{a:?}"
     );
     // Another of its listeners shut down: said again.
     let a = send(&mut m, shut(1), &Quiet, t);
     assert_eq!(a, vec![said(1, ShutAnswer::Refused(Failure::NoWorkers))]);
+    // Stopped, then started: what was said between (`stopped`) no longer holds, so the
+    // refusal is said again.
+    let stop = Input::Stop {
+        client: Some(ClientId(3)),
+        why: CancelReason::SiteStopped,
+    };
+    send(&mut m, stop, &Quiet, t);
+    let a = send(&mut m, shut(1), &Quiet, t);
+    assert_eq!(a, vec![said(1, ShutAnswer::Stopped)]);
+    let a = send(&mut m, Input::Start(Some(ClientId(4))), &Quiet, t);
+    assert!(
+        a.contains(&said(1, ShutAnswer::Refused(Failure::NoWorkers))),
+        "{a:?}"
+    );
     // Scaled up: its release is deployed again, said first, with new listeners.
     let a = send(&mut m, scale(1), &Quiet, t);
     let log = a

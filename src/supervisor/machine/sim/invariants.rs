@@ -41,19 +41,26 @@ impl Sim {
             && !cur.repaired
             && !cur.replaces_shut
         {
-            match &cur.repair_refused {
-                None => {
+            // Refused only for a reason that still holds (the machine checks again at
+            // every step; what the reasons read of the world does not change between).
+            let now = self.m.deploy_refusal(None, &self.w).or_else(|| {
+                self.m
+                    .deploy_plan(cur.release.as_deref(), None, &self.w)
+                    .err()
+            });
+            match (&cur.repair_refused, &now) {
+                (None, _) => {
                     return Err(format!(
                         "serving {serving} has a listener shut down and was not deployed again"
                     ));
                 }
-                Some(crate::supervisor::machine::Failure::NoWorkers) if cur.slots.desired > 0 => {
+                (Some(was), Some(is))
+                    if crate::supervisor::machine::deploy::same_reason(was, is) => {}
+                (Some(was), is) => {
                     return Err(format!(
-                        "serving {serving} has a listener shut down, refused for no workers with {} asked for",
-                        cur.slots.desired
+                        "serving {serving} has a listener shut down, refused ({was:?}), which no longer holds ({is:?})"
                     ));
                 }
-                Some(_) => {}
             }
         }
         // A deploy waits in the queue only behind one under way.
