@@ -499,17 +499,16 @@ impl SiteMachine {
     }
 
     /// What a deploy of `release` (or of what the site's `release` names now) would start
-    /// with, or why it cannot start: the release does not resolve, the site has no workers
-    /// to deploy, or no room for two generations where it needs it.
+    /// with, or why it cannot start: the site has no workers to deploy, no room for two
+    /// generations where it needs it, or the release does not resolve. The release is
+    /// looked at last: a repair refused for the others checks again at every step of its
+    /// site, with no I/O.
     pub(super) fn deploy_plan(
         &self,
         release: Option<&Path>,
         canary: Option<Share>,
         obs: &dyn Observe,
     ) -> Result<DeployPlan, Failure> {
-        let resolved = obs
-            .resolve_release(&self.config, release)
-            .map_err(Failure::CannotDeploy)?;
         let full = self.current().slots.desired;
         if full == 0 {
             return Err(Failure::NoWorkers);
@@ -523,6 +522,9 @@ impl SiteMachine {
         if let Some(c) = cap.filter(|c| *c < 2 && !exclusive) {
             return Err(Failure::NoRoom(c));
         }
+        let resolved = obs
+            .resolve_release(&self.config, release)
+            .map_err(Failure::CannotDeploy)?;
         Ok(DeployPlan {
             resolved,
             full,
