@@ -135,7 +135,8 @@ pub struct Generation {
     pub repaired: bool,
     /// Why that deploy was last refused before it started, if it was (no workers, no
     /// room, a release that does not resolve, no steering): tried again at every step,
-    /// said again only when the reason changes.
+    /// said again only when the reason changes; forgotten while a deploy, a stop or another
+    /// generation's processes hold the repair back (said again after them).
     pub repair_refused: Option<Failure>,
 }
 
