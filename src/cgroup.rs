@@ -24,7 +24,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
@@ -300,6 +300,19 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    /// Another agent holds the base: it would take this one's cgroups for an earlier
+    /// agent's, and kill what runs there, as this one would its.
+    #[error(
+        "another agent{} uses the cgroup base {}: give this one a cgroup_base of its own, or stop that agent",
+        .holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        .path.display()
+    )]
+    InUse {
+        /// The base.
+        path: PathBuf,
+        /// The pid that holds its lock, when `/proc/locks` tells it.
+        holder: Option<u32>,
+    },
 }
 
 /// The managed tree.
@@ -312,6 +325,9 @@ pub struct CgroupTree {
     pub has_kill: bool,
     /// Where the agent was before it moved itself into `<base>/agent`, to move back on exit.
     moved_from: Option<PathBuf>,
+    /// The base directory, `flock`ed for the agent's lifetime (released by the kernel
+    /// however the agent ends; passed on by an upgrade): one agent per base.
+    lock: OwnedFd,
 }
 
 /// Whether the cgroup2 mount at `mount` has `favordynmods` (Linux 6.0+): moving a
@@ -382,10 +398,70 @@ fn mkdir(path: &Path) -> Result<(), CgroupError> {
     }
 }
 
+/// An `flock` on the directory `base`: `inherited` when it is one on that directory (an
+/// upgrade passed it), else taken now; [`CgroupError::InUse`] when another process holds it.
+fn lock_base(base: &Path, inherited: Option<OwnedFd>) -> Result<OwnedFd, CgroupError> {
+    use rustix::fs::FlockOperation;
+    let open_err = |e: rustix::io::Errno| CgroupError::Open {
+        path: base.to_path_buf(),
+        source: e.into(),
+    };
+    let dir = rustix::fs::open(
+        base,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(open_err)?;
+    if let Some(held) = inherited {
+        let same = |fd: BorrowedFd<'_>| rustix::fs::fstat(fd).map(|st| (st.st_dev, st.st_ino));
+        if same(held.as_fd()).ok() == same(dir.as_fd()).ok() {
+            return Ok(held);
+        }
+    }
+    match rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(dir),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(CgroupError::InUse {
+            path: base.to_path_buf(),
+            holder: fs::read_to_string("/proc/locks")
+                .ok()
+                .and_then(|locks| flock_holder(&locks, dir.as_fd())),
+        }),
+        Err(e) => Err(open_err(e)),
+    }
+}
+
+/// The pid `/proc/locks` (its text: `locks`) names as holding an `flock` on the file `fd`
+/// is open on.
+fn flock_holder(locks: &str, fd: BorrowedFd<'_>) -> Option<u32> {
+    let st = rustix::fs::fstat(fd).ok()?;
+    let want = (
+        u64::from(rustix::fs::major(st.st_dev)),
+        u64::from(rustix::fs::minor(st.st_dev)),
+        st.st_ino,
+    );
+    locks.lines().find_map(|line| {
+        // `1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF`; a waiter's has `->` after `1:`.
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) != Some(&"FLOCK") {
+            return None;
+        }
+        let mut id = f.get(5)?.split(':');
+        let dev = |s: &str| u64::from_str_radix(s, 16).ok();
+        let at = (dev(id.next()?)?, dev(id.next()?)?, id.next()?.parse().ok()?);
+        (at == want).then(|| f.get(4)?.parse().ok())?
+    })
+}
+
 impl CgroupTree {
-    /// Resolves the configured base. `Ok(None)` with a reason when cgroups are off or
-    /// unusable here (the agent then runs without them and says so).
-    pub fn setup(base: &CgroupBase) -> Result<Result<CgroupTree, String>, CgroupError> {
+    /// Resolves the configured base and locks it (`inherited`: the lock an upgraded agent
+    /// was passed, used when it is the base's). `Ok(None)` with a reason when cgroups are
+    /// off or unusable here (the agent then runs without them and says so);
+    /// [`CgroupError::InUse`] when another agent holds the base, before anything in it is
+    /// touched.
+    pub fn setup(
+        base: &CgroupBase,
+        inherited: Option<OwnedFd>,
+    ) -> Result<Result<CgroupTree, String>, CgroupError> {
         let mount = match cgroup2_mount() {
             Some(m) => m,
             None if *base == CgroupBase::Off => return Ok(Err("cgroup_base = \"off\"".into())),
@@ -432,6 +508,7 @@ impl CgroupTree {
             )));
         }
         mkdir(&base_path)?;
+        let lock = lock_base(&base_path, inherited)?;
         let mut moved_from = None;
         if own.as_deref() == Some(base_path.as_path()) {
             let agent = base_path.join("agent");
@@ -450,7 +527,13 @@ impl CgroupTree {
             base: base_path,
             controllers,
             moved_from,
+            lock,
         }))
+    }
+
+    /// The base's lock, for an upgrade to pass on.
+    pub fn lock_fd(&self) -> BorrowedFd<'_> {
+        self.lock.as_fd()
     }
 
     /// The base directory.
@@ -1123,12 +1206,58 @@ mod tests {
     }
 
     #[test]
+    fn a_base_is_locked_once_and_the_refusal_names_the_holder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = lock_base(dir.path(), None).expect("the first lock");
+        match lock_base(dir.path(), None) {
+            Err(e @ CgroupError::InUse { .. }) => {
+                let CgroupError::InUse { holder, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(*holder, Some(std::process::id()), "{e}");
+                assert!(e.to_string().contains("cgroup_base"), "{e}");
+            }
+            other => panic!("a second lock of a held base: {other:?}"),
+        }
+        // The holder's own lock, passed on (an upgrade): taken as it is.
+        let again = lock_base(dir.path(), Some(held)).expect("the inherited lock");
+        // One on another directory is not the base's: the base is held still.
+        let other = tempfile::tempdir().expect("tempdir");
+        let stranger = lock_base(other.path(), None).expect("another base");
+        assert!(matches!(
+            lock_base(dir.path(), Some(stranger)),
+            Err(CgroupError::InUse { .. })
+        ));
+        drop(again);
+        lock_base(dir.path(), None).expect("free once its holder closed it");
+    }
+
+    #[test]
+    fn the_holder_is_read_from_proc_locks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fd: OwnedFd = fs::File::open(dir.path()).expect("dir").into();
+        let st = rustix::fs::fstat(&fd).expect("fstat");
+        let id = format!(
+            "{:02x}:{:02x}:{}",
+            rustix::fs::major(st.st_dev),
+            rustix::fs::minor(st.st_dev),
+            st.st_ino
+        );
+        let locks = format!(
+            "1: POSIX  ADVISORY  WRITE 11 {id} 0 EOF\n2: FLOCK  ADVISORY  WRITE 22 00:01:5 0 EOF\n3: -> FLOCK  ADVISORY  WRITE 44 {id} 0 EOF\n4: FLOCK  ADVISORY  WRITE 33 {id} 0 EOF\n"
+        );
+        assert_eq!(flock_holder(&locks, fd.as_fd()), Some(33));
+        assert_eq!(flock_holder("", fd.as_fd()), None);
+    }
+
+    #[test]
     fn a_new_leaf_gets_only_the_limits_that_differ_from_the_defaults() {
         let tree = |controllers: &[&str]| CgroupTree {
             base: PathBuf::from("/nonexistent"),
             controllers: controllers.iter().map(|c| c.to_string()).collect(),
             has_kill: false,
             moved_from: None,
+            lock: fs::File::open("/").expect("/").into(),
         };
         let leaf = tempfile::tempdir().expect("tempdir");
         for f in [MEMORY_MAX, MEMORY_HIGH, MEMORY_OOM_GROUP] {
@@ -1162,6 +1291,7 @@ mod tests {
             controllers: Vec::new(),
             has_kill: false,
             moved_from: None,
+            lock: fs::File::open(dir.path()).expect("dir").into(),
         };
         fs::create_dir(dir.path().join("sites")).expect("sites");
         let mut graveyard = Graveyard::new().expect("inotify");

@@ -445,6 +445,10 @@ pub struct UpgradeCheck {
     pub version: String,
     /// The format of the record of live workers it reads.
     pub record_version: u32,
+    /// Whether it takes the cgroup base's lock from the agent it replaces (absent from
+    /// older binaries' answers: they lock the base themselves).
+    #[serde(default)]
+    pub cgroup_lock: bool,
 }
 
 /// The end of `exec`.

@@ -546,6 +546,7 @@ fn main() -> ExitCode {
                 let check = hatchery::control::UpgradeCheck {
                     version: hatchery::version().to_string(),
                     record_version: hatchery::event::RECORD_VERSION,
+                    cgroup_lock: true,
                 };
                 println!("{}", serde_json::to_string(&check).unwrap_or_default());
                 ExitCode::SUCCESS

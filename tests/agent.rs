@@ -2270,3 +2270,107 @@ fn comm(pid: i64) -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
+
+#[test]
+fn a_second_agent_on_the_same_cgroup_base_is_refused_and_touches_nothing() {
+    if !is_root() {
+        skip("needs root (a cgroup base of its own)");
+        return;
+    }
+    let site = sleeper("first", 2, "");
+    let first = TestAgent::start(
+        &[("first", &site)],
+        Options {
+            reactor: "io_uring",
+            cgroups: true,
+        },
+    );
+    let Some(base) = first.cgroup_base.clone() else {
+        skip("no cgroup2 mount");
+        return;
+    };
+    let who = |s: &serde_json::Value| -> Vec<(i64, i64, u64)> {
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| {
+                (
+                    w["id"].as_i64().expect("id"),
+                    w["pid"].as_i64().expect("pid"),
+                    w["restarts"].as_u64().expect("restarts"),
+                )
+            })
+            .collect()
+    };
+    let before = who(
+        &first.wait_for("first", "2 ready workers", Duration::from_secs(10), |s| {
+            s["ready"] == 2
+        }),
+    );
+    // Another agent, its own socket, state and sites, the first one's cgroup base: as an
+    // operator trying a second configuration on a host would start it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sites = dir.path().join("sites.d");
+    std::fs::create_dir_all(&sites).expect("mkdir");
+    std::fs::write(sites.join("second.toml"), sleeper("second", 1, "")).expect("site");
+    let config = dir.path().join("hatchery.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_socket = \"{}\"\nstate_dir = \"{}\"\nsites_dir = \"{}\"\ncgroup_base = \"{}\"\n",
+            dir.path().join("control.sock").display(),
+            dir.path().join("state").display(),
+            sites.display(),
+            base.display()
+        ),
+    )
+    .expect("config");
+    let mut second = Command::new(BIN)
+        .args(["agent", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the second agent");
+    let mut exited = None;
+    poll_until(Duration::from_secs(20), || {
+        exited = second.try_wait().expect("try_wait");
+        exited.is_some()
+    });
+    let Some(status) = exited else {
+        // Stopped as an operator would (its sites, its fd holder), then failed.
+        let _ = Command::new("kill").arg(second.id().to_string()).status();
+        if !poll_until(Duration::from_secs(10), || {
+            second.try_wait().ok().flatten().is_some()
+        }) {
+            let _ = second.kill();
+        }
+        let _ = second.wait();
+        panic!("the second agent runs on a cgroup base another agent holds");
+    };
+    let mut said = String::new();
+    second
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut said)
+        .expect("read");
+    assert!(!status.success(), "{said}");
+    assert!(
+        said.contains("another agent")
+            && said.contains(&base.display().to_string())
+            && said.contains(&format!("pid {}", first.pid())),
+        "the refusal names the base and the agent that holds it: {said}"
+    );
+    // Nothing of the first agent's was touched: the same workers, alive, and no start of
+    // the second one's site anywhere.
+    let after = who(&first.status("first"));
+    assert_eq!(after, before, "{}", first.agent_log());
+    for (_, pid, _) in after {
+        assert!(alive(pid));
+    }
+    assert!(with_marker("marker-second").is_empty());
+    assert!(!base.join("sites").join("second").exists());
+}

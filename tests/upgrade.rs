@@ -165,6 +165,23 @@ fn capabilities(pid: i32, tid: i32, set: &str) -> String {
         .to_string()
 }
 
+/// With cgroups, that the agent holds its cgroup base's lock: this process cannot take it
+/// (a second agent on that base would be refused).
+fn assert_base_locked(agent: &TestAgent, when: &str) {
+    let Some(base) = &agent.cgroup_base else {
+        return;
+    };
+    let dir = std::fs::File::open(base).expect("the cgroup base");
+    let taken = rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+    assert_eq!(
+        taken,
+        Err(rustix::io::Errno::WOULDBLOCK),
+        "{when}: the agent does not hold {}'s lock\n{}",
+        base.display(),
+        agent.agent_log()
+    );
+}
+
 fn sorted(mut v: Vec<i64>) -> Vec<i64> {
     v.sort_unstable();
     v
@@ -204,6 +221,7 @@ fn an_upgrade_under_load_keeps_the_pid_and_every_worker_and_loses_no_request() {
         let next = agent.dir.path().join("hatchery-next");
         std::fs::copy(BIN, &next).expect("copy the binary");
 
+        assert_base_locked(&agent, "before the upgrade");
         let load = Load::start(port, 4);
         load.wait_for_more(20);
         // For comparison: the slowest of 20 `status` calls without an upgrade.
@@ -270,6 +288,7 @@ fn an_upgrade_under_load_keeps_the_pid_and_every_worker_and_loses_no_request() {
         assert!(alive(i64::from(pid)), "the agent runs");
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
         assert_eq!(exe, next, "the agent runs the new binary");
+        assert_base_locked(&agent, "after the upgrade");
         assert_eq!(sorted(agent.pids("web")), before, "every worker kept");
         let a = agent_status(&agent);
         assert_eq!(a["pid"], i64::from(pid));
@@ -428,6 +447,7 @@ fn a_new_binary_that_fails_to_take_over_resumes_the_previous_one() {
     assert_eq!(sorted(agent.pids("web")), before);
     assert!(one_request(([127, 0, 0, 1], port).into()).is_ok());
     assert!(agent_status(&agent)["upgraded_from"].is_null());
+    assert_base_locked(&agent, "resumed after a failed upgrade");
     // The workers are its children still.
     let victim = before[1];
     let s = kill_and_wait_for_replacement(&agent, victim);

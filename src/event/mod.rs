@@ -490,9 +490,21 @@ impl Agent {
 
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| setup_err(format!("create {}", config.state_dir.display()), e))?;
-        let (cgroups, cgroup_note) = match CgroupTree::setup(&config.cgroup_base) {
+        let inherited_lock = match inherited {
+            Some(i) => i.cgroup_lock()?,
+            None => None,
+        };
+        let (cgroups, cgroup_note) = match CgroupTree::setup(&config.cgroup_base, inherited_lock) {
             Ok(Ok(tree)) => (Some(tree), None),
             Ok(Err(reason)) => (None, Some(reason)),
+            // Not a reason to run without cgroups: this agent would kill the other's
+            // workers at its next start with them, and leave its own unaccounted.
+            Err(e @ crate::cgroup::CgroupError::InUse { .. }) => {
+                return Err(setup_err(
+                    "take the cgroup base",
+                    io::Error::new(io::ErrorKind::AddrInUse, e.to_string()),
+                ));
+            }
             Err(e) => (None, Some(format!("{e}: {}", error_chain(&e)))),
         };
         // Delegated with a memory limit (systemd MemoryMax=): budgets must fit in it too.

@@ -75,6 +75,9 @@ struct Passed {
     previous: i32,
     /// Connections accepted whose request has not been read yet: the new image reads it.
     pending: Vec<i32>,
+    /// The cgroup base's lock (`crate::cgroup::CgroupTree::lock_fd`), when the agent has
+    /// cgroups and the new binary takes it (`UpgradeCheck::cgroup_lock`).
+    cgroup_lock: Option<i32>,
     /// The old image's version.
     from: String,
     /// Set by a new image that failed and resumed the old one: why.
@@ -94,6 +97,9 @@ impl Passed {
             pending.join(":"),
             self.from
         );
+        if let Some(fd) = self.cgroup_lock {
+            s.push_str(&format!(",cgroup_lock={fd}"));
+        }
         // Last: the reason may hold commas.
         if let Some(f) = &self.failed {
             s.push_str(",failed=");
@@ -110,6 +116,7 @@ impl Passed {
         let mut fds = [None; 5];
         let mut from = None;
         let mut pending = Vec::new();
+        let mut cgroup_lock = None;
         for part in text.split(',') {
             let (k, v) = part
                 .split_once('=')
@@ -130,6 +137,13 @@ impl Passed {
                     }
                     continue;
                 }
+                "cgroup_lock" => {
+                    cgroup_lock = Some(
+                        v.parse::<i32>()
+                            .map_err(|_| format!("{k}={v:?} is not an fd"))?,
+                    );
+                    continue;
+                }
                 _ => return Err(format!("unknown key {k:?}")),
             };
             fds[i] = Some(
@@ -145,6 +159,7 @@ impl Passed {
             client: need(3, "client")?,
             previous: need(4, "previous")?,
             pending,
+            cgroup_lock,
             from: from.ok_or("no from=")?,
             failed,
         })
@@ -163,6 +178,8 @@ pub(super) struct Inherited {
     previous: OwnedFd,
     /// Connections whose request is yet to be read.
     pending: Vec<OwnedFd>,
+    /// The cgroup base's lock, when the old image passed it.
+    cgroup_lock: Option<OwnedFd>,
     pub from: String,
     pub failed: Option<String>,
 }
@@ -199,6 +216,10 @@ impl Inherited {
                 .iter()
                 .map(|&n| take("pending connection", n))
                 .collect::<Result<_, _>>()?,
+            cgroup_lock: p
+                .cgroup_lock
+                .map(|n| take("cgroup base lock", n))
+                .transpose()?,
             from: p.from,
             failed: p.failed,
         })
@@ -219,6 +240,15 @@ impl Inherited {
             ));
         }
         dup("lock", self.lock.as_fd())
+    }
+
+    /// A duplicate of the cgroup base's lock, when one was passed (`CgroupTree::setup`
+    /// uses it if it is the base's).
+    pub(super) fn cgroup_lock(&self) -> Result<Option<OwnedFd>, AgentError> {
+        self.cgroup_lock
+            .as_ref()
+            .map(|fd| dup("cgroup base lock", fd.as_fd()))
+            .transpose()
     }
 
     /// A duplicate of the control socket, if it is bound at `path`.
@@ -256,6 +286,7 @@ impl Inherited {
             client: self.client.as_raw_fd(),
             previous: self.previous.as_raw_fd(),
             pending: self.pending.iter().map(AsRawFd::as_raw_fd).collect(),
+            cgroup_lock: self.cgroup_lock.as_ref().map(AsRawFd::as_raw_fd),
             from: self.from.clone(),
             // One line, and the separator stays unambiguous.
             failed: Some(reason.replace('\n', " ")),
@@ -521,6 +552,14 @@ impl Agent {
             previous.as_fd(),
         ];
         kept.extend(pending.iter().copied());
+        // A binary that does not take it (older) locks the base itself, once this image's
+        // lock closed at the `execve`.
+        let cgroup_lock = self
+            .cgroups
+            .as_ref()
+            .filter(|_| check.cgroup_lock)
+            .map(|tree| tree.lock_fd());
+        kept.extend(cgroup_lock);
         let passed = Passed {
             control: self.control.as_raw_fd(),
             lock: self._lock.as_raw_fd(),
@@ -528,6 +567,7 @@ impl Agent {
             client: client.as_raw_fd(),
             previous: previous.as_raw_fd(),
             pending: pending.iter().map(AsRawFd::as_raw_fd).collect(),
+            cgroup_lock: cgroup_lock.map(|fd| fd.as_raw_fd()),
             from: crate::version().to_string(),
             failed: None,
         };
@@ -640,6 +680,7 @@ mod tests {
             client: 9,
             previous: 10,
             pending: vec![11, 12],
+            cgroup_lock: Some(13),
             from: "0.1.0+a".into(),
             failed: Some("bad state: a, b=c".into()),
         };
@@ -647,6 +688,7 @@ mod tests {
         let q = Passed {
             failed: None,
             pending: Vec::new(),
+            cgroup_lock: None,
             ..p
         };
         assert_eq!(Passed::parse(&q.to_env()), Ok(q));
@@ -660,6 +702,7 @@ mod tests {
             "control=x,lock=6,notify=7,client=9,previous=10,from=1",
             "control=5,lock=6,notify=7,client=9,previous=10",
             "control=5,lock=6,notify=7,client=9,previous=10,from=1,other=2",
+            "control=5,lock=6,notify=7,client=9,previous=10,from=1,cgroup_lock=x",
         ] {
             assert!(Passed::parse(bad).is_err(), "{bad}");
         }
