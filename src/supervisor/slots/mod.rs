@@ -607,7 +607,29 @@ impl SiteCore {
                 if matches!(self.run, RunState::Stopped | RunState::Stopping) {
                     return self.apply(Input::StartRequested, now);
                 }
-                let queue: Vec<Slot> = self.slots.keys().rev().copied().collect();
+                // Workers held down after flapping serve nothing: started again at once,
+                // their crashes forgotten (as a start would); the others one at a time.
+                let held: Vec<Slot> = self
+                    .slots
+                    .values()
+                    .filter(|s| s.phase == Phase::Failed)
+                    .map(|s| s.id)
+                    .collect();
+                for id in &held {
+                    if let Some(slot) = self.slots.get_mut(id) {
+                        slot.history.reset();
+                        slot.phase = Phase::Stopped;
+                    }
+                    self.sync(*id);
+                    self.spawn(*id, now, &mut out);
+                }
+                let queue: Vec<Slot> = self
+                    .slots
+                    .keys()
+                    .rev()
+                    .filter(|id| !held.contains(id))
+                    .copied()
+                    .collect();
                 self.rolling = Some(Rolling {
                     queue,
                     current: None,
@@ -791,6 +813,7 @@ impl SiteCore {
         }
         self.start_waiting(now, &mut out);
         self.advance_rolling(now, &mut out);
+        self.check_failed();
         self.check_stopped(&mut out);
         self.check_settled(&mut out);
         out
@@ -923,6 +946,15 @@ impl SiteCore {
             self.rolling = None;
             out.push(Action::Note(Note::RestartDone));
             return;
+        }
+    }
+
+    /// Failed while a worker is held down after flapping: no longer once none is (a
+    /// rolling restart, as a reload that changed the site makes, started it again, or a
+    /// scale removed it). Looked at only in that state.
+    fn check_failed(&mut self) {
+        if self.run == RunState::Failed && !self.slots.values().any(|s| s.phase == Phase::Failed) {
+            self.run = RunState::Running;
         }
     }
 

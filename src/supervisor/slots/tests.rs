@@ -134,6 +134,81 @@ fn a_crash_restarts_and_a_crash_loop_ends_in_failed() {
     assert_eq!(s.run, RunState::Running);
 }
 
+/// Slot 1 of a running site of `n` flaps until it is held down; returns the time then.
+fn flap_slot_1(s: &mut SiteCore, mut t: Instant) -> Instant {
+    for k in 0..10 {
+        t += Duration::from_millis(1);
+        let a = s.handle(
+            Input::Exited {
+                id: Slot(1),
+                reason: ExitReason::Signaled { signal: 11 },
+            },
+            t,
+        );
+        if a.contains(&Action::Note(Note::Failed(Slot(1)))) {
+            return t;
+        }
+        if let Phase::Backoff { until } = s.slots[&Slot(1)].phase {
+            t = until;
+            s.handle(Input::DeadlineReached, t);
+        }
+        s.handle(
+            Input::Spawned {
+                id: Slot(1),
+                pid: 200 + k,
+            },
+            t,
+        );
+    }
+    panic!("slot 1 never failed");
+}
+
+#[test]
+fn a_failed_site_runs_again_once_no_worker_is_held_down() {
+    // A rolling restart (what a reload that changed the site asks for) starts the worker
+    // held down: the site is running again, and settles.
+    let t0 = Instant::now();
+    let mut s = running(2, ReadyCheck::None, t0);
+    let mut t = flap_slot_1(&mut s, t0 + Duration::from_secs(3));
+    assert_eq!(s.run, RunState::Failed);
+    let a = s.handle(Input::RestartRequested, t);
+    assert_eq!(spawns(&a), vec![1], "the worker held down first");
+    assert_eq!(s.run, RunState::Running, "none is held down now");
+    // Its crashes were forgotten: one more is a restart, not failed again.
+    s.handle(
+        Input::Spawned {
+            id: Slot(1),
+            pid: 300,
+        },
+        t,
+    );
+    t += Duration::from_millis(1);
+    let a = s.handle(
+        Input::Exited {
+            id: Slot(1),
+            reason: ExitReason::Signaled { signal: 11 },
+        },
+        t,
+    );
+    assert!(!a.contains(&Action::Note(Note::Failed(Slot(1)))), "{a:?}");
+    assert_eq!(s.run, RunState::Running);
+
+    // A scale that removes the worker held down: running too.
+    let mut s = running(2, ReadyCheck::None, t0);
+    let t = flap_slot_1(&mut s, t0 + Duration::from_secs(3));
+    assert_eq!(s.run, RunState::Failed);
+    s.handle(Input::ScaleRequested(1), t);
+    assert!(!s.slots.contains_key(&Slot(1)));
+    assert_eq!(s.run, RunState::Running);
+    assert!(s.is_settled());
+    // A scale that keeps it (up): failed still.
+    let mut s = running(2, ReadyCheck::None, t0);
+    let t = flap_slot_1(&mut s, t0 + Duration::from_secs(3));
+    let a = s.handle(Input::ScaleRequested(3), t);
+    assert_eq!(spawns(&a), vec![2]);
+    assert_eq!(s.run, RunState::Failed, "slot 1 is held down still");
+}
+
 #[test]
 fn stop_escalates_to_kill_at_the_deadline() {
     let t0 = Instant::now();
