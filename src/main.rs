@@ -482,6 +482,12 @@ fn socket_path(given: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
+/// Whether the command line `args` (without the program) asks for `--json`, before any
+/// `--` (what follows it is a command's own).
+fn json_asked(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    args.take_while(|a| a != "--").any(|a| a == "--json")
+}
+
 fn main() -> ExitCode {
     use clap::FromArgMatches;
     let parsed = command().try_get_matches().and_then(|m| {
@@ -498,6 +504,13 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let e = without_hidden_suggestions(e);
+            if e.use_stderr() && json_asked(std::env::args_os().skip(1)) {
+                // Scripts get the refusal in the shape of every other one.
+                let text = e.render().to_string();
+                let first = text.lines().next().unwrap_or_default();
+                let why = first.strip_prefix("error: ").unwrap_or(first);
+                println!("{}", cli::reply::error_json("usage", why));
+            }
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }

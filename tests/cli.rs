@@ -459,6 +459,10 @@ fn json_output_is_valid_everywhere_and_signal_and_reload_say_sentences() {
         (&["status", "nosuch", "--json"][..], 1, "not_found"),
         (&["promote", "blog", "--json"], 1, ""),
         (&["events", "--since", "yesterday", "--json"], 2, "usage"),
+        // Refused by the command line's parser itself, before anything else.
+        (&["scale", "blog", "abc", "--json"], 2, "usage"),
+        (&["--json", "deploy", "blog", "--canary", "abc"], 2, "usage"),
+        (&["--json", "nosuchcommand"], 2, "usage"),
     ] {
         let (c, out, err) = run(args);
         assert_eq!(c, Some(code), "{args:?}: {out} {err}");

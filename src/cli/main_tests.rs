@@ -373,3 +373,13 @@ fn host_is_taken_by_the_commands_that_run_on_an_agent_only() {
     let top = command().render_long_help().to_string();
     assert!(top.contains("--host <ssh://[USER@]HOST[:PORT]>"), "{top}");
 }
+
+#[test]
+fn json_is_asked_before_a_double_dash_only() {
+    let asked = |args: &[&str]| json_asked(args.iter().map(std::ffi::OsString::from));
+    assert!(asked(&["scale", "web", "abc", "--json"]));
+    assert!(asked(&["--json", "status"]));
+    assert!(!asked(&["status"]));
+    assert!(!asked(&["exec", "web", "--", "tool", "--json"]));
+    assert!(!asked(&["scale", "web", "--jsonx"]));
+}
