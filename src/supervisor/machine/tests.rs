@@ -305,6 +305,48 @@ impl Observe for Measured {
 }
 
 #[test]
+fn an_auto_site_grows_on_its_estimate_where_memory_cannot_be_measured() {
+    // Cap 5 (512M / 100M), auto between 1 and 16; `Quiet` measures nothing, as a host
+    // without the memory controller.
+    let auto = "workers = \"auto\"\nworkers_min = 1\nworkers_max = 16\nmemory = \"512M\"\nworker_memory = \"100M\"\n";
+    let t = Instant::now();
+    let (mut m, _) = SiteMachine::new(site(auto), None, None, t);
+    let a = send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    assert_eq!(spawned(&a), vec![(1, 0)]);
+    assert_eq!(m.capacity().map(|c| c.workers), Some(5));
+    // One more each time the workers have settled, up to the cap, and no further.
+    let mut now = t;
+    for grown in 2..=5 {
+        now += capacity::SETTLE;
+        send(&mut m, Input::Tick, &Quiet, now);
+        assert_eq!(m.current().slots.desired, grown, "at {:?}", now - t);
+    }
+    for _ in 0..5 {
+        now += capacity::SETTLE * 5;
+        send(&mut m, Input::Tick, &Quiet, now);
+    }
+    assert_eq!(m.current().slots.desired, 5);
+    // Where memory is measured, growth waits for a peak that holds, as before: a first
+    // measurement alone grows nothing.
+    let (mut m, _) = SiteMachine::new(site(auto), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    send(
+        &mut m,
+        Input::Tick,
+        &Measured(10 << 20),
+        t + capacity::SETTLE,
+    );
+    assert_eq!(m.current().slots.desired, 1);
+    send(
+        &mut m,
+        Input::Tick,
+        &Measured(10 << 20),
+        t + capacity::SETTLE * 2,
+    );
+    assert_eq!(m.current().slots.desired, 2);
+}
+
+#[test]
 fn a_fall_of_the_cap_applies_before_restarts_that_are_due() {
     let t = Instant::now();
     let (mut m, _) = SiteMachine::new(site(FULL_BUDGET), None, None, t);
