@@ -63,6 +63,20 @@ impl SpawnFailure {
         text
     }
 
+    /// As [`SpawnFailure::describe`], naming the working directory (`workdir`, inside
+    /// the site's root if it has one) when changing to it failed.
+    pub fn describe_in(&self, workdir: &str) -> String {
+        match self {
+            SpawnFailure::Spawn(SpawnError::Child {
+                step: ChildStep::Chdir,
+                source,
+            }) => {
+                format!("the child failed to change to the working directory {workdir}: {source}")
+            }
+            _ => self.describe(),
+        }
+    }
+
     /// Whether trying again cannot help (until the operator changes something): a
     /// sandbox this host refuses, a command that is not there or cannot be run, a working
     /// directory that does not exist. The rest (a pipe, a cgroup, `clone3` short of
@@ -576,6 +590,25 @@ pub fn exec_image(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_chdir_names_the_working_directory() {
+        let chdir = SpawnFailure::Spawn(SpawnError::Child {
+            step: ChildStep::Chdir,
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        });
+        let said = chdir.describe_in("/srv/files");
+        assert!(
+            said.starts_with("the child failed to change to the working directory /srv/files: "),
+            "{said}"
+        );
+        assert!(chdir.permanent());
+        let exec = SpawnFailure::Spawn(SpawnError::Child {
+            step: ChildStep::Exec,
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        });
+        assert_eq!(exec.describe_in("/srv/files"), exec.describe());
+    }
 
     #[test]
     fn programs_are_found_like_execvp() {

@@ -2142,9 +2142,9 @@ fn workers_started_together_each_get_their_own_process_and_answer() {
                 ws.len() == 4
                     && ws.iter().all(|w| {
                         w["pid"].is_null()
-                            && w["last_exit"]
-                                .as_str()
-                                .is_some_and(|e| e.contains("change to the working directory"))
+                            && w["last_exit"].as_str().is_some_and(|e| {
+                                e.contains("change to the working directory /nonexistent/")
+                            })
                     })
             })
         });

@@ -473,7 +473,12 @@ impl Agent {
                 Input::Spawned { id, pid }
             }
             Err(failure) => {
-                let error = failure.describe();
+                let workdir = self
+                    .sites
+                    .get(name)
+                    .and_then(|s| s.machine.generation(g))
+                    .map_or("/", |x| crate::spawn::workdir(&x.config));
+                let error = failure.describe_in(workdir);
                 error!(site = %name, gen = g.0, worker = %id, "failed to spawn: {error}");
                 self.counters
                     .count(name.as_str(), crate::metrics::Cause::SpawnFailed);
