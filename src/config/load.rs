@@ -53,7 +53,19 @@ fn load_each_keeping(
     holds: &dyn Fn(&SiteConfig) -> bool,
 ) -> Result<(AgentConfig, Vec<BrokenSite>), ConfigError> {
     let text = read_text(path)?;
-    let mut raw: RawAgent = parse_toml(path, &text)?;
+    // Every problem of the file at once: what the parser refuses (those keys taken out)
+    // beside what validation finds in the rest.
+    let (raw, parsed) = parse_lenient::<RawAgent>(path, &text);
+    let Some(mut raw) = raw else {
+        let mut all = parsed.into_iter();
+        return Err(match all.next() {
+            Some(mut first) => {
+                first.also = all.collect();
+                first
+            }
+            None => err(path, "-", "the file could not be read as TOML"),
+        });
+    };
     let mut p = Problems::default();
     let base = path.parent().unwrap_or(Path::new("/"));
     let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
@@ -100,9 +112,19 @@ fn load_each_keeping(
             )
         })),
     };
+    let mut all: Vec<ConfigError> = parsed;
     if let Some(mut e) = p.into_error() {
         locate(&text, &mut e);
-        return Err(e);
+        all.extend(e.all().map(|x| ConfigError {
+            also: Vec::new(),
+            ..x.clone()
+        }));
+    }
+    all.sort_by_key(|e| (e.line.is_none(), e.line));
+    let mut all = all.into_iter();
+    if let Some(mut first) = all.next() {
+        first.also = all.collect();
+        return Err(first);
     }
 
     let mut sites = Vec::new();
@@ -401,6 +423,35 @@ pub(super) use super::parse::{locate, parse_lenient, parse_toml};
 mod tests {
     use super::super::test_site as site;
     use super::*;
+
+    #[test]
+    fn every_problem_of_the_agent_file_is_reported_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("sites.d")).expect("sites.d");
+        let file = dir.path().join("hatchery.toml");
+        // What validation finds (lines 2 to 4) and what the parser refuses (6 and 7).
+        std::fs::write(
+            &file,
+            "sites_dir = \"sites.d\"\ncgroup_base = \"sometimes\"\nmemory_reserve = \"256MB\"\nmetrics = \"localhost:9464\"\n[logs]\nkeep = -1\nkep = 3\n",
+        )
+        .expect("write");
+        let e = load(&file).expect_err("invalid");
+        let all: Vec<(Option<u32>, &str)> = e.all().map(|x| (x.line, x.key.as_str())).collect();
+        assert_eq!(
+            all,
+            vec![
+                (Some(2), "cgroup_base"),
+                (Some(3), "memory_reserve"),
+                (Some(4), "metrics"),
+                (Some(6), "logs.keep"),
+                (Some(7), "logs.kep"),
+            ],
+            "{e}"
+        );
+        // Not TOML at all: said as before.
+        std::fs::write(&file, "sites_dir = \n").expect("write");
+        assert_eq!(load(&file).expect_err("invalid").line, Some(1));
+    }
 
     #[test]
     fn budgets_must_fit_beside_the_reserve() {
