@@ -21,9 +21,13 @@ pub struct EnvLine {
     pub line: u32,
 }
 
-/// Reads the environment file at `path`, named by the site file `site_file`; every bad
-/// line is reported (each with its line).
-pub fn read(site_file: &Path, path: &Path) -> Result<BTreeMap<String, EnvLine>, ConfigError> {
+/// Reads the environment file at `path`, named by the site file `site_file`: its good
+/// lines' variables, and every bad line reported (each with its line), so that what is
+/// wrong with the good ones can be said beside them.
+pub fn read(
+    site_file: &Path,
+    path: &Path,
+) -> Result<(BTreeMap<String, EnvLine>, Option<ConfigError>), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         err(
             site_file,
@@ -31,11 +35,18 @@ pub fn read(site_file: &Path, path: &Path) -> Result<BTreeMap<String, EnvLine>, 
             format!("cannot read {}: {e}", path.display()),
         )
     })?;
-    parse(path, &text)
+    let (vars, bad) = parse_all(path, &text);
+    Ok((vars, bad.into_error()))
 }
 
 /// Parses `text`, the contents of the environment file `path`.
 pub fn parse(path: &Path, text: &str) -> Result<BTreeMap<String, EnvLine>, ConfigError> {
+    let (vars, bad) = parse_all(path, text);
+    bad.finish(vars)
+}
+
+/// The variables of `text`'s good lines, and the problems of its bad ones.
+fn parse_all(path: &Path, text: &str) -> (BTreeMap<String, EnvLine>, Problems) {
     let mut vars = BTreeMap::new();
     let mut p = Problems::default();
     for (i, line) in text.lines().enumerate() {
@@ -58,7 +69,7 @@ pub fn parse(path: &Path, text: &str) -> Result<BTreeMap<String, EnvLine>, Confi
             }
         }
     }
-    p.finish(vars)
+    (vars, p)
 }
 
 /// One line: `None` for a blank line or a comment.

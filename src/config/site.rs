@@ -287,12 +287,16 @@ pub fn validate_site(
     let mut env = eff.env.clone();
     if let Some(path) = &eff.env_file {
         let path = file.parent().unwrap_or(Path::new("/")).join(path);
-        for (k, v) in p.ok(envfile::read(file, &path)).unwrap_or_default() {
+        let (vars, bad) = p.ok(envfile::read(file, &path)).unwrap_or_default();
+        if let Some(bad) = bad {
+            p.push(bad);
+        }
+        for (k, v) in vars {
             if reserved_env(&k) {
                 let mut e = err(
                     &path,
-                    &format!("env.{k}"),
-                    "is set by the agent for every worker and cannot be overridden",
+                    "env_file",
+                    format!("{k} is set by the agent for every worker and cannot be overridden"),
                 );
                 e.line = Some(v.line);
                 p.push(e);
@@ -1572,9 +1576,23 @@ timeout = "30s"
         assert_eq!(
             problems("OK=1\n\nLISTEN_FDS=3\n"),
             [format!(
-                "{}:3: env.LISTEN_FDS: is set by the agent for every worker and cannot be overridden",
+                "{}:3: env_file: LISTEN_FDS is set by the agent for every worker and cannot be overridden",
                 env_file.display()
             )],
+        );
+        // A bad line and a reserved name: both said.
+        assert_eq!(
+            problems("oops\nOK=1\nLISTEN_FDS=3\n"),
+            [
+                format!(
+                    "{}:1: env_file: expected NAME=VALUE, found \"oops\"",
+                    env_file.display()
+                ),
+                format!(
+                    "{}:3: env_file: LISTEN_FDS is set by the agent for every worker and cannot be overridden",
+                    env_file.display()
+                ),
+            ],
         );
         std::fs::remove_file(sites.join("blog.env")).expect("rm");
         let e =
