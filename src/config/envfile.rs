@@ -40,7 +40,8 @@ pub fn read(
 }
 
 /// Parses `text`, the contents of the environment file `path`.
-pub fn parse(path: &Path, text: &str) -> Result<BTreeMap<String, EnvLine>, ConfigError> {
+#[cfg(test)]
+fn parse(path: &Path, text: &str) -> Result<BTreeMap<String, EnvLine>, ConfigError> {
     let (vars, bad) = parse_all(path, text);
     bad.finish(vars)
 }
