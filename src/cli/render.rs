@@ -100,6 +100,17 @@ fn fmt_bytes(b: u64) -> String {
     }
 }
 
+/// What a site's memory is measured against: its cgroup's `memory.max` (`enforced`),
+/// else the budget its file gives (`configured`), which only caps the worker count where
+/// the memory controller is missing.
+fn budget(enforced: Option<u64>, configured: Option<u64>) -> String {
+    match (enforced, configured) {
+        (Some(max), _) => fmt_bytes(max),
+        (None, Some(b)) => format!("its {} budget (not enforced here)", fmt_bytes(b)),
+        (None, None) => "no budget".into(),
+    }
+}
+
 fn or_dash<T: ToString>(v: Option<T>) -> String {
     v.map_or_else(|| "-".into(), |x| x.to_string())
 }
@@ -182,7 +193,7 @@ fn site_details(out: &mut String, s: &SiteStatus) {
             out,
             "\nsite: memory {} of {}, {} processes, cpu {:.1} s",
             bytes(su.memory_current),
-            su.memory_max.map_or_else(|| "no budget".into(), fmt_bytes),
+            budget(su.memory_max, s.capacity.as_ref().map(|c| c.budget)),
             or_dash(su.pids),
             su.cpu_usec.unwrap_or(0) as f64 / 1e6,
         );
@@ -401,6 +412,16 @@ fn scale(out: &mut String, l: &hatchery::status::ScaleStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_not_enforced_here_is_said_so() {
+        assert_eq!(budget(Some(512 << 20), Some(512 << 20)), "512.0M");
+        assert_eq!(
+            budget(None, Some(512 << 20)),
+            "its 512.0M budget (not enforced here)"
+        );
+        assert_eq!(budget(None, None), "no budget");
+    }
     use std::time::{Duration, Instant};
 
     #[test]
