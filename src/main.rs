@@ -157,7 +157,8 @@ enum Command {
             short = 'd',
             long = "delay",
             default_value_t = 1.0,
-            value_name = "SECONDS"
+            value_name = "SECONDS",
+            value_parser = top_delay
         )]
         delay: f64,
         #[command(flatten)]
@@ -480,6 +481,16 @@ fn socket_path(given: Option<PathBuf>) -> PathBuf {
     given
         .or_else(|| std::env::var_os("HATCHERY_SOCKET").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// `top --delay`: seconds between snapshots, 0.2 to 60 (what the agent sends at).
+fn top_delay(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.2..=60.0).contains(&s) => Ok(s),
+        _ => Err(format!(
+            "use a number of seconds from 0.2 to 60 (got {text:?})"
+        )),
+    }
 }
 
 /// Whether the command line `args` (without the program) asks for `--json`, before any

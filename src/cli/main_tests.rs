@@ -383,3 +383,16 @@ fn json_is_asked_before_a_double_dash_only() {
     assert!(!asked(&["exec", "web", "--", "tool", "--json"]));
     assert!(!asked(&["scale", "web", "--jsonx"]));
 }
+
+#[test]
+fn top_refuses_a_delay_it_would_not_keep() {
+    for ok in ["0.2", "1", "60"] {
+        assert!(top_delay(ok).is_ok(), "{ok}");
+    }
+    for bad in ["0.1", "0", "60.5", "-1", "x", "NaN", "inf"] {
+        let e = top_delay(bad).expect_err(bad);
+        assert!(e.contains("0.2 to 60"), "{e}");
+    }
+    let e = Cli::try_parse_from(["hatchery", "top", "-d", "0.1"]).expect_err("refused");
+    assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+}
