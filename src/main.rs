@@ -787,6 +787,7 @@ fn check(path: &std::path::Path, json: bool, quiet: bool) -> ExitCode {
                     sites: Vec::new(),
                     features: Vec::new(),
                     sandbox: Default::default(),
+                    limits_not_enforced: Default::default(),
                 };
                 println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
             }
@@ -830,30 +831,56 @@ fn check(path: &std::path::Path, json: bool, quiet: bool) -> ExitCode {
         }
     }
     let mut report = features::probe_kernel();
-    let cgroup = match hatchery::cgroup::cgroup2_mount() {
-        Some(m) => {
-            let offered = std::fs::read_to_string(m.join("cgroup.controllers")).unwrap_or_default();
-            if offered.trim().is_empty() {
-                features::Feature::off(
-                    "cgroup v2",
-                    format!(
-                        "mounted at {} without controllers: no memory, pids or cpu accounting",
-                        m.display()
-                    ),
-                )
-            } else {
-                features::Feature::on(
-                    "cgroup v2",
-                    format!("{} offers: {}", m.display(), offered.trim()),
-                )
-            }
-        }
+    let mount = hatchery::cgroup::cgroup2_mount();
+    let offered = mount
+        .as_ref()
+        .and_then(|m| std::fs::read_to_string(m.join("cgroup.controllers")).ok())
+        .unwrap_or_default();
+    let offered: Vec<&str> = offered.split_whitespace().collect();
+    let lacking: Vec<&str> = ["memory", "pids", "cpu"]
+        .into_iter()
+        .filter(|c| !offered.contains(c))
+        .collect();
+    let cgroup = match &mount {
+        Some(m) if offered.is_empty() => features::Feature::off(
+            "cgroup v2",
+            format!(
+                "mounted at {} without controllers: no memory, pids or cpu accounting",
+                m.display()
+            ),
+        ),
+        Some(m) if lacking.is_empty() => features::Feature::on(
+            "cgroup v2",
+            format!("{} offers: {}", m.display(), offered.join(" ")),
+        ),
+        Some(m) => features::Feature::off(
+            "cgroup v2",
+            format!(
+                "{} offers: {}; not {}: no accounting or limits by {}",
+                m.display(),
+                offered.join(" "),
+                lacking.join(", "),
+                if lacking.len() == 1 { "it" } else { "them" }
+            ),
+        ),
         None => features::Feature::off(
             "cgroup v2",
             "not mounted: no accounting, limits or cgroup placement",
         ),
     };
     report.push(cgroup);
+    let limits_not_enforced: BTreeMap<String, Vec<String>> = config
+        .sites
+        .iter()
+        .map(|s| {
+            let keys = s.limits.needing(&offered);
+            (
+                s.name.to_string(),
+                keys.into_iter().map(String::from).collect::<Vec<_>>(),
+            )
+        })
+        .filter(|(_, keys)| !keys.is_empty())
+        .collect();
     report.push(features::steering(&hatchery::steering::probe()));
     let sandboxes = sandbox_reports(&config);
     for (site, v) in &sandboxes {
@@ -886,6 +913,7 @@ fn check(path: &std::path::Path, json: bool, quiet: bool) -> ExitCode {
                 .collect(),
             features: report,
             sandbox: sandboxes,
+            limits_not_enforced,
         };
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else if !quiet {
@@ -912,6 +940,25 @@ fn check(path: &std::path::Path, json: bool, quiet: bool) -> ExitCode {
                         println!("  {site}: [NO ] {line}");
                     }
                 }
+            }
+        }
+        if !limits_not_enforced.is_empty() {
+            println!("\nlimits:");
+            for (site, keys) in &limits_not_enforced {
+                let mut controllers: Vec<&str> = keys
+                    .iter()
+                    .map(|k| match k.as_str() {
+                        "pids_max" => "pids",
+                        "cpu_weight" => "cpu",
+                        _ => "memory",
+                    })
+                    .collect();
+                controllers.dedup();
+                println!(
+                    "  {site}: [NO ] {}: not enforced here (the cgroup v2 mount offers no {} controller)",
+                    keys.join(", "),
+                    controllers.join(", ")
+                );
             }
         }
         if !problems.is_empty() {

@@ -426,6 +426,10 @@ pub struct CheckReport {
     pub features: Vec<Feature>,
     /// Each valid site's sandbox on this host, by site name.
     pub sandbox: std::collections::BTreeMap<String, SandboxCheck>,
+    /// The limits of each site that this host's cgroup v2 mount cannot enforce (its
+    /// controller is not offered), by site name; sites whose limits all hold are absent.
+    #[serde(default)]
+    pub limits_not_enforced: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// A problem `check` found.

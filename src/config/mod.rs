@@ -723,6 +723,22 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The limits set here (by their key) that need a controller `offered` does not hold
+    /// (`memory`, `pids`, `cpu`): not enforced on such a host.
+    pub fn needing(&self, offered: &[&str]) -> Vec<&'static str> {
+        [
+            (self.memory.is_some(), "memory", "memory"),
+            (self.worker_memory_max.is_some(), "memory_max", "memory"),
+            (self.worker_memory_high.is_some(), "memory_high", "memory"),
+            (self.pids_max.is_some(), "pids_max", "pids"),
+            (self.cpu_weight.is_some(), "cpu_weight", "cpu"),
+        ]
+        .into_iter()
+        .filter(|(set, _, controller)| *set && !offered.contains(controller))
+        .map(|(_, key, _)| key)
+        .collect()
+    }
+
     /// The per-worker memory to assume before any worker has been measured: the
     /// configured estimate, else the per-worker hard limit, else `memory.high`.
     pub fn worker_estimate(&self) -> Option<u64> {
@@ -784,6 +800,28 @@ fn test_site(text: &str) -> Result<SiteConfig, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_needing_a_controller_not_offered() {
+        let l = Limits {
+            memory: Some(1 << 30),
+            pids_max: Some(64),
+            cpu_weight: Some(100),
+            worker_memory_max: Some(1 << 28),
+            worker_memory_high: None,
+            worker_memory: Some(1 << 20),
+        };
+        assert_eq!(
+            l.needing(&["hugetlb"]),
+            ["memory", "memory_max", "pids_max", "cpu_weight"]
+        );
+        assert_eq!(l.needing(&["memory", "cpu"]), ["pids_max"]);
+        assert!(l.needing(&["cpu", "memory", "pids"]).is_empty());
+        assert!(
+            Limits::default().needing(&[]).is_empty(),
+            "nothing set, nothing needed"
+        );
+    }
 
     #[test]
     fn site_names_are_restricted() {
