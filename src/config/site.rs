@@ -328,8 +328,6 @@ pub fn validate_site(
         ));
     }
     let mut listen = Vec::new();
-    // The addresses given so far, by their index: one listed twice is refused.
-    let mut given: Vec<(usize, ListenAddr)> = Vec::new();
     for (i, l) in eff.listen.iter_mut().enumerate() {
         let key = format!("listen[{i}]");
         let addr = match (&l.tcp, &l.unix) {
@@ -401,33 +399,6 @@ pub fn validate_site(
         let backlog = l.backlog.unwrap_or(1024).clamp(1, 65535);
         if mode == ListenMode::Agent {
             l.backlog = Some(backlog);
-        }
-        // Twice in one site: the same address, or a family's wildcard and an address of
-        // that family on the same port (IPv4's `0.0.0.0` and IPv6's `::` may be listed
-        // together). Stand-ins for invalid addresses are not compared.
-        let same_family = |a: &ListenAddr, b: &ListenAddr| match (a, b) {
-            (ListenAddr::Tcp(x), ListenAddr::Tcp(y)) => x.is_ipv4() == y.is_ipv4(),
-            (ListenAddr::Unix(_), ListenAddr::Unix(_)) => true,
-            _ => false,
-        };
-        let stand_in = match &addr {
-            ListenAddr::Tcp(a) => a.port() == 0,
-            ListenAddr::Unix(u) => u == Path::new("/"),
-        };
-        if !stand_in {
-            if let Some((j, earlier)) = given
-                .iter()
-                .find(|(_, o)| same_family(o, &addr) && o.overlaps(&addr))
-            {
-                p.push(err(
-                    file,
-                    &key,
-                    format!(
-                        "{addr} overlaps listen[{j}] ({earlier}) of this site: list an address once"
-                    ),
-                ));
-            }
-            given.push((i, addr.clone()));
         }
         listen.push(ListenSpec {
             name: lname,
@@ -1076,57 +1047,6 @@ fn validate_limits(file: &Path, raw: &RawSite) -> Result<Limits, ConfigError> {
 mod tests {
     use super::super::test_site as site;
     use super::*;
-
-    #[test]
-    fn a_site_lists_an_address_once() {
-        let with = |listens: &[&str]| {
-            let mut text = String::from("name = \"blog\"\ncommand = [\"x\"]\n");
-            for l in listens {
-                text.push_str(&format!("[[listen]]\n{l}\n"));
-            }
-            site(&text).map(|s| s.listen.len()).map_err(|e| {
-                e.all()
-                    .map(|x| format!("{}: {}", x.key, x.message))
-                    .collect::<Vec<_>>()
-            })
-        };
-        let refused = |listens: &[&str]| with(listens).expect_err("refused");
-        assert_eq!(
-            refused(&["tcp = \"127.0.0.1:8000\"", "tcp = \"127.0.0.1:8000\""]),
-            [
-                "listen[1]: tcp 127.0.0.1:8000 overlaps listen[0] (tcp 127.0.0.1:8000) of this site: list an address once"
-            ]
-        );
-        assert_eq!(
-            refused(&[
-                "tcp = \"127.0.0.1:8000\"",
-                "tcp = \"127.0.0.2:9000\"",
-                "tcp = \"0.0.0.0:8000\""
-            ]),
-            [
-                "listen[2]: tcp 0.0.0.0:8000 overlaps listen[0] (tcp 127.0.0.1:8000) of this site: list an address once"
-            ]
-        );
-        assert_eq!(
-            refused(&["unix = \"/run/a.sock\"", "unix = \"/run/a.sock\""]).len(),
-            1
-        );
-        // Other ports, other addresses, and each family's wildcard: fine.
-        assert_eq!(
-            with(&["tcp = \"127.0.0.1:8000\"", "tcp = \"127.0.0.1:8001\""]),
-            Ok(2)
-        );
-        assert_eq!(
-            with(&["tcp = \"127.0.0.1:8000\"", "tcp = \"[::1]:8000\""]),
-            Ok(2)
-        );
-        assert_eq!(
-            with(&["tcp = \"0.0.0.0:8000\"", "tcp = \"[::]:8000\""]),
-            Ok(2)
-        );
-        // Two invalid addresses are said as such, not as the same one twice.
-        assert_eq!(refused(&["tcp = \"nope\"", "tcp = \"nope\""]).len(), 2);
-    }
 
     #[test]
     fn release_fills_command_workdir_and_env_and_is_checked() {
