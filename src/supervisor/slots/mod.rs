@@ -630,10 +630,12 @@ impl SiteCore {
                     .filter(|id| !held.contains(id))
                     .copied()
                     .collect();
+                // The ones started here are restarted: the restart ends once they, too,
+                // are up and settled, and fails if one of them dies first.
                 self.rolling = Some(Rolling {
                     queue,
                     current: None,
-                    done: Vec::new(),
+                    done: held,
                 });
             }
             Input::Spawned { id, pid } => {
@@ -934,7 +936,9 @@ impl SiteCore {
             let done = r.done.clone();
             for id in &done {
                 match self.slots.get(id).map(|s| (s.phase, s.settles_at)) {
-                    Some((Phase::Ready, Some(_))) => return,
+                    // Still settling, or (one held down, started with the restart) on its
+                    // way up.
+                    Some((Phase::Ready, Some(_)) | (Phase::Starting { .. }, _)) => return,
                     Some((Phase::Ready, None)) | None => {}
                     Some(_) => {
                         self.rolling = None;

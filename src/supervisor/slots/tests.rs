@@ -174,7 +174,9 @@ fn a_failed_site_runs_again_once_no_worker_is_held_down() {
     let a = s.handle(Input::RestartRequested, t);
     assert_eq!(spawns(&a), vec![1], "the worker held down first");
     assert_eq!(s.run, RunState::Running, "none is held down now");
-    // Its crashes were forgotten: one more is a restart, not failed again.
+    assert!(!a.contains(&Action::Note(Note::RestartDone)), "{a:?}");
+    // Its crashes were forgotten: one more is a restart, not failed again; and the
+    // restart it was started by failed with it.
     s.handle(
         Input::Spawned {
             id: Slot(1),
@@ -191,7 +193,57 @@ fn a_failed_site_runs_again_once_no_worker_is_held_down() {
         t,
     );
     assert!(!a.contains(&Action::Note(Note::Failed(Slot(1)))), "{a:?}");
+    assert!(
+        a.contains(&Action::Note(Note::RestartFailed(Slot(1)))),
+        "{a:?}"
+    );
     assert_eq!(s.run, RunState::Running);
+
+    // A site of one worker, held down: the restart is done once that worker has settled,
+    // not when it is started.
+    let mut s = running(1, ReadyCheck::None, t0);
+    let mut t = t0 + Duration::from_secs(3);
+    for k in 0..10 {
+        t += Duration::from_millis(1);
+        let a = s.handle(
+            Input::Exited {
+                id: Slot(0),
+                reason: ExitReason::Signaled { signal: 11 },
+            },
+            t,
+        );
+        if a.contains(&Action::Note(Note::Failed(Slot(0)))) {
+            break;
+        }
+        if let Phase::Backoff { until } = s.slots[&Slot(0)].phase {
+            t = until;
+            s.handle(Input::DeadlineReached, t);
+        }
+        s.handle(
+            Input::Spawned {
+                id: Slot(0),
+                pid: 400 + k,
+            },
+            t,
+        );
+    }
+    assert_eq!(s.run, RunState::Failed);
+    let a = s.handle(Input::RestartRequested, t);
+    assert_eq!(spawns(&a), vec![0]);
+    assert!(!a.contains(&Action::Note(Note::RestartDone)), "{a:?}");
+    let a = s.handle(
+        Input::Spawned {
+            id: Slot(0),
+            pid: 500,
+        },
+        t,
+    );
+    assert!(
+        !a.contains(&Action::Note(Note::RestartDone)),
+        "ready, not settled: {a:?}"
+    );
+    let a = s.handle(Input::DeadlineReached, t + Duration::from_millis(500));
+    assert!(a.contains(&Action::Note(Note::RestartDone)), "{a:?}");
 
     // A scale that removes the worker held down: running too.
     let mut s = running(2, ReadyCheck::None, t0);
