@@ -166,9 +166,9 @@ impl Passed {
     }
 }
 
-/// The fds an old image passed, owned by the new one. They keep no `FD_CLOEXEC` until the
-/// new image is up (so they can be passed back to the old binary); the agent works on
-/// duplicates.
+/// The fds an old image passed, owned by the new one, close-on-exec again (what this image
+/// starts must not hold them) until they are passed back to the old binary
+/// ([`Inherited::resume_previous`]); the agent works on duplicates.
 #[derive(Debug)]
 pub(super) struct Inherited {
     control: OwnedFd,
@@ -202,8 +202,16 @@ impl Inherited {
             .to_str()
             .ok_or_else(|| format!("{UPGRADE_ENV} is not UTF-8"))?;
         let p = Passed::parse(text).map_err(|e| format!("{UPGRADE_ENV}={text:?}: {e}"))?;
+        // Close-on-exec from now on: a process this image starts (the fd holder) must not
+        // hold the locks or sockets past this agent. Cleared again only to resume the
+        // previous binary (`Inherited::resume_previous`).
         let take = |what: &str, raw: i32| {
-            inherit::take_inherited(raw).map_err(|e| format!("the {what} fd {raw}: {e}"))
+            inherit::take_inherited(raw)
+                .and_then(|fd| {
+                    rustix::io::fcntl_setfd(&fd, FdFlags::CLOEXEC)?;
+                    Ok(fd)
+                })
+                .map_err(|e| format!("the {what} fd {raw}: {e}"))
         };
         Ok(Inherited {
             control: take("control socket", p.control)?,
@@ -291,8 +299,22 @@ impl Inherited {
             // One line, and the separator stays unambiguous.
             failed: Some(reason.replace('\n', " ")),
         };
+        let mut kept = vec![
+            self.control.as_fd(),
+            self.lock.as_fd(),
+            self.notify.as_fd(),
+            self.client.as_fd(),
+            self.previous.as_fd(),
+        ];
+        kept.extend(self.pending.iter().map(AsFd::as_fd));
+        kept.extend(self.cgroup_lock.as_ref().map(AsFd::as_fd));
+        if let Err(e) = set_cloexec(&kept, false) {
+            return e.into();
+        }
         let program = format!("/proc/self/fd/{}", self.previous.as_raw_fd());
-        exec_agent(Path::new(&program), &passed.to_env())
+        let e = exec_agent(Path::new(&program), &passed.to_env());
+        let _ = set_cloexec(&kept, true);
+        e
     }
 }
 
