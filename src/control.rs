@@ -446,7 +446,7 @@ pub struct UpgradeCheck {
     /// The format of the record of live workers it reads.
     pub record_version: u32,
     /// Whether it takes the cgroup base's lock from the agent it replaces (absent from
-    /// older binaries' answers: they lock the base themselves).
+    /// older binaries' answers: they know no such lock, and run without one).
     #[serde(default)]
     pub cgroup_lock: bool,
 }

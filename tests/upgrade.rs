@@ -259,7 +259,35 @@ fn an_upgrade_under_load_keeps_the_pid_and_every_worker_and_loses_no_request() {
                 slowest
             })
         };
+        // The cgroup base stays locked throughout: the lock is passed on, not taken again
+        // (another agent could take it in between).
+        let stop_lock_probe = Arc::new(AtomicBool::new(false));
+        let lock_probe = agent.cgroup_base.clone().map(|base| {
+            let stop = stop_lock_probe.clone();
+            std::thread::spawn(move || {
+                let dir = std::fs::File::open(&base).expect("the cgroup base");
+                let mut tries = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    tries += 1;
+                    let op = rustix::fs::FlockOperation::NonBlockingLockExclusive;
+                    if rustix::fs::flock(&dir, op).is_ok() {
+                        let _ = rustix::fs::flock(&dir, rustix::fs::FlockOperation::Unlock);
+                        return Err(tries);
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Ok(tries)
+            })
+        });
         let out = agent.cli(&["upgrade", "--binary", next.to_str().expect("utf-8")]);
+        stop_lock_probe.store(true, Ordering::Relaxed);
+        if let Some(probe) = lock_probe {
+            let tries = probe.join().expect("lock probe");
+            assert!(
+                tries.is_ok(),
+                "[{reactor}] the cgroup base was free during the upgrade (try {tries:?})"
+            );
+        }
         assert!(
             out.status.success(),
             "[{reactor}] upgrade: {}\n{}",

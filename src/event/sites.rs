@@ -143,6 +143,8 @@ struct World<'a> {
     site_dir: Option<PathBuf>,
     /// The cgroup leaves of the site's zygotes, by generation.
     zygote_leaves: Vec<(GenId, PathBuf)>,
+    /// Whether the workers' leaves have the memory controller.
+    memory: bool,
 }
 
 impl Observe for World<'_> {
@@ -156,6 +158,10 @@ impl Observe for World<'_> {
             (None, Some(link)) => config::resolve_release(link).map(Some),
             (None, None) => Ok(None),
         }
+    }
+
+    fn memory_measurable(&self) -> bool {
+        self.memory
     }
 
     fn measured_memory(&self, generation: GenId, slots: &[Slot]) -> Option<u64> {
@@ -640,6 +646,7 @@ impl Agent {
             graveyard: self.graveyard.as_ref(),
             site_dir: self.cgroups.as_ref().map(|t| t.site_dir(name.as_str())),
             zygote_leaves,
+            memory: self.cgroups.as_ref().is_some_and(CgroupTree::has_memory),
         };
         site.machine.handle(input, &world, Instant::now())
     }

@@ -574,8 +574,8 @@ impl Agent {
             previous.as_fd(),
         ];
         kept.extend(pending.iter().copied());
-        // A binary that does not take it (older) locks the base itself, once this image's
-        // lock closed at the `execve`.
+        // Not to a binary that does not take it (an older one, which knows no such lock:
+        // it runs without, and this image's closes at the `execve`).
         let cgroup_lock = self
             .cgroups
             .as_ref()

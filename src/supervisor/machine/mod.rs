@@ -76,6 +76,11 @@ pub trait Observe {
     /// The largest measured memory (`memory.peak`, or `memory.current`) of these slots of
     /// generation `generation`, where it is accounted.
     fn measured_memory(&self, generation: GenId, slots: &[Slot]) -> Option<u64>;
+    /// Whether workers' memory can be measured here at all (the memory controller in
+    /// their leaves): where it cannot, a site sized by its budget grows on its estimate.
+    fn memory_measurable(&self) -> bool {
+        true
+    }
     /// What generation `generation`'s zygote holds of the site's budget (its leaf's
     /// `memory.current`), where it has one and it is accounted.
     fn zygote_memory(&self, generation: GenId) -> Option<u64> {

@@ -304,28 +304,55 @@ impl Observe for Measured {
     }
 }
 
+/// A host without the memory controller: nothing is measured, ever.
+struct Unmeasurable;
+
+impl Observe for Unmeasurable {
+    fn resolve_release(&self, s: &SiteConfig, a: Option<&Path>) -> Result<Option<PathBuf>, String> {
+        Quiet.resolve_release(s, a)
+    }
+    fn measured_memory(&self, _: GenId, _: &[Slot]) -> Option<u64> {
+        None
+    }
+    fn memory_measurable(&self) -> bool {
+        false
+    }
+    fn queues_empty(&self, _: GenId, _: GenId) -> bool {
+        true
+    }
+    fn probe_alone(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 #[test]
 fn an_auto_site_grows_on_its_estimate_where_memory_cannot_be_measured() {
-    // Cap 5 (512M / 100M), auto between 1 and 16; `Quiet` measures nothing, as a host
-    // without the memory controller.
+    // Cap 5 (512M / 100M), auto between 1 and 16.
     let auto = "workers = \"auto\"\nworkers_min = 1\nworkers_max = 16\nmemory = \"512M\"\nworker_memory = \"100M\"\n";
     let t = Instant::now();
     let (mut m, _) = SiteMachine::new(site(auto), None, None, t);
-    let a = send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    let a = send(&mut m, Input::Start(Some(ClientId(1))), &Unmeasurable, t);
     assert_eq!(spawned(&a), vec![(1, 0)]);
     assert_eq!(m.capacity().map(|c| c.workers), Some(5));
     // One more each time the workers have settled, up to the cap, and no further.
     let mut now = t;
     for grown in 2..=5 {
         now += capacity::SETTLE;
-        send(&mut m, Input::Tick, &Quiet, now);
+        send(&mut m, Input::Tick, &Unmeasurable, now);
         assert_eq!(m.current().slots.desired, grown, "at {:?}", now - t);
     }
     for _ in 0..5 {
         now += capacity::SETTLE * 5;
-        send(&mut m, Input::Tick, &Quiet, now);
+        send(&mut m, Input::Tick, &Unmeasurable, now);
     }
     assert_eq!(m.current().slots.desired, 5);
+    // Where memory can be measured and was not (yet), nothing grows on the estimate.
+    let (mut m, _) = SiteMachine::new(site(auto), None, None, t);
+    send(&mut m, Input::Start(Some(ClientId(1))), &Quiet, t);
+    for k in 1..=3 {
+        send(&mut m, Input::Tick, &Quiet, t + capacity::SETTLE * k);
+    }
+    assert_eq!(m.current().slots.desired, 1);
     // Where memory is measured, growth waits for a peak that holds, as before: a first
     // measurement alone grows nothing.
     let (mut m, _) = SiteMachine::new(site(auto), None, None, t);

@@ -86,9 +86,9 @@ impl SiteMachine {
         // per-worker figure: only grow once the peak held within 5% since the last check.
         let stable = match (measured, self.last_peak) {
             (Some(now_peak), Some(before)) => now_peak <= before.saturating_add(before / 20),
-            // Workers settled and nothing to measure (no memory accounting on this host):
-            // the estimate is all there is, and it does not grow.
-            (None, _) => !settled.is_empty(),
+            // Nothing to measure on this host (no memory controller): once the workers
+            // settled, the estimate is all there is, and it does not grow.
+            (None, _) => !obs.memory_measurable() && !settled.is_empty(),
             _ => false,
         };
         let core = &cur.slots;
