@@ -836,7 +836,13 @@ fn check(path: &std::path::Path, json: bool, quiet: bool) -> ExitCode {
         .as_ref()
         .and_then(|m| std::fs::read_to_string(m.join("cgroup.controllers")).ok())
         .unwrap_or_default();
-    let offered: Vec<&str> = offered.split_whitespace().collect();
+    // With cgroups off, the agent uses no controller, whatever the mount offers.
+    let cgroups_off = config.cgroup_base == config::CgroupBase::Off;
+    let offered: Vec<&str> = if cgroups_off {
+        Vec::new()
+    } else {
+        offered.split_whitespace().collect()
+    };
     let lacking: Vec<&str> = ["memory", "pids", "cpu"]
         .into_iter()
         .filter(|c| !offered.contains(c))
@@ -954,10 +960,17 @@ fn check(path: &std::path::Path, json: bool, quiet: bool) -> ExitCode {
                     })
                     .collect();
                 controllers.dedup();
+                let why = match &mount {
+                    _ if cgroups_off => "cgroup_base = \"off\"".to_string(),
+                    None => "no cgroup v2 mount".to_string(),
+                    Some(_) => format!(
+                        "the cgroup v2 mount offers no {} controller",
+                        controllers.join(", ")
+                    ),
+                };
                 println!(
-                    "  {site}: [NO ] {}: not enforced here (the cgroup v2 mount offers no {} controller)",
-                    keys.join(", "),
-                    controllers.join(", ")
+                    "  {site}: [NO ] {}: not enforced here ({why})",
+                    keys.join(", ")
                 );
             }
         }

@@ -412,6 +412,7 @@ fn scale(out: &mut String, l: &hatchery::status::ScaleStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn a_budget_not_enforced_here_is_said_so() {
@@ -422,7 +423,6 @@ mod tests {
         );
         assert_eq!(budget(None, None), "no budget");
     }
-    use std::time::{Duration, Instant};
 
     #[test]
     fn a_stop_of_many_workers_prints_five_lines_and_one_summary() {

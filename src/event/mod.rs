@@ -502,7 +502,7 @@ impl Agent {
             Err(e @ crate::cgroup::CgroupError::InUse { .. }) => {
                 return Err(setup_err(
                     "take the cgroup base",
-                    io::Error::new(io::ErrorKind::AddrInUse, e.to_string()),
+                    io::Error::new(io::ErrorKind::AddrInUse, e),
                 ));
             }
             Err(e) => (None, Some(format!("{e}: {}", error_chain(&e)))),
