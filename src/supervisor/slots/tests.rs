@@ -134,33 +134,33 @@ fn a_crash_restarts_and_a_crash_loop_ends_in_failed() {
     assert_eq!(s.run, RunState::Running);
 }
 
-/// Slot 1 of a running site of `n` flaps until it is held down; returns the time then.
-fn flap_slot_1(s: &mut SiteCore, mut t: Instant) -> Instant {
+/// Slot `id` of a running site flaps until it is held down; returns the time then.
+fn flap(s: &mut SiteCore, id: u32, mut t: Instant) -> Instant {
     for k in 0..10 {
         t += Duration::from_millis(1);
         let a = s.handle(
             Input::Exited {
-                id: Slot(1),
+                id: Slot(id),
                 reason: ExitReason::Signaled { signal: 11 },
             },
             t,
         );
-        if a.contains(&Action::Note(Note::Failed(Slot(1)))) {
+        if a.contains(&Action::Note(Note::Failed(Slot(id)))) {
             return t;
         }
-        if let Phase::Backoff { until } = s.slots[&Slot(1)].phase {
+        if let Phase::Backoff { until } = s.slots[&Slot(id)].phase {
             t = until;
             s.handle(Input::DeadlineReached, t);
         }
         s.handle(
             Input::Spawned {
-                id: Slot(1),
+                id: Slot(id),
                 pid: 200 + k,
             },
             t,
         );
     }
-    panic!("slot 1 never failed");
+    panic!("slot {id} never failed");
 }
 
 #[test]
@@ -169,7 +169,7 @@ fn a_failed_site_runs_again_once_no_worker_is_held_down() {
     // held down: the site is running again, and settles.
     let t0 = Instant::now();
     let mut s = running(2, ReadyCheck::None, t0);
-    let mut t = flap_slot_1(&mut s, t0 + Duration::from_secs(3));
+    let mut t = flap(&mut s, 1, t0 + Duration::from_secs(3));
     assert_eq!(s.run, RunState::Failed);
     let a = s.handle(Input::RestartRequested, t);
     assert_eq!(spawns(&a), vec![1], "the worker held down first");
@@ -202,31 +202,7 @@ fn a_failed_site_runs_again_once_no_worker_is_held_down() {
     // A site of one worker, held down: the restart is done once that worker has settled,
     // not when it is started.
     let mut s = running(1, ReadyCheck::None, t0);
-    let mut t = t0 + Duration::from_secs(3);
-    for k in 0..10 {
-        t += Duration::from_millis(1);
-        let a = s.handle(
-            Input::Exited {
-                id: Slot(0),
-                reason: ExitReason::Signaled { signal: 11 },
-            },
-            t,
-        );
-        if a.contains(&Action::Note(Note::Failed(Slot(0)))) {
-            break;
-        }
-        if let Phase::Backoff { until } = s.slots[&Slot(0)].phase {
-            t = until;
-            s.handle(Input::DeadlineReached, t);
-        }
-        s.handle(
-            Input::Spawned {
-                id: Slot(0),
-                pid: 400 + k,
-            },
-            t,
-        );
-    }
+    let t = flap(&mut s, 0, t0 + Duration::from_secs(3));
     assert_eq!(s.run, RunState::Failed);
     let a = s.handle(Input::RestartRequested, t);
     assert_eq!(spawns(&a), vec![0]);
@@ -247,7 +223,7 @@ fn a_failed_site_runs_again_once_no_worker_is_held_down() {
 
     // A scale that removes the worker held down: running too.
     let mut s = running(2, ReadyCheck::None, t0);
-    let t = flap_slot_1(&mut s, t0 + Duration::from_secs(3));
+    let t = flap(&mut s, 1, t0 + Duration::from_secs(3));
     assert_eq!(s.run, RunState::Failed);
     s.handle(Input::ScaleRequested(1), t);
     assert!(!s.slots.contains_key(&Slot(1)));
@@ -255,7 +231,7 @@ fn a_failed_site_runs_again_once_no_worker_is_held_down() {
     assert!(s.is_settled());
     // A scale that keeps it (up): failed still.
     let mut s = running(2, ReadyCheck::None, t0);
-    let t = flap_slot_1(&mut s, t0 + Duration::from_secs(3));
+    let t = flap(&mut s, 1, t0 + Duration::from_secs(3));
     let a = s.handle(Input::ScaleRequested(3), t);
     assert_eq!(spawns(&a), vec![2]);
     assert_eq!(s.run, RunState::Failed, "slot 1 is held down still");
