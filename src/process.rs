@@ -96,8 +96,8 @@ impl PidRef {
         }
     }
 
-    /// Sends `signal` to the process group the worker leads (it called `setsid`), while
-    /// the leader is not yet reaped, so the group id cannot have been reused.
+    /// Sends `signal` to the process group the worker leads (it called `setpgid` or
+    /// `setsid`), while the leader is not yet reaped, so the group id cannot have been reused.
     pub fn signal_group(&self, signal: i32) -> io::Result<()> {
         let sig = RSignal::from_named_raw(signal)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;

@@ -9,8 +9,8 @@
 //! inodes: see `sys::landlock`). The child applies the plan with raw syscalls between `clone3` and
 //! `execve`, in this order (each step's why is next to its syscall there):
 //!
-//! 0.-4. fd table unshared, signals reset, `setsid`, fds moved into place, the rest
-//!    closed (see `sys::spawn`);
+//! 0.-4. fd table unshared, signals reset, a process group of its own (`setpgid`, or
+//!    `setsid`), fds moved into place, the rest closed (see `sys::spawn`);
 //! 5. `TIOCSCTTY` (only for `hatchery exec` on a PTY);
 //! 6. rlimits: before dropping privileges, since raising a hard limit needs
 //!    `CAP_SYS_RESOURCE`;

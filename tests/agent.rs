@@ -2374,3 +2374,107 @@ fn a_second_agent_on_the_same_cgroup_base_is_refused_and_touches_nothing() {
     assert!(with_marker("marker-second").is_empty());
     assert!(!base.join("sites").join("second").exists());
 }
+
+/// `/proc/PID/stat`'s process group, session and controlling terminal (`tty_nr`).
+fn group_session_tty(pid: i64) -> (i64, i64, i64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = &stat[stat.rfind(')').expect("comm") + 1..];
+    let f: Vec<i64> = rest
+        .split_ascii_whitespace()
+        .skip(2)
+        .take(3)
+        .map(|v| v.parse().expect("number"))
+        .collect();
+    (f[0], f[1], f[2])
+}
+
+/// Each worker leads a process group of its own. Without a terminal it stays in the agent's
+/// session (a session each would be a scheduler group each); with one, each worker is given
+/// a session of its own, so that none has the agent's terminal.
+#[test]
+fn a_worker_leads_its_own_group_and_never_has_the_agents_terminal() {
+    let site = sleeper("web", 2, "");
+    let opts = || Options {
+        reactor: "epoll",
+        cgroups: false,
+    };
+    // Started through `setsid`: a session without a terminal, the agent its leader.
+    let agent = TestAgent::start_through(&[("web", &site)], opts(), &["setsid"]);
+    agent.wait_for("web", "2 ready", Duration::from_secs(20), |s| {
+        s["ready"] == 2
+    });
+    let pid = i64::from(agent.pid());
+    assert_eq!(group_session_tty(pid), (pid, pid, 0), "the agent's own");
+    for w in agent.pids("web") {
+        assert_eq!(group_session_tty(w), (w, pid, 0), "worker {w}");
+    }
+    drop(agent);
+
+    // On a terminal of its own (`setsid -c`, stdin the terminal), as in a shell.
+    use rustix::pty::OpenptFlags;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .expect("openpt");
+    rustix::pty::grantpt(&master).expect("grantpt");
+    rustix::pty::unlockpt(&master).expect("unlockpt");
+    let pts = rustix::pty::ptsname(&master, Vec::new()).expect("ptsname");
+    let pts = pts.to_str().expect("utf-8");
+    let redirect = format!("exec setsid -c \"$@\" < {pts}");
+    let agent = TestAgent::start_through(
+        &[("web", &site)],
+        opts(),
+        &["/bin/sh", "-c", &redirect, "sh"],
+    );
+    agent.wait_for("web", "2 ready", Duration::from_secs(20), |s| {
+        s["ready"] == 2
+    });
+    let pid = i64::from(agent.pid());
+    let (_, session, tty) = group_session_tty(pid);
+    assert_eq!(session, pid);
+    assert_ne!(tty, 0, "the agent has the terminal");
+    for w in agent.pids("web") {
+        assert_eq!(group_session_tty(w), (w, w, 0), "worker {w}");
+    }
+    // The agent stops before the terminal closes (a hang-up would signal it).
+    drop(agent);
+    drop(master);
+}
+
+/// What the README says of a worker stopped when the agent dies: its process group, left
+/// without a parent in the agent's session, is sent `SIGHUP` and `SIGCONT` by the kernel, and
+/// the next agent restarts the worker it ended (the others are adopted as they run).
+#[test]
+fn a_worker_stopped_when_the_agent_dies_is_restarted_by_the_next_agent() {
+    let site = sleeper("web", 2, "");
+    let opts = Options {
+        reactor: "epoll",
+        cgroups: false,
+    };
+    let mut agent = TestAgent::start_through(&[("web", &site)], opts, &["setsid"]);
+    agent.wait_for("web", "2 ready", Duration::from_secs(20), |s| {
+        s["ready"] == 2
+    });
+    let pids = agent.pids("web");
+    let out = Command::new("kill")
+        .args(["-STOP", &pids[0].to_string()])
+        .status()
+        .expect("kill");
+    assert!(out.success());
+    wait_until("the worker stopped", Duration::from_secs(10), || {
+        processes().iter().any(|p| p.0 == pids[0] && p.2 == 'T')
+    });
+    agent.crash();
+    agent.relaunch();
+    let s = agent.wait_for("web", "w-0 replaced", Duration::from_secs(20), |s| {
+        s["ready"] == 2
+            && s["workers"][0]["pid"]
+                .as_i64()
+                .is_some_and(|p| p != pids[0])
+    });
+    assert_eq!(s["workers"][0]["restarts"], 1, "{s}");
+    assert_eq!(
+        s["workers"][1]["pid"], pids[1],
+        "w-1 adopted as it ran: {s}"
+    );
+    assert_eq!(s["workers"][1]["restarts"], 0, "{s}");
+}

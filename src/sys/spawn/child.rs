@@ -35,6 +35,8 @@ pub(super) struct ChildPlan<'a> {
     /// The Landlock ruleset the agent built for the sandbox, -1 when there is none.
     pub(super) ruleset: RawFd,
     pub(super) controlling_tty: bool,
+    /// `setsid` rather than `setpgid(0, 0)`.
+    pub(super) new_session: bool,
     pub(super) reset_signals: [libc::c_int; MAX_SIGNALS],
     pub(super) n_reset: usize,
 }
@@ -86,10 +88,16 @@ pub(super) unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         fail(plan.report, ChildStep::ResetSignals);
     }
 
-    // Step 2: our own session and process group.
-    // SAFETY: plain syscall without pointers.
-    if unsafe { libc::setsid() } < 0 {
-        fail(plan.report, ChildStep::Setsid);
+    // Step 2: our own process group, in a session of our own when asked.
+    let led = if plan.new_session {
+        // SAFETY: plain syscall without pointers.
+        unsafe { libc::setsid() }
+    } else {
+        // SAFETY: plain syscall with integer arguments (0, 0: this process, its own pid).
+        unsafe { libc::setpgid(0, 0) }
+    };
+    if led < 0 {
+        fail(plan.report, ChildStep::OwnGroup);
     }
 
     // Step 3: fd map. Duplicate every source above the highest target first.

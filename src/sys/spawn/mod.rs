@@ -44,8 +44,17 @@
 //!    shares our memory must never run one of our handlers), then unblock every signal
 //!    (the agent blocks the ones it reads from its signalfd, and the mask survives
 //!    `execve`); in that order, so no signal is delivered to a disposition of ours;
-//! 2. `setsid()`: the worker leads its own session and process group, so the agent can
-//!    signal its whole tree by group when no cgroup is available;
+//! 2. `setpgid(0, 0)`: the worker leads a process group of its own, so the agent can
+//!    signal its whole tree by group when no cgroup is available; `setsid()` instead, a
+//!    session of its own, when the agent has a controlling terminal (so that no worker has
+//!    it: a process may read its controlling terminal, inject input into it with
+//!    `TIOCSTI`, and is sent the terminal's Ctrl-C when in its foreground group), and for
+//!    `hatchery exec` on a PTY (step 5). Not a session for every worker: each session is a
+//!    scheduler autogroup where no `cpu` controller groups the worker (a task group with a
+//!    run queue on every CPU, made and torn down with the worker and walked by the
+//!    scheduler's load balancing; see BENCHMARKS.md for what it cost a mass crash of
+//!    10,000). The workers share the agent's session, as a service's processes share the
+//!    one systemd gives it;
 //! 3. move the fd map into place: every source is first duplicated above the highest
 //!    target (so a source sitting on another target's number is never clobbered), then
 //!    `dup2`ed onto its target, which also clears `FD_CLOEXEC`;
@@ -169,8 +178,8 @@ pub enum ChildStep {
     UnshareFds = 0,
     /// 1: resetting signal dispositions, or `sigprocmask`.
     ResetSignals = 1,
-    /// 2: `setsid`.
-    Setsid = 2,
+    /// 2: `setpgid` or `setsid`.
+    OwnGroup = 2,
     /// 3: duplicating the fd map into place.
     MoveFds = 3,
     /// 4: `close_range` of the fds the worker must not inherit.
@@ -206,7 +215,7 @@ impl ChildStep {
     const ALL: [ChildStep; 17] = [
         ChildStep::UnshareFds,
         ChildStep::ResetSignals,
-        ChildStep::Setsid,
+        ChildStep::OwnGroup,
         ChildStep::MoveFds,
         ChildStep::CloseFds,
         ChildStep::ControllingTty,
@@ -232,7 +241,7 @@ impl ChildStep {
         match self {
             ChildStep::UnshareFds => "unshare the file descriptor table",
             ChildStep::ResetSignals => "reset the signal mask",
-            ChildStep::Setsid => "start a new session",
+            ChildStep::OwnGroup => "lead a process group of its own",
             ChildStep::MoveFds => "move file descriptors into place",
             ChildStep::CloseFds => "close inherited file descriptors",
             ChildStep::ControllingTty => "acquire the controlling terminal",
@@ -345,6 +354,8 @@ pub struct ExecImage {
     /// without it the child builds its own.
     ruleset: Option<std::sync::Arc<OwnedFd>>,
     controlling_tty: bool,
+    /// A session of its own (`setsid`), not only a process group.
+    new_session: bool,
 }
 
 impl ExecImage {
@@ -398,6 +409,7 @@ impl ExecImage {
             sandbox: None,
             ruleset: None,
             controlling_tty: false,
+            new_session: agent_has_terminal(),
         })
     }
 
@@ -413,10 +425,32 @@ impl ExecImage {
         self.ruleset = Some(ruleset);
     }
 
-    /// Makes fd 0 (a terminal) the child's controlling terminal.
+    /// Makes fd 0 (a terminal) the child's controlling terminal (in a session of its own).
     pub fn set_controlling_tty(&mut self) {
         self.controlling_tty = true;
+        self.new_session = true;
     }
+}
+
+/// Whether this process has a controlling terminal (read once: the agent never acquires one,
+/// opening terminals with `O_NOCTTY`). Its children are then given sessions of their own.
+fn agent_has_terminal() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| tty_nr(&stat))
+            // Unreadable: as with a terminal, the safe side.
+            .is_none_or(|tty| tty != 0)
+    })
+}
+
+/// The `tty_nr` field of a `/proc/PID/stat` line: 0 without a controlling terminal.
+fn tty_nr(stat: &str) -> Option<i64> {
+    // The command name, in parentheses, may hold spaces and parentheses: the fields
+    // after it start behind the last `)`: state, ppid, pgrp, session, tty_nr.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_ascii_whitespace().nth(4)?.parse().ok()
 }
 
 // SAFETY: the raw pointers of an `ExecImage` (`argv_ptrs`, `env_ptrs`) point into heap
@@ -621,6 +655,7 @@ fn spawn_with_block(
         sandbox: sandbox.as_deref(),
         ruleset: ruleset_fd,
         controlling_tty: image.controlling_tty,
+        new_session: image.new_session,
         reset_signals: block.reset_signals,
         n_reset: block.n_reset,
     };
@@ -781,5 +816,16 @@ mod tests {
             .flatten()
             .collect();
         assert_eq!(doc, (0..=16).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_controlling_terminal_is_read_behind_the_command_name() {
+        let on_pts = "4242 (sh) S 4200 4242 4200 34817 4242 4194304 100 0 0 0";
+        assert_eq!(tty_nr(on_pts), Some(34817));
+        // A name with spaces and a parenthesis, and no terminal.
+        let none = "77 (a) b (c) S 1 77 77 0 -1 4194560 5 0 0 0";
+        assert_eq!(tty_nr(none), Some(0));
+        assert_eq!(tty_nr("77 (cut short"), None);
+        assert_eq!(tty_nr("77 (x) S 1 77"), None);
     }
 }
