@@ -2477,4 +2477,7 @@ fn a_worker_stopped_when_the_agent_dies_is_restarted_by_the_next_agent() {
         "w-1 adopted as it ran: {s}"
     );
     assert_eq!(s["workers"][1]["restarts"], 0, "{s}");
+    // The ended worker's pipe, let go by the fd holder, is not said to be lost.
+    let log = agent.agent_log();
+    assert!(!log.contains("did not hold its pipe"), "{log}");
 }

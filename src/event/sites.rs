@@ -360,6 +360,9 @@ impl Agent {
                             Some(pipe),
                         );
                     }
+                    // The holder lets a pipe go once its worker has exited: that exit is
+                    // what the log says next.
+                    None if a.pidref.has_exited() => {}
                     None => {
                         warn!(site = %name, gen = g.0, worker = %a.slot, pid = a.pidref.pid(), "the output of an adopted worker is lost (the fd holder did not hold its pipe): it dies of SIGPIPE at its next write, and is restarted")
                     }
