@@ -36,6 +36,12 @@
 //!    10 s, else after a delay that doubles up to 10 s, and says so in its log and in
 //!    `STATUS=`. An agent that exits 0 by itself (a `SIGTERM` sent to it alone) has stopped
 //!    every site: the keeper exits 0 too.
+//! 7. Is the child subreaper of what the agent leaves: a dead agent's workers become the
+//!    keeper's children (it reaps them when they exit; the next agent watches them by
+//!    pidfd). This keeps a stopped worker stopped: each worker leads a process group in the
+//!    agent's session, and a group whose processes' parents are all outside the session (as
+//!    PID 1 would be) is orphaned, which makes the kernel send it `SIGHUP` and `SIGCONT` when
+//!    one of them is stopped; the keeper is in the session.
 //!
 //! It is on when the agent is started by systemd (`INVOCATION_ID` and `NOTIFY_SOCKET` set)
 //! unless `HATCHERY_KEEPER=off` is in its environment (`Environment=` in the unit). What it
@@ -125,7 +131,13 @@ pub fn run(args: &[OsString]) -> u8 {
 
 fn keep(args: &[OsString]) -> std::io::Result<u8> {
     let unit = move_to_leaf();
-    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    // The workers' parent once the agent is dead (see the module's doc, 7.).
+    if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+        warn!(
+            "keeper: cannot become the workers' reaper ({e}): a worker stopped when the agent dies is sent SIGHUP"
+        );
+    }
+    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD];
     block_signals(&SigSet::of(&signals))?;
     let sigfd = signalfd(&SigSet::of(&signals))?;
     let name = format!("hatchery-keeper/{}", std::process::id());
@@ -209,6 +221,9 @@ fn keep(args: &[OsString]) -> std::io::Result<u8> {
         drop(fds);
 
         while let Some(signal) = read_signal(sigfd.as_fd())? {
+            if signal == libc::SIGCHLD {
+                continue;
+            }
             if signal != libc::SIGHUP {
                 stopping = true;
             }
@@ -250,6 +265,23 @@ fn keep(args: &[OsString]) -> std::io::Result<u8> {
                 "STATUS=the agent {how}: starting another, its workers keep running"
             ));
             start_at = Some(Instant::now() + delay);
+        }
+        reap_workers(agent.as_ref());
+    }
+}
+
+/// Reaps the children the keeper inherited from a dead agent (its workers, its fd holder)
+/// once they exit; never the agent, reaped by [`Child::wait`] once its pidfd says so.
+fn reap_workers(agent: Option<&Agent>) {
+    while let Ok(Some(pid)) = crate::sys::wait::peek_zombie() {
+        if agent.is_some_and(|a| a.pid() == pid) {
+            return;
+        }
+        let Some(pid) = Pid::from_raw(pid) else {
+            return;
+        };
+        if rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG).is_err() {
+            return;
         }
     }
 }

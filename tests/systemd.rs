@@ -185,16 +185,25 @@ fn cgroup_of(pid: i64) -> String {
         .to_string()
 }
 
-/// The agent: the only child of the keeper, the unit's main process.
-fn agent_pid() -> i64 {
-    let main = show("MainPID");
-    let children =
-        std::fs::read_to_string(format!("/proc/{main}/task/{main}/children")).unwrap_or_default();
-    let pids: Vec<i64> = children
+/// The keeper's agents: its children started as `hatchery agent` (after an agent's death
+/// the keeper is also the parent of its workers and fd holder).
+fn agents_of(keeper: &str) -> Vec<i64> {
+    std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children"))
+        .unwrap_or_default()
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
-        .collect();
-    assert_eq!(pids.len(), 1, "the keeper {main} has children {pids:?}");
+        .filter(|pid: &i64| {
+            let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            argv.split(|b| *b == 0).nth(1) == Some(b"agent".as_slice())
+        })
+        .collect()
+}
+
+/// The agent: the one agent child of the keeper, the unit's main process.
+fn agent_pid() -> i64 {
+    let main = show("MainPID");
+    let pids = agents_of(&main);
+    assert_eq!(pids.len(), 1, "the keeper {main} has agents {pids:?}");
     pids[0]
 }
 
@@ -231,13 +240,11 @@ impl Load {
     }
 }
 
-/// Waits until the keeper (the unit's main process `keeper`) has a child other than
-/// agent `old`, and that new agent answers.
+/// Waits until the keeper (the unit's main process `keeper`) has an agent other than
+/// `old`, and that new agent answers.
 fn wait_for_a_new_agent(what: &str, keeper: &str, old: i64) {
     wait_until(what, Duration::from_secs(120), || {
-        let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children"))
-            .unwrap_or_default();
-        !children.trim().is_empty() && !children.contains(&old.to_string())
+        agents_of(keeper).iter().any(|&pid| pid != old)
     });
     wait_until("the new agent to answer", Duration::from_secs(60), || {
         hatchery(&["status", "--json"]).status.success()
@@ -251,6 +258,22 @@ fn signal(pid: i64, sig: rustix::process::Signal) {
 
 fn alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `/proc/PID/stat`'s state and parent, behind the command name.
+fn stat_fields(pid: i64) -> Option<(char, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    Some((state, rest.next()?.to_string()))
+}
+
+fn state_of(pid: i64) -> Option<char> {
+    stat_fields(pid).map(|f| f.0)
+}
+
+fn parent_of(pid: i64) -> Option<String> {
+    stat_fields(pid).map(|f| f.1)
 }
 
 #[test]
@@ -472,11 +495,27 @@ fn an_agent_killed_under_systemd_is_replaced_and_adopts_its_workers_without_a_fa
     let main_pid = show("MainPID");
     let restarts = show("NRestarts");
     let before = status();
+    // A worker stopped by hand (of the site not under load: a stopped worker takes its
+    // share of connections and answers none) keeps its stop across the crash: the keeper
+    // becomes its parent, in its session, so its process group is not orphaned (the
+    // kernel would send it SIGHUP and SIGCONT).
+    let stopped = worker_pids(&before, "shop")[2];
+    signal(stopped, rustix::process::Signal::STOP);
+    wait_until("shop's w-2 stopped", Duration::from_secs(20), || {
+        state_of(stopped) == Some('T')
+    });
     let load = keep_asking(18085);
     let agent = agent_pid();
     signal(agent, rustix::process::Signal::KILL);
     wait_for_a_new_agent("a new agent", &main_pid, agent);
     load.end("across the agent's crash");
+    assert_eq!(state_of(stopped), Some('T'), "shop's w-2 kept its stop");
+    assert_eq!(
+        parent_of(stopped).as_deref(),
+        Some(main_pid.as_str()),
+        "the keeper is the parent of the dead agent's workers"
+    );
+    signal(stopped, rustix::process::Signal::CONT);
     assert_eq!(show("MainPID"), main_pid, "the unit was restarted");
     assert_eq!(show("NRestarts"), restarts, "systemd restarted the unit");
     assert_eq!(show("ActiveState"), "active");
