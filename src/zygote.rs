@@ -849,6 +849,11 @@ fn worker_child(
     start: WorkerStart,
     worker: &mut impl FnMut(WorkerStart) -> i32,
 ) -> ! {
+    // A process group of its own, as every worker the agent starts (`sys::spawn`, step 2):
+    // without cgroups the agent kills a worker's tree by its group.
+    if rustix::process::setpgid(None, None).is_err() {
+        exit_now(1)
+    }
     // Close the zygote's end of the link (the worker must not be able to talk for the
     // zygote, nor keep it open past the zygote's exit) and our copy of the go pipe's write
     // end (else its end of file would never come).

@@ -126,15 +126,25 @@ fn wait_recorded_ready(agent: &TestAgent, n: usize) {
     );
 }
 
-/// The parent pid of `pid`.
-fn ppid(pid: i64) -> Option<i64> {
+/// Field `n` (0: the state) of `/proc/PID/stat` behind the command name, as a number.
+fn stat_field(pid: i64, n: usize) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?
         .1
         .split_whitespace()
-        .nth(1)?
+        .nth(n)?
         .parse()
         .ok()
+}
+
+/// The parent pid of `pid`.
+fn ppid(pid: i64) -> Option<i64> {
+    stat_field(pid, 1)
+}
+
+/// The process group of `pid`.
+fn pgid(pid: i64) -> Option<i64> {
+    stat_field(pid, 2)
 }
 
 fn zygote(s: &serde_json::Value) -> &serde_json::Value {
@@ -205,6 +215,11 @@ fn forked_workers_outlive_their_zygote(reactor: &'static str, cgroups: bool) {
             ppid(w),
             Some(i64::from(agent.pid())),
             "worker {w} is the agent's own child"
+        );
+        assert_eq!(
+            pgid(w),
+            Some(w),
+            "worker {w} leads a process group of its own"
         );
     }
     assert_eq!(ppid(zpid), Some(i64::from(agent.pid())));
@@ -524,18 +539,7 @@ fn a_zygote_gets_its_sites_whole_stop_sequence() {
 /// pid the test writes to a FIFO, then `FORKED` with the first of them to every `FORK`.
 #[test]
 fn a_zygote_cannot_take_or_move_a_process_it_did_not_fork() {
-    // The interpreter vm-tests copies into a VM (`HATCHERY_TEST_PYTHON`), else the host's.
-    let candidates = std::env::var_os("HATCHERY_TEST_PYTHON")
-        .map(std::path::PathBuf::from)
-        .into_iter()
-        .chain(["/usr/bin/python3", "/usr/local/bin/python3", "python3"].map(Into::into));
-    let python = candidates.into_iter().find(|p| {
-        std::process::Command::new(p)
-            .args(["-c", "import sys; assert sys.version_info >= (3, 9)"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    let Some(python) = python else {
+    let Some(python) = python3() else {
         skip("python3 (3.9 or later) is not installed");
         return;
     };

@@ -704,10 +704,13 @@ impl Agent {
                 warn!(site = %name, worker = %slot, pid = w.pidref.pid(), "stop timeout: killing the worker's process tree");
                 let result = match (&self.cgroups, &w.cgroup) {
                     (Some(tree), Some(dir)) => tree.kill(dir).map_err(|e| e.to_string()),
-                    _ => w
-                        .pidref
-                        .signal_group(libc::SIGKILL)
-                        .map_err(|e| e.to_string()),
+                    _ => {
+                        // Its group, and the worker itself, should it lead none (a
+                        // zygote's fork need not: the group is then not found).
+                        let group = w.pidref.signal_group(libc::SIGKILL);
+                        let _ = w.pidref.signal(libc::SIGKILL);
+                        group.map_err(|e| e.to_string())
+                    }
                 };
                 if let Err(e) = result {
                     error!(site = %name, worker = %slot, "failed to kill: {e}; sending SIGKILL to the worker itself");

@@ -23,6 +23,21 @@ pub fn skip(reason: &str) -> bool {
     true
 }
 
+/// A Python 3.9 or later: the interpreter vm-tests copies into a VM
+/// (`HATCHERY_TEST_PYTHON`), else the host's.
+pub fn python3() -> Option<PathBuf> {
+    std::env::var_os("HATCHERY_TEST_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(["/usr/bin/python3", "/usr/local/bin/python3", "python3"].map(Into::into))
+        .find(|p| {
+            Command::new(p)
+                .args(["-c", "import sys; assert sys.version_info >= (3, 9)"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+}
+
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()

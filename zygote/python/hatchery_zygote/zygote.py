@@ -277,6 +277,10 @@ def _worker_child(link, output, go_read, go_write, slot, worker, old_mask):
     """The worker after the second fork: never returns."""
     code = 1
     try:
+        # A process group of its own, as every worker the agent starts: without cgroups
+        # the agent kills a worker's tree by its group, and the kernel's SIGHUP to a group
+        # left orphaned with a stopped process in it (a dying agent's) reaches no other.
+        os.setpgid(0, 0)
         link.close()
         os.close(go_write)
         if slot is None:
