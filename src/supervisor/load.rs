@@ -205,6 +205,8 @@ struct Previous {
     at: Instant,
     counters: Counters,
     busy: Option<Duration>,
+    /// Some worker was starting (fewer ready than desired).
+    starting: bool,
 }
 
 /// A site's load scaling: the previous sample, what the recent ones wanted, the last
@@ -294,11 +296,16 @@ impl LoadState {
         if quick {
             return self.quick(policy, now, counters.queued, last_queued, workers, bounds);
         }
+        let starting_now = workers.ready < workers.desired;
         let previous = self.previous.replace(Previous {
             at: now,
             counters,
             busy: workers.busy,
+            starting: starting_now,
         });
+        // A worker starting at either end of the period: the CPU it spends starting (an
+        // interpreter importing an app) is no load.
+        let starting = starting_now || previous.is_some_and(|p| p.starting);
         let dt = previous.map(|p| now.saturating_duration_since(p.at));
         let before = previous.map(|p| p.counters).unwrap_or_default();
         let per = |n: Option<u64>, b: Option<u64>| dt.and_then(|dt| rate(n, b, dt));
@@ -333,6 +340,8 @@ impl LoadState {
         }
         match (busy, cpu) {
             (Some(b), _) => asks.push((needed(b, target), Reason::Busy { busy: b })),
+            // Neither growth nor shrinking on it: the count stays, as far as the CPU says.
+            (None, Some(c)) if starting => asks.push((workers.desired, Reason::Cpu { cpus: c })),
             (None, Some(c)) => asks.push((needed(c, target), Reason::Cpu { cpus: c })),
             (None, None) => {}
         }

@@ -167,6 +167,36 @@ fn cpu_time_stands_in_for_busy_reports() {
 }
 
 #[test]
+fn the_cpu_of_a_period_in_which_a_worker_starts_is_no_load() {
+    // The first worker of a site importing its app: a CPU's worth, before it is ready.
+    let mut s = Site::new(1);
+    s.ready = 0;
+    s.cpu_usec = Some(0);
+    s.period(None, 0);
+    s.cpu_usec = Some(225_000); // 0.9 CPUs over 250 ms
+    assert_eq!(s.period(None, 0), None, "not ready at either end");
+    s.ready = 1;
+    s.cpu_usec = Some(450_000);
+    assert_eq!(s.period(None, 0), None, "ready only at the end");
+    s.cpu_usec = Some(675_000);
+    let d = s
+        .period(None, 0)
+        .expect("ready throughout: its CPU is load");
+    assert_eq!(d.to, 2, "0.9 CPUs / 0.7");
+    assert!(matches!(d.reason, Reason::Cpu { .. }));
+    // Nor does an idle CPU shrink a site while one of its workers starts.
+    let mut s = Site::new(4);
+    s.ready = 3;
+    s.cpu_usec = Some(0);
+    for _ in 0..100 {
+        assert_eq!(s.period(None, 0), None, "25 s of a worker starting");
+    }
+    s.ready = 4;
+    let shrinks = (0..200).filter_map(|_| s.period(None, 0)).count();
+    assert!(shrinks > 0, "idle once every worker is ready");
+}
+
+#[test]
 fn shrink_waits_a_whole_cooldown_then_follows_the_most_wanted_in_it() {
     let mut s = Site::new(10);
     s.period(Some(0.0), 0);
