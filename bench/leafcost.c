@@ -6,8 +6,8 @@
  *   leaf   each child born in a leaf of its own (mkdir CGROUP_DIR/w-<i>, open O_PATH,
  *          CLONE_INTO_CGROUP), a new leaf for each restart (the old one removed after the
  *          timed part, as Hatchery removes retired leaves off the hot path);
- *   setsid as leaf, and the child calls setsid() before execv (Hatchery's workers lead
- *          their own session);
+ *   setsid as leaf, and the child calls setsid() before execv (Hatchery's workers led
+ *          their own session until 2026-12-07);
  *   premade as leaf, but every leaf is made (and opened) before the timed parts: what
  *          CLONE_INTO_CGROUP into a leaf costs without its mkdir;
  *   reuse  as leaf, but each restart is born in the leaf of the child it replaces (empty

@@ -8,7 +8,8 @@
  * child's first act unsharing the fd table with only fds 0-2 (as Hatchery's do).
  * SIGTERM: send SIGTERM to every child, reap them all, remove every leaf and CGROUP_DIR,
  * exit 0. With LIMITLEAF_SETSID=1 in its environment each child also calls setsid() before
- * its execv (a session, and so a scheduler autogroup, of its own, as Hatchery's workers).
+ * its execv (a session, and so a scheduler autogroup, of its own, as Hatchery's workers had
+ * until 2026-12-07).
  * Build: cc -O2 -o limitleaf bench/limitleaf.c */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -29,7 +30,7 @@ static volatile sig_atomic_t stopping;
 static void on_term(int s) { (void)s; stopping = 1; }
 
 static const char *base;
-static int own_session;     /* LIMITLEAF_SETSID=1: each child calls setsid(), as Hatchery's do */
+static int own_session;     /* LIMITLEAF_SETSID=1: each child calls setsid() (Hatchery's did until 2026-12-07) */
 static char **cmd;
 static int n;
 static pid_t *kids;

@@ -26,8 +26,9 @@
 //! 3. Starts the agent (`/proc/self/exe` with the keeper's own arguments: the same image,
 //!    even once the file was replaced; `hatchery upgrade` is how a new binary comes in) and
 //!    watches its pidfd.
-//! 4. Forwards `SIGTERM`, `SIGINT` and `SIGHUP` to the agent; after a `SIGTERM` or `SIGINT`
-//!    it exits with the agent's status once the agent has exited.
+//! 4. Forwards `SIGTERM`, `SIGINT` and `SIGHUP` to the agent (not a `SIGHUP` the kernel
+//!    sent: see the agent's signals in `event`); after a `SIGTERM` or `SIGINT` it exits with
+//!    the agent's status once the agent has exited.
 //! 5. Pings systemd's watchdog itself (`WATCHDOG_USEC`), and holds the agent to the same
 //!    watchdog: an agent that sends no `WATCHDOG=1` for `WATCHDOG_USEC` is sent `SIGABRT`,
 //!    then `SIGKILL` 10 s later, and replaced. A stuck agent costs its own restart, not the
@@ -39,9 +40,9 @@
 //! 7. Is the child subreaper of what the agent leaves: a dead agent's workers become the
 //!    keeper's children (it reaps them when they exit; the next agent watches them by
 //!    pidfd). This keeps a stopped worker stopped: each worker leads a process group in the
-//!    agent's session, and a group whose processes' parents are all outside the session (as
-//!    PID 1 would be) is orphaned, which makes the kernel send it `SIGHUP` and `SIGCONT` when
-//!    one of them is stopped; the keeper is in the session.
+//!    agent's session, and a group none of whose processes has a parent in another group of
+//!    the session (PID 1 is in none) is orphaned, which makes the kernel send it `SIGHUP` and
+//!    `SIGCONT` when one of them is stopped; the keeper is in the session.
 //!
 //! It is on when the agent is started by systemd (`INVOCATION_ID` and `NOTIFY_SOCKET` set)
 //! unless `HATCHERY_KEEPER=off` is in its environment (`Environment=` in the unit). What it
@@ -60,7 +61,8 @@ use rustix::process::{Pid, PidfdFlags, Signal};
 use tracing::{error, info, warn};
 
 use crate::net::{NotifySocket, sd_notify};
-use crate::process::{SigSet, block_signals, read_signal, signalfd};
+use crate::process::{SigSet, block_signals, signalfd};
+use crate::sys::signals::read_signal_info;
 
 /// Names the unit's delegated cgroup (relative to the cgroup2 mount) for the agent.
 pub const DELEGATED_ENV: &str = "HATCHERY_DELEGATED_CGROUP";
@@ -220,8 +222,10 @@ fn keep(args: &[OsString]) -> std::io::Result<u8> {
         let exited = fds.get(2).is_some_and(|f| !f.revents().is_empty());
         drop(fds);
 
-        while let Some(signal) = read_signal(sigfd.as_fd())? {
-            if signal == libc::SIGCHLD {
+        while let Some(received) = read_signal_info(sigfd.as_fd())? {
+            let signal = received.signal;
+            // A SIGHUP from the kernel is not relayed: the agent ignores it too.
+            if signal == libc::SIGCHLD || (signal == libc::SIGHUP && received.sent_by_kernel()) {
                 continue;
             }
             if signal != libc::SIGHUP {

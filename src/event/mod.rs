@@ -320,6 +320,8 @@ pub struct Agent {
     next_conn: u64,
     pids: HashMap<i32, (SiteName, WorkerId)>,
     shutting_down: bool,
+    /// `SIGHUP`s the kernel sent (ignored; see `handle_pending_signals`).
+    kernel_hangups: u64,
     kernel: Vec<Feature>,
     /// Whether eBPF connection steering can be used here.
     steering_support: crate::steering::SteeringSupport,
@@ -663,6 +665,7 @@ impl Agent {
             next_conn: 1,
             pids: HashMap::new(),
             shutting_down: false,
+            kernel_hangups: 0,
             kernel: features::probe_kernel(),
             steering_support: crate::steering::probe(),
             started: SystemTime::now(),
@@ -1175,6 +1178,18 @@ impl Agent {
             match signals::read_signal_info(self.signalfd.as_fd()).map(|r| r.map(|r| (r.signal, r)))
             {
                 Ok(Some((libc::SIGCHLD, _))) => self.reap(),
+                // Not a reload: the kernel sends SIGHUP at a terminal's hang-up, and to a
+                // process group left orphaned with a stopped process in it, which a worker
+                // (in the agent's session) can bring about by joining the agent's group.
+                Ok(Some((libc::SIGHUP, from))) if from.sent_by_kernel() => {
+                    self.kernel_hangups += 1;
+                    if self.kernel_hangups.is_power_of_two() {
+                        warn!(
+                            count = self.kernel_hangups,
+                            "SIGHUP from the kernel ignored (a terminal's hang-up, or a process group left orphaned with a stopped process): only a SIGHUP a process sends (kill -HUP, systemctl reload) reloads"
+                        );
+                    }
+                }
                 Ok(Some((libc::SIGHUP, _))) => {
                     info!("SIGHUP: reloading the configuration");
                     if let Err(e) = self.reload() {
@@ -1238,7 +1253,12 @@ impl Agent {
                     (Some(tree), Some(dir)) => {
                         tree.kill(dir).map_err(|e| io::Error::other(e.to_string()))
                     }
-                    _ => w.pidref.signal_group(libc::SIGKILL),
+                    // Its group, and the worker itself should it lead none.
+                    _ => {
+                        let group = w.pidref.signal_group(libc::SIGKILL);
+                        let _ = w.pidref.signal(libc::SIGKILL);
+                        group
+                    }
                 };
             }
         }

@@ -58,7 +58,8 @@
 //! before anything binds (never two sets on one port):
 //!
 //! 1. Its process group's other members are pinned by pidfd (without cgroups they hold the
-//!    listeners too, and the group id may be freed once the leader is reaped by init).
+//!    listeners too, and the group id may be freed once the leader is reaped by its new
+//!    parent: init, or the keeper).
 //! 2. The first signal of its site's stop sequence through its pidfd: of the site as
 //!    configured now, or, for a site gone from the configuration, as recorded when its
 //!    workers started (`SIGTERM` and [`MAX_STOP_WAIT`] if that no longer reads).

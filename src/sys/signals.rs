@@ -157,6 +157,17 @@ pub struct Received {
     pub pid: u32,
     /// The sender's real uid.
     pub uid: u32,
+    /// `si_code`: `SI_USER` from `kill`, `SI_KERNEL` from the kernel itself.
+    pub code: i32,
+}
+
+impl Received {
+    /// Whether the kernel sent it rather than a process: a terminal's hang-up, or a process
+    /// group left orphaned with a stopped process in it (`SIGHUP` and `SIGCONT` to the
+    /// group), which any process of the session can bring about.
+    pub fn sent_by_kernel(&self) -> bool {
+        self.code == libc::SI_KERNEL
+    }
 }
 
 /// Reads one pending signal number from a non-blocking signalfd; `None` when drained.
@@ -187,5 +198,6 @@ pub fn read_signal_info(fd: BorrowedFd<'_>) -> io::Result<Option<Received>> {
         signal,
         pid: info.ssi_pid,
         uid: info.ssi_uid,
+        code: info.ssi_code,
     }))
 }
