@@ -2375,6 +2375,29 @@ fn a_second_agent_on_the_same_cgroup_base_is_refused_and_touches_nothing() {
     assert!(!base.join("sites").join("second").exists());
 }
 
+/// An agent (epoll, no cgroups) with one site, `web`, started on a new pseudo-terminal as
+/// its controlling terminal (`setsid -c`, stdin the terminal), as from a shell; and the
+/// terminal's master, whose last close hangs the terminal up.
+fn on_a_terminal(site: &str) -> (std::os::fd::OwnedFd, TestAgent) {
+    use rustix::pty::OpenptFlags;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .expect("openpt");
+    rustix::pty::grantpt(&master).expect("grantpt");
+    rustix::pty::unlockpt(&master).expect("unlockpt");
+    let pts = rustix::pty::ptsname(&master, Vec::new()).expect("ptsname");
+    let redirect = format!("exec setsid -c \"$@\" < {}", pts.to_str().expect("utf-8"));
+    let agent = TestAgent::start_through(
+        &[("web", site)],
+        Options {
+            reactor: "epoll",
+            cgroups: false,
+        },
+        &["/bin/sh", "-c", &redirect, "sh"],
+    );
+    (master, agent)
+}
+
 /// `/proc/PID/stat`'s process group, session and controlling terminal (`tty_nr`).
 fn group_session_tty(pid: i64) -> (i64, i64, i64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
@@ -2394,12 +2417,12 @@ fn group_session_tty(pid: i64) -> (i64, i64, i64) {
 #[test]
 fn a_worker_leads_its_own_group_and_never_has_the_agents_terminal() {
     let site = sleeper("web", 2, "");
-    let opts = || Options {
+    // Started through `setsid`: a session without a terminal, the agent its leader.
+    let opts = Options {
         reactor: "epoll",
         cgroups: false,
     };
-    // Started through `setsid`: a session without a terminal, the agent its leader.
-    let agent = TestAgent::start_through(&[("web", &site)], opts(), &["setsid"]);
+    let agent = TestAgent::start_through(&[("web", &site)], opts, &["setsid"]);
     agent.wait_for("web", "2 ready", Duration::from_secs(20), |s| {
         s["ready"] == 2
     });
@@ -2411,20 +2434,7 @@ fn a_worker_leads_its_own_group_and_never_has_the_agents_terminal() {
     drop(agent);
 
     // On a terminal of its own (`setsid -c`, stdin the terminal), as in a shell.
-    use rustix::pty::OpenptFlags;
-    let master =
-        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
-            .expect("openpt");
-    rustix::pty::grantpt(&master).expect("grantpt");
-    rustix::pty::unlockpt(&master).expect("unlockpt");
-    let pts = rustix::pty::ptsname(&master, Vec::new()).expect("ptsname");
-    let pts = pts.to_str().expect("utf-8");
-    let redirect = format!("exec setsid -c \"$@\" < {pts}");
-    let agent = TestAgent::start_through(
-        &[("web", &site)],
-        opts(),
-        &["/bin/sh", "-c", &redirect, "sh"],
-    );
+    let (master, agent) = on_a_terminal(&site);
     agent.wait_for("web", "2 ready", Duration::from_secs(20), |s| {
         s["ready"] == 2
     });
@@ -2489,23 +2499,7 @@ fn a_worker_stopped_when_the_agent_dies_is_restarted_by_the_next_agent() {
 /// with a stopped process in it, which a worker could bring about from the agent's session.
 #[test]
 fn a_sighup_the_kernel_sends_is_no_reload() {
-    let site = sleeper("web", 1, "");
-    use rustix::pty::OpenptFlags;
-    let master =
-        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
-            .expect("openpt");
-    rustix::pty::grantpt(&master).expect("grantpt");
-    rustix::pty::unlockpt(&master).expect("unlockpt");
-    let pts = rustix::pty::ptsname(&master, Vec::new()).expect("ptsname");
-    let redirect = format!("exec setsid -c \"$@\" < {}", pts.to_str().expect("utf-8"));
-    let agent = TestAgent::start_through(
-        &[("web", &site)],
-        Options {
-            reactor: "epoll",
-            cgroups: false,
-        },
-        &["/bin/sh", "-c", &redirect, "sh"],
-    );
+    let (master, agent) = on_a_terminal(&sleeper("web", 1, ""));
     agent.wait_for("web", "1 ready", Duration::from_secs(20), |s| {
         s["ready"] == 1
     });
