@@ -821,6 +821,10 @@ impl Agent {
     /// and the history, and sends it to the `events -f` clients that may see it. Written
     /// at the end of the turn of the loop (`flush_history`).
     pub(super) fn emit(&mut self, entry: Entry) {
+        // Exits handled before it are told before it (`Agent::tell_exits`).
+        if !self.exits_to_tell.is_empty() {
+            self.tell_exits();
+        }
         if !said_elsewhere(entry.kind) {
             trace(&entry);
         }
@@ -972,6 +976,7 @@ impl Agent {
     /// site's lines in one write (then to its `logs -f` clients). Once per turn of the
     /// loop, and at shutdown (with every summary still owed).
     pub(super) fn flush_history(&mut self, all: bool) {
+        self.tell_exits();
         if all {
             for s in self.history.fold.drain() {
                 self.fold_summary(&s);

@@ -339,6 +339,9 @@ pub struct Agent {
     /// a restart's path, no `rmdir` and cgroup release after it); those still here at the
     /// end of the turn are retired (`Agent::retire_unused_leaves`).
     reusable_leaves: HashMap<(SiteName, GenId, Slot), PathBuf>,
+    /// Exits handled this turn and not yet told (log line, history entry): told once their
+    /// replacements are started, or before anything else is (`Agent::tell_exits`).
+    exits_to_tell: Vec<workers::ExitToTell>,
     /// Workers whose exit was handled, by site, to reap (`Agent::reap_held`).
     zombies: BTreeMap<SiteName, Vec<crate::process::PidRef>>,
     /// Since when the first of them waits.
@@ -679,6 +682,7 @@ impl Agent {
             unsaved: recovery::Unsaved::Changes,
             drained_before_exits: Vec::new(),
             reusable_leaves: HashMap::new(),
+            exits_to_tell: Vec::new(),
             zombies: BTreeMap::new(),
             zombies_since: None,
             scan_owed: false,

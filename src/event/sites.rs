@@ -609,6 +609,7 @@ impl Agent {
     /// generation that is gone meanwhile is answered as failed (it may be tried again).
     pub(super) fn start_deferred(&mut self) {
         let Some(asked) = self.deferred_spawns.take() else {
+            self.tell_exits();
             return;
         };
         let (asked, gone): (Vec<_>, Vec<_>) = asked.into_iter().partition(|(name, g, _)| {
@@ -617,6 +618,7 @@ impl Agent {
                 .is_some_and(|s| s.machine.generation(*g).is_some() && s.io.gens.contains_key(g))
         });
         for (name, generation, id) in gone {
+            self.tell_exits();
             warn!(site = %name, gen = generation.0, worker = %id, "not started: its generation is gone");
             let error = "its generation is gone".to_string();
             let input = slots::Input::SpawnFailed {
@@ -627,6 +629,7 @@ impl Agent {
             self.feed(&name, Input::Worker { generation, input });
         }
         if asked.is_empty() {
+            self.tell_exits();
             return;
         }
         let inputs = self.spawn_all(&asked);
@@ -634,6 +637,7 @@ impl Agent {
             let generation = *generation;
             self.feed(name, Input::Worker { generation, input });
         }
+        self.tell_exits();
     }
 
     /// One input to site `name`'s machine (none once the site is gone).

@@ -340,21 +340,19 @@ impl Agent {
             }
         }
         self.worker_output_done(name, worker.pidref.pid(), Writer::Worker(id.0));
-        if !asked && !self.shutting_down {
+        let crash = !asked && !self.shutting_down;
+        if crash {
             self.counters.crashed(name.as_str(), &reason);
-            warn!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), kind = "exited", "worker {reason}");
-        } else {
-            debug!(site = %name, gen = g.0, worker = %id, pid = worker.pidref.pid(), kind = "exited", "worker {reason}");
         }
-        let words = if asked {
-            format!("{reason} (asked to stop)")
-        } else {
-            reason.to_string()
-        };
-        self.emit(
-            Entry::worker(name, g, id, Some(worker.pidref.pid()), Kind::Exited, words)
-                .exited(&reason, !asked),
-        );
+        self.exits_to_tell.push(ExitToTell {
+            site: name.clone(),
+            generation: g,
+            slot: id,
+            pid: worker.pidref.pid(),
+            reason: reason.clone(),
+            asked,
+            crash,
+        });
         if zombie {
             self.zombies_since.get_or_insert_with(Instant::now);
             match self.zombies.get_mut(name) {
@@ -369,6 +367,38 @@ impl Agent {
             input: Input::Exited { id, reason },
         };
         self.feed_as(name, input, change);
+    }
+
+    /// Tells the exits handled and not yet told, in order: each one's log line (a warning
+    /// for a crash) and history entry. An exit is told after the start of its replacement
+    /// in the same turn (`spawn_chunk`), or before anything else is told (`Agent::emit`),
+    /// or at the turn's end (`Agent::flush_history`): formatting and writing the two took a
+    /// tenth of a crashed worker's restart when they came before its `clone3`.
+    pub(super) fn tell_exits(&mut self) {
+        for exit in std::mem::take(&mut self.exits_to_tell) {
+            let ExitToTell {
+                site,
+                generation: g,
+                slot: id,
+                pid,
+                reason,
+                asked,
+                crash,
+            } = exit;
+            if crash {
+                warn!(site = %site, gen = g.0, worker = %id, pid, kind = "exited", "worker {reason}");
+            } else {
+                debug!(site = %site, gen = g.0, worker = %id, pid, kind = "exited", "worker {reason}");
+            }
+            let words = if asked {
+                format!("{reason} (asked to stop)")
+            } else {
+                reason.to_string()
+            };
+            self.emit(
+                Entry::worker(&site, g, id, Some(pid), Kind::Exited, words).exited(&reason, !asked),
+            );
+        }
     }
 
     /// Starts the workers `asked` for (each a slot of a generation of a site) together
@@ -393,6 +423,10 @@ impl Agent {
             .iter()
             .map(|(name, g, id)| self.prepare_spawn(name, *g, *id))
             .collect();
+        if prepared.iter().any(Result::is_err) {
+            // Told before the failure is.
+            self.tell_exits();
+        }
         let mut images: Vec<Option<crate::sys::spawn::ExecImage>> = prepared
             .iter_mut()
             .map(|p| p.as_mut().ok().and_then(|p| p.image.take()))
@@ -440,6 +474,8 @@ impl Agent {
                 which.push(i);
             }
             let started = start_all(starts, &mut self.fd_block, self.helpers.as_ref());
+            // The exits these starts replace, told now that the starts are made.
+            self.tell_exits();
             for (i, r) in which.into_iter().zip(started) {
                 results[i] = Some(r);
             }
@@ -1015,4 +1051,18 @@ struct Pipes {
     out_w: OwnedFd,
     err_r: OwnedFd,
     err_w: OwnedFd,
+}
+
+/// An exit handled and not yet told ([`Agent::tell_exits`]).
+#[derive(Debug)]
+pub(super) struct ExitToTell {
+    site: SiteName,
+    generation: GenId,
+    slot: Slot,
+    pid: i32,
+    reason: ExitReason,
+    /// It was asked to stop.
+    asked: bool,
+    /// Neither asked nor the agent's shutdown: a crash (a warning).
+    crash: bool,
 }
