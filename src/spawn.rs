@@ -386,15 +386,6 @@ pub fn start_all(
     let done = crate::sys::spawn::run_all(starts.len(), block, helpers, &|i, block| {
         start(i, block, true)
     });
-    // A lone start (a crashed worker's restart): its child is still in `execve` when this
-    // thread wakes (`CLONE_VFORK` wakes it as the child lets go of its memory, before the
-    // new program is loaded), and this thread, back from a sleep, takes the CPU from it for
-    // the rest of the turn when the two share a CPU. Yielding lets the exec finish first
-    // (0.15 ms of a 0.9 ms restart, where they shared one: BENCHMARKS.md). Several starts
-    // are not held up so.
-    if starts.len() == 1 {
-        std::thread::yield_now();
-    }
     // What a helper or this thread could not start, a thread that keeps its whole bounding
     // set does: this one, when it has dropped nothing.
     let left: Vec<usize> = (0..done.len()).filter(|&i| done[i].is_none()).collect();
@@ -402,9 +393,21 @@ pub fn start_all(
         start(left[k], block, false).expect("started there")
     })
     .into_iter();
-    done.into_iter()
+    let started = done
+        .into_iter()
         .map(|r| r.unwrap_or_else(|| again.next().expect("one for each left")))
-        .collect()
+        .collect();
+    // A lone start (a crashed worker's restart): its child is still in `execve` when this
+    // thread wakes (`CLONE_VFORK` wakes it as the child lets go of its memory, before the
+    // new program is loaded), and this thread, back from a sleep, takes the CPU from it for
+    // the rest of the turn when the two share a CPU. Yielding lets the exec finish first:
+    // 0.15 ms sooner where they shared one, nothing seen under the harness, whose watcher
+    // keeps the other CPU busy and the child mostly goes there (BENCHMARKS.md). Several
+    // starts are not held up so.
+    if starts.len() == 1 {
+        std::thread::yield_now();
+    }
+    started
 }
 
 /// `PATH` for workers whose site does not set one.

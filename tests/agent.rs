@@ -132,6 +132,18 @@ fn a_crash_loop_backs_off_then_marks_the_site_failed_until_started() {
         assert_eq!(w["state"], "failed");
         assert_eq!(w["restarts"], 3);
         assert_eq!(w["last_exit"], "exited with code 3");
+        // The agent's log says the four exits, then the failure.
+        let log = agent.agent_log();
+        let failed = log
+            .lines()
+            .position(|l| l.contains("site failed: worker flapping or unstartable"))
+            .unwrap_or_else(|| panic!("no failure in the agent's log:\n{log}"));
+        let exits = log
+            .lines()
+            .take(failed)
+            .filter(|l| l.contains("worker exited with code 3"))
+            .count();
+        assert_eq!(exits, 4, "the exits before the failure:\n{log}");
         // Failed stays failed: nothing is restarted behind the operator's back.
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(agent.status("bad")["workers"][0]["restarts"], 3);

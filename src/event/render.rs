@@ -320,6 +320,15 @@ pub fn event(site: &SiteName, e: &Event) -> String {
 }
 
 /// An event for the agent's log, when it is one (and how loud).
+/// Whether [`log`] writes a line for `e`: for every event but a worker's note, which the
+/// history says, unless its site failed.
+pub fn logs_a_line(e: &Event) -> bool {
+    match e {
+        Event::Worker { note, .. } => matches!(note, Note::Failed(_)),
+        _ => true,
+    }
+}
+
 pub fn log(site: &SiteName, e: &Event) {
     use tracing::{error, info, warn};
     match e {

@@ -847,6 +847,10 @@ impl Agent {
                 None
             }
             Action::Log(event) => {
+                // Its line after the exits handled before it.
+                if render::logs_a_line(&event) {
+                    self.tell_exits();
+                }
                 render::log(name, &event);
                 match event {
                     Event::Deployed { .. } => self.counters.site(name.as_str()).deploys += 1,
