@@ -319,7 +319,6 @@ pub fn event(site: &SiteName, e: &Event) -> String {
     }
 }
 
-/// An event for the agent's log, when it is one (and how loud).
 /// Whether [`log`] writes a line for `e`: for every event but a worker's note, which the
 /// history says, unless its site failed.
 pub fn logs_a_line(e: &Event) -> bool {
@@ -329,6 +328,7 @@ pub fn logs_a_line(e: &Event) -> bool {
     }
 }
 
+/// An event for the agent's log, when it is one (and how loud).
 pub fn log(site: &SiteName, e: &Event) {
     use tracing::{error, info, warn};
     match e {
