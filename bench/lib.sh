@@ -13,3 +13,17 @@ wait_for_workers() {
     sleep 0.3
   done
 }
+
+# start_supervisor BIN N W DIR: starts, in the background, `limit` (the harness's limitsup)
+# or the agent BIN with the harness adapter's site of N workers W (its files in DIR, its log
+# DIR/agent.log); sets `sup` to its pid.
+start_supervisor() {
+  local bin=$1 n=$2 w=$3 dir=$4 here
+  here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  if [ "$bin" = limit ]; then
+    "${PB_BIN:-/tmp/peers-bench/bin}/limitsup" "$n" "$w" & sup=$!
+  else
+    bash "$here/hatchery.sh" config "$dir" "$n" "$w"
+    "$bin" agent --config "$dir/hatchery.toml" 2> "$dir/agent.log" & sup=$!
+  fi
+}

@@ -13,12 +13,7 @@ BIN=$1; N=$2; d=$(mktemp -d /tmp/hmc-XXXX)
 W=${PB_WORKER:-/tmp/peers-bench/bin/pbworker}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 . "$HERE/bench/lib.sh"
-if [ "$BIN" = limit ]; then
-  "${PB_BIN:-/tmp/peers-bench/bin}/limitsup" "$N" "$W" & sup=$!
-else
-  bash "$HERE/bench/hatchery.sh" config "$d" "$N" "$W"
-  "$BIN" agent --config "$d/hatchery.toml" 2> "$d/agent.log" & sup=$!
-fi
+start_supervisor "$BIN" "$N" "$W" "$d"
 wait_for_workers "$sup" "$N" mass-crash "$d"
 sleep 3
 [ -n "${3:-}" ] && { perf record -e sched:sched_switch -g -p $sup -o /tmp/mass-crash.perf 2>/dev/null & pp=$!; sleep 1; }

@@ -12,12 +12,7 @@ BIN=$1; N=${2:-100}; TRIALS=${3:-60}; d=$(mktemp -d /tmp/hrp-XXXX)
 W=${PB_WORKER:-/tmp/peers-bench/bin/pbworker}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 . "$HERE/bench/lib.sh"
-if [ "$BIN" = limit ]; then
-  "${PB_BIN:-/tmp/peers-bench/bin}/limitsup" "$N" "$W" & sup=$!
-else
-  bash "$HERE/bench/hatchery.sh" config "$d" "$N" "$W"
-  "$BIN" agent --config "$d/hatchery.toml" 2> "$d/agent.log" & sup=$!
-fi
+start_supervisor "$BIN" "$N" "$W" "$d"
 wait_for_workers "$sup" "$N" restart-path "$d"
 sleep 1.5
 perf record -q -o "$d/perf.data" -e sched:sched_process_exit,sched:sched_process_fork \
