@@ -401,8 +401,8 @@ pub fn start_all(
     // thread wakes (`CLONE_VFORK` wakes it as the child lets go of its memory, before the
     // new program is loaded), and this thread, back from a sleep, takes the CPU from it for
     // the rest of the turn when the two share a CPU. Yielding lets the exec finish first:
-    // 0.15 ms sooner where they shared one, nothing seen under the harness, whose watcher
-    // keeps the other CPU busy and the child mostly goes there (BENCHMARKS.md). Several
+    // 0.15 ms sooner where they shared one; nothing seen under the harness, where (by its
+    // fork-to-exec spans) this thread seldom took its child's CPU (BENCHMARKS.md). Several
     // starts are not held up so.
     if starts.len() == 1 {
         std::thread::yield_now();

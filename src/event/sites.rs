@@ -608,8 +608,14 @@ impl Agent {
     /// gives each site's machine its answers, and puts no more off. A start asked for in a
     /// generation that is gone meanwhile is answered as failed (it may be tried again).
     pub(super) fn start_deferred(&mut self) {
+        self.start_deferred_spawns();
+        // The exits of the turn that no start and no event told yet.
+        self.tell_exits();
+    }
+
+    /// [`Agent::start_deferred`] but for the exits still to tell.
+    fn start_deferred_spawns(&mut self) {
         let Some(asked) = self.deferred_spawns.take() else {
-            self.tell_exits();
             return;
         };
         let (asked, gone): (Vec<_>, Vec<_>) = asked.into_iter().partition(|(name, g, _)| {
@@ -629,7 +635,6 @@ impl Agent {
             self.feed(&name, Input::Worker { generation, input });
         }
         if asked.is_empty() {
-            self.tell_exits();
             return;
         }
         let inputs = self.spawn_all(&asked);
@@ -637,7 +642,6 @@ impl Agent {
             let generation = *generation;
             self.feed(name, Input::Worker { generation, input });
         }
-        self.tell_exits();
     }
 
     /// One input to site `name`'s machine (none once the site is gone).
