@@ -5,7 +5,11 @@ command (`swapper` is a CPU with nothing to run), and when a CPU idled: whether 
 worker signalled so far had exited, and where the supervisor (the sender of the first
 SIGTERM) was meanwhile (running, runnable behind another task, asleep); and how the signals
 went out: the gap between two signals the supervisor sent with no switch between them (the
-cost of one signal, its wake-up included), and how often it was switched out while sending."""
+cost of one signal, its wake-up included), and how often it was switched out while sending.
+Given the stop command's pid (the shell bench/stop-trace.sh forked for the adapter's `stop`),
+also that command's steps from its fork, as the harness times a stop: its `execve`s, its
+`connect` and the reads of the reply (Hatchery's CLI), the first signal to a worker, the last
+worker's exit, its own exit; the harness's figure is the later of the last two."""
 import bisect
 import re
 import sys
@@ -15,7 +19,34 @@ LINE = re.compile(r"^\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+(\d+\.\d+):\s+(\S+):(.*)$")
 SWITCH = re.compile(r"prev_comm=(.*?) prev_pid=(\d+) .*prev_state=(\S+) ==> next_comm=(.*?) next_pid=(\d+)")
 
 
-def main(path):
+def client_steps(rows, client, first_signal, last_exit):
+    """The stop command's steps, in ms from its fork (see the docstring)."""
+    steps = [(first_signal, "the first signal to a worker"), (last_exit, "the last worker's exit")]
+    for t, comm, pid, _, ev, rest in rows:
+        if "sched_process_fork" in ev and f"child_pid={client} " in rest + " ":
+            steps.append((t, "forked"))
+        elif pid != client:
+            continue
+        elif "sched_process_exec" in ev:
+            steps.append((t, "exec " + rest.split()[0].removeprefix("filename=")))
+        elif "sys_enter_connect" in ev:
+            steps.append((t, "connect"))
+        elif "sys_exit_recvfrom" in ev:
+            steps.append((t, "a read returned"))
+        elif "sched_process_exit" in ev:
+            steps.append((t, "exited"))
+    forked = [t for t, what in steps if what == "forked"]
+    if not forked:
+        print(f"the stop command ({client}): its fork is not in the trace")
+        return
+    ended = max(t for t, what in steps if what in ("exited", "the last worker's exit"))
+    print(f"the stop command ({client}), in ms from its fork; the stop as the harness times it: "
+          f"{1000 * (ended - forked[0]):.2f} ms")
+    for t, what in sorted(steps):
+        print(f"  {1000 * (t - forked[0]):8.3f}  {what}")
+
+
+def main(path, client=None):
     rows = []
     for line in open(path):
         m = LINE.match(line)
@@ -93,5 +124,9 @@ def main(path):
               ", ".join(f"{k} {v}" for k, v in out.most_common(4)))
 
 
+    if client is not None:
+        client_steps(rows, client, t0, t1)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)

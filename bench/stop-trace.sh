@@ -1,14 +1,18 @@
 #!/bin/bash
 # A system-wide trace of one stop of N pbworker workers (perf: signals sent, process exits,
-# context switches), then where its time went (bench/stop-trace.py):
+# context switches, and the stop command's own steps), then where its time went
+# (bench/stop-trace.py):
 #   bench/stop-trace.sh hatchery BIN [N]    a fresh agent with the harness's site, `hatchery stop`
 #   bench/stop-trace.sh limit [N]           ../shared/bench's limitsup, its SIGTERM
 #   bench/stop-trace.sh limitleaf [N]       bench/limitleaf.c (limitsup, a cgroup leaf per
 #                                           worker), its SIGTERM; LIMITLEAF_SETSID=1 in the
 #                                           environment: each worker in a session of its own
-# Needs perf, and pbworker and limitsup from ../shared/bench/setup.sh; raise kernel.pid_max
-# for N = 10,000. The trace stays in /tmp/stop-trace-WHO.txt (WHO limitleaf-sid with
-# LIMITLEAF_SETSID=1).
+# The stop is started as the harness starts it: its adapter's `stop` (bench/hatchery.sh, the
+# harness's adapters/limit.sh: `exec kill`), in a shell of its own, timed from that shell's
+# fork; limitleaf's the same way as limit's.
+# Needs perf, and pbworker and limitsup from ../shared/bench/setup.sh (the harness in
+# ../shared/bench, or PEERS_HARNESS); raise kernel.pid_max for N = 10,000. The trace stays in
+# /tmp/stop-trace-WHO.txt (WHO limitleaf-sid with LIMITLEAF_SETSID=1).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
@@ -34,13 +38,17 @@ esac
 wait_for_workers "$sup" "$N" stop-trace "$d"
 sleep 3
 perf record -m 32M -e signal:signal_generate -e sched:sched_process_exit -e sched:sched_switch \
-  -a -o "$d/perf.data" 2> /dev/null & pp=$!
+  -e sched:sched_process_fork -e sched:sched_process_exec -e syscalls:sys_enter_connect \
+  -e syscalls:sys_exit_recvfrom -a -o "$d/perf.data" 2> /dev/null & pp=$!
 sleep 1
 s=$(date +%s%N)
 if [ "$who" = hatchery ]; then
-  "$bin" --socket "$d/control.sock" stop bench > /dev/null
+  HATCHERY_BIN=$bin PB_START_PID=$sup bash "$HERE/hatchery.sh" stop "$d" & client=$!
+  wait "$client"
 else
-  kill -TERM "$sup"; wait "$sup" || true
+  harness=${PEERS_HARNESS:-$HERE/../../shared/bench}
+  PB_BIN=$BIN_DIR PB_START_PID=$sup bash "$harness/adapters/limit.sh" stop "$d" & client=$!
+  wait "$client"; wait "$sup" || true
 fi
 e=$(date +%s%N)
 sleep 0.5
@@ -49,4 +57,4 @@ if [ "$who" = hatchery ]; then kill "$sup"; wait "$sup" || true; fi
 perf script -i "$d/perf.data" -F comm,pid,cpu,time,event,trace 2> /dev/null > "/tmp/stop-trace-$out.txt"
 rm -rf "$d"
 echo "$who: the stop command took $(( (e - s) / 1000 )) us"
-python3 "$HERE/stop-trace.py" "/tmp/stop-trace-$out.txt"
+python3 "$HERE/stop-trace.py" "/tmp/stop-trace-$out.txt" "$client"
