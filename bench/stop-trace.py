@@ -39,6 +39,9 @@ def client_steps(rows, client, first_signal, last_exit):
     if not forked:
         print(f"the stop command ({client}): its fork is not in the trace")
         return
+    if not any(what == "exited" for _, what in steps):
+        print(f"the stop command ({client}): its exit is not in the trace (events lost?)")
+        return
     ended = max(t for t, what in steps if what in ("exited", "the last worker's exit"))
     print(f"the stop command ({client}), in ms from its fork; the stop as the harness times it: "
           f"{1000 * (ended - forked[0]):.2f} ms")
@@ -122,7 +125,6 @@ def main(path, client=None):
               f"{gaps[len(gaps) // 2]:.0f} µs apart; "
               f"switched out {sum(out.values())} times while sending: " +
               ", ".join(f"{k} {v}" for k, v in out.most_common(4)))
-
 
     if client is not None:
         client_steps(rows, client, t0, t1)
