@@ -5,8 +5,8 @@
 # CLI's return (the issue allows 10 ms).
 #   bench/reply-trace.sh BIN [N]
 # Needs perf, and pbworker from ../shared/bench/setup.sh; raise kernel.pid_max for N = 10,000.
-# Only the agent's writes are traced: perf's own writes of its buffers, traced system-wide,
-# flood the trace at 10,000 and its events are lost.
+# Only the writes of the agent's loop thread are traced (the reply among them): perf's own
+# writes of its buffers, traced system-wide, flood the trace at 10,000 and events are lost.
 set -eu
 BIN=$1; N=${2:-1000}
 W=${PEERS_BIN:-/tmp/peers-bench/bin}/pbworker
@@ -17,7 +17,7 @@ bash "$HERE/hatchery.sh" config "$d" "$N" "$W"
 "$BIN" agent --config "$d/hatchery.toml" 2> "$d/agent.log" & sup=$!
 wait_for_workers "$sup" "$N" reply-trace "$d"
 sleep 2
-perf record -m 16M -e signal:signal_generate -e sched:sched_process_exit -e sched:sched_switch \
+perf record -m 16M -e signal:signal_generate -e sched:sched_switch \
   -e sched:sched_wakeup -e syscalls:sys_enter_write --filter "common_pid == $sup" -a -o "$d/perf.data" 2> /dev/null & pp=$!
 sleep 1
 "$BIN" --socket "$d/control.sock" stop bench > /dev/null 2>&1 & cli=$!
@@ -34,24 +34,33 @@ for line in open(path):
     m = re.match(r'^\s*(.+?)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+(\d+\.\d+):\s+(\S+):(.*)$', line)
     if m:
         rows.append((float(m[5]), m[1], int(m[2]), int(m[4]), m[6], m[7]))
-# A worker has exited once it is a zombie: its switch out in state Z follows `exit_notify`
-# (its pidfd readable, the harness's proc connector event). `sched_process_exit` is no mark
-# of it: it is traced early in `do_exit` (see bench/stop-trace.py), and thousands of exiting
-# workers can wait for a CPU between the two.
-exits = [r[0] for r in rows if 'sched_switch' in r[4] and 'prev_comm=pbworker' in r[5]
-         and 'prev_state=Z' in r[5]]
+# A process has exited when it tells its parent: the SIGCHLD it generates in `exit_notify`,
+# where the harness's proc connector event and the pidfd's readiness come too.
+# `sched_process_exit` is no mark of it: it is traced early in `do_exit` (see
+# bench/stop-trace.py), and thousands of exiting workers can wait for a CPU between the two.
+def told(r, who=None):
+    return ('signal_generate' in r[4] and 'sig=17 ' in r[5]
+            and (r[1] == 'pbworker' if who is None else r[2] == who))
+exits = [r[0] for r in rows if told(r)]
+if not exits:
+    sys.exit(f"{path}: no worker's exit in the trace (events lost?)")
 last = max(exits)
 print(f"{len(exits)} exits; times below in ms after the last one")
-for t, comm, pid, cpu, ev, rest in rows:
+for r in rows:
+    t, comm, pid, cpu, ev, rest = r
     if t < last - 0.0005:
         continue
-    mine = pid in (agent, cli) and ('write' in ev or 'exit' in ev)
+    gone = told(r, cli)
+    mine = pid == agent and 'write' in ev
     woke = 'sched_wakeup' in ev and f'pid={cli} ' in rest
     switch = 'sched_switch' in ev
-    if mine or woke or switch:
+    if gone or mine or woke or switch:
         rest = re.sub(r'(prev|next)_prio=\d+ ?', '', rest)
-        print(f"{1000 * (t - last):8.3f} cpu{cpu} {comm}/{pid} {ev.split(':')[1]} {rest.strip()[:90]}")
-    if 'sched_process_exit' in ev and pid == cli:
+        what = 'the CLI exited' if gone else rest.strip()[:90]
+        print(f"{1000 * (t - last):8.3f} cpu{cpu} {comm}/{pid} {ev.split(':')[1]} {what}")
+    if gone:
         break
+else:
+    print(f"the CLI ({cli}): its exit is not in the trace (events lost?)")
 P
 rm -rf "$d"

@@ -11,12 +11,13 @@ also that command's steps from its fork, as the harness times a stop: its `execv
 `connect` and the reads of the reply (Hatchery's CLI), the first signal to a worker, the last
 worker's exit, its own exit; the harness's figure is the later of the last two.
 
-A process has exited once it is a zombie: its last switch out, in state Z, follows
-`exit_notify` (its pidfd readable, its parent told) and the proc connector's exit event the
-harness times. `sched_process_exit` is no mark of it: it is traced early in `do_exit`, before
-the process's files are closed and its parent told (on this host's 6.18, since a 2025 change
-that gave it its `group_dead` field, before even its memory is let go), and an exiting
-process can wait for a CPU between the two: by hundreds of ms when thousands exit at once."""
+A process has exited when it tells its parent: the SIGCHLD it generates in `exit_notify`
+(traced whether the parent catches, ignores or waits for it), where the harness's proc
+connector event and the pidfd's readiness come too. `sched_process_exit` is no mark of it:
+it is traced early in `do_exit`, before the process's files are closed and its parent told
+(on this host's 6.18, since a 2025 change that gave it its `group_dead` field, before even
+its memory is let go), and an exiting process can wait for a CPU between the two: by
+hundreds of ms when thousands exit at once."""
 import bisect
 import re
 import sys
@@ -24,6 +25,11 @@ from collections import Counter, defaultdict
 
 LINE = re.compile(r"^\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+(\d+\.\d+):\s+(\S+):(.*)$")
 SWITCH = re.compile(r"prev_comm=(.*?) prev_pid=(\d+) .*prev_state=(\S+) ==> next_comm=(.*?) next_pid=(\d+)")
+
+
+def told_parent(ev, rest):
+    """Whether a row is its process's SIGCHLD to its parent (the row's process exiting)."""
+    return "signal_generate" in ev and "sig=17 " in rest
 
 
 def client_steps(rows, client, first_signal, last_exit):
@@ -40,7 +46,7 @@ def client_steps(rows, client, first_signal, last_exit):
             steps.append((t, "connect"))
         elif "sys_exit_recvfrom" in ev:
             steps.append((t, "a read returned"))
-        elif "sched_switch" in ev and "prev_state=Z" in rest:
+        elif told_parent(ev, rest):
             steps.append((t, "exited"))
     forked = [t for t, what in steps if what == "forked"]
     if not forked:
@@ -64,8 +70,7 @@ def main(path, client=None):
             rows.append((float(m[4]), m[1], int(m[2]), int(m[3]), m[5], m[6]))
     signals = [r for r in rows
                if "signal_generate" in r[4] and "sig=15 " in r[5] and "comm=pbworker " in r[5]]
-    exits = sorted(r[0] for r in rows if "sched_switch" in r[4] and "prev_comm=pbworker " in r[5]
-                   and "prev_state=Z " in r[5])
+    exits = sorted(r[0] for r in rows if r[1] == "pbworker" and told_parent(r[4], r[5]))
     if not signals or not exits:
         sys.exit(f"{path}: no SIGTERM or no pbworker exit in the trace")
     t0, t1, sup = signals[0][0], exits[-1], signals[0][2]

@@ -38,7 +38,7 @@ case $who in
 esac
 wait_for_workers "$sup" "$N" stop-trace "$d"
 sleep 3
-perf record -m 32M -e signal:signal_generate -e sched:sched_process_exit -e sched:sched_switch \
+perf record -m 32M -e signal:signal_generate -e sched:sched_switch \
   -e sched:sched_process_fork -e sched:sched_process_exec -e syscalls:sys_enter_connect \
   -e syscalls:sys_exit_recvfrom -a -o "$d/perf.data" 2> /dev/null & pp=$!
 sleep 1
