@@ -327,19 +327,13 @@ pub fn validate_site(
             format!("at most {MAX_LISTENERS} listeners"),
         ));
     }
-    let mut listen: Vec<ListenSpec> = Vec::new();
-    // Beside each of `listen`: its index in the file, and whether its address is one taken
-    // (read, not a stand-in, not port 0), for the checks of a listener against the earlier.
-    let mut earlier: Vec<(usize, bool)> = Vec::new();
+    let mut listen = Vec::new();
     for (i, l) in eff.listen.iter_mut().enumerate() {
         let key = format!("listen[{i}]");
-        // Whether the address was read, not a stand-in for one that could not be.
-        let mut read = true;
         let addr = match (&l.tcp, &l.unix) {
             (Some(t), None) => match t.parse() {
                 Ok(a) => ListenAddr::Tcp(a),
                 Err(_) => {
-                    read = false;
                     p.push(err(file, &format!("{key}.tcp"), format!("invalid address \"{t}\": use host:port, e.g. \"127.0.0.1:8000\" or \"[::1]:8000\"")));
                     // A stand-in, so the checks that need a TCP listener say nothing more.
                     ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 0)))
@@ -347,7 +341,6 @@ pub fn validate_site(
             },
             (None, Some(u)) if u.is_absolute() => ListenAddr::Unix(u.clone()),
             (None, Some(_)) => {
-                read = false;
                 p.push(err(
                     file,
                     &format!("{key}.unix"),
@@ -401,40 +394,12 @@ pub fn validate_site(
                 "use 1 to 255 printable characters without ':'",
             ));
         }
-        // Two listeners of one site on one address would share its port (`SO_REUSEPORT`)
-        // and split its connections; two of one name cannot be told apart in
-        // `LISTEN_FDNAMES`. Port 0 is not an address taken (the kernel picks one each).
-        let taken = read && !matches!(&addr, ListenAddr::Tcp(a) if a.port() == 0);
-        let field = if l.tcp.is_some() { "tcp" } else { "unix" };
-        let overlap = listen
-            .iter()
-            .zip(&earlier)
-            .find(|(o, (_, t))| taken && *t && o.addr.overlaps(&addr));
-        if let Some((other, &(j, _))) = overlap {
-            p.push(err(
-                file,
-                &format!("{key}.{field}"),
-                format!(
-                    "{addr} overlaps {} of listen[{j}] of this site: list an address once",
-                    other.addr
-                ),
-            ));
-        }
-        let namesake = listen.iter().zip(&earlier).find(|(o, _)| o.name == lname);
-        if let Some((_, &(j, _))) = namesake {
-            p.push(err(
-                file,
-                &format!("{key}.name"),
-                format!("\"{lname}\" is also the name of listen[{j}]: the workers tell their listeners apart by name (LISTEN_FDNAMES)"),
-            ));
-        }
         // Out of range is clamped; the file then says what is used. The app chooses the
         // backlog of a port it binds itself (refused above), so none is written for it.
         let backlog = l.backlog.unwrap_or(1024).clamp(1, 65535);
         if mode == ListenMode::Agent {
             l.backlog = Some(backlog);
         }
-        earlier.push((i, taken));
         listen.push(ListenSpec {
             name: lname,
             addr,
@@ -1121,59 +1086,6 @@ mod tests {
         assert_eq!(s.ready.check, ReadyCheck::Tcp);
         let e = site(&text.replace("\"2s\"", "\"soon\"")).unwrap_err();
         assert_eq!(e.key, "deploy.probation");
-    }
-
-    #[test]
-    fn a_site_lists_an_address_once_and_names_its_listeners_apart() {
-        let base = "name = \"blog\"\ncommand = [\"/bin/true\"]\n";
-        let two = |a: &str, b: &str| format!("{base}[[listen]]\n{a}\n[[listen]]\n{b}\n");
-        for (a, b) in [
-            ("tcp = \"127.0.0.1:8000\"", "tcp = \"127.0.0.1:8000\""),
-            ("tcp = \"0.0.0.0:8000\"", "tcp = \"127.0.0.1:8000\""),
-            ("tcp = \"127.0.0.1:8000\"", "tcp = \"[::]:8000\""),
-            ("unix = \"/run/blog.sock\"", "unix = \"/run/blog.sock\""),
-        ] {
-            let e = site(&two(a, b)).unwrap_err();
-            let field = if b.starts_with("tcp") { "tcp" } else { "unix" };
-            assert_eq!(e.key, format!("listen[1].{field}"), "{a}, {b}: {e}");
-            assert!(e.message.contains("of listen[0] of this site"), "{e}");
-        }
-        // A listener the agent binds and one the app binds: one port all the same.
-        let e = site(&two(
-            "tcp = \"127.0.0.1:8000\"",
-            "tcp = \"127.0.0.1:8000\"\nmode = \"own\"",
-        ))
-        .unwrap_err();
-        assert_eq!(e.key, "listen[1].tcp", "{e}");
-        // Apart: another port, another address, a unix path and a port, port 0 twice
-        // (the kernel picks a port for each).
-        for (a, b) in [
-            ("tcp = \"127.0.0.1:8000\"", "tcp = \"127.0.0.1:8001\""),
-            ("tcp = \"127.0.0.1:8000\"", "tcp = \"127.0.0.2:8000\""),
-            ("unix = \"/run/blog.sock\"", "tcp = \"127.0.0.1:8000\""),
-            ("tcp = \"127.0.0.1:0\"", "tcp = \"127.0.0.1:0\""),
-        ] {
-            let s = site(&two(a, b)).unwrap_or_else(|e| panic!("{a}, {b}: {e}"));
-            assert_eq!(s.listen.len(), 2);
-        }
-        // Names: given twice, or given as the default name of another.
-        let e = site(&two(
-            "tcp = \"127.0.0.1:8000\"\nname = \"http\"",
-            "tcp = \"127.0.0.1:8001\"\nname = \"http\"",
-        ))
-        .unwrap_err();
-        assert_eq!(e.key, "listen[1].name", "{e}");
-        assert!(e.message.contains("LISTEN_FDNAMES"), "{e}");
-        let e = site(&two(
-            "tcp = \"127.0.0.1:8000\"\nname = \"listen1\"",
-            "tcp = \"127.0.0.1:8001\"",
-        ))
-        .unwrap_err();
-        assert_eq!(e.key, "listen[1].name", "{e}");
-        // A listener whose address could not be read is said once, not also as an overlap.
-        let e = site(&two("tcp = \"nowhere\"", "tcp = \"elsewhere\"")).unwrap_err();
-        assert_eq!(e.key, "listen[0].tcp", "{e}");
-        assert_eq!(e.all().count(), 2, "{e}");
     }
 
     #[test]
