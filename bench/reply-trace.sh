@@ -26,16 +26,17 @@ sleep 0.3
 kill -INT "$pp"; wait "$pp" || true
 kill "$sup"; wait "$sup" || true
 perf script -i "$d/perf.data" -F comm,pid,tid,cpu,time,event,trace 2> /dev/null > "$d/trace.txt"
-python3 - "$d/trace.txt" "$sup" "$cli" <<'P'
+python3 - "$d/trace.txt" "$sup" "$cli" "$N" <<'P'
 import re, sys
-path, agent, cli = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, agent, cli, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rows = []
 for line in open(path):
     m = re.match(r'^\s*(.+?)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+(\d+\.\d+):\s+(\S+):(.*)$', line)
     if m:
         rows.append((float(m[5]), m[1], int(m[2]), int(m[4]), m[6], m[7]))
-# A process has exited when it tells its parent: the SIGCHLD it generates in `exit_notify`,
-# where the harness's proc connector event and the pidfd's readiness come too.
+# A process has exited when it tells its parent: the SIGCHLD it generates in `exit_notify`
+# (not traced if the parent set it to SIG_IGN; the agent and bash do not), where the
+# harness's proc connector event and the pidfd's readiness come too.
 # `sched_process_exit` is no mark of it: it is traced early in `do_exit` (see
 # bench/stop-trace.py), and thousands of exiting workers can wait for a CPU between the two.
 def told(r, who=None):
@@ -46,6 +47,9 @@ if not exits:
     sys.exit(f"{path}: no worker's exit in the trace (events lost?)")
 last = max(exits)
 print(f"{len(exits)} exits; times below in ms after the last one")
+if len(exits) < n:
+    print(f"{n - len(exits)} of {n} workers' exits are not in the trace (events lost?): "
+          "the last one may be among them")
 for r in rows:
     t, comm, pid, cpu, ev, rest = r
     if t < last - 0.0005:

@@ -12,7 +12,7 @@ also that command's steps from its fork, as the harness times a stop: its `execv
 worker's exit, its own exit; the harness's figure is the later of the last two.
 
 A process has exited when it tells its parent: the SIGCHLD it generates in `exit_notify`
-(traced whether the parent catches, ignores or waits for it), where the harness's proc
+(traced unless the parent set SIGCHLD to SIG_IGN: none here does), where the harness's proc
 connector event and the pidfd's readiness come too. `sched_process_exit` is no mark of it:
 it is traced early in `do_exit`, before the process's files are closed and its parent told
 (on this host's 6.18, since a 2025 change that gave it its `group_dead` field, before even
@@ -76,6 +76,9 @@ def main(path, client=None):
     t0, t1, sup = signals[0][0], exits[-1], signals[0][2]
     sent = [r[0] for r in signals if r[2] == sup]
     ms = lambda t: 1000 * (t - t0)
+    if len(exits) < len(sent):
+        print(f"only {len(exits)} exits for {len(sent)} signals in the trace (events lost?): "
+              "the last exit may be missing")
     print(f"{len(sent)} signals sent by {signals[0][1]} in {ms(sent[-1]):.1f} ms; "
           f"{len(exits)} exits, the last at {ms(t1):.1f} ms")
 
