@@ -177,10 +177,18 @@ fn an_oom_killed_leaf_is_not_reused_and_a_later_kill_is_not_told_as_oom() {
         third["workers"][0]["last_exit"], "killed by SIGKILL",
         "not an OOM kill: {third:#}"
     );
+    let (third_leaf, third_path) = leaf_of(&third);
+    // What to look at first when it is not (the status is long).
+    let log = agent.agent_log();
+    let about_w0: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("worker=0") || l.contains("w-0"))
+        .collect();
     assert_eq!(
-        leaf_of(&third),
-        (second_leaf, path),
-        "replaced in its own leaf: {third:#}"
+        (third_leaf, &third_path),
+        (second_leaf, &path),
+        "replaced in its own leaf, {path} (inode {second_leaf}), not {third_path} (inode {third_leaf}): the agent's lines of w-0:\n{}\n{third:#}",
+        about_w0.join("\n")
     );
 }
 

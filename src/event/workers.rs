@@ -208,14 +208,17 @@ impl Agent {
         // zygote's workers are forked into a leaf of their own, and a leaf with a limit of
         // its own would count what its last process left charged (tmpfs pages) against
         // the next.
-        let own_limits = self
-            .sites
-            .get(name)
-            .and_then(|s| s.machine.generation(g))
-            .is_some_and(|x| {
-                let l = &x.config.limits;
-                l.worker_memory_max.is_some() || l.worker_memory_high.is_some()
-            });
+        let generation = self.sites.get(name).and_then(|s| s.machine.generation(g));
+        let own_limits = generation.is_some_and(|x| {
+            let l = &x.config.limits;
+            l.worker_memory_max.is_some() || l.worker_memory_high.is_some()
+        });
+        // How long it ran, as its site's machine counts it (from the start it asked for,
+        // what `status` shows as its uptime), not from when its start was made.
+        let ran = generation
+            .and_then(|x| x.slots.slots.get(&id))
+            .and_then(|s| s.started)
+            .map(|t| t.elapsed());
         let crashed =
             !asked && !self.shutting_down && !own_limits && !self.forks_from_zygote(name, g);
         let tree = self.cgroups.as_ref();
@@ -312,10 +315,9 @@ impl Agent {
         // cloned into it on 6.18.
         let reuse = crashed
             && worker.leaf_reusable
-            && worker
-                .started_wall
-                .elapsed()
-                .is_ok_and(|ran| ran >= REUSE_LEAF_AFTER);
+            && ran
+                .or_else(|| worker.started_wall.elapsed().ok())
+                .is_some_and(|ran| ran >= REUSE_LEAF_AFTER);
         let oom_kills = worker
             .cgroup
             .as_deref()
@@ -329,7 +331,11 @@ impl Agent {
         if let (Some(tree), Some(dir), Some(graveyard)) = (tree, &worker.cgroup, graveyard) {
             // Empty once the worker exited (a zombie is not counted): nothing it started is
             // left in it, so the next process of the slot is alone there.
-            if reuse && (!memory || oom_kills == Some(0)) && CgroupTree::is_empty(dir) {
+            let empty = reuse && (!memory || oom_kills == Some(0)) && CgroupTree::is_empty(dir);
+            if crashed && !empty {
+                debug!(site = %name, worker = %id, ?ran, reusable = worker.leaf_reusable, ?oom_kills, "its leaf is not reused");
+            }
+            if empty {
                 if let Some(old) = reusable_leaves.insert((name.clone(), g, id), dir.clone()) {
                     if old != *dir {
                         tree.retire(&old, graveyard);
