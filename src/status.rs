@@ -88,10 +88,11 @@ pub struct SiteStatus {
     pub name: String,
     /// Its state.
     pub state: SiteState,
-    /// Why it could not be started, when it could not.
+    /// Why it could not be started, when it could not; or, for a site that runs, why its
+    /// file is not what it runs with (the file does not load).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Its file, when it could not be started.
+    /// Its file, when it could not be started or does not load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
     /// The serving generation.

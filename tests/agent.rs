@@ -1430,6 +1430,162 @@ fn a_new_agent_adopts_the_workers_of_a_dead_one_and_stops_those_of_removed_sites
     }
 }
 
+/// A site whose file was edited into one that does not load while its workers ran is not
+/// a site removed: the agent's restart after a crash (and an upgrade) adopts its workers
+/// with the configuration they were started with and shows the file's error, as a reload
+/// of that file would have changed nothing. The mended file is applied by `reload`.
+#[test]
+fn a_site_whose_file_no_longer_loads_runs_on_across_a_crash_and_an_upgrade() {
+    for cgroups in [false, true] {
+        if cgroups && !cgroup_placement() {
+            continue;
+        }
+        let port = free_port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let site = format!(
+            "name = \"web\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 1000 & wait\"]\nworkers = 2\n\
+             [[listen]]\ntcp = \"{addr}\"\n"
+        );
+        let mut agent = TestAgent::start(
+            &[("web", &site)],
+            Options {
+                reactor: "io_uring",
+                cgroups,
+            },
+        );
+        let mut old = workers_with_children(&agent, "web", 2);
+        old.sort_unstable();
+        let old_tree: Vec<i64> = old
+            .iter()
+            .flat_map(|p| std::iter::once(*p).chain(children(*p)))
+            .collect();
+        let file = agent.site_file("web");
+
+        // While no agent runs, the file is broken and a new site wants its address (its
+        // file sorts first: it would be the one kept if the running site did not count).
+        agent.crash();
+        std::fs::write(&file, site.replace("workers = 2", "workers = \"many\"")).expect("edit");
+        let api = agent.site_file("api");
+        std::fs::write(&api, site.replace("\"web\"", "\"api\"")).expect("add api");
+        agent.relaunch();
+        let mut adopted = workers_with_children(&agent, "web", 2);
+        adopted.sort_unstable();
+        assert_eq!(
+            adopted,
+            old,
+            "the same workers, adopted: {}",
+            agent.agent_log()
+        );
+        let s = agent.status("web");
+        assert_eq!(s["state"], "running", "{s:#}");
+        let error = s["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("does not load") && error.contains("workers: invalid value \"many\""),
+            "the file's error is shown: {s:#}"
+        );
+        assert_eq!(s["file"], file.display().to_string(), "{s:#}");
+        let human = agent.cli(&["status"]);
+        assert!(
+            String::from_utf8_lossy(&human.stdout).contains("does not load"),
+            "{}",
+            String::from_utf8_lossy(&human.stdout)
+        );
+        assert!(
+            !agent.agent_log().contains("stopping 2 workers"),
+            "{}",
+            agent.agent_log()
+        );
+        // The new site is the one put aside; only the running one holds the port.
+        let a = agent.status("api");
+        assert_eq!(a["state"], "failed", "{a:#}");
+        assert!(
+            a["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("overlaps") && e.contains("site web")),
+            "{a:#}"
+        );
+        let ours: Vec<i64> = std::iter::once(i64::from(agent.pid()))
+            .chain(old_tree.iter().copied())
+            .collect();
+        let holders: Vec<i64> = hatchery::net::tcp_holder_pids(addr)
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        assert!(
+            holders.contains(&i64::from(agent.pid())) && holders.iter().all(|h| ours.contains(h)),
+            "holders of {addr}: {holders:?}, the agent's and web's: {ours:?}"
+        );
+        std::fs::remove_file(&api).expect("remove api");
+
+        // A reload of the same files changes nothing, and says why.
+        let out = agent.cli(&["reload"]);
+        assert!(!out.status.success(), "a reload of a bad file is refused");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("\"many\""),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut kept = agent.pids("web");
+        kept.sort_unstable();
+        assert_eq!(kept, old);
+
+        // An upgrade, and a crash again: still the same workers, still the file's error.
+        let out = agent.cli(&["upgrade"]);
+        assert!(
+            out.status.success(),
+            "upgrade: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.agent_log()
+        );
+        agent.crash();
+        agent.relaunch();
+        let mut adopted = workers_with_children(&agent, "web", 2);
+        adopted.sort_unstable();
+        assert_eq!(adopted, old, "{}", agent.agent_log());
+        assert!(agent.status("web")["error"].is_string());
+
+        // Mended (with one more worker): the reload applies it, a scale that keeps both.
+        std::fs::write(&file, site.replace("workers = 2", "workers = 3")).expect("mend");
+        let out = agent.cli(&["reload"]);
+        assert!(
+            out.status.success(),
+            "reload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pids = workers_with_children(&agent, "web", 3);
+        assert!(
+            old.iter().all(|p| pids.contains(p)),
+            "{pids:?} keeps {old:?}"
+        );
+        let s = agent.status("web");
+        assert!(s["error"].is_null(), "{s:#}");
+
+        // A site whose file no longer loads and whose workers are all gone is not started
+        // again from its record: nothing of it runs, so it shows as not started.
+        agent.crash();
+        std::fs::write(&file, site.replace("workers = 2", "workers = \"many\"")).expect("edit");
+        let tree: Vec<i64> = pids
+            .iter()
+            .flat_map(|p| std::iter::once(*p).chain(children(*p)))
+            .collect();
+        for p in &tree {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &p.to_string()])
+                .status();
+        }
+        for p in &tree {
+            wait_until("the worker to be gone", Duration::from_secs(10), || {
+                !alive(*p)
+            });
+        }
+        agent.relaunch();
+        let s = agent.status("web");
+        assert_eq!(s["state"], "failed", "{s:#}");
+        assert!(s["workers"].as_array().is_none_or(Vec::is_empty), "{s:#}");
+        assert_eq!(agent.stop(), Some(0));
+    }
+}
+
 /// A worker's number is its place in the site's slots: a record that numbers a live worker
 /// beyond the most a site can have (`MAX_WORKERS`, a damaged record) is not taken over.
 /// The new agent says why, stops that worker, and starts the site afresh.

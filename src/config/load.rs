@@ -1,6 +1,7 @@
 //! Reading the agent file and the site files of its `sites_dir`, and the checks across
 //! sites: overlapping listeners, and budgets that together exceed the host's memory.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -32,7 +33,7 @@ pub fn load_keeping(
     path: &Path,
     holds: &dyn Fn(&SiteConfig) -> bool,
 ) -> Result<AgentConfig, ConfigError> {
-    let (config, broken) = load_each_keeping(path, holds)?;
+    let (config, broken) = load_each_keeping(path, holds, &BTreeMap::new())?;
     match broken.into_iter().next() {
         Some(b) => Err(b.error),
         None => Ok(config),
@@ -45,12 +46,31 @@ pub fn load_keeping(
 /// errors. Where two sites want one address, or budgets overflow, the later file (in name
 /// order) is the one put aside.
 pub fn load_each(path: &Path) -> Result<(AgentConfig, Vec<BrokenSite>), ConfigError> {
-    load_each_keeping(path, &|_| false)
+    load_each_keeping(path, &|_| false, &BTreeMap::new())
+}
+
+/// As [`load_each`], for an agent that adopts the workers an earlier one left running:
+/// `running` is the configuration each such site runs with (by name). As a reload would, a
+/// site whose file keeps the addresses it runs with holds them against the other files; a
+/// site whose file does not load runs on as it runs (see `event::recovery`), so its
+/// addresses and its budget are held against the other files too (a new file that wants
+/// them is the one put aside).
+pub fn load_each_running(
+    path: &Path,
+    running: &BTreeMap<String, SiteConfig>,
+) -> Result<(AgentConfig, Vec<BrokenSite>), ConfigError> {
+    let holds = |sc: &SiteConfig| {
+        running
+            .get(sc.name.as_str())
+            .is_some_and(|r| r.listen == sc.listen)
+    };
+    load_each_keeping(path, &holds, running)
 }
 
 fn load_each_keeping(
     path: &Path,
     holds: &dyn Fn(&SiteConfig) -> bool,
+    running: &BTreeMap<String, SiteConfig>,
 ) -> Result<(AgentConfig, Vec<BrokenSite>), ConfigError> {
     let text = read_text(path)?;
     // Every problem of the file at once: what the parser refuses (those keys taken out)
@@ -151,9 +171,15 @@ fn load_each_keeping(
             Err(error) => broken.push(BrokenSite { name, error }),
         }
     }
+    // What runs on as it runs, its file not loading: checked against, never returned.
+    let as_running: Vec<SiteConfig> = broken
+        .iter()
+        .filter_map(|b| running.get(&b.name).cloned())
+        .collect();
+    let held = as_running.len();
     // Those that hold their addresses first (stable: then in file order).
     sites.sort_by_key(|s| !holds(s));
-    let mut kept: Vec<SiteConfig> = Vec::new();
+    let mut kept: Vec<SiteConfig> = as_running;
     for site in sites {
         if let Err(error) = check_conflicts(&kept, &site) {
             broken.push(BrokenSite {
@@ -191,6 +217,7 @@ fn load_each_keeping(
         kept.push(site);
     }
     broken.sort_by(|a, b| a.error.file.cmp(&b.error.file));
+    kept.drain(..held);
     kept.sort_by(|a, b| a.file.cmp(&b.file));
     let sites = kept;
     let config = AgentConfig {

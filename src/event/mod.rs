@@ -309,6 +309,10 @@ pub struct Agent {
     /// Sites that could not be started (a bad file, a port taken), by name: shown as
     /// failed; `start` tries again, a reload replaces them.
     broken: BTreeMap<String, Broken>,
+    /// Running sites whose file does not load, by name, with why: adopted at the agent's
+    /// start with the configuration their workers run with (`recovery`). A reload, which
+    /// loads every file, clears it.
+    not_loading: BTreeMap<String, Broken>,
     pipes: HashMap<u64, Pipe>,
     /// The buffer sites' output sockets are read into (`output.rs`).
     output_buf: Vec<u8>,
@@ -467,8 +471,16 @@ impl Agent {
         inherited: Option<&upgrade::Inherited>,
     ) -> Result<Agent, AgentError> {
         let born = Instant::now();
-        // A bad site file only keeps that site from starting (shown as failed).
+        // A bad site file only keeps that site from starting (shown as failed), unless it
+        // runs: the workers an earlier agent left run on as they run (`recovery`), and
+        // the other files are loaded beside what they run with.
         let (config, broken_files) = config::load_each(path)?;
+        let running = recovery::running_configs(&config.state_dir, &config.file, &config.sites_dir);
+        let (config, broken_files) = if running.is_empty() {
+            (config, broken_files)
+        } else {
+            config::load_each_running(path, &running)?
+        };
         let lock = match inherited {
             Some(i) => i.lock(&config.control_socket)?,
             None => lock_control(&config.control_socket)?,
@@ -550,16 +562,30 @@ impl Agent {
                 Err(e) => return Err(setup_err("resume after the upgrade", e)),
             }
         }
+        // A site whose file does not load (and was running) runs on as recorded.
+        let invalid: BTreeMap<String, PathBuf> = broken_files
+            .iter()
+            .map(|b| {
+                let file = config.sites_dir.join(format!("{}.toml", b.name));
+                (b.name.clone(), file)
+            })
+            .collect();
         let mut adoptions = recovery::recover(
             &config.state_dir,
             &config.file,
             &config.sites,
+            &invalid,
             cgroups.as_ref(),
         );
         let graveyard = match &cgroups {
             Some(tree) => {
                 let mut g = Graveyard::new().map_err(|e| setup_err("create an inotify fd", e))?;
-                let names: Vec<&str> = config.sites.iter().map(|s| s.name.as_str()).collect();
+                let names: Vec<&str> = config
+                    .sites
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .chain(adoptions.keys().map(String::as_str))
+                    .collect();
                 let spare: Vec<PathBuf> = adoptions
                     .values()
                     .flat_map(|a| a.workers.values().flatten())
@@ -660,6 +686,7 @@ impl Agent {
             shutdown_deadline: None,
             sites: BTreeMap::new(),
             broken: BTreeMap::new(),
+            not_loading: BTreeMap::new(),
             pipes: HashMap::new(),
             output_buf: Vec::new(),
             cursor: cursor::Cursor::default(),
@@ -717,21 +744,53 @@ impl Agent {
             counters: crate::metrics::Counters::default(),
             systemd: systemd::Systemd::from_env(),
         };
-        for b in broken_files {
-            error!(site = b.name, "not started: {}", b.error);
-            agent.broken.insert(
-                b.name,
-                Broken {
-                    file: b.error.file.clone(),
-                    reason: b.error.to_string(),
-                    config: None,
-                },
-            );
-        }
         agent.cursor = cursor::Cursor::inherit(agent.held.remove(cursor::CURSOR_NAME));
-        for site in &config.sites {
-            let made = match adoptions.remove(site.name.as_str()) {
-                Some(adoption) => agent.adopt_site(site, adoption),
+        // The sites whose file does not load that were adopted run on as recorded; the
+        // others are not started.
+        let mut running_as_recorded = Vec::new();
+        for b in broken_files {
+            let reason = b.error.to_string();
+            match adoptions.remove(&b.name) {
+                Some(adoption) => {
+                    let recorded = adoption.machine.config().clone();
+                    error!(
+                        site = b.name,
+                        "its file does not load, so its workers run on with the configuration they were started with (`hatchery reload` applies the file once it is mended): {reason}"
+                    );
+                    agent.not_loading.insert(
+                        b.name,
+                        Broken {
+                            file: b.error.file.clone(),
+                            reason,
+                            config: None,
+                        },
+                    );
+                    running_as_recorded.push((recorded, adoption));
+                }
+                None => {
+                    error!(site = b.name, "not started: {reason}");
+                    agent.broken.insert(
+                        b.name,
+                        Broken {
+                            file: b.error.file.clone(),
+                            reason,
+                            config: None,
+                        },
+                    );
+                }
+            }
+        }
+        let configured: Vec<_> = config
+            .sites
+            .iter()
+            .map(|site| (site.clone(), adoptions.remove(site.name.as_str())))
+            .collect();
+        let as_recorded = running_as_recorded
+            .into_iter()
+            .map(|(site, adoption)| (site, Some(adoption)));
+        for (site, adoption) in configured.into_iter().chain(as_recorded) {
+            let made = match adoption {
+                Some(adoption) => agent.adopt_site(&site, adoption),
                 None => agent.make_site(site.clone()),
             };
             match made {
@@ -746,6 +805,12 @@ impl Agent {
                     }
                 }
                 Err(e) => {
+                    // Not running after all: its file's error is what it is shown with.
+                    if let Some(b) = agent.not_loading.remove(site.name.as_str()) {
+                        error!(site = %site.name, "not started: {e}: {}", error_chain(&e));
+                        agent.broken.insert(site.name.to_string(), b);
+                        continue;
+                    }
                     let reason = format!("{e}: {}", error_chain(&e));
                     error!(site = %site.name, "not started: {reason}");
                     agent.broken.insert(

@@ -52,7 +52,13 @@
 //! 5. if the file of the site changed while no agent ran, builds the machine from the
 //!    recorded text and applies the new one as a reload would, once the agent runs.
 //!
-//! A site that is no longer configured, whose listeners cannot be taken back, or whose
+//! A site whose file is still there but no longer loads (invalid, or put aside for an
+//! address or a budget another file holds) is adopted the same way with the recorded text
+//! alone, and shown with its file's error: as a reload of that file would have been refused
+//! while the agent ran, its agent's restart does not stop it either (`reload` applies the
+//! file once it is mended).
+//!
+//! A site that is no longer configured (its file removed), whose listeners cannot be taken back, or whose
 //! record numbers a worker beyond [`crate::config::MAX_WORKERS`] (a damaged record: the
 //! number is the worker's place in the site's slots) has its workers stopped instead,
 //! before anything binds (never two sets on one port):
@@ -340,6 +346,33 @@ pub(super) fn stop_adopted(
     );
 }
 
+/// The configuration each site of the record with a worker still alive runs with (its
+/// recorded text, read with the agent file as it is now), by name: what the site files are
+/// loaded beside (`config::load_each_running`). Empty without a record of this boot; what
+/// cannot be read is logged by [`recover`].
+pub(super) fn running_configs(
+    state_dir: &Path,
+    agent_file: &Path,
+    sites_dir: &Path,
+) -> BTreeMap<String, SiteConfig> {
+    let Ok(Some(file)) = load(&workers_file(state_dir)) else {
+        return BTreeMap::new();
+    };
+    if file.boot_id != boot_id() {
+        return BTreeMap::new();
+    }
+    file.sites
+        .iter()
+        .filter(|site| !open_alive(site).is_empty())
+        .filter_map(|site| {
+            let text = site.config_text.as_deref()?;
+            let path = sites_dir.join(format!("{}.toml", site.name));
+            let config = crate::config::site_from_text(agent_file, &path, text).ok()?;
+            Some((site.name.clone(), config))
+        })
+        .collect()
+}
+
 /// Reads the record an earlier agent left and sorts out its live workers: those of sites
 /// still configured are adopted where their listeners can be taken back; the others are
 /// stopped here (module doc, steps 1–5), before any site binds. Never fails: what cannot
@@ -348,6 +381,7 @@ pub(super) fn recover(
     state_dir: &Path,
     agent_file: &Path,
     sites: &[SiteConfig],
+    invalid: &BTreeMap<String, PathBuf>,
     cgroups: Option<&CgroupTree>,
 ) -> BTreeMap<String, Adoption> {
     let path = workers_file(state_dir);
@@ -373,24 +407,49 @@ pub(super) fn recover(
     let mut strays: Vec<Previous> = Vec::new();
     for site in file.sites {
         let alive = open_alive(&site);
-        let config = sites.iter().find(|c| c.name.as_str() == site.name);
-        let Some(config) = config else {
-            // Gone from the configuration: stopped as the text it ran with says (its stop
-            // sequence and timeout), if that still reads.
-            let recorded = site.config_text.as_deref().and_then(|text| {
-                let file = Path::new(&site.name).with_extension("toml");
-                crate::config::site_from_text(agent_file, &file, text).ok()
-            });
-            strays.extend(to_stop(&site.name, alive, recorded.as_ref(), cgroups));
-            continue;
+        let recorded;
+        let config = match sites.iter().find(|c| c.name.as_str() == site.name) {
+            Some(config) => config,
+            None => {
+                // What the workers run with, if that still reads.
+                let file = invalid.get(&site.name).cloned();
+                recorded = site.config_text.as_deref().and_then(|text| {
+                    let path = file
+                        .clone()
+                        .unwrap_or_else(|| Path::new(&site.name).with_extension("toml"));
+                    crate::config::site_from_text(agent_file, &path, text).ok()
+                });
+                match (&file, &recorded) {
+                    // Its file is there but does not load: run on as recorded.
+                    (Some(_), Some(config)) => config,
+                    // Gone from the configuration: stopped as the text it ran with says (its
+                    // stop sequence and timeout).
+                    _ => {
+                        if file.is_some() && !alive.is_empty() {
+                            warn!(
+                                site = site.name,
+                                "its file does not load and the configuration its workers run with is not recorded (or no longer reads): stopping them"
+                            );
+                        }
+                        strays.extend(to_stop(&site.name, alive, recorded.as_ref(), cgroups));
+                        continue;
+                    }
+                }
+            }
         };
         let count: usize = alive.values().map(Vec::len).sum();
-        match adopt_site(site, alive, config, state_dir, agent_file) {
+        let as_recorded = invalid.contains_key(config.name.as_str());
+        match adopt_site(site, alive, config, state_dir, agent_file, as_recorded) {
             Ok(a) => {
                 info!(
                     site = %config.name,
-                    "adopting {count} workers of a previous agent (gen-{} serving)",
-                    a.machine.serving()
+                    "adopting {count} workers of a previous agent (gen-{} serving){}",
+                    a.machine.serving(),
+                    if as_recorded {
+                        " with the configuration they run with: its file does not load"
+                    } else {
+                        ""
+                    }
                 );
                 adopted.insert(config.name.to_string(), a);
             }
@@ -430,6 +489,7 @@ fn open_alive(site: &SiteRecord) -> BTreeMap<GenId, Vec<Alive>> {
 }
 
 /// Steps 1–3 and 5 of the module doc for one site; on failure, why, and its workers back.
+/// `as_recorded`: `config` is the recorded one, its file does not load (nothing to apply).
 #[allow(clippy::type_complexity)]
 fn adopt_site(
     site: SiteRecord,
@@ -437,9 +497,14 @@ fn adopt_site(
     config: &SiteConfig,
     state_dir: &Path,
     agent_file: &Path,
+    as_recorded: bool,
 ) -> Result<Adoption, (String, BTreeMap<GenId, Vec<Alive>>)> {
     // The configuration its workers run with: the recorded text if the file changed since.
-    let now_text = std::fs::read_to_string(&config.file).ok();
+    let now_text = if as_recorded {
+        site.config_text.clone()
+    } else {
+        std::fs::read_to_string(&config.file).ok()
+    };
     let (ran_with, changed) = match &site.config_text {
         Some(text) if now_text.as_deref() != Some(text.as_str()) => {
             match crate::config::site_from_text(agent_file, &config.file, text) {
@@ -1081,7 +1146,7 @@ mod tests {
         );
         let agent_file = dir.path().join("agent.toml");
         let started = Instant::now();
-        let adopted = recover(dir.path(), &agent_file, &[], None);
+        let adopted = recover(dir.path(), &agent_file, &[], &BTreeMap::new(), None);
         assert!(adopted.is_empty());
         assert!(
             started.elapsed() < Duration::from_secs(1),
@@ -1089,7 +1154,7 @@ mod tests {
         );
         // Still here, and a corrupt file does not stop the agent either.
         std::fs::write(&path, "{").expect("write");
-        assert!(recover(dir.path(), &agent_file, &[], None).is_empty());
+        assert!(recover(dir.path(), &agent_file, &[], &BTreeMap::new(), None).is_empty());
     }
 }
 

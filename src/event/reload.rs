@@ -92,8 +92,9 @@ impl Agent {
             sites: Vec::new(),
             ..new
         };
-        // Every site is valid and started now.
+        // Every site is valid and started now, with its file's configuration.
         self.broken.clear();
+        self.not_loading.clear();
         info!(?added, ?changed, ?removed, "configuration reloaded");
         self.emit_reload(&added, &changed, &removed);
         Ok(crate::control::Reloaded {

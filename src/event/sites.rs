@@ -924,6 +924,7 @@ impl Agent {
         let Some(site) = self.sites.remove(name) else {
             return;
         };
+        self.not_loading.remove(name.as_str());
         for l in site.io.gens.values().flat_map(|g| &g.listeners) {
             l.unlink();
         }

@@ -99,8 +99,14 @@ impl Agent {
                 let mut site = SiteStatus {
                     name: name.to_string(),
                     state: cur.slots.run.state(),
-                    error: None,
-                    file: None,
+                    // Running as recorded: its file does not load (`Agent::not_loading`).
+                    error: self.not_loading.get(name.as_str()).map(|b| {
+                        format!(
+                            "its file does not load, so its workers run on with the configuration they were started with (reload once it is mended): {}",
+                            b.reason
+                        )
+                    }),
+                    file: self.not_loading.get(name.as_str()).map(|b| b.file.clone()),
                     generation: Some(m.serving().0),
                     release: cur.release.clone(),
                     previous_release: m.previous_release().map(|p| p.to_path_buf()),

@@ -152,6 +152,12 @@ impl Agent {
             text.push_str(", failed: ");
             text.push_str(&failed.join(" "));
         }
+        // Running as recorded (`Agent::not_loading`).
+        if !self.not_loading.is_empty() {
+            text.push_str(", file not loading: ");
+            let names: Vec<&str> = self.not_loading.keys().map(String::as_str).collect();
+            text.push_str(&names.join(" "));
+        }
         let deploying: Vec<&str> = self
             .sites
             .iter()
