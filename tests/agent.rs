@@ -955,6 +955,21 @@ fn cgroup_placement() -> bool {
     true
 }
 
+/// `pids` and their children.
+fn with_children(pids: &[i64]) -> Vec<i64> {
+    pids.iter()
+        .flat_map(|p| std::iter::once(*p).chain(children(*p)))
+        .collect()
+}
+
+/// A site of `workers` shells, each waiting on a `sleep` child, listening on `addr`.
+fn sleepers(name: &str, workers: u32, addr: impl std::fmt::Display, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 1000 & wait\"]\n\
+         workers = {workers}\n[[listen]]\ntcp = \"{addr}\"\n{extra}"
+    )
+}
+
 /// Each worker of `site` runs, and has forked its `sleep` child (so it survived its birth
 /// in its cgroup leaf); returns the workers' pids.
 fn workers_with_children(agent: &TestAgent, site: &str, n: usize) -> Vec<i64> {
@@ -1344,10 +1359,7 @@ fn a_new_agent_adopts_the_workers_of_a_dead_one_and_stops_those_of_removed_sites
         );
         let mut old = workers_with_children(&agent, "web", 2);
         old.sort_unstable();
-        let old_tree: Vec<i64> = old
-            .iter()
-            .flat_map(|p| std::iter::once(*p).chain(children(*p)))
-            .collect();
+        let old_tree = with_children(&old);
         let record = agent.dir.path().join("state/workers.json");
         let text = std::fs::read_to_string(&record).expect("the record of live workers");
         let recorded: serde_json::Value = serde_json::from_str(&text).expect("json");
@@ -1442,10 +1454,7 @@ fn a_site_whose_file_no_longer_loads_runs_on_across_a_crash_and_an_upgrade() {
         }
         let port = free_port();
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let site = format!(
-            "name = \"web\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 1000 & wait\"]\nworkers = 2\n\
-             [[listen]]\ntcp = \"{addr}\"\n"
-        );
+        let site = sleepers("web", 2, addr, "");
         let mut agent = TestAgent::start(
             &[("web", &site)],
             Options {
@@ -1455,10 +1464,7 @@ fn a_site_whose_file_no_longer_loads_runs_on_across_a_crash_and_an_upgrade() {
         );
         let mut old = workers_with_children(&agent, "web", 2);
         old.sort_unstable();
-        let old_tree: Vec<i64> = old
-            .iter()
-            .flat_map(|p| std::iter::once(*p).chain(children(*p)))
-            .collect();
+        let old_tree = with_children(&old);
         let file = agent.site_file("web");
 
         // While no agent runs, the file is broken and a new site wants its address (its
@@ -1564,10 +1570,7 @@ fn a_site_whose_file_no_longer_loads_runs_on_across_a_crash_and_an_upgrade() {
         // again from its record: nothing of it runs, so it shows as not started.
         agent.crash();
         std::fs::write(&file, site.replace("workers = 2", "workers = \"many\"")).expect("edit");
-        let tree: Vec<i64> = pids
-            .iter()
-            .flat_map(|p| std::iter::once(*p).chain(children(*p)))
-            .collect();
+        let tree = with_children(&pids);
         for p in &tree {
             let _ = std::process::Command::new("kill")
                 .args(["-KILL", &p.to_string()])

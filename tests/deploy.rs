@@ -1796,7 +1796,7 @@ fn a_release_that_shuts_a_listener_down_is_rolled_back_at_the_flip_and_no_reques
     let link = root.path().join("current");
     let r1 = release(root.path(), "r1", None);
     point(&link, &r1);
-    let (port, admin) = (free_port(), free_port());
+    let [port, admin] = free_ports();
     // Two addresses: the workers serve the first; a broken release shuts the second down.
     let text = format!(
         r#"name = "web"

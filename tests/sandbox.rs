@@ -1336,7 +1336,7 @@ fn a_replaced_root_gets_landlock_rules_of_its_own() {
 /// restricted: that is what this test checks there.
 #[test]
 fn an_undeclared_bind_is_refused_by_landlock_and_the_site_log_gives_the_fix() {
-    let (own, other) = (free_port(), free_port());
+    let [own, other] = free_ports();
     let site = format!(
         "name = \"a\"\ncommand = [\"{BIN}\", \"__demo-worker\", \"--bind\", \"127.0.0.1:{other}\"]\n\
          [[listen]]\ntcp = \"127.0.0.1:{own}\"\nmode = \"own\"\n[restart]\nbackoff_initial = \"1s\"\n"

@@ -575,8 +575,7 @@ while True:
 "#,
     )
     .expect("write the script");
-    let port = free_port();
-    let victim_port = free_port();
+    let [port, victim_port] = free_ports();
     let hostile = format!(
         "name = \"z\"\ncommand = [\"{}\", \"{}\", \"{}\"]\nmode = \"zygote\"\nworkers = 1\n[[listen]]\ntcp = \"127.0.0.1:{port}\"\n[ready]\ncheck = \"notify\"\ntimeout = \"120s\"\n",
         python.display(),

@@ -436,6 +436,15 @@ pub fn root_owned_tempdir() -> tempfile::TempDir {
     dir
 }
 
+/// `N` free loopback ports, all different: each stays bound until every one is known (a
+/// port given back at once may be handed out again by the next bind).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("addr").port())
+}
+
 /// Polls `cond` every 10 ms until it holds, or panics after `timeout` saying `what`.
 pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
     assert!(poll_until(timeout, cond), "timed out waiting for {what}");
