@@ -58,10 +58,10 @@
 //! while the agent ran, its agent's restart does not stop it either (`reload` applies the
 //! file once it is mended).
 //!
-//! A site that is no longer configured (its file removed), whose listeners cannot be taken back, or whose
-//! record numbers a worker beyond [`crate::config::MAX_WORKERS`] (a damaged record: the
-//! number is the worker's place in the site's slots) has its workers stopped instead,
-//! before anything binds (never two sets on one port):
+//! A site that is no longer configured (its file removed), whose listeners cannot be taken
+//! back, or whose record numbers a worker beyond [`crate::config::MAX_WORKERS`] (a damaged
+//! record: the number is the worker's place in the site's slots) has its workers stopped
+//! instead, before anything binds (never two sets on one port):
 //!
 //! 1. Its process group's other members are pinned by pidfd (without cgroups they hold the
 //!    listeners too, and the group id may be freed once the leader is reaped by its new
@@ -363,7 +363,13 @@ pub(super) fn running_configs(
     }
     file.sites
         .iter()
-        .filter(|site| !open_alive(site).is_empty())
+        // One live worker is enough (the first looked at, as a rule): not each opened.
+        .filter(|site| {
+            site.gens
+                .iter()
+                .flat_map(|g| &g.workers)
+                .any(|w| PidRef::open_verified_stat(w.pid, w.start_time).is_some())
+        })
         .filter_map(|site| {
             let text = site.config_text.as_deref()?;
             let path = sites_dir.join(format!("{}.toml", site.name));
