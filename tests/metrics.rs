@@ -495,3 +495,147 @@ fn deploys_and_rollbacks_are_counted_as_status_reports_them() {
         "{samples:?}"
     );
 }
+
+/// A site may not listen where the agent does: at its control socket's path (a site's unix
+/// socket is bound by removing the one there), in its state directory (its notify and fd
+/// holder sockets), or on its metrics address, a wildcard too (it would join the metrics
+/// socket's `SO_REUSEPORT` group). Such a file is put aside with its reason at the start and
+/// refused at a reload, and the agent's own sockets keep answering; a reload that moves
+/// `metrics` (which takes effect at a restart) still holds the address served.
+#[test]
+fn a_site_cannot_listen_where_the_agent_does() {
+    let (mut agent, addr) = start(&[("web", &sleeper("web", 1))], "io_uring");
+    agent.stop();
+    let state = agent.dir.path().join("state");
+    let unix = |name: &str, path: &std::path::Path| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\n[[listen]]\nunix = \"{}\"\n",
+            path.display()
+        )
+    };
+    let tcp = |name: &str, at: String| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 1000\"]\n[[listen]]\ntcp = \"{at}\"\n"
+        )
+    };
+    // The control socket spelled another way, to be found all the same.
+    let control = agent.dir.path().join("state/../control.sock");
+    std::fs::write(agent.site_file("ctl"), unix("ctl", &control)).expect("write");
+    std::fs::write(
+        agent.site_file("inside"),
+        unix("inside", &state.join("notify.sock")),
+    )
+    .expect("write");
+    std::fs::write(
+        agent.site_file("wild"),
+        tcp("wild", format!("0.0.0.0:{}", addr.port())),
+    )
+    .expect("write");
+    agent.relaunch();
+    agent.wait_for("web", "web up", Duration::from_secs(20), |s| {
+        s["ready"] == 1
+    });
+    let file = agent.dir.path().join("hatchery.toml");
+    for (site, want) in [
+        (
+            "ctl",
+            format!(
+                "ctl.toml: listen: unix {} is the agent's control socket (control_socket in {})",
+                control.display(),
+                file.display()
+            ),
+        ),
+        (
+            "inside",
+            format!(
+                "inside.toml: listen: unix {} is inside the agent's state_dir ({}), where its own sockets are",
+                state.join("notify.sock").display(),
+                state.display()
+            ),
+        ),
+        (
+            "wild",
+            format!(
+                "wild.toml: listen: tcp 0.0.0.0:{} overlaps the agent's metrics address {addr} (metrics in {})",
+                addr.port(),
+                file.display()
+            ),
+        ),
+    ] {
+        let s = agent.status(site);
+        assert_eq!(s["state"], "failed", "{site}: {s:#}");
+        assert!(
+            s["error"].as_str().is_some_and(|e| e.contains(&want)),
+            "{s:#}\nwanted: {want}"
+        );
+    }
+    // The control socket answered all of that; every scrape reaches the metrics.
+    for _ in 0..20 {
+        assert!(scrape(addr).contains("hatchery_site_workers"));
+    }
+    let out = agent.cli(&["start", "ctl"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        agent.status("web")["ready"] == 1,
+        "the control socket still answers"
+    );
+
+    // At a reload: the file that brings such a site is refused, nothing changes.
+    for f in ["ctl", "inside", "wild"] {
+        std::fs::remove_file(agent.site_file(f)).expect("rm");
+    }
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(
+        agent.site_file("late"),
+        tcp("late", format!("127.0.0.1:{}", addr.port())),
+    )
+    .expect("write");
+    let out = agent.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("late.toml: listen: tcp 127.0.0.1:")
+            && stderr(&out).contains("overlaps the agent's metrics address"),
+        "{}",
+        stderr(&out)
+    );
+    // `metrics` moved in the file: the new address is refused by the load, the one still
+    // served (until a restart) by the reload.
+    let [moved] = free_ports::<1>();
+    let text = std::fs::read_to_string(&file).expect("agent file");
+    std::fs::write(
+        &file,
+        text.replace(&addr.to_string(), &format!("127.0.0.1:{moved}")),
+    )
+    .expect("write");
+    let out = agent.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "late.toml: listen: tcp 127.0.0.1:{} overlaps the agent's metrics address {addr} (metrics in {})",
+            addr.port(),
+            file.display()
+        )),
+        "the address served: {}",
+        stderr(&out)
+    );
+    std::fs::write(
+        agent.site_file("late"),
+        tcp("late", format!("127.0.0.1:{moved}")),
+    )
+    .expect("write");
+    let out = agent.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "late.toml: listen: tcp 127.0.0.1:{moved} overlaps the agent's metrics address 127.0.0.1:{moved}"
+        )),
+        "the address in the file: {}",
+        stderr(&out)
+    );
+    let out = agent.cli(&["status", "late"]);
+    assert!(!out.status.success(), "not added: {}", stdout(&out));
+    for _ in 0..5 {
+        assert!(scrape(addr).contains("hatchery_site_workers"));
+    }
+}

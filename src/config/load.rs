@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use super::site::{validate_logs, validate_site};
 use super::{
-    AgentConfig, CgroupBase, ConfigError, LogPolicy, OutputMode, Problems, RawAgent, RawSite,
-    SiteConfig, err, format_size, parse_size,
+    AgentConfig, CgroupBase, ConfigError, ListenAddr, LogPolicy, OutputMode, Problems, RawAgent,
+    RawSite, SiteConfig, err, format_size, parse_size,
 };
 
 /// A site file that could not be used, and why.
@@ -180,8 +180,16 @@ fn load_each_keeping(
     // Those that hold their addresses first (stable: then in file order).
     sites.sort_by_key(|s| !holds(s));
     let mut kept: Vec<SiteConfig> = as_running;
+    let own = AgentAddrs {
+        file: path,
+        control_socket: &control_socket,
+        state_dir: &state_dir,
+        metrics,
+    };
     for site in sites {
-        if let Err(error) = check_conflicts(&kept, &site) {
+        if let Err(error) =
+            check_agent_addrs(&own, &site).and_then(|()| check_conflicts(&kept, &site))
+        {
             broken.push(BrokenSite {
                 name: site.name.to_string(),
                 error,
@@ -433,6 +441,104 @@ fn check_conflicts(others: &[SiteConfig], site: &SiteConfig) -> Result<(), Confi
         }
     }
     Ok(())
+}
+
+/// What the agent itself listens on, which no site may take: its control socket, the
+/// sockets in its state directory (`notify.sock`, `fdholder.sock`) and its metrics address.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentAddrs<'a> {
+    /// The agent file (named in the error about `metrics`).
+    pub file: &'a Path,
+    /// `control_socket`.
+    pub control_socket: &'a Path,
+    /// `state_dir`.
+    pub state_dir: &'a Path,
+    /// `metrics`.
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+impl<'a> AgentAddrs<'a> {
+    /// The agent's own addresses as `config` has them.
+    pub fn of(config: &'a AgentConfig) -> AgentAddrs<'a> {
+        AgentAddrs {
+            file: &config.file,
+            control_socket: &config.control_socket,
+            state_dir: &config.state_dir,
+            metrics: config.metrics,
+        }
+    }
+}
+
+/// Refuses `site` when it would listen where the agent does. A site's unix socket is bound
+/// by removing the socket already at its path, so one at the control socket's path would
+/// take it from the agent (and lock every client out until a restart), one in the state
+/// directory the agent's notify or fd holder socket; and a site's TCP listener on the
+/// metrics address would join the metrics socket's `SO_REUSEPORT` group, the kernel then
+/// sharing the connections of either between the two.
+pub fn check_agent_addrs(own: &AgentAddrs<'_>, site: &SiteConfig) -> Result<(), ConfigError> {
+    let control = resolved(own.control_socket);
+    let state = resolved(own.state_dir);
+    for l in &site.listen {
+        let problem = match &l.addr {
+            ListenAddr::Unix(p) => {
+                let at = resolved(p);
+                if at == control {
+                    Some(format!(
+                        "{} is the agent's control socket (control_socket in {})",
+                        l.addr,
+                        own.file.display()
+                    ))
+                } else if at.starts_with(&state) {
+                    Some(format!(
+                        "{} is inside the agent's state_dir ({}), where its own sockets are",
+                        l.addr,
+                        own.state_dir.display()
+                    ))
+                } else {
+                    None
+                }
+            }
+            ListenAddr::Tcp(_) => own
+                .metrics
+                .filter(|m| ListenAddr::Tcp(*m).overlaps(&l.addr))
+                .map(|m| {
+                    format!(
+                        "{} overlaps the agent's metrics address {m} (metrics in {})",
+                        l.addr,
+                        own.file.display()
+                    )
+                }),
+        };
+        if let Some(message) = problem {
+            return Err(err(&site.file, "listen", message));
+        }
+    }
+    Ok(())
+}
+
+/// `path` with `.` and `..` taken out, and its directory's symlinks resolved where it
+/// exists: two spellings of one socket compare equal.
+fn resolved(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut lexical = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    if let Ok(full) = lexical.canonicalize() {
+        return full;
+    }
+    match (lexical.parent(), lexical.file_name()) {
+        (Some(dir), Some(name)) => dir
+            .canonicalize()
+            .map_or_else(|_| lexical.clone(), |d| d.join(name)),
+        _ => lexical,
+    }
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(file: &Path) -> Result<T, ConfigError> {

@@ -40,8 +40,9 @@ mod users;
 pub use effective::Effective;
 
 pub use load::{
-    BrokenSite, DEFAULT_MEMORY_RESERVE, START_THREADS, check_budgets, check_fds, fd_limit,
-    host_memory, load, load_each, load_each_running, load_keeping, site_from_text,
+    AgentAddrs, BrokenSite, DEFAULT_MEMORY_RESERVE, START_THREADS, check_agent_addrs,
+    check_budgets, check_fds, fd_limit, host_memory, load, load_each, load_each_running,
+    load_keeping, site_from_text,
 };
 pub use raw::{
     RawAgent, RawDeploy, RawFlapping, RawFraction, RawHealth, RawListen, RawLogs, RawReady,

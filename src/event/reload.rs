@@ -27,6 +27,15 @@ impl Agent {
                 .is_some_and(|s| s.config().listen == sc.listen)
         };
         let new = config::load_keeping(&self.config.file, &holds)?;
+        // The file's own addresses were checked by the load; those the agent serves until
+        // its restart (a changed `control_socket`, `state_dir` or `metrics`) are held too.
+        let served = config::AgentAddrs {
+            metrics: self.metrics.as_ref().map(|m| m.addr),
+            ..config::AgentAddrs::of(&self.config)
+        };
+        for sc in &new.sites {
+            config::check_agent_addrs(&served, sc)?;
+        }
         self.metrics_reloaded(&new);
         if new.control_socket != self.config.control_socket
             || new.state_dir != self.config.state_dir
