@@ -504,6 +504,9 @@ fn an_agent_killed_under_systemd_is_replaced_and_adopts_its_workers_without_a_fa
     wait_until("shop's w-2 stopped", Duration::from_secs(20), || {
         state_of(stopped) == Some('T')
     });
+    // And shop's file no longer loads (a typo): shop runs on as recorded, and the unit's
+    // status line says so.
+    write_site("shop", "name = \"shop\"\nwrokers = 3\n");
     let load = keep_asking(18085);
     let agent = agent_pid();
     signal(agent, rustix::process::Signal::KILL);
@@ -531,6 +534,21 @@ fn an_agent_killed_under_systemd_is_replaced_and_adopts_its_workers_without_a_fa
             "{name}'s workers were not adopted"
         );
     }
+    wait_until("the status line", Duration::from_secs(10), || {
+        show("StatusText") == "2 sites, 5 workers, file not loading: shop"
+    });
+    // The file mended, a reload takes it in: the same workers, the line as before.
+    write_site("shop", &demo_site("shop", 18086, 3, false));
+    let out = hatchery(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("the status line", Duration::from_secs(10), || {
+        show("StatusText") == "2 sites, 5 workers"
+    });
+    assert_eq!(
+        worker_pids(&status(), "shop"),
+        worker_pids(&before, "shop"),
+        "shop's workers kept by the reload"
+    );
     // A crash of an adopted worker is still seen and repaired.
     let victim = worker_pids(&after, "shop")[0];
     signal(victim, rustix::process::Signal::KILL);
