@@ -180,16 +180,21 @@ fn load_each_keeping(
     // Those that hold their addresses first (stable: then in file order).
     sites.sort_by_key(|s| !holds(s));
     let mut kept: Vec<SiteConfig> = as_running;
-    let own = AgentAddrs {
-        file: path,
-        control_socket: &control_socket,
-        state_dir: &state_dir,
-        metrics,
+    let own = AgentAddrs::in_file(path, &control_socket, &state_dir, metrics);
+    // A site whose workers run on its addresses keeps them against the agent's too: the
+    // agent serves no metrics there (`Agent::start`).
+    let runs_there = |s: &SiteConfig| {
+        running
+            .get(s.name.as_str())
+            .is_some_and(|r| r.listen == s.listen)
     };
     for site in sites {
-        if let Err(error) =
-            check_agent_addrs(&own, &site).and_then(|()| check_conflicts(&kept, &site))
-        {
+        let mine = if runs_there(&site) {
+            Ok(())
+        } else {
+            own.check(&site)
+        };
+        if let Err(error) = mine.and_then(|()| check_conflicts(&kept, &site)) {
             broken.push(BrokenSite {
                 name: site.name.to_string(),
                 error,
@@ -443,102 +448,163 @@ fn check_conflicts(others: &[SiteConfig], site: &SiteConfig) -> Result<(), Confi
     Ok(())
 }
 
+/// The socket in `state_dir` that workers' readiness (`sd_notify`) comes to.
+pub const NOTIFY_SOCKET: &str = "notify.sock";
+/// The socket in `state_dir` of the fd holder (`event::holder`).
+pub const HOLDER_SOCKET: &str = "fdholder.sock";
+/// The names of the sockets the agent binds in its `state_dir`.
+pub const STATE_SOCKETS: [&str; 2] = [NOTIFY_SOCKET, HOLDER_SOCKET];
+
 /// What the agent itself listens on, which no site may take: its control socket, the
-/// sockets in its state directory (`notify.sock`, `fdholder.sock`) and its metrics address.
-#[derive(Debug, Clone, Copy)]
-pub struct AgentAddrs<'a> {
-    /// The agent file (named in the error about `metrics`).
-    pub file: &'a Path,
-    /// `control_socket`.
-    pub control_socket: &'a Path,
-    /// `state_dir`.
-    pub state_dir: &'a Path,
-    /// `metrics`.
-    pub metrics: Option<std::net::SocketAddr>,
+/// sockets it binds in its state directory ([`STATE_SOCKETS`]) and its metrics address.
+/// Paths resolved once, as the kernel would find them.
+#[derive(Debug, Clone)]
+pub struct AgentAddrs {
+    /// Where the addresses come from, for the messages: `(control_socket in FILE)`, or
+    /// `(served until the agent restarts)`.
+    origin: String,
+    control_socket: PathBuf,
+    state_sockets: Vec<PathBuf>,
+    state_dir: PathBuf,
+    metrics: Option<std::net::SocketAddr>,
 }
 
-impl<'a> AgentAddrs<'a> {
-    /// The agent's own addresses as `config` has them.
-    pub fn of(config: &'a AgentConfig) -> AgentAddrs<'a> {
+impl AgentAddrs {
+    /// The addresses `file` gives the agent.
+    fn in_file(
+        file: &Path,
+        control_socket: &Path,
+        state_dir: &Path,
+        metrics: Option<std::net::SocketAddr>,
+    ) -> AgentAddrs {
+        AgentAddrs::new(
+            format!("in {}", file.display()),
+            control_socket,
+            state_dir,
+            metrics,
+        )
+    }
+
+    /// The addresses a running agent serves: those `config` has, which a reload does not
+    /// change until the agent restarts.
+    pub fn served(config: &AgentConfig) -> AgentAddrs {
+        AgentAddrs::new(
+            "served until the agent restarts".to_string(),
+            &config.control_socket,
+            &config.state_dir,
+            config.metrics,
+        )
+    }
+
+    fn new(
+        origin: String,
+        control_socket: &Path,
+        state_dir: &Path,
+        metrics: Option<std::net::SocketAddr>,
+    ) -> AgentAddrs {
         AgentAddrs {
-            file: &config.file,
-            control_socket: &config.control_socket,
-            state_dir: &config.state_dir,
-            metrics: config.metrics,
+            origin,
+            control_socket: resolved(control_socket),
+            state_sockets: STATE_SOCKETS
+                .iter()
+                .map(|n| resolved(&state_dir.join(n)))
+                .collect(),
+            state_dir: state_dir.to_path_buf(),
+            metrics,
         }
     }
-}
 
-/// Refuses `site` when it would listen where the agent does. A site's unix socket is bound
-/// by removing the socket already at its path, so one at the control socket's path would
-/// take it from the agent (and lock every client out until a restart), one in the state
-/// directory the agent's notify or fd holder socket; and a site's TCP listener on the
-/// metrics address would join the metrics socket's `SO_REUSEPORT` group, the kernel then
-/// sharing the connections of either between the two.
-pub fn check_agent_addrs(own: &AgentAddrs<'_>, site: &SiteConfig) -> Result<(), ConfigError> {
-    let control = resolved(own.control_socket);
-    let state = resolved(own.state_dir);
-    for l in &site.listen {
-        let problem = match &l.addr {
-            ListenAddr::Unix(p) => {
-                let at = resolved(p);
-                if at == control {
-                    Some(format!(
-                        "{} is the agent's control socket (control_socket in {})",
-                        l.addr,
-                        own.file.display()
-                    ))
-                } else if at.starts_with(&state) {
-                    Some(format!(
-                        "{} is inside the agent's state_dir ({}), where its own sockets are",
-                        l.addr,
-                        own.state_dir.display()
-                    ))
-                } else {
-                    None
+    /// Refuses `site` when it would listen where the agent does. A site's unix socket is
+    /// bound by removing the socket already at its path, so one at the control socket's
+    /// path would take it from the agent (and lock every client out until a restart), one
+    /// at its notify or fd holder socket's path that one; and a site's TCP listener on the
+    /// metrics address would join the metrics socket's `SO_REUSEPORT` group, the kernel
+    /// then sharing the connections of either between the two.
+    pub fn check(&self, site: &SiteConfig) -> Result<(), ConfigError> {
+        let origin = &self.origin;
+        for l in &site.listen {
+            let problem = match &l.addr {
+                ListenAddr::Unix(p) => {
+                    let at = resolved(p);
+                    if at == self.control_socket {
+                        Some(format!(
+                            "{} is the agent's control socket (control_socket {origin})",
+                            l.addr
+                        ))
+                    } else if self.state_sockets.contains(&at) {
+                        Some(format!(
+                            "{} is one of the agent's own sockets (in its state_dir {}, {origin})",
+                            l.addr,
+                            self.state_dir.display()
+                        ))
+                    } else {
+                        None
+                    }
                 }
+                ListenAddr::Tcp(_) => self
+                    .metrics
+                    .filter(|m| ListenAddr::Tcp(*m).overlaps(&l.addr))
+                    .map(|m| {
+                        format!(
+                            "{} overlaps the agent's metrics address {m} (metrics {origin})",
+                            l.addr
+                        )
+                    }),
+            };
+            if let Some(message) = problem {
+                return Err(err(&site.file, "listen", message));
             }
-            ListenAddr::Tcp(_) => own
-                .metrics
-                .filter(|m| ListenAddr::Tcp(*m).overlaps(&l.addr))
-                .map(|m| {
-                    format!(
-                        "{} overlaps the agent's metrics address {m} (metrics in {})",
-                        l.addr,
-                        own.file.display()
-                    )
-                }),
-        };
-        if let Some(message) = problem {
-            return Err(err(&site.file, "listen", message));
         }
+        Ok(())
     }
-    Ok(())
 }
 
-/// `path` with `.` and `..` taken out, and its directory's symlinks resolved where it
-/// exists: two spellings of one socket compare equal.
+/// `path` as the kernel would find it: made absolute, its longest part that exists with
+/// its symlinks resolved, the rest (which holds none) with `.` and `..` taken out. Two
+/// spellings of one socket compare equal.
 fn resolved(path: &Path) -> PathBuf {
     use std::path::Component;
-    let mut lexical = PathBuf::new();
-    for c in path.components() {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut base = path.as_path();
+    let mut found = None;
+    loop {
+        if let Ok(real) = base.canonicalize() {
+            found = Some(real);
+            break;
+        }
+        match (base.parent(), base.file_name()) {
+            (Some(parent), Some(_)) => {
+                rest.push(base.components().next_back());
+                base = parent;
+            }
+            // `..` or `.` last, or the root: resolved lexically from here.
+            _ => break,
+        }
+    }
+    let Some(mut out) = found else {
+        let mut out = PathBuf::new();
+        for c in path.components() {
+            match c {
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    out.pop();
+                }
+                other => out.push(other),
+            }
+        }
+        return out;
+    };
+    for c in rest.into_iter().rev().flatten() {
         match c {
             Component::CurDir => {}
             Component::ParentDir => {
-                lexical.pop();
+                out.pop();
             }
-            other => lexical.push(other),
+            other => out.push(other),
         }
     }
-    if let Ok(full) = lexical.canonicalize() {
-        return full;
-    }
-    match (lexical.parent(), lexical.file_name()) {
-        (Some(dir), Some(name)) => dir
-            .canonicalize()
-            .map_or_else(|_| lexical.clone(), |d| d.join(name)),
-        _ => lexical,
-    }
+    out
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(file: &Path) -> Result<T, ConfigError> {
@@ -556,6 +622,90 @@ pub(super) use super::parse::{locate, parse_lenient, parse_toml};
 mod tests {
     use super::super::test_site as site;
     use super::*;
+
+    #[test]
+    fn addresses_overlap_as_the_kernel_binds_them() {
+        let tcp = |a: &str| ListenAddr::Tcp(a.parse().expect("address"));
+        for (a, b, collide) in [
+            ("127.0.0.1:80", "127.0.0.1:80", true),
+            ("127.0.0.1:80", "127.0.0.1:81", false),
+            ("0.0.0.0:80", "127.0.0.1:80", true),
+            ("[::]:80", "127.0.0.1:80", true),
+            ("[::]:80", "[::1]:80", true),
+            ("[::ffff:127.0.0.1]:80", "127.0.0.1:80", true),
+            ("[::ffff:0.0.0.0]:80", "127.0.0.2:80", true),
+            ("0.0.0.0:80", "[::1]:80", false),
+            ("127.0.0.1:80", "127.0.0.2:80", false),
+        ] {
+            assert_eq!(tcp(a).overlaps(&tcp(b)), collide, "{a} {b}");
+            assert_eq!(tcp(b).overlaps(&tcp(a)), collide, "{b} {a}");
+        }
+    }
+
+    #[test]
+    fn a_path_resolves_as_the_kernel_would_find_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().canonicalize().expect("real");
+        std::fs::create_dir_all(real.join("state/x")).expect("mkdir");
+        std::os::unix::fs::symlink(real.join("state/x"), real.join("l")).expect("symlink");
+        // `..` after a symlink leaves the symlink's target, not the link's directory.
+        assert_eq!(
+            resolved(&real.join("l/../n.sock")),
+            real.join("state/n.sock")
+        );
+        assert_eq!(
+            resolved(&real.join("l/./n.sock")),
+            real.join("state/x/n.sock")
+        );
+        // What does not exist yet is taken as written, past what does.
+        assert_eq!(
+            resolved(&real.join("l/new/n.sock")),
+            real.join("state/x/new/n.sock")
+        );
+        assert_eq!(
+            resolved(Path::new("/no/such/../dir/s")),
+            Path::new("/no/dir/s")
+        );
+        let cwd = std::env::current_dir()
+            .expect("cwd")
+            .canonicalize()
+            .expect("cwd");
+        assert_eq!(resolved(Path::new("some.sock")), cwd.join("some.sock"));
+    }
+
+    #[test]
+    fn a_site_is_held_off_the_agents_own_addresses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let own = AgentAddrs::in_file(
+            &d.join("hatchery.toml"),
+            &d.join("control.sock"),
+            &d.join("state"),
+            Some("127.0.0.1:9464".parse().expect("address")),
+        );
+        let on = |listen: String| {
+            let text = format!("name = \"blog\"\ncommand = [\"x\"]\n[[listen]]\n{listen}\n");
+            own.check(&site(&text).expect("valid"))
+                .map_err(|e| e.message)
+        };
+        let unix = |p: PathBuf| format!("unix = \"{}\"", p.display());
+        let tcp = |a: &str| format!("tcp = \"{a}\"");
+        assert!(
+            on(unix(d.join("state/../control.sock"))).is_err_and(|m| m.contains("control socket"))
+        );
+        for name in STATE_SOCKETS {
+            assert!(on(unix(d.join("state").join(name))).is_err_and(|m| m.contains("own sockets")));
+        }
+        assert_eq!(on(unix(d.join("state/web.sock"))), Ok(()));
+        assert_eq!(on(unix(d.join("web.sock"))), Ok(()));
+        let m = on(tcp("[::]:9464")).expect_err("the metrics address");
+        assert!(
+            m.contains("overlaps the agent's metrics address 127.0.0.1:9464 (metrics in "),
+            "{m}"
+        );
+        assert_eq!(on(tcp("127.0.0.1:9465")), Ok(()));
+        assert_eq!(on(tcp("[::1]:9464")), Ok(()));
+    }
 
     #[test]
     fn every_problem_of_the_agent_file_is_reported_at_once() {

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -40,9 +40,9 @@ mod users;
 pub use effective::Effective;
 
 pub use load::{
-    AgentAddrs, BrokenSite, DEFAULT_MEMORY_RESERVE, START_THREADS, check_agent_addrs,
-    check_budgets, check_fds, fd_limit, host_memory, load, load_each, load_each_running,
-    load_keeping, site_from_text,
+    AgentAddrs, BrokenSite, DEFAULT_MEMORY_RESERVE, HOLDER_SOCKET, NOTIFY_SOCKET, START_THREADS,
+    STATE_SOCKETS, check_budgets, check_fds, fd_limit, host_memory, load, load_each,
+    load_each_running, load_keeping, site_from_text,
 };
 pub use raw::{
     RawAgent, RawDeploy, RawFlapping, RawFraction, RawHealth, RawListen, RawLogs, RawReady,
@@ -284,13 +284,20 @@ impl fmt::Display for ListenAddr {
 
 impl ListenAddr {
     /// Whether binding both would collide: one unix path, or one TCP port with the same
-    /// address or a wildcard (`0.0.0.0`, `[::]`) on either side.
+    /// address (an IPv4-mapped IPv6 address is its IPv4 one) or a wildcard that covers the
+    /// other (`[::]` every address, as a dual-stack socket does; `0.0.0.0` the IPv4 ones).
     pub fn overlaps(&self, other: &ListenAddr) -> bool {
+        fn covers(wildcard: IpAddr, other: IpAddr) -> bool {
+            match wildcard {
+                IpAddr::V6(w) => w.is_unspecified(),
+                IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+            }
+        }
         match (self, other) {
             (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a == b,
             (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => {
-                a.port() == b.port()
-                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+                let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+                a.port() == b.port() && (x == y || covers(x, y) || covers(y, x))
             }
             _ => false,
         }

@@ -25,7 +25,7 @@ use crate::fdholder::HolderClient;
 use crate::supervisor::ids::{GenId, Slot};
 
 /// The holder's socket, in the state directory.
-pub(super) const HOLDER_SOCKET: &str = "fdholder.sock";
+pub(super) use crate::config::HOLDER_SOCKET;
 /// How often a holder that is gone is started again.
 const RESTART_INTERVAL: Duration = Duration::from_secs(60);
 

@@ -476,11 +476,28 @@ impl Agent {
         // the other files are loaded beside what they run with.
         let (config, broken_files) = config::load_each(path)?;
         let running = recovery::running_configs(&config.state_dir, &config.file, &config.sites_dir);
-        let (config, broken_files) = if running.is_empty() {
+        let (mut config, broken_files) = if running.is_empty() {
             (config, broken_files)
         } else {
             config::load_each_running(path, &running)?
         };
+        // A site that runs where `metrics` now points keeps its address: its listener
+        // and the metrics socket would share the connections.
+        if let Some(m) = config.metrics {
+            let metrics = config::ListenAddr::Tcp(m);
+            if let Some((site, l)) = running.values().find_map(|r| {
+                r.listen
+                    .iter()
+                    .find(|l| l.addr.overlaps(&metrics))
+                    .map(|l| (&r.name, &l.addr))
+            }) {
+                error!(
+                    "metrics are not served: {m} overlaps {l}, where site {site} runs (move metrics in {} and restart the agent)",
+                    config.file.display()
+                );
+                config.metrics = None;
+            }
+        }
         let lock = match inherited {
             Some(i) => i.lock(&config.control_socket)?,
             None => lock_control(&config.control_socket)?,
@@ -609,7 +626,7 @@ impl Agent {
             }
             None => None,
         };
-        let notify_path = config.state_dir.join("notify.sock");
+        let notify_path = config.state_dir.join(config::NOTIFY_SOCKET);
         let (notify, control) = match inherited {
             Some(i) => (
                 NotifySocket::inherited(&notify_path, i.notify(&notify_path)?),

@@ -29,12 +29,17 @@ impl Agent {
         let new = config::load_keeping(&self.config.file, &holds)?;
         // The file's own addresses were checked by the load; those the agent serves until
         // its restart (a changed `control_socket`, `state_dir` or `metrics`) are held too.
-        let served = config::AgentAddrs {
-            metrics: self.metrics.as_ref().map(|m| m.addr),
-            ..config::AgentAddrs::of(&self.config)
-        };
-        for sc in &new.sites {
-            config::check_agent_addrs(&served, sc)?;
+        if (&new.control_socket, &new.state_dir, new.metrics)
+            != (
+                &self.config.control_socket,
+                &self.config.state_dir,
+                self.config.metrics,
+            )
+        {
+            let served = config::AgentAddrs::served(&self.config);
+            for sc in &new.sites {
+                served.check(sc)?;
+            }
         }
         self.metrics_reloaded(&new);
         if new.control_socket != self.config.control_socket
@@ -97,8 +102,15 @@ impl Agent {
             changed.push(name.to_string());
             self.apply_change(&name, sc, listeners);
         }
+        // What takes effect at a restart stays as it runs until then: the record, the logs
+        // and the sockets are where this agent put them, and the next reload holds a site
+        // off the agent's own addresses as they are.
         self.config = AgentConfig {
             sites: Vec::new(),
+            control_socket: std::mem::take(&mut self.config.control_socket),
+            state_dir: std::mem::take(&mut self.config.state_dir),
+            cgroup_base: std::mem::replace(&mut self.config.cgroup_base, config::CgroupBase::Off),
+            metrics: self.config.metrics,
             ..new
         };
         // Every site is valid and started now, with its file's configuration.
