@@ -409,6 +409,44 @@ fn a_bad_binary_is_refused_and_changes_nothing() {
         );
         assert!(agent_status(&agent)["upgraded_from"].is_null());
     }
+    // The file's state_dir changed since the agent started (a reload keeps the one it
+    // runs with until a restart): the new image would look for the record there.
+    let file = agent.dir.path().join("hatchery.toml");
+    let text = std::fs::read_to_string(&file).expect("agent file");
+    let state = agent.dir.path().join("state");
+    let moved = text.replace(
+        &format!("state_dir = \"{}\"", state.display()),
+        &format!(
+            "state_dir = \"{}\"",
+            agent.dir.path().join("elsewhere").display()
+        ),
+    );
+    assert_ne!(moved, text, "state_dir in {text}");
+    std::fs::write(&file, &moved).expect("write");
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = agent.cli(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "upgrade refused: control_socket, state_dir or cgroup_base changed in {} since the agent started",
+            file.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sorted(agent.pids("web")), before);
+    assert!(agent_status(&agent)["upgraded_from"].is_null());
+    // Put back, it upgrades.
+    std::fs::write(&file, &text).expect("write");
+    let out = agent.cli(&["upgrade"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(agent.pid(), pid);
+    assert_eq!(sorted(agent.pids("web")), before);
+    assert!(
+        one_request(([127, 0, 0, 1], port).into()).is_ok(),
+        "serving after the upgrade"
+    );
 }
 
 #[test]

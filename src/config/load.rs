@@ -181,8 +181,8 @@ fn load_each_keeping(
     sites.sort_by_key(|s| !holds(s));
     let mut kept: Vec<SiteConfig> = as_running;
     let own = AgentAddrs::in_file(path, &control_socket, &state_dir, metrics);
-    // A site whose workers run on its addresses keeps them against the agent's too: the
-    // agent serves no metrics there (`Agent::start`).
+    // A site whose workers run on its addresses keeps its TCP ones against the agent's
+    // metrics: the agent serves no metrics there (`Agent::start`).
     let runs_there = |s: &SiteConfig| {
         running
             .get(s.name.as_str())
@@ -190,7 +190,7 @@ fn load_each_keeping(
     };
     for site in sites {
         let mine = if runs_there(&site) {
-            Ok(())
+            own.check_paths(&site)
         } else {
             own.check(&site)
         };
@@ -521,6 +521,16 @@ impl AgentAddrs {
     /// metrics address would join the metrics socket's `SO_REUSEPORT` group, the kernel
     /// then sharing the connections of either between the two.
     pub fn check(&self, site: &SiteConfig) -> Result<(), ConfigError> {
+        self.check_in(site, true)
+    }
+
+    /// As [`AgentAddrs::check`], the unix paths only: for a site whose workers run on its
+    /// TCP addresses, which the agent then does not serve metrics on (`Agent::start`).
+    pub fn check_paths(&self, site: &SiteConfig) -> Result<(), ConfigError> {
+        self.check_in(site, false)
+    }
+
+    fn check_in(&self, site: &SiteConfig, metrics: bool) -> Result<(), ConfigError> {
         let origin = &self.origin;
         for l in &site.listen {
             let problem = match &l.addr {
@@ -543,7 +553,7 @@ impl AgentAddrs {
                 }
                 ListenAddr::Tcp(_) => self
                     .metrics
-                    .filter(|m| ListenAddr::Tcp(*m).overlaps(&l.addr))
+                    .filter(|m| metrics && ListenAddr::Tcp(*m).overlaps(&l.addr))
                     .map(|m| {
                         format!(
                             "{} overlaps the agent's metrics address {m} (metrics {origin})",

@@ -510,6 +510,22 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return e,
         };
+        // The new image reads its control socket, record and cgroups where the file says:
+        // changed there since this agent started, they are not where it has them.
+        match crate::config::load_each(&self.config.file) {
+            Ok((file, _)) => {
+                let now = &self.config;
+                if (&file.control_socket, &file.state_dir, &file.cgroup_base)
+                    != (&now.control_socket, &now.state_dir, &now.cgroup_base)
+                {
+                    return format!(
+                        "control_socket, state_dir or cgroup_base changed in {} since the agent started: they take effect when it restarts (which stops its sites); or put them back",
+                        now.file.display()
+                    );
+                }
+            }
+            Err(e) => return format!("{}: {e}", self.config.file.display()),
+        }
         if check.record_version != FORMAT_VERSION {
             return format!(
                 "{} (version {}) reads records of format {}, this agent writes {FORMAT_VERSION}",
