@@ -671,6 +671,11 @@ fn a_site_cannot_listen_where_the_agent_does() {
     assert!(agent.agent_log().contains(&want), "{}", agent.agent_log());
     // One socket listens on the port: the site's.
     assert_eq!(listening_on(port), 1, "sockets listening on {port}");
+    // And a reload does not take the running site for one that wants the metrics address.
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(agent.pids("shop"), shop, "shop's worker kept");
+    assert_eq!(listening_on(port), 1, "sockets listening on {port}");
 }
 
 /// How many TCP sockets listen on `port` (`/proc/net/tcp` and `tcp6`).

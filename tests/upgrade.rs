@@ -429,8 +429,10 @@ fn a_bad_binary_is_refused_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains(&format!(
-            "upgrade refused: control_socket, state_dir or cgroup_base changed in {} since the agent started",
-            file.display()
+            "upgrade refused: state_dir changed in {} since the agent started ({}, now {})",
+            file.display(),
+            state.display(),
+            agent.dir.path().join("elsewhere").display()
         )),
         "{}",
         stderr(&out)

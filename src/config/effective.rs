@@ -1,7 +1,7 @@
 //! The effective configuration `hatchery check` prints: each file as validation read it,
 //! every default it took written in.
 
-use super::{AgentConfig, CgroupBase, RawAgent, RawSite, format_size};
+use super::{AgentConfig, RawAgent, RawSite, format_size};
 
 /// The site file a [`SiteConfig`](super::SiteConfig) was validated from, with every key the file left out
 /// written in with the default validation took: the effective configuration `check`
@@ -40,11 +40,7 @@ impl AgentConfig {
             control_socket: Some(self.control_socket.clone()),
             state_dir: Some(self.state_dir.clone()),
             sites_dir: Some(self.sites_dir.clone()),
-            cgroup_base: Some(match &self.cgroup_base {
-                CgroupBase::Auto => "auto".into(),
-                CgroupBase::Off => "off".into(),
-                CgroupBase::Path(p) => p.display().to_string(),
-            }),
+            cgroup_base: Some(self.cgroup_base.to_string()),
             logs: None,
             memory_reserve: Some(format_size(self.memory_reserve)),
             metrics: self.metrics.map(|a| a.to_string()),

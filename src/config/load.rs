@@ -181,20 +181,30 @@ fn load_each_keeping(
     sites.sort_by_key(|s| !holds(s));
     let mut kept: Vec<SiteConfig> = as_running;
     let own = AgentAddrs::in_file(path, &control_socket, &state_dir, metrics);
-    // A site whose workers run on its addresses keeps its TCP ones against the agent's
-    // metrics: the agent serves no metrics there (`Agent::start`).
-    let runs_there = |s: &SiteConfig| {
-        running
-            .get(s.name.as_str())
-            .is_some_and(|r| r.listen == s.listen)
-    };
+    let mut held = held;
     for site in sites {
-        let mine = if runs_there(&site) {
+        // A site whose workers run on its addresses keeps its TCP ones against the file's
+        // `metrics`: the agent serves no metrics there (`Agent::start`; a reload leaves
+        // `metrics` as it is served until a restart).
+        let mine = if holds(&site) {
             own.check_paths(&site)
         } else {
             own.check(&site)
         };
-        if let Err(error) = mine.and_then(|()| check_conflicts(&kept, &site)) {
+        if let Err(error) = mine {
+            // Its workers run on as recorded (`event::recovery`): what they run with is
+            // held against the other files, as for a file that does not load.
+            if let Some(r) = running.get(site.name.as_str()) {
+                kept.insert(0, r.clone());
+                held += 1;
+            }
+            broken.push(BrokenSite {
+                name: site.name.to_string(),
+                error,
+            });
+            continue;
+        }
+        if let Err(error) = check_conflicts(&kept, &site) {
             broken.push(BrokenSite {
                 name: site.name.to_string(),
                 error,
@@ -485,14 +495,14 @@ impl AgentAddrs {
         )
     }
 
-    /// The addresses a running agent serves: those `config` has, which a reload does not
-    /// change until the agent restarts.
-    pub fn served(config: &AgentConfig) -> AgentAddrs {
+    /// The addresses a running agent serves: the paths `config` has (which a reload does
+    /// not change until the agent restarts), and `metrics` where it serves them.
+    pub fn served(config: &AgentConfig, metrics: Option<std::net::SocketAddr>) -> AgentAddrs {
         AgentAddrs::new(
             "served until the agent restarts".to_string(),
             &config.control_socket,
             &config.state_dir,
-            config.metrics,
+            metrics,
         )
     }
 
@@ -650,6 +660,58 @@ mod tests {
             assert_eq!(tcp(a).overlaps(&tcp(b)), collide, "{a} {b}");
             assert_eq!(tcp(b).overlaps(&tcp(a)), collide, "{b} {a}");
         }
+    }
+
+    #[test]
+    fn a_running_site_put_aside_for_the_agents_socket_still_holds_its_port() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("sites.d")).expect("mkdir");
+        let file = d.join("hatchery.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "control_socket = \"{0}/c.sock\"\nstate_dir = \"{0}/state\"\nsites_dir = \"{0}/sites.d\"\n",
+                d.display()
+            ),
+        )
+        .expect("write");
+        // `web` runs on a unix socket that is now where the agent's notify socket goes,
+        // and on a port a new file wants.
+        let web = d.join("sites.d/web.toml");
+        std::fs::write(
+            &web,
+            format!(
+                "name = \"web\"\ncommand = [\"x\"]\n[[listen]]\nunix = \"{}/state/notify.sock\"\n[[listen]]\ntcp = \"127.0.0.1:8080\"\n",
+                d.display()
+            ),
+        )
+        .expect("write");
+        std::fs::write(
+            d.join("sites.d/zz.toml"),
+            "name = \"zz\"\ncommand = [\"x\"]\n[[listen]]\ntcp = \"127.0.0.1:8080\"\n",
+        )
+        .expect("write");
+        let running = BTreeMap::from([(
+            "web".to_string(),
+            site_from_file(&web, LogPolicy::default()).expect("web"),
+        )]);
+        let (config, broken) = load_each_running(&file, &running).expect("the agent file");
+        assert!(config.sites.is_empty(), "{:?}", config.sites);
+        let why = |name: &str| {
+            broken
+                .iter()
+                .find(|b| b.name == name)
+                .map(|b| b.error.message.clone())
+        };
+        assert!(
+            why("web").is_some_and(|m| m.contains("one of the agent's own sockets")),
+            "{broken:?}"
+        );
+        assert!(
+            why("zz").is_some_and(|m| m.contains("overlaps tcp 127.0.0.1:8080 of site web")),
+            "{broken:?}"
+        );
     }
 
     #[test]

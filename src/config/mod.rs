@@ -243,6 +243,17 @@ pub enum CgroupBase {
     Path(PathBuf),
 }
 
+impl fmt::Display for CgroupBase {
+    /// As written in the agent file: `auto`, `off` or the path.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CgroupBase::Auto => f.write_str("auto"),
+            CgroupBase::Off => f.write_str("off"),
+            CgroupBase::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {

@@ -476,13 +476,15 @@ impl Agent {
         // the other files are loaded beside what they run with.
         let (config, broken_files) = config::load_each(path)?;
         let running = recovery::running_configs(&config.state_dir, &config.file, &config.sites_dir);
-        let (mut config, broken_files) = if running.is_empty() {
+        let (config, broken_files) = if running.is_empty() {
             (config, broken_files)
         } else {
             config::load_each_running(path, &running)?
         };
         // A site that runs where `metrics` now points keeps its address: its listener
-        // and the metrics socket would share the connections.
+        // and the metrics socket would share the connections. (`config.metrics` stays
+        // what the file said: an upgrade compares it with the file.)
+        let mut serve_metrics = true;
         if let Some(m) = config.metrics {
             let metrics = config::ListenAddr::Tcp(m);
             if let Some((site, l)) = running.values().find_map(|r| {
@@ -495,7 +497,7 @@ impl Agent {
                     "metrics are not served: {m} overlaps {l}, where site {site} runs (move metrics in {} and restart the agent)",
                     config.file.display()
                 );
-                config.metrics = None;
+                serve_metrics = false;
             }
         }
         let lock = match inherited {
@@ -503,7 +505,11 @@ impl Agent {
             None => lock_control(&config.control_socket)?,
         };
         // A port taken is an error before anything else is set up.
-        let metrics = Agent::bind_metrics(&config)?;
+        let metrics = if serve_metrics {
+            Agent::bind_metrics(&config)?
+        } else {
+            None
+        };
         let read = agent_signals();
         let set = SigSet::of(&read);
         signals::block(&set).map_err(|e| setup_err("block signals", e))?;

@@ -29,14 +29,11 @@ impl Agent {
         let new = config::load_keeping(&self.config.file, &holds)?;
         // The file's own addresses were checked by the load; those the agent serves until
         // its restart (a changed `control_socket`, `state_dir` or `metrics`) are held too.
+        let serving = self.metrics.as_ref().map(|m| m.addr);
         if (&new.control_socket, &new.state_dir, new.metrics)
-            != (
-                &self.config.control_socket,
-                &self.config.state_dir,
-                self.config.metrics,
-            )
+            != (&self.config.control_socket, &self.config.state_dir, serving)
         {
-            let served = config::AgentAddrs::served(&self.config);
+            let served = config::AgentAddrs::served(&self.config, serving);
             for sc in &new.sites {
                 served.check(sc)?;
             }

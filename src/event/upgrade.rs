@@ -505,27 +505,46 @@ impl Agent {
         if !binary.is_absolute() {
             return format!("{} is not an absolute path", binary.display());
         }
+        // The new image reads its control socket, record, cgroups and metrics address where
+        // the file says: changed there since this agent started, it would fail to take over
+        // (and the previous image, resumed, the same way).
+        match crate::config::load_each(&self.config.file) {
+            Ok((file, _)) => {
+                let now = &self.config;
+                let show = |p: &std::path::Path| p.display().to_string();
+                let metrics = |m: Option<std::net::SocketAddr>| {
+                    m.map_or_else(|| "none".to_string(), |a| a.to_string())
+                };
+                let changed = [
+                    (
+                        "control_socket",
+                        show(&now.control_socket),
+                        show(&file.control_socket),
+                    ),
+                    ("state_dir", show(&now.state_dir), show(&file.state_dir)),
+                    (
+                        "cgroup_base",
+                        now.cgroup_base.to_string(),
+                        file.cgroup_base.to_string(),
+                    ),
+                    ("metrics", metrics(now.metrics), metrics(file.metrics)),
+                ]
+                .into_iter()
+                .find(|(_, was, is)| was != is);
+                if let Some((key, was, is)) = changed {
+                    return format!(
+                        "{key} changed in {} since the agent started ({was}, now {is}): it takes effect when the agent restarts (which stops its sites); or put it back",
+                        now.file.display()
+                    );
+                }
+            }
+            Err(e) => return e.to_string(),
+        }
         // 2. A bad binary never replaces a working agent.
         let check = match preflight(&binary, &self.config.file) {
             Ok(c) => c,
             Err(e) => return e,
         };
-        // The new image reads its control socket, record and cgroups where the file says:
-        // changed there since this agent started, they are not where it has them.
-        match crate::config::load_each(&self.config.file) {
-            Ok((file, _)) => {
-                let now = &self.config;
-                if (&file.control_socket, &file.state_dir, &file.cgroup_base)
-                    != (&now.control_socket, &now.state_dir, &now.cgroup_base)
-                {
-                    return format!(
-                        "control_socket, state_dir or cgroup_base changed in {} since the agent started: they take effect when it restarts (which stops its sites); or put them back",
-                        now.file.display()
-                    );
-                }
-            }
-            Err(e) => return format!("{}: {e}", self.config.file.display()),
-        }
         if check.record_version != FORMAT_VERSION {
             return format!(
                 "{} (version {}) reads records of format {}, this agent writes {FORMAT_VERSION}",
