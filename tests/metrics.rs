@@ -671,11 +671,42 @@ fn a_site_cannot_listen_where_the_agent_does() {
     assert!(agent.agent_log().contains(&want), "{}", agent.agent_log());
     // One socket listens on the port: the site's.
     assert_eq!(listening_on(port), 1, "sockets listening on {port}");
-    // And a reload does not take the running site for one that wants the metrics address.
+    // And a reload does not take the running site for one that wants the metrics address,
+    // nor the metrics for changed.
     let out = agent.cli(&["reload"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(agent.pids("shop"), shop, "shop's worker kept");
     assert_eq!(listening_on(port), 1, "sockets listening on {port}");
+    let log = agent.agent_log();
+    let since = log.rfind(&want).expect("the line above");
+    assert!(
+        !log[since..].contains("metrics changed"),
+        "{}",
+        &log[since..]
+    );
+    // An upgrade (to the same binary) is not refused for metrics the file has and the
+    // agent does not serve; the new image does not serve them either.
+    let out = agent.cli(&["upgrade"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(agent.pids("shop"), shop, "shop's worker kept");
+    assert_eq!(listening_on(port), 1, "sockets listening on {port}");
+    // Moved again in the file: an upgrade is refused, with what changed.
+    let text = std::fs::read_to_string(&file).expect("agent file");
+    std::fs::write(
+        &file,
+        text.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{moved}")),
+    )
+    .expect("write");
+    let out = agent.cli(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "upgrade refused: metrics changed in {} since the agent started (127.0.0.1:{port}, now 127.0.0.1:{moved})",
+            file.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// How many TCP sockets listen on `port` (`/proc/net/tcp` and `tcp6`).

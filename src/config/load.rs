@@ -176,28 +176,41 @@ fn load_each_keeping(
         .iter()
         .filter_map(|b| running.get(&b.name).cloned())
         .collect();
-    let held = as_running.len();
-    // Those that hold their addresses first (stable: then in file order).
-    sites.sort_by_key(|s| !holds(s));
-    let mut kept: Vec<SiteConfig> = as_running;
+    let mut held = as_running.len();
     let own = AgentAddrs::in_file(path, &control_socket, &state_dir, metrics);
-    let mut held = held;
-    for site in sites {
-        // A site whose workers run on its addresses keeps its TCP ones against the file's
-        // `metrics`: the agent serves no metrics there (`Agent::start`; a reload leaves
-        // `metrics` as it is served until a restart).
-        let mine = if holds(&site) {
-            own.check_paths(&site)
+    // A site whose workers run on its addresses keeps its TCP ones against the file's
+    // `metrics`: the agent serves no metrics there (`Agent::start`; a reload leaves
+    // `metrics` as it is served until a restart).
+    let mine = |site: &SiteConfig| {
+        if holds(site) {
+            own.check_paths(site)
         } else {
-            own.check(&site)
-        };
-        if let Err(error) = mine {
-            // Its workers run on as recorded (`event::recovery`): what they run with is
-            // held against the other files, as for a file that does not load.
-            if let Some(r) = running.get(site.name.as_str()) {
+            own.check(site)
+        }
+    };
+    let mut kept: Vec<SiteConfig> = as_running;
+    // A running site whose file now wants the agent's own addresses runs on as recorded
+    // (`event::recovery`): what it runs with is held against every other file, as for a
+    // file that does not load.
+    let mut others = Vec::new();
+    for site in sites {
+        match running.get(site.name.as_str()).map(|r| (r, mine(&site))) {
+            Some((r, Err(error))) => {
                 kept.insert(0, r.clone());
                 held += 1;
+                broken.push(BrokenSite {
+                    name: site.name.to_string(),
+                    error,
+                });
             }
+            _ => others.push(site),
+        }
+    }
+    let mut sites = others;
+    // Those that hold their addresses first (stable: then in file order).
+    sites.sort_by_key(|s| !holds(s));
+    for site in sites {
+        if let Err(error) = mine(&site) {
             broken.push(BrokenSite {
                 name: site.name.to_string(),
                 error,
@@ -676,42 +689,50 @@ mod tests {
             ),
         )
         .expect("write");
-        // `web` runs on a unix socket that is now where the agent's notify socket goes,
-        // and on a port a new file wants.
+        // `web` runs on a port; its file now adds a unix socket where the agent's notify
+        // socket goes, and a new file, before it in name order, wants the port.
         let web = d.join("sites.d/web.toml");
-        std::fs::write(
-            &web,
-            format!(
-                "name = \"web\"\ncommand = [\"x\"]\n[[listen]]\nunix = \"{}/state/notify.sock\"\n[[listen]]\ntcp = \"127.0.0.1:8080\"\n",
-                d.display()
-            ),
-        )
-        .expect("write");
-        std::fs::write(
-            d.join("sites.d/zz.toml"),
-            "name = \"zz\"\ncommand = [\"x\"]\n[[listen]]\ntcp = \"127.0.0.1:8080\"\n",
-        )
-        .expect("write");
+        let tcp = "[[listen]]\ntcp = \"127.0.0.1:8080\"\n";
+        std::fs::write(&web, format!("name = \"web\"\ncommand = [\"x\"]\n{tcp}")).expect("write");
         let running = BTreeMap::from([(
             "web".to_string(),
             site_from_file(&web, LogPolicy::default()).expect("web"),
         )]);
-        let (config, broken) = load_each_running(&file, &running).expect("the agent file");
-        assert!(config.sites.is_empty(), "{:?}", config.sites);
-        let why = |name: &str| {
-            broken
-                .iter()
-                .find(|b| b.name == name)
-                .map(|b| b.error.message.clone())
-        };
-        assert!(
-            why("web").is_some_and(|m| m.contains("one of the agent's own sockets")),
-            "{broken:?}"
-        );
-        assert!(
-            why("zz").is_some_and(|m| m.contains("overlaps tcp 127.0.0.1:8080 of site web")),
-            "{broken:?}"
-        );
+        for holds in [false, true] {
+            let unix = format!("[[listen]]\nunix = \"{}/state/notify.sock\"\n", d.display());
+            // Held: the same listeners as it runs with (the socket was there before).
+            let text = if holds {
+                format!("name = \"web\"\ncommand = [\"y\"]\n{tcp}")
+            } else {
+                format!("name = \"web\"\ncommand = [\"x\"]\n{unix}{tcp}")
+            };
+            std::fs::write(&web, text).expect("write");
+            std::fs::write(
+                d.join("sites.d/api.toml"),
+                format!("name = \"api\"\ncommand = [\"x\"]\n{tcp}"),
+            )
+            .expect("write");
+            let (config, broken) = load_each_running(&file, &running).expect("the agent file");
+            let why = |name: &str| {
+                broken
+                    .iter()
+                    .find(|b| b.name == name)
+                    .map(|b| b.error.message.clone())
+            };
+            assert!(
+                why("api").is_some_and(|m| m.contains("overlaps tcp 127.0.0.1:8080 of site web")),
+                "{holds}: {broken:?}"
+            );
+            if holds {
+                assert_eq!(config.sites.len(), 1, "web, changed: {:?}", config.sites);
+            } else {
+                assert!(config.sites.is_empty(), "{:?}", config.sites);
+                assert!(
+                    why("web").is_some_and(|m| m.contains("one of the agent's own sockets")),
+                    "{broken:?}"
+                );
+            }
+        }
     }
 
     #[test]

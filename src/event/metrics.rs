@@ -202,7 +202,8 @@ impl Agent {
 
     /// A reload: a changed `metrics` takes effect at the next start.
     pub(super) fn metrics_reloaded(&self, new: &crate::config::AgentConfig) {
-        let now = self.metrics.as_ref().map(|m| m.addr);
+        // As the file had it at the start (not served where a site runs: `Agent::start`).
+        let now = self.config.metrics;
         if new.metrics != now {
             let show = |a: Option<SocketAddr>| a.map_or("none".to_string(), |a| a.to_string());
             warn!(
