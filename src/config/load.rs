@@ -598,37 +598,26 @@ impl AgentAddrs {
 fn resolved(path: &Path) -> PathBuf {
     use std::path::Component;
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    // The components past the part that exists, last first.
     let mut rest = Vec::new();
     let mut base = path.as_path();
-    let mut found = None;
-    loop {
+    let mut out = loop {
         if let Ok(real) = base.canonicalize() {
-            found = Some(real);
-            break;
+            break real;
         }
         match (base.parent(), base.file_name()) {
             (Some(parent), Some(_)) => {
-                rest.push(base.components().next_back());
+                rest.extend(base.components().next_back());
                 base = parent;
             }
             // `..` or `.` last, or the root: resolved lexically from here.
-            _ => break,
-        }
-    }
-    let Some(mut out) = found else {
-        let mut out = PathBuf::new();
-        for c in path.components() {
-            match c {
-                Component::CurDir => {}
-                Component::ParentDir => {
-                    out.pop();
-                }
-                other => out.push(other),
+            _ => {
+                rest.extend(base.components().rev());
+                break PathBuf::new();
             }
         }
-        return out;
     };
-    for c in rest.into_iter().rev().flatten() {
+    for c in rest.into_iter().rev() {
         match c {
             Component::CurDir => {}
             Component::ParentDir => {

@@ -24,8 +24,6 @@ use crate::config::SiteName;
 use crate::fdholder::HolderClient;
 use crate::supervisor::ids::{GenId, Slot};
 
-/// The holder's socket, in the state directory.
-pub(super) use crate::config::HOLDER_SOCKET;
 /// How often a holder that is gone is started again.
 const RESTART_INTERVAL: Duration = Duration::from_secs(60);
 

@@ -76,7 +76,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{error, info, warn};
 
-use self::holder::{HOLDER_SOCKET, start_holder};
+use self::holder::start_holder;
 use self::reactor::{Interest, Reactor};
 pub use self::recovery::FORMAT_VERSION as RECORD_VERSION;
 pub use self::setup::running_agent;
@@ -562,7 +562,7 @@ impl Agent {
         }
         // The fd holder keeps the read ends of worker output pipes open while no agent runs;
         // one that is already there (an earlier agent's) hands back what it holds.
-        let holder_path = config.state_dir.join(HOLDER_SOCKET);
+        let holder_path = config.state_dir.join(config::HOLDER_SOCKET);
         let (holder, held) = start_holder(&holder_path);
         // Before any site binds: a previous agent's workers still hold its listeners. Those
         // of sites still configured are adopted; the others are stopped here, and with
